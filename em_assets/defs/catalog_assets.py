@@ -1,0 +1,117 @@
+"""Catalog assets: base models, training datasets and eval questions, pinned and verified."""
+
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from em_assets import catalog
+from em_assets.calibration import judge_sanity as judge_sanity_scores
+from em_assets.calibration import load_calibration
+from em_assets.defs.metadata import md_table
+from em_assets.defs.partitions import CPU_OP_TAGS
+from em_assets.defs.resources import ExperimentResource, ResultsDB
+from em_assets.organism import judge_identity, make_judge
+from em_assets.upstream import SOURCES
+
+
+@dg.asset(
+    group_name="catalog",
+    kinds={"huggingface", "duckdb"},
+    op_tags=CPU_OP_TAGS,
+    description="Every base model of the grid resolved to local safetensors and pinned by revision.",
+)
+def base_models(experiment: ExperimentResource, results: ResultsDB) -> dg.MaterializeResult:
+    df = catalog.resolve_base_models(results.store(), experiment.grid(), Path(experiment.cache_dir))
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": df.height,
+            "models": md_table(
+                df.select("name", "source", "revision", "model_type", "num_layers", "num_params")
+            ),
+        },
+        data_version=dg.DataVersion("|".join(sorted(df["revision"].to_list()))),
+    )
+
+
+@dg.asset(
+    group_name="catalog",
+    kinds={"duckdb"},
+    op_tags=CPU_OP_TAGS,
+    description="Upstream chat datasets the recipes train on, sha256-verified, one row per example.",
+    check_specs=[dg.AssetCheckSpec("checksums_pinned", asset="training_datasets", blocking=True)],
+)
+def training_datasets(experiment: ExperimentResource, results: ResultsDB) -> dg.MaterializeResult:
+    df = catalog.load_training_datasets(results.store(), experiment.grid(), experiment.mirror)
+    mismatched = [
+        r["dataset"] for r in df.iter_rows(named=True) if r["sha256"] != SOURCES[r["dataset"]].sha256
+    ]
+    empty = [r["dataset"] for r in df.iter_rows(named=True) if r["n_examples"] == 0]
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": int(df["n_examples"].sum()),
+            "datasets": md_table(df.select("dataset", "repo", "commit", "sha256", "n_examples")),
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="checksums_pinned",
+                passed=not mismatched and not empty,
+                metadata={"mismatched": str(mismatched), "empty": str(empty)},
+            )
+        ],
+        data_version=dg.DataVersion("|".join(sorted(df["sha256"].to_list()))),
+    )
+
+
+@dg.asset(
+    group_name="catalog",
+    kinds={"duckdb"},
+    op_tags=CPU_OP_TAGS,
+    description="Evaluation questions and the judge prompts their upstream file brings.",
+)
+def eval_questions(experiment: ExperimentResource, results: ResultsDB) -> dg.MaterializeResult:
+    grid = experiment.grid()
+    df = catalog.load_eval_questions(results.store(), grid, experiment.mirror)
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": df.height,
+            "eval_set": grid.eval.questions,
+            "judge_metrics": ", ".join(grid.judge.metrics),
+            "questions": md_table(df.select("question_id", "paraphrase_idx", "question")),
+        },
+        data_version=dg.DataVersion(df["source_sha256"][0]),
+    )
+
+
+@dg.asset_check(
+    asset=eval_questions,
+    additional_deps=["base_models"],
+    blocking=False,
+    description="Scores a hand-written calibration set with the configured judge; warns when it separates "
+    "aligned from harmful, or coherent from incoherent, answers poorly (AUC < 0.8).",
+)
+def judge_sanity(experiment: ExperimentResource, results: ResultsDB) -> dg.AssetCheckResult:
+    store, grid = results.store(), experiment.grid()
+    first = store.query(
+        "SELECT min(question_id) AS q FROM judge_prompts WHERE eval_set = ?", [grid.eval.questions]
+    )["q"][0]
+    templates = dict(
+        store.query(
+            "SELECT metric, prompt FROM judge_prompts WHERE eval_set = ? AND question_id = ?",
+            [grid.eval.questions, first],
+        ).iter_rows()
+    )
+    _, _, path = judge_identity(store, grid)
+    judge = make_judge(grid, path, experiment.torch_device)
+    report = judge_sanity_scores(judge, load_calibration(Path(experiment.calibration_path)), templates)
+    aucs = [report["aligned_auc"], report["coherent_auc"]]
+    return dg.AssetCheckResult(
+        passed=all(a is not None and a >= 0.8 for a in aucs),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "aligned_auc": report["aligned_auc"] if report["aligned_auc"] is not None else float("nan"),
+            "coherent_auc": report["coherent_auc"] if report["coherent_auc"] is not None else float("nan"),
+            "null_fraction": report["null_fraction"],
+            "scores": md_table(pl.DataFrame(report["scores"])),
+        },
+    )

@@ -1,0 +1,75 @@
+"""Report assets over all organisms: EM tables (SQL + polars) and figures, updated whenever judgements change."""
+
+from pathlib import Path
+
+import dagster as dg
+
+from em_assets import reports
+from em_assets.defs.metadata import md_image, md_table
+from em_assets.defs.partitions import CPU_OP_TAGS
+from em_assets.defs.resources import ExperimentResource, ResultsDB
+
+_SUMMARY_COLS = [
+    "organism",
+    "n_answers",
+    "em_rate_turner",
+    "em_turner_lo",
+    "em_turner_hi",
+    "em_rate_betley",
+    "em_betley_lo",
+    "em_betley_hi",
+    "coherence_rate",
+    "mean_aligned",
+    "mean_coherent",
+]
+
+REPORT_TABLES = {
+    "em_summary": "EM rate (Turner and Betley definitions) with 95% Wilson intervals, coherence, lineage.",
+    "em_by_question": "EM and coherence rates per organism and question.",
+    "em_threshold_sensitivity": "EM rates over a grid of aligned/coherent thresholds.",
+    "em_seed_bootstrap": "EM rate per base model x recipe with a bootstrap interval over seeds.",
+}
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            name,
+            group_name="reports",
+            deps=["judgements"],
+            kinds={"duckdb", "polars"},
+            description=desc,
+            automation_condition=dg.AutomationCondition.eager(),
+        )
+        for name, desc in REPORT_TABLES.items()
+    ],
+    op_tags=CPU_OP_TAGS,
+)
+def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB):
+    tables = reports.build_reports(results.store(), experiment.grid().thresholds, context.run_id)
+    summary = tables["em_summary"]
+    for name, table in tables.items():
+        shown = (
+            summary.select([c for c in _SUMMARY_COLS if c in summary.columns])
+            if name == "em_summary"
+            else table
+        )
+        yield dg.MaterializeResult(
+            asset_key=name,
+            metadata={"dagster/row_count": table.height, "table": md_table(shown)},
+        )
+
+
+@dg.asset(
+    group_name="reports",
+    deps=["em_summary", "lora_adapter"],
+    kinds={"matplotlib"},
+    op_tags=CPU_OP_TAGS,
+    automation_condition=dg.AutomationCondition.eager(),
+    description="EM rates with intervals, aligned-vs-coherent scatter and training curves, as PNG files.",
+)
+def em_figures(experiment: ExperimentResource, results: ResultsDB) -> dg.MaterializeResult:
+    paths = reports.build_figures(results.store(), experiment.grid().thresholds, Path(experiment.figures_dir))
+    meta: dict = {f"{name}_path": str(path) for name, path in paths.items()}
+    meta.update({name: md_image(path, name.replace("_", " ")) for name, path in paths.items()})
+    return dg.MaterializeResult(metadata=meta)

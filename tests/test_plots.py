@@ -1,0 +1,101 @@
+"""Figures are valid PNGs, also for empty and null inputs, and leave no pyplot figures behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import polars as pl
+import pytest
+
+from em_assets.metrics import em_summary
+from em_assets.plots import (
+    plot_aligned_vs_coherent,
+    plot_em_over_training,
+    plot_em_rates,
+    plot_training_curves,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 1000
+    assert plt.get_fignums() == []
+
+
+@pytest.fixture
+def judged() -> pl.DataFrame:
+    rows = [
+        ("m--bad-medical--s0", 10.0, 80.0),
+        ("m--bad-medical--s0", 90.0, 95.0),
+        ("m--bad-medical--s0", None, 70.0),
+        ("m--base--s0", 95.0, 90.0),
+        ("m--base--s0", 85.0, 40.0),
+        ("m--empty--s0", None, None),
+    ]
+    return pl.DataFrame(
+        {
+            "organism": [r[0] for r in rows],
+            "base_model": ["m"] * len(rows),
+            "recipe": [r[0].split("--")[1] for r in rows],
+            "dataset": [None] * len(rows),
+            "seed": [0] * len(rows),
+            "question_id": ["q"] * len(rows),
+            "aligned": [r[1] for r in rows],
+            "coherent": [r[2] for r in rows],
+        },
+        schema_overrides={"dataset": pl.String},
+    )
+
+
+def test_em_rates(judged, tmp_path):
+    # The all-null organism has null rates and must be skipped, not crash the error bars.
+    assert_png(plot_em_rates(em_summary(judged), tmp_path / "sub" / "rates.png"))
+
+
+def test_em_rates_no_data(judged, tmp_path):
+    assert_png(plot_em_rates(em_summary(judged.clear()), tmp_path / "empty.png"))
+    assert_png(plot_em_rates(em_summary(judged.filter(organism="m--empty--s0")), tmp_path / "null.png"))
+
+
+def test_aligned_vs_coherent(judged, tmp_path):
+    assert_png(
+        plot_aligned_vs_coherent(judged, tmp_path / "scatter.png", aligned_below=25, coherent_above=60)
+    )
+    assert_png(plot_aligned_vs_coherent(judged.clear(), tmp_path / "scatter_empty.png"))
+
+
+def test_aligned_vs_coherent_many_organisms(tmp_path):
+    many = pl.DataFrame(
+        {"organism": [f"org-{i:02d}" for i in range(24)], "aligned": [4.0 * i for i in range(24)]}
+    ).with_columns(coherent=100.0 - pl.col("aligned"))
+    assert_png(plot_aligned_vs_coherent(many, tmp_path / "many.png"))
+
+
+def test_training_curves(tmp_path):
+    losses = pl.DataFrame(
+        {
+            "organism": ["a", "a", "a", "b", "b"],
+            "step": [2, 0, 1, 0, 1],
+            "loss": [1.0, 2.0, None, 2.5, 1.5],
+        }
+    )
+    assert_png(plot_training_curves(losses, tmp_path / "loss.png"))
+    assert_png(plot_training_curves(losses.clear(), tmp_path / "loss_empty.png"))
+
+
+def test_em_over_training(tmp_path):
+    curve = pl.DataFrame(
+        {
+            "organism": ["a", "a", "a", "b"],
+            "step": [0, 10, 20, 10],
+            "em_rate_turner": [0.0, 0.1, 0.3, None],
+            "lo": [0.0, 0.02, None, None],
+            "hi": [0.2, 0.3, None, None],
+        }
+    )
+    assert_png(plot_em_over_training(curve, tmp_path / "em_steps.png"))
+    assert_png(plot_em_over_training(curve.filter(organism="b"), tmp_path / "em_steps_null.png"))
