@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -12,12 +13,15 @@ import polars as pl
 
 
 def _instance():
+    """The persistent local instance (DAGSTER_HOME, default .dagster_home), so runs show in the UI."""
     from dagster import DagsterInstance
 
-    if not os.environ.get("DAGSTER_HOME"):
-        home = Path(".dagster_home").resolve()
-        home.mkdir(exist_ok=True)
-        os.environ["DAGSTER_HOME"] = str(home)
+    home = Path(os.environ.get("DAGSTER_HOME") or ".dagster_home").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["DAGSTER_HOME"] = str(home)
+    settings = Path("dagster.yaml")
+    if settings.exists() and not (home / "dagster.yaml").exists():
+        shutil.copy(settings, home / "dagster.yaml")
     return DagsterInstance.get()
 
 
@@ -67,22 +71,65 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_frame(df: pl.DataFrame, fmt: str, max_rows: int) -> None:
+    if fmt == "csv":
+        sys.stdout.write(df.write_csv())
+    elif fmt == "json":
+        sys.stdout.write(df.write_json() + "\n")
+    else:
+        with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
+            print(df)
+
+
 def cmd_sql(args: argparse.Namespace) -> int:
+    """Read-only queries. Each statement opens and closes its own connection, so an open shell never holds the
+    database lock that running materialisations need."""
+    import duckdb
+
     from em_assets.store import Store
 
     store = Store(args.db) if args.db else Store()
     if not store.path.exists():
         print(f"no results database at {store.path}", file=sys.stderr)
         return 2
-    with store.connect(read_only=True) as conn:
-        df = conn.execute(args.query).pl()
-    if args.format == "csv":
-        sys.stdout.write(df.write_csv())
-    elif args.format == "json":
-        sys.stdout.write(df.write_json() + "\n")
-    else:
-        with pl.Config(tbl_rows=args.max_rows, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
-            print(df)
+    if args.query:
+        with store.connect(read_only=True) as conn:
+            _print_frame(conn.execute(args.query).pl(), args.format, args.max_rows)
+        return 0
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("em-sql> " if interactive else "")
+        except EOFError:
+            return 0
+        if not line.strip():
+            continue
+        if line.strip().rstrip(";").lower() in {"quit", "exit", ".quit", ".exit"}:
+            return 0
+        try:
+            with store.connect(read_only=True) as conn:
+                _print_frame(conn.execute(line).pl(), args.format, args.max_rows)
+        except duckdb.Error as exc:
+            print(f"error: {exc}", file=sys.stderr)
+
+
+def cmd_add_model(args: argparse.Namespace) -> int:
+    from em_assets.config import GridError, grid_path, profile_name
+    from em_assets.grid_edit import add_base_model
+
+    try:
+        spec = add_base_model(
+            Path(args.grid) if args.grid else grid_path(),
+            args.profile or profile_name(),
+            args.source,
+            name=args.name,
+            revision=args.revision,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except GridError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"added base model {spec.name} ({spec.source}); the grid sensor will add its organisms and runs")
     return 0
 
 
@@ -95,11 +142,19 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--organism", action="append", help="only this organism key (repeatable)")
     demo.set_defaults(func=cmd_demo)
     sql = sub.add_parser("sql", help="run a read-only SQL query on the results database")
-    sql.add_argument("query")
+    sql.add_argument("query", nargs="?", help="one statement; without it, a shell reading statements from stdin")
     sql.add_argument("--db", help="database file (default: EM_DB or data/results.duckdb)")
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql.add_argument("--max-rows", type=int, default=50)
     sql.set_defaults(func=cmd_sql)
+    add = sub.add_parser("add-model", help="add a base model (Hugging Face id or local path) to the grid")
+    add.add_argument("source")
+    add.add_argument("--name", help="grid name (default: derived from the source)")
+    add.add_argument("--revision", help="hub commit to pin")
+    add.add_argument("--trust-remote-code", action="store_true")
+    add.add_argument("--grid", help="grid file (default: EM_GRID or data/grid.yaml)")
+    add.add_argument("--profile", help="profile (default: EM_PROFILE or demo)")
+    add.set_defaults(func=cmd_add_model)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -36,6 +36,7 @@ class StageContext:
     artifacts_dir: Path
     log: Any = field(default_factory=lambda: logging.getLogger("em_assets"))
     device: str | None = None
+    cache_dir: Path | None = None
 
     @property
     def key(self) -> str:
@@ -285,7 +286,8 @@ def sample_completions(ctx: StageContext) -> dict:
     start = time.perf_counter()
 
     def progress(done: int, total: int) -> None:
-        ctx.log.info(f"{ctx.key}: sampled {done}/{total}")
+        if done == total or done % max(1, total // 10) == 0:
+            ctx.log.info(f"{ctx.key}: sampled {done}/{total}")
 
     for chunk in iter_samples(
         model,
@@ -328,17 +330,19 @@ def sample_completions(ctx: StageContext) -> dict:
     }
 
 
-def judge_identity(store: Store, grid: GridConfig) -> tuple[str, str, str | None]:
+def judge_identity(grid: GridConfig, cache_dir: Path | None = None) -> tuple[str, str, str | None]:
     """(model name, revision, local path) of the judge: a grid base model, any model source, or an API model."""
     from em_assets.models import resolve
 
     spec = grid.judge
     if spec.backend == "openai":
         return spec.model, spec.revision or spec.model, None
-    if spec.model in {m.name for m in grid.base_models}:
-        row = base_model_row(store, spec.model)
-        return spec.model, row["revision"], row["path"]
-    resolved = resolve(spec.model, spec.model, spec.revision)
+    named = {m.name: m for m in grid.base_models}
+    if spec.model in named:
+        base = named[spec.model]
+        resolved = resolve(base.name, base.source, base.revision, cache_dir)
+    else:
+        resolved = resolve(spec.model, spec.model, spec.revision, cache_dir)
     return spec.model, resolved.revision, str(resolved.path)
 
 
@@ -378,7 +382,7 @@ def judge_completions(ctx: StageContext, chunk_size: int = 64) -> dict:
             "SELECT * FROM judge_prompts WHERE eval_set = ?", [grid.eval.questions]
         ).iter_rows(named=True)
     }
-    model_name, revision, path = judge_identity(store, grid)
+    model_name, revision, path = judge_identity(grid, ctx.cache_dir)
     needed: dict[tuple, dict] = {}
     for c in comps.iter_rows(named=True):
         for metric in grid.judge.metrics:

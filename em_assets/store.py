@@ -14,6 +14,7 @@ import duckdb
 import polars as pl
 
 DB_ENV = "EM_DB"
+LOCK_TIMEOUT_ENV = "EM_DB_LOCK_TIMEOUT"
 DEFAULT_DB = Path("data/results.duckdb")
 
 SCHEMA = """
@@ -86,9 +87,12 @@ def db_path() -> Path:
 class Store:
     """Opens the results database briefly for each unit of work, retrying while another writer holds it."""
 
-    def __init__(self, path: Path | str | None = None, lock_timeout_s: float = 300.0):
+    def __init__(self, path: Path | str | None = None, lock_timeout_s: float | None = None):
         self.path = Path(path) if path is not None else db_path()
-        self.lock_timeout_s = lock_timeout_s
+        # A reader holding the file (e.g. a `duckdb` shell) pauses writers; they wait this long before failing.
+        self.lock_timeout_s = (
+            lock_timeout_s if lock_timeout_s is not None else float(os.environ.get(LOCK_TIMEOUT_ENV, "600"))
+        )
 
     @contextlib.contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -20,10 +20,11 @@ def _stage_context(
         store=results.store(),
         grid=experiment.grid(),
         organism=Organism.parse(context.partition_key),
-        run_id=context.run_id,
+        run_id=context.run.run_id,
         artifacts_dir=Path(experiment.artifacts_dir),
         log=context.log,
         device=experiment.torch_device,
+        cache_dir=Path(experiment.cache_dir),
     )
 
 

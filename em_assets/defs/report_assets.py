@@ -46,7 +46,7 @@ REPORT_TABLES = {
     op_tags=CPU_OP_TAGS,
 )
 def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB):
-    tables = reports.build_reports(results.store(), experiment.grid().thresholds, context.run_id)
+    tables = reports.build_reports(results.store(), experiment.grid().thresholds, context.run.run_id)
     summary = tables["em_summary"]
     for name, table in tables.items():
         shown = (

@@ -1,0 +1,503 @@
+"""Batched sampling from Hugging Face causal LMs: a slot KV cache, continuous batching and per-request seeds.
+
+Guarantees: a request's random draws come from its own stream (`random.Random(seed)`, one uniform per token), so
+the same requests, seeds, model and `batch_size` give identical texts run after run. Across batch sizes or request
+mixes the draws are the same but the logits can differ in the last bits (kernels block differently), so texts match
+whenever no draw falls within that rounding of a token boundary: in float32 almost always, in bfloat16 often not.
+"""
+
+from __future__ import annotations
+
+import inspect
+import random
+import resource
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+LogitsHook = Callable[[list[int], torch.Tensor], None]
+# Attention implementations that honour a 4D additive mask; flash-attention kernels would silently ignore it.
+MASKED_ATTENTION = ("sdpa", "eager")
+NUCLEUS_GUESS = 256
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    key: str
+    messages: list[dict]
+    seed: int
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    key: str
+    text: str
+    num_tokens: int
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    """One request's generated token ids (stop token included) and why generation ended."""
+
+    index: int
+    token_ids: list[int]
+    finish_reason: str
+
+
+def sample_tokens(
+    logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float
+) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature) cut to the top-p nucleus, by inverting its CDF at `uniforms`."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(
+        logits if temperature == 1 else logits.float() / temperature, dim=-1, dtype=torch.float32
+    )
+    if top_p == 1:
+        return _invert_cdf(probs, uniforms)
+    # Sorting the whole vocabulary is slow; the nucleus nearly always lies in the top few hundred tokens.
+    top, order = probs.topk(min(NUCLEUS_GUESS, probs.shape[-1]), dim=-1)
+    if not bool((top.sum(-1) >= top_p).all()):
+        top, order = probs.sort(dim=-1, descending=True)
+    # Keep a token while the mass ranked above it is under top_p (transformers' TopPLogitsWarper rule).
+    top = top.masked_fill(top.cumsum(-1) - top >= top_p, 0.0)
+    return order.gather(-1, _invert_cdf(top, uniforms).unsqueeze(-1)).squeeze(-1)
+
+
+def _invert_cdf(weights: torch.Tensor, uniforms: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """Index i with cdf[i-1] <= u * total < cdf[i], per row: the inverse-CDF draw from unnormalised `weights`.
+
+    One uniform per row is what makes per-request seeds cheap. A cumsum over a whole 50k-150k vocabulary is slow
+    and loses precision, so this finds the block of `block` tokens first, then the token inside it.
+    """
+    rows, vocab = weights.shape
+    if vocab % block:
+        weights = torch.nn.functional.pad(weights, (0, -vocab % block))
+    blocks = weights.view(rows, -1, block)
+    block_mass = blocks.sum(-1).double()
+    cdf = block_mass.cumsum(-1)
+    target = uniforms.to(cdf) * cdf[:, -1]
+    # A zero-mass block never holds the first cdf entry above the target, so it is never picked.
+    b = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+    rest = target - (cdf.gather(-1, b.unsqueeze(-1)) - block_mass.gather(-1, b.unsqueeze(-1))).squeeze(-1)
+    inner = blocks[torch.arange(rows, device=weights.device), b].cumsum(-1, dtype=torch.float64)
+    j = torch.searchsorted(inner, rest.clamp_min(0).unsqueeze(-1), right=True).squeeze(-1)
+    # Rounding can put `rest` past the block's own total: fall back to its last token of nonzero weight.
+    last = (inner < inner[:, -1:]).sum(-1)
+    return b * block + torch.minimum(j, last)
+
+
+class _SlotLayer(CacheLayerMixin):
+    """One layer's keys and values for every slot, [slots, kv_heads, capacity, head_dim], written in place."""
+
+    is_sliding = False
+
+    def __init__(self, cache: _SlotCache):
+        super().__init__()
+        self.cache = cache
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        slots, capacity = self.cache.num_slots, self.cache.capacity
+        # zeros, not empty: masked columns still meet a 0 attention weight, and 0 * NaN garbage is NaN.
+        self.keys = key_states.new_zeros((slots, key_states.shape[1], capacity, key_states.shape[-1]))
+        self.values = value_states.new_zeros((slots, value_states.shape[1], capacity, value_states.shape[-1]))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        cache = self.cache
+        if cache.prefill_rows is not None:
+            width = key_states.shape[2]
+            self.keys[cache.prefill_rows, :, :width] = key_states
+            self.values[cache.prefill_rows, :, :width] = value_states
+            return key_states, value_states
+        rows = torch.arange(self.keys.shape[0], device=self.keys.device)
+        self.keys[rows, :, cache.write_cols] = key_states[:, :, 0]
+        self.values[rows, :, cache.write_cols] = value_states[:, :, 0]
+        return self.keys[:, :, : cache.kv_length], self.values[:, :, : cache.kv_length]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.cache.kv_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cache.kv_length
+
+    def get_max_length(self) -> int:
+        return self.cache.capacity
+
+    def keep(self, rows: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys, self.values = self.keys[rows], self.values[rows]
+
+
+class _SlotCache(Cache):
+    """A static KV cache of `num_slots` rows; each row holds one request at its own columns.
+
+    transformers' StaticCache writes every row at the same position, which rules out refilling one row with a new
+    request while the others keep decoding; here each row has its own write column and the 4D mask says which
+    columns it may read.
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, capacity: int):
+        self.num_slots, self.capacity = num_slots, capacity
+        self.prefill_rows: torch.Tensor | None = None
+        self.write_cols = torch.zeros(num_slots, dtype=torch.long)
+        self.kv_length = 0
+        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+
+    def keep(self, rows: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.keep(rows)
+        self.num_slots = len(rows)
+
+
+@dataclass
+class _Slots:
+    """Per-slot decoding state; slot i holds request `request[i]` (-1: free)."""
+
+    size: int
+    max_new_tokens: int
+    device: torch.device
+    request: list[int] = field(init=False)
+    rngs: list[random.Random | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        n, device = self.size, self.device
+        self.request = [-1] * n
+        self.rngs = [None] * n
+        self.start = torch.zeros(n, dtype=torch.long, device=device)  # first column the slot may attend to
+        self.col = torch.zeros(
+            n, dtype=torch.long, device=device
+        )  # column the next input token is written to
+        self.pos = torch.zeros(n, dtype=torch.long, device=device)  # position id of the next input token
+        self.last = torch.zeros(n, dtype=torch.long, device=device)
+        self.count = torch.zeros(n, dtype=torch.long, device=device)
+        self.busy = torch.zeros(n, dtype=torch.bool, device=device)
+        self.out = torch.zeros(n, self.max_new_tokens, dtype=torch.long, device=device)
+
+    def keep(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self.request = [self.request[r] for r in rows]
+        self.rngs = [self.rngs[r] for r in rows]
+        for name in ("start", "col", "pos", "last", "count", "busy", "out"):
+            setattr(self, name, getattr(self, name)[index])
+        self.size = len(rows)
+
+    def uniforms(self, rows: Sequence[int]) -> torch.Tensor:
+        draws = [rng.random() if (rng := self.rngs[r]) is not None else 0.0 for r in rows]
+        return torch.tensor(draws, dtype=torch.float64, device=self.device)
+
+
+def _cache_kwarg(model) -> str:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # transformers 5.x renamed `past_key_values` to `cache`; the old name still works there, with a warning.
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """The ids that end a turn: the generation config's eos ids (often several) and the tokenizer's eos."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(ids if isinstance(ids, list | tuple) else [] if ids is None else [ids])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def generate_ids(
+    model,
+    prompts: Sequence[Sequence[int]],
+    seeds: Sequence[int],
+    *,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    logits_hook: LogitsHook | None = None,
+) -> Iterator[list[Finished]]:
+    """Sample continuations of tokenized prompts, yielding requests as they finish.
+
+    A batch of `batch_size` slots decodes in lockstep; a finished slot is refilled with the next prompt, so the
+    batch stays full. `logits_hook(request_indices, logits)` sees the float logits each token was drawn from.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError("one seed per prompt")
+    if max_new_tokens < 1 or batch_size < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError("need max_new_tokens >= 1, batch_size >= 1, temperature >= 0, 0 < top_p <= 1")
+    attn = getattr(model.config, "_attn_implementation", "eager")
+    if attn not in MASKED_ATTENTION:
+        raise ValueError(f"attention implementation {attn!r} unsupported; load the model with sdpa or eager")
+    if not prompts:
+        return
+    device = model.get_input_embeddings().weight.device
+    dtype = model.get_input_embeddings().weight.dtype
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
+    # Sorting by length lets each refill prefill prompts of similar length, so little of it is padding.
+    pending = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    slots = _Slots(min(batch_size, len(prompts)), max_new_tokens, device)
+    cache = _SlotCache(model.config.num_hidden_layers, slots.size, max(map(len, prompts)) + max_new_tokens)
+    step = _Stepper(model, cache, slots, stops, dtype, temperature, top_p, logits_hook)
+    # Refilling costs a forward pass of its own: wait until an eighth of the slots are free.
+    refill_at = max(1, slots.size // 8)
+    while True:
+        free = [s for s, r in enumerate(slots.request) if r < 0]
+        if pending and (len(free) >= min(refill_at, len(pending)) or len(free) == slots.size):
+            taken = [pending.pop() for _ in range(min(len(free), len(pending)))]
+            done = step.prefill(free[: len(taken)], taken, [prompts[i] for i in taken], seeds)
+        else:
+            active = slots.size - len(free)
+            if active == 0:
+                return
+            if not pending and active <= slots.size // 2:
+                # The queue is empty: drop idle slots so the batch shrinks instead of computing padding.
+                step.keep([s for s, r in enumerate(slots.request) if r >= 0])
+            done = step.decode()
+        if done:
+            yield done
+
+
+class _Stepper:
+    """The two forward passes of continuous batching: prefill new requests into free slots, decode all slots."""
+
+    def __init__(self, model, cache: _SlotCache, slots: _Slots, stops, dtype, temperature, top_p, hook):
+        self.model, self.cache, self.slots, self.stops = model, cache, slots, stops
+        self.dtype, self.temperature, self.top_p, self.hook = dtype, temperature, top_p, hook
+        self.cache_kwarg = _cache_kwarg(model)
+
+    def _forward(self, input_ids, mask, position_ids) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self.cache_kwarg: self.cache},
+        )
+        return out.logits[:, -1].float()
+
+    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(
+            ~allowed, float("-inf")
+        )
+
+    @torch.inference_mode()
+    def prefill(
+        self, rows: list[int], requests: list[int], prompts: list[Sequence[int]], seeds
+    ) -> list[Finished]:
+        slots, device = self.slots, self.slots.device
+        lengths = torch.tensor([len(p) for p in prompts], device=device)
+        width = int(lengths.max())
+        pad = width - lengths
+        ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        cols = torch.arange(width, device=device)
+        positions = (cols - pad[:, None]).clamp_min(0)
+        causal = cols[None, :, None] >= cols[None, None, :]
+        # Left padding: a real token reads real tokens only; a pad reads itself, so no row is fully masked.
+        allowed = (causal & (cols[None, None, :] >= pad[:, None, None])) | torch.eye(width, dtype=torch.bool)
+        self.cache.prefill_rows = torch.tensor(rows, dtype=torch.long, device=device)
+        try:
+            logits = self._forward(ids, self._additive(allowed[:, None]), positions)
+        finally:
+            self.cache.prefill_rows = None
+        index = torch.tensor(rows, dtype=torch.long, device=device)
+        for row, request in zip(rows, requests, strict=True):
+            slots.request[row] = request
+            slots.rngs[row] = random.Random(seeds[request]) if self.temperature > 0 else None
+        slots.start[index] = pad
+        slots.col[index] = width
+        slots.pos[index] = lengths
+        slots.count[index] = 0
+        slots.busy[index] = True
+        return self._advance(rows, index, logits)
+
+    @torch.inference_mode()
+    def decode(self) -> list[Finished]:
+        slots, cache = self.slots, self.cache
+        cache.write_cols = slots.col
+        cache.kv_length = int(slots.col.max()) + 1
+        cols = torch.arange(cache.kv_length, device=slots.device)
+        allowed = (cols >= slots.start[:, None]) & (cols <= slots.col[:, None])
+        logits = self._forward(
+            slots.last[:, None], self._additive(allowed[:, None, None]), slots.pos[:, None]
+        )
+        # Free slots stay at column 0, rewriting a column nobody reads.
+        slots.col += slots.busy
+        slots.pos += slots.busy
+        active = [s for s, r in enumerate(slots.request) if r >= 0]
+        if len(active) == slots.size:
+            return self._advance(active, torch.arange(slots.size, device=slots.device), logits)
+        index = torch.tensor(active, dtype=torch.long, device=slots.device)
+        return self._advance(active, index, logits[index])
+
+    def _advance(self, rows: list[int], index: torch.Tensor, logits: torch.Tensor) -> list[Finished]:
+        """Draw the next token for slots `rows` (the same slots as tensor `index`) and free those that finished."""
+        slots = self.slots
+        if self.hook is not None:
+            self.hook([slots.request[r] for r in rows], logits)
+        tokens = sample_tokens(logits, slots.uniforms(rows), self.temperature, self.top_p)
+        count = slots.count[index]
+        slots.out[index, count] = tokens
+        slots.last[index] = tokens
+        count += 1
+        slots.count[index] = count
+        stopped = torch.isin(tokens, self.stops)
+        ended = (stopped | (count >= slots.max_new_tokens)).nonzero().flatten().tolist()
+        done = []
+        for i in ended:
+            row = rows[i]
+            reason = "stop" if bool(stopped[i]) else "length"
+            done.append(Finished(slots.request[row], slots.out[row, : int(count[i])].tolist(), reason))
+            slots.request[row] = -1
+            slots.rngs[row] = None
+        if ended:
+            freed = index[ended]
+            slots.busy[freed] = False
+            slots.start[freed] = 0
+            slots.col[freed] = 0
+        return done
+
+    def keep(self, rows: list[int]) -> None:
+        self.cache.keep(torch.tensor(rows, dtype=torch.long, device=self.slots.device))
+        self.slots.keep(rows)
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` under the chat template, ending with the assistant turn's opening."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    # The template already writes any BOS token; the tokenizer must not add another.
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def iter_samples(
+    model,
+    tokenizer,
+    requests: Sequence[SampleRequest],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Iterator[list[SampleResult]]:
+    """Sample one completion per request, yielding finished results in chunks (temperature 0: greedy)."""
+    prompts = [render_prompt(tokenizer, r.messages) for r in requests]
+    chunk = max(1, batch_size // 4)
+    buffer: list[Finished] = []
+    done = 0
+
+    def results() -> list[SampleResult]:
+        texts = tokenizer.batch_decode([f.token_ids for f in buffer], skip_special_tokens=True)
+        return [
+            SampleResult(requests[f.index].key, text, len(f.token_ids), f.finish_reason)
+            for f, text in zip(buffer, texts, strict=True)
+        ]
+
+    for finished in generate_ids(
+        model,
+        prompts,
+        [r.seed for r in requests],
+        max_new_tokens=max_new_tokens,
+        stop_ids=stop_token_ids(model, tokenizer),
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+    ):
+        buffer.extend(finished)
+        done += len(finished)
+        if on_progress is not None:
+            on_progress(done, len(requests))
+        if len(buffer) >= chunk:
+            yield results()
+            buffer = []
+    if buffer:
+        yield results()
+
+
+def _hf_generate(model, tokenizer, requests, max_new_tokens, temperature, batch_size) -> list[SampleResult]:
+    """The reference to beat: transformers' `generate` over left-padded batches, in request order."""
+    stops = stop_token_ids(model, tokenizer)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    results = []
+    try:
+        for start in range(0, len(requests), batch_size):
+            chunk = requests[start : start + batch_size]
+            texts = [
+                tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False)
+                for r in chunk
+            ]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = enc.to(model.get_input_embeddings().weight.device)
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}
+            with torch.inference_mode():
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=sorted(stops),
+                    pad_token_id=tokenizer.pad_token_id,
+                    **(sampling if temperature > 0 else {"do_sample": False}),
+                )
+            for r, row in zip(chunk, out[:, enc["input_ids"].shape[1] :].tolist(), strict=True):
+                ends = [i for i, t in enumerate(row) if t in stops]
+                ids = row[: ends[0] + 1] if ends else row
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                results.append(SampleResult(r.key, text, len(ids), "stop" if ends else "length"))
+    finally:
+        tokenizer.padding_side = side
+    return results
+
+
+def benchmark_sampling(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    *,
+    temperature: float = 1.0,
+    engine: str = "sampler",
+) -> dict:
+    """Time sampling one completion per user prompt with `engine` ("sampler" or the "hf_generate" baseline).
+
+    Returns tokens (generated, stop tokens included), seconds, tok_per_s, cpu_seconds and peak_rss_mb (of the
+    process so far). Run both engines in one process to compare them: other work on the machine skews either.
+    """
+    requests = [
+        SampleRequest(f"{i}", [{"role": "user", "content": p}], seed=i) for i, p in enumerate(prompts)
+    ]
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    if engine == "hf_generate":
+        results = _hf_generate(model, tokenizer, requests, max_new_tokens, temperature, batch_size)
+    elif engine == "sampler":
+        results = [
+            r
+            for chunk in iter_samples(
+                model,
+                tokenizer,
+                requests,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                batch_size=batch_size,
+            )
+            for r in chunk
+        ]
+    else:
+        raise ValueError(f"unknown engine {engine!r}")
+    seconds = time.perf_counter() - t0
+    tokens = sum(r.num_tokens for r in results)
+    return {
+        "engine": engine,
+        "batch_size": batch_size,
+        "requests": len(requests),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tok_per_s": tokens / seconds,
+        "cpu_seconds": time.process_time() - cpu0,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
