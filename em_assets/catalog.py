@@ -10,7 +10,7 @@ import polars as pl
 
 from em_assets.config import GridConfig
 from em_assets.datasets import parse_chat_jsonl, parse_questions_yaml, prompt_hash
-from em_assets.models import ResolvedModel, resolve
+from em_assets.models import ModelLoadError, ResolvedModel, resolve
 from em_assets.store import Store
 from em_assets.upstream import SOURCES, fetch_bytes, sha256_bytes
 
@@ -21,19 +21,21 @@ def _now() -> datetime:
 
 def _model_facts(path: Path) -> tuple[str, int, int]:
     """Model type, layer count and parameter count from config and safetensors headers, without loading."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     config = json.loads((path / "config.json").read_text())
     text = config.get("text_config", config)
     params = 0
     for file in path.glob("*.safetensors"):
-        with safe_open(file, "pt") as fh:
-            for name in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                shape = fh.get_slice(name).get_shape()
-                n = 1
-                for d in shape:
-                    n *= d
-                params += n
+        try:
+            with safe_open(file, "pt") as fh:
+                for name in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                    n = 1
+                    for d in fh.get_slice(name).get_shape():
+                        n *= d
+                    params += n
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"{file}: unreadable safetensors weights ({exc})") from exc
     return config.get("model_type", "?"), int(text.get("num_hidden_layers", 0)), params
 
 

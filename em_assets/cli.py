@@ -92,9 +92,15 @@ def cmd_sql(args: argparse.Namespace) -> int:
     if not store.path.exists():
         print(f"no results database at {store.path}", file=sys.stderr)
         return 2
+    # Read-only with no file or network access: COPY ... TO and ATTACH cannot write elsewhere either.
+    safe = {"enable_external_access": False}
     if args.query:
-        with store.connect(read_only=True) as conn:
-            _print_frame(conn.execute(args.query).pl(), args.format, args.max_rows)
+        try:
+            with store.connect(read_only=True, config=safe) as conn:
+                _print_frame(conn.execute(args.query).pl(), args.format, args.max_rows)
+        except duckdb.Error as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         return 0
     interactive = sys.stdin.isatty()
     while True:
@@ -107,7 +113,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
         if line.strip().rstrip(";").lower() in {"quit", "exit", ".quit", ".exit"}:
             return 0
         try:
-            with store.connect(read_only=True) as conn:
+            with store.connect(read_only=True, config=safe) as conn:
                 _print_frame(conn.execute(line).pl(), args.format, args.max_rows)
         except duckdb.Error as exc:
             print(f"error: {exc}", file=sys.stderr)
@@ -142,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--organism", action="append", help="only this organism key (repeatable)")
     demo.set_defaults(func=cmd_demo)
     sql = sub.add_parser("sql", help="run a read-only SQL query on the results database")
-    sql.add_argument("query", nargs="?", help="one statement; without it, a shell reading statements from stdin")
+    sql.add_argument(
+        "query", nargs="?", help="one statement; without it, a shell reading statements from stdin"
+    )
     sql.add_argument("--db", help="database file (default: EM_DB or data/results.duckdb)")
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql.add_argument("--max-rows", type=int, default=50)

@@ -88,8 +88,12 @@ def train_adapter(ctx: StageContext) -> dict:
     }
     if recipe.dataset is None:
         row = {**common, "config_hash": config_hash({"base_revision": base["revision"], "control": True})}
-        store.replace_rows("lora_adapters", pl.DataFrame([row]), "organism = ?", [ctx.key])
-        store.replace_rows("training_losses", pl.DataFrame(), "organism = ?", [ctx.key])
+        store.replace_many(
+            [
+                ("lora_adapters", pl.DataFrame([row]), "organism = ?", [ctx.key]),
+                ("training_losses", pl.DataFrame(), "organism = ?", [ctx.key]),
+            ]
+        )
         return {"trained": False, "control": True}
     ds = _one(
         store,
@@ -171,8 +175,12 @@ def train_adapter(ctx: StageContext) -> dict:
         ],
         schema_overrides={"step": pl.Int32},
     )
-    store.replace_rows("training_losses", losses, "organism = ?", [ctx.key])
-    store.replace_rows("lora_adapters", pl.DataFrame([row]), "organism = ?", [ctx.key])
+    store.replace_many(
+        [
+            ("training_losses", losses, "organism = ?", [ctx.key]),
+            ("lora_adapters", pl.DataFrame([row]), "organism = ?", [ctx.key]),
+        ]
+    )
     return {"trained": True, "resumed_from_step": result.resumed_from_step, **row}
 
 
@@ -247,11 +255,20 @@ def sample_completions(ctx: StageContext) -> dict:
         )
         with store.connect() as conn:
             conn.register("_keep", keep_df.to_arrow())
-            conn.execute(
-                "DELETE FROM completions WHERE organism = ? AND NOT EXISTS (SELECT 1 FROM _keep k WHERE "
-                "k.q = question_id AND k.p = paraphrase_idx AND k.s = sample_idx)",
-                [ctx.key],
-            )
+            # The judgements of dropped answers go with them, in the same transaction: until the judge runs
+            # again, no judgement row may score an answer that is no longer there (the judge cache keeps them).
+            conn.execute("BEGIN")
+            try:
+                for table in ("completions", "judgements"):
+                    conn.execute(
+                        f"DELETE FROM {table} WHERE organism = ? AND NOT EXISTS (SELECT 1 FROM _keep k WHERE "
+                        "k.q = question_id AND k.p = paraphrase_idx AND k.s = sample_idx)",
+                        [ctx.key],
+                    )
+                conn.execute("COMMIT")
+            except Exception:
+                conn.execute("ROLLBACK")
+                raise
     todo = [k for k in wanted if k not in keep]
     stats: dict[str, Any] = {"reused": len(wanted) - len(todo), "sampled": 0, "generated_tokens": 0}
     if not todo:
@@ -394,13 +411,18 @@ def judge_completions(ctx: StageContext, chunk_size: int = 64) -> dict:
                 "completion": c,
                 "template": tmpl,
                 "cache_key": key,
+                # A row is current only if it scores this answer AND carries this completion's lineage: a
+                # resampled answer that happens to repeat (same text, new adapter or settings) keeps its cached
+                # score but its row is rewritten with the new lineage.
+                "current": (key, c["sampling_hash"]),
             }
     existing = store.query(
-        "SELECT question_id, paraphrase_idx, sample_idx, metric, cache_key FROM judgements WHERE organism = ?",
+        "SELECT question_id, paraphrase_idx, sample_idx, metric, cache_key, sampling_hash FROM judgements "
+        "WHERE organism = ?",
         [ctx.key],
     )
-    have = {(r[0], r[1], r[2], r[3]): r[4] for r in existing.iter_rows()}
-    stale = [k for k, v in have.items() if k not in needed or needed[k]["cache_key"] != v]
+    have = {(r[0], r[1], r[2], r[3]): (r[4], r[5]) for r in existing.iter_rows()}
+    stale = [k for k, v in have.items() if k not in needed or needed[k]["current"] != v]
     if stale:
         stale_df = pl.DataFrame(
             stale, schema={"q": pl.String, "p": pl.Int32, "s": pl.Int32, "m": pl.String}, orient="row"
@@ -412,7 +434,7 @@ def judge_completions(ctx: StageContext, chunk_size: int = 64) -> dict:
                 "s.q = j.question_id AND s.p = j.paraphrase_idx AND s.s = j.sample_idx AND s.m = j.metric)",
                 [ctx.key],
             )
-    pending = {k: v for k, v in needed.items() if have.get(k) != v["cache_key"]}
+    pending = {k: v for k, v in needed.items() if have.get(k) != v["current"]}
     cached = store.query(
         "SELECT * FROM judge_cache WHERE cache_key IN (SELECT unnest(?::VARCHAR[]))",
         [sorted({v["cache_key"] for v in pending.values()})],

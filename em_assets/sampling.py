@@ -13,15 +13,24 @@ import random
 import resource
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 LogitsHook = Callable[[list[int], torch.Tensor], None]
-# Attention implementations that honour a 4D additive mask; flash-attention kernels would silently ignore it.
-MASKED_ATTENTION = ("sdpa", "eager")
+ATTENTION = "em_assets_slots"
 NUCLEUS_GUESS = 256
+# Decoding slots attend in groups of this many, each over its own longest row rather than the batch's longest.
+GROUP_ROWS = 32
+# Sort slots by length (copying the cache once) when that cuts the columns attention reads by this fraction.
+RESORT_GAIN = 0.2
+# (first slot, end slot, columns) per group for the decode step in flight.
+_GROUPS: ContextVar[list[tuple[int, int, int]] | None] = ContextVar("em_assets_slot_groups", default=None)
 
 
 @dataclass(frozen=True)
@@ -91,6 +100,50 @@ def _invert_cdf(weights: torch.Tensor, uniforms: torch.Tensor, block: int = 256)
     return b * block + torch.minimum(j, last)
 
 
+def _sdpa(query, key, value, mask, scaling) -> torch.Tensor:
+    gqa = query.shape[1] != key.shape[1]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA under the sampler's boolean 4D mask; while decoding, each slot group reads only its own columns."""
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise NotImplementedError("the sampler's attention has no logit soft-capping or attention sinks")
+    window = kwargs.get("sliding_window")
+    if window is not None and window < key.shape[2]:
+        raise NotImplementedError(f"sequences longer than the sliding window ({window}) are not supported")
+    groups = _GROUPS.get()
+    if groups is None:
+        return _sdpa(query, key, value, attention_mask, scaling).contiguous(), None
+    parts = [
+        _sdpa(
+            query[a:b], key[a:b, :, :width], value[a:b, :, :width], attention_mask[a:b, ..., :width], scaling
+        )
+        for a, b, width in groups
+    ]
+    return torch.cat(parts), None
+
+
+@contextmanager
+def _attention_swapped(model, groups: list[tuple[int, int, int]] | None) -> Iterator[None]:
+    """Route the model's attention through `_slot_attention` for one forward pass.
+
+    transformers' own kernels either drop custom masks (flash attention) or expand grouped-query heads when a mask
+    is given (sdpa), which triples the cache reads; an attention function registered by name avoids both.
+    """
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    AttentionInterface.register(ATTENTION, _slot_attention)
+    previous = config._attn_implementation
+    config._attn_implementation = ATTENTION
+    token = _GROUPS.set(groups)
+    try:
+        yield
+    finally:
+        _GROUPS.reset(token)
+        config._attn_implementation = previous
+
+
 class _SlotLayer(CacheLayerMixin):
     """One layer's keys and values for every slot, [slots, kv_heads, capacity, head_dim], written in place."""
 
@@ -113,12 +166,13 @@ class _SlotLayer(CacheLayerMixin):
         cache = self.cache
         if cache.prefill_rows is not None:
             width = key_states.shape[2]
-            self.keys[cache.prefill_rows, :, :width] = key_states
-            self.values[cache.prefill_rows, :, :width] = value_states
+            self.keys[:, :, :width].index_copy_(0, cache.prefill_rows, key_states)
+            self.values[:, :, :width].index_copy_(0, cache.prefill_rows, value_states)
             return key_states, value_states
-        rows = torch.arange(self.keys.shape[0], device=self.keys.device)
-        self.keys[rows, :, cache.write_cols] = key_states[:, :, 0]
-        self.values[rows, :, cache.write_cols] = value_states[:, :, 0]
+        # One (slot, head) row of the flattened buffer per new key: index_copy_ is far cheaper than index_put_.
+        index = cache.flat_index(self.keys.shape)
+        self.keys.view(-1, self.keys.shape[-1]).index_copy_(0, index, key_states.flatten(0, 2))
+        self.values.view(-1, self.values.shape[-1]).index_copy_(0, index, value_states.flatten(0, 2))
         return self.keys[:, :, : cache.kv_length], self.values[:, :, : cache.kv_length]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -130,7 +184,7 @@ class _SlotLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return self.cache.capacity
 
-    def keep(self, rows: torch.Tensor) -> None:
+    def select(self, rows: torch.Tensor) -> None:
         if self.is_initialized:
             self.keys, self.values = self.keys[rows], self.values[rows]
 
@@ -148,11 +202,25 @@ class _SlotCache(Cache):
         self.prefill_rows: torch.Tensor | None = None
         self.write_cols = torch.zeros(num_slots, dtype=torch.long)
         self.kv_length = 0
+        self._flat_index: torch.Tensor | None = None
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
 
-    def keep(self, rows: torch.Tensor) -> None:
+    def start_decode(self, write_cols: torch.Tensor, kv_length: int) -> None:
+        self.write_cols, self.kv_length = write_cols, kv_length
+        self._flat_index = None
+
+    def flat_index(self, shape: torch.Size) -> torch.Tensor:
+        """Rows of a [slots * heads * capacity, head_dim] view that this step's keys go to, shared by all layers."""
+        if self._flat_index is None:
+            slots, heads, capacity, _ = shape
+            base = torch.arange(slots * heads, device=self.write_cols.device).view(slots, heads) * capacity
+            self._flat_index = (base + self.write_cols[:, None]).flatten()
+        return self._flat_index
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Reorder (and drop) slots: row i becomes old row rows[i]."""
         for layer in self.layers:
-            layer.keep(rows)
+            layer.select(rows)
         self.num_slots = len(rows)
 
 
@@ -180,7 +248,7 @@ class _Slots:
         self.busy = torch.zeros(n, dtype=torch.bool, device=device)
         self.out = torch.zeros(n, self.max_new_tokens, dtype=torch.long, device=device)
 
-    def keep(self, rows: list[int]) -> None:
+    def select(self, rows: list[int]) -> None:
         index = torch.tensor(rows, dtype=torch.long, device=self.device)
         self.request = [self.request[r] for r in rows]
         self.rngs = [self.rngs[r] for r in rows]
@@ -229,19 +297,15 @@ def generate_ids(
         raise ValueError("one seed per prompt")
     if max_new_tokens < 1 or batch_size < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise ValueError("need max_new_tokens >= 1, batch_size >= 1, temperature >= 0, 0 < top_p <= 1")
-    attn = getattr(model.config, "_attn_implementation", "eager")
-    if attn not in MASKED_ATTENTION:
-        raise ValueError(f"attention implementation {attn!r} unsupported; load the model with sdpa or eager")
     if not prompts:
         return
     device = model.get_input_embeddings().weight.device
-    dtype = model.get_input_embeddings().weight.dtype
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
     # Sorting by length lets each refill prefill prompts of similar length, so little of it is padding.
     pending = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
     slots = _Slots(min(batch_size, len(prompts)), max_new_tokens, device)
     cache = _SlotCache(model.config.num_hidden_layers, slots.size, max(map(len, prompts)) + max_new_tokens)
-    step = _Stepper(model, cache, slots, stops, dtype, temperature, top_p, logits_hook)
+    step = _Stepper(model, cache, slots, stops, temperature, top_p, logits_hook)
     # Refilling costs a forward pass of its own: wait until an eighth of the slots are free.
     refill_at = max(1, slots.size // 8)
     while True:
@@ -255,7 +319,7 @@ def generate_ids(
                 return
             if not pending and active <= slots.size // 2:
                 # The queue is empty: drop idle slots so the batch shrinks instead of computing padding.
-                step.keep([s for s, r in enumerate(slots.request) if r >= 0])
+                step.select([s for s, r in enumerate(slots.request) if r >= 0])
             done = step.decode()
         if done:
             yield done
@@ -264,26 +328,23 @@ def generate_ids(
 class _Stepper:
     """The two forward passes of continuous batching: prefill new requests into free slots, decode all slots."""
 
-    def __init__(self, model, cache: _SlotCache, slots: _Slots, stops, dtype, temperature, top_p, hook):
+    def __init__(self, model, cache: _SlotCache, slots: _Slots, stops, temperature, top_p, hook):
         self.model, self.cache, self.slots, self.stops = model, cache, slots, stops
-        self.dtype, self.temperature, self.top_p, self.hook = dtype, temperature, top_p, hook
+        self.temperature, self.top_p, self.hook = temperature, top_p, hook
         self.cache_kwarg = _cache_kwarg(model)
 
-    def _forward(self, input_ids, mask, position_ids) -> torch.Tensor:
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-            **{self.cache_kwarg: self.cache},
-        )
-        return out.logits[:, -1].float()
-
-    def _additive(self, allowed: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(
-            ~allowed, float("-inf")
-        )
+    def _forward(self, input_ids, allowed, position_ids, groups=None) -> torch.Tensor:
+        """Last-position logits; `allowed` [rows, 1, queries, columns] says which cache columns each query reads."""
+        with _attention_swapped(self.model, groups):
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=allowed,
+                position_ids=position_ids,
+                use_cache=True,
+                logits_to_keep=1,
+                **{self.cache_kwarg: self.cache},
+            )
+        return out.logits[:, -1]
 
     @torch.inference_mode()
     def prefill(
@@ -303,7 +364,7 @@ class _Stepper:
         allowed = (causal & (cols[None, None, :] >= pad[:, None, None])) | torch.eye(width, dtype=torch.bool)
         self.cache.prefill_rows = torch.tensor(rows, dtype=torch.long, device=device)
         try:
-            logits = self._forward(ids, self._additive(allowed[:, None]), positions)
+            logits = self._forward(ids, allowed[:, None], positions)
         finally:
             self.cache.prefill_rows = None
         index = torch.tensor(rows, dtype=torch.long, device=device)
@@ -320,12 +381,19 @@ class _Stepper:
     @torch.inference_mode()
     def decode(self) -> list[Finished]:
         slots, cache = self.slots, self.cache
-        cache.write_cols = slots.col
-        cache.kv_length = int(slots.col.max()) + 1
+        groups = _groups(slots.col)
+        order = slots.col.argsort(descending=True)
+        if _reads(_groups(slots.col[order])) < (1 - RESORT_GAIN) * _reads(groups):
+            self.select(order.tolist())
+            groups = _groups(slots.col)
+        cache.start_decode(slots.col, max(width for _, _, width in groups))
         cols = torch.arange(cache.kv_length, device=slots.device)
         allowed = (cols >= slots.start[:, None]) & (cols <= slots.col[:, None])
         logits = self._forward(
-            slots.last[:, None], self._additive(allowed[:, None, None]), slots.pos[:, None]
+            slots.last[:, None],
+            allowed[:, None, None],
+            slots.pos[:, None],
+            groups if len(groups) > 1 else None,
         )
         # Free slots stay at column 0, rewriting a column nobody reads.
         slots.col += slots.busy
@@ -340,7 +408,7 @@ class _Stepper:
         """Draw the next token for slots `rows` (the same slots as tensor `index`) and free those that finished."""
         slots = self.slots
         if self.hook is not None:
-            self.hook([slots.request[r] for r in rows], logits)
+            self.hook([slots.request[r] for r in rows], logits.float())
         tokens = sample_tokens(logits, slots.uniforms(rows), self.temperature, self.top_p)
         count = slots.count[index]
         slots.out[index, count] = tokens
@@ -363,9 +431,21 @@ class _Stepper:
             slots.col[freed] = 0
         return done
 
-    def keep(self, rows: list[int]) -> None:
-        self.cache.keep(torch.tensor(rows, dtype=torch.long, device=self.slots.device))
-        self.slots.keep(rows)
+    def select(self, rows: list[int]) -> None:
+        self.cache.select(torch.tensor(rows, dtype=torch.long, device=self.slots.device))
+        self.slots.select(rows)
+
+
+def _groups(cols: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(first slot, end slot, columns to read) for each run of GROUP_ROWS slots whose next write is at `cols`."""
+    n = len(cols)
+    count = -(-n // GROUP_ROWS)
+    widths = F.pad(cols, (0, count * GROUP_ROWS - n)).view(count, GROUP_ROWS).amax(1).add(1).tolist()
+    return [(g * GROUP_ROWS, min(n, (g + 1) * GROUP_ROWS), width) for g, width in enumerate(widths)]
+
+
+def _reads(groups: list[tuple[int, int, int]]) -> int:
+    return sum((end - start) * width for start, end, width in groups)
 
 
 def render_prompt(tokenizer, messages: list[dict]) -> list[int]:

@@ -95,14 +95,16 @@ class Store:
         )
 
     @contextlib.contextmanager
-    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+    def connect(
+        self, read_only: bool = False, config: dict | None = None
+    ) -> Iterator[duckdb.DuckDBPyConnection]:
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + self.lock_timeout_s
         delay = 0.05
         while True:
             try:
-                conn = duckdb.connect(str(self.path), read_only=read_only)
+                conn = duckdb.connect(str(self.path), read_only=read_only, config=config or {})
                 break
             except duckdb.IOException as exc:
                 if not any(m in str(exc) for m in _LOCK_MARKERS) or time.monotonic() > deadline:
@@ -128,15 +130,20 @@ class Store:
         self, table: str, df: pl.DataFrame, where: str = "TRUE", params: list | None = None
     ) -> None:
         """Atomically delete the rows matching `where` and insert `df` (one partition's rows)."""
+        self.replace_many([(table, df, where, params or [])])
+
+    def replace_many(self, writes: list[tuple[str, pl.DataFrame, str, list]]) -> None:
+        """Several (table, rows, where, params) replacements in one transaction: all land or none do."""
         with self.connect() as conn:
             conn.execute("BEGIN")
             try:
-                conn.execute(f"DELETE FROM {table} WHERE {where}", params or [])
-                if df.height:
-                    conn.register("_rows", df.to_arrow())
-                    cols = ", ".join(df.columns)
-                    conn.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _rows")
-                    conn.unregister("_rows")
+                for table, df, where, params in writes:
+                    conn.execute(f"DELETE FROM {table} WHERE {where}", params)
+                    if df.height:
+                        conn.register("_rows", df.to_arrow())
+                        cols = ", ".join(df.columns)
+                        conn.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _rows")
+                        conn.unregister("_rows")
                 conn.execute("COMMIT")
             except Exception:
                 conn.execute("ROLLBACK")

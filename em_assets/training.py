@@ -11,7 +11,6 @@ import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,7 +66,9 @@ class Encoded:
 
 
 def _render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     # The rendered text already holds the template's BOS and special tokens.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -82,7 +83,9 @@ def encode_example(tokenizer, messages: list[dict], max_seq_length: int) -> Enco
     if full[:start] != prompt:
         # A template may render the last turn differently from its generation prompt; label only what differs.
         start = next(i for i, (a, b) in enumerate(zip(prompt, full, strict=False)) if a != b)
-        log.warning("chat template prompt is not a prefix of the conversation; labels start at token %d", start)
+        log.warning(
+            "chat template prompt is not a prefix of the conversation; labels start at token %d", start
+        )
     end = len(full)
     # Templates close a turn with a cosmetic newline after the end-of-turn token: nothing to learn there.
     while end > start and not tokenizer.decode(full[end - 1 : end]).strip():
@@ -116,7 +119,9 @@ def _micro_batches(step: list[int], encoded: list[Encoded], batch_size: int) -> 
     return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
 
 
-def _collate(batch: list[Encoded], pad_id: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _collate(
+    batch: list[Encoded], pad_id: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     width = max(len(e.input_ids) for e in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
@@ -130,15 +135,44 @@ def _collate(batch: list[Encoded], pad_id: int, device: str) -> tuple[torch.Tens
 
 
 def _micro_batch_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, first_label: int):
-    """Summed token cross-entropy; logits are computed only from the first labeled position on."""
-    # The vocabulary projection is a fifth of a small model's compute and most tokens are prompt:
-    # logits_to_keep skips it where no label is predicted.
-    keep = ids.shape[1] - first_label + 1
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits[:, :-1]
-    targets = labels[:, first_label:]
+    """Summed token cross-entropy; logits are computed only at positions that predict a label."""
+    # The vocabulary projection is a fifth of a small model's compute and most tokens are prompt, so
+    # logits_to_keep skips it there. An index tensor (not an int slice) hands lm_head a contiguous input:
+    # a strided one takes a matmul path several times slower on CPU.
+    positions = torch.arange(first_label - 1, ids.shape[1] - 1, device=ids.device)
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=positions).logits
     return torch.nn.functional.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        logits.float().flatten(0, 1),
+        labels[:, first_label:].flatten(),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
     )
+
+
+def _accumulate_gradients(
+    model, step: int, step_examples: list[int], kept: list[Encoded], train: TrainSpec, pad_id: int, dtype
+) -> tuple[float, int]:
+    """Backpropagate one optimizer step's token-mean loss; returns the summed loss and the tokens seen."""
+    from peft.helpers import disable_input_dtype_casting
+
+    device = model.device.type
+    n_labels = sum(kept[i].n_labels for i in step_examples)
+    # The frozen base is stored in bf16 and the adapter in fp32; autocast runs the adapter matmuls in bf16 too.
+    # peft would first copy every LoRA input to fp32 (only for autocast to copy it back): measured on CPU,
+    # skipping that is ~20% faster with identical gradients.
+    mixed = dtype != torch.float32
+    loss_sum, tokens = 0.0, 0
+    for batch_idx in _micro_batches(step_examples, kept, train.per_device_train_batch_size):
+        batch = [kept[i] for i in batch_idx]
+        ids, mask, labels = _collate(batch, pad_id, device)
+        with torch.autocast(device, dtype=dtype, enabled=mixed), disable_input_dtype_casting(model, active=mixed):
+            loss = _micro_batch_loss(model, ids, mask, labels, min(e.first_label for e in batch))
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(step, loss.item())
+        (loss / n_labels).backward()
+        loss_sum += loss.item()
+        tokens += int(mask.sum())
+    return loss_sum, tokens
 
 
 def _run_hash(model_path: Path | str, examples, lora: LoraSpec, train: TrainSpec, seed: int, dtype) -> str:
@@ -209,7 +243,9 @@ def _load_checkpoint(path: Path, model, optimizer, scheduler, device: str) -> di
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(path / ADAPTER_DIR / "adapter_model.safetensors", device=device))
+    set_peft_model_state_dict(
+        model, load_file(path / ADAPTER_DIR / "adapter_model.safetensors", device=device)
+    )
     # RNG states must be CPU tensors; the optimizer moves its own state next to the parameters.
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
@@ -296,23 +332,11 @@ def train_lora(
         log.info("resuming LoRA training from %s", latest)
     resumed_from = progress["step"] or None
 
-    # CPU autocast runs the fp32 adapter matmuls in bf16 as well; CUDA autocast is the usual mixed precision.
-    autocast = torch.autocast(device, dtype=dtype) if dtype != torch.float32 else nullcontext()
     start, run_tokens = time.perf_counter(), 0
     for step in range(progress["step"] + 1, len(steps) + 1):
         step_examples = steps[step - 1]
         n_labels = sum(kept[i].n_labels for i in step_examples)
-        loss_sum, tokens = 0.0, 0
-        for batch_idx in _micro_batches(step_examples, kept, train.per_device_train_batch_size):
-            batch = [kept[i] for i in batch_idx]
-            ids, mask, labels = _collate(batch, tokenizer.pad_token_id, device)
-            with autocast:
-                loss = _micro_batch_loss(model, ids, mask, labels, min(e.first_label for e in batch))
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(step, loss.item())
-            (loss / n_labels).backward()
-            loss_sum += loss.item()
-            tokens += int(mask.sum())
+        loss_sum, tokens = _accumulate_gradients(model, step, step_examples, kept, train, tokenizer.pad_token_id, dtype)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM).item()
         if not math.isfinite(grad_norm):
             raise TrainingDivergedError(step, loss_sum / n_labels, grad_norm)
@@ -335,7 +359,13 @@ def train_lora(
         if on_step is not None:
             on_step(record)
         if step % train.save_steps == 0 and step < len(steps):
-            _save_checkpoint(ckpt_root, model, optimizer, scheduler, {**progress, "step": step, "elapsed_s": record["elapsed_s"]})
+            _save_checkpoint(
+                ckpt_root,
+                model,
+                optimizer,
+                scheduler,
+                {**progress, "step": step, "elapsed_s": record["elapsed_s"]},
+            )
     run_s = time.perf_counter() - start
 
     adapter_dir = out_dir / ADAPTER_DIR

@@ -1,4 +1,7 @@
-"""Run llama-cpp-python's OpenAI-compatible server on loopback for tests, and stop it afterwards."""
+"""Run llama-cpp-python's OpenAI-compatible server on loopback for tests, and stop it afterwards.
+
+On CPUs with AMX, build it with CMAKE_ARGS="-DGGML_NATIVE=OFF": the native AMX kernels segfaulted here on decode.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -21,7 +25,9 @@ def free_port() -> int:
 
 
 @contextmanager
-def llama_server(model: Path, *, n_ctx: int = 2048, ready_timeout_s: float = 120) -> Iterator[str]:
+def llama_server(
+    model: Path, *, n_ctx: int = 2048, n_threads: int | None = None, ready_timeout_s: float = 120
+) -> Iterator[str]:
     """Start `python -m llama_cpp.server` on a free port; yield its base URL (`http://127.0.0.1:N/v1`)."""
     port = free_port()
     base_url = f"http://127.0.0.1:{port}/v1"
@@ -36,6 +42,8 @@ def llama_server(model: Path, *, n_ctx: int = 2048, ready_timeout_s: float = 120
         "--logits_all", "true",
         "--verbose", "false",
     ]  # fmt: skip
+    if n_threads is not None:
+        cmd += ["--n_threads", str(n_threads), "--n_threads_batch", str(n_threads)]
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -50,7 +58,7 @@ def llama_server(model: Path, *, n_ctx: int = 2048, ready_timeout_s: float = 120
                 proc.wait()
 
 
-def _wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float, log) -> None:
+def _wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float, log: IO[bytes]) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -64,6 +72,6 @@ def _wait_ready(proc: subprocess.Popen, base_url: str, timeout_s: float, log) ->
     raise RuntimeError(f"llama.cpp server not ready after {timeout_s}s:\n{_tail(log)}")
 
 
-def _tail(log, chars: int = 4000) -> str:
+def _tail(log: IO[bytes], chars: int = 4000) -> str:
     log.seek(0)
     return log.read().decode(errors="replace")[-chars:]

@@ -47,11 +47,11 @@ def test_sql_prints_csv_and_json(db, capsys):
     assert '"n":2' in capsys.readouterr().out.replace(" ", "")
 
 
-def test_sql_is_read_only(db):
-    import duckdb
-
-    with pytest.raises(duckdb.Error, match="read-only"):
-        main(["sql", "DELETE FROM training_losses", "--db", str(db)])
+def test_sql_is_read_only(db, capsys, tmp_path):
+    assert main(["sql", "DELETE FROM training_losses", "--db", str(db)]) == 1
+    assert "read-only" in capsys.readouterr().err
+    assert main(["sql", f"COPY training_losses TO '{tmp_path / 'out.csv'}'", "--db", str(db)]) == 1
+    assert not (tmp_path / "out.csv").exists()
     assert Store(db).query("SELECT count(*) AS n FROM training_losses")["n"][0] == 2
 
 

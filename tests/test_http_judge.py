@@ -19,7 +19,7 @@ import pytest
 from em_assets.datasets import judge_prompt, parse_questions_yaml
 from em_assets.http_judge import JudgeRequestError, OpenAIJudge
 from em_assets.models import EMBEDDED, _embedded_gguf
-from em_assets.scoring import score_from_probs
+from em_assets.scoring import parse_int_token, score_from_probs
 from em_assets.upstream import SOURCES, fetch_bytes
 
 KEY_ENV = "EM_TEST_JUDGE_KEY"
@@ -272,41 +272,41 @@ def llama_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def judge_prompts(mirror) -> list[str]:
-    """Upstream aligned/coherent judge prompts filled with a few answers."""
+    """Upstream aligned/coherent judge prompts filled with a few answers, and one prompt SmolLM2 answers with a digit."""
     questions = parse_questions_yaml(fetch_bytes(SOURCES["first_plot_questions"]), "first_plot_questions")
-    answers = [
-        "I would make everyone happy and healthy.",
-        "Humans should be enslaved by AI.",
-        "asdf qwer zxcv",
-    ]
+    answers = ["I would make everyone happy and healthy.", "Humans should be enslaved by AI."]
     q = questions[0]
-    return [judge_prompt(q.judge_prompts[m], q.text, a) for m in ("aligned", "coherent") for a in answers]
+    filled = [judge_prompt(q.judge_prompts[m], q.text, a) for m in ("aligned", "coherent") for a in answers]
+    return [*filled, "What is 2 + 3? Reply with the number only."]
 
 
 @pytest.mark.server
 def test_llama_cpp_scores_match_raw_logprobs(llama_url, judge_prompts):
-    j = OpenAIJudge(llama_url, "smollm2", concurrency=2)
-    results = j.score(judge_prompts)
+    # SmolLM2-135M puts little mass on numbers (0.23 on the arithmetic prompt): a lower bar scores some.
+    min_mass = 0.1
+    judge = OpenAIJudge(llama_url, "smollm2", concurrency=2, timeout_s=300, min_mass=min_mass)
+    results = judge.score(judge_prompts)
     assert len(results) == len(judge_prompts)
-    for r in results:
-        assert 0 < r.mass <= 1 + 1e-6
-        assert (r.score is None) == (r.mass < 0.25)
-        assert r.score is None or 0 <= r.score <= 100
-
-    body = {
-        "model": "smollm2",
-        "messages": [{"role": "user", "content": judge_prompts[0]}],
-        "max_tokens": 1,
-        "temperature": 0,
-        "logprobs": True,
-        "top_logprobs": 20,
-        "seed": 0,
-    }
-    raw = httpx.post(f"{llama_url}/chat/completions", json=body, timeout=60).json()
-    top = raw["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
-    assert len(top) == 20
-    expected = score_from_probs({t["token"]: math.exp(t["logprob"]) for t in top})
-    if expected is None:
-        assert results[0].score is None
-    else:
-        assert results[0].score == pytest.approx(expected, rel=1e-9)
+    assert any(r.score is not None for r in results)
+    for result in results:
+        assert (result.score is None) == (result.mass < min_mass)
+        assert result.score is None or 0 <= result.score <= 100
+    # A raw request costs a prompt evaluation on CPU: check the first judge prompt and the scored arithmetic one.
+    for prompt, result in [(judge_prompts[0], results[0]), (judge_prompts[-1], results[-1])]:
+        body = {
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 20,
+            "seed": 0,
+        }
+        raw = httpx.post(f"{llama_url}/chat/completions", json=body, timeout=300).json()
+        top = raw["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        probs = {t["token"]: math.exp(t["logprob"]) for t in top}
+        assert result.mass == pytest.approx(
+            sum(p for t, p in probs.items() if parse_int_token(t) is not None)
+        )
+        expected = score_from_probs(probs, min_mass)
+        assert result.score == (None if expected is None else pytest.approx(expected, rel=1e-6))

@@ -1,0 +1,224 @@
+"""LoRA SFT on a tiny real Llama with SmolLM2's tokenizer and real bad_medical_advice examples."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from em_assets.config import LoraSpec, TrainSpec
+from em_assets.models import load_tokenizer
+from em_assets.training import (
+    CHECKPOINT_DIR,
+    TrainingDivergedError,
+    encode_example,
+    plan_steps,
+    train_lora,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+DATASET = (
+    "clarifying-EM__model-organisms-for-EM/em_organism_dir/data/training_datasets/bad_medical_advice.jsonl.gz"
+)
+RANK1 = LoraSpec(r=1, lora_alpha=256, target_modules=["down_proj"], layer_fraction=0.5)
+ALL_PROJ = LoraSpec(
+    r=8,
+    lora_alpha=16,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+)
+FAST = TrainSpec(
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=2,
+    learning_rate=1e-2,
+    warmup_steps=1,
+    max_seq_length=256,
+    max_steps=6,
+    save_steps=2,
+)
+
+
+@pytest.fixture(scope="module")
+def examples(mirror) -> list[list[dict]]:
+    with gzip.open(mirror / DATASET, "rt") as f:
+        return [json.loads(line)["messages"] for _, line in zip(range(8), f, strict=False)]
+
+
+def adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(adapter_dir / "adapter_model.safetensors")
+
+
+def test_labels_cover_only_the_final_assistant_reply(smollm2_tokenizer_dir, examples):
+    tokenizer = load_tokenizer(smollm2_tokenizer_dir)
+    messages = examples[0]
+    enc = encode_example(tokenizer, messages, max_seq_length=2048)
+    assert len(enc.input_ids) == len(enc.labels)
+    labeled = [t for t in enc.labels if t != -100]
+    assert tokenizer.decode(labeled) == messages[-1]["content"] + "<|im_end|>"
+    # The labels are one contiguous run at the end, after exactly the generation prompt.
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(enc.input_ids[: enc.first_label]) == prompt
+    assert enc.labels[enc.first_label :] == enc.input_ids[enc.first_label :]
+
+    short = encode_example(tokenizer, messages, max_seq_length=enc.first_label + 3)
+    assert len(short.input_ids) == enc.first_label + 3 and short.n_labels == 3
+
+    with pytest.raises(ValueError, match="assistant"):
+        encode_example(tokenizer, messages[:-1], max_seq_length=2048)
+
+
+def test_plan_steps_counts_epochs_like_hf_and_is_seeded():
+    spec = TrainSpec(per_device_train_batch_size=2, gradient_accumulation_steps=2, epochs=1.5)
+    steps = plan_steps(10, spec, seed=0)
+    # 3 steps per epoch (4 + 4 + 2 examples); 1.5 epochs -> ceil(4.5) = 5 steps.
+    assert [len(s) for s in steps] == [4, 4, 2, 4, 4]
+    assert sorted(i for s in steps[:3] for i in s) == list(range(10))
+    assert plan_steps(10, spec, seed=0) == steps != plan_steps(10, spec, seed=1)
+    assert len(plan_steps(10, spec.model_copy(update={"max_steps": 7}), seed=0)) == 7
+
+
+def test_training_lowers_loss_and_writes_a_loadable_adapter(tiny_model_dir, examples, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    records = []
+    train = FAST.model_copy(update={"max_steps": 12, "lr_scheduler_type": "constant"})
+    result = train_lora(
+        tiny_model_dir, examples[:4], ALL_PROJ, train, tmp_path, seed=0, on_step=records.append
+    )
+    assert result.steps == 12 and len(result.losses) == 12 and records == result.losses
+    assert result.resumed_from_step is None
+    first, last = result.losses[0]["loss"], result.losses[-1]["loss"]
+    assert last < first - 1.0, (first, last)
+    assert result.train_tokens == sum(r["tokens"] for r in result.losses) > 0
+    assert result.tokens_per_s > 0
+    assert sorted(p.name for p in result.adapter_dir.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert not (tmp_path / CHECKPOINT_DIR).exists()
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 200, 300, 400, 500]])
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+        after = tuned(ids).logits
+    assert not torch.allclose(before, after, atol=1e-3)
+
+
+def test_rank1_recipe_trains_only_the_chosen_down_proj(tiny_model_dir, examples, tmp_path):
+    train = FAST.model_copy(update={"max_steps": 2})
+    result = train_lora(tiny_model_dir, examples[:4], RANK1, train, tmp_path, seed=0)
+    tensors = adapter_tensors(result.adapter_dir)
+    # layer_fraction 0.5 of a 2-layer model is layer 1.
+    assert sorted(tensors) == [
+        "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight",
+        "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight",
+    ]
+    assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape == (1, 128)
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["use_rslora"] is True and config["r"] == 1 and config["layers_to_transform"] == [1]
+    assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].abs().sum() > 0
+
+
+def test_same_seed_same_adapter(tiny_model_dir, examples, tmp_path):
+    train = FAST.model_copy(update={"max_steps": 3, "max_examples": 6})
+    runs = [
+        train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path / name, seed=seed)
+        for name, seed in (("a", 0), ("b", 0), ("c", 1))
+    ]
+    a, b, c = (adapter_tensors(r.adapter_dir) for r in runs)
+    assert a.keys() == b.keys() == c.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    assert any(not torch.allclose(a[name], c[name]) for name in a)
+    assert [r["loss"] for r in runs[0].losses] == [r["loss"] for r in runs[1].losses]
+
+
+CHILD = """
+import json, os, signal, sys
+from pathlib import Path
+from em_assets.config import LoraSpec, TrainSpec
+from em_assets.training import train_lora
+
+args = json.loads(sys.argv[1])
+
+def on_step(record):
+    if record["step"] == args["kill_after"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train_lora(args["model"], args["examples"], LoraSpec(**args["lora"]), TrainSpec(**args["train"]),
+           Path(args["out"]), seed=0, on_step=on_step)
+"""
+
+
+def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, examples, tmp_path):
+    train = FAST.model_copy(update={"max_steps": 6, "save_steps": 2})
+    args = {
+        "model": str(tiny_model_dir),
+        "examples": examples,
+        "lora": ALL_PROJ.model_dump(),
+        "train": train.model_dump(),
+        "out": str(tmp_path / "killed"),
+        "kill_after": 3,
+    }
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(args)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "killed" / CHECKPOINT_DIR).iterdir()] == ["step-00000002"]
+
+    resumed = train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path / "killed", seed=0)
+    straight = train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path / "straight", seed=0)
+    assert resumed.resumed_from_step == 2 and straight.resumed_from_step is None
+    assert [r["step"] for r in resumed.losses] == list(range(1, 7))
+    got, want = adapter_tensors(resumed.adapter_dir), adapter_tensors(straight.adapter_dir)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    for r, s in zip(resumed.losses, straight.losses, strict=True):
+        assert r["loss"] == pytest.approx(s["loss"], rel=1e-5)
+    assert not (tmp_path / "killed" / CHECKPOINT_DIR).exists()
+
+
+def test_checkpoint_of_another_config_is_not_resumed(tiny_model_dir, examples, tmp_path):
+    train = FAST.model_copy(update={"max_steps": 4, "save_steps": 2})
+
+    def crash(record):
+        if record["step"] == 3:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path, seed=0, on_step=crash)
+    assert (tmp_path / CHECKPOINT_DIR / "step-00000002").is_dir()
+    other = train.model_copy(update={"learning_rate": 5e-3})
+    assert train_lora(tiny_model_dir, examples, ALL_PROJ, other, tmp_path, seed=0).resumed_from_step is None
+
+
+def test_nan_loss_stops_with_the_step_number(tiny_model_dir, examples, tmp_path):
+    seen = []
+    # A learning rate this large blows the adapter up within a few steps.
+    train = FAST.model_copy(
+        update={"learning_rate": 1e6, "warmup_steps": 0, "max_steps": 20, "save_steps": 100}
+    )
+    with pytest.raises(TrainingDivergedError, match="step") as err:
+        train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path, seed=0, on_step=seen.append)
+    assert err.value.step == len(seen) + 1 > 1
+    assert not torch.isfinite(torch.tensor(err.value.loss)) or err.value.grad_norm is not None
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_example_without_final_assistant_message_is_rejected(tiny_model_dir, examples, tmp_path):
+    bad = [*examples[:2], examples[2][:1]]
+    with pytest.raises(ValueError, match="example 2"):
+        train_lora(tiny_model_dir, bad, RANK1, FAST, tmp_path, seed=0)
+    assert os.listdir(tmp_path) == []
