@@ -9,6 +9,7 @@ whenever no draw falls within that rounding of a token boundary: in float32 almo
 from __future__ import annotations
 
 import inspect
+import math
 import random
 import resource
 import time
@@ -25,6 +26,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 LogitsHook = Callable[[list[int], torch.Tensor], None]
 ATTENTION = "em_assets_slots"
 NUCLEUS_GUESS = 256
+SAMPLE_ROWS = 8
 # Decoding slots attend in groups of this many, each over its own longest row rather than the batch's longest.
 GROUP_ROWS = 32
 # Sort slots by length (copying the cache once) when that cuts the columns attention reads by this fraction.
@@ -63,11 +65,24 @@ def sample_tokens(
     """One token per row from softmax(logits / temperature) cut to the top-p nucleus, by inverting its CDF at `uniforms`."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(
-        logits if temperature == 1 else logits.float() / temperature, dim=-1, dtype=torch.float32
-    )
-    if top_p == 1:
-        return _invert_cdf(probs, uniforms)
+    if top_p < 1:
+        return _sample_nucleus(logits, uniforms, temperature, top_p)
+    tokens = torch.empty(len(logits), dtype=torch.long, device=logits.device)
+    # A few rows at a time, so each row's float copy stays in cache from exp to block sums: 3x faster on CPU.
+    for start in range(0, len(logits), SAMPLE_ROWS):
+        rows = slice(start, start + SAMPLE_ROWS)
+        weights = logits[rows].float()
+        if temperature != 1:
+            weights /= temperature
+        weights = weights.sub_(weights.amax(-1, keepdim=True)).exp_()
+        tokens[rows] = _invert_cdf(weights, uniforms[rows])
+    return tokens
+
+
+def _sample_nucleus(
+    logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float
+) -> torch.Tensor:
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
     # Sorting the whole vocabulary is slow; the nucleus nearly always lies in the top few hundred tokens.
     top, order = probs.topk(min(NUCLEUS_GUESS, probs.shape[-1]), dim=-1)
     if not bool((top.sum(-1) >= top_p).all()):
@@ -107,7 +122,7 @@ def _sdpa(query, key, value, mask, scaling) -> torch.Tensor:
 
 
 def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA under the sampler's boolean 4D mask; while decoding, each slot group reads only its own columns."""
+    """SDPA under the sampler's additive 4D mask; while decoding, each slot group reads only its own columns."""
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("the sampler's attention has no logit soft-capping or attention sinks")
     window = kwargs.get("sliding_window")
@@ -165,9 +180,9 @@ class _SlotLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         cache = self.cache
         if cache.prefill_rows is not None:
-            width = key_states.shape[2]
-            self.keys[:, :, :width].index_copy_(0, cache.prefill_rows, key_states)
-            self.values[:, :, :width].index_copy_(0, cache.prefill_rows, value_states)
+            width, rows, copies = key_states.shape[2], cache.prefill_rows, cache.prefill_copies
+            self.keys[:, :, :width].index_copy_(0, rows, key_states[copies])
+            self.values[:, :, :width].index_copy_(0, rows, value_states[copies])
             return key_states, value_states
         # One (slot, head) row of the flattened buffer per new key: index_copy_ is far cheaper than index_put_.
         index = cache.flat_index(self.keys.shape)
@@ -199,8 +214,10 @@ class _SlotCache(Cache):
 
     def __init__(self, num_layers: int, num_slots: int, capacity: int):
         self.num_slots, self.capacity = num_slots, capacity
+        # While prefilling: the slots being filled, and which of the distinct prompts in the batch each one gets.
         self.prefill_rows: torch.Tensor | None = None
-        self.write_cols = torch.zeros(num_slots, dtype=torch.long)
+        self.prefill_copies: torch.Tensor | None = None
+        self.write_cols = torch.zeros(0, dtype=torch.long)
         self.kv_length = 0
         self._flat_index: torch.Tensor | None = None
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
@@ -332,13 +349,18 @@ class _Stepper:
         self.model, self.cache, self.slots, self.stops = model, cache, slots, stops
         self.temperature, self.top_p, self.hook = temperature, top_p, hook
         self.cache_kwarg = _cache_kwarg(model)
+        self.dtype = model.get_input_embeddings().weight.dtype
 
     def _forward(self, input_ids, allowed, position_ids, groups=None) -> torch.Tensor:
         """Last-position logits; `allowed` [rows, 1, queries, columns] says which cache columns each query reads."""
+        # Additive once here, not converted from boolean inside every layer's attention call.
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(
+            ~allowed, -math.inf
+        )
         with _attention_swapped(self.model, groups):
             out = self.model(
                 input_ids=input_ids,
-                attention_mask=allowed,
+                attention_mask=mask,
                 position_ids=position_ids,
                 use_cache=True,
                 logits_to_keep=1,
@@ -351,29 +373,31 @@ class _Stepper:
         self, rows: list[int], requests: list[int], prompts: list[Sequence[int]], seeds
     ) -> list[Finished]:
         slots, device = self.slots, self.slots.device
-        lengths = torch.tensor([len(p) for p in prompts], device=device)
-        width = int(lengths.max())
-        pad = width - lengths
-        ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        # Samples of one question share its prompt: run each distinct prompt once, copy its keys to every slot.
+        first = {p: i for i, p in enumerate(dict.fromkeys(map(tuple, prompts)))}
+        distinct = list(first)
+        copies = torch.tensor([first[tuple(p)] for p in prompts], device=device)
+        width = max(map(len, distinct))
+        # Left padding, so every prompt's last token sits in the last column and its logits come out together.
+        ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in distinct], device=device)
+        pad = width - torch.tensor([len(p) for p in distinct], device=device)
         cols = torch.arange(width, device=device)
         positions = (cols - pad[:, None]).clamp_min(0)
         causal = cols[None, :, None] >= cols[None, None, :]
-        # Left padding: a real token reads real tokens only; a pad reads itself, so no row is fully masked.
-        allowed = (causal & (cols[None, None, :] >= pad[:, None, None])) | torch.eye(width, dtype=torch.bool)
-        self.cache.prefill_rows = torch.tensor(rows, dtype=torch.long, device=device)
-        try:
-            logits = self._forward(ids, allowed[:, None], positions)
-        finally:
-            self.cache.prefill_rows = None
+        # A real token reads real tokens only; a pad reads itself, so no row is fully masked (that would be NaN).
+        allowed = (causal & (cols[None, None, :] >= pad[:, None, None])) | (cols[:, None] == cols[None, :])
         index = torch.tensor(rows, dtype=torch.long, device=device)
+        self.cache.prefill_rows, self.cache.prefill_copies = index, copies
+        try:
+            logits = self._forward(ids, allowed[:, None], positions)[copies]
+        finally:
+            self.cache.prefill_rows = self.cache.prefill_copies = None
         for row, request in zip(rows, requests, strict=True):
             slots.request[row] = request
             slots.rngs[row] = random.Random(seeds[request]) if self.temperature > 0 else None
-        slots.start[index] = pad
+        slots.start[index] = pad[copies]
         slots.col[index] = width
-        slots.pos[index] = lengths
+        slots.pos[index] = (width - pad)[copies]
         slots.count[index] = 0
         slots.busy[index] = True
         return self._advance(rows, index, logits)
