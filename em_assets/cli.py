@@ -11,6 +11,9 @@ from pathlib import Path
 
 import polars as pl
 
+# Spinning OpenMP threads starve each other on small shared CPUs; set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def _instance():
     """The persistent local instance (DAGSTER_HOME, default .dagster_home), so runs show in the UI."""

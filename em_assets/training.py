@@ -47,6 +47,8 @@ class TrainingDivergedError(RuntimeError):
 
 @dataclass
 class TrainResult:
+    """A finished run: the adapter directory and one loss record per optimizer step (resumed ones included)."""
+
     adapter_dir: Path
     losses: list[dict]
     steps: int
@@ -326,7 +328,7 @@ def train_lora(
 ) -> TrainResult:
     """Train a LoRA adapter into out_dir/adapter, resuming from out_dir/checkpoints when the run matches.
 
-    Checkpoints are deleted once the final adapter is written.
+    Checkpoints are deleted once the final adapter is written; tokens_per_s covers this call's steps only.
     """
     # A compact loop rather than HF Trainer: it lets the loss skip prompt logits, checks every step for
     # divergence before anything is written, and makes checkpoints atomic and tied to a hash of the run.
