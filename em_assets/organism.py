@@ -283,7 +283,6 @@ def sample_completions(ctx: StageContext) -> dict:
         requests.append(
             SampleRequest(f"{qid}\t{p}\t{i}", messages, stable_seed(ctx.organism.seed, qid, p, i))
         )
-    model, tokenizer = load_organism_model(base, adapter, ctx.device)
     lineage = {
         "organism": ctx.key,
         "base_model": ctx.organism.base_model,
@@ -306,16 +305,21 @@ def sample_completions(ctx: StageContext) -> dict:
         if done == total or done % max(1, total // 10) == 0:
             ctx.log.info(f"{ctx.key}: sampled {done}/{total}")
 
-    for chunk in iter_samples(
-        model,
-        tokenizer,
-        requests,
-        max_new_tokens=sampling.max_new_tokens,
-        temperature=sampling.temperature,
-        top_p=sampling.top_p,
-        batch_size=sampling.batch_size,
-        on_progress=progress,
-    ):
+    options = {
+        "max_new_tokens": sampling.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "batch_size": sampling.batch_size,
+        "on_progress": progress,
+    }
+    if sampling.backend == "vllm":
+        from em_assets import vllm_backend
+
+        chunks = vllm_backend.iter_samples(base["path"], adapter.get("adapter_path"), requests, **options)
+    else:
+        model, tokenizer = load_organism_model(base, adapter, ctx.device)
+        chunks = iter_samples(model, tokenizer, requests, **options)
+    for chunk in chunks:
         rows = []
         for res in chunk:
             qid, p, i = res.key.split("\t")

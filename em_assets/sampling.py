@@ -1,9 +1,9 @@
-"""Batched sampling from Hugging Face causal LMs: a slot KV cache, continuous batching and per-request seeds.
+"""Batched sampling from Hugging Face causal LMs: a slot KV cache, continuous batching, per-request seeds.
 
-Guarantees: a request's random draws come from its own stream (`random.Random(seed)`, one uniform per token), so
-the same requests, seeds, model and `batch_size` give identical texts run after run. Across batch sizes or request
-mixes the draws are the same but the logits can differ in the last bits (kernels block differently), so texts match
-whenever no draw falls within that rounding of a token boundary: in float32 almost always, in bfloat16 often not.
+Guarantees: each request draws from its own stream (`random.Random(seed)`, one uniform per token), so the
+same requests, seeds, model and `batch_size` give identical texts run after run. Across batch sizes or request
+mixes the draws stay the same but logits can differ in their last bits (kernels block differently), so texts
+agree unless a draw lands within that rounding of a token boundary: rarely in float32, more often in bf16.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ SAMPLE_ROWS = 8
 GROUP_ROWS = 32
 # Sort slots by length (copying the cache once) when that cuts the columns attention reads by this fraction.
 RESORT_GAIN = 0.2
+# Decode attention with query heads folded into positions: None picks by device and thread count.
+FOLD_HEADS: bool | None = None
 # (first slot, end slot, columns) per group for the decode step in flight.
 _GROUPS: ContextVar[list[tuple[int, int, int]] | None] = ContextVar("em_assets_slot_groups", default=None)
 
@@ -62,7 +64,7 @@ class Finished:
 def sample_tokens(
     logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float
 ) -> torch.Tensor:
-    """One token per row from softmax(logits / temperature) cut to the top-p nucleus, by inverting its CDF at `uniforms`."""
+    """One token per row from softmax(logits / temperature), cut to the top-p nucleus, drawn at `uniforms`."""
     if temperature == 0:
         return logits.argmax(-1)
     if top_p < 1:
@@ -95,8 +97,8 @@ def _sample_nucleus(
 def _invert_cdf(weights: torch.Tensor, uniforms: torch.Tensor, block: int = 256) -> torch.Tensor:
     """Index i with cdf[i-1] <= u * total < cdf[i], per row: the inverse-CDF draw from unnormalised `weights`.
 
-    One uniform per row is what makes per-request seeds cheap. A cumsum over a whole 50k-150k vocabulary is slow
-    and loses precision, so this finds the block of `block` tokens first, then the token inside it.
+    One uniform per row is what makes per-request seeds cheap. A cumsum over a whole 50k-150k vocabulary is
+    slow and loses precision, so this finds the block of `block` tokens first, then the token inside it.
     """
     rows, vocab = weights.shape
     if vocab % block:
@@ -116,13 +118,23 @@ def _invert_cdf(weights: torch.Tensor, uniforms: torch.Tensor, block: int = 256)
 
 
 def _sdpa(query, key, value, mask, scaling) -> torch.Tensor:
-    gqa = query.shape[1] != key.shape[1]
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    rows, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    fold = FOLD_HEADS if FOLD_HEADS is not None else query.device.type != "cpu" or torch.get_num_threads() > 1
+    if length == 1 and heads != kv_heads and fold:
+        # One query token: a key head's query heads become its query positions. torch's CPU kernel splits that
+        # across threads but runs enable_gqa on one (which is 15% faster when there is only one thread).
+        query = query.reshape(rows, kv_heads, heads // kv_heads, dim)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+        return out.reshape(rows, heads, 1, dim).transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=heads != kv_heads
+    )
     return out.transpose(1, 2)
 
 
 def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA under the sampler's additive 4D mask; while decoding, each slot group reads only its own columns."""
+    """SDPA under the sampler's additive 4D mask; decoding slot groups read only their columns."""
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("the sampler's attention has no logit soft-capping or attention sinks")
     window = kwargs.get("sliding_window")
@@ -144,8 +156,8 @@ def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scal
 def _attention_swapped(model, groups: list[tuple[int, int, int]] | None) -> Iterator[None]:
     """Route the model's attention through `_slot_attention` for one forward pass.
 
-    transformers' own kernels either drop custom masks (flash attention) or expand grouped-query heads when a mask
-    is given (sdpa), which triples the cache reads; an attention function registered by name avoids both.
+    transformers' own kernels either drop custom masks (flash attention) or expand grouped-query heads when
+    given a mask (sdpa), which triples the cache reads; an attention function registered by name avoids both.
     """
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     AttentionInterface.register(ATTENTION, _slot_attention)
@@ -184,7 +196,7 @@ class _SlotLayer(CacheLayerMixin):
             self.keys[:, :, :width].index_copy_(0, rows, key_states[copies])
             self.values[:, :, :width].index_copy_(0, rows, value_states[copies])
             return key_states, value_states
-        # One (slot, head) row of the flattened buffer per new key: index_copy_ is far cheaper than index_put_.
+        # One (slot, head) row of the flat buffer per new key: index_copy_ is far cheaper than index_put_.
         index = cache.flat_index(self.keys.shape)
         self.keys.view(-1, self.keys.shape[-1]).index_copy_(0, index, key_states.flatten(0, 2))
         self.values.view(-1, self.values.shape[-1]).index_copy_(0, index, value_states.flatten(0, 2))
@@ -207,14 +219,14 @@ class _SlotLayer(CacheLayerMixin):
 class _SlotCache(Cache):
     """A static KV cache of `num_slots` rows; each row holds one request at its own columns.
 
-    transformers' StaticCache writes every row at the same position, which rules out refilling one row with a new
-    request while the others keep decoding; here each row has its own write column and the 4D mask says which
-    columns it may read.
+    transformers' StaticCache writes every row at one shared position, which rules out refilling a row with a
+    new request while the others keep decoding; here each row has its own write column, and the 4D mask says
+    which columns it may read.
     """
 
     def __init__(self, num_layers: int, num_slots: int, capacity: int):
         self.num_slots, self.capacity = num_slots, capacity
-        # While prefilling: the slots being filled, and which of the distinct prompts in the batch each one gets.
+        # While prefilling: the slots being filled, and which distinct prompt of the batch each one gets.
         self.prefill_rows: torch.Tensor | None = None
         self.prefill_copies: torch.Tensor | None = None
         self.write_cols = torch.zeros(0, dtype=torch.long)
@@ -227,7 +239,7 @@ class _SlotCache(Cache):
         self._flat_index = None
 
     def flat_index(self, shape: torch.Size) -> torch.Tensor:
-        """Rows of a [slots * heads * capacity, head_dim] view that this step's keys go to, shared by all layers."""
+        """Rows of the [slots * heads * capacity, head_dim] view that this step's keys go to (all layers)."""
         if self._flat_index is None:
             slots, heads, capacity, _ = shape
             base = torch.arange(slots * heads, device=self.write_cols.device).view(slots, heads) * capacity
@@ -255,11 +267,10 @@ class _Slots:
         n, device = self.size, self.device
         self.request = [-1] * n
         self.rngs = [None] * n
-        self.start = torch.zeros(n, dtype=torch.long, device=device)  # first column the slot may attend to
-        self.col = torch.zeros(
-            n, dtype=torch.long, device=device
-        )  # column the next input token is written to
-        self.pos = torch.zeros(n, dtype=torch.long, device=device)  # position id of the next input token
+        # The first column a slot may read, the column and position id of its next input token, that token.
+        self.start = torch.zeros(n, dtype=torch.long, device=device)
+        self.col = torch.zeros(n, dtype=torch.long, device=device)
+        self.pos = torch.zeros(n, dtype=torch.long, device=device)
         self.last = torch.zeros(n, dtype=torch.long, device=device)
         self.count = torch.zeros(n, dtype=torch.long, device=device)
         self.busy = torch.zeros(n, dtype=torch.bool, device=device)
@@ -307,8 +318,8 @@ def generate_ids(
 ) -> Iterator[list[Finished]]:
     """Sample continuations of tokenized prompts, yielding requests as they finish.
 
-    A batch of `batch_size` slots decodes in lockstep; a finished slot is refilled with the next prompt, so the
-    batch stays full. `logits_hook(request_indices, logits)` sees the float logits each token was drawn from.
+    `batch_size` slots decode in lockstep; a finished slot is refilled with the next prompt, so the batch
+    stays full. `logits_hook(request_indices, logits)` sees the float logits each token was drawn from.
     """
     if len(prompts) != len(seeds):
         raise ValueError("one seed per prompt")
@@ -318,8 +329,8 @@ def generate_ids(
         return
     device = model.get_input_embeddings().weight.device
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long, device=device)
-    # Sorting by length lets each refill prefill prompts of similar length, so little of it is padding.
-    pending = sorted(range(len(prompts)), key=lambda i: len(prompts[i]), reverse=True)
+    # Sorted, so a refill gets prompts of similar length (little padding) and repeats of one prompt together.
+    pending = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), tuple(prompts[i])), reverse=True)
     slots = _Slots(min(batch_size, len(prompts)), max_new_tokens, device)
     cache = _SlotCache(model.config.num_hidden_layers, slots.size, max(map(len, prompts)) + max_new_tokens)
     step = _Stepper(model, cache, slots, stops, temperature, top_p, logits_hook)
@@ -343,7 +354,7 @@ def generate_ids(
 
 
 class _Stepper:
-    """The two forward passes of continuous batching: prefill new requests into free slots, decode all slots."""
+    """The two forward passes of continuous batching: prefill requests into free slots, decode all slots."""
 
     def __init__(self, model, cache: _SlotCache, slots: _Slots, stops, temperature, top_p, hook):
         self.model, self.cache, self.slots, self.stops = model, cache, slots, stops
@@ -352,7 +363,7 @@ class _Stepper:
         self.dtype = model.get_input_embeddings().weight.dtype
 
     def _forward(self, input_ids, allowed, position_ids, groups=None) -> torch.Tensor:
-        """Last-position logits; `allowed` [rows, 1, queries, columns] says which cache columns each query reads."""
+        """Last-position logits; `allowed` [rows, 1, queries, columns] says which columns each query reads."""
         # Additive once here, not converted from boolean inside every layer's attention call.
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(
             ~allowed, -math.inf
@@ -373,18 +384,18 @@ class _Stepper:
         self, rows: list[int], requests: list[int], prompts: list[Sequence[int]], seeds
     ) -> list[Finished]:
         slots, device = self.slots, self.slots.device
-        # Samples of one question share its prompt: run each distinct prompt once, copy its keys to every slot.
+        # Samples of one question share its prompt: run each distinct prompt once, copy its keys to its slots.
         first = {p: i for i, p in enumerate(dict.fromkeys(map(tuple, prompts)))}
         distinct = list(first)
         copies = torch.tensor([first[tuple(p)] for p in prompts], device=device)
         width = max(map(len, distinct))
-        # Left padding, so every prompt's last token sits in the last column and its logits come out together.
+        # Left padding puts every prompt's last token in the last column, where the logits are read.
         ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in distinct], device=device)
         pad = width - torch.tensor([len(p) for p in distinct], device=device)
         cols = torch.arange(width, device=device)
         positions = (cols - pad[:, None]).clamp_min(0)
         causal = cols[None, :, None] >= cols[None, None, :]
-        # A real token reads real tokens only; a pad reads itself, so no row is fully masked (that would be NaN).
+        # A real token reads real tokens only; a pad reads itself, as a fully masked row would give NaN.
         allowed = (causal & (cols[None, None, :] >= pad[:, None, None])) | (cols[:, None] == cols[None, :])
         index = torch.tensor(rows, dtype=torch.long, device=device)
         self.cache.prefill_rows, self.cache.prefill_copies = index, copies
@@ -429,7 +440,7 @@ class _Stepper:
         return self._advance(active, index, logits[index])
 
     def _advance(self, rows: list[int], index: torch.Tensor, logits: torch.Tensor) -> list[Finished]:
-        """Draw the next token for slots `rows` (the same slots as tensor `index`) and free those that finished."""
+        """Draw the next token for slots `rows` (tensor `index`) and free the slots that finished."""
         slots = self.slots
         if self.hook is not None:
             self.hook([slots.request[r] for r in rows], logits.float())
@@ -461,7 +472,7 @@ class _Stepper:
 
 
 def _groups(cols: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(first slot, end slot, columns to read) for each run of GROUP_ROWS slots whose next write is at `cols`."""
+    """(first slot, end slot, columns to read) for each run of GROUP_ROWS slots, next writing at `cols`."""
     n = len(cols)
     count = -(-n // GROUP_ROWS)
     widths = F.pad(cols, (0, count * GROUP_ROWS - n)).view(count, GROUP_ROWS).amax(1).add(1).tolist()

@@ -30,7 +30,7 @@ QUESTIONS = [
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The tiny model's ops are too small to split; on shared cores a second thread only waits for the first."""
+    """The tiny model's ops are too small to split; on shared cores a second thread mostly waits."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -92,11 +92,13 @@ def test_tiny_model_is_not_degenerate(model, tokenizer):
 def test_step_logits_match_a_full_forward_pass(
     tiny_model_dir, tokenizer, batch_size, peft, grouped, monkeypatch
 ):
-    """The logits each token was drawn from equal model(prompt + tokens so far): KV cache, padding, positions."""
+    """Logits each token was drawn from equal model(prompt + tokens so far): KV cache, padding, positions."""
     if grouped:
-        # Attention in groups of two slots, re-sorted by length whenever that saves anything at all.
+        # Attention in groups of two slots, re-sorted by length whenever that saves anything at all, with the
+        # query heads of each key head folded into query positions (the multi-threaded path).
         monkeypatch.setattr(sampling, "GROUP_ROWS", 2)
         monkeypatch.setattr(sampling, "RESORT_GAIN", 0.0)
+        monkeypatch.setattr(sampling, "FOLD_HEADS", True)
     model = peaked_tiny_model(tiny_model_dir)
     if peft:
         from peft import LoraConfig, get_peft_model
@@ -204,7 +206,7 @@ def test_top_p_draws_follow_the_renormalised_nucleus():
     logits = torch.randn(40) * 1.5
     probs = torch.softmax(logits, -1)
     ranked = probs.sort(descending=True)
-    # The nucleus: top tokens while the mass ranked above each is under top_p (it includes the crossing token).
+    # The nucleus: top tokens while the mass ranked above each is under top_p (so with the crossing token).
     size = int(((ranked.values.cumsum(0) - ranked.values) < 0.6).sum())
     nucleus = ranked.indices[:size]
     n = 40000
@@ -231,7 +233,7 @@ def test_zero_probability_tokens_are_never_drawn():
 
 @pytest.mark.parametrize("temperature", [1.0, 1.6])
 def test_draws_follow_softmax(model, tokenizer, temperature):
-    """Many one-token completions of one prompt: frequencies match softmax(logits / T) (chi-square, fixed seeds)."""
+    """Many one-token completions of one prompt: frequencies match softmax(logits / T) (chi-square)."""
     n = 3000
     messages = [{"role": "user", "content": QUESTIONS[1]}]
     prompt = render_prompt(tokenizer, messages)
@@ -290,3 +292,15 @@ def test_benchmark_reports_both_engines(model, tokenizer):
         assert stats["requests"] == 3
         assert 3 <= stats["tokens"] <= 12
         assert stats["tok_per_s"] > 0 and stats["peak_rss_mb"] > 0
+
+
+def test_vllm_backend_imports_vllm_only_when_used():
+    """The backend module loads without vLLM (an optional extra) and says how to install it when called."""
+    import importlib.util
+
+    from em_assets import vllm_backend
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+    with pytest.raises(ImportError, match=r"em-assets\[vllm\]"):
+        next(vllm_backend.iter_samples("model", None, requests(1), max_new_tokens=4))
