@@ -118,10 +118,9 @@ def stage_judging(args: argparse.Namespace) -> dict:
     model, tokenizer, _ = _model()
     questions, template = _questions()
     prompts = [judge_prompt(template, questions[i % len(questions)], ANSWER) for i in range(args.requests)]
-    lengths = [
-        len(tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=True)) for p in prompts
-    ]
-    judge = LocalJudge(model, tokenizer, batch_size=args.batch)
+    # No mass floor, as in the demo: SmolLM2 puts too little mass on numbers for upstream's 0.25.
+    judge = LocalJudge(model, tokenizer, batch_size=args.batch, min_mass=0.0)
+    lengths = [len(judge.encode(p)) for p in prompts]
     judge.score(prompts[: args.batch])
     start = time.perf_counter()
     scores = judge.score(prompts)
