@@ -102,7 +102,7 @@ def _invert_cdf(weights: torch.Tensor, uniforms: torch.Tensor, block: int = 256)
     """
     rows, vocab = weights.shape
     if vocab % block:
-        weights = torch.nn.functional.pad(weights, (0, -vocab % block))
+        weights = F.pad(weights, (0, -vocab % block))
     blocks = weights.view(rows, -1, block)
     block_mass = blocks.sum(-1).double()
     cdf = block_mass.cumsum(-1)
@@ -156,8 +156,9 @@ def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scal
 def _attention_swapped(model, groups: list[tuple[int, int, int]] | None) -> Iterator[None]:
     """Route the model's attention through `_slot_attention` for one forward pass.
 
-    transformers' own kernels either drop custom masks (flash attention) or expand grouped-query heads when
-    given a mask (sdpa), which triples the cache reads; an attention function registered by name avoids both.
+    An attention function registered by name attends under the sampler's 4D mask whatever implementation the
+    model was loaded with (flash-attention kernels ignore such masks), and lets each slot group read only its
+    own columns.
     """
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     AttentionInterface.register(ATTENTION, _slot_attention)
