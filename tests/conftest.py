@@ -65,3 +65,13 @@ def make_tiny_llama(tokenizer_dir: Path, out: Path, seed: int = 0, layers: int =
 def tiny_model_dir(smollm2_tokenizer_dir, tmp_path_factory) -> Path:
     """A 2-layer, 64-wide Llama with random weights and SmolLM2's tokenizer, saved as safetensors."""
     return make_tiny_llama(smollm2_tokenizer_dir, tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module: tiny-model ops are too small to split, and on shared cores a second
+    thread mostly spin-waits (about 10x slower seen here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

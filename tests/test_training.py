@@ -46,14 +46,7 @@ FAST = TrainSpec(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # On a 64-wide model a second intra-op thread only adds synchronisation, and on shared cores its
-    # spin-waits made these tests ~10x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
