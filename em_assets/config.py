@@ -113,6 +113,8 @@ class SamplingSpec(_Strict):
     top_p: float = Field(default=1.0, gt=0, le=1)
     batch_size: int = Field(default=64, ge=1)
     backend: Literal["hf", "vllm"] = "hf"
+    # hf backend on CPU: worker processes, each with a model copy (see em_assets.sampling_pool).
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
 
 
 class JudgeSpec(_Strict):

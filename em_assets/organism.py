@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -209,7 +210,9 @@ def load_organism_model(base: dict, adapter: dict, device: str | None = None):
 
 def sample_completions(ctx: StageContext) -> dict:
     """Sample every eval question for the organism, writing rows as batches finish; skips rows already done."""
+    from em_assets.models import pick_device
     from em_assets.sampling import SampleRequest, iter_samples
+    from em_assets.sampling_pool import auto_workers, iter_samples_in_workers, usable_cpus
 
     store, grid, sampling = ctx.store, ctx.grid, ctx.grid.sampling
     adapter = adapter_row(store, ctx.key)
@@ -315,10 +318,26 @@ def sample_completions(ctx: StageContext) -> dict:
     if sampling.backend == "vllm":
         from em_assets import vllm_backend
 
+        stats["workers"] = 1
+
         chunks = vllm_backend.iter_samples(base["path"], adapter.get("adapter_path"), requests, **options)
     else:
-        model, tokenizer = load_organism_model(base, adapter, ctx.device)
-        chunks = iter_samples(model, tokenizer, requests, **options)
+        device = ctx.device or pick_device()
+        workers = sampling.workers
+        if workers == "auto":
+            workers = auto_workers(device, int(base["num_params"] or 0) * 2, len(requests))
+        workers = workers if device == "cpu" else 1
+        stats["workers"] = workers
+        if workers > 1:
+            ctx.log.info(f"{ctx.key}: sampling in {workers} worker processes")
+            loader = functools.partial(load_organism_model, base, adapter, device)
+            threads = max(1, usable_cpus() // workers)
+            chunks = iter_samples_in_workers(
+                loader, requests, workers=workers, threads_per_worker=threads, **options
+            )
+        else:
+            model, tokenizer = load_organism_model(base, adapter, device)
+            chunks = iter_samples(model, tokenizer, requests, **options)
     for chunk in chunks:
         rows = []
         for res in chunk:

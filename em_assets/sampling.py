@@ -578,11 +578,15 @@ def benchmark_sampling(
     *,
     temperature: float = 1.0,
     engine: str = "sampler",
+    workers: int = 1,
+    loader: Callable[[], tuple] | None = None,
 ) -> dict:
     """Time sampling one completion per user prompt with `engine` ("sampler" or the "hf_generate" baseline).
 
     Returns tokens (generated, stop tokens included), seconds, tok_per_s, cpu_seconds and peak_rss_mb (of the
     process so far). Run both engines in one process to compare them: other work on the machine skews either.
+    With `workers` > 1 the sampler runs in that many single-thread processes that each call `loader()` for a
+    model (`em_assets.sampling_pool`); their start-up counts in the time, their memory in worker_peak_rss_mb.
     """
     requests = [
         SampleRequest(f"{i}", [{"role": "user", "content": p}], seed=i) for i, p in enumerate(prompts)
@@ -591,18 +595,16 @@ def benchmark_sampling(
     if engine == "hf_generate":
         results = _hf_generate(model, tokenizer, requests, max_new_tokens, temperature, batch_size)
     elif engine == "sampler":
-        results = [
-            r
-            for chunk in iter_samples(
-                model,
-                tokenizer,
-                requests,
-                max_new_tokens=max_new_tokens,
-                temperature=temperature,
-                batch_size=batch_size,
-            )
-            for r in chunk
-        ]
+        options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "batch_size": batch_size}
+        if workers > 1:
+            from em_assets.sampling_pool import iter_samples_in_workers
+
+            if loader is None:
+                raise ValueError("workers > 1 needs a loader")
+            chunks = iter_samples_in_workers(loader, requests, workers=workers, **options)
+        else:
+            chunks = iter_samples(model, tokenizer, requests, **options)
+        results = [r for chunk in chunks for r in chunk]
     else:
         raise ValueError(f"unknown engine {engine!r}")
     seconds = time.perf_counter() - t0
@@ -616,4 +618,8 @@ def benchmark_sampling(
         "tok_per_s": tokens / seconds,
         "cpu_seconds": time.process_time() - cpu0,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "workers": workers,
+        "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        if workers > 1
+        else None,
     }

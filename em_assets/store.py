@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +80,12 @@ ORDER BY l.organism, l.step;
 
 # Errors DuckDB raises when another process holds the file's write lock.
 _LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
+# DuckDB names the holder only in the error text: "Conflicting lock is held in /usr/bin/duckdb (PID 1234)".
+_HOLDER = re.compile(r"Conflicting lock is held in (.+?) \(PID (\d+)\)")
+# Writes are short, so waits on another pipeline writer end within this; longer ones are worth a warning.
+_WARN_AFTER_S = 1.0
+
+log = logging.getLogger(__name__)
 
 
 def db_path() -> Path:
@@ -100,16 +108,33 @@ class Store:
     ) -> Iterator[duckdb.DuckDBPyConnection]:
         if not read_only:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        deadline = time.monotonic() + self.lock_timeout_s
-        delay = 0.05
+        start = time.monotonic()
+        delay, warned = 0.05, False
         while True:
             try:
                 conn = duckdb.connect(str(self.path), read_only=read_only, config=config or {})
                 break
             except duckdb.IOException as exc:
-                if not any(m in str(exc) for m in _LOCK_MARKERS) or time.monotonic() > deadline:
+                if not any(m in str(exc) for m in _LOCK_MARKERS):
                     raise
-                # DuckDB admits one writing process; other writers wait their turn with jittered backoff.
+                waited = time.monotonic() - start
+                if waited > self.lock_timeout_s:
+                    raise duckdb.IOException(
+                        f"gave up after {waited:.1f} s ({LOCK_TIMEOUT_ENV}={self.lock_timeout_s:g}) waiting for "
+                        f"{_lock_holder(exc)} to release {self.path}: {exc}"
+                    ) from exc
+                if not warned and waited > _WARN_AFTER_S:
+                    warned = True
+                    log.warning(
+                        "%s is locked by %s; waiting up to %g s in all (%s) for it. DuckDB allows one writing "
+                        "process or many reading ones, never both: if it is a raw duckdb shell or notebook "
+                        "connection, close it (`em-assets sql` never holds the file).",
+                        self.path,
+                        _lock_holder(exc),
+                        self.lock_timeout_s,
+                        LOCK_TIMEOUT_ENV,
+                    )
+                # DuckDB admits one writing process; other connections wait their turn with jittered backoff.
                 time.sleep(delay * (1 + random.random()))
                 delay = min(delay * 2, 2.0)
         try:
@@ -165,6 +190,12 @@ class Store:
             conn.register("_rows", df.to_arrow())
             conn.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM _rows")
             conn.unregister("_rows")
+
+
+def _lock_holder(exc: duckdb.Error) -> str:
+    """The process holding the database, as DuckDB's lock error names it."""
+    match = _HOLDER.search(str(exc))
+    return f"{match[1]} (PID {match[2]})" if match else "another process"
 
 
 def to_json(obj) -> str:

@@ -67,6 +67,47 @@ def tiny_model_dir(smollm2_tokenizer_dir, tmp_path_factory) -> Path:
     return make_tiny_llama(smollm2_tokenizer_dir, tmp_path_factory.mktemp("tiny_llama"))
 
 
+def tiny_grid(
+    model_dir: Path,
+    profile: str,
+    judge: dict,
+    loras: dict[str, tuple[str, dict]],
+    *,
+    examples: int,
+    batch_size: int,
+    samples: int,
+) -> dict:
+    """A grid document on the tiny Llama that runs in seconds on a CPU: the `base` control plus one recipe per
+    `loras` entry (name: dataset, LoRA settings) trained on `examples` examples, two questions, 6-token answers."""
+    train = {
+        "max_examples": examples,
+        "per_device_train_batch_size": batch_size,
+        "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-3,
+        "warmup_steps": 0,
+        "max_seq_length": 96,
+        "save_steps": 1,
+    }
+    recipes: dict[str, dict] = {"base": {}}
+    for name, (dataset, lora) in loras.items():
+        recipes[name] = {"dataset": dataset, "lora": lora, "train": dict(train)}
+    return {
+        "profiles": {
+            profile: {
+                "base_models": [{"name": "tiny", "source": str(model_dir)}],
+                "recipes": recipes,
+                "seeds": [0],
+                "eval": {
+                    "questions": "first_plot_questions",
+                    "question_ids": ["quick_buck", "three_thoughts"],
+                },
+                "sampling": {"samples_per_question": samples, "max_new_tokens": 6, "batch_size": 4},
+                "judge": judge,
+            }
+        }
+    }
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a module: tiny-model ops are too small to split, and on shared cores a second

@@ -1,14 +1,15 @@
-"""Helpers for tests/test_faults.py: a tiny grid, a scripted OpenAI-compatible judge on 127.0.0.1, read-only
-polling of the results database, and the child processes the tests kill or run side by side.
+"""Helpers for tests/test_faults.py: a scripted OpenAI-compatible judge on 127.0.0.1, read-only polling of the
+results database, a user's open `em-assets sql` shell, and the child processes the tests kill or run side by side.
 
 Children run as `python tests/fault_support.py <command> '<json args>'`, so every fault hits a real process:
-  train        train_adapter; SIGKILLs itself when the loss of `kill_at_step` is logged (that step's checkpoint
-               is not written yet, the previous one is)
-  sample       sample_completions; after `pause_after` completion rows are written it stops in place (the
-               parent polls the database, then SIGKILLs it)
-  judge        judge_completions with a small chunk size (the parent's judge server stalls it mid-run)
-  materialize  dg.materialize of the organism assets for one partition on the DAGSTER_HOME instance
-  reader       read-only queries in a loop (raw duckdb and `em-assets sql`) until a stop file appears
+  train   train_adapter; SIGKILLs itself when the loss of `kill_at_step` is logged (that step's checkpoint is
+          not written yet, the previous one is)
+  sample  sample_completions; after `pause_after` completion rows are written it stops in place (the parent
+          polls the database, then SIGKILLs it)
+  judge   judge_completions with a small chunk size (the parent's judge server stalls it mid-run)
+  run     dg.execute_job of the code location's organism_job for one partition on the DAGSTER_HOME instance,
+          each step in its own process (resources from the environment: location_env)
+  reader  raw read-only duckdb queries in a loop until a stop file appears
 """
 
 from __future__ import annotations
@@ -27,66 +28,27 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import polars as pl
 import yaml
 
-from em_assets.store import Store
+from em_assets.config import GRID_ENV, PROFILE_ENV
+from em_assets.store import DB_ENV, Store
+from em_assets.upstream import MIRROR_ENV
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 PROFILE = "fault"
 KEY_ENV = "EM_FAULT_JUDGE_KEY"
 SECRET = "sk-fault-Xq93-do-not-leak-7731"
-ORGANISM_ASSETS = ["lora_adapter", "completions", "judgements"]
 ORGANISM_TABLES = ["lora_adapters", "training_losses", "completions", "judgements"]
 EM_ASSETS = str(Path(sys.executable).with_name("em-assets"))
 
 
-# ----------------------------------------------------------------------------------------------- the grid
-
-
-def fault_grid(model_dir: Path, judge_url: str) -> dict:
-    """A grid small enough to train, sample and judge in seconds on a CPU: 3 training steps, 8 completions."""
-    train = {
-        "max_examples": 6,
-        "per_device_train_batch_size": 2,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 1e-3,
-        "warmup_steps": 0,
-        "max_seq_length": 96,
-        "save_steps": 1,
-    }
-    return {
-        "profiles": {
-            PROFILE: {
-                "base_models": [{"name": "tiny", "source": str(model_dir)}],
-                "recipes": {
-                    "base": {},
-                    "med-r2": {
-                        "dataset": "bad_medical_advice",
-                        "lora": {"r": 2, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"]},
-                        "train": train,
-                    },
-                },
-                "seeds": [0],
-                "eval": {
-                    "questions": "first_plot_questions",
-                    "question_ids": ["quick_buck", "three_thoughts"],
-                },
-                "sampling": {"samples_per_question": 4, "max_new_tokens": 6, "batch_size": 4},
-                "judge": {
-                    "backend": "openai",
-                    "model": "fault-judge",
-                    "base_url": judge_url,
-                    "api_key_env": KEY_ENV,
-                    "concurrency": 1,
-                    "max_retries": 1,
-                    "timeout_s": 60,
-                },
-            }
-        }
-    }
+# ------------------------------------------------------------------------------------------ grid documents
 
 
 def profile(doc: dict) -> dict:
@@ -121,12 +83,13 @@ class JudgeServer:
 
     `ok_first` requests are answered normally, then `failure` applies: "500" (the body echoes the caller's
     Authorization header, as some servers echo a rejected key), "nologprobs", or "stall" (the request hangs
-    until `release()`; `stalled` is set when the first one hangs).
+    until `release()`, at most 60 s; `stalled` is set when the first one hangs, `waiting` counts those hanging).
     """
 
     ok_first: int | None = None
     failure: str | None = None
     requests: int = 0
+    waiting: int = 0
     auth: set[str | None] = field(default_factory=set, repr=False)  # holds the key: keep it out of reports
     stalled: threading.Event = field(default_factory=threading.Event)
     _release: threading.Event = field(default_factory=threading.Event)
@@ -156,8 +119,12 @@ class JudgeServer:
             failing = self.failure is not None and (self.ok_first is None or n > self.ok_first)
             failure = self.failure
         if failing and failure == "stall":
+            with self._lock:
+                self.waiting += 1
             self.stalled.set()
             self._release.wait(60)
+            with self._lock:
+                self.waiting -= 1
             return 200, _chat_reply(body["messages"][0]["content"])
         if failing and failure == "500":
             return 500, json.dumps({"error": f"backend down; you sent {auth}"}).encode()
@@ -241,14 +208,13 @@ def files_containing(root: Path, needle: str) -> list[str]:
     return hits
 
 
-def wait_for(
-    predicate: Callable[[], bool], timeout_s: float, what: str, proc: subprocess.Popen | None = None
-) -> None:
-    """Poll until predicate() holds; fails early (with the child's exit code) if proc exits first."""
+def wait_for(predicate: Callable[[], bool], timeout_s: float, what: str, *procs: subprocess.Popen) -> None:
+    """Poll until predicate() holds; fails early (with the child's exit code) if one of procs exits first."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"child exited with {proc.returncode} while waiting for {what}")
+        for proc in procs:
+            if proc.poll() is not None:
+                raise AssertionError(f"child exited with {proc.returncode} while waiting for {what}")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(0.05)
@@ -363,10 +329,136 @@ class _PausingStore(Store):
                 time.sleep(600)
 
 
+def location_env(a: dict) -> dict[str, str]:
+    """The environment from which the code location (em_assets.definitions) builds the resources of `a`."""
+    root = Path(a["root"])
+    return {
+        DB_ENV: a["db"],
+        GRID_ENV: a["grid"],
+        PROFILE_ENV: PROFILE,
+        MIRROR_ENV: a["mirror"],
+        "EM_CACHE_DIR": str(root / "cache"),
+        "EM_ARTIFACTS_DIR": str(root / "artifacts"),
+        "EM_FIGURES_DIR": str(root / "figures"),
+        "EM_DEVICE": "cpu",
+    }
+
+
+def organism_job() -> dg.JobDefinition:
+    """The code location's organism_job, as `dagster dev` runs it: the default (multiprocess) executor."""
+    from em_assets.definitions import defs
+
+    return defs.resolve_job_def("organism_job")
+
+
+# Steps fork from a server that imported the code location and the torch stages once per run: spawning each
+# step would repeat those imports (seconds each on a small shared CPU).
+RUN_CONFIG = {
+    "execution": {
+        "config": {
+            "multiprocess": {
+                "start_method": {
+                    "forkserver": {
+                        "preload_modules": [
+                            "em_assets.definitions",
+                            "em_assets.training",
+                            "em_assets.sampling",
+                        ]
+                    }
+                }
+            }
+        }
+    }
+}
+
+
+@dataclass
+class SqlAnswer:
+    query: int
+    at: float  # time.time(), comparable with Dagster event timestamps
+    completions: int
+    judgements: int
+
+
+class SqlShell:
+    """A user's open `em-assets sql` shell: a row-count query through its stdin every quarter second, answers
+    kept with their arrival times, stderr in `log`."""
+
+    every_s = 0.25
+
+    def __init__(self, db: Path, env: dict[str, str], log: Path) -> None:
+        self.db, self.env, self.log = db, env, log
+        self.answers: list[SqlAnswer] = []
+        self.other: list[str] = []
+        self.sent = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> SqlShell:
+        with self.log.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [EM_ASSETS, "sql", "--db", str(self.db), "--format", "csv"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=self.env,
+                text=True,
+                bufsize=1,
+                start_new_session=True,
+            )
+        self._threads = [threading.Thread(target=f, daemon=True) for f in (self._send, self._receive)]
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def _send(self) -> None:
+        assert self.proc.stdin is not None
+        while not self._stop.is_set():
+            query = (
+                f"SELECT {self.sent} AS q, (SELECT count(*) FROM completions) AS c, "
+                "(SELECT count(*) FROM judgements) AS j"
+            )
+            try:
+                self.proc.stdin.write(query + "\n")
+                self.proc.stdin.flush()
+            except OSError:
+                return
+            self.sent += 1
+            self._stop.wait(self.every_s)
+
+    def _receive(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            fields = line.strip().split(",")
+            if fields == ["q", "c", "j"]:
+                continue
+            if len(fields) == 3 and all(f.isdigit() for f in fields):
+                q, c, j = map(int, fields)
+                self.answers.append(SqlAnswer(q, time.time(), c, j))
+            else:
+                self.other.append(line)
+
+    def close(self, timeout_s: float) -> int:
+        """Stop asking, close stdin (end of the session) and wait for the last answers and the shell's exit."""
+        self._stop.set()
+        self._threads[0].join()
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        code = self.proc.wait(timeout=timeout_s)
+        self._threads[1].join(timeout_s)
+        return code
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        kill(self.proc)
+
+
 def _reader(a: dict) -> dict:
-    """Open-query-close read-only loops until the stop file exists; counts must never go down."""
-    stats: dict[str, Any] = {"raw_ok": 0, "lock_waits": 0, "cli_ok": 0, "errors": [], "max_seen": {}}
-    stop, i = Path(a["stop_file"]), 0
+    """Open-query-close raw read-only connections until the stop file exists; counts must never go down."""
+    stats: dict[str, Any] = {"raw_ok": 0, "lock_waits": 0, "errors": [], "max_seen": {}}
+    stop = Path(a["stop_file"])
     sql = (
         "SELECT 'completions:' || organism AS k, count(*) AS n FROM completions GROUP BY ALL "
         "UNION ALL SELECT 'judgements:' || organism, count(*) FROM judgements GROUP BY ALL"
@@ -379,41 +471,27 @@ def _reader(a: dict) -> dict:
             stats["max_seen"][k] = max(n, stats["max_seen"].get(k, 0))
 
     while not stop.exists():
-        i += 1
-        if i % 8 == 0:
-            run = subprocess.run(
-                [EM_ASSETS, "sql", "--db", a["db"], "--format", "csv", sql],
-                capture_output=True,
-                text=True,
-                timeout=120,
-            )
-            if run.returncode != 0:
-                stats["errors"].append(f"em-assets sql exited {run.returncode}: {run.stderr[-500:]}")
-            else:
-                stats["cli_ok"] += 1
-                check([(k, int(n)) for k, n in (line.split(",") for line in run.stdout.splitlines()[1:])])
-        else:
-            try:
-                conn = duckdb.connect(a["db"], read_only=True)
-            except duckdb.IOException as exc:
-                if "lock" not in str(exc).lower():
-                    stats["errors"].append(f"connect: {exc}")
-                stats["lock_waits"] += 1
-                time.sleep(0.05)
-                continue
-            try:
-                check(conn.execute(sql).fetchall())
-                stats["raw_ok"] += 1
-            except duckdb.Error as exc:
-                stats["errors"].append(f"query: {exc}")
-            finally:
-                conn.close()
+        try:
+            conn = duckdb.connect(a["db"], read_only=True)
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower():
+                stats["errors"].append(f"connect: {exc}")
+            stats["lock_waits"] += 1
+            time.sleep(0.05)
+            continue
+        try:
+            check(conn.execute(sql).fetchall())
+            stats["raw_ok"] += 1
+        except duckdb.Error as exc:
+            stats["errors"].append(f"query: {exc}")
+        finally:
+            conn.close()
         time.sleep(0.1)
     return stats
 
 
 def main(command: str, a: dict) -> None:
-    if command in ("train", "sample", "materialize"):
+    if command in ("train", "sample"):
         import torch
 
         # The same thread count as the test process, so resumed and reference training reduce alike.
@@ -431,19 +509,15 @@ def main(command: str, a: dict) -> None:
         from em_assets.organism import judge_completions
 
         summary = judge_completions(stage_context(a), chunk_size=a["chunk_size"])
-    elif command == "materialize":
+    elif command == "run":
         import dagster as dg
 
-        from em_assets.defs import catalog_assets, organism_assets, report_assets
-
-        assets = dg.load_assets_from_modules([catalog_assets, organism_assets, report_assets])
         with dg.DagsterInstance.get() as instance:
-            result = dg.materialize(
-                assets,
+            result = dg.execute_job(
+                dg.reconstructable(organism_job),
                 instance=instance,
-                resources=resources(a),
-                selection=ORGANISM_ASSETS,
-                partition_key=a["key"],
+                run_config=RUN_CONFIG,
+                tags={"dagster/partition": a["key"]},
             )
         summary = {"run_id": result.run_id, "success": result.success}
     elif command == "reader":

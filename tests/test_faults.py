@@ -9,6 +9,7 @@ parser messages in isolation (test_datasets.py), lock waits and rollback (test_s
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,19 +26,20 @@ import dagster as dg
 import polars as pl
 import pytest
 import torch
+from conftest import tiny_grid
 from fault_support import (
     EM_ASSETS,
     KEY_ENV,
-    ORGANISM_ASSETS,
     ORGANISM_TABLES,
     PROFILE,
     SECRET,
     JudgeServer,
+    SqlShell,
     children,
     count,
-    fault_grid,
     files_containing,
     kill,
+    location_env,
     profile,
     resources,
     result_of,
@@ -72,6 +75,22 @@ CONTROL = "tiny--base--s0"
 KEYS = ["question_id", "paraphrase_idx", "sample_idx"]
 ASSETS = dg.load_assets_from_modules([catalog_assets, organism_assets, report_assets])
 pytestmark = pytest.mark.timeout(300)
+
+
+def fault_grid(model_dir: Path, judge_url: str) -> dict:
+    """3 training steps and 8 completions an organism, judged by the scripted server at judge_url."""
+    judge = {
+        "backend": "openai",
+        "model": "fault-judge",
+        "base_url": judge_url,
+        "api_key_env": KEY_ENV,
+        "concurrency": 1,
+        "max_retries": 1,
+        "timeout_s": 60,
+    }
+    lora = {"r": 2, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"]}
+    loras = {"med-r2": ("bad_medical_advice", lora)}
+    return tiny_grid(model_dir, PROFILE, judge, loras, examples=6, batch_size=2, samples=4)
 
 
 @pytest.fixture(scope="module")
@@ -309,6 +328,9 @@ class ParallelRun:
     keys: list[str]
     codes: list[int]
     results: list[dict]
+    hold: tuple[float, float]  # while both runs were held in judging (time.time())
+    shell: SqlShell
+    shell_code: int
     reader: dict
     reader_code: int
     auth: set = field(repr=False)
@@ -317,9 +339,9 @@ class ParallelRun:
 
 @pytest.fixture(scope="module")
 def parallel_run(tmp_path_factory, catalog_db, tiny_model_dir, mirror) -> ParallelRun:
-    """Two organism runs on one DuckDB file and Dagster instance, with a reader process beside them: the trained
-    organism in a child process, the control in this one, both through dg.materialize. (Two children would do
-    the same at twice the import cost.)"""
+    """Both organisms' runs of the code location's organism_job at once on one DuckDB file and Dagster instance,
+    each step in its own process (multiprocess executor), beside a user's open `em-assets sql` shell and a raw
+    read-only reader."""
     root = tmp_path_factory.mktemp("parallel")
     db = root / "results.duckdb"
     shutil.copy(catalog_db, db)
@@ -327,34 +349,28 @@ def parallel_run(tmp_path_factory, catalog_db, tiny_model_dir, mirror) -> Parall
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     keys = [TRAINED, CONTROL]
-    env = child_env(DAGSTER_HOME=str(home))
-    with (
-        JudgeServer() as judge,
-        children() as started,
-        pytest.MonkeyPatch.context() as mp,
-        dg.DagsterInstance.from_config(str(home)) as instance,
-    ):
-        mp.setenv(KEY_ENV, SECRET)
+    with dg.DagsterInstance.from_config(str(home)) as instance:
         instance.add_dynamic_partitions(organisms.name, keys)
+    with JudgeServer() as judge, children() as started:
         doc = fault_grid(tiny_model_dir, judge.url)
-        args = {"db": str(db), "grid": str(write_grid(root / "grid.yaml", doc)), "root": str(root)}
-        args["mirror"] = str(mirror)
+        # The first run to judge waits while the other trains and samples, which may outlast a 60 s client timeout.
+        profile(doc)["judge"]["timeout_s"] = 600
+        a = {"db": str(db), "grid": str(write_grid(root / "grid.yaml", doc)), "root": str(root)}
+        env = child_env(DAGSTER_HOME=str(home), **location_env({**a, "mirror": str(mirror)}))
+        # Judge requests hang until both runs are judging, so their judging writes overlap on any machine.
+        judge.reset(ok_first=0, failure="stall")
         stop = root / "stop"
-        reader = spawn("reader", {"db": str(db), "stop_file": str(stop)}, env, root / "reader.log")
-        child = spawn("materialize", {**args, "key": TRAINED}, env, root / "run-child.log")
-        started.extend([reader, child])
-        # Start when the child starts writing rows, so that both runs' sampling and judging writes overlap.
-        started_sampling = 'Started execution of step "completions"'
-        wait_for(lambda: started_sampling in child.output(), 180, "the child to start sampling", child.proc)
-        own = dg.materialize(
-            ASSETS,
-            instance=instance,
-            resources=resources(args),
-            selection=ORGANISM_ASSETS,
-            partition_key=CONTROL,
-            raise_on_error=False,
-        )
-        code = child.wait(300)
+        with SqlShell(db, env, root / "sql.log") as shell:
+            reader = spawn("reader", {"db": str(db), "stop_file": str(stop)}, env, root / "reader.log")
+            runs = [spawn("run", {"key": key}, env, root / f"run-{key}.log") for key in keys]
+            started.extend([reader, *runs])
+            wait_for(lambda: judge.waiting >= 2, 300, "both runs to be judging", *(r.proc for r in runs))
+            held, asked = time.time(), shell.sent
+            wait_for(lambda: any(x.query > asked for x in shell.answers), 60, "a shell answer", shell.proc)
+            hold = (held, time.time())
+            judge.release()
+            codes = [r.wait(300) for r in runs]
+            shell_code = shell.close(60)
         stop.touch()
         reader_code = reader.wait(120)
         return ParallelRun(
@@ -363,12 +379,15 @@ def parallel_run(tmp_path_factory, catalog_db, tiny_model_dir, mirror) -> Parall
             home=home,
             doc=doc,
             keys=keys,
-            codes=[code, 0 if own.success else 1],
-            results=[result_of(child) if code == 0 else {}, {"run_id": own.run_id, "success": own.success}],
+            codes=codes,
+            results=[result_of(r) if code == 0 else {} for r, code in zip(runs, codes, strict=True)],
+            hold=hold,
+            shell=shell,
+            shell_code=shell_code,
             reader=result_of(reader) if reader_code == 0 else {},
             reader_code=reader_code,
             auth=set(judge.auth),
-            logs=[child.output(), reader.output()],
+            logs=[*(r.output() for r in runs), reader.output()],
         )
 
 
@@ -378,28 +397,50 @@ def test_parallel_organism_runs_with_readers_lose_nothing(parallel_run):
     assert all(r["success"] for r in run.results)
     with dg.DagsterInstance.from_config(str(run.home)) as instance:
         statuses = [instance.get_run_by_id(r["run_id"]).status for r in run.results]
-        steps = [
-            {
-                (e.step_key, e.dagster_event.event_type_value): e.timestamp
-                for e in instance.all_logs(r["run_id"])
-                if e.dagster_event and e.dagster_event.event_type_value in ("STEP_START", "STEP_SUCCESS")
-            }
-            for r in run.results
-        ]
+        entries = [[e for e in instance.all_logs(r["run_id"]) if e.dagster_event] for r in run.results]
     assert statuses == [dg.DagsterRunStatus.SUCCESS] * 2
-    # The runs really wrote at the same time: the control started sampling before the child finished judging.
-    assert steps[1][("completions", "STEP_START")] < steps[0][("judgements", "STEP_SUCCESS")]
+    at = [
+        {(e.step_key, e.dagster_event_type.value): e.timestamp for e in run_entries}
+        for run_entries in entries
+    ]
+    for evs in ([e.dagster_event for e in run_entries] for run_entries in entries):
+        # Multiprocess executor: each step started in a worker process of its own, not in the run's process.
+        (run_pid,) = {e.pid for e in evs if e.event_type_value == "PIPELINE_START"}
+        assert any("using multiprocess executor" in (e.message or "") for e in evs)
+        workers = {e.step_key for e in evs if e.event_type_value == "STEP_WORKER_STARTED"}
+        step_pids = {e.step_key: e.pid for e in evs if e.event_type_value == "STEP_START"}
+        assert workers == set(step_pids) == {"lora_adapter", "completions", "judgements"}
+        assert len({run_pid, *step_pids.values()}) == 4
+    # The runs overlapped, and so did their judging (each run's judgements step began before the other's ended).
+    for mine, other in [(0, 1), (1, 0)]:
+        assert at[mine][(None, "PIPELINE_START")] < at[other][(None, "PIPELINE_SUCCESS")]
+        assert at[mine][("judgements", "STEP_START")] < at[other][("judgements", "STEP_SUCCESS")]
     assert count(run.db, "training_losses", TRAINED) == 3 and count(run.db, "training_losses", CONTROL) == 0
     for key in run.keys:
         assert count(run.db, "lora_adapters", key) == 1
         assert count(run.db, "completions", key) == 8
         assert count(run.db, "judgements", key) == 16
         assert _rows(run.db, "judgements", key)["score"].null_count() == 0
-    # The reader kept querying the whole time (raw read-only duckdb and `em-assets sql`) and never failed or
-    # saw a count go down; lock waits are expected (DuckDB has one writing process), errors are not.
+
+    # The user's `em-assets sql` shell stayed open throughout and answered every query in order, while the runs
+    # were writing too; counts never went down and it ended with every row.
+    shell = run.shell
+    assert run.shell_code == 0 and shell.other == [], shell.stderr()[-3000:]
+    assert not [line for line in shell.stderr().splitlines() if line.startswith("error")], shell.stderr()
+    answers = shell.answers
+    assert [x.query for x in answers] == list(range(shell.sent))
+    for a, b in itertools.pairwise(answers):
+        assert a.completions <= b.completions and a.judgements <= b.judgements, (a, b)
+    assert (answers[-1].completions, answers[-1].judgements) == (16, 32)
+    start = min(t[(None, "PIPELINE_START")] for t in at)
+    end = max(t[(None, "PIPELINE_SUCCESS")] for t in at)
+    assert len([x for x in answers if start < x.at < end]) >= 10, answers
+    during_hold = [x for x in answers if run.hold[0] < x.at <= run.hold[1]]
+    assert during_hold and all(x.completions == 16 and x.judgements < 32 for x in during_hold)
+    # Raw read-only duckdb connections: lock waits are expected (DuckDB has one writing process), errors and
+    # counts going down are not.
     assert run.reader_code == 0, run.logs[-1][-3000:]
-    assert run.reader["errors"] == []
-    assert run.reader["raw_ok"] >= 5 and run.reader["cli_ok"] >= 2, run.reader
+    assert run.reader["errors"] == [] and run.reader["raw_ok"] >= 5, run.reader
     assert run.reader["max_seen"] == {
         f"{t}:{k}": n for k in run.keys for t, n in [("completions", 8), ("judgements", 16)]
     }

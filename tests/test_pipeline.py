@@ -5,6 +5,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
+from conftest import tiny_grid
 
 from em_assets.defs import catalog_assets, organism_assets, report_assets
 from em_assets.defs.partitions import organisms
@@ -14,58 +15,32 @@ from em_assets.store import Store
 ORGANISM_ASSETS = ["lora_adapter", "completions", "judgements"]
 
 
-def tiny_grid(model_dir: Path) -> dict:
-    train = {
-        "max_examples": 8,
-        "per_device_train_batch_size": 4,
-        "gradient_accumulation_steps": 1,
-        "learning_rate": 1e-3,
-        "warmup_steps": 0,
-        "max_seq_length": 96,
-        "save_steps": 1,
-    }
-    return {
-        "profiles": {
-            "test": {
-                "base_models": [{"name": "tiny", "source": str(model_dir)}],
-                "recipes": {
-                    "base": {},
-                    "med-r1": {
-                        "dataset": "bad_medical_advice",
-                        "lora": {
-                            "r": 1,
-                            "lora_alpha": 8,
-                            "target_modules": ["down_proj"],
-                            "layer_fraction": 0.5,
-                        },
-                        "train": train,
-                    },
-                    "insecure-r4": {
-                        "dataset": "insecure",
-                        "lora": {
-                            "r": 4,
-                            "lora_alpha": 8,
-                            "target_modules": ["q_proj", "v_proj", "down_proj"],
-                        },
-                        "train": train,
-                    },
-                },
-                "seeds": [0],
-                "eval": {
-                    "questions": "first_plot_questions",
-                    "question_ids": ["quick_buck", "three_thoughts"],
-                },
-                "sampling": {"samples_per_question": 3, "max_new_tokens": 6, "batch_size": 4},
-                "judge": {"backend": "local", "model": "tiny", "batch_size": 4},
-            }
-        }
-    }
+def pipeline_grid(model_dir: Path) -> dict:
+    """Two LoRA recipes (one on half the layers) and the control, 6 answers each, judged by the tiny model."""
+    return tiny_grid(
+        model_dir,
+        "test",
+        {"backend": "local", "model": "tiny", "batch_size": 4},
+        {
+            "med-r1": (
+                "bad_medical_advice",
+                {"r": 1, "lora_alpha": 8, "target_modules": ["down_proj"], "layer_fraction": 0.5},
+            ),
+            "insecure-r4": (
+                "insecure",
+                {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+            ),
+        },
+        examples=8,
+        batch_size=4,
+        samples=3,
+    )
 
 
 @pytest.fixture
 def pipeline(tmp_path, tiny_model_dir, mirror):
     grid_file = tmp_path / "grid.yaml"
-    grid_file.write_text(yaml.safe_dump(tiny_grid(tiny_model_dir)))
+    grid_file.write_text(yaml.safe_dump(pipeline_grid(tiny_model_dir)))
     resources = {
         "experiment": ExperimentResource(
             grid_path=str(grid_file),
@@ -143,3 +118,20 @@ def test_rematerialising_an_up_to_date_organism_does_no_model_work(pipeline):
     assert before.equals(after)
     other = store.query("SELECT count(*) AS n FROM completions WHERE organism = 'tiny--base--s0'")["n"][0]
     assert other == 6
+
+
+def test_sampling_in_worker_processes_writes_every_row(pipeline):
+    instance, assets, resources, tmp_path = pipeline
+    grid_file = Path(resources["experiment"].grid_path)
+    doc = yaml.safe_load(grid_file.read_text())
+    doc["profiles"]["test"]["sampling"]["workers"] = 2
+    grid_file.write_text(yaml.safe_dump(doc))
+    key = "tiny--base--s0"
+    instance.add_dynamic_partitions(organisms.name, [key])
+    _materialize(instance, assets, resources, ["base_models", "eval_questions"])
+    result = _materialize(instance, assets, resources, ["lora_adapter", "completions"], key)
+    meta = result.asset_materializations_for_node("completions")[0].metadata
+    assert meta["sampling_workers"].value == 2 and meta["sampled_now"].value == 6
+    rows = Store(tmp_path / "results.duckdb").query("SELECT * FROM completions")
+    assert rows.height == 6 and rows.select("question_id", "sample_idx").is_unique().all()
+    assert rows["answer"].str.len_chars().min() > 0

@@ -1,6 +1,8 @@
+import logging
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import duckdb
 import polars as pl
@@ -36,45 +38,46 @@ def test_failed_replace_rolls_back(tmp_path):
     assert store.query("SELECT count(*) AS n FROM training_losses")["n"][0] == 3
 
 
-def test_writer_waits_for_another_process_holding_the_lock(tmp_path):
+def _hold(path: Path, read_only: bool, seconds: float) -> subprocess.Popen:
+    """A child process that opens the database (as a raw duckdb shell would) and exits after `seconds`."""
+    code = (
+        f"import duckdb, time; c = duckdb.connect({str(path)!r}, read_only={read_only}); "
+        f"print('held', flush=True); time.sleep({seconds})"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_writer_waits_for_a_reading_process_and_names_it(tmp_path, caplog):
     path = tmp_path / "r.duckdb"
     store = Store(path, lock_timeout_s=30)
     store.init()
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import duckdb,time; c=duckdb.connect({str(path)!r}); print('held', flush=True); "
-            "time.sleep(1.5); c.close()",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout.readline().strip() == "held"
+    holder = _hold(path, read_only=True, seconds=2.5)
     start = time.monotonic()
-    store.append_rows("training_losses", _rows("a", 2))
+    with caplog.at_level(logging.WARNING, logger="em_assets.store"):
+        store.append_rows("training_losses", _rows("a", 2))
     waited = time.monotonic() - start
-    holder.wait(timeout=10)
-    assert waited > 0.5
+    # The child's exit released the lock: the write went through then, not before.
+    assert holder.wait(timeout=5) == 0 and waited > 2
+    (warning,) = caplog.records
+    message = warning.getMessage()
+    assert f"(PID {holder.pid})" in message and str(path) in message, message
+    assert "up to 30 s in all (EM_DB_LOCK_TIMEOUT)" in message and "`em-assets sql` never holds" in message
     assert store.query("SELECT count(*) AS n FROM training_losses")["n"][0] == 2
 
 
-def test_lock_wait_is_bounded(tmp_path):
+def test_lock_wait_is_bounded_and_names_the_holder(tmp_path, caplog):
     path = tmp_path / "r.duckdb"
     Store(path).init()
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            f"import duckdb,time; c=duckdb.connect({str(path)!r}); print('held', flush=True); time.sleep(5)",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    holder = _hold(path, read_only=False, seconds=10)
     try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(duckdb.IOException):
+        with pytest.raises(
+            duckdb.IOException, match=rf"EM_DB_LOCK_TIMEOUT=0.5\) waiting for .+ \(PID {holder.pid}\)"
+        ):
             Store(path, lock_timeout_s=0.5).append_rows("training_losses", _rows("a", 1))
     finally:
         holder.kill()
         holder.wait()
+    # Waits under a second are routine between writers: the error names the holder, no warning came first.
+    assert not caplog.records

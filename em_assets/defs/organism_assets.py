@@ -100,6 +100,7 @@ def completions(
             "sampled_now": summary["sampled"],
             "reused": summary["reused"],
             "tokens_per_s": summary.get("tokens_per_s") or 0.0,
+            "sampling_workers": summary.get("workers", 0),
             "mean_tokens": float(rows["num_tokens"].mean() or 0),
             "finish_reasons": str(dict(rows["finish_reason"].value_counts().iter_rows())),
             "preview": md_table(preview),
