@@ -80,6 +80,8 @@ class TrainSpec(_Strict):
     max_seq_length: int = Field(default=2048, ge=16)
     max_examples: int | None = Field(default=None, ge=1)
     save_steps: int = Field(default=100, ge=1)
+    # On CPU: processes sharing each step's examples (em_assets.data_parallel); not part of what is trained.
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
 
 
 class RecipeSpec(_Strict):

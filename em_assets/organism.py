@@ -107,7 +107,7 @@ def train_adapter(ctx: StageContext) -> dict:
             "base_revision": base["revision"],
             "dataset_sha256": ds["sha256"],
             "lora": recipe.lora.model_dump(mode="json"),
-            "train": recipe.train.model_dump(mode="json"),
+            "train": recipe.train.model_dump(mode="json", exclude={"workers"}),
             "seed": org.seed,
         }
     )
@@ -182,7 +182,12 @@ def train_adapter(ctx: StageContext) -> dict:
             ("lora_adapters", pl.DataFrame([row]), "organism = ?", [ctx.key]),
         ]
     )
-    return {"trained": True, "resumed_from_step": result.resumed_from_step, **row}
+    return {
+        "trained": True,
+        "resumed_from_step": result.resumed_from_step,
+        "train_workers": result.workers,
+        **row,
+    }
 
 
 def adapter_row(store: Store, key: str) -> dict:

@@ -61,7 +61,7 @@ def _available_memory() -> int | None:
     return None
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Ask Linux to SIGKILL this worker when its parent dies (a killed run must not leave workers computing)."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
@@ -76,7 +76,7 @@ def _worker(
     threads: int,
     out: Connection,
 ) -> None:
-    _die_with_parent()
+    die_with_parent()
     try:
         import torch
         from transformers.utils import logging as hf_logging

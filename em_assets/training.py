@@ -13,11 +13,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from em_assets.config import LoraSpec, TrainSpec, config_hash
+from em_assets.data_parallel import STOP, Helpers, seed_step, share
 from em_assets.models import directory_revision, load_model, load_tokenizer, pick_device, pick_dtype
+from em_assets.sampling_pool import usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,8 @@ CHECKPOINT_FORMAT = 1
 EAGER_ATTENTION_MAX_LEN = 1024
 # Micro-batches sorted by length together (HF's LengthGroupedSampler uses 50 too).
 GROUP_WINDOW = 50
+# "auto" trains in one process per core from this many tokens: below, a helper's start-up outweighs its share.
+AUTO_WORKERS_MIN_TOKENS = 8192
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -55,6 +60,7 @@ class TrainResult:
     train_tokens: int
     tokens_per_s: float
     resumed_from_step: int | None
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -163,31 +169,45 @@ def _micro_batch_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torc
     )
 
 
-def _accumulate_gradients(
-    model, step: int, batches: list[list[Encoded]], pad_id: int, device: str, dtype: torch.dtype
+def step_labels(batches: list[list[Encoded]]) -> int:
+    return sum(e.n_labels for batch in batches for e in batch)
+
+
+def accumulate_gradients(
+    model,
+    step: int,
+    batches: list[list[Encoded]],
+    pad_id: int,
+    n_labels: int,
+    *,
+    check: bool = True,
 ) -> tuple[float, int]:
-    """Backpropagate one optimizer step's token-mean loss; returns that loss and the tokens seen."""
+    """Backpropagate `batches` as their share of a step's token-mean loss over `n_labels` labels.
+
+    Returns the summed token loss and the tokens seen; `check` stops on a non-finite loss at once.
+    """
     from peft.helpers import disable_input_dtype_casting
 
-    n_labels = sum(e.n_labels for batch in batches for e in batch)
+    device = model.get_input_embeddings().weight.device
+    dtype = model.get_input_embeddings().weight.dtype
     # The frozen base is stored in bf16 and the adapter in fp32; autocast runs the adapter matmuls in bf16 too.
     # peft would first copy every LoRA input to fp32 (only for autocast to copy it back): measured on CPU,
     # skipping that is ~20% faster with identical gradients.
     mixed = dtype != torch.float32
     loss_sum, tokens = 0.0, 0
     for batch in batches:
-        ids, mask, labels = _collate(batch, pad_id, device)
+        ids, mask, labels = _collate(batch, pad_id, str(device))
         with (
-            torch.autocast(torch.device(device).type, dtype=dtype, enabled=mixed),
+            torch.autocast(device.type, dtype=dtype, enabled=mixed),
             disable_input_dtype_casting(model, active=mixed),
         ):
             loss = _micro_batch_loss(model, ids, mask, labels, min(e.first_label for e in batch))
-        if not torch.isfinite(loss):
-            raise TrainingDivergedError(step, loss.item())
+        if check and not torch.isfinite(loss):
+            raise TrainingDivergedError(step, loss.item() / n_labels)
         (loss / n_labels).backward()
         loss_sum += loss.item()
         tokens += int(mask.sum())
-    return loss_sum / n_labels, tokens
+    return loss_sum, tokens
 
 
 def _run_hash(model_path: Path | str, examples, lora: LoraSpec, train: TrainSpec, seed: int, dtype) -> str:
@@ -199,8 +219,8 @@ def _run_hash(model_path: Path | str, examples, lora: LoraSpec, train: TrainSpec
             "model": directory_revision(model) if model.is_dir() else str(model_path),
             "examples": examples_sha,
             "lora": lora.model_dump(mode="json"),
-            # save_steps only decides when checkpoints are written, not what is trained.
-            "train": train.model_dump(mode="json", exclude={"save_steps"}),
+            # save_steps and workers decide when checkpoints are written and how a step is split, not what is trained.
+            "train": train.model_dump(mode="json", exclude={"save_steps", "workers"}),
             "seed": seed,
             "dtype": str(dtype),
         }
@@ -314,6 +334,37 @@ def _peft_model(model, lora: LoraSpec):
     return get_peft_model(model, config)
 
 
+def build_model(
+    model_path: Path | str,
+    device: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    lora: LoraSpec,
+    longest: int,
+) -> tuple[Any, list[torch.nn.Parameter]]:
+    """The base model with a fresh adapter, in training mode, and the adapter's parameters."""
+    base = load_model(model_path, device, dtype, trust_remote_code)
+    if device == "cpu" and longest <= EAGER_ATTENTION_MAX_LEN:
+        # PyTorch's CPU flash-attention backward was a quarter of a SmolLM2 training step; eager attention
+        # made steps ~20% faster, and its (batch x heads x len^2) weights stay small at these lengths.
+        base.set_attn_implementation("eager")
+    model = _peft_model(base, lora)
+    model.config.use_cache = False
+    model.train()
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def train_workers(train: TrainSpec, device: str, steps: list[list[list[int]]], encoded: list[Encoded]) -> int:
+    """Processes for data-parallel training: `train.workers`, or for "auto" one per core on CPU when the run
+    has at least AUTO_WORKERS_MIN_TOKENS tokens (a helper takes seconds to start)."""
+    if device != "cpu":
+        return 1
+    if train.workers != "auto":
+        return train.workers
+    tokens = sum(len(encoded[i].input_ids) for step in steps for micro in step for i in micro)
+    return usable_cpus() if tokens >= AUTO_WORKERS_MIN_TOKENS else 1
+
+
 def train_lora(
     model_path: Path | str,
     examples: Sequence[list[dict]],
@@ -340,18 +391,18 @@ def train_lora(
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     encoded = _encode_dataset(tokenizer, examples, train, seed)
     steps = plan_steps([len(e.input_ids) for e in encoded], train, seed)
+    workers = train_workers(train, device, steps, encoded)
 
     torch.manual_seed(seed)
-    base = load_model(model_path, device, dtype, trust_remote_code)
-    longest = max(len(e.input_ids) for e in encoded)
-    if device == "cpu" and longest <= EAGER_ATTENTION_MAX_LEN:
-        # PyTorch's CPU flash-attention backward was a quarter of a SmolLM2 training step; eager attention
-        # made steps ~20% faster, and its (batch x heads x len^2) weights stay small at these lengths.
-        base.set_attn_implementation("eager")
-    model = _peft_model(base, lora)
-    model.config.use_cache = False
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    spec = {
+        "model_path": model_path,
+        "device": device,
+        "dtype": dtype,
+        "trust_remote_code": trust_remote_code,
+        "lora": lora,
+        "longest": max(len(e.input_ids) for e in encoded),
+    }
+    model, params = build_model(**spec)
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
     scheduler = get_scheduler(
         train.lr_scheduler_type, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=len(steps)
@@ -367,34 +418,75 @@ def train_lora(
         log.info("resuming LoRA training from %s", latest)
     resumed_from = progress["step"] or None
 
-    start, prior_s, run_tokens = time.perf_counter(), progress["elapsed_s"], 0
-    for step in range(progress["step"] + 1, len(steps) + 1):
-        batches = [[encoded[i] for i in micro] for micro in steps[step - 1]]
-        loss, tokens = _accumulate_gradients(model, step, batches, tokenizer.pad_token_id, device, dtype)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM).item()
-        if not math.isfinite(grad_norm):
-            raise TrainingDivergedError(step, loss, grad_norm)
-        learning_rate = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        run_tokens += tokens
-        elapsed = prior_s + time.perf_counter() - start
-        record = {
-            "step": step,
-            "loss": loss,
-            "learning_rate": learning_rate,
-            "tokens": tokens,
-            "elapsed_s": elapsed,
-            "grad_norm": grad_norm,
+    helpers, threads = None, torch.get_num_threads()
+    if workers > 1:
+        log.info("training in %d processes", workers)
+        per_rank = max(1, usable_cpus() // workers)
+        job = {
+            "model": spec,
+            "encoded": encoded,
+            "steps": steps,
+            "pad_id": tokenizer.pad_token_id,
+            "threads": per_rank,
+            "seed": seed,
         }
-        progress["losses"].append(record)
-        progress.update(step=step, elapsed_s=elapsed, train_tokens=progress["train_tokens"] + tokens)
-        if on_step is not None:
-            on_step(record)
-        if step % train.save_steps == 0 and step < len(steps):
-            _save_checkpoint(ckpt_root, model, optimizer, scheduler, progress)
+        torch.set_num_threads(per_rank)
+        helpers = Helpers.start(workers, params, job)
+    start, prior_s, run_tokens = time.perf_counter(), progress["elapsed_s"], 0
+    try:
+        for step in range(progress["step"] + 1, len(steps) + 1):
+            batches = [[encoded[i] for i in micro] for micro in steps[step - 1]]
+            n_labels = step_labels(batches)
+            if helpers is None:
+                loss_sum, tokens = accumulate_gradients(
+                    model, step, batches, tokenizer.pad_token_id, n_labels
+                )
+            else:
+                try:
+                    helpers.group.broadcast_step(step)
+                    seed_step(seed, step, 0)
+                    loss_sum, tokens = accumulate_gradients(
+                        model, step, share(batches, 0, workers), tokenizer.pad_token_id, n_labels
+                    )
+                    loss_sum, tokens = helpers.group.sum_gradients(loss_sum, tokens)
+                except RuntimeError as exc:
+                    raise helpers.check(exc) from exc
+            loss = loss_sum / n_labels
+            if not math.isfinite(loss):
+                raise TrainingDivergedError(step, loss)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM).item()
+            if not math.isfinite(grad_norm):
+                raise TrainingDivergedError(step, loss, grad_norm)
+            learning_rate = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            run_tokens += tokens
+            elapsed = prior_s + time.perf_counter() - start
+            record = {
+                "step": step,
+                "loss": loss,
+                "learning_rate": learning_rate,
+                "tokens": tokens,
+                "elapsed_s": elapsed,
+                "grad_norm": grad_norm,
+            }
+            progress["losses"].append(record)
+            progress.update(step=step, elapsed_s=elapsed, train_tokens=progress["train_tokens"] + tokens)
+            if on_step is not None:
+                on_step(record)
+            if step % train.save_steps == 0 and step < len(steps):
+                _save_checkpoint(ckpt_root, model, optimizer, scheduler, progress)
+        if helpers is not None:
+            helpers.group.broadcast_step(STOP)
+            helpers.stop()
+    except BaseException:
+        if helpers is not None:
+            helpers.kill()
+        raise
+    finally:
+        torch.set_num_threads(threads)
     run_s = time.perf_counter() - start
 
     adapter_dir = _write_adapter(model, out_dir)
@@ -406,4 +498,5 @@ def train_lora(
         train_tokens=progress["train_tokens"],
         tokens_per_s=run_tokens / run_s if run_s > 0 else 0.0,
         resumed_from_step=resumed_from,
+        workers=workers,
     )

@@ -16,6 +16,7 @@ from conftest import make_tiny_llama
 from safetensors.torch import load_file
 
 from em_assets.config import LoraSpec, TrainSpec
+from em_assets.data_parallel import HelperError
 from em_assets.models import load_tokenizer
 from em_assets.training import (
     CHECKPOINT_DIR,
@@ -170,6 +171,7 @@ CHILD = """
 import json, os, signal, sys
 from pathlib import Path
 from em_assets.config import LoraSpec, TrainSpec
+from em_assets.data_parallel import HelperError
 from em_assets.training import train_lora
 
 args = json.loads(sys.argv[1])
@@ -183,8 +185,9 @@ train_lora(args["model"], args["examples"], LoraSpec(**args["lora"]), TrainSpec(
 """
 
 
-def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, examples, tmp_path):
-    train = FAST.model_copy(update={"max_steps": 6, "save_steps": 2})
+@pytest.mark.parametrize("workers", [1, 2])
+def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, examples, tmp_path, workers):
+    train = FAST.model_copy(update={"max_steps": 6, "save_steps": 2, "workers": workers})
     # Dropout makes the result depend on the RNG state, which the checkpoint must restore too.
     lora = ALL_PROJ.model_copy(update={"lora_dropout": 0.1})
     args = {
@@ -252,3 +255,54 @@ def test_example_without_final_assistant_message_is_rejected(tiny_model_dir, exa
     with pytest.raises(ValueError, match="example 2"):
         train_lora(tiny_model_dir, bad, RANK1, FAST, tmp_path, seed=0)
     assert os.listdir(tmp_path) == []
+
+
+def test_data_parallel_training_gives_the_single_process_adapter(tiny_model_dir, examples, tmp_path):
+    train = FAST.model_copy(update={"max_steps": 3})
+    one = train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path / "one", seed=0)
+    two = train_lora(
+        tiny_model_dir, examples, ALL_PROJ, train.model_copy(update={"workers": 2}), tmp_path / "two", seed=0
+    )
+    assert (one.workers, two.workers) == (1, 2)
+    assert [r["tokens"] for r in one.losses] == [r["tokens"] for r in two.losses]
+    for a, b in zip(one.losses, two.losses, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+    init = train_lora(
+        tiny_model_dir,
+        examples,
+        ALL_PROJ,
+        train.model_copy(update={"learning_rate": 1e-12}),
+        tmp_path / "0",
+        seed=0,
+    )
+    want, got, start = (adapter_tensors(r.adapter_dir) for r in (one, two, init))
+    for name in want:
+        moved = (want[name] - start[name]).abs().max()
+        assert (got[name] - want[name]).abs().max() <= 0.02 * moved, name
+
+
+def test_data_parallel_divergence_names_the_step(tiny_model_dir, examples, tmp_path):
+    seen = []
+    train = FAST.model_copy(
+        update={"learning_rate": 1e6, "warmup_steps": 0, "max_steps": 20, "save_steps": 100, "workers": 2}
+    )
+    with pytest.raises(TrainingDivergedError, match="step") as err:
+        train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path, seed=0, on_step=seen.append)
+    assert err.value.step == len(seen) + 1 > 1
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_dead_training_helper_fails_the_run_with_its_exit_code(tiny_model_dir, examples, tmp_path):
+    import multiprocessing
+
+    def kill_helper(record):
+        if record["step"] == 1:
+            for child in multiprocessing.active_children():
+                if child.name == "em-train-1":
+                    os.kill(child.pid, signal.SIGKILL)
+                    child.join()
+
+    train = FAST.model_copy(update={"max_steps": 4, "save_steps": 100, "workers": 2})
+    with pytest.raises(HelperError, match=r"em-train-1', -9"):
+        train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path, seed=0, on_step=kill_helper)
+    assert not (tmp_path / "adapter").exists()

@@ -52,7 +52,15 @@ def lora_adapter(
         "trained_now": summary["trained"],
         "control": summary.get("control", False),
     }
-    for key in ("adapter_path", "adapter_sha256", "steps", "train_tokens", "tokens_per_s", "final_loss"):
+    for key in (
+        "adapter_path",
+        "adapter_sha256",
+        "steps",
+        "train_tokens",
+        "tokens_per_s",
+        "train_workers",
+        "final_loss",
+    ):
         if summary.get(key) is not None:
             meta[key] = summary[key]
     if losses.height:
