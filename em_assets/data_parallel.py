@@ -10,6 +10,7 @@ share of the step's examples, and one gloo all-reduce sums the gradients, losses
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -102,7 +103,12 @@ class Helpers:
         store = str(Path(tmp.name) / "store")
         ctx = mp.get_context("spawn")
         procs = [
-            ctx.Process(target=_helper, args=(rank, world, store, job), name=f"em-train-{rank}", daemon=True)
+            ctx.Process(
+                target=_helper,
+                args=(os.getpid(), rank, world, store, job),
+                name=f"em-train-{rank}",
+                daemon=True,
+            )
             for rank in range(1, world)
         ]
         for p in procs:
@@ -139,8 +145,8 @@ class Helpers:
         self.stop()
 
 
-def _helper(rank: int, world: int, store: str, job: dict) -> None:
-    die_with_parent()
+def _helper(parent: int, rank: int, world: int, store: str, job: dict) -> None:
+    die_with_parent(parent)
     torch.set_num_threads(job["threads"])
     from em_assets.training import accumulate_gradients, build_model, step_labels
 

@@ -29,6 +29,9 @@ NUCLEUS_GUESS = 256
 SAMPLE_ROWS = 8
 # Decoding slots attend in groups of this many, each over its own longest row rather than the batch's longest.
 GROUP_ROWS = 32
+# batch_size "auto": slots on a CPU, and at most this many on a GPU.
+CPU_BATCH = 256
+MAX_GPU_BATCH = 1024
 # Sort slots by length (copying the cache once) when that cuts the columns attention reads by this fraction.
 RESORT_GAIN = 0.2
 # Decode attention with query heads folded into positions: None picks by device and thread count.
@@ -484,6 +487,27 @@ def _reads(groups: list[tuple[int, int, int]]) -> int:
     return sum((end - start) * width for start, end, width in groups)
 
 
+def kv_bytes_per_slot(model, max_len: int) -> int:
+    """Bytes of keys and values one sequence of `max_len` tokens holds in the model's KV cache."""
+    config = model.config.get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * max_len * model.dtype.itemsize
+
+
+def auto_batch_size(model, max_len: int) -> int:
+    """Slots to decode at once: CPU_BATCH on a CPU; on a GPU, as many as half its free memory holds as KV cache.
+
+    On a CPU more slots stop paying at about 256 (`make bench`); on a GPU throughput grows with the batch until
+    memory runs out, and the rest of the free memory is left to activations and the allocator.
+    """
+    device = model.get_input_embeddings().weight.device
+    if device.type != "cuda":
+        return CPU_BATCH
+    free = torch.cuda.mem_get_info(device)[0]
+    return max(1, min(MAX_GPU_BATCH, free // 2 // kv_bytes_per_slot(model, max_len)))
+
+
 def render_prompt(tokenizer, messages: list[dict]) -> list[int]:
     """Token ids of `messages` under the chat template, ending with the assistant turn's opening."""
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -499,11 +523,16 @@ def iter_samples(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    batch_size: int = 64,
+    batch_size: int | str = 64,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[list[SampleResult]]:
-    """Sample one completion per request, yielding finished results in chunks (temperature 0: greedy)."""
+    """Sample one completion per request, yielding finished results in chunks (temperature 0: greedy).
+
+    `batch_size="auto"` sizes the batch for the model's device (`auto_batch_size`).
+    """
     prompts = [render_prompt(tokenizer, r.messages) for r in requests]
+    if batch_size == "auto":
+        batch_size = auto_batch_size(model, max(map(len, prompts), default=0) + max_new_tokens)
     chunk = max(1, batch_size // 4)
     buffer: list[Finished] = []
     done = 0

@@ -61,22 +61,29 @@ def _available_memory() -> int | None:
     return None
 
 
-def die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when its parent dies (a killed run must not leave workers computing)."""
+def die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this worker when its parent dies (a killed run must not leave workers computing).
+
+    A parent that died before this call (the worker spends seconds importing torch first) is caught by the
+    check after it.
+    """
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             pr_set_pdeathsig = 1
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _worker(
+    parent: int,
     loader: Loader,
     requests: list[SampleRequest],
     options: dict,
     threads: int,
     out: Connection,
 ) -> None:
-    die_with_parent()
+    die_with_parent(parent)
     try:
         import torch
         from transformers.utils import logging as hf_logging
@@ -124,7 +131,7 @@ def iter_samples_in_workers(
         receiver, sender = ctx.Pipe(duplex=False)
         proc = ctx.Process(
             target=_worker,
-            args=(loader, part, options, threads_per_worker, sender),
+            args=(os.getpid(), loader, part, options, threads_per_worker, sender),
             name=f"em-sampler-{i}",
             daemon=True,
         )

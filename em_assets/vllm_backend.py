@@ -24,10 +24,15 @@ def iter_samples(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    batch_size: int = 64,
+    batch_size: int | str = 64,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> Iterator[list[SampleResult]]:
-    """Sample one completion per request with vLLM, yielding each batch of `batch_size` results when done."""
+    """Sample one completion per request with vLLM, yielding each batch of `batch_size` results when done.
+
+    vLLM schedules its own batches; `batch_size` only sets how often results are written ("auto": 256).
+    """
+    if batch_size == "auto":
+        batch_size = 256
     try:
         from vllm import LLM, SamplingParams
         from vllm.lora.request import LoRARequest

@@ -298,3 +298,15 @@ def test_vllm_backend_imports_vllm_only_when_used():
         pytest.skip("vLLM is installed here")
     with pytest.raises(ImportError, match=r"em-assets\[vllm\]"):
         next(vllm_backend.iter_samples("model", None, requests(1), max_new_tokens=4))
+
+
+def test_kv_bytes_per_slot_is_what_the_cache_holds(model, tokenizer):
+    from transformers import DynamicCache
+
+    ids = torch.tensor([render_prompt(tokenizer, [{"role": "user", "content": QUESTIONS[2]}])])
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert sampling.kv_bytes_per_slot(model, ids.shape[1]) == held
+    assert sampling.auto_batch_size(model, 1000) == sampling.CPU_BATCH
