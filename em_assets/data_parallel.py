@@ -12,9 +12,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import tempfile
+import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
@@ -98,29 +100,55 @@ class Helpers:
 
     @classmethod
     def start(cls, world: int, params: Sequence[torch.Tensor], job: dict) -> Helpers:
-        """Spawn world - 1 helpers for `job` (what `_helper` needs to rebuild the model and the step plan)."""
+        """Spawn world - 1 helpers for `job` (what `_helper` needs to rebuild the model and the step plan).
+
+        Returns once every helper has its model; one that fails first raises HelperError with its traceback.
+        """
         tmp = tempfile.TemporaryDirectory(prefix="em-dp-")
         store = str(Path(tmp.name) / "store")
         ctx = mp.get_context("spawn")
-        procs = [
-            ctx.Process(
-                target=_helper,
-                args=(os.getpid(), rank, world, store, job),
-                name=f"em-train-{rank}",
-                daemon=True,
+        procs, pipes = [], []
+        for rank in range(1, world):
+            receiver, sender = ctx.Pipe(duplex=False)
+            procs.append(
+                ctx.Process(
+                    target=_helper,
+                    args=(os.getpid(), rank, world, store, job, sender),
+                    name=f"em-train-{rank}",
+                    daemon=True,
+                )
             )
-            for rank in range(1, world)
-        ]
-        for p in procs:
-            p.start()
+            pipes.append(receiver)
         try:
-            group = GradientGroup(_group(store, 0, world), params)
-        except Exception as exc:
             for p in procs:
-                p.kill()
-                p.join()
+                p.start()
+            # Wait for every model before the rendezvous: gloo would wait out its whole timeout for a dead peer.
+            waiting = set(range(len(procs)))
+            while waiting:
+                ready = wait([pipes[i] for i in waiting] + [procs[i].sentinel for i in waiting])
+                for i in list(waiting):
+                    if pipes[i] in ready or procs[i].sentinel in ready:
+                        try:
+                            failure = pipes[i].recv()
+                        except EOFError:
+                            procs[i].join()
+                            failure = f"exited with code {procs[i].exitcode} while starting"
+                        if failure:
+                            raise HelperError(f"training helper {procs[i].name} failed: {failure}")
+                        waiting.discard(i)
+            group = GradientGroup(_group(store, 0, world), params)
+        except BaseException as exc:
+            for p in procs:
+                if p.pid is not None:
+                    p.kill()
+                    p.join()
             tmp.cleanup()
+            if isinstance(exc, HelperError):
+                raise
             raise HelperError(f"training helpers did not join: {exc}") from exc
+        finally:
+            for pipe in pipes:
+                pipe.close()
         return cls(procs, group, tmp)
 
     def check(self, exc: BaseException) -> BaseException:
@@ -145,12 +173,18 @@ class Helpers:
         self.stop()
 
 
-def _helper(parent: int, rank: int, world: int, store: str, job: dict) -> None:
+def _helper(parent: int, rank: int, world: int, store: str, job: dict, ready: Connection) -> None:
     die_with_parent(parent)
-    torch.set_num_threads(job["threads"])
-    from em_assets.training import accumulate_gradients, build_model, step_labels
+    try:
+        torch.set_num_threads(job["threads"])
+        from em_assets.training import accumulate_gradients, build_model, step_labels
 
-    model, params = build_model(**job["model"])
+        model, params = build_model(**job["model"])
+    except BaseException:
+        ready.send(traceback.format_exc())
+        raise
+    ready.send("")
+    ready.close()
     group = GradientGroup(_group(store, rank, world), params)
     encoded, steps = job["encoded"], job["steps"]
     while (step := group.broadcast_step()) != STOP:

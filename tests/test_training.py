@@ -306,3 +306,13 @@ def test_a_dead_training_helper_fails_the_run_with_its_exit_code(tiny_model_dir,
     with pytest.raises(HelperError, match=r"em-train-1', -9"):
         train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path, seed=0, on_step=kill_helper)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_a_helper_that_cannot_start_fails_at_once_with_its_traceback(tmp_path):
+    from em_assets.data_parallel import Helpers
+
+    missing = tmp_path / "no-such-model"
+    spec = {"model_path": missing, "device": "cpu", "dtype": torch.bfloat16, "trust_remote_code": False}
+    job = {"model": {**spec, "lora": ALL_PROJ, "longest": 16}, "threads": 1}
+    with pytest.raises(HelperError, match=r"(?s)em-train-1 failed: Traceback.*no-such-model"):
+        Helpers.start(2, [torch.zeros(3)], job)
