@@ -28,7 +28,8 @@ ATTENTION = "em_assets_slots"
 NUCLEUS_GUESS = 256
 SAMPLE_ROWS = 8
 # Decoding slots attend in groups of this many, each over its own longest row rather than the batch's longest.
-GROUP_ROWS = 32
+# Each group is one more attention call per layer: at batch 256 on CPU, 128 beat 32 by 16% and 256 by 3%.
+GROUP_ROWS = 128
 # batch_size "auto": slots on a CPU, and at most this many on a GPU.
 CPU_BATCH = 256
 MAX_GPU_BATCH = 1024
