@@ -38,16 +38,21 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def cpu_processes(bytes_each: int) -> int:
+    """One process per CPU core, but no more than half the free memory holds at `bytes_each` apiece."""
+    free = _available_memory()
+    by_memory = max(1, free // (2 * max(bytes_each, 1))) if free else 1
+    return max(1, min(usable_cpus(), by_memory))
+
+
 def auto_workers(device: str, weight_bytes: int, requests: int, min_requests: int = 16) -> int:
-    """Worker count for `workers: auto`: one per CPU core while the model copies fit in half the free memory.
+    """Worker count for `workers: auto`: `cpu_processes` for model copies of `weight_bytes`, 1 off the CPU.
 
     A worker costs a few seconds to start, so small jobs (under `min_requests` per worker) use fewer.
     """
     if device != "cpu":
         return 1
-    free = _available_memory()
-    by_memory = max(1, free // (2 * max(weight_bytes, 1))) if free else 1
-    return max(1, min(usable_cpus(), by_memory, requests // min_requests))
+    return max(1, min(cpu_processes(weight_bytes), requests // min_requests))
 
 
 def _available_memory() -> int | None:

@@ -20,7 +20,7 @@ import torch
 from em_assets.config import LoraSpec, TrainSpec, config_hash
 from em_assets.data_parallel import STOP, Helpers, seed_step, share
 from em_assets.models import directory_revision, load_model, load_tokenizer, pick_device, pick_dtype
-from em_assets.sampling_pool import usable_cpus
+from em_assets.sampling_pool import cpu_processes, usable_cpus
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ EAGER_ATTENTION_MAX_LEN = 1024
 GROUP_WINDOW = 50
 # "auto" trains in one process per core from this many tokens: below, a helper's start-up outweighs its share.
 AUTO_WORKERS_MIN_TOKENS = 8192
+TRAIN_BYTES_PER_WEIGHT_BYTE = 12
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 
@@ -354,15 +355,21 @@ def build_model(
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
-def train_workers(train: TrainSpec, device: str, steps: list[list[list[int]]], encoded: list[Encoded]) -> int:
-    """Processes for data-parallel training: `train.workers`, or for "auto" one per core on CPU when the run
-    has at least AUTO_WORKERS_MIN_TOKENS tokens (a helper takes seconds to start)."""
+def train_workers(
+    train: TrainSpec, device: str, steps: list[list[list[int]]], encoded: list[Encoded], weight_bytes: int
+) -> int:
+    """Processes for data-parallel training: `train.workers`, or for "auto" one per core on CPU (as memory
+    allows) when the run has at least AUTO_WORKERS_MIN_TOKENS tokens (a helper takes seconds to start)."""
     if device != "cpu":
         return 1
     if train.workers != "auto":
         return train.workers
     tokens = sum(len(encoded[i].input_ids) for step in steps for micro in step for i in micro)
-    return usable_cpus() if tokens >= AUTO_WORKERS_MIN_TOKENS else 1
+    if tokens < AUTO_WORKERS_MIN_TOKENS:
+        return 1
+    # Activations and the adapter's optimizer state come on top of the weights: rank-32 on all projections of
+    # SmolLM2-135M peaked at 12x its bf16 weights per process.
+    return cpu_processes(TRAIN_BYTES_PER_WEIGHT_BYTE * weight_bytes)
 
 
 def train_lora(
@@ -391,7 +398,6 @@ def train_lora(
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
     encoded = _encode_dataset(tokenizer, examples, train, seed)
     steps = plan_steps([len(e.input_ids) for e in encoded], train, seed)
-    workers = train_workers(train, device, steps, encoded)
 
     torch.manual_seed(seed)
     spec = {
@@ -403,6 +409,8 @@ def train_lora(
         "longest": max(len(e.input_ids) for e in encoded),
     }
     model, params = build_model(**spec)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    workers = train_workers(train, device, steps, encoded, weight_bytes)
     optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
     scheduler = get_scheduler(
         train.lr_scheduler_type, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=len(steps)

@@ -316,3 +316,18 @@ def test_a_helper_that_cannot_start_fails_at_once_with_its_traceback(tmp_path):
     job = {"model": {**spec, "lora": ALL_PROJ, "longest": 16}, "threads": 1}
     with pytest.raises(HelperError, match=r"(?s)em-train-1 failed: Traceback.*no-such-model"):
         Helpers.start(2, [torch.zeros(3)], job)
+
+
+def test_auto_training_workers_need_a_cpu_a_long_run_and_the_memory():
+    from em_assets.sampling_pool import usable_cpus
+    from em_assets.training import AUTO_WORKERS_MIN_TOKENS, Encoded, train_workers
+
+    encoded = [Encoded(list(range(100)), [-100, *range(1, 100)]) for _ in range(100)]
+    long_run = [[list(range(100))]]
+    short_run = [[list(range(AUTO_WORKERS_MIN_TOKENS // 100 - 1))]]
+    auto = TrainSpec()
+    assert train_workers(auto, "cpu", long_run, encoded, 10**6) == usable_cpus()
+    assert train_workers(auto, "cpu", short_run, encoded, 10**6) == 1
+    assert train_workers(auto, "cuda", long_run, encoded, 10**6) == 1
+    assert train_workers(auto, "cpu", long_run, encoded, 10**15) == 1  # copies would not fit in memory
+    assert train_workers(TrainSpec(workers=3), "cpu", short_run, encoded, 10**15) == 3
