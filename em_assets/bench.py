@@ -209,7 +209,7 @@ def run_all(quick: bool) -> dict:
     import importlib.util
 
     from em_assets.models import resolve
-    from em_assets.sampling_pool import usable_cpus
+    from em_assets.processes import usable_cpus
 
     resolve(*SMOLLM2)  # convert once, outside the timed children
     n = 128 if quick else 512

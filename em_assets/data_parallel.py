@@ -9,8 +9,6 @@ share of the step's examples, and one gloo all-reduce sums the gradients, losses
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
 import tempfile
 import traceback
 from collections.abc import Sequence
@@ -23,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from em_assets.sampling_pool import die_with_parent
+from em_assets.processes import child, die_with_parent, reap
 
 # A helper that dies makes its peers' next collective fail at once; this only bounds a silent hang.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
@@ -106,19 +104,8 @@ class Helpers:
         """
         tmp = tempfile.TemporaryDirectory(prefix="em-dp-")
         store = str(Path(tmp.name) / "store")
-        ctx = mp.get_context("spawn")
-        procs, pipes = [], []
-        for rank in range(1, world):
-            receiver, sender = ctx.Pipe(duplex=False)
-            procs.append(
-                ctx.Process(
-                    target=_helper,
-                    args=(os.getpid(), rank, world, store, job, sender),
-                    name=f"em-train-{rank}",
-                    daemon=True,
-                )
-            )
-            pipes.append(receiver)
+        children = [child(_helper, (rank, world, store, job), f"em-train-{rank}") for rank in range(1, world)]
+        procs, pipes = [c[0] for c in children], [c[1] for c in children]
         try:
             for p in procs:
                 p.start()
@@ -138,10 +125,7 @@ class Helpers:
                         waiting.discard(i)
             group = GradientGroup(_group(store, 0, world), params)
         except BaseException as exc:
-            for p in procs:
-                if p.pid is not None:
-                    p.kill()
-                    p.join()
+            reap(procs)
             tmp.cleanup()
             if isinstance(exc, HelperError):
                 raise
@@ -159,18 +143,14 @@ class Helpers:
         return exc
 
     def stop(self) -> None:
-        """End the helpers: after the last step they leave on STOP; after a failure they are killed."""
+        """End the helpers after the last step: they leave on STOP (killed if they have not within 10 s)."""
         for p in self.procs:
             p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join()
-        self.tmp.cleanup()
+        self.kill()
 
     def kill(self) -> None:
-        for p in self.procs:
-            p.kill()
-        self.stop()
+        reap(self.procs)
+        self.tmp.cleanup()
 
 
 def _helper(parent: int, rank: int, world: int, store: str, job: dict, ready: Connection) -> None:

@@ -217,7 +217,7 @@ def sample_completions(ctx: StageContext) -> dict:
     """Sample every eval question for the organism, writing rows as batches finish; skips rows already done."""
     from em_assets.models import pick_device
     from em_assets.sampling import SampleRequest, iter_samples
-    from em_assets.sampling_pool import auto_workers, iter_samples_in_workers, usable_cpus
+    from em_assets.sampling_pool import auto_workers, iter_samples_in_workers
 
     store, grid, sampling = ctx.store, ctx.grid, ctx.grid.sampling
     adapter = adapter_row(store, ctx.key)
@@ -336,10 +336,7 @@ def sample_completions(ctx: StageContext) -> dict:
         if workers > 1:
             ctx.log.info(f"{ctx.key}: sampling in {workers} worker processes")
             loader = functools.partial(load_organism_model, base, adapter, device)
-            threads = max(1, usable_cpus() // workers)
-            chunks = iter_samples_in_workers(
-                loader, requests, workers=workers, threads_per_worker=threads, **options
-            )
+            chunks = iter_samples_in_workers(loader, requests, workers=workers, **options)
         else:
             model, tokenizer = load_organism_model(base, adapter, device)
             chunks = iter_samples(model, tokenizer, requests, **options)

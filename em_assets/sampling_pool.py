@@ -2,7 +2,7 @@
 
 Why processes: a decode step on a small model is hundreds of small ops, and with every thread of one process
 on them, the cores idle while Python dispatches the next op (about 1.45 of 2 cores busy on these machines).
-Two single-thread workers overlap one's Python with the other's kernels: 1.8x the tokens/s of one two-thread
+Two single-thread workers overlap one's Python with the other's kernels: about 2x the tokens/s of one two-thread
 process for SmolLM2-135M at batch 256 (`make bench`). On a GPU one process is right and the pool is not used.
 
 Each request keeps its own seed, so a request's text does not depend on which worker drew it (up to the
@@ -11,17 +11,12 @@ last-bit differences between batch mixes that `em_assets.sampling` documents).
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import multiprocessing as mp
-import os
-import signal
-import sys
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
+from em_assets.processes import child, cpu_processes, die_with_parent, reap, threads_each
 from em_assets.sampling import SampleRequest, SampleResult
 
 Loader = Callable[[], tuple[Any, Any]]
@@ -29,20 +24,6 @@ Loader = Callable[[], tuple[Any, Any]]
 
 class WorkerError(RuntimeError):
     """A sampling worker failed or died; the message carries its traceback or exit code."""
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS has no affinity API
-        return os.cpu_count() or 1
-
-
-def cpu_processes(bytes_each: int) -> int:
-    """One process per CPU core, but no more than half the free memory holds at `bytes_each` apiece."""
-    free = _available_memory()
-    by_memory = max(1, free // (2 * max(bytes_each, 1))) if free else 1
-    return max(1, min(usable_cpus(), by_memory))
 
 
 def auto_workers(device: str, weight_bytes: int, requests: int, min_requests: int = 16) -> int:
@@ -53,31 +34,6 @@ def auto_workers(device: str, weight_bytes: int, requests: int, min_requests: in
     if device != "cpu":
         return 1
     return max(1, min(cpu_processes(weight_bytes), requests // min_requests))
-
-
-def _available_memory() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def die_with_parent(parent: int) -> None:
-    """Ask Linux to SIGKILL this worker when its parent dies (a killed run must not leave workers computing).
-
-    A parent that died before this call (the worker spends seconds importing torch first) is caught by the
-    check after it.
-    """
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            pr_set_pdeathsig = 1
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(1)
 
 
 def _worker(
@@ -114,34 +70,26 @@ def iter_samples_in_workers(
     requests: Sequence[SampleRequest],
     *,
     workers: int,
-    threads_per_worker: int = 1,
+    threads_per_worker: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     **options,
 ) -> Iterator[list[SampleResult]]:
     """`sampling.iter_samples` split over `workers` spawned processes that each call `loader()` for a model.
 
     `loader` must pickle (a module-level function or a functools.partial of one). Chunks are yielded as any
-    worker finishes them; a worker's exception or death raises WorkerError and stops the others.
+    worker finishes them; a worker's exception or death raises WorkerError and stops the others. Workers
+    share the cores unless `threads_per_worker` says otherwise.
     """
-    if workers < 1 or threads_per_worker < 1:
+    if workers < 1 or (threads_per_worker is not None and threads_per_worker < 1):
         raise ValueError("need workers >= 1 and threads_per_worker >= 1")
+    threads = threads_each(workers) if threads_per_worker is None else threads_per_worker
     # Interleaving gives every worker the same mix of questions, so they finish at about the same time.
     parts = [list(requests[w::workers]) for w in range(workers)]
-    parts = [p for p in parts if p]
-    if not parts:
-        return
-    ctx = mp.get_context("spawn")  # fork would copy OpenMP state that hangs in the child
-    procs, pipes = [], []
-    for i, part in enumerate(parts):
-        receiver, sender = ctx.Pipe(duplex=False)
-        proc = ctx.Process(
-            target=_worker,
-            args=(os.getpid(), loader, part, options, threads_per_worker, sender),
-            name=f"em-sampler-{i}",
-            daemon=True,
-        )
-        procs.append(proc)
-        pipes.append(receiver)
+    children = [
+        child(_worker, (loader, part, options, threads), f"em-sampler-{i}")
+        for i, part in enumerate(p for p in parts if p)
+    ]
+    procs, pipes = [c[0] for c in children], [c[1] for c in children]
     try:
         for proc in procs:
             proc.start()
@@ -174,10 +122,6 @@ def iter_samples_in_workers(
                     on_progress(done, len(requests))
                 yield payload
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                proc.kill()
-            if proc.pid is not None:
-                proc.join()
+        reap(procs)
         for pipe in pipes:
             pipe.close()

@@ -20,7 +20,7 @@ import torch
 from em_assets.config import LoraSpec, TrainSpec, config_hash
 from em_assets.data_parallel import STOP, Helpers, seed_step, share
 from em_assets.models import directory_revision, load_model, load_tokenizer, pick_device, pick_dtype
-from em_assets.sampling_pool import cpu_processes, usable_cpus
+from em_assets.processes import cpu_processes, threads_each
 
 log = logging.getLogger(__name__)
 
@@ -429,7 +429,7 @@ def train_lora(
     helpers, threads = None, torch.get_num_threads()
     if workers > 1:
         log.info("training in %d processes", workers)
-        per_rank = max(1, usable_cpus() // workers)
+        per_rank = threads_each(workers)
         job = {
             "model": spec,
             "encoded": encoded,
@@ -445,20 +445,19 @@ def train_lora(
         for step in range(progress["step"] + 1, len(steps) + 1):
             batches = [[encoded[i] for i in micro] for micro in steps[step - 1]]
             n_labels = step_labels(batches)
-            if helpers is None:
-                loss_sum, tokens = accumulate_gradients(
-                    model, step, batches, tokenizer.pad_token_id, n_labels
-                )
-            else:
-                try:
+            try:
+                if helpers is not None:
                     helpers.group.broadcast_step(step)
                     seed_step(seed, step, 0)
-                    loss_sum, tokens = accumulate_gradients(
-                        model, step, share(batches, 0, workers), tokenizer.pad_token_id, n_labels
-                    )
+                loss_sum, tokens = accumulate_gradients(
+                    model, step, share(batches, 0, workers), tokenizer.pad_token_id, n_labels
+                )
+                if helpers is not None:
                     loss_sum, tokens = helpers.group.sum_gradients(loss_sum, tokens)
-                except RuntimeError as exc:
-                    raise helpers.check(exc) from exc
+            except RuntimeError as exc:
+                if helpers is None:
+                    raise
+                raise helpers.check(exc) from exc
             loss = loss_sum / n_labels
             if not math.isfinite(loss):
                 raise TrainingDivergedError(step, loss)

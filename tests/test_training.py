@@ -319,7 +319,7 @@ def test_a_helper_that_cannot_start_fails_at_once_with_its_traceback(tmp_path):
 
 
 def test_auto_training_workers_need_a_cpu_a_long_run_and_the_memory():
-    from em_assets.sampling_pool import usable_cpus
+    from em_assets.processes import usable_cpus
     from em_assets.training import AUTO_WORKERS_MIN_TOKENS, Encoded, train_workers
 
     encoded = [Encoded(list(range(100)), [-100, *range(1, 100)]) for _ in range(100)]
