@@ -145,12 +145,16 @@ def test_catch_up_schedule_requests_every_partitioned_organism(instance, grid):
 def test_definitions_load_with_the_automation():
     from em_assets.definitions import defs
 
-    dg.Definitions.validate_loadable(defs)
     with_automation = dg.Definitions(
         assets=defs.assets, jobs=JOBS, sensors=SENSORS, schedules=SCHEDULES, resources=defs.resources
     )
-    dg.Definitions.validate_loadable(with_automation)
-    repo = with_automation.get_repository_def()
+    # Loading reads definitions state from the current instance's storage; an instance of this test's own keeps
+    # that from being another test's, whose instance may be gone (seen once in CI: "undefined DagsterInstance
+    # weakref").
+    with dg.instance_for_test():
+        dg.Definitions.validate_loadable(defs)
+        dg.Definitions.validate_loadable(with_automation)
+        repo = with_automation.get_repository_def()
     names = {s.name: s.default_status for s in repo.sensor_defs}
     # The explicit automation sensor covers every asset with a condition, so no stopped default one appears.
     assert names == {
