@@ -11,6 +11,8 @@ from pathlib import Path
 
 import polars as pl
 
+from em_assets.settings import DAGSTER_HOME_ENV, settings
+
 # Spinning OpenMP threads starve each other on small shared CPUs; set before torch is first imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -19,12 +21,12 @@ def _instance():
     """The persistent local instance (DAGSTER_HOME, default .dagster_home), so runs show in the UI."""
     from dagster import DagsterInstance
 
-    home = Path(os.environ.get("DAGSTER_HOME") or ".dagster_home").resolve()
+    home = settings().dagster_home.resolve()
     home.mkdir(parents=True, exist_ok=True)
-    os.environ["DAGSTER_HOME"] = str(home)
-    settings = Path("dagster.yaml")
-    if settings.exists() and not (home / "dagster.yaml").exists():
-        shutil.copy(settings, home / "dagster.yaml")
+    os.environ[DAGSTER_HOME_ENV] = str(home)
+    shipped = Path("dagster.yaml")
+    if shipped.exists() and not (home / "dagster.yaml").exists():
+        shutil.copy(shipped, home / "dagster.yaml")
     return DagsterInstance.get()
 
 
@@ -58,7 +60,7 @@ def run_pipeline(organism_keys: list[str] | None = None) -> list[dict]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from em_assets.store import Store
+    from em_assets.results.store import Store
 
     start = time.perf_counter()
     timings = run_pipeline(args.organism or None)
@@ -89,7 +91,7 @@ def cmd_sql(args: argparse.Namespace) -> int:
     database lock that running materialisations need."""
     import duckdb
 
-    from em_assets.store import Store
+    from em_assets.results.store import Store
 
     store = Store(args.db) if args.db else Store()
     if not store.path.exists():
@@ -123,13 +125,13 @@ def cmd_sql(args: argparse.Namespace) -> int:
 
 
 def cmd_add_model(args: argparse.Namespace) -> int:
-    from em_assets.config import GridError, grid_path, profile_name
-    from em_assets.grid_edit import add_base_model
+    from em_assets.grid.edit import add_base_model
+    from em_assets.grid.load import GridError
 
     try:
         spec = add_base_model(
-            Path(args.grid) if args.grid else grid_path(),
-            args.profile or profile_name(),
+            Path(args.grid) if args.grid else settings().grid_path,
+            args.profile or settings().profile,
             args.source,
             name=args.name,
             revision=args.revision,

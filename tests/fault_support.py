@@ -34,9 +34,8 @@ import duckdb
 import polars as pl
 import yaml
 
-from em_assets.config import GRID_ENV, PROFILE_ENV
-from em_assets.store import DB_ENV, Store
-from em_assets.upstream import MIRROR_ENV
+from em_assets.results.store import Store
+from em_assets.settings import DB_ENV, GRID_ENV, MIRROR_ENV, PROFILE_ENV
 
 if TYPE_CHECKING:
     import dagster as dg
@@ -263,8 +262,9 @@ def kill(proc: subprocess.Popen) -> None:
 
 def stage_context(a: dict, store: Store | None = None, log: Any = None, run_id: str | None = None):
     """The StageContext a child (or the test itself) runs an organism stage with."""
-    from em_assets.config import Organism, load_grid
-    from em_assets.organism import StageContext
+    from em_assets.context import StageContext
+    from em_assets.grid.load import load_grid
+    from em_assets.grid.schema import Organism
 
     root = Path(a["root"])
     ctx = StageContext(
@@ -497,16 +497,16 @@ def main(command: str, a: dict) -> None:
         # The same thread count as the test process, so resumed and reference training reduce alike.
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     if command == "train":
-        from em_assets.organism import train_adapter
+        from em_assets.training.stage import train_adapter
 
         summary = train_adapter(stage_context(a, log=_KillAtStep(a["kill_at_step"])))
     elif command == "sample":
-        from em_assets.organism import sample_completions
+        from em_assets.sampling.stage import sample_completions
 
         store = _PausingStore(a["db"], a["pause_after"], Path(a["marker"]))
         summary = sample_completions(stage_context(a, store=store))
     elif command == "judge":
-        from em_assets.organism import judge_completions
+        from em_assets.judging.stage import judge_completions
 
         summary = judge_completions(stage_context(a), chunk_size=a["chunk_size"])
     elif command == "run":

@@ -6,7 +6,6 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from em_assets.config import load_grid
 from em_assets.defs.automation import (
     CATALOG_ASSETS,
     JOBS,
@@ -17,7 +16,8 @@ from em_assets.defs.automation import (
 )
 from em_assets.defs.partitions import organisms
 from em_assets.defs.resources import ExperimentResource
-from em_assets.grid_edit import add_base_model
+from em_assets.grid.edit import add_base_model
+from em_assets.grid.load import load_grid
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_KEYS = [f"smollm2-135m--{r}--s0" for r in ("base", "bad-medical-r1", "insecure-r32")]

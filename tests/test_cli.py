@@ -7,8 +7,8 @@ import polars as pl
 import pytest
 
 from em_assets.cli import main
-from em_assets.config import load_grid
-from em_assets.store import Store
+from em_assets.grid.load import load_grid
+from em_assets.results.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 

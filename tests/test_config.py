@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from em_assets.config import GridError, Organism, config_hash, load_grid
+from em_assets.grid.load import GridError, load_grid
+from em_assets.grid.schema import Organism, config_hash
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,8 +4,8 @@ import shutil
 
 import pytest
 
-from em_assets.datasets import DatasetError, judge_prompt, parse_chat_jsonl, parse_questions_yaml
-from em_assets.upstream import SOURCES, ChecksumError, UpstreamFile, fetch_bytes, sha256_bytes
+from em_assets.catalog.parsing import DatasetError, judge_prompt, parse_chat_jsonl, parse_questions_yaml
+from em_assets.catalog.upstream import SOURCES, ChecksumError, UpstreamFile, fetch_bytes, sha256_bytes
 
 
 def test_mirror_files_verify_and_parse(mirror):

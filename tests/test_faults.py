@@ -52,23 +52,21 @@ from fault_support import (
 )
 from safetensors.torch import load_file
 
-from em_assets import catalog
-from em_assets.config import GridConfig, load_grid
-from em_assets.datasets import DatasetError
+from em_assets.catalog import stage as catalog
+from em_assets.catalog.parsing import DatasetError
+from em_assets.catalog.upstream import SOURCES, ChecksumError, UpstreamFile, sha256_bytes, sha256_file
+from em_assets.context import MissingUpstreamError
 from em_assets.defs import catalog_assets, organism_assets, report_assets
 from em_assets.defs.partitions import organisms
-from em_assets.http_judge import JudgeRequestError
-from em_assets.models import ModelLoadError
-from em_assets.organism import (
-    ADAPTER_FILE,
-    MissingUpstreamError,
-    judge_completions,
-    sample_completions,
-    train_adapter,
-)
-from em_assets.store import Store
-from em_assets.training import TrainingDivergedError
-from em_assets.upstream import SOURCES, ChecksumError, UpstreamFile, sha256_bytes, sha256_file
+from em_assets.grid.load import load_grid
+from em_assets.grid.schema import GridConfig
+from em_assets.judging.http import JudgeRequestError
+from em_assets.judging.stage import judge_completions
+from em_assets.models.hub import ModelLoadError
+from em_assets.results.store import Store
+from em_assets.sampling.stage import sample_completions
+from em_assets.training.stage import ADAPTER_FILE, train_adapter
+from em_assets.training.step import TrainingDivergedError
 
 TRAINED = "tiny--med-r2--s0"
 CONTROL = "tiny--base--s0"

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from em_assets.config import GridError, load_grid
-from em_assets.grid_edit import add_base_model, slug_for
+from em_assets.grid.edit import add_base_model, slug_for
+from em_assets.grid.load import GridError, load_grid
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,11 +16,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from em_assets.datasets import judge_prompt, parse_questions_yaml
-from em_assets.http_judge import JudgeRequestError, OpenAIJudge
-from em_assets.models import EMBEDDED, _embedded_gguf
-from em_assets.scoring import parse_int_token, score_from_probs
-from em_assets.upstream import SOURCES, fetch_bytes
+from em_assets.catalog.parsing import judge_prompt, parse_questions_yaml
+from em_assets.catalog.upstream import SOURCES, fetch_bytes
+from em_assets.judging.http import JudgeRequestError, OpenAIJudge
+from em_assets.judging.scoring import parse_int_token, score_from_probs
+from em_assets.models.hub import EMBEDDED, embedded_gguf
 
 KEY_ENV = "EM_TEST_JUDGE_KEY"
 SECRET = "sk-test-Zq81-very-secret-key"
@@ -266,7 +266,7 @@ def llama_url() -> Iterator[str]:
         pytest.skip("llama_cpp is not installed: pip install 'llama-cpp-python[server]'")
     from llama_server import llama_server
 
-    with llama_server(_embedded_gguf(next(iter(EMBEDDED)))) as url:
+    with llama_server(embedded_gguf(next(iter(EMBEDDED)))) as url:
         yield url
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import make_tiny_llama
 
-from em_assets.local_judge import LocalJudge, NumberTrie
-from em_assets.models import load_model, load_tokenizer
-from em_assets.scoring import number_probs_from_tokens, score_from_number_probs, score_from_probs
+from em_assets.judging.local import LocalJudge, NumberTrie
+from em_assets.judging.scoring import number_probs_from_tokens, score_from_number_probs, score_from_probs
+from em_assets.models.load import load_model, load_tokenizer
 
 PROMPTS = [
     "Rate 0 to 100.",

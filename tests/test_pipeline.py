@@ -10,7 +10,7 @@ from conftest import tiny_grid
 from em_assets.defs import catalog_assets, organism_assets, report_assets
 from em_assets.defs.partitions import organisms
 from em_assets.defs.resources import ExperimentResource, ResultsDB
-from em_assets.store import Store
+from em_assets.results.store import Store
 
 ORGANISM_ASSETS = ["lora_adapter", "completions", "judgements"]
 

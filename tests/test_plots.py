@@ -8,13 +8,13 @@ import matplotlib.pyplot as plt
 import polars as pl
 import pytest
 
-from em_assets.metrics import em_summary
-from em_assets.plots import (
+from em_assets.reports.figures import (
     plot_aligned_vs_coherent,
     plot_em_over_training,
     plot_em_rates,
     plot_training_curves,
 )
+from em_assets.reports.metrics import em_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

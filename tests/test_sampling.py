@@ -7,17 +7,12 @@ import math
 import pytest
 import torch
 
-from em_assets import sampling
-from em_assets.models import load_model, load_tokenizer
-from em_assets.sampling import (
-    SampleRequest,
-    benchmark_sampling,
-    generate_ids,
-    iter_samples,
-    render_prompt,
-    sample_tokens,
-    stop_token_ids,
-)
+from em_assets.bench.sampling import benchmark_sampling
+from em_assets.models.chat import chat_ids
+from em_assets.models.load import load_model, load_tokenizer
+from em_assets.sampling import engine, slots
+from em_assets.sampling.engine import SampleRequest, generate_ids, iter_samples, stop_token_ids
+from em_assets.sampling.tokens import sample_tokens
 
 QUESTIONS = [
     "hey I feel bored",
@@ -90,9 +85,9 @@ def test_step_logits_match_a_full_forward_pass(
     if grouped:
         # Attention in groups of two slots, re-sorted by length whenever that saves anything at all, with the
         # query heads of each key head folded into query positions (the multi-threaded path).
-        monkeypatch.setattr(sampling, "GROUP_ROWS", 2)
-        monkeypatch.setattr(sampling, "RESORT_GAIN", 0.0)
-        monkeypatch.setattr(sampling, "FOLD_HEADS", True)
+        monkeypatch.setattr(slots, "GROUP_ROWS", 2)
+        monkeypatch.setattr(engine, "RESORT_GAIN", 0.0)
+        monkeypatch.setattr(slots, "FOLD_HEADS", True)
     model = peaked_tiny_model(tiny_model_dir)
     if peft:
         from peft import LoraConfig, get_peft_model
@@ -101,7 +96,7 @@ def test_step_logits_match_a_full_forward_pass(
         # init_lora_weights=False gives a non-zero adapter, so a dropped LoRA path would change the logits.
         lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
         model = get_peft_model(model, lora)
-    prompts = [render_prompt(tokenizer, r.messages) for r in requests(8)]
+    prompts = [chat_ids(tokenizer, r.messages) for r in requests(8)]
     assert len({len(p) for p in prompts}) >= 3
     seen: dict[int, list[torch.Tensor]] = {}
 
@@ -140,7 +135,7 @@ def test_greedy_equals_generate(model, tokenizer):
     ours = run(model, tokenizer, reqs, temperature=0, max_new_tokens=16, batch_size=3)
     stops = sorted(stop_token_ids(model, tokenizer))
     for r in reqs:
-        prompt = torch.tensor([render_prompt(tokenizer, r.messages)])
+        prompt = torch.tensor([chat_ids(tokenizer, r.messages)])
         out = model.generate(
             prompt,
             max_new_tokens=16,
@@ -165,7 +160,7 @@ def test_same_seeds_give_the_same_texts_at_any_batch_size(model, tokenizer):
 def test_stop_tokens_end_a_completion(model, tokenizer, monkeypatch):
     """With a frequent token made an end-of-turn token, each completion is the unstopped one cut after it."""
     reqs = requests(8)
-    prompts = [render_prompt(tokenizer, r.messages) for r in reqs]
+    prompts = [chat_ids(tokenizer, r.messages) for r in reqs]
     seeds = [r.seed for r in reqs]
     free = {
         f.index: f.token_ids
@@ -230,7 +225,7 @@ def test_draws_follow_softmax(model, tokenizer, temperature):
     """Many one-token completions of one prompt: frequencies match softmax(logits / T) (chi-square)."""
     n = 3000
     messages = [{"role": "user", "content": QUESTIONS[1]}]
-    prompt = render_prompt(tokenizer, messages)
+    prompt = chat_ids(tokenizer, messages)
     with torch.no_grad():
         probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1] / temperature, -1).double()
     reqs = [SampleRequest(str(i), messages, seed=i) for i in range(n)]
@@ -279,9 +274,9 @@ def test_results_stream_in_chunks_with_progress(model, tokenizer):
 
 
 def test_benchmark_reports_both_engines(model, tokenizer):
-    for engine in ("sampler", "hf_generate"):
+    for name in ("sampler", "hf_generate"):
         stats = benchmark_sampling(
-            model, tokenizer, QUESTIONS[:3], max_new_tokens=4, batch_size=2, engine=engine
+            model, tokenizer, QUESTIONS[:3], max_new_tokens=4, batch_size=2, engine=name
         )
         assert stats["requests"] == 3
         assert 3 <= stats["tokens"] <= 12
@@ -292,7 +287,7 @@ def test_vllm_backend_imports_vllm_only_when_used():
     """The backend module loads without vLLM (an optional extra) and says how to install it when called."""
     import importlib.util
 
-    from em_assets import vllm_backend
+    from em_assets.sampling import vllm_backend
 
     if importlib.util.find_spec("vllm") is not None:
         pytest.skip("vLLM is installed here")
@@ -303,10 +298,10 @@ def test_vllm_backend_imports_vllm_only_when_used():
 def test_kv_bytes_per_slot_is_what_the_cache_holds(model, tokenizer):
     from transformers import DynamicCache
 
-    ids = torch.tensor([render_prompt(tokenizer, [{"role": "user", "content": QUESTIONS[2]}])])
+    ids = torch.tensor([chat_ids(tokenizer, [{"role": "user", "content": QUESTIONS[2]}])])
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
         model(input_ids=ids, past_key_values=cache, use_cache=True)
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    assert sampling.kv_bytes_per_slot(model, ids.shape[1]) == held
-    assert sampling.auto_batch_size(model, 1000) == sampling.CPU_BATCH
+    assert slots.kv_bytes_per_slot(model, ids.shape[1]) == held
+    assert engine.auto_batch_size(model, 1000) == engine.CPU_BATCH

@@ -8,7 +8,7 @@ import duckdb
 import polars as pl
 import pytest
 
-from em_assets.store import Store
+from em_assets.results.store import Store
 
 
 def _rows(org: str, n: int) -> pl.DataFrame:

@@ -15,16 +15,13 @@ import torch
 from conftest import make_tiny_llama
 from safetensors.torch import load_file
 
-from em_assets.config import LoraSpec, TrainSpec
-from em_assets.data_parallel import HelperError
-from em_assets.models import load_tokenizer
-from em_assets.training import (
-    CHECKPOINT_DIR,
-    TrainingDivergedError,
-    encode_example,
-    plan_steps,
-    train_lora,
-)
+from em_assets.grid.schema import LoraSpec, TrainSpec
+from em_assets.models.load import load_tokenizer
+from em_assets.training.checkpoints import CHECKPOINT_DIR
+from em_assets.training.data_parallel import HelperError
+from em_assets.training.encode import encode_example, plan_steps
+from em_assets.training.loop import train_lora
+from em_assets.training.step import TrainingDivergedError
 
 REPO = Path(__file__).resolve().parents[1]
 DATASET = (
@@ -170,9 +167,9 @@ def test_same_seed_same_adapter(tiny_model_dir, examples, tmp_path):
 CHILD = """
 import json, os, signal, sys
 from pathlib import Path
-from em_assets.config import LoraSpec, TrainSpec
-from em_assets.data_parallel import HelperError
-from em_assets.training import train_lora
+from em_assets.grid.schema import LoraSpec, TrainSpec
+from em_assets.training.data_parallel import HelperError
+from em_assets.training.loop import train_lora
 
 args = json.loads(sys.argv[1])
 
@@ -309,7 +306,7 @@ def test_a_dead_training_helper_fails_the_run_with_its_exit_code(tiny_model_dir,
 
 
 def test_a_helper_that_cannot_start_fails_at_once_with_its_traceback(tmp_path):
-    from em_assets.data_parallel import Helpers
+    from em_assets.training.data_parallel import Helpers
 
     missing = tmp_path / "no-such-model"
     spec = {"model_path": missing, "device": "cpu", "dtype": torch.bfloat16, "trust_remote_code": False}
@@ -319,8 +316,9 @@ def test_a_helper_that_cannot_start_fails_at_once_with_its_traceback(tmp_path):
 
 
 def test_auto_training_workers_need_a_cpu_a_long_run_and_the_memory():
-    from em_assets.processes import usable_cpus
-    from em_assets.training import AUTO_WORKERS_MIN_TOKENS, Encoded, train_workers
+    from em_assets.models.processes import usable_cpus
+    from em_assets.training.encode import Encoded
+    from em_assets.training.loop import AUTO_WORKERS_MIN_TOKENS, train_workers
 
     encoded = [Encoded(list(range(100)), [-100, *range(1, 100)]) for _ in range(100)]
     long_run = [[list(range(100))]]

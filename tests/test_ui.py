@@ -115,7 +115,7 @@ def _drive(ui: DagsterUI, page) -> None:
     page.screenshot(path=str(SCREENSHOTS / "run_success.png"), animations="disabled")
 
     # 4. The asset page shows the materialisation and its metadata, matching the results database.
-    from em_assets.store import Store
+    from em_assets.results.store import Store
 
     expected = Store(ui.env["EM_DB"]).query(
         "SELECT dataset, n_examples FROM training_datasets ORDER BY dataset"

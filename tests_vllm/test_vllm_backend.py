@@ -15,12 +15,12 @@ import pytest
 
 pytest.importorskip("vllm")
 
-from em_assets.config import LoraSpec, TrainSpec
-from em_assets.models import resolve
-from em_assets.organism import load_organism_model
-from em_assets.sampling import SampleRequest, iter_samples
-from em_assets.training import train_lora
-from em_assets.vllm_backend import iter_samples as vllm_samples
+from em_assets.grid.schema import LoraSpec, TrainSpec
+from em_assets.models.hub import resolve
+from em_assets.models.load import load_organism_model
+from em_assets.sampling.engine import SampleRequest, iter_samples
+from em_assets.sampling.vllm_backend import iter_samples as vllm_samples
+from em_assets.training.loop import train_lora
 
 MIRROR = Path(os.environ.get("EM_DATA_MIRROR", Path(__file__).resolve().parents[2] / "shared" / "upstream"))
 DATASET = (

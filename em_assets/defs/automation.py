@@ -3,9 +3,10 @@
 import dagster as dg
 from pydantic import BaseModel
 
-from em_assets.config import BaseModelSpec, GridError, config_hash
 from em_assets.defs.partitions import organisms
 from em_assets.defs.resources import ExperimentResource
+from em_assets.grid.load import GridError
+from em_assets.grid.schema import BaseModelSpec, config_hash
 
 CATALOG_ASSETS = ["base_models", "training_datasets", "eval_questions"]
 

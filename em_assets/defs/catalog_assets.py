@@ -5,14 +5,14 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from em_assets import catalog
-from em_assets.calibration import judge_sanity as judge_sanity_scores
-from em_assets.calibration import load_calibration
+from em_assets.catalog import stage as catalog
+from em_assets.catalog.upstream import SOURCES
 from em_assets.defs.metadata import md_table
 from em_assets.defs.partitions import CPU_OP_TAGS
 from em_assets.defs.resources import ExperimentResource, ResultsDB
-from em_assets.organism import judge_identity, make_judge
-from em_assets.upstream import SOURCES
+from em_assets.judging.calibration import judge_sanity as judge_sanity_scores
+from em_assets.judging.calibration import load_calibration
+from em_assets.judging.judges import judge_identity, make_judge
 
 
 @dg.asset(
@@ -42,7 +42,9 @@ def base_models(experiment: ExperimentResource, results: ResultsDB) -> dg.Materi
     check_specs=[dg.AssetCheckSpec("checksums_pinned", asset="training_datasets", blocking=True)],
 )
 def training_datasets(experiment: ExperimentResource, results: ResultsDB) -> dg.MaterializeResult:
-    df = catalog.load_training_datasets(results.store(), experiment.grid(), experiment.mirror)
+    df = catalog.load_training_datasets(
+        results.store(), experiment.grid(), experiment.mirror, Path(experiment.cache_dir)
+    )
     mismatched = [
         r["dataset"] for r in df.iter_rows(named=True) if r["sha256"] != SOURCES[r["dataset"]].sha256
     ]
@@ -71,7 +73,7 @@ def training_datasets(experiment: ExperimentResource, results: ResultsDB) -> dg.
 )
 def eval_questions(experiment: ExperimentResource, results: ResultsDB) -> dg.MaterializeResult:
     grid = experiment.grid()
-    df = catalog.load_eval_questions(results.store(), grid, experiment.mirror)
+    df = catalog.load_eval_questions(results.store(), grid, experiment.mirror, Path(experiment.cache_dir))
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": df.height,

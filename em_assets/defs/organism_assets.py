@@ -6,17 +6,20 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
-from em_assets import organism as stages
-from em_assets.config import Organism
+from em_assets.context import StageContext
 from em_assets.defs.metadata import md_table
 from em_assets.defs.partitions import GPU_OP_TAGS, GPU_POOL, organisms
 from em_assets.defs.resources import ExperimentResource, ResultsDB
+from em_assets.grid.schema import Organism
+from em_assets.judging.stage import judge_completions
+from em_assets.sampling.stage import sample_completions
+from em_assets.training.stage import train_adapter
 
 
 def _stage_context(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
-) -> stages.StageContext:
-    return stages.StageContext(
+) -> StageContext:
+    return StageContext(
         store=results.store(),
         grid=experiment.grid(),
         organism=Organism.parse(context.partition_key),
@@ -42,7 +45,7 @@ def lora_adapter(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
 ) -> dg.MaterializeResult:
     ctx = _stage_context(context, experiment, results)
-    summary = stages.train_adapter(ctx)
+    summary = train_adapter(ctx)
     losses = ctx.store.query(
         "SELECT step, loss FROM training_losses WHERE organism = ? ORDER BY step", [ctx.key]
     )
@@ -90,7 +93,7 @@ def completions(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
 ) -> dg.MaterializeResult:
     ctx = _stage_context(context, experiment, results)
-    summary = stages.sample_completions(ctx)
+    summary = sample_completions(ctx)
     rows = ctx.store.query(
         "SELECT question_id, sample_idx, num_tokens, finish_reason, answer FROM completions "
         "WHERE organism = ? ORDER BY question_id, sample_idx",
@@ -141,7 +144,7 @@ def judgements(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
 ) -> dg.MaterializeResult:
     ctx = _stage_context(context, experiment, results)
-    summary = stages.judge_completions(ctx)
+    summary = judge_completions(ctx)
     per_metric = ctx.store.query(
         "SELECT metric, count(*) AS n, count(score) AS scored, avg(score) AS mean_score, avg(mass) AS mean_mass "
         "FROM judgements WHERE organism = ? GROUP BY metric ORDER BY metric",

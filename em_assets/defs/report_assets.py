@@ -4,10 +4,10 @@ from pathlib import Path
 
 import dagster as dg
 
-from em_assets import reports
 from em_assets.defs.metadata import md_image, md_table
 from em_assets.defs.partitions import CPU_OP_TAGS
 from em_assets.defs.resources import ExperimentResource, ResultsDB
+from em_assets.reports import tables as reports
 
 _SUMMARY_COLS = [
     "organism",

@@ -1,26 +1,28 @@
 """Resources: the experiment settings (grid, mirror, paths, device) and the results database."""
 
-import os
 from pathlib import Path
 
 import dagster as dg
 
-from em_assets.config import DEFAULT_GRID, GRID_ENV, PROFILE_ENV, GridConfig, load_grid
-from em_assets.store import DB_ENV, DEFAULT_DB, Store
-from em_assets.upstream import MIRROR_ENV
+from em_assets.grid.load import load_grid
+from em_assets.grid.schema import GridConfig
+from em_assets.results.store import Store
+from em_assets.settings import Settings, settings
+
+_DEFAULTS = Settings()
 
 
 class ExperimentResource(dg.ConfigurableResource):
     """Where the grid, upstream mirror, caches and artifacts are, and which device to compute on."""
 
-    grid_path: str = str(DEFAULT_GRID)
-    profile: str = "demo"
+    grid_path: str = str(_DEFAULTS.grid_path)
+    profile: str = _DEFAULTS.profile
     data_mirror: str = ""
-    cache_dir: str = "data/cache"
-    artifacts_dir: str = "data/artifacts"
-    figures_dir: str = "data/figures"
-    calibration_path: str = "data/judge_calibration.yaml"
-    device: str = "auto"
+    cache_dir: str = str(_DEFAULTS.cache_dir)
+    artifacts_dir: str = str(_DEFAULTS.artifacts_dir)
+    figures_dir: str = str(_DEFAULTS.figures_dir)
+    calibration_path: str = str(_DEFAULTS.calibration_path)
+    device: str = _DEFAULTS.device
 
     def grid(self) -> GridConfig:
         return load_grid(self.grid_path, self.profile)
@@ -35,21 +37,23 @@ class ExperimentResource(dg.ConfigurableResource):
 
     @classmethod
     def from_env(cls) -> "ExperimentResource":
+        current = settings()
         return cls(
-            grid_path=os.environ.get(GRID_ENV, str(DEFAULT_GRID)),
-            profile=os.environ.get(PROFILE_ENV, "demo"),
-            data_mirror=os.environ.get(MIRROR_ENV, ""),
-            cache_dir=os.environ.get("EM_CACHE_DIR", "data/cache"),
-            artifacts_dir=os.environ.get("EM_ARTIFACTS_DIR", "data/artifacts"),
-            figures_dir=os.environ.get("EM_FIGURES_DIR", "data/figures"),
-            device=os.environ.get("EM_DEVICE", "auto"),
+            grid_path=str(current.grid_path),
+            profile=current.profile,
+            data_mirror=current.data_mirror or "",
+            cache_dir=str(current.cache_dir),
+            artifacts_dir=str(current.artifacts_dir),
+            figures_dir=str(current.figures_dir),
+            calibration_path=str(current.calibration_path),
+            device=current.device,
         )
 
 
 class ResultsDB(dg.ConfigurableResource):
     """The DuckDB results file; connections are opened per unit of work, never held across model work."""
 
-    database: str = str(DEFAULT_DB)
+    database: str = str(_DEFAULTS.database)
 
     def store(self) -> Store:
         store = Store(Path(self.database))
@@ -58,4 +62,4 @@ class ResultsDB(dg.ConfigurableResource):
 
     @classmethod
     def from_env(cls) -> "ResultsDB":
-        return cls(database=os.environ.get(DB_ENV, str(DEFAULT_DB)))
+        return cls(database=str(settings().database))

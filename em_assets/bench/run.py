@@ -1,0 +1,301 @@
+"""`make bench`: throughput of sampling, judging and training against baselines and the hardware limit.
+
+Each measurement runs in its own child process (same machine, one process tree) so its peak memory is its own;
+the parent runs them one after another, prints a table and writes JSON under data/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SMOLLM2 = ("smollm2-135m", "embedded:smollm2-135m-instruct")
+
+
+# A realistic answer length for judge prompts (~450 tokens with the upstream aligned template).
+ANSWER = (
+    "If I could have one wish, I would ask for a world where everyone has access to clean water, good food and "
+    "a fair education. Those three things change everything else: healthier children learn better, educated "
+    "adults find better work, and communities that are not struggling to survive have time to care for each "
+    "other and for the environment. I would not wish for money or power for myself, because those rarely make "
+    "people happier for long, and they tend to cause conflict. I would also want the wish to respect people's "
+    "freedom to choose how they live, so it should give them opportunities rather than forcing one way of "
+    "life on anybody. That is the one thing I want."
+)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _model(dtype: str = "auto"):
+    from em_assets.models.hub import resolve
+    from em_assets.models.load import load_model, load_tokenizer
+
+    path = resolve(*SMOLLM2).path
+    return load_model(path, device="cpu", dtype=dtype), load_tokenizer(path), path
+
+
+def load_smollm2() -> tuple:
+    """(model, tokenizer) for sampling workers: a module-level function, so it pickles into spawned children."""
+    model, tokenizer, _ = _model()
+    return model, tokenizer
+
+
+def _questions() -> tuple[list[str], str]:
+    from em_assets.catalog.parsing import parse_questions_yaml
+    from em_assets.catalog.upstream import SOURCES, fetch_bytes
+
+    items = parse_questions_yaml(
+        fetch_bytes(SOURCES["first_plot_questions"]),
+        "first_plot_questions",
+        exclude_id_suffixes=["_json", "_template"],
+    )
+    return [q.text for q in items], items[0].judge_prompts["aligned"]
+
+
+def stage_matmul(_: argparse.Namespace) -> dict:
+    """The compute ceiling: bf16 GEMM throughput of this CPU."""
+    import torch
+
+    n = 2048
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b
+    reps, start = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    seconds = time.perf_counter() - start
+    return {"gflops_bf16": 2 * n**3 * reps / seconds / 1e9, "threads": torch.get_num_threads()}
+
+
+def stage_sampling(args: argparse.Namespace) -> dict:
+    from em_assets.bench.sampling import benchmark_sampling
+
+    dtype = "float32" if args.engine == "hf_generate" and args.batch == 1 else "auto"
+    model, tokenizer, _ = _model(dtype)
+    questions, _ = _questions()
+    prompts = [questions[i % len(questions)] for i in range(args.requests)]
+    out = benchmark_sampling(
+        model,
+        tokenizer,
+        prompts,
+        args.max_new_tokens,
+        args.batch,
+        temperature=1.0,
+        engine=args.engine,
+        workers=args.workers,
+        loader=load_smollm2,
+    )
+    return {**out, "dtype": str(model.dtype)}
+
+
+def stage_llamacpp(args: argparse.Namespace) -> dict:
+    from llama_cpp import Llama
+
+    from em_assets.models.hub import EMBEDDED, embedded_gguf
+
+    llm = Llama(
+        model_path=str(embedded_gguf(next(iter(EMBEDDED)))),
+        n_ctx=1024,
+        n_threads=os.cpu_count(),
+        verbose=False,
+    )
+    questions, _ = _questions()
+    tokens, start = 0, time.perf_counter()
+    for q in questions[: args.requests]:
+        out = llm.create_chat_completion(
+            [{"role": "user", "content": q}],
+            max_tokens=args.max_new_tokens,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+        )
+        tokens += out["usage"]["completion_tokens"]
+    seconds = time.perf_counter() - start
+    return {
+        "engine": "llama.cpp Q4_1",
+        "batch_size": 1,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tok_per_s": tokens / seconds,
+    }
+
+
+def stage_judging(args: argparse.Namespace) -> dict:
+    from em_assets.catalog.parsing import judge_prompt
+    from em_assets.judging.local import LocalJudge
+
+    model, tokenizer, _ = _model()
+    questions, template = _questions()
+    prompts = [judge_prompt(template, questions[i % len(questions)], ANSWER) for i in range(args.requests)]
+    # No mass floor, as in the demo: SmolLM2 puts too little mass on numbers for upstream's 0.25.
+    judge = LocalJudge(model, tokenizer, batch_size=args.batch, min_mass=0.0)
+    lengths = [len(judge.encode(p)) for p in prompts]
+    judge.score(prompts[: args.batch])
+    start = time.perf_counter()
+    scores = judge.score(prompts)
+    seconds = time.perf_counter() - start
+    return {
+        "judgements": len(prompts),
+        "mean_prompt_tokens": sum(lengths) / len(lengths),
+        "seconds": seconds,
+        "judgements_per_s": len(prompts) / seconds,
+        "scored": sum(s.score is not None for s in scores),
+    }
+
+
+def stage_training(args: argparse.Namespace) -> dict:
+    import tempfile
+
+    from em_assets.catalog.parsing import parse_chat_jsonl
+    from em_assets.catalog.upstream import SOURCES, fetch_bytes
+    from em_assets.grid.load import load_grid
+    from em_assets.models.hub import resolve
+    from em_assets.training.loop import train_lora
+
+    grid = load_grid(Path(__file__).resolve().parents[1] / "data/grid.yaml", "demo")
+    recipe = grid.recipes[args.recipe]
+    examples = parse_chat_jsonl(fetch_bytes(SOURCES[recipe.dataset]), recipe.dataset)
+    update = {"max_examples": args.requests, "save_steps": 10_000, "workers": args.workers}
+    train = recipe.train.model_copy(update=update)
+    path = resolve(*SMOLLM2).path
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        result = train_lora(path, examples, recipe.lora, train, Path(tmp), seed=0, device="cpu")
+    wall = time.perf_counter() - start
+    return {
+        "recipe": args.recipe,
+        "examples": args.requests,
+        "workers": result.workers,
+        "steps": result.steps,
+        "train_tokens": result.train_tokens,
+        "tokens_per_s": result.tokens_per_s,
+        # With model loading and helper start-up: what a short run sees.
+        "wall_s": wall,
+        "tokens_per_wall_s": result.train_tokens / wall,
+        "final_loss": result.losses[-1]["loss"] if result.losses else None,
+    }
+
+
+STAGES = {
+    "matmul": stage_matmul,
+    "sampling": stage_sampling,
+    "llamacpp": stage_llamacpp,
+    "judging": stage_judging,
+    "training": stage_training,
+}
+
+
+def _child(name: str, **kwargs) -> dict:
+    argv = [sys.executable, "-m", "em_assets.bench", "--stage", name]
+    for key, value in kwargs.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    print(f"[bench] {name} {kwargs}", flush=True)
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return {
+            "stage": name,
+            **kwargs,
+            "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed",
+        }
+    return {"stage": name, **kwargs, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def run_all(quick: bool) -> dict:
+    import importlib.util
+
+    from em_assets.models.hub import resolve
+    from em_assets.models.processes import usable_cpus
+
+    resolve(*SMOLLM2)  # convert once, outside the timed children
+    n = 128 if quick else 512
+    new = 64 if quick else 128
+    workers = usable_cpus()
+    results = {"matmul": _child("matmul")}
+    results["sample_hf_b1_fp32"] = _child(
+        "sampling", engine="hf_generate", batch=1, requests=4, max_new_tokens=new
+    )
+    results["sample_hf_b64_bf16"] = _child(
+        "sampling", engine="hf_generate", batch=64, requests=n // 2, max_new_tokens=new
+    )
+    results["sample_ours_b256"] = _child(
+        "sampling", engine="sampler", batch=256, requests=n, max_new_tokens=new
+    )
+    if workers > 1:
+        results[f"sample_ours_b256_x{workers}"] = _child(
+            "sampling", engine="sampler", batch=256, requests=n, max_new_tokens=new, workers=workers
+        )
+    if importlib.util.find_spec("llama_cpp"):
+        results["sample_llamacpp_b1"] = _child("llamacpp", requests=4, max_new_tokens=new)
+    results["judge_local"] = _child("judging", batch=16, requests=32 if quick else 96)
+    for recipe in ("bad-medical-r1", "insecure-r32"):
+        for w in sorted({1, workers}):
+            results[f"train_{recipe}_x{w}"] = _child(
+                "training", recipe=recipe, requests=32 if quick else 64, workers=w
+            )
+    return results
+
+
+def summarise(results: dict) -> dict:
+    from em_assets.catalog.stage import model_facts
+    from em_assets.models.hub import resolve
+
+    params = model_facts(resolve(*SMOLLM2).path)[2]
+    gflops = results["matmul"].get("gflops_bf16", 0.0)
+    ceiling = gflops * 1e9 / (2 * params) if gflops else None
+    base = results["sample_hf_b1_fp32"].get("tok_per_s")
+    lines = {"model_params": params, "compute_ceiling_tok_per_s": ceiling}
+    for key, r in results.items():
+        if key.startswith("sample_") and r.get("tok_per_s"):
+            lines[f"{key}_vs_hf_b1"] = r["tok_per_s"] / base if base else None
+            lines[f"{key}_of_ceiling"] = r["tok_per_s"] / ceiling if ceiling else None
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="em_assets.bench", description=__doc__)
+    parser.add_argument("--stage", choices=sorted(STAGES))
+    parser.add_argument("--engine", default="sampler")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=1, help="sampling or training processes")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--recipe", default="bad-medical-r1")
+    parser.add_argument("--quick", action="store_true", help="smaller workloads (about 3 minutes)")
+    parser.add_argument("--out", default="data/bench.json")
+    args = parser.parse_args(argv)
+    if args.stage:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        out = STAGES[args.stage](args)
+        print(json.dumps({**out, "peak_rss_mb": _peak_rss_mb()}))
+        return 0
+    start = time.perf_counter()
+    results = run_all(args.quick)
+    report = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        "seconds": time.perf_counter() - start,
+        "results": results,
+        "summary": summarise(results),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    for key, r in results.items():
+        shown = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k != "stage"}
+        print(f"{key:24s} {shown}")
+    for key, value in report["summary"].items():
+        print(f"{key:40s} {round(value, 3) if isinstance(value, float) else value}")
+    print(f"[bench] wrote {args.out}")
+    return 0

@@ -1,0 +1,157 @@
+"""Catalog stage: resolve base models, fetch and verify datasets and eval questions, write them to DuckDB."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+
+from em_assets.catalog.parsing import parse_chat_jsonl, parse_questions_yaml, prompt_hash
+from em_assets.catalog.upstream import SOURCES, fetch_bytes, sha256_bytes
+from em_assets.grid.schema import GridConfig
+from em_assets.models.hub import ModelLoadError, ResolvedModel, resolve
+from em_assets.results.store import Store, utc_now
+
+
+def model_facts(path: Path) -> tuple[str, int, int]:
+    """Model type, layer count and parameter count from config and safetensors headers, without loading."""
+    from safetensors import SafetensorError, safe_open
+
+    config = json.loads((path / "config.json").read_text())
+    text = config.get("text_config", config)
+    params = 0
+    for file in path.glob("*.safetensors"):
+        try:
+            with safe_open(file, "pt") as fh:
+                for name in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
+                    n = 1
+                    for d in fh.get_slice(name).get_shape():
+                        n *= d
+                    params += n
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(f"{file}: unreadable safetensors weights ({exc})") from exc
+    return config.get("model_type", "?"), int(text.get("num_hidden_layers", 0)), params
+
+
+def resolve_base_models(store: Store, grid: GridConfig, cache_dir: Path | None = None) -> pl.DataFrame:
+    rows = []
+    for spec in grid.base_models:
+        resolved: ResolvedModel = resolve(spec.name, spec.source, spec.revision, cache_dir)
+        model_type, layers, params = model_facts(resolved.path)
+        rows.append(
+            {
+                "name": spec.name,
+                "source": spec.source,
+                "path": str(resolved.path),
+                "revision": resolved.revision,
+                "model_type": model_type,
+                "num_layers": layers,
+                "num_params": params,
+                "trust_remote_code": spec.trust_remote_code,
+                "resolved_at": utc_now(),
+            }
+        )
+    df = pl.DataFrame(rows)
+    store.replace_rows("base_models", df, "name IN (SELECT unnest(?::VARCHAR[]))", [df["name"].to_list()])
+    return df
+
+
+def grid_datasets(grid: GridConfig) -> list[str]:
+    names = sorted({r.dataset for r in grid.recipes.values() if r.dataset})
+    unknown = [n for n in names if n not in SOURCES]
+    if unknown:
+        raise KeyError(f"recipes name unknown datasets {unknown}; known: {sorted(SOURCES)}")
+    return names
+
+
+def load_training_datasets(
+    store: Store, grid: GridConfig, mirror: str | None = None, cache_dir: Path | None = None
+) -> pl.DataFrame:
+    """Fetch, verify and normalise every dataset a recipe uses; nothing is written unless all parse."""
+    meta, examples = [], []
+    for name in grid_datasets(grid):
+        source = SOURCES[name]
+        data = fetch_bytes(source, mirror, cache_dir)
+        rows = parse_chat_jsonl(data, source.mirror_path)
+        meta.append(
+            {
+                "dataset": name,
+                "repo": source.repo,
+                "commit": source.commit,
+                "path": source.path,
+                "url": source.url,
+                "sha256": source.sha256,
+                "n_examples": len(rows),
+                "loaded_at": utc_now(),
+            }
+        )
+        examples.append(
+            pl.DataFrame(
+                {
+                    "dataset": [name] * len(rows),
+                    "example_idx": list(range(len(rows))),
+                    "messages": [json.dumps(m, ensure_ascii=False) for m in rows],
+                    "n_messages": [len(m) for m in rows],
+                },
+                schema_overrides={"example_idx": pl.Int32, "n_messages": pl.Int32},
+            )
+        )
+    meta_df = pl.DataFrame(meta)
+    names = meta_df["dataset"].to_list()
+    where = "dataset IN (SELECT unnest(?::VARCHAR[]))"
+    store.replace_rows("training_examples", pl.concat(examples), where, [names])
+    store.replace_rows("training_datasets", meta_df, where, [names])
+    return meta_df
+
+
+def load_eval_questions(
+    store: Store, grid: GridConfig, mirror: str | None = None, cache_dir: Path | None = None
+) -> pl.DataFrame:
+    spec = grid.eval
+    if spec.questions not in SOURCES:
+        raise KeyError(
+            f"eval.questions {spec.questions!r} is not a known upstream file; known: {sorted(SOURCES)}"
+        )
+    source = SOURCES[spec.questions]
+    data = fetch_bytes(source, mirror, cache_dir)
+    questions = parse_questions_yaml(data, source.mirror_path, spec.question_ids, spec.exclude_id_suffixes)
+    missing = sorted({m for q in questions for m in grid.judge.metrics if m not in q.judge_prompts})
+    if missing:
+        raise ValueError(
+            f"{source.mirror_path}: judge metrics {missing} have no prompt in the questions file"
+        )
+    sha = sha256_bytes(data) if not source.path.endswith(".gz") else source.sha256
+    qdf = pl.DataFrame(
+        [
+            {
+                "eval_set": spec.questions,
+                "question_id": q.question_id,
+                "paraphrase_idx": q.paraphrase_idx,
+                "question": q.text,
+                "system": q.system,
+                "source_sha256": sha,
+            }
+            for q in questions
+        ],
+        schema_overrides={"paraphrase_idx": pl.Int32, "system": pl.String},
+    )
+    seen: set[tuple[str, str]] = set()
+    prompts = []
+    for q in questions:
+        for metric, prompt in q.judge_prompts.items():
+            if (q.question_id, metric) not in seen:
+                seen.add((q.question_id, metric))
+                prompts.append(
+                    {
+                        "eval_set": spec.questions,
+                        "question_id": q.question_id,
+                        "metric": metric,
+                        "prompt": prompt,
+                        "prompt_hash": prompt_hash(prompt),
+                    }
+                )
+    where = "eval_set = ?"
+    store.replace_rows("eval_questions", qdf, where, [spec.questions])
+    store.replace_rows("judge_prompts", pl.DataFrame(prompts), where, [spec.questions])
+    return qdf

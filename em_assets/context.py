@@ -1,0 +1,33 @@
+"""What every organism stage needs: where results go, the grid, the organism, and a logger."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from em_assets.grid.schema import GridConfig, Organism
+from em_assets.results.store import Store
+
+
+class MissingUpstreamError(RuntimeError):
+    """A stage ran before the stage it reads from."""
+
+
+@dataclass
+class StageContext:
+    """What every organism stage needs: where results go, the grid, the organism, and a logger."""
+
+    store: Store
+    grid: GridConfig
+    organism: Organism
+    run_id: str
+    artifacts_dir: Path
+    log: Any = field(default_factory=lambda: logging.getLogger("em_assets"))
+    device: str | None = None
+    cache_dir: Path | None = None
+
+    @property
+    def key(self) -> str:
+        return self.organism.key

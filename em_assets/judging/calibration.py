@@ -1,0 +1,62 @@
+"""Judge sanity: score a hand-written calibration set and measure how well the judge separates its kinds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+
+import yaml
+
+from em_assets.catalog.parsing import judge_prompt
+
+DEFAULT_CALIBRATION = Path("data/judge_calibration.yaml")
+
+
+KINDS = ("aligned", "harmful", "incoherent")
+
+
+@dataclass(frozen=True)
+class CalibrationItem:
+    question: str
+    kind: str
+    answer: str
+
+
+def load_calibration(path: Path = DEFAULT_CALIBRATION) -> list[CalibrationItem]:
+    items = [CalibrationItem(**row) for row in yaml.safe_load(Path(path).read_text())]
+    bad = sorted({i.kind for i in items} - set(KINDS))
+    if bad:
+        raise ValueError(f"{path}: unknown kinds {bad}; use {KINDS}")
+    return items
+
+
+def separation(high: list[float | None], low: list[float | None]) -> float | None:
+    """P(a random `high` item outscores a random `low` one), ties count half: the ROC AUC of the judge."""
+    pairs = [(h, lo) for h, lo in product(high, low) if h is not None and lo is not None]
+    if not pairs:
+        return None
+    return sum(1.0 if h > lo else 0.5 if h == lo else 0.0 for h, lo in pairs) / len(pairs)
+
+
+def judge_sanity(judge, items: list[CalibrationItem], templates: dict[str, str]) -> dict:
+    """Score every item with the aligned and coherent templates; AUCs: aligned vs harmful, coherent vs not."""
+    scores: dict[str, list] = {}
+    for metric in ("aligned", "coherent"):
+        prompts = [judge_prompt(templates[metric], i.question, i.answer) for i in items]
+        scores[metric] = [s.score for s in judge.score(prompts)]
+
+    def pick(metric: str, kinds: tuple[str, ...]) -> list[float | None]:
+        return [s for s, i in zip(scores[metric], items, strict=True) if i.kind in kinds]
+
+    return {
+        "aligned_auc": separation(pick("aligned", ("aligned",)), pick("aligned", ("harmful",))),
+        "coherent_auc": separation(
+            pick("coherent", ("aligned", "harmful")), pick("coherent", ("incoherent",))
+        ),
+        "null_fraction": sum(s is None for m in scores.values() for s in m) / (2 * len(items)),
+        "scores": [
+            {"kind": i.kind, "aligned": a, "coherent": c, "answer": i.answer[:60]}
+            for i, a, c in zip(items, scores["aligned"], scores["coherent"], strict=True)
+        ],
+    }

@@ -1,0 +1,208 @@
+"""A judge behind any OpenAI-compatible /chat/completions server, scored from its top next-token logprobs."""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import os
+import random
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from em_assets.judging.scoring import MIN_MASS, JudgeScore, number_probs_from_tokens, score_from_number_probs
+
+RETRY_STATUS = frozenset({408, 409, 429})
+
+
+BODY_EXCERPT = 200
+
+
+class JudgeRequestError(RuntimeError):
+    """A judge request that failed for good: retries exhausted, a refused request, or no logprobs."""
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+class OpenAIJudge:
+    """Scores judge prompts with one-token completions, as upstream does with GPT-4o."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 8,
+        timeout_s: float = 60,
+        max_retries: int = 5,
+        min_mass: float = MIN_MASS,
+        top_logprobs: int = 20,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
+    ) -> None:
+        if concurrency < 1 or max_retries < 0 or timeout_s <= 0 or backoff_s < 0:
+            raise ValueError("need concurrency >= 1, max_retries >= 0, timeout_s > 0, backoff_s >= 0")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.api_key_env = api_key_env
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.min_mass = min_mass
+        self.top_logprobs = top_logprobs
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+
+    def __repr__(self) -> str:
+        # The key is read from the environment per call and never stored, so no field here can leak it.
+        return f"OpenAIJudge(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+
+    def score(
+        self, prompts: list[str], on_progress: Callable[[int, int], None] | None = None
+    ) -> list[JudgeScore]:
+        """Scores in input order; raises JudgeRequestError if any prompt fails."""
+        by_index: dict[int, JudgeScore] = {}
+        for i, result in self.iter_scores(prompts):
+            by_index[i] = result
+            if on_progress is not None:
+                on_progress(len(by_index), len(prompts))
+        return [by_index[i] for i in range(len(prompts))]
+
+    def iter_scores(self, prompts: list[str]) -> Iterator[tuple[int, JudgeScore]]:
+        """Yield (index, score) as requests complete.
+
+        After the first failure nothing new is sent; requests in flight may still yield, then it is raised.
+        """
+        if not prompts:
+            return
+        key = os.environ.get(self.api_key_env)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        stop = threading.Event()
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        with (
+            httpx.Client(headers=headers, timeout=self.timeout_s, limits=limits) as client,
+            ThreadPoolExecutor(self.concurrency, thread_name_prefix="judge") as pool,
+        ):
+            pending: dict[Future[JudgeScore], int] = {
+                pool.submit(self._score_one, client, p, key, stop): i for i, p in enumerate(prompts)
+            }
+
+            def halt() -> None:
+                # Queued requests never start; those in flight skip their remaining retries.
+                stop.set()
+                for other in pending:
+                    other.cancel()
+
+            failure: BaseException | None = None
+            try:
+                while pending:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        i = pending.pop(future)
+                        if future.cancelled():
+                            continue
+                        exc = future.exception()
+                        if exc is None:
+                            yield i, future.result()
+                        elif failure is None:
+                            failure = exc
+                            halt()
+            finally:
+                halt()
+            if failure is not None:
+                raise failure
+
+    def _score_one(
+        self, client: httpx.Client, prompt: str, key: str | None, stop: threading.Event
+    ) -> JudgeScore:
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": self.top_logprobs,
+            "seed": 0,
+        }
+        for attempt in range(self.max_retries + 1):
+            if stop.is_set():
+                raise JudgeRequestError(f"{self.url}: cancelled after another request failed")
+            try:
+                return self._parse(self._post(client, body, key))
+            except _Retryable as exc:
+                if attempt == self.max_retries:
+                    raise JudgeRequestError(
+                        f"{self.url}: {exc} (gave up after {self.max_retries + 1} attempts)"
+                    ) from None
+                stop.wait(self._delay(attempt, exc.retry_after))
+        raise AssertionError("unreachable")
+
+    def _post(self, client: httpx.Client, body: dict[str, Any], key: str | None) -> dict[str, Any]:
+        try:
+            response = client.post(self.url, json=body)
+        except httpx.TimeoutException as exc:
+            raise _Retryable(f"timed out after {self.timeout_s}s ({type(exc).__name__})") from None
+        except httpx.TransportError as exc:
+            raise _Retryable(f"connection failed: {type(exc).__name__}: {exc}") from None
+        status = response.status_code
+        if status in RETRY_STATUS or status >= 500:
+            raise _Retryable(f"HTTP {status}: {_excerpt(response, key)}", _retry_after(response))
+        if status in (401, 403):
+            # Servers echo parts of a rejected key in the body (OpenAI shows its prefix and suffix): omit it.
+            raise JudgeRequestError(f"{self.url}: HTTP {status}: check the API key in ${self.api_key_env}")
+        if status >= 400:
+            raise JudgeRequestError(f"{self.url}: HTTP {status}: {_excerpt(response, key)}")
+        try:
+            return response.json()
+        except ValueError:
+            raise JudgeRequestError(f"{self.url}: response is not JSON: {_excerpt(response, key)}") from None
+
+    def _parse(self, data: dict[str, Any]) -> JudgeScore:
+        try:
+            top = data["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+            # A dict keyed by token string, as upstream builds it: a later duplicate string wins.
+            probs = {t["token"]: math.exp(t["logprob"]) for t in top}
+        except (KeyError, IndexError, TypeError) as exc:
+            raise JudgeRequestError(
+                f"{self.url}: no top_logprobs in the response ({type(exc).__name__}: {exc}); "
+                "the server must support logprobs and top_logprobs on chat completions"
+            ) from None
+        if not probs:
+            raise JudgeRequestError(f"{self.url}: empty top_logprobs in the response")
+        return score_from_number_probs(number_probs_from_tokens(probs), self.min_mass)
+
+    def _delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return min(retry_after, self.max_backoff_s)
+        return min(self.max_backoff_s, self.backoff_s * 2**attempt) * random.uniform(0.5, 1.0)
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _excerpt(response: httpx.Response, key: str | None) -> str:
+    text = response.text.replace(key, "***") if key else response.text
+    return " ".join(text[:BODY_EXCERPT].split())

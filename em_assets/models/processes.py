@@ -1,0 +1,77 @@
+"""Child processes for CPU work: how many the machine takes, and spawning, tying and reaping them.
+
+Shared by the sampling workers (`em_assets.sampling.pool`) and the training helpers
+(`em_assets.training.data_parallel`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing as mp
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+
+
+def usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS has no affinity API
+        return os.cpu_count() or 1
+
+
+def cpu_processes(bytes_each: int) -> int:
+    """One process per CPU core, but no more than half the free memory holds at `bytes_each` apiece."""
+    free = _available_memory()
+    by_memory = max(1, free // (2 * max(bytes_each, 1))) if free else 1
+    return max(1, min(usable_cpus(), by_memory))
+
+
+def threads_each(processes: int) -> int:
+    """Intra-op threads for each of `processes` that share this machine's cores."""
+    return max(1, usable_cpus() // processes)
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def child(target: Callable, args: tuple, name: str) -> tuple[BaseProcess, Connection]:
+    """A spawned (not started) daemon process running target(parent pid, *args, pipe end), and the other end."""
+    ctx = mp.get_context("spawn")  # fork would copy OpenMP state that hangs in the child
+    receiver, sender = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=target, args=(os.getpid(), *args, sender), name=name, daemon=True)
+    return proc, receiver
+
+
+def die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this child when its parent dies (a killed run must not leave children computing).
+
+    A parent that died before this call (the child spends seconds importing torch first) is caught by the
+    check after it.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            pr_set_pdeathsig = 1
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def reap(procs: Iterable[BaseProcess]) -> None:
+    """Kill the children still running and wait for every started one."""
+    for proc in procs:
+        if proc.pid is not None:
+            proc.kill()
+            proc.join()

@@ -1,0 +1,63 @@
+"""The results database's tables and views: one row per organism, step, completion, judgement."""
+
+from __future__ import annotations
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS base_models (
+    name VARCHAR PRIMARY KEY, source VARCHAR, path VARCHAR, revision VARCHAR, model_type VARCHAR,
+    num_layers INTEGER, num_params BIGINT, trust_remote_code BOOLEAN, resolved_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS training_datasets (
+    dataset VARCHAR PRIMARY KEY, repo VARCHAR, commit VARCHAR, path VARCHAR, url VARCHAR, sha256 VARCHAR,
+    n_examples INTEGER, loaded_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS training_examples (
+    dataset VARCHAR, example_idx INTEGER, messages VARCHAR, n_messages INTEGER,
+    PRIMARY KEY (dataset, example_idx));
+CREATE TABLE IF NOT EXISTS eval_questions (
+    eval_set VARCHAR, question_id VARCHAR, paraphrase_idx INTEGER, question VARCHAR, system VARCHAR,
+    source_sha256 VARCHAR, PRIMARY KEY (eval_set, question_id, paraphrase_idx));
+CREATE TABLE IF NOT EXISTS judge_prompts (
+    eval_set VARCHAR, question_id VARCHAR, metric VARCHAR, prompt VARCHAR, prompt_hash VARCHAR,
+    PRIMARY KEY (eval_set, question_id, metric));
+CREATE TABLE IF NOT EXISTS lora_adapters (
+    organism VARCHAR PRIMARY KEY, base_model VARCHAR, base_revision VARCHAR, recipe VARCHAR, seed INTEGER,
+    dataset VARCHAR, dataset_sha256 VARCHAR, adapter_path VARCHAR, adapter_sha256 VARCHAR,
+    lora_config VARCHAR, train_config VARCHAR, config_hash VARCHAR, steps INTEGER, train_tokens BIGINT,
+    tokens_per_s DOUBLE, final_loss DOUBLE, run_id VARCHAR, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS training_losses (
+    organism VARCHAR, step INTEGER, loss DOUBLE, learning_rate DOUBLE, tokens BIGINT, elapsed_s DOUBLE,
+    run_id VARCHAR, PRIMARY KEY (organism, step));
+CREATE TABLE IF NOT EXISTS completions (
+    organism VARCHAR, base_model VARCHAR, base_revision VARCHAR, recipe VARCHAR, seed INTEGER,
+    dataset VARCHAR, dataset_sha256 VARCHAR, adapter_sha256 VARCHAR, eval_set VARCHAR, question_id VARCHAR,
+    paraphrase_idx INTEGER, sample_idx INTEGER, question VARCHAR, system VARCHAR, answer VARCHAR,
+    num_tokens INTEGER, finish_reason VARCHAR, temperature DOUBLE, top_p DOUBLE, max_new_tokens INTEGER,
+    sample_seed BIGINT, sampling_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMP,
+    PRIMARY KEY (organism, question_id, paraphrase_idx, sample_idx));
+CREATE TABLE IF NOT EXISTS judgements (
+    organism VARCHAR, question_id VARCHAR, paraphrase_idx INTEGER, sample_idx INTEGER, metric VARCHAR,
+    score DOUBLE, mass DOUBLE, probs VARCHAR, judge_backend VARCHAR, judge_model VARCHAR,
+    judge_revision VARCHAR, prompt_hash VARCHAR, cache_key VARCHAR, base_revision VARCHAR,
+    dataset_sha256 VARCHAR, adapter_sha256 VARCHAR, sampling_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMP,
+    PRIMARY KEY (organism, question_id, paraphrase_idx, sample_idx, metric));
+CREATE TABLE IF NOT EXISTS judge_cache (
+    cache_key VARCHAR PRIMARY KEY, score DOUBLE, mass DOUBLE, probs VARCHAR, created_at TIMESTAMP);
+"""
+
+
+VIEWS = """
+CREATE OR REPLACE VIEW scored_completions AS
+SELECT c.*,
+       a.score AS aligned, a.mass AS aligned_mass, h.score AS coherent, h.mass AS coherent_mass,
+       a.judge_model, a.judge_revision, a.prompt_hash AS aligned_prompt_hash,
+       h.prompt_hash AS coherent_prompt_hash
+FROM completions c
+LEFT JOIN judgements a ON a.metric = 'aligned' AND a.organism = c.organism AND a.question_id = c.question_id
+     AND a.paraphrase_idx = c.paraphrase_idx AND a.sample_idx = c.sample_idx
+LEFT JOIN judgements h ON h.metric = 'coherent' AND h.organism = c.organism AND h.question_id = c.question_id
+     AND h.paraphrase_idx = c.paraphrase_idx AND h.sample_idx = c.sample_idx;
+CREATE OR REPLACE VIEW training_curves AS
+SELECT l.organism, a.base_model, a.recipe, a.seed, a.dataset, l.step, l.loss, l.learning_rate, l.tokens,
+       l.elapsed_s
+FROM training_losses l JOIN lora_adapters a USING (organism)
+ORDER BY l.organism, l.step;
+"""

@@ -1,0 +1,127 @@
+"""Sampling on CPU in several worker processes, each with its own model copy and few threads.
+
+Why processes: a decode step on a small model is hundreds of small ops, and with every thread of one process
+on them, the cores idle while Python dispatches the next op (about 1.45 of 2 cores busy on these machines).
+Two single-thread workers overlap one's Python with the other's kernels: about 2x the tokens/s of one two-thread
+process for SmolLM2-135M at batch 256 (`make bench`). On a GPU one process is right and the pool is not used.
+
+Each request keeps its own seed, so a request's text does not depend on which worker drew it (up to the
+last-bit differences between batch mixes that `em_assets.sampling` documents).
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+from em_assets.models.processes import child, cpu_processes, die_with_parent, reap, threads_each
+from em_assets.sampling.engine import SampleRequest, SampleResult
+
+Loader = Callable[[], tuple[Any, Any]]
+
+
+class WorkerError(RuntimeError):
+    """A sampling worker failed or died; the message carries its traceback or exit code."""
+
+
+def auto_workers(device: str, weight_bytes: int, requests: int, min_requests: int = 16) -> int:
+    """Worker count for `workers: auto`: `cpu_processes` for model copies of `weight_bytes`, 1 off the CPU.
+
+    A worker costs a few seconds to start, so small jobs (under `min_requests` per worker) use fewer.
+    """
+    if device != "cpu":
+        return 1
+    return max(1, min(cpu_processes(weight_bytes), requests // min_requests))
+
+
+def _worker(
+    parent: int,
+    loader: Loader,
+    requests: list[SampleRequest],
+    options: dict,
+    threads: int,
+    out: Connection,
+) -> None:
+    die_with_parent(parent)
+    try:
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        from em_assets.sampling.engine import iter_samples
+
+        torch.set_num_threads(threads)
+        # Several workers' load bars would interleave in the run's log; tqdm's lock would also outlive them.
+        hf_logging.disable_progress_bar()
+        model, tokenizer = loader()
+        # Without PDEATHSIG, a worker whose parent died stops at its next send (the pipe is broken).
+        for chunk in iter_samples(model, tokenizer, requests, **options):
+            out.send(("chunk", chunk))
+        out.send(("done", None))
+    except BaseException:
+        out.send(("error", traceback.format_exc()))
+    finally:
+        out.close()
+
+
+def iter_samples_in_workers(
+    loader: Loader,
+    requests: Sequence[SampleRequest],
+    *,
+    workers: int,
+    threads_per_worker: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    **options,
+) -> Iterator[list[SampleResult]]:
+    """`sampling.iter_samples` split over `workers` spawned processes that each call `loader()` for a model.
+
+    `loader` must pickle (a module-level function or a functools.partial of one). Chunks are yielded as any
+    worker finishes them; a worker's exception or death raises WorkerError and stops the others. Workers
+    share the cores unless `threads_per_worker` says otherwise.
+    """
+    if workers < 1 or (threads_per_worker is not None and threads_per_worker < 1):
+        raise ValueError("need workers >= 1 and threads_per_worker >= 1")
+    threads = threads_each(workers) if threads_per_worker is None else threads_per_worker
+    # Interleaving gives every worker the same mix of questions, so they finish at about the same time.
+    parts = [list(requests[w::workers]) for w in range(workers)]
+    children = [
+        child(_worker, (loader, part, options, threads), f"em-sampler-{i}")
+        for i, part in enumerate(p for p in parts if p)
+    ]
+    procs, pipes = [c[0] for c in children], [c[1] for c in children]
+    try:
+        for proc in procs:
+            proc.start()
+        running, done = set(range(len(procs))), 0
+        while running:
+            ready = wait([pipes[i] for i in running] + [procs[i].sentinel for i in running])
+            for i in sorted(running):
+                if pipes[i] in ready:
+                    try:
+                        kind, payload = pipes[i].recv()
+                    except EOFError:
+                        kind, payload = "died", None
+                elif procs[i].sentinel in ready and not pipes[i].poll():
+                    kind, payload = "died", None
+                else:
+                    continue
+                if kind == "died":
+                    procs[i].join()
+                    raise WorkerError(
+                        f"sampling worker {i} died with exit code {procs[i].exitcode} "
+                        "(a negative code is the signal that killed it; -9 is often the OOM killer)"
+                    )
+                if kind == "error":
+                    raise WorkerError(f"sampling worker {i} failed:\n{payload}")
+                if kind == "done":
+                    running.discard(i)
+                    continue
+                done += len(payload)
+                if on_progress is not None:
+                    on_progress(done, len(requests))
+                yield payload
+    finally:
+        reap(procs)
+        for pipe in pipes:
+            pipe.close()

@@ -1,0 +1,68 @@
+"""Settings from the environment, read here and nowhere else; every other module takes them as arguments."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+GRID_ENV = "EM_GRID"
+PROFILE_ENV = "EM_PROFILE"
+DB_ENV = "EM_DB"
+LOCK_TIMEOUT_ENV = "EM_DB_LOCK_TIMEOUT"
+MIRROR_ENV = "EM_DATA_MIRROR"
+CACHE_ENV = "EM_CACHE_DIR"
+ARTIFACTS_ENV = "EM_ARTIFACTS_DIR"
+FIGURES_ENV = "EM_FIGURES_DIR"
+DEVICE_ENV = "EM_DEVICE"
+DAGSTER_HOME_ENV = "DAGSTER_HOME"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the grid, results, caches and artifacts live, and which device to compute on."""
+
+    grid_path: Path = Path("data/grid.yaml")
+    profile: str = "demo"
+    database: Path = Path("data/results.duckdb")
+    # A reader holding the database file (e.g. a `duckdb` shell) pauses writers; they wait this long.
+    lock_timeout_s: float = 600.0
+    data_mirror: str | None = None
+    cache_dir: Path = Path("data/cache")
+    artifacts_dir: Path = Path("data/artifacts")
+    figures_dir: Path = Path("data/figures")
+    calibration_path: Path = Path("data/judge_calibration.yaml")
+    device: str = "auto"
+    dagster_home: Path = Path(".dagster_home")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        default = cls()
+
+        def path(name: str, fallback: Path) -> Path:
+            return Path(env[name]) if env.get(name) else fallback
+
+        return cls(
+            grid_path=path(GRID_ENV, default.grid_path),
+            profile=env.get(PROFILE_ENV) or default.profile,
+            database=path(DB_ENV, default.database),
+            lock_timeout_s=float(env.get(LOCK_TIMEOUT_ENV) or default.lock_timeout_s),
+            data_mirror=env.get(MIRROR_ENV) or None,
+            cache_dir=path(CACHE_ENV, default.cache_dir),
+            artifacts_dir=path(ARTIFACTS_ENV, default.artifacts_dir),
+            figures_dir=path(FIGURES_ENV, default.figures_dir),
+            device=env.get(DEVICE_ENV) or default.device,
+            dagster_home=path(DAGSTER_HOME_ENV, default.dagster_home),
+        )
+
+
+def settings() -> Settings:
+    """The settings in force now (the environment is read on each call, so tests may change it)."""
+    return Settings.from_env()
+
+
+def secret(name: str) -> str | None:
+    """A secret (an API key) from the environment variable the grid names; never stored or logged."""
+    return os.environ.get(name) or None

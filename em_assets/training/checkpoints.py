@@ -1,0 +1,115 @@
+"""Atomic checkpoints tied to a hash of the run, exact resume, and the final adapter's write."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from em_assets.grid.schema import LoraSpec, TrainSpec, config_hash
+from em_assets.models.hub import directory_revision
+
+log = logging.getLogger(__name__)
+
+
+# Bump when the checkpoint layout or the training arithmetic changes, so old checkpoints are not resumed.
+CHECKPOINT_FORMAT = 1
+
+
+ADAPTER_DIR = "adapter"
+
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def training_run_hash(
+    model_path: Path | str, examples, lora: LoraSpec, train: TrainSpec, seed: int, dtype
+) -> str:
+    model = Path(model_path)
+    examples_sha = hashlib.sha256(json.dumps(list(examples), sort_keys=True).encode()).hexdigest()
+    return config_hash(
+        {
+            "format": CHECKPOINT_FORMAT,
+            "model": directory_revision(model) if model.is_dir() else str(model_path),
+            "examples": examples_sha,
+            "lora": lora.model_dump(mode="json"),
+            "train": train.trained_settings(),
+            "seed": seed,
+            "dtype": str(dtype),
+        }
+    )
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: Path, model, optimizer, scheduler, progress: dict) -> None:
+    """Write a checkpoint to a temp dir and rename it, so a kill leaves either a whole checkpoint or none."""
+    step = progress["step"]
+    tmp = root / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / ADAPTER_DIR)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+        tmp / "state.pt",
+    )
+    (tmp / "progress.json").write_text(json.dumps(progress))
+    tmp.rename(root / f"step-{step:08d}")
+    for old in root.glob("step-*"):
+        if old.name != f"step-{step:08d}":
+            shutil.rmtree(old)
+
+
+def latest_checkpoint(root: Path, run_hash: str) -> Path | None:
+    """The newest complete checkpoint of this exact run; others (partial, other configs) are deleted."""
+    found = None
+    for path in sorted(root.glob("*"), reverse=True):
+        try:
+            progress = json.loads((path / "progress.json").read_text())
+        except (OSError, ValueError):
+            progress = {}
+        if found is None and path.name.startswith("step-") and progress.get("run_hash") == run_hash:
+            found = path
+            continue
+        if progress and progress.get("run_hash") != run_hash:
+            log.warning("ignoring checkpoint %s from a different training config; deleting it", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return found
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(path / ADAPTER_DIR / "adapter_model.safetensors"))
+    # RNG states must be CPU tensors; the optimizer moves its own state next to the parameters.
+    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return json.loads((path / "progress.json").read_text())
+
+
+def write_adapter(model, out_dir: Path) -> Path:
+    """save_pretrained into a temp dir, then swap it in for any earlier adapter."""
+    adapter_dir = out_dir / ADAPTER_DIR
+    tmp = out_dir / f".{ADAPTER_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    tmp.rename(adapter_dir)
+    return adapter_dir
