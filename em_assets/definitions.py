@@ -2,13 +2,13 @@
 
 import dagster as dg
 
-from em_assets.defs import catalog_assets, organism_assets, report_assets
 from em_assets.defs.automation import JOBS, SCHEDULES, SENSORS
+from em_assets.defs.modules import ASSET_MODULES
 from em_assets.defs.resources import ExperimentResource, ResultsDB
 
 defs = dg.Definitions(
-    assets=dg.load_assets_from_modules([catalog_assets, organism_assets, report_assets]),
-    asset_checks=dg.load_asset_checks_from_modules([catalog_assets, organism_assets, report_assets]),
+    assets=dg.load_assets_from_modules(ASSET_MODULES),
+    asset_checks=dg.load_asset_checks_from_modules(ASSET_MODULES),
     jobs=JOBS,
     sensors=SENSORS,
     schedules=SCHEDULES,

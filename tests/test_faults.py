@@ -56,7 +56,7 @@ from em_assets.catalog import stage as catalog
 from em_assets.catalog.parsing import DatasetError
 from em_assets.catalog.upstream import SOURCES, ChecksumError, UpstreamFile, sha256_bytes, sha256_file
 from em_assets.context import MissingUpstreamError
-from em_assets.defs import catalog_assets, organism_assets, report_assets
+from em_assets.defs.modules import ASSET_MODULES
 from em_assets.defs.partitions import organisms
 from em_assets.grid.load import load_grid
 from em_assets.grid.schema import GridConfig
@@ -71,7 +71,7 @@ from em_assets.training.step import TrainingDivergedError
 TRAINED = "tiny--med-r2--s0"
 CONTROL = "tiny--base--s0"
 KEYS = ["question_id", "paraphrase_idx", "sample_idx"]
-ASSETS = dg.load_assets_from_modules([catalog_assets, organism_assets, report_assets])
+ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
 pytestmark = pytest.mark.timeout(300)
 
 

@@ -7,7 +7,8 @@ import pytest
 import yaml
 from conftest import tiny_grid
 
-from em_assets.defs import catalog_assets, organism_assets, report_assets
+from em_assets.defs import report_assets
+from em_assets.defs.modules import ASSET_MODULES
 from em_assets.defs.partitions import organisms
 from em_assets.defs.resources import ExperimentResource, ResultsDB
 from em_assets.results.store import Store
@@ -53,7 +54,7 @@ def pipeline(tmp_path, tiny_model_dir, mirror):
         ),
         "results": ResultsDB(database=str(tmp_path / "results.duckdb")),
     }
-    assets = dg.load_assets_from_modules([catalog_assets, organism_assets, report_assets])
+    assets = dg.load_assets_from_modules(ASSET_MODULES)
     with dg.instance_for_test() as instance:
         yield instance, assets, resources, tmp_path
 
