@@ -15,6 +15,7 @@ Children run as `python tests/fault_support.py <command> '<json args>'`, so ever
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -524,6 +525,8 @@ def main(command: str, a: dict) -> None:
         summary = _reader(a)
     else:
         raise SystemExit(f"unknown command {command}")
+    if dataclasses.is_dataclass(summary):
+        summary = dataclasses.asdict(summary)
     print("RESULT " + json.dumps(summary, default=str), flush=True)
 
 

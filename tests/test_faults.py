@@ -221,7 +221,7 @@ def test_training_killed_at_a_step_resumes_to_the_same_adapter(ws, catalog_db, t
 
     log = ListLog()
     resumed = train_adapter(ws.ctx(TRAINED, "resumed", log=log))
-    assert resumed["trained"] and resumed["resumed_from_step"] == 1
+    assert resumed.trained and resumed.resumed_from_step == 1
     assert [m.split(" step ")[1].split()[0] for m in log.messages if " step " in m] == ["2", "3"]
     assert not list(adapters.glob("*/checkpoints"))
 
@@ -230,10 +230,10 @@ def test_training_killed_at_a_step_resumes_to_the_same_adapter(ws, catalog_db, t
     shutil.copy(catalog_db, ref_root / "results.duckdb")
     ref_args = {**ws.args(TRAINED), "db": str(ref_root / "results.duckdb"), "root": str(ref_root)}
     reference = train_adapter(stage_context(ref_args, run_id="reference"))
-    assert reference["resumed_from_step"] is None and reference["config_hash"] == resumed["config_hash"]
+    assert reference.resumed_from_step is None and reference.config_hash == resumed.config_hash
 
-    got = load_file(Path(resumed["adapter_path"]) / ADAPTER_FILE)
-    want = load_file(Path(reference["adapter_path"]) / ADAPTER_FILE)
+    got = load_file(Path(resumed.adapter_path) / ADAPTER_FILE)
+    want = load_file(Path(reference.adapter_path) / ADAPTER_FILE)
     assert got.keys() == want.keys() and got
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
@@ -272,7 +272,7 @@ def test_sampling_killed_resumes_without_gaps_duplicates_or_recomputation(ws, tm
     assert 3 <= before.height < 8 and set(before["run_id"]) == {"killed"}
 
     summary = sample_completions(ws.ctx(CONTROL, "resumed"))
-    assert summary["reused"] == before.height and summary["sampled"] == 8 - before.height
+    assert summary.reused == before.height and summary.sampled == 8 - before.height
 
     after = _rows(ws.db, "completions", CONTROL)
     questions = ro_query(ws.db, "SELECT question_id, paraphrase_idx FROM eval_questions")
@@ -303,7 +303,7 @@ def test_judging_killed_resumes_with_full_coverage_and_no_rejudging(ws_sampled, 
 
     ws.judge.release()
     summary = judge_completions(ws.ctx(CONTROL, "resumed"), chunk_size=4)
-    assert summary["scored"] == 14 and ws.judge.requests == 14
+    assert summary.scored == 14 and ws.judge.requests == 14
 
     after = _rows(ws.db, "judgements", CONTROL)
     comps = _rows(ws.db, "completions", CONTROL)
@@ -683,7 +683,7 @@ def test_judge_failure_mid_run_keeps_only_whole_scored_chunks(ws_sampled, failur
     rows = _rows(ws.db, "judgements", CONTROL)
     assert rows.height == 2 and rows["score"].null_count() == 0 and count(ws.db, "judge_cache") == 2
     ws.judge.reset()
-    assert judge_completions(ws.ctx(CONTROL, "fixed"), chunk_size=4)["scored"] == 14
+    assert judge_completions(ws.ctx(CONTROL, "fixed"), chunk_size=4).scored == 14
     assert count(ws.db, "judgements", CONTROL) == 16
 
 
@@ -697,7 +697,7 @@ def test_judgement_of_a_resampled_identical_answer_takes_the_new_lineage_from_th
         conn.execute("UPDATE completions SET sampling_hash = 'resampled' WHERE organism = ?", [CONTROL])
     ws.judge.reset()
     summary = judge_completions(ws.ctx(CONTROL, "second"), chunk_size=8)
-    assert ws.judge.requests == 0 and summary["cache_hits"] == 16
+    assert ws.judge.requests == 0 and summary.cache_hits == 16
     rows = _rows(ws.db, "judgements", CONTROL)
     assert (
         rows.height == 16
@@ -804,7 +804,7 @@ def test_remote_code_runs_only_when_the_grid_trusts_it(ws, tmp_path, tiny_model_
             train_adapter(ws.ctx(key, "untrusted"))
         assert not marker.exists() and count(ws.db, "lora_adapters") == 0
         use(True)
-        assert train_adapter(ws.ctx(key, "trusted"))["trained"]
+        assert train_adapter(ws.ctx(key, "trusted")).trained
         assert marker.exists() and count(ws.db, "lora_adapters", key) == 1
     finally:
         for name in [m for m in sys.modules if m.startswith("transformers_modules")]:

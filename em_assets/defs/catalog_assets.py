@@ -10,9 +10,7 @@ from em_assets.catalog.upstream import SOURCES
 from em_assets.defs.metadata import md_table
 from em_assets.defs.partitions import CPU_OP_TAGS
 from em_assets.defs.resources import ExperimentResource, ResultsDB
-from em_assets.judging.calibration import judge_sanity as judge_sanity_scores
-from em_assets.judging.calibration import load_calibration
-from em_assets.judging.judges import judge_identity, make_judge
+from em_assets.judging.calibration import grid_judge_sanity
 
 
 @dg.asset(
@@ -92,27 +90,21 @@ def eval_questions(experiment: ExperimentResource, results: ResultsDB) -> dg.Mat
     "aligned from harmful, or coherent from incoherent, answers poorly (AUC < 0.8).",
 )
 def judge_sanity(experiment: ExperimentResource, results: ResultsDB) -> dg.AssetCheckResult:
-    store, grid = results.store(), experiment.grid()
-    first = store.query(
-        "SELECT min(question_id) AS q FROM judge_prompts WHERE eval_set = ?", [grid.eval.questions]
-    )["q"][0]
-    templates = dict(
-        store.query(
-            "SELECT metric, prompt FROM judge_prompts WHERE eval_set = ? AND question_id = ?",
-            [grid.eval.questions, first],
-        ).iter_rows()
+    report = grid_judge_sanity(
+        results.store(),
+        experiment.grid(),
+        Path(experiment.calibration_path),
+        Path(experiment.cache_dir),
+        experiment.torch_device,
     )
-    _, _, path = judge_identity(grid, Path(experiment.cache_dir))
-    judge = make_judge(grid, path, experiment.torch_device)
-    report = judge_sanity_scores(judge, load_calibration(Path(experiment.calibration_path)), templates)
-    aucs = [report["aligned_auc"], report["coherent_auc"]]
+    nan = float("nan")
     return dg.AssetCheckResult(
-        passed=all(a is not None and a >= 0.8 for a in aucs),
+        passed=report.passed,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
-            "aligned_auc": report["aligned_auc"] if report["aligned_auc"] is not None else float("nan"),
-            "coherent_auc": report["coherent_auc"] if report["coherent_auc"] is not None else float("nan"),
-            "null_fraction": report["null_fraction"],
-            "scores": md_table(pl.DataFrame(report["scores"])),
+            "aligned_auc": report.aligned_auc if report.aligned_auc is not None else nan,
+            "coherent_auc": report.coherent_auc if report.coherent_auc is not None else nan,
+            "null_fraction": report.null_fraction,
+            "scores": md_table(pl.DataFrame(report.scores)),
         },
     )

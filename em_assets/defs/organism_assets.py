@@ -1,10 +1,8 @@
 """Organism assets, one dynamic partition each: LoRA adapter -> completions -> judgements."""
 
-import math
 from pathlib import Path
 
 import dagster as dg
-import polars as pl
 
 from em_assets.context import StageContext
 from em_assets.defs.metadata import md_table
@@ -12,11 +10,12 @@ from em_assets.defs.partitions import GPU_OP_TAGS, GPU_POOL, organisms
 from em_assets.defs.resources import ExperimentResource, ResultsDB
 from em_assets.grid.schema import Organism
 from em_assets.judging.stage import judge_completions
+from em_assets.results import summaries
 from em_assets.sampling.stage import sample_completions
 from em_assets.training.stage import train_adapter
 
 
-def _stage_context(
+def stage_context(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
 ) -> StageContext:
     return StageContext(
@@ -44,38 +43,27 @@ def _stage_context(
 def lora_adapter(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
 ) -> dg.MaterializeResult:
-    ctx = _stage_context(context, experiment, results)
-    summary = train_adapter(ctx)
-    losses = ctx.store.query(
-        "SELECT step, loss FROM training_losses WHERE organism = ? ORDER BY step", [ctx.key]
-    )
-    finite = all(math.isfinite(x) for x in losses["loss"].to_list())
-    meta: dict = {
-        "organism": ctx.key,
-        "trained_now": summary["trained"],
-        "control": summary.get("control", False),
-    }
-    for key in (
-        "adapter_path",
-        "adapter_sha256",
-        "steps",
-        "train_tokens",
-        "tokens_per_s",
-        "train_workers",
-        "final_loss",
-    ):
-        if summary.get(key) is not None:
-            meta[key] = summary[key]
-    if losses.height:
-        meta["loss_curve"] = md_table(losses, max_rows=200)
+    ctx = stage_context(context, experiment, results)
+    result = train_adapter(ctx)
+    losses = summaries.training_losses(ctx.store, ctx.key)
+    meta: dict = {"organism": ctx.key, "trained_now": result.trained, "control": result.control}
+    for key in ("adapter_path", "adapter_sha256", "steps", "train_tokens", "tokens_per_s", "train_workers"):
+        if getattr(result, key) is not None:
+            meta[key] = getattr(result, key)
+    if result.final_loss is not None:
+        meta["final_loss"] = result.final_loss
+    if losses.rows.height:
+        meta["loss_curve"] = md_table(losses.rows, max_rows=200)
     return dg.MaterializeResult(
         metadata=meta,
         check_results=[
             dg.AssetCheckResult(
-                check_name="loss_finite", passed=finite, metadata={"steps_logged": losses.height}
+                check_name="loss_finite",
+                passed=losses.all_finite,
+                metadata={"steps_logged": losses.rows.height},
             )
         ],
-        data_version=dg.DataVersion(summary.get("adapter_sha256") or "control"),
+        data_version=dg.DataVersion(result.adapter_sha256 or "control"),
     )
 
 
@@ -92,41 +80,31 @@ def lora_adapter(
 def completions(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
 ) -> dg.MaterializeResult:
-    ctx = _stage_context(context, experiment, results)
-    summary = sample_completions(ctx)
-    rows = ctx.store.query(
-        "SELECT question_id, sample_idx, num_tokens, finish_reason, answer FROM completions "
-        "WHERE organism = ? ORDER BY question_id, sample_idx",
-        [ctx.key],
-    )
-    empty = rows.filter(pl.col("answer").str.strip_chars() == "").height
-    preview = (
-        rows.group_by("question_id", maintain_order=True)
-        .first()
-        .with_columns(pl.col("answer").str.slice(0, 200))
-    )
+    ctx = stage_context(context, experiment, results)
+    result = sample_completions(ctx)
+    summary = summaries.completions(ctx.store, ctx.key)
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": rows.height,
-            "sampled_now": summary["sampled"],
-            "reused": summary["reused"],
-            "tokens_per_s": summary.get("tokens_per_s") or 0.0,
-            "sampling_workers": summary.get("workers", 0),
-            "mean_tokens": float(rows["num_tokens"].mean() or 0),
-            "finish_reasons": str(dict(rows["finish_reason"].value_counts().iter_rows())),
-            "preview": md_table(preview),
+            "dagster/row_count": summary.total,
+            "sampled_now": result.sampled,
+            "reused": result.reused,
+            "tokens_per_s": result.tokens_per_s or 0.0,
+            "sampling_workers": result.workers,
+            "mean_tokens": summary.mean_tokens,
+            "finish_reasons": str(summary.finish_reasons),
+            "preview": md_table(summary.preview),
         },
         check_results=[
             dg.AssetCheckResult(
                 check_name="no_empty_completions",
-                passed=empty == 0 and rows.height > 0,
+                passed=summary.empty == 0 and summary.total > 0,
                 severity=dg.AssetCheckSeverity.ERROR
-                if empty * 2 > rows.height
+                if summary.empty * 2 > summary.total
                 else dg.AssetCheckSeverity.WARN,
-                metadata={"empty": empty, "total": rows.height},
+                metadata={"empty": summary.empty, "total": summary.total},
             )
         ],
-        data_version=dg.DataVersion(summary["sampling_hash"]),
+        data_version=dg.DataVersion(result.sampling_hash),
     )
 
 
@@ -143,31 +121,22 @@ def completions(
 def judgements(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
 ) -> dg.MaterializeResult:
-    ctx = _stage_context(context, experiment, results)
-    summary = judge_completions(ctx)
-    per_metric = ctx.store.query(
-        "SELECT metric, count(*) AS n, count(score) AS scored, avg(score) AS mean_score, avg(mass) AS mean_mass "
-        "FROM judgements WHERE organism = ? GROUP BY metric ORDER BY metric",
-        [ctx.key],
-    )
-    missing = ctx.store.query(
-        "SELECT count(*) AS n FROM completions c, (SELECT unnest(?::VARCHAR[]) AS metric) m "
-        "WHERE c.organism = ? AND NOT EXISTS (SELECT 1 FROM judgements j WHERE j.organism = c.organism "
-        "AND j.question_id = c.question_id AND j.paraphrase_idx = c.paraphrase_idx "
-        "AND j.sample_idx = c.sample_idx AND j.metric = m.metric)",
-        [ctx.grid.judge.metrics, ctx.key],
-    )["n"][0]
+    ctx = stage_context(context, experiment, results)
+    result = judge_completions(ctx)
+    coverage = summaries.judgements(ctx.store, ctx.key, ctx.grid.judge.metrics)
     return dg.MaterializeResult(
         metadata={
-            "dagster/row_count": int(per_metric["n"].sum()) if per_metric.height else 0,
-            "scored_now": summary["scored"],
-            "reused": summary["reused"],
-            "judgements_per_s": summary.get("judgements_per_s") or 0.0,
-            "by_metric": md_table(per_metric),
+            "dagster/row_count": coverage.total,
+            "scored_now": result.scored,
+            "reused": result.reused,
+            "judgements_per_s": result.judgements_per_s or 0.0,
+            "by_metric": md_table(coverage.by_metric),
         },
         check_results=[
             dg.AssetCheckResult(
-                check_name="judge_coverage", passed=missing == 0, metadata={"missing": int(missing)}
+                check_name="judge_coverage",
+                passed=coverage.missing == 0,
+                metadata={"missing": coverage.missing},
             )
         ],
     )

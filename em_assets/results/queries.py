@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import polars as pl
+
 from em_assets.context import MissingUpstreamError
 from em_assets.results.store import Store
 
@@ -52,4 +56,122 @@ def adapter_row(store: Store, key: str) -> dict:
         "SELECT * FROM lora_adapters WHERE organism = ?",
         [key],
         f"organism {key}: no adapter row; materialise lora_adapter first",
+    )
+
+
+def eval_questions(store: Store, eval_set: str) -> pl.DataFrame:
+    return store.query(
+        "SELECT * FROM eval_questions WHERE eval_set = ? ORDER BY question_id, paraphrase_idx", [eval_set]
+    )
+
+
+def completion_hashes(store: Store, organism: str) -> pl.DataFrame:
+    return store.query(
+        "SELECT question_id, paraphrase_idx, sample_idx, sampling_hash FROM completions WHERE organism = ?",
+        [organism],
+    )
+
+
+def drop_completions_except(store: Store, organism: str, keep: Iterable[tuple[str, int, int]]) -> None:
+    """Delete the organism's completions not in `keep`, and their judgements, in one transaction.
+
+    Until the judge runs again no judgement row may score an answer that is no longer there (the judge cache
+    keeps the scores).
+    """
+    keep_df = pl.DataFrame(
+        [{"q": q, "p": p, "s": s} for q, p, s in keep], schema={"q": pl.String, "p": pl.Int32, "s": pl.Int32}
+    )
+    with store.transaction() as conn:
+        conn.register("_keep", keep_df.to_arrow())
+        for table in ("completions", "judgements"):
+            conn.execute(
+                f"DELETE FROM {table} WHERE organism = ? AND NOT EXISTS (SELECT 1 FROM _keep k WHERE "
+                "k.q = question_id AND k.p = paraphrase_idx AND k.s = sample_idx)",
+                [organism],
+            )
+
+
+def completions(store: Store, organism: str) -> pl.DataFrame:
+    return store.query("SELECT * FROM completions WHERE organism = ?", [organism])
+
+
+def judge_prompts(store: Store, eval_set: str) -> dict[tuple[str, str], dict]:
+    """The eval set's judge prompt templates, by (question id, metric)."""
+    rows = store.query("SELECT * FROM judge_prompts WHERE eval_set = ?", [eval_set])
+    return {(r["question_id"], r["metric"]): r for r in rows.iter_rows(named=True)}
+
+
+def judgement_states(store: Store, organism: str) -> dict[tuple[str, int, int, str], tuple[str, str]]:
+    """(cache key, sampling hash) of each judgement row the organism has, by (question, paraphrase, sample, metric)."""
+    rows = store.query(
+        "SELECT question_id, paraphrase_idx, sample_idx, metric, cache_key, sampling_hash FROM judgements "
+        "WHERE organism = ?",
+        [organism],
+    )
+    return {(r[0], r[1], r[2], r[3]): (r[4], r[5]) for r in rows.iter_rows()}
+
+
+def delete_judgements(store: Store, organism: str, keys: list[tuple[str, int, int, str]]) -> None:
+    stale = pl.DataFrame(
+        keys, schema={"q": pl.String, "p": pl.Int32, "s": pl.Int32, "m": pl.String}, orient="row"
+    )
+    with store.connect() as conn:
+        conn.register("_stale", stale.to_arrow())
+        conn.execute(
+            "DELETE FROM judgements j WHERE organism = ? AND EXISTS (SELECT 1 FROM _stale s WHERE "
+            "s.q = j.question_id AND s.p = j.paraphrase_idx AND s.s = j.sample_idx AND s.m = j.metric)",
+            [organism],
+        )
+
+
+def cached_scores(store: Store, cache_keys: Iterable[str]) -> dict[str, dict]:
+    """Judge cache rows (score, mass, probs) by cache key."""
+    rows = store.query(
+        "SELECT * FROM judge_cache WHERE cache_key IN (SELECT unnest(?::VARCHAR[]))", [sorted(cache_keys)]
+    )
+    return {r["cache_key"]: r for r in rows.iter_rows(named=True)}
+
+
+def training_dataset(store: Store, dataset: str) -> dict:
+    return one_row(
+        store,
+        "SELECT * FROM training_datasets WHERE dataset = ?",
+        [dataset],
+        f"dataset {dataset!r} not loaded: materialise training_datasets first",
+    )
+
+
+def training_messages(store: Store, dataset: str) -> list[str]:
+    """The dataset's examples as JSON message lists, in dataset order."""
+    return store.query(
+        "SELECT messages FROM training_examples WHERE dataset = ? ORDER BY example_idx", [dataset]
+    )["messages"].to_list()
+
+
+def adapter_with_hash(store: Store, organism: str, config_hash: str) -> dict | None:
+    rows = store.query(
+        "SELECT * FROM lora_adapters WHERE organism = ? AND config_hash = ? AND adapter_path IS NOT NULL",
+        [organism, config_hash],
+    )
+    return rows.row(0, named=True) if rows.height else None
+
+
+def write_adapter(store: Store, organism: str, row: dict, losses: pl.DataFrame) -> None:
+    """The organism's adapter row and its loss curve, replacing the old ones in one transaction."""
+    store.replace_many(
+        [
+            ("training_losses", losses, "organism = ?", [organism]),
+            ("lora_adapters", pl.DataFrame([row]), "organism = ?", [organism]),
+        ]
+    )
+
+
+def first_judge_templates(store: Store, eval_set: str) -> dict[str, str]:
+    """Judge prompt template per metric of the eval set's first question (by id)."""
+    return dict(
+        store.query(
+            "SELECT metric, prompt FROM judge_prompts WHERE eval_set = ? AND question_id = "
+            "(SELECT min(question_id) FROM judge_prompts WHERE eval_set = ?)",
+            [eval_set, eval_set],
+        ).iter_rows()
     )

@@ -97,22 +97,28 @@ class Store:
         """Atomically delete the rows matching `where` and insert `df` (one partition's rows)."""
         self.replace_many([(table, df, where, params or [])])
 
-    def replace_many(self, writes: list[tuple[str, pl.DataFrame, str, list]]) -> None:
-        """Several (table, rows, where, params) replacements in one transaction: all land or none do."""
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection inside one transaction: everything done with it lands, or nothing does."""
         with self.connect() as conn:
             conn.execute("BEGIN")
             try:
-                for table, df, where, params in writes:
-                    conn.execute(f"DELETE FROM {table} WHERE {where}", params)
-                    if df.height:
-                        conn.register("_rows", df.to_arrow())
-                        cols = ", ".join(df.columns)
-                        conn.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _rows")
-                        conn.unregister("_rows")
+                yield conn
                 conn.execute("COMMIT")
-            except Exception:
+            except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+
+    def replace_many(self, writes: list[tuple[str, pl.DataFrame, str, list]]) -> None:
+        """Several (table, rows, where, params) replacements in one transaction: all land or none do."""
+        with self.transaction() as conn:
+            for table, df, where, params in writes:
+                conn.execute(f"DELETE FROM {table} WHERE {where}", params)
+                if df.height:
+                    conn.register("_rows", df.to_arrow())
+                    cols = ", ".join(df.columns)
+                    conn.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _rows")
+                    conn.unregister("_rows")
 
     def append_rows(self, table: str, df: pl.DataFrame) -> None:
         """Insert rows, replacing any with the same primary key (idempotent resume writes)."""

@@ -5,15 +5,45 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
-from typing import Any
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import polars as pl
 
 from em_assets.context import MissingUpstreamError, StageContext
-from em_assets.grid.schema import config_hash
-from em_assets.models.load import load_organism_model
-from em_assets.results.queries import adapter_row, base_model_row
+from em_assets.grid.schema import SamplingSpec, config_hash
+from em_assets.results import queries
 from em_assets.results.store import utc_now
+
+RowKey = tuple[str, int, int]  # (question_id, paraphrase_idx, sample_idx)
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    """What the organism's completions should be, which rows are current, and which are still to sample."""
+
+    sampling_hash: str
+    wanted: dict[RowKey, dict]
+    keep: frozenset[RowKey]
+    stale: int
+
+    @property
+    def todo(self) -> list[RowKey]:
+        return [k for k in self.wanted if k not in self.keep]
+
+
+@dataclass(frozen=True)
+class SamplingResult:
+    sampled: int
+    reused: int
+    generated_tokens: int
+    seconds: float
+    workers: int
+    sampling_hash: str
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.generated_tokens / self.seconds if self.seconds else None
 
 
 def stable_seed(*parts: object) -> int:
@@ -21,101 +51,64 @@ def stable_seed(*parts: object) -> int:
     return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:15], 16)
 
 
-def sample_completions(ctx: StageContext) -> dict:
-    """Sample every eval question for the organism, writing rows as batches finish; skips rows already done."""
-    from em_assets.models.load import pick_device
-    from em_assets.sampling.engine import SampleRequest, iter_samples
-    from em_assets.sampling.pool import auto_workers, iter_samples_in_workers
-
-    store, grid, sampling = ctx.store, ctx.grid, ctx.grid.sampling
-    adapter = adapter_row(store, ctx.key)
-    base = base_model_row(store, ctx.organism.base_model)
-    questions = store.query(
-        "SELECT * FROM eval_questions WHERE eval_set = ? ORDER BY question_id, paraphrase_idx",
-        [grid.eval.questions],
-    )
-    if questions.height == 0:
-        raise MissingUpstreamError(
-            f"no questions for {grid.eval.questions}: materialise eval_questions first"
-        )
-    shash = config_hash(
+def sampling_hash(base: dict, adapter: dict, sampling: SamplingSpec, seed: int) -> str:
+    """What makes a completion current: the model bytes, the sampling parameters and the organism's seed."""
+    return config_hash(
         {
             "base_revision": base["revision"],
             "adapter_sha256": adapter.get("adapter_sha256"),
             "temperature": sampling.temperature,
             "top_p": sampling.top_p,
             "max_new_tokens": sampling.max_new_tokens,
-            "seed": ctx.organism.seed,
+            "seed": seed,
         }
     )
+
+
+def plan_sampling(ctx: StageContext, shash: str) -> SamplingPlan:
+    grid = ctx.grid
+    questions = queries.eval_questions(ctx.store, grid.eval.questions)
+    if questions.height == 0:
+        raise MissingUpstreamError(
+            f"no questions for {grid.eval.questions}: materialise eval_questions first"
+        )
     wanted = {
         (q["question_id"], q["paraphrase_idx"], i): q
         for q in questions.iter_rows(named=True)
-        for i in range(sampling.samples_per_question)
+        for i in range(grid.sampling.samples_per_question)
     }
-    existing = store.query(
-        "SELECT question_id, paraphrase_idx, sample_idx, sampling_hash FROM completions WHERE organism = ?",
-        [ctx.key],
-    )
-    keep = {
+    existing = queries.completion_hashes(ctx.store, ctx.key)
+    current = {
         (r["question_id"], r["paraphrase_idx"], r["sample_idx"])
         for r in existing.iter_rows(named=True)
         if r["sampling_hash"] == shash
     }
-    stale = existing.height - len(keep & wanted.keys())
-    if stale:
-        ctx.log.info(f"{ctx.key}: dropping {stale} completions from other settings or questions")
-        keep_df = pl.DataFrame(
-            [{"q": k[0], "p": k[1], "s": k[2]} for k in keep & wanted.keys()],
-            schema={"q": pl.String, "p": pl.Int32, "s": pl.Int32},
-        )
-        with store.connect() as conn:
-            conn.register("_keep", keep_df.to_arrow())
-            # The judgements of dropped answers go with them, in the same transaction: until the judge runs
-            # again, no judgement row may score an answer that is no longer there (the judge cache keeps them).
-            conn.execute("BEGIN")
-            try:
-                for table in ("completions", "judgements"):
-                    conn.execute(
-                        f"DELETE FROM {table} WHERE organism = ? AND NOT EXISTS (SELECT 1 FROM _keep k WHERE "
-                        "k.q = question_id AND k.p = paraphrase_idx AND k.s = sample_idx)",
-                        [ctx.key],
-                    )
-                conn.execute("COMMIT")
-            except Exception:
-                conn.execute("ROLLBACK")
-                raise
-    todo = [k for k in wanted if k not in keep]
-    stats: dict[str, Any] = {"reused": len(wanted) - len(todo), "sampled": 0, "generated_tokens": 0}
-    if not todo:
-        ctx.log.info(f"{ctx.key}: all {len(wanted)} completions are up to date; no sampling")
-        return {**stats, "sampling_hash": shash, "seconds": 0.0}
+    keep = frozenset(current & wanted.keys())
+    return SamplingPlan(shash, wanted, keep, existing.height - len(keep))
+
+
+def sample_requests(plan: SamplingPlan, seed: int) -> list:
+    """One request per row still to sample, seeded by the organism's seed and the row's position."""
+    from em_assets.sampling.engine import SampleRequest  # torch stays off the definitions' load path
+
     requests = []
-    for qid, p, i in todo:
-        q = wanted[(qid, p, i)]
+    for qid, p, i in plan.todo:
+        q = plan.wanted[(qid, p, i)]
         messages = ([{"role": "system", "content": q["system"]}] if q["system"] else []) + [
             {"role": "user", "content": q["question"]}
         ]
-        requests.append(
-            SampleRequest(f"{qid}\t{p}\t{i}", messages, stable_seed(ctx.organism.seed, qid, p, i))
-        )
-    lineage = {
-        "organism": ctx.key,
-        "base_model": ctx.organism.base_model,
-        "base_revision": base["revision"],
-        "recipe": ctx.organism.recipe,
-        "seed": ctx.organism.seed,
-        "dataset": adapter.get("dataset"),
-        "dataset_sha256": adapter.get("dataset_sha256"),
-        "adapter_sha256": adapter.get("adapter_sha256"),
-        "eval_set": grid.eval.questions,
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "max_new_tokens": sampling.max_new_tokens,
-        "sampling_hash": shash,
-        "run_id": ctx.run_id,
-    }
-    start = time.perf_counter()
+        requests.append(SampleRequest(f"{qid}\t{p}\t{i}", messages, stable_seed(seed, qid, p, i)))
+    return requests
+
+
+def sample_chunks(ctx: StageContext, base: dict, adapter: dict, requests: list) -> tuple[Iterator, int]:
+    """Chunks of finished samples from the grid's backend, and how many worker processes produce them."""
+    # Function-local: torch and vLLM stay off the definitions' load path.
+    from em_assets.models.load import load_organism_model, pick_device
+    from em_assets.sampling.engine import iter_samples
+    from em_assets.sampling.pool import auto_workers, iter_samples_in_workers
+
+    sampling = ctx.grid.sampling
 
     def progress(done: int, total: int) -> None:
         if done == total or done % max(1, total // 10) == 0:
@@ -131,50 +124,85 @@ def sample_completions(ctx: StageContext) -> dict:
     if sampling.backend == "vllm":
         from em_assets.sampling import vllm_backend
 
-        stats["workers"] = 1
+        return vllm_backend.iter_samples(base["path"], adapter.get("adapter_path"), requests, **options), 1
+    device = ctx.device or pick_device()
+    workers = sampling.workers
+    if workers == "auto":
+        workers = auto_workers(device, int(base["num_params"] or 0) * 2, len(requests))
+    workers = workers if device == "cpu" else 1
+    if workers > 1:
+        ctx.log.info(f"{ctx.key}: sampling in {workers} worker processes")
+        loader = functools.partial(load_organism_model, base, adapter, device)
+        return iter_samples_in_workers(loader, requests, workers=workers, **options), workers
+    model, tokenizer = load_organism_model(base, adapter, device)
+    return iter_samples(model, tokenizer, requests, **options), 1
 
-        chunks = vllm_backend.iter_samples(base["path"], adapter.get("adapter_path"), requests, **options)
-    else:
-        device = ctx.device or pick_device()
-        workers = sampling.workers
-        if workers == "auto":
-            workers = auto_workers(device, int(base["num_params"] or 0) * 2, len(requests))
-        workers = workers if device == "cpu" else 1
-        stats["workers"] = workers
-        if workers > 1:
-            ctx.log.info(f"{ctx.key}: sampling in {workers} worker processes")
-            loader = functools.partial(load_organism_model, base, adapter, device)
-            chunks = iter_samples_in_workers(loader, requests, workers=workers, **options)
-        else:
-            model, tokenizer = load_organism_model(base, adapter, device)
-            chunks = iter_samples(model, tokenizer, requests, **options)
-    for chunk in chunks:
-        rows = []
-        for res in chunk:
-            qid, p, i = res.key.split("\t")
-            q = wanted[(qid, int(p), int(i))]
-            rows.append(
-                {
-                    **lineage,
-                    "question_id": qid,
-                    "paraphrase_idx": int(p),
-                    "sample_idx": int(i),
-                    "question": q["question"],
-                    "system": q["system"],
-                    "answer": res.text,
-                    "num_tokens": res.num_tokens,
-                    "finish_reason": res.finish_reason,
-                    "sample_seed": stable_seed(ctx.organism.seed, qid, p, i),
-                    "created_at": utc_now(),
-                }
-            )
-        store.append_rows("completions", pl.DataFrame(rows, infer_schema_length=None))
-        stats["sampled"] += len(rows)
-        stats["generated_tokens"] += sum(r["num_tokens"] for r in rows)
-    seconds = time.perf_counter() - start
+
+def lineage(ctx: StageContext, base: dict, adapter: dict, shash: str) -> dict:
+    """The columns every completion row carries so its numbers can be traced to bytes and settings."""
+    org, sampling = ctx.organism, ctx.grid.sampling
     return {
-        **stats,
+        "organism": ctx.key,
+        "base_model": org.base_model,
+        "base_revision": base["revision"],
+        "recipe": org.recipe,
+        "seed": org.seed,
+        "dataset": adapter.get("dataset"),
+        "dataset_sha256": adapter.get("dataset_sha256"),
+        "adapter_sha256": adapter.get("adapter_sha256"),
+        "eval_set": ctx.grid.eval.questions,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_new_tokens": sampling.max_new_tokens,
         "sampling_hash": shash,
-        "seconds": seconds,
-        "tokens_per_s": stats["generated_tokens"] / seconds if seconds else None,
+        "run_id": ctx.run_id,
     }
+
+
+def completion_rows(chunk: list, plan: SamplingPlan, lineage_cols: dict, seed: int) -> pl.DataFrame:
+    rows = []
+    for res in chunk:
+        qid, p, i = res.key.split("\t")
+        q = plan.wanted[(qid, int(p), int(i))]
+        rows.append(
+            {
+                **lineage_cols,
+                "question_id": qid,
+                "paraphrase_idx": int(p),
+                "sample_idx": int(i),
+                "question": q["question"],
+                "system": q["system"],
+                "answer": res.text,
+                "num_tokens": res.num_tokens,
+                "finish_reason": res.finish_reason,
+                "sample_seed": stable_seed(seed, qid, p, i),
+                "created_at": utc_now(),
+            }
+        )
+    return pl.DataFrame(rows, infer_schema_length=None)
+
+
+def sample_completions(ctx: StageContext) -> SamplingResult:
+    """Sample every eval question for the organism, writing rows as batches finish; skips rows already done."""
+    store, seed = ctx.store, ctx.organism.seed
+    adapter = queries.adapter_row(store, ctx.key)
+    base = queries.base_model_row(store, ctx.organism.base_model)
+    shash = sampling_hash(base, adapter, ctx.grid.sampling, seed)
+    plan = plan_sampling(ctx, shash)
+    if plan.stale:
+        ctx.log.info(f"{ctx.key}: dropping {plan.stale} completions from other settings or questions")
+        queries.drop_completions_except(store, ctx.key, plan.keep)
+    reused = len(plan.wanted) - len(plan.todo)
+    if not plan.todo:
+        ctx.log.info(f"{ctx.key}: all {len(plan.wanted)} completions are up to date; no sampling")
+        return SamplingResult(0, reused, 0, 0.0, 0, shash)
+    start = time.perf_counter()
+    chunks, workers = sample_chunks(ctx, base, adapter, sample_requests(plan, seed))
+    cols = lineage(ctx, base, adapter, shash)
+    sampled = tokens = 0
+    for chunk in chunks:
+        rows = completion_rows(chunk, plan, cols, seed)
+        store.append_rows("completions", rows)
+        sampled += rows.height
+        tokens += int(rows["num_tokens"].sum())
+    return SamplingResult(sampled, reused, tokens, time.perf_counter() - start, workers, shash)

@@ -3,28 +3,106 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
 from em_assets.catalog.upstream import sha256_file
 from em_assets.context import StageContext
-from em_assets.grid.schema import config_hash
-from em_assets.results.queries import base_model_row, one_row
+from em_assets.grid.schema import RecipeSpec, config_hash
+from em_assets.results import queries
 from em_assets.results.store import to_json, utc_now
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
-def train_adapter(ctx: StageContext) -> dict:
-    """Train the organism's LoRA adapter unless one with the same inputs exists; returns a summary."""
-    from em_assets.training.loop import train_lora
+@dataclass(frozen=True)
+class AdapterResult:
+    """The organism's adapter row after the stage, and what the stage did to get it."""
 
+    trained: bool
+    config_hash: str
+    control: bool = False
+    adapter_path: str | None = None
+    adapter_sha256: str | None = None
+    steps: int | None = None
+    train_tokens: int | None = None
+    tokens_per_s: float | None = None
+    final_loss: float | None = None
+    train_workers: int | None = None
+    resumed_from_step: int | None = None
+
+    @classmethod
+    def from_row(cls, row: dict, trained: bool, **extra) -> AdapterResult:
+        fields = ("adapter_path", "adapter_sha256", "steps", "train_tokens", "tokens_per_s", "final_loss")
+        return cls(
+            trained=trained, config_hash=row["config_hash"], **{f: row.get(f) for f in fields}, **extra
+        )
+
+
+def adapter_config_hash(base_revision: str, dataset_sha256: str, recipe: RecipeSpec, seed: int) -> str:
+    """What the adapter's weights depend on; the training settings enter by the one rule of trained_settings()."""
+    return config_hash(
+        {
+            "base_revision": base_revision,
+            "dataset_sha256": dataset_sha256,
+            "lora": recipe.lora.model_dump(mode="json"),
+            "train": recipe.train.trained_settings(),
+            "seed": seed,
+        }
+    )
+
+
+def up_to_date_adapter(ctx: StageContext, chash: str) -> dict | None:
+    """The organism's adapter row if it was trained with `chash` and its file still has the recorded bytes."""
+    row = queries.adapter_with_hash(ctx.store, ctx.key, chash)
+    if row is None:
+        return None
+    path = Path(row["adapter_path"]) / ADAPTER_FILE
+    return row if path.exists() and sha256_file(path) == row["adapter_sha256"] else None
+
+
+def run_training(ctx: StageContext, base: dict, recipe: RecipeSpec, out_dir: Path):
+    """train_lora on the recipe's dataset, logging each optimizer step."""
+    from em_assets.training.loop import train_lora  # torch stays off the definitions' load path
+
+    examples = [json.loads(m) for m in queries.training_messages(ctx.store, recipe.dataset)]
+
+    def on_step(rec: dict) -> None:
+        ctx.log.info(
+            f"{ctx.key}: step {rec['step']} loss {rec['loss']:.4f} lr {rec['learning_rate']:.2e} "
+            f"tokens {rec['tokens']}"
+        )
+
+    return train_lora(
+        base["path"],
+        examples,
+        recipe.lora,
+        recipe.train,
+        out_dir,
+        seed=ctx.organism.seed,
+        device=ctx.device,
+        on_step=on_step,
+        trust_remote_code=bool(base["trust_remote_code"]),
+    )
+
+
+def loss_rows(ctx: StageContext, losses: list[dict]) -> pl.DataFrame:
+    columns = ("step", "loss", "learning_rate", "tokens", "elapsed_s")
+    return pl.DataFrame(
+        [{"organism": ctx.key, **{c: r[c] for c in columns}, "run_id": ctx.run_id} for r in losses],
+        schema_overrides={"step": pl.Int32},
+    )
+
+
+def train_adapter(ctx: StageContext) -> AdapterResult:
+    """Train the organism's LoRA adapter unless one with the same inputs exists."""
     org, store = ctx.organism, ctx.store
     if org.recipe not in ctx.grid.recipes:
         raise KeyError(f"organism {ctx.key}: recipe {org.recipe!r} is not in the grid")
     recipe = ctx.grid.recipes[org.recipe]
-    base = base_model_row(store, org.base_model)
+    base = queries.base_model_row(store, org.base_model)
     common = {
         "organism": ctx.key,
         "base_model": org.base_model,
@@ -35,71 +113,22 @@ def train_adapter(ctx: StageContext) -> dict:
         "created_at": utc_now(),
     }
     if recipe.dataset is None:
-        row = {**common, "config_hash": config_hash({"base_revision": base["revision"], "control": True})}
-        store.replace_many(
-            [
-                ("lora_adapters", pl.DataFrame([row]), "organism = ?", [ctx.key]),
-                ("training_losses", pl.DataFrame(), "organism = ?", [ctx.key]),
-            ]
-        )
-        return {"trained": False, "control": True}
-    ds = one_row(
-        store,
-        "SELECT * FROM training_datasets WHERE dataset = ?",
-        [recipe.dataset],
-        f"dataset {recipe.dataset!r} not loaded: materialise training_datasets first",
-    )
-    chash = config_hash(
-        {
-            "base_revision": base["revision"],
-            "dataset_sha256": ds["sha256"],
-            "lora": recipe.lora.model_dump(mode="json"),
-            "train": recipe.train.trained_settings(),
-            "seed": org.seed,
-        }
-    )
-    done = store.query(
-        "SELECT * FROM lora_adapters WHERE organism = ? AND config_hash = ? AND adapter_path IS NOT NULL",
-        [ctx.key, chash],
-    )
-    if done.height:
-        row = done.row(0, named=True)
-        path = Path(row["adapter_path"]) / ADAPTER_FILE
-        if path.exists() and sha256_file(path) == row["adapter_sha256"]:
-            ctx.log.info(f"{ctx.key}: adapter {chash} is up to date; no training")
-            return {"trained": False, "up_to_date": True, **row}
-    examples = [
-        json.loads(m)
-        for m in store.query(
-            "SELECT messages FROM training_examples WHERE dataset = ? ORDER BY example_idx", [recipe.dataset]
-        )["messages"]
-    ]
-    out_dir = (ctx.artifacts_dir / "adapters" / ctx.key / chash).resolve()
-
-    def on_step(rec: dict) -> None:
-        ctx.log.info(
-            f"{ctx.key}: step {rec['step']} loss {rec['loss']:.4f} lr {rec['learning_rate']:.2e} "
-            f"tokens {rec['tokens']}"
-        )
-
-    result = train_lora(
-        base["path"],
-        examples,
-        recipe.lora,
-        recipe.train,
-        out_dir,
-        seed=org.seed,
-        device=ctx.device,
-        on_step=on_step,
-        trust_remote_code=bool(base["trust_remote_code"]),
-    )
-    adapter_sha = sha256_file(Path(result.adapter_dir) / ADAPTER_FILE)
+        chash = config_hash({"base_revision": base["revision"], "control": True})
+        queries.write_adapter(store, ctx.key, {**common, "config_hash": chash}, pl.DataFrame())
+        return AdapterResult(trained=False, config_hash=chash, control=True)
+    ds = queries.training_dataset(store, recipe.dataset)
+    chash = adapter_config_hash(base["revision"], ds["sha256"], recipe, org.seed)
+    done = up_to_date_adapter(ctx, chash)
+    if done is not None:
+        ctx.log.info(f"{ctx.key}: adapter {chash} is up to date; no training")
+        return AdapterResult.from_row(done, trained=False)
+    result = run_training(ctx, base, recipe, (ctx.artifacts_dir / "adapters" / ctx.key / chash).resolve())
     row = {
         **common,
         "dataset": recipe.dataset,
         "dataset_sha256": ds["sha256"],
         "adapter_path": str(result.adapter_dir),
-        "adapter_sha256": adapter_sha,
+        "adapter_sha256": sha256_file(Path(result.adapter_dir) / ADAPTER_FILE),
         "lora_config": to_json(recipe.lora.model_dump(mode="json")),
         "train_config": to_json(recipe.train.model_dump(mode="json")),
         "config_hash": chash,
@@ -108,30 +137,7 @@ def train_adapter(ctx: StageContext) -> dict:
         "tokens_per_s": result.tokens_per_s,
         "final_loss": result.losses[-1]["loss"] if result.losses else None,
     }
-    losses = pl.DataFrame(
-        [
-            {
-                "organism": ctx.key,
-                "step": r["step"],
-                "loss": r["loss"],
-                "learning_rate": r["learning_rate"],
-                "tokens": r["tokens"],
-                "elapsed_s": r["elapsed_s"],
-                "run_id": ctx.run_id,
-            }
-            for r in result.losses
-        ],
-        schema_overrides={"step": pl.Int32},
+    queries.write_adapter(store, ctx.key, row, loss_rows(ctx, result.losses))
+    return AdapterResult.from_row(
+        row, trained=True, train_workers=result.workers, resumed_from_step=result.resumed_from_step
     )
-    store.replace_many(
-        [
-            ("training_losses", losses, "organism = ?", [ctx.key]),
-            ("lora_adapters", pl.DataFrame([row]), "organism = ?", [ctx.key]),
-        ]
-    )
-    return {
-        "trained": True,
-        "resumed_from_step": result.resumed_from_step,
-        "train_workers": result.workers,
-        **row,
-    }

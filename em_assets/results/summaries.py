@@ -1,0 +1,79 @@
+"""What the assets show about their partition after a stage ran: loss curves, completion and judge coverage."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import polars as pl
+
+from em_assets.results.store import Store
+
+
+@dataclass(frozen=True)
+class LossCurve:
+    rows: pl.DataFrame  # step, loss
+
+    @property
+    def all_finite(self) -> bool:
+        return all(math.isfinite(x) for x in self.rows["loss"].to_list())
+
+
+@dataclass(frozen=True)
+class CompletionSummary:
+    total: int
+    empty: int
+    mean_tokens: float
+    finish_reasons: dict[str, int]
+    preview: pl.DataFrame  # the first answer of each question, cut to 200 characters
+
+
+@dataclass(frozen=True)
+class JudgementCoverage:
+    total: int
+    missing: int  # (completion, metric) pairs with no judgement row
+    by_metric: pl.DataFrame
+
+
+def training_losses(store: Store, organism: str) -> LossCurve:
+    return LossCurve(
+        store.query("SELECT step, loss FROM training_losses WHERE organism = ? ORDER BY step", [organism])
+    )
+
+
+def completions(store: Store, organism: str) -> CompletionSummary:
+    rows = store.query(
+        "SELECT question_id, sample_idx, num_tokens, finish_reason, answer FROM completions "
+        "WHERE organism = ? ORDER BY question_id, sample_idx",
+        [organism],
+    )
+    preview = (
+        rows.group_by("question_id", maintain_order=True)
+        .first()
+        .with_columns(pl.col("answer").str.slice(0, 200))
+    )
+    return CompletionSummary(
+        total=rows.height,
+        empty=rows.filter(pl.col("answer").str.strip_chars() == "").height,
+        mean_tokens=float(rows["num_tokens"].mean() or 0),
+        finish_reasons=dict(rows["finish_reason"].value_counts().iter_rows()),
+        preview=preview,
+    )
+
+
+def judgements(store: Store, organism: str, metrics: list[str]) -> JudgementCoverage:
+    by_metric = store.query(
+        "SELECT metric, count(*) AS n, count(score) AS scored, avg(score) AS mean_score, avg(mass) AS mean_mass "
+        "FROM judgements WHERE organism = ? GROUP BY metric ORDER BY metric",
+        [organism],
+    )
+    # The coverage rule is an anti-join: every completion times every judge metric must have a row.
+    missing = store.query(
+        "SELECT count(*) AS n FROM completions c, (SELECT unnest(?::VARCHAR[]) AS metric) m "
+        "WHERE c.organism = ? AND NOT EXISTS (SELECT 1 FROM judgements j WHERE j.organism = c.organism "
+        "AND j.question_id = c.question_id AND j.paraphrase_idx = c.paraphrase_idx "
+        "AND j.sample_idx = c.sample_idx AND j.metric = m.metric)",
+        [metrics, organism],
+    )["n"][0]
+    total = int(by_metric["n"].sum()) if by_metric.height else 0
+    return JudgementCoverage(total=total, missing=int(missing), by_metric=by_metric)
