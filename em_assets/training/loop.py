@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -72,6 +73,108 @@ def train_workers(
     return cpu_processes(TRAIN_BYTES_PER_WEIGHT_BYTE * weight_bytes)
 
 
+@dataclass
+class _Run:
+    """One training run's moving parts: the model and its optimizer, the encoded data and step plan, helpers."""
+
+    model: Any
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    encoded: list[Encoded]
+    steps: list[list[list[int]]]
+    pad_id: int
+    seed: int
+    workers: int = 1
+    helpers: Helpers | None = None
+
+
+def _prepare(model_path, examples, lora: LoraSpec, train: TrainSpec, seed: int, device: str, trust: bool):
+    """Tokenize and plan, build the model with a fresh adapter, its optimizer and schedule; also the model spec."""
+    from transformers import get_scheduler
+
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust)
+    encoded = encode_dataset(tokenizer, examples, train, seed)
+    steps = plan_steps([len(e.input_ids) for e in encoded], train, seed)
+    torch.manual_seed(seed)
+    spec = {
+        "model_path": model_path,
+        "device": device,
+        "dtype": pick_dtype(device),
+        "trust_remote_code": trust,
+        "lora": lora,
+        "longest": max(len(e.input_ids) for e in encoded),
+    }
+    model, params = build_model(**spec)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    scheduler = get_scheduler(
+        train.lr_scheduler_type, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=len(steps)
+    )
+    workers = train_workers(train, device, steps, encoded, weight_bytes)
+    run = _Run(model, params, optimizer, scheduler, encoded, steps, tokenizer.pad_token_id, seed, workers)
+    return run, spec
+
+
+def _start_helpers(run: _Run, spec: dict) -> None:
+    """Spawn the data-parallel helpers (workers > 1), each on its share of this process's threads."""
+    log.info("training in %d processes", run.workers)
+    per_rank = threads_each(run.workers)
+    job = {
+        "model": spec,
+        "encoded": run.encoded,
+        "steps": run.steps,
+        "pad_id": run.pad_id,
+        "threads": per_rank,
+        "seed": run.seed,
+    }
+    torch.set_num_threads(per_rank)
+    run.helpers = Helpers.start(run.workers, run.params, job)
+
+
+def _gradients(run: _Run, step: int) -> tuple[float, int, int]:
+    """Backpropagate optimizer step `step` over every rank; returns the summed loss, tokens and labels."""
+    batches = [[run.encoded[i] for i in micro] for micro in run.steps[step - 1]]
+    n_labels = step_labels(batches)
+    helpers = run.helpers
+    try:
+        if helpers is not None:
+            helpers.group.broadcast_step(step)
+            seed_step(run.seed, step, 0)
+        loss_sum, tokens = accumulate_gradients(
+            run.model, step, share(batches, 0, run.workers), run.pad_id, n_labels
+        )
+        if helpers is not None:
+            loss_sum, tokens = helpers.group.sum_gradients(loss_sum, tokens)
+    except RuntimeError as exc:
+        if helpers is None:
+            raise
+        raise helpers.check(exc) from exc
+    return loss_sum, tokens, n_labels
+
+
+def _optimizer_step(run: _Run, step: int) -> dict:
+    """One optimizer step with divergence checks before the update; returns its loss record (no timing)."""
+    loss_sum, tokens, n_labels = _gradients(run, step)
+    loss = loss_sum / n_labels
+    if not math.isfinite(loss):
+        raise TrainingDivergedError(step, loss)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, MAX_GRAD_NORM).item()
+    if not math.isfinite(grad_norm):
+        raise TrainingDivergedError(step, loss, grad_norm)
+    learning_rate = run.scheduler.get_last_lr()[0]
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return {
+        "step": step,
+        "loss": loss,
+        "learning_rate": learning_rate,
+        "tokens": tokens,
+        "grad_norm": grad_norm,
+    }
+
+
 def train_lora(
     model_path: Path | str,
     examples: Sequence[list[dict]],
@@ -90,120 +193,50 @@ def train_lora(
     """
     # A compact loop rather than HF Trainer: it lets the loss skip prompt logits, checks every step for
     # divergence before anything is written, and makes checkpoints atomic and tied to a hash of the run.
-    from transformers import get_scheduler
-
-    out_dir = Path(out_dir)
-    device = device or pick_device()
-    dtype = pick_dtype(device)
-    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-    encoded = encode_dataset(tokenizer, examples, train, seed)
-    steps = plan_steps([len(e.input_ids) for e in encoded], train, seed)
-
-    torch.manual_seed(seed)
-    spec = {
-        "model_path": model_path,
-        "device": device,
-        "dtype": dtype,
-        "trust_remote_code": trust_remote_code,
-        "lora": lora,
-        "longest": max(len(e.input_ids) for e in encoded),
-    }
-    model, params = build_model(**spec)
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    workers = train_workers(train, device, steps, encoded, weight_bytes)
-    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
-    scheduler = get_scheduler(
-        train.lr_scheduler_type, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=len(steps)
-    )
-
+    out_dir, device = Path(out_dir), device or pick_device()
+    run, spec = _prepare(model_path, examples, lora, train, seed, device, trust_remote_code)
     ckpt_root = out_dir / CHECKPOINT_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    run_hash = training_run_hash(model_path, examples, lora, train, seed, dtype)
-    latest = latest_checkpoint(ckpt_root, run_hash)
+    run_hash = training_run_hash(model_path, examples, lora, train, seed, spec["dtype"])
     progress = {"run_hash": run_hash, "step": 0, "losses": [], "train_tokens": 0, "elapsed_s": 0.0}
+    latest = latest_checkpoint(ckpt_root, run_hash)
     if latest is not None:
-        progress = load_checkpoint(latest, model, optimizer, scheduler)
+        progress = load_checkpoint(latest, run.model, run.optimizer, run.scheduler)
         log.info("resuming LoRA training from %s", latest)
-    resumed_from = progress["step"] or None
-
-    helpers, threads = None, torch.get_num_threads()
-    if workers > 1:
-        log.info("training in %d processes", workers)
-        per_rank = threads_each(workers)
-        job = {
-            "model": spec,
-            "encoded": encoded,
-            "steps": steps,
-            "pad_id": tokenizer.pad_token_id,
-            "threads": per_rank,
-            "seed": seed,
-        }
-        torch.set_num_threads(per_rank)
-        helpers = Helpers.start(workers, params, job)
+    resumed_from, threads = progress["step"] or None, torch.get_num_threads()
     start, prior_s, run_tokens = time.perf_counter(), progress["elapsed_s"], 0
     try:
-        for step in range(progress["step"] + 1, len(steps) + 1):
-            batches = [[encoded[i] for i in micro] for micro in steps[step - 1]]
-            n_labels = step_labels(batches)
-            try:
-                if helpers is not None:
-                    helpers.group.broadcast_step(step)
-                    seed_step(seed, step, 0)
-                loss_sum, tokens = accumulate_gradients(
-                    model, step, share(batches, 0, workers), tokenizer.pad_token_id, n_labels
-                )
-                if helpers is not None:
-                    loss_sum, tokens = helpers.group.sum_gradients(loss_sum, tokens)
-            except RuntimeError as exc:
-                if helpers is None:
-                    raise
-                raise helpers.check(exc) from exc
-            loss = loss_sum / n_labels
-            if not math.isfinite(loss):
-                raise TrainingDivergedError(step, loss)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM).item()
-            if not math.isfinite(grad_norm):
-                raise TrainingDivergedError(step, loss, grad_norm)
-            learning_rate = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            run_tokens += tokens
-            elapsed = prior_s + time.perf_counter() - start
-            record = {
-                "step": step,
-                "loss": loss,
-                "learning_rate": learning_rate,
-                "tokens": tokens,
-                "elapsed_s": elapsed,
-                "grad_norm": grad_norm,
-            }
+        if run.workers > 1:
+            _start_helpers(run, spec)
+        for step in range(progress["step"] + 1, len(run.steps) + 1):
+            record = _optimizer_step(run, step)
+            run_tokens += record["tokens"]
+            record["elapsed_s"] = prior_s + time.perf_counter() - start
             progress["losses"].append(record)
-            progress.update(step=step, elapsed_s=elapsed, train_tokens=progress["train_tokens"] + tokens)
+            progress.update(step=step, elapsed_s=record["elapsed_s"])
+            progress["train_tokens"] += record["tokens"]
             if on_step is not None:
                 on_step(record)
-            if step % train.save_steps == 0 and step < len(steps):
-                save_checkpoint(ckpt_root, model, optimizer, scheduler, progress)
-        if helpers is not None:
-            helpers.group.broadcast_step(STOP)
-            helpers.stop()
+            if step % train.save_steps == 0 and step < len(run.steps):
+                save_checkpoint(ckpt_root, run.model, run.optimizer, run.scheduler, progress)
+        if run.helpers is not None:
+            run.helpers.group.broadcast_step(STOP)
+            run.helpers.stop()
     except BaseException:
-        if helpers is not None:
-            helpers.kill()
+        if run.helpers is not None:
+            run.helpers.kill()
         raise
     finally:
         torch.set_num_threads(threads)
     run_s = time.perf_counter() - start
-
-    adapter_dir = write_adapter(model, out_dir)
+    adapter_dir = write_adapter(run.model, out_dir)
     shutil.rmtree(ckpt_root, ignore_errors=True)
     return TrainResult(
         adapter_dir=adapter_dir,
         losses=progress["losses"],
-        steps=len(steps),
+        steps=len(run.steps),
         train_tokens=progress["train_tokens"],
         tokens_per_s=run_tokens / run_s if run_s > 0 else 0.0,
         resumed_from_step=resumed_from,
-        workers=workers,
+        workers=run.workers,
     )
