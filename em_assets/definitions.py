@@ -2,9 +2,11 @@
 
 import dagster as dg
 
-from em_assets.defs.automation import JOBS, SCHEDULES, SENSORS
+from em_assets.defs.jobs import JOBS
 from em_assets.defs.modules import ASSET_MODULES
 from em_assets.defs.resources import ExperimentResource, ResultsDB
+from em_assets.defs.schedules import SCHEDULES
+from em_assets.defs.sensors import SENSORS
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(ASSET_MODULES),

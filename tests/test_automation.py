@@ -6,18 +6,14 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from em_assets.defs.automation import (
-    CATALOG_ASSETS,
-    JOBS,
-    SCHEDULES,
-    SENSORS,
-    catch_up_schedule,
-    grid_sensor,
-)
+from em_assets.defs.jobs import JOBS
 from em_assets.defs.partitions import organisms
 from em_assets.defs.resources import ExperimentResource
+from em_assets.defs.schedules import SCHEDULES, catch_up_schedule
+from em_assets.defs.sensors import SENSORS, grid_sensor
 from em_assets.grid.edit import add_base_model
 from em_assets.grid.load import load_grid
+from em_assets.grid.plan import CATALOG_ASSETS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_KEYS = [f"smollm2-135m--{r}--s0" for r in ("base", "bad-medical-r1", "insecure-r32")]

@@ -1,0 +1,35 @@
+"""Schedules: a daily catch-up run of every organism of the grid (current work is skipped by the assets)."""
+
+import dagster as dg
+
+from em_assets.defs.jobs import organism_job
+from em_assets.defs.partitions import organisms
+from em_assets.defs.resources import ExperimentResource
+from em_assets.grid.load import GridError
+
+
+@dg.schedule(
+    job=organism_job,
+    cron_schedule="0 3 * * *",
+    default_status=dg.DefaultScheduleStatus.RUNNING,
+    description=(
+        "Daily: one organism_job run per organism partition of the grid; finished, current work is skipped "
+        "by the assets, so this retries what failed or is missing."
+    ),
+)
+def catch_up_schedule(
+    context: dg.ScheduleEvaluationContext, experiment: ExperimentResource
+) -> list[dg.RunRequest] | dg.SkipReason:
+    try:
+        grid = experiment.grid()
+    except GridError as exc:
+        return dg.SkipReason(f"grid is invalid, nothing requested: {exc}")
+    existing = set(context.instance.get_dynamic_partitions(organisms.name))
+    # Organisms without a partition are the grid sensor's: it runs the catalog before their first run.
+    keys = [o.key for o in grid.organisms() if o.key in existing]
+    if not keys:
+        return dg.SkipReason("no organism of the grid has a partition yet")
+    return [dg.RunRequest(partition_key=key, run_key=key) for key in keys]
+
+
+SCHEDULES = [catch_up_schedule]

@@ -1,0 +1,64 @@
+"""Sensors: the grid sensor turns grid changes into partitions and runs; the automation sensor runs reports."""
+
+import dagster as dg
+
+from em_assets.defs.jobs import catalog_job, organism_job
+from em_assets.defs.partitions import organisms
+from em_assets.defs.resources import ExperimentResource
+from em_assets.grid.load import GridError
+from em_assets.grid.plan import CATALOG_ASSETS, GridCursor, plan_grid
+
+
+def _catalog_marks(instance: dg.DagsterInstance) -> dict[str, int]:
+    marks = {}
+    for name in CATALOG_ASSETS:
+        records = instance.fetch_materializations(dg.AssetKey(name), limit=1).records
+        marks[name] = records[0].storage_id if records else 0
+    return marks
+
+
+@dg.sensor(
+    jobs=[catalog_job, organism_job],
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description=(
+        "Adds a partition for every new organism of the grid and, when a base model's source or revision "
+        "changes, marks its organisms stale; runs catalog_job, then organism_job for each of them."
+    ),
+)
+def grid_sensor(context: dg.SensorEvaluationContext, experiment: ExperimentResource) -> dg.SensorResult:
+    try:
+        grid = experiment.grid()
+    except GridError as exc:
+        return dg.SensorResult(skip_reason=f"grid is invalid, nothing requested: {exc}")
+    plan = plan_grid(
+        grid,
+        GridCursor.model_validate_json(context.cursor or "{}"),
+        set(context.instance.get_dynamic_partitions(organisms.name)),
+        _catalog_marks(context.instance),
+    )
+    runs = [
+        dg.RunRequest(job_name=organism_job.name, partition_key=k, run_key=r) for k, r in plan.organism_runs
+    ]
+    if plan.catalog_run_key:
+        runs.append(dg.RunRequest(job_name=catalog_job.name, run_key=plan.catalog_run_key))
+    return dg.SensorResult(
+        run_requests=runs,
+        dynamic_partitions_requests=[organisms.build_add_request(plan.new_partitions)]
+        if plan.new_partitions
+        else [],
+        skip_reason=plan.skip_reason,
+        cursor=plan.cursor.model_dump_json(),
+    )
+
+
+# Without an explicit sensor, 1.13 creates `default_automation_condition_sensor` in the STOPPED state, and
+# the eager report assets would never be evaluated.
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "automation_sensor",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Evaluates automation conditions: reports rebuild when judgements change.",
+)
+
+SENSORS = [grid_sensor, automation_sensor]

@@ -1,0 +1,76 @@
+"""What the grid sensor should do now: pure planning from the grid, its cursor and what the instance holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from em_assets.grid.schema import BaseModelSpec, GridConfig, config_hash
+
+CATALOG_ASSETS = ("base_models", "training_datasets", "eval_questions")
+
+
+class GridCursor(BaseModel):
+    """What the grid sensor has acted on: base model fingerprints, and organisms waiting for the catalog."""
+
+    models: dict[str, str] = {}
+    pending: list[str] = []
+    # Latest catalog materialization storage ids when `pending` last grew; a larger id means a newer run.
+    marks: dict[str, int] = {}
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    """Partitions to add, runs to request (a catalog run key, or organism (partition, run key) pairs)."""
+
+    cursor: GridCursor
+    new_partitions: list[str] = field(default_factory=list)
+    catalog_run_key: str | None = None
+    organism_runs: list[tuple[str, str]] = field(default_factory=list)
+    skip_reason: str | None = None
+
+
+def model_fingerprint(spec: BaseModelSpec) -> str:
+    """What makes a base model's organisms stale when it changes: grid text only, never the model files."""
+    return config_hash({"source": spec.source, "revision": spec.revision})
+
+
+def plan_grid(grid: GridConfig, cursor: GridCursor, existing: set[str], marks: dict[str, int]) -> GridPlan:
+    """New organisms and changed base models first go through the catalog, then get one organism run each."""
+    fingerprints = {spec.name: model_fingerprint(spec) for spec in grid.base_models}
+    # A model the cursor has not seen yet is the baseline, not a change: its new organisms are caught below.
+    changed = {name for name, fp in fingerprints.items() if cursor.models.get(name, fp) != fp}
+    work = [o.key for o in grid.organisms() if o.key not in existing or o.base_model in changed]
+    seen = {**cursor.models, **fingerprints}
+    if work:
+        # Organism assets read base models and datasets from the catalog tables, so a new model or revision
+        # must be resolved there first; the runs are held until the catalog has been materialised again.
+        pending = list(dict.fromkeys([*cursor.pending, *work]))
+        after = GridCursor(models=seen, pending=pending, marks=marks)
+        return GridPlan(
+            cursor=after,
+            new_partitions=[key for key in work if key not in existing],
+            catalog_run_key=f"catalog:{config_hash(after.model_dump(mode='json'))}",
+        )
+    if not cursor.pending:
+        return GridPlan(
+            cursor=GridCursor(models=seen),
+            skip_reason="every organism has a partition and no base model source or revision changed",
+        )
+    behind = [name for name in CATALOG_ASSETS if marks[name] <= cursor.marks.get(name, 0)]
+    if behind:
+        return GridPlan(
+            cursor=GridCursor(models=seen, pending=cursor.pending, marks=cursor.marks),
+            skip_reason=f"{len(cursor.pending)} organism runs wait for catalog_job to materialise "
+            f"{', '.join(behind)} (launch catalog_job if its run failed)",
+        )
+    in_grid = {o.key for o in grid.organisms()}
+    ready = [key for key in cursor.pending if key in in_grid and key in existing]
+    # The catalog marks make the key unique per catalog rebuild, so reverting a revision re-runs too.
+    stamp = config_hash(marks)
+    return GridPlan(
+        cursor=GridCursor(models=seen),
+        organism_runs=[(key, f"{key}@{stamp}") for key in ready],
+        skip_reason=None if ready else "the pending organisms left the grid",
+    )
