@@ -10,8 +10,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from em_assets.catalog.upstream import sha256_file
 from em_assets.settings import settings
 
@@ -59,6 +57,7 @@ def embedded_gguf(key: str) -> Path:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
+    import torch  # the catalog resolves models without loading torch unless a conversion is needed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors under %s (once)", gguf.name, out)
