@@ -35,6 +35,11 @@ class _Retryable(Exception):
 class OpenAIJudge:
     """Scores judge prompts with one-token completions, as upstream does with GPT-4o."""
 
+    # Hand-written over httpx rather than the official `openai` client, which retries inside each call: once
+    # one prompt fails for good (a revoked key, a dead server) this client stops every other request's
+    # retries at once instead of after concurrency x retries x backoff; its backoff and Retry-After cap come
+    # from the grid (openai's schedule is fixed); and it redacts the key from error bodies it quotes.
+
     def __init__(
         self,
         base_url: str,

@@ -12,9 +12,11 @@ import multiprocessing as mp
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterable
-from multiprocessing.connection import Connection
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 
 def usable_cpus() -> int:
@@ -67,6 +69,32 @@ def die_with_parent(parent: int) -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
     if os.getppid() != parent:
         os._exit(1)
+
+
+@dataclass(frozen=True)
+class Died:
+    """What a child "sent" when it ended without sending anything more."""
+
+    exitcode: int | None
+
+
+def child_messages(
+    procs: Sequence[BaseProcess], pipes: Sequence[Connection], listening: set[int]
+) -> Iterator[tuple[int, Any]]:
+    """(child index, message) as the children in `listening` send them, and Died once for one that ends.
+
+    The caller discards an index from `listening` when it expects nothing more from that child.
+    """
+    while listening:
+        ready = wait([pipes[i] for i in listening] + [procs[i].sentinel for i in listening])
+        for i in sorted(listening):
+            if pipes[i] in ready or procs[i].sentinel in ready:
+                try:
+                    message = pipes[i].recv()
+                except EOFError:
+                    procs[i].join()
+                    message = Died(procs[i].exitcode)
+                yield i, message
 
 
 def reap(procs: Iterable[BaseProcess]) -> None:

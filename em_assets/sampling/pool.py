@@ -13,10 +13,18 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from typing import Any
 
-from em_assets.models.processes import child, cpu_processes, die_with_parent, reap, threads_each
+from em_assets.models.processes import (
+    Died,
+    child,
+    child_messages,
+    cpu_processes,
+    die_with_parent,
+    reap,
+    threads_each,
+)
 from em_assets.sampling.engine import SampleRequest, SampleResult
 
 Loader = Callable[[], tuple[Any, Any]]
@@ -94,33 +102,22 @@ def iter_samples_in_workers(
         for proc in procs:
             proc.start()
         running, done = set(range(len(procs))), 0
-        while running:
-            ready = wait([pipes[i] for i in running] + [procs[i].sentinel for i in running])
-            for i in sorted(running):
-                if pipes[i] in ready:
-                    try:
-                        kind, payload = pipes[i].recv()
-                    except EOFError:
-                        kind, payload = "died", None
-                elif procs[i].sentinel in ready and not pipes[i].poll():
-                    kind, payload = "died", None
-                else:
-                    continue
-                if kind == "died":
-                    procs[i].join()
-                    raise WorkerError(
-                        f"sampling worker {i} died with exit code {procs[i].exitcode} "
-                        "(a negative code is the signal that killed it; -9 is often the OOM killer)"
-                    )
-                if kind == "error":
-                    raise WorkerError(f"sampling worker {i} failed:\n{payload}")
-                if kind == "done":
-                    running.discard(i)
-                    continue
-                done += len(payload)
-                if on_progress is not None:
-                    on_progress(done, len(requests))
-                yield payload
+        for i, message in child_messages(procs, pipes, running):
+            if isinstance(message, Died):
+                raise WorkerError(
+                    f"sampling worker {i} died with exit code {message.exitcode} "
+                    "(a negative code is the signal that killed it; -9 is often the OOM killer)"
+                )
+            kind, payload = message
+            if kind == "error":
+                raise WorkerError(f"sampling worker {i} failed:\n{payload}")
+            if kind == "done":
+                running.discard(i)
+                continue
+            done += len(payload)
+            if on_progress is not None:
+                on_progress(done, len(requests))
+            yield payload
     finally:
         reap(procs)
         for pipe in pipes:

@@ -14,14 +14,14 @@ import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from em_assets.models.processes import child, die_with_parent, reap
+from em_assets.models.processes import Died, child, child_messages, die_with_parent, reap
 
 # A helper that dies makes its peers' next collective fail at once; this only bounds a silent hang.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
@@ -113,18 +113,12 @@ class Helpers:
                 p.start()
             # Wait for every model before the rendezvous: gloo would wait out its whole timeout for a dead peer.
             waiting = set(range(len(procs)))
-            while waiting:
-                ready = wait([pipes[i] for i in waiting] + [procs[i].sentinel for i in waiting])
-                for i in list(waiting):
-                    if pipes[i] in ready or procs[i].sentinel in ready:
-                        try:
-                            failure = pipes[i].recv()
-                        except EOFError:
-                            procs[i].join()
-                            failure = f"exited with code {procs[i].exitcode} while starting"
-                        if failure:
-                            raise HelperError(f"training helper {procs[i].name} failed: {failure}")
-                        waiting.discard(i)
+            for i, message in child_messages(procs, pipes, waiting):
+                if isinstance(message, Died):
+                    message = f"exited with code {message.exitcode} while starting"
+                if message:
+                    raise HelperError(f"training helper {procs[i].name} failed: {message}")
+                waiting.discard(i)
             group = GradientGroup(_group(store, 0, world), params)
         except BaseException as exc:
             reap(procs)
