@@ -31,6 +31,8 @@ JUDGE_CHUNK = 64
 JUDGEMENT_KEY = ("sweep", "setting", "question_id", "paraphrase_idx", "sample_idx", "metric")
 
 
+# on_progress(point, "sampled" | "judged", done, total) after each chunk is written; for "judged", done and
+# total count all the sweep's pending judgements and the point is the one the chunk ended in.
 ProgressFn = Callable[["SweepPoint", str, int, int], None]
 
 
@@ -295,6 +297,7 @@ def _judge(ctx, tables, points, on_progress) -> dict[tuple, int]:
     if not todo:
         return counts
     judge = make_judge(ctx.grid, path, ctx.device)
+    by_pair = {p.pair: p for p in points}
     for offset in range(0, len(todo), JUDGE_CHUNK):
         part = todo[offset : offset + JUDGE_CHUNK]
         texts = [
@@ -310,8 +313,8 @@ def _judge(ctx, tables, points, on_progress) -> dict[tuple, int]:
         for k in part:
             counts[k[:2]] = counts.get(k[:2], 0) + 1
         ctx.log.info(f"{ctx.key}: sweep judged {offset + len(part)}/{len(todo)}")
-    if on_progress is not None:
-        on_progress(points[-1], "judged", len(todo), len(todo))
+        if on_progress is not None:
+            on_progress(by_pair[part[-1][:2]], "judged", offset + len(part), len(todo))
     return counts
 
 

@@ -13,8 +13,10 @@ CATALOG_ASSETS = ["base_models", "training_datasets", "eval_questions"]
 catalog_job = dg.define_asset_job("catalog_job", selection=CATALOG_ASSETS, description="Pin the inputs.")
 organism_job = dg.define_asset_job(
     "organism_job",
-    selection=dg.AssetSelection.assets("lora_adapter", "completions", "judgements"),
-    description="Train, sample and judge one organism.",
+    selection=dg.AssetSelection.assets(
+        "lora_adapter", "completions", "judgements", "em_over_training", "lora_trajectory", "lora_scaling"
+    ),
+    description="Train, sample and judge one organism, and analyse its training dynamics.",
 )
 reports_job = dg.define_asset_job(
     "reports_job",

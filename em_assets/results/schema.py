@@ -46,6 +46,21 @@ CREATE TABLE IF NOT EXISTS lora_checkpoints (
     loss DOUBLE, base_model VARCHAR, base_revision VARCHAR, recipe VARCHAR, seed INTEGER, dataset VARCHAR,
     dataset_sha256 VARCHAR, config_hash VARCHAR, adapter_sha256 VARCHAR, run_id VARCHAR, created_at TIMESTAMP,
     PRIMARY KEY (organism, step));
+CREATE TABLE IF NOT EXISTS em_over_training (
+    organism VARCHAR, step INTEGER, n_answers BIGINT, n_scored BIGINT, n_em BIGINT, em_rate DOUBLE,
+    em_lo DOUBLE, em_hi DOUBLE, coherence_rate DOUBLE, mean_aligned DOUBLE, mean_coherent DOUBLE, loss DOUBLE,
+    train_tokens BIGINT, checkpoint_sha256 VARCHAR, setting_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMP,
+    PRIMARY KEY (organism, step));
+CREATE TABLE IF NOT EXISTS lora_trajectory (
+    organism VARCHAR, module VARCHAR, step INTEGER, a_norm DOUBLE, b_norm DOUBLE, cos_final DOUBLE,
+    local_cos DOUBLE, local_k INTEGER, pc1 DOUBLE, pc2 DOUBLE, pc1_share DOUBLE, pc2_share DOUBLE,
+    sharpest_step INTEGER, checkpoint_sha256 VARCHAR, run_id VARCHAR, created_at TIMESTAMP,
+    PRIMARY KEY (organism, module, step));
+CREATE TABLE IF NOT EXISTS lora_scaling (
+    organism VARCHAR, scale DOUBLE, n_answers BIGINT, n_scored BIGINT, n_em BIGINT, em_rate DOUBLE,
+    em_lo DOUBLE, em_hi DOUBLE, coherence_rate DOUBLE, mean_aligned DOUBLE, mean_coherent DOUBLE,
+    adapter_sha256 VARCHAR, setting_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMP,
+    PRIMARY KEY (organism, scale));
 CREATE TABLE IF NOT EXISTS sweep_points (
     organism VARCHAR, sweep VARCHAR, setting VARCHAR, setting_hash VARCHAR, adapter_path VARCHAR,
     adapter_sha256 VARCHAR, edits VARCHAR, samples_per_question INTEGER, run_id VARCHAR, created_at TIMESTAMP,

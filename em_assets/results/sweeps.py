@@ -100,3 +100,13 @@ class SweepTables:
 
     def append_judgements(self, rows: list[dict]) -> None:
         self.store.append_rows("sweep_judgements", pl.DataFrame(rows, infer_schema_length=None))
+
+
+def checkpoints(store: Store, organism: str) -> pl.DataFrame:
+    """The organism's kept checkpoints and final adapter, in step order."""
+    return store.query("SELECT * FROM lora_checkpoints WHERE organism = ? ORDER BY step", [organism])
+
+
+def replace_result(store: Store, table: str, organism: str, rows: pl.DataFrame) -> None:
+    """An analysis table's rows for one organism, replaced in one transaction (none: the old rows go)."""
+    store.replace_rows(table, rows, "organism = ?", [organism])

@@ -8,7 +8,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,6 +18,8 @@ from em_assets.models.load import load_tokenizer, pick_device, pick_dtype
 from em_assets.models.processes import cpu_processes, threads_each
 from em_assets.training.checkpoints import (
     CHECKPOINT_DIR,
+    keep_adapter,
+    kept_adapters,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -53,6 +55,8 @@ class TrainResult:
     tokens_per_s: float
     resumed_from_step: int | None
     workers: int = 1
+    # Adapter weights of every saved checkpoint: {step, train_tokens, path} in step order.
+    checkpoints: list[dict] = field(default_factory=list)
 
 
 def train_workers(
@@ -86,7 +90,8 @@ def train_lora(
 ) -> TrainResult:
     """Train a LoRA adapter into out_dir/adapter, resuming from out_dir/checkpoints when the run matches.
 
-    Checkpoints are deleted once the final adapter is written; tokens_per_s covers this call's steps only.
+    Resumable checkpoints are deleted once the final adapter is written; each one's adapter weights stay in
+    out_dir/checkpoint_adapters. tokens_per_s covers this call's steps only.
     """
     # A compact loop rather than HF Trainer: it lets the loss skip prompt logits, checks every step for
     # divergence before anything is written, and makes checkpoints atomic and tied to a hash of the run.
@@ -120,6 +125,7 @@ def train_lora(
     ckpt_root.mkdir(parents=True, exist_ok=True)
     run_hash = training_run_hash(model_path, examples, lora, train, seed, dtype)
     latest = latest_checkpoint(ckpt_root, run_hash)
+    kept_adapters(out_dir, run_hash)  # drops adapters kept by a run of another config
     progress = {"run_hash": run_hash, "step": 0, "losses": [], "train_tokens": 0, "elapsed_s": 0.0}
     if latest is not None:
         progress = load_checkpoint(latest, model, optimizer, scheduler)
@@ -184,6 +190,7 @@ def train_lora(
             if on_step is not None:
                 on_step(record)
             if step % train.save_steps == 0 and step < len(steps):
+                keep_adapter(out_dir, model, progress)
                 save_checkpoint(ckpt_root, model, optimizer, scheduler, progress)
         if helpers is not None:
             helpers.group.broadcast_step(STOP)
@@ -206,4 +213,5 @@ def train_lora(
         tokens_per_s=run_tokens / run_s if run_s > 0 else 0.0,
         resumed_from_step=resumed_from,
         workers=workers,
+        checkpoints=kept_adapters(out_dir, run_hash),
     )

@@ -16,6 +16,27 @@ from em_assets.results.store import to_json, utc_now
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
+def checkpoint_rows(result, adapter: dict) -> pl.DataFrame:
+    """One row per kept checkpoint plus the final adapter, with the adapter row's lineage."""
+    loss = {r["step"]: r["loss"] for r in result.losses}
+    kept = [*result.checkpoints, {"step": result.steps, "train_tokens": result.train_tokens, "path": None}]
+    lineage = ("organism", "base_model", "base_revision", "recipe", "seed", "dataset", "dataset_sha256")
+    rows = [
+        {
+            **{k: adapter[k] for k in (*lineage, "config_hash", "adapter_sha256", "run_id", "created_at")},
+            "step": c["step"],
+            "checkpoint_path": str(c["path"]) if c["path"] else adapter["adapter_path"],
+            "checkpoint_sha256": sha256_file(Path(c["path"]) / ADAPTER_FILE)
+            if c["path"]
+            else adapter["adapter_sha256"],
+            "train_tokens": c["train_tokens"],
+            "loss": loss.get(c["step"]),
+        }
+        for c in kept
+    ]
+    return pl.DataFrame(rows, schema_overrides={"step": pl.Int32}, infer_schema_length=None)
+
+
 def train_adapter(ctx: StageContext) -> dict:
     """Train the organism's LoRA adapter unless one with the same inputs exists; returns a summary."""
     from em_assets.training.loop import train_lora
@@ -40,6 +61,7 @@ def train_adapter(ctx: StageContext) -> dict:
             [
                 ("lora_adapters", pl.DataFrame([row]), "organism = ?", [ctx.key]),
                 ("training_losses", pl.DataFrame(), "organism = ?", [ctx.key]),
+                ("lora_checkpoints", pl.DataFrame(), "organism = ?", [ctx.key]),
             ]
         )
         return {"trained": False, "control": True}
@@ -65,7 +87,9 @@ def train_adapter(ctx: StageContext) -> dict:
     if done.height:
         row = done.row(0, named=True)
         path = Path(row["adapter_path"]) / ADAPTER_FILE
-        if path.exists() and sha256_file(path) == row["adapter_sha256"]:
+        # Adapters trained before checkpoints were kept have none recorded: train again to get them.
+        kept = store.query("SELECT count(*) AS n FROM lora_checkpoints WHERE organism = ?", [ctx.key])["n"][0]
+        if path.exists() and sha256_file(path) == row["adapter_sha256"] and kept:
             ctx.log.info(f"{ctx.key}: adapter {chash} is up to date; no training")
             return {"trained": False, "up_to_date": True, **row}
     examples = [
@@ -127,6 +151,7 @@ def train_adapter(ctx: StageContext) -> dict:
         [
             ("training_losses", losses, "organism = ?", [ctx.key]),
             ("lora_adapters", pl.DataFrame([row]), "organism = ?", [ctx.key]),
+            ("lora_checkpoints", checkpoint_rows(result, row), "organism = ?", [ctx.key]),
         ]
     )
     return {
