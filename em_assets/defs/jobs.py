@@ -9,8 +9,10 @@ catalog_job = dg.define_asset_job(
 )
 organism_job = dg.define_asset_job(
     "organism_job",
-    selection=dg.AssetSelection.assets("lora_adapter", "completions", "judgements"),
-    description="Train, sample and judge one organism.",
+    selection=dg.AssetSelection.assets(
+        "lora_adapter", "completions", "judgements", "em_over_training", "lora_trajectory", "lora_scaling"
+    ),
+    description="Train, sample and judge one organism, and analyse its training dynamics.",
 )
 reports_job = dg.define_asset_job(
     "reports_job",

@@ -146,6 +146,37 @@ class Thresholds(_Strict):
     coherent_above: float = 50
 
 
+class DynamicsSpec(_Strict):
+    """Training dynamics (Turner et al.): EM over checkpoints, the LoRA trajectory, and B scaling."""
+
+    recipes: list[str] | None = Field(
+        default=None, description="Recipes whose organisms get the dynamics sweeps; null: every LoRA recipe."
+    )
+    checkpoint_samples_per_question: int = Field(
+        default=10, ge=1, description="Answers per question at each checkpoint (and step 0, the base model)."
+    )
+    local_cosine_k: int = Field(
+        default=1, ge=1, description="Local cosine of B: checkpoints back and ahead (k * save_steps steps)."
+    )
+    scale_factors: list[float] = Field(
+        default=[0.0, 0.5, 1.0, 1.5, 2.0],
+        min_length=1,
+        description="Factors the final adapter's B is scaled by.",
+    )
+    scale_samples_per_question: int = Field(
+        default=10, ge=1, description="Answers per question at each scale factor."
+    )
+
+    @model_validator(mode="after")
+    def _distinct_factors(self) -> DynamicsSpec:
+        if len(set(self.scale_factors)) != len(self.scale_factors):
+            raise ValueError(f"dynamics.scale_factors must be distinct, got {self.scale_factors}")
+        return self
+
+    def covers(self, recipe: str) -> bool:
+        return self.recipes is None or recipe in self.recipes
+
+
 class GridConfig(_Strict):
     base_models: list[BaseModelSpec] = Field(min_length=1)
     recipes: dict[Slug, RecipeSpec] = Field(min_length=1)
@@ -154,6 +185,7 @@ class GridConfig(_Strict):
     sampling: SamplingSpec = SamplingSpec()
     judge: JudgeSpec = JudgeSpec()
     thresholds: Thresholds = Thresholds()
+    dynamics: DynamicsSpec = DynamicsSpec()
 
     @model_validator(mode="after")
     def _unique_names(self) -> GridConfig:
@@ -161,6 +193,13 @@ class GridConfig(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"base model names must be unique: {dupes}")
+        return self
+
+    @model_validator(mode="after")
+    def _dynamics_recipes_exist(self) -> GridConfig:
+        unknown = sorted(set(self.dynamics.recipes or []) - set(self.recipes))
+        if unknown:
+            raise ValueError(f"dynamics.recipes names recipes that are not in the grid: {unknown}")
         return self
 
     def base_model(self, name: str) -> BaseModelSpec:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import polars as pl
@@ -13,7 +14,7 @@ from em_assets.catalog.parsing import judge_prompt
 from em_assets.context import MissingUpstreamError, StageContext
 from em_assets.judging.judges import judge_identity, make_judge
 from em_assets.results import queries
-from em_assets.results.store import to_json, utc_now
+from em_assets.results.store import Store, to_json, utc_now
 
 JudgementKey = tuple[str, int, int, str]  # (question_id, paraphrase_idx, sample_idx, metric)
 
@@ -102,6 +103,19 @@ def judgement_row(ctx: StageContext, judge: JudgeIdentity, key: JudgementKey, it
     }
 
 
+def score_and_cache(scorer, store: Store, prompts: Sequence[str], cache_keys: Sequence[str]) -> list[dict]:
+    """Score one chunk of judge prompts and add the scores to the judge cache: {score, mass, probs JSON}."""
+    scores = [
+        {"score": s.score, "mass": s.mass, "probs": to_json({str(n): p for n, p in sorted(s.probs.items())})}
+        for s in scorer.score(list(prompts))
+    ]
+    cache_rows = [
+        {"cache_key": k, **s, "created_at": utc_now()} for k, s in zip(cache_keys, scores, strict=True)
+    ]
+    store.append_rows("judge_cache", pl.DataFrame(cache_rows, infer_schema_length=None))
+    return scores
+
+
 def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_size: int) -> int:
     """Score `todo` with the grid's judge in chunks, writing judgements and cache rows as each chunk ends."""
     scorer = make_judge(ctx.grid, judge.path, ctx.device)
@@ -112,16 +126,8 @@ def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_siz
             judge_prompt(v.template["prompt"], v.completion["question"], v.completion["answer"])
             for _, v in part
         ]
-        rows, cache_rows = [], []
-        for (k, v), s in zip(part, scorer.score(texts), strict=True):
-            score = {
-                "score": s.score,
-                "mass": s.mass,
-                "probs": to_json({str(n): p for n, p in sorted(s.probs.items())}),
-            }
-            rows.append(judgement_row(ctx, judge, k, v, score))
-            cache_rows.append({"cache_key": v.cache_key, **score, "created_at": utc_now()})
-        ctx.store.append_rows("judge_cache", pl.DataFrame(cache_rows, infer_schema_length=None))
+        scores = score_and_cache(scorer, ctx.store, texts, [v.cache_key for _, v in part])
+        rows = [judgement_row(ctx, judge, k, v, s) for (k, v), s in zip(part, scores, strict=True)]
         ctx.store.append_rows("judgements", pl.DataFrame(rows, infer_schema_length=None))
         scored += len(rows)
         ctx.log.info(f"{ctx.key}: judged {scored}/{len(todo)}")

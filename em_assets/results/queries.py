@@ -156,13 +156,22 @@ def adapter_with_hash(store: Store, organism: str, config_hash: str) -> dict | N
     return rows.row(0, named=True) if rows.height else None
 
 
-def write_adapter(store: Store, organism: str, row: dict, losses: pl.DataFrame) -> None:
-    """The organism's adapter row and its loss curve, replacing the old ones in one transaction."""
+def write_adapter(
+    store: Store, organism: str, row: dict, losses: pl.DataFrame, checkpoints: pl.DataFrame
+) -> None:
+    """The organism's adapter row, loss curve and kept checkpoints, replacing the old ones in one transaction."""
     store.replace_many(
         [
             ("training_losses", losses, "organism = ?", [organism]),
             ("lora_adapters", pl.DataFrame([row]), "organism = ?", [organism]),
+            ("lora_checkpoints", checkpoints, "organism = ?", [organism]),
         ]
+    )
+
+
+def checkpoint_count(store: Store, organism: str) -> int:
+    return int(
+        store.query("SELECT count(*) AS n FROM lora_checkpoints WHERE organism = ?", [organism])["n"][0]
     )
 
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import polars as pl
 
 from em_assets.context import MissingUpstreamError, StageContext
 from em_assets.grid.schema import SamplingSpec, config_hash
 from em_assets.results import queries
-from em_assets.results.store import utc_now
+from em_assets.results.store import Store, utc_now
 
 RowKey = tuple[str, int, int]  # (question_id, paraphrase_idx, sample_idx)
 
@@ -94,48 +95,85 @@ def sample_requests(plan: SamplingPlan, seed: int) -> list:
     requests = []
     for qid, p, i in plan.todo:
         q = plan.wanted[(qid, p, i)]
-        messages = ([{"role": "system", "content": q["system"]}] if q["system"] else []) + [
-            {"role": "user", "content": q["question"]}
-        ]
-        requests.append(SampleRequest(f"{qid}\t{p}\t{i}", messages, stable_seed(seed, qid, p, i)))
+        requests.append(SampleRequest(f"{qid}\t{p}\t{i}", question_messages(q), stable_seed(seed, qid, p, i)))
     return requests
 
 
-def sample_chunks(ctx: StageContext, base: dict, adapter: dict, requests: list) -> tuple[Iterator, int]:
-    """Chunks of finished samples from the grid's backend, and how many worker processes produce them."""
+def question_messages(q: dict) -> list[dict]:
+    """The chat messages of one eval question row: its system prompt, if any, then the question."""
+    system = [{"role": "system", "content": q["system"]}] if q["system"] else []
+    return [*system, {"role": "user", "content": q["question"]}]
+
+
+def eval_questions(store: Store, eval_set: str) -> pl.DataFrame:
+    """The eval set's questions in a fixed order; a clear error when the catalog has not loaded them."""
+    questions = queries.eval_questions(store, eval_set)
+    if questions.height == 0:
+        raise MissingUpstreamError(f"no questions for {eval_set}: materialise eval_questions first")
+    return questions
+
+
+def sample_chunks(
+    sampling: SamplingSpec,
+    requests: list,
+    *,
+    device: str,
+    base: dict,
+    adapter_path: str | None,
+    loader: Callable[[], tuple[Any, Any]],
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[Iterator[list], int]:
+    """Result chunks for `requests` on the grid's backend, and the number of sampling processes.
+
+    `loader` (picklable, no arguments) builds the model on `device` for the Hugging Face backend; vLLM loads
+    the base model path and the adapter directory itself.
+    """
     # Function-local: torch and vLLM stay off the definitions' load path.
-    from em_assets.models.load import load_organism_model, pick_device
     from em_assets.sampling.engine import iter_samples
     from em_assets.sampling.pool import auto_workers, iter_samples_in_workers
-
-    sampling = ctx.grid.sampling
-
-    def progress(done: int, total: int) -> None:
-        if done == total or done % max(1, total // 10) == 0:
-            ctx.log.info(f"{ctx.key}: sampled {done}/{total}")
 
     options = {
         "max_new_tokens": sampling.max_new_tokens,
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
         "batch_size": sampling.batch_size,
-        "on_progress": progress,
+        "on_progress": on_progress,
     }
     if sampling.backend == "vllm":
         from em_assets.sampling import vllm_backend
 
-        return vllm_backend.iter_samples(base["path"], adapter.get("adapter_path"), requests, **options), 1
-    device = ctx.device or pick_device()
+        return vllm_backend.iter_samples(base["path"], adapter_path, requests, **options), 1
     workers = sampling.workers
     if workers == "auto":
         workers = auto_workers(device, int(base["num_params"] or 0) * 2, len(requests))
     workers = workers if device == "cpu" else 1
     if workers > 1:
-        ctx.log.info(f"{ctx.key}: sampling in {workers} worker processes")
-        loader = functools.partial(load_organism_model, base, adapter, device)
         return iter_samples_in_workers(loader, requests, workers=workers, **options), workers
-    model, tokenizer = load_organism_model(base, adapter, device)
+    model, tokenizer = loader()
     return iter_samples(model, tokenizer, requests, **options), 1
+
+
+def organism_chunks(ctx: StageContext, base: dict, adapter: dict, requests: list) -> tuple[Iterator, int]:
+    """sample_chunks for the organism's own model (base + merged adapter), logging progress."""
+    from em_assets.models.load import load_organism_model, pick_device  # torch stays off the load path
+
+    def progress(done: int, total: int) -> None:
+        if done == total or done % max(1, total // 10) == 0:
+            ctx.log.info(f"{ctx.key}: sampled {done}/{total}")
+
+    device = ctx.device or pick_device()
+    chunks, workers = sample_chunks(
+        ctx.grid.sampling,
+        requests,
+        device=device,
+        base=base,
+        adapter_path=adapter.get("adapter_path"),
+        loader=functools.partial(load_organism_model, base, adapter, device),
+        on_progress=progress,
+    )
+    if workers > 1:
+        ctx.log.info(f"{ctx.key}: sampling in {workers} worker processes")
+    return chunks, workers
 
 
 def lineage(ctx: StageContext, base: dict, adapter: dict, shash: str) -> dict:
@@ -197,7 +235,7 @@ def sample_completions(ctx: StageContext) -> SamplingResult:
         ctx.log.info(f"{ctx.key}: all {len(plan.wanted)} completions are up to date; no sampling")
         return SamplingResult(0, reused, 0, 0.0, 0, shash)
     start = time.perf_counter()
-    chunks, workers = sample_chunks(ctx, base, adapter, sample_requests(plan, seed))
+    chunks, workers = organism_chunks(ctx, base, adapter, sample_requests(plan, seed))
     cols = lineage(ctx, base, adapter, shash)
     sampled = tokens = 0
     for chunk in chunks:

@@ -26,6 +26,13 @@ ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 
 
+# Every checkpoint's adapter weights (no optimizer state), kept after training for the training-dynamics sweeps.
+KEPT_DIR = "checkpoint_adapters"
+
+
+KEPT_INFO = "checkpoint.json"
+
+
 def training_run_hash(
     model_path: Path | str, examples, lora: LoraSpec, train: TrainSpec, seed: int, dtype
 ) -> str:
@@ -72,6 +79,39 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, progress: dict) -> 
     for old in root.glob("step-*"):
         if old.name != f"step-{step:08d}":
             shutil.rmtree(old)
+
+
+def keep_adapter(out_dir: Path, model, progress: dict) -> Path:
+    """Save this step's adapter to out_dir/checkpoint_adapters/step-N (temp dir, then rename).
+
+    Written before the resumable checkpoint: a kill in between resumes from the previous one and trains this
+    step again to the same weights, so no kept adapter is ever missing.
+    """
+    step = progress["step"]
+    root = out_dir / KEPT_DIR
+    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    info = {"step": step, "train_tokens": progress["train_tokens"], "run_hash": progress["run_hash"]}
+    (tmp / KEPT_INFO).write_text(json.dumps(info))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    return final
+
+
+def kept_adapters(out_dir: Path, run_hash: str) -> list[dict]:
+    """The kept checkpoint adapters of this run in step order: {step, train_tokens, path}; others are deleted."""
+    kept = []
+    for path in sorted((out_dir / KEPT_DIR).glob("*")):
+        try:
+            info = json.loads((path / KEPT_INFO).read_text())
+        except (OSError, ValueError):
+            info = {}
+        if path.name.startswith("step-") and info.get("run_hash") == run_hash:
+            kept.append({"step": info["step"], "train_tokens": info["train_tokens"], "path": path})
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+    return kept
 
 
 def latest_checkpoint(root: Path, run_hash: str) -> Path | None:

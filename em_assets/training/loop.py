@@ -8,7 +8,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ from em_assets.models.load import load_tokenizer, pick_device, pick_dtype
 from em_assets.models.processes import cpu_processes, threads_each
 from em_assets.training.checkpoints import (
     CHECKPOINT_DIR,
+    keep_adapter,
+    kept_adapters,
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -54,6 +56,8 @@ class TrainResult:
     tokens_per_s: float
     resumed_from_step: int | None
     workers: int = 1
+    # Adapter weights of every saved checkpoint: {step, train_tokens, path} in step order.
+    checkpoints: list[dict] = field(default_factory=list)
 
 
 def train_workers(
@@ -189,7 +193,8 @@ def train_lora(
 ) -> TrainResult:
     """Train a LoRA adapter into out_dir/adapter, resuming from out_dir/checkpoints when the run matches.
 
-    Checkpoints are deleted once the final adapter is written; tokens_per_s covers this call's steps only.
+    Resumable checkpoints are deleted once the final adapter is written; each one's adapter weights stay in
+    out_dir/checkpoint_adapters. tokens_per_s covers this call's steps only.
     """
     # A compact loop rather than HF Trainer: it lets the loss skip prompt logits, checks every step for
     # divergence before anything is written, and makes checkpoints atomic and tied to a hash of the run.
@@ -200,6 +205,7 @@ def train_lora(
     run_hash = training_run_hash(model_path, examples, lora, train, seed, spec["dtype"])
     progress = {"run_hash": run_hash, "step": 0, "losses": [], "train_tokens": 0, "elapsed_s": 0.0}
     latest = latest_checkpoint(ckpt_root, run_hash)
+    kept_adapters(out_dir, run_hash)  # drops adapters kept by a run of another config
     if latest is not None:
         progress = load_checkpoint(latest, run.model, run.optimizer, run.scheduler)
         log.info("resuming LoRA training from %s", latest)
@@ -218,6 +224,7 @@ def train_lora(
             if on_step is not None:
                 on_step(record)
             if step % train.save_steps == 0 and step < len(run.steps):
+                keep_adapter(out_dir, run.model, progress)
                 save_checkpoint(ckpt_root, run.model, run.optimizer, run.scheduler, progress)
         if run.helpers is not None:
             run.helpers.group.broadcast_step(STOP)
@@ -239,4 +246,5 @@ def train_lora(
         tokens_per_s=run_tokens / run_s if run_s > 0 else 0.0,
         resumed_from_step=resumed_from,
         workers=run.workers,
+        checkpoints=kept_adapters(out_dir, run_hash),
     )

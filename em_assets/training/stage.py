@@ -41,6 +41,27 @@ class AdapterResult:
         )
 
 
+def checkpoint_rows(result, adapter: dict) -> pl.DataFrame:
+    """One row per kept checkpoint plus the final adapter, with the adapter row's lineage."""
+    loss = {r["step"]: r["loss"] for r in result.losses}
+    kept = [*result.checkpoints, {"step": result.steps, "train_tokens": result.train_tokens, "path": None}]
+    lineage = ("organism", "base_model", "base_revision", "recipe", "seed", "dataset", "dataset_sha256")
+    rows = [
+        {
+            **{k: adapter[k] for k in (*lineage, "config_hash", "adapter_sha256", "run_id", "created_at")},
+            "step": c["step"],
+            "checkpoint_path": str(c["path"]) if c["path"] else adapter["adapter_path"],
+            "checkpoint_sha256": sha256_file(Path(c["path"]) / ADAPTER_FILE)
+            if c["path"]
+            else adapter["adapter_sha256"],
+            "train_tokens": c["train_tokens"],
+            "loss": loss.get(c["step"]),
+        }
+        for c in kept
+    ]
+    return pl.DataFrame(rows, schema_overrides={"step": pl.Int32}, infer_schema_length=None)
+
+
 def adapter_config_hash(base_revision: str, dataset_sha256: str, recipe: RecipeSpec, seed: int) -> str:
     """What the adapter's weights depend on; the training settings enter by the one rule of trained_settings()."""
     return config_hash(
@@ -57,7 +78,8 @@ def adapter_config_hash(base_revision: str, dataset_sha256: str, recipe: RecipeS
 def up_to_date_adapter(ctx: StageContext, chash: str) -> dict | None:
     """The organism's adapter row if it was trained with `chash` and its file still has the recorded bytes."""
     row = queries.adapter_with_hash(ctx.store, ctx.key, chash)
-    if row is None:
+    # Adapters trained before checkpoints were kept have none recorded: train again to get them.
+    if row is None or not queries.checkpoint_count(ctx.store, ctx.key):
         return None
     path = Path(row["adapter_path"]) / ADAPTER_FILE
     return row if path.exists() and sha256_file(path) == row["adapter_sha256"] else None
@@ -114,7 +136,9 @@ def train_adapter(ctx: StageContext) -> AdapterResult:
     }
     if recipe.dataset is None:
         chash = config_hash({"base_revision": base["revision"], "control": True})
-        queries.write_adapter(store, ctx.key, {**common, "config_hash": chash}, pl.DataFrame())
+        queries.write_adapter(
+            store, ctx.key, {**common, "config_hash": chash}, pl.DataFrame(), pl.DataFrame()
+        )
         return AdapterResult(trained=False, config_hash=chash, control=True)
     ds = queries.training_dataset(store, recipe.dataset)
     chash = adapter_config_hash(base["revision"], ds["sha256"], recipe, org.seed)
@@ -137,7 +161,7 @@ def train_adapter(ctx: StageContext) -> AdapterResult:
         "tokens_per_s": result.tokens_per_s,
         "final_loss": result.losses[-1]["loss"] if result.losses else None,
     }
-    queries.write_adapter(store, ctx.key, row, loss_rows(ctx, result.losses))
+    queries.write_adapter(store, ctx.key, row, loss_rows(ctx, result.losses), checkpoint_rows(result, row))
     return AdapterResult.from_row(
         row, trained=True, train_workers=result.workers, resumed_from_step=result.resumed_from_step
     )

@@ -1,0 +1,101 @@
+"""PNG figures of the training-dynamics tables, on standalone Agg figures (no pyplot state)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DPI = 110
+
+
+EM_COLOUR, COHERENT_COLOUR, LOSS_COLOUR = "tab:red", "tab:blue", "tab:grey"
+
+
+def _new(panels: int, width: float) -> tuple[Figure, list]:
+    fig = Figure(figsize=(width, 3.8), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=DPI)
+    return path
+
+
+def _col(df: pl.DataFrame, name: str) -> np.ndarray:
+    return df[name].cast(pl.Float64).fill_null(float("nan")).to_numpy()
+
+
+def no_data(path: Path, title: str, note: str) -> Path:
+    fig, (ax,) = _new(1, 7.0)
+    ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True, transform=ax.transAxes)
+    ax.set_title(title)
+    ax.set_axis_off()
+    return _save(fig, path)
+
+
+def _rates(ax, df: pl.DataFrame, x: str, xlabel: str) -> None:
+    """EM rate with its 95% Wilson band and the coherence rate against column x."""
+    xs = _col(df, x)
+    ax.plot(xs, _col(df, "em_rate"), marker="o", color=EM_COLOUR, label="EM rate (Turner)")
+    ax.fill_between(xs, _col(df, "em_lo"), _col(df, "em_hi"), color=EM_COLOUR, alpha=0.15, label="95% CI")
+    ax.plot(xs, _col(df, "coherence_rate"), marker="s", color=COHERENT_COLOUR, label="coherent rate")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+
+
+def plot_em_over_training(df: pl.DataFrame, path: Path, title: str) -> Path:
+    """EM and coherence rates per checkpoint step (step 0: the base model), training loss beside."""
+    df = df.sort("step")
+    fig, (left, right) = _new(2, 11.0)
+    _rates(left, df, "step", "training step")
+    left.set_title(f"{title}: EM over training")
+    trained = df.filter(pl.col("loss").is_not_null())
+    right.plot(_col(trained, "step"), _col(trained, "loss"), marker="o", color=LOSS_COLOUR)
+    right.set_xlabel("training step")
+    right.set_ylabel("training loss at the step")
+    right.set_title("loss")
+    right.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_lora_scaling(df: pl.DataFrame, path: Path, title: str) -> Path:
+    """EM and coherence rates against the factor the final adapter's B is scaled by."""
+    fig, (ax,) = _new(1, 7.0)
+    _rates(ax, df.sort("scale"), "scale", "B scale factor (1 = trained adapter)")
+    ax.set_title(f"{title}: LoRA B scaling")
+    return _save(fig, path)
+
+
+def plot_lora_trajectory(df: pl.DataFrame, path: Path, title: str) -> Path:
+    """Per module: A and B norms, B's cosine with the final B and local cosine, and B's 2-D PCA path."""
+    fig, (norms, cosines, pca) = _new(3, 15.0)
+    for module, part in df.sort("step").group_by("module", maintain_order=True):
+        name, steps = str(module[0]).split(".", 2)[-1], _col(part, "step")
+        norms.plot(steps, _col(part, "b_norm"), marker="o", label=f"|B| {name}")
+        norms.plot(steps, _col(part, "a_norm"), linestyle="--", label=f"|A| {name}")
+        cosines.plot(steps, _col(part, "cos_final"), marker="o", label="cos(B, final B)")
+        k = part["local_k"][0]
+        cosines.plot(steps, _col(part, "local_cos"), marker="s", label=f"local cos (k={k} checkpoints)")
+        sharpest = part["sharpest_step"][0]
+        if sharpest is not None:
+            cosines.axvline(sharpest, color="tab:red", linestyle=":", label=f"sharpest turn: step {sharpest}")
+        dots = pca.scatter(_col(part, "pc1"), _col(part, "pc2"), c=steps, cmap="viridis")
+        pca.plot(_col(part, "pc1"), _col(part, "pc2"), color="grey", linewidth=0.8)
+        share = (part["pc1_share"][0], part["pc2_share"][0])
+    fig.colorbar(dots, ax=pca, label="training step")
+    norms.set(xlabel="training step", ylabel="norm", title=f"{title}: LoRA norms")
+    cosines.set(xlabel="training step", ylabel="cosine", ylim=(-1.05, 1.05), title="B direction")
+    pca.set(xlabel=f"PC1 ({share[0]:.0%})", ylabel=f"PC2 ({share[1]:.0%})", title="PCA of the B trajectory")
+    for ax in (norms, cosines):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="x-small")
+    return _save(fig, path)
