@@ -3,7 +3,9 @@ of organisms that share a base model."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -60,3 +62,23 @@ def load_arrays(directions: pl.DataFrame) -> dict[str, np.ndarray]:
         r["organism"]: load_directions(r["direction_path"], r["direction_sha256"]).numpy()
         for r in directions.iter_rows(named=True)
     }
+
+
+@dataclass(frozen=True)
+class SimilarityReport:
+    table: pl.DataFrame
+    figure: Path
+    organisms: int
+
+
+def build_similarity(store, figures_dir: Path) -> SimilarityReport:
+    """The `direction_similarity` table (replaced whole) and its heatmap, from every stored direction."""
+    from em_assets.analyses.figures import plot_similarity
+    from em_assets.results import directions as db
+
+    db.ensure_tables(store)
+    directions = db.computed_directions(store)
+    table = similarity_table(directions, load_arrays(directions))
+    store.write_table("direction_similarity", table)
+    figure = plot_similarity(table, Path(figures_dir) / "direction_similarity.png")
+    return SimilarityReport(table, figure, directions.height)
