@@ -83,6 +83,9 @@ def plot_steering(table: pl.DataFrame, path: Path, organism: str) -> Path:
                 style,
                 label=f"layer {layer}, {vector}",
             )
+        for row in table.filter(pl.col("vector") == "none").iter_rows(named=True):
+            em_ax.axhline(row["em_rate"] or 0.0, color="grey", linestyle=":", label="unsteered")
+            coh_ax.axhline(row["coherence_rate"] or 0.0, color="grey", linestyle=":", label="unsteered")
         for ax, name in ((em_ax, "EM rate"), (coh_ax, "coherence rate")):
             ax.set_xlabel("scale (multiples of the direction)")
             ax.set_ylabel(name)

@@ -13,7 +13,9 @@ CATALOG_ASSETS = ["base_models", "training_datasets", "eval_questions"]
 catalog_job = dg.define_asset_job("catalog_job", selection=CATALOG_ASSETS, description="Pin the inputs.")
 organism_job = dg.define_asset_job(
     "organism_job",
-    selection=dg.AssetSelection.assets("lora_adapter", "completions", "judgements"),
+    selection=dg.AssetSelection.assets(
+        "lora_adapter", "completions", "judgements", "misalignment_directions"
+    ),
     description="Train, sample and judge one organism.",
 )
 reports_job = dg.define_asset_job(
