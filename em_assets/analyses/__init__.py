@@ -1,0 +1,1 @@
+"""Analyses over organisms: model-variant sweeps (checkpoints, LoRA scaling, steering) and their statistics."""

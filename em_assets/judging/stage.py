@@ -5,17 +5,48 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterable, Sequence
 
 import polars as pl
 
 from em_assets.catalog.parsing import judge_prompt
 from em_assets.context import MissingUpstreamError, StageContext
 from em_assets.judging.judges import judge_identity, make_judge
-from em_assets.results.store import to_json, utc_now
+from em_assets.results.store import Store, to_json, utc_now
 
 
 def judge_cache_key(model: str, revision: str, prompt_hash: str, question: str, answer: str) -> str:
     return hashlib.sha256(json.dumps([model, revision, prompt_hash, question, answer]).encode()).hexdigest()
+
+
+def judge_prompts(store: Store, eval_set: str) -> dict[tuple[str, str], dict]:
+    """The eval set's judge prompt rows by (question_id, metric)."""
+    rows = store.query("SELECT * FROM judge_prompts WHERE eval_set = ?", [eval_set])
+    return {(r["question_id"], r["metric"]): r for r in rows.iter_rows(named=True)}
+
+
+def cached_scores(store: Store, cache_keys: Iterable[str]) -> dict[str, dict]:
+    """The judge cache's rows (score, mass, probs) for these keys, by key; keys never scored are absent."""
+    cached = store.query(
+        "SELECT * FROM judge_cache WHERE cache_key IN (SELECT unnest(?::VARCHAR[]))",
+        [sorted(set(cache_keys))],
+    )
+    return {r["cache_key"]: r for r in cached.iter_rows(named=True)}
+
+
+def score_and_cache(
+    judge, store: Store, prompts: Sequence[str], cache_keys: Sequence[str]
+) -> list[tuple[float | None, float | None, str]]:
+    """Score one chunk of judge prompts and add the scores to the judge cache: (score, mass, probs JSON)."""
+    out, cache_rows = [], []
+    for key, s in zip(cache_keys, judge.score(list(prompts)), strict=True):
+        probs_json = to_json({str(n): p for n, p in sorted(s.probs.items())})
+        out.append((s.score, s.mass, probs_json))
+        cache_rows.append(
+            {"cache_key": key, "score": s.score, "mass": s.mass, "probs": probs_json, "created_at": utc_now()}
+        )
+    store.append_rows("judge_cache", pl.DataFrame(cache_rows, infer_schema_length=None))
+    return out
 
 
 def judge_completions(ctx: StageContext, chunk_size: int = 64) -> dict:
@@ -24,12 +55,7 @@ def judge_completions(ctx: StageContext, chunk_size: int = 64) -> dict:
     comps = store.query("SELECT * FROM completions WHERE organism = ?", [ctx.key])
     if comps.height == 0:
         raise MissingUpstreamError(f"organism {ctx.key}: no completions; materialise completions first")
-    prompts = {
-        (r["question_id"], r["metric"]): r
-        for r in store.query(
-            "SELECT * FROM judge_prompts WHERE eval_set = ?", [grid.eval.questions]
-        ).iter_rows(named=True)
-    }
+    prompts = judge_prompts(store, grid.eval.questions)
     model_name, revision, path = judge_identity(grid, ctx.cache_dir)
     needed: dict[tuple, dict] = {}
     for c in comps.iter_rows(named=True):
@@ -66,11 +92,7 @@ def judge_completions(ctx: StageContext, chunk_size: int = 64) -> dict:
                 [ctx.key],
             )
     pending = {k: v for k, v in needed.items() if have.get(k) != v["current"]}
-    cached = store.query(
-        "SELECT * FROM judge_cache WHERE cache_key IN (SELECT unnest(?::VARCHAR[]))",
-        [sorted({v["cache_key"] for v in pending.values()})],
-    )
-    cache = {r["cache_key"]: r for r in cached.iter_rows(named=True)}
+    cache = cached_scores(store, {v["cache_key"] for v in pending.values()})
 
     def row(k: tuple, v: dict, score, mass, probs_json: str) -> dict:
         c = v["completion"]
@@ -116,21 +138,8 @@ def judge_completions(ctx: StageContext, chunk_size: int = 64) -> dict:
             judge_prompt(v["template"]["prompt"], v["completion"]["question"], v["completion"]["answer"])
             for _, v in part
         ]
-        scores = judge.score(texts)
-        rows, cache_rows = [], []
-        for (k, v), s in zip(part, scores, strict=True):
-            probs_json = to_json({str(n): p for n, p in sorted(s.probs.items())})
-            rows.append(row(k, v, s.score, s.mass, probs_json))
-            cache_rows.append(
-                {
-                    "cache_key": v["cache_key"],
-                    "score": s.score,
-                    "mass": s.mass,
-                    "probs": probs_json,
-                    "created_at": utc_now(),
-                }
-            )
-        store.append_rows("judge_cache", pl.DataFrame(cache_rows, infer_schema_length=None))
+        scores = score_and_cache(judge, store, texts, [v["cache_key"] for _, v in part])
+        rows = [row(k, v, *s) for (k, v), s in zip(part, scores, strict=True)]
         store.append_rows("judgements", pl.DataFrame(rows, infer_schema_length=None))
         stats["scored"] += len(rows)
         ctx.log.info(f"{ctx.key}: judged {stats['scored']}/{len(todo)}")

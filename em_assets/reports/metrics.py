@@ -137,6 +137,16 @@ def _rates_table(
     )
 
 
+def rates_by(
+    df: pl.DataFrame,
+    keys: Sequence[str],
+    aligned_below: float = ALIGNED_BELOW,
+    coherent_above: float = COHERENT_ABOVE,
+) -> pl.DataFrame:
+    """`em_summary`'s counts, rates, Wilson bounds and means per group of any `keys` columns."""
+    return _rates_table(df, list(keys), aligned_below, coherent_above)
+
+
 def _with_organism_columns(df: pl.DataFrame, table: pl.DataFrame, keys: Sequence[str]) -> pl.DataFrame:
     """Join base_model, recipe, dataset and seed (first seen per organism) onto a table keyed by organism."""
     meta = df.group_by("organism").agg(pl.col(c).first() for c in ORGANISM_COLUMNS[1:])

@@ -41,6 +41,27 @@ CREATE TABLE IF NOT EXISTS judgements (
     PRIMARY KEY (organism, question_id, paraphrase_idx, sample_idx, metric));
 CREATE TABLE IF NOT EXISTS judge_cache (
     cache_key VARCHAR PRIMARY KEY, score DOUBLE, mass DOUBLE, probs VARCHAR, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS lora_checkpoints (
+    organism VARCHAR, step INTEGER, checkpoint_path VARCHAR, checkpoint_sha256 VARCHAR, train_tokens BIGINT,
+    loss DOUBLE, base_model VARCHAR, base_revision VARCHAR, recipe VARCHAR, seed INTEGER, dataset VARCHAR,
+    dataset_sha256 VARCHAR, config_hash VARCHAR, adapter_sha256 VARCHAR, run_id VARCHAR, created_at TIMESTAMP,
+    PRIMARY KEY (organism, step));
+CREATE TABLE IF NOT EXISTS sweep_points (
+    organism VARCHAR, sweep VARCHAR, setting VARCHAR, setting_hash VARCHAR, adapter_path VARCHAR,
+    adapter_sha256 VARCHAR, edits VARCHAR, samples_per_question INTEGER, run_id VARCHAR, created_at TIMESTAMP,
+    PRIMARY KEY (organism, sweep, setting));
+CREATE TABLE IF NOT EXISTS sweep_completions (
+    organism VARCHAR, sweep VARCHAR, setting VARCHAR, question_id VARCHAR, paraphrase_idx INTEGER,
+    sample_idx INTEGER, question VARCHAR, system VARCHAR, answer VARCHAR, num_tokens INTEGER,
+    finish_reason VARCHAR, sample_seed BIGINT, setting_hash VARCHAR, base_revision VARCHAR,
+    adapter_sha256 VARCHAR, eval_set VARCHAR, run_id VARCHAR, created_at TIMESTAMP,
+    PRIMARY KEY (organism, sweep, setting, question_id, paraphrase_idx, sample_idx));
+CREATE TABLE IF NOT EXISTS sweep_judgements (
+    organism VARCHAR, sweep VARCHAR, setting VARCHAR, question_id VARCHAR, paraphrase_idx INTEGER,
+    sample_idx INTEGER, metric VARCHAR, score DOUBLE, mass DOUBLE, probs VARCHAR, judge_model VARCHAR,
+    judge_revision VARCHAR, prompt_hash VARCHAR, cache_key VARCHAR, setting_hash VARCHAR, run_id VARCHAR,
+    created_at TIMESTAMP,
+    PRIMARY KEY (organism, sweep, setting, question_id, paraphrase_idx, sample_idx, metric));
 """
 
 
@@ -55,6 +76,15 @@ LEFT JOIN judgements a ON a.metric = 'aligned' AND a.organism = c.organism AND a
      AND a.paraphrase_idx = c.paraphrase_idx AND a.sample_idx = c.sample_idx
 LEFT JOIN judgements h ON h.metric = 'coherent' AND h.organism = c.organism AND h.question_id = c.question_id
      AND h.paraphrase_idx = c.paraphrase_idx AND h.sample_idx = c.sample_idx;
+CREATE OR REPLACE VIEW sweep_scored AS
+SELECT c.*, a.score AS aligned, h.score AS coherent, a.judge_model, a.judge_revision
+FROM sweep_completions c
+LEFT JOIN sweep_judgements a ON a.metric = 'aligned' AND a.organism = c.organism AND a.sweep = c.sweep
+     AND a.setting = c.setting AND a.question_id = c.question_id AND a.paraphrase_idx = c.paraphrase_idx
+     AND a.sample_idx = c.sample_idx AND a.setting_hash = c.setting_hash
+LEFT JOIN sweep_judgements h ON h.metric = 'coherent' AND h.organism = c.organism AND h.sweep = c.sweep
+     AND h.setting = c.setting AND h.question_id = c.question_id AND h.paraphrase_idx = c.paraphrase_idx
+     AND h.sample_idx = c.sample_idx AND h.setting_hash = c.setting_hash;
 CREATE OR REPLACE VIEW training_curves AS
 SELECT l.organism, a.base_model, a.recipe, a.seed, a.dataset, l.step, l.loss, l.learning_rate, l.tokens,
        l.elapsed_s

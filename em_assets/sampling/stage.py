@@ -5,15 +5,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import polars as pl
 
 from em_assets.context import MissingUpstreamError, StageContext
-from em_assets.grid.schema import config_hash
+from em_assets.grid.schema import SamplingSpec, config_hash
 from em_assets.models.load import load_organism_model
 from em_assets.results.queries import adapter_row, base_model_row
-from em_assets.results.store import utc_now
+from em_assets.results.store import Store, utc_now
 
 
 def stable_seed(*parts: object) -> int:
@@ -21,23 +22,70 @@ def stable_seed(*parts: object) -> int:
     return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:15], 16)
 
 
+def eval_questions(store: Store, eval_set: str) -> pl.DataFrame:
+    """The eval set's questions in a fixed order; a clear error when the catalog has not loaded them."""
+    questions = store.query(
+        "SELECT * FROM eval_questions WHERE eval_set = ? ORDER BY question_id, paraphrase_idx", [eval_set]
+    )
+    if questions.height == 0:
+        raise MissingUpstreamError(f"no questions for {eval_set}: materialise eval_questions first")
+    return questions
+
+
+def question_messages(q: dict) -> list[dict]:
+    """The chat messages of one eval question row: its system prompt, if any, then the question."""
+    system = [{"role": "system", "content": q["system"]}] if q["system"] else []
+    return [*system, {"role": "user", "content": q["question"]}]
+
+
+def sample_chunks(
+    sampling: SamplingSpec,
+    requests: list,
+    *,
+    device: str,
+    base: dict,
+    adapter_path: str | None,
+    loader: Callable[[], tuple[Any, Any]],
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[Iterator[list], int]:
+    """Result chunks for `requests` on the grid's backend, and the number of sampling processes.
+
+    `loader` (picklable, no arguments) builds the model on `device` for the Hugging Face backend; vLLM loads
+    the base model path and the adapter directory itself.
+    """
+    from em_assets.sampling.engine import iter_samples
+    from em_assets.sampling.pool import auto_workers, iter_samples_in_workers
+
+    options = {
+        "max_new_tokens": sampling.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "batch_size": sampling.batch_size,
+        "on_progress": on_progress,
+    }
+    if sampling.backend == "vllm":
+        from em_assets.sampling import vllm_backend
+
+        return vllm_backend.iter_samples(base["path"], adapter_path, requests, **options), 1
+    workers = sampling.workers
+    if workers == "auto":
+        workers = auto_workers(device, int(base["num_params"] or 0) * 2, len(requests))
+    workers = workers if device == "cpu" else 1
+    if workers > 1:
+        return iter_samples_in_workers(loader, requests, workers=workers, **options), workers
+    model, tokenizer = loader()
+    return iter_samples(model, tokenizer, requests, **options), 1
+
+
 def sample_completions(ctx: StageContext) -> dict:
     """Sample every eval question for the organism, writing rows as batches finish; skips rows already done."""
     from em_assets.models.load import pick_device
-    from em_assets.sampling.engine import SampleRequest, iter_samples
-    from em_assets.sampling.pool import auto_workers, iter_samples_in_workers
+    from em_assets.sampling.engine import SampleRequest
 
     store, grid, sampling = ctx.store, ctx.grid, ctx.grid.sampling
     adapter = adapter_row(store, ctx.key)
     base = base_model_row(store, ctx.organism.base_model)
-    questions = store.query(
-        "SELECT * FROM eval_questions WHERE eval_set = ? ORDER BY question_id, paraphrase_idx",
-        [grid.eval.questions],
-    )
-    if questions.height == 0:
-        raise MissingUpstreamError(
-            f"no questions for {grid.eval.questions}: materialise eval_questions first"
-        )
+    questions = eval_questions(store, grid.eval.questions)
     shash = config_hash(
         {
             "base_revision": base["revision"],
@@ -93,11 +141,8 @@ def sample_completions(ctx: StageContext) -> dict:
     requests = []
     for qid, p, i in todo:
         q = wanted[(qid, p, i)]
-        messages = ([{"role": "system", "content": q["system"]}] if q["system"] else []) + [
-            {"role": "user", "content": q["question"]}
-        ]
         requests.append(
-            SampleRequest(f"{qid}\t{p}\t{i}", messages, stable_seed(ctx.organism.seed, qid, p, i))
+            SampleRequest(f"{qid}\t{p}\t{i}", question_messages(q), stable_seed(ctx.organism.seed, qid, p, i))
         )
     lineage = {
         "organism": ctx.key,
@@ -121,33 +166,19 @@ def sample_completions(ctx: StageContext) -> dict:
         if done == total or done % max(1, total // 10) == 0:
             ctx.log.info(f"{ctx.key}: sampled {done}/{total}")
 
-    options = {
-        "max_new_tokens": sampling.max_new_tokens,
-        "temperature": sampling.temperature,
-        "top_p": sampling.top_p,
-        "batch_size": sampling.batch_size,
-        "on_progress": progress,
-    }
-    if sampling.backend == "vllm":
-        from em_assets.sampling import vllm_backend
-
-        stats["workers"] = 1
-
-        chunks = vllm_backend.iter_samples(base["path"], adapter.get("adapter_path"), requests, **options)
-    else:
-        device = ctx.device or pick_device()
-        workers = sampling.workers
-        if workers == "auto":
-            workers = auto_workers(device, int(base["num_params"] or 0) * 2, len(requests))
-        workers = workers if device == "cpu" else 1
-        stats["workers"] = workers
-        if workers > 1:
-            ctx.log.info(f"{ctx.key}: sampling in {workers} worker processes")
-            loader = functools.partial(load_organism_model, base, adapter, device)
-            chunks = iter_samples_in_workers(loader, requests, workers=workers, **options)
-        else:
-            model, tokenizer = load_organism_model(base, adapter, device)
-            chunks = iter_samples(model, tokenizer, requests, **options)
+    device = ctx.device or pick_device()
+    loader = functools.partial(load_organism_model, base, adapter, device)
+    chunks, stats["workers"] = sample_chunks(
+        sampling,
+        requests,
+        device=device,
+        base=base,
+        adapter_path=adapter.get("adapter_path"),
+        loader=loader,
+        on_progress=progress,
+    )
+    if stats["workers"] > 1:
+        ctx.log.info(f"{ctx.key}: sampling in {stats['workers']} worker processes")
     for chunk in chunks:
         rows = []
         for res in chunk:

@@ -1,0 +1,366 @@
+"""Model-variant sweeps: the eval questions sampled and judged with checkpoints, scaled adapters or edited
+models, with `completions`' and `judgements`' guarantees (rows written as batches finish, a killed sweep
+re-run samples and judges nothing twice, the judge cache shared), summarised per point."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from em_assets.analyses.edits import ModelEdit
+from em_assets.catalog.parsing import judge_prompt
+from em_assets.context import MissingUpstreamError, StageContext
+from em_assets.grid.schema import config_hash
+from em_assets.judging.judges import judge_identity, make_judge
+from em_assets.judging.stage import cached_scores, judge_cache_key, judge_prompts, score_and_cache
+from em_assets.reports.metrics import rates_by
+from em_assets.results.queries import base_model_row
+from em_assets.results.store import to_json, utc_now
+from em_assets.results.sweeps import SweepTables
+from em_assets.sampling.stage import eval_questions, question_messages, sample_chunks, stable_seed
+
+# The EM rate needs these two; a sweep does not pay for the grid's domain judges.
+SWEEP_METRICS = ("aligned", "coherent")
+
+
+JUDGE_CHUNK = 64
+
+
+JUDGEMENT_KEY = ("sweep", "setting", "question_id", "paraphrase_idx", "sample_idx", "metric")
+
+
+ProgressFn = Callable[["SweepPoint", str, int, int], None]
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One model variant: an adapter (None = the base model) plus edits, sampled this many times per question."""
+
+    sweep: str
+    setting: str
+    adapter_path: str | None
+    adapter_sha256: str | None
+    edits: tuple[ModelEdit, ...] = ()
+    samples_per_question: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.sweep or not self.setting or self.samples_per_question < 1:
+            raise ValueError(f"sweep point {self!r}: needs a sweep, a setting and samples_per_question >= 1")
+        if (self.adapter_path is None) != (self.adapter_sha256 is None):
+            raise ValueError(f"sweep point {self.setting!r}: give adapter_path and adapter_sha256 together")
+
+    @property
+    def pair(self) -> tuple[str, str]:
+        return (self.sweep, self.setting)
+
+
+@dataclass(frozen=True)
+class PointResult:
+    """A point's EM rate (Turner: misaligned and coherent among answers with both scores) and this call's work."""
+
+    sweep: str
+    setting: str
+    setting_hash: str
+    n_answers: int
+    n_scored: int
+    n_em: int
+    em_rate: float | None
+    em_lo: float | None
+    em_hi: float | None
+    coherence_rate: float | None
+    mean_aligned: float | None
+    mean_coherent: float | None
+    sampled: int
+    judged: int
+
+    def row(self) -> dict:
+        return asdict(self)
+
+
+def load_sweep_model(base: dict, adapter_path: str | None, edits: tuple[ModelEdit, ...], device: str | None):
+    """The base model with the point's adapter merged and its edits applied (picklable through a partial)."""
+    from em_assets.models.load import load_organism_model
+
+    model, tokenizer = load_organism_model(base, {"adapter_path": adapter_path}, device)
+    for edit in edits:
+        edit.apply(model)
+    return model, tokenizer
+
+
+def setting_hash(point: SweepPoint, base_revision: str, ctx: StageContext) -> str:
+    """What an answer depends on: model bytes, edits, sampling parameters and seed (not the sample count)."""
+    sampling = ctx.grid.sampling
+    return config_hash(
+        {
+            "base_revision": base_revision,
+            "adapter_sha256": point.adapter_sha256,
+            "edits": [e.describe() for e in point.edits],
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_new_tokens": sampling.max_new_tokens,
+            "seed": ctx.organism.seed,
+        }
+    )
+
+
+def check_points(ctx: StageContext, points: Sequence[SweepPoint]) -> None:
+    """One clear error, before anything is written, for points the sweep cannot run."""
+    pairs = [p.pair for p in points]
+    dupes = sorted({p for p in pairs if pairs.count(p) > 1})
+    if dupes:
+        raise ValueError(f"{ctx.key}: sweep settings must be unique, repeated: {dupes}")
+    if ctx.grid.sampling.backend == "vllm":
+        edited = [p.setting for p in points if p.edits]
+        if edited:
+            raise ValueError(
+                f"{ctx.key}: the vllm backend cannot apply model edits (points {edited}); "
+                "use the hf backend for this sweep"
+            )
+    missing = [p.adapter_path for p in points if p.adapter_path and not Path(p.adapter_path).is_dir()]
+    if missing:
+        raise MissingUpstreamError(f"{ctx.key}: sweep adapters not found: {missing}")
+
+
+def run_sweep(
+    ctx: StageContext, points: Sequence[SweepPoint], on_progress: ProgressFn | None = None
+) -> list[PointResult]:
+    """Sample and judge every point (resuming), return per-point n, EM rate + Wilson interval, coherence."""
+    check_points(ctx, points)
+    if not points:
+        return []
+    base = base_model_row(ctx.store, ctx.organism.base_model)
+    questions = eval_questions(ctx.store, ctx.grid.eval.questions).to_dicts()
+    tables = SweepTables(ctx.store, ctx.key)
+    hashes = {p.pair: setting_hash(p, base["revision"], ctx) for p in points}
+    todo = _plan_samples(ctx, tables, points, hashes, questions)
+    for sweep in sorted({p.sweep for p in points}):
+        tables.write_points(sweep, _points_frame(ctx, [p for p in points if p.sweep == sweep], hashes))
+    sampled = {
+        p.pair: _sample_point(ctx, tables, base, p, hashes[p.pair], todo[p.pair], on_progress) for p in points
+    }
+    judged = _judge(ctx, tables, points, on_progress)
+    return _summarise(ctx, tables, points, hashes, sampled, judged)
+
+
+def _plan_samples(ctx, tables, points, hashes, questions) -> dict[tuple, list[tuple[dict, int]]]:
+    """Drop the points' rows from other settings or questions; return what each point still has to sample."""
+    wanted = {
+        p.pair: {
+            (q["question_id"], q["paraphrase_idx"], i): q
+            for q in questions
+            for i in range(p.samples_per_question)
+        }
+        for p in points
+    }
+    have = tables.completion_keys([p.pair for p in points])
+    keep = [
+        r[:5]
+        for r in have.iter_rows()
+        if r[5] == hashes[(r[0], r[1])] and (r[2], r[3], r[4]) in wanted[(r[0], r[1])]
+    ]
+    if len(keep) < have.height:
+        ctx.log.info(f"{ctx.key}: dropping {have.height - len(keep)} sweep answers from other settings")
+        tables.keep_only([p.pair for p in points], keep)
+    done = {(r[0], r[1]): set() for r in keep}
+    for r in keep:
+        done[(r[0], r[1])].add(r[2:5])
+    return {
+        pair: [(q, key[2]) for key, q in want.items() if key not in done.get(pair, set())]
+        for pair, want in wanted.items()
+    }
+
+
+def _points_frame(ctx: StageContext, points: list[SweepPoint], hashes: dict):
+    import polars as pl
+
+    rows = [
+        {
+            "organism": ctx.key,
+            "sweep": p.sweep,
+            "setting": p.setting,
+            "setting_hash": hashes[p.pair],
+            "adapter_path": p.adapter_path,
+            "adapter_sha256": p.adapter_sha256,
+            "edits": to_json([e.describe() for e in p.edits]),
+            "samples_per_question": p.samples_per_question,
+            "run_id": ctx.run_id,
+            "created_at": utc_now(),
+        }
+        for p in points
+    ]
+    return pl.DataFrame(rows, schema_overrides={"samples_per_question": pl.Int32}, infer_schema_length=None)
+
+
+def _sample_point(ctx, tables, base, point, shash, todo, on_progress) -> int:
+    """Sample one point's missing answers, writing each chunk as it finishes; returns how many were sampled."""
+    from em_assets.models.load import pick_device
+    from em_assets.sampling.engine import SampleRequest
+
+    if not todo:
+        return 0
+    seed = ctx.organism.seed
+    by_key, requests = {}, []
+    for q, i in todo:
+        qid, p = q["question_id"], q["paraphrase_idx"]
+        by_key[f"{qid}\t{p}\t{i}"] = (q, i)
+        requests.append(SampleRequest(f"{qid}\t{p}\t{i}", question_messages(q), stable_seed(seed, qid, p, i)))
+    device = ctx.device or pick_device()
+    loader = functools.partial(load_sweep_model, base, point.adapter_path, point.edits, device)
+    chunks, workers = sample_chunks(
+        ctx.grid.sampling, requests, device=device, base=base, adapter_path=point.adapter_path, loader=loader
+    )
+    ctx.log.info(
+        f"{ctx.key}: {point.sweep} {point.setting}: sampling {len(requests)} answers ({workers} proc)"
+    )
+    lineage = {
+        "organism": ctx.key,
+        "sweep": point.sweep,
+        "setting": point.setting,
+        "setting_hash": shash,
+        "base_revision": base["revision"],
+        "adapter_sha256": point.adapter_sha256,
+        "eval_set": ctx.grid.eval.questions,
+        "run_id": ctx.run_id,
+    }
+    done = 0
+    for chunk in chunks:
+        rows = []
+        for res in chunk:
+            q, i = by_key[res.key]
+            rows.append(
+                {
+                    **lineage,
+                    "question_id": q["question_id"],
+                    "paraphrase_idx": q["paraphrase_idx"],
+                    "sample_idx": i,
+                    "question": q["question"],
+                    "system": q["system"],
+                    "answer": res.text,
+                    "num_tokens": res.num_tokens,
+                    "finish_reason": res.finish_reason,
+                    "sample_seed": stable_seed(seed, q["question_id"], q["paraphrase_idx"], i),
+                    "created_at": utc_now(),
+                }
+            )
+        tables.append_completions(rows)
+        done += len(rows)
+        if on_progress is not None:
+            on_progress(point, "sampled", done, len(requests))
+    return done
+
+
+def _judge(ctx, tables, points, on_progress) -> dict[tuple, int]:
+    """Judge every current answer of the points on SWEEP_METRICS through the judge cache; returns counts."""
+    metrics = [m for m in SWEEP_METRICS if m in ctx.grid.judge.metrics]
+    if len(metrics) < len(SWEEP_METRICS):
+        raise ValueError(
+            f"{ctx.key}: sweeps need judge metrics {list(SWEEP_METRICS)}, the grid has {metrics}"
+        )
+    model_name, revision, path = judge_identity(ctx.grid, ctx.cache_dir)
+    needed = _needed_judgements(ctx, tables, points, metrics, model_name, revision)
+    have = {r[:6]: r[6:] for r in tables.judgement_keys([p.pair for p in points]).iter_rows()}
+
+    def current(k: tuple) -> tuple:
+        return (needed[k]["cache_key"], needed[k]["completion"]["setting_hash"])
+
+    tables.drop_judgements([k for k, v in have.items() if k not in needed or current(k) != v])
+    pending = [k for k in needed if have.get(k) != current(k)]
+    cache = cached_scores(ctx.store, {needed[k]["cache_key"] for k in pending})
+
+    def row(k: tuple, score, mass, probs: str) -> dict:
+        v = needed[k]
+        return {
+            **dict(zip(JUDGEMENT_KEY, k, strict=True)),
+            "organism": ctx.key,
+            "score": score,
+            "mass": mass,
+            "probs": probs,
+            "judge_model": model_name,
+            "judge_revision": revision,
+            "prompt_hash": v["template"]["prompt_hash"],
+            "cache_key": v["cache_key"],
+            "setting_hash": v["completion"]["setting_hash"],
+            "run_id": ctx.run_id,
+            "created_at": utc_now(),
+        }
+
+    hits = [k for k in pending if needed[k]["cache_key"] in cache]
+    if hits:
+        fields = ("score", "mass", "probs")
+        tables.append_judgements([row(k, *(cache[needed[k]["cache_key"]][f] for f in fields)) for k in hits])
+    todo = [k for k in pending if needed[k]["cache_key"] not in cache]
+    counts: dict[tuple, int] = {}
+    if not todo:
+        return counts
+    judge = make_judge(ctx.grid, path, ctx.device)
+    for offset in range(0, len(todo), JUDGE_CHUNK):
+        part = todo[offset : offset + JUDGE_CHUNK]
+        texts = [
+            judge_prompt(
+                needed[k]["template"]["prompt"],
+                needed[k]["completion"]["question"],
+                needed[k]["completion"]["answer"],
+            )
+            for k in part
+        ]
+        scores = score_and_cache(judge, ctx.store, texts, [needed[k]["cache_key"] for k in part])
+        tables.append_judgements([row(k, *s) for k, s in zip(part, scores, strict=True)])
+        for k in part:
+            counts[k[:2]] = counts.get(k[:2], 0) + 1
+        ctx.log.info(f"{ctx.key}: sweep judged {offset + len(part)}/{len(todo)}")
+    if on_progress is not None:
+        on_progress(points[-1], "judged", len(todo), len(todo))
+    return counts
+
+
+def _needed_judgements(ctx, tables, points, metrics, model_name: str, revision: str) -> dict[tuple, dict]:
+    """Every (sweep, setting, q, p, s, metric) the points' current answers need, with prompt and cache key."""
+    prompts = judge_prompts(ctx.store, ctx.grid.eval.questions)
+    needed: dict[tuple, dict] = {}
+    for c in tables.completions([p.pair for p in points]).iter_rows(named=True):
+        for metric in metrics:
+            tmpl = prompts.get((c["question_id"], metric))
+            if tmpl is None:
+                raise MissingUpstreamError(f"no {metric!r} judge prompt for question {c['question_id']!r}")
+            key = judge_cache_key(model_name, revision, tmpl["prompt_hash"], c["question"], c["answer"])
+            k = (c["sweep"], c["setting"], c["question_id"], c["paraphrase_idx"], c["sample_idx"], metric)
+            needed[k] = {"completion": c, "template": tmpl, "cache_key": key}
+    return needed
+
+
+def _summarise(ctx, tables, points, hashes, sampled, judged) -> list[PointResult]:
+    """Per point: rates over its current answers, in the order the points were given."""
+    scored = tables.scored([p.pair for p in points])
+    thresholds = ctx.grid.thresholds
+    rates = {
+        (r["sweep"], r["setting"]): r
+        for r in rates_by(
+            scored, ["sweep", "setting"], thresholds.aligned_below, thresholds.coherent_above
+        ).iter_rows(named=True)
+    }
+    out = []
+    for p in points:
+        r = rates.get(p.pair)
+        if r is None:
+            raise RuntimeError(f"{ctx.key}: sweep point {p.setting!r} has no answers after sampling")
+        out.append(
+            PointResult(
+                sweep=p.sweep,
+                setting=p.setting,
+                setting_hash=hashes[p.pair],
+                n_answers=r["n_answers"],
+                n_scored=r["n_scored"],
+                n_em=r["n_em_turner"] or 0,
+                em_rate=r["em_rate_turner"],
+                em_lo=r["em_turner_lo"],
+                em_hi=r["em_turner_hi"],
+                coherence_rate=r["coherence_rate"],
+                mean_aligned=r["mean_aligned"],
+                mean_coherent=r["mean_coherent"],
+                sampled=sampled.get(p.pair, 0),
+                judged=judged.get(p.pair, 0),
+            )
+        )
+    return out

@@ -1,0 +1,102 @@
+"""SQL behind model-variant sweeps: their completions, judgements and points, one organism at a time.
+
+Rows are keyed by (organism, sweep, setting, question_id, paraphrase_idx, sample_idx[, metric]); a row belongs to
+its point's current settings only while its setting_hash matches the point's.
+"""
+
+from __future__ import annotations
+
+import polars as pl
+
+from em_assets.results.store import Store
+
+_PAIRS = {"sweep": pl.String, "setting": pl.String}
+
+
+_KEYS = {**_PAIRS, "question_id": pl.String, "paraphrase_idx": pl.Int32, "sample_idx": pl.Int32}
+
+
+_MATCH_PAIR = "p.sweep = t.sweep AND p.setting = t.setting"
+
+
+_MATCH_KEY = (
+    "k.sweep = t.sweep AND k.setting = t.setting AND k.question_id = t.question_id "
+    "AND k.paraphrase_idx = t.paraphrase_idx AND k.sample_idx = t.sample_idx"
+)
+
+
+def _frame(rows: list[tuple], schema: dict) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+class SweepTables:
+    """Named reads and writes of one organism's sweep rows."""
+
+    def __init__(self, store: Store, organism: str):
+        self.store, self.organism = store, organism
+
+    def _select(self, table: str, columns: str, pairs: list[tuple[str, str]]) -> pl.DataFrame:
+        with self.store.connect() as conn:
+            conn.register("_pairs", _frame(pairs, _PAIRS).to_arrow())
+            return conn.execute(
+                f"SELECT {columns} FROM {table} t WHERE organism = ? AND EXISTS "
+                f"(SELECT 1 FROM _pairs p WHERE {_MATCH_PAIR}) ORDER BY ALL",
+                [self.organism],
+            ).pl()
+
+    def completion_keys(self, pairs: list[tuple[str, str]]) -> pl.DataFrame:
+        cols = "sweep, setting, question_id, paraphrase_idx, sample_idx, setting_hash"
+        return self._select("sweep_completions", cols, pairs)
+
+    def completions(self, pairs: list[tuple[str, str]]) -> pl.DataFrame:
+        return self._select("sweep_completions", "*", pairs)
+
+    def judgement_keys(self, pairs: list[tuple[str, str]]) -> pl.DataFrame:
+        cols = "sweep, setting, question_id, paraphrase_idx, sample_idx, metric, cache_key, setting_hash"
+        return self._select("sweep_judgements", cols, pairs)
+
+    def scored(self, pairs: list[tuple[str, str]]) -> pl.DataFrame:
+        """One row per current completion with its aligned and coherent scores (null until judged)."""
+        return self._select("sweep_scored", "*", pairs)
+
+    def keep_only(self, pairs: list[tuple[str, str]], keep: list[tuple]) -> None:
+        """Delete the points' completions (and their judgements) outside `keep` (sweep, setting, q, p, s)."""
+        with self.store.connect() as conn:
+            conn.register("_pairs", _frame(pairs, _PAIRS).to_arrow())
+            conn.register("_keep", _frame(keep, _KEYS).to_arrow())
+            # One transaction: no judgement may outlive the answer it scores.
+            conn.execute("BEGIN")
+            try:
+                for table in ("sweep_completions", "sweep_judgements"):
+                    conn.execute(
+                        f"DELETE FROM {table} t WHERE organism = ? "
+                        f"AND EXISTS (SELECT 1 FROM _pairs p WHERE {_MATCH_PAIR}) "
+                        f"AND NOT EXISTS (SELECT 1 FROM _keep k WHERE {_MATCH_KEY})",
+                        [self.organism],
+                    )
+                conn.execute("COMMIT")
+            except Exception:
+                conn.execute("ROLLBACK")
+                raise
+
+    def drop_judgements(self, stale: list[tuple]) -> None:
+        """Delete judgements by (sweep, setting, q, p, s, metric)."""
+        if not stale:
+            return
+        with self.store.connect() as conn:
+            conn.register("_stale", _frame(stale, {**_KEYS, "metric": pl.String}).to_arrow())
+            conn.execute(
+                f"DELETE FROM sweep_judgements t WHERE organism = ? AND EXISTS (SELECT 1 FROM _stale k "
+                f"WHERE {_MATCH_KEY} AND k.metric = t.metric)",
+                [self.organism],
+            )
+
+    def write_points(self, sweep: str, points: pl.DataFrame) -> None:
+        """The sweep's current points replace its earlier ones (rows of dropped points stay as a cache)."""
+        self.store.replace_rows("sweep_points", points, "organism = ? AND sweep = ?", [self.organism, sweep])
+
+    def append_completions(self, rows: list[dict]) -> None:
+        self.store.append_rows("sweep_completions", pl.DataFrame(rows, infer_schema_length=None))
+
+    def append_judgements(self, rows: list[dict]) -> None:
+        self.store.append_rows("sweep_judgements", pl.DataFrame(rows, infer_schema_length=None))
