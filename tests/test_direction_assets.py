@@ -13,7 +13,14 @@ from em_assets.defs.partitions import organisms
 from em_assets.defs.resources import ExperimentResource, ResultsDB
 from em_assets.results.store import Store
 
-ORGANISM = ["lora_adapter", "completions", "judgements", "misalignment_directions"]
+ORGANISM = [
+    "lora_adapter",
+    "completions",
+    "judgements",
+    "misalignment_directions",
+    "steering_sweep",
+    "direction_ablation",
+]
 
 
 @pytest.fixture
@@ -71,7 +78,25 @@ def test_directions_and_similarity_materialise(pipeline):
         assert meta["contrast"].value == "quartile" and "not the EM threshold" in meta["result"].value
         (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "enough_em_answers"]
         assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+        sweeps = {n: result.asset_materializations_for_node(n)[0].metadata for n in ORGANISM[-2:]}
+        ran = key == "tiny--med-r1--s0"  # only the recipes in directions.sweep_recipes
+        assert all(m["ran"].value is ran for m in sweeps.values())
+        if ran:
+            assert all("data:image/png;base64," in m["figure"].value for m in sweeps.values())
     store = Store(tmp_path / "results.duckdb")
+    steering = store.query("SELECT * FROM steering_results ORDER BY setting")
+    # Unsteered, then the direction and the random control at one layer and scale; 2 questions x 1 sample.
+    assert steering["setting"].to_list() == [
+        "direction layer=1 scale=4",
+        "random layer=1 scale=4",
+        "unsteered",
+    ]
+    assert (steering["n"] == 2).all() and steering["em_lo"].null_count() == 0
+    ablation = store.query("SELECT * FROM direction_ablation ORDER BY setting")
+    assert ablation["setting"].to_list() == ["direction ablated", "organism", "random ablated"]
+    assert ablation["source_layer"].to_list() == [1, None, 1]
+    edits = store.query("SELECT setting, edits FROM sweep_points WHERE sweep = 'ablation' ORDER BY setting")
+    assert '"Ablate"' in edits["edits"][0] and edits["edits"][1] == "[]"
     rows = store.query("SELECT * FROM misalignment_directions ORDER BY organism")
     assert rows["organism"].to_list() == sorted(keys) and rows["direction_sha256"].null_count() == 0
     assert (rows["n_per_class"] == 2).all()  # 8 answers: a quarter on each side

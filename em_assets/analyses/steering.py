@@ -2,7 +2,7 @@
 
 The hooks sit on the decoder layers, so they act in any forward pass: the project's sampler
 (`sampling.engine`) runs the model's ordinary forward, prefill and decode alike. The vLLM backend runs its own
-kernels and cannot apply them (see `require_hf_backend`).
+kernels and cannot apply them: `run_sweep` refuses edited points there.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+
+from em_assets.analyses.edits import ModelEdit
 
 DIRECTION_KEY = "direction"
 
@@ -41,14 +43,6 @@ def load_directions(path: Path | str, sha256: str):
     return load_file(str(path))[DIRECTION_KEY]
 
 
-def require_hf_backend(backend: str, what: str) -> None:
-    if backend != "hf":
-        raise EditError(
-            f"{what} edits the residual stream with forward hooks, which the {backend} backend does not run: "
-            "it does not steer or ablate. Set sampling.backend: hf for this sweep."
-        )
-
-
 def _hook(edit):
     """A forward hook replacing a decoder layer's hidden states by edit(hidden)."""
 
@@ -72,7 +66,7 @@ def _checked(directions, model, layers: tuple[int, ...] | None):
 
 
 @dataclass(frozen=True)
-class Steer:
+class Steer(ModelEdit):
     """Add `scale x direction[layer]` to the residual stream after each of `layers` (every position)."""
 
     layers: tuple[int, ...]
@@ -94,8 +88,9 @@ class Steer:
         self.hooks(model)
 
     def describe(self) -> dict:
+        # The sha256 names the vector; the path is left out, so moving the artifacts directory resamples nothing.
         return {
-            "edit": "steer",
+            "edit": "Steer",
             "layers": list(self.layers),
             "vector_sha256": self.vector_sha256,
             "scale": self.scale,
@@ -103,7 +98,7 @@ class Steer:
 
 
 @dataclass(frozen=True)
-class Ablate:
+class Ablate(ModelEdit):
     """Project the unit direction of `source_layer` out of the residual stream after each of `layers`
     (None: every layer), as Soligo et al. ablate one layer's direction everywhere."""
 
@@ -136,7 +131,7 @@ class Ablate:
 
     def describe(self) -> dict:
         return {
-            "edit": "ablate",
+            "edit": "Ablate",
             "source_layer": self.source_layer,
             "direction_sha256": self.direction_sha256,
             "layers": None if self.layers is None else list(self.layers),

@@ -14,9 +14,14 @@ catalog_job = dg.define_asset_job("catalog_job", selection=CATALOG_ASSETS, descr
 organism_job = dg.define_asset_job(
     "organism_job",
     selection=dg.AssetSelection.assets(
-        "lora_adapter", "completions", "judgements", "misalignment_directions"
+        "lora_adapter",
+        "completions",
+        "judgements",
+        "misalignment_directions",
+        "steering_sweep",
+        "direction_ablation",
     ),
-    description="Train, sample and judge one organism.",
+    description="Train, sample and judge one organism; its misalignment direction, steering and ablation.",
 )
 reports_job = dg.define_asset_job(
     "reports_job",

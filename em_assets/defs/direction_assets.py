@@ -5,6 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from em_assets.analyses import direction_sweeps
 from em_assets.analyses import directions as stage
 from em_assets.analyses.similarity import build_similarity
 from em_assets.context import StageContext
@@ -92,4 +93,57 @@ def direction_similarity(experiment: ExperimentResource, results: ResultsDB) -> 
             "heatmap": md_image(report.figure, "cosine similarity of misalignment directions"),
             "heatmap_path": dg.MetadataValue.path(str(report.figure)),
         }
+    )
+
+
+def _sweep_result(report: direction_sweeps.SweepReport, shown: list[str]) -> dg.MaterializeResult:
+    meta: dict = {"ran": report.ran, "result": report.message, "dagster/row_count": report.table.height}
+    if report.ran:
+        meta["table"] = md_table(report.table.select(shown), max_rows=200)
+        meta["figure"] = md_image(report.figure, report.sweep)
+        meta["figure_path"] = dg.MetadataValue.path(str(report.figure))
+    return dg.MaterializeResult(metadata=meta)
+
+
+@dg.asset(
+    group_name="directions",
+    partitions_def=organisms,
+    deps=["misalignment_directions", "lora_adapter"],
+    kinds={"pytorch", "duckdb", "matplotlib"},
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
+    description="The base model steered with scale x the organism's direction at the grid's layers and scales, "
+    "each beside a random vector of equal norm; sampled and judged like completions; EM and coherence vs scale.",
+)
+def steering_sweep(
+    context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
+) -> dg.MaterializeResult:
+    ctx = _context(context, experiment, results)
+    report = direction_sweeps.run_direction_sweep(
+        ctx, direction_sweeps.STEERING, Path(experiment.figures_dir)
+    )
+    return _sweep_result(
+        report, ["setting", "layer", "scale", "n", "em_rate", "em_lo", "em_hi", "coherence_rate"]
+    )
+
+
+@dg.asset(
+    group_name="directions",
+    partitions_def=organisms,
+    deps=["misalignment_directions", "lora_adapter"],
+    kinds={"pytorch", "duckdb", "matplotlib"},
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
+    description="The organism with its direction projected out of every layer, and with a random direction of "
+    "equal norm projected out: EM before and after, with 95% Wilson intervals.",
+)
+def direction_ablation(
+    context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
+) -> dg.MaterializeResult:
+    ctx = _context(context, experiment, results)
+    report = direction_sweeps.run_direction_sweep(
+        ctx, direction_sweeps.ABLATION, Path(experiment.figures_dir)
+    )
+    return _sweep_result(
+        report, ["setting", "source_layer", "n", "em_rate", "em_lo", "em_hi", "coherence_rate"]
     )
