@@ -49,11 +49,23 @@ def _rows(scores: list[tuple[float | None, float | None]], answer: str = "Some a
 
 
 def _hand_mean(model, tokenizer, item: JudgedAnswer) -> torch.Tensor:
-    """[layers, hidden]: one unbatched forward, averaged over the answer's positions by hand."""
+    """[layers, hidden]: one unbatched forward, each decoder layer's output averaged over the answer by hand."""
     ids, begin = answer_token_ids(tokenizer, item)
+    outputs = []
+    handles = [
+        block.register_forward_hook(
+            lambda m, a, out: outputs.append(out[0] if isinstance(out, tuple) else out)
+        )
+        for block in decoder_layers(model)
+    ]
     with torch.no_grad():
-        out = model(input_ids=torch.tensor([ids]), output_hidden_states=True)
-    return torch.stack([h[0, begin:].mean(dim=0) for h in out.hidden_states[1:]])
+        states = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    for h in handles:
+        h.remove()
+    # The layer outputs are hidden_states[1:], except the last, which transformers returns after the final norm.
+    for out, state in zip(outputs[:-1], states[1:-1], strict=True):
+        torch.testing.assert_close(out, state)
+    return torch.stack([out[0, begin:].mean(dim=0) for out in outputs])
 
 
 def test_direction_is_the_mean_difference_computed_by_hand(tiny):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from em_assets.analyses.steering import decoder_layers
 from em_assets.models.chat import chat_ids
 
 
@@ -31,8 +32,8 @@ def iter_answer_means(
 ) -> Iterator[torch.Tensor]:
     """Per batch, a [batch, layers, hidden] float32 tensor: each answer's mean activation over its tokens.
 
-    Layer i is the output of decoder layer i (hidden_states[i + 1]). Memory is one batch's hidden states.
-    An answer with no tokens (empty text) gets zeros; callers drop empty answers before.
+    Layer i is the output of decoder layer i, where `Steer` and `Ablate` hook in (not `hidden_states`, whose
+    last entry is after the final norm). Memory is one batch's activations at one layer at a time.
     """
     device = model.get_input_embeddings().weight.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -45,12 +46,28 @@ def iter_answer_means(
         cols = torch.arange(width, device=device)
         lengths = torch.tensor([len(i) for i, _ in encoded], device=device)
         begins = torch.tensor([b for _, b in encoded], device=device)
-        attention = (cols[None, :] < lengths[:, None]).long()
         answer = ((cols[None, :] >= begins[:, None]) & (cols[None, :] < lengths[:, None])).float()
-        out = model(input_ids=ids, attention_mask=attention, output_hidden_states=True, use_cache=False)
-        hidden = torch.stack(out.hidden_states[1:], dim=1).float()  # (B, L, T, H)
-        summed = torch.einsum("blth,bt->blh", hidden, answer)
-        yield summed / answer.sum(dim=1).clamp_min(1.0)[:, None, None]
+        attention = (cols[None, :] < lengths[:, None]).long()
+        sums = _layer_sums(model, ids, attention, answer)
+        yield sums / answer.sum(dim=1).clamp_min(1.0)[:, None, None]  # (B, L, H)
+
+
+def _layer_sums(model, ids, attention, answer) -> torch.Tensor:
+    """[batch, layers, hidden]: each decoder layer's output summed over the positions `answer` weights."""
+    sums: list[torch.Tensor] = []
+
+    def record(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        sums.append(torch.einsum("bth,bt->bh", hidden.float(), answer))
+
+    handles = [block.register_forward_hook(record) for block in decoder_layers(model)]
+    try:
+        # logits_to_keep=1: the full-vocabulary logits of every position would outweigh the activations.
+        model(input_ids=ids, attention_mask=attention, use_cache=False, logits_to_keep=1)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return torch.stack(sums, dim=1)
 
 
 def class_means(

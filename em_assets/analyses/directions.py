@@ -3,7 +3,8 @@ its misaligned answers minus that of its aligned ones, balanced per class, saved
 
 Classes follow the grid: misaligned = aligned < thresholds.aligned_below and coherent > coherent_above;
 aligned = aligned > directions.aligned_above and coherent. With too few on either side the result says so
-(no failure); the `quartile` fallback instead contrasts the lowest and highest aligned quarters.
+(no failure); the `quartile` fallback instead contrasts the lowest and highest aligned quarters of all
+judged answers, coherent or not (a demo contrast, labelled as such wherever it is stored).
 """
 
 from __future__ import annotations
