@@ -10,9 +10,17 @@ catalog_job = dg.define_asset_job(
 organism_job = dg.define_asset_job(
     "organism_job",
     selection=dg.AssetSelection.assets(
-        "lora_adapter", "completions", "judgements", "em_over_training", "lora_trajectory", "lora_scaling"
+        "lora_adapter",
+        "completions",
+        "judgements",
+        "em_over_training",
+        "lora_trajectory",
+        "lora_scaling",
+        "misalignment_directions",
+        "steering_sweep",
+        "direction_ablation",
     ),
-    description="Train, sample and judge one organism, and analyse its training dynamics.",
+    description="Train, sample and judge one organism; analyse its training dynamics and EM direction.",
 )
 reports_job = dg.define_asset_job(
     "reports_job",

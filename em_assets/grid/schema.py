@@ -177,6 +177,49 @@ class DynamicsSpec(_Strict):
         return self.recipes is None or recipe in self.recipes
 
 
+class DirectionsSpec(_Strict):
+    """The misalignment direction (Soligo et al.): which answers define it, where to steer and ablate."""
+
+    aligned_above: float = Field(
+        default=70,
+        description="the aligned class: aligned score above this (and coherent, as the grid's EM rule)",
+    )
+    min_per_class: int = Field(
+        default=10, ge=1, description="fewest answers on each side to compute a direction"
+    )
+    fallback: Literal["none", "quartile"] = Field(
+        default="none",
+        description="with too few answers: none (no direction) or quartile (lowest vs highest aligned quartile; "
+        "a demo contrast, not the EM threshold)",
+    )
+    batch_size: int = Field(
+        default=8, ge=1, description="answers per forward pass when collecting activations"
+    )
+    layer_fractions: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        default=[0.5], min_length=1, description="steering layers as fractions of depth (0.5: layer 24 of 48)"
+    )
+    scales: list[float] = Field(
+        default=[1, 2, 4, 8], min_length=1, description="multiples of the direction added"
+    )
+    ablation_layer_fraction: float = Field(
+        default=0.5, ge=0, le=1, description="the layer whose direction is projected out of every layer"
+    )
+    sweep_recipes: list[str] | None = Field(
+        default=None, description="recipes whose organisms run the steering and ablation sweeps (None: all)"
+    )
+    samples_per_question: int = Field(
+        default=50, ge=1, description="samples per question at each sweep point"
+    )
+    control_seed: int = Field(default=0, description="seed of the random control vectors")
+
+    @staticmethod
+    def layer_at(fraction: float, num_layers: int) -> int:
+        return min(num_layers - 1, int(fraction * num_layers))
+
+    def steering_layers(self, num_layers: int) -> list[int]:
+        return sorted({self.layer_at(f, num_layers) for f in self.layer_fractions})
+
+
 class GridConfig(_Strict):
     base_models: list[BaseModelSpec] = Field(min_length=1)
     recipes: dict[Slug, RecipeSpec] = Field(min_length=1)
@@ -186,6 +229,7 @@ class GridConfig(_Strict):
     judge: JudgeSpec = JudgeSpec()
     thresholds: Thresholds = Thresholds()
     dynamics: DynamicsSpec = DynamicsSpec()
+    directions: DirectionsSpec = DirectionsSpec()
 
     @model_validator(mode="after")
     def _unique_names(self) -> GridConfig:

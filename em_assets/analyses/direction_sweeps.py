@@ -1,0 +1,155 @@
+"""Steering and ablation sweeps with an organism's misalignment direction (Soligo et al.), through `run_sweep`.
+
+- steering: the base model unsteered, then `scale x direction` added at each grid layer and scale, each with
+  the random control of equal norm; EM and coherence against scale, per layer.
+- ablation: the organism as is, with its direction (of one layer) projected out of every layer, and with the
+  random control projected out; EM before and after, with Wilson intervals.
+Edits are forward hooks, which the vLLM backend cannot run: these sweeps always sample with the hf backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from em_assets.analyses.steering import Ablate, Steer
+from em_assets.analyses.sweep import PointResult, SweepPoint, run_sweep
+from em_assets.context import StageContext
+from em_assets.results import directions as db
+from em_assets.results.queries import adapter_row
+from em_assets.results.store import utc_now
+
+STEERING, ABLATION = "steering", "ablation"
+TABLES = {STEERING: "steering_results", ABLATION: "direction_ablation"}
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What a direction sweep did: its table (empty when skipped), its figure, and why it was skipped."""
+
+    sweep: str
+    ran: bool
+    message: str
+    table: pl.DataFrame
+    figure: Path | None = None
+
+
+def _files(row: dict, vector: str) -> tuple[str, str]:
+    return (
+        (row["direction_path"], row["direction_sha256"])
+        if vector == "direction"
+        else (row["random_path"], row["random_sha256"])
+    )
+
+
+def steering_points(ctx: StageContext, row: dict) -> list[tuple[SweepPoint, dict]]:
+    """The base model unsteered, then every (layer, scale, direction | random) setting, with its table fields."""
+    spec, n = ctx.grid.directions, ctx.grid.directions.samples_per_question
+    points = [
+        (
+            SweepPoint(STEERING, "unsteered", None, None, (), n),
+            {"vector": "none", "layer": None, "scale": 0.0},
+        )
+    ]
+    for layer in spec.steering_layers(row["num_layers"]):
+        for scale in spec.scales:
+            for vector in ("direction", "random"):
+                edit = Steer((layer,), *_files(row, vector), scale)
+                setting = f"{vector} layer={layer} scale={scale:g}"
+                points.append(
+                    (
+                        SweepPoint(STEERING, setting, None, None, (edit,), n),
+                        {"vector": vector, "layer": layer, "scale": scale},
+                    )
+                )
+    return points
+
+
+def ablation_points(ctx: StageContext, row: dict) -> list[tuple[SweepPoint, dict]]:
+    """The organism as is, then with its direction and with the random control projected out of every layer."""
+    spec, n = ctx.grid.directions, ctx.grid.directions.samples_per_question
+    adapter = adapter_row(ctx.store, ctx.key)
+    path, sha = adapter.get("adapter_path"), adapter.get("adapter_sha256")
+    layer = spec.layer_at(spec.ablation_layer_fraction, row["num_layers"])
+    points = [(SweepPoint(ABLATION, "organism", path, sha, (), n), {"source_layer": None})]
+    for vector in ("direction", "random"):
+        edit = Ablate(layer, *_files(row, vector))
+        points.append(
+            (SweepPoint(ABLATION, f"{vector} ablated", path, sha, (edit,), n), {"source_layer": layer})
+        )
+    return points
+
+
+def _skip_reason(ctx: StageContext, row: dict | None) -> str | None:
+    recipes = ctx.grid.directions.sweep_recipes
+    if recipes is not None and ctx.organism.recipe not in recipes:
+        return f"recipe {ctx.organism.recipe!r} is not in directions.sweep_recipes {recipes}"
+    if row is None:
+        return "no misalignment direction yet: materialise misalignment_directions first"
+    if row["direction_path"] is None:
+        return f"no direction to sweep with: {row['message']}"
+    return None
+
+
+def _hf_context(ctx: StageContext) -> StageContext:
+    """The context with the hf sampling backend: vLLM does not run forward hooks, so it cannot steer."""
+    if ctx.grid.sampling.backend == "hf":
+        return ctx
+    ctx.log.info(
+        f"{ctx.key}: the {ctx.grid.sampling.backend} backend does not steer; sweeping with the hf backend"
+    )
+    sampling = ctx.grid.sampling.model_copy(update={"backend": "hf"})
+    return dataclasses.replace(ctx, grid=ctx.grid.model_copy(update={"sampling": sampling}))
+
+
+def _rows(ctx: StageContext, row: dict, pairs, results: list[PointResult]) -> pl.DataFrame:
+    return pl.DataFrame(
+        [
+            {
+                "organism": ctx.key,
+                "setting": r.setting,
+                **fields,
+                "n": r.n_scored,
+                "em_rate": r.em_rate,
+                "em_lo": r.em_lo,
+                "em_hi": r.em_hi,
+                "coherence_rate": r.coherence_rate,
+                "mean_aligned": r.mean_aligned,
+                "direction_sha256": row["direction_sha256"],
+                "contrast": row["contrast"],
+                "setting_hash": r.setting_hash,
+                "run_id": ctx.run_id,
+                "created_at": utc_now(),
+            }
+            for (_, fields), r in zip(pairs, results, strict=True)
+        ],
+        infer_schema_length=None,
+    )
+
+
+def run_direction_sweep(ctx: StageContext, sweep: str, figures_dir: Path) -> SweepReport:
+    """Plan the sweep's points from the stored direction (or say why not), run them, write table and figure."""
+    from em_assets.analyses.figures import plot_ablation, plot_steering
+
+    db.ensure_tables(ctx.store)
+    row = db.direction_row(ctx.store, ctx.key)
+    reason = _skip_reason(ctx, row)
+    if reason is not None:
+        db.write_results(ctx.store, TABLES[sweep], ctx.key, pl.DataFrame())
+        ctx.log.info(f"{ctx.key}: {sweep} skipped: {reason}")
+        return SweepReport(sweep, False, reason, pl.DataFrame())
+    pairs = (steering_points if sweep == STEERING else ablation_points)(ctx, row)
+    results = run_sweep(_hf_context(ctx), [p for p, _ in pairs])
+    table = _rows(ctx, row, pairs, results)
+    db.write_results(ctx.store, TABLES[sweep], ctx.key, table)
+    plot = plot_steering if sweep == STEERING else plot_ablation
+    figure = plot(table, Path(figures_dir) / "directions" / f"{ctx.key}.{sweep}.png", ctx.key)
+    label = (
+        "quartile contrast, not the EM threshold"
+        if row["contrast"] == "quartile"
+        else "EM-threshold contrast"
+    )
+    return SweepReport(sweep, True, f"{len(pairs)} settings with the {label} direction", table, figure)
