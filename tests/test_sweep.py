@@ -35,7 +35,7 @@ def trained(tmp_path_factory, tiny_model_dir, mirror) -> dict:
     catalog.load_training_datasets(store, grid, str(mirror))
     catalog.load_eval_questions(store, grid, str(mirror))
     row = train_adapter(stage_context(a, "setup"))
-    return {**a, "adapter_path": row["adapter_path"], "adapter_sha256": row["adapter_sha256"]}
+    return {**a, "adapter_path": row.adapter_path, "adapter_sha256": row.adapter_sha256}
 
 
 @pytest.fixture
