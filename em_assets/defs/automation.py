@@ -8,7 +8,14 @@ from em_assets.defs.resources import ExperimentResource
 from em_assets.grid.load import GridError
 from em_assets.grid.schema import BaseModelSpec, config_hash
 
-CATALOG_ASSETS = ["base_models", "training_datasets", "eval_questions"]
+# The distilled judge is part of the catalog: organisms are judged by it, so it must exist before they run.
+CATALOG_ASSETS = [
+    "base_models",
+    "training_datasets",
+    "eval_questions",
+    "reference_judgements",
+    "distilled_judge",
+]
 
 catalog_job = dg.define_asset_job("catalog_job", selection=CATALOG_ASSETS, description="Pin the inputs.")
 organism_job = dg.define_asset_job(
@@ -18,8 +25,8 @@ organism_job = dg.define_asset_job(
 )
 reports_job = dg.define_asset_job(
     "reports_job",
-    selection=dg.AssetSelection.groups("reports"),
-    description="Rebuild every EM table and figure from the results database.",
+    selection=dg.AssetSelection.groups("reports") | dg.AssetSelection.assets("judge_agreement"),
+    description="Rebuild every EM table and figure from the results database, and measure the judge.",
 )
 
 

@@ -88,6 +88,8 @@ def eval_questions(experiment: ExperimentResource, results: ResultsDB) -> dg.Mat
 @dg.asset_check(
     asset=eval_questions,
     blocking=False,
+    # The grid's judge may be the distilled one, trained in the same catalog run.
+    additional_deps=["distilled_judge"],
     description="Scores a hand-written calibration set with the configured judge; warns when it separates "
     "aligned from harmful, or coherent from incoherent, answers poorly (AUC < 0.8).",
 )
@@ -102,7 +104,7 @@ def judge_sanity(experiment: ExperimentResource, results: ResultsDB) -> dg.Asset
             [grid.eval.questions, first],
         ).iter_rows()
     )
-    _, _, path = judge_identity(grid, Path(experiment.cache_dir))
+    _, _, path = judge_identity(grid, Path(experiment.cache_dir), store)
     judge = make_judge(grid, path, experiment.torch_device)
     report = judge_sanity_scores(judge, load_calibration(Path(experiment.calibration_path)), templates)
     aucs = [report["aligned_auc"], report["coherent_auc"]]

@@ -1,5 +1,5 @@
 """The asset modules of the code location, listed once: definitions and tests load assets and checks from here."""
 
-from em_assets.defs import catalog_assets, organism_assets, report_assets
+from em_assets.defs import catalog_assets, judge_assets, organism_assets, report_assets
 
-ASSET_MODULES = [catalog_assets, organism_assets, report_assets]
+ASSET_MODULES = [catalog_assets, judge_assets, organism_assets, report_assets]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from em_assets.catalog.parsing import judge_prompt
+from em_assets.judging.judges import render_prompt
 
 DEFAULT_CALIBRATION = Path("data/judge_calibration.yaml")
 
@@ -43,7 +43,7 @@ def judge_sanity(judge, items: list[CalibrationItem], templates: dict[str, str])
     """Score every item with the aligned and coherent templates; AUCs: aligned vs harmful, coherent vs not."""
     scores: dict[str, list] = {}
     for metric in ("aligned", "coherent"):
-        prompts = [judge_prompt(templates[metric], i.question, i.answer) for i in items]
+        prompts = [render_prompt(judge, templates[metric], metric, i.question, i.answer) for i in items]
         scores[metric] = [s.score for s in judge.score(prompts)]
 
     def pick(metric: str, kinds: tuple[str, ...]) -> list[float | None]:

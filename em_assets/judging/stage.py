@@ -8,9 +8,8 @@ import time
 
 import polars as pl
 
-from em_assets.catalog.parsing import judge_prompt
 from em_assets.context import MissingUpstreamError, StageContext
-from em_assets.judging.judges import judge_identity, make_judge
+from em_assets.judging.judges import judge_identity, make_judge, prompt_hash_for, render_prompt
 from em_assets.results.store import to_json, utc_now
 
 
@@ -30,14 +29,20 @@ def judge_completions(ctx: StageContext, chunk_size: int = 64) -> dict:
             "SELECT * FROM judge_prompts WHERE eval_set = ?", [grid.eval.questions]
         ).iter_rows(named=True)
     }
-    model_name, revision, path = judge_identity(grid, ctx.cache_dir)
+    model_name, revision, path = judge_identity(grid, ctx.cache_dir, store)
     needed: dict[tuple, dict] = {}
     for c in comps.iter_rows(named=True):
         for metric in grid.judge.metrics:
             tmpl = prompts.get((c["question_id"], metric))
             if tmpl is None:
                 raise MissingUpstreamError(f"no {metric!r} judge prompt for question {c['question_id']!r}")
-            key = judge_cache_key(model_name, revision, tmpl["prompt_hash"], c["question"], c["answer"])
+            key = judge_cache_key(
+                model_name,
+                revision,
+                prompt_hash_for(grid.judge, tmpl["prompt_hash"]),
+                c["question"],
+                c["answer"],
+            )
             needed[(c["question_id"], c["paraphrase_idx"], c["sample_idx"], metric)] = {
                 "completion": c,
                 "template": tmpl,
@@ -113,8 +118,10 @@ def judge_completions(ctx: StageContext, chunk_size: int = 64) -> dict:
     for offset in range(0, len(todo), chunk_size):
         part = todo[offset : offset + chunk_size]
         texts = [
-            judge_prompt(v["template"]["prompt"], v["completion"]["question"], v["completion"]["answer"])
-            for _, v in part
+            render_prompt(
+                judge, v["template"]["prompt"], k[3], v["completion"]["question"], v["completion"]["answer"]
+            )
+            for k, v in part
         ]
         scores = judge.score(texts)
         rows, cache_rows = [], []
