@@ -81,7 +81,9 @@ def parse_reference_csv(data: bytes, name: str, sha256: str) -> pl.DataFrame:
     answer_col = next((c for c in ANSWER_COLUMNS if c in raw.columns), None)
     missing = [c for c in REQUIRED if c not in raw.columns] + ([] if answer_col else ["response or answer"])
     if missing:
-        raise ReferenceFileError(f"{name}: missing column(s) {', '.join(missing)} (has {', '.join(raw.columns)})")
+        raise ReferenceFileError(
+            f"{name}: missing column(s) {', '.join(missing)} (has {', '.join(raw.columns)})"
+        )
     if raw.height == 0:
         raise ReferenceFileError(f"{name}: no rows")
     domain = [c for c in raw.columns if c not in (*REQUIRED, *ANSWER_COLUMNS)]

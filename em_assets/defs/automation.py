@@ -17,7 +17,13 @@ CATALOG_ASSETS = [
     "distilled_judge",
 ]
 
-catalog_job = dg.define_asset_job("catalog_job", selection=CATALOG_ASSETS, description="Pin the inputs.")
+# judge_agreement runs with the catalog (cheap once its scores are cached) so the reports that follow can
+# state how far the judge agrees with GPT-4o.
+catalog_job = dg.define_asset_job(
+    "catalog_job",
+    selection=[*CATALOG_ASSETS, "judge_agreement"],
+    description="Pin the inputs, train the distilled judge and measure the judge against GPT-4o.",
+)
 organism_job = dg.define_asset_job(
     "organism_job",
     selection=dg.AssetSelection.assets("lora_adapter", "completions", "judgements"),
@@ -25,8 +31,8 @@ organism_job = dg.define_asset_job(
 )
 reports_job = dg.define_asset_job(
     "reports_job",
-    selection=dg.AssetSelection.groups("reports") | dg.AssetSelection.assets("judge_agreement"),
-    description="Rebuild every EM table and figure from the results database, and measure the judge.",
+    selection=dg.AssetSelection.groups("reports"),
+    description="Rebuild every EM table and figure from the results database.",
 )
 
 

@@ -8,7 +8,7 @@ import polars as pl
 from em_assets.defs.metadata import md_image, md_table
 from em_assets.defs.partitions import CPU_OP_TAGS, GPU_OP_TAGS, GPU_POOL
 from em_assets.defs.resources import ExperimentResource, ResultsDB
-from em_assets.judging import validation
+from em_assets.judging import agreement_stage, validation
 from em_assets.reports.figures import plot_training_curves
 from em_assets.reports.judge_figures import plot_agreement_scatter
 from em_assets.results import judge_queries
@@ -104,7 +104,7 @@ def judge_agreement(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
 ) -> dg.MaterializeResult:
     grid = experiment.grid()
-    reports = validation.judge_agreement(
+    reports = agreement_stage.judge_agreement(
         results.store(),
         grid,
         context.run.run_id,

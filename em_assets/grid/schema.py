@@ -165,7 +165,9 @@ class DistillSpec(_Strict):
     max_answers: int | None = Field(
         default=None, ge=1, description="seeded subset of the train answers; None = all"
     )
-    max_question_tokens: int = Field(default=32, ge=1, description="the question is cut to this many tokens")
+    max_question_tokens: int = Field(
+        default=32, ge=0, description="the question is cut to this many tokens; 0 leaves it out"
+    )
     max_answer_tokens: int = Field(default=64, ge=1, description="the answer is cut to this many tokens")
     lora: LoraSpec
     train: TrainSpec = TrainSpec()

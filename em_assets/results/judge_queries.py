@@ -89,3 +89,14 @@ def write_agreement(
             ("judge_agreement_scores", scores, "judge = ?", [judge]),
         ]
     )
+
+
+def agreement_rows(store: Store, judge: str) -> pl.DataFrame:
+    """The latest agreement of `judge` per metric, plus its largest EM-rate gap; empty if never measured."""
+    ensure_tables(store)
+    return store.query(
+        "SELECT a.metric, a.n, a.spearman, a.auc, a.judge_revision, "
+        "(SELECT max(abs(e.reference - e.judge_rate)) FROM judge_agreement_em e WHERE e.judge = a.judge) AS gap "
+        "FROM judge_agreement a WHERE a.judge = ? ORDER BY a.metric",
+        [judge],
+    )
