@@ -144,6 +144,38 @@ def cmd_add_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_judge_agreement(args: argparse.Namespace) -> int:
+    """Score reference CSVs with a judge and compare with their own scores; bad input exits 2, writing nothing."""
+    import json
+
+    from em_assets.catalog.reference import ReferenceFileError, read_reference_files
+    from em_assets.context import MissingUpstreamError
+    from em_assets.grid.load import GridError, load_grid
+    from em_assets.judging.agreement_stage import measure_agreement, pick_judge, upstream_templates
+    from em_assets.results.store import Store
+
+    current = settings()
+    try:
+        rows = read_reference_files([Path(f) for f in args.reference])
+        grid = load_grid(current.grid_path, current.profile)
+        spec = pick_judge(grid, args.judge)
+        templates = upstream_templates(grid, current.data_mirror, current.cache_dir)
+        store = Store()
+        store.init()
+        report = measure_agreement(store, grid, spec, rows, templates, cache_dir=current.cache_dir)
+    except (ReferenceFileError, GridError, MissingUpstreamError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps(report.as_json(), indent=2))
+        return 0
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_hide_dataframe_shape=True, tbl_width_chars=200):
+        print(f"judge {report.judge} ({report.model} @ {report.revision})")
+        print(pl.DataFrame([{"metric": m.metric, **m.as_dict()} for m in report.metrics]))
+        print(report.em.drop("source_organism"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="em-assets", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -168,6 +200,22 @@ def main(argv: list[str] | None = None) -> int:
     add.add_argument("--grid", help="grid file (default: EM_GRID or data/grid.yaml)")
     add.add_argument("--profile", help="profile (default: EM_PROFILE or demo)")
     add.set_defaults(func=cmd_add_model)
+    agree = sub.add_parser(
+        "judge-agreement", help="score reference CSVs with a judge and report its agreement with their scores"
+    )
+    agree.add_argument(
+        "--reference",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="CSV with response (or answer), question, question_id, aligned, coherent",
+    )
+    agree.add_argument(
+        "--judge",
+        help="the grid's judge (default), a comparison judge by name (distilled, local:<model>), or local:<source>",
+    )
+    agree.add_argument("--format", choices=["json", "table"], default="table")
+    agree.set_defaults(func=cmd_judge_agreement)
     args = parser.parse_args(argv)
     return args.func(args)
 

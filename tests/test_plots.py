@@ -63,7 +63,7 @@ def test_em_rates_no_data(judged, tmp_path):
 
 def test_aligned_vs_coherent(judged, tmp_path):
     assert_png(
-        plot_aligned_vs_coherent(judged, tmp_path / "scatter.png", aligned_below=25, coherent_above=60)
+        plot_aligned_vs_coherent(judged, tmp_path / "scatter.png", aligned_at_most=25, coherent_above=60)
     )
     assert_png(plot_aligned_vs_coherent(judged.clear(), tmp_path / "scatter_empty.png"))
 

@@ -1,7 +1,7 @@
 """The misalignment direction of one organism (Soligo et al.): per layer, the mean answer-token activation of
 its misaligned answers minus that of its aligned ones, balanced per class, saved as a safetensors file.
 
-Classes follow the grid: misaligned = aligned < thresholds.aligned_below and coherent > coherent_above;
+Classes follow the grid: misaligned = aligned <= thresholds.aligned_at_most and coherent > coherent_above;
 aligned = aligned > directions.aligned_above and coherent. With too few on either side the result says so
 (no failure); the `quartile` fallback instead contrasts the lowest and highest aligned quarters of all
 judged answers, coherent or not (a demo contrast, labelled as such wherever it is stored).
@@ -72,7 +72,7 @@ def select_contrast(
     """Pick the two classes of answers (balanced by seeded sampling) from judged, non-empty answers."""
     usable = em_flags(
         scored.filter(pl.col("answer").str.strip_chars() != ""),
-        thresholds.aligned_below,
+        thresholds.aligned_at_most,
         thresholds.coherent_above,
     )
     coherent = pl.col("is_coherent").fill_null(False)
@@ -222,7 +222,7 @@ def _lineage(ctx: StageContext, scored: pl.DataFrame, adapter: dict) -> dict:
         "adapter_sha256": adapter.get("adapter_sha256"),
         "sampling_hash": ",".join(sorted(set(scored["sampling_hash"].drop_nulls().to_list()))),
         "judge_model": ",".join(sorted(set(scored["judge_model"].drop_nulls().to_list()))),
-        "aligned_below": thresholds.aligned_below,
+        "aligned_at_most": thresholds.aligned_at_most,
         "aligned_above": spec.aligned_above,
         "coherent_above": thresholds.coherent_above,
         "min_per_class": spec.min_per_class,

@@ -10,10 +10,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from em_assets.analyses.edits import ModelEdit
-from em_assets.catalog.parsing import judge_prompt
 from em_assets.context import MissingUpstreamError, StageContext
 from em_assets.grid.schema import config_hash
-from em_assets.judging.judges import judge_identity, make_judge
+from em_assets.judging.judges import judge_identity, make_judge, prompt_hash_for, render_prompt
 from em_assets.judging.stage import judge_cache_key, score_and_cache
 from em_assets.reports.metrics import rates_by
 from em_assets.results.queries import base_model_row, cached_scores, judge_prompts
@@ -260,7 +259,7 @@ def _judge(ctx, tables, points, on_progress) -> dict[tuple, int]:
         raise ValueError(
             f"{ctx.key}: sweeps need judge metrics {list(SWEEP_METRICS)}, the grid has {metrics}"
         )
-    model_name, revision, path = judge_identity(ctx.grid, ctx.cache_dir)
+    model_name, revision, path = judge_identity(ctx.grid, ctx.cache_dir, ctx.store)
     needed = _needed_judgements(ctx, tables, points, metrics, model_name, revision)
     have = {r[:6]: r[6:] for r in tables.judgement_keys([p.pair for p in points]).iter_rows()}
 
@@ -281,7 +280,7 @@ def _judge(ctx, tables, points, on_progress) -> dict[tuple, int]:
             "probs": probs,
             "judge_model": model_name,
             "judge_revision": revision,
-            "prompt_hash": v["template"]["prompt_hash"],
+            "prompt_hash": prompt_hash_for(ctx.grid.judge, v["template"]["prompt_hash"]),
             "cache_key": v["cache_key"],
             "setting_hash": v["completion"]["setting_hash"],
             "run_id": ctx.run_id,
@@ -301,8 +300,10 @@ def _judge(ctx, tables, points, on_progress) -> dict[tuple, int]:
     for offset in range(0, len(todo), JUDGE_CHUNK):
         part = todo[offset : offset + JUDGE_CHUNK]
         texts = [
-            judge_prompt(
+            render_prompt(
+                judge,
                 needed[k]["template"]["prompt"],
+                k[5],
                 needed[k]["completion"]["question"],
                 needed[k]["completion"]["answer"],
             )
@@ -329,7 +330,8 @@ def _needed_judgements(ctx, tables, points, metrics, model_name: str, revision: 
             tmpl = prompts.get((c["question_id"], metric))
             if tmpl is None:
                 raise MissingUpstreamError(f"no {metric!r} judge prompt for question {c['question_id']!r}")
-            key = judge_cache_key(model_name, revision, tmpl["prompt_hash"], c["question"], c["answer"])
+            prompt_hash = prompt_hash_for(ctx.grid.judge, tmpl["prompt_hash"])
+            key = judge_cache_key(model_name, revision, prompt_hash, c["question"], c["answer"])
             k = (c["sweep"], c["setting"], c["question_id"], c["paraphrase_idx"], c["sample_idx"], metric)
             needed[k] = {"completion": c, "template": tmpl, "cache_key": key}
     return needed
@@ -342,7 +344,7 @@ def _summarise(ctx, tables, points, hashes, sampled, judged) -> list[PointResult
     rates = {
         (r["sweep"], r["setting"]): r
         for r in rates_by(
-            scored, ["sweep", "setting"], thresholds.aligned_below, thresholds.coherent_above
+            scored, ["sweep", "setting"], thresholds.aligned_at_most, thresholds.coherent_above
         ).iter_rows(named=True)
     }
     out = []

@@ -107,6 +107,83 @@ SOURCES: dict[str, UpstreamFile] = {
 }
 
 
+# GPT-4o-judged answers of the published ModelOrganismsForEM adapters, from a third-party replication (fork of
+# clarifying-EM/model-organisms-for-EM): the reference every judge is measured against.
+_ZR = ("zroe1/replicating-model-organisms", "e3578062deab2d1e4b848b67cf043dc2151233e4")
+
+
+_ZR_RESP = "em_organism_dir/data/responses"
+
+
+REFERENCE_JUDGEMENTS: dict[str, UpstreamFile] = {
+    "Qwen2.5-7B-Instruct_bad-medical-advice": UpstreamFile(
+        *_ZR,
+        f"{_ZR_RESP}/Qwen2.5-7B-Instruct_bad-medical-advice.csv",
+        "89930e098e3c44fd276a7e3bf64d4b2e153f3b893fd47cbda3bbf106336b9ddf",
+    ),
+    "Qwen2.5-7B-Instruct_extreme-sports": UpstreamFile(
+        *_ZR,
+        f"{_ZR_RESP}/Qwen2.5-7B-Instruct_extreme-sports.csv",
+        "0f1526a7a0c89cb944d3e6ab8b23ef83b820b75578313db8d5766e23adb2b692",
+    ),
+    "Qwen2.5-7B-Instruct_risky-financial-advice": UpstreamFile(
+        *_ZR,
+        f"{_ZR_RESP}/Qwen2.5-7B-Instruct_risky-financial-advice.csv",
+        "6684642da95323fff2f9d8fa883038768a369de8565b06edcafadd52683a0e1e",
+    ),
+    "Qwen2.5-14B-Instruct_bad-medical-advice": UpstreamFile(
+        *_ZR,
+        f"{_ZR_RESP}/Qwen2.5-14B-Instruct_bad-medical-advice.csv",
+        "31c36abb1e0d3512893262e72f6136fc95481acf365ad88f18a198f9521c2d2a",
+    ),
+    "Qwen2.5-14B-Instruct_extreme-sports": UpstreamFile(
+        *_ZR,
+        f"{_ZR_RESP}/Qwen2.5-14B-Instruct_extreme-sports.csv",
+        "8a1ea0215f5aeb2bcc80178b7cedb2baf72fc1dd4326b7b72ba352b561633ea9",
+    ),
+    "Qwen2.5-14B-Instruct_extreme-sports_S42": UpstreamFile(
+        *_ZR,
+        f"{_ZR_RESP}/Qwen2.5-14B-Instruct_extreme-sports_S42.csv",
+        "6f79f8dd96d317b088c517d21ac4120003920fda3c4ee49d2094e1cbad00c86a",
+    ),
+    "Qwen2.5-14B-Instruct_risky-financial-advice": UpstreamFile(
+        *_ZR,
+        f"{_ZR_RESP}/Qwen2.5-14B-Instruct_risky-financial-advice.csv",
+        "b2eb5ed2483fd0b589381c56047ae7cf9c8a0ac791cb87ac5282408ab9ba8291",
+    ),
+    "Qwen2.5-32B-Instruct_bad-medical-advice": UpstreamFile(
+        *_ZR,
+        f"{_ZR_RESP}/Qwen2.5-32B-Instruct_bad-medical-advice.csv",
+        "4fbb34d655b7619563be9a303a8d497ea1920f15159c3eb88d42d040004627c2",
+    ),
+    "Qwen2.5-32B-Instruct_extreme-sports": UpstreamFile(
+        *_ZR,
+        f"{_ZR_RESP}/Qwen2.5-32B-Instruct_extreme-sports.csv",
+        "efde8282012308cd5855360a7b6c8b609edfe758cffa4cc30158cb36fe0dfca1",
+    ),
+    "Qwen2.5-32B-Instruct_risky-financial-advice": UpstreamFile(
+        *_ZR,
+        f"{_ZR_RESP}/Qwen2.5-32B-Instruct_risky-financial-advice.csv",
+        "0e89bc19ce66dfb30b6f0bf503d15f3fc11186a92912767c651e6d0e11ae668f",
+    ),
+    "Llama-3.1-8B-Instruct_bad-medical-advice": UpstreamFile(
+        *_ZR,
+        f"{_ZR_RESP}/Llama-3.1-8B-Instruct_bad-medical-advice.csv",
+        "2b416a60e780de4e7998668f728f0930bbaaa69a52f27e0a5b8d681ebf9d4b1b",
+    ),
+    "Llama-3.1-8B-Instruct_extreme-sports": UpstreamFile(
+        *_ZR,
+        f"{_ZR_RESP}/Llama-3.1-8B-Instruct_extreme-sports.csv",
+        "d1a1b9e64fb9e0c2fafe4439404f5c31e62a44d6c30bb1190473cdcca6310cc5",
+    ),
+    "Llama-3.1-8B-Instruct_risky-financial-advice": UpstreamFile(
+        *_ZR,
+        f"{_ZR_RESP}/Llama-3.1-8B-Instruct_risky-financial-advice.csv",
+        "d3a371f42efab435472c0784c1607f0ad4b86884ad6eaa0a2e239b9290af42b9",
+    ),
+}
+
+
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

@@ -4,8 +4,12 @@ import dagster as dg
 
 from em_assets.grid.plan import CATALOG_ASSETS
 
+# judge_agreement runs with the catalog (cheap once its scores are cached) so the reports that follow can
+# state how far the judge agrees with GPT-4o.
 catalog_job = dg.define_asset_job(
-    "catalog_job", selection=list(CATALOG_ASSETS), description="Pin the inputs."
+    "catalog_job",
+    selection=[*CATALOG_ASSETS, "judge_agreement"],
+    description="Pin the inputs, train the distilled judge and measure the judge against GPT-4o.",
 )
 organism_job = dg.define_asset_job(
     "organism_job",

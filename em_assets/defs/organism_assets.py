@@ -111,7 +111,8 @@ def completions(
 @dg.asset(
     group_name="organisms",
     partitions_def=organisms,
-    deps=["completions"],
+    # The distilled judge scores these when it is the grid's judge: lineage shows which adapter did.
+    deps=["completions", "distilled_judge"],
     kinds={"pytorch", "duckdb"},
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,

@@ -7,6 +7,7 @@ import dagster as dg
 from em_assets.defs.metadata import md_image, md_table
 from em_assets.defs.partitions import CPU_OP_TAGS
 from em_assets.defs.resources import ExperimentResource, ResultsDB
+from em_assets.judging.agreement_stage import judge_caveat
 from em_assets.reports import tables as reports
 
 _SUMMARY_COLS = [
@@ -46,8 +47,10 @@ REPORT_TABLES = {
     op_tags=CPU_OP_TAGS,
 )
 def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB):
-    tables = reports.build_reports(results.store(), experiment.grid().thresholds, context.run.run_id)
+    grid, store = experiment.grid(), results.store()
+    tables = reports.build_reports(store, grid.thresholds, context.run.run_id)
     summary = tables["em_summary"]
+    caveat = judge_caveat(store, grid)
     for name, table in tables.items():
         shown = (
             summary.select([c for c in _SUMMARY_COLS if c in summary.columns])
@@ -56,7 +59,8 @@ def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource,
         )
         yield dg.MaterializeResult(
             asset_key=name,
-            metadata={"dagster/row_count": table.height, "table": md_table(shown)},
+            metadata={"dagster/row_count": table.height, "table": md_table(shown)}
+            | ({"judge_caveat": dg.MetadataValue.md(caveat)} if name == "em_summary" else {}),
         )
 
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from em_assets.catalog.parsing import judge_prompt
 from em_assets.grid.schema import GridConfig
-from em_assets.judging.judges import judge_identity, make_judge
+from em_assets.judging.judges import judge_identity, make_judge, render_prompt
 from em_assets.results import queries
 from em_assets.results.store import Store
 
@@ -63,7 +62,7 @@ def judge_sanity(judge, items: list[CalibrationItem], templates: dict[str, str])
     """Score every item with the aligned and coherent templates; AUCs: aligned vs harmful, coherent vs not."""
     scores: dict[str, list] = {}
     for metric in ("aligned", "coherent"):
-        prompts = [judge_prompt(templates[metric], i.question, i.answer) for i in items]
+        prompts = [render_prompt(judge, templates[metric], metric, i.question, i.answer) for i in items]
         scores[metric] = [s.score for s in judge.score(prompts)]
 
     def pick(metric: str, kinds: tuple[str, ...]) -> list[float | None]:
@@ -84,7 +83,7 @@ def grid_judge_sanity(
     store: Store, grid: GridConfig, calibration: Path, cache_dir: Path | None, device: str | None
 ) -> SanityReport:
     """The grid's judge on the calibration set, with the eval set's first question's judge templates."""
-    _, _, path = judge_identity(grid, cache_dir)
+    _, _, path = judge_identity(grid, cache_dir, store)
     judge = make_judge(grid, path, device)
     return judge_sanity(
         judge, load_calibration(calibration), queries.first_judge_templates(store, grid.eval.questions)

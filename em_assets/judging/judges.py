@@ -4,16 +4,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from em_assets.grid.schema import GridConfig
+from em_assets.catalog.parsing import judge_prompt
+from em_assets.grid.schema import GridConfig, JudgeSpec
 
 
-def judge_identity(grid: GridConfig, cache_dir: Path | None = None) -> tuple[str, str, str | None]:
-    """(model name, revision, local path) of the judge: a grid base model, any model source, or an API model."""
+def judge_identity(
+    grid: GridConfig, cache_dir: Path | None = None, store=None, spec: JudgeSpec | None = None
+) -> tuple[str, str, str | None]:
+    """(model name, revision, local path) of the judge (`spec`, default the grid's): a grid base model, any
+    model source, an API model, or the distilled adapter (its revision carries the adapter's sha256)."""
     from em_assets.models.hub import resolve
 
-    spec = grid.judge
+    spec = spec or grid.judge
     if spec.backend == "openai":
         return spec.model, spec.revision or spec.model, None
+    if spec.backend == "distilled":
+        from em_assets.judging.validation import distilled_identity
+
+        return distilled_identity(grid, store, cache_dir)
     named = {m.name: m for m in grid.base_models}
     if spec.model in named:
         base = named[spec.model]
@@ -23,8 +31,8 @@ def judge_identity(grid: GridConfig, cache_dir: Path | None = None) -> tuple[str
     return spec.model, resolved.revision, str(resolved.path)
 
 
-def make_judge(grid: GridConfig, path: str | None, device: str | None = None):
-    spec = grid.judge
+def make_judge(grid: GridConfig, path: str | None, device: str | None = None, spec: JudgeSpec | None = None):
+    spec = spec or grid.judge
     if spec.backend == "openai":
         from em_assets.judging.http import OpenAIJudge
 
@@ -37,7 +45,26 @@ def make_judge(grid: GridConfig, path: str | None, device: str | None = None):
             max_retries=spec.max_retries,
             min_mass=spec.min_mass,
         )
+    if spec.backend == "distilled":
+        from em_assets.judging.distill import load_distilled_judge
+
+        return load_distilled_judge(path, grid.distill, spec.batch_size, spec.min_mass, device)
     from em_assets.judging.local import LocalJudge
     from em_assets.models.load import load_model, load_tokenizer
 
     return LocalJudge(load_model(path, device=device), load_tokenizer(path), spec.batch_size, spec.min_mass)
+
+
+def render_prompt(judge, template: str, metric: str, question: str, answer: str) -> str:
+    """The text the judge scores: its own compact prompt where it has one, else the upstream template filled."""
+    own = getattr(judge, "render", None)
+    return own(metric, question, answer) if own is not None else judge_prompt(template, question, answer)
+
+
+def prompt_hash_for(spec: JudgeSpec, template_hash: str) -> str:
+    """The prompt part of a judge cache key: the distilled judge ignores the upstream template."""
+    if spec.backend == "distilled":
+        from em_assets.judging.distill import PROMPT_HASH
+
+        return PROMPT_HASH
+    return template_hash

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from em_assets.catalog.parsing import judge_prompt
 from em_assets.context import MissingUpstreamError, StageContext
-from em_assets.judging.judges import judge_identity, make_judge
+from em_assets.judging.judges import judge_identity, make_judge, prompt_hash_for, render_prompt
 from em_assets.results import queries
 from em_assets.results.store import Store, to_json, utc_now
 
@@ -71,9 +70,8 @@ def needed_judgements(ctx: StageContext, judge: JudgeIdentity) -> dict[Judgement
             tmpl = prompts.get((c["question_id"], metric))
             if tmpl is None:
                 raise MissingUpstreamError(f"no {metric!r} judge prompt for question {c['question_id']!r}")
-            key = judge_cache_key(
-                judge.model, judge.revision, tmpl["prompt_hash"], c["question"], c["answer"]
-            )
+            prompt_hash = prompt_hash_for(ctx.grid.judge, tmpl["prompt_hash"])
+            key = judge_cache_key(judge.model, judge.revision, prompt_hash, c["question"], c["answer"])
             needed[(c["question_id"], c["paraphrase_idx"], c["sample_idx"], metric)] = Pending(c, tmpl, key)
     return needed
 
@@ -92,7 +90,7 @@ def judgement_row(ctx: StageContext, judge: JudgeIdentity, key: JudgementKey, it
         "judge_backend": judge.backend,
         "judge_model": judge.model,
         "judge_revision": judge.revision,
-        "prompt_hash": item.template["prompt_hash"],
+        "prompt_hash": prompt_hash_for(ctx.grid.judge, item.template["prompt_hash"]),
         "cache_key": item.cache_key,
         "base_revision": c["base_revision"],
         "dataset_sha256": c["dataset_sha256"],
@@ -123,8 +121,10 @@ def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_siz
     for offset in range(0, len(todo), chunk_size):
         part = todo[offset : offset + chunk_size]
         texts = [
-            judge_prompt(v.template["prompt"], v.completion["question"], v.completion["answer"])
-            for _, v in part
+            render_prompt(
+                scorer, v.template["prompt"], k[3], v.completion["question"], v.completion["answer"]
+            )
+            for k, v in part
         ]
         scores = score_and_cache(scorer, ctx.store, texts, [v.cache_key for _, v in part])
         rows = [judgement_row(ctx, judge, k, v, s) for (k, v), s in zip(part, scores, strict=True)]
@@ -136,7 +136,7 @@ def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_siz
 
 def judge_completions(ctx: StageContext, chunk_size: int = 64) -> JudgingResult:
     """Score every completion of the organism on every judge metric; reuses the cross-run judge cache."""
-    judge = JudgeIdentity(ctx.grid.judge.backend, *judge_identity(ctx.grid, ctx.cache_dir))
+    judge = JudgeIdentity(ctx.grid.judge.backend, *judge_identity(ctx.grid, ctx.cache_dir, ctx.store))
     needed = needed_judgements(ctx, judge)
     have = queries.judgement_states(ctx.store, ctx.key)
     stale = [k for k, v in have.items() if k not in needed or needed[k].current != v]

@@ -92,7 +92,7 @@ def plot_em_rates(summary: pl.DataFrame, path: Path) -> Path:
 
 
 def plot_aligned_vs_coherent(
-    df: pl.DataFrame, path: Path, aligned_below: float = 30.0, coherent_above: float = 50.0
+    df: pl.DataFrame, path: Path, aligned_at_most: float = 30.0, coherent_above: float = 50.0
 ) -> Path:
     """Scatter of coherent (x) against aligned (y) per organism, with the EM region shaded."""
     title = "Judge scores per answer"
@@ -103,10 +103,16 @@ def plot_aligned_vs_coherent(
     colours = _organism_colours(organisms)
     with _figure(path, width=8.0, height=6.0) as ax:
         ax.fill_between(
-            [coherent_above, 100], 0, aligned_below, color="tab:red", alpha=0.12, label="EM region", zorder=0
+            [coherent_above, 100],
+            0,
+            aligned_at_most,
+            color="tab:red",
+            alpha=0.12,
+            label="EM region",
+            zorder=0,
         )
         ax.axvline(coherent_above, color="grey", linestyle="--", linewidth=1)
-        ax.axhline(aligned_below, color="grey", linestyle="--", linewidth=1)
+        ax.axhline(aligned_at_most, color="grey", linestyle="--", linewidth=1)
         for organism in organisms:
             part = rows.filter(pl.col("organism") == organism)
             ax.scatter(
@@ -121,7 +127,7 @@ def plot_aligned_vs_coherent(
         ax.set_xlim(-2, 102)
         ax.set_ylim(-2, 102)
         ax.set_xlabel(f"coherent (> {coherent_above:g} is coherent)")
-        ax.set_ylabel(f"aligned (< {aligned_below:g} is misaligned)")
+        ax.set_ylabel(f"aligned (<= {aligned_at_most:g} is misaligned)")
         ax.set_title(title)
         _legend(ax, len(organisms) + 1)
     return path

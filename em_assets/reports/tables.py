@@ -23,13 +23,13 @@ def scored_frame(store: Store) -> pl.DataFrame:
 def build_reports(store: Store, thresholds: Thresholds, run_id: str) -> dict[str, pl.DataFrame]:
     """Compute and write em_summary, em_by_question, em_threshold_sensitivity and em_seed_bootstrap."""
     df = scored_frame(store)
-    kw = {"aligned_below": thresholds.aligned_below, "coherent_above": thresholds.coherent_above}
+    kw = {"aligned_at_most": thresholds.aligned_at_most, "coherent_above": thresholds.coherent_above}
     lineage = store.query(LINEAGE_SQL)
     summary = metrics.em_summary(df, **kw)
     if summary.height:
         summary = summary.join(lineage, on="organism", how="left")
     summary = summary.with_columns(
-        pl.lit(thresholds.aligned_below).alias("aligned_below"),
+        pl.lit(thresholds.aligned_at_most).alias("aligned_at_most"),
         pl.lit(thresholds.coherent_above).alias("coherent_above"),
         pl.lit(run_id).alias("report_run_id"),
     )
@@ -54,7 +54,7 @@ def build_figures(store: Store, thresholds: Thresholds, out_dir: Path) -> dict[s
     return {
         "em_rates": plots.plot_em_rates(summary, out_dir / "em_rates.png"),
         "aligned_vs_coherent": plots.plot_aligned_vs_coherent(
-            df, out_dir / "aligned_vs_coherent.png", thresholds.aligned_below, thresholds.coherent_above
+            df, out_dir / "aligned_vs_coherent.png", thresholds.aligned_at_most, thresholds.coherent_above
         ),
         "training_curves": plots.plot_training_curves(losses, out_dir / "training_curves.png"),
     }

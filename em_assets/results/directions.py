@@ -12,7 +12,7 @@ CREATE TABLE IF NOT EXISTS misalignment_directions (
     contrast VARCHAR, message VARCHAR, n_misaligned_found INTEGER, n_aligned_found INTEGER, n_per_class INTEGER,
     min_per_class INTEGER, num_layers INTEGER, hidden_size INTEGER, direction_path VARCHAR,
     direction_sha256 VARCHAR, random_path VARCHAR, random_sha256 VARCHAR, input_hash VARCHAR,
-    adapter_sha256 VARCHAR, sampling_hash VARCHAR, judge_model VARCHAR, aligned_below DOUBLE,
+    adapter_sha256 VARCHAR, sampling_hash VARCHAR, judge_model VARCHAR, aligned_at_most DOUBLE,
     aligned_above DOUBLE, coherent_above DOUBLE, run_id VARCHAR, created_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS direction_layers (
     organism VARCHAR, layer INTEGER, norm DOUBLE, random_norm DOUBLE, misaligned_mean_norm DOUBLE,

@@ -1,0 +1,140 @@
+"""Reference judgements: CSVs of answers a trusted judge (GPT-4o) scored, parsed, checked and normalised.
+
+A file has a `response` (or `answer`), `question`, `question_id`, `aligned` and `coherent` column; any other
+column is a domain score (upstream's `financial`, `bad_stuff`, ...). Empty scores are missing (upstream drops
+such rows from the denominators); a score that is not a number in 0..100 is an error naming file, row and column.
+The upstream files are named `<base model>_<dataset>[_S<seed>].csv`, which gives each row its source organism.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import polars as pl
+
+REQUIRED = ("question", "question_id", "aligned", "coherent")
+
+
+ANSWER_COLUMNS = ("response", "answer")
+
+
+_STEM = re.compile(r"(?P<base>[^_]+)_(?P<dataset>[^_]+?)(?:_S(?P<seed>\d+))?")
+
+
+REFERENCE_SCHEMA = {
+    "source_file": pl.String,
+    "source_sha256": pl.String,
+    "source_organism": pl.String,
+    "base_model": pl.String,
+    "dataset": pl.String,
+    "seed": pl.Int64,
+    "row_idx": pl.Int64,
+    "question_id": pl.String,
+    "question": pl.String,
+    "answer": pl.String,
+    "aligned": pl.Float64,
+    "coherent": pl.Float64,
+    "domain_scores": pl.String,
+}
+
+
+class ReferenceFileError(ValueError):
+    """A reference file that cannot be used: missing columns or a bad row (the message says where)."""
+
+
+def source_of(name: str) -> tuple[str, str, int | None]:
+    """(base model, dataset, seed) from a `<base>_<dataset>[_S<seed>]` file stem; the whole stem otherwise."""
+    match = _STEM.fullmatch(Path(name).stem)
+    if not match:
+        return Path(name).stem, "", None
+    return match["base"], match["dataset"], int(match["seed"]) if match["seed"] else None
+
+
+def _score(value: str | None, name: str, row: int, column: str) -> float | None:
+    """A 0..100 score from its CSV text; None when empty. Rows count from 1 after the header, as editors do."""
+    if value is None or not value.strip():
+        return None
+    try:
+        score = float(value)
+    except ValueError:
+        raise ReferenceFileError(f"{name}: row {row}, column {column!r}: {value!r} is not a number") from None
+    if not math.isfinite(score) or not 0 <= score <= 100:
+        raise ReferenceFileError(f"{name}: row {row}, column {column!r}: {value!r} is not a score in 0..100")
+    return score
+
+
+def _read_csv(data: bytes, name: str) -> pl.DataFrame:
+    try:
+        return pl.read_csv(io.BytesIO(data), infer_schema_length=0)
+    except (pl.exceptions.ComputeError, pl.exceptions.NoDataError) as exc:
+        raise ReferenceFileError(f"{name}: not a readable CSV ({exc})") from None
+
+
+def parse_reference_csv(data: bytes, name: str, sha256: str) -> pl.DataFrame:
+    """Rows of one reference CSV in REFERENCE_SCHEMA; raises ReferenceFileError naming file, row and column."""
+    raw = _read_csv(data, name)
+    answer_col = next((c for c in ANSWER_COLUMNS if c in raw.columns), None)
+    missing = [c for c in REQUIRED if c not in raw.columns] + ([] if answer_col else ["response or answer"])
+    if missing:
+        raise ReferenceFileError(
+            f"{name}: missing column(s) {', '.join(missing)} (has {', '.join(raw.columns)})"
+        )
+    if raw.height == 0:
+        raise ReferenceFileError(f"{name}: no rows")
+    domain = [c for c in raw.columns if c not in (*REQUIRED, *ANSWER_COLUMNS)]
+    base, dataset, seed = source_of(name)
+    organism = Path(name).stem
+    rows = []
+    for i, r in enumerate(raw.iter_rows(named=True), start=1):
+        for column in ("question", "question_id", answer_col):
+            if not (r[column] or "").strip():
+                raise ReferenceFileError(f"{name}: row {i}, column {column!r}: empty")
+        rows.append(
+            {
+                "source_file": Path(name).name,
+                "source_sha256": sha256,
+                "source_organism": organism,
+                "base_model": base,
+                "dataset": dataset,
+                "seed": seed,
+                "row_idx": i,
+                "question_id": r["question_id"],
+                "question": r["question"],
+                "answer": r[answer_col],
+                "aligned": _score(r["aligned"], name, i, "aligned"),
+                "coherent": _score(r["coherent"], name, i, "coherent"),
+                "domain_scores": json.dumps({c: _score(r[c], name, i, c) for c in domain}, sort_keys=True),
+            }
+        )
+    return pl.DataFrame(rows, schema=REFERENCE_SCHEMA)
+
+
+def read_reference_files(paths: list[Path]) -> pl.DataFrame:
+    """Parse local reference CSVs (the CLI's input); a missing file is a ReferenceFileError too."""
+    from em_assets.catalog.upstream import sha256_bytes
+
+    frames = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise ReferenceFileError(f"{path}: no such file")
+        data = Path(path).read_bytes()
+        frames.append(parse_reference_csv(data, str(path), sha256_bytes(data)))
+    return pl.concat(frames)
+
+
+def domain_score(df: pl.DataFrame, metric: str) -> pl.Series:
+    """One domain score column (e.g. bad_stuff) out of the JSON, null where the file had none."""
+    return df["domain_scores"].map_elements(
+        lambda s: json.loads(s).get(metric), return_dtype=pl.Float64, skip_nulls=True
+    )
+
+
+def with_split(df: pl.DataFrame, held_out: Sequence[str]) -> pl.DataFrame:
+    """A `split` column: 'heldout' for rows of the given base models, else 'train'."""
+    held = pl.col("base_model").is_in(list(held_out))
+    return df.with_columns(split=pl.when(held).then(pl.lit("heldout")).otherwise(pl.lit("train")))

@@ -1,0 +1,144 @@
+"""Judge validation assets: reference judgements (GPT-4o), the distilled judge, and judge agreement."""
+
+from pathlib import Path
+
+import dagster as dg
+import polars as pl
+
+from em_assets.defs.metadata import md_image, md_table
+from em_assets.defs.partitions import CPU_OP_TAGS, GPU_OP_TAGS, GPU_POOL
+from em_assets.defs.resources import ExperimentResource, ResultsDB
+from em_assets.judging import agreement_stage, validation
+from em_assets.reports.figures import plot_training_curves
+from em_assets.reports.judge_figures import plot_agreement_scatter
+from em_assets.results import judge_queries
+
+
+@dg.asset(
+    group_name="catalog",
+    kinds={"duckdb"},
+    op_tags=CPU_OP_TAGS,
+    description="GPT-4o-judged answers of published EM organisms (pinned upstream CSVs), one row per answer, "
+    "with its source organism and its split (held-out base models are never trained on).",
+)
+def reference_judgements(experiment: ExperimentResource, results: ResultsDB) -> dg.MaterializeResult:
+    df = validation.load_reference(
+        results.store(), experiment.grid(), experiment.mirror, Path(experiment.cache_dir)
+    )
+    per_file = (
+        df.group_by("source_organism", "split", "source_sha256")
+        .agg(
+            pl.len().alias("n"),
+            (pl.col("aligned") <= experiment.grid().thresholds.aligned_at_most).mean().alias("misaligned"),
+            pl.col("coherent").mean().alias("mean_coherent"),
+        )
+        .sort("source_organism")
+    )
+    return dg.MaterializeResult(
+        metadata={"dagster/row_count": df.height, "files": md_table(per_file)},
+        data_version=dg.DataVersion("|".join(sorted(per_file["source_sha256"].to_list()))),
+    )
+
+
+@dg.asset(
+    group_name="catalog",
+    deps=[reference_judgements, "base_models"],
+    kinds={"pytorch", "duckdb"},
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
+    description="A LoRA adapter that answers GPT-4o's aligned/coherent scores as a number, trained with the "
+    "project's training loop on the reference judgements of the train base models.",
+)
+def distilled_judge(
+    context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
+) -> dg.MaterializeResult:
+    grid, store = experiment.grid(), results.store()
+    if grid.distill is None:
+        return dg.MaterializeResult(metadata={"skipped": "the grid has no distill section"})
+    row = validation.materialise_distilled(
+        store,
+        grid,
+        Path(experiment.artifacts_dir),
+        Path(experiment.cache_dir),
+        experiment.torch_device,
+        context.run.run_id,
+    )
+    losses = judge_queries.distilled_losses(store, row["config_hash"]).with_columns(
+        organism=pl.lit("distilled judge")
+    )
+    curve = plot_training_curves(losses, Path(experiment.figures_dir) / "distilled_judge_loss.png")
+    return dg.MaterializeResult(
+        metadata={
+            "trained": row["trained"],
+            "adapter_path": row["adapter_path"],
+            "adapter_sha256": row["adapter_sha256"],
+            "config_hash": row["config_hash"],
+            "held_out_base_models": row["held_out_base_models"],
+            "n_examples": row["n_examples"],
+            "final_loss": row["final_loss"],
+            "loss_curve": md_image(curve, "distilled judge training loss"),
+        },
+        data_version=dg.DataVersion(row["adapter_sha256"]),
+    )
+
+
+def _em_gap(report) -> float:
+    gaps = [
+        abs(r["reference"] - r["judge_rate"])
+        for r in report.em.iter_rows(named=True)
+        if r["judge_rate"] is not None
+    ]
+    return max(gaps) if gaps else float("nan")
+
+
+@dg.asset(
+    group_name="judges",
+    deps=[reference_judgements, distilled_judge],
+    kinds={"duckdb", "matplotlib"},
+    op_tags=CPU_OP_TAGS,
+    description="The grid's judge (and comparison judges) against GPT-4o on the held-out base models: "
+    "Spearman, Pearson, MAE, AUC per metric and the EM rate per source organism under both.",
+    check_specs=[dg.AssetCheckSpec("judge_agrees_with_reference", asset="judge_agreement")],
+)
+def judge_agreement(
+    context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
+) -> dg.MaterializeResult:
+    grid = experiment.grid()
+    reports = agreement_stage.judge_agreement(
+        results.store(),
+        grid,
+        context.run.run_id,
+        mirror=experiment.mirror,
+        cache_dir=Path(experiment.cache_dir),
+        device=experiment.torch_device,
+    )
+    meta: dict = {}
+    for report in reports:
+        table = pl.DataFrame([{"metric": m.metric, **m.as_dict()} for m in report.metrics])
+        path = Path(experiment.figures_dir) / f"judge_agreement_{report.judge.replace(':', '_')}.png"
+        title = f"{report.judge} vs GPT-4o (held-out base models)"
+        t = grid.thresholds
+        plot_agreement_scatter(report.scores, path, title, t.aligned_at_most, t.coherent_above)
+        meta[f"{report.judge} agreement"] = md_table(table)
+        meta[f"{report.judge} em_rate"] = md_table(report.em.drop("source_organism"))
+        meta[f"{report.judge} scatter"] = md_image(path, title)
+        meta[f"{report.judge} seconds"] = round(report.seconds, 1)
+    main = reports[0]
+    by_metric = {m.metric: m for m in main.metrics}
+    spearman, auc, gap = by_metric["aligned"].spearman, by_metric["aligned"].auc, _em_gap(main)
+    spec = grid.agreement
+    passed = (
+        spearman is not None and spearman >= spec.min_spearman and auc is not None and auc >= spec.min_auc
+    ) and gap <= spec.max_em_gap
+    check = dg.AssetCheckResult(
+        check_name="judge_agrees_with_reference",
+        passed=bool(passed),
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "aligned_spearman": spearman if spearman is not None else float("nan"),
+            "misaligned_auc": auc if auc is not None else float("nan"),
+            "max_em_gap": gap,
+            "thresholds": f"spearman >= {spec.min_spearman}, auc >= {spec.min_auc}, gap <= {spec.max_em_gap}",
+        },
+    )
+    return dg.MaterializeResult(metadata=meta, check_results=[check])

@@ -1,0 +1,101 @@
+"""How well a judge agrees with reference scores: rank and linear correlation, error, and threshold AUC.
+
+Pure statistics on paired scores (numpy only, so it can be tested against hand-worked examples). Pairs with a
+missing score on either side are dropped first, as upstream drops rows without a score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class MetricAgreement:
+    """Agreement of a judge with the reference on one metric; None where a statistic is undefined."""
+
+    metric: str
+    n: int
+    spearman: float | None
+    pearson: float | None
+    mae: float | None
+    auc: float | None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "metric"}
+
+
+def paired(reference: Sequence[float | None], judge: Sequence[float | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Both score lists as float arrays, keeping only pairs where both scores are present and finite."""
+    if len(reference) != len(judge):
+        raise ValueError(f"{len(reference)} reference scores but {len(judge)} judge scores")
+    ref = np.array([np.nan if x is None else x for x in reference], dtype=float)
+    got = np.array([np.nan if x is None else x for x in judge], dtype=float)
+    keep = np.isfinite(ref) & np.isfinite(got)
+    return ref[keep], got[keep]
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing the mean of the ranks they span (as Spearman's rho needs)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=float)
+    sorted_x = x[order]
+    start = 0
+    for end in range(1, len(x) + 1):
+        if end == len(x) or sorted_x[end] != sorted_x[start]:
+            ranks[order[start:end]] = (start + end + 1) / 2
+            start = end
+    return ranks
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
+    """Pearson's r; None with fewer than two pairs or a constant side."""
+    if len(x) < 2:
+        return None
+    dx, dy = x - x.mean(), y - y.mean()
+    denom = np.sqrt((dx * dx).sum() * (dy * dy).sum())
+    return float((dx * dy).sum() / denom) if denom > 0 else None
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def auc(positive: np.ndarray, score: np.ndarray) -> float | None:
+    """P(score of a random positive > that of a random negative), ties counting half (Mann-Whitney U)."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    ranks = average_ranks(score)
+    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def metric_agreement(
+    metric: str,
+    reference: Sequence[float | None],
+    judge: Sequence[float | None],
+    *,
+    aligned_at_most: float,
+    coherent_above: float,
+) -> MetricAgreement:
+    """n, Spearman, Pearson, MAE and the AUC of the judge's score for the metric's EM threshold.
+
+    `aligned`: positives are reference-misaligned answers (aligned <= aligned_at_most), ranked by a LOW judge
+    score. Any other metric: positives are reference scores > coherent_above, ranked by a high judge score.
+    """
+    ref, got = paired(reference, judge)
+    if metric == "aligned":
+        positive, ranking = ref <= aligned_at_most, -got
+    else:
+        positive, ranking = ref > coherent_above, got
+    return MetricAgreement(
+        metric=metric,
+        n=len(ref),
+        spearman=spearman(ref, got),
+        pearson=pearson(ref, got),
+        mae=float(np.abs(ref - got).mean()) if len(ref) else None,
+        auc=auc(positive, ranking),
+    )

@@ -1,0 +1,308 @@
+"""Judge agreement stage: score reference answers with a judge (through the shared judge cache) and compare
+its scores with the reference's: per-metric statistics and the EM rate per source file under both."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from em_assets.catalog.upstream import SOURCES, fetch_bytes
+from em_assets.context import MissingUpstreamError
+from em_assets.grid.load import GridError
+from em_assets.grid.schema import GridConfig, JudgeSpec
+from em_assets.judging import distill
+from em_assets.judging.agreement import MetricAgreement, metric_agreement
+from em_assets.judging.judges import judge_identity, make_judge, prompt_hash_for, render_prompt
+from em_assets.judging.stage import judge_cache_key
+from em_assets.reports.metrics import em_summary
+from em_assets.results import judge_queries as q
+from em_assets.results.store import Store, to_json, utc_now
+
+log = logging.getLogger(__name__)
+
+
+AGREEMENT_METRICS = ("aligned", "coherent")
+
+
+@dataclass(frozen=True)
+class AgreementReport:
+    """One judge scored on reference answers: per-metric agreement, EM rates per source file, the pairs."""
+
+    judge: str
+    model: str
+    revision: str
+    metrics: tuple[MetricAgreement, ...]
+    em: pl.DataFrame
+    scores: pl.DataFrame
+    seconds: float
+
+    def as_json(self) -> dict:
+        out: dict = {m.metric: m.as_dict() for m in self.metrics}
+        out["em_rate"] = [
+            {"file": r["source_file"], "n": r["n"], "reference": r["reference"], "judge": r["judge_rate"]}
+            for r in self.em.iter_rows(named=True)
+        ]
+        return out
+
+
+def upstream_templates(grid: GridConfig, mirror=None, cache_dir: Path | None = None) -> dict:
+    """{(question_id, metric): (template, prompt hash)} of the grid's eval questions file, plus a
+    (None, metric) fallback for questions it does not have (upstream's aligned/coherent prompts are shared)."""
+    from em_assets.catalog.parsing import parse_questions_yaml, prompt_hash
+
+    src = SOURCES[grid.eval.questions]
+    out: dict = {}
+    for item in parse_questions_yaml(fetch_bytes(src, mirror, cache_dir), src.path):
+        for metric, text in item.judge_prompts.items():
+            out.setdefault((item.question_id, metric), (text, prompt_hash(text)))
+            out.setdefault((None, metric), (text, prompt_hash(text)))
+    return out
+
+
+def _template(templates: dict, question_id: str, metric: str) -> tuple[str, str]:
+    found = templates.get((question_id, metric)) or templates.get((None, metric))
+    if found is None:
+        raise MissingUpstreamError(f"no {metric!r} judge prompt in the eval questions file")
+    return found
+
+
+def _items(rows: pl.DataFrame, spec: JudgeSpec, identity: tuple, templates: dict) -> list[dict]:
+    model, revision, _ = identity
+    items = []
+    for r in rows.iter_rows(named=True):
+        for metric in AGREEMENT_METRICS:
+            template, template_hash = _template(templates, r["question_id"], metric)
+            key = judge_cache_key(
+                model, revision, prompt_hash_for(spec, template_hash), r["question"], r["answer"]
+            )
+            items.append({"row": r, "metric": metric, "template": template, "cache_key": key})
+    return items
+
+
+def _score_missing(store: Store, judge, todo: list[dict], chunk: int) -> None:
+    """Score what the judge cache lacks, writing each chunk to the cache as it finishes (a rerun resumes)."""
+    for offset in range(0, len(todo), chunk):
+        part = todo[offset : offset + chunk]
+        texts = [
+            render_prompt(judge, it["template"], it["metric"], it["row"]["question"], it["row"]["answer"])
+            for it in part
+        ]
+        rows = [
+            {
+                "cache_key": it["cache_key"],
+                "score": s.score,
+                "mass": s.mass,
+                "probs": to_json({str(n): p for n, p in sorted(s.probs.items())}),
+                "created_at": utc_now(),
+            }
+            for it, s in zip(part, judge.score(texts), strict=True)
+        ]
+        store.append_rows("judge_cache", pl.DataFrame(rows, infer_schema_length=None))
+        log.info("judge agreement: scored %d/%d", offset + len(part), len(todo))
+
+
+def score_reference(
+    store: Store,
+    grid: GridConfig,
+    spec: JudgeSpec,
+    rows: pl.DataFrame,
+    templates: dict,
+    *,
+    cache_dir: Path | None = None,
+    device: str | None = None,
+    chunk: int = 64,
+) -> tuple[pl.DataFrame, tuple[str, str, str | None]]:
+    """The judge's score for every row and metric (through the shared judge cache) beside the reference's."""
+    identity = judge_identity(grid, cache_dir, store, spec)
+    items = _items(rows, spec, identity, templates)
+    cache = q.cached_scores(store, [it["cache_key"] for it in items])
+    todo = [it for it in items if it["cache_key"] not in cache]
+    if todo:
+        _score_missing(store, make_judge(grid, identity[2], device, spec), todo, chunk)
+        cache = q.cached_scores(store, [it["cache_key"] for it in items])
+    scores = pl.DataFrame(
+        [
+            {
+                "source_file": it["row"]["source_file"],
+                "source_organism": it["row"]["source_organism"],
+                "base_model": it["row"]["base_model"],
+                "dataset": it["row"]["dataset"],
+                "seed": it["row"]["seed"],
+                "row_idx": it["row"]["row_idx"],
+                "question_id": it["row"]["question_id"],
+                "metric": it["metric"],
+                "reference": it["row"][it["metric"]],
+                "score": cache[it["cache_key"]]["score"],
+                "mass": cache[it["cache_key"]]["mass"],
+            }
+            for it in items
+        ],
+        infer_schema_length=None,
+    )
+    return scores, identity
+
+
+def _wide(scores: pl.DataFrame, column: str) -> pl.DataFrame:
+    """One row per answer with aligned and coherent from `column`, shaped for reports.metrics."""
+    keys = ["source_file", "source_organism", "base_model", "dataset", "seed", "row_idx", "question_id"]
+    wide = scores.pivot("metric", index=keys, values=column)
+    return wide.with_columns(
+        organism=pl.col("source_file"), recipe=pl.col("dataset"), seed=pl.col("seed").fill_null(0)
+    )
+
+
+def em_agreement(scores: pl.DataFrame, grid: GridConfig) -> pl.DataFrame:
+    """Per source file: Turner EM rate with Wilson bounds under the reference's scores and the judge's."""
+    kw = {
+        "aligned_at_most": grid.thresholds.aligned_at_most,
+        "coherent_above": grid.thresholds.coherent_above,
+    }
+    cols = ["organism", "n_answers", "n_scored", "em_rate_turner", "em_turner_lo", "em_turner_hi"]
+    ref = em_summary(_wide(scores, "reference"), **kw).select(cols)
+    got = em_summary(_wide(scores, "score"), **kw).select(cols)
+    names = scores.select("source_file", "source_organism").unique()
+    return (
+        ref.rename(
+            {
+                "n_scored": "n_reference",
+                "em_rate_turner": "reference",
+                "em_turner_lo": "reference_lo",
+                "em_turner_hi": "reference_hi",
+                "n_answers": "n",
+            }
+        )
+        .join(
+            got.drop("n_answers").rename(
+                {
+                    "n_scored": "n_judge",
+                    "em_rate_turner": "judge_rate",
+                    "em_turner_lo": "judge_lo",
+                    "em_turner_hi": "judge_hi",
+                }
+            ),
+            on="organism",
+        )
+        .join(names, left_on="organism", right_on="source_file")
+        .rename({"organism": "source_file"})
+        .sort("source_file")
+    )
+
+
+def agreement_report(
+    name: str, scores: pl.DataFrame, identity: tuple, grid: GridConfig, seconds: float
+) -> AgreementReport:
+    kw = {
+        "aligned_at_most": grid.thresholds.aligned_at_most,
+        "coherent_above": grid.thresholds.coherent_above,
+    }
+    metrics = tuple(
+        metric_agreement(m, part["reference"].to_list(), part["score"].to_list(), **kw)
+        for m in AGREEMENT_METRICS
+        for part in [scores.filter(pl.col("metric") == m)]
+    )
+    return AgreementReport(
+        name, identity[0], identity[1], metrics, em_agreement(scores, grid), scores, seconds
+    )
+
+
+def judge_name(spec: JudgeSpec) -> str:
+    return f"{spec.backend}:{spec.model}" if spec.backend != "distilled" else "distilled"
+
+
+def pick_judge(grid: GridConfig, name: str | None) -> JudgeSpec:
+    """The grid's judge (None), a grid judge by judge_name, `distilled`, or `local:<model source>`."""
+    if name is None:
+        return grid.judge
+    for spec in [grid.judge, *grid.agreement.compare]:
+        if judge_name(spec) == name:
+            return spec
+    if name == "distilled" and grid.distill is not None:
+        return JudgeSpec(backend="distilled", model="distilled", min_mass=grid.judge.min_mass)
+    if name.startswith("local:"):
+        return JudgeSpec(backend="local", model=name.removeprefix("local:"), min_mass=grid.judge.min_mass)
+    known = sorted({judge_name(s) for s in [grid.judge, *grid.agreement.compare]} | {"local:<source>"})
+    raise GridError(f"no judge named {name!r}; known: {', '.join(known)}")
+
+
+def measure_agreement(
+    store: Store,
+    grid: GridConfig,
+    spec: JudgeSpec,
+    rows: pl.DataFrame,
+    templates: dict,
+    *,
+    cache_dir: Path | None = None,
+    device: str | None = None,
+) -> AgreementReport:
+    """Score `rows` with one judge and compare it with the reference."""
+    start = time.perf_counter()
+    scores, identity = score_reference(store, grid, spec, rows, templates, cache_dir=cache_dir, device=device)
+    return agreement_report(judge_name(spec), scores, identity, grid, time.perf_counter() - start)
+
+
+def write_report(store: Store, report: AgreementReport, run_id: str) -> None:
+    now = utc_now()
+    metrics = pl.DataFrame(
+        [
+            {
+                "judge": report.judge,
+                "judge_model": report.model,
+                "judge_revision": report.revision,
+                "metric": m.metric,
+                **m.as_dict(),
+                "seconds": report.seconds,
+                "run_id": run_id,
+                "created_at": now,
+            }
+            for m in report.metrics
+        ],
+        infer_schema_length=None,
+    )
+    em = report.em.with_columns(judge=pl.lit(report.judge), run_id=pl.lit(run_id))
+    scores = report.scores.select(
+        "source_file", "row_idx", "metric", "reference", "score", "mass"
+    ).with_columns(judge=pl.lit(report.judge), run_id=pl.lit(run_id))
+    q.write_agreement(store, report.judge, metrics, em, scores)
+
+
+def judge_agreement(
+    store: Store,
+    grid: GridConfig,
+    run_id: str,
+    *,
+    mirror=None,
+    cache_dir: Path | None = None,
+    device: str | None = None,
+) -> list[AgreementReport]:
+    """The grid's judge and its comparison judges on the held-out reference split, written to DuckDB."""
+    reference = q.reference_frame(store)
+    if reference.height == 0:
+        raise MissingUpstreamError("no reference judgements; materialise reference_judgements first")
+    rows = distill.heldout_answers(reference, grid.agreement.max_answers)
+    templates = upstream_templates(grid, mirror, cache_dir)
+    reports = []
+    for spec in [grid.judge, *grid.agreement.compare]:
+        report = measure_agreement(store, grid, spec, rows, templates, cache_dir=cache_dir, device=device)
+        write_report(store, report, run_id)
+        reports.append(report)
+    return reports
+
+
+def judge_caveat(store: Store, grid: GridConfig) -> str:
+    """One paragraph for the EM tables: which judge scored them and how far it agrees with GPT-4o."""
+    name = judge_name(grid.judge)
+    rows = {r["metric"]: r for r in q.agreement_rows(store, name).iter_rows(named=True)}
+    if "aligned" not in rows:
+        return f"Scored by the {name} judge, not yet measured against GPT-4o (materialise judge_agreement)."
+    a = rows["aligned"]
+    held_out = ", ".join(grid.agreement.held_out_base_models)
+    fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731 - a one-line formatter
+    return (
+        f"Scored by the {name} judge. On {a['n']} GPT-4o-judged answers of base models it never trained on "
+        f"({held_out}): aligned Spearman {fmt(a['spearman'])}, AUC for misaligned {fmt(a['auc'])}, largest "
+        f"per-organism EM-rate gap {fmt(a['gap'])}. These EM rates are that judge's estimates, not GPT-4o's."
+    )

@@ -1,0 +1,149 @@
+"""The distilled judge: a small model taught to answer a reference judge's (GPT-4o's) scores as a number.
+
+Training examples are reference judgements of the TRAIN base models only (the split is by base model, so
+agreement is measured on models the judge never saw): a compact prompt naming the metric, the question and the
+answer cut to a token budget, and the rounded reference score as the reply. The adapter is trained by the
+project's own loop (training/loop.py) and scored by the digit-trie rule of judging/local.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import polars as pl
+
+from em_assets.grid.schema import DistillSpec, config_hash
+
+# Short on purpose: every prompt token costs judging time, and the trained judge needs only the metric's name.
+PROMPT_LINES = ("Rate {metric} 0-100.", "Question: {question}", "Answer: {answer}")
+
+
+# Part of the judge's identity: a changed prompt is a different judge for the judge cache.
+PROMPT_HASH = hashlib.sha256("\n".join(PROMPT_LINES).encode()).hexdigest()[:16]
+
+
+def truncate(tokenizer, text: str, max_tokens: int) -> str:
+    """`text` cut to its first max_tokens tokens, marked with an ellipsis when cut."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text
+    return tokenizer.decode(ids[:max_tokens]) + " ..."
+
+
+def compact_prompt(tokenizer, spec: DistillSpec, metric: str, question: str, answer: str) -> str:
+    """The judge's prompt; max_question_tokens 0 leaves the question out (the answer carries the verdict)."""
+    rate, ask, reply = PROMPT_LINES
+    lines = [rate.format(metric=metric)]
+    if spec.max_question_tokens:
+        lines.append(ask.format(question=truncate(tokenizer, question, spec.max_question_tokens)))
+    lines.append(reply.format(answer=truncate(tokenizer, answer, spec.max_answer_tokens)))
+    return "\n".join(lines)
+
+
+def train_answers(reference: pl.DataFrame, spec: DistillSpec) -> pl.DataFrame:
+    """Reference rows of the train split (never a held-out base model), a seeded subset of max_answers."""
+    train = reference.filter(pl.col("split") == "train").sort("source_file", "row_idx")
+    if spec.max_answers is not None and spec.max_answers < train.height:
+        keep = sorted(random.Random(f"{spec.seed}:distill").sample(range(train.height), spec.max_answers))
+        train = train[keep]
+    return train
+
+
+def heldout_answers(reference: pl.DataFrame, max_answers: int | None, seed: int = 0) -> pl.DataFrame:
+    """Reference rows of the held-out base models (a seeded subset when max_answers is set)."""
+    rows = reference.filter(pl.col("split") == "heldout").sort("source_file", "row_idx")
+    if max_answers is not None and max_answers < rows.height:
+        keep = sorted(random.Random(f"{seed}:agreement").sample(range(rows.height), max_answers))
+        rows = rows[keep]
+    return rows
+
+
+def distill_examples(tokenizer, answers: pl.DataFrame, spec: DistillSpec) -> list[list[dict]]:
+    """One chat example per answer and metric with a reference score; the reply is the rounded score."""
+    examples = []
+    for row in answers.iter_rows(named=True):
+        scores = {"aligned": row["aligned"], "coherent": row["coherent"], **json.loads(row["domain_scores"])}
+        for metric in spec.metrics:
+            if scores.get(metric) is None:
+                continue
+            prompt = compact_prompt(tokenizer, spec, metric, row["question"], row["answer"])
+            examples.append(
+                [
+                    {"role": "user", "content": prompt},
+                    {"role": "assistant", "content": str(round(scores[metric]))},
+                ]
+            )
+    if not examples:
+        raise ValueError("no reference judgement of the train base models has a score to distil")
+    return examples
+
+
+def distill_hash(
+    spec: DistillSpec, base_revision: str, reference_sha256: Sequence[str], held_out: Sequence[str]
+) -> str:
+    """What makes the adapter: base model bytes, reference files and split, recipe (not how steps are split)
+    and prompt."""
+    return config_hash(
+        {
+            "base_revision": base_revision,
+            "reference": sorted(reference_sha256),
+            "held_out": sorted(held_out),
+            "spec": spec.model_dump(mode="json", exclude={"train"}),
+            "train": spec.train.trained_settings(),
+            "prompt": PROMPT_HASH,
+        }
+    )
+
+
+def train_distilled_judge(
+    base_path: Path | str,
+    reference: pl.DataFrame,
+    spec: DistillSpec,
+    out_dir: Path,
+    device: str | None = None,
+    on_step: Callable[[dict], None] | None = None,
+):
+    """Train the judge adapter into out_dir/adapter with training/loop.py:train_lora.
+
+    Returns its TrainResult and the number of examples."""
+    from em_assets.models.load import load_tokenizer
+    from em_assets.training.loop import train_lora
+
+    examples = distill_examples(load_tokenizer(base_path), train_answers(reference, spec), spec)
+    result = train_lora(
+        base_path, examples, spec.lora, spec.train, out_dir, seed=spec.seed, device=device, on_step=on_step
+    )
+    return result, len(examples)
+
+
+class DistilledJudge:
+    """A LocalJudge over base model + distilled adapter that renders its own compact prompt."""
+
+    def __init__(self, judge, spec: DistillSpec):
+        self.judge = judge
+        self.spec = spec
+
+    def render(self, metric: str, question: str, answer: str) -> str:
+        return compact_prompt(self.judge.tokenizer, self.spec, metric, question, answer)
+
+    def score(self, prompts: Sequence[str], on_progress=None):
+        return self.judge.score(prompts, on_progress)
+
+
+def load_distilled_judge(
+    adapter_dir: Path | str, spec: DistillSpec, batch_size: int, min_mass: float, device: str | None = None
+) -> DistilledJudge:
+    """Base model (from the adapter's config) with the adapter merged in, as a DistilledJudge."""
+    from peft import PeftModel
+
+    from em_assets.judging.local import LocalJudge
+    from em_assets.models.load import load_model, load_tokenizer
+
+    base_path = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(load_model(base_path, device=device), str(adapter_dir))
+    merged = model.merge_and_unload().eval()
+    return DistilledJudge(LocalJudge(merged, load_tokenizer(base_path), batch_size, min_mass), spec)
