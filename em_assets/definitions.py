@@ -4,13 +4,14 @@ import dagster as dg
 
 from em_assets.defs.automation import JOBS, SCHEDULES, SENSORS
 from em_assets.defs.modules import ASSET_MODULES
+from em_assets.defs.recovery import SENSORS as RECOVERY_SENSORS
 from em_assets.defs.resources import ExperimentResource, ResultsDB
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(ASSET_MODULES),
     asset_checks=dg.load_asset_checks_from_modules(ASSET_MODULES),
     jobs=JOBS,
-    sensors=SENSORS,
+    sensors=[*SENSORS, *RECOVERY_SENSORS],
     schedules=SCHEDULES,
     resources={"experiment": ExperimentResource.from_env(), "results": ResultsDB.from_env()},
 )

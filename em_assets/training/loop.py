@@ -178,6 +178,7 @@ def train_lora(
                 "tokens": tokens,
                 "elapsed_s": elapsed,
                 "grad_norm": grad_norm,
+                "total_steps": len(steps),
             }
             progress["losses"].append(record)
             progress.update(step=step, elapsed_s=elapsed, train_tokens=progress["train_tokens"] + tokens)

@@ -79,7 +79,7 @@ def train_adapter(ctx: StageContext) -> dict:
     def on_step(rec: dict) -> None:
         ctx.log.info(
             f"{ctx.key}: step {rec['step']} loss {rec['loss']:.4f} lr {rec['learning_rate']:.2e} "
-            f"tokens {rec['tokens']}"
+            f"tokens {rec['tokens']} (trained {rec['step']}/{rec['total_steps']})"
         )
 
     result = train_lora(
