@@ -133,7 +133,9 @@ def sample_completions(ctx: StageContext) -> dict:
 
         stats["workers"] = 1
 
-        chunks = vllm_backend.iter_samples(base["path"], adapter.get("adapter_path"), requests, **options)
+        chunks = vllm_backend.iter_samples(
+            base["path"], adapter.get("adapter_path"), requests, **options, vllm=sampling.vllm
+        )
     else:
         device = ctx.device or pick_device()
         workers = sampling.workers
