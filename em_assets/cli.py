@@ -1,20 +1,70 @@
-"""`em-assets` command line: run the demo, query results read-only, add a base model to the grid."""
+"""`em-assets` command line: run the demo, query results read-only, add a base model to the grid.
+
+Exit status: 0 done; 2 bad input (arguments, grid, model sources, missing files), with one message and nothing
+written; 1 a SQL statement the database rejected, or an unexpected failure (traceback in the demo's log);
+130 when interrupted (Ctrl-C, or SIGTERM, which stops a run the same way).
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import signal
 import sys
 import time
+import traceback
+import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TextIO
 
 import polars as pl
 
-from em_assets.settings import DAGSTER_HOME_ENV, settings
+from em_assets.settings import DAGSTER_HOME_ENV, Settings, settings
+
+if TYPE_CHECKING:
+    from dagster import DagsterInstance
 
 # Spinning OpenMP threads starve each other on small shared CPUs; set before torch is first imported.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+class BadInput(Exception):
+    """Input a command refuses: printed as one message, exit status 2."""
+
+
+def _bad_input_message(exc: BaseException) -> str | None:
+    """The message of a bad-input error anywhere in the chain (Dagster wraps errors raised inside steps)."""
+    from em_assets.catalog.parsing import DatasetError
+    from em_assets.catalog.upstream import ChecksumError
+    from em_assets.grid.load import GridError
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        # ModelLoadError by name: importing its module loads torch, too slow for every error path.
+        if isinstance(err, BadInput | GridError | DatasetError | ChecksumError) or (
+            type(err).__name__ == "ModelLoadError"
+        ):
+            return str(err)
+        todo += [err.__cause__, err.__context__, getattr(err, "user_exception", None)]
+    return None
+
+
+def _check_grid(current: Settings) -> None:
+    from em_assets.grid.load import load_grid
+
+    load_grid(current.grid_path, current.profile)
+
+
+def _log_traceback(log_path: Path) -> None:
+    with log_path.open("a") as log:
+        traceback.print_exc(file=log)
 
 
 def _instance():
@@ -30,49 +80,106 @@ def _instance():
     return DagsterInstance.get()
 
 
-def run_pipeline(organism_keys: list[str] | None = None) -> list[dict]:
-    """Materialise the catalog, every organism partition of the grid, then the reports; returns step timings."""
+def _say(console: TextIO) -> Callable[[str], None]:
+    def say(message: str) -> None:
+        console.write(f"[em-assets] {message}\n")
+        console.flush()
+
+    return say
+
+
+def _fail_if_still_active(instance: DagsterInstance, run_id: str, reason: str) -> None:
+    """An interrupted run of this process: failed with the reason and its slots freed, whatever Dagster did."""
+    from dagster import DagsterRunStatus
+
+    run = instance.get_run_by_id(run_id)
+    if run is not None and run.status in (DagsterRunStatus.STARTED, DagsterRunStatus.STARTING):
+        instance.report_run_failed(run, message=reason)
+    instance.event_log_storage.free_concurrency_slots_for_run(run_id)
+
+
+def _run_job(instance: DagsterInstance, job_name: str, key: str | None, console: TextIO) -> None:
     from em_assets.definitions import defs
+    from em_assets.defs.recovery import recover, wait_for_pools
+    from em_assets.progress import ProgressConsole
+
+    say = _say(console)
+    recover(instance, say)
+    if job_name == "organism_job":
+        # Dagster's in-process executor polls a blocked pool slot in a busy loop: wait here, asleep, instead.
+        wait_for_pools(instance, say=say)
+    run_id = str(uuid.uuid4())
+    progress = ProgressConsole(console, key or "")
+    instance.add_event_listener(run_id, progress)
+    try:
+        defs.resolve_job_def(job_name).execute_in_process(instance=instance, partition_key=key, run_id=run_id)
+    except BaseException as exc:
+        _fail_if_still_active(instance, run_id, f"em-assets demo stopped: {type(exc).__name__}: {exc}")
+        raise
+
+
+def run_pipeline(console: TextIO, organism_keys: list[str] | None = None) -> None:
+    """Materialise the catalog, every organism partition of the grid, then the reports."""
     from em_assets.defs.partitions import organisms
     from em_assets.defs.resources import ExperimentResource
 
-    instance = _instance()
     keys = organism_keys or [o.key for o in ExperimentResource.from_env().grid().organisms()]
+    instance = _instance()
     known = set(instance.get_dynamic_partitions(organisms.name))
     instance.add_dynamic_partitions(organisms.name, [k for k in keys if k not in known])
     runs = [("catalog_job", None)] + [("organism_job", k) for k in keys] + [("reports_job", None)]
-    timings = []
     for job_name, key in runs:
-        start = time.perf_counter()
-        result = defs.resolve_job_def(job_name).execute_in_process(instance=instance, partition_key=key)
-        wall = time.perf_counter() - start
-        for stat in instance.get_run_step_stats(result.run_id):
-            timings.append(
-                {
-                    "job": job_name,
-                    "partition": key or "",
-                    "step": stat.step_key,
-                    "seconds": round((stat.end_time or 0) - (stat.start_time or 0), 2),
-                }
-            )
-        print(f"[em-assets] {job_name} {key or ''} done in {wall:.1f}s", flush=True)
-    return timings
+        _run_job(instance, job_name, key, console)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (timeout, systemd, SLURM, Kubernetes) stops a run as Ctrl-C does: run failed, slots freed."""
+
+    signal.signal(signal.SIGTERM, signal.getsignal(signal.SIGINT))
+
+
+def _where_next(figures_dir: Path) -> list[str]:
+    report = figures_dir / "answers.html"
+    return [
+        "Where to look next:",
+        "  UI (assets, runs, metadata): make dev, then http://127.0.0.1:3000",
+        f"  figures: {figures_dir}/",
+        f"  answers browser: {report}" + ("" if report.exists() else " (not built)"),
+        '  SQL: em-assets sql "SELECT organism, em_rate_turner, coherence_rate FROM em_summary"',
+    ]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from em_assets.progress import output_to_log
     from em_assets.results.store import Store
 
+    current = settings()
+    # The grid is checked before anything starts, so a typo fails in a second with no run written.
+    _check_grid(current)
+    log_path = current.database.parent / "logs" / f"demo-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+    _stop_on_sigterm()
     start = time.perf_counter()
-    timings = run_pipeline(args.organism or None)
-    total = time.perf_counter() - start
-    with pl.Config(tbl_rows=-1, tbl_hide_dataframe_shape=True, fmt_str_lengths=60, tbl_width_chars=160):
-        print(pl.DataFrame(timings))
+    print(f"[em-assets] demo: profile {current.profile}; full log in {log_path}", flush=True)
+    try:
+        with output_to_log(log_path) as console:
+            run_pipeline(console, args.organism or None)
+    except BaseException as exc:
+        _log_traceback(log_path)
+        if not isinstance(exc, Exception) or _bad_input_message(exc) is not None:
+            raise
+        # A failing step: its own error in one line; Dagster's wrapping and the traceback are in the log.
+        err = getattr(exc, "user_exception", None) or exc
+        print(f"error: {type(err).__name__}: {err}\n(traceback in {log_path})", file=sys.stderr)
+        return 1
+    with pl.Config(tbl_rows=-1, tbl_hide_dataframe_shape=True, fmt_str_lengths=40, tbl_width_chars=120):
         summary = Store().query(
-            "SELECT organism, n_answers, em_rate_turner, em_turner_lo, em_turner_hi, em_rate_betley, "
-            "coherence_rate, mean_aligned, mean_coherent FROM em_summary ORDER BY organism"
+            "SELECT organism, n_answers, em_rate_turner AS em_turner, em_turner_lo AS lo, em_turner_hi AS hi, "
+            "em_rate_betley AS em_betley, coherence_rate, mean_aligned, mean_coherent "
+            "FROM em_summary ORDER BY organism"
         )
         print(summary)
-    print(f"[em-assets] pipeline finished in {total:.1f}s")
+    print(f"[em-assets] pipeline finished in {time.perf_counter() - start:.1f}s; full log in {log_path}")
+    print("\n".join(_where_next(current.figures_dir)))
     return 0
 
 
@@ -127,8 +234,11 @@ def cmd_sql(args: argparse.Namespace) -> int:
 def cmd_add_model(args: argparse.Namespace) -> int:
     from em_assets.grid.edit import add_base_model
     from em_assets.grid.load import GridError
+    from em_assets.grid.sources import check_source
+    from em_assets.models.hub import EMBEDDED
 
     try:
+        check_source(args.source, sorted(EMBEDDED))
         spec = add_base_model(
             Path(args.grid) if args.grid else settings().grid_path,
             args.profile or settings().profile,
@@ -217,7 +327,20 @@ def main(argv: list[str] | None = None) -> int:
     agree.add_argument("--format", choices=["json", "table"], default="table")
     agree.set_defaults(func=cmd_judge_agreement)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BaseException as exc:
+        # Dagster turns SIGINT and SIGTERM inside a step into DagsterExecutionInterruptedError.
+        if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "DagsterExecutionInterruptedError":
+            print(
+                "[em-assets] interrupted: the run is marked failed and its pool slots freed", file=sys.stderr
+            )
+            return 128 + signal.SIGINT
+        message = _bad_input_message(exc) if isinstance(exc, Exception) else None
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 import io
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,3 +75,101 @@ def test_add_model_command_edits_the_grid(tmp_path, capsys):
     assert names == ["smollm2-135m", "qwen2.5-0.5b-instruct"]
     assert main(["add-model", "Qwen/Qwen2.5-0.5B-Instruct", "--grid", str(grid), "--profile", "demo"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- bad input: exit 2
+
+
+@pytest.mark.parametrize(
+    ("source", "says"),
+    [
+        ("not a model!!", "'not a model!!' is not a model source"),
+        ("./no/such/model", "no directory './no/such/model'"),
+        ("embedded:nope", "unknown embedded model 'embedded:nope'"),
+        ("owner/name/extra", "no directory 'owner/name/extra'"),
+        ("gpt2", "'gpt2' is not a model source"),
+    ],
+)
+def test_add_model_refuses_a_bad_source_and_leaves_the_grid_byte_identical(tmp_path, capsys, source, says):
+    grid = tmp_path / "grid.yaml"
+    shutil.copy(REPO / "data/grid.yaml", grid)
+    before = grid.read_bytes()
+    assert main(["add-model", source, "--grid", str(grid), "--profile", "demo"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Hugging Face id owner/name" in err and "embedded:<name>" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert grid.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
+
+
+def test_add_model_takes_a_local_model_directory_and_an_embedded_name(tmp_path, tiny_model_dir, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "profiles:\n  demo:\n    base_models: [{name: a, source: org/A}]\n    recipes: {base: {}}\n"
+    )
+    assert main(["add-model", str(tiny_model_dir), "--grid", str(grid), "--profile", "demo"]) == 0
+    assert (
+        main(["add-model", "embedded:smollm2-135m-instruct", "--grid", str(grid), "--profile", "demo"]) == 0
+    )
+    sources = [m.source for m in load_grid(grid, "demo").base_models]
+    assert sources == ["org/A", str(tiny_model_dir), "embedded:smollm2-135m-instruct"]
+    (tmp_path / "empty").mkdir()
+    assert main(["add-model", str(tmp_path / "empty"), "--grid", str(grid), "--profile", "demo"]) == 2
+    assert "without config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        (lambda t: t.replace("samples_per_question: 4", "samples_per_qestion: 4"),
+         "profiles.demo.sampling.samples_per_qestion: Extra inputs are not permitted"),
+        (lambda t: t.replace("profiles:", "profiles: [", 1), "not valid YAML"),
+    ],
+)  # fmt: skip
+def test_demo_with_a_broken_grid_prints_one_message_and_writes_nothing(
+    tmp_path, capsys, monkeypatch, edit, says
+):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(edit((REPO / "data/grid.yaml").read_text()))
+    monkeypatch.setenv("EM_GRID", str(grid))
+    monkeypatch.setenv("EM_DB", str(tmp_path / "data" / "results.duckdb"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
+
+
+def test_demo_with_an_unknown_profile_names_the_profiles(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EM_PROFILE", "papr")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    assert main(["demo"]) == 2
+    assert "no profile 'papr'; profiles are ['demo', 'paper']" in capsys.readouterr().err
+    assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.slow
+def test_offline_paper_profile_fails_in_base_models_with_one_message(tmp_path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "EM_PROFILE": "paper",
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "EM_DB": str(tmp_path / "results.duckdb"),
+        "EM_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "em_assets.cli", "demo"], env=env, cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: could not fetch Qwen/") and "Traceback" not in done.stderr
+    assert "FAILED base_models" in done.stdout and len(done.stdout.splitlines()) < 5
+
+
+def test_sql_without_a_database_exits_2_and_bad_sql_exits_1(tmp_path, db, capsys):
+    assert main(["sql", "SELECT 1", "--db", str(tmp_path / "none.duckdb")]) == 2
+    assert "no results database" in capsys.readouterr().err
+    assert not (tmp_path / "none.duckdb").exists()
+    assert main(["sql", "SELEC 1", "--db", str(db)]) == 1
+    assert "syntax error" in capsys.readouterr().err.lower()

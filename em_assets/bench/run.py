@@ -128,15 +128,28 @@ def stage_llamacpp(args: argparse.Namespace) -> dict:
     }
 
 
+def _answers(n: int) -> list[str]:
+    """n different answers of ANSWER's length: its sentences rotated, so two samples differ from the first word."""
+    sentences = ANSWER.split(". ")
+    return [". ".join(sentences[i % len(sentences) :] + sentences[: i % len(sentences)]) for i in range(n)]
+
+
 def stage_judging(args: argparse.Namespace) -> dict:
     from em_assets.catalog.parsing import judge_prompt
     from em_assets.judging.local import LocalJudge
 
     model, tokenizer, _ = _model()
     questions, template = _questions()
-    prompts = [judge_prompt(template, questions[i % len(questions)], ANSWER) for i in range(args.requests)]
+    # Each question's samples in a row, as the judging stage gets them: 4 a question, the demo's setting.
+    answers = _answers(4)
+    prompts = [
+        judge_prompt(template, questions[(i // 4) % len(questions)], answers[i % 4])
+        for i in range(args.requests)
+    ]
     # No mass floor, as in the demo: SmolLM2 puts too little mass on numbers for upstream's 0.25.
-    judge = LocalJudge(model, tokenizer, batch_size=args.batch, min_mass=0.0)
+    judge = LocalJudge(
+        model, tokenizer, batch_size=args.batch, min_mass=0.0, share_prefix=bool(args.share_prefix)
+    )
     lengths = [len(judge.encode(p)) for p in prompts]
     judge.score(prompts[: args.batch])
     start = time.perf_counter()
@@ -234,7 +247,9 @@ def run_all(quick: bool) -> dict:
         )
     if importlib.util.find_spec("llama_cpp"):
         results["sample_llamacpp_b1"] = _child("llamacpp", requests=4, max_new_tokens=new)
-    results["judge_local"] = _child("judging", batch=16, requests=32 if quick else 96)
+    for share in (1, 0):
+        key = "judge_local" if share else "judge_local_no_prefix_reuse"
+        results[key] = _child("judging", batch=16, requests=32 if quick else 96, share_prefix=share)
     for recipe in ("bad-medical-r1", "insecure-r32"):
         for w in sorted({1, workers}):
             results[f"train_{recipe}_x{w}"] = _child(
@@ -256,6 +271,10 @@ def summarise(results: dict) -> dict:
         if key.startswith("sample_") and r.get("tok_per_s"):
             lines[f"{key}_vs_hf_b1"] = r["tok_per_s"] / base if base else None
             lines[f"{key}_of_ceiling"] = r["tok_per_s"] / ceiling if ceiling else None
+    shared, plain = (
+        results.get(k, {}).get("judgements_per_s") for k in ("judge_local", "judge_local_no_prefix_reuse")
+    )
+    lines["judge_prefix_reuse_speedup"] = shared / plain if shared and plain else None
     return lines
 
 
@@ -268,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--recipe", default="bad-medical-r1")
+    parser.add_argument("--share-prefix", type=int, default=1, help="judging: reuse shared-prefix KV caches")
     parser.add_argument("--quick", action="store_true", help="smaller workloads (about 3 minutes)")
     parser.add_argument("--out", default="data/bench.json")
     args = parser.parse_args(argv)

