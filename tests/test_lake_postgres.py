@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import time
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -40,38 +41,74 @@ def _reader(db: str, data_path: str, stop, out) -> None:
     out.put(counts)
 
 
-def test_concurrent_organism_writers_and_a_reader_on_postgres(tmp_path):
+@pytest.fixture(scope="module")
+def conninfo():
+    with postgres_server() as info:
+        yield info
+
+
+def test_dagster_instance_storage_on_postgres(conninfo, tmp_path, monkeypatch):
+    """deploy/dagster-k8s.yaml's storage section on a real server: runs and events survive the process."""
+    import dagster as dg
+    import yaml
+
+    fields = dict(part.split("=", 1) for part in conninfo.split())
+    env = {
+        "DAGSTER_PG_HOST": fields["host"],
+        "DAGSTER_PG_DB": fields["dbname"],
+        "DAGSTER_PG_USERNAME": fields["user"],
+    }
+    for name, value in {**env, "DAGSTER_PG_PASSWORD": ""}.items():
+        monkeypatch.setenv(name, value)
+    deployed = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "deploy" / "dagster-k8s.yaml").read_text()
+    )
+    storage = deployed["storage"]
+    storage["postgres"]["postgres_db"]["port"] = int(fields["port"])
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump({"storage": storage}))
+
+    @dg.asset
+    def one() -> int:
+        return 1
+
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        assert dg.materialize([one], instance=instance).success
+    with dg.DagsterInstance.from_config(str(tmp_path)) as again:
+        assert type(again.run_storage).__name__ == "PostgresRunStorage"
+        assert len(again.get_runs()) == 1 and again.get_latest_materialization_event(dg.AssetKey("one"))
+
+
+def test_concurrent_organism_writers_and_a_reader_on_postgres(conninfo, tmp_path):
     spawn = mp.get_context("spawn")
-    with postgres_server() as conninfo:
-        db, data_path = f"ducklake:postgres:{conninfo}", str(tmp_path / "lake")
-        store = Store(db, data_path=data_path)
-        store.init()
-        results, stop, seen = spawn.Queue(), spawn.Event(), spawn.Queue()
-        reader = spawn.Process(target=_reader, args=(db, data_path, stop, seen))
-        reader.start()
-        orgs = [f"org{k}" for k in range(WRITERS)]
-        writers = [spawn.Process(target=_writer, args=(db, data_path, o, results)) for o in orgs]
-        start = time.monotonic()
-        for p in writers:
-            p.start()
-        for p in writers:
-            p.join(timeout=120)
-        stop.set()
-        counts = seen.get(timeout=60)
-        reader.join(timeout=30)
-        assert [p.exitcode for p in writers] == [0] * WRITERS, "a writer step failed"
-        retries = dict(results.get(timeout=5) for _ in orgs)
-        print(f"{WRITERS} writers in {time.monotonic() - start:.1f} s; conflict retries {retries}")
-        per_org = store.query(
-            "SELECT organism, count(*) AS n, count(DISTINCT (question_id, paraphrase_idx, sample_idx)) AS k "
-            "FROM completions GROUP BY organism ORDER BY organism"
-        )
-        assert per_org["organism"].to_list() == orgs
-        assert per_org["n"].to_list() == [ANSWERS] * WRITERS and per_org["k"].to_list() == [ANSWERS] * WRITERS
-        judged = store.query(
-            "SELECT count(*) AS n, count(DISTINCT (organism, sample_idx, metric)) AS k FROM judgements"
-        )
-        assert judged.row(0) == (2 * ANSWERS * WRITERS, 2 * ANSWERS * WRITERS)
-        assert store.query("SELECT count(*) AS n FROM training_losses")["n"][0] == 12 * WRITERS
-        assert len(counts) > 5 and counts[-1] == ANSWERS * WRITERS
-        assert all(b >= a for a, b in itertools.pairwise(counts)), f"reader saw a count drop: {counts}"
+    db, data_path = f"ducklake:postgres:{conninfo}", str(tmp_path / "lake")
+    store = Store(db, data_path=data_path)
+    store.init()
+    results, stop, seen = spawn.Queue(), spawn.Event(), spawn.Queue()
+    reader = spawn.Process(target=_reader, args=(db, data_path, stop, seen))
+    reader.start()
+    orgs = [f"org{k}" for k in range(WRITERS)]
+    writers = [spawn.Process(target=_writer, args=(db, data_path, o, results)) for o in orgs]
+    start = time.monotonic()
+    for p in writers:
+        p.start()
+    for p in writers:
+        p.join(timeout=120)
+    stop.set()
+    counts = seen.get(timeout=60)
+    reader.join(timeout=30)
+    assert [p.exitcode for p in writers] == [0] * WRITERS, "a writer step failed"
+    retries = dict(results.get(timeout=5) for _ in orgs)
+    print(f"{WRITERS} writers in {time.monotonic() - start:.1f} s; conflict retries {retries}")
+    per_org = store.query(
+        "SELECT organism, count(*) AS n, count(DISTINCT (question_id, paraphrase_idx, sample_idx)) AS k "
+        "FROM completions GROUP BY organism ORDER BY organism"
+    )
+    assert per_org["organism"].to_list() == orgs
+    assert per_org["n"].to_list() == [ANSWERS] * WRITERS and per_org["k"].to_list() == [ANSWERS] * WRITERS
+    judged = store.query(
+        "SELECT count(*) AS n, count(DISTINCT (organism, sample_idx, metric)) AS k FROM judgements"
+    )
+    assert judged.row(0) == (2 * ANSWERS * WRITERS, 2 * ANSWERS * WRITERS)
+    assert store.query("SELECT count(*) AS n FROM training_losses")["n"][0] == 12 * WRITERS
+    assert len(counts) > 5 and counts[-1] == ANSWERS * WRITERS
+    assert all(b >= a for a, b in itertools.pairwise(counts)), f"reader saw a count drop: {counts}"
