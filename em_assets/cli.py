@@ -145,15 +145,19 @@ def cmd_figures(args: argparse.Namespace) -> int:
     """Redraw the report figures from one snapshot, e.g. the `source_snapshot` a past em_figures recorded."""
     import duckdb
 
-    from em_assets.grid.load import load_grid
+    from em_assets.grid.load import GridError, load_grid
+    from em_assets.grid.schema import Thresholds
     from em_assets.reports.tables import rebuild_figures
 
     store = _store(args)
     if store is None:
         return 2
-    current = settings()
     try:
-        fallback = load_grid(current.grid_path, current.profile).thresholds
+        # Only for a snapshot whose em_summary is empty; otherwise its own thresholds are used.
+        fallback = load_grid().thresholds
+    except GridError:
+        fallback = Thresholds()
+    try:
         paths = rebuild_figures(store, args.snapshot, Path(args.out), fallback)
     except duckdb.Error as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -88,15 +89,32 @@ class Store:
             # The lake's own Parquet files stay readable; no other file can be read or written.
             conn.execute(f"SET allowed_directories = ['{self.location.data_path}']")
         for name, value in config.items():
-            conn.execute(f"SET {name} = {value!r}".replace("False", "false").replace("True", "true"))
+            literal = str(value).lower() if isinstance(value, bool) else repr(value)
+            conn.execute(f"SET {name} = {literal}")
         return conn
 
     def init(self) -> None:
+        ddl = lake_tables_sql() if self.lake else tables_sql()
+        digest = hashlib.sha256((ddl + VIEWS).encode()).hexdigest()
+        if self.lake and self._schema_digest() == digest:
+            # Every asset opens the store: re-creating the views would add a snapshot (and a conflict) each time.
+            return
+
         def work(conn: duckdb.DuckDBPyConnection) -> None:
-            conn.execute(lake_tables_sql() if self.lake else tables_sql())
+            conn.execute(ddl)
             conn.execute(VIEWS)
+            if self.lake:
+                conn.execute("CREATE OR REPLACE TABLE schema_digest AS SELECT ? AS sha256", [digest])
 
         self._write(work, "init")
+
+    def _schema_digest(self) -> str | None:
+        with self.connect() as conn:
+            found = conn.execute(
+                "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+                "AND table_name = 'schema_digest'"
+            ).fetchone()[0]
+            return conn.execute("SELECT sha256 FROM schema_digest").fetchone()[0] if found else None
 
     def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
         with self.connect() as conn:
