@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import duckdb
@@ -137,3 +140,28 @@ def test_migrate_copies_a_duckdb_file_with_nothing_lost(tmp_path, capsys):
             assert got.height == want.height, table
             assert got.sort(got.columns).equals(want.sort(want.columns)), table
     assert "em_summary" in tables and target.query("SELECT count(*) AS n FROM completions")["n"][0] == 24
+
+
+def test_an_open_session_on_the_local_lake_never_blocks_a_writer(tmp_path):
+    db = _lake(tmp_path)
+    store = Store(db)
+    store.init()
+    rows = pl.DataFrame({"organism": ["a"], "step": [1], "loss": [1.0]})
+    store.append_rows("training_losses", rows)
+    holder = (
+        "import sys, time, duckdb; from em_assets.results import backends; c = duckdb.connect(); "
+        f"backends.attach_lake(c, backends.Location.parse({db!r}), None, read_only=True); "
+        "c.execute('SELECT count(*) FROM training_losses').fetchall(); print('open', flush=True); time.sleep(60)"
+    )
+    reader = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "open"
+        start = time.monotonic()
+        store.append_rows("training_losses", rows.with_columns(step=pl.lit(2)))
+        store.write_table("em_summary", rows)
+        assert time.monotonic() - start < 10
+        assert reader.poll() is None, "the reader's session closed before the writes"
+    finally:
+        reader.kill()
+        reader.wait()
+    assert store.query("SELECT count(*) AS n FROM training_losses")["n"][0] == 2
