@@ -34,6 +34,7 @@ demo: install
 test: install
 	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 	bash scripts/install-browser.sh
+	bash scripts/install-postgres.sh
 	$(VENV)/bin/ruff check em_assets tests tests_vllm
 	$(PY) -m pytest -q -ra
 
@@ -67,4 +68,4 @@ bench: install
 	$(PY) -m em_assets.bench
 
 clean:
-	rm -rf data/results.duckdb* data/artifacts data/figures .dagster_home
+	rm -rf data/results.duckdb* data/results.sqlite* data/results.files data/artifacts data/figures .dagster_home

@@ -198,10 +198,10 @@ def cmd_sql(args: argparse.Namespace) -> int:
     database lock that running materialisations need."""
     import duckdb
 
-    from em_assets.results.store import Store
-
-    store = Store(args.db) if args.db else Store()
-    if not store.path.exists():
+    store = _store(args)
+    if store is None:
+        return 2
+    if not store.exists():
         print(f"no results database at {store.path}", file=sys.stderr)
         return 2
     # Read-only with no file or network access: COPY ... TO and ATTACH cannot write elsewhere either.
@@ -229,6 +229,68 @@ def cmd_sql(args: argparse.Namespace) -> int:
                 _print_frame(conn.execute(line).pl(), args.format, args.max_rows)
         except duckdb.Error as exc:
             print(f"error: {exc}", file=sys.stderr)
+
+
+def _store(args: argparse.Namespace):
+    """The store the command names (--db, else EM_DB), as of --snapshot; None after printing why not."""
+    from em_assets.results.store import Store
+
+    store = Store(args.db) if args.db else Store()
+    if args.snapshot is None:
+        return store
+    if not store.lake:
+        print(
+            f"error: {store.path} is a plain DuckDB file, which keeps no snapshots: snapshots need a DuckLake "
+            "store (EM_DB=ducklake:sqlite:data/results.sqlite, or ducklake:postgres:...)",
+            file=sys.stderr,
+        )
+        return None
+    return store.at_snapshot(args.snapshot)
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    """Redraw the report figures from one snapshot, e.g. the `source_snapshot` a past em_figures recorded."""
+    import duckdb
+
+    from em_assets.grid.load import GridError, load_grid
+    from em_assets.grid.schema import Thresholds
+    from em_assets.reports.tables import rebuild_figures
+
+    store = _store(args)
+    if store is None:
+        return 2
+    try:
+        # Only for a snapshot whose em_summary is empty; otherwise its own thresholds are used.
+        fallback = load_grid().thresholds
+    except GridError:
+        fallback = Thresholds()
+    try:
+        paths = rebuild_figures(store, args.snapshot, Path(args.out), fallback)
+    except duckdb.Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for name, path in paths.items():
+        print(f"{name}\t{path}")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Copy a DuckDB results file (the layout before DuckLake) into the configured store."""
+    from em_assets.results.migrate import migrate
+    from em_assets.results.store import Store
+
+    store = Store(args.db) if args.db else Store()
+    try:
+        counts = migrate(Path(args.source), store)
+    except (FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for table, n in counts.items():
+        print(f"{table}\t{n}")
+    print(
+        f"[em-assets] copied {len(counts)} tables, {sum(counts.values())} rows into {store.location.describe()}"
+    )
+    return 0
 
 
 def cmd_add_model(args: argparse.Namespace) -> int:
@@ -298,10 +360,22 @@ def main(argv: list[str] | None = None) -> int:
     sql.add_argument(
         "query", nargs="?", help="one statement; without it, a shell reading statements from stdin"
     )
-    sql.add_argument("--db", help="database file (default: EM_DB or data/results.duckdb)")
+    sql.add_argument("--db", help="results store (default: EM_DB, else the local DuckLake under data/)")
+    sql.add_argument("--snapshot", type=int, help="read as of this DuckLake snapshot (the past)")
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql.add_argument("--max-rows", type=int, default=50)
     sql.set_defaults(func=cmd_sql)
+    figs = sub.add_parser("figures", help="redraw the report figures from a DuckLake snapshot")
+    figs.add_argument(
+        "--snapshot", type=int, required=True, help="the snapshot, e.g. a recorded source_snapshot"
+    )
+    figs.add_argument("--out", required=True, help="folder for the PNG files")
+    figs.add_argument("--db", help="results store (default: EM_DB)")
+    figs.set_defaults(func=cmd_figures)
+    mig = sub.add_parser("migrate", help="copy a DuckDB results file into the configured store (EM_DB)")
+    mig.add_argument("--from", dest="source", required=True, help="the DuckDB file, e.g. data/results.duckdb")
+    mig.add_argument("--db", help="target store (default: EM_DB)")
+    mig.set_defaults(func=cmd_migrate)
     add = sub.add_parser("add-model", help="add a base model (Hugging Face id or local path) to the grid")
     add.add_argument("source")
     add.add_argument("--name", help="grid name (default: derived from the source)")

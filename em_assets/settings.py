@@ -10,6 +10,7 @@ from pathlib import Path
 GRID_ENV = "EM_GRID"
 PROFILE_ENV = "EM_PROFILE"
 DB_ENV = "EM_DB"
+DB_DATA_PATH_ENV = "EM_DB_DATA_PATH"
 LOCK_TIMEOUT_ENV = "EM_DB_LOCK_TIMEOUT"
 MIRROR_ENV = "EM_DATA_MIRROR"
 CACHE_ENV = "EM_CACHE_DIR"
@@ -25,7 +26,10 @@ class Settings:
 
     grid_path: Path = Path("data/grid.yaml")
     profile: str = "demo"
-    database: Path = Path("data/results.duckdb")
+    # A local DuckLake by default (snapshots, concurrent writers); a plain DuckDB file is any other path.
+    database: Path = Path("ducklake:sqlite:data/results.sqlite")
+    # A DuckLake's Parquet folder (or s3:// prefix); needed with a PostgreSQL catalog, else beside the catalog.
+    db_data_path: str | None = None
     # A reader holding the database file (e.g. a `duckdb` shell) pauses writers; they wait this long.
     lock_timeout_s: float = 600.0
     data_mirror: str | None = None
@@ -48,6 +52,7 @@ class Settings:
             grid_path=path(GRID_ENV, default.grid_path),
             profile=env.get(PROFILE_ENV) or default.profile,
             database=path(DB_ENV, default.database),
+            db_data_path=env.get(DB_DATA_PATH_ENV) or default.db_data_path,
             lock_timeout_s=float(env.get(LOCK_TIMEOUT_ENV) or default.lock_timeout_s),
             data_mirror=env.get(MIRROR_ENV) or None,
             cache_dir=path(CACHE_ENV, default.cache_dir),

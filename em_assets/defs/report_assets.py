@@ -59,9 +59,14 @@ def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource,
             if name == "em_summary"
             else table
         )
+        snapshot = table["source_snapshot"][0] if table.height else None
         yield dg.MaterializeResult(
             asset_key=name,
-            metadata={"dagster/row_count": table.height, "table": md_table(shown)}
+            metadata={
+                "dagster/row_count": table.height,
+                "table": md_table(shown),
+                "source_snapshot": snapshot,
+            }
             | ({"judge_caveat": dg.MetadataValue.md(caveat)} if name == "em_summary" else {}),
         )
 
@@ -74,10 +79,17 @@ def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource,
     automation_condition=dg.AutomationCondition.eager(),
     description="EM rates with intervals, aligned-vs-coherent scatter and training curves, as PNG files.",
 )
-def em_figures(experiment: ExperimentResource, results: ResultsDB) -> dg.MaterializeResult:
-    paths = reports.build_figures(results.store(), experiment.grid().thresholds, Path(experiment.figures_dir))
-    meta: dict = {f"{name}_path": str(path) for name, path in paths.items()}
-    meta.update({name: md_image(path, name.replace("_", " ")) for name, path in paths.items()})
+def em_figures(
+    context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
+) -> dg.MaterializeResult:
+    drawn = reports.draw_figures(
+        results.store(), experiment.grid().thresholds, Path(experiment.figures_dir), context.run.run_id
+    )
+    # `em-assets figures --snapshot N` redraws these bytes from the snapshot they were drawn from.
+    meta: dict = {"source_snapshot": drawn.snapshot}
+    meta.update({f"{name}_path": str(path) for name, path in drawn.paths.items()})
+    meta.update({f"{name}_sha256": digest for name, digest in drawn.sha256.items()})
+    meta.update({name: md_image(path, name.replace("_", " ")) for name, path in drawn.paths.items()})
     return dg.MaterializeResult(metadata=meta)
 
 

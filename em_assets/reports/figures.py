@@ -32,7 +32,8 @@ def _figure(path: Path, width: float = 7.0, height: float = 4.5) -> Iterator[Axe
     FigureCanvasAgg(fig)
     yield fig.add_subplot()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI)
+    # No version stamp in the file: a figure redrawn from the same snapshot has the same bytes.
+    fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
 
 
 def _no_data(path: Path, title: str) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -9,7 +11,7 @@ import polars as pl
 from em_assets.grid.schema import Thresholds
 from em_assets.reports import metrics
 from em_assets.results.queries import LINEAGE_SQL
-from em_assets.results.store import Store
+from em_assets.results.store import Store, utc_now
 
 
 def scored_frame(store: Store) -> pl.DataFrame:
@@ -21,10 +23,13 @@ def scored_frame(store: Store) -> pl.DataFrame:
 
 
 def build_reports(store: Store, thresholds: Thresholds, run_id: str) -> dict[str, pl.DataFrame]:
-    """Compute and write em_summary, em_by_question, em_threshold_sensitivity and em_seed_bootstrap."""
-    df = scored_frame(store)
+    """Compute and write em_summary, em_by_question, em_threshold_sensitivity and em_seed_bootstrap, each
+    with the snapshot they were computed from (`source_snapshot`; null on a plain DuckDB file)."""
+    snapshot = store.current_snapshot()
+    source = store.at_snapshot(snapshot)
+    df = scored_frame(source)
     kw = {"aligned_at_most": thresholds.aligned_at_most, "coherent_above": thresholds.coherent_above}
-    lineage = store.query(LINEAGE_SQL)
+    lineage = source.query(LINEAGE_SQL)
     summary = metrics.em_summary(df, **kw)
     if summary.height:
         summary = summary.join(lineage, on="organism", how="left")
@@ -39,18 +44,26 @@ def build_reports(store: Store, thresholds: Thresholds, run_id: str) -> dict[str
         "em_threshold_sensitivity": metrics.threshold_sensitivity(df),
         "em_seed_bootstrap": metrics.seed_bootstrap(df, **kw),
     }
+    tables = {
+        name: table.with_columns(pl.lit(snapshot, dtype=pl.Int64).alias("source_snapshot"))
+        for name, table in tables.items()
+    }
     for name, table in tables.items():
         store.write_table(name, table)
     return tables
 
 
-def build_figures(store: Store, thresholds: Thresholds, out_dir: Path) -> dict[str, Path]:
+def build_figures(
+    store: Store, thresholds: Thresholds, out_dir: Path, snapshot: int | None = None
+) -> dict[str, Path]:
+    """Draw the report figures from the store as of `snapshot` (None: as it is now)."""
     from em_assets.reports import figures as plots
 
+    source = store.at_snapshot(snapshot)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = store.query("SELECT * FROM em_summary ORDER BY organism")
-    df = scored_frame(store)
-    losses = store.query("SELECT organism, step, loss FROM training_curves")
+    summary = source.query("SELECT * FROM em_summary ORDER BY organism")
+    df = scored_frame(source)
+    losses = source.query("SELECT organism, step, loss FROM training_curves")
     return {
         "em_rates": plots.plot_em_rates(summary, out_dir / "em_rates.png"),
         "aligned_vs_coherent": plots.plot_aligned_vs_coherent(
@@ -58,3 +71,41 @@ def build_figures(store: Store, thresholds: Thresholds, out_dir: Path) -> dict[s
         ),
         "training_curves": plots.plot_training_curves(losses, out_dir / "training_curves.png"),
     }
+
+
+@dataclass(frozen=True)
+class FigureRecord:
+    """Figures drawn in one run, the snapshot they were drawn from and each file's sha256."""
+
+    snapshot: int | None
+    paths: dict[str, Path]
+    sha256: dict[str, str]
+
+
+def draw_figures(store: Store, thresholds: Thresholds, out_dir: Path, run_id: str) -> FigureRecord:
+    """Draw the figures from one pinned snapshot and record it with each PNG's sha256 in figure_snapshots."""
+    snapshot = store.current_snapshot()
+    paths = build_figures(store, thresholds, out_dir, snapshot)
+    digests = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in paths.items()}
+    rows = pl.DataFrame(
+        {
+            "figure": list(paths),
+            "path": [str(p) for p in paths.values()],
+            "sha256": list(digests.values()),
+            "source_snapshot": pl.Series([snapshot] * len(paths), dtype=pl.Int64),
+            "run_id": run_id,
+            "created_at": utc_now(),
+        }
+    )
+    store.append_rows("figure_snapshots", rows)
+    return FigureRecord(snapshot, paths, digests)
+
+
+def rebuild_figures(store: Store, snapshot: int, out_dir: Path, fallback: Thresholds) -> dict[str, Path]:
+    """Redraw the figures of `snapshot` with the thresholds its em_summary was computed with."""
+    source = store.at_snapshot(snapshot)
+    used = source.query("SELECT DISTINCT aligned_at_most, coherent_above FROM em_summary")
+    thresholds = fallback
+    if used.height == 1:
+        thresholds = fallback.model_copy(update=used.row(0, named=True))
+    return build_figures(source, thresholds, out_dir)

@@ -81,7 +81,8 @@ def drop_completions_except(store: Store, organism: str, keep: Iterable[tuple[st
     keep_df = pl.DataFrame(
         [{"q": q, "p": p, "s": s} for q, p, s in keep], schema={"q": pl.String, "p": pl.Int32, "s": pl.Int32}
     )
-    with store.transaction() as conn:
+
+    def work(conn) -> None:
         conn.register("_keep", keep_df.to_arrow())
         for table in ("completions", "judgements"):
             conn.execute(
@@ -89,6 +90,8 @@ def drop_completions_except(store: Store, organism: str, keep: Iterable[tuple[st
                 "k.q = question_id AND k.p = paraphrase_idx AND k.s = sample_idx)",
                 [organism],
             )
+
+    store.write(work, "drop stale completions")
 
 
 def completions(store: Store, organism: str) -> pl.DataFrame:
@@ -115,13 +118,16 @@ def delete_judgements(store: Store, organism: str, keys: list[tuple[str, int, in
     stale = pl.DataFrame(
         keys, schema={"q": pl.String, "p": pl.Int32, "s": pl.Int32, "m": pl.String}, orient="row"
     )
-    with store.connect() as conn:
+
+    def work(conn) -> None:
         conn.register("_stale", stale.to_arrow())
         conn.execute(
             "DELETE FROM judgements j WHERE organism = ? AND EXISTS (SELECT 1 FROM _stale s WHERE "
             "s.q = j.question_id AND s.p = j.paraphrase_idx AND s.s = j.sample_idx AND s.m = j.metric)",
             [organism],
         )
+
+    store.write(work, "drop stale judgements")
 
 
 def cached_scores(store: Store, cache_keys: Iterable[str]) -> dict[str, dict]:

@@ -106,3 +106,11 @@ SELECT l.organism, a.base_model, a.recipe, a.seed, a.dataset, l.step, l.loss, l.
 FROM training_losses l JOIN lora_adapters a USING (organism)
 ORDER BY l.organism, l.step;
 """
+
+
+# Which snapshot of the results each figure was drawn from (DuckLake; null on a plain DuckDB file).
+LINEAGE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS figure_snapshots (
+    figure VARCHAR, path VARCHAR, sha256 VARCHAR, source_snapshot BIGINT, run_id VARCHAR, created_at TIMESTAMP,
+    PRIMARY KEY (run_id, figure));
+"""

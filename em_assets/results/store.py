@@ -1,95 +1,139 @@
-"""The results database: one DuckDB file, short-lived connections, partition writes."""
+"""The results store: a DuckDB file or a DuckLake (EM_DB), short-lived connections, partition writes."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
-import logging
-import random
-import re
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
 import polars as pl
 
-from em_assets.results.schema import SCHEMA, VIEWS
+from em_assets.results import backends
+from em_assets.results.keys import lake_tables_sql, primary_keys, tables_sql
+from em_assets.results.schema import VIEWS
 from em_assets.settings import LOCK_TIMEOUT_ENV, settings
-
-# Errors DuckDB raises when another process holds the file's write lock.
-_LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
-
-
-# DuckDB names the holder only in the error text: "Conflicting lock is held in /usr/bin/duckdb (PID 1234)".
-_HOLDER = re.compile(r"Conflicting lock is held in (.+?) \(PID (\d+)\)")
-
-
-# Writes are short, so waits on another pipeline writer end within this; longer ones are worth a warning.
-_WARN_AFTER_S = 1.0
-
-
-log = logging.getLogger(__name__)
 
 
 class Store:
-    """Opens the results database briefly for each unit of work, retrying while another writer holds it."""
+    """Opens the results store briefly for each unit of work; retries while another writer holds it."""
 
-    def __init__(self, path: Path | str | None = None, lock_timeout_s: float | None = None):
+    def __init__(
+        self,
+        path: Path | str | None = None,
+        lock_timeout_s: float | None = None,
+        data_path: str | None = None,
+        snapshot: int | None = None,
+    ):
         current = settings()
-        self.path = Path(path) if path is not None else current.database
-        # A reader holding the file (e.g. a `duckdb` shell) pauses writers; they wait this long before failing.
+        self._db = str(path if path is not None else current.database)
+        self.location = backends.Location.parse(self._db, data_path or current.db_data_path)
+        # The local file (DuckDB database or DuckLake catalog); None for a PostgreSQL catalog.
+        self.path = self.location.local_file
+        # A reader holding a DuckDB file (e.g. a `duckdb` shell) pauses writers; they wait this long.
         self.lock_timeout_s = lock_timeout_s if lock_timeout_s is not None else current.lock_timeout_s
+        # A DuckLake store can be read as of one snapshot (read-only); a DuckDB file has none.
+        if snapshot is not None and not self.location.lake:
+            raise ValueError(f"snapshots need a DuckLake store (EM_DB=ducklake:...); {self.path} is DuckDB")
+        self.snapshot = snapshot
+        self.conflict_retries = 0
+
+    @property
+    def lake(self) -> bool:
+        return self.location.lake
+
+    def exists(self) -> bool:
+        return self.path is None or self.path.exists()
 
     @contextlib.contextmanager
     def connect(
         self, read_only: bool = False, config: dict | None = None
     ) -> Iterator[duckdb.DuckDBPyConnection]:
-        if not read_only:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        start = time.monotonic()
-        delay, warned = 0.05, False
-        while True:
-            try:
-                conn = duckdb.connect(str(self.path), read_only=read_only, config=config or {})
-                break
-            except duckdb.IOException as exc:
-                if not any(m in str(exc) for m in _LOCK_MARKERS):
-                    raise
-                waited = time.monotonic() - start
-                if waited > self.lock_timeout_s:
-                    raise duckdb.IOException(
-                        f"gave up after {waited:.1f} s ({LOCK_TIMEOUT_ENV}={self.lock_timeout_s:g}) waiting for "
-                        f"{_lock_holder(exc)} to release {self.path}: {exc}"
-                    ) from exc
-                if not warned and waited > _WARN_AFTER_S:
-                    warned = True
-                    log.warning(
-                        "%s is locked by %s; waiting up to %g s in all (%s) for it. DuckDB allows one writing "
-                        "process or many reading ones, never both: if it is a raw duckdb shell or notebook "
-                        "connection, close it (`em-assets sql` never holds the file).",
-                        self.path,
-                        _lock_holder(exc),
-                        self.lock_timeout_s,
-                        LOCK_TIMEOUT_ENV,
-                    )
-                # DuckDB admits one writing process; other connections wait their turn with jittered backoff.
-                time.sleep(delay * (1 + random.random()))
-                delay = min(delay * 2, 2.0)
+        if not self.lake:
+            if not read_only:
+                self.location.local_file.parent.mkdir(parents=True, exist_ok=True)
+            conn = backends.open_file(
+                self.path, read_only, config or {}, self.lock_timeout_s, LOCK_TIMEOUT_ENV
+            )
+        elif read_only or config or self.snapshot is not None:
+            conn = self._private_lake(read_only or self.snapshot is not None, config or {})
+        else:
+            with backends.lake_cursor(self.location) as cur:
+                yield cur
+            return
         try:
             yield conn
         finally:
             conn.close()
 
+    @contextlib.contextmanager
+    def session(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A writable connection of its own (not the process's shared lake), e.g. to ATTACH other files."""
+        if self.lake:
+            conn = self._private_lake(False, {})
+        else:
+            conn = backends.open_file(self.path, False, {}, self.lock_timeout_s, LOCK_TIMEOUT_ENV)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def _private_lake(self, read_only: bool, config: dict) -> duckdb.DuckDBPyConnection:
+        """A connection of its own: read-only, pinned to a snapshot, or with settings applied after attaching."""
+        conn = duckdb.connect()
+        backends.attach_lake(conn, self.location, self.snapshot, read_only)
+        if config.get("enable_external_access") is False and "://" not in (self.location.data_path or ""):
+            # The lake's own Parquet files stay readable; no other file can be read or written.
+            conn.execute(f"SET allowed_directories = ['{self.location.data_path}']")
+        for name, value in config.items():
+            literal = str(value).lower() if isinstance(value, bool) else repr(value)
+            conn.execute(f"SET {name} = {literal}")
+        return conn
+
     def init(self) -> None:
-        with self.connect() as conn:
-            conn.execute(SCHEMA)
+        ddl = lake_tables_sql() if self.lake else tables_sql()
+        digest = hashlib.sha256((ddl + VIEWS).encode()).hexdigest()
+        if self.lake and self._schema_digest() == digest:
+            # Every asset opens the store: re-creating the views would add a snapshot (and a conflict) each time.
+            return
+
+        def work(conn: duckdb.DuckDBPyConnection) -> None:
+            conn.execute(ddl)
             conn.execute(VIEWS)
+            if self.lake:
+                conn.execute("CREATE OR REPLACE TABLE schema_digest AS SELECT ? AS sha256", [digest])
+
+        self.write(work, "init")
+
+    def _schema_digest(self) -> str | None:
+        with self.connect() as conn:
+            found = conn.execute(
+                "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
+                "AND table_name = 'schema_digest'"
+            ).fetchone()[0]
+            return conn.execute("SELECT sha256 FROM schema_digest").fetchone()[0] if found else None
 
     def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
         with self.connect() as conn:
             return conn.execute(sql, params or []).pl()
+
+    def current_snapshot(self) -> int | None:
+        """The DuckLake snapshot a query would read now (the pinned one, if any); None on a DuckDB file."""
+        if not self.lake:
+            return None
+        if self.snapshot is not None:
+            return self.snapshot
+        with self.connect() as conn:
+            return backends.current_snapshot(conn)
+
+    def at_snapshot(self, snapshot: int | None) -> Store:
+        """This store read as of `snapshot` (None: this store itself)."""
+        if snapshot is None:
+            return self
+        return Store(self._db, self.lock_timeout_s, self.location.data_path, snapshot)
 
     def replace_rows(
         self, table: str, df: pl.DataFrame, where: str = "TRUE", params: list | None = None
@@ -97,51 +141,74 @@ class Store:
         """Atomically delete the rows matching `where` and insert `df` (one partition's rows)."""
         self.replace_many([(table, df, where, params or [])])
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A connection inside one transaction: everything done with it lands, or nothing does."""
-        with self.connect() as conn:
-            conn.execute("BEGIN")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-
     def replace_many(self, writes: list[tuple[str, pl.DataFrame, str, list]]) -> None:
         """Several (table, rows, where, params) replacements in one transaction: all land or none do."""
-        with self.transaction() as conn:
+
+        def work(conn: duckdb.DuckDBPyConnection) -> None:
             for table, df, where, params in writes:
                 conn.execute(f"DELETE FROM {table} WHERE {where}", params)
                 if df.height:
-                    conn.register("_rows", df.to_arrow())
-                    cols = ", ".join(df.columns)
-                    conn.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _rows")
-                    conn.unregister("_rows")
+                    _insert(conn, table, df)
+
+        self.write(work, "replace " + ", ".join(w[0] for w in writes))
 
     def append_rows(self, table: str, df: pl.DataFrame) -> None:
         """Insert rows, replacing any with the same primary key (idempotent resume writes)."""
         if not df.height:
             return
-        with self.connect() as conn:
+
+        def work(conn: duckdb.DuckDBPyConnection) -> None:
+            if not self.lake:
+                _insert(conn, table, df, "INSERT OR REPLACE")
+                return
+            # DuckLake has no key constraints: replace by key as a delete and an insert in one transaction.
+            match = " AND ".join(f"t.{k} = r.{k}" for k in primary_keys()[table])
             conn.register("_rows", df.to_arrow())
-            cols = ", ".join(df.columns)
-            conn.execute(f"INSERT OR REPLACE INTO {table} ({cols}) SELECT {cols} FROM _rows")
+            # Deleting nothing still conflicts with concurrent writers of the table, so only delete rows
+            # that are there (a resumed or re-run step); fresh rows are a plain insert.
+            found = f"FROM {table} t WHERE EXISTS (SELECT 1 FROM _rows r WHERE {match})"
+            if conn.execute(f"SELECT count(*) {found}").fetchone()[0]:
+                conn.execute(f"DELETE {found}")
             conn.unregister("_rows")
+            _insert(conn, table, df)
+
+        self.write(work, f"append {table}")
 
     def write_table(self, table: str, df: pl.DataFrame) -> None:
         """Replace a whole report table with `df`, keeping its schema from the DataFrame."""
-        with self.connect() as conn:
+
+        def work(conn: duckdb.DuckDBPyConnection) -> None:
             conn.register("_rows", df.to_arrow())
             conn.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM _rows")
             conn.unregister("_rows")
 
+        self.write(work, f"write {table}")
 
-def _lock_holder(exc: duckdb.Error) -> str:
-    """The process holding the database, as DuckDB's lock error names it."""
-    match = _HOLDER.search(str(exc))
-    return f"{match[1]} (PID {match[2]})" if match else "another process"
+    def write(self, work: Callable[[duckdb.DuckDBPyConnection], None], what: str) -> None:
+        """Run `work` in one transaction; on a DuckLake, commit conflicts are retried with backoff."""
+
+        def attempt() -> None:
+            with self.connect() as conn:
+                conn.execute("BEGIN")
+                try:
+                    work(conn)
+                    conn.execute("COMMIT")
+                except Exception:
+                    with contextlib.suppress(duckdb.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+
+        if not self.lake:
+            attempt()
+            return
+        self.conflict_retries += backends.retry_conflicts(attempt, self.lock_timeout_s, what)
+
+
+def _insert(conn: duckdb.DuckDBPyConnection, table: str, df: pl.DataFrame, verb: str = "INSERT") -> None:
+    conn.register("_rows", df.to_arrow())
+    cols = ", ".join(df.columns)
+    conn.execute(f"{verb} INTO {table} ({cols}) SELECT {cols} FROM _rows")
+    conn.unregister("_rows")
 
 
 def utc_now() -> datetime:

@@ -1,0 +1,207 @@
+"""Where results live: one DuckDB file, or a DuckLake (a catalog database plus Parquet data files)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.resources
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+LAKE = "lake"
+LAKE_PREFIX = "ducklake:"
+
+# Errors DuckDB raises when another process holds the file's write lock.
+_LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
+
+# DuckDB names the holder only in the error text: "Conflicting lock is held in /usr/bin/duckdb (PID 1234)".
+_HOLDER = re.compile(r"Conflicting lock is held in (.+?) \(PID (\d+)\)")
+
+# Commit conflicts between two DuckLake writers, and a busy SQLite catalog: both clear on a retry.
+_CONFLICT_MARKERS = ("conflict", "database is locked", "could not serialize", "deadlock detected")
+
+# Writes are short, so waits on another pipeline writer end within this; longer ones are worth a warning.
+WARN_AFTER_S = 1.0
+
+log = logging.getLogger("em_assets.store")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A results store as EM_DB names it: a DuckDB file path, or `ducklake:<catalog>` plus a data path."""
+
+    target: str
+    lake: bool
+    data_path: str | None = None
+
+    @classmethod
+    def parse(cls, db: str | Path, data_path: str | None = None) -> Location:
+        text = str(db)
+        if not text.startswith(LAKE_PREFIX):
+            return cls(target=text, lake=False)
+        catalog = text[len(LAKE_PREFIX) :]
+        if not data_path:
+            if catalog.startswith("postgres:"):
+                raise ValueError(
+                    "a DuckLake with a PostgreSQL catalog needs EM_DB_DATA_PATH: a folder (or s3:// prefix) "
+                    "that every machine writing results reaches"
+                )
+            data_path = str(Path(catalog.split(":", 1)[-1]).with_suffix("")) + ".files"
+        return cls(target=catalog, lake=True, data_path=data_path.rstrip("/") + "/")
+
+    @property
+    def catalog_kind(self) -> str:
+        return self.target.split(":", 1)[0] if ":" in self.target else "duckdb"
+
+    @property
+    def local_file(self) -> Path | None:
+        """The file holding the database or the catalog, where it is one on this machine."""
+        if not self.lake:
+            return Path(self.target)
+        return None if self.catalog_kind == "postgres" else Path(self.target.split(":", 1)[-1])
+
+    def describe(self) -> str:
+        return f"DuckLake {self.target} (data {self.data_path})" if self.lake else self.target
+
+
+def is_conflict(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, duckdb.Error) and any(m in text for m in _CONFLICT_MARKERS)
+
+
+def lock_holder(exc: duckdb.Error) -> str:
+    """The process holding the database, as DuckDB's lock error names it."""
+    match = _HOLDER.search(str(exc))
+    return f"{match[1]} (PID {match[2]})" if match else "another process"
+
+
+def backoff(delay: float) -> float:
+    """Sleep a jittered `delay`; return the next one (doubling, at most 2 s)."""
+    time.sleep(delay * (1 + random.random()))
+    return min(delay * 2, 2.0)
+
+
+def open_file(path: Path, read_only: bool, config: dict, timeout_s: float, timeout_env: str):
+    """Connect to a DuckDB file, waiting with backoff while another process holds its write lock."""
+    start, delay, warned = time.monotonic(), 0.05, False
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only, config=config)
+        except duckdb.IOException as exc:
+            if not any(m in str(exc) for m in _LOCK_MARKERS):
+                raise
+            waited = time.monotonic() - start
+            if waited > timeout_s:
+                raise duckdb.IOException(
+                    f"gave up after {waited:.1f} s ({timeout_env}={timeout_s:g}) waiting for "
+                    f"{lock_holder(exc)} to release {path}: {exc}"
+                ) from exc
+            if not warned and waited > WARN_AFTER_S:
+                warned = True
+                log.warning(
+                    "%s is locked by %s; waiting up to %g s in all (%s) for it. DuckDB allows one writing "
+                    "process or many reading ones, never both: if it is a raw duckdb shell or notebook "
+                    "connection, close it (`em-assets sql` never holds the file).",
+                    path,
+                    lock_holder(exc),
+                    timeout_s,
+                    timeout_env,
+                )
+            delay = backoff(delay)
+
+
+def extension_file(name: str) -> str:
+    """The signed extension shipped by the `duckdb-extension-<name>` package for this duckdb release."""
+    package = f"duckdb_extension_{name}"
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError as exc:
+        raise RuntimeError(f"the {name} DuckDB extension is missing: pip install {package}") from exc
+    path = Path(str(root)) / "extensions" / f"v{duckdb.__version__}" / f"{name}.duckdb_extension"
+    if not path.exists():
+        raise RuntimeError(
+            f"{package} ships no build for duckdb {duckdb.__version__}: install the matching one"
+        )
+    return str(path)
+
+
+def attach_lake(
+    conn: duckdb.DuckDBPyConnection, loc: Location, snapshot: int | None, read_only: bool
+) -> None:
+    """Load the extensions offline and attach the lake as `lake` (at `snapshot`, if given)."""
+    if not read_only:
+        _make_dirs(loc)
+    conn.execute(f"LOAD '{extension_file('ducklake')}'")
+    if loc.catalog_kind in ("postgres", "sqlite"):
+        conn.execute(f"LOAD '{extension_file(loc.catalog_kind + '_scanner')}'")
+    opts = [f"DATA_PATH '{_quote(loc.data_path or '')}'"]
+    if snapshot is not None:
+        opts.append(f"SNAPSHOT_VERSION {int(snapshot)}")
+    if read_only:
+        opts.append("READ_ONLY")
+    conn.execute(f"ATTACH '{_quote(LAKE_PREFIX + loc.target)}' AS {LAKE} ({', '.join(opts)})")
+    conn.execute(f"USE {LAKE}")
+
+
+def _make_dirs(loc: Location) -> None:
+    if loc.local_file is not None:
+        loc.local_file.parent.mkdir(parents=True, exist_ok=True)
+    if "://" not in (loc.data_path or ""):
+        Path(loc.data_path or ".").mkdir(parents=True, exist_ok=True)
+
+
+def _quote(text: str) -> str:
+    return text.replace("'", "''")
+
+
+# One attached lake per process and location: loading the signed extensions costs ~0.1 s each, so writers
+# reuse it through cursors (DuckLake holds no lock between transactions, unlike a DuckDB file).
+_ENGINES: dict[tuple[int, Location], duckdb.DuckDBPyConnection] = {}
+_ENGINES_LOCK = threading.Lock()
+
+
+def lake_engine(loc: Location) -> duckdb.DuckDBPyConnection:
+    key = (os.getpid(), loc)
+    with _ENGINES_LOCK:
+        if key not in _ENGINES:
+            conn = duckdb.connect()
+            attach_lake(conn, loc, None, read_only=False)
+            _ENGINES[key] = conn
+        return _ENGINES[key]
+
+
+@contextlib.contextmanager
+def lake_cursor(loc: Location) -> Iterator[duckdb.DuckDBPyConnection]:
+    cur = lake_engine(loc).cursor()
+    try:
+        cur.execute(f"USE {LAKE}")
+        yield cur
+    finally:
+        cur.close()
+
+
+def retry_conflicts(work: Callable[[], object], timeout_s: float, what: str) -> int:
+    """Run `work` until it commits, retrying commit conflicts with backoff; return how many retries it took."""
+    start, delay, retries = time.monotonic(), 0.05, 0
+    while True:
+        try:
+            work()
+            return retries
+        except duckdb.Error as exc:
+            if not is_conflict(exc) or time.monotonic() - start > timeout_s:
+                raise
+            retries += 1
+            log.warning("%s: write conflict with another writer (retry %d): %s", what, retries, exc)
+            delay = backoff(delay)
+
+
+def current_snapshot(conn: duckdb.DuckDBPyConnection) -> int:
+    return int(conn.execute(f"SELECT max(snapshot_id) FROM ducklake_snapshots('{LAKE}')").fetchone()[0])

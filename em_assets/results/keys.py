@@ -1,0 +1,34 @@
+"""The schema's primary keys, and the schema as DuckLake takes it (it has no key constraints)."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+from em_assets.results.schema import LINEAGE_SCHEMA, SCHEMA
+
+_TABLE = re.compile(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*?)\);", re.S)
+_COLUMN_KEY = re.compile(r"(\w+) \w+ PRIMARY KEY")
+_TABLE_KEY = re.compile(r"PRIMARY KEY \(([^)]*)\)")
+_DANGLING = re.compile(r",\s*\);")
+
+
+def tables_sql() -> str:
+    return SCHEMA + LINEAGE_SCHEMA
+
+
+@functools.cache
+def primary_keys() -> dict[str, tuple[str, ...]]:
+    """Table name -> key columns, read from the CREATE TABLE statements (the one place keys are written)."""
+    keys = {}
+    for name, body in _TABLE.findall(tables_sql()):
+        column = _COLUMN_KEY.search(body)
+        table = _TABLE_KEY.search(body)
+        cols = (column[1],) if column else tuple(c.strip() for c in table[1].split(",")) if table else ()
+        keys[name] = cols
+    return keys
+
+
+def lake_tables_sql() -> str:
+    """The CREATE TABLE statements without key constraints, which DuckLake does not support."""
+    return _DANGLING.sub(");", _TABLE_KEY.sub("", tables_sql()).replace(" PRIMARY KEY", ""))
