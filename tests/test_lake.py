@@ -89,7 +89,7 @@ def test_figures_rebuilt_from_their_snapshot_are_byte_identical(tmp_path):
     )
     # A later run with other scores and other thresholds replaces every table the figures read.
     _scored_rows(store, 13.0)
-    other = Thresholds(aligned_below=40, coherent_above=30)
+    other = Thresholds(aligned_at_most=40, coherent_above=30)
     build_reports(store, other, "run2")
     second = draw_figures(store, other, tmp_path / "figs2", "run2")
     assert second.sha256 != first.sha256
