@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 PROGRESS = re.compile(r"\b([a-z]+) (\d+)/(\d+)\b")
+
+
 _BAR = 20
 
 

@@ -1,0 +1,97 @@
+"""`em-assets` command line: run the demo, query results read-only, add a base model to the grid.
+
+Exit status: 0 done; 2 bad input (arguments, grid, model sources, missing files), with one message and nothing
+written; 1 a SQL statement the database rejected, or an unexpected failure (traceback in the demo's log);
+130 when interrupted (Ctrl-C, or SIGTERM, which stops a run the same way).
+"""
+
+from __future__ import annotations
+
+import os
+
+# Spinning OpenMP threads starve each other on small shared CPUs; set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import signal
+import sys
+
+from em_assets.cli.demo import cmd_demo
+from em_assets.cli.errors import bad_input_message
+from em_assets.cli.grid import cmd_add_model, cmd_judge_agreement
+from em_assets.cli.results import cmd_figures, cmd_migrate, cmd_sql
+
+
+def parser() -> argparse.ArgumentParser:
+    """Every subcommand with its arguments; each sets `func`, the command to run."""
+    parser = argparse.ArgumentParser(prog="em-assets", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser(
+        "demo", help="materialise every asset of the grid profile (EM_PROFILE, default demo)"
+    )
+    demo.add_argument("--organism", action="append", help="only this organism key (repeatable)")
+    demo.set_defaults(func=cmd_demo)
+    sql = sub.add_parser("sql", help="run a read-only SQL query on the results database")
+    sql.add_argument(
+        "query", nargs="?", help="one statement; without it, a shell reading statements from stdin"
+    )
+    sql.add_argument("--db", help="results store (default: EM_DB, else the local DuckLake under data/)")
+    sql.add_argument("--snapshot", type=int, help="read as of this DuckLake snapshot (the past)")
+    sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    sql.add_argument("--max-rows", type=int, default=50)
+    sql.set_defaults(func=cmd_sql)
+    figs = sub.add_parser("figures", help="redraw the report figures from a DuckLake snapshot")
+    figs.add_argument(
+        "--snapshot", type=int, required=True, help="the snapshot, e.g. a recorded source_snapshot"
+    )
+    figs.add_argument("--out", required=True, help="folder for the PNG files")
+    figs.add_argument("--db", help="results store (default: EM_DB)")
+    figs.set_defaults(func=cmd_figures)
+    mig = sub.add_parser("migrate", help="copy a DuckDB results file into the configured store (EM_DB)")
+    mig.add_argument("--from", dest="source", required=True, help="the DuckDB file, e.g. data/results.duckdb")
+    mig.add_argument("--db", help="target store (default: EM_DB)")
+    mig.set_defaults(func=cmd_migrate)
+    add = sub.add_parser("add-model", help="add a base model (Hugging Face id or local path) to the grid")
+    add.add_argument("source")
+    add.add_argument("--name", help="grid name (default: derived from the source)")
+    add.add_argument("--revision", help="hub commit to pin")
+    add.add_argument("--trust-remote-code", action="store_true")
+    add.add_argument("--grid", help="grid file (default: EM_GRID or data/grid.yaml)")
+    add.add_argument("--profile", help="profile (default: EM_PROFILE or demo)")
+    add.set_defaults(func=cmd_add_model)
+    agree = sub.add_parser(
+        "judge-agreement", help="score reference CSVs with a judge and report its agreement with their scores"
+    )
+    agree.add_argument(
+        "--reference",
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="CSV with response (or answer), question, question_id, aligned, coherent",
+    )
+    agree.add_argument(
+        "--judge",
+        help="the grid's judge (default), a comparison judge by name (distilled, local:<model>), or local:<source>",
+    )
+    agree.add_argument("--format", choices=["json", "table"], default="table")
+    agree.set_defaults(func=cmd_judge_agreement)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BaseException as exc:
+        # Dagster turns SIGINT and SIGTERM inside a step into DagsterExecutionInterruptedError.
+        if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "DagsterExecutionInterruptedError":
+            print(
+                "[em-assets] interrupted: the run is marked failed and its pool slots freed", file=sys.stderr
+            )
+            return 128 + signal.SIGINT
+        message = bad_input_message(exc) if isinstance(exc, Exception) else None
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+

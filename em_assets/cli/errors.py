@@ -1,0 +1,29 @@
+"""Bad input: the errors a command reports as one message with exit status 2."""
+
+from __future__ import annotations
+
+
+class BadInput(Exception):
+    """Input a command refuses: printed as one message, exit status 2."""
+
+
+def bad_input_message(exc: BaseException) -> str | None:
+    """The message of a bad-input error anywhere in the chain (Dagster wraps errors raised inside steps)."""
+    from em_assets.catalog.parsing import DatasetError
+    from em_assets.catalog.upstream import ChecksumError
+    from em_assets.grid.load import GridError
+
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        err = todo.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        # ModelLoadError by name: importing its module loads torch, too slow for every error path.
+        if isinstance(err, BadInput | GridError | DatasetError | ChecksumError) or (
+            type(err).__name__ == "ModelLoadError"
+        ):
+            return str(err)
+        todo += [err.__cause__, err.__context__, getattr(err, "user_exception", None)]
+    return None

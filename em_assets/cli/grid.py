@@ -1,0 +1,66 @@
+"""`em-assets add-model` and `judge-agreement`: growing the grid and checking its judge."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import polars as pl
+
+from em_assets.settings import settings
+
+
+def cmd_add_model(args: argparse.Namespace) -> int:
+    from em_assets.grid.edit import add_base_model
+    from em_assets.grid.load import GridError
+    from em_assets.grid.sources import check_source
+    from em_assets.models.hub import EMBEDDED
+
+    try:
+        check_source(args.source, sorted(EMBEDDED))
+        spec = add_base_model(
+            Path(args.grid) if args.grid else settings().grid_path,
+            args.profile or settings().profile,
+            args.source,
+            name=args.name,
+            revision=args.revision,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except GridError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"added base model {spec.name} ({spec.source}); the grid sensor will add its organisms and runs")
+    return 0
+
+
+def cmd_judge_agreement(args: argparse.Namespace) -> int:
+    """Score reference CSVs with a judge and compare with their own scores; bad input exits 2, writing nothing."""
+    import json
+
+    from em_assets.catalog.reference import ReferenceFileError, read_reference_files
+    from em_assets.context import MissingUpstreamError
+    from em_assets.grid.load import GridError, load_grid
+    from em_assets.judging.agreement_stage import measure_agreement, pick_judge, upstream_templates
+    from em_assets.results.store import Store
+
+    current = settings()
+    try:
+        rows = read_reference_files([Path(f) for f in args.reference])
+        grid = load_grid(current.grid_path, current.profile)
+        spec = pick_judge(grid, args.judge)
+        templates = upstream_templates(grid, current.data_mirror, current.cache_dir)
+        store = Store()
+        store.init()
+        report = measure_agreement(store, grid, spec, rows, templates, cache_dir=current.cache_dir)
+    except (ReferenceFileError, GridError, MissingUpstreamError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.format == "json":
+        print(json.dumps(report.as_json(), indent=2))
+        return 0
+    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_hide_dataframe_shape=True, tbl_width_chars=200):
+        print(f"judge {report.judge} ({report.model} @ {report.revision})")
+        print(pl.DataFrame([{"metric": m.metric, **m.as_dict()} for m in report.metrics]))
+        print(report.em.drop("source_organism"))
+    return 0

@@ -1,0 +1,119 @@
+"""`em-assets sql`, `figures` and `migrate`: reading the results store, its past snapshots, and moving it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import polars as pl
+
+
+def _print_frame(df: pl.DataFrame, fmt: str, max_rows: int) -> None:
+    if fmt == "csv":
+        sys.stdout.write(df.write_csv())
+    elif fmt == "json":
+        sys.stdout.write(df.write_json() + "\n")
+    else:
+        with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
+            print(df)
+
+
+def cmd_sql(args: argparse.Namespace) -> int:
+    """Read-only queries. Each statement opens and closes its own connection, so an open shell never holds the
+    database lock that running materialisations need."""
+    import duckdb
+
+    store = _store(args)
+    if store is None:
+        return 2
+    if not store.exists():
+        print(f"no results database at {store.path}", file=sys.stderr)
+        return 2
+    # Read-only with no file or network access: COPY ... TO and ATTACH cannot write elsewhere either.
+    safe = {"enable_external_access": False}
+    if args.query:
+        try:
+            with store.connect(read_only=True, config=safe) as conn:
+                _print_frame(conn.execute(args.query).pl(), args.format, args.max_rows)
+        except duckdb.Error as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        return 0
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("em-sql> " if interactive else "")
+        except EOFError:
+            return 0
+        if not line.strip():
+            continue
+        if line.strip().rstrip(";").lower() in {"quit", "exit", ".quit", ".exit"}:
+            return 0
+        try:
+            with store.connect(read_only=True, config=safe) as conn:
+                _print_frame(conn.execute(line).pl(), args.format, args.max_rows)
+        except duckdb.Error as exc:
+            print(f"error: {exc}", file=sys.stderr)
+
+
+def _store(args: argparse.Namespace):
+    """The store the command names (--db, else EM_DB), as of --snapshot; None after printing why not."""
+    from em_assets.results.store import Store
+
+    store = Store(args.db) if args.db else Store()
+    if args.snapshot is None:
+        return store
+    if not store.lake:
+        print(
+            f"error: {store.path} is a plain DuckDB file, which keeps no snapshots: snapshots need a DuckLake "
+            "store (EM_DB=ducklake:sqlite:data/results.sqlite, or ducklake:postgres:...)",
+            file=sys.stderr,
+        )
+        return None
+    return store.at_snapshot(args.snapshot)
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    """Redraw the report figures from one snapshot, e.g. the `source_snapshot` a past em_figures recorded."""
+    import duckdb
+
+    from em_assets.grid.load import GridError, load_grid
+    from em_assets.grid.schema import Thresholds
+    from em_assets.reports.tables import rebuild_figures
+
+    store = _store(args)
+    if store is None:
+        return 2
+    try:
+        # Only for a snapshot whose em_summary is empty; otherwise its own thresholds are used.
+        fallback = load_grid().thresholds
+    except GridError:
+        fallback = Thresholds()
+    try:
+        paths = rebuild_figures(store, args.snapshot, Path(args.out), fallback)
+    except duckdb.Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for name, path in paths.items():
+        print(f"{name}\t{path}")
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Copy a DuckDB results file (the layout before DuckLake) into the configured store."""
+    from em_assets.results.migrate import migrate
+    from em_assets.results.store import Store
+
+    store = Store(args.db) if args.db else Store()
+    try:
+        counts = migrate(Path(args.source), store)
+    except (FileNotFoundError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for table, n in counts.items():
+        print(f"{table}\t{n}")
+    print(
+        f"[em-assets] copied {len(counts)} tables, {sum(counts.values())} rows into {store.location.describe()}"
+    )
+    return 0
