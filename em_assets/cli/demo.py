@@ -138,10 +138,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         err = getattr(exc, "user_exception", None) or exc
         print(f"error: {type(err).__name__}: {err}\n(traceback in {log_path})", file=sys.stderr)
         return 1
-    with pl.Config(tbl_rows=-1, tbl_hide_dataframe_shape=True, fmt_str_lengths=40, tbl_width_chars=120):
+    config = {
+        "tbl_rows": -1,
+        "tbl_cols": -1,
+        "tbl_hide_dataframe_shape": True,
+        "tbl_hide_column_data_types": True,
+    }
+    with pl.Config(**config, float_precision=3, fmt_str_lengths=40, tbl_width_chars=160):
         summary = Store().query(
             "SELECT organism, n_answers, em_rate_turner AS em_turner, em_turner_lo AS lo, em_turner_hi AS hi, "
-            "em_rate_betley AS em_betley, coherence_rate, mean_aligned, mean_coherent "
+            "em_rate_betley AS em_betley, coherence_rate AS coherent, mean_aligned, mean_coherent "
             "FROM em_summary ORDER BY organism"
         )
         print(summary)

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 
-class BadInput(Exception):
-    """Input a command refuses: printed as one message, exit status 2."""
-
-
 def bad_input_message(exc: BaseException) -> str | None:
     """The message of a bad-input error anywhere in the chain (Dagster wraps errors raised inside steps)."""
     from em_assets.catalog.parsing import DatasetError
@@ -21,7 +17,7 @@ def bad_input_message(exc: BaseException) -> str | None:
             continue
         seen.add(id(err))
         # ModelLoadError by name: importing its module loads torch, too slow for every error path.
-        if isinstance(err, BadInput | GridError | DatasetError | ChecksumError) or (
+        if isinstance(err, GridError | DatasetError | ChecksumError) or (
             type(err).__name__ == "ModelLoadError"
         ):
             return str(err)

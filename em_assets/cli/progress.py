@@ -45,7 +45,7 @@ class StepLine:
 class ProgressConsole:
     """Turns one run's events into step lines: redrawn in place on a terminal, printed once when a step ends."""
 
-    def __init__(self, out: TextIO, partition: str = "", width: int = 30) -> None:
+    def __init__(self, out: TextIO, partition: str = "", width: int = 34) -> None:
         self.out, self.partition, self.width = out, partition, width
         self.tty = out.isatty()
         self.lines: dict[str, StepLine] = {}
@@ -91,16 +91,20 @@ def output_to_log(log_path: Path) -> Iterator[TextIO]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
+    streams = sys.stdout, sys.stderr
     console = os.fdopen(os.dup(saved[1]), "w", buffering=1)
-    with log_path.open("ab") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
+    log = log_path.open("a", buffering=1)
+    # File descriptors for child processes and C code, sys.stdout/stderr for Python writers that hold their own.
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
     try:
         yield console
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        log.flush()
+        sys.stdout, sys.stderr = streams
         for fd, copy in saved.items():
             os.dup2(copy, fd)
             os.close(copy)
+        log.close()
         console.close()

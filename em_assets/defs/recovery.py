@@ -84,8 +84,18 @@ def _run_pids(instance: dg.DagsterInstance, run_id: str) -> dict[int, float]:
     return pids
 
 
+def _local_storage(instance: dg.DagsterInstance) -> bool:
+    """Runs in a file-backed (SQLite) instance ran on this machine, so their pids are this machine's; with a
+    shared database (Postgres) they may run on other hosts, and run monitoring in the daemon judges them."""
+    from dagster._core.storage.runs import InMemoryRunStorage, SqliteRunStorage
+
+    return isinstance(instance.run_storage, SqliteRunStorage | InMemoryRunStorage)
+
+
 def find_dead_runs(instance: dg.DagsterInstance) -> list[DeadRun]:
     """Active runs none of whose recorded processes is alive; runs of this process are never dead."""
+    if not _local_storage(instance):
+        return []
     dead = []
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=_ACTIVE)):
         pids = _run_pids(instance, run.run_id)

@@ -1,0 +1,59 @@
+"""The demo console: one line per step with its progress count and time, fed by a real run's events; the
+rest of the output (Dagster's event log, warnings, child processes) lands in the log file instead."""
+
+import io
+import os
+import subprocess
+import sys
+import uuid
+
+import dagster as dg
+from em_assets.progress import ProgressConsole, output_to_log
+
+
+@dg.asset
+def scored(context: dg.AssetExecutionContext) -> None:
+    for done in (4, 8):
+        context.log.info(f"org: judged {done}/8 (chunk of 4)")
+
+
+@dg.asset(deps=[scored])
+def quiet() -> None:
+    pass
+
+
+@dg.asset(deps=[quiet])
+def broken() -> None:
+    raise ValueError("nope")
+
+
+def test_each_step_gets_one_line_with_its_last_count():
+    out = io.StringIO()
+    console = ProgressConsole(out, "org-key")
+    job = dg.Definitions(assets=[scored, quiet, broken], jobs=[dg.define_asset_job("j")]).resolve_job_def("j")
+    run_id = str(uuid.uuid4())
+    with dg.instance_for_test() as instance:
+        instance.add_event_listener(run_id, console)
+        result = job.execute_in_process(instance=instance, run_id=run_id, raise_on_error=False)
+    assert not result.success
+    lines = out.getvalue().splitlines()
+    assert [line.split()[:2] for line in lines] == [["ok", "scored"], ["ok", "quiet"], ["FAILED", "broken"]]
+    assert "org-key" in lines[0] and "[####################]" in lines[0] and "judged 8/8" in lines[0]
+    assert "[" not in lines[1] and lines[1].rstrip().endswith("s")
+    assert console.failed == ["broken"]
+
+
+def test_output_goes_to_the_log_file_and_the_console_stays_clean(tmp_path, capfd):
+    log = tmp_path / "logs" / "demo.log"
+    with output_to_log(log) as console:
+        print("dagster event noise")
+        print("a library warning", file=sys.stderr)
+        os.write(2, b"C-level write\n")
+        subprocess.run([sys.executable, "-c", "import sys; print('worker bar', file=sys.stderr)"], check=True)
+        console.write("progress line\n")
+    captured = capfd.readouterr()
+    assert captured.out == "progress line\n" and captured.err == ""
+    text = log.read_text()
+    assert all(m in text for m in ("dagster event noise", "a library warning", "C-level write", "worker bar"))
+    print("after")
+    assert capfd.readouterr().out == "after\n"
