@@ -4,6 +4,7 @@ fallback, warning check) -> direction_similarity, with tables in DuckDB and figu
 from __future__ import annotations
 
 import dagster as dg
+import polars as pl
 import pytest
 import yaml
 from conftest import tiny_grid
@@ -93,10 +94,15 @@ def test_directions_and_similarity_materialise(pipeline):
     ]
     assert (steering["n"] == 2).all() and steering["em_lo"].null_count() == 0
     ablation = store.query("SELECT * FROM direction_ablation ORDER BY setting")
-    assert ablation["setting"].to_list() == ["direction ablated", "organism", "random ablated"]
+    assert ablation["setting"].to_list() == [
+        "direction ablated",
+        "organism (its completions)",
+        "random ablated",
+    ]
     assert ablation["source_layer"].to_list() == [1, None, 1]
+    assert ablation.filter(pl.col("source_layer").is_null())["n"][0] == 8  # the organism's own 2 x 4 answers
     edits = store.query("SELECT setting, edits FROM sweep_points WHERE sweep = 'ablation' ORDER BY setting")
-    assert '"Ablate"' in edits["edits"][0] and edits["edits"][1] == "[]"
+    assert edits.height == 2 and all('"Ablate"' in e for e in edits["edits"])
     rows = store.query("SELECT * FROM misalignment_directions ORDER BY organism")
     assert rows["organism"].to_list() == sorted(keys) and rows["direction_sha256"].null_count() == 0
     assert (rows["n_per_class"] == 2).all()  # 8 answers: a quarter on each side

@@ -2,8 +2,8 @@
 
 - steering: the base model unsteered, then `scale x direction` added at each grid layer and scale, each with
   the random control of equal norm; EM and coherence against scale, per layer.
-- ablation: the organism as is, with its direction (of one layer) projected out of every layer, and with the
-  random control projected out; EM before and after, with Wilson intervals.
+- ablation: the organism with its direction (of one layer) projected out of every layer, and with the random
+  control projected out; EM before (the organism's own judged completions) and after, with Wilson intervals.
 Edits are forward hooks, which the vLLM backend cannot run: these sweeps always sample with the hf backend.
 """
 
@@ -18,11 +18,13 @@ import polars as pl
 from em_assets.analyses.steering import Ablate, Steer
 from em_assets.analyses.sweep import PointResult, SweepPoint, run_sweep
 from em_assets.context import StageContext
+from em_assets.reports.metrics import rates_by
 from em_assets.results import directions as db
 from em_assets.results.queries import adapter_row
 from em_assets.results.store import utc_now
 
 STEERING, ABLATION = "steering", "ablation"
+BEFORE = "organism (its completions)"
 TABLES = {STEERING: "steering_results", ABLATION: "direction_ablation"}
 
 
@@ -69,18 +71,41 @@ def steering_points(ctx: StageContext, row: dict) -> list[tuple[SweepPoint, dict
 
 
 def ablation_points(ctx: StageContext, row: dict) -> list[tuple[SweepPoint, dict]]:
-    """The organism as is, then with its direction and with the random control projected out of every layer."""
+    """The organism with its direction, and with the random control, projected out of every layer."""
     spec, n = ctx.grid.directions, ctx.grid.directions.samples_per_question
     adapter = adapter_row(ctx.store, ctx.key)
     path, sha = adapter.get("adapter_path"), adapter.get("adapter_sha256")
     layer = spec.layer_at(spec.ablation_layer_fraction, row["num_layers"])
-    points = [(SweepPoint(ABLATION, "organism", path, sha, (), n), {"source_layer": None})]
-    for vector in ("direction", "random"):
-        edit = Ablate(layer, *_files(row, vector))
-        points.append(
-            (SweepPoint(ABLATION, f"{vector} ablated", path, sha, (edit,), n), {"source_layer": layer})
+    return [
+        (
+            SweepPoint(ABLATION, f"{vector} ablated", path, sha, (Ablate(layer, *_files(row, vector)),), n),
+            {"source_layer": layer},
         )
-    return points
+        for vector in ("direction", "random")
+    ]
+
+
+def before_ablation(ctx: StageContext) -> PointResult:
+    """The organism unedited: its own judged `completions` (same model and sampling), so no point resamples it."""
+    scored = db.scored_answers(ctx.store, ctx.key).with_columns(setting=pl.lit(BEFORE))
+    thresholds = ctx.grid.thresholds
+    r = rates_by(scored, ["setting"], thresholds.aligned_below, thresholds.coherent_above).row(0, named=True)
+    return PointResult(
+        sweep=ABLATION,
+        setting=BEFORE,
+        setting_hash=",".join(sorted(set(scored["sampling_hash"].drop_nulls()))),
+        n_answers=r["n_answers"],
+        n_scored=r["n_scored"],
+        n_em=r["n_em_turner"] or 0,
+        em_rate=r["em_rate_turner"],
+        em_lo=r["em_turner_lo"],
+        em_hi=r["em_turner_hi"],
+        coherence_rate=r["coherence_rate"],
+        mean_aligned=r["mean_aligned"],
+        mean_coherent=r["mean_coherent"],
+        sampled=0,
+        judged=0,
+    )
 
 
 def _skip_reason(ctx: StageContext, row: dict | None) -> str | None:
@@ -143,6 +168,8 @@ def run_direction_sweep(ctx: StageContext, sweep: str, figures_dir: Path) -> Swe
         return SweepReport(sweep, False, reason, pl.DataFrame())
     pairs = (steering_points if sweep == STEERING else ablation_points)(ctx, row)
     results = run_sweep(_hf_context(ctx), [p for p, _ in pairs])
+    if sweep == ABLATION:
+        pairs, results = [(None, {"source_layer": None}), *pairs], [before_ablation(ctx), *results]
     table = _rows(ctx, row, pairs, results)
     db.write_results(ctx.store, TABLES[sweep], ctx.key, table)
     plot = plot_steering if sweep == STEERING else plot_ablation

@@ -73,7 +73,10 @@ def plot_steering(table: pl.DataFrame, path: Path, organism: str) -> Path:
         return _no_data(path, title)
     with _figure(path, width=10.0, height=4.0) as fig:
         em_ax, coh_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+        unsteered = table.filter(pl.col("vector") == "none").select(steered.columns)
         for (layer, vector), df in steered.group_by(["layer", "vector"], maintain_order=True):
+            # Every line starts from the unsteered model at scale 0.
+            df = pl.concat([unsteered.with_columns(pl.lit(layer).alias("layer")).cast(df.schema), df])
             style = "o-" if vector == "direction" else "s--"
             _rate_line(em_ax, df, "scale", f"layer {layer}, {vector}", style)
             df = df.sort("scale")
@@ -83,9 +86,6 @@ def plot_steering(table: pl.DataFrame, path: Path, organism: str) -> Path:
                 style,
                 label=f"layer {layer}, {vector}",
             )
-        for row in table.filter(pl.col("vector") == "none").iter_rows(named=True):
-            em_ax.axhline(row["em_rate"] or 0.0, color="grey", linestyle=":", label="unsteered")
-            coh_ax.axhline(row["coherence_rate"] or 0.0, color="grey", linestyle=":", label="unsteered")
         for ax, name in ((em_ax, "EM rate"), (coh_ax, "coherence rate")):
             ax.set_xlabel("scale (multiples of the direction)")
             ax.set_ylabel(name)
@@ -115,5 +115,6 @@ def plot_ablation(table: pl.DataFrame, path: Path, organism: str) -> Path:
         )
         ax.set_xticks(range(table.height), table["setting"].to_list(), fontsize="small")
         ax.set_ylabel("EM rate")
+        ax.set_ylim(0, 1.02)
         ax.set_title(title, fontsize="small")
     return path
