@@ -53,4 +53,4 @@ def test_dagster_instance_storage_on_postgres(conninfo, tmp_path, monkeypatch):
 
 
 def test_concurrent_organism_writers_and_a_reader_on_postgres(conninfo, tmp_path):
-    check_concurrent_writers(f"ducklake:postgres:{conninfo}", str(tmp_path / "lake"), writers=4)
+    check_concurrent_writers(f"ducklake:postgres:{conninfo}", str(tmp_path / "lake"), writers=3, batches=4)
