@@ -11,6 +11,7 @@ from pathlib import Path
 import duckdb
 import polars as pl
 import pytest
+from lake_support import check_concurrent_writers
 
 from em_assets.cli import main
 from em_assets.grid.schema import Thresholds
@@ -165,3 +166,8 @@ def test_an_open_session_on_the_local_lake_never_blocks_a_writer(tmp_path):
         reader.kill()
         reader.wait()
     assert store.query("SELECT count(*) AS n FROM training_losses")["n"][0] == 2
+
+
+def test_concurrent_organism_writers_on_the_local_lake(tmp_path):
+    """The embedded default under `dagster dev`: step processes of 3 organisms writing at once."""
+    check_concurrent_writers(_lake(tmp_path), str(tmp_path / "files"), writers=3, batches=4)

@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -83,10 +84,10 @@ def lock_holder(exc: duckdb.Error) -> str:
     return f"{match[1]} (PID {match[2]})" if match else "another process"
 
 
-def backoff(delay: float) -> float:
-    """Sleep a jittered `delay`; return the next one (doubling, at most 2 s)."""
+def backoff(delay: float, cap: float = 2.0) -> float:
+    """Sleep a jittered `delay`; return the next one (doubling, at most `cap`)."""
     time.sleep(delay * (1 + random.random()))
-    return min(delay * 2, 2.0)
+    return min(delay * 2, cap)
 
 
 def open_file(path: Path, read_only: bool, config: dict, timeout_s: float, timeout_env: str):
@@ -154,8 +155,17 @@ def attach_lake(
 def _make_dirs(loc: Location) -> None:
     if loc.local_file is not None:
         loc.local_file.parent.mkdir(parents=True, exist_ok=True)
+    if loc.catalog_kind == "sqlite":
+        _sqlite_wal(loc.local_file)
     if "://" not in (loc.data_path or ""):
         Path(loc.data_path or ".").mkdir(parents=True, exist_ok=True)
+
+
+def _sqlite_wal(path: Path) -> None:
+    """Put a SQLite catalog in WAL mode (it stays so): readers then never block a committing writer."""
+    with contextlib.closing(sqlite3.connect(path, timeout=30)) as db:
+        if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            db.execute("PRAGMA journal_mode=WAL")
 
 
 def _quote(text: str) -> str:
@@ -190,17 +200,23 @@ def lake_cursor(loc: Location) -> Iterator[duckdb.DuckDBPyConnection]:
 
 def retry_conflicts(work: Callable[[], object], timeout_s: float, what: str) -> int:
     """Run `work` until it commits, retrying commit conflicts with backoff; return how many retries it took."""
-    start, delay, retries = time.monotonic(), 0.05, 0
+    start, delay, retries = time.monotonic(), 0.02, 0
     while True:
         try:
             work()
-            return retries
         except duckdb.Error as exc:
             if not is_conflict(exc) or time.monotonic() - start > timeout_s:
                 raise
             retries += 1
-            log.warning("%s: write conflict with another writer (retry %d): %s", what, retries, exc)
-            delay = backoff(delay)
+            if retries == 1:
+                log.info("%s: write conflict with another writer; retrying with backoff: %s", what, exc)
+            # Another writer's commit is short: retry soon rather than back off for seconds.
+            delay = backoff(delay, cap=0.5)
+            continue
+        waited = time.monotonic() - start
+        if retries and waited > WARN_AFTER_S:
+            log.warning("%s: committed after %d conflict retries in %.1f s", what, retries, waited)
+        return retries
 
 
 def current_snapshot(conn: duckdb.DuckDBPyConnection) -> int:

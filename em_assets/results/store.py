@@ -184,19 +184,26 @@ class Store:
 
         self.write(work, f"write {table}")
 
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A connection inside one transaction: everything done with it lands, or nothing does."""
+        with self.connect() as conn:
+            conn.execute("BEGIN")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT has already rolled back; nothing is left to undo then.
+                with contextlib.suppress(duckdb.Error):
+                    conn.execute("ROLLBACK")
+                raise
+
     def write(self, work: Callable[[duckdb.DuckDBPyConnection], None], what: str) -> None:
         """Run `work` in one transaction; on a DuckLake, commit conflicts are retried with backoff."""
 
         def attempt() -> None:
-            with self.connect() as conn:
-                conn.execute("BEGIN")
-                try:
-                    work(conn)
-                    conn.execute("COMMIT")
-                except Exception:
-                    with contextlib.suppress(duckdb.Error):
-                        conn.execute("ROLLBACK")
-                    raise
+            with self.transaction() as conn:
+                work(conn)
 
         if not self.lake:
             attempt()
