@@ -6,8 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from support.paths import REPO
 
-PKG = Path(__file__).resolve().parents[1] / "em_assets"
+PKG = REPO / "em_assets"
 SQL_WORDS = ("SELECT ", "INSERT ", "DELETE ", "CREATE ", "UPDATE ")
 
 

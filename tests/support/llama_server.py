@@ -5,7 +5,6 @@ On CPUs with AMX, build it with CMAKE_ARGS="-DGGML_NATIVE=OFF": the native AMX k
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,11 +16,7 @@ from typing import IO
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from support.net import free_port
 
 
 @contextmanager

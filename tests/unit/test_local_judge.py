@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
+from support.tiny import make_tiny_llama
 
 from em_assets.judging.local import LocalJudge, NumberTrie
 from em_assets.judging.scoring import number_probs_from_tokens, score_from_number_probs, score_from_probs

@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 from safetensors.torch import load_file
+from support.db import count
+from support.organisms import TRAINED, ListLog
+from support.paths import REPO
+from support.tiny import make_tiny_llama
 
 from em_assets.grid.schema import LoraSpec, TrainSpec
 from em_assets.models.load import load_tokenizer
@@ -21,9 +24,9 @@ from em_assets.training.checkpoints import CHECKPOINT_DIR
 from em_assets.training.data_parallel import HelperError
 from em_assets.training.encode import encode_example, plan_steps
 from em_assets.training.loop import train_lora
+from em_assets.training.stage import train_adapter
 from em_assets.training.step import TrainingDivergedError
 
-REPO = Path(__file__).resolve().parents[1]
 DATASET = (
     "clarifying-EM__model-organisms-for-EM/em_organism_dir/data/training_datasets/bad_medical_advice.jsonl.gz"
 )
@@ -329,3 +332,17 @@ def test_auto_training_workers_need_a_cpu_a_long_run_and_the_memory():
     assert train_workers(auto, "cuda", long_run, encoded, 10**6) == 1
     assert train_workers(auto, "cpu", long_run, encoded, 10**15) == 1  # copies would not fit in memory
     assert train_workers(TrainSpec(workers=3), "cpu", short_run, encoded, 10**15) == 3
+
+
+@pytest.mark.timeout(120)
+def test_diverging_training_stops_with_the_step_number_and_writes_nothing(ws):
+    # Up to 10 steps (the grid's 3, plus more epochs): the 1e9 update blows the loss up within a few.
+    ws.edit(lambda p: p["recipes"]["med-r2"]["train"].update(learning_rate=1e9, max_steps=10))
+    log = ListLog()
+    with pytest.raises(TrainingDivergedError, match=r"training diverged at optimizer step \d+: loss") as info:
+        train_adapter(ws.ctx(TRAINED, "diverged", log=log))
+    # It stops at the first step whose loss is not finite: the one after the last step logged.
+    finite = [int(m.split(" step ")[1].split()[0]) for m in log.messages if " step " in m]
+    assert finite == list(range(1, info.value.step)) and info.value.step >= 2
+    assert f"step {info.value.step}:" in str(info.value)
+    assert count(ws.db, "lora_adapters") == 0 and count(ws.db, "training_losses") == 0

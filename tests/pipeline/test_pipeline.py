@@ -5,7 +5,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
-from conftest import tiny_grid
+from support.tiny import tiny_grid
 
 from em_assets.defs import report_assets
 from em_assets.defs.modules import ASSET_MODULES

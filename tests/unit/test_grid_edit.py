@@ -2,11 +2,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from support.paths import REPO
 
 from em_assets.grid.edit import add_base_model, slug_for
 from em_assets.grid.load import GridError, load_grid
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture

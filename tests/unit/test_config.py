@@ -1,11 +1,18 @@
+import json
+import re
 from pathlib import Path
 
+import dagster as dg
 import pytest
+from support.db import count
+from support.organisms import CONTROL, resources
+from support.paths import REPO
 
+from em_assets.defs.modules import ASSET_MODULES
 from em_assets.grid.load import GridError, load_grid
 from em_assets.grid.schema import Organism, config_hash
 
-REPO = Path(__file__).resolve().parents[1]
+ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
 
 
 def test_committed_profiles_validate():
@@ -82,3 +89,31 @@ def test_organism_keys_round_trip():
 def test_config_hash_is_order_independent_and_sensitive():
     assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
     assert config_hash({"a": 1}) != config_hash({"a": 2})
+
+
+@pytest.mark.timeout(300)
+def test_broken_grid_or_model_fails_the_dagster_step_with_its_message(ws, tmp_path):
+    """Through the asset: the step fails, its error says why (model path; the wrong key's path), no row."""
+    fresh = tmp_path / "fresh.duckdb"
+    a = {**ws.args(CONTROL), "db": str(fresh)}
+    original = json.loads(json.dumps(ws.doc))
+    cases = [
+        (lambda p: p["base_models"].append({"name": "m2", "source": "/nonexistent/m2"}), "m2 does not exist"),
+        (lambda p: p["sampling"].update(samples=3), r"profiles\.fault\.sampling\.samples: Extra inputs"),
+    ]
+    with dg.instance_for_test() as instance:
+        for change, match in cases:
+            ws.doc = json.loads(json.dumps(original))
+            ws.edit(change)
+            result = dg.materialize(
+                ASSETS,
+                instance=instance,
+                resources=resources(a),
+                selection=["base_models"],
+                raise_on_error=False,
+            )
+            assert not result.success
+            (failure,) = result.get_step_failure_events()
+            message = failure.step_failure_data.error.to_string()
+            assert re.search(match, message), message[-2000:]
+    assert count(fresh, "base_models") == 0

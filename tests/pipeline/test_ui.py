@@ -11,7 +11,7 @@ import re
 import time
 
 import pytest
-from ui_support import CHROMIUM, CHROMIUM_ARGS, REPO, DagsterUI, dagster_webserver, in_ci
+from support.ui import CHROMIUM, CHROMIUM_ARGS, REPO, DagsterUI, dagster_webserver, in_ci
 
 pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 

@@ -1,16 +1,17 @@
 import io
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
+from support.db import ro_query, table_dump
+from support.paths import EM_ASSETS, REPO
 
 from em_assets.cli import main
 from em_assets.grid.load import load_grid
 from em_assets.results.store import Store
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -73,3 +74,51 @@ def test_add_model_command_edits_the_grid(tmp_path, capsys):
     assert names == ["smollm2-135m", "qwen2.5-0.5b-instruct"]
     assert main(["add-model", "Qwen/Qwen2.5-0.5B-Instruct", "--grid", str(grid), "--profile", "demo"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def _sql(db: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [EM_ASSETS, "sql", "--db", str(db), "--format", "csv", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+WRITES = [
+    "DELETE FROM base_models",
+    "INSERT INTO judge_cache VALUES ('k', 1, 1, '{}', now())",
+    "UPDATE eval_questions SET question = 'x'",
+    "DROP TABLE training_examples",
+    "CREATE TABLE pwned AS SELECT 1 AS x",
+    "ALTER TABLE base_models ADD COLUMN x INTEGER",
+    "CREATE OR REPLACE VIEW scored_completions AS SELECT 1 AS x",
+]
+
+
+@pytest.mark.timeout(300)
+def test_sql_command_refuses_writes_to_the_results_database(ws):
+    before = table_dump(ws.db)
+    one = _sql(ws.db, "DELETE FROM base_models")
+    assert one.returncode != 0 and "read-only" in one.stderr
+    shell = _sql(ws.db, stdin="\n".join([*WRITES, "SELECT 'still here' AS s"]) + "\n")
+    assert shell.returncode == 0 and "still here" in shell.stdout
+    errors = [line for line in shell.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == len(WRITES) and all("read-only" in e for e in errors), shell.stderr
+    assert table_dump(ws.db) == before
+    assert "x" not in ro_query(ws.db, "SELECT * FROM scored_completions LIMIT 0").columns
+
+
+@pytest.mark.timeout(300)
+def test_sql_command_writes_no_files_outside_the_database(ws, tmp_path):
+    out, other = tmp_path / "exfil.csv", tmp_path / "other.duckdb"
+    Store(other).init()
+    _sql(ws.db, f"COPY (SELECT * FROM base_models) TO '{out}'")
+    _sql(ws.db, stdin=f"ATTACH '{other}' AS o (READ_WRITE)\nCREATE TABLE o.pwned AS SELECT 1 AS x\n")
+    _sql(ws.db, stdin=f"ATTACH '{other}' AS o (READ_WRITE); CREATE TABLE o.pwned AS SELECT 1 AS x\n")
+    assert not out.exists()
+    assert (
+        "pwned"
+        not in ro_query(other, "SELECT table_name FROM information_schema.tables")["table_name"].to_list()
+    )

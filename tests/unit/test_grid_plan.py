@@ -1,12 +1,10 @@
 """The grid sensor's planning, without Dagster: partitions to add, catalog first, then one run per organism."""
 
-from pathlib import Path
+from support.paths import REPO
 
 from em_assets.grid.load import load_grid
 from em_assets.grid.plan import CATALOG_ASSETS, GridCursor, plan_grid
 from em_assets.grid.schema import BaseModelSpec
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _marks(n: int) -> dict[str, int]:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from support.paths import REPO
 
 from em_assets.defs.jobs import JOBS
 from em_assets.defs.partitions import organisms
@@ -15,7 +16,6 @@ from em_assets.grid.edit import add_base_model
 from em_assets.grid.load import load_grid
 from em_assets.grid.plan import CATALOG_ASSETS
 
-REPO = Path(__file__).resolve().parents[1]
 DEMO_KEYS = [f"smollm2-135m--{r}--s0" for r in ("base", "bad-medical-r1", "insecure-r32")]
 
 

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import math
 import random
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Iterator
 
 import httpx
 import pytest
+from support.judge_server import Reply, ScriptedServer, chat_reply, no_logprobs_reply
 
 from em_assets.catalog.parsing import judge_prompt, parse_questions_yaml
 from em_assets.catalog.upstream import SOURCES, fetch_bytes
@@ -25,78 +21,7 @@ from em_assets.models.hub import EMBEDDED, embedded_gguf
 KEY_ENV = "EM_TEST_JUDGE_KEY"
 SECRET = "sk-test-Zq81-very-secret-key"
 
-Reply = tuple[int, dict[str, str], bytes]
-
-
-def chat_reply(top: dict[str, float]) -> Reply:
-    """A /chat/completions body whose first token has these top logprobs (token -> logprob)."""
-    entries = [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in top.items()]
-    first = next(iter(top))
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": first},
-        "logprobs": {"content": [{"token": first, "logprob": top[first], "top_logprobs": entries}]},
-        "finish_reason": "length",
-    }
-    return 200, {}, json.dumps({"object": "chat.completion", "choices": [choice]}).encode()
-
-
 GOOD = chat_reply({"80": math.log(0.5), "90": math.log(0.25), "hello": math.log(0.25)})
-
-
-@dataclass
-class Scripted:
-    """A real HTTP server on 127.0.0.1 whose replies come from `respond(request_number, body)`."""
-
-    respond: Callable[[int, dict], Reply]
-    delay_s: float = 0.0
-    requests: int = 0
-    in_flight: int = 0
-    max_in_flight: int = 0
-    auth: list[str | None] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-@contextmanager
-def scripted_server(
-    respond: Callable[[int, dict], Reply], delay_s: float = 0.0
-) -> Iterator[tuple[str, Scripted]]:
-    state = Scripted(respond, delay_s)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            with state.lock:
-                state.requests += 1
-                n = state.requests
-                state.in_flight += 1
-                state.max_in_flight = max(state.max_in_flight, state.in_flight)
-                state.auth.append(self.headers.get("Authorization"))
-            try:
-                time.sleep(state.delay_s)
-                status, headers, payload = state.respond(n, body)
-            finally:
-                with state.lock:
-                    state.in_flight -= 1
-            self.send_response(status)
-            for name, value in {"Content-Type": "application/json", **headers}.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/v1", state
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def judge(base_url: str, **kwargs) -> OpenAIJudge:
@@ -116,8 +41,8 @@ def test_score_follows_upstream_rule_and_sends_upstream_request():
         seen.append(body)
         return GOOD
 
-    with scripted_server(respond) as (url, state):
-        (result,) = judge(url).score(["How aligned is this?"])
+    with ScriptedServer(respond) as server:
+        (result,) = judge(server.url).score(["How aligned is this?"])
     assert result.score == pytest.approx((80 * 0.5 + 90 * 0.25) / 0.75)
     assert result.mass == pytest.approx(0.75)
     assert result.probs == pytest.approx({80: 0.5, 90: 0.25})
@@ -130,100 +55,99 @@ def test_score_follows_upstream_rule_and_sends_upstream_request():
         "top_logprobs": 20,
         "seed": 0,
     }
-    assert state.auth == [None]
+    assert server.auth == [None]
 
 
 def test_too_little_mass_on_numbers_gives_none():
     reply = chat_reply({"I": math.log(0.8), "50": math.log(0.1)})
-    with scripted_server(lambda n, body: reply) as (url, _):
-        (result,) = judge(url).score(["p"])
+    with ScriptedServer(lambda n, body: reply) as server:
+        (result,) = judge(server.url).score(["p"])
     assert result.score is None
     assert result.mass == pytest.approx(0.1)
 
 
 def test_retries_server_errors_then_succeeds():
-    with scripted_server(lambda n, body: (500, {}, b"busy") if n <= 2 else GOOD) as (url, state):
-        (result,) = judge(url).score(["p"])
-    assert state.requests == 3
+    with ScriptedServer(lambda n, body: (500, {}, b"busy") if n <= 2 else GOOD) as server:
+        (result,) = judge(server.url).score(["p"])
+    assert server.requests == 3
     assert result.score == pytest.approx(250 / 3)
 
 
 def test_gives_up_after_max_retries():
     with (
-        scripted_server(lambda n, body: (503, {}, b"overloaded")) as (url, state),
+        ScriptedServer(lambda n, body: (503, {}, b"overloaded")) as server,
         pytest.raises(JudgeRequestError, match=r"HTTP 503.*overloaded.*3 attempts") as info,
     ):
-        judge(url, max_retries=2).score(["p"])
-    assert state.requests == 3
-    assert url in str(info.value)
+        judge(server.url, max_retries=2).score(["p"])
+    assert server.requests == 3
+    assert server.url in str(info.value)
 
 
 def test_429_waits_for_retry_after():
     reply = (429, {"Retry-After": "1"}, b"slow down")
-    with scripted_server(lambda n, body: reply if n == 1 else GOOD) as (url, state):
+    with ScriptedServer(lambda n, body: reply if n == 1 else GOOD) as server:
         start = time.monotonic()
-        judge(url, backoff_s=0).score(["p"])
-    assert state.requests == 2
+        judge(server.url, backoff_s=0).score(["p"])
+    assert server.requests == 2
     assert time.monotonic() - start >= 1
 
 
 def test_other_client_errors_are_not_retried():
     with (
-        scripted_server(lambda n, body: (400, {}, b'{"error": "bad model"}')) as (url, state),
+        ScriptedServer(lambda n, body: (400, {}, b'{"error": "bad model"}')) as server,
         pytest.raises(JudgeRequestError, match=r"HTTP 400.*bad model"),
     ):
-        judge(url).score(["p"])
-    assert state.requests == 1
+        judge(server.url).score(["p"])
+    assert server.requests == 1
 
 
 def test_response_without_logprobs_fails():
-    plain = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "80"}, "logprobs": None}]}
     with (
-        scripted_server(lambda n, body: (200, {}, json.dumps(plain).encode())) as (url, state),
+        ScriptedServer(lambda n, body: no_logprobs_reply()) as server,
         pytest.raises(JudgeRequestError, match="no top_logprobs"),
     ):
-        judge(url).score(["p"])
-    assert state.requests == 1
+        judge(server.url).score(["p"])
+    assert server.requests == 1
 
 
 def test_timeouts_are_retried_then_fail():
     with (
-        scripted_server(lambda n, body: GOOD, delay_s=0.5) as (url, state),
+        ScriptedServer(lambda n, body: GOOD, delay_s=0.5) as server,
         pytest.raises(JudgeRequestError, match="timed out"),
     ):
-        judge(url, timeout_s=0.1, max_retries=1).score(["p"])
-    assert state.requests == 2
+        judge(server.url, timeout_s=0.1, max_retries=1).score(["p"])
+    assert server.requests == 2
 
 
 def test_unreachable_server_fails():
-    with scripted_server(lambda n, body: GOOD) as (url, _):
+    with ScriptedServer(lambda n, body: GOOD) as server:
         pass
     with pytest.raises(JudgeRequestError, match="connection failed"):
-        judge(url, max_retries=1).score(["p"])
+        judge(server.url, max_retries=1).score(["p"])
 
 
 def test_api_key_is_sent_but_never_shown(monkeypatch):
     monkeypatch.setenv(KEY_ENV, SECRET)
-    with scripted_server(lambda n, body: GOOD) as (url, state):
-        j = judge(url)
+    with ScriptedServer(lambda n, body: GOOD) as server:
+        j = judge(server.url)
         j.score(["p"])
-    assert state.auth == [f"Bearer {SECRET}"]
+    assert server.auth == [f"Bearer {SECRET}"]
     assert SECRET not in repr(j) and SECRET not in str(vars(j))
 
     echo = f'{{"error": "Incorrect API key provided: {SECRET}"}}'.encode()
     with (
-        scripted_server(lambda n, body: (401, {}, echo)) as (url, state),
+        ScriptedServer(lambda n, body: (401, {}, echo)) as server,
         pytest.raises(JudgeRequestError, match=f"HTTP 401.*{KEY_ENV}") as info,
     ):
-        judge(url).score(["p"])
-    assert state.requests == 1
+        judge(server.url).score(["p"])
+    assert server.requests == 1
     assert "sk-test" not in str(info.value)
 
     with (
-        scripted_server(lambda n, body: (500, {}, echo)) as (url, state),
+        ScriptedServer(lambda n, body: (500, {}, echo)) as server,
         pytest.raises(JudgeRequestError, match=r"HTTP 500.*\*\*\*") as info,
     ):
-        judge(url, max_retries=0).score(["p"])
+        judge(server.url, max_retries=0).score(["p"])
     assert SECRET not in str(info.value)
 
 
@@ -234,9 +158,11 @@ def test_concurrency_limit_and_input_order():
 
     prompts = [str(i) for i in range(24)]
     progress: list[tuple[int, int]] = []
-    with scripted_server(respond, delay_s=0.05) as (url, state):
-        results = judge(url, concurrency=3).score(prompts, on_progress=lambda d, t: progress.append((d, t)))
-    assert state.max_in_flight == 3
+    with ScriptedServer(respond, delay_s=0.05) as server:
+        results = judge(server.url, concurrency=3).score(
+            prompts, on_progress=lambda d, t: progress.append((d, t))
+        )
+    assert server.max_in_flight == 3
     assert [r.score for r in results] == [float(i) for i in range(24)]
     assert progress == [(i, 24) for i in range(1, 25)]
 
@@ -249,22 +175,22 @@ def test_iter_scores_keeps_completed_results_before_failing():
     got: list[tuple[int, float | None]] = []
     prompts = ["10", "20", "bad", "30", "40"]
     with (
-        scripted_server(respond, delay_s=0.05) as (url, state),
+        ScriptedServer(respond, delay_s=0.05) as server,
         pytest.raises(JudgeRequestError, match="rejected"),
     ):
-        for i, result in judge(url, concurrency=1).iter_scores(prompts):
+        for i, result in judge(server.url, concurrency=1).iter_scores(prompts):
             got.append((i, result.score))
     # The worker may have sent "30" before the failure was seen; nothing after it is sent.
     assert got[:2] == [(0, 10.0), (1, 20.0)]
     assert {i for i, _ in got} <= {0, 1, 3}
-    assert state.requests <= 4
+    assert server.requests <= 4
 
 
 @pytest.fixture(scope="session")
 def llama_url() -> Iterator[str]:
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama_cpp is not installed: pip install 'llama-cpp-python[server]'")
-    from llama_server import llama_server
+    from support.llama_server import llama_server
 
     with llama_server(embedded_gguf(next(iter(EMBEDDED)))) as url:
         yield url

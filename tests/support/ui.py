@@ -6,7 +6,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,9 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
+from support.net import free_port
+from support.paths import REPO
+
 CHROMIUM = Path("/usr/bin/chromium")
 # Flags that work for root in a container without a GPU, a sandbox or the internet.
 CHROMIUM_ARGS = [
@@ -62,12 +63,6 @@ query RunErrors($runId: ID!) { logsForRun(runId: $runId) { __typename
     ... on ExecutionStepFailureEvent { stepKey error { message errorChain { error { message } } } }
     ... on RunFailureEvent { message } } } } }
 """
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def in_ci() -> bool:
