@@ -79,9 +79,7 @@ def test_parallel_organism_runs_with_readers_lose_nothing(parallel_run):
 
 
 @pytest.mark.timeout(180)
-def test_rematerialising_one_partition_replaces_exactly_its_rows(
-    parallel_run, tmp_path, monkeypatch, mirror
-):
+def test_rematerialising_one_partition_replaces_exactly_its_rows(parallel_run, tmp_path, monkeypatch, mirror):
     monkeypatch.setenv(KEY_ENV, SECRET)
     first, other = parallel_run.keys
     db = tmp_path / "results.duckdb"
