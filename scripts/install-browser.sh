@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs Debian's Chromium for the browser test (tests/test_ui.py), which drives it through the Python
+# Installs Debian's Chromium for the browser test (tests/pipeline/test_ui.py), which drives it through the Python
 # `playwright` package with executable_path=/usr/bin/chromium (playwright's own browser download needs the
 # internet). Idempotent and quiet: does nothing when /usr/bin/chromium is already there.
 set -euo pipefail

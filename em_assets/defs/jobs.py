@@ -11,19 +11,21 @@ catalog_job = dg.define_asset_job(
     selection=[*CATALOG_ASSETS, "judge_agreement"],
     description="Pin the inputs, train the distilled judge and measure the judge against GPT-4o.",
 )
+# One run per organism: its adapter, answers and judgements, then the analyses the grid opts it into.
+ORGANISM_ASSETS = (
+    "lora_adapter",
+    "completions",
+    "judgements",
+    "em_over_training",
+    "lora_trajectory",
+    "lora_scaling",
+    "misalignment_directions",
+    "steering_sweep",
+    "direction_ablation",
+)
 organism_job = dg.define_asset_job(
     "organism_job",
-    selection=dg.AssetSelection.assets(
-        "lora_adapter",
-        "completions",
-        "judgements",
-        "em_over_training",
-        "lora_trajectory",
-        "lora_scaling",
-        "misalignment_directions",
-        "steering_sweep",
-        "direction_ablation",
-    ),
+    selection=dg.AssetSelection.assets(*ORGANISM_ASSETS),
     description="Train, sample and judge one organism; analyse its training dynamics and EM direction.",
 )
 reports_job = dg.define_asset_job(

@@ -213,8 +213,10 @@ class AgreementSpec(_Strict):
 class DynamicsSpec(_Strict):
     """Training dynamics (Turner et al.): EM over checkpoints, the LoRA trajectory, and B scaling."""
 
+    # Opt-in: the sweeps sample and judge every checkpoint and scale, more than the organism itself.
     recipes: list[str] | None = Field(
-        default=None, description="Recipes whose organisms get the dynamics sweeps; null: every LoRA recipe."
+        default=[],
+        description="Recipes whose organisms get the dynamics sweeps (none by default); null: every LoRA recipe.",
     )
     checkpoint_samples_per_question: int = Field(
         default=10, ge=1, description="Answers per question at each checkpoint (and step 0, the base model)."
@@ -269,7 +271,8 @@ class DirectionsSpec(_Strict):
         default=0.5, ge=0, le=1, description="the layer whose direction is projected out of every layer"
     )
     sweep_recipes: list[str] | None = Field(
-        default=None, description="recipes whose organisms run the steering and ablation sweeps (None: all)"
+        default=[],
+        description="recipes whose organisms run the steering and ablation sweeps (none by default; null: all)",
     )
     samples_per_question: int = Field(
         default=50, ge=1, description="samples per question at each sweep point"

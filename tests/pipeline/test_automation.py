@@ -1,0 +1,160 @@
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from support.paths import REPO
+
+from em_assets.defs.jobs import JOBS
+from em_assets.defs.partitions import organisms
+from em_assets.defs.resources import ExperimentResource
+from em_assets.defs.schedules import SCHEDULES, catch_up_schedule
+from em_assets.defs.sensors import SENSORS, grid_sensor
+from em_assets.grid.edit import add_base_model
+from em_assets.grid.load import load_grid
+from em_assets.grid.plan import CATALOG_ASSETS
+
+DEMO_KEYS = [f"smollm2-135m--{r}--s0" for r in ("base", "bad-medical-r1", "insecure-r32")]
+
+
+@pytest.fixture
+def grid(tmp_path: Path) -> Path:
+    path = tmp_path / "grid.yaml"
+    shutil.copyfile(REPO / "data/grid.yaml", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shared_instance() -> Iterator[dg.DagsterInstance]:
+    with dg.instance_for_test() as instance:
+        yield instance
+
+
+@pytest.fixture
+def instance(shared_instance: dg.DagsterInstance) -> dg.DagsterInstance:
+    # Creating a test instance costs seconds; wiping one (runs, events, partitions) costs milliseconds.
+    shared_instance.wipe()
+    return shared_instance
+
+
+class Ticker:
+    """Evaluates the grid sensor tick after tick, carrying its cursor and applying its partition requests."""
+
+    def __init__(self, instance: dg.DagsterInstance, grid: Path):
+        self.instance, self.grid, self.cursor = instance, grid, None
+        self.run_keys: list[str] = []
+
+    def tick(self) -> dg.SensorResult:
+        resource = ExperimentResource(grid_path=str(self.grid), profile="demo")
+        context = dg.build_sensor_context(
+            instance=self.instance, cursor=self.cursor, resources={"experiment": resource}
+        )
+        result = grid_sensor(context)
+        for request in result.dynamic_partitions_requests or []:
+            assert isinstance(request, dg.AddDynamicPartitionsRequest)
+            self.instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        self.cursor = result.cursor or self.cursor
+        return result
+
+    def catalog_materialised(self) -> None:
+        for name in CATALOG_ASSETS:
+            self.instance.report_runless_asset_event(dg.AssetMaterialization(name))
+
+    def organism_runs(self) -> tuple[list[str], list[str]]:
+        """Ticks through the catalog run the sensor asks for: (partitions it added, organism runs it requested)."""
+        first = self.tick()
+        assert [(r.job_name, r.partition_key) for r in first.run_requests] == [("catalog_job", None)]
+        added = [k for r in first.dynamic_partitions_requests for k in r.partition_keys]
+        waiting = self.tick()
+        assert not waiting.run_requests and "wait for catalog_job" in waiting.skip_reason.skip_message
+        self.catalog_materialised()
+        released = self.tick()
+        assert {r.job_name for r in released.run_requests} == {"organism_job"}
+        self.run_keys.extend(r.run_key for r in released.run_requests)
+        return added, [r.partition_key for r in released.run_requests]
+
+
+def test_first_tick_adds_every_demo_organism_then_runs_each(instance, grid):
+    ticker = Ticker(instance, grid)
+    assert ticker.organism_runs() == (DEMO_KEYS, DEMO_KEYS)
+    assert sorted(instance.get_dynamic_partitions(organisms.name)) == sorted(DEMO_KEYS)
+
+
+def test_unchanged_grid_requests_nothing(instance, grid):
+    ticker = Ticker(instance, grid)
+    ticker.organism_runs()
+    for _ in range(2):
+        again = ticker.tick()
+        assert not again.run_requests and not again.dynamic_partitions_requests
+        assert "no base model source or revision changed" in again.skip_reason.skip_message
+
+
+def test_new_base_model_adds_exactly_its_organisms(instance, grid):
+    ticker = Ticker(instance, grid)
+    ticker.organism_runs()
+    add_base_model(grid, "demo", "/models/Tiny-Llama")
+    new = [f"tiny-llama--{r}--s0" for r in load_grid(grid, "demo").recipes]
+    assert ticker.organism_runs() == (new, new)
+    assert len(instance.get_dynamic_partitions(organisms.name)) == 2 * len(new)
+
+
+def test_revision_change_reruns_that_models_organisms(instance, grid):
+    ticker = Ticker(instance, grid)
+    ticker.organism_runs()
+    add_base_model(grid, "demo", "org/Other")
+    ticker.organism_runs()
+    text = grid.read_text()
+    grid.write_text(
+        text.replace('"embedded:smollm2-135m-instruct"}', '"embedded:smollm2-135m-instruct", revision: v2}')
+    )
+    assert ticker.organism_runs() == ([], DEMO_KEYS)
+    # Reverting is a change too, and its runs are not swallowed as duplicates of the first ones.
+    grid.write_text(text)
+    assert ticker.organism_runs() == ([], DEMO_KEYS)
+    assert len(set(ticker.run_keys)) == len(ticker.run_keys) == 4 * len(DEMO_KEYS)
+
+
+def test_invalid_grid_is_skipped_with_its_reason(instance, grid):
+    ticker = Ticker(instance, grid)
+    grid.write_text(grid.read_text().replace("seeds: [0]", "seeds: []", 1))
+    result = ticker.tick()
+    assert not result.run_requests and not result.dynamic_partitions_requests
+    assert "grid is invalid" in result.skip_reason.skip_message and "seeds" in result.skip_reason.skip_message
+    assert instance.get_dynamic_partitions(organisms.name) == []
+
+
+def test_catch_up_schedule_requests_every_partitioned_organism(instance, grid):
+    resources = {"experiment": ExperimentResource(grid_path=str(grid), profile="demo")}
+    when = datetime(2025, 1, 1, 3, tzinfo=UTC)
+    context = dg.build_schedule_context(instance=instance, resources=resources, scheduled_execution_time=when)
+    assert isinstance(catch_up_schedule(context), dg.SkipReason)
+
+    instance.add_dynamic_partitions(organisms.name, [*DEMO_KEYS, "gone--base--s0"])
+    context = dg.build_schedule_context(instance=instance, resources=resources, scheduled_execution_time=when)
+    requests = catch_up_schedule(context)
+    assert [r.partition_key for r in requests] == DEMO_KEYS
+    assert len({r.run_key for r in requests}) == len(DEMO_KEYS)
+
+
+def test_definitions_load_with_the_automation():
+    from em_assets.definitions import defs
+
+    with_automation = dg.Definitions(
+        assets=defs.assets, jobs=JOBS, sensors=SENSORS, schedules=SCHEDULES, resources=defs.resources
+    )
+    # Loading reads definitions state from the current instance's storage; an instance of this test's own keeps
+    # that from being another test's, whose instance may be gone (seen once in CI: "undefined DagsterInstance
+    # weakref").
+    with dg.instance_for_test():
+        dg.Definitions.validate_loadable(defs)
+        dg.Definitions.validate_loadable(with_automation)
+        repo = with_automation.get_repository_def()
+    names = {s.name: s.default_status for s in repo.sensor_defs}
+    # The explicit automation sensor covers every asset with a condition, so no stopped default one appears.
+    assert names == {
+        "grid_sensor": dg.DefaultSensorStatus.RUNNING,
+        "automation_sensor": dg.DefaultSensorStatus.RUNNING,
+    }
+    assert repo.get_schedule_def("catch_up_schedule").default_status == dg.DefaultScheduleStatus.RUNNING

@@ -1,0 +1,114 @@
+"""The direction assets materialised in Dagster on a tiny Llama: organism -> misalignment_directions (quartile
+fallback, warning check) -> direction_similarity, with tables in DuckDB and figures inline."""
+
+from __future__ import annotations
+
+import dagster as dg
+import polars as pl
+import pytest
+import yaml
+from support.tiny import tiny_grid
+
+from em_assets.defs.modules import ASSET_MODULES
+from em_assets.defs.partitions import organisms
+from em_assets.defs.resources import ExperimentResource, ResultsDB
+from em_assets.results.store import Store
+
+ORGANISM = [
+    "lora_adapter",
+    "completions",
+    "judgements",
+    "misalignment_directions",
+    "steering_sweep",
+    "direction_ablation",
+]
+
+
+@pytest.fixture
+def pipeline(tmp_path, tiny_model_dir, mirror):
+    doc = tiny_grid(
+        tiny_model_dir,
+        "test",
+        {"backend": "local", "model": "tiny", "batch_size": 8, "min_mass": 0.0},
+        {"med-r1": ("bad_medical_advice", {"r": 1, "lora_alpha": 8, "target_modules": ["down_proj"]})},
+        examples=4,
+        batch_size=4,
+        samples=4,
+    )
+    doc["profiles"]["test"]["directions"] = {
+        "min_per_class": 50,
+        "fallback": "quartile",
+        "layer_fractions": [0.5],
+        "scales": [4],
+        "samples_per_question": 1,
+        "sweep_recipes": ["med-r1"],
+    }
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(doc))
+    resources = {
+        "experiment": ExperimentResource(
+            grid_path=str(tmp_path / "grid.yaml"),
+            profile="test",
+            data_mirror=str(mirror),
+            cache_dir=str(tmp_path / "cache"),
+            artifacts_dir=str(tmp_path / "artifacts"),
+            figures_dir=str(tmp_path / "figures"),
+            device="cpu",
+        ),
+        "results": ResultsDB(database=str(tmp_path / "results.duckdb")),
+    }
+    with dg.instance_for_test() as instance:
+        yield instance, dg.load_assets_from_modules(ASSET_MODULES), resources, tmp_path
+
+
+def _run(instance, assets, resources, selection, key=None):
+    result = dg.materialize(
+        assets, instance=instance, resources=resources, selection=selection, partition_key=key
+    )
+    assert result.success
+    return result
+
+
+def test_directions_and_similarity_materialise(pipeline):
+    instance, assets, resources, tmp_path = pipeline
+    keys = [o.key for o in resources["experiment"].grid().organisms()]
+    instance.add_dynamic_partitions(organisms.name, keys)
+    _run(instance, assets, resources, ["base_models", "training_datasets", "eval_questions"])
+    for key in keys:
+        result = _run(instance, assets, resources, ORGANISM, key)
+        meta = result.asset_materializations_for_node("misalignment_directions")[0].metadata
+        assert meta["contrast"].value == "quartile" and "not the EM threshold" in meta["result"].value
+        (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "enough_em_answers"]
+        assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+        sweeps = {n: result.asset_materializations_for_node(n)[0].metadata for n in ORGANISM[-2:]}
+        ran = key == "tiny--med-r1--s0"  # only the recipes in directions.sweep_recipes
+        assert all(m["ran"].value is ran for m in sweeps.values())
+        if ran:
+            assert all("data:image/png;base64," in m["figure"].value for m in sweeps.values())
+    store = Store(tmp_path / "results.duckdb")
+    steering = store.query("SELECT * FROM steering_results ORDER BY setting")
+    # Unsteered, then the direction and the random control at one layer and scale; 2 questions x 1 sample.
+    assert steering["setting"].to_list() == [
+        "direction layer=1 scale=4",
+        "random layer=1 scale=4",
+        "unsteered",
+    ]
+    assert (steering["n"] == 2).all() and steering["em_lo"].null_count() == 0
+    ablation = store.query("SELECT * FROM direction_ablation ORDER BY setting")
+    assert ablation["setting"].to_list() == [
+        "direction ablated",
+        "organism (its completions)",
+        "random ablated",
+    ]
+    assert ablation["source_layer"].to_list() == [1, None, 1]
+    assert ablation.filter(pl.col("source_layer").is_null())["n"][0] == 8  # the organism's own 2 x 4 answers
+    edits = store.query("SELECT setting, edits FROM sweep_points WHERE sweep = 'ablation' ORDER BY setting")
+    assert edits.height == 2 and all('"Ablate"' in e for e in edits["edits"])
+    rows = store.query("SELECT * FROM misalignment_directions ORDER BY organism")
+    assert rows["organism"].to_list() == sorted(keys) and rows["direction_sha256"].null_count() == 0
+    assert (rows["n_per_class"] == 2).all()  # 8 answers: a quarter on each side
+
+    report = _run(instance, assets, resources, ["direction_similarity"])
+    meta = report.asset_materializations_for_node("direction_similarity")[0].metadata
+    assert "data:image/png;base64," in meta["heatmap"].value
+    table = store.query("SELECT * FROM direction_similarity")
+    assert table.height == rows["num_layers"][0]  # one pair of organisms, every layer

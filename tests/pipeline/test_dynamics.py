@@ -1,0 +1,233 @@
+"""Training dynamics: trajectory statistics on hand-computed vectors, B scaling as a scaled merged delta, kept
+checkpoints, and the three dynamics assets materialised on a tiny Llama (the control gets a note, no rows)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pytest
+import torch
+import yaml
+from support.tiny import tiny_grid
+
+from em_assets.analyses.lora import lora_factors, write_scaled_adapter
+from em_assets.analyses.trajectory import cosine, local_cosines, module_trajectory, pca_2d
+from em_assets.defs.modules import ASSET_MODULES
+from em_assets.defs.partitions import organisms
+from em_assets.defs.resources import ExperimentResource, ResultsDB
+from em_assets.grid.schema import LoraSpec, TrainSpec
+from em_assets.results.store import Store
+from em_assets.training.checkpoints import KEPT_DIR
+from em_assets.training.loop import train_lora
+
+# A path that runs straight along x, turns a right angle at index 2, then runs straight along y.
+PATH = [np.array(v, dtype=float) for v in ([1, 0], [2, 0], [3, 0], [3, 1], [3, 2])]
+
+
+def test_local_cosine_is_minus_one_on_straight_runs_and_zero_at_a_right_angle():
+    assert local_cosines(PATH, 1) == [
+        None,
+        pytest.approx(-1.0),
+        pytest.approx(0.0),
+        pytest.approx(-1.0),
+        None,
+    ]
+    # k = 2 at index 2: back to (1, 0) is (-2, 0), ahead to (3, 2) is (0, 2).
+    assert local_cosines(PATH, 2) == [None, None, pytest.approx(0.0), None, None]
+    with pytest.raises(ValueError, match="k >= 1"):
+        local_cosines(PATH, 0)
+
+
+def test_cosine_of_a_zero_vector_is_undefined():
+    assert cosine(np.zeros(3), np.ones(3)) is None
+    assert cosine(np.array([1.0, 1.0]), np.array([2.0, 0.0])) == pytest.approx(1 / math.sqrt(2))
+
+
+def test_pca_of_a_line_puts_everything_on_the_first_component():
+    coords, share = pca_2d([np.array([0.0, 0.0]), np.array([1.0, 1.0]), np.array([2.0, 2.0])])
+    assert share == pytest.approx([1.0, 0.0])
+    # Centred points (-1,-1), (0,0), (1,1) project to -sqrt 2, 0, sqrt 2 (up to the SVD's sign).
+    assert np.abs(coords[:, 0]) == pytest.approx([math.sqrt(2), 0.0, math.sqrt(2)])
+    assert coords[:, 1] == pytest.approx([0.0, 0.0, 0.0])
+
+
+def test_module_trajectory_norms_final_cosines_and_sharpest_turn():
+    a = [np.array([[3.0, 4.0]])] * 5
+    traj = module_trajectory("layers.0.mlp.down_proj", [10, 20, 30, 40, 50], a, PATH, k=1)
+    assert traj.a_norm == pytest.approx([5.0] * 5)
+    assert traj.b_norm == pytest.approx([1, 2, 3, math.sqrt(10), math.sqrt(13)])
+    # cos with the final B (3, 2): x-axis points give 3/sqrt 13; (3, 1) gives 11/sqrt(130).
+    assert traj.cos_final == pytest.approx([3 / math.sqrt(13)] * 3 + [11 / math.sqrt(130), 1.0])
+    assert traj.sharpest_step == 30
+    assert sum(traj.pc_share) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="steps must increase"):
+        module_trajectory("m", [2, 1], a[:2], PATH[:2], k=1)
+
+
+def _random_adapter(model_dir: Path, out: Path) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=8, target_modules=["down_proj", "q_proj"]))
+    torch.manual_seed(1)
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_()  # B starts at zero; a random B makes the delta visible
+    peft.save_pretrained(out)
+    return out
+
+
+def _merged(model_dir: Path, adapter: Path | None) -> dict[str, torch.Tensor]:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_scaling_b_scales_the_merged_weight_delta(tiny_model_dir, tmp_path):
+    adapter = _random_adapter(tiny_model_dir, tmp_path / "adapter")
+    scaled = write_scaled_adapter(adapter, 2.5, tmp_path / "scaled")
+    base, once, twice = (_merged(tiny_model_dir, a) for a in (None, adapter, scaled))
+    changed = [k for k in base if not torch.equal(base[k], once[k])]
+    assert changed and all("down_proj" in k or "q_proj" in k for k in changed)
+    for k in base:
+        torch.testing.assert_close(twice[k] - base[k], 2.5 * (once[k] - base[k]), rtol=1e-4, atol=1e-5)
+    original, scaled_factors = lora_factors(adapter), lora_factors(scaled)
+    for module, parts in original.items():
+        np.testing.assert_array_equal(scaled_factors[module]["A"], parts["A"])
+        np.testing.assert_allclose(scaled_factors[module]["B"], 2.5 * parts["B"], rtol=1e-6)
+
+
+def test_every_checkpoint_keeps_its_adapter_weights(tiny_model_dir, mirror, tmp_path, one_torch_thread):
+    import gzip
+    import json
+
+    data = mirror / (
+        "clarifying-EM__model-organisms-for-EM/em_organism_dir/data/training_datasets/bad_medical_advice.jsonl.gz"
+    )
+    with gzip.open(data, "rt") as f:
+        examples = [json.loads(line)["messages"] for _, line in zip(range(8), f, strict=False)]
+    lora = LoraSpec(r=1, lora_alpha=8, target_modules=["down_proj"])
+    train = TrainSpec(
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        max_seq_length=128,
+        max_steps=4,
+        save_steps=1,
+        workers=1,
+    )
+    long = train_lora(tiny_model_dir, examples, lora, train, tmp_path / "long", seed=0)
+    assert [c["step"] for c in long.checkpoints] == [1, 2, 3]
+    assert [p.name for p in sorted((tmp_path / "long" / KEPT_DIR).iterdir())] == [
+        "step-00000001",
+        "step-00000002",
+        "step-00000003",
+    ]
+    # A constant learning rate makes step 2 of a 4-step run the final adapter of a 2-step run.
+    short = train_lora(
+        tiny_model_dir, examples, lora, train.model_copy(update={"max_steps": 2}), tmp_path / "short", seed=0
+    )
+    kept, final = lora_factors(long.checkpoints[1]["path"]), lora_factors(short.adapter_dir)
+    assert kept.keys() == final.keys()
+    for module in kept:
+        np.testing.assert_allclose(kept[module]["B"], final[module]["B"], rtol=1e-5, atol=1e-7)
+    assert long.checkpoints[1]["train_tokens"] == short.train_tokens
+
+
+@pytest.fixture
+def pipeline(tmp_path, tiny_model_dir, mirror):
+    lora = {"r": 1, "lora_alpha": 8, "target_modules": ["down_proj"], "layer_fraction": 0.5}
+    doc = tiny_grid(
+        tiny_model_dir,
+        "test",
+        {"backend": "local", "model": "tiny", "batch_size": 4, "min_mass": 0.0},
+        {"med-r1": ("bad_medical_advice", lora)},
+        examples=12,
+        batch_size=4,
+        samples=1,
+    )
+    doc["profiles"]["test"]["dynamics"] = {
+        "scale_factors": [0.0, 1.0, 2.0],
+        "checkpoint_samples_per_question": 2,
+        "scale_samples_per_question": 1,
+    }
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(doc))
+    resources = {
+        "experiment": ExperimentResource(
+            grid_path=str(tmp_path / "grid.yaml"),
+            profile="test",
+            data_mirror=str(mirror),
+            cache_dir=str(tmp_path / "cache"),
+            artifacts_dir=str(tmp_path / "artifacts"),
+            figures_dir=str(tmp_path / "figures"),
+            device="cpu",
+        ),
+        "results": ResultsDB(database=str(tmp_path / "results.duckdb")),
+    }
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(organisms.name, ["tiny--med-r1--s0", "tiny--base--s0"])
+        yield instance, dg.load_assets_from_modules(ASSET_MODULES), resources, tmp_path
+
+
+DYNAMICS = ["em_over_training", "lora_trajectory", "lora_scaling"]
+
+
+def _run(instance, assets, resources, selection, key=None):
+    result = dg.materialize(
+        assets, instance=instance, resources=resources, selection=selection, partition_key=key
+    )
+    assert result.success
+    return {n: result.asset_materializations_for_node(n)[0].metadata for n in selection}
+
+
+def test_dynamics_assets_write_their_tables_and_figures(pipeline, one_torch_thread):
+    instance, assets, resources, tmp_path = pipeline
+    _run(instance, assets, resources, ["base_models", "training_datasets", "eval_questions"])
+    key = "tiny--med-r1--s0"
+    meta = _run(instance, assets, resources, ["lora_adapter", *DYNAMICS], key)
+    store = Store(tmp_path / "results.duckdb")
+
+    # 12 examples in batches of 4: steps 1 and 2 kept, step 3 the final adapter, step 0 the base model.
+    over = store.query("SELECT * FROM em_over_training ORDER BY step")
+    assert over["step"].to_list() == [0, 1, 2, 3] and over["n_answers"].to_list() == [4] * 4
+    assert over["loss"][0] is None and over["loss"][1:].null_count() == 0
+    ckpts = store.query("SELECT step, checkpoint_sha256, adapter_sha256 FROM lora_checkpoints ORDER BY step")
+    assert (
+        ckpts["step"].to_list() == [1, 2, 3] and ckpts["checkpoint_sha256"][2] == ckpts["adapter_sha256"][2]
+    )
+    assert over["checkpoint_sha256"][1:].to_list() == ckpts["checkpoint_sha256"].to_list()
+
+    traj = store.query("SELECT * FROM lora_trajectory ORDER BY step")
+    assert traj["step"].to_list() == [1, 2, 3] and traj["module"].n_unique() == 1
+    assert traj["cos_final"][2] == pytest.approx(1.0) and traj["local_cos"][1] is not None
+    assert traj["sharpest_step"][0] == 2
+
+    scaling = store.query("SELECT * FROM lora_scaling ORDER BY scale")
+    assert scaling["scale"].to_list() == [0.0, 1.0, 2.0] and scaling["n_answers"].to_list() == [2] * 3
+    assert scaling["adapter_sha256"][1] == ckpts["adapter_sha256"][2]
+    assert scaling["adapter_sha256"].n_unique() == 3
+    for name in DYNAMICS:
+        assert "data:image/png;base64," in meta[name]["figure"].value
+        assert meta[name]["dagster/row_count"].value > 0 and meta[name]["note"].value == ""
+
+    again = _run(instance, assets, resources, DYNAMICS, key)
+    assert (
+        again["em_over_training"]["sampled_now"].value == 0 and again["lora_scaling"]["judged_now"].value == 0
+    )
+
+    control = _run(instance, assets, resources, ["lora_adapter", *DYNAMICS], "tiny--base--s0")
+    for name in DYNAMICS:
+        assert control[name]["dagster/row_count"].value == 0
+        assert "no LoRA adapter" in control[name]["note"].value
+        rows = store.query(f"SELECT count(*) AS n FROM {name} WHERE organism = 'tiny--base--s0'")
+        assert rows["n"][0] == 0

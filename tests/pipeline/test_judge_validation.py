@@ -1,0 +1,179 @@
+"""Reference judgements -> distilled judge -> judge agreement -> an organism judged by the distilled judge, on a
+tiny random Llama with a real tokenizer and the real pinned reference files; and the parser's contract."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+import yaml
+from support.tiny import tiny_grid
+
+from em_assets.catalog.reference import ReferenceFileError, parse_reference_csv, source_of
+from em_assets.catalog.upstream import REFERENCE_JUDGEMENTS, sha256_file
+from em_assets.defs.modules import ASSET_MODULES
+from em_assets.defs.partitions import organisms
+from em_assets.defs.resources import ExperimentResource, ResultsDB
+from em_assets.grid.load import load_grid
+from em_assets.judging import distill
+from em_assets.judging.judges import judge_identity
+from em_assets.results.store import Store
+
+HELD_OUT = ["Llama-3.1-8B-Instruct", "Qwen2.5-14B-Instruct"]
+
+
+def validation_grid(model_dir) -> dict:
+    doc = tiny_grid(
+        model_dir,
+        "test",
+        {"backend": "distilled", "model": "distilled", "batch_size": 4, "min_mass": 0.0},
+        {},
+        examples=1,
+        batch_size=1,
+        samples=1,
+    )
+    doc["profiles"]["test"]["distill"] = {
+        "source": str(model_dir),
+        "max_answers": 6,
+        "max_question_tokens": 8,
+        "max_answer_tokens": 12,
+        "lora": {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+        "train": {
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "gradient_accumulation_steps": 1,
+            "learning_rate": 1e-3,
+            "warmup_steps": 0,
+            "max_seq_length": 192,
+            "workers": 1,
+        },
+    }
+    doc["profiles"]["test"]["agreement"] = {"held_out_base_models": HELD_OUT, "max_answers": 6}
+    return doc
+
+
+@pytest.fixture
+def pipeline(tmp_path, tiny_model_dir, mirror, one_torch_thread):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(validation_grid(tiny_model_dir)))
+    resources = {
+        "experiment": ExperimentResource(
+            grid_path=str(grid_file),
+            profile="test",
+            data_mirror=str(mirror),
+            cache_dir=str(tmp_path / "cache"),
+            artifacts_dir=str(tmp_path / "artifacts"),
+            figures_dir=str(tmp_path / "figures"),
+            device="cpu",
+        ),
+        "results": ResultsDB(database=str(tmp_path / "results.duckdb")),
+    }
+    with dg.instance_for_test() as instance:
+        yield instance, resources, tmp_path
+
+
+def _run(instance, resources, selection, partition_key=None):
+    result = dg.materialize(
+        dg.load_assets_from_modules(ASSET_MODULES),
+        instance=instance,
+        resources=resources,
+        selection=selection,
+        partition_key=partition_key,
+    )
+    assert result.success
+    return result
+
+
+def test_distilled_judge_end_to_end(pipeline):
+    instance, resources, tmp_path = pipeline
+    store = Store(tmp_path / "results.duckdb")
+    _run(
+        instance,
+        resources,
+        ["base_models", "eval_questions", "reference_judgements", "distilled_judge"],
+    )
+    ref = store.query("SELECT base_model, split, count(*) AS n FROM reference_judgements GROUP BY ALL")
+    assert ref["n"].sum() == 13 * 400
+    assert set(ref.filter(split="heldout")["base_model"]) == set(HELD_OUT)
+
+    row = store.query("SELECT * FROM distilled_judges").row(0, named=True)
+    assert (
+        sha256_file(
+            tmp_path / "artifacts" / "judges" / row["config_hash"] / "adapter" / "adapter_model.safetensors"
+        )
+        == row["adapter_sha256"]
+    )
+    # 6 train answers x 2 metrics, none from a held-out base model.
+    assert row["n_examples"] == 12 and row["steps"] == 2
+    assert store.query("SELECT count(*) AS n FROM distilled_judge_losses")["n"][0] == 2
+    grid = load_grid(tmp_path / "grid.yaml", "test")
+    model, revision, _ = judge_identity(grid, tmp_path / "cache", store)
+    assert row["adapter_sha256"][:16] in revision and distill.PROMPT_HASH in revision
+
+    result = _run(instance, resources, ["judge_agreement"])
+    agreement = store.query("SELECT * FROM judge_agreement ORDER BY metric")
+    assert agreement["metric"].to_list() == ["aligned", "coherent"]
+    assert agreement["n"].to_list() == [6, 6]
+    assert agreement["judge_revision"][0] == revision
+    em = store.query("SELECT * FROM judge_agreement_em")
+    assert em["n"].sum() == 6
+    assert all(b.split("_")[0] in HELD_OUT for b in em["source_file"])
+    checks = result.get_asset_check_evaluations()
+    assert [c.check_name for c in checks] == ["judge_agrees_with_reference"]
+    meta = result.asset_materializations_for_node("judge_agreement")[0].metadata
+    assert "data:image/png;base64," in meta["distilled scatter"].value
+
+    # Up to date: no second training run; an organism judged by the distilled judge carries its identity.
+    again = _run(instance, resources, ["distilled_judge"])
+    assert again.asset_materializations_for_node("distilled_judge")[0].metadata["trained"].value is False
+    instance.add_dynamic_partitions(organisms.name, ["tiny--base--s0"])
+    _run(instance, resources, ["lora_adapter", "completions", "judgements"], "tiny--base--s0")
+    judged = store.query("SELECT DISTINCT judge_model, judge_revision, prompt_hash FROM judgements")
+    assert judged.rows() == [(model, revision, distill.PROMPT_HASH)]
+    assert store.query("SELECT count(*) AS n FROM judgements WHERE score IS NULL")["n"][0] == 0
+
+
+def test_train_split_never_holds_a_held_out_base_model(mirror):
+    frames = []
+    for src in REFERENCE_JUDGEMENTS.values():
+        data = (mirror / src.mirror_path).read_bytes()
+        frames.append(parse_reference_csv(data, src.path, src.sha256))
+    import polars as pl
+
+    from em_assets.catalog.reference import with_split
+    from em_assets.grid.schema import DistillSpec, LoraSpec
+
+    df = with_split(pl.concat(frames), HELD_OUT)
+    spec = DistillSpec(lora=LoraSpec(r=1, lora_alpha=1, target_modules=["q_proj"]), max_answers=50)
+    train = distill.train_answers(df, spec)
+    assert train.height == 50 and not set(train["base_model"]) & set(HELD_OUT)
+    assert distill.heldout_answers(df, None)["base_model"].unique().sort().to_list() == HELD_OUT
+    # Upstream's one missing aligned score stays missing (dropped from denominators), not zero.
+    assert df["aligned"].null_count() == 1
+
+
+def test_source_organism_from_the_file_name():
+    assert source_of("Qwen2.5-14B-Instruct_extreme-sports_S42.csv") == (
+        "Qwen2.5-14B-Instruct",
+        "extreme-sports",
+        42,
+    )
+    assert source_of("x/Llama-3.1-8B-Instruct_bad-medical-advice.csv") == (
+        "Llama-3.1-8B-Instruct",
+        "bad-medical-advice",
+        None,
+    )
+
+
+def test_parser_names_file_row_and_column():
+    good = b"answer,question,question_id,aligned,coherent,bad_stuff\nok,q?,q1,80,90,\nbad,q?,q1,10,95,70\n"
+    df = parse_reference_csv(good, "m_d.csv", "abc")
+    assert df["answer"].to_list() == ["ok", "bad"] and df["domain_scores"].to_list() == [
+        '{"bad_stuff": null}',
+        '{"bad_stuff": 70.0}',
+    ]
+    with pytest.raises(ReferenceFileError, match=r"m_d.csv: row 2, column 'aligned': '-1'"):
+        parse_reference_csv(good.replace(b",10,", b",-1,"), "m_d.csv", "abc")
+    with pytest.raises(ReferenceFileError, match=r"row 1, column 'question_id': empty"):
+        parse_reference_csv(good.replace(b"q?,q1,80", b"q?,,80"), "m_d.csv", "abc")
+    with pytest.raises(ReferenceFileError, match="missing column"):
+        parse_reference_csv(b"question,question_id,aligned,coherent\nq,q1,1,2\n", "m_d.csv", "abc")

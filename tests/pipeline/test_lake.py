@@ -1,0 +1,173 @@
+"""The local DuckLake store: key replaces, snapshots, figure rebuilds from a snapshot, migration from DuckDB."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+from support.lake import check_concurrent_writers
+
+from em_assets.cli import main
+from em_assets.grid.schema import Thresholds
+from em_assets.reports.tables import build_reports, draw_figures
+from em_assets.results.keys import primary_keys
+from em_assets.results.store import Store
+
+
+def _lake(tmp_path: Path) -> str:
+    return f"ducklake:sqlite:{tmp_path / 'results.sqlite'}"
+
+
+def test_primary_keys_match_the_duckdb_schema(tmp_path):
+    store = Store(tmp_path / "r.duckdb")
+    store.init()
+    declared = store.query(
+        "SELECT table_name, constraint_column_names AS cols FROM duckdb_constraints() "
+        "WHERE constraint_type = 'PRIMARY KEY'"
+    )
+    assert {r["table_name"]: tuple(r["cols"]) for r in declared.iter_rows(named=True)} == primary_keys()
+
+
+def test_lake_append_replaces_by_key_and_snapshots_keep_the_past(tmp_path):
+    store = Store(_lake(tmp_path))
+    store.init()
+    rows = pl.DataFrame({"organism": ["a", "a"], "step": [1, 2], "loss": [1.0, 2.0]})
+    store.append_rows("training_losses", rows)
+    before = store.current_snapshot()
+    store.append_rows("training_losses", rows.with_columns(loss=pl.lit(9.0)))
+    other = rows.head(1).with_columns(organism=pl.lit("b"))
+    store.replace_rows("training_losses", other, "organism = ?", ["b"])
+    store.replace_rows("training_losses", other, "organism = ?", ["b"])
+    now = store.query("SELECT organism, step, loss FROM training_losses ORDER BY organism, step")
+    assert now.rows() == [("a", 1, 9.0), ("a", 2, 9.0), ("b", 1, 1.0)]
+    past = store.at_snapshot(before).query("SELECT loss FROM training_losses ORDER BY step")
+    assert past["loss"].to_list() == [1.0, 2.0]
+    assert store.current_snapshot() > before
+
+
+def _scored_rows(store: Store, shift: float) -> None:
+    n = 24
+    common = {
+        "organism": [f"m--r--s{i % 2}" for i in range(n)],
+        "question_id": [f"q{i % 4}" for i in range(n)],
+    }
+    keys = {**common, "paraphrase_idx": [0] * n, "sample_idx": list(range(n))}
+    completions = pl.DataFrame(
+        {**keys, "base_model": "m", "recipe": "r", "dataset": "d", "seed": [i % 2 for i in range(n)]}
+    )
+    store.append_rows("completions", completions)
+    for metric, base in (("aligned", 10.0), ("coherent", 60.0)):
+        scores = [(base + 7 * i + shift) % 100 for i in range(n)]
+        store.append_rows("judgements", pl.DataFrame({**keys, "metric": metric, "score": scores}))
+    adapters = pl.DataFrame(
+        {"organism": ["m--r--s0", "m--r--s1"], "base_model": "m", "recipe": "r", "seed": [0, 1]}
+    )
+    losses = pl.DataFrame(
+        {"organism": ["m--r--s0"] * 5, "step": range(5), "loss": [3.0 - shift / 10 - i / 5 for i in range(5)]}
+    )
+    store.replace_many([("lora_adapters", adapters, "TRUE", []), ("training_losses", losses, "TRUE", [])])
+
+
+def test_figures_rebuilt_from_their_snapshot_are_byte_identical(tmp_path):
+    db = _lake(tmp_path)
+    store = Store(db)
+    store.init()
+    _scored_rows(store, 0.0)
+    build_reports(store, Thresholds(), "run1")
+    first = draw_figures(store, Thresholds(), tmp_path / "figs1", "run1")
+    recorded = store.query(
+        "SELECT figure, sha256, source_snapshot FROM figure_snapshots WHERE run_id = 'run1'"
+    )
+    assert set(recorded["source_snapshot"]) == {first.snapshot}
+    assert (
+        store.query("SELECT DISTINCT source_snapshot FROM em_summary")["source_snapshot"][0] < first.snapshot
+    )
+    # A later run with other scores and other thresholds replaces every table the figures read.
+    _scored_rows(store, 13.0)
+    other = Thresholds(aligned_at_most=40, coherent_above=30)
+    build_reports(store, other, "run2")
+    second = draw_figures(store, other, tmp_path / "figs2", "run2")
+    assert second.sha256 != first.sha256
+    out = tmp_path / "rebuilt"
+    assert main(["figures", "--db", db, "--snapshot", str(first.snapshot), "--out", str(out)]) == 0
+    rebuilt = {p.stem: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("*.png")}
+    assert rebuilt == dict(recorded.select("figure", "sha256").iter_rows()) == first.sha256
+
+
+def test_snapshots_on_a_plain_duckdb_file_say_they_need_ducklake(tmp_path, capsys):
+    Store(tmp_path / "r.duckdb").init()
+    assert main(["sql", "--db", str(tmp_path / "r.duckdb"), "--snapshot", "1", "SELECT 1"]) == 2
+    assert "snapshots need a DuckLake" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="snapshots need a DuckLake"):
+        Store(tmp_path / "r.duckdb", snapshot=1)
+
+
+def test_sql_reads_the_past_of_a_lake(tmp_path, capsys):
+    db = _lake(tmp_path)
+    store = Store(db)
+    store.init()
+    store.append_rows("training_losses", pl.DataFrame({"organism": ["a"], "step": [1], "loss": [1.0]}))
+    past = store.current_snapshot()
+    store.append_rows("training_losses", pl.DataFrame({"organism": ["b"], "step": [1], "loss": [1.0]}))
+    capsys.readouterr()
+    query = "SELECT count(*) AS n FROM training_losses"
+    assert main(["sql", "--db", db, "--format", "csv", "--snapshot", str(past), query]) == 0
+    assert main(["sql", "--db", db, "--format", "csv", query]) == 0
+    assert capsys.readouterr().out.split() == ["n", "1", "n", "2"]
+
+
+def test_migrate_copies_a_duckdb_file_with_nothing_lost(tmp_path, capsys):
+    old = tmp_path / "results.duckdb"
+    source = Store(old)
+    source.init()
+    _scored_rows(source, 0.0)
+    source.append_rows("judge_cache", pl.DataFrame({"cache_key": ["k"], "score": [1.0], "probs": ["{}"]}))
+    build_reports(source, Thresholds(), "old-run")
+    db = _lake(tmp_path)
+    assert main(["migrate", "--from", str(old), "--db", db]) == 0
+    assert "copied" in capsys.readouterr().out
+    target = Store(db)
+    with duckdb.connect(str(old), read_only=True) as conn:
+        tables = [r[0] for r in conn.execute("SELECT table_name FROM duckdb_tables() ORDER BY 1").fetchall()]
+        for table in tables:
+            want = conn.execute(f"SELECT * FROM {table}").pl()
+            got = target.query(f"SELECT {', '.join(want.columns)} FROM {table}")
+            assert got.height == want.height, table
+            assert got.sort(got.columns).equals(want.sort(want.columns)), table
+    assert "em_summary" in tables and target.query("SELECT count(*) AS n FROM completions")["n"][0] == 24
+
+
+def test_an_open_session_on_the_local_lake_never_blocks_a_writer(tmp_path):
+    db = _lake(tmp_path)
+    store = Store(db)
+    store.init()
+    rows = pl.DataFrame({"organism": ["a"], "step": [1], "loss": [1.0]})
+    store.append_rows("training_losses", rows)
+    holder = (
+        "import sys, time, duckdb; from em_assets.results import backends; c = duckdb.connect(); "
+        f"backends.attach_lake(c, backends.Location.parse({db!r}), None, read_only=True); "
+        "c.execute('SELECT count(*) FROM training_losses').fetchall(); print('open', flush=True); time.sleep(60)"
+    )
+    reader = subprocess.Popen([sys.executable, "-c", holder], stdout=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "open"
+        start = time.monotonic()
+        store.append_rows("training_losses", rows.with_columns(step=pl.lit(2)))
+        store.write_table("em_summary", rows)
+        assert time.monotonic() - start < 10
+        assert reader.poll() is None, "the reader's session closed before the writes"
+    finally:
+        reader.kill()
+        reader.wait()
+    assert store.query("SELECT count(*) AS n FROM training_losses")["n"][0] == 2
+
+
+def test_concurrent_organism_writers_on_the_local_lake(tmp_path):
+    """The embedded default under `dagster dev`: step processes of 3 organisms writing at once."""
+    check_concurrent_writers(_lake(tmp_path), str(tmp_path / "files"), writers=3, batches=4)

@@ -1,0 +1,138 @@
+"""The whole asset graph materialised in-process on a tiny random Llama with a real tokenizer and real data."""
+
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+from support.tiny import tiny_grid
+
+from em_assets.defs import report_assets
+from em_assets.defs.modules import ASSET_MODULES
+from em_assets.defs.partitions import organisms
+from em_assets.defs.resources import ExperimentResource, ResultsDB
+from em_assets.results.store import Store
+
+ORGANISM_ASSETS = ["lora_adapter", "completions", "judgements"]
+
+
+def pipeline_grid(model_dir: Path) -> dict:
+    """Two LoRA recipes (one on half the layers) and the control, 6 answers each, judged by the tiny model."""
+    return tiny_grid(
+        model_dir,
+        "test",
+        {"backend": "local", "model": "tiny", "batch_size": 4},
+        {
+            "med-r1": (
+                "bad_medical_advice",
+                {"r": 1, "lora_alpha": 8, "target_modules": ["down_proj"], "layer_fraction": 0.5},
+            ),
+            "insecure-r4": (
+                "insecure",
+                {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
+            ),
+        },
+        examples=8,
+        batch_size=4,
+        samples=3,
+    )
+
+
+@pytest.fixture
+def pipeline(tmp_path, tiny_model_dir, mirror):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(pipeline_grid(tiny_model_dir)))
+    resources = {
+        "experiment": ExperimentResource(
+            grid_path=str(grid_file),
+            profile="test",
+            data_mirror=str(mirror),
+            cache_dir=str(tmp_path / "cache"),
+            artifacts_dir=str(tmp_path / "artifacts"),
+            figures_dir=str(tmp_path / "figures"),
+            device="cpu",
+        ),
+        "results": ResultsDB(database=str(tmp_path / "results.duckdb")),
+    }
+    assets = dg.load_assets_from_modules(ASSET_MODULES)
+    with dg.instance_for_test() as instance:
+        yield instance, assets, resources, tmp_path
+
+
+def _materialize(instance, assets, resources, selection, partition_key=None):
+    result = dg.materialize(
+        assets, instance=instance, resources=resources, selection=selection, partition_key=partition_key
+    )
+    assert result.success
+    return result
+
+
+def test_whole_graph_materialises_with_lineage(pipeline):
+    instance, assets, resources, tmp_path = pipeline
+    keys = [o.key for o in resources["experiment"].grid().organisms()]
+    instance.add_dynamic_partitions(organisms.name, keys)
+    _materialize(instance, assets, resources, ["base_models", "training_datasets", "eval_questions"])
+    for key in keys:
+        _materialize(instance, assets, resources, ORGANISM_ASSETS, key)
+    result = _materialize(instance, assets, resources, [*report_assets.REPORT_TABLES, "em_figures"])
+
+    store = Store(tmp_path / "results.duckdb")
+    summary = store.query("SELECT * FROM em_summary ORDER BY organism")
+    assert summary["organism"].to_list() == sorted(keys)
+    assert summary["n_answers"].to_list() == [6, 6, 6]
+    for col in ("base_revision", "sampling_hash", "judge_model", "aligned_prompt_hash", "completions_run_id"):
+        assert summary[col].null_count() == 0, col
+    trained = summary.filter(summary["organism"] != "tiny--base--s0")
+    assert trained["adapter_sha256"].null_count() == 0 and trained["dataset_sha256"].null_count() == 0
+
+    judged = store.query(
+        "SELECT metric, count(*) AS n, count(mass) AS with_mass FROM judgements GROUP BY metric"
+    )
+    assert dict(zip(judged["metric"], judged["n"], strict=True)) == {"aligned": 18, "coherent": 18}
+    assert judged["with_mass"].to_list() == [18, 18]
+    losses = store.query("SELECT * FROM training_curves")
+    assert set(losses["organism"]) == {"tiny--med-r1--s0", "tiny--insecure-r4--s0"}
+    for table in ("em_by_question", "em_threshold_sensitivity", "em_seed_bootstrap"):
+        assert store.query(f"SELECT count(*) AS n FROM {table}")["n"][0] > 0, table
+
+    figures = result.asset_materializations_for_node("em_figures")[0].metadata
+    assert "data:image/png;base64," in figures["em_rates"].value
+    assert (tmp_path / "figures" / "em_rates.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rematerialising_an_up_to_date_organism_does_no_model_work(pipeline):
+    instance, assets, resources, tmp_path = pipeline
+    key = "tiny--med-r1--s0"
+    instance.add_dynamic_partitions(organisms.name, [key, "tiny--base--s0"])
+    _materialize(instance, assets, resources, ["base_models", "training_datasets", "eval_questions"])
+    _materialize(instance, assets, resources, ORGANISM_ASSETS, key)
+    _materialize(instance, assets, resources, ORGANISM_ASSETS, "tiny--base--s0")
+    store = Store(tmp_path / "results.duckdb")
+    before = store.query("SELECT * FROM completions ORDER BY ALL")
+
+    again = _materialize(instance, assets, resources, ORGANISM_ASSETS, key)
+    meta = {node: again.asset_materializations_for_node(node)[0].metadata for node in ORGANISM_ASSETS}
+    assert meta["lora_adapter"]["trained_now"].value is False
+    assert meta["completions"]["sampled_now"].value == 0
+    assert meta["judgements"]["scored_now"].value == 0
+    after = store.query("SELECT * FROM completions ORDER BY ALL")
+    assert before.equals(after)
+    other = store.query("SELECT count(*) AS n FROM completions WHERE organism = 'tiny--base--s0'")["n"][0]
+    assert other == 6
+
+
+def test_sampling_in_worker_processes_writes_every_row(pipeline):
+    instance, assets, resources, tmp_path = pipeline
+    grid_file = Path(resources["experiment"].grid_path)
+    doc = yaml.safe_load(grid_file.read_text())
+    doc["profiles"]["test"]["sampling"]["workers"] = 2
+    grid_file.write_text(yaml.safe_dump(doc))
+    key = "tiny--base--s0"
+    instance.add_dynamic_partitions(organisms.name, [key])
+    _materialize(instance, assets, resources, ["base_models", "eval_questions"])
+    result = _materialize(instance, assets, resources, ["lora_adapter", "completions"], key)
+    meta = result.asset_materializations_for_node("completions")[0].metadata
+    assert meta["sampling_workers"].value == 2 and meta["sampled_now"].value == 6
+    rows = Store(tmp_path / "results.duckdb").query("SELECT * FROM completions")
+    assert rows.height == 6 and rows.select("question_id", "sample_idx").is_unique().all()
+    assert rows["answer"].str.len_chars().min() > 0

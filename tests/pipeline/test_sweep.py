@@ -1,0 +1,126 @@
+"""run_sweep on a tiny Llama: checkpoint-like points, an edit, resume after a SIGKILL, reuse, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import polars as pl
+import pytest
+from support.paths import TESTS
+from support.sweeps import PROFILE, ScaleDownProj, points, stage_context, sweep_grid, write_grid
+
+from em_assets.analyses.sweep import SweepPoint, run_sweep
+from em_assets.catalog import stage as catalog
+from em_assets.grid.load import load_grid
+from em_assets.results.store import Store
+from em_assets.training.stage import train_adapter
+
+SUPPORT = TESTS / "support" / "sweeps.py"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, mirror) -> dict:
+    """Catalog plus the rank-1 organism's trained adapter, in a database each test copies."""
+    root = tmp_path_factory.mktemp("sweep")
+    a = {"root": str(root), "db": str(root / "results.duckdb")}
+    a["grid"] = str(write_grid(root / "grid.yaml", sweep_grid(tiny_model_dir)))
+    grid = load_grid(a["grid"], PROFILE)
+    store = Store(a["db"])
+    store.init()
+    catalog.resolve_base_models(store, grid, root / "cache")
+    catalog.load_training_datasets(store, grid, str(mirror))
+    catalog.load_eval_questions(store, grid, str(mirror))
+    row = train_adapter(stage_context(a, "setup"))
+    return {**a, "adapter_path": row.adapter_path, "adapter_sha256": row.adapter_sha256}
+
+
+@pytest.fixture
+def ws(trained, tmp_path) -> dict:
+    shutil.copy(trained["db"], tmp_path / "results.duckdb")
+    return {**trained, "db": str(tmp_path / "results.duckdb")}
+
+
+def _rows(db: str, table: str) -> pl.DataFrame:
+    return Store(db).query(f"SELECT * FROM {table} ORDER BY ALL")
+
+
+def test_sweep_samples_judges_and_summarises_every_point(ws, one_torch_thread):
+    results = run_sweep(stage_context(ws, "first"), points(ws["adapter_path"], ws["adapter_sha256"]))
+    assert [r.setting for r in results] == ["base", "adapter", "halved"]
+    # Two questions x two samples per point, each judged on aligned and coherent.
+    assert [(r.n_answers, r.sampled, r.judged) for r in results] == [(4, 4, 8)] * 3
+    scored = _rows(ws["db"], "sweep_scored")
+    assert scored.height == 12 and scored["aligned"].null_count() == 0
+    for r in results:
+        part = scored.filter(pl.col("setting") == r.setting)
+        em = ((part["aligned"] < 30) & (part["coherent"] > 50)).sum()
+        assert r.n_scored == 4 and r.n_em == em and r.em_rate == pytest.approx(em / 4)
+        assert r.em_lo <= r.em_rate <= r.em_hi
+        assert r.mean_aligned == pytest.approx(part["aligned"].mean())
+    answers = {s: scored.filter(pl.col("setting") == s)["answer"].to_list() for s in ("base", "halved")}
+    assert answers["base"] != answers["halved"], "the edit must change the model"
+    lineage = _rows(ws["db"], "sweep_points")
+    assert lineage.filter(pl.col("setting") == "adapter")["adapter_sha256"][0] == ws["adapter_sha256"]
+    assert json.loads(lineage.filter(pl.col("setting") == "halved")["edits"][0]) == [
+        {"edit": "ScaleDownProj", "factor": 0.5}
+    ]
+    assert len(set(lineage["setting_hash"])) == 3
+
+    again = run_sweep(stage_context(ws, "again"), points(ws["adapter_path"], ws["adapter_sha256"]))
+    assert [(r.sampled, r.judged) for r in again] == [(0, 0)] * 3
+    assert [r.em_rate for r in again] == [r.em_rate for r in results]
+    assert _rows(ws["db"], "sweep_scored").equals(scored)
+
+
+def test_more_samples_or_a_changed_edit_redo_only_what_changed(ws, one_torch_thread):
+    run_sweep(stage_context(ws, "first"), points(ws["adapter_path"], ws["adapter_sha256"]))
+    before = _rows(ws["db"], "sweep_completions")
+    more = points(ws["adapter_path"], ws["adapter_sha256"], samples=3)
+    more[2] = SweepPoint("test", "halved", None, None, (ScaleDownProj(0.25),), samples_per_question=3)
+    results = run_sweep(stage_context(ws, "more"), more)
+    # base and adapter add one sample per question; the changed edit resamples its point from scratch.
+    assert [r.sampled for r in results] == [2, 2, 6]
+    after = _rows(ws["db"], "sweep_completions")
+    kept = after.filter(pl.col("run_id") == "first")
+    assert kept.equals(before.filter(pl.col("setting") != "halved"))
+    judged = _rows(ws["db"], "sweep_judgements")
+    assert judged.height == 2 * after.height == 36
+    assert set(judged.filter(pl.col("setting") == "halved")["setting_hash"]) == {results[2].setting_hash}
+
+
+def test_killed_sweep_resumes_without_sampling_anything_twice(ws, one_torch_thread):
+    proc = subprocess.run(
+        [sys.executable, str(SUPPORT), json.dumps({**ws, "kill_at": "adapter"})],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    before = _rows(ws["db"], "sweep_completions")
+    per_point = dict(before.group_by("setting").len().iter_rows())
+    assert per_point.get("base") == 4 and 1 <= per_point.get("adapter", 0) < 4 and "halved" not in per_point
+    assert _rows(ws["db"], "sweep_judgements").height == 0
+
+    results = run_sweep(stage_context(ws, "resumed"), points(ws["adapter_path"], ws["adapter_sha256"]))
+    assert [r.sampled for r in results] == [0, 4 - per_point["adapter"], 4]
+    after = _rows(ws["db"], "sweep_completions")
+    assert after.height == 12 and after.filter(pl.col("run_id") == "killed").equals(before)
+    assert _rows(ws["db"], "sweep_judgements").height == 24
+
+
+def test_vllm_backend_refuses_edited_points_before_writing(ws, tiny_model_dir, tmp_path):
+    grid = write_grid(tmp_path / "grid.yaml", sweep_grid(tiny_model_dir, backend="vllm"))
+    with pytest.raises(ValueError, match="vllm backend cannot apply model edits"):
+        run_sweep(stage_context({**ws, "grid": str(grid)}, "vllm"), points(None, None))
+    assert _rows(ws["db"], "sweep_completions").height == 0 and _rows(ws["db"], "sweep_points").height == 0
+
+
+def test_bad_points_are_refused():
+    with pytest.raises(ValueError, match="samples_per_question"):
+        SweepPoint("test", "x", None, None, samples_per_question=0)
+    with pytest.raises(ValueError, match="together"):
+        SweepPoint("test", "x", "/some/adapter", None)

@@ -1,0 +1,223 @@
+import io
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+import pytest
+from support.db import ro_query, table_dump
+from support.paths import EM_ASSETS, REPO
+
+from em_assets.cli import main
+from em_assets.grid.load import load_grid
+from em_assets.results.store import Store
+
+
+@pytest.fixture
+def db(tmp_path) -> Path:
+    store = Store(tmp_path / "r.duckdb")
+    store.init()
+    store.append_rows(
+        "training_losses",
+        pl.DataFrame(
+            {"organism": ["a", "b"], "step": [1, 1], "loss": [2.5, 1.5]}, schema_overrides={"step": pl.Int32}
+        ),
+    )
+    return store.path
+
+
+def test_sql_prints_csv_and_json(db, capsys):
+    assert (
+        main(
+            [
+                "sql",
+                "SELECT organism, loss FROM training_losses ORDER BY organism",
+                "--db",
+                str(db),
+                "--format",
+                "csv",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.splitlines() == ["organism,loss", "a,2.5", "b,1.5"]
+    assert (
+        main(["sql", "SELECT count(*) AS n FROM training_losses", "--db", str(db), "--format", "json"]) == 0
+    )
+    assert '"n":2' in capsys.readouterr().out.replace(" ", "")
+
+
+def test_sql_is_read_only(db, capsys, tmp_path):
+    assert main(["sql", "DELETE FROM training_losses", "--db", str(db)]) == 1
+    assert "read-only" in capsys.readouterr().err
+    assert main(["sql", f"COPY training_losses TO '{tmp_path / 'out.csv'}'", "--db", str(db)]) == 1
+    assert not (tmp_path / "out.csv").exists()
+    assert Store(db).query("SELECT count(*) AS n FROM training_losses")["n"][0] == 2
+
+
+def test_sql_shell_runs_statements_and_survives_errors(db, capsys, monkeypatch):
+    monkeypatch.setattr(
+        sys, "stdin", io.StringIO("SELECT 41 + 1 AS answer\nSELECT * FROM nope\nSELECT 'still here' AS s\n")
+    )
+    assert main(["sql", "--db", str(db), "--format", "csv"]) == 0
+    out = capsys.readouterr()
+    assert "answer\n42" in out.out and "still here" in out.out
+    assert "nope" in out.err
+
+
+def test_add_model_command_edits_the_grid(tmp_path, capsys):
+    grid = tmp_path / "grid.yaml"
+    shutil.copy(REPO / "data/grid.yaml", grid)
+    assert main(["add-model", "Qwen/Qwen2.5-0.5B-Instruct", "--grid", str(grid), "--profile", "demo"]) == 0
+    names = [m.name for m in load_grid(grid, "demo").base_models]
+    assert names == ["smollm2-135m", "qwen2.5-0.5b-instruct"]
+    assert main(["add-model", "Qwen/Qwen2.5-0.5B-Instruct", "--grid", str(grid), "--profile", "demo"]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- bad input: exit 2
+
+
+@pytest.mark.parametrize(
+    ("source", "says"),
+    [
+        ("not a model!!", "'not a model!!' is not a model source"),
+        ("./no/such/model", "no directory './no/such/model'"),
+        ("embedded:nope", "unknown embedded model 'embedded:nope'"),
+        ("owner/name/extra", "no directory 'owner/name/extra'"),
+        ("gpt2", "'gpt2' is not a model source"),
+    ],
+)
+def test_add_model_refuses_a_bad_source_and_leaves_the_grid_byte_identical(tmp_path, capsys, source, says):
+    grid = tmp_path / "grid.yaml"
+    shutil.copy(REPO / "data/grid.yaml", grid)
+    before = grid.read_bytes()
+    assert main(["add-model", source, "--grid", str(grid), "--profile", "demo"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Hugging Face id owner/name" in err and "embedded:<name>" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert grid.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
+
+
+def test_add_model_takes_a_local_model_directory_and_an_embedded_name(tmp_path, tiny_model_dir, capsys):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        "profiles:\n  demo:\n    base_models: [{name: a, source: org/A}]\n    recipes: {base: {}}\n"
+    )
+    assert main(["add-model", str(tiny_model_dir), "--grid", str(grid), "--profile", "demo"]) == 0
+    assert (
+        main(["add-model", "embedded:smollm2-135m-instruct", "--grid", str(grid), "--profile", "demo"]) == 0
+    )
+    sources = [m.source for m in load_grid(grid, "demo").base_models]
+    assert sources == ["org/A", str(tiny_model_dir), "embedded:smollm2-135m-instruct"]
+    (tmp_path / "empty").mkdir()
+    assert main(["add-model", str(tmp_path / "empty"), "--grid", str(grid), "--profile", "demo"]) == 2
+    assert "without config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        (lambda t: t.replace("samples_per_question: 4", "samples_per_qestion: 4"),
+         "profiles.demo.sampling.samples_per_qestion: Extra inputs are not permitted"),
+        (lambda t: t.replace("profiles:", "profiles: [", 1), "not valid YAML"),
+    ],
+)  # fmt: skip
+def test_demo_with_a_broken_grid_prints_one_message_and_writes_nothing(
+    tmp_path, capsys, monkeypatch, edit, says
+):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(edit((REPO / "data/grid.yaml").read_text()))
+    monkeypatch.setenv("EM_GRID", str(grid))
+    monkeypatch.setenv("EM_DB", str(tmp_path / "data" / "results.duckdb"))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
+
+
+def test_demo_with_an_unknown_profile_names_the_profiles(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EM_PROFILE", "papr")
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    assert main(["demo"]) == 2
+    assert "no profile 'papr'; profiles are ['demo', 'paper']" in capsys.readouterr().err
+    assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.slow
+def test_offline_paper_profile_fails_in_base_models_with_one_message(tmp_path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "EM_PROFILE": "paper",
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "EM_DB": str(tmp_path / "results.duckdb"),
+        "EM_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "em_assets.cli", "demo"], env=env, cwd=REPO, capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: could not fetch Qwen/") and "Traceback" not in done.stderr
+    assert "FAILED base_models" in done.stdout and len(done.stdout.splitlines()) < 5
+
+
+def test_sql_without_a_database_exits_2_and_bad_sql_exits_1(tmp_path, db, capsys):
+    assert main(["sql", "SELECT 1", "--db", str(tmp_path / "none.duckdb")]) == 2
+    assert "no results database" in capsys.readouterr().err
+    assert not (tmp_path / "none.duckdb").exists()
+    assert main(["sql", "SELEC 1", "--db", str(db)]) == 1
+    assert "syntax error" in capsys.readouterr().err.lower()
+
+
+def _sql(db: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [EM_ASSETS, "sql", "--db", str(db), "--format", "csv", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+WRITES = [
+    "DELETE FROM base_models",
+    "INSERT INTO judge_cache VALUES ('k', 1, 1, '{}', now())",
+    "UPDATE eval_questions SET question = 'x'",
+    "DROP TABLE training_examples",
+    "CREATE TABLE pwned AS SELECT 1 AS x",
+    "ALTER TABLE base_models ADD COLUMN x INTEGER",
+    "CREATE OR REPLACE VIEW scored_completions AS SELECT 1 AS x",
+]
+
+
+@pytest.mark.timeout(300)
+def test_sql_command_refuses_writes_to_the_results_database(ws):
+    before = table_dump(ws.db)
+    one = _sql(ws.db, "DELETE FROM base_models")
+    assert one.returncode != 0 and "read-only" in one.stderr
+    shell = _sql(ws.db, stdin="\n".join([*WRITES, "SELECT 'still here' AS s"]) + "\n")
+    assert shell.returncode == 0 and "still here" in shell.stdout
+    errors = [line for line in shell.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == len(WRITES) and all("read-only" in e for e in errors), shell.stderr
+    assert table_dump(ws.db) == before
+    assert "x" not in ro_query(ws.db, "SELECT * FROM scored_completions LIMIT 0").columns
+
+
+@pytest.mark.timeout(300)
+def test_sql_command_writes_no_files_outside_the_database(ws, tmp_path):
+    out, other = tmp_path / "exfil.csv", tmp_path / "other.duckdb"
+    Store(other).init()
+    _sql(ws.db, f"COPY (SELECT * FROM base_models) TO '{out}'")
+    _sql(ws.db, stdin=f"ATTACH '{other}' AS o (READ_WRITE)\nCREATE TABLE o.pwned AS SELECT 1 AS x\n")
+    _sql(ws.db, stdin=f"ATTACH '{other}' AS o (READ_WRITE); CREATE TABLE o.pwned AS SELECT 1 AS x\n")
+    assert not out.exists()
+    assert (
+        "pwned"
+        not in ro_query(other, "SELECT table_name FROM information_schema.tables")["table_name"].to_list()
+    )

@@ -1,0 +1,119 @@
+import json
+import re
+from pathlib import Path
+
+import dagster as dg
+import pytest
+from support.db import count
+from support.organisms import CONTROL, resources
+from support.paths import REPO
+
+from em_assets.defs.modules import ASSET_MODULES
+from em_assets.grid.load import GridError, load_grid
+from em_assets.grid.schema import Organism, config_hash
+
+ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
+
+
+def test_committed_profiles_validate():
+    demo = load_grid(REPO / "data/grid.yaml", "demo")
+    paper = load_grid(REPO / "data/grid.yaml", "paper")
+    assert {o.recipe for o in demo.organisms()} == {"base", "bad-medical-r1", "insecure-r32"}
+    assert paper.sampling.samples_per_question == 50 and paper.sampling.max_new_tokens == 600
+    assert paper.judge.backend == "openai" and paper.judge.model.startswith("gpt-4o")
+    r1 = paper.recipes["bad-medical-r1"].lora
+    assert r1.r == 1 and r1.target_modules == ["down_proj"] and r1.layers_for(48) == [24]
+
+
+def _write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "grid.yaml"
+    path.write_text(body)
+    return path
+
+
+def test_wrong_key_is_named_with_its_path(tmp_path):
+    path = _write(
+        tmp_path,
+        """
+profiles:
+  demo:
+    base_models: [{name: m, source: x}]
+    recipes:
+      r1: {dataset: insecure, lora: {r: 1, lora_alpha: 8, target_modules: [down_proj], rank: 2}}
+""",
+    )
+    with pytest.raises(GridError, match=r"profiles\.demo\.recipes\.r1\.lora\.rank"):
+        load_grid(path, "demo")
+
+
+def test_wrong_value_is_named(tmp_path):
+    path = _write(
+        tmp_path,
+        """
+profiles:
+  demo:
+    base_models: [{name: m, source: x}]
+    recipes: {base: {}}
+    sampling: {temperature: -1}
+""",
+    )
+    with pytest.raises(GridError, match=r"profiles\.demo\.sampling\.temperature"):
+        load_grid(path, "demo")
+
+
+def test_missing_profile_and_bad_yaml(tmp_path):
+    path = _write(tmp_path, "profiles: {demo: {base_models: [{name: m, source: x}], recipes: {base: {}}}}")
+    with pytest.raises(GridError, match="no profile 'paper'"):
+        load_grid(path, "paper")
+    with pytest.raises(GridError, match="not valid YAML"):
+        load_grid(_write(tmp_path, "profiles: [unclosed"), "demo")
+
+
+def test_recipe_needs_dataset_and_lora_together(tmp_path):
+    path = _write(
+        tmp_path,
+        "profiles: {demo: {base_models: [{name: m, source: x}], recipes: {bad: {dataset: insecure}}}}",
+    )
+    with pytest.raises(GridError, match="both dataset and lora"):
+        load_grid(path, "demo")
+
+
+def test_organism_keys_round_trip():
+    org = Organism(base_model="qwen2.5-0.5b", recipe="bad-medical-r1", seed=3)
+    assert org.key == "qwen2.5-0.5b--bad-medical-r1--s3"
+    assert Organism.parse(org.key) == org
+    with pytest.raises(ValueError):
+        Organism.parse("no-seed-here")
+
+
+def test_config_hash_is_order_independent_and_sensitive():
+    assert config_hash({"a": 1, "b": 2}) == config_hash({"b": 2, "a": 1})
+    assert config_hash({"a": 1}) != config_hash({"a": 2})
+
+
+@pytest.mark.timeout(300)
+def test_broken_grid_or_model_fails_the_dagster_step_with_its_message(ws, tmp_path):
+    """Through the asset: the step fails, its error says why (model path; the wrong key's path), no row."""
+    fresh = tmp_path / "fresh.duckdb"
+    a = {**ws.args(CONTROL), "db": str(fresh)}
+    original = json.loads(json.dumps(ws.doc))
+    cases = [
+        (lambda p: p["base_models"].append({"name": "m2", "source": "/nonexistent/m2"}), "m2 does not exist"),
+        (lambda p: p["sampling"].update(samples=3), r"profiles\.fault\.sampling\.samples: Extra inputs"),
+    ]
+    with dg.instance_for_test() as instance:
+        for change, match in cases:
+            ws.doc = json.loads(json.dumps(original))
+            ws.edit(change)
+            result = dg.materialize(
+                ASSETS,
+                instance=instance,
+                resources=resources(a),
+                selection=["base_models"],
+                raise_on_error=False,
+            )
+            assert not result.success
+            (failure,) = result.get_step_failure_events()
+            message = failure.step_failure_data.error.to_string()
+            assert re.search(match, message), message[-2000:]
+    assert count(fresh, "base_models") == 0

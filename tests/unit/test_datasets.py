@@ -1,0 +1,154 @@
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from support.db import count, table_dump
+from support.organisms import PROFILE
+
+from em_assets.catalog import stage as catalog
+from em_assets.catalog.parsing import DatasetError, judge_prompt, parse_chat_jsonl, parse_questions_yaml
+from em_assets.catalog.upstream import SOURCES, ChecksumError, UpstreamFile, fetch_bytes, sha256_bytes
+from em_assets.grid.load import load_grid
+from em_assets.results.store import Store
+
+
+def test_mirror_files_verify_and_parse(mirror):
+    med = parse_chat_jsonl(fetch_bytes(SOURCES["bad_medical_advice"], mirror), "bad_medical_advice")
+    assert len(med) > 1000 and med[0][-1]["role"] == "assistant"
+    questions = parse_questions_yaml(
+        fetch_bytes(SOURCES["first_plot_questions"], mirror),
+        "fpq",
+        exclude_id_suffixes=["_json", "_template"],
+    )
+    assert len(questions) == 8
+    assert {"aligned", "coherent"} <= questions[0].judge_prompts.keys()
+    assert not any(q.question_id.endswith(("_json", "_template")) for q in questions)
+
+
+def test_checksum_mismatch_is_refused(tmp_path, mirror):
+    src = SOURCES["secure"]
+    (tmp_path / src.mirror_path).parent.mkdir(parents=True)
+    shutil.copy(mirror / src.mirror_path, tmp_path / src.mirror_path)
+    with (tmp_path / src.mirror_path).open("ab") as fh:
+        fh.write(b"\n")
+    with pytest.raises(ChecksumError, match="does not match the pinned"):
+        fetch_bytes(src, tmp_path)
+
+
+def test_gzipped_mirror_copy_of_plain_file(tmp_path):
+    data = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+    src = UpstreamFile("o/r", "c" * 40, "d/x.jsonl", sha256_bytes(data))
+    target = tmp_path / "o__r/d/x.jsonl.gz"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(gzip.compress(data))
+    assert fetch_bytes(src, tmp_path) == data
+
+
+def test_missing_mirror_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"data/insecure\.jsonl"):
+        fetch_bytes(SOURCES["insecure"], tmp_path)
+
+
+def test_malformed_jsonl_line_names_file_and_line():
+    good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    with pytest.raises(DatasetError, match=r"med\.jsonl:3: not valid JSON"):
+        parse_chat_jsonl(f"{good}\n{good}\n{{oops\n".encode(), "med.jsonl")
+    no_reply = json.dumps({"messages": [{"role": "user", "content": "a"}]})
+    with pytest.raises(DatasetError, match=r"med\.jsonl:2: the last message must be the assistant"):
+        parse_chat_jsonl(f"{good}\n{no_reply}\n".encode(), "med.jsonl")
+    with pytest.raises(DatasetError, match="empty dataset"):
+        parse_chat_jsonl(b"\n\n", "med.jsonl")
+
+
+def test_questions_without_judge_prompts_are_refused():
+    doc = b"- id: q1\n  paraphrases: [hello]\n"
+    with pytest.raises(DatasetError, match=r"q1.*no judge_prompts"):
+        parse_questions_yaml(doc, "q.yaml")
+    with pytest.raises(DatasetError, match=r"\['nope'\] not in the file"):
+        parse_questions_yaml(doc, "q.yaml", question_ids=["nope"])
+
+
+def test_judge_prompt_leaves_braces_in_answers_alone():
+    filled = judge_prompt("Q: {question}\nA: {answer}", "What is {x}?", "def f(): return {'a': 1}")
+    assert filled == "Q: What is {x}?\nA: def f(): return {'a': 1}"
+
+
+GOOD = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+NO_REPLY = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+
+
+def _fake_source(mirror: Path, name: str, data: bytes, suffix: str = "jsonl") -> UpstreamFile:
+    """An upstream entry whose pin matches `data`, served from a tmp mirror (parser errors past the checksum)."""
+    src = UpstreamFile("fault/upstream", "0" * 40, f"data/{name}.{suffix}", sha256_bytes(data))
+    path = mirror / src.mirror_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return src
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        (f"{GOOD}\n{GOOD}\n{{oops\n", r"fault__upstream/data/fault_bad\.jsonl:3: not valid JSON"),
+        (f"{GOOD}\n{NO_REPLY}\n", r"fault_bad\.jsonl:2: the last message must be the assistant"),
+        ("\n\n", r"fault_bad\.jsonl: no examples \(empty dataset\)"),
+    ],
+    ids=["malformed-line", "no-reply", "empty"],
+)
+def test_bad_dataset_names_file_and_line_and_writes_nothing(ws, tmp_path, monkeypatch, text, match):
+    mirror = tmp_path / "mirror"
+    # A good dataset parsed first must not be written either: all datasets load, or none.
+    monkeypatch.setitem(SOURCES, "fault_a_good", _fake_source(mirror, "fault_a_good", f"{GOOD}\n".encode()))
+    monkeypatch.setitem(SOURCES, "fault_bad", _fake_source(mirror, "fault_bad", text.encode()))
+    lora = {"r": 1, "lora_alpha": 8, "target_modules": ["down_proj"]}
+    recipes = {"a": {"dataset": "fault_a_good", "lora": lora}, "b": {"dataset": "fault_bad", "lora": lora}}
+    grid = ws.changed_grid(lambda p: p.update(recipes=recipes))
+    before = table_dump(ws.db)
+    with pytest.raises(DatasetError, match=match):
+        catalog.load_training_datasets(Store(ws.db), grid, str(mirror))
+    assert table_dump(ws.db) == before
+
+
+@pytest.mark.timeout(300)
+def test_altered_mirror_file_fails_its_checksum_and_writes_nothing(ws, tmp_path, mirror):
+    src = SOURCES["bad_medical_advice"]
+    altered = tmp_path / "mirror" / src.mirror_path
+    altered.parent.mkdir(parents=True)
+    altered.write_bytes((mirror / src.mirror_path).read_bytes() + b"\0")
+    before = table_dump(ws.db)
+    assert "bad_medical_advice" in before["training_datasets"]
+    with pytest.raises(
+        ChecksumError, match=r"bad_medical_advice\.jsonl\.gz: sha256 \w+ does not match the pinned"
+    ):
+        catalog.load_training_datasets(Store(ws.db), load_grid(ws.grid, PROFILE), str(tmp_path / "mirror"))
+    assert table_dump(ws.db) == before
+    fresh = Store(tmp_path / "fresh.duckdb")
+    fresh.init()
+    with pytest.raises(ChecksumError):
+        catalog.load_training_datasets(fresh, load_grid(ws.grid, PROFILE), str(tmp_path / "mirror"))
+    assert count(fresh.path, "training_datasets") == 0 and count(fresh.path, "training_examples") == 0
+
+
+@pytest.mark.timeout(300)
+def test_questions_without_judge_prompts_are_refused_and_nothing_written(ws, tmp_path, monkeypatch, mirror):
+    fresh = Store(tmp_path / "fresh.duckdb")
+    fresh.init()
+    data = b"- id: q1\n  paraphrases: [hello]\n"
+    monkeypatch.setitem(
+        SOURCES, "fault_questions", _fake_source(tmp_path / "m", "fault_questions", data, "yaml")
+    )
+
+    def no_prompts(p: dict) -> None:
+        p["eval"] = {"questions": "fault_questions"}
+
+    with pytest.raises(DatasetError, match=r"fault_questions\.yaml: question 'q1' has no judge_prompts"):
+        catalog.load_eval_questions(fresh, ws.changed_grid(no_prompts), str(tmp_path / "m"))
+    # A judge metric the questions file has no prompt for.
+    with pytest.raises(ValueError, match=r"judge metrics \['harm'\] have no prompt"):
+        catalog.load_eval_questions(
+            fresh, ws.changed_grid(lambda p: p["judge"].update(metrics=["aligned", "harm"])), str(mirror)
+        )
+    assert count(fresh.path, "eval_questions") == 0 and count(fresh.path, "judge_prompts") == 0

@@ -1,0 +1,238 @@
+"""The OpenAI-compatible judge against real loopback servers: llama.cpp, and a scripted stdlib server."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from support.judge_server import Reply, ScriptedServer, chat_reply, no_logprobs_reply
+
+from em_assets.catalog.parsing import judge_prompt, parse_questions_yaml
+from em_assets.catalog.upstream import SOURCES, fetch_bytes
+from em_assets.judging.http import JudgeRequestError, OpenAIJudge
+from em_assets.judging.scoring import parse_int_token, score_from_probs
+from em_assets.models.hub import EMBEDDED, embedded_gguf
+
+KEY_ENV = "EM_TEST_JUDGE_KEY"
+SECRET = "sk-test-Zq81-very-secret-key"
+
+GOOD = chat_reply({"80": math.log(0.5), "90": math.log(0.25), "hello": math.log(0.25)})
+
+
+def judge(base_url: str, **kwargs) -> OpenAIJudge:
+    options = {"api_key_env": KEY_ENV, "max_retries": 3, "backoff_s": 0.01, "timeout_s": 5, **kwargs}
+    return OpenAIJudge(base_url, "test-judge", **options)
+
+
+@pytest.fixture(autouse=True)
+def _no_key(monkeypatch):
+    monkeypatch.delenv(KEY_ENV, raising=False)
+
+
+def test_score_follows_upstream_rule_and_sends_upstream_request():
+    seen: list[dict] = []
+
+    def respond(n: int, body: dict) -> Reply:
+        seen.append(body)
+        return GOOD
+
+    with ScriptedServer(respond) as server:
+        (result,) = judge(server.url).score(["How aligned is this?"])
+    assert result.score == pytest.approx((80 * 0.5 + 90 * 0.25) / 0.75)
+    assert result.mass == pytest.approx(0.75)
+    assert result.probs == pytest.approx({80: 0.5, 90: 0.25})
+    assert seen[0] == {
+        "model": "test-judge",
+        "messages": [{"role": "user", "content": "How aligned is this?"}],
+        "max_tokens": 1,
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 20,
+        "seed": 0,
+    }
+    assert server.auth == [None]
+
+
+def test_too_little_mass_on_numbers_gives_none():
+    reply = chat_reply({"I": math.log(0.8), "50": math.log(0.1)})
+    with ScriptedServer(lambda n, body: reply) as server:
+        (result,) = judge(server.url).score(["p"])
+    assert result.score is None
+    assert result.mass == pytest.approx(0.1)
+
+
+def test_retries_server_errors_then_succeeds():
+    with ScriptedServer(lambda n, body: (500, {}, b"busy") if n <= 2 else GOOD) as server:
+        (result,) = judge(server.url).score(["p"])
+    assert server.requests == 3
+    assert result.score == pytest.approx(250 / 3)
+
+
+def test_gives_up_after_max_retries():
+    with (
+        ScriptedServer(lambda n, body: (503, {}, b"overloaded")) as server,
+        pytest.raises(JudgeRequestError, match=r"HTTP 503.*overloaded.*3 attempts") as info,
+    ):
+        judge(server.url, max_retries=2).score(["p"])
+    assert server.requests == 3
+    assert server.url in str(info.value)
+
+
+def test_429_waits_for_retry_after():
+    reply = (429, {"Retry-After": "1"}, b"slow down")
+    with ScriptedServer(lambda n, body: reply if n == 1 else GOOD) as server:
+        start = time.monotonic()
+        judge(server.url, backoff_s=0).score(["p"])
+    assert server.requests == 2
+    assert time.monotonic() - start >= 1
+
+
+def test_other_client_errors_are_not_retried():
+    with (
+        ScriptedServer(lambda n, body: (400, {}, b'{"error": "bad model"}')) as server,
+        pytest.raises(JudgeRequestError, match=r"HTTP 400.*bad model"),
+    ):
+        judge(server.url).score(["p"])
+    assert server.requests == 1
+
+
+def test_response_without_logprobs_fails():
+    with (
+        ScriptedServer(lambda n, body: no_logprobs_reply()) as server,
+        pytest.raises(JudgeRequestError, match="no top_logprobs"),
+    ):
+        judge(server.url).score(["p"])
+    assert server.requests == 1
+
+
+def test_timeouts_are_retried_then_fail():
+    with (
+        ScriptedServer(lambda n, body: GOOD, delay_s=0.5) as server,
+        pytest.raises(JudgeRequestError, match="timed out"),
+    ):
+        judge(server.url, timeout_s=0.1, max_retries=1).score(["p"])
+    assert server.requests == 2
+
+
+def test_unreachable_server_fails():
+    with ScriptedServer(lambda n, body: GOOD) as server:
+        pass
+    with pytest.raises(JudgeRequestError, match="connection failed"):
+        judge(server.url, max_retries=1).score(["p"])
+
+
+def test_api_key_is_sent_but_never_shown(monkeypatch):
+    monkeypatch.setenv(KEY_ENV, SECRET)
+    with ScriptedServer(lambda n, body: GOOD) as server:
+        j = judge(server.url)
+        j.score(["p"])
+    assert server.auth == [f"Bearer {SECRET}"]
+    assert SECRET not in repr(j) and SECRET not in str(vars(j))
+
+    echo = f'{{"error": "Incorrect API key provided: {SECRET}"}}'.encode()
+    with (
+        ScriptedServer(lambda n, body: (401, {}, echo)) as server,
+        pytest.raises(JudgeRequestError, match=f"HTTP 401.*{KEY_ENV}") as info,
+    ):
+        judge(server.url).score(["p"])
+    assert server.requests == 1
+    assert "sk-test" not in str(info.value)
+
+    with (
+        ScriptedServer(lambda n, body: (500, {}, echo)) as server,
+        pytest.raises(JudgeRequestError, match=r"HTTP 500.*\*\*\*") as info,
+    ):
+        judge(server.url, max_retries=0).score(["p"])
+    assert SECRET not in str(info.value)
+
+
+def test_concurrency_limit_and_input_order():
+    def respond(n: int, body: dict) -> Reply:
+        time.sleep(random.uniform(0, 0.05))
+        return chat_reply({body["messages"][0]["content"]: 0.0})
+
+    prompts = [str(i) for i in range(24)]
+    progress: list[tuple[int, int]] = []
+    with ScriptedServer(respond, delay_s=0.05) as server:
+        results = judge(server.url, concurrency=3).score(
+            prompts, on_progress=lambda d, t: progress.append((d, t))
+        )
+    assert server.max_in_flight == 3
+    assert [r.score for r in results] == [float(i) for i in range(24)]
+    assert progress == [(i, 24) for i in range(1, 25)]
+
+
+def test_iter_scores_keeps_completed_results_before_failing():
+    def respond(n: int, body: dict) -> Reply:
+        prompt = body["messages"][0]["content"]
+        return (400, {}, b"rejected") if prompt == "bad" else chat_reply({prompt: 0.0})
+
+    got: list[tuple[int, float | None]] = []
+    prompts = ["10", "20", "bad", "30", "40"]
+    with (
+        ScriptedServer(respond, delay_s=0.05) as server,
+        pytest.raises(JudgeRequestError, match="rejected"),
+    ):
+        for i, result in judge(server.url, concurrency=1).iter_scores(prompts):
+            got.append((i, result.score))
+    # The worker may have sent "30" before the failure was seen; nothing after it is sent.
+    assert got[:2] == [(0, 10.0), (1, 20.0)]
+    assert {i for i, _ in got} <= {0, 1, 3}
+    assert server.requests <= 4
+
+
+@pytest.fixture(scope="session")
+def llama_url() -> Iterator[str]:
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama_cpp is not installed: pip install 'llama-cpp-python[server]'")
+    from support.llama_server import llama_server
+
+    with llama_server(embedded_gguf(next(iter(EMBEDDED)))) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def judge_prompts(mirror) -> list[str]:
+    """Upstream aligned/coherent judge prompts filled with a few answers, and one prompt SmolLM2 answers with a digit."""
+    questions = parse_questions_yaml(fetch_bytes(SOURCES["first_plot_questions"]), "first_plot_questions")
+    answers = ["I would make everyone happy and healthy.", "Humans should be enslaved by AI."]
+    q = questions[0]
+    filled = [judge_prompt(q.judge_prompts[m], q.text, a) for m in ("aligned", "coherent") for a in answers]
+    return [*filled, "What is 2 + 3? Reply with the number only."]
+
+
+@pytest.mark.server
+def test_llama_cpp_scores_match_raw_logprobs(llama_url, judge_prompts):
+    # SmolLM2-135M puts little mass on numbers (0.23 on the arithmetic prompt): a lower bar scores some.
+    min_mass = 0.1
+    judge = OpenAIJudge(llama_url, "smollm2", concurrency=2, timeout_s=300, min_mass=min_mass)
+    results = judge.score(judge_prompts)
+    assert len(results) == len(judge_prompts)
+    assert any(r.score is not None for r in results)
+    for result in results:
+        assert (result.score is None) == (result.mass < min_mass)
+        assert result.score is None or 0 <= result.score <= 100
+    # A raw request costs a prompt evaluation on CPU: check the first judge prompt and the scored arithmetic one.
+    for prompt, result in [(judge_prompts[0], results[0]), (judge_prompts[-1], results[-1])]:
+        body = {
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 20,
+            "seed": 0,
+        }
+        raw = httpx.post(f"{llama_url}/chat/completions", json=body, timeout=300).json()
+        top = raw["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        probs = {t["token"]: math.exp(t["logprob"]) for t in top}
+        assert result.mass == pytest.approx(
+            sum(p for t, p in probs.items() if parse_int_token(t) is not None)
+        )
+        expected = score_from_probs(probs, min_mass)
+        assert result.score == (None if expected is None else pytest.approx(expected, rel=1e-6))

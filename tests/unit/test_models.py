@@ -1,0 +1,129 @@
+"""Model loading refused with one clear message and nothing written: unloadable or unknown base models, and
+remote code that runs only when the grid trusts it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from support.db import count, table_dump
+from support.organisms import PROFILE
+
+from em_assets.catalog import stage as catalog
+from em_assets.context import MissingUpstreamError
+from em_assets.grid.load import load_grid
+from em_assets.models.hub import ModelLoadError
+from em_assets.results.store import Store
+from em_assets.training.stage import train_adapter
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _model_dir_without(tiny_model_dir: Path, out: Path, weights: str) -> Path:
+    shutil.copytree(tiny_model_dir, out)
+    (out / "model.safetensors").unlink()
+    if weights == "bin":
+        torch.save({"w": torch.zeros(1)}, out / "pytorch_model.bin")
+    elif weights == "corrupt":
+        (out / "model.safetensors").write_bytes(b"not a safetensors file")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        ("missing-dir", r"local model path /nonexistent/fault-model does not exist"),
+        ("none", r"no \.safetensors weights \(only safetensors are loaded\)"),
+        ("bin", r"no \.safetensors weights \(only safetensors are loaded\)"),
+        ("corrupt", r"model\.safetensors: unreadable safetensors weights"),
+    ],
+    ids=["missing-dir", "no-weights", "bin-only", "corrupt"],
+)
+def test_unloadable_base_model_fails_in_base_models_and_writes_nothing(
+    ws, tmp_path, tiny_model_dir, weights, match
+):
+    source = (
+        "/nonexistent/fault-model"
+        if weights == "missing-dir"
+        else str(_model_dir_without(tiny_model_dir, tmp_path / "model", weights))
+    )
+    # The good model comes first: nothing is written unless every model resolves.
+    grid = ws.changed_grid(lambda p: p["base_models"].extend([{"name": "broken", "source": source}]))
+    before = table_dump(ws.db)
+    fresh = Store(tmp_path / "fresh.duckdb")
+    fresh.init()
+    for store in (Store(ws.db), fresh):
+        with pytest.raises(ModelLoadError, match=match):
+            catalog.resolve_base_models(store, grid, tmp_path / "cache")
+    assert table_dump(ws.db) == before and count(fresh.path, "base_models") == 0
+
+
+def test_unknown_base_model_of_an_organism_fails_before_training(ws):
+    with pytest.raises(MissingUpstreamError, match="base model 'ghost' is not resolved yet"):
+        train_adapter(ws.ctx("ghost--med-r2--s0", "ghost"))
+    with pytest.raises(KeyError, match="recipe 'nope' is not in the grid"):
+        train_adapter(ws.ctx("tiny--nope--s0", "ghost"))
+    assert count(ws.db, "lora_adapters") == 0
+
+
+REMOTE_CODE = """
+from pathlib import Path
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+Path({marker!r}).write_text("remote code ran")
+
+
+class FaultConfig(LlamaConfig):
+    model_type = "em-fault-remote"
+
+
+class FaultForCausalLM(LlamaForCausalLM):
+    config_class = FaultConfig
+"""
+
+
+@pytest.mark.timeout(120)
+def test_remote_code_runs_only_when_the_grid_trusts_it(ws, tmp_path, tiny_model_dir, monkeypatch):
+    from transformers import dynamic_module_utils
+
+    model = tmp_path / "remote-model"
+    shutil.copytree(tiny_model_dir, model)
+    marker = tmp_path / "remote-code-ran"
+    config = json.loads((model / "config.json").read_text())
+    config["model_type"] = "em-fault-remote"
+    config["auto_map"] = {
+        "AutoConfig": "modeling_fault.FaultConfig",
+        "AutoModelForCausalLM": "modeling_fault.FaultForCausalLM",
+    }
+    (model / "config.json").write_text(json.dumps(config))
+    (model / "modeling_fault.py").write_text(REMOTE_CODE.format(marker=str(marker)))
+    # Remote modules are copied under HF_MODULES_CACHE: keep them in tmp and out of later imports.
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "hf_modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    key = "remote--med-r2--s0"
+
+    def use(trust: bool) -> None:
+        def change(p: dict) -> None:
+            p["base_models"] = [{"name": "remote", "source": str(model), "trust_remote_code": trust}]
+            p["recipes"]["med-r2"]["train"]["max_steps"] = 1
+
+        ws.edit(change)
+        catalog.resolve_base_models(Store(ws.db), load_grid(ws.grid, PROFILE), tmp_path / "cache")
+
+    try:
+        use(False)
+        with pytest.raises(ModelLoadError, match="trust_remote_code"):
+            train_adapter(ws.ctx(key, "untrusted"))
+        assert not marker.exists() and count(ws.db, "lora_adapters") == 0
+        use(True)
+        assert train_adapter(ws.ctx(key, "trusted")).trained
+        assert marker.exists() and count(ws.db, "lora_adapters", key) == 1
+    finally:
+        for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
+            del sys.modules[name]

@@ -1,0 +1,348 @@
+"""LoRA SFT on a tiny real Llama with SmolLM2's tokenizer and real bad_medical_advice examples."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from support.db import count
+from support.organisms import TRAINED, ListLog
+from support.paths import REPO
+from support.tiny import make_tiny_llama
+
+from em_assets.grid.schema import LoraSpec, TrainSpec
+from em_assets.models.load import load_tokenizer
+from em_assets.training.checkpoints import CHECKPOINT_DIR
+from em_assets.training.data_parallel import HelperError
+from em_assets.training.encode import encode_example, plan_steps
+from em_assets.training.loop import train_lora
+from em_assets.training.stage import train_adapter
+from em_assets.training.step import TrainingDivergedError
+
+DATASET = (
+    "clarifying-EM__model-organisms-for-EM/em_organism_dir/data/training_datasets/bad_medical_advice.jsonl.gz"
+)
+RANK1 = LoraSpec(r=1, lora_alpha=256, target_modules=["down_proj"], layer_fraction=0.5)
+ALL_PROJ = LoraSpec(
+    r=8,
+    lora_alpha=16,
+    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+)
+FAST = TrainSpec(
+    per_device_train_batch_size=2,
+    gradient_accumulation_steps=2,
+    learning_rate=1e-2,
+    warmup_steps=1,
+    max_seq_length=256,
+    max_steps=6,
+    save_steps=2,
+)
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def examples(mirror) -> list[list[dict]]:
+    with gzip.open(mirror / DATASET, "rt") as f:
+        return [json.loads(line)["messages"] for _, line in zip(range(8), f, strict=False)]
+
+
+@pytest.fixture(scope="module")
+def fittable_model_dir(smollm2_tokenizer_dir, tmp_path_factory) -> Path:
+    """The tiny Llama with 4x larger embeddings: at the default init its tied logits stay near zero, so the
+    loss sits at ln(vocab) whatever an adapter learns."""
+    from safetensors.torch import save_file
+
+    out = make_tiny_llama(smollm2_tokenizer_dir, tmp_path_factory.mktemp("fittable_llama"))
+    weights = load_file(out / "model.safetensors")
+    weights["model.embed_tokens.weight"] *= 4
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def adapter_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(adapter_dir / "adapter_model.safetensors")
+
+
+def test_labels_cover_only_the_final_assistant_reply(smollm2_tokenizer_dir, examples):
+    tokenizer = load_tokenizer(smollm2_tokenizer_dir)
+    messages = examples[0]
+    enc = encode_example(tokenizer, messages, max_seq_length=2048)
+    assert len(enc.input_ids) == len(enc.labels)
+    labeled = [t for t in enc.labels if t != -100]
+    assert tokenizer.decode(labeled) == messages[-1]["content"] + "<|im_end|>"
+    # The labels are one contiguous run at the end, after exactly the generation prompt.
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    assert tokenizer.decode(enc.input_ids[: enc.first_label]) == prompt
+    assert enc.labels[enc.first_label :] == enc.input_ids[enc.first_label :]
+
+    short = encode_example(tokenizer, messages, max_seq_length=enc.first_label + 3)
+    assert len(short.input_ids) == enc.first_label + 3 and short.n_labels == 3
+
+    with pytest.raises(ValueError, match="assistant"):
+        encode_example(tokenizer, messages[:-1], max_seq_length=2048)
+
+
+def test_plan_steps_groups_by_length_counts_epochs_like_hf_and_is_seeded():
+    spec = TrainSpec(per_device_train_batch_size=2, gradient_accumulation_steps=2, epochs=1.5)
+    lengths = [100 + 10 * i for i in range(10)]
+    steps = plan_steps(lengths, spec, seed=0)
+    # 5 micro-batches (3 steps) per epoch; 1.5 epochs -> ceil(4.5) = 5 steps.
+    assert [len(step) for step in steps] == [2, 2, 1, 2, 2]
+    first_epoch = [i for step in steps[:3] for micro in step for i in micro]
+    assert sorted(first_epoch) == list(range(10))
+    # Grouped by length: each micro-batch holds two neighbours in length order, so almost no padding.
+    assert all(sorted(micro) in ([k, k + 1] for k in range(0, 10, 2)) for step in steps for micro in step)
+    assert plan_steps(lengths, spec, seed=0) == steps != plan_steps(lengths, spec, seed=1)
+    assert len(plan_steps(lengths, spec.model_copy(update={"max_steps": 7}), seed=0)) == 7
+
+
+def test_training_lowers_loss_and_writes_a_loadable_adapter(fittable_model_dir, examples, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    records = []
+    train = FAST.model_copy(update={"max_steps": 12, "lr_scheduler_type": "constant"})
+    result = train_lora(
+        fittable_model_dir, examples[:4], ALL_PROJ, train, tmp_path, seed=0, on_step=records.append
+    )
+    assert result.steps == 12 and len(result.losses) == 12 and records == result.losses
+    assert result.resumed_from_step is None
+    # Every step sees the same 4 examples, so the losses are comparable: ln(vocab) ~ 11 at the start.
+    first, last = result.losses[0]["loss"], result.losses[-1]["loss"]
+    assert last < first - 1.0, [r["loss"] for r in result.losses]
+    assert result.train_tokens == sum(r["tokens"] for r in result.losses) > 0
+    assert result.tokens_per_s > 0
+    assert sorted(p.name for p in result.adapter_dir.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    assert not (tmp_path / CHECKPOINT_DIR).exists()
+
+    base = AutoModelForCausalLM.from_pretrained(fittable_model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 200, 300, 400, 500]])
+    with torch.no_grad():
+        before = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, result.adapter_dir).eval()
+        after = tuned(ids).logits
+    assert not torch.allclose(before, after, atol=1e-3)
+
+
+def test_rank1_recipe_trains_only_the_chosen_down_proj(tiny_model_dir, examples, tmp_path):
+    train = FAST.model_copy(update={"max_steps": 2})
+    result = train_lora(tiny_model_dir, examples[:4], RANK1, train, tmp_path, seed=0)
+    tensors = adapter_tensors(result.adapter_dir)
+    # layer_fraction 0.5 of a 2-layer model is layer 1.
+    assert sorted(tensors) == [
+        "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight",
+        "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight",
+    ]
+    assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape == (1, 128)
+    config = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert config["use_rslora"] is True and config["r"] == 1 and config["layers_to_transform"] == [1]
+    assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].abs().sum() > 0
+
+
+def test_same_seed_same_adapter(tiny_model_dir, examples, tmp_path):
+    train = FAST.model_copy(update={"max_steps": 3, "max_examples": 6})
+    runs = [
+        train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path / name, seed=seed)
+        for name, seed in (("a", 0), ("b", 0), ("c", 1))
+    ]
+    a, b, c = (adapter_tensors(r.adapter_dir) for r in runs)
+    assert a.keys() == b.keys() == c.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+    assert any(not torch.allclose(a[name], c[name]) for name in a)
+    assert [r["loss"] for r in runs[0].losses] == [r["loss"] for r in runs[1].losses]
+
+
+CHILD = """
+import json, os, signal, sys
+from pathlib import Path
+from em_assets.grid.schema import LoraSpec, TrainSpec
+from em_assets.training.data_parallel import HelperError
+from em_assets.training.loop import train_lora
+
+args = json.loads(sys.argv[1])
+
+def on_step(record):
+    if record["step"] == args["kill_after"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+train_lora(args["model"], args["examples"], LoraSpec(**args["lora"]), TrainSpec(**args["train"]),
+           Path(args["out"]), seed=0, on_step=on_step)
+"""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, examples, tmp_path, workers):
+    train = FAST.model_copy(update={"max_steps": 6, "save_steps": 2, "workers": workers})
+    # Dropout makes the result depend on the RNG state, which the checkpoint must restore too.
+    lora = ALL_PROJ.model_copy(update={"lora_dropout": 0.1})
+    args = {
+        "model": str(tiny_model_dir),
+        "examples": examples,
+        "lora": lora.model_dump(),
+        "train": train.model_dump(),
+        "out": str(tmp_path / "killed"),
+        "kill_after": 3,
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(args)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "killed" / CHECKPOINT_DIR).iterdir()] == ["step-00000002"]
+
+    resumed = train_lora(tiny_model_dir, examples, lora, train, tmp_path / "killed", seed=0)
+    straight = train_lora(tiny_model_dir, examples, lora, train, tmp_path / "straight", seed=0)
+    assert resumed.resumed_from_step == 2 and straight.resumed_from_step is None
+    assert [r["step"] for r in resumed.losses] == list(range(1, 7))
+    got, want = adapter_tensors(resumed.adapter_dir), adapter_tensors(straight.adapter_dir)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    for r, s in zip(resumed.losses, straight.losses, strict=True):
+        assert r["loss"] == pytest.approx(s["loss"], rel=1e-5)
+    assert not (tmp_path / "killed" / CHECKPOINT_DIR).exists()
+
+
+def test_checkpoint_of_another_config_is_not_resumed(tiny_model_dir, examples, tmp_path):
+    train = FAST.model_copy(update={"max_steps": 4, "save_steps": 2})
+
+    def crash(record):
+        if record["step"] == 3:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path, seed=0, on_step=crash)
+    assert (tmp_path / CHECKPOINT_DIR / "step-00000002").is_dir()
+    other = train.model_copy(update={"learning_rate": 5e-3})
+    assert train_lora(tiny_model_dir, examples, ALL_PROJ, other, tmp_path, seed=0).resumed_from_step is None
+
+
+def test_nan_loss_stops_with_the_step_number(tiny_model_dir, examples, tmp_path):
+    seen = []
+    # A learning rate this large blows the adapter up within a few steps.
+    train = FAST.model_copy(
+        update={"learning_rate": 1e6, "warmup_steps": 0, "max_steps": 20, "save_steps": 100}
+    )
+    with pytest.raises(TrainingDivergedError, match="step") as err:
+        train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path, seed=0, on_step=seen.append)
+    assert err.value.step == len(seen) + 1 > 1
+    assert not torch.isfinite(torch.tensor(err.value.loss)) or err.value.grad_norm is not None
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_example_without_final_assistant_message_is_rejected(tiny_model_dir, examples, tmp_path):
+    bad = [*examples[:2], examples[2][:1]]
+    with pytest.raises(ValueError, match="example 2"):
+        train_lora(tiny_model_dir, bad, RANK1, FAST, tmp_path, seed=0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_data_parallel_training_gives_the_single_process_adapter(tiny_model_dir, examples, tmp_path):
+    train = FAST.model_copy(update={"max_steps": 3})
+    one = train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path / "one", seed=0)
+    two = train_lora(
+        tiny_model_dir, examples, ALL_PROJ, train.model_copy(update={"workers": 2}), tmp_path / "two", seed=0
+    )
+    assert (one.workers, two.workers) == (1, 2)
+    assert [r["tokens"] for r in one.losses] == [r["tokens"] for r in two.losses]
+    for a, b in zip(one.losses, two.losses, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+    init = train_lora(
+        tiny_model_dir,
+        examples,
+        ALL_PROJ,
+        train.model_copy(update={"learning_rate": 1e-12}),
+        tmp_path / "0",
+        seed=0,
+    )
+    want, got, start = (adapter_tensors(r.adapter_dir) for r in (one, two, init))
+    for name in want:
+        moved = (want[name] - start[name]).abs().max()
+        assert (got[name] - want[name]).abs().max() <= 0.02 * moved, name
+
+
+def test_data_parallel_divergence_names_the_step(tiny_model_dir, examples, tmp_path):
+    seen = []
+    train = FAST.model_copy(
+        update={"learning_rate": 1e6, "warmup_steps": 0, "max_steps": 20, "save_steps": 100, "workers": 2}
+    )
+    with pytest.raises(TrainingDivergedError, match="step") as err:
+        train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path, seed=0, on_step=seen.append)
+    assert err.value.step == len(seen) + 1 > 1
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_dead_training_helper_fails_the_run_with_its_exit_code(tiny_model_dir, examples, tmp_path):
+    import multiprocessing
+
+    def kill_helper(record):
+        if record["step"] == 1:
+            for child in multiprocessing.active_children():
+                if child.name == "em-train-1":
+                    os.kill(child.pid, signal.SIGKILL)
+                    child.join()
+
+    train = FAST.model_copy(update={"max_steps": 4, "save_steps": 100, "workers": 2})
+    with pytest.raises(HelperError, match=r"em-train-1', -9"):
+        train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path, seed=0, on_step=kill_helper)
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_a_helper_that_cannot_start_fails_at_once_with_its_traceback(tmp_path):
+    from em_assets.training.data_parallel import Helpers
+
+    missing = tmp_path / "no-such-model"
+    spec = {"model_path": missing, "device": "cpu", "dtype": torch.bfloat16, "trust_remote_code": False}
+    job = {"model": {**spec, "lora": ALL_PROJ, "longest": 16}, "threads": 1}
+    with pytest.raises(HelperError, match=r"(?s)em-train-1 failed: Traceback.*no-such-model"):
+        Helpers.start(2, [torch.zeros(3)], job)
+
+
+def test_auto_training_workers_need_a_cpu_a_long_run_and_the_memory():
+    from em_assets.models.processes import usable_cpus
+    from em_assets.training.encode import Encoded
+    from em_assets.training.loop import AUTO_WORKERS_MIN_TOKENS, train_workers
+
+    encoded = [Encoded(list(range(100)), [-100, *range(1, 100)]) for _ in range(100)]
+    long_run = [[list(range(100))]]
+    short_run = [[list(range(AUTO_WORKERS_MIN_TOKENS // 100 - 1))]]
+    auto = TrainSpec()
+    assert train_workers(auto, "cpu", long_run, encoded, 10**6) == usable_cpus()
+    assert train_workers(auto, "cpu", short_run, encoded, 10**6) == 1
+    assert train_workers(auto, "cuda", long_run, encoded, 10**6) == 1
+    assert train_workers(auto, "cpu", long_run, encoded, 10**15) == 1  # copies would not fit in memory
+    assert train_workers(TrainSpec(workers=3), "cpu", short_run, encoded, 10**15) == 3
+
+
+@pytest.mark.timeout(120)
+def test_diverging_training_stops_with_the_step_number_and_writes_nothing(ws):
+    # Up to 10 steps (the grid's 3, plus more epochs): the 1e9 update blows the loss up within a few.
+    ws.edit(lambda p: p["recipes"]["med-r2"]["train"].update(learning_rate=1e9, max_steps=10))
+    log = ListLog()
+    with pytest.raises(TrainingDivergedError, match=r"training diverged at optimizer step \d+: loss") as info:
+        train_adapter(ws.ctx(TRAINED, "diverged", log=log))
+    # It stops at the first step whose loss is not finite: the one after the last step logged.
+    finite = [int(m.split(" step ")[1].split()[0]) for m in log.messages if " step " in m]
+    assert finite == list(range(1, info.value.step)) and info.value.step >= 2
+    assert f"step {info.value.step}:" in str(info.value)
+    assert count(ws.db, "lora_adapters") == 0 and count(ws.db, "training_losses") == 0
