@@ -8,27 +8,10 @@ import dagster as dg
 from em_assets.analyses import direction_sweeps
 from em_assets.analyses import directions as stage
 from em_assets.analyses.similarity import build_similarity
-from em_assets.context import StageContext
 from em_assets.defs.metadata import md_image, md_table
 from em_assets.defs.partitions import CPU_OP_TAGS, GPU_OP_TAGS, GPU_POOL, organisms
-from em_assets.defs.resources import ExperimentResource, ResultsDB
-from em_assets.grid.schema import Organism
+from em_assets.defs.resources import ExperimentResource, ResultsDB, stage_context
 from em_assets.results import directions as db
-
-
-def _context(
-    context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
-) -> StageContext:
-    return StageContext(
-        store=results.store(),
-        grid=experiment.grid(),
-        organism=Organism.parse(context.partition_key),
-        run_id=context.run.run_id,
-        artifacts_dir=Path(experiment.artifacts_dir),
-        log=context.log,
-        device=experiment.torch_device,
-        cache_dir=Path(experiment.cache_dir),
-    )
 
 
 @dg.asset(
@@ -45,7 +28,7 @@ def _context(
 def misalignment_directions(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
 ) -> dg.MaterializeResult:
-    ctx = _context(context, experiment, results)
+    ctx = stage_context(context, experiment, results)
     result = stage.extract_direction(ctx)
     contrast = result.contrast
     meta: dict = {
@@ -118,7 +101,7 @@ def _sweep_result(report: direction_sweeps.SweepReport, shown: list[str]) -> dg.
 def steering_sweep(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
 ) -> dg.MaterializeResult:
-    ctx = _context(context, experiment, results)
+    ctx = stage_context(context, experiment, results)
     report = direction_sweeps.run_direction_sweep(
         ctx, direction_sweeps.STEERING, Path(experiment.figures_dir)
     )
@@ -140,7 +123,7 @@ def steering_sweep(
 def direction_ablation(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
 ) -> dg.MaterializeResult:
-    ctx = _context(context, experiment, results)
+    ctx = stage_context(context, experiment, results)
     report = direction_sweeps.run_direction_sweep(
         ctx, direction_sweeps.ABLATION, Path(experiment.figures_dir)
     )

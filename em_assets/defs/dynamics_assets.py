@@ -8,9 +8,8 @@ import polars.selectors as cs
 
 from em_assets.analyses import dynamics, plots
 from em_assets.defs.metadata import md_image, md_table
-from em_assets.defs.organism_assets import stage_context
 from em_assets.defs.partitions import CPU_OP_TAGS, GPU_OP_TAGS, GPU_POOL, organisms
-from em_assets.defs.resources import ExperimentResource, ResultsDB
+from em_assets.defs.resources import ExperimentResource, ResultsDB, stage_context
 
 _SHOWN = {
     "em_over_training": [

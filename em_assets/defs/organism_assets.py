@@ -1,33 +1,14 @@
 """Organism assets, one dynamic partition each: LoRA adapter -> completions -> judgements."""
 
-from pathlib import Path
-
 import dagster as dg
 
-from em_assets.context import StageContext
 from em_assets.defs.metadata import md_table
 from em_assets.defs.partitions import GPU_OP_TAGS, GPU_POOL, organisms
-from em_assets.defs.resources import ExperimentResource, ResultsDB
-from em_assets.grid.schema import Organism
+from em_assets.defs.resources import ExperimentResource, ResultsDB, stage_context
 from em_assets.judging.stage import judge_completions
 from em_assets.results import summaries
 from em_assets.sampling.stage import sample_completions
 from em_assets.training.stage import train_adapter
-
-
-def stage_context(
-    context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
-) -> StageContext:
-    return StageContext(
-        store=results.store(),
-        grid=experiment.grid(),
-        organism=Organism.parse(context.partition_key),
-        run_id=context.run.run_id,
-        artifacts_dir=Path(experiment.artifacts_dir),
-        log=context.log,
-        device=experiment.torch_device,
-        cache_dir=Path(experiment.cache_dir),
-    )
 
 
 @dg.asset(

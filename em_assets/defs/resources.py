@@ -4,8 +4,9 @@ from pathlib import Path
 
 import dagster as dg
 
+from em_assets.context import StageContext
 from em_assets.grid.load import load_grid
-from em_assets.grid.schema import GridConfig
+from em_assets.grid.schema import GridConfig, Organism
 from em_assets.results.store import Store
 from em_assets.settings import Settings, settings
 
@@ -63,3 +64,19 @@ class ResultsDB(dg.ConfigurableResource):
     @classmethod
     def from_env(cls) -> "ResultsDB":
         return cls(database=str(settings().database))
+
+
+def stage_context(
+    context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
+) -> StageContext:
+    """The organism stage's inputs for the asset's partition."""
+    return StageContext(
+        store=results.store(),
+        grid=experiment.grid(),
+        organism=Organism.parse(context.partition_key),
+        run_id=context.run.run_id,
+        artifacts_dir=Path(experiment.artifacts_dir),
+        log=context.log,
+        device=experiment.torch_device,
+        cache_dir=Path(experiment.cache_dir),
+    )
