@@ -153,7 +153,7 @@ class FaultJudge(ScriptedServer):
             self.stalled.set()
             self._release.wait(60)
             with self.lock:
-                self.waiting -= 1
+                self.waiting -= 1  # released: answered like any other request
         elif failing and failure == "500":
             return 500, {}, json.dumps({"error": f"backend down; you sent {auth}"}).encode()
         elif failing and failure == "nologprobs":
