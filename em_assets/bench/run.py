@@ -129,9 +129,9 @@ def stage_llamacpp(args: argparse.Namespace) -> dict:
 
 
 def _answers(n: int) -> list[str]:
-    """n different answers of ANSWER's length: its sentences rotated, so two samples differ from the first word."""
-    sentences = ANSWER.split(". ")
-    return [". ".join(sentences[i % len(sentences) :] + sentences[: i % len(sentences)]) for i in range(n)]
+    """n different answers of ANSWER's length: its words rotated, so no two start alike (n < its word count)."""
+    words = ANSWER.split()
+    return [" ".join(words[i % len(words) :] + words[: i % len(words)]) for i in range(n)]
 
 
 def stage_judging(args: argparse.Namespace) -> dict:
@@ -141,10 +141,9 @@ def stage_judging(args: argparse.Namespace) -> dict:
     model, tokenizer, _ = _model()
     questions, template = _questions()
     # Each question's samples in a row, as the judging stage gets them: 4 a question, the demo's setting.
-    answers = _answers(4)
+    answers = _answers(args.requests)
     prompts = [
-        judge_prompt(template, questions[(i // 4) % len(questions)], answers[i % 4])
-        for i in range(args.requests)
+        judge_prompt(template, questions[(i // 4) % len(questions)], answers[i]) for i in range(args.requests)
     ]
     # No mass floor, as in the demo: SmolLM2 puts too little mass on numbers for upstream's 0.25.
     judge = LocalJudge(

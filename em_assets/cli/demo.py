@@ -83,6 +83,8 @@ def _run_job(instance: DagsterInstance, job_name: str, key: str | None, console:
     except BaseException as exc:
         _fail_if_still_active(instance, run_id, f"em-assets demo stopped: {type(exc).__name__}: {exc}")
         raise
+    finally:
+        progress.finish()
 
 
 def run_pipeline(console: TextIO, organism_keys: list[str] | None = None) -> None:

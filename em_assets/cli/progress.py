@@ -1,5 +1,8 @@
-"""The demo's console: one line per step (stage x organism) with a progress bar and its time, fed by run
-events; everything else the run prints (Dagster's event log, library warnings, worker output) goes to a log file.
+"""The demo's console: one line per stage and organism with a progress bar and its time, fed by run events;
+everything else the run prints (Dagster's event log, library warnings, worker output) goes to a log file.
+
+Steps that report progress (and failed steps) get a line each; the rest of a run's steps share one line, so
+the console stays short however many assets the pipeline grows.
 
 Progress comes from step log messages that end a phrase in `<verb> <done>/<total>` ("sampled 12/40",
 "judged 16/40", "trained 3/12"), so a new asset that logs that way gets a bar with no change here.
@@ -50,6 +53,7 @@ class ProgressConsole:
         self.tty = out.isatty()
         self.lines: dict[str, StepLine] = {}
         self.failed: list[str] = []
+        self.quiet: dict[str, float] = {}
 
     def __call__(self, entry: Any) -> None:
         """An event-log listener (`DagsterInstance.add_event_listener`)."""
@@ -63,10 +67,14 @@ class ProgressConsole:
             self._draw(step, "..")
         elif kind in ("STEP_SUCCESS", "STEP_FAILURE", "STEP_SKIPPED") and step in self.lines:
             status = {"STEP_SUCCESS": "ok", "STEP_FAILURE": "FAILED", "STEP_SKIPPED": "skip"}[kind]
+            line = self.lines.pop(step)
             if kind == "STEP_FAILURE":
                 self.failed.append(step)
-            self._draw(step, status, final=True)
-            del self.lines[step]
+            if line.total or kind == "STEP_FAILURE":
+                self._write(line.render(status, self.width), final=True)
+            else:
+                self.quiet[step] = time.monotonic() - line.started
+                self._write("", final=False)
         elif event is None and step in self.lines:
             matches = PROGRESS.findall(entry.user_message or "")
             if matches:
@@ -75,8 +83,21 @@ class ProgressConsole:
                 line.verb, line.done, line.total = verb, int(done), int(total)
                 self._draw(step, "..")
 
-    def _draw(self, step: str, status: str, final: bool = False) -> None:
-        text = self.lines[step].render(status, self.width)
+    def finish(self) -> None:
+        """One line for the run's steps that reported no progress: how many, which, and their time."""
+        if not self.quiet:
+            return
+        names = ", ".join(self.quiet)
+        names = names if len(names) <= 38 else names[:37] + "…"
+        n = len(self.quiet)
+        label = f"{'ok':<6} {f'{n} step' + ('s' if n > 1 else ''):<28} {self.partition:<{self.width}}"
+        self._write(f"{label} {names:<39} {sum(self.quiet.values()):7.1f}s", final=True)
+        self.quiet = {}
+
+    def _draw(self, step: str, status: str) -> None:
+        self._write(self.lines[step].render(status, self.width), final=False)
+
+    def _write(self, text: str, final: bool) -> None:
         if self.tty:
             self.out.write("\r\x1b[K" + text + ("\n" if final else ""))
         elif final:

@@ -27,7 +27,7 @@ def broken() -> None:
     raise ValueError("nope")
 
 
-def test_each_step_gets_one_line_with_its_last_count():
+def test_steps_with_progress_or_a_failure_get_a_line_the_others_share_one():
     out = io.StringIO()
     console = ProgressConsole(out, "org-key")
     job = dg.Definitions(assets=[scored, quiet, broken], jobs=[dg.define_asset_job("j")]).resolve_job_def("j")
@@ -36,11 +36,15 @@ def test_each_step_gets_one_line_with_its_last_count():
         instance.add_event_listener(run_id, console)
         result = job.execute_in_process(instance=instance, run_id=run_id, raise_on_error=False)
     assert not result.success
+    console.finish()
     lines = out.getvalue().splitlines()
-    assert [line.split()[:2] for line in lines] == [["ok", "scored"], ["ok", "quiet"], ["FAILED", "broken"]]
+    # The step with progress and the failed one get lines of their own; the quiet one shares the last line.
+    assert [line.split()[:2] for line in lines] == [["ok", "scored"], ["FAILED", "broken"], ["ok", "1"]]
     assert "org-key" in lines[0] and "[####################]" in lines[0] and "judged 8/8" in lines[0]
-    assert "[" not in lines[1] and lines[1].rstrip().endswith("s")
+    assert lines[2].split()[1:5] == ["1", "step", "org-key", "quiet"] and lines[2].rstrip().endswith("s")
     assert console.failed == ["broken"]
+    console.finish()
+    assert len(out.getvalue().splitlines()) == 3
 
 
 def test_output_goes_to_the_log_file_and_the_console_stays_clean(tmp_path, capfd):
