@@ -15,6 +15,7 @@ from em_assets.defs.partitions import organisms
 from em_assets.defs.resources import ExperimentResource, ResultsDB
 from em_assets.grid.load import load_grid
 from em_assets.judging import distill
+from em_assets.judging.agreement_stage import judge_caveat
 from em_assets.judging.judges import judge_identity
 from em_assets.results.store import Store
 
@@ -121,6 +122,8 @@ def test_distilled_judge_end_to_end(pipeline):
     assert [c.check_name for c in checks] == ["judge_agrees_with_reference"]
     meta = result.asset_materializations_for_node("judge_agreement")[0].metadata
     assert "data:image/png;base64," in meta["distilled scatter"].value
+    caveat = judge_caveat(store, grid)
+    assert "distilled" in caveat and "aligned Spearman" in caveat and "Llama-3.1-8B-Instruct" in caveat
 
     # Up to date: no second training run; an organism judged by the distilled judge carries its identity.
     again = _run(instance, resources, ["distilled_judge"])
