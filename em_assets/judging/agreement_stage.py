@@ -76,7 +76,7 @@ def _items(rows: pl.DataFrame, spec: JudgeSpec, identity: tuple, templates: dict
         for metric in AGREEMENT_METRICS:
             template, template_hash = _template(templates, r["question_id"], metric)
             key = judge_cache_key(
-                model, revision, prompt_hash_for(spec, template_hash), r["question"], r["answer"]
+                model, revision, prompt_hash_for(spec, template_hash, metric), r["question"], r["answer"]
             )
             items.append({"row": r, "metric": metric, "template": template, "cache_key": key})
     return items

@@ -39,7 +39,7 @@ def judge_completions(ctx: StageContext, chunk_size: int = 64) -> dict:
             key = judge_cache_key(
                 model_name,
                 revision,
-                prompt_hash_for(grid.judge, tmpl["prompt_hash"]),
+                prompt_hash_for(grid.judge, tmpl["prompt_hash"], metric),
                 c["question"],
                 c["answer"],
             )
@@ -91,7 +91,7 @@ def judge_completions(ctx: StageContext, chunk_size: int = 64) -> dict:
             "judge_backend": grid.judge.backend,
             "judge_model": model_name,
             "judge_revision": revision,
-            "prompt_hash": prompt_hash_for(grid.judge, v["template"]["prompt_hash"]),
+            "prompt_hash": prompt_hash_for(grid.judge, v["template"]["prompt_hash"], k[3]),
             "cache_key": v["cache_key"],
             "base_revision": c["base_revision"],
             "dataset_sha256": c["dataset_sha256"],
