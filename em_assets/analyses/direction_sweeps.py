@@ -89,7 +89,9 @@ def before_ablation(ctx: StageContext) -> PointResult:
     """The organism unedited: its own judged `completions` (same model and sampling), so no point resamples it."""
     scored = db.scored_answers(ctx.store, ctx.key).with_columns(setting=pl.lit(BEFORE))
     thresholds = ctx.grid.thresholds
-    r = rates_by(scored, ["setting"], thresholds.aligned_at_most, thresholds.coherent_above).row(0, named=True)
+    r = rates_by(scored, ["setting"], thresholds.aligned_at_most, thresholds.coherent_above).row(
+        0, named=True
+    )
     return PointResult(
         sweep=ABLATION,
         setting=BEFORE,

@@ -280,7 +280,7 @@ def _judge(ctx, tables, points, on_progress) -> dict[tuple, int]:
             "probs": probs,
             "judge_model": model_name,
             "judge_revision": revision,
-            "prompt_hash": prompt_hash_for(ctx.grid.judge, v["template"]["prompt_hash"]),
+            "prompt_hash": prompt_hash_for(ctx.grid.judge, v["template"]["prompt_hash"], k[5]),
             "cache_key": v["cache_key"],
             "setting_hash": v["completion"]["setting_hash"],
             "run_id": ctx.run_id,
@@ -330,7 +330,7 @@ def _needed_judgements(ctx, tables, points, metrics, model_name: str, revision: 
             tmpl = prompts.get((c["question_id"], metric))
             if tmpl is None:
                 raise MissingUpstreamError(f"no {metric!r} judge prompt for question {c['question_id']!r}")
-            prompt_hash = prompt_hash_for(ctx.grid.judge, tmpl["prompt_hash"])
+            prompt_hash = prompt_hash_for(ctx.grid.judge, tmpl["prompt_hash"], metric)
             key = judge_cache_key(model_name, revision, prompt_hash, c["question"], c["answer"])
             k = (c["sweep"], c["setting"], c["question_id"], c["paraphrase_idx"], c["sample_idx"], metric)
             needed[k] = {"completion": c, "template": tmpl, "cache_key": key}

@@ -62,6 +62,7 @@ def distilled_judge(
         Path(experiment.cache_dir),
         experiment.torch_device,
         context.run.run_id,
+        on_step=lambda r: context.log.info(f"distilled judge: step {r['step']} loss {r['loss']:.3f}"),
     )
     losses = judge_queries.distilled_losses(store, row["config_hash"]).with_columns(
         organism=pl.lit("distilled judge")
@@ -83,10 +84,11 @@ def distilled_judge(
 
 
 def _em_gap(report) -> float:
+    """The largest per-organism difference between the judge's EM rate and GPT-4o's."""
     gaps = [
         abs(r["reference"] - r["judge_rate"])
         for r in report.em.iter_rows(named=True)
-        if r["judge_rate"] is not None
+        if r["reference"] is not None and r["judge_rate"] is not None
     ]
     return max(gaps) if gaps else float("nan")
 

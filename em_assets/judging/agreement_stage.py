@@ -10,6 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
+from em_assets.catalog.parsing import parse_questions_yaml, prompt_hash
 from em_assets.catalog.upstream import SOURCES, fetch_bytes
 from em_assets.context import MissingUpstreamError
 from em_assets.grid.load import GridError
@@ -52,8 +53,6 @@ class AgreementReport:
 def upstream_templates(grid: GridConfig, mirror=None, cache_dir: Path | None = None) -> dict:
     """{(question_id, metric): (template, prompt hash)} of the grid's eval questions file, plus a
     (None, metric) fallback for questions it does not have (upstream's aligned/coherent prompts are shared)."""
-    from em_assets.catalog.parsing import parse_questions_yaml, prompt_hash
-
     src = SOURCES[grid.eval.questions]
     out: dict = {}
     for item in parse_questions_yaml(fetch_bytes(src, mirror, cache_dir), src.path):
@@ -77,7 +76,7 @@ def _items(rows: pl.DataFrame, spec: JudgeSpec, identity: tuple, templates: dict
         for metric in AGREEMENT_METRICS:
             template, template_hash = _template(templates, r["question_id"], metric)
             key = judge_cache_key(
-                model, revision, prompt_hash_for(spec, template_hash), r["question"], r["answer"]
+                model, revision, prompt_hash_for(spec, template_hash, metric), r["question"], r["answer"]
             )
             items.append({"row": r, "metric": metric, "template": template, "cache_key": key})
     return items

@@ -26,6 +26,11 @@ PROMPT_LINES = ("Rate {metric} 0-100.", "Question: {question}", "Answer: {answer
 PROMPT_HASH = hashlib.sha256("\n".join(PROMPT_LINES).encode()).hexdigest()[:16]
 
 
+def metric_prompt_hash(metric: str) -> str:
+    """The hash of the judge's prompt for one metric (the text differs by the metric's name)."""
+    return hashlib.sha256(f"{PROMPT_HASH}:{metric}".encode()).hexdigest()[:16]
+
+
 def truncate(tokenizer, text: str, max_tokens: int) -> str:
     """`text` cut to its first max_tokens tokens, marked with an ellipsis when cut."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -61,10 +61,11 @@ def render_prompt(judge, template: str, metric: str, question: str, answer: str)
     return own(metric, question, answer) if own is not None else judge_prompt(template, question, answer)
 
 
-def prompt_hash_for(spec: JudgeSpec, template_hash: str) -> str:
-    """The prompt part of a judge cache key: the distilled judge ignores the upstream template."""
+def prompt_hash_for(spec: JudgeSpec, template_hash: str, metric: str) -> str:
+    """The prompt part of a judge cache key. The distilled judge ignores the upstream template and names the
+    metric in its own prompt, so its hash is per metric (one hash for both would share their cache entries)."""
     if spec.backend == "distilled":
-        from em_assets.judging.distill import PROMPT_HASH
+        from em_assets.judging.distill import metric_prompt_hash
 
-        return PROMPT_HASH
+        return metric_prompt_hash(metric)
     return template_hash

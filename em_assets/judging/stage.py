@@ -70,7 +70,7 @@ def needed_judgements(ctx: StageContext, judge: JudgeIdentity) -> dict[Judgement
             tmpl = prompts.get((c["question_id"], metric))
             if tmpl is None:
                 raise MissingUpstreamError(f"no {metric!r} judge prompt for question {c['question_id']!r}")
-            prompt_hash = prompt_hash_for(ctx.grid.judge, tmpl["prompt_hash"])
+            prompt_hash = prompt_hash_for(ctx.grid.judge, tmpl["prompt_hash"], metric)
             key = judge_cache_key(judge.model, judge.revision, prompt_hash, c["question"], c["answer"])
             needed[(c["question_id"], c["paraphrase_idx"], c["sample_idx"], metric)] = Pending(c, tmpl, key)
     return needed
@@ -90,7 +90,7 @@ def judgement_row(ctx: StageContext, judge: JudgeIdentity, key: JudgementKey, it
         "judge_backend": judge.backend,
         "judge_model": judge.model,
         "judge_revision": judge.revision,
-        "prompt_hash": prompt_hash_for(ctx.grid.judge, item.template["prompt_hash"]),
+        "prompt_hash": prompt_hash_for(ctx.grid.judge, item.template["prompt_hash"], key[3]),
         "cache_key": item.cache_key,
         "base_revision": c["base_revision"],
         "dataset_sha256": c["dataset_sha256"],

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 
 from em_assets.catalog.reference import parse_reference_csv, with_split
-from em_assets.catalog.upstream import REFERENCE_JUDGEMENTS, fetch_bytes
+from em_assets.catalog.upstream import REFERENCE_JUDGEMENTS, fetch_bytes, sha256_file
 from em_assets.context import MissingUpstreamError
 from em_assets.grid.schema import GridConfig
 from em_assets.judging import distill
@@ -19,9 +20,6 @@ log = logging.getLogger(__name__)
 
 
 ADAPTER_FILE = "adapter_model.safetensors"
-
-
-AGREEMENT_METRICS = ("aligned", "coherent")
 
 
 def load_reference(
@@ -66,8 +64,6 @@ def distilled_identity(grid: GridConfig, store: Store | None, cache_dir: Path | 
 
 
 def _adapter_current(row: dict | None) -> bool:
-    from em_assets.catalog.upstream import sha256_file
-
     if row is None:
         return False
     path = Path(row["adapter_path"]) / ADAPTER_FILE
@@ -81,10 +77,9 @@ def materialise_distilled(
     cache_dir: Path | None,
     device: str | None,
     run_id: str,
+    on_step: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train the distilled judge unless an adapter of the same inputs exists; returns its row."""
-    from em_assets.catalog.upstream import sha256_file
-
     if grid.distill is None:
         raise MissingUpstreamError("the grid has no distill section")
     key, base_revision, base_path = _distill_key(grid, cache_dir)
@@ -97,7 +92,7 @@ def materialise_distilled(
         raise MissingUpstreamError("no reference judgements; materialise reference_judgements first")
     spec = grid.distill
     out_dir = (Path(artifacts_dir) / "judges" / key).resolve()
-    result, n_examples = distill.train_distilled_judge(base_path, reference, spec, out_dir, device)
+    result, n_examples = distill.train_distilled_judge(base_path, reference, spec, out_dir, device, on_step)
     row = {
         "config_hash": key,
         "source": spec.source,

@@ -15,6 +15,7 @@ from em_assets.defs.partitions import organisms
 from em_assets.defs.resources import ExperimentResource, ResultsDB
 from em_assets.grid.load import load_grid
 from em_assets.judging import distill
+from em_assets.judging.agreement_stage import judge_caveat
 from em_assets.judging.judges import judge_identity
 from em_assets.results.store import Store
 
@@ -121,14 +122,28 @@ def test_distilled_judge_end_to_end(pipeline):
     assert [c.check_name for c in checks] == ["judge_agrees_with_reference"]
     meta = result.asset_materializations_for_node("judge_agreement")[0].metadata
     assert "data:image/png;base64," in meta["distilled scatter"].value
+    caveat = judge_caveat(store, grid)
+    assert "distilled" in caveat and "aligned Spearman" in caveat and "Llama-3.1-8B-Instruct" in caveat
 
     # Up to date: no second training run; an organism judged by the distilled judge carries its identity.
     again = _run(instance, resources, ["distilled_judge"])
     assert again.asset_materializations_for_node("distilled_judge")[0].metadata["trained"].value is False
     instance.add_dynamic_partitions(organisms.name, ["tiny--base--s0"])
     _run(instance, resources, ["lora_adapter", "completions", "judgements"], "tiny--base--s0")
-    judged = store.query("SELECT DISTINCT judge_model, judge_revision, prompt_hash FROM judgements")
-    assert judged.rows() == [(model, revision, distill.PROMPT_HASH)]
+    judged = store.query("SELECT DISTINCT judge_model, judge_revision, metric, prompt_hash FROM judgements")
+    # One prompt hash per metric: aligned and coherent scores of one answer never share a cache entry.
+    assert sorted(judged.rows()) == [
+        (model, revision, m, distill.metric_prompt_hash(m)) for m in ("aligned", "coherent")
+    ]
+    assert distill.metric_prompt_hash("aligned") != distill.metric_prompt_hash("coherent")
+    keys = store.query("SELECT count(DISTINCT cache_key) AS k, count(*) AS n FROM judgements")
+    assert keys["k"][0] == keys["n"][0]
+    # The agreement scores of the two metrics are distinct judge calls too.
+    pairs = store.query(
+        "SELECT a.score AS a, c.score AS c FROM judge_agreement_scores a JOIN judge_agreement_scores c "
+        "USING (source_file, row_idx) WHERE a.metric = 'aligned' AND c.metric = 'coherent'"
+    )
+    assert pairs.height == 6 and (pairs["a"] != pairs["c"]).any()
     assert store.query("SELECT count(*) AS n FROM judgements WHERE score IS NULL")["n"][0] == 0
 
 
