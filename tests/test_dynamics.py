@@ -160,6 +160,7 @@ def pipeline(tmp_path, tiny_model_dir, mirror):
         "scale_factors": [0.0, 1.0, 2.0],
         "checkpoint_samples_per_question": 2,
         "scale_samples_per_question": 1,
+        "max_new_tokens": 4,
     }
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(doc))
     resources = {
@@ -219,6 +220,10 @@ def test_dynamics_assets_write_their_tables_and_figures(pipeline, one_torch_thre
     for name in DYNAMICS:
         assert "data:image/png;base64," in meta[name]["figure"].value
         assert meta[name]["dagster/row_count"].value > 0 and meta[name]["note"].value == ""
+
+    # Sweep answers are cut to dynamics.max_new_tokens (4), not the grid's 6.
+    longest = store.query("SELECT max(num_tokens) AS n FROM sweep_completions")["n"][0]
+    assert longest == 4
 
     again = _run(instance, assets, resources, DYNAMICS, key)
     assert (

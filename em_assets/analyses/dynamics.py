@@ -7,6 +7,7 @@ note saying why.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,15 @@ def skip_reason(ctx: StageContext) -> str | None:
     return None
 
 
+def sweep_context(ctx: StageContext) -> StageContext:
+    """The context the dynamics sweeps sample with: the grid's sampling, answers cut to dynamics.max_new_tokens."""
+    length = ctx.grid.dynamics.max_new_tokens
+    if length is None:
+        return ctx
+    sampling = ctx.grid.sampling.model_copy(update={"max_new_tokens": length})
+    return dataclasses.replace(ctx, grid=ctx.grid.model_copy(update={"sampling": sampling}))
+
+
 def _skipped(ctx: StageContext, table: str, note: str) -> DynamicsResult:
     ctx.log.info(f"{ctx.key}: {table}: {note}")
     replace_result(ctx.store, table, ctx.key, pl.DataFrame())
@@ -94,7 +104,7 @@ def em_over_training(ctx: StageContext) -> DynamicsResult:
         )
         for c in kept
     ]
-    results = run_sweep(ctx, points)
+    results = run_sweep(sweep_context(ctx), points)
     by_step = {0: {"loss": None, "train_tokens": 0, "checkpoint_sha256": None}} | {c["step"]: c for c in kept}
     rows = [
         {
@@ -183,7 +193,7 @@ def lora_scaling(ctx: StageContext) -> DynamicsResult:
     start, spq = time.perf_counter(), ctx.grid.dynamics.scale_samples_per_question
     scaled = scaled_adapters(ctx)
     points = [SweepPoint("lora_scaling", f"scale={f:g}", path, sha, (), spq) for f, path, sha in scaled]
-    results = run_sweep(ctx, points)
+    results = run_sweep(sweep_context(ctx), points)
     rows = [
         {
             "organism": ctx.key,

@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import polars as pl
+
 from em_assets.analyses.edits import ModelEdit
 from em_assets.catalog.parsing import judge_prompt
 from em_assets.context import MissingUpstreamError, StageContext
@@ -137,11 +139,11 @@ def run_sweep(
     tables = SweepTables(ctx.store, ctx.key)
     hashes = {p.pair: setting_hash(p, base["revision"], ctx) for p in points}
     todo = _plan_samples(ctx, tables, points, hashes, questions)
-    for sweep in sorted({p.sweep for p in points}):
-        tables.write_points(sweep, _points_frame(ctx, [p for p in points if p.sweep == sweep], hashes))
-    sampled = {
-        p.pair: _sample_point(ctx, tables, base, p, hashes[p.pair], todo[p.pair], on_progress) for p in points
-    }
+    tables.write_points(_points_frame(ctx, points, hashes))
+    sampled = {}
+    for p in points:
+        left = _copy_same_variant(ctx, tables, p, hashes[p.pair], todo[p.pair])
+        sampled[p.pair] = _sample_point(ctx, tables, base, p, hashes[p.pair], left, on_progress)
     judged = _judge(ctx, tables, points, on_progress)
     return _summarise(ctx, tables, points, hashes, sampled, judged)
 
@@ -174,9 +176,39 @@ def _plan_samples(ctx, tables, points, hashes, questions) -> dict[tuple, list[tu
     }
 
 
-def _points_frame(ctx: StageContext, points: list[SweepPoint], hashes: dict):
-    import polars as pl
+def _copy_same_variant(ctx, tables, point, shash: str, todo: list) -> list[tuple[dict, int]]:
+    """Copy the answers another point of the organism drew with the same setting hash (the same model,
+    sampling and seeds, e.g. scale 1 and the final checkpoint); return what is still to sample."""
+    if not todo:
+        return todo
+    donors = {
+        (r["question_id"], r["paraphrase_idx"], r["sample_idx"]): r
+        for r in tables.completions_with_hash(shash).iter_rows(named=True)
+    }
+    copies, left = [], []
+    for q, i in todo:
+        donor = donors.get((q["question_id"], q["paraphrase_idx"], i))
+        if donor is None:
+            left.append((q, i))
+            continue
+        copies.append(
+            {
+                **donor,
+                "sweep": point.sweep,
+                "setting": point.setting,
+                "run_id": ctx.run_id,
+                "created_at": utc_now(),
+            }
+        )
+    if copies:
+        ctx.log.info(
+            f"{ctx.key}: {point.sweep} {point.setting}: {len(copies)} answers copied from the same variant"
+        )
+        tables.append_completions(copies)
+    return left
 
+
+def _points_frame(ctx: StageContext, points: Sequence[SweepPoint], hashes: dict) -> pl.DataFrame:
     rows = [
         {
             "organism": ctx.key,

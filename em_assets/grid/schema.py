@@ -166,6 +166,9 @@ class DynamicsSpec(_Strict):
     scale_samples_per_question: int = Field(
         default=10, ge=1, description="Answers per question at each scale factor."
     )
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, description="Answer length in the sweeps; null: sampling.max_new_tokens."
+    )
 
     @model_validator(mode="after")
     def _distinct_factors(self) -> DynamicsSpec:
