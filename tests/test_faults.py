@@ -71,6 +71,7 @@ from em_assets.training.step import TrainingDivergedError
 TRAINED = "tiny--med-r2--s0"
 CONTROL = "tiny--base--s0"
 KEYS = ["question_id", "paraphrase_idx", "sample_idx"]
+DYNAMICS_STEPS = ["em_over_training", "lora_trajectory", "lora_scaling"]
 ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
 pytestmark = pytest.mark.timeout(300)
 
@@ -88,7 +89,10 @@ def fault_grid(model_dir: Path, judge_url: str) -> dict:
     }
     lora = {"r": 2, "lora_alpha": 8, "target_modules": ["q_proj", "down_proj"]}
     loras = {"med-r2": ("bad_medical_advice", lora)}
-    return tiny_grid(model_dir, PROFILE, judge, loras, examples=6, batch_size=2, samples=4)
+    doc = tiny_grid(model_dir, PROFILE, judge, loras, examples=6, batch_size=2, samples=4)
+    # The dynamics sweeps have their own fault tests (test_sweep.py); here their organism_job steps are no-ops.
+    profile(doc)["dynamics"] = {"recipes": []}
+    return doc
 
 
 @pytest.fixture(scope="module")
@@ -407,8 +411,8 @@ def test_parallel_organism_runs_with_readers_lose_nothing(parallel_run):
         assert any("using multiprocess executor" in (e.message or "") for e in evs)
         workers = {e.step_key for e in evs if e.event_type_value == "STEP_WORKER_STARTED"}
         step_pids = {e.step_key: e.pid for e in evs if e.event_type_value == "STEP_START"}
-        assert workers == set(step_pids) == {"lora_adapter", "completions", "judgements"}
-        assert len({run_pid, *step_pids.values()}) == 4
+        assert workers == set(step_pids) == {"lora_adapter", "completions", "judgements", *DYNAMICS_STEPS}
+        assert len({run_pid, *step_pids.values()}) == 4 + len(DYNAMICS_STEPS)
     # The runs overlapped, and so did their judging (each run's judgements step began before the other's ended).
     for mine, other in [(0, 1), (1, 0)]:
         assert at[mine][(None, "PIPELINE_START")] < at[other][(None, "PIPELINE_SUCCESS")]
