@@ -107,7 +107,8 @@ class SweepTables:
         self.store.append_rows("sweep_completions", pl.DataFrame(rows, infer_schema_length=None))
 
     def append_judgements(self, rows: list[dict]) -> None:
-        self.store.append_rows("sweep_judgements", pl.DataFrame(rows, infer_schema_length=None))
+        if rows:
+            self.store.append_rows("sweep_judgements", pl.DataFrame(rows, infer_schema_length=None))
 
 
 def checkpoints(store: Store, organism: str) -> pl.DataFrame:
