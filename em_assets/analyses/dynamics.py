@@ -56,12 +56,14 @@ def skip_reason(ctx: StageContext) -> str | None:
 
 
 def sweep_context(ctx: StageContext) -> StageContext:
-    """The context the dynamics sweeps sample with: the grid's sampling, answers cut to dynamics.max_new_tokens."""
-    length = ctx.grid.dynamics.max_new_tokens
-    if length is None:
-        return ctx
-    sampling = ctx.grid.sampling.model_copy(update={"max_new_tokens": length})
-    return dataclasses.replace(ctx, grid=ctx.grid.model_copy(update={"sampling": sampling}))
+    """The context the dynamics sweeps sample with: the grid's sampling and eval questions, narrowed by
+    dynamics.max_new_tokens and dynamics.question_ids where set."""
+    dyn, grid = ctx.grid.dynamics, ctx.grid
+    sampling = grid.sampling.model_copy(
+        update={"max_new_tokens": dyn.max_new_tokens or grid.sampling.max_new_tokens}
+    )
+    evals = grid.eval.model_copy(update={"question_ids": dyn.question_ids or grid.eval.question_ids})
+    return dataclasses.replace(ctx, grid=grid.model_copy(update={"sampling": sampling, "eval": evals}))
 
 
 def _skipped(ctx: StageContext, table: str, note: str) -> DynamicsResult:

@@ -123,7 +123,7 @@ def run_sweep(
     if not points:
         return []
     base = base_model_row(ctx.store, ctx.organism.base_model)
-    questions = eval_questions(ctx.store, ctx.grid.eval.questions).to_dicts()
+    questions = _questions(ctx)
     tables = SweepTables(ctx.store, ctx.key)
     hashes = {p.pair: setting_hash(p, base["revision"], ctx) for p in points}
     todo = _plan_samples(ctx, tables, points, hashes, questions)
@@ -134,6 +134,20 @@ def run_sweep(
         sampled[p.pair] = _sample_point(ctx, tables, base, p, hashes[p.pair], left, on_progress)
     judged = judge_sweep(ctx, tables, points, on_progress)
     return _summarise(ctx, tables, points, hashes, sampled, judged)
+
+
+def _questions(ctx: StageContext) -> list[dict]:
+    """The eval set's questions, narrowed to the grid's eval.question_ids where it names some."""
+    questions = eval_questions(ctx.store, ctx.grid.eval.questions).to_dicts()
+    ids = ctx.grid.eval.question_ids
+    if ids:
+        questions = [q for q in questions if q["question_id"] in ids]
+        missing = sorted(set(ids) - {q["question_id"] for q in questions})
+        if missing:
+            raise MissingUpstreamError(
+                f"{ctx.key}: sweep questions not in {ctx.grid.eval.questions}: {missing}"
+            )
+    return questions
 
 
 def _plan_samples(ctx, tables, points, hashes, questions) -> dict[tuple, list[tuple[dict, int]]]:
