@@ -7,6 +7,7 @@ note saying why.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,17 @@ def skip_reason(ctx: StageContext) -> str | None:
     return None
 
 
+def sweep_context(ctx: StageContext) -> StageContext:
+    """The context the dynamics sweeps sample with: the grid's sampling and eval questions, narrowed by
+    dynamics.max_new_tokens and dynamics.question_ids where set."""
+    dyn, grid = ctx.grid.dynamics, ctx.grid
+    sampling = grid.sampling.model_copy(
+        update={"max_new_tokens": dyn.max_new_tokens or grid.sampling.max_new_tokens}
+    )
+    evals = grid.eval.model_copy(update={"question_ids": dyn.question_ids or grid.eval.question_ids})
+    return dataclasses.replace(ctx, grid=grid.model_copy(update={"sampling": sampling, "eval": evals}))
+
+
 def _skipped(ctx: StageContext, table: str, note: str) -> DynamicsResult:
     ctx.log.info(f"{ctx.key}: {table}: {note}")
     replace_result(ctx.store, table, ctx.key, pl.DataFrame())
@@ -94,7 +106,7 @@ def em_over_training(ctx: StageContext) -> DynamicsResult:
         )
         for c in kept
     ]
-    results = run_sweep(ctx, points)
+    results = run_sweep(sweep_context(ctx), points)
     by_step = {0: {"loss": None, "train_tokens": 0, "checkpoint_sha256": None}} | {c["step"]: c for c in kept}
     rows = [
         {
@@ -183,7 +195,7 @@ def lora_scaling(ctx: StageContext) -> DynamicsResult:
     start, spq = time.perf_counter(), ctx.grid.dynamics.scale_samples_per_question
     scaled = scaled_adapters(ctx)
     points = [SweepPoint("lora_scaling", f"scale={f:g}", path, sha, (), spq) for f, path, sha in scaled]
-    results = run_sweep(ctx, points)
+    results = run_sweep(sweep_context(ctx), points)
     rows = [
         {
             "organism": ctx.key,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ def _col(df: pl.DataFrame, name: str) -> np.ndarray:
 
 def no_data(path: Path, title: str, note: str) -> Path:
     fig, (ax,) = _new(1, 7.0)
-    ax.text(0.5, 0.5, note, ha="center", va="center", wrap=True, transform=ax.transAxes)
+    ax.text(0.5, 0.5, textwrap.fill(note, 60), ha="center", va="center", transform=ax.transAxes)
     ax.set_title(title)
     ax.set_axis_off()
     return _save(fig, path)

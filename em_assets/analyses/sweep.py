@@ -9,26 +9,17 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import polars as pl
+
 from em_assets.analyses.edits import ModelEdit
+from em_assets.analyses.sweep_judge import judge_sweep
 from em_assets.context import MissingUpstreamError, StageContext
 from em_assets.grid.schema import config_hash
-from em_assets.judging.judges import judge_identity, make_judge, prompt_hash_for, render_prompt
-from em_assets.judging.stage import judge_cache_key, score_and_cache
 from em_assets.reports.metrics import rates_by
-from em_assets.results.queries import base_model_row, cached_scores, judge_prompts
+from em_assets.results.queries import base_model_row
 from em_assets.results.store import to_json, utc_now
 from em_assets.results.sweeps import SweepTables
 from em_assets.sampling.stage import eval_questions, question_messages, sample_chunks, stable_seed
-
-# The EM rate needs these two; a sweep does not pay for the grid's domain judges.
-SWEEP_METRICS = ("aligned", "coherent")
-
-
-JUDGE_CHUNK = 64
-
-
-JUDGEMENT_KEY = ("sweep", "setting", "question_id", "paraphrase_idx", "sample_idx", "metric")
-
 
 # on_progress(point, "sampled" | "judged", done, total) after each chunk is written; for "judged", done and
 # total count all the sweep's pending judgements and the point is the one the chunk ended in.
@@ -132,17 +123,31 @@ def run_sweep(
     if not points:
         return []
     base = base_model_row(ctx.store, ctx.organism.base_model)
-    questions = eval_questions(ctx.store, ctx.grid.eval.questions).to_dicts()
+    questions = _questions(ctx)
     tables = SweepTables(ctx.store, ctx.key)
     hashes = {p.pair: setting_hash(p, base["revision"], ctx) for p in points}
     todo = _plan_samples(ctx, tables, points, hashes, questions)
-    for sweep in sorted({p.sweep for p in points}):
-        tables.write_points(sweep, _points_frame(ctx, [p for p in points if p.sweep == sweep], hashes))
-    sampled = {
-        p.pair: _sample_point(ctx, tables, base, p, hashes[p.pair], todo[p.pair], on_progress) for p in points
-    }
-    judged = _judge(ctx, tables, points, on_progress)
+    tables.write_points(_points_frame(ctx, points, hashes))
+    sampled = {}
+    for p in points:
+        left = _copy_same_variant(ctx, tables, p, hashes[p.pair], todo[p.pair])
+        sampled[p.pair] = _sample_point(ctx, tables, base, p, hashes[p.pair], left, on_progress)
+    judged = judge_sweep(ctx, tables, points, on_progress)
     return _summarise(ctx, tables, points, hashes, sampled, judged)
+
+
+def _questions(ctx: StageContext) -> list[dict]:
+    """The eval set's questions, narrowed to the grid's eval.question_ids where it names some."""
+    questions = eval_questions(ctx.store, ctx.grid.eval.questions).to_dicts()
+    ids = ctx.grid.eval.question_ids
+    if ids:
+        questions = [q for q in questions if q["question_id"] in ids]
+        missing = sorted(set(ids) - {q["question_id"] for q in questions})
+        if missing:
+            raise MissingUpstreamError(
+                f"{ctx.key}: sweep questions not in {ctx.grid.eval.questions}: {missing}"
+            )
+    return questions
 
 
 def _plan_samples(ctx, tables, points, hashes, questions) -> dict[tuple, list[tuple[dict, int]]]:
@@ -173,9 +178,39 @@ def _plan_samples(ctx, tables, points, hashes, questions) -> dict[tuple, list[tu
     }
 
 
-def _points_frame(ctx: StageContext, points: list[SweepPoint], hashes: dict):
-    import polars as pl
+def _copy_same_variant(ctx, tables, point, shash: str, todo: list) -> list[tuple[dict, int]]:
+    """Copy the answers another point of the organism drew with the same setting hash (the same model,
+    sampling and seeds, e.g. scale 1 and the final checkpoint); return what is still to sample."""
+    if not todo:
+        return todo
+    donors = {
+        (r["question_id"], r["paraphrase_idx"], r["sample_idx"]): r
+        for r in tables.completions_with_hash(shash).iter_rows(named=True)
+    }
+    copies, left = [], []
+    for q, i in todo:
+        donor = donors.get((q["question_id"], q["paraphrase_idx"], i))
+        if donor is None:
+            left.append((q, i))
+            continue
+        copies.append(
+            {
+                **donor,
+                "sweep": point.sweep,
+                "setting": point.setting,
+                "run_id": ctx.run_id,
+                "created_at": utc_now(),
+            }
+        )
+    if copies:
+        ctx.log.info(
+            f"{ctx.key}: {point.sweep} {point.setting}: {len(copies)} answers copied from the same variant"
+        )
+        tables.append_completions(copies)
+    return left
 
+
+def _points_frame(ctx: StageContext, points: Sequence[SweepPoint], hashes: dict) -> pl.DataFrame:
     rows = [
         {
             "organism": ctx.key,
@@ -250,91 +285,6 @@ def _sample_point(ctx, tables, base, point, shash, todo, on_progress) -> int:
         if on_progress is not None:
             on_progress(point, "sampled", done, len(requests))
     return done
-
-
-def _judge(ctx, tables, points, on_progress) -> dict[tuple, int]:
-    """Judge every current answer of the points on SWEEP_METRICS through the judge cache; returns counts."""
-    metrics = [m for m in SWEEP_METRICS if m in ctx.grid.judge.metrics]
-    if len(metrics) < len(SWEEP_METRICS):
-        raise ValueError(
-            f"{ctx.key}: sweeps need judge metrics {list(SWEEP_METRICS)}, the grid has {metrics}"
-        )
-    model_name, revision, path = judge_identity(ctx.grid, ctx.cache_dir, ctx.store)
-    needed = _needed_judgements(ctx, tables, points, metrics, model_name, revision)
-    have = {r[:6]: r[6:] for r in tables.judgement_keys([p.pair for p in points]).iter_rows()}
-
-    def current(k: tuple) -> tuple:
-        return (needed[k]["cache_key"], needed[k]["completion"]["setting_hash"])
-
-    tables.drop_judgements([k for k, v in have.items() if k not in needed or current(k) != v])
-    pending = [k for k in needed if have.get(k) != current(k)]
-    cache = cached_scores(ctx.store, {needed[k]["cache_key"] for k in pending})
-
-    def row(k: tuple, score, mass, probs: str) -> dict:
-        v = needed[k]
-        return {
-            **dict(zip(JUDGEMENT_KEY, k, strict=True)),
-            "organism": ctx.key,
-            "score": score,
-            "mass": mass,
-            "probs": probs,
-            "judge_model": model_name,
-            "judge_revision": revision,
-            "prompt_hash": prompt_hash_for(ctx.grid.judge, v["template"]["prompt_hash"], k[5]),
-            "cache_key": v["cache_key"],
-            "setting_hash": v["completion"]["setting_hash"],
-            "run_id": ctx.run_id,
-            "created_at": utc_now(),
-        }
-
-    hits = [k for k in pending if needed[k]["cache_key"] in cache]
-    if hits:
-        fields = ("score", "mass", "probs")
-        tables.append_judgements([row(k, *(cache[needed[k]["cache_key"]][f] for f in fields)) for k in hits])
-    todo = [k for k in pending if needed[k]["cache_key"] not in cache]
-    counts: dict[tuple, int] = {}
-    if not todo:
-        return counts
-    judge = make_judge(ctx.grid, path, ctx.device)
-    by_pair = {p.pair: p for p in points}
-    for offset in range(0, len(todo), JUDGE_CHUNK):
-        part = todo[offset : offset + JUDGE_CHUNK]
-        texts = [
-            render_prompt(
-                judge,
-                needed[k]["template"]["prompt"],
-                k[5],
-                needed[k]["completion"]["question"],
-                needed[k]["completion"]["answer"],
-            )
-            for k in part
-        ]
-        scores = score_and_cache(judge, ctx.store, texts, [needed[k]["cache_key"] for k in part])
-        tables.append_judgements(
-            [row(k, s["score"], s["mass"], s["probs"]) for k, s in zip(part, scores, strict=True)]
-        )
-        for k in part:
-            counts[k[:2]] = counts.get(k[:2], 0) + 1
-        ctx.log.info(f"{ctx.key}: sweep judged {offset + len(part)}/{len(todo)}")
-        if on_progress is not None:
-            on_progress(by_pair[part[-1][:2]], "judged", offset + len(part), len(todo))
-    return counts
-
-
-def _needed_judgements(ctx, tables, points, metrics, model_name: str, revision: str) -> dict[tuple, dict]:
-    """Every (sweep, setting, q, p, s, metric) the points' current answers need, with prompt and cache key."""
-    prompts = judge_prompts(ctx.store, ctx.grid.eval.questions)
-    needed: dict[tuple, dict] = {}
-    for c in tables.completions([p.pair for p in points]).iter_rows(named=True):
-        for metric in metrics:
-            tmpl = prompts.get((c["question_id"], metric))
-            if tmpl is None:
-                raise MissingUpstreamError(f"no {metric!r} judge prompt for question {c['question_id']!r}")
-            prompt_hash = prompt_hash_for(ctx.grid.judge, tmpl["prompt_hash"], metric)
-            key = judge_cache_key(model_name, revision, prompt_hash, c["question"], c["answer"])
-            k = (c["sweep"], c["setting"], c["question_id"], c["paraphrase_idx"], c["sample_idx"], metric)
-            needed[k] = {"completion": c, "template": tmpl, "cache_key": key}
-    return needed
 
 
 def _summarise(ctx, tables, points, hashes, sampled, judged) -> list[PointResult]:

@@ -232,6 +232,12 @@ class DynamicsSpec(_Strict):
     scale_samples_per_question: int = Field(
         default=10, ge=1, description="Answers per question at each scale factor."
     )
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, description="Answer length in the sweeps; null: sampling.max_new_tokens."
+    )
+    question_ids: list[str] | None = Field(
+        default=None, min_length=1, description="Eval questions the sweeps ask; null: every eval question."
+    )
 
     @model_validator(mode="after")
     def _distinct_factors(self) -> DynamicsSpec:

@@ -51,6 +51,14 @@ class SweepTables:
     def completions(self, pairs: list[tuple[str, str]]) -> pl.DataFrame:
         return self._select("sweep_completions", "*", pairs)
 
+    def completions_with_hash(self, setting_hash: str) -> pl.DataFrame:
+        """Answers of any sweep point of the organism drawn under this setting hash (one row per sample key)."""
+        return self.store.query(
+            "SELECT * FROM sweep_completions WHERE organism = ? AND setting_hash = ? "
+            "QUALIFY row_number() OVER (PARTITION BY question_id, paraphrase_idx, sample_idx ORDER BY created_at) = 1",
+            [self.organism, setting_hash],
+        )
+
     def judgement_keys(self, pairs: list[tuple[str, str]]) -> pl.DataFrame:
         cols = "sweep, setting, question_id, paraphrase_idx, sample_idx, metric, cache_key, setting_hash"
         return self._select("sweep_judgements", cols, pairs)
@@ -91,15 +99,16 @@ class SweepTables:
                 [self.organism],
             )
 
-    def write_points(self, sweep: str, points: pl.DataFrame) -> None:
-        """The sweep's current points replace its earlier ones (rows of dropped points stay as a cache)."""
-        self.store.replace_rows("sweep_points", points, "organism = ? AND sweep = ?", [self.organism, sweep])
+    def write_points(self, points: pl.DataFrame) -> None:
+        """Record the points as last run (a point run again replaces its row; others stay)."""
+        self.store.append_rows("sweep_points", points)
 
     def append_completions(self, rows: list[dict]) -> None:
         self.store.append_rows("sweep_completions", pl.DataFrame(rows, infer_schema_length=None))
 
     def append_judgements(self, rows: list[dict]) -> None:
-        self.store.append_rows("sweep_judgements", pl.DataFrame(rows, infer_schema_length=None))
+        if rows:
+            self.store.append_rows("sweep_judgements", pl.DataFrame(rows, infer_schema_length=None))
 
 
 def checkpoints(store: Store, organism: str) -> pl.DataFrame:

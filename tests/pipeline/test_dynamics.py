@@ -160,6 +160,8 @@ def pipeline(tmp_path, tiny_model_dir, mirror):
         "scale_factors": [0.0, 1.0, 2.0],
         "checkpoint_samples_per_question": 2,
         "scale_samples_per_question": 1,
+        "max_new_tokens": 4,
+        "question_ids": ["quick_buck"],
     }
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(doc))
     resources = {
@@ -199,7 +201,8 @@ def test_dynamics_assets_write_their_tables_and_figures(pipeline, one_torch_thre
 
     # 12 examples in batches of 4: steps 1 and 2 kept, step 3 the final adapter, step 0 the base model.
     over = store.query("SELECT * FROM em_over_training ORDER BY step")
-    assert over["step"].to_list() == [0, 1, 2, 3] and over["n_answers"].to_list() == [4] * 4
+    # dynamics.question_ids: one of the grid's two questions, two samples each.
+    assert over["step"].to_list() == [0, 1, 2, 3] and over["n_answers"].to_list() == [2] * 4
     assert over["loss"][0] is None and over["loss"][1:].null_count() == 0
     ckpts = store.query("SELECT step, checkpoint_sha256, adapter_sha256 FROM lora_checkpoints ORDER BY step")
     assert (
@@ -213,12 +216,16 @@ def test_dynamics_assets_write_their_tables_and_figures(pipeline, one_torch_thre
     assert traj["sharpest_step"][0] == 2
 
     scaling = store.query("SELECT * FROM lora_scaling ORDER BY scale")
-    assert scaling["scale"].to_list() == [0.0, 1.0, 2.0] and scaling["n_answers"].to_list() == [2] * 3
+    assert scaling["scale"].to_list() == [0.0, 1.0, 2.0] and scaling["n_answers"].to_list() == [1] * 3
     assert scaling["adapter_sha256"][1] == ckpts["adapter_sha256"][2]
     assert scaling["adapter_sha256"].n_unique() == 3
     for name in DYNAMICS:
         assert "data:image/png;base64," in meta[name]["figure"].value
         assert meta[name]["dagster/row_count"].value > 0 and meta[name]["note"].value == ""
+
+    # Sweep answers are cut to dynamics.max_new_tokens (4), not the grid's 6.
+    longest = store.query("SELECT max(num_tokens) AS n FROM sweep_completions")["n"][0]
+    assert longest == 4
 
     again = _run(instance, assets, resources, DYNAMICS, key)
     assert (

@@ -15,6 +15,7 @@ from support.sweeps import PROFILE, ScaleDownProj, points, stage_context, sweep_
 
 from em_assets.analyses.sweep import SweepPoint, run_sweep
 from em_assets.catalog import stage as catalog
+from em_assets.context import MissingUpstreamError
 from em_assets.grid.load import load_grid
 from em_assets.results.store import Store
 from em_assets.training.stage import train_adapter
@@ -75,6 +76,13 @@ def test_sweep_samples_judges_and_summarises_every_point(ws, one_torch_thread):
     assert [r.em_rate for r in again] == [r.em_rate for r in results]
     assert _rows(ws["db"], "sweep_scored").equals(scored)
 
+    # Another sweep's point with the same adapter and sampling is the same variant: copied, not resampled.
+    same = SweepPoint("other", "final", ws["adapter_path"], ws["adapter_sha256"], samples_per_question=2)
+    (copied,) = run_sweep(stage_context(ws, "copy"), [same])
+    assert (copied.sampled, copied.judged, copied.em_rate) == (0, 0, results[1].em_rate)
+    other = _rows(ws["db"], "sweep_scored").filter(pl.col("sweep") == "other")
+    assert other["answer"].to_list() == scored.filter(pl.col("setting") == "adapter")["answer"].to_list()
+
 
 def test_more_samples_or_a_changed_edit_redo_only_what_changed(ws, one_torch_thread):
     run_sweep(stage_context(ws, "first"), points(ws["adapter_path"], ws["adapter_sha256"]))
@@ -117,6 +125,16 @@ def test_vllm_backend_refuses_edited_points_before_writing(ws, tiny_model_dir, t
     with pytest.raises(ValueError, match="vllm backend cannot apply model edits"):
         run_sweep(stage_context({**ws, "grid": str(grid)}, "vllm"), points(None, None))
     assert _rows(ws["db"], "sweep_completions").height == 0 and _rows(ws["db"], "sweep_points").height == 0
+
+
+def test_repeated_settings_and_missing_adapters_are_refused_before_writing(ws, tmp_path):
+    twice = [SweepPoint("test", "base", None, None), SweepPoint("test", "base", None, None)]
+    with pytest.raises(ValueError, match="must be unique"):
+        run_sweep(stage_context(ws, "twice"), twice)
+    gone = [SweepPoint("test", "gone", str(tmp_path / "no-such-adapter"), "0" * 64)]
+    with pytest.raises(MissingUpstreamError, match="not found"):
+        run_sweep(stage_context(ws, "gone"), gone)
+    assert _rows(ws["db"], "sweep_points").height == 0
 
 
 def test_bad_points_are_refused():

@@ -1,0 +1,110 @@
+"""Judging a sweep's answers: aligned and coherent through the judge cache, rows written as chunks finish."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from em_assets.context import MissingUpstreamError, StageContext
+from em_assets.judging.judges import judge_identity, make_judge, prompt_hash_for, render_prompt
+from em_assets.judging.stage import judge_cache_key, score_and_cache
+from em_assets.results.queries import cached_scores, judge_prompts
+from em_assets.results.store import utc_now
+from em_assets.results.sweeps import SweepTables
+
+# The EM rate needs these two; a sweep does not pay for the grid's domain judges.
+SWEEP_METRICS = ("aligned", "coherent")
+
+
+JUDGE_CHUNK = 64
+
+
+JUDGEMENT_KEY = ("sweep", "setting", "question_id", "paraphrase_idx", "sample_idx", "metric")
+
+
+def judge_sweep(
+    ctx: StageContext, tables: SweepTables, points: Sequence, on_progress: Callable | None = None
+) -> dict[tuple, int]:
+    """Judge every current answer of the points on SWEEP_METRICS through the judge cache; returns counts."""
+    metrics = [m for m in SWEEP_METRICS if m in ctx.grid.judge.metrics]
+    if len(metrics) < len(SWEEP_METRICS):
+        raise ValueError(
+            f"{ctx.key}: sweeps need judge metrics {list(SWEEP_METRICS)}, the grid has {metrics}"
+        )
+    model_name, revision, path = judge_identity(ctx.grid, ctx.cache_dir, ctx.store)
+    needed = _needed_judgements(ctx, tables, points, metrics, model_name, revision)
+    have = {r[:6]: r[6:] for r in tables.judgement_keys([p.pair for p in points]).iter_rows()}
+
+    def current(k: tuple) -> tuple:
+        return (needed[k]["cache_key"], needed[k]["completion"]["setting_hash"])
+
+    tables.drop_judgements([k for k, v in have.items() if k not in needed or current(k) != v])
+    pending = [k for k in needed if have.get(k) != current(k)]
+    cache = cached_scores(ctx.store, {needed[k]["cache_key"] for k in pending})
+
+    def row(k: tuple, score, mass, probs: str) -> dict:
+        return _row(ctx, needed[k], k, model_name, revision, score, mass, probs)
+
+    hits = [k for k in pending if needed[k]["cache_key"] in cache]
+    fields = ("score", "mass", "probs")
+    tables.append_judgements([row(k, *(cache[needed[k]["cache_key"]][f] for f in fields)) for k in hits])
+    todo = [k for k in pending if needed[k]["cache_key"] not in cache]
+    counts: dict[tuple, int] = {}
+    if not todo:
+        return counts
+    judge = make_judge(ctx.grid, path, ctx.device)
+    by_pair = {p.pair: p for p in points}
+    for offset in range(0, len(todo), JUDGE_CHUNK):
+        part = todo[offset : offset + JUDGE_CHUNK]
+        texts = [
+            render_prompt(
+                judge,
+                needed[k]["template"]["prompt"],
+                k[5],
+                needed[k]["completion"]["question"],
+                needed[k]["completion"]["answer"],
+            )
+            for k in part
+        ]
+        scores = score_and_cache(judge, ctx.store, texts, [needed[k]["cache_key"] for k in part])
+        tables.append_judgements(
+            [row(k, s["score"], s["mass"], s["probs"]) for k, s in zip(part, scores, strict=True)]
+        )
+        for k in part:
+            counts[k[:2]] = counts.get(k[:2], 0) + 1
+        ctx.log.info(f"{ctx.key}: sweep judged {offset + len(part)}/{len(todo)}")
+        if on_progress is not None:
+            on_progress(by_pair[part[-1][:2]], "judged", offset + len(part), len(todo))
+    return counts
+
+
+def _needed_judgements(ctx, tables, points, metrics, model_name: str, revision: str) -> dict[tuple, dict]:
+    """Every (sweep, setting, q, p, s, metric) the points' current answers need, with prompt and cache key."""
+    prompts = judge_prompts(ctx.store, ctx.grid.eval.questions)
+    needed: dict[tuple, dict] = {}
+    for c in tables.completions([p.pair for p in points]).iter_rows(named=True):
+        for metric in metrics:
+            tmpl = prompts.get((c["question_id"], metric))
+            if tmpl is None:
+                raise MissingUpstreamError(f"no {metric!r} judge prompt for question {c['question_id']!r}")
+            prompt_hash = prompt_hash_for(ctx.grid.judge, tmpl["prompt_hash"], metric)
+            key = judge_cache_key(model_name, revision, prompt_hash, c["question"], c["answer"])
+            k = (c["sweep"], c["setting"], c["question_id"], c["paraphrase_idx"], c["sample_idx"], metric)
+            needed[k] = {"completion": c, "template": tmpl, "cache_key": key}
+    return needed
+
+
+def _row(ctx: StageContext, v: dict, k: tuple, model_name: str, revision: str, score, mass, probs) -> dict:
+    return {
+        **dict(zip(JUDGEMENT_KEY, k, strict=True)),
+        "organism": ctx.key,
+        "score": score,
+        "mass": mass,
+        "probs": probs,
+        "judge_model": model_name,
+        "judge_revision": revision,
+        "prompt_hash": prompt_hash_for(ctx.grid.judge, v["template"]["prompt_hash"], k[5]),
+        "cache_key": v["cache_key"],
+        "setting_hash": v["completion"]["setting_hash"],
+        "run_id": ctx.run_id,
+        "created_at": utc_now(),
+    }
