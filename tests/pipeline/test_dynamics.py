@@ -157,6 +157,7 @@ def pipeline(tmp_path, tiny_model_dir, mirror):
         samples=1,
     )
     doc["profiles"]["test"]["dynamics"] = {
+        "recipes": ["med-r1"],
         "scale_factors": [0.0, 1.0, 2.0],
         "checkpoint_samples_per_question": 2,
         "scale_samples_per_question": 1,
