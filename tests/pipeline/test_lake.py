@@ -171,3 +171,36 @@ def test_an_open_session_on_the_local_lake_never_blocks_a_writer(tmp_path):
 def test_concurrent_organism_writers_on_the_local_lake(tmp_path):
     """The embedded default under `dagster dev`: step processes of 3 organisms writing at once."""
     check_concurrent_writers(_lake(tmp_path), str(tmp_path / "files"), writers=3, batches=4)
+
+
+def test_report_assets_record_their_snapshot_in_dagster_metadata(tmp_path):
+    import dagster as dg
+
+    from em_assets.defs import report_assets
+    from em_assets.defs.resources import ExperimentResource, ResultsDB
+
+    db = _lake(tmp_path)
+    store = Store(db)
+    store.init()
+    _scored_rows(store, 0.0)
+    grid = Path(__file__).resolve().parents[1] / "data" / "grid.yaml"
+    resources = {
+        "experiment": ExperimentResource(
+            grid_path=str(grid), profile="demo", figures_dir=str(tmp_path / "f")
+        ),
+        "results": ResultsDB(database=db),
+    }
+    with dg.instance_for_test() as instance:
+        assets = dg.load_assets_from_modules([report_assets])
+        assert dg.materialize(assets, instance=instance, resources=resources).success
+        summary = instance.get_latest_materialization_event(dg.AssetKey("em_summary")).asset_materialization
+        figures = instance.get_latest_materialization_event(dg.AssetKey("em_figures")).asset_materialization
+    tables_snapshot = summary.metadata["source_snapshot"].value
+    assert (
+        tables_snapshot
+        == store.query("SELECT DISTINCT source_snapshot FROM em_summary")["source_snapshot"][0]
+    )
+    recorded = store.query("SELECT figure, sha256, source_snapshot FROM figure_snapshots")
+    assert figures.metadata["source_snapshot"].value == recorded["source_snapshot"][0] > tables_snapshot
+    for figure, digest, _ in recorded.iter_rows():
+        assert figures.metadata[f"{figure}_sha256"].value == digest
