@@ -16,6 +16,7 @@ MIRROR_ENV = "EM_DATA_MIRROR"
 CACHE_ENV = "EM_CACHE_DIR"
 ARTIFACTS_ENV = "EM_ARTIFACTS_DIR"
 FIGURES_ENV = "EM_FIGURES_DIR"
+LOGS_ENV = "EM_LOGS_DIR"
 DEVICE_ENV = "EM_DEVICE"
 DAGSTER_HOME_ENV = "DAGSTER_HOME"
 
@@ -36,6 +37,8 @@ class Settings:
     cache_dir: Path = Path("data/cache")
     artifacts_dir: Path = Path("data/artifacts")
     figures_dir: Path = Path("data/figures")
+    # The demo's full log (Dagster events, library warnings, worker output) goes here, one file per run.
+    logs_dir: Path = Path("data/logs")
     calibration_path: Path = Path("data/judge_calibration.yaml")
     device: str = "auto"
     dagster_home: Path = Path(".dagster_home")
@@ -58,6 +61,7 @@ class Settings:
             cache_dir=path(CACHE_ENV, default.cache_dir),
             artifacts_dir=path(ARTIFACTS_ENV, default.artifacts_dir),
             figures_dir=path(FIGURES_ENV, default.figures_dir),
+            logs_dir=path(LOGS_ENV, default.logs_dir),
             device=env.get(DEVICE_ENV) or default.device,
             dagster_home=path(DAGSTER_HOME_ENV, default.dagster_home),
         )

@@ -11,6 +11,10 @@ from pathlib import Path
 from em_assets.settings import MIRROR_ENV, settings
 
 
+class MirrorError(FileNotFoundError):
+    """A pinned file the configured mirror does not hold: the mirror setting is wrong or incomplete."""
+
+
 class ChecksumError(ValueError):
     """Raised when a fetched file does not match its pinned sha256."""
 
@@ -224,7 +228,7 @@ def fetch_bytes(
             where = str(root / (source.mirror_path + ".gz"))
             return _verified(gzip.decompress(Path(where).read_bytes()), source.sha256, where)
         else:
-            raise FileNotFoundError(f"{source.mirror_path} is not in the mirror {root} ({MIRROR_ENV})")
+            raise MirrorError(f"{source.mirror_path} is not in the mirror {root} ({MIRROR_ENV})")
     if raw is None:
         cached = (cache_dir or settings().cache_dir) / "upstream" / source.mirror_path
         if cached.exists():

@@ -125,7 +125,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     current = settings()
     # The grid is checked before anything starts, so a typo fails in a second with no run written.
     _check_grid(current)
-    log_path = current.database.parent / "logs" / f"demo-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+    log_path = current.logs_dir / f"demo-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
     _stop_on_sigterm()
     start = time.perf_counter()
     print(f"[em-assets] demo: profile {current.profile}; full log in {log_path}", flush=True)

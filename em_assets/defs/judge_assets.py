@@ -106,6 +106,18 @@ def judge_agreement(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
 ) -> dg.MaterializeResult:
     grid = experiment.grid()
+    if not grid.agreement.enabled:
+        return dg.MaterializeResult(
+            metadata={"skipped": "agreement.enabled is false in the grid: the judge is not measured"},
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name="judge_agrees_with_reference",
+                    passed=False,
+                    severity=dg.AssetCheckSeverity.WARN,
+                    metadata={"measured": False},
+                )
+            ],
+        )
     reports = agreement_stage.judge_agreement(
         results.store(),
         grid,

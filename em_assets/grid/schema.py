@@ -195,6 +195,10 @@ class DistillSpec(_Strict):
 class AgreementSpec(_Strict):
     """Judge agreement with the reference on the held-out base models, and the check's warning thresholds."""
 
+    enabled: bool = Field(
+        default=True,
+        description="measure the grid's judge in the catalog (off only for a judge that is a test double)",
+    )
     held_out_base_models: list[str] = Field(
         default=["Llama-3.1-8B-Instruct", "Qwen2.5-14B-Instruct"],
         min_length=1,

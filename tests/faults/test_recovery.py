@@ -123,6 +123,7 @@ def demo(tmp_path, tiny_model_dir, mirror) -> Demo:
         "EM_CACHE_DIR": str(tmp_path / "cache"),
         "EM_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
         "EM_FIGURES_DIR": str(tmp_path / "figures"),
+        "EM_LOGS_DIR": str(tmp_path / "logs"),
         "EM_DEVICE": "cpu",
         KEY_ENV: SECRET,
     }

@@ -66,6 +66,9 @@ def tiny_grid(
                 },
                 "sampling": {"samples_per_question": samples, "max_new_tokens": 6, "batch_size": 4},
                 "judge": judge,
+                # The judge here is a tiny model or a scripted server: measuring it against GPT-4o would only
+                # spend requests; the agreement tests turn it on with a small split.
+                "agreement": {"enabled": False},
             }
         }
     }
