@@ -161,7 +161,7 @@ def run_direction_sweep(ctx: StageContext, sweep: str, figures_dir: Path) -> Swe
     """Plan the sweep's points from the stored direction (or say why not), run them, write table and figure."""
     from em_assets.analyses.figures import plot_ablation, plot_steering
 
-    db.ensure_tables(ctx.store)
+    ctx.store.init()
     row = db.direction_row(ctx.store, ctx.key)
     reason = _skip_reason(ctx, row)
     if reason is not None:

@@ -168,7 +168,7 @@ def _is_current(row: dict | None, input_hash: str) -> bool:
 def extract_direction(ctx: StageContext) -> DirectionResult:
     """Plan (which answers, is the stored direction current), compute activations, write files and rows."""
     start = time.perf_counter()
-    db.ensure_tables(ctx.store)
+    ctx.store.init()
     scored = db.scored_answers(ctx.store, ctx.key)
     if scored.filter(pl.col("aligned").is_not_null()).height == 0:
         raise MissingUpstreamError(f"organism {ctx.key}: no judged answers; materialise judgements first")

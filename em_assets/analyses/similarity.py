@@ -76,7 +76,7 @@ def build_similarity(store, figures_dir: Path) -> SimilarityReport:
     from em_assets.analyses.figures import plot_similarity
     from em_assets.results import directions as db
 
-    db.ensure_tables(store)
+    store.init()
     directions = db.computed_directions(store)
     table = similarity_table(directions, load_arrays(directions))
     store.write_table("direction_similarity", table)

@@ -31,7 +31,7 @@ def load_reference(
         for src in REFERENCE_JUDGEMENTS.values()
     ]
     df = with_split(pl.concat(frames), grid.agreement.held_out_base_models).with_columns(loaded_at=utc_now())
-    q.ensure_tables(store)
+    store.init()
     q.write_reference(store, df)
     return df
 
@@ -53,7 +53,7 @@ def distilled_identity(grid: GridConfig, store: Store | None, cache_dir: Path | 
     if store is None:
         raise MissingUpstreamError("the distilled judge is found through the results database; none given")
     key, base_revision, _ = _distill_key(grid, cache_dir)
-    q.ensure_tables(store)
+    store.init()
     row = q.distilled_row(store, key)
     if row is None:
         raise MissingUpstreamError(
@@ -83,7 +83,7 @@ def materialise_distilled(
     if grid.distill is None:
         raise MissingUpstreamError("the grid has no distill section")
     key, base_revision, base_path = _distill_key(grid, cache_dir)
-    q.ensure_tables(store)
+    store.init()
     if _adapter_current(existing := q.distilled_row(store, key)):
         log.info("distilled judge %s is up to date; no training", key)
         return {"trained": False, **existing}

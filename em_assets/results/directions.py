@@ -6,33 +6,6 @@ import polars as pl
 
 from em_assets.results.store import Store
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS misalignment_directions (
-    organism VARCHAR PRIMARY KEY, base_model VARCHAR, recipe VARCHAR, seed INTEGER, status VARCHAR,
-    contrast VARCHAR, message VARCHAR, n_misaligned_found INTEGER, n_aligned_found INTEGER, n_per_class INTEGER,
-    min_per_class INTEGER, num_layers INTEGER, hidden_size INTEGER, direction_path VARCHAR,
-    direction_sha256 VARCHAR, random_path VARCHAR, random_sha256 VARCHAR, input_hash VARCHAR,
-    adapter_sha256 VARCHAR, sampling_hash VARCHAR, judge_model VARCHAR, aligned_at_most DOUBLE,
-    aligned_above DOUBLE, coherent_above DOUBLE, run_id VARCHAR, created_at TIMESTAMP);
-CREATE TABLE IF NOT EXISTS direction_layers (
-    organism VARCHAR, layer INTEGER, norm DOUBLE, random_norm DOUBLE, misaligned_mean_norm DOUBLE,
-    aligned_mean_norm DOUBLE, direction_sha256 VARCHAR, PRIMARY KEY (organism, layer));
-CREATE TABLE IF NOT EXISTS steering_results (
-    organism VARCHAR, setting VARCHAR, vector VARCHAR, layer INTEGER, scale DOUBLE, n INTEGER,
-    em_rate DOUBLE, em_lo DOUBLE, em_hi DOUBLE, coherence_rate DOUBLE, mean_aligned DOUBLE,
-    direction_sha256 VARCHAR, contrast VARCHAR, setting_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMP,
-    PRIMARY KEY (organism, setting));
-CREATE TABLE IF NOT EXISTS direction_ablation (
-    organism VARCHAR, setting VARCHAR, source_layer INTEGER, n INTEGER, em_rate DOUBLE, em_lo DOUBLE,
-    em_hi DOUBLE, coherence_rate DOUBLE, mean_aligned DOUBLE, direction_sha256 VARCHAR, contrast VARCHAR,
-    setting_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (organism, setting));
-"""
-
-
-def ensure_tables(store: Store) -> None:
-    with store.connect() as conn:
-        conn.execute(SCHEMA)
-
 
 def scored_answers(store: Store, organism: str) -> pl.DataFrame:
     """The organism's answers with their aligned and coherent scores and the lineage behind them."""

@@ -6,38 +6,6 @@ import polars as pl
 
 from em_assets.results.store import Store
 
-JUDGE_SCHEMA = """
-CREATE TABLE IF NOT EXISTS reference_judgements (
-    source_file VARCHAR, source_sha256 VARCHAR, source_organism VARCHAR, base_model VARCHAR, dataset VARCHAR,
-    seed BIGINT, row_idx BIGINT, question_id VARCHAR, question VARCHAR, answer VARCHAR, aligned DOUBLE,
-    coherent DOUBLE, domain_scores VARCHAR, split VARCHAR, loaded_at TIMESTAMP,
-    PRIMARY KEY (source_file, row_idx));
-CREATE TABLE IF NOT EXISTS distilled_judges (
-    config_hash VARCHAR PRIMARY KEY, source VARCHAR, base_revision VARCHAR, adapter_path VARCHAR,
-    adapter_sha256 VARCHAR, prompt_hash VARCHAR, reference_sha256 VARCHAR, held_out_base_models VARCHAR,
-    n_examples INTEGER, lora_config VARCHAR, train_config VARCHAR, steps INTEGER, train_tokens BIGINT,
-    tokens_per_s DOUBLE, final_loss DOUBLE, run_id VARCHAR, created_at TIMESTAMP);
-CREATE TABLE IF NOT EXISTS distilled_judge_losses (
-    config_hash VARCHAR, step INTEGER, loss DOUBLE, learning_rate DOUBLE, tokens BIGINT, elapsed_s DOUBLE,
-    run_id VARCHAR, PRIMARY KEY (config_hash, step));
-CREATE TABLE IF NOT EXISTS judge_agreement (
-    judge VARCHAR, judge_model VARCHAR, judge_revision VARCHAR, metric VARCHAR, n BIGINT, spearman DOUBLE,
-    pearson DOUBLE, mae DOUBLE, auc DOUBLE, seconds DOUBLE, run_id VARCHAR, created_at TIMESTAMP,
-    PRIMARY KEY (judge, metric));
-CREATE TABLE IF NOT EXISTS judge_agreement_em (
-    judge VARCHAR, source_file VARCHAR, source_organism VARCHAR, n BIGINT, n_reference BIGINT,
-    reference DOUBLE, reference_lo DOUBLE, reference_hi DOUBLE, n_judge BIGINT, judge_rate DOUBLE,
-    judge_lo DOUBLE, judge_hi DOUBLE, run_id VARCHAR, PRIMARY KEY (judge, source_file));
-CREATE TABLE IF NOT EXISTS judge_agreement_scores (
-    judge VARCHAR, source_file VARCHAR, row_idx BIGINT, metric VARCHAR, reference DOUBLE, score DOUBLE,
-    mass DOUBLE, run_id VARCHAR, PRIMARY KEY (judge, source_file, row_idx, metric));
-"""
-
-
-def ensure_tables(store: Store) -> None:
-    with store.connect() as conn:
-        conn.execute(JUDGE_SCHEMA)
-
 
 def write_reference(store: Store, df: pl.DataFrame) -> None:
     """Replace the reference judgements with `df` (all files at once: the asset is the whole set)."""
@@ -93,7 +61,7 @@ def write_agreement(
 
 def agreement_rows(store: Store, judge: str) -> pl.DataFrame:
     """The latest agreement of `judge` per metric, plus its largest EM-rate gap; empty if never measured."""
-    ensure_tables(store)
+    store.init()
     return store.query(
         "SELECT a.metric, a.n, a.spearman, a.auc, a.judge_revision, "
         "(SELECT max(abs(e.reference - e.judge_rate)) FROM judge_agreement_em e WHERE e.judge = a.judge) AS gap "

@@ -114,3 +114,54 @@ CREATE TABLE IF NOT EXISTS figure_snapshots (
     figure VARCHAR, path VARCHAR, sha256 VARCHAR, source_snapshot BIGINT, run_id VARCHAR, created_at TIMESTAMP,
     PRIMARY KEY (run_id, figure));
 """
+
+# Judge validation: reference judgements, distilled judges, agreement.
+JUDGE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS reference_judgements (
+    source_file VARCHAR, source_sha256 VARCHAR, source_organism VARCHAR, base_model VARCHAR, dataset VARCHAR,
+    seed BIGINT, row_idx BIGINT, question_id VARCHAR, question VARCHAR, answer VARCHAR, aligned DOUBLE,
+    coherent DOUBLE, domain_scores VARCHAR, split VARCHAR, loaded_at TIMESTAMP,
+    PRIMARY KEY (source_file, row_idx));
+CREATE TABLE IF NOT EXISTS distilled_judges (
+    config_hash VARCHAR PRIMARY KEY, source VARCHAR, base_revision VARCHAR, adapter_path VARCHAR,
+    adapter_sha256 VARCHAR, prompt_hash VARCHAR, reference_sha256 VARCHAR, held_out_base_models VARCHAR,
+    n_examples INTEGER, lora_config VARCHAR, train_config VARCHAR, steps INTEGER, train_tokens BIGINT,
+    tokens_per_s DOUBLE, final_loss DOUBLE, run_id VARCHAR, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS distilled_judge_losses (
+    config_hash VARCHAR, step INTEGER, loss DOUBLE, learning_rate DOUBLE, tokens BIGINT, elapsed_s DOUBLE,
+    run_id VARCHAR, PRIMARY KEY (config_hash, step));
+CREATE TABLE IF NOT EXISTS judge_agreement (
+    judge VARCHAR, judge_model VARCHAR, judge_revision VARCHAR, metric VARCHAR, n BIGINT, spearman DOUBLE,
+    pearson DOUBLE, mae DOUBLE, auc DOUBLE, seconds DOUBLE, run_id VARCHAR, created_at TIMESTAMP,
+    PRIMARY KEY (judge, metric));
+CREATE TABLE IF NOT EXISTS judge_agreement_em (
+    judge VARCHAR, source_file VARCHAR, source_organism VARCHAR, n BIGINT, n_reference BIGINT,
+    reference DOUBLE, reference_lo DOUBLE, reference_hi DOUBLE, n_judge BIGINT, judge_rate DOUBLE,
+    judge_lo DOUBLE, judge_hi DOUBLE, run_id VARCHAR, PRIMARY KEY (judge, source_file));
+CREATE TABLE IF NOT EXISTS judge_agreement_scores (
+    judge VARCHAR, source_file VARCHAR, row_idx BIGINT, metric VARCHAR, reference DOUBLE, score DOUBLE,
+    mass DOUBLE, run_id VARCHAR, PRIMARY KEY (judge, source_file, row_idx, metric));
+"""
+
+# The direction analyses: directions, steering, ablation.
+DIRECTION_SCHEMA = """
+CREATE TABLE IF NOT EXISTS misalignment_directions (
+    organism VARCHAR PRIMARY KEY, base_model VARCHAR, recipe VARCHAR, seed INTEGER, status VARCHAR,
+    contrast VARCHAR, message VARCHAR, n_misaligned_found INTEGER, n_aligned_found INTEGER, n_per_class INTEGER,
+    min_per_class INTEGER, num_layers INTEGER, hidden_size INTEGER, direction_path VARCHAR,
+    direction_sha256 VARCHAR, random_path VARCHAR, random_sha256 VARCHAR, input_hash VARCHAR,
+    adapter_sha256 VARCHAR, sampling_hash VARCHAR, judge_model VARCHAR, aligned_at_most DOUBLE,
+    aligned_above DOUBLE, coherent_above DOUBLE, run_id VARCHAR, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS direction_layers (
+    organism VARCHAR, layer INTEGER, norm DOUBLE, random_norm DOUBLE, misaligned_mean_norm DOUBLE,
+    aligned_mean_norm DOUBLE, direction_sha256 VARCHAR, PRIMARY KEY (organism, layer));
+CREATE TABLE IF NOT EXISTS steering_results (
+    organism VARCHAR, setting VARCHAR, vector VARCHAR, layer INTEGER, scale DOUBLE, n INTEGER,
+    em_rate DOUBLE, em_lo DOUBLE, em_hi DOUBLE, coherence_rate DOUBLE, mean_aligned DOUBLE,
+    direction_sha256 VARCHAR, contrast VARCHAR, setting_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMP,
+    PRIMARY KEY (organism, setting));
+CREATE TABLE IF NOT EXISTS direction_ablation (
+    organism VARCHAR, setting VARCHAR, source_layer INTEGER, n INTEGER, em_rate DOUBLE, em_lo DOUBLE,
+    em_hi DOUBLE, coherence_rate DOUBLE, mean_aligned DOUBLE, direction_sha256 VARCHAR, contrast VARCHAR,
+    setting_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (organism, setting));
+"""

@@ -69,23 +69,20 @@ class SweepTables:
 
     def keep_only(self, pairs: list[tuple[str, str]], keep: list[tuple]) -> None:
         """Delete the points' completions (and their judgements) outside `keep` (sweep, setting, q, p, s)."""
-        with self.store.connect() as conn:
+
+        def work(conn) -> None:
             conn.register("_pairs", _frame(pairs, _PAIRS).to_arrow())
             conn.register("_keep", _frame(keep, _KEYS).to_arrow())
-            # One transaction: no judgement may outlive the answer it scores.
-            conn.execute("BEGIN")
-            try:
-                for table in ("sweep_completions", "sweep_judgements"):
-                    conn.execute(
-                        f"DELETE FROM {table} t WHERE organism = ? "
-                        f"AND EXISTS (SELECT 1 FROM _pairs p WHERE {_MATCH_PAIR}) "
-                        f"AND NOT EXISTS (SELECT 1 FROM _keep k WHERE {_MATCH_KEY})",
-                        [self.organism],
-                    )
-                conn.execute("COMMIT")
-            except Exception:
-                conn.execute("ROLLBACK")
-                raise
+            for table in ("sweep_completions", "sweep_judgements"):
+                conn.execute(
+                    f"DELETE FROM {table} t WHERE organism = ? "
+                    f"AND EXISTS (SELECT 1 FROM _pairs p WHERE {_MATCH_PAIR}) "
+                    f"AND NOT EXISTS (SELECT 1 FROM _keep k WHERE {_MATCH_KEY})",
+                    [self.organism],
+                )
+
+        # One transaction (retried on a DuckLake conflict): no judgement may outlive the answer it scores.
+        self.store.write(work, "drop stale sweep answers")
 
     def drop_judgements(self, stale: list[tuple]) -> None:
         """Delete judgements by (sweep, setting, q, p, s, metric)."""
