@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from em_assets.analyses.steering import Ablate, Steer
-from em_assets.analyses.sweep import PointResult, SweepPoint, run_sweep
+from em_assets.analyses.sweep import PointResult, SweepPoint, narrowed, run_sweep
 from em_assets.context import StageContext
 from em_assets.reports.metrics import rates_by
 from em_assets.results import directions as db
@@ -169,7 +169,13 @@ def run_direction_sweep(ctx: StageContext, sweep: str, figures_dir: Path) -> Swe
         ctx.log.info(f"{ctx.key}: {sweep} skipped: {reason}")
         return SweepReport(sweep, False, reason, pl.DataFrame())
     pairs = (steering_points if sweep == STEERING else ablation_points)(ctx, row)
-    results = run_sweep(_hf_context(ctx), [p for p, _ in pairs])
+    sweep_ctx = _hf_context(ctx)
+    if sweep == STEERING:
+        # Every steering point, the unsteered one included, is sampled here, so all may ask fewer, shorter
+        # questions; ablation compares with the organism's own answers and keeps their questions and length.
+        spec = ctx.grid.directions
+        sweep_ctx = narrowed(sweep_ctx, spec.max_new_tokens, spec.question_ids)
+    results = run_sweep(sweep_ctx, [p for p, _ in pairs])
     if sweep == ABLATION:
         pairs, results = [(None, {"source_layer": None}), *pairs], [before_ablation(ctx), *results]
     table = _rows(ctx, row, pairs, results)

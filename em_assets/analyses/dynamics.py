@@ -7,14 +7,13 @@ note saying why.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
 
-from em_assets.analyses.sweep import PointResult, SweepPoint, run_sweep
+from em_assets.analyses.sweep import PointResult, SweepPoint, narrowed, run_sweep
 from em_assets.context import MissingUpstreamError, StageContext
 from em_assets.results.queries import adapter_row
 from em_assets.results.store import utc_now
@@ -56,14 +55,8 @@ def skip_reason(ctx: StageContext) -> str | None:
 
 
 def sweep_context(ctx: StageContext) -> StageContext:
-    """The context the dynamics sweeps sample with: the grid's sampling and eval questions, narrowed by
-    dynamics.max_new_tokens and dynamics.question_ids where set."""
-    dyn, grid = ctx.grid.dynamics, ctx.grid
-    sampling = grid.sampling.model_copy(
-        update={"max_new_tokens": dyn.max_new_tokens or grid.sampling.max_new_tokens}
-    )
-    evals = grid.eval.model_copy(update={"question_ids": dyn.question_ids or grid.eval.question_ids})
-    return dataclasses.replace(ctx, grid=grid.model_copy(update={"sampling": sampling, "eval": evals}))
+    """The context the dynamics sweeps sample with (dynamics.max_new_tokens and question_ids where set)."""
+    return narrowed(ctx, ctx.grid.dynamics.max_new_tokens, ctx.grid.dynamics.question_ids)
 
 
 def _skipped(ctx: StageContext, table: str, note: str) -> DynamicsResult:

@@ -4,6 +4,7 @@ re-run samples and judges nothing twice, the judge cache shared), summarised per
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -113,6 +114,17 @@ def check_points(ctx: StageContext, points: Sequence[SweepPoint]) -> None:
     missing = [p.adapter_path for p in points if p.adapter_path and not Path(p.adapter_path).is_dir()]
     if missing:
         raise MissingUpstreamError(f"{ctx.key}: sweep adapters not found: {missing}")
+
+
+def narrowed(ctx: StageContext, max_new_tokens: int | None, question_ids: list[str] | None) -> StageContext:
+    """The context a sweep samples with: the grid's sampling and eval questions, with a shorter answer length
+    and a subset of the questions where given (a sweep has many points, the organism one)."""
+    grid = ctx.grid
+    sampling = grid.sampling.model_copy(
+        update={"max_new_tokens": max_new_tokens or grid.sampling.max_new_tokens}
+    )
+    evals = grid.eval.model_copy(update={"question_ids": question_ids or grid.eval.question_ids})
+    return dataclasses.replace(ctx, grid=grid.model_copy(update={"sampling": sampling, "eval": evals}))
 
 
 def run_sweep(

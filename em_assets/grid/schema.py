@@ -287,6 +287,12 @@ class DirectionsSpec(_Strict):
     samples_per_question: int = Field(
         default=50, ge=1, description="samples per question at each sweep point"
     )
+    max_new_tokens: int | None = Field(
+        default=None, ge=1, description="Answer length in the steering sweep; null: sampling.max_new_tokens."
+    )
+    question_ids: list[str] | None = Field(
+        default=None, min_length=1, description="Eval questions the steering sweep asks; null: every one."
+    )
     control_seed: int = Field(default=0, description="seed of the random control vectors")
 
     @staticmethod
