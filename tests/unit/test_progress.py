@@ -8,7 +8,8 @@ import sys
 import uuid
 
 import dagster as dg
-from em_assets.progress import ProgressConsole, output_to_log
+
+from em_assets.cli.progress import ProgressConsole, output_to_log
 
 
 @dg.asset
