@@ -152,3 +152,34 @@ def test_questions_without_judge_prompts_are_refused_and_nothing_written(ws, tmp
             fresh, ws.changed_grid(lambda p: p["judge"].update(metrics=["aligned", "harm"])), str(mirror)
         )
     assert count(fresh.path, "eval_questions") == 0 and count(fresh.path, "judge_prompts") == 0
+
+
+def test_the_resources_cache_dir_is_the_upstream_download_cache(tmp_path, monkeypatch, mirror):
+    """Regression: ExperimentResource.cache_dir reached the model cache only; upstream files were looked up in
+    EM_CACHE_DIR (default data/cache), so a configured cache was never used and the catalog went to the network."""
+    import urllib.request
+
+    import dagster as dg
+
+    from em_assets.defs.catalog_assets import eval_questions
+    from em_assets.defs.resources import ExperimentResource, ResultsDB
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("fetched from the network: the download cache was not used")
+
+    monkeypatch.delenv("EM_DATA_MIRROR", raising=False)
+    monkeypatch.delenv("EM_CACHE_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # the default data/cache is an empty folder here
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    cache = tmp_path / "configured-cache"
+    source = SOURCES["first_plot_questions"]
+    (cache / "upstream" / source.mirror_path).parent.mkdir(parents=True)
+    shutil.copy(mirror / source.mirror_path, cache / "upstream" / source.mirror_path)
+    grid = tmp_path / "grid.yaml"
+    shutil.copy(Path(__file__).resolve().parents[2] / "data" / "grid.yaml", grid)
+    resources = {
+        "experiment": ExperimentResource(grid_path=str(grid), profile="demo", cache_dir=str(cache)),
+        "results": ResultsDB(database=str(tmp_path / "results.duckdb")),
+    }
+    assert dg.materialize([eval_questions], resources=resources).success
+    assert count(tmp_path / "results.duckdb", "eval_questions") > 0

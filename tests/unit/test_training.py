@@ -346,3 +346,26 @@ def test_diverging_training_stops_with_the_step_number_and_writes_nothing(ws):
     assert finite == list(range(1, info.value.step)) and info.value.step >= 2
     assert f"step {info.value.step}:" in str(info.value)
     assert count(ws.db, "lora_adapters") == 0 and count(ws.db, "training_losses") == 0
+
+
+def test_one_rule_decides_what_counts_as_the_same_training():
+    """Regression: the adapter's config hash took save_steps in, the checkpoint-resume hash left it out, so
+    they disagreed on whether two recipes train the same weights. Both now use TrainSpec.trained_settings()."""
+    from em_assets.grid.schema import RecipeSpec
+    from em_assets.training.checkpoints import training_run_hash
+    from em_assets.training.stage import adapter_config_hash
+
+    lora = LoraSpec(r=1, lora_alpha=8, target_modules=["down_proj"])
+    recipe = RecipeSpec(dataset="d", lora=lora, train=TrainSpec(save_steps=5, workers=1))
+    same = recipe.model_copy(update={"train": TrainSpec(save_steps=50, workers=2)})
+    other = recipe.model_copy(update={"train": TrainSpec(save_steps=5, learning_rate=2e-5)})
+    examples = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
+
+    def adapter(r: RecipeSpec) -> str:
+        return adapter_config_hash("rev", "dataset-sha", r, seed=0)
+
+    def resume(r: RecipeSpec) -> str:
+        return training_run_hash("a-model", examples, r.lora, r.train, 0, torch.bfloat16)
+
+    assert adapter(recipe) == adapter(same) and resume(recipe) == resume(same)
+    assert adapter(recipe) != adapter(other) and resume(recipe) != resume(other)
