@@ -57,3 +57,14 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_definitions_load_context():
+    """Dagster keeps the last definitions-load context in a class attribute, with a weak reference to the
+    instance it loaded under; once that test's instance is closed, the next materialisation in this process
+    would resolve the dead reference ("undefined DagsterInstance weakref")."""
+    yield
+    from dagster._core.definitions.definitions_load_context import DefinitionsLoadContext
+
+    DefinitionsLoadContext._instance = None

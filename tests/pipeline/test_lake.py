@@ -12,6 +12,7 @@ import duckdb
 import polars as pl
 import pytest
 from support.lake import check_concurrent_writers
+from support.paths import REPO
 
 from em_assets.cli import main
 from em_assets.grid.schema import Thresholds
@@ -183,7 +184,7 @@ def test_report_assets_record_their_snapshot_in_dagster_metadata(tmp_path):
     store = Store(db)
     store.init()
     _scored_rows(store, 0.0)
-    grid = Path(__file__).resolve().parents[1] / "data" / "grid.yaml"
+    grid = REPO / "data" / "grid.yaml"
     resources = {
         "experiment": ExperimentResource(
             grid_path=str(grid), profile="demo", figures_dir=str(tmp_path / "f")
