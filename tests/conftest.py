@@ -60,11 +60,17 @@ def one_torch_thread():
 
 
 @pytest.fixture(autouse=True)
-def _no_stale_definitions_load_context():
-    """Dagster keeps the last definitions-load context in a class attribute, with a weak reference to the
-    instance it loaded under; once that test's instance is closed, the next materialisation in this process
-    would resolve the dead reference ("undefined DagsterInstance weakref")."""
-    yield
+def _no_stale_dagster_context():
+    """Dagster keeps process-wide state that points at an instance: the last definitions-load context, and the
+    current defs-state storage (a context variable each instance sets when it is created and resets only when
+    it is disposed). An instance some test left undisposed (e.g. the CLI's `DagsterInstance.get()` run in
+    process) stays current after its folder is deleted, and a later test's materialisation then reads it:
+    "undefined DagsterInstance weakref" or "unable to open database file". Each test starts without either."""
     from dagster._core.definitions.definitions_load_context import DefinitionsLoadContext
+    from dagster._core.storage.defs_state import base as defs_state
 
     DefinitionsLoadContext._instance = None
+    defs_state._current_storage.set(None)
+    yield
+    DefinitionsLoadContext._instance = None
+    defs_state._current_storage.set(None)
