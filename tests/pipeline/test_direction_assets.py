@@ -7,6 +7,7 @@ import dagster as dg
 import polars as pl
 import pytest
 import yaml
+from dagster._core.storage.defs_state.base import set_defs_state_storage
 from support.tiny import tiny_grid
 
 from em_assets.defs.modules import ASSET_MODULES
@@ -61,9 +62,11 @@ def pipeline(tmp_path, tiny_model_dir, mirror):
 
 
 def _run(instance, assets, resources, selection, key=None):
-    result = dg.materialize(
-        assets, instance=instance, resources=resources, selection=selection, partition_key=key
-    )
+    # Load the definitions against this test's instance, whatever storage an earlier test left current.
+    with set_defs_state_storage(instance.defs_state_storage):
+        result = dg.materialize(
+            assets, instance=instance, resources=resources, selection=selection, partition_key=key
+        )
     assert result.success
     return result
 
