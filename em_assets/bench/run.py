@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 
 SMOLLM2 = ("smollm2-135m", "embedded:smollm2-135m-instruct")
+REPO = Path(__file__).resolve().parents[2]
+GRID = REPO / "data/grid.yaml"
 
 
 # A realistic answer length for judge prompts (~450 tokens with the upstream aligned template).
@@ -47,6 +49,12 @@ def load_smollm2() -> tuple:
     """(model, tokenizer) for sampling workers: a module-level function, so it pickles into spawned children."""
     model, tokenizer, _ = _model()
     return model, tokenizer
+
+
+def _demo_grid():
+    from em_assets.grid.load import load_grid
+
+    return load_grid(GRID, "demo")
 
 
 def _questions() -> tuple[list[str], str]:
@@ -168,12 +176,10 @@ def stage_training(args: argparse.Namespace) -> dict:
 
     from em_assets.catalog.parsing import parse_chat_jsonl
     from em_assets.catalog.upstream import SOURCES, fetch_bytes
-    from em_assets.grid.load import load_grid
     from em_assets.models.hub import resolve
     from em_assets.training.loop import train_lora
 
-    grid = load_grid(Path(__file__).resolve().parents[1] / "data/grid.yaml", "demo")
-    recipe = grid.recipes[args.recipe]
+    recipe = _demo_grid().recipes[args.recipe]
     examples = parse_chat_jsonl(fetch_bytes(SOURCES[recipe.dataset]), recipe.dataset)
     update = {"max_examples": args.requests, "save_steps": 10_000, "workers": args.workers}
     train = recipe.train.model_copy(update=update)
