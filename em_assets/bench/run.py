@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -142,17 +143,27 @@ def _answers(n: int) -> list[str]:
     return [" ".join(words[i % len(words) :] + words[: i % len(words)]) for i in range(n)]
 
 
-def stage_judging(args: argparse.Namespace) -> dict:
+def _judge_prompts(tokenizer, prompt: str, n: int) -> list[str]:
+    """n judge prompts on the aligned metric: the upstream template, or the distilled judge's compact prompt."""
     from em_assets.catalog.parsing import judge_prompt
+    from em_assets.judging.distill import compact_prompt
+
+    questions, template = _questions()
+    spec = _demo_grid().distill
+    # Each question's samples in a row, as the judging stage gets them: 4 a question, the demo's setting.
+    pairs = [(questions[(i // 4) % len(questions)], a) for i, a in enumerate(_answers(n))]
+    if prompt == "compact":
+        return [compact_prompt(tokenizer, spec, "aligned", q, a) for q, a in pairs]
+    return [judge_prompt(template, q, a) for q, a in pairs]
+
+
+def stage_judging(args: argparse.Namespace) -> dict:
     from em_assets.judging.local import LocalJudge
 
+    # The plain model for the compact prompt too: the distilled judge merges its adapter into these weights, so
+    # it runs at the same speed trained or not.
     model, tokenizer, _ = _model()
-    questions, template = _questions()
-    # Each question's samples in a row, as the judging stage gets them: 4 a question, the demo's setting.
-    answers = _answers(args.requests)
-    prompts = [
-        judge_prompt(template, questions[(i // 4) % len(questions)], answers[i]) for i in range(args.requests)
-    ]
+    prompts = _judge_prompts(tokenizer, args.prompt, args.requests)
     # No mass floor, as in the demo: SmolLM2 puts too little mass on numbers for upstream's 0.25.
     judge = LocalJudge(
         model, tokenizer, batch_size=args.batch, min_mass=0.0, share_prefix=bool(args.share_prefix)
@@ -226,6 +237,14 @@ def _child(name: str, **kwargs) -> dict:
     return {"stage": name, **kwargs, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
+# The judge's speed levers, measured side by side; the baseline is the upstream template without prefix reuse.
+JUDGE_RUNS = {
+    "judge_local": {"prompt": "upstream", "share_prefix": 1},
+    "judge_local_no_prefix_reuse": {"prompt": "upstream", "share_prefix": 0},
+    "judge_compact_prompt": {"prompt": "compact", "share_prefix": 1},
+}
+
+
 def run_all(quick: bool) -> dict:
     import importlib.util
 
@@ -252,9 +271,8 @@ def run_all(quick: bool) -> dict:
         )
     if importlib.util.find_spec("llama_cpp"):
         results["sample_llamacpp_b1"] = _child("llamacpp", requests=4, max_new_tokens=new)
-    for share in (1, 0):
-        key = "judge_local" if share else "judge_local_no_prefix_reuse"
-        results[key] = _child("judging", batch=16, requests=32 if quick else 96, share_prefix=share)
+    for key, options in JUDGE_RUNS.items():
+        results[key] = _child("judging", batch=16, requests=32 if quick else 96, **options)
     for recipe in ("bad-medical-r1", "insecure-r32"):
         for w in sorted({1, workers}):
             results[f"train_{recipe}_x{w}"] = _child(
@@ -263,11 +281,32 @@ def run_all(quick: bool) -> dict:
     return results
 
 
-def summarise(results: dict) -> dict:
-    from em_assets.catalog.stage import model_facts
-    from em_assets.models.hub import resolve
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a and b else None
 
-    params = model_facts(resolve(*SMOLLM2).path)[2]
+
+def _judge_levers(results: dict) -> dict:
+    """Each judge lever's speedup and share of the total, with the mean prompt tokens of each run."""
+    rate = {key: results.get(key, {}).get("judgements_per_s") for key in JUDGE_RUNS}
+    base, shared, compact = (
+        rate["judge_local_no_prefix_reuse"],
+        rate["judge_local"],
+        rate["judge_compact_prompt"],
+    )
+    total = _ratio(compact, base)
+    speedups = {"judge_prefix_reuse": _ratio(shared, base), "judge_compact_prompt": _ratio(compact, shared)}
+    lines: dict = {"judge_total_speedup": total}
+    for lever, speedup in speedups.items():
+        # The levers' speedups multiply to the total, so their logs add up to its log: a share of that.
+        share = math.log(speedup) / math.log(total) if speedup and total and total != 1 else None
+        lines |= {f"{lever}_speedup": speedup, f"{lever}_share": share}
+    for key in JUDGE_RUNS:
+        lines[f"{key}_mean_prompt_tokens"] = results.get(key, {}).get("mean_prompt_tokens")
+    return lines
+
+
+def summarise(results: dict, params: int) -> dict:
+    """Ratios against the baselines and peers of the same run, and against the compute ceiling."""
     gflops = results["matmul"].get("gflops_bf16", 0.0)
     ceiling = gflops * 1e9 / (2 * params) if gflops else None
     base = results["sample_hf_b1_fp32"].get("tok_per_s")
@@ -276,11 +315,14 @@ def summarise(results: dict) -> dict:
         if key.startswith("sample_") and r.get("tok_per_s"):
             lines[f"{key}_vs_hf_b1"] = r["tok_per_s"] / base if base else None
             lines[f"{key}_of_ceiling"] = r["tok_per_s"] / ceiling if ceiling else None
-    shared, plain = (
-        results.get(k, {}).get("judgements_per_s") for k in ("judge_local", "judge_local_no_prefix_reuse")
-    )
-    lines["judge_prefix_reuse_speedup"] = shared / plain if shared and plain else None
-    return lines
+    return {**lines, **_judge_levers(results)}
+
+
+def _model_params() -> int:
+    from em_assets.catalog.stage import model_facts
+    from em_assets.models.hub import resolve
+
+    return model_facts(resolve(*SMOLLM2).path)[2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--recipe", default="bad-medical-r1")
     parser.add_argument("--share-prefix", type=int, default=1, help="judging: reuse shared-prefix KV caches")
+    parser.add_argument(
+        "--prompt", choices=["upstream", "compact"], default="upstream", help="judging: prompt"
+    )
     parser.add_argument("--quick", action="store_true", help="smaller workloads (about 3 minutes)")
     parser.add_argument("--out", default="data/bench.json")
     args = parser.parse_args(argv)
@@ -313,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "seconds": time.perf_counter() - start,
         "results": results,
-        "summary": summarise(results),
+        "summary": summarise(results, _model_params()),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
