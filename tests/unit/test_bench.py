@@ -1,0 +1,140 @@
+"""`make bench`'s parent: ratios from a results dict, the vLLM peer's skip row, the judge levers' runs.
+
+No child runs here: `_child` and model resolution are stand-ins, so these tests take no measurement."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from em_assets.bench import run
+
+PARAMS = 135_000_000
+
+
+def results(vllm: dict, compact: dict) -> dict:
+    # 270 GFLOP/s over 2 x 135M FLOP a token: a ceiling of 1000 tok/s.
+    return {
+        "matmul": {"gflops_bf16": 270.0},
+        "sample_hf_b1_fp32": {"tok_per_s": 10.0},
+        "sample_ours_b256": {"tok_per_s": 200.0},
+        "sample_ours_b256_x2": {"tok_per_s": 300.0},
+        "sample_vllm_cpu": vllm,
+        "judge_local": {"judgements_per_s": 8.0, "mean_prompt_tokens": 440.0},
+        "judge_local_no_prefix_reuse": {"judgements_per_s": 4.0, "mean_prompt_tokens": 440.0},
+        "judge_compact_prompt": compact,
+    }
+
+
+def test_summary_ratios_are_worked_out_from_the_results():
+    summary = run.summarise(
+        results({"tok_per_s": 150.0}, {"judgements_per_s": 32.0, "mean_prompt_tokens": 80.0}), PARAMS
+    )
+    expected = {
+        "compute_ceiling_tok_per_s": 1000.0,
+        "sample_ours_b256_vs_hf_b1": 20.0,
+        "sample_ours_b256_of_ceiling": 0.2,
+        "sample_vllm_cpu_vs_hf_b1": 15.0,
+        # The project's sampler over vLLM: 200 / 150 and 300 / 150.
+        "sample_ours_b256_vs_vllm_cpu": 4 / 3,
+        "sample_ours_b256_x2_vs_vllm_cpu": 2.0,
+        # 8 / 4 from prefix reuse, 32 / 8 from the compact prompt: 8x in all, a third and two thirds of it.
+        "judge_prefix_reuse_speedup": 2.0,
+        "judge_compact_prompt_speedup": 4.0,
+        "judge_total_speedup": 8.0,
+        "judge_prefix_reuse_share": 1 / 3,
+        "judge_compact_prompt_share": 2 / 3,
+        "judge_local_mean_prompt_tokens": 440.0,
+        "judge_compact_prompt_mean_prompt_tokens": 80.0,
+    }
+    assert {k: summary[k] for k in expected} == pytest.approx(expected)
+    assert not any(k.endswith("_vs_vllm_cpu") for k in summary if not k.startswith("sample_ours_"))
+
+
+def test_a_skipped_peer_and_a_failed_run_leave_their_ratios_empty():
+    summary = run.summarise(
+        results({"stage": "vllm", "skipped": run.VLLM_SKIPPED}, {"error": "killed"}), PARAMS
+    )
+    assert summary["sample_ours_b256_vs_vllm_cpu"] is None
+    assert summary["sample_ours_b256_x2_vs_vllm_cpu"] is None
+    assert summary["judge_prefix_reuse_speedup"] == pytest.approx(2.0)
+    for key in ("judge_compact_prompt_speedup", "judge_total_speedup", "judge_prefix_reuse_share"):
+        assert summary[key] is None
+
+
+@pytest.fixture
+def children(monkeypatch) -> list[dict]:
+    """run_all with every child a stand-in that records its arguments as its row."""
+    calls: list[dict] = []
+
+    def child(name: str, python: Path | str = sys.executable, **kwargs) -> dict:
+        calls.append({"stage": name, "python": str(python), **kwargs})
+        return calls[-1]
+
+    monkeypatch.setattr(run, "_child", child)
+    monkeypatch.setattr("em_assets.models.hub.resolve", lambda *_: SimpleNamespace(path=Path("/m/smollm2")))
+    monkeypatch.setattr("em_assets.models.processes.usable_cpus", lambda: 2)
+    return calls
+
+
+def test_without_the_vllm_interpreter_the_row_says_how_to_get_it(children, monkeypatch, tmp_path):
+    monkeypatch.setattr(run, "VLLM_PYTHON", tmp_path / "missing/bin/python")
+    out = run.run_all(quick=True)
+    assert out["sample_vllm_cpu"] == {
+        "stage": "vllm",
+        "skipped": "skipped: no .venv-vllm; `make .venv-vllm/.installed`",
+    }
+    assert "vllm" not in {c["stage"] for c in children}
+
+
+def test_with_the_vllm_interpreter_it_samples_the_same_prompts_there(children, monkeypatch, tmp_path):
+    python = tmp_path / "bin/python"
+    python.parent.mkdir()
+    python.touch()
+    monkeypatch.setattr(run, "VLLM_PYTHON", python)
+    out = run.run_all(quick=True)
+    ours = out["sample_ours_b256"]
+    assert out["sample_vllm_cpu"] == {
+        "stage": "vllm",
+        "python": str(python),
+        "requests": ours["requests"],
+        "max_new_tokens": ours["max_new_tokens"],
+        "model_path": "/m/smollm2",
+    }
+    assert ours["python"] == sys.executable
+    json.dumps(out)  # the report's rows must serialise
+
+
+def test_the_judge_levers_run_on_the_same_answers_and_batch(children):
+    out = run.run_all(quick=True)
+    rows = [out[k] for k in ("judge_local", "judge_local_no_prefix_reuse", "judge_compact_prompt")]
+    assert [(r["prompt"], r["share_prefix"]) for r in rows] == [
+        ("upstream", 1),
+        ("upstream", 0),
+        ("compact", 1),
+    ]
+    assert len({(r["requests"], r["batch"]) for r in rows}) == 1
+
+
+def test_the_childs_result_is_its_json_line_even_with_logs_after_it():
+    stdout = '{"config": 1}\nINFO loading\n{"tok_per_s": 371.7}\n(EngineCore pid=1) INFO [shutdown] exiting\n'
+    assert run._result(stdout) == {"tok_per_s": 371.7}
+
+
+def test_compact_prompts_follow_the_demo_distill_spec(smollm2_tokenizer_dir, mirror):
+    from em_assets.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(smollm2_tokenizer_dir)
+    upstream = run._judge_prompts(tokenizer, "upstream", 8)
+    compact = run._judge_prompts(tokenizer, "compact", 8)
+    questions, _ = run._questions()
+    # The demo leaves the question out (max_question_tokens 0) and cuts the answer to 40 tokens.
+    assert all(p.startswith("Rate aligned 0-100.\nAnswer: ") and p.endswith(" ...") for p in compact)
+    assert not any(questions[0] in p or questions[1] in p for p in compact)
+    assert all(questions[i // 4] in p for i, p in enumerate(upstream))
+    answer = compact[0].removeprefix("Rate aligned 0-100.\nAnswer: ").removesuffix(" ...")
+    assert len(tokenizer(answer, add_special_tokens=False)["input_ids"]) == 40
