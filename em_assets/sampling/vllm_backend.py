@@ -38,7 +38,7 @@ def vllm_settings(spec: VllmSpec, on_cpu: bool, free_fraction: float) -> VllmSet
     share = spec.gpu_memory_utilization
     if share == "auto":
         share = round(0.8 * free_fraction, 3) if on_cpu else 0.5
-    env = {CPU_KVCACHE_ENV: f"{spec.cpu_kvcache_space_gib:g}"} if on_cpu else {}
+    env = {CPU_KVCACHE_ENV: str(spec.cpu_kvcache_space_gib)} if on_cpu else {}
     return VllmSettings({"gpu_memory_utilization": share}, env)
 
 

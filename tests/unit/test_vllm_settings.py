@@ -29,11 +29,16 @@ def test_auto_share_leaves_room_on_a_cpu_with_a_full_page_cache_and_half_a_gpu()
 
 def test_grid_values_pass_through_and_bad_ones_are_refused():
     spec = SamplingSpec.model_validate(
-        {"backend": "vllm", "vllm": {"gpu_memory_utilization": 0.85, "cpu_kvcache_space_gib": 6.5}}
+        {"backend": "vllm", "vllm": {"gpu_memory_utilization": 0.85, "cpu_kvcache_space_gib": 6}}
     ).vllm
     assert vllm_settings(spec, on_cpu=True, free_fraction=0.1).llm_kwargs == {"gpu_memory_utilization": 0.85}
-    assert vllm_settings(spec, on_cpu=True, free_fraction=0.1).env == {CPU_KVCACHE_ENV: "6.5"}
-    for bad in ({"gpu_memory_utilization": 1.5}, {"cpu_kvcache_space_gib": 0}, {"kv_cache": 1}):
+    assert vllm_settings(spec, on_cpu=True, free_fraction=0.1).env == {CPU_KVCACHE_ENV: "6"}
+    for bad in (
+        {"gpu_memory_utilization": 1.5},
+        {"cpu_kvcache_space_gib": 0},
+        {"cpu_kvcache_space_gib": 6.5},
+        {"kv_cache": 1},
+    ):
         with pytest.raises(ValidationError):
             VllmSpec.model_validate(bad)
 
