@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 from em_assets.context import MissingUpstreamError, StageContext
 from em_assets.judging.judges import judge_identity, make_judge, prompt_hash_for, render_prompt
-from em_assets.judging.stage import judge_cache_key, score_and_cache
+from em_assets.judging.stage import judge_cache_key, score_chunks
 from em_assets.results.queries import cached_scores, judge_prompts
 from em_assets.results.store import utc_now
 from em_assets.results.sweeps import SweepTables
@@ -53,19 +53,19 @@ def judge_sweep(
         return counts
     judge = make_judge(ctx.grid, path, ctx.device)
     by_pair = {p.pair: p for p in points}
-    for offset in range(0, len(todo), JUDGE_CHUNK):
-        part = todo[offset : offset + JUDGE_CHUNK]
-        texts = [
-            render_prompt(
-                judge,
-                needed[k]["template"]["prompt"],
-                k[5],
-                needed[k]["completion"]["question"],
-                needed[k]["completion"]["answer"],
-            )
-            for k in part
-        ]
-        scores = score_and_cache(judge, ctx.store, texts, [needed[k]["cache_key"] for k in part])
+    texts = [
+        render_prompt(
+            judge,
+            needed[k]["template"]["prompt"],
+            k[5],
+            needed[k]["completion"]["question"],
+            needed[k]["completion"]["answer"],
+        )
+        for k in todo
+    ]
+    cache_keys = [needed[k]["cache_key"] for k in todo]
+    for offset, scores in score_chunks(judge, ctx.store, texts, cache_keys, JUDGE_CHUNK):
+        part = todo[offset : offset + len(scores)]
         tables.append_judgements(
             [row(k, s["score"], s["mass"], s["probs"]) for k, s in zip(part, scores, strict=True)]
         )

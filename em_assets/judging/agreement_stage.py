@@ -18,10 +18,10 @@ from em_assets.grid.schema import GridConfig, JudgeSpec
 from em_assets.judging import distill
 from em_assets.judging.agreement import MetricAgreement, metric_agreement
 from em_assets.judging.judges import judge_identity, make_judge, prompt_hash_for, render_prompt
-from em_assets.judging.stage import judge_cache_key
+from em_assets.judging.stage import judge_cache_key, score_chunks
 from em_assets.reports.metrics import em_summary
 from em_assets.results import judge_queries as q
-from em_assets.results.store import Store, to_json, utc_now
+from em_assets.results.store import Store, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -84,24 +84,12 @@ def _items(rows: pl.DataFrame, spec: JudgeSpec, identity: tuple, templates: dict
 
 def _score_missing(store: Store, judge, todo: list[dict], chunk: int) -> None:
     """Score what the judge cache lacks, writing each chunk to the cache as it finishes (a rerun resumes)."""
-    for offset in range(0, len(todo), chunk):
-        part = todo[offset : offset + chunk]
-        texts = [
-            render_prompt(judge, it["template"], it["metric"], it["row"]["question"], it["row"]["answer"])
-            for it in part
-        ]
-        rows = [
-            {
-                "cache_key": it["cache_key"],
-                "score": s.score,
-                "mass": s.mass,
-                "probs": to_json({str(n): p for n, p in sorted(s.probs.items())}),
-                "created_at": utc_now(),
-            }
-            for it, s in zip(part, judge.score(texts), strict=True)
-        ]
-        store.append_rows("judge_cache", pl.DataFrame(rows, infer_schema_length=None))
-        log.info("judge agreement: scored %d/%d", offset + len(part), len(todo))
+    texts = [
+        render_prompt(judge, it["template"], it["metric"], it["row"]["question"], it["row"]["answer"])
+        for it in todo
+    ]
+    for offset, scores in score_chunks(judge, store, texts, [it["cache_key"] for it in todo], chunk):
+        log.info("judge agreement: scored %d/%d", offset + len(scores), len(todo))
 
 
 def score_reference(

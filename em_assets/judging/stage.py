@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import polars as pl
@@ -114,19 +114,26 @@ def score_and_cache(scorer, store: Store, prompts: Sequence[str], cache_keys: Se
     return scores
 
 
+def score_chunks(
+    scorer, store: Store, prompts: Sequence[str], cache_keys: Sequence[str], chunk_size: int
+) -> Iterator[tuple[int, list[dict]]]:
+    """Score prompts chunk by chunk through the judge cache, yielding (offset, scores) as each chunk ends, so
+    callers write their rows before the next chunk starts (a killed run loses one chunk at most)."""
+    for offset in range(0, len(prompts), chunk_size):
+        end = offset + chunk_size
+        yield offset, score_and_cache(scorer, store, prompts[offset:end], cache_keys[offset:end])
+
+
 def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_size: int) -> int:
     """Score `todo` with the grid's judge in chunks, writing judgements and cache rows as each chunk ends."""
     scorer = make_judge(ctx.grid, judge.path, ctx.device)
+    texts = [
+        render_prompt(scorer, v.template["prompt"], k[3], v.completion["question"], v.completion["answer"])
+        for k, v in todo
+    ]
     scored = 0
-    for offset in range(0, len(todo), chunk_size):
-        part = todo[offset : offset + chunk_size]
-        texts = [
-            render_prompt(
-                scorer, v.template["prompt"], k[3], v.completion["question"], v.completion["answer"]
-            )
-            for k, v in part
-        ]
-        scores = score_and_cache(scorer, ctx.store, texts, [v.cache_key for _, v in part])
+    for offset, scores in score_chunks(scorer, ctx.store, texts, [v.cache_key for _, v in todo], chunk_size):
+        part = todo[offset : offset + len(scores)]
         rows = [judgement_row(ctx, judge, k, v, s) for (k, v), s in zip(part, scores, strict=True)]
         ctx.store.append_rows("judgements", pl.DataFrame(rows, infer_schema_length=None))
         scored += len(rows)
