@@ -7,12 +7,11 @@ import dagster as dg
 import polars as pl
 import pytest
 import yaml
-from dagster._core.storage.defs_state.base import set_defs_state_storage
+from support.pipeline import materialize, pipeline_resources
 from support.tiny import tiny_grid
 
 from em_assets.defs.modules import ASSET_MODULES
 from em_assets.defs.partitions import organisms
-from em_assets.defs.resources import ExperimentResource, ResultsDB
 from em_assets.results.store import Store
 
 ORGANISM = [
@@ -45,30 +44,13 @@ def pipeline(tmp_path, tiny_model_dir, mirror):
         "sweep_recipes": ["med-r1"],
     }
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(doc))
-    resources = {
-        "experiment": ExperimentResource(
-            grid_path=str(tmp_path / "grid.yaml"),
-            profile="test",
-            data_mirror=str(mirror),
-            cache_dir=str(tmp_path / "cache"),
-            artifacts_dir=str(tmp_path / "artifacts"),
-            figures_dir=str(tmp_path / "figures"),
-            device="cpu",
-        ),
-        "results": ResultsDB(database=str(tmp_path / "results.duckdb")),
-    }
+    resources = pipeline_resources(tmp_path, tmp_path / "grid.yaml", mirror)
     with dg.instance_for_test() as instance:
         yield instance, dg.load_assets_from_modules(ASSET_MODULES), resources, tmp_path
 
 
 def _run(instance, assets, resources, selection, key=None):
-    # Load the definitions against this test's instance, whatever storage an earlier test left current.
-    with set_defs_state_storage(instance.defs_state_storage):
-        result = dg.materialize(
-            assets, instance=instance, resources=resources, selection=selection, partition_key=key
-        )
-    assert result.success
-    return result
+    return materialize(instance, resources, selection, key, assets)
 
 
 def test_directions_and_similarity_materialise(pipeline):

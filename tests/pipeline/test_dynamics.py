@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from support.pipeline import materialize, pipeline_resources
 from support.tiny import tiny_grid
 
 from em_assets.analyses.lora import lora_factors, write_scaled_adapter
 from em_assets.analyses.trajectory import cosine, local_cosines, module_trajectory, pca_2d
 from em_assets.defs.modules import ASSET_MODULES
 from em_assets.defs.partitions import organisms
-from em_assets.defs.resources import ExperimentResource, ResultsDB
 from em_assets.grid.schema import LoraSpec, TrainSpec
 from em_assets.results.store import Store
 from em_assets.training.checkpoints import KEPT_DIR
@@ -165,18 +165,7 @@ def pipeline(tmp_path, tiny_model_dir, mirror):
         "question_ids": ["quick_buck"],
     }
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(doc))
-    resources = {
-        "experiment": ExperimentResource(
-            grid_path=str(tmp_path / "grid.yaml"),
-            profile="test",
-            data_mirror=str(mirror),
-            cache_dir=str(tmp_path / "cache"),
-            artifacts_dir=str(tmp_path / "artifacts"),
-            figures_dir=str(tmp_path / "figures"),
-            device="cpu",
-        ),
-        "results": ResultsDB(database=str(tmp_path / "results.duckdb")),
-    }
+    resources = pipeline_resources(tmp_path, tmp_path / "grid.yaml", mirror)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(organisms.name, ["tiny--med-r1--s0", "tiny--base--s0"])
         yield instance, dg.load_assets_from_modules(ASSET_MODULES), resources, tmp_path
@@ -186,10 +175,7 @@ DYNAMICS = ["em_over_training", "lora_trajectory", "lora_scaling"]
 
 
 def _run(instance, assets, resources, selection, key=None):
-    result = dg.materialize(
-        assets, instance=instance, resources=resources, selection=selection, partition_key=key
-    )
-    assert result.success
+    result = materialize(instance, resources, selection, key, assets)
     return {n: result.asset_materializations_for_node(n)[0].metadata for n in selection}
 
 

@@ -6,13 +6,12 @@ from __future__ import annotations
 import dagster as dg
 import pytest
 import yaml
+from support.pipeline import materialize, pipeline_resources
 from support.tiny import tiny_grid
 
 from em_assets.catalog.reference import ReferenceFileError, parse_reference_csv, source_of
 from em_assets.catalog.upstream import REFERENCE_JUDGEMENTS, sha256_file
-from em_assets.defs.modules import ASSET_MODULES
 from em_assets.defs.partitions import organisms
-from em_assets.defs.resources import ExperimentResource, ResultsDB
 from em_assets.grid.load import load_grid
 from em_assets.judging import distill
 from em_assets.judging.agreement_stage import judge_caveat
@@ -56,32 +55,13 @@ def validation_grid(model_dir) -> dict:
 def pipeline(tmp_path, tiny_model_dir, mirror, one_torch_thread):
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump(validation_grid(tiny_model_dir)))
-    resources = {
-        "experiment": ExperimentResource(
-            grid_path=str(grid_file),
-            profile="test",
-            data_mirror=str(mirror),
-            cache_dir=str(tmp_path / "cache"),
-            artifacts_dir=str(tmp_path / "artifacts"),
-            figures_dir=str(tmp_path / "figures"),
-            device="cpu",
-        ),
-        "results": ResultsDB(database=str(tmp_path / "results.duckdb")),
-    }
+    resources = pipeline_resources(tmp_path, grid_file, mirror)
     with dg.instance_for_test() as instance:
         yield instance, resources, tmp_path
 
 
 def _run(instance, resources, selection, partition_key=None):
-    result = dg.materialize(
-        dg.load_assets_from_modules(ASSET_MODULES),
-        instance=instance,
-        resources=resources,
-        selection=selection,
-        partition_key=partition_key,
-    )
-    assert result.success
-    return result
+    return materialize(instance, resources, selection, partition_key)
 
 
 def test_distilled_judge_end_to_end(pipeline):

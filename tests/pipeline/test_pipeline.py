@@ -5,12 +5,12 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
+from support.pipeline import materialize, pipeline_resources
 from support.tiny import tiny_grid
 
 from em_assets.defs import report_assets
 from em_assets.defs.modules import ASSET_MODULES
 from em_assets.defs.partitions import organisms
-from em_assets.defs.resources import ExperimentResource, ResultsDB
 from em_assets.results.store import Store
 
 ORGANISM_ASSETS = ["lora_adapter", "completions", "judgements"]
@@ -42,29 +42,14 @@ def pipeline_grid(model_dir: Path) -> dict:
 def pipeline(tmp_path, tiny_model_dir, mirror):
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump(pipeline_grid(tiny_model_dir)))
-    resources = {
-        "experiment": ExperimentResource(
-            grid_path=str(grid_file),
-            profile="test",
-            data_mirror=str(mirror),
-            cache_dir=str(tmp_path / "cache"),
-            artifacts_dir=str(tmp_path / "artifacts"),
-            figures_dir=str(tmp_path / "figures"),
-            device="cpu",
-        ),
-        "results": ResultsDB(database=str(tmp_path / "results.duckdb")),
-    }
+    resources = pipeline_resources(tmp_path, grid_file, mirror)
     assets = dg.load_assets_from_modules(ASSET_MODULES)
     with dg.instance_for_test() as instance:
         yield instance, assets, resources, tmp_path
 
 
 def _materialize(instance, assets, resources, selection, partition_key=None):
-    result = dg.materialize(
-        assets, instance=instance, resources=resources, selection=selection, partition_key=partition_key
-    )
-    assert result.success
-    return result
+    return materialize(instance, resources, selection, partition_key, assets)
 
 
 def test_whole_graph_materialises_with_lineage(pipeline):
