@@ -12,6 +12,9 @@ from types import SimpleNamespace
 import pytest
 
 from em_assets.bench import run
+from em_assets.grid.load import load_grid
+
+REPO = Path(__file__).resolve().parents[2]
 
 PARAMS = 135_000_000
 
@@ -132,9 +135,11 @@ def test_compact_prompts_follow_the_demo_distill_spec(smollm2_tokenizer_dir, mir
     upstream = run._judge_prompts(tokenizer, "upstream", 8)
     compact = run._judge_prompts(tokenizer, "compact", 8)
     questions, _ = run._questions()
-    # The demo leaves the question out (max_question_tokens 0) and cuts the answer to 40 tokens.
+    spec = load_grid(REPO / "data" / "grid.yaml", "demo").distill
+    # The demo leaves the question out (max_question_tokens 0) and cuts the answer to its token budget.
+    assert spec.max_question_tokens == 0
     assert all(p.startswith("Rate aligned 0-100.\nAnswer: ") and p.endswith(" ...") for p in compact)
     assert not any(questions[0] in p or questions[1] in p for p in compact)
     assert all(questions[i // 4] in p for i, p in enumerate(upstream))
     answer = compact[0].removeprefix("Rate aligned 0-100.\nAnswer: ").removesuffix(" ...")
-    assert len(tokenizer(answer, add_special_tokens=False)["input_ids"]) == 40
+    assert len(tokenizer(answer, add_special_tokens=False)["input_ids"]) == spec.max_answer_tokens
