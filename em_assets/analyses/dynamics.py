@@ -161,7 +161,8 @@ def lora_trajectory(ctx: StageContext) -> DynamicsResult:
 
 
 def scaled_adapters(ctx: StageContext) -> list[tuple[float, str, str]]:
-    """(factor, adapter dir, sha256) per grid scale factor; factor 1 is the final adapter itself."""
+    """(factor, adapter dir, sha256) per grid scale factor; factor 1 is the final adapter itself, factor 0 the
+    base model (no adapter)."""
     from em_assets.analyses.lora import ADAPTER_FILE, write_scaled_adapter
     from em_assets.catalog.upstream import sha256_file
 
@@ -173,6 +174,11 @@ def scaled_adapters(ctx: StageContext) -> list[tuple[float, str, str]]:
     for factor in ctx.grid.dynamics.scale_factors:
         if factor == 1.0:
             out.append((factor, str(final), adapter["adapter_sha256"]))
+            continue
+        if factor == 0.0:
+            # B x 0 merges to the base weights exactly, so step 0 of em_over_training is the same setting and
+            # its answers are copied rather than sampled again.
+            out.append((factor, None, None))
             continue
         path = final.parent / "scaled" / f"b-x{factor:g}"
         # Rewritten every time: cheap next to sampling, and never stale against the final adapter.

@@ -205,7 +205,9 @@ def test_dynamics_assets_write_their_tables_and_figures(pipeline, one_torch_thre
     scaling = store.query("SELECT * FROM lora_scaling ORDER BY scale")
     assert scaling["scale"].to_list() == [0.0, 1.0, 2.0] and scaling["n_answers"].to_list() == [1] * 3
     assert scaling["adapter_sha256"][1] == ckpts["adapter_sha256"][2]
-    assert scaling["adapter_sha256"].n_unique() == 3
+    # Scale 0 is the base model: no adapter, and step 0's setting.
+    assert scaling["adapter_sha256"][0] is None and scaling["adapter_sha256"].n_unique() == 3
+    assert scaling["setting_hash"][0] == over["setting_hash"][0]
     for name in DYNAMICS:
         assert "data:image/png;base64," in meta[name]["figure"].value
         assert meta[name]["dagster/row_count"].value > 0 and meta[name]["note"].value == ""
