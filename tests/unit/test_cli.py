@@ -121,7 +121,7 @@ def test_add_model_takes_a_local_model_directory_and_an_embedded_name(tmp_path, 
 @pytest.mark.parametrize(
     ("edit", "says"),
     [
-        (lambda t: t.replace("samples_per_question: 4", "samples_per_qestion: 4"),
+        (lambda t: t.replace("sampling: {samples_per_question:", "sampling: {samples_per_qestion:", 1),
          "profiles.demo.sampling.samples_per_qestion: Extra inputs are not permitted"),
         (lambda t: t.replace("profiles:", "profiles: [", 1), "not valid YAML"),
     ],
@@ -129,8 +129,9 @@ def test_add_model_takes_a_local_model_directory_and_an_embedded_name(tmp_path, 
 def test_demo_with_a_broken_grid_prints_one_message_and_writes_nothing(
     tmp_path, capsys, monkeypatch, edit, says
 ):
-    grid = tmp_path / "grid.yaml"
-    grid.write_text(edit((REPO / "data/grid.yaml").read_text()))
+    grid, text = tmp_path / "grid.yaml", (REPO / "data/grid.yaml").read_text()
+    assert edit(text) != text, "the edit no longer breaks the demo grid"
+    grid.write_text(edit(text))
     monkeypatch.setenv("EM_GRID", str(grid))
     monkeypatch.setenv("EM_DB", str(tmp_path / "data" / "results.duckdb"))
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
