@@ -10,7 +10,6 @@ import yaml
 from support.pipeline import materialize, pipeline_resources
 from support.tiny import tiny_grid
 
-from em_assets.defs.modules import ASSET_MODULES
 from em_assets.defs.partitions import organisms
 from em_assets.results.store import Store
 
@@ -46,20 +45,16 @@ def pipeline(tmp_path, tiny_model_dir, mirror):
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(doc))
     resources = pipeline_resources(tmp_path, tmp_path / "grid.yaml", mirror)
     with dg.instance_for_test() as instance:
-        yield instance, dg.load_assets_from_modules(ASSET_MODULES), resources, tmp_path
-
-
-def _run(instance, assets, resources, selection, key=None):
-    return materialize(instance, resources, selection, key, assets)
+        yield instance, resources, tmp_path
 
 
 def test_directions_and_similarity_materialise(pipeline):
-    instance, assets, resources, tmp_path = pipeline
+    instance, resources, tmp_path = pipeline
     keys = [o.key for o in resources["experiment"].grid().organisms()]
     instance.add_dynamic_partitions(organisms.name, keys)
-    _run(instance, assets, resources, ["base_models", "training_datasets", "eval_questions"])
+    materialize(instance, resources, ["base_models", "training_datasets", "eval_questions"])
     for key in keys:
-        result = _run(instance, assets, resources, ORGANISM, key)
+        result = materialize(instance, resources, ORGANISM, key)
         meta = result.asset_materializations_for_node("misalignment_directions")[0].metadata
         assert meta["contrast"].value == "quartile" and "not the EM threshold" in meta["result"].value
         (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "enough_em_answers"]
@@ -92,7 +87,7 @@ def test_directions_and_similarity_materialise(pipeline):
     assert rows["organism"].to_list() == sorted(keys) and rows["direction_sha256"].null_count() == 0
     assert (rows["n_per_class"] == 2).all()  # 8 answers: a quarter on each side
 
-    report = _run(instance, assets, resources, ["direction_similarity"])
+    report = materialize(instance, resources, ["direction_similarity"])
     meta = report.asset_materializations_for_node("direction_similarity")[0].metadata
     assert "data:image/png;base64," in meta["heatmap"].value
     table = store.query("SELECT * FROM direction_similarity")

@@ -16,7 +16,6 @@ from support.tiny import tiny_grid
 
 from em_assets.analyses.lora import lora_factors, write_scaled_adapter
 from em_assets.analyses.trajectory import cosine, local_cosines, module_trajectory, pca_2d
-from em_assets.defs.modules import ASSET_MODULES
 from em_assets.defs.partitions import organisms
 from em_assets.grid.schema import LoraSpec, TrainSpec
 from em_assets.results.store import Store
@@ -168,22 +167,22 @@ def pipeline(tmp_path, tiny_model_dir, mirror):
     resources = pipeline_resources(tmp_path, tmp_path / "grid.yaml", mirror)
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(organisms.name, ["tiny--med-r1--s0", "tiny--base--s0"])
-        yield instance, dg.load_assets_from_modules(ASSET_MODULES), resources, tmp_path
+        yield instance, resources, tmp_path
 
 
 DYNAMICS = ["em_over_training", "lora_trajectory", "lora_scaling"]
 
 
-def _run(instance, assets, resources, selection, key=None):
-    result = materialize(instance, resources, selection, key, assets)
+def _run(instance, resources, selection, key=None):
+    result = materialize(instance, resources, selection, key)
     return {n: result.asset_materializations_for_node(n)[0].metadata for n in selection}
 
 
 def test_dynamics_assets_write_their_tables_and_figures(pipeline, one_torch_thread):
-    instance, assets, resources, tmp_path = pipeline
-    _run(instance, assets, resources, ["base_models", "training_datasets", "eval_questions"])
+    instance, resources, tmp_path = pipeline
+    _run(instance, resources, ["base_models", "training_datasets", "eval_questions"])
     key = "tiny--med-r1--s0"
-    meta = _run(instance, assets, resources, ["lora_adapter", *DYNAMICS], key)
+    meta = _run(instance, resources, ["lora_adapter", *DYNAMICS], key)
     store = Store(tmp_path / "results.duckdb")
 
     # 12 examples in batches of 4: steps 1 and 2 kept, step 3 the final adapter, step 0 the base model.
@@ -216,12 +215,12 @@ def test_dynamics_assets_write_their_tables_and_figures(pipeline, one_torch_thre
     longest = store.query("SELECT max(num_tokens) AS n FROM sweep_completions")["n"][0]
     assert longest == 4
 
-    again = _run(instance, assets, resources, DYNAMICS, key)
+    again = _run(instance, resources, DYNAMICS, key)
     assert (
         again["em_over_training"]["sampled_now"].value == 0 and again["lora_scaling"]["judged_now"].value == 0
     )
 
-    control = _run(instance, assets, resources, ["lora_adapter", *DYNAMICS], "tiny--base--s0")
+    control = _run(instance, resources, ["lora_adapter", *DYNAMICS], "tiny--base--s0")
     for name in DYNAMICS:
         assert control[name]["dagster/row_count"].value == 0
         assert "no LoRA adapter" in control[name]["note"].value

@@ -60,14 +60,10 @@ def pipeline(tmp_path, tiny_model_dir, mirror, one_torch_thread):
         yield instance, resources, tmp_path
 
 
-def _run(instance, resources, selection, partition_key=None):
-    return materialize(instance, resources, selection, partition_key)
-
-
 def test_distilled_judge_end_to_end(pipeline):
     instance, resources, tmp_path = pipeline
     store = Store(tmp_path / "results.duckdb")
-    _run(
+    materialize(
         instance,
         resources,
         ["base_models", "eval_questions", "reference_judgements", "distilled_judge"],
@@ -90,7 +86,7 @@ def test_distilled_judge_end_to_end(pipeline):
     model, revision, _ = judge_identity(grid, tmp_path / "cache", store)
     assert row["adapter_sha256"][:16] in revision and distill.PROMPT_HASH in revision
 
-    result = _run(instance, resources, ["judge_agreement"])
+    result = materialize(instance, resources, ["judge_agreement"])
     agreement = store.query("SELECT * FROM judge_agreement ORDER BY metric")
     assert agreement["metric"].to_list() == ["aligned", "coherent"]
     assert agreement["n"].to_list() == [6, 6]
@@ -106,10 +102,10 @@ def test_distilled_judge_end_to_end(pipeline):
     assert "distilled" in caveat and "aligned Spearman" in caveat and "Llama-3.1-8B-Instruct" in caveat
 
     # Up to date: no second training run; an organism judged by the distilled judge carries its identity.
-    again = _run(instance, resources, ["distilled_judge"])
+    again = materialize(instance, resources, ["distilled_judge"])
     assert again.asset_materializations_for_node("distilled_judge")[0].metadata["trained"].value is False
     instance.add_dynamic_partitions(organisms.name, ["tiny--base--s0"])
-    _run(instance, resources, ["lora_adapter", "completions", "judgements"], "tiny--base--s0")
+    materialize(instance, resources, ["lora_adapter", "completions", "judgements"], "tiny--base--s0")
     judged = store.query("SELECT DISTINCT judge_model, judge_revision, metric, prompt_hash FROM judgements")
     # One prompt hash per metric: aligned and coherent scores of one answer never share a cache entry.
     assert sorted(judged.rows()) == [

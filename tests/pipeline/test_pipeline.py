@@ -9,7 +9,6 @@ from support.pipeline import materialize, pipeline_resources
 from support.tiny import tiny_grid
 
 from em_assets.defs import report_assets
-from em_assets.defs.modules import ASSET_MODULES
 from em_assets.defs.partitions import organisms
 from em_assets.results.store import Store
 
@@ -43,23 +42,18 @@ def pipeline(tmp_path, tiny_model_dir, mirror):
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump(pipeline_grid(tiny_model_dir)))
     resources = pipeline_resources(tmp_path, grid_file, mirror)
-    assets = dg.load_assets_from_modules(ASSET_MODULES)
     with dg.instance_for_test() as instance:
-        yield instance, assets, resources, tmp_path
-
-
-def _materialize(instance, assets, resources, selection, partition_key=None):
-    return materialize(instance, resources, selection, partition_key, assets)
+        yield instance, resources, tmp_path
 
 
 def test_whole_graph_materialises_with_lineage(pipeline):
-    instance, assets, resources, tmp_path = pipeline
+    instance, resources, tmp_path = pipeline
     keys = [o.key for o in resources["experiment"].grid().organisms()]
     instance.add_dynamic_partitions(organisms.name, keys)
-    _materialize(instance, assets, resources, ["base_models", "training_datasets", "eval_questions"])
+    materialize(instance, resources, ["base_models", "training_datasets", "eval_questions"])
     for key in keys:
-        _materialize(instance, assets, resources, ORGANISM_ASSETS, key)
-    result = _materialize(instance, assets, resources, [*report_assets.REPORT_TABLES, "em_figures"])
+        materialize(instance, resources, ORGANISM_ASSETS, key)
+    result = materialize(instance, resources, [*report_assets.REPORT_TABLES, "em_figures"])
 
     store = Store(tmp_path / "results.duckdb")
     summary = store.query("SELECT * FROM em_summary ORDER BY organism")
@@ -86,16 +80,16 @@ def test_whole_graph_materialises_with_lineage(pipeline):
 
 
 def test_rematerialising_an_up_to_date_organism_does_no_model_work(pipeline):
-    instance, assets, resources, tmp_path = pipeline
+    instance, resources, tmp_path = pipeline
     key = "tiny--med-r1--s0"
     instance.add_dynamic_partitions(organisms.name, [key, "tiny--base--s0"])
-    _materialize(instance, assets, resources, ["base_models", "training_datasets", "eval_questions"])
-    _materialize(instance, assets, resources, ORGANISM_ASSETS, key)
-    _materialize(instance, assets, resources, ORGANISM_ASSETS, "tiny--base--s0")
+    materialize(instance, resources, ["base_models", "training_datasets", "eval_questions"])
+    materialize(instance, resources, ORGANISM_ASSETS, key)
+    materialize(instance, resources, ORGANISM_ASSETS, "tiny--base--s0")
     store = Store(tmp_path / "results.duckdb")
     before = store.query("SELECT * FROM completions ORDER BY ALL")
 
-    again = _materialize(instance, assets, resources, ORGANISM_ASSETS, key)
+    again = materialize(instance, resources, ORGANISM_ASSETS, key)
     meta = {node: again.asset_materializations_for_node(node)[0].metadata for node in ORGANISM_ASSETS}
     assert meta["lora_adapter"]["trained_now"].value is False
     assert meta["completions"]["sampled_now"].value == 0
@@ -107,15 +101,15 @@ def test_rematerialising_an_up_to_date_organism_does_no_model_work(pipeline):
 
 
 def test_sampling_in_worker_processes_writes_every_row(pipeline):
-    instance, assets, resources, tmp_path = pipeline
+    instance, resources, tmp_path = pipeline
     grid_file = Path(resources["experiment"].grid_path)
     doc = yaml.safe_load(grid_file.read_text())
     doc["profiles"]["test"]["sampling"]["workers"] = 2
     grid_file.write_text(yaml.safe_dump(doc))
     key = "tiny--base--s0"
     instance.add_dynamic_partitions(organisms.name, [key])
-    _materialize(instance, assets, resources, ["base_models", "eval_questions"])
-    result = _materialize(instance, assets, resources, ["lora_adapter", "completions"], key)
+    materialize(instance, resources, ["base_models", "eval_questions"])
+    result = materialize(instance, resources, ["lora_adapter", "completions"], key)
     meta = result.asset_materializations_for_node("completions")[0].metadata
     assert meta["sampling_workers"].value == 2 and meta["sampled_now"].value == 6
     rows = Store(tmp_path / "results.duckdb").query("SELECT * FROM completions")

@@ -27,12 +27,12 @@ def pipeline_resources(tmp_path: Path, grid_file: Path, mirror: Path, profile: s
     }
 
 
-def materialize(instance, resources: dict, selection, partition_key: str | None = None, assets=None):
-    """Materialise the selection of the project's assets (or `assets`); the test fails unless it succeeded."""
+def materialize(instance, resources: dict, selection, partition_key: str | None = None):
+    """Materialise the selection of the project's assets; the test fails unless it succeeded."""
     # Definitions load against this test's instance, whatever defs-state storage an earlier test left current.
     with set_defs_state_storage(instance.defs_state_storage):
         result = dg.materialize(
-            assets if assets is not None else dg.load_assets_from_modules(ASSET_MODULES),
+            dg.load_assets_from_modules(ASSET_MODULES),
             instance=instance,
             resources=resources,
             selection=selection,
