@@ -160,7 +160,7 @@ def lora_trajectory(ctx: StageContext) -> DynamicsResult:
     return DynamicsResult(result.table, seconds=result.seconds, extra={"sharpest_step": sharpest})
 
 
-def scaled_adapters(ctx: StageContext) -> list[tuple[float, str, str]]:
+def scaled_adapters(ctx: StageContext) -> list[tuple[float, str | None, str | None]]:
     """(factor, adapter dir, sha256) per grid scale factor; factor 1 is the final adapter itself, factor 0 the
     base model (no adapter)."""
     from em_assets.analyses.lora import ADAPTER_FILE, write_scaled_adapter
