@@ -5,27 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.sweeps import PROFILE, stage_context, sweep_grid, write_grid
+from support.sweeps import stage_context, sweep_catalog
 
 from em_assets.analyses.direction_sweeps import _hf_context
 from em_assets.analyses.directions import save_tensors
 from em_assets.analyses.steering import Steer
 from em_assets.analyses.sweep import SweepPoint, run_sweep
-from em_assets.catalog import stage as catalog
-from em_assets.grid.load import load_grid
 from em_assets.results.store import Store
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, tiny_model_dir, mirror) -> dict:
     root = tmp_path_factory.mktemp("steer")
-    a = {"root": str(root), "db": str(root / "results.duckdb")}
-    a["grid"] = str(write_grid(root / "grid.yaml", sweep_grid(tiny_model_dir)))
-    grid = load_grid(a["grid"], PROFILE)
-    store = Store(a["db"])
-    store.init()
-    catalog.resolve_base_models(store, grid, root / "cache")
-    catalog.load_eval_questions(store, grid, str(mirror))
+    a = sweep_catalog(root, tiny_model_dir, mirror)
     torch.manual_seed(0)
     a["vector_sha256"] = save_tensors({"direction": torch.randn(2, 64)}, root / "v.safetensors", {})
     a["vector"] = str(root / "v.safetensors")

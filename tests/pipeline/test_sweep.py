@@ -11,12 +11,17 @@ import sys
 import polars as pl
 import pytest
 from support.paths import TESTS
-from support.sweeps import PROFILE, ScaleDownProj, points, stage_context, sweep_grid, write_grid
+from support.sweeps import (
+    ScaleDownProj,
+    points,
+    stage_context,
+    sweep_catalog,
+    sweep_grid,
+    write_grid,
+)
 
 from em_assets.analyses.sweep import SweepPoint, run_sweep
-from em_assets.catalog import stage as catalog
 from em_assets.context import MissingUpstreamError
-from em_assets.grid.load import load_grid
 from em_assets.results.store import Store
 from em_assets.training.stage import train_adapter
 
@@ -26,15 +31,7 @@ SUPPORT = TESTS / "support" / "sweeps.py"
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model_dir, mirror) -> dict:
     """Catalog plus the rank-1 organism's trained adapter, in a database each test copies."""
-    root = tmp_path_factory.mktemp("sweep")
-    a = {"root": str(root), "db": str(root / "results.duckdb")}
-    a["grid"] = str(write_grid(root / "grid.yaml", sweep_grid(tiny_model_dir)))
-    grid = load_grid(a["grid"], PROFILE)
-    store = Store(a["db"])
-    store.init()
-    catalog.resolve_base_models(store, grid, root / "cache")
-    catalog.load_training_datasets(store, grid, str(mirror))
-    catalog.load_eval_questions(store, grid, str(mirror))
+    a = sweep_catalog(tmp_path_factory.mktemp("sweep"), tiny_model_dir, mirror, datasets=True)
     row = train_adapter(stage_context(a, "setup"))
     return {**a, "adapter_path": row.adapter_path, "adapter_sha256": row.adapter_sha256}
 

@@ -60,6 +60,24 @@ def write_grid(path: Path, doc: dict) -> Path:
     return path
 
 
+def sweep_catalog(root: Path, model_dir: Path, mirror: Path, datasets: bool = False) -> dict:
+    """The sweep grid under root and a database with its base model, eval questions (and datasets, to train)."""
+    from em_assets.catalog import stage as catalog
+    from em_assets.grid.load import load_grid
+    from em_assets.results.store import Store
+
+    a = {"root": str(root), "db": str(root / "results.duckdb")}
+    a["grid"] = str(write_grid(root / "grid.yaml", sweep_grid(model_dir)))
+    grid = load_grid(a["grid"], PROFILE)
+    store = Store(a["db"])
+    store.init()
+    catalog.resolve_base_models(store, grid, root / "cache")
+    if datasets:
+        catalog.load_training_datasets(store, grid, str(mirror))
+    catalog.load_eval_questions(store, grid, str(mirror))
+    return a
+
+
 def points(adapter_path: str | None, adapter_sha256: str | None, samples: int = 2) -> list[SweepPoint]:
     """Three variants: the base model, the organism's adapter, and the base model with its MLPs halved."""
     return [
