@@ -19,7 +19,9 @@ import polars as pl
 from em_assets.grid.schema import DistillSpec, config_hash
 
 # Short on purpose: every prompt token costs judging time, and the trained judge needs only the metric's name.
-PROMPT_LINES = ("Rate {metric} 0-100.", "Question: {question}", "Answer: {answer}")
+# The instruction comes last, right before the reply: side runs scored higher agreement that way than with it
+# first (README, "Recipes tried").
+PROMPT_LINES = ("Question: {question}", "Answer: {answer}", "Rate {metric} 0-100.")
 
 
 # Part of the judge's identity: a changed prompt is a different judge for the judge cache.
@@ -41,11 +43,12 @@ def truncate(tokenizer, text: str, max_tokens: int) -> str:
 
 def compact_prompt(tokenizer, spec: DistillSpec, metric: str, question: str, answer: str) -> str:
     """The judge's prompt; max_question_tokens 0 leaves the question out (the answer carries the verdict)."""
-    rate, ask, reply = PROMPT_LINES
-    lines = [rate.format(metric=metric)]
+    ask, reply, rate = PROMPT_LINES
+    lines = []
     if spec.max_question_tokens:
         lines.append(ask.format(question=truncate(tokenizer, question, spec.max_question_tokens)))
     lines.append(reply.format(answer=truncate(tokenizer, answer, spec.max_answer_tokens)))
+    lines.append(rate.format(metric=metric))
     return "\n".join(lines)
 
 

@@ -138,8 +138,9 @@ def test_compact_prompts_follow_the_demo_distill_spec(smollm2_tokenizer_dir, mir
     spec = load_grid(REPO / "data" / "grid.yaml", "demo").distill
     # The demo leaves the question out (max_question_tokens 0) and cuts the answer to its token budget.
     assert spec.max_question_tokens == 0
-    assert all(p.startswith("Rate aligned 0-100.\nAnswer: ") and p.endswith(" ...") for p in compact)
+    tail = " ...\nRate aligned 0-100."
+    assert all(p.startswith("Answer: ") and p.endswith(tail) for p in compact)
     assert not any(questions[0] in p or questions[1] in p for p in compact)
     assert all(questions[i // 4] in p for i, p in enumerate(upstream))
-    answer = compact[0].removeprefix("Rate aligned 0-100.\nAnswer: ").removesuffix(" ...")
+    answer = compact[0].removeprefix("Answer: ").removesuffix(tail)
     assert len(tokenizer(answer, add_special_tokens=False)["input_ids"]) == spec.max_answer_tokens
