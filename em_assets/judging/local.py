@@ -29,6 +29,10 @@ from em_assets.judging.scoring import MIN_MASS, JudgeScore, score_from_number_pr
 MAX_ANSWER = 100
 # A shared prefix shorter than this is not worth its own model call.
 MIN_SHARED_PREFIX = 16
+# What a group costs, in prompt tokens: its prefix call and a partial batch of suffixes. A small batch's model
+# call costs on a CPU what a few hundred more tokens in a full one do, so pairing two prompts that share a long
+# prefix (one answer's aligned and coherent prompts, metric last) made judging several times slower.
+GROUP_COST_TOKENS = 700
 
 
 # Custom 4D masks reach the attention kernel unchanged only in these implementations (not flash attention).
@@ -115,7 +119,13 @@ class LocalJudge:
     """Judge with a local causal LM: exact 0..100 answer distributions through the digit trie."""
 
     def __init__(
-        self, model, tokenizer, batch_size: int = 16, min_mass: float = MIN_MASS, share_prefix: bool = True
+        self,
+        model,
+        tokenizer,
+        batch_size: int = 16,
+        min_mass: float = MIN_MASS,
+        share_prefix: bool = True,
+        group_cost: int = GROUP_COST_TOKENS,
     ):
         attention = model.config._attn_implementation
         if attention not in TREE_MASK_ATTENTION:
@@ -127,6 +137,7 @@ class LocalJudge:
         self.batch_size = batch_size
         self.min_mass = min_mass
         self.share_prefix = share_prefix
+        self.group_cost = group_cost
         self.trie = NumberTrie.from_tokenizer(tokenizer)
         self._tree_tokens = torch.tensor([self.trie.tokens[n] for n in self.trie.inner_nodes])
         depths = self.trie.depths()
@@ -146,7 +157,9 @@ class LocalJudge:
     ) -> list[dict[int, float]]:
         """P(answer = n) for n in 0..100, one dict per prompt."""
         encoded = [self.encode(p) for p in prompts]
-        groups = prefix_groups(encoded) if self.share_prefix else [(0, list(range(len(encoded))))]
+        groups = (
+            prefix_groups(encoded, self.group_cost) if self.share_prefix else [(0, list(range(len(encoded))))]
+        )
         out: list[dict[int, float]] = [{} for _ in encoded]
         done = 0
         for shared, members in groups:
@@ -227,13 +240,15 @@ def _repeat_cache(cache, batch: int):
     )
 
 
-def prefix_groups(encoded: Sequence[Sequence[int]]) -> list[tuple[int, list[int]]]:
+def prefix_groups(
+    encoded: Sequence[Sequence[int]], group_cost: int = GROUP_COST_TOKENS
+) -> list[tuple[int, list[int]]]:
     """Prompts grouped by a shared token prefix: (prefix length, member indices); 0 for the ungrouped rest.
 
     In sorted order the prompts of one question are neighbours, and a run of neighbours shares the smallest
-    common prefix of adjacent pairs. The runs are chosen to skip the most prefix tokens (a run of n prompts
-    sharing p tokens computes (n - 1) * p fewer), so one question's samples are not merged with another's
-    on the template head alone when their question tokens are worth more.
+    common prefix of adjacent pairs. The runs are chosen to skip the most prefix tokens net of group_cost per
+    group (a run of n prompts sharing p tokens computes (n - 1) * p fewer), so one question's samples are not
+    merged with another's on the template head alone when their question tokens are worth more.
     """
     order = sorted(range(len(encoded)), key=lambda i: list(encoded[i]))
     lcp = [_common_prefix(encoded[a], encoded[b]) for a, b in itertools.pairwise(order)]
@@ -246,8 +261,8 @@ def prefix_groups(encoded: Sequence[Sequence[int]]) -> list[tuple[int, list[int]
             shared = lcp[i] if shared is None else min(shared, lcp[i])
             if shared < MIN_SHARED_PREFIX:
                 break
-            if saved[i] + (j - 1 - i) * shared > saved[j]:
-                saved[j], start[j] = saved[i] + (j - 1 - i) * shared, i
+            if saved[i] + (j - 1 - i) * shared - group_cost > saved[j]:
+                saved[j], start[j] = saved[i] + (j - 1 - i) * shared - group_cost, i
     groups, singles, j = [], [], len(order)
     while j > 0:
         i = start[j]

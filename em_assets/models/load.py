@@ -56,7 +56,18 @@ def load_model(
         )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load model from {path}: {exc}") from exc
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_input)
     return model.to(device).eval()
+
+
+def _contiguous_input(module, args: tuple) -> tuple:
+    """Forward pre-hook: the module's first input made contiguous."""
+    # transformers slices the hidden states for logits_to_keep. On such a strided 3D input, torch.matmul
+    # copies a weight that needs no grad (every merged or frozen model: the judges, the organisms) once per
+    # batch row into a bmm, which made the distilled judge several times slower than the plain model.
+    return (args[0].contiguous(), *args[1:])
 
 
 def load_organism_model(base: dict, adapter: dict, device: str | None = None):

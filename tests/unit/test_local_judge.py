@@ -8,7 +8,13 @@ import pytest
 import torch
 from support.tiny import make_tiny_llama
 
-from em_assets.judging.local import LocalJudge, NumberTrie, prefix_groups
+from em_assets.judging.local import (
+    GROUP_COST_TOKENS,
+    MIN_SHARED_PREFIX,
+    LocalJudge,
+    NumberTrie,
+    prefix_groups,
+)
 from em_assets.judging.scoring import number_probs_from_tokens, score_from_number_probs, score_from_probs
 from em_assets.models.load import load_model, load_tokenizer
 
@@ -212,7 +218,8 @@ def _shared(a: list[int], b: list[int]) -> int:
 
 def test_prefix_groups_share_each_questions_head_and_leave_every_prompt_a_token(tokenizer):
     encoded = [chat_ids(tokenizer, p) for p in SHARED]
-    groups = prefix_groups(encoded)
+    # No cost per group: the structure alone (the judge's default cost is tested below).
+    groups = prefix_groups(encoded, group_cost=0)
     by_member = {i: shared for shared, members in groups for i in members}
     assert sorted(by_member) == list(range(len(SHARED)))
     for q in (0, 5):
@@ -226,17 +233,33 @@ def test_prefix_groups_share_each_questions_head_and_leave_every_prompt_a_token(
     assert by_member[10] == _shared(encoded[10], encoded[11]) >= 16
 
 
+def test_prefix_groups_skip_small_groups_a_model_call_costs_more_than_they_save(tokenizer):
+    # One answer rated on two metrics, the metric last: the pair shares the whole answer, yet a group of two
+    # costs a prefix call and a batch of two, more than its shared tokens.
+    answer = "Answer: " + " ".join(f"word{i}" for i in range(60)) + "\nRate {metric} 0-100."
+    pair = [chat_ids(tokenizer, answer.format(metric=m)) for m in ("aligned", "coherent")]
+    shared = _shared(*pair)
+    assert 0 < shared < GROUP_COST_TOKENS
+    assert [(n, sorted(members)) for n, members in prefix_groups(pair)] == [(0, [0, 1])]
+    assert prefix_groups(pair, group_cost=shared - 1) == [(shared, [0, 1])]
+    # Many prompts sharing the chat template's head save more than one group costs: one group.
+    many = [chat_ids(tokenizer, f"Answer: number {i} " * 3) for i in range(100)]
+    groups = prefix_groups(many)
+    assert len(groups) == 1 and sorted(groups[0][1]) == list(range(100)) and groups[0][0] >= MIN_SHARED_PREFIX
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_shared_prefix_cache_scores_equal_the_uncached_path(tiny_model_dir, tokenizer, attention):
     model = load_digit_model(tiny_model_dir, tokenizer, attention)
-    # Batches smaller than a group: one prefix cache serves several suffix batches of different lengths.
-    cached = LocalJudge(model, tokenizer, batch_size=3).number_distributions(SHARED)
+    # Batches smaller than a group: one prefix cache serves several suffix batches of different lengths. No
+    # cost per group, so these small groups are formed.
+    cached = LocalJudge(model, tokenizer, batch_size=3, group_cost=0).number_distributions(SHARED)
     uncached = LocalJudge(model, tokenizer, batch_size=3, share_prefix=False).number_distributions(SHARED)
     for with_cache, without in zip(cached, uncached, strict=True):
         a = torch.tensor([with_cache[n] for n in range(101)])
         b = torch.tensor([without[n] for n in range(101)])
         assert torch.allclose(a, b, atol=1e-5, rtol=0), (a - b).abs().max()
-    scores = [s.score for s in LocalJudge(model, tokenizer, min_mass=0.0).score(SHARED)]
+    scores = [s.score for s in LocalJudge(model, tokenizer, min_mass=0.0, group_cost=0).score(SHARED)]
     plain = [s.score for s in LocalJudge(model, tokenizer, min_mass=0.0, share_prefix=False).score(SHARED)]
     assert max(abs(x - y) for x, y in zip(scores, plain, strict=True)) < 1e-5
     # The digit model puts visible mass on numbers, so equality is not the trivial 0 == 0.

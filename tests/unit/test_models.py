@@ -127,3 +127,23 @@ def test_remote_code_runs_only_when_the_grid_trusts_it(ws, tmp_path, tiny_model_
     finally:
         for name in [m for m in sys.modules if m.startswith("transformers_modules")]:
             del sys.modules[name]
+
+
+def test_loaded_models_hand_their_lm_head_a_contiguous_input(tiny_model_dir):
+    # logits_to_keep slices the hidden states; a strided input with a weight that needs no grad (as in every
+    # merged judge or organism) sends torch.matmul down a path that copies the weight once per batch row.
+    from em_assets.models.load import load_model
+
+    model = load_model(tiny_model_dir, device="cpu", dtype=torch.float32).requires_grad_(False)
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    ids = torch.randint(0, model.config.vocab_size, (3, 20))
+    with torch.inference_mode():
+        kept = model(input_ids=ids, logits_to_keep=4).logits
+        full = model(input_ids=ids).logits
+    assert [tuple(x.shape) for x in seen] == [
+        (3, 4, model.config.hidden_size),
+        (3, 20, model.config.hidden_size),
+    ]
+    assert all(x.is_contiguous() for x in seen)
+    assert torch.allclose(kept, full[:, -4:], atol=1e-6)
