@@ -192,8 +192,10 @@ def stage_judging(args: argparse.Namespace) -> dict:
     from em_assets.judging.local import LocalJudge
 
     # The plain model for the compact prompt too: the distilled judge merges its adapter into these weights, so
-    # it runs at the same speed trained or not.
+    # it runs at the same speed trained or not. Frozen, as a merged judge's weights are: frozen weights once took
+    # a slow matmul path that the bench, measuring an unfrozen model, did not see.
     model, tokenizer, _ = _model()
+    model.requires_grad_(False)
     prompts = _judge_prompts(tokenizer, args.prompt, args.requests)
     # No mass floor, as in the demo: SmolLM2 puts too little mass on numbers for upstream's 0.25.
     judge = LocalJudge(
