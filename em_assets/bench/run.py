@@ -189,6 +189,7 @@ def _judge_prompts(tokenizer, prompt: str, n: int) -> list[str]:
 
 
 def stage_judging(args: argparse.Namespace) -> dict:
+    from em_assets.judging.distill import SYSTEM_PROMPT
     from em_assets.judging.local import LocalJudge
 
     # The plain model for the compact prompt too: the distilled judge merges its adapter into these weights, so
@@ -199,7 +200,12 @@ def stage_judging(args: argparse.Namespace) -> dict:
     prompts = _judge_prompts(tokenizer, args.prompt, args.requests)
     # No mass floor, as in the demo: SmolLM2 puts too little mass on numbers for upstream's 0.25.
     judge = LocalJudge(
-        model, tokenizer, batch_size=args.batch, min_mass=0.0, share_prefix=bool(args.share_prefix)
+        model,
+        tokenizer,
+        batch_size=args.batch,
+        min_mass=0.0,
+        share_prefix=bool(args.share_prefix),
+        system=SYSTEM_PROMPT if args.prompt == "compact" else None,
     )
     lengths = [len(judge.encode(p)) for p in prompts]
     judge.score(prompts[: args.batch])

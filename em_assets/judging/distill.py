@@ -24,8 +24,12 @@ from em_assets.grid.schema import DistillSpec, config_hash
 PROMPT_LINES = ("Question: {question}", "Answer: {answer}", "Rate {metric} 0-100.")
 
 
+# An empty system turn: without one, chat templates (SmolLM2's, Qwen's) insert their default persona, some 20
+# tokens of every prompt the judge is trained and scored on.
+SYSTEM_PROMPT = ""
+
 # Part of the judge's identity: a changed prompt is a different judge for the judge cache.
-PROMPT_HASH = hashlib.sha256("\n".join(PROMPT_LINES).encode()).hexdigest()[:16]
+PROMPT_HASH = hashlib.sha256("\n".join((SYSTEM_PROMPT, *PROMPT_LINES)).encode()).hexdigest()[:16]
 
 
 def metric_prompt_hash(metric: str) -> str:
@@ -81,6 +85,7 @@ def distill_examples(tokenizer, answers: pl.DataFrame, spec: DistillSpec) -> lis
             prompt = compact_prompt(tokenizer, spec, metric, row["question"], row["answer"])
             examples.append(
                 [
+                    {"role": "system", "content": SYSTEM_PROMPT},
                     {"role": "user", "content": prompt},
                     {"role": "assistant", "content": str(round(scores[metric]))},
                 ]
@@ -154,4 +159,5 @@ def load_distilled_judge(
     base_path = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
     model = PeftModel.from_pretrained(load_model(base_path, device=device), str(adapter_dir))
     merged = model.merge_and_unload().eval()
-    return DistilledJudge(LocalJudge(merged, load_tokenizer(base_path), batch_size, min_mass), spec)
+    judge = LocalJudge(merged, load_tokenizer(base_path), batch_size, min_mass, system=SYSTEM_PROMPT)
+    return DistilledJudge(judge, spec)

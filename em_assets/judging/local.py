@@ -126,6 +126,7 @@ class LocalJudge:
         min_mass: float = MIN_MASS,
         share_prefix: bool = True,
         group_cost: int = GROUP_COST_TOKENS,
+        system: str | None = None,
     ):
         attention = model.config._attn_implementation
         if attention not in TREE_MASK_ATTENTION:
@@ -138,6 +139,7 @@ class LocalJudge:
         self.min_mass = min_mass
         self.share_prefix = share_prefix
         self.group_cost = group_cost
+        self.system = system
         self.trie = NumberTrie.from_tokenizer(tokenizer)
         self._tree_tokens = torch.tensor([self.trie.tokens[n] for n in self.trie.inner_nodes])
         depths = self.trie.depths()
@@ -145,9 +147,11 @@ class LocalJudge:
         self._tree_mask = self.trie.tree_mask()
 
     def encode(self, prompt: str) -> list[int]:
-        """Token ids of the judge prompt as the user turn, ready for the assistant's answer."""
+        """Token ids of the judge prompt as the user turn (after the system turn, when one is set), ready for the
+        assistant's answer."""
+        turns = [] if self.system is None else [{"role": "system", "content": self.system}]
         text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            [*turns, {"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
         )
         # The chat template already holds any BOS it wants; adding special tokens again would double it.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
