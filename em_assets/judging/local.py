@@ -265,8 +265,9 @@ def prefix_groups(
             shared = lcp[i] if shared is None else min(shared, lcp[i])
             if shared < MIN_SHARED_PREFIX:
                 break
-            if saved[i] + (j - 1 - i) * shared - group_cost > saved[j]:
-                saved[j], start[j] = saved[i] + (j - 1 - i) * shared - group_cost, i
+            gain = saved[i] + (j - 1 - i) * shared - group_cost
+            if gain > saved[j]:
+                saved[j], start[j] = gain, i
     groups, singles, j = [], [], len(order)
     while j > 0:
         i = start[j]
