@@ -134,10 +134,13 @@ def train_distilled_judge(
 
 
 class DistilledJudge:
-    """A LocalJudge over base model + distilled adapter that renders its own compact prompt."""
+    """A LocalJudge over base model + distilled adapter that renders its own compact prompt, after the system
+    turn it was trained with."""
 
-    def __init__(self, judge, spec: DistillSpec):
-        self.judge = judge
+    def __init__(self, model, tokenizer, spec: DistillSpec, batch_size: int = 16, min_mass: float = 0.0):
+        from em_assets.judging.local import LocalJudge
+
+        self.judge = LocalJudge(model, tokenizer, batch_size, min_mass, system=SYSTEM_PROMPT)
         self.spec = spec
 
     def render(self, metric: str, question: str, answer: str) -> str:
@@ -153,11 +156,9 @@ def load_distilled_judge(
     """Base model (from the adapter's config) with the adapter merged in, as a DistilledJudge."""
     from peft import PeftModel
 
-    from em_assets.judging.local import LocalJudge
     from em_assets.models.load import load_model, load_tokenizer
 
     base_path = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["base_model_name_or_path"]
     model = PeftModel.from_pretrained(load_model(base_path, device=device), str(adapter_dir))
     merged = model.merge_and_unload().eval()
-    judge = LocalJudge(merged, load_tokenizer(base_path), batch_size, min_mass, system=SYSTEM_PROMPT)
-    return DistilledJudge(judge, spec)
+    return DistilledJudge(merged, load_tokenizer(base_path), spec, batch_size, min_mass)

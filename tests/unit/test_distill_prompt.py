@@ -31,7 +31,7 @@ def test_judge_prompt_is_the_trained_prompt_without_the_default_system_persona(t
     # One example per answer and metric with a score: the second answer has no coherent score.
     assert [ex[-1]["content"] for ex in examples] == ["3", "88", "92"]
     model = load_model(tiny_model_dir, device="cpu", dtype=torch.float32)
-    judge = distill.DistilledJudge(LocalJudge(model, tokenizer, system=distill.SYSTEM_PROMPT), spec)
+    judge = distill.DistilledJudge(model, tokenizer, spec)
     rows = [(r, m) for r in ANSWERS.iter_rows(named=True) for m in spec.metrics if r[m] is not None]
     for example, (row, metric) in zip(examples, rows, strict=True):
         trained = encode_example(tokenizer, example, 512)
