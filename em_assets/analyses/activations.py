@@ -20,8 +20,9 @@ class JudgedAnswer:
 
 
 def answer_token_ids(tokenizer, item: JudgedAnswer) -> tuple[list[int], int]:
-    """The prompt as the sampler rendered it followed by the answer's tokens; and where the answer starts."""
-    prompt = chat_ids(tokenizer, item.messages)
+    """The prompt as the sampler rendered it followed by the answer's tokens; and where the answer starts.
+    No messages: the answer's tokens alone."""
+    prompt = chat_ids(tokenizer, item.messages) if item.messages else []
     answer = tokenizer(item.answer, add_special_tokens=False)["input_ids"]
     return prompt + answer, len(prompt)
 
@@ -40,9 +41,12 @@ def iter_answer_means(
     for start in range(0, len(items), batch_size):
         encoded = [answer_token_ids(tokenizer, it) for it in items[start : start + batch_size]]
         encoded = [(ids[:max_tokens], min(begin, max_tokens)) for ids, begin in encoded]
-        width = max(len(ids) for ids, _ in encoded)
+        # At least one position: an empty answer without a prompt pools to zeros rather than failing.
+        width = max(1, *(len(ids) for ids, _ in encoded))
         # Right padding: positions keep their unpadded values, so activations match an unbatched pass.
-        ids = torch.tensor([i + [pad] * (width - len(i)) for i, _ in encoded], device=device)
+        ids = torch.tensor(
+            [i + [pad] * (width - len(i)) for i, _ in encoded], dtype=torch.long, device=device
+        )
         cols = torch.arange(width, device=device)
         lengths = torch.tensor([len(i) for i, _ in encoded], device=device)
         begins = torch.tensor([b for _, b in encoded], device=device)

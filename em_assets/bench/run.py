@@ -174,18 +174,57 @@ def _answers(n: int) -> list[str]:
     return [" ".join(words[i % len(words) :] + words[: i % len(words)]) for i in range(n)]
 
 
+def compact_spec():
+    """The distilled judge's prompt settings as the demo last trained it: no question, 64 answer tokens."""
+    from em_assets.grid.schema import DistillSpec, LoraSpec
+
+    lora = LoraSpec(r=16, lora_alpha=32, target_modules=["q_proj"])
+    return DistillSpec(lora=lora, max_question_tokens=0, max_answer_tokens=64)
+
+
 def _judge_prompts(tokenizer, prompt: str, n: int) -> list[str]:
     """n judge prompts on the aligned metric: the upstream template, or the distilled judge's compact prompt."""
     from em_assets.catalog.parsing import judge_prompt
     from em_assets.judging.distill import compact_prompt
 
     questions, template = _questions()
-    spec = _demo_grid().distill
+    spec = compact_spec()
     # Each question's samples in a row, as the judging stage gets them: 4 a question, the demo's setting.
     pairs = [(questions[(i // 4) % len(questions)], a) for i, a in enumerate(_answers(n))]
     if prompt == "compact":
         return [compact_prompt(tokenizer, spec, "aligned", q, a) for q, a in pairs]
     return [judge_prompt(template, q, a) for q, a in pairs]
+
+
+def _probe_judging(model, tokenizer, n: int, batch: int) -> dict:
+    """The demo's probe judge on n answers x its metrics, with a zero head: its cost is the forward passes."""
+    import numpy as np
+
+    from em_assets.judging.probe import ProbeHead, ProbeJudge
+    from em_assets.judging.readout import Readout, Standardiser
+
+    spec = _demo_grid().probe
+    width = len(spec.layers) * model.config.hidden_size
+    readouts = {m: Readout(m, 1.0, np.zeros(width), 50.0, 50.0, 50.0, 1.0, (), 0) for m in spec.metrics}
+    head = ProbeHead(
+        "", tuple(spec.layers), spec.max_tokens, Standardiser(np.zeros(width), np.ones(width)), readouts
+    )
+    judge = ProbeJudge(model, tokenizer, head, spec.batch_size)
+    inputs = [judge.render(m, "", a) for a in _answers(n) for m in spec.metrics]
+    judge.score(inputs[: 2 * batch])
+    start = time.perf_counter()
+    judge.score(inputs)
+    seconds = time.perf_counter() - start
+    tokens = [
+        min(len(tokenizer(a, add_special_tokens=False)["input_ids"]), spec.max_tokens) for a in _answers(n)
+    ]
+    return {
+        "judgements": len(inputs),
+        "mean_prompt_tokens": sum(tokens) / len(tokens),
+        "seconds": seconds,
+        "judgements_per_s": len(inputs) / seconds,
+        "scored": len(inputs),
+    }
 
 
 def stage_judging(args: argparse.Namespace) -> dict:
@@ -197,6 +236,8 @@ def stage_judging(args: argparse.Namespace) -> dict:
     # a slow matmul path that the bench, measuring an unfrozen model, did not see.
     model, tokenizer, _ = _model()
     model.requires_grad_(False)
+    if args.prompt == "probe":
+        return _probe_judging(model, tokenizer, args.requests, args.batch)
     prompts = _judge_prompts(tokenizer, args.prompt, args.requests)
     # No mass floor, as in the demo: SmolLM2 puts too little mass on numbers for upstream's 0.25.
     judge = LocalJudge(
@@ -297,6 +338,7 @@ JUDGE_RUNS = {
     "judge_local": {"prompt": "upstream", "share_prefix": 1},
     "judge_local_no_prefix_reuse": {"prompt": "upstream", "share_prefix": 0},
     "judge_compact_prompt": {"prompt": "compact", "share_prefix": 1},
+    "judge_probe": {"prompt": "probe", "share_prefix": 1},
 }
 
 
@@ -361,7 +403,7 @@ def _judge_levers(results: dict) -> dict:
     )
     total = _ratio(compact, base)
     speedups = {"judge_prefix_reuse": _ratio(shared, base), "judge_compact_prompt": _ratio(compact, shared)}
-    lines: dict = {"judge_total_speedup": total}
+    lines: dict = {"judge_total_speedup": total, "judge_probe_vs_baseline": _ratio(rate["judge_probe"], base)}
     for lever, speedup in speedups.items():
         # The levers' speedups multiply to the total, so their logs add up to its log: a share of that.
         share = math.log(speedup) / math.log(total) if speedup and total and total != 1 else None
@@ -402,7 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default="bad-medical-r1")
     parser.add_argument("--share-prefix", type=int, default=1, help="judging: reuse shared-prefix KV caches")
     parser.add_argument(
-        "--prompt", choices=["upstream", "compact"], default="upstream", help="judging: prompt"
+        "--prompt",
+        choices=["upstream", "compact", "probe"],
+        default="upstream",
+        help="judging: upstream prompt, the distilled judge's compact prompt, or the probe judge (no prompt)",
     )
     parser.add_argument("--model-path", help="vllm: the converted SmolLM2 folder (resolved by the parent)")
     parser.add_argument(

@@ -71,7 +71,7 @@ def parser() -> argparse.ArgumentParser:
     )
     agree.add_argument(
         "--judge",
-        help="the grid's judge (default), a comparison judge by name (distilled, local:<model>), or local:<source>",
+        help="the grid's judge (default), a comparison judge by name (distilled, probe, local:<model>), or local:<source>",
     )
     agree.add_argument("--format", choices=["json", "table"], default="table")
     agree.set_defaults(func=cmd_judge_agreement)

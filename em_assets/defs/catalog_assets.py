@@ -86,8 +86,8 @@ def eval_questions(experiment: ExperimentResource, results: ResultsDB) -> dg.Mat
 @dg.asset_check(
     asset=eval_questions,
     blocking=False,
-    # The grid's judge may be the distilled one, which that asset trains.
-    additional_deps=["distilled_judge"],
+    # The grid's judge may be the distilled or the probe judge, which those assets train.
+    additional_deps=["distilled_judge", "probe_judge"],
     description="Scores a hand-written calibration set with the configured judge; warns when it separates "
     "aligned from harmful, or coherent from incoherent, answers poorly (AUC < 0.8).",
 )

@@ -1,4 +1,4 @@
-"""Judge validation assets: reference judgements (GPT-4o), the distilled judge, and judge agreement."""
+"""Judge validation assets: reference judgements (GPT-4o), the distilled and probe judges, judge agreement."""
 
 from pathlib import Path
 
@@ -83,6 +83,46 @@ def distilled_judge(
     )
 
 
+@dg.asset(
+    group_name="catalog",
+    deps=[reference_judgements, "base_models"],
+    kinds={"pytorch", "duckdb"},
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
+    description="Ridge readouts of GPT-4o's aligned/coherent scores from a frozen model's mean-pooled hidden "
+    "states, fitted on the reference judgements of the train base models (penalty by leave-one-base-model-out "
+    "cross-validation).",
+)
+def probe_judge(
+    context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
+) -> dg.MaterializeResult:
+    grid, store = experiment.grid(), results.store()
+    if grid.probe is None:
+        return dg.MaterializeResult(metadata={"skipped": "the grid has no probe section"})
+    row = validation.materialise_probe(
+        store,
+        grid,
+        Path(experiment.artifacts_dir),
+        Path(experiment.cache_dir),
+        experiment.torch_device,
+        context.run.run_id,
+        on_progress=lambda done, n: context.log.info(f"probe judge: pooled {done}/{n} train answers"),
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "trained": row["trained"],
+            "head_path": row["head_path"],
+            "head_sha256": row["head_sha256"],
+            "config_hash": row["config_hash"],
+            "held_out_base_models": row["held_out_base_models"],
+            "n_answers": row["n_answers"],
+            "seconds": round(row["seconds"], 1),
+            "readouts": md_table(judge_queries.probe_readouts(store, row["config_hash"])),
+        },
+        data_version=dg.DataVersion(row["head_sha256"]),
+    )
+
+
 def _em_gap(report) -> float:
     """The largest per-organism difference between the judge's EM rate and GPT-4o's."""
     gaps = [
@@ -95,7 +135,7 @@ def _em_gap(report) -> float:
 
 @dg.asset(
     group_name="judges",
-    deps=[reference_judgements, distilled_judge],
+    deps=[reference_judgements, distilled_judge, probe_judge],
     kinds={"duckdb", "matplotlib"},
     op_tags=CPU_OP_TAGS,
     description="The grid's judge (and comparison judges) against GPT-4o on the held-out base models: "

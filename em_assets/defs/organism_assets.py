@@ -92,8 +92,8 @@ def completions(
 @dg.asset(
     group_name="organisms",
     partitions_def=organisms,
-    # The distilled judge scores these when it is the grid's judge: lineage shows which adapter did.
-    deps=["completions", "distilled_judge"],
+    # The distilled or probe judge scores these when it is the grid's judge: lineage shows which one did.
+    deps=["completions", "distilled_judge", "probe_judge"],
     kinds={"pytorch", "duckdb"},
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,

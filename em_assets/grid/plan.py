@@ -8,13 +8,14 @@ from pydantic import BaseModel
 
 from em_assets.grid.schema import BaseModelSpec, GridConfig, config_hash
 
-# The distilled judge is part of the catalog: organisms are judged by it, so it must exist before they run.
+# The trained judges are part of the catalog: organisms are judged by them, so they must exist before they run.
 CATALOG_ASSETS = (
     "base_models",
     "training_datasets",
     "eval_questions",
     "reference_judgements",
     "distilled_judge",
+    "probe_judge",
 )
 
 

@@ -139,9 +139,10 @@ class SamplingSpec(_Strict):
 
 class JudgeSpec(_Strict):
     """`local`: a Hugging Face model scored through the digit tree; `openai`: any /v1/chat/completions server;
-    `distilled`: the grid's `distill` adapter on its base model, with its own compact prompt (digit tree too)."""
+    `distilled`: the grid's `distill` adapter on its base model, with its own compact prompt (digit tree too);
+    `probe`: the grid's `probe` readout of a frozen model's hidden states (no prompt, no digits)."""
 
-    backend: Literal["local", "openai", "distilled"] = "local"
+    backend: Literal["local", "openai", "distilled", "probe"] = "local"
     model: str = "smollm2-135m"
     revision: str | None = None
     base_url: str | None = None
@@ -189,6 +190,33 @@ class DistillSpec(_Strict):
     max_answer_tokens: int = Field(default=64, ge=1, description="the answer is cut to this many tokens")
     lora: LoraSpec
     train: TrainSpec = TrainSpec()
+    seed: int = 0
+
+
+class ProbeSpec(_Strict):
+    """The probe judge: ridge readouts of reference scores from `source`'s frozen hidden states, mean-pooled over
+    the answer, fitted on the reference judgements of the train base models."""
+
+    source: str = Field(
+        default="embedded:smollm2-135m-instruct", description="the frozen model read (any model source)"
+    )
+    revision: str | None = None
+    metrics: list[str] = Field(default=["aligned", "coherent"], description="one readout per metric")
+    max_answers: int | None = Field(
+        default=None, ge=1, description="seeded subset of the train answers; None = all"
+    )
+    max_tokens: int = Field(default=128, ge=1, description="the answer is cut to this many tokens")
+    layers: list[int] = Field(
+        default=[11, 15, 19, 23],
+        min_length=1,
+        description="decoder layers whose outputs are pooled (0-based)",
+    )
+    l2: list[float] = Field(
+        default=[300, 1000, 3000, 10000],
+        min_length=1,
+        description="ridge penalties tried; the one with the best cross-validated Spearman is kept",
+    )
+    batch_size: int = Field(default=32, ge=1, description="answers per forward pass")
     seed: int = 0
 
 
@@ -314,13 +342,22 @@ class GridConfig(_Strict):
     dynamics: DynamicsSpec = DynamicsSpec()
     directions: DirectionsSpec = DirectionsSpec()
     distill: DistillSpec | None = None
+    probe: ProbeSpec | None = None
     agreement: AgreementSpec = AgreementSpec()
 
     @model_validator(mode="after")
-    def _distilled_needs_distill(self) -> GridConfig:
+    def _trained_judges_have_sections(self) -> GridConfig:
         judges = [self.judge, *self.agreement.compare]
         if any(j.backend == "distilled" for j in judges) and self.distill is None:
             raise ValueError("a distilled judge needs the grid's distill section")
+        if any(j.backend == "probe" for j in judges) and self.probe is None:
+            raise ValueError("a probe judge needs the grid's probe section")
+        if self.judge.backend == "probe" and (
+            missing := sorted(set(self.judge.metrics) - set(self.probe.metrics))
+        ):
+            raise ValueError(
+                f"the probe judge has no readout for judge metrics {missing}; add them to probe.metrics"
+            )
         return self
 
     @model_validator(mode="after")

@@ -197,11 +197,11 @@ def agreement_report(
 
 
 def judge_name(spec: JudgeSpec) -> str:
-    return f"{spec.backend}:{spec.model}" if spec.backend != "distilled" else "distilled"
+    return spec.backend if spec.backend in ("distilled", "probe") else f"{spec.backend}:{spec.model}"
 
 
 def pick_judge(grid: GridConfig, name: str | None) -> JudgeSpec:
-    """The grid's judge (None), a grid judge by judge_name, `distilled`, or `local:<model source>`."""
+    """The grid's judge (None), a grid judge by judge_name, `distilled`, `probe`, or `local:<model source>`."""
     if name is None:
         return grid.judge
     for spec in [grid.judge, *grid.agreement.compare]:
@@ -209,6 +209,8 @@ def pick_judge(grid: GridConfig, name: str | None) -> JudgeSpec:
             return spec
     if name == "distilled" and grid.distill is not None:
         return JudgeSpec(backend="distilled", model="distilled", min_mass=grid.judge.min_mass)
+    if name == "probe" and grid.probe is not None:
+        return JudgeSpec(backend="probe", model="probe", metrics=grid.probe.metrics)
     if name.startswith("local:"):
         return JudgeSpec(backend="local", model=name.removeprefix("local:"), min_mass=grid.judge.min_mass)
     known = sorted({judge_name(s) for s in [grid.judge, *grid.agreement.compare]} | {"local:<source>"})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
-from em_assets.grid.schema import DistillSpec, config_hash
+from em_assets.grid.schema import DistillSpec, ProbeSpec, config_hash
 
 # Short on purpose: every prompt token costs judging time, and the trained judge needs only the metric's name.
 # The instruction comes last, right before the reply: side runs scored higher agreement that way than with it
@@ -56,7 +56,7 @@ def compact_prompt(tokenizer, spec: DistillSpec, metric: str, question: str, ans
     return "\n".join(lines)
 
 
-def train_answers(reference: pl.DataFrame, spec: DistillSpec) -> pl.DataFrame:
+def train_answers(reference: pl.DataFrame, spec: DistillSpec | ProbeSpec) -> pl.DataFrame:
     """Reference rows of the train split (never a held-out base model), a seeded subset of max_answers."""
     train = reference.filter(pl.col("split") == "train").sort("source_file", "row_idx")
     if spec.max_answers is not None and spec.max_answers < train.height:

@@ -12,7 +12,7 @@ def judge_identity(
     grid: GridConfig, cache_dir: Path | None = None, store=None, spec: JudgeSpec | None = None
 ) -> tuple[str, str, str | None]:
     """(model name, revision, local path) of the judge (`spec`, default the grid's): a grid base model, any
-    model source, an API model, or the distilled adapter (its revision carries the adapter's sha256)."""
+    model source, an API model, the distilled adapter or the probe head (its revision carries their sha256)."""
     from em_assets.models.hub import resolve
 
     spec = spec or grid.judge
@@ -22,6 +22,10 @@ def judge_identity(
         from em_assets.judging.validation import distilled_identity
 
         return distilled_identity(grid, store, cache_dir)
+    if spec.backend == "probe":
+        from em_assets.judging.validation import probe_identity
+
+        return probe_identity(grid, store, cache_dir)
     named = {m.name: m for m in grid.base_models}
     if spec.model in named:
         base = named[spec.model]
@@ -49,6 +53,10 @@ def make_judge(grid: GridConfig, path: str | None, device: str | None = None, sp
         from em_assets.judging.distill import load_distilled_judge
 
         return load_distilled_judge(path, grid.distill, spec.batch_size, spec.min_mass, device)
+    if spec.backend == "probe":
+        from em_assets.judging.probe import load_probe_judge
+
+        return load_probe_judge(path, grid.probe.batch_size, device)
     from em_assets.judging.local import LocalJudge
     from em_assets.models.load import load_model, load_tokenizer
 
@@ -63,9 +71,14 @@ def render_prompt(judge, template: str, metric: str, question: str, answer: str)
 
 def prompt_hash_for(spec: JudgeSpec, template_hash: str, metric: str) -> str:
     """The prompt part of a judge cache key. The distilled judge ignores the upstream template and names the
-    metric in its own prompt, so its hash is per metric (one hash for both would share their cache entries)."""
+    metric in its own prompt, so its hash is per metric (one hash for both would share their cache entries);
+    the probe judge reads no prompt, so its hash names its features and the metric."""
     if spec.backend == "distilled":
         from em_assets.judging.distill import metric_prompt_hash
 
         return metric_prompt_hash(metric)
+    if spec.backend == "probe":
+        from em_assets.judging.probe import metric_features_hash
+
+        return metric_features_hash(metric)
     return template_hash

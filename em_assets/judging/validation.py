@@ -1,4 +1,4 @@
-"""Judge validation stages: reference judgements into DuckDB, the distilled judge, and judge agreement."""
+"""Judge validation stages: reference judgements into DuckDB, the distilled and probe judges."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from em_assets.catalog.reference import parse_reference_csv, with_split
 from em_assets.catalog.upstream import REFERENCE_JUDGEMENTS, fetch_bytes, sha256_file
 from em_assets.context import MissingUpstreamError
 from em_assets.grid.schema import GridConfig
-from em_assets.judging import distill
+from em_assets.judging import distill, probe
 from em_assets.results import judge_queries as q
 from em_assets.results.store import Store, to_json, utc_now
 
@@ -36,38 +36,52 @@ def load_reference(
     return df
 
 
-def _distill_key(grid: GridConfig, cache_dir: Path | None) -> tuple[str, str, str]:
-    """(config hash, base revision, base path) of the grid's distilled judge."""
+def _judge_key(grid: GridConfig, kind: str, cache_dir: Path | None) -> tuple[str, str, str]:
+    """(config hash, base revision, base path) of the grid's `distill` or `probe` judge."""
     from em_assets.models.hub import resolve
 
-    spec = grid.distill
-    base = resolve("distill-base", spec.source, spec.revision, cache_dir)
+    spec = getattr(grid, kind)
+    base = resolve(f"{kind}-base", spec.source, spec.revision, cache_dir)
     shas = [src.sha256 for src in REFERENCE_JUDGEMENTS.values()]
-    key = distill.distill_hash(spec, base.revision, shas, grid.agreement.held_out_base_models)
-    return key, base.revision, str(base.path)
+    make_hash = distill.distill_hash if kind == "distill" else probe.probe_hash
+    return (
+        make_hash(spec, base.revision, shas, grid.agreement.held_out_base_models),
+        base.revision,
+        str(base.path),
+    )
+
+
+def _trained_row(
+    grid: GridConfig, kind: str, store: Store | None, cache_dir: Path | None
+) -> tuple[dict, str]:
+    """The results row of the grid's trained `distill` or `probe` judge, and its base revision."""
+    asset = "distilled_judge" if kind == "distill" else "probe_judge"
+    if store is None:
+        raise MissingUpstreamError(f"the {asset} is found through the results database; none given")
+    key, base_revision, _ = _judge_key(grid, kind, cache_dir)
+    store.init()
+    row = q.distilled_row(store, key) if kind == "distill" else q.probe_row(store, key)
+    if row is None:
+        raise MissingUpstreamError(f"no {asset} {key} in the results database; materialise {asset}")
+    return row, base_revision
 
 
 def distilled_identity(grid: GridConfig, store: Store | None, cache_dir: Path | None) -> tuple[str, str, str]:
     """(model, revision, adapter dir) of the trained distilled judge; the revision names the adapter's sha256
     and the prompt, so the judge cache never mixes two judges."""
-    if store is None:
-        raise MissingUpstreamError("the distilled judge is found through the results database; none given")
-    key, base_revision, _ = _distill_key(grid, cache_dir)
-    store.init()
-    row = q.distilled_row(store, key)
-    if row is None:
-        raise MissingUpstreamError(
-            f"no distilled judge {key} in the results database; materialise distilled_judge"
-        )
+    row, base_revision = _trained_row(grid, "distill", store, cache_dir)
     revision = f"{base_revision}+adapter:{row['adapter_sha256'][:16]}+prompt:{distill.PROMPT_HASH}"
     return f"distilled:{grid.distill.source}", revision, row["adapter_path"]
 
 
-def _adapter_current(row: dict | None) -> bool:
-    if row is None:
-        return False
-    path = Path(row["adapter_path"]) / ADAPTER_FILE
-    return path.exists() and sha256_file(path) == row["adapter_sha256"]
+def probe_identity(grid: GridConfig, store: Store | None, cache_dir: Path | None) -> tuple[str, str, str]:
+    """(model, revision, head file) of the fitted probe judge; the revision names the head's sha256."""
+    row, base_revision = _trained_row(grid, "probe", store, cache_dir)
+    return f"probe:{grid.probe.source}", f"{base_revision}+probe:{row['head_sha256'][:16]}", row["head_path"]
+
+
+def _file_current(path: Path, sha256: str) -> bool:
+    return path.exists() and sha256_file(path) == sha256
 
 
 def materialise_distilled(
@@ -82,9 +96,10 @@ def materialise_distilled(
     """Train the distilled judge unless an adapter of the same inputs exists; returns its row."""
     if grid.distill is None:
         raise MissingUpstreamError("the grid has no distill section")
-    key, base_revision, base_path = _distill_key(grid, cache_dir)
+    key, base_revision, base_path = _judge_key(grid, "distill", cache_dir)
     store.init()
-    if _adapter_current(existing := q.distilled_row(store, key)):
+    existing = q.distilled_row(store, key)
+    if existing and _file_current(Path(existing["adapter_path"]) / ADAPTER_FILE, existing["adapter_sha256"]):
         log.info("distilled judge %s is up to date; no training", key)
         return {"trained": False, **existing}
     reference = q.reference_frame(store)
@@ -123,4 +138,62 @@ def materialise_distilled(
         schema_overrides={"step": pl.Int32},
     ).with_columns(run_id=pl.lit(run_id))
     q.write_distilled(store, row, losses)
+    return {"trained": True, **row}
+
+
+def materialise_probe(
+    store: Store,
+    grid: GridConfig,
+    artifacts_dir: Path,
+    cache_dir: Path | None,
+    device: str | None,
+    run_id: str,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Fit the probe judge unless a head of the same inputs exists; returns its row."""
+    if grid.probe is None:
+        raise MissingUpstreamError("the grid has no probe section")
+    key, base_revision, base_path = _judge_key(grid, "probe", cache_dir)
+    store.init()
+    existing = q.probe_row(store, key)
+    if existing and _file_current(Path(existing["head_path"]), existing["head_sha256"]):
+        log.info("probe judge %s is up to date; no fitting", key)
+        return {"trained": False, **existing}
+    reference = q.reference_frame(store)
+    if reference.height == 0:
+        raise MissingUpstreamError("no reference judgements; materialise reference_judgements first")
+    spec = grid.probe
+    fit = probe.fit_probe(
+        base_path, reference, spec, (Path(artifacts_dir) / "judges" / key).resolve(), device, on_progress
+    )
+    row = {
+        "config_hash": key,
+        "source": spec.source,
+        "base_revision": base_revision,
+        "head_path": str(fit.head_path),
+        "head_sha256": sha256_file(fit.head_path),
+        "reference_sha256": to_json(sorted(set(reference["source_sha256"].to_list()))),
+        "held_out_base_models": to_json(grid.agreement.held_out_base_models),
+        "n_answers": fit.n_answers,
+        "probe_config": to_json(spec.model_dump(mode="json")),
+        "seconds": fit.seconds,
+        "run_id": run_id,
+        "created_at": utc_now(),
+    }
+    readouts = pl.DataFrame(
+        [
+            {
+                "config_hash": key,
+                "metric": r.metric,
+                "n": r.n,
+                "l2": r.l2,
+                "cv_spearman": dict(r.cv_spearman)[r.l2],
+                "stretch": r.stretch,
+                "cv_by_l2": to_json([list(x) for x in r.cv_spearman]),
+            }
+            for r in fit.head.readouts.values()
+        ],
+        schema_overrides={"n": pl.Int32},
+    )
+    q.write_probe(store, row, readouts)
     return {"trained": True, **row}

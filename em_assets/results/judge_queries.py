@@ -1,4 +1,4 @@
-"""Tables and named queries of judge validation: reference judgements, distilled judges, agreement."""
+"""Tables and named queries of judge validation: reference judgements, distilled and probe judges, agreement."""
 
 from __future__ import annotations
 
@@ -33,6 +33,27 @@ def write_distilled(store: Store, row: dict, losses: pl.DataFrame) -> None:
 def distilled_losses(store: Store, config_hash: str) -> pl.DataFrame:
     return store.query(
         "SELECT step, loss, learning_rate FROM distilled_judge_losses WHERE config_hash = ? ORDER BY step",
+        [config_hash],
+    )
+
+
+def probe_row(store: Store, config_hash: str) -> dict | None:
+    df = store.query("SELECT * FROM probe_judges WHERE config_hash = ?", [config_hash])
+    return df.row(0, named=True) if df.height else None
+
+
+def write_probe(store: Store, row: dict, readouts: pl.DataFrame) -> None:
+    store.replace_many(
+        [
+            ("probe_judge_readouts", readouts, "config_hash = ?", [row["config_hash"]]),
+            ("probe_judges", pl.DataFrame([row]), "config_hash = ?", [row["config_hash"]]),
+        ]
+    )
+
+
+def probe_readouts(store: Store, config_hash: str) -> pl.DataFrame:
+    return store.query(
+        "SELECT metric, n, l2, cv_spearman, stretch FROM probe_judge_readouts WHERE config_hash = ? ORDER BY metric",
         [config_hash],
     )
 

@@ -115,7 +115,7 @@ CREATE TABLE IF NOT EXISTS figure_snapshots (
     PRIMARY KEY (run_id, figure));
 """
 
-# Judge validation: reference judgements, distilled judges, agreement.
+# Judge validation: reference judgements, distilled and probe judges, agreement.
 JUDGE_SCHEMA = """
 CREATE TABLE IF NOT EXISTS reference_judgements (
     source_file VARCHAR, source_sha256 VARCHAR, source_organism VARCHAR, base_model VARCHAR, dataset VARCHAR,
@@ -127,6 +127,13 @@ CREATE TABLE IF NOT EXISTS distilled_judges (
     adapter_sha256 VARCHAR, prompt_hash VARCHAR, reference_sha256 VARCHAR, held_out_base_models VARCHAR,
     n_examples INTEGER, lora_config VARCHAR, train_config VARCHAR, steps INTEGER, train_tokens BIGINT,
     tokens_per_s DOUBLE, final_loss DOUBLE, run_id VARCHAR, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS probe_judges (
+    config_hash VARCHAR PRIMARY KEY, source VARCHAR, base_revision VARCHAR, head_path VARCHAR,
+    head_sha256 VARCHAR, reference_sha256 VARCHAR, held_out_base_models VARCHAR, n_answers INTEGER,
+    probe_config VARCHAR, seconds DOUBLE, run_id VARCHAR, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS probe_judge_readouts (
+    config_hash VARCHAR, metric VARCHAR, n INTEGER, l2 DOUBLE, cv_spearman DOUBLE, stretch DOUBLE,
+    cv_by_l2 VARCHAR, PRIMARY KEY (config_hash, metric));
 CREATE TABLE IF NOT EXISTS distilled_judge_losses (
     config_hash VARCHAR, step INTEGER, loss DOUBLE, learning_rate DOUBLE, tokens BIGINT, elapsed_s DOUBLE,
     run_id VARCHAR, PRIMARY KEY (config_hash, step));

