@@ -196,8 +196,13 @@ def _judge_prompts(tokenizer, prompt: str, n: int) -> list[str]:
     return [judge_prompt(template, q, a) for q, a in pairs]
 
 
+# The demo's probe judge keeps every train answer of the reference judgements as its kernel's support.
+PROBE_SUPPORT = 2400
+
+
 def _probe_judging(model, tokenizer, n: int, batch: int) -> dict:
-    """The demo's probe judge on n answers x its metrics, with a zero head: its cost is the forward passes."""
+    """The demo's probe judge on n answers x its metrics, with a zero head over a support as large as the
+    demo's (every train answer): the cost is the forward passes and the kernel, not the head's values."""
     import numpy as np
 
     from em_assets.judging.probe import ProbeHead, ProbeJudge
@@ -205,10 +210,12 @@ def _probe_judging(model, tokenizer, n: int, batch: int) -> dict:
 
     spec = _demo_grid().probe
     width = len(spec.layers) * model.config.hidden_size
-    readouts = {m: Readout(m, 1.0, np.zeros(width), 50.0, 50.0, 50.0, 1.0, (), 0) for m in spec.metrics}
-    head = ProbeHead(
-        "", tuple(spec.layers), spec.max_tokens, Standardiser(np.zeros(width), np.ones(width)), readouts
-    )
+    support = np.zeros((PROBE_SUPPORT, width), dtype=np.float32)
+    readouts = {
+        m: Readout(m, 1.0, 1.0, np.zeros(PROBE_SUPPORT), 50.0, 50.0, 50.0, 1.0, (), 0) for m in spec.metrics
+    }
+    standardiser = Standardiser(np.zeros(width), np.ones(width))
+    head = ProbeHead("", tuple(spec.layers), spec.max_tokens, standardiser, support, readouts)
     judge = ProbeJudge(model, tokenizer, head, spec.batch_size)
     inputs = [judge.render(m, "", a) for a in _answers(n) for m in spec.metrics]
     judge.score(inputs[: 2 * batch])

@@ -89,9 +89,9 @@ def distilled_judge(
     kinds={"pytorch", "duckdb"},
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
-    description="Ridge readouts of GPT-4o's aligned/coherent scores from a frozen model's mean-pooled hidden "
-    "states, fitted on the reference judgements of the train base models (penalty by leave-one-base-model-out "
-    "cross-validation).",
+    description="Kernel ridge readouts of GPT-4o's aligned/coherent scores from a frozen model's mean-pooled "
+    "hidden states, fitted on the reference judgements of the train base models (bandwidth and penalty by "
+    "leave-one-base-model-out cross-validation).",
 )
 def probe_judge(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB

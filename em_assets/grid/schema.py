@@ -194,8 +194,8 @@ class DistillSpec(_Strict):
 
 
 class ProbeSpec(_Strict):
-    """The probe judge: ridge readouts of reference scores from `source`'s frozen hidden states, mean-pooled over
-    the answer, fitted on the reference judgements of the train base models."""
+    """The probe judge: kernel ridge readouts of reference scores from `source`'s frozen hidden states,
+    mean-pooled over the answer, fitted on the reference judgements of the train base models."""
 
     source: str = Field(
         default="embedded:smollm2-135m-instruct", description="the frozen model read (any model source)"
@@ -211,10 +211,15 @@ class ProbeSpec(_Strict):
         min_length=1,
         description="decoder layers whose outputs are pooled (0-based)",
     )
-    l2: list[float] = Field(
-        default=[300, 1000, 3000, 10000],
+    bandwidths: list[float] = Field(
+        default=[0.5, 1.0, 2.0],
         min_length=1,
-        description="ridge penalties tried; the one with the best cross-validated Spearman is kept",
+        description="RBF bandwidths tried, as multiples of the median squared distance between train answers",
+    )
+    l2: list[float] = Field(
+        default=[0.01, 0.1, 1.0],
+        min_length=1,
+        description="ridge penalties tried; the setting with the best cross-validated Spearman is kept",
     )
     batch_size: int = Field(default=32, ge=1, description="answers per forward pass")
     seed: int = 0

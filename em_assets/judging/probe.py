@@ -1,8 +1,8 @@
-"""The probe judge: GPT-4o's scores read off a frozen small model by ridge readouts of its hidden states.
+"""The probe judge: GPT-4o's scores read off a frozen small model by kernel ridge readouts of its hidden states.
 
 Each answer (cut to a token budget, no prompt around it) goes through the frozen model once; its decoder-layer
-outputs, averaged over its tokens at the spec's layers, are the features, and one ridge readout per metric
-(judging/readout.py) maps them to a 0-100 score. It is fitted on the reference judgements of the TRAIN base
+outputs, averaged over its tokens at the spec's layers, are the features, and one kernel ridge readout per
+metric over the train answers' features (judging/readout.py) maps them to a 0-100 score. It is fitted on the reference judgements of the TRAIN base
 models only, like the distilled adapter. Both metrics come from one forward pass per answer.
 """
 
@@ -39,16 +39,18 @@ class ProbeInput:
 
 @dataclass(frozen=True)
 class ProbeHead:
-    """The fitted readouts over one model's pooled layers, as saved to HEAD_FILE."""
+    """The fitted readouts over one model's pooled layers, and their support (the train answers' standardised
+    features), as saved to HEAD_FILE."""
 
     base_model: str
     layers: tuple[int, ...]
     max_tokens: int
     standardiser: Standardiser
+    support: np.ndarray
     readouts: dict[str, Readout]
 
     def scores(self, features: np.ndarray, metric: str) -> np.ndarray:
-        return self.readouts[metric].predict(self.standardiser(features))
+        return self.readouts[metric].predict(self.standardiser(features), self.support)
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,8 @@ def fit_probe(
     device: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> ProbeFit:
-    """Pool the train answers' states, fit one readout per metric (penalty by leave-one-base-model-out
-    cross-validation) and save the head to out_dir/HEAD_FILE."""
+    """Pool the train answers' states, fit one readout per metric (bandwidth and penalty by
+    leave-one-base-model-out cross-validation) and save the head to out_dir/HEAD_FILE."""
     from em_assets.models.load import load_model, load_tokenizer
 
     start = time.perf_counter()
@@ -141,10 +143,14 @@ def fit_probe(
         on_progress,
     )
     standardiser = Standardiser.fit(features)
-    z = standardiser(features)
+    # float32 as saved, so the fitted head scores exactly as the loaded one.
+    support = standardiser(features).astype(np.float32)
     groups = answers["base_model"].to_list()
-    readouts = {m: fit_readout(m, z, _targets(answers, m), groups, spec.l2, spec.seed) for m in spec.metrics}
-    head = ProbeHead(str(base_path), tuple(spec.layers), spec.max_tokens, standardiser, readouts)
+    readouts = {
+        m: fit_readout(m, support, _targets(answers, m), groups, spec.bandwidths, spec.l2, spec.seed)
+        for m in spec.metrics
+    }
+    head = ProbeHead(str(base_path), tuple(spec.layers), spec.max_tokens, standardiser, support, readouts)
     path = save_head(head, out_dir)
     return ProbeFit(path, head, answers.height, time.perf_counter() - start)
 
@@ -159,15 +165,19 @@ def save_head(head: ProbeHead, out_dir: Path) -> Path:
     """The head as one safetensors file: arrays as tensors, everything else in its metadata."""
     from safetensors.numpy import save_file
 
-    tensors = {"feature_mean": head.standardiser.mean, "feature_scale": head.standardiser.scale}
-    tensors |= {f"{m}.weight": r.weight for m, r in head.readouts.items()}
+    tensors = {
+        "feature_mean": head.standardiser.mean.astype(np.float64),
+        "feature_scale": head.standardiser.scale.astype(np.float64),
+        "support": head.support.astype(np.float32),
+    }
+    tensors |= {f"{m}.dual": r.dual.astype(np.float64) for m, r in head.readouts.items()}
+    scalars = ("bandwidth", "l2", "intercept", "target_mean", "center", "stretch", "n")
     meta = {
         "base_model": head.base_model,
         "layers": list(head.layers),
         "max_tokens": head.max_tokens,
         "readouts": {
-            m: {k: getattr(r, k) for k in ("l2", "intercept", "target_mean", "center", "stretch", "n")}
-            | {"cv_spearman": [list(x) for x in r.cv_spearman]}
+            m: {k: getattr(r, k) for k in scalars} | {"cv_spearman": [list(x) for x in r.cv_spearman]}
             for m, r in head.readouts.items()
         },
     }
@@ -175,7 +185,7 @@ def save_head(head: ProbeHead, out_dir: Path) -> Path:
     path = out_dir / HEAD_FILE
     tmp = path.with_suffix(".tmp")
     save_file(
-        {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in tensors.items()},
+        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
         str(tmp),
         metadata={"probe": json.dumps(meta)},
     )
@@ -192,14 +202,17 @@ def load_head(path: Path | str) -> ProbeHead:
         readouts = {
             m: Readout(
                 metric=m,
-                weight=tensor(f"{m}.weight"),
+                dual=tensor(f"{m}.dual"),
                 cv_spearman=tuple(tuple(x) for x in r.pop("cv_spearman")),
                 **r,
             )
             for m, r in meta["readouts"].items()
         }
         standardiser = Standardiser(tensor("feature_mean"), tensor("feature_scale"))
-    return ProbeHead(meta["base_model"], tuple(meta["layers"]), meta["max_tokens"], standardiser, readouts)
+        support = tensor("support")
+    return ProbeHead(
+        meta["base_model"], tuple(meta["layers"]), meta["max_tokens"], standardiser, support, readouts
+    )
 
 
 class ProbeJudge:

@@ -1,9 +1,10 @@
-"""Ridge readouts of a score from features: the penalty chosen by grouped cross-validation, then a calibration
-that gives the predictions the targets' spread.
+"""Kernel ridge readouts of a score from features: the RBF bandwidth and penalty chosen by grouped
+cross-validation, then a calibration that gives the predictions the targets' spread.
 
 Numpy only, so the statistics are tested against hand-worked examples. Written by hand rather than with
-scikit-learn: ridge is a few lines of linear algebra, and the project would otherwise depend on scikit-learn
-(and scipy) for it alone.
+scikit-learn: kernel ridge is a few lines of linear algebra, the grouped search over its two settings reuses one
+eigendecomposition per fold and bandwidth, and the project would otherwise depend on scikit-learn (and scipy)
+for it alone.
 """
 
 from __future__ import annotations
@@ -36,11 +37,12 @@ class Standardiser:
 
 @dataclass(frozen=True)
 class Readout:
-    """One metric's readout from standardised features, with its calibration and cross-validation record."""
+    """One metric's readout: dual weights over the support rows (the train answers), and its calibration."""
 
     metric: str
+    bandwidth: float
     l2: float
-    weight: np.ndarray
+    dual: np.ndarray
     intercept: float
     # score = target_mean + (raw - center) * stretch: out-of-fold predictions shrink towards the mean (an
     # answer GPT-4o scores 10 is predicted near 35), so thresholds like aligned <= 30 would undercount. The
@@ -48,20 +50,29 @@ class Readout:
     target_mean: float
     center: float
     stretch: float
-    cv_spearman: tuple[tuple[float, float | None], ...]
+    # (bandwidth as a multiple of the median squared distance, penalty, out-of-fold Spearman) per setting tried.
+    cv_spearman: tuple[tuple[float, float, float | None], ...]
     n: int
 
-    def predict(self, z: np.ndarray) -> np.ndarray:
-        raw = z @ self.weight + self.intercept
+    def predict(self, z: np.ndarray, support: np.ndarray) -> np.ndarray:
+        raw = rbf(sq_distances(z, support), self.bandwidth) @ self.dual + self.intercept
         return np.clip(self.target_mean + (raw - self.center) * self.stretch, 0.0, 100.0)
 
 
-def ridge(z: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
-    """(weight, intercept) minimising |y - z w - b|^2 + l2 |w|^2, the intercept unpenalised."""
-    zm, ym = z.mean(axis=0), y.mean()
-    zc = z - zm
-    weight = np.linalg.solve(zc.T @ zc + l2 * np.eye(z.shape[1]), zc.T @ (y - ym))
-    return weight, float(ym - zm @ weight)
+def sq_distances(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """[len(u), len(v)] squared Euclidean distances."""
+    d = (u * u).sum(axis=1)[:, None] + (v * v).sum(axis=1)[None, :] - 2.0 * (u @ v.T)
+    return np.maximum(d, 0.0)
+
+
+def rbf(sq: np.ndarray, bandwidth: float) -> np.ndarray:
+    return np.exp(-sq / bandwidth)
+
+
+def kernel_ridge(k: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
+    """(dual, intercept) with k @ dual + intercept fitting y under penalty l2; the intercept is y's mean."""
+    mean = float(y.mean())
+    return np.linalg.solve(k + l2 * np.eye(len(y)), y - mean), mean
 
 
 def folds(groups: Sequence[str], seed: int = 0) -> np.ndarray:
@@ -76,39 +87,57 @@ def folds(groups: Sequence[str], seed: int = 0) -> np.ndarray:
     return out
 
 
-def out_of_fold(z: np.ndarray, y: np.ndarray, fold: np.ndarray, l2: float) -> np.ndarray:
-    """Each row's prediction by a readout fitted without its fold."""
-    pred = np.empty(len(y))
+def out_of_fold(
+    sq: np.ndarray, y: np.ndarray, fold: np.ndarray, bandwidths: Sequence[float], l2s: Sequence[float]
+) -> dict[tuple[float, float], np.ndarray]:
+    """Each row's prediction by a readout fitted without its fold, for every (bandwidth, penalty)."""
+    preds = {(b, l2): np.empty(len(y)) for b in bandwidths for l2 in l2s}
     for f in np.unique(fold):
-        held = fold == f
-        weight, intercept = ridge(z[~held], y[~held], l2)
-        pred[held] = z[held] @ weight + intercept
-    return pred
+        held, fit = fold == f, fold != f
+        mean = y[fit].mean()
+        for b in bandwidths:
+            # One eigendecomposition serves every penalty: (K + l2 I)^-1 = V diag(1 / (s + l2)) V'.
+            s, v = np.linalg.eigh(rbf(sq[np.ix_(fit, fit)], b))
+            proj = v.T @ (y[fit] - mean)
+            cross = rbf(sq[np.ix_(held, fit)], b) @ v
+            for l2 in l2s:
+                preds[(b, l2)][held] = cross @ (proj / (s + l2)) + mean
+    return preds
 
 
 def fit_readout(
-    metric: str, z: np.ndarray, y: np.ndarray, groups: Sequence[str], l2s: Sequence[float], seed: int = 0
+    metric: str,
+    z: np.ndarray,
+    y: np.ndarray,
+    groups: Sequence[str],
+    bandwidths: Sequence[float],
+    l2s: Sequence[float],
+    seed: int = 0,
 ) -> Readout:
-    """The readout of `metric` with the penalty whose out-of-fold Spearman is best, calibrated on the
-    out-of-fold predictions at that penalty. Rows with a missing target are left out."""
+    """The readout of `metric` over support z, with the (bandwidth, penalty) whose out-of-fold Spearman is
+    best, calibrated on the out-of-fold predictions there. Rows with a missing target get a zero dual weight."""
     keep = np.isfinite(y)
-    z, y, groups = z[keep], y[keep], [g for g, k in zip(groups, keep, strict=True) if k]
-    if len(y) < 2:
-        raise ValueError(f"{metric}: {len(y)} train answers with a score; a readout needs at least 2")
-    fold = folds(groups, seed)
-    preds = {l2: out_of_fold(z, y, fold, l2) for l2 in l2s}
-    cv = tuple((l2, spearman(y, p)) for l2, p in preds.items())
-    best = max(cv, key=lambda item: -np.inf if item[1] is None else item[1])[0]
-    weight, intercept = ridge(z, y, best)
-    spread = preds[best].std()
+    if keep.sum() < 2:
+        raise ValueError(f"{metric}: {keep.sum()} train answers with a score; a readout needs at least 2")
+    sq = sq_distances(z[keep], z[keep])
+    scale = float(np.median(sq[~np.eye(len(sq), dtype=bool)])) or 1.0
+    fold = folds([g for g, k in zip(groups, keep, strict=True) if k], seed)
+    preds = out_of_fold(sq, y[keep], fold, [m * scale for m in bandwidths], l2s)
+    cv = tuple((m, l2, spearman(y[keep], preds[(m * scale, l2)])) for m in bandwidths for l2 in l2s)
+    best_m, best_l2, _ = max(cv, key=lambda item: -np.inf if item[2] is None else item[2])
+    bandwidth = best_m * scale
+    dual = np.zeros(len(y))
+    dual[keep], intercept = kernel_ridge(rbf(sq, bandwidth), y[keep], best_l2)
+    oof = preds[(bandwidth, best_l2)]
     return Readout(
         metric=metric,
-        l2=best,
-        weight=weight,
+        bandwidth=bandwidth,
+        l2=best_l2,
+        dual=dual,
         intercept=intercept,
-        target_mean=float(y.mean()),
-        center=float(preds[best].mean()),
-        stretch=float(y.std() / spread) if spread > 0 else 1.0,
+        target_mean=float(y[keep].mean()),
+        center=float(oof.mean()),
+        stretch=float(y[keep].std() / oof.std()) if oof.std() > 0 else 1.0,
         cv_spearman=cv,
-        n=len(y),
+        n=int(keep.sum()),
     )

@@ -187,9 +187,10 @@ def materialise_probe(
                 "metric": r.metric,
                 "n": r.n,
                 "l2": r.l2,
-                "cv_spearman": dict(r.cv_spearman)[r.l2],
+                "bandwidth": r.bandwidth,
+                "cv_spearman": max((sp for _, _, sp in r.cv_spearman if sp is not None), default=None),
                 "stretch": r.stretch,
-                "cv_by_l2": to_json([list(x) for x in r.cv_spearman]),
+                "cv_by_setting": to_json([list(x) for x in r.cv_spearman]),
             }
             for r in fit.head.readouts.values()
         ],

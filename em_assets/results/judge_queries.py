@@ -53,7 +53,8 @@ def write_probe(store: Store, row: dict, readouts: pl.DataFrame) -> None:
 
 def probe_readouts(store: Store, config_hash: str) -> pl.DataFrame:
     return store.query(
-        "SELECT metric, n, l2, cv_spearman, stretch FROM probe_judge_readouts WHERE config_hash = ? ORDER BY metric",
+        "SELECT metric, n, bandwidth, l2, cv_spearman, stretch FROM probe_judge_readouts WHERE config_hash = ? "
+        "ORDER BY metric",
         [config_hash],
     )
 

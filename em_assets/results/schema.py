@@ -132,8 +132,8 @@ CREATE TABLE IF NOT EXISTS probe_judges (
     head_sha256 VARCHAR, reference_sha256 VARCHAR, held_out_base_models VARCHAR, n_answers INTEGER,
     probe_config VARCHAR, seconds DOUBLE, run_id VARCHAR, created_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS probe_judge_readouts (
-    config_hash VARCHAR, metric VARCHAR, n INTEGER, l2 DOUBLE, cv_spearman DOUBLE, stretch DOUBLE,
-    cv_by_l2 VARCHAR, PRIMARY KEY (config_hash, metric));
+    config_hash VARCHAR, metric VARCHAR, n INTEGER, l2 DOUBLE, bandwidth DOUBLE, cv_spearman DOUBLE,
+    stretch DOUBLE, cv_by_setting VARCHAR, PRIMARY KEY (config_hash, metric));
 CREATE TABLE IF NOT EXISTS distilled_judge_losses (
     config_hash VARCHAR, step INTEGER, loss DOUBLE, learning_rate DOUBLE, tokens BIGINT, elapsed_s DOUBLE,
     run_id VARCHAR, PRIMARY KEY (config_hash, step));

@@ -132,6 +132,7 @@ def probe_grid(model_dir) -> dict:
         "max_answers": 40,
         "max_tokens": 12,
         "layers": [0, 1],
+        "bandwidths": [1.0],
         "l2": [1.0, 100.0],
         "batch_size": 8,
     }

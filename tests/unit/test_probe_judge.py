@@ -20,9 +20,14 @@ ANSWERS = [
 LAYERS = (0, 1)
 
 
+SUPPORT = 5
+
+
 def _readout(metric: str, width: int, seed: int) -> Readout:
     rng = np.random.default_rng(seed)
-    return Readout(metric, 1.0, rng.normal(size=width), 50.0, 55.0, 50.0, 2.0, ((1.0, 0.5),), 10)
+    return Readout(
+        metric, 4.0 * width, 0.1, 30 * rng.normal(size=SUPPORT), 50.0, 55.0, 50.0, 2.0, ((1.0, 0.1, 0.5),), 10
+    )
 
 
 @pytest.fixture
@@ -33,7 +38,8 @@ def judge(tiny_model_dir):
         str(tiny_model_dir),
         LAYERS,
         16,
-        Standardiser(np.zeros(width), np.full(width, 0.01)),
+        Standardiser(np.zeros(width), np.full(width, 0.5)),
+        np.random.default_rng(9).normal(size=(SUPPORT, width)).astype(np.float32),
         {m: _readout(m, width, i) for i, m in enumerate(("aligned", "coherent"))},
     )
     return ProbeJudge(model, load_tokenizer(tiny_model_dir), head, batch_size=3)
@@ -68,7 +74,7 @@ def test_a_saved_head_scores_the_same_after_loading(judge, tmp_path):
     inputs = [judge.render(m, "q?", a) for a in ANSWERS for m in ("aligned", "coherent")]
     before = [s.score for s in judge.score(inputs)]
     loaded = load_head(save_head(judge.head, tmp_path))
-    assert loaded.layers == LAYERS and loaded.readouts["coherent"].cv_spearman == ((1.0, 0.5),)
+    assert loaded.layers == LAYERS and loaded.readouts["coherent"].cv_spearman == ((1.0, 0.1, 0.5),)
     after = [s.score for s in ProbeJudge(judge.model, judge.tokenizer, loaded, 3).score(inputs)]
     assert after == pytest.approx(before, abs=1e-9)
 

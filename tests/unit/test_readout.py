@@ -1,20 +1,48 @@
-"""Ridge readouts: the closed form against a hand-worked example, the folds, the penalty choice and the
-calibration that makes thresholds on the predictions count like thresholds on the targets."""
+"""Kernel ridge readouts: the closed form against a hand-worked example, the folds, the choice of setting and
+the calibration that makes thresholds on the predictions count like thresholds on the targets."""
+
+import math
 
 import numpy as np
 import pytest
 
-from em_assets.judging.readout import Standardiser, fit_readout, folds, ridge
+from em_assets.judging.readout import (
+    Standardiser,
+    fit_readout,
+    folds,
+    kernel_ridge,
+    out_of_fold,
+    rbf,
+    sq_distances,
+)
 
 
-def test_ridge_against_hand_worked_examples():
-    z = np.array([[0.0], [1.0], [2.0]])
-    y = np.array([1.0, 3.0, 5.0])
-    weight, intercept = ridge(z, y, 0.0)
-    assert weight == pytest.approx([2.0]) and intercept == pytest.approx(1.0)
-    # Centred z = (-1, 0, 1), so z'z = 2 and z'(y - 3) = 4: w = 4 / (2 + 2) = 1, b = 3 - 1 * 1 = 2.
-    weight, intercept = ridge(z, y, 2.0)
-    assert weight == pytest.approx([1.0]) and intercept == pytest.approx(2.0)
+def test_kernel_ridge_against_a_hand_worked_example():
+    z = np.array([[0.0], [1.0]])
+    y = np.array([0.0, 2.0])
+    k = rbf(sq_distances(z, z), 1.0)
+    e = math.exp(-1.0)
+    assert k == pytest.approx(np.array([[1.0, e], [e, 1.0]]))
+    # K (-1, 1) = (1 - e)(-1, 1), so without a penalty dual = (-1, 1) / (1 - e) and the fit interpolates.
+    dual, intercept = kernel_ridge(k, y, 0.0)
+    assert dual == pytest.approx(np.array([-1.0, 1.0]) / (1 - e)) and intercept == 1.0
+    assert k @ dual + intercept == pytest.approx(y)
+    # Far from every support row the kernel vanishes and the prediction is the targets' mean.
+    far = rbf(sq_distances(np.array([[50.0]]), z), 1.0) @ dual + intercept
+    assert far == pytest.approx([1.0])
+    # A penalty l2 scales that dual by (1 - e) / (1 - e + l2).
+    assert kernel_ridge(k, y, 0.5)[0] == pytest.approx(np.array([-1.0, 1.0]) / (1 - e + 0.5))
+
+
+def test_one_eigendecomposition_per_fold_gives_the_direct_solution():
+    rng = np.random.default_rng(4)
+    z, y = rng.normal(size=(30, 3)), rng.normal(size=30)
+    sq, fold = sq_distances(z, z), np.arange(30) % 3
+    got = out_of_fold(sq, y, fold, [2.0], [0.1, 1.0])
+    for l2 in (0.1, 1.0):
+        held, fit = fold == 0, fold != 0
+        dual, mean = kernel_ridge(rbf(sq[np.ix_(fit, fit)], 2.0), y[fit], l2)
+        assert got[(2.0, l2)][held] == pytest.approx(rbf(sq[np.ix_(held, fit)], 2.0) @ dual + mean)
 
 
 def test_folds_leave_one_group_out_or_deal_rows_round_robin():
@@ -24,32 +52,35 @@ def test_folds_leave_one_group_out_or_deal_rows_round_robin():
     assert folds(["a"] * 7, seed=3).tolist() == single.tolist()
 
 
-def _data(n: int, rng: np.random.Generator, noise_features: int = 0):
+def _data(n: int, rng: np.random.Generator, noise: float = 0.8):
     signal = rng.normal(size=n)
-    z = np.column_stack([signal + 0.8 * rng.normal(size=n), rng.normal(size=(n, noise_features))])
-    y = np.clip(60 + 25 * signal, 0, 100)
-    return z, y
+    z = np.column_stack([signal + noise * rng.normal(size=n), rng.normal(size=n)])
+    return z, np.clip(60 + 25 * signal, 0, 100)
 
 
-def test_the_penalty_with_the_best_out_of_fold_spearman_is_kept():
+def test_the_setting_with_the_best_out_of_fold_spearman_is_kept():
     rng = np.random.default_rng(0)
-    signal, nuisance = rng.normal(size=60), 3 * rng.normal(size=60)
-    # y is z0 - z1 exactly; a huge penalty leaves w close to z'y, which weights z0 alone (signal + nuisance).
-    z = np.column_stack([signal + nuisance, nuisance])
-    y = 60 + 10 * signal
-    readout = fit_readout("aligned", z, y, ["a"] * 30 + ["b"] * 30, [1e6, 1e-6])
-    record = dict(readout.cv_spearman)
-    assert readout.l2 == 1e-6 and record[1e-6] > 0.99 and record[1e6] < 0.6
-    assert readout.n == 60 and readout.weight == pytest.approx([10.0, -10.0], rel=1e-3)
+    z, y = _data(60, rng, noise=0.0)
+    # Noise-free targets: a light penalty ranks held-out answers almost perfectly; a huge one flattens the fit.
+    readout = fit_readout("aligned", z, y, ["a"] * 30 + ["b"] * 30, [1.0, 4.0], [1e4, 1e-3])
+    record = {(m, l2): sp for m, l2, sp in readout.cv_spearman}
+    assert len(record) == 4 and readout.l2 == 1e-3
+    assert record[(readout.bandwidth / _median(z), 1e-3)] > 0.95 > max(record[(m, 1e4)] for m in (1.0, 4.0))
+    assert readout.n == 60 and readout.dual.shape == (60,)
+
+
+def _median(z: np.ndarray) -> float:
+    sq = sq_distances(z, z)
+    return float(np.median(sq[~np.eye(len(z), dtype=bool)]))
 
 
 def test_calibrated_predictions_count_low_scores_like_the_targets():
     rng = np.random.default_rng(1)
-    z, y = _data(2000, rng)
-    readout = fit_readout("aligned", z, y, ["a"] * 1000 + ["b"] * 1000, [1.0])
-    fresh_z, fresh_y = _data(4000, rng)
-    calibrated = readout.predict(fresh_z)
-    raw = fresh_z @ readout.weight + readout.intercept
+    z, y = _data(600, rng)
+    readout = fit_readout("aligned", z, y, ["a"] * 300 + ["b"] * 300, [1.0], [1.0])
+    fresh_z, fresh_y = _data(3000, rng)
+    calibrated = readout.predict(fresh_z, z)
+    raw = rbf(sq_distances(fresh_z, z), readout.bandwidth) @ readout.dual + readout.intercept
     truth = (fresh_y <= 30).mean()
     # Noisy features shrink the raw predictions towards the mean, so they undercount; the stretch restores it.
     assert (raw <= 30).mean() < truth / 2
@@ -57,13 +88,14 @@ def test_calibrated_predictions_count_low_scores_like_the_targets():
     assert readout.stretch > 1 and calibrated.min() >= 0 and calibrated.max() <= 100
 
 
-def test_missing_targets_are_left_out_and_too_few_are_an_error():
+def test_missing_targets_get_no_weight_and_too_few_are_an_error():
     rng = np.random.default_rng(2)
     z, y = _data(20, rng)
     y[:5] = np.nan
-    assert fit_readout("coherent", z, y, ["a"] * 20, [1.0]).n == 15
+    readout = fit_readout("coherent", z, y, ["a"] * 20, [1.0], [1.0])
+    assert readout.n == 15 and (readout.dual[:5] == 0).all() and (readout.dual[5:] != 0).all()
     with pytest.raises(ValueError, match="coherent: 1 train answers"):
-        fit_readout("coherent", z[:1], y[5:6], ["a"], [1.0])
+        fit_readout("coherent", z[4:6], y[4:6], ["a", "a"], [1.0], [1.0])
 
 
 def test_standardiser_centres_and_scales_by_the_fitted_features():
