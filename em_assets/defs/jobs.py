@@ -9,7 +9,7 @@ from em_assets.grid.plan import CATALOG_ASSETS
 catalog_job = dg.define_asset_job(
     "catalog_job",
     selection=[*CATALOG_ASSETS, "judge_agreement"],
-    description="Pin the inputs, train the distilled judge and measure the judge against GPT-4o.",
+    description="Pin the inputs, fit the probe (or distilled) judge and measure the judge against GPT-4o.",
 )
 # One run per organism: its adapter, answers and judgements, then the analyses the grid opts it into.
 ORGANISM_ASSETS = (

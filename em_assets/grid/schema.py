@@ -235,7 +235,7 @@ class AgreementSpec(_Strict):
     held_out_base_models: list[str] = Field(
         default=["Llama-3.1-8B-Instruct", "Qwen2.5-14B-Instruct"],
         min_length=1,
-        description="reference base models the distilled judge never trains on; agreement is measured on these",
+        description="reference base models the trained judges never fit on; agreement is measured on these",
     )
 
     max_answers: int | None = Field(
