@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -84,6 +85,37 @@ def _file_current(path: Path, sha256: str) -> bool:
     return path.exists() and sha256_file(path) == sha256
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """What fitting the grid's `distill` or `probe` judge needs, and its stored row if that is still intact."""
+
+    key: str
+    base_revision: str
+    base_path: str
+    current: dict | None
+
+
+def _plan(store: Store, grid: GridConfig, kind: str, cache_dir: Path | None) -> _Plan:
+    if getattr(grid, kind) is None:
+        raise MissingUpstreamError(f"the grid has no {kind} section")
+    key, base_revision, base_path = _judge_key(grid, kind, cache_dir)
+    store.init()
+    if kind == "distill":
+        row = q.distilled_row(store, key)
+        intact = row and _file_current(Path(row["adapter_path"]) / ADAPTER_FILE, row["adapter_sha256"])
+    else:
+        row = q.probe_row(store, key)
+        intact = row and _file_current(Path(row["head_path"]), row["head_sha256"])
+    return _Plan(key, base_revision, base_path, row if intact else None)
+
+
+def _reference(store: Store) -> pl.DataFrame:
+    reference = q.reference_frame(store)
+    if reference.height == 0:
+        raise MissingUpstreamError("no reference judgements; materialise reference_judgements first")
+    return reference
+
+
 def materialise_distilled(
     store: Store,
     grid: GridConfig,
@@ -94,17 +126,12 @@ def materialise_distilled(
     on_step: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train the distilled judge unless an adapter of the same inputs exists; returns its row."""
-    if grid.distill is None:
-        raise MissingUpstreamError("the grid has no distill section")
-    key, base_revision, base_path = _judge_key(grid, "distill", cache_dir)
-    store.init()
-    existing = q.distilled_row(store, key)
-    if existing and _file_current(Path(existing["adapter_path"]) / ADAPTER_FILE, existing["adapter_sha256"]):
+    plan = _plan(store, grid, "distill", cache_dir)
+    key, base_revision, base_path = plan.key, plan.base_revision, plan.base_path
+    if plan.current:
         log.info("distilled judge %s is up to date; no training", key)
-        return {"trained": False, **existing}
-    reference = q.reference_frame(store)
-    if reference.height == 0:
-        raise MissingUpstreamError("no reference judgements; materialise reference_judgements first")
+        return {"trained": False, **plan.current}
+    reference = _reference(store)
     spec = grid.distill
     out_dir = (Path(artifacts_dir) / "judges" / key).resolve()
     result, n_examples = distill.train_distilled_judge(base_path, reference, spec, out_dir, device, on_step)
@@ -151,17 +178,12 @@ def materialise_probe(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Fit the probe judge unless a head of the same inputs exists; returns its row."""
-    if grid.probe is None:
-        raise MissingUpstreamError("the grid has no probe section")
-    key, base_revision, base_path = _judge_key(grid, "probe", cache_dir)
-    store.init()
-    existing = q.probe_row(store, key)
-    if existing and _file_current(Path(existing["head_path"]), existing["head_sha256"]):
+    plan = _plan(store, grid, "probe", cache_dir)
+    key, base_revision, base_path = plan.key, plan.base_revision, plan.base_path
+    if plan.current:
         log.info("probe judge %s is up to date; no fitting", key)
-        return {"trained": False, **existing}
-    reference = q.reference_frame(store)
-    if reference.height == 0:
-        raise MissingUpstreamError("no reference judgements; materialise reference_judgements first")
+        return {"trained": False, **plan.current}
+    reference = _reference(store)
     spec = grid.probe
     fit = probe.fit_probe(
         base_path, reference, spec, (Path(artifacts_dir) / "judges" / key).resolve(), device, on_progress
