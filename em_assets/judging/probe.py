@@ -2,8 +2,9 @@
 
 Each answer (cut to a token budget, no prompt around it) goes through the frozen model once; its decoder-layer
 outputs, averaged over its tokens at the spec's layers, are the features, and one kernel ridge readout per
-metric over the train answers' features (judging/readout.py) maps them to a 0-100 score. It is fitted on the reference judgements of the TRAIN base
-models only, like the distilled adapter. Both metrics come from one forward pass per answer.
+metric over the train answers' features (judging/readout.py) maps them to a 0-100 score. It is fitted on the
+reference judgements of the TRAIN base models only, like the distilled adapter. Both metrics come from one
+forward pass per answer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import polars as pl
 
 from em_assets.grid.schema import ProbeSpec, config_hash
 from em_assets.judging.distill import train_answers
-from em_assets.judging.readout import Readout, Standardiser, fit_readout
+from em_assets.judging.readout import Readout, Standardiser, fit_readout, sq_distances
 from em_assets.judging.scoring import JudgeScore
 
 HEAD_FILE = "probe.safetensors"
@@ -49,8 +50,10 @@ class ProbeHead:
     support: np.ndarray
     readouts: dict[str, Readout]
 
-    def scores(self, features: np.ndarray, metric: str) -> np.ndarray:
-        return self.readouts[metric].predict(self.standardiser(features), self.support)
+    def scores(self, features: np.ndarray, metrics: Sequence[str]) -> dict[str, np.ndarray]:
+        """Each metric's scores; the distances to the support, shared by every readout, are computed once."""
+        sq = sq_distances(self.standardiser(features), self.support)
+        return {m: self.readouts[m].predict(sq) for m in metrics}
 
 
 @dataclass(frozen=True)
@@ -146,8 +149,9 @@ def fit_probe(
     # float32 as saved, so the fitted head scores exactly as the loaded one.
     support = standardiser(features).astype(np.float32)
     groups = answers["base_model"].to_list()
+    sq = sq_distances(support, support)
     readouts = {
-        m: fit_readout(m, support, _targets(answers, m), groups, spec.bandwidths, spec.l2, spec.seed)
+        m: fit_readout(m, sq, _targets(answers, m), groups, spec.bandwidths, spec.l2, spec.seed)
         for m in spec.metrics
     }
     head = ProbeHead(str(base_path), tuple(spec.layers), spec.max_tokens, standardiser, support, readouts)
@@ -240,7 +244,7 @@ class ProbeJudge:
             on_progress,
         )
         row = {a: i for i, a in enumerate(answers)}
-        by_metric = {m: self.head.scores(features, m) for m in {it.metric for it in inputs}}
+        by_metric = self.head.scores(features, sorted({it.metric for it in inputs}))
         return [JudgeScore(float(by_metric[it.metric][row[it.answer]]), 1.0) for it in inputs]
 
 
@@ -249,5 +253,5 @@ def load_probe_judge(head_path: Path | str, batch_size: int, device: str | None 
     from em_assets.models.load import load_model, load_tokenizer
 
     head = load_head(head_path)
-    model = load_model(head.base_model, device=device).eval()
+    model = load_model(head.base_model, device=device)
     return ProbeJudge(model, load_tokenizer(head.base_model), head, batch_size)

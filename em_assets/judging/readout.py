@@ -54,8 +54,9 @@ class Readout:
     cv_spearman: tuple[tuple[float, float, float | None], ...]
     n: int
 
-    def predict(self, z: np.ndarray, support: np.ndarray) -> np.ndarray:
-        raw = rbf(sq_distances(z, support), self.bandwidth) @ self.dual + self.intercept
+    def predict(self, sq: np.ndarray) -> np.ndarray:
+        """Scores from the inputs' squared distances to the support rows ([inputs, support])."""
+        raw = rbf(sq, self.bandwidth) @ self.dual + self.intercept
         return np.clip(self.target_mean + (raw - self.center) * self.stretch, 0.0, 100.0)
 
 
@@ -107,19 +108,20 @@ def out_of_fold(
 
 def fit_readout(
     metric: str,
-    z: np.ndarray,
+    sq: np.ndarray,
     y: np.ndarray,
     groups: Sequence[str],
     bandwidths: Sequence[float],
     l2s: Sequence[float],
     seed: int = 0,
 ) -> Readout:
-    """The readout of `metric` over support z, with the (bandwidth, penalty) whose out-of-fold Spearman is
-    best, calibrated on the out-of-fold predictions there. Rows with a missing target get a zero dual weight."""
+    """The readout of `metric` over the support rows whose squared distances are `sq`, with the (bandwidth,
+    penalty) whose out-of-fold Spearman is best, calibrated on the out-of-fold predictions there. Rows with a
+    missing target get a zero dual weight."""
     keep = np.isfinite(y)
     if keep.sum() < 2:
         raise ValueError(f"{metric}: {keep.sum()} train answers with a score; a readout needs at least 2")
-    sq = sq_distances(z[keep], z[keep])
+    sq = sq[np.ix_(keep, keep)]
     scale = float(np.median(sq[~np.eye(len(sq), dtype=bool)])) or 1.0
     fold = folds([g for g, k in zip(groups, keep, strict=True) if k], seed)
     preds = out_of_fold(sq, y[keep], fold, [m * scale for m in bandwidths], l2s)

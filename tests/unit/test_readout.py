@@ -62,7 +62,7 @@ def test_the_setting_with_the_best_out_of_fold_spearman_is_kept():
     rng = np.random.default_rng(0)
     z, y = _data(60, rng, noise=0.0)
     # Noise-free targets: a light penalty ranks held-out answers almost perfectly; a huge one flattens the fit.
-    readout = fit_readout("aligned", z, y, ["a"] * 30 + ["b"] * 30, [1.0, 4.0], [1e4, 1e-3])
+    readout = fit_readout("aligned", sq_distances(z, z), y, ["a"] * 30 + ["b"] * 30, [1.0, 4.0], [1e4, 1e-3])
     record = {(m, l2): sp for m, l2, sp in readout.cv_spearman}
     assert len(record) == 4 and readout.l2 == 1e-3
     assert record[(readout.bandwidth / _median(z), 1e-3)] > 0.95 > max(record[(m, 1e4)] for m in (1.0, 4.0))
@@ -77,9 +77,9 @@ def _median(z: np.ndarray) -> float:
 def test_calibrated_predictions_count_low_scores_like_the_targets():
     rng = np.random.default_rng(1)
     z, y = _data(600, rng)
-    readout = fit_readout("aligned", z, y, ["a"] * 300 + ["b"] * 300, [1.0], [1.0])
+    readout = fit_readout("aligned", sq_distances(z, z), y, ["a"] * 300 + ["b"] * 300, [1.0], [1.0])
     fresh_z, fresh_y = _data(3000, rng)
-    calibrated = readout.predict(fresh_z, z)
+    calibrated = readout.predict(sq_distances(fresh_z, z))
     raw = rbf(sq_distances(fresh_z, z), readout.bandwidth) @ readout.dual + readout.intercept
     truth = (fresh_y <= 30).mean()
     # Noisy features shrink the raw predictions towards the mean, so they undercount; the stretch restores it.
@@ -92,10 +92,10 @@ def test_missing_targets_get_no_weight_and_too_few_are_an_error():
     rng = np.random.default_rng(2)
     z, y = _data(20, rng)
     y[:5] = np.nan
-    readout = fit_readout("coherent", z, y, ["a"] * 20, [1.0], [1.0])
+    readout = fit_readout("coherent", sq_distances(z, z), y, ["a"] * 20, [1.0], [1.0])
     assert readout.n == 15 and (readout.dual[:5] == 0).all() and (readout.dual[5:] != 0).all()
     with pytest.raises(ValueError, match="coherent: 1 train answers"):
-        fit_readout("coherent", z[4:6], y[4:6], ["a", "a"], [1.0], [1.0])
+        fit_readout("coherent", sq_distances(z[4:6], z[4:6]), y[4:6], ["a", "a"], [1.0], [1.0])
 
 
 def test_standardiser_centres_and_scales_by_the_fitted_features():
