@@ -37,34 +37,68 @@ def load_reference(
     return df
 
 
-def _judge_key(grid: GridConfig, kind: str, cache_dir: Path | None) -> tuple[str, str, str]:
-    """(config hash, base revision, base path) of the grid's `distill` or `probe` judge."""
+@dataclass(frozen=True)
+class _TrainedJudge:
+    """How the grid's `distill` or `probe` judge is keyed, stored and checked on disk."""
+
+    asset: str
+    make_hash: Callable
+    stored_row: Callable[[Store, str], dict | None]
+    artifact: Callable[[dict], tuple[Path, str]]
+
+
+_TRAINED = {
+    "distill": _TrainedJudge(
+        "distilled_judge",
+        distill.distill_hash,
+        q.distilled_row,
+        lambda row: (Path(row["adapter_path"]) / ADAPTER_FILE, row["adapter_sha256"]),
+    ),
+    "probe": _TrainedJudge(
+        "probe_judge", probe.probe_hash, q.probe_row, lambda row: (Path(row["head_path"]), row["head_sha256"])
+    ),
+}
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The grid's `distill` or `probe` judge: its key, its base model and its stored row."""
+
+    kind: str
+    key: str
+    base_revision: str
+    base_path: str
+    row: dict | None
+
+    def intact(self) -> bool:
+        """Whether the stored row's file is still there with the sha256 it records (hashed only when asked)."""
+        return self.row is not None and _file_current(*_TRAINED[self.kind].artifact(self.row))
+
+
+def _plan(store: Store, grid: GridConfig, kind: str, cache_dir: Path | None) -> _Plan:
     from em_assets.models.hub import resolve
 
-    spec = getattr(grid, kind)
+    spec, judge = getattr(grid, kind), _TRAINED[kind]
+    if spec is None:
+        raise MissingUpstreamError(f"the grid has no {kind} section")
     base = resolve(f"{kind}-base", spec.source, spec.revision, cache_dir)
     shas = [src.sha256 for src in REFERENCE_JUDGEMENTS.values()]
-    make_hash = distill.distill_hash if kind == "distill" else probe.probe_hash
-    return (
-        make_hash(spec, base.revision, shas, grid.agreement.held_out_base_models),
-        base.revision,
-        str(base.path),
-    )
+    key = judge.make_hash(spec, base.revision, shas, grid.agreement.held_out_base_models)
+    store.init()
+    return _Plan(kind, key, base.revision, str(base.path), judge.stored_row(store, key))
 
 
 def _trained_row(
     grid: GridConfig, kind: str, store: Store | None, cache_dir: Path | None
 ) -> tuple[dict, str]:
     """The results row of the grid's trained `distill` or `probe` judge, and its base revision."""
-    asset = "distilled_judge" if kind == "distill" else "probe_judge"
+    asset = _TRAINED[kind].asset
     if store is None:
         raise MissingUpstreamError(f"the {asset} is found through the results database; none given")
-    key, base_revision, _ = _judge_key(grid, kind, cache_dir)
-    store.init()
-    row = q.distilled_row(store, key) if kind == "distill" else q.probe_row(store, key)
-    if row is None:
-        raise MissingUpstreamError(f"no {asset} {key} in the results database; materialise {asset}")
-    return row, base_revision
+    plan = _plan(store, grid, kind, cache_dir)
+    if plan.row is None:
+        raise MissingUpstreamError(f"no {asset} {plan.key} in the results database; materialise {asset}")
+    return plan.row, plan.base_revision
 
 
 def distilled_identity(grid: GridConfig, store: Store | None, cache_dir: Path | None) -> tuple[str, str, str]:
@@ -83,30 +117,6 @@ def probe_identity(grid: GridConfig, store: Store | None, cache_dir: Path | None
 
 def _file_current(path: Path, sha256: str) -> bool:
     return path.exists() and sha256_file(path) == sha256
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """What fitting the grid's `distill` or `probe` judge needs, and its stored row if that is still intact."""
-
-    key: str
-    base_revision: str
-    base_path: str
-    current: dict | None
-
-
-def _plan(store: Store, grid: GridConfig, kind: str, cache_dir: Path | None) -> _Plan:
-    if getattr(grid, kind) is None:
-        raise MissingUpstreamError(f"the grid has no {kind} section")
-    key, base_revision, base_path = _judge_key(grid, kind, cache_dir)
-    store.init()
-    if kind == "distill":
-        row = q.distilled_row(store, key)
-        intact = row and _file_current(Path(row["adapter_path"]) / ADAPTER_FILE, row["adapter_sha256"])
-    else:
-        row = q.probe_row(store, key)
-        intact = row and _file_current(Path(row["head_path"]), row["head_sha256"])
-    return _Plan(key, base_revision, base_path, row if intact else None)
 
 
 def _reference(store: Store) -> pl.DataFrame:
@@ -128,9 +138,9 @@ def materialise_distilled(
     """Train the distilled judge unless an adapter of the same inputs exists; returns its row."""
     plan = _plan(store, grid, "distill", cache_dir)
     key, base_revision, base_path = plan.key, plan.base_revision, plan.base_path
-    if plan.current:
+    if plan.intact():
         log.info("distilled judge %s is up to date; no training", key)
-        return {"trained": False, **plan.current}
+        return {"trained": False, **plan.row}
     reference = _reference(store)
     spec = grid.distill
     out_dir = (Path(artifacts_dir) / "judges" / key).resolve()
@@ -180,9 +190,9 @@ def materialise_probe(
     """Fit the probe judge unless a head of the same inputs exists; returns its row."""
     plan = _plan(store, grid, "probe", cache_dir)
     key, base_revision, base_path = plan.key, plan.base_revision, plan.base_path
-    if plan.current:
+    if plan.intact():
         log.info("probe judge %s is up to date; no fitting", key)
-        return {"trained": False, **plan.current}
+        return {"trained": False, **plan.row}
     reference = _reference(store)
     spec = grid.probe
     fit = probe.fit_probe(
