@@ -217,20 +217,19 @@ def _probe_judging(model, tokenizer, n: int, batch: int) -> dict:
     standardiser = Standardiser(np.zeros(width), np.ones(width))
     head = ProbeHead("", tuple(spec.layers), spec.max_tokens, standardiser, support, readouts)
     judge = ProbeJudge(model, tokenizer, head, spec.batch_size)
-    inputs = [judge.render(m, "", a) for a in _answers(n) for m in spec.metrics]
+    answers = _answers(n)
+    inputs = [judge.render(m, "", a) for a in answers for m in spec.metrics]
     judge.score(inputs[: 2 * batch])
     start = time.perf_counter()
-    judge.score(inputs)
+    scores = judge.score(inputs)
     seconds = time.perf_counter() - start
-    tokens = [
-        min(len(tokenizer(a, add_special_tokens=False)["input_ids"]), spec.max_tokens) for a in _answers(n)
-    ]
+    tokens = [min(len(tokenizer(a, add_special_tokens=False)["input_ids"]), spec.max_tokens) for a in answers]
     return {
         "judgements": len(inputs),
         "mean_prompt_tokens": sum(tokens) / len(tokens),
         "seconds": seconds,
         "judgements_per_s": len(inputs) / seconds,
-        "scored": len(inputs),
+        "scored": sum(s.score is not None for s in scores),
     }
 
 
