@@ -219,11 +219,17 @@ def _probe_judging(model, tokenizer, n: int, batch: int) -> dict:
     judge = ProbeJudge(model, tokenizer, head, spec.batch_size)
     answers = _answers(n)
     inputs = [judge.render(m, "", a) for a in answers for m in spec.metrics]
-    judge.score(inputs[: 2 * batch])
+    tokens = [min(len(tokenizer(a, add_special_tokens=False)["input_ids"]), spec.max_tokens) for a in answers]
+    # A warm-up batch of answers: both metrics of each.
+    return _timed_judging(judge, inputs, 2 * batch, tokens)
+
+
+def _timed_judging(judge, inputs: list, warmup: int, tokens: list[int]) -> dict:
+    """One judge's rate on `inputs` after scoring the first `warmup` once; tokens: what each input reads."""
+    judge.score(inputs[:warmup])
     start = time.perf_counter()
     scores = judge.score(inputs)
     seconds = time.perf_counter() - start
-    tokens = [min(len(tokenizer(a, add_special_tokens=False)["input_ids"]), spec.max_tokens) for a in answers]
     return {
         "judgements": len(inputs),
         "mean_prompt_tokens": sum(tokens) / len(tokens),
@@ -254,18 +260,7 @@ def stage_judging(args: argparse.Namespace) -> dict:
         share_prefix=bool(args.share_prefix),
         system=SYSTEM_PROMPT if args.prompt == "compact" else None,
     )
-    lengths = [len(judge.encode(p)) for p in prompts]
-    judge.score(prompts[: args.batch])
-    start = time.perf_counter()
-    scores = judge.score(prompts)
-    seconds = time.perf_counter() - start
-    return {
-        "judgements": len(prompts),
-        "mean_prompt_tokens": sum(lengths) / len(lengths),
-        "seconds": seconds,
-        "judgements_per_s": len(prompts) / seconds,
-        "scored": sum(s.score is not None for s in scores),
-    }
+    return _timed_judging(judge, prompts, args.batch, [len(judge.encode(p)) for p in prompts])
 
 
 def stage_training(args: argparse.Namespace) -> dict:
