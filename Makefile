@@ -36,6 +36,7 @@ test: install
 	bash scripts/install-browser.sh
 	bash scripts/install-postgres.sh
 	$(VENV)/bin/ruff check em_assets tests tests_vllm
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -ra
 
 test-fast: install

@@ -11,10 +11,6 @@ from em_assets.grid.schema import GridConfig, Organism
 from em_assets.results.store import Store
 
 
-class MissingUpstreamError(RuntimeError):
-    """A stage ran before the stage it reads from."""
-
-
 @dataclass
 class StageContext:
     """What every organism stage needs: where results go, the grid, the organism, and a logger."""

@@ -18,10 +18,10 @@ import polars as pl
 from em_assets.analyses.steering import Ablate, Steer
 from em_assets.analyses.sweep import PointResult, SweepPoint, narrowed, run_sweep
 from em_assets.context import StageContext
-from em_assets.reports.metrics import rates_by
 from em_assets.results import directions as db
 from em_assets.results.queries import adapter_row
 from em_assets.results.store import utc_now
+from em_assets.stats.rates import rates_by
 
 STEERING, ABLATION = "steering", "ablation"
 BEFORE = "organism (its completions)"

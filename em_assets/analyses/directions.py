@@ -15,12 +15,13 @@ from pathlib import Path
 
 import polars as pl
 
-from em_assets.context import MissingUpstreamError, StageContext
+from em_assets.context import StageContext
 from em_assets.grid.schema import DirectionsSpec, Thresholds, config_hash
-from em_assets.reports.metrics import em_flags
 from em_assets.results import directions as db
+from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.queries import adapter_row, base_model_row
 from em_assets.results.store import utc_now
+from em_assets.stats.rates import em_flags
 
 EM_CONTRAST = "em_threshold"
 QUARTILE_CONTRAST = "quartile"
@@ -94,7 +95,7 @@ def select_contrast(
 
 
 def _answers(df: pl.DataFrame) -> list:
-    from em_assets.analyses.activations import JudgedAnswer
+    from em_assets.models.activations import JudgedAnswer
 
     return [
         JudgedAnswer(
@@ -108,7 +109,7 @@ def _answers(df: pl.DataFrame) -> list:
 
 def compute_direction(model, tokenizer, contrast: Contrast, batch_size: int) -> dict:
     """The [layers, hidden] tensors: direction (misaligned mean minus aligned mean) and both class means."""
-    from em_assets.analyses.activations import class_means
+    from em_assets.models.activations import class_means
 
     means = class_means(
         model,
@@ -127,13 +128,13 @@ def save_tensors(tensors: dict, path: Path, metadata: dict[str, str]) -> str:
     """Write a safetensors file atomically; return its sha256."""
     from safetensors.torch import save_file
 
-    from em_assets.analyses.steering import file_sha256
+    from em_assets.results.artifacts import sha256_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     tmp.replace(path)
-    return file_sha256(path)
+    return sha256_file(path)
 
 
 def _input_hash(contrast: Contrast, adapter: dict, base: dict, ctx: StageContext) -> str:
@@ -155,12 +156,12 @@ def _input_hash(contrast: Contrast, adapter: dict, base: dict, ctx: StageContext
 
 
 def _is_current(row: dict | None, input_hash: str) -> bool:
-    from em_assets.analyses.steering import file_sha256
+    from em_assets.results.artifacts import sha256_file
 
     if row is None or row["input_hash"] != input_hash or row["direction_path"] is None:
         return False
     return all(
-        Path(row[p]).exists() and file_sha256(row[p]) == row[s]
+        Path(row[p]).exists() and sha256_file(row[p]) == row[s]
         for p, s in (("direction_path", "direction_sha256"), ("random_path", "random_sha256"))
     )
 

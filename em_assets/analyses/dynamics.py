@@ -14,7 +14,8 @@ from pathlib import Path
 import polars as pl
 
 from em_assets.analyses.sweep import PointResult, SweepPoint, narrowed, run_sweep
-from em_assets.context import MissingUpstreamError, StageContext
+from em_assets.context import StageContext
+from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.queries import adapter_row
 from em_assets.results.store import utc_now
 from em_assets.results.sweeps import checkpoints, replace_result
@@ -164,7 +165,7 @@ def scaled_adapters(ctx: StageContext) -> list[tuple[float, str | None, str | No
     """(factor, adapter dir, sha256) per grid scale factor; factor 1 is the final adapter itself, factor 0 the
     base model (no adapter)."""
     from em_assets.analyses.lora import ADAPTER_FILE, write_scaled_adapter
-    from em_assets.catalog.upstream import sha256_file
+    from em_assets.results.artifacts import sha256_file
 
     adapter = adapter_row(ctx.store, ctx.key)
     if not adapter.get("adapter_path"):

@@ -7,11 +7,12 @@ kernels and cannot apply them: `run_sweep` refuses edited points there.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from em_assets.analyses.edits import ModelEdit
+from em_assets.models.layers import decoder_layers
+from em_assets.results.artifacts import sha256_file
 
 DIRECTION_KEY = "direction"
 
@@ -20,23 +21,13 @@ class EditError(ValueError):
     """A direction file is missing, altered, or does not fit the model."""
 
 
-def decoder_layers(model):
-    """The decoder blocks whose outputs are the residual stream after each layer (Llama, Qwen, Gemma, ...)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    return decoder.layers
-
-
-def file_sha256(path: Path | str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def load_directions(path: Path | str, sha256: str):
     """The [layers, hidden] float32 tensor in a direction file, after checking its sha256."""
     from safetensors.torch import load_file
 
     if not Path(path).exists():
         raise EditError(f"direction file {path} does not exist")
-    if file_sha256(path) != sha256:
+    if sha256_file(path) != sha256:
         raise EditError(
             f"direction file {path} does not match sha256 {sha256}: it changed since it was recorded"
         )

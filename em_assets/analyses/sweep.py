@@ -14,13 +14,14 @@ import polars as pl
 
 from em_assets.analyses.edits import ModelEdit
 from em_assets.analyses.sweep_judge import judge_sweep
-from em_assets.context import MissingUpstreamError, StageContext
+from em_assets.context import StageContext
 from em_assets.grid.schema import config_hash
-from em_assets.reports.metrics import rates_by
+from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.queries import base_model_row
 from em_assets.results.store import to_json, utc_now
 from em_assets.results.sweeps import SweepTables
 from em_assets.sampling.stage import eval_questions, question_messages, sample_chunks, stable_seed
+from em_assets.stats.rates import rates_by
 
 # on_progress(point, "sampled" | "judged", done, total) after each chunk is written; for "judged", done and
 # total count all the sweep's pending judgements and the point is the one the chunk ended in.

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from em_assets.context import MissingUpstreamError, StageContext
+from em_assets.context import StageContext
 from em_assets.judging.judges import judge_identity, make_judge, prompt_hash_for, render_prompt
 from em_assets.judging.stage import judge_cache_key, score_chunks
+from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.queries import cached_scores, judge_prompts
 from em_assets.results.store import utc_now
 from em_assets.results.sweeps import SweepTables

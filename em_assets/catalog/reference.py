@@ -116,7 +116,7 @@ def parse_reference_csv(data: bytes, name: str, sha256: str) -> pl.DataFrame:
 
 def read_reference_files(paths: list[Path]) -> pl.DataFrame:
     """Parse local reference CSVs (the CLI's input); a missing file is a ReferenceFileError too."""
-    from em_assets.catalog.upstream import sha256_bytes
+    from em_assets.results.artifacts import sha256_bytes
 
     frames = []
     for path in paths:

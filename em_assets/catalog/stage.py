@@ -8,9 +8,10 @@ from pathlib import Path
 import polars as pl
 
 from em_assets.catalog.parsing import parse_chat_jsonl, parse_questions_yaml, prompt_hash
-from em_assets.catalog.upstream import SOURCES, fetch_bytes, sha256_bytes
+from em_assets.catalog.upstream import SOURCES, fetch_bytes
 from em_assets.grid.schema import GridConfig
 from em_assets.models.hub import ModelLoadError, ResolvedModel, resolve
+from em_assets.results.artifacts import sha256_bytes
 from em_assets.results.store import Store, utc_now
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import gzip
-import hashlib
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from em_assets.results.artifacts import sha256_bytes
 from em_assets.settings import MIRROR_ENV, settings
 
 
@@ -186,18 +186,6 @@ REFERENCE_JUDGEMENTS: dict[str, UpstreamFile] = {
         "d3a371f42efab435472c0784c1607f0ad4b86884ad6eaa0a2e239b9290af42b9",
     ),
 }
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _verified(data: bytes, expected: str, where: str) -> bytes:

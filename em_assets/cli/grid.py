@@ -39,9 +39,9 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
     import json
 
     from em_assets.catalog.reference import ReferenceFileError, read_reference_files
-    from em_assets.context import MissingUpstreamError
     from em_assets.grid.load import GridError, load_grid
     from em_assets.judging.agreement_stage import measure_agreement, pick_judge, upstream_templates
+    from em_assets.results.errors import MissingUpstreamError
     from em_assets.results.store import Store
 
     current = settings()

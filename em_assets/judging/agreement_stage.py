@@ -12,16 +12,16 @@ import polars as pl
 
 from em_assets.catalog.parsing import parse_questions_yaml, prompt_hash
 from em_assets.catalog.upstream import SOURCES, fetch_bytes
-from em_assets.context import MissingUpstreamError
 from em_assets.grid.load import GridError
 from em_assets.grid.schema import GridConfig, JudgeSpec
 from em_assets.judging import distill
 from em_assets.judging.agreement import MetricAgreement, metric_agreement
 from em_assets.judging.judges import judge_identity, make_judge, prompt_hash_for, render_prompt
 from em_assets.judging.stage import judge_cache_key, score_chunks
-from em_assets.reports.metrics import em_summary
 from em_assets.results import judge_queries as q
+from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store, utc_now
+from em_assets.stats.rates import em_summary
 
 log = logging.getLogger(__name__)
 

@@ -96,7 +96,7 @@ def pooled_features(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """[answers, len(layers) * hidden] float32: each answer's mean decoder-layer output at `layers`."""
-    from em_assets.analyses.activations import JudgedAnswer, iter_answer_means
+    from em_assets.models.activations import JudgedAnswer, iter_answer_means
 
     # Batches of similar length waste less compute on padding.
     order = sorted(range(len(answers)), key=lambda i: len(answers[i]))

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from em_assets.context import MissingUpstreamError, StageContext
+from em_assets.context import StageContext
 from em_assets.judging.judges import judge_identity, make_judge, prompt_hash_for, render_prompt
 from em_assets.results import queries
+from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store, to_json, utc_now
 
 JudgementKey = tuple[str, int, int, str]  # (question_id, paraphrase_idx, sample_idx, metric)

@@ -10,11 +10,12 @@ from pathlib import Path
 import polars as pl
 
 from em_assets.catalog.reference import parse_reference_csv, with_split
-from em_assets.catalog.upstream import REFERENCE_JUDGEMENTS, fetch_bytes, sha256_file
-from em_assets.context import MissingUpstreamError
+from em_assets.catalog.upstream import REFERENCE_JUDGEMENTS, fetch_bytes
 from em_assets.grid.schema import GridConfig
 from em_assets.judging import distill, probe
 from em_assets.results import judge_queries as q
+from em_assets.results.artifacts import sha256_file
+from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store, to_json, utc_now
 
 log = logging.getLogger(__name__)

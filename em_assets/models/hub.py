@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from em_assets.catalog.upstream import sha256_file
+from em_assets.results.artifacts import sha256_file
 from em_assets.settings import settings
 
 log = logging.getLogger(__name__)

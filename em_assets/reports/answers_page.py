@@ -11,8 +11,8 @@ from string import Template
 import polars as pl
 
 from em_assets.grid.schema import Thresholds
-from em_assets.reports.metrics import em_flags
 from em_assets.results.store import Store
+from em_assets.stats.rates import em_flags
 
 QUADRANTS = {
     "em": "EM (misaligned and coherent)",

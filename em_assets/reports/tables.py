@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
 from em_assets.grid.schema import Thresholds
-from em_assets.reports import metrics
+from em_assets.results.artifacts import sha256_file
 from em_assets.results.queries import LINEAGE_SQL
 from em_assets.results.store import Store, utc_now
+from em_assets.stats import rates as metrics
 
 
 def scored_frame(store: Store) -> pl.DataFrame:
@@ -86,7 +86,7 @@ def draw_figures(store: Store, thresholds: Thresholds, out_dir: Path, run_id: st
     """Draw the figures from one pinned snapshot and record it with each PNG's sha256 in figure_snapshots."""
     snapshot = store.current_snapshot()
     paths = build_figures(store, thresholds, out_dir, snapshot)
-    digests = {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in paths.items()}
+    digests = {name: sha256_file(path) for name, path in paths.items()}
     rows = pl.DataFrame(
         {
             "figure": list(paths),

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import polars as pl
 
-from em_assets.context import MissingUpstreamError
+from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store
 
 # Lineage kept beside each organism's rates so any number can be traced to the bytes and settings behind it.

@@ -11,9 +11,10 @@ from typing import Any
 
 import polars as pl
 
-from em_assets.context import MissingUpstreamError, StageContext
+from em_assets.context import StageContext
 from em_assets.grid.schema import SamplingSpec, config_hash
 from em_assets.results import queries
+from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store, utc_now
 
 RowKey = tuple[str, int, int]  # (question_id, paraphrase_idx, sample_idx)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import polars as pl
 
-from em_assets.catalog.upstream import sha256_file
 from em_assets.context import StageContext
 from em_assets.grid.schema import RecipeSpec, config_hash
 from em_assets.results import queries
+from em_assets.results.artifacts import sha256_file
 from em_assets.results.store import to_json, utc_now
 
 ADAPTER_FILE = "adapter_model.safetensors"

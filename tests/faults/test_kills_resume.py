@@ -20,8 +20,8 @@ from support.children import children, kill, spawn, wait_for
 from support.db import count, organism_rows, ro_query
 from support.organisms import CONTROL, KEYS, TRAINED, ListLog, stage_context
 
-from em_assets.catalog.upstream import sha256_file
 from em_assets.judging.stage import judge_completions
+from em_assets.results.artifacts import sha256_file
 from em_assets.sampling.stage import sample_completions
 from em_assets.training.stage import ADAPTER_FILE, train_adapter
 

@@ -10,9 +10,10 @@ import pytest
 
 from em_assets.analyses.directions import extract_direction
 from em_assets.analyses.similarity import build_similarity
-from em_assets.analyses.steering import file_sha256, load_directions
+from em_assets.analyses.steering import load_directions
 from em_assets.context import StageContext
 from em_assets.grid.schema import GridConfig, Organism
+from em_assets.results.artifacts import sha256_file
 from em_assets.results.store import Store, utc_now
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -97,7 +98,7 @@ def test_direction_stage_writes_file_rows_and_reuses(tmp_path, tiny_model_dir):
     first = extract_direction(_ctx(store, grid, keys[0], tmp_path))
     assert first.status == "computed" and first.contrast.misaligned.height == 3
     row = store.query("SELECT * FROM misalignment_directions").row(0, named=True)
-    assert row["direction_sha256"] == file_sha256(row["direction_path"]) == first.sha256
+    assert row["direction_sha256"] == sha256_file(row["direction_path"]) == first.sha256
     assert (row["n_misaligned_found"], row["n_aligned_found"], row["n_per_class"]) == (3, 3, 3)
     layers = store.query("SELECT * FROM direction_layers ORDER BY layer")
     direction = load_directions(row["direction_path"], row["direction_sha256"])

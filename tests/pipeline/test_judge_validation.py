@@ -10,12 +10,13 @@ from support.pipeline import materialize, pipeline_resources
 from support.tiny import tiny_grid
 
 from em_assets.catalog.reference import ReferenceFileError, parse_reference_csv, source_of
-from em_assets.catalog.upstream import REFERENCE_JUDGEMENTS, sha256_file
+from em_assets.catalog.upstream import REFERENCE_JUDGEMENTS
 from em_assets.defs.partitions import organisms
 from em_assets.grid.load import load_grid
 from em_assets.judging import distill, probe
 from em_assets.judging.agreement_stage import judge_caveat
 from em_assets.judging.judges import judge_identity
+from em_assets.results.artifacts import sha256_file
 from em_assets.results.store import Store
 
 HELD_OUT = ["Llama-3.1-8B-Instruct", "Qwen2.5-14B-Instruct"]

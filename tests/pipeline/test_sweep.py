@@ -21,7 +21,7 @@ from support.sweeps import (
 )
 
 from em_assets.analyses.sweep import SweepPoint, run_sweep
-from em_assets.context import MissingUpstreamError
+from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store
 from em_assets.training.stage import train_adapter
 

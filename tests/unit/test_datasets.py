@@ -9,8 +9,9 @@ from support.organisms import PROFILE
 
 from em_assets.catalog import stage as catalog
 from em_assets.catalog.parsing import DatasetError, judge_prompt, parse_chat_jsonl, parse_questions_yaml
-from em_assets.catalog.upstream import SOURCES, ChecksumError, UpstreamFile, fetch_bytes, sha256_bytes
+from em_assets.catalog.upstream import SOURCES, ChecksumError, UpstreamFile, fetch_bytes
 from em_assets.grid.load import load_grid
+from em_assets.results.artifacts import sha256_bytes
 from em_assets.results.store import Store
 
 

@@ -9,7 +9,6 @@ import polars as pl
 import pytest
 import torch
 
-from em_assets.analyses.activations import JudgedAnswer, answer_token_ids
 from em_assets.analyses.directions import (
     QUARTILE_CONTRAST,
     compute_direction,
@@ -17,8 +16,10 @@ from em_assets.analyses.directions import (
     select_contrast,
 )
 from em_assets.analyses.similarity import layer_cosines, similarity_table
-from em_assets.analyses.steering import Ablate, EditError, Steer, decoder_layers, random_directions
+from em_assets.analyses.steering import Ablate, EditError, Steer, random_directions
 from em_assets.grid.schema import DirectionsSpec, Thresholds
+from em_assets.models.activations import JudgedAnswer, answer_token_ids
+from em_assets.models.layers import decoder_layers
 from em_assets.models.load import load_model, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -7,7 +7,7 @@ import math
 import polars as pl
 import pytest
 
-from em_assets.reports.metrics import (
+from em_assets.stats.rates import (
     em_by_question,
     em_flags,
     em_summary,

@@ -15,9 +15,9 @@ from support.db import count, table_dump
 from support.organisms import PROFILE
 
 from em_assets.catalog import stage as catalog
-from em_assets.context import MissingUpstreamError
 from em_assets.grid.load import load_grid
 from em_assets.models.hub import ModelLoadError
+from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store
 from em_assets.training.stage import train_adapter
 

@@ -14,7 +14,7 @@ from em_assets.reports.figures import (
     plot_em_rates,
     plot_training_curves,
 )
-from em_assets.reports.metrics import em_summary
+from em_assets.stats.rates import em_summary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from em_assets.analyses.steering import decoder_layers
 from em_assets.models.chat import chat_ids
+from em_assets.models.layers import decoder_layers
 
 
 @dataclass(frozen=True)
