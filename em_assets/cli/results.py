@@ -22,24 +22,14 @@ def _print_frame(df: pl.DataFrame, fmt: str, max_rows: int) -> None:
 def cmd_sql(args: argparse.Namespace) -> int:
     """Read-only queries. Each statement opens and closes its own connection, so an open shell never holds the
     database lock that running materialisations need."""
-    import duckdb
-
     store = _store(args)
     if store is None:
         return 2
     if not store.exists():
         print(f"no results database at {store.path}", file=sys.stderr)
         return 2
-    # Read-only with no file or network access: COPY ... TO and ATTACH cannot write elsewhere either.
-    safe = {"enable_external_access": False}
     if args.query:
-        try:
-            with store.connect(read_only=True, config=safe) as conn:
-                _print_frame(conn.execute(args.query).pl(), args.format, args.max_rows)
-        except duckdb.Error as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-        return 0
+        return _run(store, args.query, args)
     interactive = sys.stdin.isatty()
     while True:
         try:
@@ -50,11 +40,26 @@ def cmd_sql(args: argparse.Namespace) -> int:
             continue
         if line.strip().rstrip(";").lower() in {"quit", "exit", ".quit", ".exit"}:
             return 0
-        try:
-            with store.connect(read_only=True, config=safe) as conn:
-                _print_frame(conn.execute(line).pl(), args.format, args.max_rows)
-        except duckdb.Error as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        _run(store, line, args)
+
+
+def _run(store, sql: str, args: argparse.Namespace) -> int:
+    """Run one reading statement and print its rows: 0; 2 when refused; 1 when DuckDB rejects it."""
+    import duckdb
+
+    from em_assets.results.readonly import RefusedStatement, reading_statement
+
+    try:
+        with store.reader() as conn:
+            frame = conn.execute(reading_statement(conn, sql)).pl()
+    except RefusedStatement as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except duckdb.Error as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    _print_frame(frame, args.format, args.max_rows)
+    return 0
 
 
 def _store(args: argparse.Namespace):

@@ -49,17 +49,13 @@ class Store:
         return self.path is None or self.path.exists()
 
     @contextlib.contextmanager
-    def connect(
-        self, read_only: bool = False, config: dict | None = None
-    ) -> Iterator[duckdb.DuckDBPyConnection]:
+    def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         if not self.lake:
             if not read_only:
                 self.location.local_file.parent.mkdir(parents=True, exist_ok=True)
-            conn = backends.open_file(
-                self.path, read_only, config or {}, self.lock_timeout_s, LOCK_TIMEOUT_ENV
-            )
-        elif read_only or config or self.snapshot is not None:
-            conn = self._private_lake(read_only or self.snapshot is not None, config or {})
+            conn = backends.open_file(self.path, read_only, {}, self.lock_timeout_s, LOCK_TIMEOUT_ENV)
+        elif read_only or self.snapshot is not None:
+            conn = self._private_lake(True)
         else:
             with backends.lake_cursor(self.location) as cur:
                 yield cur
@@ -70,10 +66,29 @@ class Store:
             conn.close()
 
     @contextlib.contextmanager
+    def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A read-only connection with no file or network access and its configuration locked, for users' SQL
+        (which runs through results.readonly.reading_statement: the lake's data folder stays writable to
+        DuckDB, since allowed_directories cannot grant reading alone)."""
+        if self.lake:
+            conn = self._private_lake(True)
+            if self.location.data_path:
+                conn.execute("SET allowed_directories = [?]", [self.location.data_path])
+            conn.execute("SET enable_external_access = false")
+            conn.execute("SET lock_configuration = true")
+        else:
+            locked = {"enable_external_access": False, "lock_configuration": True}
+            conn = backends.open_file(self.path, True, locked, self.lock_timeout_s, LOCK_TIMEOUT_ENV)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    @contextlib.contextmanager
     def session(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A writable connection of its own (not the process's shared lake), e.g. to ATTACH other files."""
         if self.lake:
-            conn = self._private_lake(False, {})
+            conn = self._private_lake(False)
         else:
             conn = backends.open_file(self.path, False, {}, self.lock_timeout_s, LOCK_TIMEOUT_ENV)
         try:
@@ -81,16 +96,10 @@ class Store:
         finally:
             conn.close()
 
-    def _private_lake(self, read_only: bool, config: dict) -> duckdb.DuckDBPyConnection:
-        """A connection of its own: read-only, pinned to a snapshot, or with settings applied after attaching."""
+    def _private_lake(self, read_only: bool) -> duckdb.DuckDBPyConnection:
+        """A connection of its own: read-only, pinned to a snapshot, or writable outside the shared lake."""
         conn = duckdb.connect()
         backends.attach_lake(conn, self.location, self.snapshot, read_only)
-        if config.get("enable_external_access") is False and "://" not in (self.location.data_path or ""):
-            # The lake's own Parquet files stay readable; no other file can be read or written.
-            conn.execute(f"SET allowed_directories = ['{self.location.data_path}']")
-        for name, value in config.items():
-            literal = str(value).lower() if isinstance(value, bool) else repr(value)
-            conn.execute(f"SET {name} = {literal}")
         return conn
 
     def init(self) -> None:

@@ -50,11 +50,92 @@ def test_sql_prints_csv_and_json(db, capsys):
 
 
 def test_sql_is_read_only(db, capsys, tmp_path):
-    assert main(["sql", "DELETE FROM training_losses", "--db", str(db)]) == 1
+    assert main(["sql", "DELETE FROM training_losses", "--db", str(db)]) == 2
     assert "read-only" in capsys.readouterr().err
-    assert main(["sql", f"COPY training_losses TO '{tmp_path / 'out.csv'}'", "--db", str(db)]) == 1
+    assert main(["sql", f"COPY training_losses TO '{tmp_path / 'out.csv'}'", "--db", str(db)]) == 2
     assert not (tmp_path / "out.csv").exists()
     assert Store(db).query("SELECT count(*) AS n FROM training_losses")["n"][0] == 2
+
+
+def _lake(tmp_path) -> Store:
+    store = Store(f"ducklake:sqlite:{tmp_path / 'r.sqlite'}")
+    store.init()
+    store.append_rows(
+        "training_losses",
+        pl.DataFrame({"organism": ["a"], "step": [1], "loss": [2.5]}, schema_overrides={"step": pl.Int32}),
+    )
+    return store
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    """Every file's bytes, but SQLite's shared-memory index and log, which change when a reader opens them."""
+    files = [p for p in sorted(root.rglob("*")) if p.is_file() and not p.name.endswith(("-shm", "-wal"))]
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+
+# Statements that write somewhere or change the session; {data} is the folder DuckDB may read (the lake's
+# Parquet files, or the folder of the DuckDB file).
+REFUSED = [
+    "COPY (SELECT 1) TO '{data}/x.csv'",
+    "COPY training_losses TO '{data}/x.parquet' (FORMAT parquet)",
+    "EXPORT DATABASE '{data}/export'",
+    "ATTACH '{data}/other.duckdb' AS other",
+    "INSTALL httpfs",
+    "LOAD httpfs",
+    "SET lock_configuration = false",
+    "SET allowed_directories = ['/']",
+    "PRAGMA enable_profiling",
+    "CREATE TABLE pwned AS SELECT 1 AS x",
+    "INSERT INTO training_losses (organism, step, loss) VALUES ('z', 9, 9.0)",
+    "CHECKPOINT",
+    "EXPLAIN ANALYZE COPY (SELECT 1) TO '{data}/x.csv'",
+    "SELECT 1; COPY (SELECT 1) TO '{data}/x.csv'",
+    "SELECT * FROM ducklake_cleanup_old_files('lake', cleanup_all => true)",
+    "SELECT * FROM ducklake_expire_snapshots('lake', older_than => now())",
+    "SELECT * FROM sqlite_attach('{data}/other.sqlite')",
+    "SELECT * FROM query('SELECT 1')",
+]
+
+
+@pytest.mark.parametrize("kind", ["duckdb", "ducklake"])
+def test_sql_refuses_every_writing_statement_with_exit_2_and_writes_nothing(tmp_path, capsys, kind):
+    if kind == "ducklake":
+        store = _lake(tmp_path)
+        data = store.location.data_path.rstrip("/")
+    else:
+        store = Store(tmp_path / "r.duckdb")
+        store.init()
+        data = str(tmp_path)
+    db = str(store.path) if kind == "duckdb" else f"ducklake:sqlite:{store.path}"
+    before, snapshot = _tree(tmp_path), store.current_snapshot()
+    for statement in REFUSED:
+        sql = statement.format(data=data)
+        assert main(["sql", "--db", db, sql]) == 2, sql
+        err = capsys.readouterr().err
+        assert err.startswith("error: refused:") and err.count("\n") == 1, (sql, err)
+    assert _tree(tmp_path) == before and store.current_snapshot() == snapshot
+    # Reading statements still run, including DESCRIBE, SHOW and PRAGMA table_info.
+    for sql in ["SELECT count(*) AS n FROM training_losses", "DESCRIBE training_losses", "SHOW TABLES",
+                "PRAGMA table_info('training_losses')", "WITH t AS (SELECT 1 AS x) SELECT x FROM t"]:  # fmt: skip
+        assert main(["sql", "--db", db, "--format", "csv", sql]) == 0, sql
+    assert "organism" in capsys.readouterr().out
+
+
+def test_sql_copy_into_the_lake_data_folder_exits_2_in_a_real_process(tmp_path):
+    store = _lake(tmp_path)
+    target = Path(store.location.data_path) / "x.csv"
+    snapshots = store.current_snapshot()
+    done = subprocess.run(
+        [EM_ASSETS, "sql", "--db", f"ducklake:sqlite:{store.path}", f"COPY (SELECT 1) TO '{target}'"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert "COPY" in done.stderr and "read-only" in done.stderr
+    assert not target.exists() and store.current_snapshot() == snapshots
+    assert store.query("SELECT count(*) AS n FROM training_losses")["n"][0] == 1
 
 
 def test_sql_shell_runs_statements_and_survives_errors(db, capsys, monkeypatch):
@@ -201,7 +282,7 @@ WRITES = [
 def test_sql_command_refuses_writes_to_the_results_database(ws):
     before = table_dump(ws.db)
     one = _sql(ws.db, "DELETE FROM base_models")
-    assert one.returncode != 0 and "read-only" in one.stderr
+    assert one.returncode == 2 and "read-only" in one.stderr
     shell = _sql(ws.db, stdin="\n".join([*WRITES, "SELECT 'still here' AS s"]) + "\n")
     assert shell.returncode == 0 and "still here" in shell.stdout
     errors = [line for line in shell.stderr.splitlines() if line.startswith("error:")]
