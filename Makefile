@@ -5,7 +5,13 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; on a CUDA machine use e.g. TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>".
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,server
-export EM_DATA_MIRROR ?= $(abspath ../shared/upstream)
+# The upstream files are downloaded from their pinned URLs (sha256-verified, then cached); a local mirror of them
+# is read instead when EM_DATA_MIRROR names one, or when ../shared/upstream exists.
+ifeq ($(origin EM_DATA_MIRROR),undefined)
+ifneq ($(wildcard ../shared/upstream),)
+export EM_DATA_MIRROR := $(abspath ../shared/upstream)
+endif
+endif
 export DAGSTER_HOME ?= $(abspath .dagster_home)
 export TOKENIZERS_PARALLELISM ?= false
 # Spinning OpenMP threads starve each other on small shared CPUs (10x slower seen on 2 cores).

@@ -18,16 +18,28 @@ from support.tiny import make_tiny_llama
 
 pytest_plugins = ["support.workspace"]
 
-MIRROR = Path(os.environ.get("EM_DATA_MIRROR", REPO.parent / "shared" / "upstream"))
-os.environ.setdefault("EM_DATA_MIRROR", str(MIRROR))
+# As in the Makefile: a mirror only when one is named or ../shared/upstream exists; else pinned downloads.
+if "EM_DATA_MIRROR" not in os.environ and (REPO.parent / "shared" / "upstream").is_dir():
+    os.environ["EM_DATA_MIRROR"] = str(REPO.parent / "shared" / "upstream")
 torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")
 def mirror() -> Path:
-    if not MIRROR.exists():
-        pytest.fail(f"upstream mirror {MIRROR} not found; set EM_DATA_MIRROR")
-    return MIRROR
+    """The upstream mirror; without one, the download cache, filled from the pinned URLs (it has the mirror's
+    layout)."""
+    from em_assets.catalog.upstream import REFERENCE_JUDGEMENTS, SOURCES, fetch_bytes
+    from em_assets.settings import settings
+
+    if os.environ.get("EM_DATA_MIRROR"):
+        named = Path(os.environ["EM_DATA_MIRROR"])
+        if not named.is_dir():
+            pytest.fail(f"upstream mirror {named} (EM_DATA_MIRROR) not found")
+        return named
+    cache = settings().cache_dir.resolve()
+    for source in [*SOURCES.values(), *REFERENCE_JUDGEMENTS.values()]:
+        fetch_bytes(source, mirror="", cache_dir=cache)
+    return cache / "upstream"
 
 
 @pytest.fixture(scope="session")

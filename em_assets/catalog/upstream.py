@@ -15,6 +15,10 @@ class MirrorError(FileNotFoundError):
     """A pinned file the configured mirror does not hold: the mirror setting is wrong or incomplete."""
 
 
+class DownloadError(MirrorError):
+    """A pinned file that is in no mirror or cache and could not be downloaded (e.g. offline)."""
+
+
 class ChecksumError(ValueError):
     """Raised when a fetched file does not match its pinned sha256."""
 
@@ -216,16 +220,29 @@ def fetch_bytes(
             where = str(root / (source.mirror_path + ".gz"))
             return _verified(gzip.decompress(Path(where).read_bytes()), source.sha256, where)
         else:
-            raise MirrorError(f"{source.mirror_path} is not in the mirror {root} ({MIRROR_ENV})")
+            raise MirrorError(
+                f"{source.mirror_path} is not in the mirror {root} ({MIRROR_ENV}); it is pinned at {source.url}"
+            )
     if raw is None:
         cached = (cache_dir or settings().cache_dir) / "upstream" / source.mirror_path
         if cached.exists():
             raw = _verified(cached.read_bytes(), source.sha256, str(cached))
         else:
-            with urllib.request.urlopen(source.url, timeout=60) as resp:
-                raw = _verified(resp.read(), source.sha256, source.url)
+            raw = _verified(_download(source), source.sha256, source.url)
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_suffix(cached.suffix + ".part")
             tmp.write_bytes(raw)
             tmp.replace(cached)
     return gzip.decompress(raw) if source.path.endswith(".gz") else raw
+
+
+def _download(source: UpstreamFile) -> bytes:
+    try:
+        with urllib.request.urlopen(source.url, timeout=60) as resp:
+            return resp.read()
+    except OSError as exc:  # URLError, timeouts and refused connections alike
+        reason = getattr(exc, "reason", None) or exc
+        raise DownloadError(
+            f"could not download {source.path} from {source.url} ({reason}). Offline, copy the pinned files "
+            f"into a folder (this one as <folder>/{source.mirror_path}) and set {MIRROR_ENV} to that folder"
+        ) from None

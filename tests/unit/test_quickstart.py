@@ -1,0 +1,106 @@
+"""A clone anywhere: the Makefile names a mirror only when there is one, and offline with no mirror the catalog
+fails with one message naming the file, its URL and EM_DATA_MIRROR."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from support.net import free_port
+from support.paths import EM_ASSETS, REPO
+
+from em_assets.catalog.upstream import SOURCES
+
+
+def _make_mirror(clone: Path, env: dict[str, str]) -> str:
+    """EM_DATA_MIRROR as the Makefile's recipes see it, in a copy of the Makefile at `clone`."""
+    clone.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "Makefile", clone / "Makefile")
+    done = subprocess.run(
+        ["make", "-s", "--eval", 'show-mirror: ; @echo "[$$EM_DATA_MIRROR]"', "show-mirror"],
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return done.stdout.strip()[1:-1]
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_the_makefile_sets_a_mirror_only_when_there_is_one(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "EM_DATA_MIRROR"}
+    assert _make_mirror(tmp_path / "alone" / "clone", env) == ""
+    (tmp_path / "beside" / "shared" / "upstream").mkdir(parents=True)
+    assert _make_mirror(tmp_path / "beside" / "clone", env) == str(
+        tmp_path / "beside" / "shared" / "upstream"
+    )
+    mine = {**env, "EM_DATA_MIRROR": "/somewhere/else"}
+    assert _make_mirror(tmp_path / "beside" / "clone", mine) == "/somewhere/else"
+
+
+def _offline_env(tmp_path: Path) -> dict[str, str]:
+    """No mirror, an empty cache, and every HTTPS request sent to a closed loopback port."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"EM_DATA_MIRROR", "no_proxy", "NO_PROXY"} and not k.startswith("EM_")
+    }
+    return {
+        **env,
+        "PYTHONPATH": str(REPO),
+        "https_proxy": closed,
+        "HTTPS_PROXY": closed,
+        "HF_HUB_OFFLINE": "1",
+        "EM_CACHE_DIR": str(tmp_path / "cache"),
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "EM_DB": str(tmp_path / "clone" / "results.duckdb"),
+        "EM_GRID": str(REPO / "data" / "grid.yaml"),
+        "EM_ARTIFACTS_DIR": str(tmp_path / "artifacts"),
+        "EM_FIGURES_DIR": str(tmp_path / "figures"),
+    }
+
+
+def _names_the_file_its_url_and_the_mirror_setting(message: str, sources) -> None:
+    assert message.startswith("error: could not download "), message
+    assert any(s.path in message and s.url in message for s in sources), message
+    assert "EM_DATA_MIRROR" in message
+    assert "Traceback" not in message and len(message.strip().splitlines()) == 1, message
+
+
+def test_offline_without_a_mirror_the_catalog_names_the_file_its_url_and_em_data_mirror(tmp_path):
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    code = (
+        "import sys\n"
+        "from em_assets.catalog.upstream import DownloadError, SOURCES, fetch_bytes\n"
+        "try:\n"
+        "    fetch_bytes(SOURCES['insecure'])\n"
+        "except DownloadError as exc:\n"
+        "    sys.exit(f'error: {exc}')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=clone, env=_offline_env(tmp_path), capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    _names_the_file_its_url_and_the_mirror_setting(done.stderr, [SOURCES["insecure"]])
+    assert not (tmp_path / "cache" / "upstream").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_offline_without_a_mirror_the_demo_exits_2_with_that_one_message(tmp_path):
+    clone = tmp_path / "clone"
+    clone.mkdir()
+    done = subprocess.run(
+        [EM_ASSETS, "demo"], cwd=clone, env=_offline_env(tmp_path), capture_output=True, text=True
+    )
+    assert done.returncode == 2, done.stderr
+    # Whichever catalog asset asks first (the questions or a training set) names its file.
+    _names_the_file_its_url_and_the_mirror_setting(done.stderr, SOURCES.values())
+    assert "FAILED " in done.stdout and "Traceback" not in done.stdout
