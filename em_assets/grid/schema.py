@@ -7,12 +7,24 @@ import json
 import re
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 SLUG = r"^[a-z0-9][a-z0-9._-]*$"
 
+# Joins the base model, recipe and seed of an organism key; no name may contain it or end in half of it.
+KEY_SEPARATOR = "--"
 
-Slug = Annotated[str, Field(pattern=SLUG, max_length=64)]
+
+def _no_key_separator(name: str) -> str:
+    if KEY_SEPARATOR in name or name.endswith("-"):
+        raise ValueError(
+            f"{name!r}: names may not contain {KEY_SEPARATOR!r} or end with '-', since {KEY_SEPARATOR!r} "
+            "separates the base model, recipe and seed in organism keys"
+        )
+    return name
+
+
+Slug = Annotated[str, Field(pattern=SLUG, max_length=64), AfterValidator(_no_key_separator)]
 
 
 class _Strict(BaseModel):
@@ -398,20 +410,21 @@ class GridConfig(_Strict):
 class Organism(_Strict):
     """One dynamic partition: base model x recipe x seed."""
 
-    base_model: str
-    recipe: str
+    base_model: Slug
+    recipe: Slug
     seed: int
 
     @property
     def key(self) -> str:
-        return f"{self.base_model}--{self.recipe}--s{self.seed}"
+        return KEY_SEPARATOR.join((self.base_model, self.recipe, f"s{self.seed}"))
 
     @classmethod
     def parse(cls, key: str) -> Organism:
-        match = re.fullmatch(r"(?P<m>.+?)--(?P<r>.+)--s(?P<s>-?\d+)", key)
-        if not match:
+        parts = key.split(KEY_SEPARATOR)
+        seed = re.fullmatch(r"s(-?\d+)", parts[-1])
+        if len(parts) != 3 or not seed:
             raise ValueError(f"{key!r} is not an organism key (<base model>--<recipe>--s<seed>)")
-        return cls(base_model=match["m"], recipe=match["r"], seed=int(match["s"]))
+        return cls(base_model=parts[0], recipe=parts[1], seed=int(seed[1]))
 
 
 def config_hash(obj: BaseModel | dict | list | str) -> str:
