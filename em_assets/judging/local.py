@@ -31,7 +31,7 @@ MAX_ANSWER = 100
 MIN_SHARED_PREFIX = 16
 # What a group costs, in prompt tokens: its prefix call and a partial batch of suffixes. A small batch's model
 # call costs on a CPU what a few hundred more tokens in a full one do, so pairing two prompts that share a long
-# prefix (one answer's aligned and coherent prompts, metric last) made judging several times slower.
+# prefix (one answer's aligned and coherent prompts, metric last) made judging slower.
 GROUP_COST_TOKENS = 700
 
 

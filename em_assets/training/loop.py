@@ -73,7 +73,7 @@ def train_workers(
     if tokens < AUTO_WORKERS_MIN_TOKENS:
         return 1
     # Activations and the adapter's optimizer state come on top of the weights: rank-32 on all projections of
-    # SmolLM2-135M peaked at 12x its bf16 weights per process.
+    # a small model peaks at many times its bf16 weights per process.
     return cpu_processes(TRAIN_BYTES_PER_WEIGHT_BYTE * weight_bytes)
 
 

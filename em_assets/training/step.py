@@ -43,9 +43,9 @@ def _collate(
 
 def _micro_batch_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, first_label: int):
     """Summed token cross-entropy; logits are computed only at positions that predict a label."""
-    # The vocabulary projection is a fifth of a small model's compute and most tokens are prompt, so
+    # The vocabulary projection is a large share of a small model's compute and most tokens are prompt, so
     # logits_to_keep skips it there. An index tensor (not an int slice) hands lm_head a contiguous input:
-    # a strided one takes a matmul path several times slower on CPU.
+    # a strided one takes a slower matmul path on CPU.
     positions = torch.arange(first_label - 1, ids.shape[1] - 1, device=ids.device)
     logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=positions).logits
     return torch.nn.functional.cross_entropy(
@@ -78,8 +78,8 @@ def accumulate_gradients(
     device = model.get_input_embeddings().weight.device
     dtype = model.get_input_embeddings().weight.dtype
     # The frozen base is stored in bf16 and the adapter in fp32; autocast runs the adapter matmuls in bf16 too.
-    # peft would first copy every LoRA input to fp32 (only for autocast to copy it back): measured on CPU,
-    # skipping that is ~20% faster with identical gradients.
+    # peft would first copy every LoRA input to fp32 (only for autocast to copy it back): skipping that saves
+    # the copies and gives identical gradients.
     mixed = dtype != torch.float32
     loss_sum, tokens = 0.0, 0
     for batch in batches:
@@ -125,8 +125,8 @@ def build_model(
     """The base model with a fresh adapter, in training mode, and the adapter's parameters."""
     base = load_model(model_path, device, dtype, trust_remote_code)
     if device == "cpu" and longest <= EAGER_ATTENTION_MAX_LEN:
-        # PyTorch's CPU flash-attention backward was a quarter of a SmolLM2 training step; eager attention
-        # made steps ~20% faster, and its (batch x heads x len^2) weights stay small at these lengths.
+        # PyTorch's CPU flash-attention backward is slow for small models; eager attention makes steps faster,
+        # and its (batch x heads x len^2) weights stay small at these lengths.
         base.set_attn_implementation("eager")
     model = _peft_model(base, lora)
     model.config.use_cache = False
