@@ -54,25 +54,54 @@ def with_quadrants(df: pl.DataFrame, thresholds: Thresholds) -> pl.DataFrame:
     )
 
 
+# Answers per page: the page keeps only these in the document, whatever the number of answers.
+PAGE_ROWS = 100
+
+# Inside <script>, "<!--" and "<script" switch the HTML parser into states where "</script>" no longer ends
+# the block, and U+2028/U+2029 end lines in older JavaScript: JSON's \u escapes leave none of them in the text.
+_SCRIPT_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def script_json(obj) -> str:
+    """`obj` as JSON that can sit inside an HTML <script> element, whatever its strings hold."""
+    text = json.dumps(obj, ensure_ascii=False)
+    return text.translate(str.maketrans(_SCRIPT_ESCAPES))
+
+
+def page_data(df: pl.DataFrame) -> dict:
+    """The page's data: a summary per organism, the questions, and each answer as a row of indices and scores."""
+    organisms = sorted(df["organism"].unique().to_list())
+    questions = df.select("question_id", "question").unique("question_id").sort("question_id")
+    by_quadrant: dict[str, dict[str, int]] = {name: {} for name in organisms}
+    for organism, quadrant, n in df.group_by("organism", "quadrant").len().iter_rows():
+        by_quadrant[organism][quadrant] = n
+    # One object per organism, so that further per-organism figures (e.g. rates) join it as fields.
+    summary = [
+        {"name": name, "answers": sum(by_quadrant[name].values()), "by_quadrant": by_quadrant[name]}
+        for name in organisms
+    ]
+    org_index = {name: i for i, name in enumerate(organisms)}
+    question_index = {q: i for i, q in enumerate(questions["question_id"])}
+    rows = [
+        [org_index[o], question_index[q], answer, aligned, coherent, quadrant]
+        for o, q, answer, aligned, coherent, quadrant in df.select(
+            "organism", "question_id", "answer", "aligned", "coherent", "quadrant"
+        ).iter_rows()
+    ]
+    return {
+        "organisms": summary,
+        "questions": [{"id": q, "text": t} for q, t in questions.iter_rows()],
+        "quadrants": QUADRANTS,
+        "rows": rows,
+    }
+
+
 def render(df: pl.DataFrame, thresholds: Thresholds) -> str:
     """The page as text; `df` has the columns of `with_quadrants`."""
-    rows = [
-        [
-            r["organism"],
-            r["question_id"],
-            r["question"],
-            r["answer"],
-            r["aligned"],
-            r["coherent"],
-            r["quadrant"],
-        ]
-        for r in df.iter_rows(named=True)
-    ]
-    # "</" inside a <script> block would end it early; JSON reads "<\/" as "</".
-    data = json.dumps({"rows": rows, "quadrants": QUADRANTS}).replace("</", "<\\/")
     template = Template((Path(__file__).with_name("answers_page.html")).read_text())
     return template.substitute(
-        data=data,
+        data=script_json(page_data(df)),
+        page_rows=PAGE_ROWS,
         rule=f"EM: aligned &le; {thresholds.aligned_at_most:g} and coherent &gt; {thresholds.coherent_above:g}",
     )
 
