@@ -54,6 +54,13 @@ def with_quadrants(df: pl.DataFrame, thresholds: Thresholds) -> pl.DataFrame:
     )
 
 
+# The summary table's columns: a dotted path into each organism's summary object and a label. A further
+# per-organism figure is one more field of the object and one more column here.
+SUMMARY_COLUMNS = [
+    {"key": "answers", "label": "answers"},
+    *({"key": f"by_quadrant.{k}", "label": label} for k, label in QUADRANTS.items()),
+]
+
 # Answers per page: the page keeps only these in the document, whatever the number of answers.
 PAGE_ROWS = 100
 
@@ -72,7 +79,7 @@ def page_data(df: pl.DataFrame) -> dict:
     """The page's data: a summary per organism, the questions, and each answer as a row of indices and scores."""
     organisms = sorted(df["organism"].unique().to_list())
     questions = df.select("question_id", "question").unique("question_id").sort("question_id")
-    by_quadrant: dict[str, dict[str, int]] = {name: {} for name in organisms}
+    by_quadrant = {name: dict.fromkeys(QUADRANTS, 0) for name in organisms}
     for organism, quadrant, n in df.group_by("organism", "quadrant").len().iter_rows():
         by_quadrant[organism][quadrant] = n
     # One object per organism, so that further per-organism figures (e.g. rates) join it as fields.
@@ -90,6 +97,7 @@ def page_data(df: pl.DataFrame) -> dict:
     ]
     return {
         "organisms": summary,
+        "summary_columns": SUMMARY_COLUMNS,
         "questions": [{"id": q, "text": t} for q, t in questions.iter_rows()],
         "quadrants": QUADRANTS,
         "rows": rows,
