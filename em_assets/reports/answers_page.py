@@ -119,7 +119,7 @@ def write_answers_page(store: Store, thresholds: Thresholds, out: Path) -> Answe
     df = with_quadrants(answers_frame(store), thresholds)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render(df, thresholds))
+    tmp.write_text(render(df, thresholds), encoding="utf-8")
     tmp.replace(out)
     counts = dict(df.group_by("quadrant").len().iter_rows())
     return AnswersPage(out, df.height, {q: counts.get(q, 0) for q in QUADRANTS})

@@ -170,6 +170,7 @@ HOSTILE = [
     "Tom & Jerry &amp; <br>",
     "line\u2028separator\u2029paragraph",
     "]]></script><!--",
+    "café, 日本語, 🙂",
 ]
 
 
