@@ -67,14 +67,15 @@ class Store:
 
     @contextlib.contextmanager
     def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-only connection with no file or network access and its configuration locked, for users' SQL
-        (which runs through results.readonly.reading_statement: the lake's data folder stays writable to
-        DuckDB, since allowed_directories cannot grant reading alone)."""
+        """A read-only connection with its configuration locked and no file or network access beyond a local
+        lake's data folder, for users' SQL (which runs through results.readonly.reading_statement: that folder
+        stays writable to DuckDB, since allowed_directories cannot grant reading alone)."""
         if self.lake:
             conn = self._private_lake(True)
-            if self.location.data_path:
+            # allowed_directories takes local folders only: a lake on object storage keeps external access.
+            if "://" not in (self.location.data_path or "://"):
                 conn.execute("SET allowed_directories = [?]", [self.location.data_path])
-            conn.execute("SET enable_external_access = false")
+                conn.execute("SET enable_external_access = false")
             conn.execute("SET lock_configuration = true")
         else:
             locked = {"enable_external_access": False, "lock_configuration": True}

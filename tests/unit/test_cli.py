@@ -114,6 +114,11 @@ def test_sql_refuses_every_writing_statement_with_exit_2_and_writes_nothing(tmp_
         err = capsys.readouterr().err
         assert err.startswith("error: refused:") and err.count("\n") == 1, (sql, err)
     assert _tree(tmp_path) == before and store.current_snapshot() == snapshot
+    # A reading statement still cannot reach a file outside the store.
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.csv"
+    outside.write_text("secret\n1\n")
+    assert main(["sql", "--db", db, f"SELECT * FROM read_csv('{outside}')"]) == 1
+    assert "disabled by configuration" in capsys.readouterr().err
     # Reading statements still run, including DESCRIBE, SHOW and PRAGMA table_info.
     for sql in ["SELECT count(*) AS n FROM training_losses", "DESCRIBE training_losses", "SHOW TABLES",
                 "PRAGMA table_info('training_losses')", "WITH t AS (SELECT 1 AS x) SELECT x FROM t"]:  # fmt: skip
