@@ -95,9 +95,7 @@ def fit_one(x: np.ndarray) -> tuple[BetaShape, float]:
     return shape, float(shape.logpdf(x).sum())
 
 
-def fit_shared(
-    groups: Sequence[np.ndarray], max_iter: int = 500, tol: float = 1e-7
-) -> MixtureFit:
+def fit_shared(groups: Sequence[np.ndarray], max_iter: int = 500, tol: float = 1e-7) -> MixtureFit:
     """EM for two Beta components shared by every group (values in (0, 1)), one mixing weight per group."""
     if any(len(g) == 0 for g in groups):
         raise ValueError("every group needs at least one value")
@@ -107,8 +105,9 @@ def fit_shared(
     split = to_unit(np.array([SPLIT_SCORE]))[0]
     resp = np.where(x <= split, 0.9, 0.1)  # responsibility of the misaligned component
     shapes = (BetaShape(1.0, 5.0), BetaShape(5.0, 1.0))
-    previous, ll, it = -np.inf, -np.inf, 0
-    for it in range(1, max_iter + 1):
+    previous, ll, iterations = -np.inf, -np.inf, 0
+    for _ in range(max_iter):
+        iterations += 1
         w = np.clip(np.bincount(gid, resp) / np.bincount(gid), 1e-6, 1 - 1e-6)
         shapes = (
             _weighted_shape(lx, l1x, resp, shapes[0]),
@@ -131,8 +130,8 @@ def fit_shared(
         loglik=ll,
         n=len(x),
         n_params=4 + len(groups),
-        iterations=it,
-        converged=it < max_iter,
+        iterations=iterations,
+        converged=iterations < max_iter,
     )
 
 

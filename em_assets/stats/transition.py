@@ -76,7 +76,9 @@ def fit_transition(x: np.ndarray, k: np.ndarray, n: np.ndarray) -> TransitionFit
     z = (x - centre) / spread
     top0 = float(special.logit(min(max(k.sum() / n.sum() * 2, 0.05), 0.95)))
     starts = [np.array([m, s, top0]) for m in np.quantile(z, [0.25, 0.5, 0.75]) for s in (-4.0, 4.0)]
-    fits = [optimize.minimize(_nll, t, args=(z, k, n), method="Nelder-Mead", options=_SIMPLEX) for t in starts]
+    fits = [
+        optimize.minimize(_nll, t, args=(z, k, n), method="Nelder-Mead", options=_SIMPLEX) for t in starts
+    ]
     best = min(fits, key=lambda r: r.fun)
     m, s, g = best.x
     top = float(special.expit(g))
@@ -90,7 +92,9 @@ def fit_transition(x: np.ndarray, k: np.ndarray, n: np.ndarray) -> TransitionFit
     cov = np.linalg.pinv(_hessian(lambda t: _nll(t, z, k, n), best.x))
     var = float(cov[0, 0])
     if not np.isfinite(var) or var <= 0 or not np.all(np.linalg.eigvalsh(_sym(cov)) > 0):
-        return replace(fit, note="flat likelihood at the fit (a step or no rise): midpoint interval undefined")
+        return replace(
+            fit, note="flat likelihood at the fit (a step or no rise): midpoint interval undefined"
+        )
     half = Z95 * spread * var**0.5
     return replace(fit, midpoint_lo=fit.midpoint - half, midpoint_hi=fit.midpoint + half)
 
