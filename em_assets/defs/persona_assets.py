@@ -1,0 +1,64 @@
+"""Simulator Theory assets over all organisms: persona mixtures, the EM transition over sweeps, the stability
+of per-question EM rates and the coherence of misaligned answers; each a table and a figure in the UI."""
+
+from pathlib import Path
+
+import dagster as dg
+import polars.selectors as cs
+
+from em_assets.defs.metadata import md_image, md_table
+from em_assets.defs.partitions import CPU_OP_TAGS
+from em_assets.defs.resources import ExperimentResource, ResultsDB
+from em_assets.reports import personas
+
+DESCRIPTIONS = {
+    "persona_mixtures": "Per organism, judge and sweep point: a two-Beta mixture of the aligned scores, shapes "
+    "shared across the organism's points, the misaligned weight with a bootstrap interval, BIC of one against "
+    "two components and a likelihood-ratio test of shared against free shapes.",
+    "em_transition": "Per swept organism and parameter (training step, B scale): a logistic with a ceiling "
+    "fitted to the EM rate and to the misaligned weight, its midpoint with an interval, beside the sharpest "
+    "rotation step of lora_trajectory.",
+    "question_em_stability": "Per eval set and judge: Spearman's rho of per-question EM rates between organisms "
+    "with Fisher-z intervals, and Kendall's W over all.",
+    "persona_coherence": "Per organism and judge: coherence of misaligned against aligned answers (mean and rate), "
+    "the differences with 95% intervals.",
+}
+
+
+@dg.multi_asset(
+    specs=[
+        dg.AssetSpec(
+            name,
+            group_name="reports",
+            deps=[
+                "judgements",
+                "em_over_training",
+                "lora_scaling",
+                "lora_trajectory",
+                "steering_sweep",
+                "direction_ablation",
+            ],
+            kinds={"duckdb", "scipy", "matplotlib"},
+            description=DESCRIPTIONS[name],
+            automation_condition=dg.AutomationCondition.eager(),
+        )
+        for name in personas.TABLES
+    ],
+    op_tags=CPU_OP_TAGS,
+)
+def persona_tables(experiment: ExperimentResource, results: ResultsDB):
+    thresholds = experiment.grid().thresholds
+    result = personas.build_persona_tables(results.store(), thresholds)
+    figures = personas.draw_persona_figures(result, thresholds, Path(experiment.figures_dir))
+    for name, table in result.tables.items():
+        title = name.replace("_", " ")
+        yield dg.MaterializeResult(
+            asset_key=name,
+            metadata={
+                "dagster/row_count": table.height,
+                "table": md_table(table.drop("source_snapshot").with_columns(cs.float().round(3))),
+                "figure_path": str(figures[name]),
+                "figure": md_image(figures[name], title),
+                "source_snapshot": result.snapshot,
+            },
+        )
