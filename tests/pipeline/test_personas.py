@@ -84,8 +84,9 @@ def _write_sweep(store: Store, organism: str, rng) -> None:
     )
 
 
-@pytest.fixture
-def personas(tmp_path, tiny_model_dir, mirror):
+@pytest.fixture(scope="module")
+def personas(tmp_path_factory, tiny_model_dir, mirror):
+    tmp_path = tmp_path_factory.mktemp("personas")
     doc = tiny_grid(
         tiny_model_dir, "test", {"backend": "local", "model": "tiny"}, {}, examples=4, batch_size=2, samples=1
     )
