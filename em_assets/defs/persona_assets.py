@@ -9,9 +9,8 @@ import polars.selectors as cs
 from em_assets.defs.metadata import md_image, md_table
 from em_assets.defs.partitions import CPU_OP_TAGS
 from em_assets.defs.resources import ExperimentResource, ResultsDB
-from em_assets.reports import personas
 
-DESCRIPTIONS = {
+PERSONA_TABLES = {
     "persona_mixtures": "Per organism, judge and sweep point: a two-Beta mixture of the aligned scores, shapes "
     "shared across the organism's points, the misaligned weight with a bootstrap interval, BIC of one against "
     "two components and a likelihood-ratio test of shared against free shapes.",
@@ -39,14 +38,17 @@ DESCRIPTIONS = {
                 "direction_ablation",
             ],
             kinds={"duckdb", "scipy", "matplotlib"},
-            description=DESCRIPTIONS[name],
+            description=desc,
             automation_condition=dg.AutomationCondition.eager(),
         )
-        for name in personas.TABLES
+        for name, desc in PERSONA_TABLES.items()
     ],
     op_tags=CPU_OP_TAGS,
 )
 def persona_tables(experiment: ExperimentResource, results: ResultsDB):
+    # Imported here: scipy.stats takes about a second to import, which every load of the definitions would pay.
+    from em_assets.reports import personas
+
     thresholds = experiment.grid().thresholds
     result = personas.build_persona_tables(results.store(), thresholds)
     figures = personas.draw_persona_figures(result, thresholds, Path(experiment.figures_dir))

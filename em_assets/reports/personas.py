@@ -121,9 +121,6 @@ COHERENCE_SCHEMA = {
 }
 
 
-TABLES = ("persona_mixtures", "em_transition", "question_em_stability", "persona_coherence")
-
-
 @dataclass(frozen=True)
 class PersonaResult:
     """The four tables, the answers they were computed from, and the snapshot read."""
@@ -162,9 +159,7 @@ def persona_mixtures(scores: pl.DataFrame, aligned_at_most: float) -> pl.DataFra
     """One row per organism, judge and point: the shared-shape two-Beta fit of the aligned scores."""
     rows = []
     for (organism, judge), group in scores.group_by("organism", "judge", maintain_order=True):
-        points = {
-            key: _aligned(g) for key, g in group.group_by("sweep", "setting", maintain_order=True)
-        }
+        points = {key: _aligned(g) for key, g in group.group_by("sweep", "setting", maintain_order=True)}
         rows += _mixture_rows(organism, judge, points, aligned_at_most)
     return pl.DataFrame(rows, schema=MIXTURE_SCHEMA).sort("organism", "judge", "sweep", "setting")
 
@@ -174,7 +169,9 @@ def _mixture_rows(organism: str, judge: str, points: dict, aligned_at_most: floa
     n_fit = sum(len(v) for v in fitted.values())
     note = None
     if n_fit < MIN_FIT_ANSWERS:
-        note = f"{n_fit} scored answers at points with >= {MIN_POINT_ANSWERS}: the fit needs {MIN_FIT_ANSWERS}"
+        note = (
+            f"{n_fit} scored answers at points with >= {MIN_POINT_ANSWERS}: the fit needs {MIN_FIT_ANSWERS}"
+        )
     result = None if note else mixtures.compare([mixtures.to_unit(v) for v in fitted.values()])
     rows = []
     for key, values in points.items():
@@ -295,7 +292,9 @@ def question_em_stability(organisms: pl.DataFrame, thresholds: Thresholds) -> pl
             | {"scope": "all", "n_questions": w.n, "kendall_w": w.w, "chi2": w.chi2, "p_value": w.p}
             | {"note": w.note or (None if common.size else "no question answered by every organism")}
         )
-    return pl.DataFrame(rows, schema=STABILITY_SCHEMA).sort("eval_set", "judge", "scope", "organism_a", "organism_b")
+    return pl.DataFrame(rows, schema=STABILITY_SCHEMA).sort(
+        "eval_set", "judge", "scope", "organism_a", "organism_b"
+    )
 
 
 def persona_coherence(organisms: pl.DataFrame, thresholds: Thresholds) -> pl.DataFrame:

@@ -17,8 +17,8 @@ from support.tiny import tiny_grid
 from em_assets.analyses.lora import lora_factors, write_scaled_adapter
 from em_assets.analyses.trajectory import cosine, local_cosines, module_trajectory, pca_2d
 from em_assets.defs.partitions import organisms
+from em_assets.defs.persona_assets import PERSONA_TABLES
 from em_assets.grid.schema import LoraSpec, TrainSpec
-from em_assets.reports.personas import TABLES as PERSONA_TABLES
 from em_assets.results.store import Store
 from em_assets.training.checkpoints import KEPT_DIR
 from em_assets.training.loop import train_lora

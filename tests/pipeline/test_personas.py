@@ -11,7 +11,7 @@ import yaml
 from support.pipeline import materialize, pipeline_resources
 from support.tiny import tiny_grid
 
-from em_assets.reports.personas import TABLES
+from em_assets.defs.persona_assets import PERSONA_TABLES as TABLES
 from em_assets.results.store import Store
 
 EVAL_SET, JUDGE = "first_plot_questions", "synthetic-judge"
