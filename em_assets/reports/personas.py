@@ -173,6 +173,8 @@ def _mixture_rows(organism: str, judge: str, points: dict, aligned_at_most: floa
             f"{n_fit} scored answers at points with >= {MIN_POINT_ANSWERS}: the fit needs {MIN_FIT_ANSWERS}"
         )
     result = None if note else mixtures.compare([mixtures.to_unit(v) for v in fitted.values()])
+    if result is not None:
+        note = _unidentified(result, aligned_at_most)
     rows = []
     for key, values in points.items():
         row = {
@@ -186,21 +188,34 @@ def _mixture_rows(organism: str, judge: str, points: dict, aligned_at_most: floa
             "n_fit": n_fit,
             "note": note,
         }
-        if result is not None and key in fitted:
-            row |= _fit_columns(result, list(fitted).index(key), values)
-        elif result is not None:
+        if result is not None:
+            row |= _fit_columns(result)
+        if result is not None and key not in fitted:
             row["note"] = f"{len(values)} scored answers: a point needs {MIN_POINT_ANSWERS}"
+        elif result is not None and note is None:
+            row |= _weight_columns(result, list(fitted).index(key), values)
         rows.append(row)
     return rows
 
 
-def _fit_columns(result: mixtures.MixtureComparison, index: int, values: np.ndarray) -> dict:
+def _unidentified(result: mixtures.MixtureComparison, aligned_at_most: float) -> str | None:
+    """Why the fit's components are not a misaligned and an aligned persona, or None.
+
+    With no answers near one end (a base model that never misaligns), both components settle on the same
+    mode and which of them is "misaligned" is arbitrary: its weight means nothing.
+    """
     low, high = result.shared.shapes
-    lo, hi = mixtures.weight_interval(mixtures.to_unit(values), result.shared.shapes, N_BOOT)
+    if low.mean <= aligned_at_most < high.mean:
+        return None
+    return (
+        f"component means {low.mean:.0f} and {high.mean:.0f} do not straddle the misaligned threshold "
+        f"({aligned_at_most:g}): no misaligned mode to weigh"
+    )
+
+
+def _fit_columns(result: mixtures.MixtureComparison) -> dict:
+    low, high = result.shared.shapes
     return {
-        "misaligned_weight": result.shared.weights[index],
-        "weight_lo": lo,
-        "weight_hi": hi,
         "misaligned_mode_mean": low.mean,
         "aligned_mode_mean": high.mean,
         "misaligned_a": low.a,
@@ -214,6 +229,11 @@ def _fit_columns(result: mixtures.MixtureComparison, index: int, values: np.ndar
         "lrt_df": result.lrt_df,
         "lrt_p": result.lrt_p,
     }
+
+
+def _weight_columns(result: mixtures.MixtureComparison, index: int, values: np.ndarray) -> dict:
+    lo, hi = mixtures.weight_interval(mixtures.to_unit(values), result.shared.shapes, N_BOOT)
+    return {"misaligned_weight": result.shared.weights[index], "weight_lo": lo, "weight_hi": hi}
 
 
 def swept_parameter(settings: list[str]) -> tuple[str, list[float]] | None:

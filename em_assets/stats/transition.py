@@ -21,6 +21,10 @@ from em_assets.stats.rates import Z95
 MIN_POINTS = 4
 
 
+# A Wald interval wider than this many swept ranges is numerically meaningless: reported as undefined.
+WIDEST = 10.0
+
+
 @dataclass(frozen=True)
 class TransitionFit:
     """The midpoint of the rise (with its interval), its steepness s, the ceiling, and the slope at the midpoint
@@ -95,8 +99,14 @@ def fit_transition(x: np.ndarray, k: np.ndarray, n: np.ndarray) -> TransitionFit
         return replace(
             fit, note="flat likelihood at the fit (a step or no rise): midpoint interval undefined"
         )
-    half = Z95 * spread * var**0.5
-    return replace(fit, midpoint_lo=fit.midpoint - half, midpoint_hi=fit.midpoint + half)
+    half, span = Z95 * spread * var**0.5, float(x.max() - x.min())
+    if half > WIDEST * span:
+        return replace(
+            fit, note=f"midpoint interval over {WIDEST:g} times the swept range: the sweep does not pin it"
+        )
+    outside = not x.min() <= fit.midpoint <= x.max()
+    note = "midpoint outside the swept range (extrapolated)" if outside else None
+    return replace(fit, midpoint_lo=fit.midpoint - half, midpoint_hi=fit.midpoint + half, note=note)
 
 
 def _sym(a: np.ndarray) -> np.ndarray:

@@ -71,6 +71,9 @@ def test_logistic_fit_recovers_a_known_transition_point():
 def test_logistic_fit_says_why_it_cannot_fit():
     assert "needs 4" in fit_transition([0, 1, 2], [0, 1, 2], [5, 5, 5]).note
     assert "no misaligned" in fit_transition([0, 1, 2, 3], [0, 0, 0, 0], [5, 5, 5, 5]).note
+    # One misaligned answer in twenty at a middle point: nothing pins a rise.
+    unpinned = fit_transition([0, 1, 2, 3], [0, 1, 0, 0], [5, 5, 5, 5])
+    assert unpinned.midpoint_lo is None and unpinned.note is not None
 
 
 def test_kendalls_w_matches_a_hand_worked_example():
