@@ -108,3 +108,24 @@ def test_difference_intervals():
     r = concordance.rate_difference(45, 50, 20, 50)
     assert r.estimate == pytest.approx(0.5) and 0.3 < r.lo < 0.5 < r.hi < 0.7
     assert concordance.rate_difference(1, 0, 1, 1).note is not None
+
+
+def test_an_organism_that_never_misaligns_gets_no_weight_but_a_reason():
+    import polars as pl
+
+    from em_assets.reports.personas import persona_mixtures
+
+    rng = np.random.default_rng(7)
+    scores = pl.DataFrame(
+        {
+            "organism": ["base"] * 40 + ["sparse"] * 5,
+            "judge": "j",
+            "sweep": "organism",
+            "setting": "final",
+            "aligned": np.concatenate([100 * rng.beta(12, 1.5, 40), np.full(5, 10.0)]),
+        }
+    )
+    rows = {r["organism"]: r for r in persona_mixtures(scores, 30).iter_rows(named=True)}
+    assert rows["base"]["misaligned_weight"] is None and "do not straddle" in rows["base"]["note"]
+    assert rows["base"]["prefers_two"] is False and rows["base"]["misaligned_share"] == 0.0
+    assert rows["sparse"]["misaligned_weight"] is None and "the fit needs 20" in rows["sparse"]["note"]
