@@ -24,6 +24,65 @@ PERSONA_TABLES = {
 }
 
 
+# The UI shows these columns; the table in the store has them all.
+_SHOWN = {
+    "persona_mixtures": [
+        "organism",
+        "judge",
+        "sweep",
+        "setting",
+        "n_scored",
+        "misaligned_share",
+        "misaligned_weight",
+        "weight_lo",
+        "weight_hi",
+        "prefers_two",
+        "lrt_p",
+        "note",
+    ],
+    "em_transition": [
+        "organism",
+        "judge",
+        "sweep",
+        "quantity",
+        "n_points",
+        "midpoint",
+        "midpoint_lo",
+        "midpoint_hi",
+        "top",
+        "sharpest_step",
+        "note",
+    ],
+    "question_em_stability": [
+        "eval_set",
+        "judge",
+        "scope",
+        "organism_a",
+        "organism_b",
+        "n_questions",
+        "spearman",
+        "spearman_lo",
+        "spearman_hi",
+        "kendall_w",
+        "p_value",
+        "note",
+    ],
+    "persona_coherence": [
+        "organism",
+        "judge",
+        "n_misaligned",
+        "n_aligned",
+        "coherent_diff",
+        "coherent_diff_lo",
+        "coherent_diff_hi",
+        "rate_diff",
+        "rate_diff_lo",
+        "rate_diff_hi",
+        "note",
+    ],
+}
+
+
 @dg.multi_asset(
     specs=[
         dg.AssetSpec(
@@ -58,7 +117,7 @@ def persona_tables(experiment: ExperimentResource, results: ResultsDB):
             asset_key=name,
             metadata={
                 "dagster/row_count": table.height,
-                "table": md_table(table.drop("source_snapshot").with_columns(cs.float().round(3))),
+                "table": md_table(table.select(_SHOWN[name]).with_columns(cs.float().round(3))),
                 "figure_path": str(figures[name]),
                 "figure": md_image(figures[name], title),
                 "source_snapshot": result.snapshot,
