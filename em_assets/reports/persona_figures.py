@@ -91,7 +91,14 @@ def plot_transitions(mix: pl.DataFrame, transition: pl.DataFrame, path: Path) ->
         share = pts["misaligned_share"].cast(pl.Float64).fill_null(float("nan")).to_numpy()[order]
         ax.plot(x[order], w, marker="o", color=MISALIGNED, label="misaligned weight")
         ax.fill_between(x[order], lo, hi, color=MISALIGNED, alpha=0.15, label="95% bootstrap")
-        ax.plot(x[order], share, marker="x", ls="--", color="0.4", label="share at or below the misaligned threshold")
+        ax.plot(
+            x[order],
+            share,
+            marker="x",
+            ls="--",
+            color="0.4",
+            label="share at or below the misaligned threshold",
+        )
         if row["midpoint"] is not None:
             ax.axvline(row["midpoint"], color=MISALIGNED, ls=":", label="transition midpoint")
         if row["sharpest_step"] is not None:
