@@ -129,3 +129,17 @@ def test_an_organism_that_never_misaligns_gets_no_weight_but_a_reason():
     assert rows["base"]["misaligned_weight"] is None and "do not straddle" in rows["base"]["note"]
     assert rows["base"]["prefers_two"] is False and rows["base"]["misaligned_share"] == 0.0
     assert rows["sparse"]["misaligned_weight"] is None and "the fit needs 20" in rows["sparse"]["note"]
+
+
+def test_an_empty_store_gives_empty_tables_and_figures_that_say_no_data(tmp_path):
+    from em_assets.grid.schema import Thresholds
+    from em_assets.reports import personas
+    from em_assets.results.store import Store
+
+    store = Store(tmp_path / "results.duckdb")
+    store.init()
+    result = personas.build_persona_tables(store, Thresholds())
+    assert {name: t.height for name, t in result.tables.items()} == dict.fromkeys(result.tables, 0)
+    assert "misaligned_weight" in store.query("SELECT * FROM persona_mixtures").columns
+    figures = personas.draw_persona_figures(result, Thresholds(), tmp_path)
+    assert sorted(figures) == sorted(result.tables) and all(p.stat().st_size > 0 for p in figures.values())
