@@ -174,7 +174,7 @@ def _mixture_rows(organism: str, judge: str, points: dict, aligned_at_most: floa
         )
     result = None if note else mixtures.compare([mixtures.to_unit(v) for v in fitted.values()])
     if result is not None:
-        note = _unidentified(result, aligned_at_most)
+        note = _no_weight_reason(result, aligned_at_most)
     rows = []
     for key, values in points.items():
         row = {
@@ -198,13 +198,16 @@ def _mixture_rows(organism: str, judge: str, points: dict, aligned_at_most: floa
     return rows
 
 
-def _unidentified(result: mixtures.MixtureComparison, aligned_at_most: float) -> str | None:
-    """Why the fit's components are not a misaligned and an aligned persona, or None.
+def _no_weight_reason(result: mixtures.MixtureComparison, aligned_at_most: float) -> str | None:
+    """Why the fit gives no weights (EM did not converge, or its components are not a misaligned and an aligned
+    persona), or None.
 
     With no answers near one end (a base model that never misaligns), both components settle on the same
     mode and which of them is "misaligned" is arbitrary: its weight means nothing.
     """
     low, high = result.shared.shapes
+    if not result.shared.converged:
+        return f"EM did not converge in {result.shared.iterations} iterations"
     if low.mean <= aligned_at_most < high.mean:
         return None
     return (

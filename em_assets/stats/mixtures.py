@@ -195,18 +195,23 @@ class MixtureComparison:
         return self.bic_two < self.bic_one
 
 
+# A free two-component fit has five parameters per group: with fewer answers than this it fits noise, and the
+# likelihood-ratio test against shared shapes would find shapes moving where they do not.
+MIN_FREE_ANSWERS = 25
+
+
 def compare(groups: Sequence[np.ndarray]) -> MixtureComparison:
     """Fit the shared mixture and its two alternatives to groups of values in (0, 1).
 
     One component: a Beta per group (one peak that may move from point to point). Free shapes: a two-component
     mixture per group; the likelihood-ratio statistic against the shared fit has 4 x (groups - 1) degrees of
-    freedom and is only computed with two groups or more.
+    freedom and is only computed with two groups or more, each of at least MIN_FREE_ANSWERS values.
     """
     shared = fit_shared(groups)
     n = shared.n
     ll_one = sum(fit_one(g)[1] for g in groups)
     bic_one = 2 * len(groups) * math.log(n) - 2.0 * ll_one
-    if len(groups) < 2:
+    if len(groups) < 2 or min(len(g) for g in groups) < MIN_FREE_ANSWERS:
         return MixtureComparison(shared, bic_one, shared.bic, None, None, None)
     ll_free = sum(fit_shared([g]).loglik for g in groups)
     df = 4 * (len(groups) - 1)

@@ -55,6 +55,10 @@ def test_one_group_has_no_shape_test_and_bounds_keep_identical_scores_finite():
     result = mixtures.compare([mixtures.to_unit(np.full(30, 100.0))])
     assert result.lrt_p is None and math.isfinite(result.bic_one) and math.isfinite(result.bic_two)
     assert mixtures.to_unit(np.array([0.0, 100.0])) == pytest.approx([0.5 / 101, 100.5 / 101])
+    # Two points, but one too small for a free two-component fit of its own.
+    rng = np.random.default_rng(8)
+    small = [mixtures.to_unit(_two_personas(rng, n, 0.3)) for n in (100, mixtures.MIN_FREE_ANSWERS - 1)]
+    assert mixtures.compare(small).lrt_p is None
 
 
 def test_logistic_fit_recovers_a_known_transition_point():
