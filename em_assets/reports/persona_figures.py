@@ -99,7 +99,8 @@ def plot_transitions(mix: pl.DataFrame, transition: pl.DataFrame, path: Path) ->
             color="0.4",
             label="share at or below the misaligned threshold",
         )
-        if row["midpoint"] is not None:
+        # A midpoint extrapolated outside the sweep would only stretch the axis.
+        if row["midpoint"] is not None and x.min() <= row["midpoint"] <= x.max():
             ax.axvline(row["midpoint"], color=MISALIGNED, ls=":", label="transition midpoint")
         if row["sharpest_step"] is not None:
             ax.axvline(row["sharpest_step"], color="k", ls="-.", label="sharpest B rotation")
