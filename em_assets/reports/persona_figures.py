@@ -121,7 +121,9 @@ def plot_question_rates(rates: pl.DataFrame, stability: pl.DataFrame, path: Path
         wide = g.pivot(on="question_id", index="organism", values="em_rate_turner").sort("organism")
         questions = [c for c in wide.columns if c != "organism"]
         values = wide.select(questions).cast(pl.Float64).fill_null(float("nan")).to_numpy()
-        image = ax.imshow(values, vmin=0, vmax=max(0.05, float(np.nanmax(values, initial=0))), cmap="Reds")
+        image = ax.imshow(
+            values, vmin=0, vmax=max(0.05, float(np.nanmax(values, initial=0))), cmap="Reds", aspect="auto"
+        )
         ax.set_yticks(range(wide.height), wide["organism"].to_list(), fontsize="x-small")
         ax.set_xticks(range(len(questions)), questions, rotation=60, ha="right", fontsize="x-small")
         w = stability.filter(
