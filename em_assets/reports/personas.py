@@ -17,6 +17,7 @@ import polars as pl
 
 from em_assets.grid.schema import Thresholds
 from em_assets.results import personas as queries
+from em_assets.results.store import Store
 from em_assets.stats import concordance, mixtures
 from em_assets.stats.rates import em_flags, rates_by
 from em_assets.stats.transition import fit_transition
@@ -130,7 +131,7 @@ class PersonaResult:
     snapshot: int | None
 
 
-def build_persona_tables(store, thresholds: Thresholds) -> PersonaResult:
+def build_persona_tables(store: Store, thresholds: Thresholds) -> PersonaResult:
     """Read one snapshot's answers, compute the four tables and write them, each with source_snapshot."""
     snapshot = store.current_snapshot()
     source = store.at_snapshot(snapshot)
