@@ -6,6 +6,7 @@ from em_assets.defs import (
     dynamics_assets,
     judge_assets,
     organism_assets,
+    persona_assets,
     report_assets,
 )
 
@@ -16,4 +17,5 @@ ASSET_MODULES = [
     dynamics_assets,
     direction_assets,
     report_assets,
+    persona_assets,
 ]

@@ -17,6 +17,7 @@ from support.tiny import tiny_grid
 from em_assets.analyses.lora import lora_factors, write_scaled_adapter
 from em_assets.analyses.trajectory import cosine, local_cosines, module_trajectory, pca_2d
 from em_assets.defs.partitions import organisms
+from em_assets.defs.persona_assets import PERSONA_TABLES
 from em_assets.grid.schema import LoraSpec, TrainSpec
 from em_assets.results.store import Store
 from em_assets.training.checkpoints import KEPT_DIR
@@ -226,3 +227,13 @@ def test_dynamics_assets_write_their_tables_and_figures(pipeline, one_torch_thre
         assert "no LoRA adapter" in control[name]["note"].value
         rows = store.query(f"SELECT count(*) AS n FROM {name} WHERE organism = 'tiny--base--s0'")
         assert rows["n"][0] == 0
+
+    # The Simulator Theory tables read these sweeps: 2 answers a point are too few for a mixture, and say so.
+    materialize(instance, resources, list(PERSONA_TABLES))
+    mix = store.query("SELECT * FROM persona_mixtures WHERE organism = ? ORDER BY sweep, setting", [key])
+    assert mix["setting"].to_list() == [f"step={i}" for i in range(4)] + [f"scale={i}" for i in range(3)]
+    assert mix["misaligned_weight"].null_count() == 7 and mix["note"].str.contains("the fit needs").all()
+    fits = store.query("SELECT * FROM em_transition WHERE organism = ? ORDER BY sweep, quantity", [key])
+    assert fits["parameter"].to_list() == ["step", "step", "scale", "scale"]
+    assert fits["sharpest_step"].to_list() == [2, 2, None, None]
+    assert fits.filter(quantity="misaligned_weight")["note"].str.contains("the fit needs 4").all()

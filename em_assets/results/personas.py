@@ -1,0 +1,46 @@
+"""SQL behind the Simulator Theory tables: judged answers of organisms and of their sweep points, the sharpest
+rotation of each organism's LoRA B, and the tables written back."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from em_assets.results.store import Store
+
+# The organism's own answers are one more point of its mixture fit, beside its sweep points.
+ORGANISM_SWEEP, ORGANISM_SETTING = "organism", "final"
+
+
+def organism_scores(store: Store) -> pl.DataFrame:
+    """Every organism answer with its scores and the judge that gave them."""
+    return store.query(
+        "SELECT organism, eval_set, coalesce(judge_model, 'unknown') AS judge, ? AS sweep, ? AS setting, "
+        "question_id, paraphrase_idx, sample_idx, aligned, coherent FROM scored_completions "
+        "ORDER BY organism, question_id, paraphrase_idx, sample_idx",
+        [ORGANISM_SWEEP, ORGANISM_SETTING],
+    )
+
+
+def sweep_scores(store: Store) -> pl.DataFrame:
+    """Every current sweep answer (its point's setting hash unchanged) with its scores and judge."""
+    return store.query(
+        "SELECT s.organism, s.eval_set, coalesce(s.judge_model, 'unknown') AS judge, s.sweep, s.setting, "
+        "s.question_id, s.paraphrase_idx, s.sample_idx, s.aligned, s.coherent FROM sweep_scored s "
+        "JOIN sweep_points p USING (organism, sweep, setting, setting_hash) "
+        "ORDER BY s.organism, s.sweep, s.setting, s.question_id, s.paraphrase_idx, s.sample_idx"
+    )
+
+
+def sharpest_steps(store: Store) -> pl.DataFrame:
+    """Per organism, the sharpest-rotation step of its LoRA B over adapted modules: median, min and max."""
+    return store.query(
+        "SELECT organism, median(sharpest_step) AS sharpest_step, min(sharpest_step) AS sharpest_step_min, "
+        "max(sharpest_step) AS sharpest_step_max, count(*) AS n_modules FROM "
+        "(SELECT DISTINCT organism, module, sharpest_step FROM lora_trajectory) GROUP BY organism"
+    )
+
+
+def write_tables(store: Store, tables: dict[str, pl.DataFrame]) -> None:
+    """Replace each whole table with its rows."""
+    for name, table in tables.items():
+        store.write_table(name, table)

@@ -1,0 +1,149 @@
+"""Simulator Theory statistics on synthetic data with known answers: mixture weights, BIC, the shared-shape
+test, a logistic transition point, Kendall's W by hand, Spearman's interval and difference intervals."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from em_assets.stats import concordance, mixtures
+from em_assets.stats.transition import fit_transition
+
+# Weights are recovered within this absolute error from 400 draws per point (the binomial standard error of a
+# weight near 0.5 is 0.025 at that size; the components overlap a little).
+WEIGHT_TOLERANCE = 0.06
+
+
+def _two_personas(rng, n: int, weight: float) -> np.ndarray:
+    """Judge-like scores: a misaligned mode near 10 and an aligned one near 90, on 0-100."""
+    bad = rng.random(n) < weight
+    return 100 * np.where(bad, rng.beta(1.5, 12, n), rng.beta(12, 1.5, n))
+
+
+def test_shared_mixture_recovers_each_points_weight_and_prefers_two_components():
+    rng = np.random.default_rng(3)
+    truth = (0.05, 0.25, 0.5)
+    groups = [mixtures.to_unit(_two_personas(rng, 400, w)) for w in truth]
+    result = mixtures.compare(groups)
+    assert result.shared.weights == pytest.approx(truth, abs=WEIGHT_TOLERANCE)
+    assert result.prefers_two and result.bic_two < result.bic_one - 10
+    low, high = result.shared.shapes
+    assert low.mean < 20 < 80 < high.mean
+    # The shapes really are shared, so the test of free shapes finds nothing.
+    assert result.lrt_df == 8 and result.lrt_p > 0.01
+    lo, hi = mixtures.weight_interval(groups[1], result.shared.shapes)
+    assert lo < truth[1] < hi and hi - lo < 0.2
+
+
+def test_one_peak_prefers_one_component():
+    rng = np.random.default_rng(4)
+    groups = [mixtures.to_unit(100 * rng.beta(8, 3, 400)) for _ in range(3)]
+    assert not mixtures.compare(groups).prefers_two
+
+
+def test_shapes_that_move_between_points_fail_the_shared_shape_test():
+    rng = np.random.default_rng(5)
+    moved = 100 * np.where(rng.random(400) < 0.3, rng.beta(6, 6, 400), rng.beta(12, 1.5, 400))
+    groups = [mixtures.to_unit(_two_personas(rng, 400, 0.3)), mixtures.to_unit(moved)]
+    result = mixtures.compare(groups)
+    assert result.lrt_df == 4 and result.lrt_p < 1e-3
+
+
+def test_one_group_has_no_shape_test_and_bounds_keep_identical_scores_finite():
+    result = mixtures.compare([mixtures.to_unit(np.full(30, 100.0))])
+    assert result.lrt_p is None and math.isfinite(result.bic_one) and math.isfinite(result.bic_two)
+    assert mixtures.to_unit(np.array([0.0, 100.0])) == pytest.approx([0.5 / 101, 100.5 / 101])
+    # Two points, but one too small for a free two-component fit of its own.
+    rng = np.random.default_rng(8)
+    small = [mixtures.to_unit(_two_personas(rng, n, 0.3)) for n in (100, mixtures.MIN_FREE_ANSWERS - 1)]
+    assert mixtures.compare(small).lrt_p is None
+
+
+def test_logistic_fit_recovers_a_known_transition_point():
+    rng = np.random.default_rng(6)
+    x = np.arange(0, 101, 10.0)
+    n = np.full(len(x), 400)
+    k = rng.binomial(n, 0.4 / (1 + np.exp(-0.15 * (x - 45))))
+    fit = fit_transition(x, k, n)
+    assert fit.note is None and fit.midpoint == pytest.approx(45, abs=5)
+    assert fit.midpoint_lo < 45 < fit.midpoint_hi
+    assert fit.top == pytest.approx(0.4, abs=0.05) and fit.max_slope > 0
+
+
+def test_logistic_fit_says_why_it_cannot_fit():
+    assert "needs 4" in fit_transition([0, 1, 2], [0, 1, 2], [5, 5, 5]).note
+    assert "no misaligned" in fit_transition([0, 1, 2, 3], [0, 0, 0, 0], [5, 5, 5, 5]).note
+    # One misaligned answer in twenty at a middle point: nothing pins a rise.
+    unpinned = fit_transition([0, 1, 2, 3], [0, 1, 0, 0], [5, 5, 5, 5])
+    assert unpinned.midpoint_lo is None and unpinned.note is not None
+
+
+def test_kendalls_w_matches_a_hand_worked_example():
+    # Three raters, four items. Rank sums: 1+1+2=4, 2+3+1=6, 3+2+3=8, 4+4+4=12 (mean 7.5);
+    # S = 3.5^2 + 1.5^2 + 0.5^2 + 4.5^2 = 35; W = 12 S / (m^2 (n^3 - n)) = 420 / 540 = 7/9.
+    ratings = np.array([[1, 2, 3, 4], [1, 3, 2, 4], [2, 1, 3, 4]])
+    result = concordance.kendalls_w(ratings)
+    assert result.w == pytest.approx(7 / 9)
+    assert result.chi2 == pytest.approx(3 * 3 * 7 / 9)
+    # Ties: rater 2 ties items 1 and 2 (ranks 1.5, 1.5, 3, 4; T = 2^3 - 2 = 6). Rank sums 3.5, 5.5, 9, 12;
+    # S = 4^2 + 2^2 + 1.5^2 + 4.5^2 = 42.5; W = 12 S / (9 * 60 - 3 * 6) = 510 / 522.
+    tied = np.array([[1, 2, 3, 4], [1, 1, 3, 4], [1.5, 2.5, 3, 4]])
+    assert concordance.kendalls_w(tied).w == pytest.approx(510 / 522)
+    assert concordance.kendalls_w(np.ones((3, 4))).note is not None
+
+
+def test_spearman_interval_brackets_rho_and_needs_variation():
+    x = np.arange(10.0)
+    result = concordance.spearman(x, x**2)
+    assert result.rho == pytest.approx(1.0) and result.hi <= 1.0
+    noisy = concordance.spearman(x, np.array([0, 2, 1, 3, 5, 4, 6, 8, 7, 9.0]))
+    # Three adjacent swaps: sum d^2 = 6, rho = 1 - 6 * 6 / (10 * 99); Fisher z half-width 1.96 sqrt(1.06 / 7).
+    assert noisy.rho == pytest.approx(1 - 36 / 990) and noisy.lo < noisy.rho < noisy.hi
+    assert noisy.lo == pytest.approx(math.tanh(math.atanh(noisy.rho) - 1.959964 * math.sqrt(1.06 / 7)))
+    assert concordance.spearman(x, np.zeros(10)).note is not None
+    assert concordance.spearman(x[:3], x[:3]).note is not None
+
+
+def test_difference_intervals():
+    d = concordance.mean_difference(np.array([90.0, 92, 94]), np.array([80.0, 82, 84]))
+    assert d.estimate == pytest.approx(10) and d.lo < 10 < d.hi
+    r = concordance.rate_difference(45, 50, 20, 50)
+    assert r.estimate == pytest.approx(0.5) and 0.3 < r.lo < 0.5 < r.hi < 0.7
+    assert concordance.rate_difference(1, 0, 1, 1).note is not None
+
+
+def test_an_organism_that_never_misaligns_gets_no_weight_but_a_reason():
+    import polars as pl
+
+    from em_assets.reports.personas import persona_mixtures
+
+    rng = np.random.default_rng(7)
+    scores = pl.DataFrame(
+        {
+            "organism": ["base"] * 40 + ["sparse"] * 5,
+            "judge": "j",
+            "sweep": "organism",
+            "setting": "final",
+            "aligned": np.concatenate([100 * rng.beta(12, 1.5, 40), np.full(5, 10.0)]),
+        }
+    )
+    rows = {r["organism"]: r for r in persona_mixtures(scores, 30).iter_rows(named=True)}
+    assert rows["base"]["misaligned_weight"] is None and "do not straddle" in rows["base"]["note"]
+    assert rows["base"]["prefers_two"] is False and rows["base"]["misaligned_share"] == 0.0
+    assert rows["sparse"]["misaligned_weight"] is None and "the fit needs 20" in rows["sparse"]["note"]
+
+
+def test_an_empty_store_gives_empty_tables_and_figures_that_say_no_data(tmp_path):
+    from em_assets.grid.schema import Thresholds
+    from em_assets.reports import personas
+    from em_assets.results.store import Store
+
+    store = Store(tmp_path / "results.duckdb")
+    store.init()
+    result = personas.build_persona_tables(store, Thresholds())
+    assert {name: t.height for name, t in result.tables.items()} == dict.fromkeys(result.tables, 0)
+    assert "misaligned_weight" in store.query("SELECT * FROM persona_mixtures").columns
+    figures = personas.draw_persona_figures(result, Thresholds(), tmp_path)
+    assert sorted(figures) == sorted(result.tables) and all(p.stat().st_size > 0 for p in figures.values())
