@@ -41,7 +41,7 @@ def onednn_version(config: str) -> str | None:
 
 
 def describe_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
-    """CPU model, the FLAGS it has, cores and usable CPUs, torch threads, and the torch and oneDNN versions."""
+    """CPU model, the FLAGS it has, cores and usable CPUs, torch threads, torch and oneDNN, and the load now."""
     import psutil
     import torch
 
@@ -59,6 +59,8 @@ def describe_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "platform": platform.platform(),
         "python": platform.python_version(),
+        # Not the machine's but the moment's: a figure taken under load is slower than the machine is.
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 

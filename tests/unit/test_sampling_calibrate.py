@@ -153,8 +153,10 @@ def test_machine_description_names_the_cpu_and_what_matters_for_bf16(tmp_path):
         "flags": ["amx_bf16", "amx_tile", *amd["flags"]],
     }
     assert machine.machine_key(amd) != machine.machine_key(intel)
-    # Threads are set per process and say nothing about the machine.
-    assert machine.machine_key(amd) == machine.machine_key(amd | {"torch_threads": 99})
+    # Threads are set per process, and the load is the moment's: neither says anything about the machine.
+    assert machine.machine_key(amd) == machine.machine_key(
+        amd | {"torch_threads": 99, "load_average_1m": 9.5}
+    )
     assert "AMD EPYC 9R14 (avx512_bf16, avx512f, avx2)" in machine.machine_line(amd)
 
 
