@@ -23,7 +23,7 @@ from em_assets.models.machine import describe_machine, machine_key
 from em_assets.models.processes import child, child_messages, die_with_parent, reap, threads_each
 from em_assets.settings import settings
 
-# Slots per worker tried for batch_size "auto"; past 256 a CPU step only gets slower per token.
+# Slots per worker tried for batch_size "auto"; 256 was the fixed CPU default before it was timed.
 BATCHES = (64, 128, 256)
 # Decode steps per candidate: the first pays one-off costs (allocations, oneDNN kernel choice) and is not timed;
 # the fastest of the others counts, as other work on a shared machine only ever makes a step slower.
@@ -47,7 +47,8 @@ class SamplingChoice:
     workers: int
     batch_size: int | str
     # "calibrated" (measured now), "cached", "forced" (both set in the grid), "one candidate" (the job's size
-    # leaves no choice) or "not a CPU" (one process; the engine sizes the batch from free memory).
+    # leaves no choice), "not a CPU" (one process; the engine sizes the batch from free memory) or, from the
+    # sampling stage, "vllm backend".
     why: str
     rates: dict[str, float] = field(default_factory=dict)
     forced: tuple[str, ...] = ()
@@ -138,8 +139,7 @@ def cached_rates(
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
-        doc = json.loads(path.read_text()) if path.exists() else {}
-        rates = doc.get("rates", {})
+        rates = _read_rates(path)
         missing = [c for c in options if candidate_key(c) not in rates]
         if missing:
             rates |= {candidate_key(c): r for c, r in measure(loader, missing).items()}
@@ -148,6 +148,14 @@ def cached_rates(
             tmp.write_text(json.dumps(doc, indent=2))
             tmp.replace(path)
     return rates, bool(missing)
+
+
+def _read_rates(path: Path) -> dict[str, float]:
+    """The rates in a cache file; none from a missing or damaged one (e.g. cut short by a full disk)."""
+    try:
+        return dict(json.loads(path.read_text())["rates"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def decode_rate(model, tokenizer, batch: int) -> float:

@@ -165,3 +165,12 @@ def test_onednn_version_is_read_from_torchs_build_config():
 
     assert machine.onednn_version("  - Intel(R) MKL-DNN v3.7.1 (Git Hash 8d263e6)") == "3.7.1"
     assert machine.onednn_version(torch.__config__.show()) == machine.describe_machine()["onednn"]
+
+
+def test_a_damaged_cache_file_is_timed_again(tiny_model_dir, tmp_path, timed):
+    first = choose(tiny_model_dir, tmp_path, workers=1)
+    [path] = (tmp_path / "calibration").glob("sampling-*.json")
+    path.write_text('{"rates": {"workers=1 ba')
+    again = choose(tiny_model_dir, tmp_path, workers=1)
+    assert again.why == "calibrated" and len(timed) == 2 * len(first.rates)
+    assert set(json.loads(path.read_text())["rates"]) == set(first.rates)
