@@ -64,6 +64,7 @@ def completions(
     ctx = stage_context(context, experiment, results)
     result = sample_completions(ctx)
     summary = summaries.completions(ctx.store, ctx.key)
+    choice = result.choice
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": summary.total,
@@ -71,6 +72,17 @@ def completions(
             "reused": result.reused,
             "tokens_per_s": result.tokens_per_s or 0.0,
             "sampling_workers": result.workers,
+            # How workers and batch size were settled, and the calibration rates (tok/s) they were chosen from.
+            **(
+                {
+                    "sampling_batch_size": str(choice.batch_size),
+                    "sampling_settings_why": choice.why,
+                    "sampling_rates": dg.MetadataValue.json(choice.rates),
+                    "calibration_s": choice.seconds,
+                }
+                if choice
+                else {}
+            ),
             "mean_tokens": summary.mean_tokens,
             "finish_reasons": str(summary.finish_reasons),
             "preview": md_table(summary.preview),

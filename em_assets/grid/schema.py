@@ -141,10 +141,11 @@ class SamplingSpec(_Strict):
     max_new_tokens: int = Field(default=600, ge=1)
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
-    # "auto": 256 slots on a CPU, on a GPU what half its free memory holds (em_assets.sampling.auto_batch_size).
+    # "auto": on a CPU the fastest by a cached calibration (em_assets.sampling.calibrate), on a GPU what half its
+    # free memory holds (em_assets.sampling.engine.auto_batch_size).
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     backend: Literal["hf", "vllm"] = "hf"
-    # hf backend on CPU: worker processes, each with a model copy (see em_assets.sampling_pool).
+    # hf backend on CPU: worker processes, each with a model copy (em_assets.sampling.pool); "auto": calibrated.
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     vllm: VllmSpec = Field(default_factory=VllmSpec, description="Memory settings of the vllm backend.")
 

@@ -2,8 +2,10 @@
 
 Why processes: a decode step on a small model is hundreds of small ops, and with every thread of one process
 on them, the cores idle while Python dispatches the next op (about 1.45 of 2 cores busy on these machines).
-Two single-thread workers overlap one's Python with the other's kernels: about 2x the tokens/s of one two-thread
-process for SmolLM2-135M at batch 256 (`make bench`). On a GPU one process is right and the pool is not used.
+Two single-thread workers overlap one's Python with the other's kernels. That pays where the kernels are fast
+(CPUs with AMX) and need not where they are slow (an AVX-512 CPU without AMX was slower with two), so `workers:
+auto` is settled by timing both (`em_assets.sampling.calibrate`). On a GPU one process is right and the pool is
+not used.
 
 Each request keeps its own seed, so a request's text does not depend on which worker drew it (up to the
 last-bit differences between batch mixes that `em_assets.sampling` documents).
@@ -35,9 +37,10 @@ class WorkerError(RuntimeError):
 
 
 def auto_workers(device: str, weight_bytes: int, requests: int, min_requests: int = 16) -> int:
-    """Worker count for `workers: auto`: `cpu_processes` for model copies of `weight_bytes`, 1 off the CPU.
+    """The most workers `workers: auto` tries: `cpu_processes` for model copies of `weight_bytes`, 1 off the CPU.
 
-    A worker costs a few seconds to start, so small jobs (under `min_requests` per worker) use fewer.
+    A worker costs a few seconds to start, so small jobs (under `min_requests` per worker) use fewer. Which
+    count up to this is fastest is measured (`em_assets.sampling.calibrate`).
     """
     if device != "cpu":
         return 1

@@ -16,6 +16,7 @@ from em_assets.grid.schema import SamplingSpec, config_hash
 from em_assets.results import queries
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store, utc_now
+from em_assets.sampling.calibrate import SamplingChoice, choose_sampling
 
 RowKey = tuple[str, int, int]  # (question_id, paraphrase_idx, sample_idx)
 
@@ -42,6 +43,7 @@ class SamplingResult:
     seconds: float
     workers: int
     sampling_hash: str
+    choice: SamplingChoice | None = None
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -123,15 +125,16 @@ def sample_chunks(
     adapter_path: str | None,
     loader: Callable[[], tuple[Any, Any]],
     on_progress: Callable[[int, int], None] | None = None,
+    choice: SamplingChoice | None = None,
 ) -> tuple[Iterator[list], int]:
     """Result chunks for `requests` on the grid's backend, and the number of sampling processes.
 
     `loader` (picklable, no arguments) builds the model on `device` for the Hugging Face backend; vLLM loads
-    the base model path and the adapter directory itself.
+    the base model path and the adapter directory itself. Workers and batch size are `choice`'s, else chosen.
     """
     # Function-local: torch and vLLM stay off the definitions' load path.
     from em_assets.sampling.engine import iter_samples
-    from em_assets.sampling.pool import auto_workers, iter_samples_in_workers
+    from em_assets.sampling.pool import iter_samples_in_workers
 
     options = {
         "max_new_tokens": sampling.max_new_tokens,
@@ -146,18 +149,19 @@ def sample_chunks(
         return vllm_backend.iter_samples(
             base["path"], adapter_path, requests, **options, vllm=sampling.vllm
         ), 1
-    workers = sampling.workers
-    if workers == "auto":
-        workers = auto_workers(device, int(base["num_params"] or 0) * 2, len(requests))
-    workers = workers if device == "cpu" else 1
+    choice = choice or choose_sampling(sampling, len(requests), device=device, base=base, loader=loader)
+    options["batch_size"] = choice.batch_size
+    workers = choice.workers
     if workers > 1:
         return iter_samples_in_workers(loader, requests, workers=workers, **options), workers
     model, tokenizer = loader()
     return iter_samples(model, tokenizer, requests, **options), 1
 
 
-def organism_chunks(ctx: StageContext, base: dict, adapter: dict, requests: list) -> tuple[Iterator, int]:
-    """sample_chunks for the organism's own model (base + merged adapter), logging progress."""
+def organism_chunks(
+    ctx: StageContext, base: dict, adapter: dict, requests: list
+) -> tuple[Iterator, SamplingChoice]:
+    """sample_chunks for the organism's own model (base + merged adapter), logging progress and the choice."""
     from em_assets.models.load import load_organism_model, pick_device  # torch stays off the load path
 
     def progress(done: int, total: int) -> None:
@@ -165,18 +169,26 @@ def organism_chunks(ctx: StageContext, base: dict, adapter: dict, requests: list
             ctx.log.info(f"{ctx.key}: sampled {done}/{total}")
 
     device = ctx.device or pick_device()
-    chunks, workers = sample_chunks(
-        ctx.grid.sampling,
+    sampling, loader = ctx.grid.sampling, functools.partial(load_organism_model, base, adapter, device)
+    choice = SamplingChoice(1, sampling.batch_size, "vllm backend")
+    if sampling.backend == "hf":
+        choice = choose_sampling(
+            sampling, len(requests), device=device, base=base, loader=loader, cache_dir=ctx.cache_dir
+        )
+    chunks, _ = sample_chunks(
+        sampling,
         requests,
         device=device,
         base=base,
         adapter_path=adapter.get("adapter_path"),
-        loader=functools.partial(load_organism_model, base, adapter, device),
+        loader=loader,
         on_progress=progress,
+        choice=choice,
     )
-    if workers > 1:
-        ctx.log.info(f"{ctx.key}: sampling in {workers} worker processes")
-    return chunks, workers
+    ctx.log.info(
+        f"{ctx.key}: sampling in {choice.workers} process(es), batch {choice.batch_size} ({choice.why})"
+    )
+    return chunks, choice
 
 
 def lineage(ctx: StageContext, base: dict, adapter: dict, shash: str) -> dict:
@@ -238,7 +250,7 @@ def sample_completions(ctx: StageContext) -> SamplingResult:
         ctx.log.info(f"{ctx.key}: all {len(plan.wanted)} completions are up to date; no sampling")
         return SamplingResult(0, reused, 0, 0.0, 0, shash)
     start = time.perf_counter()
-    chunks, workers = organism_chunks(ctx, base, adapter, sample_requests(plan, seed))
+    chunks, choice = organism_chunks(ctx, base, adapter, sample_requests(plan, seed))
     cols = lineage(ctx, base, adapter, shash)
     sampled = tokens = 0
     for chunk in chunks:
@@ -246,4 +258,5 @@ def sample_completions(ctx: StageContext) -> SamplingResult:
         store.append_rows("completions", rows)
         sampled += rows.height
         tokens += int(rows["num_tokens"].sum())
-    return SamplingResult(sampled, reused, tokens, time.perf_counter() - start, workers, shash)
+    seconds = time.perf_counter() - start
+    return SamplingResult(sampled, reused, tokens, seconds, choice.workers, shash, choice)

@@ -112,6 +112,9 @@ def test_sampling_in_worker_processes_writes_every_row(pipeline):
     result = materialize(instance, resources, ["lora_adapter", "completions"], key)
     meta = result.asset_materializations_for_node("completions")[0].metadata
     assert meta["sampling_workers"].value == 2 and meta["sampled_now"].value == 6
+    # The grid sets both workers and batch_size: nothing is calibrated.
+    assert (meta["sampling_settings_why"].value, meta["sampling_batch_size"].value) == ("forced", "4")
+    assert meta["sampling_rates"].value == {}
     rows = Store(tmp_path / "results.duckdb").query("SELECT * FROM completions")
     assert rows.height == 6 and rows.select("question_id", "sample_idx").is_unique().all()
     assert rows["answer"].str.len_chars().min() > 0

@@ -150,3 +150,28 @@ def test_compact_prompts_follow_the_compact_spec(smollm2_tokenizer_dir, mirror):
     assert all(questions[i // 4] in p for i, p in enumerate(upstream))
     answer = compact[0].removeprefix("Answer: ").removesuffix(tail)
     assert len(tokenizer(answer, add_special_tokens=False)["input_ids"]) == spec.max_answer_tokens
+
+
+def test_the_report_says_which_machine_it_ran_on(children, monkeypatch, tmp_path):
+    from em_assets.models.machine import describe_machine, machine_key
+
+    monkeypatch.setattr(run, "_model_params", lambda: PARAMS)
+    out = tmp_path / "bench.json"
+    assert run.main(["--quick", "--out", str(out)]) == 0
+    machine = json.loads(out.read_text())["machine"]
+    here = describe_machine()
+    for key in ("cpu_model", "flags", "physical_cores", "usable_cpus", "torch", "onednn"):
+        assert machine[key] == here[key]
+    assert machine["key"] == machine_key(here)
+    assert {"sampling_auto"} <= {c["stage"] for c in children}
+
+
+def test_the_default_is_compared_with_the_best_fixed_setting():
+    rows = results({"tok_per_s": 150.0}, {"judgements_per_s": 32.0}) | {
+        "sample_ours_auto": {"tok_per_s": 285.0}
+    }
+    summary = run.summarise(rows, PARAMS)
+    # 285 over the better fixed row (300, two workers), not the one-process row.
+    assert summary["sample_ours_auto_vs_best_fixed"] == pytest.approx(0.95)
+    assert summary["sample_ours_auto_vs_vllm_cpu"] == pytest.approx(1.9)
+    assert run.summarise(results({}, {}), PARAMS)["sample_ours_auto_vs_best_fixed"] is None

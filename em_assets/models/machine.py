@@ -1,0 +1,80 @@
+"""Which machine a measurement ran on: the CPU, the instruction sets bf16 matmuls depend on, cores and torch.
+
+Shared by the bench (its JSON says where each figure came from) and the sampling calibration (its cache is
+keyed by the machine, so a measurement taken on one CPU is never reused on another).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+from pathlib import Path
+
+from em_assets.models.processes import usable_cpus
+
+# What decides a small model's CPU speed: AMX tiles run bf16 GEMMs several times faster than AVX-512 BF16
+# dot products, and without either bf16 is emulated (AVX2 or plain AVX-512 convert to fp32).
+FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx2")
+
+# The fields that make a measurement transferable: same CPU, same cores, same kernels.
+KEY_FIELDS = ("cpu_model", "flags", "usable_cpus", "physical_cores", "torch", "onednn", "cpu_capability")
+
+
+def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, set[str]]:
+    """The first CPU's model name and flags from /proc/cpuinfo; (None, empty) where there is none (macOS)."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None, set()
+    model = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
+    flags = re.search(r"^flags\s*:\s*(.+)$", text, re.MULTILINE)
+    return (model.group(1).strip() if model else None), set(flags.group(1).split() if flags else ())
+
+
+def onednn_version(config: str) -> str | None:
+    """oneDNN's version from `torch.__config__.show()` (torch has no direct call for it)."""
+    found = re.search(r"(?:MKL-DNN|oneDNN)\s+v?([\d.]+)", config)
+    return found.group(1) if found else None
+
+
+def describe_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
+    """CPU model, the FLAGS it has, cores and usable CPUs, torch threads, torch and oneDNN, and the load now."""
+    import psutil
+    import torch
+
+    model, flags = _cpuinfo(cpuinfo)
+    return {
+        "cpu_model": model or platform.processor() or platform.machine(),
+        "flags": [f for f in FLAGS if f in flags],
+        "physical_cores": psutil.cpu_count(logical=False),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable_cpus(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "onednn": onednn_version(torch.__config__.show()),
+        "mkldnn_enabled": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        # Not the machine's but the moment's: a figure taken under load is slower than the machine is.
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+
+
+def machine_key(description: dict) -> str:
+    """A short hash of the description's KEY_FIELDS: equal on machines where a measurement carries over."""
+    fields = {k: description.get(k) for k in KEY_FIELDS}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def machine_line(description: dict) -> str:
+    """One line for reports: model, flags, cores, torch and oneDNN."""
+    d = description
+    return (
+        f"{d['cpu_model']} ({', '.join(d['flags']) or 'no AVX2/AVX-512/AMX'}); "
+        f"{d['physical_cores']} cores, {d['usable_cpus']} usable CPUs, {d['torch_threads']} torch threads; "
+        f"torch {d['torch']}, oneDNN {d['onednn']}"
+    )

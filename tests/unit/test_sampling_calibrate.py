@@ -1,0 +1,176 @@
+"""`workers: auto` / `batch_size: auto` by calibration: what is timed, what is cached and reused, what is forced.
+
+Timed on the tiny random Llama; no test depends on which candidate is faster, only on which rates were recorded.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+
+from em_assets.grid.schema import SamplingSpec
+from em_assets.models import machine
+from em_assets.models.load import load_organism_model
+from em_assets.sampling import calibrate
+from em_assets.sampling.calibrate import candidate_key, candidates, choose_sampling
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def loader_for(path: Path) -> functools.partial:
+    return functools.partial(load_organism_model, {"path": str(path), "trust_remote_code": False}, {}, "cpu")
+
+
+def base_for(path: Path) -> dict:
+    return {"path": str(path), "revision": "tiny-r0", "num_params": 100_000, "trust_remote_code": False}
+
+
+@pytest.fixture
+def timed(monkeypatch) -> list[int]:
+    """The batch of every decode_rate call: a spy that still times the real model."""
+    calls: list[int] = []
+    real = calibrate.decode_rate
+
+    def spy(model, tokenizer, batch):
+        calls.append(batch)
+        return real(model, tokenizer, batch)
+
+    monkeypatch.setattr(calibrate, "decode_rate", spy)
+    return calls
+
+
+def choose(tiny_model_dir, cache: Path, requests: int = 200, **spec) -> calibrate.SamplingChoice:
+    return choose_sampling(
+        SamplingSpec(**spec),
+        requests,
+        device="cpu",
+        base=base_for(tiny_model_dir),
+        loader=loader_for(tiny_model_dir),
+        cache_dir=cache,
+    )
+
+
+def test_candidates_are_the_batches_that_would_run_and_forced_settings_alone():
+    assert candidates(1000, "auto", "auto", 2) == [(w, b) for w in (1, 2) for b in (64, 128, 256)]
+    # A worker's share caps its batch: 100 requests fill 64 or 100 slots in one process, 50 in each of two.
+    assert candidates(100, "auto", "auto", 2) == [(1, 64), (1, 100), (2, 50)]
+    assert candidates(24, "auto", "auto", 1) == [(1, 24)]
+    assert candidates(1000, 2, "auto", 4) == [(2, 64), (2, 128), (2, 256)]
+    assert candidates(1000, "auto", 32, 8) == [(1, 32), (2, 32), (4, 32), (8, 32)]
+    assert calibrate.worker_counts(6) == [1, 2, 4, 6]
+
+
+def test_the_choice_is_the_fastest_recorded_rate():
+    options = [(1, 64), (1, 128), (2, 64)]
+    rates = {candidate_key((1, 64)): 5.0, candidate_key((1, 128)): 9.0, candidate_key((2, 64)): 7.0}
+    assert calibrate.best(options, rates) == (1, 128)
+    rates[candidate_key((2, 64))] = 9.0  # a tie goes to fewer workers
+    assert calibrate.best(options, rates) == (1, 128)
+
+
+def test_calibration_is_recorded_then_reused_without_timing_again(tiny_model_dir, tmp_path, timed):
+    first = choose(tiny_model_dir, tmp_path, workers=1)
+    assert first.why == "calibrated" and first.forced == ("workers",)
+    assert timed == [64, 128, 200]
+    assert set(first.rates) == {candidate_key((1, b)) for b in (64, 128, 200)}
+    assert all(r > 0 for r in first.rates.values())
+    assert (first.workers, first.batch_size) == calibrate.best([(1, 64), (1, 128), (1, 200)], first.rates)
+    [path] = (tmp_path / "calibration").glob("sampling-*.json")
+    assert first.machine in path.name and "tiny-r0" in path.name
+    written = path.read_text()
+    assert json.loads(written)["machine"]["cpu_model"]
+
+    second = choose(tiny_model_dir, tmp_path, workers=1)
+    assert second.why == "cached" and timed == [64, 128, 200]
+    assert (second.workers, second.batch_size, second.rates) == (first.workers, first.batch_size, first.rates)
+    assert path.read_text() == written
+
+
+def test_the_cached_rates_decide_and_only_missing_candidates_are_timed(tiny_model_dir, tmp_path, timed):
+    base = base_for(tiny_model_dir)
+    path = calibrate.cache_path(tmp_path, machine.machine_key(machine.describe_machine()), base)
+    path.parent.mkdir(parents=True)
+    rates = {candidate_key((1, 64)): 10.0, candidate_key((1, 128)): 30.0, candidate_key((1, 256)): 20.0}
+    path.write_text(json.dumps({"rates": rates}))
+    assert (choose(tiny_model_dir, tmp_path, 1000, workers=1).batch_size, timed) == (128, [])
+    # A job that fits 200 slots adds that one candidate to the cache; the others keep their recorded rates.
+    choice = choose(tiny_model_dir, tmp_path, 200, workers=1)
+    assert choice.why == "calibrated" and timed == [200]
+    assert json.loads(path.read_text())["rates"] == rates | {
+        candidate_key((1, 200)): choice.rates["workers=1 batch=200"]
+    }
+
+
+def test_another_machine_does_not_reuse_the_calibration(tiny_model_dir, tmp_path, timed, monkeypatch):
+    choose(tiny_model_dir, tmp_path, workers=1, batch_size=16)
+    # workers and batch both forced: nothing is timed.
+    assert timed == []
+    choose(tiny_model_dir, tmp_path, 200, workers=1)
+    here = len(timed)
+    described = machine.describe_machine()
+    monkeypatch.setattr(calibrate, "describe_machine", lambda: described | {"cpu_model": "AMD EPYC 9R14"})
+    other = choose(tiny_model_dir, tmp_path, 200, workers=1)
+    assert other.why == "calibrated" and len(timed) == 2 * here
+    assert len(list((tmp_path / "calibration").glob("sampling-*.json"))) == 2
+
+
+def test_forced_settings_override_the_calibration(tiny_model_dir, tmp_path, timed):
+    calibrated = choose(tiny_model_dir, tmp_path, workers=1)
+    forced = choose(tiny_model_dir, tmp_path, workers=2, batch_size=7)
+    assert (forced.workers, forced.batch_size, forced.why, forced.rates) == (2, 7, "forced", {})
+    assert forced.forced == ("workers", "batch_size")
+    assert calibrated.why == "calibrated" and len(timed) == 3
+    # Off the CPU there is nothing to time: one process, the batch left to the engine.
+    gpu = choose_sampling(
+        SamplingSpec(), 1000, device="cuda", base=base_for(tiny_model_dir), loader=None, cache_dir=tmp_path
+    )
+    assert (gpu.workers, gpu.batch_size, gpu.why) == (1, "auto", "not a CPU")
+
+
+def test_worker_counts_are_timed_in_worker_processes(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("em_assets.models.processes.usable_cpus", lambda: 2)
+    choice = choose(tiny_model_dir, tmp_path, 64, batch_size=32)
+    assert set(choice.rates) == {candidate_key((1, 32)), candidate_key((2, 32))}
+    assert all(r > 0 for r in choice.rates.values())
+    assert choice.why == "calibrated" and choice.forced == ("batch_size",)
+
+
+def test_machine_description_names_the_cpu_and_what_matters_for_bf16(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_bf16 sse\n\n"
+        "processor\t: 1\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_bf16 sse\n"
+    )
+    amd = machine.describe_machine(cpuinfo)
+    assert amd["cpu_model"] == "AMD EPYC 9R14"
+    assert amd["flags"] == ["avx512_bf16", "avx512f", "avx2"]
+    assert amd["torch"] and amd["usable_cpus"] >= 1
+    intel = amd | {
+        "cpu_model": "Intel(R) Xeon(R) Processor",
+        "flags": ["amx_bf16", "amx_tile", *amd["flags"]],
+    }
+    assert machine.machine_key(amd) != machine.machine_key(intel)
+    # Threads are set per process, and the load is the moment's: neither says anything about the machine.
+    assert machine.machine_key(amd) == machine.machine_key(
+        amd | {"torch_threads": 99, "load_average_1m": 9.5}
+    )
+    assert "AMD EPYC 9R14 (avx512_bf16, avx512f, avx2)" in machine.machine_line(amd)
+
+
+def test_onednn_version_is_read_from_torchs_build_config():
+    import torch
+
+    assert machine.onednn_version("  - Intel(R) MKL-DNN v3.7.1 (Git Hash 8d263e6)") == "3.7.1"
+    assert machine.onednn_version(torch.__config__.show()) == machine.describe_machine()["onednn"]
+
+
+def test_a_damaged_cache_file_is_timed_again(tiny_model_dir, tmp_path, timed):
+    first = choose(tiny_model_dir, tmp_path, workers=1)
+    [path] = (tmp_path / "calibration").glob("sampling-*.json")
+    path.write_text('{"rates": {"workers=1 ba')
+    again = choose(tiny_model_dir, tmp_path, workers=1)
+    assert again.why == "calibrated" and len(timed) == 2 * len(first.rates)
+    assert set(json.loads(path.read_text())["rates"]) == set(first.rates)
