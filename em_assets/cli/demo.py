@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 
 def _check_grid(current: Settings) -> None:
     from em_assets.grid.load import load_grid
+    from em_assets.training.imported import check_sources
 
-    load_grid(current.grid_path, current.profile)
+    check_sources(load_grid(current.grid_path, current.profile))
 
 
 def _log_traceback(log_path: Path) -> None:

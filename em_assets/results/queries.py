@@ -231,3 +231,15 @@ def write_imported_answers(
             ("imported_judgements", judgements, "organism = ?", [organism]),
         ]
     )
+
+
+def organism_progress(store: Store) -> dict[str, dict]:
+    """Per organism in the store: whether its lora_adapter step ran, and its completions and judgements."""
+    rows = store.query(
+        "SELECT o.organism, a.organism IS NOT NULL AS source_recorded, "
+        "(SELECT count(*) FROM completions c WHERE c.organism = o.organism) AS completions, "
+        "(SELECT count(*) FROM judgements j WHERE j.organism = o.organism) AS judgements "
+        "FROM (SELECT organism FROM lora_adapters UNION SELECT organism FROM completions) o "
+        "LEFT JOIN lora_adapters a USING (organism)"
+    )
+    return {r["organism"]: r for r in rows.iter_rows(named=True)}

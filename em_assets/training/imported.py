@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from em_assets.catalog.answers import read_answers, sample_rows
 from em_assets.context import StageContext
-from em_assets.grid.schema import OrganismSource, RecipeSpec, config_hash, recipe_method
-from em_assets.grid.sources import OrganismSourceError
+from em_assets.grid.schema import GridConfig, OrganismSource, RecipeSpec, config_hash, recipe_method
+from em_assets.grid.sources import OrganismSourceError, check_source
 from em_assets.results import queries
 from em_assets.results.store import utc_now
 
@@ -111,3 +111,27 @@ def bring_organism(ctx: StageContext, recipe: RecipeSpec) -> dict:
     queries.write_organism(ctx.store, ctx.key, source, adapter)
     ctx.log.info(f"{ctx.key}: {kind} from {entry.source} ({source['revision'] or source['sha256']})")
     return adapter
+
+
+def _is_local(source: str) -> bool:
+    from pathlib import Path
+
+    return source.startswith((".", "/", "~")) or Path(source).expanduser().exists()
+
+
+def check_sources(grid: GridConfig) -> None:
+    """Check every imported organism whose source is on this machine (directories, answers files, reference
+    files), before anything runs; hub sources are checked by their lora_adapter step, once downloaded."""
+    from em_assets.models.published import check_adapter_base, resolve_adapter
+
+    for name, recipe in grid.recipes.items():
+        for entry in recipe.organisms:
+            key = f"{entry.base_model}--{name}--s{entry.seed}"
+            if recipe.kind == "answers":
+                read_answers(entry.source)
+            elif recipe.kind == "adapter" and _is_local(entry.source):
+                base = grid.base_model(entry.base_model)
+                path = base.source if _is_local(base.source) else None
+                check_adapter_base(resolve_adapter(entry.source), base.source, path, key)
+            elif recipe.kind == "model" and _is_local(entry.source):
+                check_source(entry.source, [])
