@@ -448,10 +448,12 @@ class GridConfig(_Strict):
         for name, recipe in self.recipes.items():
             if recipe.kind != "adapter":
                 continue
-            if unknown := sorted({o.base_model for o in recipe.organisms} - names):
-                raise ValueError(
-                    f"recipe {name}: an adapter needs its base model in the grid; not in base_models: {unknown}"
-                )
+            for i, o in enumerate(recipe.organisms):
+                if o.base_model not in names:
+                    raise ValueError(
+                        f"recipes.{name}.organisms.{i}.base_model: {o.base_model!r} is not in base_models "
+                        "(an adapter is evaluated on a base model of the grid)"
+                    )
         return self
 
     def organisms(self) -> list[Organism]:
