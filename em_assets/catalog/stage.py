@@ -99,6 +99,9 @@ def load_training_datasets(
             )
         )
     meta_df = pl.DataFrame(meta)
+    if not meta:
+        # A grid of published or imported organisms only trains nothing.
+        return meta_df
     names = meta_df["dataset"].to_list()
     where = "dataset IN (SELECT unnest(?::VARCHAR[]))"
     store.replace_rows("training_examples", pl.concat(examples), where, [names])
