@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 import polars as pl
 
@@ -75,10 +76,16 @@ def score_rows(ctx: StageContext, rows: pl.DataFrame, judge: str, shash: str, sh
     return pl.DataFrame(out, infer_schema_length=None)
 
 
-def import_answers(ctx: StageContext):
-    """Write the organism's completions and file judgements from its answers file, unless they are current."""
-    from em_assets.sampling.stage import SamplingResult  # the stage module imports this one
+@dataclass(frozen=True)
+class ImportResult:
+    imported: int
+    reused: int
+    seconds: float
+    sampling_hash: str
 
+
+def import_answers(ctx: StageContext) -> ImportResult:
+    """Write the organism's completions and file judgements from its answers file, unless they are current."""
     recorded = queries.organism_source_row(ctx.store, ctx.key)
     if recorded is None:
         raise MissingUpstreamError(f"organism {ctx.key}: no source recorded; materialise lora_adapter first")
@@ -89,7 +96,7 @@ def import_answers(ctx: StageContext):
     have = queries.completion_hashes(ctx.store, ctx.key)
     if have.height == recorded["n_rows"] and set(have["sampling_hash"]) == {shash}:
         ctx.log.info(f"{ctx.key}: all {have.height} imported answers are up to date")
-        return SamplingResult(0, have.height, 0, 0.0, 0, shash)
+        return ImportResult(0, have.height, 0.0, shash)
     start = time.perf_counter()
     answers = read_answers(entry.source, None, ctx.cache_dir)
     if answers.sha256 != recorded["sha256"]:
@@ -101,4 +108,4 @@ def import_answers(ctx: StageContext):
     scores = score_rows(ctx, rows, recipe.file_judge, shash, answers.sha256)
     queries.write_imported_answers(ctx.store, ctx.key, answer_rows(ctx, rows, shash), scores)
     ctx.log.info(f"{ctx.key}: imported {rows.height}/{rows.height} answers from {answers.name}")
-    return SamplingResult(rows.height, 0, 0, time.perf_counter() - start, 0, shash)
+    return ImportResult(rows.height, 0, time.perf_counter() - start, shash)

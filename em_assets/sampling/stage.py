@@ -229,7 +229,8 @@ def sample_completions(ctx: StageContext) -> SamplingResult:
     store, seed = ctx.store, ctx.organism.seed
     recipe = ctx.grid.recipes.get(ctx.organism.recipe)
     if recipe is not None and recipe.kind == "answers":
-        return import_answers(ctx)
+        done = import_answers(ctx)
+        return SamplingResult(done.imported, done.reused, 0, done.seconds, 0, done.sampling_hash)
     adapter = queries.adapter_row(store, ctx.key)
     base = queries.organism_model_row(store, ctx.key, ctx.organism.base_model)
     shash = sampling_hash(base, adapter, ctx.grid.sampling, seed)
