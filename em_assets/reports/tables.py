@@ -50,13 +50,20 @@ def summary_by_judge(store: Store, kw: dict) -> pl.DataFrame:
     if not parts:
         return metrics.em_summary(df, **kw)
     lineage = store.query(LINEAGE_SQL).drop("judge_model")
-    methods = store.query("SELECT organism, method FROM organism_sources")
+    methods = store.query("SELECT organism, method, sha256 AS source_sha256 FROM organism_sources")
     summary = (
         pl.concat(parts, how="diagonal_relaxed")
         .join(methods, on="organism", how="left")
         .join(lineage, on="organism", how="left")
         .with_columns(
             pl.when(pl.col("judge_source") == "grid").then(pl.col(c)).alias(c) for c in GRID_JUDGE_LINEAGE
+        )
+        # A file judge is identified by the file it came in.
+        .with_columns(
+            pl.when(pl.col("judge_source") == "file")
+            .then(pl.col("source_sha256"))
+            .otherwise(pl.col("judge_revision"))
+            .alias("judge_revision")
         )
         .sort("organism", "judge_source", "judge_model")
     )

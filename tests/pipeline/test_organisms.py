@@ -199,6 +199,7 @@ def test_answers_file_round_trips(tmp_path, tiny_model_dir, mirror):
     rows = summary.filter(pl.col("organism") == key).sort("judge_source")
     assert rows["judge_model"].to_list() == ["gpt-4o (file)", "tiny"]
     assert rows["method"].to_list() == ["answers", "answers"]
+    assert rows["judge_revision"].to_list()[0] == sha256_file(path)
     assert summary.filter(pl.col("organism") == "tiny--base--s0")["method"].to_list() == ["control"]
     expected = em_flags(file.select("aligned", "coherent"))["is_em"].mean()
     assert rows.filter(pl.col("judge_source") == "file")["em_rate_turner"].item() == pytest.approx(expected)
