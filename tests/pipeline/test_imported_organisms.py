@@ -5,6 +5,7 @@ a `model` organism samples its own weights; an adapter for another base model st
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 from pathlib import Path
 
@@ -212,3 +213,37 @@ def test_answers_file_round_trips(tmp_path, tiny_model_dir, mirror):
     with pytest.raises(Exception, match="sha256"):
         store.replace_rows("completions", pl.DataFrame(), "organism = ?", [key])
         sample_completions(context(store, g, key, tmp_path))
+
+
+def test_every_organism_asset_takes_an_answers_organism(tmp_path, tiny_model_dir, mirror):
+    """The Dagster organism job's assets on an answers organism (JSONL): imported, judged, analyses noted."""
+    import dagster as dg
+    import yaml
+    from support.pipeline import materialize, pipeline_resources
+
+    from em_assets.defs.jobs import ORGANISM_ASSETS
+    from em_assets.defs.partitions import organisms
+
+    path = tmp_path / "answers.jsonl"
+    path.write_text(pl.read_csv(io.StringIO(ANSWERS)).write_ndjson())
+    doc = grid(
+        tiny_model_dir, {"ans": {"kind": "answers", "organisms": [{"base_model": "x", "source": str(path)}]}}
+    )
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"profiles": {"test": doc.model_dump(mode="json")}}))
+    resources = pipeline_resources(tmp_path, grid_file, mirror)
+    key = "x--ans--s0"
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(organisms.name, [key])
+        materialize(instance, resources, ["base_models", "training_datasets", "eval_questions"])
+        result = materialize(instance, resources, list(ORGANISM_ASSETS), key)
+    meta = {
+        m.asset_key.to_user_string(): m.metadata for m in result.get_asset_materialization_events()
+        for m in [m.materialization]
+    }  # fmt: skip
+    assert meta["lora_adapter"]["method"].value == "answers"
+    assert meta["completions"]["sampled_now"].value == 4
+    assert meta["judgements"]["scored_now"].value == 8
+    for asset in ("em_over_training", "lora_trajectory", "lora_scaling"):
+        assert "not trained here" in meta[asset]["note"].value, asset
+    assert "no model" in meta["misalignment_directions"]["result"].value
