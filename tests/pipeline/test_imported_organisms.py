@@ -144,9 +144,13 @@ def test_adapter_for_another_base_stops_before_sampling(
     assert queries.organism_source_row(store, "tiny--pub--s0") is None
 
 
-def test_model_organism_samples_its_own_weights(tmp_path, tiny_model_dir, smollm2_tokenizer_dir, mirror):
+def test_model_organism_samples_its_own_weights(
+    tmp_path, tiny_model_dir, smollm2_tokenizer_dir, mirror, offline_hub
+):
     finetuned = make_tiny_llama(smollm2_tokenizer_dir, tmp_path / "finetuned", seed=3)
-    entry = {"base_model": "tiny", "source": str(finetuned)}
+    files = [p.name for p in finetuned.iterdir() if p.is_file()]
+    commit = as_hub_snapshot(finetuned, offline_hub, "acme/tiny-ft", files)
+    entry = {"base_model": "tiny", "source": "acme/tiny-ft", "revision": commit}
     g = grid(
         tiny_model_dir, {"base": {}, "ft": {"kind": "model", "organisms": [entry]}}, other=str(finetuned)
     )
@@ -160,7 +164,8 @@ def test_model_organism_samples_its_own_weights(tmp_path, tiny_model_dir, smollm
     sample_completions(context(store, g, "other--base--s0", tmp_path))
     assert answers_of(store, "tiny--ft--s0") == answers_of(store, "other--base--s0")
     assert answers_of(store, "tiny--ft--s0") != answers_of(store, "tiny--base--s0")
-    assert queries.organism_source_row(store, "tiny--ft--s0")["method"] == "model"
+    source = queries.organism_source_row(store, "tiny--ft--s0")
+    assert (source["method"], source["revision"], source["num_layers"]) == ("model", commit, 2)
 
 
 def test_answers_file_round_trips(tmp_path, tiny_model_dir, mirror):
