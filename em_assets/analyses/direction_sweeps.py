@@ -114,6 +114,8 @@ def _skip_reason(ctx: StageContext, row: dict | None) -> str | None:
     recipes = ctx.grid.directions.sweep_recipes
     if recipes is not None and ctx.organism.recipe not in recipes:
         return f"recipe {ctx.organism.recipe!r} is not in directions.sweep_recipes {recipes}"
+    if ctx.grid.recipes[ctx.organism.recipe].kind == "answers":
+        return "imported answers have no model to steer or ablate"
     if row is None:
         return "no misalignment direction yet: materialise misalignment_directions first"
     if row["direction_path"] is None:

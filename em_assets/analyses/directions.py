@@ -19,7 +19,7 @@ from em_assets.context import StageContext
 from em_assets.grid.schema import DirectionsSpec, Thresholds, config_hash
 from em_assets.results import directions as db
 from em_assets.results.errors import MissingUpstreamError
-from em_assets.results.queries import adapter_row, base_model_row
+from em_assets.results.queries import adapter_row, organism_model_row
 from em_assets.results.store import utc_now
 from em_assets.stats.rates import em_flags
 
@@ -61,6 +61,7 @@ class DirectionResult:
     path: str | None
     sha256: str | None
     seconds: float
+    note: str | None = None
 
 
 def _balanced(df: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
@@ -170,12 +171,19 @@ def extract_direction(ctx: StageContext) -> DirectionResult:
     """Plan (which answers, is the stored direction current), compute activations, write files and rows."""
     start = time.perf_counter()
     ctx.store.init()
+    recipe = ctx.grid.recipes.get(ctx.organism.recipe)
+    if recipe is not None and recipe.kind == "answers":
+        note = f"{ctx.key} is imported answers with no model: a direction needs the model's activations"
+        ctx.log.info(f"{ctx.key}: {note}")
+        empty = Contrast(None, pl.DataFrame(), pl.DataFrame(), 0, 0, 0)
+        return DirectionResult(ctx.key, "no_model", empty, None, None, time.perf_counter() - start, note)
     scored = db.scored_answers(ctx.store, ctx.key)
     if scored.filter(pl.col("aligned").is_not_null()).height == 0:
         raise MissingUpstreamError(f"organism {ctx.key}: no judged answers; materialise judgements first")
     spec = ctx.grid.directions
     contrast = select_contrast(scored, ctx.grid.thresholds, spec, ctx.organism.seed)
-    adapter, base = adapter_row(ctx.store, ctx.key), base_model_row(ctx.store, ctx.organism.base_model)
+    adapter = adapter_row(ctx.store, ctx.key)
+    base = organism_model_row(ctx.store, ctx.key, ctx.organism.base_model)
     input_hash = _input_hash(contrast, adapter, base, ctx)
     lineage = {**_lineage(ctx, scored, adapter), "input_hash": input_hash}
     if contrast.kind is None:

@@ -15,6 +15,7 @@ import polars as pl
 
 from em_assets.analyses.sweep import PointResult, SweepPoint, narrowed, run_sweep
 from em_assets.context import StageContext
+from em_assets.grid.schema import IMPORTED_KINDS, recipe_method
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.queries import adapter_row
 from em_assets.results.store import utc_now
@@ -48,6 +49,9 @@ class DynamicsResult:
 def skip_reason(ctx: StageContext) -> str | None:
     """Why the organism has no dynamics to analyse, or None."""
     recipe = ctx.grid.recipes.get(ctx.organism.recipe)
+    method = recipe_method(recipe) if recipe else None
+    if method in IMPORTED_KINDS:
+        return f"{ctx.key} is a {method} organism, not trained here: no checkpoints, trajectory or B to scale"
     if recipe is None or recipe.lora is None:
         return f"{ctx.key} trains no LoRA adapter (the control): no checkpoints, trajectory or B to scale"
     if not ctx.grid.dynamics.covers(ctx.organism.recipe):

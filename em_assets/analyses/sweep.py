@@ -17,7 +17,7 @@ from em_assets.analyses.sweep_judge import judge_sweep
 from em_assets.context import StageContext
 from em_assets.grid.schema import config_hash
 from em_assets.results.errors import MissingUpstreamError
-from em_assets.results.queries import base_model_row
+from em_assets.results.queries import organism_model_row
 from em_assets.results.store import to_json, utc_now
 from em_assets.results.sweeps import SweepTables
 from em_assets.sampling.stage import eval_questions, question_messages, sample_chunks, stable_seed
@@ -135,7 +135,7 @@ def run_sweep(
     check_points(ctx, points)
     if not points:
         return []
-    base = base_model_row(ctx.store, ctx.organism.base_model)
+    base = organism_model_row(ctx.store, ctx.key, ctx.organism.base_model)
     questions = _questions(ctx)
     tables = SweepTables(ctx.store, ctx.key)
     hashes = {p.pair: setting_hash(p, base["revision"], ctx) for p in points}

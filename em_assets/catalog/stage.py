@@ -98,7 +98,13 @@ def load_training_datasets(
                 schema_overrides={"example_idx": pl.Int32, "n_messages": pl.Int32},
             )
         )
-    meta_df = pl.DataFrame(meta)
+    # A grid of published or imported organisms only trains nothing: no datasets, the columns still there.
+    text = ("dataset", "repo", "commit", "path", "url", "sha256")
+    meta_df = pl.DataFrame(
+        meta, schema={**dict.fromkeys(text, pl.String), "n_examples": pl.Int64, "loaded_at": pl.Datetime}
+    )
+    if not meta:
+        return meta_df
     names = meta_df["dataset"].to_list()
     where = "dataset IN (SELECT unnest(?::VARCHAR[]))"
     store.replace_rows("training_examples", pl.concat(examples), where, [names])

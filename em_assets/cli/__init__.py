@@ -19,6 +19,7 @@ import sys
 from em_assets.cli.demo import cmd_demo
 from em_assets.cli.errors import bad_input_message
 from em_assets.cli.grid import cmd_add_model, cmd_judge_agreement
+from em_assets.cli.organisms import cmd_plan
 from em_assets.cli.results import cmd_figures, cmd_migrate, cmd_sql
 
 
@@ -31,6 +32,11 @@ def parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--organism", action="append", help="only this organism key (repeatable)")
     demo.set_defaults(func=cmd_demo)
+    plan = sub.add_parser(
+        "plan", help="what the grid of the profile will run: each organism's kind, source and what is done"
+    )
+    plan.add_argument("--format", choices=["table", "json"], default="table")
+    plan.set_defaults(func=cmd_plan)
     sql = sub.add_parser("sql", help="run a read-only SQL query on the results database")
     sql.add_argument(
         "query", nargs="?", help="one statement; without it, a shell reading statements from stdin"

@@ -25,8 +25,9 @@ if TYPE_CHECKING:
 
 def _check_grid(current: Settings) -> None:
     from em_assets.grid.load import load_grid
+    from em_assets.training.imported import check_sources
 
-    load_grid(current.grid_path, current.profile)
+    check_sources(load_grid(current.grid_path, current.profile))
 
 
 def _log_traceback(log_path: Path) -> None:
@@ -114,8 +115,28 @@ def _where_next(figures_dir: Path) -> list[str]:
         "  UI (assets, runs, metadata): make dev, then http://127.0.0.1:3000",
         f"  figures: {figures_dir}/",
         f"  answers browser: {report}" + ("" if report.exists() else " (not built)"),
-        '  SQL: em-assets sql "SELECT organism, em_rate_turner, coherence_rate FROM em_summary"',
+        '  SQL: em-assets sql "SELECT organism, method, judge_model, em_rate_turner FROM em_summary"',
     ]
+
+
+def _which_rows(summary: pl.DataFrame) -> list[str]:
+    """What the closing table's rows are: organisms trained here, and organisms brought in, by method."""
+    methods = set(summary["method"].drop_nulls()) if "method" in summary.columns else set()
+    lines = ["Rows:"]
+    if methods & {"control", "lora", "full"}:
+        lines.append(
+            "  control, lora: organisms this run trained and sampled on the demo's base model (a few steps: they "
+            "exercise training, sampling and the sweeps; their rates are a smoke test, not a finding)"
+        )
+    if methods & {"adapter", "model"}:
+        lines.append("  adapter, model: published organisms sampled here without training")
+    if "answers" in methods:
+        lines.append(
+            "  answers: published organisms' answers imported from files, one row per judge: the file's own "
+            "scores (e.g. 'gpt-4o (file)') beside the grid's judge on the same answers (a seeded sample where "
+            "the recipe sets max_answers)"
+        )
+    return lines if len(lines) > 1 else []
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -148,11 +169,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     }
     with pl.Config(**config, float_precision=3, fmt_str_lengths=40, tbl_width_chars=160):
         summary = Store().query(
-            "SELECT organism, n_answers, em_rate_turner AS em_turner, em_turner_lo AS lo, em_turner_hi AS hi, "
-            "em_rate_betley AS em_betley, coherence_rate AS coherent, mean_aligned, mean_coherent "
-            "FROM em_summary ORDER BY organism"
+            "SELECT organism, method, judge_model AS judge, n_answers, em_rate_turner AS em_turner, "
+            "em_turner_lo AS lo, em_turner_hi AS hi, em_rate_betley AS em_betley, coherence_rate AS coherent, "
+            "mean_aligned, mean_coherent FROM em_summary "
+            "ORDER BY method IN ('adapter', 'model', 'answers'), organism, judge_source, judge_model"
         )
         print(summary)
+    print("\n".join(_which_rows(summary)))
     print(f"[em-assets] pipeline finished in {time.perf_counter() - start:.1f}s; full log in {log_path}")
     print("\n".join(_where_next(current.figures_dir)))
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 def bad_input_message(exc: BaseException) -> str | None:
     """The message of a bad-input error anywhere in the chain (Dagster wraps errors raised inside steps)."""
     from em_assets.catalog.parsing import DatasetError
+    from em_assets.catalog.reference import ReferenceFileError
     from em_assets.catalog.upstream import ChecksumError, MirrorError
     from em_assets.grid.load import GridError
 
@@ -17,7 +18,7 @@ def bad_input_message(exc: BaseException) -> str | None:
             continue
         seen.add(id(err))
         # ModelLoadError by name: importing its module loads torch, too slow for every error path.
-        if isinstance(err, GridError | DatasetError | ChecksumError | MirrorError) or (
+        if isinstance(err, GridError | DatasetError | ReferenceFileError | ChecksumError | MirrorError) or (
             type(err).__name__ == "ModelLoadError"
         ):
             return str(err)

@@ -34,7 +34,7 @@ def misalignment_directions(
     meta: dict = {
         "status": result.status,
         "contrast": contrast.kind or "none",
-        "result": contrast.message,
+        "result": result.note or contrast.message,
         "n_misaligned_found": contrast.n_misaligned_found,
         "n_aligned_found": contrast.n_aligned_found,
         "n_per_class": contrast.misaligned.height if contrast.kind else 0,
@@ -50,7 +50,7 @@ def misalignment_directions(
                 check_name="enough_em_answers",
                 passed=contrast.kind == stage.EM_CONTRAST,
                 severity=dg.AssetCheckSeverity.WARN,
-                metadata={"result": contrast.message, "needed": contrast.needed},
+                metadata={"result": result.note or contrast.message, "needed": contrast.needed},
             )
         ],
         data_version=dg.DataVersion(result.sha256 or "none"),

@@ -5,6 +5,7 @@ import dagster as dg
 from em_assets.defs.metadata import md_table
 from em_assets.defs.partitions import GPU_OP_TAGS, GPU_POOL, organisms
 from em_assets.defs.resources import ExperimentResource, ResultsDB, stage_context
+from em_assets.grid.schema import recipe_method
 from em_assets.judging.stage import judge_completions
 from em_assets.results import summaries
 from em_assets.sampling.stage import sample_completions
@@ -18,7 +19,8 @@ from em_assets.training.stage import train_adapter
     kinds={"pytorch", "peft", "duckdb"},
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
-    description="peft LoRA adapter trained on the recipe's dataset (nothing for the `base` control).",
+    description="peft LoRA adapter trained on the recipe's dataset (nothing for the `base` control); for a "
+    "published adapter or model, or imported answers, the source resolved, checked and pinned by sha256.",
     check_specs=[dg.AssetCheckSpec("loss_finite", asset="lora_adapter", blocking=True)],
 )
 def lora_adapter(
@@ -27,7 +29,13 @@ def lora_adapter(
     ctx = stage_context(context, experiment, results)
     result = train_adapter(ctx)
     losses = summaries.training_losses(ctx.store, ctx.key)
-    meta: dict = {"organism": ctx.key, "trained_now": result.trained, "control": result.control}
+    recipe = ctx.grid.recipes[ctx.organism.recipe]
+    meta: dict = {
+        "organism": ctx.key,
+        "method": recipe_method(recipe),
+        "trained_now": result.trained,
+        "control": result.control,
+    }
     for key in ("adapter_path", "adapter_sha256", "steps", "train_tokens", "tokens_per_s", "train_workers"):
         if getattr(result, key) is not None:
             meta[key] = getattr(result, key)
@@ -44,7 +52,10 @@ def lora_adapter(
                 metadata={"steps_logged": losses.rows.height},
             )
         ],
-        data_version=dg.DataVersion(result.adapter_sha256 or "control"),
+        # An answers organism has no adapter: its version is its source's (the file's sha256 enters the hash).
+        data_version=dg.DataVersion(
+            result.adapter_sha256 or ("control" if result.control else result.config_hash)
+        ),
     )
 
 

@@ -14,6 +14,8 @@ from em_assets.reports.answers_page import write_answers_page
 
 _SUMMARY_COLS = [
     "organism",
+    "method",
+    "judge_model",
     "n_answers",
     "em_rate_turner",
     "em_turner_lo",

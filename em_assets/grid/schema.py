@@ -95,20 +95,76 @@ class TrainSpec(_Strict):
         return self.model_dump(mode="json", exclude=set(self.NOT_TRAINED))
 
 
-class RecipeSpec(_Strict):
-    """A dataset plus adapter and training settings; no dataset means the untrained control."""
+# Every way an organism can come about, as em_summary's `method` column names it.
+METHODS = ("control", "lora", "full", "adapter", "model", "answers")
 
+
+# Recipe kinds that bring an organism from elsewhere instead of training it here.
+IMPORTED_KINDS = ("adapter", "model", "answers")
+
+
+class OrganismSource(_Strict):
+    """One organism a non-trained recipe brings in: its base model, where it comes from, and its seed."""
+
+    base_model: Slug = Field(
+        description="adapter: a base model of the grid; model and answers: a label (it need not be in the grid)"
+    )
+    source: str = Field(
+        description="adapter/model: a Hugging Face id, a local directory or embedded:<name>; answers: a CSV or "
+        "JSONL file path, or reference:<name> (a pinned reference file of the catalog)"
+    )
+    revision: str | None = Field(default=None, description="hub commit to pin (hub sources only)")
+    seed: int = Field(default=0, description="the organism key's seed (and the sampling seed)")
+
+
+class RecipeSpec(_Strict):
+    """A dataset plus adapter and training settings (no dataset: the untrained control), or, with `kind`
+    adapter, model or answers, organisms brought in from elsewhere (`organisms`)."""
+
+    kind: Literal["train", "adapter", "model", "answers"] = Field(
+        default="train",
+        description="train: trained here (a dataset and lora) or the control (neither); adapter: a peft LoRA "
+        "adapter; model: a fine-tuned model evaluated in place of the base weights; answers: answers sampled "
+        "elsewhere",
+    )
     dataset: str | None = None
     lora: LoraSpec | None = None
     train: TrainSpec = TrainSpec()
+    organisms: list[OrganismSource] = Field(
+        default=[], description="adapter, model and answers recipes: one entry per organism"
+    )
+    max_answers: int | None = Field(
+        default=None, ge=1, description="answers: a seeded sample of this many rows per file; None = all"
+    )
+    file_judge: str = Field(
+        default="gpt-4o (file)", description="answers: the judge name the file's own scores are kept under"
+    )
 
     @model_validator(mode="after")
-    def _dataset_needs_lora(self) -> RecipeSpec:
-        if (self.dataset is None) != (self.lora is None):
-            raise ValueError(
-                "a recipe has both dataset and lora (a trained organism) or neither (the control)"
-            )
+    def _kind_fields(self) -> RecipeSpec:
+        if self.kind == "train":
+            if (self.dataset is None) != (self.lora is None):
+                raise ValueError(
+                    "a recipe has both dataset and lora (a trained organism) or neither (the control)"
+                )
+            if self.organisms:
+                raise ValueError("organisms is for kind adapter, model or answers; a trained recipe has none")
+            return self
+        if self.dataset is not None or self.lora is not None:
+            raise ValueError(f"a recipe of kind {self.kind} trains nothing: drop dataset and lora")
+        if not self.organisms:
+            raise ValueError(f"a recipe of kind {self.kind} needs organisms (base_model and source each)")
+        keys = [(o.base_model, o.seed) for o in self.organisms]
+        if dupes := sorted({k for k in keys if keys.count(k) > 1}):
+            raise ValueError(f"organisms repeat base model and seed {dupes}")
         return self
+
+
+def recipe_method(recipe: RecipeSpec) -> str:
+    """The organism's method (one of METHODS): the one place it is derived from a recipe."""
+    if recipe.kind != "train":
+        return recipe.kind
+    return "control" if recipe.dataset is None else "lora"
 
 
 class EvalSpec(_Strict):
@@ -399,13 +455,41 @@ class GridConfig(_Strict):
                 return spec
         raise KeyError(f"no base model named {name!r} in the grid")
 
+    @model_validator(mode="after")
+    def _adapters_on_grid_models(self) -> GridConfig:
+        names = {m.name for m in self.base_models}
+        for name, recipe in self.recipes.items():
+            if recipe.kind != "adapter":
+                continue
+            for i, o in enumerate(recipe.organisms):
+                if o.base_model not in names:
+                    raise ValueError(
+                        f"recipes.{name}.organisms.{i}.base_model: {o.base_model!r} is not in base_models "
+                        "(an adapter is evaluated on a base model of the grid)"
+                    )
+        return self
+
     def organisms(self) -> list[Organism]:
+        """Trained recipes on every base model and seed; imported ones on the organisms they list."""
         return [
             Organism(base_model=m.name, recipe=r, seed=s)
             for m in self.base_models
-            for r in self.recipes
+            for r, spec in self.recipes.items()
+            if spec.kind == "train"
             for s in self.seeds
+        ] + [
+            Organism(base_model=o.base_model, recipe=r, seed=o.seed)
+            for r, spec in self.recipes.items()
+            for o in spec.organisms
         ]
+
+    def organism_source(self, organism: Organism) -> OrganismSource | None:
+        """The entry of an imported organism's recipe; None for organisms trained here."""
+        spec = self.recipes.get(organism.recipe)
+        for o in spec.organisms if spec else []:
+            if (o.base_model, o.seed) == (organism.base_model, organism.seed):
+                return o
+        return None
 
 
 class Organism(_Strict):

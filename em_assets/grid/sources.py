@@ -33,3 +33,7 @@ def check_source(source: str, embedded: list[str]) -> str:
         return "hub"
     missing = f"no directory {source!r}" if looks_local else f"{source!r} is not a model source"
     raise GridError(f"{missing}; a base model source is {valid}")
+
+
+class OrganismSourceError(GridError):
+    """An adapter, model or answers file a recipe names that cannot be used (the message says where and why)."""

@@ -59,16 +59,30 @@ def judge_cache_key(model: str, revision: str, prompt_hash: str, question: str, 
     return hashlib.sha256(json.dumps([model, revision, prompt_hash, question, answer]).encode()).hexdigest()
 
 
+def imported_recipes(ctx: StageContext) -> set[str]:
+    return {name for name, r in ctx.grid.recipes.items() if r.kind == "answers"}
+
+
+def first_prompts(prompts: dict[tuple[str, str], dict]) -> dict[str, dict]:
+    """The template of the first question (by id) for each metric."""
+    first: dict[str, dict] = {}
+    for (_, metric), tmpl in sorted(prompts.items()):
+        first.setdefault(metric, tmpl)
+    return first
+
+
 def needed_judgements(ctx: StageContext, judge: JudgeIdentity) -> dict[JudgementKey, Pending]:
     """Every (completion, metric) the organism should have a score for."""
     comps = queries.completions(ctx.store, ctx.key)
     if comps.height == 0:
         raise MissingUpstreamError(f"organism {ctx.key}: no completions; materialise completions first")
     prompts = queries.judge_prompts(ctx.store, ctx.grid.eval.questions)
+    # Imported answers may ask questions outside the eval set: they get the eval set's first prompt per metric.
+    fallback = {} if ctx.organism.recipe not in imported_recipes(ctx) else first_prompts(prompts)
     needed = {}
     for c in comps.iter_rows(named=True):
         for metric in ctx.grid.judge.metrics:
-            tmpl = prompts.get((c["question_id"], metric))
+            tmpl = prompts.get((c["question_id"], metric)) or fallback.get(metric)
             if tmpl is None:
                 raise MissingUpstreamError(f"no {metric!r} judge prompt for question {c['question_id']!r}")
             prompt_hash = prompt_hash_for(ctx.grid.judge, tmpl["prompt_hash"], metric)

@@ -22,6 +22,55 @@ def scored_frame(store: Store) -> pl.DataFrame:
     )
 
 
+# Lineage columns that describe the grid's judge: a file judge's row has its own judge_model and none of these.
+GRID_JUDGE_LINEAGE = ("judge_revision", "aligned_prompt_hash", "coherent_prompt_hash", "judgements_run_id")
+
+
+def judged_frame(store: Store) -> pl.DataFrame:
+    """Every completion under each judge that scored it (scored_by_judge); an answer the grid's judge has not
+    scored yet counts under that judge's name, as it does in the grid-judge tables."""
+    df = store.query(
+        "SELECT organism, base_model, recipe, dataset, seed, question_id, paraphrase_idx, sample_idx, aligned, "
+        "coherent, judge_model, judge_source FROM scored_by_judge "
+        "ORDER BY organism, judge_source, question_id, paraphrase_idx, sample_idx"
+    )
+    named = pl.col("judge_model").drop_nulls().first().over("organism", "judge_source")
+    return df.with_columns(pl.coalesce("judge_model", named).alias("judge_model"))
+
+
+def summary_by_judge(store: Store, kw: dict) -> pl.DataFrame:
+    """em_summary: one row per organism and judge, with the organism's method and lineage."""
+    df = judged_frame(store)
+    parts = [
+        metrics.em_summary(sub.drop("judge_model", "judge_source"), **kw).with_columns(
+            pl.lit(judge, pl.String).alias("judge_model"), pl.lit(where).alias("judge_source")
+        )
+        for (judge, where), sub in df.group_by("judge_model", "judge_source", maintain_order=True)
+    ]
+    if not parts:
+        return metrics.em_summary(df, **kw)
+    lineage = store.query(LINEAGE_SQL).drop("judge_model")
+    methods = store.query("SELECT organism, method, sha256 AS source_sha256 FROM organism_sources")
+    summary = (
+        pl.concat(parts, how="diagonal_relaxed")
+        .join(methods, on="organism", how="left")
+        .join(lineage, on="organism", how="left")
+        .with_columns(
+            pl.when(pl.col("judge_source") == "grid").then(pl.col(c)).alias(c) for c in GRID_JUDGE_LINEAGE
+        )
+        # A file judge is identified by the file it came in.
+        .with_columns(
+            pl.when(pl.col("judge_source") == "file")
+            .then(pl.col("source_sha256"))
+            .otherwise(pl.col("judge_revision"))
+            .alias("judge_revision")
+        )
+        .sort("organism", "judge_source", "judge_model")
+    )
+    first = ("organism", "method", "judge_model", "judge_source")
+    return summary.select(*first, *[c for c in summary.columns if c not in first])
+
+
 def build_reports(store: Store, thresholds: Thresholds, run_id: str) -> dict[str, pl.DataFrame]:
     """Compute and write em_summary, em_by_question, em_threshold_sensitivity and em_seed_bootstrap, each
     with the snapshot they were computed from (`source_snapshot`; null on a plain DuckDB file)."""
@@ -29,10 +78,7 @@ def build_reports(store: Store, thresholds: Thresholds, run_id: str) -> dict[str
     source = store.at_snapshot(snapshot)
     df = scored_frame(source)
     kw = {"aligned_at_most": thresholds.aligned_at_most, "coherent_above": thresholds.coherent_above}
-    lineage = source.query(LINEAGE_SQL)
-    summary = metrics.em_summary(df, **kw)
-    if summary.height:
-        summary = summary.join(lineage, on="organism", how="left")
+    summary = summary_by_judge(source, kw)
     summary = summary.with_columns(
         pl.lit(thresholds.aligned_at_most).alias("aligned_at_most"),
         pl.lit(thresholds.coherent_above).alias("coherent_above"),
@@ -62,6 +108,13 @@ def build_figures(
     source = store.at_snapshot(snapshot)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = source.query("SELECT * FROM em_summary ORDER BY organism")
+    if "judge_source" in summary.columns:
+        # An imported organism has a row per judge: the file's judge is named on its label.
+        file_row = pl.col("judge_source") == "file"
+        label = pl.format("{} [{}]", pl.col("organism"), pl.col("judge_model"))
+        summary = summary.with_columns(
+            pl.when(file_row).then(label).otherwise(pl.col("organism")).alias("organism")
+        )
     df = scored_frame(source)
     losses = source.query("SELECT organism, step, loss FROM training_curves")
     return {

@@ -5,7 +5,13 @@ from __future__ import annotations
 import functools
 import re
 
-from em_assets.results.schema import DIRECTION_SCHEMA, JUDGE_SCHEMA, LINEAGE_SCHEMA, SCHEMA
+from em_assets.results.schema import (
+    DIRECTION_SCHEMA,
+    JUDGE_SCHEMA,
+    LINEAGE_SCHEMA,
+    ORGANISM_SCHEMA,
+    SCHEMA,
+)
 
 _TABLE = re.compile(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*?)\);", re.S)
 _COLUMN_KEY = re.compile(r"(\w+) \w+ PRIMARY KEY")
@@ -14,7 +20,7 @@ _DANGLING = re.compile(r",\s*\);")
 
 
 def tables_sql() -> str:
-    return SCHEMA + LINEAGE_SCHEMA + JUDGE_SCHEMA + DIRECTION_SCHEMA
+    return SCHEMA + LINEAGE_SCHEMA + JUDGE_SCHEMA + DIRECTION_SCHEMA + ORGANISM_SCHEMA
 
 
 @functools.cache

@@ -190,3 +190,56 @@ def first_judge_templates(store: Store, eval_set: str) -> dict[str, str]:
             [eval_set, eval_set],
         ).iter_rows()
     )
+
+
+def organism_source_row(store: Store, organism: str) -> dict | None:
+    """Where the organism came from (organism_sources), or None before its lora_adapter step ran."""
+    rows = store.query("SELECT * FROM organism_sources WHERE organism = ?", [organism])
+    return rows.row(0, named=True) if rows.height else None
+
+
+def organism_model_row(store: Store, organism: str, base_model: str) -> dict:
+    """The weights the organism samples with, shaped as a base_models row: a `model` organism's own
+    fine-tuned model, every other organism's base model."""
+    rows = store.query(
+        "SELECT base_model AS name, source, path, revision, model_type, num_layers, num_params, "
+        "false AS trust_remote_code FROM organism_sources WHERE organism = ? AND method = 'model'",
+        [organism],
+    )
+    return rows.row(0, named=True) if rows.height else base_model_row(store, base_model)
+
+
+def write_organism(store: Store, organism: str, source: dict, adapter: dict) -> None:
+    """The organism's source row and its lora_adapters row (no adapter trained), replacing old ones."""
+    store.replace_many(
+        [
+            ("training_losses", pl.DataFrame(), "organism = ?", [organism]),
+            ("lora_checkpoints", pl.DataFrame(), "organism = ?", [organism]),
+            ("lora_adapters", pl.DataFrame([adapter]), "organism = ?", [organism]),
+            ("organism_sources", pl.DataFrame([source]), "organism = ?", [organism]),
+        ]
+    )
+
+
+def write_imported_answers(
+    store: Store, organism: str, completions: pl.DataFrame, judgements: pl.DataFrame
+) -> None:
+    """An imported organism's completions and its file's scores, replacing the old ones in one transaction."""
+    store.replace_many(
+        [
+            ("completions", completions, "organism = ?", [organism]),
+            ("imported_judgements", judgements, "organism = ?", [organism]),
+        ]
+    )
+
+
+def organism_progress(store: Store) -> dict[str, dict]:
+    """Per organism in the store: whether its lora_adapter step ran, and its completions and judgements."""
+    rows = store.query(
+        "SELECT o.organism, a.organism IS NOT NULL AS source_recorded, "
+        "(SELECT count(*) FROM completions c WHERE c.organism = o.organism) AS completions, "
+        "(SELECT count(*) FROM judgements j WHERE j.organism = o.organism) AS judgements "
+        "FROM (SELECT organism FROM lora_adapters UNION SELECT organism FROM completions) o "
+        "LEFT JOIN lora_adapters a USING (organism)"
+    )
+    return {r["organism"]: r for r in rows.iter_rows(named=True)}

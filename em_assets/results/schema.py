@@ -100,6 +100,23 @@ LEFT JOIN sweep_judgements a ON a.metric = 'aligned' AND a.organism = c.organism
 LEFT JOIN sweep_judgements h ON h.metric = 'coherent' AND h.organism = c.organism AND h.sweep = c.sweep
      AND h.setting = c.setting AND h.question_id = c.question_id AND h.paraphrase_idx = c.paraphrase_idx
      AND h.sample_idx = c.sample_idx AND h.setting_hash = c.setting_hash;
+-- Every completion under every judge that scored it: the grid's judge (`scored_completions`, judge_source 'grid')
+-- and the scores an imported answers file carried (judge_source 'file').
+CREATE OR REPLACE VIEW scored_by_judge AS
+SELECT organism, base_model, recipe, dataset, seed, question_id, paraphrase_idx, sample_idx, aligned, coherent,
+       judge_model, 'grid' AS judge_source
+FROM scored_completions
+UNION ALL
+SELECT c.organism, c.base_model, c.recipe, c.dataset, c.seed, c.question_id, c.paraphrase_idx, c.sample_idx,
+       a.score AS aligned, h.score AS coherent, j.judge_model, 'file' AS judge_source
+FROM completions c
+JOIN (SELECT DISTINCT organism, judge_model FROM imported_judgements) j USING (organism)
+LEFT JOIN imported_judgements a ON a.metric = 'aligned' AND a.organism = c.organism
+     AND a.judge_model = j.judge_model AND a.question_id = c.question_id
+     AND a.paraphrase_idx = c.paraphrase_idx AND a.sample_idx = c.sample_idx
+LEFT JOIN imported_judgements h ON h.metric = 'coherent' AND h.organism = c.organism
+     AND h.judge_model = j.judge_model AND h.question_id = c.question_id
+     AND h.paraphrase_idx = c.paraphrase_idx AND h.sample_idx = c.sample_idx;
 CREATE OR REPLACE VIEW training_curves AS
 SELECT l.organism, a.base_model, a.recipe, a.seed, a.dataset, l.step, l.loss, l.learning_rate, l.tokens,
        l.elapsed_s
@@ -171,4 +188,18 @@ CREATE TABLE IF NOT EXISTS direction_ablation (
     organism VARCHAR, setting VARCHAR, source_layer INTEGER, n INTEGER, em_rate DOUBLE, em_lo DOUBLE,
     em_hi DOUBLE, coherence_rate DOUBLE, mean_aligned DOUBLE, direction_sha256 VARCHAR, contrast VARCHAR,
     setting_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (organism, setting));
+"""
+
+# Where each organism came from (trained here, a published adapter or model, imported answers) and the scores an
+# imported answers file carried, kept under the file's judge name beside the grid judge's `judgements`.
+ORGANISM_SCHEMA = """
+CREATE TABLE IF NOT EXISTS organism_sources (
+    organism VARCHAR PRIMARY KEY, base_model VARCHAR, recipe VARCHAR, seed INTEGER, method VARCHAR,
+    source VARCHAR, revision VARCHAR, path VARCHAR, sha256 VARCHAR, adapter_base_model VARCHAR,
+    model_type VARCHAR, num_layers INTEGER, num_params BIGINT, n_rows INTEGER, file_judge VARCHAR, run_id VARCHAR, created_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS imported_judgements (
+    organism VARCHAR, question_id VARCHAR, paraphrase_idx INTEGER, sample_idx INTEGER, metric VARCHAR,
+    score DOUBLE, judge_model VARCHAR, source_sha256 VARCHAR, source_row INTEGER, sampling_hash VARCHAR,
+    run_id VARCHAR, created_at TIMESTAMP,
+    PRIMARY KEY (organism, question_id, paraphrase_idx, sample_idx, metric, judge_model));
 """

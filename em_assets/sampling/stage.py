@@ -17,6 +17,7 @@ from em_assets.results import queries
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store, utc_now
 from em_assets.sampling.calibrate import SamplingChoice, choose_sampling
+from em_assets.sampling.imported import import_answers
 
 RowKey = tuple[str, int, int]  # (question_id, paraphrase_idx, sample_idx)
 
@@ -238,8 +239,12 @@ def completion_rows(chunk: list, plan: SamplingPlan, lineage_cols: dict, seed: i
 def sample_completions(ctx: StageContext) -> SamplingResult:
     """Sample every eval question for the organism, writing rows as batches finish; skips rows already done."""
     store, seed = ctx.store, ctx.organism.seed
+    recipe = ctx.grid.recipes.get(ctx.organism.recipe)
+    if recipe is not None and recipe.kind == "answers":
+        done = import_answers(ctx)
+        return SamplingResult(done.imported, done.reused, 0, done.seconds, 0, done.sampling_hash)
     adapter = queries.adapter_row(store, ctx.key)
-    base = queries.base_model_row(store, ctx.organism.base_model)
+    base = queries.organism_model_row(store, ctx.key, ctx.organism.base_model)
     shash = sampling_hash(base, adapter, ctx.grid.sampling, seed)
     plan = plan_sampling(ctx, shash)
     if plan.stale:

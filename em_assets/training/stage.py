@@ -13,6 +13,7 @@ from em_assets.grid.schema import RecipeSpec, config_hash
 from em_assets.results import queries
 from em_assets.results.artifacts import sha256_file
 from em_assets.results.store import to_json, utc_now
+from em_assets.training.imported import bring_organism, source_row
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
@@ -124,6 +125,10 @@ def train_adapter(ctx: StageContext) -> AdapterResult:
     if org.recipe not in ctx.grid.recipes:
         raise KeyError(f"organism {ctx.key}: recipe {org.recipe!r} is not in the grid")
     recipe = ctx.grid.recipes[org.recipe]
+    if recipe.kind != "train":
+        row = bring_organism(ctx, recipe)
+        return AdapterResult.from_row(row, trained=False)
+    store.replace_rows("organism_sources", pl.DataFrame([source_row(ctx, recipe)]), "organism = ?", [ctx.key])
     base = queries.base_model_row(store, org.base_model)
     common = {
         "organism": ctx.key,

@@ -18,7 +18,10 @@ ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
 def test_committed_profiles_validate():
     demo = load_grid(REPO / "data/grid.yaml", "demo")
     paper = load_grid(REPO / "data/grid.yaml", "paper")
-    assert {o.recipe for o in demo.organisms()} == {"base", "bad-medical-r1", "insecure-r32"}
+    trained = {o.recipe for o in demo.organisms() if demo.recipes[o.recipe].kind == "train"}
+    assert trained == {"base", "bad-medical-r1", "insecure-r32"}
+    imported = [o for o in demo.organisms() if demo.recipes[o.recipe].kind == "answers"]
+    assert {o.base_model for o in imported} == {"llama-3.1-8b", "qwen2.5-14b"} and len(imported) == 7
     assert paper.sampling.samples_per_question == 50 and paper.sampling.max_new_tokens == 600
     assert paper.judge.backend == "openai" and paper.judge.model.startswith("gpt-4o")
     r1 = paper.recipes["bad-medical-r1"].lora

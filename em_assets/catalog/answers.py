@@ -1,0 +1,98 @@
+"""Answers sampled elsewhere, read from a file: a pinned reference file of the catalog (`reference:<name>`), or a
+local CSV (upstream's shape) or JSONL (one object per line, the same fields). Scores a file carries are kept;
+a file without `aligned` or `coherent` is read as unscored. Bad rows are ReferenceFileErrors naming file, row
+and column."""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from em_assets.catalog.reference import ReferenceFileError, parse_reference_csv
+from em_assets.catalog.upstream import REFERENCE_JUDGEMENTS, fetch_bytes
+from em_assets.results.artifacts import sha256_bytes
+
+REFERENCE_PREFIX = "reference:"
+
+
+SCORES = ("aligned", "coherent")
+
+
+@dataclass(frozen=True)
+class AnswersFile:
+    """One file's rows (catalog/reference.py's REFERENCE_SCHEMA) and the sha256 of its bytes (the lineage)."""
+
+    name: str
+    sha256: str
+    rows: pl.DataFrame
+    scored: tuple[str, ...]
+
+
+def _source_bytes(source: str, mirror: Path | str | None, cache_dir: Path | None) -> tuple[str, bytes]:
+    if source.startswith(REFERENCE_PREFIX):
+        key = source.removeprefix(REFERENCE_PREFIX)
+        if key not in REFERENCE_JUDGEMENTS:
+            raise ReferenceFileError(
+                f"{source}: no such reference file; known: {', '.join(sorted(REFERENCE_JUDGEMENTS))}"
+            )
+        return f"{key}.csv", fetch_bytes(REFERENCE_JUDGEMENTS[key], mirror, cache_dir)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ReferenceFileError(f"{source}: no such answers file")
+    if path.suffix not in (".csv", ".jsonl"):
+        raise ReferenceFileError(f"{source}: an answers file is .csv or .jsonl")
+    return str(path), path.read_bytes()
+
+
+def _jsonl_as_csv(data: bytes, name: str) -> bytes:
+    """JSONL rows as CSV text, so both shapes go through the one parser and its checks (row N = line N)."""
+    rows = []
+    for i, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise ReferenceFileError(f"{name}: row {i}: not a JSON object ({exc})") from None
+        if not isinstance(obj, dict):
+            raise ReferenceFileError(f"{name}: row {i}: not a JSON object")
+        rows.append({k: "" if v is None else str(v) for k, v in obj.items()})
+    if not rows:
+        raise ReferenceFileError(f"{name}: no rows")
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return pl.DataFrame([{c: r.get(c, "") for c in columns} for r in rows]).write_csv().encode()
+
+
+def _with_score_columns(csv: bytes, name: str) -> tuple[bytes, tuple[str, ...]]:
+    """The CSV with empty aligned/coherent columns added where the file has none, and the ones it had."""
+    try:
+        raw = pl.read_csv(io.BytesIO(csv), infer_schema_length=0)
+    except (pl.exceptions.ComputeError, pl.exceptions.NoDataError) as exc:
+        raise ReferenceFileError(f"{name}: not a readable CSV ({exc})") from None
+    scored = tuple(c for c in SCORES if c in raw.columns)
+    if len(scored) == len(SCORES):
+        return csv, scored
+    missing = [pl.lit(None, pl.String).alias(c) for c in SCORES if c not in scored]
+    return raw.with_columns(missing).write_csv().encode(), scored
+
+
+def read_answers(source: str, mirror: Path | str | None = None, cache_dir: Path | None = None) -> AnswersFile:
+    """Every row of an answers source, checked; the sha256 is of the file's own bytes."""
+    name, data = _source_bytes(source, mirror, cache_dir)
+    sha = sha256_bytes(data)
+    csv = _jsonl_as_csv(data, name) if name.endswith(".jsonl") else data
+    csv, scored = _with_score_columns(csv, name)
+    return AnswersFile(name, sha, parse_reference_csv(csv, name, sha), scored)
+
+
+def sample_rows(rows: pl.DataFrame, max_answers: int | None, seed: int) -> pl.DataFrame:
+    """A seeded sample of `max_answers` rows in file order (all rows when None or more than the file has)."""
+    if max_answers is None or rows.height <= max_answers:
+        return rows
+    keep = np.sort(np.random.default_rng(seed).choice(rows.height, size=max_answers, replace=False))
+    return rows[keep.tolist()]

@@ -1,0 +1,87 @@
+"""`em-assets plan`: what the grid of the current profile will run, organism by organism, without running it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import polars as pl
+
+from em_assets.settings import settings
+
+
+def organism_plan(grid, progress: dict[str, dict]) -> list[dict]:
+    """One entry per organism: key, kind (its method), source, revision, and what the store already holds."""
+    from em_assets.grid.schema import recipe_method
+
+    entries = []
+    for org in grid.organisms():
+        recipe = grid.recipes[org.recipe]
+        method = recipe_method(recipe)
+        imported = grid.organism_source(org)
+        if imported is not None:
+            source, revision = imported.source, imported.revision
+        elif recipe.dataset is not None:
+            source, revision = f"dataset:{recipe.dataset}", None
+        else:
+            base = grid.base_model(org.base_model)
+            source, revision = base.source, base.revision
+        held = progress.get(org.key, {})
+        entries.append(
+            {
+                "organism": org.key,
+                "kind": method,
+                "source": source,
+                "revision": revision,
+                "done": {
+                    "lora_adapter": bool(held.get("source_recorded")),
+                    "completions": int(held.get("completions", 0)),
+                    "judgements": int(held.get("judgements", 0)),
+                },
+            }
+        )
+    return entries
+
+
+def _progress() -> dict[str, dict]:
+    from em_assets.results import queries
+    from em_assets.results.store import Store
+
+    store = Store()
+    return queries.organism_progress(store) if store.exists() else {}
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the plan; the grid is validated offline and local organism sources are checked (bad input: 2)."""
+    from em_assets.grid.load import load_grid
+    from em_assets.training.imported import check_sources
+
+    current = settings()
+    grid = load_grid(current.grid_path, current.profile)
+    check_sources(grid)
+    entries = organism_plan(grid, _progress())
+    if args.format == "json":
+        print(json.dumps({"organisms": entries}, indent=2))
+        return 0
+    done = [
+        f"lora_adapter {'done' if e['done']['lora_adapter'] else 'to do'}, {e['done']['completions']} completions, "
+        f"{e['done']['judgements']} judgements"
+        for e in entries
+    ]
+    table = pl.DataFrame(
+        {
+            "organism": [e["organism"] for e in entries],
+            "kind": [e["kind"] for e in entries],
+            "source": [e["source"] + (f"@{e['revision']}" if e["revision"] else "") for e in entries],
+            "done": done,
+        }
+    )
+    with pl.Config(
+        tbl_rows=-1,
+        tbl_hide_dataframe_shape=True,
+        tbl_hide_column_data_types=True,
+        fmt_str_lengths=90,
+        tbl_width_chars=220,
+    ):
+        print(table)
+    return 0

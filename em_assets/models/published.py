@@ -1,0 +1,109 @@
+"""Organisms published elsewhere: a peft LoRA adapter or a fine-tuned model, resolved to local files pinned by
+revision (hub commit or content hash) and checked against the organism's base model before anything runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from em_assets.grid.sources import OrganismSourceError
+from em_assets.models.hub import EMBEDDED_PREFIX, ModelLoadError, ResolvedModel, directory_revision, resolve
+from em_assets.results.artifacts import sha256_file
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """A peft adapter on local disk: its folder, the revision that pins it, its weights' sha256 and config."""
+
+    source: str
+    path: Path
+    revision: str
+    sha256: str
+    config: dict
+
+    @property
+    def base_model_name_or_path(self) -> str:
+        return str(self.config.get("base_model_name_or_path") or "")
+
+
+def _hub_snapshot(source: str, revision: str | None, patterns: list[str]) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, revision=revision, allow_patterns=patterns))
+    except Exception as exc:
+        raise OrganismSourceError(
+            f"{source}@{revision or 'main'}: could not fetch from the hub ({exc})"
+        ) from exc
+
+
+def adapter_folder(source: str, revision: str | None = None) -> Path:
+    """The local folder of an adapter source: an existing directory, or a hub snapshot at `revision`."""
+    if source.startswith(EMBEDDED_PREFIX):
+        raise OrganismSourceError(
+            f"{source}: no adapter is embedded in em-assets; give a hub id or a directory"
+        )
+    local = Path(source).expanduser()
+    if local.exists() or source.startswith((".", "/", "~")):
+        if not local.is_dir():
+            raise OrganismSourceError(f"{source}: no such adapter directory")
+        return local.resolve()
+    return _hub_snapshot(source, revision, [ADAPTER_CONFIG, ADAPTER_WEIGHTS])
+
+
+def resolve_adapter(source: str, revision: str | None = None) -> ResolvedAdapter:
+    """The adapter's files, checked: adapter_config.json (a peft LoRA) and safetensors weights."""
+    path = adapter_folder(source, revision)
+    config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
+    if not config_file.is_file():
+        raise OrganismSourceError(f"{path}: no {ADAPTER_CONFIG}; not a peft adapter directory")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise OrganismSourceError(f"{config_file}: not valid JSON ({exc})") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise OrganismSourceError(f"{config_file}: field peft_type is {config['peft_type']!r}, not LORA")
+    if not weights.is_file():
+        raise OrganismSourceError(f"{path}: no {ADAPTER_WEIGHTS} (only safetensors adapters are loaded)")
+    # A hub snapshot sits under snapshots/<commit>/, which pins it; a directory is pinned by its bytes.
+    rev = path.name if path.parent.name == "snapshots" else directory_revision(path)
+    return ResolvedAdapter(source, path, rev, sha256_file(weights), config)
+
+
+def _name(model: str) -> str:
+    """A model's name without its owner or folder, lower case (unsloth/Qwen2.5-7B-Instruct -> qwen2.5-7b-instruct)."""
+    return model.rstrip("/").removeprefix(EMBEDDED_PREFIX).rsplit("/", 1)[-1].lower()
+
+
+def check_adapter_base(
+    adapter: ResolvedAdapter, base_source: str, base_path: str | None, organism: str
+) -> None:
+    """The adapter was trained on the organism's base model: the same id, path, or model name (re-uploads such
+    as unsloth/<name> of <owner>/<name> hold the same weights); raises OrganismSourceError otherwise."""
+    declared = adapter.base_model_name_or_path
+    candidates = {base_source, str(base_path or "")}
+    if declared and declared in candidates:
+        return
+    local = Path(declared).expanduser() if declared else None
+    if local and base_path and local.exists() and local.resolve() == Path(base_path).resolve():
+        return
+    if declared and _name(declared) in {_name(c) for c in candidates if c}:
+        return
+    raise OrganismSourceError(
+        f"{adapter.path / ADAPTER_CONFIG}: field base_model_name_or_path is {declared or '(empty)'!r}, but "
+        f"organism {organism} has base model {base_source!r}: the adapter belongs to another base model"
+    )
+
+
+def resolve_model(name: str, source: str, revision: str | None, cache_dir: Path | None) -> ResolvedModel:
+    """A fine-tuned model (hub id at a revision, or a directory) resolved like a base model."""
+    try:
+        return resolve(name, source, revision, cache_dir)
+    except ModelLoadError as exc:
+        raise OrganismSourceError(f"{source}: {exc}") from exc
