@@ -93,9 +93,6 @@ def test_json_shape(env, mirror, capsys):
     # reference-EM answer among its first 3 (so no sensitivity: null, and said so).
     assert "other files" in out["em_error"]["corrected_with"]
     assert all(out["em_rate"][1][k] is None for k in CORRECTED)
-    # The first file is corrected with the second's (which has a reference-EM answer and non-EM ones).
-    first = out["em_rate"][0]
-    assert 0 <= first["judge_corrected_lo"] <= first["judge_corrected"] <= first["judge_corrected_hi"] <= 1
 
 
 def judged_counts(entry: dict) -> tuple[int, int]:
