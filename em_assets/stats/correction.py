@@ -159,3 +159,16 @@ def with_correction(
         pl.Series("em_corrected_hi", [x[2] for x in rows], pl.Float64),
         pl.Series("em_correction", [correction_note(r) for r in rates], pl.String),
     )
+
+
+def correction_caveat(table: pl.DataFrame) -> str:
+    """One paragraph for a table with the correction columns: what the corrected rate is and where its
+    judge's error rates came from (or that they are unknown, and the columns null)."""
+    if table.height == 0 or "em_correction" not in table.columns:
+        return ""
+    notes = sorted(set(table["em_correction"].drop_nulls()))
+    return (
+        "em_rate_corrected is the Turner EM rate corrected for the judge's error (Rogan-Gladen), with a 95% "
+        "interval (em_corrected_lo, em_corrected_hi) that carries the uncertainty of the judge's sensitivity "
+        "and specificity as well as the rate's. Here: " + "; ".join(notes) + "."
+    )
