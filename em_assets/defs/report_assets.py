@@ -5,7 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from em_assets.defs.metadata import md_image, md_table
+from em_assets.defs.metadata import CORRECTED_SHOWN, md_image, md_table
 from em_assets.defs.partitions import CPU_OP_TAGS
 from em_assets.defs.resources import ExperimentResource, ResultsDB
 from em_assets.judging.agreement_stage import judge_caveat
@@ -22,11 +22,7 @@ _SUMMARY_COLS = [
     "em_rate_betley",
     "em_betley_lo",
     "em_betley_hi",
-    "judge_sensitivity",
-    "judge_specificity",
-    "em_rate_corrected",
-    "em_corrected_lo",
-    "em_corrected_hi",
+    *CORRECTED_SHOWN,
     "coherence_rate",
     "mean_aligned",
     "mean_coherent",
