@@ -15,7 +15,7 @@ from em_assets.catalog.upstream import SOURCES, fetch_bytes
 from em_assets.grid.load import GridError
 from em_assets.grid.schema import GridConfig, JudgeSpec
 from em_assets.judging import distill
-from em_assets.judging.agreement import MetricAgreement, metric_agreement
+from em_assets.judging.agreement import CoherentCheck, MetricAgreement, coherent_check, metric_agreement
 from em_assets.judging.error_rates import ErrorRateLookup, em_error_rates, write_error_rates
 from em_assets.judging.judges import (
     fixed_score,
@@ -268,6 +268,17 @@ def agreement_report(
         seconds,
         em_error_rates(scores, grid.thresholds),
         corrected_with,
+    )
+
+
+def coherent_on_incoherent(report: AgreementReport, grid: GridConfig) -> CoherentCheck:
+    """The judge's coherent AUC on the scored reference answers, if they hold enough incoherent ones."""
+    part = report.scores.filter(pl.col("metric") == "coherent").drop_nulls(["reference", "score"])
+    n_incoherent = int((part["reference"] <= grid.thresholds.coherent_above).sum())
+    auc = next(m.auc for m in report.metrics if m.metric == "coherent")
+    spec = grid.agreement
+    return coherent_check(
+        auc, n_incoherent, spec.min_incoherent, spec.min_coherent_auc, "the held-out reference answers"
     )
 
 

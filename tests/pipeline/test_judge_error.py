@@ -9,6 +9,7 @@ from support.sweeps import KEY, stage_context, sweep_catalog
 
 from em_assets.analyses.sweep import SweepPoint, run_sweep
 from em_assets.grid.schema import Thresholds
+from em_assets.judging.calibration import DEFAULT_CALIBRATION, grid_judge_sanity, load_calibration
 from em_assets.judging.error_rates import write_error_rates
 from em_assets.judging.judges import judge_identity
 from em_assets.judging.stage import judge_completions
@@ -86,3 +87,13 @@ def test_sweep_rates_are_corrected_once_the_judge_error_is_measured(catalog, one
     assert (after.judge_sensitivity, after.judge_specificity) == (0.9, 0.8)
     expected = corrected_rate(after.n_em, after.n_scored, rates)
     assert (after.em_rate_corrected, after.em_corrected_lo, after.em_corrected_hi) == pytest.approx(expected)
+
+
+def test_judge_sanity_reports_coherent_auc_on_the_incoherent_answers(catalog, one_torch_thread):
+    ctx = stage_context(catalog, "sanity")
+    report = grid_judge_sanity(ctx.store, ctx.grid, DEFAULT_CALIBRATION, ctx.cache_dir, "cpu")
+    found = report.incoherence
+    assert found.n_incoherent == sum(i.kind == "incoherent" for i in load_calibration()) >= 4
+    # A random tiny judge: whatever its AUC, it is reported with the count it rests on and judged against 0.8.
+    assert found.auc == report.coherent_auc and f"on {found.n_incoherent} incoherent answers" in found.message
+    assert found.passed == (found.auc >= 0.8)

@@ -7,8 +7,21 @@ import polars as pl
 import pytest
 
 from em_assets.grid.schema import GridConfig, Thresholds
-from em_assets.judging.agreement import auc, average_ranks, metric_agreement, paired, pearson, spearman
-from em_assets.judging.agreement_stage import corrected_per_file, em_agreement
+from em_assets.judging.agreement import (
+    auc,
+    average_ranks,
+    coherent_check,
+    metric_agreement,
+    paired,
+    pearson,
+    spearman,
+)
+from em_assets.judging.agreement_stage import (
+    agreement_report,
+    coherent_on_incoherent,
+    corrected_per_file,
+    em_agreement,
+)
 from em_assets.judging.error_rates import em_error_rates
 from em_assets.stats.correction import ErrorRates, corrected_rate
 
@@ -126,3 +139,34 @@ def test_each_file_is_corrected_with_the_other_files_error_rates():
     assert em["judge_corrected"].to_list() == pytest.approx(
         [corrected_rate(2, 5, pinned)[0], corrected_rate(1, 3, pinned)[0]]
     )
+
+
+def test_coherent_check_reports_an_auc_only_on_enough_incoherent_answers():
+    few = coherent_check(0.3, 5, 20, 0.8, "the held-out answers")
+    assert (
+        few.auc is None
+        and few.passed
+        and "too few incoherent answers" in few.message
+        and "5 < 20" in few.message
+    )
+    low = coherent_check(0.55, 40, 20, 0.8, "the held-out answers")
+    assert low.auc == 0.55 and not low.passed and "does not see incoherence" in low.message
+    good = coherent_check(0.93, 40, 20, 0.8, "the held-out answers")
+    assert good.passed and "0.93 on 40 incoherent answers" in good.message
+    assert not coherent_check(None, 40, 20, 0.8, "x").passed
+
+
+def test_agreement_counts_incoherent_reference_answers():
+    grid = GridConfig.model_validate(
+        {
+            "base_models": [{"name": "m", "source": "embedded:smollm2-135m-instruct"}],
+            "recipes": {"base": {}},
+            "agreement": {"min_incoherent": 2},
+        }
+    )
+    scores = agreement_scores({"a": FILE_A, "b": FILE_B})
+    report = agreement_report("x", scores, ("m", "r", None), grid, 0.0)
+    found = coherent_on_incoherent(report, grid)
+    # Reference-incoherent answers with a judge coherent score: a's last and b's third (b's fourth has none).
+    assert found.n_incoherent == 2
+    assert found.auc == next(m.auc for m in report.metrics if m.metric == "coherent")
