@@ -149,10 +149,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with pl.Config(**config, float_precision=3, fmt_str_lengths=40, tbl_width_chars=160):
         summary = Store().query(
             "SELECT organism, n_answers, em_rate_turner AS em_turner, em_turner_lo AS lo, em_turner_hi AS hi, "
+            "em_rate_corrected AS em_corrected, em_corrected_lo AS c_lo, em_corrected_hi AS c_hi, "
             "em_rate_betley AS em_betley, coherence_rate AS coherent, mean_aligned, mean_coherent "
             "FROM em_summary ORDER BY organism"
         )
         print(summary)
+        if summary.height and summary["em_corrected"].null_count() == summary.height:
+            print(
+                "em_corrected: null, the judge's error rates are not measured (judge_agreement); see docs/em-rates.md"
+            )
     print(f"[em-assets] pipeline finished in {time.perf_counter() - start:.1f}s; full log in {log_path}")
     print("\n".join(_where_next(current.figures_dir)))
     return 0
