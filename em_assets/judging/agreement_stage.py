@@ -101,7 +101,8 @@ def _template(templates: dict, question_id: str, metric: str) -> tuple[str, str]
 def _items(rows: pl.DataFrame, spec: JudgeSpec, identity: tuple, templates: dict) -> list[dict]:
     model, revision, _ = identity
     items = []
-    for r in rows.iter_rows(named=True):
+    # An empty answer (null or "") is judged as the empty text it is, never as the word "None".
+    for r in rows.with_columns(pl.col("answer").fill_null("")).iter_rows(named=True):
         for metric in AGREEMENT_METRICS:
             template, template_hash = _template(templates, r["question_id"], metric)
             key = judge_cache_key(
