@@ -40,7 +40,12 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
 
     from em_assets.catalog.reference import ReferenceFileError, read_reference_files
     from em_assets.grid.load import GridError, load_grid
-    from em_assets.judging.agreement_stage import measure_agreement, pick_judge, upstream_templates
+    from em_assets.judging.agreement_stage import (
+        correction_coverage,
+        measure_agreement,
+        pick_judge,
+        upstream_templates,
+    )
     from em_assets.judging.error_rates import ErrorRateLookup
     from em_assets.results.errors import MissingUpstreamError
     from em_assets.results.store import Store
@@ -68,4 +73,5 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
         print(pl.DataFrame([{"metric": m.metric, **m.as_dict()} for m in report.metrics]))
         print(report.em.drop("source_organism"))
         print(f"judge_corrected: Rogan-Gladen with {report.corrected_with}")
+        print(correction_coverage(report.em))
     return 0

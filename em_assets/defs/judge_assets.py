@@ -187,6 +187,7 @@ def judge_agreement(
         meta[f"{report.judge} scatter"] = md_image(path, title)
         meta[f"{report.judge} seconds"] = round(report.seconds, 1)
         meta[f"{report.judge} em_error"] = _error_rates_md(report)
+        meta[f"{report.judge} correction"] = agreement_stage.correction_coverage(report.em)
     main = reports[0]
     by_metric = {m.metric: m for m in main.metrics}
     spearman, auc, gap = by_metric["aligned"].spearman, by_metric["aligned"].auc, _em_gap(main)

@@ -272,6 +272,23 @@ def agreement_report(
     )
 
 
+def correction_coverage(em: pl.DataFrame) -> str:
+    """How often each file's corrected interval (the other files' error rates) covers the reference's rate,
+    beside the mean gap of the judged and the corrected rates: whether the correction helps this judge."""
+    rows = em.drop_nulls(["reference", "judge_corrected"])
+    if rows.height == 0:
+        return "no file has a corrected rate (its other files lack reference-EM or non-EM answers)"
+    covered = rows.filter(
+        pl.col("reference").is_between(pl.col("judge_corrected_lo"), pl.col("judge_corrected_hi"))
+    )
+    judged = (rows["judge_rate"] - rows["reference"]).abs().mean()
+    corrected = (rows["judge_corrected"] - rows["reference"]).abs().mean()
+    return (
+        f"the corrected interval covers the reference rate on {covered.height} of {rows.height} files; "
+        f"mean gap to the reference {judged:.3f} judged, {corrected:.3f} corrected"
+    )
+
+
 def coherent_on_incoherent(report: AgreementReport, grid: GridConfig) -> CoherentCheck:
     """The judge's coherent AUC on the scored reference answers, if they hold enough incoherent ones."""
     part = report.scores.filter(pl.col("metric") == "coherent").drop_nulls(["reference", "score"])

@@ -20,6 +20,7 @@ from em_assets.judging.agreement_stage import (
     agreement_report,
     coherent_on_incoherent,
     corrected_per_file,
+    correction_coverage,
     em_agreement,
 )
 from em_assets.judging.error_rates import em_error_rates
@@ -170,3 +171,21 @@ def test_agreement_counts_incoherent_reference_answers():
     # Reference-incoherent answers with a judge coherent score: a's last and b's third (b's fourth has none).
     assert found.n_incoherent == 2
     assert found.auc == next(m.auc for m in report.metrics if m.metric == "coherent")
+
+
+def test_correction_coverage_counts_files_whose_interval_holds_the_reference():
+    em = pl.DataFrame(
+        {
+            "reference": [0.2, 0.5, 0.1, None],
+            "judge_rate": [0.3, 0.3, 0.1, 0.2],
+            "judge_corrected": [0.25, 0.3, None, 0.2],
+            "judge_corrected_lo": [0.1, 0.2, None, 0.1],
+            "judge_corrected_hi": [0.4, 0.45, None, 0.3],
+        }
+    )
+    # Two files have both rates: the first is covered, the second not; gaps (0.1 + 0.2) / 2 and (0.05 + 0.2) / 2.
+    assert correction_coverage(em) == (
+        "the corrected interval covers the reference rate on 1 of 2 files; "
+        "mean gap to the reference 0.150 judged, 0.125 corrected"
+    )
+    assert correction_coverage(em.head(0)).startswith("no file has a corrected rate")

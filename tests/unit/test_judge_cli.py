@@ -186,3 +186,15 @@ def test_bad_input_is_one_message_and_writes_nothing(env, mirror, capsys):
 
     err = _fails(["--reference", str(good), "--judge", "gpt-9"], capsys, env)
     assert "gpt-9" in err
+
+
+def test_table_says_where_the_correction_came_from(env, mirror, tiny_model_dir, capsys):
+    write_grid(env / "grid.yaml", tiny_model_dir, reference_judges=["tiny"])
+    a = reference_csv(mirror, env / "a.csv", "Qwen2.5-7B-Instruct_bad-medical-advice", 4)
+    assert main(["judge-agreement", "--reference", str(a)]) == 0
+    out = capsys.readouterr().out
+    assert "judge_corrected: Rogan-Gladen with none needed: the judge is the reference" in out
+    # The identity keeps every file's judged rate, so the mean gaps are equal.
+    line = next(x for x in out.splitlines() if x.startswith("the corrected interval covers"))
+    judged, corrected = line.split("mean gap to the reference ")[1].split(" judged, ")
+    assert judged == corrected.removesuffix(" corrected")
