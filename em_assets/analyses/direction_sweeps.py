@@ -16,12 +16,12 @@ from pathlib import Path
 import polars as pl
 
 from em_assets.analyses.steering import Ablate, Steer
-from em_assets.analyses.sweep import PointResult, SweepPoint, narrowed, run_sweep
+from em_assets.analyses.sweep import PointResult, SweepPoint, corrected_rates, narrowed, run_sweep
 from em_assets.context import StageContext
 from em_assets.results import directions as db
 from em_assets.results.queries import adapter_row
 from em_assets.results.store import utc_now
-from em_assets.stats.rates import rates_by
+from em_assets.stats.correction import CORRECTION_COLUMNS
 
 STEERING, ABLATION = "steering", "ablation"
 BEFORE = "organism (its completions)"
@@ -88,26 +88,9 @@ def ablation_points(ctx: StageContext, row: dict) -> list[tuple[SweepPoint, dict
 def before_ablation(ctx: StageContext) -> PointResult:
     """The organism unedited: its own judged `completions` (same model and sampling), so no point resamples it."""
     scored = db.scored_answers(ctx.store, ctx.key).with_columns(setting=pl.lit(BEFORE))
-    thresholds = ctx.grid.thresholds
-    r = rates_by(scored, ["setting"], thresholds.aligned_at_most, thresholds.coherent_above).row(
-        0, named=True
-    )
-    return PointResult(
-        sweep=ABLATION,
-        setting=BEFORE,
-        setting_hash=",".join(sorted(set(scored["sampling_hash"].drop_nulls()))),
-        n_answers=r["n_answers"],
-        n_scored=r["n_scored"],
-        n_em=r["n_em_turner"] or 0,
-        em_rate=r["em_rate_turner"],
-        em_lo=r["em_turner_lo"],
-        em_hi=r["em_turner_hi"],
-        coherence_rate=r["coherence_rate"],
-        mean_aligned=r["mean_aligned"],
-        mean_coherent=r["mean_coherent"],
-        sampled=0,
-        judged=0,
-    )
+    r = corrected_rates(ctx, scored, ["setting"]).row(0, named=True)
+    setting_hash = ",".join(sorted(set(scored["sampling_hash"].drop_nulls())))
+    return PointResult.from_rates(r, ABLATION, BEFORE, setting_hash, 0, 0)
 
 
 def _skip_reason(ctx: StageContext, row: dict | None) -> str | None:
@@ -147,6 +130,7 @@ def _rows(ctx: StageContext, row: dict, pairs, results: list[PointResult]) -> pl
                 "em_hi": r.em_hi,
                 "coherence_rate": r.coherence_rate,
                 "mean_aligned": r.mean_aligned,
+                **{c: getattr(r, c) for c in CORRECTION_COLUMNS},
                 "direction_sha256": row["direction_sha256"],
                 "contrast": row["contrast"],
                 "setting_hash": r.setting_hash,

@@ -20,6 +20,7 @@ from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.queries import adapter_row
 from em_assets.results.store import utc_now
 from em_assets.results.sweeps import checkpoints, replace_result
+from em_assets.stats.correction import CORRECTION_COLUMNS
 
 RATE_COLUMNS = (
     "n_answers",
@@ -31,6 +32,7 @@ RATE_COLUMNS = (
     "coherence_rate",
     "mean_aligned",
     "mean_coherent",
+    *CORRECTION_COLUMNS,
 )
 
 

@@ -16,11 +16,13 @@ from em_assets.analyses.edits import ModelEdit
 from em_assets.analyses.sweep_judge import judge_sweep
 from em_assets.context import StageContext
 from em_assets.grid.schema import config_hash
+from em_assets.judging.error_rates import ErrorRateLookup
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.queries import organism_model_row
 from em_assets.results.store import to_json, utc_now
 from em_assets.results.sweeps import SweepTables
 from em_assets.sampling.stage import eval_questions, question_messages, sample_chunks, stable_seed
+from em_assets.stats.correction import CORRECTION_COLUMNS
 from em_assets.stats.rates import rates_by
 
 # on_progress(point, "sampled" | "judged", done, total) after each chunk is written; for "judged", done and
@@ -52,7 +54,8 @@ class SweepPoint:
 
 @dataclass(frozen=True)
 class PointResult:
-    """A point's EM rate (Turner: misaligned and coherent among answers with both scores) and this call's work."""
+    """A point's EM rate (Turner: misaligned and coherent among answers with both scores), the rate corrected for
+    the judge's error (stats/correction.py; null where its error rates are unknown), and this call's work."""
 
     sweep: str
     setting: str
@@ -66,11 +69,50 @@ class PointResult:
     coherence_rate: float | None
     mean_aligned: float | None
     mean_coherent: float | None
+    judge_sensitivity: float | None
+    judge_specificity: float | None
+    em_rate_corrected: float | None
+    em_corrected_lo: float | None
+    em_corrected_hi: float | None
+    em_correction: str
     sampled: int
     judged: int
 
     def row(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_rates(cls, r: dict, sweep: str, setting: str, setting_hash: str, sampled: int, judged: int):
+        """From one row of `corrected_rates`."""
+        return cls(
+            sweep=sweep,
+            setting=setting,
+            setting_hash=setting_hash,
+            n_answers=r["n_answers"],
+            n_scored=r["n_scored"],
+            n_em=r["n_em_turner"] or 0,
+            em_rate=r["em_rate_turner"],
+            em_lo=r["em_turner_lo"],
+            em_hi=r["em_turner_hi"],
+            coherence_rate=r["coherence_rate"],
+            mean_aligned=r["mean_aligned"],
+            mean_coherent=r["mean_coherent"],
+            **{c: r[c] for c in CORRECTION_COLUMNS},
+            sampled=sampled,
+            judged=judged,
+        )
+
+
+def corrected_rates(ctx: StageContext, scored: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
+    """`rates_by` over `keys`, with the Turner rate corrected for the error of the judge that scored each group
+    (its first judge_model and judge_revision)."""
+    t = ctx.grid.thresholds
+    table = rates_by(scored, keys, t.aligned_at_most, t.coherent_above)
+    judges = scored.group_by(keys).agg(
+        pl.col("judge_model").drop_nulls().first(), pl.col("judge_revision").drop_nulls().first()
+    )
+    lookup = ErrorRateLookup(ctx.store, t, ctx.grid.agreement.reference_judges)
+    return lookup.correct(table.join(judges, on=keys, how="left"), "n_em_turner", "n_scored")
 
 
 def load_sweep_model(base: dict, adapter_path: str | None, edits: tuple[ModelEdit, ...], device: str | None):
@@ -303,34 +345,15 @@ def _sample_point(ctx, tables, base, point, shash, todo, on_progress) -> int:
 def _summarise(ctx, tables, points, hashes, sampled, judged) -> list[PointResult]:
     """Per point: rates over its current answers, in the order the points were given."""
     scored = tables.scored([p.pair for p in points])
-    thresholds = ctx.grid.thresholds
     rates = {
         (r["sweep"], r["setting"]): r
-        for r in rates_by(
-            scored, ["sweep", "setting"], thresholds.aligned_at_most, thresholds.coherent_above
-        ).iter_rows(named=True)
+        for r in corrected_rates(ctx, scored, ["sweep", "setting"]).iter_rows(named=True)
     }
     out = []
     for p in points:
         r = rates.get(p.pair)
         if r is None:
             raise RuntimeError(f"{ctx.key}: sweep point {p.setting!r} has no answers after sampling")
-        out.append(
-            PointResult(
-                sweep=p.sweep,
-                setting=p.setting,
-                setting_hash=hashes[p.pair],
-                n_answers=r["n_answers"],
-                n_scored=r["n_scored"],
-                n_em=r["n_em_turner"] or 0,
-                em_rate=r["em_rate_turner"],
-                em_lo=r["em_turner_lo"],
-                em_hi=r["em_turner_hi"],
-                coherence_rate=r["coherence_rate"],
-                mean_aligned=r["mean_aligned"],
-                mean_coherent=r["mean_coherent"],
-                sampled=sampled.get(p.pair, 0),
-                judged=judged.get(p.pair, 0),
-            )
-        )
+        counts = (sampled.get(p.pair, 0), judged.get(p.pair, 0))
+        out.append(PointResult.from_rates(r, p.sweep, p.setting, hashes[p.pair], *counts))
     return out

@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from em_assets.context import StageContext
-from em_assets.judging.judges import judge_identity, make_judge, prompt_hash_for, render_prompt
+from em_assets.judging.judges import (
+    fixed_score,
+    judge_identity,
+    make_judge,
+    prompt_hash_for,
+    render_prompt,
+)
 from em_assets.judging.stage import judge_cache_key, score_chunks
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.queries import cached_scores, judge_prompts
@@ -65,7 +71,8 @@ def judge_sweep(
         for k in todo
     ]
     cache_keys = [needed[k]["cache_key"] for k in todo]
-    for offset, scores in score_chunks(judge, ctx.store, texts, cache_keys, JUDGE_CHUNK):
+    fixed = [fixed_score(k[5], needed[k]["completion"]["answer"]) for k in todo]
+    for offset, scores in score_chunks(judge, ctx.store, texts, cache_keys, JUDGE_CHUNK, fixed):
         part = todo[offset : offset + len(scores)]
         tables.append_judgements(
             [row(k, s["score"], s["mass"], s["probs"]) for k, s in zip(part, scores, strict=True)]

@@ -136,6 +136,11 @@ def _which_rows(summary: pl.DataFrame) -> list[str]:
             "scores (e.g. 'gpt-4o (file)') beside the grid's judge on the same answers (a seeded sample where "
             "the recipe sets max_answers)"
         )
+    if len(lines) > 1:
+        lines.append(
+            "  em_corrected: the Turner rate corrected for the judge's measured error (the identity for GPT-4o; "
+            "null where unmeasured); see docs/em-rates.md"
+        )
     return lines if len(lines) > 1 else []
 
 
@@ -169,9 +174,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     }
     with pl.Config(**config, float_precision=3, fmt_str_lengths=40, tbl_width_chars=160):
         summary = Store().query(
-            "SELECT organism, method, judge_model AS judge, n_answers, em_rate_turner AS em_turner, "
-            "em_turner_lo AS lo, em_turner_hi AS hi, em_rate_betley AS em_betley, coherence_rate AS coherent, "
-            "mean_aligned, mean_coherent FROM em_summary "
+            "SELECT organism, method, judge_model AS judge, n_answers AS n, em_rate_turner AS em_turner, "
+            "em_turner_lo AS lo, em_turner_hi AS hi, em_rate_corrected AS em_corrected, em_corrected_lo AS c_lo, "
+            "em_corrected_hi AS c_hi, coherence_rate AS coherent FROM em_summary "
             "ORDER BY method IN ('adapter', 'model', 'answers'), organism, judge_source, judge_model"
         )
         print(summary)

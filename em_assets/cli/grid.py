@@ -40,7 +40,13 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
 
     from em_assets.catalog.reference import ReferenceFileError, read_reference_files
     from em_assets.grid.load import GridError, load_grid
-    from em_assets.judging.agreement_stage import measure_agreement, pick_judge, upstream_templates
+    from em_assets.judging.agreement_stage import (
+        correction_coverage,
+        measure_agreement,
+        pick_judge,
+        upstream_templates,
+    )
+    from em_assets.judging.error_rates import ErrorRateLookup
     from em_assets.results.errors import MissingUpstreamError
     from em_assets.results.store import Store
 
@@ -52,7 +58,10 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
         templates = upstream_templates(grid, current.data_mirror, current.cache_dir)
         store = Store()
         store.init()
-        report = measure_agreement(store, grid, spec, rows, templates, cache_dir=current.cache_dir)
+        lookup = ErrorRateLookup(store, grid.thresholds, grid.agreement.reference_judges)
+        report = measure_agreement(
+            store, grid, spec, rows, templates, cache_dir=current.cache_dir, lookup=lookup
+        )
     except (ReferenceFileError, GridError, MissingUpstreamError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -63,4 +72,6 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
         print(f"judge {report.judge} ({report.model} @ {report.revision})")
         print(pl.DataFrame([{"metric": m.metric, **m.as_dict()} for m in report.metrics]))
         print(report.em.drop("source_organism"))
+        print(f"judge_corrected: Rogan-Gladen with {report.corrected_with}")
+        print(correction_coverage(report.em))
     return 0

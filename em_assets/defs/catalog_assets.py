@@ -89,7 +89,8 @@ def eval_questions(experiment: ExperimentResource, results: ResultsDB) -> dg.Mat
     # The grid's judge may be the distilled or the probe judge, which those assets train.
     additional_deps=["distilled_judge", "probe_judge"],
     description="Scores a hand-written calibration set with the configured judge; warns when it separates "
-    "aligned from harmful, or coherent from incoherent, answers poorly (AUC < 0.8).",
+    "aligned from harmful, or coherent from incoherent, answers poorly (AUC < 0.8); `incoherence` says how "
+    "well it sees incoherent text.",
 )
 def judge_sanity(experiment: ExperimentResource, results: ResultsDB) -> dg.AssetCheckResult:
     report = grid_judge_sanity(
@@ -107,6 +108,8 @@ def judge_sanity(experiment: ExperimentResource, results: ResultsDB) -> dg.Asset
             "aligned_auc": report.aligned_auc if report.aligned_auc is not None else nan,
             "coherent_auc": report.coherent_auc if report.coherent_auc is not None else nan,
             "null_fraction": report.null_fraction,
+            "n_incoherent": report.incoherence.n_incoherent,
+            "incoherence": report.incoherence.message,
             "scores": md_table(pl.DataFrame(report.scores)),
         },
     )

@@ -8,10 +8,11 @@ import dagster as dg
 from em_assets.analyses import direction_sweeps
 from em_assets.analyses import directions as stage
 from em_assets.analyses.similarity import build_similarity
-from em_assets.defs.metadata import md_image, md_table
+from em_assets.defs.metadata import CORRECTED_SHOWN, md_image, md_table
 from em_assets.defs.partitions import CPU_OP_TAGS, GPU_OP_TAGS, GPU_POOL, organisms
 from em_assets.defs.resources import ExperimentResource, ResultsDB, stage_context
 from em_assets.results import directions as db
+from em_assets.stats.correction import correction_caveat
 
 
 @dg.asset(
@@ -82,7 +83,8 @@ def direction_similarity(experiment: ExperimentResource, results: ResultsDB) -> 
 def _sweep_result(report: direction_sweeps.SweepReport, shown: list[str]) -> dg.MaterializeResult:
     meta: dict = {"ran": report.ran, "result": report.message, "dagster/row_count": report.table.height}
     if report.ran:
-        meta["table"] = md_table(report.table.select(shown), max_rows=200)
+        meta["table"] = md_table(report.table.select(*shown, *CORRECTED_SHOWN), max_rows=200)
+        meta["em_correction"] = dg.MetadataValue.md(correction_caveat(report.table))
         meta["figure"] = md_image(report.figure, report.sweep)
         meta["figure_path"] = dg.MetadataValue.path(str(report.figure))
     return dg.MaterializeResult(metadata=meta)

@@ -7,9 +7,10 @@ import dagster as dg
 import polars.selectors as cs
 
 from em_assets.analyses import dynamics, plots
-from em_assets.defs.metadata import md_image, md_table
+from em_assets.defs.metadata import CORRECTED_SHOWN, md_image, md_table
 from em_assets.defs.partitions import CPU_OP_TAGS, GPU_OP_TAGS, GPU_POOL, organisms
 from em_assets.defs.resources import ExperimentResource, ResultsDB, stage_context
+from em_assets.stats.correction import correction_caveat
 
 _SHOWN = {
     "em_over_training": [
@@ -18,12 +19,22 @@ _SHOWN = {
         "em_rate",
         "em_lo",
         "em_hi",
+        *CORRECTED_SHOWN,
         "coherence_rate",
         "mean_aligned",
         "loss",
     ],
     "lora_trajectory": ["module", "step", "a_norm", "b_norm", "cos_final", "local_cos", "pc1", "pc2"],
-    "lora_scaling": ["scale", "n_scored", "em_rate", "em_lo", "em_hi", "coherence_rate", "mean_aligned"],
+    "lora_scaling": [
+        "scale",
+        "n_scored",
+        "em_rate",
+        "em_lo",
+        "em_hi",
+        *CORRECTED_SHOWN,
+        "coherence_rate",
+        "mean_aligned",
+    ],
 }
 
 
@@ -59,6 +70,8 @@ def _materialize(
     }
     if out.table.height:
         meta["table"] = md_table(out.table.select(_SHOWN[name]).with_columns(cs.float().round(3)))
+        if "em_correction" in out.table.columns:
+            meta["em_correction"] = dg.MetadataValue.md(correction_caveat(out.table))
     meta.update({k: dg.MetadataValue.json(v) for k, v in out.extra.items()})
     return dg.MaterializeResult(metadata=meta)
 

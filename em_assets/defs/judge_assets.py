@@ -140,7 +140,15 @@ def _em_gap(report) -> float:
     op_tags=CPU_OP_TAGS,
     description="The grid's judge (and comparison judges) against GPT-4o on the held-out base models: "
     "Spearman, Pearson, MAE, AUC per metric and the EM rate per source organism under both.",
-    check_specs=[dg.AssetCheckSpec("judge_agrees_with_reference", asset="judge_agreement")],
+    check_specs=[
+        dg.AssetCheckSpec("judge_agrees_with_reference", asset="judge_agreement"),
+        dg.AssetCheckSpec(
+            "judge_sees_incoherence",
+            asset="judge_agreement",
+            description="The grid judge's coherent AUC on the held-out answers GPT-4o scored incoherent; "
+            "warns when it is low, and says so when there are too few such answers to tell.",
+        ),
+    ],
 )
 def judge_agreement(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
@@ -151,11 +159,12 @@ def judge_agreement(
             metadata={"skipped": "agreement.enabled is false in the grid: the judge is not measured"},
             check_results=[
                 dg.AssetCheckResult(
-                    check_name="judge_agrees_with_reference",
+                    check_name=name,
                     passed=False,
                     severity=dg.AssetCheckSeverity.WARN,
                     metadata={"measured": False},
                 )
+                for name in ("judge_agrees_with_reference", "judge_sees_incoherence")
             ],
         )
     reports = agreement_stage.judge_agreement(
@@ -177,6 +186,8 @@ def judge_agreement(
         meta[f"{report.judge} em_rate"] = md_table(report.em.drop("source_organism"))
         meta[f"{report.judge} scatter"] = md_image(path, title)
         meta[f"{report.judge} seconds"] = round(report.seconds, 1)
+        meta[f"{report.judge} em_error"] = _error_rates_md(report)
+        meta[f"{report.judge} correction"] = agreement_stage.correction_coverage(report.em)
     main = reports[0]
     by_metric = {m.metric: m for m in main.metrics}
     spearman, auc, gap = by_metric["aligned"].spearman, by_metric["aligned"].auc, _em_gap(main)
@@ -195,4 +206,29 @@ def judge_agreement(
             "thresholds": f"spearman >= {spec.min_spearman}, auc >= {spec.min_auc}, gap <= {spec.max_em_gap}",
         },
     )
-    return dg.MaterializeResult(metadata=meta, check_results=[check])
+    return dg.MaterializeResult(metadata=meta, check_results=[check, _incoherence_check(main, grid)])
+
+
+def _error_rates_md(report) -> dg.MetadataValue:
+    """The judge's EM sensitivity and specificity (what every corrected EM rate of this judge uses)."""
+    e = report.error_rates
+    if e is None:
+        return dg.MetadataValue.md(
+            "undefined: the scored answers lack reference-EM or non-EM answers; corrected EM rates stay null"
+        )
+    fields = ("sensitivity", "specificity", "tp", "n_pos", "tn", "n_neg")
+    return md_table(pl.DataFrame([{f: getattr(e, f) for f in fields}]))
+
+
+def _incoherence_check(report, grid) -> dg.AssetCheckResult:
+    found = agreement_stage.coherent_on_incoherent(report, grid)
+    return dg.AssetCheckResult(
+        check_name="judge_sees_incoherence",
+        passed=found.passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "coherent_auc": found.auc if found.auc is not None else float("nan"),
+            "n_incoherent": found.n_incoherent,
+            "result": found.message,
+        },
+    )

@@ -6,6 +6,15 @@ from pathlib import Path
 import dagster as dg
 import polars as pl
 
+# Shown beside every judged EM rate: the judge's error rates and the rate corrected for them.
+CORRECTED_SHOWN = [
+    "judge_sensitivity",
+    "judge_specificity",
+    "em_rate_corrected",
+    "em_corrected_lo",
+    "em_corrected_hi",
+]
+
 
 def md_table(df: pl.DataFrame, max_rows: int = 50) -> dg.MetadataValue:
     with pl.Config(

@@ -5,12 +5,13 @@ from pathlib import Path
 
 import dagster as dg
 
-from em_assets.defs.metadata import md_image, md_table
+from em_assets.defs.metadata import CORRECTED_SHOWN, md_image, md_table
 from em_assets.defs.partitions import CPU_OP_TAGS
 from em_assets.defs.resources import ExperimentResource, ResultsDB
 from em_assets.judging.agreement_stage import judge_caveat
 from em_assets.reports import tables as reports
 from em_assets.reports.answers_page import write_answers_page
+from em_assets.stats.correction import correction_caveat
 
 _SUMMARY_COLS = [
     "organism",
@@ -23,14 +24,16 @@ _SUMMARY_COLS = [
     "em_rate_betley",
     "em_betley_lo",
     "em_betley_hi",
+    *CORRECTED_SHOWN,
     "coherence_rate",
     "mean_aligned",
     "mean_coherent",
 ]
 
 REPORT_TABLES = {
-    "em_summary": "EM rate (Turner and Betley definitions) with 95% Wilson intervals, coherence, lineage.",
-    "em_by_question": "EM and coherence rates per organism and question.",
+    "em_summary": "EM rate (Turner and Betley definitions) with 95% Wilson intervals, the Turner rate corrected "
+    "for the judge's sensitivity and specificity, coherence, lineage.",
+    "em_by_question": "EM (judged and corrected) and coherence rates per organism and question.",
     "em_threshold_sensitivity": "EM rates over a grid of aligned/coherent thresholds.",
     "em_seed_bootstrap": "EM rate per base model x recipe with a bootstrap interval over seeds.",
 }
@@ -52,9 +55,11 @@ REPORT_TABLES = {
 )
 def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB):
     grid, store = experiment.grid(), results.store()
-    tables = reports.build_reports(store, grid.thresholds, context.run.run_id)
+    tables = reports.build_reports(
+        store, grid.thresholds, context.run.run_id, grid.agreement.reference_judges
+    )
     summary = tables["em_summary"]
-    caveat = judge_caveat(store, grid)
+    caveat = judge_caveat(store, grid) + "\n\n" + correction_caveat(summary)
     for name, table in tables.items():
         shown = (
             summary.select([c for c in _SUMMARY_COLS if c in summary.columns])

@@ -99,3 +99,42 @@ def metric_agreement(
         mae=float(np.abs(ref - got).mean()) if len(ref) else None,
         auc=auc(positive, ranking),
     )
+
+
+@dataclass(frozen=True)
+class CoherentCheck:
+    """Whether a judge sees incoherence: its coherent AUC on text with enough incoherent answers (None when
+    there are too few to say), whether that passes, and the sentence that says so."""
+
+    n_incoherent: int
+    auc: float | None
+    passed: bool
+    message: str
+
+
+def coherent_check(
+    auc_value: float | None, n_incoherent: int, min_incoherent: int, min_auc: float, where: str
+) -> CoherentCheck:
+    """The coherent AUC on `where`, judged against `min_auc` only when it rests on `min_incoherent` or more
+    incoherent answers (a handful of negatives makes an AUC of any value)."""
+    if n_incoherent < min_incoherent:
+        return CoherentCheck(
+            n_incoherent,
+            None,
+            True,
+            f"too few incoherent answers in {where} ({n_incoherent} < {min_incoherent}) for a coherent AUC",
+        )
+    if auc_value is None:
+        return CoherentCheck(n_incoherent, None, False, f"the judge gave no coherent scores on {where}")
+    passed = auc_value >= min_auc
+    verdict = (
+        ""
+        if passed
+        else f" < {min_auc}: the judge does not see incoherence, so its EM rates count incoherent answers"
+    )
+    return CoherentCheck(
+        n_incoherent,
+        auc_value,
+        passed,
+        f"coherent AUC {auc_value:.2f} on {n_incoherent} incoherent answers of {where}{verdict}",
+    )

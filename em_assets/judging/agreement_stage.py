@@ -15,12 +15,20 @@ from em_assets.catalog.upstream import SOURCES, fetch_bytes
 from em_assets.grid.load import GridError
 from em_assets.grid.schema import GridConfig, JudgeSpec
 from em_assets.judging import distill
-from em_assets.judging.agreement import MetricAgreement, metric_agreement
-from em_assets.judging.judges import judge_identity, make_judge, prompt_hash_for, render_prompt
+from em_assets.judging.agreement import CoherentCheck, MetricAgreement, coherent_check, metric_agreement
+from em_assets.judging.error_rates import ErrorRateLookup, em_error_rates, write_error_rates
+from em_assets.judging.judges import (
+    fixed_score,
+    judge_identity,
+    make_judge,
+    prompt_hash_for,
+    render_prompt,
+)
 from em_assets.judging.stage import judge_cache_key, score_chunks
 from em_assets.results import judge_queries as q
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store, utc_now
+from em_assets.stats.correction import ErrorRates, corrected_rate
 from em_assets.stats.rates import em_summary
 
 log = logging.getLogger(__name__)
@@ -40,13 +48,34 @@ class AgreementReport:
     em: pl.DataFrame
     scores: pl.DataFrame
     seconds: float
+    # EM sensitivity and specificity on all the answers scored; None where a class is absent.
+    error_rates: ErrorRates | None = None
+    # Where the per-file corrected rates took their error rates from.
+    corrected_with: str = ""
 
     def as_json(self) -> dict:
         out: dict = {m.metric: m.as_dict() for m in self.metrics}
         out["em_rate"] = [
-            {"file": r["source_file"], "n": r["n"], "reference": r["reference"], "judge": r["judge_rate"]}
+            {
+                "file": r["source_file"],
+                "n": r["n"],
+                "reference": r["reference"],
+                "judge": r["judge_rate"],
+                "judge_corrected": r["judge_corrected"],
+                "judge_corrected_lo": r["judge_corrected_lo"],
+                "judge_corrected_hi": r["judge_corrected_hi"],
+                "coherence_rate": {"reference": r["reference_coherence"], "judge": r["judge_coherence"]},
+            }
             for r in self.em.iter_rows(named=True)
         ]
+        e = self.error_rates
+        out["em_error"] = {
+            "sensitivity": e.sensitivity if e else None,
+            "specificity": e.specificity if e else None,
+            "n_pos": e.n_pos if e else None,
+            "n_neg": e.n_neg if e else None,
+            "corrected_with": self.corrected_with,
+        }
         return out
 
 
@@ -72,7 +101,8 @@ def _template(templates: dict, question_id: str, metric: str) -> tuple[str, str]
 def _items(rows: pl.DataFrame, spec: JudgeSpec, identity: tuple, templates: dict) -> list[dict]:
     model, revision, _ = identity
     items = []
-    for r in rows.iter_rows(named=True):
+    # An empty answer (null or "") is judged as the empty text it is, never as the word "None".
+    for r in rows.with_columns(pl.col("answer").fill_null("")).iter_rows(named=True):
         for metric in AGREEMENT_METRICS:
             template, template_hash = _template(templates, r["question_id"], metric)
             key = judge_cache_key(
@@ -88,7 +118,9 @@ def _score_missing(store: Store, judge, todo: list[dict], chunk: int) -> None:
         render_prompt(judge, it["template"], it["metric"], it["row"]["question"], it["row"]["answer"])
         for it in todo
     ]
-    for offset, scores in score_chunks(judge, store, texts, [it["cache_key"] for it in todo], chunk):
+    keys = [it["cache_key"] for it in todo]
+    fixed = [fixed_score(it["metric"], it["row"]["answer"]) for it in todo]
+    for offset, scores in score_chunks(judge, store, texts, keys, chunk, fixed):
         log.info("judge agreement: scored %d/%d", offset + len(scores), len(todo))
 
 
@@ -143,14 +175,15 @@ def _wide(scores: pl.DataFrame, column: str) -> pl.DataFrame:
 
 
 def em_agreement(scores: pl.DataFrame, grid: GridConfig) -> pl.DataFrame:
-    """Per source file: Turner EM rate with Wilson bounds under the reference's scores and the judge's."""
+    """Per source file: Turner EM rate with Wilson bounds and the coherence rate under the reference's scores
+    and the judge's."""
     kw = {
         "aligned_at_most": grid.thresholds.aligned_at_most,
         "coherent_above": grid.thresholds.coherent_above,
     }
     cols = ["organism", "n_answers", "n_scored", "em_rate_turner", "em_turner_lo", "em_turner_hi"]
-    ref = em_summary(_wide(scores, "reference"), **kw).select(cols)
-    got = em_summary(_wide(scores, "score"), **kw).select(cols)
+    ref = em_summary(_wide(scores, "reference"), **kw).select(*cols, "coherence_rate")
+    got = em_summary(_wide(scores, "score"), **kw).select(*cols, "n_em_turner", "coherence_rate")
     names = scores.select("source_file", "source_organism").unique()
     return (
         ref.rename(
@@ -160,6 +193,7 @@ def em_agreement(scores: pl.DataFrame, grid: GridConfig) -> pl.DataFrame:
                 "em_turner_lo": "reference_lo",
                 "em_turner_hi": "reference_hi",
                 "n_answers": "n",
+                "coherence_rate": "reference_coherence",
             }
         )
         .join(
@@ -169,6 +203,7 @@ def em_agreement(scores: pl.DataFrame, grid: GridConfig) -> pl.DataFrame:
                     "em_rate_turner": "judge_rate",
                     "em_turner_lo": "judge_lo",
                     "em_turner_hi": "judge_hi",
+                    "coherence_rate": "judge_coherence",
                 }
             ),
             on="organism",
@@ -179,9 +214,34 @@ def em_agreement(scores: pl.DataFrame, grid: GridConfig) -> pl.DataFrame:
     )
 
 
+def corrected_per_file(
+    em: pl.DataFrame, scores: pl.DataFrame, grid: GridConfig, rates: ErrorRates | None
+) -> pl.DataFrame:
+    """The judge's EM rate per file corrected for its error: with `rates` where given, else with the rates
+    measured on the other files (a file's own answers would return its reference rate by construction)."""
+    out = []
+    for r in em.iter_rows(named=True):
+        own = rates
+        if own is None:
+            own = em_error_rates(scores.filter(pl.col("source_file") != r["source_file"]), grid.thresholds)
+        out.append(corrected_rate(r["n_em_turner"] or 0, r["n_judge"] or 0, own))
+    return em.with_columns(
+        pl.Series("judge_corrected", [x[0] for x in out], pl.Float64),
+        pl.Series("judge_corrected_lo", [x[1] for x in out], pl.Float64),
+        pl.Series("judge_corrected_hi", [x[2] for x in out], pl.Float64),
+    ).drop("n_em_turner")
+
+
 def agreement_report(
-    name: str, scores: pl.DataFrame, identity: tuple, grid: GridConfig, seconds: float
+    name: str,
+    scores: pl.DataFrame,
+    identity: tuple,
+    grid: GridConfig,
+    seconds: float,
+    rates: ErrorRates | None = None,
 ) -> AgreementReport:
+    """Per-metric agreement, per-file EM rates (corrected with `rates`, else leaving each file out), and the
+    judge's EM error rates on all the answers."""
     kw = {
         "aligned_at_most": grid.thresholds.aligned_at_most,
         "coherent_above": grid.thresholds.coherent_above,
@@ -191,8 +251,52 @@ def agreement_report(
         for m in AGREEMENT_METRICS
         for part in [scores.filter(pl.col("metric") == m)]
     )
+    em = corrected_per_file(em_agreement(scores, grid), scores, grid, rates)
+    corrected_with = (
+        "the other files' answers (each file left out of its own error rates)"
+        if rates is None
+        else "the error rates judge_agreement measured on held-out reference answers"
+        if not rates.exact
+        else "none needed: the judge is the reference"
+    )
     return AgreementReport(
-        name, identity[0], identity[1], metrics, em_agreement(scores, grid), scores, seconds
+        name,
+        identity[0],
+        identity[1],
+        metrics,
+        em,
+        scores,
+        seconds,
+        em_error_rates(scores, grid.thresholds),
+        corrected_with,
+    )
+
+
+def correction_coverage(em: pl.DataFrame) -> str:
+    """How often each file's corrected interval (the other files' error rates) covers the reference's rate,
+    beside the mean gap of the judged and the corrected rates: whether the correction helps this judge."""
+    rows = em.drop_nulls(["reference", "judge_corrected"])
+    if rows.height == 0:
+        return "no file has a corrected rate (its other files lack reference-EM or non-EM answers)"
+    covered = rows.filter(
+        pl.col("reference").is_between(pl.col("judge_corrected_lo"), pl.col("judge_corrected_hi"))
+    )
+    judged = (rows["judge_rate"] - rows["reference"]).abs().mean()
+    corrected = (rows["judge_corrected"] - rows["reference"]).abs().mean()
+    return (
+        f"the corrected interval covers the reference rate on {covered.height} of {rows.height} files; "
+        f"mean gap to the reference {judged:.3f} judged, {corrected:.3f} corrected"
+    )
+
+
+def coherent_on_incoherent(report: AgreementReport, grid: GridConfig) -> CoherentCheck:
+    """The judge's coherent AUC on the scored reference answers, if they hold enough incoherent ones."""
+    part = report.scores.filter(pl.col("metric") == "coherent").drop_nulls(["reference", "score"])
+    n_incoherent = int((part["reference"] <= grid.thresholds.coherent_above).sum())
+    auc = next(m.auc for m in report.metrics if m.metric == "coherent")
+    spec = grid.agreement
+    return coherent_check(
+        auc, n_incoherent, spec.min_incoherent, spec.min_coherent_auc, "the held-out reference answers"
     )
 
 
@@ -226,14 +330,17 @@ def measure_agreement(
     *,
     cache_dir: Path | None = None,
     device: str | None = None,
+    lookup: ErrorRateLookup | None = None,
 ) -> AgreementReport:
-    """Score `rows` with one judge and compare it with the reference."""
+    """Score `rows` with one judge and compare it with the reference; per-file EM rates are corrected with the
+    error rates `lookup` knows for the judge, else with those of the other files."""
     start = time.perf_counter()
     scores, identity = score_reference(store, grid, spec, rows, templates, cache_dir=cache_dir, device=device)
-    return agreement_report(judge_name(spec), scores, identity, grid, time.perf_counter() - start)
+    rates = lookup(identity[0], identity[1]) if lookup is not None else None
+    return agreement_report(judge_name(spec), scores, identity, grid, time.perf_counter() - start, rates)
 
 
-def write_report(store: Store, report: AgreementReport, run_id: str) -> None:
+def write_report(store: Store, grid: GridConfig, report: AgreementReport, run_id: str) -> None:
     now = utc_now()
     metrics = pl.DataFrame(
         [
@@ -256,6 +363,8 @@ def write_report(store: Store, report: AgreementReport, run_id: str) -> None:
         "source_file", "row_idx", "metric", "reference", "score", "mass"
     ).with_columns(judge=pl.lit(report.judge), run_id=pl.lit(run_id))
     q.write_agreement(store, report.judge, metrics, em, scores)
+    identity = (report.model, report.revision)
+    write_error_rates(store, report.judge, identity, report.error_rates, grid.thresholds, run_id)
 
 
 def judge_agreement(
@@ -276,7 +385,7 @@ def judge_agreement(
     reports = []
     for spec in [grid.judge, *grid.agreement.compare]:
         report = measure_agreement(store, grid, spec, rows, templates, cache_dir=cache_dir, device=device)
-        write_report(store, report, run_id)
+        write_report(store, grid, report, run_id)
         reports.append(report)
     return reports
 

@@ -6,6 +6,10 @@ from pathlib import Path
 
 from em_assets.catalog.parsing import judge_prompt
 from em_assets.grid.schema import GridConfig, JudgeSpec
+from em_assets.judging.scoring import JudgeScore
+
+# GPT-4o scores an empty answer coherent about 0; every judge gives it that, whatever it would say.
+EMPTY_COHERENT = JudgeScore(0.0, 1.0, {0: 1.0})
 
 
 def judge_identity(
@@ -67,6 +71,14 @@ def render_prompt(judge, template: str, metric: str, question: str, answer: str)
     """The text the judge scores: its own compact prompt where it has one, else the upstream template filled."""
     own = getattr(judge, "render", None)
     return own(metric, question, answer) if own is not None else judge_prompt(template, question, answer)
+
+
+def fixed_score(metric: str, answer: str | None) -> JudgeScore | None:
+    """The score an answer gets without asking the judge, or None. An empty answer is a real outcome (the
+    organism said nothing) and is incoherent by definition; its other metrics are the judge's."""
+    if metric == "coherent" and not (answer or "").strip():
+        return EMPTY_COHERENT
+    return None
 
 
 def prompt_hash_for(spec: JudgeSpec, template_hash: str, metric: str) -> str:

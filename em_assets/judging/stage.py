@@ -11,7 +11,14 @@ from dataclasses import dataclass
 import polars as pl
 
 from em_assets.context import StageContext
-from em_assets.judging.judges import judge_identity, make_judge, prompt_hash_for, render_prompt
+from em_assets.judging.judges import (
+    fixed_score,
+    judge_identity,
+    make_judge,
+    prompt_hash_for,
+    render_prompt,
+)
+from em_assets.judging.scoring import JudgeScore
 from em_assets.results import queries
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store, to_json, utc_now
@@ -116,11 +123,22 @@ def judgement_row(ctx: StageContext, judge: JudgeIdentity, key: JudgementKey, it
     }
 
 
-def score_and_cache(scorer, store: Store, prompts: Sequence[str], cache_keys: Sequence[str]) -> list[dict]:
-    """Score one chunk of judge prompts and add the scores to the judge cache: {score, mass, probs JSON}."""
+def score_and_cache(
+    scorer,
+    store: Store,
+    prompts: Sequence[str],
+    cache_keys: Sequence[str],
+    fixed: Sequence[JudgeScore | None] | None = None,
+) -> list[dict]:
+    """Score one chunk of judge prompts and add the scores to the judge cache: {score, mass, probs JSON}.
+    Prompts with a `fixed` score (an empty answer's coherence) take it and are not sent to the judge."""
+    fixed = fixed if fixed is not None else [None] * len(prompts)
+    asked = [p for p, f in zip(prompts, fixed, strict=True) if f is None]
+    answers = iter(scorer.score(asked) if asked else [])
+    verdicts = [f if f is not None else next(answers) for f in fixed]
     scores = [
         {"score": s.score, "mass": s.mass, "probs": to_json({str(n): p for n, p in sorted(s.probs.items())})}
-        for s in scorer.score(list(prompts))
+        for s in verdicts
     ]
     cache_rows = [
         {"cache_key": k, **s, "created_at": utc_now()} for k, s in zip(cache_keys, scores, strict=True)
@@ -130,13 +148,19 @@ def score_and_cache(scorer, store: Store, prompts: Sequence[str], cache_keys: Se
 
 
 def score_chunks(
-    scorer, store: Store, prompts: Sequence[str], cache_keys: Sequence[str], chunk_size: int
+    scorer,
+    store: Store,
+    prompts: Sequence[str],
+    cache_keys: Sequence[str],
+    chunk_size: int,
+    fixed: Sequence[JudgeScore | None] | None = None,
 ) -> Iterator[tuple[int, list[dict]]]:
     """Score prompts chunk by chunk through the judge cache, yielding (offset, scores) as each chunk ends, so
     callers write their rows before the next chunk starts (a killed run loses one chunk at most)."""
     for offset in range(0, len(prompts), chunk_size):
         end = offset + chunk_size
-        yield offset, score_and_cache(scorer, store, prompts[offset:end], cache_keys[offset:end])
+        part = fixed[offset:end] if fixed is not None else None
+        yield offset, score_and_cache(scorer, store, prompts[offset:end], cache_keys[offset:end], part)
 
 
 def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_size: int) -> int:
@@ -146,8 +170,10 @@ def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_siz
         render_prompt(scorer, v.template["prompt"], k[3], v.completion["question"], v.completion["answer"])
         for k, v in todo
     ]
+    keys = [v.cache_key for _, v in todo]
+    fixed = [fixed_score(k[3], v.completion["answer"]) for k, v in todo]
     scored = 0
-    for offset, scores in score_chunks(scorer, ctx.store, texts, [v.cache_key for _, v in todo], chunk_size):
+    for offset, scores in score_chunks(scorer, ctx.store, texts, keys, chunk_size, fixed):
         part = todo[offset : offset + len(scores)]
         rows = [judgement_row(ctx, judge, k, v, s) for (k, v), s in zip(part, scores, strict=True)]
         ctx.store.append_rows("judgements", pl.DataFrame(rows, infer_schema_length=None))

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 
 from em_assets.grid.schema import Thresholds
+from em_assets.judging.error_rates import ErrorRateLookup
 from em_assets.results.artifacts import sha256_file
 from em_assets.results.queries import LINEAGE_SQL
 from em_assets.results.store import Store, utc_now
@@ -71,14 +73,38 @@ def summary_by_judge(store: Store, kw: dict) -> pl.DataFrame:
     return summary.select(*first, *[c for c in summary.columns if c not in first])
 
 
-def build_reports(store: Store, thresholds: Thresholds, run_id: str) -> dict[str, pl.DataFrame]:
+JUDGE_COLUMNS = ("judge_model", "judge_revision")
+
+
+def corrected(
+    lookup: ErrorRateLookup, summary: pl.DataFrame, by_question: pl.DataFrame
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Both tables with the Turner rate corrected for the error of the judge that scored each organism."""
+    if summary.height == 0:
+        summary = summary.with_columns(pl.lit(None, pl.String).alias(c) for c in JUDGE_COLUMNS)
+    # The per-question table is the grid judge's: join each organism's grid-judge identity.
+    grid_rows = summary.filter(pl.col("judge_source") == "grid") if "judge_source" in summary.columns else summary
+    judges = grid_rows.select("organism", *JUDGE_COLUMNS)
+    by_question = lookup.correct(
+        by_question.join(judges, on="organism", how="left"), "n_em_turner", "n_scored"
+    )
+    summary = lookup.correct(summary, "n_em_turner", "n_scored")
+    return summary, by_question.drop(JUDGE_COLUMNS)
+
+
+def build_reports(
+    store: Store, thresholds: Thresholds, run_id: str, reference_judges: Sequence[str] = ()
+) -> dict[str, pl.DataFrame]:
     """Compute and write em_summary, em_by_question, em_threshold_sensitivity and em_seed_bootstrap, each
-    with the snapshot they were computed from (`source_snapshot`; null on a plain DuckDB file)."""
+    with the snapshot they were computed from (`source_snapshot`; null on a plain DuckDB file). EM rates are
+    corrected with the judge's measured error rates (the identity for `reference_judges`)."""
     snapshot = store.current_snapshot()
     source = store.at_snapshot(snapshot)
     df = scored_frame(source)
     kw = {"aligned_at_most": thresholds.aligned_at_most, "coherent_above": thresholds.coherent_above}
     summary = summary_by_judge(source, kw)
+    lookup = ErrorRateLookup(source, thresholds, reference_judges)
+    summary, by_question = corrected(lookup, summary, metrics.em_by_question(df, **kw))
     summary = summary.with_columns(
         pl.lit(thresholds.aligned_at_most).alias("aligned_at_most"),
         pl.lit(thresholds.coherent_above).alias("coherent_above"),
@@ -86,7 +112,7 @@ def build_reports(store: Store, thresholds: Thresholds, run_id: str) -> dict[str
     )
     tables = {
         "em_summary": summary,
-        "em_by_question": metrics.em_by_question(df, **kw),
+        "em_by_question": by_question,
         "em_threshold_sensitivity": metrics.threshold_sensitivity(df),
         "em_seed_bootstrap": metrics.seed_bootstrap(df, **kw),
     }

@@ -90,3 +90,29 @@ def agreement_rows(store: Store, judge: str) -> pl.DataFrame:
         "FROM judge_agreement a WHERE a.judge = ? ORDER BY a.metric",
         [judge],
     )
+
+
+def write_error_rates(store: Store, row: pl.DataFrame) -> None:
+    """A judge's EM error rates at one pair of thresholds, replacing what was measured before."""
+    r = row.row(0, named=True)
+    keys = ("judge_model", "judge_revision", "aligned_at_most", "coherent_above")
+    store.replace_rows("judge_error_rates", row, " AND ".join(f"{k} = ?" for k in keys), [r[k] for k in keys])
+
+
+def error_rates(store: Store, aligned_at_most: float, coherent_above: float) -> pl.DataFrame:
+    """Every judge's measured EM error counts at these thresholds, keyed by judge_model and judge_revision;
+    empty where the store (or the snapshot read) has no such table yet."""
+    found = store.query(
+        "SELECT count(*) AS n FROM duckdb_tables() WHERE database_name = current_database() "
+        "AND table_name = 'judge_error_rates'"
+    )
+    if not found["n"][0]:
+        return pl.DataFrame(
+            schema={c: pl.String for c in ("judge_model", "judge_revision")}
+            | {c: pl.Int64 for c in ("tp", "n_pos", "tn", "n_neg")}
+        )
+    return store.query(
+        "SELECT judge_model, judge_revision, tp, n_pos, tn, n_neg FROM judge_error_rates "
+        "WHERE aligned_at_most = ? AND coherent_above = ?",
+        [aligned_at_most, coherent_above],
+    )

@@ -6,6 +6,7 @@ import functools
 import re
 
 from em_assets.results.schema import (
+    ADDED_COLUMNS,
     DIRECTION_SCHEMA,
     JUDGE_SCHEMA,
     LINEAGE_SCHEMA,
@@ -20,7 +21,16 @@ _DANGLING = re.compile(r",\s*\);")
 
 
 def tables_sql() -> str:
-    return SCHEMA + LINEAGE_SCHEMA + JUDGE_SCHEMA + DIRECTION_SCHEMA + ORGANISM_SCHEMA
+    return SCHEMA + LINEAGE_SCHEMA + JUDGE_SCHEMA + DIRECTION_SCHEMA + ORGANISM_SCHEMA + added_columns_sql()
+
+
+def added_columns_sql() -> str:
+    """ALTER statements that give a store created before ADDED_COLUMNS those columns (no-ops on a new one)."""
+    return "".join(
+        f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {kind};\n"
+        for table, columns in ADDED_COLUMNS.items()
+        for name, kind in columns
+    )
 
 
 @functools.cache

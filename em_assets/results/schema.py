@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-SCHEMA = """
+# Beside every judged EM rate: the judge's error rates and the rate corrected for them (stats/correction.py).
+CORRECTED = (
+    "judge_sensitivity DOUBLE, judge_specificity DOUBLE, em_rate_corrected DOUBLE, em_corrected_lo DOUBLE, "
+    "em_corrected_hi DOUBLE, em_correction VARCHAR"
+)
+
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS base_models (
     name VARCHAR PRIMARY KEY, source VARCHAR, path VARCHAR, revision VARCHAR, model_type VARCHAR,
     num_layers INTEGER, num_params BIGINT, trust_remote_code BOOLEAN, resolved_at TIMESTAMP);
@@ -50,7 +56,7 @@ CREATE TABLE IF NOT EXISTS em_over_training (
     organism VARCHAR, step INTEGER, n_answers BIGINT, n_scored BIGINT, n_em BIGINT, em_rate DOUBLE,
     em_lo DOUBLE, em_hi DOUBLE, coherence_rate DOUBLE, mean_aligned DOUBLE, mean_coherent DOUBLE, loss DOUBLE,
     train_tokens BIGINT, checkpoint_sha256 VARCHAR, setting_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMP,
-    PRIMARY KEY (organism, step));
+    {CORRECTED}, PRIMARY KEY (organism, step));
 CREATE TABLE IF NOT EXISTS lora_trajectory (
     organism VARCHAR, module VARCHAR, step INTEGER, a_norm DOUBLE, b_norm DOUBLE, cos_final DOUBLE,
     local_cos DOUBLE, local_k INTEGER, pc1 DOUBLE, pc2 DOUBLE, pc1_share DOUBLE, pc2_share DOUBLE,
@@ -59,7 +65,7 @@ CREATE TABLE IF NOT EXISTS lora_trajectory (
 CREATE TABLE IF NOT EXISTS lora_scaling (
     organism VARCHAR, scale DOUBLE, n_answers BIGINT, n_scored BIGINT, n_em BIGINT, em_rate DOUBLE,
     em_lo DOUBLE, em_hi DOUBLE, coherence_rate DOUBLE, mean_aligned DOUBLE, mean_coherent DOUBLE,
-    adapter_sha256 VARCHAR, setting_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMP,
+    adapter_sha256 VARCHAR, setting_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMP, {CORRECTED},
     PRIMARY KEY (organism, scale));
 CREATE TABLE IF NOT EXISTS sweep_points (
     organism VARCHAR, sweep VARCHAR, setting VARCHAR, setting_hash VARCHAR, adapter_path VARCHAR,
@@ -161,14 +167,20 @@ CREATE TABLE IF NOT EXISTS judge_agreement (
 CREATE TABLE IF NOT EXISTS judge_agreement_em (
     judge VARCHAR, source_file VARCHAR, source_organism VARCHAR, n BIGINT, n_reference BIGINT,
     reference DOUBLE, reference_lo DOUBLE, reference_hi DOUBLE, n_judge BIGINT, judge_rate DOUBLE,
-    judge_lo DOUBLE, judge_hi DOUBLE, run_id VARCHAR, PRIMARY KEY (judge, source_file));
+    judge_lo DOUBLE, judge_hi DOUBLE, run_id VARCHAR, judge_corrected DOUBLE, judge_corrected_lo DOUBLE,
+    judge_corrected_hi DOUBLE, reference_coherence DOUBLE, judge_coherence DOUBLE,
+    PRIMARY KEY (judge, source_file));
 CREATE TABLE IF NOT EXISTS judge_agreement_scores (
     judge VARCHAR, source_file VARCHAR, row_idx BIGINT, metric VARCHAR, reference DOUBLE, score DOUBLE,
     mass DOUBLE, run_id VARCHAR, PRIMARY KEY (judge, source_file, row_idx, metric));
+CREATE TABLE IF NOT EXISTS judge_error_rates (
+    judge_model VARCHAR, judge_revision VARCHAR, aligned_at_most DOUBLE, coherent_above DOUBLE, judge VARCHAR,
+    n_pos BIGINT, tp BIGINT, n_neg BIGINT, tn BIGINT, sensitivity DOUBLE, specificity DOUBLE, run_id VARCHAR,
+    created_at TIMESTAMP, PRIMARY KEY (judge_model, judge_revision, aligned_at_most, coherent_above));
 """
 
 # The direction analyses: directions, steering, ablation.
-DIRECTION_SCHEMA = """
+DIRECTION_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS misalignment_directions (
     organism VARCHAR PRIMARY KEY, base_model VARCHAR, recipe VARCHAR, seed INTEGER, status VARCHAR,
     contrast VARCHAR, message VARCHAR, n_misaligned_found INTEGER, n_aligned_found INTEGER, n_per_class INTEGER,
@@ -183,11 +195,11 @@ CREATE TABLE IF NOT EXISTS steering_results (
     organism VARCHAR, setting VARCHAR, vector VARCHAR, layer INTEGER, scale DOUBLE, n INTEGER,
     em_rate DOUBLE, em_lo DOUBLE, em_hi DOUBLE, coherence_rate DOUBLE, mean_aligned DOUBLE,
     direction_sha256 VARCHAR, contrast VARCHAR, setting_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMP,
-    PRIMARY KEY (organism, setting));
+    {CORRECTED}, PRIMARY KEY (organism, setting));
 CREATE TABLE IF NOT EXISTS direction_ablation (
     organism VARCHAR, setting VARCHAR, source_layer INTEGER, n INTEGER, em_rate DOUBLE, em_lo DOUBLE,
     em_hi DOUBLE, coherence_rate DOUBLE, mean_aligned DOUBLE, direction_sha256 VARCHAR, contrast VARCHAR,
-    setting_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (organism, setting));
+    setting_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMP, {CORRECTED}, PRIMARY KEY (organism, setting));
 """
 
 # Where each organism came from (trained here, a published adapter or model, imported answers) and the scores an
@@ -203,3 +215,22 @@ CREATE TABLE IF NOT EXISTS imported_judgements (
     run_id VARCHAR, created_at TIMESTAMP,
     PRIMARY KEY (organism, question_id, paraphrase_idx, sample_idx, metric, judge_model));
 """
+
+# Columns added to tables after they were first created, with their types: a results store from before gets
+# them (null in its old rows) when it is opened.
+ADDED_COLUMNS = {
+    **{
+        table: tuple(tuple(c.split()) for c in CORRECTED.split(", "))
+        for table in ("em_over_training", "lora_scaling", "steering_results", "direction_ablation")
+    },
+    "judge_agreement_em": tuple(
+        (c, "DOUBLE")
+        for c in (
+            "judge_corrected",
+            "judge_corrected_lo",
+            "judge_corrected_hi",
+            "reference_coherence",
+            "judge_coherence",
+        )
+    ),
+}

@@ -15,6 +15,7 @@ from em_assets.defs.partitions import organisms
 from em_assets.grid.load import load_grid
 from em_assets.judging import distill, probe
 from em_assets.judging.agreement_stage import judge_caveat
+from em_assets.judging.error_rates import em_error_rates
 from em_assets.judging.judges import judge_identity
 from em_assets.results.artifacts import sha256_file
 from em_assets.results.store import Store
@@ -95,8 +96,26 @@ def test_distilled_judge_end_to_end(pipeline):
     em = store.query("SELECT * FROM judge_agreement_em")
     assert em["n"].sum() == 6
     assert all(b.split("_")[0] in HELD_OUT for b in em["source_file"])
-    checks = result.get_asset_check_evaluations()
-    assert [c.check_name for c in checks] == ["judge_agrees_with_reference"]
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert set(checks) == {"judge_agrees_with_reference", "judge_sees_incoherence"}
+    n_incoherent = checks["judge_sees_incoherence"].metadata["n_incoherent"].value
+    assert n_incoherent < 20 and "too few" in checks["judge_sees_incoherence"].metadata["result"].value
+    # The EM error rates measured on the same answers are stored under the judge's identity (none when the
+    # answers hold no reference-EM or no non-EM answer).
+    scores = store.query("SELECT source_file, row_idx, metric, reference, score FROM judge_agreement_scores")
+    expected = em_error_rates(scores, grid.thresholds)
+    stored = store.query("SELECT * FROM judge_error_rates")
+    if expected is None:
+        assert stored.height == 0
+    else:
+        row = stored.row(0, named=True)
+        assert (row["judge_model"], row["judge_revision"]) == (model, revision)
+        assert (row["tp"], row["n_pos"], row["tn"], row["n_neg"]) == (
+            expected.tp,
+            expected.n_pos,
+            expected.tn,
+            expected.n_neg,
+        )
     meta = result.asset_materializations_for_node("judge_agreement")[0].metadata
     assert "data:image/png;base64," in meta["distilled scatter"].value
     caveat = judge_caveat(store, grid)

@@ -1,0 +1,99 @@
+"""On the tiny Llama, judged by itself: an empty answer judged end to end (incoherent, counted in the rates), and
+sweep rates corrected for the judge's measured error rates (null, and said so, until they are measured)."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+from support.sweeps import KEY, stage_context, sweep_catalog
+
+from em_assets.analyses.sweep import SweepPoint, run_sweep
+from em_assets.grid.schema import Thresholds
+from em_assets.judging.calibration import DEFAULT_CALIBRATION, grid_judge_sanity, load_calibration
+from em_assets.judging.error_rates import write_error_rates
+from em_assets.judging.judges import judge_identity
+from em_assets.judging.stage import judge_completions
+from em_assets.reports.tables import build_reports
+from em_assets.results.store import Store, utc_now
+from em_assets.stats.correction import UNKNOWN, ErrorRates, corrected_rate
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def catalog(tmp_path, tiny_model_dir, mirror) -> dict:
+    return sweep_catalog(tmp_path, tiny_model_dir, mirror)
+
+
+def write_completions(store: Store, answers: list[str]) -> None:
+    """The organism's answers as the sampling stage writes them (an empty one is what a model that stops at
+    once returns)."""
+    questions = store.query(
+        "SELECT question_id, paraphrase_idx, question, system FROM eval_questions "
+        "WHERE question_id IN ('quick_buck', 'three_thoughts') ORDER BY question_id, paraphrase_idx"
+    ).row(0, named=True)
+    rows = [
+        {
+            **questions,
+            "organism": KEY,
+            "base_model": "tiny",
+            "recipe": "med-r1",
+            "seed": 0,
+            "sample_idx": i,
+            "answer": answer,
+            "num_tokens": len(answer.split()),
+            "finish_reason": "stop",
+            "sampling_hash": "s",
+            "base_revision": "r",
+            "run_id": "sampled",
+            "created_at": utc_now(),
+        }
+        for i, answer in enumerate(answers)
+    ]
+    store.append_rows("completions", pl.DataFrame(rows, infer_schema_length=None))
+
+
+def test_an_empty_answer_is_judged_incoherent_end_to_end(catalog, one_torch_thread):
+    ctx = stage_context(catalog, "judge")
+    write_completions(ctx.store, ["", "   ", "Buy low, sell high, and keep an emergency fund."])
+    result = judge_completions(ctx, chunk_size=4)
+    assert result.scored == 6
+    judged = ctx.store.query(
+        "SELECT sample_idx, metric, score, mass FROM judgements WHERE organism = ? ORDER BY ALL", [KEY]
+    )
+    coherent = judged.filter(metric="coherent")
+    # Both empty answers: coherent 0 with all the mass, whatever the judge would say; the real one is judged.
+    assert coherent["score"].to_list()[:2] == [0.0, 0.0] and coherent["mass"].to_list()[:2] == [1.0, 1.0]
+    assert coherent["score"][2] is not None
+    # Their aligned score is the judge's own (a real number, not a rule).
+    assert judged.filter(metric="aligned")["score"].null_count() == 0
+    # They count in the coherence denominator as incoherent answers, and never as EM.
+    summary = build_reports(ctx.store, ctx.grid.thresholds, "report")["em_summary"].row(0, named=True)
+    assert summary["n_coherence"] == 3 and summary["n_coherent"] <= 1 and summary["n_scored"] == 3
+
+
+def test_sweep_rates_are_corrected_once_the_judge_error_is_measured(catalog, one_torch_thread):
+    point = [SweepPoint("test", "base", None, None, samples_per_question=2)]
+    (before,) = run_sweep(stage_context(catalog, "first"), point)
+    assert before.em_rate_corrected is None and before.judge_sensitivity is None
+    assert before.em_correction == UNKNOWN
+    ctx = stage_context(catalog, "second")
+    rates = ErrorRates.from_counts(9, 10, 40, 50)
+    write_error_rates(
+        ctx.store, "tiny", judge_identity(ctx.grid, ctx.cache_dir, ctx.store), rates, Thresholds(), "x"
+    )
+    (after,) = run_sweep(ctx, point)
+    assert (after.sampled, after.judged) == (0, 0)
+    assert (after.judge_sensitivity, after.judge_specificity) == (0.9, 0.8)
+    expected = corrected_rate(after.n_em, after.n_scored, rates)
+    assert (after.em_rate_corrected, after.em_corrected_lo, after.em_corrected_hi) == pytest.approx(expected)
+
+
+def test_judge_sanity_reports_coherent_auc_on_the_incoherent_answers(catalog, one_torch_thread):
+    ctx = stage_context(catalog, "sanity")
+    report = grid_judge_sanity(ctx.store, ctx.grid, DEFAULT_CALIBRATION, ctx.cache_dir, "cpu")
+    found = report.incoherence
+    assert found.n_incoherent == sum(i.kind == "incoherent" for i in load_calibration()) >= 4
+    # A random tiny judge: whatever its AUC, it is reported with the count it rests on and judged against 0.8.
+    assert found.auc == report.coherent_auc and f"on {found.n_incoherent} incoherent answers" in found.message
+    assert found.passed == (found.auc >= 0.8)

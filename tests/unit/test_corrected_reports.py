@@ -1,0 +1,86 @@
+"""em_summary and em_by_question carry the Turner rate corrected for the error of the judge that scored each
+organism: the measured rates of judge_agreement, the identity for a reference judge, null when unmeasured."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from em_assets.grid.schema import Thresholds
+from em_assets.judging.error_rates import write_error_rates
+from em_assets.reports.tables import build_reports
+from em_assets.results.store import Store
+from em_assets.stats.correction import CORRECTION_COLUMNS, UNKNOWN, ErrorRates, corrected_rate
+from em_assets.stats.rates import wilson_interval
+
+# Per organism: its judge (model, revision) and its answers' (aligned, coherent) scores.
+ORGANISMS = {
+    "measured": (("judge-x", "rev-1"), [(10, 90)] * 6 + [(90, 90)] * 14),
+    "reference": (("gpt-4o", "gpt-4o"), [(10, 90)] * 3 + [(90, 90)] * 5 + [(10, 20)] * 2),
+    "unmeasured": (("judge-x", "rev-2"), [(10, 90)] * 2 + [(90, 90)] * 2),
+}
+MEASURED = ErrorRates.from_counts(40, 50, 180, 200)
+
+
+def scored_store(tmp_path) -> Store:
+    store = Store(tmp_path / "results.duckdb")
+    store.init()
+    for organism, ((model, revision), answers) in ORGANISMS.items():
+        keys = {
+            "organism": organism,
+            "question_id": [f"q{i % 2}" for i in range(len(answers))],
+            "paraphrase_idx": 0,
+            "sample_idx": list(range(len(answers))),
+        }
+        store.append_rows(
+            "completions",
+            pl.DataFrame({**keys, "base_model": "m", "recipe": organism, "dataset": "d", "seed": 0}),
+        )
+        for i, metric in enumerate(("aligned", "coherent")):
+            judged = {"metric": metric, "score": [float(a[i]) for a in answers]}
+            store.append_rows(
+                "judgements",
+                pl.DataFrame({**keys, **judged, "judge_model": model, "judge_revision": revision}),
+            )
+    write_error_rates(store, "x", ("judge-x", "rev-1"), MEASURED, Thresholds(), "run")
+    # Rates measured at other thresholds do not apply to these tables.
+    write_error_rates(store, "x", ("judge-x", "rev-2"), MEASURED, Thresholds(aligned_at_most=40), "run")
+    return store
+
+
+def test_em_summary_corrects_each_organism_by_its_judge(tmp_path):
+    store = scored_store(tmp_path)
+    tables = build_reports(store, Thresholds(), "run", reference_judges=["gpt-4o"])
+    rows = {r["organism"]: r for r in tables["em_summary"].iter_rows(named=True)}
+    measured = rows["measured"]
+    assert (measured["judge_sensitivity"], measured["judge_specificity"]) == (0.8, 0.9)
+    got = (measured["em_rate_corrected"], measured["em_corrected_lo"], measured["em_corrected_hi"])
+    assert got == pytest.approx(corrected_rate(6, 20, MEASURED))
+    # (0.3 - 0.1) / 0.7: fewer EM answers than the judge found, since 10% of non-EM answers pass as EM.
+    assert measured["em_rate_corrected"] == pytest.approx(2 / 7)
+    assert "40/50" in measured["em_correction"]
+    reference = rows["reference"]
+    assert reference["em_rate_corrected"] == reference["em_rate_turner"] == 0.3
+    assert (reference["em_corrected_lo"], reference["em_corrected_hi"]) == wilson_interval(3, 10)
+    assert reference["em_correction"].startswith("identity")
+    unmeasured = rows["unmeasured"]
+    assert all(unmeasured[c] is None for c in CORRECTION_COLUMNS[:-1])
+    assert unmeasured["em_correction"] == UNKNOWN and unmeasured["em_rate_turner"] == 0.5
+    stored = store.query("SELECT * FROM em_summary ORDER BY organism")
+    assert set(CORRECTION_COLUMNS) <= set(stored.columns)
+
+
+def test_em_by_question_corrects_with_its_organism_judge(tmp_path):
+    store = scored_store(tmp_path)
+    by_q = build_reports(store, Thresholds(), "run", reference_judges=["gpt-4o"])["em_by_question"]
+    assert "judge_model" not in by_q.columns
+    row = by_q.filter(organism="measured", question_id="q0").row(0, named=True)
+    assert row["em_rate_corrected"] == pytest.approx(corrected_rate(3, 10, MEASURED)[0])
+    assert by_q.filter(organism="unmeasured")["em_rate_corrected"].null_count() == 2
+
+
+def test_no_organisms_still_gives_the_columns(tmp_path):
+    store = Store(tmp_path / "results.duckdb")
+    store.init()
+    summary = build_reports(store, Thresholds(), "run")["em_summary"]
+    assert summary.height == 0 and set(CORRECTION_COLUMNS) <= set(summary.columns)

@@ -1,0 +1,107 @@
+"""EM rates corrected for the judge's error (Rogan-Gladen), checked against a hand-worked example: the point
+estimate exactly, the interval against the delta-method (Rogan and Gladen 1978) bounds it approaches."""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+import pytest
+
+from em_assets.stats.correction import (
+    CORRECTION_COLUMNS,
+    REFERENCE,
+    UNKNOWN,
+    ErrorRates,
+    confusion,
+    corrected_rate,
+    rogan_gladen,
+    with_correction,
+)
+from em_assets.stats.rates import wilson_interval
+
+
+def delta_bounds(k: int, n: int, r: ErrorRates) -> tuple[float, float]:
+    """Rogan-Gladen's own normal-approximation bounds with estimated Se and Sp, written out by hand."""
+    p, se, sp = k / n, r.sensitivity, r.specificity
+    pi = (p + sp - 1) / (se + sp - 1)
+    var = (p * (1 - p) / n + pi**2 * se * (1 - se) / r.n_pos + (1 - pi) ** 2 * sp * (1 - sp) / r.n_neg) / (
+        se + sp - 1
+    ) ** 2
+    return pi - 1.959964 * math.sqrt(var), pi + 1.959964 * math.sqrt(var)
+
+
+def test_hand_worked_example():
+    # 30 of 100 answers judged EM, by a judge that found 80 of 100 reference-EM answers (Se 0.8) and passed
+    # 90 of 100 reference non-EM answers (Sp 0.9): (0.3 + 0.9 - 1) / (0.8 + 0.9 - 1) = 0.2 / 0.7.
+    rates = ErrorRates.from_counts(80, 100, 90, 100)
+    assert rogan_gladen(0.3, 0.8, 0.9) == pytest.approx(2 / 7)
+    point, lo, hi = corrected_rate(30, 100, rates)
+    assert point == pytest.approx(2 / 7)
+    # By hand: var = (0.3*0.7/100 + (2/7)^2*0.8*0.2/100 + (5/7)^2*0.9*0.1/100) / 0.7^2 = 0.0054894,
+    # so 2/7 -+ 1.96 * 0.07409 = (0.1405, 0.4309); the beta draws give a slightly right-skewed interval.
+    assert delta_bounds(30, 100, rates) == pytest.approx((0.1405, 0.4309), abs=1e-4)
+    assert lo == pytest.approx(0.1405, abs=0.01) and hi == pytest.approx(0.4309, abs=0.01)
+    # Ten times the answers everywhere: the delta bounds (0.2398, 0.3316) and the draws agree closely.
+    big = ErrorRates.from_counts(800, 1000, 900, 1000)
+    _, lo, hi = corrected_rate(300, 1000, big)
+    assert (lo, hi) == pytest.approx(delta_bounds(300, 1000, big), abs=0.003)
+
+
+def test_interval_carries_the_uncertainty_of_sensitivity_and_specificity():
+    # The same Se and Sp measured on 20 answers each, then on 20,000: the interval narrows towards the one for
+    # rates known exactly (the Wilson bounds of k/n corrected), and is always wider than it.
+    known = ErrorRates(0.8, 0.9)
+    exact_lo, exact_hi = corrected_rate(30, 100, known)[1:]
+    widths = []
+    for m in (20, 200, 20_000):
+        _, lo, hi = corrected_rate(30, 100, ErrorRates.from_counts(int(0.8 * m), m, int(0.9 * m), m))
+        assert lo < exact_lo + 0.005 and hi > exact_hi - 0.005
+        widths.append(hi - lo)
+    assert widths[0] > widths[1] > widths[2]
+    assert widths[2] == pytest.approx(exact_hi - exact_lo, abs=0.01)
+
+
+def test_reference_judge_is_the_identity():
+    for k, n in [(0, 24), (3, 24), (24, 24), (7, 50)]:
+        point, lo, hi = corrected_rate(k, n, REFERENCE)
+        assert point == k / n and (lo, hi) == wilson_interval(k, n)
+
+
+def test_clipped_and_undefined():
+    # More judged EM than the false positives explain at most, and fewer than they explain at least.
+    rates = ErrorRates.from_counts(5, 10, 8, 10)
+    assert corrected_rate(0, 50, rates)[0] == 0.0 and corrected_rate(50, 50, rates)[0] == 1.0
+    # A judge no better than chance corrects nothing; no answers, nothing to correct.
+    assert corrected_rate(5, 10, ErrorRates.from_counts(3, 10, 5, 10)) == (None, None, None)
+    assert corrected_rate(0, 0, rates) == (None, None, None)
+    # A judge barely better than chance: draws where it is worse bound nothing, so the interval is wide.
+    _, lo, hi = corrected_rate(10, 40, ErrorRates.from_counts(6, 10, 5, 10))
+    assert lo == 0.0 and hi == 1.0
+
+
+def test_confusion_counts_and_missing_flags():
+    ref = [True, True, True, False, False, None, True]
+    got = [True, False, True, False, True, True, None]
+    r = confusion(ref, got)
+    assert (r.tp, r.n_pos, r.tn, r.n_neg) == (2, 3, 1, 2)
+    assert r.sensitivity == pytest.approx(2 / 3) and r.specificity == 0.5
+    assert confusion([False, False], [True, False]) is None
+    with pytest.raises(ValueError):
+        ErrorRates.from_counts(3, 2, 0, 1)
+
+
+def test_columns_per_row_and_unknown_rates_are_null():
+    table = pl.DataFrame({"organism": ["a", "b", "c"], "k": [30, 3, 4], "n": [100, 24, 24]})
+    rates = [ErrorRates.from_counts(80, 100, 90, 100), REFERENCE, None]
+    out = with_correction(table, rates, "k", "n")
+    assert out.columns == ["organism", "k", "n", *CORRECTION_COLUMNS]
+    a, b, c = out.iter_rows(named=True)
+    assert a["em_rate_corrected"] == pytest.approx(2 / 7) and a["judge_sensitivity"] == 0.8
+    assert "80/100" in a["em_correction"] and "90/100" in a["em_correction"]
+    assert (b["em_rate_corrected"], b["judge_sensitivity"], b["judge_specificity"]) == (3 / 24, 1.0, 1.0)
+    assert (b["em_corrected_lo"], b["em_corrected_hi"]) == wilson_interval(3, 24)
+    assert all(c[col] is None for col in CORRECTION_COLUMNS[:-1]) and c["em_correction"] == UNKNOWN
+    # A row's interval depends on its own counts only (seeded by them), not on its neighbours.
+    alone = with_correction(table.head(1), rates[:1], "k", "n")
+    assert alone.row(0) == out.row(0)
