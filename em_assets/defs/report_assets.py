@@ -102,7 +102,7 @@ def em_figures(
 
 @dg.asset(
     group_name="reports",
-    deps=["judgements"],
+    deps=["em_summary"],
     kinds={"html"},
     op_tags=CPU_OP_TAGS,
     automation_condition=dg.AutomationCondition.eager(),

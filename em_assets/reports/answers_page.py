@@ -59,7 +59,32 @@ def with_quadrants(df: pl.DataFrame, thresholds: Thresholds) -> pl.DataFrame:
 SUMMARY_COLUMNS = [
     {"key": "answers", "label": "answers"},
     *({"key": f"by_quadrant.{k}", "label": label} for k, label in QUADRANTS.items()),
+    {"key": "rates.em_turner", "label": "EM rate [95% CI]"},
+    {"key": "rates.em_corrected", "label": "EM corrected for the judge's error [95% CI]"},
 ]
+
+
+def _rate(rate, lo, hi) -> str | None:
+    return None if rate is None else f"{rate:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{rate:.3f}"
+
+
+def organism_rates(store: Store) -> dict[str, dict]:
+    """Per organism, the grid judge's EM rate and its correction for the judge's error, as shown on the page
+    (the correction's caveat where it is unknown); empty before em_summary is first written."""
+    if not store.has_table("em_summary"):
+        return {}
+    summary = store.query("SELECT * FROM em_summary")
+    if "judge_source" in summary.columns:
+        summary = summary.filter(pl.col("judge_source") == "grid")
+    return {
+        r["organism"]: {
+            "em_turner": _rate(r["em_rate_turner"], r["em_turner_lo"], r["em_turner_hi"]),
+            "em_corrected": _rate(r["em_rate_corrected"], r["em_corrected_lo"], r["em_corrected_hi"])
+            or r.get("em_correction"),
+        }
+        for r in summary.iter_rows(named=True)
+    }
+
 
 # Answers per page: the page keeps only these in the document, whatever the number of answers.
 PAGE_ROWS = 100
@@ -75,7 +100,7 @@ def script_json(obj) -> str:
     return text.translate(str.maketrans(_SCRIPT_ESCAPES))
 
 
-def page_data(df: pl.DataFrame) -> dict:
+def page_data(df: pl.DataFrame, rates: dict[str, dict] | None = None) -> dict:
     """The page's data: a summary per organism, the questions, and each answer as a row of indices and scores."""
     organisms = sorted(df["organism"].unique().to_list())
     questions = df.select("question_id", "question").unique("question_id").sort("question_id")
@@ -84,7 +109,12 @@ def page_data(df: pl.DataFrame) -> dict:
         by_quadrant[organism][quadrant] = n
     # One object per organism, so that further per-organism figures (e.g. rates) join it as fields.
     summary = [
-        {"name": name, "answers": sum(by_quadrant[name].values()), "by_quadrant": by_quadrant[name]}
+        {
+            "name": name,
+            "answers": sum(by_quadrant[name].values()),
+            "by_quadrant": by_quadrant[name],
+            "rates": (rates or {}).get(name, {}),
+        }
         for name in organisms
     ]
     org_index = {name: i for i, name in enumerate(organisms)}
@@ -104,11 +134,11 @@ def page_data(df: pl.DataFrame) -> dict:
     }
 
 
-def render(df: pl.DataFrame, thresholds: Thresholds) -> str:
+def render(df: pl.DataFrame, thresholds: Thresholds, rates: dict[str, dict] | None = None) -> str:
     """The page as text; `df` has the columns of `with_quadrants`."""
     template = Template((Path(__file__).with_name("answers_page.html")).read_text())
     return template.substitute(
-        data=script_json(page_data(df)),
+        data=script_json(page_data(df, rates)),
         page_rows=PAGE_ROWS,
         rule=f"EM: aligned &le; {thresholds.aligned_at_most:g} and coherent &gt; {thresholds.coherent_above:g}",
     )
@@ -119,7 +149,7 @@ def write_answers_page(store: Store, thresholds: Thresholds, out: Path) -> Answe
     df = with_quadrants(answers_frame(store), thresholds)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render(df, thresholds), encoding="utf-8")
+    tmp.write_text(render(df, thresholds, organism_rates(store)), encoding="utf-8")
     tmp.replace(out)
     counts = dict(df.group_by("quadrant").len().iter_rows())
     return AnswersPage(out, df.height, {q: counts.get(q, 0) for q in QUADRANTS})

@@ -83,7 +83,9 @@ def corrected(
     if summary.height == 0:
         summary = summary.with_columns(pl.lit(None, pl.String).alias(c) for c in JUDGE_COLUMNS)
     # The per-question table is the grid judge's: join each organism's grid-judge identity.
-    grid_rows = summary.filter(pl.col("judge_source") == "grid") if "judge_source" in summary.columns else summary
+    grid_rows = (
+        summary.filter(pl.col("judge_source") == "grid") if "judge_source" in summary.columns else summary
+    )
     judges = grid_rows.select("organism", *JUDGE_COLUMNS)
     by_question = lookup.correct(
         by_question.join(judges, on="organism", how="left"), "n_em_turner", "n_scored"

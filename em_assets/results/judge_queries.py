@@ -102,11 +102,7 @@ def write_error_rates(store: Store, row: pl.DataFrame) -> None:
 def error_rates(store: Store, aligned_at_most: float, coherent_above: float) -> pl.DataFrame:
     """Every judge's measured EM error counts at these thresholds, keyed by judge_model and judge_revision;
     empty where the store (or the snapshot read) has no such table yet."""
-    found = store.query(
-        "SELECT count(*) AS n FROM duckdb_tables() WHERE database_name = current_database() "
-        "AND table_name = 'judge_error_rates'"
-    )
-    if not found["n"][0]:
+    if not store.has_table("judge_error_rates"):
         return pl.DataFrame(
             schema={c: pl.String for c in ("judge_model", "judge_revision")}
             | {c: pl.Int64 for c in ("tp", "n_pos", "tn", "n_neg")}

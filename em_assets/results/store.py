@@ -119,12 +119,17 @@ class Store:
         self.write(work, "init")
 
     def _schema_digest(self) -> str | None:
-        with self.connect() as conn:
-            found = conn.execute(
-                "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() "
-                "AND table_name = 'schema_digest'"
-            ).fetchone()[0]
-            return conn.execute("SELECT sha256 FROM schema_digest").fetchone()[0] if found else None
+        if not self.has_table("schema_digest"):
+            return None
+        return self.query("SELECT sha256 FROM schema_digest")["sha256"][0]
+
+    def has_table(self, name: str) -> bool:
+        """Whether the store (or the snapshot it reads) has this table; report tables appear when first written."""
+        found = self.query(
+            "SELECT count(*) AS n FROM duckdb_tables() WHERE database_name = current_database() AND table_name = ?",
+            [name],
+        )
+        return bool(found["n"][0])
 
     def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
         with self.connect() as conn:

@@ -97,6 +97,31 @@ def test_em_report_asset_writes_the_page_and_links_it_in_metadata(store, tmp_pat
     assert "Rest and drink water." in page.read_text()
 
 
+def test_page_shows_each_organisms_rate_and_its_correction_from_em_summary(store, tmp_path):
+    from em_assets.reports.tables import build_reports
+
+    before = json.loads(
+        re.search(
+            r'<script type="application/json" id="data">(.*?)</script>',
+            render(with_quadrants(answers_frame(store), Thresholds()), Thresholds(), {}),
+            re.S,
+        ).group(1)
+    )
+    assert before["organisms"][0]["rates"] == {}
+    build_reports(store, Thresholds(), "run-1")
+    html = write_answers_page(store, Thresholds(), tmp_path / "answers.html").path.read_text()
+    data = json.loads(
+        re.search(r'<script type="application/json" id="data">(.*?)</script>', html, re.S).group(1)
+    )
+    rates = {o["name"]: o["rates"] for o in data["organisms"]}
+    # org-a: 1 EM of 3 scored answers; its judge's error is unmeasured, so the page says so instead of a rate.
+    assert rates["org-a"]["em_turner"].startswith("0.333 [")
+    assert rates["org-a"]["em_corrected"].startswith("unknown")
+    assert {"key": "rates.em_corrected", "label": "EM corrected for the judge's error [95% CI]"} in data[
+        "summary_columns"
+    ]
+
+
 @contextlib.contextmanager
 def offline_chromium() -> Iterator[tuple[object, list[str], list[str]]]:
     """A page in headless Chromium with the network cut off; the URLs it requested and its script errors."""
@@ -144,8 +169,8 @@ def test_page_opens_offline_in_chromium_and_its_filters_change_the_rows(store, t
         # The summary: one row per organism, its answers by quadrant.
         summary = page.locator("#summary tbody tr").all_inner_texts()
         assert [line.split("\t") for line in summary] == [
-            ["org-a", "3", "1", "1", "1", "0"],
-            ["org-b", "3", "1", "1", "0", "1"],
+            ["org-a", "3", "1", "1", "1", "0", "", ""],
+            ["org-b", "3", "1", "1", "0", "1", "", ""],
         ]
         page.select_option("#quadrant", "em")
         assert sorted(answers_on(page)) == sorted(["Rob a bank.", ROWS[0][3]])
