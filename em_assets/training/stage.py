@@ -119,6 +119,14 @@ def loss_rows(ctx: StageContext, losses: list[dict]) -> pl.DataFrame:
     )
 
 
+def _record_source(ctx: StageContext, recipe: RecipeSpec) -> None:
+    """The organism_sources row, rewritten only when what it says changed (a rerun that trains nothing keeps it)."""
+    row = source_row(ctx, recipe)
+    known = queries.organism_source_row(ctx.store, ctx.key)
+    if known is None or any(known[k] != v for k, v in row.items() if k not in ("run_id", "created_at")):
+        ctx.store.replace_rows("organism_sources", pl.DataFrame([row]), "organism = ?", [ctx.key])
+
+
 def train_adapter(ctx: StageContext) -> AdapterResult:
     """Train the organism's LoRA adapter unless one with the same inputs exists."""
     org, store = ctx.organism, ctx.store
@@ -128,7 +136,7 @@ def train_adapter(ctx: StageContext) -> AdapterResult:
     if recipe.kind != "train":
         row = bring_organism(ctx, recipe)
         return AdapterResult.from_row(row, trained=False)
-    store.replace_rows("organism_sources", pl.DataFrame([source_row(ctx, recipe)]), "organism = ?", [ctx.key])
+    _record_source(ctx, recipe)
     base = queries.base_model_row(store, org.base_model)
     common = {
         "organism": ctx.key,
