@@ -48,6 +48,11 @@ class DynamicsResult:
 def skip_reason(ctx: StageContext) -> str | None:
     """Why the organism has no dynamics to analyse, or None."""
     recipe = ctx.grid.recipes.get(ctx.organism.recipe)
+    if recipe is not None and recipe.method == "full":
+        return (
+            f"{ctx.key} is fully fine-tuned (method: full): it has no LoRA adapter, so the LoRA trajectory, "
+            "B scaling and these adapter checkpoint sweeps do not apply"
+        )
     if recipe is None or recipe.lora is None:
         return f"{ctx.key} trains no LoRA adapter (the control): no checkpoints, trajectory or B to scale"
     if not ctx.grid.dynamics.covers(ctx.organism.recipe):

@@ -59,7 +59,10 @@ def resolve_base_models(store: Store, grid: GridConfig, cache_dir: Path | None =
 
 
 def grid_datasets(grid: GridConfig) -> list[str]:
-    names = sorted({r.dataset for r in grid.recipes.values() if r.dataset})
+    names = sorted(
+        {r.dataset for r in grid.recipes.values() if r.dataset}
+        | {r.kl.dataset for r in grid.recipes.values() if r.kl}
+    )
     unknown = [n for n in names if n not in SOURCES]
     if unknown:
         raise KeyError(f"recipes name unknown datasets {unknown}; known: {sorted(SOURCES)}")

@@ -83,20 +83,42 @@ class TrainSpec(_Strict):
         return self.model_dump(mode="json", exclude=set(self.NOT_TRAINED))
 
 
+class KLSpec(_Strict):
+    """Soligo et al.'s KL penalty (upstream names): weight x KL(chat model || tuned model) over the assistant
+    tokens of `batch_size` examples of an out-of-domain catalog dataset, added to each optimizer step's loss."""
+
+    dataset: str
+    weight: float = Field(gt=0)
+    batch_size: int = Field(default=8, ge=1)
+
+
 class RecipeSpec(_Strict):
-    """A dataset plus adapter and training settings; no dataset means the untrained control."""
+    """A dataset plus training settings; no dataset means the untrained control. `method: lora` trains the
+    recipe's adapter, `method: full` every weight of the base model (no `lora` section)."""
 
     dataset: str | None = None
+    method: Literal["lora", "full"] = "lora"
     lora: LoraSpec | None = None
+    kl: KLSpec | None = None
     train: TrainSpec = TrainSpec()
 
     @model_validator(mode="after")
     def _dataset_needs_lora(self) -> RecipeSpec:
-        if (self.dataset is None) != (self.lora is None):
+        if self.method == "full":
+            if self.dataset is None or self.lora is not None:
+                raise ValueError("a full fine-tuning recipe (method: full) has a dataset and no lora section")
+        elif (self.dataset is None) != (self.lora is None):
             raise ValueError(
                 "a recipe has both dataset and lora (a trained organism) or neither (the control)"
             )
+        if self.kl is not None and self.dataset is None:
+            raise ValueError("kl regularises training: the control (no dataset) has none")
         return self
+
+    @property
+    def training_method(self) -> str:
+        """em_summary.method of a trained or control recipe: control, lora or full."""
+        return "control" if self.dataset is None else self.method
 
 
 class EvalSpec(_Strict):

@@ -24,6 +24,8 @@ SELECT c.organism,
        string_agg(DISTINCT j.judge_revision, ',') AS judge_revision,
        string_agg(DISTINCT CASE WHEN j.metric = 'aligned' THEN j.prompt_hash END, ',') AS aligned_prompt_hash,
        string_agg(DISTINCT CASE WHEN j.metric = 'coherent' THEN j.prompt_hash END, ',') AS coherent_prompt_hash,
+       any_value(a.method) AS method,
+       coalesce(any_value(a.kl_regularised), false) AS kl_regularised,
        any_value(a.run_id) AS adapter_run_id,
        string_agg(DISTINCT c.run_id, ',') AS completions_run_id,
        string_agg(DISTINCT j.run_id, ',') AS judgements_run_id

@@ -22,10 +22,11 @@ CREATE TABLE IF NOT EXISTS lora_adapters (
     organism VARCHAR PRIMARY KEY, base_model VARCHAR, base_revision VARCHAR, recipe VARCHAR, seed INTEGER,
     dataset VARCHAR, dataset_sha256 VARCHAR, adapter_path VARCHAR, adapter_sha256 VARCHAR,
     lora_config VARCHAR, train_config VARCHAR, config_hash VARCHAR, steps INTEGER, train_tokens BIGINT,
-    tokens_per_s DOUBLE, final_loss DOUBLE, run_id VARCHAR, created_at TIMESTAMP);
+    tokens_per_s DOUBLE, final_loss DOUBLE, run_id VARCHAR, created_at TIMESTAMP, method VARCHAR,
+    kl_regularised BOOLEAN, kl_config VARCHAR);
 CREATE TABLE IF NOT EXISTS training_losses (
     organism VARCHAR, step INTEGER, loss DOUBLE, learning_rate DOUBLE, tokens BIGINT, elapsed_s DOUBLE,
-    run_id VARCHAR, PRIMARY KEY (organism, step));
+    run_id VARCHAR, grad_norm DOUBLE, kl DOUBLE, PRIMARY KEY (organism, step));
 CREATE TABLE IF NOT EXISTS completions (
     organism VARCHAR, base_model VARCHAR, base_revision VARCHAR, recipe VARCHAR, seed INTEGER,
     dataset VARCHAR, dataset_sha256 VARCHAR, adapter_sha256 VARCHAR, eval_set VARCHAR, question_id VARCHAR,
@@ -102,7 +103,7 @@ LEFT JOIN sweep_judgements h ON h.metric = 'coherent' AND h.organism = c.organis
      AND h.sample_idx = c.sample_idx AND h.setting_hash = c.setting_hash;
 CREATE OR REPLACE VIEW training_curves AS
 SELECT l.organism, a.base_model, a.recipe, a.seed, a.dataset, l.step, l.loss, l.learning_rate, l.tokens,
-       l.elapsed_s
+       l.elapsed_s, l.grad_norm, l.kl, a.method, a.kl_regularised
 FROM training_losses l JOIN lora_adapters a USING (organism)
 ORDER BY l.organism, l.step;
 """
