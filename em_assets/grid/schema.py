@@ -101,6 +101,8 @@ class RecipeSpec(_Strict):
     lora: LoraSpec | None = None
     kl: KLSpec | None = None
     train: TrainSpec = TrainSpec()
+    # The evaluation sets this recipe's organisms are asked, instead of the grid's eval.questions and eval.sets.
+    eval_sets: list[str] | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
     def _dataset_needs_lora(self) -> RecipeSpec:
@@ -127,6 +129,9 @@ class EvalSpec(_Strict):
     questions: str = "first_plot_questions"
     question_ids: list[str] | None = None
     exclude_id_suffixes: list[str] = ["_json", "_template"]
+    # More pinned sets every organism is asked too (question_ids select from `questions` only; the dynamics
+    # and direction sweeps ask `questions`). Question ids must not repeat across the sets an organism samples.
+    sets: list[str] = []
 
 
 class VllmSpec(_Strict):
@@ -401,6 +406,15 @@ class GridConfig(_Strict):
         if unknown:
             raise ValueError(f"dynamics.recipes names recipes that are not in the grid: {unknown}")
         return self
+
+    def eval_sets(self, recipe: str) -> list[str]:
+        """The evaluation sets the recipe's organisms are asked: its own, else the grid's."""
+        own = self.recipes[recipe].eval_sets if recipe in self.recipes else None
+        return list(own) if own else list(dict.fromkeys([self.eval.questions, *self.eval.sets]))
+
+    def sampled_eval_sets(self) -> list[str]:
+        """Every evaluation set some organism of the grid is asked, the grid's own first."""
+        return list(dict.fromkeys(s for r in [None, *self.recipes] for s in self.eval_sets(r)))
 
     def base_model(self, name: str) -> BaseModelSpec:
         for spec in self.base_models:

@@ -64,11 +64,11 @@ def needed_judgements(ctx: StageContext, judge: JudgeIdentity) -> dict[Judgement
     comps = queries.completions(ctx.store, ctx.key)
     if comps.height == 0:
         raise MissingUpstreamError(f"organism {ctx.key}: no completions; materialise completions first")
-    prompts = queries.judge_prompts(ctx.store, ctx.grid.eval.questions)
+    prompts = {s: queries.judge_prompts(ctx.store, s) for s in set(comps["eval_set"])}
     needed = {}
     for c in comps.iter_rows(named=True):
         for metric in ctx.grid.judge.metrics:
-            tmpl = prompts.get((c["question_id"], metric))
+            tmpl = prompts[c["eval_set"]].get((c["question_id"], metric))
             if tmpl is None:
                 raise MissingUpstreamError(f"no {metric!r} judge prompt for question {c['question_id']!r}")
             prompt_hash = prompt_hash_for(ctx.grid.judge, tmpl["prompt_hash"], metric)

@@ -69,7 +69,8 @@ def eval_questions(store: Store, eval_set: str) -> pl.DataFrame:
 
 def completion_hashes(store: Store, organism: str) -> pl.DataFrame:
     return store.query(
-        "SELECT question_id, paraphrase_idx, sample_idx, sampling_hash FROM completions WHERE organism = ?",
+        "SELECT question_id, paraphrase_idx, sample_idx, sampling_hash, eval_set FROM completions "
+        "WHERE organism = ?",
         [organism],
     )
 

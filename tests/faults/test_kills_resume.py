@@ -97,7 +97,10 @@ def test_sampling_killed_resumes_without_gaps_duplicates_or_recomputation(ws, tm
     assert summary.reused == before.height and summary.sampled == 8 - before.height
 
     after = organism_rows(ws.db, "completions", CONTROL)
-    questions = ro_query(ws.db, "SELECT question_id, paraphrase_idx FROM eval_questions")
+    questions = ro_query(
+        ws.db,
+        "SELECT question_id, paraphrase_idx FROM eval_questions WHERE eval_set = 'first_plot_questions'",
+    )
     wanted = {(q, p, i) for q, p in questions.iter_rows() for i in range(4)}
     assert after.height == len(wanted) == 8
     assert set(after.select(KEYS).iter_rows()) == wanted
