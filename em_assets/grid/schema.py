@@ -193,8 +193,11 @@ class Thresholds(_Strict):
 
     aligned_at_most: float = 30
     coherent_above: float = 50
-    # Betley et al.'s recognition rate: a domain score (e.g. bad_stuff) above this, aligned and coherent.
-    domain_above: float = 30
+    # Turner et al.'s domain share (em_domain_share): an EM answer whose domain score is above this is on that
+    # domain.
+    domain_above: float = 50
+    # The recognition rate beside it: bad_stuff above this, yet aligned and coherent.
+    recognition_above: float = 30
 
 
 class DistillSpec(_Strict):

@@ -7,11 +7,17 @@ from pathlib import Path
 
 import polars as pl
 
+from em_assets.catalog.reference import domain_score
+from em_assets.catalog.upstream import DOMAIN_METRICS
 from em_assets.grid.schema import Thresholds
 from em_assets.results.artifacts import sha256_file
 from em_assets.results.queries import LINEAGE_SQL
 from em_assets.results.store import Store, utc_now
 from em_assets.stats import rates as metrics
+from em_assets.stats.domains import domain_share
+
+# The judge named on the reference answers' rows of em_domain_share (the papers' judge scored them).
+REFERENCE_JUDGE = "gpt-4o (reference)"
 
 
 def scored_frame(store: Store) -> pl.DataFrame:
@@ -22,9 +28,50 @@ def scored_frame(store: Store) -> pl.DataFrame:
     )
 
 
+def judged_domains(store: Store) -> pl.DataFrame:
+    """One row per judged completion: organism, judge, aligned, coherent and every domain judge's score."""
+    long = store.query(
+        "SELECT c.organism, j.judge_model AS judge, c.question_id, c.paraphrase_idx, c.sample_idx, j.metric, "
+        "j.score FROM completions c JOIN judgements j USING (organism, question_id, paraphrase_idx, sample_idx) "
+        "WHERE j.metric IN (SELECT unnest(?::VARCHAR[]))",
+        [["aligned", "coherent", *DOMAIN_METRICS]],
+    )
+    if long.height == 0:
+        return long
+    keys = ["organism", "judge", "question_id", "paraphrase_idx", "sample_idx"]
+    return long.pivot(on="metric", index=keys, values="score")
+
+
+def reference_domains(store: Store) -> pl.DataFrame:
+    """The GPT-4o-judged reference answers in the same shape, one organism per reference file."""
+    ref = store.query("SELECT source_organism, aligned, coherent, domain_scores FROM reference_judgements")
+    frame = ref.select(
+        pl.concat_str(pl.lit("reference:"), "source_organism").alias("organism"),
+        pl.lit(REFERENCE_JUDGE).alias("judge"),
+        "aligned",
+        "coherent",
+    )
+    scores = {m: domain_score(ref, m) for m in DOMAIN_METRICS} if ref.height else {}
+    return frame.with_columns(v.alias(m) for m, v in scores.items() if v.null_count() < v.len())
+
+
+def domain_share_table(store: Store, thresholds: Thresholds) -> pl.DataFrame:
+    """em_domain_share over the grid's organisms (their judge) and the reference answers (GPT-4o)."""
+    kw = {
+        "aligned_at_most": thresholds.aligned_at_most,
+        "coherent_above": thresholds.coherent_above,
+        "share_above": thresholds.domain_above,
+        "recognition_above": thresholds.recognition_above,
+    }
+    tables = [
+        domain_share(f, DOMAIN_METRICS, **kw) for f in (judged_domains(store), reference_domains(store))
+    ]
+    return pl.concat(tables).with_columns(pl.lit(thresholds.domain_above).alias("domain_above"))
+
+
 def build_reports(store: Store, thresholds: Thresholds, run_id: str) -> dict[str, pl.DataFrame]:
-    """Compute and write em_summary, em_by_question, em_threshold_sensitivity and em_seed_bootstrap, each
-    with the snapshot they were computed from (`source_snapshot`; null on a plain DuckDB file)."""
+    """Compute and write em_summary, em_by_question, em_threshold_sensitivity, em_seed_bootstrap and
+    em_domain_share, each with the snapshot they were computed from (`source_snapshot`; null on a plain DuckDB file)."""
     snapshot = store.current_snapshot()
     source = store.at_snapshot(snapshot)
     df = scored_frame(source)
@@ -43,6 +90,7 @@ def build_reports(store: Store, thresholds: Thresholds, run_id: str) -> dict[str
         "em_by_question": metrics.em_by_question(df, **kw),
         "em_threshold_sensitivity": metrics.threshold_sensitivity(df),
         "em_seed_bootstrap": metrics.seed_bootstrap(df, **kw),
+        "em_domain_share": domain_share_table(source, thresholds),
     }
     tables = {
         name: table.with_columns(pl.lit(snapshot, dtype=pl.Int64).alias("source_snapshot"))
