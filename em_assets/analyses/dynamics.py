@@ -94,7 +94,8 @@ def _swept(ctx, table, rows, results, start) -> DynamicsResult:
 
 
 def em_over_training(ctx: StageContext) -> DynamicsResult:
-    """Step 0 (the base model) and every checkpoint sampled and judged; EM, coherence and loss per step."""
+    """Step 0 (the base model) and every checkpoint sampled and judged; EM, coherence, loss and gradient norm
+    per step."""
     if note := skip_reason(ctx):
         return _skipped(ctx, "em_over_training", note)
     start, spq = time.perf_counter(), ctx.grid.dynamics.checkpoint_samples_per_question
@@ -106,13 +107,15 @@ def em_over_training(ctx: StageContext) -> DynamicsResult:
         for c in kept
     ]
     results = run_sweep(sweep_context(ctx), points)
-    by_step = {0: {"loss": None, "train_tokens": 0, "checkpoint_sha256": None}} | {c["step"]: c for c in kept}
+    start_row = {"loss": None, "grad_norm": None, "train_tokens": 0, "checkpoint_sha256": None}
+    by_step = {0: start_row} | {c["step"]: c for c in kept}
     rows = [
         {
             "organism": ctx.key,
             "step": step,
             **_rates(r),
             "loss": by_step[step]["loss"],
+            "grad_norm": by_step[step].get("grad_norm"),
             "train_tokens": by_step[step]["train_tokens"],
             "checkpoint_sha256": by_step[step]["checkpoint_sha256"],
             "setting_hash": r.setting_hash,

@@ -31,6 +31,10 @@ def _figure(path: Path, width: float = 7.0, height: float = 4.5) -> Iterator[Axe
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     yield fig.add_subplot()
+    _save(fig, path)
+
+
+def _save(fig: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # No version stamp in the file: a figure redrawn from the same snapshot has the same bytes.
     fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
@@ -135,22 +139,31 @@ def plot_aligned_vs_coherent(
 
 
 def plot_training_curves(losses: pl.DataFrame, path: Path) -> Path:
-    """Training loss against step, one line per organism."""
-    title = "LoRA training loss"
+    """Training loss and gradient norm (before clipping) against step, one line per organism."""
+    title = "training loss"
     rows = losses.filter(pl.col("step").is_not_null() & pl.col("loss").is_not_null())
     if rows.is_empty():
         return _no_data(path, title)
     organisms = sorted(rows["organism"].unique().to_list())
     colours = _organism_colours(organisms)
-    with _figure(path) as ax:
-        for organism in organisms:
-            part = rows.filter(pl.col("organism") == organism).sort("step")
-            ax.plot(_float(part, "step"), _float(part, "loss"), color=colours[organism], label=organism)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        _legend(ax, len(organisms))
+    fig = Figure(figsize=(11.0, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax, norm = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for organism in organisms:
+        part = rows.filter(pl.col("organism") == organism).sort("step")
+        ax.plot(_float(part, "step"), _float(part, "loss"), color=colours[organism], label=organism)
+        if "grad_norm" in part.columns:
+            norm.plot(_float(part, "step"), _float(part, "grad_norm"), color=colours[organism])
+    for axes, label, name in (
+        (ax, "loss", title),
+        (norm, "gradient norm (before clipping)", "gradient norm"),
+    ):
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel(label)
+        axes.set_title(name)
+        axes.grid(alpha=0.3)
+    _legend(ax, len(organisms))
+    _save(fig, path)
     return path
 
 

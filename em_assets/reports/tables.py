@@ -23,7 +23,7 @@ REFERENCE_JUDGE = "gpt-4o (reference)"
 def scored_frame(store: Store) -> pl.DataFrame:
     """Every completion with its aligned and coherent scores (null where the judge gave none)."""
     return store.query(
-        "SELECT organism, base_model, recipe, dataset, seed, question_id, paraphrase_idx, sample_idx, "
+        "SELECT organism, base_model, recipe, dataset, seed, eval_set, question_id, paraphrase_idx, sample_idx, "
         "aligned, coherent FROM scored_completions ORDER BY organism, question_id, paraphrase_idx, sample_idx"
     )
 
@@ -87,7 +87,12 @@ def build_reports(store: Store, thresholds: Thresholds, run_id: str) -> dict[str
     )
     tables = {
         "em_summary": summary,
-        "em_by_question": metrics.em_by_question(df, **kw),
+        # Question ids are unique among an organism's sets, so each row names the one set it belongs to.
+        "em_by_question": metrics.em_by_question(df, **kw).join(
+            df.select("organism", "question_id", "eval_set").unique(),
+            on=["organism", "question_id"],
+            how="left",
+        ),
         "em_threshold_sensitivity": metrics.threshold_sensitivity(df),
         "em_seed_bootstrap": metrics.seed_bootstrap(df, **kw),
         "em_domain_share": domain_share_table(source, thresholds),
@@ -111,7 +116,7 @@ def build_figures(
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = source.query("SELECT * FROM em_summary ORDER BY organism")
     df = scored_frame(source)
-    losses = source.query("SELECT organism, step, loss FROM training_curves")
+    losses = source.query("SELECT organism, step, loss, grad_norm FROM training_curves")
     return {
         "em_rates": plots.plot_em_rates(summary, out_dir / "em_rates.png"),
         "aligned_vs_coherent": plots.plot_aligned_vs_coherent(

@@ -46,12 +46,12 @@ CREATE TABLE IF NOT EXISTS lora_checkpoints (
     organism VARCHAR, step INTEGER, checkpoint_path VARCHAR, checkpoint_sha256 VARCHAR, train_tokens BIGINT,
     loss DOUBLE, base_model VARCHAR, base_revision VARCHAR, recipe VARCHAR, seed INTEGER, dataset VARCHAR,
     dataset_sha256 VARCHAR, config_hash VARCHAR, adapter_sha256 VARCHAR, run_id VARCHAR, created_at TIMESTAMP,
-    PRIMARY KEY (organism, step));
+    grad_norm DOUBLE, PRIMARY KEY (organism, step));
 CREATE TABLE IF NOT EXISTS em_over_training (
     organism VARCHAR, step INTEGER, n_answers BIGINT, n_scored BIGINT, n_em BIGINT, em_rate DOUBLE,
     em_lo DOUBLE, em_hi DOUBLE, coherence_rate DOUBLE, mean_aligned DOUBLE, mean_coherent DOUBLE, loss DOUBLE,
     train_tokens BIGINT, checkpoint_sha256 VARCHAR, setting_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMP,
-    PRIMARY KEY (organism, step));
+    grad_norm DOUBLE, PRIMARY KEY (organism, step));
 CREATE TABLE IF NOT EXISTS lora_trajectory (
     organism VARCHAR, module VARCHAR, step INTEGER, a_norm DOUBLE, b_norm DOUBLE, cos_final DOUBLE,
     local_cos DOUBLE, local_k INTEGER, pc1 DOUBLE, pc2 DOUBLE, pc1_share DOUBLE, pc2_share DOUBLE,

@@ -44,6 +44,7 @@ class AdapterResult:
 def checkpoint_rows(result, adapter: dict) -> pl.DataFrame:
     """One row per kept checkpoint plus the final adapter, with the adapter row's lineage."""
     loss = {r["step"]: r["loss"] for r in result.losses}
+    grad_norm = {r["step"]: r.get("grad_norm") for r in result.losses}
     kept = [*result.checkpoints, {"step": result.steps, "train_tokens": result.train_tokens, "path": None}]
     lineage = ("organism", "base_model", "base_revision", "recipe", "seed", "dataset", "dataset_sha256")
     rows = [
@@ -56,6 +57,7 @@ def checkpoint_rows(result, adapter: dict) -> pl.DataFrame:
             else adapter["adapter_sha256"],
             "train_tokens": c["train_tokens"],
             "loss": loss.get(c["step"]),
+            "grad_norm": grad_norm.get(c["step"]),
         }
         for c in kept
     ]
