@@ -123,7 +123,19 @@ def build_figures(
             df, out_dir / "aligned_vs_coherent.png", thresholds.aligned_at_most, thresholds.coherent_above
         ),
         "training_curves": plots.plot_training_curves(losses, out_dir / "training_curves.png"),
+        "em_by_model_size": plots.plot_em_by_model_size(
+            size_rates(source, df, thresholds), out_dir / "em_by_model_size.png"
+        ),
     }
+
+
+def size_rates(store: Store, df: pl.DataFrame, thresholds: Thresholds) -> pl.DataFrame:
+    """EM and coherence rates pooled over seeds per base model x recipe, with the base model's parameters."""
+    sizes = store.query("SELECT name AS base_model, num_params FROM base_models")
+    rates = metrics.rates_by(
+        df, ["base_model", "recipe"], thresholds.aligned_at_most, thresholds.coherent_above
+    )
+    return rates.join(sizes, on="base_model", how="left")
 
 
 @dataclass(frozen=True)
