@@ -23,7 +23,8 @@ from support.organisms import CONTROL, KEYS, TRAINED, ListLog, stage_context
 from em_assets.judging.stage import judge_completions
 from em_assets.results.artifacts import sha256_file
 from em_assets.sampling.stage import sample_completions
-from em_assets.training.stage import ADAPTER_FILE, train_adapter
+from em_assets.training.checkpoints import ADAPTER_FILE
+from em_assets.training.stage import train_adapter
 
 pytestmark = pytest.mark.timeout(300)
 
