@@ -12,6 +12,7 @@ import torch
 
 from em_assets.grid.schema import LoraSpec, TrainSpec, config_hash
 from em_assets.models.hub import directory_revision
+from em_assets.results.artifacts import ADAPTER_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -21,12 +22,6 @@ CHECKPOINT_FORMAT = 1
 
 
 ADAPTER_DIR = "adapter"
-
-
-ADAPTER_FILE = "adapter_model.safetensors"
-
-
-MODEL_FILE = "model.safetensors"
 
 
 CHECKPOINT_DIR = "checkpoints"
@@ -69,12 +64,6 @@ def training_run_hash(
 def is_adapter(model) -> bool:
     """A peft model (LoRA) rather than a fully fine-tuned one."""
     return hasattr(model, "peft_config")
-
-
-def weights_file(directory: Path) -> Path:
-    """The trained weights of a saved adapter or fully fine-tuned model directory."""
-    adapter = Path(directory) / ADAPTER_FILE
-    return adapter if adapter.exists() else Path(directory) / MODEL_FILE
 
 
 def save_weights(model, path: Path, dtype: torch.dtype | None = None) -> None:

@@ -12,9 +12,8 @@ import polars as pl
 from em_assets.context import StageContext
 from em_assets.grid.schema import RecipeSpec, config_hash
 from em_assets.results import queries
-from em_assets.results.artifacts import sha256_file
+from em_assets.results.artifacts import sha256_file, weights_file
 from em_assets.results.store import to_json, utc_now
-from em_assets.training.checkpoints import weights_file
 
 
 @dataclass(frozen=True)

@@ -21,9 +21,8 @@ from support.db import count, organism_rows, ro_query
 from support.organisms import CONTROL, KEYS, TRAINED, ListLog, stage_context
 
 from em_assets.judging.stage import judge_completions
-from em_assets.results.artifacts import sha256_file
+from em_assets.results.artifacts import ADAPTER_FILE, sha256_file
 from em_assets.sampling.stage import sample_completions
-from em_assets.training.checkpoints import ADAPTER_FILE
 from em_assets.training.stage import train_adapter
 
 pytestmark = pytest.mark.timeout(300)

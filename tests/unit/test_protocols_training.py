@@ -18,7 +18,8 @@ from support.paths import REPO
 
 from em_assets.grid.schema import LoraSpec, TrainSpec
 from em_assets.models.load import is_full_model, load_model, load_organism_model, load_tokenizer
-from em_assets.training.checkpoints import CHECKPOINT_DIR, MODEL_FILE
+from em_assets.results.artifacts import MODEL_FILE
+from em_assets.training.checkpoints import CHECKPOINT_DIR
 from em_assets.training.encode import encode_example, plan_kl_batches
 from em_assets.training.loop import KLTraining, train_lora
 from em_assets.training.step import build_model, frozen_reference, kl_to_reference
