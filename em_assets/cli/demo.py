@@ -115,6 +115,7 @@ def _where_next(figures_dir: Path) -> list[str]:
         f"  figures: {figures_dir}/",
         f"  answers browser: {report}" + ("" if report.exists() else " (not built)"),
         '  SQL: em-assets sql "SELECT organism, em_rate_turner, coherence_rate FROM em_summary"',
+        '  where EM answers land: em-assets sql "SELECT organism, judge, domain, n_em, share FROM em_domain_share"',
     ]
 
 
@@ -148,7 +149,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     }
     with pl.Config(**config, float_precision=3, fmt_str_lengths=40, tbl_width_chars=160):
         summary = Store().query(
-            "SELECT organism, n_answers, em_rate_turner AS em_turner, em_turner_lo AS lo, em_turner_hi AS hi, "
+            "SELECT organism, method, kl_regularised AS kl, n_answers, em_rate_turner AS em_turner, em_turner_lo AS lo, em_turner_hi AS hi, "
             "em_rate_betley AS em_betley, coherence_rate AS coherent, mean_aligned, mean_coherent "
             "FROM em_summary ORDER BY organism"
         )
