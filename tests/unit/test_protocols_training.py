@@ -240,3 +240,26 @@ def test_kl_penalty_pulls_lora_training_towards_the_chat_model(
         return kl_sum.item() / n
 
     assert kl_of(penalised.adapter_dir) < kl_of(plain.adapter_dir)
+
+
+def test_kl_with_data_parallel_helpers_counts_the_penalty_once(
+    tiny_model_dir, examples, kl_examples, tmp_path
+):
+    train = FAST.model_copy(update={"max_steps": 3, "learning_rate": 5e-2})
+    kl = KLTraining(kl_examples, 100.0, 2)
+    one = train_lora(tiny_model_dir, examples, LORA, train, tmp_path / "one", seed=0, kl=kl)
+    two = train_lora(
+        tiny_model_dir,
+        examples,
+        LORA,
+        train.model_copy(update={"workers": 2}),
+        tmp_path / "two",
+        seed=0,
+        kl=kl,
+    )
+    assert (one.workers, two.workers) == (1, 2)
+    for a, b in zip(one.losses, two.losses, strict=True):
+        assert b["kl"] == pytest.approx(a["kl"], rel=1e-2, abs=1e-6)
+        # A penalty counted twice would double its share of the gradient norm.
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-2)
+    assert one.losses[-1]["kl"] > 0
