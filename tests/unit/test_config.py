@@ -25,10 +25,9 @@ def test_committed_profiles_validate():
         "base",
         "bad-medical-r1",
         "insecure-r32",
-        "full-medical",
-        "bad-medical-r1-kl",
+        "full-medical-kl",
     }
-    assert demo.recipes["full-medical"].training_method == "full" and demo.recipes["bad-medical-r1-kl"].kl
+    assert demo.recipes["full-medical-kl"].training_method == "full" and demo.recipes["full-medical-kl"].kl
     # Upstream's full-ft_config.json and kl_regularized_config.json.
     full = paper.recipes["bad-medical-full"].train
     assert (full.warmup_steps, full.learning_rate, full.lr_scheduler_type, full.epochs) == (
