@@ -45,15 +45,17 @@ class DynamicsResult:
     extra: dict = field(default_factory=dict)
 
 
-def skip_reason(ctx: StageContext) -> str | None:
-    """Why the organism has no dynamics to analyse, or None."""
+def skip_reason(ctx: StageContext, reads_adapter: bool = True) -> str | None:
+    """Why the organism has no dynamics to analyse, or None; `reads_adapter`: the analysis reads LoRA A and B
+    (a fully fine-tuned organism's checkpoints are whole models, which only em_over_training samples)."""
     recipe = ctx.grid.recipes.get(ctx.organism.recipe)
-    if recipe is not None and recipe.method == "full":
+    full = recipe is not None and recipe.method == "full"
+    if full and reads_adapter:
         return (
-            f"{ctx.key} is fully fine-tuned (method: full): it has no LoRA adapter, so the LoRA trajectory, "
-            "B scaling and these adapter checkpoint sweeps do not apply"
+            f"{ctx.key} is fully fine-tuned (method: full): it has no LoRA adapter, so the LoRA trajectory "
+            "and B scaling do not apply"
         )
-    if recipe is None or recipe.lora is None:
+    if recipe is None or (recipe.lora is None and not full):
         return f"{ctx.key} trains no LoRA adapter (the control): no checkpoints, trajectory or B to scale"
     if not ctx.grid.dynamics.covers(ctx.organism.recipe):
         return f"recipe {ctx.organism.recipe!r} is not in the grid's dynamics.recipes: not analysed"
@@ -96,7 +98,7 @@ def _swept(ctx, table, rows, results, start) -> DynamicsResult:
 def em_over_training(ctx: StageContext) -> DynamicsResult:
     """Step 0 (the base model) and every checkpoint sampled and judged; EM, coherence, loss and gradient norm
     per step."""
-    if note := skip_reason(ctx):
+    if note := skip_reason(ctx, reads_adapter=False):
         return _skipped(ctx, "em_over_training", note)
     start, spq = time.perf_counter(), ctx.grid.dynamics.checkpoint_samples_per_question
     kept = _checkpoint_rows(ctx)

@@ -283,7 +283,7 @@ class DynamicsSpec(_Strict):
     # Opt-in: the sweeps sample and judge every checkpoint and scale, more than the organism itself.
     recipes: list[str] | None = Field(
         default=[],
-        description="Recipes whose organisms get the dynamics sweeps (none by default); null: every LoRA recipe.",
+        description="Recipes whose organisms get the dynamics sweeps (none by default); null: every trained recipe.",
     )
     checkpoint_samples_per_question: int = Field(
         default=10, ge=1, description="Answers per question at each checkpoint (and step 0, the base model)."

@@ -39,6 +39,11 @@ def protocols_grid(model_dir: Path) -> dict:
     del full["lora"]
     full["method"] = "full"
     recipes["med-kl"]["kl"] = {"dataset": "extreme_sports", "weight": 10.0, "batch_size": 2}
+    doc["profiles"]["test"]["dynamics"] = {
+        "recipes": ["med-full"],
+        "checkpoint_samples_per_question": 1,
+        "question_ids": ["quick_buck"],
+    }
     return doc
 
 
@@ -57,7 +62,7 @@ def test_full_and_kl_organisms_reach_the_reports(pipeline, one_torch_thread):
     materialize(instance, resources, ["base_models", "training_datasets", "eval_questions"])
     for key in (FULL, KL):
         materialize(instance, resources, ["lora_adapter", "completions", "judgements"], key)
-    traj = materialize(instance, resources, ["lora_trajectory"], FULL)
+    traj = materialize(instance, resources, ["lora_trajectory", "em_over_training"], FULL)
     result = materialize(instance, resources, [*report_assets.REPORT_TABLES, "em_figures"])
     store = Store(tmp_path / "results.duckdb")
 
@@ -89,6 +94,12 @@ def test_full_and_kl_organisms_reach_the_reports(pipeline, one_torch_thread):
 
     note = traj.asset_materializations_for_node("lora_trajectory")[0].metadata["note"].value
     assert "fully fine-tuned" in note and "do not apply" in note
+    # em_over_training samples the full organism's checkpoints, whole models pinned by their sha256.
+    over = store.query(f"SELECT * FROM em_over_training WHERE organism = '{FULL}' ORDER BY step")
+    ckpts = store.query(f"SELECT * FROM lora_checkpoints WHERE organism = '{FULL}' ORDER BY step")
+    assert over["step"].to_list() == [0, *ckpts["step"]] == [0, 1, 2]
+    assert over["checkpoint_sha256"][1:].to_list() == ckpts["checkpoint_sha256"].to_list()
+    assert over["n_answers"].to_list() == [1, 1, 1] and over["grad_norm"][1:].null_count() == 0
     figures = result.asset_materializations_for_node("em_figures")[0].metadata
     assert (tmp_path / "figures" / "em_by_model_size.png").read_bytes()[:4] == b"\x89PNG"
     assert "data:image/png;base64," in figures["em_by_model_size"].value
