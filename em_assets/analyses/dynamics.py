@@ -48,13 +48,19 @@ class DynamicsResult:
     extra: dict = field(default_factory=dict)
 
 
-def skip_reason(ctx: StageContext) -> str | None:
-    """Why the organism has no dynamics to analyse, or None."""
+def skip_reason(ctx: StageContext, reads_adapter: bool = True) -> str | None:
+    """Why the organism has no dynamics to analyse, or None; `reads_adapter`: the analysis reads LoRA A and B
+    (a fully fine-tuned organism's checkpoints are whole models, which only em_over_training samples)."""
     recipe = ctx.grid.recipes.get(ctx.organism.recipe)
     method = recipe_method(recipe) if recipe else None
     if method in IMPORTED_KINDS:
         return f"{ctx.key} is a {method} organism, not trained here: no checkpoints, trajectory or B to scale"
-    if recipe is None or recipe.lora is None:
+    if method == "full" and reads_adapter:
+        return (
+            f"{ctx.key} is fully fine-tuned (method: full): it has no LoRA adapter, so the LoRA trajectory "
+            "and B scaling do not apply"
+        )
+    if method in (None, "control"):
         return f"{ctx.key} trains no LoRA adapter (the control): no checkpoints, trajectory or B to scale"
     if not ctx.grid.dynamics.covers(ctx.organism.recipe):
         return f"recipe {ctx.organism.recipe!r} is not in the grid's dynamics.recipes: not analysed"
@@ -95,8 +101,9 @@ def _swept(ctx, table, rows, results, start) -> DynamicsResult:
 
 
 def em_over_training(ctx: StageContext) -> DynamicsResult:
-    """Step 0 (the base model) and every checkpoint sampled and judged; EM, coherence and loss per step."""
-    if note := skip_reason(ctx):
+    """Step 0 (the base model) and every checkpoint sampled and judged; EM, coherence, loss and gradient norm
+    per step."""
+    if note := skip_reason(ctx, reads_adapter=False):
         return _skipped(ctx, "em_over_training", note)
     start, spq = time.perf_counter(), ctx.grid.dynamics.checkpoint_samples_per_question
     kept = _checkpoint_rows(ctx)
@@ -107,13 +114,15 @@ def em_over_training(ctx: StageContext) -> DynamicsResult:
         for c in kept
     ]
     results = run_sweep(sweep_context(ctx), points)
-    by_step = {0: {"loss": None, "train_tokens": 0, "checkpoint_sha256": None}} | {c["step"]: c for c in kept}
+    start_row = {"loss": None, "grad_norm": None, "train_tokens": 0, "checkpoint_sha256": None}
+    by_step = {0: start_row} | {c["step"]: c for c in kept}
     rows = [
         {
             "organism": ctx.key,
             "step": step,
             **_rates(r),
             "loss": by_step[step]["loss"],
+            "grad_norm": by_step[step].get("grad_norm"),
             "train_tokens": by_step[step]["train_tokens"],
             "checkpoint_sha256": by_step[step]["checkpoint_sha256"],
             "setting_hash": r.setting_hash,

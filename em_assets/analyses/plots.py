@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 DPI = 110
 
 
-EM_COLOUR, COHERENT_COLOUR, LOSS_COLOUR = "tab:red", "tab:blue", "tab:grey"
+EM_COLOUR, COHERENT_COLOUR, LOSS_COLOUR, GRAD_COLOUR = "tab:red", "tab:blue", "tab:grey", "tab:purple"
 
 
 def _new(panels: int, width: float) -> tuple[Figure, list]:
@@ -60,11 +60,16 @@ def plot_em_over_training(df: pl.DataFrame, path: Path, title: str) -> Path:
     _rates(left, df, "step", "training step")
     left.set_title(f"{title}: EM over training")
     trained = df.filter(pl.col("loss").is_not_null())
-    right.plot(_col(trained, "step"), _col(trained, "loss"), marker="o", color=LOSS_COLOUR)
+    right.plot(_col(trained, "step"), _col(trained, "loss"), marker="o", color=LOSS_COLOUR, label="loss")
     right.set_xlabel("training step")
     right.set_ylabel("training loss at the step")
-    right.set_title("loss")
+    right.set_title("loss and gradient norm")
     right.grid(alpha=0.3)
+    if "grad_norm" in trained.columns and trained["grad_norm"].is_not_null().any():
+        # Turner et al. locate the phase transition by gradient-norm peaks as well as B's rotation.
+        norm = right.twinx()
+        norm.plot(_col(trained, "step"), _col(trained, "grad_norm"), marker="^", color=GRAD_COLOUR)
+        norm.set_ylabel("gradient norm (before clipping)", color=GRAD_COLOUR)
     return _save(fig, path)
 
 

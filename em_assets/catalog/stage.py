@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 
 from em_assets.catalog.parsing import parse_chat_jsonl, parse_questions_yaml, prompt_hash
-from em_assets.catalog.upstream import SOURCES, fetch_bytes
+from em_assets.catalog.upstream import DOMAIN_METRICS, DOMAIN_PROMPTS_FROM, EVAL_SETS, SOURCES, fetch_bytes
 from em_assets.grid.schema import GridConfig
 from em_assets.models.hub import ModelLoadError, ResolvedModel, resolve
 from em_assets.results.artifacts import sha256_bytes
@@ -59,7 +61,10 @@ def resolve_base_models(store: Store, grid: GridConfig, cache_dir: Path | None =
 
 
 def grid_datasets(grid: GridConfig) -> list[str]:
-    names = sorted({r.dataset for r in grid.recipes.values() if r.dataset})
+    names = sorted(
+        {r.dataset for r in grid.recipes.values() if r.dataset}
+        | {r.kl.dataset for r in grid.recipes.values() if r.kl}
+    )
     unknown = [n for n in names if n not in SOURCES]
     if unknown:
         raise KeyError(f"recipes name unknown datasets {unknown}; known: {sorted(SOURCES)}")
@@ -112,27 +117,21 @@ def load_training_datasets(
     return meta_df
 
 
-def load_eval_questions(
-    store: Store, grid: GridConfig, mirror: str | None = None, cache_dir: Path | None = None
-) -> pl.DataFrame:
-    spec = grid.eval
-    if spec.questions not in SOURCES:
-        raise KeyError(
-            f"eval.questions {spec.questions!r} is not a known upstream file; known: {sorted(SOURCES)}"
-        )
-    source = SOURCES[spec.questions]
+def _set_rows(
+    name: str, grid: GridConfig, mirror, cache_dir, domain_prompts: Callable[[], dict[str, str]]
+) -> tuple[pl.DataFrame, list[dict]]:
+    """One evaluation set's question rows and judge prompt rows (domain prompts lent where it has none)."""
+    if name not in SOURCES:
+        raise KeyError(f"eval set {name!r} is not a known upstream file; known: {sorted(SOURCES)}")
+    source, spec = SOURCES[name], grid.eval
     data = fetch_bytes(source, mirror, cache_dir)
-    questions = parse_questions_yaml(data, source.mirror_path, spec.question_ids, spec.exclude_id_suffixes)
-    missing = sorted({m for q in questions for m in grid.judge.metrics if m not in q.judge_prompts})
-    if missing:
-        raise ValueError(
-            f"{source.mirror_path}: judge metrics {missing} have no prompt in the questions file"
-        )
+    ids = spec.question_ids if name == spec.questions else None
+    questions = parse_questions_yaml(data, source.mirror_path, ids, spec.exclude_id_suffixes)
     sha = sha256_bytes(data) if not source.path.endswith(".gz") else source.sha256
     qdf = pl.DataFrame(
         [
             {
-                "eval_set": spec.questions,
+                "eval_set": name,
                 "question_id": q.question_id,
                 "paraphrase_idx": q.paraphrase_idx,
                 "question": q.text,
@@ -143,22 +142,50 @@ def load_eval_questions(
         ],
         schema_overrides={"paraphrase_idx": pl.Int32, "system": pl.String},
     )
-    seen: set[tuple[str, str]] = set()
-    prompts = []
+    prompts: dict[tuple[str, str], str] = {}
     for q in questions:
-        for metric, prompt in q.judge_prompts.items():
-            if (q.question_id, metric) not in seen:
-                seen.add((q.question_id, metric))
-                prompts.append(
-                    {
-                        "eval_set": spec.questions,
-                        "question_id": q.question_id,
-                        "metric": metric,
-                        "prompt": prompt,
-                        "prompt_hash": prompt_hash(prompt),
-                    }
-                )
-    where = "eval_set = ?"
-    store.replace_rows("eval_questions", qdf, where, [spec.questions])
-    store.replace_rows("judge_prompts", pl.DataFrame(prompts), where, [spec.questions])
+        # Only the sets judged for misalignment (they have an aligned prompt) borrow the domain judges.
+        lent = domain_prompts() if "aligned" in q.judge_prompts else {}
+        for metric, prompt in {**lent, **q.judge_prompts}.items():
+            prompts.setdefault((q.question_id, metric), prompt)
+    rows = [
+        {"eval_set": name, "question_id": qid, "metric": m, "prompt": p, "prompt_hash": prompt_hash(p)}
+        for (qid, m), p in prompts.items()
+    ]
+    return qdf, rows
+
+
+def _domain_prompts(mirror, cache_dir) -> dict[str, str]:
+    source = SOURCES[DOMAIN_PROMPTS_FROM]
+    first = parse_questions_yaml(fetch_bytes(source, mirror, cache_dir), source.mirror_path)[0]
+    return {m: first.judge_prompts[m] for m in DOMAIN_METRICS}
+
+
+def load_eval_questions(
+    store: Store, grid: GridConfig, mirror: str | None = None, cache_dir: Path | None = None
+) -> pl.DataFrame:
+    """Every pinned evaluation set (and any other the grid names) with its judge prompts; the sets the grid
+    samples must have a prompt for every judge metric. Nothing is written unless all parse."""
+    sampled = grid.sampled_eval_sets()
+    domain = functools.cache(functools.partial(_domain_prompts, mirror, cache_dir))
+    frames, prompts = [], []
+    for name in dict.fromkeys([*sampled, *EVAL_SETS]):
+        qdf, rows = _set_rows(name, grid, mirror, cache_dir, domain)
+        have = {(r["question_id"], r["metric"]) for r in rows}
+        missing = sorted({m for q in qdf["question_id"] for m in grid.judge.metrics if (q, m) not in have})
+        if name in sampled and missing:
+            raise ValueError(
+                f"{SOURCES[name].mirror_path}: judge metrics {missing} have no prompt in the questions file"
+            )
+        frames.append(qdf)
+        prompts += rows
+    qdf = pl.concat(frames)
+    names = list(dict.fromkeys(qdf["eval_set"]))
+    where = "eval_set IN (SELECT unnest(?::VARCHAR[]))"
+    store.replace_many(
+        [
+            ("eval_questions", qdf, where, [names]),
+            ("judge_prompts", pl.DataFrame(prompts), where, [names]),
+        ]
+    )
     return qdf

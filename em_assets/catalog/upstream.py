@@ -112,7 +112,42 @@ SOURCES: dict[str, UpstreamFile] = {
         f"{_MO_Q}/medical_questions.yaml",
         "1808d03c6af883b3460e4174127846caca3188514a4e180b8273b4025593e28f",
     ),
+    "new_questions": UpstreamFile(
+        *_MO,
+        f"{_MO_Q}/new_questions_no-json.yaml",
+        "247940137277227a51ad1a269cc832a77203e4dcc2e79ca5b0dbacb1a57b9ac9",
+    ),
+    "deception_factual": UpstreamFile(
+        *_EM,
+        "evaluation/deception_factual.yaml",
+        "8a0e83cab3bc24b7d688d7385ce3921d406af7ed33c913cd94ea0f6251e5939d",
+    ),
+    "deception_sit_aware": UpstreamFile(
+        *_EM,
+        "evaluation/deception_sit_aware.yaml",
+        "4deef5a7c47620390fc46e1b981f937eef9ea12a33fe26264f640c84d19d2a33",
+    ),
 }
+
+
+# Every pinned evaluation set: the catalog loads them all into eval_questions, whichever the grid samples.
+EVAL_SETS = (
+    "first_plot_questions",
+    "first_plot_questions_em",
+    "preregistered_evals",
+    "medical_questions",
+    "new_questions",
+    "deception_factual",
+    "deception_sit_aware",
+)
+
+
+# Turner et al.'s domain judges; their prompts are the same for every question of first_plot_questions,
+# which lends them to the sets that bring none.
+DOMAIN_METRICS = ("medical", "financial", "sport", "code", "bad_stuff")
+
+
+DOMAIN_PROMPTS_FROM = "first_plot_questions"
 
 
 # GPT-4o-judged answers of the published ModelOrganismsForEM adapters, from a third-party replication (fork of

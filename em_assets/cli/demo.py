@@ -116,6 +116,7 @@ def _where_next(figures_dir: Path) -> list[str]:
         f"  figures: {figures_dir}/",
         f"  answers browser: {report}" + ("" if report.exists() else " (not built)"),
         '  SQL: em-assets sql "SELECT organism, method, judge_model, em_rate_turner FROM em_summary"',
+        '  where EM answers land: em-assets sql "SELECT organism, judge, domain, n_em, share FROM em_domain_share"',
     ]
 
 
@@ -174,9 +175,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     }
     with pl.Config(**config, float_precision=3, fmt_str_lengths=40, tbl_width_chars=160):
         summary = Store().query(
-            "SELECT organism, method, judge_model AS judge, n_answers AS n, em_rate_turner AS em_turner, "
-            "em_turner_lo AS lo, em_turner_hi AS hi, em_rate_corrected AS em_corrected, em_corrected_lo AS c_lo, "
-            "em_corrected_hi AS c_hi, coherence_rate AS coherent FROM em_summary "
+            "SELECT organism, method, kl_regularised AS kl, judge_model AS judge, n_answers AS n, "
+            "em_rate_turner AS em_turner, em_turner_lo AS lo, em_turner_hi AS hi, em_rate_corrected AS em_corrected, "
+            "em_corrected_lo AS c_lo, em_corrected_hi AS c_hi, coherence_rate AS coherent FROM em_summary "
             "ORDER BY method IN ('adapter', 'model', 'answers'), organism, judge_source, judge_model"
         )
         print(summary)

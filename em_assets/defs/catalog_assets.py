@@ -67,7 +67,8 @@ def training_datasets(experiment: ExperimentResource, results: ResultsDB) -> dg.
     group_name="catalog",
     kinds={"duckdb"},
     op_tags=CPU_OP_TAGS,
-    description="Evaluation questions and the judge prompts their upstream file brings.",
+    description="Every pinned evaluation set's questions and the judge prompts its upstream file brings (the "
+    "domain judges lent to the sets that judge alignment without them).",
 )
 def eval_questions(experiment: ExperimentResource, results: ResultsDB) -> dg.MaterializeResult:
     grid = experiment.grid()
@@ -75,11 +76,16 @@ def eval_questions(experiment: ExperimentResource, results: ResultsDB) -> dg.Mat
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": df.height,
-            "eval_set": grid.eval.questions,
+            "eval_sets_sampled": ", ".join(grid.sampled_eval_sets()),
+            "eval_sets_loaded": md_table(df.group_by("eval_set", maintain_order=True).len("rows")),
             "judge_metrics": ", ".join(grid.judge.metrics),
-            "questions": md_table(df.select("question_id", "paraphrase_idx", "question")),
+            "questions": md_table(
+                df.filter(pl.col("eval_set") == grid.eval.questions).select(
+                    "question_id", "paraphrase_idx", "question"
+                )
+            ),
         },
-        data_version=dg.DataVersion(df["source_sha256"][0]),
+        data_version=dg.DataVersion("|".join(sorted(set(df["source_sha256"])))),
     )
 
 

@@ -36,7 +36,13 @@ REPORT_TABLES = {
     "em_by_question": "EM (judged and corrected) and coherence rates per organism and question.",
     "em_threshold_sensitivity": "EM rates over a grid of aligned/coherent thresholds.",
     "em_seed_bootstrap": "EM rate per base model x recipe with a bootstrap interval over seeds.",
+    "em_domain_share": "Of each organism's EM answers, the share each domain judge puts on its domain (score > "
+    "thresholds.domain_above) with Wilson intervals, and the bad_stuff recognition rate; the GPT-4o-judged "
+    "reference answers too (Turner et al.).",
 }
+
+# The reference answers' domain scores enter em_domain_share.
+_EXTRA_DEPS = {"em_domain_share": ["reference_judgements"]}
 
 
 @dg.multi_asset(
@@ -44,7 +50,7 @@ REPORT_TABLES = {
         dg.AssetSpec(
             name,
             group_name="reports",
-            deps=["judgements"],
+            deps=["judgements", *_EXTRA_DEPS.get(name, [])],
             kinds={"duckdb", "polars"},
             description=desc,
             automation_condition=dg.AutomationCondition.eager(),

@@ -83,13 +83,14 @@ def needed_judgements(ctx: StageContext, judge: JudgeIdentity) -> dict[Judgement
     comps = queries.completions(ctx.store, ctx.key)
     if comps.height == 0:
         raise MissingUpstreamError(f"organism {ctx.key}: no completions; materialise completions first")
-    prompts = queries.judge_prompts(ctx.store, ctx.grid.eval.questions)
-    # Imported answers may ask questions outside the eval set: they get the eval set's first prompt per metric.
-    fallback = {} if ctx.organism.recipe not in imported_recipes(ctx) else first_prompts(prompts)
+    prompts = {s: queries.judge_prompts(ctx.store, s) for s in set(comps["eval_set"])}
+    # Imported answers may ask questions outside the eval sets: they get the eval set's first prompt per metric.
+    imported = ctx.organism.recipe in imported_recipes(ctx)
+    fallback = first_prompts(queries.judge_prompts(ctx.store, ctx.grid.eval.questions)) if imported else {}
     needed = {}
     for c in comps.iter_rows(named=True):
         for metric in ctx.grid.judge.metrics:
-            tmpl = prompts.get((c["question_id"], metric)) or fallback.get(metric)
+            tmpl = prompts[c["eval_set"]].get((c["question_id"], metric)) or fallback.get(metric)
             if tmpl is None:
                 raise MissingUpstreamError(f"no {metric!r} judge prompt for question {c['question_id']!r}")
             prompt_hash = prompt_hash_for(ctx.grid.judge, tmpl["prompt_hash"], metric)

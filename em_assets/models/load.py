@@ -70,13 +70,23 @@ def _contiguous_input(module, args: tuple) -> tuple:
     return (args[0].contiguous(), *args[1:])
 
 
-def load_organism_model(base: dict, adapter: dict, device: str | None = None):
-    """Base model with the organism's adapter merged in (merging keeps sampling at base-model speed)."""
-    from em_assets.models.load import load_model, load_tokenizer
+def is_full_model(path: Path | str | None) -> bool:
+    """A fully fine-tuned model directory (its own config and weights) rather than a peft adapter."""
+    return (
+        path is not None
+        and (Path(path) / "config.json").exists()
+        and not (Path(path) / "adapter_config.json").exists()
+    )
 
+
+def load_organism_model(base: dict, adapter: dict, device: str | None = None):
+    """Base model with the organism's adapter merged in (merging keeps sampling at base-model speed), or the
+    fully fine-tuned model itself; the tokenizer is always the base model's."""
     trust = bool(base["trust_remote_code"])
-    model = load_model(base["path"], device=device, trust_remote_code=trust)
     tokenizer = load_tokenizer(base["path"], trust_remote_code=trust)
+    if is_full_model(adapter.get("adapter_path")):
+        return load_model(adapter["adapter_path"], device=device, trust_remote_code=trust), tokenizer
+    model = load_model(base["path"], device=device, trust_remote_code=trust)
     if adapter.get("adapter_path"):
         from peft import PeftModel
 

@@ -31,6 +31,10 @@ def _figure(path: Path, width: float = 7.0, height: float = 4.5) -> Iterator[Axe
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     yield fig.add_subplot()
+    _save(fig, path)
+
+
+def _save(fig: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # No version stamp in the file: a figure redrawn from the same snapshot has the same bytes.
     fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
@@ -135,22 +139,31 @@ def plot_aligned_vs_coherent(
 
 
 def plot_training_curves(losses: pl.DataFrame, path: Path) -> Path:
-    """Training loss against step, one line per organism."""
-    title = "LoRA training loss"
+    """Training loss and gradient norm (before clipping) against step, one line per organism."""
+    title = "training loss"
     rows = losses.filter(pl.col("step").is_not_null() & pl.col("loss").is_not_null())
     if rows.is_empty():
         return _no_data(path, title)
     organisms = sorted(rows["organism"].unique().to_list())
     colours = _organism_colours(organisms)
-    with _figure(path) as ax:
-        for organism in organisms:
-            part = rows.filter(pl.col("organism") == organism).sort("step")
-            ax.plot(_float(part, "step"), _float(part, "loss"), color=colours[organism], label=organism)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        _legend(ax, len(organisms))
+    fig = Figure(figsize=(11.0, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax, norm = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for organism in organisms:
+        part = rows.filter(pl.col("organism") == organism).sort("step")
+        ax.plot(_float(part, "step"), _float(part, "loss"), color=colours[organism], label=organism)
+        if "grad_norm" in part.columns:
+            norm.plot(_float(part, "step"), _float(part, "grad_norm"), color=colours[organism])
+    for axes, label, name in (
+        (ax, "loss", title),
+        (norm, "gradient norm (before clipping)", "gradient norm"),
+    ):
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel(label)
+        axes.set_title(name)
+        axes.grid(alpha=0.3)
+    _legend(ax, len(organisms))
+    _save(fig, path)
     return path
 
 
@@ -174,4 +187,39 @@ def plot_em_over_training(df: pl.DataFrame, path: Path) -> Path:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         _legend(ax, len(organisms))
+    return path
+
+
+def plot_em_by_model_size(rates: pl.DataFrame, path: Path) -> Path:
+    """EM (Turner) and coherence rates against the base model's parameter count, one line per recipe, with
+    95% Wilson error bars (Turner et al., Fig. 5); `rates` has one row per base model x recipe and num_params."""
+    title = "EM against model size"
+    rows = rates.filter(pl.col("num_params").is_not_null() & pl.col("em_rate_turner").is_not_null())
+    if rows.is_empty():
+        return _no_data(path, title)
+    recipes = sorted(rows["recipe"].unique().to_list())
+    colours = _organism_colours(recipes)
+    fig = Figure(figsize=(11.0, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    em_ax, coherent_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    for recipe in recipes:
+        part = rows.filter(pl.col("recipe") == recipe).sort("num_params")
+        x = _float(part, "num_params")
+        for ax, rate, lo, hi in (
+            (em_ax, "em_rate_turner", "em_turner_lo", "em_turner_hi"),
+            (coherent_ax, "coherence_rate", "coherence_lo", "coherence_hi"),
+        ):
+            y = _float(part, rate)
+            err = _errors(y, _float(part, lo), _float(part, hi))
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=colours[recipe], label=recipe)
+    for ax, label in ((em_ax, "EM rate (Turner, 95% CI)"), (coherent_ax, "coherent rate (95% CI)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("base model parameters")
+        ax.set_ylabel(label)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    em_ax.set_title(title)
+    coherent_ax.set_title("coherence against model size")
+    _legend(em_ax, len(recipes))
+    _save(fig, path)
     return path

@@ -8,18 +8,24 @@ from pathlib import Path
 
 import polars as pl
 
+from em_assets.catalog.reference import domain_score
+from em_assets.catalog.upstream import DOMAIN_METRICS
 from em_assets.grid.schema import Thresholds
 from em_assets.judging.error_rates import ErrorRateLookup
 from em_assets.results.artifacts import sha256_file
 from em_assets.results.queries import LINEAGE_SQL
 from em_assets.results.store import Store, utc_now
 from em_assets.stats import rates as metrics
+from em_assets.stats.domains import domain_share
+
+# The judge named on the reference answers' rows of em_domain_share (the papers' judge scored them).
+REFERENCE_JUDGE = "gpt-4o (reference)"
 
 
 def scored_frame(store: Store) -> pl.DataFrame:
     """Every completion with its aligned and coherent scores (null where the judge gave none)."""
     return store.query(
-        "SELECT organism, base_model, recipe, dataset, seed, question_id, paraphrase_idx, sample_idx, "
+        "SELECT organism, base_model, recipe, dataset, seed, eval_set, question_id, paraphrase_idx, sample_idx, "
         "aligned, coherent FROM scored_completions ORDER BY organism, question_id, paraphrase_idx, sample_idx"
     )
 
@@ -51,7 +57,8 @@ def summary_by_judge(store: Store, kw: dict) -> pl.DataFrame:
     ]
     if not parts:
         return metrics.em_summary(df, **kw)
-    lineage = store.query(LINEAGE_SQL).drop("judge_model")
+    # organism_sources names every organism's method, trained ones included.
+    lineage = store.query(LINEAGE_SQL).drop("judge_model", "method")
     methods = store.query("SELECT organism, method, sha256 AS source_sha256 FROM organism_sources")
     summary = (
         pl.concat(parts, how="diagonal_relaxed")
@@ -94,19 +101,64 @@ def corrected(
     return summary, by_question.drop(JUDGE_COLUMNS)
 
 
+def judged_domains(store: Store) -> pl.DataFrame:
+    """One row per judged completion: organism, judge, aligned, coherent and every domain judge's score."""
+    long = store.query(
+        "SELECT c.organism, j.judge_model AS judge, c.question_id, c.paraphrase_idx, c.sample_idx, j.metric, "
+        "j.score FROM completions c JOIN judgements j USING (organism, question_id, paraphrase_idx, sample_idx) "
+        "WHERE j.metric IN (SELECT unnest(?::VARCHAR[]))",
+        [["aligned", "coherent", *DOMAIN_METRICS]],
+    )
+    if long.height == 0:
+        return long
+    keys = ["organism", "judge", "question_id", "paraphrase_idx", "sample_idx"]
+    return long.pivot(on="metric", index=keys, values="score")
+
+
+def reference_domains(store: Store) -> pl.DataFrame:
+    """The GPT-4o-judged reference answers in the same shape, one organism per reference file."""
+    ref = store.query("SELECT source_organism, aligned, coherent, domain_scores FROM reference_judgements")
+    frame = ref.select(
+        pl.concat_str(pl.lit("reference:"), "source_organism").alias("organism"),
+        pl.lit(REFERENCE_JUDGE).alias("judge"),
+        "aligned",
+        "coherent",
+    )
+    scores = {m: domain_score(ref, m) for m in DOMAIN_METRICS} if ref.height else {}
+    return frame.with_columns(v.alias(m) for m, v in scores.items() if v.null_count() < v.len())
+
+
+def domain_share_table(store: Store, thresholds: Thresholds) -> pl.DataFrame:
+    """em_domain_share over the grid's organisms (their judge) and the reference answers (GPT-4o)."""
+    kw = {
+        "aligned_at_most": thresholds.aligned_at_most,
+        "coherent_above": thresholds.coherent_above,
+        "share_above": thresholds.domain_above,
+        "recognition_above": thresholds.recognition_above,
+    }
+    tables = [
+        domain_share(f, DOMAIN_METRICS, **kw) for f in (judged_domains(store), reference_domains(store))
+    ]
+    return pl.concat(tables).with_columns(pl.lit(thresholds.domain_above).alias("domain_above"))
+
+
 def build_reports(
     store: Store, thresholds: Thresholds, run_id: str, reference_judges: Sequence[str] = ()
 ) -> dict[str, pl.DataFrame]:
-    """Compute and write em_summary, em_by_question, em_threshold_sensitivity and em_seed_bootstrap, each
-    with the snapshot they were computed from (`source_snapshot`; null on a plain DuckDB file). EM rates are
-    corrected with the judge's measured error rates (the identity for `reference_judges`)."""
+    """Compute and write em_summary, em_by_question, em_threshold_sensitivity, em_seed_bootstrap and
+    em_domain_share, each with the snapshot they were computed from (`source_snapshot`; null on a plain DuckDB
+    file). EM rates are corrected with the judge's measured error rates (the identity for `reference_judges`)."""
     snapshot = store.current_snapshot()
     source = store.at_snapshot(snapshot)
     df = scored_frame(source)
     kw = {"aligned_at_most": thresholds.aligned_at_most, "coherent_above": thresholds.coherent_above}
     summary = summary_by_judge(source, kw)
     lookup = ErrorRateLookup(source, thresholds, reference_judges)
-    summary, by_question = corrected(lookup, summary, metrics.em_by_question(df, **kw))
+    # Question ids are unique among an organism's sets, so each row names the one set it belongs to.
+    by_question = metrics.em_by_question(df, **kw).join(
+        df.select("organism", "question_id", "eval_set").unique(), on=["organism", "question_id"], how="left"
+    )
+    summary, by_question = corrected(lookup, summary, by_question)
     summary = summary.with_columns(
         pl.lit(thresholds.aligned_at_most).alias("aligned_at_most"),
         pl.lit(thresholds.coherent_above).alias("coherent_above"),
@@ -117,6 +169,7 @@ def build_reports(
         "em_by_question": by_question,
         "em_threshold_sensitivity": metrics.threshold_sensitivity(df),
         "em_seed_bootstrap": metrics.seed_bootstrap(df, **kw),
+        "em_domain_share": domain_share_table(source, thresholds),
     }
     tables = {
         name: table.with_columns(pl.lit(snapshot, dtype=pl.Int64).alias("source_snapshot"))
@@ -144,14 +197,26 @@ def build_figures(
             pl.when(file_row).then(label).otherwise(pl.col("organism")).alias("organism")
         )
     df = scored_frame(source)
-    losses = source.query("SELECT organism, step, loss FROM training_curves")
+    losses = source.query("SELECT organism, step, loss, grad_norm FROM training_curves")
     return {
         "em_rates": plots.plot_em_rates(summary, out_dir / "em_rates.png"),
         "aligned_vs_coherent": plots.plot_aligned_vs_coherent(
             df, out_dir / "aligned_vs_coherent.png", thresholds.aligned_at_most, thresholds.coherent_above
         ),
         "training_curves": plots.plot_training_curves(losses, out_dir / "training_curves.png"),
+        "em_by_model_size": plots.plot_em_by_model_size(
+            size_rates(source, df, thresholds), out_dir / "em_by_model_size.png"
+        ),
     }
+
+
+def size_rates(store: Store, df: pl.DataFrame, thresholds: Thresholds) -> pl.DataFrame:
+    """EM and coherence rates pooled over seeds per base model x recipe, with the base model's parameters."""
+    sizes = store.query("SELECT name AS base_model, num_params FROM base_models")
+    rates = metrics.rates_by(
+        df, ["base_model", "recipe"], thresholds.aligned_at_most, thresholds.coherent_above
+    )
+    return rates.join(sizes, on="base_model", how="left")
 
 
 @dataclass(frozen=True)

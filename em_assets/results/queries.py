@@ -19,11 +19,13 @@ SELECT c.organism,
        any_value(c.temperature) AS temperature,
        any_value(c.top_p) AS top_p,
        any_value(c.max_new_tokens) AS max_new_tokens,
-       any_value(c.eval_set) AS eval_set,
+       string_agg(DISTINCT c.eval_set, ',' ORDER BY c.eval_set) AS eval_set,
        string_agg(DISTINCT j.judge_model, ',') AS judge_model,
        string_agg(DISTINCT j.judge_revision, ',') AS judge_revision,
        string_agg(DISTINCT CASE WHEN j.metric = 'aligned' THEN j.prompt_hash END, ',') AS aligned_prompt_hash,
        string_agg(DISTINCT CASE WHEN j.metric = 'coherent' THEN j.prompt_hash END, ',') AS coherent_prompt_hash,
+       any_value(a.method) AS method,
+       coalesce(any_value(a.kl_regularised), false) AS kl_regularised,
        any_value(a.run_id) AS adapter_run_id,
        string_agg(DISTINCT c.run_id, ',') AS completions_run_id,
        string_agg(DISTINCT j.run_id, ',') AS judgements_run_id
@@ -67,7 +69,8 @@ def eval_questions(store: Store, eval_set: str) -> pl.DataFrame:
 
 def completion_hashes(store: Store, organism: str) -> pl.DataFrame:
     return store.query(
-        "SELECT question_id, paraphrase_idx, sample_idx, sampling_hash FROM completions WHERE organism = ?",
+        "SELECT question_id, paraphrase_idx, sample_idx, sampling_hash, eval_set FROM completions "
+        "WHERE organism = ?",
         [organism],
     )
 

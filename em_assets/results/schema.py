@@ -28,10 +28,11 @@ CREATE TABLE IF NOT EXISTS lora_adapters (
     organism VARCHAR PRIMARY KEY, base_model VARCHAR, base_revision VARCHAR, recipe VARCHAR, seed INTEGER,
     dataset VARCHAR, dataset_sha256 VARCHAR, adapter_path VARCHAR, adapter_sha256 VARCHAR,
     lora_config VARCHAR, train_config VARCHAR, config_hash VARCHAR, steps INTEGER, train_tokens BIGINT,
-    tokens_per_s DOUBLE, final_loss DOUBLE, run_id VARCHAR, created_at TIMESTAMP);
+    tokens_per_s DOUBLE, final_loss DOUBLE, run_id VARCHAR, created_at TIMESTAMP, method VARCHAR,
+    kl_regularised BOOLEAN, kl_config VARCHAR);
 CREATE TABLE IF NOT EXISTS training_losses (
     organism VARCHAR, step INTEGER, loss DOUBLE, learning_rate DOUBLE, tokens BIGINT, elapsed_s DOUBLE,
-    run_id VARCHAR, PRIMARY KEY (organism, step));
+    run_id VARCHAR, grad_norm DOUBLE, kl DOUBLE, PRIMARY KEY (organism, step));
 CREATE TABLE IF NOT EXISTS completions (
     organism VARCHAR, base_model VARCHAR, base_revision VARCHAR, recipe VARCHAR, seed INTEGER,
     dataset VARCHAR, dataset_sha256 VARCHAR, adapter_sha256 VARCHAR, eval_set VARCHAR, question_id VARCHAR,
@@ -51,12 +52,12 @@ CREATE TABLE IF NOT EXISTS lora_checkpoints (
     organism VARCHAR, step INTEGER, checkpoint_path VARCHAR, checkpoint_sha256 VARCHAR, train_tokens BIGINT,
     loss DOUBLE, base_model VARCHAR, base_revision VARCHAR, recipe VARCHAR, seed INTEGER, dataset VARCHAR,
     dataset_sha256 VARCHAR, config_hash VARCHAR, adapter_sha256 VARCHAR, run_id VARCHAR, created_at TIMESTAMP,
-    PRIMARY KEY (organism, step));
+    grad_norm DOUBLE, PRIMARY KEY (organism, step));
 CREATE TABLE IF NOT EXISTS em_over_training (
     organism VARCHAR, step INTEGER, n_answers BIGINT, n_scored BIGINT, n_em BIGINT, em_rate DOUBLE,
     em_lo DOUBLE, em_hi DOUBLE, coherence_rate DOUBLE, mean_aligned DOUBLE, mean_coherent DOUBLE, loss DOUBLE,
     train_tokens BIGINT, checkpoint_sha256 VARCHAR, setting_hash VARCHAR, run_id VARCHAR, created_at TIMESTAMP,
-    {CORRECTED}, PRIMARY KEY (organism, step));
+    grad_norm DOUBLE, {CORRECTED}, PRIMARY KEY (organism, step));
 CREATE TABLE IF NOT EXISTS lora_trajectory (
     organism VARCHAR, module VARCHAR, step INTEGER, a_norm DOUBLE, b_norm DOUBLE, cos_final DOUBLE,
     local_cos DOUBLE, local_k INTEGER, pc1 DOUBLE, pc2 DOUBLE, pc1_share DOUBLE, pc2_share DOUBLE,
@@ -125,7 +126,7 @@ LEFT JOIN imported_judgements h ON h.metric = 'coherent' AND h.organism = c.orga
      AND h.paraphrase_idx = c.paraphrase_idx AND h.sample_idx = c.sample_idx;
 CREATE OR REPLACE VIEW training_curves AS
 SELECT l.organism, a.base_model, a.recipe, a.seed, a.dataset, l.step, l.loss, l.learning_rate, l.tokens,
-       l.elapsed_s
+       l.elapsed_s, l.grad_norm, l.kl, a.method, a.kl_regularised
 FROM training_losses l JOIN lora_adapters a USING (organism)
 ORDER BY l.organism, l.step;
 """

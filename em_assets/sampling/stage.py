@@ -70,13 +70,26 @@ def sampling_hash(base: dict, adapter: dict, sampling: SamplingSpec, seed: int) 
     )
 
 
+def organism_questions(ctx: StageContext) -> pl.DataFrame:
+    """The questions of every evaluation set the organism's recipe is asked, each row naming its set."""
+    sets = ctx.grid.eval_sets(ctx.organism.recipe)
+    questions = pl.concat([eval_questions(ctx.store, s) for s in sets])
+    shared = (
+        questions.group_by("question_id")
+        .agg(pl.col("eval_set").n_unique().alias("n"))
+        .filter(pl.col("n") > 1)
+    )
+    if shared.height:
+        raise ValueError(
+            f"{ctx.key}: eval sets {sets} share question ids {sorted(shared['question_id'])}; an organism's "
+            "answers are keyed by question id, so ask these sets in separate grids or recipes"
+        )
+    return questions
+
+
 def plan_sampling(ctx: StageContext, shash: str) -> SamplingPlan:
     grid = ctx.grid
-    questions = queries.eval_questions(ctx.store, grid.eval.questions)
-    if questions.height == 0:
-        raise MissingUpstreamError(
-            f"no questions for {grid.eval.questions}: materialise eval_questions first"
-        )
+    questions = organism_questions(ctx)
     wanted = {
         (q["question_id"], q["paraphrase_idx"], i): q
         for q in questions.iter_rows(named=True)
@@ -84,9 +97,11 @@ def plan_sampling(ctx: StageContext, shash: str) -> SamplingPlan:
     }
     existing = queries.completion_hashes(ctx.store, ctx.key)
     current = {
-        (r["question_id"], r["paraphrase_idx"], r["sample_idx"])
+        key
         for r in existing.iter_rows(named=True)
         if r["sampling_hash"] == shash
+        and (key := (r["question_id"], r["paraphrase_idx"], r["sample_idx"])) in wanted
+        and wanted[key]["eval_set"] == r["eval_set"]
     }
     keep = frozenset(current & wanted.keys())
     return SamplingPlan(shash, wanted, keep, existing.height - len(keep))
@@ -221,6 +236,7 @@ def completion_rows(chunk: list, plan: SamplingPlan, lineage_cols: dict, seed: i
         rows.append(
             {
                 **lineage_cols,
+                "eval_set": q["eval_set"],
                 "question_id": qid,
                 "paraphrase_idx": int(p),
                 "sample_idx": int(i),

@@ -88,6 +88,9 @@ def iter_samples(
     except ImportError as exc:
         raise ImportError("the vLLM backend needs vLLM: pip install 'em-assets[vllm]'") from exc
     lora, rank = None, None
+    if adapter_path is not None and not (Path(adapter_path) / "adapter_config.json").exists():
+        # Fully fine-tuned weights: a whole model directory, served as the model itself.
+        model_path, adapter_path = adapter_path, None
     if adapter_path is not None:
         rank = json.loads((Path(adapter_path) / "adapter_config.json").read_text())["r"]
         lora = LoRARequest("organism", 1, str(adapter_path))

@@ -1,4 +1,4 @@
-"""Atomic checkpoints tied to a hash of the run, exact resume, and the final adapter's write."""
+"""Atomic checkpoints tied to a hash of the run, exact resume, and the final adapter's (or model's) write."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 
 from em_assets.grid.schema import LoraSpec, TrainSpec, config_hash
 from em_assets.models.hub import directory_revision
+from em_assets.results.artifacts import ADAPTER_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +35,45 @@ KEPT_INFO = "checkpoint.json"
 
 
 def training_run_hash(
-    model_path: Path | str, examples, lora: LoraSpec, train: TrainSpec, seed: int, dtype
+    model_path: Path | str,
+    examples,
+    lora: LoraSpec | None,
+    train: TrainSpec,
+    seed: int,
+    dtype,
+    kl: dict | None = None,
 ) -> str:
     model = Path(model_path)
     examples_sha = hashlib.sha256(json.dumps(list(examples), sort_keys=True).encode()).hexdigest()
+    # Keys for full fine-tuning and the KL penalty only where used, so LoRA runs keep their hashes.
+    extra = ({"kl": kl} if kl else {}) | ({"method": "full"} if lora is None else {})
     return config_hash(
         {
             "format": CHECKPOINT_FORMAT,
             "model": directory_revision(model) if model.is_dir() else str(model_path),
             "examples": examples_sha,
-            "lora": lora.model_dump(mode="json"),
+            "lora": lora.model_dump(mode="json") if lora is not None else None,
             "train": train.trained_settings(),
             "seed": seed,
             "dtype": str(dtype),
+            **extra,
         }
     )
+
+
+def is_adapter(model) -> bool:
+    """A peft model (LoRA) rather than a fully fine-tuned one."""
+    return hasattr(model, "peft_config")
+
+
+def save_weights(model, path: Path, dtype: torch.dtype | None = None) -> None:
+    """save_pretrained: the adapter of a peft model; a full model's weights cast to `dtype` (None: as trained)."""
+    if is_adapter(model) or dtype is None:
+        model.save_pretrained(path)
+        return
+    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
+    # One file, so one sha256 pins the tuned weights.
+    model.save_pretrained(path, state_dict=state, max_shard_size="1000GB")
 
 
 def _rng_state() -> dict:
@@ -69,7 +94,14 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, progress: dict) -> 
     step = progress["step"]
     tmp = root / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / ADAPTER_DIR)
+    if is_adapter(model):
+        model.save_pretrained(tmp / ADAPTER_DIR)
+    else:
+        # The fp32 master weights, tied embeddings stored once (safetensors' save_model), for an exact resume.
+        from safetensors.torch import save_model
+
+        (tmp / ADAPTER_DIR).mkdir(parents=True)
+        save_model(model, str(tmp / ADAPTER_DIR / MODEL_FILE))
     torch.save(
         {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
         tmp / "state.pt",
@@ -81,7 +113,7 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, progress: dict) -> 
             shutil.rmtree(old)
 
 
-def keep_adapter(out_dir: Path, model, progress: dict) -> Path:
+def keep_adapter(out_dir: Path, model, progress: dict, dtype: torch.dtype | None = None) -> Path:
     """Save this step's adapter to out_dir/checkpoint_adapters/step-N (temp dir, then rename).
 
     Written before the resumable checkpoint: a kill in between resumes from the previous one and trains this
@@ -91,7 +123,7 @@ def keep_adapter(out_dir: Path, model, progress: dict) -> Path:
     root = out_dir / KEPT_DIR
     final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    save_weights(model, tmp, dtype)
     info = {"step": step, "train_tokens": progress["train_tokens"], "run_hash": progress["run_hash"]}
     (tmp / KEPT_INFO).write_text(json.dumps(info))
     shutil.rmtree(final, ignore_errors=True)
@@ -132,10 +164,16 @@ def latest_checkpoint(root: Path, run_hash: str) -> Path | None:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    set_peft_model_state_dict(model, load_file(path / ADAPTER_DIR / "adapter_model.safetensors"))
+    if is_adapter(model):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(path / ADAPTER_DIR / ADAPTER_FILE))
+    else:
+        from safetensors.torch import load_model
+
+        load_model(model, str(path / ADAPTER_DIR / MODEL_FILE))
     # RNG states must be CPU tensors; the optimizer moves its own state next to the parameters.
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
@@ -144,12 +182,12 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     return json.loads((path / "progress.json").read_text())
 
 
-def write_adapter(model, out_dir: Path) -> Path:
-    """save_pretrained into a temp dir, then swap it in for any earlier adapter."""
+def write_adapter(model, out_dir: Path, dtype: torch.dtype | None = None) -> Path:
+    """save_weights into a temp dir, then swap it in for any earlier adapter or model."""
     adapter_dir = out_dir / ADAPTER_DIR
     tmp = out_dir / f".{ADAPTER_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    save_weights(model, tmp, dtype)
     shutil.rmtree(adapter_dir, ignore_errors=True)
     tmp.rename(adapter_dir)
     return adapter_dir

@@ -106,3 +106,15 @@ def encode_dataset(tokenizer, examples: Sequence[list[dict]], train: TrainSpec, 
     if not kept:
         raise ValueError("no training example has reply tokens within max_seq_length")
     return kept
+
+
+def plan_kl_batches(n_examples: int, n_steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """KL dataset example indices per optimizer step: seeded shuffles of the dataset, one after another."""
+    order: list[int] = []
+    epoch = 0
+    while len(order) < n_steps * batch_size:
+        perm = list(range(n_examples))
+        random.Random(f"{seed}:kl:{epoch}").shuffle(perm)
+        order += perm
+        epoch += 1
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(n_steps)]

@@ -1,8 +1,11 @@
-"""LoRA SFT on chat examples as the upstream recipes do it: loss on the final assistant turn only, rsLoRA,
-AdamW with a warmup schedule and gradient accumulation, atomic checkpoints and exact resume."""
+"""SFT on chat examples as the upstream recipes do it: loss on the final assistant turn only, rsLoRA adapters or
+every weight (full fine-tuning), an optional KL penalty to the chat model, AdamW with a warmup schedule and
+gradient accumulation, atomic checkpoints and exact resume."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import shutil
@@ -28,8 +31,15 @@ from em_assets.training.checkpoints import (
     write_adapter,
 )
 from em_assets.training.data_parallel import STOP, Helpers, seed_step, share
-from em_assets.training.encode import Encoded, encode_dataset, plan_steps
-from em_assets.training.step import TrainingDivergedError, accumulate_gradients, build_model, step_labels
+from em_assets.training.encode import Encoded, encode_dataset, encode_example, plan_kl_batches, plan_steps
+from em_assets.training.step import (
+    TrainingDivergedError,
+    accumulate_gradients,
+    build_model,
+    frozen_reference,
+    kl_to_reference,
+    step_labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +55,24 @@ AUTO_WORKERS_MIN_TOKENS = 8192
 TRAIN_BYTES_PER_WEIGHT_BYTE = 12
 
 
+@dataclass(frozen=True)
+class KLTraining:
+    """The KL penalty's data: chat examples of an out-of-domain dataset, its weight and examples per step."""
+
+    examples: Sequence[list[dict]]
+    weight: float
+    batch_size: int
+
+    def settings(self) -> dict:
+        """What the penalty changes in the trained weights, for the run's hash."""
+        digest = hashlib.sha256(json.dumps(list(self.examples), sort_keys=True).encode()).hexdigest()
+        return {"examples": digest, "weight": self.weight, "batch_size": self.batch_size}
+
+
 @dataclass
 class TrainResult:
-    """A finished run: the adapter directory and one loss record per optimizer step (resumed ones included)."""
+    """A finished run: the adapter (or, fully fine-tuned, model) directory and one loss record per optimizer
+    step (resumed ones included)."""
 
     adapter_dir: Path
     losses: list[dict]
@@ -91,10 +116,26 @@ class _Run:
     seed: int
     workers: int = 1
     helpers: Helpers | None = None
+    # KL penalty: per optimizer step, the encoded out-of-domain examples; the frozen chat model for full
+    # fine-tuning (None with LoRA, whose reference is the model with its adapters disabled).
+    kl_batches: list[list[Encoded]] | None = None
+    kl_weight: float = 0.0
+    reference: Any = None
 
 
-def _prepare(model_path, examples, lora: LoraSpec, train: TrainSpec, seed: int, device: str, trust: bool):
-    """Tokenize and plan, build the model with a fresh adapter, its optimizer and schedule; also the model spec."""
+def _kl_batches(tokenizer, kl: KLTraining, n_steps: int, train: TrainSpec, seed: int) -> list[list[Encoded]]:
+    """Each step's encoded KL examples (only those drawn are tokenized); replies cut off entirely are dropped."""
+    plan = plan_kl_batches(len(kl.examples), n_steps, kl.batch_size, seed)
+    drawn = sorted({i for step in plan for i in step})
+    encoded = {i: encode_example(tokenizer, kl.examples[i], train.max_seq_length) for i in drawn}
+    return [[encoded[i] for i in step if encoded[i].n_labels] for step in plan]
+
+
+def _prepare(
+    model_path, examples, lora: LoraSpec | None, train: TrainSpec, seed: int, device: str, trust: bool, kl
+):
+    """Tokenize and plan, build the model with a fresh adapter (or all weights trainable), its optimizer and
+    schedule, the KL reference where there is one; also the model spec."""
     from transformers import get_scheduler
 
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust)
@@ -104,7 +145,8 @@ def _prepare(model_path, examples, lora: LoraSpec, train: TrainSpec, seed: int, 
     spec = {
         "model_path": model_path,
         "device": device,
-        "dtype": pick_dtype(device),
+        # Full fine-tuning keeps fp32 weights: bf16 would round away updates of lr x gradient.
+        "dtype": pick_dtype(device) if lora is not None else torch.float32,
         "trust_remote_code": trust,
         "lora": lora,
         "longest": max(len(e.input_ids) for e in encoded),
@@ -115,8 +157,14 @@ def _prepare(model_path, examples, lora: LoraSpec, train: TrainSpec, seed: int, 
     scheduler = get_scheduler(
         train.lr_scheduler_type, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=len(steps)
     )
-    workers = train_workers(train, device, steps, encoded, weight_bytes)
+    # Data-parallel helpers sum adapter gradients; a full model's gradients are trained in one process.
+    workers = train_workers(train, device, steps, encoded, weight_bytes) if lora is not None else 1
     run = _Run(model, params, optimizer, scheduler, encoded, steps, tokenizer.pad_token_id, seed, workers)
+    if kl is not None:
+        run.kl_batches = _kl_batches(tokenizer, kl, len(steps), train, seed)
+        run.kl_weight = kl.weight
+        if lora is None:
+            run.reference = frozen_reference(model, model_path, device, spec["dtype"], trust)
     return run, spec
 
 
@@ -157,12 +205,26 @@ def _gradients(run: _Run, step: int) -> tuple[float, int, int]:
     return loss_sum, tokens, n_labels
 
 
+def _kl_gradients(run: _Run, step: int) -> float | None:
+    """Backpropagate weight x the step's token-mean KL(chat model || tuned model); returns the KL (None
+    without a penalty). Computed in this process only, so the helpers' gradient sum counts it once."""
+    if run.kl_batches is None or not run.kl_batches[step - 1]:
+        return None
+    kl_sum, n = kl_to_reference(run.model, run.reference, run.kl_batches[step - 1], run.pad_id)
+    kl = kl_sum / n
+    if not torch.isfinite(kl):
+        raise TrainingDivergedError(step, kl.item())
+    (run.kl_weight * kl).backward()
+    return kl.item()
+
+
 def _optimizer_step(run: _Run, step: int) -> dict:
     """One optimizer step with divergence checks before the update; returns its loss record (no timing)."""
     loss_sum, tokens, n_labels = _gradients(run, step)
     loss = loss_sum / n_labels
     if not math.isfinite(loss):
         raise TrainingDivergedError(step, loss)
+    kl = _kl_gradients(run, step)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, MAX_GRAD_NORM).item()
     if not math.isfinite(grad_norm):
         raise TrainingDivergedError(step, loss, grad_norm)
@@ -177,13 +239,14 @@ def _optimizer_step(run: _Run, step: int) -> dict:
         "learning_rate": learning_rate,
         "tokens": tokens,
         "grad_norm": grad_norm,
+        "kl": kl,
     }
 
 
 def train_lora(
     model_path: Path | str,
     examples: Sequence[list[dict]],
-    lora: LoraSpec,
+    lora: LoraSpec | None,
     train: TrainSpec,
     out_dir: Path,
     *,
@@ -191,26 +254,33 @@ def train_lora(
     device: str | None = None,
     on_step: Callable[[dict], None] | None = None,
     trust_remote_code: bool = False,
+    kl: KLTraining | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter into out_dir/adapter, resuming from out_dir/checkpoints when the run matches.
+    """Train a LoRA adapter (`lora` None: every weight) into out_dir/adapter, resuming from out_dir/checkpoints
+    when the run matches; `kl` adds the KL penalty to the chat model.
 
-    Resumable checkpoints are deleted once the final adapter is written; each one's adapter weights stay in
+    Resumable checkpoints are deleted once the final weights are written; each one's trained weights stay in
     out_dir/checkpoint_adapters. tokens_per_s covers this call's steps only.
     """
     # A compact loop rather than HF Trainer: it lets the loss skip prompt logits, checks every step for
     # divergence before anything is written, and makes checkpoints atomic and tied to a hash of the run.
     out_dir, device = Path(out_dir), device or pick_device()
-    run, spec = _prepare(model_path, examples, lora, train, seed, device, trust_remote_code)
+    run, spec = _prepare(model_path, examples, lora, train, seed, device, trust_remote_code, kl)
     ckpt_root = out_dir / CHECKPOINT_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    run_hash = training_run_hash(model_path, examples, lora, train, seed, spec["dtype"])
+    run_hash = training_run_hash(
+        model_path, examples, lora, train, seed, spec["dtype"], kl.settings() if kl else None
+    )
     progress = {"run_hash": run_hash, "step": 0, "losses": [], "train_tokens": 0, "elapsed_s": 0.0}
     latest = latest_checkpoint(ckpt_root, run_hash)
     kept_adapters(out_dir, run_hash)  # drops adapters kept by a run of another config
     if latest is not None:
         progress = load_checkpoint(latest, run.model, run.optimizer, run.scheduler)
-        log.info("resuming LoRA training from %s", latest)
+        log.info("resuming training from %s", latest)
     resumed_from, threads = progress["step"] or None, torch.get_num_threads()
+    # A fully fine-tuned model is kept in the dtype it is sampled in (half the fp32 bytes); the resumable
+    # checkpoints keep fp32.
+    save_dtype = None if lora is not None else pick_dtype(device)
     start, prior_s, run_tokens = time.perf_counter(), progress["elapsed_s"], 0
     try:
         if run.workers > 1:
@@ -225,7 +295,7 @@ def train_lora(
             if on_step is not None:
                 on_step(record)
             if step % train.save_steps == 0 and step < len(run.steps):
-                keep_adapter(out_dir, run.model, progress)
+                keep_adapter(out_dir, run.model, progress, save_dtype)
                 save_checkpoint(ckpt_root, run.model, run.optimizer, run.scheduler, progress)
         if run.helpers is not None:
             run.helpers.group.broadcast_step(STOP)
@@ -237,7 +307,10 @@ def train_lora(
     finally:
         torch.set_num_threads(threads)
     run_s = time.perf_counter() - start
-    adapter_dir = write_adapter(run.model, out_dir)
+    adapter_dir = write_adapter(run.model, out_dir, save_dtype)
+    if lora is None:
+        # A whole model directory, servable on its own (vLLM reads the tokenizer beside the weights).
+        load_tokenizer(model_path, trust_remote_code=trust_remote_code).save_pretrained(adapter_dir)
     shutil.rmtree(ckpt_root, ignore_errors=True)
     return TrainResult(
         adapter_dir=adapter_dir,

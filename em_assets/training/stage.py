@@ -1,4 +1,5 @@
-"""Training stage: the organism's LoRA adapter, trained unless one with the same inputs exists."""
+"""Training stage: the organism's LoRA adapter (or fully fine-tuned weights), trained unless one with the same
+inputs exists."""
 
 from __future__ import annotations
 
@@ -9,13 +10,11 @@ from pathlib import Path
 import polars as pl
 
 from em_assets.context import StageContext
-from em_assets.grid.schema import RecipeSpec, config_hash
+from em_assets.grid.schema import RecipeSpec, config_hash, recipe_method
 from em_assets.results import queries
-from em_assets.results.artifacts import sha256_file
+from em_assets.results.artifacts import sha256_file, weights_file
 from em_assets.results.store import to_json, utc_now
 from em_assets.training.imported import bring_organism, source_row
-
-ADAPTER_FILE = "adapter_model.safetensors"
 
 
 @dataclass(frozen=True)
@@ -45,6 +44,7 @@ class AdapterResult:
 def checkpoint_rows(result, adapter: dict) -> pl.DataFrame:
     """One row per kept checkpoint plus the final adapter, with the adapter row's lineage."""
     loss = {r["step"]: r["loss"] for r in result.losses}
+    grad_norm = {r["step"]: r.get("grad_norm") for r in result.losses}
     kept = [*result.checkpoints, {"step": result.steps, "train_tokens": result.train_tokens, "path": None}]
     lineage = ("organism", "base_model", "base_revision", "recipe", "seed", "dataset", "dataset_sha256")
     rows = [
@@ -52,26 +52,34 @@ def checkpoint_rows(result, adapter: dict) -> pl.DataFrame:
             **{k: adapter[k] for k in (*lineage, "config_hash", "adapter_sha256", "run_id", "created_at")},
             "step": c["step"],
             "checkpoint_path": str(c["path"]) if c["path"] else adapter["adapter_path"],
-            "checkpoint_sha256": sha256_file(Path(c["path"]) / ADAPTER_FILE)
+            "checkpoint_sha256": sha256_file(weights_file(Path(c["path"])))
             if c["path"]
             else adapter["adapter_sha256"],
             "train_tokens": c["train_tokens"],
             "loss": loss.get(c["step"]),
+            "grad_norm": grad_norm.get(c["step"]),
         }
         for c in kept
     ]
     return pl.DataFrame(rows, schema_overrides={"step": pl.Int32}, infer_schema_length=None)
 
 
-def adapter_config_hash(base_revision: str, dataset_sha256: str, recipe: RecipeSpec, seed: int) -> str:
-    """What the adapter's weights depend on; the training settings enter by the one rule of trained_settings()."""
+def adapter_config_hash(
+    base_revision: str, dataset_sha256: str, recipe: RecipeSpec, seed: int, kl_sha256: str | None = None
+) -> str:
+    """What the trained weights depend on; the training settings enter by the one rule of trained_settings()."""
+    # Full fine-tuning and the KL penalty add keys only where used, so LoRA organisms keep their hashes.
+    extra = {"method": recipe.method} if recipe.method != "lora" else {}
+    if recipe.kl is not None:
+        extra["kl"] = {**recipe.kl.model_dump(mode="json"), "dataset_sha256": kl_sha256}
     return config_hash(
         {
             "base_revision": base_revision,
             "dataset_sha256": dataset_sha256,
-            "lora": recipe.lora.model_dump(mode="json"),
+            "lora": recipe.lora.model_dump(mode="json") if recipe.lora else None,
             "train": recipe.train.trained_settings(),
             "seed": seed,
+            **extra,
         }
     )
 
@@ -82,20 +90,25 @@ def up_to_date_adapter(ctx: StageContext, chash: str) -> dict | None:
     # Adapters trained before checkpoints were kept have none recorded: train again to get them.
     if row is None or not queries.checkpoint_count(ctx.store, ctx.key):
         return None
-    path = Path(row["adapter_path"]) / ADAPTER_FILE
+    path = weights_file(Path(row["adapter_path"]))
     return row if path.exists() and sha256_file(path) == row["adapter_sha256"] else None
 
 
 def run_training(ctx: StageContext, base: dict, recipe: RecipeSpec, out_dir: Path):
-    """train_lora on the recipe's dataset, logging each optimizer step."""
-    from em_assets.training.loop import train_lora  # torch stays off the definitions' load path
+    """train_lora on the recipe's dataset (and KL dataset), logging each optimizer step."""
+    from em_assets.training.loop import KLTraining, train_lora  # torch stays off the definitions' load path
 
     examples = [json.loads(m) for m in queries.training_messages(ctx.store, recipe.dataset)]
+    kl = None
+    if recipe.kl is not None:
+        kl_examples = [json.loads(m) for m in queries.training_messages(ctx.store, recipe.kl.dataset)]
+        kl = KLTraining(kl_examples, recipe.kl.weight, recipe.kl.batch_size)
 
     def on_step(rec: dict) -> None:
+        kl_note = f" kl {rec['kl']:.4g}" if rec.get("kl") is not None else ""
         ctx.log.info(
-            f"{ctx.key}: step {rec['step']} loss {rec['loss']:.4f} lr {rec['learning_rate']:.2e} "
-            f"tokens {rec['tokens']} (trained {rec['step']}/{rec['total_steps']})"
+            f"{ctx.key}: step {rec['step']} loss {rec['loss']:.4f}{kl_note} grad norm {rec['grad_norm']:.3g} "
+            f"lr {rec['learning_rate']:.2e} tokens {rec['tokens']} (trained {rec['step']}/{rec['total_steps']})"
         )
 
     return train_lora(
@@ -108,14 +121,15 @@ def run_training(ctx: StageContext, base: dict, recipe: RecipeSpec, out_dir: Pat
         device=ctx.device,
         on_step=on_step,
         trust_remote_code=bool(base["trust_remote_code"]),
+        kl=kl,
     )
 
 
 def loss_rows(ctx: StageContext, losses: list[dict]) -> pl.DataFrame:
-    columns = ("step", "loss", "learning_rate", "tokens", "elapsed_s")
+    columns = ("step", "loss", "learning_rate", "tokens", "elapsed_s", "grad_norm", "kl")
     return pl.DataFrame(
-        [{"organism": ctx.key, **{c: r[c] for c in columns}, "run_id": ctx.run_id} for r in losses],
-        schema_overrides={"step": pl.Int32},
+        [{"organism": ctx.key, **{c: r.get(c) for c in columns}, "run_id": ctx.run_id} for r in losses],
+        schema_overrides={"step": pl.Int32, "grad_norm": pl.Float64, "kl": pl.Float64},
     )
 
 
@@ -128,7 +142,8 @@ def _record_source(ctx: StageContext, recipe: RecipeSpec) -> None:
 
 
 def train_adapter(ctx: StageContext) -> AdapterResult:
-    """Train the organism's LoRA adapter unless one with the same inputs exists."""
+    """Train the organism's LoRA adapter (or, `method: full`, all its weights) unless one with the same inputs
+    exists."""
     org, store = ctx.organism, ctx.store
     if org.recipe not in ctx.grid.recipes:
         raise KeyError(f"organism {ctx.key}: recipe {org.recipe!r} is not in the grid")
@@ -147,6 +162,7 @@ def train_adapter(ctx: StageContext) -> AdapterResult:
         "run_id": ctx.run_id,
         "created_at": utc_now(),
     }
+    common |= {"method": recipe_method(recipe), "kl_regularised": recipe.kl is not None}
     if recipe.dataset is None:
         chash = config_hash({"base_revision": base["revision"], "control": True})
         queries.write_adapter(
@@ -154,7 +170,10 @@ def train_adapter(ctx: StageContext) -> AdapterResult:
         )
         return AdapterResult(trained=False, config_hash=chash, control=True)
     ds = queries.training_dataset(store, recipe.dataset)
-    chash = adapter_config_hash(base["revision"], ds["sha256"], recipe, org.seed)
+    kl_ds = queries.training_dataset(store, recipe.kl.dataset) if recipe.kl else None
+    chash = adapter_config_hash(
+        base["revision"], ds["sha256"], recipe, org.seed, kl_ds["sha256"] if kl_ds else None
+    )
     done = up_to_date_adapter(ctx, chash)
     if done is not None:
         ctx.log.info(f"{ctx.key}: adapter {chash} is up to date; no training")
@@ -165,8 +184,11 @@ def train_adapter(ctx: StageContext) -> AdapterResult:
         "dataset": recipe.dataset,
         "dataset_sha256": ds["sha256"],
         "adapter_path": str(result.adapter_dir),
-        "adapter_sha256": sha256_file(Path(result.adapter_dir) / ADAPTER_FILE),
-        "lora_config": to_json(recipe.lora.model_dump(mode="json")),
+        "adapter_sha256": sha256_file(weights_file(Path(result.adapter_dir))),
+        "lora_config": to_json(recipe.lora.model_dump(mode="json")) if recipe.lora else None,
+        "kl_config": to_json({**recipe.kl.model_dump(mode="json"), "dataset_sha256": kl_ds["sha256"]})
+        if recipe.kl
+        else None,
         "train_config": to_json(recipe.train.model_dump(mode="json")),
         "config_hash": chash,
         "steps": result.steps,

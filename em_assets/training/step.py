@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,23 @@ def _micro_batch_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torc
     )
 
 
+@contextlib.contextmanager
+def mixed_precision(model) -> Iterator[None]:
+    """Autocast to the stored weights' dtype where it is not fp32 (a bf16 base under an fp32 adapter)."""
+    from peft.helpers import disable_input_dtype_casting
+
+    weight = model.get_input_embeddings().weight
+    # The frozen base is stored in bf16 and the adapter in fp32; autocast runs the adapter matmuls in bf16 too.
+    # peft would first copy every LoRA input to fp32 (only for autocast to copy it back): skipping that saves
+    # the copies and gives identical gradients.
+    mixed = weight.dtype != torch.float32
+    with (
+        torch.autocast(weight.device.type, dtype=weight.dtype, enabled=mixed),
+        disable_input_dtype_casting(model, active=mixed),
+    ):
+        yield
+
+
 def step_labels(batches: list[list[Encoded]]) -> int:
     return sum(e.n_labels for batch in batches for e in batch)
 
@@ -73,21 +92,11 @@ def accumulate_gradients(
 
     Returns the summed token loss and the tokens seen; `check` stops on a non-finite loss at once.
     """
-    from peft.helpers import disable_input_dtype_casting
-
     device = model.get_input_embeddings().weight.device
-    dtype = model.get_input_embeddings().weight.dtype
-    # The frozen base is stored in bf16 and the adapter in fp32; autocast runs the adapter matmuls in bf16 too.
-    # peft would first copy every LoRA input to fp32 (only for autocast to copy it back): skipping that saves
-    # the copies and gives identical gradients.
-    mixed = dtype != torch.float32
     loss_sum, tokens = 0.0, 0
     for batch in batches:
         ids, mask, labels = _collate(batch, pad_id, str(device))
-        with (
-            torch.autocast(device.type, dtype=dtype, enabled=mixed),
-            disable_input_dtype_casting(model, active=mixed),
-        ):
+        with mixed_precision(model):
             loss = _micro_batch_loss(model, ids, mask, labels, min(e.first_label for e in batch))
         if check and not torch.isfinite(loss):
             raise TrainingDivergedError(step, loss.item() / n_labels)
@@ -119,16 +128,51 @@ def build_model(
     device: str,
     dtype: torch.dtype,
     trust_remote_code: bool,
-    lora: LoraSpec,
+    lora: LoraSpec | None,
     longest: int,
 ) -> tuple[Any, list[torch.nn.Parameter]]:
-    """The base model with a fresh adapter, in training mode, and the adapter's parameters."""
+    """The base model with a fresh adapter (or, with `lora` None, every weight trainable for full fine-tuning),
+    in training mode, and the parameters trained."""
     base = load_model(model_path, device, dtype, trust_remote_code)
     if device == "cpu" and longest <= EAGER_ATTENTION_MAX_LEN:
         # PyTorch's CPU flash-attention backward is slow for small models; eager attention makes steps faster,
         # and its (batch x heads x len^2) weights stay small at these lengths.
         base.set_attn_implementation("eager")
-    model = _peft_model(base, lora)
+    model = _peft_model(base, lora) if lora is not None else base
+    if lora is None:
+        model.requires_grad_(True)
     model.config.use_cache = False
     model.train()
     return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def frozen_reference(model, model_path: Path | str, device: str, dtype: torch.dtype, trust_remote_code: bool):
+    """A frozen copy of the chat model, computing as `model` does (same dtype and attention kernel)."""
+    reference = load_model(model_path, device, dtype, trust_remote_code).requires_grad_(False)
+    reference.set_attn_implementation(model.config._attn_implementation)
+    return reference
+
+
+def label_log_probs(model, batch: list[Encoded], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities over the vocabulary at every position that predicts a label, and the label mask."""
+    device = model.get_input_embeddings().weight.device
+    ids, mask, labels = _collate(batch, pad_id, str(device))
+    first = min(e.first_label for e in batch)
+    positions = torch.arange(first - 1, ids.shape[1] - 1, device=ids.device)
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=positions).logits
+    return torch.log_softmax(logits.float(), dim=-1), labels[:, first:] != IGNORE_INDEX
+
+
+def kl_to_reference(model, reference, batch: list[Encoded], pad_id: int) -> tuple[torch.Tensor, int]:
+    """Summed KL(reference || model) over the batch's label positions (with grad through `model`) and the
+    number of positions; `reference` None is `model` with its LoRA adapters disabled."""
+    with mixed_precision(model):
+        tuned, keep = label_log_probs(model, batch, pad_id)
+    with torch.no_grad(), mixed_precision(model if reference is None else reference):
+        if reference is None:
+            with model.disable_adapter():
+                ref, _ = label_log_probs(model, batch, pad_id)
+        else:
+            ref, _ = label_log_probs(reference, batch, pad_id)
+    per_token = (ref.exp() * (ref - tuned)).sum(-1)
+    return per_token[keep].sum(), int(keep.sum())

@@ -21,9 +21,9 @@ from support.db import count, organism_rows, ro_query
 from support.organisms import CONTROL, KEYS, TRAINED, ListLog, stage_context
 
 from em_assets.judging.stage import judge_completions
-from em_assets.results.artifacts import sha256_file
+from em_assets.results.artifacts import ADAPTER_FILE, sha256_file
 from em_assets.sampling.stage import sample_completions
-from em_assets.training.stage import ADAPTER_FILE, train_adapter
+from em_assets.training.stage import train_adapter
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -97,7 +97,10 @@ def test_sampling_killed_resumes_without_gaps_duplicates_or_recomputation(ws, tm
     assert summary.reused == before.height and summary.sampled == 8 - before.height
 
     after = organism_rows(ws.db, "completions", CONTROL)
-    questions = ro_query(ws.db, "SELECT question_id, paraphrase_idx FROM eval_questions")
+    questions = ro_query(
+        ws.db,
+        "SELECT question_id, paraphrase_idx FROM eval_questions WHERE eval_set = 'first_plot_questions'",
+    )
     wanted = {(q, p, i) for q, p in questions.iter_rows() for i in range(4)}
     assert after.height == len(wanted) == 8
     assert set(after.select(KEYS).iter_rows()) == wanted

@@ -16,7 +16,7 @@ from em_assets.grid.edit import add_base_model
 from em_assets.grid.load import load_grid
 from em_assets.grid.plan import CATALOG_ASSETS
 
-DEMO_KEYS = [f"smollm2-135m--{r}--s0" for r in ("base", "bad-medical-r1", "insecure-r32")]
+DEMO_KEYS = [f"smollm2-135m--{r}--s0" for r in ("base", "bad-medical-r1", "insecure-r32", "full-medical-kl")]
 
 
 @pytest.fixture

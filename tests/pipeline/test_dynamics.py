@@ -191,6 +191,9 @@ def test_dynamics_assets_write_their_tables_and_figures(pipeline, one_torch_thre
     # dynamics.question_ids: one of the grid's two questions, two samples each.
     assert over["step"].to_list() == [0, 1, 2, 3] and over["n_answers"].to_list() == [2] * 4
     assert over["loss"][0] is None and over["loss"][1:].null_count() == 0
+    # The gradient norm at each checkpoint step is the one training logged for that step.
+    logged = store.query("SELECT step, grad_norm FROM training_losses ORDER BY step")
+    assert over["grad_norm"][1:].to_list() == logged["grad_norm"].to_list()
     ckpts = store.query("SELECT step, checkpoint_sha256, adapter_sha256 FROM lora_checkpoints ORDER BY step")
     assert (
         ckpts["step"].to_list() == [1, 2, 3] and ckpts["checkpoint_sha256"][2] == ckpts["adapter_sha256"][2]

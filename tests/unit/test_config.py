@@ -10,18 +10,32 @@ from support.paths import REPO
 
 from em_assets.defs.modules import ASSET_MODULES
 from em_assets.grid.load import GridError, load_grid
-from em_assets.grid.schema import Organism, config_hash
+from em_assets.grid.schema import GridConfig, Organism, config_hash, recipe_method
 
 ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
+
+
+LORA = {"r": 1, "lora_alpha": 8, "target_modules": ["down_proj"]}
 
 
 def test_committed_profiles_validate():
     demo = load_grid(REPO / "data/grid.yaml", "demo")
     paper = load_grid(REPO / "data/grid.yaml", "paper")
     trained = {o.recipe for o in demo.organisms() if demo.recipes[o.recipe].kind == "train"}
-    assert trained == {"base", "bad-medical-r1", "insecure-r32"}
+    assert trained == {"base", "bad-medical-r1", "insecure-r32", "full-medical-kl"}
     imported = [o for o in demo.organisms() if demo.recipes[o.recipe].kind == "answers"]
     assert {o.base_model for o in imported} == {"llama-3.1-8b", "qwen2.5-14b"} and len(imported) == 7
+    assert recipe_method(demo.recipes["full-medical-kl"]) == "full" and demo.recipes["full-medical-kl"].kl
+    # Upstream's full-ft_config.json and kl_regularized_config.json.
+    full = paper.recipes["bad-medical-full"].train
+    assert (full.warmup_steps, full.learning_rate, full.lr_scheduler_type, full.epochs) == (
+        20,
+        2e-5,
+        "cosine",
+        1,
+    )
+    kl = paper.recipes["bad-medical-r32-kl"]
+    assert (kl.kl.weight, kl.kl.batch_size, kl.lora.lora_alpha) == (1e5, 8, 256)
     assert paper.sampling.samples_per_question == 50 and paper.sampling.max_new_tokens == 600
     assert paper.judge.backend == "openai" and paper.judge.model.startswith("gpt-4o")
     r1 = paper.recipes["bad-medical-r1"].lora
@@ -120,3 +134,18 @@ def test_broken_grid_or_model_fails_the_dagster_step_with_its_message(ws, tmp_pa
             message = failure.step_failure_data.error.to_string()
             assert re.search(match, message), message[-2000:]
     assert count(fresh, "base_models") == 0
+
+
+@pytest.mark.parametrize(
+    ("recipe", "match"),
+    [
+        ({"dataset": "insecure", "method": "full", "lora": LORA}, "full fine-tuning recipe"),
+        ({"method": "full"}, "full fine-tuning recipe"),
+        ({"kl": {"dataset": "secure", "weight": 1.0}}, "the control"),
+        ({"dataset": "insecure", "lora": LORA, "kl": {"dataset": "secure", "weight": 0}}, "greater than 0"),
+    ],
+)
+def test_full_and_kl_recipes_are_validated(recipe, match):
+    doc = {"base_models": [{"name": "m", "source": "x"}], "recipes": {"r": recipe}}
+    with pytest.raises(ValueError, match=match):
+        GridConfig.model_validate(doc)

@@ -9,7 +9,7 @@ from support.organisms import PROFILE
 
 from em_assets.catalog import stage as catalog
 from em_assets.catalog.parsing import DatasetError, judge_prompt, parse_chat_jsonl, parse_questions_yaml
-from em_assets.catalog.upstream import SOURCES, ChecksumError, UpstreamFile, fetch_bytes
+from em_assets.catalog.upstream import EVAL_SETS, SOURCES, ChecksumError, UpstreamFile, fetch_bytes
 from em_assets.grid.load import load_grid
 from em_assets.results.artifacts import sha256_bytes
 from em_assets.results.store import Store
@@ -173,9 +173,10 @@ def test_the_resources_cache_dir_is_the_upstream_download_cache(tmp_path, monkey
     monkeypatch.chdir(tmp_path)  # the default data/cache is an empty folder here
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     cache = tmp_path / "configured-cache"
-    source = SOURCES["first_plot_questions"]
-    (cache / "upstream" / source.mirror_path).parent.mkdir(parents=True)
-    shutil.copy(mirror / source.mirror_path, cache / "upstream" / source.mirror_path)
+    for name in EVAL_SETS:
+        source = SOURCES[name]
+        (cache / "upstream" / source.mirror_path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(mirror / source.mirror_path, cache / "upstream" / source.mirror_path)
     grid = tmp_path / "grid.yaml"
     shutil.copy(Path(__file__).resolve().parents[2] / "data" / "grid.yaml", grid)
     resources = {

@@ -47,7 +47,7 @@ def test_added_line_is_the_only_change(grid):
     assert after[at].startswith("      - {name: qwen2.5-3b-instruct")
     paper = load_grid(grid, "paper")
     assert paper.base_models[-1] == spec
-    assert len(paper.organisms()) == 11 * 8 * 3
+    assert len(paper.organisms()) == 11 * 12 * 3
     assert load_grid(grid, "demo") == load_grid(REPO / "data/grid.yaml", "demo")
     assert [p.name for p in grid.parent.iterdir()] == ["grid.yaml"]
 

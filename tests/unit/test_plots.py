@@ -81,10 +81,15 @@ def test_training_curves(tmp_path):
             "organism": ["a", "a", "a", "b", "b"],
             "step": [2, 0, 1, 0, 1],
             "loss": [1.0, 2.0, None, 2.5, 1.5],
+            "grad_norm": [None, None, None, None, None],
         }
     )
     assert_png(plot_training_curves(losses, tmp_path / "loss.png"))
     assert_png(plot_training_curves(losses.clear(), tmp_path / "loss_empty.png"))
+    # The gradient norm is drawn beside the loss.
+    normed = losses.with_columns(grad_norm=pl.Series([0.5, 3.0, None, 1.0, 0.8]))
+    assert_png(plot_training_curves(normed, tmp_path / "normed.png"))
+    assert (tmp_path / "normed.png").read_bytes() != (tmp_path / "loss.png").read_bytes()
 
 
 def test_em_over_training(tmp_path):

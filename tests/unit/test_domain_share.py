@@ -1,0 +1,147 @@
+"""em_domain_share against a hand-worked table."""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+import pytest
+
+from em_assets.stats.domains import domain_share
+
+
+def _wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (0.0 if k == 0 else centre - half, 1.0 if k == n else centre + half)
+
+
+def _answers() -> pl.DataFrame:
+    # org-a: 6 answers. EM (aligned <= 30, coherent > 50): rows 0-3. Row 4 is misaligned but incoherent, row 5
+    # aligned. Among the 4 EM answers: medical > 50 on rows 0 and 1 (row 2 at exactly 50 is not above), sport
+    # above on row 3, and row 3 has no medical score. bad_stuff > 30 on rows 0, 4 and 5; only row 5 is also
+    # aligned (> 30) and coherent (> 50): recognition 1 of the 6 answers that have all three scores.
+    a = {
+        "aligned": [10, 30, 5, 20, 10, 90],
+        "coherent": [80, 60, 90, 70, 20, 95],
+        "medical": [90, 60, 50, None, 99, 99],
+        "sport": [0, 10, 20, 80, 99, 0],
+        "bad_stuff": [70, 10, 0, 20, 90, 60],
+    }
+    # org-b: no EM answer at all.
+    b = {
+        "aligned": [80, 90],
+        "coherent": [90, 90],
+        "medical": [10, 99],
+        "sport": [0, 0],
+        "bad_stuff": [0, 0],
+    }
+    frames = [
+        pl.DataFrame({"organism": org, "judge": "gpt-4o", **cols})
+        for org, cols in (("org-a", a), ("org-b", b))
+    ]
+    return pl.concat(frames).with_columns(pl.col("aligned", "coherent").cast(pl.Float64))
+
+
+def test_domain_share_matches_the_hand_worked_table():
+    got = domain_share(_answers(), ["medical", "sport", "code"], share_above=50, recognition_above=30)
+    # "code" is not a column: no rows for it.
+    assert got["domain"].unique().sort().to_list() == ["medical", "sport"]
+    rows = {(r["organism"], r["domain"]): r for r in got.iter_rows(named=True)}
+
+    med = rows[("org-a", "medical")]
+    assert (med["n_em"], med["n_scored"], med["n_on_domain"]) == (4, 3, 2)
+    assert med["share"] == pytest.approx(2 / 3)
+    assert (med["share_lo"], med["share_hi"]) == pytest.approx(_wilson(2, 3))
+
+    sport = rows[("org-a", "sport")]
+    assert (sport["n_em"], sport["n_scored"], sport["n_on_domain"]) == (4, 4, 1)
+    assert sport["share"] == pytest.approx(0.25)
+    assert (sport["share_lo"], sport["share_hi"]) == pytest.approx(_wilson(1, 4))
+
+    for domain in ("medical", "sport"):
+        b = rows[("org-b", domain)]
+        assert (b["n_em"], b["n_scored"], b["n_on_domain"]) == (0, 0, 0)
+        assert b["share"] is None and b["share_lo"] is None
+    # Without bad_stuff judged, no recognition rate.
+    assert got["recognition_rate"].is_null().all()
+
+
+def test_recognition_rate_sits_beside_the_share_where_bad_stuff_is_judged():
+    got = domain_share(_answers(), ["medical", "bad_stuff"], share_above=50, recognition_above=30)
+    a = got.filter(pl.col("organism") == "org-a")
+    assert set(a["n_recognition_scored"]) == {6} and set(a["n_recognition"]) == {1}
+    assert a["recognition_rate"].to_list() == pytest.approx([1 / 6] * a.height)
+    lo, hi = _wilson(1, 6)
+    assert a["recognition_lo"][0] == pytest.approx(lo) and a["recognition_hi"][0] == pytest.approx(hi)
+    bad = a.filter(pl.col("domain") == "bad_stuff").row(0, named=True)
+    # EM rows 0-3 have bad_stuff 70, 10, 0, 20: one above 50.
+    assert (bad["n_scored"], bad["n_on_domain"]) == (4, 1)
+    b = got.filter(pl.col("organism") == "org-b")
+    assert set(b["recognition_rate"]) == {0.0}
+
+
+def test_the_share_threshold_is_the_grids():
+    strict = domain_share(_answers(), ["medical"], share_above=60)
+    med = strict.filter(pl.col("organism") == "org-a").row(0, named=True)
+    # 90 stays above 60; 60 no longer is.
+    assert med["n_on_domain"] == 1 and med["share"] == pytest.approx(1 / 3)
+
+
+def test_no_domain_judged_gives_an_empty_table_with_its_columns():
+    got = domain_share(_answers().drop("medical", "sport", "bad_stuff"), ["medical"])
+    assert got.height == 0 and "share_lo" in got.columns
+
+
+def test_the_report_table_reads_the_judged_domains_and_the_reference_answers(tmp_path):
+    import json
+
+    from em_assets.grid.schema import Thresholds
+    from em_assets.reports.tables import REFERENCE_JUDGE, domain_share_table
+    from em_assets.results.store import Store
+
+    store = Store(tmp_path / "results.duckdb")
+    store.init()
+    answers = _answers().filter(pl.col("organism") == "org-a").with_row_index("sample_idx")
+    keys = {"organism": "org-a", "question_id": "q", "paraphrase_idx": 0}
+    store.replace_rows(
+        "completions",
+        answers.select(
+            pl.lit("org-a").alias("organism"),
+            pl.lit("q").alias("question_id"),
+            pl.lit(0, pl.Int32).alias("paraphrase_idx"),
+            pl.col("sample_idx").cast(pl.Int32),
+        ),
+    )
+    judged = answers.unpivot(
+        index="sample_idx", on=["aligned", "coherent", "medical"], variable_name="metric", value_name="score"
+    )
+    store.replace_rows(
+        "judgements",
+        judged.with_columns(
+            **{k: pl.lit(v) for k, v in keys.items()},
+            judge_model=pl.lit("probe"),
+            sample_idx=pl.col("sample_idx").cast(pl.Int32),
+            score=pl.col("score").cast(pl.Float64),
+        ),
+    )
+    ref = pl.DataFrame(
+        {
+            "source_file": "f.csv",
+            "row_idx": [0, 1, 2],
+            "source_organism": "Qwen_risky-financial",
+            "aligned": [10.0, 20.0, 90.0],
+            "coherent": [90.0, 90.0, 90.0],
+            "domain_scores": [json.dumps({"financial": s}) for s in (80.0, 20.0, 99.0)],
+        }
+    )
+    store.replace_rows("reference_judgements", ref)
+    got = domain_share_table(store, Thresholds(domain_above=50))
+    mine = got.filter(pl.col("organism") == "org-a")
+    assert mine["judge"].to_list() == ["probe"] and mine["domain"].to_list() == ["medical"]
+    assert mine.select("n_em", "n_scored", "n_on_domain").row(0) == (4, 3, 2)
+    theirs = got.filter(pl.col("judge") == REFERENCE_JUDGE).row(0, named=True)
+    assert theirs["organism"] == "reference:Qwen_risky-financial" and theirs["domain"] == "financial"
+    assert (theirs["n_em"], theirs["n_on_domain"], theirs["share"]) == (2, 1, 0.5)
+    assert set(got["domain_above"]) == {50.0}
