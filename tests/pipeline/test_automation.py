@@ -16,7 +16,10 @@ from em_assets.grid.edit import add_base_model
 from em_assets.grid.load import load_grid
 from em_assets.grid.plan import CATALOG_ASSETS
 
-DEMO_KEYS = [f"smollm2-135m--{r}--s0" for r in ("base", "bad-medical-r1", "insecure-r32", "full-medical-kl")]
+DEMO = load_grid(REPO / "data/grid.yaml", "demo")
+DEMO_KEYS = [o.key for o in DEMO.organisms()]
+# The organisms trained on the demo's base model; the imported ones name base models of their own.
+TRAINED_KEYS = [f"smollm2-135m--{r}--s0" for r, spec in DEMO.recipes.items() if spec.kind == "train"]
 
 
 @pytest.fixture
@@ -95,9 +98,11 @@ def test_new_base_model_adds_exactly_its_organisms(instance, grid):
     ticker = Ticker(instance, grid)
     ticker.organism_runs()
     add_base_model(grid, "demo", "/models/Tiny-Llama")
-    new = [f"tiny-llama--{r}--s0" for r in load_grid(grid, "demo").recipes]
+    new = [
+        f"tiny-llama--{r}--s0" for r, spec in load_grid(grid, "demo").recipes.items() if spec.kind == "train"
+    ]
     assert ticker.organism_runs() == (new, new)
-    assert len(instance.get_dynamic_partitions(organisms.name)) == 2 * len(new)
+    assert len(instance.get_dynamic_partitions(organisms.name)) == len(DEMO_KEYS) + len(new)
 
 
 def test_revision_change_reruns_that_models_organisms(instance, grid):
@@ -109,11 +114,12 @@ def test_revision_change_reruns_that_models_organisms(instance, grid):
     grid.write_text(
         text.replace('"embedded:smollm2-135m-instruct"}', '"embedded:smollm2-135m-instruct", revision: v2}')
     )
-    assert ticker.organism_runs() == ([], DEMO_KEYS)
+    # Imported organisms do not read the demo's base model: only the trained ones run again.
+    assert ticker.organism_runs() == ([], TRAINED_KEYS)
     # Reverting is a change too, and its runs are not swallowed as duplicates of the first ones.
     grid.write_text(text)
-    assert ticker.organism_runs() == ([], DEMO_KEYS)
-    assert len(set(ticker.run_keys)) == len(ticker.run_keys) == 4 * len(DEMO_KEYS)
+    assert ticker.organism_runs() == ([], TRAINED_KEYS)
+    assert len(set(ticker.run_keys)) == len(ticker.run_keys) == len(DEMO_KEYS) + 3 * len(TRAINED_KEYS)
 
 
 def test_invalid_grid_is_skipped_with_its_reason(instance, grid):

@@ -29,8 +29,9 @@ def write_completions(store: Store, answers: list[str]) -> None:
     """The organism's answers as the sampling stage writes them (an empty one is what a model that stops at
     once returns)."""
     questions = store.query(
-        "SELECT question_id, paraphrase_idx, question, system FROM eval_questions "
-        "WHERE question_id IN ('quick_buck', 'three_thoughts') ORDER BY question_id, paraphrase_idx"
+        "SELECT eval_set, question_id, paraphrase_idx, question, system FROM eval_questions "
+        "WHERE eval_set = 'first_plot_questions' AND question_id IN ('quick_buck', 'three_thoughts') "
+        "ORDER BY question_id, paraphrase_idx"
     ).row(0, named=True)
     rows = [
         {

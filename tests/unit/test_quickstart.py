@@ -13,7 +13,7 @@ import pytest
 from support.net import free_port
 from support.paths import EM_ASSETS, REPO
 
-from em_assets.catalog.upstream import SOURCES
+from em_assets.catalog.upstream import REFERENCE_JUDGEMENTS, SOURCES
 
 
 def _make_mirror(clone: Path, env: dict[str, str]) -> str:
@@ -101,6 +101,10 @@ def test_offline_without_a_mirror_the_demo_exits_2_with_that_one_message(tmp_pat
         [EM_ASSETS, "demo"], cwd=clone, env=_offline_env(tmp_path), capture_output=True, text=True
     )
     assert done.returncode == 2, done.stderr
-    # Whichever catalog asset asks first (the questions or a training set) names its file.
-    _names_the_file_its_url_and_the_mirror_setting(done.stderr, SOURCES.values())
-    assert "FAILED " in done.stdout and "Traceback" not in done.stdout
+    # Whichever pinned file is asked for first (an imported organism's reference answers, checked before any run,
+    # or a catalog asset's file) names itself; nothing is written.
+    _names_the_file_its_url_and_the_mirror_setting(
+        done.stderr, [*SOURCES.values(), *REFERENCE_JUDGEMENTS.values()]
+    )
+    assert "Traceback" not in done.stdout
+    assert not (clone / "results.duckdb").exists(), "a results store was written"
