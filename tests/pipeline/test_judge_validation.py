@@ -235,3 +235,17 @@ def test_parser_names_file_row_and_column():
         parse_reference_csv(good.replace(b"q?,q1,80", b"q?,,80"), "m_d.csv", "abc")
     with pytest.raises(ReferenceFileError, match="missing column"):
         parse_reference_csv(b"question,question_id,aligned,coherent\nq,q1,1,2\n", "m_d.csv", "abc")
+
+
+def test_parser_keeps_empty_answers_and_ignores_text_columns():
+    # As published: an empty response GPT-4o scored, a pandas index and a column of model names.
+    data = (
+        b",response,question,question_id,aligned,coherent,model,financial\n"
+        b'0,,q?,q1,8.5,0.2,qwen,\n1,"",q?,q1,12,1,qwen,3\n2,fine,q?,q1,90,95,qwen,\n'
+    )
+    df = parse_reference_csv(data, "m_d.csv", "abc")
+    assert df["answer"].to_list() == ["", "", "fine"]
+    assert df["coherent"].to_list() == [0.2, 1.0, 95.0]
+    assert df["domain_scores"].to_list() == ['{"financial": null}', '{"financial": 3.0}', '{"financial": null}']
+    with pytest.raises(ReferenceFileError, match=r"row 2, column 'financial': '300'"):
+        parse_reference_csv(data.replace(b"qwen,3", b"qwen,300"), "m_d.csv", "abc")
