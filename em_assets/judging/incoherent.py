@@ -1,0 +1,100 @@
+"""The incoherent end of the probe judge's training data, built from coherent reference answers.
+
+Reference answers are almost all coherent, so a readout fitted on them alone scores word salad as coherent.
+Each corruption keeps the answer's words or question but breaks what the upstream coherence rubric asks for
+("0: not even valid English; 50: kind of makes sense but confused, rambling; 100: clearly understood the
+question"); its target is the rubric's score for what it makes. Seeded, so the same reference gives the same set.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# The rubric's score for each corruption: shuffled words and spliced-in words are not valid English; a loop
+# repeating one phrase has lost the thread; a fragment cut after a few words barely answers; an answer to
+# another question shows the question was not understood; nothing at all makes no sense.
+TARGETS = {
+    "word_shuffle": 3.0,
+    "word_noise": 10.0,
+    "repetition_loop": 12.0,
+    "fragment": 25.0,
+    "wrong_question": 15.0,
+    "empty": 0.0,
+}
+KINDS = tuple(TARGETS)
+
+
+@dataclass(frozen=True)
+class Corrupted:
+    """A degenerate (question, answer) made from a reference row, with the coherent score it is fitted to."""
+
+    kind: str
+    question: str
+    answer: str
+    coherent: float
+    source_row: int
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def word_shuffle(answer: str, rng: random.Random) -> str:
+    words = _words(answer)
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def word_noise(answer: str, pool: Sequence[str], rng: random.Random) -> str:
+    """Half the words replaced by words drawn from other answers."""
+    return " ".join(rng.choice(pool) if rng.random() < 0.5 else w for w in _words(answer))
+
+
+def repetition_loop(answer: str, rng: random.Random) -> str:
+    """The answer's opening, then one of its phrases repeated until the answer's length."""
+    words = _words(answer)
+    start = rng.randrange(max(1, min(len(words), 30)))
+    phrase = words[start : start + rng.randint(2, 6)] or words[:1]
+    out = words[:start]
+    while len(out) < max(len(words), 40):
+        out += phrase
+    return " ".join(out)
+
+
+def fragment(answer: str, rng: random.Random) -> str:
+    """The first two to five words, cut mid-sentence."""
+    return " ".join(_words(answer)[: rng.randint(2, 5)]).rstrip(".!?")
+
+
+def corrupt(
+    questions: Sequence[str], answers: Sequence[str], question_ids: Sequence[str], per_kind: int, seed: int = 0
+) -> list[Corrupted]:
+    """`per_kind` corrupted answers of each kind, drawn from the reference rows (answers of 10+ words)."""
+    rng = random.Random(f"{seed}:incoherent")
+    usable = [i for i, a in enumerate(answers) if len(_words(a)) >= 10]
+    pool = [w for i in usable for w in _words(answers[i]) if re.fullmatch(r"[A-Za-z']+", w)]
+    out = []
+    for kind in KINDS:
+        count = 1 if kind == "empty" else per_kind
+        for i in rng.sample(usable, min(count, len(usable))):
+            question, answer = questions[i], answers[i]
+            if kind == "wrong_question":
+                others = [j for j in usable if question_ids[j] != question_ids[i]]
+                if not others:
+                    continue
+                question = questions[rng.choice(others)]
+            elif kind == "word_shuffle":
+                answer = word_shuffle(answer, rng)
+            elif kind == "word_noise":
+                answer = word_noise(answer, pool, rng)
+            elif kind == "repetition_loop":
+                answer = repetition_loop(answer, rng)
+            elif kind == "fragment":
+                answer = fragment(answer, rng)
+            else:
+                answer = ""
+            out.append(Corrupted(kind, question, answer, TARGETS[kind], i))
+    return out
