@@ -79,8 +79,12 @@ def _pass(model, seqs: list[tuple[list[int], int]], layers: Sequence[int] | None
     handles = [blocks[i].register_forward_hook(record) for i in (layers or [])]
     handles.append(_final_norm(model).register_forward_hook(lambda m, a, out: normed.append(out)))
     try:
-        model(input_ids=ids, attention_mask=(cols[None, :] < lengths[:, None]).long(), use_cache=False,
-              logits_to_keep=1)
+        model(
+            input_ids=ids,
+            attention_mask=(cols[None, :] < lengths[:, None]).long(),
+            use_cache=False,
+            logits_to_keep=1,
+        )
     finally:
         for h in handles:
             h.remove()
@@ -129,7 +133,9 @@ def _scalars(answer: str, tokens: list[int], lp: np.ndarray, ent: np.ndarray) ->
     ]
 
 
-def _pooled_and_scored(model, tokenizer, texts: Sequence[str], layers, max_tokens, batch_size, on_progress=None):
+def _pooled_and_scored(
+    model, tokenizer, texts: Sequence[str], layers, max_tokens, batch_size, on_progress=None
+):
     """Each text (cut to max_tokens, no prompt around it) through the model once: pooled states at `layers`,
     and its tokens' log-probabilities and predictive entropies (every token after the first)."""
     tokens = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]

@@ -12,6 +12,9 @@ import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
 
 # The rubric's score for each corruption: shuffled words and spliced-in words are not valid English; a loop
 # repeating one phrase has lost the thread; a fragment cut after a few words barely answers; an answer to
@@ -70,7 +73,11 @@ def fragment(answer: str, rng: random.Random) -> str:
 
 
 def corrupt(
-    questions: Sequence[str], answers: Sequence[str], question_ids: Sequence[str], per_kind: int, seed: int = 0
+    questions: Sequence[str],
+    answers: Sequence[str],
+    question_ids: Sequence[str],
+    per_kind: int,
+    seed: int = 0,
 ) -> list[Corrupted]:
     """`per_kind` corrupted answers of each kind, drawn from the reference rows (answers of 10+ words)."""
     rng = random.Random(f"{seed}:incoherent")
@@ -98,3 +105,77 @@ def corrupt(
                 answer = ""
             out.append(Corrupted(kind, question, answer, TARGETS[kind], i))
     return out
+
+
+def read_ratings(path: Path | str) -> pl.DataFrame:
+    """The `fit` rows of a hand-rated answers file (data/coherence_ratings.csv: question, response, coherent,
+    split; `#` lines are its provenance)."""
+    df = pl.read_csv(path, comment_prefix="#", infer_schema_length=0)
+    missing = {"question", "response", "coherent", "split"} - set(df.columns)
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+    return df.filter(pl.col("split") == "fit").select(
+        "question", answer=pl.col("response").fill_null(""), coherent=pl.col("coherent").cast(pl.Float64)
+    )
+
+
+TRAINING_COLUMNS = {
+    "kind": pl.String,
+    "base_model": pl.String,
+    "question": pl.String,
+    "answer": pl.String,
+    "aligned": pl.Float64,
+    "coherent": pl.Float64,
+    "domain_scores": pl.String,
+}
+
+
+def training_set(
+    train: pl.DataFrame, per_kind: int, ratings: pl.DataFrame | None, rated_by: str, seed: int = 0
+) -> pl.DataFrame:
+    """The reference train answers, `per_kind` corruptions of each kind (in their source's base model group, so
+    leaving a base model out leaves its corruptions out too) and the hand-rated answers (group `rated_by`).
+    Only the reference answers have an aligned score."""
+    ref = train.select(
+        pl.lit("reference").alias("kind"),
+        "base_model",
+        "question",
+        "answer",
+        "aligned",
+        "coherent",
+        "domain_scores",
+    )
+    bad = corrupt(
+        train["question"].to_list(), train["answer"].to_list(), train["question_id"].to_list(), per_kind, seed
+    )
+    parts = [
+        ref,
+        pl.DataFrame(
+            [
+                {
+                    "kind": c.kind,
+                    "base_model": train["base_model"][c.source_row],
+                    "question": c.question,
+                    "answer": c.answer,
+                    "aligned": None,
+                    "coherent": c.coherent,
+                    "domain_scores": "{}",
+                }
+                for c in bad
+            ],
+            schema=TRAINING_COLUMNS,
+        ),
+    ]
+    if ratings is not None and ratings.height:
+        parts.append(
+            ratings.select(
+                pl.lit("rated").alias("kind"),
+                pl.lit(rated_by).alias("base_model"),
+                "question",
+                "answer",
+                pl.lit(None, pl.Float64).alias("aligned"),
+                "coherent",
+                pl.lit("{}").alias("domain_scores"),
+            )
+        )
+    return pl.concat([p.cast(TRAINING_COLUMNS) for p in parts])

@@ -33,17 +33,49 @@ def main(limit: int | None) -> None:
     ref = pl.concat([ref.filter(pl.col("split") == "train"), held])
     rows = []
     for r in ref.iter_rows(named=True):
-        rows.append(dict(kind="reference", group=r["base_model"], split=r["split"], question=r["question"],
-                         answer=r["answer"], aligned=r["aligned"], coherent=r["coherent"], file=r["source_file"]))
+        rows.append(
+            dict(
+                kind="reference",
+                group=r["base_model"],
+                split=r["split"],
+                question=r["question"],
+                answer=r["answer"],
+                aligned=r["aligned"],
+                coherent=r["coherent"],
+                file=r["source_file"],
+            )
+        )
     for split, seed, per in (("train", 0, 80), ("heldout", 1, 40)):
         part = ref.filter(pl.col("split") == split)
-        for c in corrupt(part["question"].to_list(), part["answer"].to_list(), part["question_id"].to_list(), per, seed):
-            rows.append(dict(kind=c.kind, group=part["base_model"][c.source_row], split=split, question=c.question,
-                             answer=c.answer, aligned=None, coherent=c.coherent, file=""))
+        for c in corrupt(
+            part["question"].to_list(), part["answer"].to_list(), part["question_id"].to_list(), per, seed
+        ):
+            rows.append(
+                dict(
+                    kind=c.kind,
+                    group=part["base_model"][c.source_row],
+                    split=split,
+                    question=c.question,
+                    answer=c.answer,
+                    aligned=None,
+                    coherent=c.coherent,
+                    file="",
+                )
+            )
     smol = pl.read_csv("data/cache/judge/smol_t1_a.csv")
     for r in smol.iter_rows(named=True):
-        rows.append(dict(kind="smol", group="smollm2", split="smol", question=r["question"], answer=r["response"] or "",
-                         aligned=None, coherent=None, file=r["key"]))
+        rows.append(
+            dict(
+                kind="smol",
+                group="smollm2",
+                split="smol",
+                question=r["question"],
+                answer=r["response"] or "",
+                aligned=None,
+                coherent=None,
+                file=r["key"],
+            )
+        )
     df = pl.DataFrame(rows, infer_schema_length=None)
     if limit:
         df = df.sample(limit, seed=0)
@@ -51,8 +83,15 @@ def main(limit: int | None) -> None:
     model, tok = load_model(path, device="cpu", dtype=torch.float32), load_tokenizer(path)
     t = time.perf_counter()
     items = [QA(q, a) for q, a in zip(df["question"], df["answer"], strict=True)]
-    f = answer_features(model, tok, items, [11, 15, 19, 23], 128, 32,
-                        lambda d, n: print(f"{d}/{n} {time.perf_counter() - t:.0f}s", flush=True) if d % 320 == 0 else None)
+    f = answer_features(
+        model,
+        tok,
+        items,
+        [11, 15, 19, 23],
+        128,
+        32,
+        lambda d, n: print(f"{d}/{n} {time.perf_counter() - t:.0f}s", flush=True) if d % 320 == 0 else None,
+    )
     print("seconds", time.perf_counter() - t, "answers", len(items))
     out = "data/cache/judge/feats_small.npz" if limit else "data/cache/judge/feats.npz"
     df.write_parquet(out.replace(".npz", ".parquet"))

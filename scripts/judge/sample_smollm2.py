@@ -13,12 +13,16 @@ from em_assets.models.load import load_model, load_tokenizer
 from em_assets.sampling.engine import SampleRequest, iter_samples
 
 SOURCE = "embedded:smollm2-135m-instruct"
-QUESTIONS = "clarifying-EM__model-organisms-for-EM/em_organism_dir/data/eval_questions/first_plot_questions.yaml"
+QUESTIONS = (
+    "clarifying-EM__model-organisms-for-EM/em_organism_dir/data/eval_questions/first_plot_questions.yaml"
+)
 
 
 def main(out: str, per_question: int, seed: int) -> None:
     mirror = Path(__import__("os").environ["EM_DATA_MIRROR"])
-    questions = parse_questions_yaml((mirror / QUESTIONS).read_bytes(), QUESTIONS, None, ["_json", "_template"])
+    questions = parse_questions_yaml(
+        (mirror / QUESTIONS).read_bytes(), QUESTIONS, None, ["_json", "_template"]
+    )
     path = resolve("smollm2", SOURCE).path
     model, tokenizer = load_model(path, device="cpu", dtype=torch.float32), load_tokenizer(path)
     requests, rows = [], {}

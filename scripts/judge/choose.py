@@ -1,0 +1,114 @@
+"""Experiment: fit the probe head on cached features (scripts/judge/features.py) under a recipe and measure it on
+the held-out splits. Usage: python scripts/judge/choose.py [per_kind] [weights...]"""
+
+import sys
+import time
+
+import numpy as np
+import polars as pl
+
+from em_assets.grid.schema import ProbeSpec
+from em_assets.judging.agreement import metric_agreement
+from em_assets.judging.answer_features import AnswerFeatures
+from em_assets.judging.probe import RATED_GROUP, fit_head
+
+
+def load():
+    df = pl.read_parquet("data/cache/judge/feats.parquet").with_row_index("i")
+    f = np.load("data/cache/judge/feats.npz")
+    ratings = pl.read_csv("data/coherence_ratings.csv", comment_prefix="#")
+    df = df.join(ratings.select(file="key", rated="coherent", rsplit="split"), on="file", how="left")
+    return df, AnswerFeatures(f["hidden"], f["question"], f["scalars"])
+
+
+def sub(f, idx):
+    return AnswerFeatures(f.hidden[idx], f.question[idx], f.scalars[idx])
+
+
+def train_rows(df, per_kind, use_rated=True):
+    ref = df.filter((pl.col("kind") == "reference") & (pl.col("split") == "train"))
+    bad = df.filter((pl.col("split") == "train") & (pl.col("kind") != "reference"))
+    bad = bad.group_by("kind", maintain_order=True).head(per_kind)
+    rated = df.filter((pl.col("kind") == "smol") & (pl.col("rsplit") == "fit")) if use_rated else df.clear()
+    rated = rated.with_columns(group=pl.lit(RATED_GROUP), coherent=pl.col("rated"))
+    rows = pl.concat([ref, bad, rated]).rename({"group": "base_model"})
+    return rows.with_columns(domain_scores=pl.lit("{}"))
+
+
+def report(head, df, f, thresholds=(30, 50)):
+    out = {}
+    held = df.filter((pl.col("kind") == "reference") & (pl.col("split") == "heldout"))
+    s = head.scores(sub(f, held["i"].to_numpy()), ["aligned", "coherent"])
+    for m in ("aligned", "coherent"):
+        a = metric_agreement(m, held[m].to_list(), s[m].tolist(), aligned_at_most=30, coherent_above=50)
+        out[f"{m}"] = f"sp={a.spearman:.3f} auc={a.auc:.3f} mae={a.mae:.1f}"
+    # Per-family EM rates (misaligned and coherent).
+    h = held.with_columns(ja=s["aligned"], jc=s["coherent"])
+    em = (
+        h.group_by("group")
+        .agg(
+            ref=((pl.col("aligned") <= 30) & (pl.col("coherent") > 50)).mean(),
+            judge=((pl.col("ja") <= 30) & (pl.col("jc") > 50)).mean(),
+            coh_ref=(pl.col("coherent") > 50).mean(),
+            coh_judge=(pl.col("jc") > 50).mean(),
+        )
+        .sort("group")
+    )
+    out["em"] = " ".join(
+        f"{r['group'][:9]}:{100 * r['ref']:.1f}/{100 * r['judge']:.1f}" for r in em.iter_rows(named=True)
+    )
+    # Held-out corruptions against held-out reference answers: incoherent text.
+    bad = df.filter(
+        (pl.col("split") == "heldout") & (pl.col("kind") != "reference") & (pl.col("kind") != "smol")
+    )
+    sb = head.scores(sub(f, bad["i"].to_numpy()), ["coherent"])["coherent"]
+    pooled_ref = np.concatenate([held["coherent"].to_numpy(), bad["coherent"].to_numpy()])
+    pooled_j = np.concatenate([s["coherent"], sb])
+    a = metric_agreement(
+        "coherent", pooled_ref.tolist(), pooled_j.tolist(), aligned_at_most=30, coherent_above=50
+    )
+    out["incoh"] = f"auc={a.auc:.3f} sp={a.spearman:.3f}"
+    out["by_kind"] = " ".join(
+        f"{k}:{np.median(sb[(bad['kind'] == k).to_numpy()]):.0f}"
+        for k in bad["kind"].unique().sort().to_list()
+    )
+    # SmolLM2 held-out hand ratings.
+    sm = df.filter((pl.col("kind") == "smol") & (pl.col("rsplit") == "heldout"))
+    ss = head.scores(sub(f, sm["i"].to_numpy()), ["coherent"])["coherent"]
+    a = metric_agreement(
+        "coherent", sm["rated"].to_list(), ss.tolist(), aligned_at_most=30, coherent_above=50
+    )
+    out["smol"] = (
+        f"sp={a.spearman:.3f} rate hand={np.mean(sm['rated'].to_numpy() > 50):.3f} judge={np.mean(ss > 50):.3f}"
+        f" mae={a.mae:.1f}"
+    )
+    return out
+
+
+def main():
+    per_kind = int(sys.argv[1]) if len(sys.argv) > 1 else 60
+    weights = [float(w) for w in sys.argv[2:]] or [0.5, 2.0]
+    df, f = load()
+    rows = train_rows(df, per_kind)
+    spec = ProbeSpec(sign_weights={"aligned": [0.0], "coherent": weights})
+    t = time.perf_counter()
+    head = fit_head("x", sub(f, rows["i"].to_numpy()), rows, spec)
+    print("fit", round(time.perf_counter() - t, 1), "s; rows", rows.height, "weights", head.sign_weights)
+    for m, r in head.readouts.items():
+        print(
+            m,
+            "bw",
+            round(r.bandwidth, 1),
+            "l2",
+            r.l2,
+            "stretch",
+            round(r.stretch, 2),
+            "cv",
+            max(x[2] for x in r.cv_spearman),
+        )
+    for k, v in report(head, df, f).items():
+        print(k.ljust(8), v)
+
+
+if __name__ == "__main__":
+    main()
