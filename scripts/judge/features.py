@@ -5,6 +5,7 @@ import glob
 import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -22,7 +23,7 @@ HELD = ["Llama-3.1-8B-Instruct", "Qwen2.5-14B-Instruct"]
 
 def reference() -> pl.DataFrame:
     files = sorted(glob.glob(f"{os.environ['EM_DATA_MIRROR']}/{RESP}/*.csv"))
-    frames = [parse_reference_csv(open(f, "rb").read(), os.path.basename(f), "x") for f in files]
+    frames = [parse_reference_csv(Path(f).read_bytes(), os.path.basename(f), "x") for f in files]
     return with_split(pl.concat(frames), HELD)
 
 

@@ -93,10 +93,15 @@ def test_batched_features_equal_one_answer_at_a_time(model_and_tokenizer):
     assert np.allclose(batched.question, batched.question[0])
 
 
+def _signs(model, tok, answer: str) -> dict[str, float]:
+    values = answer_features(model, tok, [QA(QUESTION, answer)], LAYERS, 64, 1).scalars[0]
+    return dict(zip(SCALARS, values.tolist(), strict=True))
+
+
 def test_likelihood_signs_are_the_models_own_log_probabilities(model_and_tokenizer):
     model, tok = model_and_tokenizer
     answer = ANSWERS[2]
-    got = dict(zip(SCALARS, answer_features(model, tok, [QA(QUESTION, answer)], LAYERS, 64, 1).scalars[0]))
+    got = _signs(model, tok, answer)
     ids = tok(answer, add_special_tokens=False)["input_ids"]
     with torch.inference_mode():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
@@ -105,11 +110,9 @@ def test_likelihood_signs_are_the_models_own_log_probabilities(model_and_tokeniz
     assert got["mean_logprob"] == pytest.approx(token_lp.mean().item(), abs=1e-4)
     assert got["mean_entropy"] == pytest.approx(entropy.mean().item(), abs=1e-4)
     assert got["log_tokens"] == pytest.approx(np.log1p(len(ids))) and got["empty"] == 0.0
-    empty = dict(zip(SCALARS, answer_features(model, tok, [QA(QUESTION, "")], LAYERS, 64, 1).scalars[0]))
+    empty = _signs(model, tok, "")
     assert empty["empty"] == 1.0 and empty["log_tokens"] == 0.0
-    loop = dict(
-        zip(SCALARS, answer_features(model, tok, [QA(QUESTION, ANSWERS[0])], LAYERS, 64, 1).scalars[0])
-    )
+    loop = _signs(model, tok, ANSWERS[0])
     assert loop["repeated_trigrams"] > 0.5 > got["repeated_trigrams"]
 
 
