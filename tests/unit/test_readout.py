@@ -34,7 +34,7 @@ def test_kernel_ridge_against_a_hand_worked_example():
     assert kernel_ridge(k, y, 0.5)[0] == pytest.approx(np.array([-1.0, 1.0]) / (1 - e + 0.5))
 
 
-def test_one_eigendecomposition_per_fold_gives_the_direct_solution():
+def test_out_of_fold_predictions_are_the_direct_solution_per_fold():
     rng = np.random.default_rng(4)
     z, y = rng.normal(size=(30, 3)), rng.normal(size=30)
     sq, fold = sq_distances(z, z), np.arange(30) % 3
