@@ -182,9 +182,10 @@ def fit_probe(
     out_dir: Path,
     device: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    cache_dir: Path | None = None,
 ) -> ProbeFit:
-    """Read the train answers, their corruptions and the hand-rated answers, fit one readout per metric and
-    save the head to out_dir/HEAD_FILE."""
+    """Read the train answers, their corruptions and the hand-rated answers (features cached under cache_dir by
+    content), fit one readout per metric and save the head to out_dir/HEAD_FILE."""
     from em_assets.models.load import load_model, load_tokenizer
 
     start = time.perf_counter()
@@ -195,12 +196,50 @@ def fit_probe(
     model = load_model(base_path, device=device)
     _check_layers(spec.layers, model.config.num_hidden_layers)
     items = [QA(q, a) for q, a in zip(rows["question"], rows["answer"], strict=True)]
-    features = answer_features(
-        model, load_tokenizer(base_path), items, spec.layers, spec.max_tokens, spec.batch_size, on_progress
-    )
+    cache = _features_cache(cache_dir, base_path, spec, items)
+    if cache is not None and cache.exists():
+        features = _load_features(cache)
+    else:
+        features = answer_features(
+            model,
+            load_tokenizer(base_path),
+            items,
+            spec.layers,
+            spec.max_tokens,
+            spec.batch_size,
+            on_progress,
+        )
+        if cache is not None:
+            _save_features(features, cache)
     head = fit_head(str(base_path), features, rows, spec)
     path = save_head(head, out_dir)
     return ProbeFit(path, head, rows.height, time.perf_counter() - start)
+
+
+def _features_cache(
+    cache_dir: Path | None, base_path: Path | str, spec: ProbeSpec, items: Sequence[QA]
+) -> Path | None:
+    """Where the features of these items under this model and recipe are kept: named by their content."""
+    if cache_dir is None:
+        return None
+    digest = hashlib.sha256(
+        json.dumps([FEATURES_VERSION, str(base_path), spec.layers, spec.max_tokens]).encode()
+    )
+    for it in items:
+        digest.update(json.dumps([it.question, it.answer]).encode())
+    return Path(cache_dir) / "probe_features" / f"{digest.hexdigest()[:32]}.npz"
+
+
+def _save_features(features: AnswerFeatures, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, hidden=features.hidden, question=features.question, scalars=features.scalars)
+    tmp.replace(path)
+
+
+def _load_features(path: Path) -> AnswerFeatures:
+    with np.load(path) as f:
+        return AnswerFeatures(f["hidden"], f["question"], f["scalars"])
 
 
 def _check_layers(layers: Sequence[int], num_layers: int) -> None:
