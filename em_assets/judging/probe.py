@@ -137,9 +137,16 @@ def _targets(answers: pl.DataFrame, metric: str) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values], dtype=float)
 
 
-def fit_head(base_model: str, features: AnswerFeatures, rows: pl.DataFrame, spec: ProbeSpec) -> ProbeHead:
+def fit_head(
+    base_model: str,
+    features: AnswerFeatures,
+    rows: pl.DataFrame,
+    spec: ProbeSpec,
+    thresholds: dict[str, float] | None = None,
+) -> ProbeHead:
     """Readouts of every metric over the rows' features: per metric the sign weight, bandwidth and penalty whose
-    leave-one-base-model-out Spearman is best."""
+    leave-one-base-model-out Spearman is best, and the calibration that best transfers the rate at its threshold
+    (`thresholds`, e.g. aligned 30 and coherent 50) across left-out base models."""
     standardiser = Standardiser.fit(features.hidden)
     # float32 as saved, so the fitted head scores exactly as the loaded one.
     support = standardiser(features.hidden).astype(np.float32)
@@ -158,14 +165,19 @@ def fit_head(base_model: str, features: AnswerFeatures, rows: pl.DataFrame, spec
         {},
     )
     sq, sq_signs = sq_distances(support, support), sq_distances(support_signs, support_signs)
-    groups = rows["base_model"].to_list()
+    groups, cut = rows["base_model"].to_list(), thresholds or {}
     for m in spec.metrics:
         fits = []
         for w in spec.sign_weights.get(m, [0.0]):
             head.sign_weights[m] = w
             k = head.kernel_distances(sq, sq_signs, m)
             fits.append(
-                (fit_readout(m, k, _targets(rows, m), groups, spec.bandwidths, spec.l2, spec.seed), w)
+                (
+                    fit_readout(
+                        m, k, _targets(rows, m), groups, spec.bandwidths, spec.l2, spec.seed, cut.get(m)
+                    ),
+                    w,
+                )
             )
         head.readouts[m], head.sign_weights[m] = max(fits, key=lambda fit: _best_cv(fit[0]))
     return head
@@ -183,6 +195,7 @@ def fit_probe(
     device: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     cache_dir: Path | None = None,
+    thresholds: dict[str, float] | None = None,
 ) -> ProbeFit:
     """Read the train answers, their corruptions and the hand-rated answers (features cached under cache_dir by
     content), fit one readout per metric and save the head to out_dir/HEAD_FILE."""
@@ -211,7 +224,7 @@ def fit_probe(
         )
         if cache is not None:
             _save_features(features, cache)
-    head = fit_head(str(base_path), features, rows, spec)
+    head = fit_head(str(base_path), features, rows, spec, thresholds)
     path = save_head(head, out_dir)
     return ProbeFit(path, head, rows.height, time.perf_counter() - start)
 
@@ -261,7 +274,8 @@ def save_head(head: ProbeHead, out_dir: Path) -> Path:
         "support_signs": head.support_signs.astype(np.float32),
     }
     tensors |= {f"{m}.dual": r.dual.astype(np.float64) for m, r in head.readouts.items()}
-    scalars = ("bandwidth", "l2", "intercept", "target_mean", "center", "stretch", "n")
+    tensors |= {f"{m}.knots": r.knots for m, r in head.readouts.items() if r.knots is not None}
+    scalars = ("bandwidth", "l2", "intercept", "target_mean", "center", "stretch", "n", "calibration")
     meta = {
         "base_model": head.base_model,
         "layers": list(head.layers),
@@ -289,11 +303,12 @@ def load_head(path: Path | str) -> ProbeHead:
 
     with safe_open(str(path), framework="numpy") as f:
         meta = json.loads(f.metadata()["probe"])
-        tensor = f.get_tensor
+        tensor, names = f.get_tensor, set(f.keys())
         readouts = {
             m: Readout(
                 metric=m,
                 dual=tensor(f"{m}.dual"),
+                knots=tensor(f"{m}.knots") if f"{m}.knots" in names else None,
                 cv_spearman=tuple(tuple(x) for x in r.pop("cv_spearman")),
                 **r,
             )

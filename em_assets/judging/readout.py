@@ -17,6 +17,8 @@ from em_assets.judging.agreement import spearman
 
 # With a single group (one train base model), folds are answers dealt round-robin after a seeded shuffle.
 SINGLE_GROUP_FOLDS = 5
+# Quantiles of the quantile calibration's knots.
+KNOTS = 51
 
 
 @dataclass(frozen=True)
@@ -52,11 +54,20 @@ class Readout:
     # (bandwidth as a multiple of the median squared distance, penalty, out-of-fold Spearman) per setting tried.
     cv_spearman: tuple[tuple[float, float, float | None], ...]
     n: int
+    # "stretch" (above) or "quantile": out-of-fold predictions mapped onto the targets' distribution through
+    # knots [[prediction quantiles], [target quantiles]]; whichever counted a threshold's rate more closely on
+    # base models left out of fitting it.
+    calibration: str = "stretch"
+    knots: np.ndarray | None = None
+
+    def calibrate(self, raw: np.ndarray) -> np.ndarray:
+        if self.calibration == "quantile":
+            return np.interp(raw, self.knots[0], self.knots[1])
+        return np.clip(self.target_mean + (raw - self.center) * self.stretch, 0.0, 100.0)
 
     def predict(self, sq: np.ndarray) -> np.ndarray:
         """Scores from the inputs' squared distances to the support rows ([inputs, support])."""
-        raw = rbf(sq, self.bandwidth) @ self.dual + self.intercept
-        return np.clip(self.target_mean + (raw - self.center) * self.stretch, 0.0, 100.0)
+        return self.calibrate(rbf(sq, self.bandwidth) @ self.dual + self.intercept)
 
 
 def sq_distances(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -104,6 +115,38 @@ def out_of_fold(
     return preds
 
 
+def quantile_knots(predicted: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """[2, KNOTS]: matching quantiles of the predictions and of the targets (a monotone map of one onto the other)."""
+    probs = np.linspace(0.0, 1.0, KNOTS)
+    return np.vstack([np.maximum.accumulate(np.quantile(predicted, probs)), np.quantile(y, probs)])
+
+
+def stretch_of(predicted: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(target mean, prediction mean, stretch) giving the predictions the targets' mean and spread."""
+    spread = predicted.std()
+    return float(y.mean()), float(predicted.mean()), float(y.std() / spread) if spread > 0 else 1.0
+
+
+def _calibrated(kind: str, fit_pred: np.ndarray, fit_y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    if kind == "quantile":
+        knots = quantile_knots(fit_pred, fit_y)
+        return np.interp(pred, knots[0], knots[1])
+    mean, center, stretch = stretch_of(fit_pred, fit_y)
+    return np.clip(mean + (pred - center) * stretch, 0.0, 100.0)
+
+
+def calibration_gaps(oof: np.ndarray, y: np.ndarray, fold: np.ndarray, threshold: float) -> dict[str, float]:
+    """Per calibration, the mean over folds of |rate(score <= threshold) - rate(target <= threshold)| on a fold
+    whose scores were calibrated on the other folds' out-of-fold predictions alone."""
+    gaps: dict[str, list[float]] = {"stretch": [], "quantile": []}
+    for f in np.unique(fold):
+        held = fold == f
+        for kind, out in gaps.items():
+            scores = _calibrated(kind, oof[~held], y[~held], oof[held])
+            out.append(abs(float((scores <= threshold).mean() - (y[held] <= threshold).mean())))
+    return {kind: float(np.mean(g)) for kind, g in gaps.items()}
+
+
 def fit_readout(
     metric: str,
     sq: np.ndarray,
@@ -112,10 +155,12 @@ def fit_readout(
     bandwidths: Sequence[float],
     l2s: Sequence[float],
     seed: int = 0,
+    threshold: float | None = None,
 ) -> Readout:
     """The readout of `metric` over the support rows whose squared distances are `sq`, with the (bandwidth,
-    penalty) whose out-of-fold Spearman is best, calibrated on the out-of-fold predictions there. Rows with a
-    missing target get a zero dual weight."""
+    penalty) whose out-of-fold Spearman is best, calibrated on the out-of-fold predictions there (by the
+    calibration whose rate at `threshold` transfers best across folds; the stretch when no threshold is
+    given or there is one fold). Rows with a missing target get a zero dual weight."""
     keep = np.isfinite(y)
     if keep.sum() < 2:
         raise ValueError(f"{metric}: {keep.sum()} train answers with a score; a readout needs at least 2")
@@ -129,15 +174,22 @@ def fit_readout(
     dual = np.zeros(len(y))
     dual[keep], intercept = kernel_ridge(rbf(sq, bandwidth), y[keep], best_l2)
     oof = preds[(bandwidth, best_l2)]
+    calibration = "stretch"
+    if threshold is not None and len(np.unique(fold)) >= 2:
+        gaps = calibration_gaps(oof, y[keep], fold, threshold)
+        calibration = min(gaps, key=lambda kind: (gaps[kind], kind != "stretch"))
+    target_mean, center, stretch = stretch_of(oof, y[keep])
     return Readout(
         metric=metric,
         bandwidth=bandwidth,
         l2=best_l2,
         dual=dual,
         intercept=intercept,
-        target_mean=float(y[keep].mean()),
-        center=float(oof.mean()),
-        stretch=float(y[keep].std() / oof.std()) if oof.std() > 0 else 1.0,
+        target_mean=target_mean,
+        center=center,
+        stretch=stretch,
         cv_spearman=cv,
         n=int(keep.sum()),
+        calibration=calibration,
+        knots=quantile_knots(oof, y[keep]) if calibration == "quantile" else None,
     )

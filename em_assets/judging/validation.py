@@ -205,6 +205,7 @@ def materialise_probe(
         device,
         on_progress,
         cache_dir or settings().cache_dir,
+        {"aligned": grid.thresholds.aligned_at_most, "coherent": grid.thresholds.coherent_above},
     )
     row = {
         "config_hash": key,

@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 
 from em_assets.judging.readout import (
+    Readout,
     Standardiser,
+    calibration_gaps,
     fit_readout,
     folds,
     kernel_ridge,
     out_of_fold,
+    quantile_knots,
     rbf,
     sq_distances,
 )
@@ -103,3 +106,21 @@ def test_standardiser_centres_and_scales_by_the_fitted_features():
     std = Standardiser.fit(x)
     assert std(x)[:, 0] == pytest.approx([-1.0, 1.0], abs=1e-5)
     assert std(x)[:, 1] == pytest.approx([0.0, 0.0])
+
+
+def test_the_quantile_calibration_counts_a_threshold_where_the_stretch_cannot():
+    rng = np.random.default_rng(5)
+    # Mostly coherent targets with an incoherent tail, and predictions a concave (monotone) function of them.
+    y = np.concatenate([rng.normal(90, 3, 800), rng.uniform(0, 80, 200)])
+    predicted = np.exp(y / 20)
+    fold = np.arange(len(y)) % 2
+    gaps = calibration_gaps(predicted, y, fold, 50.0)
+    assert gaps["quantile"] < 0.01 < 0.03 < gaps["stretch"]
+    knots = quantile_knots(predicted, y)
+    assert knots.shape == (2, 51) and (np.diff(knots[0]) >= 0).all()
+    readout = Readout("coherent", 1.0, 1.0, np.zeros(1), 0.0, 0.0, 0.0, 1.0, (), 1, "quantile", knots)
+    mapped = readout.calibrate(predicted)
+    assert abs((mapped <= 50).mean() - (y <= 50).mean()) < 0.01
+    # Monotone: the calibration never reorders answers.
+    order = np.argsort(predicted)
+    assert (np.diff(mapped[order]) >= 0).all()
