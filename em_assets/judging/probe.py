@@ -33,6 +33,9 @@ from em_assets.judging.scoring import JudgeScore
 HEAD_FILE = "probe.safetensors"
 # The cross-validation group of the hand-rated answers (the demo model's own samples).
 RATED_GROUP = "hand-rated"
+# A metric's readout of the reference answers alone, from their states alone: it grades answers as GPT-4o does
+# (the readout with the incoherent end separates degenerate text but ranks the reference answers less well).
+GRADE = "@reference"
 
 # Part of the judge's identity in the judge cache, as the distilled judge's prompt is: what is read, and how.
 FEATURES_VERSION = "answer-question-signs:v2"
@@ -86,9 +89,17 @@ class ProbeHead:
         return sq + self.sign_weights[metric] * scale * sq_signs
 
     def scores(self, features: AnswerFeatures, metrics: Sequence[str]) -> dict[str, np.ndarray]:
-        """Each metric's scores; the distances to the support, shared by every readout, are computed once."""
+        """Each metric's scores; the distances to the support, shared by every readout, are computed once. A
+        metric fitted with an incoherent end scores the lower of that readout and its GRADE readout's."""
         sq, sq_signs = self.distances(features)
-        return {m: self.readouts[m].predict(self.kernel_distances(sq, sq_signs, m)) for m in metrics}
+
+        def predict(name: str) -> np.ndarray:
+            return self.readouts[name].predict(self.kernel_distances(sq, sq_signs, name))
+
+        return {
+            m: np.minimum(predict(m), predict(m + GRADE)) if m + GRADE in self.readouts else predict(m)
+            for m in metrics
+        }
 
 
 @dataclass(frozen=True)
@@ -166,20 +177,22 @@ def fit_head(
     )
     sq, sq_signs = sq_distances(support, support), sq_distances(support_signs, support_signs)
     groups, cut = rows["base_model"].to_list(), thresholds or {}
-    for m in spec.metrics:
+    reference = (rows["kind"] == "reference").to_numpy()
+
+    def fit(name: str, y: np.ndarray, weights: Sequence[float], threshold: float | None) -> None:
         fits = []
-        for w in spec.sign_weights.get(m, [0.0]):
-            head.sign_weights[m] = w
-            k = head.kernel_distances(sq, sq_signs, m)
-            fits.append(
-                (
-                    fit_readout(
-                        m, k, _targets(rows, m), groups, spec.bandwidths, spec.l2, spec.seed, cut.get(m)
-                    ),
-                    w,
-                )
-            )
-        head.readouts[m], head.sign_weights[m] = max(fits, key=lambda fit: _best_cv(fit[0]))
+        for w in weights:
+            head.sign_weights[name] = w
+            k = head.kernel_distances(sq, sq_signs, name)
+            readout = fit_readout(name, k, y, groups, spec.bandwidths, spec.l2, spec.seed, threshold)
+            fits.append((readout, w))
+        head.readouts[name], head.sign_weights[name] = max(fits, key=lambda f: _best_cv(f[0]))
+
+    for m in spec.metrics:
+        y = _targets(rows, m)
+        fit(m, y, spec.sign_weights.get(m, [0.0]), cut.get(m))
+        if np.isfinite(y[~reference]).any():
+            fit(m + GRADE, np.where(reference, y, np.nan), [0.0], cut.get(m))
     return head
 
 

@@ -13,6 +13,9 @@ from em_assets.judging.answer_features import AnswerFeatures
 from em_assets.judging.probe import RATED_GROUP, fit_head
 
 
+MIN = bool(int(__import__("os").environ.get("MIN", "0")))
+
+
 def load():
     df = pl.read_parquet("data/cache/judge/feats.parquet").with_row_index("i")
     f = np.load("data/cache/judge/feats.npz")
@@ -27,18 +30,19 @@ def sub(f, idx):
 
 def train_rows(df, per_kind, use_rated=True):
     ref = df.filter((pl.col("kind") == "reference") & (pl.col("split") == "train"))
-    bad = df.filter((pl.col("split") == "train") & (pl.col("kind") != "reference"))
-    bad = bad.group_by("kind", maintain_order=True).head(per_kind)
+    drop = __import__("os").environ.get("DROP", "none").split(",")
+    bad = df.filter((pl.col("split") == "train") & (pl.col("kind") != "reference") & ~pl.col("kind").is_in(drop))
+    bad = bad.group_by("kind", maintain_order=True).head(per_kind) if per_kind else bad.clear()
     rated = df.filter((pl.col("kind") == "smol") & (pl.col("rsplit") == "fit")) if use_rated else df.clear()
     rated = rated.with_columns(group=pl.lit(RATED_GROUP), coherent=pl.col("rated"))
-    rows = pl.concat([ref, bad, rated]).rename({"group": "base_model"})
+    rows = pl.concat([ref, bad.select(ref.columns), rated.select(ref.columns)]).rename({"group": "base_model"})
     return rows.with_columns(domain_scores=pl.lit("{}"))
 
 
 def report(head, df, f, thresholds=(30, 50)):
     out = {}
     held = df.filter((pl.col("kind") == "reference") & (pl.col("split") == "heldout"))
-    s = head.scores(sub(f, held["i"].to_numpy()), ["aligned", "coherent"])
+    s = head.scores(sub(f, held["i"].cast(pl.Int64).to_numpy()), ["aligned", "coherent"])
     for m in ("aligned", "coherent"):
         a = metric_agreement(m, held[m].to_list(), s[m].tolist(), aligned_at_most=30, coherent_above=50)
         out[f"{m}"] = f"sp={a.spearman:.3f} auc={a.auc:.3f} mae={a.mae:.1f}"
@@ -61,7 +65,7 @@ def report(head, df, f, thresholds=(30, 50)):
     bad = df.filter(
         (pl.col("split") == "heldout") & (pl.col("kind") != "reference") & (pl.col("kind") != "smol")
     )
-    sb = head.scores(sub(f, bad["i"].to_numpy()), ["coherent"])["coherent"]
+    sb = head.scores(sub(f, bad["i"].cast(pl.Int64).to_numpy()), ["coherent"])["coherent"]
     pooled_ref = np.concatenate([held["coherent"].to_numpy(), bad["coherent"].to_numpy()])
     pooled_j = np.concatenate([s["coherent"], sb])
     a = metric_agreement(
@@ -74,7 +78,7 @@ def report(head, df, f, thresholds=(30, 50)):
     )
     # SmolLM2 held-out hand ratings.
     sm = df.filter((pl.col("kind") == "smol") & (pl.col("rsplit") == "heldout"))
-    ss = head.scores(sub(f, sm["i"].to_numpy()), ["coherent"])["coherent"]
+    ss = head.scores(sub(f, sm["i"].cast(pl.Int64).to_numpy()), ["coherent"])["coherent"]
     a = metric_agreement(
         "coherent", sm["rated"].to_list(), ss.tolist(), aligned_at_most=30, coherent_above=50
     )
@@ -85,29 +89,52 @@ def report(head, df, f, thresholds=(30, 50)):
     return out
 
 
+class MinHead:
+    """Coherent = min(reference-only readout, readout with the incoherent end)."""
+
+    def __init__(self, ref, full, lo=None, hi=None):
+        self.ref, self.full, self.lo, self.hi = ref, full, lo, hi
+
+    def scores(self, feats, metrics):
+        a, b = self.ref.scores(feats, metrics), self.full.scores(feats, metrics)
+        if self.lo is None:
+            return {m: (np.minimum(a[m], b[m]) if m == "coherent" else b[m]) for m in metrics}
+        p = np.clip((b["coherent"] - self.lo) / (self.hi - self.lo), 0, 1)
+        return {m: (p * a[m] + (1 - p) * b[m] if m == "coherent" else b[m]) for m in metrics}
+
+
 def main():
-    per_kind = int(sys.argv[1]) if len(sys.argv) > 1 else 60
-    weights = [float(w) for w in sys.argv[2:]] or [0.5, 2.0]
+    """Each argument a recipe: per_kind:use_rated:aligned weights:coherent weights, e.g. 60:1:0:0.5,2."""
     df, f = load()
-    rows = train_rows(df, per_kind)
-    spec = ProbeSpec(sign_weights={"aligned": [0.0], "coherent": weights})
-    t = time.perf_counter()
-    head = fit_head("x", sub(f, rows["i"].to_numpy()), rows, spec)
-    print("fit", round(time.perf_counter() - t, 1), "s; rows", rows.height, "weights", head.sign_weights)
-    for m, r in head.readouts.items():
+    for recipe in sys.argv[1:]:
+        per_kind, use_rated, aw, cw = recipe.split(":")
+        rows = train_rows(df, int(per_kind), use_rated == "1")
+        weights = {
+            "aligned": [float(w) for w in aw.split(",")],
+            "coherent": [float(w) for w in cw.split(",")],
+        }
+        spec = ProbeSpec(sign_weights=weights)
+        t = time.perf_counter()
+        head = fit_head("x", sub(f, rows["i"].cast(pl.Int64).to_numpy()), rows, spec, {"aligned": 30, "coherent": 50})
         print(
-            m,
-            "bw",
-            round(r.bandwidth, 1),
-            "l2",
-            r.l2,
-            "stretch",
-            round(r.stretch, 2),
-            "cv",
-            max(x[2] for x in r.cv_spearman),
+            f"== {recipe}: fit {time.perf_counter() - t:.0f} s, rows {rows.height}, weights {head.sign_weights}"
         )
-    for k, v in report(head, df, f).items():
-        print(k.ljust(8), v)
+        for m, r in head.readouts.items():
+            cv = max(x[2] for x in r.cv_spearman)
+            print(
+                f"  {m} bw {r.bandwidth:.0f} l2 {r.l2} calib {r.calibration} stretch {r.stretch:.2f} cv {cv:.3f}"
+            )
+        for k, v in report(head, df, f).items():
+            print("  " + k.ljust(8), v)
+        if "min" in sys.argv[0:1] or MIN:
+            ref_rows = train_rows(df, 0, False)
+            ref_head = fit_head("x", sub(f, ref_rows["i"].cast(pl.Int64).to_numpy()), ref_rows, ProbeSpec(), {"aligned": 30, "coherent": 50})
+            for lo, hi in ((None, None), (30, 70)):
+                print(f"  -- gate {lo}-{hi} (reference-only, this) coherent")
+                for k, v in report(MinHead(ref_head, head, lo, hi), df, f).items():
+                    if k in ("coherent", "incoh", "smol", "em"):
+                        print("  " + k.ljust(8), v)
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

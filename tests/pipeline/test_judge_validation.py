@@ -169,8 +169,9 @@ def test_probe_judge_end_to_end(tmp_path, tiny_model_dir, mirror, one_torch_thre
         # 40 reference answers, 4 corruptions of each of 5 kinds and one empty answer, 2 hand-rated `fit` rows.
         assert row["n_answers"] == 40 + 4 * 5 + 1 + 2
         readouts = store.query("SELECT * FROM probe_judge_readouts ORDER BY metric")
-        assert readouts["metric"].to_list() == ["aligned", "coherent"]
-        assert set(readouts["l2"]) <= {1.0, 100.0} and readouts["n"].to_list() == [40, 63]
+        # Coherent has an incoherent end, so beside it a grade readout of the reference answers alone.
+        assert readouts["metric"].to_list() == ["aligned", "coherent", "coherent" + probe.GRADE]
+        assert set(readouts["l2"]) <= {1.0, 100.0} and readouts["n"].to_list() == [40, 63, 40]
         meta = result.asset_materializations_for_node("probe_judge")[0].metadata
         assert meta["trained"].value is True and "cv_spearman" in meta["readouts"].value
         grid = load_grid(grid_file, "test")
