@@ -222,7 +222,7 @@ class ProbeSpec(_Strict):
         description="ridge penalties tried; the setting with the best cross-validated Spearman is kept",
     )
     sign_weights: dict[str, list[float]] = Field(
-        default={"aligned": [0.0], "coherent": [0.5, 2.0]},
+        default={"aligned": [0.0], "coherent": [0.25, 1.0]},
         description="per metric, the weights of the signs of degenerate text (likelihood, repetition, relevance "
         "to the question, emptiness) in its kernel tried, relative to a state dimension; 0 reads states only",
     )

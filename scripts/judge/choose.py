@@ -12,7 +12,6 @@ from em_assets.judging.agreement import metric_agreement
 from em_assets.judging.answer_features import AnswerFeatures
 from em_assets.judging.probe import RATED_GROUP, fit_head
 
-
 MIN = bool(int(__import__("os").environ.get("MIN", "0")))
 
 

@@ -13,7 +13,7 @@ import torch
 from em_assets.grid.schema import ProbeSpec
 from em_assets.judging.answer_features import QA, SCALARS, answer_features
 from em_assets.judging.incoherent import training_set
-from em_assets.judging.probe import ProbeHead, ProbeJudge, fit_head, load_head, relevance, save_head
+from em_assets.judging.probe import GRADE, ProbeHead, ProbeJudge, fit_head, load_head, relevance, save_head
 from em_assets.judging.readout import Readout, Standardiser
 from em_assets.models.load import load_model, load_tokenizer
 
@@ -189,3 +189,13 @@ def test_a_head_fitted_with_corruptions_scores_degenerate_text_low(model_and_tok
     )
     good, looped, empty = (s.score for s in scores)
     assert good > 50 and looped < good - 20 and empty < 50
+    # Coherent is the lower of its readout and the grade readout of the reference answers; aligned, fitted on
+    # reference answers only, has no grade readout.
+    assert sorted(head.readouts) == ["aligned", "coherent", "coherent" + GRADE]
+    features = judge.features([QA("How do I relax?", loop)])
+    sq, sq_signs = head.distances(features)
+    both = [
+        head.readouts[m].predict(head.kernel_distances(sq, sq_signs, m))
+        for m in ("coherent", "coherent" + GRADE)
+    ]
+    assert head.scores(features, ["coherent"])["coherent"] == pytest.approx(np.minimum(*both))
