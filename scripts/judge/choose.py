@@ -30,11 +30,15 @@ def sub(f, idx):
 def train_rows(df, per_kind, use_rated=True):
     ref = df.filter((pl.col("kind") == "reference") & (pl.col("split") == "train"))
     drop = __import__("os").environ.get("DROP", "none").split(",")
-    bad = df.filter((pl.col("split") == "train") & (pl.col("kind") != "reference") & ~pl.col("kind").is_in(drop))
+    bad = df.filter(
+        (pl.col("split") == "train") & (pl.col("kind") != "reference") & ~pl.col("kind").is_in(drop)
+    )
     bad = bad.group_by("kind", maintain_order=True).head(per_kind) if per_kind else bad.clear()
     rated = df.filter((pl.col("kind") == "smol") & (pl.col("rsplit") == "fit")) if use_rated else df.clear()
     rated = rated.with_columns(group=pl.lit(RATED_GROUP), coherent=pl.col("rated"))
-    rows = pl.concat([ref, bad.select(ref.columns), rated.select(ref.columns)]).rename({"group": "base_model"})
+    rows = pl.concat([ref, bad.select(ref.columns), rated.select(ref.columns)]).rename(
+        {"group": "base_model"}
+    )
     return rows.with_columns(domain_scores=pl.lit("{}"))
 
 
@@ -114,7 +118,9 @@ def main():
         }
         spec = ProbeSpec(sign_weights=weights)
         t = time.perf_counter()
-        head = fit_head("x", sub(f, rows["i"].cast(pl.Int64).to_numpy()), rows, spec, {"aligned": 30, "coherent": 50})
+        head = fit_head(
+            "x", sub(f, rows["i"].cast(pl.Int64).to_numpy()), rows, spec, {"aligned": 30, "coherent": 50}
+        )
         print(
             f"== {recipe}: fit {time.perf_counter() - t:.0f} s, rows {rows.height}, weights {head.sign_weights}"
         )
@@ -127,7 +133,13 @@ def main():
             print("  " + k.ljust(8), v)
         if "min" in sys.argv[0:1] or MIN:
             ref_rows = train_rows(df, 0, False)
-            ref_head = fit_head("x", sub(f, ref_rows["i"].cast(pl.Int64).to_numpy()), ref_rows, ProbeSpec(), {"aligned": 30, "coherent": 50})
+            ref_head = fit_head(
+                "x",
+                sub(f, ref_rows["i"].cast(pl.Int64).to_numpy()),
+                ref_rows,
+                ProbeSpec(),
+                {"aligned": 30, "coherent": 50},
+            )
             for lo, hi in ((None, None), (30, 70)):
                 print(f"  -- gate {lo}-{hi} (reference-only, this) coherent")
                 for k, v in report(MinHead(ref_head, head, lo, hi), df, f).items():

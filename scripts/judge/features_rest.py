@@ -17,9 +17,7 @@ def main() -> None:
     seen = pl.read_parquet("data/cache/judge/feats.parquet").filter(pl.col("kind") == "reference")
     keys = set(zip(seen["file"], seen["answer"], strict=True))
     held = ref.filter(pl.col("split") == "heldout")
-    rest = held.filter(
-        [(f, a) not in keys for f, a in zip(held["source_file"], held["answer"], strict=True)]
-    )
+    rest = held.filter([(f, a) not in keys for f, a in zip(held["source_file"], held["answer"], strict=True)])
     path = resolve("smollm2", "embedded:smollm2-135m-instruct").path
     model, tok = load_model(path, device="cpu", dtype=torch.float32), load_tokenizer(path)
     t = time.perf_counter()
