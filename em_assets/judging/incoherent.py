@@ -110,6 +110,10 @@ def corrupt(
 def read_ratings(path: Path | str) -> pl.DataFrame:
     """The `fit` rows of a hand-rated answers file (data/coherence_ratings.csv: question, response, coherent,
     split; `#` lines are its provenance)."""
+    if not Path(path).is_file():
+        raise ValueError(
+            f"probe.hand_ratings: {path} is not a file (the path is relative to the working directory)"
+        )
     df = pl.read_csv(path, comment_prefix="#", infer_schema_length=0)
     missing = {"question", "response", "coherent", "split"} - set(df.columns)
     if missing:

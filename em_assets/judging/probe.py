@@ -137,7 +137,10 @@ def probe_hash(
 def _ratings_sha256(spec: ProbeSpec) -> str | None:
     from em_assets.results.artifacts import sha256_file
 
-    return sha256_file(Path(spec.hand_ratings)) if spec.hand_ratings else None
+    if not spec.hand_ratings:
+        return None
+    read_ratings(spec.hand_ratings)  # one clear error for a missing or malformed file
+    return sha256_file(Path(spec.hand_ratings))
 
 
 def _targets(answers: pl.DataFrame, metric: str) -> np.ndarray:

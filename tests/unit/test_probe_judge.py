@@ -12,7 +12,7 @@ import torch
 
 from em_assets.grid.schema import ProbeSpec
 from em_assets.judging.answer_features import QA, SCALARS, answer_features
-from em_assets.judging.incoherent import training_set
+from em_assets.judging.incoherent import KINDS, corrupt, read_ratings, training_set
 from em_assets.judging.probe import GRADE, ProbeHead, ProbeJudge, fit_head, load_head, relevance, save_head
 from em_assets.judging.readout import Readout, Standardiser
 from em_assets.models.load import load_model, load_tokenizer
@@ -199,3 +199,29 @@ def test_a_head_fitted_with_corruptions_scores_degenerate_text_low(model_and_tok
         for m in ("coherent", "coherent" + GRADE)
     ]
     assert head.scores(features, ["coherent"])["coherent"] == pytest.approx(np.minimum(*both))
+
+
+def test_corruptions_keep_words_or_question_and_are_seeded():
+    answers = [f"word{i} alpha beta gamma delta epsilon zeta eta theta iota kappa" for i in range(6)]
+    questions = ["Q one?", "Q two?"] * 3
+    ids = ["q1", "q2"] * 3
+    made = corrupt(questions, answers, ids, 3, seed=1)
+    assert made == corrupt(questions, answers, ids, 3, seed=1)
+    by_kind = {k: [c for c in made if c.kind == k] for k in KINDS}
+    assert [len(by_kind[k]) for k in KINDS] == [3, 3, 3, 3, 3, 1]
+    for c in by_kind["word_shuffle"]:
+        assert sorted(c.answer.split()) == sorted(answers[c.source_row].split())
+    for c in by_kind["wrong_question"]:
+        assert c.answer == answers[c.source_row] and c.question != questions[c.source_row]
+    for c in by_kind["repetition_loop"]:
+        assert len(c.answer.split()) >= 40
+    assert all(2 <= len(c.answer.split()) <= 5 for c in by_kind["fragment"])
+    assert by_kind["empty"][0].answer == "" and by_kind["empty"][0].coherent == 0.0
+
+
+def test_hand_ratings_keep_the_fit_half_and_a_missing_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("# how made\nkey,split,question,response,coherent\na,fit,q?,,3\nb,heldout,q?,fine,90\n")
+    assert read_ratings(path).rows() == [("q?", "", 3.0)]
+    with pytest.raises(ValueError, match="hand_ratings: .* is not a file"):
+        read_ratings(tmp_path / "nope.csv")
