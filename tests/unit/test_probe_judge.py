@@ -223,5 +223,5 @@ def test_hand_ratings_keep_the_fit_half_and_a_missing_file_is_one_clear_error(tm
     path = tmp_path / "r.csv"
     path.write_text("# how made\nkey,split,question,response,coherent\na,fit,q?,,3\nb,heldout,q?,fine,90\n")
     assert read_ratings(path).rows() == [("q?", "", 3.0)]
-    with pytest.raises(ValueError, match="hand_ratings: .* is not a file"):
+    with pytest.raises(ValueError, match=r"hand_ratings: .* is not a file"):
         read_ratings(tmp_path / "nope.csv")
