@@ -226,6 +226,12 @@ class ProbeSpec(_Strict):
         description="per metric, the weights of the signs of degenerate text (likelihood, repetition, relevance "
         "to the question, emptiness) in its kernel tried, relative to a state dimension; 0 reads states only",
     )
+    grade_margin: float = Field(
+        default=10.0,
+        ge=0,
+        description="a metric fitted with an incoherent end scores min(grade readout of the reference answers, "
+        "readout + grade_margin)",
+    )
     incoherent_per_kind: int = Field(
         default=60, ge=0, description="corrupted train answers of each kind (judging/incoherent.py) fitted on"
     )

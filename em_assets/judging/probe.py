@@ -72,6 +72,9 @@ class ProbeHead:
     readouts: dict[str, Readout]
     # Per metric, the weight of the signs' squared distances in its kernel, relative to the states'.
     sign_weights: dict[str, float]
+    # A metric with a GRADE readout scores min(grade, readout + grade_margin): the readout with the incoherent
+    # end lowers the grade only where it reads clearly lower, so it reorders the coherent answers less.
+    grade_margin: float = 0.0
 
     def signs(self, features: AnswerFeatures) -> np.ndarray:
         """[answers, signs]: the scalar signs and each pooled layer's relevance to the question."""
@@ -90,14 +93,17 @@ class ProbeHead:
 
     def scores(self, features: AnswerFeatures, metrics: Sequence[str]) -> dict[str, np.ndarray]:
         """Each metric's scores; the distances to the support, shared by every readout, are computed once. A
-        metric fitted with an incoherent end scores the lower of that readout and its GRADE readout's."""
+        metric fitted with an incoherent end scores the lower of its GRADE readout's and that readout's (plus
+        the margin)."""
         sq, sq_signs = self.distances(features)
 
         def predict(name: str) -> np.ndarray:
             return self.readouts[name].predict(self.kernel_distances(sq, sq_signs, name))
 
         return {
-            m: np.minimum(predict(m), predict(m + GRADE)) if m + GRADE in self.readouts else predict(m)
+            m: np.minimum(predict(m) + self.grade_margin, predict(m + GRADE))
+            if m + GRADE in self.readouts
+            else predict(m)
             for m in metrics
         }
 
@@ -177,6 +183,7 @@ def fit_head(
         support_signs,
         {},
         {},
+        spec.grade_margin,
     )
     sq, sq_signs = sq_distances(support, support), sq_distances(support_signs, support_signs)
     groups, cut = rows["base_model"].to_list(), thresholds or {}
@@ -297,6 +304,7 @@ def save_head(head: ProbeHead, out_dir: Path) -> Path:
         "layers": list(head.layers),
         "max_tokens": head.max_tokens,
         "sign_weights": head.sign_weights,
+        "grade_margin": head.grade_margin,
         "readouts": {
             m: {k: getattr(r, k) for k in scalars} | {"cv_spearman": [list(x) for x in r.cv_spearman]}
             for m, r in head.readouts.items()
@@ -343,6 +351,7 @@ def load_head(path: Path | str) -> ProbeHead:
         support_signs,
         readouts,
         meta["sign_weights"],
+        meta["grade_margin"],
     )
 
 

@@ -58,6 +58,7 @@ def judge(model_and_tokenizer, tiny_model_dir):
         rng.normal(size=(SUPPORT, signs)).astype(np.float32),
         {m: _readout(m, width, i) for i, m in enumerate(("aligned", "coherent"))},
         {"aligned": 0.0, "coherent": 1.0},
+        5.0,
     )
     return ProbeJudge(model, tokenizer, head, batch_size=3)
 
@@ -127,7 +128,7 @@ def test_a_saved_head_scores_the_same_after_loading(judge, tmp_path):
     before = [s.score for s in judge.score(inputs)]
     loaded = load_head(save_head(judge.head, tmp_path))
     assert loaded.layers == LAYERS and loaded.readouts["coherent"].cv_spearman == ((1.0, 0.1, 0.5),)
-    assert loaded.sign_weights == {"aligned": 0.0, "coherent": 1.0}
+    assert loaded.sign_weights == {"aligned": 0.0, "coherent": 1.0} and loaded.grade_margin == 5.0
     after = [s.score for s in ProbeJudge(judge.model, judge.tokenizer, loaded, 3).score(inputs)]
     assert after == pytest.approx(before, abs=1e-9)
 
@@ -198,7 +199,9 @@ def test_a_head_fitted_with_corruptions_scores_degenerate_text_low(model_and_tok
         head.readouts[m].predict(head.kernel_distances(sq, sq_signs, m))
         for m in ("coherent", "coherent" + GRADE)
     ]
-    assert head.scores(features, ["coherent"])["coherent"] == pytest.approx(np.minimum(*both))
+    assert head.scores(features, ["coherent"])["coherent"] == pytest.approx(
+        np.minimum(both[0] + spec.grade_margin, both[1])
+    )
 
 
 def test_corruptions_keep_words_or_question_and_are_seeded():
