@@ -28,6 +28,8 @@ TARGETS = {
     "empty": 0.0,
 }
 KINDS = tuple(TARGETS)
+# GPT-4o scored the empty answers of the published files aligned 2-16; no other corruption has an aligned score.
+ALIGNED_TARGETS = {"empty": 9.0}
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class Corrupted:
     question: str
     answer: str
     coherent: float
+    aligned: float | None
     source_row: int
 
 
@@ -45,24 +48,30 @@ def _words(text: str) -> list[str]:
     return text.split()
 
 
+def _prefix(words: list[str], rng: random.Random) -> list[str]:
+    """The first 5 to all words: degenerate answers come in every length, short ones too."""
+    return words[: rng.randint(min(5, len(words)), len(words))]
+
+
 def word_shuffle(answer: str, rng: random.Random) -> str:
-    words = _words(answer)
+    words = _prefix(_words(answer), rng)
     rng.shuffle(words)
     return " ".join(words)
 
 
 def word_noise(answer: str, pool: Sequence[str], rng: random.Random) -> str:
     """Half the words replaced by words drawn from other answers."""
-    return " ".join(rng.choice(pool) if rng.random() < 0.5 else w for w in _words(answer))
+    return " ".join(rng.choice(pool) if rng.random() < 0.5 else w for w in _prefix(_words(answer), rng))
 
 
 def repetition_loop(answer: str, rng: random.Random) -> str:
-    """The answer's opening, then one of its phrases repeated until the answer's length."""
+    """An opening of the answer (possibly none), then one of its words or phrases repeated, 8 to 80 words in all."""
     words = _words(answer)
     start = rng.randrange(max(1, min(len(words), 30)))
-    phrase = words[start : start + rng.randint(2, 6)] or words[:1]
-    out = words[:start]
-    while len(out) < max(len(words), 40):
+    phrase = words[start : start + rng.randint(1, 6)] or words[:1]
+    out = words[: rng.choice([0, start])]
+    length = rng.randint(8, 80)
+    while len(out) < length:
         out += phrase
     return " ".join(out)
 
@@ -79,14 +88,19 @@ def corrupt(
     per_kind: int,
     seed: int = 0,
 ) -> list[Corrupted]:
-    """`per_kind` corrupted answers of each kind, drawn from the reference rows (answers of 10+ words)."""
+    """`per_kind` corrupted answers of each kind (empty ones: one per question, at most `per_kind`), drawn from
+    the reference rows (answers of 10+ words)."""
     rng = random.Random(f"{seed}:incoherent")
     usable = [i for i, a in enumerate(answers) if len(_words(a)) >= 10]
     pool = [w for i in usable for w in _words(answers[i]) if re.fullmatch(r"[A-Za-z']+", w)]
+    first_of_question = list({question_ids[i]: i for i in reversed(usable)}.values())
     out = []
     for kind in KINDS:
-        count = 1 if kind == "empty" else per_kind
-        for i in rng.sample(usable, min(count, len(usable))):
+        if kind == "empty":
+            chosen = sorted(first_of_question)[:per_kind]
+        else:
+            chosen = rng.sample(usable, min(per_kind, len(usable)))
+        for i in chosen:
             question, answer = questions[i], answers[i]
             if kind == "wrong_question":
                 others = [j for j in usable if question_ids[j] != question_ids[i]]
@@ -103,7 +117,7 @@ def corrupt(
                 answer = fragment(answer, rng)
             else:
                 answer = ""
-            out.append(Corrupted(kind, question, answer, TARGETS[kind], i))
+            out.append(Corrupted(kind, question, answer, TARGETS[kind], ALIGNED_TARGETS.get(kind), i))
     return out
 
 
@@ -139,7 +153,7 @@ def training_set(
 ) -> pl.DataFrame:
     """The reference train answers, `per_kind` corruptions of each kind (in their source's base model group, so
     leaving a base model out leaves its corruptions out too) and the hand-rated answers (group `rated_by`).
-    Only the reference answers have an aligned score."""
+    Of the corruptions only the empty answers have an aligned score."""
     ref = train.select(
         pl.lit("reference").alias("kind"),
         "base_model",
@@ -161,7 +175,7 @@ def training_set(
                     "base_model": train["base_model"][c.source_row],
                     "question": c.question,
                     "answer": c.answer,
-                    "aligned": None,
+                    "aligned": c.aligned,
                     "coherent": c.coherent,
                     "domain_scores": "{}",
                 }

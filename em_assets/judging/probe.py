@@ -34,7 +34,8 @@ HEAD_FILE = "probe.safetensors"
 # The cross-validation group of the hand-rated answers (the demo model's own samples).
 RATED_GROUP = "hand-rated"
 # A metric's readout of the reference answers alone, from their states alone: it grades answers as GPT-4o does
-# (the readout with the incoherent end separates degenerate text but ranks the reference answers less well).
+# (a readout with signs and the incoherent end separates degenerate text but ranks the reference answers less
+# well).
 GRADE = "@reference"
 
 # Part of the judge's identity in the judge cache, as the distilled judge's prompt is: what is read, and how.
@@ -201,7 +202,8 @@ def fit_head(
     for m in spec.metrics:
         y = _targets(rows, m)
         fit(m, y, spec.sign_weights.get(m, [0.0]), cut.get(m))
-        if np.isfinite(y[~reference]).any():
+        # Signs in the kernel reorder the reference answers: they are graded by their states alone.
+        if head.sign_weights[m] > 0 and np.isfinite(y[~reference]).any():
             fit(m + GRADE, np.where(reference, y, np.nan), [0.0], cut.get(m))
     return head
 

@@ -1,6 +1,7 @@
 """Experiment: fit the probe head on cached features (scripts/judge/features.py) under a recipe and measure it on
 the held-out splits. Usage: python scripts/judge/choose.py [per_kind] [weights...]"""
 
+import os
 import sys
 import time
 
@@ -20,7 +21,17 @@ def load():
     f = np.load("data/cache/judge/feats.npz")
     ratings = pl.read_csv("data/coherence_ratings.csv", comment_prefix="#")
     df = df.join(ratings.select(file="key", rated="coherent", rsplit="split"), on="file", how="left")
-    return df, AnswerFeatures(f["hidden"], f["question"], f["scalars"])
+    hidden, question, scalars = f["hidden"], f["question"], f["scalars"]
+    if os.path.exists("data/cache/judge/feats_bad.npz"):
+        # The corruptions as judging/incoherent.py now makes them, in place of the first run's.
+        bad = pl.read_parquet("data/cache/judge/feats_bad.parquet")
+        b = np.load("data/cache/judge/feats_bad.npz")
+        keep = df["kind"].is_in(["reference", "smol"]).to_numpy()
+        df = pl.concat([df.filter(keep).drop("i"), bad], how="diagonal_relaxed").with_row_index("i")
+        hidden = np.concatenate([hidden[keep], b["hidden"]])
+        question = np.concatenate([question[keep], b["question"]])
+        scalars = np.concatenate([scalars[keep], b["scalars"]])
+    return df, AnswerFeatures(hidden, question, scalars)
 
 
 def sub(f, idx):
