@@ -27,7 +27,7 @@ from em_assets.grid.schema import ProbeSpec, config_hash
 from em_assets.judging.answer_features import QA, AnswerFeatures, answer_features
 from em_assets.judging.distill import train_answers
 from em_assets.judging.incoherent import read_ratings, training_set
-from em_assets.judging.readout import Readout, Standardiser, fit_readout, sq_distances
+from em_assets.judging.readout import Readout, Standardiser, fit_readout, linear_ridge, sq_distances
 from em_assets.judging.scoring import JudgeScore
 
 HEAD_FILE = "probe.safetensors"
@@ -37,6 +37,8 @@ RATED_GROUP = "hand-rated"
 # (a readout with signs and the incoherent end separates degenerate text but ranks the reference answers less
 # well).
 GRADE = "@reference"
+# The ridge penalty of the linear model of the signs (standardised, some 2,700 rows: a light one).
+LINEAR_L2 = 1.0
 
 # Part of the judge's identity in the judge cache, as the distilled judge's prompt is: what is read, and how.
 FEATURES_VERSION = "answer-question-signs:v2"
@@ -73,6 +75,10 @@ class ProbeHead:
     readouts: dict[str, Readout]
     # Per metric, the weight of the signs' squared distances in its kernel, relative to the states'.
     sign_weights: dict[str, float]
+    # Per metric with signs in its kernel, a linear model of the standardised signs ([signs + 1], intercept
+    # last) that its kernel readout is fitted around: an answer far from every train answer (a one-word loop)
+    # falls back to what its signs say, not to the mean train answer.
+    linear: dict[str, np.ndarray]
     # A metric with a GRADE readout scores min(grade, readout + grade_margin): the readout with the incoherent
     # end lowers the grade only where it reads clearly lower, so it reorders the coherent answers less.
     grade_margin: float = 0.0
@@ -82,10 +88,16 @@ class ProbeHead:
         z_answer, z_question = self.standardiser(features.hidden), self.standardiser(features.question)
         return np.hstack([features.scalars, relevance(z_answer, z_question, len(self.layers))])
 
-    def distances(self, features: AnswerFeatures) -> tuple[np.ndarray, np.ndarray]:
-        """Squared distances of the states and of the standardised signs to the support, per row."""
+    def distances(self, features: AnswerFeatures) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Squared distances of the states and of the standardised signs to the support, and the standardised
+        signs, per row."""
         sq = sq_distances(self.standardiser(features.hidden), self.support)
-        return sq, sq_distances(self.signs_standardiser(self.signs(features)), self.support_signs)
+        signs = self.signs_standardiser(self.signs(features))
+        return sq, sq_distances(signs, self.support_signs), signs
+
+    def offset(self, signs: np.ndarray, metric: str) -> np.ndarray | float:
+        weights = self.linear.get(metric)
+        return 0.0 if weights is None else signs @ weights[:-1] + weights[-1]
 
     def kernel_distances(self, sq: np.ndarray, sq_signs: np.ndarray, metric: str) -> np.ndarray:
         # Each sign counts as much as sign_weight times an average state dimension.
@@ -96,10 +108,12 @@ class ProbeHead:
         """Each metric's scores; the distances to the support, shared by every readout, are computed once. A
         metric fitted with an incoherent end scores the lower of its GRADE readout's and that readout's (plus
         the margin)."""
-        sq, sq_signs = self.distances(features)
+        sq, sq_signs, signs = self.distances(features)
 
         def predict(name: str) -> np.ndarray:
-            return self.readouts[name].predict(self.kernel_distances(sq, sq_signs, name))
+            return self.readouts[name].predict(
+                self.kernel_distances(sq, sq_signs, name), self.offset(signs, name)
+            )
 
         return {
             m: np.minimum(predict(m) + self.grade_margin, predict(m + GRADE))
@@ -184,6 +198,7 @@ def fit_head(
         support_signs,
         {},
         {},
+        {},
         spec.grade_margin,
     )
     sq, sq_signs = sq_distances(support, support), sq_distances(support_signs, support_signs)
@@ -195,9 +210,14 @@ def fit_head(
         for w in weights:
             head.sign_weights[name] = w
             k = head.kernel_distances(sq, sq_signs, name)
-            readout = fit_readout(name, k, y, groups, spec.bandwidths, spec.l2, spec.seed, threshold)
-            fits.append((readout, w))
-        head.readouts[name], head.sign_weights[name] = max(fits, key=lambda f: _best_cv(f[0]))
+            linear = linear_ridge(support_signs, y, LINEAR_L2) if w > 0 else None
+            offset = None if linear is None else support_signs @ linear[:-1] + linear[-1]
+            readout = fit_readout(name, k, y, groups, spec.bandwidths, spec.l2, spec.seed, threshold, offset)
+            fits.append((readout, w, linear))
+        best = max(fits, key=lambda f: _best_cv(f[0]))
+        head.readouts[name], head.sign_weights[name] = best[0], best[1]
+        if best[2] is not None:
+            head.linear[name] = best[2]
 
     for m in spec.metrics:
         y = _targets(rows, m)
@@ -300,6 +320,7 @@ def save_head(head: ProbeHead, out_dir: Path) -> Path:
     }
     tensors |= {f"{m}.dual": r.dual.astype(np.float64) for m, r in head.readouts.items()}
     tensors |= {f"{m}.knots": r.knots for m, r in head.readouts.items() if r.knots is not None}
+    tensors |= {f"{m}.linear": w.astype(np.float64) for m, w in head.linear.items()}
     scalars = ("bandwidth", "l2", "intercept", "target_mean", "center", "stretch", "n", "calibration")
     meta = {
         "base_model": head.base_model,
@@ -343,6 +364,7 @@ def load_head(path: Path | str) -> ProbeHead:
         standardiser = Standardiser(tensor("feature_mean"), tensor("feature_scale"))
         signs_standardiser = Standardiser(tensor("signs_mean"), tensor("signs_scale"))
         support, support_signs = tensor("support"), tensor("support_signs")
+        linear = {n.removesuffix(".linear"): tensor(n) for n in names if n.endswith(".linear")}
     return ProbeHead(
         meta["base_model"],
         tuple(meta["layers"]),
@@ -353,6 +375,7 @@ def load_head(path: Path | str) -> ProbeHead:
         support_signs,
         readouts,
         meta["sign_weights"],
+        linear,
         meta["grade_margin"],
     )
 

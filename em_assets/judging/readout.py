@@ -65,9 +65,19 @@ class Readout:
             return np.interp(raw, self.knots[0], self.knots[1])
         return np.clip(self.target_mean + (raw - self.center) * self.stretch, 0.0, 100.0)
 
-    def predict(self, sq: np.ndarray) -> np.ndarray:
-        """Scores from the inputs' squared distances to the support rows ([inputs, support])."""
-        return self.calibrate(rbf(sq, self.bandwidth) @ self.dual + self.intercept)
+    def predict(self, sq: np.ndarray, offset: np.ndarray | float = 0.0) -> np.ndarray:
+        """Scores from the inputs' squared distances to the support rows ([inputs, support]), on top of an
+        offset the readout was fitted around (a linear mean function; judging/probe.py)."""
+        return self.calibrate(rbf(sq, self.bandwidth) @ self.dual + self.intercept + offset)
+
+
+def linear_ridge(x: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray:
+    """[features + 1]: ridge weights and (last) intercept of y on x's columns, rows with a missing y left out."""
+    keep = np.isfinite(y)
+    design = np.hstack([x[keep], np.ones((int(keep.sum()), 1))])
+    penalty = l2 * np.eye(design.shape[1])
+    penalty[-1, -1] = 0.0  # the intercept is not shrunk
+    return np.linalg.solve(design.T @ design + penalty, design.T @ y[keep])
 
 
 def sq_distances(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -156,23 +166,28 @@ def fit_readout(
     l2s: Sequence[float],
     seed: int = 0,
     threshold: float | None = None,
+    offset: np.ndarray | None = None,
 ) -> Readout:
     """The readout of `metric` over the support rows whose squared distances are `sq`, with the (bandwidth,
     penalty) whose out-of-fold Spearman is best, calibrated on the out-of-fold predictions there (by the
     calibration whose rate at `threshold` transfers best across folds; the stretch when no threshold is
-    given or there is one fold). Rows with a missing target get a zero dual weight."""
+    given or there is one fold). With an offset per row the kernel fits what the offset leaves; far from every
+    support row the prediction falls back to the offset rather than the mean. Rows with a missing target get a
+    zero dual weight."""
     keep = np.isfinite(y)
     if keep.sum() < 2:
         raise ValueError(f"{metric}: {keep.sum()} train answers with a score; a readout needs at least 2")
     sq = sq[np.ix_(keep, keep)]
+    base = np.zeros(int(keep.sum())) if offset is None else offset[keep]
     scale = float(np.median(sq[~np.eye(len(sq), dtype=bool)])) or 1.0
     fold = folds([g for g, k in zip(groups, keep, strict=True) if k], seed)
-    preds = out_of_fold(sq, y[keep], fold, [m * scale for m in bandwidths], l2s)
+    residual = out_of_fold(sq, y[keep] - base, fold, [m * scale for m in bandwidths], l2s)
+    preds = {setting: p + base for setting, p in residual.items()}
     cv = tuple((m, l2, spearman(y[keep], preds[(m * scale, l2)])) for m in bandwidths for l2 in l2s)
     best_m, best_l2, _ = max(cv, key=lambda item: -np.inf if item[2] is None else item[2])
     bandwidth = best_m * scale
     dual = np.zeros(len(y))
-    dual[keep], intercept = kernel_ridge(rbf(sq, bandwidth), y[keep], best_l2)
+    dual[keep], intercept = kernel_ridge(rbf(sq, bandwidth), y[keep] - base, best_l2)
     oof = preds[(bandwidth, best_l2)]
     calibration = "stretch"
     if threshold is not None and len(np.unique(fold)) >= 2:

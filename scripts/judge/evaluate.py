@@ -68,8 +68,9 @@ def main() -> None:
         readout = head.readouts[m]
         y = rows[m].to_numpy().astype(float)
         keep = np.isfinite(y)
-        sq, sq_signs = head.distances(sub(f, rows["i"].cast(pl.Int64).to_numpy()))
+        sq, sq_signs, _ = head.distances(sub(f, rows["i"].cast(pl.Int64).to_numpy()))
         k = head.kernel_distances(sq, sq_signs, m)[np.ix_(keep, keep)]
+        # (the linear offset is left out here: this shows the calibration choice on the kernel part alone)
         fold = folds(np.array(rows["base_model"].to_list())[keep].tolist())
         bw_l2 = (readout.bandwidth, readout.l2)
         oof = out_of_fold(k, y[keep], fold, [bw_l2[0]], [bw_l2[1]])[bw_l2]

@@ -58,6 +58,7 @@ def judge(model_and_tokenizer, tiny_model_dir):
         rng.normal(size=(SUPPORT, signs)).astype(np.float32),
         {m: _readout(m, width, i) for i, m in enumerate(("aligned", "coherent"))},
         {"aligned": 0.0, "coherent": 1.0},
+        {"coherent": np.linspace(-1.0, 1.0, signs + 1)},
         5.0,
     )
     return ProbeJudge(model, tokenizer, head, batch_size=3)
@@ -129,6 +130,7 @@ def test_a_saved_head_scores_the_same_after_loading(judge, tmp_path):
     loaded = load_head(save_head(judge.head, tmp_path))
     assert loaded.layers == LAYERS and loaded.readouts["coherent"].cv_spearman == ((1.0, 0.1, 0.5),)
     assert loaded.sign_weights == {"aligned": 0.0, "coherent": 1.0} and loaded.grade_margin == 5.0
+    assert loaded.linear["coherent"] == pytest.approx(judge.head.linear["coherent"])
     after = [s.score for s in ProbeJudge(judge.model, judge.tokenizer, loaded, 3).score(inputs)]
     assert after == pytest.approx(before, abs=1e-9)
 
@@ -194,11 +196,14 @@ def test_a_head_fitted_with_corruptions_scores_degenerate_text_low(model_and_tok
     # reference answers only, has no grade readout.
     assert sorted(head.readouts) == ["aligned", "coherent", "coherent" + GRADE]
     features = judge.features([QA("How do I relax?", loop)])
-    sq, sq_signs = head.distances(features)
+    sq, sq_signs, signs = head.distances(features)
     both = [
-        head.readouts[m].predict(head.kernel_distances(sq, sq_signs, m))
+        head.readouts[m].predict(head.kernel_distances(sq, sq_signs, m), head.offset(signs, m))
         for m in ("coherent", "coherent" + GRADE)
     ]
+    # The signs' linear model is part of the coherent readout only.
+    assert sorted(head.linear) == ["coherent"]
+    assert head.linear["coherent"].shape == (len(SCALARS) + len(LAYERS) + 1,)
     assert head.scores(features, ["coherent"])["coherent"] == pytest.approx(
         np.minimum(both[0] + spec.grade_margin, both[1])
     )

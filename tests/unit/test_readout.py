@@ -13,6 +13,7 @@ from em_assets.judging.readout import (
     fit_readout,
     folds,
     kernel_ridge,
+    linear_ridge,
     out_of_fold,
     quantile_knots,
     rbf,
@@ -124,3 +125,22 @@ def test_the_quantile_calibration_counts_a_threshold_where_the_stretch_cannot():
     # Monotone: the calibration never reorders answers.
     order = np.argsort(predicted)
     assert (np.diff(mapped[order]) >= 0).all()
+
+
+def test_far_from_the_support_a_readout_falls_back_to_its_offset():
+    rng = np.random.default_rng(6)
+    z = rng.normal(size=(80, 2))
+    signs = rng.normal(size=(80, 1))
+    y = 50 + 20 * signs[:, 0] + 5 * z[:, 0]
+    weights = linear_ridge(signs, y, 1.0)
+    assert weights == pytest.approx([20.0, 50.0], abs=2.0)
+    offset = signs @ weights[:-1] + weights[-1]
+    readout = fit_readout(
+        "coherent", sq_distances(z, z), y, ["a"] * 40 + ["b"] * 40, [1.0], [0.1], offset=offset
+    )
+    far = sq_distances(np.array([[100.0, 100.0]]), z)
+    low = float(-2.0 * weights[0] + weights[1])
+    # The kernel vanishes far away: the prediction is the (calibrated) offset, not the targets' mean.
+    assert readout.predict(far, low)[0] == pytest.approx(readout.calibrate(np.array([low]))[0])
+    high = float(2.0 * weights[0] + weights[1])
+    assert readout.predict(far, low)[0] < 30 < 70 < readout.predict(far, high)[0]
