@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 
 from em_assets.grid.schema import ProbeSpec, config_hash
-from em_assets.judging.answer_features import QA, AnswerFeatures, answer_features
+from em_assets.judging.answer_features import QA, SCALARS, AnswerFeatures, answer_features
 from em_assets.judging.distill import train_answers
 from em_assets.judging.incoherent import read_ratings, training_set
 from em_assets.judging.readout import Readout, Standardiser, fit_readout, linear_ridge, sq_distances
@@ -170,6 +170,27 @@ def _targets(answers: pl.DataFrame, metric: str) -> np.ndarray:
     else:
         values = [json.loads(s).get(metric) for s in answers["domain_scores"]]
     return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def zero_head(spec: ProbeSpec, hidden_size: int, support: int) -> ProbeHead:
+    """A head of the spec's shape (its readouts, grade readouts and linear models) with zero weights over
+    `support` rows: what scoring costs, without fitting (the bench)."""
+    width, signs = len(spec.layers) * hidden_size, len(SCALARS) + len(spec.layers)
+    weights = {m: max(spec.sign_weights.get(m, [0.0])) for m in spec.metrics}
+    names = list(spec.metrics) + [m + GRADE for m, w in weights.items() if w > 0]
+    return ProbeHead(
+        "",
+        tuple(spec.layers),
+        spec.max_tokens,
+        Standardiser(np.zeros(width), np.ones(width)),
+        np.zeros((support, width), dtype=np.float32),
+        Standardiser(np.zeros(signs), np.ones(signs)),
+        np.zeros((support, signs), dtype=np.float32),
+        {n: Readout(n, 1.0, 1.0, np.zeros(support), 50.0, 50.0, 50.0, 1.0, (), 0) for n in names},
+        {n: weights.get(n, 0.0) for n in names},
+        {m: np.zeros(signs + 1) for m, w in weights.items() if w > 0},
+        spec.grade_margin,
+    )
 
 
 def fit_head(
