@@ -58,16 +58,17 @@ def _final_norm(model):
 
 
 @torch.inference_mode()
-def _pass(model, seqs: list[tuple[list[int], int]], layers: Sequence[int] | None):
-    """One right-padded forward pass: per sequence, the pooled states over its answer positions (when `layers`)
-    and each answer token's log-probability and the entropy of its predictive distribution."""
+def _pass(model, seqs: list[list[int]], layers: Sequence[int]):
+    """One right-padded forward pass: per token sequence, its pooled states at `layers`, and each of its tokens'
+    log-probability and the entropy of the predictive distribution it was drawn from (every token after the
+    first)."""
     device = model.get_input_embeddings().weight.device
-    width = max(1, *(len(ids) for ids, _ in seqs))
-    ids = torch.tensor([i + [0] * (width - len(i)) for i, _ in seqs], dtype=torch.long, device=device)
+    # At least one position: an empty answer pools to zeros rather than failing.
+    width = max(1, *(len(ids) for ids in seqs))
+    ids = torch.tensor([i + [0] * (width - len(i)) for i in seqs], dtype=torch.long, device=device)
     cols = torch.arange(width, device=device)
-    lengths = torch.tensor([len(i) for i, _ in seqs], device=device)
-    begins = torch.tensor([b for _, b in seqs], device=device)
-    answer = ((cols[None, :] >= begins[:, None]) & (cols[None, :] < lengths[:, None])).float()
+    lengths = torch.tensor([len(i) for i in seqs], device=device)
+    answer = (cols[None, :] < lengths[:, None]).float()
     sums: list[torch.Tensor] = []
     normed: list[torch.Tensor] = []
 
@@ -76,19 +77,19 @@ def _pass(model, seqs: list[tuple[list[int], int]], layers: Sequence[int] | None
         sums.append(torch.einsum("bth,bt->bh", hidden.float(), answer))
 
     blocks = decoder_layers(model)
-    handles = [blocks[i].register_forward_hook(record) for i in (layers or [])]
+    handles = [blocks[i].register_forward_hook(record) for i in layers]
     handles.append(_final_norm(model).register_forward_hook(lambda m, a, out: normed.append(out)))
     try:
         model(
             input_ids=ids,
-            attention_mask=(cols[None, :] < lengths[:, None]).long(),
+            attention_mask=answer.long(),
             use_cache=False,
             logits_to_keep=1,
         )
     finally:
         for h in handles:
             h.remove()
-    pooled = torch.stack(sums, 1) / answer.sum(1).clamp_min(1.0)[:, None, None] if layers else None
+    pooled = torch.stack(sums, 1) / answer.sum(1).clamp_min(1.0)[:, None, None]
     # The state at position t predicts token t + 1: an answer token at t is scored from t - 1.
     predictor = torch.zeros_like(answer, dtype=torch.bool)
     predictor[:, :-1] = answer[:, 1:].bool()
@@ -145,7 +146,7 @@ def _pooled_and_scored(
     scored: list = [None] * len(texts)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        pooled, per_seq = _pass(model, [(tokens[i], 0) for i in batch], layers)
+        pooled, per_seq = _pass(model, [tokens[i] for i in batch], layers)
         hidden[batch] = pooled.flatten(1).cpu().numpy()
         for j, i in enumerate(batch):
             scored[i] = per_seq[j]
