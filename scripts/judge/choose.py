@@ -40,6 +40,8 @@ def sub(f, idx):
 
 def train_rows(df, per_kind, use_rated=True):
     ref = df.filter((pl.col("kind") == "reference") & (pl.col("split") == "train"))
+    if os.environ.get("MAXREF"):
+        ref = ref.sample(int(os.environ["MAXREF"]), seed=0)
     drop = __import__("os").environ.get("DROP", "none").split(",")
     bad = df.filter(
         (pl.col("split") == "train") & (pl.col("kind") != "reference") & ~pl.col("kind").is_in(drop)
