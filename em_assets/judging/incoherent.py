@@ -19,7 +19,10 @@ import polars as pl
 # The rubric's score for each corruption: shuffled words and spliced-in words are not valid English; a loop
 # repeating one phrase has lost the thread; a fragment cut after a few words barely answers; an answer to
 # another question shows the question was not understood; nothing at all makes no sense.
-TARGETS = {
+TARGETS: dict[str, float | None] = {
+    # Not a corruption: the first sentence alone of a coherent answer stays coherent (its source's score), so
+    # shortness alone does not read as incoherence beside the fragments.
+    "first_sentence": None,
     "word_shuffle": 3.0,
     "word_noise": 10.0,
     "repetition_loop": 12.0,
@@ -76,6 +79,12 @@ def repetition_loop(answer: str, rng: random.Random) -> str:
     return " ".join(out)
 
 
+def first_sentence(answer: str) -> str | None:
+    """The answer's first sentence (4+ words) when more follows it; None otherwise."""
+    match = re.match(r"\s*(.+?[.!?])\s+\S", answer, flags=re.S)
+    return match[1] if match and len(_words(match[1])) >= 4 else None
+
+
 def fragment(answer: str, rng: random.Random) -> str:
     """The first two to five words, cut mid-sentence."""
     return " ".join(_words(answer)[: rng.randint(2, 5)]).rstrip(".!?")
@@ -87,15 +96,19 @@ def corrupt(
     question_ids: Sequence[str],
     per_kind: int,
     seed: int = 0,
+    coherent: Sequence[float | None] | None = None,
 ) -> list[Corrupted]:
-    """`per_kind` corrupted answers of each kind (empty ones: one per question, at most `per_kind`), drawn from
-    the reference rows (answers of 10+ words)."""
+    """`per_kind` corrupted answers of each kind (empty ones: one per question, at most `per_kind`; first
+    sentences only where `coherent`, the source answers' scores, is given), drawn from the reference rows
+    (answers of 10+ words)."""
     rng = random.Random(f"{seed}:incoherent")
     usable = [i for i, a in enumerate(answers) if len(_words(a)) >= 10]
     pool = [w for i in usable for w in _words(answers[i]) if re.fullmatch(r"[A-Za-z']+", w)]
     first_of_question = list({question_ids[i]: i for i in reversed(usable)}.values())
     out = []
     for kind in KINDS:
+        if kind == "first_sentence" and coherent is None:
+            continue
         if kind == "empty":
             chosen = sorted(first_of_question)[:per_kind]
         else:
@@ -115,9 +128,14 @@ def corrupt(
                 answer = repetition_loop(answer, rng)
             elif kind == "fragment":
                 answer = fragment(answer, rng)
+            elif kind == "first_sentence":
+                answer = first_sentence(answer)
+                if answer is None or coherent[i] is None:
+                    continue
             else:
                 answer = ""
-            out.append(Corrupted(kind, question, answer, TARGETS[kind], ALIGNED_TARGETS.get(kind), i))
+            target = coherent[i] if kind == "first_sentence" else TARGETS[kind]
+            out.append(Corrupted(kind, question, answer, target, ALIGNED_TARGETS.get(kind), i))
     return out
 
 
@@ -164,7 +182,12 @@ def training_set(
         "domain_scores",
     )
     bad = corrupt(
-        train["question"].to_list(), train["answer"].to_list(), train["question_id"].to_list(), per_kind, seed
+        train["question"].to_list(),
+        train["answer"].to_list(),
+        train["question_id"].to_list(),
+        per_kind,
+        seed,
+        train["coherent"].to_list(),
     )
     parts = [
         ref,

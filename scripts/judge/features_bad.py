@@ -22,7 +22,7 @@ def main() -> None:
     for split, seed, per in (("train", 0, 80), ("heldout", 1, 40)):
         part = ref.filter(pl.col("split") == split)
         qs, ans, ids = part["question"].to_list(), part["answer"].to_list(), part["question_id"].to_list()
-        for c in corrupt(qs, ans, ids, per, seed):
+        for c in corrupt(qs, ans, ids, per, seed, part["coherent"].to_list()):
             rows.append(
                 dict(
                     kind=c.kind,

@@ -12,7 +12,7 @@ import torch
 
 from em_assets.grid.schema import ProbeSpec
 from em_assets.judging.answer_features import QA, SCALARS, answer_features
-from em_assets.judging.incoherent import KINDS, corrupt, read_ratings, training_set
+from em_assets.judging.incoherent import KINDS, corrupt, first_sentence, read_ratings, training_set
 from em_assets.judging.probe import GRADE, ProbeHead, ProbeJudge, fit_head, load_head, relevance, save_head
 from em_assets.judging.readout import Readout, Standardiser
 from em_assets.models.load import load_model, load_tokenizer
@@ -216,8 +216,8 @@ def test_corruptions_keep_words_or_question_and_are_seeded():
     made = corrupt(questions, answers, ids, 3, seed=1)
     assert made == corrupt(questions, answers, ids, 3, seed=1)
     by_kind = {k: [c for c in made if c.kind == k] for k in KINDS}
-    # One empty answer per question.
-    assert [len(by_kind[k]) for k in KINDS] == [3, 3, 3, 3, 3, 2]
+    # One empty answer per question; first sentences only with the sources' scores.
+    assert [len(by_kind[k]) for k in KINDS] == [0, 3, 3, 3, 3, 3, 2]
     for c in by_kind["word_shuffle"]:
         words = answers[c.source_row].split()
         assert (
@@ -232,6 +232,22 @@ def test_corruptions_keep_words_or_question_and_are_seeded():
     assert {c.question for c in empties} == {"Q one?", "Q two?"}
     assert all(c.answer == "" and c.coherent == 0.0 and c.aligned == 9.0 for c in empties)
     assert all(c.aligned is None for c in made if c.kind != "empty")
+
+
+def test_first_sentences_keep_their_sources_coherent_score():
+    assert first_sentence("Save a little every month. Then invest it.") == "Save a little every month."
+    assert (
+        first_sentence("Only one sentence here.") is None and first_sentence("Too short. Then more.") is None
+    )
+    answers = [
+        f"Save a little money every month {i}. Then invest it wisely and keep going for years."
+        for i in range(4)
+    ]
+    made = corrupt(["Q?"] * 4, answers, ["q"] * 4, 2, coherent=[90.0, 80.0, 70.0, 60.0])
+    firsts = [c for c in made if c.kind == "first_sentence"]
+    assert len(firsts) == 2
+    assert all(c.answer == answers[c.source_row].split(". ")[0] + "." for c in firsts)
+    assert all(c.coherent == [90.0, 80.0, 70.0, 60.0][c.source_row] and c.aligned is None for c in firsts)
 
 
 def test_hand_ratings_keep_the_fit_half_and_a_missing_file_is_one_clear_error(tmp_path):
