@@ -46,7 +46,8 @@ def train_rows(df, per_kind, use_rated=True):
     bad = df.filter(
         (pl.col("split") == "train") & (pl.col("kind") != "reference") & ~pl.col("kind").is_in(drop)
     )
-    bad = bad.group_by("kind", maintain_order=True).head(per_kind) if per_kind else bad.clear()
+    limit = pl.when(pl.col("kind") == "first_sentence").then(3 * per_kind).otherwise(per_kind)
+    bad = bad.filter(pl.int_range(pl.len()).over("kind") < limit) if per_kind else bad.clear()
     rated = df.filter((pl.col("kind") == "smol") & (pl.col("rsplit") == "fit")) if use_rated else df.clear()
     rated = rated.with_columns(group=pl.lit(RATED_GROUP), coherent=pl.col("rated"))
     rows = pl.concat([ref, bad.select(ref.columns), rated.select(ref.columns)]).rename(
@@ -134,6 +135,10 @@ def main():
         head = fit_head(
             "x", sub(f, rows["i"].cast(pl.Int64).to_numpy()), rows, spec, {"aligned": 30, "coherent": 50}
         )
+        if os.environ.get("FORCE_STRETCH"):
+            import dataclasses
+
+            head.readouts["coherent"] = dataclasses.replace(head.readouts["coherent"], calibration="stretch")
         print(
             f"== {recipe}: fit {time.perf_counter() - t:.0f} s, rows {rows.height}, weights {head.sign_weights}"
         )
