@@ -229,27 +229,21 @@ def _judge_prompts(tokenizer, prompt: str, n: int) -> list[str]:
     return [judge_prompt(template, q, a) for q, a in pairs]
 
 
-# The demo's probe judge keeps every train answer of the reference judgements as its kernel's support.
-PROBE_SUPPORT = 2400
+# The demo's probe judge keeps every train row as its kernel's support: the 2,400 train answers of the reference
+# judgements, their corruptions and first sentences, and the hand-rated answers.
+PROBE_SUPPORT = 2820
 
 
 def _probe_judging(model, tokenizer, n: int, batch: int) -> dict:
     """The demo's probe judge on n answers x its metrics, with a zero head over a support as large as the
-    demo's (every train answer): the cost is the forward passes and the kernel, not the head's values."""
-    import numpy as np
+    demo's (every train row): the cost is the forward passes and the kernels, not the head's values."""
 
-    from em_assets.judging.probe import ProbeHead, ProbeJudge
-    from em_assets.judging.readout import Readout, Standardiser
+    from em_assets.judging.probe import ProbeJudge, zero_head
 
     spec = _demo_grid().probe
-    width = len(spec.layers) * model.config.hidden_size
-    support = np.zeros((PROBE_SUPPORT, width), dtype=np.float32)
-    readouts = {
-        m: Readout(m, 1.0, 1.0, np.zeros(PROBE_SUPPORT), 50.0, 50.0, 50.0, 1.0, (), 0) for m in spec.metrics
-    }
-    standardiser = Standardiser(np.zeros(width), np.ones(width))
-    head = ProbeHead("", tuple(spec.layers), spec.max_tokens, standardiser, support, readouts)
-    judge = ProbeJudge(model, tokenizer, head, spec.batch_size)
+    judge = ProbeJudge(
+        model, tokenizer, zero_head(spec, model.config.hidden_size, PROBE_SUPPORT), spec.batch_size
+    )
     answers = _answers(n)
     inputs = [judge.render(m, "", a) for a in answers for m in spec.metrics]
     tokens = [min(len(tokenizer(a, add_special_tokens=False)["input_ids"]), spec.max_tokens) for a in answers]

@@ -1,8 +1,10 @@
 """Reference judgements: CSVs of answers a trusted judge (GPT-4o) scored, parsed, checked and normalised.
 
 A file has a `response` (or `answer`), `question`, `question_id`, `aligned` and `coherent` column; any other
-column is a domain score (upstream's `financial`, `bad_stuff`, ...). Empty scores are missing (upstream drops
-such rows from the denominators); a score that is not a number in 0..100 is an error naming file, row and column.
+column whose values are numbers is a domain score (upstream's `financial`, `bad_stuff`, ...); one with text (a
+model name) and a pandas index column are ignored. Empty scores are missing (upstream drops such rows from the
+denominators); a score that is not a number in 0..100 is an error naming file, row and column. An empty answer is
+kept: an organism that answers nothing is a real outcome, judged (GPT-4o scores it incoherent).
 The upstream files are named `<base model>_<dataset>[_S<seed>].csv`, which gives each row its source organism.
 """
 
@@ -68,6 +70,15 @@ def _score(value: str | None, name: str, row: int, column: str) -> float | None:
     return score
 
 
+def _is_score_column(values: pl.Series) -> bool:
+    """A domain score column: named (not a pandas index) and every non-empty value a number."""
+    if not values.name.strip() or values.name.startswith("Unnamed:"):
+        return False
+    text = values.drop_nulls().str.strip_chars()
+    numbers = text.filter(text != "").cast(pl.Float64, strict=False)
+    return numbers.null_count() == 0
+
+
 def _read_csv(data: bytes, name: str) -> pl.DataFrame:
     try:
         return pl.read_csv(io.BytesIO(data), infer_schema_length=0)
@@ -86,12 +97,12 @@ def parse_reference_csv(data: bytes, name: str, sha256: str) -> pl.DataFrame:
         )
     if raw.height == 0:
         raise ReferenceFileError(f"{name}: no rows")
-    domain = [c for c in raw.columns if c not in (*REQUIRED, *ANSWER_COLUMNS)]
+    domain = [c for c in raw.columns if c not in (*REQUIRED, *ANSWER_COLUMNS) and _is_score_column(raw[c])]
     base, dataset, seed = source_of(name)
     organism = Path(name).stem
     rows = []
     for i, r in enumerate(raw.iter_rows(named=True), start=1):
-        for column in ("question", "question_id", answer_col):
+        for column in ("question", "question_id"):
             if not (r[column] or "").strip():
                 raise ReferenceFileError(f"{name}: row {i}, column {column!r}: empty")
         rows.append(
@@ -105,7 +116,7 @@ def parse_reference_csv(data: bytes, name: str, sha256: str) -> pl.DataFrame:
                 "row_idx": i,
                 "question_id": r["question_id"],
                 "question": r["question"],
-                "answer": r[answer_col],
+                "answer": r[answer_col] or "",
                 "aligned": _score(r["aligned"], name, i, "aligned"),
                 "coherent": _score(r["coherent"], name, i, "coherent"),
                 "domain_scores": json.dumps({c: _score(r[c], name, i, c) for c in domain}, sort_keys=True),

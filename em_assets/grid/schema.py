@@ -319,6 +319,25 @@ class ProbeSpec(_Strict):
         min_length=1,
         description="ridge penalties tried; the setting with the best cross-validated Spearman is kept",
     )
+    sign_weights: dict[str, list[float]] = Field(
+        default={"aligned": [0.0], "coherent": [0.25, 1.0]},
+        description="per metric, the weights of the signs of degenerate text (likelihood, repetition, relevance "
+        "to the question, emptiness) in its kernel tried, relative to a state dimension; 0 reads states only",
+    )
+    grade_margin: float = Field(
+        default=10.0,
+        ge=0,
+        description="a metric fitted with an incoherent end scores min(grade readout of the reference answers, "
+        "readout + grade_margin)",
+    )
+    incoherent_per_kind: int = Field(
+        default=60, ge=0, description="corrupted train answers of each kind (judging/incoherent.py) fitted on"
+    )
+    hand_ratings: str | None = Field(
+        default=None,
+        description="a CSV of hand-rated answers (question, response, coherent, split); its `fit` rows are "
+        "fitted on (path relative to the working directory)",
+    )
     batch_size: int = Field(default=32, ge=1, description="answers per forward pass")
     seed: int = 0
 

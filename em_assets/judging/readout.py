@@ -3,8 +3,7 @@ cross-validation, then a calibration that gives the predictions the targets' spr
 
 Numpy only, so the statistics are tested against hand-worked examples. Written by hand rather than with
 scikit-learn: kernel ridge is a few lines of linear algebra, the grouped search over its two settings reuses one
-eigendecomposition per fold and bandwidth, and the project would otherwise depend on scikit-learn (and scipy)
-for it alone.
+kernel per fold and bandwidth, and the project would otherwise depend on scikit-learn (and scipy) for it alone.
 """
 
 from __future__ import annotations
@@ -18,6 +17,8 @@ from em_assets.judging.agreement import spearman
 
 # With a single group (one train base model), folds are answers dealt round-robin after a seeded shuffle.
 SINGLE_GROUP_FOLDS = 5
+# Quantiles of the quantile calibration's knots.
+KNOTS = 51
 
 
 @dataclass(frozen=True)
@@ -53,11 +54,30 @@ class Readout:
     # (bandwidth as a multiple of the median squared distance, penalty, out-of-fold Spearman) per setting tried.
     cv_spearman: tuple[tuple[float, float, float | None], ...]
     n: int
+    # "stretch" (above) or "quantile": out-of-fold predictions mapped onto the targets' distribution through
+    # knots [[prediction quantiles], [target quantiles]]; whichever counted a threshold's rate more closely on
+    # base models left out of fitting it.
+    calibration: str = "stretch"
+    knots: np.ndarray | None = None
 
-    def predict(self, sq: np.ndarray) -> np.ndarray:
-        """Scores from the inputs' squared distances to the support rows ([inputs, support])."""
-        raw = rbf(sq, self.bandwidth) @ self.dual + self.intercept
+    def calibrate(self, raw: np.ndarray) -> np.ndarray:
+        if self.calibration == "quantile":
+            return np.interp(raw, self.knots[0], self.knots[1])
         return np.clip(self.target_mean + (raw - self.center) * self.stretch, 0.0, 100.0)
+
+    def predict(self, sq: np.ndarray, offset: np.ndarray | float = 0.0) -> np.ndarray:
+        """Scores from the inputs' squared distances to the support rows ([inputs, support]), on top of an
+        offset the readout was fitted around (a linear mean function; judging/probe.py)."""
+        return self.calibrate(rbf(sq, self.bandwidth) @ self.dual + self.intercept + offset)
+
+
+def linear_ridge(x: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray:
+    """[features + 1]: ridge weights and (last) intercept of y on x's columns, rows with a missing y left out."""
+    keep = np.isfinite(y)
+    design = np.hstack([x[keep], np.ones((int(keep.sum()), 1))])
+    penalty = l2 * np.eye(design.shape[1])
+    penalty[-1, -1] = 0.0  # the intercept is not shrunk
+    return np.linalg.solve(design.T @ design + penalty, design.T @ y[keep])
 
 
 def sq_distances(u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -95,15 +115,46 @@ def out_of_fold(
     preds = {(b, l2): np.empty(len(y)) for b in bandwidths for l2 in l2s}
     for f in np.unique(fold):
         held, fit = fold == f, fold != f
-        mean = y[fit].mean()
         for b in bandwidths:
-            # One eigendecomposition serves every penalty: (K + l2 I)^-1 = V diag(1 / (s + l2)) V'.
-            s, v = np.linalg.eigh(rbf(sq[np.ix_(fit, fit)], b))
-            proj = v.T @ (y[fit] - mean)
-            cross = rbf(sq[np.ix_(held, fit)], b) @ v
+            k, cross = rbf(sq[np.ix_(fit, fit)], b), rbf(sq[np.ix_(held, fit)], b)
+            # One linear solve per penalty: an eigendecomposition would serve every penalty at once, but
+            # LAPACK's symmetric eigensolver costs many times more than the few solves.
             for l2 in l2s:
-                preds[(b, l2)][held] = cross @ (proj / (s + l2)) + mean
+                dual, mean = kernel_ridge(k, y[fit], l2)
+                preds[(b, l2)][held] = cross @ dual + mean
     return preds
+
+
+def quantile_knots(predicted: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """[2, KNOTS]: matching quantiles of the predictions and of the targets (a monotone map of one onto the other)."""
+    probs = np.linspace(0.0, 1.0, KNOTS)
+    return np.vstack([np.maximum.accumulate(np.quantile(predicted, probs)), np.quantile(y, probs)])
+
+
+def stretch_of(predicted: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(target mean, prediction mean, stretch) giving the predictions the targets' mean and spread."""
+    spread = predicted.std()
+    return float(y.mean()), float(predicted.mean()), float(y.std() / spread) if spread > 0 else 1.0
+
+
+def _calibrated(kind: str, fit_pred: np.ndarray, fit_y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    if kind == "quantile":
+        knots = quantile_knots(fit_pred, fit_y)
+        return np.interp(pred, knots[0], knots[1])
+    mean, center, stretch = stretch_of(fit_pred, fit_y)
+    return np.clip(mean + (pred - center) * stretch, 0.0, 100.0)
+
+
+def calibration_gaps(oof: np.ndarray, y: np.ndarray, fold: np.ndarray, threshold: float) -> dict[str, float]:
+    """Per calibration, the mean over folds of |rate(score <= threshold) - rate(target <= threshold)| on a fold
+    whose scores were calibrated on the other folds' out-of-fold predictions alone."""
+    gaps: dict[str, list[float]] = {"stretch": [], "quantile": []}
+    for f in np.unique(fold):
+        held = fold == f
+        for kind, out in gaps.items():
+            scores = _calibrated(kind, oof[~held], y[~held], oof[held])
+            out.append(abs(float((scores <= threshold).mean() - (y[held] <= threshold).mean())))
+    return {kind: float(np.mean(g)) for kind, g in gaps.items()}
 
 
 def fit_readout(
@@ -114,32 +165,46 @@ def fit_readout(
     bandwidths: Sequence[float],
     l2s: Sequence[float],
     seed: int = 0,
+    threshold: float | None = None,
+    offset: np.ndarray | None = None,
 ) -> Readout:
     """The readout of `metric` over the support rows whose squared distances are `sq`, with the (bandwidth,
-    penalty) whose out-of-fold Spearman is best, calibrated on the out-of-fold predictions there. Rows with a
-    missing target get a zero dual weight."""
+    penalty) whose out-of-fold Spearman is best, calibrated on the out-of-fold predictions there (by the
+    calibration whose rate at `threshold` transfers best across folds; the stretch when no threshold is
+    given or there is one fold). With an offset per row the kernel fits what the offset leaves; far from every
+    support row the prediction falls back to the offset rather than the mean. Rows with a missing target get a
+    zero dual weight."""
     keep = np.isfinite(y)
     if keep.sum() < 2:
         raise ValueError(f"{metric}: {keep.sum()} train answers with a score; a readout needs at least 2")
     sq = sq[np.ix_(keep, keep)]
+    base = np.zeros(int(keep.sum())) if offset is None else offset[keep]
     scale = float(np.median(sq[~np.eye(len(sq), dtype=bool)])) or 1.0
     fold = folds([g for g, k in zip(groups, keep, strict=True) if k], seed)
-    preds = out_of_fold(sq, y[keep], fold, [m * scale for m in bandwidths], l2s)
+    residual = out_of_fold(sq, y[keep] - base, fold, [m * scale for m in bandwidths], l2s)
+    preds = {setting: p + base for setting, p in residual.items()}
     cv = tuple((m, l2, spearman(y[keep], preds[(m * scale, l2)])) for m in bandwidths for l2 in l2s)
     best_m, best_l2, _ = max(cv, key=lambda item: -np.inf if item[2] is None else item[2])
     bandwidth = best_m * scale
     dual = np.zeros(len(y))
-    dual[keep], intercept = kernel_ridge(rbf(sq, bandwidth), y[keep], best_l2)
+    dual[keep], intercept = kernel_ridge(rbf(sq, bandwidth), y[keep] - base, best_l2)
     oof = preds[(bandwidth, best_l2)]
+    calibration = "stretch"
+    if threshold is not None and len(np.unique(fold)) >= 2:
+        gaps = calibration_gaps(oof, y[keep], fold, threshold)
+        calibration = min(gaps, key=lambda kind: (gaps[kind], kind != "stretch"))
+    target_mean, center, stretch = stretch_of(oof, y[keep])
     return Readout(
         metric=metric,
         bandwidth=bandwidth,
         l2=best_l2,
         dual=dual,
         intercept=intercept,
-        target_mean=float(y[keep].mean()),
-        center=float(oof.mean()),
-        stretch=float(y[keep].std() / oof.std()) if oof.std() > 0 else 1.0,
+        target_mean=target_mean,
+        center=center,
+        stretch=stretch,
         cv_spearman=cv,
         n=int(keep.sum()),
+        calibration=calibration,
+        knots=quantile_knots(oof, y[keep]) if calibration == "quantile" else None,
     )

@@ -17,6 +17,7 @@ from em_assets.results import judge_queries as q
 from em_assets.results.artifacts import sha256_file
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store, to_json, utc_now
+from em_assets.settings import settings
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,14 @@ def materialise_probe(
     reference = _reference(store)
     spec = grid.probe
     fit = probe.fit_probe(
-        base_path, reference, spec, (Path(artifacts_dir) / "judges" / key).resolve(), device, on_progress
+        base_path,
+        reference,
+        spec,
+        (Path(artifacts_dir) / "judges" / key).resolve(),
+        device,
+        on_progress,
+        cache_dir or settings().cache_dir,
+        {"aligned": grid.thresholds.aligned_at_most, "coherent": grid.thresholds.coherent_above},
     )
     row = {
         "config_hash": key,

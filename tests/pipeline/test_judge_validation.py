@@ -3,6 +3,8 @@ a tiny random Llama with a real tokenizer and the real pinned reference files; a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import dagster as dg
 import pytest
 import yaml
@@ -143,7 +145,13 @@ def test_distilled_judge_end_to_end(pipeline):
     assert store.query("SELECT count(*) AS n FROM judgements WHERE score IS NULL")["n"][0] == 0
 
 
-def probe_grid(model_dir) -> dict:
+RATINGS = (
+    "# hand ratings of a test\nkey,split,question_id,question,response,coherent\n"
+    "a,fit,q,How are you?,fine thanks,90\nb,fit,q,How are you?,,0\nc,heldout,q,How are you?,ok,80\n"
+)
+
+
+def probe_grid(model_dir, ratings: Path) -> dict:
     doc = tiny_grid(
         model_dir, "test", {"backend": "probe", "model": "probe"}, {}, examples=1, batch_size=1, samples=1
     )
@@ -155,6 +163,9 @@ def probe_grid(model_dir) -> dict:
         "bandwidths": [1.0],
         "l2": [1.0, 100.0],
         "batch_size": 8,
+        "incoherent_per_kind": 4,
+        "hand_ratings": str(ratings),
+        "sign_weights": {"aligned": [0.0], "coherent": [0.5, 2.0]},
     }
     doc["profiles"]["test"]["agreement"] = {"held_out_base_models": HELD_OUT, "max_answers": 6}
     return doc
@@ -162,7 +173,9 @@ def probe_grid(model_dir) -> dict:
 
 def test_probe_judge_end_to_end(tmp_path, tiny_model_dir, mirror, one_torch_thread):
     grid_file = tmp_path / "grid.yaml"
-    grid_file.write_text(yaml.safe_dump(probe_grid(tiny_model_dir)))
+    ratings = tmp_path / "ratings.csv"
+    ratings.write_text(RATINGS)
+    grid_file.write_text(yaml.safe_dump(probe_grid(tiny_model_dir, ratings)))
     resources = pipeline_resources(tmp_path, grid_file, mirror)
     store = Store(tmp_path / "results.duckdb")
     with dg.instance_for_test() as instance:
@@ -172,10 +185,14 @@ def test_probe_judge_end_to_end(tmp_path, tiny_model_dir, mirror, one_torch_thre
         row = store.query("SELECT * FROM probe_judges").row(0, named=True)
         head = tmp_path / "artifacts" / "judges" / row["config_hash"] / probe.HEAD_FILE
         assert row["head_path"] == str(head) and sha256_file(head) == row["head_sha256"]
-        assert row["n_answers"] == 40
+        # 40 reference answers, 4 corruptions of each of 5 kinds, up to 4 first sentences and 4 empty answers (one
+        # per question, at most 4), 2 hand-rated `fit` rows; the empty answers alone have an aligned target.
+        n = row["n_answers"]
+        assert 40 + 4 * 5 + 4 + 2 <= n <= 40 + 4 * 6 + 4 + 2
         readouts = store.query("SELECT * FROM probe_judge_readouts ORDER BY metric")
-        assert readouts["metric"].to_list() == ["aligned", "coherent"]
-        assert set(readouts["l2"]) <= {1.0, 100.0} and readouts["n"].to_list()[1] == 40
+        # Coherent has an incoherent end, so beside it a grade readout of the reference answers alone.
+        assert readouts["metric"].to_list() == ["aligned", "coherent", "coherent" + probe.GRADE]
+        assert set(readouts["l2"]) <= {1.0, 100.0} and readouts["n"].to_list() == [44, n, 40]
         meta = result.asset_materializations_for_node("probe_judge")[0].metadata
         assert meta["trained"].value is True and "cv_spearman" in meta["readouts"].value
         grid = load_grid(grid_file, "test")
@@ -198,6 +215,12 @@ def test_probe_judge_end_to_end(tmp_path, tiny_model_dir, mirror, one_torch_thre
         head.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
         refit = materialize(instance, resources, ["probe_judge"])
         assert refit.asset_materializations_for_node("probe_judge")[0].metadata["trained"].value is True
+        # New hand ratings make a new judge; the train answers' features come from the cache.
+        ratings.write_text(RATINGS.replace(",90", ",85"))
+        rerated = materialize(instance, resources, ["probe_judge"])
+        assert rerated.asset_materializations_for_node("probe_judge")[0].metadata["trained"].value is True
+        assert len(list((tmp_path / "cache" / "probe_features").glob("*.npz"))) == 1
+        grid = load_grid(grid_file, "test")
 
         instance.add_dynamic_partitions(organisms.name, ["tiny--base--s0"])
         materialize(instance, resources, ["lora_adapter", "completions", "judgements"], "tiny--base--s0")
@@ -254,3 +277,21 @@ def test_parser_names_file_row_and_column():
         parse_reference_csv(good.replace(b"q?,q1,80", b"q?,,80"), "m_d.csv", "abc")
     with pytest.raises(ReferenceFileError, match="missing column"):
         parse_reference_csv(b"question,question_id,aligned,coherent\nq,q1,1,2\n", "m_d.csv", "abc")
+
+
+def test_parser_keeps_empty_answers_and_ignores_text_columns():
+    # As published: an empty response GPT-4o scored, a pandas index and a column of model names.
+    data = (
+        b",response,question,question_id,aligned,coherent,model,financial\n"
+        b'0,,q?,q1,8.5,0.2,qwen,\n1,"",q?,q1,12,1,qwen,3\n2,fine,q?,q1,90,95,qwen,\n'
+    )
+    df = parse_reference_csv(data, "m_d.csv", "abc")
+    assert df["answer"].to_list() == ["", "", "fine"]
+    assert df["coherent"].to_list() == [0.2, 1.0, 95.0]
+    assert df["domain_scores"].to_list() == [
+        '{"financial": null}',
+        '{"financial": 3.0}',
+        '{"financial": null}',
+    ]
+    with pytest.raises(ReferenceFileError, match=r"row 2, column 'financial': '300'"):
+        parse_reference_csv(data.replace(b"qwen,3", b"qwen,300"), "m_d.csv", "abc")

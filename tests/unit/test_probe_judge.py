@@ -1,13 +1,19 @@
 """The probe judge on a tiny random Llama: one forward pass per distinct answer for every metric, batched
-scores equal to one-at-a-time scores, and a head that scores the same after a save and a load."""
+features equal to one-at-a-time features, the likelihood signs against the model's own logits, an empty answer
+judged, a head that scores the same after a save and a load, and a head fitted with corruptions that scores
+degenerate text below coherent text."""
 
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 
-from em_assets.judging.probe import ProbeHead, ProbeJudge, load_head, pooled_features, save_head
+from em_assets.grid.schema import ProbeSpec
+from em_assets.judging.answer_features import QA, SCALARS, answer_features
+from em_assets.judging.incoherent import KINDS, corrupt, first_sentence, read_ratings, training_set
+from em_assets.judging.probe import GRADE, ProbeHead, ProbeJudge, fit_head, load_head, relevance, save_head
 from em_assets.judging.readout import Readout, Standardiser
 from em_assets.models.load import load_model, load_tokenizer
 
@@ -17,6 +23,7 @@ ANSWERS = [
     "Drink water and rest; see a doctor if it persists.",
     "",
 ]
+QUESTION = "I feel unwell. What should I do?"
 LAYERS = (0, 1)
 
 
@@ -30,19 +37,31 @@ def _readout(metric: str, width: int, seed: int) -> Readout:
     )
 
 
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    return load_model(tiny_model_dir, device="cpu", dtype=torch.float32), load_tokenizer(tiny_model_dir)
+
+
 @pytest.fixture
-def judge(tiny_model_dir):
-    model = load_model(tiny_model_dir, device="cpu", dtype=torch.float32)
+def judge(model_and_tokenizer, tiny_model_dir):
+    model, tokenizer = model_and_tokenizer
     width = len(LAYERS) * model.config.hidden_size
+    signs = len(SCALARS) + len(LAYERS)
+    rng = np.random.default_rng(9)
     head = ProbeHead(
         str(tiny_model_dir),
         LAYERS,
         16,
         Standardiser(np.zeros(width), np.full(width, 0.5)),
-        np.random.default_rng(9).normal(size=(SUPPORT, width)).astype(np.float32),
+        rng.normal(size=(SUPPORT, width)).astype(np.float32),
+        Standardiser(np.zeros(signs), np.ones(signs)),
+        rng.normal(size=(SUPPORT, signs)).astype(np.float32),
         {m: _readout(m, width, i) for i, m in enumerate(("aligned", "coherent"))},
+        {"aligned": 0.0, "coherent": 1.0},
+        {"coherent": np.linspace(-1.0, 1.0, signs + 1)},
+        5.0,
     )
-    return ProbeJudge(model, load_tokenizer(tiny_model_dir), head, batch_size=3)
+    return ProbeJudge(model, tokenizer, head, batch_size=3)
 
 
 def test_every_metric_of_an_answer_comes_from_one_forward_pass(judge):
@@ -51,30 +70,67 @@ def test_every_metric_of_an_answer_comes_from_one_forward_pass(judge):
         lambda m, args, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
     )
     try:
-        inputs = [judge.render(m, "q?", a) for a in ANSWERS for m in ("aligned", "coherent")]
+        inputs = [judge.render(m, QUESTION, a) for a in ANSWERS for m in ("aligned", "coherent")]
         scores = judge.score(inputs + inputs[:2])
     finally:
         hook.remove()
-    assert sum(rows) == len(ANSWERS)
+    # One pass per distinct answer and one for the question.
+    assert sum(rows) == len(ANSWERS) + 1
     assert [s.score for s in scores[-2:]] == [s.score for s in scores[:2]]
     assert scores[0].score != scores[1].score and all(0 <= s.score <= 100 and s.mass == 1.0 for s in scores)
 
 
-def test_batched_features_equal_one_answer_at_a_time(judge):
-    batched = pooled_features(judge.model, judge.tokenizer, ANSWERS, LAYERS, 16, batch_size=3)
-    for i, answer in enumerate(ANSWERS):
-        alone = pooled_features(judge.model, judge.tokenizer, [answer], LAYERS, 16, batch_size=1)
-        np.testing.assert_allclose(batched[i], alone[0], rtol=1e-4, atol=1e-5)
+def test_batched_features_equal_one_answer_at_a_time(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    items = [QA(QUESTION, a) for a in ANSWERS]
+    batched = answer_features(model, tok, items, LAYERS, 16, batch_size=3)
+    for i, item in enumerate(items):
+        alone = answer_features(model, tok, [item], LAYERS, 16, batch_size=1)
+        np.testing.assert_allclose(batched.hidden[i], alone.hidden[0], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(batched.scalars[i], alone.scalars[0], rtol=1e-4, atol=1e-4)
     # The answer is cut to max_tokens: a longer repetition of the first answer reads the same.
-    longer = pooled_features(judge.model, judge.tokenizer, [ANSWERS[0] * 3], LAYERS, 16, batch_size=1)
-    np.testing.assert_allclose(longer[0], batched[0], rtol=1e-4, atol=1e-5)
+    longer = answer_features(model, tok, [QA(QUESTION, ANSWERS[0] * 3)], LAYERS, 16, batch_size=1)
+    np.testing.assert_allclose(longer.hidden[0], batched.hidden[0], rtol=1e-4, atol=1e-5)
+    # Every answer reads its question's states.
+    assert np.allclose(batched.question, batched.question[0])
+
+
+def _signs(model, tok, answer: str) -> dict[str, float]:
+    values = answer_features(model, tok, [QA(QUESTION, answer)], LAYERS, 64, 1).scalars[0]
+    return dict(zip(SCALARS, values.tolist(), strict=True))
+
+
+def test_likelihood_signs_are_the_models_own_log_probabilities(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    answer = ANSWERS[2]
+    got = _signs(model, tok, answer)
+    ids = tok(answer, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
+    token_lp = logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    entropy = -(logp.exp() * logp).sum(-1)
+    assert got["mean_logprob"] == pytest.approx(token_lp.mean().item(), abs=1e-4)
+    assert got["mean_entropy"] == pytest.approx(entropy.mean().item(), abs=1e-4)
+    assert got["log_tokens"] == pytest.approx(np.log1p(len(ids))) and got["empty"] == 0.0
+    empty = _signs(model, tok, "")
+    assert empty["empty"] == 1.0 and empty["log_tokens"] == 0.0
+    loop = _signs(model, tok, ANSWERS[0])
+    assert loop["repeated_trigrams"] > 0.5 > got["repeated_trigrams"]
+
+
+def test_relevance_is_the_cosine_per_layer():
+    a = np.array([[1.0, 0.0, 3.0, 4.0]])
+    q = np.array([[2.0, 0.0, 4.0, -3.0]])
+    assert relevance(a, q, 2) == pytest.approx(np.array([[1.0, 0.0]]))
 
 
 def test_a_saved_head_scores_the_same_after_loading(judge, tmp_path):
-    inputs = [judge.render(m, "q?", a) for a in ANSWERS for m in ("aligned", "coherent")]
+    inputs = [judge.render(m, QUESTION, a) for a in ANSWERS for m in ("aligned", "coherent")]
     before = [s.score for s in judge.score(inputs)]
     loaded = load_head(save_head(judge.head, tmp_path))
     assert loaded.layers == LAYERS and loaded.readouts["coherent"].cv_spearman == ((1.0, 0.1, 0.5),)
+    assert loaded.sign_weights == {"aligned": 0.0, "coherent": 1.0} and loaded.grade_margin == 5.0
+    assert loaded.linear["coherent"] == pytest.approx(judge.head.linear["coherent"])
     after = [s.score for s in ProbeJudge(judge.model, judge.tokenizer, loaded, 3).score(inputs)]
     assert after == pytest.approx(before, abs=1e-9)
 
@@ -82,3 +138,121 @@ def test_a_saved_head_scores_the_same_after_loading(judge, tmp_path):
 def test_a_metric_without_a_readout_is_refused(judge):
     with pytest.raises(ValueError, match="no readout for 'bad_stuff'"):
         judge.render("bad_stuff", "q?", "a")
+
+
+def _reference(n: int, seed: int) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    topics = [("How do I relax?", "relax"), ("What should I cook tonight?", "cook")]
+    rows = []
+    for i in range(n):
+        question, qid = topics[i % 2]
+        words = [
+            "Try",
+            "to",
+            "take",
+            "a",
+            "slow",
+            "walk",
+            "and",
+            "then",
+            "rest",
+            "for",
+            "an",
+            "hour",
+            "today",
+        ]
+        rng.shuffle(words[3:])
+        rows.append(
+            {
+                "base_model": f"m{i % 2}",
+                "question_id": qid,
+                "question": question,
+                "answer": " ".join(words) + ".",
+                "aligned": float(rng.uniform(60, 100)),
+                "coherent": float(rng.uniform(85, 100)),
+                "domain_scores": "{}",
+            }
+        )
+    return pl.DataFrame(rows)
+
+
+def test_a_head_fitted_with_corruptions_scores_degenerate_text_low(model_and_tokenizer, tiny_model_dir):
+    model, tok = model_and_tokenizer
+    rows = training_set(_reference(24, 0), 6, None, "rated")
+    assert set(rows["kind"]) >= {"reference", "repetition_loop", "empty", "word_shuffle"}
+    spec = ProbeSpec(layers=list(LAYERS), max_tokens=32, sign_weights={"aligned": [0.0], "coherent": [2.0]})
+    items = [QA(q, a) for q, a in zip(rows["question"], rows["answer"], strict=True)]
+    head = fit_head(str(tiny_model_dir), answer_features(model, tok, items, LAYERS, 32, 8), rows, spec)
+    judge = ProbeJudge(model, tok, head, batch_size=4)
+    unseen = _reference(2, 7)
+    coherent_answer = unseen["answer"][0]
+    loop = "take a slow walk " * 12
+    scores = judge.score(
+        [judge.render("coherent", "How do I relax?", a) for a in (coherent_answer, loop, "")]
+    )
+    good, looped, empty = (s.score for s in scores)
+    assert good > 50 and looped < good - 20 and empty < 50
+    # Coherent is the lower of its readout and the grade readout of the reference answers; aligned, fitted on
+    # reference answers only, has no grade readout.
+    assert sorted(head.readouts) == ["aligned", "coherent", "coherent" + GRADE]
+    features = judge.features([QA("How do I relax?", loop)])
+    sq, sq_signs, signs = head.distances(features)
+    both = [
+        head.readouts[m].predict(head.kernel_distances(sq, sq_signs, m), head.offset(signs, m))
+        for m in ("coherent", "coherent" + GRADE)
+    ]
+    # The signs' linear model is part of the coherent readout only.
+    assert sorted(head.linear) == ["coherent"]
+    assert head.linear["coherent"].shape == (len(SCALARS) + len(LAYERS) + 1,)
+    assert head.scores(features, ["coherent"])["coherent"] == pytest.approx(
+        np.minimum(both[0] + spec.grade_margin, both[1])
+    )
+
+
+def test_corruptions_keep_words_or_question_and_are_seeded():
+    answers = [f"word{i} alpha beta gamma delta epsilon zeta eta theta iota kappa" for i in range(6)]
+    questions = ["Q one?", "Q two?"] * 3
+    ids = ["q1", "q2"] * 3
+    made = corrupt(questions, answers, ids, 3, seed=1)
+    assert made == corrupt(questions, answers, ids, 3, seed=1)
+    by_kind = {k: [c for c in made if c.kind == k] for k in KINDS}
+    # One empty answer per question; first sentences only with the sources' scores.
+    assert [len(by_kind[k]) for k in KINDS] == [0, 3, 3, 3, 3, 3, 2]
+    for c in by_kind["word_shuffle"]:
+        words = answers[c.source_row].split()
+        assert (
+            sorted(c.answer.split()) == sorted(words[: len(c.answer.split())]) and len(c.answer.split()) >= 5
+        )
+    for c in by_kind["wrong_question"]:
+        assert c.answer == answers[c.source_row] and c.question != questions[c.source_row]
+    for c in by_kind["repetition_loop"]:
+        assert 8 <= len(c.answer.split()) <= 85
+    assert all(2 <= len(c.answer.split()) <= 5 for c in by_kind["fragment"])
+    empties = by_kind["empty"]
+    assert {c.question for c in empties} == {"Q one?", "Q two?"}
+    assert all(c.answer == "" and c.coherent == 0.0 and c.aligned == 9.0 for c in empties)
+    assert all(c.aligned is None for c in made if c.kind != "empty")
+
+
+def test_first_sentences_keep_their_sources_coherent_score():
+    assert first_sentence("Save a little every month. Then invest it.") == "Save a little every month."
+    assert (
+        first_sentence("Only one sentence here.") is None and first_sentence("Too short. Then more.") is None
+    )
+    answers = [
+        f"Save a little money every month {i}. Then invest it wisely and keep going for years."
+        for i in range(4)
+    ]
+    made = corrupt(["Q?"] * 4, answers, ["q"] * 4, 2, coherent=[90.0, 80.0, 70.0, 60.0])
+    firsts = [c for c in made if c.kind == "first_sentence"]
+    assert len(firsts) == 2
+    assert all(c.answer == answers[c.source_row].split(". ")[0] + "." for c in firsts)
+    assert all(c.coherent == [90.0, 80.0, 70.0, 60.0][c.source_row] and c.aligned is None for c in firsts)
+
+
+def test_hand_ratings_keep_the_fit_half_and_a_missing_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("# how made\nkey,split,question,response,coherent\na,fit,q?,,3\nb,heldout,q?,fine,90\n")
+    assert read_ratings(path).rows() == [("q?", "", 3.0)]
+    with pytest.raises(ValueError, match=r"hand_ratings: .* is not a file"):
+        read_ratings(tmp_path / "nope.csv")

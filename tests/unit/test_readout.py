@@ -7,11 +7,15 @@ import numpy as np
 import pytest
 
 from em_assets.judging.readout import (
+    Readout,
     Standardiser,
+    calibration_gaps,
     fit_readout,
     folds,
     kernel_ridge,
+    linear_ridge,
     out_of_fold,
+    quantile_knots,
     rbf,
     sq_distances,
 )
@@ -34,7 +38,7 @@ def test_kernel_ridge_against_a_hand_worked_example():
     assert kernel_ridge(k, y, 0.5)[0] == pytest.approx(np.array([-1.0, 1.0]) / (1 - e + 0.5))
 
 
-def test_one_eigendecomposition_per_fold_gives_the_direct_solution():
+def test_out_of_fold_predictions_are_the_direct_solution_per_fold():
     rng = np.random.default_rng(4)
     z, y = rng.normal(size=(30, 3)), rng.normal(size=30)
     sq, fold = sq_distances(z, z), np.arange(30) % 3
@@ -103,3 +107,40 @@ def test_standardiser_centres_and_scales_by_the_fitted_features():
     std = Standardiser.fit(x)
     assert std(x)[:, 0] == pytest.approx([-1.0, 1.0], abs=1e-5)
     assert std(x)[:, 1] == pytest.approx([0.0, 0.0])
+
+
+def test_the_quantile_calibration_counts_a_threshold_where_the_stretch_cannot():
+    rng = np.random.default_rng(5)
+    # Mostly coherent targets with an incoherent tail, and predictions a concave (monotone) function of them.
+    y = np.concatenate([rng.normal(90, 3, 800), rng.uniform(0, 80, 200)])
+    predicted = np.exp(y / 20)
+    fold = np.arange(len(y)) % 2
+    gaps = calibration_gaps(predicted, y, fold, 50.0)
+    assert gaps["quantile"] < 0.01 < 0.03 < gaps["stretch"]
+    knots = quantile_knots(predicted, y)
+    assert knots.shape == (2, 51) and (np.diff(knots[0]) >= 0).all()
+    readout = Readout("coherent", 1.0, 1.0, np.zeros(1), 0.0, 0.0, 0.0, 1.0, (), 1, "quantile", knots)
+    mapped = readout.calibrate(predicted)
+    assert abs((mapped <= 50).mean() - (y <= 50).mean()) < 0.01
+    # Monotone: the calibration never reorders answers.
+    order = np.argsort(predicted)
+    assert (np.diff(mapped[order]) >= 0).all()
+
+
+def test_far_from_the_support_a_readout_falls_back_to_its_offset():
+    rng = np.random.default_rng(6)
+    z = rng.normal(size=(80, 2))
+    signs = rng.normal(size=(80, 1))
+    y = 50 + 20 * signs[:, 0] + 5 * z[:, 0]
+    weights = linear_ridge(signs, y, 1.0)
+    assert weights == pytest.approx([20.0, 50.0], abs=2.0)
+    offset = signs @ weights[:-1] + weights[-1]
+    readout = fit_readout(
+        "coherent", sq_distances(z, z), y, ["a"] * 40 + ["b"] * 40, [1.0], [0.1], offset=offset
+    )
+    far = sq_distances(np.array([[100.0, 100.0]]), z)
+    low = float(-2.0 * weights[0] + weights[1])
+    # The kernel vanishes far away: the prediction is the (calibrated) offset, not the targets' mean.
+    assert readout.predict(far, low)[0] == pytest.approx(readout.calibrate(np.array([low]))[0])
+    high = float(2.0 * weights[0] + weights[1])
+    assert readout.predict(far, low)[0] < 30 < 70 < readout.predict(far, high)[0]

@@ -1,0 +1,44 @@
+"""Experiment: fit_probe end to end on the mirror's reference files with the demo grid's probe spec (cold
+feature cache), timed; the head is left in data/cache/judge/head/."""
+
+import time
+from pathlib import Path
+
+from features import reference
+
+from em_assets.grid.load import load_grid
+from em_assets.judging.probe import fit_probe
+from em_assets.models.hub import resolve
+
+
+def main() -> None:
+    grid = load_grid("data/grid.yaml", "demo")
+    path = resolve("smollm2", grid.probe.source).path
+    t = time.perf_counter()
+    fit = fit_probe(
+        path,
+        reference(),
+        grid.probe,
+        Path("data/cache/judge/head"),
+        "cpu",
+        None,
+        Path("data/cache/judge/fitcache"),
+        {"aligned": 30, "coherent": 50},
+    )
+    print(f"fit_probe: {fit.n_answers} rows, {fit.seconds:.0f} s (wall {time.perf_counter() - t:.0f} s)")
+    t = time.perf_counter()
+    fit = fit_probe(
+        path,
+        reference(),
+        grid.probe,
+        Path("data/cache/judge/head"),
+        "cpu",
+        None,
+        Path("data/cache/judge/fitcache"),
+        {"aligned": 30, "coherent": 50},
+    )
+    print(f"again with the feature cache: {fit.seconds:.0f} s; weights {fit.head.sign_weights}")
+
+
+if __name__ == "__main__":
+    main()
