@@ -77,7 +77,7 @@ def _run_job(instance: DagsterInstance, job_name: str, key: str | None, console:
         # Dagster's in-process executor polls a blocked pool slot in a busy loop: wait here, asleep, instead.
         wait_for_pools(instance, say=say)
     run_id = str(uuid.uuid4())
-    progress = ProgressConsole(console, key or "")
+    progress = ProgressConsole(console, key or job_name.removesuffix("_job"))
     instance.add_event_listener(run_id, progress)
     try:
         defs.resolve_job_def(job_name).execute_in_process(instance=instance, partition_key=key, run_id=run_id)
@@ -111,38 +111,51 @@ def _stop_on_sigterm() -> None:
 def _where_next(figures_dir: Path) -> list[str]:
     report = figures_dir / "answers.html"
     return [
-        "Where to look next:",
-        "  UI (assets, runs, metadata): make dev, then http://127.0.0.1:3000",
-        f"  figures: {figures_dir}/",
-        f"  answers browser: {report}" + ("" if report.exists() else " (not built)"),
-        '  SQL: em-assets sql "SELECT organism, method, judge_model, em_rate_turner FROM em_summary"',
-        '  where EM answers land: em-assets sql "SELECT organism, judge, domain, n_em, share FROM em_domain_share"',
+        f"Next: make dev (the UI on http://127.0.0.1:3000); figures in {figures_dir}/; answers browser "
+        f"{report}" + ("" if report.exists() else " (not built)"),
+        '  em-assets sql "SELECT * FROM em_summary" (also em_domain_share, persona_mixtures, em_transition, ...)',
     ]
 
 
-def _which_rows(summary: pl.DataFrame) -> list[str]:
-    """What the closing table's rows are: organisms trained here, and organisms brought in, by method."""
-    methods = set(summary["method"].drop_nulls()) if "method" in summary.columns else set()
-    lines = ["Rows:"]
-    if methods & {"control", "lora", "full"}:
-        lines.append(
-            "  control, lora: organisms this run trained and sampled on the demo's base model (a few steps: they "
-            "exercise training, sampling and the sweeps; their rates are a smoke test, not a finding)"
+def _interval(rate: pl.Expr, lo: pl.Expr, hi: pl.Expr) -> pl.Expr:
+    return pl.format("{} [{}, {}]", *(e.round(3) for e in (rate, lo, hi)))
+
+
+def closing_table(summary: pl.DataFrame) -> pl.DataFrame:
+    """One row per organism: the grid judge's EM rate, its correction for the judge's error, and, for imported
+    organisms, the rate under the scores their file carried."""
+    grid = summary.filter(pl.col("judge_source") == "grid")
+    files = summary.filter(pl.col("judge_source") == "file").select(
+        "organism", pl.col("em_rate_turner").round(3).alias("em_file")
+    )
+    return (
+        grid.join(files, on="organism", how="left")
+        .sort(pl.col("method").is_in(["adapter", "model", "answers"]), "organism")
+        .select(
+            "organism",
+            "method",
+            pl.col("kl_regularised").alias("kl"),
+            pl.col("n_answers").alias("n"),
+            _interval(pl.col("em_rate_turner"), pl.col("em_turner_lo"), pl.col("em_turner_hi")).alias(
+                "em [95% CI]"
+            ),
+            _interval(
+                pl.col("em_rate_corrected"), pl.col("em_corrected_lo"), pl.col("em_corrected_hi")
+            ).alias("em corrected"),
+            "em_file",
+            pl.col("coherence_rate").round(3).alias("coherent"),
         )
-    if methods & {"adapter", "model"}:
-        lines.append("  adapter, model: published organisms sampled here without training")
-    if "answers" in methods:
-        lines.append(
-            "  answers: published organisms' answers imported from files, one row per judge: the file's own "
-            "scores (e.g. 'gpt-4o (file)') beside the grid's judge on the same answers (a seeded sample where "
-            "the recipe sets max_answers)"
-        )
-    if len(lines) > 1:
-        lines.append(
-            "  em_corrected: the Turner rate corrected for the judge's measured error (the identity for GPT-4o; "
-            "null where unmeasured); see docs/em-rates.md"
-        )
-    return lines if len(lines) > 1 else []
+    )
+
+
+def _legend(summary: pl.DataFrame) -> list[str]:
+    """What the closing table's columns say, and which judge scored its rows."""
+    judges = sorted(set(summary.filter(pl.col("judge_source") == "grid")["judge_model"].drop_nulls()))
+    return [
+        f"EM (Turner) under the grid's judge ({', '.join(judges)}); em corrected: for that judge's measured error",
+        "(docs/em-rates.md); em_file: under the GPT-4o scores an imported organism's file carried. control, lora,",
+        "full: trained here on the demo's base model (a smoke test, not a finding); answers: published organisms.",
+    ]
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -172,16 +185,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "tbl_cols": -1,
         "tbl_hide_dataframe_shape": True,
         "tbl_hide_column_data_types": True,
+        "tbl_formatting": "ASCII_MARKDOWN",
     }
-    with pl.Config(**config, float_precision=3, fmt_str_lengths=40, tbl_width_chars=160):
-        summary = Store().query(
-            "SELECT organism, method, kl_regularised AS kl, judge_model AS judge, n_answers AS n, "
-            "em_rate_turner AS em_turner, em_turner_lo AS lo, em_turner_hi AS hi, em_rate_corrected AS em_corrected, "
-            "em_corrected_lo AS c_lo, em_corrected_hi AS c_hi, coherence_rate AS coherent FROM em_summary "
-            "ORDER BY method IN ('adapter', 'model', 'answers'), organism, judge_source, judge_model"
-        )
-        print(summary)
-    print("\n".join(_which_rows(summary)))
+    summary = Store().query("SELECT * FROM em_summary")
+    with pl.Config(**config, float_precision=3, fmt_str_lengths=48, tbl_width_chars=160):
+        print(closing_table(summary))
+    print("\n".join(_legend(summary)))
     print(f"[em-assets] pipeline finished in {time.perf_counter() - start:.1f}s; full log in {log_path}")
     print("\n".join(_where_next(current.figures_dir)))
     return 0

@@ -1,11 +1,10 @@
-"""The demo's console: one line per stage and organism with a progress bar and its time, fed by run events;
-everything else the run prints (Dagster's event log, library warnings, worker output) goes to a log file.
+"""The demo's console: one line per run (the catalog, each organism, the reports) with what its steps did and
+its time, fed by run events; everything else the run prints (Dagster's event log, library warnings, worker
+output) goes to a log file. On a terminal the running step's progress bar is redrawn in place.
 
-Steps that report progress (and failed steps) get a line each; the rest of a run's steps share one line, so
-the console stays short however many assets the pipeline grows.
-
-Progress comes from step log messages that end a phrase in `<verb> <done>/<total>` ("sampled 12/40",
-"judged 16/40", "trained 3/12"), so a new asset that logs that way gets a bar with no change here.
+A failed step gets a line of its own, so the console stays short however many organisms and assets the
+pipeline grows. Progress comes from step log messages that end a phrase in `<verb> <done>/<total>` ("sampled
+12/40", "judged 16/40", "trained 3/12"): a new asset that logs that way is counted with no change here.
 """
 
 from __future__ import annotations
@@ -46,14 +45,17 @@ class StepLine:
 
 
 class ProgressConsole:
-    """Turns one run's events into step lines: redrawn in place on a terminal, printed once when a step ends."""
+    """Turns one run's events into one closing line (and a line per failed step); the running step is redrawn
+    in place on a terminal."""
 
     def __init__(self, out: TextIO, partition: str = "", width: int = 34) -> None:
         self.out, self.partition, self.width = out, partition, width
         self.tty = out.isatty()
         self.lines: dict[str, StepLine] = {}
         self.failed: list[str] = []
-        self.quiet: dict[str, float] = {}
+        self.done: list[str] = []
+        self.counts: dict[str, int] = {}
+        self.started: float | None = None
 
     def __call__(self, entry: Any) -> None:
         """An event-log listener (`DagsterInstance.add_event_listener`)."""
@@ -63,18 +65,19 @@ class ProgressConsole:
         event = entry.dagster_event
         kind = event.event_type_value if event is not None else None
         if kind == "STEP_START":
+            self.started = self.started or time.monotonic()
             self.lines[step] = StepLine(step, self.partition)
             self._draw(step, "..")
         elif kind in ("STEP_SUCCESS", "STEP_FAILURE", "STEP_SKIPPED") and step in self.lines:
-            status = {"STEP_SUCCESS": "ok", "STEP_FAILURE": "FAILED", "STEP_SKIPPED": "skip"}[kind]
             line = self.lines.pop(step)
             if kind == "STEP_FAILURE":
                 self.failed.append(step)
-            if line.total or kind == "STEP_FAILURE":
-                self._write(line.render(status, self.width), final=True)
-            else:
-                self.quiet[step] = time.monotonic() - line.started
-                self._write("", final=False)
+                self._write(line.render("FAILED", self.width), final=True)
+                return
+            self.done.append(step)
+            if line.total:
+                self.counts[line.verb] = self.counts.get(line.verb, 0) + line.done
+            self._write("", final=False)
         elif event is None and step in self.lines:
             matches = PROGRESS.findall(entry.user_message or "")
             if matches:
@@ -84,15 +87,16 @@ class ProgressConsole:
                 self._draw(step, "..")
 
     def finish(self) -> None:
-        """One line for the run's steps that reported no progress: how many, which, and their time."""
-        if not self.quiet:
+        """The run's line: its steps done, what they counted (e.g. "sampled 24, judged 96"), and its time."""
+        if not self.done:
             return
-        names = ", ".join(self.quiet)
-        names = names if len(names) <= 38 else names[:37] + "…"
-        n = len(self.quiet)
-        label = f"{'ok':<6} {f'{n} step' + ('s' if n > 1 else ''):<28} {self.partition:<{self.width}}"
-        self._write(f"{label} {names:<39} {sum(self.quiet.values()):7.1f}s", final=True)
-        self.quiet = {}
+        n = len(self.done)
+        steps = f"{n} step" + ("s" if n > 1 else "")
+        counted = ", ".join(f"{verb} {count}" for verb, count in self.counts.items())
+        seconds = time.monotonic() - (self.started or time.monotonic())
+        label = f"{'ok':<6} {self.partition:<{self.width}} {steps:<9}"
+        self._write(f"{label} {counted[:48]:<48} {seconds:7.1f}s", final=True)
+        self.done, self.counts, self.started = [], {}, None
 
     def _draw(self, step: str, status: str) -> None:
         self._write(self.lines[step].render(status, self.width), final=False)

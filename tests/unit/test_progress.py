@@ -1,5 +1,6 @@
-"""The demo console: one line per step with its progress count and time, fed by a real run's events; the
-rest of the output (Dagster's event log, warnings, child processes) lands in the log file instead."""
+"""The demo console: one line per run with what its steps counted and its time (and one per failed step), fed
+by a real run's events; the rest of the output (Dagster's event log, warnings, child processes) lands in the log
+file instead."""
 
 import io
 import os
@@ -28,7 +29,7 @@ def broken() -> None:
     raise ValueError("nope")
 
 
-def test_steps_with_progress_or_a_failure_get_a_line_the_others_share_one():
+def test_a_run_gets_one_line_with_its_counts_and_a_failed_step_one_of_its_own():
     out = io.StringIO()
     console = ProgressConsole(out, "org-key")
     job = dg.Definitions(assets=[scored, quiet, broken], jobs=[dg.define_asset_job("j")]).resolve_job_def("j")
@@ -39,13 +40,13 @@ def test_steps_with_progress_or_a_failure_get_a_line_the_others_share_one():
     assert not result.success
     console.finish()
     lines = out.getvalue().splitlines()
-    # The step with progress and the failed one get lines of their own; the quiet one shares the last line.
-    assert [line.split()[:2] for line in lines] == [["ok", "scored"], ["FAILED", "broken"], ["ok", "1"]]
-    assert "org-key" in lines[0] and "[####################]" in lines[0] and "judged 8/8" in lines[0]
-    assert lines[2].split()[1:5] == ["1", "step", "org-key", "quiet"] and lines[2].rstrip().endswith("s")
+    # The failed step gets its line when it fails; the run's line closes it: two steps done, eight judged.
+    assert [line.split()[:2] for line in lines] == [["FAILED", "broken"], ["ok", "org-key"]]
+    assert "org-key" in lines[0]
+    assert lines[1].split()[2:6] == ["2", "steps", "judged", "8"] and lines[1].rstrip().endswith("s")
     assert console.failed == ["broken"]
     console.finish()
-    assert len(out.getvalue().splitlines()) == 3
+    assert len(out.getvalue().splitlines()) == 2
 
 
 def test_output_goes_to_the_log_file_and_the_console_stays_clean(tmp_path, capfd):
