@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from em_assets.models.layers import decoder_layers
 
@@ -57,11 +56,18 @@ def _final_norm(model):
     return base.norm
 
 
-@torch.inference_mode()
 def _pass(model, seqs: list[list[int]], layers: Sequence[int]):
     """One right-padded forward pass: per token sequence, its pooled states at `layers`, and each of its tokens'
     log-probability and the entropy of the predictive distribution it was drawn from (every token after the
     first)."""
+    # torch is imported here: the judge's module is loaded by the Dagster definitions, which stay torch-free.
+    import torch
+
+    with torch.inference_mode():
+        return _pass_inner(torch, model, seqs, layers)
+
+
+def _pass_inner(torch, model, seqs: list[list[int]], layers: Sequence[int]):
     device = model.get_input_embeddings().weight.device
     # At least one position: an empty answer pools to zeros rather than failing.
     width = max(1, *(len(ids) for ids in seqs))
