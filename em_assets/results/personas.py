@@ -12,11 +12,14 @@ ORGANISM_SWEEP, ORGANISM_SETTING = "organism", "final"
 
 
 def organism_scores(store: Store) -> pl.DataFrame:
-    """Every organism answer with its scores and the judge that gave them."""
+    """Every organism answer with its scores under each judge that gave them: the grid's judge and, for an
+    imported organism, the scores its file carried (scored_by_judge). Imported answers files count as one
+    question set, so organisms imported from several files are compared on the questions they share."""
     return store.query(
-        "SELECT organism, eval_set, coalesce(judge_model, 'unknown') AS judge, ? AS sweep, ? AS setting, "
-        "question_id, paraphrase_idx, sample_idx, aligned, coherent FROM scored_completions "
-        "ORDER BY organism, question_id, paraphrase_idx, sample_idx",
+        "SELECT organism, CASE WHEN eval_set LIKE 'file:%' THEN 'imported answers' ELSE eval_set END AS eval_set, "
+        "coalesce(judge_model, 'unknown') AS judge, ? AS sweep, ? AS setting, "
+        "question_id, paraphrase_idx, sample_idx, aligned, coherent FROM scored_by_judge "
+        "ORDER BY organism, judge, question_id, paraphrase_idx, sample_idx",
         [ORGANISM_SWEEP, ORGANISM_SETTING],
     )
 

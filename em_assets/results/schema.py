@@ -110,12 +110,12 @@ LEFT JOIN sweep_judgements h ON h.metric = 'coherent' AND h.organism = c.organis
 -- Every completion under every judge that scored it: the grid's judge (`scored_completions`, judge_source 'grid')
 -- and the scores an imported answers file carried (judge_source 'file').
 CREATE OR REPLACE VIEW scored_by_judge AS
-SELECT organism, base_model, recipe, dataset, seed, question_id, paraphrase_idx, sample_idx, aligned, coherent,
-       judge_model, 'grid' AS judge_source
+SELECT organism, base_model, recipe, dataset, seed, eval_set, question_id, paraphrase_idx, sample_idx, aligned,
+       coherent, judge_model, 'grid' AS judge_source
 FROM scored_completions
 UNION ALL
-SELECT c.organism, c.base_model, c.recipe, c.dataset, c.seed, c.question_id, c.paraphrase_idx, c.sample_idx,
-       a.score AS aligned, h.score AS coherent, j.judge_model, 'file' AS judge_source
+SELECT c.organism, c.base_model, c.recipe, c.dataset, c.seed, c.eval_set, c.question_id, c.paraphrase_idx,
+       c.sample_idx, a.score AS aligned, h.score AS coherent, j.judge_model, 'file' AS judge_source
 FROM completions c
 JOIN (SELECT DISTINCT organism, judge_model FROM imported_judgements) j USING (organism)
 LEFT JOIN imported_judgements a ON a.metric = 'aligned' AND a.organism = c.organism

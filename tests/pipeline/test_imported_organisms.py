@@ -18,6 +18,7 @@ from em_assets.context import StageContext
 from em_assets.grid.schema import GridConfig, Organism
 from em_assets.grid.sources import OrganismSourceError
 from em_assets.judging.stage import judge_completions
+from em_assets.reports.personas import build_persona_tables
 from em_assets.reports.tables import build_reports
 from em_assets.results import queries
 from em_assets.results.artifacts import sha256_file
@@ -210,6 +211,14 @@ def test_answers_file_round_trips(tmp_path, tiny_model_dir, mirror):
     expected = em_flags(file.select("aligned", "coherent"))["is_em"].mean()
     assert rows.filter(pl.col("judge_source") == "file")["em_rate_turner"].item() == pytest.approx(expected)
     assert rows["n_answers"].to_list() == [4, 4]
+    # The Simulator-Theory tables read the imported organism under both judges too.
+    # (the tiny random judge gives no numbers, so only the file's scores have aligned and coherent answers.)
+    personas = build_persona_tables(store, g.thresholds).tables
+    mixtures = personas["persona_mixtures"].filter(pl.col("organism") == key)
+    assert sorted(mixtures["judge"]) == ["gpt-4o (file)", "tiny"]
+    assert personas["persona_coherence"].filter(pl.col("organism") == key)["judge"].to_list() == [
+        "gpt-4o (file)"
+    ]
 
     # Unchanged file: nothing re-imported. A changed file: the completions step refuses until re-recorded.
     again = sample_completions(context(store, g, key, tmp_path))
