@@ -64,53 +64,51 @@ def _pass(model, seqs: list[list[int]], layers: Sequence[int]):
     import torch
 
     with torch.inference_mode():
-        return _pass_inner(torch, model, seqs, layers)
+        device = model.get_input_embeddings().weight.device
+        # At least one position: an empty answer pools to zeros rather than failing.
+        width = max(1, *(len(ids) for ids in seqs))
+        ids = torch.tensor([i + [0] * (width - len(i)) for i in seqs], dtype=torch.long, device=device)
+        cols = torch.arange(width, device=device)
+        lengths = torch.tensor([len(i) for i in seqs], device=device)
+        answer = (cols[None, :] < lengths[:, None]).float()
+        sums: list[torch.Tensor] = []
+        normed: list[torch.Tensor] = []
 
+        def record(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            sums.append(torch.einsum("bth,bt->bh", hidden.float(), answer))
 
-def _pass_inner(torch, model, seqs: list[list[int]], layers: Sequence[int]):
-    device = model.get_input_embeddings().weight.device
-    # At least one position: an empty answer pools to zeros rather than failing.
-    width = max(1, *(len(ids) for ids in seqs))
-    ids = torch.tensor([i + [0] * (width - len(i)) for i in seqs], dtype=torch.long, device=device)
-    cols = torch.arange(width, device=device)
-    lengths = torch.tensor([len(i) for i in seqs], device=device)
-    answer = (cols[None, :] < lengths[:, None]).float()
-    sums: list[torch.Tensor] = []
-    normed: list[torch.Tensor] = []
-
-    def record(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        sums.append(torch.einsum("bth,bt->bh", hidden.float(), answer))
-
-    blocks = decoder_layers(model)
-    handles = [blocks[i].register_forward_hook(record) for i in layers]
-    handles.append(_final_norm(model).register_forward_hook(lambda m, a, out: normed.append(out)))
-    try:
-        model(
-            input_ids=ids,
-            attention_mask=answer.long(),
-            use_cache=False,
-            logits_to_keep=1,
-        )
-    finally:
-        for h in handles:
-            h.remove()
-    pooled = torch.stack(sums, 1) / answer.sum(1).clamp_min(1.0)[:, None, None]
-    # The state at position t predicts token t + 1: an answer token at t is scored from t - 1.
-    predictor = torch.zeros_like(answer, dtype=torch.bool)
-    predictor[:, :-1] = answer[:, 1:].bool()
-    rows, pos = predictor.nonzero(as_tuple=True)
-    head = model.get_output_embeddings()
-    lp, ent = [], []
-    for s in range(0, len(rows), LOGIT_CHUNK):
-        r, p = rows[s : s + LOGIT_CHUNK], pos[s : s + LOGIT_CHUNK]
-        logp = torch.log_softmax(head(normed[0][r, p].contiguous()).float(), dim=-1)
-        lp.append(logp.gather(1, ids[r, p + 1][:, None])[:, 0])
-        ent.append(-(logp.exp() * logp).sum(-1))
-    lp_all = torch.cat(lp) if lp else torch.zeros(0)
-    ent_all = torch.cat(ent) if ent else torch.zeros(0)
-    per_seq = [(lp_all[rows == i].cpu().numpy(), ent_all[rows == i].cpu().numpy()) for i in range(len(seqs))]
-    return pooled, per_seq
+        blocks = decoder_layers(model)
+        handles = [blocks[i].register_forward_hook(record) for i in layers]
+        handles.append(_final_norm(model).register_forward_hook(lambda m, a, out: normed.append(out)))
+        try:
+            model(
+                input_ids=ids,
+                attention_mask=answer.long(),
+                use_cache=False,
+                logits_to_keep=1,
+            )
+        finally:
+            for h in handles:
+                h.remove()
+        pooled = torch.stack(sums, 1) / answer.sum(1).clamp_min(1.0)[:, None, None]
+        # The state at position t predicts token t + 1: an answer token at t is scored from t - 1.
+        predictor = torch.zeros_like(answer, dtype=torch.bool)
+        predictor[:, :-1] = answer[:, 1:].bool()
+        rows, pos = predictor.nonzero(as_tuple=True)
+        head = model.get_output_embeddings()
+        lp, ent = [], []
+        for s in range(0, len(rows), LOGIT_CHUNK):
+            r, p = rows[s : s + LOGIT_CHUNK], pos[s : s + LOGIT_CHUNK]
+            logp = torch.log_softmax(head(normed[0][r, p].contiguous()).float(), dim=-1)
+            lp.append(logp.gather(1, ids[r, p + 1][:, None])[:, 0])
+            ent.append(-(logp.exp() * logp).sum(-1))
+        lp_all = torch.cat(lp) if lp else torch.zeros(0)
+        ent_all = torch.cat(ent) if ent else torch.zeros(0)
+        per_seq = [
+            (lp_all[rows == i].cpu().numpy(), ent_all[rows == i].cpu().numpy()) for i in range(len(seqs))
+        ]
+        return pooled, per_seq
 
 
 def _text_signs(answer: str, tokens: list[int]) -> tuple[float, float, float]:
