@@ -4,13 +4,12 @@ stopped, with the same lineage rows (see test_kills_resume.py for the LoRA organ
 from __future__ import annotations
 
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.children import children, spawn
+from support.children import train_killed_at_step
 from support.db import count, organism_rows
 from support.organisms import TRAINED, ListLog, stage_context
 
@@ -27,12 +26,7 @@ def _full(profile: dict) -> None:
 @pytest.mark.timeout(300)
 def test_full_fine_tuning_killed_at_a_step_resumes_to_the_same_weights(ws, catalog_db, tmp_path):
     ws.edit(_full)
-    with children() as started:
-        child = spawn(
-            "train", ws.args(TRAINED, kill_at_step=2, run_id="killed"), ws.env, tmp_path / "train.log"
-        )
-        started.append(child)
-        assert child.wait(180) == -signal.SIGKILL, child.output()[-3000:]
+    train_killed_at_step(ws, TRAINED, 2, tmp_path / "train.log")
     adapters = ws.root / "artifacts" / "adapters" / TRAINED
     assert [p.name for p in adapters.glob("*/checkpoints/*")] == ["step-00000001"]
     assert count(ws.db, "lora_adapters", TRAINED) == 0

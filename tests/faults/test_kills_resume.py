@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.children import children, kill, spawn, wait_for
+from support.children import children, kill, spawn, train_killed_at_step, wait_for
 from support.db import count, organism_rows, ro_query
 from support.organisms import CONTROL, KEYS, TRAINED, ListLog, stage_context
 
@@ -30,12 +30,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.mark.timeout(240)
 def test_training_killed_at_a_step_resumes_to_the_same_adapter(ws, catalog_db, tmp_path):
-    with children() as started:
-        child = spawn(
-            "train", ws.args(TRAINED, kill_at_step=2, run_id="killed"), ws.env, tmp_path / "train.log"
-        )
-        started.append(child)
-        assert child.wait(180) == -signal.SIGKILL, child.output()[-3000:]
+    train_killed_at_step(ws, TRAINED, 2, tmp_path / "train.log")
     # Step 2 was being logged when the process died: step 1's checkpoint is the last whole one.
     adapters = ws.root / "artifacts" / "adapters" / TRAINED
     assert [p.name for p in adapters.glob("*/checkpoints/*")] == ["step-00000001"]

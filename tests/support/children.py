@@ -82,3 +82,11 @@ def children() -> Iterator[list[Child]]:
     finally:
         for child in started:
             kill(child.proc)
+
+
+def train_killed_at_step(ws, key: str, step: int, log: Path) -> None:
+    """The training stage of `key` in a child process that SIGKILLs itself as step `step`'s loss is logged."""
+    with children() as started:
+        child = spawn("train", ws.args(key, kill_at_step=step, run_id="killed"), ws.env, log)
+        started.append(child)
+        assert child.wait(180) == -signal.SIGKILL, child.output()[-3000:]
