@@ -34,6 +34,15 @@ def _figure(path: Path, width: float = 7.0, height: float = 4.5) -> Iterator[Axe
     _save(fig, path)
 
 
+@contextmanager
+def _figure_pair(path: Path) -> Iterator[tuple[Axes, Axes]]:
+    """Two side-by-side axes of a fresh figure, then save it to `path` as PNG."""
+    fig = Figure(figsize=(11.0, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    yield fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    _save(fig, path)
+
+
 def _save(fig: Figure, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # No version stamp in the file: a figure redrawn from the same snapshot has the same bytes.
@@ -146,24 +155,21 @@ def plot_training_curves(losses: pl.DataFrame, path: Path) -> Path:
         return _no_data(path, title)
     organisms = sorted(rows["organism"].unique().to_list())
     colours = _organism_colours(organisms)
-    fig = Figure(figsize=(11.0, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax, norm = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    for organism in organisms:
-        part = rows.filter(pl.col("organism") == organism).sort("step")
-        ax.plot(_float(part, "step"), _float(part, "loss"), color=colours[organism], label=organism)
-        if "grad_norm" in part.columns:
-            norm.plot(_float(part, "step"), _float(part, "grad_norm"), color=colours[organism])
-    for axes, label, name in (
-        (ax, "loss", title),
-        (norm, "gradient norm (before clipping)", "gradient norm"),
-    ):
-        axes.set_xlabel("optimizer step")
-        axes.set_ylabel(label)
-        axes.set_title(name)
-        axes.grid(alpha=0.3)
-    _legend(ax, len(organisms))
-    _save(fig, path)
+    with _figure_pair(path) as (ax, norm):
+        for organism in organisms:
+            part = rows.filter(pl.col("organism") == organism).sort("step")
+            ax.plot(_float(part, "step"), _float(part, "loss"), color=colours[organism], label=organism)
+            if "grad_norm" in part.columns:
+                norm.plot(_float(part, "step"), _float(part, "grad_norm"), color=colours[organism])
+        for axes, label, name in (
+            (ax, "loss", title),
+            (norm, "gradient norm (before clipping)", "gradient norm"),
+        ):
+            axes.set_xlabel("optimizer step")
+            axes.set_ylabel(label)
+            axes.set_title(name)
+            axes.grid(alpha=0.3)
+        _legend(ax, len(organisms))
     return path
 
 
@@ -199,27 +205,24 @@ def plot_em_by_model_size(rates: pl.DataFrame, path: Path) -> Path:
         return _no_data(path, title)
     recipes = sorted(rows["recipe"].unique().to_list())
     colours = _organism_colours(recipes)
-    fig = Figure(figsize=(11.0, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
-    em_ax, coherent_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    for recipe in recipes:
-        part = rows.filter(pl.col("recipe") == recipe).sort("num_params")
-        x = _float(part, "num_params")
-        for ax, rate, lo, hi in (
-            (em_ax, "em_rate_turner", "em_turner_lo", "em_turner_hi"),
-            (coherent_ax, "coherence_rate", "coherence_lo", "coherence_hi"),
-        ):
-            y = _float(part, rate)
-            err = _errors(y, _float(part, lo), _float(part, hi))
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=colours[recipe], label=recipe)
-    for ax, label in ((em_ax, "EM rate (Turner, 95% CI)"), (coherent_ax, "coherent rate (95% CI)")):
-        ax.set_xscale("log")
-        ax.set_xlabel("base model parameters")
-        ax.set_ylabel(label)
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    em_ax.set_title(title)
-    coherent_ax.set_title("coherence against model size")
-    _legend(em_ax, len(recipes))
-    _save(fig, path)
+    with _figure_pair(path) as (em_ax, coherent_ax):
+        for recipe in recipes:
+            part = rows.filter(pl.col("recipe") == recipe).sort("num_params")
+            x = _float(part, "num_params")
+            for ax, rate, lo, hi in (
+                (em_ax, "em_rate_turner", "em_turner_lo", "em_turner_hi"),
+                (coherent_ax, "coherence_rate", "coherence_lo", "coherence_hi"),
+            ):
+                y = _float(part, rate)
+                err = _errors(y, _float(part, lo), _float(part, hi))
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=colours[recipe], label=recipe)
+        for ax, label in ((em_ax, "EM rate (Turner, 95% CI)"), (coherent_ax, "coherent rate (95% CI)")):
+            ax.set_xscale("log")
+            ax.set_xlabel("base model parameters")
+            ax.set_ylabel(label)
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+        em_ax.set_title(title)
+        coherent_ax.set_title("coherence against model size")
+        _legend(em_ax, len(recipes))
     return path
