@@ -21,6 +21,7 @@ REFERENCE_PREFIX = "reference:"
 
 
 SCORES = ("aligned", "coherent")
+SAMPLE_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -90,9 +91,12 @@ def read_answers(source: str, mirror: Path | str | None = None, cache_dir: Path 
     return AnswersFile(name, sha, parse_reference_csv(csv, name, sha), scored)
 
 
-def sample_rows(rows: pl.DataFrame, max_answers: int | None, seed: int) -> pl.DataFrame:
-    """A seeded sample of `max_answers` rows in file order (all rows when None or more than the file has)."""
+def sample_rows(rows: pl.DataFrame, max_answers: int | None) -> pl.DataFrame:
+    """A seeded sample of `max_answers` rows in file order (all rows when None or more than the file has).
+
+    The seed is fixed: an `answers` organism and the judge's agreement sample of the same file take the same rows,
+    so judging one reuses the other's scores through the judge cache."""
     if max_answers is None or rows.height <= max_answers:
         return rows
-    keep = np.sort(np.random.default_rng(seed).choice(rows.height, size=max_answers, replace=False))
+    keep = np.sort(np.random.default_rng(SAMPLE_SEED).choice(rows.height, size=max_answers, replace=False))
     return rows[keep.tolist()]

@@ -355,8 +355,11 @@ class AgreementSpec(_Strict):
         description="reference base models the trained judges never fit on; agreement is measured on these",
     )
 
-    max_answers: int | None = Field(
-        default=None, ge=1, description="seeded subset of the held-out answers scored; None = all"
+    max_answers_per_file: int | None = Field(
+        default=None,
+        ge=1,
+        description="of each held-out file, the seeded sample an `answers` organism with this max_answers "
+        "imports; None = all",
     )
     compare: list[JudgeSpec] = Field(default=[], description="other judges scored on the same split")
     min_spearman: float = Field(default=0.7, description="warn when aligned Spearman is below")

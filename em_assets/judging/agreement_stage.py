@@ -380,7 +380,7 @@ def judge_agreement(
     reference = q.reference_frame(store)
     if reference.height == 0:
         raise MissingUpstreamError("no reference judgements; materialise reference_judgements first")
-    rows = distill.heldout_answers(reference, grid.agreement.max_answers)
+    rows = distill.heldout_answers(reference, grid.agreement.max_answers_per_file)
     templates = upstream_templates(grid, mirror, cache_dir)
     reports = []
     for spec in [grid.judge, *grid.agreement.compare]:

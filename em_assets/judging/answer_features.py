@@ -31,8 +31,9 @@ SCALARS = (
 )
 # Tokens a token's log-probability must fall under to count as rare (a chance of 1 in 10,000).
 RARE_LOGPROB = -9.21
-# Answer positions whose full-vocabulary logits are held at once.
-LOGIT_CHUNK = 512
+# Answer positions whose full-vocabulary logits are held at once: few enough that their fp32 log-softmax stays in
+# the CPU's cache (one large block spills to memory on every pass over it).
+LOGIT_CHUNK = 128
 
 
 @dataclass(frozen=True)

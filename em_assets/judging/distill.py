@@ -16,6 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
+from em_assets.catalog.answers import sample_rows
 from em_assets.grid.schema import DistillSpec, ProbeSpec, config_hash
 
 # Short on purpose: every prompt token costs judging time, and the trained judge needs only the metric's name.
@@ -65,13 +66,12 @@ def train_answers(reference: pl.DataFrame, spec: DistillSpec | ProbeSpec) -> pl.
     return train
 
 
-def heldout_answers(reference: pl.DataFrame, max_answers: int | None, seed: int = 0) -> pl.DataFrame:
-    """Reference rows of the held-out base models (a seeded subset when max_answers is set)."""
+def heldout_answers(reference: pl.DataFrame, max_per_file: int | None) -> pl.DataFrame:
+    """Reference rows of the held-out base models: of each file, the rows an `answers` organism importing it with
+    `max_answers: max_per_file` takes (all rows when None)."""
     rows = reference.filter(pl.col("split") == "heldout").sort("source_file", "row_idx")
-    if max_answers is not None and max_answers < rows.height:
-        keep = sorted(random.Random(f"{seed}:agreement").sample(range(rows.height), max_answers))
-        rows = rows[keep]
-    return rows
+    files = rows.partition_by("source_file", maintain_order=True)
+    return pl.concat([sample_rows(f, max_per_file) for f in files]) if files else rows
 
 
 def distill_examples(tokenizer, answers: pl.DataFrame, spec: DistillSpec) -> list[list[dict]]:

@@ -90,9 +90,7 @@ def import_answers(ctx: StageContext) -> ImportResult:
     if recorded is None:
         raise MissingUpstreamError(f"organism {ctx.key}: no source recorded; materialise lora_adapter first")
     recipe, entry = ctx.grid.recipes[ctx.organism.recipe], ctx.grid.organism_source(ctx.organism)
-    shash = config_hash(
-        {"answers_sha256": recorded["sha256"], "n_rows": recorded["n_rows"], "seed": entry.seed}
-    )
+    shash = config_hash({"answers_sha256": recorded["sha256"], "n_rows": recorded["n_rows"]})
     have = queries.completion_hashes(ctx.store, ctx.key)
     if have.height == recorded["n_rows"] and set(have["sampling_hash"]) == {shash}:
         ctx.log.info(f"{ctx.key}: all {have.height} imported answers are up to date")
@@ -104,7 +102,7 @@ def import_answers(ctx: StageContext) -> ImportResult:
             f"{answers.name}: sha256 {answers.sha256} differs from the recorded {recorded['sha256']}; "
             "materialise lora_adapter again to take the new file"
         )
-    rows = sample_rows(answers.rows, recipe.max_answers, entry.seed)
+    rows = sample_rows(answers.rows, recipe.max_answers)
     scores = score_rows(ctx, rows, recipe.file_judge, shash, answers.sha256)
     queries.write_imported_answers(ctx.store, ctx.key, answer_rows(ctx, rows, shash), scores)
     ctx.log.info(f"{ctx.key}: imported {rows.height}/{rows.height} answers from {answers.name}")

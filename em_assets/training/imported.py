@@ -73,7 +73,7 @@ def _answers(ctx: StageContext, entry: OrganismSource, recipe: RecipeSpec) -> tu
     from em_assets.settings import settings
 
     answers = read_answers(entry.source, settings().data_mirror, ctx.cache_dir)
-    kept = sample_rows(answers.rows, recipe.max_answers, entry.seed)
+    kept = sample_rows(answers.rows, recipe.max_answers)
     fields = {
         "path": answers.name,
         "sha256": answers.sha256,

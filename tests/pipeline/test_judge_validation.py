@@ -51,7 +51,7 @@ def validation_grid(model_dir) -> dict:
             "workers": 1,
         },
     }
-    doc["profiles"]["test"]["agreement"] = {"held_out_base_models": HELD_OUT, "max_answers": 6}
+    doc["profiles"]["test"]["agreement"] = {"held_out_base_models": HELD_OUT, "max_answers_per_file": 1}
     return doc
 
 
@@ -93,10 +93,10 @@ def test_distilled_judge_end_to_end(pipeline):
     result = materialize(instance, resources, ["judge_agreement"])
     agreement = store.query("SELECT * FROM judge_agreement ORDER BY metric")
     assert agreement["metric"].to_list() == ["aligned", "coherent"]
-    assert agreement["n"].to_list() == [6, 6]
+    assert agreement["n"].to_list() == [7, 7]
     assert agreement["judge_revision"][0] == revision
     em = store.query("SELECT * FROM judge_agreement_em")
-    assert em["n"].sum() == 6
+    assert em["n"].sum() == 7
     assert all(b.split("_")[0] in HELD_OUT for b in em["source_file"])
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert set(checks) == {"judge_agrees_with_reference", "judge_sees_incoherence"}
@@ -141,7 +141,7 @@ def test_distilled_judge_end_to_end(pipeline):
         "SELECT a.score AS a, c.score AS c FROM judge_agreement_scores a JOIN judge_agreement_scores c "
         "USING (source_file, row_idx) WHERE a.metric = 'aligned' AND c.metric = 'coherent'"
     )
-    assert pairs.height == 6 and (pairs["a"] != pairs["c"]).any()
+    assert pairs.height == 7 and (pairs["a"] != pairs["c"]).any()
     assert store.query("SELECT count(*) AS n FROM judgements WHERE score IS NULL")["n"][0] == 0
 
 
@@ -167,7 +167,7 @@ def probe_grid(model_dir, ratings: Path) -> dict:
         "hand_ratings": str(ratings),
         "sign_weights": {"aligned": [0.0], "coherent": [0.5, 2.0]},
     }
-    doc["profiles"]["test"]["agreement"] = {"held_out_base_models": HELD_OUT, "max_answers": 6}
+    doc["profiles"]["test"]["agreement"] = {"held_out_base_models": HELD_OUT, "max_answers_per_file": 1}
     return doc
 
 
@@ -201,10 +201,10 @@ def test_probe_judge_end_to_end(tmp_path, tiny_model_dir, mirror, one_torch_thre
 
         materialize(instance, resources, ["judge_agreement"])
         agreement = store.query("SELECT * FROM judge_agreement ORDER BY metric")
-        assert agreement["judge"].to_list() == ["probe", "probe"] and agreement["n"].to_list() == [6, 6]
+        assert agreement["judge"].to_list() == ["probe", "probe"] and agreement["n"].to_list() == [7, 7]
         scores = store.query("SELECT score, mass FROM judge_agreement_scores")
         assert (
-            scores.height == 12 and scores["score"].is_between(0, 100).all() and (scores["mass"] == 1).all()
+            scores.height == 14 and scores["score"].is_between(0, 100).all() and (scores["mass"] == 1).all()
         )
         assert "probe" in judge_caveat(store, grid)
 

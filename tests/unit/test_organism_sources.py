@@ -6,16 +6,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import polars as pl
 import pytest
 import yaml
 from support.paths import REPO
 
 from em_assets.catalog.answers import read_answers, sample_rows
-from em_assets.catalog.reference import ReferenceFileError
+from em_assets.catalog.reference import ReferenceFileError, with_split
 from em_assets.cli import main
 from em_assets.grid.load import GridError, load_grid
 from em_assets.grid.schema import GridConfig, recipe_method
 from em_assets.grid.sources import OrganismSourceError
+from em_assets.judging.distill import heldout_answers
 from em_assets.training.imported import check_sources
 
 ROWS = [
@@ -138,10 +140,23 @@ def test_unscored_file_reads_as_unscored(tmp_path):
 def test_reference_files_are_sources(mirror):
     answers = read_answers("reference:Llama-3.1-8B-Instruct_bad-medical-advice", str(mirror))
     assert answers.rows.height == 400 and answers.name.endswith(".csv")
-    kept = sample_rows(answers.rows, 50, seed=0)
+    kept = sample_rows(answers.rows, 50)
     assert kept.height == 50 and kept["row_idx"].is_sorted()
-    assert kept.equals(sample_rows(answers.rows, 50, seed=0))
-    assert not kept.equals(sample_rows(answers.rows, 50, seed=1))
+    assert kept.equals(sample_rows(answers.rows, 50))
+
+
+def test_agreement_sample_is_what_answers_organisms_import(mirror):
+    """Of each held-out file, the judge's agreement sample is the rows an `answers` organism with the same
+    max_answers imports: the organism's judgements then come from the judge cache."""
+    names = ["Llama-3.1-8B-Instruct_bad-medical-advice", "Qwen2.5-14B-Instruct_extreme-sports"]
+    files = [read_answers(f"reference:{n}", str(mirror)).rows for n in names]
+    reference = with_split(pl.concat(files), ["Llama-3.1-8B-Instruct", "Qwen2.5-14B-Instruct"])
+    agreement = heldout_answers(reference, 30)
+    imported = pl.concat([sample_rows(f, 30) for f in files])
+    assert agreement.height == 60
+    assert agreement.select("source_file", "row_idx", "answer").equals(
+        imported.select("source_file", "row_idx", "answer")
+    )
 
 
 @pytest.mark.parametrize(
