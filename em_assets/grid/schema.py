@@ -305,7 +305,7 @@ class ProbeSpec(_Strict):
     )
     max_tokens: int = Field(default=128, ge=1, description="the answer is cut to this many tokens")
     layers: list[int] = Field(
-        default=[11, 15, 19, 23],
+        default=[15, 19, 23, 27],
         min_length=1,
         description="decoder layers whose outputs are pooled (0-based)",
     )

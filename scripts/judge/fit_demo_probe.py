@@ -27,7 +27,9 @@ def main() -> None:
             Path("data/cache/judge/fitcache"),
             {"aligned": 30, "coherent": 50},
         )
-        print(f"fit_probe {label}: {fit.n_answers} rows, {fit.seconds:.0f} s (wall {time.perf_counter() - t:.0f} s)")
+        print(
+            f"fit_probe {label}: {fit.n_answers} rows, {fit.seconds:.0f} s (wall {time.perf_counter() - t:.0f} s)"
+        )
     print(f"sign weights {fit.head.sign_weights}")
 
 
