@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import polars as pl
+from features import LAYERS
 
 from em_assets.grid.schema import ProbeSpec
 from em_assets.judging.agreement import metric_agreement
@@ -130,7 +131,7 @@ def main():
             "aligned": [float(w) for w in aw.split(",")],
             "coherent": [float(w) for w in cw.split(",")],
         }
-        spec = ProbeSpec(sign_weights=weights)
+        spec = ProbeSpec(sign_weights=weights, layers=LAYERS)
         t = time.perf_counter()
         head = fit_head(
             "x", sub(f, rows["i"].cast(pl.Int64).to_numpy()), rows, spec, {"aligned": 30, "coherent": 50}
@@ -155,7 +156,7 @@ def main():
                 "x",
                 sub(f, ref_rows["i"].cast(pl.Int64).to_numpy()),
                 ref_rows,
-                ProbeSpec(),
+                ProbeSpec(layers=LAYERS),
                 {"aligned": 30, "coherent": 50},
             )
             for lo, hi in ((None, None), (30, 70)):

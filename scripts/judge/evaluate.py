@@ -1,9 +1,11 @@
-"""Experiment: the chosen recipe (data/grid.yaml's demo probe) fitted on cached train features and measured on
-every held-out answer (scripts/judge/features.py and features_rest.py must have run)."""
+"""Experiment: data/grid.yaml's demo probe settings, on the layers the cached features hold (features.LAYERS),
+fitted on cached train features and measured on every held-out answer (scripts/judge/features.py and
+features_rest.py must have run)."""
 
 import numpy as np
 import polars as pl
 from choose import load, report, sub, train_rows
+from features import LAYERS
 
 from em_assets.grid.load import load_grid
 from em_assets.judging.agreement import metric_agreement
@@ -13,7 +15,7 @@ from em_assets.judging.readout import calibration_gaps, folds, out_of_fold
 
 
 def main() -> None:
-    spec = load_grid("data/grid.yaml", "demo").probe
+    spec = load_grid("data/grid.yaml", "demo").probe.model_copy(update={"layers": LAYERS})
     df, f = load()
     rows = train_rows(df, spec.incoherent_per_kind)
     head = fit_head(

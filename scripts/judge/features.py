@@ -19,6 +19,9 @@ from em_assets.models.load import load_model, load_tokenizer
 
 RESP = "zroe1__replicating-model-organisms/em_organism_dir/data/responses"
 HELD = ["Llama-3.1-8B-Instruct", "Qwen2.5-14B-Instruct"]
+# The pooled layers of the recipes compared in docs/judges.md (the demo now pools 15, 19, 23 and 27; see
+# scripts/judge/heldout.py), read in fp32.
+LAYERS = [11, 15, 19, 23]
 
 
 def reference() -> pl.DataFrame:
@@ -88,7 +91,7 @@ def main(limit: int | None) -> None:
         model,
         tok,
         items,
-        [11, 15, 19, 23],
+        LAYERS,
         128,
         32,
         lambda d, n: print(f"{d}/{n} {time.perf_counter() - t:.0f}s", flush=True) if d % 320 == 0 else None,

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import polars as pl
 import torch
-from features import reference
+from features import LAYERS, reference
 
 from em_assets.judging.answer_features import QA, answer_features
 from em_assets.models.hub import resolve
@@ -22,7 +22,7 @@ def main() -> None:
     model, tok = load_model(path, device="cpu", dtype=torch.float32), load_tokenizer(path)
     t = time.perf_counter()
     items = [QA(q, a) for q, a in zip(rest["question"], rest["answer"], strict=True)]
-    f = answer_features(model, tok, items, [11, 15, 19, 23], 128, 32)
+    f = answer_features(model, tok, items, LAYERS, 128, 32)
     print("seconds", time.perf_counter() - t, "answers", len(items))
     rest.select("source_file", "base_model", "question", "answer", "aligned", "coherent").write_parquet(
         "data/cache/judge/feats_rest.parquet"

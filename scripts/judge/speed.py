@@ -1,4 +1,4 @@
-"""Experiment: judgements per second of the probe judge (the chosen head fitted on cached features) against
+"""Experiment: judgements per second of the probe judge (a head fitted on cached features of features.LAYERS) against
 the answer-only pooling of the previous recipe, on the same held-out answers, one process, this machine."""
 
 import time
@@ -6,6 +6,7 @@ import time
 import polars as pl
 import torch
 from choose import load, sub, train_rows
+from features import LAYERS
 
 from em_assets.grid.load import load_grid
 from em_assets.judging.probe import ProbeJudge, fit_head
@@ -15,7 +16,7 @@ from em_assets.models.load import load_model, load_tokenizer
 
 
 def main(n: int = 160) -> None:
-    spec = load_grid("data/grid.yaml", "demo").probe
+    spec = load_grid("data/grid.yaml", "demo").probe.model_copy(update={"layers": LAYERS})
     df, f = load()
     rows = train_rows(df, spec.incoherent_per_kind)
     head = fit_head(
