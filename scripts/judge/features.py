@@ -30,11 +30,16 @@ def reference() -> pl.DataFrame:
     return with_split(pl.concat(frames), HELD)
 
 
-def main(limit: int | None) -> None:
+def compared_answers() -> pl.DataFrame:
+    """Every train answer and a seeded 1,000 of the 2,800 held-out answers (features cost minutes on 2 shared
+    cores): the reference rows the recipes were compared on."""
     ref = reference()
-    # Every train answer; a seeded 1,000 of the 2,800 held-out answers (features cost minutes on 2 shared cores).
     held = ref.filter(pl.col("split") == "heldout").sample(1000, seed=0)
-    ref = pl.concat([ref.filter(pl.col("split") == "train"), held])
+    return pl.concat([ref.filter(pl.col("split") == "train"), held])
+
+
+def main(limit: int | None) -> None:
+    ref = compared_answers()
     rows = []
     for r in ref.iter_rows(named=True):
         rows.append(
@@ -83,6 +88,13 @@ def main(limit: int | None) -> None:
     df = pl.DataFrame(rows, infer_schema_length=None)
     if limit:
         df = df.sample(limit, seed=0)
+    out = "data/cache/judge/feats_small.npz" if limit else "data/cache/judge/feats.npz"
+    save_features(df, out)
+
+
+def save_features(df: pl.DataFrame, out: str) -> None:
+    """Features of each (question, answer) row of `df` at LAYERS in fp32, saved to `out` (.npz) with the rows
+    beside it (.parquet)."""
     path = resolve("smollm2", "embedded:smollm2-135m-instruct").path
     model, tok = load_model(path, device="cpu", dtype=torch.float32), load_tokenizer(path)
     t = time.perf_counter()
@@ -97,7 +109,6 @@ def main(limit: int | None) -> None:
         lambda d, n: print(f"{d}/{n} {time.perf_counter() - t:.0f}s", flush=True) if d % 320 == 0 else None,
     )
     print("seconds", time.perf_counter() - t, "answers", len(items))
-    out = "data/cache/judge/feats_small.npz" if limit else "data/cache/judge/feats.npz"
     df.write_parquet(out.replace(".npz", ".parquet"))
     np.savez(out, hidden=f.hidden, question=f.question, scalars=f.scalars)
 
