@@ -12,29 +12,12 @@ from em_assets.defs.partitions import CPU_OP_TAGS, GPU_OP_TAGS, GPU_POOL, organi
 from em_assets.defs.resources import ExperimentResource, ResultsDB, stage_context
 from em_assets.stats.correction import correction_caveat
 
+# Each point's judged and corrected EM rate, as em_over_training and lora_scaling show it.
+_RATES = ["n_scored", "em_rate", "em_lo", "em_hi", *CORRECTED_SHOWN, "coherence_rate", "mean_aligned"]
 _SHOWN = {
-    "em_over_training": [
-        "step",
-        "n_scored",
-        "em_rate",
-        "em_lo",
-        "em_hi",
-        *CORRECTED_SHOWN,
-        "coherence_rate",
-        "mean_aligned",
-        "loss",
-    ],
+    "em_over_training": ["step", *_RATES, "loss"],
     "lora_trajectory": ["module", "step", "a_norm", "b_norm", "cos_final", "local_cos", "pc1", "pc2"],
-    "lora_scaling": [
-        "scale",
-        "n_scored",
-        "em_rate",
-        "em_lo",
-        "em_hi",
-        *CORRECTED_SHOWN,
-        "coherence_rate",
-        "mean_aligned",
-    ],
+    "lora_scaling": ["scale", *_RATES],
 }
 
 
