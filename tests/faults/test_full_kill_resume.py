@@ -3,15 +3,14 @@ stopped, with the same lineage rows (see test_kills_resume.py for the LoRA organ
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.children import train_killed_at_step
+from support.children import train_killed_at_step, train_uninterrupted
 from support.db import count, organism_rows
-from support.organisms import TRAINED, ListLog, stage_context
+from support.organisms import TRAINED, ListLog
 
 from em_assets.results.artifacts import MODEL_FILE, sha256_file
 from em_assets.training.stage import train_adapter
@@ -37,12 +36,7 @@ def test_full_fine_tuning_killed_at_a_step_resumes_to_the_same_weights(ws, catal
     assert not list(adapters.glob("*/checkpoints"))
 
     ref_root = tmp_path / "reference"
-    ref_root.mkdir()
-    shutil.copy(catalog_db, ref_root / "results.duckdb")
-    shutil.copy(ws.grid, ref_root / "grid.yaml")
-    ref_args = {**ws.args(TRAINED), "db": str(ref_root / "results.duckdb"), "root": str(ref_root)}
-    ref_args["grid"] = str(ref_root / "grid.yaml")
-    reference = train_adapter(stage_context(ref_args, run_id="reference"))
+    reference = train_uninterrupted(ws, TRAINED, catalog_db, ref_root)
     assert reference.resumed_from_step is None and reference.config_hash == resumed.config_hash
 
     got = load_file(Path(resumed.adapter_path) / MODEL_FILE)

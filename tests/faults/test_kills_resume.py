@@ -8,7 +8,6 @@ checkpoint arithmetic at the core level is in tests/unit/test_training.py.
 
 from __future__ import annotations
 
-import shutil
 import signal
 from pathlib import Path
 
@@ -16,9 +15,9 @@ import polars as pl
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.children import children, kill, spawn, train_killed_at_step, wait_for
+from support.children import children, kill, spawn, train_killed_at_step, train_uninterrupted, wait_for
 from support.db import count, organism_rows, ro_query
-from support.organisms import CONTROL, KEYS, TRAINED, ListLog, stage_context
+from support.organisms import CONTROL, KEYS, TRAINED, ListLog
 
 from em_assets.judging.stage import judge_completions
 from em_assets.results.artifacts import ADAPTER_FILE, sha256_file
@@ -43,10 +42,7 @@ def test_training_killed_at_a_step_resumes_to_the_same_adapter(ws, catalog_db, t
     assert not list(adapters.glob("*/checkpoints"))
 
     ref_root = tmp_path / "reference"
-    ref_root.mkdir()
-    shutil.copy(catalog_db, ref_root / "results.duckdb")
-    ref_args = {**ws.args(TRAINED), "db": str(ref_root / "results.duckdb"), "root": str(ref_root)}
-    reference = train_adapter(stage_context(ref_args, run_id="reference"))
+    reference = train_uninterrupted(ws, TRAINED, catalog_db, ref_root)
     assert reference.resumed_from_step is None and reference.config_hash == resumed.config_hash
 
     got = load_file(Path(resumed.adapter_path) / ADAPTER_FILE)

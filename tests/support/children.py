@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,3 +91,14 @@ def train_killed_at_step(ws, key: str, step: int, log: Path) -> None:
         child = spawn("train", ws.args(key, kill_at_step=step, run_id="killed"), ws.env, log)
         started.append(child)
         assert child.wait(180) == -signal.SIGKILL, child.output()[-3000:]
+
+
+def train_uninterrupted(ws, key: str, catalog_db: Path, root: Path):
+    """`key` trained from a copy of the catalog in its own root, never stopped: what a resumed run must match."""
+    from em_assets.training.stage import train_adapter
+    from support.organisms import stage_context
+
+    root.mkdir()
+    shutil.copy(catalog_db, root / "results.duckdb")
+    args = {**ws.args(key), "db": str(root / "results.duckdb"), "root": str(root)}
+    return train_adapter(stage_context(args, run_id="reference"))
