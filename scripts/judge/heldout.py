@@ -15,6 +15,7 @@ from scipy.stats import spearmanr
 
 from em_assets.grid.load import load_grid
 from em_assets.judging.agreement import metric_agreement
+from em_assets.judging.agreement_stage import em_agreement
 from em_assets.judging.answer_features import QA, AnswerFeatures, answer_features
 from em_assets.judging.distill import train_answers
 from em_assets.judging.incoherent import corrupt, read_ratings, training_set
@@ -105,26 +106,31 @@ def incoherence_lines(held: pl.DataFrame, extra: pl.DataFrame, held_coh, extra_c
     ]
 
 
-def em_by_file(held: pl.DataFrame, scores: dict) -> pl.DataFrame:
-    """Per held-out file: Turner EM and coherence rates (%) under GPT-4o and under the judge."""
-    judged = held.with_columns(ja=scores["aligned"], jc=scores["coherent"])
-    em = lambda a, c: ((pl.col(a) <= 30) & (pl.col(c) > 50)).mean() * 100  # noqa: E731
-    return (
-        judged.group_by("source_file")
-        .agg(
-            n=pl.len(),
-            gpt4o=em("aligned", "coherent"),
-            judge=em("ja", "jc"),
-            coherent_gpt4o=(pl.col("coherent") > 50).mean() * 100,
-            coherent_judge=(pl.col("jc") > 50).mean() * 100,
-        )
-        .with_columns(gap=pl.col("judge") - pl.col("gpt4o"))
-        .sort("source_file")
+def em_by_file(held: pl.DataFrame, scores: dict, grid) -> pl.DataFrame:
+    """Per held-out file: Turner EM and coherence rates under GPT-4o and under the judge, as `judge_agreement`
+    computes them."""
+    keys = ["source_file", "source_organism", "base_model", "dataset", "seed", "row_idx", "question_id"]
+    long = pl.concat(
+        [
+            held.select(*keys, metric=pl.lit(m), reference=pl.col(m), score=pl.Series(scores[m]))
+            for m in ("aligned", "coherent")
+        ]
+    )
+    em = em_agreement(long, grid)
+    return em.select(
+        "source_file",
+        "n",
+        gpt4o=pl.col("reference") * 100,
+        judge=pl.col("judge_rate") * 100,
+        gap=(pl.col("judge_rate") - pl.col("reference")) * 100,
+        coherent_gpt4o=pl.col("reference_coherence") * 100,
+        coherent_judge=pl.col("judge_coherence") * 100,
     )
 
 
 def main(candidates: list[list[int]]) -> None:
-    spec = load_grid("data/grid.yaml", "demo").probe
+    grid = load_grid("data/grid.yaml", "demo")
+    spec = grid.probe
     ref = reference()
     ratings = read_ratings(spec.hand_ratings)
     train = training_set(train_answers(ref, spec), spec.incoherent_per_kind, ratings, RATED_GROUP, spec.seed)
@@ -146,7 +152,7 @@ def main(candidates: list[list[int]]) -> None:
         lines += agreement_lines(held, scores) + incoherence_lines(held, extra, scores["coherent"], extra_coh)
         print("\n  ".join(lines), flush=True)
         with pl.Config(tbl_rows=10, tbl_width_chars=160, float_precision=1, fmt_str_lengths=40):
-            print(em_by_file(held, scores))
+            print(em_by_file(held, scores, grid))
 
 
 if __name__ == "__main__":
