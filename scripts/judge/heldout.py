@@ -11,10 +11,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from features import reference
-from scipy.stats import spearmanr
 
 from em_assets.grid.load import load_grid
-from em_assets.judging.agreement import metric_agreement
+from em_assets.judging.agreement import metric_agreement, spearman
 from em_assets.judging.agreement_stage import em_agreement
 from em_assets.judging.answer_features import QA, AnswerFeatures, answer_features
 from em_assets.judging.distill import train_answers
@@ -100,7 +99,7 @@ def incoherence_lines(held: pl.DataFrame, extra: pl.DataFrame, held_coh, extra_c
         "coherent", target.tolist(), score.tolist(), aligned_at_most=30, coherent_above=50
     ).auc
     return [
-        f"hand-rated held-out (n {rated.sum()}): Spearman {spearmanr(hand, judged).statistic:.3f}, "
+        f"hand-rated held-out (n {rated.sum()}): Spearman {spearman(hand, judged):.3f}, "
         f"coherent {np.mean(judged > 50):.1%} judged vs {np.mean(hand > 50):.1%} by hand",
         f"{bad.sum()} corruptions + {len(held)} held-out answers: coherent AUC {auc:.3f}",
     ]
