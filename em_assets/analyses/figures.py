@@ -9,19 +9,16 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-DPI = 120
+from em_assets.analyses.canvas import new_figure, save_png
 
 
 @contextmanager
 def _figure(path: Path, width: float = 7.0, height: float = 4.5) -> Iterator[Figure]:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(width, height)
     yield fig
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI)
+    save_png(fig, path)
 
 
 def _no_data(path: Path, title: str) -> Path:

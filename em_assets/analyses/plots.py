@@ -7,25 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-DPI = 110
-
+from em_assets.analyses.canvas import new_figure, save_png
 
 EM_COLOUR, COHERENT_COLOUR, LOSS_COLOUR, GRAD_COLOUR = "tab:red", "tab:blue", "tab:grey", "tab:purple"
 
 
 def _new(panels: int, width: float) -> tuple[Figure, list]:
-    fig = Figure(figsize=(width, 3.8), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(width, 3.8)
     return fig, [fig.add_subplot(1, panels, i + 1) for i in range(panels)]
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI)
-    return path
 
 
 def _col(df: pl.DataFrame, name: str) -> np.ndarray:
@@ -37,7 +28,7 @@ def no_data(path: Path, title: str, note: str) -> Path:
     ax.text(0.5, 0.5, textwrap.fill(note, 60), ha="center", va="center", transform=ax.transAxes)
     ax.set_title(title)
     ax.set_axis_off()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def _rates(ax, df: pl.DataFrame, x: str, xlabel: str) -> None:
@@ -70,7 +61,7 @@ def plot_em_over_training(df: pl.DataFrame, path: Path, title: str) -> Path:
         norm = right.twinx()
         norm.plot(_col(trained, "step"), _col(trained, "grad_norm"), marker="^", color=GRAD_COLOUR)
         norm.set_ylabel("gradient norm (before clipping)", color=GRAD_COLOUR)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_lora_scaling(df: pl.DataFrame, path: Path, title: str) -> Path:
@@ -78,7 +69,7 @@ def plot_lora_scaling(df: pl.DataFrame, path: Path, title: str) -> Path:
     fig, (ax,) = _new(1, 7.0)
     _rates(ax, df.sort("scale"), "scale", "B scale factor (1 = trained adapter)")
     ax.set_title(f"{title}: LoRA B scaling")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_lora_trajectory(df: pl.DataFrame, path: Path, title: str) -> Path:
@@ -104,4 +95,4 @@ def plot_lora_trajectory(df: pl.DataFrame, path: Path, title: str) -> Path:
     for ax in (norms, cosines):
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
-    return _save(fig, path)
+    return save_png(fig, path)

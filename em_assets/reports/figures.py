@@ -10,11 +10,8 @@ import numpy as np
 import polars as pl
 from matplotlib import colormaps
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-DPI = 120
-
+from em_assets.analyses.canvas import new_figure, save_png
 
 TURNER_COLOUR = "tab:red"
 
@@ -27,26 +24,18 @@ LABELS = {"turner": "Turner: misaligned & coherent / scored", "betley": "Betley:
 
 @contextmanager
 def _figure(path: Path, width: float = 7.0, height: float = 4.5) -> Iterator[Axes]:
-    """Yield the axes of a fresh figure, then save it to `path` as PNG; unregistered figures die with GC."""
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
+    """Yield the axes of a fresh figure, then save it to `path` as PNG."""
+    fig = new_figure(width, height)
     yield fig.add_subplot()
-    _save(fig, path)
+    save_png(fig, path)
 
 
 @contextmanager
 def _figure_pair(path: Path) -> Iterator[tuple[Axes, Axes]]:
     """Two side-by-side axes of a fresh figure, then save it to `path` as PNG."""
-    fig = Figure(figsize=(11.0, 4.5), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(11.0, 4.5)
     yield fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
-    _save(fig, path)
-
-
-def _save(fig: Figure, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # No version stamp in the file: a figure redrawn from the same snapshot has the same bytes.
-    fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
+    save_png(fig, path)
 
 
 def _no_data(path: Path, title: str) -> Path:

@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-DPI = 120
+from em_assets.analyses.canvas import new_figure, save_png
 
 
 def plot_agreement_scatter(
@@ -16,8 +14,7 @@ def plot_agreement_scatter(
 ) -> Path:
     """Scatter of judge score (y) against reference score (x) per metric, with the EM thresholds drawn."""
     metrics = sorted(scores["metric"].unique().to_list()) or ["aligned"]
-    fig = Figure(figsize=(5.0 * len(metrics), 4.8), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(5.0 * len(metrics), 4.8)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     for ax, metric in zip(axes, metrics, strict=True):
         part = scores.filter((pl.col("metric") == metric) & pl.col("score").is_not_null())
@@ -34,6 +31,4 @@ def plot_agreement_scatter(
         ax.set_title(f"{metric}: n = {part.height}")
         ax.grid(alpha=0.3)
     fig.suptitle(title)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI)
-    return path
+    return save_png(fig, path)

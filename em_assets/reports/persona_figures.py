@@ -7,15 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from em_assets.analyses.canvas import new_figure, save_png
 from em_assets.analyses.plots import no_data
 from em_assets.results.personas import ORGANISM_SETTING, ORGANISM_SWEEP
 from em_assets.stats.mixtures import BetaShape, to_unit
-
-DPI = 110
-
 
 MAX_PANELS = 12
 
@@ -26,15 +23,8 @@ MISALIGNED, ALIGNED = "tab:red", "tab:blue"
 def _panels(count: int, width: float = 3.6, height: float = 3.0) -> tuple[Figure, list]:
     cols = min(count, 4)
     rows = math.ceil(count / cols)
-    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(width * cols, height * rows)
     return fig, [fig.add_subplot(rows, cols, i + 1) for i in range(count)]
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
-    return path
 
 
 def _density(shape: BetaShape, grid: np.ndarray) -> np.ndarray:
@@ -68,7 +58,7 @@ def plot_mixtures(mix: pl.DataFrame, scores: pl.DataFrame, path: Path) -> Path:
         ax.set_title(f"{row['organism']}\n{row['judge']}", fontsize="small")
         ax.set_xlabel("aligned score")
         ax.legend(fontsize="x-small")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_transitions(mix: pl.DataFrame, transition: pl.DataFrame, path: Path) -> Path:
@@ -108,7 +98,7 @@ def plot_transitions(mix: pl.DataFrame, transition: pl.DataFrame, path: Path) ->
         ax.set_xlabel(row["parameter"])
         ax.set_title(f"{row['organism']}: {row['sweep']}", fontsize="small")
         ax.legend(fontsize="x-small")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_question_rates(rates: pl.DataFrame, stability: pl.DataFrame, path: Path) -> Path:
@@ -132,7 +122,7 @@ def plot_question_rates(rates: pl.DataFrame, stability: pl.DataFrame, path: Path
         label = f"W = {w[0]:.2f}" if w.len() and w[0] is not None else "W undefined"
         ax.set_title(f"{eval_set} / {judge}: {label}", fontsize="small")
         fig.colorbar(image, ax=ax, label="EM rate")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_coherence(table: pl.DataFrame, path: Path) -> Path:
@@ -156,4 +146,4 @@ def plot_coherence(table: pl.DataFrame, path: Path) -> Path:
     ax.set_ylabel("mean coherent score")
     ax.set_title("coherence of misaligned and aligned answers (above: difference, 95% CI)", fontsize="small")
     ax.legend(fontsize="x-small", loc="lower right")
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -104,3 +104,20 @@ def test_em_over_training(tmp_path):
     )
     assert_png(plot_em_over_training(curve, tmp_path / "em_steps.png"))
     assert_png(plot_em_over_training(curve.filter(organism="b"), tmp_path / "em_steps_null.png"))
+
+
+def test_a_figure_redrawn_from_the_same_data_has_the_same_bytes(judged, tmp_path):
+    first = plot_em_rates(em_summary(judged), tmp_path / "a.png").read_bytes()
+    again = plot_em_rates(em_summary(judged), tmp_path / "b.png").read_bytes()
+    assert first == again
+    assert b"matplotlib" not in first
+
+
+def test_every_figure_module_draws_through_the_one_canvas():
+    # A module that builds its own Figure or calls savefig escapes the shared style and the stamp-free bytes.
+    root = Path(__file__).resolve().parents[2] / "em_assets"
+    drawing = [p for p in root.rglob("*.py") if "matplotlib" in p.read_text() and p.name != "canvas.py"]
+    assert drawing
+    for path in drawing:
+        text = path.read_text()
+        assert "savefig" not in text and "Figure(" not in text, path

@@ -1,0 +1,24 @@
+"""One figure style for every PNG the pipeline writes: standalone Agg figures (no pyplot state is created or
+leaked) saved without matplotlib's version stamp, so a figure redrawn from the same data has the same bytes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DPI = 120
+
+
+def new_figure(width: float, height: float) -> Figure:
+    """A fresh figure of `width` x `height` inches with constrained layout; it dies with garbage collection."""
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_png(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
+    return path
