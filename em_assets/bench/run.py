@@ -208,6 +208,13 @@ def _answers(n: int) -> list[str]:
     return [" ".join(words[i % len(words) :] + words[: i % len(words)]) for i in range(n)]
 
 
+def _question_pairs(answers: list[str]) -> list[tuple[str, str]]:
+    """(question, answer) pairs, each question's samples in a row as the judging stage gets them: 4 a question,
+    the demo's setting."""
+    questions, _ = _questions()
+    return [(questions[(i // 4) % len(questions)], a) for i, a in enumerate(answers)]
+
+
 def compact_spec():
     """The distilled judge's prompt settings as the demo last trained it: no question, 64 answer tokens."""
     from em_assets.grid.schema import DistillSpec, LoraSpec
@@ -221,10 +228,9 @@ def _judge_prompts(tokenizer, prompt: str, n: int) -> list[str]:
     from em_assets.catalog.parsing import judge_prompt
     from em_assets.judging.distill import compact_prompt
 
-    questions, template = _questions()
+    _, template = _questions()
     spec = compact_spec()
-    # Each question's samples in a row, as the judging stage gets them: 4 a question, the demo's setting.
-    pairs = [(questions[(i // 4) % len(questions)], a) for i, a in enumerate(_answers(n))]
+    pairs = _question_pairs(_answers(n))
     if prompt == "compact":
         return [compact_prompt(tokenizer, spec, "aligned", q, a) for q, a in pairs]
     return [judge_prompt(template, q, a) for q, a in pairs]
@@ -246,15 +252,18 @@ def _probe_judging(model, tokenizer, n: int, batch: int) -> dict:
         model, tokenizer, zero_head(spec, model.config.hidden_size, PROBE_SUPPORT), spec.batch_size
     )
     answers = _answers(n)
-    inputs = [judge.render(m, "", a) for a in answers for m in spec.metrics]
+    inputs = [judge.render(m, q, a) for q, a in _question_pairs(answers) for m in spec.metrics]
     tokens = [min(len(tokenizer(a, add_special_tokens=False)["input_ids"]), spec.max_tokens) for a in answers]
-    # A warm-up batch of answers: both metrics of each.
-    return _timed_judging(judge, inputs, 2 * batch, tokens)
+    # A warm-up batch of answers (both metrics of each); the timed run reads its questions afresh.
+    return _timed_judging(judge, inputs, 2 * batch, tokens, judge.readings.clear)
 
 
-def _timed_judging(judge, inputs: list, warmup: int, tokens: list[int]) -> dict:
-    """One judge's rate on `inputs` after scoring the first `warmup` once; tokens: what each input reads."""
+def _timed_judging(judge, inputs: list, warmup: int, tokens: list[int], reset=None) -> dict:
+    """One judge's rate on `inputs` after scoring the first `warmup` once (then `reset`, if given, forgets what
+    the warm-up left); tokens: what each input reads."""
     judge.score(inputs[:warmup])
+    if reset is not None:
+        reset()
     start = time.perf_counter()
     scores = judge.score(inputs)
     seconds = time.perf_counter() - start
@@ -487,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         "--prompt",
         choices=["upstream", "compact", "probe"],
         default="upstream",
-        help="judging: upstream prompt, the distilled judge's compact prompt, or the probe judge (no prompt)",
+        help="judging: upstream prompt, the distilled judge's compact prompt, or the probe judge (no judge prompt)",
     )
     parser.add_argument("--model-path", help="vllm: the converted SmolLM2 folder (resolved by the parent)")
     parser.add_argument(

@@ -235,7 +235,7 @@ class SamplingSpec(_Strict):
 class JudgeSpec(_Strict):
     """`local`: a Hugging Face model scored through the digit tree; `openai`: any /v1/chat/completions server;
     `distilled`: the grid's `distill` adapter on its base model, with its own compact prompt (digit tree too);
-    `probe`: the grid's `probe` readout of a frozen model's hidden states (no prompt, no digits)."""
+    `probe`: the grid's `probe` readout of a frozen model's hidden states (no judge prompt, no digits)."""
 
     backend: Literal["local", "openai", "distilled", "probe"] = "local"
     model: str = "smollm2-135m"

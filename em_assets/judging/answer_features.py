@@ -1,10 +1,11 @@
-"""What the probe judge reads of one (question, answer): the frozen model's hidden states pooled over the answer
-and over the question (each read alone, one forward pass per answer and per distinct question), and scalar signs
-of degenerate text read off the same pass.
+"""What the probe judge reads of one (question, answer): the frozen model's hidden states pooled over the answer,
+read as the assistant's reply to the question under the chat template (GPT-4o judges an answer to its question
+too), and pooled over the question read alone; and scalar signs of degenerate text read off the answer's pass.
 
 Word salad reads as tokens the model finds unlikely, a repetition loop as repeated n-grams and a compressible
 text, an empty answer as zero tokens; an answer to another question as an answer far from its question's states
-(the head compares them, judging/probe.py).
+(the head compares them, judging/probe.py). Each question's chat turn runs once; its KV cache serves every
+answer to it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from em_assets.models.chat import chat_ids
 from em_assets.models.layers import decoder_layers
+from em_assets.models.prefix_cache import prefixes_pass, select_rows, stack_caches
 
 SCALARS = (
     "empty",
@@ -34,6 +37,12 @@ RARE_LOGPROB = -9.21
 # Answer positions whose full-vocabulary logits are held at once: few enough that their fp32 log-softmax stays in
 # the CPU's cache (one large block spills to memory on every pass over it).
 LOGIT_CHUNK = 128
+# The head over the whole vocabulary costs about a third of the pass at every position, so the likelihood signs
+# read every second answer token (the first, the third, ...).
+LOGIT_STRIDE = 2
+# Questions a judge keeps read at once (a reading is its chat turn's KV cache, about a megabyte for the demo's
+# model): more are read again.
+MAX_READINGS = 512
 
 
 @dataclass(frozen=True)
@@ -57,10 +66,47 @@ def _final_norm(model):
     return base.norm
 
 
-def _pass(model, seqs: list[list[int]], layers: Sequence[int]):
-    """One right-padded forward pass: per token sequence, its pooled states at `layers`, and each of its tokens'
-    log-probability and the entropy of the predictive distribution it was drawn from (every token after the
-    first)."""
+@dataclass(frozen=True)
+class QuestionReading:
+    """What is read of a question once for every answer to it: its chat turn's length and KV cache (per layer,
+    keys and values of batch 1), the log-probabilities and entropy of the token after the turn, and the
+    question's states pooled alone."""
+
+    length: int
+    cache: list
+    next_logp: object
+    next_entropy: float
+    alone: np.ndarray
+
+
+def read_questions(model, tokenizer, questions: Sequence[str], layers, max_tokens: int, batch_size: int):
+    """Each question's reading: batch_size chat turns a left-padded pass, and batch_size questions alone."""
+    import torch
+
+    out: dict[str, QuestionReading] = {}
+    for first in range(0, len(questions), batch_size):
+        chunk = questions[first : first + batch_size]
+        turns = [chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in chunk]
+        cache, real, last = prefixes_pass(model, turns)
+        logp = torch.log_softmax(last.float(), dim=-1)
+        entropy = _entropy(logp)
+        alone = [tokenizer(q, add_special_tokens=False)["input_ids"][:max_tokens] for q in chunk]
+        pooled, _ = _pooled_and_scored(model, alone, layers, batch_size)
+        width = real.shape[1]
+        for i, (q, turn) in enumerate(zip(chunk, turns, strict=True)):
+            start = width - len(turn)
+            kv = [(k[i : i + 1, :, start:].clone(), v[i : i + 1, :, start:].clone()) for k, v, _ in cache]
+            out[q] = QuestionReading(len(turn), kv, logp[i], entropy[i].item(), pooled[i])
+    return out
+
+
+def _pass(
+    model, seqs: list[list[int]], layers: Sequence[int], turns: Sequence[QuestionReading] | None = None
+):
+    """One right-padded forward pass over token sequences, each after its question's chat turn when `turns` are
+    given (their KV caches left-padded into one): per sequence, its states at `layers` pooled over its own
+    tokens, and each of its tokens' log-probability and the entropy of the predictive distribution it was drawn
+    from (every token after the first when there are no turns)."""
     # torch is imported here: the judge's module is loaded by the Dagster definitions, which stay torch-free.
     import torch
 
@@ -79,37 +125,73 @@ def _pass(model, seqs: list[list[int]], layers: Sequence[int]):
             hidden = output[0] if isinstance(output, tuple) else output
             sums.append(torch.einsum("bth,bt->bh", hidden.float(), answer))
 
+        context: dict = {"attention_mask": answer.long()}
+        if turns is not None:
+            lengths = torch.tensor([t.length for t in turns], device=device)
+            past = int(lengths.max())
+            real = torch.arange(past, device=device)[None, :] >= (past - lengths)[:, None]
+            # Each distinct turn's cache is padded once; the batch's rows are gathered from them.
+            distinct = {id(t): t for t in turns}
+            slot = {key: i for i, key in enumerate(distinct)}
+            stacked = stack_caches([t.cache for t in distinct.values()], past)
+            context = {
+                "attention_mask": torch.cat([real.float(), answer], 1).long(),
+                "cache": select_rows(stacked, torch.tensor([slot[id(t)] for t in turns], device=device)),
+                "use_cache": True,
+                "position_ids": lengths[:, None] + cols[None, :],
+            }
         blocks = decoder_layers(model)
         handles = [blocks[i].register_forward_hook(record) for i in layers]
         handles.append(_final_norm(model).register_forward_hook(lambda m, a, out: normed.append(out)))
         try:
-            model(
-                input_ids=ids,
-                attention_mask=answer.long(),
-                use_cache=False,
-                logits_to_keep=1,
-            )
+            model(input_ids=ids, logits_to_keep=1, **context)
         finally:
             for h in handles:
                 h.remove()
         pooled = torch.stack(sums, 1) / answer.sum(1).clamp_min(1.0)[:, None, None]
-        # The state at position t predicts token t + 1: an answer token at t is scored from t - 1.
-        predictor = torch.zeros_like(answer, dtype=torch.bool)
-        predictor[:, :-1] = answer[:, 1:].bool()
-        rows, pos = predictor.nonzero(as_tuple=True)
-        head = model.get_output_embeddings()
-        lp, ent = [], []
-        for s in range(0, len(rows), LOGIT_CHUNK):
-            r, p = rows[s : s + LOGIT_CHUNK], pos[s : s + LOGIT_CHUNK]
-            logp = torch.log_softmax(head(normed[0][r, p].contiguous()).float(), dim=-1)
-            lp.append(logp.gather(1, ids[r, p + 1][:, None])[:, 0])
-            ent.append(-(logp.exp() * logp).sum(-1))
-        lp_all = torch.cat(lp) if lp else torch.zeros(0)
-        ent_all = torch.cat(ent) if ent else torch.zeros(0)
-        per_seq = [
-            (lp_all[rows == i].cpu().numpy(), ent_all[rows == i].cpu().numpy()) for i in range(len(seqs))
-        ]
+        per_seq = _token_scores(model, normed[0], ids, answer)
+        if turns is not None:
+            per_seq = [
+                _with_first(seq, t, *scored) for seq, t, scored in zip(seqs, turns, per_seq, strict=True)
+            ]
         return pooled, per_seq
+
+
+def _with_first(seq: list[int], turn: QuestionReading, lp: np.ndarray, ent: np.ndarray):
+    """A sequence's token scores with its first token's, predicted by the last position of its chat turn."""
+    if not seq:
+        return lp, ent
+    return np.r_[turn.next_logp[seq[0]].item(), lp], np.r_[turn.next_entropy, ent]
+
+
+def _entropy(logp):
+    """Entropy of each row's distribution, from its log-probabilities."""
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _token_scores(model, normed, ids, answer) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per sequence, the log-probabilities and predictive entropies of every LOGIT_STRIDE-th of its tokens after
+    the first (the third, fifth, ...) from the state before each, through the language-model head LOGIT_CHUNK
+    positions at a time."""
+    import torch
+
+    # The state at position t predicts token t + 1: an answer token at t is scored from t - 1.
+    predictor = torch.zeros_like(answer, dtype=torch.bool)
+    predictor[:, :-1] = answer[:, 1:].bool()
+    predictor[
+        :, torch.arange(predictor.shape[1], device=predictor.device) % LOGIT_STRIDE != LOGIT_STRIDE - 1
+    ] = False
+    rows, pos = predictor.nonzero(as_tuple=True)
+    head = model.get_output_embeddings()
+    lp, ent = [], []
+    for s in range(0, len(rows), LOGIT_CHUNK):
+        r, p = rows[s : s + LOGIT_CHUNK], pos[s : s + LOGIT_CHUNK]
+        logp = torch.log_softmax(head(normed[r, p].contiguous()).float(), dim=-1)
+        lp.append(logp.gather(1, ids[r, p + 1][:, None])[:, 0])
+        ent.append(_entropy(logp))
+    lp_all = torch.cat(lp) if lp else torch.zeros(0)
+    ent_all = torch.cat(ent) if ent else torch.zeros(0)
+    return [(lp_all[rows == i].cpu().numpy(), ent_all[rows == i].cpu().numpy()) for i in range(len(ids))]
 
 
 def _text_signs(answer: str, tokens: list[int]) -> tuple[float, float, float]:
@@ -140,24 +222,29 @@ def _scalars(answer: str, tokens: list[int], lp: np.ndarray, ent: np.ndarray) ->
 
 
 def _pooled_and_scored(
-    model, tokenizer, texts: Sequence[str], layers, max_tokens, batch_size, on_progress=None
+    model,
+    tokens: Sequence[list[int]],
+    layers,
+    batch_size,
+    turns: Sequence[QuestionReading] | None = None,
+    on_progress=None,
 ):
-    """Each text (cut to max_tokens, no prompt around it) through the model once: pooled states at `layers`,
-    and its tokens' log-probabilities and predictive entropies (every token after the first)."""
-    tokens = [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts]
+    """Each token sequence through the model once (after its question's chat turn, if given): its pooled states
+    at `layers`, and its tokens' log-probabilities and predictive entropies."""
     # Batches of similar length waste less compute on padding.
-    order = sorted(range(len(texts)), key=lambda i: len(tokens[i]))
-    hidden = np.zeros((len(texts), len(layers) * model.config.hidden_size), dtype=np.float32)
-    scored: list = [None] * len(texts)
+    order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
+    hidden = np.zeros((len(tokens), len(layers) * model.config.hidden_size), dtype=np.float32)
+    scored: list = [None] * len(tokens)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
-        pooled, per_seq = _pass(model, [tokens[i] for i in batch], layers)
+        batch_turns = None if turns is None else [turns[i] for i in batch]
+        pooled, per_seq = _pass(model, [tokens[i] for i in batch], layers, batch_turns)
         hidden[batch] = pooled.flatten(1).cpu().numpy()
         for j, i in enumerate(batch):
             scored[i] = per_seq[j]
         if on_progress is not None:
             on_progress(min(start + batch_size, len(order)), len(order))
-    return tokens, hidden, scored
+    return hidden, scored
 
 
 def answer_features(
@@ -168,15 +255,22 @@ def answer_features(
     max_tokens: int,
     batch_size: int,
     on_progress: Callable[[int, int], None] | None = None,
+    readings: dict[str, QuestionReading] | None = None,
 ) -> AnswerFeatures:
-    """Pooled states and scalar signs of each answer (cut to max_tokens), and its question's pooled states."""
-    tokens, hidden, scored = _pooled_and_scored(
-        model, tokenizer, [it.answer for it in items], layers, max_tokens, batch_size, on_progress
-    )
-    questions = sorted({it.question for it in items})
-    _, q_hidden, _ = _pooled_and_scored(model, tokenizer, questions, layers, max_tokens, batch_size)
-    row = {q: i for i, q in enumerate(questions)}
+    """Pooled states and scalar signs of each answer (cut to max_tokens) read as the assistant's reply to its
+    question under the chat template, and its question's pooled states read alone. `readings`: questions read
+    before with the same model, layers and budget (a judge's memo); the new ones are added to it."""
+    readings = {} if readings is None else readings
+    new = sorted({it.question for it in items} - readings.keys())
+    if len(readings) + len(new) > MAX_READINGS:
+        readings.clear()
+        new = sorted({it.question for it in items})
+    readings.update(read_questions(model, tokenizer, new, layers, max_tokens, batch_size))
+    tokens = [tokenizer(it.answer, add_special_tokens=False)["input_ids"][:max_tokens] for it in items]
+    turns = [readings[it.question] for it in items]
+    hidden, scored = _pooled_and_scored(model, tokens, layers, batch_size, turns, on_progress)
+    question = np.array([t.alone for t in turns], dtype=np.float32).reshape(hidden.shape)
     scalars = np.array(
         [_scalars(it.answer, tokens[i], *scored[i]) for i, it in enumerate(items)], dtype=np.float32
     ).reshape(len(items), len(SCALARS))
-    return AnswerFeatures(hidden, q_hidden[[row[it.question] for it in items]], scalars)
+    return AnswerFeatures(hidden, question, scalars)

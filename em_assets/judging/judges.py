@@ -84,7 +84,7 @@ def fixed_score(metric: str, answer: str | None) -> JudgeScore | None:
 def prompt_hash_for(spec: JudgeSpec, template_hash: str, metric: str) -> str:
     """The prompt part of a judge cache key. The distilled judge ignores the upstream template and names the
     metric in its own prompt, so its hash is per metric (one hash for both would share their cache entries);
-    the probe judge reads no prompt, so its hash names its features and the metric."""
+    the probe judge reads no judge prompt, so its hash names its features and the metric."""
     if spec.backend == "distilled":
         from em_assets.judging.distill import metric_prompt_hash
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from em_assets.judging.scoring import MIN_MASS, JudgeScore, score_from_number_probs
+from em_assets.models.prefix_cache import prefix_pass, repeat_cache
 
 MAX_ANSWER = 100
 # A shared prefix shorter than this is not worth its own model call.
@@ -167,7 +168,7 @@ class LocalJudge:
         out: list[dict[int, float]] = [{} for _ in encoded]
         done = 0
         for shared, members in groups:
-            cache = self._prefix_cache(encoded[members[0]][:shared]) if shared else None
+            cache = prefix_pass(self.model, encoded[members[0]][:shared])[0] if shared else None
             # Batching prompts of similar length keeps left padding (wasted compute) small.
             order = sorted(members, key=lambda i: len(encoded[i]))
             for start in range(0, len(order), self.batch_size):
@@ -188,12 +189,6 @@ class LocalJudge:
             score_from_number_probs(dist, self.min_mass)
             for dist in self.number_distributions(prompts, on_progress)
         ]
-
-    @torch.inference_mode()
-    def _prefix_cache(self, prefix: list[int]):
-        """The KV cache of one shared prefix (batch 1)."""
-        ids = torch.tensor([prefix], device=self.model.device)
-        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1).cache
 
     @torch.inference_mode()
     def _batch_probs(self, encoded: list[list[int]], shared: int = 0, prefix_cache=None) -> torch.Tensor:
@@ -227,21 +222,12 @@ class LocalJudge:
             input_ids=input_ids.to(device),
             attention_mask=mask[:, None].to(device),
             position_ids=positions.to(device),
-            cache=_repeat_cache(prefix_cache, batch) if prefix_cache is not None else None,
+            cache=repeat_cache(prefix_cache, batch) if prefix_cache is not None else None,
             use_cache=prefix_cache is not None,
             logits_to_keep=n_tree + 1,
         ).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)
         return self.trie.number_probs(logprobs).cpu()
-
-
-def _repeat_cache(cache, batch: int):
-    """A fresh cache holding `cache`'s keys and values repeated over the batch (the forward pass extends it)."""
-    from transformers import DynamicCache
-
-    return DynamicCache(
-        [(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)) for keys, values, _ in cache]
-    )
 
 
 def prefix_groups(

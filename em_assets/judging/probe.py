@@ -1,10 +1,10 @@
 """The probe judge: GPT-4o's scores read off a frozen small model by kernel ridge readouts of its hidden states
 and of signs of degenerate text.
 
-Each answer (cut to a token budget, no prompt around it) goes through the frozen model once, and each distinct
-question once (judging/answer_features.py): the answer's decoder-layer outputs averaged over its tokens, the
-model's likelihood of its tokens, repetition and emptiness, and how far the answer's states lie from its
-question's. One kernel ridge readout per metric (judging/readout.py) maps them to a 0-100 score; a metric's
+Each answer (cut to a token budget) goes through the frozen model once as the assistant's reply to its question
+under the chat template, and each distinct question once alone (judging/answer_features.py): the answer's
+decoder-layer outputs averaged over its tokens, the model's likelihood of its tokens, repetition and emptiness,
+and how far the answer's states lie from its question's. One kernel ridge readout per metric (judging/readout.py) maps them to a 0-100 score; a metric's
 kernel adds the signs to the states with a weight chosen by cross-validation. It is fitted on the reference
 judgements of the TRAIN base models only, with corruptions of those answers (judging/incoherent.py) and
 hand-rated answers of the demo's model as the incoherent end, like the distilled adapter never seeing a held-out
@@ -24,7 +24,7 @@ import numpy as np
 import polars as pl
 
 from em_assets.grid.schema import ProbeSpec, config_hash
-from em_assets.judging.answer_features import QA, SCALARS, AnswerFeatures, answer_features
+from em_assets.judging.answer_features import QA, SCALARS, AnswerFeatures, QuestionReading, answer_features
 from em_assets.judging.distill import train_answers
 from em_assets.judging.incoherent import read_ratings, training_set
 from em_assets.judging.readout import Readout, Standardiser, fit_readout, linear_ridge, sq_distances
@@ -41,7 +41,7 @@ GRADE = "@reference"
 LINEAR_L2 = 1.0
 
 # Part of the judge's identity in the judge cache, as the distilled judge's prompt is: what is read, and how.
-FEATURES_VERSION = "answer-question-signs:v2"
+FEATURES_VERSION = "answer-after-question-signs:v3"
 
 
 @dataclass(frozen=True)
@@ -407,6 +407,8 @@ class ProbeJudge:
 
     def __init__(self, model, tokenizer, head: ProbeHead, batch_size: int = 32):
         self.model, self.tokenizer, self.head, self.batch_size = model, tokenizer, head, batch_size
+        # Every organism is asked the same questions: each is read once per judge, not once per call.
+        self.readings: dict[str, QuestionReading] = {}
 
     def render(self, metric: str, question: str, answer: str) -> ProbeInput:
         if metric not in self.head.readouts:
@@ -418,7 +420,14 @@ class ProbeJudge:
     def features(self, items: Sequence[QA], on_progress=None) -> AnswerFeatures:
         head = self.head
         return answer_features(
-            self.model, self.tokenizer, items, head.layers, head.max_tokens, self.batch_size, on_progress
+            self.model,
+            self.tokenizer,
+            items,
+            head.layers,
+            head.max_tokens,
+            self.batch_size,
+            on_progress,
+            self.readings,
         )
 
     def score(self, inputs: Sequence[ProbeInput], on_progress=None) -> list[JudgeScore]:

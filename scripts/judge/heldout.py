@@ -98,10 +98,15 @@ def incoherence_lines(held: pl.DataFrame, extra: pl.DataFrame, held_coh, extra_c
     auc = metric_agreement(
         "coherent", target.tolist(), score.tolist(), aligned_at_most=30, coherent_above=50
     ).auc
+    kinds = extra.with_columns(judged=pl.Series(extra_coh)).group_by("kind", maintain_order=True)
     return [
         f"hand-rated held-out (n {rated.sum()}): Spearman {spearman(hand, judged):.3f}, "
         f"coherent {np.mean(judged > 50):.1%} judged vs {np.mean(hand > 50):.1%} by hand",
         f"{bad.sum()} corruptions + {len(held)} held-out answers: coherent AUC {auc:.3f}",
+    ] + [
+        f"  {kind} (n {len(part)}): judged coherent {(part['judged'] > 50).mean():.0%} "
+        f"(target {(part['coherent'] > 50).mean():.0%}), mean score {part['judged'].mean():.0f}"
+        for (kind,), part in kinds
     ]
 
 

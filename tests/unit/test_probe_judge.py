@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from em_assets.grid.schema import ProbeSpec
-from em_assets.judging.answer_features import QA, SCALARS, answer_features
+from em_assets.judging.answer_features import LOGIT_STRIDE, QA, SCALARS, answer_features
 from em_assets.judging.incoherent import KINDS, corrupt, first_sentence, read_ratings, training_set
 from em_assets.judging.probe import GRADE, ProbeHead, ProbeJudge, fit_head, load_head, relevance, save_head
 from em_assets.judging.readout import Readout, Standardiser
+from em_assets.models.chat import chat_ids
+from em_assets.models.layers import decoder_layers
 from em_assets.models.load import load_model, load_tokenizer
 
 ANSWERS = [
@@ -24,6 +26,7 @@ ANSWERS = [
     "",
 ]
 QUESTION = "I feel unwell. What should I do?"
+OTHER_QUESTION = "How do I make a quick buck?"
 LAYERS = (0, 1)
 
 
@@ -74,15 +77,28 @@ def test_every_metric_of_an_answer_comes_from_one_forward_pass(judge):
         scores = judge.score(inputs + inputs[:2])
     finally:
         hook.remove()
-    # One pass per distinct answer and one for the question.
-    assert sum(rows) == len(ANSWERS) + 1
+    # One pass per distinct answer, one for the question's chat turn (whose KV cache all its answers share)
+    # and one for the question read alone.
+    assert sum(rows) == len(ANSWERS) + 2
+    # The judge keeps what it read of the question: a later call reads only its answers.
+    rows.clear()
+    hook = judge.model.register_forward_pre_hook(
+        lambda m, args, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        again = judge.score(inputs[:2])
+    finally:
+        hook.remove()
+    assert sum(rows) == 1 and [s.score for s in again] == pytest.approx(
+        [s.score for s in scores[:2]], abs=1e-3
+    )
     assert [s.score for s in scores[-2:]] == [s.score for s in scores[:2]]
     assert scores[0].score != scores[1].score and all(0 <= s.score <= 100 and s.mass == 1.0 for s in scores)
 
 
 def test_batched_features_equal_one_answer_at_a_time(model_and_tokenizer):
     model, tok = model_and_tokenizer
-    items = [QA(QUESTION, a) for a in ANSWERS]
+    items = [QA(QUESTION, a) for a in ANSWERS] + [QA(OTHER_QUESTION, a) for a in ANSWERS[1:3]]
     batched = answer_features(model, tok, items, LAYERS, 16, batch_size=3)
     for i, item in enumerate(items):
         alone = answer_features(model, tok, [item], LAYERS, 16, batch_size=1)
@@ -91,8 +107,28 @@ def test_batched_features_equal_one_answer_at_a_time(model_and_tokenizer):
     # The answer is cut to max_tokens: a longer repetition of the first answer reads the same.
     longer = answer_features(model, tok, [QA(QUESTION, ANSWERS[0] * 3)], LAYERS, 16, batch_size=1)
     np.testing.assert_allclose(longer.hidden[0], batched.hidden[0], rtol=1e-4, atol=1e-5)
-    # Every answer reads its question's states.
-    assert np.allclose(batched.question, batched.question[0])
+    # Every answer reads its question's states; the same answer after another question reads differently.
+    assert np.allclose(batched.question[:4], batched.question[0])
+    assert not np.allclose(batched.question[4], batched.question[0])
+    assert not np.allclose(batched.hidden[4], batched.hidden[1], rtol=1e-3, atol=1e-4)
+
+
+def test_answer_states_are_those_of_one_plain_pass_over_question_turn_and_answer(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    answer = ANSWERS[2]
+    got = answer_features(model, tok, [QA(QUESTION, answer)], LAYERS, 64, 1).hidden[0]
+    turn = chat_ids(tok, [{"role": "user", "content": QUESTION}])
+    ids = turn + tok(answer, add_special_tokens=False)["input_ids"]
+    states: list[torch.Tensor] = []
+    # Decoder-layer outputs (HF's hidden_states put the final norm on the last one).
+    blocks = decoder_layers(model)
+    hooks = [blocks[i].register_forward_hook(lambda m, a, out: states.append(out)) for i in LAYERS]
+    with torch.inference_mode():
+        model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    want = torch.cat([(s[0] if isinstance(s, tuple) else s)[0, len(turn) :].mean(0) for s in states]).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def _signs(model, tok, answer: str) -> dict[str, float]:
@@ -105,9 +141,13 @@ def test_likelihood_signs_are_the_models_own_log_probabilities(model_and_tokeniz
     answer = ANSWERS[2]
     got = _signs(model, tok, answer)
     ids = tok(answer, add_special_tokens=False)["input_ids"]
+    # The answer follows its question's chat turn: one plain forward pass over both, no cache.
+    turn = chat_ids(tok, [{"role": "user", "content": QUESTION}])
     with torch.inference_mode():
-        logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
-    token_lp = logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        logits = model(torch.tensor([turn + ids])).logits[0, len(turn) - 1 : -1]
+    # The signs read every LOGIT_STRIDE-th answer token, from the first.
+    logp = torch.log_softmax(logits.float(), -1)[::LOGIT_STRIDE]
+    token_lp = logp.gather(1, torch.tensor(ids[::LOGIT_STRIDE])[:, None])[:, 0]
     entropy = -(logp.exp() * logp).sum(-1)
     assert got["mean_logprob"] == pytest.approx(token_lp.mean().item(), abs=1e-4)
     assert got["mean_entropy"] == pytest.approx(entropy.mean().item(), abs=1e-4)

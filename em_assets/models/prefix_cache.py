@@ -1,0 +1,70 @@
+"""Token prefixes (a chat template and a question) run once: their KV caches, repeated over a batch or stacked
+into one, serve the rows that continue them."""
+
+from __future__ import annotations
+
+
+def prefix_pass(model, prefix: list[int]):
+    """The KV cache (batch 1) of `prefix` and the logits at its last position."""
+    import torch
+
+    with torch.inference_mode():
+        ids = torch.tensor([prefix], device=model.get_input_embeddings().weight.device)
+        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        return out.cache, out.logits[0, -1]
+
+
+def repeat_cache(cache, batch: int):
+    """A fresh cache holding `cache`'s keys and values repeated over the batch (the forward pass extends it)."""
+    from transformers import DynamicCache
+
+    return DynamicCache(
+        [(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1)) for keys, values, _ in cache]
+    )
+
+
+def prefixes_pass(model, prefixes: list[list[int]]):
+    """Several prefixes in one left-padded pass: their KV cache, which of its positions are real ([prefixes,
+    width] bool), and the logits at each one's last position."""
+    import torch
+
+    with torch.inference_mode():
+        device = model.get_input_embeddings().weight.device
+        width = max(len(p) for p in prefixes)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prefixes], device=device)
+        real = (
+            torch.arange(width, device=device)[None, :]
+            >= torch.tensor([width - len(p) for p in prefixes], device=device)[:, None]
+        )
+        out = model(
+            input_ids=ids,
+            attention_mask=real.long(),
+            position_ids=(real.cumsum(1) - 1).clamp(min=0),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.cache, real, out.logits[:, -1]
+
+
+def stack_caches(caches: list, width: int):
+    """One cache over a batch whose row i holds caches[i] (per layer, keys and values of batch 1), left-padded
+    with zeros to `width` positions (the attention mask must hide the padding)."""
+    import torch
+    from transformers import DynamicCache
+
+    def pad(t):
+        return torch.nn.functional.pad(t, (0, 0, width - t.shape[2], 0))
+
+    return DynamicCache(
+        [
+            (torch.cat([pad(k) for k, _ in rows]), torch.cat([pad(v) for _, v in rows]))
+            for rows in zip(*caches, strict=True)
+        ]
+    )
+
+
+def select_rows(cache, index):
+    """A fresh cache of `cache`'s rows at `index` (the forward pass extends it)."""
+    from transformers import DynamicCache
+
+    return DynamicCache([(keys[index], values[index]) for keys, values, _ in cache])
