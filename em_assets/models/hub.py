@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -56,13 +57,30 @@ def embedded_gguf(key: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses the GGUF file for the tokenizer, again for the config and again for the weights, and
+    rebuilds gguf's tensor-name map for every module (most of a conversion's time on a small CPU): inside this
+    block each file is parsed once and each map built once. Both are read-only, so sharing them is safe."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.cache(reader)
+    gguf.get_tensor_name_map = functools.cache(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
 def _convert_gguf(gguf: Path, out: Path) -> None:
     import torch  # the catalog resolves models without loading torch unless a conversion is needed
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting %s to safetensors under %s (once)", gguf.name, out)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are already dequantized to float; drop the GGUF marker that blocks save_pretrained.
     model.hf_quantizer = None
     model.is_quantized = False

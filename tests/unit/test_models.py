@@ -147,3 +147,29 @@ def test_loaded_models_hand_their_lm_head_a_contiguous_input(tiny_model_dir):
     ]
     assert all(x.is_contiguous() for x in seen)
     assert torch.allclose(kept, full[:, -4:], atol=1e-6)
+
+
+def test_a_gguf_conversion_parses_the_file_once():
+    import gguf
+    from transformers import AutoConfig, AutoTokenizer
+
+    from em_assets.models.hub import EMBEDDED, _gguf_parsed_once, embedded_gguf
+
+    path = embedded_gguf(next(iter(EMBEDDED)))
+    original, parsed = gguf.GGUFReader, []
+
+    class Counting(original):
+        def __init__(self, *args, **kwargs):
+            parsed.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    gguf.GGUFReader = Counting
+    try:
+        with _gguf_parsed_once():
+            AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        # Outside the block gguf is as it was.
+        assert gguf.GGUFReader is Counting
+    finally:
+        gguf.GGUFReader = original
+    assert len(parsed) == 1
