@@ -40,8 +40,8 @@ LOGIT_CHUNK = 128
 # The head over the whole vocabulary costs about a third of the pass at every position, so the likelihood signs
 # read every second answer token (the first, the third, ...).
 LOGIT_STRIDE = 2
-# Questions a judge keeps read at once (a reading is its chat turn's KV cache, about a megabyte for the demo's
-# model): more are read again.
+# Questions a judge keeps read at once (a reading, mostly its chat turn's KV cache, is 1-2 MB for the demo's
+# model): past that they are read again.
 MAX_READINGS = 512
 
 
@@ -79,7 +79,7 @@ class QuestionReading:
     alone: np.ndarray
 
 
-def read_questions(model, tokenizer, questions: Sequence[str], layers, max_tokens: int, batch_size: int):
+def _read_questions(model, tokenizer, questions: Sequence[str], layers, max_tokens: int, batch_size: int):
     """Each question's reading: batch_size chat turns a left-padded pass, and batch_size questions alone."""
     import torch
 
@@ -105,8 +105,8 @@ def _pass(
 ):
     """One right-padded forward pass over token sequences, each after its question's chat turn when `turns` are
     given (their KV caches left-padded into one): per sequence, its states at `layers` pooled over its own
-    tokens, and each of its tokens' log-probability and the entropy of the predictive distribution it was drawn
-    from (every token after the first when there are no turns)."""
+    tokens, and the log-probability of every LOGIT_STRIDE-th of its tokens with the entropy of the predictive
+    distribution it was drawn from (from the first token after a turn, from the third without one)."""
     # torch is imported here: the judge's module is loaded by the Dagster definitions, which stay torch-free.
     import torch
 
@@ -265,7 +265,7 @@ def answer_features(
     if len(readings) + len(new) > MAX_READINGS:
         readings.clear()
         new = sorted({it.question for it in items})
-    readings.update(read_questions(model, tokenizer, new, layers, max_tokens, batch_size))
+    readings.update(_read_questions(model, tokenizer, new, layers, max_tokens, batch_size))
     tokens = [tokenizer(it.answer, add_special_tokens=False)["input_ids"][:max_tokens] for it in items]
     turns = [readings[it.question] for it in items]
     hidden, scored = _pooled_and_scored(model, tokens, layers, batch_size, turns, on_progress)
