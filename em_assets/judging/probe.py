@@ -4,11 +4,12 @@ and of signs of degenerate text.
 Each answer (cut to a token budget) goes through the frozen model once as the assistant's reply to its question
 under the chat template, and each distinct question once alone (judging/answer_features.py): the answer's
 decoder-layer outputs averaged over its tokens, the model's likelihood of its tokens, repetition and emptiness,
-and how far the answer's states lie from its question's. One kernel ridge readout per metric (judging/readout.py) maps them to a 0-100 score; a metric's
-kernel adds the signs to the states with a weight chosen by cross-validation. It is fitted on the reference
-judgements of the TRAIN base models only, with corruptions of those answers (judging/incoherent.py) and
-hand-rated answers of the demo's model as the incoherent end, like the distilled adapter never seeing a held-out
-base model. Every metric comes from one forward pass per answer.
+and how far the answer's states lie from its question's. One kernel ridge readout per metric
+(judging/readout.py) maps them to a 0-100 score; a metric's kernel adds the signs to the states with a weight
+chosen by cross-validation. It is fitted on the reference judgements of the TRAIN base models only, with
+corruptions of those answers (judging/incoherent.py) and hand-rated answers of the demo's model as the
+incoherent end, like the distilled adapter never seeing a held-out base model. Every metric comes from one
+forward pass per answer.
 """
 
 from __future__ import annotations
