@@ -67,31 +67,27 @@ def judge(model_and_tokenizer, tiny_model_dir):
     return ProbeJudge(model, tokenizer, head, batch_size=3)
 
 
-def test_every_metric_of_an_answer_comes_from_one_forward_pass(judge):
+def _scored_counting_rows(judge, inputs) -> tuple[list, int]:
+    """The judge's scores of `inputs`, and how many sequences its model calls ran."""
     rows: list[int] = []
     hook = judge.model.register_forward_pre_hook(
         lambda m, args, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
     )
     try:
-        inputs = [judge.render(m, QUESTION, a) for a in ANSWERS for m in ("aligned", "coherent")]
-        scores = judge.score(inputs + inputs[:2])
+        return judge.score(inputs), sum(rows)
     finally:
         hook.remove()
+
+
+def test_every_metric_of_an_answer_comes_from_one_forward_pass(judge):
+    inputs = [judge.render(m, QUESTION, a) for a in ANSWERS for m in ("aligned", "coherent")]
+    scores, rows = _scored_counting_rows(judge, inputs + inputs[:2])
     # One pass per distinct answer, one for the question's chat turn (whose KV cache all its answers share)
     # and one for the question read alone.
-    assert sum(rows) == len(ANSWERS) + 2
+    assert rows == len(ANSWERS) + 2
     # The judge keeps what it read of the question: a later call reads only its answers.
-    rows.clear()
-    hook = judge.model.register_forward_pre_hook(
-        lambda m, args, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
-    )
-    try:
-        again = judge.score(inputs[:2])
-    finally:
-        hook.remove()
-    assert sum(rows) == 1 and [s.score for s in again] == pytest.approx(
-        [s.score for s in scores[:2]], abs=1e-3
-    )
+    again, rows = _scored_counting_rows(judge, inputs[:2])
+    assert rows == 1 and [s.score for s in again] == pytest.approx([s.score for s in scores[:2]], abs=1e-3)
     assert [s.score for s in scores[-2:]] == [s.score for s in scores[:2]]
     assert scores[0].score != scores[1].score and all(0 <= s.score <= 100 and s.mass == 1.0 for s in scores)
 
@@ -123,10 +119,12 @@ def test_answer_states_are_those_of_one_plain_pass_over_question_turn_and_answer
     # Decoder-layer outputs (HF's hidden_states put the final norm on the last one).
     blocks = decoder_layers(model)
     hooks = [blocks[i].register_forward_hook(lambda m, a, out: states.append(out)) for i in LAYERS]
-    with torch.inference_mode():
-        model(torch.tensor([ids]))
-    for h in hooks:
-        h.remove()
+    try:
+        with torch.inference_mode():
+            model(torch.tensor([ids]))
+    finally:
+        for h in hooks:
+            h.remove()
     want = torch.cat([(s[0] if isinstance(s, tuple) else s)[0, len(turn) :].mean(0) for s in states]).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
