@@ -41,8 +41,8 @@ LOGIT_CHUNK = 128
 # read every second answer token (the first, the third, ...).
 LOGIT_STRIDE = 2
 # Questions a judge keeps read at once (a reading, mostly its chat turn's KV cache, is 1-2 MB for the demo's
-# model): past that they are read again.
-MAX_READINGS = 512
+# model): past that they are read again, which costs one pass per batch of questions.
+MAX_READINGS = 128
 
 
 @dataclass(frozen=True)

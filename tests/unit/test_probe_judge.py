@@ -109,6 +109,23 @@ def test_batched_features_equal_one_answer_at_a_time(model_and_tokenizer):
     assert not np.allclose(batched.hidden[4], batched.hidden[1], rtol=1e-3, atol=1e-4)
 
 
+def test_a_full_memo_of_questions_is_emptied_and_read_again(model_and_tokenizer, monkeypatch):
+    import em_assets.judging.answer_features as features
+
+    model, tok = model_and_tokenizer
+    monkeypatch.setattr(features, "MAX_READINGS", 1)
+    readings: dict = {}
+    first = [QA(QUESTION, ANSWERS[1]), QA(OTHER_QUESTION, ANSWERS[2])]
+    answer_features(model, tok, first, LAYERS, 16, 2, readings=readings)
+    assert set(readings) == {QUESTION, OTHER_QUESTION}
+    later = [QA("Which way is north?", ANSWERS[2]), QA(QUESTION, ANSWERS[1])]
+    got = answer_features(model, tok, later, LAYERS, 16, 2, readings=readings)
+    assert set(readings) == {QUESTION, "Which way is north?"}
+    fresh = answer_features(model, tok, later, LAYERS, 16, 2)
+    np.testing.assert_allclose(got.hidden, fresh.hidden, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got.scalars, fresh.scalars, rtol=1e-4, atol=1e-4)
+
+
 def test_answer_states_are_those_of_one_plain_pass_over_question_turn_and_answer(model_and_tokenizer):
     model, tok = model_and_tokenizer
     answer = ANSWERS[2]
