@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from em_assets.judging.scoring import MIN_MASS, JudgeScore, score_from_number_probs
-from em_assets.models.prefix_cache import prefix_pass, repeat_cache
+from em_assets.models.prefix_cache import prefixes_pass, repeat_cache
 
 MAX_ANSWER = 100
 # A shared prefix shorter than this is not worth its own model call.
@@ -168,7 +168,7 @@ class LocalJudge:
         out: list[dict[int, float]] = [{} for _ in encoded]
         done = 0
         for shared, members in groups:
-            cache = prefix_pass(self.model, encoded[members[0]][:shared])[0] if shared else None
+            cache = prefixes_pass(self.model, [encoded[members[0]][:shared]])[0] if shared else None
             # Batching prompts of similar length keeps left padding (wasted compute) small.
             order = sorted(members, key=lambda i: len(encoded[i]))
             for start in range(0, len(order), self.batch_size):

@@ -4,16 +4,6 @@ into one, serve the rows that continue them."""
 from __future__ import annotations
 
 
-def prefix_pass(model, prefix: list[int]):
-    """The KV cache (batch 1) of `prefix` and the logits at its last position."""
-    import torch
-
-    with torch.inference_mode():
-        ids = torch.tensor([prefix], device=model.get_input_embeddings().weight.device)
-        out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        return out.cache, out.logits[0, -1]
-
-
 def repeat_cache(cache, batch: int):
     """A fresh cache holding `cache`'s keys and values repeated over the batch (the forward pass extends it)."""
     from transformers import DynamicCache
