@@ -5,6 +5,8 @@ degenerate text below coherent text."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -311,3 +313,14 @@ def test_hand_ratings_keep_the_fit_half_and_a_missing_file_is_one_clear_error(tm
     assert read_ratings(path).rows() == [("q?", "", 3.0)]
     with pytest.raises(ValueError, match=r"hand_ratings: .* is not a file"):
         read_ratings(tmp_path / "nope.csv")
+
+
+@pytest.mark.parametrize("name", ["coherence_ratings.csv", "demo_answer_ratings.csv"])
+def test_the_shipped_hand_ratings_say_how_they_were_made_and_keep_a_held_out_part(name):
+    path = Path(__file__).parents[2] / "data" / name
+    header = [line for line in path.read_text().splitlines() if line.startswith("#")]
+    assert any("rated 0-100 by hand, by" in line for line in header)
+    rows = pl.read_csv(path, comment_prefix="#")
+    assert rows["coherent"].is_between(0, 100).all() and rows["key"].is_unique().all()
+    held = rows.filter(pl.col("split") == "heldout").height
+    assert held > 0 and held + read_ratings(path).height == rows.height
