@@ -1,16 +1,16 @@
 """Experiment: the demo's probe judge on the demo's own answers, rated by hand (data/demo_answer_ratings.csv, all
 held out): coherence rates judged and by hand, Spearman and AUC, per organism. The head is fitted as the demo
-fits it (features cached in data/cache/judge/fitcache, as scripts/judge/fit_demo_probe.py leaves them).
+fits it (scripts/judge/fit_demo_probe.py, whose feature cache it shares).
 Usage: PYTHONPATH=$PWD:$PWD/scripts/judge python scripts/judge/demo_answers.py"""
 
 from pathlib import Path
 
 import polars as pl
-from features import reference
+from fit_demo_probe import fit_demo_head
 
 from em_assets.grid.load import load_grid
 from em_assets.judging.agreement import metric_agreement
-from em_assets.judging.probe import ProbeJudge, fit_probe
+from em_assets.judging.probe import ProbeJudge
 from em_assets.models.hub import resolve
 from em_assets.models.load import load_model, load_tokenizer
 
@@ -36,16 +36,7 @@ def line(name: str, part: pl.DataFrame) -> str:
 def main() -> None:
     spec = load_grid("data/grid.yaml", "demo").probe
     path = resolve("smollm2", spec.source).path
-    fit = fit_probe(
-        path,
-        reference(),
-        spec,
-        Path("data/cache/judge/head"),
-        "cpu",
-        None,
-        Path("data/cache/judge/fitcache"),
-        {"aligned": 30, "coherent": 50},
-    )
+    fit = fit_demo_head(spec, path)
     judge = ProbeJudge(load_model(path, device="cpu"), load_tokenizer(path), fit.head, spec.batch_size)
     rated = pl.read_csv(RATINGS, comment_prefix="#").with_columns(pl.col("response").fill_null(""))
     inputs = [judge.render("coherent", q, a) for q, a in rated.select("question", "response").rows()]

@@ -7,8 +7,22 @@ from pathlib import Path
 from features import reference
 
 from em_assets.grid.load import load_grid
-from em_assets.judging.probe import fit_probe
+from em_assets.judging.probe import ProbeFit, fit_probe
 from em_assets.models.hub import resolve
+
+
+def fit_demo_head(spec, path) -> ProbeFit:
+    """fit_probe as the demo calls it, its features cached in data/cache/judge/fitcache."""
+    return fit_probe(
+        path,
+        reference(),
+        spec,
+        Path("data/cache/judge/head"),
+        "cpu",
+        None,
+        Path("data/cache/judge/fitcache"),
+        {"aligned": 30, "coherent": 50},
+    )
 
 
 def main() -> None:
@@ -17,16 +31,7 @@ def main() -> None:
     # The first fit fills the feature cache; the second reads it.
     for label in ("cold", "with the feature cache"):
         t = time.perf_counter()
-        fit = fit_probe(
-            path,
-            reference(),
-            grid.probe,
-            Path("data/cache/judge/head"),
-            "cpu",
-            None,
-            Path("data/cache/judge/fitcache"),
-            {"aligned": 30, "coherent": 50},
-        )
+        fit = fit_demo_head(grid.probe, path)
         print(
             f"fit_probe {label}: {fit.n_answers} rows, {fit.seconds:.0f} s (wall {time.perf_counter() - t:.0f} s)"
         )
