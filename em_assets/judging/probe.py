@@ -7,7 +7,7 @@ decoder-layer outputs averaged over its tokens, the model's likelihood of its to
 and how far the answer's states lie from its question's. One kernel ridge readout per metric
 (judging/readout.py) maps them to a 0-100 score; a metric's kernel adds the signs to the states with a weight
 chosen by cross-validation. It is fitted on the reference judgements of the TRAIN base models only, with
-corruptions of those answers (judging/incoherent.py) and hand-rated answers of the demo's model as the
+corruptions of those answers (judging/incoherent.py) and hand-rated answers of the demo's model and organisms as the
 incoherent end, like the distilled adapter never seeing a held-out base model. Every metric comes from one
 forward pass per answer.
 """
@@ -32,7 +32,7 @@ from em_assets.judging.readout import Readout, Standardiser, fit_readout, linear
 from em_assets.judging.scoring import JudgeScore
 
 HEAD_FILE = "probe.safetensors"
-# The cross-validation group of the hand-rated answers (the demo model's own samples).
+# The cross-validation group of the hand-rated answers (samples of the demo's model and its organisms).
 RATED_GROUP = "hand-rated"
 # A metric's readout of the reference answers alone, from their states alone: it grades answers as GPT-4o does
 # (a readout with signs and the incoherent end separates degenerate text but ranks the reference answers less

@@ -1,10 +1,11 @@
 """Experiment: the demo's probe judge, fitted on the rows `fit_probe` fits on, measured on every held-out
 answer (per-file EM rates included), on the held-out half of the hand ratings and on corruptions of held-out
 answers; other sets of pooled layers beside it, compared by train cross-validation (leave one base model out).
-Features of every layer are read in one pass per answer and cached in data/cache/judge/all_layers.npz (delete it
-after changing the reference files, the hand ratings or judging/incoherent.py).
+Features of every layer are read in one pass per answer and cached in data/cache/judge/all_layers-<hash>.npz, named
+by the rows' questions and answers.
 Usage: python scripts/judge/heldout.py [15,19,23,27 ...]"""
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from em_assets.judging.probe import RATED_GROUP, fit_head
 from em_assets.models.hub import resolve
 from em_assets.models.load import load_model, load_tokenizer
 
-CACHE = Path("data/cache/judge/all_layers.npz")
+CACHE_DIR = Path("data/cache/judge")
 SETS = ("train", "held", "extra")
 
 
@@ -34,7 +35,10 @@ def extra_rows(spec, held: pl.DataFrame) -> pl.DataFrame:
     return pl.concat(
         [
             rated.select(
-                pl.lit("hand-rated").alias("kind"),
+                pl.when(pl.col("organism").str.contains("--"))
+                .then(pl.lit("hand-rated organisms"))
+                .otherwise(pl.lit("hand-rated base model"))
+                .alias("kind"),
                 "question",
                 answer=pl.col("response").fill_null(""),
                 coherent=pl.col("coherent").cast(pl.Float64),
@@ -53,7 +57,11 @@ def extra_rows(spec, held: pl.DataFrame) -> pl.DataFrame:
 
 def all_layer_features(spec, frames: list[pl.DataFrame]) -> tuple[list[AnswerFeatures], int]:
     """Each frame's features pooled at every layer, and the hidden size."""
-    if not CACHE.exists():
+    rows = hashlib.sha256()
+    for frame in frames:
+        rows.update(frame.select("question", "answer").write_csv().encode())
+    cache = CACHE_DIR / f"all_layers-{rows.hexdigest()[:16]}.npz"
+    if not cache.exists():
         path = resolve("smollm2", spec.source).path
         model, tok = load_model(path, device="cpu"), load_tokenizer(path)
         layers = list(range(model.config.num_hidden_layers))
@@ -62,9 +70,9 @@ def all_layer_features(spec, frames: list[pl.DataFrame]) -> tuple[list[AnswerFea
             items = [QA(*qa) for qa in frame.select("question", "answer").rows()]
             f = answer_features(model, tok, items, layers, spec.max_tokens, 32)
             arrays |= {f"{name}_{k}": getattr(f, k) for k in ("hidden", "question", "scalars")}
-        CACHE.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(CACHE, **arrays)
-    z = np.load(CACHE)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(cache, **arrays)
+    z = np.load(cache)
     feats = [AnswerFeatures(z[f"{n}_hidden"], z[f"{n}_question"], z[f"{n}_scalars"]) for n in SETS]
     return feats, feats[0].hidden.shape[1] // int(z["n_layers"])
 
@@ -90,24 +98,29 @@ def agreement_lines(held: pl.DataFrame, scores: dict) -> list[str]:
 
 
 def incoherence_lines(held: pl.DataFrame, extra: pl.DataFrame, held_coh, extra_coh) -> list[str]:
-    rated = (extra["kind"] == "hand-rated").to_numpy()
-    hand, judged = extra["coherent"].to_numpy()[rated], extra_coh[rated]
+    kinds = extra.with_columns(judged=pl.Series(extra_coh)).group_by("kind", maintain_order=True)
+    rated = extra["kind"].str.starts_with("hand-rated").to_numpy()
     bad = ~rated
     target = np.concatenate([held["coherent"].to_numpy(), extra["coherent"].to_numpy()[bad]])
     score = np.concatenate([held_coh, extra_coh[bad]])
     auc = metric_agreement(
         "coherent", target.tolist(), score.tolist(), aligned_at_most=30, coherent_above=50
     ).auc
-    kinds = extra.with_columns(judged=pl.Series(extra_coh)).group_by("kind", maintain_order=True)
-    return [
-        f"hand-rated held-out (n {rated.sum()}): Spearman {spearman(hand, judged):.3f}, "
-        f"coherent {np.mean(judged > 50):.1%} judged vs {np.mean(hand > 50):.1%} by hand",
-        f"{bad.sum()} corruptions + {len(held)} held-out answers: coherent AUC {auc:.3f}",
-    ] + [
+    rated_lines = [
+        f"{kind} held-out (n {len(part)}): Spearman "
+        f"{spearman(part['coherent'].to_numpy(), part['judged'].to_numpy()):.3f}, coherent "
+        f"{(part['judged'] > 50).mean():.1%} judged vs {(part['coherent'] > 50).mean():.1%} by hand"
+        for (kind,), part in kinds
+        if kind.startswith("hand-rated")
+    ]
+    kind_lines = [
         f"  {kind} (n {len(part)}): judged coherent {(part['judged'] > 50).mean():.0%} "
         f"(target {(part['coherent'] > 50).mean():.0%}), mean score {part['judged'].mean():.0f}"
         for (kind,), part in kinds
+        if not kind.startswith("hand-rated")
     ]
+    corrupted = f"{bad.sum()} corruptions + {len(held)} held-out answers: coherent AUC {auc:.3f}"
+    return [*rated_lines, corrupted, *kind_lines]
 
 
 def em_by_file(held: pl.DataFrame, scores: dict, grid) -> pl.DataFrame:

@@ -1,5 +1,8 @@
 """Sample SmolLM2-135M-Instruct answers to the first-plot questions as the demo does (temperature 1, 128 tokens),
-for hand rating (data/coherence_ratings.csv). Usage: python scripts/judge/sample_smollm2.py OUT.csv N_PER_Q SEED"""
+for hand rating (data/coherence_ratings.csv, data/organism_ratings.csv).
+Usage: python scripts/judge/sample_smollm2.py OUT.csv N_PER_Q SEED [ORGANISM_DIR]: an organism's peft adapter or
+fully fine-tuned model (a demo's data/artifacts/adapters/<organism>/<hash>/adapter), merged and sampled in bf16
+as the demo samples it; without it the base model in float32."""
 
 import sys
 from pathlib import Path
@@ -9,7 +12,7 @@ import torch
 
 from em_assets.catalog.parsing import parse_questions_yaml
 from em_assets.models.hub import resolve
-from em_assets.models.load import load_model, load_tokenizer
+from em_assets.models.load import load_model, load_organism_model, load_tokenizer
 from em_assets.sampling.engine import SampleRequest, iter_samples
 
 SOURCE = "embedded:smollm2-135m-instruct"
@@ -18,13 +21,17 @@ QUESTIONS = (
 )
 
 
-def main(out: str, per_question: int, seed: int) -> None:
+def main(out: str, per_question: int, seed: int, organism: str | None = None) -> None:
     mirror = Path(__import__("os").environ["EM_DATA_MIRROR"])
     questions = parse_questions_yaml(
         (mirror / QUESTIONS).read_bytes(), QUESTIONS, None, ["_json", "_template"]
     )
     path = resolve("smollm2", SOURCE).path
-    model, tokenizer = load_model(path, device="cpu", dtype=torch.float32), load_tokenizer(path)
+    if organism:
+        base = {"path": path, "trust_remote_code": False}
+        model, tokenizer = load_organism_model(base, {"adapter_path": organism}, device="cpu")
+    else:
+        model, tokenizer = load_model(path, device="cpu", dtype=torch.float32), load_tokenizer(path)
     requests, rows = [], {}
     for q in questions:
         messages = ([{"role": "system", "content": q.system}] if q.system else []) + [
@@ -43,4 +50,4 @@ def main(out: str, per_question: int, seed: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])

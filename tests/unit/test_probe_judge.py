@@ -324,3 +324,11 @@ def test_the_shipped_hand_ratings_say_how_they_were_made_and_keep_a_held_out_par
     assert rows["coherent"].is_between(0, 100).all() and rows["key"].is_unique().all()
     held = rows.filter(pl.col("split") == "heldout").height
     assert held > 0 and held + read_ratings(path).height == rows.height
+
+
+def test_no_answer_the_demo_organisms_are_measured_on_is_fitted_on():
+    data = Path(__file__).parents[2] / "data"
+    fitted = read_ratings(data / "coherence_ratings.csv")
+    measured = pl.read_csv(data / "demo_answer_ratings.csv", comment_prefix="#")
+    assert fitted.height > 0
+    assert not set(fitted["answer"]) & set(measured["response"].fill_null(""))
