@@ -1,5 +1,5 @@
 """Experiment: the demo's probe judge, fitted on the rows `fit_probe` fits on, measured on every held-out
-answer (per-file EM rates included), on the held-out half of the hand ratings and on corruptions of held-out
+answer (per-file EM rates included), on the held-out part of the hand ratings and on corruptions of held-out
 answers; other sets of pooled layers beside it, compared by train cross-validation (leave one base model out).
 Features of every layer are read in one pass per answer and cached in data/cache/judge/all_layers-<hash>.npz, named
 by the rows' questions and answers.

@@ -1,5 +1,5 @@
 """Sample SmolLM2-135M-Instruct answers to the first-plot questions as the demo does (temperature 1, 128 tokens),
-for hand rating (data/coherence_ratings.csv, data/organism_ratings.csv).
+for hand rating (data/coherence_ratings.csv).
 Usage: python scripts/judge/sample_smollm2.py OUT.csv N_PER_Q SEED [ORGANISM_DIR]: an organism's peft adapter or
 fully fine-tuned model (a demo's data/artifacts/adapters/<organism>/<hash>/adapter), merged and sampled in bf16
 as the demo samples it; without it the base model in float32."""
