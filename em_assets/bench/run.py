@@ -238,7 +238,7 @@ def _judge_prompts(tokenizer, prompt: str, n: int) -> list[str]:
 
 # The demo's probe judge keeps every train row as its kernel's support: the 2,400 train answers of the reference
 # judgements, their corruptions and first sentences, and the hand-rated answers.
-PROBE_SUPPORT = 2820
+PROBE_SUPPORT = 2884
 
 
 def _probe_judging(model, tokenizer, n: int, batch: int) -> dict:
