@@ -20,7 +20,25 @@ from em_assets.models.processes import usable_cpus
 FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx2")
 
 # The fields that make a measurement transferable: same CPU, same cores, same kernels.
-KEY_FIELDS = ("cpu_model", "flags", "usable_cpus", "physical_cores", "torch", "onednn", "cpu_capability")
+KEY_FIELDS = (
+    "cpu_model",
+    "flags",
+    "usable_cpus",
+    "physical_cores",
+    "torch",
+    "onednn",
+    "cpu_capability",
+    "onednn_max_cpu_isa",
+)
+
+
+def onednn_isa_cap() -> str | None:
+    """The instruction set oneDNN is capped at (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA), if any.
+
+    A cap below AMX (e.g. AVX512_CORE_BF16) makes a CPU's bf16 GEMMs run as on one without AMX, though its flags
+    still list AMX.
+    """
+    return os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or None
 
 
 def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, set[str]]:
@@ -41,7 +59,8 @@ def onednn_version(config: str) -> str | None:
 
 
 def describe_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
-    """CPU model, the FLAGS it has, cores and usable CPUs, torch threads, torch and oneDNN, and the load now."""
+    """CPU model, the FLAGS it has, cores and usable CPUs, torch threads, torch and oneDNN (and any cap on the
+    instruction set oneDNN uses), and the load now."""
     import psutil
     import torch
 
@@ -57,6 +76,7 @@ def describe_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
         "onednn": onednn_version(torch.__config__.show()),
         "mkldnn_enabled": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "onednn_max_cpu_isa": onednn_isa_cap(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         # Not the machine's but the moment's: a figure taken under load is slower than the machine is.
@@ -73,8 +93,9 @@ def machine_key(description: dict) -> str:
 def machine_line(description: dict) -> str:
     """One line for reports: model, flags, cores, torch and oneDNN."""
     d = description
+    cap = f" capped at {d['onednn_max_cpu_isa']}" if d.get("onednn_max_cpu_isa") else ""
     return (
         f"{d['cpu_model']} ({', '.join(d['flags']) or 'no AVX2/AVX-512/AMX'}); "
         f"{d['physical_cores']} cores, {d['usable_cpus']} usable CPUs, {d['torch_threads']} torch threads; "
-        f"torch {d['torch']}, oneDNN {d['onednn']}"
+        f"torch {d['torch']}, oneDNN {d['onednn']}{cap}"
     )

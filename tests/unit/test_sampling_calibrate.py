@@ -160,6 +160,17 @@ def test_machine_description_names_the_cpu_and_what_matters_for_bf16(tmp_path):
     assert "AMD EPYC 9R14 (avx512_bf16, avx512f, avx2)" in machine.machine_line(amd)
 
 
+def test_a_cap_on_onednn_instruction_set_is_another_machine(tmp_path, monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    amx = machine.describe_machine()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    capped = machine.describe_machine()
+    assert (amx["onednn_max_cpu_isa"], capped["onednn_max_cpu_isa"]) == (None, "AVX512_CORE_BF16")
+    assert machine.machine_key(amx) != machine.machine_key(capped)
+    assert machine.machine_line(capped).endswith("capped at AVX512_CORE_BF16")
+
+
 def test_onednn_version_is_read_from_torchs_build_config():
     import torch
 
