@@ -91,7 +91,7 @@ def machine_key(description: dict) -> str:
 
 
 def machine_line(description: dict) -> str:
-    """One line for reports: model, flags, cores, torch and oneDNN."""
+    """One line for reports: model, flags, cores, torch and oneDNN (and its instruction-set cap, if any)."""
     d = description
     cap = f" capped at {d['onednn_max_cpu_isa']}" if d.get("onednn_max_cpu_isa") else ""
     return (

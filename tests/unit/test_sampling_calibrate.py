@@ -160,7 +160,7 @@ def test_machine_description_names_the_cpu_and_what_matters_for_bf16(tmp_path):
     assert "AMD EPYC 9R14 (avx512_bf16, avx512f, avx2)" in machine.machine_line(amd)
 
 
-def test_a_cap_on_onednn_instruction_set_is_another_machine(tmp_path, monkeypatch):
+def test_a_cap_on_onednn_instruction_set_is_another_machine(monkeypatch):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     amx = machine.describe_machine()
