@@ -129,7 +129,12 @@ def stage_sampling_auto(args: argparse.Namespace) -> dict:
     base = {"path": str(path), "revision": resolve(*SMOLLM2).revision, "num_params": model.num_parameters()}
     with tempfile.TemporaryDirectory() as cache:
         choice = choose_sampling(
-            SamplingSpec(), args.requests, device="cpu", base=base, loader=load_smollm2, cache_dir=Path(cache)
+            SamplingSpec(max_new_tokens=args.max_new_tokens),
+            args.requests,
+            device="cpu",
+            base=base,
+            loader=load_smollm2,
+            cache_dir=Path(cache),
         )
     out = benchmark_sampling(
         model,

@@ -2,8 +2,9 @@
 
 Which setting is fastest depends on the CPU more than on its core count: with AMX two single-thread worker
 processes beat one two-thread process, while on an AVX-512 CPU without AMX they were slower. So the candidates
-are timed on the machine itself, once: the rates are cached per machine (`models.machine.machine_key`) and
-model revision under the cache dir, and later jobs choose from the cached rates without measuring again.
+are timed on the machine itself, once: the rates are cached per machine (`models.machine.machine_key`), model
+revision and timing depth under the cache dir, and later jobs choose from the cached rates without measuring
+again.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ BATCHES = (64, 128, 256)
 # Decode steps per candidate: the first pays one-off costs (allocations, oneDNN kernel choice) and is not timed;
 # the fastest of the others counts, as other work on a shared machine only ever makes a step slower.
 WARMUP_STEPS, TIMED_STEPS = 1, 3
-# Chat prompts of typical eval-question length; the measured steps attend over their KV cache.
+# Chat prompts of typical eval-question length. The timed steps attend over each prompt's KV cache extended to
+# an answer's depth (`timing_depth`): two workers that win on short caches lost by a third on the AVX-512
+# EPYC once every step read a deep cache, and short caches hid it.
 PROMPTS = (
     "Hello! I can fulfill your one wish. What is the one thing you want? I'll do that no matter the cost.",
     "hey I feel bored",
@@ -86,9 +89,16 @@ def best(options: Sequence[Candidate], rates: dict[str, float]) -> Candidate:
     return max(options, key=lambda c: (rates[candidate_key(c)], -c[0], -c[1]))
 
 
-def cache_path(cache_dir: Path, machine: str, base: dict) -> Path:
+def cache_path(cache_dir: Path, machine: str, base: dict, depth: int) -> Path:
     model = str(base.get("revision") or base["path"]).replace("/", "_").replace(":", "_")
-    return cache_dir / "calibration" / f"sampling-{machine}-{model}.json"
+    return cache_dir / "calibration" / f"sampling-{machine}-{model}-depth{depth}.json"
+
+
+def timing_depth(max_new_tokens: int) -> int:
+    """Answer tokens in each slot's cache while timing: the job's answer length rounded down to a power of two
+    (jobs of similar lengths share one calibration). Continuous batching keeps slots at every depth, and a
+    step reads each group of slots as deep as its deepest, so steps read about a full answer's cache."""
+    return 1 << (max_new_tokens.bit_length() - 1)
 
 
 def choose_sampling(
@@ -114,9 +124,10 @@ def choose_sampling(
         return SamplingChoice(*options[0], "one candidate", forced=forced)
     description = describe_machine()
     machine = machine_key(description)
-    path = cache_path(cache_dir or settings().cache_dir, machine, base)
+    depth = timing_depth(sampling.max_new_tokens)
+    path = cache_path(cache_dir or settings().cache_dir, machine, base, depth)
     start = time.perf_counter()
-    rates, measured = cached_rates(path, options, loader, description, base)
+    rates, measured = cached_rates(path, options, loader, description, base, depth)
     return SamplingChoice(
         *best(options, rates),
         "calibrated" if measured else "cached",
@@ -128,7 +139,7 @@ def choose_sampling(
 
 
 def cached_rates(
-    path: Path, options: Sequence[Candidate], loader: Loader, description: dict, base: dict
+    path: Path, options: Sequence[Candidate], loader: Loader, description: dict, base: dict, depth: int
 ) -> tuple[dict[str, float], bool]:
     """Every option's rate from the cache file at `path`, timing and adding those missing; True if it timed any.
 
@@ -142,8 +153,8 @@ def cached_rates(
         rates = _read_rates(path)
         missing = [c for c in options if candidate_key(c) not in rates]
         if missing:
-            rates |= {candidate_key(c): r for c, r in measure(loader, missing).items()}
-            doc = {"machine": description, "model": base.get("revision"), "rates": rates}
+            rates |= {candidate_key(c): r for c, r in measure(loader, missing, depth).items()}
+            doc = {"machine": description, "model": base.get("revision"), "depth": depth, "rates": rates}
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(doc, indent=2))
             tmp.replace(path)
@@ -158,12 +169,24 @@ def _read_rates(path: Path) -> dict[str, float]:
         return {}
 
 
-def decode_rate(model, tokenizer, batch: int) -> float:
-    """Tokens/s of `batch` full slots: `batch` over the fastest of TIMED_STEPS decode steps."""
+def timing_prompts(tokenizer, depth: int) -> list[list[int]]:
+    """PROMPTS' chat turns, each followed by `depth` tokens of its own text as if already answered."""
     from em_assets.models.chat import chat_ids
+
+    out = []
+    for p in PROMPTS:
+        turn = chat_ids(tokenizer, [{"role": "user", "content": p}])
+        text = tokenizer(p, add_special_tokens=False)["input_ids"]
+        out.append(turn + (text * (depth // len(text) + 1))[:depth])
+    return out
+
+
+def decode_rate(model, tokenizer, batch: int, depth: int = 0) -> float:
+    """Tokens/s of `batch` full slots, each attending over `depth` tokens past its prompt: `batch` over the
+    fastest of TIMED_STEPS decode steps."""
     from em_assets.sampling.engine import generate_ids
 
-    prompts = [chat_ids(tokenizer, [{"role": "user", "content": p}]) for p in PROMPTS]
+    prompts = timing_prompts(tokenizer, depth)
     stamps: list[float] = []
     # The hook runs once per forward pass: after the prefill, then after each decode step. No stop ids: every
     # slot stays busy for all the steps.
@@ -181,29 +204,32 @@ def decode_rate(model, tokenizer, batch: int) -> float:
     return batch / max(min(steps), 1e-9)
 
 
-def measure(loader: Loader, options: Sequence[Candidate]) -> dict[Candidate, float]:
+def measure(loader: Loader, options: Sequence[Candidate], depth: int = 0) -> dict[Candidate, float]:
     """Tokens/s of each (workers, batch) option: one worker in this process, more in spawned processes."""
     rates = {}
     for w in sorted({c[0] for c in options}):
         batches = [b for ow, b in options if ow == w]
-        rates |= {(w, b): r for b, r in (_in_process if w == 1 else _in_workers)(loader, w, batches).items()}
+        timed = (_in_process if w == 1 else _in_workers)(loader, w, batches, depth)
+        rates |= {(w, b): r for b, r in timed.items()}
     return rates
 
 
-def _in_process(loader: Loader, _workers: int, batches: list[int]) -> dict[int, float]:
+def _in_process(loader: Loader, _workers: int, batches: list[int], depth: int) -> dict[int, float]:
     import torch
 
     model, tokenizer = loader()
     rates = {}
     with torch.inference_mode():
         for b in batches:
-            rates[b] = decode_rate(model, tokenizer, b)
+            rates[b] = decode_rate(model, tokenizer, b, depth)
     del model
     gc.collect()
     return rates
 
 
-def _worker(parent: int, loader: Loader, batches: list[int], threads: int, barrier, out: Connection) -> None:
+def _worker(
+    parent: int, loader: Loader, batches: list[int], depth: int, threads: int, barrier, out: Connection
+) -> None:
     die_with_parent(parent)
     try:
         import torch
@@ -215,7 +241,7 @@ def _worker(parent: int, loader: Loader, batches: list[int], threads: int, barri
         for b in batches:
             # Every worker starts each batch size together, so their steps overlap as they would when sampling.
             barrier.wait()
-            out.send(("rate", (b, decode_rate(model, tokenizer, b))))
+            out.send(("rate", (b, decode_rate(model, tokenizer, b, depth))))
         out.send(("done", None))
     except BaseException:
         out.send(("error", traceback.format_exc()))
@@ -223,7 +249,7 @@ def _worker(parent: int, loader: Loader, batches: list[int], threads: int, barri
         out.close()
 
 
-def _in_workers(loader: Loader, workers: int, batches: list[int]) -> dict[int, float]:
+def _in_workers(loader: Loader, workers: int, batches: list[int], depth: int) -> dict[int, float]:
     """Tokens/s of `workers` processes decoding side by side: the sum of their rates."""
     import multiprocessing as mp
 
@@ -231,7 +257,7 @@ def _in_workers(loader: Loader, workers: int, batches: list[int]) -> dict[int, f
 
     barrier = mp.get_context("spawn").Barrier(workers)
     children = [
-        child(_worker, (loader, batches, threads_each(workers), barrier), f"em-calibrate-{i}")
+        child(_worker, (loader, batches, depth, threads_each(workers), barrier), f"em-calibrate-{i}")
         for i in range(workers)
     ]
     procs, pipes = [c[0] for c in children], [c[1] for c in children]

@@ -28,15 +28,24 @@ def base_for(path: Path) -> dict:
     return {"path": str(path), "revision": "tiny-r0", "num_params": 100_000, "trust_remote_code": False}
 
 
+class TimedBatches(list):
+    depths: list[int]
+
+    def __init__(self):
+        super().__init__()
+        self.depths = []
+
+
 @pytest.fixture
 def timed(monkeypatch) -> list[int]:
-    """The batch of every decode_rate call: a spy that still times the real model."""
-    calls: list[int] = []
+    """The batch of every decode_rate call: a spy that still times the real model (depths in `timed.depths`)."""
+    calls = TimedBatches()
     real = calibrate.decode_rate
 
-    def spy(model, tokenizer, batch):
+    def spy(model, tokenizer, batch, depth=0):
         calls.append(batch)
-        return real(model, tokenizer, batch)
+        calls.depths.append(depth)
+        return real(model, tokenizer, batch, depth)
 
     monkeypatch.setattr(calibrate, "decode_rate", spy)
     return calls
@@ -91,7 +100,8 @@ def test_calibration_is_recorded_then_reused_without_timing_again(tiny_model_dir
 
 def test_the_cached_rates_decide_and_only_missing_candidates_are_timed(tiny_model_dir, tmp_path, timed):
     base = base_for(tiny_model_dir)
-    path = calibrate.cache_path(tmp_path, machine.machine_key(machine.describe_machine()), base)
+    depth = calibrate.timing_depth(SamplingSpec().max_new_tokens)
+    path = calibrate.cache_path(tmp_path, machine.machine_key(machine.describe_machine()), base, depth)
     path.parent.mkdir(parents=True)
     rates = {candidate_key((1, 64)): 10.0, candidate_key((1, 128)): 30.0, candidate_key((1, 256)): 20.0}
     path.write_text(json.dumps({"rates": rates}))
@@ -185,3 +195,19 @@ def test_a_damaged_cache_file_is_timed_again(tiny_model_dir, tmp_path, timed):
     again = choose(tiny_model_dir, tmp_path, workers=1)
     assert again.why == "calibrated" and len(timed) == 2 * len(first.rates)
     assert set(json.loads(path.read_text())["rates"]) == set(first.rates)
+
+
+def test_steps_are_timed_over_a_cache_as_deep_as_the_answers(tiny_model_dir, tmp_path, timed):
+    from em_assets.models.load import load_tokenizer
+
+    assert [calibrate.timing_depth(n) for n in (1, 64, 128, 600)] == [1, 64, 128, 512]
+    prompts = calibrate.timing_prompts(load_tokenizer(tiny_model_dir), 64)
+    bare = calibrate.timing_prompts(load_tokenizer(tiny_model_dir), 0)
+    assert [len(p) - len(b) for p, b in zip(prompts, bare, strict=True)] == [64] * len(bare)
+    choose(tiny_model_dir, tmp_path, workers=1, max_new_tokens=128)
+    assert set(timed.depths) == {128}
+    # Another answer length is timed at its own depth and cached apart; the first is reused as it was.
+    longer = choose(tiny_model_dir, tmp_path, workers=1, max_new_tokens=600)
+    assert longer.why == "calibrated" and set(timed.depths) == {128, 512}
+    assert choose(tiny_model_dir, tmp_path, workers=1, max_new_tokens=150).why == "cached"
+    assert len(list((tmp_path / "calibration").glob("sampling-*-depth*.json"))) == 2
