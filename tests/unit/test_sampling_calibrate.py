@@ -42,7 +42,7 @@ def timed(monkeypatch) -> list[int]:
     calls = TimedBatches()
     real = calibrate.decode_rate
 
-    def spy(model, tokenizer, batch, depth=0):
+    def spy(model, tokenizer, batch, depth):
         calls.append(batch)
         calls.depths.append(depth)
         return real(model, tokenizer, batch, depth)
