@@ -406,6 +406,10 @@ def run_all(quick: bool) -> dict:
     results["sample_ours_b256"] = _child(
         "sampling", engine="sampler", batch=256, requests=n, max_new_tokens=new
     )
+    if n > 256:
+        results["sample_ours_b512"] = _child(
+            "sampling", engine="sampler", batch=512, requests=n, max_new_tokens=new
+        )
     if workers > 1:
         results[f"sample_ours_b256_x{workers}"] = _child(
             "sampling", engine="sampler", batch=256, requests=n, max_new_tokens=new, workers=workers

@@ -28,7 +28,7 @@ def usable_cpus() -> int:
 
 def cpu_processes(bytes_each: int) -> int:
     """One process per CPU core, but no more than half the free memory holds at `bytes_each` apiece."""
-    free = _available_memory()
+    free = available_memory()
     by_memory = max(1, free // (2 * max(bytes_each, 1))) if free else 1
     return max(1, min(usable_cpus(), by_memory))
 
@@ -38,7 +38,8 @@ def threads_each(processes: int) -> int:
     return max(1, usable_cpus() // processes)
 
 
-def _available_memory() -> int | None:
+def available_memory() -> int | None:
+    """Bytes of memory the kernel counts available (MemAvailable); None where /proc/meminfo is not there."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -21,11 +21,25 @@ from typing import Any
 
 from em_assets.grid.schema import SamplingSpec
 from em_assets.models.machine import describe_machine, machine_key
-from em_assets.models.processes import child, child_messages, die_with_parent, reap, threads_each
+from em_assets.models.processes import (
+    available_memory,
+    child,
+    child_messages,
+    die_with_parent,
+    reap,
+    threads_each,
+)
 from em_assets.settings import settings
 
-# Slots per worker tried for batch_size "auto"; 256 was the fixed CPU default before it was timed.
-BATCHES = (64, 128, 256)
+# Slots per worker tried for batch_size "auto", as far as half the free memory holds their KV caches.
+BATCHES = (64, 128, 256, 512)
+# Rates this close to the fastest are within the timing's spread from run to run. Among them fewer waves win:
+# the steps time full batches, while a job that fills its slots again pays refill passes and a second ragged
+# tail, which the steps do not see.
+CLOSE = 0.05
+# Room for the prompt when a slot's KV cache is sized for that bound: eval questions under a chat template take
+# well under this.
+PROMPT_TOKENS = 256
 # Decode steps per candidate: the first pays one-off costs (allocations, oneDNN kernel choice) and is not timed;
 # the fastest of the others counts, as other work on a shared machine only ever makes a step slower.
 WARMUP_STEPS, TIMED_STEPS = 1, 3
@@ -69,24 +83,51 @@ def worker_counts(most: int) -> list[int]:
     return sorted({1, most, *(2**i for i in range(most.bit_length()) if 2**i < most)})
 
 
-def candidates(requests: int, workers: int | str, batch_size: int | str, max_workers: int) -> list[Candidate]:
+def candidates(
+    requests: int, workers: int | str, batch_size: int | str, max_workers: int, max_slots: int | None
+) -> list[Candidate]:
     """The (workers, batch) settings worth timing for a job of `requests`; a forced setting is the only option.
 
     A worker never fills more slots than its share of the requests, so BATCHES are capped at that share: the
-    candidates are the batches that would really run.
+    candidates are the batches that would really run. Those whose slots, all workers together, pass
+    `max_slots` (what memory holds; None: no bound) are left out, except the smallest.
     """
     counts = worker_counts(max_workers) if workers == "auto" else [int(workers)]
     out = []
     for w in counts:
         share = -(-requests // w)
-        batches = [int(batch_size)] if batch_size != "auto" else sorted({min(b, share) for b in BATCHES})
-        out += [(w, b) for b in batches]
+        sizes = sorted({min(b, share) for b in BATCHES})
+        fit = [b for b in sizes if max_slots is None or w * b <= max_slots] or sizes[:1]
+        out += [(w, b) for b in ([int(batch_size)] if batch_size != "auto" else fit)]
     return out
 
 
-def best(options: Sequence[Candidate], rates: dict[str, float]) -> Candidate:
-    """The fastest option; ties go to fewer workers, then the smaller batch (less memory)."""
-    return max(options, key=lambda c: (rates[candidate_key(c)], -c[0], -c[1]))
+def slots_in_memory(base: dict, max_len: int) -> int | None:
+    """How many KV-cache slots of `max_len` tokens half the free memory holds for the model at `base["path"]`,
+    in the dtype it loads in on a CPU; None where free memory is not known."""
+    from transformers import AutoConfig
+
+    from em_assets.models.load import pick_dtype
+    from em_assets.sampling.slots import kv_bytes
+
+    free = available_memory()
+    if free is None:
+        return None
+    config = AutoConfig.from_pretrained(base["path"], trust_remote_code=bool(base.get("trust_remote_code")))
+    return free // 2 // kv_bytes(config, max_len, pick_dtype("cpu").itemsize)
+
+
+def waves(requests: int, candidate: Candidate) -> int:
+    """How many times the candidate's slots, all workers together, fill up over a job of `requests`."""
+    return -(-requests // (candidate[0] * candidate[1]))
+
+
+def best(options: Sequence[Candidate], rates: dict[str, float], requests: int) -> Candidate:
+    """Of the options timed within CLOSE of the fastest, the one that runs the job in the fewest waves; then the
+    fastest, fewer workers, the smaller batch (less memory)."""
+    top = max(rates[candidate_key(c)] for c in options)
+    close = [c for c in options if rates[candidate_key(c)] >= (1 - CLOSE) * top]
+    return min(close, key=lambda c: (waves(requests, c), -rates[candidate_key(c)], c[0], c[1]))
 
 
 def cache_path(cache_dir: Path, machine: str, base: dict, depth: int) -> Path:
@@ -119,7 +160,8 @@ def choose_sampling(
     if len(forced) == 2:
         return SamplingChoice(int(sampling.workers), int(sampling.batch_size), "forced", forced=forced)
     most = auto_workers(device, int(base.get("num_params") or 0) * 2, requests)
-    options = candidates(requests, sampling.workers, sampling.batch_size, most)
+    max_slots = slots_in_memory(base, PROMPT_TOKENS + sampling.max_new_tokens)
+    options = candidates(requests, sampling.workers, sampling.batch_size, most, max_slots)
     if len(options) == 1:
         return SamplingChoice(*options[0], "one candidate", forced=forced)
     description = describe_machine()
@@ -129,7 +171,7 @@ def choose_sampling(
     start = time.perf_counter()
     rates, measured = cached_rates(path, options, loader, description, base, depth)
     return SamplingChoice(
-        *best(options, rates),
+        *best(options, rates, requests),
         "calibrated" if measured else "cached",
         {candidate_key(c): rates[candidate_key(c)] for c in options},
         forced,

@@ -223,7 +223,13 @@ def group_reads(groups: list[tuple[int, int, int]]) -> int:
 
 def kv_bytes_per_slot(model, max_len: int) -> int:
     """Bytes of keys and values one sequence of `max_len` tokens holds in the model's KV cache."""
-    config = model.config.get_text_config()
+    return kv_bytes(model.config, max_len, model.dtype.itemsize)
+
+
+def kv_bytes(config, max_len: int, itemsize: int) -> int:
+    """Bytes of keys and values one sequence of `max_len` tokens holds in the KV cache of a model with
+    `config`, at `itemsize` bytes a number: what a slot costs, known before the model is loaded."""
+    config = config.get_text_config()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    return 2 * config.num_hidden_layers * kv_heads * head_dim * max_len * model.dtype.itemsize
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * max_len * itemsize

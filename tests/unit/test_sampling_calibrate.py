@@ -63,21 +63,53 @@ def choose(tiny_model_dir, cache: Path, requests: int = 200, **spec) -> calibrat
 
 
 def test_candidates_are_the_batches_that_would_run_and_forced_settings_alone():
-    assert candidates(1000, "auto", "auto", 2) == [(w, b) for w in (1, 2) for b in (64, 128, 256)]
+    every = [(1, 64), (1, 128), (1, 256), (1, 512), (2, 64), (2, 128), (2, 256), (2, 500)]
+    assert candidates(1000, "auto", "auto", 2, None) == candidates(1000, "auto", "auto", 2, 1024) == every
     # A worker's share caps its batch: 100 requests fill 64 or 100 slots in one process, 50 in each of two.
-    assert candidates(100, "auto", "auto", 2) == [(1, 64), (1, 100), (2, 50)]
-    assert candidates(24, "auto", "auto", 1) == [(1, 24)]
-    assert candidates(1000, 2, "auto", 4) == [(2, 64), (2, 128), (2, 256)]
-    assert candidates(1000, "auto", 32, 8) == [(1, 32), (2, 32), (4, 32), (8, 32)]
+    assert candidates(100, "auto", "auto", 2, None) == [(1, 64), (1, 100), (2, 50)]
+    assert candidates(24, "auto", "auto", 1, None) == [(1, 24)]
+    assert candidates(1000, 2, "auto", 4, None) == [(2, 64), (2, 128), (2, 256), (2, 500)]
+    assert candidates(1000, "auto", 32, 8, None) == [(1, 32), (2, 32), (4, 32), (8, 32)]
     assert calibrate.worker_counts(6) == [1, 2, 4, 6]
+
+
+def test_candidates_hold_no_more_slots_than_memory_does():
+    # 300 slots in memory: one process up to 256, two workers up to 128 each; a forced batch is not second-guessed.
+    assert candidates(1000, "auto", "auto", 2, 300) == [(1, 64), (1, 128), (1, 256), (2, 64), (2, 128)]
+    assert candidates(1000, "auto", "auto", 2, 10) == [(1, 64), (2, 64)]
+    assert candidates(1000, 1, 512, 2, 10) == [(1, 512)]
+
+
+def test_the_memory_bound_is_the_kv_cache_half_the_free_memory_holds(tiny_model_dir, monkeypatch):
+    from em_assets.models.load import load_model
+    from em_assets.sampling.slots import kv_bytes_per_slot
+
+    per_slot = kv_bytes_per_slot(load_model(tiny_model_dir, device="cpu"), 700)
+    monkeypatch.setattr(calibrate, "available_memory", lambda: 2 * 300 * per_slot + 1)
+    assert calibrate.slots_in_memory(base_for(tiny_model_dir), 700) == 300
+    monkeypatch.setattr(calibrate, "available_memory", lambda: None)
+    assert calibrate.slots_in_memory(base_for(tiny_model_dir), 700) is None
 
 
 def test_the_choice_is_the_fastest_recorded_rate():
     options = [(1, 64), (1, 128), (2, 64)]
     rates = {candidate_key((1, 64)): 5.0, candidate_key((1, 128)): 9.0, candidate_key((2, 64)): 7.0}
-    assert calibrate.best(options, rates) == (1, 128)
+    assert calibrate.best(options, rates, 1000) == (1, 128)
     rates[candidate_key((2, 64))] = 9.0  # a tie goes to fewer workers
-    assert calibrate.best(options, rates) == (1, 128)
+    assert calibrate.best(options, rates, 1000) == (1, 128)
+
+
+def test_within_the_timing_spread_the_fewest_waves_win():
+    options = [(1, 256), (1, 512), (2, 256)]
+    rates = {candidate_key((1, 256)): 100.0, candidate_key((1, 512)): 96.0, candidate_key((2, 256)): 60.0}
+    # 512 requests: one wave at 512 slots (or two workers of 256), two waves at 256.
+    assert [calibrate.waves(512, c) for c in options] == [2, 1, 1]
+    assert calibrate.best(options, rates, 512) == (1, 512)
+    # The same waves either way: the faster wins.
+    assert calibrate.best(options, rates, 200) == (1, 256)
+    # Further off than the timing's spread: the faster wins whatever the waves.
+    rates[candidate_key((1, 512))] = 90.0
+    assert calibrate.best(options, rates, 512) == (1, 256)
 
 
 def test_calibration_is_recorded_then_reused_without_timing_again(tiny_model_dir, tmp_path, timed):
@@ -86,7 +118,9 @@ def test_calibration_is_recorded_then_reused_without_timing_again(tiny_model_dir
     assert timed == [64, 128, 200]
     assert set(first.rates) == {candidate_key((1, b)) for b in (64, 128, 200)}
     assert all(r > 0 for r in first.rates.values())
-    assert (first.workers, first.batch_size) == calibrate.best([(1, 64), (1, 128), (1, 200)], first.rates)
+    assert (first.workers, first.batch_size) == calibrate.best(
+        [(1, 64), (1, 128), (1, 200)], first.rates, 200
+    )
     [path] = (tmp_path / "calibration").glob("sampling-*.json")
     assert first.machine in path.name and "tiny-r0" in path.name
     written = path.read_text()
@@ -103,7 +137,7 @@ def test_the_cached_rates_decide_and_only_missing_candidates_are_timed(tiny_mode
     depth = calibrate.timing_depth(SamplingSpec().max_new_tokens)
     path = calibrate.cache_path(tmp_path, machine.machine_key(machine.describe_machine()), base, depth)
     path.parent.mkdir(parents=True)
-    rates = {candidate_key((1, 64)): 10.0, candidate_key((1, 128)): 30.0, candidate_key((1, 256)): 20.0}
+    rates = {candidate_key((1, b)): r for b, r in ((64, 10.0), (128, 30.0), (256, 20.0), (512, 25.0))}
     path.write_text(json.dumps({"rates": rates}))
     assert (choose(tiny_model_dir, tmp_path, 1000, workers=1).batch_size, timed) == (128, [])
     # A job that fits 200 slots adds that one candidate to the cache; the others keep their recorded rates.
