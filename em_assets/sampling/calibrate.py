@@ -33,9 +33,9 @@ from em_assets.settings import settings
 
 # Slots per worker tried for batch_size "auto", as far as half the free memory holds their KV caches.
 BATCHES = (64, 128, 256, 512)
-# Rates this close to the fastest are within the timing's spread from run to run. Among them fewer waves win:
-# the steps time full batches, while a job that fills its slots again pays refill passes and a second ragged
-# tail, which the steps do not see.
+# Rates this close to the fastest are not told apart: repeated timings order them either way. Among them fewer
+# waves win: the steps time full batches, while a job that fills its slots again pays refill passes and a
+# second ragged tail, which the steps do not see.
 CLOSE = 0.05
 # Room for the prompt when a slot's KV cache is sized for that bound: eval questions under a chat template take
 # well under this.
