@@ -160,7 +160,9 @@ def choose_sampling(
     if len(forced) == 2:
         return SamplingChoice(int(sampling.workers), int(sampling.batch_size), "forced", forced=forced)
     most = auto_workers(device, int(base.get("num_params") or 0) * 2, requests)
-    max_slots = slots_in_memory(base, PROMPT_TOKENS + sampling.max_new_tokens)
+    # A forced batch is taken as given, so only an automatic one needs the model's config read for the bound.
+    auto_batch = sampling.batch_size == "auto"
+    max_slots = slots_in_memory(base, PROMPT_TOKENS + sampling.max_new_tokens) if auto_batch else None
     options = candidates(requests, sampling.workers, sampling.batch_size, most, max_slots)
     if len(options) == 1:
         return SamplingChoice(*options[0], "one candidate", forced=forced)
