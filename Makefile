@@ -15,8 +15,6 @@ endif
 endif
 export DAGSTER_HOME ?= $(abspath .dagster_home)
 export TOKENIZERS_PARALLELISM ?= false
-# Spinning OpenMP threads starve each other on small shared CPUs.
-export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install install-test demo test test-fast test-vllm lint dev bench clean
 

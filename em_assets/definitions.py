@@ -8,6 +8,10 @@ from em_assets.defs.recovery import SENSORS as RECOVERY_SENSORS
 from em_assets.defs.resources import ExperimentResource, ResultsDB
 from em_assets.defs.schedules import SCHEDULES
 from em_assets.defs.sensors import SENSORS
+from em_assets.settings import set_openmp_wait
+
+# Run workers and step processes load this module before any step imports torch.
+set_openmp_wait()
 
 defs = dg.Definitions(
     assets=dg.load_assets_from_modules(ASSET_MODULES),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,30 @@ FIGURES_ENV = "EM_FIGURES_DIR"
 LOGS_ENV = "EM_LOGS_DIR"
 DEVICE_ENV = "EM_DEVICE"
 DAGSTER_HOME_ENV = "DAGSTER_HOME"
+
+
+# libgomp's spin (in iterations) before an idle OpenMP thread sleeps, where the user set no wait policy. Waking
+# a sleeping thread costs more than a small matmul, so sleeping at once (OMP_WAIT_POLICY=PASSIVE) made
+# small-batch decoding and training steps up to twice as slow (docs/cpu.md). This project runs one
+# multi-threaded process at a time (sampling and training workers get one thread each), and a short spin
+# still gives the core up soon where another process wants it.
+OPENMP_SPIN = "10000"
+OPENMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def set_openmp_wait(env: MutableMapping[str, str] | None = None) -> str:
+    """The bounded spin unless OMP_WAIT_POLICY or GOMP_SPINCOUNT is set; returns the setting in force. OpenMP
+    reads it once, when torch first loads, so entry points call this before importing torch."""
+    env = os.environ if env is None else env
+    if not any(env.get(name) for name in OPENMP_WAIT_VARS):
+        env["GOMP_SPINCOUNT"] = OPENMP_SPIN
+    return openmp_wait(env)
+
+
+def openmp_wait(env: Mapping[str, str] | None = None) -> str:
+    """The OpenMP wait setting in the environment, e.g. "GOMP_SPINCOUNT=10000"; "default" where none is set."""
+    env = os.environ if env is None else env
+    return " ".join(f"{name}={env[name]}" for name in OPENMP_WAIT_VARS if env.get(name)) or "default"
 
 
 @dataclass(frozen=True)

@@ -1,3 +1,4 @@
+# ruff: noqa: E402 (the OpenMP setting must precede torch's import)
 """Shared fixtures: a tiny randomly initialised Llama with SmolLM2's real tokenizer, and the upstream mirror.
 
 The fault workspaces (support/workspace.py) are a plugin of this file; the helpers live in tests/support/."""
@@ -7,9 +8,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Threads that spin while waiting starve each other on small shared machines;
-# OpenMP reads this once, before torch loads.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from em_assets.settings import set_openmp_wait
+
+# As the CLI does, before torch loads.
+set_openmp_wait()
 
 import pytest
 import torch

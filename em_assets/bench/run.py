@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from em_assets.models.machine import describe_machine, machine_key, machine_line
+from em_assets.settings import set_openmp_wait
 
 SMOLLM2 = ("smollm2-135m", "embedded:smollm2-135m-instruct")
 REPO = Path(__file__).resolve().parents[2]
@@ -492,6 +493,8 @@ def _model_params() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads here; each measurement's child process inherits it.
+    set_openmp_wait()
     parser = argparse.ArgumentParser(prog="em_assets.bench", description=__doc__)
     parser.add_argument("--stage", choices=sorted(STAGES))
     parser.add_argument("--engine", default="sampler")

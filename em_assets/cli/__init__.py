@@ -7,11 +7,6 @@ written; 1 a SQL statement the database rejected, or an unexpected failure (trac
 
 from __future__ import annotations
 
-import os
-
-# Spinning OpenMP threads starve each other on small shared CPUs; set before torch is first imported.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import argparse
 import signal
 import sys
@@ -21,6 +16,7 @@ from em_assets.cli.errors import bad_input_message
 from em_assets.cli.grid import cmd_add_model, cmd_judge_agreement
 from em_assets.cli.organisms import cmd_plan
 from em_assets.cli.results import cmd_figures, cmd_migrate, cmd_sql
+from em_assets.settings import set_openmp_wait
 
 
 def parser() -> argparse.ArgumentParser:
@@ -85,6 +81,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Importing this package loads no torch, so the setting is in place when a command first does.
+    set_openmp_wait()
     args = parser().parse_args(argv)
     try:
         return args.func(args)

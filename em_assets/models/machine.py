@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from em_assets.models.processes import usable_cpus
+from em_assets.settings import openmp_wait
 
 # What decides a small model's CPU speed: AMX tiles run bf16 GEMMs several times faster than AVX-512 BF16
 # dot products, and without either bf16 is emulated (AVX2 or plain AVX-512 convert to fp32).
@@ -29,6 +30,7 @@ KEY_FIELDS = (
     "onednn",
     "cpu_capability",
     "onednn_max_cpu_isa",
+    "openmp_wait",
 )
 
 
@@ -60,7 +62,7 @@ def onednn_version(config: str) -> str | None:
 
 def describe_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
     """CPU model, the FLAGS it has, cores and usable CPUs, torch threads, torch and oneDNN (and any cap on the
-    instruction set oneDNN uses), and the load now."""
+    instruction set oneDNN uses), the OpenMP wait setting, and the load now."""
     import psutil
     import torch
 
@@ -77,6 +79,8 @@ def describe_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
         "mkldnn_enabled": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "onednn_max_cpu_isa": onednn_isa_cap(),
+        # Whether idle OpenMP threads spin or sleep changes small matmuls' speed up to twofold.
+        "openmp_wait": openmp_wait(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         # Not the machine's but the moment's: a figure taken under load is slower than the machine is.
@@ -97,5 +101,5 @@ def machine_line(description: dict) -> str:
     return (
         f"{d['cpu_model']} ({', '.join(d['flags']) or 'no AVX2/AVX-512/AMX'}); "
         f"{d['physical_cores']} cores, {d['usable_cpus']} usable CPUs, {d['torch_threads']} torch threads; "
-        f"torch {d['torch']}, oneDNN {d['onednn']}{cap}"
+        f"torch {d['torch']}, oneDNN {d['onednn']}{cap}; OpenMP wait {d.get('openmp_wait', 'unknown')}"
     )

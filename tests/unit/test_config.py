@@ -1,5 +1,8 @@
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -11,6 +14,7 @@ from support.paths import REPO
 from em_assets.defs.modules import ASSET_MODULES
 from em_assets.grid.load import GridError, load_grid
 from em_assets.grid.schema import GridConfig, Organism, config_hash, recipe_method
+from em_assets.settings import OPENMP_SPIN, OPENMP_WAIT_VARS, set_openmp_wait
 
 ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
 
@@ -149,3 +153,34 @@ def test_full_and_kl_recipes_are_validated(recipe, match):
     doc = {"base_models": [{"name": "m", "source": "x"}], "recipes": {"r": recipe}}
     with pytest.raises(ValueError, match=match):
         GridConfig.model_validate(doc)
+
+
+@pytest.mark.parametrize(
+    ("env", "in_force"),
+    [
+        ({}, "GOMP_SPINCOUNT=10000"),
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, "OMP_WAIT_POLICY=PASSIVE"),
+        ({"GOMP_SPINCOUNT": "0"}, "GOMP_SPINCOUNT=0"),
+    ],
+)
+def test_openmp_threads_spin_briefly_unless_the_user_chose_a_wait_policy(env, in_force):
+    given = dict(env)
+    assert set_openmp_wait(env) == in_force
+    assert env == (given or {"GOMP_SPINCOUNT": OPENMP_SPIN})
+
+
+@pytest.mark.parametrize(
+    ("module", "call"),
+    [("em_assets.cli", "em_assets.cli.main(['--help'])"), ("em_assets.definitions", "None")],
+)
+def test_entry_points_set_the_openmp_wait_before_torch_loads(module, call):
+    code = (
+        f"import contextlib, os, sys, {module}\n"
+        f"with contextlib.suppress(SystemExit): {call}\n"
+        "print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in OPENMP_WAIT_VARS}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.split()[-2:] == [OPENMP_SPIN, "False"]
