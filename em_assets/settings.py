@@ -22,10 +22,9 @@ DAGSTER_HOME_ENV = "DAGSTER_HOME"
 
 
 # libgomp's spin (in iterations) before an idle OpenMP thread sleeps, where the user set no wait policy. Waking
-# a sleeping thread costs more than a small matmul, so sleeping at once (OMP_WAIT_POLICY=PASSIVE) made
-# small-batch decoding and training steps up to twice as slow (docs/cpu.md). This project runs one
-# multi-threaded process at a time (sampling and training workers get one thread each), and a short spin
-# still gives the core up soon where another process wants it.
+# a sleeping thread costs more than a small matmul, so sleeping at once (OMP_WAIT_POLICY=PASSIVE) slows
+# small-batch decoding (docs/cpu.md). This project runs one multi-threaded process at a time (sampling and
+# training workers get one thread each), and a short spin gives the core up soon to another process.
 OPENMP_SPIN = "10000"
 OPENMP_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 

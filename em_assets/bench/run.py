@@ -348,12 +348,13 @@ STAGES = {
 }
 
 
-def _child(name: str, python: Path | str = sys.executable, **kwargs) -> dict:
+def _child(name: str, python: Path | str = sys.executable, env: dict | None = None, **kwargs) -> dict:
+    """One measurement in its own process (this environment, or `env`); its row."""
     argv = [str(python), "-m", "em_assets.bench", "--stage", name]
     for key, value in kwargs.items():
         argv += [f"--{key.replace('_', '-')}", str(value)]
     print(f"[bench] {name} {kwargs}", flush=True)
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, env=env)
     if proc.returncode != 0:
         return {
             "stage": name,
@@ -368,13 +369,18 @@ def _result(stdout: str) -> dict:
     return json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith("{")))
 
 
-def _vllm_peer(requests: int, max_new_tokens: int, model_path: Path | str) -> dict:
-    """The vLLM-CPU row: measured in .venv-vllm's interpreter, or a row saying how to get one."""
+def _vllm_peer(requests: int, max_new_tokens: int, model_path: Path | str, env: dict | None) -> dict:
+    """The vLLM-CPU row: measured in .venv-vllm's interpreter under `env`, or a row saying how to get one."""
     if not VLLM_PYTHON.exists():
         return {"stage": "vllm", "skipped": VLLM_SKIPPED}
     # A string: the row goes into the report's JSON.
     return _child(
-        "vllm", VLLM_PYTHON, requests=requests, max_new_tokens=max_new_tokens, model_path=str(model_path)
+        "vllm",
+        VLLM_PYTHON,
+        env=env,
+        requests=requests,
+        max_new_tokens=max_new_tokens,
+        model_path=str(model_path),
     )
 
 
@@ -387,7 +393,8 @@ JUDGE_RUNS = {
 }
 
 
-def run_all(quick: bool) -> dict:
+def run_all(quick: bool, peer_env: dict | None = None) -> dict:
+    """Every measurement, one child each; the vLLM peer's under `peer_env` (default: this environment)."""
     import importlib.util
 
     from em_assets.models.hub import resolve
@@ -419,7 +426,7 @@ def run_all(quick: bool) -> dict:
     results["sample_ours_auto"] = _child("sampling_auto", requests=n, max_new_tokens=new)
     if importlib.util.find_spec("llama_cpp"):
         results["sample_llamacpp_b1"] = _child("llamacpp", requests=4, max_new_tokens=new)
-    results["sample_vllm_cpu"] = _vllm_peer(n, new, model_path)
+    results["sample_vllm_cpu"] = _vllm_peer(n, new, model_path, peer_env)
     for key, options in JUDGE_RUNS.items():
         results[key] = _child("judging", batch=16, requests=32 if quick else 96, **options)
     for recipe in ("bad-medical-r1", "insecure-r32"):
@@ -493,8 +500,6 @@ def _model_params() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before torch loads here; each measurement's child process inherits it.
-    set_openmp_wait()
     parser = argparse.ArgumentParser(prog="em_assets.bench", description=__doc__)
     parser.add_argument("--stage", choices=sorted(STAGES))
     parser.add_argument("--engine", default="sampler")
@@ -518,6 +523,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="data/bench.json")
     args = parser.parse_args(argv)
+    # vLLM-CPU runs as its users run it, under the environment the bench was started with; the rest under
+    # em-assets' OpenMP setting, set before torch loads (the children inherit it).
+    peer_env = dict(os.environ)
+    if args.stage != "vllm":
+        set_openmp_wait()
     if args.stage:
         import torch
 
@@ -528,7 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = describe_machine()
     print(f"[bench] machine: {machine_line(machine)}", flush=True)
     start = time.perf_counter()
-    results = run_all(args.quick)
+    results = run_all(args.quick, peer_env)
     report = {
         # Every figure below is this machine's: a CPU with AMX and one without differ several times over.
         "machine": {**machine, "key": machine_key(machine)},

@@ -79,7 +79,7 @@ def describe_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
         "mkldnn_enabled": bool(torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "onednn_max_cpu_isa": onednn_isa_cap(),
-        # Whether idle OpenMP threads spin or sleep changes small matmuls' speed up to twofold.
+        # Whether idle OpenMP threads spin or sleep changes how fast small matmuls run.
         "openmp_wait": openmp_wait(),
         "platform": platform.platform(),
         "python": platform.python_version(),

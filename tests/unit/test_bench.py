@@ -5,6 +5,7 @@ No child runs here: `_child` and model resolution are stand-ins, so these tests 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from em_assets.bench import run
+from em_assets.settings import OPENMP_SPIN, OPENMP_WAIT_VARS
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -77,8 +79,10 @@ def children(monkeypatch) -> list[dict]:
     """run_all with every child a stand-in that records its arguments as its row."""
     calls: list[dict] = []
 
-    def child(name: str, python: Path | str = sys.executable, **kwargs) -> dict:
+    def child(name: str, python: Path | str = sys.executable, env: dict | None = None, **kwargs) -> dict:
         calls.append({"stage": name, "python": str(python), **kwargs})
+        if env is not None:
+            calls[-1]["env"] = env
         return calls[-1]
 
     monkeypatch.setattr(run, "_child", child)
@@ -102,7 +106,8 @@ def test_with_the_vllm_interpreter_it_samples_the_same_prompts_there(children, m
     python.parent.mkdir()
     python.touch()
     monkeypatch.setattr(run, "VLLM_PYTHON", python)
-    out = run.run_all(quick=True)
+    given = {"PATH": "/bin"}
+    out = run.run_all(quick=True, peer_env=given)
     ours = out["sample_ours_b256"]
     assert out["sample_vllm_cpu"] == {
         "stage": "vllm",
@@ -110,8 +115,9 @@ def test_with_the_vllm_interpreter_it_samples_the_same_prompts_there(children, m
         "requests": ours["requests"],
         "max_new_tokens": ours["max_new_tokens"],
         "model_path": "/m/smollm2",
+        "env": given,
     }
-    assert ours["python"] == sys.executable
+    assert ours["python"] == sys.executable and "env" not in ours
     json.dumps(out)  # the report's rows must serialise
 
 
@@ -175,3 +181,19 @@ def test_the_default_is_compared_with_the_best_fixed_setting():
     assert summary["sample_ours_auto_vs_best_fixed"] == pytest.approx(0.95)
     assert summary["sample_ours_auto_vs_vllm_cpu"] == pytest.approx(1.9)
     assert run.summarise(results({}, {}), PARAMS)["sample_ours_auto_vs_best_fixed"] is None
+
+
+def test_the_peer_runs_under_the_given_environment_and_ours_under_the_openmp_setting(
+    children, monkeypatch, tmp_path
+):
+    python = tmp_path / "bin/python"
+    python.parent.mkdir()
+    python.touch()
+    monkeypatch.setattr(run, "VLLM_PYTHON", python)
+    monkeypatch.setattr(run, "_model_params", lambda: PARAMS)
+    for name in OPENMP_WAIT_VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert run.main(["--quick", "--out", str(tmp_path / "bench.json")]) == 0
+    peer = next(c for c in children if c["stage"] == "vllm")
+    assert not any(name in peer["env"] for name in OPENMP_WAIT_VARS)
+    assert os.environ["GOMP_SPINCOUNT"] == OPENMP_SPIN  # what our children inherit

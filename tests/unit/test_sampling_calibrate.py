@@ -212,7 +212,22 @@ def test_a_cap_on_onednn_instruction_set_is_another_machine(monkeypatch):
     capped = machine.describe_machine()
     assert (amx["onednn_max_cpu_isa"], capped["onednn_max_cpu_isa"]) == (None, "AVX512_CORE_BF16")
     assert machine.machine_key(amx) != machine.machine_key(capped)
-    assert machine.machine_line(capped).endswith("capped at AVX512_CORE_BF16")
+    assert "capped at AVX512_CORE_BF16;" in machine.machine_line(capped)
+
+
+def test_another_openmp_wait_setting_is_another_machine(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "10000")
+    spinning = machine.describe_machine()
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    sleeping = machine.describe_machine()
+    assert (spinning["openmp_wait"], sleeping["openmp_wait"]) == (
+        "GOMP_SPINCOUNT=10000",
+        "OMP_WAIT_POLICY=PASSIVE",
+    )
+    assert machine.machine_key(spinning) != machine.machine_key(sleeping)
+    assert machine.machine_line(sleeping).endswith("OpenMP wait OMP_WAIT_POLICY=PASSIVE")
 
 
 def test_onednn_version_is_read_from_torchs_build_config():
