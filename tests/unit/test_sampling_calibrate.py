@@ -107,8 +107,10 @@ def test_within_the_timing_spread_the_fewest_waves_win():
     assert calibrate.best(options, rates, 512) == (1, 512)
     # The same waves either way: the faster wins.
     assert calibrate.best(options, rates, 200) == (1, 256)
-    # Further off than the timing's spread: the faster wins whatever the waves.
-    rates[candidate_key((1, 512))] = 90.0
+    # Up to 10% off is within the spread; further off, the faster wins whatever the waves.
+    rates[candidate_key((1, 512))] = 91.0
+    assert calibrate.best(options, rates, 512) == (1, 512)
+    rates[candidate_key((1, 512))] = 89.0
     assert calibrate.best(options, rates, 512) == (1, 256)
 
 
