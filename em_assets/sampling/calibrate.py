@@ -34,9 +34,9 @@ from em_assets.settings import settings
 # Slots per worker tried for batch_size "auto", as far as half the free memory holds their KV caches.
 BATCHES = (64, 128, 256, 512)
 # Rates this close to the fastest are not told apart: repeated timings of the same two batch sizes on one
-# machine ordered them either way by up to this much (docs/cpu.md). Among them fewer waves win: the steps time
-# full batches, while a job that fills its slots again pays refill passes and a second ragged tail, which the
-# steps do not see.
+# machine put them in either order, mostly within this of each other (docs/cpu.md). Among them fewer waves win:
+# the steps time full batches, while a job that fills its slots again pays refill passes and a second ragged
+# tail, which the steps do not see.
 CLOSE = 0.10
 # Room for the prompt when a slot's KV cache is sized for that bound: eval questions under a chat template take
 # well under this.
