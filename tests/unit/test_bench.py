@@ -101,17 +101,23 @@ def test_without_the_vllm_interpreter_the_row_says_how_to_get_it(children, monke
     assert "vllm" not in {c["stage"] for c in children}
 
 
-def test_with_the_vllm_interpreter_it_samples_the_same_prompts_there(children, monkeypatch, tmp_path):
+@pytest.fixture
+def vllm_python(monkeypatch, tmp_path) -> Path:
+    """A stand-in for .venv-vllm's interpreter: the bench sees the peer installed."""
     python = tmp_path / "bin/python"
     python.parent.mkdir()
     python.touch()
     monkeypatch.setattr(run, "VLLM_PYTHON", python)
+    return python
+
+
+def test_with_the_vllm_interpreter_it_samples_the_same_prompts_there(children, vllm_python):
     given = {"PATH": "/bin"}
     out = run.run_all(quick=True, peer_env=given)
     ours = out["sample_ours_b256"]
     assert out["sample_vllm_cpu"] == {
         "stage": "vllm",
-        "python": str(python),
+        "python": str(vllm_python),
         "requests": ours["requests"],
         "max_new_tokens": ours["max_new_tokens"],
         "model_path": "/m/smollm2",
@@ -184,12 +190,8 @@ def test_the_default_is_compared_with_the_best_fixed_setting():
 
 
 def test_the_peer_runs_under_the_given_environment_and_ours_under_the_openmp_setting(
-    children, monkeypatch, tmp_path
+    children, vllm_python, monkeypatch, tmp_path
 ):
-    python = tmp_path / "bin/python"
-    python.parent.mkdir()
-    python.touch()
-    monkeypatch.setattr(run, "VLLM_PYTHON", python)
     monkeypatch.setattr(run, "_model_params", lambda: PARAMS)
     for name in OPENMP_WAIT_VARS:
         monkeypatch.delenv(name, raising=False)
