@@ -41,8 +41,8 @@ CLOSE = 0.10
 # Room for the prompt when a slot's KV cache is sized for that bound: eval questions under a chat template take
 # well under this.
 PROMPT_TOKENS = 256
-# Decode steps per candidate: the first pays one-off costs (allocations, oneDNN kernel choice) and is not timed;
-# the fastest of the others counts, as other work on a shared machine only ever makes a step slower.
+# Decode steps per candidate and round: the first pays one-off costs (allocations, oneDNN kernel choice) and is
+# not timed; the fastest of the others counts, as other work on a shared machine only ever makes a step slower.
 WARMUP_STEPS, TIMED_STEPS = 1, 3
 # Chat prompts of typical eval-question length. The timed steps attend over each prompt's KV cache extended to
 # an answer's depth (`timing_depth`): where two workers win on short caches they can still lose once every
@@ -249,6 +249,14 @@ def decode_rate(model, tokenizer, batch: int, depth: int) -> float:
     return batch / max(min(steps), 1e-9)
 
 
+def timing_order(batches: Sequence[int]) -> list[int]:
+    """Each batch timed in two rounds, the second in reverse order (A B C C B A); a candidate keeps its better
+    round. A shared machine's speed drifts over the tens of seconds a calibration takes (docs/cpu.md): timed once,
+    a candidate caught in a slow spell loses to the others however fast it is; timed twice, a short spell spoils
+    one of its rounds."""
+    return [*batches, *reversed(batches)]
+
+
 def measure(loader: Loader, options: Sequence[Candidate], depth: int) -> dict[Candidate, float]:
     """Tokens/s of each (workers, batch) option: one worker in this process, more in spawned processes."""
     rates = {}
@@ -263,10 +271,10 @@ def _in_process(loader: Loader, _workers: int, batches: list[int], depth: int) -
     import torch
 
     model, tokenizer = loader()
-    rates = {}
+    rates: dict[int, float] = {}
     with torch.inference_mode():
-        for b in batches:
-            rates[b] = decode_rate(model, tokenizer, b, depth)
+        for b in timing_order(batches):
+            rates[b] = max(rates.get(b, 0.0), decode_rate(model, tokenizer, b, depth))
     del model
     gc.collect()
     return rates
@@ -283,7 +291,7 @@ def _worker(
         torch.set_num_threads(threads)
         hf_logging.disable_progress_bar()
         model, tokenizer = loader()
-        for b in batches:
+        for b in timing_order(batches):
             # Every worker starts each batch size together, so their steps overlap as they would when sampling.
             barrier.wait()
             out.send(("rate", (b, decode_rate(model, tokenizer, b, depth))))
@@ -295,7 +303,8 @@ def _worker(
 
 
 def _in_workers(loader: Loader, workers: int, batches: list[int], depth: int) -> dict[int, float]:
-    """Tokens/s of `workers` processes decoding side by side: the sum of their rates."""
+    """Tokens/s of `workers` processes decoding side by side: the sum of their rates, each worker's the
+    better of its rounds."""
     import multiprocessing as mp
 
     from em_assets.sampling.pool import WorkerError
@@ -306,7 +315,7 @@ def _in_workers(loader: Loader, workers: int, batches: list[int], depth: int) ->
         for i in range(workers)
     ]
     procs, pipes = [c[0] for c in children], [c[1] for c in children]
-    rates = dict.fromkeys(batches, 0.0)
+    best_of: dict[tuple[int, int], float] = {}
     try:
         for proc in procs:
             proc.start()
@@ -318,9 +327,10 @@ def _in_workers(loader: Loader, workers: int, batches: list[int], depth: int) ->
             if kind == "done":
                 running.discard(i)
             else:
-                rates[payload[0]] += payload[1]
+                b, rate = payload
+                best_of[i, b] = max(best_of.get((i, b), 0.0), rate)
     finally:
         reap(procs)
         for pipe in pipes:
             pipe.close()
-    return rates
+    return {b: sum(best_of[i, b] for i in range(workers)) for b in batches}

@@ -25,8 +25,8 @@ def results(vllm: dict, compact: dict) -> dict:
     return {
         "matmul": {"gflops_bf16": 270.0},
         "sample_hf_b1_fp32": {"tok_per_s": 10.0},
-        "sample_ours_b256": {"tok_per_s": 200.0},
-        "sample_ours_b256_x2": {"tok_per_s": 300.0},
+        "sample_ours_b256": {"tok_per_s": 200.0, "workers": 1, "batch_size": 256},
+        "sample_ours_b256_x2": {"tok_per_s": 300.0, "workers": 2, "batch_size": 256},
         "sample_vllm_cpu": vllm,
         "judge_local": {"judgements_per_s": 8.0, "mean_prompt_tokens": 440.0},
         "judge_local_no_prefix_reuse": {"judgements_per_s": 4.0, "mean_prompt_tokens": 440.0},
@@ -179,13 +179,18 @@ def test_the_report_says_which_machine_it_ran_on(children, monkeypatch, tmp_path
 
 
 def test_the_default_is_compared_with_the_best_fixed_setting():
-    rows = results({"tok_per_s": 150.0}, {"judgements_per_s": 32.0}) | {
-        "sample_ours_auto": {"tok_per_s": 285.0}
-    }
-    summary = run.summarise(rows, PARAMS)
+    def summary(workers: int, batch_size: int) -> dict:
+        auto = {"tok_per_s": 285.0, "workers": workers, "batch_size": batch_size}
+        return run.summarise(results({"tok_per_s": 150.0}, {}) | {"sample_ours_auto": auto}, PARAMS)
+
     # 285 over the better fixed row (300, two workers), not the one-process row.
-    assert summary["sample_ours_auto_vs_best_fixed"] == pytest.approx(0.95)
-    assert summary["sample_ours_auto_vs_vllm_cpu"] == pytest.approx(1.9)
+    assert summary(2, 256)["sample_ours_auto_vs_best_fixed"] == pytest.approx(0.95)
+    assert summary(2, 256)["sample_ours_auto_vs_vllm_cpu"] == pytest.approx(1.9)
+    # The choice alone: the fixed row of the chosen setting over the best (the same row, or 200 / 300), and
+    # nothing to say for a setting no fixed row ran.
+    assert summary(2, 256)["sample_ours_auto_choice_vs_best_fixed"] == 1.0
+    assert summary(1, 256)["sample_ours_auto_choice_vs_best_fixed"] == pytest.approx(2 / 3)
+    assert summary(1, 128)["sample_ours_auto_choice_vs_best_fixed"] is None
     assert run.summarise(results({}, {}), PARAMS)["sample_ours_auto_vs_best_fixed"] is None
 
 

@@ -114,10 +114,26 @@ def test_within_the_timing_spread_the_fewest_waves_win():
     assert calibrate.best(options, rates, 512) == (1, 256)
 
 
+def test_candidates_are_timed_in_mirrored_rounds_and_keep_their_better_round(tiny_model_dir, monkeypatch):
+    # A slow spell over the first two timings and another over the fourth: each candidate keeps the round that
+    # missed them.
+    script = iter([50.0, 60.0, 200.0, 100.0, 70.0, 90.0])
+    order = []
+
+    def decode_rate(model, tokenizer, batch, depth):
+        order.append(batch)
+        return next(script)
+
+    monkeypatch.setattr(calibrate, "decode_rate", decode_rate)
+    rates = calibrate.measure(loader_for(tiny_model_dir), [(1, 64), (1, 128), (1, 256)], 4)
+    assert order == [64, 128, 256, 256, 128, 64]
+    assert rates == {(1, 64): 90.0, (1, 128): 70.0, (1, 256): 200.0}
+
+
 def test_calibration_is_recorded_then_reused_without_timing_again(tiny_model_dir, tmp_path, timed):
     first = choose(tiny_model_dir, tmp_path, workers=1)
     assert first.why == "calibrated" and first.forced == ("workers",)
-    assert timed == [64, 128, 200]
+    assert timed == [64, 128, 200, 200, 128, 64]
     assert set(first.rates) == {candidate_key((1, b)) for b in (64, 128, 200)}
     assert all(r > 0 for r in first.rates.values())
     assert (first.workers, first.batch_size) == calibrate.best(
@@ -129,7 +145,7 @@ def test_calibration_is_recorded_then_reused_without_timing_again(tiny_model_dir
     assert json.loads(written)["machine"]["cpu_model"]
 
     second = choose(tiny_model_dir, tmp_path, workers=1)
-    assert second.why == "cached" and timed == [64, 128, 200]
+    assert second.why == "cached" and timed == [64, 128, 200, 200, 128, 64]
     assert (second.workers, second.batch_size, second.rates) == (first.workers, first.batch_size, first.rates)
     assert path.read_text() == written
 
@@ -144,7 +160,7 @@ def test_the_cached_rates_decide_and_only_missing_candidates_are_timed(tiny_mode
     assert (choose(tiny_model_dir, tmp_path, 1000, workers=1).batch_size, timed) == (128, [])
     # A job that fits 200 slots adds that one candidate to the cache; the others keep their recorded rates.
     choice = choose(tiny_model_dir, tmp_path, 200, workers=1)
-    assert choice.why == "calibrated" and timed == [200]
+    assert choice.why == "calibrated" and timed == [200, 200]
     assert json.loads(path.read_text())["rates"] == rates | {
         candidate_key((1, 200)): choice.rates["workers=1 batch=200"]
     }
@@ -168,7 +184,7 @@ def test_forced_settings_override_the_calibration(tiny_model_dir, tmp_path, time
     forced = choose(tiny_model_dir, tmp_path, workers=2, batch_size=7)
     assert (forced.workers, forced.batch_size, forced.why, forced.rates) == (2, 7, "forced", {})
     assert forced.forced == ("workers", "batch_size")
-    assert calibrated.why == "calibrated" and len(timed) == 3
+    assert calibrated.why == "calibrated" and len(timed) == 6
     # Off the CPU there is nothing to time: one process, the batch left to the engine.
     gpu = choose_sampling(
         SamplingSpec(), 1000, device="cuda", base=base_for(tiny_model_dir), loader=None, cache_dir=tmp_path
@@ -244,7 +260,7 @@ def test_a_damaged_cache_file_is_timed_again(tiny_model_dir, tmp_path, timed):
     [path] = (tmp_path / "calibration").glob("sampling-*.json")
     path.write_text('{"rates": {"workers=1 ba')
     again = choose(tiny_model_dir, tmp_path, workers=1)
-    assert again.why == "calibrated" and len(timed) == 2 * len(first.rates)
+    assert again.why == "calibrated" and len(timed) == 4 * len(first.rates)
     assert set(json.loads(path.read_text())["rates"]) == set(first.rates)
 
 
