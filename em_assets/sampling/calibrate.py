@@ -251,7 +251,7 @@ def decode_rate(model, tokenizer, batch: int, depth: int) -> float:
 
 def timing_order(batches: Sequence[int]) -> list[int]:
     """Each batch timed in two rounds, the second in reverse order (A B C C B A); a candidate keeps its better
-    round. A shared machine's speed drifts over the tens of seconds a calibration takes (docs/cpu.md): timed once,
+    round. A shared machine's speed drifts over the minute or two a calibration takes (docs/cpu.md): timed once,
     a candidate caught in a slow spell loses to the others however fast it is; timed twice, a short spell spoils
     one of its rounds."""
     return [*batches, *reversed(batches)]
