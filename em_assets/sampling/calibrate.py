@@ -249,12 +249,18 @@ def decode_rate(model, tokenizer, batch: int, depth: int) -> float:
     return batch / max(min(steps), 1e-9)
 
 
-def timing_order(batches: Sequence[int]) -> list[int]:
-    """Each batch timed in two rounds, the second in reverse order (A B C C B A); a candidate keeps its better
-    round. A shared machine's speed drifts over the minute or two a calibration takes (docs/cpu.md): timed once,
-    a candidate caught in a slow spell loses to the others however fast it is; timed twice, a short spell spoils
-    one of its rounds."""
-    return [*batches, *reversed(batches)]
+def best_of_rounds(
+    model, tokenizer, batches: Sequence[int], depth: int, before_each: Callable[[], object] = lambda: None
+) -> dict[int, float]:
+    """Each batch's rate, timed in two rounds, the second in reverse order (A B C C B A), keeping its better
+    round; `before_each` runs before every timing. A shared machine's speed drifts over the minute or two a
+    calibration takes (docs/cpu.md): timed once, a candidate caught in a slow spell loses to the others however
+    fast it is; timed twice, a short spell spoils one of its rounds."""
+    rates: dict[int, float] = {}
+    for b in [*batches, *reversed(batches)]:
+        before_each()
+        rates[b] = max(rates.get(b, 0.0), decode_rate(model, tokenizer, b, depth))
+    return rates
 
 
 def measure(loader: Loader, options: Sequence[Candidate], depth: int) -> dict[Candidate, float]:
@@ -271,10 +277,8 @@ def _in_process(loader: Loader, _workers: int, batches: list[int], depth: int) -
     import torch
 
     model, tokenizer = loader()
-    rates: dict[int, float] = {}
     with torch.inference_mode():
-        for b in timing_order(batches):
-            rates[b] = max(rates.get(b, 0.0), decode_rate(model, tokenizer, b, depth))
+        rates = best_of_rounds(model, tokenizer, batches, depth)
     del model
     gc.collect()
     return rates
@@ -291,10 +295,8 @@ def _worker(
         torch.set_num_threads(threads)
         hf_logging.disable_progress_bar()
         model, tokenizer = loader()
-        for b in timing_order(batches):
-            # Every worker starts each batch size together, so their steps overlap as they would when sampling.
-            barrier.wait()
-            out.send(("rate", (b, decode_rate(model, tokenizer, b, depth))))
+        # Every worker starts each timing together, so their steps overlap as they would when sampling.
+        out.send(("rates", best_of_rounds(model, tokenizer, batches, depth, barrier.wait)))
         out.send(("done", None))
     except BaseException:
         out.send(("error", traceback.format_exc()))
@@ -303,8 +305,7 @@ def _worker(
 
 
 def _in_workers(loader: Loader, workers: int, batches: list[int], depth: int) -> dict[int, float]:
-    """Tokens/s of `workers` processes decoding side by side: the sum of their rates, each worker's the
-    better of its rounds."""
+    """Tokens/s of `workers` processes decoding side by side: the sum of their rates."""
     import multiprocessing as mp
 
     from em_assets.sampling.pool import WorkerError
@@ -315,7 +316,7 @@ def _in_workers(loader: Loader, workers: int, batches: list[int], depth: int) ->
         for i in range(workers)
     ]
     procs, pipes = [c[0] for c in children], [c[1] for c in children]
-    best_of: dict[tuple[int, int], float] = {}
+    rates = dict.fromkeys(batches, 0.0)
     try:
         for proc in procs:
             proc.start()
@@ -327,10 +328,10 @@ def _in_workers(loader: Loader, workers: int, batches: list[int], depth: int) ->
             if kind == "done":
                 running.discard(i)
             else:
-                b, rate = payload
-                best_of[i, b] = max(best_of.get((i, b), 0.0), rate)
+                for b, rate in payload.items():
+                    rates[b] += rate
     finally:
         reap(procs)
         for pipe in pipes:
             pipe.close()
-    return {b: sum(best_of[i, b] for i in range(workers)) for b in batches}
+    return rates
