@@ -45,6 +45,19 @@ def _hook(edit):
     return hook
 
 
+def _adding(vector):
+    return lambda h: h + vector
+
+
+def _projecting_out(unit):
+    def project(h):
+        # In float32: in bf16 the remaining component would be rounding noise of |h|.
+        hf = h.float()
+        return (hf - (hf @ unit)[..., None] * unit).to(h.dtype)
+
+    return project
+
+
 def _checked(directions, model, layers: tuple[int, ...] | None):
     blocks = decoder_layers(model)
     if directions.shape[0] != len(blocks):
@@ -65,15 +78,18 @@ class Steer(ModelEdit):
     vector_sha256: str
     scale: float
 
-    def hooks(self, model) -> list:
+    def deltas(self, model) -> dict[int, object]:
+        """Per steered layer, the float32 vector added."""
         directions = load_directions(self.vector_file, self.vector_sha256)
-        blocks, layers = _checked(directions, model, self.layers)
-        weight = model.get_input_embeddings().weight
-        handles = []
-        for i in layers:
-            delta = (self.scale * directions[i]).to(weight.device, weight.dtype)
-            handles.append(blocks[i].register_forward_hook(_hook(lambda h, d=delta: h + d)))
-        return handles
+        _, layers = _checked(directions, model, self.layers)
+        return {i: self.scale * directions[i].float() for i in layers}
+
+    def hooks(self, model) -> list:
+        blocks, weight = decoder_layers(model), model.get_input_embeddings().weight
+        return [
+            blocks[i].register_forward_hook(_hook(_adding(delta.to(weight.device, weight.dtype))))
+            for i, delta in self.deltas(model).items()
+        ]
 
     def apply(self, model) -> None:
         self.hooks(model)
@@ -98,24 +114,22 @@ class Ablate(ModelEdit):
     direction_sha256: str
     layers: tuple[int, ...] | None = None
 
-    def hooks(self, model) -> list:
-        import torch  # function-local: building the Dagster definitions must not load torch
-
+    def units(self, model) -> dict[int, object]:
+        """Per ablated layer, the float32 unit direction projected out."""
         directions = load_directions(self.direction_file, self.direction_sha256)
-        blocks, layers = _checked(directions, model, self.layers)
+        _, layers = _checked(directions, model, self.layers)
         _checked(directions, model, (self.source_layer,))
-        vector = directions[self.source_layer]
+        vector = directions[self.source_layer].float()
         if float(vector.norm()) == 0:
             raise EditError(f"the direction of layer {self.source_layer} is zero; there is nothing to ablate")
-        weight = model.get_input_embeddings().weight
-        # The projection runs in float32: in bf16 the remaining component would be rounding noise of |h|.
-        unit = (vector / vector.norm()).to(weight.device, torch.float32)
+        return dict.fromkeys(layers, vector / vector.norm())
 
-        def project(h):
-            hf = h.float()
-            return (hf - (hf @ unit)[..., None] * unit).to(h.dtype)
-
-        return [blocks[i].register_forward_hook(_hook(project)) for i in layers]
+    def hooks(self, model) -> list:
+        blocks, device = decoder_layers(model), model.get_input_embeddings().weight.device
+        return [
+            blocks[i].register_forward_hook(_hook(_projecting_out(unit.to(device))))
+            for i, unit in self.units(model).items()
+        ]
 
     def apply(self, model) -> None:
         self.hooks(model)

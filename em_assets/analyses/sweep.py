@@ -183,10 +183,23 @@ def run_sweep(
     hashes = {p.pair: setting_hash(p, base["revision"], ctx) for p in points}
     todo = _plan_samples(ctx, tables, points, hashes, questions)
     tables.write_points(_points_frame(ctx, points, hashes))
-    sampled = {}
+    left = {p.pair: _copy_same_variant(ctx, tables, p, hashes[p.pair], todo[p.pair]) for p in points}
+    # The first point of each model variant samples; the others copy its answers after.
+    firsts: dict[str, SweepPoint] = {}
     for p in points:
-        left = _copy_same_variant(ctx, tables, p, hashes[p.pair], todo[p.pair])
-        sampled[p.pair] = _sample_point(ctx, tables, base, p, hashes[p.pair], left, on_progress)
+        if left[p.pair]:
+            firsts.setdefault(hashes[p.pair], p)
+    leaders = list(firsts.values())
+    if _batched(ctx, leaders):
+        sampled = _sample_batched(ctx, tables, base, leaders, hashes, left, on_progress)
+    else:
+        sampled = {
+            p.pair: _sample_point(ctx, tables, base, p, hashes[p.pair], left[p.pair], on_progress)
+            for p in leaders
+        }
+    for p in points:
+        if left[p.pair] and p.pair not in sampled:
+            _copy_same_variant(ctx, tables, p, hashes[p.pair], left[p.pair])
     judged = judge_sweep(ctx, tables, points, on_progress)
     return _summarise(ctx, tables, points, hashes, sampled, judged)
 
@@ -284,28 +297,24 @@ def _points_frame(ctx: StageContext, points: Sequence[SweepPoint], hashes: dict)
     return pl.DataFrame(rows, schema_overrides={"samples_per_question": pl.Int32}, infer_schema_length=None)
 
 
-def _sample_point(ctx, tables, base, point, shash, todo, on_progress) -> int:
-    """Sample one point's missing answers, writing each chunk as it finishes; returns how many were sampled."""
-    from em_assets.models.load import pick_device
+def _requests(ctx: StageContext, todo: list, variant: int = 0) -> tuple[list, dict]:
+    """A point's sampling requests, seeded by the organism's seed and the row, and what each key stands for."""
     from em_assets.sampling.engine import SampleRequest
 
-    if not todo:
-        return 0
-    seed = ctx.organism.seed
     by_key, requests = {}, []
     for q, i in todo:
         qid, p = q["question_id"], q["paraphrase_idx"]
-        by_key[f"{qid}\t{p}\t{i}"] = (q, i)
-        requests.append(SampleRequest(f"{qid}\t{p}\t{i}", question_messages(q), stable_seed(seed, qid, p, i)))
-    device = ctx.device or pick_device()
-    loader = functools.partial(load_sweep_model, base, point.adapter_path, point.edits, device)
-    chunks, workers = sample_chunks(
-        ctx.grid.sampling, requests, device=device, base=base, adapter_path=point.adapter_path, loader=loader
-    )
-    ctx.log.info(
-        f"{ctx.key}: {point.sweep} {point.setting}: sampling {len(requests)} answers ({workers} proc)"
-    )
-    lineage = {
+        key = f"{variant}\t{qid}\t{p}\t{i}"
+        by_key[key] = (q, i)
+        seed = stable_seed(ctx.organism.seed, qid, p, i)
+        requests.append(SampleRequest(key, question_messages(q), seed, variant))
+    return requests, by_key
+
+
+def _completion_row(
+    ctx: StageContext, base: dict, point: SweepPoint, shash: str, q: dict, i: int, res
+) -> dict:
+    return {
         "organism": ctx.key,
         "sweep": point.sweep,
         "setting": point.setting,
@@ -314,31 +323,96 @@ def _sample_point(ctx, tables, base, point, shash, todo, on_progress) -> int:
         "adapter_sha256": point.adapter_sha256,
         "eval_set": ctx.grid.eval.questions,
         "run_id": ctx.run_id,
+        "question_id": q["question_id"],
+        "paraphrase_idx": q["paraphrase_idx"],
+        "sample_idx": i,
+        "question": q["question"],
+        "system": q["system"],
+        "answer": res.text,
+        "num_tokens": res.num_tokens,
+        "finish_reason": res.finish_reason,
+        "sample_seed": stable_seed(ctx.organism.seed, q["question_id"], q["paraphrase_idx"], i),
+        "created_at": utc_now(),
     }
+
+
+def _sample_point(ctx, tables, base, point, shash, todo, on_progress) -> int:
+    """Sample one point's missing answers, writing each chunk as it finishes; returns how many were sampled."""
+    from em_assets.models.load import pick_device
+
+    if not todo:
+        return 0
+    requests, by_key = _requests(ctx, todo)
+    device = ctx.device or pick_device()
+    loader = functools.partial(load_sweep_model, base, point.adapter_path, point.edits, device)
+    chunks, workers = sample_chunks(
+        ctx.grid.sampling, requests, device=device, base=base, adapter_path=point.adapter_path, loader=loader
+    )
+    ctx.log.info(
+        f"{ctx.key}: {point.sweep} {point.setting}: sampling {len(requests)} answers ({workers} proc)"
+    )
     done = 0
     for chunk in chunks:
-        rows = []
-        for res in chunk:
-            q, i = by_key[res.key]
-            rows.append(
-                {
-                    **lineage,
-                    "question_id": q["question_id"],
-                    "paraphrase_idx": q["paraphrase_idx"],
-                    "sample_idx": i,
-                    "question": q["question"],
-                    "system": q["system"],
-                    "answer": res.text,
-                    "num_tokens": res.num_tokens,
-                    "finish_reason": res.finish_reason,
-                    "sample_seed": stable_seed(seed, q["question_id"], q["paraphrase_idx"], i),
-                    "created_at": utc_now(),
-                }
-            )
+        rows = [_completion_row(ctx, base, point, shash, *by_key[res.key], res) for res in chunk]
         tables.append_completions(rows)
         done += len(rows)
         if on_progress is not None:
             on_progress(point, "sampled", done, len(requests))
+    return done
+
+
+def _batched(ctx: StageContext, points: Sequence[SweepPoint]) -> bool:
+    """Whether the points sample as one batch: several of them, the hf backend, LoRA adapters and known edits."""
+    from em_assets.analyses.variants import Variant, mixable
+
+    return (
+        len(points) > 1
+        and ctx.grid.sampling.backend == "hf"
+        and mixable([Variant(p.adapter_path, p.edits) for p in points])
+    )
+
+
+def _sample_batched(ctx, tables, base, points, hashes, todo, on_progress) -> dict[tuple[str, str], int]:
+    """Sample every point's missing answers in one batch of the base model, each row with its point's adapter
+    and edit (analyses/variants.py), writing each chunk as it finishes; returns how many each point sampled."""
+    from em_assets.analyses.variants import Variant, VariantBatch
+    from em_assets.models.load import load_organism_model, pick_device
+    from em_assets.sampling.engine import iter_samples
+
+    requests, by_key = [], {}
+    for v, p in enumerate(points):
+        more, keys = _requests(ctx, todo[p.pair], v)
+        requests += more
+        by_key.update({key: (p, *row) for key, row in keys.items()})
+    model, tokenizer = load_organism_model(base, {}, ctx.device or pick_device())
+    variants = VariantBatch(model, [Variant(p.adapter_path, p.edits) for p in points])
+    ctx.log.info(
+        f"{ctx.key}: {points[0].sweep}: sampling {len(requests)} answers of {len(points)} settings in one batch"
+    )
+    sampling, done = ctx.grid.sampling, dict.fromkeys((p.pair for p in points), 0)
+    chunks = iter_samples(
+        model,
+        tokenizer,
+        requests,
+        max_new_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        batch_size=sampling.batch_size,
+        row_variants=variants,
+    )
+    try:
+        for chunk in chunks:
+            rows: dict[SweepPoint, list[dict]] = {}
+            for res in chunk:
+                p, q, i = by_key[res.key]
+                rows.setdefault(p, []).append(_completion_row(ctx, base, p, hashes[p.pair], q, i, res))
+            tables.append_completions([r for point_rows in rows.values() for r in point_rows])
+            for p, point_rows in rows.items():
+                done[p.pair] += len(point_rows)
+                if on_progress is not None:
+                    on_progress(p, "sampled", done[p.pair], len(todo[p.pair]))
+    finally:
+        variants.remove()
     return done
 
 

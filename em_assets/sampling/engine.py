@@ -28,6 +28,9 @@ from em_assets.sampling.slots import (
 from em_assets.sampling.tokens import sample_tokens
 
 LogitsHook = Callable[[list[int], torch.Tensor], None]
+# Told, before every forward pass, which variant of the model each row of the batch is (a 1D long tensor):
+# rows of several model variants decode together (em_assets.analyses.variants).
+RowVariants = Callable[[torch.Tensor], None]
 
 
 # batch_size "auto": slots on a CPU, and at most this many on a GPU.
@@ -46,6 +49,7 @@ class SampleRequest:
     key: str
     messages: list[dict]
     seed: int
+    variant: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,14 +89,17 @@ def generate_ids(
     top_p: float = 1.0,
     batch_size: int = 64,
     logits_hook: LogitsHook | None = None,
+    variants: Sequence[int] | None = None,
+    row_variants: RowVariants | None = None,
 ) -> Iterator[list[Finished]]:
     """Sample continuations of tokenized prompts, yielding requests as they finish.
 
     `batch_size` slots decode in lockstep; a finished slot is refilled with the next prompt, so the batch
     stays full. `logits_hook(request_indices, logits)` sees the float logits each token was drawn from.
+    `variants` (one per prompt) are passed, per batch row, to `row_variants` before each forward pass.
     """
-    if len(prompts) != len(seeds):
-        raise ValueError("one seed per prompt")
+    if len(prompts) != len(seeds) or (variants is not None and len(variants) != len(prompts)):
+        raise ValueError("one seed (and variant, if given) per prompt")
     if max_new_tokens < 1 or batch_size < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise ValueError("need max_new_tokens >= 1, batch_size >= 1, temperature >= 0, 0 < top_p <= 1")
     if not prompts:
@@ -104,6 +111,7 @@ def generate_ids(
     slots = Slots(min(batch_size, len(prompts)), max_new_tokens, device)
     cache = SlotCache(model.config.num_hidden_layers, slots.size, max(map(len, prompts)) + max_new_tokens)
     step = _Stepper(model, cache, slots, stops, temperature, top_p, logits_hook)
+    step.variants, step.row_variants = variants or [0] * len(prompts), row_variants
     # Refilling costs a forward pass of its own: wait until an eighth of the slots are free.
     refill_at = max(1, slots.size // 8)
     while True:
@@ -129,11 +137,16 @@ class _Stepper:
     def __init__(self, model, cache: SlotCache, slots: Slots, stops, temperature, top_p, hook):
         self.model, self.cache, self.slots, self.stops = model, cache, slots, stops
         self.temperature, self.top_p, self.hook = temperature, top_p, hook
+        self.variants: Sequence[int] = ()
+        self.row_variants: RowVariants | None = None
         self.cache_kwarg = cache_kwarg(model)
         self.dtype = model.get_input_embeddings().weight.dtype
 
-    def _forward(self, input_ids, allowed, position_ids, groups=None) -> torch.Tensor:
-        """Last-position logits; `allowed` [rows, 1, queries, columns] says which columns each query reads."""
+    def _forward(self, input_ids, allowed, position_ids, groups=None, variants=None) -> torch.Tensor:
+        """Last-position logits; `allowed` [rows, 1, queries, columns] says which columns each query reads;
+        `variants`: each row's model variant, for `row_variants`."""
+        if self.row_variants is not None:
+            self.row_variants(torch.tensor(variants, dtype=torch.long, device=input_ids.device))
         # Additive once here, not converted from boolean inside every layer's attention call.
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(
             ~allowed, -math.inf
@@ -154,10 +167,12 @@ class _Stepper:
         self, rows: list[int], requests: list[int], prompts: list[Sequence[int]], seeds
     ) -> list[Finished]:
         slots, device = self.slots, self.slots.device
-        # Samples of one question share its prompt: run each distinct prompt once, copy its keys to its slots.
-        first = {p: i for i, p in enumerate(dict.fromkeys(map(tuple, prompts)))}
-        distinct = list(first)
-        copies = torch.tensor([first[tuple(p)] for p in prompts], device=device)
+        # Samples of one question (and model variant) share its prompt: run each distinct prompt once, copy its
+        # keys to its slots.
+        keyed = [(self.variants[r], tuple(p)) for r, p in zip(requests, prompts, strict=True)]
+        first = {k: i for i, k in enumerate(dict.fromkeys(keyed))}
+        distinct = [p for _, p in first]
+        copies = torch.tensor([first[k] for k in keyed], device=device)
         width = max(map(len, distinct))
         # Left padding puts every prompt's last token in the last column, where the logits are read.
         ids = torch.tensor([[0] * (width - len(p)) + list(p) for p in distinct], device=device)
@@ -170,7 +185,7 @@ class _Stepper:
         index = torch.tensor(rows, dtype=torch.long, device=device)
         self.cache.prefill_rows, self.cache.prefill_copies = index, copies
         try:
-            logits = self._forward(ids, allowed[:, None], positions)[copies]
+            logits = self._forward(ids, allowed[:, None], positions, variants=[v for v, _ in first])[copies]
         finally:
             self.cache.prefill_rows = self.cache.prefill_copies = None
         for row, request in zip(rows, requests, strict=True):
@@ -199,6 +214,7 @@ class _Stepper:
             allowed[:, None, None],
             slots.pos[:, None],
             groups if len(groups) > 1 else None,
+            None if self.row_variants is None else [self.variants[r] if r >= 0 else 0 for r in slots.request],
         )
         # Free slots stay at column 0, rewriting a column nobody reads.
         slots.col += slots.busy
@@ -264,10 +280,12 @@ def iter_samples(
     top_p: float = 1.0,
     batch_size: int | str = 64,
     on_progress: Callable[[int, int], None] | None = None,
+    row_variants: RowVariants | None = None,
 ) -> Iterator[list[SampleResult]]:
     """Sample one completion per request, yielding finished results in chunks (temperature 0: greedy).
 
-    `batch_size="auto"` sizes the batch for the model's device (`auto_batch_size`).
+    `batch_size="auto"` sizes the batch for the model's device (`auto_batch_size`). With `row_variants`, each
+    request is sampled from its `variant` of the model (`generate_ids`).
     """
     prompts = [chat_ids(tokenizer, r.messages) for r in requests]
     if batch_size == "auto":
@@ -292,6 +310,8 @@ def iter_samples(
         temperature=temperature,
         top_p=top_p,
         batch_size=batch_size,
+        variants=[r.variant for r in requests],
+        row_variants=row_variants,
     ):
         buffer.extend(finished)
         done += len(finished)
