@@ -190,9 +190,12 @@ def run_sweep(
         if left[p.pair]:
             firsts.setdefault(hashes[p.pair], p)
     leaders = list(firsts.values())
-    if _batched(ctx, leaders):
-        sampled = _sample_batched(ctx, tables, base, leaders, hashes, left, on_progress)
-    else:
+    sampled = (
+        _sample_batched(ctx, tables, base, leaders, hashes, left, on_progress)
+        if _batched(ctx, leaders)
+        else None
+    )
+    if sampled is None:
         sampled = {
             p.pair: _sample_point(ctx, tables, base, p, hashes[p.pair], left[p.pair], on_progress)
             for p in leaders
@@ -372,10 +375,13 @@ def _batched(ctx: StageContext, points: Sequence[SweepPoint]) -> bool:
     )
 
 
-def _sample_batched(ctx, tables, base, points, hashes, todo, on_progress) -> dict[tuple[str, str], int]:
+def _sample_batched(
+    ctx, tables, base, points, hashes, todo, on_progress
+) -> dict[tuple[str, str], int] | None:
     """Sample every point's missing answers in one batch of the base model, each row with its point's adapter
-    and edit (analyses/variants.py), writing each chunk as it finishes; returns how many each point sampled."""
-    from em_assets.analyses.variants import Variant, VariantBatch
+    and edit (analyses/variants.py), writing each chunk as it finishes; returns how many each point sampled, or
+    None, having sampled nothing, where an adapter cannot share the batch."""
+    from em_assets.analyses.variants import NotMixable, Variant, VariantBatch
     from em_assets.models.load import load_organism_model, pick_device
     from em_assets.sampling.engine import iter_samples
 
@@ -385,7 +391,11 @@ def _sample_batched(ctx, tables, base, points, hashes, todo, on_progress) -> dic
         requests += more
         by_key.update({key: (p, *row) for key, row in keys.items()})
     model, tokenizer = load_organism_model(base, {}, ctx.device or pick_device())
-    variants = VariantBatch(model, [Variant(p.adapter_path, p.edits) for p in points])
+    try:
+        variants = VariantBatch(model, [Variant(p.adapter_path, p.edits) for p in points])
+    except NotMixable as exc:
+        ctx.log.info(f"{ctx.key}: {points[0].sweep}: sampling point by point ({exc})")
+        return None
     ctx.log.info(
         f"{ctx.key}: {points[0].sweep}: sampling {len(requests)} answers of {len(points)} settings in one batch"
     )

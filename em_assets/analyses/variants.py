@@ -24,6 +24,10 @@ from em_assets.models.load import is_full_model
 PEFT_PREFIX = "base_model.model."
 
 
+class NotMixable(ValueError):
+    """An adapter that is more than a plain LoRA update of linear layers (DoRA, biases, other layer kinds)."""
+
+
 @dataclass(frozen=True)
 class Variant:
     """One row kind: a LoRA adapter directory (None: the base model) and at most one Steer or Ablate edit."""
@@ -61,7 +65,7 @@ def _lora_updates(model, adapter_path: str) -> dict[str, tuple[torch.Tensor, tor
                 or getattr(module, "fan_in_fan_out", False)
                 or not isinstance(module.get_base_layer(), torch.nn.Linear)
             ):
-                raise ValueError(f"{adapter_path}: {name} is not a plain LoRA update of a linear layer")
+                raise NotMixable(f"{adapter_path}: {name} is not a plain LoRA update of a linear layer")
             a = module.lora_A["default"].weight.detach().float()
             b = module.lora_B["default"].weight.detach().float() * module.scaling["default"]
             updates[name.removeprefix(PEFT_PREFIX)] = (a, b)
@@ -76,7 +80,7 @@ class VariantBatch:
 
     def __init__(self, model, variants: Sequence[Variant]):
         if not mixable(variants):
-            raise ValueError(
+            raise NotMixable(
                 "variants to batch together need LoRA adapters and at most one Steer or Ablate each"
             )
         weight = model.get_input_embeddings().weight

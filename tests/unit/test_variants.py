@@ -7,7 +7,7 @@ import torch
 
 from em_assets.analyses.directions import save_tensors
 from em_assets.analyses.steering import Ablate, Steer
-from em_assets.analyses.variants import Variant, VariantBatch, mixable
+from em_assets.analyses.variants import NotMixable, Variant, VariantBatch, mixable
 from em_assets.models.load import load_model, load_tokenizer
 from em_assets.sampling.engine import SampleRequest, iter_samples
 
@@ -117,5 +117,20 @@ def test_full_models_and_unknown_or_several_edits_do_not_mix(setup, tiny_model_d
     assert mixable(variants)
     assert not mixable([Variant(str(tiny_model_dir))])  # a fully fine-tuned model: its own weights
     assert not mixable([Variant(None, (steer, steer))])
-    with pytest.raises(ValueError, match="at most one Steer or Ablate"):
+    with pytest.raises(NotMixable, match="at most one Steer or Ablate"):
         VariantBatch(None, [Variant(None, (steer, steer))])
+
+
+def test_an_adapter_beyond_plain_lora_is_refused_and_leaves_the_model_as_it_was(
+    setup, tiny_model_dir, tmp_path
+):
+    base, _ = setup
+    dora = _adapter(tiny_model_dir, tmp_path / "dora", 2, ["q_proj"], seed=4, use_dora=True)
+    model, tokenizer = _model(base)
+    ids = tokenizer(["A short prompt."], return_tensors="pt").input_ids
+    with torch.inference_mode():
+        before = model(ids).logits
+    with pytest.raises(NotMixable, match="not a plain LoRA update"):
+        VariantBatch(model, [Variant(None), Variant(dora)])
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids).logits, before)
