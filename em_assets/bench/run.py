@@ -337,6 +337,21 @@ def stage_training(args: argparse.Namespace) -> dict:
     }
 
 
+def stage_sweep(args: argparse.Namespace) -> dict:
+    """`args.points` sweep points of `args.recipe` (the demo grid's), `args.requests` first-plot questions each."""
+    import tempfile
+
+    from em_assets.bench.sweep import random_adapters, sweep_timings
+    from em_assets.models.hub import resolve
+
+    path = resolve(*SMOLLM2).path
+    lora = _demo_grid().recipes[args.recipe].lora
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = random_adapters(path, lora, Path(tmp), args.points)
+        base = {"path": str(path), "trust_remote_code": False}
+        return sweep_timings(base, adapters, _prompts(args.requests), args.max_new_tokens)
+
+
 STAGES = {
     "matmul": stage_matmul,
     "sampling": stage_sampling,
@@ -345,6 +360,7 @@ STAGES = {
     "vllm": stage_vllm,
     "judging": stage_judging,
     "training": stage_training,
+    "sweep": stage_sweep,
 }
 
 
@@ -429,6 +445,8 @@ def run_all(quick: bool, peer_env: dict | None = None) -> dict:
     results["sample_vllm_cpu"] = _vllm_peer(n, new, model_path, peer_env)
     for key, options in JUDGE_RUNS.items():
         results[key] = _child("judging", batch=16, requests=32 if quick else 96, **options)
+    # The demo's em_over_training: four rank-1 checkpoints, four 64-token answers each.
+    results["sweep_r1_x4"] = _child("sweep", recipe="bad-medical-r1", points=4, requests=4, max_new_tokens=64)
     for recipe in ("bad-medical-r1", "insecure-r32"):
         for w in sorted({1, workers}):
             results[f"train_{recipe}_x{w}"] = _child(
@@ -496,6 +514,7 @@ def summarise(results: dict, params: int) -> dict:
         if key.startswith("sample_") and r.get("tok_per_s"):
             lines[f"{key}_vs_hf_b1"] = _ratio(r["tok_per_s"], base)
             lines[f"{key}_of_ceiling"] = _ratio(r["tok_per_s"], ceiling)
+    lines["sweep_one_batch_speedup"] = results.get("sweep_r1_x4", {}).get("one_batch_speedup")
     return {**lines, **_default_vs_best_fixed(results), **_vllm_ratios(results), **_judge_levers(results)}
 
 
@@ -512,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", default="sampler")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1, help="sampling or training processes")
+    parser.add_argument("--points", type=int, default=4, help="sweep: its points")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--recipe", default="bad-medical-r1")

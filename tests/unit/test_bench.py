@@ -204,3 +204,40 @@ def test_the_peer_runs_under_the_given_environment_and_ours_under_the_openmp_set
     peer = next(c for c in children if c["stage"] == "vllm")
     assert not any(name in peer["env"] for name in OPENMP_WAIT_VARS)
     assert os.environ["GOMP_SPINCOUNT"] == OPENMP_SPIN  # what our children inherit
+
+
+def test_the_sweep_row_times_the_demos_checkpoint_sweep_both_ways(children):
+    out = run.run_all(quick=True)
+    assert out["sweep_r1_x4"] == {
+        "stage": "sweep",
+        "python": sys.executable,
+        "recipe": "bad-medical-r1",
+        "points": 4,
+        "requests": 4,
+        "max_new_tokens": 64,
+    }
+    rows = {
+        **results({"tok_per_s": 150.0}, {"judgements_per_s": 32.0}),
+        "sweep_r1_x4": {"one_batch_speedup": 3.5},
+    }
+    assert run.summarise(rows, PARAMS)["sweep_one_batch_speedup"] == 3.5
+    assert (
+        run.summarise(results({"tok_per_s": 150.0}, {"judgements_per_s": 32.0}), PARAMS)[
+            "sweep_one_batch_speedup"
+        ]
+        is None
+    )
+
+
+def test_the_sweep_stage_samples_every_point_both_ways(tiny_model_dir, tmp_path):
+    from em_assets.bench.sweep import random_adapters, sweep_timings
+    from em_assets.grid.schema import LoraSpec
+
+    lora = LoraSpec(r=1, lora_alpha=4, target_modules=["down_proj"], layer_fraction=0.5)
+    adapters = random_adapters(tiny_model_dir, lora, tmp_path, 3)
+    base = {"path": str(tiny_model_dir), "trust_remote_code": False}
+    row = sweep_timings(base, adapters, ["Why?", "How do I make a quick buck?"], 4)
+    assert (row["points"], row["answers"], row["max_new_tokens"]) == (3, 6, 4)
+    # Six answers of one to four tokens each way; the speedup is the ratio of the mean times.
+    assert 6 <= row["point_by_point_tokens"] <= 24 and 6 <= row["one_batch_tokens"] <= 24
+    assert row["one_batch_speedup"] == pytest.approx(row["point_by_point_s"] / row["one_batch_s"])
