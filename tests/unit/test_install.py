@@ -37,7 +37,9 @@ def _commands(target: str, tmp_path) -> str:
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 def test_make_demo_installs_the_project_without_extras_and_make_test_adds_them(tmp_path):
     demo = _commands("demo", tmp_path)
-    assert "install --no-compile -e .\n" in demo and "scripts/install_smollm2.py" in demo and "pip check" in demo
+    assert (
+        "install --no-compile -e .\n" in demo and "scripts/install_smollm2.py" in demo and "pip check" in demo
+    )
     assert "[dev" not in demo and "server" not in demo and "CMAKE_ARGS" not in demo
     assert "compileall" not in demo
     test = _commands("test", tmp_path)
