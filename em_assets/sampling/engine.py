@@ -110,8 +110,8 @@ def generate_ids(
     pending = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), tuple(prompts[i])), reverse=True)
     slots = Slots(min(batch_size, len(prompts)), max_new_tokens, device)
     cache = SlotCache(model.config.num_hidden_layers, slots.size, max(map(len, prompts)) + max_new_tokens)
-    step = _Stepper(model, cache, slots, stops, temperature, top_p, logits_hook)
-    step.variants, step.row_variants = variants or [0] * len(prompts), row_variants
+    variants = variants or [0] * len(prompts)
+    step = _Stepper(model, cache, slots, stops, temperature, top_p, logits_hook, variants, row_variants)
     # Refilling costs a forward pass of its own: wait until an eighth of the slots are free.
     refill_at = max(1, slots.size // 8)
     while True:
@@ -134,11 +134,13 @@ def generate_ids(
 class _Stepper:
     """The two forward passes of continuous batching: prefill requests into free slots, decode all slots."""
 
-    def __init__(self, model, cache: SlotCache, slots: Slots, stops, temperature, top_p, hook):
+    def __init__(
+        self, model, cache: SlotCache, slots: Slots, stops, temperature, top_p, hook, variants, row_variants
+    ):
         self.model, self.cache, self.slots, self.stops = model, cache, slots, stops
         self.temperature, self.top_p, self.hook = temperature, top_p, hook
-        self.variants: Sequence[int] = ()
-        self.row_variants: RowVariants | None = None
+        self.variants: Sequence[int] = variants
+        self.row_variants: RowVariants | None = row_variants
         self.cache_kwarg = cache_kwarg(model)
         self.dtype = model.get_input_embeddings().weight.dtype
 
