@@ -54,6 +54,15 @@ def _lora_updates(model, adapter_path: str) -> dict[str, tuple[torch.Tensor, tor
 
     peft_model = PeftModel.from_pretrained(model, adapter_path)
     try:
+        config = peft_model.peft_config["default"]
+        if (
+            config.peft_type != "LORA"
+            or config.modules_to_save
+            or getattr(config, "trainable_token_indices", None)
+        ):
+            raise NotMixable(
+                f"{adapter_path}: not LoRA alone (a {config.peft_type} adapter or whole modules)"
+            )
         updates = {}
         for name, module in peft_model.named_modules():
             if not isinstance(module, LoraLayer) or "default" not in module.lora_A:

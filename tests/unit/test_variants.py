@@ -134,3 +134,16 @@ def test_an_adapter_beyond_plain_lora_is_refused_and_leaves_the_model_as_it_was(
         VariantBatch(model, [Variant(None), Variant(dora)])
     with torch.inference_mode():
         torch.testing.assert_close(model(ids).logits, before)
+
+
+def test_an_adapter_of_another_peft_kind_is_refused(setup, tiny_model_dir, tmp_path):
+    from peft import IA3Config, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base, _ = setup
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    get_peft_model(model, IA3Config(target_modules=["q_proj"], feedforward_modules=[])).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(NotMixable, match="not LoRA alone"):
+        VariantBatch(_model(base)[0], [Variant(str(tmp_path))])
