@@ -16,19 +16,12 @@ from em_assets.sampling.engine import CPU_BATCH, SampleRequest, iter_samples
 def random_adapters(model_path: Path | str, lora: LoraSpec, out: Path, n: int) -> list[str]:
     """`n` adapters of the `lora` recipe with small random B matrices: stand-ins for one run's checkpoints."""
     import torch
-    from peft import LoraConfig, get_peft_model
+
+    from em_assets.training.step import peft_model
 
     paths = []
     for i in range(n):
-        model = load_model(model_path, "cpu", "float32")
-        config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.lora_alpha,
-            use_rslora=lora.use_rslora,
-            target_modules=list(lora.target_modules),
-            layers_to_transform=lora.layers_for(model.config.num_hidden_layers),
-        )
-        peft = get_peft_model(model, config)
+        peft = peft_model(load_model(model_path, "cpu", "float32"), lora)
         torch.manual_seed(i)
         for name, p in peft.named_parameters():
             if "lora_B" in name:

@@ -106,7 +106,8 @@ def accumulate_gradients(
     return loss_sum, tokens
 
 
-def _peft_model(model, lora: LoraSpec):
+def peft_model(model, lora: LoraSpec):
+    """The model with a fresh adapter of the `lora` recipe (B zero, so it starts as the model itself)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -138,7 +139,7 @@ def build_model(
         # PyTorch's CPU flash-attention backward is slow for small models; eager attention makes steps faster,
         # and its (batch x heads x len^2) weights stay small at these lengths.
         base.set_attn_implementation("eager")
-    model = _peft_model(base, lora) if lora is not None else base
+    model = peft_model(base, lora) if lora is not None else base
     if lora is None:
         model.requires_grad_(True)
     model.config.use_cache = False
