@@ -18,6 +18,7 @@ ARTIFACTS_ENV = "EM_ARTIFACTS_DIR"
 FIGURES_ENV = "EM_FIGURES_DIR"
 LOGS_ENV = "EM_LOGS_DIR"
 DEVICE_ENV = "EM_DEVICE"
+PACKED_LINEARS_ENV = "EM_PACKED_LINEARS"
 DAGSTER_HOME_ENV = "DAGSTER_HOME"
 
 
@@ -64,6 +65,9 @@ class Settings:
     logs_dir: Path = Path("data/logs")
     calibration_path: Path = Path("data/judge_calibration.yaml")
     device: str = "auto"
+    # bf16 linear layers on a CPU run on weights packed once per inference loop (models/packed.py); "0" turns
+    # it off, should a CPU or torch build compute them wrongly.
+    packed_linears: bool = True
     dagster_home: Path = Path(".dagster_home")
 
     @classmethod
@@ -86,6 +90,7 @@ class Settings:
             figures_dir=path(FIGURES_ENV, default.figures_dir),
             logs_dir=path(LOGS_ENV, default.logs_dir),
             device=env.get(DEVICE_ENV) or default.device,
+            packed_linears=env.get(PACKED_LINEARS_ENV, "1") != "0",
             dagster_home=path(DAGSTER_HOME_ENV, default.dagster_home),
         )
 

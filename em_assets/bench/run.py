@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from em_assets.models.machine import describe_machine, machine_key, machine_line
-from em_assets.settings import set_openmp_wait
+from em_assets.settings import PACKED_LINEARS_ENV, set_openmp_wait
 
 SMOLLM2 = ("smollm2-135m", "embedded:smollm2-135m-instruct")
 REPO = Path(__file__).resolve().parents[2]
@@ -97,6 +97,7 @@ def stage_matmul(_: argparse.Namespace) -> dict:
 
 def stage_sampling(args: argparse.Namespace) -> dict:
     from em_assets.bench.sampling import benchmark_sampling
+    from em_assets.models.packed import packable
 
     dtype = "float32" if args.engine == "hf_generate" and args.batch == 1 else "auto"
     model, tokenizer, _ = _model(dtype)
@@ -111,7 +112,7 @@ def stage_sampling(args: argparse.Namespace) -> dict:
         workers=args.workers,
         loader=load_smollm2,
     )
-    return {**out, "dtype": str(model.dtype)}
+    return {**out, "dtype": str(model.dtype), "packed_linears": packable(model)}
 
 
 def stage_sampling_auto(args: argparse.Namespace) -> dict:
@@ -430,6 +431,15 @@ def run_all(quick: bool, peer_env: dict | None = None) -> dict:
     results["sample_ours_b256"] = _child(
         "sampling", engine="sampler", batch=256, requests=n, max_new_tokens=new
     )
+    # Packed linear weights against plain ones, at the full batch and at a demo organism's 24 answers.
+    unpacked = {**os.environ, PACKED_LINEARS_ENV: "0"}
+    results["unpacked_b256"] = _child(
+        "sampling", env=unpacked, engine="sampler", batch=256, requests=n, max_new_tokens=new
+    )
+    for key, env in (("unpacked_b24", unpacked), ("packed_b24", None)):
+        results[key] = _child(
+            "sampling", env=env, engine="sampler", batch=24, requests=24, max_new_tokens=new
+        )
     if n > 256:
         results["sample_ours_b512"] = _child(
             "sampling", engine="sampler", batch=512, requests=n, max_new_tokens=new
@@ -515,6 +525,10 @@ def summarise(results: dict, params: int) -> dict:
             lines[f"{key}_vs_hf_b1"] = _ratio(r["tok_per_s"], base)
             lines[f"{key}_of_ceiling"] = _ratio(r["tok_per_s"], ceiling)
     lines["sweep_one_batch_speedup"] = results.get("sweep_r1_x4", {}).get("one_batch_speedup")
+    for batch, packed in (("b256", "sample_ours_b256"), ("b24", "packed_b24")):
+        lines[f"packed_linears_speedup_{batch}"] = _ratio(
+            results.get(packed, {}).get("tok_per_s"), results.get(f"unpacked_{batch}", {}).get("tok_per_s")
+        )
     return {**lines, **_default_vs_best_fixed(results), **_vllm_ratios(results), **_judge_levers(results)}
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from em_assets.models.chat import chat_ids
 from em_assets.models.layers import decoder_layers
+from em_assets.models.packed import packed_linears
 from em_assets.models.prefix_cache import prefixes_pass, select_rows, stack_caches
 
 SCALARS = (
@@ -265,10 +266,11 @@ def answer_features(
     if len(readings) + len(new) > MAX_READINGS:
         readings.clear()
         new = sorted({it.question for it in items})
-    readings.update(_read_questions(model, tokenizer, new, layers, max_tokens, batch_size))
     tokens = [tokenizer(it.answer, add_special_tokens=False)["input_ids"][:max_tokens] for it in items]
-    turns = [readings[it.question] for it in items]
-    hidden, scored = _pooled_and_scored(model, tokens, layers, batch_size, turns, on_progress)
+    with packed_linears(model):
+        readings.update(_read_questions(model, tokenizer, new, layers, max_tokens, batch_size))
+        turns = [readings[it.question] for it in items]
+        hidden, scored = _pooled_and_scored(model, tokens, layers, batch_size, turns, on_progress)
     question = np.array([t.alone for t in turns], dtype=np.float32).reshape(hidden.shape)
     scalars = np.array(
         [_scalars(it.answer, tokens[i], *scored[i]) for i, it in enumerate(items)], dtype=np.float32

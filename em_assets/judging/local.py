@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from em_assets.judging.scoring import MIN_MASS, JudgeScore, score_from_number_probs
+from em_assets.models.packed import packed_linears
 from em_assets.models.prefix_cache import prefixes_pass, repeat_cache
 
 MAX_ANSWER = 100
@@ -167,18 +168,19 @@ class LocalJudge:
         )
         out: list[dict[int, float]] = [{} for _ in encoded]
         done = 0
-        for shared, members in groups:
-            cache = prefixes_pass(self.model, [encoded[members[0]][:shared]])[0] if shared else None
-            # Batching prompts of similar length keeps left padding (wasted compute) small.
-            order = sorted(members, key=lambda i: len(encoded[i]))
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start : start + self.batch_size]
-                probs = self._batch_probs([encoded[i][shared:] for i in chunk], shared, cache).tolist()
-                for i, row in zip(chunk, probs, strict=True):
-                    out[i] = dict(enumerate(row))
-                done += len(chunk)
-                if on_progress is not None:
-                    on_progress(done, len(encoded))
+        with packed_linears(self.model):
+            for shared, members in groups:
+                cache = prefixes_pass(self.model, [encoded[members[0]][:shared]])[0] if shared else None
+                # Batching prompts of similar length keeps left padding (wasted compute) small.
+                order = sorted(members, key=lambda i: len(encoded[i]))
+                for start in range(0, len(order), self.batch_size):
+                    chunk = order[start : start + self.batch_size]
+                    probs = self._batch_probs([encoded[i][shared:] for i in chunk], shared, cache).tolist()
+                    for i, row in zip(chunk, probs, strict=True):
+                        out[i] = dict(enumerate(row))
+                    done += len(chunk)
+                    if on_progress is not None:
+                        on_progress(done, len(encoded))
         return out
 
     def score(

@@ -9,6 +9,7 @@ import torch
 
 from em_assets.models.chat import chat_ids
 from em_assets.models.layers import decoder_layers
+from em_assets.models.packed import packed_linears
 
 
 @dataclass(frozen=True)
@@ -38,22 +39,23 @@ def iter_answer_means(
     """
     device = model.get_input_embeddings().weight.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for start in range(0, len(items), batch_size):
-        encoded = [answer_token_ids(tokenizer, it) for it in items[start : start + batch_size]]
-        encoded = [(ids[:max_tokens], min(begin, max_tokens)) for ids, begin in encoded]
-        # At least one position: an empty answer without a prompt pools to zeros rather than failing.
-        width = max(1, *(len(ids) for ids, _ in encoded))
-        # Right padding: positions keep their unpadded values, so activations match an unbatched pass.
-        ids = torch.tensor(
-            [i + [pad] * (width - len(i)) for i, _ in encoded], dtype=torch.long, device=device
-        )
-        cols = torch.arange(width, device=device)
-        lengths = torch.tensor([len(i) for i, _ in encoded], device=device)
-        begins = torch.tensor([b for _, b in encoded], device=device)
-        answer = ((cols[None, :] >= begins[:, None]) & (cols[None, :] < lengths[:, None])).float()
-        attention = (cols[None, :] < lengths[:, None]).long()
-        sums = _layer_sums(model, ids, attention, answer)
-        yield sums / answer.sum(dim=1).clamp_min(1.0)[:, None, None]  # (B, L, H)
+    with packed_linears(model):
+        for start in range(0, len(items), batch_size):
+            encoded = [answer_token_ids(tokenizer, it) for it in items[start : start + batch_size]]
+            encoded = [(ids[:max_tokens], min(begin, max_tokens)) for ids, begin in encoded]
+            # At least one position: an empty answer without a prompt pools to zeros rather than failing.
+            width = max(1, *(len(ids) for ids, _ in encoded))
+            # Right padding: positions keep their unpadded values, so activations match an unbatched pass.
+            ids = torch.tensor(
+                [i + [pad] * (width - len(i)) for i, _ in encoded], dtype=torch.long, device=device
+            )
+            cols = torch.arange(width, device=device)
+            lengths = torch.tensor([len(i) for i, _ in encoded], device=device)
+            begins = torch.tensor([b for _, b in encoded], device=device)
+            answer = ((cols[None, :] >= begins[:, None]) & (cols[None, :] < lengths[:, None])).float()
+            attention = (cols[None, :] < lengths[:, None]).long()
+            sums = _layer_sums(model, ids, attention, answer)
+            yield sums / answer.sum(dim=1).clamp_min(1.0)[:, None, None]  # (B, L, H)
 
 
 def _layer_sums(model, ids, attention, answer) -> torch.Tensor:

@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 from em_assets.models.processes import usable_cpus
-from em_assets.settings import openmp_wait
+from em_assets.settings import openmp_wait, settings
 
 # What decides a small model's CPU speed: AMX tiles run bf16 GEMMs several times faster than AVX-512 BF16
 # dot products, and without either bf16 is emulated (AVX2 or plain AVX-512 convert to fp32).
@@ -31,6 +31,7 @@ KEY_FIELDS = (
     "cpu_capability",
     "onednn_max_cpu_isa",
     "openmp_wait",
+    "packed_linears",
 )
 
 
@@ -62,7 +63,7 @@ def onednn_version(config: str) -> str | None:
 
 def describe_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
     """CPU model, the FLAGS it has, cores and usable CPUs, torch threads, torch and oneDNN (and any cap on the
-    instruction set oneDNN uses), the OpenMP wait setting, and the load now."""
+    instruction set oneDNN uses), the OpenMP wait setting, whether linear weights are packed, and the load now."""
     import psutil
     import torch
 
@@ -81,6 +82,8 @@ def describe_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
         "onednn_max_cpu_isa": onednn_isa_cap(),
         # Whether idle OpenMP threads spin or sleep changes how fast small matmuls run.
         "openmp_wait": openmp_wait(),
+        # So does whether bf16 linear layers run on packed weights (models/packed.py).
+        "packed_linears": settings().packed_linears,
         "platform": platform.platform(),
         "python": platform.python_version(),
         # Not the machine's but the moment's: a figure taken under load is slower than the machine is.

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from em_assets.models.chat import chat_ids
+from em_assets.models.packed import packed_linears
 from em_assets.sampling.slots import (
     SlotCache,
     Slots,
@@ -114,6 +115,14 @@ def generate_ids(
     step = _Stepper(model, cache, slots, stops, temperature, top_p, logits_hook, variants, row_variants)
     # Refilling costs a forward pass of its own: wait until an eighth of the slots are free.
     refill_at = max(1, slots.size // 8)
+    with packed_linears(model):
+        yield from _run(step, slots, pending, prompts, seeds, refill_at)
+
+
+def _run(
+    step: _Stepper, slots: Slots, pending: list[int], prompts, seeds, refill_at: int
+) -> Iterator[list[Finished]]:
+    """Continuous batching's loop: refill free slots once enough are free, else decode every slot."""
     while True:
         free = [s for s, r in enumerate(slots.request) if r < 0]
         if pending and (len(free) >= min(refill_at, len(pending)) or len(free) == slots.size):

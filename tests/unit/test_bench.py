@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from em_assets.bench import run
-from em_assets.settings import OPENMP_SPIN, OPENMP_WAIT_VARS
+from em_assets.settings import OPENMP_SPIN, OPENMP_WAIT_VARS, PACKED_LINEARS_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -241,3 +241,21 @@ def test_the_sweep_stage_samples_every_point_both_ways(tiny_model_dir, tmp_path)
     # Six answers of one to four tokens each way; the speedup is the ratio of the mean times.
     assert 6 <= row["point_by_point_tokens"] <= 24 and 6 <= row["one_batch_tokens"] <= 24
     assert row["one_batch_speedup"] == pytest.approx(row["point_by_point_s"] / row["one_batch_s"])
+
+
+def test_packed_linears_are_timed_against_plain_ones_on_the_same_requests(children):
+    out = run.run_all(quick=True)
+    for batch, packed in (("b256", "sample_ours_b256"), ("b24", "packed_b24")):
+        plain = out[f"unpacked_{batch}"]
+        assert plain["env"][PACKED_LINEARS_ENV] == "0" and "env" not in out[packed]
+        same = ("engine", "batch", "requests", "max_new_tokens")
+        assert {k: plain[k] for k in same} == {k: out[packed][k] for k in same}
+    rows = {
+        **results({"tok_per_s": 150.0}, {"judgements_per_s": 32.0}),
+        "unpacked_b256": {"tok_per_s": 160.0},
+        "packed_b24": {"tok_per_s": 90.0},
+        "unpacked_b24": {"tok_per_s": 60.0},
+    }
+    summary = run.summarise(rows, PARAMS)
+    assert summary["packed_linears_speedup_b256"] == pytest.approx(1.25)
+    assert summary["packed_linears_speedup_b24"] == pytest.approx(1.5)

@@ -248,6 +248,15 @@ def test_another_openmp_wait_setting_is_another_machine(monkeypatch):
     assert machine.machine_line(sleeping).endswith("OpenMP wait OMP_WAIT_POLICY=PASSIVE")
 
 
+def test_packed_and_plain_linear_weights_are_two_machines(monkeypatch):
+    monkeypatch.delenv("EM_PACKED_LINEARS", raising=False)
+    packed = machine.describe_machine()
+    monkeypatch.setenv("EM_PACKED_LINEARS", "0")
+    plain = machine.describe_machine()
+    assert (packed["packed_linears"], plain["packed_linears"]) == (True, False)
+    assert machine.machine_key(packed) != machine.machine_key(plain)
+
+
 def test_onednn_version_is_read_from_torchs_build_config():
     import torch
 

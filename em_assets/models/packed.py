@@ -1,0 +1,90 @@
+"""bf16 linear layers on a CPU run on weights laid out once for oneDNN, for the length of an inference loop.
+
+torch's `F.linear` hands oneDNN a plain weight, which it lays out again on every call: at the few rows of a
+decode step that costs as much as the multiply. torch's own prepacking (the ops inductor's freezing emits)
+lays each weight out once. The packed copies are made on entry and dropped on exit, so weights may change
+between loops (a merged adapter, the next checkpoint) but not inside one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+from em_assets.settings import settings
+
+log = logging.getLogger(__name__)
+
+# oneDNN's hint of how many rows a call will have; it picks one layout that serves a decode step's few rows
+# and a long prefill alike.
+ROWS_HINT = 64
+
+
+def packable(model) -> bool:
+    """Whether packing is on (settings), this torch and CPU pack bf16 weights, and the model is a bf16 model on
+    the CPU."""
+    # torch is imported in the functions: the judge's modules that use this load with the torch-free Dagster
+    # definitions.
+    import torch
+
+    weight = model.get_input_embeddings().weight
+    ops = torch.ops.mkldnn
+    return (
+        settings().packed_linears
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and torch.backends.mkldnn.is_available()
+        and hasattr(ops, "_reorder_linear_weight")
+        and hasattr(ops, "_linear_pointwise")
+        and ops._is_mkldnn_bf16_supported()
+    )
+
+
+def _available_bytes() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _packed_forward(weight, bias):
+    import torch
+
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
+
+    def forward(x):
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    return forward
+
+
+@contextlib.contextmanager
+def packed_linears(model) -> Iterator[int]:
+    """Inside, the model's bf16 `nn.Linear` layers (forward hooks kept) run on packed weights; yields how many.
+
+    A no-op where `packable` is false, or where the packed copies would take over half the free memory.
+    Re-entrant: layers an enclosing context packed are left to it.
+    """
+    import torch
+
+    layers = []
+    if packable(model):
+        layers = [
+            m
+            for m in model.modules()
+            if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 and "forward" not in m.__dict__
+        ]
+        needed = sum(m.weight.numel() * m.weight.element_size() for m in layers)
+        if needed * 2 > _available_bytes():
+            log.info("linear weights not packed: %d MB would take over half the free memory", needed >> 20)
+            layers = []
+    try:
+        with torch.no_grad():
+            for m in layers:
+                m.forward = _packed_forward(m.weight, m.bias)
+        yield len(layers)
+    finally:
+        for m in layers:
+            m.__dict__.pop("forward", None)
