@@ -112,7 +112,9 @@ def stage_sampling(args: argparse.Namespace) -> dict:
         workers=args.workers,
         loader=load_smollm2,
     )
-    return {**out, "dtype": str(model.dtype), "packed_linears": packable(model)}
+    # transformers' `generate` runs the plain layers: only the project's sampler packs them.
+    packed = args.engine == "sampler" and packable(model)
+    return {**out, "dtype": str(model.dtype), "packed_linears": packed}
 
 
 def stage_sampling_auto(args: argparse.Namespace) -> dict:

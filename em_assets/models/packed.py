@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Iterator
 
 from em_assets.settings import settings
@@ -43,10 +42,9 @@ def packable(model) -> bool:
 
 
 def _available_bytes() -> int:
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0
+    import psutil
+
+    return psutil.virtual_memory().available
 
 
 def _packed_forward(weight, bias):
