@@ -245,6 +245,9 @@ def _judge_prompts(tokenizer, prompt: str, n: int) -> list[str]:
     return [judge_prompt(template, q, a) for q, a in pairs]
 
 
+# The demo's LoRA recipes, trained in one process, in one per core and with `workers: auto`.
+TRAIN_RECIPES = ("bad-medical-r1", "insecure-r32")
+
 # The demo's probe judge keeps every train row as its kernel's support: the 2,400 train answers of the reference
 # judgements, their corruptions and first sentences, and the hand-rated answers.
 PROBE_SUPPORT = 2884
@@ -330,6 +333,7 @@ def stage_training(args: argparse.Namespace) -> dict:
         "recipe": args.recipe,
         "examples": args.requests,
         "workers": result.workers,
+        "workers_reason": result.workers_reason,
         "steps": result.steps,
         "train_tokens": result.train_tokens,
         "tokens_per_s": result.tokens_per_s,
@@ -459,11 +463,10 @@ def run_all(quick: bool, peer_env: dict | None = None) -> dict:
         results[key] = _child("judging", batch=16, requests=32 if quick else 96, **options)
     # The demo's em_over_training: four rank-1 checkpoints, four 64-token answers each.
     results["sweep_r1_x4"] = _child("sweep", recipe="bad-medical-r1", points=4, requests=4, max_new_tokens=64)
-    for recipe in ("bad-medical-r1", "insecure-r32"):
-        for w in sorted({1, workers}):
-            results[f"train_{recipe}_x{w}"] = _child(
-                "training", recipe=recipe, requests=32 if quick else 64, workers=w
-            )
+    for recipe in TRAIN_RECIPES:
+        for w in [*sorted({1, workers}), "auto"]:
+            key = f"train_{recipe}_auto" if w == "auto" else f"train_{recipe}_x{w}"
+            results[key] = _child("training", recipe=recipe, requests=32 if quick else 64, workers=w)
     return results
 
 
@@ -494,6 +497,16 @@ def _default_vs_best_fixed(results: dict) -> dict:
         "sample_ours_auto_vs_best_fixed": _ratio(auto.get("tok_per_s"), best),
         "sample_ours_auto_choice_vs_best_fixed": _ratio(chosen[0], best) if chosen else None,
     }
+
+
+def _training_defaults(results: dict) -> dict:
+    """Per recipe, training with `workers: auto` over the best fixed number of processes in the same run."""
+    lines = {}
+    for recipe in TRAIN_RECIPES:
+        rate = {k: r.get("tokens_per_s") for k, r in results.items() if k.startswith(f"train_{recipe}_")}
+        best = max((v for k, v in rate.items() if v and not k.endswith("_auto")), default=None)
+        lines[f"train_{recipe}_auto_vs_best_fixed"] = _ratio(rate.get(f"train_{recipe}_auto"), best)
+    return lines
 
 
 def _judge_levers(results: dict) -> dict:
@@ -531,7 +544,13 @@ def summarise(results: dict, params: int) -> dict:
         lines[f"packed_linears_speedup_{batch}"] = _ratio(
             results.get(packed, {}).get("tok_per_s"), results.get(f"unpacked_{batch}", {}).get("tok_per_s")
         )
-    return {**lines, **_default_vs_best_fixed(results), **_vllm_ratios(results), **_judge_levers(results)}
+    return {
+        **lines,
+        **_default_vs_best_fixed(results),
+        **_training_defaults(results),
+        **_vllm_ratios(results),
+        **_judge_levers(results),
+    }
 
 
 def _model_params() -> int:
@@ -541,12 +560,18 @@ def _model_params() -> int:
     return model_facts(resolve(*SMOLLM2).path)[2]
 
 
+def _workers(value: str) -> int | str:
+    return value if value == "auto" else int(value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="em_assets.bench", description=__doc__)
     parser.add_argument("--stage", choices=sorted(STAGES))
     parser.add_argument("--engine", default="sampler")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=1, help="sampling or training processes")
+    parser.add_argument(
+        "--workers", type=_workers, default=1, help="sampling or training processes (training: also auto)"
+    )
     parser.add_argument("--points", type=int, default=4, help="sweep: its points")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=128)

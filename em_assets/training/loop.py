@@ -48,8 +48,10 @@ log = logging.getLogger(__name__)
 MAX_GRAD_NORM = 1.0
 
 
-# "auto" trains in one process per core from this many tokens: below, a helper's start-up outweighs its share.
-AUTO_WORKERS_MIN_TOKENS = 8192
+# "auto" tries helpers only when the steps left would take this long in one process: a helper takes seconds to
+# start, and two single-thread processes gain at most a fraction of a step over one two-thread process, on some
+# CPUs none (docs/cpu.md).
+AUTO_WORKERS_MIN_SECONDS = 30.0
 
 
 TRAIN_BYTES_PER_WEIGHT_BYTE = 12
@@ -81,25 +83,24 @@ class TrainResult:
     tokens_per_s: float
     resumed_from_step: int | None
     workers: int = 1
+    workers_reason: str = ""
     # Adapter weights of every saved checkpoint: {step, train_tokens, path} in step order.
     checkpoints: list[dict] = field(default_factory=list)
 
 
-def train_workers(
-    train: TrainSpec, device: str, steps: list[list[list[int]]], encoded: list[Encoded], weight_bytes: int
-) -> int:
-    """Processes for data-parallel training: `train.workers`, or for "auto" one per core on CPU (as memory
-    allows) when the run has at least AUTO_WORKERS_MIN_TOKENS tokens (a helper takes seconds to start)."""
+def train_workers(train: TrainSpec, device: str, weight_bytes: int) -> tuple[int, str]:
+    """The most processes data-parallel training may use, and why: `train.workers`, or for "auto" one per core
+    on CPU as memory allows (started and kept only as timed steps show they pay, `_auto_workers`)."""
     if device != "cpu":
-        return 1
+        return 1, f"one process on {device}"
     if train.workers != "auto":
-        return train.workers
-    tokens = sum(len(encoded[i].input_ids) for step in steps for micro in step for i in micro)
-    if tokens < AUTO_WORKERS_MIN_TOKENS:
-        return 1
+        return train.workers, "set by the recipe"
     # Activations and the adapter's optimizer state come on top of the weights: rank-32 on all projections of
     # a small model peaks at many times its bf16 weights per process.
-    return cpu_processes(TRAIN_BYTES_PER_WEIGHT_BYTE * weight_bytes)
+    most = cpu_processes(TRAIN_BYTES_PER_WEIGHT_BYTE * weight_bytes)
+    if most == 1:
+        return 1, "auto: one core, or memory for one copy"
+    return most, "auto: one process; a run of three steps or more times its second to see if helpers pay"
 
 
 @dataclass
@@ -115,6 +116,12 @@ class _Run:
     pad_id: int
     seed: int
     workers: int = 1
+    # What the run may grow to under "auto" (1: never), and why the run has the processes it has.
+    max_workers: int = 1
+    workers_reason: str = ""
+    # While "auto" tries helpers: the step timed in one process and its seconds per token.
+    trial: tuple[int, float] | None = None
+    threads: int = 1
     helpers: Helpers | None = None
     # KL penalty: per optimizer step, the encoded out-of-domain examples; the frozen chat model for full
     # fine-tuning (None with LoRA, whose reference is the model with its adapters disabled).
@@ -157,9 +164,14 @@ def _prepare(
     scheduler = get_scheduler(
         train.lr_scheduler_type, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=len(steps)
     )
+    run = _Run(model, params, optimizer, scheduler, encoded, steps, tokenizer.pad_token_id, seed)
     # Data-parallel helpers sum adapter gradients; a full model's gradients are trained in one process.
-    workers = train_workers(train, device, steps, encoded, weight_bytes) if lora is not None else 1
-    run = _Run(model, params, optimizer, scheduler, encoded, steps, tokenizer.pad_token_id, seed, workers)
+    if lora is None:
+        run.workers_reason = "full fine-tuning trains in one process"
+    elif train.workers == "auto":
+        run.max_workers, run.workers_reason = train_workers(train, device, weight_bytes)
+    else:
+        run.workers, run.workers_reason = train_workers(train, device, weight_bytes)
     if kl is not None:
         run.kl_batches = _kl_batches(tokenizer, kl, len(steps), train, seed)
         run.kl_weight = kl.weight
@@ -180,8 +192,48 @@ def _start_helpers(run: _Run, spec: dict) -> None:
         "threads": per_rank,
         "seed": run.seed,
     }
+    run.threads = torch.get_num_threads()
     torch.set_num_threads(per_rank)
     run.helpers = Helpers.start(run.workers, run.params, job)
+
+
+def _step_tokens(run: _Run, step: int) -> int:
+    return sum(len(run.encoded[i].input_ids) for micro in run.steps[step - 1] for i in micro)
+
+
+def _auto_workers(run: _Run, spec: dict, step: int, seconds: float, first: int) -> None:
+    """For "auto", after each step of this call: time the second (the first warms the kernels up) in one
+    process, and if the steps left would take AUTO_WORKERS_MIN_SECONDS or more, start the helpers; time the
+    second step with them (the first warms theirs up) and keep them only if it ran a token faster."""
+    per_token = seconds / max(1, _step_tokens(run, step))
+    if step == first + 1 and step < len(run.steps):
+        left = sum(_step_tokens(run, s) for s in range(step + 1, len(run.steps) + 1))
+        predicted = per_token * left
+        run.workers_reason = (
+            f"auto: the steps after step {step} would take about {predicted:.0f} s in one process"
+        )
+        if predicted < AUTO_WORKERS_MIN_SECONDS:
+            run.workers_reason += f", under the {AUTO_WORKERS_MIN_SECONDS:.0f} s helpers need to pay back"
+            return
+        run.trial = (step, per_token)
+        run.workers = run.max_workers
+        _start_helpers(run, spec)
+    elif run.trial is not None and step == run.trial[0] + 2:
+        alone, run.trial = run.trial[1], None
+        verdict = "kept" if per_token < alone else "stopped"
+        run.workers_reason += (
+            f"; {run.workers} processes ran step {step} at {1e3 * per_token:.1f} ms a token against "
+            f"{1e3 * alone:.1f} ms in one process: {verdict}"
+        )
+        if per_token >= alone:
+            _stop_helpers(run)
+
+
+def _stop_helpers(run: _Run) -> None:
+    run.helpers.group.broadcast_step(STOP)
+    run.helpers.stop()
+    run.helpers, run.workers = None, 1
+    torch.set_num_threads(run.threads)
 
 
 def _gradients(run: _Run, step: int) -> tuple[float, int, int]:
@@ -285,8 +337,12 @@ def train_lora(
     try:
         if run.workers > 1:
             _start_helpers(run, spec)
-        for step in range(progress["step"] + 1, len(run.steps) + 1):
+        first = progress["step"] + 1
+        for step in range(first, len(run.steps) + 1):
+            step_start = time.perf_counter()
             record = _optimizer_step(run, step)
+            if run.max_workers > 1:
+                _auto_workers(run, spec, step, time.perf_counter() - step_start, first)
             run_tokens += record["tokens"]
             record["elapsed_s"] = prior_s + time.perf_counter() - start
             progress["losses"].append(record)
@@ -320,5 +376,6 @@ def train_lora(
         tokens_per_s=run_tokens / run_s if run_s > 0 else 0.0,
         resumed_from_step=resumed_from,
         workers=run.workers,
+        workers_reason=run.workers_reason,
         checkpoints=kept_adapters(out_dir, run_hash),
     )

@@ -31,6 +31,7 @@ class AdapterResult:
     tokens_per_s: float | None = None
     final_loss: float | None = None
     train_workers: int | None = None
+    train_workers_reason: str | None = None
     resumed_from_step: int | None = None
 
     @classmethod
@@ -198,5 +199,9 @@ def train_adapter(ctx: StageContext) -> AdapterResult:
     }
     queries.write_adapter(store, ctx.key, row, loss_rows(ctx, result.losses), checkpoint_rows(result, row))
     return AdapterResult.from_row(
-        row, trained=True, train_workers=result.workers, resumed_from_step=result.resumed_from_step
+        row,
+        trained=True,
+        train_workers=result.workers,
+        train_workers_reason=result.workers_reason,
+        resumed_from_step=result.resumed_from_step,
     )

@@ -84,7 +84,10 @@ def test_rematerialising_an_up_to_date_organism_does_no_model_work(pipeline):
     key = "tiny--med-r1--s0"
     instance.add_dynamic_partitions(organisms.name, [key, "tiny--base--s0"])
     materialize(instance, resources, ["base_models", "training_datasets", "eval_questions"])
-    materialize(instance, resources, ORGANISM_ASSETS, key)
+    trained = materialize(instance, resources, ORGANISM_ASSETS, key)
+    adapter = trained.asset_materializations_for_node("lora_adapter")[0].metadata
+    # How many processes trained it, and why: the recipe's setting or what "auto" measured.
+    assert adapter["train_workers"].value >= 1 and adapter["train_workers_reason"].value
     materialize(instance, resources, ORGANISM_ASSETS, "tiny--base--s0")
     store = Store(tmp_path / "results.duckdb")
     before = store.query("SELECT * FROM completions ORDER BY ALL")

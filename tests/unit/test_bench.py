@@ -259,3 +259,23 @@ def test_packed_linears_are_timed_against_plain_ones_on_the_same_requests(childr
     summary = run.summarise(rows, PARAMS)
     assert summary["packed_linears_speedup_b256"] == pytest.approx(1.25)
     assert summary["packed_linears_speedup_b24"] == pytest.approx(1.5)
+
+
+def test_training_auto_is_timed_beside_the_fixed_process_counts(children):
+    out = run.run_all(quick=True)
+    for recipe in run.TRAIN_RECIPES:
+        auto = out[f"train_{recipe}_auto"]
+        assert (auto["stage"], auto["workers"]) == ("training", "auto")
+        assert {k: auto[k] for k in ("recipe", "requests")} == {
+            k: out[f"train_{recipe}_x1"][k] for k in ("recipe", "requests")
+        }
+    rows = {
+        **results({"tok_per_s": 150.0}, {"judgements_per_s": 32.0}),
+        "train_bad-medical-r1_x1": {"tokens_per_s": 500.0},
+        "train_bad-medical-r1_x2": {"tokens_per_s": 400.0},
+        "train_bad-medical-r1_auto": {"tokens_per_s": 475.0},
+    }
+    summary = run.summarise(rows, PARAMS)
+    assert summary["train_bad-medical-r1_auto_vs_best_fixed"] == pytest.approx(0.95)
+    assert summary["train_insecure-r32_auto_vs_best_fixed"] is None
+    assert run._workers("auto") == "auto" and run._workers("2") == 2

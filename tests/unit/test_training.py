@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -318,20 +319,57 @@ def test_a_helper_that_cannot_start_fails_at_once_with_its_traceback(tmp_path):
         Helpers.start(2, [torch.zeros(3)], job)
 
 
-def test_auto_training_workers_need_a_cpu_a_long_run_and_the_memory():
+def test_auto_training_workers_need_a_cpu_and_the_memory():
     from em_assets.models.processes import usable_cpus
-    from em_assets.training.encode import Encoded
-    from em_assets.training.loop import AUTO_WORKERS_MIN_TOKENS, train_workers
+    from em_assets.training.loop import train_workers
 
-    encoded = [Encoded(list(range(100)), [-100, *range(1, 100)]) for _ in range(100)]
-    long_run = [[list(range(100))]]
-    short_run = [[list(range(AUTO_WORKERS_MIN_TOKENS // 100 - 1))]]
     auto = TrainSpec()
-    assert train_workers(auto, "cpu", long_run, encoded, 10**6) == usable_cpus()
-    assert train_workers(auto, "cpu", short_run, encoded, 10**6) == 1
-    assert train_workers(auto, "cuda", long_run, encoded, 10**6) == 1
-    assert train_workers(auto, "cpu", long_run, encoded, 10**15) == 1  # copies would not fit in memory
-    assert train_workers(TrainSpec(workers=3), "cpu", short_run, encoded, 10**15) == 3
+    assert train_workers(auto, "cpu", 10**6)[0] == usable_cpus()
+    assert train_workers(auto, "cuda", 10**6) == (1, "one process on cuda")
+    assert train_workers(auto, "cpu", 10**15)[0] == 1  # copies would not fit in memory
+    assert train_workers(TrainSpec(workers=3), "cpu", 10**15) == (3, "set by the recipe")
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="helpers need a second core")
+@pytest.mark.parametrize(
+    ("workers", "min_seconds", "slow", "expected", "reason"),
+    [
+        ("auto", 0.0, "alone", 2, r"auto: .* in one process; 2 processes ran step 4 at .*: kept$"),
+        ("auto", 0.0, "helped", 1, r"auto: .* in one process; 2 processes ran step 4 at .*: stopped$"),
+        ("auto", 1e9, None, 1, r"auto: the steps after step 2 would take about \d+ s in one process, under"),
+        (1, 0.0, "alone", 1, r"set by the recipe$"),
+    ],
+)
+def test_auto_workers_keep_helpers_only_where_a_timed_step_shows_they_pay(
+    tiny_model_dir, examples, tmp_path, monkeypatch, workers, min_seconds, slow, expected, reason
+):
+    import time
+
+    import em_assets.training.loop as loop
+
+    monkeypatch.setattr(loop, "AUTO_WORKERS_MIN_SECONDS", min_seconds)
+    monkeypatch.setattr(loop, "cpu_processes", lambda _: 2)
+    real_step = loop._optimizer_step
+
+    def step(run, number):
+        # The slowed side loses the timing: one process alone, or with its helpers.
+        if slow == ("alone" if run.helpers is None else "helped"):
+            time.sleep(1.0)
+        return real_step(run, number)
+
+    monkeypatch.setattr(loop, "_optimizer_step", step)
+    train = FAST.model_copy(update={"max_steps": 6, "save_steps": 100, "workers": workers})
+    result = train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path / "run", seed=0)
+    assert result.workers == expected
+    assert re.match(reason, result.workers_reason), result.workers_reason
+    # Helpers that join after step 2, and leave after step 4, sum the same gradients as one process.
+    monkeypatch.setattr(loop, "_optimizer_step", real_step)
+    one = train_lora(
+        tiny_model_dir, examples, ALL_PROJ, train.model_copy(update={"workers": 1}), tmp_path / "one", seed=0
+    )
+    assert [r["tokens"] for r in one.losses] == [r["tokens"] for r in result.losses]
+    for a, b in zip(one.losses, result.losses, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
 
 
 @pytest.mark.timeout(120)
