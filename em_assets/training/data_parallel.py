@@ -1,7 +1,8 @@
 """Data-parallel LoRA training on CPU: helper processes compute a share of every optimizer step's gradients.
 
-Why: as with sampling (`em_assets.sampling_pool`), one process keeps two cores only partly busy on a small
-model's training step, and two single-thread processes do about 1.3x the tokens/s. The training loop stays in
+Why: as with sampling (`em_assets.sampling.pool`), one process can keep two cores only partly busy on a small
+model's training step; whether two single-thread processes do more depends on the CPU, so `workers: auto`
+times it on the run (`em_assets.training.loop`). The training loop stays in
 the calling process (rank 0: optimizer, checkpoints, callbacks, divergence checks); helpers hold no state of
 their own. Each step rank 0 broadcasts the step number and the adapter weights, every rank backpropagates its
 share of the step's examples, and one gloo all-reduce sums the gradients, losses and token counts.
