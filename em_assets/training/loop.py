@@ -202,9 +202,8 @@ def _step_tokens(run: _Run, step: int) -> int:
 
 
 def _auto_workers(run: _Run, spec: dict, step: int, seconds: float, first: int) -> None:
-    """For "auto", after each step of this call: time the second (the first warms the kernels up) in one
-    process, and if the steps left would take AUTO_WORKERS_MIN_SECONDS or more, start the helpers; time the
-    second step with them (the first warms theirs up) and keep them only if it ran a token faster."""
+    """For "auto", after each step: helpers start once the call's second step, alone, predicts at least
+    AUTO_WORKERS_MIN_SECONDS left, and stay only if their second step runs a token faster (first steps warm up)."""
     per_token = seconds / max(1, _step_tokens(run, step))
     if step == first + 1 and step < len(run.steps):
         left = sum(_step_tokens(run, s) for s in range(step + 1, len(run.steps) + 1))
