@@ -36,8 +36,15 @@ def lora_adapter(
         "trained_now": result.trained,
         "control": result.control,
     }
-    fields = ("adapter_path", "adapter_sha256", "steps", "train_tokens", "tokens_per_s", "train_workers")
-    for key in (*fields, "train_workers_reason"):
+    for key in (
+        "adapter_path",
+        "adapter_sha256",
+        "steps",
+        "train_tokens",
+        "tokens_per_s",
+        "train_workers",
+        "train_workers_reason",
+    ):
         if getattr(result, key) is not None:
             meta[key] = getattr(result, key)
     if result.final_loss is not None:
