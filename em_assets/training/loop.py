@@ -20,6 +20,7 @@ import torch
 from em_assets.grid.schema import LoraSpec, TrainSpec
 from em_assets.models.load import load_tokenizer, pick_device, pick_dtype
 from em_assets.models.processes import cpu_processes, threads_each
+from em_assets.settings import settings
 from em_assets.training.checkpoints import (
     CHECKPOINT_DIR,
     keep_adapter,
@@ -40,6 +41,7 @@ from em_assets.training.step import (
     kl_to_reference,
     step_labels,
 )
+from em_assets.training.verdict import Verdict, read_verdict, run_shape, verdict_path, write_verdict
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,10 @@ class _Run:
     workers_reason: str = ""
     # While "auto" tries helpers: the step timed in one process and its seconds per token.
     trial: tuple[int, float] | None = None
+    # Where "auto" caches what its trial found for this machine and run shape, and what an earlier run found.
+    verdict_file: Path | None = None
+    shape: dict = field(default_factory=dict)
+    cached: Verdict | None = None
     threads: int = 1
     helpers: Helpers | None = None
     # KL penalty: per optimizer step, the encoded out-of-domain examples; the frozen chat model for full
@@ -203,7 +209,8 @@ def _step_tokens(run: _Run, step: int) -> int:
 
 def _auto_workers(run: _Run, spec: dict, step: int, seconds: float, first: int) -> None:
     """For "auto", after each step: helpers start once the call's second step, alone, predicts at least
-    AUTO_WORKERS_MIN_SECONDS left, and stay only if their second step runs a token faster (first steps warm up)."""
+    AUTO_WORKERS_MIN_SECONDS left, unless a cached trial found they do not pay; without one, they stay only if
+    their second step runs a token clearly faster (first steps warm up), and that verdict is cached."""
     per_token = seconds / max(1, _step_tokens(run, step))
     if step == first + 1 and step < len(run.steps):
         left = sum(_step_tokens(run, s) for s in range(step + 1, len(run.steps) + 1))
@@ -214,18 +221,32 @@ def _auto_workers(run: _Run, spec: dict, step: int, seconds: float, first: int) 
         if predicted < AUTO_WORKERS_MIN_SECONDS:
             run.workers_reason += f", under the {AUTO_WORKERS_MIN_SECONDS:.0f} s helpers need to pay back"
             return
-        run.trial = (step, per_token)
+        if run.cached is not None:
+            run.workers_reason += f"; an earlier trial on this machine ran {run.cached.words()} (cached)"
+            if not run.cached.kept:
+                return
+        else:
+            run.trial = (step, per_token)
         run.workers = run.max_workers
         _start_helpers(run, spec)
     elif run.trial is not None and step == run.trial[0] + 2:
-        alone, run.trial = run.trial[1], None
-        verdict = "kept" if per_token < alone else "stopped"
-        run.workers_reason += (
-            f"; {run.workers} processes ran step {step} at {1e3 * per_token:.1f} ms a token against "
-            f"{1e3 * alone:.1f} ms in one process: {verdict}"
-        )
-        if per_token >= alone:
+        verdict = Verdict(run.workers, 1e3 * per_token, 1e3 * run.trial[1])
+        run.trial = None
+        run.workers_reason += f"; step {step} ran in {verdict.words()}"
+        if run.verdict_file is not None:
+            write_verdict(run.verdict_file, verdict, run.shape)
+        if not verdict.kept:
             _stop_helpers(run)
+
+
+def _find_verdict(run: _Run, spec: dict, train: TrainSpec, cache_dir: Path) -> None:
+    """Where "auto" caches its trial's verdict for this run's shape, and the verdict an earlier run cached."""
+    step_tokens = sum(_step_tokens(run, s) for s in range(1, len(run.steps) + 1)) // max(1, len(run.steps))
+    shape = run_shape(
+        spec["model_path"], str(spec["dtype"]), spec["lora"], train, run.max_workers, step_tokens
+    )
+    run.verdict_file, run.shape = verdict_path(cache_dir, shape), shape
+    run.cached = read_verdict(run.verdict_file)
 
 
 def _stop_helpers(run: _Run) -> None:
@@ -306,9 +327,11 @@ def train_lora(
     on_step: Callable[[dict], None] | None = None,
     trust_remote_code: bool = False,
     kl: KLTraining | None = None,
+    cache_dir: Path | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter (`lora` None: every weight) into out_dir/adapter, resuming from out_dir/checkpoints
-    when the run matches; `kl` adds the KL penalty to the chat model.
+    when the run matches; `kl` adds the KL penalty to the chat model; `workers: auto` caches what its trial
+    found under `cache_dir` (default: the settings' cache).
 
     Resumable checkpoints are deleted once the final weights are written; each one's trained weights stay in
     out_dir/checkpoint_adapters. tokens_per_s covers this call's steps only.
@@ -317,6 +340,8 @@ def train_lora(
     # divergence before anything is written, and makes checkpoints atomic and tied to a hash of the run.
     out_dir, device = Path(out_dir), device or pick_device()
     run, spec = _prepare(model_path, examples, lora, train, seed, device, trust_remote_code, kl)
+    if run.max_workers > 1:
+        _find_verdict(run, spec, train, cache_dir or settings().cache_dir)
     ckpt_root = out_dir / CHECKPOINT_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
     run_hash = training_run_hash(

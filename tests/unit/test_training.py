@@ -330,12 +330,30 @@ def test_auto_training_workers_need_a_cpu_and_the_memory():
     assert train_workers(TrainSpec(workers=3), "cpu", 10**15) == (3, "set by the recipe")
 
 
+def _slow_side(monkeypatch, slow: str | None):
+    """Training steps that sleep on the side that is to lose the timing: one process alone, or with its helpers.
+    Returns the real step."""
+    import time
+
+    import em_assets.training.loop as loop
+
+    real_step = loop._optimizer_step
+
+    def step(run, number):
+        if slow == ("alone" if run.helpers is None else "helped"):
+            time.sleep(1.0)
+        return real_step(run, number)
+
+    monkeypatch.setattr(loop, "_optimizer_step", step)
+    return real_step
+
+
 @pytest.mark.skipif(os.cpu_count() < 2, reason="helpers need a second core")
 @pytest.mark.parametrize(
     ("workers", "min_seconds", "slow", "expected", "reason"),
     [
-        ("auto", 0.0, "alone", 2, r"auto: .* in one process; 2 processes ran step 4 at .*: kept$"),
-        ("auto", 0.0, "helped", 1, r"auto: .* in one process; 2 processes ran step 4 at .*: stopped$"),
+        ("auto", 0.0, "alone", 2, r"auto: .* in one process; step 4 ran in 2 processes at .*: kept$"),
+        ("auto", 0.0, "helped", 1, r"auto: .* in one process; step 4 ran in 2 processes at .*: stopped$"),
         ("auto", 1e9, None, 1, r"auto: the steps after step 2 would take about \d+ s in one process, under"),
         (1, 0.0, "alone", 1, r"set by the recipe$"),
     ],
@@ -343,23 +361,15 @@ def test_auto_training_workers_need_a_cpu_and_the_memory():
 def test_auto_workers_keep_helpers_only_where_a_timed_step_shows_they_pay(
     tiny_model_dir, examples, tmp_path, monkeypatch, workers, min_seconds, slow, expected, reason
 ):
-    import time
-
     import em_assets.training.loop as loop
 
     monkeypatch.setattr(loop, "AUTO_WORKERS_MIN_SECONDS", min_seconds)
     monkeypatch.setattr(loop, "cpu_processes", lambda _: 2)
-    real_step = loop._optimizer_step
-
-    def step(run, number):
-        # The slowed side loses the timing: one process alone, or with its helpers.
-        if slow == ("alone" if run.helpers is None else "helped"):
-            time.sleep(1.0)
-        return real_step(run, number)
-
-    monkeypatch.setattr(loop, "_optimizer_step", step)
+    real_step = _slow_side(monkeypatch, slow)
     train = FAST.model_copy(update={"max_steps": 6, "save_steps": 100, "workers": workers})
-    result = train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path / "run", seed=0)
+    result = train_lora(
+        tiny_model_dir, examples, ALL_PROJ, train, tmp_path / "run", seed=0, cache_dir=tmp_path
+    )
     assert result.workers == expected
     assert re.match(reason, result.workers_reason), result.workers_reason
     # Helpers that join after step 2, and leave after step 4, sum the same gradients as one process.
@@ -370,6 +380,63 @@ def test_auto_workers_keep_helpers_only_where_a_timed_step_shows_they_pay(
     assert [r["tokens"] for r in one.losses] == [r["tokens"] for r in result.losses]
     for a, b in zip(one.losses, result.losses, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3)
+
+
+@pytest.mark.skipif(os.cpu_count() < 2, reason="helpers need a second core")
+def test_auto_workers_reuse_the_cached_verdict_and_a_recipe_number_overrides_it(
+    tiny_model_dir, examples, tmp_path, monkeypatch
+):
+    import em_assets.training.loop as loop
+    from em_assets.training.verdict import Verdict, write_verdict
+
+    monkeypatch.setattr(loop, "AUTO_WORKERS_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(loop, "cpu_processes", lambda _: 2)
+    started: list[int] = []
+    real_start = loop._start_helpers
+    monkeypatch.setattr(
+        loop, "_start_helpers", lambda run, spec: (started.append(run.workers), real_start(run, spec))
+    )
+    auto = FAST.model_copy(update={"max_steps": 6, "save_steps": 100, "workers": "auto"})
+
+    def train(name: str, slow: str | None, **update):
+        _slow_side(monkeypatch, slow)
+        started.clear()
+        out = tmp_path / name
+        return train_lora(
+            tiny_model_dir,
+            examples,
+            ALL_PROJ,
+            auto.model_copy(update=update),
+            out,
+            seed=0,
+            cache_dir=tmp_path,
+        )
+
+    first = train("first", "alone")
+    (cached,) = (tmp_path / "calibration").glob("training-*.json")
+    assert first.workers == 2 and started == [2] and first.workers_reason.endswith(": kept")
+    # Helpers now lose a timed step, but no step is timed: the cached verdict keeps them.
+    again = train("again", "helped")
+    assert again.workers == 2 and started == [2]
+    assert re.search(
+        r"; an earlier trial on this machine ran 2 processes at .*: kept \(cached\)$", again.workers_reason
+    )
+    assert train("forced", "alone", workers=1).workers_reason == "set by the recipe" and started == []
+    write_verdict(cached, Verdict(2, helped_ms=2.0, alone_ms=1.0), json.loads(cached.read_text())["shape"])
+    stopped = train("stopped", "alone")
+    assert stopped.workers == 1 and started == [] and stopped.workers_reason.endswith(": stopped (cached)")
+
+
+def test_a_verdict_holds_for_its_machine_and_run_shape_only(tmp_path, monkeypatch):
+    import em_assets.training.verdict as verdict
+
+    shape = verdict.run_shape(tmp_path, "torch.bfloat16", ALL_PROJ, FAST, 2, 3000)
+    here = verdict.verdict_path(tmp_path, shape)
+    assert shape["step_tokens"] == 2048
+    assert verdict.verdict_path(tmp_path, {**shape, "workers": 4}) != here
+    other_cpu = verdict.describe_machine() | {"cpu_model": "another CPU"}
+    monkeypatch.setattr(verdict, "describe_machine", lambda: other_cpu)
+    assert verdict.verdict_path(tmp_path, shape) != here
 
 
 @pytest.mark.timeout(120)
