@@ -50,12 +50,44 @@ def available_memory() -> int | None:
     return None
 
 
-def child(target: Callable, args: tuple, name: str) -> tuple[BaseProcess, Connection]:
-    """A spawned (not started) daemon process running target(parent pid, *args, pipe end), and the other end."""
+@dataclass(frozen=True)
+class Child:
+    """A spawned process, not yet started, and the parent's end of its two-way pipe."""
+
+    proc: BaseProcess
+    pipe: Connection
+    child_end: Connection
+    data: tuple
+
+
+def start_children(children: Sequence[Child]) -> None:
+    """Start the processes, then send each its data (the later ones start up while the first read theirs). A
+    child that dies first (a script that trains or samples without an `if __name__ == "__main__":` guard runs
+    itself again in the child, which then fails to spawn) shows as Died in child_messages."""
+    for c in children:
+        c.proc.start()
+        c.child_end.close()
+    # Python's spawn writes the process object to the child through a pipe whose read end it holds until the
+    # write ends: large arguments there block for ever on a child that died before reading them. A socket
+    # whose other end only the child holds fails at once instead.
+    for c in children:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            c.pipe.send(c.data)
+
+
+def _receive_then_run(parent: int, target: Callable, args: tuple, pipe: Connection) -> None:
+    target(parent, *args, *pipe.recv(), pipe)
+
+
+def child(target: Callable, args: tuple, name: str, data: tuple = ()) -> Child:
+    """A daemon process that will run target(parent pid, *args, *data, its end of the pipe): `args` go with the
+    spawn (objects shared by inheritance, e.g. a Barrier), `data` down the pipe once it starts (any size)."""
     ctx = mp.get_context("spawn")  # fork would copy OpenMP state that hangs in the child
-    receiver, sender = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=target, args=(os.getpid(), *args, sender), name=name, daemon=True)
-    return proc, receiver
+    parent_end, child_end = ctx.Pipe(duplex=True)
+    proc = ctx.Process(
+        target=_receive_then_run, args=(os.getpid(), target, args, child_end), name=name, daemon=True
+    )
+    return Child(proc, parent_end, child_end, data)
 
 
 def die_with_parent(parent: int) -> None:
@@ -92,7 +124,8 @@ def child_messages(
             if pipes[i] in ready or procs[i].sentinel in ready:
                 try:
                     message = pipes[i].recv()
-                except EOFError:
+                # A reset: the child ended with data of ours unread (it died before reading it).
+                except (EOFError, ConnectionResetError):
                     procs[i].join()
                     message = Died(procs[i].exitcode)
                 yield i, message

@@ -27,6 +27,7 @@ from em_assets.models.processes import (
     child_messages,
     die_with_parent,
     reap,
+    start_children,
     threads_each,
 )
 from em_assets.settings import settings
@@ -315,11 +316,10 @@ def _in_workers(loader: Loader, workers: int, batches: list[int], depth: int) ->
         child(_worker, (loader, batches, depth, threads_each(workers), barrier), f"em-calibrate-{i}")
         for i in range(workers)
     ]
-    procs, pipes = [c[0] for c in children], [c[1] for c in children]
+    procs, pipes = [c.proc for c in children], [c.pipe for c in children]
     rates = dict.fromkeys(batches, 0.0)
     try:
-        for proc in procs:
-            proc.start()
+        start_children(children)
         running = set(range(workers))
         for i, message in child_messages(procs, pipes, running):
             kind, payload = message if isinstance(message, tuple) else ("died", message.exitcode)

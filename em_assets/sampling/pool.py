@@ -25,6 +25,7 @@ from em_assets.models.processes import (
     cpu_processes,
     die_with_parent,
     reap,
+    start_children,
     threads_each,
 )
 from em_assets.sampling.engine import SampleRequest, SampleResult
@@ -50,9 +51,9 @@ def auto_workers(device: str, weight_bytes: int, requests: int, min_requests: in
 def _worker(
     parent: int,
     loader: Loader,
+    threads: int,
     requests: list[SampleRequest],
     options: dict,
-    threads: int,
     out: Connection,
 ) -> None:
     die_with_parent(parent)
@@ -97,13 +98,12 @@ def iter_samples_in_workers(
     # Interleaving gives every worker the same mix of questions, so they finish at about the same time.
     parts = [list(requests[w::workers]) for w in range(workers)]
     children = [
-        child(_worker, (loader, part, options, threads), f"em-sampler-{i}")
+        child(_worker, (loader, threads), f"em-sampler-{i}", (part, options))
         for i, part in enumerate(p for p in parts if p)
     ]
-    procs, pipes = [c[0] for c in children], [c[1] for c in children]
+    procs, pipes = [c.proc for c in children], [c.pipe for c in children]
     try:
-        for proc in procs:
-            proc.start()
+        start_children(children)
         running, done = set(range(len(procs))), 0
         for i, message in child_messages(procs, pipes, running):
             if isinstance(message, Died):

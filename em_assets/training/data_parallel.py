@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from em_assets.models.processes import Died, child, child_messages, die_with_parent, reap
+from em_assets.models.processes import Died, child, child_messages, die_with_parent, reap, start_children
 
 # A helper that dies makes its peers' next collective fail at once; this only bounds a silent hang.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
@@ -107,11 +107,12 @@ class Helpers:
         """
         tmp = tempfile.TemporaryDirectory(prefix="em-dp-")
         store = str(Path(tmp.name) / "store")
-        children = [child(_helper, (rank, world, store, job), f"em-train-{rank}") for rank in range(1, world)]
-        procs, pipes = [c[0] for c in children], [c[1] for c in children]
+        children = [
+            child(_helper, (rank, world, store), f"em-train-{rank}", (job,)) for rank in range(1, world)
+        ]
+        procs, pipes = [c.proc for c in children], [c.pipe for c in children]
         try:
-            for p in procs:
-                p.start()
+            start_children(children)
             # Wait for every model before the rendezvous: gloo would wait out its whole timeout for a dead peer.
             waiting = set(range(len(procs)))
             for i, message in child_messages(procs, pipes, waiting):

@@ -118,3 +118,34 @@ def test_auto_workers_is_one_per_core_on_cpu_for_big_jobs_only():
     assert auto_workers("cpu", 10**6, 10_000) == usable_cpus()
     # Model copies that would not fit in memory twice over stay in one process.
     assert auto_workers("cpu", 10**15, 10_000) == 1
+
+
+UNGUARDED = {
+    "sampling": """
+        from em_assets.sampling.engine import SampleRequest
+        from em_assets.sampling.pool import iter_samples_in_workers
+
+        reqs = [SampleRequest(f"r{i}", [{"role": "user", "content": "q" * 100}], seed=i) for i in range(5000)]
+        list(iter_samples_in_workers(print, reqs, workers=2, max_new_tokens=4))
+    """,
+    "training": """
+        import torch
+        from em_assets.training.data_parallel import Helpers
+
+        spec = {"model_path": "none", "device": "cpu", "dtype": torch.bfloat16, "trust_remote_code": False}
+        job = {"model": {**spec, "lora": None, "longest": 16}, "threads": 1, "encoded": list(range(10**6))}
+        Helpers.start(2, [torch.zeros(3)], job)
+    """,
+}
+
+
+@pytest.mark.parametrize(("kind", "error"), [("sampling", "WorkerError"), ("training", "HelperError")])
+def test_a_script_without_a_main_guard_fails_at_once_instead_of_hanging(tmp_path, kind, error):
+    """A spawned child runs such a script again and fails to spawn its own; the parent, which has megabytes of
+    data for it, must see it die rather than block writing them."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(textwrap.dedent(UNGUARDED[kind]))
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode != 0
+    assert "if __name__ == '__main__':" in done.stderr and error in done.stderr.splitlines()[-1]
