@@ -1,8 +1,8 @@
 """What `workers: auto`'s timed trial found, cached per machine and run shape, so later runs of that shape on
 that machine skip the trial (docs/cpu.md, "Training processes").
 
-The shape is what decides whether helpers pay: the model and its dtype, the adapter, the micro-batch, the
-process count and the tokens a step trains (rounded down to a power of two). The machine is
+The shape is what decides whether helpers pay: the model and its dtype, the adapter, the micro-batch and
+sequence length, the process count and the tokens a step trains (rounded down to a power of two). The machine is
 `models.machine.machine_key`, as for the sampling calibration.
 """
 
@@ -44,7 +44,7 @@ class Verdict:
 def run_shape(
     model_path: Path | str, dtype: str, lora: LoraSpec, train: TrainSpec, workers: int, step_tokens: int
 ) -> dict:
-    """What a verdict holds for: model, dtype, adapter, micro-batch, processes and tokens per step."""
+    """What a verdict holds for: model, dtype, adapter, micro-batch and length, processes, tokens per step."""
     return {
         "model": str(Path(model_path).resolve()),
         "dtype": dtype,
