@@ -337,13 +337,15 @@ def _slow_side(monkeypatch, slow: str | None):
 
     import em_assets.training.loop as loop
 
-    real_step = loop._optimizer_step
+    # Called again, it replaces its earlier slowing rather than adding to it.
+    real_step = getattr(loop._optimizer_step, "__wrapped__", loop._optimizer_step)
 
     def step(run, number):
         if slow == ("alone" if run.helpers is None else "helped"):
             time.sleep(1.0)
         return real_step(run, number)
 
+    step.__wrapped__ = real_step
     monkeypatch.setattr(loop, "_optimizer_step", step)
     return real_step
 
