@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from support.paths import REPO
 
 from em_assets.models.load import load_organism_model
 from em_assets.models.processes import usable_cpus
@@ -145,7 +146,6 @@ def test_a_script_without_a_main_guard_fails_at_once_instead_of_hanging(tmp_path
     data for it, must see it die rather than block writing them."""
     script = tmp_path / "unguarded.py"
     script.write_text(textwrap.dedent(UNGUARDED[kind]))
-    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, env=env)
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "if __name__ == '__main__':" in done.stderr and error in done.stderr.splitlines()[-1]
