@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from support.paths import REPO
 
 from em_assets.models.load import load_organism_model
 from em_assets.models.processes import usable_cpus
@@ -144,6 +143,9 @@ UNGUARDED = {
 def test_a_script_without_a_main_guard_fails_at_once_instead_of_hanging(tmp_path, kind, error):
     """A spawned child runs such a script again and fails to spawn its own; the parent, which has megabytes of
     data for it, must see it die rather than block writing them."""
+    # Imported here: another test imports this module in a child that has no `support` on its path.
+    from support.paths import REPO
+
     script = tmp_path / "unguarded.py"
     script.write_text(textwrap.dedent(UNGUARDED[kind]))
     done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=60)
