@@ -132,7 +132,8 @@ def read_reference_files(paths: list[Path]) -> pl.DataFrame:
     frames = []
     for path in paths:
         if not Path(path).is_file():
-            raise ReferenceFileError(f"{path}: no such file")
+            what = "a directory, not a CSV file" if Path(path).is_dir() else "no such file"
+            raise ReferenceFileError(f"{path}: {what}")
         data = Path(path).read_bytes()
         frames.append(parse_reference_csv(data, str(path), sha256_bytes(data)))
     return pl.concat(frames)

@@ -22,6 +22,8 @@ def check_source(source: str, embedded: list[str]) -> str:
         if source.removeprefix(EMBEDDED_PREFIX) in embedded:
             return "embedded"
         raise GridError(f"unknown embedded model {source!r}; a base model source is {valid}")
+    if not source.strip():
+        raise GridError(f"the base model source is empty; a base model source is {valid}")
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():

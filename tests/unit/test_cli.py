@@ -202,6 +202,9 @@ def test_add_model_takes_a_local_model_directory_and_an_embedded_name(tmp_path, 
     (tmp_path / "empty").mkdir()
     assert main(["add-model", str(tmp_path / "empty"), "--grid", str(grid), "--profile", "demo"]) == 2
     assert "without config.json" in capsys.readouterr().err
+    before = grid.read_text()
+    assert main(["add-model", " ", "--grid", str(grid), "--profile", "demo"]) == 2
+    assert "source is empty" in capsys.readouterr().err and grid.read_text() == before
 
 
 @pytest.mark.parametrize(

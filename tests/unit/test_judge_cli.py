@@ -179,6 +179,9 @@ def test_bad_input_is_one_message_and_writes_nothing(env, mirror, capsys):
     err = _fails(["--reference", str(env / "nope.csv")], capsys, env)
     assert "nope.csv" in err and "no such file" in err
 
+    err = _fails(["--reference", str(env)], capsys, env)
+    assert "a directory, not a CSV file" in err
+
     err = _fails(["--reference", str(good), "--judge", "gpt-9"], capsys, env)
     assert "gpt-9" in err
 
