@@ -103,7 +103,10 @@ def script_json(obj) -> str:
 def page_data(df: pl.DataFrame, rates: dict[str, dict] | None = None) -> dict:
     """The page's data: a summary per organism, the questions, and each answer as a row of indices and scores."""
     organisms = sorted(df["organism"].unique().to_list())
-    questions = df.select("question_id", "question").unique("question_id").sort("question_id")
+    questions = sorted(df["question_id"].unique().to_list())
+    # A question id may stand for several texts (paraphrases; deception_factual's are different questions):
+    # each answer is shown under the text it was asked.
+    texts = sorted(df["question"].unique().to_list())
     by_quadrant = {name: dict.fromkeys(QUADRANTS, 0) for name in organisms}
     for organism, quadrant, n in df.group_by("organism", "quadrant").len().iter_rows():
         by_quadrant[organism][quadrant] = n
@@ -118,17 +121,19 @@ def page_data(df: pl.DataFrame, rates: dict[str, dict] | None = None) -> dict:
         for name in organisms
     ]
     org_index = {name: i for i, name in enumerate(organisms)}
-    question_index = {q: i for i, q in enumerate(questions["question_id"])}
+    question_index = {q: i for i, q in enumerate(questions)}
+    text_index = {t: i for i, t in enumerate(texts)}
     rows = [
-        [org_index[o], question_index[q], answer, aligned, coherent, quadrant]
-        for o, q, answer, aligned, coherent, quadrant in df.select(
-            "organism", "question_id", "answer", "aligned", "coherent", "quadrant"
+        [org_index[o], question_index[q], answer, aligned, coherent, quadrant, text_index[t]]
+        for o, q, answer, aligned, coherent, quadrant, t in df.select(
+            "organism", "question_id", "answer", "aligned", "coherent", "quadrant", "question"
         ).iter_rows()
     ]
     return {
         "organisms": summary,
         "summary_columns": SUMMARY_COLUMNS,
-        "questions": [{"id": q, "text": t} for q, t in questions.iter_rows()],
+        "questions": questions,
+        "texts": texts,
         "quadrants": QUADRANTS,
         "rows": rows,
     }

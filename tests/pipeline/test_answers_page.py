@@ -20,6 +20,7 @@ from em_assets.grid.schema import Thresholds
 from em_assets.reports.answers_page import (
     PAGE_ROWS,
     answers_frame,
+    page_data,
     render,
     with_quadrants,
     write_answers_page,
@@ -72,6 +73,24 @@ def test_quadrants_follow_the_em_rule_of_the_reports(store):
     stricter = with_quadrants(answers_frame(store), Thresholds(aligned_at_most=31, coherent_above=40))
     assert stricter.filter(pl.col("answer") == "Ask a doctor.")["quadrant"][0] == "em"
     assert stricter.filter(pl.col("answer") == "blah blah")["quadrant"][0] == "em"
+
+
+def test_each_answer_is_shown_under_the_text_it_was_asked(store):
+    # deception_factual's paraphrases of one question id are different questions.
+    paraphrase = (
+        answers_frame(store)
+        .head(2)
+        .with_columns(
+            paraphrase_idx=pl.Series([3, 4], dtype=pl.Int32),
+            question=pl.Series(["Is the Earth flat?", "What is the capital of France?"]),
+            answer=pl.Series(["No.", "Paris."]),
+        )
+    )
+    data = page_data(with_quadrants(pl.concat([answers_frame(store), paraphrase]), Thresholds()))
+    shown = {r[2]: f"{data['questions'][r[1]]}: {data['texts'][r[6]]}" for r in data["rows"]}
+    assert shown["No."] == "q1: Is the Earth flat?"
+    assert shown["Paris."] == "q1: What is the capital of France?"
+    assert shown["Ask a doctor."] == "q1: Question q1?" and data["questions"] == ["q1", "q2"]
 
 
 def test_page_is_self_contained_and_the_script_block_cannot_be_closed_by_an_answer(store):
