@@ -121,7 +121,7 @@ class VariantBatch:
     def _edit_tables(self, model, variants: Sequence[Variant]):
         """Per edited layer, a [variants, hidden] table of what each variant adds (Steer) and of the unit
         direction it projects out (Ablate, float32); zero rows for the variants that leave the layer alone."""
-        hidden = model.config.hidden_size
+        hidden = model.config.get_text_config().hidden_size
         steer: dict[int, torch.Tensor] = {}
         unit: dict[int, torch.Tensor] = {}
         for v, variant in enumerate(variants):

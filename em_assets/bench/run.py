@@ -261,7 +261,10 @@ def _probe_judging(model, tokenizer, n: int, batch: int) -> dict:
 
     spec = _demo_grid().probe
     judge = ProbeJudge(
-        model, tokenizer, zero_head(spec, model.config.hidden_size, PROBE_SUPPORT), spec.batch_size
+        model,
+        tokenizer,
+        zero_head(spec, model.config.get_text_config().hidden_size, PROBE_SUPPORT),
+        spec.batch_size,
     )
     answers = _answers(n)
     inputs = [judge.render(m, q, a) for q, a in _question_pairs(answers) for m in spec.metrics]

@@ -234,7 +234,9 @@ def _pooled_and_scored(
     at `layers`, and its tokens' log-probabilities and predictive entropies."""
     # Batches of similar length waste less compute on padding.
     order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
-    hidden = np.zeros((len(tokens), len(layers) * model.config.hidden_size), dtype=np.float32)
+    hidden = np.zeros(
+        (len(tokens), len(layers) * model.config.get_text_config().hidden_size), dtype=np.float32
+    )
     scored: list = [None] * len(tokens)
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]

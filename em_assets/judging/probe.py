@@ -274,7 +274,7 @@ def fit_probe(
         train_answers(reference, spec), spec.incoherent_per_kind, ratings, RATED_GROUP, spec.seed
     )
     model = load_model(base_path, device=device)
-    _check_layers(spec.layers, model.config.num_hidden_layers)
+    _check_layers(spec.layers, model.config.get_text_config().num_hidden_layers)
     items = [QA(q, a) for q, a in zip(rows["question"], rows["answer"], strict=True)]
     cache = _features_cache(cache_dir, base_path, spec, items)
     if cache is not None and cache.exists():

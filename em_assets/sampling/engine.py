@@ -110,7 +110,9 @@ def generate_ids(
     # Sorted, so a refill gets prompts of similar length (little padding) and repeats of one prompt together.
     pending = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), tuple(prompts[i])), reverse=True)
     slots = Slots(min(batch_size, len(prompts)), max_new_tokens, device)
-    cache = SlotCache(model.config.num_hidden_layers, slots.size, max(map(len, prompts)) + max_new_tokens)
+    cache = SlotCache(
+        model.config.get_text_config().num_hidden_layers, slots.size, max(map(len, prompts)) + max_new_tokens
+    )
     variants = variants or [0] * len(prompts)
     step = _Stepper(model, cache, slots, stops, temperature, top_p, logits_hook, variants, row_variants)
     # Refilling costs a forward pass of its own: wait until an eighth of the slots are free.

@@ -116,7 +116,7 @@ def peft_model(model, lora: LoraSpec):
         lora_dropout=lora.lora_dropout,
         use_rslora=lora.use_rslora,
         target_modules=list(lora.target_modules),
-        layers_to_transform=lora.layers_for(model.config.num_hidden_layers),
+        layers_to_transform=lora.layers_for(model.config.get_text_config().num_hidden_layers),
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -147,3 +147,34 @@ def test_an_adapter_of_another_peft_kind_is_refused(setup, tiny_model_dir, tmp_p
     )
     with pytest.raises(NotMixable, match="not LoRA alone"):
         VariantBatch(_model(base)[0], [Variant(str(tmp_path))])
+
+
+def test_a_model_whose_config_nests_the_text_model_mixes_steered_rows(tmp_path):
+    # gemma-3-*-it loads as Gemma3ForConditionalGeneration: its width is on config.text_config.
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+    config = Gemma3Config(
+        text_config={**text, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+        mm_tokens_per_image=4,
+    )  # fmt: skip
+    model = Gemma3ForConditionalGeneration(config).eval()
+    sha = save_tensors({"direction": torch.randn(2, 64)}, tmp_path / "dir.safetensors", {})
+    steer = Steer((1,), str(tmp_path / "dir.safetensors"), sha, 4.0)
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with torch.inference_mode():
+        plain = model(input_ids=ids).logits[0]
+        handles = steer.hooks(model)
+        steered = model(input_ids=ids).logits[0]
+        for h in handles:
+            h.remove()
+        batch = VariantBatch(model, [Variant(None), Variant(None, (steer,))])
+        batch(torch.tensor([1, 0]))
+        mixed = model(input_ids=ids.repeat(2, 1)).logits
+        batch.remove()
+    torch.testing.assert_close(mixed[0], steered, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(mixed[1], plain, atol=2e-5, rtol=2e-5)
+    assert not torch.allclose(steered, plain, atol=1e-3)
