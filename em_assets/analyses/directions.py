@@ -139,7 +139,8 @@ def save_tensors(tensors: dict, path: Path, metadata: dict[str, str]) -> str:
 
 
 def _input_hash(contrast: Contrast, adapter: dict, base: dict, ctx: StageContext) -> str:
-    """What the direction depends on: model bytes, the chosen answers' text, and the selection settings."""
+    """What the direction and its random control depend on: model bytes, the chosen answers' text, and the
+    selection settings and control seed."""
     picked = [
         [side, r["question_id"], r["paraphrase_idx"], r["sample_idx"], r["answer"]]
         for side, df in (("m", contrast.misaligned), ("a", contrast.aligned))
@@ -152,6 +153,7 @@ def _input_hash(contrast: Contrast, adapter: dict, base: dict, ctx: StageContext
             "contrast": contrast.kind,
             "answers": config_hash(picked),
             "batch_size": ctx.grid.directions.batch_size,
+            "control_seed": ctx.grid.directions.control_seed,
         }
     )
 

@@ -106,6 +106,13 @@ def test_direction_stage_writes_file_rows_and_reuses(tmp_path, tiny_model_dir):
     assert layers["norm"].to_list() == pytest.approx(direction.norm(dim=-1).tolist())
     assert layers["random_norm"].to_list() == pytest.approx(layers["norm"].to_list(), rel=1e-5)
     assert extract_direction(_ctx(store, grid, keys[0], tmp_path)).status == "reused"
+    # Another control seed: the same direction, a new random control.
+    control = load_directions(row["random_path"], row["random_sha256"])
+    reseeded = extract_direction(_ctx(store, _grid(tiny_model_dir, control_seed=7), keys[0], tmp_path))
+    again = store.query("SELECT * FROM misalignment_directions").row(0, named=True)
+    assert reseeded.status == "computed"
+    assert load_directions(reseeded.path, reseeded.sha256).equal(direction)
+    assert not load_directions(again["random_path"], again["random_sha256"]).allclose(control)
 
     extract_direction(_ctx(store, grid, keys[1], tmp_path))
     report = build_similarity(store, tmp_path / "figures")
