@@ -16,7 +16,14 @@ from pathlib import Path
 import polars as pl
 
 from em_assets.analyses.steering import Ablate, Steer
-from em_assets.analyses.sweep import PointResult, SweepPoint, corrected_rates, narrowed, run_sweep
+from em_assets.analyses.sweep import (
+    PointResult,
+    SweepPoint,
+    corrected_rates,
+    forget_sweep,
+    narrowed,
+    run_sweep,
+)
 from em_assets.context import StageContext
 from em_assets.results import directions as db
 from em_assets.results.queries import adapter_row
@@ -151,6 +158,7 @@ def run_direction_sweep(ctx: StageContext, sweep: str, figures_dir: Path) -> Swe
     row = db.direction_row(ctx.store, ctx.key)
     reason = _skip_reason(ctx, row)
     if reason is not None:
+        forget_sweep(ctx, sweep)
         db.write_results(ctx.store, TABLES[sweep], ctx.key, pl.DataFrame())
         ctx.log.info(f"{ctx.key}: {sweep} skipped: {reason}")
         return SweepReport(sweep, False, reason, pl.DataFrame())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 
-from em_assets.analyses.sweep import PointResult, SweepPoint, narrowed, run_sweep
+from em_assets.analyses.sweep import PointResult, SweepPoint, forget_sweep, narrowed, run_sweep
 from em_assets.context import StageContext
 from em_assets.grid.schema import IMPORTED_KINDS, recipe_method
 from em_assets.results.errors import MissingUpstreamError
@@ -74,6 +74,7 @@ def sweep_context(ctx: StageContext) -> StageContext:
 
 def _skipped(ctx: StageContext, table: str, note: str) -> DynamicsResult:
     ctx.log.info(f"{ctx.key}: {table}: {note}")
+    forget_sweep(ctx, table)  # each dynamics sweep is named for its table
     replace_result(ctx.store, table, ctx.key, pl.DataFrame())
     return DynamicsResult(pl.DataFrame(), note)
 

@@ -180,6 +180,7 @@ def run_sweep(
     base = organism_model_row(ctx.store, ctx.key, ctx.organism.base_model)
     questions = _questions(ctx)
     tables = SweepTables(ctx.store, ctx.key)
+    tables.drop_other_settings(sorted({p.sweep for p in points}), [p.pair for p in points])
     hashes = {p.pair: setting_hash(p, base["revision"], ctx) for p in points}
     todo = _plan_samples(ctx, tables, points, hashes, questions)
     tables.write_points(_points_frame(ctx, points, hashes))
@@ -205,6 +206,11 @@ def run_sweep(
             _copy_same_variant(ctx, tables, p, hashes[p.pair], left[p.pair])
     judged = judge_sweep(ctx, tables, points, on_progress)
     return _summarise(ctx, tables, points, hashes, sampled, judged)
+
+
+def forget_sweep(ctx: StageContext, sweep: str) -> None:
+    """Drop the organism's points, answers and judgements of a sweep it no longer runs (skipped)."""
+    SweepTables(ctx.store, ctx.key).drop_other_settings([sweep], [])
 
 
 def _questions(ctx: StageContext) -> list[dict]:

@@ -84,6 +84,22 @@ class SweepTables:
         # One transaction (retried on a DuckLake conflict): no judgement may outlive the answer it scores.
         self.store.write(work, "drop stale sweep answers")
 
+    def drop_other_settings(self, sweeps: list[str], pairs: list[tuple[str, str]]) -> None:
+        """Delete the sweeps' points, answers and judgements whose (sweep, setting) is not in `pairs`: settings
+        a sweep no longer plans (a retrained organism's checkpoints, changed scales) leave no rows behind."""
+
+        def work(conn) -> None:
+            conn.register("_sweeps", pl.DataFrame({"sweep": sweeps}, schema={"sweep": pl.String}).to_arrow())
+            conn.register("_pairs", _frame(pairs, _PAIRS).to_arrow())
+            for table in ("sweep_judgements", "sweep_completions", "sweep_points"):
+                conn.execute(
+                    f"DELETE FROM {table} t WHERE organism = ? AND sweep IN (SELECT sweep FROM _sweeps) "
+                    f"AND NOT EXISTS (SELECT 1 FROM _pairs p WHERE {_MATCH_PAIR})",
+                    [self.organism],
+                )
+
+        self.store.write(work, "drop sweep settings no longer planned")
+
     def drop_judgements(self, stale: list[tuple]) -> None:
         """Delete judgements by (sweep, setting, q, p, s, metric)."""
         if not stale:

@@ -20,7 +20,7 @@ from support.sweeps import (
     write_grid,
 )
 
-from em_assets.analyses.sweep import SweepPoint, run_sweep
+from em_assets.analyses.sweep import SweepPoint, forget_sweep, run_sweep
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store
 from em_assets.training.stage import train_adapter
@@ -95,6 +95,25 @@ def test_more_samples_or_a_changed_edit_redo_only_what_changed(ws, one_torch_thr
     judged = _rows(ws["db"], "sweep_judgements")
     assert judged.height == 2 * after.height == 36
     assert set(judged.filter(pl.col("setting") == "halved")["setting_hash"]) == {results[2].setting_hash}
+
+
+def test_a_setting_the_sweep_no_longer_plans_leaves_no_rows(ws, one_torch_thread):
+    # e.g. a retrained organism's old checkpoints, or scales taken out of the grid
+    from em_assets.results.personas import sweep_scores
+
+    run_sweep(stage_context(ws, "first"), points(ws["adapter_path"], ws["adapter_sha256"]))
+    other = SweepPoint("other", "halved", None, None, (ScaleDownProj(0.5),), samples_per_question=2)
+    run_sweep(stage_context(ws, "other"), [other])
+    results = run_sweep(stage_context(ws, "fewer"), points(ws["adapter_path"], ws["adapter_sha256"])[:2])
+    assert [(r.setting, r.sampled) for r in results] == [("base", 0), ("adapter", 0)]
+    for table in ("sweep_points", "sweep_completions", "sweep_judgements"):
+        kept = _rows(ws["db"], table).select("sweep", "setting").unique().sort(pl.all())
+        assert kept.rows() == [("other", "halved"), ("test", "adapter"), ("test", "base")], table
+    assert sweep_scores(Store(ws["db"])).filter(pl.col("sweep") == "test")["setting"].unique().len() == 2
+    # A sweep skipped for the organism (its recipe left dynamics.recipes, its direction went) keeps none.
+    forget_sweep(stage_context(ws, "skipped"), "test")
+    for table in ("sweep_points", "sweep_completions", "sweep_judgements"):
+        assert _rows(ws["db"], table)["sweep"].unique().to_list() == ["other"], table
 
 
 def test_killed_sweep_resumes_without_sampling_anything_twice(ws, one_torch_thread):
