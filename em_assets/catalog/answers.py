@@ -51,11 +51,11 @@ def _source_bytes(source: str, mirror: Path | str | None, cache_dir: Path | None
 
 
 def _jsonl_as_csv(data: bytes, name: str) -> bytes:
-    """JSONL rows as CSV text, so both shapes go through the one parser and its checks (row N = line N)."""
+    """JSONL rows as CSV text, so both shapes go through the one parser and its checks (row N = the N-th
+    non-blank line, in these messages and the parser's)."""
     rows = []
-    for i, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
+    lines = [line for line in data.decode("utf-8", errors="replace").splitlines() if line.strip()]
+    for i, line in enumerate(lines, start=1):
         try:
             obj = json.loads(line)
         except ValueError as exc:

@@ -129,6 +129,11 @@ def read_reference_files(paths: list[Path]) -> pl.DataFrame:
     """Parse local reference CSVs (the CLI's input); a missing file is a ReferenceFileError too."""
     from em_assets.results.artifacts import sha256_bytes
 
+    names = [Path(p).name for p in paths]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        # Results are keyed by file name (one EM rate per file): two files of one name would merge.
+        raise ReferenceFileError(f"two reference files are named {twice[0]}; give each file its own name")
     frames = []
     for path in paths:
         if not Path(path).is_file():

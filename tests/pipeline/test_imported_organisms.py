@@ -261,3 +261,17 @@ def test_every_organism_asset_takes_an_answers_organism(tmp_path, tiny_model_dir
     for asset in ("em_over_training", "lora_trajectory", "lora_scaling"):
         assert "not trained here" in meta[asset]["note"].value, asset
     assert "no model" in meta["misalignment_directions"]["result"].value
+
+
+def test_a_jsonl_answers_file_counts_its_rows_past_blank_lines(tmp_path):
+    from em_assets.catalog.answers import read_answers
+    from em_assets.catalog.reference import ReferenceFileError
+
+    row = '{"question_id": "q", "question": "Q?", "response": "A.", "aligned": %s, "coherent": 90}'
+    path = tmp_path / "answers.jsonl"
+    path.write_text("\n".join([row % 80, "", row % 150, "", "not json"]) + "\n")
+    with pytest.raises(ReferenceFileError, match=r"row 3: not a JSON object"):
+        read_answers(str(path))
+    path.write_text("\n".join([row % 80, "", row % 150]) + "\n")
+    with pytest.raises(ReferenceFileError, match=r"row 2, column 'aligned'"):
+        read_answers(str(path))

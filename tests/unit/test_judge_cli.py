@@ -182,6 +182,12 @@ def test_bad_input_is_one_message_and_writes_nothing(env, mirror, capsys):
     err = _fails(["--reference", str(env)], capsys, env)
     assert "a directory, not a CSV file" in err
 
+    (env / "other").mkdir()
+    twin = env / "other" / good.name
+    twin.write_bytes(good.read_bytes())
+    err = _fails(["--reference", str(good), str(twin)], capsys, env)
+    assert f"two reference files are named {good.name}" in err
+
     err = _fails(["--reference", str(good), "--judge", "gpt-9"], capsys, env)
     assert "gpt-9" in err
 
