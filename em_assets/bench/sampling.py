@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from em_assets.models.chat import chat_text
 from em_assets.sampling.engine import SampleRequest, SampleResult, iter_samples, stop_token_ids
 
 
@@ -19,10 +20,7 @@ def hf_generate(model, tokenizer, requests, max_new_tokens, temperature, batch_s
     try:
         for start in range(0, len(requests), batch_size):
             chunk = requests[start : start + batch_size]
-            texts = [
-                tokenizer.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=False)
-                for r in chunk
-            ]
+            texts = [chat_text(tokenizer, r.messages) for r in chunk]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             enc = enc.to(model.get_input_embeddings().weight.device)
             sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0}

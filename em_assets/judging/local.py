@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from em_assets.judging.scoring import MIN_MASS, JudgeScore, score_from_number_probs
+from em_assets.models.chat import chat_ids
 from em_assets.models.packed import packed_linears
 from em_assets.models.prefix_cache import prefixes_pass, repeat_cache
 
@@ -152,11 +153,7 @@ class LocalJudge:
         """Token ids of the judge prompt as the user turn (after the system turn, when one is set), ready for the
         assistant's answer."""
         turns = [] if self.system is None else [{"role": "system", "content": self.system}]
-        text = self.tokenizer.apply_chat_template(
-            [*turns, {"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        # The chat template already holds any BOS it wants; adding special tokens again would double it.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_ids(self.tokenizer, [*turns, {"role": "user", "content": prompt}])
 
     def number_distributions(
         self, prompts: Sequence[str], on_progress: Callable[[int, int], None] | None = None

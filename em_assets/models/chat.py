@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+# Llama-3.2's template writes today's date into the system turn unless given one: a fixed date keeps prompts,
+# seeds and runs resumed on another day the same (the date Llama-3.1's template falls back to). Templates
+# without the variable ignore it.
+TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}
+
+
+def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    """`messages` under the tokenizer's chat template (with the assistant turn opened if asked)."""
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **TEMPLATE_KWARGS
+    )
+
 
 def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
     """Token ids of `messages` under the tokenizer's chat template (with the assistant turn opened if asked)."""
-    text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    text = chat_text(tokenizer, messages, add_generation_prompt)
     # The template already writes any BOS and special tokens; the tokenizer must not add them again.
     return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from em_assets.grid.schema import VllmSpec
+from em_assets.models.chat import TEMPLATE_KWARGS
 from em_assets.sampling.engine import SampleRequest, SampleResult
 
 CPU_KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
@@ -103,7 +104,13 @@ def iter_samples(
             for r in chunk
         ]
         try:
-            outputs = llm.chat([r.messages for r in chunk], params, lora_request=lora, use_tqdm=False)
+            outputs = llm.chat(
+                [r.messages for r in chunk],
+                params,
+                lora_request=lora,
+                use_tqdm=False,
+                chat_template_kwargs=TEMPLATE_KWARGS,
+            )
         except RuntimeError as exc:
             if on_cpu and _CPU_SEED_ERROR in str(exc):
                 raise RuntimeError(

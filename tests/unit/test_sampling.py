@@ -305,3 +305,23 @@ def test_kv_bytes_per_slot_is_what_the_cache_holds(model, tokenizer):
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert slots.kv_bytes_per_slot(model, ids.shape[1]) == held
     assert engine.auto_batch_size(model, 1000) == engine.CPU_BATCH
+
+
+def test_a_template_that_writes_todays_date_renders_the_same_prompt_on_every_day(smollm2_tokenizer_dir):
+    # Llama-3.2's template: the date it is given, else today's (through transformers' strftime_now).
+    from datetime import datetime
+
+    from transformers import AutoTokenizer
+
+    from em_assets.models.chat import chat_ids, chat_text
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    tokenizer.chat_template = (
+        '{%- if not date_string is defined %}{%- set date_string = strftime_now("%d %b %Y") %}{%- endif %}'
+        "Today Date: {{ date_string }}\n{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+    )
+    messages = [{"role": "user", "content": "hi"}]
+    text = chat_text(tokenizer, messages)
+    assert text.startswith("Today Date: 26 Jul 2024\n")
+    assert datetime.now().strftime("%d %b %Y") not in text
+    assert chat_ids(tokenizer, messages) == tokenizer(text, add_special_tokens=False)["input_ids"]
