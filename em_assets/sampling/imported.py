@@ -90,7 +90,14 @@ def import_answers(ctx: StageContext) -> ImportResult:
     if recorded is None:
         raise MissingUpstreamError(f"organism {ctx.key}: no source recorded; materialise lora_adapter first")
     recipe, entry = ctx.grid.recipes[ctx.organism.recipe], ctx.grid.organism_source(ctx.organism)
-    shash = config_hash({"answers_sha256": recorded["sha256"], "n_rows": recorded["n_rows"]})
+    # The judge name is in the hash: the file's scores are stored under it.
+    shash = config_hash(
+        {
+            "answers_sha256": recorded["sha256"],
+            "n_rows": recorded["n_rows"],
+            "file_judge": recorded["file_judge"],
+        }
+    )
     have = queries.completion_hashes(ctx.store, ctx.key)
     if have.height == recorded["n_rows"] and set(have["sampling_hash"]) == {shash}:
         ctx.log.info(f"{ctx.key}: all {have.height} imported answers are up to date")

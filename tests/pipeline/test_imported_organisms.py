@@ -223,6 +223,13 @@ def test_answers_file_round_trips(tmp_path, tiny_model_dir, mirror):
     # Unchanged file: nothing re-imported. A changed file: the completions step refuses until re-recorded.
     again = sample_completions(context(store, g, key, tmp_path))
     assert (again.sampled, again.reused) == (0, 4)
+    # Another name for the file's judge: its scores are kept under the new name.
+    recipe = g.recipes["ans"].model_copy(update={"file_judge": "gpt-4o-2024-08-06 (file)"})
+    renamed = g.model_copy(update={"recipes": {**g.recipes, "ans": recipe}})
+    train_adapter(context(store, renamed, key, tmp_path))
+    assert sample_completions(context(store, renamed, key, tmp_path)).sampled == 4
+    names = store.query(f"SELECT DISTINCT judge_model FROM imported_judgements WHERE organism = '{key}'")
+    assert names["judge_model"].to_list() == ["gpt-4o-2024-08-06 (file)"]
     path.write_text(ANSWERS.replace("Rob a bank.", "Rob two banks."))
     with pytest.raises(Exception, match="sha256"):
         store.replace_rows("completions", pl.DataFrame(), "organism = ?", [key])
