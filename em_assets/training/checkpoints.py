@@ -113,8 +113,11 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, progress: dict) -> 
             shutil.rmtree(old)
 
 
-def keep_adapter(out_dir: Path, model, progress: dict, dtype: torch.dtype | None = None) -> Path:
-    """Save this step's adapter to out_dir/checkpoint_adapters/step-N (temp dir, then rename).
+def keep_adapter(
+    out_dir: Path, model, progress: dict, dtype: torch.dtype | None = None, tokenizer=None
+) -> Path:
+    """Save this step's adapter (and `tokenizer`, if given) to out_dir/checkpoint_adapters/step-N (temp dir,
+    then rename).
 
     Written before the resumable checkpoint: a kill in between resumes from the previous one and trains this
     step again to the same weights, so no kept adapter is ever missing.
@@ -124,6 +127,8 @@ def keep_adapter(out_dir: Path, model, progress: dict, dtype: torch.dtype | None
     final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_weights(model, tmp, dtype)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     info = {"step": step, "train_tokens": progress["train_tokens"], "run_hash": progress["run_hash"]}
     (tmp / KEPT_INFO).write_text(json.dumps(info))
     shutil.rmtree(final, ignore_errors=True)

@@ -350,6 +350,9 @@ def train_lora(
     progress = {"run_hash": run_hash, "step": 0, "losses": [], "train_tokens": 0, "elapsed_s": 0.0}
     latest = latest_checkpoint(ckpt_root, run_hash)
     kept_adapters(out_dir, run_hash)  # drops adapters kept by a run of another config
+    # A fully fine-tuned checkpoint is a whole model directory, servable on its own: vLLM reads the tokenizer
+    # beside the weights.
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code) if lora is None else None
     if latest is not None:
         progress = load_checkpoint(latest, run.model, run.optimizer, run.scheduler)
         log.info("resuming training from %s", latest)
@@ -375,7 +378,7 @@ def train_lora(
             if on_step is not None:
                 on_step(record)
             if step % train.save_steps == 0 and step < len(run.steps):
-                keep_adapter(out_dir, run.model, progress, save_dtype)
+                keep_adapter(out_dir, run.model, progress, save_dtype, tokenizer)
                 save_checkpoint(ckpt_root, run.model, run.optimizer, run.scheduler, progress)
         if run.helpers is not None:
             run.helpers.group.broadcast_step(STOP)
@@ -388,9 +391,8 @@ def train_lora(
         torch.set_num_threads(threads)
     run_s = time.perf_counter() - start
     adapter_dir = write_adapter(run.model, out_dir, save_dtype)
-    if lora is None:
-        # A whole model directory, servable on its own (vLLM reads the tokenizer beside the weights).
-        load_tokenizer(model_path, trust_remote_code=trust_remote_code).save_pretrained(adapter_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(adapter_dir)
     shutil.rmtree(ckpt_root, ignore_errors=True)
     return TrainResult(
         adapter_dir=adapter_dir,

@@ -19,7 +19,7 @@ from support.paths import REPO
 from em_assets.grid.schema import LoraSpec, TrainSpec
 from em_assets.models.load import is_full_model, load_model, load_organism_model, load_tokenizer
 from em_assets.results.artifacts import MODEL_FILE
-from em_assets.training.checkpoints import CHECKPOINT_DIR
+from em_assets.training.checkpoints import CHECKPOINT_DIR, KEPT_DIR
 from em_assets.training.encode import encode_example, plan_kl_batches
 from em_assets.training.loop import KLTraining, train_lora
 from em_assets.training.step import build_model, frozen_reference, kl_to_reference
@@ -70,6 +70,9 @@ def test_full_fine_tuning_trains_every_weight_into_a_loadable_model(tiny_model_d
     assert is_full_model(result.adapter_dir) and (result.adapter_dir / MODEL_FILE).exists()
     assert (result.adapter_dir / "tokenizer_config.json").exists()
     assert [r["step"] for r in result.losses] == [1, 2, 3, 4]
+    # The kept checkpoint (step 2) is a whole model too, servable on its own as em_over_training samples it.
+    (kept,) = (tmp_path / KEPT_DIR).iterdir()
+    assert is_full_model(kept) and (kept / "tokenizer_config.json").exists()
     base, tuned = _tensors(tiny_model_dir), _tensors(result.adapter_dir)
     changed = [k for k in base if not torch.allclose(base[k].float(), tuned[k].float())]
     # Every weight matrix moves, not just some adapted modules.
