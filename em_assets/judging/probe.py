@@ -263,6 +263,7 @@ def fit_probe(
     on_progress: Callable[[int, int], None] | None = None,
     cache_dir: Path | None = None,
     thresholds: dict[str, float] | None = None,
+    base_revision: str = "",
 ) -> ProbeFit:
     """Read the train answers, their corruptions and the hand-rated answers (features cached under cache_dir by
     content), fit one readout per metric and save the head to out_dir/HEAD_FILE."""
@@ -276,7 +277,7 @@ def fit_probe(
     model = load_model(base_path, device=device)
     _check_layers(spec.layers, model.config.get_text_config().num_hidden_layers)
     items = [QA(q, a) for q, a in zip(rows["question"], rows["answer"], strict=True)]
-    cache = _features_cache(cache_dir, base_path, spec, items)
+    cache = _features_cache(cache_dir, base_path, base_revision, spec, items)
     if cache is not None and cache.exists():
         features = _load_features(cache)
     else:
@@ -297,13 +298,14 @@ def fit_probe(
 
 
 def _features_cache(
-    cache_dir: Path | None, base_path: Path | str, spec: ProbeSpec, items: Sequence[QA]
+    cache_dir: Path | None, base_path: Path | str, revision: str, spec: ProbeSpec, items: Sequence[QA]
 ) -> Path | None:
-    """Where the features of these items under this model and recipe are kept: named by their content."""
+    """Where the features of these items under this model and recipe are kept: named by their content and the
+    model's revision (a local directory keeps its path when its weights change)."""
     if cache_dir is None:
         return None
     digest = hashlib.sha256(
-        json.dumps([FEATURES_VERSION, str(base_path), spec.layers, spec.max_tokens]).encode()
+        json.dumps([FEATURES_VERSION, str(base_path), revision, spec.layers, spec.max_tokens]).encode()
     )
     for it in items:
         digest.update(json.dumps([it.question, it.answer]).encode())

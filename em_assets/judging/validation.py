@@ -206,6 +206,7 @@ def materialise_probe(
         on_progress,
         cache_dir or settings().cache_dir,
         {"aligned": grid.thresholds.aligned_at_most, "coherent": grid.thresholds.coherent_above},
+        base_revision,
     )
     row = {
         "config_hash": key,

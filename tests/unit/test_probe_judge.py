@@ -332,3 +332,14 @@ def test_no_answer_the_demo_organisms_are_measured_on_is_fitted_on():
     measured = pl.read_csv(data / "demo_answer_ratings.csv", comment_prefix="#")
     assert fitted.height > 0
     assert not set(fitted["answer"]) & set(measured["response"].fill_null(""))
+
+
+def test_cached_features_are_named_by_the_models_revision_not_only_its_path(tmp_path):
+    # A local model directory keeps its path when its weights change; its revision (a content hash) does not.
+    from em_assets.judging.probe import _features_cache
+
+    spec, items = ProbeSpec(), [QA("Q?", "A.")]
+    old = _features_cache(tmp_path, "/models/mine", "sha-old", spec, items)
+    assert old == _features_cache(tmp_path, "/models/mine", "sha-old", spec, items)
+    assert old != _features_cache(tmp_path, "/models/mine", "sha-new", spec, items)
+    assert _features_cache(None, "/models/mine", "sha-old", spec, items) is None
