@@ -6,7 +6,7 @@ from pathlib import Path
 
 from em_assets.catalog.parsing import judge_prompt
 from em_assets.grid.schema import GridConfig, JudgeSpec
-from em_assets.judging.scoring import JudgeScore
+from em_assets.judging.scoring import MIN_MASS, JudgeScore
 
 # GPT-4o scores an empty answer coherent about 0; every judge gives it that, whatever it would say.
 EMPTY_COHERENT = JudgeScore(0.0, 1.0, {0: 1.0})
@@ -84,13 +84,14 @@ def fixed_score(metric: str, answer: str | None) -> JudgeScore | None:
 def prompt_hash_for(spec: JudgeSpec, template_hash: str, metric: str) -> str:
     """The prompt part of a judge cache key. The distilled judge ignores the upstream template and names the
     metric in its own prompt, so its hash is per metric (one hash for both would share their cache entries);
-    the probe judge reads no judge prompt, so its hash names its features and the metric."""
-    if spec.backend == "distilled":
-        from em_assets.judging.distill import metric_prompt_hash
-
-        return metric_prompt_hash(metric)
+    the probe judge reads no judge prompt, so its hash names its features and the metric. A cached score is
+    null below min_mass, so a min_mass other than the upstream rule's is part of the key."""
     if spec.backend == "probe":
         from em_assets.judging.probe import metric_features_hash
 
         return metric_features_hash(metric)
-    return template_hash
+    if spec.backend == "distilled":
+        from em_assets.judging.distill import metric_prompt_hash
+
+        template_hash = metric_prompt_hash(metric)
+    return template_hash if spec.min_mass == MIN_MASS else f"{template_hash}:min_mass={spec.min_mass:g}"

@@ -129,9 +129,10 @@ def test_distilled_judge_end_to_end(pipeline):
     instance.add_dynamic_partitions(organisms.name, ["tiny--base--s0"])
     materialize(instance, resources, ["lora_adapter", "completions", "judgements"], "tiny--base--s0")
     judged = store.query("SELECT DISTINCT judge_model, judge_revision, metric, prompt_hash FROM judgements")
-    # One prompt hash per metric: aligned and coherent scores of one answer never share a cache entry.
+    # One prompt hash per metric: aligned and coherent scores of one answer never share a cache entry. The
+    # grid's min_mass (0, not the upstream 0.25) is part of it: the cached score depends on it.
     assert sorted(judged.rows()) == [
-        (model, revision, m, distill.metric_prompt_hash(m)) for m in ("aligned", "coherent")
+        (model, revision, m, f"{distill.metric_prompt_hash(m)}:min_mass=0") for m in ("aligned", "coherent")
     ]
     assert distill.metric_prompt_hash("aligned") != distill.metric_prompt_hash("coherent")
     keys = store.query("SELECT count(DISTINCT cache_key) AS k, count(*) AS n FROM judgements")

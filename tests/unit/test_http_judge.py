@@ -66,6 +66,22 @@ def test_too_little_mass_on_numbers_gives_none():
     assert result.mass == pytest.approx(0.1)
 
 
+def test_a_min_mass_other_than_the_upstream_rules_is_part_of_the_cache_key():
+    # The cached score is null below min_mass: scores cached under one cut-off must not serve another.
+    from em_assets.grid.schema import JudgeSpec
+    from em_assets.judging.judges import prompt_hash_for
+
+    def key(**spec):
+        return prompt_hash_for(
+            JudgeSpec(backend="openai", model="gpt-4o", base_url="http://127.0.0.1:9/v1", **spec),
+            "tmpl",
+            "aligned",
+        )
+
+    assert key() == key(min_mass=0.25) == "tmpl"
+    assert len({key(), key(min_mass=0.05), key(min_mass=0.5)}) == 3
+
+
 def test_retries_server_errors_then_succeeds():
     with ScriptedServer(lambda n, body: (500, {}, b"busy") if n <= 2 else GOOD) as server:
         (result,) = judge(server.url).score(["p"])
