@@ -25,6 +25,7 @@ from em_assets.judging.judges import (
     render_prompt,
 )
 from em_assets.judging.stage import judge_cache_key, score_chunks
+from em_assets.judging.validation import split_reference
 from em_assets.results import judge_queries as q
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store, utc_now
@@ -377,10 +378,7 @@ def judge_agreement(
     device: str | None = None,
 ) -> list[AgreementReport]:
     """The grid's judge and its comparison judges on the held-out reference split, written to DuckDB."""
-    reference = q.reference_frame(store)
-    if reference.height == 0:
-        raise MissingUpstreamError("no reference judgements; materialise reference_judgements first")
-    rows = distill.heldout_answers(reference, grid.agreement.max_answers_per_file)
+    rows = distill.heldout_answers(split_reference(store, grid), grid.agreement.max_answers_per_file)
     templates = upstream_templates(grid, mirror, cache_dir)
     reports = []
     for spec in [grid.judge, *grid.agreement.compare]:

@@ -121,11 +121,13 @@ def _file_current(path: Path, sha256: str) -> bool:
     return path.exists() and sha256_file(path) == sha256
 
 
-def _reference(store: Store) -> pl.DataFrame:
+def split_reference(store: Store, grid: GridConfig) -> pl.DataFrame:
+    """The stored reference judgements, split by the grid's held-out base models as it reads now (the list may
+    have changed since they were loaded)."""
     reference = q.reference_frame(store)
     if reference.height == 0:
         raise MissingUpstreamError("no reference judgements; materialise reference_judgements first")
-    return reference
+    return with_split(reference, grid.agreement.held_out_base_models)
 
 
 def materialise_distilled(
@@ -143,7 +145,7 @@ def materialise_distilled(
     if plan.intact():
         log.info("distilled judge %s is up to date; no training", key)
         return {"trained": False, **plan.row}
-    reference = _reference(store)
+    reference = split_reference(store, grid)
     spec = grid.distill
     out_dir = (Path(artifacts_dir) / "judges" / key).resolve()
     result, n_examples = distill.train_distilled_judge(base_path, reference, spec, out_dir, device, on_step)
@@ -195,7 +197,7 @@ def materialise_probe(
     if plan.intact():
         log.info("probe judge %s is up to date; no fitting", key)
         return {"trained": False, **plan.row}
-    reference = _reference(store)
+    reference = split_reference(store, grid)
     spec = grid.probe
     fit = probe.fit_probe(
         base_path,

@@ -252,6 +252,25 @@ def test_train_split_never_holds_a_held_out_base_model(mirror):
     assert df["aligned"].null_count() == 1
 
 
+def test_the_split_follows_the_grids_held_out_list_as_it_reads_now(tmp_path, tiny_model_dir, mirror):
+    # Reference rows stored under one held-out list, read under another: the judges fit and measure by the new.
+    from em_assets.catalog.reference import with_split
+    from em_assets.judging.validation import split_reference
+    from em_assets.results import judge_queries as q
+    from em_assets.results.store import utc_now
+
+    src = REFERENCE_JUDGEMENTS["Qwen2.5-7B-Instruct_bad-medical-advice"]
+    frame = parse_reference_csv((mirror / src.mirror_path).read_bytes(), src.path, src.sha256)
+    store = Store(tmp_path / "r.duckdb")
+    store.init()
+    q.write_reference(store, with_split(frame, HELD_OUT).with_columns(loaded_at=utc_now()))
+    doc = validation_grid(tiny_model_dir)
+    doc["profiles"]["test"]["agreement"]["held_out_base_models"] = [*HELD_OUT, "Qwen2.5-7B-Instruct"]
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(doc))
+    split = split_reference(store, load_grid(tmp_path / "grid.yaml", "test"))
+    assert split.height == frame.height and set(split["split"]) == {"heldout"}
+
+
 def test_source_organism_from_the_file_name():
     assert source_of("Qwen2.5-14B-Instruct_extreme-sports_S42.csv") == (
         "Qwen2.5-14B-Instruct",
