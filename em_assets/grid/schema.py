@@ -38,7 +38,6 @@ class BaseModelSpec(_Strict):
     source: str
     revision: str | None = None
     trust_remote_code: bool = False
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
 
 
 class LoraSpec(_Strict):

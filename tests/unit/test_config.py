@@ -67,6 +67,13 @@ profiles:
         load_grid(path, "demo")
 
 
+def test_a_base_model_dtype_is_refused_rather_than_ignored(tmp_path):
+    # Models load in the device's dtype (bf16 on a CPU): a per-model dtype would be silently dropped.
+    path = _write(tmp_path, "profiles:\n  demo:\n    base_models: [{name: m, source: x, dtype: float32}]\n")
+    with pytest.raises(GridError, match=r"profiles\.demo\.base_models\.0\.dtype"):
+        load_grid(path, "demo")
+
+
 def test_wrong_value_is_named(tmp_path):
     path = _write(
         tmp_path,
