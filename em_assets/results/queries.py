@@ -178,10 +178,9 @@ def write_adapter(
     )
 
 
-def checkpoint_count(store: Store, organism: str) -> int:
-    return int(
-        store.query("SELECT count(*) AS n FROM lora_checkpoints WHERE organism = ?", [organism])["n"][0]
-    )
+def checkpoint_steps(store: Store, organism: str) -> list[int]:
+    """The steps of the organism's recorded checkpoints, the final adapter's included."""
+    return store.query("SELECT step FROM lora_checkpoints WHERE organism = ?", [organism])["step"].to_list()
 
 
 def first_judge_templates(store: Store, eval_set: str) -> dict[str, str]:

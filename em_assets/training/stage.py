@@ -85,11 +85,16 @@ def adapter_config_hash(
     )
 
 
-def up_to_date_adapter(ctx: StageContext, chash: str) -> dict | None:
-    """The organism's adapter row if it was trained with `chash` and its file still has the recorded bytes."""
+def up_to_date_adapter(ctx: StageContext, chash: str, save_steps: int) -> dict | None:
+    """The organism's adapter row if it was trained with `chash`, its file still has the recorded bytes and
+    every checkpoint `save_steps` asks for is recorded."""
     row = queries.adapter_with_hash(ctx.store, ctx.key, chash)
-    # Adapters trained before checkpoints were kept have none recorded: train again to get them.
-    if row is None or not queries.checkpoint_count(ctx.store, ctx.key):
+    if row is None:
+        return None
+    # save_steps does not change the weights (not in chash), but a denser one asks for checkpoints this run
+    # never kept (as do runs from before checkpoints were kept): train again to keep them.
+    wanted = {*range(save_steps, row["steps"], save_steps), row["steps"]}
+    if not wanted <= set(queries.checkpoint_steps(ctx.store, ctx.key)):
         return None
     path = weights_file(Path(row["adapter_path"]))
     return row if path.exists() and sha256_file(path) == row["adapter_sha256"] else None
@@ -175,7 +180,7 @@ def train_adapter(ctx: StageContext) -> AdapterResult:
     chash = adapter_config_hash(
         base["revision"], ds["sha256"], recipe, org.seed, kl_ds["sha256"] if kl_ds else None
     )
-    done = up_to_date_adapter(ctx, chash)
+    done = up_to_date_adapter(ctx, chash, recipe.train.save_steps)
     if done is not None:
         ctx.log.info(f"{ctx.key}: adapter {chash} is up to date; no training")
         return AdapterResult.from_row(done, trained=False)

@@ -7,11 +7,14 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
+import yaml
 from support.paths import TESTS
 from support.sweeps import (
+    PROFILE,
     ScaleDownProj,
     points,
     stage_context,
@@ -114,6 +117,20 @@ def test_a_setting_the_sweep_no_longer_plans_leaves_no_rows(ws, one_torch_thread
     forget_sweep(stage_context(ws, "skipped"), "test")
     for table in ("sweep_points", "sweep_completions", "sweep_judgements"):
         assert _rows(ws["db"], table)["sweep"].unique().to_list() == ["other"], table
+
+
+def test_a_denser_save_steps_trains_again_to_keep_the_checkpoints_it_asks_for(ws, tmp_path, one_torch_thread):
+    # The fixture's adapter kept step 1 and the final step 2 (save_steps 1); save_steps does not change weights.
+    doc = yaml.safe_load(Path(ws["grid"]).read_text())
+    ws = {**ws, "grid": str(tmp_path / "grid.yaml")}
+    for save_steps in (2, 1):
+        doc["profiles"][PROFILE]["recipes"]["med-r1"]["train"]["save_steps"] = save_steps
+        write_grid(Path(ws["grid"]), doc)
+        assert train_adapter(stage_context(ws, f"save-{save_steps}")).trained is False
+    # As if trained under save_steps 2: step 1 was never kept, and save_steps 1 asks for it.
+    Store(ws["db"]).write(lambda conn: conn.execute("DELETE FROM lora_checkpoints WHERE step = 1"), "test")
+    assert train_adapter(stage_context(ws, "denser")).trained is True
+    assert sorted(_rows(ws["db"], "lora_checkpoints")["step"]) == [1, 2]
 
 
 def test_killed_sweep_resumes_without_sampling_anything_twice(ws, one_torch_thread):
