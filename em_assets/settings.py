@@ -52,7 +52,8 @@ class Settings:
     grid_path: Path = Path("data/grid.yaml")
     profile: str = "demo"
     # A local DuckLake by default (snapshots, concurrent writers); a plain DuckDB file is any other path.
-    database: Path = Path("ducklake:sqlite:data/results.sqlite")
+    # A string, not a Path: a PostgreSQL catalog's URI (postgresql://...) must keep its double slash.
+    database: str = "ducklake:sqlite:data/results.sqlite"
     # A DuckLake's Parquet folder (or s3:// prefix); needed with a PostgreSQL catalog, else beside the catalog.
     db_data_path: str | None = None
     # A reader holding the database file (e.g. a `duckdb` shell) pauses writers; they wait this long.
@@ -81,7 +82,7 @@ class Settings:
         return cls(
             grid_path=path(GRID_ENV, default.grid_path),
             profile=env.get(PROFILE_ENV) or default.profile,
-            database=path(DB_ENV, default.database),
+            database=env.get(DB_ENV) or default.database,
             db_data_path=env.get(DB_DATA_PATH_ENV) or default.db_data_path,
             lock_timeout_s=float(env.get(LOCK_TIMEOUT_ENV) or default.lock_timeout_s),
             data_mirror=env.get(MIRROR_ENV) or None,

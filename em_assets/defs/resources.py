@@ -54,16 +54,16 @@ class ExperimentResource(dg.ConfigurableResource):
 class ResultsDB(dg.ConfigurableResource):
     """The DuckDB results file; connections are opened per unit of work, never held across model work."""
 
-    database: str = str(_DEFAULTS.database)
+    database: str = _DEFAULTS.database
 
     def store(self) -> Store:
-        store = Store(Path(self.database))
+        store = Store(self.database)
         store.init()
         return store
 
     @classmethod
     def from_env(cls) -> "ResultsDB":
-        return cls(database=str(settings().database))
+        return cls(database=settings().database)
 
 
 def stage_context(

@@ -191,3 +191,17 @@ def test_entry_points_set_the_openmp_wait_before_torch_loads(module, call):
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.split()[-2:] == [OPENMP_SPIN, "False"]
+
+
+def test_a_postgresql_catalog_uri_in_em_db_keeps_its_double_slash(monkeypatch):
+    from em_assets.defs.resources import ResultsDB
+    from em_assets.results.store import Store
+    from em_assets.settings import Settings
+
+    uri = "ducklake:postgres:postgresql://em@db.example:5432/em_results"
+    assert Settings.from_env({"EM_DB": uri}).database == uri
+    monkeypatch.setenv("EM_DB", uri)
+    monkeypatch.setenv("EM_DB_DATA_PATH", "/shared/lake")
+    resource = ResultsDB.from_env()
+    assert resource.database == uri
+    assert Store(resource.database).location.target == uri.removeprefix("ducklake:")
