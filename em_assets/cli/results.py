@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -11,12 +12,19 @@ import polars as pl
 
 def _print_frame(df: pl.DataFrame, fmt: str, max_rows: int) -> None:
     if fmt == "csv":
-        sys.stdout.write(df.write_csv())
+        # CSV has no nested values: lists, structs and maps (e.g. ducklake_snapshots' changes) go as JSON text.
+        nested = [name for name, dtype in df.schema.items() if dtype.is_nested()]
+        sys.stdout.write(df.with_columns(pl.col(nested).map_elements(_json, pl.String)).write_csv())
     elif fmt == "json":
         sys.stdout.write(df.write_json() + "\n")
     else:
         with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
             print(df)
+
+
+def _json(value) -> str:
+    # A list value reaches map_elements as a Series.
+    return json.dumps(value.to_list() if isinstance(value, pl.Series) else value, default=str)
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
@@ -51,15 +59,32 @@ def _run(store, sql: str, args: argparse.Namespace) -> int:
 
     try:
         with store.reader() as conn:
-            frame = conn.execute(reading_statement(conn, sql)).pl()
+            frame = _frame(conn, reading_statement(conn, sql))
+        _print_frame(frame, args.format, args.max_rows)
     except RefusedStatement as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except duckdb.Error as exc:
+    except (duckdb.Error, pl.exceptions.PolarsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    _print_frame(frame, args.format, args.max_rows)
     return 0
+
+
+# Types polars cannot read from DuckDB (INTERVAL) or write as JSON (BLOB, BIT): shown as DuckDB's text.
+_AS_TEXT = {"INTERVAL", "BLOB", "BIT"}
+
+
+def _frame(conn, statement: str) -> pl.DataFrame:
+    relation = conn.sql(statement)
+    if relation is None:
+        return pl.DataFrame()
+    if any(str(t) in _AS_TEXT for t in relation.types):
+        shown = [
+            f'CAST("{c}" AS VARCHAR) AS "{c}"' if str(t) in _AS_TEXT else f'"{c}"'
+            for c, t in zip((c.replace('"', '""') for c in relation.columns), relation.types, strict=True)
+        ]
+        relation = relation.project(", ".join(shown))
+    return relation.pl()
 
 
 def _store(args: argparse.Namespace):

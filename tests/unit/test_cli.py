@@ -49,6 +49,15 @@ def test_sql_prints_csv_and_json(db, capsys):
     assert '"n":2' in capsys.readouterr().out.replace(" ", "")
 
 
+def test_sql_shows_values_csv_and_polars_cannot_hold_as_text(db, capsys):
+    # Nested values as JSON in CSV; INTERVAL, BLOB and BIT as DuckDB writes them, in every format.
+    odd = "SELECT [1, 2] AS l, {'a': [1]} AS s, INTERVAL 1 DAY AS i, 'ab'::BLOB AS b, '101'::BIT AS t"
+    assert main(["sql", odd, "--db", str(db), "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["l,s,i,b,t", '"[1, 2]","{""a"": [1]}",1 day,ab,101']
+    assert main(["sql", odd, "--db", str(db), "--format", "json"]) == 0
+    assert '"i":"1 day","b":"ab","t":"101"' in capsys.readouterr().out
+
+
 def test_sql_is_read_only(db, capsys, tmp_path):
     assert main(["sql", "DELETE FROM training_losses", "--db", str(db)]) == 2
     assert "read-only" in capsys.readouterr().err
