@@ -171,21 +171,24 @@ class Store:
         """Insert rows, replacing any with the same primary key (idempotent resume writes)."""
         if not df.height:
             return
+        # A key repeated within the rows (two identical answers' judge cache rows) is written once, the last.
+        keys = list(primary_keys()[table])
+        rows = df.unique(subset=keys, keep="last", maintain_order=True) if keys else df
 
         def work(conn: duckdb.DuckDBPyConnection) -> None:
             if not self.lake:
-                _insert(conn, table, df, "INSERT OR REPLACE")
+                _insert(conn, table, rows, "INSERT OR REPLACE")
                 return
             # DuckLake has no key constraints: replace by key as a delete and an insert in one transaction.
-            match = " AND ".join(f"t.{k} = r.{k}" for k in primary_keys()[table])
-            conn.register("_rows", df.to_arrow())
+            match = " AND ".join(f"t.{k} = r.{k}" for k in keys)
+            conn.register("_rows", rows.to_arrow())
             # Deleting nothing still conflicts with concurrent writers of the table, so only delete rows
             # that are there (a resumed or re-run step); fresh rows are a plain insert.
             found = f"FROM {table} t WHERE EXISTS (SELECT 1 FROM _rows r WHERE {match})"
             if conn.execute(f"SELECT count(*) {found}").fetchone()[0]:
                 conn.execute(f"DELETE {found}")
             conn.unregister("_rows")
-            _insert(conn, table, df)
+            _insert(conn, table, rows)
 
         self.write(work, f"append {table}")
 

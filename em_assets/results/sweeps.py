@@ -104,13 +104,16 @@ class SweepTables:
         """Delete judgements by (sweep, setting, q, p, s, metric)."""
         if not stale:
             return
-        with self.store.connect() as conn:
+
+        def work(conn) -> None:
             conn.register("_stale", _frame(stale, {**_KEYS, "metric": pl.String}).to_arrow())
             conn.execute(
                 f"DELETE FROM sweep_judgements t WHERE organism = ? AND EXISTS (SELECT 1 FROM _stale k "
                 f"WHERE {_MATCH_KEY} AND k.metric = t.metric)",
                 [self.organism],
             )
+
+        self.store.write(work, "drop stale sweep judgements")
 
     def write_points(self, points: pl.DataFrame) -> None:
         """Record the points as last run (a point run again replaces its row; others stay)."""

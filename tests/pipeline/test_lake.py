@@ -47,6 +47,12 @@ def test_lake_append_replaces_by_key_and_snapshots_keep_the_past(tmp_path):
     store.replace_rows("training_losses", other, "organism = ?", ["b"])
     now = store.query("SELECT organism, step, loss FROM training_losses ORDER BY organism, step")
     assert now.rows() == [("a", 1, 9.0), ("a", 2, 9.0), ("b", 1, 1.0)]
+    # A key twice in one batch (two identical answers' judge cache rows) is kept once, the last, as in a file.
+    twice = pl.DataFrame({"organism": ["c", "c"], "step": [1, 1], "loss": [4.0, 5.0]})
+    for each in (store, Store(tmp_path / "file.duckdb")):
+        each.init()
+        each.append_rows("training_losses", twice)
+        assert each.query("SELECT loss FROM training_losses WHERE organism = 'c'").rows() == [(5.0,)]
     past = store.at_snapshot(before).query("SELECT loss FROM training_losses ORDER BY step")
     assert past["loss"].to_list() == [1.0, 2.0]
     assert store.current_snapshot() > before
