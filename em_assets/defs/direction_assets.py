@@ -9,7 +9,7 @@ from em_assets.analyses import direction_sweeps
 from em_assets.analyses import directions as stage
 from em_assets.analyses.similarity import build_similarity
 from em_assets.defs.metadata import CORRECTED_SHOWN, md_image, md_table
-from em_assets.defs.partitions import CPU_OP_TAGS, GPU_OP_TAGS, GPU_POOL, organisms
+from em_assets.defs.partitions import CPU_OP_TAGS, GPU_OP_TAGS, GPU_POOL, REPORT_AUTOMATION, organisms
 from em_assets.defs.resources import ExperimentResource, ResultsDB, stage_context
 from em_assets.results import directions as db
 from em_assets.stats.correction import correction_caveat
@@ -63,7 +63,7 @@ def misalignment_directions(
     deps=["misalignment_directions"],
     kinds={"duckdb", "matplotlib"},
     op_tags=CPU_OP_TAGS,
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=REPORT_AUTOMATION,
     description="Cosine similarity per layer between the misalignment directions of organisms sharing a base "
     "model: a table and a heatmap (the convergence result).",
 )

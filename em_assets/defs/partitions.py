@@ -12,3 +12,7 @@ GPU_OP_TAGS = {
     "em-assets/compute": "gpu",
 }
 CPU_OP_TAGS = {"em-assets/compute": "cpu"}
+
+# Reports over every organism rebuild when any organism's upstream changes, including while some organism has
+# never been materialised (eager() waits for all: one failed or dropped organism would stop every report).
+REPORT_AUTOMATION = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())

@@ -7,7 +7,7 @@ import dagster as dg
 import polars.selectors as cs
 
 from em_assets.defs.metadata import md_image, md_table
-from em_assets.defs.partitions import CPU_OP_TAGS
+from em_assets.defs.partitions import CPU_OP_TAGS, REPORT_AUTOMATION
 from em_assets.defs.resources import ExperimentResource, ResultsDB
 
 PERSONA_TABLES = {
@@ -98,7 +98,7 @@ _SHOWN = {
             ],
             kinds={"duckdb", "scipy", "matplotlib"},
             description=desc,
-            automation_condition=dg.AutomationCondition.eager(),
+            automation_condition=REPORT_AUTOMATION,
         )
         for name, desc in PERSONA_TABLES.items()
     ],

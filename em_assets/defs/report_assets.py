@@ -6,7 +6,7 @@ from pathlib import Path
 import dagster as dg
 
 from em_assets.defs.metadata import CORRECTED_SHOWN, md_image, md_table
-from em_assets.defs.partitions import CPU_OP_TAGS
+from em_assets.defs.partitions import CPU_OP_TAGS, REPORT_AUTOMATION
 from em_assets.defs.resources import ExperimentResource, ResultsDB
 from em_assets.judging.agreement_stage import judge_caveat
 from em_assets.reports import tables as reports
@@ -41,7 +41,8 @@ REPORT_TABLES = {
     "reference answers too (Turner et al.).",
 }
 
-# The reference answers' domain scores enter em_domain_share.
+# Every rate is corrected with the error rates judge_agreement measures; the reference answers' domain scores
+# enter em_domain_share.
 _EXTRA_DEPS = {"em_domain_share": ["reference_judgements"]}
 
 
@@ -50,10 +51,10 @@ _EXTRA_DEPS = {"em_domain_share": ["reference_judgements"]}
         dg.AssetSpec(
             name,
             group_name="reports",
-            deps=["judgements", *_EXTRA_DEPS.get(name, [])],
+            deps=["judgements", "judge_agreement", *_EXTRA_DEPS.get(name, [])],
             kinds={"duckdb", "polars"},
             description=desc,
-            automation_condition=dg.AutomationCondition.eager(),
+            automation_condition=REPORT_AUTOMATION,
         )
         for name, desc in REPORT_TABLES.items()
     ],
@@ -89,7 +90,7 @@ def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource,
     deps=["em_summary", "lora_adapter"],
     kinds={"matplotlib"},
     op_tags=CPU_OP_TAGS,
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=REPORT_AUTOMATION,
     description="EM rates with intervals, aligned-vs-coherent scatter and training curves, as PNG files.",
 )
 def em_figures(
@@ -111,7 +112,7 @@ def em_figures(
     deps=["em_summary"],
     kinds={"html"},
     op_tags=CPU_OP_TAGS,
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=REPORT_AUTOMATION,
     description="Answers browser: one offline HTML page with every answer, its question and scores, filterable "
     "by organism, question and quadrant (EM, aligned, incoherent).",
 )

@@ -164,3 +164,21 @@ def test_definitions_load_with_the_automation():
         "automation_sensor": dg.DefaultSensorStatus.RUNNING,
     }
     assert repo.get_schedule_def("catch_up_schedule").default_status == dg.DefaultScheduleStatus.RUNNING
+
+
+def test_reports_rebuild_while_an_organism_has_never_been_materialised():
+    # One failed or dropped organism must not stop every report; a new measurement of the judge's error
+    # rates re-corrects them.
+    from em_assets.definitions import defs
+
+    spec = {s.key.to_user_string(): s for s in defs.resolve_all_asset_specs()}["em_summary"]
+    assert dg.AssetKey("judge_agreement") in {d.asset_key for d in spec.deps}
+    selection = dg.AssetSelection.assets("em_summary")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(organisms.name, ["a--r--s0", "b--r--s0"])
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
+        instance.report_runless_asset_event(dg.AssetMaterialization("judgements", partition="a--r--s0"))
+        result = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, asset_selection=selection, cursor=result.cursor
+        )
+        assert result.total_requested == 1
