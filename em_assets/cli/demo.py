@@ -23,11 +23,19 @@ if TYPE_CHECKING:
     from dagster import DagsterInstance
 
 
-def _check_grid(current: Settings) -> None:
-    from em_assets.grid.load import load_grid
+def _check_grid(current: Settings, organism_keys: list[str] | None) -> None:
+    """The grid, its organisms' sources and the organisms asked for (each must be one of the grid's)."""
+    from em_assets.grid.load import GridError, load_grid
     from em_assets.training.imported import check_sources
 
-    check_sources(load_grid(current.grid_path, current.profile))
+    grid = load_grid(current.grid_path, current.profile)
+    check_sources(grid)
+    known = [o.key for o in grid.organisms()]
+    unknown = [k for k in organism_keys or [] if k not in known]
+    if unknown:
+        raise GridError(
+            f"organism {unknown[0]!r} is not in profile {current.profile!r}; its organisms: {known}"
+        )
 
 
 def _log_traceback(log_path: Path) -> None:
@@ -164,7 +172,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     current = settings()
     # The grid is checked before anything starts, so a typo fails in a second with no run written.
-    _check_grid(current)
+    _check_grid(current, args.organism)
     log_path = current.logs_dir / f"demo-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
     _stop_on_sigterm()
     start = time.perf_counter()

@@ -247,6 +247,15 @@ def test_demo_with_an_unknown_profile_names_the_profiles(tmp_path, capsys, monke
     assert not (tmp_path / "home").exists()
 
 
+def test_demo_of_an_organism_not_in_the_grid_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("EM_DB", str(tmp_path / "data" / "results.duckdb"))
+    assert main(["demo", "--organism", "smollm2-135m--base--s7"]) == 2
+    err = capsys.readouterr().err
+    assert "organism 'smollm2-135m--base--s7' is not in profile 'demo'" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_offline_paper_profile_fails_in_base_models_with_one_message(tmp_path):
     env = {
