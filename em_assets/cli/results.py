@@ -132,13 +132,18 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Copy a DuckDB results file (the layout before DuckLake) into the configured store."""
+    import duckdb
+
     from em_assets.results.migrate import migrate
     from em_assets.results.store import Store
 
     store = Store(args.db) if args.db else Store()
     try:
         counts = migrate(Path(args.source), store)
-    except (FileNotFoundError, RuntimeError) as exc:
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, duckdb.Error) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for table, n in counts.items():

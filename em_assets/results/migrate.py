@@ -25,8 +25,14 @@ def source_tables(conn: duckdb.DuckDBPyConnection) -> list[str]:
 def migrate(source: Path, store: Store) -> dict[str, int]:
     """Copy every table of `source` into `store` in one transaction, replacing what the store had in those
     tables; returns rows per table, checked equal on both sides."""
-    if not source.exists():
+    if not source.is_file():
         raise FileNotFoundError(f"no DuckDB file at {source}")
+    if store.path is not None and store.path.resolve() == source.resolve():
+        raise ValueError(f"{source} is the store it would be copied into")
+    try:
+        duckdb.connect(str(source), read_only=True).close()
+    except duckdb.Error as exc:
+        raise ValueError(f"{source} is not a DuckDB results file ({exc})") from None
     store.init()
     counts: dict[str, int] = {}
 

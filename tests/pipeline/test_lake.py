@@ -137,6 +137,14 @@ def test_migrate_copies_a_duckdb_file_with_nothing_lost(tmp_path, capsys):
     source.append_rows("judge_cache", pl.DataFrame({"cache_key": ["k"], "score": [1.0], "probs": ["{}"]}))
     build_reports(source, Thresholds(), "old-run")
     db = _lake(tmp_path)
+    # Not a DuckDB file, no file, or the store itself: one message, exit 2, no store made.
+    (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
+    for bad, says in (("notes.csv", "is not a DuckDB results file"), ("gone.duckdb", "no DuckDB file")):
+        assert main(["migrate", "--from", str(tmp_path / bad), "--db", db]) == 2
+        assert says in capsys.readouterr().err
+    assert main(["migrate", "--from", str(old), "--db", str(old)]) == 2
+    assert "is the store it would be copied into" in capsys.readouterr().err
+    assert not Path(db.split(":", 2)[-1]).exists()
     assert main(["migrate", "--from", str(old), "--db", db]) == 0
     assert "copied" in capsys.readouterr().out
     target = Store(db)
