@@ -34,7 +34,10 @@ def cmd_sql(args: argparse.Namespace) -> int:
     if store is None:
         return 2
     if not store.exists():
-        print(f"no results database at {store.path}", file=sys.stderr)
+        print(f"error: no results database at {store.path}", file=sys.stderr)
+        return 2
+    if args.query is not None and not args.query.strip():
+        print("error: an empty query; give a statement, or none for the shell", file=sys.stderr)
         return 2
     if args.query:
         return _run(store, args.query, args)
@@ -115,6 +118,9 @@ def cmd_figures(args: argparse.Namespace) -> int:
     store = _store(args)
     if store is None:
         return 2
+    if not store.exists():
+        print(f"error: no results database at {store.path}", file=sys.stderr)
+        return 2
     try:
         # Only for a snapshot whose em_summary is empty; otherwise its own thresholds are used.
         fallback = load_grid().thresholds
@@ -122,6 +128,9 @@ def cmd_figures(args: argparse.Namespace) -> int:
         fallback = Thresholds()
     try:
         paths = rebuild_figures(store, args.snapshot, Path(args.out), fallback)
+    except (NotADirectoryError, FileExistsError) as exc:
+        print(f"error: --out {args.out} is not a folder that can be written: {exc}", file=sys.stderr)
+        return 2
     except duckdb.Error as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -317,6 +317,11 @@ def pick_judge(grid: GridConfig, name: str | None) -> JudgeSpec:
     if name == "probe" and grid.probe is not None:
         return JudgeSpec(backend="probe", model="probe", metrics=grid.probe.metrics)
     if name.startswith("local:"):
+        from em_assets.grid.sources import check_source
+        from em_assets.models.hub import EMBEDDED
+
+        # Checked here, before anything is written: a missing local directory is bad input.
+        check_source(name.removeprefix("local:"), sorted(EMBEDDED))
         return JudgeSpec(backend="local", model=name.removeprefix("local:"), min_mass=grid.judge.min_mass)
     known = sorted({judge_name(s) for s in [grid.judge, *grid.agreement.compare]} | {"local:<source>"})
     raise GridError(f"no judge named {name!r}; known: {', '.join(known)}")

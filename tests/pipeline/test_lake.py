@@ -105,6 +105,13 @@ def test_figures_rebuilt_from_their_snapshot_are_byte_identical(tmp_path):
     assert main(["figures", "--db", db, "--snapshot", str(first.snapshot), "--out", str(out)]) == 0
     rebuilt = {p.stem: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.glob("*.png")}
     assert rebuilt == dict(recorded.select("figure", "sha256").iter_rows()) == first.sha256
+    # An --out that is a file, or under one, is bad input: exit 2.
+    (tmp_path / "a-file").write_text("")
+    for bad in ("a-file", "a-file/figs"):
+        assert (
+            main(["figures", "--db", db, "--snapshot", str(first.snapshot), "--out", str(tmp_path / bad)])
+            == 2
+        )
 
 
 def test_snapshots_on_a_plain_duckdb_file_say_they_need_ducklake(tmp_path, capsys):

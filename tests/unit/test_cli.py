@@ -58,6 +58,13 @@ def test_sql_shows_values_csv_and_polars_cannot_hold_as_text(db, capsys):
     assert '"i":"1 day","b":"ab","t":"101"' in capsys.readouterr().out
 
 
+def test_sql_with_an_empty_query_or_no_store_is_one_message_and_exit_2(db, capsys, tmp_path):
+    assert main(["sql", "", "--db", str(db)]) == 2
+    assert capsys.readouterr().err == "error: an empty query; give a statement, or none for the shell\n"
+    assert main(["sql", "SELECT 1", "--db", str(tmp_path / "none.duckdb")]) == 2
+    assert capsys.readouterr().err.startswith("error: no results database at ")
+
+
 def test_sql_is_read_only(db, capsys, tmp_path):
     assert main(["sql", "DELETE FROM training_losses", "--db", str(db)]) == 2
     assert "read-only" in capsys.readouterr().err

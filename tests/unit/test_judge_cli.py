@@ -190,6 +190,8 @@ def test_bad_input_is_one_message_and_writes_nothing(env, mirror, capsys):
 
     err = _fails(["--reference", str(good), "--judge", "gpt-9"], capsys, env)
     assert "gpt-9" in err
+    err = _fails(["--reference", str(good), "--judge", f"local:{env / 'no-model'}"], capsys, env)
+    assert "no-model" in err and not (env / "data").exists()
 
 
 def test_table_says_where_the_correction_came_from(env, mirror, tiny_model_dir, capsys):
