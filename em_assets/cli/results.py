@@ -33,9 +33,6 @@ def cmd_sql(args: argparse.Namespace) -> int:
     store = _store(args)
     if store is None:
         return 2
-    if not store.exists():
-        print(f"error: no results database at {store.path}", file=sys.stderr)
-        return 2
     if args.query is not None and not args.query.strip():
         print("error: an empty query; give a statement, or none for the shell", file=sys.stderr)
         return 2
@@ -95,6 +92,9 @@ def _store(args: argparse.Namespace):
     from em_assets.results.store import Store
 
     store = Store(args.db) if args.db else Store()
+    if not store.exists():
+        print(f"error: no results database at {store.path}", file=sys.stderr)
+        return None
     if args.snapshot is None:
         return store
     if not store.lake:
@@ -117,9 +117,6 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
     store = _store(args)
     if store is None:
-        return 2
-    if not store.exists():
-        print(f"error: no results database at {store.path}", file=sys.stderr)
         return 2
     try:
         # Only for a snapshot whose em_summary is empty; otherwise its own thresholds are used.
