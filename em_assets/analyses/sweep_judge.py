@@ -72,16 +72,18 @@ def judge_sweep(
     ]
     cache_keys = [needed[k]["cache_key"] for k in todo]
     fixed = [fixed_score(k[5], needed[k]["completion"]["answer"]) for k in todo]
-    for offset, scores in score_chunks(judge, ctx.store, texts, cache_keys, JUDGE_CHUNK, fixed):
-        part = todo[offset : offset + len(scores)]
+    done = 0
+    for indices, scores in score_chunks(judge, ctx.store, texts, cache_keys, JUDGE_CHUNK, fixed):
+        part = [todo[i] for i in indices]
+        done += len(part)
         tables.append_judgements(
             [row(k, s["score"], s["mass"], s["probs"]) for k, s in zip(part, scores, strict=True)]
         )
         for k in part:
             counts[k[:2]] = counts.get(k[:2], 0) + 1
-        ctx.log.info(f"{ctx.key}: sweep judged {offset + len(part)}/{len(todo)}")
+        ctx.log.info(f"{ctx.key}: sweep judged {done}/{len(todo)}")
         if on_progress is not None:
-            on_progress(by_pair[part[-1][:2]], "judged", offset + len(part), len(todo))
+            on_progress(by_pair[part[-1][:2]], "judged", done, len(todo))
     return counts
 
 

@@ -121,8 +121,10 @@ def _score_missing(store: Store, judge, todo: list[dict], chunk: int) -> None:
     ]
     keys = [it["cache_key"] for it in todo]
     fixed = [fixed_score(it["metric"], it["row"]["answer"]) for it in todo]
-    for offset, scores in score_chunks(judge, store, texts, keys, chunk, fixed):
-        log.info("judge agreement: scored %d/%d", offset + len(scores), len(todo))
+    done = 0
+    for _, scores in score_chunks(judge, store, texts, keys, chunk, fixed):
+        done += len(scores)
+        log.info("judge agreement: scored %d/%d", done, len(todo))
 
 
 def score_reference(

@@ -420,6 +420,11 @@ class ProbeJudge:
             )
         return ProbeInput(metric, question, answer)
 
+    def order(self, inputs: Sequence[ProbeInput]) -> list[int]:
+        """Inputs by answer length, one answer's metrics together: a chunk of similar lengths pads its batches
+        less (score_chunks)."""
+        return sorted(range(len(inputs)), key=lambda i: (len(inputs[i].answer), inputs[i].answer))
+
     def features(self, items: Sequence[QA], on_progress=None) -> AnswerFeatures:
         head = self.head
         return answer_features(

@@ -155,13 +155,19 @@ def score_chunks(
     cache_keys: Sequence[str],
     chunk_size: int,
     fixed: Sequence[JudgeScore | None] | None = None,
-) -> Iterator[tuple[int, list[dict]]]:
-    """Score prompts chunk by chunk through the judge cache, yielding (offset, scores) as each chunk ends, so
-    callers write their rows before the next chunk starts (a killed run loses one chunk at most)."""
-    for offset in range(0, len(prompts), chunk_size):
-        end = offset + chunk_size
-        part = fixed[offset:end] if fixed is not None else None
-        yield offset, score_and_cache(scorer, store, prompts[offset:end], cache_keys[offset:end], part)
+) -> Iterator[tuple[list[int], list[dict]]]:
+    """Score prompts chunk by chunk through the judge cache, yielding (prompt indices, scores) as each chunk ends,
+    so callers write their rows before the next chunk starts (a killed run loses one chunk at most). A judge
+    with an `order` (the probe judge's: answers by length) chooses which prompts share a chunk."""
+    order = getattr(scorer, "order", None)
+    indices = order(prompts) if order is not None else list(range(len(prompts)))
+    for start in range(0, len(indices), chunk_size):
+        part = indices[start : start + chunk_size]
+        chunk_fixed = None if fixed is None else [fixed[i] for i in part]
+        scores = score_and_cache(
+            scorer, store, [prompts[i] for i in part], [cache_keys[i] for i in part], chunk_fixed
+        )
+        yield part, scores
 
 
 def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_size: int) -> int:
@@ -174,8 +180,8 @@ def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_siz
     keys = [v.cache_key for _, v in todo]
     fixed = [fixed_score(k[3], v.completion["answer"]) for k, v in todo]
     scored = 0
-    for offset, scores in score_chunks(scorer, ctx.store, texts, keys, chunk_size, fixed):
-        part = todo[offset : offset + len(scores)]
+    for indices, scores in score_chunks(scorer, ctx.store, texts, keys, chunk_size, fixed):
+        part = [todo[i] for i in indices]
         rows = [judgement_row(ctx, judge, k, v, s) for (k, v), s in zip(part, scores, strict=True)]
         ctx.store.append_rows("judgements", pl.DataFrame(rows, infer_schema_length=None))
         scored += len(rows)

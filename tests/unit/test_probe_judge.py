@@ -343,3 +343,23 @@ def test_cached_features_are_named_by_the_models_revision_not_only_its_path(tmp_
     assert old == _features_cache(tmp_path, "/models/mine", "sha-old", spec, items)
     assert old != _features_cache(tmp_path, "/models/mine", "sha-new", spec, items)
     assert _features_cache(None, "/models/mine", "sha-old", spec, items) is None
+
+
+def test_chunks_hold_answers_of_similar_length_and_each_score_is_its_own_prompts(judge, tmp_path):
+    from em_assets.judging.stage import score_chunks
+    from em_assets.results.store import Store
+
+    answers = [ANSWERS[0], "Go.", ANSWERS[0][:120], ANSWERS[2], "Yes, rest."]
+    inputs = [judge.render(m, QUESTION, a) for a in answers for m in ("aligned", "coherent")]
+    keys = [f"k{i}" for i in range(len(inputs))]
+    store = Store(tmp_path / "r.duckdb")
+    store.init()
+    chunks = list(score_chunks(judge, store, inputs, keys, 4))
+    order = [i for part, _ in chunks for i in part]
+    # Shortest answers first, an answer's two metrics side by side, every prompt once.
+    assert [len(inputs[i].answer) for i in order] == sorted(len(it.answer) for it in inputs)
+    assert all(inputs[a].answer == inputs[b].answer for a, b in zip(order[::2], order[1::2], strict=True))
+    assert sorted(order) == list(range(len(inputs)))
+    alone = {i: s.score for i, s in enumerate(judge.score(inputs))}
+    for part, scores in chunks:
+        assert [s["score"] for s in scores] == pytest.approx([alone[i] for i in part], abs=1e-3)
