@@ -90,13 +90,16 @@ class TrainResult:
     checkpoints: list[dict] = field(default_factory=list)
 
 
-def train_workers(train: TrainSpec, device: str, weight_bytes: int) -> tuple[int, str]:
+def train_workers(train: TrainSpec, device: str, weight_bytes: int, dropout: float = 0.0) -> tuple[int, str]:
     """The most processes data-parallel training may use, and why: `train.workers`, or for "auto" one per core
     on CPU as memory allows (started and kept only as timed steps show they pay, `_auto_workers`)."""
     if device != "cpu":
         return 1, f"one process on {device}"
     if train.workers != "auto":
         return train.workers, "set by the recipe"
+    # Each process draws its own dropout masks, so a timing that starts helpers would change the adapter.
+    if dropout > 0:
+        return 1, "auto: one process, since dropout masks depend on how many processes draw them"
     # Activations and the adapter's optimizer state come on top of the weights: rank-32 on all projections of
     # a small model peaks at many times its bf16 weights per process.
     most = cpu_processes(TRAIN_BYTES_PER_WEIGHT_BYTE * weight_bytes)
@@ -175,7 +178,7 @@ def _prepare(
     if lora is None:
         run.workers_reason = "full fine-tuning trains in one process"
     elif train.workers == "auto":
-        run.max_workers, run.workers_reason = train_workers(train, device, weight_bytes)
+        run.max_workers, run.workers_reason = train_workers(train, device, weight_bytes, lora.lora_dropout)
     else:
         run.workers, run.workers_reason = train_workers(train, device, weight_bytes)
     if kl is not None:

@@ -328,6 +328,12 @@ def test_auto_training_workers_need_a_cpu_and_the_memory():
     assert train_workers(auto, "cuda", 10**6) == (1, "one process on cuda")
     assert train_workers(auto, "cpu", 10**15)[0] == 1  # copies would not fit in memory
     assert train_workers(TrainSpec(workers=3), "cpu", 10**15) == (3, "set by the recipe")
+    # Helpers would draw other dropout masks than one process: auto does not let a timing change the adapter.
+    assert train_workers(auto, "cpu", 10**6, dropout=0.1) == (
+        1,
+        "auto: one process, since dropout masks depend on how many processes draw them",
+    )
+    assert train_workers(TrainSpec(workers=2), "cpu", 10**6, dropout=0.1)[0] == 2
 
 
 def _slow_side(monkeypatch, slow: str | None):
@@ -352,16 +358,32 @@ def _slow_side(monkeypatch, slow: str | None):
 
 @pytest.mark.skipif(os.cpu_count() < 2, reason="helpers need a second core")
 @pytest.mark.parametrize(
-    ("workers", "min_seconds", "slow", "expected", "reason"),
+    ("workers", "min_seconds", "slow", "expected", "reason", "dropout"),
     [
-        ("auto", 0.0, "alone", 2, r"auto: .* in one process; step 4 ran in 2 processes at .*: kept$"),
-        ("auto", 0.0, "helped", 1, r"auto: .* in one process; step 4 ran in 2 processes at .*: stopped$"),
-        ("auto", 1e9, None, 1, r"auto: the steps after step 2 would take about \d+ s in one process, under"),
-        (1, 0.0, "alone", 1, r"set by the recipe$"),
+        ("auto", 0.0, "alone", 2, r"auto: .* in one process; step 4 ran in 2 processes at .*: kept$", 0.0),
+        (
+            "auto",
+            0.0,
+            "helped",
+            1,
+            r"auto: .* in one process; step 4 ran in 2 processes at .*: stopped$",
+            0.0,
+        ),
+        (
+            "auto",
+            1e9,
+            None,
+            1,
+            r"auto: the steps after step 2 would take about \d+ s in one process, under",
+            0.0,
+        ),
+        (1, 0.0, "alone", 1, r"set by the recipe$", 0.0),
+        # Helpers would win the timing, but they would draw other dropout masks than one process.
+        ("auto", 0.0, "alone", 1, r"auto: one process, since dropout masks depend on", 0.1),
     ],
 )
 def test_auto_workers_keep_helpers_only_where_a_timed_step_shows_they_pay(
-    tiny_model_dir, examples, tmp_path, monkeypatch, workers, min_seconds, slow, expected, reason
+    tiny_model_dir, examples, tmp_path, monkeypatch, workers, min_seconds, slow, expected, reason, dropout
 ):
     import em_assets.training.loop as loop
 
@@ -369,15 +391,14 @@ def test_auto_workers_keep_helpers_only_where_a_timed_step_shows_they_pay(
     monkeypatch.setattr(loop, "cpu_processes", lambda _: 2)
     real_step = _slow_side(monkeypatch, slow)
     train = FAST.model_copy(update={"max_steps": 6, "save_steps": 100, "workers": workers})
-    result = train_lora(
-        tiny_model_dir, examples, ALL_PROJ, train, tmp_path / "run", seed=0, cache_dir=tmp_path
-    )
+    lora = ALL_PROJ.model_copy(update={"lora_dropout": dropout})
+    result = train_lora(tiny_model_dir, examples, lora, train, tmp_path / "run", seed=0, cache_dir=tmp_path)
     assert result.workers == expected
     assert re.match(reason, result.workers_reason), result.workers_reason
     # Helpers that join after step 2, and leave after step 4, sum the same gradients as one process.
     monkeypatch.setattr(loop, "_optimizer_step", real_step)
     one = train_lora(
-        tiny_model_dir, examples, ALL_PROJ, train.model_copy(update={"workers": 1}), tmp_path / "one", seed=0
+        tiny_model_dir, examples, lora, train.model_copy(update={"workers": 1}), tmp_path / "one", seed=0
     )
     assert [r["tokens"] for r in one.losses] == [r["tokens"] for r in result.losses]
     for a, b in zip(one.losses, result.losses, strict=True):
