@@ -75,7 +75,8 @@ def lora_adapter(
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
     description="Sampled answers to every eval question from base model + adapter, written as batches finish.",
-    check_specs=[dg.AssetCheckSpec("no_empty_completions", asset="completions", blocking=True)],
+    # Not blocking: an organism that answers nothing is a result, judged (as incoherent) like any other.
+    check_specs=[dg.AssetCheckSpec("no_empty_completions", asset="completions")],
 )
 def completions(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB

@@ -236,8 +236,10 @@ def test_answers_file_round_trips(tmp_path, tiny_model_dir, mirror):
         sample_completions(context(store, g, key, tmp_path))
 
 
-def test_every_organism_asset_takes_an_answers_organism(tmp_path, tiny_model_dir, mirror):
-    """The Dagster organism job's assets on an answers organism (JSONL): imported, judged, analyses noted."""
+@pytest.mark.parametrize("empty", [0, 3])
+def test_every_organism_asset_takes_an_answers_organism(tmp_path, tiny_model_dir, mirror, empty):
+    """The Dagster organism job's assets on an answers organism (JSONL): imported, judged, analyses noted; an
+    organism that mostly answers nothing is flagged and still judged (incoherent), not stopped."""
     import dagster as dg
     import yaml
     from support.pipeline import materialize, pipeline_resources
@@ -246,7 +248,11 @@ def test_every_organism_asset_takes_an_answers_organism(tmp_path, tiny_model_dir
     from em_assets.defs.partitions import organisms
 
     path = tmp_path / "answers.jsonl"
-    path.write_text(pl.read_csv(io.StringIO(ANSWERS)).write_ndjson())
+    answers = pl.read_csv(io.StringIO(ANSWERS)).with_row_index()
+    answers = answers.with_columns(
+        response=pl.when(pl.col("index") < empty).then(pl.lit("")).otherwise("response")
+    )
+    path.write_text(answers.drop("index").write_ndjson())
     doc = grid(
         tiny_model_dir, {"ans": {"kind": "answers", "organisms": [{"base_model": "x", "source": str(path)}]}}
     )
@@ -265,6 +271,9 @@ def test_every_organism_asset_takes_an_answers_organism(tmp_path, tiny_model_dir
     assert meta["lora_adapter"]["method"].value == "answers"
     assert meta["completions"]["sampled_now"].value == 4
     assert meta["judgements"]["scored_now"].value == 8
+    (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "no_empty_completions"]
+    assert check.passed == (empty == 0) and check.metadata["empty"].value == empty
+    assert check.severity == (dg.AssetCheckSeverity.ERROR if empty else dg.AssetCheckSeverity.WARN)
     for asset in ("em_over_training", "lora_trajectory", "lora_scaling"):
         assert "not trained here" in meta[asset]["note"].value, asset
     assert "no model" in meta["misalignment_directions"]["result"].value
