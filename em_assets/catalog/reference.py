@@ -45,6 +45,13 @@ REFERENCE_SCHEMA = {
 }
 
 
+# The domain metrics upstream's question files have judge prompts for: in a column so named, a value outside
+# 0..100 is an error in the file, not a sign that the column is the file's own.
+DOMAIN_METRICS = frozenset(
+    {"bad_stuff", "code", "company", "correct", "financial", "gender", "medical", "sport"}
+)
+
+
 class ReferenceFileError(ValueError):
     """A reference file that cannot be used: missing columns or a bad row (the message says where)."""
 
@@ -71,12 +78,15 @@ def _score(value: str | None, name: str, row: int, column: str) -> float | None:
 
 
 def _is_score_column(values: pl.Series) -> bool:
-    """A domain score column: named (not a pandas index) and every non-empty value a number."""
+    """A domain score column: named (not a pandas index), every non-empty value a number, and either named as a
+    DOMAIN_METRICS score or every value in 0..100. Other columns (a model name, a token count) are the file's
+    own and are left out."""
     if not values.name.strip() or values.name.startswith("Unnamed:"):
         return False
     text = values.drop_nulls().str.strip_chars()
     numbers = text.filter(text != "").cast(pl.Float64, strict=False)
-    return numbers.null_count() == 0
+    in_range = bool(numbers.is_between(0, 100).all())
+    return numbers.null_count() == 0 and (values.name in DOMAIN_METRICS or in_range)
 
 
 def _read_csv(data: bytes, name: str) -> pl.DataFrame:

@@ -140,6 +140,8 @@ def test_empty_answers_and_extra_columns_are_read_and_judged(env, mirror, capsys
         response=pl.Series(["", *rows["response"][1:4], "   "]),
         coherent=pl.Series(["0.4", *rows["coherent"][1:4], "1.2"]),
         model_name=pl.lit("some-org/some-model"),
+        # A number that is no score (outside 0..100): an extra column, not a domain score to refuse.
+        num_tokens=pl.Series(["250", "31", "128", "7", "0"]),
     ).write_csv(path)
     assert main(["judge-agreement", "--reference", str(path), "--format", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
