@@ -39,16 +39,20 @@ def cmd_sql(args: argparse.Namespace) -> int:
     if args.query:
         return _run(store, args.query, args)
     interactive = sys.stdin.isatty()
+    # Statements piped in from a script end with the worst status of any (2 refused, 1 rejected), so the script
+    # can tell; a person at the prompt has seen each error.
+    worst = 0
     while True:
         try:
             line = input("em-sql> " if interactive else "")
         except EOFError:
-            return 0
+            break
         if not line.strip():
             continue
         if line.strip().rstrip(";").lower() in {"quit", "exit", ".quit", ".exit"}:
-            return 0
-        _run(store, line, args)
+            break
+        worst = max(worst, _run(store, line, args))
+    return 0 if interactive else worst
 
 
 def _run(store, sql: str, args: argparse.Namespace) -> int:

@@ -163,7 +163,8 @@ def test_sql_shell_runs_statements_and_survives_errors(db, capsys, monkeypatch):
     monkeypatch.setattr(
         sys, "stdin", io.StringIO("SELECT 41 + 1 AS answer\nSELECT * FROM nope\nSELECT 'still here' AS s\n")
     )
-    assert main(["sql", "--db", str(db), "--format", "csv"]) == 0
+    # Piped in, the shell goes on past an error and ends with its status, for the script that piped it.
+    assert main(["sql", "--db", str(db), "--format", "csv"]) == 1
     out = capsys.readouterr()
     assert "answer\n42" in out.out and "still here" in out.out
     assert "nope" in out.err
@@ -317,7 +318,7 @@ def test_sql_command_refuses_writes_to_the_results_database(ws):
     one = _sql(ws.db, "DELETE FROM base_models")
     assert one.returncode == 2 and "read-only" in one.stderr
     shell = _sql(ws.db, stdin="\n".join([*WRITES, "SELECT 'still here' AS s"]) + "\n")
-    assert shell.returncode == 0 and "still here" in shell.stdout
+    assert shell.returncode == 2 and "still here" in shell.stdout
     errors = [line for line in shell.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == len(WRITES) and all("read-only" in e for e in errors), shell.stderr
     assert table_dump(ws.db) == before
