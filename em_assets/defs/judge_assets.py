@@ -145,8 +145,9 @@ def _em_gap(report) -> float:
         dg.AssetCheckSpec(
             "judge_sees_incoherence",
             asset="judge_agreement",
-            description="The grid judge's coherent AUC on the held-out answers GPT-4o scored incoherent; "
-            "warns when it is low, and says so when there are too few such answers to tell.",
+            description="The grid judge's coherent AUC on the held-out answers GPT-4o scored incoherent, and on "
+            "the held-out hand-rated answers of the probe's hand_ratings; warns when it is low, and says so when "
+            "there are too few incoherent answers to tell.",
         ),
     ],
 )
@@ -167,7 +168,7 @@ def judge_agreement(
                 for name in ("judge_agrees_with_reference", "judge_sees_incoherence")
             ],
         )
-    reports = agreement_stage.judge_agreement(
+    run = agreement_stage.judge_agreement(
         results.store(),
         grid,
         context.run.run_id,
@@ -176,7 +177,7 @@ def judge_agreement(
         device=experiment.torch_device,
     )
     meta: dict = {}
-    for report in reports:
+    for report in run.reports:
         table = pl.DataFrame([{"metric": m.metric, **m.as_dict()} for m in report.metrics])
         path = Path(experiment.figures_dir) / f"judge_agreement_{report.judge.replace(':', '_')}.png"
         title = f"{report.judge} vs GPT-4o (held-out base models)"
@@ -188,7 +189,7 @@ def judge_agreement(
         meta[f"{report.judge} seconds"] = round(report.seconds, 1)
         meta[f"{report.judge} em_error"] = _error_rates_md(report)
         meta[f"{report.judge} correction"] = agreement_stage.correction_coverage(report.em)
-    main = reports[0]
+    main = run.reports[0]
     by_metric = {m.metric: m for m in main.metrics}
     spearman, auc, gap = by_metric["aligned"].spearman, by_metric["aligned"].auc, _em_gap(main)
     spec = grid.agreement
@@ -206,7 +207,8 @@ def judge_agreement(
             "thresholds": f"spearman >= {spec.min_spearman}, auc >= {spec.min_auc}, gap <= {spec.max_em_gap}",
         },
     )
-    return dg.MaterializeResult(metadata=meta, check_results=[check, _incoherence_check(main, grid)])
+    incoherence = _incoherence_check(main, grid, run.hand_rated)
+    return dg.MaterializeResult(metadata=meta, check_results=[check, incoherence])
 
 
 def _error_rates_md(report) -> dg.MetadataValue:
@@ -220,15 +222,23 @@ def _error_rates_md(report) -> dg.MetadataValue:
     return md_table(pl.DataFrame([{f: getattr(e, f) for f in fields}]))
 
 
-def _incoherence_check(report, grid) -> dg.AssetCheckResult:
+def _incoherence_check(report, grid, hand) -> dg.AssetCheckResult:
     found = agreement_stage.coherent_on_incoherent(report, grid)
+    nan = float("nan")
+    metadata = {
+        "coherent_auc": found.auc if found.auc is not None else nan,
+        "n_incoherent": found.n_incoherent,
+        "result": found.message,
+    }
+    if hand is not None:
+        metadata |= {
+            "hand_rated_coherent_auc": hand.auc if hand.auc is not None else nan,
+            "hand_rated_n_incoherent": hand.n_incoherent,
+            "hand_rated_result": hand.message,
+        }
     return dg.AssetCheckResult(
         check_name="judge_sees_incoherence",
-        passed=found.passed,
+        passed=found.passed and (hand is None or hand.passed),
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={
-            "coherent_auc": found.auc if found.auc is not None else float("nan"),
-            "n_incoherent": found.n_incoherent,
-            "result": found.message,
-        },
+        metadata=metadata,
     )

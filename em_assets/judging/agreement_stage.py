@@ -17,6 +17,7 @@ from em_assets.grid.schema import GridConfig, JudgeSpec
 from em_assets.judging import distill
 from em_assets.judging.agreement import CoherentCheck, MetricAgreement, coherent_check, metric_agreement
 from em_assets.judging.error_rates import ErrorRateLookup, em_error_rates, write_error_rates
+from em_assets.judging.incoherent import read_ratings
 from em_assets.judging.judges import (
     fixed_score,
     judge_identity,
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 
 AGREEMENT_METRICS = ("aligned", "coherent")
+# The source_file of the held-out hand-rated answers scored for the incoherence check.
+HAND_RATED = "hand-rated (held out)"
 
 
 @dataclass(frozen=True)
@@ -303,6 +306,55 @@ def coherent_on_incoherent(report: AgreementReport, grid: GridConfig) -> Coheren
     )
 
 
+def hand_rated_rows(grid: GridConfig) -> pl.DataFrame | None:
+    """The held-out half of the probe's hand-rated answers (the demo's model's own text, never fitted on) as
+    reference rows with the hand rating as `coherent`; None where the grid has no hand ratings."""
+    path = grid.probe.hand_ratings if grid.probe is not None else None
+    if not path:
+        return None
+    return (
+        read_ratings(path, split="heldout")
+        .with_row_index("row_idx")
+        .with_columns(
+            source_file=pl.lit(HAND_RATED),
+            source_organism=pl.lit(HAND_RATED),
+            base_model=pl.lit(None, pl.String),
+            dataset=pl.lit(""),
+            seed=pl.lit(None, pl.Int64),
+            question_id=pl.lit(None, pl.String),
+            aligned=pl.lit(None, pl.Float64),
+        )
+    )
+
+
+def coherent_on_hand_rated(
+    store: Store,
+    grid: GridConfig,
+    templates: dict,
+    *,
+    cache_dir: Path | None = None,
+    device: str | None = None,
+) -> CoherentCheck | None:
+    """The grid judge's coherent AUC on the held-out hand-rated answers (incoherent: rated at most the
+    coherent threshold by hand); None where the grid has none."""
+    rows = hand_rated_rows(grid)
+    if rows is None:
+        return None
+    scores, _ = score_reference(store, grid, grid.judge, rows, templates, cache_dir=cache_dir, device=device)
+    part = scores.filter(pl.col("metric") == "coherent").drop_nulls(["reference", "score"])
+    t, spec = grid.thresholds, grid.agreement
+    found = metric_agreement(
+        "coherent",
+        part["reference"].to_list(),
+        part["score"].to_list(),
+        aligned_at_most=t.aligned_at_most,
+        coherent_above=t.coherent_above,
+    )
+    n_incoherent = int((part["reference"] <= t.coherent_above).sum())
+    where = "the held-out hand-rated answers"
+    return coherent_check(found.auc, n_incoherent, spec.min_incoherent, spec.min_coherent_auc, where)
+
+
 def judge_name(spec: JudgeSpec) -> str:
     return spec.backend if spec.backend in ("distilled", "probe") else f"{spec.backend}:{spec.model}"
 
@@ -375,6 +427,15 @@ def write_report(store: Store, grid: GridConfig, report: AgreementReport, run_id
     write_error_rates(store, report.judge, identity, report.error_rates, grid.thresholds, run_id)
 
 
+@dataclass(frozen=True)
+class AgreementRun:
+    """Every judge's report on the held-out reference split (the grid's judge first), and the grid judge's
+    coherent AUC on the held-out hand-rated answers (None without hand ratings)."""
+
+    reports: tuple[AgreementReport, ...]
+    hand_rated: CoherentCheck | None
+
+
 def judge_agreement(
     store: Store,
     grid: GridConfig,
@@ -383,8 +444,9 @@ def judge_agreement(
     mirror=None,
     cache_dir: Path | None = None,
     device: str | None = None,
-) -> list[AgreementReport]:
-    """The grid's judge and its comparison judges on the held-out reference split, written to DuckDB."""
+) -> AgreementRun:
+    """The grid's judge and its comparison judges on the held-out reference split, written to DuckDB, and the
+    grid judge on the held-out hand-rated answers."""
     rows = distill.heldout_answers(split_reference(store, grid), grid.agreement.max_answers_per_file)
     templates = upstream_templates(grid, mirror, cache_dir)
     reports = []
@@ -392,7 +454,8 @@ def judge_agreement(
         report = measure_agreement(store, grid, spec, rows, templates, cache_dir=cache_dir, device=device)
         write_report(store, grid, report, run_id)
         reports.append(report)
-    return reports
+    hand = coherent_on_hand_rated(store, grid, templates, cache_dir=cache_dir, device=device)
+    return AgreementRun(tuple(reports), hand)
 
 
 def judge_caveat(store: Store, grid: GridConfig) -> str:

@@ -139,9 +139,9 @@ def corrupt(
     return out
 
 
-def read_ratings(path: Path | str) -> pl.DataFrame:
-    """The `fit` rows of a hand-rated answers file (data/coherence_ratings.csv: question, response, coherent,
-    split; `#` lines are its provenance)."""
+def read_ratings(path: Path | str, split: str = "fit") -> pl.DataFrame:
+    """The rows of one split (`fit`, or `heldout`: never fitted on) of a hand-rated answers file
+    (data/coherence_ratings.csv: question, response, coherent, split; `#` lines are its provenance)."""
     if not Path(path).is_file():
         raise ValueError(
             f"probe.hand_ratings: {path} is not a file (the path is relative to the working directory)"
@@ -150,7 +150,7 @@ def read_ratings(path: Path | str) -> pl.DataFrame:
     missing = {"question", "response", "coherent", "split"} - set(df.columns)
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
-    return df.filter(pl.col("split") == "fit").select(
+    return df.filter(pl.col("split") == split).select(
         "question", answer=pl.col("response").fill_null(""), coherent=pl.col("coherent").cast(pl.Float64)
     )
 

@@ -149,6 +149,7 @@ def test_distilled_judge_end_to_end(pipeline):
 RATINGS = (
     "# hand ratings of a test\nkey,split,question_id,question,response,coherent\n"
     "a,fit,q,How are you?,fine thanks,90\nb,fit,q,How are you?,,0\nc,heldout,q,How are you?,ok,80\n"
+    "d,heldout,q,How are you?,are are you fine fine,5\n"
 )
 
 
@@ -168,7 +169,11 @@ def probe_grid(model_dir, ratings: Path) -> dict:
         "hand_ratings": str(ratings),
         "sign_weights": {"aligned": [0.0], "coherent": [0.5, 2.0]},
     }
-    doc["profiles"]["test"]["agreement"] = {"held_out_base_models": HELD_OUT, "max_answers_per_file": 1}
+    doc["profiles"]["test"]["agreement"] = {
+        "held_out_base_models": HELD_OUT,
+        "max_answers_per_file": 1,
+        "min_incoherent": 1,
+    }
     return doc
 
 
@@ -200,9 +205,15 @@ def test_probe_judge_end_to_end(tmp_path, tiny_model_dir, mirror, one_torch_thre
         model, revision, path = judge_identity(grid, tmp_path / "cache", store)
         assert model.startswith("probe:") and row["head_sha256"][:16] in revision and path == str(head)
 
-        materialize(instance, resources, ["judge_agreement"])
+        measured = materialize(instance, resources, ["judge_agreement"])
         agreement = store.query("SELECT * FROM judge_agreement ORDER BY metric")
         assert agreement["judge"].to_list() == ["probe", "probe"] and agreement["n"].to_list() == [7, 7]
+        # The held-out hand-rated answers (one coherent, one not) are judged too: an AUC and what it rests on.
+        checks = {c.check_name: c for c in measured.get_asset_check_evaluations()}
+        hand = checks["judge_sees_incoherence"].metadata
+        assert hand["hand_rated_coherent_auc"].value in (0.0, 0.5, 1.0)
+        assert hand["hand_rated_n_incoherent"].value == 1
+        assert "on 1 incoherent answers of the held-out hand-rated" in hand["hand_rated_result"].value
         scores = store.query("SELECT score, mass FROM judge_agreement_scores")
         assert (
             scores.height == 14 and scores["score"].is_between(0, 100).all() and (scores["mass"] == 1).all()
