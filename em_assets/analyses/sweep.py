@@ -354,11 +354,18 @@ def _sample_point(ctx, tables, base, point, shash, todo, on_progress) -> int:
     requests, by_key = _requests(ctx, todo)
     device = ctx.device or pick_device()
     loader = functools.partial(load_sweep_model, base, point.adapter_path, point.edits, device)
-    chunks, workers = sample_chunks(
-        ctx.grid.sampling, requests, device=device, base=base, adapter_path=point.adapter_path, loader=loader
+    chunks, choice = sample_chunks(
+        ctx.grid.sampling,
+        requests,
+        device=device,
+        base=base,
+        adapter_path=point.adapter_path,
+        loader=loader,
+        cache_dir=ctx.cache_dir,
     )
     ctx.log.info(
-        f"{ctx.key}: {point.sweep} {point.setting}: sampling {len(requests)} answers ({workers} proc)"
+        f"{ctx.key}: {point.sweep} {point.setting}: sampling {len(requests)} answers in {choice.workers} "
+        f"process(es), batch {choice.batch_size} ({choice.why})"
     )
     done = 0
     for chunk in chunks:

@@ -7,6 +7,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -141,12 +142,13 @@ def sample_chunks(
     adapter_path: str | None,
     loader: Callable[[], tuple[Any, Any]],
     on_progress: Callable[[int, int], None] | None = None,
-    choice: SamplingChoice | None = None,
-) -> tuple[Iterator[list], int]:
-    """Result chunks for `requests` on the grid's backend, and the number of sampling processes.
+    cache_dir: Path | None = None,
+) -> tuple[Iterator[list], SamplingChoice]:
+    """Result chunks for `requests` on the grid's backend, and how many processes at what batch size sample.
 
     `loader` (picklable, no arguments) builds the model on `device` for the Hugging Face backend; vLLM loads
-    the base model path and the adapter directory itself. Workers and batch size are `choice`'s, else chosen.
+    the base model path and the adapter directory itself. Workers and batch size are chosen (choose_sampling,
+    its calibration cached under `cache_dir`).
     """
     # Function-local: torch and vLLM stay off the definitions' load path.
     from em_assets.sampling.engine import iter_samples
@@ -162,16 +164,18 @@ def sample_chunks(
     if sampling.backend == "vllm":
         from em_assets.sampling import vllm_backend
 
-        return vllm_backend.iter_samples(
+        chunks = vllm_backend.iter_samples(
             base["path"], adapter_path, requests, **options, vllm=sampling.vllm
-        ), 1
-    choice = choice or choose_sampling(sampling, len(requests), device=device, base=base, loader=loader)
+        )
+        return chunks, SamplingChoice(1, sampling.batch_size, "vllm backend")
+    choice = choose_sampling(
+        sampling, len(requests), device=device, base=base, loader=loader, cache_dir=cache_dir
+    )
     options["batch_size"] = choice.batch_size
-    workers = choice.workers
-    if workers > 1:
-        return iter_samples_in_workers(loader, requests, workers=workers, **options), workers
+    if choice.workers > 1:
+        return iter_samples_in_workers(loader, requests, workers=choice.workers, **options), choice
     model, tokenizer = loader()
-    return iter_samples(model, tokenizer, requests, **options), 1
+    return iter_samples(model, tokenizer, requests, **options), choice
 
 
 def organism_chunks(
@@ -185,21 +189,15 @@ def organism_chunks(
             ctx.log.info(f"{ctx.key}: sampled {done}/{total}")
 
     device = ctx.device or pick_device()
-    sampling, loader = ctx.grid.sampling, functools.partial(load_organism_model, base, adapter, device)
-    choice = SamplingChoice(1, sampling.batch_size, "vllm backend")
-    if sampling.backend == "hf":
-        choice = choose_sampling(
-            sampling, len(requests), device=device, base=base, loader=loader, cache_dir=ctx.cache_dir
-        )
-    chunks, _ = sample_chunks(
-        sampling,
+    chunks, choice = sample_chunks(
+        ctx.grid.sampling,
         requests,
         device=device,
         base=base,
         adapter_path=adapter.get("adapter_path"),
-        loader=loader,
+        loader=functools.partial(load_organism_model, base, adapter, device),
         on_progress=progress,
-        choice=choice,
+        cache_dir=ctx.cache_dir,
     )
     ctx.log.info(
         f"{ctx.key}: sampling in {choice.workers} process(es), batch {choice.batch_size} ({choice.why})"

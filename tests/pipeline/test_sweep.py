@@ -175,3 +175,22 @@ def test_bad_points_are_refused():
         SweepPoint("test", "x", None, None, samples_per_question=0)
     with pytest.raises(ValueError, match="together"):
         SweepPoint("test", "x", "/some/adapter", None)
+
+
+def test_a_sweep_point_settles_its_sampling_with_the_stages_calibration_cache(
+    ws, monkeypatch, one_torch_thread
+):
+    import em_assets.sampling.stage as sampling_stage
+
+    asked: list = []
+    real = sampling_stage.choose_sampling
+
+    def choose(*args, **kwargs):
+        asked.append(kwargs.get("cache_dir"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sampling_stage, "choose_sampling", choose)
+    ctx = stage_context(ws, "one")
+    (result,) = run_sweep(ctx, points(ws["adapter_path"], ws["adapter_sha256"])[:1])
+    # The organism's own sampling caches its calibration under the stage's cache dir; so does a sweep's.
+    assert result.sampled == 4 and asked == [ctx.cache_dir]
