@@ -18,8 +18,12 @@ from em_assets.analyses.lora import lora_factors, write_scaled_adapter
 from em_assets.analyses.trajectory import cosine, local_cosines, module_trajectory, pca_2d
 from em_assets.defs.partitions import organisms
 from em_assets.defs.persona_assets import PERSONA_TABLES
+from em_assets.grid.load import load_grid
 from em_assets.grid.schema import LoraSpec, TrainSpec
+from em_assets.judging.error_rates import write_error_rates
+from em_assets.judging.judges import judge_identity
 from em_assets.results.store import Store
+from em_assets.stats.correction import CORRECTION_COLUMNS, ErrorRates
 from em_assets.training.checkpoints import KEPT_DIR
 from em_assets.training.loop import train_lora
 
@@ -223,6 +227,20 @@ def test_dynamics_assets_write_their_tables_and_figures(pipeline, one_torch_thre
     assert (
         again["em_over_training"]["sampled_now"].value == 0 and again["lora_scaling"]["judged_now"].value == 0
     )
+    # Once the judge's error rates are measured, the stored sweep rows carry the corrected rates.
+    grid = load_grid(tmp_path / "grid.yaml", "test")
+    identity = judge_identity(grid, tmp_path / "cache", store)
+    write_error_rates(store, "tiny", identity, ErrorRates.from_counts(9, 10, 40, 50), grid.thresholds, "x")
+    _run(instance, resources, ["em_over_training", "lora_scaling"], key)
+    for name in ("em_over_training", "lora_scaling"):
+        rows = store.query(f"SELECT {', '.join(CORRECTION_COLUMNS)} FROM {name} WHERE organism = ?", [key])
+        assert set(rows["judge_sensitivity"]) == {0.9} and set(rows["judge_specificity"]) == {0.8}, name
+        assert (
+            rows.select("em_rate_corrected", "em_corrected_lo", "em_corrected_hi")
+            .null_count()
+            .sum_horizontal()[0]
+            == 0
+        )
 
     control = _run(instance, resources, ["lora_adapter", *DYNAMICS], "tiny--base--s0")
     for name in DYNAMICS:
