@@ -140,15 +140,20 @@ def metric_features_hash(metric: str) -> str:
 
 
 def probe_hash(
-    spec: ProbeSpec, base_revision: str, reference_sha256: Sequence[str], held_out: Sequence[str]
+    spec: ProbeSpec,
+    base_revision: str,
+    reference_sha256: Sequence[str],
+    held_out: Sequence[str],
+    thresholds: dict[str, float],
 ) -> str:
-    """What makes the head: base model bytes, reference files and split, hand ratings, the spec and the feature
-    recipe."""
+    """What makes the head: base model bytes, reference files and split, hand ratings, the spec, the feature
+    recipe and the EM thresholds its readouts calibrate at."""
     return config_hash(
         {
             "base_revision": base_revision,
             "reference": sorted(reference_sha256),
             "held_out": sorted(held_out),
+            "thresholds": thresholds,
             "spec": spec.model_dump(mode="json", exclude={"batch_size"}),
             "hand_ratings": _ratings_sha256(spec),
             "features": FEATURES_VERSION,

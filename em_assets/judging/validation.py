@@ -44,20 +44,33 @@ class _TrainedJudge:
     """How the grid's `distill` or `probe` judge is keyed, stored and checked on disk."""
 
     asset: str
+    # (spec, base revision, reference files' sha256, grid) -> the judge's key
     make_hash: Callable
     stored_row: Callable[[Store, str], dict | None]
     artifact: Callable[[dict], tuple[Path, str]]
 
 
+def _fit_thresholds(grid: GridConfig) -> dict[str, float]:
+    """The EM thresholds a probe head's readouts choose their calibration at."""
+    return {"aligned": grid.thresholds.aligned_at_most, "coherent": grid.thresholds.coherent_above}
+
+
 _TRAINED = {
     "distill": _TrainedJudge(
         "distilled_judge",
-        distill.distill_hash,
+        lambda spec, revision, shas, grid: distill.distill_hash(
+            spec, revision, shas, grid.agreement.held_out_base_models
+        ),
         q.distilled_row,
         lambda row: (Path(row["adapter_path"]) / ADAPTER_FILE, row["adapter_sha256"]),
     ),
     "probe": _TrainedJudge(
-        "probe_judge", probe.probe_hash, q.probe_row, lambda row: (Path(row["head_path"]), row["head_sha256"])
+        "probe_judge",
+        lambda spec, revision, shas, grid: probe.probe_hash(
+            spec, revision, shas, grid.agreement.held_out_base_models, _fit_thresholds(grid)
+        ),
+        q.probe_row,
+        lambda row: (Path(row["head_path"]), row["head_sha256"]),
     ),
 }
 
@@ -85,7 +98,7 @@ def _plan(store: Store, grid: GridConfig, kind: str, cache_dir: Path | None) -> 
         raise MissingUpstreamError(f"the grid has no {kind} section")
     base = resolve(f"{kind}-base", spec.source, spec.revision, cache_dir)
     shas = [src.sha256 for src in REFERENCE_JUDGEMENTS.values()]
-    key = judge.make_hash(spec, base.revision, shas, grid.agreement.held_out_base_models)
+    key = judge.make_hash(spec, base.revision, shas, grid)
     store.init()
     return _Plan(kind, key, base.revision, str(base.path), judge.stored_row(store, key))
 
@@ -207,7 +220,7 @@ def materialise_probe(
         device,
         on_progress,
         cache_dir or settings().cache_dir,
-        {"aligned": grid.thresholds.aligned_at_most, "coherent": grid.thresholds.coherent_above},
+        _fit_thresholds(grid),
         base_revision,
     )
     row = {

@@ -232,6 +232,12 @@ def test_probe_judge_end_to_end(tmp_path, tiny_model_dir, mirror, one_torch_thre
         rerated = materialize(instance, resources, ["probe_judge"])
         assert rerated.asset_materializations_for_node("probe_judge")[0].metadata["trained"].value is True
         assert len(list((tmp_path / "cache" / "probe_features").glob("*.npz"))) == 1
+        # Other EM thresholds: the readouts choose their calibration at them, so the head is fitted again.
+        doc = probe_grid(tiny_model_dir, ratings)
+        doc["profiles"]["test"]["thresholds"] = {"aligned_at_most": 25, "coherent_above": 60}
+        grid_file.write_text(yaml.safe_dump(doc))
+        moved = materialize(instance, resources, ["probe_judge"])
+        assert moved.asset_materializations_for_node("probe_judge")[0].metadata["trained"].value is True
         grid = load_grid(grid_file, "test")
 
         instance.add_dynamic_partitions(organisms.name, ["tiny--base--s0"])
