@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from em_assets.models.machine import describe_machine, machine_key, machine_line
+from em_assets.models.processes import usable_cpus
 from em_assets.settings import PACKED_LINEARS_ENV, set_openmp_wait
 
 SMOLLM2 = ("smollm2-135m", "embedded:smollm2-135m-instruct")
@@ -160,7 +161,7 @@ def stage_llamacpp(args: argparse.Namespace) -> dict:
     llm = Llama(
         model_path=str(embedded_gguf(next(iter(EMBEDDED)))),
         n_ctx=1024,
-        n_threads=os.cpu_count(),
+        n_threads=usable_cpus(),
         verbose=False,
     )
     questions, _ = _questions()
@@ -172,6 +173,9 @@ def stage_llamacpp(args: argparse.Namespace) -> dict:
             temperature=1.0,
             top_p=1.0,
             top_k=0,
+            # llama-cpp-python truncates at min_p 0.05 unless told not to; the other rows sample the full
+            # distribution.
+            min_p=0.0,
         )
         tokens += out["usage"]["completion_tokens"]
     seconds = time.perf_counter() - start
@@ -329,8 +333,13 @@ def stage_training(args: argparse.Namespace) -> dict:
     train = recipe.train.model_copy(update=update)
     path = resolve(*SMOLLM2).path
     start = time.perf_counter()
+    # A cache of its own: `auto` times its trial in every run, as the sampling default calibrates afresh,
+    # rather than following a verdict an earlier run left in the project's cache.
     with tempfile.TemporaryDirectory() as tmp:
-        result = train_lora(path, examples, recipe.lora, train, Path(tmp), seed=0, device="cpu")
+        out = Path(tmp)
+        result = train_lora(
+            path, examples, recipe.lora, train, out, seed=0, device="cpu", cache_dir=out / "cache"
+        )
     wall = time.perf_counter() - start
     return {
         "recipe": args.recipe,
@@ -424,7 +433,6 @@ def run_all(quick: bool, peer_env: dict | None = None) -> dict:
     import importlib.util
 
     from em_assets.models.hub import resolve
-    from em_assets.models.processes import usable_cpus
 
     model_path = resolve(*SMOLLM2).path  # convert once, outside the timed children
     n = 128 if quick else 512
@@ -602,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage:
         import torch
 
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(usable_cpus())
         out = STAGES[args.stage](args)
         print(json.dumps({**out, "peak_rss_mb": _peak_rss_mb()}))
         return 0

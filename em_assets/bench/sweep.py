@@ -61,8 +61,10 @@ def one_batch(base: dict, adapters: list[str], questions: Sequence[str], max_new
 
 def sweep_timings(base: dict, adapters: list[str], questions: Sequence[str], max_new_tokens: int) -> dict:
     """Both ways timed twice in the order A B B A (the machine's drift falls on both alike), model loads
-    included as a sweep pays them; their means and the speedup of one batch."""
+    included as a sweep pays them, after an untimed run of one batch (the process's first bf16 passes and
+    weight packing would fall on the first timed run); their means and the speedup of one batch."""
     runs = {"point_by_point": point_by_point, "one_batch": one_batch}
+    one_batch(base, adapters, questions, max_new_tokens)
     seconds: dict[str, list[float]] = {name: [] for name in runs}
     tokens: dict[str, int] = {}
     for name in ("point_by_point", "one_batch", "one_batch", "point_by_point"):

@@ -279,3 +279,24 @@ def test_training_auto_is_timed_beside_the_fixed_process_counts(children):
     assert summary["train_bad-medical-r1_auto_vs_best_fixed"] == pytest.approx(0.95)
     assert summary["train_insecure-r32_auto_vs_best_fixed"] is None
     assert run._workers("auto") == "auto" and run._workers("2") == 2
+
+
+def test_a_sampling_row_names_the_batch_it_really_ran(tiny_model_dir):
+    from em_assets.bench.sampling import benchmark_sampling
+    from em_assets.models.load import load_model, load_tokenizer
+
+    model, tokenizer = load_model(tiny_model_dir, device="cpu"), load_tokenizer(tiny_model_dir)
+    row = benchmark_sampling(model, tokenizer, ["Why?", "How?", "What?"], 2, 256)
+    # Three requests fill three slots, whatever the batch asked for: the calibration names its candidate so.
+    assert (row["requests"], row["batch_size"], row["workers"]) == (3, 3, 1)
+
+
+def test_the_sweep_timings_warm_up_before_the_timed_runs(monkeypatch):
+    from em_assets.bench import sweep
+
+    calls: list[str] = []
+    monkeypatch.setattr(sweep, "point_by_point", lambda *a: calls.append("point_by_point") or 8)
+    monkeypatch.setattr(sweep, "one_batch", lambda *a: calls.append("one_batch") or 8)
+    sweep.sweep_timings({}, ["a", "b"], ["Why?"], 4)
+    # The process's first bf16 passes fall on an untimed run, not on the first timed one.
+    assert calls == ["one_batch", "point_by_point", "one_batch", "one_batch", "point_by_point"]
