@@ -11,6 +11,7 @@ import polars as pl
 
 from em_assets.catalog.reference import parse_reference_csv, with_split
 from em_assets.catalog.upstream import REFERENCE_JUDGEMENTS, fetch_bytes
+from em_assets.grid.load import GridError
 from em_assets.grid.schema import GridConfig
 from em_assets.judging import distill, probe
 from em_assets.results import judge_queries as q
@@ -140,7 +141,15 @@ def split_reference(store: Store, grid: GridConfig) -> pl.DataFrame:
     reference = q.reference_frame(store)
     if reference.height == 0:
         raise MissingUpstreamError("no reference judgements; materialise reference_judgements first")
-    return with_split(reference, grid.agreement.held_out_base_models)
+    held_out, known = grid.agreement.held_out_base_models, set(reference["base_model"])
+    # A misspelt name holds nothing out: the model it meant would be fitted on and then called unseen.
+    unknown = [m for m in held_out if m not in known]
+    if unknown:
+        raise GridError(
+            f"agreement.held_out_base_models: {unknown[0]!r} is the base model of no reference file; "
+            f"they are {', '.join(sorted(known))}"
+        )
+    return with_split(reference, held_out)
 
 
 def materialise_distilled(

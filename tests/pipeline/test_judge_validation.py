@@ -14,7 +14,7 @@ from support.tiny import tiny_grid
 from em_assets.catalog.reference import ReferenceFileError, parse_reference_csv, source_of
 from em_assets.catalog.upstream import REFERENCE_JUDGEMENTS
 from em_assets.defs.partitions import organisms
-from em_assets.grid.load import load_grid
+from em_assets.grid.load import GridError, load_grid
 from em_assets.judging import distill, probe
 from em_assets.judging.agreement_stage import judge_caveat
 from em_assets.judging.error_rates import em_error_rates
@@ -282,10 +282,17 @@ def test_the_split_follows_the_grids_held_out_list_as_it_reads_now(tmp_path, tin
     store.init()
     q.write_reference(store, with_split(frame, HELD_OUT).with_columns(loaded_at=utc_now()))
     doc = validation_grid(tiny_model_dir)
-    doc["profiles"]["test"]["agreement"]["held_out_base_models"] = [*HELD_OUT, "Qwen2.5-7B-Instruct"]
-    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(doc))
-    split = split_reference(store, load_grid(tmp_path / "grid.yaml", "test"))
+
+    def read_with(held_out: list[str]):
+        doc["profiles"]["test"]["agreement"]["held_out_base_models"] = held_out
+        (tmp_path / "grid.yaml").write_text(yaml.safe_dump(doc))
+        return split_reference(store, load_grid(tmp_path / "grid.yaml", "test"))
+
+    split = read_with(["Qwen2.5-7B-Instruct"])
     assert split.height == frame.height and set(split["split"]) == {"heldout"}
+    # A name that matches no file (a typo, another spelling) would hold nothing out: refused, naming it.
+    with pytest.raises(GridError, match=r"'qwen2.5-7b-instruct' is the base model of no reference file"):
+        read_with(["qwen2.5-7b-instruct"])
 
 
 def test_source_organism_from_the_file_name():
