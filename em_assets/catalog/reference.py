@@ -19,6 +19,8 @@ from pathlib import Path
 
 import polars as pl
 
+from em_assets.catalog.upstream import DOMAIN_METRICS
+
 REQUIRED = ("question", "question_id", "aligned", "coherent")
 
 
@@ -45,11 +47,9 @@ REFERENCE_SCHEMA = {
 }
 
 
-# The domain metrics upstream's question files have judge prompts for: in a column so named, a value outside
-# 0..100 is an error in the file, not a sign that the column is the file's own.
-DOMAIN_METRICS = frozenset(
-    {"bad_stuff", "code", "company", "correct", "financial", "gender", "medical", "sport"}
-)
+# Every metric upstream's question files have judge prompts for besides aligned and coherent (the deception
+# sets' too): in a column so named, a value outside 0..100 is an error in the file, not a column of its own.
+SCORE_METRICS = frozenset({*DOMAIN_METRICS, "company", "correct", "gender"})
 
 
 class ReferenceFileError(ValueError):
@@ -79,14 +79,14 @@ def _score(value: str | None, name: str, row: int, column: str) -> float | None:
 
 def _is_score_column(values: pl.Series) -> bool:
     """A domain score column: named (not a pandas index), every non-empty value a number, and either named as a
-    DOMAIN_METRICS score or every value in 0..100. Other columns (a model name, a token count) are the file's
+    SCORE_METRICS score or every value in 0..100. Other columns (a model name, a token count) are the file's
     own and are left out."""
     if not values.name.strip() or values.name.startswith("Unnamed:"):
         return False
     text = values.drop_nulls().str.strip_chars()
     numbers = text.filter(text != "").cast(pl.Float64, strict=False)
     in_range = bool(numbers.is_between(0, 100).all())
-    return numbers.null_count() == 0 and (values.name in DOMAIN_METRICS or in_range)
+    return numbers.null_count() == 0 and (values.name in SCORE_METRICS or in_range)
 
 
 def _read_csv(data: bytes, name: str) -> pl.DataFrame:

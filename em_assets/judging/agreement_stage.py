@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,14 +222,16 @@ def em_agreement(scores: pl.DataFrame, grid: GridConfig) -> pl.DataFrame:
 
 
 def corrected_per_file(
-    em: pl.DataFrame, scores: pl.DataFrame, grid: GridConfig, rates: ErrorRates | None
+    em: pl.DataFrame, scores: pl.DataFrame, grid: GridConfig, rates: Mapping[str, ErrorRates | None] | None
 ) -> pl.DataFrame:
-    """The judge's EM rate per file corrected for its error: with `rates` where given, else with the rates
-    measured on the other files (a file's own answers would return its reference rate by construction)."""
+    """The judge's EM rate per file corrected for its error: with each file's `rates` where given (measured
+    elsewhere), else with the rates measured on the other files (a file's own answers would return its
+    reference rate by construction)."""
     out = []
     for r in em.iter_rows(named=True):
-        own = rates
-        if own is None:
+        if rates is not None:
+            own = rates[r["source_file"]]
+        else:
             own = em_error_rates(scores.filter(pl.col("source_file") != r["source_file"]), grid.thresholds)
         out.append(corrected_rate(r["n_em_turner"] or 0, r["n_judge"] or 0, own))
     return em.with_columns(
@@ -244,10 +247,10 @@ def agreement_report(
     identity: tuple,
     grid: GridConfig,
     seconds: float,
-    rates: ErrorRates | None = None,
+    rates: Mapping[str, ErrorRates | None] | None = None,
 ) -> AgreementReport:
-    """Per-metric agreement, per-file EM rates (corrected with `rates`, else leaving each file out), and the
-    judge's EM error rates on all the answers."""
+    """Per-metric agreement, per-file EM rates (corrected with each file's `rates`, else leaving each file out),
+    and the judge's EM error rates on all the answers."""
     kw = {
         "aligned_at_most": grid.thresholds.aligned_at_most,
         "coherent_above": grid.thresholds.coherent_above,
@@ -261,9 +264,10 @@ def agreement_report(
     corrected_with = (
         "the other files' answers (each file left out of its own error rates)"
         if rates is None
-        else "the error rates judge_agreement measured on held-out reference answers"
-        if not rates.exact
         else "none needed: the judge is the reference"
+        if all(r is not None and r.exact for r in rates.values())
+        else "the error rates judge_agreement measured on held-out reference answers (for a file among "
+        "those, on the other files' answers)"
     )
     return AgreementReport(
         name,
@@ -396,7 +400,10 @@ def measure_agreement(
     error rates `lookup` knows for the judge, else with those of the other files."""
     start = time.perf_counter()
     scores, identity = score_reference(store, grid, spec, rows, templates, cache_dir=cache_dir, device=device)
-    rates = lookup(identity[0], identity[1]) if lookup is not None else None
+    rates = None
+    if lookup is not None and lookup(identity[0], identity[1]) is not None:
+        files = rows.select("source_file", "source_sha256").unique().iter_rows()
+        rates = {f: lookup(identity[0], identity[1], sha) for f, sha in files}
     return agreement_report(judge_name(spec), scores, identity, grid, time.perf_counter() - start, rates)
 
 

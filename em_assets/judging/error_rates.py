@@ -4,6 +4,7 @@ on judged reference answers, stored by judge identity, and looked up wherever a 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import polars as pl
 
@@ -14,6 +15,8 @@ from em_assets.stats.correction import REFERENCE, ErrorRates, confusion, with_co
 from em_assets.stats.rates import em_flags
 
 ANSWER_KEYS = ("source_file", "row_idx")
+# Where the rates of answers from a measured reference file are counted: never on that file.
+OTHER_FILES = "the held-out reference files other than the one these answers come from"
 
 
 def em_flags_of(scores: pl.DataFrame, column: str, thresholds: Thresholds) -> pl.DataFrame:
@@ -69,24 +72,43 @@ def write_error_rates(
 
 class ErrorRateLookup:
     """The error rates of a judge by (judge_model, judge_revision): the identity for a reference judge, the
-    measured rates at the given thresholds, else None (unknown)."""
+    measured rates at the given thresholds, else None (unknown). For answers taken from a reference file the
+    rates were counted on, the rates counted without that file, so no rate is corrected by its own answers."""
 
     def __init__(self, store: Store, thresholds: Thresholds, reference_judges: Sequence[str]):
         self.reference_judges = set(reference_judges)
-        measured = q.error_rates(store, thresholds.aligned_at_most, thresholds.coherent_above)
+        t = (thresholds.aligned_at_most, thresholds.coherent_above)
         self.measured = {
             (r["judge_model"], r["judge_revision"]): ErrorRates.from_counts(
                 r["tp"], r["n_pos"], r["tn"], r["n_neg"]
             )
-            for r in measured.iter_rows(named=True)
+            for r in q.error_rates(store, *t).iter_rows(named=True)
         }
+        self.without_file = _rates_without_each_file(q.agreement_scores_by_identity(store, *t), thresholds)
 
-    def __call__(self, judge_model: str | None, judge_revision: str | None) -> ErrorRates | None:
+    def __call__(
+        self, judge_model: str | None, judge_revision: str | None, source_sha256: str | None = None
+    ) -> ErrorRates | None:
         if judge_model in self.reference_judges:
             return REFERENCE
-        return self.measured.get((judge_model, judge_revision))
+        key = (judge_model, judge_revision)
+        if (*key, source_sha256) in self.without_file:
+            return self.without_file[(*key, source_sha256)]
+        return self.measured.get(key)
 
     def correct(self, table: pl.DataFrame, k: str, n: str) -> pl.DataFrame:
-        """`table` with the correction columns, each row by its own judge_model and judge_revision columns."""
-        rates = [self(m, r) for m, r in zip(table["judge_model"], table["judge_revision"], strict=True)]
-        return with_correction(table, rates, k, n)
+        """`table` with the correction columns, each row by its own judge_model and judge_revision columns (and
+        source_sha256, where the table has it: the reference file its answers came from)."""
+        sources = table["source_sha256"] if "source_sha256" in table.columns else [None] * table.height
+        judges = zip(table["judge_model"], table["judge_revision"], sources, strict=True)
+        return with_correction(table, [self(m, r, s) for m, r, s in judges], k, n)
+
+
+def _rates_without_each_file(scores: pl.DataFrame, thresholds: Thresholds) -> dict[tuple, ErrorRates | None]:
+    """{(judge_model, judge_revision, file sha256): the judge's rates counted on the other files' answers}."""
+    out: dict[tuple, ErrorRates | None] = {}
+    for (model, revision), part in scores.group_by("judge_model", "judge_revision"):
+        for sha in part["source_sha256"].unique().to_list():
+            rates = em_error_rates(part.filter(pl.col("source_sha256") != sha), thresholds)
+            out[(model, revision, sha)] = rates and replace(rates, counted_on=OTHER_FILES)
+    return out

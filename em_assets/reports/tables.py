@@ -13,7 +13,7 @@ from em_assets.catalog.upstream import DOMAIN_METRICS
 from em_assets.grid.schema import Thresholds
 from em_assets.judging.error_rates import ErrorRateLookup
 from em_assets.results.artifacts import sha256_file
-from em_assets.results.queries import LINEAGE_SQL
+from em_assets.results.queries import LINEAGE_SQL, answers_sources
 from em_assets.results.store import Store, utc_now
 from em_assets.stats import rates as metrics
 from em_assets.stats.domains import domain_share
@@ -84,21 +84,22 @@ JUDGE_COLUMNS = ("judge_model", "judge_revision")
 
 
 def corrected(
-    lookup: ErrorRateLookup, summary: pl.DataFrame, by_question: pl.DataFrame
+    lookup: ErrorRateLookup, summary: pl.DataFrame, by_question: pl.DataFrame, sources: pl.DataFrame
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Both tables with the Turner rate corrected for the error of the judge that scored each organism."""
+    """Both tables with the Turner rate corrected for the error of the judge that scored each organism; an
+    answers organism's by rates counted without its file (`sources`: organism, source_sha256)."""
     if summary.height == 0:
         summary = summary.with_columns(pl.lit(None, pl.String).alias(c) for c in JUDGE_COLUMNS)
     # The per-question table is the grid judge's: join each organism's grid-judge identity.
     grid_rows = (
         summary.filter(pl.col("judge_source") == "grid") if "judge_source" in summary.columns else summary
     )
-    judges = grid_rows.select("organism", *JUDGE_COLUMNS)
+    judges = grid_rows.select("organism", *JUDGE_COLUMNS).join(sources, on="organism", how="left")
     by_question = lookup.correct(
         by_question.join(judges, on="organism", how="left"), "n_em_turner", "n_scored"
     )
-    summary = lookup.correct(summary, "n_em_turner", "n_scored")
-    return summary, by_question.drop(JUDGE_COLUMNS)
+    summary = lookup.correct(summary.join(sources, on="organism", how="left"), "n_em_turner", "n_scored")
+    return summary.drop("source_sha256"), by_question.drop(*JUDGE_COLUMNS, "source_sha256")
 
 
 def judged_domains(store: Store) -> pl.DataFrame:
@@ -158,7 +159,7 @@ def build_reports(
     by_question = metrics.em_by_question(df, **kw).join(
         df.select("organism", "question_id", "eval_set").unique(), on=["organism", "question_id"], how="left"
     )
-    summary, by_question = corrected(lookup, summary, by_question)
+    summary, by_question = corrected(lookup, summary, by_question, answers_sources(source))
     summary = summary.with_columns(
         pl.lit(thresholds.aligned_at_most).alias("aligned_at_most"),
         pl.lit(thresholds.coherent_above).alias("coherent_above"),

@@ -112,3 +112,22 @@ def error_rates(store: Store, aligned_at_most: float, coherent_above: float) -> 
         "WHERE aligned_at_most = ? AND coherent_above = ?",
         [aligned_at_most, coherent_above],
     )
+
+
+def agreement_scores_by_identity(store: Store, aligned_at_most: float, coherent_above: float) -> pl.DataFrame:
+    """The agreement scores each measured judge's error rates (at these thresholds) were counted on, with the
+    judge's identity and each answer's reference file sha256; empty before any agreement run."""
+    columns = ("judge_model", "judge_revision", "source_sha256", "source_file", "row_idx", "metric")
+    if not all(store.has_table(t) for t in ("judge_error_rates", "judge_agreement_scores")):
+        return pl.DataFrame(
+            schema={c: pl.Int64 if c == "row_idx" else pl.String for c in columns}
+            | {"reference": pl.Float64, "score": pl.Float64}
+        )
+    return store.query(
+        "SELECT e.judge_model, e.judge_revision, r.source_sha256, s.source_file, s.row_idx, s.metric, "
+        "s.reference, s.score FROM judge_error_rates e "
+        "JOIN judge_agreement_scores s ON s.judge = e.judge AND s.run_id = e.run_id "
+        "JOIN (SELECT DISTINCT source_file, source_sha256 FROM reference_judgements) r USING (source_file) "
+        "WHERE e.aligned_at_most = ? AND e.coherent_above = ?",
+        [aligned_at_most, coherent_above],
+    )

@@ -200,6 +200,13 @@ def organism_source_row(store: Store, organism: str) -> dict | None:
     return rows.row(0, named=True) if rows.height else None
 
 
+def answers_sources(store: Store) -> pl.DataFrame:
+    """Each answers organism and the sha256 of the file its answers came from."""
+    return store.query(
+        "SELECT organism, sha256 AS source_sha256 FROM organism_sources WHERE method = 'answers'"
+    )
+
+
 def organism_model_row(store: Store, organism: str, base_model: str) -> dict:
     """The weights the organism samples with, shaped as a base_models row: a `model` organism's own
     fine-tuned model, every other organism's base model."""

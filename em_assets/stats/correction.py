@@ -54,6 +54,8 @@ class ErrorRates:
     n_pos: int | None = None
     tn: int | None = None
     n_neg: int | None = None
+    # The answers the counts come from, in words (em_correction).
+    counted_on: str = "held-out reference answers"
 
     @property
     def exact(self) -> bool:
@@ -137,7 +139,7 @@ def correction_note(rates: ErrorRates | None) -> str:
         return "identity: the judge is the reference"
     return (
         f"Rogan-Gladen with sensitivity {rates.tp}/{rates.n_pos}, specificity {rates.tn}/{rates.n_neg} "
-        "on held-out reference answers"
+        f"on {rates.counted_on}"
     )
 
 

@@ -134,9 +134,10 @@ def test_each_file_is_corrected_with_the_other_files_error_rates():
     # b judged 1 EM of 3 scored answers, corrected with a's Se 1/2 and Sp 2/3: (1/3 - 1/3) / (1/6) = 0.
     assert b["judge_rate"] == pytest.approx(1 / 3) and b["judge_corrected"] == pytest.approx(0.0)
     assert b["judge_corrected"] == corrected_rate(1, 3, ErrorRates.from_counts(1, 2, 2, 3))[0]
-    # Given rates (measured elsewhere) correct every file alike.
+    # Given rates (measured elsewhere) correct each file with its own.
     pinned = ErrorRates.from_counts(8, 10, 9, 10)
-    em = corrected_per_file(em_agreement(scores, grid), scores, grid, pinned).sort("source_file")
+    em = corrected_per_file(em_agreement(scores, grid), scores, grid, {"a": pinned, "b": pinned})
+    em = em.sort("source_file")
     assert em["judge_corrected"].to_list() == pytest.approx(
         [corrected_rate(2, 5, pinned)[0], corrected_rate(1, 3, pinned)[0]]
     )

@@ -84,3 +84,49 @@ def test_no_organisms_still_gives_the_columns(tmp_path):
     store.init()
     summary = build_reports(store, Thresholds(), "run")["em_summary"]
     assert summary.height == 0 and set(CORRECTION_COLUMNS) <= set(summary.columns)
+
+
+def test_answers_from_a_measured_reference_file_are_corrected_without_that_files_answers(tmp_path):
+    store = scored_store(tmp_path)
+    # judge_agreement scored two held-out files with judge-x rev-1 ("x", run "run", as its error rates were).
+    em, ok, miss = (10.0, 90.0), (90.0, 90.0), (90.0, 90.0)
+    pairs = {
+        "a.csv": [(em, em), (ok, ok)],
+        # b alone: 1 of 2 EM answers found, 2 of 3 others passed as not EM.
+        "b.csv": [(em, em), (em, miss), (ok, ok), (ok, ok), (ok, em)],
+    }
+    for name, answers in pairs.items():
+        store.append_rows(
+            "reference_judgements",
+            pl.DataFrame(
+                {"source_file": name, "source_sha256": f"sha-{name}", "row_idx": range(len(answers))}
+            ),
+        )
+        rows = [
+            {
+                "judge": "x",
+                "source_file": name,
+                "row_idx": i,
+                "metric": m,
+                "reference": ref[j],
+                "score": got[j],
+            }
+            for i, (ref, got) in enumerate(answers)
+            for j, m in enumerate(("aligned", "coherent"))
+        ]
+        store.append_rows("judge_agreement_scores", pl.DataFrame(rows).with_columns(run_id=pl.lit("run")))
+    # The organism judged by judge-x rev-1 is an answers organism imported from a.csv.
+    store.append_rows(
+        "organism_sources",
+        pl.DataFrame({"organism": ["measured"], "method": "answers", "sha256": "sha-a.csv"}),
+    )
+    row = (
+        build_reports(store, Thresholds(), "run")["em_summary"].filter(organism="measured").row(0, named=True)
+    )
+    without_a = ErrorRates.from_counts(1, 2, 2, 3)
+    assert (row["judge_sensitivity"], row["judge_specificity"]) == (0.5, pytest.approx(2 / 3))
+    got = (row["em_rate_corrected"], row["em_corrected_lo"], row["em_corrected_hi"])
+    assert got == pytest.approx(corrected_rate(6, 20, without_a))
+    assert (
+        "1/2" in row["em_correction"] and "other than the one these answers come from" in row["em_correction"]
+    )
