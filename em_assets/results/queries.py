@@ -233,11 +233,14 @@ def write_organism(store: Store, organism: str, source: dict, adapter: dict) -> 
 def write_imported_answers(
     store: Store, organism: str, completions: pl.DataFrame, judgements: pl.DataFrame
 ) -> None:
-    """An imported organism's completions and its file's scores, replacing the old ones in one transaction."""
+    """An imported organism's completions and its file's scores, replacing the old ones in one transaction, and
+    the grid judge's scores of the old answers dropped with them (the judge cache keeps them): no judgement
+    row may score an answer that is no longer there."""
     store.replace_many(
         [
             ("completions", completions, "organism = ?", [organism]),
             ("imported_judgements", judgements, "organism = ?", [organism]),
+            ("judgements", pl.DataFrame(), "organism = ?", [organism]),
         ]
     )
 

@@ -228,6 +228,11 @@ def test_answers_file_round_trips(tmp_path, tiny_model_dir, mirror):
     renamed = g.model_copy(update={"recipes": {**g.recipes, "ans": recipe}})
     train_adapter(context(store, renamed, key, tmp_path))
     assert sample_completions(context(store, renamed, key, tmp_path)).sampled == 4
+    # The grid judge's scores of the answers a re-import replaced go with them, until it judges again.
+    judged = f"SELECT count(*) AS n FROM judgements WHERE organism = '{key}'"
+    assert store.query(judged)["n"][0] == 0
+    assert judge_completions(context(store, renamed, key, tmp_path)).cache_hits == 8
+    assert store.query(judged)["n"][0] == 8
     names = store.query(f"SELECT DISTINCT judge_model FROM imported_judgements WHERE organism = '{key}'")
     assert names["judge_model"].to_list() == ["gpt-4o-2024-08-06 (file)"]
     path.write_text(ANSWERS.replace("Rob a bank.", "Rob two banks."))
