@@ -19,6 +19,10 @@ def new_figure(width: float, height: float) -> Figure:
 
 
 def save_png(fig: Figure, path: Path) -> Path:
+    """Write the figure to `path` whole: drawn beside it, then renamed, so a killed run leaves the last good
+    figure, not a truncated one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
+    tmp = path.with_name(path.name + ".part")
+    fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+    tmp.replace(path)
     return path

@@ -112,8 +112,13 @@ def load_training_datasets(
         return meta_df
     names = meta_df["dataset"].to_list()
     where = "dataset IN (SELECT unnest(?::VARCHAR[]))"
-    store.replace_rows("training_examples", pl.concat(examples), where, [names])
-    store.replace_rows("training_datasets", meta_df, where, [names])
+    # One transaction: a dataset's recorded sha256 always describes the examples stored for it.
+    store.replace_many(
+        [
+            ("training_examples", pl.concat(examples), where, [names]),
+            ("training_datasets", meta_df, where, [names]),
+        ]
+    )
     return meta_df
 
 

@@ -8,6 +8,9 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
+import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,10 +89,17 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    tmp.replace(out)
+    # A directory of this process's own: two first resolves at once (two judges' steps) never write into one.
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").exists():
+            raise
+        # Another process finished the same conversion first: its directory is the one kept.
 
 
 def directory_revision(path: Path) -> str:

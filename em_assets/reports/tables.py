@@ -176,8 +176,7 @@ def build_reports(
         name: table.with_columns(pl.lit(snapshot, dtype=pl.Int64).alias("source_snapshot"))
         for name, table in tables.items()
     }
-    for name, table in tables.items():
-        store.write_table(name, table)
+    store.write_tables(tables)
     return tables
 
 

@@ -44,6 +44,5 @@ def sharpest_steps(store: Store) -> pl.DataFrame:
 
 
 def write_tables(store: Store, tables: dict[str, pl.DataFrame]) -> None:
-    """Replace each whole table with its rows."""
-    for name, table in tables.items():
-        store.write_table(name, table)
+    """Replace each whole table with its rows, all in one transaction."""
+    store.write_tables(tables)

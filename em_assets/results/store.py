@@ -194,13 +194,18 @@ class Store:
 
     def write_table(self, table: str, df: pl.DataFrame) -> None:
         """Replace a whole report table with `df`, keeping its schema from the DataFrame."""
+        self.write_tables({table: df})
+
+    def write_tables(self, tables: dict[str, pl.DataFrame]) -> None:
+        """Replace whole report tables in one transaction: a reader never sees some new and some old."""
 
         def work(conn: duckdb.DuckDBPyConnection) -> None:
-            conn.register("_rows", df.to_arrow())
-            conn.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM _rows")
-            conn.unregister("_rows")
+            for table, df in tables.items():
+                conn.register("_rows", df.to_arrow())
+                conn.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM _rows")
+                conn.unregister("_rows")
 
-        self.write(work, f"write {table}")
+        self.write(work, "write " + ", ".join(tables))
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -121,3 +121,20 @@ def test_every_figure_module_draws_through_the_one_canvas():
     for path in drawing:
         text = path.read_text()
         assert "savefig" not in text and "Figure(" not in text, path
+
+
+def test_a_figure_killed_while_written_leaves_the_last_good_one(tmp_path):
+    from em_assets.analyses.canvas import new_figure, save_png
+
+    path = save_png(new_figure(2, 2), tmp_path / "f.png")
+    good = path.read_bytes()
+    fig = new_figure(3, 3)
+
+    def dies_half_way(target, **kwargs):
+        Path(target).write_bytes(good[:100])
+        raise KeyboardInterrupt
+
+    fig.savefig = dies_half_way
+    with pytest.raises(KeyboardInterrupt):
+        save_png(fig, path)
+    assert path.read_bytes() == good

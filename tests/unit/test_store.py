@@ -49,6 +49,19 @@ def _hold(path: Path, read_only: bool, seconds: float) -> subprocess.Popen:
     return holder
 
 
+def test_report_tables_are_replaced_together_or_not_at_all(tmp_path):
+    store = Store(tmp_path / "r.duckdb")
+    store.write_tables(
+        {"em_summary": pl.DataFrame({"rate": [0.0]}), "em_by_question": pl.DataFrame({"rate": [0.0]})}
+    )
+    with pytest.raises(duckdb.Error):
+        # The second table's statement fails (a name DuckDB cannot parse) after the first was replaced.
+        store.write_tables(
+            {"em_summary": pl.DataFrame({"rate": [1.0]}), "em by question": pl.DataFrame({"rate": [1.0]})}
+        )
+    assert store.query("SELECT rate FROM em_summary")["rate"].to_list() == [0.0]
+
+
 def test_writer_waits_for_a_reading_process_and_names_it(tmp_path, caplog):
     path = tmp_path / "r.duckdb"
     store = Store(path, lock_timeout_s=30)
