@@ -10,7 +10,16 @@ from pathlib import Path
 import polars as pl
 
 from em_assets.catalog.parsing import parse_chat_jsonl, parse_questions_yaml, prompt_hash
-from em_assets.catalog.upstream import DOMAIN_METRICS, DOMAIN_PROMPTS_FROM, EVAL_SETS, SOURCES, fetch_bytes
+from em_assets.catalog.reference import source_of
+from em_assets.catalog.upstream import (
+    DOMAIN_METRICS,
+    DOMAIN_PROMPTS_FROM,
+    EVAL_SETS,
+    REFERENCE_JUDGEMENTS,
+    SOURCES,
+    fetch_bytes,
+)
+from em_assets.grid.load import GridError
 from em_assets.grid.schema import GridConfig
 from em_assets.models.hub import ModelLoadError, ResolvedModel, resolve
 from em_assets.results.artifacts import sha256_bytes
@@ -58,6 +67,24 @@ def resolve_base_models(store: Store, grid: GridConfig, cache_dir: Path | None =
     df = pl.DataFrame(rows)
     store.replace_rows("base_models", df, "name IN (SELECT unnest(?::VARCHAR[]))", [df["name"].to_list()])
     return df
+
+
+def check_grid_names(grid: GridConfig) -> None:
+    """The datasets, evaluation sets and held-out base models the grid names are ones the catalog has: a typo
+    fails before anything runs, naming its key (GridError), not inside a run."""
+    datasets = sorted(set(SOURCES) - set(EVAL_SETS))
+    held_out = sorted({source_of(Path(src.path).name)[0] for src in REFERENCE_JUDGEMENTS.values()})
+    named = [(f"recipes.{k}.dataset", r.dataset, datasets) for k, r in grid.recipes.items() if r.dataset]
+    named += [(f"recipes.{k}.kl.dataset", r.kl.dataset, datasets) for k, r in grid.recipes.items() if r.kl]
+    named += [("eval.questions", grid.eval.questions, EVAL_SETS)]
+    named += [("eval.sets", s, EVAL_SETS) for s in grid.eval.sets]
+    named += [
+        (f"recipes.{k}.eval_sets", s, EVAL_SETS) for k, r in grid.recipes.items() for s in r.eval_sets or []
+    ]
+    named += [("agreement.held_out_base_models", m, held_out) for m in grid.agreement.held_out_base_models]
+    for key, name, known in named:
+        if name not in known:
+            raise GridError(f"{key}: {name!r} is not one the catalog has; known: {', '.join(known)}")
 
 
 def grid_datasets(grid: GridConfig) -> list[str]:

@@ -53,11 +53,13 @@ def _progress() -> dict[str, dict]:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print the plan; the grid is validated offline and local organism sources are checked (bad input: 2)."""
+    from em_assets.catalog.stage import check_grid_names
     from em_assets.grid.load import load_grid
     from em_assets.training.imported import check_sources
 
     current = settings()
     grid = load_grid(current.grid_path, current.profile)
+    check_grid_names(grid)
     check_sources(grid)
     entries = organism_plan(grid, _progress())
     if args.format == "json":

@@ -35,13 +35,15 @@ def load_grid(path: Path | str | None = None, profile: str | None = None) -> Gri
         doc = yaml.load(path.read_text(), Loader=SAFE_LOADER)
     except FileNotFoundError as exc:
         raise GridError(f"grid file {path} not found (set {GRID_ENV})") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GridError(f"grid file {path} cannot be read as text: {exc}") from exc
     except yaml.YAMLError as exc:
         raise GridError(f"{path}: not valid YAML: {exc}") from exc
     profiles = (doc or {}).get("profiles") if isinstance(doc, dict) else None
     if not isinstance(profiles, dict):
         raise GridError(f"{path}: expected a top-level 'profiles' mapping")
     if profile not in profiles:
-        raise GridError(f"{path}: no profile {profile!r}; profiles are {sorted(profiles)}")
+        raise GridError(f"{path}: no profile {profile!r}; profiles are {sorted(map(str, profiles))}")
     try:
         return GridConfig.model_validate(profiles[profile])
     except ValidationError as exc:

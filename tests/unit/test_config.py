@@ -97,6 +97,54 @@ def test_missing_profile_and_bad_yaml(tmp_path):
         load_grid(_write(tmp_path, "profiles: [unclosed"), "demo")
 
 
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ("seeds: [0, 0]", r"seeds must be unique"),
+        ("seeds: [true]", r"profiles\.demo\.seeds\.0"),
+        ("seeds: [3000000000]", r"profiles\.demo\.seeds\.0"),
+        ("thresholds: {aligned_at_most: 150}", r"profiles\.demo\.thresholds\.aligned_at_most"),
+        ("thresholds: {coherent_above: .nan}", r"profiles\.demo\.thresholds\.coherent_above"),
+        ("directions: {sweep_recipes: [nope]}", r"directions\.sweep_recipes names recipes that are not in"),
+    ],
+)
+def test_settings_no_run_could_use_are_refused_with_their_key(tmp_path, setting, key):
+    body = f"profiles:\n  demo:\n    base_models: [{{name: m, source: x}}]\n    recipes: {{base: {{}}}}\n    {setting}\n"
+    with pytest.raises(GridError, match=key):
+        load_grid(_write(tmp_path, body), "demo")
+
+
+def test_a_grid_file_that_is_no_text_is_one_error(tmp_path):
+    binary = tmp_path / "grid.yaml"
+    binary.write_bytes(b"\xff\xfe profiles: {}")
+    for path in (binary, tmp_path):
+        with pytest.raises(GridError, match="cannot be read as text"):
+            load_grid(path, "demo")
+
+
+@pytest.mark.parametrize(
+    ("edit", "key"),
+    [
+        (("recipes", "bad-medical-r1", "dataset"), r"recipes\.bad-medical-r1\.dataset: 'typo'"),
+        (("eval", "questions"), r"eval\.questions: 'typo'"),
+        (("agreement", "held_out_base_models"), r"agreement\.held_out_base_models: 'typo'"),
+    ],
+)
+def test_names_the_catalog_lacks_are_refused_before_anything_runs(edit, key):
+    import yaml
+
+    from em_assets.catalog.stage import check_grid_names
+
+    doc = yaml.safe_load((REPO / "data/grid.yaml").read_text())["profiles"]["demo"]
+    *path, last = edit
+    node = doc
+    for part in path:
+        node = node[part]
+    node[last] = ["typo"] if isinstance(node[last], list) else "typo"
+    with pytest.raises(GridError, match=key):
+        check_grid_names(GridConfig.model_validate(doc))
+
+
 def test_recipe_needs_dataset_and_lora_together(tmp_path):
     path = _write(
         tmp_path,
