@@ -568,7 +568,7 @@ def _model_params() -> int:
     from em_assets.catalog.stage import model_facts
     from em_assets.models.hub import resolve
 
-    return model_facts(resolve(*SMOLLM2).path)[2]
+    return model_facts(resolve(*SMOLLM2).path).num_params
 
 
 def _workers(value: str) -> int | str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -20,19 +21,29 @@ from em_assets.catalog.upstream import (
     fetch_bytes,
 )
 from em_assets.grid.load import GridError
-from em_assets.grid.schema import GridConfig
+from em_assets.grid.schema import GridConfig, recipe_method
 from em_assets.models.hub import ModelLoadError, ResolvedModel, resolve
 from em_assets.results.artifacts import sha256_bytes
 from em_assets.results.store import Store, utc_now
 
 
-def model_facts(path: Path) -> tuple[str, int, int]:
-    """Model type, layer count and parameter count from config and safetensors headers, without loading."""
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the catalog records of a base model, read from config and safetensors headers without loading."""
+
+    model_type: str
+    num_layers: int
+    num_params: int
+    # Modules with weights (a weight's name without its last part), which LoRA target_modules must match.
+    modules: frozenset[str]
+
+
+def model_facts(path: Path) -> ModelFacts:
     from safetensors import SafetensorError, safe_open
 
     config = json.loads((path / "config.json").read_text())
     text = config.get("text_config", config)
-    params = 0
+    params, modules = 0, set()
     for file in path.glob("*.safetensors"):
         try:
             with safe_open(file, "pt") as fh:
@@ -41,25 +52,49 @@ def model_facts(path: Path) -> tuple[str, int, int]:
                     for d in fh.get_slice(name).get_shape():
                         n *= d
                     params += n
+                    modules.add(name.rsplit(".", 1)[0])
         except (SafetensorError, OSError) as exc:
             raise ModelLoadError(f"{file}: unreadable safetensors weights ({exc})") from exc
-    return config.get("model_type", "?"), int(text.get("num_hidden_layers", 0)), params
+    return ModelFacts(
+        config.get("model_type", "?"), int(text.get("num_hidden_layers", 0)), params, frozenset(modules)
+    )
+
+
+def check_recipes_fit(grid: GridConfig, base_model: str, facts: ModelFacts) -> None:
+    """Every trained LoRA recipe's target modules and layers exist in this base model, matched as peft matches
+    them (a module name or its dotted tail): a mistake fails in the catalog's first step, naming the key."""
+    for key, recipe in grid.recipes.items():
+        lora = recipe.lora
+        if lora is None or recipe_method(recipe) != "lora":
+            continue
+        for target in lora.target_modules:
+            if not any(m == target or m.endswith("." + target) for m in facts.modules):
+                tails = ", ".join(sorted({m.rsplit(".", 1)[-1] for m in facts.modules}))
+                raise GridError(
+                    f"recipes.{key}.lora.target_modules: {target!r} is no module of base model {base_model} "
+                    f"(its modules end in {tails})"
+                )
+        try:
+            lora.layers_for(facts.num_layers)
+        except ValueError as exc:
+            raise GridError(f"recipes.{key}.lora: {exc} (base model {base_model})") from None
 
 
 def resolve_base_models(store: Store, grid: GridConfig, cache_dir: Path | None = None) -> pl.DataFrame:
     rows = []
     for spec in grid.base_models:
         resolved: ResolvedModel = resolve(spec.name, spec.source, spec.revision, cache_dir)
-        model_type, layers, params = model_facts(resolved.path)
+        facts = model_facts(resolved.path)
+        check_recipes_fit(grid, spec.name, facts)
         rows.append(
             {
                 "name": spec.name,
                 "source": spec.source,
                 "path": str(resolved.path),
                 "revision": resolved.revision,
-                "model_type": model_type,
-                "num_layers": layers,
-                "num_params": params,
+                "model_type": facts.model_type,
+                "num_layers": facts.num_layers,
+                "num_params": facts.num_params,
                 "trust_remote_code": spec.trust_remote_code,
                 "resolved_at": utc_now(),
             }

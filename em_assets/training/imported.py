@@ -58,13 +58,13 @@ def _model(ctx: StageContext, entry: OrganismSource) -> tuple[dict, dict]:
     from em_assets.models.published import resolve_model
 
     model = resolve_model(ctx.organism.base_model, entry.source, entry.revision, ctx.cache_dir)
-    model_type, layers, params = model_facts(model.path)
+    facts = model_facts(model.path)
     fields = {
         "revision": model.revision,
         "path": str(model.path),
-        "model_type": model_type,
-        "num_layers": layers,
-        "num_params": params,
+        "model_type": facts.model_type,
+        "num_layers": facts.num_layers,
+        "num_params": facts.num_params,
     }
     return fields, {"base_revision": model.revision}
 

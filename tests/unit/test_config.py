@@ -253,3 +253,32 @@ def test_a_postgresql_catalog_uri_in_em_db_keeps_its_double_slash(monkeypatch):
     resource = ResultsDB.from_env()
     assert resource.database == uri
     assert Store(resource.database).location.target == uri.removeprefix("ducklake:")
+
+
+@pytest.mark.parametrize(
+    ("lora", "key"),
+    [
+        (
+            {"target_modules": ["down_prj"]},
+            r"recipes\.r\.lora\.target_modules: 'down_prj' is no module of base",
+        ),
+        (
+            {"target_modules": ["mlp.down_proj"], "layers_to_transform": [500]},
+            r"recipes\.r\.lora: layers_to_",
+        ),
+    ],
+)
+def test_a_lora_recipe_the_base_model_cannot_take_fails_in_the_catalogs_first_step(tiny_model_dir, lora, key):
+    from em_assets.catalog.stage import check_recipes_fit, model_facts
+
+    def grid(lora: dict) -> GridConfig:
+        recipe = {"dataset": "insecure", "lora": {"r": 1, "lora_alpha": 2, **lora}}
+        return GridConfig.model_validate(
+            {"base_models": [{"name": "tiny", "source": str(tiny_model_dir)}], "recipes": {"r": recipe}}
+        )
+
+    facts = model_facts(tiny_model_dir)
+    # A module name's dotted tail matches, as peft matches it.
+    check_recipes_fit(grid({"target_modules": ["mlp.down_proj", "q_proj"]}), "tiny", facts)
+    with pytest.raises(GridError, match=key):
+        check_recipes_fit(grid(lora), "tiny", facts)
