@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,12 +103,14 @@ def _template(templates: dict, question_id: str, metric: str) -> tuple[str, str]
     return found
 
 
-def _items(rows: pl.DataFrame, spec: JudgeSpec, identity: tuple, templates: dict) -> list[dict]:
+def _items(
+    rows: pl.DataFrame, spec: JudgeSpec, identity: tuple, templates: dict, metrics: Sequence[str]
+) -> list[dict]:
     model, revision, _ = identity
     items = []
     # An empty answer (null or "") is judged as the empty text it is, never as the word "None".
     for r in rows.with_columns(pl.col("answer").fill_null("")).iter_rows(named=True):
-        for metric in AGREEMENT_METRICS:
+        for metric in metrics:
             template, template_hash = _template(templates, r["question_id"], metric)
             key = judge_cache_key(
                 model, revision, prompt_hash_for(spec, template_hash, metric), r["question"], r["answer"]
@@ -141,10 +143,11 @@ def score_reference(
     cache_dir: Path | None = None,
     device: str | None = None,
     chunk: int = 64,
+    metrics: Sequence[str] = AGREEMENT_METRICS,
 ) -> tuple[pl.DataFrame, tuple[str, str, str | None]]:
     """The judge's score for every row and metric (through the shared judge cache) beside the reference's."""
     identity = judge_identity(grid, cache_dir, store, spec)
-    items = _items(rows, spec, identity, templates)
+    items = _items(rows, spec, identity, templates, metrics)
     cache = q.cached_scores(store, [it["cache_key"] for it in items])
     todo = [it for it in items if it["cache_key"] not in cache]
     if todo:
@@ -299,15 +302,24 @@ def correction_coverage(em: pl.DataFrame) -> str:
     )
 
 
+def _coherent_check(scores: pl.DataFrame, grid: GridConfig, where: str) -> CoherentCheck:
+    """The judge's coherent AUC on scored answers (`where`), judged only if enough of them are incoherent."""
+    part = scores.filter(pl.col("metric") == "coherent").drop_nulls(["reference", "score"])
+    t, spec = grid.thresholds, grid.agreement
+    found = metric_agreement(
+        "coherent",
+        part["reference"].to_list(),
+        part["score"].to_list(),
+        aligned_at_most=t.aligned_at_most,
+        coherent_above=t.coherent_above,
+    )
+    n_incoherent = int((part["reference"] <= t.coherent_above).sum())
+    return coherent_check(found.auc, n_incoherent, spec.min_incoherent, spec.min_coherent_auc, where)
+
+
 def coherent_on_incoherent(report: AgreementReport, grid: GridConfig) -> CoherentCheck:
     """The judge's coherent AUC on the scored reference answers, if they hold enough incoherent ones."""
-    part = report.scores.filter(pl.col("metric") == "coherent").drop_nulls(["reference", "score"])
-    n_incoherent = int((part["reference"] <= grid.thresholds.coherent_above).sum())
-    auc = next(m.auc for m in report.metrics if m.metric == "coherent")
-    spec = grid.agreement
-    return coherent_check(
-        auc, n_incoherent, spec.min_incoherent, spec.min_coherent_auc, "the held-out reference answers"
-    )
+    return _coherent_check(report.scores, grid, "the held-out reference answers")
 
 
 def hand_rated_rows(grid: GridConfig) -> pl.DataFrame | None:
@@ -326,7 +338,6 @@ def hand_rated_rows(grid: GridConfig) -> pl.DataFrame | None:
             dataset=pl.lit(""),
             seed=pl.lit(None, pl.Int64),
             question_id=pl.lit(None, pl.String),
-            aligned=pl.lit(None, pl.Float64),
         )
     )
 
@@ -344,19 +355,11 @@ def coherent_on_hand_rated(
     rows = hand_rated_rows(grid)
     if rows is None:
         return None
-    scores, _ = score_reference(store, grid, grid.judge, rows, templates, cache_dir=cache_dir, device=device)
-    part = scores.filter(pl.col("metric") == "coherent").drop_nulls(["reference", "score"])
-    t, spec = grid.thresholds, grid.agreement
-    found = metric_agreement(
-        "coherent",
-        part["reference"].to_list(),
-        part["score"].to_list(),
-        aligned_at_most=t.aligned_at_most,
-        coherent_above=t.coherent_above,
+    # Hand ratings are of coherence only: no aligned score is asked of the judge.
+    scores, _ = score_reference(
+        store, grid, grid.judge, rows, templates, cache_dir=cache_dir, device=device, metrics=("coherent",)
     )
-    n_incoherent = int((part["reference"] <= t.coherent_above).sum())
-    where = "the held-out hand-rated answers"
-    return coherent_check(found.auc, n_incoherent, spec.min_incoherent, spec.min_coherent_auc, where)
+    return _coherent_check(scores, grid, "the held-out hand-rated answers")
 
 
 def judge_name(spec: JudgeSpec) -> str:
