@@ -3,6 +3,7 @@ on judged reference answers, stored by judge identity, and looked up wherever a 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -76,15 +77,22 @@ class ErrorRateLookup:
     rates were counted on, the rates counted without that file, so no rate is corrected by its own answers."""
 
     def __init__(self, store: Store, thresholds: Thresholds, reference_judges: Sequence[str]):
+        self.store, self.thresholds = store, thresholds
         self.reference_judges = set(reference_judges)
-        t = (thresholds.aligned_at_most, thresholds.coherent_above)
+        measured = q.error_rates(store, thresholds.aligned_at_most, thresholds.coherent_above)
         self.measured = {
             (r["judge_model"], r["judge_revision"]): ErrorRates.from_counts(
                 r["tp"], r["n_pos"], r["tn"], r["n_neg"]
             )
-            for r in q.error_rates(store, *t).iter_rows(named=True)
+            for r in measured.iter_rows(named=True)
         }
-        self.without_file = _rates_without_each_file(q.agreement_scores_by_identity(store, *t), thresholds)
+
+    @functools.cached_property
+    def without_file(self) -> dict[tuple, ErrorRates | None]:
+        """Counted when a source file is first asked about: a sweep's lookup never needs them."""
+        t = self.thresholds
+        scores = q.agreement_scores_by_identity(self.store, t.aligned_at_most, t.coherent_above)
+        return _rates_without_each_file(scores, t)
 
     def __call__(
         self, judge_model: str | None, judge_revision: str | None, source_sha256: str | None = None
@@ -92,7 +100,7 @@ class ErrorRateLookup:
         if judge_model in self.reference_judges:
             return REFERENCE
         key = (judge_model, judge_revision)
-        if (*key, source_sha256) in self.without_file:
+        if source_sha256 is not None and (*key, source_sha256) in self.without_file:
             return self.without_file[(*key, source_sha256)]
         return self.measured.get(key)
 
