@@ -25,13 +25,10 @@ if TYPE_CHECKING:
 
 def _check_grid(current: Settings, organism_keys: list[str] | None) -> None:
     """The grid, its organisms' sources and the organisms asked for (each must be one of the grid's)."""
-    from em_assets.catalog.stage import check_grid_names
-    from em_assets.grid.load import GridError, load_grid
-    from em_assets.training.imported import check_sources
+    from em_assets.cli.organisms import checked_grid
+    from em_assets.grid.load import GridError
 
-    grid = load_grid(current.grid_path, current.profile)
-    check_grid_names(grid)
-    check_sources(grid)
+    grid = checked_grid(current)
     known = [o.key for o in grid.organisms()]
     unknown = [k for k in organism_keys or [] if k not in known]
     if unknown:

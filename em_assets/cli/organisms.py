@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
 
 import polars as pl
 
-from em_assets.settings import settings
+from em_assets.settings import Settings, settings
+
+if TYPE_CHECKING:
+    from em_assets.grid.schema import GridConfig
 
 
 def organism_plan(grid, progress: dict[str, dict]) -> list[dict]:
@@ -51,16 +55,22 @@ def _progress() -> dict[str, dict]:
     return queries.organism_progress(store) if store.exists() else {}
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    """Print the plan; the grid is validated offline and local organism sources are checked (bad input: 2)."""
+def checked_grid(current: Settings) -> GridConfig:
+    """The grid's profile, validated offline: its schema, the catalog names it uses and its organisms' local
+    sources (bad input raises before anything is written)."""
     from em_assets.catalog.stage import check_grid_names
     from em_assets.grid.load import load_grid
     from em_assets.training.imported import check_sources
 
-    current = settings()
     grid = load_grid(current.grid_path, current.profile)
     check_grid_names(grid)
     check_sources(grid)
+    return grid
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Print the plan; the grid is validated offline and local organism sources are checked (bad input: 2)."""
+    grid = checked_grid(settings())
     entries = organism_plan(grid, _progress())
     if args.format == "json":
         print(json.dumps({"organisms": entries}, indent=2))
