@@ -4,6 +4,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from em_assets.catalog.stage import check_grid_names
 from em_assets.context import StageContext
 from em_assets.grid.load import load_grid
 from em_assets.grid.schema import GridConfig, Organism
@@ -26,7 +27,11 @@ class ExperimentResource(dg.ConfigurableResource):
     device: str = _DEFAULTS.device
 
     def grid(self) -> GridConfig:
-        return load_grid(self.grid_path, self.profile)
+        """The grid's profile, its catalog names checked too: a step run from the UI fails on a typo as the CLI
+        does, naming the key, whatever step meets it first."""
+        grid = load_grid(self.grid_path, self.profile)
+        check_grid_names(grid)
+        return grid
 
     @property
     def mirror(self) -> str | None:

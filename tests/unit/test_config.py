@@ -176,6 +176,11 @@ def test_broken_grid_or_model_fails_the_dagster_step_with_its_message(ws, tmp_pa
     cases = [
         (lambda p: p["base_models"].append({"name": "m2", "source": "/nonexistent/m2"}), "m2 does not exist"),
         (lambda p: p["sampling"].update(samples=3), r"profiles\.fault\.sampling\.samples: Extra inputs"),
+        # A name the catalog lacks fails the first step that reads the grid, not the one that uses the name.
+        (
+            lambda p: p.update(eval={**p.get("eval", {}), "questions": "no_such_set"}),
+            r"eval\.questions: 'no_such_set' is not one the catalog has",
+        ),
     ]
     with dg.instance_for_test() as instance:
         for change, match in cases:
