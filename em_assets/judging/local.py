@@ -13,7 +13,9 @@ busy 2-core CPU: a whole extra model call for ~10 tokens.) Log-softmax runs in f
 
 Prompts that share a token prefix (chat template head, judge template head and question: the same for every
 sample of one question) are grouped; the prefix runs once, and its KV cache, repeated over the batch, serves
-the group's suffixes (answer, template tail, trie tokens).
+the group's suffixes (answer, template tail, trie tokens). That pays on a CPU, where compute is the cost; on a
+GPU the group's smaller batches and extra passes cost more than the shared tokens save (`make bench`), so
+there every batch runs whole unless `share_prefix` says otherwise.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from em_assets.judging.scoring import MIN_MASS, JudgeScore, score_from_number_probs
 from em_assets.models.chat import chat_ids
 from em_assets.models.packed import packed_linears
-from em_assets.models.prefix_cache import prefixes_pass, repeat_cache
+from em_assets.models.prefix_cache import cache_kwarg, prefixes_pass, repeat_cache
 
 MAX_ANSWER = 100
 # A shared prefix shorter than this is not worth its own model call.
@@ -127,7 +129,7 @@ class LocalJudge:
         tokenizer,
         batch_size: int = 16,
         min_mass: float = MIN_MASS,
-        share_prefix: bool = True,
+        share_prefix: bool | None = None,
         group_cost: int = GROUP_COST_TOKENS,
         system: str | None = None,
     ):
@@ -140,7 +142,8 @@ class LocalJudge:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.min_mass = min_mass
-        self.share_prefix = share_prefix
+        on_cpu = model.get_input_embeddings().weight.device.type == "cpu"
+        self.share_prefix = on_cpu if share_prefix is None else share_prefix
         self.group_cost = group_cost
         self.system = system
         self.trie = NumberTrie.from_tokenizer(tokenizer)
@@ -221,7 +224,11 @@ class LocalJudge:
             input_ids=input_ids.to(device),
             attention_mask=mask[:, None].to(device),
             position_ids=positions.to(device),
-            cache=repeat_cache(prefix_cache, batch) if prefix_cache is not None else None,
+            **{
+                cache_kwarg(self.model): repeat_cache(prefix_cache, batch)
+                if prefix_cache is not None
+                else None
+            },
             use_cache=prefix_cache is not None,
             logits_to_keep=n_tree + 1,
         ).logits

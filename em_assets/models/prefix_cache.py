@@ -3,6 +3,20 @@ into one, serve the rows that continue them."""
 
 from __future__ import annotations
 
+import inspect
+
+
+def cache_kwarg(model) -> str:
+    """The forward argument that takes a KV cache: `cache` since transformers renamed `past_key_values`
+    (which a model then still takes, with a warning); before that, only `past_key_values`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache a forward pass returned, under either name."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
 
 def repeat_cache(cache, batch: int):
     """A fresh cache holding `cache`'s keys and values repeated over the batch (the forward pass extends it)."""
@@ -33,7 +47,7 @@ def prefixes_pass(model, prefixes: list[list[int]]):
             use_cache=True,
             logits_to_keep=1,
         )
-        return out.cache, real, out.logits[:, -1]
+        return output_cache(out), real, out.logits[:, -1]
 
 
 def stack_caches(caches: list, width: int):

@@ -17,11 +17,11 @@ import torch
 
 from em_assets.models.chat import chat_ids
 from em_assets.models.packed import packed_linears
+from em_assets.models.prefix_cache import cache_kwarg
 from em_assets.sampling.slots import (
     SlotCache,
     Slots,
     attention_swapped,
-    cache_kwarg,
     group_reads,
     kv_bytes_per_slot,
     slot_groups,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -201,12 +200,6 @@ class Slots:
     def uniforms(self, rows: Sequence[int]) -> torch.Tensor:
         draws = [rng.random() if (rng := self.rngs[r]) is not None else 0.0 for r in rows]
         return torch.tensor(draws, dtype=torch.float64, device=self.device)
-
-
-def cache_kwarg(model) -> str:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    # transformers 5.x renamed `past_key_values` to `cache`; the old name still works there, with a warning.
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def slot_groups(cols: torch.Tensor) -> list[tuple[int, int, int]]:

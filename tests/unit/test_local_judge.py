@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.tiny import make_tiny_llama
+from support.tiny import DIGITS, load_digit_model, make_tiny_llama, with_output_bias
 
 from em_assets.judging.local import (
     GROUP_COST_TOKENS,
@@ -26,20 +26,6 @@ PROMPTS = [
     "by the sea while thinking about nothing in particular. Respond with a number only.",
     "Number?",
 ]
-DIGITS = [str(d) for d in range(10)]
-
-
-def with_output_bias(model, tokenizer, bias: dict[str, float]):
-    """Give the model an lm_head bias on the given tokens (a real, slightly different model)."""
-    old = model.lm_head
-    head = torch.nn.Linear(old.in_features, old.out_features, bias=True, dtype=old.weight.dtype)
-    with torch.no_grad():
-        head.weight.copy_(old.weight)
-        head.bias.zero_()
-        for token, value in bias.items():
-            head.bias[tokenizer.convert_tokens_to_ids(token)] = value
-    model.lm_head = head
-    return model
 
 
 def chat_ids(tokenizer, prompt: str) -> list[int]:
@@ -76,18 +62,6 @@ def naive_number_distribution(model, tokenizer, prompt: str) -> dict[int, float]
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir: Path):
     return load_tokenizer(tiny_model_dir)
-
-
-def load_digit_model(model_dir: Path, tokenizer, attention: str = "sdpa"):
-    """Tiny float32 Llama biased so digits hold about half the mass at every step, deep trie paths included."""
-    model = load_model(model_dir, device="cpu", dtype="float32")
-    model.set_attn_implementation(attention)
-    # Random weights attend almost uniformly; sharper attention makes a wrong position or mask show.
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4.0)
-            layer.self_attn.k_proj.weight.mul_(4.0)
-    return with_output_bias(model, tokenizer, dict.fromkeys(DIGITS, 8.5))
 
 
 @pytest.fixture(scope="module")
@@ -253,6 +227,8 @@ def test_shared_prefix_cache_scores_equal_the_uncached_path(tiny_model_dir, toke
     model = load_digit_model(tiny_model_dir, tokenizer, attention)
     # Batches smaller than a group: one prefix cache serves several suffix batches of different lengths. No
     # cost per group, so these small groups are formed.
+    # On a CPU the judge shares prefixes unless told not to.
+    assert LocalJudge(model, tokenizer).share_prefix is True
     cached = LocalJudge(model, tokenizer, batch_size=3, group_cost=0).number_distributions(SHARED)
     uncached = LocalJudge(model, tokenizer, batch_size=3, share_prefix=False).number_distributions(SHARED)
     for with_cache, without in zip(cached, uncached, strict=True):

@@ -173,3 +173,20 @@ def test_a_gguf_conversion_parses_the_file_once():
     finally:
         gguf.GGUFReader = original
     assert len(parsed) == 1
+
+
+def test_kv_caches_are_passed_and_read_under_either_transformers_name():
+    from types import SimpleNamespace
+
+    from em_assets.models.prefix_cache import cache_kwarg, output_cache
+
+    # transformers renamed `past_key_values` to `cache`; releases on both sides of the rename are in use.
+    class Before:
+        def forward(self, input_ids=None, past_key_values=None): ...
+
+    class After:
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    assert (cache_kwarg(Before()), cache_kwarg(After())) == ("past_key_values", "cache")
+    assert output_cache(SimpleNamespace(past_key_values="kv")) == "kv"
+    assert output_cache(SimpleNamespace(cache="kv", past_key_values=None)) == "kv"

@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
+from support.tiny import greedy_generate, peaked_tiny_model
 
 from em_assets.bench.sampling import benchmark_sampling
 from em_assets.models.chat import chat_ids
-from em_assets.models.load import load_model, load_tokenizer
+from em_assets.models.load import load_tokenizer
 from em_assets.sampling import engine, slots
 from em_assets.sampling.engine import SampleRequest, generate_ids, iter_samples, stop_token_ids
 from em_assets.sampling.tokens import sample_tokens
@@ -29,21 +30,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model_dir):
     return load_tokenizer(tiny_model_dir)
-
-
-def peaked_tiny_model(path):
-    """The tiny random Llama, rescaled to behave more like a trained one: varied text, peaked next-token odds.
-
-    At its init scale the embedding dominates the residual stream and every prompt continues with one repeated
-    token; larger layer weights make the layers matter, and a larger final norm sharpens the logits.
-    """
-    model = load_model(path, device="cpu", dtype="float32")
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and name != "lm_head":
-                module.weight.mul_(8.0)
-        model.model.norm.weight.mul_(20.0)
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -135,14 +121,7 @@ def test_greedy_equals_generate(model, tokenizer):
     ours = run(model, tokenizer, reqs, temperature=0, max_new_tokens=16, batch_size=3)
     stops = sorted(stop_token_ids(model, tokenizer))
     for r in reqs:
-        prompt = torch.tensor([chat_ids(tokenizer, r.messages)])
-        out = model.generate(
-            prompt,
-            max_new_tokens=16,
-            do_sample=False,
-            eos_token_id=stops,
-            pad_token_id=tokenizer.pad_token_id,
-        )[0, prompt.shape[1] :]
+        out = greedy_generate(model, tokenizer, r.messages, 16, stops)
         assert ours[r.key].text == tokenizer.decode(out, skip_special_tokens=True)
         assert ours[r.key].num_tokens == len(out)
 
