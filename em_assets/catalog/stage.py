@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
@@ -22,42 +21,10 @@ from em_assets.catalog.upstream import (
 )
 from em_assets.grid.load import GridError
 from em_assets.grid.schema import GridConfig, recipe_method
-from em_assets.models.hub import ModelLoadError, ResolvedModel, resolve
+from em_assets.models.facts import ModelFacts, model_facts
+from em_assets.models.hub import ResolvedModel, resolve
 from em_assets.results.artifacts import sha256_bytes
 from em_assets.results.store import Store, utc_now
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the catalog records of a base model, read from config and safetensors headers without loading."""
-
-    model_type: str
-    num_layers: int
-    num_params: int
-    # Modules with weights (a weight's name without its last part), which LoRA target_modules must match.
-    modules: frozenset[str]
-
-
-def model_facts(path: Path) -> ModelFacts:
-    from safetensors import SafetensorError, safe_open
-
-    config = json.loads((path / "config.json").read_text())
-    text = config.get("text_config", config)
-    params, modules = 0, set()
-    for file in path.glob("*.safetensors"):
-        try:
-            with safe_open(file, "pt") as fh:
-                for name in fh.keys():  # noqa: SIM118 - safe_open handles are not iterable
-                    n = 1
-                    for d in fh.get_slice(name).get_shape():
-                        n *= d
-                    params += n
-                    modules.add(name.rsplit(".", 1)[0])
-        except (SafetensorError, OSError) as exc:
-            raise ModelLoadError(f"{file}: unreadable safetensors weights ({exc})") from exc
-    return ModelFacts(
-        config.get("model_type", "?"), int(text.get("num_hidden_layers", 0)), params, frozenset(modules)
-    )
 
 
 def check_recipes_fit(grid: GridConfig, base_model: str, facts: ModelFacts) -> None:

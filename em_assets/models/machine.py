@@ -84,6 +84,8 @@ def describe_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
         "openmp_wait": openmp_wait(),
         # So does whether bf16 linear layers run on packed weights (models/packed.py).
         "packed_linears": settings().packed_linears,
+        # Where the bench runs on a GPU, its figures are that GPU's.
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
         # Not the machine's but the moment's: a figure taken under load is slower than the machine is.
@@ -105,4 +107,5 @@ def machine_line(description: dict) -> str:
         f"{d['cpu_model']} ({', '.join(d['flags']) or 'no AVX2/AVX-512/AMX'}); "
         f"{d['physical_cores']} cores, {d['usable_cpus']} usable CPUs, {d['torch_threads']} torch threads; "
         f"torch {d['torch']}, oneDNN {d['onednn']}{cap}; OpenMP wait {d.get('openmp_wait', 'unknown')}"
+        + (f"; GPU {d['gpu']}" if d.get("gpu") else "")
     )

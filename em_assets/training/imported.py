@@ -54,7 +54,7 @@ def _adapter(ctx: StageContext, entry: OrganismSource) -> tuple[dict, dict]:
 
 
 def _model(ctx: StageContext, entry: OrganismSource) -> tuple[dict, dict]:
-    from em_assets.catalog.stage import model_facts
+    from em_assets.models.facts import model_facts
     from em_assets.models.published import resolve_model
 
     model = resolve_model(ctx.organism.base_model, entry.source, entry.revision, ctx.cache_dir)

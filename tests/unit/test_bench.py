@@ -141,6 +141,18 @@ def test_the_judge_levers_run_on_the_same_answers_and_batch(children):
     assert len({(r["requests"], r["batch"]) for r in rows}) == 1
 
 
+def test_on_a_gpu_every_child_runs_there_on_the_given_model_and_cpu_only_rows_are_left_out(children):
+    out = run.run_all(quick=True, device="cuda", model="/m/random-smollm2")
+    assert {c.get("device") for c in children if c["stage"] != "vllm"} == {"cuda"}
+    assert {c.get("model") for c in children if c["stage"] != "vllm"} == {"/m/random-smollm2"}
+    # Processes per core, packed CPU weights and llama.cpp's CPU build are a CPU's levers.
+    assert not [k for k in out if "packed" in k or "_x2" in k or "llamacpp" in k]
+    assert [k for k in out if k.startswith("train_")] == [
+        f"train_{r}_{w}" for r in run.TRAIN_RECIPES for w in ("x1", "auto")
+    ]
+    assert "sample_vllm" in out and "sample_vllm_cpu" not in out
+
+
 def test_the_childs_result_is_its_json_line_even_with_logs_after_it():
     stdout = '{"config": 1}\nINFO loading\n{"tok_per_s": 371.7}\n(EngineCore pid=1) INFO [shutdown] exiting\n'
     assert run._result(stdout) == {"tok_per_s": 371.7}
@@ -167,7 +179,7 @@ def test_compact_prompts_follow_the_compact_spec(smollm2_tokenizer_dir, mirror):
 def test_the_report_says_which_machine_it_ran_on(children, monkeypatch, tmp_path):
     from em_assets.models.machine import describe_machine, machine_key
 
-    monkeypatch.setattr(run, "_model_params", lambda: PARAMS)
+    monkeypatch.setattr(run, "_model_params", lambda _: PARAMS)
     out = tmp_path / "bench.json"
     assert run.main(["--quick", "--out", str(out)]) == 0
     machine = json.loads(out.read_text())["machine"]
@@ -197,7 +209,7 @@ def test_the_default_is_compared_with_the_best_fixed_setting():
 def test_the_peer_runs_under_the_given_environment_and_ours_under_the_openmp_setting(
     children, vllm_python, monkeypatch, tmp_path
 ):
-    monkeypatch.setattr(run, "_model_params", lambda: PARAMS)
+    monkeypatch.setattr(run, "_model_params", lambda _: PARAMS)
     for name in OPENMP_WAIT_VARS:
         monkeypatch.delenv(name, raising=False)
     assert run.main(["--quick", "--out", str(tmp_path / "bench.json")]) == 0
@@ -215,6 +227,7 @@ def test_the_sweep_row_times_the_demos_checkpoint_sweep_both_ways(children):
         "points": 4,
         "requests": 4,
         "max_new_tokens": 64,
+        "device": "cpu",
     }
     rows = {
         **results({"tok_per_s": 150.0}, {"judgements_per_s": 32.0}),

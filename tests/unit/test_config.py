@@ -274,7 +274,8 @@ def test_a_postgresql_catalog_uri_in_em_db_keeps_its_double_slash(monkeypatch):
     ],
 )
 def test_a_lora_recipe_the_base_model_cannot_take_fails_in_the_catalogs_first_step(tiny_model_dir, lora, key):
-    from em_assets.catalog.stage import check_recipes_fit, model_facts
+    from em_assets.catalog.stage import check_recipes_fit
+    from em_assets.models.facts import model_facts
 
     def grid(lora: dict) -> GridConfig:
         recipe = {"dataset": "insecure", "lora": {"r": 1, "lora_alpha": 2, **lora}}
