@@ -49,6 +49,7 @@ EOF
 
 run() {
     : "${OUT:?set OUT to the folder for the logs and bench.json}"
+    mkdir -p "$OUT"
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/em-site "$GPU_DIR"/whl/*.whl
     export PYTHONPATH="/tmp/em-site:$PWD" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
     export EM_DATA_MIRROR="$PWD/$GPU_DIR/mirror" EM_TEST_TOKENIZER="$PWD/$GPU_DIR/smollm2"

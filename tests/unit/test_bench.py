@@ -87,7 +87,7 @@ def children(monkeypatch) -> list[dict]:
 
     monkeypatch.setattr(run, "_child", child)
     monkeypatch.setattr("em_assets.models.hub.resolve", lambda *_: SimpleNamespace(path=Path("/m/smollm2")))
-    monkeypatch.setattr("em_assets.models.processes.usable_cpus", lambda: 2)
+    monkeypatch.setattr(run, "usable_cpus", lambda: 2)
     return calls
 
 
@@ -141,16 +141,35 @@ def test_the_judge_levers_run_on_the_same_answers_and_batch(children):
     assert len({(r["requests"], r["batch"]) for r in rows}) == 1
 
 
-def test_on_a_gpu_every_child_runs_there_on_the_given_model_and_cpu_only_rows_are_left_out(children):
-    out = run.run_all(quick=True, device="cuda", model="/m/random-smollm2")
-    assert {c.get("device") for c in children if c["stage"] != "vllm"} == {"cuda"}
-    assert {c.get("model") for c in children if c["stage"] != "vllm"} == {"/m/random-smollm2"}
-    # Processes per core, packed CPU weights and llama.cpp's CPU build are a CPU's levers.
+def test_on_a_gpu_every_child_runs_there_on_the_given_model_and_cpu_only_rows_are_left_out(
+    children, vllm_python, monkeypatch
+):
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: object())  # llama.cpp installed
+    cpu = run.run_all(quick=True)
+    assert "sample_llamacpp_b1" in cpu and "sample_ours_b256_x2" in cpu and "packed_b24" in cpu
+    children.clear()
+    out = run.run_all(quick=True, device="cuda")
+    assert {c.get("device") for c in children} == {"cuda"} and "vllm" not in {c["stage"] for c in children}
+    # Processes per core, packed CPU weights, llama.cpp's and vLLM's CPU builds are a CPU's levers and peers.
     assert not [k for k in out if "packed" in k or "_x2" in k or "llamacpp" in k]
+    assert out["sample_vllm_cpu"]["skipped"]
     assert [k for k in out if k.startswith("train_")] == [
         f"train_{r}_{w}" for r in run.TRAIN_RECIPES for w in ("x1", "auto")
     ]
-    assert "sample_vllm" in out and "sample_vllm_cpu" not in out
+    children.clear()
+    run.run_all(quick=True, device="cuda", model="/m/random-smollm2")
+    assert {c.get("model") for c in children} == {"/m/random-smollm2"}
+
+
+def test_the_workers_loader_loads_the_benched_model_on_its_device(tiny_model_dir):
+    import pickle
+
+    args = SimpleNamespace(model=str(tiny_model_dir), device="cpu")
+    # Spawned sampling workers and the calibration get it pickled.
+    model, tokenizer = pickle.loads(pickle.dumps(run._loader(args)))()
+    assert (
+        model.name_or_path == str(tiny_model_dir) and model.device.type == "cpu" and tokenizer.chat_template
+    )
 
 
 def test_the_childs_result_is_its_json_line_even_with_logs_after_it():

@@ -257,6 +257,14 @@ def test_packed_and_plain_linear_weights_are_two_machines(monkeypatch):
     assert machine.machine_key(packed) != machine.machine_key(plain)
 
 
+def test_a_host_with_a_gpu_is_another_machine():
+    here = {**machine.describe_machine(), "gpu": None}
+    with_gpu = {**here, "gpu": "NVIDIA H200"}
+    assert machine.machine_key(with_gpu) != machine.machine_key(here)
+    assert not machine.machine_line(here).endswith("H200")
+    assert machine.machine_line(with_gpu).endswith("; GPU NVIDIA H200")
+
+
 def test_onednn_version_is_read_from_torchs_build_config():
     import torch
 
