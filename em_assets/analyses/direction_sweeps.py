@@ -23,6 +23,7 @@ from em_assets.analyses.sweep import (
     forget_sweep,
     narrowed,
     run_sweep,
+    sampling_used,
 )
 from em_assets.context import StageContext
 from em_assets.results import directions as db
@@ -44,6 +45,8 @@ class SweepReport:
     message: str
     table: pl.DataFrame
     figure: Path | None = None
+    # How this run sampled (analyses/sweep.py's PointResult.sampling), each way once.
+    sampling: tuple[str, ...] = ()
 
 
 def _files(row: dict, vector: str) -> tuple[str, str]:
@@ -181,4 +184,5 @@ def run_direction_sweep(ctx: StageContext, sweep: str, figures_dir: Path) -> Swe
         if row["contrast"] == "quartile"
         else "EM-threshold contrast"
     )
-    return SweepReport(sweep, True, f"{len(pairs)} settings with the {label} direction", table, figure)
+    message = f"{len(pairs)} settings with the {label} direction"
+    return SweepReport(sweep, True, message, table, figure, sampling_used(results))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 
-from em_assets.analyses.sweep import PointResult, SweepPoint, forget_sweep, narrowed, run_sweep
+from em_assets.analyses.sweep import PointResult, SweepPoint, forget_sweep, narrowed, run_sweep, sampling_used
 from em_assets.context import StageContext
 from em_assets.grid.schema import IMPORTED_KINDS, recipe_method
 from em_assets.results.errors import MissingUpstreamError
@@ -46,6 +46,8 @@ class DynamicsResult:
     judged: int = 0
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    # How this run sampled (analyses/sweep.py's PointResult.sampling), each way once.
+    sampling: tuple[str, ...] = ()
 
 
 def skip_reason(ctx: StageContext, reads_adapter: bool = True) -> str | None:
@@ -98,6 +100,7 @@ def _swept(ctx, table, rows, results, start) -> DynamicsResult:
         sampled=sum(r.sampled for r in results),
         judged=sum(r.judged for r in results),
         seconds=time.perf_counter() - start,
+        sampling=sampling_used(results),
     )
 
 

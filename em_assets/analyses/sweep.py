@@ -77,12 +77,23 @@ class PointResult:
     em_correction: str
     sampled: int
     judged: int
+    # How this call sampled the point's answers (processes, batch and why; or one batch with other points).
+    sampling: str | None = None
 
     def row(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_rates(cls, r: dict, sweep: str, setting: str, setting_hash: str, sampled: int, judged: int):
+    def from_rates(
+        cls,
+        r: dict,
+        sweep: str,
+        setting: str,
+        setting_hash: str,
+        sampled: int,
+        judged: int,
+        sampling: str | None = None,
+    ):
         """From one row of `corrected_rates`."""
         return cls(
             sweep=sweep,
@@ -100,6 +111,7 @@ class PointResult:
             **{c: r[c] for c in CORRECTION_COLUMNS},
             sampled=sampled,
             judged=judged,
+            sampling=sampling,
         )
 
 
@@ -168,6 +180,11 @@ def narrowed(ctx: StageContext, max_new_tokens: int | None, question_ids: list[s
     )
     evals = grid.eval.model_copy(update={"question_ids": question_ids or grid.eval.question_ids})
     return dataclasses.replace(ctx, grid=grid.model_copy(update={"sampling": sampling, "eval": evals}))
+
+
+def sampling_used(results: Sequence[PointResult]) -> tuple[str, ...]:
+    """The distinct ways this call sampled its points (none where every answer was reused)."""
+    return tuple(sorted({r.sampling for r in results if r.sampling}))
 
 
 def run_sweep(
@@ -345,12 +362,13 @@ def _completion_row(
     }
 
 
-def _sample_point(ctx, tables, base, point, shash, todo, on_progress) -> int:
-    """Sample one point's missing answers, writing each chunk as it finishes; returns how many were sampled."""
+def _sample_point(ctx, tables, base, point, shash, todo, on_progress) -> tuple[int, str | None]:
+    """Sample one point's missing answers, writing each chunk as it finishes; returns how many were sampled and
+    how."""
     from em_assets.models.load import pick_device
 
     if not todo:
-        return 0
+        return 0, None
     requests, by_key = _requests(ctx, todo)
     device = ctx.device or pick_device()
     loader = functools.partial(load_sweep_model, base, point.adapter_path, point.edits, device)
@@ -364,8 +382,7 @@ def _sample_point(ctx, tables, base, point, shash, todo, on_progress) -> int:
         cache_dir=ctx.cache_dir,
     )
     ctx.log.info(
-        f"{ctx.key}: {point.sweep} {point.setting}: sampling {len(requests)} answers in {choice.workers} "
-        f"process(es), batch {choice.batch_size} ({choice.why})"
+        f"{ctx.key}: {point.sweep} {point.setting}: sampling {len(requests)} answers in {choice.describe()}"
     )
     done = 0
     for chunk in chunks:
@@ -374,7 +391,7 @@ def _sample_point(ctx, tables, base, point, shash, todo, on_progress) -> int:
         done += len(rows)
         if on_progress is not None:
             on_progress(point, "sampled", done, len(requests))
-    return done
+    return done, choice.describe()
 
 
 def _batched(ctx: StageContext, points: Sequence[SweepPoint]) -> bool:
@@ -390,10 +407,10 @@ def _batched(ctx: StageContext, points: Sequence[SweepPoint]) -> bool:
 
 def _sample_batched(
     ctx, tables, base, points, hashes, todo, on_progress
-) -> dict[tuple[str, str], int] | None:
+) -> dict[tuple[str, str], tuple[int, str]] | None:
     """Sample every point's missing answers in one batch of the base model, each row with its point's adapter
-    and edit (analyses/variants.py), writing each chunk as it finishes; returns how many each point sampled, or
-    None, having sampled nothing, where an adapter cannot share the batch."""
+    and edit (analyses/variants.py), writing each chunk as it finishes; returns how many each point sampled and
+    how, or None, having sampled nothing, where an adapter cannot share the batch."""
     from em_assets.analyses.variants import NotMixable, Variant, VariantBatch
     from em_assets.models.load import load_organism_model, pick_device
     from em_assets.sampling.engine import iter_samples
@@ -436,11 +453,13 @@ def _sample_batched(
                     on_progress(p, "sampled", done[p.pair], len(todo[p.pair]))
     finally:
         variants.remove()
-    return done
+    how = f"one batch of {len(points)} settings, batch {sampling.batch_size}"
+    return {pair: (n, how) for pair, n in done.items()}
 
 
 def _summarise(ctx, tables, points, hashes, sampled, judged) -> list[PointResult]:
-    """Per point: rates over its current answers, in the order the points were given."""
+    """Per point: rates over its current answers, in the order the points were given; `sampled`: per point, how
+    many answers this call sampled and how."""
     scored = tables.scored([p.pair for p in points])
     rates = {
         (r["sweep"], r["setting"]): r
@@ -451,6 +470,8 @@ def _summarise(ctx, tables, points, hashes, sampled, judged) -> list[PointResult
         r = rates.get(p.pair)
         if r is None:
             raise RuntimeError(f"{ctx.key}: sweep point {p.setting!r} has no answers after sampling")
-        counts = (sampled.get(p.pair, 0), judged.get(p.pair, 0))
-        out.append(PointResult.from_rates(r, p.sweep, p.setting, hashes[p.pair], *counts))
+        n, how = sampled.get(p.pair, (0, None))
+        out.append(
+            PointResult.from_rates(r, p.sweep, p.setting, hashes[p.pair], n, judged.get(p.pair, 0), how)
+        )
     return out

@@ -87,6 +87,7 @@ def _sweep_result(report: direction_sweeps.SweepReport, shown: list[str]) -> dg.
         meta["em_correction"] = dg.MetadataValue.md(correction_caveat(report.table))
         meta["figure"] = md_image(report.figure, report.sweep)
         meta["figure_path"] = dg.MetadataValue.path(str(report.figure))
+        meta["sampling"] = "; ".join(report.sampling) or "nothing sampled"
     return dg.MaterializeResult(metadata=meta)
 
 

@@ -48,6 +48,7 @@ def _materialize(
         "sampled_now": out.sampled,
         "judged_now": out.judged,
         "seconds": round(out.seconds, 2),
+        "sampling": "; ".join(out.sampling) or "nothing sampled",
         "figure_path": str(figure),
         "figure": md_image(figure, title),
     }

@@ -75,6 +75,9 @@ class SamplingChoice:
     # Spent timing candidates (or waiting for another job's calibration) before sampling.
     seconds: float = 0.0
 
+    def describe(self) -> str:
+        return f"{self.workers} process(es), batch {self.batch_size} ({self.why})"
+
 
 def candidate_key(candidate: Candidate) -> str:
     return f"workers={candidate[0]} batch={candidate[1]}"

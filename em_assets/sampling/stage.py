@@ -199,9 +199,7 @@ def organism_chunks(
         on_progress=progress,
         cache_dir=ctx.cache_dir,
     )
-    ctx.log.info(
-        f"{ctx.key}: sampling in {choice.workers} process(es), batch {choice.batch_size} ({choice.why})"
-    )
+    ctx.log.info(f"{ctx.key}: sampling in {choice.describe()}")
     return chunks, choice
 
 

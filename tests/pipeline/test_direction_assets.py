@@ -64,6 +64,8 @@ def test_directions_and_similarity_materialise(pipeline):
         assert all(m["ran"].value is ran for m in sweeps.values())
         if ran:
             assert all("data:image/png;base64," in m["figure"].value for m in sweeps.values())
+            # Steering's three settings (unsteered, direction, random) go through the base model in one batch.
+            assert sweeps["steering_sweep"]["sampling"].value.startswith("one batch of 3 settings")
     store = Store(tmp_path / "results.duckdb")
     steering = store.query("SELECT * FROM steering_results ORDER BY setting")
     # Unsteered, then the direction and the random control at one layer and scale; 2 questions x 1 sample.

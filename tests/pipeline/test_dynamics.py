@@ -218,6 +218,8 @@ def test_dynamics_assets_write_their_tables_and_figures(pipeline, one_torch_thre
     for name in DYNAMICS:
         assert "data:image/png;base64," in meta[name]["figure"].value
         assert meta[name]["dagster/row_count"].value > 0 and meta[name]["note"].value == ""
+    # The step says how it sampled: the checkpoints and the base model together, in one batch.
+    assert meta["em_over_training"]["sampling"].value.startswith("one batch of 4 settings"), meta
 
     # Sweep answers are cut to dynamics.max_new_tokens (4), not the grid's 6.
     longest = store.query("SELECT max(num_tokens) AS n FROM sweep_completions")["n"][0]
@@ -227,6 +229,7 @@ def test_dynamics_assets_write_their_tables_and_figures(pipeline, one_torch_thre
     assert (
         again["em_over_training"]["sampled_now"].value == 0 and again["lora_scaling"]["judged_now"].value == 0
     )
+    assert again["em_over_training"]["sampling"].value == "nothing sampled"
     # Once the judge's error rates are measured, the stored sweep rows carry the corrected rates.
     grid = load_grid(tmp_path / "grid.yaml", "test")
     identity = judge_identity(grid, tmp_path / "cache", store)
