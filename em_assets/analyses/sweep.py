@@ -453,7 +453,7 @@ def _sample_batched(
                     on_progress(p, "sampled", done[p.pair], len(todo[p.pair]))
     finally:
         variants.remove()
-    how = f"one batch of {len(points)} settings, batch {sampling.batch_size}"
+    how = f"one batch of {len(points)} settings, {len(requests)} answers, batch {sampling.batch_size}"
     return {pair: (n, how) for pair, n in done.items()}
 
 

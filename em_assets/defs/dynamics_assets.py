@@ -21,6 +21,8 @@ _SHOWN = {
 }
 
 
+# The stages that sample (the trajectory reads the checkpoints' weights only).
+_SWEEPS = ("em_over_training", "lora_scaling")
 _PLOTS: dict[str, Callable] = {
     "em_over_training": plots.plot_em_over_training,
     "lora_trajectory": plots.plot_lora_trajectory,
@@ -48,10 +50,11 @@ def _materialize(
         "sampled_now": out.sampled,
         "judged_now": out.judged,
         "seconds": round(out.seconds, 2),
-        "sampling": "; ".join(out.sampling) or "nothing sampled",
         "figure_path": str(figure),
         "figure": md_image(figure, title),
     }
+    if name in _SWEEPS:
+        meta["sampling"] = "; ".join(out.sampling) or "nothing sampled"
     if out.table.height:
         meta["table"] = md_table(out.table.select(_SHOWN[name]).with_columns(cs.float().round(3)))
         if "em_correction" in out.table.columns:

@@ -220,6 +220,7 @@ def test_dynamics_assets_write_their_tables_and_figures(pipeline, one_torch_thre
         assert meta[name]["dagster/row_count"].value > 0 and meta[name]["note"].value == ""
     # The step says how it sampled: the checkpoints and the base model together, in one batch.
     assert meta["em_over_training"]["sampling"].value.startswith("one batch of 4 settings"), meta
+    assert "sampling" not in meta["lora_trajectory"]
 
     # Sweep answers are cut to dynamics.max_new_tokens (4), not the grid's 6.
     longest = store.query("SELECT max(num_tokens) AS n FROM sweep_completions")["n"][0]

@@ -194,3 +194,5 @@ def test_a_sweep_point_settles_its_sampling_with_the_stages_calibration_cache(
     (result,) = run_sweep(ctx, points(ws["adapter_path"], ws["adapter_sha256"])[:1])
     # The organism's own sampling caches its calibration under the stage's cache dir; so does a sweep's.
     assert result.sampled == 4 and asked == [ctx.cache_dir]
+    # A point sampled alone says how: its processes, batch and why (the grid forces both here).
+    assert result.sampling == "1 process(es), batch 2 (forced)"
