@@ -277,10 +277,12 @@ def test_vllm_backend_imports_vllm_only_when_used():
 def test_kv_bytes_per_slot_is_what_the_cache_holds(model, tokenizer):
     from transformers import DynamicCache
 
+    from em_assets.models.prefix_cache import cache_kwarg
+
     ids = torch.tensor([chat_ids(tokenizer, [{"role": "user", "content": QUESTIONS[2]}])])
     cache = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache})
     held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert slots.kv_bytes_per_slot(model, ids.shape[1]) == held
     assert engine.auto_batch_size(model, 1000) == engine.CPU_BATCH
