@@ -53,26 +53,25 @@ def model_path(model: str | None) -> Path:
     return resolve(*SMOLLM2).path
 
 
+def load_bench_model(path: str, device: str, dtype: str = "auto") -> tuple:
+    """(model, tokenizer): module-level, so that a partial of it pickles into spawned sampling workers and the
+    calibration's children."""
+    from em_assets.models.load import load_model, load_tokenizer
+
+    return load_model(path, device=device, dtype=dtype), load_tokenizer(path)
+
+
 def _model(args: argparse.Namespace, dtype: str = "auto"):
-    from em_assets.models.load import load_model, load_tokenizer
-
+    """The model `args` name on their device, its tokenizer and its folder."""
     path = model_path(args.model)
-    return load_model(path, device=args.device, dtype=dtype), load_tokenizer(path), path
+    return (*load_bench_model(str(path), args.device, dtype), path)
 
 
-def load_bench_model(path: str, device: str) -> tuple:
-    """(model, tokenizer) for sampling workers and the calibration: module-level, so that a partial of it pickles
-    into spawned children."""
-    from em_assets.models.load import load_model, load_tokenizer
-
-    return load_model(path, device=device), load_tokenizer(path)
-
-
-def _loader(args: argparse.Namespace):
-    """The loader of the model `args` name, on their device."""
+def _loader(path: Path, device: str):
+    """A picklable loader of the model at `path` on `device`, for workers and the calibration."""
     import functools
 
-    return functools.partial(load_bench_model, str(model_path(args.model)), args.device)
+    return functools.partial(load_bench_model, str(path), device)
 
 
 def _demo_grid():
@@ -130,7 +129,7 @@ def stage_sampling(args: argparse.Namespace) -> dict:
     from em_assets.models.packed import packable
 
     dtype = "float32" if args.engine == "hf_generate" and args.batch == 1 else "auto"
-    model, tokenizer, _ = _model(args, dtype)
+    model, tokenizer, path = _model(args, dtype)
     out = benchmark_sampling(
         model,
         tokenizer,
@@ -140,7 +139,7 @@ def stage_sampling(args: argparse.Namespace) -> dict:
         temperature=1.0,
         engine=args.engine,
         workers=args.workers,
-        loader=_loader(args),
+        loader=_loader(path, args.device),
     )
     # transformers' `generate` runs the plain layers: only the project's sampler packs them.
     packed = args.engine == "sampler" and packable(model)
@@ -159,6 +158,7 @@ def stage_sampling_auto(args: argparse.Namespace) -> dict:
     from em_assets.sampling.calibrate import choose_sampling
 
     model, tokenizer, path = _model(args)
+    loader = _loader(path, args.device)
     base = {"path": str(path), "revision": None, "num_params": model.num_parameters()}
     with tempfile.TemporaryDirectory() as cache:
         choice = choose_sampling(
@@ -166,7 +166,7 @@ def stage_sampling_auto(args: argparse.Namespace) -> dict:
             args.requests,
             device=args.device,
             base=base,
-            loader=_loader(args),
+            loader=loader,
             cache_dir=Path(cache),
         )
     out = benchmark_sampling(
@@ -176,7 +176,7 @@ def stage_sampling_auto(args: argparse.Namespace) -> dict:
         args.max_new_tokens,
         choice.batch_size,
         workers=choice.workers,
-        loader=_loader(args),
+        loader=loader,
     )
     return {**out, "why": choice.why, "calibration_rates": choice.rates, "calibration_s": choice.seconds}
 

@@ -161,15 +161,19 @@ def test_on_a_gpu_every_child_runs_there_on_the_given_model_and_cpu_only_rows_ar
     assert {c.get("model") for c in children} == {"/m/random-smollm2"}
 
 
-def test_the_workers_loader_loads_the_benched_model_on_its_device(tiny_model_dir):
-    import pickle
-
-    args = SimpleNamespace(model=str(tiny_model_dir), device="cpu")
-    # Spawned sampling workers and the calibration get it pickled.
-    model, tokenizer = pickle.loads(pickle.dumps(run._loader(args)))()
-    assert (
-        model.name_or_path == str(tiny_model_dir) and model.device.type == "cpu" and tokenizer.chat_template
+def test_worker_processes_load_the_benched_model(tiny_model_dir, mirror):
+    # Spawned sampling workers get the loader pickled; each loads the model the bench was given.
+    args = SimpleNamespace(
+        model=str(tiny_model_dir),
+        device="cpu",
+        engine="sampler",
+        batch=2,
+        requests=4,
+        max_new_tokens=2,
+        workers=2,
     )
+    row = run.stage_sampling(args)
+    assert (row["workers"], row["requests"]) == (2, 4) and row["tokens"] > 0
 
 
 def test_the_childs_result_is_its_json_line_even_with_logs_after_it():
