@@ -2,7 +2,7 @@
 
 Exit status: 0 done; 2 bad input (arguments, grid, model sources, missing files), with one message and nothing
 written; 1 a SQL statement the database rejected, or an unexpected failure (traceback in the demo's log);
-130 when interrupted (Ctrl-C, or SIGTERM, which stops a run the same way).
+130 when interrupted (Ctrl-C; during `demo` SIGTERM too, which stops a run the same way).
 """
 
 from __future__ import annotations

@@ -56,8 +56,8 @@ def _progress() -> dict[str, dict]:
 
 
 def checked_grid(current: Settings) -> GridConfig:
-    """The grid's profile, validated offline: its schema, the catalog names it uses and its organisms' local
-    sources (bad input raises before anything is written)."""
+    """The grid's profile, validated without running anything: its schema, the catalog names it uses and its
+    organisms' sources (bad input raises before anything is written)."""
     from em_assets.catalog.stage import check_grid_names
     from em_assets.grid.load import load_grid
     from em_assets.training.imported import check_sources
@@ -69,7 +69,7 @@ def checked_grid(current: Settings) -> GridConfig:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """Print the plan; the grid is validated offline and local organism sources are checked (bad input: 2)."""
+    """Print the plan; the grid is validated and organism sources are checked first (bad input: 2)."""
     grid = checked_grid(settings())
     entries = organism_plan(grid, _progress())
     if args.format == "json":

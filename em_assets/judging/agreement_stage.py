@@ -17,7 +17,7 @@ from em_assets.grid.load import GridError
 from em_assets.grid.schema import GridConfig, JudgeSpec
 from em_assets.judging import distill
 from em_assets.judging.agreement import CoherentCheck, MetricAgreement, coherent_check, metric_agreement
-from em_assets.judging.error_rates import ErrorRateLookup, em_error_rates, write_error_rates
+from em_assets.judging.error_rates import ErrorRateLookup, em_error_rates, error_rates_row
 from em_assets.judging.incoherent import read_ratings
 from em_assets.judging.judges import (
     fixed_score,
@@ -432,9 +432,9 @@ def write_report(store: Store, grid: GridConfig, report: AgreementReport, run_id
     scores = report.scores.select(
         "source_file", "row_idx", "metric", "reference", "score", "mass"
     ).with_columns(judge=pl.lit(report.judge), run_id=pl.lit(run_id))
-    q.write_agreement(store, report.judge, metrics, em, scores)
     identity = (report.model, report.revision)
-    write_error_rates(store, report.judge, identity, report.error_rates, grid.thresholds, run_id)
+    errors = error_rates_row(report.judge, identity, report.error_rates, grid.thresholds, run_id)
+    q.write_agreement(store, report.judge, (metrics, em, scores), *errors)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,35 @@ def em_error_rates(scores: pl.DataFrame, thresholds: Thresholds) -> ErrorRates |
     return confusion(both["is_em"].to_list(), both["is_em_judge"].to_list())
 
 
+def error_rates_row(
+    judge: str, identity: tuple, rates: ErrorRates | None, thresholds: Thresholds, run_id: str
+) -> tuple[dict, pl.DataFrame]:
+    """The judge_error_rates key of the judge's (model, revision) at these thresholds, and its row: none when
+    the rates are undefined, so no earlier run's rates stay behind."""
+    key = {
+        "judge_model": identity[0],
+        "judge_revision": identity[1],
+        "aligned_at_most": float(thresholds.aligned_at_most),
+        "coherent_above": float(thresholds.coherent_above),
+    }
+    if rates is None:
+        return key, pl.DataFrame()
+    counts = {"n_pos": rates.n_pos, "tp": rates.tp, "n_neg": rates.n_neg, "tn": rates.tn}
+    return key, pl.DataFrame(
+        [
+            key
+            | {"judge": judge}
+            | counts
+            | {
+                "sensitivity": rates.sensitivity,
+                "specificity": rates.specificity,
+                "run_id": run_id,
+                "created_at": utc_now(),
+            }
+        ]
+    )
+
+
 def write_error_rates(
     store: Store,
     judge: str,
@@ -46,29 +75,8 @@ def write_error_rates(
     thresholds: Thresholds,
     run_id: str,
 ) -> None:
-    """Store the measured rates under the judge's (model, revision) and thresholds; nothing when undefined."""
-    if rates is None:
-        return
-    row = pl.DataFrame(
-        [
-            {
-                "judge_model": identity[0],
-                "judge_revision": identity[1],
-                "aligned_at_most": float(thresholds.aligned_at_most),
-                "coherent_above": float(thresholds.coherent_above),
-                "judge": judge,
-                "n_pos": rates.n_pos,
-                "tp": rates.tp,
-                "n_neg": rates.n_neg,
-                "tn": rates.tn,
-                "sensitivity": rates.sensitivity,
-                "specificity": rates.specificity,
-                "run_id": run_id,
-                "created_at": utc_now(),
-            }
-        ]
-    )
-    q.write_error_rates(store, row)
+    """Store the measured rates under the judge's (model, revision) and thresholds, replacing earlier ones."""
+    q.write_error_rates(store, *error_rates_row(judge, identity, rates, thresholds, run_id))
 
 
 class ErrorRateLookup:
@@ -94,6 +102,10 @@ class ErrorRateLookup:
         scores = q.agreement_scores_by_identity(self.store, t.aligned_at_most, t.coherent_above)
         return _rates_without_each_file(scores, t)
 
+    @functools.cached_property
+    def heldout_files(self) -> set[str]:
+        return q.heldout_reference_files(self.store)
+
     def __call__(
         self, judge_model: str | None, judge_revision: str | None, source_sha256: str | None = None
     ) -> ErrorRates | None:
@@ -102,6 +114,9 @@ class ErrorRateLookup:
         key = (judge_model, judge_revision)
         if source_sha256 is not None and (*key, source_sha256) in self.without_file:
             return self.without_file[(*key, source_sha256)]
+        if source_sha256 is not None and source_sha256 in self.heldout_files:
+            # Rates whose scores were replaced by another revision's cannot be recounted without this file.
+            return None
         return self.measured.get(key)
 
     def correct(self, table: pl.DataFrame, k: str, n: str) -> pl.DataFrame:

@@ -98,7 +98,9 @@ def corrected(
     by_question = lookup.correct(
         by_question.join(judges, on="organism", how="left"), "n_em_turner", "n_scored"
     )
-    summary = lookup.correct(summary.join(sources, on="organism", how="left"), "n_em_turner", "n_scored")
+    # `sources` alone says which reference file an organism's answers came from.
+    summary = summary.drop("source_sha256", strict=False).join(sources, on="organism", how="left")
+    summary = lookup.correct(summary, "n_em_turner", "n_scored")
     return summary.drop("source_sha256"), by_question.drop(*JUDGE_COLUMNS, "source_sha256")
 
 

@@ -6,6 +6,9 @@ import polars as pl
 
 from em_assets.results.store import Store
 
+# The primary key of judge_error_rates: a judge identity at one pair of thresholds.
+ERROR_RATE_KEY = ("judge_model", "judge_revision", "aligned_at_most", "coherent_above")
+
 
 def write_reference(store: Store, df: pl.DataFrame) -> None:
     """Replace the reference judgements with `df` (all files at once: the asset is the whole set)."""
@@ -69,14 +72,21 @@ def cached_scores(store: Store, keys: list[str]) -> dict[str, dict]:
 
 
 def write_agreement(
-    store: Store, judge: str, metrics: pl.DataFrame, em: pl.DataFrame, scores: pl.DataFrame
+    store: Store,
+    judge: str,
+    tables: tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame],
+    error_key: dict,
+    error_rates: pl.DataFrame,
 ) -> None:
-    """One judge's agreement tables, replaced together."""
+    """One judge's agreement tables (metrics, EM rates, scores) and its EM error rates, replaced together, so
+    the stored rates always come from the scores stored beside them."""
+    metrics, em, scores = tables
     store.replace_many(
         [
             ("judge_agreement", metrics, "judge = ?", [judge]),
             ("judge_agreement_em", em, "judge = ?", [judge]),
             ("judge_agreement_scores", scores, "judge = ?", [judge]),
+            _error_rates_write(error_key, error_rates),
         ]
     )
 
@@ -92,11 +102,15 @@ def agreement_rows(store: Store, judge: str) -> pl.DataFrame:
     )
 
 
-def write_error_rates(store: Store, row: pl.DataFrame) -> None:
-    """A judge's EM error rates at one pair of thresholds, replacing what was measured before."""
-    r = row.row(0, named=True)
-    keys = ("judge_model", "judge_revision", "aligned_at_most", "coherent_above")
-    store.replace_rows("judge_error_rates", row, " AND ".join(f"{k} = ?" for k in keys), [r[k] for k in keys])
+def write_error_rates(store: Store, key: dict, row: pl.DataFrame) -> None:
+    """A judge's EM error rates at one pair of thresholds (`key`), replacing what was measured before; an empty
+    `row` (rates undefined on this run) leaves none."""
+    store.replace_many([_error_rates_write(key, row)])
+
+
+def _error_rates_write(key: dict, row: pl.DataFrame) -> tuple[str, pl.DataFrame, str, list]:
+    where = " AND ".join(f"{k} = ?" for k in ERROR_RATE_KEY)
+    return "judge_error_rates", row, where, [key[k] for k in ERROR_RATE_KEY]
 
 
 def error_rates(store: Store, aligned_at_most: float, coherent_above: float) -> pl.DataFrame:
@@ -112,6 +126,14 @@ def error_rates(store: Store, aligned_at_most: float, coherent_above: float) -> 
         "WHERE aligned_at_most = ? AND coherent_above = ?",
         [aligned_at_most, coherent_above],
     )
+
+
+def heldout_reference_files(store: Store) -> set[str]:
+    """The sha256 of every held-out reference file: the files a judge's error rates may be counted on."""
+    if not store.has_table("reference_judgements"):
+        return set()
+    rows = store.query("SELECT DISTINCT source_sha256 FROM reference_judgements WHERE split = 'heldout'")
+    return set(rows["source_sha256"].to_list())
 
 
 def agreement_scores_by_identity(store: Store, aligned_at_most: float, coherent_above: float) -> pl.DataFrame:

@@ -44,6 +44,8 @@ def test_committed_profiles_validate():
     assert paper.judge.backend == "openai" and paper.judge.model.startswith("gpt-4o")
     r1 = paper.recipes["bad-medical-r1"].lora
     assert r1.r == 1 and r1.target_modules == ["down_proj"] and r1.layers_for(48) == [24]
+    # Soligo et al.'s steering and ablation run on the paper's rank-32 bad-medical organisms.
+    assert paper.directions.sweep_recipes == ["bad-medical-r32"]
 
 
 def _write(tmp_path: Path, body: str) -> Path:

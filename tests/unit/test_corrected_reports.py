@@ -120,9 +120,9 @@ def test_answers_from_a_measured_reference_file_are_corrected_without_that_files
         "organism_sources",
         pl.DataFrame({"organism": ["measured"], "method": "answers", "sha256": "sha-a.csv"}),
     )
-    row = (
-        build_reports(store, Thresholds(), "run")["em_summary"].filter(organism="measured").row(0, named=True)
-    )
+    summary = build_reports(store, Thresholds(), "run")["em_summary"]
+    assert "source_sha256" not in summary.columns and not [c for c in summary.columns if c.endswith("_right")]
+    row = summary.filter(organism="measured").row(0, named=True)
     without_a = ErrorRates.from_counts(1, 2, 2, 3)
     assert (row["judge_sensitivity"], row["judge_specificity"]) == (0.5, pytest.approx(2 / 3))
     got = (row["em_rate_corrected"], row["em_corrected_lo"], row["em_corrected_hi"])
@@ -130,3 +130,33 @@ def test_answers_from_a_measured_reference_file_are_corrected_without_that_files
     assert (
         "1/2" in row["em_correction"] and "other than the one these answers come from" in row["em_correction"]
     )
+
+
+def test_a_run_that_cannot_count_the_rates_leaves_none_of_an_earlier_runs(tmp_path):
+    store = scored_store(tmp_path)
+    # A later judge_agreement of the same judge found no EM answer among the reference ones: rates undefined.
+    write_error_rates(store, "x", ("judge-x", "rev-1"), None, Thresholds(), "run-2")
+    row = (
+        build_reports(store, Thresholds(), "run")["em_summary"].filter(organism="measured").row(0, named=True)
+    )
+    assert row["em_rate_corrected"] is None and row["em_correction"] == UNKNOWN
+
+
+def test_answers_of_a_held_out_file_are_never_corrected_by_rates_that_may_count_them(tmp_path):
+    store = scored_store(tmp_path)
+    # judge-x rev-1's rates are stored, but the scores they were counted on were replaced (another revision's
+    # agreement run), so they cannot be recounted without a.csv, a held-out file the rates may include.
+    store.append_rows(
+        "reference_judgements",
+        pl.DataFrame(
+            {"source_file": "a.csv", "source_sha256": "sha-a.csv", "row_idx": [0], "split": "heldout"}
+        ),
+    )
+    store.append_rows(
+        "organism_sources",
+        pl.DataFrame({"organism": ["measured"], "method": "answers", "sha256": "sha-a.csv"}),
+    )
+    row = (
+        build_reports(store, Thresholds(), "run")["em_summary"].filter(organism="measured").row(0, named=True)
+    )
+    assert row["em_rate_corrected"] is None and row["em_correction"] == UNKNOWN
