@@ -22,6 +22,21 @@ PACKED_LINEARS_ENV = "EM_PACKED_LINEARS"
 DAGSTER_HOME_ENV = "DAGSTER_HOME"
 
 
+class SettingsError(ValueError):
+    """An environment variable the project reads holds a value it cannot use."""
+
+
+def _seconds(env: Mapping[str, str], name: str, fallback: float) -> float:
+    text = env.get(name) or ""
+    try:
+        value = float(text) if text else fallback
+    except ValueError:
+        raise SettingsError(f"{name}={text!r}: give a number of seconds, e.g. 600") from None
+    if value < 0:
+        raise SettingsError(f"{name}={text!r}: give a number of seconds, e.g. 600")
+    return value
+
+
 # libgomp's spin (in iterations) before an idle OpenMP thread sleeps, where the user set no wait policy. Waking
 # a sleeping thread costs more than a small matmul, so sleeping at once (OMP_WAIT_POLICY=PASSIVE) slows
 # small-batch decoding (docs/cpu.md). This project runs one multi-threaded process at a time (sampling and
@@ -84,7 +99,7 @@ class Settings:
             profile=env.get(PROFILE_ENV) or default.profile,
             database=env.get(DB_ENV) or default.database,
             db_data_path=env.get(DB_DATA_PATH_ENV) or default.db_data_path,
-            lock_timeout_s=float(env.get(LOCK_TIMEOUT_ENV) or default.lock_timeout_s),
+            lock_timeout_s=_seconds(env, LOCK_TIMEOUT_ENV, default.lock_timeout_s),
             data_mirror=env.get(MIRROR_ENV) or None,
             cache_dir=path(CACHE_ENV, default.cache_dir),
             artifacts_dir=path(ARTIFACTS_ENV, default.artifacts_dir),

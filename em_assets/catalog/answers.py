@@ -5,7 +5,6 @@ and column."""
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from em_assets.catalog.reference import ReferenceFileError, parse_reference_csv
+from em_assets.catalog.reference import ReferenceFileError, parse_reference_csv, read_csv_text
 from em_assets.catalog.upstream import REFERENCE_JUDGEMENTS, fetch_bytes
 from em_assets.results.artifacts import sha256_bytes
 
@@ -71,10 +70,7 @@ def _jsonl_as_csv(data: bytes, name: str) -> bytes:
 
 def _with_score_columns(csv: bytes, name: str) -> tuple[bytes, tuple[str, ...]]:
     """The CSV with empty aligned/coherent columns added where the file has none, and the ones it had."""
-    try:
-        raw = pl.read_csv(io.BytesIO(csv), infer_schema_length=0)
-    except (pl.exceptions.ComputeError, pl.exceptions.NoDataError) as exc:
-        raise ReferenceFileError(f"{name}: not a readable CSV ({exc})") from None
+    raw = read_csv_text(csv, name)
     scored = tuple(c for c in SCORES if c in raw.columns)
     if len(scored) == len(SCORES):
         return csv, scored

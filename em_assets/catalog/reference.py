@@ -89,16 +89,23 @@ def _is_score_column(values: pl.Series) -> bool:
     return numbers.null_count() == 0 and (values.name in SCORE_METRICS or in_range)
 
 
-def _read_csv(data: bytes, name: str) -> pl.DataFrame:
+def read_csv_text(data: bytes, name: str) -> pl.DataFrame:
+    """Every column as text; a file polars cannot split into the header's columns is one ReferenceFileError
+    line (polars' own message quotes the whole row and runs over many lines of advice on its options)."""
     try:
         return pl.read_csv(io.BytesIO(data), infer_schema_length=0)
     except (pl.exceptions.ComputeError, pl.exceptions.NoDataError) as exc:
-        raise ReferenceFileError(f"{name}: not a readable CSV ({exc})") from None
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = re.sub(r"`([^`]{0,40})[^`]*`", r"`\1...`", first)
+        raise ReferenceFileError(
+            f"{name}: not a readable CSV ({first}); is every field with a comma or a line break quoted, and the "
+            "separator a comma?"
+        ) from None
 
 
 def parse_reference_csv(data: bytes, name: str, sha256: str) -> pl.DataFrame:
     """Rows of one reference CSV in REFERENCE_SCHEMA; raises ReferenceFileError naming file, row and column."""
-    raw = _read_csv(data, name)
+    raw = read_csv_text(data, name)
     answer_col = next((c for c in ANSWER_COLUMNS if c in raw.columns), None)
     missing = [c for c in REQUIRED if c not in raw.columns] + ([] if answer_col else ["response or answer"])
     if missing:

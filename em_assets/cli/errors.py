@@ -9,6 +9,7 @@ def bad_input_message(exc: BaseException) -> str | None:
     from em_assets.catalog.reference import ReferenceFileError
     from em_assets.catalog.upstream import ChecksumError, MirrorError
     from em_assets.grid.load import GridError
+    from em_assets.settings import SettingsError
 
     seen: set[int] = set()
     todo: list[BaseException | None] = [exc]
@@ -18,9 +19,8 @@ def bad_input_message(exc: BaseException) -> str | None:
             continue
         seen.add(id(err))
         # ModelLoadError by name: importing its module loads torch, too slow for every error path.
-        if isinstance(err, GridError | DatasetError | ReferenceFileError | ChecksumError | MirrorError) or (
-            type(err).__name__ == "ModelLoadError"
-        ):
+        bad = GridError | DatasetError | ReferenceFileError | ChecksumError | MirrorError | SettingsError
+        if isinstance(err, bad) or (type(err).__name__ == "ModelLoadError"):
             return str(err)
         todo += [err.__cause__, err.__context__, getattr(err, "user_exception", None)]
     return None

@@ -59,11 +59,18 @@ def checked_grid(current: Settings) -> GridConfig:
     """The grid's profile, validated without running anything: its schema, the catalog names it uses and its
     organisms' sources (bad input raises before anything is written)."""
     from em_assets.catalog.stage import check_grid_names
-    from em_assets.grid.load import load_grid
+    from em_assets.grid.load import GridError, load_grid
+    from em_assets.grid.sources import check_source
+    from em_assets.models.hub import EMBEDDED
     from em_assets.training.imported import check_sources
 
     grid = load_grid(current.grid_path, current.profile)
     check_grid_names(grid)
+    for i, base in enumerate(grid.base_models):
+        try:
+            check_source(base.source, sorted(EMBEDDED))
+        except GridError as exc:
+            raise GridError(f"base_models[{i}] ({base.name}): {exc}") from None
     check_sources(grid)
     return grid
 

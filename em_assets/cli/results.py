@@ -108,6 +108,12 @@ def _store(args: argparse.Namespace):
             file=sys.stderr,
         )
         return None
+    latest = store.current_snapshot()
+    if not 0 <= args.snapshot <= latest:
+        print(
+            f"error: no snapshot {args.snapshot}: {store.path} has snapshots 0 to {latest}", file=sys.stderr
+        )
+        return None
     return store.at_snapshot(args.snapshot)
 
 
@@ -121,6 +127,13 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
     store = _store(args)
     if store is None:
+        return 2
+    if not store.has_table("em_summary"):
+        print(
+            f"error: snapshot {args.snapshot} has no em_summary: the reports had not run by then; em_figures "
+            "records the snapshot it drew from (source_snapshot)",
+            file=sys.stderr,
+        )
         return 2
     try:
         # Only for a snapshot whose em_summary is empty; otherwise its own thresholds are used.

@@ -103,7 +103,8 @@ def add_base_model(
     try:
         wanted = BaseModelSpec.model_validate(fields)
     except ValidationError as exc:
-        raise GridError(f"not a valid base model entry {fields}: {exc}") from exc
+        why = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise GridError(f"not a valid base model entry {fields}: {why}") from None
     entry = yaml.safe_dump(fields, default_flow_style=True, sort_keys=False, width=1 << 16).strip()
 
     text = grid_path.read_text()

@@ -45,6 +45,7 @@ class _TrainedJudge:
     """How the grid's `distill` or `probe` judge is keyed, stored and checked on disk."""
 
     asset: str
+    table: str
     # (spec, base revision, reference files' sha256, grid) -> the judge's key
     make_hash: Callable
     stored_row: Callable[[Store, str], dict | None]
@@ -59,6 +60,7 @@ def _fit_thresholds(grid: GridConfig) -> dict[str, float]:
 _TRAINED = {
     "distill": _TrainedJudge(
         "distilled_judge",
+        "distilled_judges",
         lambda spec, revision, shas, grid: distill.distill_hash(
             spec, revision, shas, grid.agreement.held_out_base_models
         ),
@@ -67,6 +69,7 @@ _TRAINED = {
     ),
     "probe": _TrainedJudge(
         "probe_judge",
+        "probe_judges",
         lambda spec, revision, shas, grid: probe.probe_hash(
             spec, revision, shas, grid.agreement.held_out_base_models, _fit_thresholds(grid)
         ),
@@ -109,8 +112,11 @@ def _trained_row(
 ) -> tuple[dict, str]:
     """The results row of the grid's trained `distill` or `probe` judge, and its base revision."""
     asset = _TRAINED[kind].asset
-    if store is None:
-        raise MissingUpstreamError(f"the {asset} is found through the results database; none given")
+    if store is None or not store.exists():
+        raise MissingUpstreamError(f"no results database, so no {asset}; materialise {asset} (the demo does)")
+    # Before the base model is resolved (a first resolve converts and caches it): nothing to find, say so.
+    if not q.has_rows(store, _TRAINED[kind].table):
+        raise MissingUpstreamError(f"no {asset} in the results database; materialise {asset} (the demo does)")
     plan = _plan(store, grid, kind, cache_dir)
     if plan.row is None:
         raise MissingUpstreamError(f"no {asset} {plan.key} in the results database; materialise {asset}")

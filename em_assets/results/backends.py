@@ -17,6 +17,8 @@ from pathlib import Path
 
 import duckdb
 
+from em_assets.settings import SettingsError
+
 LAKE = "lake"
 LAKE_PREFIX = "ducklake:"
 
@@ -51,7 +53,7 @@ class Location:
         catalog = text[len(LAKE_PREFIX) :]
         if not data_path:
             if catalog.startswith("postgres:"):
-                raise ValueError(
+                raise SettingsError(
                     "a DuckLake with a PostgreSQL catalog needs EM_DB_DATA_PATH: a folder (or s3:// prefix) "
                     "that every machine writing results reaches"
                 )

@@ -40,6 +40,11 @@ def distilled_losses(store: Store, config_hash: str) -> pl.DataFrame:
     )
 
 
+def has_rows(store: Store, table: str) -> bool:
+    """Whether the store has `table` with at least one row."""
+    return store.has_table(table) and bool(store.query(f"SELECT count(*) AS n FROM {table}")["n"][0])
+
+
 def probe_row(store: Store, config_hash: str) -> dict | None:
     df = store.query("SELECT * FROM probe_judges WHERE config_hash = ?", [config_hash])
     return df.row(0, named=True) if df.height else None

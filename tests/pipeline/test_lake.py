@@ -122,6 +122,21 @@ def test_snapshots_on_a_plain_duckdb_file_say_they_need_ducklake(tmp_path, capsy
         Store(tmp_path / "r.duckdb", snapshot=1)
 
 
+def test_a_snapshot_the_lake_does_not_have_is_bad_input(tmp_path, capsys):
+    db = _lake(tmp_path)
+    store = Store(db)
+    store.init()
+    latest = store.current_snapshot()
+    for bad in (str(latest + 1), "-1"):
+        assert main(["sql", "--db", db, "--snapshot", bad, "SELECT 1"]) == 2
+        assert f"no snapshot {bad}: " in capsys.readouterr().err
+    # A snapshot taken before the reports ran has no em_summary to draw from.
+    out = tmp_path / "figs"
+    assert main(["figures", "--db", db, "--snapshot", str(latest), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "has no em_summary" in err and err.count("\n") == 1 and not out.exists()
+
+
 def test_sql_reads_the_past_of_a_lake(tmp_path, capsys):
     db = _lake(tmp_path)
     store = Store(db)

@@ -230,6 +230,10 @@ def test_add_model_takes_a_local_model_directory_and_an_embedded_name(tmp_path, 
         (lambda t: t.replace("sampling: {samples_per_question:", "sampling: {samples_per_qestion:", 1),
          "profiles.demo.sampling.samples_per_qestion: Extra inputs are not permitted"),
         (lambda t: t.replace("profiles:", "profiles: [", 1), "not valid YAML"),
+        (lambda t: t.replace('source: "embedded:smollm2-135m-instruct"}', 'source: "embedded:smolm2"}', 1),
+         "base_models[0] (smollm2-135m): unknown embedded model 'embedded:smolm2'"),
+        (lambda t: t.replace('source: "embedded:smollm2-135m-instruct"}', 'source: "./models/smol"}', 1),
+         "base_models[0] (smollm2-135m): no directory './models/smol'"),
     ],
 )  # fmt: skip
 def test_demo_with_a_broken_grid_prints_one_message_and_writes_nothing(
@@ -253,6 +257,23 @@ def test_demo_with_an_unknown_profile_names_the_profiles(tmp_path, capsys, monke
     assert main(["demo"]) == 2
     assert "no profile 'papr'; profiles are ['demo', 'paper']" in capsys.readouterr().err
     assert not (tmp_path / "home").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "db_url", "says"),
+    [
+        ("EM_DB_LOCK_TIMEOUT", "10m", None, "EM_DB_LOCK_TIMEOUT='10m': give a number of seconds"),
+        ("EM_DB_DATA_PATH", "", "ducklake:postgres:dbname=em host=db", "needs EM_DB_DATA_PATH"),
+    ],
+)
+def test_a_setting_it_cannot_use_is_one_message_and_exit_2(
+    db, capsys, monkeypatch, name, value, db_url, says
+):
+    monkeypatch.setenv(name, value)
+    monkeypatch.setenv("EM_DB", db_url or str(db))
+    assert main(["sql", "SELECT 1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and err.count("\n") == 1
 
 
 def test_demo_of_an_organism_not_in_the_grid_writes_nothing(tmp_path, capsys, monkeypatch):

@@ -178,6 +178,11 @@ def test_bad_input_is_one_message_and_writes_nothing(env, mirror, capsys):
     err = _fails(["--reference", str(out_of_range)], capsys, env)
     assert "row 2" in err and "'coherent'" in err
 
+    semicolons = env / "semicolons.csv"
+    semicolons.write_text("question;response\n" + '"a; b";"c\nd"\n' + '"unclosed;x\n')
+    err = _fails(["--reference", str(semicolons)], capsys, env)
+    assert "semicolons.csv: not a readable CSV" in err and err.count("\n") == 1 and len(err) < 400
+
     err = _fails(["--reference", str(env / "nope.csv")], capsys, env)
     assert "nope.csv" in err and "no such file" in err
 
@@ -194,6 +199,27 @@ def test_bad_input_is_one_message_and_writes_nothing(env, mirror, capsys):
     assert "gpt-9" in err
     err = _fails(["--reference", str(good), "--judge", f"local:{env / 'no-model'}"], capsys, env)
     assert "no-model" in err and not (env / "data").exists()
+
+
+def test_a_judge_that_cannot_be_found_is_refused_before_the_store_is_created(
+    env, mirror, tiny_model_dir, capsys
+):
+    grid = yaml.safe_load((env / "grid.yaml").read_text())
+    grid["profiles"]["test"]["probe"] = {"source": str(tiny_model_dir)}
+    (env / "grid.yaml").write_text(yaml.safe_dump(grid))
+    good = reference_csv(mirror, env / "good.csv", "Qwen2.5-7B-Instruct_bad-medical-advice", 4)
+    # Before any run has fitted the probe judge.
+    err = _fails(["--reference", str(good), "--judge", "probe"], capsys, env)
+    assert "no results database" in err and "probe_judge" in err and err.count("\n") == 1
+    weightless = env / "weightless"
+    weightless.mkdir()
+    (weightless / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    err = _fails(["--reference", str(good), "--judge", f"local:{weightless}"], capsys, env)
+    assert "safetensors" in err and err.count("\n") == 1
+    # A store without a fitted probe judge: refused as well, and left as it was.
+    Store(env / "results.duckdb").init()
+    assert main(["judge-agreement", "--reference", str(good), "--judge", "probe"]) == 2
+    assert "no probe_judge in the results database" in capsys.readouterr().err
 
 
 def test_table_says_where_the_correction_came_from(env, mirror, tiny_model_dir, capsys):
