@@ -62,6 +62,11 @@ def _run(store, sql: str, args: argparse.Namespace) -> int:
     from em_assets.results.readonly import RefusedStatement, reading_statement
 
     try:
+        sql.encode()
+    except UnicodeEncodeError:
+        print("error: the statement is not UTF-8 text", file=sys.stderr)
+        return 2
+    try:
         with store.reader() as conn:
             frame = _frame(conn, reading_statement(conn, sql))
         _print_frame(frame, args.format, args.max_rows)
@@ -93,11 +98,23 @@ def _frame(conn, statement: str) -> pl.DataFrame:
 
 def _store(args: argparse.Namespace):
     """The store the command names (--db, else EM_DB), as of --snapshot; None after printing why not."""
+    import duckdb
+
     from em_assets.results.store import Store
 
     store = Store(args.db) if args.db else Store()
     if not store.exists():
         print(f"error: no results database at {store.path}", file=sys.stderr)
+        return None
+    try:
+        with store.reader():
+            pass
+    except duckdb.Error as exc:
+        why = str(exc).strip().splitlines()[0]
+        print(
+            f"error: {store.location.describe()} cannot be opened as a results database: {why}",
+            file=sys.stderr,
+        )
         return None
     if args.snapshot is None:
         return store

@@ -29,6 +29,13 @@ def migrate(source: Path, store: Store) -> dict[str, int]:
         raise FileNotFoundError(f"no DuckDB file at {source}")
     if store.path is not None and store.path.resolve() == source.resolve():
         raise ValueError(f"{source} is the store it would be copied into")
+    with source.open("rb") as f:
+        head = f.read(16)
+    # A DuckDB file's header carries "DUCK" at byte 8; a DuckLake's SQLite catalog would make DuckDB fetch an
+    # extension to read it.
+    if head[8:12] != b"DUCK":
+        lake = " (a SQLite file: a DuckLake catalog is already a store, with nothing to migrate)"
+        raise ValueError(f"{source} is not a DuckDB results file{lake if head.startswith(b'SQLite') else ''}")
     try:
         duckdb.connect(str(source), read_only=True).close()
     except duckdb.Error as exc:

@@ -166,6 +166,11 @@ def test_migrate_copies_a_duckdb_file_with_nothing_lost(tmp_path, capsys):
         assert says in capsys.readouterr().err
     assert main(["migrate", "--from", str(old), "--db", str(old)]) == 2
     assert "is the store it would be copied into" in capsys.readouterr().err
+    # Another lake's SQLite catalog (an easy mix-up) is named as such, without DuckDB fetching an extension.
+    other = Store(f"ducklake:sqlite:{tmp_path / 'other.sqlite'}")
+    other.init()
+    assert main(["migrate", "--from", str(tmp_path / "other.sqlite"), "--db", db]) == 2
+    assert "a DuckLake catalog is already a store" in capsys.readouterr().err
     assert not Path(db.split(":", 2)[-1]).exists()
     assert main(["migrate", "--from", str(old), "--db", db]) == 0
     assert "copied" in capsys.readouterr().out

@@ -310,6 +310,14 @@ def test_sql_without_a_database_exits_2_and_bad_sql_exits_1(tmp_path, db, capsys
     assert not (tmp_path / "none.duckdb").exists()
     assert main(["sql", "SELEC 1", "--db", str(db)]) == 1
     assert "syntax error" in capsys.readouterr().err.lower()
+    # A path that is no results database, and a statement that is not text: bad input.
+    (tmp_path / "notes.txt").write_text("not a database\n")
+    for wrong in (tmp_path, tmp_path / "notes.txt"):
+        assert main(["sql", "SELECT 1", "--db", str(wrong)]) == 2
+        err = capsys.readouterr().err
+        assert "cannot be opened as a results database" in err and err.count("\n") == 1
+    assert main(["sql", "SELECT \udcff", "--db", str(db)]) == 2
+    assert capsys.readouterr().err == "error: the statement is not UTF-8 text\n"
 
 
 def _sql(db: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
