@@ -24,8 +24,10 @@ from em_assets.analyses.sweep import (
     narrowed,
     run_sweep,
     sampling_used,
+    sweep_questions,
 )
 from em_assets.context import StageContext
+from em_assets.grid.schema import layer_at
 from em_assets.results import directions as db
 from em_assets.results.queries import adapter_row
 from em_assets.results.store import utc_now
@@ -85,7 +87,7 @@ def ablation_points(ctx: StageContext, row: dict) -> list[tuple[SweepPoint, dict
     spec, n = ctx.grid.directions, ctx.grid.directions.samples_per_question
     adapter = adapter_row(ctx.store, ctx.key)
     path, sha = adapter.get("adapter_path"), adapter.get("adapter_sha256")
-    layer = spec.layer_at(spec.ablation_layer_fraction, row["num_layers"])
+    layer = layer_at(spec.ablation_layer_fraction, row["num_layers"])
     return [
         (
             SweepPoint(ABLATION, f"{vector} ablated", path, sha, (Ablate(layer, *_files(row, vector)),), n),
@@ -96,8 +98,13 @@ def ablation_points(ctx: StageContext, row: dict) -> list[tuple[SweepPoint, dict
 
 
 def before_ablation(ctx: StageContext) -> PointResult:
-    """The organism unedited: its own judged `completions` (same model and sampling), so no point resamples it."""
-    scored = db.scored_answers(ctx.store, ctx.key).with_columns(setting=pl.lit(BEFORE))
+    """The organism unedited: its own judged `completions` (same model and sampling) of the questions the
+    ablated points ask, so no point resamples it."""
+    asked = [q["question_id"] for q in sweep_questions(ctx)]
+    scored = db.scored_answers(ctx.store, ctx.key).filter(
+        pl.col("eval_set") == ctx.grid.eval.questions, pl.col("question_id").is_in(asked)
+    )
+    scored = scored.with_columns(setting=pl.lit(BEFORE))
     r = corrected_rates(ctx, scored, ["setting"]).row(0, named=True)
     setting_hash = ",".join(sorted(set(scored["sampling_hash"].drop_nulls())))
     return PointResult.from_rates(r, ABLATION, BEFORE, setting_hash, 0, 0)

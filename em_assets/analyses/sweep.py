@@ -195,7 +195,7 @@ def run_sweep(
     if not points:
         return []
     base = organism_model_row(ctx.store, ctx.key, ctx.organism.base_model)
-    questions = _questions(ctx)
+    questions = sweep_questions(ctx)
     tables = SweepTables(ctx.store, ctx.key)
     tables.drop_other_settings(sorted({p.sweep for p in points}), [p.pair for p in points])
     hashes = {p.pair: setting_hash(p, base["revision"], ctx) for p in points}
@@ -230,7 +230,7 @@ def forget_sweep(ctx: StageContext, sweep: str) -> None:
     SweepTables(ctx.store, ctx.key).drop_other_settings([sweep], [])
 
 
-def _questions(ctx: StageContext) -> list[dict]:
+def sweep_questions(ctx: StageContext) -> list[dict]:
     """The eval set's questions, narrowed to the grid's eval.question_ids where it names some."""
     questions = eval_questions(ctx.store, ctx.grid.eval.questions).to_dicts()
     ids = ctx.grid.eval.question_ids

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from typing import Annotated, ClassVar, Literal
 
@@ -45,6 +46,12 @@ class BaseModelSpec(_Strict):
     trust_remote_code: bool = False
 
 
+def layer_at(fraction: float, num_layers: int) -> int:
+    """The layer a fraction of the depth names (0.5 of 48: layer 24), the last at most. The product is rounded
+    first: 0.29 * 100 is 28.999... in floating point."""
+    return min(num_layers - 1, math.floor(round(fraction * num_layers, 9)))
+
+
 class LoraSpec(_Strict):
     """peft LoRA settings, named as in the upstream training configs."""
 
@@ -66,7 +73,7 @@ class LoraSpec(_Strict):
 
     def layers_for(self, num_layers: int) -> list[int] | None:
         if self.layer_fraction is not None:
-            return [min(num_layers - 1, int(self.layer_fraction * num_layers))]
+            return [layer_at(self.layer_fraction, num_layers)]
         if self.layers_to_transform is not None:
             bad = [i for i in self.layers_to_transform if not 0 <= i < num_layers]
             if bad:
@@ -461,12 +468,8 @@ class DirectionsSpec(_Strict):
     )
     control_seed: int = Field(default=0, description="seed of the random control vectors")
 
-    @staticmethod
-    def layer_at(fraction: float, num_layers: int) -> int:
-        return min(num_layers - 1, int(fraction * num_layers))
-
     def steering_layers(self, num_layers: int) -> list[int]:
-        return sorted({self.layer_at(f, num_layers) for f in self.layer_fractions})
+        return sorted({layer_at(f, num_layers) for f in self.layer_fractions})
 
 
 class GridConfig(_Strict):
@@ -515,6 +518,17 @@ class GridConfig(_Strict):
             unknown = sorted(set(named or []) - set(self.recipes))
             if unknown:
                 raise ValueError(f"{key} names recipes that are not in the grid: {unknown}")
+        return self
+
+    @model_validator(mode="after")
+    def _file_scores_named_apart(self) -> GridConfig:
+        # The tables tell a file's own scores from the grid judge's by the judge's name.
+        for name, recipe in self.recipes.items():
+            if recipe.kind == "answers" and recipe.file_judge == self.judge.model:
+                raise ValueError(
+                    f"recipes.{name}.file_judge: {recipe.file_judge!r} is the grid judge's model; name the "
+                    "file's own scores apart (default 'gpt-4o (file)')"
+                )
         return self
 
     @model_validator(mode="after")

@@ -141,7 +141,9 @@ def plot_coherence(table: pl.DataFrame, path: Path) -> Path:
             ha="center",
             fontsize="x-small",
         )
-    ax.set_xticks(x, rows["organism"].to_list(), rotation=30, ha="right", fontsize="x-small")
+    # An imported organism has a row per judge: its file's scores and the grid judge's.
+    labels = [f"{r['organism']} [{r['judge']}]" for r in rows.iter_rows(named=True)]
+    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize="x-small")
     ax.set_ylim(0, 120)
     ax.set_ylabel("mean coherent score")
     ax.set_title("coherence of misaligned and aligned answers (above: difference, 95% CI)", fontsize="small")

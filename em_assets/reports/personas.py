@@ -160,13 +160,24 @@ def persona_mixtures(scores: pl.DataFrame, aligned_at_most: float) -> pl.DataFra
     """One row per organism, judge and point: the shared-shape two-Beta fit of the aligned scores."""
     rows = []
     for (organism, judge), group in scores.group_by("organism", "judge", maintain_order=True):
-        points = {key: _aligned(g) for key, g in group.group_by("sweep", "setting", maintain_order=True)}
-        rows += _mixture_rows(organism, judge, points, aligned_at_most)
+        points, copy_of, first = {}, {}, {}
+        for key, g in group.group_by("sweep", "setting", maintain_order=True):
+            points[key] = _aligned(g)
+            setting_hash = g["setting_hash"][0]
+            if setting_hash is not None:
+                copy_of[key] = first.setdefault(setting_hash, key)
+        # A point whose answers were copied from another enters the shared fit once, as that point.
+        copies = {k: v for k, v in copy_of.items() if k != v}
+        rows += _mixture_rows(organism, judge, points, aligned_at_most, copies)
     return pl.DataFrame(rows, schema=MIXTURE_SCHEMA).sort("organism", "judge", "sweep", "setting")
 
 
-def _mixture_rows(organism: str, judge: str, points: dict, aligned_at_most: float) -> list[dict]:
-    fitted = {k: v for k, v in points.items() if len(v) >= MIN_POINT_ANSWERS}
+def _mixture_rows(
+    organism: str, judge: str, points: dict, aligned_at_most: float, copies: dict | None = None
+) -> list[dict]:
+    """`copies`: point -> the point whose answers it holds, fitted in its stead."""
+    copies = copies or {}
+    fitted = {k: v for k, v in points.items() if len(v) >= MIN_POINT_ANSWERS and k not in copies}
     n_fit = sum(len(v) for v in fitted.values())
     note = None
     if n_fit < MIN_FIT_ANSWERS:
@@ -191,10 +202,11 @@ def _mixture_rows(organism: str, judge: str, points: dict, aligned_at_most: floa
         }
         if result is not None:
             row |= _fit_columns(result)
-        if result is not None and key not in fitted:
+        own = copies.get(key, key)
+        if result is not None and own not in fitted:
             row["note"] = f"{len(values)} scored answers: a point needs {MIN_POINT_ANSWERS}"
         elif result is not None and note is None:
-            row |= _weight_columns(result, list(fitted).index(key), values)
+            row |= _weight_columns(result, list(fitted).index(own), values)
         rows.append(row)
     return rows
 

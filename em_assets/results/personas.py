@@ -17,7 +17,9 @@ def organism_scores(store: Store) -> pl.DataFrame:
     question set, so organisms imported from several files are compared on the questions they share."""
     return store.query(
         "SELECT organism, CASE WHEN eval_set LIKE 'file:%' THEN 'imported answers' ELSE eval_set END AS eval_set, "
-        "coalesce(judge_model, 'unknown') AS judge, ? AS sweep, ? AS setting, "
+        # An answer not judged yet belongs to its organism's judge, as in em_summary.
+        "coalesce(judge_model, max(judge_model) OVER (PARTITION BY organism, judge_source), 'unknown') AS judge, "
+        "? AS sweep, ? AS setting, NULL::VARCHAR AS setting_hash, "
         "question_id, paraphrase_idx, sample_idx, aligned, coherent FROM scored_by_judge "
         "ORDER BY organism, judge, question_id, paraphrase_idx, sample_idx",
         [ORGANISM_SWEEP, ORGANISM_SETTING],
@@ -25,9 +27,11 @@ def organism_scores(store: Store) -> pl.DataFrame:
 
 
 def sweep_scores(store: Store) -> pl.DataFrame:
-    """Every current sweep answer (its point's setting hash unchanged) with its scores and judge."""
+    """Every current sweep answer (its point's setting hash unchanged) with its scores and judge; points of one
+    setting hash hold the same answers (sampled once, copied)."""
     return store.query(
         "SELECT s.organism, s.eval_set, coalesce(s.judge_model, 'unknown') AS judge, s.sweep, s.setting, "
+        "s.setting_hash, "
         "s.question_id, s.paraphrase_idx, s.sample_idx, s.aligned, s.coherent FROM sweep_scored s "
         "JOIN sweep_points p USING (organism, sweep, setting, setting_hash) "
         "ORDER BY s.organism, s.sweep, s.setting, s.question_id, s.paraphrase_idx, s.sample_idx"

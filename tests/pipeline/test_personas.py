@@ -61,13 +61,16 @@ def _write_sweep(store: Store, organism: str, rng) -> None:
     """Steps 0-100: the misaligned weight rises as 0.4 * sigmoid(0.1 (step - 50)); B turns sharpest at 50."""
     steps = list(range(0, 101, 10))
     settings = [f"step={s}" for s in steps]
-    point = {"organism": organism, "sweep": "em_over_training", "setting_hash": "h"}
-    store.append_rows("sweep_points", pl.DataFrame([point | {"setting": s} for s in settings]))
+    point = {"organism": organism, "sweep": "em_over_training"}
+    store.append_rows(
+        "sweep_points", pl.DataFrame([point | {"setting": s, "setting_hash": f"h-{s}"} for s in settings])
+    )
     for step, setting in zip(steps, settings, strict=True):
         weight = 0.4 / (1 + np.exp(-0.1 * (step - 50)))
         keys = pl.DataFrame(_answers(rng, weight, 4)).with_columns(
             **{k: pl.lit(v) for k, v in point.items()},
             setting=pl.lit(setting),
+            setting_hash=pl.lit(f"h-{setting}"),
             paraphrase_idx=pl.lit(0, pl.Int32),
             sample_idx=pl.col("sample_idx").cast(pl.Int32),
         )

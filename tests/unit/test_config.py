@@ -13,7 +13,7 @@ from support.paths import REPO
 
 from em_assets.defs.modules import ASSET_MODULES
 from em_assets.grid.load import GridError, load_grid
-from em_assets.grid.schema import GridConfig, Organism, config_hash, recipe_method
+from em_assets.grid.schema import GridConfig, LoraSpec, Organism, config_hash, layer_at, recipe_method
 from em_assets.settings import OPENMP_SPIN, OPENMP_WAIT_VARS, set_openmp_wait
 
 ASSETS = dg.load_assets_from_modules(ASSET_MODULES)
@@ -290,3 +290,24 @@ def test_a_lora_recipe_the_base_model_cannot_take_fails_in_the_catalogs_first_st
     check_recipes_fit(grid({"target_modules": ["mlp.down_proj", "q_proj"]}), "tiny", facts)
     with pytest.raises(GridError, match=key):
         check_recipes_fit(grid(lora), "tiny", facts)
+
+
+def test_a_fraction_of_the_depth_names_the_layer_it_says():
+    # 0.29 * 100 is 28.999... in floating point; the layer is still 29.
+    assert [layer_at(f, n) for f, n in ((0.29, 100), (0.58, 50), (0.7, 90), (0.5, 48), (1.0, 48))] == [
+        29,
+        29,
+        63,
+        24,
+        47,
+    ]
+    lora = LoraSpec(r=1, lora_alpha=8, target_modules=["down_proj"], layer_fraction=0.29)
+    assert lora.layers_for(100) == [29]
+
+
+def test_a_files_own_scores_named_as_the_grid_judge_are_refused(tmp_path):
+    text = (REPO / "data/grid.yaml").read_text()
+    edited = text.replace("        kind: answers\n", "        kind: answers\n        file_judge: probe\n", 1)
+    assert edited != text
+    with pytest.raises(GridError, match=r"file_judge: 'probe' is the grid judge's model"):
+        load_grid(_write(tmp_path, edited), "demo")

@@ -8,7 +8,10 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
+import yaml
+from support.tiny import tiny_grid
 
+from em_assets.analyses.direction_sweeps import before_ablation
 from em_assets.analyses.directions import (
     QUARTILE_CONTRAST,
     compute_direction,
@@ -17,10 +20,13 @@ from em_assets.analyses.directions import (
 )
 from em_assets.analyses.similarity import layer_cosines, similarity_table
 from em_assets.analyses.steering import Ablate, EditError, Steer, random_directions
-from em_assets.grid.schema import DirectionsSpec, Thresholds
+from em_assets.context import StageContext
+from em_assets.grid.load import load_grid
+from em_assets.grid.schema import DirectionsSpec, Organism, Thresholds
 from em_assets.models.activations import JudgedAnswer, answer_token_ids
 from em_assets.models.layers import decoder_layers
 from em_assets.models.load import load_model, load_tokenizer
+from em_assets.results.store import Store
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -229,3 +235,51 @@ def test_a_changed_direction_file_is_refused(tiny, tmp_path):
         f.write(b" ")
     with pytest.raises(EditError, match="does not match sha256"):
         Steer((0,), path, sha, 1.0).hooks(model)
+
+
+def test_the_organism_before_ablation_is_read_on_the_questions_the_ablated_points_ask(tmp_path):
+    doc = tiny_grid(
+        tmp_path / "model",
+        "p",
+        {"backend": "local", "model": "tiny"},
+        {"med-r1": ("bad_medical_advice", {"r": 1, "lora_alpha": 8, "target_modules": ["down_proj"]})},
+        examples=8,
+        batch_size=4,
+        samples=2,
+    )
+    # As in the paper profile: the organism is asked a second set, the sweeps ask eval.questions only.
+    doc["profiles"]["p"]["eval"] = {"questions": "first_plot_questions", "sets": ["medical_questions"]}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(doc))
+    key = "tiny--med-r1--s0"
+    store = Store(tmp_path / "r.duckdb")
+    store.init()
+    asked = [("first_plot_questions", "quick_buck"), ("medical_questions", "med_q")]
+    question = {"paraphrase_idx": 0, "system": None, "source_sha256": "x"}
+    store.append_rows(
+        "eval_questions",
+        pl.DataFrame([{"eval_set": s, "question_id": q, "question": q, **question} for s, q in asked]),
+    )
+    answers = [
+        {"organism": key, "question_id": q, "paraphrase_idx": 0, "sample_idx": i}
+        for _, q in asked
+        for i in range(5)
+    ]
+    sets = [s for s, _ in asked for _ in range(5)]
+    store.append_rows(
+        "completions",
+        pl.DataFrame(answers).with_columns(
+            eval_set=pl.Series(sets), answer=pl.lit("a"), sampling_hash=pl.lit("h")
+        ),
+    )
+    # Aligned on the swept question, misaligned on the medical one; coherent throughout.
+    for metric, scores in (("aligned", [90.0] * 5 + [10.0] * 5), ("coherent", [90.0] * 10)):
+        judged = pl.DataFrame(answers).with_columns(
+            metric=pl.lit(metric), score=pl.Series(scores), judge_model=pl.lit("j")
+        )
+        store.append_rows("judgements", judged)
+    grid = load_grid(tmp_path / "grid.yaml", "p")
+    ctx = StageContext(
+        store=store, grid=grid, organism=Organism.parse(key), run_id="r", artifacts_dir=tmp_path
+    )
+    before = before_ablation(ctx)
+    assert (before.n_scored, before.em_rate) == (5, 0.0)

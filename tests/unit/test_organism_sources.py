@@ -167,6 +167,7 @@ def test_agreement_sample_is_what_answers_organisms_import(mirror):
     ],
 )
 def test_bad_answers_files(tmp_path, env, capsys, rows, where):
+    (tmp_path / "config.json").write_text("{}")  # the base model: a local model folder
     path = write_csv(tmp_path / "bad.csv", rows)
     with pytest.raises(ReferenceFileError) as err:
         read_answers(str(path))
@@ -204,6 +205,7 @@ def test_adapter_for_another_base_model(tmp_path, env, capsys):
 
 
 def test_adapter_dir_without_config(tmp_path, env, capsys):
+    (tmp_path / "config.json").write_text("{}")
     adapter = tmp_path / "not-an-adapter"
     adapter.mkdir()
     (adapter / "adapter_model.safetensors").write_bytes(b"weights")
@@ -219,6 +221,7 @@ def test_adapter_dir_without_config(tmp_path, env, capsys):
 
 
 def test_plan_lists_kinds_sources_and_progress(tmp_path, env, capsys):
+    (tmp_path / "config.json").write_text("{}")
     path = write_csv(tmp_path / "a.csv", ROWS)
     env(
         grid_doc(

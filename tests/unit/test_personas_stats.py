@@ -126,6 +126,7 @@ def test_an_organism_that_never_misaligns_gets_no_weight_but_a_reason():
             "judge": "j",
             "sweep": "organism",
             "setting": "final",
+            "setting_hash": None,
             "aligned": np.concatenate([100 * rng.beta(12, 1.5, 40), np.full(5, 10.0)]),
         }
     )
@@ -147,3 +148,25 @@ def test_an_empty_store_gives_empty_tables_and_figures_that_say_no_data(tmp_path
     assert "misaligned_weight" in store.query("SELECT * FROM persona_mixtures").columns
     figures = personas.draw_persona_figures(result, Thresholds(), tmp_path)
     assert sorted(figures) == sorted(result.tables) and all(p.stat().st_size > 0 for p in figures.values())
+
+
+def test_points_holding_the_same_answers_enter_the_mixture_fit_once():
+    import polars as pl
+
+    from em_assets.reports.personas import persona_mixtures
+
+    rng = np.random.default_rng(3)
+    shared = np.concatenate([100 * rng.beta(12, 1.5, 24), 100 * rng.beta(1.5, 12, 6)])
+    other = np.concatenate([100 * rng.beta(12, 1.5, 27), 100 * rng.beta(1.5, 12, 3)])
+    # The final checkpoint and B scaled by 1 are one setting: sampled once, its answers copied.
+    points = [("em_over_training", "step=12", "h1", shared), ("lora_scaling", "scale=1", "h1", shared)]
+    points.append(("lora_scaling", "scale=0.5", "h2", other))
+    scores = pl.concat(
+        pl.DataFrame(
+            {"organism": "o", "judge": "j", "sweep": s, "setting": t, "setting_hash": h, "aligned": v}
+        )
+        for s, t, h, v in points
+    )
+    rows = {r["setting"]: r for r in persona_mixtures(scores, 30).iter_rows(named=True)}
+    assert {r["n_fit"] for r in rows.values()} == {60} and {r["n_points"] for r in rows.values()} == {2}
+    assert rows["scale=1"]["misaligned_weight"] == rows["step=12"]["misaligned_weight"] is not None
