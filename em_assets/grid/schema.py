@@ -98,12 +98,17 @@ class TrainSpec(_Strict):
     # On CPU: processes sharing each step's examples (em_assets.training.data_parallel).
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
 
-    # When checkpoints are written and how a step is split across processes do not change the weights.
+    # When checkpoints are written and how a step is split across processes do not change the weights (but see
+    # trained_settings for LoRA dropout).
     NOT_TRAINED: ClassVar[frozenset[str]] = frozenset({"save_steps", "workers"})
 
-    def trained_settings(self) -> dict:
-        """The settings that change the trained weights: the one rule for every "same training" hash."""
-        return self.model_dump(mode="json", exclude=set(self.NOT_TRAINED))
+    def trained_settings(self, lora: LoraSpec | None = None) -> dict:
+        """The settings that change the trained weights: the one rule for every "same training" hash. With LoRA
+        dropout each process draws its own masks, so a number of processes asked for is one of them."""
+        settings = self.model_dump(mode="json", exclude=set(self.NOT_TRAINED))
+        if lora is not None and lora.lora_dropout > 0 and self.workers != "auto" and self.workers > 1:
+            settings["workers"] = self.workers
+        return settings
 
 
 # Every way an organism can come about, as em_summary's `method` column names it.

@@ -106,7 +106,7 @@ def distill_hash(
             "reference": sorted(reference_sha256),
             "held_out": sorted(held_out),
             "spec": spec.model_dump(mode="json", exclude={"train"}),
-            "train": spec.train.trained_settings(),
+            "train": spec.train.trained_settings(spec.lora),
             "prompt": PROMPT_HASH,
         }
     )

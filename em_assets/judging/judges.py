@@ -94,4 +94,8 @@ def prompt_hash_for(spec: JudgeSpec, template_hash: str, metric: str) -> str:
         from em_assets.judging.distill import metric_prompt_hash
 
         template_hash = metric_prompt_hash(metric)
-    return template_hash if spec.min_mass == MIN_MASS else f"{template_hash}:min_mass={spec.min_mass:g}"
+    if spec.min_mass == MIN_MASS:
+        return template_hash
+    # %g names most values as before, exactly; one it would round (6 digits) is named in full.
+    shown = f"{spec.min_mass:g}" if float(f"{spec.min_mass:g}") == spec.min_mass else repr(spec.min_mass)
+    return f"{template_hash}:min_mass={shown}"

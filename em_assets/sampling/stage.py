@@ -58,17 +58,20 @@ def stable_seed(*parts: object) -> int:
 
 
 def sampling_hash(base: dict, adapter: dict, sampling: SamplingSpec, seed: int) -> str:
-    """What makes a completion current: the model bytes, the sampling parameters and the organism's seed."""
-    return config_hash(
-        {
-            "base_revision": base["revision"],
-            "adapter_sha256": adapter.get("adapter_sha256"),
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "max_new_tokens": sampling.max_new_tokens,
-            "seed": seed,
-        }
-    )
+    """What makes a completion current: the model bytes, the sampling parameters, the sampler (vLLM's texts
+    differ from ours at the same seed) and the organism's seed."""
+    fields = {
+        "base_revision": base["revision"],
+        "adapter_sha256": adapter.get("adapter_sha256"),
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "max_new_tokens": sampling.max_new_tokens,
+        "seed": seed,
+    }
+    # Named only when not the default, so answers sampled before the field existed stay current.
+    if sampling.backend != "hf":
+        fields["backend"] = sampling.backend
+    return config_hash(fields)
 
 
 def organism_questions(ctx: StageContext) -> pl.DataFrame:
@@ -104,7 +107,11 @@ def plan_sampling(ctx: StageContext, shash: str) -> SamplingPlan:
         and (key := (r["question_id"], r["paraphrase_idx"], r["sample_idx"])) in wanted
         and wanted[key]["eval_set"] == r["eval_set"]
     }
-    keep = frozenset(current & wanted.keys())
+    # A DuckLake keeps no keys: two writers racing on one answer can leave it twice. Both copies go, and the
+    # answer is sampled again with its own seed.
+    keys = ["question_id", "paraphrase_idx", "sample_idx"]
+    doubled = set(existing.group_by(keys).len().filter(pl.col("len") > 1).select(keys).rows())
+    keep = frozenset((current & wanted.keys()) - doubled)
     return SamplingPlan(shash, wanted, keep, existing.height - len(keep))
 
 
@@ -178,15 +185,28 @@ def sample_chunks(
     return iter_samples(model, tokenizer, requests, **options), choice
 
 
+def tenths_logger(log: Callable[[int, int], None]) -> Callable[[int, int], None]:
+    """A progress callback that logs each tenth of the work as it is passed (`done` moves a batch at a time, so
+    it seldom lands on a tenth exactly) and the end."""
+    logged = 0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal logged
+        tenth = done * 10 // max(1, total)
+        if tenth > logged or done == total:
+            logged = tenth
+            log(done, total)
+
+    return progress
+
+
 def organism_chunks(
     ctx: StageContext, base: dict, adapter: dict, requests: list
 ) -> tuple[Iterator, SamplingChoice]:
     """sample_chunks for the organism's own model (base + merged adapter), logging progress and the choice."""
     from em_assets.models.load import load_organism_model, pick_device  # torch stays off the load path
 
-    def progress(done: int, total: int) -> None:
-        if done == total or done % max(1, total // 10) == 0:
-            ctx.log.info(f"{ctx.key}: sampled {done}/{total}")
+    progress = tenths_logger(lambda done, total: ctx.log.info(f"{ctx.key}: sampled {done}/{total}"))
 
     device = ctx.device or pick_device()
     chunks, choice = sample_chunks(

@@ -53,7 +53,7 @@ def training_run_hash(
             "model": directory_revision(model) if model.is_dir() else str(model_path),
             "examples": examples_sha,
             "lora": lora.model_dump(mode="json") if lora is not None else None,
-            "train": train.trained_settings(),
+            "train": train.trained_settings(lora),
             "seed": seed,
             "dtype": str(dtype),
             **extra,

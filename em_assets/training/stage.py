@@ -78,7 +78,7 @@ def adapter_config_hash(
             "base_revision": base_revision,
             "dataset_sha256": dataset_sha256,
             "lora": recipe.lora.model_dump(mode="json") if recipe.lora else None,
-            "train": recipe.train.trained_settings(),
+            "train": recipe.train.trained_settings(recipe.lora),
             "seed": seed,
             **extra,
         }

@@ -11,6 +11,7 @@ from pathlib import Path
 import duckdb
 import polars as pl
 import pytest
+import yaml
 from support.lake import check_concurrent_writers
 from support.paths import REPO
 
@@ -246,3 +247,48 @@ def test_report_assets_record_their_snapshot_in_dagster_metadata(tmp_path):
     assert figures.metadata["source_snapshot"].value == recorded["source_snapshot"][0] > tables_snapshot
     for figure, digest, _ in recorded.iter_rows():
         assert figures.metadata[f"{figure}_sha256"].value == digest
+
+
+def test_an_answer_a_lake_holds_twice_is_dropped_and_sampled_again(tmp_path, tiny_model_dir):
+    from support.tiny import tiny_grid
+
+    from em_assets.context import StageContext
+    from em_assets.grid.load import load_grid
+    from em_assets.grid.schema import Organism
+    from em_assets.results.queries import drop_completions_except
+    from em_assets.sampling.stage import plan_sampling
+
+    doc = tiny_grid(
+        tiny_model_dir, "p", {"backend": "local", "model": "tiny"}, {}, examples=2, batch_size=2, samples=2
+    )
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(doc))
+    grid = load_grid(tmp_path / "grid.yaml", "p")
+    store = Store(_lake(tmp_path))
+    store.init()
+    question = {"eval_set": grid.eval.questions, "paraphrase_idx": 0, "question": "q?", "system": None}
+    store.append_rows(
+        "eval_questions", pl.DataFrame([question | {"question_id": "q0", "source_sha256": "x"}])
+    )
+    key = "tiny--base--s0"
+    rows = pl.DataFrame(
+        [
+            question | {"organism": key, "question_id": "q0", "sample_idx": i, "sampling_hash": "h"}
+            for i in (0, 1)
+        ]
+    )
+    store.append_rows("completions", rows)
+    # Two writers racing on one answer, each inserting it: the lake keeps both copies.
+    store.write(lambda conn: _insert_arrow(conn, "completions", rows.head(1)), "race")
+    ctx = StageContext(
+        store=store, grid=grid, organism=Organism.parse(key), run_id="r", artifacts_dir=tmp_path
+    )
+    plan = plan_sampling(ctx, "h")
+    assert plan.keep == {("q0", 0, 1)} and plan.stale == 2
+    drop_completions_except(store, key, plan.keep)
+    assert store.query("SELECT sample_idx FROM completions")["sample_idx"].to_list() == [1]
+
+
+def _insert_arrow(conn, table: str, rows: pl.DataFrame) -> None:
+    conn.register("_race", rows.to_arrow())
+    conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _race")
+    conn.unregister("_race")

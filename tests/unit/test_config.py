@@ -311,3 +311,16 @@ def test_a_files_own_scores_named_as_the_grid_judge_are_refused(tmp_path):
     assert edited != text
     with pytest.raises(GridError, match=r"file_judge: 'probe' is the grid judge's model"):
         load_grid(_write(tmp_path, edited), "demo")
+
+
+def test_processes_asked_for_are_part_of_the_training_only_under_lora_dropout():
+    from em_assets.grid.schema import TrainSpec
+
+    plain = LoraSpec(r=1, lora_alpha=8, target_modules=["down_proj"])
+    dropout = plain.model_copy(update={"lora_dropout": 0.1})
+    two, three = TrainSpec(workers=2), TrainSpec(workers=3)
+    assert (
+        two.trained_settings(plain) == three.trained_settings(plain) == TrainSpec().trained_settings(dropout)
+    )
+    # Each process draws its own dropout masks: two and three processes train different adapters.
+    assert two.trained_settings(dropout) != three.trained_settings(dropout)

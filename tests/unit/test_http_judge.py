@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import random
 import time
@@ -80,6 +81,9 @@ def test_a_min_mass_other_than_the_upstream_rules_is_part_of_the_cache_key():
 
     assert key() == key(min_mass=0.25) == "tmpl"
     assert len({key(), key(min_mass=0.05), key(min_mass=0.5)}) == 3
+    # Keys name the cut-off exactly, as before where %g already did; no two cut-offs share one.
+    assert key(min_mass=0.05) == "tmpl:min_mass=0.05"
+    assert key(min_mass=0.1234561) != key(min_mass=0.1234564)
 
 
 def test_retries_server_errors_then_succeeds():
@@ -120,10 +124,24 @@ def test_other_client_errors_are_not_retried():
 def test_response_without_logprobs_fails():
     with (
         ScriptedServer(lambda n, body: no_logprobs_reply()) as server,
-        pytest.raises(JudgeRequestError, match="no top_logprobs"),
+        pytest.raises(JudgeRequestError, match="no logprobs"),
     ):
         judge(server.url).score(["p"])
     assert server.requests == 1
+
+
+def test_a_reply_with_logprobs_for_no_token_scores_none_and_the_run_goes_on():
+    # GPT-4o sometimes returns logprobs with an empty content list (upstream's judge scores it None).
+    empty = {
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": ""}, "logprobs": {"content": []}}
+        ]
+    }
+    replies = [(200, {}, json.dumps(empty).encode()), GOOD]
+    with ScriptedServer(lambda n, body: replies[(n - 1) % 2]) as server:
+        scores = judge(server.url, concurrency=1).score(["p", "q"])
+    assert scores[0].score is None and scores[0].mass == 0.0
+    assert scores[1].score == pytest.approx(250 / 3)
 
 
 def test_timeouts_are_retried_then_fail():

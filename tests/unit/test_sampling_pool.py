@@ -151,3 +151,30 @@ def test_a_script_without_a_main_guard_fails_at_once_instead_of_hanging(tmp_path
     done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "if __name__ == '__main__':" in done.stderr and error in done.stderr.splitlines()[-1]
+
+
+def test_progress_is_logged_at_each_tenth_passed_though_batches_skip_over_it():
+    from em_assets.sampling.stage import tenths_logger
+
+    logged = []
+    progress = tenths_logger(lambda done, total: logged.append(done))
+    for done in (64, 128, 192, 256, 320, 384, 400):
+        progress(done, 400)
+    assert logged == [64, 128, 192, 256, 320, 384, 400]
+    logged.clear()
+    progress = tenths_logger(lambda done, total: logged.append(done))
+    for done in (256, 400):
+        progress(done, 400)
+    assert logged == [256, 400]
+
+
+def test_answers_of_another_sampler_are_not_current():
+    from em_assets.grid.schema import SamplingSpec, config_hash
+    from em_assets.sampling.stage import sampling_hash
+
+    base, adapter = {"revision": "r"}, {"adapter_sha256": "a"}
+    hf = sampling_hash(base, adapter, SamplingSpec(), 0)
+    assert sampling_hash(base, adapter, SamplingSpec(backend="vllm"), 0) != hf
+    # The default sampler's hash is what it was before the sampler was part of it.
+    fields = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 600, "seed": 0}
+    assert hf == config_hash({"base_revision": "r", "adapter_sha256": "a", **fields})
