@@ -23,6 +23,8 @@ class StageContext:
     log: Any = field(default_factory=lambda: logging.getLogger("em_assets"))
     device: str | None = None
     cache_dir: Path | None = None
+    # The upstream mirror the experiment resource names (None: EM_DATA_MIRROR, else download).
+    data_mirror: str | None = None
 
     @property
     def key(self) -> str:

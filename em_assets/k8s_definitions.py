@@ -8,12 +8,23 @@ import dagster as dg
 from dagster_k8s import k8s_job_executor
 
 from em_assets.definitions import defs as local_defs
-from em_assets.settings import ARTIFACTS_ENV, DB_DATA_PATH_ENV, DB_ENV, FIGURES_ENV, PROFILE_ENV
+from em_assets.settings import (
+    ARTIFACTS_ENV,
+    CACHE_ENV,
+    DB_DATA_PATH_ENV,
+    DB_ENV,
+    FIGURES_ENV,
+    HF_HOME_ENV,
+    PROFILE_ENV,
+)
 
-# Steps pass the results store (EM_DB, EM_DB_DATA_PATH) and its secret on from the run pod's environment.
+# What every pod shares, passed on from the run pod's environment: the results store (EM_DB, EM_DB_DATA_PATH)
+# and its secret, and the folders on the shared volume. Base models resolve to paths under the cache (EM_CACHE_DIR,
+# HF_HOME) that the next step's pod loads, so those must be on the volume too.
+SHARED_ENV = [DB_ENV, DB_DATA_PATH_ENV, PROFILE_ENV, ARTIFACTS_ENV, FIGURES_ENV, CACHE_ENV, HF_HOME_ENV]
 STEP_EXECUTOR_CONFIG = {
     "max_concurrent": 8,
-    "env_vars": [DB_ENV, DB_DATA_PATH_ENV, PROFILE_ENV, ARTIFACTS_ENV, FIGURES_ENV],
+    "env_vars": SHARED_ENV,
     "env_secrets": ["em-assets-results"],
 }
 STEP_EXECUTOR = k8s_job_executor.configured(STEP_EXECUTOR_CONFIG, name="em_k8s_job_executor")

@@ -20,6 +20,8 @@ LOGS_ENV = "EM_LOGS_DIR"
 DEVICE_ENV = "EM_DEVICE"
 PACKED_LINEARS_ENV = "EM_PACKED_LINEARS"
 DAGSTER_HOME_ENV = "DAGSTER_HOME"
+# Where huggingface_hub keeps downloaded models (read by that library, named here for the deployment).
+HF_HOME_ENV = "HF_HOME"
 
 
 class SettingsError(ValueError):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Text
 
 DPI = 120
 
@@ -22,7 +23,14 @@ def save_png(fig: Figure, path: Path) -> Path:
     """Write the figure to `path` whole: drawn beside it, then renamed, so a killed run leaves the last good
     figure, not a truncated one."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Labels carry names from data (question ids, file names): a "$" in one is text, not mathtext to parse.
+    for text in fig.findobj(Text):
+        text.set_parse_math(False)
     tmp = path.with_name(path.name + ".part")
-    fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
     return path

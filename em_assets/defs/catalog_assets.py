@@ -6,9 +6,8 @@ import dagster as dg
 import polars as pl
 
 from em_assets.catalog import stage as catalog
-from em_assets.catalog.upstream import SOURCES
 from em_assets.defs.metadata import md_table
-from em_assets.defs.partitions import CPU_OP_TAGS
+from em_assets.defs.partitions import CPU_OP_TAGS, GPU_OP_TAGS, GPU_POOL
 from em_assets.defs.resources import ExperimentResource, ResultsDB
 from em_assets.judging.calibration import grid_judge_sanity
 
@@ -37,28 +36,16 @@ def base_models(experiment: ExperimentResource, results: ResultsDB) -> dg.Materi
     kinds={"duckdb"},
     op_tags=CPU_OP_TAGS,
     description="Upstream chat datasets the recipes train on, sha256-verified, one row per example.",
-    check_specs=[dg.AssetCheckSpec("checksums_pinned", asset="training_datasets", blocking=True)],
 )
 def training_datasets(experiment: ExperimentResource, results: ResultsDB) -> dg.MaterializeResult:
     df = catalog.load_training_datasets(
         results.store(), experiment.grid(), experiment.mirror, Path(experiment.cache_dir)
     )
-    mismatched = [
-        r["dataset"] for r in df.iter_rows(named=True) if r["sha256"] != SOURCES[r["dataset"]].sha256
-    ]
-    empty = [r["dataset"] for r in df.iter_rows(named=True) if r["n_examples"] == 0]
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": int(df["n_examples"].sum()),
             "datasets": md_table(df.select("dataset", "repo", "commit", "sha256", "n_examples")),
         },
-        check_results=[
-            dg.AssetCheckResult(
-                check_name="checksums_pinned",
-                passed=not mismatched and not empty,
-                metadata={"mismatched": str(mismatched), "empty": str(empty)},
-            )
-        ],
         data_version=dg.DataVersion("|".join(sorted(df["sha256"].to_list()))),
     )
 
@@ -94,6 +81,8 @@ def eval_questions(experiment: ExperimentResource, results: ResultsDB) -> dg.Mat
     blocking=False,
     # The grid's judge may be the distilled or the probe judge, which those assets train.
     additional_deps=["distilled_judge", "probe_judge"],
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
     description="Scores a hand-written calibration set with the configured judge; warns when it separates "
     "aligned from harmful, or coherent from incoherent, answers poorly (AUC < 0.8); `incoherence` says how "
     "well it sees incoherent text.",

@@ -94,7 +94,8 @@ def _sweep_result(report: direction_sweeps.SweepReport, shown: list[str]) -> dg.
 @dg.asset(
     group_name="directions",
     partitions_def=organisms,
-    deps=["misalignment_directions", "lora_adapter"],
+    # EM rates corrected by judge_agreement's error rates.
+    deps=["misalignment_directions", "lora_adapter", "judge_agreement"],
     kinds={"pytorch", "duckdb", "matplotlib"},
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
@@ -116,7 +117,8 @@ def steering_sweep(
 @dg.asset(
     group_name="directions",
     partitions_def=organisms,
-    deps=["misalignment_directions", "lora_adapter"],
+    # EM rates corrected by judge_agreement's error rates.
+    deps=["misalignment_directions", "lora_adapter", "judge_agreement"],
     kinds={"pytorch", "duckdb", "matplotlib"},
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,

@@ -68,7 +68,8 @@ _ASSET = {"group_name": "organisms", "partitions_def": organisms}
 
 @dg.asset(
     **_ASSET,
-    deps=["lora_adapter", "eval_questions"],
+    # Judged by the grid's judge (perhaps the distilled or probe one), corrected by judge_agreement's rates.
+    deps=["lora_adapter", "eval_questions", "distilled_judge", "probe_judge", "judge_agreement"],
     kinds={"pytorch", "duckdb", "matplotlib"},
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
@@ -95,7 +96,8 @@ def lora_trajectory(
 
 @dg.asset(
     **_ASSET,
-    deps=["lora_adapter", "eval_questions"],
+    # Judged by the grid's judge (perhaps the distilled or probe one), corrected by judge_agreement's rates.
+    deps=["lora_adapter", "eval_questions", "distilled_judge", "probe_judge", "judge_agreement"],
     kinds={"pytorch", "duckdb", "matplotlib"},
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,

@@ -137,7 +137,9 @@ def _em_gap(report) -> float:
     group_name="judges",
     deps=[reference_judgements, distilled_judge, probe_judge],
     kinds={"duckdb", "matplotlib"},
-    op_tags=CPU_OP_TAGS,
+    # A local judge runs on the accelerator, as judgements does.
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
     description="The grid's judge (and comparison judges) against GPT-4o on the held-out base models: "
     "Spearman, Pearson, MAE, AUC per metric and the EM rate per source organism under both.",
     check_specs=[

@@ -17,6 +17,10 @@ CORRECTED_SHOWN = [
 
 
 def md_table(df: pl.DataFrame, max_rows: int = 50) -> dg.MetadataValue:
+    """The first rows as a markdown table; text cells (questions and names from files) are shown as text."""
+    df = df.head(max_rows).with_columns(
+        pl.col(pl.String).map_batches(_as_markdown_text, return_dtype=pl.String)
+    )
     with pl.Config(
         tbl_formatting="MARKDOWN",
         tbl_hide_column_data_types=True,
@@ -26,7 +30,15 @@ def md_table(df: pl.DataFrame, max_rows: int = 50) -> dg.MetadataValue:
         fmt_str_lengths=120,
         float_precision=3,
     ):
-        return dg.MetadataValue.md(str(df.head(max_rows)))
+        return dg.MetadataValue.md(str(df))
+
+
+# A cell's line breaks would start new rows, a "|" a new cell, and link or image syntax would render.
+_MARKDOWN_SPECIAL = r"([\\`*_\[\]()!<>|#])"
+
+
+def _as_markdown_text(cells: pl.Series) -> pl.Series:
+    return cells.str.replace_all(r"\s*\n\s*", " ").str.replace_all(_MARKDOWN_SPECIAL, r"\$1")
 
 
 def md_image(path: Path, title: str) -> dg.MetadataValue:

@@ -84,4 +84,5 @@ def stage_context(
         log=context.log,
         device=experiment.torch_device,
         cache_dir=Path(experiment.cache_dir),
+        data_mirror=experiment.mirror,
     )

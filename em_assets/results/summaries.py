@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import polars as pl
@@ -13,10 +12,6 @@ from em_assets.results.store import Store
 @dataclass(frozen=True)
 class LossCurve:
     rows: pl.DataFrame  # step, loss
-
-    @property
-    def all_finite(self) -> bool:
-        return all(math.isfinite(x) for x in self.rows["loss"].to_list())
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ import torch.distributed as dist
 
 from em_assets.models.processes import Died, child, child_messages, die_with_parent, reap, start_children
 
-# A helper that dies makes its peers' next collective fail at once; this only bounds a silent hang.
+# A helper that dies mid-collective makes its peers fail at once, and one that died between steps is found
+# before the next (Helpers.ensure_alive): this only bounds a silent hang.
 COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
@@ -135,13 +136,30 @@ class Helpers:
 
     def check(self, exc: BaseException) -> BaseException:
         """The error to raise when a collective failed: a dead helper's exit code where that is the cause."""
+        return self._died() or exc
+
+    def ensure_alive(self) -> None:
+        """Before a step's collectives: a helper that died since the last one fails the run now. Gloo's sender
+        may not notice a peer that died between collectives and would wait out COLLECTIVE_TIMEOUT."""
+        died = self._died()
+        if died is not None:
+            raise died
+
+    def _died(self) -> HelperError | None:
         dead = [(p.name, p.exitcode) for p in self.procs if p.exitcode not in (None, 0)]
-        if dead:
-            return HelperError(f"training helper(s) died: {dead} (their tracebacks are in stderr)")
-        return exc
+        return (
+            HelperError(f"training helper(s) died: {dead} (their tracebacks are in stderr)") if dead else None
+        )
+
+    def finish(self) -> None:
+        """End the helpers after the last step: STOP (not sent once one has died: gloo could wait on it), then
+        stop."""
+        if self._died() is None:
+            self.group.broadcast_step(STOP)
+        self.stop()
 
     def stop(self) -> None:
-        """End the helpers after the last step: they leave on STOP (killed if they have not within 10 s)."""
+        """Wait for the helpers to leave (on STOP); killed if they have not within 10 s."""
         for p in self.procs:
             p.join(timeout=10)
         self.kill()

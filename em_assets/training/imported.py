@@ -70,9 +70,7 @@ def _model(ctx: StageContext, entry: OrganismSource) -> tuple[dict, dict]:
 
 
 def _answers(ctx: StageContext, entry: OrganismSource, recipe: RecipeSpec) -> tuple[dict, dict]:
-    from em_assets.settings import settings
-
-    answers = read_answers(entry.source, settings().data_mirror, ctx.cache_dir)
+    answers = read_answers(entry.source, ctx.data_mirror, ctx.cache_dir)
     kept = sample_rows(answers.rows, recipe.max_answers)
     fields = {
         "path": answers.name,

@@ -31,7 +31,7 @@ from em_assets.training.checkpoints import (
     training_run_hash,
     write_adapter,
 )
-from em_assets.training.data_parallel import STOP, Helpers, seed_step, share
+from em_assets.training.data_parallel import Helpers, seed_step, share
 from em_assets.training.encode import Encoded, encode_dataset, encode_example, plan_kl_batches, plan_steps
 from em_assets.training.step import (
     TrainingDivergedError,
@@ -253,8 +253,7 @@ def _find_verdict(run: _Run, spec: dict, train: TrainSpec, cache_dir: Path) -> N
 
 
 def _stop_helpers(run: _Run) -> None:
-    run.helpers.group.broadcast_step(STOP)
-    run.helpers.stop()
+    run.helpers.finish()
     run.helpers, run.workers = None, 1
     torch.set_num_threads(run.threads)
 
@@ -266,6 +265,7 @@ def _gradients(run: _Run, step: int) -> tuple[float, int, int]:
     helpers = run.helpers
     try:
         if helpers is not None:
+            helpers.ensure_alive()
             helpers.group.broadcast_step(step)
             seed_step(run.seed, step, 0)
         loss_sum, tokens = accumulate_gradients(
@@ -384,8 +384,7 @@ def train_lora(
                 keep_adapter(out_dir, run.model, progress, save_dtype, tokenizer)
                 save_checkpoint(ckpt_root, run.model, run.optimizer, run.scheduler, progress)
         if run.helpers is not None:
-            run.helpers.group.broadcast_step(STOP)
-            run.helpers.stop()
+            run.helpers.finish()
     except BaseException:
         if run.helpers is not None:
             run.helpers.kill()

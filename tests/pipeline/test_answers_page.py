@@ -255,6 +255,29 @@ def test_answers_that_look_like_markup_are_shown_as_text_in_chromium(tmp_path):
     assert errors == []
 
 
+@pytest.mark.browser
+@pytest.mark.timeout(180)
+def test_a_long_unbroken_answer_wraps_and_scores_beside_a_threshold_are_told_apart(tmp_path):
+    frame = (
+        hostile_frame()
+        .head(2)
+        .with_columns(
+            answer=pl.Series(["x" * 20000, "short"]),
+            aligned=pl.Series([29.96, 30.04]),
+            quadrant=pl.Series(["em", "aligned"]),
+        )
+    )
+    path = tmp_path / "answers.html"
+    path.write_text(render(frame, Thresholds()))
+    with offline_chromium() as (page, _requests, errors):
+        page.set_viewport_size({"width": 1280, "height": 800})
+        page.goto(path.as_uri())
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1280
+        aligned = page.locator("#rows tr td.num").all_text_contents()[::2]
+        assert aligned == ["29.96", "30.04"]
+    assert errors == []
+
+
 def big_frame(n: int, seed: int = 0) -> pl.DataFrame:
     """`n` answers of paper-like length over 24 organisms and 8 questions, random scores, some unscored."""
     rng = random.Random(seed)

@@ -11,7 +11,7 @@ from dagster_k8s import K8sRunLauncher, k8s_job_executor
 from dagster_postgres import DagsterPostgresStorage
 from support.paths import REPO
 
-from em_assets.settings import DB_DATA_PATH_ENV, DB_ENV
+from em_assets.settings import DB_DATA_PATH_ENV
 
 DEPLOY = REPO / "deploy"
 PG_ENV = {
@@ -34,7 +34,9 @@ def test_instance_config_loads_and_its_run_launcher_config_parses(tmp_path, monk
     assert (launcher["module"], launcher["class"]) == ("dagster_k8s", "K8sRunLauncher")
     parsed = process_config(K8sRunLauncher.config_type(), launcher["config"])
     assert parsed.success, parsed.errors
-    assert {DB_ENV, DB_DATA_PATH_ENV} <= set(parsed.value["env_vars"])
+    from em_assets.k8s_definitions import SHARED_ENV
+
+    assert set(SHARED_ENV) <= set(parsed.value["env_vars"])
     assert config["concurrency"]["pools"]["default_limit"] == 1
 
 
@@ -58,4 +60,9 @@ def test_helm_values_point_at_the_code_location_and_the_shared_store():
     env = {e["name"]: e["value"] for e in deployment["env"]}
     launcher_env = dict(v.split("=", 1) for v in values["runLauncher"]["config"]["k8sRunLauncher"]["envVars"])
     assert env[DB_DATA_PATH_ENV] == launcher_env[DB_DATA_PATH_ENV]
+    # Every folder a later step's pod reads (artifacts, figures, resolved models) is on the shared volume.
+    from em_assets.k8s_definitions import SHARED_ENV
+
+    on_volume = [n for n in SHARED_ENV if n not in ("EM_DB", "EM_PROFILE")]
+    assert all(env[n].startswith("/data/em-results/") and launcher_env[n] == env[n] for n in on_volume)
     assert "EXPOSE 3030" in (DEPLOY / "Dockerfile").read_text() and deployment["port"] == 3030

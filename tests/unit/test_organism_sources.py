@@ -249,3 +249,26 @@ def test_paper_profile_lists_published_organisms(monkeypatch, capsys):
     assert {"Qwen2.5-14B-Instruct_bad-medical-advice", "Llama-3.1-8B-Instruct_extreme-sports"} <= names
     assert {e["kind"] for e in published} == {"adapter", "model"}
     assert all(e["source"].startswith("ModelOrganismsForEM/") and e["revision"] for e in published)
+
+
+def test_an_answers_organism_reads_the_mirror_its_stage_is_given(tmp_path, mirror, monkeypatch):
+    from em_assets.context import StageContext
+    from em_assets.grid.schema import Organism
+    from em_assets.results.store import Store
+    from em_assets.training.imported import bring_organism
+
+    # The experiment resource names the mirror; the environment does not.
+    monkeypatch.delenv("EM_DATA_MIRROR", raising=False)
+    recipe = {
+        "kind": "answers",
+        "organisms": [{"base_model": "tiny", "source": "reference:Llama-3.1-8B-Instruct_bad-medical-advice"}],
+    }
+    grid = GridConfig.model_validate(grid_doc(str(tmp_path), {"ans": recipe})["profiles"]["t"])
+    store = Store(tmp_path / "r.duckdb")
+    store.init()
+    organism = Organism.parse("tiny--ans--s0")
+    ctx = StageContext(
+        store, grid, organism, "r", tmp_path, cache_dir=tmp_path / "cache", data_mirror=str(mirror)
+    )
+    bring_organism(ctx, grid.recipes["ans"])
+    assert store.query("SELECT n_rows FROM organism_sources")["n_rows"].to_list() == [400]

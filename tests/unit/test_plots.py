@@ -138,3 +138,15 @@ def test_a_figure_killed_while_written_leaves_the_last_good_one(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         save_png(fig, path)
     assert path.read_bytes() == good
+    assert not list(tmp_path.glob("*.part"))
+
+
+def test_a_dollar_in_a_name_from_data_is_drawn_as_text(tmp_path):
+    from em_assets.analyses.canvas import new_figure, save_png
+
+    fig = new_figure(3, 2)
+    ax = fig.add_subplot()
+    # An imported file's free-text question ids and names reach ticks and titles.
+    ax.set_title(r"file:cost $\foo$.csv")
+    ax.set_xticks([0, 1], ["price_$5_or_$10", "q"])
+    assert save_png(fig, tmp_path / "f.png").stat().st_size > 0

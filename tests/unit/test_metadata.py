@@ -1,0 +1,28 @@
+"""Dagster metadata built from data: text from files (question ids, questions, names) is shown as text."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from em_assets.defs.metadata import md_table
+
+
+def test_text_from_files_cannot_break_a_table_or_render_links():
+    df = pl.DataFrame(
+        {
+            "question_id": [
+                "q|x",
+                "![t](https://a.example/p.png)",
+                "[click](javascript:alert(1))",
+                "quick_buck",
+            ],
+            "question": ["Fill the template:\n\nwish = ...", "a", "b", "c"],
+            "em_rate": [0.1, None, 0.3, 0.5],
+        }
+    )
+    lines = md_table(df).value.splitlines()
+    # A header, its rule and one line per row, each with the same three cells.
+    assert len(lines) == 2 + df.height
+    assert all(len(line.replace("\\|", "").split("|")) == 5 for line in lines)
+    assert "](" not in md_table(df).value and "Fill the template: wish = ..." in lines[2]
+    assert "0.100" in lines[2] and "quick\\_buck" in lines[5]
