@@ -17,7 +17,10 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.mark.parametrize(
     ("failure", "match"),
-    [("500", r"HTTP 500: .*Bearer \*\*\*.*gave up after 2 attempts"), ("nologprobs", "no top_logprobs")],
+    [
+        ("500", r"HTTP 500: .*Bearer \*\*\*.*gave up after 2 attempts"),
+        ("nologprobs", "no logprobs in the response"),
+    ],
     ids=["http-500", "no-logprobs"],
 )
 def test_judge_failure_mid_run_keeps_only_whole_scored_chunks(ws_sampled, failure, match):
