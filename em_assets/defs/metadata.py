@@ -33,8 +33,9 @@ def md_table(df: pl.DataFrame, max_rows: int = 50) -> dg.MetadataValue:
         return dg.MetadataValue.md(str(df))
 
 
-# A cell's line breaks would start new rows, a "|" a new cell, and link or image syntax would render.
-_MARKDOWN_SPECIAL = r"([\\`*_\[\]()!<>|#])"
+# A cell's line breaks would start new rows, a "|" a new cell, and link, image, code or HTML syntax would
+# render. Names keep their "_" (CommonMark never reads one inside a word as emphasis).
+_MARKDOWN_SPECIAL = r"([\\`*\[\]<>|])"
 
 
 def _as_markdown_text(cells: pl.Series) -> pl.Series:
