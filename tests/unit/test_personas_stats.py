@@ -170,3 +170,19 @@ def test_points_holding_the_same_answers_enter_the_mixture_fit_once():
     rows = {r["setting"]: r for r in persona_mixtures(scores, 30).iter_rows(named=True)}
     assert {r["n_fit"] for r in rows.values()} == {60} and {r["n_points"] for r in rows.values()} == {2}
     assert rows["scale=1"]["misaligned_weight"] == rows["step=12"]["misaligned_weight"] is not None
+
+
+def test_an_answer_not_judged_yet_belongs_to_its_organisms_judge(tmp_path):
+    import polars as pl
+
+    from em_assets.results.personas import organism_scores
+    from em_assets.results.store import Store
+
+    store = Store(tmp_path / "r.duckdb")
+    store.init()
+    keys = pl.DataFrame({"organism": "o", "question_id": "q", "paraphrase_idx": 0, "sample_idx": [0, 1]})
+    store.append_rows("completions", keys.with_columns(eval_set=pl.lit("first_plot_questions")))
+    for metric in ("aligned", "coherent"):
+        judged = keys.head(1).with_columns(metric=pl.lit(metric), score=pl.lit(80.0), judge_model=pl.lit("j"))
+        store.append_rows("judgements", judged)
+    assert organism_scores(store)["judge"].to_list() == ["j", "j"]
