@@ -128,7 +128,8 @@ def _store(args: argparse.Namespace):
     latest = store.current_snapshot()
     if not 0 <= args.snapshot <= latest:
         print(
-            f"error: no snapshot {args.snapshot}: {store.path} has snapshots 0 to {latest}", file=sys.stderr
+            f"error: no snapshot {args.snapshot}: {store.location.describe()} has snapshots 0 to {latest}",
+            file=sys.stderr,
         )
         return None
     return store.at_snapshot(args.snapshot)

@@ -8,7 +8,7 @@ import dagster as dg
 from em_assets.analyses import direction_sweeps
 from em_assets.analyses import directions as stage
 from em_assets.analyses.similarity import build_similarity
-from em_assets.defs.metadata import CORRECTED_SHOWN, md_image, md_table
+from em_assets.defs.metadata import CORRECTED_SHOWN, md_image, md_table, sampling_text
 from em_assets.defs.partitions import CPU_OP_TAGS, GPU_OP_TAGS, GPU_POOL, REPORT_AUTOMATION, organisms
 from em_assets.defs.resources import ExperimentResource, ResultsDB, stage_context
 from em_assets.results import directions as db
@@ -87,7 +87,7 @@ def _sweep_result(report: direction_sweeps.SweepReport, shown: list[str]) -> dg.
         meta["em_correction"] = dg.MetadataValue.md(correction_caveat(report.table))
         meta["figure"] = md_image(report.figure, report.sweep)
         meta["figure_path"] = dg.MetadataValue.path(str(report.figure))
-        meta["sampling"] = "; ".join(report.sampling) or "nothing sampled"
+        meta["sampling"] = sampling_text(report.sampling)
     return dg.MaterializeResult(metadata=meta)
 
 

@@ -7,7 +7,7 @@ import dagster as dg
 import polars.selectors as cs
 
 from em_assets.analyses import dynamics, plots
-from em_assets.defs.metadata import CORRECTED_SHOWN, md_image, md_table
+from em_assets.defs.metadata import CORRECTED_SHOWN, md_image, md_table, sampling_text
 from em_assets.defs.partitions import CPU_OP_TAGS, GPU_OP_TAGS, GPU_POOL, organisms
 from em_assets.defs.resources import ExperimentResource, ResultsDB, stage_context
 from em_assets.stats.correction import correction_caveat
@@ -54,7 +54,7 @@ def _materialize(
         "figure": md_image(figure, title),
     }
     if name in _SWEEPS:
-        meta["sampling"] = "; ".join(out.sampling) or "nothing sampled"
+        meta["sampling"] = sampling_text(out.sampling)
     if out.table.height:
         meta["table"] = md_table(out.table.select(_SHOWN[name]).with_columns(cs.float().round(3)))
         if "em_correction" in out.table.columns:

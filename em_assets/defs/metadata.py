@@ -42,6 +42,11 @@ def _as_markdown_text(cells: pl.Series) -> pl.Series:
     return cells.str.replace_all(r"\s*\n\s*", " ").str.replace_all(_MARKDOWN_SPECIAL, r"\$1")
 
 
+def sampling_text(ways: tuple[str, ...]) -> str:
+    """A sweep's `sampling` entry: each way its points were sampled, or that every answer was reused."""
+    return "; ".join(ways) or "nothing sampled"
+
+
 def md_image(path: Path, title: str) -> dg.MetadataValue:
     """A PNG inlined as a data URI so the UI shows the figure itself, not its path."""
     b64 = base64.b64encode(Path(path).read_bytes()).decode()

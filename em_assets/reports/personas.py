@@ -160,14 +160,14 @@ def persona_mixtures(scores: pl.DataFrame, aligned_at_most: float) -> pl.DataFra
     """One row per organism, judge and point: the shared-shape two-Beta fit of the aligned scores."""
     rows = []
     for (organism, judge), group in scores.group_by("organism", "judge", maintain_order=True):
-        points, copy_of, first = {}, {}, {}
+        # A point whose answers were copied from another (the same setting hash) enters the shared fit once, as
+        # the first of them.
+        points, first, copies = {}, {}, {}
         for key, g in group.group_by("sweep", "setting", maintain_order=True):
             points[key] = _aligned(g)
             setting_hash = g["setting_hash"][0]
-            if setting_hash is not None:
-                copy_of[key] = first.setdefault(setting_hash, key)
-        # A point whose answers were copied from another enters the shared fit once, as that point.
-        copies = {k: v for k, v in copy_of.items() if k != v}
+            if setting_hash is not None and first.setdefault(setting_hash, key) != key:
+                copies[key] = first[setting_hash]
         rows += _mixture_rows(organism, judge, points, aligned_at_most, copies)
     return pl.DataFrame(rows, schema=MIXTURE_SCHEMA).sort("organism", "judge", "sweep", "setting")
 
