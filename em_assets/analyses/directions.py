@@ -18,6 +18,7 @@ import polars as pl
 from em_assets.context import StageContext
 from em_assets.grid.schema import DirectionsSpec, Thresholds, config_hash
 from em_assets.results import directions as db
+from em_assets.results.artifacts import check_weights
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.queries import adapter_row, organism_model_row
 from em_assets.results.store import utc_now
@@ -206,6 +207,7 @@ def extract_direction(ctx: StageContext) -> DirectionResult:
     from em_assets.analyses.steering import random_directions
     from em_assets.models.load import load_organism_model
 
+    check_weights(adapter)
     model, tokenizer = load_organism_model(base, adapter, ctx.device)
     tensors = compute_direction(model, tokenizer, contrast, spec.batch_size)
     folder = ctx.artifacts_dir / "directions"

@@ -194,6 +194,7 @@ def judge_completions(ctx: StageContext, chunk_size: int = 64) -> JudgingResult:
     judge = JudgeIdentity(ctx.grid.judge.backend, *judge_identity(ctx.grid, ctx.cache_dir, ctx.store))
     needed = needed_judgements(ctx, judge)
     have = queries.judgement_states(ctx.store, ctx.key)
+    # A key held twice has no state: both copies go, and it is written again (from the judge cache).
     stale = [k for k, v in have.items() if k not in needed or needed[k].current != v]
     if stale:
         queries.delete_judgements(ctx.store, ctx.key, stale)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from em_assets.results.errors import MissingUpstreamError
+
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -26,3 +28,19 @@ def weights_file(directory: Path | str) -> Path:
     """The trained weights of a saved adapter or fully fine-tuned model directory."""
     adapter = Path(directory) / ADAPTER_FILE
     return adapter if adapter.exists() else Path(directory) / MODEL_FILE
+
+
+def check_weights(adapter: dict) -> None:
+    """The organism's saved weights still have the sha256 its lora_adapters row recorded. Retraining writes into
+    the same folder, so a step killed between replacing the files and writing the row would otherwise have
+    later stages label the new weights with the old sha256."""
+    path, recorded = adapter.get("adapter_path"), adapter.get("adapter_sha256")
+    if not path or not recorded:
+        return
+    weights = weights_file(path)
+    actual = sha256_file(weights) if weights.is_file() else "missing"
+    if actual != recorded:
+        raise MissingUpstreamError(
+            f"organism {adapter.get('organism')}: {weights} has sha256 {actual[:12]}, not the {recorded[:12]} its "
+            "adapter row recorded; materialise lora_adapter again"
+        )

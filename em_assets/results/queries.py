@@ -107,14 +107,19 @@ def judge_prompts(store: Store, eval_set: str) -> dict[tuple[str, str], dict]:
     return {(r["question_id"], r["metric"]): r for r in rows.iter_rows(named=True)}
 
 
-def judgement_states(store: Store, organism: str) -> dict[tuple[str, int, int, str], tuple[str, str]]:
-    """(cache key, sampling hash) of each judgement row the organism has, by (question, paraphrase, sample, metric)."""
+def judgement_states(store: Store, organism: str) -> dict[tuple[str, int, int, str], tuple[str, str] | None]:
+    """(cache key, sampling hash) of each judgement row the organism has, by (question, paraphrase, sample,
+    metric); None for a key held twice, which a DuckLake allows (it keeps no keys) when two writers race."""
     rows = store.query(
         "SELECT question_id, paraphrase_idx, sample_idx, metric, cache_key, sampling_hash FROM judgements "
         "WHERE organism = ?",
         [organism],
     )
-    return {(r[0], r[1], r[2], r[3]): (r[4], r[5]) for r in rows.iter_rows()}
+    states: dict[tuple[str, int, int, str], tuple[str, str] | None] = {}
+    for r in rows.iter_rows():
+        key = (r[0], r[1], r[2], r[3])
+        states[key] = None if key in states else (r[4], r[5])
+    return states
 
 
 def delete_judgements(store: Store, organism: str, keys: list[tuple[str, int, int, str]]) -> None:

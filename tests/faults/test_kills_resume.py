@@ -128,3 +128,19 @@ def test_judging_killed_resumes_with_full_coverage_and_no_rejudging(ws_sampled, 
     assert after["score"].null_count() == 0
     assert after.filter(pl.col("run_id") == "killed").equals(before)
     assert count(ws.db, "judge_cache") == 16
+
+
+def test_weights_replaced_after_their_row_was_written_are_not_sampled_under_its_sha(ws):
+    from safetensors.torch import save_file
+
+    from em_assets.results.errors import MissingUpstreamError
+
+    train_adapter(ws.ctx(TRAINED, "trained"))
+    row = organism_rows(ws.db, "lora_adapters", TRAINED).row(0, named=True)
+    weights = Path(row["adapter_path"]) / ADAPTER_FILE
+    # A retraining into the same folder killed after replacing the weights and before writing its row.
+    save_file({name: t + 1 for name, t in load_file(weights).items()}, weights)
+    with pytest.raises(MissingUpstreamError, match="materialise lora_adapter again"):
+        sample_completions(ws.ctx(TRAINED, "stale"))
+    assert count(ws.db, "completions", TRAINED) == 0
+    assert train_adapter(ws.ctx(TRAINED, "again")).trained

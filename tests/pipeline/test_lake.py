@@ -249,27 +249,35 @@ def test_report_assets_record_their_snapshot_in_dagster_metadata(tmp_path):
         assert figures.metadata[f"{figure}_sha256"].value == digest
 
 
-def test_an_answer_a_lake_holds_twice_is_dropped_and_sampled_again(tmp_path, tiny_model_dir):
+def _tiny_lake(tmp_path: Path, model_dir: Path, samples: int):
+    """The tiny grid's control organism's context over an empty local DuckLake."""
     from support.tiny import tiny_grid
 
     from em_assets.context import StageContext
     from em_assets.grid.load import load_grid
     from em_assets.grid.schema import Organism
-    from em_assets.results.queries import drop_completions_except
-    from em_assets.sampling.stage import plan_sampling
 
     doc = tiny_grid(
-        tiny_model_dir, "p", {"backend": "local", "model": "tiny"}, {}, examples=2, batch_size=2, samples=2
+        model_dir, "p", {"backend": "local", "model": "tiny"}, {}, examples=2, batch_size=2, samples=samples
     )
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(doc))
     grid = load_grid(tmp_path / "grid.yaml", "p")
     store = Store(_lake(tmp_path))
     store.init()
+    organism = Organism.parse("tiny--base--s0")
+    return StageContext(store=store, grid=grid, organism=organism, run_id="r", artifacts_dir=tmp_path)
+
+
+def test_an_answer_a_lake_holds_twice_is_dropped_and_sampled_again(tmp_path, tiny_model_dir):
+    from em_assets.results.queries import drop_completions_except
+    from em_assets.sampling.stage import plan_sampling
+
+    ctx = _tiny_lake(tmp_path, tiny_model_dir, samples=2)
+    grid, store, key = ctx.grid, ctx.store, ctx.key
     question = {"eval_set": grid.eval.questions, "paraphrase_idx": 0, "question": "q?", "system": None}
     store.append_rows(
         "eval_questions", pl.DataFrame([question | {"question_id": "q0", "source_sha256": "x"}])
     )
-    key = "tiny--base--s0"
     rows = pl.DataFrame(
         [
             question | {"organism": key, "question_id": "q0", "sample_idx": i, "sampling_hash": "h"}
@@ -279,9 +287,6 @@ def test_an_answer_a_lake_holds_twice_is_dropped_and_sampled_again(tmp_path, tin
     store.append_rows("completions", rows)
     # Two writers racing on one answer, each inserting it: the lake keeps both copies.
     store.write(lambda conn: _insert_arrow(conn, "completions", rows.head(1)), "race")
-    ctx = StageContext(
-        store=store, grid=grid, organism=Organism.parse(key), run_id="r", artifacts_dir=tmp_path
-    )
     plan = plan_sampling(ctx, "h")
     assert plan.keep == {("q0", 0, 1)} and plan.stale == 2
     drop_completions_except(store, key, plan.keep)
@@ -292,3 +297,30 @@ def _insert_arrow(conn, table: str, rows: pl.DataFrame) -> None:
     conn.register("_race", rows.to_arrow())
     conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _race")
     conn.unregister("_race")
+
+
+def test_a_judgement_a_lake_holds_twice_is_written_once_again(tmp_path, tiny_model_dir):
+    from em_assets.judging.judges import judge_identity
+    from em_assets.judging.stage import JudgeIdentity, judge_completions, needed_judgements
+
+    ctx = _tiny_lake(tmp_path, tiny_model_dir, samples=1)
+    grid, store, key = ctx.grid, ctx.store, ctx.key
+    prompts = [
+        {"eval_set": grid.eval.questions, "question_id": "q0", "metric": m, "prompt": "{question} {answer}"}
+        for m in grid.judge.metrics
+    ]
+    store.append_rows("judge_prompts", pl.DataFrame([p | {"prompt_hash": p["metric"]} for p in prompts]))
+    completion = {"organism": key, "eval_set": grid.eval.questions, "question_id": "q0", "paraphrase_idx": 0}
+    completion |= {"sample_idx": 0, "question": "q?", "answer": "a.", "sampling_hash": "h"}
+    store.append_rows("completions", pl.DataFrame([completion]))
+    judge = JudgeIdentity(grid.judge.backend, *judge_identity(grid, None, store))
+    # Every score is in the judge cache, so no judge runs.
+    cached = [{"cache_key": p.cache_key, "score": 80.0} for p in needed_judgements(ctx, judge).values()]
+    store.append_rows("judge_cache", pl.DataFrame(cached))
+    judge_completions(ctx)
+    one = store.query("SELECT * FROM judgements WHERE metric = 'aligned'")
+    # Two writers racing on one judgement, each inserting it: the lake keeps both copies.
+    store.write(lambda conn: _insert_arrow(conn, "judgements", one), "race")
+    assert judge_completions(ctx).cache_hits == 1
+    rows = store.query("SELECT metric, count(*) AS n FROM judgements GROUP BY metric ORDER BY metric")
+    assert rows.rows() == [("aligned", 1), ("coherent", 1)]
