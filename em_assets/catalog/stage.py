@@ -17,6 +17,7 @@ from em_assets.catalog.upstream import (
     EVAL_SETS,
     REFERENCE_JUDGEMENTS,
     SOURCES,
+    UpstreamFile,
     fetch_bytes,
 )
 from em_assets.grid.load import GridError
@@ -98,6 +99,13 @@ def grid_datasets(grid: GridConfig) -> list[str]:
     if unknown:
         raise KeyError(f"recipes name unknown datasets {unknown}; known: {sorted(SOURCES)}")
     return names
+
+
+def catalog_files(grid: GridConfig) -> list[UpstreamFile]:
+    """Every pinned file the catalog reads for this grid: its datasets, the eval sets (the domain judges'
+    prompts among them) and the reference judgements."""
+    sets = dict.fromkeys([*grid_datasets(grid), *grid.sampled_eval_sets(), *EVAL_SETS, DOMAIN_PROMPTS_FROM])
+    return [SOURCES[name] for name in sets] + list(REFERENCE_JUDGEMENTS.values())
 
 
 def load_training_datasets(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,6 +235,22 @@ def _verified(data: bytes, expected: str, where: str) -> bytes:
     return data
 
 
+def _in_mirror(source: UpstreamFile, root: Path) -> Path:
+    """The file's path in the mirror: as pinned, or gzipped."""
+    for path in (root / source.mirror_path, root / (source.mirror_path + ".gz")):
+        if path.exists():
+            return path
+    raise MirrorError(
+        f"{source.mirror_path} is not in the mirror {root} ({MIRROR_ENV}); it is pinned at {source.url}"
+    )
+
+
+def check_mirror(sources: Iterable[UpstreamFile], mirror: Path | str) -> None:
+    """Each file is in the mirror, so a missing one fails before a run starts rather than inside it."""
+    for source in sources:
+        _in_mirror(source, Path(mirror))
+
+
 def fetch_bytes(
     source: UpstreamFile, mirror: Path | str | None = None, cache_dir: Path | None = None
 ) -> bytes:
@@ -243,21 +260,12 @@ def fetch_bytes(
     """
     mirror = mirror if mirror is not None else settings().data_mirror
     raw: bytes | None = None
-    where = source.url
     if mirror:
-        root = Path(mirror)
-        exact = root / source.mirror_path
-        if exact.exists():
-            where = str(exact)
-            raw = _verified(exact.read_bytes(), source.sha256, where)
-        elif (root / (source.mirror_path + ".gz")).exists():
+        found = _in_mirror(source, Path(mirror))
+        if found != Path(mirror) / source.mirror_path:
             # A mirror may keep a plain upstream file gzipped: verify what upstream pinned, the plain bytes.
-            where = str(root / (source.mirror_path + ".gz"))
-            return _verified(gzip.decompress(Path(where).read_bytes()), source.sha256, where)
-        else:
-            raise MirrorError(
-                f"{source.mirror_path} is not in the mirror {root} ({MIRROR_ENV}); it is pinned at {source.url}"
-            )
+            return _verified(gzip.decompress(found.read_bytes()), source.sha256, str(found))
+        raw = _verified(found.read_bytes(), source.sha256, str(found))
     if raw is None:
         cached = (cache_dir or settings().cache_dir) / "upstream" / source.mirror_path
         if cached.exists():

@@ -56,9 +56,10 @@ def _progress() -> dict[str, dict]:
 
 
 def checked_grid(current: Settings) -> GridConfig:
-    """The grid's profile, validated without running anything: its schema, the catalog names it uses and its
-    organisms' sources (bad input raises before anything is written)."""
-    from em_assets.catalog.stage import check_grid_names
+    """The grid's profile, validated without running anything: its schema, the catalog names it uses, its
+    organisms' sources and the mirror's pinned files (bad input raises before anything is written)."""
+    from em_assets.catalog.stage import catalog_files, check_grid_names
+    from em_assets.catalog.upstream import check_mirror
     from em_assets.grid.load import GridError, load_grid
     from em_assets.grid.sources import check_source
     from em_assets.models.hub import EMBEDDED
@@ -72,6 +73,8 @@ def checked_grid(current: Settings) -> GridConfig:
         except GridError as exc:
             raise GridError(f"base_models[{i}] ({base.name}): {exc}") from None
     check_sources(grid)
+    if current.data_mirror:
+        check_mirror(catalog_files(grid), current.data_mirror)
     return grid
 
 

@@ -366,3 +366,22 @@ def test_sql_command_writes_no_files_outside_the_database(ws, tmp_path):
         "pwned"
         not in ro_query(other, "SELECT table_name FROM information_schema.tables")["table_name"].to_list()
     )
+
+
+def test_demo_with_a_mirror_missing_a_pinned_file_writes_nothing(tmp_path, capsys, monkeypatch, mirror):
+    from em_assets.catalog.upstream import SOURCES
+
+    missing = SOURCES["insecure"].mirror_path
+    partial = tmp_path / "mirror"
+    for path in mirror.rglob("*"):
+        name = str(path.relative_to(mirror))
+        if path.is_file() and not name.startswith(missing):
+            (partial / name).parent.mkdir(parents=True, exist_ok=True)
+            (partial / name).symlink_to(path)
+    monkeypatch.setenv("EM_DATA_MIRROR", str(partial))
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("EM_DB", str(tmp_path / "data" / "results.duckdb"))
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert f"{missing} is not in the mirror {partial}" in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mirror"]

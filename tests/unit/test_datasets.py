@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from support.db import count, table_dump
 from support.organisms import PROFILE
+from support.paths import REPO
 
 from em_assets.catalog import stage as catalog
 from em_assets.catalog.parsing import DatasetError, judge_prompt, parse_chat_jsonl, parse_questions_yaml
@@ -185,3 +186,27 @@ def test_the_resources_cache_dir_is_the_upstream_download_cache(tmp_path, monkey
     }
     assert dg.materialize([eval_questions], resources=resources).success
     assert count(tmp_path / "results.duckdb", "eval_questions") > 0
+
+
+def _mirror_of(files, mirror: Path, to: Path) -> Path:
+    """A mirror holding only `files`, linked from the full one (plain or gzipped, as it keeps them)."""
+    for src in files:
+        for name in (src.mirror_path, src.mirror_path + ".gz"):
+            if (mirror / name).exists():
+                (to / name).parent.mkdir(parents=True, exist_ok=True)
+                (to / name).symlink_to(mirror / name)
+    return to
+
+
+@pytest.mark.timeout(300)
+def test_the_catalog_reads_only_the_files_its_demo_pre_check_names(tmp_path, mirror):
+    from em_assets.judging.validation import load_reference
+
+    grid = load_grid(REPO / "data/grid.yaml", "demo")
+    only = str(_mirror_of(catalog.catalog_files(grid), mirror, tmp_path / "mirror"))
+    store = Store(tmp_path / "r.duckdb")
+    store.init()
+    catalog.load_training_datasets(store, grid, only)
+    catalog.load_eval_questions(store, grid, only)
+    load_reference(store, grid, only)
+    assert count(store.path, "training_datasets") == len(catalog.grid_datasets(grid)) > 0
