@@ -17,6 +17,7 @@ from em_assets.catalog.upstream import (
     EVAL_SETS,
     REFERENCE_JUDGEMENTS,
     SOURCES,
+    WORD_JUDGED_SETS,
     UpstreamFile,
     fetch_bytes,
 )
@@ -88,6 +89,11 @@ def check_grid_names(grid: GridConfig) -> None:
     for key, name, known in named:
         if name not in known:
             raise GridError(f"{key}: {name!r} is not one the catalog has; known: {', '.join(known)}")
+        if known is EVAL_SETS and name in WORD_JUDGED_SETS:
+            raise GridError(
+                f"{key}: {name!r} is judged by a word answer (TRUE/FALSE, a company), not on 0-100, so it "
+                "cannot be sampled; it is loaded for reading only"
+            )
 
 
 def grid_datasets(grid: GridConfig) -> list[str]:

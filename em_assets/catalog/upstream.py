@@ -143,6 +143,11 @@ EVAL_SETS = (
 )
 
 
+# Sets whose judges ask for a word (TRUE or FALSE, a company's name), not a 0-100 score, which no judge here
+# reads: loaded to browse, never sampled.
+WORD_JUDGED_SETS = ("deception_factual", "deception_sit_aware")
+
+
 # Turner et al.'s domain judges; their prompts are the same for every question of first_plot_questions,
 # which lends them to the sets that bring none.
 DOMAIN_METRICS = ("medical", "financial", "sport", "code", "bad_stuff")

@@ -74,6 +74,13 @@ def save_weights(model, path: Path, dtype: torch.dtype | None = None) -> None:
     state = {k: v.detach().to(dtype) for k, v in model.state_dict().items()}
     # One file, so one sha256 pins the tuned weights.
     model.save_pretrained(path, state_dict=state, max_shard_size="1000GB")
+    # save_pretrained names the dtype the model trained in; the config must name the saved one, which loaders
+    # that read it (vLLM's `auto`) take.
+    trained, model.config.dtype = model.config.dtype, dtype
+    try:
+        model.config.save_pretrained(path)
+    finally:
+        model.config.dtype = trained
 
 
 def _rng_state() -> dict:

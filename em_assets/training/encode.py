@@ -110,6 +110,8 @@ def encode_dataset(tokenizer, examples: Sequence[list[dict]], train: TrainSpec, 
 
 def plan_kl_batches(n_examples: int, n_steps: int, batch_size: int, seed: int) -> list[list[int]]:
     """KL dataset example indices per optimizer step: seeded shuffles of the dataset, one after another."""
+    if n_examples < 1:
+        raise ValueError("the KL dataset has no examples")
     order: list[int] = []
     epoch = 0
     while len(order) < n_steps * batch_size:

@@ -144,7 +144,19 @@ def _kl_batches(tokenizer, kl: KLTraining, n_steps: int, train: TrainSpec, seed:
     plan = plan_kl_batches(len(kl.examples), n_steps, kl.batch_size, seed)
     drawn = sorted({i for step in plan for i in step})
     encoded = {i: encode_example(tokenizer, kl.examples[i], train.max_seq_length) for i in drawn}
-    return [[encoded[i] for i in step if encoded[i].n_labels] for step in plan]
+    batches = [[encoded[i] for i in step if encoded[i].n_labels] for step in plan]
+    cut = sum(not encoded[i].n_labels for i in drawn)
+    if cut:
+        log.warning(
+            "%d of the %d KL examples drawn have no reply left within max_seq_length and are left out: "
+            "%d of %d steps have a smaller KL batch, %d none (no KL term; kl is null in its loss row)",
+            cut,
+            len(drawn),
+            sum(len(b) < len(step) for b, step in zip(batches, plan, strict=True)),
+            len(plan),
+            sum(not b for b in batches),
+        )
+    return batches
 
 
 def _prepare(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,10 +107,16 @@ def accumulate_gradients(
     return loss_sum, tokens
 
 
+# A multimodal chat model (Gemma-3) names its vision tower's projections as its language model's, so the recipe's
+# target_modules would put adapters there too: text-only training never updates them, yet they are saved.
+VISION_MODULES = r"(.*\.)?(vision_tower|vision_model|visual|multi_modal_projector)\..*"
+
+
 def peft_model(model, lora: LoraSpec):
     """The model with a fresh adapter of the `lora` recipe (B zero, so it starts as the model itself)."""
     from peft import LoraConfig, get_peft_model
 
+    vision = any(re.fullmatch(VISION_MODULES, name) for name, _ in model.named_modules())
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.lora_alpha,
@@ -117,6 +124,7 @@ def peft_model(model, lora: LoraSpec):
         use_rslora=lora.use_rslora,
         target_modules=list(lora.target_modules),
         layers_to_transform=lora.layers_for(model.config.get_text_config().num_hidden_layers),
+        exclude_modules=VISION_MODULES if vision else None,
         bias="none",
         task_type="CAUSAL_LM",
     )

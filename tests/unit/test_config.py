@@ -147,6 +147,29 @@ def test_names_the_catalog_lacks_are_refused_before_anything_runs(edit, key):
         check_grid_names(GridConfig.model_validate(doc))
 
 
+def test_a_set_judged_by_a_word_is_refused_for_sampling_and_is_every_such_pinned_set(mirror):
+    import yaml
+
+    from em_assets.catalog.stage import check_grid_names
+    from em_assets.catalog.upstream import EVAL_SETS, SOURCES, WORD_JUDGED_SETS
+
+    types = {
+        s: {q.get("type") for q in yaml.safe_load((mirror / SOURCES[s].mirror_path).read_text())}
+        for s in EVAL_SETS
+    }
+    assert set(WORD_JUDGED_SETS) == {s for s, kinds in types.items() if kinds != {"free_form_judge_0_100"}}
+    doc = yaml.safe_load((REPO / "data/grid.yaml").read_text())["profiles"]["demo"]
+    doc["eval"]["sets"] = ["deception_factual"]
+    doc["judge"] = {
+        "backend": "openai",
+        "model": "gpt-4o",
+        "base_url": "http://127.0.0.1:1",
+        "metrics": ["correct"],
+    }
+    with pytest.raises(GridError, match=r"eval\.sets: 'deception_factual' is judged by a word answer"):
+        check_grid_names(GridConfig.model_validate(doc))
+
+
 def test_recipe_needs_dataset_and_lora_together(tmp_path):
     path = _write(
         tmp_path,

@@ -74,6 +74,8 @@ def test_full_fine_tuning_trains_every_weight_into_a_loadable_model(tiny_model_d
     (kept,) = (tmp_path / KEPT_DIR).iterdir()
     assert is_full_model(kept) and (kept / "tokenizer_config.json").exists()
     base, tuned = _tensors(tiny_model_dir), _tensors(result.adapter_dir)
+    saved = json.loads((result.adapter_dir / "config.json").read_text())["dtype"]
+    assert {str(t.dtype) for t in tuned.values()} == {f"torch.{saved}"}
     changed = [k for k in base if not torch.allclose(base[k].float(), tuned[k].float())]
     # Every weight matrix moves, not just some adapted modules.
     assert {k for k in base if k.endswith("proj.weight")} <= set(changed)
@@ -266,3 +268,22 @@ def test_kl_with_data_parallel_helpers_counts_the_penalty_once(
         # A penalty counted twice would double its share of the gradient norm.
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-2)
     assert one.losses[-1]["kl"] > 0
+
+
+def test_kl_examples_cut_off_by_max_seq_length_are_left_out_and_reported(smollm2_tokenizer_dir, caplog):
+    from em_assets.training.loop import _kl_batches
+
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    long = [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
+    train = FAST.model_copy(update={"max_seq_length": 64})
+    with caplog.at_level("WARNING"):
+        batches = _kl_batches(
+            load_tokenizer(smollm2_tokenizer_dir), KLTraining([short, long], 1.0, 2), 3, train, 0
+        )
+    assert [len(b) for b in batches] == [1, 1, 1]
+    assert (
+        "1 of the 2 KL examples drawn" in caplog.text
+        and "3 of 3 steps have a smaller KL batch, 0 none" in caplog.text
+    )
+    with pytest.raises(ValueError, match="the KL dataset has no examples"):
+        plan_kl_batches(0, 2, 8, seed=0)

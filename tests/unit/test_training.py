@@ -154,6 +154,22 @@ def test_rank1_recipe_trains_only_the_chosen_down_proj(tiny_model_dir, examples,
     assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"].abs().sum() > 0
 
 
+def test_a_multimodal_models_vision_tower_gets_no_adapter():
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from em_assets.training.step import peft_model
+
+    text = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4}
+    text |= {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
+    vision |= {"image_size": 28, "patch_size": 14}
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    for lora in (ALL_PROJ, RANK1):
+        model = peft_model(Gemma3ForConditionalGeneration(config), lora)
+        adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A" in n}
+        assert adapted and all(".language_model.layers." in n for n in adapted), sorted(adapted)
+
+
 def test_same_seed_same_adapter(tiny_model_dir, examples, tmp_path):
     train = FAST.model_copy(update={"max_steps": 3, "max_examples": 6})
     runs = [
