@@ -1,9 +1,9 @@
 """Batched sampling from Hugging Face causal LMs: a slot KV cache, continuous batching, per-request seeds.
 
 Guarantees: each request draws from its own stream (`random.Random(seed)`, one uniform per token), so the
-same requests, seeds, model and `batch_size` give identical texts run after run. Across batch sizes or request
-mixes the draws stay the same but logits can differ in their last bits (kernels block differently), so texts
-agree unless a draw lands within that rounding of a token boundary: rarely in float32, more often in bf16.
+same requests, seeds, model, dtype and `batch_size` give identical texts run after run. Across batch sizes or
+request mixes the draws stay the same but a prompt's logits move with its left padding: about 1e-5 in float32,
+where texts nearly always agree, up to about 0.5 in bf16, where most differ (docs/cpu.md).
 """
 
 from __future__ import annotations

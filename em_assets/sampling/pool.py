@@ -7,8 +7,8 @@ Two single-thread workers overlap one's Python with the other's kernels. That pa
 auto` is settled by timing both (`em_assets.sampling.calibrate`). On a GPU one process is right and the pool is
 not used.
 
-Each request keeps its own seed, so a request's text does not depend on which worker drew it (up to the
-last-bit differences between batch mixes that `em_assets.sampling` documents).
+Each request keeps its own seed, so a request's text does not depend on which worker drew it, up to the
+differences between batch mixes that `em_assets.sampling.engine` documents (most texts, in bf16).
 """
 
 from __future__ import annotations

@@ -23,7 +23,8 @@ def sample_tokens(
     # A few rows at a time, so each row's float copy stays in cache from exp to block sums.
     for start in range(0, len(logits), SAMPLE_ROWS):
         rows = slice(start, start + SAMPLE_ROWS)
-        weights = logits[rows].float()
+        # A copy: the in-place ops below must not rewrite the logits (a logits_hook may hold them).
+        weights = logits[rows].to(torch.float32, copy=True)
         if temperature != 1:
             weights /= temperature
         weights = weights.sub_(weights.amax(-1, keepdim=True)).exp_()
@@ -37,11 +38,20 @@ def _sample_nucleus(
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     # Sorting the whole vocabulary is slow; the nucleus nearly always lies in the top few hundred tokens.
     top, order = probs.topk(min(NUCLEUS_GUESS, probs.shape[-1]), dim=-1)
-    if not bool((top.sum(-1) >= top_p).all()):
-        top, order = probs.sort(dim=-1, descending=True)
+    if bool((top.sum(-1) >= top_p).all()):
+        top, order = _ranked(probs, order.sort(-1).values)
+    else:
+        top, order = probs.sort(dim=-1, descending=True, stable=True)
     # Keep a token while the mass ranked above it is under top_p (transformers' TopPLogitsWarper rule).
     top = top.masked_fill(top.cumsum(-1) - top >= top_p, 0.0)
     return order.gather(-1, _invert_cdf(top, uniforms).unsqueeze(-1)).squeeze(-1)
+
+
+def _ranked(probs: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The candidate tokens (ascending ids) by probability, ties by id, as the full stable sort ranks them: one
+    uniform then draws the same token whichever path a batch takes (bf16 logits tie often)."""
+    top, rank = probs.gather(-1, candidates).sort(dim=-1, descending=True, stable=True)
+    return top, candidates.gather(-1, rank)
 
 
 def _invert_cdf(weights: torch.Tensor, uniforms: torch.Tensor, block: int = 256) -> torch.Tensor:

@@ -306,3 +306,21 @@ def test_a_template_that_writes_todays_date_renders_the_same_prompt_on_every_day
     assert text.startswith("Today Date: 26 Jul 2024\n")
     assert datetime.now().strftime("%d %b %Y") not in text
     assert chat_ids(tokenizer, messages) == tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_top_p_draw_does_not_depend_on_the_rows_beside_it():
+    torch.manual_seed(0)
+    # Rounded logits tie often, as bf16 ones do; their 0.9-nucleus lies within the top 256 tokens.
+    logits = (torch.randn(64, 300) * 2).round()
+    flat = torch.zeros(1, 300)  # a row whose nucleus does not, so the batch sorts the whole vocabulary
+    for u in torch.linspace(0.01, 0.99, 25).tolist():
+        alone = sample_tokens(logits, torch.full((64,), u, dtype=torch.float64), 1.0, 0.9)
+        beside = sample_tokens(torch.cat([logits, flat]), torch.full((65,), u, dtype=torch.float64), 1.0, 0.9)
+        assert torch.equal(alone, beside[:64])
+
+
+def test_sampling_leaves_the_logits_as_they_were():
+    logits = torch.randn(12, 300)
+    before = logits.clone()
+    sample_tokens(logits, torch.rand(12, dtype=torch.float64), temperature=0.7, top_p=1.0)
+    assert torch.equal(logits, before)
