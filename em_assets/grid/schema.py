@@ -537,6 +537,18 @@ class GridConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _direction_classes_apart(self) -> GridConfig:
+        # The aligned class lies above aligned_above, the misaligned at or below aligned_at_most: at or above it,
+        # the two share no answer.
+        if self.directions.aligned_above < self.thresholds.aligned_at_most:
+            raise ValueError(
+                f"directions.aligned_above ({self.directions.aligned_above:g}) is below "
+                f"thresholds.aligned_at_most ({self.thresholds.aligned_at_most:g}): the direction's two classes "
+                "would share answers"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _unique_seeds(self) -> GridConfig:
         dupes = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
         if dupes:

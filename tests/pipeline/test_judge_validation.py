@@ -339,3 +339,6 @@ def test_parser_keeps_empty_answers_and_ignores_text_columns():
     ]
     with pytest.raises(ReferenceFileError, match=r"row 2, column 'financial': '300'"):
         parse_reference_csv(data.replace(b"qwen,3", b"qwen,300"), "m_d.csv", "abc")
+    # A named domain score with text in it is an error, not a column silently left out.
+    with pytest.raises(ReferenceFileError, match=r"row 2, column 'financial': 'ERROR' is not a number"):
+        parse_reference_csv(data.replace(b"qwen,3", b"qwen,ERROR"), "m_d.csv", "abc")

@@ -108,6 +108,10 @@ def test_missing_profile_and_bad_yaml(tmp_path):
         ("thresholds: {aligned_at_most: 150}", r"profiles\.demo\.thresholds\.aligned_at_most"),
         ("thresholds: {coherent_above: .nan}", r"profiles\.demo\.thresholds\.coherent_above"),
         ("directions: {sweep_recipes: [nope]}", r"directions\.sweep_recipes names recipes that are not in"),
+        (
+            "directions: {aligned_above: 20}",
+            r"directions\.aligned_above \(20\) is below thresholds\.aligned_at_most",
+        ),
     ],
 )
 def test_settings_no_run_could_use_are_refused_with_their_key(tmp_path, setting, key):
