@@ -172,6 +172,17 @@ class RecipeSpec(_Strict):
 
     @model_validator(mode="after")
     def _kind_fields(self) -> RecipeSpec:
+        # Settings away from their defaults (a dumped grid names every field) that this kind would ignore.
+        defaults = RecipeSpec.model_fields
+        answers_only = [f for f in ("max_answers", "file_judge") if getattr(self, f) != defaults[f].default]
+        if self.kind != "answers" and answers_only:
+            raise ValueError(f"{' and '.join(answers_only)}: for recipes of kind answers only")
+        if self.kind == "answers" and self.eval_sets is not None:
+            raise ValueError("eval_sets: answers recipes are not sampled; their questions are the file's")
+        if self.kind == "answers" and any(o.revision for o in self.organisms):
+            raise ValueError("organisms: revision pins hub sources; an answers file is pinned by its sha256")
+        if self.train != TrainSpec() and (self.kind != "train" or self.dataset is None):
+            raise ValueError("train: only a recipe with a dataset trains")
         if self.kind == "train":
             if self.method == "full":
                 if self.dataset is None or self.lora is not None:

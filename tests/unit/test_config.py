@@ -120,6 +120,23 @@ def test_settings_no_run_could_use_are_refused_with_their_key(tmp_path, setting,
         load_grid(_write(tmp_path, body), "demo")
 
 
+@pytest.mark.parametrize(
+    ("recipe", "says"),
+    [
+        ("{kind: adapter, organisms: [{base_model: m, source: x}], max_answers: 60}", "max_answers: for recipes of kind answers only"),
+        ("{dataset: insecure, lora: {r: 1, lora_alpha: 1, target_modules: [q_proj]}, file_judge: j}", "file_judge: for recipes of kind answers only"),
+        ("{kind: answers, organisms: [{base_model: m, source: f.csv}], train: {epochs: 3}}", "train: only a recipe with a dataset trains"),
+        ("{kind: answers, organisms: [{base_model: m, source: f.csv}], eval_sets: [medical_questions]}", "eval_sets: answers recipes are not sampled"),
+        ("{kind: answers, organisms: [{base_model: m, source: f.csv, revision: abc}]}", "revision pins hub sources"),
+        ("{train: {epochs: 3}}", "train: only a recipe with a dataset trains"),
+    ],
+)  # fmt: skip
+def test_a_recipe_field_that_does_not_fit_its_kind_is_refused(tmp_path, recipe, says):
+    body = f"profiles:\n  demo:\n    base_models: [{{name: m, source: x}}]\n    recipes: {{base: {{}}, r: {recipe}}}\n"
+    with pytest.raises(GridError, match=rf"profiles\.demo\.recipes\.r: .*{says}"):
+        load_grid(_write(tmp_path, body), "demo")
+
+
 def test_a_grid_file_that_is_no_text_is_one_error(tmp_path):
     binary = tmp_path / "grid.yaml"
     binary.write_bytes(b"\xff\xfe profiles: {}")
