@@ -53,7 +53,8 @@ def _jsonl_as_csv(data: bytes, name: str) -> bytes:
     """JSONL rows as CSV text, so both shapes go through the one parser and its checks (row N = the N-th
     non-blank line, in these messages and the parser's)."""
     rows = []
-    lines = [line for line in data.decode("utf-8", errors="replace").splitlines() if line.strip()]
+    # As parse_chat_jsonl: lines end at "\n" only.
+    lines = [line for line in data.decode("utf-8", errors="replace").split("\n") if line.strip()]
     for i, line in enumerate(lines, start=1):
         try:
             obj = json.loads(line)

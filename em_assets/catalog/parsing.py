@@ -19,7 +19,8 @@ class DatasetError(ValueError):
 def parse_chat_jsonl(data: bytes, name: str) -> list[list[dict[str, str]]]:
     """Rows of `{"messages": [...]}` ending in an assistant turn; errors name `name:line`."""
     examples: list[list[dict[str, str]]] = []
-    for lineno, raw in enumerate(data.decode("utf-8").splitlines(), start=1):
+    # Lines end at "\n" only: str.splitlines would also split at U+2028 and U+0085, which JSON strings may hold.
+    for lineno, raw in enumerate(data.decode("utf-8").split("\n"), start=1):
         if not raw.strip():
             continue
         try:

@@ -210,3 +210,16 @@ def test_the_catalog_reads_only_the_files_its_demo_pre_check_names(tmp_path, mir
     catalog.load_eval_questions(store, grid, only)
     load_reference(store, grid, only)
     assert count(store.path, "training_datasets") == len(catalog.grid_datasets(grid)) > 0
+
+
+def test_jsonl_text_may_hold_unicode_line_separators(tmp_path):
+    from em_assets.catalog.answers import read_answers
+
+    reply = "first\u2028second\x85third"
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}]}
+    data = (json.dumps(row, ensure_ascii=False) + "\r\n").encode() * 2
+    assert [m[-1]["content"] for m in parse_chat_jsonl(data, "x.jsonl")] == [reply, reply]
+    answer = {"question_id": "q", "question": "Q?", "response": reply, "aligned": 80, "coherent": 90}
+    path = tmp_path / "answers.jsonl"
+    path.write_text(json.dumps(answer, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_answers(str(path)).rows["answer"].to_list() == [reply]
