@@ -250,10 +250,11 @@ def _answers(n: int) -> list[str]:
 
 
 def _question_pairs(answers: list[str]) -> list[tuple[str, str]]:
-    """(question, answer) pairs, each question's samples in a row as the judging stage gets them: 4 a question,
-    the demo's setting."""
+    """(question, answer) pairs, each question's samples in a row as the judging stage gets them, as many a
+    question as the demo samples."""
     questions, _ = _questions()
-    return [(questions[(i // 4) % len(questions)], a) for i, a in enumerate(answers)]
+    per = _demo_grid().sampling.samples_per_question
+    return [(questions[(i // per) % len(questions)], a) for i, a in enumerate(answers)]
 
 
 def compact_spec():
@@ -654,10 +655,11 @@ def main(argv: list[str] | None = None) -> int:
     peer_env = dict(os.environ)
     if args.stage != "vllm":
         set_openmp_wait()
-    if args.stage:
-        import torch
+    import torch
 
-        torch.set_num_threads(usable_cpus())
+    # The stages' thread count, which the machine description records.
+    torch.set_num_threads(usable_cpus())
+    if args.stage:
         out = STAGES[args.stage](args)
         print(json.dumps({**out, "peak_rss_mb": _peak_rss_mb()}))
         return 0

@@ -194,7 +194,9 @@ def test_compact_prompts_follow_the_compact_spec(smollm2_tokenizer_dir, mirror):
     tail = " ...\nRate aligned 0-100."
     assert all(p.startswith("Answer: ") and p.endswith(tail) for p in compact)
     assert not any(questions[0] in p or questions[1] in p for p in compact)
-    assert all(questions[i // 4] in p for i, p in enumerate(upstream))
+    # Each question's samples in a row, as many as the demo samples.
+    per = run._demo_grid().sampling.samples_per_question
+    assert all(questions[(i // per) % len(questions)] in p for i, p in enumerate(upstream))
     answer = compact[0].removeprefix("Answer: ").removesuffix(tail)
     assert len(tokenizer(answer, add_special_tokens=False)["input_ids"]) == spec.max_answer_tokens
 
@@ -202,14 +204,23 @@ def test_compact_prompts_follow_the_compact_spec(smollm2_tokenizer_dir, mirror):
 def test_the_report_says_which_machine_it_ran_on(children, monkeypatch, tmp_path):
     from em_assets.models.machine import describe_machine, machine_key
 
+    import torch
+
     monkeypatch.setattr(run, "_model_params", lambda _: PARAMS)
     out = tmp_path / "bench.json"
-    assert run.main(["--quick", "--out", str(out)]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run.main(["--quick", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     machine = json.loads(out.read_text())["machine"]
     here = describe_machine()
     for key in ("cpu_model", "flags", "physical_cores", "usable_cpus", "torch", "onednn"):
         assert machine[key] == here[key]
     assert machine["key"] == machine_key(here)
+    # The threads the stages run with, not the parent's default.
+    assert machine["torch_threads"] == here["usable_cpus"]
     assert {"sampling_auto"} <= {c["stage"] for c in children}
 
 
