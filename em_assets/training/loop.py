@@ -36,6 +36,7 @@ from em_assets.training.encode import Encoded, encode_dataset, encode_example, p
 from em_assets.training.step import (
     TrainingDivergedError,
     accumulate_gradients,
+    adamw,
     build_model,
     frozen_reference,
     kl_to_reference,
@@ -181,7 +182,7 @@ def _prepare(
     }
     model, params = build_model(**spec)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    optimizer = torch.optim.AdamW(params, lr=train.learning_rate, weight_decay=train.weight_decay)
+    optimizer = adamw(model, params, train.learning_rate, train.weight_decay)
     scheduler = get_scheduler(
         train.lr_scheduler_type, optimizer, num_warmup_steps=train.warmup_steps, num_training_steps=len(steps)
     )

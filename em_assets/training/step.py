@@ -155,6 +155,25 @@ def build_model(
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
+# HF Trainer's rule (Trainer.get_decay_parameter_names), which the upstream recipes trained under: no weight
+# decay on biases or norm weights. LoRA's A and B matrices all decay.
+NO_DECAY = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def adamw(model, params: list, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the trained `params`, weight decay on all but biases and norm weights."""
+    from transformers.trainer_pt_utils import get_parameter_names
+
+    decay = set(get_parameter_names(model, [torch.nn.LayerNorm], NO_DECAY))
+    trained = {id(p) for p in params}
+    named = [(n, p) for n, p in model.named_parameters() if id(p) in trained]
+    groups = [
+        {"params": [p for n, p in named if n in decay], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
 def frozen_reference(model, model_path: Path | str, device: str, dtype: torch.dtype, trust_remote_code: bool):
     """A frozen copy of the chat model, computing as `model` does (same dtype and attention kernel)."""
     reference = load_model(model_path, device, dtype, trust_remote_code).requires_grad_(False)

@@ -202,9 +202,9 @@ def test_compact_prompts_follow_the_compact_spec(smollm2_tokenizer_dir, mirror):
 
 
 def test_the_report_says_which_machine_it_ran_on(children, monkeypatch, tmp_path):
-    from em_assets.models.machine import describe_machine, machine_key
-
     import torch
+
+    from em_assets.models.machine import describe_machine, machine_key
 
     monkeypatch.setattr(run, "_model_params", lambda _: PARAMS)
     out = tmp_path / "bench.json"

@@ -287,3 +287,15 @@ def test_kl_examples_cut_off_by_max_seq_length_are_left_out_and_reported(smollm2
     )
     with pytest.raises(ValueError, match="the KL dataset has no examples"):
         plan_kl_batches(0, 2, 8, seed=0)
+
+
+def test_full_fine_tuning_decays_no_bias_or_norm_weight(tiny_model_dir):
+    from em_assets.training.step import adamw
+
+    model, params = build_model(tiny_model_dir, "cpu", torch.float32, False, None, 32)
+    groups = adamw(model, params, 1e-5, 0.01).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    held = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in groups}
+    assert held[0.0] and all("norm" in n or "bias" in n for n in held[0.0])
+    assert held[0.01] and not any("norm" in n or "bias" in n for n in held[0.01])
+    assert len(held[0.0]) + len(held[0.01]) == len(params)
