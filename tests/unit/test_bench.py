@@ -153,6 +153,8 @@ def test_on_a_gpu_every_child_runs_there_on_the_given_model_and_cpu_only_rows_ar
     # Processes per core, packed CPU weights, llama.cpp's and vLLM's CPU builds are a CPU's levers and peers.
     assert not [k for k in out if "packed" in k or "_x2" in k or "llamacpp" in k]
     assert out["sample_vllm_cpu"]["skipped"]
+    # The compact prompt as the distilled judge runs on a GPU: without prefix reuse.
+    assert out["judge_compact_prompt"]["share_prefix"] == 0
     assert [k for k in out if k.startswith("train_")] == [
         f"train_{r}_{w}" for r in run.TRAIN_RECIPES for w in ("x1", "auto")
     ]

@@ -255,6 +255,7 @@ def test_an_answers_organism_reads_the_mirror_its_stage_is_given(tmp_path, mirro
     from em_assets.context import StageContext
     from em_assets.grid.schema import Organism
     from em_assets.results.store import Store
+    from em_assets.sampling.imported import import_answers
     from em_assets.training.imported import bring_organism
 
     # The experiment resource names the mirror; the environment does not.
@@ -272,3 +273,4 @@ def test_an_answers_organism_reads_the_mirror_its_stage_is_given(tmp_path, mirro
     )
     bring_organism(ctx, grid.recipes["ans"])
     assert store.query("SELECT n_rows FROM organism_sources")["n_rows"].to_list() == [400]
+    assert import_answers(ctx).imported == 400
