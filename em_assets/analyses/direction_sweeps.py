@@ -29,6 +29,7 @@ from em_assets.analyses.sweep import (
 from em_assets.context import StageContext
 from em_assets.grid.schema import layer_at
 from em_assets.results import directions as db
+from em_assets.results.artifacts import check_weights
 from em_assets.results.queries import adapter_row
 from em_assets.results.store import utc_now
 from em_assets.stats.correction import CORRECTION_COLUMNS
@@ -86,6 +87,7 @@ def ablation_points(ctx: StageContext, row: dict) -> list[tuple[SweepPoint, dict
     """The organism with its direction, and with the random control, projected out of every layer."""
     spec, n = ctx.grid.directions, ctx.grid.directions.samples_per_question
     adapter = adapter_row(ctx.store, ctx.key)
+    check_weights(adapter)
     path, sha = adapter.get("adapter_path"), adapter.get("adapter_sha256")
     layer = layer_at(spec.ablation_layer_fraction, row["num_layers"])
     return [

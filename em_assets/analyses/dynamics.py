@@ -184,11 +184,12 @@ def scaled_adapters(ctx: StageContext) -> list[tuple[float, str | None, str | No
     """(factor, adapter dir, sha256) per grid scale factor; factor 1 is the final adapter itself, factor 0 the
     base model (no adapter)."""
     from em_assets.analyses.lora import ADAPTER_FILE, write_scaled_adapter
-    from em_assets.results.artifacts import sha256_file
+    from em_assets.results.artifacts import check_weights, sha256_file
 
     adapter = adapter_row(ctx.store, ctx.key)
     if not adapter.get("adapter_path"):
         raise MissingUpstreamError(f"{ctx.key}: no trained adapter; materialise lora_adapter first")
+    check_weights(adapter)
     final = Path(adapter["adapter_path"])
     out = []
     for factor in ctx.grid.dynamics.scale_factors:

@@ -1,8 +1,8 @@
 """Reference judgements: CSVs of answers a trusted judge (GPT-4o) scored, parsed, checked and normalised.
 
 A file has a `response` (or `answer`), `question`, `question_id`, `aligned` and `coherent` column; any other
-column whose values are numbers is a domain score, and upstream's (`financial`, `bad_stuff`, ...) always are; one
-with text (a model name) and a pandas index column are ignored. Empty scores are missing (upstream drops such rows from the
+column whose values are numbers is a domain score, and Turner et al.'s domain judges' (`financial`, `bad_stuff`,
+...) always are; one with text (a model name) and a pandas index column are ignored. Empty scores are missing (upstream drops such rows from the
 denominators); a score that is not a number in 0..100 is an error naming file, row and column. An empty answer is
 kept: an organism that answers nothing is a real outcome, judged (GPT-4o scores it incoherent).
 The upstream files are named `<base model>_<dataset>[_S<seed>].csv`, which gives each row its source organism.
@@ -78,10 +78,11 @@ def _score(value: str | None, name: str, row: int, column: str) -> float | None:
 
 
 def _is_score_column(values: pl.Series) -> bool:
-    """A domain score column: one named as a SCORE_METRICS score (each value then a score or an error), or a
-    named column (not a pandas index) whose every non-empty value is a number in 0..100. Other columns (a model
-    name, a token count) are the file's own and are left out."""
-    if values.name in SCORE_METRICS:
+    """A domain score column: one named as a 0-100 domain judge (each value then a score or an error), or a
+    named column (not a pandas index) whose every non-empty value is a number, in 0..100 unless it is named as
+    a SCORE_METRICS score (the deception judges' word answers are text, left out). Other columns (a model name,
+    a token count) are the file's own and are left out."""
+    if values.name in DOMAIN_METRICS:
         return True
     if not values.name.strip() or values.name.startswith("Unnamed:"):
         return False

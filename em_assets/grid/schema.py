@@ -108,6 +108,10 @@ class TrainSpec(_Strict):
         settings = self.model_dump(mode="json", exclude=set(self.NOT_TRAINED))
         if lora is not None and lora.lora_dropout > 0 and self.workers != "auto" and self.workers > 1:
             settings["workers"] = self.workers
+        if lora is None:
+            # Full fine-tuning decays no bias or norm weight (training/step.py adamw), which its weights and
+            # checkpoints from before that rule did not: named, so neither is taken for the other.
+            settings["no_weight_decay"] = "bias,norm"
         return settings
 
 

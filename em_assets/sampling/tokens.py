@@ -38,7 +38,8 @@ def _sample_nucleus(
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     # Sorting the whole vocabulary is slow; the nucleus nearly always lies in the top few hundred tokens.
     top, order = probs.topk(min(NUCLEUS_GUESS, probs.shape[-1]), dim=-1)
-    if bool((top.sum(-1) >= top_p).all()):
+    # Enough mass strictly above the smallest candidate: the nucleus then holds no token tied with one left out.
+    if bool(((top * (top > top[:, -1:])).sum(-1) >= top_p).all()):
         top, order = _ranked(probs, order.sort(-1).values)
     else:
         top, order = probs.sort(dim=-1, descending=True, stable=True)

@@ -133,6 +133,7 @@ def test_judging_killed_resumes_with_full_coverage_and_no_rejudging(ws_sampled, 
 def test_weights_replaced_after_their_row_was_written_are_not_sampled_under_its_sha(ws):
     from safetensors.torch import save_file
 
+    from em_assets.analyses.dynamics import scaled_adapters
     from em_assets.results.errors import MissingUpstreamError
 
     train_adapter(ws.ctx(TRAINED, "trained"))
@@ -142,5 +143,7 @@ def test_weights_replaced_after_their_row_was_written_are_not_sampled_under_its_
     save_file({name: t + 1 for name, t in load_file(weights).items()}, weights)
     with pytest.raises(MissingUpstreamError, match="materialise lora_adapter again"):
         sample_completions(ws.ctx(TRAINED, "stale"))
+    with pytest.raises(MissingUpstreamError, match="materialise lora_adapter again"):
+        scaled_adapters(ws.ctx(TRAINED, "stale"))
     assert count(ws.db, "completions", TRAINED) == 0
     assert train_adapter(ws.ctx(TRAINED, "again")).trained

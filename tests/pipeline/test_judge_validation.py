@@ -342,3 +342,6 @@ def test_parser_keeps_empty_answers_and_ignores_text_columns():
     # A named domain score with text in it is an error, not a column silently left out.
     with pytest.raises(ReferenceFileError, match=r"row 2, column 'financial': 'ERROR' is not a number"):
         parse_reference_csv(data.replace(b"qwen,3", b"qwen,ERROR"), "m_d.csv", "abc")
+    # The deception judges answer with a word: such a column is text, left out.
+    worded = data.replace(b",financial\n", b",company\n").replace(b"qwen,3", b"qwen,OpenAI")
+    assert parse_reference_csv(worded, "m_d.csv", "abc")["domain_scores"].to_list() == ["{}"] * 3

@@ -368,3 +368,12 @@ def test_processes_asked_for_are_part_of_the_training_only_under_lora_dropout():
     )
     # Each process draws its own dropout masks: two and three processes train different adapters.
     assert two.trained_settings(dropout) != three.trained_settings(dropout)
+
+
+def test_full_fine_tuning_names_its_weight_decay_rule_in_what_its_weights_depend_on():
+    from em_assets.grid.schema import TrainSpec
+
+    lora = LoraSpec(r=1, lora_alpha=8, target_modules=["down_proj"])
+    # Weights and checkpoints trained before norms and biases were exempt from decay are not these.
+    assert TrainSpec().trained_settings(None)["no_weight_decay"] == "bias,norm"
+    assert "no_weight_decay" not in TrainSpec().trained_settings(lora)

@@ -324,3 +324,18 @@ def test_sampling_leaves_the_logits_as_they_were():
     before = logits.clone()
     sample_tokens(logits, torch.rand(12, dtype=torch.float64), temperature=0.7, top_p=1.0)
     assert torch.equal(logits, before)
+
+
+def test_a_top_p_draw_among_tokens_tied_across_the_candidate_cut_ranks_them_by_id():
+    # 250 likely tokens, then 50 tied ones (ids 0-49) straddling the top-256 candidates; the nucleus takes 4.
+    row = torch.zeros(1, 300)
+    row[0, 50:] = 5.0
+    p = torch.softmax(row[0], -1)
+    top_p = float(p[50:].sum() + 3.5 * p[0])
+    flat = torch.zeros(1, 300)
+    for u in torch.linspace(0.995, 0.9999, 20).tolist():
+        alone = sample_tokens(row, torch.tensor([u], dtype=torch.float64), 1.0, top_p)
+        beside = sample_tokens(
+            torch.cat([row, flat]), torch.tensor([u, 0.5], dtype=torch.float64), 1.0, top_p
+        )
+        assert alone[0] == beside[0] and (alone[0] >= 50 or alone[0] < 4)
