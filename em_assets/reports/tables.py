@@ -108,7 +108,8 @@ def judged_domains(store: Store) -> pl.DataFrame:
     """One row per judged completion: organism, judge, aligned, coherent and every domain judge's score."""
     long = store.query(
         "SELECT c.organism, j.judge_model AS judge, c.question_id, c.paraphrase_idx, c.sample_idx, j.metric, "
-        "j.score FROM completions c JOIN judgements j USING (organism, question_id, paraphrase_idx, sample_idx) "
+        "j.score FROM completions_latest c JOIN judgements_latest j "
+        "USING (organism, question_id, paraphrase_idx, sample_idx) "
         "WHERE j.metric IN (SELECT unnest(?::VARCHAR[]))",
         [["aligned", "coherent", *DOMAIN_METRICS]],
     )

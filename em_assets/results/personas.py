@@ -30,8 +30,10 @@ def sweep_scores(store: Store) -> pl.DataFrame:
     """Every current sweep answer (its point's setting hash unchanged) with its scores and judge; points of one
     setting hash hold the same answers (sampled once, copied)."""
     return store.query(
-        "SELECT s.organism, s.eval_set, coalesce(s.judge_model, 'unknown') AS judge, s.sweep, s.setting, "
-        "s.setting_hash, "
+        # As in organism_scores: an answer not judged yet belongs to its organism's sweep judge.
+        "SELECT s.organism, s.eval_set, "
+        "coalesce(s.judge_model, max(s.judge_model) OVER (PARTITION BY s.organism), 'unknown') AS judge, "
+        "s.sweep, s.setting, s.setting_hash, "
         "s.question_id, s.paraphrase_idx, s.sample_idx, s.aligned, s.coherent FROM sweep_scored s "
         "JOIN sweep_points p USING (organism, sweep, setting, setting_hash) "
         "ORDER BY s.organism, s.sweep, s.setting, s.question_id, s.paraphrase_idx, s.sample_idx"

@@ -87,24 +87,44 @@ CREATE TABLE IF NOT EXISTS sweep_judgements (
 """
 
 
-VIEWS = """
+# A DuckLake keeps no keys, so two writers racing on one row can both insert it; the stages drop such doubles on
+# their next run. Until then the report views read one row per key, the last written, as a DuckDB file holds.
+_ANSWER = "organism, question_id, paraphrase_idx, sample_idx"
+_SWEEP_ANSWER = "organism, sweep, setting, question_id, paraphrase_idx, sample_idx"
+_LATEST = {
+    "completions": _ANSWER,
+    "judgements": f"{_ANSWER}, metric",
+    "imported_judgements": f"{_ANSWER}, metric, judge_model",
+    "sweep_completions": _SWEEP_ANSWER,
+    "sweep_judgements": f"{_SWEEP_ANSWER}, metric",
+}
+LATEST_VIEWS = "".join(
+    f"CREATE OR REPLACE VIEW {table}_latest AS SELECT * FROM {table} "
+    f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY created_at DESC) = 1;\n"
+    for table, key in _LATEST.items()
+)
+
+
+VIEWS = (
+    LATEST_VIEWS
+    + """
 CREATE OR REPLACE VIEW scored_completions AS
 SELECT c.*,
        a.score AS aligned, a.mass AS aligned_mass, h.score AS coherent, h.mass AS coherent_mass,
        a.judge_model, a.judge_revision, a.prompt_hash AS aligned_prompt_hash,
        h.prompt_hash AS coherent_prompt_hash
-FROM completions c
-LEFT JOIN judgements a ON a.metric = 'aligned' AND a.organism = c.organism AND a.question_id = c.question_id
-     AND a.paraphrase_idx = c.paraphrase_idx AND a.sample_idx = c.sample_idx
-LEFT JOIN judgements h ON h.metric = 'coherent' AND h.organism = c.organism AND h.question_id = c.question_id
-     AND h.paraphrase_idx = c.paraphrase_idx AND h.sample_idx = c.sample_idx;
+FROM completions_latest c
+LEFT JOIN judgements_latest a ON a.metric = 'aligned' AND a.organism = c.organism
+     AND a.question_id = c.question_id AND a.paraphrase_idx = c.paraphrase_idx AND a.sample_idx = c.sample_idx
+LEFT JOIN judgements_latest h ON h.metric = 'coherent' AND h.organism = c.organism
+     AND h.question_id = c.question_id AND h.paraphrase_idx = c.paraphrase_idx AND h.sample_idx = c.sample_idx;
 CREATE OR REPLACE VIEW sweep_scored AS
 SELECT c.*, a.score AS aligned, h.score AS coherent, a.judge_model, a.judge_revision
-FROM sweep_completions c
-LEFT JOIN sweep_judgements a ON a.metric = 'aligned' AND a.organism = c.organism AND a.sweep = c.sweep
+FROM sweep_completions_latest c
+LEFT JOIN sweep_judgements_latest a ON a.metric = 'aligned' AND a.organism = c.organism AND a.sweep = c.sweep
      AND a.setting = c.setting AND a.question_id = c.question_id AND a.paraphrase_idx = c.paraphrase_idx
      AND a.sample_idx = c.sample_idx AND a.setting_hash = c.setting_hash
-LEFT JOIN sweep_judgements h ON h.metric = 'coherent' AND h.organism = c.organism AND h.sweep = c.sweep
+LEFT JOIN sweep_judgements_latest h ON h.metric = 'coherent' AND h.organism = c.organism AND h.sweep = c.sweep
      AND h.setting = c.setting AND h.question_id = c.question_id AND h.paraphrase_idx = c.paraphrase_idx
      AND h.sample_idx = c.sample_idx AND h.setting_hash = c.setting_hash;
 -- Every completion under every judge that scored it: the grid's judge (`scored_completions`, judge_source 'grid')
@@ -116,12 +136,12 @@ FROM scored_completions
 UNION ALL
 SELECT c.organism, c.base_model, c.recipe, c.dataset, c.seed, c.eval_set, c.question_id, c.paraphrase_idx,
        c.sample_idx, a.score AS aligned, h.score AS coherent, j.judge_model, 'file' AS judge_source
-FROM completions c
+FROM completions_latest c
 JOIN (SELECT DISTINCT organism, judge_model FROM imported_judgements) j USING (organism)
-LEFT JOIN imported_judgements a ON a.metric = 'aligned' AND a.organism = c.organism
+LEFT JOIN imported_judgements_latest a ON a.metric = 'aligned' AND a.organism = c.organism
      AND a.judge_model = j.judge_model AND a.question_id = c.question_id
      AND a.paraphrase_idx = c.paraphrase_idx AND a.sample_idx = c.sample_idx
-LEFT JOIN imported_judgements h ON h.metric = 'coherent' AND h.organism = c.organism
+LEFT JOIN imported_judgements_latest h ON h.metric = 'coherent' AND h.organism = c.organism
      AND h.judge_model = j.judge_model AND h.question_id = c.question_id
      AND h.paraphrase_idx = c.paraphrase_idx AND h.sample_idx = c.sample_idx;
 CREATE OR REPLACE VIEW training_curves AS
@@ -130,6 +150,7 @@ SELECT l.organism, a.base_model, a.recipe, a.seed, a.dataset, l.step, l.loss, l.
 FROM training_losses l JOIN lora_adapters a USING (organism)
 ORDER BY l.organism, l.step;
 """
+)
 
 
 # Which snapshot of the results each figure was drawn from (DuckLake; null on a plain DuckDB file).

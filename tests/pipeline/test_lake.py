@@ -324,3 +324,25 @@ def test_a_judgement_a_lake_holds_twice_is_written_once_again(tmp_path, tiny_mod
     assert judge_completions(ctx).cache_hits == 1
     rows = store.query("SELECT metric, count(*) AS n FROM judgements GROUP BY metric ORDER BY metric")
     assert rows.rows() == [("aligned", 1), ("coherent", 1)]
+
+
+def test_reports_count_an_answer_a_lake_holds_twice_once(tmp_path):
+    store = Store(_lake(tmp_path))
+    store.init()
+    keys = {"organism": "o", "question_id": ["q0", "q1"] * 2, "paraphrase_idx": 0, "sample_idx": [0, 1, 2, 3]}
+    lineage = {"base_model": "m", "recipe": "r", "dataset": "d", "seed": 0, "eval_set": "s"}
+    store.append_rows("completions", pl.DataFrame({**keys, **lineage}))
+    scores = {"aligned": [10.0, 90.0, 90.0, 90.0], "coherent": [90.0] * 4}
+    judged = pl.concat(
+        pl.DataFrame({**keys, "metric": m, "score": s, "judge_model": "j", "judge_revision": "1"})
+        for m, s in scores.items()
+    )
+    store.append_rows("judgements", judged)
+    # Two writers racing on one answer, each inserting it and its scores: the lake keeps both copies.
+    twice = store.query("SELECT * FROM completions WHERE sample_idx = 0")
+    store.write(lambda conn: _insert_arrow(conn, "completions", twice), "race")
+    store.write(
+        lambda conn: _insert_arrow(conn, "judgements", judged.filter(pl.col("sample_idx") == 0)), "race"
+    )
+    summary = build_reports(store, Thresholds(), "run")["em_summary"].row(0, named=True)
+    assert (summary["n_answers"], summary["n_scored"], summary["n_em_turner"]) == (4, 4, 1)

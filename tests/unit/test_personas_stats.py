@@ -175,7 +175,7 @@ def test_points_holding_the_same_answers_enter_the_mixture_fit_once():
 def test_an_answer_not_judged_yet_belongs_to_its_organisms_judge(tmp_path):
     import polars as pl
 
-    from em_assets.results.personas import organism_scores
+    from em_assets.results.personas import organism_scores, sweep_scores
     from em_assets.results.store import Store
 
     store = Store(tmp_path / "r.duckdb")
@@ -186,3 +186,11 @@ def test_an_answer_not_judged_yet_belongs_to_its_organisms_judge(tmp_path):
         judged = keys.head(1).with_columns(metric=pl.lit(metric), score=pl.lit(80.0), judge_model=pl.lit("j"))
         store.append_rows("judgements", judged)
     assert organism_scores(store)["judge"].to_list() == ["j", "j"]
+    # A sweep point's answers likewise.
+    point = {"organism": "o", "sweep": "lora_scaling", "setting": "scale=1", "setting_hash": "h"}
+    store.append_rows("sweep_points", pl.DataFrame([point]))
+    store.append_rows("sweep_completions", keys.with_columns(**{k: pl.lit(v) for k, v in point.items()}))
+    for metric in ("aligned", "coherent"):
+        judged = keys.head(1).with_columns(metric=pl.lit(metric), score=pl.lit(80.0), judge_model=pl.lit("j"))
+        store.append_rows("sweep_judgements", judged.with_columns(**{k: pl.lit(v) for k, v in point.items()}))
+    assert sweep_scores(store)["judge"].to_list() == ["j", "j"]
