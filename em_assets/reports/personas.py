@@ -133,14 +133,15 @@ class PersonaResult:
 
 def build_persona_tables(store: Store, thresholds: Thresholds) -> PersonaResult:
     """Read one snapshot's answers, compute the four tables and write them, each with source_snapshot."""
-    snapshot = store.current_snapshot()
-    source = store.at_snapshot(snapshot)
-    organisms, sweeps = queries.organism_scores(source), queries.sweep_scores(source)
+    with store.pinned() as source:
+        snapshot = source.current_snapshot()
+        organisms, sweeps = queries.organism_scores(source), queries.sweep_scores(source)
+        sharpest = queries.sharpest_steps(source)
     scores = pl.concat([organisms, sweeps])
     mix = persona_mixtures(scores, thresholds.aligned_at_most)
     tables = {
         "persona_mixtures": mix,
-        "em_transition": em_transition(sweeps, mix, queries.sharpest_steps(source), thresholds),
+        "em_transition": em_transition(sweeps, mix, sharpest, thresholds),
         "question_em_stability": question_em_stability(organisms, thresholds),
         "persona_coherence": persona_coherence(organisms, thresholds),
     }

@@ -146,14 +146,10 @@ def domain_share_table(store: Store, thresholds: Thresholds) -> pl.DataFrame:
     return pl.concat(tables).with_columns(pl.lit(thresholds.domain_above).alias("domain_above"))
 
 
-def build_reports(
-    store: Store, thresholds: Thresholds, run_id: str, reference_judges: Sequence[str] = ()
+def _report_tables(
+    source: Store, thresholds: Thresholds, run_id: str, reference_judges: Sequence[str]
 ) -> dict[str, pl.DataFrame]:
-    """Compute and write em_summary, em_by_question, em_threshold_sensitivity, em_seed_bootstrap and
-    em_domain_share, each with the snapshot they were computed from (`source_snapshot`; null on a plain DuckDB
-    file). EM rates are corrected with the judge's measured error rates (the identity for `reference_judges`)."""
-    snapshot = store.current_snapshot()
-    source = store.at_snapshot(snapshot)
+    """The five report tables, every one read from `source`."""
     df = scored_frame(source)
     kw = {"aligned_at_most": thresholds.aligned_at_most, "coherent_above": thresholds.coherent_above}
     summary = summary_by_judge(source, kw)
@@ -168,13 +164,24 @@ def build_reports(
         pl.lit(thresholds.coherent_above).alias("coherent_above"),
         pl.lit(run_id).alias("report_run_id"),
     )
-    tables = {
+    return {
         "em_summary": summary,
         "em_by_question": by_question,
         "em_threshold_sensitivity": metrics.threshold_sensitivity(df),
         "em_seed_bootstrap": metrics.seed_bootstrap(df, **kw),
         "em_domain_share": domain_share_table(source, thresholds),
     }
+
+
+def build_reports(
+    store: Store, thresholds: Thresholds, run_id: str, reference_judges: Sequence[str] = ()
+) -> dict[str, pl.DataFrame]:
+    """Compute and write em_summary, em_by_question, em_threshold_sensitivity, em_seed_bootstrap and
+    em_domain_share, each with the snapshot they were computed from (`source_snapshot`; null on a plain DuckDB
+    file). EM rates are corrected with the judge's measured error rates (the identity for `reference_judges`)."""
+    with store.pinned() as source:
+        snapshot = source.current_snapshot()
+        tables = _report_tables(source, thresholds, run_id, reference_judges)
     tables = {
         name: table.with_columns(pl.lit(snapshot, dtype=pl.Int64).alias("source_snapshot"))
         for name, table in tables.items()

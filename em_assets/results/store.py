@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 from collections.abc import Callable, Iterator
@@ -40,6 +41,8 @@ class Store:
             raise ValueError(f"snapshots need a DuckLake store (EM_DB=ducklake:...); {self.path} is DuckDB")
         self.snapshot = snapshot
         self.conflict_retries = 0
+        # The one read-only connection every query goes through while pinned() holds it (a DuckDB file).
+        self._held: duckdb.DuckDBPyConnection | None = None
 
     @property
     def lake(self) -> bool:
@@ -132,8 +135,23 @@ class Store:
         return bool(found["n"][0])
 
     def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
+        if self._held is not None:
+            return self._held.execute(sql, params or []).pl()
         with self.connect() as conn:
             return conn.execute(sql, params or []).pl()
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[Store]:
+        """This store read as one state of the data, for a run of reads: a DuckLake at its current snapshot; a
+        DuckDB file through one read-only connection, which holds other processes' writers off until it closes
+        (write after the block)."""
+        if self.lake:
+            yield self.at_snapshot(self.current_snapshot())
+            return
+        with self.connect(read_only=True) as conn:
+            held = copy.copy(self)
+            held._held = conn
+            yield held
 
     def current_snapshot(self) -> int | None:
         """The DuckLake snapshot a query would read now (the pinned one, if any); None on a DuckDB file."""

@@ -1,4 +1,5 @@
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -94,3 +95,43 @@ def test_lock_wait_is_bounded_and_names_the_holder(tmp_path, caplog):
         holder.wait()
     # Waits under a second are routine between writers: the error names the holder, no warning came first.
     assert not caplog.records
+
+
+def test_reports_read_one_state_of_a_file_another_process_writes_to(tmp_path, monkeypatch):
+    from support.paths import REPO
+
+    from em_assets.grid.schema import Thresholds
+    from em_assets.reports import tables
+
+    path = tmp_path / "r.duckdb"
+    store = Store(path, lock_timeout_s=60)
+    store.init()
+    keys = {"organism": "o", "question_id": ["q0", "q1"], "paraphrase_idx": 0, "sample_idx": [0, 1]}
+    lineage = {"base_model": "m", "recipe": "r", "dataset": "d", "seed": 0, "eval_set": "s"}
+    store.append_rows("completions", pl.DataFrame({**keys, **lineage}))
+    for metric in ("aligned", "coherent"):
+        store.append_rows(
+            "judgements", pl.DataFrame({**keys, "metric": metric, "score": 90.0, "judge_model": "j"})
+        )
+    # Another process makes both answers EM just after the reports have read the answers.
+    code = (
+        f"from em_assets.results.store import Store; Store({str(path)!r}, lock_timeout_s=60).write("
+        "lambda c: c.execute(\"UPDATE judgements SET score = 10 WHERE metric = 'aligned'\"), 'w')"
+    )
+    writers, read = [], tables.scored_frame
+
+    def read_then_write(source):
+        frame = read(source)
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        writers.append(subprocess.Popen([sys.executable, "-c", code], env=env))
+        time.sleep(5)  # long enough for its write to land, were the file not held
+        return frame
+
+    monkeypatch.setattr(tables, "scored_frame", read_then_write)
+    out = tables.build_reports(store, Thresholds(), "run")
+    assert writers[0].wait(timeout=60) == 0
+    # Every table from the state before the write.
+    assert (
+        out["em_summary"]["n_em_turner"].to_list() == [0] and out["em_by_question"]["n_em_turner"].sum() == 0
+    )
+    assert store.query("SELECT count(*) AS n FROM judgements WHERE score = 10")["n"][0] == 2
