@@ -37,6 +37,24 @@ def model_facts(path: Path) -> ModelFacts:
                     modules.add(name.rsplit(".", 1)[0])
         except (SafetensorError, OSError) as exc:
             raise ModelLoadError(f"{file}: unreadable safetensors weights ({exc})") from exc
-    return ModelFacts(
-        config.get("model_type", "?"), int(text.get("num_hidden_layers", 0)), params, frozenset(modules)
-    )
+    return ModelFacts(config.get("model_type", "?"), _num_layers(path, text), params, frozenset(modules))
+
+
+# What configs call their decoder's layer count (Llama and most; GPT-2, Falcon and Bloom; MPT; others).
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers")
+
+
+def _num_layers(path: Path, text: dict) -> int:
+    """The decoder's layer count: from config.json, else from transformers' config class, whose defaults fill
+    what a multimodal config's text_config leaves out; never a silent 0, which would make layer fractions -1."""
+    found = next((int(text[k]) for k in LAYER_KEYS if text.get(k)), 0)
+    if not found:
+        from transformers import AutoConfig
+
+        try:
+            found = int(AutoConfig.from_pretrained(path).get_text_config().num_hidden_layers or 0)
+        except (OSError, ValueError, AttributeError):
+            found = 0
+    if found < 1:
+        raise ModelLoadError(f"{path / 'config.json'}: no decoder layer count ({', '.join(LAYER_KEYS)})")
+    return found

@@ -132,6 +132,15 @@ def directory_revision(path: Path) -> str:
     return revision
 
 
+def _check_model_folder(path: Path, shown: str | None = None) -> None:
+    """A Hugging Face model folder with safetensors weights, the only kind loaded."""
+    shown = shown or str(path)
+    if not (path / "config.json").exists():
+        raise ModelLoadError(f"{shown} has no config.json: not a Hugging Face model directory")
+    if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
+        raise ModelLoadError(f"{shown} has no .safetensors weights (only safetensors are loaded)")
+
+
 def resolve(
     name: str, source: str, revision: str | None = None, cache_dir: Path | None = None
 ) -> ResolvedModel:
@@ -146,10 +155,7 @@ def resolve(
         return ResolvedModel(name, source, out.resolve(), f"gguf-sha256:{gguf_sha}")
     local = Path(source).expanduser()
     if local.exists():
-        if not (local / "config.json").exists():
-            raise ModelLoadError(f"{local} has no config.json: not a Hugging Face model directory")
-        if not any(p.suffix in WEIGHT_SUFFIXES for p in local.iterdir()):
-            raise ModelLoadError(f"{local} has no .safetensors weights (only safetensors are loaded)")
+        _check_model_folder(local)
         return ResolvedModel(name, source, local.resolve(), directory_revision(local))
     if source.startswith((".", "/", "~")):
         raise ModelLoadError(f"local model path {source} does not exist")
@@ -168,5 +174,7 @@ def resolve(
         raise ModelLoadError(f"{source!r} is neither a local path nor a Hugging Face model id") from exc
     except Exception as exc:
         raise ModelLoadError(f"could not fetch {source}@{revision or 'main'}: {exc}") from exc
+    # A repository of .bin weights or of an adapter alone has none of what is downloaded.
+    _check_model_folder(path, f"{source}@{path.name}")
     # snapshot_download lays files under snapshots/<commit sha>/, which pins the revision.
     return ResolvedModel(name, source, path, path.name)

@@ -22,7 +22,8 @@ def pick_dtype(device: str, requested: str = "auto") -> torch.dtype:
     if requested != "auto":
         return getattr(torch, requested)
     if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # Not emulated bf16, which any CUDA GPU allows and pre-Ampere ones run slowly.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device == "mps":
         return torch.float16
     return torch.bfloat16

@@ -4,6 +4,7 @@ revision (hub commit or content hash) and checked against the organism's base mo
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,8 +72,10 @@ def resolve_adapter(source: str, revision: str | None = None) -> ResolvedAdapter
         raise OrganismSourceError(f"{config_file}: field peft_type is {config['peft_type']!r}, not LORA")
     if not weights.is_file():
         raise OrganismSourceError(f"{path}: no {ADAPTER_WEIGHTS} (only safetensors adapters are loaded)")
-    # A hub snapshot sits under snapshots/<commit>/, which pins it; a directory is pinned by its bytes.
-    rev = path.name if path.parent.name == "snapshots" else directory_revision(path)
+    # A hub snapshot sits under models--<owner>--<name>/snapshots/<commit>/, which pins it; any other directory
+    # is pinned by its bytes.
+    hub = path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--")
+    rev = path.name if hub and re.fullmatch(r"[0-9a-f]{40}", path.name) else directory_revision(path)
     return ResolvedAdapter(source, path, rev, sha256_file(weights), config)
 
 

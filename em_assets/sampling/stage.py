@@ -58,7 +58,9 @@ def stable_seed(*parts: object) -> int:
     return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:15], 16)
 
 
-def sampling_hash(base: dict, adapter: dict, sampling: SamplingSpec, seed: int) -> str:
+def sampling_hash(
+    base: dict, adapter: dict, sampling: SamplingSpec, seed: int, imported_adapter: bool = False
+) -> str:
     """What makes a completion current: the model bytes, the sampling parameters, the sampler (vLLM's texts
     differ from ours at the same seed) and the organism's seed."""
     fields = {
@@ -72,6 +74,11 @@ def sampling_hash(base: dict, adapter: dict, sampling: SamplingSpec, seed: int) 
     # Named only when not the default, so answers sampled before the field existed stay current.
     if sampling.backend != "hf":
         fields["backend"] = sampling.backend
+    # An imported adapter's config (alpha, rslora, targets) changes its answers as its weights do, and a new
+    # commit may change only the config: its source's hash (revision included) says which. A trained adapter's
+    # config follows from its recipe, which its weights' hash covers.
+    if imported_adapter:
+        fields["adapter_source"] = adapter.get("config_hash")
     return config_hash(fields)
 
 
@@ -279,7 +286,8 @@ def sample_completions(ctx: StageContext) -> SamplingResult:
         return SamplingResult(done.imported, done.reused, 0, done.seconds, 0, done.sampling_hash)
     adapter = queries.adapter_row(store, ctx.key)
     base = queries.organism_model_row(store, ctx.key, ctx.organism.base_model)
-    shash = sampling_hash(base, adapter, ctx.grid.sampling, seed)
+    imported = recipe is not None and recipe.kind == "adapter"
+    shash = sampling_hash(base, adapter, ctx.grid.sampling, seed, imported)
     plan = plan_sampling(ctx, shash)
     if plan.stale:
         ctx.log.info(f"{ctx.key}: dropping {plan.stale} completions from other settings or questions")

@@ -296,3 +296,27 @@ def test_a_jsonl_answers_file_counts_its_rows_past_blank_lines(tmp_path):
     path.write_text("\n".join([row % 80, "", row % 150]) + "\n")
     with pytest.raises(ReferenceFileError, match=r"row 2, column 'aligned'"):
         read_answers(str(path))
+
+
+def test_a_hub_repository_without_a_safetensors_model_is_refused_as_a_local_folder_is(tmp_path, offline_hub):
+    from em_assets.models.hub import ModelLoadError, resolve
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 1}')
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    commit = as_hub_snapshot(folder, offline_hub, "org/adapter-only", ["adapter_config.json"])
+    with pytest.raises(ModelLoadError, match=rf"org/adapter-only@{commit} has no config.json"):
+        resolve("m", "org/adapter-only", None, tmp_path / "cache")
+
+
+def test_a_local_adapter_folder_named_like_a_snapshot_is_pinned_by_its_bytes(tmp_path):
+    from em_assets.models.published import resolve_adapter
+
+    folder = tmp_path / "runs" / "snapshots" / "my-adapter"
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 1}')
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    first = resolve_adapter(str(folder)).revision
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 1, "lora_alpha": 512}')
+    assert first != "my-adapter" and resolve_adapter(str(folder)).revision != first

@@ -190,3 +190,38 @@ def test_kv_caches_are_passed_and_read_under_either_transformers_name():
     assert (cache_kwarg(Before()), cache_kwarg(After())) == ("past_key_values", "cache")
     assert output_cache(SimpleNamespace(past_key_values="kv")) == "kv"
     assert output_cache(SimpleNamespace(cache="kv", past_key_values=None)) == "kv"
+
+
+def test_the_layer_count_is_read_under_any_of_its_config_names_and_never_taken_as_zero(
+    tiny_model_dir, tmp_path
+):
+    import json
+    import shutil
+
+    from em_assets.models.facts import model_facts
+    from em_assets.models.hub import ModelLoadError
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    layers = config.pop("num_hidden_layers")
+    (folder / "config.json").write_text(json.dumps({**config, "n_layer": layers}))
+    assert model_facts(folder).num_layers == layers
+    (folder / "config.json").write_text(json.dumps({"model_type": "no-such-model"}))
+    with pytest.raises(ModelLoadError, match="no decoder layer count"):
+        model_facts(folder)
+
+
+def test_a_gpu_without_native_bf16_computes_in_fp16(monkeypatch):
+    from em_assets.models.load import pick_dtype
+
+    # Emulated bf16 (any CUDA GPU) is not native bf16 (Ampere and later).
+    native = {"value": False}
+    monkeypatch.setattr(
+        torch.cuda,
+        "is_bf16_supported",
+        lambda including_emulation=True: including_emulation or native["value"],
+    )
+    assert pick_dtype("cuda") == torch.float16
+    native["value"] = True
+    assert pick_dtype("cuda") == torch.bfloat16

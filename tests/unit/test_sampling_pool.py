@@ -178,3 +178,18 @@ def test_answers_of_another_sampler_are_not_current():
     # The default sampler's hash is what it was before the sampler was part of it.
     fields = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 600, "seed": 0}
     assert hf == config_hash({"base_revision": "r", "adapter_sha256": "a", **fields})
+
+
+def test_answers_of_an_imported_adapter_whose_source_changed_are_not_current():
+    from em_assets.grid.schema import SamplingSpec
+    from em_assets.sampling.stage import sampling_hash
+
+    # A new commit of a published adapter that changes only adapter_config.json: same weights, new source hash.
+    before = {"adapter_sha256": "a", "config_hash": "source-at-commit-1"}
+    after = {**before, "config_hash": "source-at-commit-2"}
+    base = {"revision": "r"}
+    assert sampling_hash(base, before, SamplingSpec(), 0, True) != sampling_hash(
+        base, after, SamplingSpec(), 0, True
+    )
+    # A trained adapter's hash is what it was: its recipe's config is in its weights' hash.
+    assert sampling_hash(base, before, SamplingSpec(), 0) == sampling_hash(base, after, SamplingSpec(), 0)
