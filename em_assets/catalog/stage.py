@@ -52,7 +52,9 @@ def check_recipes_fit(grid: GridConfig, base_model: str, facts: ModelFacts) -> N
 def resolve_base_models(store: Store, grid: GridConfig, cache_dir: Path | None = None) -> pl.DataFrame:
     rows = []
     for spec in grid.base_models:
-        resolved: ResolvedModel = resolve(spec.name, spec.source, spec.revision, cache_dir)
+        resolved: ResolvedModel = resolve(
+            spec.name, spec.source, spec.revision, cache_dir, spec.trust_remote_code
+        )
         facts = model_facts(resolved.path)
         check_recipes_fit(grid, spec.name, facts)
         rows.append(

@@ -33,7 +33,7 @@ def judge_identity(
     named = {m.name: m for m in grid.base_models}
     if spec.model in named:
         base = named[spec.model]
-        resolved = resolve(base.name, base.source, base.revision, cache_dir)
+        resolved = resolve(base.name, base.source, base.revision, cache_dir, base.trust_remote_code)
     else:
         resolved = resolve(spec.model, spec.model, spec.revision, cache_dir)
     return spec.model, resolved.revision, str(resolved.path)

@@ -109,7 +109,8 @@ def directory_revision(path: Path) -> str:
         p
         for p in path.iterdir()
         if p.is_file()
-        and (p.suffix in (*WEIGHT_SUFFIXES, ".json", ".jinja", ".model"))
+        # Code run under trust_remote_code and tokenizer files (merges.txt, vocab.txt) change outputs too.
+        and (p.suffix in (*WEIGHT_SUFFIXES, ".json", ".jinja", ".model", ".py", ".txt"))
         and p.name != stamp_file.name
     )
     stamp = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
@@ -142,9 +143,14 @@ def _check_model_folder(path: Path, shown: str | None = None) -> None:
 
 
 def resolve(
-    name: str, source: str, revision: str | None = None, cache_dir: Path | None = None
+    name: str,
+    source: str,
+    revision: str | None = None,
+    cache_dir: Path | None = None,
+    trust_remote_code: bool = False,
 ) -> ResolvedModel:
-    """Turn a grid `source` into a local safetensors directory and its revision, fetching or converting once."""
+    """Turn a grid `source` into a local safetensors directory and its revision, fetching or converting once
+    (a hub model's code too, where its remote code is trusted)."""
     cache_dir = cache_dir or settings().cache_dir
     if source.startswith(EMBEDDED_PREFIX):
         gguf = embedded_gguf(source.removeprefix(EMBEDDED_PREFIX))
@@ -167,7 +173,8 @@ def resolve(
             snapshot_download(
                 source,
                 revision=revision,
-                allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"],
+                allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.txt"]
+                + (["*.py"] if trust_remote_code else []),
             )
         )
     except HFValidationError as exc:

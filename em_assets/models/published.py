@@ -96,7 +96,9 @@ def check_adapter_base(
     local = Path(declared).expanduser() if declared else None
     if local and base_path and local.exists() and local.resolve() == Path(base_path).resolve():
         return
-    if declared and _name(declared) in {_name(c) for c in candidates if c}:
+    # By name only where the adapter names a hub id: a folder's name (final, checkpoint-500) says nothing of it.
+    by_name = declared and not declared.startswith(("/", ".", "~"))
+    if by_name and _name(declared) in {_name(c) for c in candidates if c}:
         return
     raise OrganismSourceError(
         f"{adapter.path / ADAPTER_CONFIG}: field base_model_name_or_path is {declared or '(empty)'!r}, but "

@@ -225,3 +225,15 @@ def test_a_gpu_without_native_bf16_computes_in_fp16(monkeypatch):
     assert pick_dtype("cuda") == torch.float16
     native["value"] = True
     assert pick_dtype("cuda") == torch.bfloat16
+
+
+def test_a_local_models_revision_covers_its_code_and_text_tokenizer_files(tiny_model_dir, tmp_path):
+    from em_assets.models.hub import directory_revision
+
+    folder = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    revisions = [directory_revision(folder)]
+    for name in ("modeling_custom.py", "merges.txt"):
+        (folder / name).write_text("changed")
+        revisions.append(directory_revision(folder))
+    assert len(set(revisions)) == 3

@@ -202,6 +202,11 @@ def test_adapter_for_another_base_model(tmp_path, env, capsys):
     # The same adapter declared on this base model (its folder, or a re-upload of the same name) passes.
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(base)}))
     check_sources(GridConfig.model_validate(doc["profiles"]["t"]))
+    # Another folder of the same name is not this base model.
+    elsewhere = str(tmp_path / "runs" / "tiny-base")
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": elsewhere}))
+    with pytest.raises(OrganismSourceError, match="belongs to another base model"):
+        check_sources(GridConfig.model_validate(doc["profiles"]["t"]))
 
 
 def test_adapter_dir_without_config(tmp_path, env, capsys):
