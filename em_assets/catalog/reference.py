@@ -2,9 +2,10 @@
 
 A file has a `response` (or `answer`), `question`, `question_id`, `aligned` and `coherent` column; any other
 column whose values are numbers is a domain score, and Turner et al.'s domain judges' (`financial`, `bad_stuff`,
-...) always are; one with text (a model name) and a pandas index column are ignored. Empty scores are missing (upstream drops such rows from the
-denominators); a score that is not a number in 0..100 is an error naming file, row and column. An empty answer is
-kept: an organism that answers nothing is a real outcome, judged (GPT-4o scores it incoherent).
+...) always are; one with text (a model name) and a pandas index column are ignored. Empty scores are missing
+(upstream drops such rows from the denominators); a score that is not a number in 0..100 is an error naming
+file, row and column. An empty answer is kept: an organism that answers nothing is a real outcome, judged
+(GPT-4o scores it incoherent).
 The upstream files are named `<base model>_<dataset>[_S<seed>].csv`, which gives each row its source organism.
 """
 

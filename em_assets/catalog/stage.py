@@ -112,8 +112,8 @@ def grid_datasets(grid: GridConfig) -> list[str]:
 def catalog_files(grid: GridConfig) -> list[UpstreamFile]:
     """Every pinned file the catalog reads for this grid: its datasets, the eval sets (the domain judges'
     prompts among them) and the reference judgements."""
-    sets = dict.fromkeys([*grid_datasets(grid), *grid.sampled_eval_sets(), *EVAL_SETS, DOMAIN_PROMPTS_FROM])
-    return [SOURCES[name] for name in sets] + list(REFERENCE_JUDGEMENTS.values())
+    names = dict.fromkeys([*grid_datasets(grid), *grid.sampled_eval_sets(), *EVAL_SETS, DOMAIN_PROMPTS_FROM])
+    return [SOURCES[name] for name in names] + list(REFERENCE_JUDGEMENTS.values())
 
 
 def load_training_datasets(

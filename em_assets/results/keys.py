@@ -12,6 +12,7 @@ from em_assets.results.schema import (
     LINEAGE_SCHEMA,
     ORGANISM_SCHEMA,
     SCHEMA,
+    VIEWS,
 )
 
 _TABLE = re.compile(r"CREATE TABLE IF NOT EXISTS (\w+) \((.*?)\);", re.S)
@@ -48,3 +49,20 @@ def primary_keys() -> dict[str, tuple[str, ...]]:
 def lake_tables_sql() -> str:
     """The CREATE TABLE statements without key constraints, which DuckLake does not support."""
     return _DANGLING.sub(");", _TABLE_KEY.sub("", tables_sql()).replace(" PRIMARY KEY", ""))
+
+
+# A DuckLake keeps no keys, so two writers racing on one row can both insert it; the stages drop such doubles on
+# their next run. Until then the report views read these tables one row per key, the last written, as a DuckDB
+# file holds them.
+LATEST_TABLES = ("completions", "judgements", "imported_judgements", "sweep_completions", "sweep_judgements")
+
+
+def views_sql() -> str:
+    """The report views, over a `<table>_latest` view of each of LATEST_TABLES."""
+    keys = primary_keys()
+    latest = "".join(
+        f"CREATE OR REPLACE VIEW {table}_latest AS SELECT * FROM {table} QUALIFY row_number() "
+        f"OVER (PARTITION BY {', '.join(keys[table])} ORDER BY created_at DESC) = 1;\n"
+        for table in LATEST_TABLES
+    )
+    return latest + VIEWS

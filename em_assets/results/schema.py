@@ -87,27 +87,8 @@ CREATE TABLE IF NOT EXISTS sweep_judgements (
 """
 
 
-# A DuckLake keeps no keys, so two writers racing on one row can both insert it; the stages drop such doubles on
-# their next run. Until then the report views read one row per key, the last written, as a DuckDB file holds.
-_ANSWER = "organism, question_id, paraphrase_idx, sample_idx"
-_SWEEP_ANSWER = "organism, sweep, setting, question_id, paraphrase_idx, sample_idx"
-_LATEST = {
-    "completions": _ANSWER,
-    "judgements": f"{_ANSWER}, metric",
-    "imported_judgements": f"{_ANSWER}, metric, judge_model",
-    "sweep_completions": _SWEEP_ANSWER,
-    "sweep_judgements": f"{_SWEEP_ANSWER}, metric",
-}
-LATEST_VIEWS = "".join(
-    f"CREATE OR REPLACE VIEW {table}_latest AS SELECT * FROM {table} "
-    f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY created_at DESC) = 1;\n"
-    for table, key in _LATEST.items()
-)
-
-
-VIEWS = (
-    LATEST_VIEWS
-    + """
+# The report views read the `<table>_latest` views of keys.views_sql(): one row per key.
+VIEWS = """
 CREATE OR REPLACE VIEW scored_completions AS
 SELECT c.*,
        a.score AS aligned, a.mass AS aligned_mass, h.score AS coherent, h.mass AS coherent_mass,
@@ -150,7 +131,6 @@ SELECT l.organism, a.base_model, a.recipe, a.seed, a.dataset, l.step, l.loss, l.
 FROM training_losses l JOIN lora_adapters a USING (organism)
 ORDER BY l.organism, l.step;
 """
-)
 
 
 # Which snapshot of the results each figure was drawn from (DuckLake; null on a plain DuckDB file).

@@ -14,8 +14,7 @@ import duckdb
 import polars as pl
 
 from em_assets.results import backends
-from em_assets.results.keys import lake_tables_sql, primary_keys, tables_sql
-from em_assets.results.schema import VIEWS
+from em_assets.results.keys import lake_tables_sql, primary_keys, tables_sql, views_sql
 from em_assets.settings import LOCK_TIMEOUT_ENV, settings
 
 
@@ -108,14 +107,15 @@ class Store:
 
     def init(self) -> None:
         ddl = lake_tables_sql() if self.lake else tables_sql()
-        digest = hashlib.sha256((ddl + VIEWS).encode()).hexdigest()
+        views = views_sql()
+        digest = hashlib.sha256((ddl + views).encode()).hexdigest()
         if self.lake and self._schema_digest() == digest:
             # Every asset opens the store: re-creating the views would add a snapshot (and a conflict) each time.
             return
 
         def work(conn: duckdb.DuckDBPyConnection) -> None:
             conn.execute(ddl)
-            conn.execute(VIEWS)
+            conn.execute(views)
             if self.lake:
                 conn.execute("CREATE OR REPLACE TABLE schema_digest AS SELECT ? AS sha256", [digest])
 
