@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import duckdb
@@ -24,7 +25,7 @@ def source_tables(conn: duckdb.DuckDBPyConnection) -> list[str]:
 
 def migrate(source: Path, store: Store) -> dict[str, int]:
     """Copy every table of `source` into `store` in one transaction, replacing what the store had in those
-    tables; returns rows per table, checked equal on both sides."""
+    tables; returns rows per table, checked equal on both sides. On failure the store is as it was."""
     if not source.is_file():
         raise FileNotFoundError(f"no DuckDB file at {source}")
     if store.path is not None and store.path.resolve() == source.resolve():
@@ -40,29 +41,71 @@ def migrate(source: Path, store: Store) -> dict[str, int]:
         duckdb.connect(str(source), read_only=True).close()
     except duckdb.Error as exc:
         raise ValueError(f"{source} is not a DuckDB results file ({exc})") from None
-    store.init()
-    counts: dict[str, int] = {}
+    # Paths the copy creates are removed if it fails: the store is left as it was, or not there at all.
+    made = [p for p in _local_paths(store) if not p.exists()]
+    try:
+        return _copy(source, store)
+    except BaseException:
+        for path in made:
+            _remove(path)
+        raise
 
+
+def _copy(source: Path, store: Store) -> dict[str, int]:
+    """The schema and every table of `source`, in one transaction of the store: all land or none do."""
+    counts: dict[str, int] = {}
     with store.session() as conn:
         conn.execute(f"ATTACH '{str(source).replace(chr(39), chr(39) * 2)}' AS {_SOURCE} (READ_ONLY)")
+        conn.execute("BEGIN")
+        store.create_schema(conn)
         existing = {
             r[0]
             for r in conn.execute(
                 "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()"
             ).fetchall()
         }
-        conn.execute("BEGIN")
         for table in source_tables(conn):
-            if table in existing:
-                conn.execute(f"DELETE FROM {table}")
-                # BY NAME: columns added to the schema since the file was written stay null.
-                conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {_SOURCE}.{table}")
-            else:
-                conn.execute(f"CREATE TABLE {table} AS SELECT * FROM {_SOURCE}.{table}")
-            counts[table] = conn.execute(f"SELECT count(*) FROM {_SOURCE}.{table}").fetchone()[0]
-        conn.execute("COMMIT")
-        for table, n in counts.items():
+            try:
+                if table in existing:
+                    conn.execute(f"DELETE FROM {table}")
+                    # BY NAME: columns added to the schema since the file was written stay null.
+                    conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM {_SOURCE}.{table}")
+                else:
+                    conn.execute(f"CREATE TABLE {table} AS SELECT * FROM {_SOURCE}.{table}")
+            except duckdb.Error as exc:
+                if not _bad_source(exc):
+                    raise
+                raise ValueError(f"{source}: table {table} cannot be copied into the store: {exc}") from None
+            n = conn.execute(f"SELECT count(*) FROM {_SOURCE}.{table}").fetchone()[0]
+            # Checked before the commit, so a mismatch leaves the store as it was.
             got = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
             if got != n:
                 raise RuntimeError(f"migrate: {table} has {got} rows in the store, {n} in {source}")
+            counts[table] = n
+        conn.execute("COMMIT")
     return counts
+
+
+def _bad_source(exc: duckdb.Error) -> bool:
+    """Whether the source's data is at fault: a value or column the store's schema does not take, a repeated
+    key, a corrupt block (DuckDB raises that as an I/O error, as it does a full disk)."""
+    kinds = (duckdb.ConversionException, duckdb.BinderException, duckdb.ConstraintException)
+    return isinstance(exc, kinds) or "Corrupt database file" in str(exc)
+
+
+def _local_paths(store: Store) -> list[Path]:
+    """The store's catalog or database file and a lake's local data folder."""
+    paths = [store.path] if store.path is not None else []
+    data = store.location.data_path
+    if store.lake and data and "://" not in data:
+        paths.append(Path(data))
+    return paths
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+        return
+    # A DuckDB write-ahead log, or a SQLite catalog's journal files.
+    for each in (path, *(path.with_name(path.name + s) for s in (".wal", "-wal", "-shm", "-journal"))):
+        each.unlink(missing_ok=True)

@@ -93,6 +93,7 @@ class Store:
         if self.lake:
             conn = self._private_lake(False)
         else:
+            self.location.local_file.parent.mkdir(parents=True, exist_ok=True)
             conn = backends.open_file(self.path, False, {}, self.lock_timeout_s, LOCK_TIMEOUT_ENV)
         try:
             yield conn
@@ -106,20 +107,22 @@ class Store:
         return conn
 
     def init(self) -> None:
-        ddl = lake_tables_sql() if self.lake else tables_sql()
-        views = views_sql()
-        digest = hashlib.sha256((ddl + views).encode()).hexdigest()
-        if self.lake and self._schema_digest() == digest:
-            # Every asset opens the store: re-creating the views would add a snapshot (and a conflict) each time.
+        # Every asset opens the store: re-creating the views would add a snapshot (and a conflict) each time.
+        if self.lake and self._schema_digest() == self._schema_sql()[1]:
             return
+        self.write(self.create_schema, "init")
 
-        def work(conn: duckdb.DuckDBPyConnection) -> None:
-            conn.execute(ddl)
-            conn.execute(views)
-            if self.lake:
-                conn.execute("CREATE OR REPLACE TABLE schema_digest AS SELECT ? AS sha256", [digest])
+    def create_schema(self, conn: duckdb.DuckDBPyConnection) -> None:
+        """Create the tables and views through `conn`, inside the caller's transaction."""
+        sql, digest = self._schema_sql()
+        conn.execute(sql)
+        if self.lake:
+            conn.execute("CREATE OR REPLACE TABLE schema_digest AS SELECT ? AS sha256", [digest])
 
-        self.write(work, "init")
+    def _schema_sql(self) -> tuple[str, str]:
+        """The statements creating the tables and views, and their sha256."""
+        sql = (lake_tables_sql() if self.lake else tables_sql()) + views_sql()
+        return sql, hashlib.sha256(sql.encode()).hexdigest()
 
     def _schema_digest(self) -> str | None:
         if not self.has_table("schema_digest"):

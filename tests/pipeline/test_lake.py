@@ -186,6 +186,39 @@ def test_migrate_copies_a_duckdb_file_with_nothing_lost(tmp_path, capsys):
     assert "em_summary" in tables and target.query("SELECT count(*) AS n FROM completions")["n"][0] == 24
 
 
+def _files(folder: Path) -> set[Path]:
+    """The folder's entries and every file under it (a DuckLake leaves empty folders of rolled-back writes)."""
+    return set(folder.iterdir()) | {p for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_failed_migrate_leaves_the_store_as_it_was(tmp_path, capsys):
+    old = tmp_path / "results.duckdb"
+    with duckdb.connect(str(old)) as conn:
+        # The first table copies; the second's step does not cast to the store's INTEGER.
+        conn.execute("CREATE TABLE judge_cache AS SELECT 'k' AS cache_key, 1.0 AS score")
+        conn.execute("CREATE TABLE training_losses AS SELECT 'a' AS organism, 'one' AS step, 1.0 AS loss")
+    kept = pl.DataFrame({"organism": ["b"], "step": [1], "loss": [2.0]})
+    for db in (tmp_path / "kept.duckdb", f"ducklake:sqlite:{tmp_path / 'kept.sqlite'}"):
+        Store(db).init()
+        Store(db).append_rows("training_losses", kept)
+    for db in (
+        str(tmp_path / "new.duckdb"),
+        f"ducklake:sqlite:{tmp_path / 'new.sqlite'}",
+        str(tmp_path / "kept.duckdb"),
+        f"ducklake:sqlite:{tmp_path / 'kept.sqlite'}",
+    ):
+        before = _files(tmp_path)
+        assert main(["migrate", "--from", str(old), "--db", db]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "table training_losses cannot be copied" in err, err
+        # No new store is made; one that was there keeps its rows and gets nothing of the copy.
+        assert _files(tmp_path) == before, db
+    for db in (tmp_path / "kept.duckdb", f"ducklake:sqlite:{tmp_path / 'kept.sqlite'}"):
+        store = Store(db)
+        assert store.query("SELECT organism FROM training_losses")["organism"].to_list() == ["b"]
+        assert store.query("SELECT count(*) AS n FROM judge_cache")["n"][0] == 0
+
+
 def test_an_open_session_on_the_local_lake_never_blocks_a_writer(tmp_path):
     db = _lake(tmp_path)
     store = Store(db)
