@@ -62,11 +62,12 @@ _EXTRA_DEPS = {"em_domain_share": ["reference_judgements"]}
 )
 def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB):
     grid, store = experiment.grid(), results.store()
-    tables = reports.build_reports(
-        store, grid.thresholds, context.run.run_id, grid.agreement.reference_judges
-    )
+    refs = grid.agreement.reference_judges
+    with reports.pinned_reports(store, grid.thresholds, context.run.run_id, refs) as (source, tables):
+        # From the state the tables were read from: a judge_agreement run committing meanwhile changes neither.
+        caveat = judge_caveat(source, grid)
     summary = tables["em_summary"]
-    caveat = judge_caveat(store, grid) + "\n\n" + correction_caveat(summary)
+    caveat += "\n\n" + correction_caveat(summary)
     for name, table in tables.items():
         shown = (
             summary.select([c for c in _SUMMARY_COLS if c in summary.columns])

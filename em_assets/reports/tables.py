@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,20 +174,30 @@ def _report_tables(
     }
 
 
+@contextlib.contextmanager
+def pinned_reports(
+    store: Store, thresholds: Thresholds, run_id: str, reference_judges: Sequence[str] = ()
+) -> Iterator[tuple[Store, dict[str, pl.DataFrame]]]:
+    """The report tables computed from one pinned state of `store`, yielded with that state for other reads
+    that must agree with them (the judge caveat), and written to `store` once the block ends without error."""
+    with store.pinned() as source:
+        snapshot = source.current_snapshot()
+        tables = {
+            name: table.with_columns(pl.lit(snapshot, dtype=pl.Int64).alias("source_snapshot"))
+            for name, table in _report_tables(source, thresholds, run_id, reference_judges).items()
+        }
+        yield source, tables
+    store.write_tables(tables)
+
+
 def build_reports(
     store: Store, thresholds: Thresholds, run_id: str, reference_judges: Sequence[str] = ()
 ) -> dict[str, pl.DataFrame]:
     """Compute and write em_summary, em_by_question, em_threshold_sensitivity, em_seed_bootstrap and
     em_domain_share, each with the snapshot they were computed from (`source_snapshot`; null on a plain DuckDB
     file). EM rates are corrected with the judge's measured error rates (the identity for `reference_judges`)."""
-    with store.pinned() as source:
-        snapshot = source.current_snapshot()
-        tables = _report_tables(source, thresholds, run_id, reference_judges)
-    tables = {
-        name: table.with_columns(pl.lit(snapshot, dtype=pl.Int64).alias("source_snapshot"))
-        for name, table in tables.items()
-    }
-    store.write_tables(tables)
+    with pinned_reports(store, thresholds, run_id, reference_judges) as (_, tables):
+        pass
     return tables
 
 

@@ -97,8 +97,8 @@ def write_agreement(
 
 
 def agreement_rows(store: Store, judge: str) -> pl.DataFrame:
-    """The latest agreement of `judge` per metric, plus its largest EM-rate gap; empty if never measured."""
-    store.init()
+    """The latest agreement of `judge` per metric, plus its largest EM-rate gap; empty if never measured. The
+    store has its schema already: a pinned view, as the report tables are read from, cannot create it."""
     return store.query(
         "SELECT a.metric, a.n, a.spearman, a.auc, a.judge_revision, "
         "(SELECT max(abs(e.reference - e.judge_rate)) FROM judge_agreement_em e WHERE e.judge = a.judge) AS gap "

@@ -282,6 +282,47 @@ def test_report_assets_record_their_snapshot_in_dagster_metadata(tmp_path):
         assert figures.metadata[f"{figure}_sha256"].value == digest
 
 
+@pytest.mark.parametrize("kind", ["lake", "file"])
+def test_the_judge_caveat_reads_the_state_the_report_tables_were_read_from(tmp_path, monkeypatch, kind):
+    import dagster as dg
+
+    from em_assets.defs import report_assets
+    from em_assets.defs.resources import ExperimentResource, ResultsDB
+    from em_assets.grid.load import load_grid
+    from em_assets.judging.agreement_stage import judge_caveat, judge_name
+
+    db = _lake(tmp_path) if kind == "lake" else str(tmp_path / "results.duckdb")
+    store = Store(db)
+    store.init()
+    _scored_rows(store, 0.0)
+    grid_path = REPO / "data" / "grid.yaml"
+    grid = load_grid(grid_path, "demo")
+    measured = pl.DataFrame(
+        {"judge": judge_name(grid.judge), "metric": "aligned", "n": [7], "spearman": [0.5], "auc": [0.75]}
+    )
+    write_tables = Store.write_tables
+
+    def after_a_judge_agreement_run(self, tables):
+        # A judge_agreement run commits after the tables were read, before they are written.
+        Store(db).append_rows("judge_agreement", measured)
+        write_tables(self, tables)
+
+    monkeypatch.setattr(Store, "write_tables", after_a_judge_agreement_run)
+    resources = {
+        "experiment": ExperimentResource(
+            grid_path=str(grid_path), profile="demo", figures_dir=str(tmp_path / "f")
+        ),
+        "results": ResultsDB(database=db),
+    }
+    with dg.instance_for_test() as instance:
+        assert dg.materialize([report_assets.em_tables], instance=instance, resources=resources).success
+        summary = instance.get_latest_materialization_event(dg.AssetKey("em_summary")).asset_materialization
+    caveat = summary.metadata["judge_caveat"].value
+    # The tables' corrections were read without the agreement, and so is the caveat beside them.
+    assert "not yet measured against GPT-4o" in caveat, caveat
+    assert "aligned Spearman 0.50" in judge_caveat(store, grid)
+
+
 def _tiny_lake(tmp_path: Path, model_dir: Path, samples: int):
     """The tiny grid's control organism's context over an empty local DuckLake."""
     from support.tiny import tiny_grid
