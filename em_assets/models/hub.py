@@ -9,6 +9,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 from dataclasses import dataclass
@@ -42,6 +43,30 @@ class ResolvedModel:
     source: str
     path: Path
     revision: str
+
+
+def hub_snapshot(path: Path) -> tuple[str, str] | None:
+    """The hub id and commit of a Hugging Face cache snapshot folder (models--<owner>--<name>/snapshots/<commit>)."""
+    repo, commit = path.parent.parent.name, path.name
+    hub = path.parent.name == "snapshots" and repo.startswith("models--")
+    if not hub or not re.fullmatch(r"[0-9a-f]{40}", commit):
+        return None
+    # Hub ids hold no "--" (huggingface_hub's validate_repo_id), so the folder name maps back to one id.
+    return repo.removeprefix("models--").replace("--", "/"), commit
+
+
+def folder_source(path: str) -> str | None:
+    """The grid source a model folder was resolved from, where its layout names one: a hub snapshot's id, or
+    embedded:<name> for an embedded model's conversion; None for any other folder."""
+    folder = Path(path)
+    snapshot = hub_snapshot(folder)
+    if snapshot:
+        return snapshot[0]
+    # resolve converts embedded:<name> into <cache>/models/<name>-<first 12 hex of the GGUF's sha256>.
+    key = re.fullmatch(r"(.+)-[0-9a-f]{12}", folder.name)
+    if key and key[1] in EMBEDDED and folder.parent.name == "models":
+        return EMBEDDED_PREFIX + key[1]
+    return None
 
 
 def embedded_gguf(key: str) -> Path:

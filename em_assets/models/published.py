@@ -4,12 +4,19 @@ revision (hub commit or content hash) and checked against the organism's base mo
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from em_assets.grid.sources import OrganismSourceError
-from em_assets.models.hub import EMBEDDED_PREFIX, ModelLoadError, ResolvedModel, directory_revision, resolve
+from em_assets.models.hub import (
+    EMBEDDED_PREFIX,
+    ModelLoadError,
+    ResolvedModel,
+    directory_revision,
+    folder_source,
+    hub_snapshot,
+    resolve,
+)
 from em_assets.results.artifacts import sha256_file
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -72,10 +79,9 @@ def resolve_adapter(source: str, revision: str | None = None) -> ResolvedAdapter
         raise OrganismSourceError(f"{config_file}: field peft_type is {config['peft_type']!r}, not LORA")
     if not weights.is_file():
         raise OrganismSourceError(f"{path}: no {ADAPTER_WEIGHTS} (only safetensors adapters are loaded)")
-    # A hub snapshot sits under models--<owner>--<name>/snapshots/<commit>/, which pins it; any other directory
-    # is pinned by its bytes.
-    hub = path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--")
-    rev = path.name if hub and re.fullmatch(r"[0-9a-f]{40}", path.name) else directory_revision(path)
+    # A hub snapshot is pinned by its commit; any other directory by its bytes.
+    snapshot = hub_snapshot(path)
+    rev = snapshot[1] if snapshot else directory_revision(path)
     return ResolvedAdapter(source, path, rev, sha256_file(weights), config)
 
 
@@ -96,9 +102,10 @@ def check_adapter_base(
     local = Path(declared).expanduser() if declared else None
     if local and base_path and local.exists() and local.resolve() == Path(base_path).resolve():
         return
-    # By name only where the adapter names a hub id: a folder's name (final, checkpoint-500) says nothing of it.
-    by_name = declared and not declared.startswith(("/", ".", "~"))
-    if by_name and _name(declared) in {_name(c) for c in candidates if c}:
+    # By name only where the adapter names a hub id: a folder's name (final, checkpoint-500) says nothing of it,
+    # unless its layout names the source it was resolved from (an adapter trained here records that folder).
+    named = folder_source(declared) if declared.startswith(("/", ".", "~")) else declared
+    if named and _name(named) in {_name(c) for c in candidates if c}:
         return
     raise OrganismSourceError(
         f"{adapter.path / ADAPTER_CONFIG}: field base_model_name_or_path is {declared or '(empty)'!r}, but "

@@ -145,6 +145,44 @@ def test_adapter_for_another_base_stops_before_sampling(
     assert queries.organism_source_row(store, "tiny--pub--s0") is None
 
 
+# Where resolve puts a base model of each source kind: the folder an adapter trained on it names.
+RESOLVED_FOLDERS = {
+    "embedded:smollm2-135m-instruct": "cache/models/smollm2-135m-instruct-0123456789ab",
+    "acme/tiny-base": f"hub/models--acme--tiny-base/snapshots/{'a' * 40}",
+}
+
+
+@pytest.mark.parametrize("source", list(RESOLVED_FOLDERS))
+def test_an_adapter_trained_here_imports_on_its_base_model_of_any_source(tmp_path, tiny_model_dir, source):
+    """An adapter trained here names the folder its base model resolved to (a conversion of an embedded model, a
+    hub snapshot); imported, it fits that base model and no other."""
+    from em_assets.grid.schema import LoraSpec
+    from em_assets.models.load import load_model
+    from em_assets.training.checkpoints import write_adapter
+    from em_assets.training.imported import check_sources
+    from em_assets.training.step import peft_model
+
+    folder = tmp_path / RESOLVED_FOLDERS[source]
+    shutil.copytree(tiny_model_dir, folder)
+    adapter = write_adapter(peft_model(load_model(folder, "cpu"), LoraSpec(**LORA)), tmp_path / "run")
+
+    def grid_on(base_source: str) -> GridConfig:
+        entry = {"base_model": "tiny", "source": str(adapter)}
+        return GridConfig.model_validate(
+            {
+                "base_models": [{"name": "tiny", "source": base_source}],
+                "recipes": {"pub": {"kind": "adapter", "organisms": [entry]}},
+                "judge": {"backend": "local", "model": "tiny"},
+                "agreement": {"enabled": False},
+            }
+        )
+
+    check_sources(grid_on(source))
+    other = next(s for s in RESOLVED_FOLDERS if s != source)
+    with pytest.raises(OrganismSourceError, match="belongs to another base model"):
+        check_sources(grid_on(other))
+
+
 def test_model_organism_samples_its_own_weights(
     tmp_path, tiny_model_dir, smollm2_tokenizer_dir, mirror, offline_hub
 ):
