@@ -183,7 +183,10 @@ def resolve(
         out = cache_dir / "models" / f"{source.removeprefix(EMBEDDED_PREFIX)}-{gguf_sha[:12]}"
         if not (out / "config.json").exists():
             _convert_gguf(gguf, out)
-        return ResolvedModel(name, source, out.resolve(), f"gguf-sha256:{gguf_sha}")
+        # What runs is the conversion, which depends on the transformers and gguf releases as well as the GGUF:
+        # its files are hashed too, so a conversion made elsewhere or edited does not pass for this one.
+        revision = f"gguf-sha256:{gguf_sha[:16]}+{directory_revision(out)}"
+        return ResolvedModel(name, source, out.resolve(), revision)
     local = Path(source).expanduser()
     if local.exists():
         _check_model_folder(local)

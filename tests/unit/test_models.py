@@ -237,3 +237,19 @@ def test_a_local_models_revision_covers_its_code_and_text_tokenizer_files(tiny_m
         (folder / name).write_text("changed")
         revisions.append(directory_revision(folder))
     assert len(set(revisions)) == 3
+
+
+def test_an_embedded_models_revision_covers_its_converted_files(tmp_path, tiny_model_dir):
+    from em_assets.models.hub import EMBEDDED, EMBEDDED_PREFIX, embedded_gguf, resolve
+    from em_assets.results.artifacts import sha256_file
+
+    key = next(iter(EMBEDDED))
+    # A conversion already in the cache, as resolve lays it out: the tiny model stands in for it.
+    out = tmp_path / "models" / f"{key}-{sha256_file(embedded_gguf(key))[:12]}"
+    shutil.copytree(tiny_model_dir, out)
+    first = resolve("m", EMBEDDED_PREFIX + key, cache_dir=tmp_path)
+    assert first.path == out.resolve()
+    assert resolve("m", EMBEDDED_PREFIX + key, cache_dir=tmp_path).revision == first.revision
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+    assert resolve("m", EMBEDDED_PREFIX + key, cache_dir=tmp_path).revision != first.revision
