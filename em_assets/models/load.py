@@ -29,6 +29,11 @@ def pick_dtype(device: str, requested: str = "auto") -> torch.dtype:
     return torch.bfloat16
 
 
+def dtype_name(device: str | None = None) -> str:
+    """The dtype a model loads in on `device` (auto-detected, as load_model does) by name, e.g. "bfloat16"."""
+    return str(pick_dtype(device or pick_device())).removeprefix("torch.")
+
+
 def load_tokenizer(path: Path | str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

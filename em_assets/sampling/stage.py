@@ -59,10 +59,10 @@ def stable_seed(*parts: object) -> int:
 
 
 def sampling_hash(
-    base: dict, adapter: dict, sampling: SamplingSpec, seed: int, imported_adapter: bool = False
+    base: dict, adapter: dict, sampling: SamplingSpec, seed: int, dtype: str, imported_adapter: bool = False
 ) -> str:
     """What makes a completion current: the model bytes, the sampling parameters, the sampler (vLLM's texts
-    differ from ours at the same seed) and the organism's seed."""
+    differ from ours at the same seed), the dtype our sampler computes in and the organism's seed."""
     fields = {
         "base_revision": base["revision"],
         "adapter_sha256": adapter.get("adapter_sha256"),
@@ -74,6 +74,11 @@ def sampling_hash(
     # Named only when not the default, so answers sampled before the field existed stay current.
     if sampling.backend != "hf":
         fields["backend"] = sampling.backend
+    # The device picks our sampler's dtype (fp16 on MPS and on GPUs without native bf16), and the texts differ
+    # between dtypes. bf16 goes unnamed, so answers sampled in it before the field existed stay current. vLLM
+    # picks its own dtype from the model's config.
+    elif dtype != "bfloat16":
+        fields["dtype"] = dtype
     # An imported adapter's config (alpha, rslora, targets) changes its answers as its weights do, and a new
     # commit may change only the config: its source's hash (revision included) says which. A trained adapter's
     # config follows from its recipe, which its weights' hash covers.
@@ -279,6 +284,8 @@ def completion_rows(chunk: list, plan: SamplingPlan, lineage_cols: dict, seed: i
 
 def sample_completions(ctx: StageContext) -> SamplingResult:
     """Sample every eval question for the organism, writing rows as batches finish; skips rows already done."""
+    from em_assets.models.load import dtype_name  # torch stays off the definitions' load path
+
     store, seed = ctx.store, ctx.organism.seed
     recipe = ctx.grid.recipes.get(ctx.organism.recipe)
     if recipe is not None and recipe.kind == "answers":
@@ -287,7 +294,7 @@ def sample_completions(ctx: StageContext) -> SamplingResult:
     adapter = queries.adapter_row(store, ctx.key)
     base = queries.organism_model_row(store, ctx.key, ctx.organism.base_model)
     imported = recipe is not None and recipe.kind == "adapter"
-    shash = sampling_hash(base, adapter, ctx.grid.sampling, seed, imported)
+    shash = sampling_hash(base, adapter, ctx.grid.sampling, seed, dtype_name(ctx.device), imported)
     plan = plan_sampling(ctx, shash)
     if plan.stale:
         ctx.log.info(f"{ctx.key}: dropping {plan.stale} completions from other settings or questions")

@@ -66,13 +66,22 @@ def checkpoint_rows(result, adapter: dict) -> pl.DataFrame:
 
 
 def adapter_config_hash(
-    base_revision: str, dataset_sha256: str, recipe: RecipeSpec, seed: int, kl_sha256: str | None = None
+    base_revision: str,
+    dataset_sha256: str,
+    recipe: RecipeSpec,
+    seed: int,
+    dtype: str,
+    kl_sha256: str | None = None,
 ) -> str:
     """What the trained weights depend on; the training settings enter by the one rule of trained_settings()."""
-    # Full fine-tuning and the KL penalty add keys only where used, so LoRA organisms keep their hashes.
+    # Full fine-tuning, the KL penalty and a dtype other than bf16 add keys only where used, so LoRA organisms
+    # trained in bf16 keep their hashes.
     extra = {"method": recipe.method} if recipe.method != "lora" else {}
     if recipe.kl is not None:
         extra["kl"] = {**recipe.kl.model_dump(mode="json"), "dataset_sha256": kl_sha256}
+    # The device picks it: LoRA trains on a base computing in it, full fine-tuning keeps its weights in it.
+    if dtype != "bfloat16":
+        extra["dtype"] = dtype
     return config_hash(
         {
             "base_revision": base_revision,
@@ -150,6 +159,8 @@ def _record_source(ctx: StageContext, recipe: RecipeSpec) -> None:
 def train_adapter(ctx: StageContext) -> AdapterResult:
     """Train the organism's LoRA adapter (or, `method: full`, all its weights) unless one with the same inputs
     exists."""
+    from em_assets.models.load import dtype_name  # torch stays off the definitions' load path
+
     org, store = ctx.organism, ctx.store
     if org.recipe not in ctx.grid.recipes:
         raise KeyError(f"organism {ctx.key}: recipe {org.recipe!r} is not in the grid")
@@ -178,7 +189,12 @@ def train_adapter(ctx: StageContext) -> AdapterResult:
     ds = queries.training_dataset(store, recipe.dataset)
     kl_ds = queries.training_dataset(store, recipe.kl.dataset) if recipe.kl else None
     chash = adapter_config_hash(
-        base["revision"], ds["sha256"], recipe, org.seed, kl_ds["sha256"] if kl_ds else None
+        base["revision"],
+        ds["sha256"],
+        recipe,
+        org.seed,
+        dtype_name(ctx.device),
+        kl_ds["sha256"] if kl_ds else None,
     )
     done = up_to_date_adapter(ctx, chash, recipe.train.save_steps)
     if done is not None:

@@ -58,6 +58,22 @@ def child_env(**extra: str) -> dict[str, str]:
     }
 
 
+def on_fp16_gpu(monkeypatch) -> None:
+    """pick_dtype's automatic choice made fp16, as on a GPU without native bf16, wherever the stages call it."""
+    import torch
+
+    from em_assets.models import load
+    from em_assets.training import loop
+
+    real = load.pick_dtype
+
+    def fp16(device: str, requested: str = "auto") -> torch.dtype:
+        return torch.float16 if requested == "auto" else real(device, requested)
+
+    for module in (load, loop):
+        monkeypatch.setattr(module, "pick_dtype", fp16)
+
+
 class ListLog:
     """A stage logger that keeps its messages."""
 

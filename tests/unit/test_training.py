@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from support.db import count
-from support.organisms import TRAINED, ListLog
+from support.organisms import TRAINED, ListLog, on_fp16_gpu
 from support.paths import REPO
 from support.tiny import make_tiny_llama
 
@@ -506,10 +506,21 @@ def test_one_rule_decides_what_counts_as_the_same_training():
     examples = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
 
     def adapter(r: RecipeSpec) -> str:
-        return adapter_config_hash("rev", "dataset-sha", r, seed=0)
+        return adapter_config_hash("rev", "dataset-sha", r, seed=0, dtype="bfloat16")
 
     def resume(r: RecipeSpec) -> str:
         return training_run_hash("a-model", examples, r.lora, r.train, 0, torch.bfloat16)
 
     assert adapter(recipe) == adapter(same) and resume(recipe) == resume(same)
     assert adapter(recipe) != adapter(other) and resume(recipe) != resume(other)
+
+
+def test_a_device_that_trains_in_another_dtype_trains_the_adapter_again(ws, monkeypatch):
+    """Regression: the dtype was in no hash, so an adapter trained on a bf16 base (a CPU) was kept as current on
+    a GPU that trains in fp16."""
+    ws.edit(lambda p: p["recipes"]["med-r2"]["train"].update(workers=1))
+    first = train_adapter(ws.ctx(TRAINED, "bf16"))
+    assert first.trained and train_adapter(ws.ctx(TRAINED, "bf16 again")).trained is False
+    on_fp16_gpu(monkeypatch)
+    again = train_adapter(ws.ctx(TRAINED, "fp16"))
+    assert again.trained and again.config_hash != first.config_hash
