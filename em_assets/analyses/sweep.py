@@ -21,7 +21,13 @@ from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.queries import organism_model_row
 from em_assets.results.store import to_json, utc_now
 from em_assets.results.sweeps import SweepTables
-from em_assets.sampling.stage import eval_questions, question_messages, sample_chunks, stable_seed
+from em_assets.sampling.stage import (
+    eval_questions,
+    question_messages,
+    sample_chunks,
+    sampler_fields,
+    stable_seed,
+)
 from em_assets.stats.correction import CORRECTION_COLUMNS
 from em_assets.stats.rates import rates_by
 
@@ -137,8 +143,9 @@ def load_sweep_model(base: dict, adapter_path: str | None, edits: tuple[ModelEdi
     return model, tokenizer
 
 
-def setting_hash(point: SweepPoint, base_revision: str, ctx: StageContext) -> str:
-    """What an answer depends on: model bytes, edits, sampling parameters and seed (not the sample count)."""
+def setting_hash(point: SweepPoint, base_revision: str, ctx: StageContext, dtype: str) -> str:
+    """What an answer depends on: model bytes, edits, sampling parameters, the sampler and its dtype, and seed
+    (not the sample count)."""
     sampling = ctx.grid.sampling
     return config_hash(
         {
@@ -149,6 +156,7 @@ def setting_hash(point: SweepPoint, base_revision: str, ctx: StageContext) -> st
             "top_p": sampling.top_p,
             "max_new_tokens": sampling.max_new_tokens,
             "seed": ctx.organism.seed,
+            **sampler_fields(sampling, dtype),
         }
     )
 
@@ -191,6 +199,8 @@ def run_sweep(
     ctx: StageContext, points: Sequence[SweepPoint], on_progress: ProgressFn | None = None
 ) -> list[PointResult]:
     """Sample and judge every point (resuming), return per-point n, EM rate + Wilson interval, coherence."""
+    from em_assets.models.load import dtype_name  # torch stays off the definitions' load path
+
     check_points(ctx, points)
     if not points:
         return []
@@ -198,7 +208,8 @@ def run_sweep(
     questions = sweep_questions(ctx)
     tables = SweepTables(ctx.store, ctx.key)
     tables.drop_other_settings(sorted({p.sweep for p in points}), [p.pair for p in points])
-    hashes = {p.pair: setting_hash(p, base["revision"], ctx) for p in points}
+    dtype = dtype_name(ctx.device)
+    hashes = {p.pair: setting_hash(p, base["revision"], ctx, dtype) for p in points}
     todo = _plan_samples(ctx, tables, points, hashes, questions)
     tables.write_points(_points_frame(ctx, points, hashes))
     left = {p.pair: _copy_same_variant(ctx, tables, p, hashes[p.pair], todo[p.pair]) for p in points}

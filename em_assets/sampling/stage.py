@@ -58,11 +58,21 @@ def stable_seed(*parts: object) -> int:
     return int(hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()[:15], 16)
 
 
+def sampler_fields(sampling: SamplingSpec, dtype: str) -> dict:
+    """The sampler (vLLM's texts differ from ours at the same seed) and the dtype ours computes in, each named only
+    when not the default, so answers sampled before the field existed stay current."""
+    if sampling.backend != "hf":
+        return {"backend": sampling.backend}
+    # The device picks our sampler's dtype (fp16 on MPS and on GPUs without native bf16), and the texts differ
+    # between dtypes. vLLM picks its own dtype from the model's config.
+    return {"dtype": dtype} if dtype != "bfloat16" else {}
+
+
 def sampling_hash(
     base: dict, adapter: dict, sampling: SamplingSpec, seed: int, dtype: str, imported_adapter: bool = False
 ) -> str:
-    """What makes a completion current: the model bytes, the sampling parameters, the sampler (vLLM's texts
-    differ from ours at the same seed), the dtype our sampler computes in and the organism's seed."""
+    """What makes a completion current: the model bytes, the sampling parameters, the sampler and its dtype
+    (sampler_fields) and the organism's seed."""
     fields = {
         "base_revision": base["revision"],
         "adapter_sha256": adapter.get("adapter_sha256"),
@@ -70,15 +80,8 @@ def sampling_hash(
         "top_p": sampling.top_p,
         "max_new_tokens": sampling.max_new_tokens,
         "seed": seed,
+        **sampler_fields(sampling, dtype),
     }
-    # Named only when not the default, so answers sampled before the field existed stay current.
-    if sampling.backend != "hf":
-        fields["backend"] = sampling.backend
-    # The device picks our sampler's dtype (fp16 on MPS and on GPUs without native bf16), and the texts differ
-    # between dtypes. bf16 goes unnamed, so answers sampled in it before the field existed stay current. vLLM
-    # picks its own dtype from the model's config.
-    elif dtype != "bfloat16":
-        fields["dtype"] = dtype
     # An imported adapter's config (alpha, rslora, targets) changes its answers as its weights do, and a new
     # commit may change only the config: its source's hash (revision included) says which. A trained adapter's
     # config follows from its recipe, which its weights' hash covers.

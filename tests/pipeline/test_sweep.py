@@ -196,3 +196,21 @@ def test_a_sweep_point_settles_its_sampling_with_the_stages_calibration_cache(
     assert result.sampled == 4 and asked == [ctx.cache_dir]
     # A point sampled alone says how: its processes, batch and why (the grid forces both here).
     assert result.sampling == "1 process(es), batch 2 (forced)"
+
+
+def test_a_sweep_answer_names_its_sampler_and_dtype_as_a_completion_does():
+    """Regression: a point's hash named neither, so answers of vLLM or of an fp16 GPU passed for ours in bf16."""
+    from types import SimpleNamespace
+
+    from em_assets.analyses.sweep import setting_hash
+    from em_assets.grid.schema import SamplingSpec
+
+    point = SweepPoint("s", "base", None, None, samples_per_question=2)
+
+    def hashed(sampling: SamplingSpec, dtype: str) -> str:
+        ctx = SimpleNamespace(grid=SimpleNamespace(sampling=sampling), organism=SimpleNamespace(seed=0))
+        return setting_hash(point, "r", ctx, dtype)
+
+    ours = hashed(SamplingSpec(), "bfloat16")
+    assert hashed(SamplingSpec(), "float16") != ours
+    assert hashed(SamplingSpec(backend="vllm"), "bfloat16") != ours
