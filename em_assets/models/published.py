@@ -87,7 +87,10 @@ def resolve_adapter(source: str, revision: str | None = None) -> ResolvedAdapter
 
 def _name(model: str) -> str:
     """A model's name without its owner or folder, lower case (unsloth/Qwen2.5-7B-Instruct -> qwen2.5-7b-instruct)."""
-    return model.rstrip("/").removeprefix(EMBEDDED_PREFIX).rsplit("/", 1)[-1].lower()
+    name = model.rstrip("/").removeprefix(EMBEDDED_PREFIX).rsplit("/", 1)[-1].lower()
+    # Meta renamed its Llama 3.1 repositories (Meta-Llama-3.1-8B-Instruct became Llama-3.1-8B-Instruct, the same
+    # weights), and re-uploads such as unsloth's kept the old name.
+    return name.removeprefix("meta-")
 
 
 def check_adapter_base(

@@ -279,3 +279,22 @@ def test_an_answers_organism_reads_the_mirror_its_stage_is_given(tmp_path, mirro
     bring_organism(ctx, grid.recipes["ans"])
     assert store.query("SELECT n_rows FROM organism_sources")["n_rows"].to_list() == [400]
     assert import_answers(ctx).imported == 400
+
+
+@pytest.mark.parametrize(
+    ("declared", "fits"),
+    [
+        ("unsloth/Meta-Llama-3.1-8B-Instruct", True),
+        ("unsloth/Llama-3.1-8B-Instruct", True),
+        ("unsloth/Meta-Llama-3.1-70B-Instruct", False),
+    ],
+)
+def test_an_adapter_on_llama_fits_its_base_model_under_the_name_meta_gave_it_before(tmp_path, declared, fits):
+    from em_assets.models.published import check_adapter_base, resolve_adapter
+
+    adapter = resolve_adapter(str(fake_adapter(tmp_path / "adapter", declared)))
+    if fits:
+        check_adapter_base(adapter, "meta-llama/Llama-3.1-8B-Instruct", None, "llama--pub--s0")
+        return
+    with pytest.raises(OrganismSourceError, match="belongs to another base model"):
+        check_adapter_base(adapter, "meta-llama/Llama-3.1-8B-Instruct", None, "llama--pub--s0")
