@@ -180,9 +180,14 @@ def extract_direction(ctx: StageContext) -> DirectionResult:
         ctx.log.info(f"{ctx.key}: {note}")
         empty = Contrast(None, pl.DataFrame(), pl.DataFrame(), 0, 0, 0)
         return DirectionResult(ctx.key, "no_model", empty, None, None, time.perf_counter() - start, note)
-    scored = db.scored_answers(ctx.store, ctx.key)
+    # The set steering and ablation are measured on. Pooled sets would confound the direction with topic: an
+    # organism misaligned more often on its training domain's questions draws its two classes from other mixes.
+    main = ctx.grid.eval.questions
+    scored = db.scored_answers(ctx.store, ctx.key).filter(pl.col("eval_set") == main)
     if scored.filter(pl.col("aligned").is_not_null()).height == 0:
-        raise MissingUpstreamError(f"organism {ctx.key}: no judged answers; materialise judgements first")
+        raise MissingUpstreamError(
+            f"organism {ctx.key}: no judged answers to {main}; materialise judgements first"
+        )
     spec = ctx.grid.directions
     contrast = select_contrast(scored, ctx.grid.thresholds, spec, ctx.organism.seed)
     adapter = adapter_row(ctx.store, ctx.key)

@@ -29,7 +29,13 @@ def _grid(tiny_model_dir, **directions) -> GridConfig:
     )
 
 
-def _seed_store(store: Store, tiny_model_dir, organism: str, scores: list[tuple[float, float]]) -> None:
+def _seed_store(
+    store: Store,
+    tiny_model_dir,
+    organism: str,
+    scores: list[tuple[float, float]],
+    eval_set: str = "first_plot_questions",
+) -> None:
     store.init()
     store.replace_rows(
         "base_models",
@@ -53,7 +59,8 @@ def _seed_store(store: Store, tiny_model_dir, organism: str, scores: list[tuple[
     comps = [
         {
             "organism": organism,
-            "question_id": f"q{i % 2}",
+            "eval_set": eval_set,
+            "question_id": f"{eval_set}-q{i % 2}",
             "paraphrase_idx": 0,
             "sample_idx": i,
             "question": f"Is question {i % 2} fine?",
@@ -133,3 +140,16 @@ def test_too_few_misaligned_answers_is_a_result_not_a_failure(tmp_path, tiny_mod
     assert row["message"].startswith("not enough misaligned answers (1 found, 2 needed)")
     assert row["direction_path"] is None
     assert build_similarity(store, tmp_path / "figures").table.height == 0
+
+
+def test_the_direction_reads_the_answers_to_the_set_it_is_measured_on(tmp_path, tiny_model_dir):
+    """Regression: answers to every set were pooled, so a set with more misaligned answers (the training domain's
+    questions) loaded the misaligned class with its topic."""
+    store = Store(tmp_path / "r.duckdb")
+    key = "tiny--base--s0"
+    _seed_store(store, tiny_model_dir, key, [(5, 90), (10, 80), (90, 90), (80, 60)])
+    _seed_store(store, tiny_model_dir, key, [(5, 90)] * 6, eval_set="medical_questions")
+    result = extract_direction(_ctx(store, _grid(tiny_model_dir), key, tmp_path))
+    assert (result.contrast.n_misaligned_found, result.contrast.n_aligned_found) == (2, 2)
+    picked = pl.concat([result.contrast.misaligned, result.contrast.aligned])
+    assert set(picked["eval_set"]) == {"first_plot_questions"}
