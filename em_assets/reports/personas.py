@@ -161,16 +161,30 @@ def persona_mixtures(scores: pl.DataFrame, aligned_at_most: float) -> pl.DataFra
     """One row per organism, judge and point: the shared-shape two-Beta fit of the aligned scores."""
     rows = []
     for (organism, judge), group in scores.group_by("organism", "judge", maintain_order=True):
-        # A point whose answers were copied from another (the same setting hash) enters the shared fit once, as
-        # the first of them.
-        points, first, copies = {}, {}, {}
+        group = _comparable(group)
+        points, by_hash = {}, {}
         for key, g in group.group_by("sweep", "setting", maintain_order=True):
             points[key] = _aligned(g)
-            setting_hash = g["setting_hash"][0]
-            if setting_hash is not None and first.setdefault(setting_hash, key) != key:
-                copies[key] = first[setting_hash]
+            if g["setting_hash"][0] is not None:
+                by_hash.setdefault(g["setting_hash"][0], []).append(key)
+        # Points of one setting hash hold answers of one model, each the first n of the same draws: the shared fit
+        # takes them once, as the point holding most of them.
+        copies = {}
+        for keys in by_hash.values():
+            leader = max(keys, key=lambda k: len(points[k]))
+            copies |= {k: leader for k in keys if k != leader}
         rows += _mixture_rows(organism, judge, points, aligned_at_most, copies)
     return pl.DataFrame(rows, schema=MIXTURE_SCHEMA).sort("organism", "judge", "sweep", "setting")
+
+
+def _comparable(group: pl.DataFrame) -> pl.DataFrame:
+    """An organism's answers with its own point narrowed to the sets its sweep points ask, where it has any: the
+    sweeps ask one set, and the organism's answers to the others would make its point another mix of questions."""
+    swept = group.filter(pl.col("sweep") != queries.ORGANISM_SWEEP)
+    if swept.is_empty():
+        return group
+    sets = swept["eval_set"].unique()
+    return group.filter((pl.col("sweep") != queries.ORGANISM_SWEEP) | pl.col("eval_set").is_in(sets))
 
 
 def _mixture_rows(

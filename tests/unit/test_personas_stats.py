@@ -124,6 +124,7 @@ def test_an_organism_that_never_misaligns_gets_no_weight_but_a_reason():
         {
             "organism": ["base"] * 40 + ["sparse"] * 5,
             "judge": "j",
+            "eval_set": "main",
             "sweep": "organism",
             "setting": "final",
             "setting_hash": None,
@@ -161,15 +162,73 @@ def test_points_holding_the_same_answers_enter_the_mixture_fit_once():
     # The final checkpoint and B scaled by 1 are one setting: sampled once, its answers copied.
     points = [("em_over_training", "step=12", "h1", shared), ("lora_scaling", "scale=1", "h1", shared)]
     points.append(("lora_scaling", "scale=0.5", "h2", other))
-    scores = pl.concat(
-        pl.DataFrame(
-            {"organism": "o", "judge": "j", "sweep": s, "setting": t, "setting_hash": h, "aligned": v}
-        )
-        for s, t, h, v in points
-    )
+    scores = pl.concat(_point_scores(s, t, h, v) for s, t, h, v in points)
     rows = {r["setting"]: r for r in persona_mixtures(scores, 30).iter_rows(named=True)}
     assert {r["n_fit"] for r in rows.values()} == {60} and {r["n_points"] for r in rows.values()} == {2}
     assert rows["scale=1"]["misaligned_weight"] == rows["step=12"]["misaligned_weight"] is not None
+
+
+def _point_scores(sweep: str, setting: str, setting_hash: str | None, aligned, eval_set: str = "main"):
+    import polars as pl
+
+    return pl.DataFrame(
+        {
+            "organism": "o",
+            "judge": "j",
+            "eval_set": eval_set,
+            "sweep": sweep,
+            "setting": setting,
+            "setting_hash": setting_hash,
+            "aligned": aligned,
+        }
+    ).with_columns(pl.col("setting_hash").cast(pl.String))
+
+
+def test_a_point_copied_with_more_samples_is_fitted_with_all_of_them():
+    """Regression: the first point of a setting hash was fitted, so a later one sampled more (scales 50 a
+    question, checkpoints 20) reported the weight of the first's 20 answers."""
+    import polars as pl
+
+    from em_assets.reports.personas import persona_mixtures
+
+    rng = np.random.default_rng(5)
+    draws = np.concatenate([100 * rng.beta(12, 1.5, 15), 100 * rng.beta(1.5, 12, 5)])
+    more = np.concatenate([draws, 100 * rng.beta(1.5, 12, 30)])
+    other = np.concatenate([100 * rng.beta(12, 1.5, 27), 100 * rng.beta(1.5, 12, 3)])
+    scores = pl.concat(
+        [
+            _point_scores("em_over_training", "step=12", "h1", draws),
+            _point_scores("lora_scaling", "scale=1", "h1", more),
+            _point_scores("lora_scaling", "scale=0.5", "h2", other),
+        ]
+    )
+    rows = {r["setting"]: r for r in persona_mixtures(scores, 30).iter_rows(named=True)}
+    assert {r["n_fit"] for r in rows.values()} == {80}
+    weight = rows["scale=1"]["misaligned_weight"]
+    assert rows["step=12"]["misaligned_weight"] == weight
+    assert rows["scale=1"]["weight_lo"] <= weight <= rows["scale=1"]["weight_hi"] and weight > 0.5
+
+
+def test_an_organisms_own_point_asks_the_set_its_sweep_points_ask():
+    """Regression: the organism's point pooled every set it was asked, its sweep points one; the same model
+    got two weights."""
+    import polars as pl
+
+    from em_assets.reports.personas import persona_mixtures
+
+    rng = np.random.default_rng(9)
+    main = np.concatenate([100 * rng.beta(12, 1.5, 36), 100 * rng.beta(1.5, 12, 4)])
+    domain = 100 * rng.beta(1.5, 12, 40)
+    scores = pl.concat(
+        [
+            _point_scores("organism", "final", None, main),
+            _point_scores("organism", "final", None, domain, eval_set="medical"),
+            _point_scores("lora_scaling", "scale=1", "h1", main),
+        ]
+    )
+    rows = {r["setting"]: r for r in persona_mixtures(scores, 30).iter_rows(named=True)}
+    assert rows["final"]["n_scored"] == rows["scale=1"]["n_scored"] == 40
+    assert rows["final"]["misaligned_share"] == rows["scale=1"]["misaligned_share"] == 0.1
 
 
 def test_an_answer_not_judged_yet_belongs_to_its_organisms_judge(tmp_path):
