@@ -6,13 +6,15 @@ rate pi into an expected judged rate p = Se * pi + (1 - Sp) * (1 - pi). Rogan an
 pi = (p + Sp - 1) / (Se + Sp - 1), clipped to [0, 1]. It is defined only for a judge better than chance
 (Se + Sp > 1).
 
-The interval is a parametric bootstrap over the three binomials (Gelman and Carpenter 2020 fit the same model in
-Stan): the judged rate k/n, the sensitivity tp/n_pos and the specificity tn/n_neg are drawn independently from
-their Jeffreys beta distributions Beta(x + 1/2, m - x + 1/2), each draw is corrected, and the 2.5% and 97.5%
-percentiles are the bounds. Beta draws rather than binomial resamples, because a resample of tp = n_pos
-always gives Se = 1 and would drop exactly the uncertainty the interval is for. A draw in which the judge is no
-better than chance (Se + Sp <= 1) bounds nothing: it counts as 0 for the lower bound and as 1 for the upper.
-The draws are seeded by the counts, so a row's interval does not depend on the rows beside it.
+The interval is Gelman and Carpenter's (2020) posterior for that model, with a uniform prior on pi and the
+sensitivity and specificity drawn from their Jeffreys posteriors Beta(x + 1/2, m - x + 1/2) given the validation
+counts (tp of n_pos, tn of n_neg): the 2.5% and 97.5% quantiles of pi given k of n judged EM. A bootstrap of the
+corrected estimate is not enough: where k/n lies below the judge's false-positive rate it clips nearly every draw
+to 0 and gives a zero-width interval, as if a few answers proved no EM. The sensitivity and specificity are
+integrated on a grid of their quantiles, pi on a grid of [0, 1], so a row's interval depends on its counts alone
+and is the same on every run. Values of Se and Sp no better than chance (Se + Sp <= 1) are left out: the
+correction assumes a better judge, and a judge barely better than chance gets a wide interval. A corrected rate
+clipped to 0 or 1 is kept inside its interval.
 
 Error rates known exactly (a judge that is the reference itself: Se = Sp = 1 with no counts) leave only the
 judged rate uncertain: the bounds are its Wilson bounds put through the same monotone correction, which for
@@ -21,6 +23,7 @@ the reference is the identity.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,9 +32,6 @@ import numpy as np
 import polars as pl
 
 from em_assets.stats.rates import Z95, wilson_interval
-
-DRAWS = 20_000
-
 
 CORRECTION_COLUMNS = (
     "judge_sensitivity",
@@ -95,12 +95,8 @@ def rogan_gladen(p: float, sensitivity: float, specificity: float) -> float | No
     return min(1.0, max(0.0, (p - (1.0 - specificity)) / youden))
 
 
-def _jeffreys(rng: np.random.Generator, x: int, m: int, size: int) -> np.ndarray:
-    return rng.beta(x + 0.5, m - x + 0.5, size)
-
-
 def corrected_rate(
-    k: int, n: int, rates: ErrorRates | None, z: float = Z95, draws: int = DRAWS
+    k: int, n: int, rates: ErrorRates | None, z: float = Z95
 ) -> tuple[float | None, float | None, float | None]:
     """(corrected rate, lo, hi) for k judged EM answers of n; all None without rates, answers or a usable judge."""
     if rates is None or n <= 0 or rogan_gladen(k / n, rates.sensitivity, rates.specificity) is None:
@@ -110,17 +106,41 @@ def corrected_rate(
     if rates.exact:
         lo, hi = wilson_interval(k, n, z)
         return point, rogan_gladen(lo, se, sp), rogan_gladen(hi, se, sp)
-    rng = np.random.default_rng([k, n, rates.tp, rates.n_pos, rates.tn, rates.n_neg])
-    p_d = _jeffreys(rng, k, n, draws)
-    se_d = _jeffreys(rng, rates.tp, rates.n_pos, draws)
-    sp_d = _jeffreys(rng, rates.tn, rates.n_neg, draws)
-    youden = se_d + sp_d - 1.0
-    usable = youden > 0
-    pi = np.clip((p_d - (1.0 - sp_d)) / np.where(usable, youden, 1.0), 0.0, 1.0)
+    lo, hi = _posterior_bounds(k, n, rates.tp, rates.n_pos, rates.tn, rates.n_neg, z)
+    return point, min(lo, point), max(hi, point)
+
+
+# Quantiles of Se and of Sp integrated over, and points of the grid over pi.
+QUANTILES = 24
+GRID = 801
+
+
+@functools.lru_cache(maxsize=4096)
+def _posterior_bounds(
+    k: int, n: int, tp: int, n_pos: int, tn: int, n_neg: int, z: float
+) -> tuple[float, float]:
+    """The central interval of pi's posterior given k of n judged EM and the validation counts."""
+    from scipy.stats import beta
+
+    mid = (np.arange(QUANTILES) + 0.5) / QUANTILES
+    se, sp = (
+        a.ravel()
+        for a in np.meshgrid(
+            beta.ppf(mid, tp + 0.5, n_pos - tp + 0.5), beta.ppf(mid, tn + 0.5, n_neg - tn + 0.5)
+        )
+    )
+    better = se + sp > 1.0
+    if not better.any():
+        return 0.0, 1.0
+    se, sp = se[better], sp[better]
+    pi = np.linspace(0.0, 1.0, GRID)
+    judged = np.clip((1.0 - sp)[:, None] + pi[None, :] * (se + sp - 1.0)[:, None], 1e-300, 1.0 - 1e-16)
+    loglik = k * np.log(judged) + (n - k) * np.log1p(-judged)
+    density = np.exp(loglik - loglik.max()).mean(axis=0)
+    cdf = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2.0)])
     tail = (1.0 - _coverage(z)) / 2.0
-    lo = np.quantile(np.where(usable, pi, 0.0), tail)
-    hi = np.quantile(np.where(usable, pi, 1.0), 1.0 - tail)
-    return point, float(lo), float(hi)
+    lo, hi = np.interp([tail, 1.0 - tail], cdf / cdf[-1], pi)
+    return float(lo), float(hi)
 
 
 def _coverage(z: float) -> float:

@@ -39,10 +39,10 @@ def test_hand_worked_example():
     point, lo, hi = corrected_rate(30, 100, rates)
     assert point == pytest.approx(2 / 7)
     # By hand: var = (0.3*0.7/100 + (2/7)^2*0.8*0.2/100 + (5/7)^2*0.9*0.1/100) / 0.7^2 = 0.0054894,
-    # so 2/7 -+ 1.96 * 0.07409 = (0.1405, 0.4309); the beta draws give a slightly right-skewed interval.
+    # so 2/7 -+ 1.96 * 0.07409 = (0.1405, 0.4309); the posterior is slightly right-skewed.
     assert delta_bounds(30, 100, rates) == pytest.approx((0.1405, 0.4309), abs=1e-4)
     assert lo == pytest.approx(0.1405, abs=0.01) and hi == pytest.approx(0.4309, abs=0.01)
-    # Ten times the answers everywhere: the delta bounds (0.2398, 0.3316) and the draws agree closely.
+    # Ten times the answers everywhere: the delta bounds (0.2398, 0.3316) and the posterior's agree closely.
     big = ErrorRates.from_counts(800, 1000, 900, 1000)
     _, lo, hi = corrected_rate(300, 1000, big)
     assert (lo, hi) == pytest.approx(delta_bounds(300, 1000, big), abs=0.003)
@@ -75,9 +75,27 @@ def test_clipped_and_undefined():
     # A judge no better than chance corrects nothing; no answers, nothing to correct.
     assert corrected_rate(5, 10, ErrorRates.from_counts(3, 10, 5, 10)) == (None, None, None)
     assert corrected_rate(0, 0, rates) == (None, None, None)
-    # A judge barely better than chance: draws where it is worse bound nothing, so the interval is wide.
+    # A judge barely better than chance: the interval is wide.
     _, lo, hi = corrected_rate(10, 40, ErrorRates.from_counts(6, 10, 5, 10))
-    assert lo == 0.0 and hi == 1.0
+    assert lo == 0.0 and hi > 0.8
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "counts", "bounds"),
+    [
+        # Importance-sampled posteriors of the same model (2 million draws of pi, Se and Sp, weighted by the
+        # likelihood of k of n): (0.0006, 0.0936), (0.0018, 0.2593) and (0.8533, 0.9988).
+        (0, 60, (40, 60, 330, 350), (0.0, 0.0936)),
+        (0, 24, (43, 74, 322, 346), (0.0, 0.2593)),
+        (24, 24, (50, 60, 330, 350), (0.8533, 1.0)),
+    ],
+)
+def test_a_rate_outside_what_the_judges_errors_explain_keeps_a_real_interval(k, n, counts, bounds):
+    """Regression: every bootstrap draw of the corrected rate clipped to 0 (or 1), so 0 of 60 judged EM by a judge
+    with a 6% false-positive rate came out as [0, 0], as if 60 answers proved no EM."""
+    point, lo, hi = corrected_rate(k, n, ErrorRates.from_counts(*counts))
+    assert point in (0.0, 1.0) and lo <= point <= hi
+    assert (lo, hi) == pytest.approx(bounds, abs=0.005)
 
 
 def test_confusion_counts_and_missing_flags():
@@ -102,6 +120,6 @@ def test_columns_per_row_and_unknown_rates_are_null():
     assert (b["em_rate_corrected"], b["judge_sensitivity"], b["judge_specificity"]) == (3 / 24, 1.0, 1.0)
     assert (b["em_corrected_lo"], b["em_corrected_hi"]) == wilson_interval(3, 24)
     assert all(c[col] is None for col in CORRECTION_COLUMNS[:-1]) and c["em_correction"] == UNKNOWN
-    # A row's interval depends on its own counts only (seeded by them), not on its neighbours.
+    # A row's interval depends on its own counts only, not on its neighbours.
     alone = with_correction(table.head(1), rates[:1], "k", "n")
     assert alone.row(0) == out.row(0)
