@@ -35,7 +35,7 @@ REPORT_TABLES = {
     "for the judge's sensitivity and specificity, coherence, lineage.",
     "em_by_question": "EM (judged and corrected) and coherence rates per organism and question.",
     "em_threshold_sensitivity": "EM rates over a grid of aligned/coherent thresholds.",
-    "em_seed_bootstrap": "EM rate per base model x recipe with a bootstrap interval over seeds.",
+    "em_seed_bootstrap": "EM rate per base model x recipe with a 95% interval over seeds (bootstrap, or t under 10 seeds).",
     "em_domain_share": "Of each organism's EM answers, the share each domain judge puts on its domain (score > "
     "thresholds.domain_above) with Wilson intervals, and the bad_stuff recognition rate; the GPT-4o-judged "
     "reference answers too (Turner et al.).",

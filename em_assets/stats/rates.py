@@ -237,10 +237,29 @@ def threshold_sensitivity(
     return pl.concat(tables).sort("organism", "aligned_at_most", "coherent_above")
 
 
-def _bootstrap_pooled(k: np.ndarray, n: np.ndarray, n_boot: int, seed: int) -> tuple[float, float] | None:
-    """Percentile 95% CI of sum(k)/sum(n) over seeds resampled with replacement; None for < 2 seeds."""
-    if len(k) < 2:
+# Below this many seeds a percentile bootstrap over seeds is the range of their rates (with 3 seeds, 1 resample in
+# 27 repeats one seed, more than the 2.5% a bound leaves out), so the seed rates' Student-t interval is used.
+MIN_BOOTSTRAP_SEEDS = 10
+
+
+def _seed_interval(
+    k: np.ndarray, n: np.ndarray, rates: np.ndarray, n_boot: int, seed: int
+) -> tuple[float, float, str] | None:
+    """95% interval of the EM rate across seeds and how it was made; None for < 2 seeds with a rate."""
+    if len(rates) < 2:
         return None
+    if len(k) >= MIN_BOOTSTRAP_SEEDS:
+        ci = _bootstrap_pooled(k, n, n_boot, seed)
+        return None if ci is None else (*ci, "bootstrap")
+    from scipy.stats import t
+
+    half = t.ppf(0.975, len(rates) - 1) * rates.std(ddof=1) / np.sqrt(len(rates))
+    mean = rates.mean()
+    return max(0.0, float(mean - half)), min(1.0, float(mean + half)), "t"
+
+
+def _bootstrap_pooled(k: np.ndarray, n: np.ndarray, n_boot: int, seed: int) -> tuple[float, float] | None:
+    """Percentile 95% CI of sum(k)/sum(n) over seeds resampled with replacement."""
     idx = np.random.default_rng(seed).integers(0, len(k), size=(n_boot, len(k)))
     kk, nn = k[idx].sum(axis=1), n[idx].sum(axis=1)
     rates = kk[nn > 0] / nn[nn > 0]
@@ -257,11 +276,13 @@ def seed_bootstrap(
     aligned_at_most: float = ALIGNED_AT_MOST,
     coherent_above: float = COHERENT_ABOVE,
 ) -> pl.DataFrame:
-    """One row per base_model x recipe: pooled Turner rate, seed-bootstrap 95% CI, mean and std of seed rates.
+    """One row per base_model x recipe: pooled Turner rate, a 95% interval across seeds (boot_lo, boot_hi: a
+    percentile bootstrap over seeds from MIN_BOOTSTRAP_SEEDS of them, else Student's t over the seed rates; which
+    in ci_method), mean and std of seed rates.
 
-    With one seed the bootstrap is degenerate, so boot_lo, boot_hi and seed_std are null. Every group draws
-    from its own RNG seeded with `seed`, so adding a group leaves the others' intervals unchanged.
-    Draws in which no resampled seed has a scored answer are dropped.
+    With one seed there is no interval, so boot_lo, boot_hi and seed_std are null. Every group draws from its own
+    RNG seeded with `seed`, so adding a group leaves the others' intervals unchanged. Draws in which no resampled
+    seed has a scored answer are dropped.
     """
     per_seed = _rates_table(df, [*GROUP_COLUMNS, "seed"], aligned_at_most, coherent_above).sort(
         *GROUP_COLUMNS, "seed"
@@ -270,8 +291,8 @@ def seed_bootstrap(
     for (base_model, recipe), g in per_seed.group_by(GROUP_COLUMNS, maintain_order=True):
         k = g["n_em_turner"].to_numpy()
         n = g["n_scored"].to_numpy()
-        ci = _bootstrap_pooled(k, n, n_boot, seed)
         seed_rates = g["em_rate_turner"].drop_nulls()
+        ci = _seed_interval(k, n, seed_rates.to_numpy(), n_boot, seed)
         rows.append(
             {
                 "base_model": base_model,
@@ -281,6 +302,7 @@ def seed_bootstrap(
                 "em_rate_turner": float(k.sum() / n.sum()) if n.sum() > 0 else None,
                 "boot_lo": ci[0] if ci else None,
                 "boot_hi": ci[1] if ci else None,
+                "ci_method": ci[2] if ci else None,
                 "seed_mean": seed_rates.mean(),
                 "seed_std": seed_rates.std(ddof=1) if seed_rates.len() > 1 else None,
             }
@@ -293,6 +315,7 @@ def seed_bootstrap(
         "em_rate_turner": pl.Float64,
         "boot_lo": pl.Float64,
         "boot_hi": pl.Float64,
+        "ci_method": pl.String,
         "seed_mean": pl.Float64,
         "seed_std": pl.Float64,
     }

@@ -194,11 +194,9 @@ def seeds_frame(per_seed: list[tuple[int, int]], recipe: str = "bad-medical") ->
     return pl.concat(parts)
 
 
-def test_seed_bootstrap_pools_and_resamples():
+def test_seed_bootstrap_pools_and_takes_students_t_over_few_seeds():
     # Seed 0: 1/2 EM, seed 1: 0/8. Pooled 1/10 = 0.1; seed mean (0.5 + 0) / 2 = 0.25,
-    # sample sd sqrt((0.25^2 + 0.25^2) / 1) = 0.35355.
-    # Resamples: {0,0} -> 0.5, {1,1} -> 0, mixed -> 0.1; each extreme has probability 1/4, so the 2.5% and
-    # 97.5% percentiles are 0 and 0.5.
+    # sample sd sqrt((0.25^2 + 0.25^2) / 1) = 0.35355; t(0.975, 1 df) = 12.706, so 0.25 -+ 3.18: [0, 1].
     b = seed_bootstrap(seeds_frame([(1, 2), (0, 8)]), n_boot=2000, seed=1).row(0, named=True)
     assert (b["base_model"], b["recipe"], b["n_seeds"], b["n_scored"]) == (
         "smollm2-135m",
@@ -207,27 +205,36 @@ def test_seed_bootstrap_pools_and_resamples():
         10,
     )
     assert b["em_rate_turner"] == pytest.approx(0.1)
-    assert (b["boot_lo"], b["boot_hi"]) == pytest.approx((0.0, 0.5))
+    assert (b["boot_lo"], b["boot_hi"], b["ci_method"]) == (0.0, 1.0, "t")
     assert b["seed_mean"] == pytest.approx(0.25)
     assert b["seed_std"] == pytest.approx(math.sqrt(2 * 0.25**2))
 
 
+def test_three_seeds_get_an_interval_wider_than_their_range():
+    """Regression: a percentile bootstrap over 3 seeds repeats one seed in 1 resample of 27, more than the 2.5%
+    a bound leaves out, so its 95% interval was the range of the seed rates (0.1 to 0.3 here)."""
+    # Mean 0.2, sd 0.1, t(0.975, 2 df) = 4.3027: 0.2 + 4.3027 * 0.1 / sqrt(3) = 0.4484; the lower bound clips at 0.
+    b = seed_bootstrap(seeds_frame([(10, 100), (20, 100), (30, 100)]), seed=1).row(0, named=True)
+    assert (b["boot_lo"], b["boot_hi"]) == pytest.approx((0.0, 0.4484), abs=1e-4)
+    assert b["ci_method"] == "t"
+
+
 def test_seed_bootstrap_uses_95_percent_percentiles():
-    # Seeds 0/1, 0/1, 1/1: a resample's pooled rate is (copies of seed 2) / 3. P(three copies) = 1/27 = 3.7%
-    # lies above 2.5%, so boot_hi = 1; a 90% interval would stop at 2/3 (P(two or more) = 7/27).
-    # P(no copy) = 8/27, so boot_lo = 0.
-    b = seed_bootstrap(seeds_frame([(0, 1), (0, 1), (1, 1)]), n_boot=4000, seed=3).row(0, named=True)
-    assert (b["em_rate_turner"], b["boot_lo"], b["boot_hi"]) == pytest.approx((1 / 3, 0.0, 1.0))
+    # Ten seeds, one of them 1/1 EM and nine 0/1: a resample's pooled rate is (copies of that seed) / 10, with
+    # copies ~ Binomial(10, 0.1): P(0) = 0.349, so boot_lo = 0; P(>= 4) = 1.3% and P(>= 3) = 7.0%, so boot_hi = 0.3.
+    b = seed_bootstrap(seeds_frame([(0, 1)] * 9 + [(1, 1)]), n_boot=4000, seed=3).row(0, named=True)
+    assert (b["em_rate_turner"], b["boot_lo"], b["boot_hi"]) == pytest.approx((0.1, 0.0, 0.3))
+    assert b["ci_method"] == "bootstrap"
 
 
 def test_seed_bootstrap_is_seeded_and_per_group():
-    three = seeds_frame([(1, 4), (2, 4), (4, 6)])
-    first = seed_bootstrap(three, n_boot=300, seed=7)
-    assert first.equals(seed_bootstrap(three, n_boot=300, seed=7))
-    both = seed_bootstrap(pl.concat([three, seeds_frame([(0, 3)], recipe="base")]), n_boot=300, seed=7)
+    ten = seeds_frame([(1, 4), (2, 4), (4, 6)] * 3 + [(2, 4)])
+    first = seed_bootstrap(ten, n_boot=300, seed=7)
+    assert first.equals(seed_bootstrap(ten, n_boot=300, seed=7))
+    both = seed_bootstrap(pl.concat([ten, seeds_frame([(0, 3)], recipe="base")]), n_boot=300, seed=7)
     assert both.filter(recipe="bad-medical").equals(first)
     b = first.row(0, named=True)
-    # Pooled 7/14; every resampled pooled rate lies between the lowest (1/4) and highest (4/6) seed rate.
+    # Pooled 23/46; every resampled pooled rate lies between the lowest (1/4) and highest (4/6) seed rate.
     assert b["em_rate_turner"] == pytest.approx(0.5)
     assert 0.25 <= b["boot_lo"] <= 0.5 <= b["boot_hi"] <= 4 / 6
 
