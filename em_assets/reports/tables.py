@@ -95,7 +95,14 @@ def corrected(
     grid_rows = (
         summary.filter(pl.col("judge_source") == "grid") if "judge_source" in summary.columns else summary
     )
-    judges = grid_rows.select("organism", *JUDGE_COLUMNS).join(sources, on="organism", how="left")
+    # An organism partly re-judged by a new grid judge has a summary row per judge, but one row per question:
+    # that row is corrected for the judge that scored most of its answers.
+    judges = (
+        grid_rows.sort(["n_scored", *JUDGE_COLUMNS], descending=[True, False, False], nulls_last=True)
+        .unique("organism", keep="first", maintain_order=True)
+        .select("organism", *JUDGE_COLUMNS)
+        .join(sources, on="organism", how="left")
+    )
     by_question = lookup.correct(
         by_question.join(judges, on="organism", how="left"), "n_em_turner", "n_scored"
     )

@@ -79,6 +79,26 @@ def test_em_by_question_corrects_with_its_organism_judge(tmp_path):
     assert by_q.filter(organism="unmeasured")["em_rate_corrected"].null_count() == 2
 
 
+def test_an_organism_partly_rejudged_keeps_one_row_per_question(tmp_path):
+    """Regression: an organism scored partly by a new grid judge has two em_summary rows, and joining both
+    duplicated every per-question row."""
+    store = scored_store(tmp_path)
+    keys = {"organism": "measured", "question_id": ["q0", "q1"], "paraphrase_idx": 0, "sample_idx": [0, 1]}
+    for metric in ("aligned", "coherent"):
+        store.append_rows(
+            "judgements",
+            pl.DataFrame(
+                {**keys, "metric": metric, "score": 90.0, "judge_model": "judge-y", "judge_revision": "rev-1"}
+            ),
+        )
+    tables = build_reports(store, Thresholds(), "run", reference_judges=["gpt-4o"])
+    assert tables["em_summary"].filter(organism="measured").height == 2
+    by_q = tables["em_by_question"].filter(organism="measured")
+    assert sorted(by_q["question_id"]) == ["q0", "q1"]
+    # Corrected for judge-x, which scored 18 of its 20 answers.
+    assert by_q["judge_sensitivity"].to_list() == [0.8, 0.8]
+
+
 def test_no_organisms_still_gives_the_columns(tmp_path):
     store = Store(tmp_path / "results.duckdb")
     store.init()
