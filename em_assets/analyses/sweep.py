@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import polars as pl
 
 from em_assets.analyses.edits import ModelEdit
+from em_assets.analyses.lora import CONFIG_FILE
 from em_assets.analyses.sweep_judge import judge_sweep
 from em_assets.context import StageContext
 from em_assets.grid.schema import config_hash
@@ -157,8 +159,20 @@ def setting_hash(point: SweepPoint, base_revision: str, ctx: StageContext, dtype
             "max_new_tokens": sampling.max_new_tokens,
             "seed": ctx.organism.seed,
             **sampler_fields(sampling, dtype),
+            **_adapter_config(point.adapter_path),
         }
     )
+
+
+def _adapter_config(adapter_path: str | None) -> dict:
+    """A peft adapter's settings (alpha, rsLoRA, targets), which change its answers as its weights do: a new
+    revision of an imported adapter may change only them. The base model's path differs between machines."""
+    file = Path(adapter_path) / CONFIG_FILE if adapter_path else None
+    if file is None or not file.is_file():
+        return {}
+    config = json.loads(file.read_text())
+    config.pop("base_model_name_or_path", None)
+    return {"adapter_config": config}
 
 
 def check_points(ctx: StageContext, points: Sequence[SweepPoint]) -> None:

@@ -214,3 +214,24 @@ def test_a_sweep_answer_names_its_sampler_and_dtype_as_a_completion_does():
     ours = hashed(SamplingSpec(), "bfloat16")
     assert hashed(SamplingSpec(), "float16") != ours
     assert hashed(SamplingSpec(backend="vllm"), "bfloat16") != ours
+
+
+def test_a_sweep_answer_names_its_adapters_settings(tmp_path):
+    """Regression: a point's hash named the adapter's weights only, so a new revision of an imported adapter that
+    changed only its alpha kept its old answers."""
+    from types import SimpleNamespace
+
+    from em_assets.analyses.sweep import setting_hash
+    from em_assets.grid.schema import SamplingSpec
+
+    config = tmp_path / "adapter_config.json"
+    ctx = SimpleNamespace(grid=SimpleNamespace(sampling=SamplingSpec()), organism=SimpleNamespace(seed=0))
+    point = SweepPoint("s", "final", str(tmp_path), "sha", samples_per_question=2)
+
+    def hashed(**settings) -> str:
+        config.write_text(json.dumps({"peft_type": "LORA", "r": 1, **settings}))
+        return setting_hash(point, "r", ctx, "bfloat16")
+
+    first = hashed(lora_alpha=16, base_model_name_or_path="/here")
+    assert hashed(lora_alpha=16, base_model_name_or_path="/elsewhere") == first
+    assert hashed(lora_alpha=32, base_model_name_or_path="/here") != first
