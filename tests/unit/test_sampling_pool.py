@@ -79,7 +79,7 @@ def test_workers_die_with_a_killed_parent(tiny_model_dir, tmp_path):
     script = textwrap.dedent(
         f"""
         import multiprocessing, sys, threading, time
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parent.parent)!r}]
         from test_sampling_pool import loader_for, requests
         from em_assets.sampling.pool import iter_samples_in_workers
 
