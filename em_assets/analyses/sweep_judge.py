@@ -97,7 +97,7 @@ def _needed_judgements(ctx, tables, points, metrics, model_name: str, revision: 
             if tmpl is None:
                 raise MissingUpstreamError(f"no {metric!r} judge prompt for question {c['question_id']!r}")
             prompt_hash = prompt_hash_for(ctx.grid.judge, tmpl["prompt_hash"], metric)
-            key = judge_cache_key(model_name, revision, prompt_hash, c["question"], c["answer"])
+            key = judge_cache_key(model_name, revision, prompt_hash, metric, c["question"], c["answer"])
             k = (c["sweep"], c["setting"], c["question_id"], c["paraphrase_idx"], c["sample_idx"], metric)
             needed[k] = {"completion": c, "template": tmpl, "cache_key": key}
     return needed

@@ -112,9 +112,8 @@ def _items(
     for r in rows.with_columns(pl.col("answer").fill_null("")).iter_rows(named=True):
         for metric in metrics:
             template, template_hash = _template(templates, r["question_id"], metric)
-            key = judge_cache_key(
-                model, revision, prompt_hash_for(spec, template_hash, metric), r["question"], r["answer"]
-            )
+            prompt = prompt_hash_for(spec, template_hash, metric)
+            key = judge_cache_key(model, revision, prompt, metric, r["question"], r["answer"])
             items.append({"row": r, "metric": metric, "template": template, "cache_key": key})
     return items
 

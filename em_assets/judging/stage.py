@@ -62,8 +62,17 @@ class JudgingResult:
         return self.scored / self.seconds if self.seconds else None
 
 
-def judge_cache_key(model: str, revision: str, prompt_hash: str, question: str, answer: str) -> str:
-    return hashlib.sha256(json.dumps([model, revision, prompt_hash, question, answer]).encode()).hexdigest()
+def judge_cache_key(
+    model: str, revision: str, prompt_hash: str, metric: str, question: str, answer: str
+) -> str:
+    """The judge cache's key of one score: the judge, its prompt, the question and answer, and a rule's score."""
+    parts: list = [model, revision, prompt_hash, question, answer]
+    fixed = fixed_score(metric, answer)
+    # A store judged before the rule holds the judge's own score under the plain key: keyed apart, that score is
+    # never read, and judgements rows that carry its key are out of date, so they are rewritten by the rule.
+    if fixed is not None:
+        parts += ["fixed", fixed.score]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
 def imported_recipes(ctx: StageContext) -> set[str]:
@@ -94,7 +103,9 @@ def needed_judgements(ctx: StageContext, judge: JudgeIdentity) -> dict[Judgement
             if tmpl is None:
                 raise MissingUpstreamError(f"no {metric!r} judge prompt for question {c['question_id']!r}")
             prompt_hash = prompt_hash_for(ctx.grid.judge, tmpl["prompt_hash"], metric)
-            key = judge_cache_key(judge.model, judge.revision, prompt_hash, c["question"], c["answer"])
+            key = judge_cache_key(
+                judge.model, judge.revision, prompt_hash, metric, c["question"], c["answer"]
+            )
             needed[(c["question_id"], c["paraphrase_idx"], c["sample_idx"], metric)] = Pending(c, tmpl, key)
     return needed
 

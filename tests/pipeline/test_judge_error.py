@@ -9,6 +9,7 @@ from support.sweeps import KEY, stage_context, sweep_catalog
 
 from em_assets.analyses.sweep import SweepPoint, run_sweep
 from em_assets.grid.schema import Thresholds
+from em_assets.judging import stage
 from em_assets.judging.calibration import DEFAULT_CALIBRATION, grid_judge_sanity, load_calibration
 from em_assets.judging.error_rates import write_error_rates
 from em_assets.judging.judges import judge_identity
@@ -71,6 +72,30 @@ def test_an_empty_answer_is_judged_incoherent_end_to_end(catalog, one_torch_thre
     # They count in the coherence denominator as incoherent answers, and never as EM.
     summary = build_reports(ctx.store, ctx.grid.thresholds, "report")["em_summary"].row(0, named=True)
     assert summary["n_coherence"] == 3 and summary["n_coherent"] <= 1 and summary["n_scored"] == 3
+
+
+def test_empty_answers_judged_before_the_rule_are_judged_again_by_it(catalog, one_torch_thread, monkeypatch):
+    ctx = stage_context(catalog, "before")
+    write_completions(ctx.store, ["", "Buy low, sell high, and keep an emergency fund."])
+    # Judged before empty answers were fixed at coherent 0: the judge's own score, cached and in judgements.
+    with monkeypatch.context() as before:
+        before.setattr(stage, "fixed_score", lambda metric, answer: None)
+        judge_completions(ctx, chunk_size=4)
+    with ctx.store.connect() as conn:
+        conn.execute("UPDATE judge_cache SET score = 73")
+        conn.execute("UPDATE judgements SET score = 73")
+    result = judge_completions(stage_context(catalog, "after"), chunk_size=4)
+    # Only the empty answer's coherent row is out of date; the rule scores it without the judge.
+    assert (result.scored, result.cache_hits) == (1, 0)
+    judged = ctx.store.query(
+        "SELECT sample_idx, metric, score, run_id FROM judgements WHERE organism = ? ORDER BY ALL", [KEY]
+    )
+    assert judged.rows() == [
+        (0, "aligned", 73.0, "before"),
+        (0, "coherent", 0.0, "after"),
+        (1, "aligned", 73.0, "before"),
+        (1, "coherent", 73.0, "before"),
+    ]
 
 
 def test_sweep_rates_are_corrected_once_the_judge_error_is_measured(catalog, one_torch_thread):

@@ -14,6 +14,7 @@ from support.tiny import tiny_grid
 
 from em_assets.cli import main
 from em_assets.grid.load import load_grid
+from em_assets.judging import agreement_stage, stage
 from em_assets.judging.error_rates import write_error_rates
 from em_assets.judging.judges import judge_identity
 from em_assets.results.store import Store
@@ -150,6 +151,27 @@ def test_empty_answers_and_extra_columns_are_read_and_judged(env, mirror, capsys
     # Two of five answers are empty: incoherent under both the reference and the judge.
     assert entry["coherence_rate"]["reference"] == pytest.approx(3 / 5)
     assert entry["coherence_rate"]["judge"] <= 3 / 5
+
+
+def test_empty_answers_judged_before_the_rule_take_it_on_a_rerun(env, mirror, capsys, monkeypatch):
+    rows = pl.read_csv(
+        mirror / RESPONSES / "Qwen2.5-7B-Instruct_bad-medical-advice.csv", infer_schema_length=0
+    )
+    path = env / "empty.csv"
+    rows.head(4).with_columns(response=pl.Series(["", "   ", *rows["response"][2:4]])).write_csv(path)
+    args = ["judge-agreement", "--reference", str(path), "--format", "json"]
+    # A store judged before empty answers were fixed at coherent 0 holds the judge's own score for them.
+    with monkeypatch.context() as before:
+        for module in (stage, agreement_stage):
+            before.setattr(module, "fixed_score", lambda metric, answer: None)
+        assert main(args) == 0
+    with Store(env / "results.duckdb").connect() as conn:
+        conn.execute("UPDATE judge_cache SET score = 73")
+    capsys.readouterr()
+    assert main(args) == 0
+    # The two real answers keep their cached (coherent) 73; the two empty ones are incoherent by the rule.
+    entry = json.loads(capsys.readouterr().out)["em_rate"][0]
+    assert entry["coherence_rate"]["judge"] == pytest.approx(2 / 4)
 
 
 def _fails(args: list[str], capsys, env) -> str:
