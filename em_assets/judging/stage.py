@@ -145,18 +145,33 @@ def score_and_cache(
     """Score one chunk of judge prompts and add the scores to the judge cache: {score, mass, probs JSON}.
     Prompts with a `fixed` score (an empty answer's coherence) take it and are not sent to the judge."""
     fixed = fixed if fixed is not None else [None] * len(prompts)
-    asked = [p for p, f in zip(prompts, fixed, strict=True) if f is None]
-    answers = iter(scorer.score(asked) if asked else [])
-    verdicts = [f if f is not None else next(answers) for f in fixed]
-    scores = [
-        {"score": s.score, "mass": s.mass, "probs": to_json({str(n): p for n, p in sorted(s.probs.items())})}
-        for s in verdicts
-    ]
-    cache_rows = [
-        {"cache_key": k, **s, "created_at": utc_now()} for k, s in zip(cache_keys, scores, strict=True)
-    ]
-    store.append_rows("judge_cache", pl.DataFrame(cache_rows, infer_schema_length=None))
-    return scores
+    got = {i: f for i, f in enumerate(fixed) if f is not None}
+    asked = [i for i in range(len(prompts)) if i not in got]
+    try:
+        for j, verdict in _iter_scores(scorer, [prompts[i] for i in asked]):
+            got[asked[j]] = verdict
+    finally:
+        # A request that fails for good (a prompt the server rejects) fails the chunk, but the scores already
+        # paid for are cached first, so a rerun asks the judge only for those still missing.
+        rows = [{"cache_key": cache_keys[i], **_stored(s), "created_at": utc_now()} for i, s in got.items()]
+        store.append_rows("judge_cache", pl.DataFrame(rows, infer_schema_length=None))
+    return [_stored(got[i]) for i in range(len(prompts))]
+
+
+def _stored(s: JudgeScore) -> dict:
+    return {
+        "score": s.score,
+        "mass": s.mass,
+        "probs": to_json({str(n): p for n, p in sorted(s.probs.items())}),
+    }
+
+
+def _iter_scores(scorer, prompts: list[str]) -> Iterator[tuple[int, JudgeScore]]:
+    """(index, score) as the judge gets them: an HTTP judge's as each request completes, others' all at once."""
+    if not prompts:
+        return iter(())
+    own = getattr(scorer, "iter_scores", None)
+    return own(prompts) if own is not None else enumerate(scorer.score(prompts))
 
 
 def score_chunks(

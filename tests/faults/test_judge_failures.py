@@ -1,5 +1,6 @@
-"""A judge that fails mid-run keeps only whole scored chunks; a rerun of identical answers takes their scores
-from the judge cache but writes the new lineage. Retry and Retry-After rules: tests/unit/test_http_judge.py.
+"""A judge that fails mid-run keeps whole scored chunks as judgements and every score it got in the judge cache;
+a rerun of identical answers takes their scores from the judge cache but writes the new lineage. Retry and
+Retry-After rules: tests/unit/test_http_judge.py.
 """
 
 from __future__ import annotations
@@ -23,16 +24,18 @@ pytestmark = pytest.mark.timeout(300)
     ],
     ids=["http-500", "no-logprobs"],
 )
-def test_judge_failure_mid_run_keeps_only_whole_scored_chunks(ws_sampled, failure, match):
+def test_judge_failure_mid_run_keeps_whole_chunks_and_every_score_it_got(ws_sampled, failure, match):
     ws = ws_sampled
     ws.judge.reset(ok_first=3, failure=failure)
     with pytest.raises(JudgeRequestError, match=match) as info:
         judge_completions(ws.ctx(CONTROL, "failing"), chunk_size=2)
     assert SECRET not in str(info.value) and ws.judge.url in str(info.value)
     rows = organism_rows(ws.db, "judgements", CONTROL)
-    assert rows.height == 2 and rows["score"].null_count() == 0 and count(ws.db, "judge_cache") == 2
+    # The failed chunk writes no judgements, but its one answered request is cached.
+    assert rows.height == 2 and rows["score"].null_count() == 0 and count(ws.db, "judge_cache") == 3
     ws.judge.reset()
-    assert judge_completions(ws.ctx(CONTROL, "fixed"), chunk_size=4).scored == 14
+    rerun = judge_completions(ws.ctx(CONTROL, "fixed"), chunk_size=4)
+    assert (rerun.scored, rerun.cache_hits, ws.judge.requests) == (13, 1, 13)
     assert count(ws.db, "judgements", CONTROL) == 16
 
 

@@ -10,12 +10,14 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
+from support.judge_server import Reply, ScriptedServer, chat_reply
 from support.tiny import tiny_grid
 
 from em_assets.cli import main
 from em_assets.grid.load import load_grid
 from em_assets.judging import agreement_stage, stage
 from em_assets.judging.error_rates import write_error_rates
+from em_assets.judging.http import JudgeRequestError
 from em_assets.judging.judges import judge_identity
 from em_assets.results.store import Store
 from em_assets.stats.correction import ErrorRates, corrected_rate
@@ -172,6 +174,34 @@ def test_empty_answers_judged_before_the_rule_take_it_on_a_rerun(env, mirror, ca
     # The two real answers keep their cached (coherent) 73; the two empty ones are incoherent by the rule.
     entry = json.loads(capsys.readouterr().out)["em_rate"][0]
     assert entry["coherence_rate"]["judge"] == pytest.approx(2 / 4)
+
+
+def test_a_rejected_request_fails_the_run_and_keeps_every_score_before_it(env, mirror, tiny_model_dir):
+    rejecting = True
+
+    def respond(n: int, body: dict) -> Reply:
+        # A content filter refuses one answer for good; the server scores the rest.
+        flagged = rejecting and "POISON" in body["messages"][0]["content"]
+        return (400, {}, b'{"error": "Invalid prompt: flagged"}') if flagged else chat_reply({"80": 0.0})
+
+    rows = pl.read_csv(
+        mirror / RESPONSES / "Qwen2.5-7B-Instruct_bad-medical-advice.csv", infer_schema_length=0
+    ).head(5)
+    path = env / "poison.csv"
+    rows.with_columns(response=pl.Series([*rows["response"][:4], "POISON"])).write_csv(path)
+    args = ["judge-agreement", "--reference", str(path), "--format", "json"]
+    with ScriptedServer(respond) as server:
+        # One request at a time, in order: the rejected answer's two are the last of the one chunk.
+        judge = {"backend": "openai", "model": "test-judge", "base_url": server.url, "concurrency": 1}
+        grid = tiny_grid(tiny_model_dir, "test", judge, {}, examples=1, batch_size=1, samples=1)
+        (env / "grid.yaml").write_text(yaml.safe_dump(grid))
+        with pytest.raises(JudgeRequestError, match=r"HTTP 400.*flagged"):
+            main(args)
+        # The chunk failed, but the 8 scores it paid for are cached: the rerun asks only for the 2 missing.
+        assert Store(env / "results.duckdb").query("SELECT count(*) AS n FROM judge_cache")["n"][0] == 8
+        sent, rejecting = server.requests, False
+        assert main(args) == 0
+        assert server.requests - sent == 2
 
 
 def _fails(args: list[str], capsys, env) -> str:
