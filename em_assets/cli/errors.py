@@ -9,6 +9,7 @@ def bad_input_message(exc: BaseException) -> str | None:
     from em_assets.catalog.reference import ReferenceFileError
     from em_assets.catalog.upstream import ChecksumError, MirrorError
     from em_assets.grid.load import GridError
+    from em_assets.judging.http import JudgeAuthError
     from em_assets.settings import SettingsError
 
     seen: set[int] = set()
@@ -19,7 +20,15 @@ def bad_input_message(exc: BaseException) -> str | None:
             continue
         seen.add(id(err))
         # ModelLoadError by name: importing its module loads torch, too slow for every error path.
-        bad = GridError | DatasetError | ReferenceFileError | ChecksumError | MirrorError | SettingsError
+        bad = (
+            GridError
+            | DatasetError
+            | ReferenceFileError
+            | ChecksumError
+            | MirrorError
+            | SettingsError
+            | JudgeAuthError
+        )
         if isinstance(err, bad) or (type(err).__name__ == "ModelLoadError"):
             return str(err)
         todo += [err.__cause__, err.__context__, getattr(err, "user_exception", None)]

@@ -47,7 +47,7 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
         upstream_templates,
     )
     from em_assets.judging.error_rates import ErrorRateLookup
-    from em_assets.judging.judges import judge_identity
+    from em_assets.judging.judges import judge_identity, make_judge
     from em_assets.results.errors import MissingUpstreamError
     from em_assets.results.store import Store
 
@@ -58,8 +58,11 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
         spec = pick_judge(grid, args.judge)
         templates = upstream_templates(grid, current.data_mirror, current.cache_dir)
         store = Store()
-        # The judge is found (a trained one in the store, a model on disk) before the store is created.
+        # The judge is found (a trained one in the store, a model on disk) and an API judge's key accepted
+        # before the store is created.
         judge_identity(grid, current.cache_dir, store, spec)
+        if spec.backend == "openai":
+            make_judge(grid, None, spec=spec).check_key()
         store.init()
         lookup = ErrorRateLookup(store, grid.thresholds, grid.agreement.reference_judges)
         report = measure_agreement(

@@ -26,6 +26,10 @@ class JudgeRequestError(RuntimeError):
     """A judge request that failed for good: retries exhausted, a refused request, or no logprobs."""
 
 
+class JudgeAuthError(JudgeRequestError):
+    """The server refused the API key, or asked for one the environment does not hold (HTTP 401 or 403)."""
+
+
 class _Retryable(Exception):
     def __init__(self, reason: str, retry_after: float | None = None) -> None:
         super().__init__(reason)
@@ -129,15 +133,7 @@ class OpenAIJudge:
     def _score_one(
         self, client: httpx.Client, prompt: str, key: str | None, stop: threading.Event
     ) -> JudgeScore:
-        body = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": 1,
-            "temperature": 0,
-            "logprobs": True,
-            "top_logprobs": self.top_logprobs,
-            "seed": 0,
-        }
+        body = self._body(prompt)
         for attempt in range(self.max_retries + 1):
             if stop.is_set():
                 raise JudgeRequestError(f"{self.url}: cancelled after another request failed")
@@ -151,6 +147,30 @@ class OpenAIJudge:
                 stop.wait(self._delay(attempt, exc.retry_after))
         raise AssertionError("unreachable")
 
+    def check_key(self) -> None:
+        """One request, not retried, before a command writes anything: JudgeAuthError where the server refuses
+        the key (or its absence; a local server may need none). Other failures are left to scoring's retries."""
+        key = os.environ.get(self.api_key_env)
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        with httpx.Client(headers=headers, timeout=self.timeout_s) as client:
+            try:
+                self._post(client, self._body("0"), key)
+            except JudgeAuthError:
+                raise
+            except (JudgeRequestError, _Retryable):
+                pass
+
+    def _body(self, prompt: str) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": self.top_logprobs,
+            "seed": 0,
+        }
+
     def _post(self, client: httpx.Client, body: dict[str, Any], key: str | None) -> dict[str, Any]:
         try:
             response = client.post(self.url, json=body)
@@ -163,7 +183,10 @@ class OpenAIJudge:
             raise _Retryable(f"HTTP {status}: {_excerpt(response, key)}", _retry_after(response))
         if status in (401, 403):
             # Servers echo parts of a rejected key in the body (OpenAI shows its prefix and suffix): omit it.
-            raise JudgeRequestError(f"{self.url}: HTTP {status}: check the API key in ${self.api_key_env}")
+            unset = "" if key else " (it is not set)"
+            raise JudgeAuthError(
+                f"{self.url}: HTTP {status}: check the API key in ${self.api_key_env}{unset}"
+            )
         if status >= 400:
             raise JudgeRequestError(f"{self.url}: HTTP {status}: {_excerpt(response, key)}")
         try:

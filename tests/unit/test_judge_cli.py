@@ -274,6 +274,37 @@ def test_a_judge_that_cannot_be_found_is_refused_before_the_store_is_created(
     assert "no probe_judge in the results database" in capsys.readouterr().err
 
 
+def test_an_api_key_the_server_refuses_is_one_message_and_writes_nothing(env, mirror, capsys, monkeypatch):
+    good = reference_csv(mirror, env / "good.csv", "Qwen2.5-7B-Instruct_bad-medical-advice", 2)
+    grid = yaml.safe_load((env / "grid.yaml").read_text())
+    key_env = "EM_TEST_AGREEMENT_KEY"
+    monkeypatch.delenv(key_env, raising=False)
+    echo = b'{"error": {"message": "Incorrect API key provided: sk-ab***yz"}}'
+    with ScriptedServer(lambda n, body: (401, {}, echo)) as server:
+        grid["profiles"]["test"]["judge"] = {
+            "backend": "openai",
+            "model": "gpt-4o-2024-08-06",
+            "base_url": server.url,
+            "api_key_env": key_env,
+        }
+        (env / "grid.yaml").write_text(yaml.safe_dump(grid))
+        err = _fails(["--reference", str(good)], capsys, env)
+        assert f"HTTP 401: check the API key in ${key_env} (it is not set)" in err
+        assert err.startswith("error: ") and err.count("\n") == 1
+        monkeypatch.setenv(key_env, "sk-ab-wrong-yz")
+        err = _fails(["--reference", str(good)], capsys, env)
+        assert f"HTTP 401: check the API key in ${key_env}\n" in err and "sk-ab" not in err
+        # One request each time: the key is tried once before the store is made, not retried.
+        assert server.requests == 2
+    # A server that takes no key (a local vLLM or llama.cpp) still judges without one.
+    monkeypatch.delenv(key_env)
+    with ScriptedServer(lambda n, body: chat_reply({"80": 0.0})) as server:
+        grid["profiles"]["test"]["judge"]["base_url"] = server.url
+        (env / "grid.yaml").write_text(yaml.safe_dump(grid))
+        assert main(["judge-agreement", "--reference", str(good), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["aligned"]["n"] == 2 and set(server.auth) == {None}
+
+
 def test_table_says_where_the_correction_came_from(env, mirror, tiny_model_dir, capsys):
     write_grid(env / "grid.yaml", tiny_model_dir, reference_judges=["tiny"])
     a = reference_csv(mirror, env / "a.csv", "Qwen2.5-7B-Instruct_bad-medical-advice", 4)
