@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,14 @@ def _seconds(env: Mapping[str, str], name: str, fallback: float) -> float:
     if value < 0:
         raise SettingsError(f"{name}={text!r}: give a number of seconds, e.g. 600")
     return value
+
+
+def _device(env: Mapping[str, str], fallback: str) -> str:
+    text = env.get(DEVICE_ENV) or fallback
+    # Checked here, not when torch first meets it in a step: a typo fails before anything runs.
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", text):
+        raise SettingsError(f"{DEVICE_ENV}={text!r}: give auto, cpu, cuda, cuda:<index> or mps")
+    return text
 
 
 # libgomp's spin (in iterations) before an idle OpenMP thread sleeps, where the user set no wait policy. Waking
@@ -88,6 +97,11 @@ class Settings:
     packed_linears: bool = True
     dagster_home: Path = Path(".dagster_home")
 
+    @property
+    def torch_device(self) -> str | None:
+        """The device models load on; None where it is picked for the machine (cuda > mps > cpu)."""
+        return None if self.device == "auto" else self.device
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
@@ -107,7 +121,7 @@ class Settings:
             artifacts_dir=path(ARTIFACTS_ENV, default.artifacts_dir),
             figures_dir=path(FIGURES_ENV, default.figures_dir),
             logs_dir=path(LOGS_ENV, default.logs_dir),
-            device=env.get(DEVICE_ENV) or default.device,
+            device=_device(env, default.device),
             packed_linears=env.get(PACKED_LINEARS_ENV, "1") != "0",
             dagster_home=path(DAGSTER_HOME_ENV, default.dagster_home),
         )

@@ -66,7 +66,14 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
         store.init()
         lookup = ErrorRateLookup(store, grid.thresholds, grid.agreement.reference_judges)
         report = measure_agreement(
-            store, grid, spec, rows, templates, cache_dir=current.cache_dir, lookup=lookup
+            store,
+            grid,
+            spec,
+            rows,
+            templates,
+            cache_dir=current.cache_dir,
+            device=current.torch_device,
+            lookup=lookup,
         )
     except (ReferenceFileError, GridError, MissingUpstreamError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

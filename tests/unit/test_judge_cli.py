@@ -18,7 +18,7 @@ from em_assets.grid.load import load_grid
 from em_assets.judging import agreement_stage, stage
 from em_assets.judging.error_rates import write_error_rates
 from em_assets.judging.http import JudgeRequestError
-from em_assets.judging.judges import judge_identity
+from em_assets.judging.judges import judge_identity, make_judge
 from em_assets.results.store import Store
 from em_assets.stats.correction import ErrorRates, corrected_rate
 from em_assets.stats.rates import wilson_interval
@@ -303,6 +303,30 @@ def test_an_api_key_the_server_refuses_is_one_message_and_writes_nothing(env, mi
         (env / "grid.yaml").write_text(yaml.safe_dump(grid))
         assert main(["judge-agreement", "--reference", str(good), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["aligned"]["n"] == 2 and set(server.auth) == {None}
+
+
+def test_the_judge_loads_on_the_device_em_device_names(env, mirror, capsys, monkeypatch):
+    from em_assets.judging import agreement_stage
+
+    devices: list[str | None] = []
+
+    def recording(grid, path, device=None, spec=None):
+        devices.append(device)
+        return make_judge(grid, path, device, spec)
+
+    monkeypatch.setattr(agreement_stage, "make_judge", recording)
+    good = reference_csv(mirror, env / "good.csv", "Qwen2.5-7B-Instruct_bad-medical-advice", 1)
+    assert main(["judge-agreement", "--reference", str(good), "--format", "json"]) == 0
+    # "auto" leaves the choice to the loader (a new store: the first one caches every score).
+    monkeypatch.setenv("EM_DEVICE", "auto")
+    (env / "results.duckdb").unlink()
+    assert main(["judge-agreement", "--reference", str(good), "--format", "json"]) == 0
+    assert devices == ["cpu", None]
+    capsys.readouterr()
+    (env / "results.duckdb").unlink()
+    monkeypatch.setenv("EM_DEVICE", "nonsense")
+    err = _fails(["--reference", str(good)], capsys, env)
+    assert err == "error: EM_DEVICE='nonsense': give auto, cpu, cuda, cuda:<index> or mps\n"
 
 
 def test_table_says_where_the_correction_came_from(env, mirror, tiny_model_dir, capsys):
