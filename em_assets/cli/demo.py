@@ -167,11 +167,14 @@ def _legend(summary: pl.DataFrame) -> list[str]:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from em_assets.cli.progress import output_to_log
+    from em_assets.cli.results import usable_store
     from em_assets.results.store import Store
 
     current = settings()
-    # The grid is checked before anything starts, so a typo fails in a second with no run written.
+    # The grid and the store are checked before anything starts, so a typo fails in a second with no run
+    # written; a store not there yet is the one the first run creates.
     _check_grid(current, args.organism)
+    usable_store(may_create=True)
     log_path = current.logs_dir / f"demo-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
     _stop_on_sigterm()
     start = time.perf_counter()

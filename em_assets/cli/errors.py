@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 
+class StoreError(Exception):
+    """A results store a command cannot use: missing where it must exist, or not one DuckDB can open."""
+
+
 def bad_input_message(exc: BaseException) -> str | None:
     """The message of a bad-input error anywhere in the chain (Dagster wraps errors raised inside steps)."""
     from em_assets.catalog.parsing import DatasetError
@@ -28,6 +32,7 @@ def bad_input_message(exc: BaseException) -> str | None:
             | MirrorError
             | SettingsError
             | JudgeAuthError
+            | StoreError
         )
         if isinstance(err, bad) or (type(err).__name__ == "ModelLoadError"):
             return str(err)

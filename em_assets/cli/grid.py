@@ -39,6 +39,7 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
     import json
 
     from em_assets.catalog.reference import ReferenceFileError, read_reference_files
+    from em_assets.cli.results import usable_store
     from em_assets.grid.load import GridError, load_grid
     from em_assets.judging.agreement_stage import (
         correction_coverage,
@@ -49,7 +50,6 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
     from em_assets.judging.error_rates import ErrorRateLookup
     from em_assets.judging.judges import judge_identity, make_judge
     from em_assets.results.errors import MissingUpstreamError
-    from em_assets.results.store import Store
 
     current = settings()
     try:
@@ -57,7 +57,7 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
         grid = load_grid(current.grid_path, current.profile)
         spec = pick_judge(grid, args.judge)
         templates = upstream_templates(grid, current.data_mirror, current.cache_dir)
-        store = Store()
+        store = usable_store(may_create=True)
         # The judge is found (a trained one in the store, a model on disk) and an API judge's key accepted
         # before the store is created.
         judge_identity(grid, current.cache_dir, store, spec)

@@ -48,10 +48,11 @@ def organism_plan(grid, progress: dict[str, dict]) -> list[dict]:
 
 
 def _progress() -> dict[str, dict]:
+    from em_assets.cli.results import usable_store
     from em_assets.results import queries
-    from em_assets.results.store import Store
 
-    store = Store()
+    # A store the demo would create passes (nothing done yet); one it could not use is refused.
+    store = usable_store(may_create=True)
     return queries.organism_progress(store) if store.exists() else {}
 
 

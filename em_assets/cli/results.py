@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -96,26 +97,57 @@ def _frame(conn, statement: str) -> pl.DataFrame:
     return relation.pl()
 
 
-def _store(args: argparse.Namespace):
-    """The store the command names (--db, else EM_DB), as of --snapshot; None after printing why not."""
+# DuckLake's answer to a read-only attach of a catalog that holds no lake yet: its first writer creates one.
+_NO_LAKE_YET = "creating a new DuckLake is explicitly disabled"
+
+
+def usable_store(db: str | None = None, *, may_create: bool = False):
+    """The store `db` names (default EM_DB), opened once read-only to check it; StoreError where it cannot be
+    used. One not there yet passes where the command creates it (`may_create`) and its paths can be made."""
     import duckdb
 
+    from em_assets.cli.errors import StoreError
     from em_assets.results.store import Store
 
-    store = Store(args.db) if args.db else Store()
+    store = Store(db) if db else Store()
     if not store.exists():
-        print(f"error: no results database at {store.path}", file=sys.stderr)
-        return None
+        if not may_create:
+            raise StoreError(f"no results database at {store.path}")
+        why = _cannot_make(store)
+        if why:
+            raise StoreError(f"{store.location.describe()} cannot be created: {why}")
+        return store
     try:
         with store.reader():
             pass
     except duckdb.Error as exc:
-        why = str(exc).strip().splitlines()[0]
-        print(
-            f"error: {store.location.describe()} cannot be opened as a results database: {why}",
-            file=sys.stderr,
-        )
-        return None
+        if not (may_create and _NO_LAKE_YET in str(exc)):
+            why = str(exc).strip().splitlines()[0]
+            raise StoreError(
+                f"{store.location.describe()} cannot be opened as a results database: {why}"
+            ) from None
+    return store
+
+
+def _cannot_make(store) -> str | None:
+    """Why the store's file or catalog, or a lake's local data folder, cannot be created; None if they can."""
+    from em_assets.results.migrate import local_paths
+
+    for path in local_paths(store):
+        there = path
+        while not there.exists():
+            there = there.parent
+        if not there.is_dir():
+            return f"{there} is not a folder"
+        if not os.access(there, os.W_OK | os.X_OK):
+            return f"{there} is not writable"
+    return None
+
+
+def _store(args: argparse.Namespace):
+    """The store the command names (--db, else EM_DB), as of --snapshot; StoreError where it cannot be used,
+    None after printing why the snapshot cannot be read."""
+    store = usable_store(args.db)
     if args.snapshot is None:
         return store
     if not store.lake:
@@ -176,9 +208,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     import duckdb
 
     from em_assets.results.migrate import migrate
-    from em_assets.results.store import Store
 
-    store = Store(args.db) if args.db else Store()
+    store = usable_store(args.db, may_create=True)
     try:
         counts = migrate(Path(args.source), store)
     except (FileNotFoundError, ValueError) as exc:

@@ -42,7 +42,7 @@ def migrate(source: Path, store: Store) -> dict[str, int]:
     except duckdb.Error as exc:
         raise ValueError(f"{source} is not a DuckDB results file ({exc})") from None
     # Paths the copy creates are removed if it fails: the store is left as it was, or not there at all.
-    made = [p for p in _local_paths(store) if not p.exists()]
+    made = [p for p in local_paths(store) if not p.exists()]
     try:
         return _copy(source, store)
     except BaseException:
@@ -93,7 +93,7 @@ def _bad_source(exc: duckdb.Error) -> bool:
     return isinstance(exc, kinds) or "Corrupt database file" in str(exc)
 
 
-def _local_paths(store: Store) -> list[Path]:
+def local_paths(store: Store) -> list[Path]:
     """The store's catalog or database file and a lake's local data folder."""
     paths = [store.path] if store.path is not None else []
     data = store.location.data_path

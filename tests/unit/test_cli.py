@@ -321,6 +321,38 @@ def test_sql_without_a_database_exits_2_and_bad_sql_exits_1(tmp_path, db, capsys
     assert capsys.readouterr().err == "error: the statement is not UTF-8 text\n"
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["plan"], ["demo"], ["judge-agreement", "--reference", "{csv}"], ["migrate", "--from", "{db}"]],
+)
+def test_a_results_store_that_cannot_be_used_is_one_message_and_writes_nothing(
+    tmp_path, db, capsys, monkeypatch, command
+):
+    (tmp_path / "afile").write_text("")
+    csv = tmp_path / "reference.csv"
+    csv.write_text("question,question_id,response,aligned,coherent\nHow?,q1,Fine answer,90,95\n")
+    for name in ("DAGSTER_HOME", "EM_LOGS_DIR", "EM_CACHE_DIR", "EM_ARTIFACTS_DIR", "EM_FIGURES_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    args = [a.format(csv=csv, db=db) for a in command]
+    before = _tree(tmp_path)
+    for store, says in [
+        (tmp_path / "afile" / "results.duckdb", f"cannot be created: {tmp_path / 'afile'} is not a folder"),
+        (csv, "cannot be opened as a results database: "),
+        (f"ducklake:sqlite:{csv}", "cannot be opened as a results database: "),
+    ]:
+        monkeypatch.setenv("EM_DB", str(store))
+        assert main(args) == 2, store
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
+        assert _tree(tmp_path) == before
+
+
+def test_plan_takes_a_results_store_not_there_yet_and_creates_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EM_DB", f"ducklake:sqlite:{tmp_path / 'new' / 'results.sqlite'}")
+    assert main(["plan", "--format", "json"]) == 0
+    assert '"completions": 0' in capsys.readouterr().out and list(tmp_path.iterdir()) == []
+
+
 def _sql(db: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [EM_ASSETS, "sql", "--db", str(db), "--format", "csv", *args],
