@@ -24,11 +24,17 @@ if TYPE_CHECKING:
 
 
 def _check_grid(current: Settings, organism_keys: list[str] | None) -> None:
-    """The grid, its organisms' sources and the organisms asked for (each must be one of the grid's)."""
+    """The grid, its organisms' sources, that its base models can be resolved now (the catalog resolves every
+    one) and the organisms asked for (each must be one of the grid's)."""
     from em_assets.cli.organisms import checked_grid
     from em_assets.grid.load import GridError
+    from em_assets.models.hub import unresolvable
 
     grid = checked_grid(current)
+    for i, base in enumerate(grid.base_models):
+        why = unresolvable(base.source, base.revision)
+        if why:
+            raise GridError(f"base_models[{i}] ({base.name}): {why}")
     known = [o.key for o in grid.organisms()]
     unknown = [k for k in organism_keys or [] if k not in known]
     if unknown:

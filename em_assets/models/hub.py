@@ -167,6 +167,45 @@ def _check_model_folder(path: Path, shown: str | None = None) -> None:
         raise ModelLoadError(f"{shown} has no .safetensors weights (only safetensors are loaded)")
 
 
+def unresolvable(source: str, revision: str | None = None) -> str | None:
+    """Why `resolve` would fail on a source now, found without fetching weights; None where it would not.
+    Offline (HF_HUB_OFFLINE) a hub model must be in the Hugging Face cache, as snapshot_download needs."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        if source.startswith(EMBEDDED_PREFIX):
+            embedded_gguf(source.removeprefix(EMBEDDED_PREFIX))
+            return None
+        if Path(source).expanduser().exists():
+            _check_model_folder(Path(source).expanduser(), source)
+            return None
+    except ModelLoadError as exc:
+        return str(exc)
+    if source.startswith((".", "/", "~")):
+        return f"local model path {source} does not exist"
+    shown = f"{source}@{revision or 'main'}"
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            HfApi().model_info(source, revision=revision, timeout=10)
+            return None
+        except GatedRepoError:
+            return (
+                f"could not fetch {shown}: a gated repository; accept its terms on the hub and set HF_TOKEN"
+            )
+        except RepositoryNotFoundError:
+            return f"could not fetch {shown}: the hub has no such repository (or a private one: set HF_TOKEN)"
+        except RevisionNotFoundError:
+            return f"could not fetch {shown}: the hub has no revision {revision!r} of it"
+        except Exception:
+            # The hub unreachable: snapshot_download then falls back on the cache, and so does this check.
+            pass
+    if isinstance(try_to_load_from_cache(source, "config.json", revision=revision), str):
+        return None
+    why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "the hub cannot be reached"
+    return f"could not fetch {shown}: {why} and the Hugging Face cache ({constants.HF_HUB_CACHE}) lacks it"
+
+
 def resolve(
     name: str,
     source: str,

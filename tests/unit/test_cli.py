@@ -286,23 +286,47 @@ def test_demo_of_an_organism_not_in_the_grid_writes_nothing(tmp_path, capsys, mo
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.slow
-def test_offline_paper_profile_fails_in_base_models_with_one_message(tmp_path):
+def test_demo_with_a_base_model_it_cannot_resolve_writes_nothing(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import constants
+
+    grid, text = tmp_path / "grid.yaml", (REPO / "data/grid.yaml").read_text()
+    grid.write_text(
+        text.replace('source: "embedded:smollm2-135m-instruct"}', 'source: "foo-org/bar-model"}', 1)
+    )
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("EM_GRID", str(grid))
+    monkeypatch.setenv("EM_DB", str(tmp_path / "data" / "results.duckdb"))
+    for name in ("DAGSTER_HOME", "EM_LOGS_DIR", "EM_CACHE_DIR", "EM_ARTIFACTS_DIR", "EM_FIGURES_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    assert main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "error: base_models[0] (smollm2-135m): could not fetch foo-org/bar-model@main: HF_HUB_OFFLINE is set "
+        f"and the Hugging Face cache ({tmp_path / 'hub'}) lacks it\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
+
+
+def test_offline_paper_profile_is_refused_in_base_models_before_any_run(tmp_path):
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
         "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
         "EM_PROFILE": "paper",
         "DAGSTER_HOME": str(tmp_path / "home"),
         "EM_DB": str(tmp_path / "results.duckdb"),
         "EM_CACHE_DIR": str(tmp_path / "cache"),
+        "EM_LOGS_DIR": str(tmp_path / "logs"),
     }
     done = subprocess.run(
         [sys.executable, "-m", "em_assets.cli", "demo"], env=env, cwd=REPO, capture_output=True, text=True
     )
     assert done.returncode == 2, done.stderr
-    assert done.stderr.startswith("error: could not fetch Qwen/") and "Traceback" not in done.stderr
-    assert "FAILED base_models" in done.stdout and len(done.stdout.splitlines()) < 5
+    assert done.stderr.startswith("error: base_models[0] (qwen2.5-0.5b): could not fetch Qwen/")
+    assert "HF_HUB_OFFLINE is set" in done.stderr and done.stderr.count("\n") == 1
+    assert done.stdout == "" and list(tmp_path.iterdir()) == []
 
 
 def test_sql_without_a_database_exits_2_and_bad_sql_exits_1(tmp_path, db, capsys):

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -16,7 +19,7 @@ from support.organisms import PROFILE
 
 from em_assets.catalog import stage as catalog
 from em_assets.grid.load import load_grid
-from em_assets.models.hub import ModelLoadError
+from em_assets.models.hub import ModelLoadError, unresolvable
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store
 from em_assets.training.stage import train_adapter
@@ -61,6 +64,82 @@ def test_unloadable_base_model_fails_in_base_models_and_writes_nothing(
         with pytest.raises(ModelLoadError, match=match):
             catalog.resolve_base_models(store, grid, tmp_path / "cache")
     assert table_dump(ws.db) == before and count(fresh.path, "base_models") == 0
+
+
+class _Hub(BaseHTTPRequestHandler):
+    """The Hugging Face API's model_info: acme/known at its main revision, acme/gated refused, nothing else."""
+
+    def do_GET(self) -> None:
+        path = self.path.split("?")[0]
+        if path == "/api/models/acme/known":
+            body = json.dumps({"id": "acme/known", "sha": "a" * 40}).encode()
+            self.send_response(200)
+        else:
+            status, code = (404, "RepoNotFound")
+            if path.startswith("/api/models/acme/known/"):
+                status, code = (404, "RevisionNotFound")
+            elif path == "/api/models/acme/gated":
+                status, code = (403, "GatedRepo")
+            body = json.dumps({"error": f"{code}: {path}"}).encode()
+            self.send_response(status)
+            self.send_header("X-Error-Code", code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch) -> Iterator[Path]:
+    """huggingface_hub pointed at a loopback stand-in for the hub, online, with an empty cache under tmp_path."""
+    from huggingface_hub import constants
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_base_model_that_cannot_be_resolved_is_named_without_fetching_it(
+    hub, tmp_path, tiny_model_dir, monkeypatch
+):
+    from huggingface_hub import constants
+
+    # Online, the hub says which repositories and revisions it has.
+    assert unresolvable("acme/known") is None
+    assert unresolvable("acme/nope").startswith(
+        "could not fetch acme/nope@main: the hub has no such repository"
+    )
+    assert (
+        unresolvable("acme/known", "v9")
+        == "could not fetch acme/known@v9: the hub has no revision 'v9' of it"
+    )
+    # Offline, only what the cache holds resolves, as in snapshot_download.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert unresolvable("acme/known") == (
+        f"could not fetch acme/known@main: HF_HUB_OFFLINE is set and the Hugging Face cache ({hub}) lacks it"
+    )
+    snapshot = hub / "models--acme--known" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copy(tiny_model_dir / "config.json", snapshot)
+    (hub / "models--acme--known" / "refs").mkdir()
+    (hub / "models--acme--known" / "refs" / "main").write_text("a" * 40)
+    assert unresolvable("acme/known") is None and unresolvable("acme/known", "a" * 40) is None
+    # Embedded and local sources: what resolve checks before it converts or hashes anything.
+    assert (
+        unresolvable("embedded:smollm2-135m-instruct") is None and unresolvable(str(tiny_model_dir)) is None
+    )
+    assert "unknown embedded model 'nope'" in unresolvable("embedded:nope")
+    weightless = _model_dir_without(tiny_model_dir, tmp_path / "weightless", "none")
+    assert "has no .safetensors weights" in unresolvable(str(weightless))
+    assert unresolvable(str(tmp_path / "gone")) == f"local model path {tmp_path / 'gone'} does not exist"
 
 
 def test_unknown_base_model_of_an_organism_fails_before_training(ws):
