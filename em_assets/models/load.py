@@ -21,10 +21,13 @@ def pick_dtype(device: str, requested: str = "auto") -> torch.dtype:
     """bf16 where the hardware has it (CUDA Ampere+, and CPUs, where bf16 matmuls are several times faster)."""
     if requested != "auto":
         return getattr(torch, requested)
-    if device == "cuda":
+    kind = torch.device(device).type
+    if kind == "cuda":
         # Not emulated bf16, which any CUDA GPU allows and pre-Ampere ones run slowly.
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    if device == "mps":
+        with torch.cuda.device(device):
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float16
+    if kind == "mps":
         return torch.float16
     return torch.bfloat16
 

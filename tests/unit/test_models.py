@@ -4,6 +4,7 @@ remote code that runs only when the grid trusts it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
@@ -301,9 +302,11 @@ def test_a_gpu_without_native_bf16_computes_in_fp16(monkeypatch):
         "is_bf16_supported",
         lambda including_emulation=True: including_emulation or native["value"],
     )
-    assert pick_dtype("cuda") == torch.float16
+    # The GPU asked for: torch.cuda.device selects it (stubbed here, with no GPU).
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    assert pick_dtype("cuda") == pick_dtype("cuda:1") == torch.float16
     native["value"] = True
-    assert pick_dtype("cuda") == torch.bfloat16
+    assert pick_dtype("cuda") == pick_dtype("cuda:1") == torch.bfloat16
 
 
 def test_a_local_models_revision_covers_its_code_and_text_tokenizer_files(tiny_model_dir, tmp_path):
