@@ -183,7 +183,7 @@ def _comparable(group: pl.DataFrame) -> pl.DataFrame:
     swept = group.filter(pl.col("sweep") != queries.ORGANISM_SWEEP)
     if swept.is_empty():
         return group
-    sets = swept["eval_set"].unique()
+    sets = swept["eval_set"].unique().to_list()
     return group.filter((pl.col("sweep") != queries.ORGANISM_SWEEP) | pl.col("eval_set").is_in(sets))
 
 
