@@ -9,7 +9,6 @@ loop; `dead_run_sensor` does the same for `dagster dev`.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -93,14 +92,16 @@ def _local_storage(instance: dg.DagsterInstance) -> bool:
 
 
 def find_dead_runs(instance: dg.DagsterInstance) -> list[DeadRun]:
-    """Active runs none of whose recorded processes is alive; runs of this process are never dead."""
+    """Active runs none of whose recorded processes is alive (a reused pid is not the run's process)."""
     if not _local_storage(instance):
         return []
     dead = []
     for run in instance.get_runs(filters=dg.RunsFilter(statuses=_ACTIVE)):
         pids = _run_pids(instance, run.run_id)
-        # No process recorded yet: still being launched, run monitoring's start timeout covers it.
-        if not pids or os.getpid() in pids:
+        # No process recorded yet: still being launched, run monitoring's start timeout covers it. This
+        # process's own runs are alive by _alive's start-time test; a dead run whose pid this process reuses (a
+        # container's fixed pid) is not.
+        if not pids:
             continue
         if not any(_alive(pid, since) for pid, since in pids.items()):
             dead.append(

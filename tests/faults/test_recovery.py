@@ -83,6 +83,28 @@ def test_slots_left_by_an_ended_run_are_freed_and_this_process_runs_are_never_de
         assert [h.run_id for h in slot_holders(instance, GPU_POOL)] == [ours]
 
 
+def test_a_dead_run_whose_pid_this_process_reuses_is_dead():
+    """Regression: a run recorded under this process's pid was never dead, so a run killed in a container (the
+    same fixed pid on every start) held its gpu slot for good."""
+    from dagster._core.events.log import EventLogEntry
+
+    with dg.instance_for_test(overrides=CONCURRENCY) as instance:
+        run = instance.create_run_for_job(dg.GraphDefinition("g").to_job(), run_id=None)
+        # Started an hour ago, before this process: a process that has since reused the pid.
+        start = DagsterEvent(DagsterEventType.RUN_START.value, job_name=run.job_name, pid=os.getpid())
+        entry = EventLogEntry(
+            error_info=None,
+            level=20,
+            user_message="",
+            run_id=run.run_id,
+            timestamp=time.time() - 3600,
+            dagster_event=start,
+        )
+        instance.handle_new_event(entry)
+        assert instance.get_run_by_id(run.run_id).status == dg.DagsterRunStatus.STARTED
+        assert [d.run_id for d in find_dead_runs(instance)] == [run.run_id]
+
+
 # ------------------------------------------------------------------------------ the CLI, killed and re-run
 
 
