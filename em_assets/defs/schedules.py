@@ -13,8 +13,8 @@ from em_assets.grid.load import GridError
     cron_schedule="0 3 * * *",
     default_status=dg.DefaultScheduleStatus.RUNNING,
     description=(
-        "Daily: one organism_job run per organism partition of the grid; finished, current work is skipped "
-        "by the assets, so this retries what failed or is missing."
+        "Daily: one organism_job run per organism partition of the grid without a run in progress; finished, "
+        "current work is skipped by the assets, so this retries what failed or is missing."
     ),
 )
 def catch_up_schedule(
@@ -29,7 +29,25 @@ def catch_up_schedule(
     keys = [o.key for o in grid.organisms() if o.key in existing]
     if not keys:
         return dg.SkipReason("no organism of the grid has a partition yet")
-    return [dg.RunRequest(partition_key=key, run_key=key) for key in keys]
+    # A schedule's run keys are unique per tick only: a run still going (a long training) would get a twin that
+    # writes the same adapter folder and rows wherever the gpu pool has more than one slot.
+    going = _in_progress(context.instance)
+    todo = [key for key in keys if key not in going]
+    if not todo:
+        return dg.SkipReason(f"every organism of the grid has a run in progress ({len(keys)})")
+    return [dg.RunRequest(partition_key=key, run_key=key) for key in todo]
+
+
+def _in_progress(instance: dg.DagsterInstance) -> set[str]:
+    """Organism partitions with an organism_job run queued or running."""
+    statuses = [
+        dg.DagsterRunStatus.QUEUED,
+        dg.DagsterRunStatus.NOT_STARTED,
+        dg.DagsterRunStatus.STARTING,
+        dg.DagsterRunStatus.STARTED,
+    ]
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=organism_job.name, statuses=statuses))
+    return {run.tags.get("dagster/partition", "") for run in runs}
 
 
 SCHEDULES = [catch_up_schedule]

@@ -143,6 +143,15 @@ def test_catch_up_schedule_requests_every_partitioned_organism(instance, grid):
     assert [r.partition_key for r in requests] == DEMO_KEYS
     assert len({r.run_key for r in requests}) == len(DEMO_KEYS)
 
+    # Regression: a run still going the next day got a twin (run keys are unique per tick only).
+    job = dg.GraphDefinition("organism_job").to_job()
+    running = instance.create_run_for_job(
+        job, tags={"dagster/partition": DEMO_KEYS[0]}, status=dg.DagsterRunStatus.STARTED
+    )
+    assert running.status == dg.DagsterRunStatus.STARTED
+    requests = catch_up_schedule(context)
+    assert [r.partition_key for r in requests] == DEMO_KEYS[1:]
+
 
 def test_definitions_load_with_the_automation():
     from em_assets.definitions import defs
