@@ -6,7 +6,7 @@ import dagster as dg
 
 from em_assets.catalog.stage import check_grid_names
 from em_assets.context import StageContext
-from em_assets.grid.load import load_grid
+from em_assets.grid.load import GridError, load_grid
 from em_assets.grid.schema import GridConfig, Organism
 from em_assets.results.store import Store
 from em_assets.settings import Settings, settings
@@ -74,11 +74,18 @@ class ResultsDB(dg.ConfigurableResource):
 def stage_context(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
 ) -> StageContext:
-    """The organism stage's inputs for the asset's partition."""
+    """The organism stage's inputs for the asset's partition, which must be an organism of the grid."""
+    grid, key = experiment.grid(), context.partition_key
+    # Partitions outlive the grid (an organism removed, another profile's): a backfill over them computes nothing.
+    if key not in {o.key for o in grid.organisms()}:
+        raise GridError(
+            f"organism {key} is not in profile {experiment.profile!r} of {experiment.grid_path} (removed from "
+            "the grid, or another profile's): nothing is computed for it"
+        )
     return StageContext(
         store=results.store(),
-        grid=experiment.grid(),
-        organism=Organism.parse(context.partition_key),
+        grid=grid,
+        organism=Organism.parse(key),
         run_id=context.run.run_id,
         artifacts_dir=Path(experiment.artifacts_dir),
         log=context.log,

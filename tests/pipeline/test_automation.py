@@ -191,3 +191,22 @@ def test_reports_rebuild_while_an_organism_has_never_been_materialised():
             defs=defs, instance=instance, asset_selection=selection, cursor=result.cursor
         )
         assert result.total_requested == 1
+
+
+def test_a_partition_no_longer_in_the_grid_computes_nothing(grid, tmp_path):
+    """Regression: any partition key became an organism, so a backfill over every partition trained and sampled
+    organisms removed from the grid (or another profile's) into the reports."""
+    from types import SimpleNamespace
+
+    from em_assets.defs.resources import ResultsDB, stage_context
+    from em_assets.grid.load import GridError
+
+    experiment = ExperimentResource(grid_path=str(grid), profile="demo")
+    results = ResultsDB(database=str(tmp_path / "results.duckdb"))
+
+    def context(key: str):
+        return SimpleNamespace(partition_key=key, run=SimpleNamespace(run_id="r"), log=None)
+
+    assert stage_context(context(DEMO_KEYS[0]), experiment, results).organism.key == DEMO_KEYS[0]
+    with pytest.raises(GridError, match="gone--base--s0 is not in profile 'demo'"):
+        stage_context(context("gone--base--s0"), experiment, results)
