@@ -4,11 +4,11 @@ import dagster as dg
 
 from em_assets.grid.plan import CATALOG_ASSETS
 
-# judge_agreement runs with the catalog (cheap once its scores are cached) so the reports that follow can
-# state how far the judge agrees with GPT-4o.
+# judge_agreement runs with the catalog (cheap once its scores are cached) so the organisms and reports that
+# follow can state how far the judge agrees with GPT-4o.
 catalog_job = dg.define_asset_job(
     "catalog_job",
-    selection=[*CATALOG_ASSETS, "judge_agreement"],
+    selection=list(CATALOG_ASSETS),
     description="Pin the inputs, fit the probe (or distilled) judge and measure the judge against GPT-4o.",
 )
 # One run per organism: its adapter, answers and judgements, then the analyses the grid opts it into.

@@ -8,7 +8,8 @@ from pydantic import BaseModel
 
 from em_assets.grid.schema import BaseModelSpec, GridConfig, config_hash
 
-# The trained judges are part of the catalog: organisms are judged by them, so they must exist before they run.
+# The trained judges are part of the catalog: organisms are judged by them, so they must exist before they run;
+# so must judge_agreement, whose error rates correct the sweeps' EM rates when an organism's run computes them.
 CATALOG_ASSETS = (
     "base_models",
     "training_datasets",
@@ -16,6 +17,7 @@ CATALOG_ASSETS = (
     "reference_judgements",
     "distilled_judge",
     "probe_judge",
+    "judge_agreement",
 )
 
 

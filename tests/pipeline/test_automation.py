@@ -85,6 +85,20 @@ def test_first_tick_adds_every_demo_organism_then_runs_each(instance, grid):
     assert sorted(instance.get_dynamic_partitions(organisms.name)) == sorted(DEMO_KEYS)
 
 
+def test_organisms_wait_for_the_judges_error_rates(instance, grid):
+    """Regression: organisms were released while judge_agreement still ran in the catalog run, so their sweeps'
+    EM rates went uncorrected."""
+    ticker = Ticker(instance, grid)
+    ticker.tick()
+    for name in CATALOG_ASSETS:
+        if name != "judge_agreement":
+            instance.report_runless_asset_event(dg.AssetMaterialization(name))
+    waiting = ticker.tick()
+    assert not waiting.run_requests and "judge_agreement" in waiting.skip_reason.skip_message
+    instance.report_runless_asset_event(dg.AssetMaterialization("judge_agreement"))
+    assert {r.partition_key for r in ticker.tick().run_requests} == set(DEMO_KEYS)
+
+
 def test_unchanged_grid_requests_nothing(instance, grid):
     ticker = Ticker(instance, grid)
     ticker.organism_runs()
