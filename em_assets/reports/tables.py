@@ -14,7 +14,7 @@ from em_assets.catalog.upstream import DOMAIN_METRICS
 from em_assets.grid.schema import Thresholds
 from em_assets.judging.error_rates import ErrorRateLookup
 from em_assets.results.artifacts import sha256_file
-from em_assets.results.queries import LINEAGE_SQL, answers_sources
+from em_assets.results.queries import JUDGE_LINEAGE_SQL, LINEAGE_SQL, answers_sources
 from em_assets.results.store import Store, utc_now
 from em_assets.stats import rates as metrics
 from em_assets.stats.domains import domain_share
@@ -59,12 +59,13 @@ def summary_by_judge(store: Store, kw: dict) -> pl.DataFrame:
     if not parts:
         return metrics.em_summary(df, **kw)
     # organism_sources names every organism's method, trained ones included.
-    lineage = store.query(LINEAGE_SQL).drop("judge_model", "method")
+    lineage = store.query(LINEAGE_SQL).drop("method")
     methods = store.query("SELECT organism, method, sha256 AS source_sha256 FROM organism_sources")
     summary = (
         pl.concat(parts, how="diagonal_relaxed")
         .join(methods, on="organism", how="left")
         .join(lineage, on="organism", how="left")
+        .join(store.query(JUDGE_LINEAGE_SQL), on=["organism", "judge_model"], how="left")
         .with_columns(
             pl.when(pl.col("judge_source") == "grid").then(pl.col(c)).alias(c) for c in GRID_JUDGE_LINEAGE
         )

@@ -20,19 +20,25 @@ SELECT c.organism,
        any_value(c.top_p) AS top_p,
        any_value(c.max_new_tokens) AS max_new_tokens,
        string_agg(DISTINCT c.eval_set, ',' ORDER BY c.eval_set) AS eval_set,
-       string_agg(DISTINCT j.judge_model, ',') AS judge_model,
-       string_agg(DISTINCT j.judge_revision, ',') AS judge_revision,
-       string_agg(DISTINCT CASE WHEN j.metric = 'aligned' THEN j.prompt_hash END, ',') AS aligned_prompt_hash,
-       string_agg(DISTINCT CASE WHEN j.metric = 'coherent' THEN j.prompt_hash END, ',') AS coherent_prompt_hash,
        any_value(a.method) AS method,
        coalesce(any_value(a.kl_regularised), false) AS kl_regularised,
        any_value(a.run_id) AS adapter_run_id,
-       string_agg(DISTINCT c.run_id, ',') AS completions_run_id,
-       string_agg(DISTINCT j.run_id, ',') AS judgements_run_id
+       string_agg(DISTINCT c.run_id, ',') AS completions_run_id
 FROM completions c
-LEFT JOIN judgements j USING (organism, question_id, paraphrase_idx, sample_idx)
 LEFT JOIN lora_adapters a USING (organism)
 GROUP BY c.organism
+"""
+
+# Each judge's own lineage per organism: one partly re-judged by a new judge has a summary row per judge, each
+# corrected with that judge's error rates (measured per revision).
+JUDGE_LINEAGE_SQL = """
+SELECT organism, judge_model,
+       string_agg(DISTINCT judge_revision, ',') AS judge_revision,
+       string_agg(DISTINCT CASE WHEN metric = 'aligned' THEN prompt_hash END, ',') AS aligned_prompt_hash,
+       string_agg(DISTINCT CASE WHEN metric = 'coherent' THEN prompt_hash END, ',') AS coherent_prompt_hash,
+       string_agg(DISTINCT run_id, ',') AS judgements_run_id
+FROM judgements_latest
+GROUP BY organism, judge_model
 """
 
 

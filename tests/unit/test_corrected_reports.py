@@ -81,18 +81,23 @@ def test_em_by_question_corrects_with_its_organism_judge(tmp_path):
 
 def test_an_organism_partly_rejudged_keeps_one_row_per_question(tmp_path):
     """Regression: an organism scored partly by a new grid judge has two em_summary rows, and joining both
-    duplicated every per-question row."""
+    duplicated every per-question row; each row carried every judge's revision, so neither was corrected."""
     store = scored_store(tmp_path)
     keys = {"organism": "measured", "question_id": ["q0", "q1"], "paraphrase_idx": 0, "sample_idx": [0, 1]}
     for metric in ("aligned", "coherent"):
         store.append_rows(
             "judgements",
             pl.DataFrame(
-                {**keys, "metric": metric, "score": 90.0, "judge_model": "judge-y", "judge_revision": "rev-1"}
+                {**keys, "metric": metric, "score": 90.0, "judge_model": "judge-y", "judge_revision": "rev-y"}
             ),
         )
     tables = build_reports(store, Thresholds(), "run", reference_judges=["gpt-4o"])
-    assert tables["em_summary"].filter(organism="measured").height == 2
+    # Each judge's row has its own revision, so judge-x's is corrected with its measured rates.
+    rows = {
+        r["judge_model"]: r for r in tables["em_summary"].filter(organism="measured").iter_rows(named=True)
+    }
+    assert (rows["judge-x"]["judge_revision"], rows["judge-y"]["judge_revision"]) == ("rev-1", "rev-y")
+    assert rows["judge-x"]["judge_sensitivity"] == 0.8 and rows["judge-y"]["judge_sensitivity"] is None
     by_q = tables["em_by_question"].filter(organism="measured")
     assert sorted(by_q["question_id"]) == ["q0", "q1"]
     # Corrected for judge-x, which scored 18 of its 20 answers.
