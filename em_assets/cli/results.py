@@ -131,9 +131,7 @@ def usable_store(db: str | None = None, *, may_create: bool = False):
 
 def _cannot_make(store) -> str | None:
     """Why the store's file or catalog, or a lake's local data folder, cannot be created; None if they can."""
-    from em_assets.results.migrate import local_paths
-
-    for path in local_paths(store):
+    for path in store.local_paths():
         there = path
         while not there.exists():
             there = there.parent

@@ -42,7 +42,7 @@ def migrate(source: Path, store: Store) -> dict[str, int]:
     except duckdb.Error as exc:
         raise ValueError(f"{source} is not a DuckDB results file ({exc})") from None
     # Paths the copy creates are removed if it fails: the store is left as it was, or not there at all.
-    made = [p for p in local_paths(store) if not p.exists()]
+    made = [p for p in store.local_paths() if not p.exists()]
     try:
         return _copy(source, store)
     except BaseException:
@@ -91,15 +91,6 @@ def _bad_source(exc: duckdb.Error) -> bool:
     key, a corrupt block (DuckDB raises that as an I/O error, as it does a full disk)."""
     kinds = (duckdb.ConversionException, duckdb.BinderException, duckdb.ConstraintException)
     return isinstance(exc, kinds) or "Corrupt database file" in str(exc)
-
-
-def local_paths(store: Store) -> list[Path]:
-    """The store's catalog or database file and a lake's local data folder."""
-    paths = [store.path] if store.path is not None else []
-    data = store.location.data_path
-    if store.lake and data and "://" not in data:
-        paths.append(Path(data))
-    return paths
 
 
 def _remove(path: Path) -> None:

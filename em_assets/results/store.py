@@ -50,6 +50,14 @@ class Store:
     def exists(self) -> bool:
         return self.path is None or self.path.exists()
 
+    def local_paths(self) -> list[Path]:
+        """The store's files on this machine: its DuckDB file or lake catalog, and a lake's local data folder."""
+        paths = [self.path] if self.path is not None else []
+        data = self.location.data_path
+        if self.lake and data and "://" not in data:
+            paths.append(Path(data))
+        return paths
+
     @contextlib.contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
         if not self.lake:
