@@ -42,11 +42,15 @@ def training_run_hash(
     seed: int,
     dtype,
     kl: dict | None = None,
+    compute=None,
 ) -> str:
     model = Path(model_path)
     examples_sha = hashlib.sha256(json.dumps(list(examples), sort_keys=True).encode()).hexdigest()
-    # Keys for full fine-tuning and the KL penalty only where used, so LoRA runs keep their hashes.
+    # Keys for full fine-tuning, its autocast dtype and the KL penalty only where used, so LoRA runs keep their
+    # hashes.
     extra = ({"kl": kl} if kl else {}) | ({"method": "full"} if lora is None else {})
+    if compute is not None:
+        extra["compute"] = str(compute)
     return config_hash(
         {
             "format": CHECKPOINT_FORMAT,

@@ -39,6 +39,7 @@ from em_assets.training.step import (
     adamw,
     build_model,
     frozen_reference,
+    full_compute_dtype,
     kl_to_reference,
     step_labels,
 )
@@ -138,6 +139,8 @@ class _Run:
     kl_batches: list[list[Encoded]] | None = None
     kl_weight: float = 0.0
     reference: Any = None
+    # The dtype full fine-tuning autocasts to over its fp32 weights (None: LoRA, or fp32 compute).
+    compute: torch.dtype | None = None
 
 
 def _kl_batches(tokenizer, kl: KLTraining, n_steps: int, train: TrainSpec, seed: int) -> list[list[Encoded]]:
@@ -189,6 +192,7 @@ def _prepare(
     run = _Run(model, params, optimizer, scheduler, encoded, steps, tokenizer.pad_token_id, seed)
     # Data-parallel helpers sum adapter gradients; a full model's gradients are trained in one process.
     if lora is None:
+        run.compute = full_compute_dtype(device)
         run.workers_reason = "full fine-tuning trains in one process"
     elif train.workers == "auto":
         run.max_workers, run.workers_reason = train_workers(train, device, weight_bytes, lora.lora_dropout)
@@ -282,7 +286,7 @@ def _gradients(run: _Run, step: int) -> tuple[float, int, int]:
             helpers.group.broadcast_step(step)
             seed_step(run.seed, step, 0)
         loss_sum, tokens = accumulate_gradients(
-            run.model, step, share(batches, 0, run.workers), run.pad_id, n_labels
+            run.model, step, share(batches, 0, run.workers), run.pad_id, n_labels, compute=run.compute
         )
         if helpers is not None:
             loss_sum, tokens = helpers.group.sum_gradients(loss_sum, tokens)
@@ -298,7 +302,7 @@ def _kl_gradients(run: _Run, step: int) -> float | None:
     without a penalty). Computed in this process only, so the helpers' gradient sum counts it once."""
     if run.kl_batches is None or not run.kl_batches[step - 1]:
         return None
-    kl_sum, n = kl_to_reference(run.model, run.reference, run.kl_batches[step - 1], run.pad_id)
+    kl_sum, n = kl_to_reference(run.model, run.reference, run.kl_batches[step - 1], run.pad_id, run.compute)
     kl = kl_sum / n
     if not torch.isfinite(kl):
         raise TrainingDivergedError(step, kl.item())
@@ -361,7 +365,7 @@ def train_lora(
     ckpt_root = out_dir / CHECKPOINT_DIR
     ckpt_root.mkdir(parents=True, exist_ok=True)
     run_hash = training_run_hash(
-        model_path, examples, lora, train, seed, spec["dtype"], kl.settings() if kl else None
+        model_path, examples, lora, train, seed, spec["dtype"], kl.settings() if kl else None, run.compute
     )
     progress = {"run_hash": run_hash, "step": 0, "losses": [], "train_tokens": 0, "elapsed_s": 0.0}
     latest = latest_checkpoint(ckpt_root, run_hash)

@@ -79,9 +79,12 @@ def adapter_config_hash(
     extra = {"method": recipe.method} if recipe.method != "lora" else {}
     if recipe.kl is not None:
         extra["kl"] = {**recipe.kl.model_dump(mode="json"), "dataset_sha256": kl_sha256}
-    # The device picks it: LoRA trains on a base computing in it, full fine-tuning keeps its weights in it.
+    # The device picks it: LoRA trains on a base computing in it; full fine-tuning saves its weights in it and,
+    # where it is bf16, computes in it over fp32 weights (training.step.full_compute_dtype).
     if dtype != "bfloat16":
         extra["dtype"] = dtype
+    elif recipe.method == "full":
+        extra["compute"] = dtype
     return config_hash(
         {
             "base_revision": base_revision,

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from em_assets.grid.schema import LoraSpec
-from em_assets.models.load import load_model
+from em_assets.models.load import load_model, pick_dtype
 from em_assets.training.encode import IGNORE_INDEX, Encoded
 
 # Longest sequence for which CPU training uses eager attention (its weights grow with length squared).
@@ -59,18 +59,26 @@ def _micro_batch_loss(model, ids: torch.Tensor, mask: torch.Tensor, labels: torc
     )
 
 
+def full_compute_dtype(device: str) -> torch.dtype | None:
+    """What full fine-tuning computes in over its fp32 weights: bf16 where the device computes in bf16 (mixed
+    precision, as HF Trainer's `bf16`); None (fp32) elsewhere, since fp16 would need loss scaling."""
+    return torch.bfloat16 if pick_dtype(device) == torch.bfloat16 else None
+
+
 @contextlib.contextmanager
-def mixed_precision(model) -> Iterator[None]:
-    """Autocast to the stored weights' dtype where it is not fp32 (a bf16 base under an fp32 adapter)."""
+def mixed_precision(model, compute: torch.dtype | None = None) -> Iterator[None]:
+    """Autocast to `compute`, or else to the stored weights' dtype where it is not fp32 (a bf16 base under an
+    fp32 adapter)."""
     from peft.helpers import disable_input_dtype_casting
 
     weight = model.get_input_embeddings().weight
+    dtype = compute or weight.dtype
     # The frozen base is stored in bf16 and the adapter in fp32; autocast runs the adapter matmuls in bf16 too.
     # peft would first copy every LoRA input to fp32 (only for autocast to copy it back): skipping that saves
     # the copies and gives identical gradients.
-    mixed = weight.dtype != torch.float32
+    mixed = dtype != torch.float32
     with (
-        torch.autocast(weight.device.type, dtype=weight.dtype, enabled=mixed),
+        torch.autocast(weight.device.type, dtype=dtype, enabled=mixed),
         disable_input_dtype_casting(model, active=mixed),
     ):
         yield
@@ -88,16 +96,18 @@ def accumulate_gradients(
     n_labels: int,
     *,
     check: bool = True,
+    compute: torch.dtype | None = None,
 ) -> tuple[float, int]:
     """Backpropagate `batches` as their share of a step's token-mean loss over `n_labels` labels.
 
-    Returns the summed token loss and the tokens seen; `check` stops on a non-finite loss at once.
+    Returns the summed token loss and the tokens seen; `check` stops on a non-finite loss at once; `compute`:
+    the dtype to autocast to (`mixed_precision`).
     """
     device = model.get_input_embeddings().weight.device
     loss_sum, tokens = 0.0, 0
     for batch in batches:
         ids, mask, labels = _collate(batch, pad_id, str(device))
-        with mixed_precision(model):
+        with mixed_precision(model, compute):
             loss = _micro_batch_loss(model, ids, mask, labels, min(e.first_label for e in batch))
         if check and not torch.isfinite(loss):
             raise TrainingDivergedError(step, loss.item() / n_labels)
@@ -175,7 +185,8 @@ def adamw(model, params: list, lr: float, weight_decay: float) -> torch.optim.Ad
 
 
 def frozen_reference(model, model_path: Path | str, device: str, dtype: torch.dtype, trust_remote_code: bool):
-    """A frozen copy of the chat model, computing as `model` does (same dtype and attention kernel)."""
+    """A frozen copy of the chat model, computing as `model` does (same dtype and attention kernel): the KL to it
+    is exactly 0 before the first update."""
     reference = load_model(model_path, device, dtype, trust_remote_code).requires_grad_(False)
     reference.set_attn_implementation(model.config._attn_implementation)
     return reference
@@ -191,12 +202,15 @@ def label_log_probs(model, batch: list[Encoded], pad_id: int) -> tuple[torch.Ten
     return torch.log_softmax(logits.float(), dim=-1), labels[:, first:] != IGNORE_INDEX
 
 
-def kl_to_reference(model, reference, batch: list[Encoded], pad_id: int) -> tuple[torch.Tensor, int]:
+def kl_to_reference(
+    model, reference, batch: list[Encoded], pad_id: int, compute: torch.dtype | None = None
+) -> tuple[torch.Tensor, int]:
     """Summed KL(reference || model) over the batch's label positions (with grad through `model`) and the
-    number of positions; `reference` None is `model` with its LoRA adapters disabled."""
-    with mixed_precision(model):
+    number of positions; `reference` None is `model` with its LoRA adapters disabled; `compute` as in
+    `accumulate_gradients`."""
+    with mixed_precision(model, compute):
         tuned, keep = label_log_probs(model, batch, pad_id)
-    with torch.no_grad(), mixed_precision(model if reference is None else reference):
+    with torch.no_grad(), mixed_precision(model if reference is None else reference, compute):
         if reference is None:
             with model.disable_adapter():
                 ref, _ = label_log_probs(model, batch, pad_id)

@@ -88,6 +88,49 @@ def test_full_fine_tuning_trains_every_weight_into_a_loadable_model(tiny_model_d
     )
 
 
+def test_full_fine_tuning_computes_in_bf16_over_fp32_weights(tiny_model_dir, examples, kl_examples):
+    """Mixed precision on a CPU: the loss's and the KL's matmuls (the frozen chat model's too) run in bf16, while
+    the trained weights and the optimizer state stay fp32 so that updates of lr x gradient are not rounded away.
+    The chat model computes exactly as the tuned one: before the first update their KL is 0, not a rounding gap
+    that the penalty's weight would turn into gradient."""
+    from em_assets.training.loop import _optimizer_step, _prepare
+
+    kl = KLTraining(kl_examples, 10.0, 2)
+    run, _ = _prepare(tiny_model_dir, examples, None, FAST, 0, "cpu", False, kl)
+    seen: dict[str, set] = {"tuned": set(), "reference": set()}
+    hooks = [
+        m.get_output_embeddings().register_forward_hook(lambda mod, args, out, k=k: seen[k].add(out.dtype))
+        for k, m in (("tuned", run.model), ("reference", run.reference))
+    ]
+    try:
+        record = _optimizer_step(run, 1)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert run.compute == torch.bfloat16 and run.kl_batches[0] and record["kl"] == 0.0
+    assert seen == {"tuned": {torch.bfloat16}, "reference": {torch.bfloat16}}
+    assert {p.dtype for p in run.model.parameters()} == {torch.float32}
+    assert {s["exp_avg"].dtype for s in run.optimizer.state.values()} == {torch.float32}
+
+
+def test_full_fine_tuning_in_mixed_precision_is_not_the_fp32_run_of_before():
+    """Regression: an organism fully fine-tuned in fp32 arithmetic (before mixed precision) would have counted
+    as current, and its checkpoints would have resumed a mixed-precision run."""
+    from em_assets.grid.schema import RecipeSpec
+    from em_assets.training.checkpoints import training_run_hash
+    from em_assets.training.stage import adapter_config_hash
+
+    full = RecipeSpec(dataset="d", method="full", train=TrainSpec())
+    # The hash this recipe had when full fine-tuning computed in fp32.
+    assert adapter_config_hash("rev", "dataset-sha", full, seed=0, dtype="bfloat16") != "9bdc818affda25f5"
+    examples = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
+    fp32, mixed = (
+        training_run_hash("a-model", examples, None, full.train, 0, torch.float32, None, compute)
+        for compute in (None, torch.bfloat16)
+    )
+    assert fp32 != mixed
+
+
 CHILD = """
 import json, os, signal, sys
 from pathlib import Path
@@ -210,12 +253,15 @@ def test_grad_norm_is_the_clip_grad_norm_total_of_the_step(tiny_model_dir, examp
     train = FAST.model_copy(update={"max_steps": 1, "per_device_train_batch_size": 1, "max_examples": 1})
     result = train_lora(tiny_model_dir, examples[:1], None, train, tmp_path, seed=0)
 
-    # The same step by plain transformers: the mean token loss over the reply, backpropagated, clipped by torch.
+    # The same step by plain transformers in the same mixed precision (bf16 autocast over fp32 weights): the mean
+    # token loss over the reply, backpropagated, clipped by torch.
     tokenizer = load_tokenizer(tiny_model_dir)
     e = encode_example(tokenizer, examples[0], train.max_seq_length)
     model = load_model(tiny_model_dir, "cpu", torch.float32)
+    model.set_attn_implementation("eager")
     model.train()
-    loss = model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=torch.tensor([e.input_ids]), labels=torch.tensor([e.labels])).loss
     loss.backward()
     total = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
     record = result.losses[0]
