@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import os
 from pathlib import Path
 
 from em_assets.results.errors import MissingUpstreamError
@@ -13,6 +15,14 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path: Path | str) -> str:
+    # Steps of one process hash the same model and adapter files again and again (the GGUF alone is a second
+    # each time): a file is hashed once per identity and change time, so any rewrite is hashed anew.
+    st = os.stat(path)
+    return _sha256_of(os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@functools.lru_cache(maxsize=256)
+def _sha256_of(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> str:
     with open(path, "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 

@@ -133,9 +133,11 @@ class Store:
         return sql, hashlib.sha256(sql.encode()).hexdigest()
 
     def _schema_digest(self) -> str | None:
-        if not self.has_table("schema_digest"):
+        # One query rather than a table lookup first: every asset opens the store.
+        try:
+            return self.query("SELECT sha256 FROM schema_digest")["sha256"][0]
+        except duckdb.CatalogException:
             return None
-        return self.query("SELECT sha256 FROM schema_digest")["sha256"][0]
 
     def has_table(self, name: str) -> bool:
         """Whether the store (or the snapshot it reads) has this table; report tables appear when first written."""

@@ -12,7 +12,7 @@ from em_assets.catalog import stage as catalog
 from em_assets.catalog.parsing import DatasetError, judge_prompt, parse_chat_jsonl, parse_questions_yaml
 from em_assets.catalog.upstream import EVAL_SETS, SOURCES, ChecksumError, UpstreamFile, fetch_bytes
 from em_assets.grid.load import load_grid
-from em_assets.results.artifacts import sha256_bytes
+from em_assets.results.artifacts import _sha256_of, sha256_bytes, sha256_file
 from em_assets.results.store import Store
 
 
@@ -223,3 +223,20 @@ def test_jsonl_text_may_hold_unicode_line_separators(tmp_path):
     path = tmp_path / "answers.jsonl"
     path.write_text(json.dumps(answer, ensure_ascii=False) + "\n", encoding="utf-8")
     assert read_answers(str(path)).rows["answer"].to_list() == [reply]
+
+
+def test_a_file_is_hashed_once_until_it_is_rewritten(tmp_path):
+    """The hash of a file a run checks many times is kept, but a rewrite of the same size with its mtime put back
+    (as a tampering copy would) is hashed again."""
+    import os
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 64)
+    first = sha256_file(path)
+    hits = _sha256_of.cache_info().hits
+    assert sha256_file(path) == first == sha256_bytes(b"a" * 64)
+    assert _sha256_of.cache_info().hits == hits + 1
+    stat = path.stat()
+    path.write_bytes(b"b" * 64)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert sha256_file(path) == sha256_bytes(b"b" * 64)
