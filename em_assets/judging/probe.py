@@ -14,8 +14,10 @@ forward pass per answer.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -453,7 +455,20 @@ class ProbeJudge:
 
 
 def load_probe_judge(head_path: Path | str, batch_size: int, device: str | None = None) -> ProbeJudge:
-    """The frozen base model the head was fitted on, with the head."""
+    """The frozen base model the head was fitted on, with the head; one process's steps share it (and its
+    questions' readings) while the head file is unchanged."""
+    st = os.stat(head_path)
+    return _loaded_judge(
+        os.path.realpath(head_path),
+        (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),
+        batch_size,
+        device,
+    )
+
+
+# One judge: every step of a run (the demo runs them all in one process) judges with the grid's one probe.
+@functools.lru_cache(maxsize=1)
+def _loaded_judge(head_path: str, file_stat: tuple, batch_size: int, device: str | None) -> ProbeJudge:
     from em_assets.models.load import load_model, load_tokenizer
 
     head = load_head(head_path)

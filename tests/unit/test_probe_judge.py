@@ -192,6 +192,20 @@ def test_a_saved_head_scores_the_same_after_loading(judge, tmp_path):
     assert after == pytest.approx(before, abs=1e-9)
 
 
+def test_steps_of_one_process_share_a_loaded_judge_until_its_head_is_refitted(judge, tmp_path):
+    """The demo's steps run in one process: each loads the grid's probe judge, which is loaded once (its model
+    and its questions' readings kept) unless its head file was written again."""
+    from em_assets.judging.probe import load_probe_judge
+
+    path = save_head(judge.head, tmp_path)
+    first = load_probe_judge(path, 3, "cpu")
+    first.score([first.render("coherent", QUESTION, ANSWERS[0])])
+    assert load_probe_judge(path, 3, "cpu") is first and first.readings
+    save_head(judge.head, tmp_path)
+    refitted = load_probe_judge(path, 3, "cpu")
+    assert refitted is not first and not refitted.readings
+
+
 def test_a_metric_without_a_readout_is_refused(judge):
     with pytest.raises(ValueError, match="no readout for 'bad_stuff'"):
         judge.render("bad_stuff", "q?", "a")
