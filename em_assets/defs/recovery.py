@@ -23,6 +23,8 @@ log = logging.getLogger("em_assets.recovery")
 
 _ACTIVE = [dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING]
 _WAITING = [dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.QUEUED]
+# A run queued or going: until it ends, it may still write its partition's files and rows.
+IN_PROGRESS = _WAITING + _ACTIVE
 # Events that name the process doing a run's work: the run worker (or in-process caller), its step workers,
 # and the launcher's "started process" engine event of a run that has not started yet.
 _PID_EVENTS = {DagsterEventType.RUN_START, DagsterEventType.STEP_START, DagsterEventType.ENGINE_EVENT}
@@ -117,7 +119,7 @@ def _finished_slot_holders(instance: dg.DagsterInstance) -> set[str]:
     return {
         run_id
         for run_id in held
-        if (run := instance.get_run_by_id(run_id)) is None or run.status not in _ACTIVE + _WAITING
+        if (run := instance.get_run_by_id(run_id)) is None or run.status not in IN_PROGRESS
     }
 
 

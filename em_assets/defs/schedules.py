@@ -4,6 +4,7 @@ import dagster as dg
 
 from em_assets.defs.jobs import organism_job
 from em_assets.defs.partitions import organisms
+from em_assets.defs.recovery import IN_PROGRESS
 from em_assets.defs.resources import ExperimentResource
 from em_assets.grid.load import GridError
 
@@ -39,14 +40,8 @@ def catch_up_schedule(
 
 
 def _in_progress(instance: dg.DagsterInstance) -> set[str]:
-    """Organism partitions with an organism_job run queued or running."""
-    statuses = [
-        dg.DagsterRunStatus.QUEUED,
-        dg.DagsterRunStatus.NOT_STARTED,
-        dg.DagsterRunStatus.STARTING,
-        dg.DagsterRunStatus.STARTED,
-    ]
-    runs = instance.get_runs(filters=dg.RunsFilter(job_name=organism_job.name, statuses=statuses))
+    """Organism partitions with an organism_job run queued, running or being cancelled."""
+    runs = instance.get_runs(filters=dg.RunsFilter(job_name=organism_job.name, statuses=IN_PROGRESS))
     return {run.tags.get("dagster/partition", "") for run in runs}
 
 

@@ -165,6 +165,12 @@ def test_catch_up_schedule_requests_every_partitioned_organism(instance, grid):
     assert running.status == dg.DagsterRunStatus.STARTED
     requests = catch_up_schedule(context)
     assert [r.partition_key for r in requests] == DEMO_KEYS[1:]
+    # A run being cancelled still holds its partition's files until it ends.
+    instance.create_run_for_job(
+        job, tags={"dagster/partition": DEMO_KEYS[1]}, status=dg.DagsterRunStatus.CANCELING
+    )
+    requests = catch_up_schedule(context)
+    assert [r.partition_key for r in requests] == DEMO_KEYS[2:]
 
 
 def test_definitions_load_with_the_automation():
