@@ -23,7 +23,8 @@ def _catalog_marks(instance: dg.DagsterInstance) -> dict[str, int]:
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=(
         "Adds a partition for every new organism of the grid and, when a base model's source or revision "
-        "changes, marks its organisms stale; runs catalog_job, then organism_job for each of them."
+        "changes (or the EM thresholds, for every organism), marks its organisms stale; runs catalog_job, then "
+        "organism_job for each of them."
     ),
 )
 def grid_sensor(context: dg.SensorEvaluationContext, experiment: ExperimentResource) -> dg.SensorResult:

@@ -22,9 +22,11 @@ CATALOG_ASSETS = (
 
 
 class GridCursor(BaseModel):
-    """What the grid sensor has acted on: base model fingerprints, and organisms waiting for the catalog."""
+    """What the grid sensor has acted on: base model and threshold fingerprints, and organisms waiting for the
+    catalog."""
 
     models: dict[str, str] = {}
+    thresholds: str = ""
     pending: list[str] = []
     # Latest catalog materialization storage ids when `pending` last grew; a larger id means a newer run.
     marks: dict[str, int] = {}
@@ -47,17 +49,24 @@ def model_fingerprint(spec: BaseModelSpec) -> str:
 
 
 def plan_grid(grid: GridConfig, cursor: GridCursor, existing: set[str], marks: dict[str, int]) -> GridPlan:
-    """New organisms and changed base models first go through the catalog, then get one organism run each."""
+    """New organisms, changed base models and changed thresholds first go through the catalog, then get one
+    organism run each."""
     fingerprints = {spec.name: model_fingerprint(spec) for spec in grid.base_models}
     # A model the cursor has not seen yet is the baseline, not a change: its new organisms are caught below.
     changed = {name for name, fp in fingerprints.items() if cursor.models.get(name, fp) != fp}
-    work = [o.key for o in grid.organisms() if o.key not in existing or o.base_model in changed]
+    # The probe's calibration, the judge's error rates, the sweeps' rates and the EM directions are all taken
+    # at the thresholds, so a change redoes every organism (its adapter, answers and scores come from caches).
+    thresholds = config_hash(grid.thresholds.model_dump(mode="json"))
+    rethreshold = cursor.thresholds not in ("", thresholds)
+    work = [
+        o.key for o in grid.organisms() if o.key not in existing or o.base_model in changed or rethreshold
+    ]
     seen = {**cursor.models, **fingerprints}
     if work:
         # Organism assets read base models and datasets from the catalog tables, so a new model or revision
         # must be resolved there first; the runs are held until the catalog has been materialised again.
         pending = list(dict.fromkeys([*cursor.pending, *work]))
-        after = GridCursor(models=seen, pending=pending, marks=marks)
+        after = GridCursor(models=seen, thresholds=thresholds, pending=pending, marks=marks)
         return GridPlan(
             cursor=after,
             new_partitions=[key for key in work if key not in existing],
@@ -65,13 +74,13 @@ def plan_grid(grid: GridConfig, cursor: GridCursor, existing: set[str], marks: d
         )
     if not cursor.pending:
         return GridPlan(
-            cursor=GridCursor(models=seen),
-            skip_reason="every organism has a partition and no base model source or revision changed",
+            cursor=GridCursor(models=seen, thresholds=thresholds),
+            skip_reason="every organism has a partition; no base model source or revision, nor the thresholds, changed",
         )
     behind = [name for name in CATALOG_ASSETS if marks[name] <= cursor.marks.get(name, 0)]
     if behind:
         return GridPlan(
-            cursor=GridCursor(models=seen, pending=cursor.pending, marks=cursor.marks),
+            cursor=cursor.model_copy(update={"models": seen}),
             skip_reason=f"{len(cursor.pending)} organism runs wait for catalog_job to materialise "
             f"{', '.join(behind)} (launch catalog_job if its run failed)",
         )
@@ -80,7 +89,7 @@ def plan_grid(grid: GridConfig, cursor: GridCursor, existing: set[str], marks: d
     # The catalog marks make the key unique per catalog rebuild, so reverting a revision re-runs too.
     stamp = config_hash(marks)
     return GridPlan(
-        cursor=GridCursor(models=seen),
+        cursor=GridCursor(models=seen, thresholds=thresholds),
         organism_runs=[(key, f"{key}@{stamp}") for key in ready],
         skip_reason=None if ready else "the pending organisms left the grid",
     )

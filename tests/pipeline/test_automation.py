@@ -105,7 +105,7 @@ def test_unchanged_grid_requests_nothing(instance, grid):
     for _ in range(2):
         again = ticker.tick()
         assert not again.run_requests and not again.dynamic_partitions_requests
-        assert "no base model source or revision changed" in again.skip_reason.skip_message
+        assert "no base model source or revision, nor the thresholds, changed" in again.skip_reason.skip_message
 
 
 def test_new_base_model_adds_exactly_its_organisms(instance, grid):

@@ -43,3 +43,20 @@ def test_a_changed_revision_reruns_only_that_models_organisms():
     assert plan.catalog_run_key and not plan.new_partitions and sorted(plan.cursor.pending) == on_model
     rerun = plan_grid(moved, plan.cursor, keys, _marks(2))
     assert sorted(k for k, _ in rerun.organism_runs) == on_model
+
+
+def test_changed_thresholds_redo_the_catalog_and_every_organism():
+    grid = load_grid(REPO / "data/grid.yaml", "demo")
+    keys = {o.key for o in grid.organisms()}
+    settled = plan_grid(grid, plan_grid(grid, GridCursor(), set(), _marks(0)).cursor, keys, _marks(1)).cursor
+    assert not plan_grid(grid, settled, keys, _marks(1)).catalog_run_key
+    stricter = grid.model_copy(
+        update={"thresholds": grid.thresholds.model_copy(update={"coherent_above": 70})}
+    )
+    plan = plan_grid(stricter, settled, keys, _marks(1))
+    assert plan.catalog_run_key and not plan.new_partitions and set(plan.cursor.pending) == keys
+    rerun = plan_grid(stricter, plan.cursor, keys, _marks(2))
+    assert {k for k, _ in rerun.organism_runs} == keys
+    assert not plan_grid(stricter, rerun.cursor, keys, _marks(2)).catalog_run_key
+    # Going back is a change too.
+    assert plan_grid(grid, rerun.cursor, keys, _marks(2)).catalog_run_key
