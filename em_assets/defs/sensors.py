@@ -1,5 +1,7 @@
 """Sensors: the grid sensor turns grid changes into partitions and runs; the automation sensor runs reports."""
 
+import time
+
 import dagster as dg
 
 from em_assets.defs.jobs import catalog_job, organism_job
@@ -9,11 +11,14 @@ from em_assets.grid.load import GridError
 from em_assets.grid.plan import CATALOG_ASSETS, GridCursor, plan_grid
 
 
-def _catalog_marks(instance: dg.DagsterInstance) -> dict[str, int]:
-    marks = {}
+def _catalog_marks(instance: dg.DagsterInstance) -> dict[str, float]:
+    """Per catalog asset, the latest start of a run behind one of its last materializations (a runless event:
+    its time). Runs may finish out of order, so not only the last is read."""
+    marks = dict.fromkeys(CATALOG_ASSETS, 0.0)
     for name in CATALOG_ASSETS:
-        records = instance.fetch_materializations(dg.AssetKey(name), limit=1).records
-        marks[name] = records[0].storage_id if records else 0
+        for record in instance.fetch_materializations(dg.AssetKey(name), limit=4).records:
+            run = instance.get_run_record_by_id(record.run_id) if record.run_id else None
+            marks[name] = max(marks[name], run.start_time if run and run.start_time else record.timestamp)
     return marks
 
 
@@ -37,6 +42,7 @@ def grid_sensor(context: dg.SensorEvaluationContext, experiment: ExperimentResou
         GridCursor.model_validate_json(context.cursor or "{}"),
         set(context.instance.get_dynamic_partitions(organisms.name)),
         _catalog_marks(context.instance),
+        time.time(),
     )
     runs = [
         dg.RunRequest(job_name=organism_job.name, partition_key=k, run_key=r) for k, r in plan.organism_runs

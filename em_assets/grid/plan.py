@@ -28,8 +28,8 @@ class GridCursor(BaseModel):
     models: dict[str, str] = {}
     thresholds: str = ""
     pending: list[str] = []
-    # Latest catalog materialization storage ids when `pending` last grew; a larger id means a newer run.
-    marks: dict[str, int] = {}
+    # When `pending` last grew: only catalog materializations of runs started later read the grid it was for.
+    since: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,11 @@ def model_fingerprint(spec: BaseModelSpec) -> str:
     return config_hash({"source": spec.source, "revision": spec.revision})
 
 
-def plan_grid(grid: GridConfig, cursor: GridCursor, existing: set[str], marks: dict[str, int]) -> GridPlan:
+def plan_grid(
+    grid: GridConfig, cursor: GridCursor, existing: set[str], marks: dict[str, float], now: float
+) -> GridPlan:
     """New organisms, changed base models and changed thresholds first go through the catalog, then get one
-    organism run each."""
+    organism run each. `marks`: per catalog asset, when the run behind its latest materialization started."""
     fingerprints = {spec.name: model_fingerprint(spec) for spec in grid.base_models}
     # A model the cursor has not seen yet is the baseline, not a change: its new organisms are caught below.
     changed = {name for name, fp in fingerprints.items() if cursor.models.get(name, fp) != fp}
@@ -66,7 +68,7 @@ def plan_grid(grid: GridConfig, cursor: GridCursor, existing: set[str], marks: d
         # Organism assets read base models and datasets from the catalog tables, so a new model or revision
         # must be resolved there first; the runs are held until the catalog has been materialised again.
         pending = list(dict.fromkeys([*cursor.pending, *work]))
-        after = GridCursor(models=seen, thresholds=thresholds, pending=pending, marks=marks)
+        after = GridCursor(models=seen, thresholds=thresholds, pending=pending, since=now)
         return GridPlan(
             cursor=after,
             new_partitions=[key for key in work if key not in existing],
@@ -77,7 +79,8 @@ def plan_grid(grid: GridConfig, cursor: GridCursor, existing: set[str], marks: d
             cursor=GridCursor(models=seen, thresholds=thresholds),
             skip_reason="every organism has a partition; no base model source or revision, nor the thresholds, changed",
         )
-    behind = [name for name in CATALOG_ASSETS if marks[name] <= cursor.marks.get(name, 0)]
+    # A catalog run that started before the change (still running when it came) may not have read it.
+    behind = [name for name in CATALOG_ASSETS if marks[name] <= cursor.since]
     if behind:
         return GridPlan(
             cursor=cursor.model_copy(update={"models": seen}),

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from dagster._core.events import DagsterEventType, StepMaterializationData
 from support.paths import REPO
 
 from em_assets.defs.jobs import JOBS
@@ -19,6 +20,7 @@ from em_assets.grid.plan import CATALOG_ASSETS
 DEMO = load_grid(REPO / "data/grid.yaml", "demo")
 DEMO_KEYS = [o.key for o in DEMO.organisms()]
 # The organisms trained on the demo's base model; the imported ones name base models of their own.
+_MATERIALIZATION = DagsterEventType.ASSET_MATERIALIZATION.value
 TRAINED_KEYS = [f"smollm2-135m--{r}--s0" for r, spec in DEMO.recipes.items() if spec.kind == "train"]
 
 
@@ -99,13 +101,36 @@ def test_organisms_wait_for_the_judges_error_rates(instance, grid):
     assert {r.partition_key for r in ticker.tick().run_requests} == set(DEMO_KEYS)
 
 
+def test_a_catalog_run_going_before_a_change_does_not_release_the_new_organisms(instance, grid):
+    """Regression: a catalog run started before a base model was added released the new model's organisms when
+    it finished, though it had not read the new model."""
+    ticker = Ticker(instance, grid)
+    ticker.organism_runs()
+    catalog_job = dg.GraphDefinition("catalog_job").to_job()
+    catalog = instance.create_run_for_job(catalog_job)
+    started = dg.DagsterEvent(DagsterEventType.RUN_START.value, job_name=catalog_job.name)
+    instance.report_dagster_event(started, catalog.run_id)
+    add_base_model(grid, "demo", "/models/Tiny-Llama")
+    assert [r.job_name for r in ticker.tick().run_requests] == ["catalog_job"]
+    for name in CATALOG_ASSETS:
+        data = StepMaterializationData(dg.AssetMaterialization(name))
+        event = dg.DagsterEvent(_MATERIALIZATION, catalog_job.name, event_specific_data=data)
+        instance.report_dagster_event(event, catalog.run_id)
+    waiting = ticker.tick()
+    assert not waiting.run_requests and "wait for catalog_job" in waiting.skip_reason.skip_message
+    ticker.catalog_materialised()
+    assert {r.partition_key.split("--")[0] for r in ticker.tick().run_requests} == {"tiny-llama"}
+
+
 def test_unchanged_grid_requests_nothing(instance, grid):
     ticker = Ticker(instance, grid)
     ticker.organism_runs()
     for _ in range(2):
         again = ticker.tick()
         assert not again.run_requests and not again.dynamic_partitions_requests
-        assert "no base model source or revision, nor the thresholds, changed" in again.skip_reason.skip_message
+        assert (
+            "no base model source or revision, nor the thresholds, changed" in again.skip_reason.skip_message
+        )
 
 
 def test_new_base_model_adds_exactly_its_organisms(instance, grid):
