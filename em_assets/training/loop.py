@@ -362,25 +362,67 @@ def train_lora(
     run, spec = _prepare(model_path, examples, lora, train, seed, device, trust_remote_code, kl)
     if run.max_workers > 1:
         _find_verdict(run, spec, train, cache_dir or settings().cache_dir)
-    ckpt_root = out_dir / CHECKPOINT_DIR
-    ckpt_root.mkdir(parents=True, exist_ok=True)
     run_hash = training_run_hash(
         model_path, examples, lora, train, seed, spec["dtype"], kl.settings() if kl else None, run.compute
     )
-    progress = {"run_hash": run_hash, "step": 0, "losses": [], "train_tokens": 0, "elapsed_s": 0.0}
+    progress = _resume(out_dir, run, run_hash)
+    resumed_from = progress["step"] or None
+    # A fully fine-tuned checkpoint is a whole model directory, servable on its own: vLLM reads the tokenizer
+    # beside the weights. It is kept in the dtype it is sampled in (half the fp32 bytes); the resumable
+    # checkpoints keep fp32.
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code) if lora is None else None
+    save_dtype = None if lora is not None else pick_dtype(device)
+
+    def save() -> None:
+        keep_adapter(out_dir, run.model, progress, save_dtype, tokenizer)
+        save_checkpoint(out_dir / CHECKPOINT_DIR, run.model, run.optimizer, run.scheduler, progress)
+
+    run_tokens, run_s = _run_steps(run, spec, train, progress, save, on_step)
+    adapter_dir = write_adapter(run.model, out_dir, save_dtype)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(adapter_dir)
+    shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
+    return TrainResult(
+        adapter_dir=adapter_dir,
+        losses=progress["losses"],
+        steps=len(run.steps),
+        train_tokens=progress["train_tokens"],
+        tokens_per_s=run_tokens / run_s if run_s > 0 else 0.0,
+        resumed_from_step=resumed_from,
+        workers=run.workers,
+        workers_reason=run.workers_reason,
+        checkpoints=kept_adapters(out_dir, run_hash),
+    )
+
+
+def _resume(out_dir: Path, run: _Run, run_hash: str) -> dict:
+    """The run's progress: from its latest resumable checkpoint (weights and optimizer loaded) or step 0."""
+    ckpt_root = out_dir / CHECKPOINT_DIR
+    ckpt_root.mkdir(parents=True, exist_ok=True)
     latest = latest_checkpoint(ckpt_root, run_hash)
     kept_adapters(out_dir, run_hash)  # drops adapters kept by a run of another config
-    # A fully fine-tuned checkpoint is a whole model directory, servable on its own: vLLM reads the tokenizer
-    # beside the weights.
-    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code) if lora is None else None
-    if latest is not None:
-        progress = load_checkpoint(latest, run.model, run.optimizer, run.scheduler)
-        log.info("resuming training from %s", latest)
-    resumed_from, threads = progress["step"] or None, torch.get_num_threads()
-    # A fully fine-tuned model is kept in the dtype it is sampled in (half the fp32 bytes); the resumable
-    # checkpoints keep fp32.
-    save_dtype = None if lora is not None else pick_dtype(device)
-    start, prior_s, run_tokens = time.perf_counter(), progress["elapsed_s"], 0
+    if latest is None:
+        return {"run_hash": run_hash, "step": 0, "losses": [], "train_tokens": 0, "elapsed_s": 0.0}
+    log.info("resuming training from %s", latest)
+    return load_checkpoint(latest, run.model, run.optimizer, run.scheduler)
+
+
+def _run_steps(
+    run: _Run,
+    spec: dict,
+    train: TrainSpec,
+    progress: dict,
+    save: Callable[[], None],
+    on_step: Callable[[dict], None] | None,
+) -> tuple[int, float]:
+    """The optimizer steps after `progress`, recorded into it, saving every save_steps; (tokens, seconds) of
+    this call. Helper processes are finished, or killed on any failure."""
+    start, prior_s, run_tokens, threads = (
+        time.perf_counter(),
+        progress["elapsed_s"],
+        0,
+        torch.get_num_threads(),
+    )
     try:
         if run.workers > 1:
             _start_helpers(run, spec)
@@ -398,8 +440,7 @@ def train_lora(
             if on_step is not None:
                 on_step(record)
             if step % train.save_steps == 0 and step < len(run.steps):
-                keep_adapter(out_dir, run.model, progress, save_dtype, tokenizer)
-                save_checkpoint(ckpt_root, run.model, run.optimizer, run.scheduler, progress)
+                save()
         if run.helpers is not None:
             run.helpers.finish()
     except BaseException:
@@ -408,19 +449,4 @@ def train_lora(
         raise
     finally:
         torch.set_num_threads(threads)
-    run_s = time.perf_counter() - start
-    adapter_dir = write_adapter(run.model, out_dir, save_dtype)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(adapter_dir)
-    shutil.rmtree(ckpt_root, ignore_errors=True)
-    return TrainResult(
-        adapter_dir=adapter_dir,
-        losses=progress["losses"],
-        steps=len(run.steps),
-        train_tokens=progress["train_tokens"],
-        tokens_per_s=run_tokens / run_s if run_s > 0 else 0.0,
-        resumed_from_step=resumed_from,
-        workers=run.workers,
-        workers_reason=run.workers_reason,
-        checkpoints=kept_adapters(out_dir, run_hash),
-    )
+    return run_tokens, time.perf_counter() - start
