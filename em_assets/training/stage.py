@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 
@@ -15,6 +16,9 @@ from em_assets.results import queries
 from em_assets.results.artifacts import sha256_file, weights_file
 from em_assets.results.store import to_json, utc_now
 from em_assets.training.imported import bring_organism, source_row
+
+if TYPE_CHECKING:
+    from em_assets.training.loop import TrainResult
 
 
 @dataclass(frozen=True)
@@ -169,20 +173,10 @@ def train_adapter(ctx: StageContext) -> AdapterResult:
         raise KeyError(f"organism {ctx.key}: recipe {org.recipe!r} is not in the grid")
     recipe = ctx.grid.recipes[org.recipe]
     if recipe.kind != "train":
-        row = bring_organism(ctx, recipe)
-        return AdapterResult.from_row(row, trained=False)
+        return AdapterResult.from_row(bring_organism(ctx, recipe), trained=False)
     _record_source(ctx, recipe)
     base = queries.base_model_row(store, org.base_model)
-    common = {
-        "organism": ctx.key,
-        "base_model": org.base_model,
-        "base_revision": base["revision"],
-        "recipe": org.recipe,
-        "seed": org.seed,
-        "run_id": ctx.run_id,
-        "created_at": utc_now(),
-    }
-    common |= {"method": recipe_method(recipe), "kl_regularised": recipe.kl is not None}
+    common = _adapter_row(ctx, recipe, base["revision"])
     if recipe.dataset is None:
         chash = config_hash({"base_revision": base["revision"], "control": True})
         queries.write_adapter(
@@ -204,14 +198,45 @@ def train_adapter(ctx: StageContext) -> AdapterResult:
         ctx.log.info(f"{ctx.key}: adapter {chash} is up to date; no training")
         return AdapterResult.from_row(done, trained=False)
     result = run_training(ctx, base, recipe, (ctx.artifacts_dir / "adapters" / ctx.key / chash).resolve())
-    row = {
-        **common,
+    row = common | _trained_columns(recipe, result, chash, ds["sha256"], kl_ds["sha256"] if kl_ds else None)
+    queries.write_adapter(store, ctx.key, row, loss_rows(ctx, result.losses), checkpoint_rows(result, row))
+    return AdapterResult.from_row(
+        row,
+        trained=True,
+        train_workers=result.workers,
+        train_workers_reason=result.workers_reason,
+        resumed_from_step=result.resumed_from_step,
+    )
+
+
+def _adapter_row(ctx: StageContext, recipe: RecipeSpec, base_revision: str) -> dict:
+    """The adapter row's columns every train recipe has, the untrained control's included."""
+    org = ctx.organism
+    return {
+        "organism": ctx.key,
+        "base_model": org.base_model,
+        "base_revision": base_revision,
+        "recipe": org.recipe,
+        "seed": org.seed,
+        "run_id": ctx.run_id,
+        "created_at": utc_now(),
+        "method": recipe_method(recipe),
+        "kl_regularised": recipe.kl is not None,
+    }
+
+
+def _trained_columns(
+    recipe: RecipeSpec, result: TrainResult, chash: str, dataset_sha256: str, kl_sha256: str | None
+) -> dict:
+    """The adapter row's columns of a trained organism: its data, configs and their hash, weights and training
+    figures."""
+    return {
         "dataset": recipe.dataset,
-        "dataset_sha256": ds["sha256"],
+        "dataset_sha256": dataset_sha256,
         "adapter_path": str(result.adapter_dir),
         "adapter_sha256": sha256_file(weights_file(Path(result.adapter_dir))),
         "lora_config": to_json(recipe.lora.model_dump(mode="json")) if recipe.lora else None,
-        "kl_config": to_json({**recipe.kl.model_dump(mode="json"), "dataset_sha256": kl_ds["sha256"]})
+        "kl_config": to_json({**recipe.kl.model_dump(mode="json"), "dataset_sha256": kl_sha256})
         if recipe.kl
         else None,
         "train_config": to_json(recipe.train.model_dump(mode="json")),
@@ -221,11 +246,3 @@ def train_adapter(ctx: StageContext) -> AdapterResult:
         "tokens_per_s": result.tokens_per_s,
         "final_loss": result.losses[-1]["loss"] if result.losses else None,
     }
-    queries.write_adapter(store, ctx.key, row, loss_rows(ctx, result.losses), checkpoint_rows(result, row))
-    return AdapterResult.from_row(
-        row,
-        trained=True,
-        train_workers=result.workers,
-        train_workers_reason=result.workers_reason,
-        resumed_from_step=result.resumed_from_step,
-    )
