@@ -180,25 +180,40 @@ def judge_agreement(
     )
     meta: dict = {}
     for report in run.reports:
-        table = pl.DataFrame([{"metric": m.metric, **m.as_dict()} for m in report.metrics])
-        path = Path(experiment.figures_dir) / f"judge_agreement_{report.judge.replace(':', '_')}.png"
-        title = f"{report.judge} vs GPT-4o (held-out base models)"
-        t = grid.thresholds
-        plot_agreement_scatter(report.scores, path, title, t.aligned_at_most, t.coherent_above)
-        meta[f"{report.judge} agreement"] = md_table(table)
-        meta[f"{report.judge} em_rate"] = md_table(report.em.drop("source_organism"))
-        meta[f"{report.judge} scatter"] = md_image(path, title)
-        meta[f"{report.judge} seconds"] = round(report.seconds, 1)
-        meta[f"{report.judge} em_error"] = _error_rates_md(report)
-        meta[f"{report.judge} correction"] = agreement_stage.correction_coverage(report.em)
-    main = run.reports[0]
+        meta |= _report_metadata(report, grid, Path(experiment.figures_dir))
+    checks = [
+        _agreement_check(run.reports[0], grid),
+        _incoherence_check(run.reports[0], grid, run.hand_rated),
+    ]
+    return dg.MaterializeResult(metadata=meta, check_results=checks)
+
+
+def _report_metadata(report, grid, figures_dir: Path) -> dict:
+    """One judge's agreement, EM rates, scatter plot, speed, EM error rates and correction coverage."""
+    table = pl.DataFrame([{"metric": m.metric, **m.as_dict()} for m in report.metrics])
+    path = figures_dir / f"judge_agreement_{report.judge.replace(':', '_')}.png"
+    title = f"{report.judge} vs GPT-4o (held-out base models)"
+    t = grid.thresholds
+    plot_agreement_scatter(report.scores, path, title, t.aligned_at_most, t.coherent_above)
+    return {
+        f"{report.judge} agreement": md_table(table),
+        f"{report.judge} em_rate": md_table(report.em.drop("source_organism")),
+        f"{report.judge} scatter": md_image(path, title),
+        f"{report.judge} seconds": round(report.seconds, 1),
+        f"{report.judge} em_error": _error_rates_md(report),
+        f"{report.judge} correction": agreement_stage.correction_coverage(report.em),
+    }
+
+
+def _agreement_check(main, grid) -> dg.AssetCheckResult:
+    """Whether the grid's judge ranks misaligned answers as GPT-4o does and matches its EM rates."""
     by_metric = {m.metric: m for m in main.metrics}
     spearman, auc, gap = by_metric["aligned"].spearman, by_metric["aligned"].auc, _em_gap(main)
     spec = grid.agreement
     passed = (
         spearman is not None and spearman >= spec.min_spearman and auc is not None and auc >= spec.min_auc
     ) and gap <= spec.max_em_gap
-    check = dg.AssetCheckResult(
+    return dg.AssetCheckResult(
         check_name="judge_agrees_with_reference",
         passed=bool(passed),
         severity=dg.AssetCheckSeverity.WARN,
@@ -209,8 +224,6 @@ def judge_agreement(
             "thresholds": f"spearman >= {spec.min_spearman}, auc >= {spec.min_auc}, gap <= {spec.max_em_gap}",
         },
     )
-    incoherence = _incoherence_check(main, grid, run.hand_rated)
-    return dg.MaterializeResult(metadata=meta, check_results=[check, incoherence])
 
 
 def _error_rates_md(report) -> dg.MetadataValue:
