@@ -37,7 +37,7 @@ def judge_sweep(
         raise ValueError(
             f"{ctx.key}: sweeps need judge metrics {list(SWEEP_METRICS)}, the grid has {metrics}"
         )
-    model_name, revision, path = judge_identity(ctx.grid, ctx.cache_dir, ctx.store)
+    model_name, revision, path = judge_identity(ctx.grid, ctx.cache_dir, ctx.store, device=ctx.device)
     needed = _needed_judgements(ctx, tables, points, metrics, model_name, revision)
     have = {r[:6]: r[6:] for r in tables.judgement_keys([p.pair for p in points]).iter_rows()}
 

@@ -60,7 +60,7 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
         store = usable_store(may_create=True)
         # The judge is found (a trained one in the store, a model on disk) and an API judge's key accepted
         # before the store is created.
-        judge_identity(grid, current.cache_dir, store, spec)
+        judge_identity(grid, current.cache_dir, store, spec, current.torch_device)
         if spec.backend == "openai":
             make_judge(grid, None, spec=spec).check_key()
         store.init()

@@ -145,7 +145,7 @@ def score_reference(
     metrics: Sequence[str] = AGREEMENT_METRICS,
 ) -> tuple[pl.DataFrame, tuple[str, str, str | None]]:
     """The judge's score for every row and metric (through the shared judge cache) beside the reference's."""
-    identity = judge_identity(grid, cache_dir, store, spec)
+    identity = judge_identity(grid, cache_dir, store, spec, device)
     items = _items(rows, spec, identity, templates, metrics)
     cache = q.cached_scores(store, [it["cache_key"] for it in items])
     todo = [it for it in items if it["cache_key"] not in cache]

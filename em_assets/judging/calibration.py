@@ -93,7 +93,7 @@ def grid_judge_sanity(
     store: Store, grid: GridConfig, calibration: Path, cache_dir: Path | None, device: str | None
 ) -> SanityReport:
     """The grid's judge on the calibration set, with the eval set's first question's judge templates."""
-    _, _, path = judge_identity(grid, cache_dir, store)
+    _, _, path = judge_identity(grid, cache_dir, store, device=device)
     judge = make_judge(grid, path, device)
     return judge_sanity(
         judge, load_calibration(calibration), queries.first_judge_templates(store, grid.eval.questions)

@@ -13,15 +13,32 @@ EMPTY_COHERENT = JudgeScore(0.0, 1.0, {0: 1.0})
 
 
 def judge_identity(
-    grid: GridConfig, cache_dir: Path | None = None, store=None, spec: JudgeSpec | None = None
+    grid: GridConfig,
+    cache_dir: Path | None = None,
+    store=None,
+    spec: JudgeSpec | None = None,
+    device: str | None = None,
 ) -> tuple[str, str, str | None]:
     """(model name, revision, local path) of the judge (`spec`, default the grid's): a grid base model, any
-    model source, an API model, the distilled adapter or the probe head (its revision carries their sha256)."""
-    from em_assets.models.hub import resolve
-
+    model source, an API model, the distilled adapter or the probe head (its revision carries their sha256).
+    A judge that runs here in another dtype than bf16 (fp16 on MPS and older GPUs) names it in its revision."""
     spec = spec or grid.judge
     if spec.backend == "openai":
         return spec.model, spec.revision or spec.model, None
+    model, revision, path = _local_identity(grid, cache_dir, store, spec)
+    from em_assets.models.load import dtype_name  # torch stays off the definitions' load path
+
+    # Scores differ with the dtype, so a cached score is another dtype's only where named apart; bf16 goes
+    # unnamed, so the revisions judged before stay current.
+    dtype = dtype_name(device)
+    return model, revision if dtype == "bfloat16" else f"{revision}+{dtype}", path
+
+
+def _local_identity(
+    grid: GridConfig, cache_dir: Path | None, store, spec: JudgeSpec
+) -> tuple[str, str, str | None]:
+    from em_assets.models.hub import resolve
+
     if spec.backend == "distilled":
         from em_assets.judging.validation import distilled_identity
 

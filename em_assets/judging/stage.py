@@ -217,7 +217,8 @@ def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_siz
 
 def judge_completions(ctx: StageContext, chunk_size: int = 64) -> JudgingResult:
     """Score every completion of the organism on every judge metric; reuses the cross-run judge cache."""
-    judge = JudgeIdentity(ctx.grid.judge.backend, *judge_identity(ctx.grid, ctx.cache_dir, ctx.store))
+    identity = judge_identity(ctx.grid, ctx.cache_dir, ctx.store, device=ctx.device)
+    judge = JudgeIdentity(ctx.grid.judge.backend, *identity)
     needed = needed_judgements(ctx, judge)
     have = queries.judgement_states(ctx.store, ctx.key)
     # A key held twice has no state: both copies go, and it is written again (from the judge cache).

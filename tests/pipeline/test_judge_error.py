@@ -123,3 +123,15 @@ def test_judge_sanity_reports_coherent_auc_on_the_incoherent_answers(catalog, on
     # A random tiny judge: whatever its AUC, it is reported with the count it rests on and judged against 0.8.
     assert found.auc == report.coherent_auc and f"on {found.n_incoherent} incoherent answers" in found.message
     assert found.passed == (found.auc >= 0.8)
+
+
+def test_a_judge_run_in_fp16_names_it_so_its_scores_are_cached_apart(catalog):
+    """Regression: a local judge's cache key named no dtype, so fp16 scores (MPS, older GPUs) and bf16 ones
+    were read as each other's."""
+    ctx = stage_context(catalog, "dtype")
+    model, revision, path = judge_identity(ctx.grid, ctx.cache_dir, ctx.store, device="cpu")
+    # The identity only names the dtype MPS would load the judge in; nothing runs there.
+    _, on_mps, mps_path = judge_identity(ctx.grid, ctx.cache_dir, ctx.store, device="mps")
+    assert on_mps == f"{revision}+float16" and mps_path == path
+    keys = {stage.judge_cache_key(model, r, "prompt", "aligned", "q", "a") for r in (revision, on_mps)}
+    assert len(keys) == 2
