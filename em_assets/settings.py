@@ -71,6 +71,12 @@ def openmp_wait(env: Mapping[str, str] | None = None) -> str:
     return " ".join(f"{name}={env[name]}" for name in OPENMP_WAIT_VARS if env.get(name)) or "default"
 
 
+def torch_device(device: str) -> str | None:
+    """The device models load on for a device setting; None for "auto", picked for the machine (cuda > mps >
+    cpu)."""
+    return None if device == "auto" else device
+
+
 @dataclass(frozen=True)
 class Settings:
     """Where the grid, results, caches and artifacts live, and which device to compute on."""
@@ -99,8 +105,7 @@ class Settings:
 
     @property
     def torch_device(self) -> str | None:
-        """The device models load on; None where it is picked for the machine (cuda > mps > cpu)."""
-        return None if self.device == "auto" else self.device
+        return torch_device(self.device)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:

@@ -9,7 +9,7 @@ from em_assets.context import StageContext
 from em_assets.grid.load import GridError, load_grid
 from em_assets.grid.schema import GridConfig, Organism
 from em_assets.results.store import Store
-from em_assets.settings import Settings, settings
+from em_assets.settings import Settings, settings, torch_device
 
 _DEFAULTS = Settings()
 
@@ -39,7 +39,7 @@ class ExperimentResource(dg.ConfigurableResource):
 
     @property
     def torch_device(self) -> str | None:
-        return None if self.device == "auto" else self.device
+        return torch_device(self.device)
 
     @classmethod
     def from_env(cls) -> "ExperimentResource":
