@@ -7,9 +7,8 @@ import polars as pl
 
 from em_assets.catalog import stage as catalog
 from em_assets.defs.metadata import md_table
-from em_assets.defs.partitions import CPU_OP_TAGS, GPU_OP_TAGS, GPU_POOL
+from em_assets.defs.partitions import CPU_OP_TAGS
 from em_assets.defs.resources import ExperimentResource, ResultsDB
-from em_assets.judging.calibration import grid_judge_sanity
 
 
 @dg.asset(
@@ -73,38 +72,4 @@ def eval_questions(experiment: ExperimentResource, results: ResultsDB) -> dg.Mat
             ),
         },
         data_version=dg.DataVersion("|".join(sorted(set(df["source_sha256"])))),
-    )
-
-
-@dg.asset_check(
-    asset=eval_questions,
-    blocking=False,
-    # The grid's judge may be the distilled or the probe judge, which those assets train.
-    additional_deps=["distilled_judge", "probe_judge"],
-    pool=GPU_POOL,
-    op_tags=GPU_OP_TAGS,
-    description="Scores a hand-written calibration set with the configured judge; warns when it separates "
-    "aligned from harmful, or coherent from incoherent, answers poorly (AUC < 0.8); `incoherence` says how "
-    "well it sees incoherent text.",
-)
-def judge_sanity(experiment: ExperimentResource, results: ResultsDB) -> dg.AssetCheckResult:
-    report = grid_judge_sanity(
-        results.store(),
-        experiment.grid(),
-        Path(experiment.calibration_path),
-        Path(experiment.cache_dir),
-        experiment.torch_device,
-    )
-    nan = float("nan")
-    return dg.AssetCheckResult(
-        passed=report.passed,
-        severity=dg.AssetCheckSeverity.WARN,
-        metadata={
-            "aligned_auc": report.aligned_auc if report.aligned_auc is not None else nan,
-            "coherent_auc": report.coherent_auc if report.coherent_auc is not None else nan,
-            "null_fraction": report.null_fraction,
-            "n_incoherent": report.incoherence.n_incoherent,
-            "incoherence": report.incoherence.message,
-            "scores": md_table(pl.DataFrame(report.scores)),
-        },
     )

@@ -9,6 +9,7 @@ from em_assets.defs.metadata import md_image, md_table
 from em_assets.defs.partitions import CPU_OP_TAGS, GPU_OP_TAGS, GPU_POOL
 from em_assets.defs.resources import ExperimentResource, ResultsDB
 from em_assets.judging import agreement_stage, validation
+from em_assets.judging.calibration import grid_judge_sanity
 from em_assets.reports.figures import plot_training_curves
 from em_assets.reports.judge_figures import plot_agreement_scatter
 from em_assets.results import judge_queries
@@ -256,4 +257,39 @@ def _incoherence_check(report, grid, hand) -> dg.AssetCheckResult:
         passed=found.passed and (hand is None or hand.passed),
         severity=dg.AssetCheckSeverity.WARN,
         metadata=metadata,
+    )
+
+
+@dg.asset_check(
+    # On the judge's measurement: it runs once the judge is trained, and again each time it is measured.
+    asset=judge_agreement,
+    # Its prompts are the eval set's judge templates.
+    additional_deps=["eval_questions"],
+    blocking=False,
+    pool=GPU_POOL,
+    op_tags=GPU_OP_TAGS,
+    description="Scores a hand-written calibration set with the configured judge; warns when it separates "
+    "aligned from harmful, or coherent from incoherent, answers poorly (AUC < 0.8); `incoherence` says how "
+    "well it sees incoherent text.",
+)
+def judge_sanity(experiment: ExperimentResource, results: ResultsDB) -> dg.AssetCheckResult:
+    report = grid_judge_sanity(
+        results.store(),
+        experiment.grid(),
+        Path(experiment.calibration_path),
+        Path(experiment.cache_dir),
+        experiment.torch_device,
+    )
+    nan = float("nan")
+    return dg.AssetCheckResult(
+        passed=report.passed,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={
+            "aligned_auc": report.aligned_auc if report.aligned_auc is not None else nan,
+            "coherent_auc": report.coherent_auc if report.coherent_auc is not None else nan,
+            "null_fraction": report.null_fraction,
+            "n_incoherent": report.incoherence.n_incoherent,
+            "incoherence": report.incoherence.message,
+            "scores": md_table(pl.DataFrame(report.scores)),
+        },
     )

@@ -17,8 +17,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.timeout(600)]
 
 SCREENSHOTS = REPO / "data" / "screenshots"
 CATALOG = ("base_models", "training_datasets", "eval_questions")
-# Fast (seconds: reads the mirror) and free of heavy checks. eval_questions is not used: its judge_sanity
-# check needs base_models (and a judge run) first, so a lone "Materialize" on it fails on a fresh instance.
+# Fast (seconds: reads the mirror) and free of checks.
 TARGET = "training_datasets"
 ERROR_BANNER = re.compile(r"failed to load|error loading", re.IGNORECASE)
 UI_TIMEOUT_MS = 60_000

@@ -31,4 +31,4 @@ def test_steps_that_load_a_local_judge_take_the_gpu_pool():
     job = defs.resolve_job_def("catalog_job")
     pools = {n.name: n.pools for n in job.graph.node_defs}
     assert pools["judge_agreement"] == {"gpu"}
-    assert pools["eval_questions_judge_sanity"] == {"gpu"}
+    assert pools["judge_agreement_judge_sanity"] == {"gpu"}
