@@ -25,9 +25,11 @@ if TYPE_CHECKING:
 
 def _check_grid(current: Settings, organism_keys: list[str] | None) -> None:
     """The grid, its organisms' sources, that its base models can be resolved now (the catalog resolves every
-    one) and the organisms asked for (each must be one of the grid's)."""
+    one), that an API judge's server takes its key, and the organisms asked for (each must be one of the
+    grid's)."""
     from em_assets.cli.organisms import checked_grid
     from em_assets.grid.load import GridError
+    from em_assets.judging.judges import make_judge
     from em_assets.models.hub import unresolvable
 
     grid = checked_grid(current)
@@ -35,6 +37,9 @@ def _check_grid(current: Settings, organism_keys: list[str] | None) -> None:
         why = unresolvable(base.source, base.revision)
         if why:
             raise GridError(f"base_models[{i}] ({base.name}): {why}")
+    for spec in [grid.judge, *grid.agreement.compare]:
+        if spec.backend == "openai":
+            make_judge(grid, None, spec=spec).check_key()
     known = [o.key for o in grid.organisms()]
     unknown = [k for k in organism_keys or [] if k not in known]
     if unknown:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+import yaml
 from support.db import ro_query, table_dump
+from support.judge_server import ScriptedServer
 from support.paths import EM_ASSETS, REPO
 
 from em_assets.cli import main
@@ -275,6 +277,32 @@ def test_a_setting_it_cannot_use_is_one_message_and_exit_2(
     assert main(["sql", "SELECT 1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and says in err and err.count("\n") == 1
+
+
+def test_demo_with_an_api_judge_that_refuses_its_key_writes_nothing(tmp_path, capsys, monkeypatch):
+    """Regression: the catalog run, its log and the store were written before the first step asking the
+    judge met the refusal."""
+    grid = yaml.safe_load((REPO / "data/grid.yaml").read_text())
+    monkeypatch.delenv("EM_TEST_DEMO_KEY", raising=False)
+    for name in ("DAGSTER_HOME", "EM_LOGS_DIR", "EM_CACHE_DIR", "EM_ARTIFACTS_DIR", "EM_FIGURES_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    monkeypatch.setenv("EM_GRID", str(tmp_path / "grid.yaml"))
+    monkeypatch.setenv("EM_DB", str(tmp_path / "data" / "results.duckdb"))
+    with ScriptedServer(lambda n, body: (401, {}, b'{"error": {"message": "no key"}}')) as server:
+        judge = {
+            "backend": "openai",
+            "model": "gpt-4o",
+            "base_url": server.url,
+            "api_key_env": "EM_TEST_DEMO_KEY",
+        }
+        grid["profiles"]["demo"]["judge"] = judge
+        (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+        assert main(["demo"]) == 2
+        assert server.requests == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "HTTP 401: check the API key in $EM_TEST_DEMO_KEY" in err
+    assert err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
 
 
 def test_demo_of_an_organism_not_in_the_grid_writes_nothing(tmp_path, capsys, monkeypatch):
