@@ -1,4 +1,5 @@
-"""Judge validation assets: reference judgements (GPT-4o), the distilled and probe judges, judge agreement."""
+"""Judge validation assets: reference judgements (GPT-4o), the distilled and probe judges, judge agreement and
+the sanity check of the grid's judge on hand-written answers."""
 
 from pathlib import Path
 
