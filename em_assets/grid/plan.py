@@ -66,7 +66,8 @@ def plan_grid(
     seen = {**cursor.models, **fingerprints}
     if work:
         # Organism assets read base models and datasets from the catalog tables, so a new model or revision
-        # must be resolved there first; the runs are held until the catalog has been materialised again.
+        # must be resolved there first; the runs are held until a catalog run started after now has materialised
+        # every catalog asset.
         pending = list(dict.fromkeys([*cursor.pending, *work]))
         after = GridCursor(models=seen, thresholds=thresholds, pending=pending, since=now)
         return GridPlan(
