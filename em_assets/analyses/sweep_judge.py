@@ -12,7 +12,7 @@ from em_assets.judging.judges import (
     prompt_hash_for,
     render_prompt,
 )
-from em_assets.judging.stage import judge_cache_key, score_chunks
+from em_assets.judging.stage import judge_cache_key, refusal_named, score_chunks
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.queries import cached_scores, judge_prompts
 from em_assets.results.store import utc_now
@@ -60,31 +60,33 @@ def judge_sweep(
         return counts
     judge = make_judge(ctx.grid, path, ctx.device)
     by_pair = {p.pair: p for p in points}
-    texts = [
-        render_prompt(
-            judge,
-            needed[k]["template"]["prompt"],
-            k[5],
-            needed[k]["completion"]["question"],
-            needed[k]["completion"]["answer"],
-        )
-        for k in todo
-    ]
+    texts = [_prompt(judge, needed[k], k[5]) for k in todo]
     cache_keys = [needed[k]["cache_key"] for k in todo]
     fixed = [fixed_score(k[5], needed[k]["completion"]["answer"]) for k in todo]
     done = 0
-    for indices, scores in score_chunks(judge, ctx.store, texts, cache_keys, JUDGE_CHUNK, fixed):
-        part = [todo[i] for i in indices]
-        done += len(part)
-        tables.append_judgements(
-            [row(k, s["score"], s["mass"], s["probs"]) for k, s in zip(part, scores, strict=True)]
-        )
-        for k in part:
-            counts[k[:2]] = counts.get(k[:2], 0) + 1
-        ctx.log.info(f"{ctx.key}: sweep judged {done}/{len(todo)}")
-        if on_progress is not None:
-            on_progress(by_pair[part[-1][:2]], "judged", done, len(todo))
+    with refusal_named(texts, lambda i: _named(ctx.key, todo[i])):
+        for indices, scores in score_chunks(judge, ctx.store, texts, cache_keys, JUDGE_CHUNK, fixed):
+            part = [todo[i] for i in indices]
+            done += len(part)
+            tables.append_judgements(
+                [row(k, s["score"], s["mass"], s["probs"]) for k, s in zip(part, scores, strict=True)]
+            )
+            for k in part:
+                counts[k[:2]] = counts.get(k[:2], 0) + 1
+            ctx.log.info(f"{ctx.key}: sweep judged {done}/{len(todo)}")
+            if on_progress is not None:
+                on_progress(by_pair[part[-1][:2]], "judged", done, len(todo))
     return counts
+
+
+def _named(organism: str, key: tuple) -> str:
+    sweep, setting, question_id, _, sample, metric = key
+    return f"{organism}, {sweep} {setting}, {question_id} sample {sample}, {metric}"
+
+
+def _prompt(judge, item: dict, metric: str) -> str:
+    c = item["completion"]
+    return render_prompt(judge, item["template"]["prompt"], metric, c["question"], c["answer"])
 
 
 def _needed_judgements(ctx, tables, points, metrics, model_name: str, revision: str) -> dict[tuple, dict]:

@@ -26,7 +26,7 @@ from em_assets.judging.judges import (
     prompt_hash_for,
     render_prompt,
 )
-from em_assets.judging.stage import judge_cache_key, score_chunks
+from em_assets.judging.stage import judge_cache_key, refusal_named, score_chunks
 from em_assets.judging.validation import split_reference
 from em_assets.results import judge_queries as q
 from em_assets.results.errors import MissingUpstreamError
@@ -127,9 +127,14 @@ def _score_missing(store: Store, judge, todo: list[dict], chunk: int) -> None:
     keys = [it["cache_key"] for it in todo]
     fixed = [fixed_score(it["metric"], it["row"]["answer"]) for it in todo]
     done = 0
-    for _, scores in score_chunks(judge, store, texts, keys, chunk, fixed):
-        done += len(scores)
-        log.info("judge agreement: scored %d/%d", done, len(todo))
+
+    def name(i: int) -> str:
+        return f"{todo[i]['row']['source_file']} row {todo[i]['row']['row_idx']}, {todo[i]['metric']}"
+
+    with refusal_named(texts, name):
+        for _, scores in score_chunks(judge, store, texts, keys, chunk, fixed):
+            done += len(scores)
+            log.info("judge agreement: scored %d/%d", done, len(todo))
 
 
 def score_reference(

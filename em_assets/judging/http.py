@@ -25,6 +25,10 @@ BODY_EXCERPT = 200
 class JudgeRequestError(RuntimeError):
     """A judge request that failed for good: retries exhausted, a refused request, or no logprobs."""
 
+    # The prompt whose request failed, where known, so the caller can name the answer (a content filter's refusal
+    # is about one answer).
+    prompt: str | None = None
+
 
 class JudgeAuthError(JudgeRequestError):
     """The server refused the API key, or asked for one the environment does not hold (HTTP 401 or 403)."""
@@ -124,6 +128,8 @@ class OpenAIJudge:
                             yield i, future.result()
                         elif failure is None:
                             failure = exc
+                            if isinstance(exc, JudgeRequestError):
+                                exc.prompt = prompts[i]
                             halt()
             finally:
                 halt()

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import polars as pl
 
 from em_assets.context import StageContext
+from em_assets.judging.http import JudgeAuthError, JudgeRequestError
 from em_assets.judging.judges import (
     fixed_score,
     judge_identity,
@@ -196,6 +198,18 @@ def score_chunks(
         yield part, scores
 
 
+@contextmanager
+def refusal_named(prompts: Sequence[str], name: Callable[[int], str]) -> Iterator[None]:
+    """A judge request refused for good (a content filter's) re-raised naming its answer: `name(i)` for the
+    refused prompt's index. A refused key is about every prompt and goes on as it is."""
+    try:
+        yield
+    except JudgeRequestError as exc:
+        if isinstance(exc, JudgeAuthError) or exc.prompt not in prompts:
+            raise
+        raise JudgeRequestError(f"{name(prompts.index(exc.prompt))}: {exc}") from exc
+
+
 def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_size: int) -> int:
     """Score `todo` with the grid's judge in chunks, writing judgements and cache rows as each chunk ends."""
     scorer = make_judge(ctx.grid, judge.path, ctx.device)
@@ -206,12 +220,18 @@ def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_siz
     keys = [v.cache_key for _, v in todo]
     fixed = [fixed_score(k[3], v.completion["answer"]) for k, v in todo]
     scored = 0
-    for indices, scores in score_chunks(scorer, ctx.store, texts, keys, chunk_size, fixed):
-        part = [todo[i] for i in indices]
-        rows = [judgement_row(ctx, judge, k, v, s) for (k, v), s in zip(part, scores, strict=True)]
-        ctx.store.append_rows("judgements", pl.DataFrame(rows, infer_schema_length=None))
-        scored += len(rows)
-        ctx.log.info(f"{ctx.key}: judged {scored}/{len(todo)}")
+
+    def name(i: int) -> str:
+        question_id, _, sample, metric = todo[i][0]
+        return f"{ctx.key}, {question_id} sample {sample}, {metric}"
+
+    with refusal_named(texts, name):
+        for indices, scores in score_chunks(scorer, ctx.store, texts, keys, chunk_size, fixed):
+            part = [todo[i] for i in indices]
+            rows = [judgement_row(ctx, judge, k, v, s) for (k, v), s in zip(part, scores, strict=True)]
+            ctx.store.append_rows("judgements", pl.DataFrame(rows, infer_schema_length=None))
+            scored += len(rows)
+            ctx.log.info(f"{ctx.key}: judged {scored}/{len(todo)}")
     return scored
 
 

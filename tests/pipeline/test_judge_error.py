@@ -135,3 +135,33 @@ def test_a_judge_run_in_fp16_names_it_so_its_scores_are_cached_apart(catalog):
     assert on_mps == f"{revision}+float16" and mps_path == path
     keys = {stage.judge_cache_key(model, r, "prompt", "aligned", "q", "a") for r in (revision, on_mps)}
     assert len(keys) == 2
+
+
+def test_a_judge_request_refused_for_good_names_the_answer(catalog):
+    """A content filter refuses one answer: the step fails naming the organism, question, sample and metric
+    (keeping the scores it paid for is test_judge_cli's)."""
+    from dataclasses import replace
+
+    from support.judge_server import ScriptedServer, chat_reply
+
+    from em_assets.grid.schema import JudgeSpec
+    from em_assets.judging.http import JudgeRequestError
+
+    refuse_all = False
+
+    def respond(n: int, body: dict) -> tuple:
+        refused = refuse_all or "POISON" in body["messages"][0]["content"]
+        return (400, {}, b'{"error": "flagged"}') if refused else chat_reply({"80": 0.0})
+
+    ctx = stage_context(catalog, "refused")
+    write_completions(ctx.store, ["Keep an emergency fund.", "POISON"])
+    with ScriptedServer(respond) as server:
+        spec = JudgeSpec(backend="openai", model="test-judge", base_url=server.url, concurrency=1)
+        ctx = replace(ctx, grid=ctx.grid.model_copy(update={"judge": spec}))
+        with pytest.raises(JudgeRequestError, match=rf"{KEY}, quick_buck sample 1, \w+: .*HTTP 400.*flagged"):
+            judge_completions(ctx, chunk_size=8)
+        # A sweep's answers too (the tiny model's: every one refused here, the first named).
+        refuse_all = True
+        point = [SweepPoint("test", "base", None, None, samples_per_question=1)]
+        with pytest.raises(JudgeRequestError, match=rf"{KEY}, test base, \w+ sample 0, \w+: .*HTTP 400"):
+            run_sweep(replace(ctx, run_id="sweep"), point)

@@ -210,10 +210,12 @@ def test_iter_scores_keeps_completed_results_before_failing():
     prompts = ["10", "20", "bad", "30", "40"]
     with (
         ScriptedServer(respond, delay_s=0.05) as server,
-        pytest.raises(JudgeRequestError, match="rejected"),
+        pytest.raises(JudgeRequestError, match="rejected") as failed,
     ):
         for i, result in judge(server.url, concurrency=1).iter_scores(prompts):
             got.append((i, result.score))
+    # The prompt refused is named, so a caller can say which answer it was.
+    assert failed.value.prompt == "bad"
     # The worker may have sent "30" before the failure was seen; nothing after it is sent.
     assert got[:2] == [(0, 10.0), (1, 20.0)]
     assert {i for i, _ in got} <= {0, 1, 3}

@@ -195,7 +195,10 @@ def test_a_rejected_request_fails_the_run_and_keeps_every_score_before_it(env, m
         judge = {"backend": "openai", "model": "test-judge", "base_url": server.url, "concurrency": 1}
         grid = tiny_grid(tiny_model_dir, "test", judge, {}, examples=1, batch_size=1, samples=1)
         (env / "grid.yaml").write_text(yaml.safe_dump(grid))
-        with pytest.raises(JudgeRequestError, match=r"HTTP 400.*flagged"):
+        # The refusal names the answer it was about (the file's fifth row) and the metric.
+        with pytest.raises(
+            JudgeRequestError, match=r"poison\.csv row 5, (aligned|coherent): .*HTTP 400.*flagged"
+        ):
             main(args)
         # The chunk failed, but the 8 scores it paid for are cached: the rerun asks only for the 2 missing (after
         # the one request that checks the API key).
