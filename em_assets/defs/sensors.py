@@ -15,10 +15,14 @@ def _catalog_marks(instance: dg.DagsterInstance) -> dict[str, float]:
     """Per catalog asset, the latest start of a run behind one of its last materializations (a runless event:
     its time). Runs may finish out of order, so not only the last is read."""
     marks = dict.fromkeys(CATALOG_ASSETS, 0.0)
+    # One catalog run materialises every catalog asset: its record is read once a tick.
+    starts: dict[str, float | None] = {}
     for name in CATALOG_ASSETS:
         for record in instance.fetch_materializations(dg.AssetKey(name), limit=4).records:
-            run = instance.get_run_record_by_id(record.run_id) if record.run_id else None
-            marks[name] = max(marks[name], run.start_time if run and run.start_time else record.timestamp)
+            if record.run_id and record.run_id not in starts:
+                run = instance.get_run_record_by_id(record.run_id)
+                starts[record.run_id] = run.start_time if run else None
+            marks[name] = max(marks[name], starts.get(record.run_id) or record.timestamp)
     return marks
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from em_assets.judging.distill import train_answers
 from em_assets.judging.incoherent import read_ratings, training_set
 from em_assets.judging.readout import Readout, Standardiser, fit_readout, linear_ridge, sq_distances
 from em_assets.judging.scoring import JudgeScore
+from em_assets.results.artifacts import file_version
 
 HEAD_FILE = "probe.safetensors"
 # The cross-validation group of the hand-rated answers (samples of the demo's model and its organisms).
@@ -457,20 +457,14 @@ class ProbeJudge:
 def load_probe_judge(head_path: Path | str, batch_size: int, device: str | None = None) -> ProbeJudge:
     """The frozen base model the head was fitted on, with the head; one process's steps share it (and its
     questions' readings) while the head file is unchanged."""
-    st = os.stat(head_path)
-    return _loaded_judge(
-        os.path.realpath(head_path),
-        (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns),
-        batch_size,
-        device,
-    )
+    return _loaded_judge(file_version(head_path), batch_size, device)
 
 
 # One judge: every step of a run (the demo runs them all in one process) judges with the grid's one probe.
 @functools.lru_cache(maxsize=1)
-def _loaded_judge(head_path: str, file_stat: tuple, batch_size: int, device: str | None) -> ProbeJudge:
+def _loaded_judge(version: tuple[str, int, int, int, int], batch_size: int, device: str | None) -> ProbeJudge:
     from em_assets.models.load import load_model, load_tokenizer
 
-    head = load_head(head_path)
+    head = load_head(version[0])
     model = load_model(head.base_model, device=device)
     return ProbeJudge(model, load_tokenizer(head.base_model), head, batch_size)

@@ -14,16 +14,22 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_version(path: Path | str) -> tuple[str, int, int, int, int]:
+    """(real path, inode, size, mtime_ns, ctime_ns): changes whenever the file is rewritten or replaced, so
+    what a process derives from a file can be kept under it."""
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def sha256_file(path: Path | str) -> str:
     # Steps of one process hash the same model and adapter files again and again (the GGUF alone is a second
-    # each time): a file is hashed once per identity and change time, so any rewrite is hashed anew.
-    st = os.stat(path)
-    return _sha256_of(os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    # each time): a file is hashed once per version.
+    return _sha256_of(file_version(path))
 
 
 @functools.lru_cache(maxsize=256)
-def _sha256_of(path: str, inode: int, size: int, mtime_ns: int, ctime_ns: int) -> str:
-    with open(path, "rb") as fh:
+def _sha256_of(version: tuple[str, int, int, int, int]) -> str:
+    with open(version[0], "rb") as fh:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 

@@ -417,12 +417,8 @@ def _run_steps(
 ) -> tuple[int, float]:
     """The optimizer steps after `progress`, recorded into it, saving every save_steps; (tokens, seconds) of
     this call. Helper processes are finished, or killed on any failure."""
-    start, prior_s, run_tokens, threads = (
-        time.perf_counter(),
-        progress["elapsed_s"],
-        0,
-        torch.get_num_threads(),
-    )
+    start, prior_s = time.perf_counter(), progress["elapsed_s"]
+    run_tokens, threads = 0, torch.get_num_threads()
     try:
         if run.workers > 1:
             _start_helpers(run, spec)
