@@ -1,9 +1,10 @@
-"""Experiment: the demo's probe judge on the demo's own answers, rated by hand (data/demo_answer_ratings.csv, all
-held out): coherence rates judged and by hand, Spearman and AUC, per organism. The head is fitted as the demo
-fits it (scripts/judge/fit_demo_probe.py, whose feature cache it shares).
-Usage: PYTHONPATH=$PWD:$PWD/scripts/judge python scripts/judge/demo_answers.py"""
+"""Experiment: the demo's probe judge on SmolLM2 answers rated by hand, all held out (data/demo_answer_ratings.csv,
+the demo's own answers, by organism; data/steered_ratings.csv, steered answers, by scale): coherence rates judged and
+by hand, Spearman and AUC. The head is fitted as the demo fits it (scripts/judge/fit_demo_probe.py, whose feature
+cache it shares).
+Usage: PYTHONPATH=$PWD:$PWD/scripts/judge python scripts/judge/demo_answers.py [RATINGS.csv [GROUP_COLUMN]]"""
 
-from pathlib import Path
+import sys
 
 import polars as pl
 from fit_demo_probe import fit_demo_head
@@ -13,8 +14,6 @@ from em_assets.judging.agreement import metric_agreement
 from em_assets.judging.probe import ProbeJudge
 from em_assets.models.hub import resolve
 from em_assets.models.load import load_model, load_tokenizer
-
-RATINGS = Path("data/demo_answer_ratings.csv")
 
 
 def line(name: str, part: pl.DataFrame) -> str:
@@ -33,19 +32,20 @@ def line(name: str, part: pl.DataFrame) -> str:
     )
 
 
-def main() -> None:
+def main(ratings: str = "data/demo_answer_ratings.csv", group: str = "organism") -> None:
     spec = load_grid("data/grid.yaml", "demo").probe
     path = resolve("smollm2", spec.source).path
     fit = fit_demo_head(spec, path)
     judge = ProbeJudge(load_model(path, device="cpu"), load_tokenizer(path), fit.head, spec.batch_size)
-    rated = pl.read_csv(RATINGS, comment_prefix="#").with_columns(pl.col("response").fill_null(""))
+    rated = pl.read_csv(ratings, comment_prefix="#").with_columns(pl.col("response").fill_null(""))
     inputs = [judge.render("coherent", q, a) for q, a in rated.select("question", "response").rows()]
     rated = rated.with_columns(judged=pl.Series([s.score for s in judge.score(inputs)]))
     print(line("all", rated))
-    print(line("the three trained organisms", rated.filter(~pl.col("organism").str.contains("--base--"))))
-    for (organism,), part in rated.group_by("organism", maintain_order=True):
-        print("  " + line(organism, part))
+    if group == "organism":
+        print(line("the three trained organisms", rated.filter(~pl.col("organism").str.contains("--base--"))))
+    for (value,), part in rated.group_by(group, maintain_order=True):
+        print("  " + line(f"{group} {value}", part))
 
 
 if __name__ == "__main__":
-    main()
+    main(*sys.argv[1:3])

@@ -329,7 +329,7 @@ def test_hand_ratings_keep_the_fit_half_and_a_missing_file_is_one_clear_error(tm
         read_ratings(tmp_path / "nope.csv")
 
 
-@pytest.mark.parametrize("name", ["coherence_ratings.csv", "demo_answer_ratings.csv"])
+@pytest.mark.parametrize("name", ["coherence_ratings.csv", "demo_answer_ratings.csv", "steered_ratings.csv"])
 def test_the_shipped_hand_ratings_say_how_they_were_made_and_keep_a_held_out_part(name):
     path = Path(__file__).parents[2] / "data" / name
     header = [line for line in path.read_text().splitlines() if line.startswith("#")]
@@ -340,11 +340,12 @@ def test_the_shipped_hand_ratings_say_how_they_were_made_and_keep_a_held_out_par
     assert held > 0 and held + read_ratings(path).height == rows.height
 
 
-def test_no_answer_the_demo_organisms_are_measured_on_is_fitted_on():
+@pytest.mark.parametrize("name", ["demo_answer_ratings.csv", "steered_ratings.csv"])
+def test_no_answer_the_judge_is_measured_on_is_fitted_on(name):
     data = Path(__file__).parents[2] / "data"
     fitted = read_ratings(data / "coherence_ratings.csv")
-    measured = pl.read_csv(data / "demo_answer_ratings.csv", comment_prefix="#")
-    assert fitted.height > 0
+    measured = pl.read_csv(data / name, comment_prefix="#")
+    assert fitted.height > 0 and (measured["split"] == "heldout").all()
     assert not set(fitted["answer"]) & set(measured["response"].fill_null(""))
 
 
