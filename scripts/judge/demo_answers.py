@@ -1,7 +1,7 @@
 """Experiment: the demo's probe judge on SmolLM2 answers rated by hand, all held out (data/demo_answer_ratings.csv,
 the demo's own answers, by organism; data/steered_ratings.csv, steered answers, by scale): coherence rates judged and
-by hand, Spearman and AUC. The head is fitted as the demo fits it (scripts/judge/fit_demo_probe.py, whose feature
-cache it shares).
+by hand (and by a second pass where the file has one), Spearman and AUC. The head is fitted as the demo fits it
+(scripts/judge/fit_demo_probe.py, whose feature cache it shares).
 Usage: PYTHONPATH=$PWD:$PWD/scripts/judge python scripts/judge/demo_answers.py [RATINGS.csv [GROUP_COLUMN]]"""
 
 import sys
@@ -10,7 +10,7 @@ import polars as pl
 from fit_demo_probe import fit_demo_head
 
 from em_assets.grid.load import load_grid
-from em_assets.judging.agreement import metric_agreement
+from em_assets.judging.agreement import metric_agreement, spearman
 from em_assets.judging.probe import ProbeJudge
 from em_assets.models.hub import resolve
 from em_assets.models.load import load_model, load_tokenizer
@@ -25,10 +25,18 @@ def line(name: str, part: pl.DataFrame) -> str:
         coherent_above=50,
     )
     auc = "n/a (one class)" if a.auc is None else f"{a.auc:.2f}"
+    retest = ""
+    if "coherent_second_pass" in part.columns:
+        again = part["coherent_second_pass"]
+        retest = (
+            f"; second pass: {(again > 50).mean():.1%} by hand, judge Spearman "
+            f"{spearman(again.to_numpy(), part['judged'].to_numpy()):.2f}, passes' Spearman "
+            f"{spearman(again.to_numpy(), part['coherent'].to_numpy()):.2f}"
+        )
     return (
         f"{name} (n {part.height}): coherent {(part['judged'] > 50).mean():.1%} judged vs "
         f"{(part['coherent'] > 50).mean():.1%} by hand; Spearman {a.spearman:.2f}, AUC {auc}, "
-        f"mean score {part['judged'].mean():.0f} vs {part['coherent'].mean():.0f}"
+        f"mean score {part['judged'].mean():.0f} vs {part['coherent'].mean():.0f}{retest}"
     )
 
 
