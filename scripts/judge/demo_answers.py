@@ -2,7 +2,7 @@
 the demo's own answers, by organism; data/steered_ratings.csv, steered answers, by scale): coherence rates judged and
 by hand (and by a second pass where the file has one), Spearman and AUC. The head is fitted as the demo fits it
 (scripts/judge/fit_demo_probe.py, whose feature cache it shares).
-Usage: PYTHONPATH=$PWD:$PWD/scripts/judge python scripts/judge/demo_answers.py [RATINGS.csv [GROUP_COLUMN]]"""
+Usage: PYTHONPATH=$PWD:$PWD/scripts/judge python scripts/judge/demo_answers.py [RATINGS.csv [GROUP_COLUMN[,COLUMN]]]"""
 
 import sys
 
@@ -49,10 +49,12 @@ def main(ratings: str = "data/demo_answer_ratings.csv", group: str = "organism")
     inputs = [judge.render("coherent", q, a) for q, a in rated.select("question", "response").rows()]
     rated = rated.with_columns(judged=pl.Series([s.score for s in judge.score(inputs)]))
     print(line("all", rated))
-    if group == "organism":
-        print(line("the three trained organisms", rated.filter(~pl.col("organism").str.contains("--base--"))))
-    for (value,), part in rated.group_by(group, maintain_order=True):
-        print("  " + line(f"{group} {value}", part))
+    base = rated["organism"].str.contains("--base--")
+    if base.any():
+        print(line("the three trained organisms", rated.filter(~base)))
+    columns = group.split(",")
+    for values, part in rated.sort(columns, maintain_order=True).group_by(columns, maintain_order=True):
+        print("  " + line(" ".join(f"{c} {v}" for c, v in zip(columns, values, strict=True)), part))
 
 
 if __name__ == "__main__":
