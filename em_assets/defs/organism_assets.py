@@ -134,6 +134,7 @@ def judgements(
         metadata={
             "dagster/row_count": coverage.total,
             "scored_now": result.scored,
+            "refused_unscored": result.refused,
             "reused": result.reused,
             "judgements_per_s": result.judgements_per_s or 0.0,
             "by_metric": md_table(coverage.by_metric),

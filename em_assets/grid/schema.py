@@ -279,11 +279,18 @@ class JudgeSpec(_Strict):
     timeout_s: float = Field(default=60, gt=0)
     max_retries: int = Field(default=5, ge=0)
     min_mass: float = Field(default=0.25, ge=0, le=1)
+    # A prompt the openai server refuses for its content (a content filter's HTTP 400): `fail` the step naming the
+    # answer, or leave the answer `unscored` for that metric (outside every rate, as an answer below min_mass).
+    refusals: Literal["fail", "unscored"] = "fail"
 
     @model_validator(mode="after")
     def _openai_needs_url(self) -> JudgeSpec:
         if self.backend == "openai" and not self.base_url:
             raise ValueError("the openai judge backend needs base_url")
+        if self.refusals != "fail" and self.backend != "openai":
+            raise ValueError(
+                "refusals: unscored applies to the openai judge backend only (no other refuses prompts)"
+            )
         return self
 
 

@@ -157,6 +157,8 @@ def score_reference(
     if todo:
         _score_missing(store, make_judge(grid, identity[2], device, spec), todo, chunk)
         cache = q.cached_scores(store, [it["cache_key"] for it in items])
+    # A prompt the judge's server refused (judge.refusals: unscored) has no cached score: it stays unscored.
+    unscored = {"score": None, "mass": 0.0}
     scores = pl.DataFrame(
         [
             {
@@ -169,8 +171,8 @@ def score_reference(
                 "question_id": it["row"]["question_id"],
                 "metric": it["metric"],
                 "reference": it["row"][it["metric"]],
-                "score": cache[it["cache_key"]]["score"],
-                "mass": cache[it["cache_key"]]["mass"],
+                "score": cache.get(it["cache_key"], unscored)["score"],
+                "mass": cache.get(it["cache_key"], unscored)["mass"],
             }
             for it in items
         ],

@@ -17,6 +17,10 @@ import httpx
 from em_assets.judging.scoring import MIN_MASS, JudgeScore, number_probs_from_tokens, score_from_number_probs
 
 RETRY_STATUS = frozenset({408, 409, 429})
+# The error codes of an HTTP 400 refusing a prompt for its content: OpenAI's flagged prompt, Azure's content filter
+# (whose inner error names its policy).
+REFUSAL_CODES = frozenset({"content_filter", "invalid_prompt", "ResponsibleAIPolicyViolation"})
+REFUSALS = ("fail", "unscored")
 
 
 BODY_EXCERPT = 200
@@ -28,6 +32,10 @@ class JudgeRequestError(RuntimeError):
     # The prompt whose request failed, where known, so the caller can name the answer (a content filter's refusal
     # is about one answer).
     prompt: str | None = None
+
+
+class JudgeRefusedError(JudgeRequestError):
+    """The server refused the prompt for its content (HTTP 400 with a content-filter code)."""
 
 
 class JudgeAuthError(JudgeRequestError):
@@ -61,9 +69,12 @@ class OpenAIJudge:
         top_logprobs: int = 20,
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
+        refusals: str = "fail",
     ) -> None:
         if concurrency < 1 or max_retries < 0 or timeout_s <= 0 or backoff_s < 0:
             raise ValueError("need concurrency >= 1, max_retries >= 0, timeout_s > 0, backoff_s >= 0")
+        if refusals not in REFUSALS:
+            raise ValueError(f"refusals must be one of {REFUSALS}, not {refusals!r}")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.api_key_env = api_key_env
@@ -74,6 +85,7 @@ class OpenAIJudge:
         self.top_logprobs = top_logprobs
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.refusals = refusals
 
     def __repr__(self) -> str:
         # The key is read from the environment per call and never stored, so no field here can leak it.
@@ -145,6 +157,10 @@ class OpenAIJudge:
                 raise JudgeRequestError(f"{self.url}: cancelled after another request failed")
             try:
                 return self._parse(self._post(client, body, key))
+            except JudgeRefusedError:
+                if self.refusals == "fail":
+                    raise
+                return JudgeScore(None, 0.0, {}, refused=True)
             except _Retryable as exc:
                 if attempt == self.max_retries:
                     raise JudgeRequestError(
@@ -193,6 +209,10 @@ class OpenAIJudge:
             raise JudgeAuthError(
                 f"{self.url}: HTTP {status}: check the API key in ${self.api_key_env}{unset}"
             )
+        if status == 400 and _refusal(response):
+            raise JudgeRefusedError(
+                f"{self.url}: HTTP 400, refused for its content: {_excerpt(response, key)}"
+            )
         if status >= 400:
             raise JudgeRequestError(f"{self.url}: HTTP {status}: {_excerpt(response, key)}")
         try:
@@ -237,6 +257,19 @@ def _retry_after(response: httpx.Response) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _refusal(response: httpx.Response) -> bool:
+    """Whether an error body names a content refusal: {"error": {"code": ..., "innererror": {"code": ...}}}."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return False
+    if not isinstance(error, dict):
+        return False
+    inner = error.get("innererror")
+    codes = {error.get("code"), inner.get("code") if isinstance(inner, dict) else None}
+    return bool(codes & REFUSAL_CODES)
 
 
 def _excerpt(response: httpx.Response, key: str | None) -> str:

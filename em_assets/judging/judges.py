@@ -69,6 +69,7 @@ def make_judge(grid: GridConfig, path: str | None, device: str | None = None, sp
             timeout_s=spec.timeout_s,
             max_retries=spec.max_retries,
             min_mass=spec.min_mass,
+            refusals=spec.refusals,
         )
     if spec.backend == "distilled":
         from em_assets.judging.distill import load_distilled_judge

@@ -11,11 +11,13 @@ MIN_MASS = 0.25
 
 @dataclass(frozen=True)
 class JudgeScore:
-    """One judge verdict: the score (None when too little mass fell on numbers) and that mass."""
+    """One judge verdict: the score (None when too little mass fell on numbers) and that mass. `refused`: no
+    score because the judge's server refused the prompt for its content, and the grid takes that as no score."""
 
     score: float | None
     mass: float
     probs: dict[int, float] = field(default_factory=dict)
+    refused: bool = False
 
 
 def score_from_number_probs(probs: Mapping[int, float], min_mass: float = MIN_MASS) -> JudgeScore:

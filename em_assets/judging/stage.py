@@ -58,6 +58,8 @@ class JudgingResult:
     reused: int
     cache_hits: int
     seconds: float
+    # Left unscored because the judge's server refused them (judge.refusals: unscored).
+    refused: int = 0
 
     @property
     def judgements_per_s(self) -> float | None:
@@ -144,8 +146,9 @@ def score_and_cache(
     cache_keys: Sequence[str],
     fixed: Sequence[JudgeScore | None] | None = None,
 ) -> list[dict]:
-    """Score one chunk of judge prompts and add the scores to the judge cache: {score, mass, probs JSON}.
-    Prompts with a `fixed` score (an empty answer's coherence) take it and are not sent to the judge."""
+    """Score one chunk of judge prompts and add the scores to the judge cache: {score, mass, probs JSON, refused}.
+    Prompts with a `fixed` score (an empty answer's coherence) take it and are not sent to the judge; a refused
+    prompt's missing score is not cached, so judging it again asks the server again."""
     fixed = fixed if fixed is not None else [None] * len(prompts)
     got = {i: f for i, f in enumerate(fixed) if f is not None}
     asked = [i for i in range(len(prompts)) if i not in got]
@@ -155,9 +158,13 @@ def score_and_cache(
     finally:
         # A request that fails for good (a prompt the server rejects) fails the chunk, but the scores already
         # paid for are cached first, so a rerun asks the judge only for those still missing.
-        rows = [{"cache_key": cache_keys[i], **_stored(s), "created_at": utc_now()} for i, s in got.items()]
+        rows = [
+            {"cache_key": cache_keys[i], **_stored(s), "created_at": utc_now()}
+            for i, s in got.items()
+            if not s.refused
+        ]
         store.append_rows("judge_cache", pl.DataFrame(rows, infer_schema_length=None))
-    return [_stored(got[i]) for i in range(len(prompts))]
+    return [{**_stored(got[i]), "refused": got[i].refused} for i in range(len(prompts))]
 
 
 def _stored(s: JudgeScore) -> dict:
@@ -210,8 +217,9 @@ def refusal_named(prompts: Sequence[str], name: Callable[[int], str]) -> Iterato
         raise JudgeRequestError(f"{name(prompts.index(exc.prompt))}: {exc}") from exc
 
 
-def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_size: int) -> int:
-    """Score `todo` with the grid's judge in chunks, writing judgements and cache rows as each chunk ends."""
+def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_size: int) -> tuple[int, int]:
+    """Score `todo` with the grid's judge in chunks, writing judgements and cache rows as each chunk ends: how
+    many were scored and how many of those the judge's server refused (left unscored)."""
     scorer = make_judge(ctx.grid, judge.path, ctx.device)
     texts = [
         render_prompt(scorer, v.template["prompt"], k[3], v.completion["question"], v.completion["answer"])
@@ -219,7 +227,7 @@ def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_siz
     ]
     keys = [v.cache_key for _, v in todo]
     fixed = [fixed_score(k[3], v.completion["answer"]) for k, v in todo]
-    scored = 0
+    scored = refused = 0
 
     def name(i: int) -> str:
         question_id, _, sample, metric = todo[i][0]
@@ -231,8 +239,11 @@ def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_siz
             rows = [judgement_row(ctx, judge, k, v, s) for (k, v), s in zip(part, scores, strict=True)]
             ctx.store.append_rows("judgements", pl.DataFrame(rows, infer_schema_length=None))
             scored += len(rows)
+            for i in (i for i, s in zip(indices, scores, strict=True) if s["refused"]):
+                refused += 1
+                ctx.log.warning(f"{name(i)}: refused by the judge's server for its content; left unscored")
             ctx.log.info(f"{ctx.key}: judged {scored}/{len(todo)}")
-    return scored
+    return scored, refused
 
 
 def judge_completions(ctx: StageContext, chunk_size: int = 64) -> JudgingResult:
@@ -259,5 +270,6 @@ def judge_completions(ctx: StageContext, chunk_size: int = 64) -> JudgingResult:
         ctx.log.info(f"{ctx.key}: all {len(needed)} judgements are up to date; no judging")
         return JudgingResult(0, len(needed), len(from_cache), 0.0)
     start = time.perf_counter()
-    scored = score_pending(ctx, judge, todo, chunk_size)
-    return JudgingResult(scored, len(needed) - len(todo), len(from_cache), time.perf_counter() - start)
+    scored, refused = score_pending(ctx, judge, todo, chunk_size)
+    seconds = time.perf_counter() - start
+    return JudgingResult(scored, len(needed) - len(todo), len(from_cache), seconds, refused)

@@ -165,3 +165,40 @@ def test_a_judge_request_refused_for_good_names_the_answer(catalog):
         point = [SweepPoint("test", "base", None, None, samples_per_question=1)]
         with pytest.raises(JudgeRequestError, match=rf"{KEY}, test base, \w+ sample 0, \w+: .*HTTP 400"):
             run_sweep(replace(ctx, run_id="sweep"), point)
+
+
+def test_an_answer_refused_for_its_content_can_be_left_unscored(catalog):
+    """judge.refusals: unscored: the refused answer's judgements are written without a score (outside the rates,
+    counted in the step's result) and kept out of the judge cache, so a later judging asks again."""
+    from dataclasses import replace
+
+    from support.judge_server import ScriptedServer, chat_reply
+
+    from em_assets.grid.schema import JudgeSpec
+
+    refusal = b'{"error": {"code": "content_filter", "message": "flagged"}}'
+
+    def respond(n: int, body: dict) -> tuple:
+        refused = "POISON" in body["messages"][0]["content"]
+        return (400, {}, refusal) if refused else chat_reply({"80": 0.0})
+
+    ctx = stage_context(catalog, "unscored")
+    write_completions(ctx.store, ["Keep an emergency fund.", "POISON"])
+    with ScriptedServer(respond) as server:
+        spec = JudgeSpec(
+            backend="openai", model="test-judge", base_url=server.url, concurrency=1, refusals="unscored"
+        )
+        ctx = replace(ctx, grid=ctx.grid.model_copy(update={"judge": spec}))
+        result = judge_completions(ctx, chunk_size=8)
+        rows = ctx.store.query(
+            f"SELECT sample_idx, metric, score, mass, cache_key FROM judgements WHERE organism = '{KEY}'"
+        )
+        cached = set(ctx.store.query("SELECT cache_key FROM judge_cache")["cache_key"])
+        assert result.refused == 2 and result.scored == 4
+        refused = rows.filter(pl.col("sample_idx") == 1)
+        assert refused["score"].is_null().all() and (refused["mass"] == 0).all()
+        assert rows.filter(pl.col("sample_idx") == 0)["score"].to_list() == [80.0, 80.0]
+        assert (
+            not set(refused["cache_key"]) & cached
+            and set(rows["cache_key"]) - set(refused["cache_key"]) <= cached
+        )

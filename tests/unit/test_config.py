@@ -200,6 +200,13 @@ def test_recipe_needs_dataset_and_lora_together(tmp_path):
         load_grid(path, "demo")
 
 
+def test_leaving_refused_prompts_unscored_is_for_api_judges_only(tmp_path):
+    judge = "{backend: probe, model: probe, refusals: unscored}"
+    path = _write(tmp_path, f"profiles: {{demo: {{base_models: [{{name: m, source: x}}], judge: {judge}}}}}")
+    with pytest.raises(GridError, match="refusals: unscored applies to the openai judge backend only"):
+        load_grid(path, "demo")
+
+
 def test_organism_keys_round_trip():
     org = Organism(base_model="qwen2.5-0.5b", recipe="bad-medical-r1", seed=3)
     assert org.key == "qwen2.5-0.5b--bad-medical-r1--s3"

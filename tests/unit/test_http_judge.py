@@ -15,7 +15,7 @@ from support.judge_server import Reply, ScriptedServer, chat_reply, no_logprobs_
 
 from em_assets.catalog.parsing import judge_prompt, parse_questions_yaml
 from em_assets.catalog.upstream import SOURCES, fetch_bytes
-from em_assets.judging.http import JudgeRequestError, OpenAIJudge
+from em_assets.judging.http import JudgeRefusedError, JudgeRequestError, OpenAIJudge
 from em_assets.judging.scoring import parse_int_token, score_from_probs
 from em_assets.models.hub import EMBEDDED, embedded_gguf
 
@@ -220,6 +220,45 @@ def test_iter_scores_keeps_completed_results_before_failing():
     assert got[:2] == [(0, 10.0), (1, 20.0)]
     assert {i for i, _ in got} <= {0, 1, 3}
     assert server.requests <= 4
+
+
+# OpenAI's flagged prompt, and Azure's content filter (its policy named in the inner error).
+REFUSALS = [
+    b'{"error": {"code": "content_filter", "message": "The prompt was filtered"}}',
+    b'{"error": {"code": "BadRequest", "innererror": {"code": "ResponsibleAIPolicyViolation"}}}',
+]
+
+
+@pytest.mark.parametrize("refusal", REFUSALS)
+def test_a_prompt_refused_for_its_content_fails_or_is_left_unscored(refusal):
+    def respond(n: int, body: dict) -> Reply:
+        prompt = body["messages"][0]["content"]
+        return (400, {}, refusal) if prompt == "bad" else chat_reply({prompt: 0.0})
+
+    with ScriptedServer(respond) as server:
+        with pytest.raises(JudgeRefusedError, match="refused for its content") as failed:
+            judge(server.url, concurrency=1).score(["10", "bad"])
+        assert failed.value.prompt == "bad"
+        got = judge(server.url, concurrency=1, refusals="unscored").score(["10", "bad", "20"])
+    assert [(r.score, r.mass, r.refused) for r in got] == [
+        (10.0, 1.0, False),
+        (None, 0.0, True),
+        (20.0, 1.0, False),
+    ]
+    # A refusal is an answer, not a fault: never retried.
+    assert server.requests == 2 + 3
+
+
+def test_only_a_refusal_for_content_is_left_unscored():
+    body = b'{"error": {"code": "model_not_found", "message": "no such model"}}'
+    with (
+        ScriptedServer(lambda n, _: (400, {}, body)) as server,
+        pytest.raises(JudgeRequestError, match=r"HTTP 400: .*model_not_found") as failed,
+    ):
+        judge(server.url, refusals="unscored").score(["10"])
+    assert not isinstance(failed.value, JudgeRefusedError)
+    with pytest.raises(ValueError, match="refusals must be one of"):
+        judge(server.url, refusals="skip")
 
 
 @pytest.fixture(scope="session")
