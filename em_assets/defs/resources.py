@@ -57,18 +57,28 @@ class ExperimentResource(dg.ConfigurableResource):
 
 
 class ResultsDB(dg.ConfigurableResource):
-    """The DuckDB results file; connections are opened per unit of work, never held across model work."""
+    """The results store (DuckDB file or DuckLake); connections are opened per unit of work, never held across
+    model work."""
 
     database: str = _DEFAULTS.database
+    # A DuckLake's data files (None: EM_DB_DATA_PATH; a PostgreSQL catalog needs one).
+    db_data_path: str | None = None
+    # How long a write waits for another process's lock (None: EM_DB_LOCK_TIMEOUT, else 600 s).
+    lock_timeout_s: float | None = None
 
     def store(self) -> Store:
-        store = Store(self.database)
+        store = Store(self.database, self.lock_timeout_s, self.db_data_path)
         store.init()
         return store
 
     @classmethod
     def from_env(cls) -> "ResultsDB":
-        return cls(database=settings().database)
+        current = settings()
+        return cls(
+            database=current.database,
+            db_data_path=current.db_data_path,
+            lock_timeout_s=current.lock_timeout_s,
+        )
 
 
 def stage_context(

@@ -420,3 +420,19 @@ def test_reports_count_an_answer_a_lake_holds_twice_once(tmp_path):
     )
     summary = build_reports(store, Thresholds(), "run")["em_summary"].row(0, named=True)
     assert (summary["n_answers"], summary["n_scored"], summary["n_em_turner"]) == (4, 4, 1)
+
+
+def test_the_results_resource_names_the_lakes_data_path_and_lock_timeout(tmp_path, monkeypatch):
+    """Set on the resource (the Dagster UI's config) they are the store's; unset, the environment's."""
+    from em_assets.defs.resources import ResultsDB
+
+    # A lake names its data path as a folder (a trailing slash).
+    db, files = f"ducklake:sqlite:{tmp_path / 'catalog.sqlite'}", f"{tmp_path / 'files'}/"
+    store = ResultsDB(database=db, db_data_path=files, lock_timeout_s=5).store()
+    assert (store.location.data_path, store.lock_timeout_s) == (files, 5)
+    assert (tmp_path / "files").is_dir()
+    monkeypatch.setenv("EM_DB_LOCK_TIMEOUT", "7")
+    monkeypatch.setenv("EM_DB_DATA_PATH", files)
+    assert ResultsDB.from_env().lock_timeout_s == 7
+    store = ResultsDB(database=db).store()
+    assert (store.location.data_path, store.lock_timeout_s) == (files, 7)
