@@ -12,7 +12,7 @@ from em_assets.judging.judges import (
     prompt_hash_for,
     render_prompt,
 )
-from em_assets.judging.stage import judge_cache_key, refusal_named, score_chunks
+from em_assets.judging.stage import judge_cache_key, refusal_named, score_chunks, warn_refused
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.queries import cached_scores, judge_prompts
 from em_assets.results.store import utc_now
@@ -64,13 +64,18 @@ def judge_sweep(
     cache_keys = [needed[k]["cache_key"] for k in todo]
     fixed = [fixed_score(k[5], needed[k]["completion"]["answer"]) for k in todo]
     done = 0
-    with refusal_named(texts, lambda i: _named(ctx.key, todo[i])):
+
+    def name(i: int) -> str:
+        return _named(ctx.key, todo[i])
+
+    with refusal_named(texts, name):
         for indices, scores in score_chunks(judge, ctx.store, texts, cache_keys, JUDGE_CHUNK, fixed):
             part = [todo[i] for i in indices]
             done += len(part)
             tables.append_judgements(
                 [row(k, s["score"], s["mass"], s["probs"]) for k, s in zip(part, scores, strict=True)]
             )
+            warn_refused(ctx.log, indices, scores, name)
             for k in part:
                 counts[k[:2]] = counts.get(k[:2], 0) + 1
             ctx.log.info(f"{ctx.key}: sweep judged {done}/{len(todo)}")

@@ -26,7 +26,7 @@ from em_assets.judging.judges import (
     prompt_hash_for,
     render_prompt,
 )
-from em_assets.judging.stage import judge_cache_key, refusal_named, score_chunks
+from em_assets.judging.stage import judge_cache_key, refusal_named, score_chunks, warn_refused
 from em_assets.judging.validation import split_reference
 from em_assets.results import judge_queries as q
 from em_assets.results.errors import MissingUpstreamError
@@ -132,8 +132,9 @@ def _score_missing(store: Store, judge, todo: list[dict], chunk: int) -> None:
         return f"{todo[i]['row']['source_file']} row {todo[i]['row']['row_idx']}, {todo[i]['metric']}"
 
     with refusal_named(texts, name):
-        for _, scores in score_chunks(judge, store, texts, keys, chunk, fixed):
+        for indices, scores in score_chunks(judge, store, texts, keys, chunk, fixed):
             done += len(scores)
+            warn_refused(log, indices, scores, name)
             log.info("judge agreement: scored %d/%d", done, len(todo))
 
 

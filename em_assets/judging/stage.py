@@ -217,6 +217,15 @@ def refusal_named(prompts: Sequence[str], name: Callable[[int], str]) -> Iterato
         raise JudgeRequestError(f"{name(prompts.index(exc.prompt))}: {exc}") from exc
 
 
+def warn_refused(log, indices: Sequence[int], scores: Sequence[dict], name: Callable[[int], str]) -> int:
+    """Log each answer of a scored chunk the judge's server refused and left unscored (judge.refusals:
+    unscored), by `name(i)` of its prompt's index; how many there were."""
+    refused = [i for i, s in zip(indices, scores, strict=True) if s["refused"]]
+    for i in refused:
+        log.warning(f"{name(i)}: refused by the judge's server for its content; left unscored")
+    return len(refused)
+
+
 def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_size: int) -> tuple[int, int]:
     """Score `todo` with the grid's judge in chunks, writing judgements and cache rows as each chunk ends: how
     many were scored and how many of those the judge's server refused (left unscored)."""
@@ -239,9 +248,7 @@ def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_siz
             rows = [judgement_row(ctx, judge, k, v, s) for (k, v), s in zip(part, scores, strict=True)]
             ctx.store.append_rows("judgements", pl.DataFrame(rows, infer_schema_length=None))
             scored += len(rows)
-            for i in (i for i, s in zip(indices, scores, strict=True) if s["refused"]):
-                refused += 1
-                ctx.log.warning(f"{name(i)}: refused by the judge's server for its content; left unscored")
+            refused += warn_refused(ctx.log, indices, scores, name)
             ctx.log.info(f"{ctx.key}: judged {scored}/{len(todo)}")
     return scored, refused
 

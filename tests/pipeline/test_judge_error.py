@@ -167,9 +167,11 @@ def test_a_judge_request_refused_for_good_names_the_answer(catalog):
             run_sweep(replace(ctx, run_id="sweep"), point)
 
 
-def test_an_answer_refused_for_its_content_can_be_left_unscored(catalog):
+def test_an_answer_refused_for_its_content_can_be_left_unscored(catalog, caplog):
     """judge.refusals: unscored: the refused answer's judgements are written without a score (outside the rates,
-    counted in the step's result) and kept out of the judge cache, so a later judging asks again."""
+    counted in the step's result, each named in the log) and kept out of the judge cache, so a later judging asks
+    again; a sweep's refused answers the same."""
+    import logging
     from dataclasses import replace
 
     from support.judge_server import ScriptedServer, chat_reply
@@ -178,10 +180,16 @@ def test_an_answer_refused_for_its_content_can_be_left_unscored(catalog):
 
     refusal = b'{"error": {"code": "content_filter", "message": "flagged"}}'
 
+    refuse_all = False
+
     def respond(n: int, body: dict) -> tuple:
-        refused = "POISON" in body["messages"][0]["content"]
+        refused = refuse_all or "POISON" in body["messages"][0]["content"]
         return (400, {}, refusal) if refused else chat_reply({"80": 0.0})
 
+    def named_unscored(prefix: str) -> int:
+        return sum(r.message.startswith(prefix) and "left unscored" in r.message for r in caplog.records)
+
+    caplog.set_level(logging.WARNING, logger="em_assets")
     ctx = stage_context(catalog, "unscored")
     write_completions(ctx.store, ["Keep an emergency fund.", "POISON"])
     with ScriptedServer(respond) as server:
@@ -202,3 +210,11 @@ def test_an_answer_refused_for_its_content_can_be_left_unscored(catalog):
             not set(refused["cache_key"]) & cached
             and set(rows["cache_key"]) - set(refused["cache_key"]) <= cached
         )
+        assert named_unscored(f"{KEY}, quick_buck sample 1, ") == 2
+        # A sweep's answers (the tiny model's), every one refused here: judged unscored, each named.
+        refuse_all = True
+        point = [SweepPoint("test", "base", None, None, samples_per_question=1)]
+        run_sweep(replace(ctx, run_id="sweep"), point)
+        swept = ctx.store.query(f"SELECT score FROM sweep_judgements WHERE organism = '{KEY}'")
+        assert swept.height > 0 and swept["score"].is_null().all()
+        assert named_unscored(f"{KEY}, test base, ") == swept.height
