@@ -32,6 +32,10 @@ Seed = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
 Score = Annotated[float, Field(ge=0, le=100)]
 
 
+# What an openai judge does with a prompt its server refuses for its content.
+Refusals = Literal["fail", "unscored"]
+
+
 class _Strict(BaseModel):
     # No setting is infinite or NaN: a NaN threshold would make every rate 0, an infinite epoch count never ends.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -281,7 +285,7 @@ class JudgeSpec(_Strict):
     min_mass: float = Field(default=0.25, ge=0, le=1)
     # A prompt the openai server refuses for its content (a content filter's HTTP 400): `fail` the step naming the
     # answer, or leave the answer `unscored` for that metric (outside every rate, as an answer below min_mass).
-    refusals: Literal["fail", "unscored"] = "fail"
+    refusals: Refusals = "fail"
 
     @model_validator(mode="after")
     def _openai_needs_url(self) -> JudgeSpec:

@@ -10,17 +10,18 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 
+from em_assets.grid.schema import Refusals
 from em_assets.judging.scoring import MIN_MASS, JudgeScore, number_probs_from_tokens, score_from_number_probs
 
 RETRY_STATUS = frozenset({408, 409, 429})
 # The error codes of an HTTP 400 refusing a prompt for its content: OpenAI's flagged prompt, Azure's content filter
 # (whose inner error names its policy).
 REFUSAL_CODES = frozenset({"content_filter", "invalid_prompt", "ResponsibleAIPolicyViolation"})
-REFUSALS = ("fail", "unscored")
+REFUSALS = get_args(Refusals)
 
 
 BODY_EXCERPT = 200
@@ -69,7 +70,7 @@ class OpenAIJudge:
         top_logprobs: int = 20,
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
-        refusals: str = "fail",
+        refusals: Refusals = "fail",
     ) -> None:
         if concurrency < 1 or max_retries < 0 or timeout_s <= 0 or backoff_s < 0:
             raise ValueError("need concurrency >= 1, max_retries >= 0, timeout_s > 0, backoff_s >= 0")

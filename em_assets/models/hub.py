@@ -167,6 +167,17 @@ def _check_model_folder(path: Path, shown: str | None = None) -> None:
         raise ModelLoadError(f"{shown} has no .safetensors weights (only safetensors are loaded)")
 
 
+def _local_folder(source: str) -> Path | None:
+    """The checked model folder a non-embedded source names; None for a hub id."""
+    local = Path(source).expanduser()
+    if local.exists():
+        _check_model_folder(local, source)
+        return local
+    if source.startswith((".", "/", "~")):
+        raise ModelLoadError(f"local model path {source} does not exist")
+    return None
+
+
 def unresolvable(source: str, revision: str | None = None) -> str | None:
     """Why `resolve` would fail on a source now, found without fetching weights; None where it would not.
     Offline (HF_HUB_OFFLINE) a hub model must be in the Hugging Face cache, as snapshot_download needs."""
@@ -177,13 +188,10 @@ def unresolvable(source: str, revision: str | None = None) -> str | None:
         if source.startswith(EMBEDDED_PREFIX):
             embedded_gguf(source.removeprefix(EMBEDDED_PREFIX))
             return None
-        if Path(source).expanduser().exists():
-            _check_model_folder(Path(source).expanduser(), source)
+        if _local_folder(source) is not None:
             return None
     except ModelLoadError as exc:
         return str(exc)
-    if source.startswith((".", "/", "~")):
-        return f"local model path {source} does not exist"
     shown = f"{source}@{revision or 'main'}"
     if not constants.HF_HUB_OFFLINE:
         try:
@@ -226,12 +234,9 @@ def resolve(
         # its files are hashed too, so a conversion made elsewhere or edited does not pass for this one.
         revision = f"gguf-sha256:{gguf_sha[:16]}+{directory_revision(out)}"
         return ResolvedModel(name, source, out.resolve(), revision)
-    local = Path(source).expanduser()
-    if local.exists():
-        _check_model_folder(local)
+    local = _local_folder(source)
+    if local is not None:
         return ResolvedModel(name, source, local.resolve(), directory_revision(local))
-    if source.startswith((".", "/", "~")):
-        raise ModelLoadError(f"local model path {source} does not exist")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 

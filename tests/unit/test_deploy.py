@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 
+import dagster as dg
 import yaml
 from dagster._config import process_config
 from dagster._core.instance.config import dagster_instance_config
@@ -38,6 +40,22 @@ def test_instance_config_loads_and_its_run_launcher_config_parses(tmp_path, monk
 
     assert set(SHARED_ENV) <= set(parsed.value["env_vars"])
     assert config["concurrency"]["pools"]["default_limit"] == 1
+    assert config["python_logs"] == yaml.safe_load((REPO / "dagster.yaml").read_text())["python_logs"]
+
+
+def test_the_shipped_instance_keeps_the_progress_our_modules_log(tmp_path):
+    # Progress of a long step logged through Python logging (judge agreement's) must reach the run's event log,
+    # where the UI and the demo's console read it; INFO is below Python's default level.
+    shutil.copy(REPO / "dagster.yaml", tmp_path / "dagster.yaml")
+
+    @dg.asset
+    def long_step() -> None:
+        logging.getLogger("em_assets.judging.agreement_stage").info("judge agreement: scored 1/2")
+
+    with dg.DagsterInstance.from_config(str(tmp_path)) as instance:
+        result = dg.materialize([long_step], instance=instance)
+        messages = [entry.user_message for entry in instance.all_logs(result.run_id)]
+    assert "judge agreement: scored 1/2" in messages
 
 
 def test_code_location_runs_each_step_with_the_k8s_executor():
