@@ -75,16 +75,22 @@ class ProgressConsole:
                 self._write(line.render("FAILED", self.width), final=True)
                 return
             self.done.append(step)
-            if line.total:
-                self.counts[line.verb] = self.counts.get(line.verb, 0) + line.done
+            self._count(line)
             self._write("", final=False)
         elif event is None and step in self.lines:
             matches = PROGRESS.findall(entry.user_message or "")
             if matches:
                 line = self.lines[step]
                 verb, done, total = matches[-1]
+                if line.total and (verb != line.verb or int(done) < line.done):
+                    # A step's next phase (judge agreement's held-out files, then its hand-rated answers).
+                    self._count(line)
                 line.verb, line.done, line.total = verb, int(done), int(total)
                 self._draw(step, "..")
+
+    def _count(self, line: StepLine) -> None:
+        if line.total:
+            self.counts[line.verb] = self.counts.get(line.verb, 0) + line.done
 
     def finish(self) -> None:
         """The run's line: its steps done, what they counted (e.g. "sampled 24, judged 96"), and its time."""

@@ -17,6 +17,8 @@ from em_assets.cli.progress import ProgressConsole, output_to_log
 def scored(context: dg.AssetExecutionContext) -> None:
     for done in (4, 8):
         context.log.info(f"org: judged {done}/8 (chunk of 4)")
+    # A second phase of the same step counts too.
+    context.log.info("org: judged 3/3 hand-rated answers")
 
 
 @dg.asset(deps=[scored])
@@ -40,10 +42,10 @@ def test_a_run_gets_one_line_with_its_counts_and_a_failed_step_one_of_its_own():
     assert not result.success
     console.finish()
     lines = out.getvalue().splitlines()
-    # The failed step gets its line when it fails; the run's line closes it: two steps done, eight judged.
+    # The failed step gets its line when it fails; the run's line closes it: two steps done, 8 + 3 judged.
     assert [line.split()[:2] for line in lines] == [["FAILED", "broken"], ["ok", "org-key"]]
     assert "org-key" in lines[0]
-    assert lines[1].split()[2:6] == ["2", "steps", "judged", "8"] and lines[1].rstrip().endswith("s")
+    assert lines[1].split()[2:6] == ["2", "steps", "judged", "11"] and lines[1].rstrip().endswith("s")
     assert console.failed == ["broken"]
     console.finish()
     assert len(out.getvalue().splitlines()) == 2
