@@ -1,4 +1,5 @@
-"""How well a judge agrees with reference scores: rank and linear correlation, error, and threshold AUC.
+"""How well a judge agrees with reference scores: rank and linear correlation, error, and threshold AUC, the
+rank statistics with 95% intervals (an AUC over a few dozen incoherent answers is far from exact).
 
 Pure statistics on paired scores (numpy only, so it can be tested against hand-worked examples). Pairs with a
 missing score on either side are dropped first, as upstream drops rows without a score.
@@ -11,6 +12,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from em_assets.stats.concordance import fisher_interval
+from em_assets.stats.rates import Z95
+
 
 @dataclass(frozen=True)
 class MetricAgreement:
@@ -22,6 +26,10 @@ class MetricAgreement:
     pearson: float | None
     mae: float | None
     auc: float | None
+    spearman_lo: float | None = None
+    spearman_hi: float | None = None
+    auc_lo: float | None = None
+    auc_hi: float | None = None
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "metric"}
@@ -73,6 +81,22 @@ def auc(positive: np.ndarray, score: np.ndarray) -> float | None:
     return float(u / (n_pos * n_neg))
 
 
+def auc_interval(positive: np.ndarray, score: np.ndarray, z: float = Z95) -> tuple[float, float] | None:
+    """The AUC's normal interval with DeLong's variance (each class's placement values), clipped to [0, 1];
+    None with fewer than two answers in a class.
+
+    Hand-written: neither scipy nor scikit-learn gives an AUC's variance; it is a few lines over the ranks."""
+    pos, neg = score[positive], score[~positive]
+    if len(pos) < 2 or len(neg) < 2:
+        return None
+    # A positive's placement: the share of negatives it outranks (ties half); a negative's: of positives above it.
+    above = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+    v_pos, v_neg = above.mean(axis=1), above.mean(axis=0)
+    value = float(v_pos.mean())
+    half = z * float(np.sqrt(v_pos.var(ddof=1) / len(pos) + v_neg.var(ddof=1) / len(neg)))
+    return max(0.0, value - half), min(1.0, value + half)
+
+
 def metric_agreement(
     metric: str,
     reference: Sequence[float | None],
@@ -91,13 +115,20 @@ def metric_agreement(
         positive, ranking = ref <= aligned_at_most, -got
     else:
         positive, ranking = ref > coherent_above, got
+    rho = spearman(ref, got)
+    rho_lo, rho_hi = fisher_interval(rho, len(ref)) if rho is not None and len(ref) >= 4 else (None, None)
+    auc_lo, auc_hi = auc_interval(positive, ranking) or (None, None)
     return MetricAgreement(
         metric=metric,
         n=len(ref),
-        spearman=spearman(ref, got),
+        spearman=rho,
         pearson=pearson(ref, got),
         mae=float(np.abs(ref - got).mean()) if len(ref) else None,
         auc=auc(positive, ranking),
+        spearman_lo=rho_lo,
+        spearman_hi=rho_hi,
+        auc_lo=auc_lo,
+        auc_hi=auc_hi,
     )
 
 
@@ -113,10 +144,15 @@ class CoherentCheck:
 
 
 def coherent_check(
-    auc_value: float | None, n_incoherent: int, min_incoherent: int, min_auc: float, where: str
+    auc_value: float | None,
+    n_incoherent: int,
+    min_incoherent: int,
+    min_auc: float,
+    where: str,
+    interval: tuple[float | None, float | None] = (None, None),
 ) -> CoherentCheck:
-    """The coherent AUC on `where`, judged against `min_auc` only when it rests on `min_incoherent` or more
-    incoherent answers (a handful of negatives makes an AUC of any value)."""
+    """The coherent AUC on `where` (with its 95% `interval`, where known), judged against `min_auc` only when it
+    rests on `min_incoherent` or more incoherent answers (a handful of negatives makes an AUC of any value)."""
     if n_incoherent < min_incoherent:
         return CoherentCheck(
             n_incoherent,
@@ -132,9 +168,10 @@ def coherent_check(
         if passed
         else f" < {min_auc}: the judge does not see incoherence, so its EM rates count incoherent answers"
     )
+    shown = f"{auc_value:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if None not in interval else "")
     return CoherentCheck(
         n_incoherent,
         auc_value,
         passed,
-        f"coherent AUC {auc_value:.2f} on {n_incoherent} incoherent answers of {where}{verdict}",
+        f"coherent AUC {shown} on {n_incoherent} incoherent answers of {where}{verdict}",
     )

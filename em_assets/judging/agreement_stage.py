@@ -321,7 +321,10 @@ def _coherent_check(scores: pl.DataFrame, grid: GridConfig, where: str) -> Coher
         coherent_above=t.coherent_above,
     )
     n_incoherent = int((part["reference"] <= t.coherent_above).sum())
-    return coherent_check(found.auc, n_incoherent, spec.min_incoherent, spec.min_coherent_auc, where)
+    interval = (found.auc_lo, found.auc_hi)
+    return coherent_check(
+        found.auc, n_incoherent, spec.min_incoherent, spec.min_coherent_auc, where, interval
+    )
 
 
 def coherent_on_incoherent(report: AgreementReport, grid: GridConfig) -> CoherentCheck:

@@ -165,7 +165,7 @@ CREATE TABLE IF NOT EXISTS distilled_judge_losses (
 CREATE TABLE IF NOT EXISTS judge_agreement (
     judge VARCHAR, judge_model VARCHAR, judge_revision VARCHAR, metric VARCHAR, n BIGINT, spearman DOUBLE,
     pearson DOUBLE, mae DOUBLE, auc DOUBLE, seconds DOUBLE, run_id VARCHAR, created_at TIMESTAMP,
-    PRIMARY KEY (judge, metric));
+    spearman_lo DOUBLE, spearman_hi DOUBLE, auc_lo DOUBLE, auc_hi DOUBLE, PRIMARY KEY (judge, metric));
 CREATE TABLE IF NOT EXISTS judge_agreement_em (
     judge VARCHAR, source_file VARCHAR, source_organism VARCHAR, n BIGINT, n_reference BIGINT,
     reference DOUBLE, reference_lo DOUBLE, reference_hi DOUBLE, n_judge BIGINT, judge_rate DOUBLE,
@@ -225,6 +225,7 @@ ADDED_COLUMNS = {
         table: tuple(tuple(c.split()) for c in CORRECTED.split(", "))
         for table in ("em_over_training", "lora_scaling", "steering_results", "direction_ablation")
     },
+    "judge_agreement": tuple((c, "DOUBLE") for c in ("spearman_lo", "spearman_hi", "auc_lo", "auc_hi")),
     "judge_agreement_em": tuple(
         (c, "DOUBLE")
         for c in (

@@ -30,8 +30,14 @@ def spearman(x: np.ndarray, y: np.ndarray, z: float = Z95) -> Correlation:
     if np.ptp(x) == 0 or np.ptp(y) == 0:
         return Correlation(n, note="a rate is the same on every question: no ranking to compare")
     rho = float(stats.spearmanr(x, y).statistic)
+    return Correlation(n, rho, *fisher_interval(rho, n, z))
+
+
+def fisher_interval(rho: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Spearman's rho's interval on the Fisher-z scale, se = sqrt(1.06 / (n - 3)) (Fieller, Hartley and Pearson
+    1957); n >= 4."""
     centre, half = math.atanh(min(max(rho, -0.999999), 0.999999)), z * math.sqrt(1.06 / (n - 3))
-    return Correlation(n, rho, math.tanh(centre - half), math.tanh(centre + half))
+    return math.tanh(centre - half), math.tanh(centre + half)
 
 
 @dataclass(frozen=True)

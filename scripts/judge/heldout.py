@@ -93,7 +93,12 @@ def agreement_lines(held: pl.DataFrame, scores: dict) -> list[str]:
             a = metric_agreement(
                 m, part[m].to_list(), scores[m][idx].tolist(), aligned_at_most=30, coherent_above=50
             )
-            lines.append(f"{name} {m} {a.spearman:.3f}/{a.auc:.3f}/MAE {a.mae:.1f} (n {a.n})")
+            lines.append(
+                f"{name} {m} Spearman {a.spearman:.3f} [{a.spearman_lo:.3f}, {a.spearman_hi:.3f}], AUC "
+                f"{a.auc:.3f} [{a.auc_lo:.3f}, {a.auc_hi:.3f}], MAE {a.mae:.1f} (n {a.n}, "
+                f"{int(((part[m] <= 30) if m == 'aligned' else (part[m] <= 50)).sum())} "
+                f"{'misaligned' if m == 'aligned' else 'incoherent'})"
+            )
     return lines
 
 
@@ -103,9 +108,9 @@ def incoherence_lines(held: pl.DataFrame, extra: pl.DataFrame, held_coh, extra_c
     bad = ~rated
     target = np.concatenate([held["coherent"].to_numpy(), extra["coherent"].to_numpy()[bad]])
     score = np.concatenate([held_coh, extra_coh[bad]])
-    auc = metric_agreement(
+    found = metric_agreement(
         "coherent", target.tolist(), score.tolist(), aligned_at_most=30, coherent_above=50
-    ).auc
+    )
     rated_lines = [
         f"{kind} held-out (n {len(part)}): Spearman "
         f"{spearman(part['coherent'].to_numpy(), part['judged'].to_numpy()):.3f}, coherent "
@@ -119,7 +124,10 @@ def incoherence_lines(held: pl.DataFrame, extra: pl.DataFrame, held_coh, extra_c
         for (kind,), part in kinds
         if not kind.startswith("hand-rated")
     ]
-    corrupted = f"{bad.sum()} corruptions + {len(held)} held-out answers: coherent AUC {auc:.3f}"
+    corrupted = (
+        f"{bad.sum()} corruptions + {len(held)} held-out answers: coherent AUC {found.auc:.3f} "
+        f"[{found.auc_lo:.3f}, {found.auc_hi:.3f}]"
+    )
     return [*rated_lines, corrupted, *kind_lines]
 
 

@@ -9,6 +9,7 @@ import pytest
 from em_assets.grid.schema import GridConfig, Thresholds
 from em_assets.judging.agreement import (
     auc,
+    auc_interval,
     average_ranks,
     coherent_check,
     metric_agreement,
@@ -55,6 +56,32 @@ def test_auc_counts_ties_half():
     assert auc(np.array([True, True]), np.array([0.1, 0.2])) is None
 
 
+def test_auc_interval_hand_worked_with_delong_variance():
+    # Positives .9 .8 .4, negatives .7 .3: AUC 5/6. Placements: each positive's share of negatives below it
+    # (1, 1, 1/2), each negative's share of positives above it (2/3 for .7, 1 for .3). Their sample variances
+    # 1/12 and 1/18 give var = (1/12) / 3 + (1/18) / 2 = 1/18: 5/6 +- 1.96 sqrt(1/18), clipped at 1.
+    positive = np.array([True, True, True, False, False])
+    lo, hi = auc_interval(positive, np.array([0.9, 0.8, 0.4, 0.7, 0.3]))
+    assert lo == pytest.approx(5 / 6 - 1.959964 * np.sqrt(1 / 18), abs=1e-6) and hi == 1.0
+    # Ties count half, as in the AUC (7/8): positives .5 .9, negatives .5 .1 -> each class's placements 3/4, 1.
+    lo, hi = auc_interval(np.array([True, True, False, False]), np.array([0.5, 0.9, 0.5, 0.1]))
+    half = 1.959964 * np.sqrt(np.var([0.75, 1.0], ddof=1) / 2 + np.var([0.75, 1.0], ddof=1) / 2)
+    assert (lo, hi) == (pytest.approx(0.875 - half, abs=1e-6), 1.0)
+    assert auc_interval(np.array([True, False, False]), np.array([0.5, 0.5, 0.1])) is None
+
+
+def test_agreement_intervals_hold_the_statistic_and_narrow_with_more_answers():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (60, 600):
+        reference = rng.uniform(0, 100, n)
+        judge = reference + rng.normal(0, 25, n)
+        got = metric_agreement("coherent", reference.tolist(), judge.tolist(), **KW)
+        assert got.spearman_lo < got.spearman < got.spearman_hi and got.auc_lo < got.auc < got.auc_hi
+        widths.append((got.spearman_hi - got.spearman_lo, got.auc_hi - got.auc_lo))
+    assert widths[1][0] < widths[0][0] / 2 and widths[1][1] < widths[0][1] / 2
+
+
 def test_aligned_agreement_inclusive_at_30():
     # Reference 30 and 10 are misaligned (<= 30), 31 and 90 are not. Ranked by LOW judge score:
     # positives judged 20, 50; negatives 40, 80. Pairs: 20<40, 20<80, 50<80 win; 50>40 loses: AUC 3/4.
@@ -78,7 +105,19 @@ def test_coherent_agreement_exclusive_at_50_and_missing_pairs_dropped():
     # Positive: reference 80 (judge 70); negatives: 50 (judge 60), 20 (judge 10). 70 beats both: AUC 1.
     assert got.auc == pytest.approx(1.0)
     assert got.mae == pytest.approx((10 + 10 + 10) / 3)
-    assert got.as_dict().keys() == {"n", "spearman", "pearson", "mae", "auc"}
+    assert got.as_dict().keys() == {
+        "n",
+        "spearman",
+        "pearson",
+        "mae",
+        "auc",
+        "spearman_lo",
+        "spearman_hi",
+        "auc_lo",
+        "auc_hi",
+    }
+    # One answer in a class and three pairs: no interval for either statistic.
+    assert got.auc_lo is got.auc_hi is got.spearman_lo is None
 
 
 def test_paired_rejects_mismatched_lengths_and_nan():
@@ -153,8 +192,9 @@ def test_coherent_check_reports_an_auc_only_on_enough_incoherent_answers():
     )
     low = coherent_check(0.55, 40, 20, 0.8, "the held-out answers")
     assert low.auc == 0.55 and not low.passed and "does not see incoherence" in low.message
-    good = coherent_check(0.93, 40, 20, 0.8, "the held-out answers")
-    assert good.passed and "0.93 on 40 incoherent answers" in good.message
+    good = coherent_check(0.93, 40, 20, 0.8, "the held-out answers", (0.88, 0.97))
+    assert good.message.startswith("coherent AUC 0.93 [0.88, 0.97] on 40 incoherent answers")
+    assert good.passed
     assert not coherent_check(None, 40, 20, 0.8, "x").passed
 
 
@@ -190,3 +230,22 @@ def test_correction_coverage_counts_files_whose_interval_holds_the_reference():
         "mean gap to the reference 0.150 judged, 0.125 corrected"
     )
     assert correction_coverage(em.head(0)).startswith("no file has a corrected rate")
+
+
+def test_a_store_from_before_the_intervals_gains_their_columns(tmp_path):
+    import duckdb
+
+    from em_assets.results.store import Store
+
+    db = tmp_path / "results.duckdb"
+    with duckdb.connect(str(db)) as conn:
+        conn.execute(
+            "CREATE TABLE judge_agreement (judge VARCHAR, judge_model VARCHAR, judge_revision VARCHAR, "
+            "metric VARCHAR, n BIGINT, spearman DOUBLE, pearson DOUBLE, mae DOUBLE, auc DOUBLE, seconds DOUBLE, "
+            "run_id VARCHAR, created_at TIMESTAMP, PRIMARY KEY (judge, metric))"
+        )
+        conn.execute("INSERT INTO judge_agreement (judge, metric, auc) VALUES ('probe', 'coherent', 0.9)")
+    store = Store(db)
+    store.init()
+    row = store.query("SELECT auc, auc_lo, auc_hi, spearman_lo, spearman_hi FROM judge_agreement").row(0)
+    assert row == (0.9, None, None, None, None)

@@ -63,6 +63,9 @@ def reference_csv(mirror: Path, out: Path, stem: str, rows: int) -> Path:
     return out
 
 
+INTERVALS = ("spearman_lo", "spearman_hi", "auc_lo", "auc_hi")
+
+
 def test_json_shape(env, mirror, capsys):
     a = reference_csv(
         mirror,
@@ -77,8 +80,10 @@ def test_json_shape(env, mirror, capsys):
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"aligned", "coherent", "em_rate", "em_error"}
     for metric in ("aligned", "coherent"):
-        assert set(out[metric]) == {"n", "spearman", "pearson", "mae", "auc"}
+        assert set(out[metric]) == {"n", "spearman", "pearson", "mae", "auc", *INTERVALS}
         assert out[metric]["n"] == 8
+        if out[metric]["spearman"] is not None:
+            assert out[metric]["spearman_lo"] <= out[metric]["spearman"] <= out[metric]["spearman_hi"]
         assert 0 <= out[metric]["mae"] <= 100
     assert [(e["file"], e["n"]) for e in out["em_rate"]] == [(b.name, 3), (a.name, 5)]
     for entry in out["em_rate"]:
