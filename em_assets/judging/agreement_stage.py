@@ -486,9 +486,17 @@ def judge_caveat(store: Store, grid: GridConfig) -> str:
         return f"Scored by the {name} judge, not yet measured against GPT-4o (materialise judge_agreement)."
     a = rows["aligned"]
     held_out = ", ".join(grid.agreement.held_out_base_models)
-    fmt = lambda x: "n/a" if x is None else f"{x:.2f}"  # noqa: E731 - a one-line formatter
     return (
         f"Scored by the {name} judge. On {a['n']} GPT-4o-judged answers of base models it never trained on "
-        f"({held_out}): aligned Spearman {fmt(a['spearman'])}, AUC for misaligned {fmt(a['auc'])}, largest "
-        f"per-organism EM-rate gap {fmt(a['gap'])}. These EM rates are that judge's estimates, not GPT-4o's."
+        f"({held_out}): aligned Spearman {_shown(a, 'spearman')}, AUC for misaligned {_shown(a, 'auc')}, "
+        f"largest per-organism EM-rate gap {_shown(a, 'gap')}. These EM rates are that judge's estimates, not "
+        "GPT-4o's."
     )
+
+
+def _shown(row: dict, name: str) -> str:
+    """A statistic of an agreement row to two places, with its 95% interval where the row has one."""
+    value, lo, hi = row[name], row.get(f"{name}_lo"), row.get(f"{name}_hi")
+    if value is None:
+        return "n/a"
+    return f"{value:.2f}" + ("" if lo is None or hi is None else f" [{lo:.2f}, {hi:.2f}]")

@@ -298,7 +298,15 @@ def test_the_judge_caveat_reads_the_state_the_report_tables_were_read_from(tmp_p
     grid_path = REPO / "data" / "grid.yaml"
     grid = load_grid(grid_path, "demo")
     measured = pl.DataFrame(
-        {"judge": judge_name(grid.judge), "metric": "aligned", "n": [7], "spearman": [0.5], "auc": [0.75]}
+        {
+            "judge": judge_name(grid.judge),
+            "metric": "aligned",
+            "n": [7],
+            "spearman": [0.5],
+            "auc": [0.75],
+            "auc_lo": [0.6],
+            "auc_hi": [0.9],
+        }
     )
     write_tables = Store.write_tables
 
@@ -320,7 +328,7 @@ def test_the_judge_caveat_reads_the_state_the_report_tables_were_read_from(tmp_p
     caveat = summary.metadata["judge_caveat"].value
     # The tables' corrections were read without the agreement, and so is the caveat beside them.
     assert "not yet measured against GPT-4o" in caveat, caveat
-    assert "aligned Spearman 0.50" in judge_caveat(store, grid)
+    assert "aligned Spearman 0.50, AUC for misaligned 0.75 [0.60, 0.90]" in judge_caveat(store, grid)
 
 
 def _tiny_lake(tmp_path: Path, model_dir: Path, samples: int):
