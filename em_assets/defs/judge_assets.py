@@ -209,8 +209,8 @@ def _report_metadata(report, grid, figures_dir: Path) -> dict:
 
 def _agreement_check(main, grid) -> dg.AssetCheckResult:
     """Whether the grid's judge ranks misaligned answers as GPT-4o does and matches its EM rates."""
-    by_metric = {m.metric: m for m in main.metrics}
-    spearman, auc, gap = by_metric["aligned"].spearman, by_metric["aligned"].auc, _em_gap(main)
+    aligned = {m.metric: m for m in main.metrics}["aligned"]
+    spearman, auc, gap = aligned.spearman, aligned.auc, _em_gap(main)
     spec = grid.agreement
     passed = (
         spearman is not None and spearman >= spec.min_spearman and auc is not None and auc >= spec.min_auc
@@ -220,8 +220,17 @@ def _agreement_check(main, grid) -> dg.AssetCheckResult:
         passed=bool(passed),
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
-            "aligned_spearman": spearman if spearman is not None else float("nan"),
-            "misaligned_auc": auc if auc is not None else float("nan"),
+            **{
+                name: value if value is not None else float("nan")
+                for name, value in (
+                    ("aligned_spearman", spearman),
+                    ("aligned_spearman_lo", aligned.spearman_lo),
+                    ("aligned_spearman_hi", aligned.spearman_hi),
+                    ("misaligned_auc", auc),
+                    ("misaligned_auc_lo", aligned.auc_lo),
+                    ("misaligned_auc_hi", aligned.auc_hi),
+                )
+            },
             "max_em_gap": gap,
             "thresholds": f"spearman >= {spec.min_spearman}, auc >= {spec.min_auc}, gap <= {spec.max_em_gap}",
         },

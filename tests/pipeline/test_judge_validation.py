@@ -100,6 +100,11 @@ def test_distilled_judge_end_to_end(pipeline):
     assert all(b.split("_")[0] in HELD_OUT for b in em["source_file"])
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert set(checks) == {"judge_agrees_with_reference", "judge_sees_incoherence"}
+    # Seven answers: the stored Spearman interval, shown beside the statistic in the check.
+    meta = checks["judge_agrees_with_reference"].metadata
+    aligned = agreement.row(0, named=True)
+    assert aligned["spearman_lo"] <= aligned["spearman"] <= aligned["spearman_hi"]
+    assert meta["aligned_spearman_lo"].value == pytest.approx(aligned["spearman_lo"])
     n_incoherent = checks["judge_sees_incoherence"].metadata["n_incoherent"].value
     assert n_incoherent < 20 and "too few" in checks["judge_sees_incoherence"].metadata["result"].value
     # The EM error rates measured on the same answers are stored under the judge's identity (none when the
