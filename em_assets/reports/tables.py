@@ -215,9 +215,12 @@ def build_figures(
     """Draw the report figures from the store as of `snapshot` (None: as it is now)."""
     from em_assets.reports import figures as plots
 
-    source = store.at_snapshot(snapshot)
+    with store.at_snapshot(snapshot).pinned() as source:
+        summary = source.query("SELECT * FROM em_summary ORDER BY organism")
+        df = scored_frame(source)
+        losses = source.query("SELECT organism, step, loss, grad_norm FROM training_curves")
+        sizes = size_rates(source, df, thresholds)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = source.query("SELECT * FROM em_summary ORDER BY organism")
     if "judge_source" in summary.columns:
         # An imported organism has a row per judge: the file's judge is named on its label.
         file_row = pl.col("judge_source") == "file"
@@ -225,17 +228,13 @@ def build_figures(
         summary = summary.with_columns(
             pl.when(file_row).then(label).otherwise(pl.col("organism")).alias("organism")
         )
-    df = scored_frame(source)
-    losses = source.query("SELECT organism, step, loss, grad_norm FROM training_curves")
     return {
         "em_rates": plots.plot_em_rates(summary, out_dir / "em_rates.png"),
         "aligned_vs_coherent": plots.plot_aligned_vs_coherent(
             df, out_dir / "aligned_vs_coherent.png", thresholds.aligned_at_most, thresholds.coherent_above
         ),
         "training_curves": plots.plot_training_curves(losses, out_dir / "training_curves.png"),
-        "em_by_model_size": plots.plot_em_by_model_size(
-            size_rates(source, df, thresholds), out_dir / "em_by_model_size.png"
-        ),
+        "em_by_model_size": plots.plot_em_by_model_size(sizes, out_dir / "em_by_model_size.png"),
     }
 
 

@@ -155,14 +155,12 @@ class Store:
 
     @contextlib.contextmanager
     def pinned(self) -> Iterator[Store]:
-        """This store read as one state of the data, for a run of reads: a DuckLake at its current snapshot; a
-        DuckDB file through one read-only connection, which holds other processes' writers off until it closes
-        (write after the block)."""
-        if self.lake:
-            yield self.at_snapshot(self.current_snapshot())
-            return
-        with self.connect(read_only=True) as conn:
-            held = copy.copy(self)
+        """This store read as one state of the data, for a run of reads through one read-only connection: a
+        DuckLake at its current snapshot (attached once, not per query); a DuckDB file, whose connection holds
+        other processes' writers off until it closes (write after the block)."""
+        source = self.at_snapshot(self.current_snapshot()) if self.lake else self
+        with source.connect(read_only=True) as conn:
+            held = copy.copy(source)
             held._held = conn
             yield held
 

@@ -59,6 +59,25 @@ def test_lake_append_replaces_by_key_and_snapshots_keep_the_past(tmp_path):
     assert store.current_snapshot() > before
 
 
+def test_a_pinned_lake_reads_its_snapshot_through_one_attach(tmp_path, monkeypatch):
+    from em_assets.results import backends
+
+    store = Store(_lake(tmp_path))
+    store.init()
+    rows = pl.DataFrame({"organism": ["a"], "step": [1], "loss": [1.0]})
+    store.append_rows("training_losses", rows)
+    attached = []
+    attach = backends.attach_lake
+    monkeypatch.setattr(backends, "attach_lake", lambda *a, **kw: attached.append(a) or attach(*a, **kw))
+    with store.pinned() as source:
+        # A write after the pin is not seen by the reads inside the block.
+        store.append_rows("training_losses", rows.with_columns(organism=pl.lit("b")))
+        seen = [source.query("SELECT organism FROM training_losses").height for _ in range(5)]
+        assert source.has_table("training_losses")
+    assert seen == [1] * 5 and len(attached) == 1
+    assert store.query("SELECT count(*) AS n FROM training_losses")["n"][0] == 2
+
+
 def _scored_rows(store: Store, shift: float) -> None:
     n = 24
     common = {
