@@ -89,9 +89,11 @@ def auc_interval(positive: np.ndarray, score: np.ndarray, z: float = Z95) -> tup
     pos, neg = score[positive], score[~positive]
     if len(pos) < 2 or len(neg) < 2:
         return None
-    # A positive's placement: the share of negatives it outranks (ties half); a negative's: of positives above it.
-    above = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
-    v_pos, v_neg = above.mean(axis=1), above.mean(axis=0)
+    # A positive's placement is the share of negatives it outranks (ties half), a negative's the share of positives
+    # above it: differences of midranks among all answers and within the class, so memory stays linear in n.
+    among_all = average_ranks(score)
+    v_pos = (among_all[positive] - average_ranks(pos)) / len(neg)
+    v_neg = 1.0 - (among_all[~positive] - average_ranks(neg)) / len(pos)
     value = float(v_pos.mean())
     half = z * float(np.sqrt(v_pos.var(ddof=1) / len(pos) + v_neg.var(ddof=1) / len(neg)))
     return max(0.0, value - half), min(1.0, value + half)
