@@ -125,6 +125,11 @@ def probe_judge(
     )
 
 
+def _number(value: float | None) -> float:
+    """A statistic as check metadata: NaN where it is undefined (float metadata takes no None)."""
+    return float("nan") if value is None else value
+
+
 def _em_gap(report) -> float:
     """The largest per-organism difference between the judge's EM rate and GPT-4o's."""
     gaps = [
@@ -220,17 +225,12 @@ def _agreement_check(main, grid) -> dg.AssetCheckResult:
         passed=bool(passed),
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
-            **{
-                name: value if value is not None else float("nan")
-                for name, value in (
-                    ("aligned_spearman", spearman),
-                    ("aligned_spearman_lo", aligned.spearman_lo),
-                    ("aligned_spearman_hi", aligned.spearman_hi),
-                    ("misaligned_auc", auc),
-                    ("misaligned_auc_lo", aligned.auc_lo),
-                    ("misaligned_auc_hi", aligned.auc_hi),
-                )
-            },
+            "aligned_spearman": _number(spearman),
+            "aligned_spearman_lo": _number(aligned.spearman_lo),
+            "aligned_spearman_hi": _number(aligned.spearman_hi),
+            "misaligned_auc": _number(auc),
+            "misaligned_auc_lo": _number(aligned.auc_lo),
+            "misaligned_auc_hi": _number(aligned.auc_hi),
             "max_em_gap": gap,
             "thresholds": f"spearman >= {spec.min_spearman}, auc >= {spec.min_auc}, gap <= {spec.max_em_gap}",
         },
@@ -250,15 +250,14 @@ def _error_rates_md(report) -> dg.MetadataValue:
 
 def _incoherence_check(report, grid, hand) -> dg.AssetCheckResult:
     found = agreement_stage.coherent_on_incoherent(report, grid)
-    nan = float("nan")
     metadata = {
-        "coherent_auc": found.auc if found.auc is not None else nan,
+        "coherent_auc": _number(found.auc),
         "n_incoherent": found.n_incoherent,
         "result": found.message,
     }
     if hand is not None:
         metadata |= {
-            "hand_rated_coherent_auc": hand.auc if hand.auc is not None else nan,
+            "hand_rated_coherent_auc": _number(hand.auc),
             "hand_rated_n_incoherent": hand.n_incoherent,
             "hand_rated_result": hand.message,
         }
@@ -290,13 +289,12 @@ def judge_sanity(experiment: ExperimentResource, results: ResultsDB) -> dg.Asset
         Path(experiment.cache_dir),
         experiment.torch_device,
     )
-    nan = float("nan")
     return dg.AssetCheckResult(
         passed=report.passed,
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
-            "aligned_auc": report.aligned_auc if report.aligned_auc is not None else nan,
-            "coherent_auc": report.coherent_auc if report.coherent_auc is not None else nan,
+            "aligned_auc": _number(report.aligned_auc),
+            "coherent_auc": _number(report.coherent_auc),
             "null_fraction": report.null_fraction,
             "n_incoherent": report.incoherence.n_incoherent,
             "incoherence": report.incoherence.message,

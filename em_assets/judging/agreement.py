@@ -170,10 +170,15 @@ def coherent_check(
         if passed
         else f" < {min_auc}: the judge does not see incoherence, so its EM rates count incoherent answers"
     )
-    shown = f"{auc_value:.2f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if None not in interval else "")
     return CoherentCheck(
         n_incoherent,
         auc_value,
         passed,
-        f"coherent AUC {shown} on {n_incoherent} incoherent answers of {where}{verdict}",
+        f"coherent AUC {with_interval(auc_value, *interval)} on {n_incoherent} incoherent answers of "
+        f"{where}{verdict}",
     )
+
+
+def with_interval(value: float, lo: float | None, hi: float | None) -> str:
+    """A statistic to two places, with its 95% interval where both ends are known."""
+    return f"{value:.2f}" + ("" if lo is None or hi is None else f" [{lo:.2f}, {hi:.2f}]")

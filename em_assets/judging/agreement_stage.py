@@ -16,7 +16,13 @@ from em_assets.catalog.upstream import SOURCES, fetch_bytes
 from em_assets.grid.load import GridError
 from em_assets.grid.schema import GridConfig, JudgeSpec
 from em_assets.judging import distill
-from em_assets.judging.agreement import CoherentCheck, MetricAgreement, coherent_check, metric_agreement
+from em_assets.judging.agreement import (
+    CoherentCheck,
+    MetricAgreement,
+    coherent_check,
+    metric_agreement,
+    with_interval,
+)
 from em_assets.judging.error_rates import ErrorRateLookup, em_error_rates, error_rates_row
 from em_assets.judging.incoherent import read_ratings
 from em_assets.judging.judges import (
@@ -495,8 +501,7 @@ def judge_caveat(store: Store, grid: GridConfig) -> str:
 
 
 def _shown(row: dict, name: str) -> str:
-    """A statistic of an agreement row to two places, with its 95% interval where the row has one."""
-    value, lo, hi = row[name], row.get(f"{name}_lo"), row.get(f"{name}_hi")
-    if value is None:
+    """A statistic of an agreement row, with its interval where the row has one; n/a where undefined."""
+    if row[name] is None:
         return "n/a"
-    return f"{value:.2f}" + ("" if lo is None or hi is None else f" [{lo:.2f}, {hi:.2f}]")
+    return with_interval(row[name], row.get(f"{name}_lo"), row.get(f"{name}_hi"))
