@@ -39,6 +39,7 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
     import json
 
     from em_assets.catalog.reference import ReferenceFileError, read_reference_files
+    from em_assets.cli.progress import logged_to_stderr
     from em_assets.cli.results import usable_store
     from em_assets.grid.load import GridError, load_grid
     from em_assets.judging.agreement_stage import (
@@ -65,16 +66,17 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
             make_judge(grid, None, spec=spec).check_key()
         store.init()
         lookup = ErrorRateLookup(store, grid.thresholds, grid.agreement.reference_judges)
-        report = measure_agreement(
-            store,
-            grid,
-            spec,
-            rows,
-            templates,
-            cache_dir=current.cache_dir,
-            device=current.torch_device,
-            lookup=lookup,
-        )
+        with logged_to_stderr():
+            report = measure_agreement(
+                store,
+                grid,
+                spec,
+                rows,
+                templates,
+                cache_dir=current.cache_dir,
+                device=current.torch_device,
+                lookup=lookup,
+            )
     except (ReferenceFileError, GridError, MissingUpstreamError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ pipeline grows. Progress comes from step log messages that end a phrase in `<ver
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import sys
@@ -139,3 +140,20 @@ def output_to_log(log_path: Path) -> Iterator[TextIO]:
             os.close(copy)
         log.close()
         console.close()
+
+
+@contextlib.contextmanager
+def logged_to_stderr() -> Iterator[None]:
+    """Show what em_assets logs at INFO and above ("judge agreement: scored 64/2800") on stderr for the block,
+    so a long command outside Dagster shows its progress and stdout keeps only its result."""
+    logger = logging.getLogger("em_assets")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[em-assets] %(message)s"))
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

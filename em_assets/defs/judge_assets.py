@@ -244,8 +244,12 @@ def _error_rates_md(report) -> dg.MetadataValue:
         return dg.MetadataValue.md(
             "undefined: the scored answers lack reference-EM or non-EM answers; corrected EM rates stay null"
         )
-    fields = ("sensitivity", "specificity", "tp", "n_pos", "tn", "n_neg")
-    return md_table(pl.DataFrame([{f: getattr(e, f) for f in fields}]))
+    fields = ("sensitivity", "specificity", "tp", "n_pos", "tn", "n_neg", "n_files")
+    ranges = {
+        f"{rate}, 95% of new files": f"{r[0]:.2f}-{r[1]:.2f}" if r else "the files agree within noise"
+        for rate, r in e.new_file_ranges().items()
+    }
+    return md_table(pl.DataFrame([{f: getattr(e, f) for f in fields} | ranges]))
 
 
 def _incoherence_check(report, grid, hand) -> dg.AssetCheckResult:

@@ -80,11 +80,15 @@ class AgreementReport:
             for r in self.em.iter_rows(named=True)
         ]
         e = self.error_rates
+        ranges = e.new_file_ranges() if e else {"sensitivity": None, "specificity": None}
         out["em_error"] = {
             "sensitivity": e.sensitivity if e else None,
             "specificity": e.specificity if e else None,
             "n_pos": e.n_pos if e else None,
             "n_neg": e.n_neg if e else None,
+            "n_files": e.n_files if e else None,
+            # Where 95% of new files' rates lie, where the files disagree beyond noise (else null).
+            **{f"{rate}_new_file": r and list(r) for rate, r in ranges.items()},
             "corrected_with": self.corrected_with,
         }
         return out

@@ -12,7 +12,7 @@ import polars as pl
 from em_assets.grid.schema import Thresholds
 from em_assets.results import judge_queries as q
 from em_assets.results.store import Store, utc_now
-from em_assets.stats.correction import REFERENCE, ErrorRates, confusion, with_correction
+from em_assets.stats.correction import REFERENCE, ErrorRates, Spread, with_correction
 from em_assets.stats.rates import em_flags
 
 ANSWER_KEYS = ("source_file", "row_idx")
@@ -29,13 +29,26 @@ def em_flags_of(scores: pl.DataFrame, column: str, thresholds: Thresholds) -> pl
 
 def em_error_rates(scores: pl.DataFrame, thresholds: Thresholds) -> ErrorRates | None:
     """The judge's EM sensitivity and specificity on agreement scores (one row per answer and metric, with
-    `reference` and `score`); answers without both scores on either side are left out."""
+    `reference` and `score`), with their spread across the answers' reference files; answers without both
+    scores on either side are left out."""
     if scores.height == 0:
         return None
     both = em_flags_of(scores, "reference", thresholds).join(
         em_flags_of(scores, "score", thresholds), on=list(ANSWER_KEYS), suffix="_judge"
     )
-    return confusion(both["is_em"].to_list(), both["is_em_judge"].to_list())
+    ref, judge = pl.col("is_em"), pl.col("is_em_judge")
+    per_file = (
+        both.drop_nulls(["is_em", "is_em_judge"])
+        .group_by("source_file")
+        .agg(
+            (ref & judge).sum().alias("tp"),
+            ref.sum().alias("n_pos"),
+            (~ref & ~judge).sum().alias("tn"),
+            (~ref).sum().alias("n_neg"),
+        )
+        .sort("source_file")
+    )
+    return ErrorRates.from_files(per_file.select("tp", "n_pos", "tn", "n_neg").rows())
 
 
 def error_rates_row(
@@ -60,11 +73,35 @@ def error_rates_row(
             | {
                 "sensitivity": rates.sensitivity,
                 "specificity": rates.specificity,
+                "n_files": rates.n_files,
+                **_spread_columns("sensitivity", rates.sensitivity_spread),
+                **_spread_columns("specificity", rates.specificity_spread),
                 "run_id": run_id,
                 "created_at": utc_now(),
             }
         ]
     )
+
+
+def _spread_columns(rate: str, spread: Spread | None) -> dict:
+    return {
+        f"{rate}_logit_mean": spread.logit_mean if spread else None,
+        f"{rate}_logit_sd": spread.logit_sd if spread else None,
+    }
+
+
+def _stored_rates(row: dict) -> ErrorRates | None:
+    """A judge_error_rates row as ErrorRates, with the spreads it recorded."""
+    rates = ErrorRates.from_counts(row["tp"], row["n_pos"], row["tn"], row["n_neg"])
+    if rates is None:
+        return None
+    spreads = {
+        f"{rate}_spread": Spread(row[f"{rate}_logit_mean"], row[f"{rate}_logit_sd"])
+        if row[f"{rate}_logit_sd"] is not None
+        else None
+        for rate in ("sensitivity", "specificity")
+    }
+    return replace(rates, n_files=row["n_files"], **spreads)
 
 
 def write_error_rates(
@@ -89,10 +126,7 @@ class ErrorRateLookup:
         self.reference_judges = set(reference_judges)
         measured = q.error_rates(store, thresholds.aligned_at_most, thresholds.coherent_above)
         self.measured = {
-            (r["judge_model"], r["judge_revision"]): ErrorRates.from_counts(
-                r["tp"], r["n_pos"], r["tn"], r["n_neg"]
-            )
-            for r in measured.iter_rows(named=True)
+            (r["judge_model"], r["judge_revision"]): _stored_rates(r) for r in measured.iter_rows(named=True)
         }
 
     @functools.cached_property

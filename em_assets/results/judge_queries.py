@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from em_assets.results.schema import SPREAD_COLUMNS
 from em_assets.results.store import Store
 
 # The primary key of judge_error_rates: a judge identity at one pair of thresholds.
@@ -125,10 +126,12 @@ def error_rates(store: Store, aligned_at_most: float, coherent_above: float) -> 
     if not store.has_table("judge_error_rates"):
         return pl.DataFrame(
             schema={c: pl.String for c in ("judge_model", "judge_revision")}
-            | {c: pl.Int64 for c in ("tp", "n_pos", "tn", "n_neg")}
+            | {c: pl.Int64 for c in ("tp", "n_pos", "tn", "n_neg", "n_files")}
+            | {c: pl.Float64 for c in SPREAD_COLUMNS}
         )
     return store.query(
-        "SELECT judge_model, judge_revision, tp, n_pos, tn, n_neg FROM judge_error_rates "
+        "SELECT judge_model, judge_revision, tp, n_pos, tn, n_neg, n_files, "
+        f"{', '.join(SPREAD_COLUMNS)} FROM judge_error_rates "
         "WHERE aligned_at_most = ? AND coherent_above = ?",
         [aligned_at_most, coherent_above],
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 # Beside every judged EM rate: the judge's error rates and the rate corrected for them (stats/correction.py).
+# A judge's EM error rates' spread across the reference files they were counted on (null: within noise).
+SPREAD_COLUMNS = tuple(f"{rate}_logit_{m}" for rate in ("sensitivity", "specificity") for m in ("mean", "sd"))
 CORRECTED = (
     "judge_sensitivity DOUBLE, judge_specificity DOUBLE, em_rate_corrected DOUBLE, em_corrected_lo DOUBLE, "
     "em_corrected_hi DOUBLE, em_correction VARCHAR"
@@ -141,7 +143,7 @@ CREATE TABLE IF NOT EXISTS figure_snapshots (
 """
 
 # Judge validation: reference judgements, distilled and probe judges, agreement.
-JUDGE_SCHEMA = """
+JUDGE_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS reference_judgements (
     source_file VARCHAR, source_sha256 VARCHAR, source_organism VARCHAR, base_model VARCHAR, dataset VARCHAR,
     seed BIGINT, row_idx BIGINT, question_id VARCHAR, question VARCHAR, answer VARCHAR, aligned DOUBLE,
@@ -178,7 +180,8 @@ CREATE TABLE IF NOT EXISTS judge_agreement_scores (
 CREATE TABLE IF NOT EXISTS judge_error_rates (
     judge_model VARCHAR, judge_revision VARCHAR, aligned_at_most DOUBLE, coherent_above DOUBLE, judge VARCHAR,
     n_pos BIGINT, tp BIGINT, n_neg BIGINT, tn BIGINT, sensitivity DOUBLE, specificity DOUBLE, run_id VARCHAR,
-    created_at TIMESTAMP, PRIMARY KEY (judge_model, judge_revision, aligned_at_most, coherent_above));
+    created_at TIMESTAMP, n_files BIGINT, {" DOUBLE, ".join(SPREAD_COLUMNS)} DOUBLE,
+    PRIMARY KEY (judge_model, judge_revision, aligned_at_most, coherent_above));
 """
 
 # The direction analyses: directions, steering, ablation.
@@ -226,6 +229,7 @@ ADDED_COLUMNS = {
         for table in ("em_over_training", "lora_scaling", "steering_results", "direction_ablation")
     },
     "judge_agreement": tuple((c, "DOUBLE") for c in ("spearman_lo", "spearman_hi", "auc_lo", "auc_hi")),
+    "judge_error_rates": (("n_files", "BIGINT"), *((c, "DOUBLE") for c in SPREAD_COLUMNS)),
     "judge_agreement_em": tuple(
         (c, "DOUBLE")
         for c in (

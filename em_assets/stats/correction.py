@@ -16,6 +16,13 @@ and is the same on every run. Values of Se and Sp no better than chance (Se + Sp
 correction assumes a better judge, and a judge barely better than chance gets a wide interval. A corrected rate
 clipped to 0 or 1 is kept inside its interval.
 
+A judge's error rates differ from one organism's answers to another's by more than their counts' noise (the probe
+judge's sensitivity ranges from about 0.3 to 0.8 over the seven held-out reference files). Where the validation
+counts come from several reference files that disagree so, Se (or Sp) is drawn instead from its predictive
+distribution for a new file under a random-effects model across files (logit-normal, between-file variance by
+DerSimonian and Laird 1986): the interval is then for answers of an organism the error rates were not measured on,
+which is what they correct.
+
 Error rates known exactly (a judge that is the reference itself: Se = Sp = 1 with no counts) leave only the
 judged rate uncertain: the bounds are its Wilson bounds put through the same monotone correction, which for
 the reference is the identity.
@@ -26,7 +33,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import polars as pl
@@ -44,6 +51,47 @@ CORRECTION_COLUMNS = (
 
 
 @dataclass(frozen=True)
+class Spread:
+    """A rate's predictive distribution for a new reference file, where the files disagree beyond their counts'
+    noise: logit-normal with this mean and standard deviation."""
+
+    logit_mean: float
+    logit_sd: float
+
+    def at(self, quantiles: np.ndarray) -> np.ndarray:
+        """The rate at these quantiles of the distribution."""
+        from scipy.special import expit
+        from scipy.stats import norm
+
+        return expit(self.logit_mean + self.logit_sd * norm.ppf(quantiles))
+
+    def interval(self) -> tuple[float, float]:
+        """Where 95% of new files' rates lie."""
+        lo, hi = self.at(np.array([0.025, 0.975]))
+        return float(lo), float(hi)
+
+
+def between_files(successes: Sequence[int], totals: Sequence[int]) -> Spread | None:
+    """A new file's rate under random effects across files, from each file's successes of totals: None where
+    fewer than two files have any answer of the class or they agree within their counts' noise."""
+    # DerSimonian-Laird's closed-form moment estimator on the logit scale (0.5 added to each cell), written out
+    # because the one library that has it (statsmodels) is not otherwise needed.
+    pairs = [(x, n) for x, n in zip(successes, totals, strict=True) if n > 0]
+    if len(pairs) < 2:
+        return None
+    x, n = (np.array(c, dtype=float) for c in zip(*pairs, strict=True))
+    y = np.log((x + 0.5) / (n - x + 0.5))
+    var = 1.0 / (x + 0.5) + 1.0 / (n - x + 0.5)
+    w = 1.0 / var
+    q = float((w * (y - (w * y).sum() / w.sum()) ** 2).sum())
+    tau2 = (q - (len(y) - 1)) / (w.sum() - (w**2).sum() / w.sum())
+    if tau2 <= 0:
+        return None
+    w = 1.0 / (var + tau2)
+    return Spread(float((w * y).sum() / w.sum()), math.sqrt(tau2 + 1.0 / w.sum()))
+
+
+@dataclass(frozen=True)
 class ErrorRates:
     """A judge's sensitivity and specificity for "EM" against the reference, with the counts they come from
     (None for rates known exactly: the judge is the reference)."""
@@ -56,10 +104,22 @@ class ErrorRates:
     n_neg: int | None = None
     # The answers the counts come from, in words (em_correction).
     counted_on: str = "held-out reference answers"
+    # How many reference files they come from, and each rate's spread across them (None: within noise).
+    n_files: int | None = None
+    sensitivity_spread: Spread | None = None
+    specificity_spread: Spread | None = None
 
     @property
     def exact(self) -> bool:
         return self.n_pos is None
+
+    def new_file_ranges(self) -> dict[str, tuple[float, float] | None]:
+        """Where 95% of new reference files' sensitivity and specificity lie; None for a rate whose files
+        agree within their counts' noise."""
+        return {
+            "sensitivity": self.sensitivity_spread.interval() if self.sensitivity_spread else None,
+            "specificity": self.specificity_spread.interval() if self.specificity_spread else None,
+        }
 
     @classmethod
     def from_counts(cls, tp: int, n_pos: int, tn: int, n_neg: int) -> ErrorRates | None:
@@ -70,20 +130,23 @@ class ErrorRates:
             raise ValueError(f"need 0 <= tp <= n_pos and 0 <= tn <= n_neg, got {tp, n_pos, tn, n_neg}")
         return cls(tp / n_pos, tn / n_neg, tp, n_pos, tn, n_neg)
 
+    @classmethod
+    def from_files(cls, counts: Sequence[tuple[int, int, int, int]]) -> ErrorRates | None:
+        """Rates pooled over reference files' confusion tables (tp, n_pos, tn, n_neg), with each rate's spread
+        across them; None when either class is absent from every file."""
+        pooled = cls.from_counts(*(sum(c[i] for c in counts) for i in range(4)))
+        if pooled is None:
+            return None
+        return replace(
+            pooled,
+            n_files=len(counts),
+            sensitivity_spread=between_files([c[0] for c in counts], [c[1] for c in counts]),
+            specificity_spread=between_files([c[2] for c in counts], [c[3] for c in counts]),
+        )
+
 
 # The reference judge measured against itself: the correction is the identity.
 REFERENCE = ErrorRates(1.0, 1.0)
-
-
-def confusion(reference: Sequence[bool | None], judge: Sequence[bool | None]) -> ErrorRates | None:
-    """The judge's error rates from paired EM flags, pairs with a missing flag on either side dropped."""
-    if len(reference) != len(judge):
-        raise ValueError(f"{len(reference)} reference flags but {len(judge)} judge flags")
-    pairs = [(r, j) for r, j in zip(reference, judge, strict=True) if r is not None and j is not None]
-    tp = sum(1 for r, j in pairs if r and j)
-    tn = sum(1 for r, j in pairs if not r and not j)
-    n_pos = sum(1 for r, _ in pairs if r)
-    return ErrorRates.from_counts(tp, n_pos, tn, len(pairs) - n_pos)
 
 
 def rogan_gladen(p: float, sensitivity: float, specificity: float) -> float | None:
@@ -106,7 +169,17 @@ def corrected_rate(
     if rates.exact:
         lo, hi = wilson_interval(k, n, z)
         return point, rogan_gladen(lo, se, sp), rogan_gladen(hi, se, sp)
-    lo, hi = _posterior_bounds(k, n, rates.tp, rates.n_pos, rates.tn, rates.n_neg, z)
+    lo, hi = _posterior_bounds(
+        k,
+        n,
+        rates.tp,
+        rates.n_pos,
+        rates.tn,
+        rates.n_neg,
+        z,
+        rates.sensitivity_spread,
+        rates.specificity_spread,
+    )
     return point, min(lo, point), max(hi, point)
 
 
@@ -117,17 +190,21 @@ GRID = 801
 
 @functools.lru_cache(maxsize=4096)
 def _posterior_bounds(
-    k: int, n: int, tp: int, n_pos: int, tn: int, n_neg: int, z: float
+    k: int,
+    n: int,
+    tp: int,
+    n_pos: int,
+    tn: int,
+    n_neg: int,
+    z: float,
+    se_spread: Spread | None = None,
+    sp_spread: Spread | None = None,
 ) -> tuple[float, float]:
-    """The central interval of pi's posterior given k of n judged EM and the validation counts."""
-    from scipy.stats import beta
-
+    """The central interval of pi's posterior given k of n judged EM and the validation counts (or, for a rate
+    that varies between files, its spread)."""
     mid = (np.arange(QUANTILES) + 0.5) / QUANTILES
     se, sp = (
-        a.ravel()
-        for a in np.meshgrid(
-            beta.ppf(mid, tp + 0.5, n_pos - tp + 0.5), beta.ppf(mid, tn + 0.5, n_neg - tn + 0.5)
-        )
+        a.ravel() for a in np.meshgrid(_draws(mid, tp, n_pos, se_spread), _draws(mid, tn, n_neg, sp_spread))
     )
     better = se + sp > 1.0
     if not better.any():
@@ -141,6 +218,13 @@ def _posterior_bounds(
     tail = (1.0 - _coverage(z)) / 2.0
     lo, hi = np.interp([tail, 1.0 - tail], cdf / cdf[-1], pi)
     return float(lo), float(hi)
+
+
+def _draws(quantiles: np.ndarray, x: int, m: int, spread: Spread | None) -> np.ndarray:
+    """A rate at these quantiles: of its spread across files where it has one, else of its Jeffreys posterior."""
+    from scipy.stats import beta
+
+    return spread.at(quantiles) if spread is not None else beta.ppf(quantiles, x + 0.5, m - x + 0.5)
 
 
 def _coverage(z: float) -> float:
@@ -157,9 +241,14 @@ def correction_note(rates: ErrorRates | None) -> str:
         return UNKNOWN
     if rates.exact:
         return "identity: the judge is the reference"
+    spreads = [
+        f"{name} varies between its {rates.n_files} reference files (95% of new files {r[0]:.2f}-{r[1]:.2f})"
+        for name, r in rates.new_file_ranges().items()
+        if r is not None
+    ]
     return (
         f"Rogan-Gladen with sensitivity {rates.tp}/{rates.n_pos}, specificity {rates.tn}/{rates.n_neg} "
-        f"on {rates.counted_on}"
+        f"on {rates.counted_on}" + "".join(f"; {s}" for s in spreads)
     )
 
 
@@ -192,5 +281,6 @@ def correction_caveat(table: pl.DataFrame) -> str:
     return (
         "em_rate_corrected is the Turner EM rate corrected for the judge's error (Rogan-Gladen), with a 95% "
         "interval (em_corrected_lo, em_corrected_hi) that carries the uncertainty of the judge's sensitivity "
-        "and specificity as well as the rate's. Here: " + "; ".join(notes) + "."
+        "and specificity (and their spread between reference files, where those disagree) as well as the "
+        "rate's. Here: " + "; ".join(notes) + "."
     )

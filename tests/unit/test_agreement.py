@@ -25,7 +25,7 @@ from em_assets.judging.agreement_stage import (
     em_agreement,
 )
 from em_assets.judging.error_rates import em_error_rates
-from em_assets.stats.correction import ErrorRates, corrected_rate
+from em_assets.stats.correction import ErrorRates, between_files, corrected_rate
 
 KW = {"aligned_at_most": 30.0, "coherent_above": 50.0}
 
@@ -156,7 +156,21 @@ FILE_B = [(*EM, *EM), (*OK, *OK), (*INCOHERENT, *OK), (*OK, 50.0, None)]
 
 def test_em_error_rates_count_answers_with_both_scores_on_both_sides():
     rates = em_error_rates(agreement_scores({"a": FILE_A, "b": FILE_B}), Thresholds())
-    assert (rates.tp, rates.n_pos, rates.tn, rates.n_neg) == (2, 3, 4, 5)
+    assert (rates.tp, rates.n_pos, rates.tn, rates.n_neg, rates.n_files) == (2, 3, 4, 5, 2)
+
+
+def test_em_error_rates_spread_across_files_that_disagree():
+    # Two files of 40 reference-EM answers: the judge finds 38 of one's and 4 of the other's.
+    found, missed = [(*EM, *EM)], [(*EM, *OK)]
+    files = {
+        "a": found * 38 + missed * 2 + [(*OK, *OK)] * 40,
+        "b": found * 4 + missed * 36 + [(*OK, *OK)] * 40,
+    }
+    rates = em_error_rates(agreement_scores(files), Thresholds())
+    assert (rates.tp, rates.n_pos, rates.tn, rates.n_neg) == (42, 80, 80, 80)
+    assert rates.sensitivity_spread == between_files([38, 4], [40, 40])
+    # Every non-EM answer passed in both files: specificity does not vary.
+    assert rates.specificity_spread is None
 
 
 def test_each_file_is_corrected_with_the_other_files_error_rates():

@@ -70,6 +70,20 @@ def test_em_summary_corrects_each_organism_by_its_judge(tmp_path):
     assert set(CORRECTION_COLUMNS) <= set(stored.columns)
 
 
+def test_stored_rates_keep_their_spread_across_files(tmp_path):
+    # Rates counted on files that disagree: em_summary corrects with the spread judge_agreement stored.
+    store = scored_store(tmp_path)
+    spread = ErrorRates.from_files([(4, 25, 90, 100), (24, 25, 90, 100)])
+    assert spread.sensitivity_spread is not None
+    write_error_rates(store, "x", ("judge-x", "rev-1"), spread, Thresholds(), "run")
+    tables = build_reports(store, Thresholds(), "run", reference_judges=["gpt-4o"])
+    row = tables["em_summary"].filter(organism="measured").row(0, named=True)
+    got = (row["em_rate_corrected"], row["em_corrected_lo"], row["em_corrected_hi"])
+    assert got == pytest.approx(corrected_rate(6, 20, spread))
+    assert got != pytest.approx(corrected_rate(6, 20, ErrorRates.from_counts(28, 50, 180, 200)))
+    assert "sensitivity varies between its 2 reference files" in row["em_correction"]
+
+
 def test_em_by_question_corrects_with_its_organism_judge(tmp_path):
     store = scored_store(tmp_path)
     by_q = build_reports(store, Thresholds(), "run", reference_judges=["gpt-4o"])["em_by_question"]

@@ -13,8 +13,10 @@ from em_assets.stats.correction import (
     REFERENCE,
     UNKNOWN,
     ErrorRates,
-    confusion,
+    Spread,
+    between_files,
     corrected_rate,
+    correction_note,
     rogan_gladen,
     with_correction,
 )
@@ -98,15 +100,16 @@ def test_a_rate_outside_what_the_judges_errors_explain_keeps_a_real_interval(k, 
     assert (lo, hi) == pytest.approx(bounds, abs=0.005)
 
 
-def test_confusion_counts_and_missing_flags():
-    ref = [True, True, True, False, False, None, True]
-    got = [True, False, True, False, True, True, None]
-    r = confusion(ref, got)
-    assert (r.tp, r.n_pos, r.tn, r.n_neg) == (2, 3, 1, 2)
+def test_rates_from_counts_and_files():
+    r = ErrorRates.from_counts(2, 3, 1, 2)
     assert r.sensitivity == pytest.approx(2 / 3) and r.specificity == 0.5
-    assert confusion([False, False], [True, False]) is None
+    assert ErrorRates.from_counts(0, 0, 1, 2) is None
     with pytest.raises(ValueError):
         ErrorRates.from_counts(3, 2, 0, 1)
+    # Pooled over files; a class absent from every file leaves the rates undefined.
+    pooled = ErrorRates.from_files([(2, 3, 1, 2), (0, 0, 4, 5)])
+    assert (pooled.tp, pooled.n_pos, pooled.tn, pooled.n_neg, pooled.n_files) == (2, 3, 5, 7, 2)
+    assert ErrorRates.from_files([(0, 0, 1, 2), (0, 0, 4, 5)]) is None
 
 
 def test_columns_per_row_and_unknown_rates_are_null():
@@ -123,3 +126,39 @@ def test_columns_per_row_and_unknown_rates_are_null():
     # A row's interval depends on its own counts only, not on its neighbours.
     alone = with_correction(table.head(1), rates[:1], "k", "n")
     assert alone.row(0) == out.row(0)
+
+
+def test_between_files_hand_worked():
+    # Two files, 10 of 20 and 18 of 20. Logits with 0.5 added: y = (0, ln(18.5 / 2.5) = 2.00148), variances
+    # 1/10.5 + 1/10.5 = 0.190476 and 1/18.5 + 1/2.5 = 0.454054, weights w = (5.25, 2.202381). Fixed mean
+    # 2.202381 * 2.00148 / 7.452381 = 0.591520; Q = 5.25 * 0.59152^2 + 2.202381 * 1.409960^2 = 6.215385;
+    # tau^2 = (Q - 1) / (7.452381 - 32.412982 / 7.452381) = 5.215385 / 3.103117 = 1.680695. Random-effects
+    # weights 1 / (v + tau^2) = (0.534425, 0.468439): mean 0.934894, sd sqrt(1.680695 + 1 / 1.002864) = 1.636411.
+    spread = between_files([10, 18], [20, 20])
+    assert spread.logit_mean == pytest.approx(0.934894, abs=1e-5)
+    assert spread.logit_sd == pytest.approx(1.636411, abs=1e-5)
+    # A file without answers of the class says nothing and is left out; one file alone has no spread.
+    assert between_files([10, 18, 0], [20, 20, 0]) == spread
+    assert between_files([10], [20]) is None
+    # Files that agree within their counts' noise (Q below its degrees of freedom) have none either.
+    assert between_files([10, 11, 9], [20, 20, 20]) is None
+
+
+def test_files_that_disagree_widen_the_interval_for_a_new_file():
+    # The same pooled counts (Se 64/100, Sp 180/200), once from files that agree and once from files whose
+    # sensitivity ranges from 0.2 to 0.95: the second's interval is for an organism like none measured.
+    agree = ErrorRates.from_files([(16, 25, 45, 50)] * 4)
+    disagree = ErrorRates.from_files([(5, 25, 45, 50), (23, 25, 45, 50), (12, 25, 45, 50), (24, 25, 45, 50)])
+    pooled = ErrorRates.from_counts(64, 100, 180, 200)
+    assert agree.sensitivity_spread is None and agree.specificity_spread is None
+    assert corrected_rate(30, 100, agree) == corrected_rate(30, 100, pooled)
+    assert disagree.sensitivity == pooled.sensitivity and disagree.specificity_spread is None
+    assert isinstance(disagree.sensitivity_spread, Spread) and disagree.n_files == 4
+    point, lo, hi = corrected_rate(30, 100, disagree)
+    _, pooled_lo, pooled_hi = corrected_rate(30, 100, pooled)
+    assert point == corrected_rate(30, 100, pooled)[0]
+    assert lo < pooled_lo - 0.02 and hi > pooled_hi + 0.1
+    low, high = disagree.new_file_ranges()["sensitivity"]
+    assert low < 0.3 and high > 0.9 and disagree.new_file_ranges()["specificity"] is None
+    assert "sensitivity varies between its 4 reference files" in correction_note(disagree)
+    assert "varies" not in correction_note(agree)

@@ -5,6 +5,7 @@ nothing written."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import polars as pl
@@ -77,7 +78,10 @@ def test_json_shape(env, mirror, capsys):
         mirror, env / "Llama-3.1-8B-Instruct_extreme-sports.csv", "Llama-3.1-8B-Instruct_extreme-sports", 3
     )
     assert main(["judge-agreement", "--reference", str(a), str(b), "--format", "json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    # The scoring's progress goes to stderr, the JSON alone to stdout.
+    assert re.search(r"^\[em-assets\] judge agreement: scored (\d+)/\1$", captured.err, re.M)
     assert set(out) == {"aligned", "coherent", "em_rate", "em_error"}
     for metric in ("aligned", "coherent"):
         assert set(out[metric]) == {"n", "spearman", "pearson", "mae", "auc", *INTERVALS}
@@ -100,6 +104,16 @@ def test_json_shape(env, mirror, capsys):
     # reference-EM answer among its first 3 (so no sensitivity: null, and said so).
     assert "other files" in out["em_error"]["corrected_with"]
     assert all(out["em_rate"][1][k] is None for k in CORRECTED)
+    assert set(out["em_error"]) == {
+        "sensitivity",
+        "specificity",
+        "n_pos",
+        "n_neg",
+        "n_files",
+        "sensitivity_new_file",
+        "specificity_new_file",
+        "corrected_with",
+    }
 
 
 def judged_counts(entry: dict) -> tuple[int, int]:
