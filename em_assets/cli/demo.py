@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, TextIO
 import polars as pl
 
 from em_assets.cli.errors import bad_input_message
+from em_assets.cli.tables import MARKDOWN, with_interval
 from em_assets.settings import DAGSTER_HOME_ENV, Settings, settings
 
 if TYPE_CHECKING:
@@ -135,10 +136,6 @@ def _where_next(figures_dir: Path) -> list[str]:
     ]
 
 
-def _interval(rate: pl.Expr, lo: pl.Expr, hi: pl.Expr) -> pl.Expr:
-    return pl.format("{} [{}, {}]", *(e.round(3) for e in (rate, lo, hi)))
-
-
 def closing_table(summary: pl.DataFrame) -> pl.DataFrame:
     """One row per organism: the grid judge's EM rate, its correction for the judge's error, and, for imported
     organisms, the rate under the scores their file carried."""
@@ -154,10 +151,10 @@ def closing_table(summary: pl.DataFrame) -> pl.DataFrame:
             "method",
             pl.col("kl_regularised").alias("kl"),
             pl.col("n_answers").alias("n"),
-            _interval(pl.col("em_rate_turner"), pl.col("em_turner_lo"), pl.col("em_turner_hi")).alias(
+            with_interval(pl.col("em_rate_turner"), pl.col("em_turner_lo"), pl.col("em_turner_hi")).alias(
                 "em [95% CI]"
             ),
-            _interval(
+            with_interval(
                 pl.col("em_rate_corrected"), pl.col("em_corrected_lo"), pl.col("em_corrected_hi")
             ).alias("em corrected"),
             "em_file",
@@ -201,15 +198,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         err = getattr(exc, "user_exception", None) or exc
         print(f"error: {type(err).__name__}: {err}\n(traceback in {log_path})", file=sys.stderr)
         return 1
-    config = {
-        "tbl_rows": -1,
-        "tbl_cols": -1,
-        "tbl_hide_dataframe_shape": True,
-        "tbl_hide_column_data_types": True,
-        "tbl_formatting": "ASCII_MARKDOWN",
-    }
     summary = Store().query("SELECT * FROM em_summary")
-    with pl.Config(**config, float_precision=3, fmt_str_lengths=48, tbl_width_chars=160):
+    with pl.Config(**MARKDOWN, float_precision=3, fmt_str_lengths=48, tbl_width_chars=160):
         print(closing_table(summary))
     print("\n".join(_legend(summary)))
     print(f"[em-assets] pipeline finished in {time.perf_counter() - start:.1f}s; full log in {log_path}")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import polars as pl
 
+from em_assets.cli.tables import MARKDOWN, with_interval
 from em_assets.settings import settings
 
 
@@ -83,10 +84,42 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(report.as_json(), indent=2))
         return 0
-    with pl.Config(tbl_rows=-1, tbl_cols=-1, tbl_hide_dataframe_shape=True, tbl_width_chars=200):
-        print(f"judge {report.judge} ({report.model} @ {report.revision})")
-        print(pl.DataFrame([{"metric": m.metric, **m.as_dict()} for m in report.metrics]))
-        print(report.em.drop("source_organism"))
-        print(f"judge_corrected: Rogan-Gladen with {report.corrected_with}")
-        print(correction_coverage(report.em))
+    print(f"judge {report.judge} ({report.model} @ {report.revision})")
+    with pl.Config(**MARKDOWN, float_precision=3, fmt_str_lengths=60, tbl_width_chars=200):
+        print(metrics_table(report.metrics))
+        print(em_table(report.em))
+    print(f"judge_corrected: Rogan-Gladen with {report.corrected_with}")
+    print(correction_coverage(report.em))
     return 0
+
+
+def metrics_table(metrics) -> pl.DataFrame:
+    """Per metric: the agreement statistics, Spearman and AUC beside their 95% intervals."""
+    table = pl.DataFrame([{"metric": m.metric, **m.as_dict()} for m in metrics], infer_schema_length=None)
+    # A statistic undefined for every metric (no misaligned answer: no AUC) reads as a null column.
+    return table.with_columns(pl.exclude("metric", "n").cast(pl.Float64)).select(
+        "metric",
+        "n",
+        with_interval(pl.col("spearman"), pl.col("spearman_lo"), pl.col("spearman_hi")).alias("spearman"),
+        pl.col("pearson").round(3),
+        pl.col("mae").round(1),
+        with_interval(pl.col("auc"), pl.col("auc_lo"), pl.col("auc_hi")).alias("auc"),
+    )
+
+
+def em_table(em: pl.DataFrame) -> pl.DataFrame:
+    """Per reference file: its EM rate under its own scores and under the judge's, the judge's corrected for
+    its error, each with its 95% interval, and both coherence rates."""
+    return em.select(
+        pl.col("source_file").alias("file"),
+        "n",
+        with_interval(pl.col("reference"), pl.col("reference_lo"), pl.col("reference_hi")).alias(
+            "em reference"
+        ),
+        with_interval(pl.col("judge_rate"), pl.col("judge_lo"), pl.col("judge_hi")).alias("em judge"),
+        with_interval(
+            pl.col("judge_corrected"), pl.col("judge_corrected_lo"), pl.col("judge_corrected_hi")
+        ).alias("em judge corrected"),
+        pl.col("reference_coherence").round(3).alias("coherent reference"),
+        pl.col("judge_coherence").round(3).alias("coherent judge"),
+    )

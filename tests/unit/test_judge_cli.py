@@ -358,6 +358,21 @@ def test_table_says_where_the_correction_came_from(env, mirror, tiny_model_dir, 
     assert main(["judge-agreement", "--reference", str(a)]) == 0
     out = capsys.readouterr().out
     assert "judge_corrected: Rogan-Gladen with none needed: the judge is the reference" in out
+    # One row per file, each rate beside its interval in one column.
+    lines = out.splitlines()
+    header = next(x for x in lines if x.startswith("| file"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "file",
+        "n",
+        "em reference",
+        "em judge",
+        "em judge corrected",
+        "coherent reference",
+        "coherent judge",
+    ]
+    row = next(x for x in lines if x.startswith("| a.csv"))
+    assert len(re.findall(r"\| [\d.]+ \[[\d.]+, [\d.]+\] +(?=\|)", row)) == 3
+    assert next(x for x in lines if x.startswith("| metric")).split("|")[3].strip() == "spearman"
     # The identity keeps every file's judged rate, so the mean gaps are equal.
     line = next(x for x in out.splitlines() if x.startswith("the corrected interval covers"))
     judged, corrected = line.split("mean gap to the reference ")[1].split(" judged, ")

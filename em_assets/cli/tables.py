@@ -1,0 +1,19 @@
+"""How the command line prints result tables: a statistic beside its interval in one column, markdown tables."""
+
+from __future__ import annotations
+
+import polars as pl
+
+# Every row and column, as a markdown table a terminal or an issue shows alike.
+MARKDOWN = {
+    "tbl_rows": -1,
+    "tbl_cols": -1,
+    "tbl_hide_dataframe_shape": True,
+    "tbl_hide_column_data_types": True,
+    "tbl_formatting": "ASCII_MARKDOWN",
+}
+
+
+def with_interval(value: pl.Expr, lo: pl.Expr, hi: pl.Expr) -> pl.Expr:
+    """ "value [lo, hi]", each rounded to 3 places; null where the value is."""
+    return pl.format("{} [{}, {}]", *(e.round(3) for e in (value, lo, hi)))
