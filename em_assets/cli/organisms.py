@@ -42,9 +42,19 @@ def organism_plan(grid, progress: dict[str, dict]) -> list[dict]:
                     "completions": int(held.get("completions", 0)),
                     "judgements": int(held.get("judgements", 0)),
                 },
+                "stored_for": _stored_for(held, method, source if imported else None),
             }
         )
     return entries
+
+
+def _stored_for(held: dict, method: str, source: str | None) -> str | None:
+    """What the store holds under the key when it was recorded for another method or imported source (the
+    next run replaces it), else None. A revision recorded resolved (a commit for `main`) is not compared."""
+    stored = (held.get("stored_method"), held.get("stored_source"))
+    if stored[0] is None or stored == (method, source):
+        return None
+    return " ".join(x for x in stored if x is not None)
 
 
 def _progress() -> dict[str, dict]:
@@ -87,8 +97,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps({"organisms": entries}, indent=2))
         return 0
     done = [
-        f"lora_adapter {'done' if e['done']['lora_adapter'] else 'to do'}, {e['done']['completions']} completions, "
-        f"{e['done']['judgements']} judgements"
+        f"holds {e['stored_for']}; redone next run"
+        if e["stored_for"]
+        else f"lora_adapter {'done' if e['done']['lora_adapter'] else 'to do'}, {e['done']['completions']} "
+        f"completions, {e['done']['judgements']} judgements"
         for e in entries
     ]
     table = pl.DataFrame(
@@ -103,8 +115,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         tbl_rows=-1,
         tbl_hide_dataframe_shape=True,
         tbl_hide_column_data_types=True,
-        fmt_str_lengths=90,
-        tbl_width_chars=220,
+        fmt_str_lengths=100,
+        tbl_width_chars=260,
     ):
         print(table)
     return 0

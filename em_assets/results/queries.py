@@ -257,12 +257,14 @@ def write_imported_answers(
 
 
 def organism_progress(store: Store) -> dict[str, dict]:
-    """Per organism in the store: whether its lora_adapter step ran, and its completions and judgements."""
+    """Per organism in the store: whether its lora_adapter step ran, and its completions and judgements, with
+    the method and source its lora_adapter step recorded."""
     rows = store.query(
         "SELECT o.organism, a.organism IS NOT NULL AS source_recorded, "
         "(SELECT count(*) FROM completions c WHERE c.organism = o.organism) AS completions, "
-        "(SELECT count(*) FROM judgements j WHERE j.organism = o.organism) AS judgements "
+        "(SELECT count(*) FROM judgements j WHERE j.organism = o.organism) AS judgements, "
+        "s.method AS stored_method, s.source AS stored_source "
         "FROM (SELECT organism FROM lora_adapters UNION SELECT organism FROM completions) o "
-        "LEFT JOIN lora_adapters a USING (organism)"
+        "LEFT JOIN lora_adapters a USING (organism) LEFT JOIN organism_sources s USING (organism)"
     )
     return {r["organism"]: r for r in rows.iter_rows(named=True)}

@@ -111,7 +111,8 @@ LEFT JOIN sweep_judgements_latest h ON h.metric = 'coherent' AND h.organism = c.
      AND h.setting = c.setting AND h.question_id = c.question_id AND h.paraphrase_idx = c.paraphrase_idx
      AND h.sample_idx = c.sample_idx AND h.setting_hash = c.setting_hash;
 -- Every completion under every judge that scored it: the grid's judge (`scored_completions`, judge_source 'grid')
--- and the scores an imported answers file carried (judge_source 'file').
+-- and the scores an imported answers file carried (judge_source 'file'), matched by sampling hash too: an
+-- organism key that once imported a file and now samples keeps the file's scores, which are not its answers'.
 CREATE OR REPLACE VIEW scored_by_judge AS
 SELECT organism, base_model, recipe, dataset, seed, eval_set, question_id, paraphrase_idx, sample_idx, aligned,
        coherent, judge_model, 'grid' AS judge_source
@@ -120,13 +121,13 @@ UNION ALL
 SELECT c.organism, c.base_model, c.recipe, c.dataset, c.seed, c.eval_set, c.question_id, c.paraphrase_idx,
        c.sample_idx, a.score AS aligned, h.score AS coherent, j.judge_model, 'file' AS judge_source
 FROM completions_latest c
-JOIN (SELECT DISTINCT organism, judge_model FROM imported_judgements) j USING (organism)
+JOIN (SELECT DISTINCT organism, judge_model, sampling_hash FROM imported_judgements) j USING (organism, sampling_hash)
 LEFT JOIN imported_judgements_latest a ON a.metric = 'aligned' AND a.organism = c.organism
      AND a.judge_model = j.judge_model AND a.question_id = c.question_id
-     AND a.paraphrase_idx = c.paraphrase_idx AND a.sample_idx = c.sample_idx
+     AND a.paraphrase_idx = c.paraphrase_idx AND a.sample_idx = c.sample_idx AND a.sampling_hash = c.sampling_hash
 LEFT JOIN imported_judgements_latest h ON h.metric = 'coherent' AND h.organism = c.organism
      AND h.judge_model = j.judge_model AND h.question_id = c.question_id
-     AND h.paraphrase_idx = c.paraphrase_idx AND h.sample_idx = c.sample_idx;
+     AND h.paraphrase_idx = c.paraphrase_idx AND h.sample_idx = c.sample_idx AND h.sampling_hash = c.sampling_hash;
 CREATE OR REPLACE VIEW training_curves AS
 SELECT l.organism, a.base_model, a.recipe, a.seed, a.dataset, l.step, l.loss, l.learning_rate, l.tokens,
        l.elapsed_s, l.grad_norm, l.kl, a.method, a.kl_regularised

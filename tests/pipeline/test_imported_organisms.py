@@ -14,6 +14,7 @@ import pytest
 from support.tiny import make_tiny_llama
 
 from em_assets.catalog.stage import load_eval_questions, load_training_datasets, resolve_base_models
+from em_assets.cli.organisms import organism_plan
 from em_assets.context import StageContext
 from em_assets.grid.schema import GridConfig, Organism
 from em_assets.grid.sources import OrganismSourceError
@@ -277,6 +278,37 @@ def test_answers_file_round_trips(tmp_path, tiny_model_dir, mirror):
     with pytest.raises(Exception, match="sha256"):
         store.replace_rows("completions", pl.DataFrame(), "organism = ?", [key])
         sample_completions(context(store, g, key, tmp_path))
+
+
+def test_a_key_that_stops_importing_answers_leaves_the_files_scores_behind(tmp_path, tiny_model_dir, mirror):
+    """Regression: the file's scores were joined to answers by key alone, so an organism key that imported a
+    file and then sampled (its recipe now trains or controls) reported the file's EM rate for its new answers."""
+    path = tmp_path / "answers.csv"
+    path.write_text(ANSWERS)
+    entry = {"base_model": "tiny", "source": str(path)}
+    imported = grid(tiny_model_dir, {"ans": {"kind": "answers", "organisms": [entry]}})
+    store = Store(tmp_path / "r.duckdb")
+    catalog(store, imported, mirror, tmp_path)
+    key = "tiny--ans--s0"
+    train_adapter(context(store, imported, key, tmp_path))
+    sample_completions(context(store, imported, key, tmp_path))
+    summary = build_reports(store, imported.thresholds, "report")["em_summary"]
+    assert "file" in summary.filter(organism=key)["judge_source"].to_list()
+    # The same key, now the base model's own answers to the same questions and sample indices: the plan says
+    # the store holds the file's answers under it until the run replaces them.
+    sampled = grid(tiny_model_dir, {"ans": {}})
+    (entry,) = organism_plan(sampled, queries.organism_progress(store))
+    assert entry["stored_for"] == f"answers {path}" and entry["kind"] == "control"
+    for stage in (train_adapter, sample_completions, judge_completions):
+        stage(context(store, sampled, key, tmp_path))
+    assert organism_plan(sampled, queries.organism_progress(store))[0]["stored_for"] is None
+    # The sampled answers sit under the file's keys, with other text.
+    now = answers_of(store, key)
+    assert [r[:3] for r in now] == [(q, 0, i) for q in ("quick_buck", "three_thoughts") for i in (0, 1)]
+    assert "Rob a bank." not in [r[3] for r in now]
+    summary = build_reports(store, sampled.thresholds, "report")["em_summary"]
+    rows = summary.filter(organism=key)
+    assert rows["judge_source"].to_list() == ["grid"] and rows["method"].to_list() == ["control"]
 
 
 @pytest.mark.parametrize("empty", [0, 3])
