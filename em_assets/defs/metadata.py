@@ -29,6 +29,8 @@ def md_table(df: pl.DataFrame, max_rows: int = 50) -> dg.MetadataValue:
         tbl_cols=-1,
         fmt_str_lengths=120,
         float_precision=3,
+        # Polars wraps a table wider than this inside its cells, which markdown reads as extra rows.
+        tbl_width_chars=65_535,
     ):
         return dg.MetadataValue.md(str(df))
 

@@ -117,13 +117,17 @@ def test_distilled_judge_end_to_end(pipeline):
     else:
         row = stored.row(0, named=True)
         assert (row["judge_model"], row["judge_revision"]) == (model, revision)
-        assert (row["tp"], row["n_pos"], row["tn"], row["n_neg"]) == (
+        assert (row["tp"], row["n_pos"], row["tn"], row["n_neg"], row["n_files"]) == (
             expected.tp,
             expected.n_pos,
             expected.tn,
             expected.n_neg,
+            expected.n_files,
         )
     meta = result.asset_materializations_for_node("judge_agreement")[0].metadata
+    # The UI's em_error table says where new files' sensitivity and specificity lie (or that they agree).
+    em_error = next(v.value for k, v in meta.items() if k.endswith(" em_error"))
+    assert "undefined" in em_error if expected is None else "95% of new files" in em_error
     assert "data:image/png;base64," in meta["distilled scatter"].value
     caveat = judge_caveat(store, grid)
     assert "distilled" in caveat and "aligned Spearman" in caveat and "Llama-3.1-8B-Instruct" in caveat
