@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 
 from em_assets.cli.tables import MARKDOWN, with_interval
 from em_assets.settings import settings
+
+if TYPE_CHECKING:
+    from em_assets.judging.agreement import MetricAgreement
 
 
 def cmd_add_model(args: argparse.Namespace) -> int:
@@ -93,7 +98,7 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
     return 0
 
 
-def metrics_table(metrics) -> pl.DataFrame:
+def metrics_table(metrics: Sequence[MetricAgreement]) -> pl.DataFrame:
     """Per metric: the agreement statistics, Spearman and AUC beside their 95% intervals."""
     table = pl.DataFrame([{"metric": m.metric, **m.as_dict()} for m in metrics], infer_schema_length=None)
     # A statistic undefined for every metric (no misaligned answer: no AUC) reads as a null column.
