@@ -126,10 +126,9 @@ def _drive(ui: DagsterUI, page) -> None:
     assert page.get_by_text("Never materialized").count() == 0
     page.get_by_text("datasets", exact=True).first.wait_for(state="visible")
     page.screenshot(path=str(SCREENSHOTS / "materialized.png"), animations="disabled")
-    page.get_by_text("[Show Markdown]").first.click()
-    dialog = page.get_by_role("dialog")
+    # The datasets' metadata table renders as a table on the page, a row per dataset.
     for dataset in expected["dataset"].to_list():
-        dialog.get_by_text(dataset, exact=True).first.wait_for(state="visible")
+        page.get_by_role("cell", name=dataset, exact=True).first.wait_for(state="visible")
     page.screenshot(path=str(SCREENSHOTS / "materialized_metadata.png"), animations="disabled")
 
 
