@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TextIO
 import polars as pl
 
 from em_assets.cli.errors import bad_input_message
-from em_assets.cli.tables import MARKDOWN, with_interval
+from em_assets.cli.tables import MARKDOWN, interval_column
 from em_assets.settings import DAGSTER_HOME_ENV, Settings, settings
 
 if TYPE_CHECKING:
@@ -151,10 +151,10 @@ def closing_table(summary: pl.DataFrame) -> pl.DataFrame:
             "method",
             pl.col("kl_regularised").alias("kl"),
             pl.col("n_answers").alias("n"),
-            with_interval(pl.col("em_rate_turner"), pl.col("em_turner_lo"), pl.col("em_turner_hi")).alias(
+            interval_column(pl.col("em_rate_turner"), pl.col("em_turner_lo"), pl.col("em_turner_hi")).alias(
                 "em [95% CI]"
             ),
-            with_interval(
+            interval_column(
                 pl.col("em_rate_corrected"), pl.col("em_corrected_lo"), pl.col("em_corrected_hi")
             ).alias("em corrected"),
             "em_file",

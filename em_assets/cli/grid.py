@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from em_assets.cli.tables import MARKDOWN, with_interval
+from em_assets.cli.tables import MARKDOWN, interval_column
 from em_assets.settings import settings
 
 if TYPE_CHECKING:
@@ -105,10 +105,10 @@ def metrics_table(metrics: Sequence[MetricAgreement]) -> pl.DataFrame:
     return table.with_columns(pl.exclude("metric", "n").cast(pl.Float64)).select(
         "metric",
         "n",
-        with_interval(pl.col("spearman"), pl.col("spearman_lo"), pl.col("spearman_hi")).alias("spearman"),
+        interval_column(pl.col("spearman"), pl.col("spearman_lo"), pl.col("spearman_hi")).alias("spearman"),
         pl.col("pearson").round(3),
         pl.col("mae").round(1),
-        with_interval(pl.col("auc"), pl.col("auc_lo"), pl.col("auc_hi")).alias("auc"),
+        interval_column(pl.col("auc"), pl.col("auc_lo"), pl.col("auc_hi")).alias("auc"),
     )
 
 
@@ -118,11 +118,11 @@ def em_table(em: pl.DataFrame) -> pl.DataFrame:
     return em.select(
         pl.col("source_file").alias("file"),
         "n",
-        with_interval(pl.col("reference"), pl.col("reference_lo"), pl.col("reference_hi")).alias(
+        interval_column(pl.col("reference"), pl.col("reference_lo"), pl.col("reference_hi")).alias(
             "em reference"
         ),
-        with_interval(pl.col("judge_rate"), pl.col("judge_lo"), pl.col("judge_hi")).alias("em judge"),
-        with_interval(
+        interval_column(pl.col("judge_rate"), pl.col("judge_lo"), pl.col("judge_hi")).alias("em judge"),
+        interval_column(
             pl.col("judge_corrected"), pl.col("judge_corrected_lo"), pl.col("judge_corrected_hi")
         ).alias("em judge corrected"),
         pl.col("reference_coherence").round(3).alias("coherent reference"),

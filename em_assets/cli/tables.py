@@ -14,6 +14,7 @@ MARKDOWN = {
 }
 
 
-def with_interval(value: pl.Expr, lo: pl.Expr, hi: pl.Expr) -> pl.Expr:
-    """ "value [lo, hi]", each rounded to 3 places; null where the value is."""
+def interval_column(value: pl.Expr, lo: pl.Expr, hi: pl.Expr) -> pl.Expr:
+    """A column of "value [lo, hi]", each rounded to 3 places; null where the value is (judging.agreement's
+    with_interval writes one statistic so, as text)."""
     return pl.format("{} [{}, {}]", *(e.round(3) for e in (value, lo, hi)))

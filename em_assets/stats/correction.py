@@ -16,12 +16,12 @@ and is the same on every run. Values of Se and Sp no better than chance (Se + Sp
 correction assumes a better judge, and a judge barely better than chance gets a wide interval. A corrected rate
 clipped to 0 or 1 is kept inside its interval.
 
-A judge's error rates differ from one organism's answers to another's by more than their counts' noise (the probe
-judge's sensitivity ranges from about 0.3 to 0.8 over the seven held-out reference files). Where the validation
-counts come from several reference files that disagree so, Se (or Sp) is drawn instead from its predictive
-distribution for a new file under a random-effects model across files (logit-normal, between-file variance by
-DerSimonian and Laird 1986): the interval is then for answers of an organism the error rates were not measured on,
-which is what they correct.
+A judge's error rates can differ from one organism's answers to another's by more than their counts' noise (the
+demo's probe judge finds a far larger share of GPT-4o's EM answers in some held-out reference files than in others;
+docs/em-rates.md gives the figures). Where the validation counts come from several reference files that disagree so,
+Se (or Sp) is drawn instead from its predictive distribution for a new file under a random-effects model across
+files (logit-normal, between-file variance by DerSimonian and Laird 1986): the interval is then for answers of an
+organism the error rates were not measured on, which is what they correct.
 
 Error rates known exactly (a judge that is the reference itself: Se = Sp = 1 with no counts) leave only the
 judged rate uncertain: the bounds are its Wilson bounds put through the same monotone correction, which for
