@@ -1,6 +1,11 @@
+import functools
 import gzip
 import json
 import shutil
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -10,7 +15,14 @@ from support.paths import REPO
 
 from em_assets.catalog import stage as catalog
 from em_assets.catalog.parsing import DatasetError, judge_prompt, parse_chat_jsonl, parse_questions_yaml
-from em_assets.catalog.upstream import EVAL_SETS, SOURCES, ChecksumError, UpstreamFile, fetch_bytes
+from em_assets.catalog.upstream import (
+    EVAL_SETS,
+    SOURCES,
+    ChecksumError,
+    DownloadError,
+    UpstreamFile,
+    fetch_bytes,
+)
 from em_assets.grid.load import load_grid
 from em_assets.results.artifacts import _sha256_of, sha256_bytes, sha256_file
 from em_assets.results.store import Store
@@ -240,3 +252,77 @@ def test_a_file_is_hashed_once_until_it_is_rewritten(tmp_path):
     path.write_bytes(b"b" * 64)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert sha256_file(path) == sha256_bytes(b"b" * 64)
+
+
+@dataclass(frozen=True)
+class _Served(UpstreamFile):
+    """A pinned file whose URL is a loopback server laid out as raw.githubusercontent.com (repo/commit/path)."""
+
+    base: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"{self.base}/{self.repo}/{self.commit}/{self.path}"
+
+
+@pytest.fixture
+def raw_github(tmp_path, monkeypatch) -> Iterator[tuple[Path, str]]:
+    """A folder served over loopback HTTP as GitHub serves raw files, and its base URL (reached directly, past any
+    proxy the environment names)."""
+    for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    root = tmp_path / "served"
+    root.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietFiles, directory=str(root)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class _QuietFiles(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _serve(root: Path, base: str, path: str, body: bytes, pinned: bytes) -> _Served:
+    source = _Served("acme/em-data", "c" * 40, path, sha256_bytes(pinned), base)
+    target = root / source.repo / source.commit / path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(body)
+    return source
+
+
+def test_without_a_mirror_a_pinned_file_is_downloaded_verified_and_cached(tmp_path, raw_github):
+    """A user's clone: each file comes from its URL once, is checked against its sha256 (a .gz as pinned, then
+    unpacked) and kept in the download cache, which serves it from then on."""
+    root, base = raw_github
+    rows = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+    plain = _serve(root, base, "data/plain.jsonl", rows, rows)
+    packed = _serve(root, base, "data/packed.jsonl.gz", gzip.compress(rows), gzip.compress(rows))
+    cache = tmp_path / "cache"
+    for source in (plain, packed):
+        assert fetch_bytes(source, mirror="", cache_dir=cache) == rows
+        assert (cache / "upstream" / source.mirror_path).read_bytes() == (
+            root / source.repo / source.commit / source.path
+        ).read_bytes()
+    shutil.rmtree(root / plain.repo)  # the server now answers 404: the cache must serve
+    assert fetch_bytes(plain, mirror="", cache_dir=cache) == rows
+    assert fetch_bytes(packed, mirror="", cache_dir=cache) == rows
+
+
+def test_a_download_that_does_not_match_its_pin_is_refused_and_not_cached(tmp_path, raw_github):
+    root, base = raw_github
+    source = _serve(root, base, "data/x.jsonl", b"tampered\n", b"pinned\n")
+    cache = tmp_path / "cache"
+    with pytest.raises(ChecksumError, match=f"{source.url}: sha256 .* does not match the pinned"):
+        fetch_bytes(source, mirror="", cache_dir=cache)
+    assert not (cache / "upstream").exists()
+
+
+def test_a_file_missing_upstream_names_its_url_and_the_mirror_setting(tmp_path, raw_github):
+    _, base = raw_github
+    source = _Served("acme/em-data", "c" * 40, "data/gone.jsonl", "0" * 64, base)
+    with pytest.raises(DownloadError, match=f"{source.url}.*EM_DATA_MIRROR"):
+        fetch_bytes(source, mirror="", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache" / "upstream").exists()
