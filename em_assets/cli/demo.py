@@ -85,7 +85,7 @@ def _fail_if_still_active(instance: DagsterInstance, run_id: str, reason: str) -
     instance.event_log_storage.free_concurrency_slots_for_run(run_id)
 
 
-def _run_job(instance: DagsterInstance, job_name: str, key: str | None, console: TextIO) -> None:
+def _run_job(instance: DagsterInstance, job_name: str, key: str | None, console: TextIO, width: int) -> None:
     from em_assets.cli.progress import ProgressConsole
     from em_assets.definitions import defs
     from em_assets.defs.recovery import recover, wait_for_pools
@@ -96,7 +96,7 @@ def _run_job(instance: DagsterInstance, job_name: str, key: str | None, console:
         # Dagster's in-process executor polls a blocked pool slot in a busy loop: wait here, asleep, instead.
         wait_for_pools(instance, say=say)
     run_id = str(uuid.uuid4())
-    progress = ProgressConsole(console, key or job_name.removesuffix("_job"))
+    progress = ProgressConsole(console, _run_name(job_name, key), width)
     instance.add_event_listener(run_id, progress)
     try:
         defs.resolve_job_def(job_name).execute_in_process(instance=instance, partition_key=key, run_id=run_id)
@@ -117,8 +117,15 @@ def run_pipeline(console: TextIO, organism_keys: list[str] | None = None) -> Non
     known = set(instance.get_dynamic_partitions(organisms.name))
     instance.add_dynamic_partitions(organisms.name, [k for k in keys if k not in known])
     runs = [("catalog_job", None)] + [("organism_job", k) for k in keys] + [("reports_job", None)]
+    # One column wide enough for every run's name keeps the console's lines aligned.
+    width = max(len(_run_name(job_name, key)) for job_name, key in runs)
     for job_name, key in runs:
-        _run_job(instance, job_name, key, console)
+        _run_job(instance, job_name, key, console, width)
+
+
+def _run_name(job_name: str, key: str | None) -> str:
+    """A run's name on the console: its organism, or its job's."""
+    return key or job_name.removesuffix("_job")
 
 
 def _stop_on_sigterm() -> None:

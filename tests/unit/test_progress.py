@@ -65,3 +65,17 @@ def test_output_goes_to_the_log_file_and_the_console_stays_clean(tmp_path, capfd
     assert all(m in text for m in ("dagster event noise", "a library warning", "C-level write", "worker bar"))
     print("after")
     assert capfd.readouterr().out == "after\n"
+
+
+def test_runs_given_one_width_keep_their_columns_aligned_whatever_their_names():
+    out = io.StringIO()
+    job = dg.Definitions(assets=[scored], jobs=[dg.define_asset_job("j")]).resolve_job_def("j")
+    names = ["catalog", "llama-3.1-8b--risky-financial-advice--s0"]
+    with dg.instance_for_test() as instance:
+        for name in names:
+            console, run_id = ProgressConsole(out, name, max(map(len, names))), str(uuid.uuid4())
+            instance.add_event_listener(run_id, console)
+            job.execute_in_process(instance=instance, run_id=run_id)
+            console.finish()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and len({line.index("1 step") for line in lines}) == 1, lines
