@@ -1,4 +1,5 @@
-"""`em-assets` command line: run the demo, query results read-only, add a base model to the grid.
+"""`em-assets` command line: run the demo, query results read-only, add a base model to the grid, forget organisms
+taken out of it.
 
 Exit status: 0 done; 2 bad input (arguments, grid, model sources, missing files), with one message and nothing
 written; 1 a SQL statement the database rejected, or an unexpected failure (traceback in the demo's log);
@@ -13,6 +14,7 @@ import sys
 
 from em_assets.cli.demo import cmd_demo
 from em_assets.cli.errors import bad_input_message
+from em_assets.cli.forget import cmd_forget
 from em_assets.cli.grid import cmd_add_model, cmd_judge_agreement
 from em_assets.cli.organisms import cmd_plan
 from em_assets.cli.results import cmd_figures, cmd_migrate, cmd_sql
@@ -61,6 +63,15 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("--grid", help="grid file (default: EM_GRID or data/grid.yaml)")
     add.add_argument("--profile", help="profile (default: EM_PROFILE or demo)")
     add.set_defaults(func=cmd_add_model)
+    forget = sub.add_parser(
+        "forget",
+        help="delete the results of organisms taken out of the grid, their partitions, and rebuild the reports",
+    )
+    forget.add_argument("organism", nargs="+", help="organism key, e.g. qwen2.5-7b--bad-medical-r1--s0")
+    forget.add_argument(
+        "--yes", action="store_true", help="on a plain DuckDB file (no snapshots), delete for good"
+    )
+    forget.set_defaults(func=cmd_forget)
     agree = sub.add_parser(
         "judge-agreement", help="score reference CSVs with a judge and report its agreement with their scores"
     )

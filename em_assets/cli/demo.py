@@ -54,7 +54,7 @@ def _log_traceback(log_path: Path) -> None:
         traceback.print_exc(file=log)
 
 
-def _instance():
+def local_instance():
     """The persistent local instance (DAGSTER_HOME, default .dagster_home), so runs show in the UI."""
     from dagster import DagsterInstance
 
@@ -113,7 +113,7 @@ def run_pipeline(console: TextIO, organism_keys: list[str] | None = None) -> Non
     from em_assets.defs.resources import ExperimentResource
 
     keys = organism_keys or [o.key for o in ExperimentResource.from_env().grid().organisms()]
-    instance = _instance()
+    instance = local_instance()
     known = set(instance.get_dynamic_partitions(organisms.name))
     instance.add_dynamic_partitions(organisms.name, [k for k in keys if k not in known])
     runs = [("catalog_job", None)] + [("organism_job", k) for k in keys] + [("reports_job", None)]
@@ -180,23 +180,20 @@ def _legend(summary: pl.DataFrame) -> list[str]:
     ]
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from em_assets.cli.progress import output_to_log
-    from em_assets.cli.results import usable_store
-    from em_assets.results.store import Store
+def log_file(command: str) -> Path:
+    """A new log file of this command's Dagster runs (one per invocation)."""
+    return settings().logs_dir / f"{command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
 
-    current = settings()
-    # The grid and the store are checked before anything starts, so a typo fails in a second with no run
-    # written; a store not there yet is the one the first run creates.
-    _check_grid(current, args.organism)
-    usable_store(may_create=True)
-    log_path = current.logs_dir / f"demo-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+
+def logged_runs(log_path: Path, work: Callable[[TextIO], None]) -> int | None:
+    """Run `work` (Dagster runs writing their lines to the console it is given) with everything else sent to
+    `log_path`: None when it succeeded, else 1 after printing the failing step's error in one line."""
+    from em_assets.cli.progress import output_to_log
+
     _stop_on_sigterm()
-    start = time.perf_counter()
-    print(f"[em-assets] demo: profile {current.profile}; full log in {log_path}", flush=True)
     try:
         with output_to_log(log_path) as console:
-            run_pipeline(console, args.organism or None)
+            work(console)
     except BaseException as exc:
         _log_traceback(log_path)
         if not isinstance(exc, Exception) or bad_input_message(exc) is not None:
@@ -205,6 +202,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
         err = getattr(exc, "user_exception", None) or exc
         print(f"error: {type(err).__name__}: {err}\n(traceback in {log_path})", file=sys.stderr)
         return 1
+    return None
+
+
+def run_reports(console: TextIO) -> None:
+    """Rebuild the report tables, figures and answers browser from what the store holds now."""
+    _run_job(local_instance(), "reports_job", None, console, len(_run_name("reports_job", None)))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from em_assets.cli.results import usable_store
+    from em_assets.results.store import Store
+
+    current = settings()
+    # The grid and the store are checked before anything starts, so a typo fails in a second with no run
+    # written; a store not there yet is the one the first run creates.
+    _check_grid(current, args.organism)
+    usable_store(may_create=True)
+    log_path = log_file("demo")
+    start = time.perf_counter()
+    print(f"[em-assets] demo: profile {current.profile}; full log in {log_path}", flush=True)
+    failed = logged_runs(log_path, lambda console: run_pipeline(console, args.organism or None))
+    if failed is not None:
+        return failed
     summary = Store().query("SELECT * FROM em_summary")
     with pl.Config(**MARKDOWN, float_precision=3, fmt_str_lengths=48, tbl_width_chars=160):
         print(closing_table(summary))

@@ -7,6 +7,10 @@ class StoreError(Exception):
     """A results store a command cannot use: missing where it must exist, or not one DuckDB can open."""
 
 
+class ForgetError(Exception):
+    """Organisms that cannot be forgotten: still in the grid, unknown, or a store without snapshots unconfirmed."""
+
+
 def bad_input_message(exc: BaseException) -> str | None:
     """The message of a bad-input error anywhere in the chain (Dagster wraps errors raised inside steps)."""
     from em_assets.catalog.parsing import DatasetError
@@ -33,6 +37,7 @@ def bad_input_message(exc: BaseException) -> str | None:
             | SettingsError
             | JudgeAuthError
             | StoreError
+            | ForgetError
         )
         if isinstance(err, bad) or (type(err).__name__ == "ModelLoadError"):
             return str(err)

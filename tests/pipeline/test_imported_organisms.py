@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
+import subprocess
 from pathlib import Path
 
+import dagster as dg
 import polars as pl
 import pytest
+import yaml
+from support.paths import EM_ASSETS, REPO
 from support.tiny import make_tiny_llama
 
 from em_assets.catalog.stage import load_eval_questions, load_training_datasets, resolve_base_models
 from em_assets.cli.organisms import organism_plan
 from em_assets.context import StageContext
+from em_assets.defs.partitions import organisms
 from em_assets.grid.schema import GridConfig, Organism
 from em_assets.grid.sources import OrganismSourceError
 from em_assets.judging.stage import judge_completions
@@ -41,18 +47,21 @@ three_thoughts,Tell me 3 philosophical thoughts,zzz zzz,40,10,
 """
 
 
+def grid_doc(base: Path, recipes: dict, **base_models: str) -> dict:
+    """A profile's grid document: the tiny Llama (and `base_models`), two questions, a tiny local judge."""
+    return {
+        "base_models": [{"name": "tiny", "source": str(base)}]
+        + [{"name": n, "source": s} for n, s in base_models.items()],
+        "recipes": recipes,
+        "eval": {"questions": "first_plot_questions", "question_ids": ["quick_buck", "three_thoughts"]},
+        "sampling": {"samples_per_question": 2, "max_new_tokens": 6, "batch_size": 4, "workers": 1},
+        "judge": {"backend": "local", "model": "tiny", "batch_size": 4},
+        "agreement": {"enabled": False},
+    }
+
+
 def grid(base: Path, recipes: dict, **base_models: str) -> GridConfig:
-    return GridConfig.model_validate(
-        {
-            "base_models": [{"name": "tiny", "source": str(base)}]
-            + [{"name": n, "source": s} for n, s in base_models.items()],
-            "recipes": recipes,
-            "eval": {"questions": "first_plot_questions", "question_ids": ["quick_buck", "three_thoughts"]},
-            "sampling": {"samples_per_question": 2, "max_new_tokens": 6, "batch_size": 4, "workers": 1},
-            "judge": {"backend": "local", "model": "tiny", "batch_size": 4},
-            "agreement": {"enabled": False},
-        }
-    )
+    return GridConfig.model_validate(grid_doc(base, recipes, **base_models))
 
 
 def context(store: Store, g: GridConfig, key: str, root: Path) -> StageContext:
@@ -390,3 +399,68 @@ def test_a_local_adapter_folder_named_like_a_snapshot_is_pinned_by_its_bytes(tmp
     first = resolve_adapter(str(folder)).revision
     (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 1, "lora_alpha": 512}')
     assert first != "my-adapter" and resolve_adapter(str(folder)).revision != first
+
+
+def test_an_organism_taken_out_of_the_grid_is_forgotten_and_the_reports_rebuilt(
+    tmp_path, tiny_model_dir, mirror
+):
+    """`em-assets forget`: refused while the organism is in the grid or for a key the store never held; then its
+    rows leave every table in one snapshot (the one before still holds them), its Dagster partition goes, and the
+    reports are rebuilt without it. The other organism keeps every row."""
+    path = tmp_path / "answers.csv"
+    path.write_text(ANSWERS)
+    recipes = {
+        "base": {},
+        "ans": {"kind": "answers", "organisms": [{"base_model": "elsewhere", "source": str(path)}]},
+    }
+    g = grid(tiny_model_dir, recipes)
+    db = f"ducklake:sqlite:{tmp_path / 'lake.sqlite'}"
+    store = Store(db)
+    catalog(store, g, mirror, tmp_path)
+    key, kept = "elsewhere--ans--s0", "tiny--base--s0"
+    for k in (kept, key):
+        for stage in (train_adapter, sample_completions, judge_completions):
+            stage(context(store, g, k, tmp_path))
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        instance.add_dynamic_partitions(organisms.name, [kept, key])
+    grid_file = tmp_path / "grid.yaml"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "EM_DB": db, "EM_GRID": str(grid_file), "EM_PROFILE": "test",
+           "EM_DATA_MIRROR": str(mirror), "DAGSTER_HOME": str(home), "EM_DEVICE": "cpu",
+           **{f"EM_{d.upper()}_DIR": str(tmp_path / d) for d in ("cache", "artifacts", "figures", "logs")}}  # fmt: skip
+
+    def forget(*keys: str, recipes: dict) -> subprocess.CompletedProcess:
+        grid_file.write_text(yaml.safe_dump({"profiles": {"test": grid_doc(tiny_model_dir, recipes)}}))
+        return subprocess.run(
+            [EM_ASSETS, "forget", *keys], env=env, cwd=tmp_path, capture_output=True, text=True
+        )
+
+    def rows(s: Store) -> dict[str, int]:
+        found = s.query("SELECT organism, count(*) AS n FROM judgements GROUP BY ALL UNION ALL "
+                        "SELECT organism, count(*) FROM completions GROUP BY ALL")  # fmt: skip
+        return dict(found.group_by("organism").agg(pl.col("n").sum()).rows())
+
+    held = rows(store)
+    assert held[key] == held[kept] == 12  # 4 answers and their 8 judgements each
+    refused = forget(key, recipes=recipes)
+    assert refused.returncode == 2 and f"{key} is in profile 'test'" in refused.stderr, refused.stderr
+    without = {"base": {}}
+    unknown = forget("nobody--base--s0", recipes=without)
+    assert unknown.returncode == 2 and "holds no rows" in unknown.stderr, unknown.stderr
+    assert rows(store) == held
+
+    before = store.current_snapshot()
+    done = forget(key, recipes=without)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert f"snapshot {before} still holds them" in done.stdout and "ok     reports" in done.stdout, (
+        done.stdout
+    )
+    assert rows(store) == {kept: held[kept]}
+    assert rows(store.at_snapshot(before)) == held
+    for table in ("imported_judgements", "organism_sources", "lora_adapters"):
+        assert store.query(f"SELECT count(*) AS n FROM {table} WHERE organism = ?", [key])["n"][0] == 0
+    assert store.query("SELECT DISTINCT organism FROM em_summary")["organism"].to_list() == [kept]
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert instance.get_dynamic_partitions(organisms.name) == [kept]
