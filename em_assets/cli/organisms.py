@@ -91,10 +91,14 @@ def checked_grid(current: Settings) -> GridConfig:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Print the plan; the grid is validated and organism sources are checked first (bad input: 2)."""
-    grid = checked_grid(settings())
-    entries = organism_plan(grid, _progress())
+    current = settings()
+    grid = checked_grid(current)
+    progress = _progress()
+    entries = organism_plan(grid, progress)
+    # Organisms the store holds that the profile no longer lists: the reports still include them.
+    stale = sorted(progress.keys() - {e["organism"] for e in entries})
     if args.format == "json":
-        print(json.dumps({"organisms": entries}, indent=2))
+        print(json.dumps({"organisms": entries, "not_in_grid": stale}, indent=2))
         return 0
     done = [
         f"holds {e['stored_for']}; redone next run"
@@ -119,4 +123,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         tbl_width_chars=260,
     ):
         print(table)
+    if stale:
+        print(
+            f"The store also holds {', '.join(stale)}, not in profile {current.profile!r}: the reports include "
+            "them until `em-assets forget KEY` deletes them."
+        )
     return 0

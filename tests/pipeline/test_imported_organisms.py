@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -431,11 +432,10 @@ def test_an_organism_taken_out_of_the_grid_is_forgotten_and_the_reports_rebuilt(
            "EM_DATA_MIRROR": str(mirror), "DAGSTER_HOME": str(home), "EM_DEVICE": "cpu",
            **{f"EM_{d.upper()}_DIR": str(tmp_path / d) for d in ("cache", "artifacts", "figures", "logs")}}  # fmt: skip
 
-    def forget(*keys: str, recipes: dict) -> subprocess.CompletedProcess:
+    def cli(*args: str, recipes: dict) -> subprocess.CompletedProcess:
+        """`em-assets ARGS` with the organisms of `recipes` in the grid."""
         grid_file.write_text(yaml.safe_dump({"profiles": {"test": grid_doc(tiny_model_dir, recipes)}}))
-        return subprocess.run(
-            [EM_ASSETS, "forget", *keys], env=env, cwd=tmp_path, capture_output=True, text=True
-        )
+        return subprocess.run([EM_ASSETS, *args], env=env, cwd=tmp_path, capture_output=True, text=True)
 
     def rows(s: Store) -> dict[str, int]:
         found = s.query("SELECT organism, count(*) AS n FROM judgements GROUP BY ALL UNION ALL "
@@ -444,15 +444,17 @@ def test_an_organism_taken_out_of_the_grid_is_forgotten_and_the_reports_rebuilt(
 
     held = rows(store)
     assert held[key] == held[kept] == 12  # 4 answers and their 8 judgements each
-    refused = forget(key, recipes=recipes)
-    assert refused.returncode == 2 and f"{key} is in profile 'test'" in refused.stderr, refused.stderr
     without = {"base": {}}
-    unknown = forget("nobody--base--s0", recipes=without)
+    plan = cli("plan", "--format", "json", recipes=without)
+    assert json.loads(plan.stdout)["not_in_grid"] == [key], plan.stderr
+    refused = cli("forget", key, recipes=recipes)
+    assert refused.returncode == 2 and f"{key} is in profile 'test'" in refused.stderr, refused.stderr
+    unknown = cli("forget", "nobody--base--s0", recipes=without)
     assert unknown.returncode == 2 and "holds no rows" in unknown.stderr, unknown.stderr
     assert rows(store) == held
 
     before = store.current_snapshot()
-    done = forget(key, recipes=without)
+    done = cli("forget", key, recipes=without)
     assert done.returncode == 0, done.stderr + done.stdout
     assert f"snapshot {before} still holds them" in done.stdout and "ok     reports" in done.stdout, (
         done.stdout
@@ -464,3 +466,5 @@ def test_an_organism_taken_out_of_the_grid_is_forgotten_and_the_reports_rebuilt(
     assert store.query("SELECT DISTINCT organism FROM em_summary")["organism"].to_list() == [kept]
     with dg.DagsterInstance.from_config(str(home)) as instance:
         assert instance.get_dynamic_partitions(organisms.name) == [kept]
+    plan = cli("plan", "--format", "json", recipes=without)
+    assert json.loads(plan.stdout)["not_in_grid"] == [], plan.stderr
