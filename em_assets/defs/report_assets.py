@@ -58,6 +58,14 @@ _EXTRA_DEPS = {"em_domain_share": ["reference_judgements"]}
         )
         for name, desc in REPORT_TABLES.items()
     ],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "organisms_in_grid",
+            asset="em_summary",
+            description="Warns when the tables hold organisms the grid's profile no longer lists (taken out of "
+            "the grid, or another profile's); `em-assets forget KEY` deletes them.",
+        )
+    ],
     op_tags=CPU_OP_TAGS,
 )
 def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB):
@@ -84,6 +92,17 @@ def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource,
             }
             | ({"judge_caveat": dg.MetadataValue.md(caveat)} if name == "em_summary" else {}),
         )
+    stale = sorted(set(summary["organism"]) - {o.key for o in grid.organisms()})
+    yield dg.AssetCheckResult(
+        asset_key="em_summary",
+        check_name="organisms_in_grid",
+        passed=not stale,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"not_in_grid": ", ".join(stale), "n_not_in_grid": len(stale)},
+        description=f"not in profile {experiment.profile!r}: {', '.join(stale)} (em-assets forget KEY deletes them)"
+        if stale
+        else None,
+    )
 
 
 @dg.asset(

@@ -22,7 +22,9 @@ from support.tiny import make_tiny_llama
 from em_assets.catalog.stage import load_eval_questions, load_training_datasets, resolve_base_models
 from em_assets.cli.organisms import organism_plan
 from em_assets.context import StageContext
+from em_assets.defs import report_assets
 from em_assets.defs.partitions import organisms
+from em_assets.defs.resources import ExperimentResource, ResultsDB
 from em_assets.grid.schema import GridConfig, Organism
 from em_assets.grid.sources import OrganismSourceError
 from em_assets.judging.stage import judge_completions
@@ -325,12 +327,9 @@ def test_a_key_that_stops_importing_answers_leaves_the_files_scores_behind(tmp_p
 def test_every_organism_asset_takes_an_answers_organism(tmp_path, tiny_model_dir, mirror, empty):
     """The Dagster organism job's assets on an answers organism (JSONL): imported, judged, analyses noted; an
     organism that mostly answers nothing is flagged and still judged (incoherent), not stopped."""
-    import dagster as dg
-    import yaml
     from support.pipeline import materialize, pipeline_resources
 
     from em_assets.defs.jobs import ORGANISM_ASSETS
-    from em_assets.defs.partitions import organisms
 
     path = tmp_path / "answers.jsonl"
     answers = pl.read_csv(io.StringIO(ANSWERS)).with_row_index()
@@ -402,12 +401,13 @@ def test_a_local_adapter_folder_named_like_a_snapshot_is_pinned_by_its_bytes(tmp
     assert first != "my-adapter" and resolve_adapter(str(folder)).revision != first
 
 
-def test_an_organism_taken_out_of_the_grid_is_forgotten_and_the_reports_rebuilt(
+def test_an_organism_taken_out_of_the_grid_is_flagged_then_forgotten_and_the_reports_rebuilt(
     tmp_path, tiny_model_dir, mirror
 ):
-    """`em-assets forget`: refused while the organism is in the grid or for a key the store never held; then its
-    rows leave every table in one snapshot (the one before still holds them), its Dagster partition goes, and the
-    reports are rebuilt without it. The other organism keeps every row."""
+    """Out of the grid, an organism's rows stay: `plan` names it and em_summary's check warns. `em-assets forget`
+    is refused while it is in the grid or for a key the store never held; then its rows leave every table in one
+    snapshot (the one before still holds them), its Dagster partition goes, and the reports are rebuilt without
+    it. The other organism keeps every row."""
     path = tmp_path / "answers.csv"
     path.write_text(ANSWERS)
     recipes = {
@@ -442,11 +442,28 @@ def test_an_organism_taken_out_of_the_grid_is_forgotten_and_the_reports_rebuilt(
                         "SELECT organism, count(*) FROM completions GROUP BY ALL")  # fmt: skip
         return dict(found.group_by("organism").agg(pl.col("n").sum()).rows())
 
+    def in_grid_check() -> dg.AssetCheckEvaluation:
+        """em_tables materialised over the store: its check of the organisms against the grid."""
+        experiment = ExperimentResource(
+            grid_path=str(grid_file), profile="test", data_mirror=str(mirror), figures_dir=str(tmp_path / "f")
+        )
+        with dg.instance_for_test() as instance:
+            result = dg.materialize(
+                [report_assets.em_tables],
+                instance=instance,
+                resources={"experiment": experiment, "results": ResultsDB(database=db)},
+            )
+        (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "organisms_in_grid"]
+        return check
+
     held = rows(store)
     assert held[key] == held[kept] == 12  # 4 answers and their 8 judgements each
     without = {"base": {}}
     plan = cli("plan", "--format", "json", recipes=without)
     assert json.loads(plan.stdout)["not_in_grid"] == [key], plan.stderr
+    stale = in_grid_check()
+    assert not stale.passed and stale.metadata["not_in_grid"].value == key
+    assert stale.severity == dg.AssetCheckSeverity.WARN
     refused = cli("forget", key, recipes=recipes)
     assert refused.returncode == 2 and f"{key} is in profile 'test'" in refused.stderr, refused.stderr
     unknown = cli("forget", "nobody--base--s0", recipes=without)
@@ -468,3 +485,4 @@ def test_an_organism_taken_out_of_the_grid_is_forgotten_and_the_reports_rebuilt(
         assert instance.get_dynamic_partitions(organisms.name) == [kept]
     plan = cli("plan", "--format", "json", recipes=without)
     assert json.loads(plan.stdout)["not_in_grid"] == [], plan.stderr
+    assert in_grid_check().passed
