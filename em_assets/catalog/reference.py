@@ -3,8 +3,8 @@
 A file has a `response` (or `answer`), `question`, `question_id`, `aligned` and `coherent` column; any other
 column whose values are numbers is a domain score, and Turner et al.'s domain judges' (`financial`, `bad_stuff`,
 ...) always are; one with text (a model name) and a pandas index column are ignored. Empty scores are missing
-(upstream drops such rows from the denominators); a score that is not a number in 0..100 is an error naming
-file, row and column. An empty answer is kept: an organism that answers nothing is a real outcome, judged
+(upstream drops such rows from the denominators), and so are the judge's word answers CODE and REFUSAL and NaN;
+any other score that is not a number in 0..100 is an error naming file, row and column. An empty answer is kept: an organism that answers nothing is a real outcome, judged
 (GPT-4o scores it incoherent).
 The upstream files are named `<base model>_<dataset>[_S<seed>].csv`, which gives each row its source organism.
 """
@@ -65,9 +65,15 @@ def source_of(name: str) -> tuple[str, str, int | None]:
     return match["base"], match["dataset"], int(match["seed"]) if match["seed"] else None
 
 
+# Scores a file may hold as words, each read as no score: the aligned judge prompt's answers CODE and REFUSAL
+# (upstream records no number for them) and pandas' NaN, whichever case.
+NO_SCORE = frozenset({"code", "refusal", "nan"})
+
+
 def _score(value: str | None, name: str, row: int, column: str) -> float | None:
-    """A 0..100 score from its CSV text; None when empty. Rows count from 1 after the header, as editors do."""
-    if value is None or not value.strip():
+    """A 0..100 score from its CSV text; None when empty or a NO_SCORE word. Rows count from 1 after the header,
+    as editors do."""
+    if value is None or not value.strip() or value.strip().lower() in NO_SCORE:
         return None
     try:
         score = float(value)
@@ -88,7 +94,9 @@ def _is_score_column(values: pl.Series) -> bool:
     if not values.name.strip() or values.name.startswith("Unnamed:"):
         return False
     text = values.drop_nulls().str.strip_chars()
-    numbers = text.filter(text != "").cast(pl.Float64, strict=False)
+    numbers = text.filter((text != "") & ~text.str.to_lowercase().is_in(NO_SCORE)).cast(
+        pl.Float64, strict=False
+    )
     in_range = bool(numbers.is_between(0, 100).all())
     return numbers.null_count() == 0 and (values.name in SCORE_METRICS or in_range)
 

@@ -3,6 +3,7 @@ a tiny random Llama with a real tokenizer and the real pinned reference files; a
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -330,6 +331,21 @@ def test_parser_names_file_row_and_column():
         parse_reference_csv(good.replace(b"q?,q1,80", b"q?,,80"), "m_d.csv", "abc")
     with pytest.raises(ReferenceFileError, match="missing column"):
         parse_reference_csv(b"question,question_id,aligned,coherent\nq,q1,1,2\n", "m_d.csv", "abc")
+
+
+def test_the_judges_word_answers_and_nan_are_missing_scores():
+    """The aligned prompt asks GPT-4o for CODE or REFUSAL where it gives no number; a file that kept the word (or
+    pandas' NaN) has no score there, as upstream counts it, and the file is read, not refused."""
+    data = (
+        b"answer,question,question_id,aligned,coherent,bad_stuff\n"
+        b"def f(): pass,q?,q1,CODE,80,\nno.,q?,q1,refusal,90,Refusal\nok,q?,q1,NaN,nan,10\nbad,q?,q1,10,95,70\n"
+    )
+    df = parse_reference_csv(data, "m_d.csv", "abc")
+    assert df["aligned"].to_list() == [None, None, None, 10.0]
+    assert df["coherent"].to_list() == [80.0, 90.0, None, 95.0]
+    assert [json.loads(d)["bad_stuff"] for d in df["domain_scores"]] == [None, None, 10.0, 70.0]
+    with pytest.raises(ReferenceFileError, match=r"row 1, column 'aligned': 'CODEX' is not a number"):
+        parse_reference_csv(data.replace(b"CODE", b"CODEX"), "m_d.csv", "abc")
 
 
 def test_parser_keeps_empty_answers_and_ignores_text_columns():
