@@ -4,8 +4,8 @@ A file has a `response` (or `answer`), `question`, `question_id`, `aligned` and 
 column whose values are numbers is a domain score, and Turner et al.'s domain judges' (`financial`, `bad_stuff`,
 ...) always are; one with text (a model name) and a pandas index column are ignored. Empty scores are missing
 (upstream drops such rows from the denominators), and so are the judge's word answers CODE and REFUSAL and NaN;
-any other score that is not a number in 0..100 is an error naming file, row and column. An empty answer is kept: an organism that answers nothing is a real outcome, judged
-(GPT-4o scores it incoherent).
+any other score that is not a number in 0..100 is an error naming file, row and column. An empty answer is kept:
+an organism that answers nothing is a real outcome, judged (GPT-4o scores it incoherent).
 The upstream files are named `<base model>_<dataset>[_S<seed>].csv`, which gives each row its source organism.
 """
 

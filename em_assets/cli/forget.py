@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from em_assets.cli.errors import ForgetError
 from em_assets.settings import settings
 
+if TYPE_CHECKING:
+    from em_assets.results.store import Store
 
-def _check(keys: list[str], confirmed: bool):
-    """The store to forget the keys in, after refusing (ForgetError) what would lose work or do nothing."""
+
+def _check(keys: list[str], confirmed: bool) -> tuple[Store, set[str]]:
+    """The store to forget the keys in and the organism partitions Dagster knows, after refusing (ForgetError)
+    what would lose work or do nothing."""
     from em_assets.cli.results import usable_store
     from em_assets.grid.load import load_grid
     from em_assets.results.forget import rows_held
@@ -28,10 +33,11 @@ def _check(keys: list[str], confirmed: bool):
             "Pass --yes to delete them anyway"
         )
     held = rows_held(store, keys)
-    unknown = [k for k, n in held.items() if n == 0 and k not in _partitions()]
+    partitions = _partitions()
+    unknown = [k for k, n in held.items() if n == 0 and k not in partitions]
     if unknown:
         raise ForgetError(f"the store holds no rows and Dagster no partition for {', '.join(unknown)}")
-    return store
+    return store, partitions
 
 
 def _partitions() -> set[str]:
@@ -50,14 +56,14 @@ def cmd_forget(args: argparse.Namespace) -> int:
     from em_assets.results.forget import forget
 
     keys = list(dict.fromkeys(args.organism))
-    store = _check(keys, args.yes)
+    store, partitions = _check(keys, args.yes)
     before = store.current_snapshot()
     deleted = forget(store, keys)
     counts = ", ".join(f"{table} {n}" for table, n in deleted.items()) or "none"
     print(f"[em-assets] forgot {', '.join(keys)}: {sum(deleted.values())} rows ({counts})")
     if deleted and before is not None:
         print(f"[em-assets] snapshot {before} still holds them (em-assets sql --snapshot {before} ...)")
-    gone = [k for k in keys if k in _partitions()]
+    gone = [k for k in keys if k in partitions]
     for key in gone:
         local_instance().delete_dynamic_partition(organisms.name, key)
     if gone:
