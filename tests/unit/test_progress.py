@@ -79,3 +79,18 @@ def test_runs_given_one_width_keep_their_columns_aligned_whatever_their_names():
             console.finish()
     lines = out.getvalue().splitlines()
     assert len(lines) == 2 and len({line.index("1 step") for line in lines}) == 1, lines
+
+
+def test_the_demo_gives_every_run_the_width_of_its_longest_name(monkeypatch):
+    from em_assets.cli import demo
+
+    runs = []
+    monkeypatch.setattr(
+        demo, "_run_job", lambda instance, job, key, console, width: runs.append((key, width))
+    )
+    keys = ["tiny--base--s0", "llama-3.1-8b--risky-financial-advice--s0"]
+    with dg.instance_for_test() as instance:
+        monkeypatch.setattr(demo, "local_instance", lambda: instance)
+        demo.run_pipeline(io.StringIO(), keys)
+    # The catalog, each organism, the reports: all as wide as the longest key.
+    assert runs == [(None, 40), (keys[0], 40), (keys[1], 40), (None, 40)]
