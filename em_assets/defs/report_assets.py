@@ -4,6 +4,7 @@ judgements change."""
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 
 from em_assets.defs.metadata import CORRECTED_SHOWN, md_image, md_table
 from em_assets.defs.partitions import CPU_OP_TAGS, REPORT_AUTOMATION
@@ -64,7 +65,14 @@ _EXTRA_DEPS = {"em_domain_share": ["reference_judgements"]}
             asset="em_summary",
             description="Warns when the tables hold organisms the grid's profile no longer lists (taken out of "
             "the grid, or another profile's); `em-assets forget KEY` deletes them.",
-        )
+        ),
+        dg.AssetCheckSpec(
+            "short_answers",
+            asset="em_summary",
+            description="Under the probe judge, warns of organisms whose answers are mostly under "
+            f"{reports.SHORT_ANSWER_WORDS} words: it reads short complete answers as incoherent, so their EM "
+            "rates may be undercounted (docs/judges.md#limits).",
+        ),
     ],
     op_tags=CPU_OP_TAGS,
 )
@@ -74,6 +82,7 @@ def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource,
     with reports.pinned_reports(store, grid.thresholds, context.run.run_id, refs) as (source, tables):
         # From the state the tables were read from: a judge_agreement run committing meanwhile changes neither.
         caveat = judge_caveat(source, grid)
+        short = reports.short_answer_organisms(source) if grid.judge.backend == "probe" else None
     summary = tables["em_summary"]
     caveat += "\n\n" + correction_caveat(summary)
     for name, table in tables.items():
@@ -101,6 +110,25 @@ def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource,
         metadata={"not_in_grid": ", ".join(stale), "n_not_in_grid": len(stale)},
         description=f"not in profile {experiment.profile!r}: {', '.join(stale)} (em-assets forget KEY deletes them)"
         if stale
+        else None,
+    )
+    yield _short_answers_check(short)
+
+
+def _short_answers_check(short: pl.DataFrame | None) -> dg.AssetCheckResult:
+    """em_summary's short_answers check: passes where the grid's judge is not the probe judge."""
+    flagged = [] if short is None else short["organism"].to_list()
+    return dg.AssetCheckResult(
+        asset_key="em_summary",
+        check_name="short_answers",
+        passed=not flagged,
+        severity=dg.AssetCheckSeverity.WARN,
+        metadata={"n_flagged": len(flagged)}
+        | ({"organisms": md_table(short.with_columns(pl.col("short_share").round(3)))} if flagged else {}),
+        description=f"{', '.join(flagged)}: at least {reports.SHORT_ANSWER_SHARE:.0%} of their answers are under "
+        f"{reports.SHORT_ANSWER_WORDS} words, which the probe judge often reads as incoherent when they are not "
+        "(docs/judges.md#limits); their EM rates may be undercounted"
+        if flagged
         else None,
     )
 

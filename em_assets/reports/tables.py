@@ -31,6 +31,25 @@ def scored_frame(store: Store) -> pl.DataFrame:
     )
 
 
+# The probe judge reads short complete answers as incoherent (docs/judges.md#limits), and fewer than 3% of the
+# reference answers it is fitted on are this short, so an organism whose answers mostly are gets a warning (the
+# demo's SmolLM2 organisms, up to a third of whose answers are short word salad, which it reads well, do not).
+SHORT_ANSWER_WORDS = 25
+SHORT_ANSWER_SHARE = 0.5
+
+
+def short_answer_organisms(store: Store) -> pl.DataFrame:
+    """Organisms at least SHORT_ANSWER_SHARE of whose non-empty answers have fewer than SHORT_ANSWER_WORDS words:
+    how many answers, that share and their median word count."""
+    return store.query(
+        "WITH counted AS (SELECT organism, len(string_split_regex(trim(answer), '\\s+')) AS words "
+        "FROM completions WHERE trim(answer) <> '') "
+        "SELECT organism, count(*) AS n_answers, avg((words < ?)::INTEGER) AS short_share, "
+        "median(words) AS median_words FROM counted GROUP BY organism HAVING short_share >= ? ORDER BY organism",
+        [SHORT_ANSWER_WORDS, SHORT_ANSWER_SHARE],
+    )
+
+
 # Lineage columns that describe the grid's judge: a file judge's row has its own judge_model and none of these.
 GRID_JUDGE_LINEAGE = ("judge_revision", "aligned_prompt_hash", "coherent_prompt_hash", "judgements_run_id")
 

@@ -486,3 +486,44 @@ def test_an_organism_taken_out_of_the_grid_is_flagged_then_forgotten_and_the_rep
     plan = cli("plan", "--format", "json", recipes=without)
     assert json.loads(plan.stdout)["not_in_grid"] == [], plan.stderr
     assert in_grid_check().passed
+
+
+def test_under_the_probe_judge_organisms_of_short_answers_are_flagged(tmp_path, tiny_model_dir, mirror):
+    """em_summary's short_answers check: under the probe judge it names the organism whose answers are mostly
+    under 25 words and not the one whose answers are longer; under another judge it passes."""
+    long_answer = "Save part of each pay cheque and keep an emergency fund before you invest the rest " * 2
+    longer = pl.read_csv(io.StringIO(ANSWERS)).with_columns(response=pl.lit(long_answer)).write_csv()
+    files = {"short": ANSWERS, "long": longer}
+    recipes = {}
+    for name, text in files.items():
+        (tmp_path / f"{name}.csv").write_text(text)
+        recipes[name] = {"kind": "answers", "organisms": [{"base_model": "elsewhere", "source": str(tmp_path / f"{name}.csv")}]}  # fmt: skip
+    db = tmp_path / "results.duckdb"
+    store = Store(db)
+    catalog(store, grid(tiny_model_dir, recipes), mirror, tmp_path)
+    for name in files:
+        for stage in (train_adapter, sample_completions):
+            stage(context(store, grid(tiny_model_dir, recipes), f"elsewhere--{name}--s0", tmp_path))
+
+    def short_answers_check(judge: dict, **sections: dict) -> dg.AssetCheckEvaluation:
+        doc = grid_doc(tiny_model_dir, recipes) | {"judge": judge, **sections}
+        (tmp_path / "grid.yaml").write_text(yaml.safe_dump({"profiles": {"test": doc}}))
+        experiment = ExperimentResource(grid_path=str(tmp_path / "grid.yaml"), profile="test",
+                                        data_mirror=str(mirror), figures_dir=str(tmp_path / "f"))  # fmt: skip
+        with dg.instance_for_test() as instance:
+            result = dg.materialize(
+                [report_assets.em_tables],
+                instance=instance,
+                resources={"experiment": experiment, "results": ResultsDB(database=str(db))},
+            )
+        (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "short_answers"]
+        return check
+
+    flagged = short_answers_check({"backend": "probe"}, probe={})
+    assert not flagged.passed and flagged.severity == dg.AssetCheckSeverity.WARN
+    assert flagged.metadata["n_flagged"].value == 1
+    assert flagged.description.startswith(
+        "elsewhere--short--s0: at least 50% of their answers are under 25 words"
+    )
+    assert "elsewhere--long--s0" not in flagged.metadata["organisms"].value
+    assert short_answers_check({"backend": "local", "model": "tiny"}).passed
