@@ -64,9 +64,10 @@ def cmd_forget(args: argparse.Namespace) -> int:
     if deleted and before is not None:
         print(f"[em-assets] snapshot {before} still holds them (em-assets sql --snapshot {before} ...)")
     gone = [k for k in keys if k in partitions]
-    for key in gone:
-        local_instance().delete_dynamic_partition(organisms.name, key)
     if gone:
+        instance = local_instance()
+        for key in gone:
+            instance.delete_dynamic_partition(organisms.name, key)
         print(f"[em-assets] removed the Dagster partition(s) {', '.join(gone)}")
     print(f"[em-assets] their files under {settings().artifacts_dir} are kept")
     log_path = log_file("forget")
