@@ -341,7 +341,7 @@ def test_the_shipped_hand_ratings_say_how_they_were_made_and_keep_a_held_out_par
     assert held > 0 and held + read_ratings(path).height == rows.height
 
 
-@pytest.mark.parametrize("name", ["demo_answer_ratings.csv", "steered_ratings.csv"])
+@pytest.mark.parametrize("name", ["demo_answer_ratings.csv", "steered_ratings.csv", "short_answers.csv"])
 def test_no_answer_the_judge_is_measured_on_is_fitted_on(name):
     data = Path(__file__).parents[2] / "data"
     fitted = read_ratings(data / "coherence_ratings.csv")
