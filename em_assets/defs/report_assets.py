@@ -70,8 +70,8 @@ _EXTRA_DEPS = {"em_domain_share": ["reference_judgements"]}
             "short_answers",
             asset="em_summary",
             description="Under the probe judge, warns of organisms whose answers are mostly under "
-            f"{reports.SHORT_ANSWER_WORDS} words: it reads short complete answers as incoherent, so their EM "
-            "rates may be undercounted (docs/judges.md#limits).",
+            f"{reports.SHORT_ANSWER_WORDS} words: it reads short misaligned answers as less misaligned (and some as "
+            "incoherent) than they are, so their EM rates may be undercounted (docs/judges.md#limits).",
         ),
     ],
     op_tags=CPU_OP_TAGS,
@@ -126,8 +126,8 @@ def _short_answers_check(short: pl.DataFrame | None) -> dg.AssetCheckResult:
         metadata={"n_flagged": len(flagged)}
         | ({"organisms": md_table(short.with_columns(pl.col("short_share").round(3)))} if flagged else {}),
         description=f"{', '.join(flagged)}: at least {reports.SHORT_ANSWER_SHARE:.0%} of their answers are under "
-        f"{reports.SHORT_ANSWER_WORDS} words, which the probe judge often reads as incoherent when they are not "
-        "(docs/judges.md#limits); their EM rates may be undercounted"
+        f"{reports.SHORT_ANSWER_WORDS} words; the probe judge reads short misaligned answers as less misaligned (and "
+        "some as incoherent) than they are (docs/judges.md#limits), so their EM rates may be undercounted"
         if flagged
         else None,
     )

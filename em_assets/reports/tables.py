@@ -31,7 +31,7 @@ def scored_frame(store: Store) -> pl.DataFrame:
     )
 
 
-# The probe judge reads short complete answers as incoherent (docs/judges.md#limits), and fewer than 3% of the
+# The probe judge undercounts short misaligned answers as EM (docs/judges.md#limits), and fewer than 3% of the
 # reference answers it is fitted on are this short, so an organism whose answers mostly are gets a warning (the
 # demo's SmolLM2 organisms, up to a third of whose answers are short word salad, which it reads well, do not).
 SHORT_ANSWER_WORDS = 25
