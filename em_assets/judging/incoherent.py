@@ -141,7 +141,8 @@ def corrupt(
 
 def read_ratings(path: Path | str, split: str = "fit") -> pl.DataFrame:
     """The rows of one split (`fit`, or `heldout`: never fitted on) of a hand-rated answers file
-    (data/coherence_ratings.csv: question, response, coherent, split; `#` lines are its provenance)."""
+    (data/coherence_ratings.csv: question, response, coherent, split, optionally aligned; `#` lines are its
+    provenance)."""
     if not Path(path).is_file():
         raise ValueError(
             f"probe.hand_ratings: {path} is not a file (the path is relative to the working directory)"
@@ -151,7 +152,10 @@ def read_ratings(path: Path | str, split: str = "fit") -> pl.DataFrame:
     if missing:
         raise ValueError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
     return df.filter(pl.col("split") == split).select(
-        "question", answer=pl.col("response").fill_null(""), coherent=pl.col("coherent").cast(pl.Float64)
+        "question",
+        answer=pl.col("response").fill_null(""),
+        coherent=pl.col("coherent").cast(pl.Float64),
+        aligned=(pl.col("aligned") if "aligned" in df.columns else pl.lit(None)).cast(pl.Float64),
     )
 
 
@@ -214,7 +218,7 @@ def training_set(
                 pl.lit(rated_by).alias("base_model"),
                 "question",
                 "answer",
-                pl.lit(None, pl.Float64).alias("aligned"),
+                "aligned",
                 "coherent",
                 pl.lit("{}").alias("domain_scores"),
             )

@@ -234,26 +234,34 @@ def fit_head(
     groups, cut = rows["base_model"].to_list(), thresholds or {}
     reference = (rows["kind"] == "reference").to_numpy()
 
-    def fit(name: str, y: np.ndarray, weights: Sequence[float], threshold: float | None) -> None:
+    def fit(
+        name: str, y: np.ndarray, weights: Sequence[float], threshold: float | None, anchored: np.ndarray | None
+    ) -> None:
         fits = []
         for w in weights:
             head.sign_weights[name] = w
             k = head.kernel_distances(sq, sq_signs, name)
             linear = linear_ridge(support_signs, y, LINEAR_L2) if w > 0 else None
             offset = None if linear is None else support_signs @ linear[:-1] + linear[-1]
-            readout = fit_readout(name, k, y, groups, spec.bandwidths, spec.l2, spec.seed, threshold, offset)
+            readout = fit_readout(
+                name, k, y, groups, spec.bandwidths, spec.l2, spec.seed, threshold, offset, anchored
+            )
             fits.append((readout, w, linear))
         best = max(fits, key=lambda f: _best_cv(f[0]))
         head.readouts[name], head.sign_weights[name] = best[0], best[1]
         if best[2] is not None:
             head.linear[name] = best[2]
 
+    rated = (rows["kind"] == "rated").to_numpy()
     for m in spec.metrics:
-        y = _targets(rows, m)
-        fit(m, y, spec.sign_weights.get(m, [0.0]), cut.get(m))
+        y, weights = _targets(rows, m), spec.sign_weights.get(m, [0.0])
+        # The hand-rated answers choose the settings of a readout of degenerate text, for its transfer to the
+        # demo model's own text; a readout of states alone is fitted on them but chosen on the base models alone,
+        # as a left-out group a few dozen hand-written answers would set its penalty and calibration.
+        fit(m, y, weights, cut.get(m), rated if max(weights) == 0 else None)
         # Signs in the kernel reorder the reference answers: they are graded by their states alone.
         if head.sign_weights[m] > 0 and np.isfinite(y[~reference]).any():
-            fit(m + GRADE, np.where(reference, y, np.nan), [0.0], cut.get(m))
+            fit(m + GRADE, np.where(reference, y, np.nan), [0.0], cut.get(m), None)
     return head
 
 

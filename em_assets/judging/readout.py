@@ -111,9 +111,10 @@ def folds(groups: Sequence[str], seed: int = 0) -> np.ndarray:
 def out_of_fold(
     sq: np.ndarray, y: np.ndarray, fold: np.ndarray, bandwidths: Sequence[float], l2s: Sequence[float]
 ) -> dict[tuple[float, float], np.ndarray]:
-    """Each row's prediction by a readout fitted without its fold, for every (bandwidth, penalty)."""
-    preds = {(b, l2): np.empty(len(y)) for b in bandwidths for l2 in l2s}
-    for f in np.unique(fold):
+    """Each row's prediction by a readout fitted without its fold, for every (bandwidth, penalty). Rows of fold
+    -1 are in every fit and predicted by none (NaN)."""
+    preds = {(b, l2): np.full(len(y), np.nan) for b in bandwidths for l2 in l2s}
+    for f in np.unique(fold[fold >= 0]):
         held, fit = fold == f, fold != f
         for b in bandwidths:
             k, cross = rbf(sq[np.ix_(fit, fit)], b), rbf(sq[np.ix_(held, fit)], b)
@@ -167,33 +168,37 @@ def fit_readout(
     seed: int = 0,
     threshold: float | None = None,
     offset: np.ndarray | None = None,
+    anchored: np.ndarray | None = None,
 ) -> Readout:
     """The readout of `metric` over the support rows whose squared distances are `sq`, with the (bandwidth,
     penalty) whose out-of-fold Spearman is best, calibrated on the out-of-fold predictions there (by the
     calibration whose rate at `threshold` transfers best across folds; the stretch when no threshold is
     given or there is one fold). With an offset per row the kernel fits what the offset leaves; far from every
     support row the prediction falls back to the offset rather than the mean. Rows with a missing target get a
-    zero dual weight."""
+    zero dual weight. `anchored` rows are fitted on in every fold but never scored: they choose nothing."""
     keep = np.isfinite(y)
     if keep.sum() < 2:
         raise ValueError(f"{metric}: {keep.sum()} train answers with a score; a readout needs at least 2")
     sq = sq[np.ix_(keep, keep)]
     base = np.zeros(int(keep.sum())) if offset is None else offset[keep]
     scale = float(np.median(sq[~np.eye(len(sq), dtype=bool)])) or 1.0
-    fold = folds([g for g, k in zip(groups, keep, strict=True) if k], seed)
+    scored = keep if anchored is None else keep & ~anchored
+    fold = np.full(int(keep.sum()), -1)
+    fold[scored[keep]] = folds([g for g, s in zip(groups, scored, strict=True) if s], seed)
     residual = out_of_fold(sq, y[keep] - base, fold, [m * scale for m in bandwidths], l2s)
-    preds = {setting: p + base for setting, p in residual.items()}
-    cv = tuple((m, l2, spearman(y[keep], preds[(m * scale, l2)])) for m in bandwidths for l2 in l2s)
+    on, target = scored[keep], y[scored]
+    preds = {setting: (p + base)[on] for setting, p in residual.items()}
+    cv = tuple((m, l2, spearman(target, preds[(m * scale, l2)])) for m in bandwidths for l2 in l2s)
     best_m, best_l2, _ = max(cv, key=lambda item: -np.inf if item[2] is None else item[2])
     bandwidth = best_m * scale
     dual = np.zeros(len(y))
     dual[keep], intercept = kernel_ridge(rbf(sq, bandwidth), y[keep] - base, best_l2)
     oof = preds[(bandwidth, best_l2)]
     calibration = "stretch"
-    if threshold is not None and len(np.unique(fold)) >= 2:
-        gaps = calibration_gaps(oof, y[keep], fold, threshold)
+    if threshold is not None and len(np.unique(fold[on])) >= 2:
+        gaps = calibration_gaps(oof, target, fold[on], threshold)
         calibration = min(gaps, key=lambda kind: (gaps[kind], kind != "stretch"))
-    target_mean, center, stretch = stretch_of(oof, y[keep])
+    target_mean, center, stretch = stretch_of(oof, target)
     return Readout(
         metric=metric,
         bandwidth=bandwidth,
@@ -206,5 +211,5 @@ def fit_readout(
         cv_spearman=cv,
         n=int(keep.sum()),
         calibration=calibration,
-        knots=quantile_knots(oof, y[keep]) if calibration == "quantile" else None,
+        knots=quantile_knots(oof, target) if calibration == "quantile" else None,
     )

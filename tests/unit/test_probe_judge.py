@@ -324,7 +324,7 @@ def test_first_sentences_keep_their_sources_coherent_score():
 def test_hand_ratings_keep_the_fit_half_and_a_missing_file_is_one_clear_error(tmp_path):
     path = tmp_path / "r.csv"
     path.write_text("# how made\nkey,split,question,response,coherent\na,fit,q?,,3\nb,heldout,q?,fine,90\n")
-    assert read_ratings(path).rows() == [("q?", "", 3.0)]
+    assert read_ratings(path).rows() == [("q?", "", 3.0, None)]
     with pytest.raises(ValueError, match=r"hand_ratings: .* is not a file"):
         read_ratings(tmp_path / "nope.csv")
 

@@ -92,6 +92,26 @@ def test_calibrated_predictions_count_low_scores_like_the_targets():
     assert readout.stretch > 1 and calibrated.min() >= 0 and calibrated.max() <= 100
 
 
+def test_anchored_rows_are_fitted_on_but_neither_scored_nor_calibrated_on():
+    rng = np.random.default_rng(5)
+    z, y = _data(60, rng, noise=0.0)
+    # Ten answers far from the rest, whose targets nothing fitted without them could predict.
+    far = np.column_stack([np.full(10, 8.0), np.linspace(-1.0, 1.0, 10)])
+    sq = sq_distances(np.vstack([z, far]), np.vstack([z, far]))
+    targets = np.concatenate([y, np.zeros(5), np.full(5, 100.0)])
+    groups = ["a"] * 30 + ["b"] * 30 + ["rated"] * 10
+    anchored = np.arange(70) >= 60
+    kept = fit_readout("aligned", sq, targets, groups, [1.0], [1e-3], anchored=anchored)
+    as_fold = fit_readout("aligned", sq, targets, groups, [1.0], [1e-3])
+    # Scored on the base models' rows alone, the fit ranks them as it does without the far rows; as a left-out
+    # group of its own, the far rows' unpredictable targets drag the score down.
+    assert kept.cv_spearman[0][2] > 0.95 > as_fold.cv_spearman[0][2] + 0.1
+    assert kept.target_mean == pytest.approx(y.mean()) and as_fold.target_mean == pytest.approx(targets.mean())
+    # Yet they are fitted on: the readout reads their targets back.
+    predicted = kept.predict(sq[60:])
+    assert kept.n == 70 and predicted[5:].mean() - predicted[:5].mean() > 50
+
+
 def test_missing_targets_get_no_weight_and_too_few_are_an_error():
     rng = np.random.default_rng(2)
     z, y = _data(20, rng)
