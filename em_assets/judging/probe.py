@@ -235,7 +235,11 @@ def fit_head(
     reference = (rows["kind"] == "reference").to_numpy()
 
     def fit(
-        name: str, y: np.ndarray, weights: Sequence[float], threshold: float | None, anchored: np.ndarray | None
+        name: str,
+        y: np.ndarray,
+        weights: Sequence[float],
+        threshold: float | None,
+        anchored: np.ndarray | None,
     ) -> None:
         fits = []
         for w in weights:

@@ -106,7 +106,9 @@ def test_anchored_rows_are_fitted_on_but_neither_scored_nor_calibrated_on():
     # Scored on the base models' rows alone, the fit ranks them as it does without the far rows; as a left-out
     # group of its own, the far rows' unpredictable targets drag the score down.
     assert kept.cv_spearman[0][2] > 0.95 > as_fold.cv_spearman[0][2] + 0.1
-    assert kept.target_mean == pytest.approx(y.mean()) and as_fold.target_mean == pytest.approx(targets.mean())
+    assert kept.target_mean == pytest.approx(y.mean()) and as_fold.target_mean == pytest.approx(
+        targets.mean()
+    )
     # Yet they are fitted on: the readout reads their targets back.
     predicted = kept.predict(sq[60:])
     assert kept.n == 70 and predicted[5:].mean() - predicted[:5].mean() > 50
