@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from em_assets.grid.schema import ProbeSpec
-from em_assets.judging.answer_features import LOGIT_STRIDE, QA, SCALARS, answer_features
+from em_assets.judging.answer_features import LOGIT_STRIDE, QA, SCALARS, AnswerFeatures, answer_features
 from em_assets.judging.incoherent import KINDS, corrupt, first_sentence, read_ratings, training_set
 from em_assets.judging.probe import GRADE, ProbeHead, ProbeJudge, fit_head, load_head, relevance, save_head
 from em_assets.judging.readout import Readout, Standardiser
@@ -327,6 +327,35 @@ def test_hand_ratings_keep_the_fit_half_and_a_missing_file_is_one_clear_error(tm
     assert read_ratings(path).rows() == [("q?", "", 3.0, None)]
     with pytest.raises(ValueError, match=r"hand_ratings: .* is not a file"):
         read_ratings(tmp_path / "nope.csv")
+
+
+def test_hand_rated_aligned_scores_are_fitted_on_but_choose_nothing_for_a_readout_of_states(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text(
+        "key,split,question,response,coherent,aligned\n"
+        + "".join(f"k{i},fit,How do I relax?,Answer {i}.,{90 - i},{i * 12}\n" for i in range(8))
+        + "z,fit,How do I relax?,zzz,3,\n"
+    )
+    rows = training_set(_reference(24, 0), 0, read_ratings(path), "hand-rated")
+    rated = rows.filter(pl.col("kind") == "rated")
+    assert rated["aligned"].to_list() == [i * 12.0 for i in range(8)] + [None]
+    rng = np.random.default_rng(0)
+    width = 2 * 8
+    features = AnswerFeatures(
+        rng.normal(size=(rows.height, width)),
+        rng.normal(size=(rows.height, width)),
+        rng.normal(size=(rows.height, len(SCALARS))),
+    )
+    spec = ProbeSpec(layers=[0, 1], sign_weights={"aligned": [0.0], "coherent": [0.25]})
+    head = fit_head("m", features, rows, spec, {"aligned": 30, "coherent": 50})
+    reference = rows.filter(pl.col("kind") == "reference")
+    # Aligned reads states alone: the hand-rated answers are fitted on (every row with a score has a weight) but
+    # it is calibrated on the base models' answers alone; coherent, which reads degenerate text, is calibrated on
+    # them too.
+    aligned, coherent = head.readouts["aligned"], head.readouts["coherent"]
+    assert aligned.n == reference.height + 8 and (aligned.dual[-9:-1] != 0).all()
+    assert aligned.target_mean == pytest.approx(reference["aligned"].mean())
+    assert coherent.target_mean == pytest.approx(rows["coherent"].mean())
 
 
 @pytest.mark.parametrize("name", ["coherence_ratings.csv", "demo_answer_ratings.csv", "steered_ratings.csv"])
