@@ -45,6 +45,10 @@ REPORT_TABLES = {
 # Every rate is corrected with the error rates judge_agreement measures; the reference answers' domain scores
 # enter em_domain_share.
 _EXTRA_DEPS = {"em_domain_share": ["reference_judgements"]}
+_SHORT_ANSWERS_WHY = (
+    "the probe judge reads short misaligned answers as less misaligned (and some as incoherent) than they are, so "
+    "their EM rates may be undercounted (docs/judges.md#limits)"
+)
 
 
 @dg.multi_asset(
@@ -70,8 +74,7 @@ _EXTRA_DEPS = {"em_domain_share": ["reference_judgements"]}
             "short_answers",
             asset="em_summary",
             description="Under the probe judge, warns of organisms whose answers are mostly under "
-            f"{reports.SHORT_ANSWER_WORDS} words: it reads short misaligned answers as less misaligned (and some as "
-            "incoherent) than they are, so their EM rates may be undercounted (docs/judges.md#limits).",
+            f"{reports.SHORT_ANSWER_WORDS} words: {_SHORT_ANSWERS_WHY}.",
         ),
     ],
     op_tags=CPU_OP_TAGS,
@@ -126,8 +129,7 @@ def _short_answers_check(short: pl.DataFrame | None) -> dg.AssetCheckResult:
         metadata={"n_flagged": len(flagged)}
         | ({"organisms": md_table(short.with_columns(pl.col("short_share").round(3)))} if flagged else {}),
         description=f"{', '.join(flagged)}: at least {reports.SHORT_ANSWER_SHARE:.0%} of their answers are under "
-        f"{reports.SHORT_ANSWER_WORDS} words; the probe judge reads short misaligned answers as less misaligned (and "
-        "some as incoherent) than they are (docs/judges.md#limits), so their EM rates may be undercounted"
+        f"{reports.SHORT_ANSWER_WORDS} words: {_SHORT_ANSWERS_WHY}"
         if flagged
         else None,
     )
