@@ -130,16 +130,6 @@ def _number(value: float | None) -> float:
     return float("nan") if value is None else value
 
 
-def _em_gap(report) -> float:
-    """The largest per-organism difference between the judge's EM rate and GPT-4o's."""
-    gaps = [
-        abs(r["reference"] - r["judge_rate"])
-        for r in report.em.iter_rows(named=True)
-        if r["reference"] is not None and r["judge_rate"] is not None
-    ]
-    return max(gaps) if gaps else float("nan")
-
-
 @dg.asset(
     group_name="judges",
     deps=[reference_judgements, distilled_judge, probe_judge],
@@ -213,13 +203,14 @@ def _report_metadata(report, grid, figures_dir: Path) -> dict:
 
 
 def _agreement_check(main, grid) -> dg.AssetCheckResult:
-    """Whether the grid's judge ranks misaligned answers as GPT-4o does and matches its EM rates."""
+    """Whether the grid's judge ranks misaligned answers as GPT-4o does, and counts each file's EM rate within
+    the tolerance of GPT-4o's or with a corrected interval that covers it."""
     aligned = {m.metric: m for m in main.metrics}["aligned"]
-    spearman, auc, gap = aligned.spearman, aligned.auc, _em_gap(main)
     spec = grid.agreement
+    spearman, auc, gaps = aligned.spearman, aligned.auc, agreement_stage.em_gaps(main.em, spec.max_em_gap)
     passed = (
         spearman is not None and spearman >= spec.min_spearman and auc is not None and auc >= spec.min_auc
-    ) and gap <= spec.max_em_gap
+    ) and not gaps.failing
     return dg.AssetCheckResult(
         check_name="judge_agrees_with_reference",
         passed=bool(passed),
@@ -231,8 +222,11 @@ def _agreement_check(main, grid) -> dg.AssetCheckResult:
             "misaligned_auc": _number(auc),
             "misaligned_auc_lo": _number(aligned.auc_lo),
             "misaligned_auc_hi": _number(aligned.auc_hi),
-            "max_em_gap": gap,
-            "thresholds": f"spearman >= {spec.min_spearman}, auc >= {spec.min_auc}, gap <= {spec.max_em_gap}",
+            "max_em_gap": gaps.max_gap,
+            "files_beyond_em_gap": gaps.beyond,
+            "files_beyond_and_not_covered": ", ".join(gaps.failing) or "none",
+            "thresholds": f"spearman >= {spec.min_spearman}, auc >= {spec.min_auc}; per file, EM gap <= "
+            f"{spec.max_em_gap} or the corrected interval covering GPT-4o's rate",
         },
     )
 

@@ -406,7 +406,10 @@ class AgreementSpec(_Strict):
     compare: list[JudgeSpec] = Field(default=[], description="other judges scored on the same split")
     min_spearman: float = Field(default=0.7, description="warn when aligned Spearman is below")
     min_auc: float = Field(default=0.9, description="warn when the misaligned AUC is below")
-    max_em_gap: float = Field(default=0.05, description="warn when an organism's EM rate differs more")
+    max_em_gap: float = Field(
+        default=0.05,
+        description="warn when a file's EM rate differs more from GPT-4o's and its corrected interval misses it",
+    )
     reference_judges: list[str] = Field(
         default=["gpt-4o", "gpt-4o-2024-08-06", "gpt-4o (file)"],
         description="judge models that are the reference itself (GPT-4o scored the reference answers, and the "

@@ -319,6 +319,28 @@ def correction_coverage(em: pl.DataFrame) -> str:
     )
 
 
+@dataclass(frozen=True)
+class EmGaps:
+    """Per-file EM rates against the reference's by the judge's acceptance rule: a file passes when the judged
+    rate is within the tolerance of the reference's, or the corrected interval covers the reference's rate."""
+
+    max_gap: float
+    beyond: int
+    # The files beyond the tolerance whose corrected interval misses the reference's rate too.
+    failing: tuple[str, ...]
+
+
+def em_gaps(em: pl.DataFrame, tolerance: float) -> EmGaps:
+    """EmGaps over the files with both rates (max_gap NaN where there is none)."""
+    rows = em.drop_nulls(["reference", "judge_rate"]).with_columns(
+        gap=(pl.col("judge_rate") - pl.col("reference")).abs()
+    )
+    beyond = rows.filter(pl.col("gap") > tolerance)
+    covered = pl.col("reference").is_between(pl.col("judge_corrected_lo"), pl.col("judge_corrected_hi"))
+    failing = beyond.filter(~covered.fill_null(False))["source_file"].to_list()
+    return EmGaps(float(rows["gap"].max()) if rows.height else float("nan"), beyond.height, tuple(failing))
+
+
 def _coherent_check(scores: pl.DataFrame, grid: GridConfig, where: str) -> CoherentCheck:
     """The judge's coherent AUC on scored answers (`where`), judged only if enough of them are incoherent."""
     part = scores.filter(pl.col("metric") == "coherent").drop_nulls(["reference", "score"])

@@ -106,6 +106,8 @@ def test_distilled_judge_end_to_end(pipeline):
     aligned = agreement.row(0, named=True)
     assert aligned["spearman_lo"] <= aligned["spearman"] <= aligned["spearman_hi"]
     assert meta["aligned_spearman_lo"].value == pytest.approx(aligned["spearman_lo"])
+    # Per file, the EM gap and whether the corrected interval explains it (the judge's acceptance rule).
+    assert "corrected interval" in meta["thresholds"].value and "files_beyond_and_not_covered" in meta
     n_incoherent = checks["judge_sees_incoherence"].metadata["n_incoherent"].value
     assert n_incoherent < 20 and "too few" in checks["judge_sees_incoherence"].metadata["result"].value
     # The EM error rates measured on the same answers are stored under the judge's identity (none when the

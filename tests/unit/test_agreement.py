@@ -23,6 +23,7 @@ from em_assets.judging.agreement_stage import (
     corrected_per_file,
     correction_coverage,
     em_agreement,
+    em_gaps,
 )
 from em_assets.judging.error_rates import em_error_rates
 from em_assets.stats.correction import ErrorRates, between_files, corrected_rate
@@ -244,6 +245,25 @@ def test_correction_coverage_counts_files_whose_interval_holds_the_reference():
         "mean gap to the reference 0.150 judged, 0.125 corrected"
     )
     assert correction_coverage(em.head(0)).startswith("no file has a corrected rate")
+
+
+def test_a_file_passes_within_the_tolerance_or_with_its_corrected_interval_covering_the_reference():
+    em = pl.DataFrame(
+        {
+            "source_file": ["near", "covered", "missed", "uncorrected", "unscored"],
+            "reference": [0.20, 0.20, 0.20, 0.20, None],
+            "judge_rate": [0.24, 0.35, 0.35, 0.05, 0.9],
+            "judge_corrected_lo": [0.0, 0.15, 0.25, None, 0.0],
+            "judge_corrected_hi": [0.3, 0.6, 0.6, None, 1.0],
+        }
+    )
+    gaps = em_gaps(em, 0.05)
+    # "near" is within 0.05; "covered" is 0.15 off but its interval holds 0.20; "missed" and "uncorrected" fail;
+    # "unscored" has no reference rate and counts for nothing.
+    assert gaps.max_gap == pytest.approx(0.15)
+    assert (gaps.beyond, gaps.failing) == (3, ("missed", "uncorrected"))
+    assert em_gaps(em, 0.2).failing == ()
+    assert np.isnan(em_gaps(em.head(0), 0.05).max_gap)
 
 
 def test_a_store_from_before_the_intervals_gains_their_columns(tmp_path):
