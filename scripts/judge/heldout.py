@@ -153,15 +153,22 @@ def em_by_file(held: pl.DataFrame, scores: dict, grid) -> pl.DataFrame:
     )
 
 
-def main(candidates: list[list[int]]) -> None:
-    grid = load_grid("data/grid.yaml", "demo")
-    spec = grid.probe
+def rows_and_features(spec) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, list[AnswerFeatures], int]:
+    """fit_probe's rows, the held-out answers and extra_rows, their features at every layer (cached), and the
+    hidden size."""
     ref = reference()
     ratings = read_ratings(spec.hand_ratings)
     train = training_set(train_answers(ref, spec), spec.incoherent_per_kind, ratings, RATED_GROUP, spec.seed)
     held = ref.filter(pl.col("split") == "heldout").with_row_index("i")
     extra = extra_rows(spec, held)
-    (tr, he, ex), hidden = all_layer_features(spec, [train, held, extra])
+    features, hidden = all_layer_features(spec, [train, held, extra])
+    return train, held, extra, features, hidden
+
+
+def main(candidates: list[list[int]]) -> None:
+    grid = load_grid("data/grid.yaml", "demo")
+    spec = grid.probe
+    train, held, extra, (tr, he, ex), hidden = rows_and_features(spec)
     for layers in [spec.layers, *candidates]:
         head = fit_head(
             "x",

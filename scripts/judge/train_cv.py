@@ -6,15 +6,12 @@ Usage: PYTHONPATH=$PWD:$PWD/scripts/judge python scripts/judge/train_cv.py"""
 
 import numpy as np
 import polars as pl
-from features import reference
-from heldout import all_layer_features, extra_rows, pick
+from heldout import pick, rows_and_features
 
 from em_assets.grid.load import load_grid
 from em_assets.judging.agreement import spearman
 from em_assets.judging.answer_features import AnswerFeatures
-from em_assets.judging.distill import train_answers
-from em_assets.judging.incoherent import read_ratings, training_set
-from em_assets.judging.probe import RATED_GROUP, fit_head
+from em_assets.judging.probe import fit_head
 from em_assets.judging.readout import folds, out_of_fold
 
 
@@ -41,16 +38,7 @@ def coherent_by_kind(head, features: AnswerFeatures, rows: pl.DataFrame) -> dict
 
 def main() -> None:
     spec = load_grid("data/grid.yaml", "demo").probe
-    ref = reference()
-    rows = training_set(
-        train_answers(ref, spec),
-        spec.incoherent_per_kind,
-        read_ratings(spec.hand_ratings),
-        RATED_GROUP,
-        spec.seed,
-    )
-    held = ref.filter(pl.col("split") == "heldout").with_row_index("i")
-    (train, _, _), hidden = all_layer_features(spec, [rows, held, extra_rows(spec, held)])
+    rows, _, _, (train, _, _), hidden = rows_and_features(spec)
     states = pick(train, spec.layers, hidden)
     wide = spec.model_copy(
         update={"bandwidths": [0.125, 0.25, 0.5, 1.0, 2.0], "l2": [3e-4, 1e-3, 1e-2, 0.1, 1.0]}
