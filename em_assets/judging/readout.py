@@ -3,7 +3,7 @@ cross-validation, then a calibration that gives the predictions the targets' spr
 
 Numpy only, so the statistics are tested against hand-worked examples. Written by hand rather than with
 scikit-learn: kernel ridge is a few lines of linear algebra, the grouped search over its two settings reuses one
-kernel per fold and bandwidth, and the project would otherwise depend on scikit-learn (and scipy) for it alone.
+kernel per fold and bandwidth, and the project would otherwise depend on scikit-learn for it alone.
 """
 
 from __future__ import annotations
