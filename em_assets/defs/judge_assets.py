@@ -240,7 +240,7 @@ def _error_rates_md(report) -> dg.MetadataValue:
         )
     fields = ("sensitivity", "specificity", "tp", "n_pos", "tn", "n_neg", "n_files")
     ranges = {
-        f"{rate}, 95% of new files": f"{r[0]:.2f}-{r[1]:.2f}" if r else "the files agree within noise"
+        f"{rate}, 95% of new files": f"{r[0]:.2f}-{r[1]:.2f}" if r else "one file: no spread"
         for rate, r in e.new_file_ranges().items()
     }
     return md_table(pl.DataFrame([{f: getattr(e, f) for f in fields} | ranges]))

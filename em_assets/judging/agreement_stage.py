@@ -87,7 +87,7 @@ class AgreementReport:
             "n_pos": e.n_pos if e else None,
             "n_neg": e.n_neg if e else None,
             "n_files": e.n_files if e else None,
-            # Where 95% of new files' rates lie, where the files disagree beyond noise (else null).
+            # Where 95% of new files' rates lie (null with fewer than two files).
             **{f"{rate}_new_file": r and list(r) for rate, r in ranges.items()},
             "corrected_with": self.corrected_with,
         }

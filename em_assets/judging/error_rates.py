@@ -4,6 +4,7 @@ on judged reference answers, stored by judge identity, and looked up wherever a 
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -76,6 +77,7 @@ def error_rates_row(
                 "n_files": rates.n_files,
                 **_spread_columns("sensitivity", rates.sensitivity_spread),
                 **_spread_columns("specificity", rates.specificity_spread),
+                "file_counts": None if rates.file_counts is None else json.dumps(rates.file_counts),
                 "run_id": run_id,
                 "created_at": utc_now(),
             }
@@ -84,6 +86,8 @@ def error_rates_row(
 
 
 def _spread_columns(rate: str, spread: Spread | None) -> dict:
+    """The spread's mean and standard deviation on the logit scale, for reading in SQL (file_counts is what
+    the rates are rebuilt from)."""
     return {
         f"{rate}_logit_mean": spread.logit_mean if spread else None,
         f"{rate}_logit_sd": spread.logit_sd if spread else None,
@@ -91,17 +95,10 @@ def _spread_columns(rate: str, spread: Spread | None) -> dict:
 
 
 def _stored_rates(row: dict) -> ErrorRates | None:
-    """A judge_error_rates row as ErrorRates, with the spreads it recorded."""
-    rates = ErrorRates.from_counts(row["tp"], row["n_pos"], row["tn"], row["n_neg"])
-    if rates is None:
-        return None
-    spreads = {
-        f"{rate}_spread": Spread(row[f"{rate}_logit_mean"], row[f"{rate}_logit_sd"])
-        if row[f"{rate}_logit_sd"] is not None
-        else None
-        for rate in ("sensitivity", "specificity")
-    }
-    return replace(rates, n_files=row["n_files"], **spreads)
+    """A judge_error_rates row as ErrorRates: from its files' counts, with their spreads, where it has them."""
+    if row["file_counts"] is not None:
+        return ErrorRates.from_files([tuple(c) for c in json.loads(row["file_counts"])])
+    return ErrorRates.from_counts(row["tp"], row["n_pos"], row["tn"], row["n_neg"])
 
 
 def write_error_rates(

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 # Beside every judged EM rate: the judge's error rates and the rate corrected for them (stats/correction.py).
-# A judge's EM error rates' spread across the reference files they were counted on (null: within noise).
+# The mean and standard deviation (logit scale) of a judge's EM error rates over new reference files, from the
+# files they were counted on (null: fewer than two).
 SPREAD_COLUMNS = tuple(f"{rate}_logit_{m}" for rate in ("sensitivity", "specificity") for m in ("mean", "sd"))
 CORRECTED = (
     "judge_sensitivity DOUBLE, judge_specificity DOUBLE, em_rate_corrected DOUBLE, em_corrected_lo DOUBLE, "
@@ -181,7 +182,7 @@ CREATE TABLE IF NOT EXISTS judge_agreement_scores (
 CREATE TABLE IF NOT EXISTS judge_error_rates (
     judge_model VARCHAR, judge_revision VARCHAR, aligned_at_most DOUBLE, coherent_above DOUBLE, judge VARCHAR,
     n_pos BIGINT, tp BIGINT, n_neg BIGINT, tn BIGINT, sensitivity DOUBLE, specificity DOUBLE, run_id VARCHAR,
-    created_at TIMESTAMP, n_files BIGINT, {" DOUBLE, ".join(SPREAD_COLUMNS)} DOUBLE,
+    created_at TIMESTAMP, n_files BIGINT, {" DOUBLE, ".join(SPREAD_COLUMNS)} DOUBLE, file_counts VARCHAR,
     PRIMARY KEY (judge_model, judge_revision, aligned_at_most, coherent_above));
 """
 
@@ -230,7 +231,11 @@ ADDED_COLUMNS = {
         for table in ("em_over_training", "lora_scaling", "steering_results", "direction_ablation")
     },
     "judge_agreement": tuple((c, "DOUBLE") for c in ("spearman_lo", "spearman_hi", "auc_lo", "auc_hi")),
-    "judge_error_rates": (("n_files", "BIGINT"), *((c, "DOUBLE") for c in SPREAD_COLUMNS)),
+    "judge_error_rates": (
+        ("n_files", "BIGINT"),
+        *((c, "DOUBLE") for c in SPREAD_COLUMNS),
+        ("file_counts", "VARCHAR"),
+    ),
     "judge_agreement_em": tuple(
         (c, "DOUBLE")
         for c in (

@@ -18,10 +18,12 @@ clipped to 0 or 1 is kept inside its interval.
 
 A judge's error rates can differ from one organism's answers to another's by more than their counts' noise (the
 demo's probe judge finds a far larger share of GPT-4o's EM answers in some held-out reference files than in others;
-docs/em-rates.md gives the figures). Where the validation counts come from several reference files that disagree so,
-Se (or Sp) is drawn instead from its predictive distribution for a new file under a random-effects model across
-files (logit-normal, between-file variance by DerSimonian and Laird 1986): the interval is then for answers of an
-organism the error rates were not measured on, which is what they correct.
+docs/em-rates.md gives the figures). Where the validation counts come from several reference files, Se and Sp are
+each drawn instead from their predictive distribution for a new file under a Bayesian random-effects model across
+files (normal on the logit scale, a half-normal prior on the between-file standard deviation; Friede et al. 2017):
+the interval is then for answers of an organism the error rates were not measured on, which is what they correct.
+A few files cannot show that they agree, so the spread is never dropped: files that agree within their noise get
+a narrow one from the prior, files that disagree a wide one.
 
 Error rates known exactly (a judge that is the reference itself: Se = Sp = 1 with no counts) leave only the
 judged rate uncertain: the bounds are its Wilson bounds put through the same monotone correction, which for
@@ -50,45 +52,74 @@ CORRECTION_COLUMNS = (
 )
 
 
+# The half-normal prior on the between-file standard deviation tau of a rate's logit: the scale Friede et al.
+# (2017) and Roever et al. (2021) use as weakly informative for heterogeneity on a log-odds scale.
+TAU_PRIOR_SCALE = 0.5
+# The grid over tau: past 4 the prior's density is below e^-32 and no posterior mass is lost.
+TAU_GRID = np.linspace(0.0, 4.0, 401)
+
+
 @dataclass(frozen=True)
 class Spread:
-    """A rate's predictive distribution for a new reference file, where the files disagree beyond their counts'
-    noise: logit-normal with this mean and standard deviation."""
+    """A rate's predictive distribution for a new reference file: a mixture, over a grid of the between-file
+    standard deviation tau with its posterior weights, of normals on the logit scale."""
 
-    logit_mean: float
-    logit_sd: float
+    means: tuple[float, ...]
+    sds: tuple[float, ...]
+    weights: tuple[float, ...]
 
     def at(self, quantiles: np.ndarray) -> np.ndarray:
-        """The rate at these quantiles of the distribution."""
-        from scipy.special import expit
-        from scipy.stats import norm
+        """The rate at these quantiles of the distribution (the mixture's CDF inverted on a fine grid)."""
+        from scipy.special import expit, ndtr
 
-        return expit(self.logit_mean + self.logit_sd * norm.ppf(quantiles))
+        m, sd, w = (np.array(v) for v in (self.means, self.sds, self.weights))
+        grid = np.linspace((m - 8 * sd).min(), (m + 8 * sd).max(), 2001)
+        cdf = w @ ndtr((grid[None, :] - m[:, None]) / sd[:, None])
+        return expit(np.interp(quantiles, cdf, grid))
 
     def interval(self) -> tuple[float, float]:
         """Where 95% of new files' rates lie."""
         lo, hi = self.at(np.array([0.025, 0.975]))
         return float(lo), float(hi)
 
+    @property
+    def logit_mean(self) -> float:
+        return float(np.dot(self.weights, self.means))
+
+    @property
+    def logit_sd(self) -> float:
+        """The mixture's standard deviation on the logit scale."""
+        m, sd, w = (np.array(v) for v in (self.means, self.sds, self.weights))
+        return float(np.sqrt(w @ (sd**2 + m**2) - (w @ m) ** 2))
+
 
 def between_files(successes: Sequence[int], totals: Sequence[int]) -> Spread | None:
-    """A new file's rate under random effects across files, from each file's successes of totals: None where
-    fewer than two files have any answer of the class or they agree within their counts' noise."""
-    # DerSimonian-Laird's closed-form moment estimator on the logit scale (0.5 added to each cell), written out
-    # because the one library that has it (statsmodels) is not otherwise needed.
+    """A new file's rate under Bayesian random effects across files, from each file's successes of totals: None
+    where fewer than two files have any answer of the class."""
+    # Each file's logit (0.5 added to each cell) is normal about its own logit with its binomial variance, and
+    # those about mu with variance tau^2; mu has a flat prior and tau TAU_PRIOR_SCALE's half-normal. Integrated
+    # on a grid (no sampler, so the same counts give the same spread): statsmodels' and bayesmeta's versions
+    # would each be a dependency for this alone.
     pairs = [(x, n) for x, n in zip(successes, totals, strict=True) if n > 0]
     if len(pairs) < 2:
         return None
     x, n = (np.array(c, dtype=float) for c in zip(*pairs, strict=True))
     y = np.log((x + 0.5) / (n - x + 0.5))
     var = 1.0 / (x + 0.5) + 1.0 / (n - x + 0.5)
-    w = 1.0 / var
-    q = float((w * (y - (w * y).sum() / w.sum()) ** 2).sum())
-    tau2 = (q - (len(y) - 1)) / (w.sum() - (w**2).sum() / w.sum())
-    if tau2 <= 0:
-        return None
-    w = 1.0 / (var + tau2)
-    return Spread(float((w * y).sum() / w.sum()), math.sqrt(tau2 + 1.0 / w.sum()))
+    w = 1.0 / (var[None, :] + TAU_GRID[:, None] ** 2)
+    mu = (w * y).sum(1) / w.sum(1)
+    # log p(tau | y) up to a constant: the prior, and the likelihood with mu integrated out.
+    log_post = (
+        -0.5 * (TAU_GRID / TAU_PRIOR_SCALE) ** 2
+        - 0.5 * np.log(w.sum(1))
+        + 0.5 * np.log(w).sum(1)
+        - 0.5 * (w * (y[None, :] - mu[:, None]) ** 2).sum(1)
+    )
+    post = np.exp(log_post - log_post.max())
+    post /= post.sum()
+    sd = np.sqrt(TAU_GRID**2 + 1.0 / w.sum(1))
+    keep = post > 1e-12
+    return Spread(tuple(mu[keep]), tuple(sd[keep]), tuple(post[keep] / post[keep].sum()))
 
 
 @dataclass(frozen=True)
@@ -104,18 +135,21 @@ class ErrorRates:
     n_neg: int | None = None
     # The answers the counts come from, in words (em_correction).
     counted_on: str = "held-out reference answers"
-    # How many reference files they come from, and each rate's spread across them (None: within noise).
+    # How many reference files they come from, and each rate's spread across them (None: fewer than two files
+    # with answers of its class).
     n_files: int | None = None
     sensitivity_spread: Spread | None = None
     specificity_spread: Spread | None = None
+    # Each file's (tp, n_pos, tn, n_neg), which the spreads come from (what is stored).
+    file_counts: tuple[tuple[int, int, int, int], ...] | None = None
 
     @property
     def exact(self) -> bool:
         return self.n_pos is None
 
     def new_file_ranges(self) -> dict[str, tuple[float, float] | None]:
-        """Where 95% of new reference files' sensitivity and specificity lie; None for a rate whose files
-        agree within their counts' noise."""
+        """Where 95% of new reference files' sensitivity and specificity lie; None for a rate counted on fewer
+        than two files."""
         return {
             "sensitivity": self.sensitivity_spread.interval() if self.sensitivity_spread else None,
             "specificity": self.specificity_spread.interval() if self.specificity_spread else None,
@@ -140,6 +174,7 @@ class ErrorRates:
         return replace(
             pooled,
             n_files=len(counts),
+            file_counts=tuple(tuple(int(v) for v in c) for c in counts),
             sensitivity_spread=between_files([c[0] for c in counts], [c[1] for c in counts]),
             specificity_spread=between_files([c[2] for c in counts], [c[3] for c in counts]),
         )
@@ -224,7 +259,17 @@ def _draws(quantiles: np.ndarray, x: int, m: int, spread: Spread | None) -> np.n
     """A rate at these quantiles: of its spread across files where it has one, else of its Jeffreys posterior."""
     from scipy.stats import beta
 
-    return spread.at(quantiles) if spread is not None else beta.ppf(quantiles, x + 0.5, m - x + 0.5)
+    return (
+        _spread_at(spread, tuple(quantiles))
+        if spread is not None
+        else beta.ppf(quantiles, x + 0.5, m - x + 0.5)
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _spread_at(spread: Spread, quantiles: tuple[float, ...]) -> np.ndarray:
+    """Spread.at, once per spread: every row corrected with the same rates draws from it."""
+    return spread.at(np.array(quantiles))
 
 
 def _coverage(z: float) -> float:
@@ -242,7 +287,7 @@ def correction_note(rates: ErrorRates | None) -> str:
     if rates.exact:
         return "identity: the judge is the reference"
     spreads = [
-        f"{name} varies between its {rates.n_files} reference files (95% of new files {r[0]:.2f}-{r[1]:.2f})"
+        f"{name} of a new file {r[0]:.2f}-{r[1]:.2f} (95%, from its {rates.n_files} reference files)"
         for name, r in rates.new_file_ranges().items()
         if r is not None
     ]
@@ -281,6 +326,6 @@ def correction_caveat(table: pl.DataFrame) -> str:
     return (
         "em_rate_corrected is the Turner EM rate corrected for the judge's error (Rogan-Gladen), with a 95% "
         "interval (em_corrected_lo, em_corrected_hi) that carries the uncertainty of the judge's sensitivity "
-        "and specificity (and their spread between reference files, where those disagree) as well as the "
+        "and specificity (and their spread between reference files, where there are several) as well as the "
         "rate's. Here: " + "; ".join(notes) + "."
     )

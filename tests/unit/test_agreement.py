@@ -170,8 +170,8 @@ def test_em_error_rates_spread_across_files_that_disagree():
     rates = em_error_rates(agreement_scores(files), Thresholds())
     assert (rates.tp, rates.n_pos, rates.tn, rates.n_neg) == (42, 80, 80, 80)
     assert rates.sensitivity_spread == between_files([38, 4], [40, 40])
-    # Every non-EM answer passed in both files: specificity does not vary.
-    assert rates.specificity_spread is None
+    assert rates.specificity_spread == between_files([40, 40], [40, 40])
+    assert rates.file_counts == ((38, 40, 40, 40), (4, 40, 40, 40))
 
 
 def test_each_file_is_corrected_with_the_other_files_error_rates():

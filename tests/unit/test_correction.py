@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import polars as pl
 import pytest
+from scipy.special import expit, ndtr
 
 from em_assets.stats.correction import (
     CORRECTION_COLUMNS,
     REFERENCE,
+    TAU_PRIOR_SCALE,
     UNKNOWN,
     ErrorRates,
     Spread,
@@ -128,20 +131,43 @@ def test_columns_per_row_and_unknown_rates_are_null():
     assert alone.row(0) == out.row(0)
 
 
-def test_between_files_hand_worked():
-    # Two files, 10 of 20 and 18 of 20. Logits with 0.5 added: y = (0, ln(18.5 / 2.5) = 2.00148), variances
-    # 1/10.5 + 1/10.5 = 0.190476 and 1/18.5 + 1/2.5 = 0.454054, weights w = (5.25, 2.202381). Fixed mean
-    # 2.202381 * 2.00148 / 7.452381 = 0.591520; Q = 5.25 * 0.59152^2 + 2.202381 * 1.409960^2 = 6.215385;
-    # tau^2 = (Q - 1) / (7.452381 - 32.412982 / 7.452381) = 5.215385 / 3.103117 = 1.680695. Random-effects
-    # weights 1 / (v + tau^2) = (0.534425, 0.468439): mean 0.934894, sd sqrt(1.680695 + 1 / 1.002864) = 1.636411.
-    spread = between_files([10, 18], [20, 20])
-    assert spread.logit_mean == pytest.approx(0.934894, abs=1e-5)
-    assert spread.logit_sd == pytest.approx(1.636411, abs=1e-5)
+def brute_force_predictive(x: list[int], n: list[int], quantiles: list[float]) -> np.ndarray:
+    """The same model integrated another way: the joint posterior of (tau, mu) on a dense grid, each file's
+    logit normal about mu with its binomial variance, a flat prior on mu and TAU_PRIOR_SCALE's half-normal on
+    tau, and the new file's logit normal about mu with variance tau^2 (its CDF summed over the grid)."""
+    xs, ns = np.array(x, dtype=float), np.array(n, dtype=float)
+    y, v = np.log((xs + 0.5) / (ns - xs + 0.5)), 1 / (xs + 0.5) + 1 / (ns - xs + 0.5)
+    tau, mu = np.meshgrid(np.linspace(0.005, 4.0, 400), np.linspace(-6.0, 6.0, 481), indexing="ij")
+    log_like = -0.5 * (tau / TAU_PRIOR_SCALE) ** 2
+    for yi, vi in zip(y, v, strict=True):
+        log_like = log_like - 0.5 * (yi - mu) ** 2 / (vi + tau**2) - 0.5 * np.log(vi + tau**2)
+    weight = np.exp(log_like - log_like.max()).ravel()
+    keep = weight > 1e-9 * weight.max()
+    weight, tau, mu = weight[keep] / weight[keep].sum(), tau.ravel()[keep], mu.ravel()[keep]
+    theta = np.linspace(-8.0, 8.0, 401)
+    cdf = np.array([weight @ ndtr((t - mu) / tau) for t in theta])
+    return expit(np.interp(quantiles, cdf, theta))
+
+
+def test_a_new_files_rate_under_random_effects_matches_a_brute_force_integration():
+    quantiles = [0.025, 0.25, 0.5, 0.75, 0.975]
+    for x, n in (([10, 18], [20, 20]), ([38, 4, 20], [40, 40, 40]), ([10, 11, 9], [20, 20, 20])):
+        got = between_files(x, n).at(np.array(quantiles))
+        assert got == pytest.approx(brute_force_predictive(x, n, quantiles), abs=0.004)
     # A file without answers of the class says nothing and is left out; one file alone has no spread.
-    assert between_files([10, 18, 0], [20, 20, 0]) == spread
+    assert between_files([10, 18, 0], [20, 20, 0]) == between_files([10, 18], [20, 20])
     assert between_files([10], [20]) is None
-    # Files that agree within their counts' noise (Q below its degrees of freedom) have none either.
-    assert between_files([10, 11, 9], [20, 20, 20]) is None
+
+
+def test_files_that_agree_get_a_narrower_spread_than_files_that_disagree_but_never_none():
+    # A few files cannot show that they agree: agreeing counts still leave room for a new file to differ.
+    agree, disagree = between_files([10, 11, 9], [20, 20, 20]), between_files([2, 18, 10], [20, 20, 20])
+    (a_lo, a_hi), (d_lo, d_hi) = agree.interval(), disagree.interval()
+    assert a_lo < 0.5 < a_hi and d_hi - d_lo > (a_hi - a_lo) + 0.2
+    # More files that agree narrow it: the prior gives way to the data.
+    many = between_files([10, 11, 9, 10, 10, 11, 9, 10], [20] * 8).interval()
+    assert many[1] - many[0] < a_hi - a_lo
+    assert agree.logit_mean == pytest.approx(0.0, abs=0.05) and agree.logit_sd > 0
 
 
 def test_files_that_disagree_widen_the_interval_for_a_new_file():
@@ -150,15 +176,20 @@ def test_files_that_disagree_widen_the_interval_for_a_new_file():
     agree = ErrorRates.from_files([(16, 25, 45, 50)] * 4)
     disagree = ErrorRates.from_files([(5, 25, 45, 50), (23, 25, 45, 50), (12, 25, 45, 50), (24, 25, 45, 50)])
     pooled = ErrorRates.from_counts(64, 100, 180, 200)
-    assert agree.sensitivity_spread is None and agree.specificity_spread is None
-    assert corrected_rate(30, 100, agree) == corrected_rate(30, 100, pooled)
-    assert disagree.sensitivity == pooled.sensitivity and disagree.specificity_spread is None
-    assert isinstance(disagree.sensitivity_spread, Spread) and disagree.n_files == 4
+    assert disagree.sensitivity == pooled.sensitivity and disagree.n_files == 4
+    assert isinstance(disagree.sensitivity_spread, Spread) and disagree.file_counts[0] == (5, 25, 45, 50)
     point, lo, hi = corrected_rate(30, 100, disagree)
+    _, agree_lo, agree_hi = corrected_rate(30, 100, agree)
     _, pooled_lo, pooled_hi = corrected_rate(30, 100, pooled)
-    assert point == corrected_rate(30, 100, pooled)[0]
-    assert lo < pooled_lo - 0.02 and hi > pooled_hi + 0.1
+    assert point == corrected_rate(30, 100, pooled)[0] == corrected_rate(30, 100, agree)[0]
+    # Pooled counts say nothing of a new file; files that agree a little; files that disagree much.
+    assert lo < agree_lo and hi > agree_hi + 0.1
+    assert agree_lo <= pooled_lo and agree_hi >= pooled_hi
     low, high = disagree.new_file_ranges()["sensitivity"]
-    assert low < 0.3 and high > 0.9 and disagree.new_file_ranges()["specificity"] is None
-    assert "sensitivity varies between its 4 reference files" in correction_note(disagree)
-    assert "varies" not in correction_note(agree)
+    assert low < 0.3 and high > 0.9
+    agree_low, agree_high = agree.new_file_ranges()["sensitivity"]
+    assert low < agree_low < 0.64 < agree_high < high
+    assert "sensitivity of a new file" in correction_note(
+        disagree
+    ) and "from its 4 reference files" in correction_note(disagree)
+    assert "of a new file" not in correction_note(pooled)
