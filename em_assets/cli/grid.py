@@ -50,6 +50,7 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
     from em_assets.grid.load import GridError, load_grid
     from em_assets.judging.agreement_stage import (
         correction_coverage,
+        em_gaps,
         measure_agreement,
         pick_judge,
         upstream_templates,
@@ -95,6 +96,7 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
         print(em_table(report.em))
     print(f"judge_corrected: Rogan-Gladen with {report.corrected_with}")
     print(correction_coverage(report.em))
+    print(em_gaps(report.em, grid.agreement.max_em_gap).words())
     return 0
 
 

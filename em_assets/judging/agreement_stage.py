@@ -4,6 +4,7 @@ its scores with the reference's: per-metric statistics and the EM rate per sourc
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -324,10 +325,21 @@ class EmGaps:
     """Per-file EM rates against the reference's by the judge's acceptance rule: a file passes when the judged
     rate is within the tolerance of the reference's, or the corrected interval covers the reference's rate."""
 
+    tolerance: float
     max_gap: float
     beyond: int
     # The files beyond the tolerance whose corrected interval misses the reference's rate too.
     failing: tuple[str, ...]
+
+    def words(self) -> str:
+        if math.isnan(self.max_gap):
+            return "no file has both EM rates"
+        covered = ", each covered by its corrected interval" if self.beyond and not self.failing else ""
+        missed = f"; beyond it and not covered: {', '.join(self.failing)}" if self.failing else ""
+        return (
+            f"largest EM gap to the reference {self.max_gap:.3f}; {self.beyond} file(s) beyond {self.tolerance}"
+            f"{covered}{missed}"
+        )
 
 
 def em_gaps(em: pl.DataFrame, tolerance: float) -> EmGaps:
@@ -338,7 +350,8 @@ def em_gaps(em: pl.DataFrame, tolerance: float) -> EmGaps:
     beyond = rows.filter(pl.col("gap") > tolerance)
     covered = pl.col("reference").is_between(pl.col("judge_corrected_lo"), pl.col("judge_corrected_hi"))
     failing = beyond.filter(~covered.fill_null(False))["source_file"].to_list()
-    return EmGaps(float(rows["gap"].max()) if rows.height else float("nan"), beyond.height, tuple(failing))
+    max_gap = float(rows["gap"].max()) if rows.height else float("nan")
+    return EmGaps(tolerance, max_gap, beyond.height, tuple(failing))
 
 
 def _coherent_check(scores: pl.DataFrame, grid: GridConfig, where: str) -> CoherentCheck:

@@ -262,8 +262,16 @@ def test_a_file_passes_within_the_tolerance_or_with_its_corrected_interval_cover
     # "unscored" has no reference rate and counts for nothing.
     assert gaps.max_gap == pytest.approx(0.15)
     assert (gaps.beyond, gaps.failing) == (3, ("missed", "uncorrected"))
+    assert gaps.words() == (
+        "largest EM gap to the reference 0.150; 3 file(s) beyond 0.05; beyond it and not covered: missed, uncorrected"
+    )
     assert em_gaps(em, 0.2).failing == ()
+    assert em_gaps(em, 0.16).words() == "largest EM gap to the reference 0.150; 0 file(s) beyond 0.16"
+    assert em_gaps(em.filter(pl.col("source_file").is_in(["near", "covered"])), 0.05).words() == (
+        "largest EM gap to the reference 0.150; 1 file(s) beyond 0.05, each covered by its corrected interval"
+    )
     assert np.isnan(em_gaps(em.head(0), 0.05).max_gap)
+    assert em_gaps(em.head(0), 0.05).words() == "no file has both EM rates"
 
 
 def test_a_store_from_before_the_intervals_gains_their_columns(tmp_path):

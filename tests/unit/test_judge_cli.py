@@ -377,3 +377,9 @@ def test_table_says_where_the_correction_came_from(env, mirror, tiny_model_dir, 
     line = next(x for x in out.splitlines() if x.startswith("the corrected interval covers"))
     judged, corrected = line.split("mean gap to the reference ")[1].split(" judged, ")
     assert judged == corrected.removesuffix(" corrected")
+    # The judge's per-file rule at the grid's tolerance: within it, or the corrected interval covering.
+    assert (
+        next(x for x in lines if x.startswith("largest EM gap to the reference "))
+        .split("; ")[1]
+        .startswith(("0 file(s) beyond 0.05", "1 file(s) beyond 0.05"))
+    )
