@@ -79,7 +79,7 @@ class Spread:
 
     def interval(self) -> tuple[float, float]:
         """Where 95% of new files' rates lie."""
-        lo, hi = self.at(np.array([0.025, 0.975]))
+        lo, hi = _spread_at(self, (0.025, 0.975))
         return float(lo), float(hi)
 
     @property
@@ -268,7 +268,8 @@ def _draws(quantiles: np.ndarray, x: int, m: int, spread: Spread | None) -> np.n
 
 @functools.lru_cache(maxsize=64)
 def _spread_at(spread: Spread, quantiles: tuple[float, ...]) -> np.ndarray:
-    """Spread.at, once per spread: every row corrected with the same rates draws from it."""
+    """Spread.at, once per spread and quantiles: every row corrected with the same rates draws from it and
+    names its range (correction_note)."""
     return spread.at(np.array(quantiles))
 
 
