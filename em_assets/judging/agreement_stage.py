@@ -303,15 +303,17 @@ def agreement_report(
     )
 
 
+# A file whose corrected interval (each file's own row of the per-file EM table) holds the reference's rate.
+_COVERED = pl.col("reference").is_between(pl.col("judge_corrected_lo"), pl.col("judge_corrected_hi"))
+
+
 def correction_coverage(em: pl.DataFrame) -> str:
     """How often each file's corrected interval (the other files' error rates) covers the reference's rate,
     beside the mean gap of the judged and the corrected rates: whether the correction helps this judge."""
     rows = em.drop_nulls(["reference", "judge_corrected"])
     if rows.height == 0:
         return "no file has a corrected rate (its other files lack reference-EM or non-EM answers)"
-    covered = rows.filter(
-        pl.col("reference").is_between(pl.col("judge_corrected_lo"), pl.col("judge_corrected_hi"))
-    )
+    covered = rows.filter(_COVERED)
     judged = (rows["judge_rate"] - rows["reference"]).abs().mean()
     corrected = (rows["judge_corrected"] - rows["reference"]).abs().mean()
     return (
@@ -348,8 +350,7 @@ def em_gaps(em: pl.DataFrame, tolerance: float) -> EmGaps:
         gap=(pl.col("judge_rate") - pl.col("reference")).abs()
     )
     beyond = rows.filter(pl.col("gap") > tolerance)
-    covered = pl.col("reference").is_between(pl.col("judge_corrected_lo"), pl.col("judge_corrected_hi"))
-    failing = beyond.filter(~covered.fill_null(False))["source_file"].to_list()
+    failing = beyond.filter(~_COVERED.fill_null(False))["source_file"].to_list()
     max_gap = float(rows["gap"].max()) if rows.height else float("nan")
     return EmGaps(tolerance, max_gap, beyond.height, tuple(failing))
 
