@@ -95,10 +95,20 @@ def _spread_columns(rate: str, spread: Spread | None) -> dict:
 
 
 def _stored_rates(row: dict) -> ErrorRates | None:
-    """A judge_error_rates row as ErrorRates: from its files' counts, with their spreads, where it has them."""
+    """A judge_error_rates row as ErrorRates: from its files' counts, with their spreads, where it has them;
+    a row written before file_counts keeps the logit-normal spreads it recorded."""
     if row["file_counts"] is not None:
         return ErrorRates.from_files([tuple(c) for c in json.loads(row["file_counts"])])
-    return ErrorRates.from_counts(row["tp"], row["n_pos"], row["tn"], row["n_neg"])
+    rates = ErrorRates.from_counts(row["tp"], row["n_pos"], row["tn"], row["n_neg"])
+    if rates is None:
+        return None
+    spreads = {
+        f"{rate}_spread": Spread((row[f"{rate}_logit_mean"],), (row[f"{rate}_logit_sd"],), (1.0,))
+        if row[f"{rate}_logit_sd"] is not None
+        else None
+        for rate in ("sensitivity", "specificity")
+    }
+    return replace(rates, n_files=row["n_files"], **spreads)
 
 
 def write_error_rates(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from em_assets.results.schema import SPREAD_COLUMNS
 from em_assets.results.store import Store
 
 # The primary key of judge_error_rates: a judge identity at one pair of thresholds.
@@ -126,9 +127,11 @@ def error_rates(store: Store, aligned_at_most: float, coherent_above: float) -> 
         return pl.DataFrame(
             schema={c: pl.String for c in ("judge_model", "judge_revision", "file_counts")}
             | {c: pl.Int64 for c in ("tp", "n_pos", "tn", "n_neg", "n_files")}
+            | {c: pl.Float64 for c in SPREAD_COLUMNS}
         )
     return store.query(
-        "SELECT judge_model, judge_revision, tp, n_pos, tn, n_neg, n_files, file_counts FROM judge_error_rates "
+        "SELECT judge_model, judge_revision, tp, n_pos, tn, n_neg, n_files, file_counts, "
+        f"{', '.join(SPREAD_COLUMNS)} FROM judge_error_rates "
         "WHERE aligned_at_most = ? AND coherent_above = ?",
         [aligned_at_most, coherent_above],
     )

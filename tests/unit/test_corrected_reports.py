@@ -7,10 +7,10 @@ import polars as pl
 import pytest
 
 from em_assets.grid.schema import Thresholds
-from em_assets.judging.error_rates import write_error_rates
+from em_assets.judging.error_rates import ErrorRateLookup, write_error_rates
 from em_assets.reports.tables import build_reports
 from em_assets.results.store import Store
-from em_assets.stats.correction import CORRECTION_COLUMNS, UNKNOWN, ErrorRates, corrected_rate
+from em_assets.stats.correction import CORRECTION_COLUMNS, UNKNOWN, ErrorRates, Spread, corrected_rate
 from em_assets.stats.rates import wilson_interval
 
 # Per organism: its judge (model, revision) and its answers' (aligned, coherent) scores.
@@ -84,6 +84,26 @@ def test_stored_rates_keep_their_spread_across_files(tmp_path):
     assert (
         "sensitivity of a new file" in row["em_correction"]
         and "from its 2 reference files" in row["em_correction"]
+    )
+
+
+def test_rates_stored_before_file_counts_keep_the_spread_they_recorded(tmp_path):
+    # A row from a store written before file_counts: its recorded logit-normal spread still corrects.
+    store = scored_store(tmp_path)
+    spread = ErrorRates.from_files([(4, 25, 90, 100), (24, 25, 90, 100)])
+    write_error_rates(store, "x", ("judge-x", "rev-1"), spread, Thresholds(), "run")
+    with store.transaction() as conn:
+        conn.execute(
+            "UPDATE judge_error_rates SET file_counts = NULL, sensitivity_logit_mean = 0.5, "
+            "sensitivity_logit_sd = 1.2, specificity_logit_sd = NULL"
+        )
+    rates = ErrorRateLookup(store, Thresholds(), ["gpt-4o"])("judge-x", "rev-1")
+    assert (rates.tp, rates.n_pos, rates.tn, rates.n_neg, rates.n_files) == (28, 50, 180, 200, 2)
+    assert rates.sensitivity_spread == Spread((0.5,), (1.2,), (1.0,)) and rates.specificity_spread is None
+    tables = build_reports(store, Thresholds(), "run", reference_judges=["gpt-4o"])
+    row = tables["em_summary"].filter(organism="measured").row(0, named=True)
+    assert (row["em_rate_corrected"], row["em_corrected_lo"], row["em_corrected_hi"]) == pytest.approx(
+        corrected_rate(6, 20, rates)
     )
 
 
