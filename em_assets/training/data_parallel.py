@@ -10,13 +10,11 @@ share of the step's examples, and one gloo all-reduce sums the gradients, losses
 
 from __future__ import annotations
 
-import tempfile
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,13 +46,21 @@ def seed_step(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(hash((seed, step, rank)) & (2**63 - 1))
 
 
-def _group(store_path: str, rank: int, world: int) -> dist.ProcessGroup:
+def _store(port: int, world: int) -> dist.TCPStore:
+    """The rendezvous: rank 0 serves it on a free loopback port (port 0) and the helpers join it. It lives in
+    rank 0's memory rather than in a file, so a run killed outright leaves nothing on disk."""
+    return dist.TCPStore(
+        "127.0.0.1", port, world, is_master=port == 0, wait_for_workers=False, timeout=COLLECTIVE_TIMEOUT
+    )
+
+
+def _group(store: dist.Store, rank: int, world: int) -> dist.ProcessGroup:
     # A process group object of our own, not torch.distributed's global one: the caller's process (a Dagster
     # step, a test) may train again or hold another group.
     options = dist.ProcessGroupGloo._Options()
     options._timeout = COLLECTIVE_TIMEOUT
     options._devices = [dist.ProcessGroupGloo.create_device(hostname="127.0.0.1")]
-    return dist.ProcessGroupGloo(dist.FileStore(store_path, world), rank, world, options)
+    return dist.ProcessGroupGloo(store, rank, world, options)
 
 
 class GradientGroup:
@@ -98,7 +104,7 @@ class Helpers:
 
     procs: list[Any]
     group: GradientGroup
-    tmp: tempfile.TemporaryDirectory
+    store: dist.TCPStore
 
     @classmethod
     def start(cls, world: int, params: Sequence[torch.Tensor], job: dict) -> Helpers:
@@ -106,10 +112,9 @@ class Helpers:
 
         Returns once every helper has its model; one that fails first raises HelperError with its traceback.
         """
-        tmp = tempfile.TemporaryDirectory(prefix="em-dp-")
-        store = str(Path(tmp.name) / "store")
+        store = _store(0, world)
         children = [
-            child(_helper, (rank, world, store), f"em-train-{rank}", (job,)) for rank in range(1, world)
+            child(_helper, (rank, world, store.port), f"em-train-{rank}", (job,)) for rank in range(1, world)
         ]
         procs, pipes = [c.proc for c in children], [c.pipe for c in children]
         try:
@@ -125,14 +130,13 @@ class Helpers:
             group = GradientGroup(_group(store, 0, world), params)
         except BaseException as exc:
             reap(procs)
-            tmp.cleanup()
             if isinstance(exc, HelperError):
                 raise
             raise HelperError(f"training helpers did not join: {exc}") from exc
         finally:
             for pipe in pipes:
                 pipe.close()
-        return cls(procs, group, tmp)
+        return cls(procs, group, store)
 
     def check(self, exc: BaseException) -> BaseException:
         """The error to raise when a collective failed: a dead helper's exit code where that is the cause."""
@@ -166,10 +170,9 @@ class Helpers:
 
     def kill(self) -> None:
         reap(self.procs)
-        self.tmp.cleanup()
 
 
-def _helper(parent: int, rank: int, world: int, store: str, job: dict, ready: Connection) -> None:
+def _helper(parent: int, rank: int, world: int, port: int, job: dict, ready: Connection) -> None:
     die_with_parent(parent)
     try:
         torch.set_num_threads(job["threads"])
@@ -181,7 +184,7 @@ def _helper(parent: int, rank: int, world: int, store: str, job: dict, ready: Co
         raise
     ready.send("")
     ready.close()
-    group = GradientGroup(_group(store, rank, world), params)
+    group = GradientGroup(_group(_store(port, world), rank, world), params)
     encoded, steps = job["encoded"], job["steps"]
     while (step := group.broadcast_step()) != STOP:
         batches = [[encoded[i] for i in micro] for micro in steps[step - 1]]

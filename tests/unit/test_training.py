@@ -215,7 +215,9 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, examples, tmp_pa
         "out": str(tmp_path / "killed"),
         "kill_after": 3,
     }
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # The killed run's own temporary directory: it must leave nothing there (no rendezvous files of its helpers).
+    (scratch := tmp_path / "tmp").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch)}
     child = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(args)],
         cwd=REPO,
@@ -226,6 +228,7 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, examples, tmp_pa
     )
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     assert [p.name for p in (tmp_path / "killed" / CHECKPOINT_DIR).iterdir()] == ["step-00000002"]
+    assert not list(scratch.iterdir())
 
     resumed = train_lora(tiny_model_dir, examples, lora, train, tmp_path / "killed", seed=0)
     straight = train_lora(tiny_model_dir, examples, lora, train, tmp_path / "straight", seed=0)
