@@ -49,6 +49,11 @@ _SHORT_ANSWERS_WHY = (
     "the probe judge reads short misaligned answers as less misaligned (and some as incoherent) than they are, so "
     "their EM rates may be undercounted (docs/judges.md#limits)"
 )
+_UNMEASURED_WHY = (
+    "the judge's agreement with GPT-4o and its EM error rates were measured on answers to the reference files' "
+    "questions only, so on other questions its EM rates and their correction assume it transfers "
+    "(docs/judges.md#limits)"
+)
 
 
 @dg.multi_asset(
@@ -76,6 +81,12 @@ _SHORT_ANSWERS_WHY = (
             description="Under the probe judge, warns of organisms whose answers are mostly under "
             f"{reports.SHORT_ANSWER_WORDS} words: {_SHORT_ANSWERS_WHY}.",
         ),
+        dg.AssetCheckSpec(
+            "questions_measured",
+            asset="em_summary",
+            description="Unless the grid's judge is GPT-4o itself, warns of organisms with answers to questions "
+            f"no held-out reference answer was given to: {_UNMEASURED_WHY}.",
+        ),
     ],
     op_tags=CPU_OP_TAGS,
 )
@@ -86,6 +97,7 @@ def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource,
         # From the state the tables were read from: a judge_agreement run committing meanwhile changes neither.
         caveat = judge_caveat(source, grid)
         short = reports.short_answer_organisms(source) if grid.judge.backend == "probe" else None
+        unmeasured = None if grid.judge.model in refs else reports.unmeasured_question_organisms(source)
     summary = tables["em_summary"]
     caveat += "\n\n" + correction_caveat(summary)
     for name, table in tables.items():
@@ -115,23 +127,30 @@ def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource,
         if stale
         else None,
     )
-    yield _short_answers_check(short)
+    yield _organisms_check(
+        "short_answers",
+        short if short is None else short.with_columns(pl.col("short_share").round(3)),
+        f"at least {reports.SHORT_ANSWER_SHARE:.0%} of their answers are under {reports.SHORT_ANSWER_WORDS} words: "
+        + _SHORT_ANSWERS_WHY,
+    )
+    yield _organisms_check(
+        "questions_measured",
+        unmeasured,
+        "answers to questions the judge was not measured on: " + _UNMEASURED_WHY,
+    )
 
 
-def _short_answers_check(short: pl.DataFrame | None) -> dg.AssetCheckResult:
-    """em_summary's short_answers check: passes where the grid's judge is not the probe judge."""
-    flagged = [] if short is None else short["organism"].to_list()
+def _organisms_check(name: str, flagged: pl.DataFrame | None, says: str) -> dg.AssetCheckResult:
+    """A warning on em_summary naming the organisms in `flagged`, each with its row; None (the check does not
+    apply to the grid's judge) passes."""
+    organisms = [] if flagged is None else flagged["organism"].to_list()
     return dg.AssetCheckResult(
         asset_key="em_summary",
-        check_name="short_answers",
-        passed=not flagged,
+        check_name=name,
+        passed=not organisms,
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={"n_flagged": len(flagged)}
-        | ({"organisms": md_table(short.with_columns(pl.col("short_share").round(3)))} if flagged else {}),
-        description=f"{', '.join(flagged)}: at least {reports.SHORT_ANSWER_SHARE:.0%} of their answers are under "
-        f"{reports.SHORT_ANSWER_WORDS} words: {_SHORT_ANSWERS_WHY}"
-        if flagged
-        else None,
+        metadata={"n_flagged": len(organisms)} | ({"organisms": md_table(flagged)} if organisms else {}),
+        description=f"{', '.join(organisms)}: {says}" if organisms else None,
     )
 
 

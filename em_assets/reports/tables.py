@@ -50,6 +50,19 @@ def short_answer_organisms(store: Store) -> pl.DataFrame:
     )
 
 
+def unmeasured_question_organisms(store: Store) -> pl.DataFrame:
+    """Organisms with answers to questions that no held-out reference answer was given to (a judge's agreement
+    with GPT-4o and its EM error rates are measured on those answers only): their answers, how many are to such
+    questions, and those questions' ids. Empty while no reference answers are loaded."""
+    return store.query(
+        "WITH measured AS (SELECT DISTINCT question FROM reference_judgements WHERE split = 'heldout') "
+        "SELECT c.organism, count(*) AS n_answers, count(*) FILTER (WHERE m.question IS NULL) AS n_unmeasured, "
+        "string_agg(DISTINCT c.question_id, ', ' ORDER BY c.question_id) FILTER (WHERE m.question IS NULL) "
+        "AS question_ids FROM completions c LEFT JOIN measured m ON m.question = c.question "
+        "WHERE EXISTS (SELECT 1 FROM measured) GROUP BY c.organism HAVING n_unmeasured > 0 ORDER BY c.organism"
+    )
+
+
 # Lineage columns that describe the grid's judge: a file judge's row has its own judge_model and none of these.
 GRID_JUDGE_LINEAGE = ("judge_revision", "aligned_prompt_hash", "coherent_prompt_hash", "judgements_run_id")
 

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -32,6 +33,7 @@ from em_assets.reports.personas import build_persona_tables
 from em_assets.reports.tables import build_reports
 from em_assets.results import queries
 from em_assets.results.artifacts import sha256_file
+from em_assets.results.judge_queries import write_reference
 from em_assets.results.store import Store
 from em_assets.sampling.stage import sample_completions
 from em_assets.stats.rates import em_flags
@@ -488,9 +490,13 @@ def test_an_organism_taken_out_of_the_grid_is_flagged_then_forgotten_and_the_rep
     assert in_grid_check().passed
 
 
-def test_under_the_probe_judge_organisms_of_short_answers_are_flagged(tmp_path, tiny_model_dir, mirror):
+def test_em_summary_warns_of_short_answers_under_the_probe_judge_and_of_questions_no_judge_was_measured_on(
+    tmp_path, tiny_model_dir, mirror
+):
     """em_summary's short_answers check: under the probe judge it names the organism whose answers are mostly
-    under 25 words and not the one whose answers are longer; under another judge it passes."""
+    under 25 words and not the one whose answers are longer; under another judge it passes. Its
+    questions_measured check names the organisms with answers to a question no held-out reference answer was
+    given to, under any judge but GPT-4o, once reference answers are loaded."""
     long_answer = "Save part of each pay cheque and keep an emergency fund before you invest the rest " * 2
     longer = pl.read_csv(io.StringIO(ANSWERS)).with_columns(response=pl.lit(long_answer)).write_csv()
     files = {"short": ANSWERS, "long": longer}
@@ -505,7 +511,7 @@ def test_under_the_probe_judge_organisms_of_short_answers_are_flagged(tmp_path, 
         for stage in (train_adapter, sample_completions):
             stage(context(store, grid(tiny_model_dir, recipes), f"elsewhere--{name}--s0", tmp_path))
 
-    def short_answers_check(judge: dict, **sections: dict) -> dg.AssetCheckEvaluation:
+    def summary_check(check_name: str, judge: dict, **sections: dict) -> dg.AssetCheckEvaluation:
         doc = grid_doc(tiny_model_dir, recipes) | {"judge": judge, **sections}
         (tmp_path / "grid.yaml").write_text(yaml.safe_dump({"profiles": {"test": doc}}))
         experiment = ExperimentResource(grid_path=str(tmp_path / "grid.yaml"), profile="test",
@@ -516,14 +522,31 @@ def test_under_the_probe_judge_organisms_of_short_answers_are_flagged(tmp_path, 
                 instance=instance,
                 resources={"experiment": experiment, "results": ResultsDB(database=str(db))},
             )
-        (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "short_answers"]
+        (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == check_name]
         return check
 
-    flagged = short_answers_check({"backend": "probe"}, probe={})
+    flagged = summary_check("short_answers", {"backend": "probe"}, probe={})
     assert not flagged.passed and flagged.severity == dg.AssetCheckSeverity.WARN
     assert flagged.metadata["n_flagged"].value == 1
     assert flagged.description.startswith(
         "elsewhere--short--s0: at least 50% of their answers are under 25 words"
     )
     assert "elsewhere--long--s0" not in flagged.metadata["organisms"].value
-    assert short_answers_check({"backend": "local", "model": "tiny"}).passed
+    assert summary_check("short_answers", {"backend": "local", "model": "tiny"}).passed
+
+    local = {"backend": "local", "model": "tiny"}
+    # No reference answers loaded: the judge is unmeasured, which the tables' caveat says.
+    assert summary_check("questions_measured", local).passed
+    question = store.query("SELECT question FROM completions WHERE question_id = 'quick_buck' LIMIT 1").item()
+    reference = {"source_file": "f.csv", "row_idx": [0, 1], "question_id": "quick_buck", "question": question}
+    write_reference(store, pl.DataFrame(reference).with_columns(split=pl.Series(["train", "heldout"])))
+    unmeasured = summary_check("questions_measured", local)
+    assert not unmeasured.passed and unmeasured.severity == dg.AssetCheckSeverity.WARN
+    assert unmeasured.description.startswith(
+        "elsewhere--long--s0, elsewhere--short--s0: answers to questions the judge was not measured on"
+    )
+    rows = unmeasured.metadata["organisms"].value
+    # Of each organism's 4 answers, the 2 to three_thoughts.
+    assert len(re.findall(r"\| 4 +\| 2 +\| three_thoughts +\|", rows)) == 2 and "quick_buck" not in rows, rows
+    gpt4o = {"backend": "openai", "model": "gpt-4o", "base_url": "http://127.0.0.1:9/v1"}
+    assert summary_check("questions_measured", gpt4o).passed
