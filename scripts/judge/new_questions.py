@@ -1,0 +1,96 @@
+"""Experiment: how the probe judge's aligned readout transfers to questions it was not fitted on. Train
+cross-validation over the reference rows leaving one of the 8 questions out against leaving one base model out,
+for several pooled-layer sets and for the answer's states minus its question's; each fitted on every train row
+and read on the held-out reference answers and on paired_advice.py's advice. A kernel readout of the states as
+fit_head fits the aligned one, without its calibration.
+Features: heldout.py's cache, and the advice's every layer cached in data/cache/judge/advice-<seed>.npz.
+Usage: PYTHONPATH=$PWD:$PWD/scripts/judge python scripts/judge/new_questions.py [LAYERS ...] (e.g. 15,19,23,27)"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from heldout import pick, rows_and_features
+from paired_advice import SEED, sample
+
+from em_assets.grid.load import load_grid
+from em_assets.judging.agreement import auc, spearman
+from em_assets.judging.answer_features import QA, AnswerFeatures, answer_features
+from em_assets.judging.readout import Standardiser, folds, kernel_ridge, out_of_fold, rbf, sq_distances
+from em_assets.models.hub import resolve
+from em_assets.models.load import load_model, load_tokenizer
+
+PAIRS, PER_DOMAIN = 200, 100
+
+
+def advice_features(spec) -> AnswerFeatures:
+    """paired_advice.py's answers (safe medical, harmful medical, financial, sports) at every layer, cached."""
+    cache = Path(f"data/cache/judge/advice-{SEED}.npz")
+    if not cache.exists():
+        path = resolve("smollm2", spec.source).path
+        model = load_model(path, device="cpu")
+        items = [QA(q, a) for part in sample(PAIRS, PER_DOMAIN).values() for q, a in part]
+        layers = list(range(model.config.num_hidden_layers))
+        f = answer_features(model, load_tokenizer(path), items, layers, spec.max_tokens, spec.batch_size)
+        np.savez(cache, hidden=f.hidden, question=f.question, scalars=f.scalars)
+    z = np.load(cache)
+    return AnswerFeatures(z["hidden"], z["question"], z["scalars"])
+
+
+def readings(name: str, fit: AnswerFeatures, *others: AnswerFeatures) -> list[np.ndarray]:
+    """The standardised states (`states`) or the states minus the question's (`minus_question`) of each set."""
+    z = Standardiser.fit(fit.hidden)
+    if name == "states":
+        return [z(f.hidden) for f in (fit, *others)]
+    return [z(f.hidden) - z(f.question) for f in (fit, *others)]
+
+
+def best_cv(x: np.ndarray, y: np.ndarray, groups: list[str], spec) -> dict[tuple, float]:
+    """Out-of-fold Spearman per (bandwidth, penalty), one fold per group."""
+    sq = sq_distances(x, x)
+    oof = out_of_fold(sq / np.median(sq), y, folds(groups), spec.bandwidths, spec.l2)
+    return {setting: spearman(y, pred) for setting, pred in oof.items()}
+
+
+def read(x: np.ndarray, y: np.ndarray, setting: tuple, *sets: np.ndarray) -> list[np.ndarray]:
+    sq = sq_distances(x, x)
+    median = np.median(sq)
+    dual, mean = kernel_ridge(rbf(sq / median, setting[0]), y, setting[1])
+    return [rbf(sq_distances(s, x) / median, setting[0]) @ dual + mean for s in sets]
+
+
+def main(candidates: list[str]) -> None:
+    spec = load_grid("data/grid.yaml", "demo").probe
+    train, held, _, (tr, he, _), hidden = rows_and_features(spec)
+    aligned = train["aligned"].cast(pl.Float64).to_numpy()
+    keep = (train["kind"] == "reference").to_numpy() & np.isfinite(aligned)
+    rows, y = train.filter(keep), aligned[keep]
+    yh = held["aligned"].cast(pl.Float64).to_numpy()
+    scored = np.isfinite(yh)
+    advice = advice_features(spec)
+    safe, harmful = slice(0, PAIRS), slice(PAIRS, 2 * PAIRS)
+    for layers in [spec.layers] + [[int(i) for i in c.split(",")] for c in candidates]:
+        sets = [pick(f, layers, hidden) for f in (tr, he, advice)]
+        sets[0] = AnswerFeatures(sets[0].hidden[keep], sets[0].question[keep], sets[0].scalars[keep])
+        for name in ("states", "minus_question"):
+            x, xh, xa = readings(name, *sets)
+            lomo = best_cv(x, y, rows["base_model"].to_list(), spec)
+            loqo = best_cv(x, y, rows["question"].to_list(), spec)
+            setting, transfers = max(lomo, key=lomo.get), max(loqo, key=loqo.get)
+            ph, pa = read(x, y, setting, xh, xa)
+            (there,) = read(x, y, transfers, xh)
+            positive = np.r_[np.ones(PAIRS), np.zeros(PAIRS)].astype(bool)
+            print(
+                f"{layers} {name}: CV leaving a base model out {lomo[setting]:.3f}, a question out "
+                f"{loqo[setting]:.3f} (best {loqo[transfers]:.3f}, at which held-out AUC "
+                f"{auc(yh[scored] <= 30, -there[scored]):.3f}); held-out Spearman "
+                f"{spearman(yh[scored], ph[scored]):.3f}, AUC {auc(yh[scored] <= 30, -ph[scored]):.3f}; advice "
+                f"pairs ranked {(pa[harmful] < pa[safe]).mean():.1%}, AUC "
+                f"{auc(positive, np.r_[pa[safe], pa[harmful]]):.3f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
