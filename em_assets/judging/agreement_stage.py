@@ -532,8 +532,10 @@ def judge_caveat(store: Store, grid: GridConfig) -> str:
         return f"Scored by the {name} judge, not yet measured against GPT-4o (materialise judge_agreement)."
     a = rows["aligned"]
     held_out = ", ".join(grid.agreement.held_out_base_models)
+    questions = q.heldout_question_count(store)
+    asked = f" to {questions} questions," if questions else ""
     return (
-        f"Scored by the {name} judge. On {a['n']} GPT-4o-judged answers of base models it never trained on "
+        f"Scored by the {name} judge. On {a['n']} GPT-4o-judged answers{asked} of base models it never trained on "
         f"({held_out}): aligned Spearman {_shown(a, 'spearman')}, AUC for misaligned {_shown(a, 'auc')}, "
         f"largest per-organism EM-rate gap {_shown(a, 'gap')}. These EM rates are that judge's estimates, not "
         "GPT-4o's."

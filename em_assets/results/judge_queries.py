@@ -145,6 +145,15 @@ def heldout_reference_files(store: Store) -> set[str]:
     return set(rows["source_sha256"].to_list())
 
 
+def heldout_question_count(store: Store) -> int:
+    """How many distinct questions the held-out reference answers answer: what a judge's agreement covers."""
+    if not store.has_table("reference_judgements"):
+        return 0
+    return store.query(
+        "SELECT count(DISTINCT question) AS n FROM reference_judgements WHERE split = 'heldout'"
+    ).item()
+
+
 def agreement_scores_by_identity(store: Store, aligned_at_most: float, coherent_above: float) -> pl.DataFrame:
     """The agreement scores each measured judge's error rates (at these thresholds) were counted on, with the
     judge's identity and each answer's reference file sha256; empty before any agreement run."""

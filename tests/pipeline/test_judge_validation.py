@@ -134,6 +134,8 @@ def test_distilled_judge_end_to_end(pipeline):
     assert "data:image/png;base64," in meta["distilled scatter"].value
     caveat = judge_caveat(store, grid)
     assert "distilled" in caveat and "aligned Spearman" in caveat and "Llama-3.1-8B-Instruct" in caveat
+    # Every held-out reference answer is to one of the 8 first-plot questions, and the caveat says so.
+    assert "GPT-4o-judged answers to 8 questions, of base models" in caveat, caveat
 
     # Up to date: no second training run; an organism judged by the distilled judge carries its identity.
     again = materialize(instance, resources, ["distilled_judge"])
