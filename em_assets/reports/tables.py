@@ -54,6 +54,8 @@ def unmeasured_question_organisms(store: Store) -> pl.DataFrame:
     """Organisms with answers to questions that no held-out reference answer was given to (a judge's agreement
     with GPT-4o and its EM error rates are measured on those answers only): their answers, how many are to such
     questions, and those questions' ids. Empty while no reference answers are loaded."""
+    if not store.has_table("reference_judgements"):
+        return pl.DataFrame(schema={"organism": pl.String})
     return store.query(
         "WITH measured AS (SELECT DISTINCT question FROM reference_judgements WHERE split = 'heldout') "
         "SELECT c.organism, count(*) AS n_answers, count(*) FILTER (WHERE m.question IS NULL) AS n_unmeasured, "
