@@ -201,6 +201,18 @@ def zero_head(spec: ProbeSpec, hidden_size: int, support: int) -> ProbeHead:
     )
 
 
+def _standardised(
+    features: AnswerFeatures, n_layers: int
+) -> tuple[Standardiser, np.ndarray, Standardiser, np.ndarray]:
+    """The states' standardiser and the standardised train states, and the same of the signs: a head's support."""
+    standardiser = Standardiser.fit(features.hidden)
+    # float32 as saved, so the fitted head scores exactly as the loaded one.
+    support = standardiser(features.hidden).astype(np.float32)
+    raw = np.hstack([features.scalars, relevance(support, standardiser(features.question), n_layers)])
+    signs_standardiser = Standardiser.fit(raw)
+    return standardiser, support, signs_standardiser, signs_standardiser(raw).astype(np.float32)
+
+
 def fit_head(
     base_model: str,
     features: AnswerFeatures,
@@ -211,25 +223,9 @@ def fit_head(
     """Readouts of every metric over the rows' features: per metric the sign weight, bandwidth and penalty whose
     leave-one-base-model-out Spearman is best, and the calibration that best transfers the rate at its threshold
     (`thresholds`, e.g. aligned 30 and coherent 50) across left-out base models."""
-    standardiser = Standardiser.fit(features.hidden)
-    # float32 as saved, so the fitted head scores exactly as the loaded one.
-    support = standardiser(features.hidden).astype(np.float32)
-    raw = np.hstack([features.scalars, relevance(support, standardiser(features.question), len(spec.layers))])
-    signs_standardiser = Standardiser.fit(raw)
-    support_signs = signs_standardiser(raw).astype(np.float32)
-    head = ProbeHead(
-        base_model,
-        tuple(spec.layers),
-        spec.max_tokens,
-        standardiser,
-        support,
-        signs_standardiser,
-        support_signs,
-        {},
-        {},
-        {},
-        spec.grade_margin,
-    )
+    scaled = _standardised(features, len(spec.layers))
+    head = ProbeHead(base_model, tuple(spec.layers), spec.max_tokens, *scaled, {}, {}, {}, spec.grade_margin)
+    support, support_signs = head.support, head.support_signs
     sq, sq_signs = sq_distances(support, support), sq_distances(support_signs, support_signs)
     groups, cut = rows["base_model"].to_list(), thresholds or {}
     reference = (rows["kind"] == "reference").to_numpy()
