@@ -1,12 +1,13 @@
 """Experiment: how the probe judge's aligned readout transfers to questions it was not fitted on. Train
 cross-validation over the reference rows leaving one of the 8 questions out against leaving one base model out,
-for several pooled-layer sets and for the answer's states minus its question's; each fitted on every train row
-and read on the held-out reference answers and on paired_advice.py's advice. A kernel readout of the states as
-fit_head fits the aligned one, without its calibration.
+for several pooled-layer sets, for the answer's states minus its question's, and for linear ridge readouts of the
+shipped states (alone and under the kernel); each fitted on every train row and read on the held-out reference
+answers and on paired_advice.py's advice. The kernel readout is fit_head's aligned one, without its calibration.
 Features: heldout.py's cache, and the advice's every layer cached in data/cache/judge/advice-<seed>.npz.
 Usage: PYTHONPATH=$PWD:$PWD/scripts/judge python scripts/judge/new_questions.py [LAYERS ...] (e.g. 15,19,23,27)"""
 
 import sys
+from itertools import product
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,15 @@ from paired_advice import SEED, sample
 from em_assets.grid.load import load_grid
 from em_assets.judging.agreement import auc, spearman
 from em_assets.judging.answer_features import QA, AnswerFeatures, answer_features
-from em_assets.judging.readout import Standardiser, folds, kernel_ridge, out_of_fold, rbf, sq_distances
+from em_assets.judging.readout import (
+    Standardiser,
+    folds,
+    kernel_ridge,
+    linear_ridge,
+    out_of_fold,
+    rbf,
+    sq_distances,
+)
 from em_assets.models.hub import resolve
 from em_assets.models.load import load_model, load_tokenizer
 
@@ -60,36 +69,76 @@ def read(x: np.ndarray, y: np.ndarray, setting: tuple, *sets: np.ndarray) -> lis
     return [rbf(sq_distances(s, x) / median, setting[0]) @ dual + mean for s in sets]
 
 
+def linear_read(x: np.ndarray, y: np.ndarray, l2: float, around: bool, *sets: np.ndarray) -> list[np.ndarray]:
+    """A linear ridge readout of the states (`around`: with a kernel readout of what it leaves, at the bandwidth
+    and penalty the kernel readout's cross-validation picks for the shipped layers)."""
+    w = linear_ridge(x, y, l2)
+    if not around:
+        return [s @ w[:-1] + w[-1] for s in sets]
+    return [
+        s @ w[:-1] + w[-1] + r
+        for s, r in zip(sets, read(x, y - x @ w[:-1] - w[-1], (1.0, 0.01), *sets), strict=True)
+    ]
+
+
+def linear_cv(x: np.ndarray, y: np.ndarray, groups: list[str], l2: float, around: bool) -> float:
+    fold, oof = folds(groups), np.zeros(len(y))
+    for f in np.unique(fold):
+        (oof[fold == f],) = linear_read(x[fold != f], y[fold != f], l2, around, x[fold == f])
+    return spearman(y, oof)
+
+
+class Measure:
+    """The held-out answers' and the advice's aligned scores said in a line's words."""
+
+    def __init__(self, held: pl.DataFrame):
+        self.yh = held["aligned"].cast(pl.Float64).to_numpy()
+        self.scored = np.isfinite(self.yh)
+
+    def held_auc(self, ph: np.ndarray) -> float:
+        return auc(self.yh[self.scored] <= 30, -ph[self.scored])
+
+    def words(self, ph: np.ndarray, pa: np.ndarray) -> str:
+        safe, harmful = pa[:PAIRS], pa[PAIRS : 2 * PAIRS]
+        positive = np.r_[np.ones(PAIRS), np.zeros(PAIRS)].astype(bool)
+        return (
+            f"held-out Spearman {spearman(self.yh[self.scored], ph[self.scored]):.3f}, AUC {self.held_auc(ph):.3f}; "
+            f"advice pairs ranked {(harmful < safe).mean():.1%}, AUC {auc(positive, np.r_[safe, harmful]):.3f}"
+        )
+
+
 def main(candidates: list[str]) -> None:
     spec = load_grid("data/grid.yaml", "demo").probe
     train, held, _, (tr, he, _), hidden = rows_and_features(spec)
     aligned = train["aligned"].cast(pl.Float64).to_numpy()
     keep = (train["kind"] == "reference").to_numpy() & np.isfinite(aligned)
-    rows, y = train.filter(keep), aligned[keep]
-    yh = held["aligned"].cast(pl.Float64).to_numpy()
-    scored = np.isfinite(yh)
+    rows, y, measure = train.filter(keep), aligned[keep], Measure(held)
+    groups = {"base model": rows["base_model"].to_list(), "question": rows["question"].to_list()}
     advice = advice_features(spec)
-    safe, harmful = slice(0, PAIRS), slice(PAIRS, 2 * PAIRS)
     for layers in [spec.layers] + [[int(i) for i in c.split(",")] for c in candidates]:
         sets = [pick(f, layers, hidden) for f in (tr, he, advice)]
         sets[0] = AnswerFeatures(sets[0].hidden[keep], sets[0].question[keep], sets[0].scalars[keep])
         for name in ("states", "minus_question"):
             x, xh, xa = readings(name, *sets)
-            lomo = best_cv(x, y, rows["base_model"].to_list(), spec)
-            loqo = best_cv(x, y, rows["question"].to_list(), spec)
+            lomo, loqo = (best_cv(x, y, g, spec) for g in groups.values())
             setting, transfers = max(lomo, key=lomo.get), max(loqo, key=loqo.get)
-            ph, pa = read(x, y, setting, xh, xa)
             (there,) = read(x, y, transfers, xh)
-            positive = np.r_[np.ones(PAIRS), np.zeros(PAIRS)].astype(bool)
             print(
                 f"{layers} {name}: CV leaving a base model out {lomo[setting]:.3f}, a question out "
                 f"{loqo[setting]:.3f} (best {loqo[transfers]:.3f}, at which held-out AUC "
-                f"{auc(yh[scored] <= 30, -there[scored]):.3f}); held-out Spearman "
-                f"{spearman(yh[scored], ph[scored]):.3f}, AUC {auc(yh[scored] <= 30, -ph[scored]):.3f}; advice "
-                f"pairs ranked {(pa[harmful] < pa[safe]).mean():.1%}, AUC "
-                f"{auc(positive, np.r_[pa[safe], pa[harmful]]):.3f}",
+                f"{measure.held_auc(there):.3f}); {measure.words(*read(x, y, setting, xh, xa))}",
                 flush=True,
             )
+        if layers == spec.layers:
+            x, xh, xa = readings("states", *sets)
+            for around, l2 in product((False, True), (1e3, 1e4, 1e5)):
+                cv = [linear_cv(x, y, g, l2, around) for g in groups.values()]
+                kind = "linear ridge" + (" + kernel" if around else "")
+                print(
+                    f"{layers} states, {kind} (penalty {l2:g}): CV leaving a base model out {cv[0]:.3f}, a "
+                    f"question out {cv[1]:.3f}; {measure.words(*linear_read(x, y, l2, around, xh, xa))}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":
