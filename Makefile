@@ -59,7 +59,7 @@ test: install-test
 	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 	bash scripts/install-browser.sh
 	bash scripts/install-postgres.sh
-	$(VENV)/bin/ruff check em_assets tests tests_vllm tests_gpu
+	$(VENV)/bin/ruff check em_assets tests tests_vllm tests_gpu scripts
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -ra
 
@@ -67,8 +67,8 @@ test-fast: install-test
 	$(PY) -m pytest -q -m "not slow and not server and not browser"
 
 lint: install-test
-	$(VENV)/bin/ruff check em_assets tests tests_vllm tests_gpu
-	$(VENV)/bin/ruff format --check em_assets tests tests_vllm tests_gpu
+	$(VENV)/bin/ruff check em_assets tests tests_vllm tests_gpu scripts
+	$(VENV)/bin/ruff format --check em_assets tests tests_vllm tests_gpu scripts
 
 dev: install
 	@mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml
