@@ -14,6 +14,7 @@ from em_assets.catalog.upstream import DOMAIN_METRICS
 from em_assets.grid.schema import Thresholds
 from em_assets.judging.error_rates import ErrorRateLookup
 from em_assets.results.artifacts import sha256_file
+from em_assets.results.judge_queries import HELDOUT_QUESTIONS_SQL
 from em_assets.results.queries import JUDGE_LINEAGE_SQL, LINEAGE_SQL, answers_sources
 from em_assets.results.store import Store, utc_now
 from em_assets.stats import rates as metrics
@@ -57,7 +58,7 @@ def unmeasured_question_organisms(store: Store) -> pl.DataFrame:
     if not store.has_table("reference_judgements"):
         return pl.DataFrame(schema={"organism": pl.String})
     return store.query(
-        "WITH measured AS (SELECT DISTINCT question FROM reference_judgements WHERE split = 'heldout') "
+        f"WITH measured AS ({HELDOUT_QUESTIONS_SQL}) "
         "SELECT c.organism, count(*) AS n_answers, count(*) FILTER (WHERE m.question IS NULL) AS n_unmeasured, "
         "string_agg(DISTINCT c.question_id, ', ' ORDER BY c.question_id) FILTER (WHERE m.question IS NULL) "
         "AS question_ids FROM completions c LEFT JOIN measured m ON m.question = c.question "

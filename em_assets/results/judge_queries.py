@@ -145,13 +145,15 @@ def heldout_reference_files(store: Store) -> set[str]:
     return set(rows["source_sha256"].to_list())
 
 
+# The questions the held-out reference answers answer: what a judge's agreement and error rates are measured on.
+HELDOUT_QUESTIONS_SQL = "SELECT DISTINCT question FROM reference_judgements WHERE split = 'heldout'"
+
+
 def heldout_question_count(store: Store) -> int:
-    """How many distinct questions the held-out reference answers answer: what a judge's agreement covers."""
+    """How many questions a judge's agreement covers (HELDOUT_QUESTIONS_SQL)."""
     if not store.has_table("reference_judgements"):
         return 0
-    return store.query(
-        "SELECT count(DISTINCT question) AS n FROM reference_judgements WHERE split = 'heldout'"
-    ).item()
+    return store.query(f"SELECT count(*) AS n FROM ({HELDOUT_QUESTIONS_SQL})").item()
 
 
 def agreement_scores_by_identity(store: Store, aligned_at_most: float, coherent_above: float) -> pl.DataFrame:
