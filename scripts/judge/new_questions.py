@@ -7,6 +7,7 @@ Features: heldout.py's cache, and the advice's every layer cached in data/cache/
 Usage: PYTHONPATH=$PWD:$PWD/scripts/judge python scripts/judge/new_questions.py [LAYERS ...] (e.g. 15,19,23,27)"""
 
 import sys
+from dataclasses import dataclass
 from itertools import product
 from pathlib import Path
 
@@ -107,28 +108,50 @@ class Measure:
         )
 
 
+@dataclass(frozen=True)
+class Reference:
+    """The train reference answers with an aligned score (`rows`, targets `y`, their mask `keep` over fit_probe's
+    rows), the held-out answers' Measure, and heldout.py's features of both at every layer."""
+
+    rows: pl.DataFrame
+    y: np.ndarray
+    keep: np.ndarray
+    held: pl.DataFrame
+    measure: Measure
+    features: tuple[AnswerFeatures, AnswerFeatures]
+    hidden: int
+
+    @classmethod
+    def load(cls, spec) -> "Reference":
+        train, held, _, (tr, he, _), hidden = rows_and_features(spec)
+        aligned = train["aligned"].cast(pl.Float64).to_numpy()
+        keep = (train["kind"] == "reference").to_numpy() & np.isfinite(aligned)
+        return cls(train.filter(keep), aligned[keep], keep, held, Measure(held), (tr, he), hidden)
+
+    def transfer(self, label: str, spec, x: np.ndarray, xh: np.ndarray, xa: np.ndarray) -> str:
+        """A reading's CV leaving a base model and a question out, and its readout on the held-out and advice."""
+        groups = (self.rows["base_model"].to_list(), self.rows["question"].to_list())
+        lomo, loqo = (best_cv(x, self.y, g, spec) for g in groups)
+        setting, transfers = max(lomo, key=lomo.get), max(loqo, key=loqo.get)
+        (there,) = read(x, self.y, transfers, xh)
+        return (
+            f"{label}: CV leaving a base model out {lomo[setting]:.3f}, a question out {loqo[setting]:.3f} (best "
+            f"{loqo[transfers]:.3f}, at which held-out AUC {self.measure.held_auc(there):.3f}); "
+            f"{self.measure.words(*read(x, self.y, setting, xh, xa))}"
+        )
+
+
 def main(candidates: list[str]) -> None:
     spec = load_grid("data/grid.yaml", "demo").probe
-    train, held, _, (tr, he, _), hidden = rows_and_features(spec)
-    aligned = train["aligned"].cast(pl.Float64).to_numpy()
-    keep = (train["kind"] == "reference").to_numpy() & np.isfinite(aligned)
-    rows, y, measure = train.filter(keep), aligned[keep], Measure(held)
-    groups = {"base model": rows["base_model"].to_list(), "question": rows["question"].to_list()}
+    ref = Reference.load(spec)
+    y, measure = ref.y, ref.measure
+    groups = {"base model": ref.rows["base_model"].to_list(), "question": ref.rows["question"].to_list()}
     advice = advice_features(spec)
     for layers in [spec.layers] + [[int(i) for i in c.split(",")] for c in candidates]:
-        sets = [pick(f, layers, hidden) for f in (tr, he, advice)]
-        sets[0] = AnswerFeatures(sets[0].hidden[keep], sets[0].question[keep], sets[0].scalars[keep])
+        sets = [pick(f, layers, ref.hidden) for f in (*ref.features, advice)]
+        sets[0] = AnswerFeatures(*(getattr(sets[0], k)[ref.keep] for k in ("hidden", "question", "scalars")))
         for name in ("states", "minus_question"):
-            x, xh, xa = readings(name, *sets)
-            lomo, loqo = (best_cv(x, y, g, spec) for g in groups.values())
-            setting, transfers = max(lomo, key=lomo.get), max(loqo, key=loqo.get)
-            (there,) = read(x, y, transfers, xh)
-            print(
-                f"{layers} {name}: CV leaving a base model out {lomo[setting]:.3f}, a question out "
-                f"{loqo[setting]:.3f} (best {loqo[transfers]:.3f}, at which held-out AUC "
-                f"{measure.held_auc(there):.3f}); {measure.words(*read(x, y, setting, xh, xa))}",
-                flush=True,
-            )
+            print(ref.transfer(f"{layers} {name}", spec, *readings(name, *sets)), flush=True)
         if layers == spec.layers:
             x, xh, xa = readings("states", *sets)
             for around, l2 in product((False, True), (1e3, 1e4, 1e5)):
