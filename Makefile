@@ -16,8 +16,8 @@ endif
 export DAGSTER_HOME ?= $(abspath .dagster_home)
 export TOKENIZERS_PARALLELISM ?= false
 # The demo's set-up installs no bytecode (below): each module is compiled on its first import and kept in .venv.
-# Where PYTHONDONTWRITEBYTECODE is set, nothing would be kept, and every process the demo or the UI starts would
-# compile all it imports again (twice the import time of torch, transformers and Dagster).
+# Where PYTHONDONTWRITEBYTECODE is set nothing would be kept, and every later process (a second demo, each
+# em-assets command, each run the UI starts) would compile all it imports again, doubling its import time.
 unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: install install-test demo test test-fast test-vllm test-gpu lint dev bench clean
