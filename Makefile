@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; on a CUDA machine use e.g. TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>".
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,server
+# What ruff checks and formats: the package, every test suite and the experiment scripts the docs cite.
+LINT_PATHS := em_assets tests tests_vllm tests_gpu scripts
 # The upstream files are downloaded from their pinned URLs (sha256-verified, then cached); a local mirror of them
 # is read instead when EM_DATA_MIRROR names one, or when ../shared/upstream exists.
 ifeq ($(origin EM_DATA_MIRROR),undefined)
@@ -63,7 +65,7 @@ test: install-test
 	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 	bash scripts/install-browser.sh
 	bash scripts/install-postgres.sh
-	$(VENV)/bin/ruff check em_assets tests tests_vllm tests_gpu scripts
+	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -ra
 
@@ -71,8 +73,8 @@ test-fast: install-test
 	$(PY) -m pytest -q -m "not slow and not server and not browser"
 
 lint: install-test
-	$(VENV)/bin/ruff check em_assets tests tests_vllm tests_gpu scripts
-	$(VENV)/bin/ruff format --check em_assets tests tests_vllm tests_gpu scripts
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
 dev: install
 	@mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from heldout import pick
-from new_questions import PAIRS, PER_DOMAIN, Reference, advice_features
+from new_questions import PAIRS, PER_DOMAIN, Reference, advice_features, readings
 from paired_advice import SEED, sample
 
 from em_assets.grid.load import load_grid
@@ -81,9 +80,7 @@ def main(candidates: list[str]) -> None:
         f"{ref.measure.held_auc(-z['held_odds']):.3f}, advice pairs AUC "
         f"{auc(paired, -z['advice_odds'][: 2 * PAIRS]):.3f}"
     )
-    pooled = [pick(f, list(spec.layers), ref.hidden).hidden for f in (*ref.features, advice_features(spec))]
-    pooled[0] = pooled[0][ref.keep]
-    pooled = [Standardiser.fit(pooled[0])(p) for p in pooled]
+    pooled = readings("states", *ref.sets(list(spec.layers), advice_features(spec)))
     for layers in [list(spec.layers)] + [[int(i) for i in c.split(",")] for c in candidates]:
         last = [z[f"{n}_states"][:, layers].reshape(len(z[f"{n}_states"]), -1) for n in SETS]
         last = [Standardiser.fit(last[0])(x) for x in last]

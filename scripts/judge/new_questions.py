@@ -128,10 +128,20 @@ class Reference:
         keep = (train["kind"] == "reference").to_numpy() & np.isfinite(aligned)
         return cls(train.filter(keep), aligned[keep], keep, held, Measure(held), (tr, he), hidden)
 
+    @property
+    def groups(self) -> tuple[list[str], list[str]]:
+        """The train rows' base models and questions: the folds of leaving one of either out."""
+        return self.rows["base_model"].to_list(), self.rows["question"].to_list()
+
+    def sets(self, layers: list[int], advice: AnswerFeatures) -> list[AnswerFeatures]:
+        """The train rows', the held-out answers' and the advice's features at `layers`."""
+        train, held, advice = (pick(f, layers, self.hidden) for f in (*self.features, advice))
+        kept = AnswerFeatures(train.hidden[self.keep], train.question[self.keep], train.scalars[self.keep])
+        return [kept, held, advice]
+
     def transfer(self, label: str, spec, x: np.ndarray, xh: np.ndarray, xa: np.ndarray) -> str:
         """A reading's CV leaving a base model and a question out, and its readout on the held-out and advice."""
-        groups = (self.rows["base_model"].to_list(), self.rows["question"].to_list())
-        lomo, loqo = (best_cv(x, self.y, g, spec) for g in groups)
+        lomo, loqo = (best_cv(x, self.y, g, spec) for g in self.groups)
         setting, transfers = max(lomo, key=lomo.get), max(loqo, key=loqo.get)
         (there,) = read(x, self.y, transfers, xh)
         return (
@@ -145,17 +155,15 @@ def main(candidates: list[str]) -> None:
     spec = load_grid("data/grid.yaml", "demo").probe
     ref = Reference.load(spec)
     y, measure = ref.y, ref.measure
-    groups = {"base model": ref.rows["base_model"].to_list(), "question": ref.rows["question"].to_list()}
     advice = advice_features(spec)
     for layers in [spec.layers] + [[int(i) for i in c.split(",")] for c in candidates]:
-        sets = [pick(f, layers, ref.hidden) for f in (*ref.features, advice)]
-        sets[0] = AnswerFeatures(*(getattr(sets[0], k)[ref.keep] for k in ("hidden", "question", "scalars")))
+        sets = ref.sets(layers, advice)
         for name in ("states", "minus_question"):
             print(ref.transfer(f"{layers} {name}", spec, *readings(name, *sets)), flush=True)
         if layers == spec.layers:
             x, xh, xa = readings("states", *sets)
             for around, l2 in product((False, True), (1e3, 1e4, 1e5)):
-                cv = [linear_cv(x, y, g, l2, around) for g in groups.values()]
+                cv = [linear_cv(x, y, g, l2, around) for g in ref.groups]
                 kind = "linear ridge" + (" + kernel" if around else "")
                 print(
                     f"{layers} states, {kind} (penalty {l2:g}): CV leaving a base model out {cv[0]:.3f}, a "
