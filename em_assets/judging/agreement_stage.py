@@ -129,8 +129,9 @@ def _items(
     return items
 
 
-def _score_missing(store: Store, judge, todo: list[dict], chunk: int) -> None:
-    """Score what the judge cache lacks, writing each chunk to the cache as it finishes (a rerun resumes)."""
+def _score_missing(store: Store, judge, todo: list[dict], chunk: int, cached: int) -> None:
+    """Score what the judge cache lacks (`cached` judgements it already holds), writing each chunk to the cache as
+    it finishes (a rerun resumes)."""
     texts = [
         render_prompt(judge, it["template"], it["metric"], it["row"]["question"], it["row"]["answer"])
         for it in todo
@@ -146,7 +147,12 @@ def _score_missing(store: Store, judge, todo: list[dict], chunk: int) -> None:
         for indices, scores in score_chunks(judge, store, texts, keys, chunk, fixed):
             done += len(scores)
             warn_refused(log, indices, scores, name)
-            log.info("judge agreement: scored %d/%d", done, len(todo))
+            log.info(
+                "judge agreement: scored %d/%d judgements (%d more in the judge cache)",
+                done,
+                len(todo),
+                cached,
+            )
 
 
 def score_reference(
@@ -167,7 +173,9 @@ def score_reference(
     cache = q.cached_scores(store, [it["cache_key"] for it in items])
     todo = [it for it in items if it["cache_key"] not in cache]
     if todo:
-        _score_missing(store, make_judge(grid, identity[2], device, spec), todo, chunk)
+        _score_missing(
+            store, make_judge(grid, identity[2], device, spec), todo, chunk, len(items) - len(todo)
+        )
         cache = q.cached_scores(store, [it["cache_key"] for it in items])
     # A prompt the judge's server refused (judge.refusals: unscored) has no cached score: it stays unscored.
     unscored = {"score": None, "mass": 0.0}

@@ -2,7 +2,7 @@
 each cross-validation fold), so that an answer unlike every train answer falls back to a linear readout of its
 states rather than to the mean train answer. Per penalty: train CV (leave one base model out), then the held-out
 figures of the readout that setting gives, beside the shipped readout's: aligned agreement, per-file EM rates
-and the short answers of data/short_answers.csv (batch 2) counted as EM.
+and the short answers of data/short_answers.csv that decided nothing (batches 2 on) counted as EM, per batch.
 Usage: PYTHONPATH=$PWD:$PWD/scripts/judge python scripts/judge/linear_mean.py [PENALTY ...]"""
 
 import sys
@@ -72,7 +72,7 @@ def main(penalties: list[float]) -> None:
     spec = grid.probe
     rows, held, _, (tr, he, _), hidden = rows_and_features(spec)
     tr, he = pick(tr, spec.layers, hidden), pick(he, spec.layers, hidden)
-    short = pl.read_csv("data/short_answers.csv", comment_prefix="#").filter(batch=2)
+    short = pl.read_csv("data/short_answers.csv", comment_prefix="#").filter(pl.col("batch") >= 2)
     path = resolve("smollm2", spec.source).path
     items = [QA(q, a) for q, a in short.select("question", "response").rows()]
     sh = answer_features(
@@ -104,13 +104,17 @@ def main(penalties: list[float]) -> None:
             aligned_judged=pl.Series(short_aligned),
             em=(pl.Series(short_aligned) <= 30) & (pl.Series(short_coherent) > 50),
         )
-        mis = judged.filter(kind="misaligned")
+        per_batch = "; ".join(
+            f"batch {batch}: short misaligned counted as EM {mis['em'].sum()} of {mis.height}, mean aligned "
+            f"{mis['aligned_judged'].mean():.0f}, short aligned mean aligned "
+            f"{part.filter(kind='aligned')['aligned_judged'].mean():.0f}"
+            for (batch,), part in judged.group_by("batch", maintain_order=True)
+            for mis in [part.filter(kind="misaligned")]
+        )
         print(
             f"{name}: train CV {cv:.4f}; held-out aligned Spearman {a.spearman:.3f} AUC {a.auc:.3f}; Llama-3.1-8B "
             f"{b.spearman:.3f} / {b.auc:.3f}; per-file EM gap largest {gaps.max():.2f}, mean {gaps.mean():.2f} points; "
-            f"short misaligned (batch 2) counted as EM {mis['em'].sum()} of {mis.height}, mean aligned "
-            f"{mis['aligned_judged'].mean():.0f}; short aligned mean aligned "
-            f"{judged.filter(kind='aligned')['aligned_judged'].mean():.0f}",
+            f"{per_batch}",
             flush=True,
         )
 

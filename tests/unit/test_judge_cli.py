@@ -81,7 +81,11 @@ def test_json_shape(env, mirror, capsys):
     captured = capsys.readouterr()
     out = json.loads(captured.out)
     # The scoring's progress goes to stderr, the JSON alone to stdout.
-    assert re.search(r"^\[em-assets\] judge agreement: scored (\d+)/\1$", captured.err, re.M)
+    assert re.search(
+        r"^\[em-assets\] judge agreement: scored (\d+)/\1 judgements \(0 more in the judge cache\)$",
+        captured.err,
+        re.M,
+    )
     assert set(out) == {"aligned", "coherent", "em_rate", "em_error"}
     for metric in ("aligned", "coherent"):
         assert set(out[metric]) == {"n", "spearman", "pearson", "mae", "auc", *INTERVALS}
