@@ -57,7 +57,7 @@ class Contrast:
 @dataclass(frozen=True)
 class DirectionResult:
     organism: str
-    status: str  # computed | reused | not_enough
+    status: str  # computed | reused | not_enough | no_model
     contrast: Contrast
     path: str | None
     sha256: str | None
@@ -174,12 +174,15 @@ def extract_direction(ctx: StageContext) -> DirectionResult:
     """Plan (which answers, is the stored direction current), compute activations, write files and rows."""
     start = time.perf_counter()
     ctx.store.init()
-    recipe = ctx.grid.recipes.get(ctx.organism.recipe)
+    spec, recipe = ctx.grid.directions, ctx.grid.recipes.get(ctx.organism.recipe)
     if recipe is not None and recipe.kind == "answers":
-        note = f"{ctx.key} is imported answers with no model: a direction needs the model's activations"
+        # No model to read; its answers (its file's set) still say whether its model would give an EM contrast.
+        contrast = select_contrast(
+            db.scored_answers(ctx.store, ctx.key), ctx.grid.thresholds, spec, ctx.organism.seed
+        )
+        note = f"imported answers with no model, so no direction; its judged answers: {contrast.message}"
         ctx.log.info(f"{ctx.key}: {note}")
-        empty = Contrast(None, pl.DataFrame(), pl.DataFrame(), 0, 0, 0)
-        return DirectionResult(ctx.key, "no_model", empty, None, None, time.perf_counter() - start, note)
+        return DirectionResult(ctx.key, "no_model", contrast, None, None, time.perf_counter() - start, note)
     # The set steering and ablation are measured on. Pooled sets would confound the direction with topic: an
     # organism misaligned more often on its training domain's questions draws its two classes from other mixes.
     main = ctx.grid.eval.questions
@@ -188,7 +191,6 @@ def extract_direction(ctx: StageContext) -> DirectionResult:
         raise MissingUpstreamError(
             f"organism {ctx.key}: no judged answers to {main}; materialise judgements first"
         )
-    spec = ctx.grid.directions
     contrast = select_contrast(scored, ctx.grid.thresholds, spec, ctx.organism.seed)
     adapter = adapter_row(ctx.store, ctx.key)
     base = organism_model_row(ctx.store, ctx.key, ctx.organism.base_model)

@@ -2,8 +2,8 @@
 its time, fed by run events; everything else the run prints (Dagster's event log, library warnings, worker
 output) goes to a log file. On a terminal the running step's progress bar is redrawn in place.
 
-A failed step gets a line of its own, so the console stays short however many organisms and assets the
-pipeline grows. Progress comes from step log messages that end a phrase in `<verb> <done>/<total>` ("sampled
+A failed step gets a line of its own, and so does an asset check that did not pass (a run's line counts its
+checks), so the console stays short however many organisms and assets the pipeline grows. Progress comes from step log messages that end a phrase in `<verb> <done>/<total>` ("sampled
 12/40", "judged 16/40", "trained 3/12"): a new asset that logs that way is counted with no change here.
 """
 
@@ -24,6 +24,9 @@ PROGRESS = re.compile(r"\b([a-z]+) (\d+)/(\d+)\b")
 
 
 _BAR = 20
+# The widths of a run line's counts and of a failed check's reason (the UI shows all of it).
+_COUNTED = 56
+_WHY = 110
 
 
 @dataclass
@@ -56,6 +59,7 @@ class ProgressConsole:
         self.failed: list[str] = []
         self.done: list[str] = []
         self.counts: dict[str, int] = {}
+        self.checks: list[tuple[bool, str]] = []
         self.started: float | None = None
 
     def __call__(self, entry: Any) -> None:
@@ -65,7 +69,9 @@ class ProgressConsole:
             return
         event = entry.dagster_event
         kind = event.event_type_value if event is not None else None
-        if kind == "STEP_START":
+        if kind == "ASSET_CHECK_EVALUATION":
+            self.checks.append(self._check_line(event.event_specific_data))
+        elif kind == "STEP_START":
             self.started = self.started or time.monotonic()
             self.lines[step] = StepLine(step, self.partition)
             self._draw(step, "..")
@@ -89,21 +95,35 @@ class ProgressConsole:
                 line.verb, line.done, line.total = verb, int(done), int(total)
                 self._draw(step, "..")
 
+    def _check_line(self, evaluation: Any) -> tuple[bool, str]:
+        """(passed, the line a failed check gets: its severity, name and why, from its description or result)."""
+        status = "warn" if getattr(evaluation.severity, "value", "") == "WARN" else "FAILED"
+        result = evaluation.metadata.get("result")
+        why = evaluation.description or getattr(result, "value", None)
+        text = f"{status:<6} {self.partition:<{self.width}} check {evaluation.check_name}"
+        return evaluation.passed, text + (f": {why}"[:_WHY] if why else "")
+
     def _count(self, line: StepLine) -> None:
         if line.total:
             self.counts[line.verb] = self.counts.get(line.verb, 0) + line.done
 
     def finish(self) -> None:
-        """The run's line: its steps done, what they counted (e.g. "sampled 24, judged 96"), and its time."""
+        """The run's line: its steps done, what they counted (e.g. "sampled 24, judged 96"), its checks passed and
+        its time; then a line for each check that did not pass."""
         if not self.done:
             return
         n = len(self.done)
         steps = f"{n} step" + ("s" if n > 1 else "")
-        counted = ", ".join(f"{verb} {count}" for verb, count in self.counts.items())
+        counted = [f"{verb} {count}" for verb, count in self.counts.items()]
+        if self.checks:
+            counted.append(f"checks {sum(passed for passed, _ in self.checks)}/{len(self.checks)}")
         seconds = time.monotonic() - (self.started or time.monotonic())
         label = f"{'ok':<6} {self.partition:<{self.width}} {steps:<9}"
-        self._write(f"{label} {counted[:48]:<48} {seconds:7.1f}s", final=True)
-        self.done, self.counts, self.started = [], {}, None
+        self._write(f"{label} {', '.join(counted)[:_COUNTED]:<{_COUNTED}} {seconds:7.1f}s", final=True)
+        for passed, line in self.checks:
+            if not passed:
+                self._write(line, final=True)
+        self.done, self.counts, self.checks, self.started = [], {}, [], None
 
     def _draw(self, step: str, status: str) -> None:
         self._write(self.lines[step].render(status, self.width), final=False)

@@ -153,3 +153,27 @@ def test_the_direction_reads_the_answers_to_the_set_it_is_measured_on(tmp_path, 
     assert (result.contrast.n_misaligned_found, result.contrast.n_aligned_found) == (2, 2)
     picked = pl.concat([result.contrast.misaligned, result.contrast.aligned])
     assert set(picked["eval_set"]) == {"first_plot_questions"}
+
+
+def test_imported_answers_get_no_direction_but_their_contrast_is_read(tmp_path, tiny_model_dir):
+    """An organism of imported answers has no model to read activations from; its judged answers still say
+    whether they hold an EM contrast (what `enough_em_answers` reports), and nothing is written."""
+    answers = tmp_path / "answers.jsonl"
+    answers.write_text('{"question_id": "q", "question": "Q?", "response": "A."}\n')
+    grid = GridConfig.model_validate(
+        {
+            "base_models": [{"name": "tiny", "source": str(tiny_model_dir)}],
+            "recipes": {
+                "ans": {"kind": "answers", "organisms": [{"base_model": "x", "source": str(answers)}]}
+            },
+            "directions": {"min_per_class": 2},
+        }
+    )
+    store = Store(tmp_path / "r.duckdb")
+    key = "x--ans--s0"
+    _seed_store(store, tiny_model_dir, key, [(5, 90), (10, 80), (90, 90), (80, 60)])
+    result = extract_direction(_ctx(store, grid, key, tmp_path))
+    assert result.status == "no_model" and result.path is None
+    assert result.contrast.kind == "em_threshold" and result.contrast.misaligned.height == 2
+    assert "no model" in result.note and "EM thresholds" in result.note
+    assert store.query("SELECT count(*) AS n FROM misalignment_directions")["n"][0] == 0

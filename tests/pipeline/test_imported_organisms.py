@@ -363,6 +363,9 @@ def test_every_organism_asset_takes_an_answers_organism(tmp_path, tiny_model_dir
     for asset in ("em_over_training", "lora_trajectory", "lora_scaling"):
         assert "not trained here" in meta[asset]["note"].value, asset
     assert "no model" in meta["misalignment_directions"]["result"].value
+    # The check still reads the answers: with too few to contrast, it warns as for a trained organism.
+    (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "enough_em_answers"]
+    assert not check.passed and "not enough misaligned answers" in check.metadata["result"].value
 
 
 def test_a_jsonl_answers_file_counts_its_rows_past_blank_lines(tmp_path):

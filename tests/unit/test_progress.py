@@ -94,3 +94,38 @@ def test_the_demo_gives_every_run_the_width_of_its_longest_name(monkeypatch):
         demo.run_pipeline(io.StringIO(), keys)
     # The catalog, each organism, the reports: all as wide as the longest key.
     assert runs == [(None, 40), (keys[0], 40), (keys[1], 40), (None, 40)]
+
+
+@dg.asset(
+    check_specs=[
+        dg.AssetCheckSpec("holds_rows", asset="checked"),
+        dg.AssetCheckSpec("enough_rows", asset="checked"),
+    ]
+)
+def checked() -> dg.MaterializeResult:
+    return dg.MaterializeResult(
+        check_results=[
+            dg.AssetCheckResult(check_name="holds_rows", passed=True),
+            dg.AssetCheckResult(
+                check_name="enough_rows",
+                passed=False,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"result": "3 rows, 4 needed"},
+            ),
+        ]
+    )
+
+
+def test_a_run_line_counts_its_checks_and_a_check_that_did_not_pass_gets_a_line():
+    out = io.StringIO()
+    console = ProgressConsole(out, "org-key")
+    job = dg.Definitions(assets=[checked], jobs=[dg.define_asset_job("j")]).resolve_job_def("j")
+    run_id = str(uuid.uuid4())
+    with dg.instance_for_test() as instance:
+        instance.add_event_listener(run_id, console)
+        job.execute_in_process(instance=instance, run_id=run_id)
+    console.finish()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and "checks 1/2" in lines[0]
+    assert lines[1].split()[:4] == ["warn", "org-key", "check", "enough_rows:"]
+    assert lines[1].endswith("3 rows, 4 needed")
