@@ -3,8 +3,9 @@ its time, fed by run events; everything else the run prints (Dagster's event log
 output) goes to a log file. On a terminal the running step's progress bar is redrawn in place.
 
 A failed step gets a line of its own, and so does an asset check that did not pass (a run's line counts its
-checks), so the console stays short however many organisms and assets the pipeline grows. Progress comes from step log messages that end a phrase in `<verb> <done>/<total>` ("sampled
-12/40", "judged 16/40", "trained 3/12"): a new asset that logs that way is counted with no change here.
+checks), so the console stays short however many organisms and assets the pipeline grows. Progress comes from
+step log messages that end a phrase in `<verb> <done>/<total>` ("sampled 12/40", "judged 16/40", "trained
+3/12"): a new asset that logs that way is counted with no change here.
 """
 
 from __future__ import annotations
