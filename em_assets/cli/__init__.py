@@ -3,12 +3,14 @@ taken out of it.
 
 Exit status: 0 done; 2 bad input (arguments, grid, model sources, missing files), with one message and nothing
 written; 1 a SQL statement the database rejected, or an unexpected failure (traceback in the demo's log);
-130 when interrupted (Ctrl-C; during `demo` SIGTERM too, which stops a run the same way).
+130 when interrupted (Ctrl-C; during `demo` SIGTERM too, which stops a run the same way); 141, quietly, when
+the program reading its output stopped early (`| head`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -97,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # The reader is gone: what is left to print goes nowhere, also at exit, when Python flushes stdout again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except BaseException as exc:
         # Dagster turns SIGINT and SIGTERM inside a step into DagsterExecutionInterruptedError.
         if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "DagsterExecutionInterruptedError":

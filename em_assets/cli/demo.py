@@ -139,7 +139,8 @@ def _where_next(figures_dir: Path) -> list[str]:
     return [
         f"Next: make dev (the UI on http://127.0.0.1:3000); figures in {figures_dir}/; answers browser "
         f"{report}" + ("" if report.exists() else " (not built)"),
-        '  em-assets sql "SELECT * FROM em_summary" (also em_domain_share, persona_mixtures, em_transition, ...)',
+        '  em-assets sql "SELECT organism, judge_source, em_rate_turner, em_rate_corrected FROM em_summary" (also'
+        " em_domain_share, persona_mixtures, em_transition, ...)",
     ]
 
 

@@ -165,7 +165,7 @@ def output_to_log(log_path: Path) -> Iterator[TextIO]:
 
 @contextlib.contextmanager
 def logged_to_stderr() -> Iterator[None]:
-    """Show what em_assets logs at INFO and above ("judge agreement: scored 64/2800 judgements ...") on stderr for
+    """Show what em_assets logs at INFO and above ("judge agreement: scored 64/5600 judgements ...") on stderr for
     the block, so a long command outside Dagster shows its progress and stdout keeps only its result."""
     logger = logging.getLogger("em_assets")
     handler = logging.StreamHandler(sys.stderr)

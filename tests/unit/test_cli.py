@@ -470,3 +470,29 @@ def test_demo_with_a_mirror_missing_a_pinned_file_writes_nothing(tmp_path, capsy
     err = capsys.readouterr().err
     assert f"{missing} is not in the mirror {partial}" in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mirror"]
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
+    """`em-assets sql ... | head`: no traceback when the reader closes the pipe, and the shell's exit status for it."""
+    store = Store(tmp_path / "r.duckdb")
+    store.init()
+    reader = subprocess.Popen(["head", "-n", "1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    done = subprocess.run(
+        [
+            EM_ASSETS,
+            "sql",
+            "--db",
+            str(store.path),
+            "--max-rows",
+            "100000",
+            "SELECT range AS n FROM range(100000)",
+        ],
+        stdout=reader.stdin,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    reader.stdin.close()
+    reader.wait(timeout=30)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
