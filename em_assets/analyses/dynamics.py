@@ -56,7 +56,7 @@ def skip_reason(ctx: StageContext, reads_adapter: bool = True) -> str | None:
     recipe = ctx.grid.recipes.get(ctx.organism.recipe)
     method = recipe_method(recipe) if recipe else None
     if method in IMPORTED_KINDS:
-        return f"{ctx.key} is a {method} organism, not trained here: no checkpoints, trajectory or B to scale"
+        return f"{ctx.key} is imported ({method}), not trained here: no checkpoints, trajectory or B to scale"
     if method == "full" and reads_adapter:
         return (
             f"{ctx.key} is fully fine-tuned (method: full): it has no LoRA adapter, so the LoRA trajectory "

@@ -42,17 +42,19 @@ def _materialize(
     out = stage(ctx)
     path = Path(experiment.figures_dir) / "dynamics" / f"{ctx.key}--{name}.png"
     title = name.replace("_", " ")
-    draw = _PLOTS[name]
-    figure = plots.no_data(path, title, out.note) if out.note else draw(out.table, path, ctx.key)
     meta: dict = {
         "dagster/row_count": out.table.height,
         "note": out.note or "",
         "sampled_now": out.sampled,
         "judged_now": out.judged,
         "seconds": round(out.seconds, 2),
-        "figure_path": str(figure),
-        "figure": md_image(figure, title),
     }
+    if out.note:
+        # Nothing to draw (the note says why), and no figure of an earlier run is left to contradict it.
+        path.unlink(missing_ok=True)
+    else:
+        figure = _PLOTS[name](out.table, path, ctx.key)
+        meta.update(figure_path=str(figure), figure=md_image(figure, title))
     if name in _SWEEPS:
         meta["sampling"] = sampling_text(out.sampling)
     if out.table.height:

@@ -346,6 +346,10 @@ def test_every_organism_asset_takes_an_answers_organism(tmp_path, tiny_model_dir
     grid_file.write_text(yaml.safe_dump({"profiles": {"test": doc.model_dump(mode="json")}}))
     resources = pipeline_resources(tmp_path, grid_file, mirror)
     key = "x--ans--s0"
+    # A figure an earlier run of this key drew (say, before its recipe became imported answers).
+    stale = tmp_path / "figures" / "dynamics" / f"{key}--lora_scaling.png"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"\x89PNG")
     with dg.instance_for_test() as instance:
         instance.add_dynamic_partitions(organisms.name, [key])
         materialize(instance, resources, ["base_models", "training_datasets", "eval_questions"])
@@ -362,6 +366,9 @@ def test_every_organism_asset_takes_an_answers_organism(tmp_path, tiny_model_dir
     assert check.severity == (dg.AssetCheckSeverity.ERROR if empty else dg.AssetCheckSeverity.WARN)
     for asset in ("em_over_training", "lora_trajectory", "lora_scaling"):
         assert "not trained here" in meta[asset]["note"].value, asset
+        assert "figure" not in meta[asset], asset
+    # Nothing to draw: no placeholder among the real figures, and none left from before.
+    assert not list(tmp_path.rglob(f"{key}--*.png"))
     assert "no model" in meta["misalignment_directions"]["result"].value
     # The check still reads the answers: with too few to contrast, it warns as for a trained organism.
     (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "enough_em_answers"]
