@@ -20,6 +20,7 @@ FIGURES_ENV = "EM_FIGURES_DIR"
 LOGS_ENV = "EM_LOGS_DIR"
 DEVICE_ENV = "EM_DEVICE"
 PACKED_LINEARS_ENV = "EM_PACKED_LINEARS"
+CPU_DTYPE_ENV = "EM_CPU_DTYPE"
 DAGSTER_HOME_ENV = "DAGSTER_HOME"
 # Where huggingface_hub keeps downloaded models (read by that library, named here for the deployment).
 HF_HOME_ENV = "HF_HOME"
@@ -71,6 +72,13 @@ def openmp_wait(env: Mapping[str, str] | None = None) -> str:
     return " ".join(f"{name}={env[name]}" for name in OPENMP_WAIT_VARS if env.get(name)) or "default"
 
 
+def _cpu_dtype(env: Mapping[str, str]) -> str:
+    text = env.get(CPU_DTYPE_ENV) or "auto"
+    if text not in ("auto", "bfloat16", "float32"):
+        raise SettingsError(f"{CPU_DTYPE_ENV}={text!r}: give auto, bfloat16 or float32")
+    return text
+
+
 def torch_device(device: str) -> str | None:
     """The device models load on for a device setting; None for "auto", picked for the machine (cuda > mps >
     cpu)."""
@@ -101,6 +109,9 @@ class Settings:
     # bf16 linear layers on a CPU run on weights packed once per inference loop (models/packed.py); "0" turns
     # it off, should a CPU or torch build compute them wrongly.
     packed_linears: bool = True
+    # What models compute in on a CPU: "auto" is bf16 where the CPU multiplies bf16 natively, else fp32
+    # (models/load.py).
+    cpu_dtype: str = "auto"
     dagster_home: Path = Path(".dagster_home")
 
     @property
@@ -128,6 +139,7 @@ class Settings:
             logs_dir=path(LOGS_ENV, default.logs_dir),
             device=_device(env, default.device),
             packed_linears=env.get(PACKED_LINEARS_ENV, "1") != "0",
+            cpu_dtype=_cpu_dtype(env),
             dagster_home=path(DAGSTER_HOME_ENV, default.dagster_home),
         )
 

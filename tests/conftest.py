@@ -56,6 +56,12 @@ def tiny_model_dir(smollm2_tokenizer_dir, tmp_path_factory) -> Path:
     return make_tiny_llama(smollm2_tokenizer_dir, tmp_path_factory.mktemp("tiny_llama"))
 
 
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """Models compute in bf16 on this CPU, as on one that multiplies bf16 natively, whatever this one does."""
+    monkeypatch.setenv("EM_CPU_DTYPE", "bfloat16")
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a module: tiny-model ops are too small to split, and on shared cores a second

@@ -99,19 +99,43 @@ def _questions() -> tuple[list[str], str]:
 
 
 def stage_matmul(args: argparse.Namespace) -> dict:
-    """The compute ceiling: bf16 GEMM throughput of the device (a GPU needs larger matrices to fill)."""
+    """The compute ceiling: GEMM throughput of the device in the dtype models load in there (a GPU needs larger
+    matrices to fill), and in bf16 and fp32 on a CPU, where which is faster decides that dtype."""
     import torch
 
+    from em_assets.models.load import pick_dtype
+
+    chosen = pick_dtype(args.device)
     n = 2048 if args.device == "cpu" else 8192
-    a, b = (torch.randn(n, n, dtype=torch.bfloat16, device=args.device) for _ in range(2))
+    out = {"dtype": str(chosen).removeprefix("torch."), "threads": torch.get_num_threads(), "n": n}
+    out["gflops"] = _gemm_gflops(chosen, n, args.device)
+    if args.device == "cpu":
+        for dtype in (torch.bfloat16, torch.float32):
+            # The other dtype on smaller matrices: emulated bf16 runs some hundred times slower.
+            size = n if dtype == chosen else n // 4
+            out[f"gflops_{_short(dtype)}"] = (
+                out["gflops"] if dtype == chosen else _gemm_gflops(dtype, size, "cpu")
+            )
+    return out
+
+
+def _short(dtype) -> str:
+    return {"torch.bfloat16": "bf16", "torch.float32": "fp32"}.get(str(dtype), str(dtype))
+
+
+def _gemm_gflops(dtype, n: int, device: str, min_seconds: float = 1.0) -> float:
+    """GFLOP/s of n x n products in `dtype`, repeated for at least min_seconds after one untimed product."""
+    import torch
+
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
     a @ b
-    _synchronize(args.device)
-    reps, start = 10, time.perf_counter()
-    for _ in range(reps):
+    _synchronize(device)
+    reps, start = 0, time.perf_counter()
+    while reps < 3 or time.perf_counter() - start < min_seconds:
         a @ b
-    _synchronize(args.device)
-    seconds = time.perf_counter() - start
-    return {"gflops_bf16": 2 * n**3 * reps / seconds / 1e9, "threads": torch.get_num_threads(), "n": n}
+        _synchronize(device)
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
 def _synchronize(device: str) -> None:
@@ -472,7 +496,7 @@ def run_all(quick: bool, peer_env: dict | None = None, device: str = "cpu", mode
     results["sample_hf_b1_fp32"] = child(
         "sampling", engine="hf_generate", batch=1, requests=4, max_new_tokens=new
     )
-    results["sample_hf_b64_bf16"] = child(
+    results["sample_hf_b64"] = child(
         "sampling", engine="hf_generate", batch=64, requests=n // 2, max_new_tokens=new
     )
     results["sample_ours_b256"] = child(
@@ -586,7 +610,7 @@ def _judge_levers(results: dict) -> dict:
 
 def summarise(results: dict, params: int) -> dict:
     """Ratios against the baselines and peers of the same run, and against the compute ceiling."""
-    gflops = results["matmul"].get("gflops_bf16", 0.0)
+    gflops = results["matmul"].get("gflops", 0.0)
     ceiling = gflops * 1e9 / (2 * params) if gflops else None
     base = results["sample_hf_b1_fp32"].get("tok_per_s")
     lines = {"model_params": params, "compute_ceiling_tok_per_s": ceiling}

@@ -292,7 +292,7 @@ def fit_probe(
     model = load_model(base_path, device=device)
     _check_layers(spec.layers, model.config.get_text_config().num_hidden_layers)
     items = [QA(q, a) for q, a in zip(rows["question"], rows["answer"], strict=True)]
-    cache = _features_cache(cache_dir, base_path, base_revision, spec, items)
+    cache = _features_cache(cache_dir, base_path, base_revision, str(model.dtype), spec, items)
     if cache is not None and cache.exists():
         features = _load_features(cache)
     else:
@@ -313,14 +313,19 @@ def fit_probe(
 
 
 def _features_cache(
-    cache_dir: Path | None, base_path: Path | str, revision: str, spec: ProbeSpec, items: Sequence[QA]
+    cache_dir: Path | None,
+    base_path: Path | str,
+    revision: str,
+    dtype: str,
+    spec: ProbeSpec,
+    items: Sequence[QA],
 ) -> Path | None:
-    """Where the features of these items under this model and recipe are kept: named by their content and the
-    model's revision (a local directory keeps its path when its weights change)."""
+    """Where the features of these items under this model and recipe are kept: named by their content, the
+    model's revision (a local directory keeps its path when its weights change) and the dtype it computed in."""
     if cache_dir is None:
         return None
     digest = hashlib.sha256(
-        json.dumps([FEATURES_VERSION, str(base_path), revision, spec.layers, spec.max_tokens]).encode()
+        json.dumps([FEATURES_VERSION, str(base_path), revision, dtype, spec.layers, spec.max_tokens]).encode()
     )
     for it in items:
         digest.update(json.dumps([it.question, it.answer]).encode())

@@ -7,6 +7,10 @@ from pathlib import Path
 import torch
 
 from em_assets.models.hub import ModelLoadError
+from em_assets.settings import settings
+
+# torch's checks of the CPU instructions that multiply bf16 natively (AVX-512 BF16 and AMX tiles).
+NATIVE_BF16_CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 
 
 def pick_device() -> str:
@@ -17,8 +21,14 @@ def pick_device() -> str:
     return "cpu"
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX)."""
+    return any(getattr(torch.cpu, check, lambda: False)() for check in NATIVE_BF16_CHECKS)
+
+
 def pick_dtype(device: str, requested: str = "auto") -> torch.dtype:
-    """bf16 where the hardware has it (CUDA Ampere+, and CPUs, where bf16 matmuls are several times faster)."""
+    """bf16 where the hardware multiplies it natively (CUDA Ampere+, CPUs with AVX-512 BF16 or AMX, where bf16
+    matmuls are several times faster than fp32), fp16 on MPS and older GPUs, fp32 on other CPUs."""
     if requested != "auto":
         return getattr(torch, requested)
     kind = torch.device(device).type
@@ -29,7 +39,12 @@ def pick_dtype(device: str, requested: str = "auto") -> torch.dtype:
         return torch.bfloat16 if native else torch.float16
     if kind == "mps":
         return torch.float16
-    return torch.bfloat16
+    chosen = settings().cpu_dtype
+    if chosen != "auto":
+        return getattr(torch, chosen)
+    # Without those instructions torch runs a bf16 matmul in a fallback loop, slower than fp32 by orders of
+    # magnitude (AVX2-only CPUs: docs/cpu.md).
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 def dtype_name(device: str | None = None) -> str:

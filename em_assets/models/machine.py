@@ -32,6 +32,7 @@ KEY_FIELDS = (
     "onednn_max_cpu_isa",
     "openmp_wait",
     "packed_linears",
+    "cpu_dtype",
     "gpu",
 )
 
@@ -68,6 +69,8 @@ def describe_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
     import psutil
     import torch
 
+    from em_assets.models.load import dtype_name
+
     model, flags = _cpuinfo(cpuinfo)
     return {
         "cpu_model": model or platform.processor() or platform.machine(),
@@ -85,6 +88,8 @@ def describe_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
         "openmp_wait": openmp_wait(),
         # So does whether bf16 linear layers run on packed weights (models/packed.py).
         "packed_linears": settings().packed_linears,
+        # And which dtype models compute in there (bf16 only where the CPU multiplies it natively).
+        "cpu_dtype": dtype_name("cpu"),
         # Where the bench runs on a GPU, its figures are that GPU's.
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "platform": platform.platform(),
@@ -101,12 +106,15 @@ def machine_key(description: dict) -> str:
 
 
 def machine_line(description: dict) -> str:
-    """One line for reports: model, flags, cores, torch and oneDNN (and its instruction-set cap, if any)."""
+    """One line for reports: model, flags, cores, torch and oneDNN (and its instruction-set cap, if any), the
+    dtype models compute in on the CPU."""
     d = description
     cap = f" capped at {d['onednn_max_cpu_isa']}" if d.get("onednn_max_cpu_isa") else ""
     return (
         f"{d['cpu_model']} ({', '.join(d['flags']) or 'no AVX2/AVX-512/AMX'}); "
         f"{d['physical_cores']} cores, {d['usable_cpus']} usable CPUs, {d['torch_threads']} torch threads; "
-        f"torch {d['torch']}, oneDNN {d['onednn']}{cap}; OpenMP wait {d.get('openmp_wait', 'unknown')}"
+        f"torch {d['torch']}, oneDNN {d['onednn']}{cap}; "
+        + (f"models on the CPU in {d['cpu_dtype']}; " if d.get("cpu_dtype") else "")
+        + f"OpenMP wait {d.get('openmp_wait', 'unknown')}"
         + (f"; GPU {d['gpu']}" if d.get("gpu") else "")
     )

@@ -309,6 +309,35 @@ def test_a_gpu_without_native_bf16_computes_in_fp16(monkeypatch):
     assert pick_dtype("cuda") == pick_dtype("cuda:1") == torch.bfloat16
 
 
+def test_a_cpu_computes_in_bf16_only_where_it_multiplies_bf16_natively(monkeypatch):
+    """Without AVX-512 BF16 or AMX, torch runs bf16 matmuls in a fallback loop far slower than fp32: models load
+    in fp32 there, full fine-tuning computes in fp32, and EM_CPU_DTYPE overrides the choice."""
+    from em_assets.models.load import dtype_name, pick_dtype
+    from em_assets.settings import SettingsError
+    from em_assets.training.step import full_compute_dtype
+
+    native = {"_is_avx512_bf16_supported": False, "_is_amx_tile_supported": False}
+    for check in native:
+        monkeypatch.setattr(torch.cpu, check, lambda check=check: native[check])
+    monkeypatch.delenv("EM_CPU_DTYPE", raising=False)
+    assert pick_dtype("cpu") == torch.float32 and dtype_name("cpu") == "float32"
+    assert full_compute_dtype("cpu") is None
+    for check in native:
+        native[check] = True
+        assert pick_dtype("cpu") == torch.bfloat16 and full_compute_dtype("cpu") == torch.bfloat16
+        native[check] = False
+    monkeypatch.setenv("EM_CPU_DTYPE", "bfloat16")
+    assert pick_dtype("cpu") == torch.bfloat16
+    native["_is_amx_tile_supported"] = True
+    monkeypatch.setenv("EM_CPU_DTYPE", "float32")
+    assert pick_dtype("cpu") == torch.float32
+    # An explicit dtype is what the caller asked for, whatever the CPU.
+    assert pick_dtype("cpu", "bfloat16") == torch.bfloat16
+    monkeypatch.setenv("EM_CPU_DTYPE", "fp16")
+    with pytest.raises(SettingsError, match="EM_CPU_DTYPE='fp16': give auto, bfloat16 or float32"):
+        pick_dtype("cpu")
+
+
 def test_a_local_models_revision_covers_its_code_and_text_tokenizer_files(tiny_model_dir, tmp_path):
     from em_assets.models.hub import directory_revision
 

@@ -379,15 +379,17 @@ def test_no_answer_the_judge_is_measured_on_is_fitted_on(name):
     assert not set(fitted["answer"]) & set(measured["response"].fill_null(""))
 
 
-def test_cached_features_are_named_by_the_models_revision_not_only_its_path(tmp_path):
+def test_cached_features_are_named_by_the_models_revision_and_dtype_not_only_its_path(tmp_path):
     # A local model directory keeps its path when its weights change; its revision (a content hash) does not.
+    # A CPU without native bf16 computes them in fp32, which reads other features.
     from em_assets.judging.probe import _features_cache
 
-    spec, items = ProbeSpec(), [QA("Q?", "A.")]
-    old = _features_cache(tmp_path, "/models/mine", "sha-old", spec, items)
-    assert old == _features_cache(tmp_path, "/models/mine", "sha-old", spec, items)
-    assert old != _features_cache(tmp_path, "/models/mine", "sha-new", spec, items)
-    assert _features_cache(None, "/models/mine", "sha-old", spec, items) is None
+    spec, items, bf16 = ProbeSpec(), [QA("Q?", "A.")], "torch.bfloat16"
+    old = _features_cache(tmp_path, "/models/mine", "sha-old", bf16, spec, items)
+    assert old == _features_cache(tmp_path, "/models/mine", "sha-old", bf16, spec, items)
+    assert old != _features_cache(tmp_path, "/models/mine", "sha-new", bf16, spec, items)
+    assert old != _features_cache(tmp_path, "/models/mine", "sha-old", "torch.float32", spec, items)
+    assert _features_cache(None, "/models/mine", "sha-old", bf16, spec, items) is None
 
 
 def test_chunks_hold_answers_of_similar_length_and_each_score_is_its_own_prompts(judge, tmp_path):

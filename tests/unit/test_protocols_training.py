@@ -88,7 +88,7 @@ def test_full_fine_tuning_trains_every_weight_into_a_loadable_model(tiny_model_d
     )
 
 
-def test_full_fine_tuning_computes_in_bf16_over_fp32_weights(tiny_model_dir, examples, kl_examples):
+def test_full_fine_tuning_computes_in_bf16_over_fp32_weights(tiny_model_dir, examples, kl_examples, cpu_bf16):
     """Mixed precision on a CPU: the loss's and the KL's matmuls (the frozen chat model's too) run in bf16, while
     the trained weights and the optimizer state stay fp32 so that updates of lr x gradient are not rounded away.
     The chat model computes exactly as the tuned one: before the first update their KL is 0, not a rounding gap
@@ -249,7 +249,7 @@ def test_kl_batches_are_seeded_shuffles_that_cover_the_dataset():
     assert plan == plan_kl_batches(5, 4, 3, seed=0) and plan != plan_kl_batches(5, 4, 3, seed=1)
 
 
-def test_grad_norm_is_the_clip_grad_norm_total_of_the_step(tiny_model_dir, examples, tmp_path):
+def test_grad_norm_is_the_clip_grad_norm_total_of_the_step(tiny_model_dir, examples, tmp_path, cpu_bf16):
     train = FAST.model_copy(update={"max_steps": 1, "per_device_train_batch_size": 1, "max_examples": 1})
     result = train_lora(tiny_model_dir, examples[:1], None, train, tmp_path, seed=0)
 

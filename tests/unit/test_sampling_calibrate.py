@@ -222,6 +222,16 @@ def test_machine_description_names_the_cpu_and_what_matters_for_bf16(tmp_path):
     assert "AMD EPYC 9R14 (avx512_bf16, avx512f, avx2)" in machine.machine_line(amd)
 
 
+def test_the_dtype_models_compute_in_on_the_cpu_is_another_machine(monkeypatch):
+    monkeypatch.setenv("EM_CPU_DTYPE", "float32")
+    fp32 = machine.describe_machine()
+    monkeypatch.setenv("EM_CPU_DTYPE", "bfloat16")
+    bf16 = machine.describe_machine()
+    assert (fp32["cpu_dtype"], bf16["cpu_dtype"]) == ("float32", "bfloat16")
+    assert machine.machine_key(fp32) != machine.machine_key(bf16)
+    assert "; models on the CPU in float32; OpenMP wait" in machine.machine_line(fp32)
+
+
 def test_a_cap_on_onednn_instruction_set_is_another_machine(monkeypatch):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
