@@ -125,16 +125,22 @@ def test_judge_sanity_reports_coherent_auc_on_the_incoherent_answers(catalog, on
     assert found.passed == (found.auc >= 0.8)
 
 
-def test_a_judge_run_in_fp16_names_it_so_its_scores_are_cached_apart(catalog):
+def test_a_judge_run_in_fp16_or_fp32_names_it_so_its_scores_are_cached_apart(catalog, monkeypatch):
     """Regression: a local judge's cache key named no dtype, so fp16 scores (MPS, older GPUs) and bf16 ones
-    were read as each other's."""
+    were read as each other's; so would fp32 ones (a CPU without native bf16)."""
     ctx = stage_context(catalog, "dtype")
+    monkeypatch.setenv("EM_CPU_DTYPE", "bfloat16")
     model, revision, path = judge_identity(ctx.grid, ctx.cache_dir, ctx.store, device="cpu")
     # The identity only names the dtype MPS would load the judge in; nothing runs there.
     _, on_mps, mps_path = judge_identity(ctx.grid, ctx.cache_dir, ctx.store, device="mps")
     assert on_mps == f"{revision}+float16" and mps_path == path
-    keys = {stage.judge_cache_key(model, r, "prompt", "aligned", "q", "a") for r in (revision, on_mps)}
-    assert len(keys) == 2
+    monkeypatch.setenv("EM_CPU_DTYPE", "float32")
+    _, in_fp32, _ = judge_identity(ctx.grid, ctx.cache_dir, ctx.store, device="cpu")
+    assert in_fp32 == f"{revision}+float32"
+    keys = {
+        stage.judge_cache_key(model, r, "prompt", "aligned", "q", "a") for r in (revision, on_mps, in_fp32)
+    }
+    assert len(keys) == 3
 
 
 def test_a_judge_request_refused_for_good_names_the_answer(catalog):

@@ -267,6 +267,7 @@ def test_demo_with_an_unknown_profile_names_the_profiles(tmp_path, capsys, monke
         ("EM_DB_LOCK_TIMEOUT", "10m", None, "EM_DB_LOCK_TIMEOUT='10m': give a number of seconds"),
         ("EM_DB_DATA_PATH", "", "ducklake:postgres:dbname=em host=db", "needs EM_DB_DATA_PATH"),
         ("EM_DEVICE", "nonsense", None, "EM_DEVICE='nonsense': give auto, cpu, cuda, cuda:<index> or mps"),
+        ("EM_CPU_DTYPE", "fp16", None, "EM_CPU_DTYPE='fp16': give auto, bfloat16 or float32"),
     ],
 )
 def test_a_setting_it_cannot_use_is_one_message_and_exit_2(
