@@ -84,12 +84,14 @@ def completions(
             "reused": result.reused,
             "tokens_per_s": result.tokens_per_s or 0.0,
             "sampling_workers": result.workers,
-            # How workers and batch size were settled, and the calibration rates (tok/s) they were chosen from.
+            # How workers and batch size were settled, and the calibration rates (tok/s) and worker start-up they were
+            # chosen from.
             **(
                 {
                     "sampling_batch_size": str(choice.batch_size),
                     "sampling_settings_why": choice.why,
                     "sampling_rates": dg.MetadataValue.json(choice.rates),
+                    "sampling_worker_startup_s": dg.MetadataValue.json(choice.startup),
                     "calibration_s": choice.seconds,
                 }
                 if choice

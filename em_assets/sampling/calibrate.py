@@ -74,6 +74,9 @@ class SamplingChoice:
     machine: str | None = None
     # Spent timing candidates (or waiting for another job's calibration) before sampling.
     seconds: float = 0.0
+    # Per worker count above one (as a string), the seconds its workers took to start beyond loading the model
+    # in this process: the choice charges them to the job.
+    startup: dict[str, float] = field(default_factory=dict)
 
     def describe(self) -> str:
         return f"{self.workers} process(es), batch {self.batch_size} ({self.why})"
@@ -127,12 +130,24 @@ def waves(requests: int, candidate: Candidate) -> int:
     return -(-requests // (candidate[0] * candidate[1]))
 
 
-def best(options: Sequence[Candidate], rates: dict[str, float], requests: int) -> Candidate:
+def best(
+    options: Sequence[Candidate],
+    rates: dict[str, float],
+    requests: int,
+    tokens: int = 0,
+    startup: dict[str, float] | None = None,
+) -> Candidate:
     """Of the options timed within CLOSE of the fastest, the one that runs the job in the fewest waves; then the
-    fastest, fewer workers, the smaller batch (less memory)."""
-    top = max(rates[candidate_key(c)] for c in options)
-    close = [c for c in options if rates[candidate_key(c)] >= (1 - CLOSE) * top]
-    return min(close, key=lambda c: (waves(requests, c), -rates[candidate_key(c)], c[0], c[1]))
+    fastest, fewer workers, the smaller batch (less memory). With the job's `tokens` (at most) and each worker
+    count's `startup` seconds, a rate is the job's: its tokens over their decode time plus the workers' start."""
+
+    def rate(c: Candidate) -> float:
+        r, start = rates[candidate_key(c)], (startup or {}).get(str(c[0]), 0.0)
+        return tokens / (tokens / r + start) if tokens and start and r > 0 else r
+
+    top = max(rate(c) for c in options)
+    close = [c for c in options if rate(c) >= (1 - CLOSE) * top]
+    return min(close, key=lambda c: (waves(requests, c), -rate(c), c[0], c[1]))
 
 
 def cache_path(cache_dir: Path, machine: str, base: dict, depth: int) -> Path:
@@ -157,6 +172,7 @@ def choose_sampling(
     cache_dir: Path | None = None,
 ) -> SamplingChoice:
     """The grid's forced settings, or the fastest candidate by cached rates, timing the candidates not cached."""
+    from em_assets.models.load import pick_dtype
     from em_assets.sampling.pool import auto_workers
 
     forced = tuple(k for k in ("workers", "batch_size") if getattr(sampling, k) != "auto")
@@ -164,7 +180,7 @@ def choose_sampling(
         return SamplingChoice(1, sampling.batch_size, "not a CPU", forced=forced)
     if len(forced) == 2:
         return SamplingChoice(int(sampling.workers), int(sampling.batch_size), "forced", forced=forced)
-    most = auto_workers(device, int(base.get("num_params") or 0) * 2, requests)
+    most = auto_workers(device, int(base.get("num_params") or 0) * pick_dtype("cpu").itemsize, requests)
     # A forced batch is taken as given, so only an automatic one needs the model's config read for the bound.
     auto_batch = sampling.batch_size == "auto"
     max_slots = slots_in_memory(base, PROMPT_TOKENS + sampling.max_new_tokens) if auto_batch else None
@@ -176,21 +192,23 @@ def choose_sampling(
     depth = timing_depth(sampling.max_new_tokens)
     path = cache_path(cache_dir or settings().cache_dir, machine, base, depth)
     start = time.perf_counter()
-    rates, measured = cached_rates(path, options, loader, description, base, depth)
+    rates, startup, measured = cached_rates(path, options, loader, description, base, depth)
     return SamplingChoice(
-        *best(options, rates, requests),
+        *best(options, rates, requests, requests * sampling.max_new_tokens, startup),
         "calibrated" if measured else "cached",
         {candidate_key(c): rates[candidate_key(c)] for c in options},
         forced,
         machine,
         time.perf_counter() - start,
+        {w: s for w, s in startup.items() if int(w) in {c[0] for c in options}},
     )
 
 
 def cached_rates(
     path: Path, options: Sequence[Candidate], loader: Loader, description: dict, base: dict, depth: int
-) -> tuple[dict[str, float], bool]:
-    """Every option's rate from the cache file at `path`, timing and adding those missing; True if it timed any.
+) -> tuple[dict[str, float], dict[str, float], bool]:
+    """Every option's rate from the cache file at `path`, timing and adding those missing, and the start-up
+    seconds of each worker count timed; True if it timed any.
 
     A file lock makes concurrent jobs (organisms sampled in parallel) wait for one calibration, not run several
     at once, which would also spoil each other's timings.
@@ -199,22 +217,33 @@ def cached_rates(
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
-        rates = _read_rates(path)
+        doc = _read_cache(path)
+        rates, startup = doc.get("rates", {}), doc.get("startup", {})
         missing = [c for c in options if candidate_key(c) not in rates]
         if missing:
-            rates |= {candidate_key(c): r for c, r in measure(loader, missing, depth).items()}
-            doc = {"machine": description, "model": base.get("revision"), "depth": depth, "rates": rates}
+            timed, started = measure(loader, missing, depth)
+            rates |= {candidate_key(c): r for c, r in timed.items()}
+            startup |= {str(w): s for w, s in started.items()}
+            doc = {
+                "machine": description,
+                "model": base.get("revision"),
+                "depth": depth,
+                "rates": rates,
+                "startup": startup,
+            }
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(doc, indent=2))
             tmp.replace(path)
-    return rates, bool(missing)
+    return rates, startup, bool(missing)
 
 
-def _read_rates(path: Path) -> dict[str, float]:
-    """The rates in a cache file; none from a missing or damaged one (e.g. cut short by a full disk)."""
+def _read_cache(path: Path) -> dict:
+    """A cache file's rates and start-up seconds; none from a missing or damaged one (e.g. cut short by a full
+    disk)."""
     try:
-        return dict(json.loads(path.read_text())["rates"])
-    except (OSError, ValueError, KeyError, TypeError):
+        doc = json.loads(path.read_text())
+        return {"rates": dict(doc["rates"]), "startup": dict(doc.get("startup", {}))}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return {}
 
 
@@ -267,25 +296,32 @@ def best_of_rounds(
     return rates
 
 
-def measure(loader: Loader, options: Sequence[Candidate], depth: int) -> dict[Candidate, float]:
-    """Tokens/s of each (workers, batch) option: one worker in this process, more in spawned processes."""
-    rates = {}
+def measure(
+    loader: Loader, options: Sequence[Candidate], depth: int
+) -> tuple[dict[Candidate, float], dict[int, float]]:
+    """Tokens/s of each (workers, batch) option: one worker in this process, more in spawned processes; and per
+    worker count above one, the seconds its workers take to start beyond this process's model load."""
+    rates, loads = {}, {}
     for w in sorted({c[0] for c in options}):
         batches = [b for ow, b in options if ow == w]
-        timed = (_in_process if w == 1 else _in_workers)(loader, w, batches, depth)
+        timed, loads[w] = (_in_process if w == 1 else _in_workers)(loader, w, batches, depth)
         rates |= {(w, b): r for b, r in timed.items()}
-    return rates
+    return rates, {w: max(0.0, s - loads.get(1, 0.0)) for w, s in loads.items() if w > 1}
 
 
-def _in_process(loader: Loader, _workers: int, batches: list[int], depth: int) -> dict[int, float]:
+def _in_process(
+    loader: Loader, _workers: int, batches: list[int], depth: int
+) -> tuple[dict[int, float], float]:
     import torch
 
+    start = time.perf_counter()
     model, tokenizer = loader()
+    loaded = time.perf_counter() - start
     with torch.inference_mode():
         rates = best_of_rounds(model, tokenizer, batches, depth)
     del model
     gc.collect()
-    return rates
+    return rates, loaded
 
 
 def _worker(
@@ -299,6 +335,7 @@ def _worker(
         torch.set_num_threads(threads)
         hf_logging.disable_progress_bar()
         model, tokenizer = loader()
+        out.send(("loaded", None))
         # Every worker starts each timing together, so their steps overlap as they would when sampling.
         out.send(("rates", best_of_rounds(model, tokenizer, batches, depth, barrier.wait)))
         out.send(("done", None))
@@ -308,8 +345,11 @@ def _worker(
         out.close()
 
 
-def _in_workers(loader: Loader, workers: int, batches: list[int], depth: int) -> dict[int, float]:
-    """Tokens/s of `workers` processes decoding side by side: the sum of their rates."""
+def _in_workers(
+    loader: Loader, workers: int, batches: list[int], depth: int
+) -> tuple[dict[int, float], float]:
+    """Tokens/s of `workers` processes decoding side by side (the sum of their rates), and the seconds from
+    their spawn until the last has its model loaded."""
     import multiprocessing as mp
 
     from em_assets.sampling.pool import WorkerError
@@ -321,6 +361,7 @@ def _in_workers(loader: Loader, workers: int, batches: list[int], depth: int) ->
     ]
     procs, pipes = [c.proc for c in children], [c.pipe for c in children]
     rates = dict.fromkeys(batches, 0.0)
+    start, ready = time.perf_counter(), 0.0
     try:
         start_children(children)
         running = set(range(workers))
@@ -328,7 +369,9 @@ def _in_workers(loader: Loader, workers: int, batches: list[int], depth: int) ->
             kind, payload = message if isinstance(message, tuple) else ("died", message.exitcode)
             if kind in ("error", "died"):
                 raise WorkerError(f"calibration worker {i} failed: {payload}")
-            if kind == "done":
+            if kind == "loaded":
+                ready = time.perf_counter() - start
+            elif kind == "done":
                 running.discard(i)
             else:
                 for b, rate in payload.items():
@@ -337,4 +380,4 @@ def _in_workers(loader: Loader, workers: int, batches: list[int], depth: int) ->
         reap(procs)
         for pipe in pipes:
             pipe.close()
-    return rates
+    return rates, ready

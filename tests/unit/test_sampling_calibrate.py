@@ -125,9 +125,9 @@ def test_candidates_are_timed_in_mirrored_rounds_and_keep_their_better_round(tin
         return next(script)
 
     monkeypatch.setattr(calibrate, "decode_rate", decode_rate)
-    rates = calibrate.measure(loader_for(tiny_model_dir), [(1, 64), (1, 128), (1, 256)], 4)
+    rates, startup = calibrate.measure(loader_for(tiny_model_dir), [(1, 64), (1, 128), (1, 256)], 4)
     assert order == [64, 128, 256, 256, 128, 64]
-    assert rates == {(1, 64): 90.0, (1, 128): 70.0, (1, 256): 200.0}
+    assert rates == {(1, 64): 90.0, (1, 128): 70.0, (1, 256): 200.0} and startup == {}
 
 
 def test_calibration_is_recorded_then_reused_without_timing_again(tiny_model_dir, tmp_path, timed):
@@ -198,6 +198,24 @@ def test_worker_counts_are_timed_in_worker_processes(tiny_model_dir, tmp_path, m
     assert set(choice.rates) == {candidate_key((1, 32)), candidate_key((2, 32))}
     assert all(r > 0 for r in choice.rates.values())
     assert choice.why == "calibrated" and choice.forced == ("batch_size",)
+    # Spawning them and loading a model in each took time this process, its model loaded, did not spend.
+    assert set(choice.startup) == {"2"} and choice.startup["2"] > 0
+    cached = json.loads(next((tmp_path / "calibration").glob("sampling-*.json")).read_text())
+    assert cached["startup"] == choice.startup
+    again = choose(tiny_model_dir, tmp_path, 64, batch_size=32)
+    assert (again.why, again.startup) == ("cached", choice.startup)
+
+
+def test_workers_that_decode_faster_lose_a_job_too_short_to_pay_for_their_start():
+    options = [(1, 128), (2, 64)]
+    rates = {candidate_key((1, 128)): 330.0, candidate_key((2, 64)): 385.0}
+    startup = {"2": 6.0}
+    # 8,192 tokens: 24.8 s in one process, 21.3 + 6 s in two.
+    assert calibrate.best(options, rates, 128, 128 * 64, startup) == (1, 128)
+    # 65,536 tokens: 199 s against 170 + 6 s.
+    assert calibrate.best(options, rates, 512, 512 * 128, startup) == (2, 64)
+    # Rates alone (no job size or no start-up timed): the faster.
+    assert calibrate.best(options, rates, 128) == calibrate.best(options, rates, 128, 8192, {}) == (2, 64)
 
 
 def test_machine_description_names_the_cpu_and_what_matters_for_bf16(tmp_path):
