@@ -67,7 +67,7 @@ test: install-test
 	bash scripts/install-postgres.sh
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 test-fast: install-test
 	$(PY) -m pytest -q -m "not slow and not server and not browser"

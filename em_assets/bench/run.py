@@ -202,7 +202,13 @@ def stage_sampling_auto(args: argparse.Namespace) -> dict:
         workers=choice.workers,
         loader=loader,
     )
-    return {**out, "why": choice.why, "calibration_rates": choice.rates, "calibration_s": choice.seconds}
+    return {
+        **out,
+        "why": choice.why,
+        "calibration_rates": choice.rates,
+        "calibration_startup_s": choice.startup,
+        "calibration_s": choice.seconds,
+    }
 
 
 def stage_llamacpp(args: argparse.Namespace) -> dict:
@@ -482,9 +488,11 @@ JUDGE_RUNS = {
 def run_all(quick: bool, peer_env: dict | None = None, device: str = "cpu", model: str | None = None) -> dict:
     """Every measurement, one child each, on `device` with `model` (default SmolLM2); the vLLM peer's under
     `peer_env` (default: this environment). Rows that only a CPU has (processes per core, packed weights,
-    llama.cpp) run only there."""
+    llama.cpp) run only there, packed weights only where the CPU computes in bf16."""
     import importlib.util
     from functools import partial
+
+    from em_assets.models.load import dtype_name
 
     path = model_path(model)  # convert once, outside the timed children
     child = partial(_child, device=device, **({"model": str(path)} if model else {}))
@@ -502,7 +510,8 @@ def run_all(quick: bool, peer_env: dict | None = None, device: str = "cpu", mode
     results["sample_ours_b256"] = child(
         "sampling", engine="sampler", batch=256, requests=n, max_new_tokens=new
     )
-    if cpu:
+    # Packing lays out bf16 weights; a CPU computing in fp32 has nothing to pack.
+    if cpu and dtype_name("cpu") == "bfloat16":
         results |= _packing_rows(child, n, new)
     if n > 256:
         results["sample_ours_b512"] = child(

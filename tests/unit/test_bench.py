@@ -142,7 +142,7 @@ def test_the_judge_levers_run_on_the_same_answers_and_batch(children):
 
 
 def test_on_a_gpu_every_child_runs_there_on_the_given_model_and_cpu_only_rows_are_left_out(
-    children, vllm_python, monkeypatch
+    children, vllm_python, monkeypatch, cpu_bf16
 ):
     monkeypatch.setattr("importlib.util.find_spec", lambda name: object())  # llama.cpp installed
     cpu = run.run_all(quick=True)
@@ -292,7 +292,13 @@ def test_the_sweep_stage_samples_every_point_both_ways(tiny_model_dir, tmp_path)
     assert row["one_batch_speedup"] == pytest.approx(row["point_by_point_s"] / row["one_batch_s"])
 
 
-def test_packed_linears_are_timed_against_plain_ones_on_the_same_requests(children):
+def test_a_cpu_computing_in_fp32_times_no_packed_weights(children, monkeypatch):
+    monkeypatch.setenv("EM_CPU_DTYPE", "float32")
+    out = run.run_all(quick=True)
+    assert "sample_ours_b256" in out and not [k for k in out if "packed" in k]
+
+
+def test_packed_linears_are_timed_against_plain_ones_on_the_same_requests(children, cpu_bf16):
     out = run.run_all(quick=True)
     for batch, packed in (("b256", "sample_ours_b256"), ("b24", "packed_b24")):
         plain = out[f"unpacked_{batch}"]
