@@ -84,8 +84,8 @@ def completions(
             "reused": result.reused,
             "tokens_per_s": result.tokens_per_s or 0.0,
             "sampling_workers": result.workers,
-            # How workers and batch size were settled, and the calibration rates (tok/s) and worker start-up they were
-            # chosen from.
+            # How workers and batch size were settled, and the calibration rates (tok/s) and workers' start-up
+            # they were chosen from.
             **(
                 {
                     "sampling_batch_size": str(choice.batch_size),
