@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -91,7 +92,10 @@ class SlotLayer(CacheLayerMixin):
 
     def __init__(self, cache: SlotCache):
         super().__init__()
-        self.cache = cache
+        # Weak: a layer holding its cache would close a reference cycle, and every slot's keys and values
+        # (gigabytes at a large batch) would outlive the sampling call until Python's cycle collector ran, so
+        # several calls in one process (the calibration's candidates, a sweep's points) would pile them up.
+        self.cache = weakref.proxy(cache)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         slots, capacity = self.cache.num_slots, self.cache.capacity

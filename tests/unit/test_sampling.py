@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -160,6 +161,21 @@ def test_stop_tokens_end_a_completion(model, tokenizer, monkeypatch):
         reasons.add(got.finish_reason)
     assert reasons == {"stop", "length"}
     assert {r.num_tokens for r in run(model, tokenizer, reqs, max_new_tokens=1).values()} == {1}
+
+
+def test_a_finished_sampling_call_frees_its_kv_cache_without_the_cycle_collector(model, tokenizer):
+    """The slot cache goes when the call ends, not at the next cycle collection: calls in one process (the
+    calibration's candidates, a sweep's points) would otherwise hold a cache each."""
+    reqs = requests(4)
+    prompts = [chat_ids(tokenizer, r.messages) for r in reqs]
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in generate_ids(model, prompts, [r.seed for r in reqs], max_new_tokens=4, stop_ids=set()):
+            pass
+        assert not [o for o in gc.get_objects() if isinstance(o, (slots.SlotCache, slots.SlotLayer))]
+    finally:
+        gc.enable()
 
 
 def test_tiny_top_p_is_greedy(model, tokenizer):
