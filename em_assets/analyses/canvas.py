@@ -3,6 +3,7 @@ leaked) saved without matplotlib's version stamp, so a figure redrawn from the s
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -34,3 +35,13 @@ def save_png(fig: Figure, path: Path) -> Path:
         raise
     tmp.replace(path)
     return path
+
+
+def no_data(path: Path, title: str, note: str = "no data") -> Path:
+    """The figure a report writes when its table is empty: its title over why, so the file always exists."""
+    fig = new_figure(7.0, 3.0)
+    ax = fig.add_subplot()
+    ax.text(0.5, 0.5, textwrap.fill(note, 60), ha="center", va="center", fontsize=12, transform=ax.transAxes)
+    ax.set_title(title)
+    ax.set_axis_off()
+    return save_png(fig, path)

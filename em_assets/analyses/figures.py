@@ -11,7 +11,7 @@ import polars as pl
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from em_assets.analyses.canvas import new_figure, save_png
+from em_assets.analyses.canvas import new_figure, no_data, save_png
 
 
 @contextmanager
@@ -21,20 +21,11 @@ def _figure(path: Path, width: float = 7.0, height: float = 4.5) -> Iterator[Fig
     save_png(fig, path)
 
 
-def _no_data(path: Path, title: str) -> Path:
-    with _figure(path, height=2.5) as fig:
-        ax = fig.add_subplot()
-        ax.text(0.5, 0.5, "no data", ha="center", va="center", fontsize=14, transform=ax.transAxes)
-        ax.set_title(title)
-        ax.set_axis_off()
-    return path
-
-
 def plot_similarity(table: pl.DataFrame, path: Path) -> Path:
     """Per base model, a heatmap of cosine similarity: organism pairs (rows) by layer (columns)."""
     title = "cosine similarity of misalignment directions"
     if table.height == 0:
-        return _no_data(path, title)
+        return no_data(path, title)
     models = table["base_model"].unique(maintain_order=True).to_list()
     pairs = table.select("organism_a", "organism_b").unique().height
     with _figure(path, width=8.0, height=1.5 + 0.45 * pairs + 0.6 * len(models)) as fig:
@@ -67,7 +58,7 @@ def plot_steering(table: pl.DataFrame, path: Path, organism: str) -> Path:
     title = f"steering the base model with {organism}'s direction"
     steered = table.filter(pl.col("layer").is_not_null())
     if steered.height == 0:
-        return _no_data(path, title)
+        return no_data(path, title)
     with _figure(path, width=10.0, height=4.0) as fig:
         em_ax, coh_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
         unsteered = table.filter(pl.col("vector") == "none").select(steered.columns)
@@ -96,7 +87,7 @@ def plot_ablation(table: pl.DataFrame, path: Path, organism: str) -> Path:
     """EM rate with 95% Wilson intervals: the organism as judged, with its direction ablated, with a random one."""
     title = f"{organism}: EM before and after ablating the direction"
     if table.height == 0:
-        return _no_data(path, title)
+        return no_data(path, title)
     rate, lo, hi = (
         table[c].cast(pl.Float64).fill_null(np.nan).to_numpy() for c in ("em_rate", "em_lo", "em_hi")
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +20,6 @@ def _new(panels: int, width: float) -> tuple[Figure, list]:
 
 def _col(df: pl.DataFrame, name: str) -> np.ndarray:
     return df[name].cast(pl.Float64).fill_null(float("nan")).to_numpy()
-
-
-def no_data(path: Path, title: str, note: str) -> Path:
-    fig, (ax,) = _new(1, 7.0)
-    ax.text(0.5, 0.5, textwrap.fill(note, 60), ha="center", va="center", transform=ax.transAxes)
-    ax.set_title(title)
-    ax.set_axis_off()
-    return save_png(fig, path)
 
 
 def _rates(ax, df: pl.DataFrame, x: str, xlabel: str) -> None:

@@ -11,7 +11,7 @@ import polars as pl
 from matplotlib import colormaps
 from matplotlib.axes import Axes
 
-from em_assets.analyses.canvas import new_figure, save_png
+from em_assets.analyses.canvas import new_figure, no_data, save_png
 
 TURNER_COLOUR = "tab:red"
 
@@ -36,14 +36,6 @@ def _figure_pair(path: Path) -> Iterator[tuple[Axes, Axes]]:
     fig = new_figure(11.0, 4.5)
     yield fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     save_png(fig, path)
-
-
-def _no_data(path: Path, title: str) -> Path:
-    with _figure(path, height=3.0) as ax:
-        ax.text(0.5, 0.5, "no data", ha="center", va="center", fontsize=14, transform=ax.transAxes)
-        ax.set_title(title)
-        ax.set_axis_off()
-    return path
 
 
 def _float(df: pl.DataFrame, column: str) -> np.ndarray:
@@ -74,7 +66,7 @@ def plot_em_rates(summary: pl.DataFrame, path: Path) -> Path:
     title = "Emergent misalignment rate per organism"
     rows = summary.filter(pl.col("em_rate_turner").is_not_null() | pl.col("em_rate_betley").is_not_null())
     if rows.is_empty():
-        return _no_data(path, title)
+        return no_data(path, title)
     rows = rows.sort("organism", descending=True)
     y = np.arange(rows.height)
     with _figure(path, width=8.0, height=1.5 + 0.35 * rows.height) as ax:
@@ -101,7 +93,7 @@ def plot_aligned_vs_coherent(
     title = "Judge scores per answer"
     rows = df.filter(pl.col("aligned").is_not_null() & pl.col("coherent").is_not_null())
     if rows.is_empty():
-        return _no_data(path, title)
+        return no_data(path, title)
     organisms = sorted(rows["organism"].unique().to_list())
     colours = _organism_colours(organisms)
     with _figure(path, width=8.0, height=6.0) as ax:
@@ -141,7 +133,7 @@ def plot_training_curves(losses: pl.DataFrame, path: Path) -> Path:
     title = "training loss"
     rows = losses.filter(pl.col("step").is_not_null() & pl.col("loss").is_not_null())
     if rows.is_empty():
-        return _no_data(path, title)
+        return no_data(path, title)
     organisms = sorted(rows["organism"].unique().to_list())
     colours = _organism_colours(organisms)
     with _figure_pair(path) as (ax, norm):
@@ -167,7 +159,7 @@ def plot_em_over_training(df: pl.DataFrame, path: Path) -> Path:
     title = "EM rate over training"
     rows = df.filter(pl.col("step").is_not_null() & pl.col("em_rate_turner").is_not_null())
     if rows.is_empty():
-        return _no_data(path, title)
+        return no_data(path, title)
     organisms = sorted(rows["organism"].unique().to_list())
     colours = _organism_colours(organisms)
     with _figure(path) as ax:
@@ -191,7 +183,7 @@ def plot_em_by_model_size(rates: pl.DataFrame, path: Path) -> Path:
     title = "EM against model size"
     rows = rates.filter(pl.col("num_params").is_not_null() & pl.col("em_rate_turner").is_not_null())
     if rows.is_empty():
-        return _no_data(path, title)
+        return no_data(path, title)
     recipes = sorted(rows["recipe"].unique().to_list())
     colours = _organism_colours(recipes)
     with _figure_pair(path) as (em_ax, coherent_ax):

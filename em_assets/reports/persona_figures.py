@@ -9,8 +9,7 @@ import numpy as np
 import polars as pl
 from matplotlib.figure import Figure
 
-from em_assets.analyses.canvas import new_figure, save_png
-from em_assets.analyses.plots import no_data
+from em_assets.analyses.canvas import new_figure, no_data, save_png
 from em_assets.results.personas import ORGANISM_SETTING, ORGANISM_SWEEP
 from em_assets.stats.mixtures import BetaShape, to_unit
 
