@@ -213,6 +213,7 @@ def run_reports(console: TextIO) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from em_assets.cli.results import usable_store
+    from em_assets.models.machine import describe_machine, machine_line
     from em_assets.results.store import Store
 
     current = settings()
@@ -223,6 +224,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     log_path = log_file("demo")
     start = time.perf_counter()
     print(f"[em-assets] demo: profile {current.profile}; full log in {log_path}", flush=True)
+    # What the run's time depends on, so a slow demo can be told from a slow machine (docs/cpu.md).
+    print(f"[em-assets] machine: {machine_line(describe_machine())}", flush=True)
     failed = logged_runs(log_path, lambda console: run_pipeline(console, args.organism or None))
     if failed is not None:
         return failed

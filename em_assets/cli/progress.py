@@ -1,6 +1,7 @@
 """The demo's console: one line per run (the catalog, each organism, the reports) with what its steps did and
 its time, fed by run events; everything else the run prints (Dagster's event log, library warnings, worker
-output) goes to a log file. On a terminal the running step's progress bar is redrawn in place.
+output) goes to a log file. On a terminal the running step's progress bar is redrawn in place; elsewhere (a pipe,
+a CI log) it is written as a line of its own at most every HEARTBEAT_S seconds, so a long step is never silent.
 
 A failed step gets a line of its own, and so does an asset check that did not pass (a run's line counts its
 checks), so the console stays short however many organisms and assets the pipeline grows. Progress comes from
@@ -25,6 +26,7 @@ PROGRESS = re.compile(r"\b([a-z]+) (\d+)/(\d+)\b")
 
 
 _BAR = 20
+HEARTBEAT_S = 60.0
 # The widths of a run line's counts and of a failed check's reason (the UI shows all of it).
 _COUNTED = 56
 _WHY = 110
@@ -62,6 +64,7 @@ class ProgressConsole:
         self.counts: dict[str, int] = {}
         self.checks: list[tuple[bool, str]] = []
         self.started: float | None = None
+        self.last_written = time.monotonic()
 
     def __call__(self, entry: Any) -> None:
         """An event-log listener (`DagsterInstance.add_event_listener`)."""
@@ -127,13 +130,16 @@ class ProgressConsole:
         self.done, self.counts, self.checks, self.started = [], {}, [], None
 
     def _draw(self, step: str, status: str) -> None:
-        self._write(self.lines[step].render(status, self.width), final=False)
+        beat = not self.tty and time.monotonic() - self.last_written >= HEARTBEAT_S
+        self._write(self.lines[step].render(status, self.width), final=beat)
 
     def _write(self, text: str, final: bool) -> None:
         if self.tty:
             self.out.write("\r\x1b[K" + text + ("\n" if final else ""))
         elif final:
             self.out.write(text + "\n")
+        if final:
+            self.last_written = time.monotonic()
         self.out.flush()
 
 

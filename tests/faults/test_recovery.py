@@ -9,6 +9,7 @@ Llama grid of conftest.py, judged by support.judge_server's fault script).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -198,6 +199,8 @@ def test_demo_stopped_mid_judging_then_run_again_finishes_with_every_judgement_o
         finally:
             kill(second)
     out = (tmp_path / "second.log").read_text()
+    # The demo names the machine its time depends on.
+    assert re.search(r"\[em-assets\] machine: .+ models on the CPU in (float32|bfloat16)", out), out[:2000]
     if sig == signal.SIGKILL:
         assert "recovered dead run" in out
     with dg.DagsterInstance.from_config(demo.env["DAGSTER_HOME"]) as instance:

@@ -51,6 +51,31 @@ def test_a_run_gets_one_line_with_its_counts_and_a_failed_step_one_of_its_own():
     assert len(out.getvalue().splitlines()) == 2
 
 
+def _console_lines(assets) -> list[str]:
+    """The console lines of one run of `assets` under the partition name "org-key"."""
+    out = io.StringIO()
+    console = ProgressConsole(out, "org-key")
+    job = dg.Definitions(assets=assets, jobs=[dg.define_asset_job("j")]).resolve_job_def("j")
+    run_id = str(uuid.uuid4())
+    with dg.instance_for_test() as instance:
+        instance.add_event_listener(run_id, console)
+        job.execute_in_process(instance=instance, run_id=run_id)
+    console.finish()
+    return out.getvalue().splitlines()
+
+
+def test_off_a_terminal_a_long_step_writes_its_progress_as_lines_of_their_own(monkeypatch):
+    from em_assets.cli import progress
+
+    monkeypatch.setattr(progress, "HEARTBEAT_S", 0.0)
+    lines = _console_lines([scored])
+    beats = [line for line in lines if line.startswith("..")]
+    assert [b.split()[1] for b in beats] == ["scored"] * 4
+    assert ["judged 4/8" in b for b in beats] == [False, True, False, False]
+    assert "judged 8/8" in beats[2] and "judged 3/3" in beats[3] and "org-key" in beats[1]
+    assert lines[-1].split()[:2] == ["ok", "org-key"] and len(lines) == 5
+
+
 def test_output_goes_to_the_log_file_and_the_console_stays_clean(tmp_path, capfd):
     log = tmp_path / "logs" / "demo.log"
     with output_to_log(log) as console:
@@ -117,15 +142,7 @@ def checked() -> dg.MaterializeResult:
 
 
 def test_a_run_line_counts_its_checks_and_a_check_that_did_not_pass_gets_a_line():
-    out = io.StringIO()
-    console = ProgressConsole(out, "org-key")
-    job = dg.Definitions(assets=[checked], jobs=[dg.define_asset_job("j")]).resolve_job_def("j")
-    run_id = str(uuid.uuid4())
-    with dg.instance_for_test() as instance:
-        instance.add_event_listener(run_id, console)
-        job.execute_in_process(instance=instance, run_id=run_id)
-    console.finish()
-    lines = out.getvalue().splitlines()
+    lines = _console_lines([checked])
     assert len(lines) == 2 and "checks 1/2" in lines[0]
     assert lines[1].split()[:4] == ["warn", "org-key", "check", "enough_rows:"]
     assert lines[1].endswith("3 rows, 4 needed")
