@@ -487,7 +487,7 @@ JUDGE_RUNS = {
 def run_all(quick: bool, peer_env: dict | None = None, device: str = "cpu", model: str | None = None) -> dict:
     """Every measurement, one child each, on `device` with `model` (default SmolLM2); the vLLM peer's under
     `peer_env` (default: this environment). Rows that only a CPU has (processes per core, packed weights,
-    llama.cpp) run only there, packed weights only where the CPU computes in bf16."""
+    llama.cpp) run only there."""
     import importlib.util
     from functools import partial
 
@@ -509,9 +509,9 @@ def run_all(quick: bool, peer_env: dict | None = None, device: str = "cpu", mode
     results["sample_ours_b256"] = child(
         "sampling", engine="sampler", batch=256, requests=n, max_new_tokens=new
     )
-    # Packing lays out bf16 weights; a CPU computing in fp32 has nothing to pack.
-    if cpu and dtype_name("cpu") == "bfloat16":
-        results |= _packing_rows(child, n, new)
+    if cpu:
+        # fp32 calls of the full batch's rows keep the plain layers (models/packed.py): nothing to compare there.
+        results |= _packing_rows(child, n, new, full_batch=dtype_name("cpu") == "bfloat16")
     if n > 256:
         results["sample_ours_b512"] = child(
             "sampling", engine="sampler", batch=512, requests=n, max_new_tokens=new
@@ -544,14 +544,15 @@ def run_all(quick: bool, peer_env: dict | None = None, device: str = "cpu", mode
     return results
 
 
-def _packing_rows(child, n: int, new: int) -> dict:
-    """Packed linear weights (a CPU's) against plain ones, at the full batch and at a demo organism's 24 answers."""
+def _packing_rows(child, n: int, new: int, full_batch: bool) -> dict:
+    """Packed linear weights (a CPU's) against plain ones at a demo organism's 24 answers, and at the full batch
+    if `full_batch`."""
     unpacked = {**os.environ, PACKED_LINEARS_ENV: "0"}
-    rows = {
-        "unpacked_b256": child(
+    rows = {}
+    if full_batch:
+        rows["unpacked_b256"] = child(
             "sampling", env=unpacked, engine="sampler", batch=256, requests=n, max_new_tokens=new
         )
-    }
     for key, env in (("unpacked_b24", unpacked), ("packed_b24", None)):
         rows[key] = child("sampling", env=env, engine="sampler", batch=24, requests=24, max_new_tokens=new)
     return rows

@@ -292,10 +292,14 @@ def test_the_sweep_stage_samples_every_point_both_ways(tiny_model_dir, tmp_path)
     assert row["one_batch_speedup"] == pytest.approx(row["point_by_point_s"] / row["one_batch_s"])
 
 
-def test_a_cpu_computing_in_fp32_times_no_packed_weights(children, monkeypatch):
+def test_a_cpu_computing_in_fp32_times_packed_weights_at_a_demo_organisms_batch_alone(children, monkeypatch):
     monkeypatch.setenv("EM_CPU_DTYPE", "float32")
     out = run.run_all(quick=True)
-    assert "sample_ours_b256" in out and not [k for k in out if "packed" in k]
+    assert "sample_ours_b256" in out and sorted(k for k in out if "packed" in k) == [
+        "packed_b24",
+        "unpacked_b24",
+    ]
+    assert run.summarise(out, 1)["packed_linears_speedup_b256"] is None
 
 
 def test_packed_linears_are_timed_against_plain_ones_on_the_same_requests(children, cpu_bf16):
