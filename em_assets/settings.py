@@ -106,7 +106,7 @@ class Settings:
     logs_dir: Path = Path("data/logs")
     calibration_path: Path = Path("data/judge_calibration.yaml")
     device: str = "auto"
-    # bf16 linear layers on a CPU run on weights packed once per inference loop (models/packed.py); "0" turns
+    # Linear layers on a CPU run on weights packed once per inference loop (models/packed.py); "0" turns
     # it off, should a CPU or torch build compute them wrongly.
     packed_linears: bool = True
     # What models compute in on a CPU: "auto" is bf16 where the CPU multiplies bf16 natively, else fp32

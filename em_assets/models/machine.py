@@ -86,7 +86,7 @@ def describe_machine(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict:
         "onednn_max_cpu_isa": onednn_isa_cap(),
         # Whether idle OpenMP threads spin or sleep changes how fast small matmuls run.
         "openmp_wait": openmp_wait(),
-        # So does whether bf16 linear layers run on packed weights (models/packed.py).
+        # So does whether linear layers run on packed weights (models/packed.py).
         "packed_linears": settings().packed_linears,
         # And which dtype models compute in there (bf16 only where the CPU multiplies it natively).
         "cpu_dtype": dtype_name("cpu"),

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 # oneDNN's hint of how many rows a call will have; it picks one layout that serves a decode step's few rows
 # and a long prefill alike.
 ROWS_HINT = 64
-# Where fp32's plain GEMM catches up with the packed one (docs/cpu.md, "Packed weights").
+# Where fp32's plain GEMM catches up with the packed one (docs/cpu.md, "Packed linear weights").
 FP32_PACKED_MAX_ROWS = 128
 
 
