@@ -104,6 +104,18 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def load_in_worker(loader: Callable[[], Any], threads: int) -> Any:
+    """A worker process's model, loaded with its share of threads and without a load bar (several workers' bars
+    would interleave in the run's log, and tqdm's lock would outlive them)."""
+    # torch is imported here, in the worker: this module is loaded by torch-free parents too.
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+    return loader()
+
+
 @dataclass(frozen=True)
 class Died:
     """What a child "sent" when it ended without sending anything more."""

@@ -26,6 +26,7 @@ from em_assets.models.processes import (
     child,
     child_messages,
     die_with_parent,
+    load_in_worker,
     reap,
     start_children,
     threads_each,
@@ -329,12 +330,7 @@ def _worker(
 ) -> None:
     die_with_parent(parent)
     try:
-        import torch
-        from transformers.utils import logging as hf_logging
-
-        torch.set_num_threads(threads)
-        hf_logging.disable_progress_bar()
-        model, tokenizer = loader()
+        model, tokenizer = load_in_worker(loader, threads)
         out.send(("loaded", None))
         # Every worker starts each timing together, so their steps overlap as they would when sampling.
         out.send(("rates", best_of_rounds(model, tokenizer, batches, depth, barrier.wait)))

@@ -24,6 +24,7 @@ from em_assets.models.processes import (
     child_messages,
     cpu_processes,
     die_with_parent,
+    load_in_worker,
     reap,
     start_children,
     threads_each,
@@ -58,15 +59,9 @@ def _worker(
 ) -> None:
     die_with_parent(parent)
     try:
-        import torch
-        from transformers.utils import logging as hf_logging
-
         from em_assets.sampling.engine import iter_samples
 
-        torch.set_num_threads(threads)
-        # Several workers' load bars would interleave in the run's log; tqdm's lock would also outlive them.
-        hf_logging.disable_progress_bar()
-        model, tokenizer = loader()
+        model, tokenizer = load_in_worker(loader, threads)
         # Without PDEATHSIG, a worker whose parent died stops at its next send (the pipe is broken).
         for chunk in iter_samples(model, tokenizer, requests, **options):
             out.send(("chunk", chunk))
