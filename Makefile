@@ -8,6 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,server
 # What ruff checks and formats: the package, every test suite and the experiment scripts the docs cite.
 LINT_PATHS := em_assets tests tests_vllm tests_gpu scripts
+# Test processes (pytest-xdist): much of the suite waits on Dagster runs, servers and child processes, so two share
+# two cores well. tests/conftest.py hands out whole files.
+TEST_WORKERS ?= 2
 # The upstream files are downloaded from their pinned URLs (sha256-verified, then cached); a local mirror of them
 # is read instead when EM_DATA_MIRROR names one, or when ../shared/upstream exists.
 ifeq ($(origin EM_DATA_MIRROR),undefined)
@@ -67,10 +70,10 @@ test: install-test
 	bash scripts/install-postgres.sh
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -ra --durations=15
+	$(PY) -m pytest -q -ra --durations=15 -n $(TEST_WORKERS)
 
 test-fast: install-test
-	$(PY) -m pytest -q -m "not slow and not server and not browser"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow and not server and not browser"
 
 lint: install-test
 	$(VENV)/bin/ruff check $(LINT_PATHS)

@@ -23,7 +23,25 @@ pytest_plugins = ["support.workspace"]
 # As in the Makefile: a mirror only when one is named or ../shared/upstream exists; else pinned downloads.
 if "EM_DATA_MIRROR" not in os.environ and (REPO.parent / "shared" / "upstream").is_dir():
     os.environ["EM_DATA_MIRROR"] = str(REPO.parent / "shared" / "upstream")
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+# Under pytest-xdist the test processes share the cores: each takes its share of threads, so none spin-waits on
+# threads another process is using.
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+# Files whose tests read another file's session fixture that takes minutes to build (tests/faults/conftest.py's
+# parallel run): scheduled with that file, so one test process builds it.
+SHARED_SCOPE = {"tests/faults/test_secrets.py": "tests/faults/test_parallel_runs.py"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist hands out whole files (their module fixtures built once), the files of SHARED_SCOPE together."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SHARED_SCOPE.get(path, path)
+
+    return ByFile(config, log)
 
 
 @pytest.fixture(scope="session")
