@@ -170,15 +170,24 @@ def test_invalid_grid_is_skipped_with_its_reason(instance, grid):
     assert instance.get_dynamic_partitions(organisms.name) == []
 
 
-def test_catch_up_schedule_requests_every_partitioned_organism(instance, grid):
+def catch_up(instance: dg.DagsterInstance, grid: Path) -> list[dg.RunRequest] | dg.SkipReason:
+    """One tick of the catch-up schedule. Its context opens an instance of its own from the given one's ref and is
+    closed here: left to the garbage collector, that instance would, whenever collected, make its predecessor's
+    (maybe a finished test's) definitions-state storage current again, and a later test's definitions load
+    would fail on it."""
     resources = {"experiment": ExperimentResource(grid_path=str(grid), profile="demo")}
     when = datetime(2025, 1, 1, 3, tzinfo=UTC)
-    context = dg.build_schedule_context(instance=instance, resources=resources, scheduled_execution_time=when)
-    assert isinstance(catch_up_schedule(context), dg.SkipReason)
+    with dg.build_schedule_context(
+        instance=instance, resources=resources, scheduled_execution_time=when
+    ) as context:
+        return catch_up_schedule(context)
+
+
+def test_catch_up_schedule_requests_every_partitioned_organism(instance, grid):
+    assert isinstance(catch_up(instance, grid), dg.SkipReason)
 
     instance.add_dynamic_partitions(organisms.name, [*DEMO_KEYS, "gone--base--s0"])
-    context = dg.build_schedule_context(instance=instance, resources=resources, scheduled_execution_time=when)
-    requests = catch_up_schedule(context)
+    requests = catch_up(instance, grid)
     assert [r.partition_key for r in requests] == DEMO_KEYS
     assert len({r.run_key for r in requests}) == len(DEMO_KEYS)
 
@@ -188,13 +197,13 @@ def test_catch_up_schedule_requests_every_partitioned_organism(instance, grid):
         job, tags={"dagster/partition": DEMO_KEYS[0]}, status=dg.DagsterRunStatus.STARTED
     )
     assert running.status == dg.DagsterRunStatus.STARTED
-    requests = catch_up_schedule(context)
+    requests = catch_up(instance, grid)
     assert [r.partition_key for r in requests] == DEMO_KEYS[1:]
     # A run being cancelled still holds its partition's files until it ends.
     instance.create_run_for_job(
         job, tags={"dagster/partition": DEMO_KEYS[1]}, status=dg.DagsterRunStatus.CANCELING
     )
-    requests = catch_up_schedule(context)
+    requests = catch_up(instance, grid)
     assert [r.partition_key for r in requests] == DEMO_KEYS[2:]
 
 
