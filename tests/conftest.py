@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from em_assets.models.processes import threads_each
 from em_assets.settings import set_openmp_wait
 
 # As the CLI does, before torch loads.
@@ -25,7 +26,7 @@ if "EM_DATA_MIRROR" not in os.environ and (REPO.parent / "shared" / "upstream").
     os.environ["EM_DATA_MIRROR"] = str(REPO.parent / "shared" / "upstream")
 # Under pytest-xdist the test processes share the cores: each takes its share of threads, so none spin-waits on
 # threads another process is using.
-torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+torch.set_num_threads(threads_each(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 # Files whose tests read another file's session fixture that takes minutes to build (tests/faults/conftest.py's
 # parallel run): scheduled with that file, so one test process builds it.
 SHARED_SCOPE = {"tests/faults/test_secrets.py": "tests/faults/test_parallel_runs.py"}

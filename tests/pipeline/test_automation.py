@@ -171,10 +171,10 @@ def test_invalid_grid_is_skipped_with_its_reason(instance, grid):
 
 
 def catch_up(instance: dg.DagsterInstance, grid: Path) -> list[dg.RunRequest] | dg.SkipReason:
-    """One tick of the catch-up schedule. Its context opens an instance of its own from the given one's ref and is
-    closed here: left to the garbage collector, that instance would, whenever collected, make its predecessor's
-    (maybe a finished test's) definitions-state storage current again, and a later test's definitions load
-    would fail on it."""
+    """One tick of the catch-up schedule, in a schedule context closed after it."""
+    # The context opens an instance of its own from the given one's ref. Left to the garbage collector, that
+    # instance would, whenever collected, make a finished test's definitions-state storage current again, and a
+    # later test's definitions load would fail on it ("undefined DagsterInstance weakref").
     resources = {"experiment": ExperimentResource(grid_path=str(grid), profile="demo")}
     when = datetime(2025, 1, 1, 3, tzinfo=UTC)
     with dg.build_schedule_context(
