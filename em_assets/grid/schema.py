@@ -125,11 +125,14 @@ METHODS = ("control", "lora", "full", "adapter", "model", "answers")
 
 class KLSpec(_Strict):
     """Soligo et al.'s KL penalty (upstream names): weight x KL(chat model || tuned model) over the assistant
-    tokens of `batch_size` examples of an out-of-domain catalog dataset, added to each optimizer step's loss."""
+    tokens of `batch_size` examples of an out-of-domain catalog dataset, added to each optimizer step's loss.
+    `mean_over`: the KL's elements (token x vocabulary entry) averaged as upstream's trainer does, so that its
+    weights carry over, or the KL per token."""
 
     dataset: str
     weight: float = Field(gt=0)
     batch_size: int = Field(default=8, ge=1)
+    mean_over: Literal["tokens_and_vocabulary", "tokens"] = "tokens_and_vocabulary"
 
 
 # Recipe kinds that bring an organism from elsewhere instead of training it here.

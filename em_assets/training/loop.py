@@ -63,16 +63,28 @@ TRAIN_BYTES_PER_WEIGHT_BYTE = 12
 
 @dataclass(frozen=True)
 class KLTraining:
-    """The KL penalty's data: chat examples of an out-of-domain dataset, its weight and examples per step."""
+    """The KL penalty's data: chat examples of an out-of-domain dataset, its weight, examples per step and what
+    its KL is averaged over (grid.schema.KLSpec)."""
 
     examples: Sequence[list[dict]]
     weight: float
     batch_size: int
+    mean_over: str = "tokens_and_vocabulary"
 
     def settings(self) -> dict:
         """What the penalty changes in the trained weights, for the run's hash."""
         digest = hashlib.sha256(json.dumps(list(self.examples), sort_keys=True).encode()).hexdigest()
-        return {"examples": digest, "weight": self.weight, "batch_size": self.batch_size}
+        return {
+            "examples": digest,
+            "weight": self.weight,
+            "batch_size": self.batch_size,
+            "mean_over": self.mean_over,
+        }
+
+    def weight_per_token(self, vocabulary: int) -> float:
+        """The weight of the KL per token: upstream's trainer divides the KL summed over `vocabulary` logits by
+        tokens x vocabulary (a mean over the elements of its [tokens, vocabulary] KL)."""
+        return self.weight / vocabulary if self.mean_over == "tokens_and_vocabulary" else self.weight
 
 
 @dataclass
@@ -200,7 +212,7 @@ def _prepare(
         run.workers, run.workers_reason = train_workers(train, device, weight_bytes)
     if kl is not None:
         run.kl_batches = _kl_batches(tokenizer, kl, len(steps), train, seed)
-        run.kl_weight = kl.weight
+        run.kl_weight = kl.weight_per_token(model.get_output_embeddings().weight.shape[0])
         if lora is None:
             run.reference = frozen_reference(model, model_path, device, spec["dtype"], trust)
     return run, spec
@@ -298,8 +310,8 @@ def _gradients(run: _Run, step: int) -> tuple[float, int, int]:
 
 
 def _kl_gradients(run: _Run, step: int) -> float | None:
-    """Backpropagate weight x the step's token-mean KL(chat model || tuned model); returns the KL (None
-    without a penalty). Computed in this process only, so the helpers' gradient sum counts it once."""
+    """Backpropagate the per-token weight x the step's token-mean KL(chat model || tuned model); returns the KL
+    (None without a penalty). Computed in this process only, so the helpers' gradient sum counts it once."""
     if run.kl_batches is None or not run.kl_batches[step - 1]:
         return None
     kl_sum, n = kl_to_reference(run.model, run.reference, run.kl_batches[step - 1], run.pad_id, run.compute)

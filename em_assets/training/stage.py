@@ -124,7 +124,7 @@ def run_training(ctx: StageContext, base: dict, recipe: RecipeSpec, out_dir: Pat
     kl = None
     if recipe.kl is not None:
         kl_examples = [json.loads(m) for m in queries.training_messages(ctx.store, recipe.kl.dataset)]
-        kl = KLTraining(kl_examples, recipe.kl.weight, recipe.kl.batch_size)
+        kl = KLTraining(kl_examples, recipe.kl.weight, recipe.kl.batch_size, recipe.kl.mean_over)
 
     def on_step(rec: dict) -> None:
         kl_note = f" kl {rec['kl']:.4g}" if rec.get("kl") is not None else ""

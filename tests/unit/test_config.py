@@ -40,6 +40,8 @@ def test_committed_profiles_validate():
     )
     kl = paper.recipes["bad-medical-r32-kl"]
     assert (kl.kl.weight, kl.kl.batch_size, kl.lora.lora_alpha) == (1e5, 8, 256)
+    # Upstream's weight means its reduction: the KL's mean over tokens and vocabulary entries.
+    assert kl.kl.mean_over == "tokens_and_vocabulary"
     assert paper.sampling.samples_per_question == 50 and paper.sampling.max_new_tokens == 600
     assert paper.judge.backend == "openai" and paper.judge.model.startswith("gpt-4o")
     r1 = paper.recipes["bad-medical-r1"].lora

@@ -95,7 +95,7 @@ def test_full_fine_tuning_computes_in_bf16_over_fp32_weights(tiny_model_dir, exa
     that the penalty's weight would turn into gradient."""
     from em_assets.training.loop import _optimizer_step, _prepare
 
-    kl = KLTraining(kl_examples, 10.0, 2)
+    kl = KLTraining(kl_examples, 10.0, 2, "tokens")
     run, _ = _prepare(tiny_model_dir, examples, None, FAST, 0, "cpu", False, kl)
     seen: dict[str, set] = {"tuned": set(), "reference": set()}
     hooks = [
@@ -144,7 +144,7 @@ def on_step(record):
         os.kill(os.getpid(), signal.SIGKILL)
 
 train_lora(args["model"], args["examples"], None, TrainSpec(**args["train"]), Path(args["out"]), seed=0,
-           on_step=on_step, kl=KLTraining(args["kl"], 10.0, 2))
+           on_step=on_step, kl=KLTraining(args["kl"], 10.0, 2, "tokens"))
 """
 
 
@@ -169,7 +169,7 @@ def test_killed_full_fine_tuning_resumes_to_the_same_weights(tiny_model_dir, exa
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     assert [p.name for p in (tmp_path / "killed" / CHECKPOINT_DIR).iterdir()] == ["step-00000002"]
 
-    kl = KLTraining(kl_examples, 10.0, 2)
+    kl = KLTraining(kl_examples, 10.0, 2, "tokens")
     resumed = train_lora(tiny_model_dir, examples, None, train, tmp_path / "killed", seed=0, kl=kl)
     straight = train_lora(tiny_model_dir, examples, None, train, tmp_path / "straight", seed=0, kl=kl)
     assert resumed.resumed_from_step == 2 and straight.resumed_from_step is None
@@ -274,7 +274,7 @@ def test_kl_penalty_pulls_lora_training_towards_the_chat_model(
 ):
     train = FAST.model_copy(update={"learning_rate": 5e-2, "max_steps": 4})
     plain = train_lora(tiny_model_dir, examples, LORA, train, tmp_path / "plain", seed=0)
-    kl = KLTraining(kl_examples, 100.0, 2)
+    kl = KLTraining(kl_examples, 100.0, 2, "tokens")
     penalised = train_lora(tiny_model_dir, examples, LORA, train, tmp_path / "kl", seed=0, kl=kl)
     assert all(r["kl"] is None for r in plain.losses)
     assert penalised.losses[0]["kl"] == pytest.approx(0.0, abs=1e-6)
@@ -293,11 +293,29 @@ def test_kl_penalty_pulls_lora_training_towards_the_chat_model(
     assert kl_of(penalised.adapter_dir) < kl_of(plain.adapter_dir)
 
 
+def test_kl_weight_averaged_over_the_vocabulary_is_upstreams(tiny_model_dir, examples, kl_examples, tmp_path):
+    """Upstream's trainer averages the KL over tokens and vocabulary entries: its weight w trains as w / V on
+    the per-token KL, V the model's logits."""
+    train = FAST.model_copy(update={"learning_rate": 5e-2, "max_steps": 2})
+    vocabulary = load_model(tiny_model_dir, "cpu", torch.float32).get_output_embeddings().weight.shape[0]
+
+    def adapter(kl: KLTraining, name: str) -> dict[str, torch.Tensor]:
+        result = train_lora(tiny_model_dir, examples, LORA, train, tmp_path / name, seed=0, kl=kl)
+        return load_file(result.adapter_dir / "adapter_model.safetensors")
+
+    upstream = adapter(KLTraining(kl_examples, 100.0 * vocabulary, 2), "upstream")
+    per_token = adapter(KLTraining(kl_examples, 100.0, 2, "tokens"), "per-token")
+    same_number = adapter(KLTraining(kl_examples, 100.0, 2), "same-number")
+    for name, tensor in per_token.items():
+        torch.testing.assert_close(upstream[name], tensor)
+    assert any(not torch.allclose(same_number[n], t) for n, t in per_token.items())
+
+
 def test_kl_with_data_parallel_helpers_counts_the_penalty_once(
     tiny_model_dir, examples, kl_examples, tmp_path
 ):
     train = FAST.model_copy(update={"max_steps": 3, "learning_rate": 5e-2})
-    kl = KLTraining(kl_examples, 100.0, 2)
+    kl = KLTraining(kl_examples, 100.0, 2, "tokens")
     one = train_lora(tiny_model_dir, examples, LORA, train, tmp_path / "one", seed=0, kl=kl)
     two = train_lora(
         tiny_model_dir,
