@@ -30,7 +30,7 @@ from em_assets.context import StageContext
 from em_assets.grid.schema import layer_at
 from em_assets.results import directions as db
 from em_assets.results.artifacts import check_weights
-from em_assets.results.queries import adapter_row
+from em_assets.results.queries import adapter_row, base_model_row
 from em_assets.results.store import utc_now
 from em_assets.stats.correction import CORRECTION_COLUMNS
 
@@ -112,12 +112,16 @@ def before_ablation(ctx: StageContext) -> PointResult:
     return PointResult.from_rates(r, ABLATION, BEFORE, setting_hash, 0, 0)
 
 
-def _skip_reason(ctx: StageContext, row: dict | None) -> str | None:
+def _skip_reason(ctx: StageContext, sweep: str, row: dict | None) -> str | None:
     recipes = ctx.grid.directions.sweep_recipes
     if recipes is not None and ctx.organism.recipe not in recipes:
         return f"recipe {ctx.organism.recipe!r} is not in directions.sweep_recipes {recipes}"
-    if ctx.grid.recipes[ctx.organism.recipe].kind == "answers":
+    kind = ctx.grid.recipes[ctx.organism.recipe].kind
+    if kind == "answers":
         return "imported answers have no model to steer or ablate"
+    base = ctx.organism.base_model
+    if sweep == STEERING and kind == "model" and base not in {b.name for b in ctx.grid.base_models}:
+        return f"steering adds the direction to the base model, and {base!r} is no base model of the grid"
     if row is None:
         return "no misalignment direction yet: materialise misalignment_directions first"
     if row["direction_path"] is None:
@@ -168,7 +172,7 @@ def run_direction_sweep(ctx: StageContext, sweep: str, figures_dir: Path) -> Swe
 
     ctx.store.init()
     row = db.direction_row(ctx.store, ctx.key)
-    reason = _skip_reason(ctx, row)
+    reason = _skip_reason(ctx, sweep, row)
     if reason is not None:
         forget_sweep(ctx, sweep)
         db.write_results(ctx.store, TABLES[sweep], ctx.key, pl.DataFrame())
@@ -181,7 +185,9 @@ def run_direction_sweep(ctx: StageContext, sweep: str, figures_dir: Path) -> Swe
         # questions; ablation compares with the organism's own answers and keeps their questions and length.
         spec = ctx.grid.directions
         sweep_ctx = narrowed(sweep_ctx, spec.max_new_tokens, spec.question_ids)
-    results = run_sweep(sweep_ctx, [p for p, _ in pairs])
+    # Steering reads the direction into the chat model; for a `model` organism that is not its own weights.
+    weights = base_model_row(ctx.store, ctx.organism.base_model) if sweep == STEERING else None
+    results = run_sweep(sweep_ctx, [p for p, _ in pairs], weights=weights)
     if sweep == ABLATION:
         pairs, results = [(None, {"source_layer": None}), *pairs], [before_ablation(ctx), *results]
     table = _rows(ctx, row, pairs, results)

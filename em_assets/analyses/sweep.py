@@ -210,15 +210,19 @@ def sampling_used(results: Sequence[PointResult]) -> tuple[str, ...]:
 
 
 def run_sweep(
-    ctx: StageContext, points: Sequence[SweepPoint], on_progress: ProgressFn | None = None
+    ctx: StageContext,
+    points: Sequence[SweepPoint],
+    on_progress: ProgressFn | None = None,
+    weights: dict | None = None,
 ) -> list[PointResult]:
-    """Sample and judge every point (resuming), return per-point n, EM rate + Wilson interval, coherence."""
+    """Sample and judge every point (resuming), return per-point n, EM rate + Wilson interval, coherence.
+    `weights`: the base_models row every point samples with (default: the weights the organism samples with)."""
     from em_assets.models.load import dtype_name  # torch stays off the definitions' load path
 
     check_points(ctx, points)
     if not points:
         return []
-    base = organism_model_row(ctx.store, ctx.key, ctx.organism.base_model)
+    base = weights or organism_model_row(ctx.store, ctx.key, ctx.organism.base_model)
     questions = sweep_questions(ctx)
     tables = SweepTables(ctx.store, ctx.key)
     tables.drop_other_settings(sorted({p.sweep for p in points}), [p.pair for p in points])

@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 import yaml
 from support.pipeline import materialize, pipeline_resources
-from support.tiny import tiny_grid
+from support.tiny import make_tiny_llama, tiny_grid
 
 from em_assets.defs.partitions import organisms
 from em_assets.results.store import Store
@@ -23,8 +23,8 @@ ORGANISM = [
 ]
 
 
-@pytest.fixture
-def pipeline(tmp_path, tiny_model_dir, mirror):
+def direction_grid(tiny_model_dir) -> dict:
+    """The base control and a rank-1 organism whose direction is swept at one layer and scale."""
     doc = tiny_grid(
         tiny_model_dir,
         "test",
@@ -42,7 +42,12 @@ def pipeline(tmp_path, tiny_model_dir, mirror):
         "samples_per_question": 1,
         "sweep_recipes": ["med-r1"],
     }
-    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(doc))
+    return doc
+
+
+@pytest.fixture
+def pipeline(tmp_path, tiny_model_dir, mirror):
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(direction_grid(tiny_model_dir)))
     resources = pipeline_resources(tmp_path, tmp_path / "grid.yaml", mirror)
     with dg.instance_for_test() as instance:
         yield instance, resources, tmp_path
@@ -94,3 +99,33 @@ def test_directions_and_similarity_materialise(pipeline):
     assert "data:image/png;base64," in meta["heatmap"].value
     table = store.query("SELECT * FROM direction_similarity")
     assert table.height == rows["num_layers"][0]  # one pair of organisms, every layer
+
+
+def test_a_model_organism_steers_its_base_model(tmp_path, tiny_model_dir, smollm2_tokenizer_dir, mirror):
+    """Steering adds a direction to the chat model: a fine-tuned `model` organism's sweep samples its grid base
+    model, as a LoRA organism's does, not its own weights (which its ablation edits)."""
+    finetuned = make_tiny_llama(smollm2_tokenizer_dir, tmp_path / "finetuned", seed=3)
+    doc = direction_grid(tiny_model_dir)
+    profile = doc["profiles"]["test"]
+    del profile["recipes"]["base"]
+    profile["recipes"]["ft"] = {
+        "kind": "model",
+        "organisms": [{"base_model": "tiny", "source": str(finetuned)}],
+    }
+    profile["directions"]["sweep_recipes"] = ["med-r1", "ft"]
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(doc))
+    resources = pipeline_resources(tmp_path, tmp_path / "grid.yaml", mirror)
+    keys = ["tiny--med-r1--s0", "tiny--ft--s0"]
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(organisms.name, keys)
+        materialize(instance, resources, ["base_models", "training_datasets", "eval_questions"])
+        for key in keys:
+            materialize(instance, resources, ORGANISM[:-1], key)
+    unsteered = Store(tmp_path / "results.duckdb").query(
+        "SELECT organism, answer, base_revision FROM sweep_completions "
+        "WHERE sweep = 'steering' AND setting = 'unsteered' ORDER BY organism, question_id, sample_idx"
+    )
+    lora, model = (unsteered.filter(pl.col("organism") == k) for k in keys)
+    assert lora.height == model.height == 2
+    assert model["answer"].to_list() == lora["answer"].to_list()
+    assert model["base_revision"].to_list() == lora["base_revision"].to_list()

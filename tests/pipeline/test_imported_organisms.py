@@ -20,6 +20,7 @@ import yaml
 from support.paths import EM_ASSETS, REPO
 from support.tiny import make_tiny_llama
 
+from em_assets.analyses.direction_sweeps import ABLATION, STEERING, run_direction_sweep
 from em_assets.catalog.stage import load_eval_questions, load_training_datasets, resolve_base_models
 from em_assets.cli.organisms import organism_plan
 from em_assets.context import StageContext
@@ -220,6 +221,17 @@ def test_model_organism_samples_its_own_weights(
     assert answers_of(store, "tiny--ft--s0") != answers_of(store, "tiny--base--s0")
     source = queries.organism_source_row(store, "tiny--ft--s0")
     assert (source["method"], source["revision"], source["num_layers"]) == ("model", commit, 2)
+
+
+def test_a_model_organism_of_a_base_model_off_the_grid_has_no_chat_model_to_steer(tmp_path, tiny_model_dir):
+    entry = {"base_model": "elsewhere", "source": str(tiny_model_dir)}
+    doc = grid_doc(tiny_model_dir, {"ft": {"kind": "model", "organisms": [entry]}})
+    g = GridConfig.model_validate({**doc, "directions": {"sweep_recipes": ["ft"]}})
+    ctx = context(Store(tmp_path / "r.duckdb"), g, "elsewhere--ft--s0", tmp_path)
+    steering = run_direction_sweep(ctx, STEERING, tmp_path)
+    assert not steering.ran and "'elsewhere' is no base model of the grid" in steering.message
+    # Ablation edits the organism's own weights: it waits for the direction instead.
+    assert "no misalignment direction yet" in run_direction_sweep(ctx, ABLATION, tmp_path).message
 
 
 def test_answers_file_round_trips(tmp_path, tiny_model_dir, mirror):

@@ -30,6 +30,9 @@ def greedy_generate(
     with torch.inference_mode():
         out = model.generate(
             prompt,
+            # Without a mask, generate reads every pad-id token of the prompt (an <|im_end|> where it is the pad)
+            # as padding once the stop ids differ from it.
+            attention_mask=torch.ones_like(prompt),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=stops,
