@@ -503,7 +503,11 @@ class DirectionsSpec(_Strict):
     question_ids: list[str] | None = Field(
         default=None, min_length=1, description="Eval questions the steering sweep asks; null: every one."
     )
-    control_seed: int = Field(default=0, description="seed of the random control vectors")
+    control_seed: int = Field(
+        default=0,
+        description="seed of the random control vectors: one random unit vector per layer, the same for every "
+        "organism of a base model, scaled to each organism's direction",
+    )
 
     def steering_layers(self, num_layers: int) -> list[int]:
         return sorted({layer_at(f, num_layers) for f in self.layer_fractions})
