@@ -11,8 +11,8 @@ sensitivity and specificity drawn from their Jeffreys posteriors Beta(x + 1/2, m
 counts (tp of n_pos, tn of n_neg): the 2.5% and 97.5% quantiles of pi given k of n judged EM. A bootstrap of the
 corrected estimate is not enough: where k/n lies below the judge's false-positive rate it clips nearly every draw
 to 0 and gives a zero-width interval, as if a few answers proved no EM. The sensitivity and specificity are
-integrated on a grid of their quantiles, pi on a grid of [0, 1], so a row's interval depends on its counts alone
-and is the same on every run. Values of Se and Sp no better than chance (Se + Sp <= 1) are left out: the
+integrated by Gauss-Hermite quadrature over the normal scores of their quantiles, pi on a grid of [0, 1], so a
+row's interval depends on its counts alone and is the same on every run. Values of Se and Sp no better than chance (Se + Sp <= 1) are left out: the
 correction assumes a better judge, and a judge barely better than chance gets a wide interval. A corrected rate
 clipped to 0 or 1 is kept inside its interval.
 
@@ -218,9 +218,19 @@ def corrected_rate(
     return point, min(lo, point), max(hi, point)
 
 
-# Quantiles of Se and of Sp integrated over, and points of the grid over pi.
-QUANTILES = 24
+# Quadrature nodes for Se and for Sp, and points of the grid over pi. Gauss-Hermite nodes reach quantiles of about
+# 1e-12: with few validation answers the interval's ends come from those tails, which evenly spaced quantiles miss.
+NODES = 32
 GRID = 801
+
+
+@functools.lru_cache(maxsize=1)
+def _quadrature() -> tuple[np.ndarray, np.ndarray]:
+    """Quantiles and weights that integrate a function of a rate against its distribution."""
+    from scipy.special import ndtr
+
+    x, w = np.polynomial.hermite_e.hermegauss(NODES)
+    return ndtr(x), w / w.sum()
 
 
 @functools.lru_cache(maxsize=4096)
@@ -237,18 +247,20 @@ def _posterior_bounds(
 ) -> tuple[float, float]:
     """The central interval of pi's posterior given k of n judged EM and the validation counts (or, for a rate
     that varies between files, its spread)."""
-    mid = (np.arange(QUANTILES) + 0.5) / QUANTILES
+    quantiles, weights = _quadrature()
     se, sp = (
-        a.ravel() for a in np.meshgrid(_draws(mid, tp, n_pos, se_spread), _draws(mid, tn, n_neg, sp_spread))
+        a.ravel()
+        for a in np.meshgrid(_draws(quantiles, tp, n_pos, se_spread), _draws(quantiles, tn, n_neg, sp_spread))
     )
+    weight = np.outer(weights, weights).ravel()
     better = se + sp > 1.0
     if not better.any():
         return 0.0, 1.0
-    se, sp = se[better], sp[better]
+    se, sp, weight = se[better], sp[better], weight[better]
     pi = np.linspace(0.0, 1.0, GRID)
     judged = np.clip((1.0 - sp)[:, None] + pi[None, :] * (se + sp - 1.0)[:, None], 1e-300, 1.0 - 1e-16)
     loglik = k * np.log(judged) + (n - k) * np.log1p(-judged)
-    density = np.exp(loglik - loglik.max()).mean(axis=0)
+    density = weight @ np.exp(loglik - loglik.max())
     cdf = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2.0)])
     tail = (1.0 - _coverage(z)) / 2.0
     lo, hi = np.interp([tail, 1.0 - tail], cdf / cdf[-1], pi)

@@ -103,6 +103,21 @@ def test_a_rate_outside_what_the_judges_errors_explain_keeps_a_real_interval(k, 
     assert (lo, hi) == pytest.approx(bounds, abs=0.005)
 
 
+@pytest.mark.parametrize(
+    ("k", "n", "counts", "bounds"),
+    [
+        # Importance-sampled posteriors of the same model (4 million draws): (0.0021, 0.3105), (0.0114, 0.4486).
+        (3, 60, (4, 6, 50, 54), (0.0, 0.3105)),
+        (12, 60, (10, 14, 40, 46), (0.0114, 0.4486)),
+    ],
+)
+def test_few_validation_answers_keep_the_tails_of_their_error_rates(k, n, counts, bounds):
+    """Regression: Se and Sp were integrated at evenly spaced quantiles, the lowest 2%, which leaves out the
+    low sensitivities that set the upper bound when a judge was measured on few EM answers (0.254 and 0.430)."""
+    _, lo, hi = corrected_rate(k, n, ErrorRates.from_counts(*counts))
+    assert (lo, hi) == pytest.approx(bounds, abs=0.005)
+
+
 def test_rates_from_counts_and_files():
     r = ErrorRates.from_counts(2, 3, 1, 2)
     assert r.sensitivity == pytest.approx(2 / 3) and r.specificity == 0.5
