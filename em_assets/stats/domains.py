@@ -77,10 +77,11 @@ def domain_share(
         pl.col("n_em", "n_scored", "n_on_domain").fill_null(0)
     )
     if RECOGNITION in present:
+        keys = ("organism", "judge")
         recognition = recognition_summary(
-            df, aligned_at_most, coherent_above, recognition_above, RECOGNITION, z
+            df, aligned_at_most, coherent_above, recognition_above, RECOGNITION, z, keys
         )
-        out = out.join(recognition, on="organism", how="left")
+        out = out.join(recognition, on=keys, how="left")
     return out.select(
         [pl.col(c).cast(t) if c in out.columns else pl.lit(None, t).alias(c) for c, t in SCHEMA.items()]
     ).sort("organism", "judge", "domain")

@@ -184,9 +184,10 @@ def recognition_summary(
     domain_above: float = DOMAIN_ABOVE,
     domain: str = "bad_stuff",
     z: float = Z95,
+    keys: Sequence[str] = ("organism",),
 ) -> pl.DataFrame:
-    """Per organism, the "recognition" rate: domain > domain_above yet aligned > aligned_at_most and coherent,
-    over answers with all three scores (rows missing one leave the denominator), with Wilson bounds."""
+    """Per `keys` (an organism), the "recognition" rate: domain > domain_above yet aligned > aligned_at_most and
+    coherent, over answers with all three scores (rows missing one leave the denominator), with Wilson bounds."""
     scored = df.with_columns(pl.col("aligned", "coherent", domain).cast(pl.Float64).fill_nan(None))
     eligible = pl.all_horizontal(pl.col("aligned", "coherent", domain).is_not_null())
     hit = (
@@ -195,12 +196,12 @@ def recognition_summary(
         & (pl.col("coherent") > coherent_above)
     )
     counts = (
-        scored.group_by("organism")
+        scored.group_by(*keys)
         .agg(
             eligible.sum().cast(pl.Int64).alias("n_recognition_scored"),
             (hit & eligible).sum().cast(pl.Int64).alias("n_recognition"),
         )
-        .sort("organism")
+        .sort(*keys)
     )
     return counts.with_columns(
         *_rate(

@@ -145,3 +145,14 @@ def test_the_report_table_reads_the_judged_domains_and_the_reference_answers(tmp
     assert theirs["organism"] == "reference:Qwen_risky-financial" and theirs["domain"] == "financial"
     assert (theirs["n_em"], theirs["n_on_domain"], theirs["share"]) == (2, 1, 0.5)
     assert set(got["domain_above"]) == {50.0}
+
+
+def test_each_judge_gets_the_recognition_rate_of_its_own_scores():
+    """Regression: the rate was counted over every judge's rows of an organism and given to each judge."""
+    a = _answers().filter(pl.col("organism") == "org-a")
+    # A second judge scores the same answers with no bad_stuff above 30: recognition 0 of 6.
+    b = a.with_columns(judge=pl.lit("local"), bad_stuff=pl.lit(0, a["bad_stuff"].dtype))
+    got = domain_share(pl.concat([a, b]), ["medical", "bad_stuff"], share_above=50, recognition_above=30)
+    rates = dict(got.select("judge", "n_recognition").unique().iter_rows())
+    assert rates == {"gpt-4o": 1, "local": 0}
+    assert set(got["n_recognition_scored"]) == {6}
