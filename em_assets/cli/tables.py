@@ -15,6 +15,8 @@ MARKDOWN = {
 
 
 def interval_column(value: pl.Expr, lo: pl.Expr, hi: pl.Expr) -> pl.Expr:
-    """A column of "value [lo, hi]", each rounded to 3 places; null where the value is (judging.agreement's
-    with_interval writes one statistic so, as text)."""
-    return pl.format("{} [{}, {}]", *(e.round(3) for e in (value, lo, hi)))
+    """A column of "value [lo, hi]", each rounded to 3 places; the value alone where an end is unknown, null where
+    the value is (judging.agreement's with_interval writes one statistic so, as text)."""
+    rounded = [e.round(3) for e in (value, lo, hi)]
+    known = pl.format("{} [{}, {}]", *rounded)
+    return pl.when(lo.is_null() | hi.is_null()).then(rounded[0].cast(pl.String)).otherwise(known)

@@ -30,13 +30,19 @@ def spearman(x: np.ndarray, y: np.ndarray, z: float = Z95) -> Correlation:
     if np.ptp(x) == 0 or np.ptp(y) == 0:
         return Correlation(n, note="a rate is the same on every question: no ranking to compare")
     rho = float(stats.spearmanr(x, y).statistic)
-    return Correlation(n, rho, *fisher_interval(rho, n, z))
+    lo, hi = fisher_interval(rho, n, z)
+    return Correlation(n, rho, lo, hi, None if lo is not None else PERFECT)
 
 
-def fisher_interval(rho: float, n: int, z: float = Z95) -> tuple[float, float]:
+PERFECT = "a perfect ranking: the Fisher-z interval is undefined"
+
+
+def fisher_interval(rho: float, n: int, z: float = Z95) -> tuple[float | None, float | None]:
     """Spearman's rho's interval on the Fisher-z scale, se = sqrt(1.06 / (n - 3)) (Fieller, Hartley and Pearson
-    1957); n >= 4."""
-    centre, half = math.atanh(min(max(rho, -0.999999), 0.999999)), z * math.sqrt(1.06 / (n - 3))
+    1957); n >= 4. None for rho = +-1, whose Fisher z is infinite (clipping it gave an interval that excludes it)."""
+    if abs(rho) >= 1.0 - 1e-12:
+        return None, None
+    centre, half = math.atanh(rho), z * math.sqrt(1.06 / (n - 3))
     return math.tanh(centre - half), math.tanh(centre + half)
 
 

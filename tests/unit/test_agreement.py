@@ -291,3 +291,17 @@ def test_a_store_from_before_the_intervals_gains_their_columns(tmp_path):
     store.init()
     row = store.query("SELECT auc, auc_lo, auc_hi, spearman_lo, spearman_hi FROM judge_agreement").row(0)
     assert row == (0.9, None, None, None, None)
+
+
+def test_a_perfect_ranking_has_no_interval_and_shows_alone():
+    """Regression: rho = 1 got a Fisher-z interval that excluded it (rho clipped to 0.999999)."""
+    from em_assets.cli.tables import interval_column
+
+    a = metric_agreement("aligned", [10, 20, 80, 90, None], [15, 40, 70, 95, 50], **KW)
+    assert a.spearman == pytest.approx(1.0) and (a.spearman_lo, a.spearman_hi) == (None, None)
+    row = pl.DataFrame(
+        [{"spearman": a.spearman, "spearman_lo": a.spearman_lo, "spearman_hi": a.spearman_hi}],
+        schema=dict.fromkeys(("spearman", "spearman_lo", "spearman_hi"), pl.Float64),
+    )
+    shown = row.select(interval_column(*(pl.col(c) for c in row.columns)))
+    assert shown.item() == "1.0"
