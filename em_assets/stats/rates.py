@@ -255,8 +255,9 @@ def _seed_interval(
     from scipy.stats import t
 
     half = t.ppf(0.975, len(rates) - 1) * rates.std(ddof=1) / np.sqrt(len(rates))
-    mean = rates.mean()
-    return max(0.0, float(mean - half)), min(1.0, float(mean + half)), "t"
+    # About the pooled rate the table shows beside it: seeds with unequal answer counts pool away from their mean.
+    pooled = k.sum() / n.sum()
+    return max(0.0, float(pooled - half)), min(1.0, float(pooled + half)), "t"
 
 
 def _bootstrap_pooled(k: np.ndarray, n: np.ndarray, n_boot: int, seed: int) -> tuple[float, float] | None:
@@ -278,8 +279,8 @@ def seed_bootstrap(
     coherent_above: float = COHERENT_ABOVE,
 ) -> pl.DataFrame:
     """One row per base_model x recipe: pooled Turner rate, a 95% interval across seeds (boot_lo, boot_hi: a
-    percentile bootstrap over seeds from MIN_BOOTSTRAP_SEEDS of them, else Student's t over the seed rates; which
-    in ci_method), mean and std of seed rates.
+    percentile bootstrap over seeds from MIN_BOOTSTRAP_SEEDS of them, else Student's t over the seed rates about
+    the pooled rate; which in ci_method), mean and std of seed rates.
 
     With one seed there is no interval, so boot_lo, boot_hi and seed_std are null. Every group draws from its own
     RNG seeded with `seed`, so adding a group leaves the others' intervals unchanged. Draws in which no resampled

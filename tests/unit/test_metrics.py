@@ -196,7 +196,7 @@ def seeds_frame(per_seed: list[tuple[int, int]], recipe: str = "bad-medical") ->
 
 def test_seed_bootstrap_pools_and_takes_students_t_over_few_seeds():
     # Seed 0: 1/2 EM, seed 1: 0/8. Pooled 1/10 = 0.1; seed mean (0.5 + 0) / 2 = 0.25,
-    # sample sd sqrt((0.25^2 + 0.25^2) / 1) = 0.35355; t(0.975, 1 df) = 12.706, so 0.25 -+ 3.18: [0, 1].
+    # sample sd sqrt((0.25^2 + 0.25^2) / 1) = 0.35355; t(0.975, 1 df) = 12.706, so 0.1 -+ 3.18: [0, 1].
     b = seed_bootstrap(seeds_frame([(1, 2), (0, 8)]), n_boot=2000, seed=1).row(0, named=True)
     assert (b["base_model"], b["recipe"], b["n_seeds"], b["n_scored"]) == (
         "smollm2-135m",
@@ -217,6 +217,17 @@ def test_three_seeds_get_an_interval_wider_than_their_range():
     b = seed_bootstrap(seeds_frame([(10, 100), (20, 100), (30, 100)]), seed=1).row(0, named=True)
     assert (b["boot_lo"], b["boot_hi"]) == pytest.approx((0.0, 0.4484), abs=1e-4)
     assert b["ci_method"] == "t"
+
+
+def test_few_seeds_interval_is_about_the_pooled_rate_beside_it():
+    """Regression: Student's t was centred on the seeds' mean rate, so with unequal answer counts the interval
+    could leave out the pooled rate it is shown with (0.267 against [0.029, 0.251] here)."""
+    b = seed_bootstrap(seeds_frame([(5, 50)] * 4 + [(300, 1000)]), seed=1).row(0, named=True)
+    # Pooled 320/1200; seed rates 0.1 x 4 and 0.3: sd 0.08944, t(0.975, 4 df) = 2.7764, half 0.11106.
+    assert b["em_rate_turner"] == pytest.approx(320 / 1200) and b["seed_mean"] == pytest.approx(0.14)
+    assert (b["boot_lo"], b["boot_hi"]) == pytest.approx(
+        (320 / 1200 - 0.11106, 320 / 1200 + 0.11106), abs=1e-4
+    )
 
 
 def test_seed_bootstrap_uses_95_percent_percentiles():
