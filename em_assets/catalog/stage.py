@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import polars as pl
@@ -211,6 +211,51 @@ def _domain_prompts(mirror, cache_dir) -> dict[str, str]:
     return {m: first.judge_prompts[m] for m in DOMAIN_METRICS}
 
 
+def _metrics_missing(qdf: pl.DataFrame, rows: list[dict], metrics: Sequence[str]) -> list[str]:
+    """The metrics some question of a set has no judge prompt for."""
+    have = {(r["question_id"], r["metric"]) for r in rows}
+    return sorted({m for q in qdf["question_id"] for m in metrics if (q, m) not in have})
+
+
+def check_grid_questions(grid: GridConfig, mirror: str | None, cache_dir: Path) -> None:
+    """The question ids and judge metrics the grid names are ones its eval sets have, so a typo fails before a
+    run, naming its key (GridError), not in its catalog or sweep steps. Read from the mirror or the download
+    cache only: without them `plan` stays off the network, and the catalog's first step checks the same."""
+    sampled = grid.sampled_eval_sets()
+    cached = cache_dir / "upstream"
+    if not mirror and not all(
+        (cached / SOURCES[n].mirror_path).exists() for n in [*sampled, DOMAIN_PROMPTS_FROM]
+    ):
+        return
+    source = SOURCES[grid.eval.questions]
+    in_file = {
+        q.question_id
+        for q in parse_questions_yaml(fetch_bytes(source, mirror, cache_dir), source.mirror_path)
+    }
+    _check_ids("eval.question_ids", grid.eval.question_ids, in_file, source.mirror_path)
+    domain = functools.cache(functools.partial(_domain_prompts, mirror, cache_dir))
+    for name in sampled:
+        qdf, rows = _set_rows(name, grid, mirror, cache_dir, domain)
+        missing = _metrics_missing(qdf, rows, grid.judge.metrics)
+        if missing:
+            has = sorted({r["metric"] for r in rows})
+            raise GridError(
+                f"judge.metrics: {missing} have no judge prompt in eval set {name!r}; it has {has}"
+            )
+        if name == grid.eval.questions:
+            # The sweeps ask from the questions the catalog loads: eval.question_ids, else the unexcluded ones.
+            asked = set(qdf["question_id"])
+            where = f"the eval questions ({name}, as eval.question_ids and exclude_id_suffixes select them)"
+            _check_ids("dynamics.question_ids", grid.dynamics.question_ids, asked, where)
+            _check_ids("directions.question_ids", grid.directions.question_ids, asked, where)
+
+
+def _check_ids(key: str, ids: Sequence[str] | None, known: set[str], where: str) -> None:
+    unknown = [i for i in ids or [] if i not in known]
+    if unknown:
+        raise GridError(f"{key}: {unknown} not among {where}; known: {', '.join(sorted(known))}")
+
+
 def load_eval_questions(
     store: Store, grid: GridConfig, mirror: str | None = None, cache_dir: Path | None = None
 ) -> pl.DataFrame:
@@ -221,8 +266,7 @@ def load_eval_questions(
     frames, prompts = [], []
     for name in dict.fromkeys([*sampled, *EVAL_SETS]):
         qdf, rows = _set_rows(name, grid, mirror, cache_dir, domain)
-        have = {(r["question_id"], r["metric"]) for r in rows}
-        missing = sorted({m for q in qdf["question_id"] for m in grid.judge.metrics if (q, m) not in have})
+        missing = _metrics_missing(qdf, rows, grid.judge.metrics)
         if name in sampled and missing:
             raise ValueError(
                 f"{SOURCES[name].mirror_path}: judge metrics {missing} have no prompt in the questions file"

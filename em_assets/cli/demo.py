@@ -40,7 +40,7 @@ def _check_grid(current: Settings, organism_keys: list[str] | None) -> None:
             raise GridError(f"base_models[{i}] ({base.name}): {why}")
     for spec in [grid.judge, *grid.agreement.compare]:
         if spec.backend == "openai":
-            make_judge(grid, None, spec=spec).check_key()
+            make_judge(grid, None, spec=spec).check_server()
     known = [o.key for o in grid.organisms()]
     unknown = [k for k in organism_keys or [] if k not in known]
     if unknown:

@@ -17,7 +17,7 @@ def bad_input_message(exc: BaseException) -> str | None:
     from em_assets.catalog.reference import ReferenceFileError
     from em_assets.catalog.upstream import ChecksumError, MirrorError
     from em_assets.grid.load import GridError
-    from em_assets.judging.http import JudgeAuthError
+    from em_assets.judging.http import JudgeAuthError, JudgeCheckError
     from em_assets.settings import SettingsError
 
     seen: set[int] = set()
@@ -36,6 +36,7 @@ def bad_input_message(exc: BaseException) -> str | None:
             | MirrorError
             | SettingsError
             | JudgeAuthError
+            | JudgeCheckError
             | StoreError
             | ForgetError
         )

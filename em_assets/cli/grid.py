@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,8 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
     import json
 
     from em_assets.catalog.reference import ReferenceFileError, read_reference_files
+    from em_assets.catalog.stage import check_grid_names
+    from em_assets.cli.organisms import check_grid_reads
     from em_assets.cli.progress import logged_to_stderr
     from em_assets.cli.results import usable_store
     from em_assets.grid.load import GridError, load_grid
@@ -63,6 +66,9 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
     try:
         rows = read_reference_files([Path(f) for f in args.reference])
         grid = load_grid(current.grid_path, current.profile)
+        # Plan's checks of what the grid names, where a run of the judge reads it too.
+        check_grid_names(grid)
+        check_grid_reads(grid, current)
         spec = pick_judge(grid, args.judge)
         templates = upstream_templates(grid, current.data_mirror, current.cache_dir)
         store = usable_store(may_create=True)
@@ -70,10 +76,10 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
         # before the store is created.
         judge_identity(grid, current.cache_dir, store, spec, current.torch_device)
         if spec.backend == "openai":
-            make_judge(grid, None, spec=spec).check_key()
+            make_judge(grid, None, spec=spec).check_server()
         store.init()
         lookup = ErrorRateLookup(store, grid.thresholds, grid.agreement.reference_judges)
-        with logged_to_stderr():
+        with logged_to_stderr(), judge_failure_reported():
             report = measure_agreement(
                 store,
                 grid,
@@ -87,6 +93,9 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
     except (ReferenceFileError, GridError, MissingUpstreamError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except _JudgeFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if args.format == "json":
         print(json.dumps(report.as_json(), indent=2))
         return 0
@@ -98,6 +107,26 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
     print(correction_coverage(report.em))
     print(em_gaps(report.em, grid.agreement.max_em_gap).words())
     return 0
+
+
+class _JudgeFailed(Exception):
+    """The judge's server failed for good in the middle of scoring, after the store was written to."""
+
+
+@contextlib.contextmanager
+def judge_failure_reported() -> Iterator[None]:
+    """A judge request failing for good while scoring, as one line: the server's fault, not bad input, so it
+    exits 1. A refused key stays bad input (2); what was scored before it is kept in the judge cache."""
+    from em_assets.judging.http import JudgeAuthError, JudgeRequestError
+
+    try:
+        yield
+    except JudgeAuthError:
+        raise
+    except JudgeRequestError as exc:
+        raise _JudgeFailed(
+            f"{exc}; the scores before it are kept in the judge cache, so a rerun asks only for the rest"
+        ) from None
 
 
 def metrics_table(metrics: Sequence[MetricAgreement]) -> pl.DataFrame:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import polars as pl
@@ -86,7 +87,22 @@ def checked_grid(current: Settings) -> GridConfig:
     check_sources(grid)
     if current.data_mirror:
         check_mirror(catalog_files(grid), current.data_mirror)
+    check_grid_reads(grid, current)
     return grid
+
+
+def check_grid_reads(grid: GridConfig, current: Settings) -> None:
+    """What the grid names that only a running step would read: the question ids and judge metrics its eval sets
+    must have, and the probe judge's hand ratings file. Run after check_grid_names (the sets must be known)."""
+    from em_assets.catalog.stage import check_grid_questions
+    from em_assets.grid.load import GridError
+
+    check_grid_questions(grid, current.data_mirror, current.cache_dir)
+    ratings = grid.probe.hand_ratings if grid.probe else None
+    if ratings and not Path(ratings).is_file():
+        raise GridError(
+            f"probe.hand_ratings: no file at {ratings} (a path relative to the working directory)"
+        )
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -202,14 +202,14 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    """Copy a DuckDB results file (the layout before DuckLake) into the configured store."""
+    """Copy the results tables of a DuckDB results file (the layout before DuckLake) into the configured store."""
     import duckdb
 
     from em_assets.results.migrate import migrate
 
     store = usable_store(args.db, may_create=True)
     try:
-        counts = migrate(Path(args.source), store)
+        counts, left_out = migrate(Path(args.source), store)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -221,4 +221,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     print(
         f"[em-assets] copied {len(counts)} tables, {sum(counts.values())} rows into {store.location.describe()}"
     )
+    if left_out:
+        print(f"[em-assets] left out {len(left_out)} tables not of the results schema: {', '.join(left_out)}")
     return 0

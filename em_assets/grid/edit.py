@@ -120,7 +120,13 @@ def add_base_model(
     if changed:
         raise GridError(f"{grid_path}: base_models of {profile!r} is shared (YAML anchor) with {changed}")
 
-    fd, tmp_name = tempfile.mkstemp(dir=grid_path.parent, prefix=f".{grid_path.name}.", suffix=".tmp")
+    try:
+        # The new file is written beside the grid and renamed over it, so its folder must be writable too.
+        fd, tmp_name = tempfile.mkstemp(dir=grid_path.parent, prefix=f".{grid_path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise GridError(
+            f"{grid_path}: cannot write in its folder {grid_path.parent} ({exc.strerror}), left unchanged"
+        ) from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -133,8 +139,11 @@ def add_base_model(
             ) from exc
         if added != wanted:
             raise GridError(f"{grid_path}: the inserted entry reads back as {added}, not {wanted}")
-        shutil.copymode(grid_path, tmp)
-        os.replace(tmp, grid_path)
+        try:
+            shutil.copymode(grid_path, tmp)
+            os.replace(tmp, grid_path)
+        except OSError as exc:
+            raise GridError(f"{grid_path}: cannot be replaced ({exc.strerror}), left unchanged") from None
     finally:
         tmp.unlink(missing_ok=True)
     return added

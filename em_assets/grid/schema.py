@@ -407,10 +407,12 @@ class AgreementSpec(_Strict):
         "imports; None = all",
     )
     compare: list[JudgeSpec] = Field(default=[], description="other judges scored on the same split")
-    min_spearman: float = Field(default=0.7, description="warn when aligned Spearman is below")
-    min_auc: float = Field(default=0.9, description="warn when the misaligned AUC is below")
+    min_spearman: float = Field(default=0.7, ge=0, le=1, description="warn when aligned Spearman is below")
+    min_auc: float = Field(default=0.9, ge=0, le=1, description="warn when the misaligned AUC is below")
     max_em_gap: float = Field(
         default=0.05,
+        ge=0,
+        le=1,
         description="warn when a file's EM rate differs more from GPT-4o's and its corrected interval misses it",
     )
     reference_judges: list[str] = Field(

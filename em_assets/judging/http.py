@@ -43,10 +43,17 @@ class JudgeAuthError(JudgeRequestError):
     """The server refused the API key, or asked for one the environment does not hold (HTTP 401 or 403)."""
 
 
+class JudgeCheckError(JudgeRequestError):
+    """The request sent before a command writes anything failed for good: the server cannot be reached, answers
+    with an error status, or without the logprobs a judge is scored from."""
+
+
 class _Retryable(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+    def __init__(self, reason: str, retry_after: float | None = None, *, busy: bool = False) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+        # A server that answered but is busy or failing for now (429, 5xx), not one that cannot be reached.
+        self.busy = busy
 
 
 class OpenAIJudge:
@@ -170,18 +177,25 @@ class OpenAIJudge:
                 stop.wait(self._delay(attempt, exc.retry_after))
         raise AssertionError("unreachable")
 
-    def check_key(self) -> None:
+    def check_server(self) -> None:
         """One request, not retried, before a command writes anything: JudgeAuthError where the server refuses
-        the key (or its absence; a local server may need none). Other failures are left to scoring's retries."""
+        the key (or its absence; a local server may need none), JudgeCheckError where it cannot be reached, answers
+        with an error status, or without logprobs. A busy server (429, 5xx) passes: scoring retries those."""
         key = os.environ.get(self.api_key_env)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         with httpx.Client(headers=headers, timeout=self.timeout_s) as client:
             try:
-                self._post(client, self._body("0"), key)
+                self._parse(self._post(client, self._body("0"), key))
             except JudgeAuthError:
                 raise
-            except (JudgeRequestError, _Retryable):
-                pass
+            except JudgeRefusedError:
+                pass  # a refusal of the check's own prompt says nothing about the answers to be scored
+            except JudgeRequestError as exc:
+                raise JudgeCheckError(f"judge {self.model} at {exc}") from None
+            except _Retryable as exc:
+                if not exc.busy:
+                    unset = "" if key else f" (${self.api_key_env} is not set)"
+                    raise JudgeCheckError(f"judge {self.model} at {self.url}: {exc}{unset}") from None
 
     def _body(self, prompt: str) -> dict[str, Any]:
         return {
@@ -203,7 +217,7 @@ class OpenAIJudge:
             raise _Retryable(f"connection failed: {type(exc).__name__}: {exc}") from None
         status = response.status_code
         if status in RETRY_STATUS or status >= 500:
-            raise _Retryable(f"HTTP {status}: {_excerpt(response, key)}", _retry_after(response))
+            raise _Retryable(f"HTTP {status}: {_excerpt(response, key)}", _retry_after(response), busy=True)
         if status in (401, 403):
             # Servers echo parts of a rejected key in the body (OpenAI shows its prefix and suffix): omit it.
             unset = "" if key else " (it is not set)"

@@ -11,6 +11,7 @@ from em_assets.results.schema import (
     JUDGE_SCHEMA,
     LINEAGE_SCHEMA,
     ORGANISM_SCHEMA,
+    REPORT_TABLES,
     SCHEMA,
     VIEWS,
 )
@@ -49,6 +50,11 @@ def primary_keys() -> dict[str, tuple[str, ...]]:
 def lake_tables_sql() -> str:
     """The CREATE TABLE statements without key constraints, which DuckLake does not support."""
     return _DANGLING.sub(");", _TABLE_KEY.sub("", tables_sql()).replace(" PRIMARY KEY", ""))
+
+
+def results_tables() -> frozenset[str]:
+    """Every table of the results schema: those created by the schema and the report tables written whole."""
+    return frozenset(primary_keys()) | frozenset(REPORT_TABLES)
 
 
 # A DuckLake keeps no keys, so two writers racing on one row can both insert it; the stages drop such doubles on

@@ -4,28 +4,37 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import duckdb
 
+from em_assets.results.keys import results_tables
 from em_assets.results.store import Store
 
 _SOURCE = "em_source"
 
 
-def source_tables(conn: duckdb.DuckDBPyConnection) -> list[str]:
+class Migrated(NamedTuple):
+    """Rows copied per table, and the source's tables left out as no part of the results schema."""
+
+    counts: dict[str, int]
+    left_out: list[str]
+
+
+def source_tables(conn: duckdb.DuckDBPyConnection, database: str = _SOURCE) -> list[str]:
     return [
         r[0]
         for r in conn.execute(
             "SELECT table_name FROM duckdb_tables() WHERE database_name = ? AND schema_name = 'main' "
             "ORDER BY table_name",
-            [_SOURCE],
+            [database],
         ).fetchall()
     ]
 
 
-def migrate(source: Path, store: Store) -> dict[str, int]:
-    """Copy every table of `source` into `store` in one transaction, replacing what the store had in those
-    tables; returns rows per table, checked equal on both sides. On failure the store is as it was."""
+def migrate(source: Path, store: Store) -> Migrated:
+    """Copy every results table of `source` into `store` in one transaction, replacing what the store had in
+    those tables; returns rows per table, checked equal on both sides. On failure the store is as it was."""
     if not source.is_file():
         raise FileNotFoundError(f"no DuckDB file at {source}")
     if store.path is not None and store.path.resolve() == source.resolve():
@@ -37,22 +46,35 @@ def migrate(source: Path, store: Store) -> dict[str, int]:
     if head[8:12] != b"DUCK":
         lake = " (a SQLite file: a DuckLake catalog is already a store, with nothing to migrate)"
         raise ValueError(f"{source} is not a DuckDB results file{lake if head.startswith(b'SQLite') else ''}")
-    try:
-        duckdb.connect(str(source), read_only=True).close()
-    except duckdb.Error as exc:
-        raise ValueError(f"{source} is not a DuckDB results file ({exc})") from None
+    tables, left_out = _results_tables(source)
     # Paths the copy creates are removed if it fails: the store is left as it was, or not there at all.
     made = [p for p in store.local_paths() if not p.exists()]
     try:
-        return _copy(source, store)
+        return Migrated(_copy(source, store, tables), left_out)
     except BaseException:
         for path in made:
             _remove(path)
         raise
 
 
-def _copy(source: Path, store: Store) -> dict[str, int]:
-    """The schema and every table of `source`, in one transaction of the store: all land or none do."""
+def _results_tables(source: Path) -> tuple[list[str], list[str]]:
+    """The source's tables of the results schema and its others; ValueError where it holds none of the first
+    (any DuckDB file would otherwise be copied into the store)."""
+    try:
+        with duckdb.connect(str(source), read_only=True) as conn:
+            tables = source_tables(conn, conn.execute("SELECT current_database()").fetchone()[0])
+    except duckdb.Error as exc:
+        raise ValueError(f"{source} is not a DuckDB results file ({exc})") from None
+    known = results_tables()
+    ours = [t for t in tables if t in known]
+    if not ours:
+        held = f"its tables: {', '.join(tables)}" if tables else "it has no tables"
+        raise ValueError(f"{source} holds none of the results tables (completions, judgements, ...); {held}")
+    return ours, [t for t in tables if t not in known]
+
+
+def _copy(source: Path, store: Store, tables: list[str]) -> dict[str, int]:
+    """The schema and `tables` of `source`, in one transaction of the store: all land or none do."""
     counts: dict[str, int] = {}
     with store.session() as conn:
         conn.execute(f"ATTACH '{str(source).replace(chr(39), chr(39) * 2)}' AS {_SOURCE} (READ_ONLY)")
@@ -64,7 +86,7 @@ def _copy(source: Path, store: Store) -> dict[str, int]:
                 "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()"
             ).fetchall()
         }
-        for table in source_tables(conn):
+        for table in tables:
             try:
                 if table in existing:
                     conn.execute(f"DELETE FROM {table}")

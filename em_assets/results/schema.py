@@ -247,3 +247,21 @@ ADDED_COLUMNS = {
         )
     ),
 }
+
+# Tables with no CREATE statement above: each is replaced whole by the stage that computes it (Store.write_tables),
+# its columns taken from its rows. Listed so `migrate` can tell a results file's tables from unrelated ones.
+REPORT_TABLES = (
+    # reports.tables
+    "em_summary",
+    "em_by_question",
+    "em_threshold_sensitivity",
+    "em_seed_bootstrap",
+    "em_domain_share",
+    # reports.personas
+    "persona_mixtures",
+    "em_transition",
+    "question_em_stability",
+    "persona_coherence",
+    # analyses.similarity
+    "direction_similarity",
+)

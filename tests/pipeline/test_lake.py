@@ -205,6 +205,32 @@ def test_migrate_copies_a_duckdb_file_with_nothing_lost(tmp_path, capsys):
     assert "em_summary" in tables and target.query("SELECT count(*) AS n FROM completions")["n"][0] == 24
 
 
+def test_migrate_refuses_a_file_of_no_results_tables_and_leaves_out_unrelated_ones(tmp_path, capsys):
+    unrelated = tmp_path / "other.duckdb"
+    with duckdb.connect(str(unrelated)) as conn:
+        conn.execute("CREATE TABLE notes AS SELECT 'x' AS text")
+    empty = tmp_path / "empty.duckdb"
+    duckdb.connect(str(empty)).close()
+    db = _lake(tmp_path)
+    for source, says in ((unrelated, "its tables: notes"), (empty, "it has no tables")):
+        before = _files(tmp_path)
+        assert main(["migrate", "--from", str(source), "--db", db]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err
+            == f"error: {source} holds none of the results tables (completions, judgements, ...); {says}\n"
+        )
+        assert _files(tmp_path) == before
+    with duckdb.connect(str(unrelated)) as conn:
+        conn.execute("CREATE TABLE judge_cache AS SELECT 'k' AS cache_key, 1.0 AS score, '{}' AS probs")
+        conn.execute("CREATE TABLE em_summary AS SELECT 'org' AS organism, 0.5 AS em_rate")
+    assert main(["migrate", "--from", str(unrelated), "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert "em_summary\t1\njudge_cache\t1\n" in out
+    assert "left out 1 tables not of the results schema: notes" in out
+    assert not Store(db).has_table("notes")
+
+
 def _files(folder: Path) -> set[Path]:
     """The folder's entries and every file under it (a DuckLake leaves empty folders of rolled-back writes)."""
     return set(folder.iterdir()) | {p for p in folder.rglob("*") if p.is_file()}

@@ -10,6 +10,7 @@ from support.tiny import tiny_grid
 
 from em_assets.defs import report_assets
 from em_assets.defs.partitions import organisms
+from em_assets.results.keys import results_tables
 from em_assets.results.store import Store
 
 ORGANISM_ASSETS = ["lora_adapter", "completions", "judgements"]
@@ -73,6 +74,9 @@ def test_whole_graph_materialises_with_lineage(pipeline):
     assert set(losses["organism"]) == {"tiny--med-r1--s0", "tiny--insecure-r4--s0"}
     for table in ("em_by_question", "em_threshold_sensitivity", "em_seed_bootstrap"):
         assert store.query(f"SELECT count(*) AS n FROM {table}")["n"][0] > 0, table
+    # `migrate` copies the tables it knows as results tables: every table a run writes must be one.
+    written = set(store.query("SELECT table_name FROM duckdb_tables()")["table_name"])
+    assert written - results_tables() == set()
 
     figures = result.asset_materializations_for_node("em_figures")[0].metadata
     assert "data:image/png;base64," in figures["em_rates"].value

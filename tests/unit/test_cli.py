@@ -207,6 +207,32 @@ def test_add_model_refuses_a_bad_source_and_leaves_the_grid_byte_identical(tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
 
 
+def test_add_model_to_a_grid_in_a_read_only_folder_is_one_message(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    grid = folder / "grid.yaml"
+    shutil.copy(REPO / "data/grid.yaml", grid)
+    before = grid.read_bytes()
+    folder.chmod(0o555)
+
+    def denied(*args, **kwargs):
+        # As the OS answers a user other than root, who may write anywhere.
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(tempfile, "mkstemp", denied)
+    try:
+        assert (
+            main(["add-model", "Qwen/Qwen2.5-0.5B-Instruct", "--grid", str(grid), "--profile", "demo"]) == 2
+        )
+    finally:
+        folder.chmod(0o755)
+    err = capsys.readouterr().err
+    assert err == f"error: {grid}: cannot write in its folder {folder} (Permission denied), left unchanged\n"
+    assert grid.read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["grid.yaml"]
+
+
 def test_add_model_takes_a_local_model_directory_and_an_embedded_name(tmp_path, tiny_model_dir, capsys):
     grid = tmp_path / "grid.yaml"
     grid.write_text(
@@ -398,6 +424,53 @@ def test_a_results_store_that_cannot_be_used_is_one_message_and_writes_nothing(
         err = capsys.readouterr().err
         assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
         assert _tree(tmp_path) == before
+
+
+OPENAI_JUDGE = {"backend": "openai", "model": "gpt-4o", "base_url": "http://127.0.0.1:1"}
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        ({"eval": {"question_ids": ["quick_buck", "nope"]}}, "eval.question_ids: ['nope'] not among"),
+        (
+            {"dynamics": {"question_ids": ["quick_buck_json"]}},
+            "dynamics.question_ids: ['quick_buck_json'] not",
+        ),
+        ({"directions": {"question_ids": ["nope"]}}, "directions.question_ids: ['nope'] not among the eval"),
+        (
+            {"judge": {**OPENAI_JUDGE, "metrics": ["aligned", "coherant"]}},
+            "judge.metrics: ['coherant'] have no judge prompt in eval set 'first_plot_questions'",
+        ),
+        ({"probe": {"hand_ratings": "data/no_such.csv"}}, "probe.hand_ratings: no file at data/no_such.csv"),
+        ({"agreement": {"min_spearman": 1.5}}, "agreement.min_spearman: Input should be less than or equal"),
+        ({"agreement": {"min_auc": -0.1}}, "agreement.min_auc: Input should be greater than or equal"),
+        ({"agreement": {"max_em_gap": 5}}, "agreement.max_em_gap: Input should be less than or equal"),
+    ],
+)
+def test_grid_mistakes_a_run_would_meet_late_fail_plan_and_judge_agreement(
+    tmp_path, mirror, capsys, monkeypatch, edit, says
+):
+    doc = yaml.safe_load((REPO / "data/grid.yaml").read_text())
+    profile = doc["profiles"]["demo"]
+    for section, fields in edit.items():
+        profile[section] = {**profile[section], **fields} if section != "judge" else fields
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(yaml.safe_dump(doc))
+    csv = tmp_path / "reference.csv"
+    csv.write_text("question,question_id,response,aligned,coherent\nHow?,q1,Fine answer,90,95\n")
+    for name, value in {"EM_GRID": grid, "EM_PROFILE": "demo", "EM_DATA_MIRROR": mirror}.items():
+        monkeypatch.setenv(name, str(value))
+    for name in ("EM_DB", "EM_CACHE_DIR", "DAGSTER_HOME", "EM_LOGS_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "out" / name.lower()))
+    before = _tree(tmp_path)
+    for args in (["plan"], ["judge-agreement", "--reference", str(csv)]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        # A schema error comes as load_grid words every one: a line naming the file, one per error.
+        lines = 2 if "Input should" in says else 1
+        assert err.startswith("error: ") and says in err and err.count("\n") == lines, err
+        assert _tree(tmp_path) == before and not (tmp_path / "out").exists()
 
 
 def test_plan_takes_a_results_store_not_there_yet_and_creates_nothing(tmp_path, capsys, monkeypatch):

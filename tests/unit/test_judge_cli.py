@@ -6,19 +6,20 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import polars as pl
 import pytest
 import yaml
-from support.judge_server import Reply, ScriptedServer, chat_reply
+from support.judge_server import FaultJudge, Reply, ScriptedServer, chat_reply, no_logprobs_reply
+from support.net import free_port
 from support.tiny import tiny_grid
 
 from em_assets.cli import main
 from em_assets.grid.load import load_grid
 from em_assets.judging import agreement_stage, stage
 from em_assets.judging.error_rates import write_error_rates
-from em_assets.judging.http import JudgeRequestError
 from em_assets.judging.judges import judge_identity, make_judge
 from em_assets.results.store import Store
 from em_assets.stats.correction import ErrorRates, corrected_rate
@@ -199,7 +200,9 @@ def test_empty_answers_judged_before_the_rule_take_it_on_a_rerun(env, mirror, ca
     assert entry["coherence_rate"]["judge"] == pytest.approx(2 / 4)
 
 
-def test_a_rejected_request_fails_the_run_and_keeps_every_score_before_it(env, mirror, tiny_model_dir):
+def test_a_rejected_request_fails_the_run_and_keeps_every_score_before_it(
+    env, mirror, tiny_model_dir, capsys
+):
     rejecting = True
 
     def respond(n: int, body: dict) -> Reply:
@@ -218,11 +221,12 @@ def test_a_rejected_request_fails_the_run_and_keeps_every_score_before_it(env, m
         judge = {"backend": "openai", "model": "test-judge", "base_url": server.url, "concurrency": 1}
         grid = tiny_grid(tiny_model_dir, "test", judge, {}, examples=1, batch_size=1, samples=1)
         (env / "grid.yaml").write_text(yaml.safe_dump(grid))
-        # The refusal names the answer it was about (the file's fifth row) and the metric.
-        with pytest.raises(
-            JudgeRequestError, match=r"poison\.csv row 5, (aligned|coherent): .*HTTP 400.*flagged"
-        ):
-            main(args)
+        # The refusal names the answer it was about (the file's fifth row) and the metric: one line, exit 1 (the
+        # server failed, after the store was written to).
+        assert main(args) == 1
+        err = capsys.readouterr().err.splitlines()[-1]
+        assert re.search(r"^error: poison\.csv row 5, (aligned|coherent): .*HTTP 400.*flagged", err), err
+        assert "kept in the judge cache" in err
         # The chunk failed, but the 8 scores it paid for are cached: the rerun asks only for the 2 missing (after
         # the one request that checks the API key).
         assert Store(env / "results.duckdb").query("SELECT count(*) AS n FROM judge_cache")["n"][0] == 8
@@ -330,6 +334,65 @@ def test_an_api_key_the_server_refuses_is_one_message_and_writes_nothing(env, mi
         (env / "grid.yaml").write_text(yaml.safe_dump(grid))
         assert main(["judge-agreement", "--reference", str(good), "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out)["aligned"]["n"] == 2 and set(server.auth) == {None}
+
+
+def _api_judge(env: Path, base_url: str, key_env: str = "EM_TEST_AGREEMENT_KEY") -> None:
+    grid = yaml.safe_load((env / "grid.yaml").read_text())
+    grid["profiles"]["test"]["judge"] = {
+        "backend": "openai",
+        "model": "test-judge",
+        "base_url": base_url,
+        "api_key_env": key_env,
+    }
+    (env / "grid.yaml").write_text(yaml.safe_dump(grid))
+
+
+@pytest.mark.parametrize(
+    ("reply", "says"),
+    [
+        ((404, {}, b'{"error": "no such route"}'), 'HTTP 404: {"error": "no such route"}'),
+        (None, "no logprobs"),
+    ],
+)
+def test_a_judge_server_that_fails_its_first_request_is_one_message_and_writes_nothing(
+    env, mirror, capsys, reply, says
+):
+    good = reference_csv(mirror, env / "good.csv", "Qwen2.5-7B-Instruct_bad-medical-advice", 2)
+    with ScriptedServer(lambda n, body: reply or no_logprobs_reply()) as server:
+        _api_judge(env, server.url)
+        err = _fails(["--reference", str(good)], capsys, env)
+        # One request, not retried: the store is not made.
+        assert server.requests == 1
+    assert err.startswith(f"error: judge test-judge at {server.url}/chat/completions: ") and says in err
+    assert err.count("\n") == 1 and not (env / "data").exists()
+
+
+def test_an_unreachable_judge_server_is_one_message_at_once(env, mirror, capsys, monkeypatch):
+    good = reference_csv(mirror, env / "good.csv", "Qwen2.5-7B-Instruct_bad-medical-advice", 2)
+    monkeypatch.delenv("EM_TEST_AGREEMENT_KEY", raising=False)
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    _api_judge(env, url)
+    started = time.monotonic()
+    err = _fails(["--reference", str(good)], capsys, env)
+    # Without scoring's retries and backoff; the unset key is named, as the server never got to ask for it.
+    assert time.monotonic() - started < 10
+    assert err.startswith(f"error: judge test-judge at {url}/chat/completions: connection failed")
+    assert err.endswith("($EM_TEST_AGREEMENT_KEY is not set)\n") and err.count("\n") == 1
+
+
+def test_a_judge_server_failing_midway_is_one_line_and_keeps_the_scores(env, mirror, capsys):
+    good = reference_csv(mirror, env / "good.csv", "Qwen2.5-7B-Instruct_bad-medical-advice", 4)
+    args = ["judge-agreement", "--reference", str(good)]
+    # The check and 4 scores pass; then the server answers without logprobs.
+    with FaultJudge(ok_first=5, failure="nologprobs") as server:
+        _api_judge(env, server.url)
+        grid = yaml.safe_load((env / "grid.yaml").read_text())
+        grid["profiles"]["test"]["judge"]["concurrency"] = 1
+        (env / "grid.yaml").write_text(yaml.safe_dump(grid))
+        assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("error: ") and "no logprobs" in err and "Traceback" not in err
+    assert Store(env / "results.duckdb").query("SELECT count(*) AS n FROM judge_cache")["n"][0] == 4
 
 
 def test_the_judge_loads_on_the_device_em_device_names(env, mirror, capsys, monkeypatch):
