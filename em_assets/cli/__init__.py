@@ -22,6 +22,8 @@ from em_assets.cli.organisms import cmd_plan
 from em_assets.cli.results import cmd_figures, cmd_migrate, cmd_sql
 from em_assets.settings import set_openmp_wait
 
+INTERRUPTED = "interrupted"
+
 
 def parser() -> argparse.ArgumentParser:
     """Every subcommand with its arguments; each sets `func`, the command to run."""
@@ -31,7 +33,9 @@ def parser() -> argparse.ArgumentParser:
         "demo", help="materialise every asset of the grid profile (EM_PROFILE, default demo)"
     )
     demo.add_argument("--organism", action="append", help="only this organism key (repeatable)")
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(
+        func=cmd_demo, interrupted=f"{INTERRUPTED}: the run is marked failed and its pool slots freed"
+    )
     plan = sub.add_parser(
         "plan", help="what the grid of the profile will run: each organism's kind, source and what is done"
     )
@@ -89,7 +93,11 @@ def parser() -> argparse.ArgumentParser:
         help="the grid's judge (default), a comparison judge by name (distilled, probe, local:<model>), or local:<source>",
     )
     agree.add_argument("--format", choices=["json", "table"], default="table")
-    agree.set_defaults(func=cmd_judge_agreement)
+    agree.set_defaults(
+        func=cmd_judge_agreement,
+        interrupted=f"{INTERRUPTED}: the judgements scored so far are kept in the judge cache, so a rerun asks "
+        "only for the rest",
+    )
     return parser
 
 
@@ -106,9 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         # Dagster turns SIGINT and SIGTERM inside a step into DagsterExecutionInterruptedError.
         if isinstance(exc, KeyboardInterrupt) or type(exc).__name__ == "DagsterExecutionInterruptedError":
-            print(
-                "[em-assets] interrupted: the run is marked failed and its pool slots freed", file=sys.stderr
-            )
+            # Only the demo starts a Dagster run; each other command says what an interruption leaves.
+            print(f"[em-assets] {getattr(args, 'interrupted', INTERRUPTED)}", file=sys.stderr)
             return 128 + signal.SIGINT
         message = bad_input_message(exc) if isinstance(exc, Exception) else None
         if message is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,17 +22,14 @@ if TYPE_CHECKING:
 def cmd_add_model(args: argparse.Namespace) -> int:
     from em_assets.grid.edit import add_base_model
     from em_assets.grid.load import GridError
-    from em_assets.grid.sources import check_source
-    from em_assets.models.hub import EMBEDDED
 
     try:
-        check_source(args.source, sorted(EMBEDDED))
         spec = add_base_model(
-            Path(args.grid) if args.grid else settings().grid_path,
+            _grid_path(args.grid),
             args.profile or settings().profile,
-            args.source,
-            name=args.name,
-            revision=args.revision,
+            _checked_source(args.source, args.revision),
+            name=_not_empty("--name", args.name),
+            revision=_not_empty("--revision", args.revision),
             trust_remote_code=args.trust_remote_code,
         )
     except GridError as exc:
@@ -39,6 +37,51 @@ def cmd_add_model(args: argparse.Namespace) -> int:
         return 2
     print(f"added base model {spec.name} ({spec.source}); the grid sensor will add its organisms and runs")
     return 0
+
+
+def _grid_path(given: str | None) -> Path:
+    """The grid file --grid names, else the configured one; a missing --grid file is refused here, since
+    load_grid's hint to set EM_GRID would not help."""
+    from em_assets.grid.load import GridError
+
+    if given is None:
+        return settings().grid_path
+    if not Path(given).exists():
+        raise GridError(f"grid file {given} (given with --grid) not found")
+    return Path(given)
+
+
+def _not_empty(option: str, value: str | None) -> str | None:
+    # An empty value would otherwise read as the option left out (a derived name, the hub's main).
+    if value is not None and not value.strip():
+        from em_assets.grid.load import GridError
+
+        raise GridError(f"{option} is empty; give a value or leave {option} out")
+    return value
+
+
+def _checked_source(source: str, revision: str | None) -> str:
+    """The source as the grid is to hold it, refused where the demo's pre-check would refuse it."""
+    from em_assets.grid.load import GridError
+    from em_assets.grid.sources import check_source
+    from em_assets.models.hub import EMBEDDED, unresolvable
+
+    kind = check_source(source, sorted(EMBEDDED))
+    if revision is not None and kind != "hub":
+        raise GridError(f"--revision pins hub sources only; {source!r} is {_KIND_WORDS[kind]}")
+    if kind != "local":
+        return source
+    # Only the folder is checked: a hub id would need the network, which the demo's pre-check asks instead.
+    why = unresolvable(source)
+    if why:
+        raise GridError(why)
+    # A run resolves a relative source against its own working directory (not the grid file's folder), so
+    # only an absolute path names this folder wherever the run starts.
+    local = Path(source).expanduser()
+    return source if local.is_absolute() else os.path.abspath(local)
+
+
+_KIND_WORDS = {"local": "a local directory", "embedded": "an embedded model"}
 
 
 def cmd_judge_agreement(args: argparse.Namespace) -> int:

@@ -89,7 +89,8 @@ def add_base_model(
     """Append a base model to `profiles.<profile>.base_models`; the file changes only if the result validates."""
     grid_path = Path(grid_path)
     grid = load_grid(grid_path, profile)
-    name = name or slug_for(source)
+    # An empty name is refused by validation below rather than read as no name.
+    name = slug_for(source) if name is None else name
     for spec in grid.base_models:
         if spec.name == name or _same_source(spec.source, source):
             raise GridError(

@@ -252,6 +252,89 @@ def test_add_model_takes_a_local_model_directory_and_an_embedded_name(tmp_path, 
     assert "source is empty" in capsys.readouterr().err and grid.read_text() == before
 
 
+SMALL_GRID = "profiles:\n  demo:\n    base_models: [{name: a, source: org/A}]\n    recipes: {base: {}}\n"
+
+
+def _model_folder(path: Path, weights: bool = True) -> Path:
+    """A folder that passes for a model folder: config.json, and an (empty) safetensors file if `weights`."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    if weights:
+        (path / "model.safetensors").write_bytes(b"")
+    return path
+
+
+def _refused(tmp_path: Path, capsys, args: list[str], says: str) -> None:
+    """add-model with `args` on a small grid: exit 2, one error line saying `says`, the grid unchanged."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(SMALL_GRID)
+    assert main(["add-model", *args, "--grid", str(grid), "--profile", "demo"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert grid.read_text() == SMALL_GRID
+
+
+def test_add_model_refuses_a_local_folder_without_safetensors_weights(tmp_path, capsys):
+    # The demo's pre-check refuses it (only safetensors are loaded), so the grid must not take it either.
+    folder = _model_folder(tmp_path / "bin-only", weights=False)
+    _refused(tmp_path, capsys, [str(folder)], f"{folder} has no .safetensors weights")
+
+
+@pytest.mark.parametrize("source", ["folder", "embedded:smollm2-135m-instruct"])
+def test_add_model_refuses_a_revision_for_a_source_not_on_the_hub(tmp_path, capsys, source):
+    if source == "folder":
+        source = str(_model_folder(tmp_path / "m"))
+    _refused(tmp_path, capsys, [source, "--revision", "deadbeef"], "--revision pins hub sources only")
+
+
+@pytest.mark.parametrize("option", ["--name", "--revision"])
+def test_add_model_refuses_an_empty_name_or_revision(tmp_path, capsys, option):
+    _refused(tmp_path, capsys, ["Qwen/Qwen2.5-0.5B-Instruct", option, ""], f"{option} is empty")
+
+
+def test_add_model_stores_a_relative_local_path_as_the_folder_it_names_now(tmp_path, capsys, monkeypatch):
+    # Runs resolve a relative source against their own working directory, so it is stored absolute.
+    work = tmp_path / "work"
+    folder = _model_folder(work / "models" / "m")
+    (tmp_path / "grids").mkdir()
+    grid = tmp_path / "grids" / "grid.yaml"
+    grid.write_text(SMALL_GRID)
+    monkeypatch.chdir(work)
+    assert main(["add-model", "models/m", "--grid", str(grid), "--profile", "demo"]) == 0
+    assert load_grid(grid, "demo").base_model("m").source == str(folder)
+
+
+def test_add_model_with_a_missing_grid_file_does_not_point_at_em_grid(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["add-model", "Qwen/Qwen2.5-0.5B-Instruct", "--grid", "../nope.yaml", "--profile", "demo"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err == "error: grid file ../nope.yaml (given with --grid) not found\n"
+    assert not (tmp_path.parent / "nope.yaml").exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("command", "says"),
+    [
+        (["demo"], "interrupted: the run is marked failed and its pool slots freed"),
+        (["judge-agreement", "--reference", "r.csv"], "interrupted: the judgements scored so far are kept in the judge cache"),
+        (["sql", "SELECT 1"], "interrupted"),
+    ],
+)  # fmt: skip
+def test_ctrl_c_says_what_the_interrupted_command_leaves(monkeypatch, capsys, command, says):
+    import em_assets.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    for name in ("cmd_demo", "cmd_judge_agreement", "cmd_sql"):
+        monkeypatch.setattr(em_assets.cli, name, interrupted)
+    assert main(command) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"[em-assets] {says}") and err.count("\n") == 1
+    assert ("pool slots" in err) == (command == ["demo"])
+
+
 @pytest.mark.parametrize(
     ("edit", "says"),
     [
