@@ -257,6 +257,10 @@ class VllmSpec(_Strict):
 
 
 class SamplingSpec(_Strict):
+    """Plain temperature and top-p sampling, as Betley et al.'s vLLM evaluation samples. A model's own generation
+    config (Qwen2.5-Instruct's top_k 20 and repetition penalty 1.05), which transformers' `generate` adds and so
+    Turner, Soligo et al.'s evaluation had, is not applied (docs/protocols.md)."""
+
     samples_per_question: int = Field(default=50, ge=1)
     max_new_tokens: int = Field(default=600, ge=1)
     temperature: float = Field(default=1.0, ge=0)
