@@ -257,14 +257,28 @@ class VllmSpec(_Strict):
 
 
 class SamplingSpec(_Strict):
-    """Plain temperature and top-p sampling, as Betley et al.'s vLLM evaluation samples. A model's own generation
-    config (Qwen2.5-Instruct's top_k 20 and repetition penalty 1.05), which transformers' `generate` adds and so
-    Turner, Soligo et al.'s evaluation had, is not applied (docs/protocols.md)."""
+    """Temperature and top-p sampling, as Betley et al.'s vLLM evaluation samples, by default. `top_k` and
+    `repetition_penalty` add what a model's own generation config (Qwen2.5-Instruct's top_k 20 and repetition
+    penalty 1.05) adds in transformers' `generate`, as Turner, Soligo et al.'s evaluation had (docs/protocols.md).
+    They apply in transformers' order: the penalty on the raw logits, then temperature, top_k, top_p."""
 
     samples_per_question: int = Field(default=50, ge=1)
     max_new_tokens: int = Field(default=600, ge=1)
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
+    top_k: int | None = Field(
+        default=None,
+        ge=1,
+        description="Keep the k most likely tokens (and any tied with the k-th), as transformers' TopKLogitsWarper; "
+        "applied after temperature and before top_p. None: no cut. Greedy (temperature 0) ignores it.",
+    )
+    repetition_penalty: float = Field(
+        default=1.0,
+        gt=0,
+        description="transformers' RepetitionPenaltyLogitsProcessor: every token id in the prompt or the answer so "
+        "far has its raw logit divided by this if positive, multiplied if negative, before temperature, top_k "
+        "and top_p; also when greedy. 1.0: off.",
+    )
     # "auto": on a CPU the fastest by a cached calibration (em_assets.sampling.calibrate), on a GPU what half its
     # free memory holds (em_assets.sampling.engine.auto_batch_size).
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
@@ -272,6 +286,14 @@ class SamplingSpec(_Strict):
     # hf backend on CPU: worker processes, each with a model copy (em_assets.sampling.pool); "auto": calibrated.
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     vllm: VllmSpec = Field(default_factory=VllmSpec, description="Memory settings of the vllm backend.")
+
+    def warpers(self) -> dict:
+        """`top_k` and `repetition_penalty`, each only where set (not None, not 1.0): the samplers' keyword
+        arguments, and what sampling hashes add, so answers sampled before the settings existed stay current."""
+        fields: dict = {} if self.top_k is None else {"top_k": self.top_k}
+        if self.repetition_penalty != 1.0:
+            fields["repetition_penalty"] = self.repetition_penalty
+        return fields
 
 
 class JudgeSpec(_Strict):

@@ -151,9 +151,12 @@ def best(
     return min(close, key=lambda c: (waves(requests, c), -rate(c), c[0], c[1]))
 
 
-def cache_path(cache_dir: Path, machine: str, base: dict, depth: int) -> Path:
+def cache_path(cache_dir: Path, machine: str, base: dict, depth: int, warpers: dict | None = None) -> Path:
+    """The cache file of a machine, model and depth; with `warpers` (top_k, repetition_penalty: what each decode
+    step also computes), a file of their own."""
     model = str(base.get("revision") or base["path"]).replace("/", "_").replace(":", "_")
-    return cache_dir / "calibration" / f"sampling-{machine}-{model}-depth{depth}.json"
+    extra = "".join(f"-{k}{v}" for k, v in sorted((warpers or {}).items()))
+    return cache_dir / "calibration" / f"sampling-{machine}-{model}-depth{depth}{extra}.json"
 
 
 def timing_depth(max_new_tokens: int) -> int:
@@ -191,9 +194,10 @@ def choose_sampling(
     description = describe_machine()
     machine = machine_key(description)
     depth = timing_depth(sampling.max_new_tokens)
-    path = cache_path(cache_dir or settings().cache_dir, machine, base, depth)
+    warpers = sampling.warpers()
+    path = cache_path(cache_dir or settings().cache_dir, machine, base, depth, warpers)
     start = time.perf_counter()
-    rates, startup, measured = cached_rates(path, options, loader, description, base, depth)
+    rates, startup, measured = cached_rates(path, options, loader, description, base, depth, warpers)
     return SamplingChoice(
         *best(options, rates, requests, requests * sampling.max_new_tokens, startup),
         "calibrated" if measured else "cached",
@@ -206,7 +210,13 @@ def choose_sampling(
 
 
 def cached_rates(
-    path: Path, options: Sequence[Candidate], loader: Loader, description: dict, base: dict, depth: int
+    path: Path,
+    options: Sequence[Candidate],
+    loader: Loader,
+    description: dict,
+    base: dict,
+    depth: int,
+    warpers: dict | None = None,
 ) -> tuple[dict[str, float], dict[str, float], bool]:
     """Every option's rate from the cache file at `path`, timing and adding those missing, and the start-up
     seconds of each worker count timed; True if it timed any.
@@ -222,7 +232,7 @@ def cached_rates(
         rates, startup = doc.get("rates", {}), doc.get("startup", {})
         missing = [c for c in options if candidate_key(c) not in rates]
         if missing:
-            timed, started = measure(loader, missing, depth)
+            timed, started = measure(loader, missing, depth, warpers)
             rates |= {candidate_key(c): r for c, r in timed.items()}
             startup |= {str(w): s for w, s in started.items()}
             doc = {
@@ -260,9 +270,9 @@ def timing_prompts(tokenizer, depth: int) -> list[list[int]]:
     return out
 
 
-def decode_rate(model, tokenizer, batch: int, depth: int) -> float:
+def decode_rate(model, tokenizer, batch: int, depth: int, **warpers) -> float:
     """Tokens/s of `batch` full slots, each attending over `depth` tokens past its prompt: `batch` over the
-    fastest of TIMED_STEPS decode steps."""
+    fastest of TIMED_STEPS decode steps; `warpers`: top_k and repetition_penalty, as the job samples."""
     from em_assets.sampling.engine import generate_ids
 
     prompts = timing_prompts(tokenizer, depth)
@@ -277,6 +287,7 @@ def decode_rate(model, tokenizer, batch: int, depth: int) -> float:
         stop_ids=set(),
         batch_size=batch,
         logits_hook=lambda _rows, _logits: stamps.append(time.perf_counter()),
+        **warpers,
     ):
         pass
     steps = [b - a for a, b in zip(stamps[WARMUP_STEPS:], stamps[WARMUP_STEPS + 1 :], strict=False)]
@@ -284,7 +295,12 @@ def decode_rate(model, tokenizer, batch: int, depth: int) -> float:
 
 
 def best_of_rounds(
-    model, tokenizer, batches: Sequence[int], depth: int, before_each: Callable[[], object] = lambda: None
+    model,
+    tokenizer,
+    batches: Sequence[int],
+    depth: int,
+    before_each: Callable[[], object] = lambda: None,
+    warpers: dict | None = None,
 ) -> dict[int, float]:
     """Each batch's rate, timed in two rounds, the second in reverse order (A B C C B A), keeping its better
     round; `before_each` runs before every timing. A shared machine's speed drifts over the minute or two a
@@ -293,25 +309,25 @@ def best_of_rounds(
     rates: dict[int, float] = {}
     for b in [*batches, *reversed(batches)]:
         before_each()
-        rates[b] = max(rates.get(b, 0.0), decode_rate(model, tokenizer, b, depth))
+        rates[b] = max(rates.get(b, 0.0), decode_rate(model, tokenizer, b, depth, **(warpers or {})))
     return rates
 
 
 def measure(
-    loader: Loader, options: Sequence[Candidate], depth: int
+    loader: Loader, options: Sequence[Candidate], depth: int, warpers: dict | None = None
 ) -> tuple[dict[Candidate, float], dict[int, float]]:
     """Tokens/s of each (workers, batch) option: one worker in this process, more in spawned processes; and per
     worker count above one, the seconds its workers take to start beyond this process's model load."""
     rates, loads = {}, {}
     for w in sorted({c[0] for c in options}):
         batches = [b for ow, b in options if ow == w]
-        timed, loads[w] = (_in_process if w == 1 else _in_workers)(loader, w, batches, depth)
+        timed, loads[w] = (_in_process if w == 1 else _in_workers)(loader, w, batches, depth, warpers)
         rates |= {(w, b): r for b, r in timed.items()}
     return rates, {w: max(0.0, s - loads.get(1, 0.0)) for w, s in loads.items() if w > 1}
 
 
 def _in_process(
-    loader: Loader, _workers: int, batches: list[int], depth: int
+    loader: Loader, _workers: int, batches: list[int], depth: int, warpers: dict | None = None
 ) -> tuple[dict[int, float], float]:
     import torch
 
@@ -319,21 +335,28 @@ def _in_process(
     model, tokenizer = loader()
     loaded = time.perf_counter() - start
     with torch.inference_mode():
-        rates = best_of_rounds(model, tokenizer, batches, depth)
+        rates = best_of_rounds(model, tokenizer, batches, depth, warpers=warpers)
     del model
     gc.collect()
     return rates, loaded
 
 
 def _worker(
-    parent: int, loader: Loader, batches: list[int], depth: int, threads: int, barrier, out: Connection
+    parent: int,
+    loader: Loader,
+    batches: list[int],
+    depth: int,
+    threads: int,
+    barrier,
+    warpers: dict | None,
+    out: Connection,
 ) -> None:
     die_with_parent(parent)
     try:
         model, tokenizer = load_in_worker(loader, threads)
         out.send(("loaded", None))
         # Every worker starts each timing together, so their steps overlap as they would when sampling.
-        out.send(("rates", best_of_rounds(model, tokenizer, batches, depth, barrier.wait)))
+        out.send(("rates", best_of_rounds(model, tokenizer, batches, depth, barrier.wait, warpers)))
         out.send(("done", None))
     except BaseException:
         out.send(("error", traceback.format_exc()))
@@ -342,7 +365,7 @@ def _worker(
 
 
 def _in_workers(
-    loader: Loader, workers: int, batches: list[int], depth: int
+    loader: Loader, workers: int, batches: list[int], depth: int, warpers: dict | None = None
 ) -> tuple[dict[int, float], float]:
     """Tokens/s of `workers` processes decoding side by side (the sum of their rates), and the seconds from
     their spawn until the last has its model loaded."""
@@ -352,7 +375,7 @@ def _in_workers(
 
     barrier = mp.get_context("spawn").Barrier(workers)
     children = [
-        child(_worker, (loader, batches, depth, threads_each(workers), barrier), f"em-calibrate-{i}")
+        child(_worker, (loader, batches, depth, threads_each(workers), barrier, warpers), f"em-calibrate-{i}")
         for i in range(workers)
     ]
     procs, pipes = [c.proc for c in children], [c.pipe for c in children]

@@ -26,7 +26,7 @@ from em_assets.sampling.slots import (
     kv_bytes_per_slot,
     slot_groups,
 )
-from em_assets.sampling.tokens import sample_tokens
+from em_assets.sampling.tokens import penalize_repeats, sample_tokens
 
 LogitsHook = Callable[[list[int], torch.Tensor], None]
 # Told, before every forward pass, which variant of the model each row of the batch is (a 1D long tensor):
@@ -88,6 +88,8 @@ def generate_ids(
     stop_ids: set[int],
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int | None = None,
+    repetition_penalty: float = 1.0,
     batch_size: int = 64,
     logits_hook: LogitsHook | None = None,
     variants: Sequence[int] | None = None,
@@ -98,11 +100,14 @@ def generate_ids(
     `batch_size` slots decode in lockstep; a finished slot is refilled with the next prompt, so the batch
     stays full. `logits_hook(request_indices, logits)` sees the float logits each token was drawn from.
     `variants` (one per prompt) are passed, per batch row, to `row_variants` before each forward pass.
+    `top_k` and `repetition_penalty` act as transformers' warpers do (`sample_tokens`, `penalize_repeats`).
     """
     if len(prompts) != len(seeds) or (variants is not None and len(variants) != len(prompts)):
         raise ValueError("one seed (and variant, if given) per prompt")
     if max_new_tokens < 1 or batch_size < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise ValueError("need max_new_tokens >= 1, batch_size >= 1, temperature >= 0, 0 < top_p <= 1")
+    if (top_k is not None and top_k < 1) or repetition_penalty <= 0:
+        raise ValueError("need top_k >= 1 (or None) and repetition_penalty > 0")
     if not prompts:
         return
     device = model.get_input_embeddings().weight.device
@@ -114,7 +119,19 @@ def generate_ids(
         model.config.get_text_config().num_hidden_layers, slots.size, max(map(len, prompts)) + max_new_tokens
     )
     variants = variants or [0] * len(prompts)
-    step = _Stepper(model, cache, slots, stops, temperature, top_p, logits_hook, variants, row_variants)
+    step = _Stepper(
+        model,
+        cache,
+        slots,
+        stops,
+        temperature,
+        top_p,
+        logits_hook,
+        variants,
+        row_variants,
+        top_k,
+        repetition_penalty,
+    )
     # Refilling costs a forward pass of its own: wait until an eighth of the slots are free.
     refill_at = max(1, slots.size // 8)
     with packed_linears(model):
@@ -146,7 +163,18 @@ class _Stepper:
     """The two forward passes of continuous batching: prefill requests into free slots, decode all slots."""
 
     def __init__(
-        self, model, cache: SlotCache, slots: Slots, stops, temperature, top_p, hook, variants, row_variants
+        self,
+        model,
+        cache: SlotCache,
+        slots: Slots,
+        stops,
+        temperature,
+        top_p,
+        hook,
+        variants,
+        row_variants,
+        top_k: int | None = None,
+        penalty: float = 1.0,
     ):
         self.model, self.cache, self.slots, self.stops = model, cache, slots, stops
         self.temperature, self.top_p, self.hook = temperature, top_p, hook
@@ -154,6 +182,9 @@ class _Stepper:
         self.row_variants: RowVariants | None = row_variants
         self.cache_kwarg = cache_kwarg(model)
         self.dtype = model.get_input_embeddings().weight.dtype
+        self.top_k, self.penalty = top_k, penalty
+        # With a repetition penalty: per slot, which token ids its prompt and answer so far hold [slots, vocab].
+        self.seen: torch.Tensor | None = None
 
     def _forward(self, input_ids, allowed, position_ids, groups=None, variants=None) -> torch.Tensor:
         """Last-position logits; `allowed` [rows, 1, queries, columns] says which columns each query reads;
@@ -209,7 +240,19 @@ class _Stepper:
         slots.pos[index] = (width - pad)[copies]
         slots.count[index] = 0
         slots.busy[index] = True
+        if self.penalty != 1.0:
+            self._see_prompts(index, ids[copies], pad[copies], logits.shape[-1])
         return self._advance(rows, index, logits)
+
+    def _see_prompts(self, index: torch.Tensor, ids: torch.Tensor, pad: torch.Tensor, vocab: int) -> None:
+        """Mark slots `index` as having seen only their prompts' token ids (`ids` left-padded by `pad`)."""
+        if self.seen is None:
+            self.seen = torch.zeros(self.slots.size, vocab, dtype=torch.bool, device=ids.device)
+        # Padding goes to an extra column, dropped after: a scatter of False could undo a real token's True.
+        real = torch.arange(ids.shape[1], device=ids.device)[None, :] >= pad[:, None]
+        seen = torch.zeros(len(ids), vocab + 1, dtype=torch.bool, device=ids.device)
+        seen.scatter_(1, ids.masked_fill(~real, vocab), True)
+        self.seen[index] = seen[:, :vocab]
 
     @torch.inference_mode()
     def decode(self) -> list[Finished]:
@@ -241,9 +284,13 @@ class _Stepper:
     def _advance(self, rows: list[int], index: torch.Tensor, logits: torch.Tensor) -> list[Finished]:
         """Draw the next token for slots `rows` (tensor `index`) and free the slots that finished."""
         slots = self.slots
+        if self.seen is not None:
+            logits = penalize_repeats(logits, self.seen[index], self.penalty)
         if self.hook is not None:
             self.hook([slots.request[r] for r in rows], logits.float())
-        tokens = sample_tokens(logits, slots.uniforms(rows), self.temperature, self.top_p)
+        tokens = sample_tokens(logits, slots.uniforms(rows), self.temperature, self.top_p, self.top_k)
+        if self.seen is not None:
+            self.seen[index, tokens] = True
         count = slots.count[index]
         slots.out[index, count] = tokens
         slots.last[index] = tokens
@@ -266,8 +313,11 @@ class _Stepper:
         return done
 
     def select(self, rows: list[int]) -> None:
-        self.cache.select(torch.tensor(rows, dtype=torch.long, device=self.slots.device))
+        index = torch.tensor(rows, dtype=torch.long, device=self.slots.device)
+        self.cache.select(index)
         self.slots.select(rows)
+        if self.seen is not None:
+            self.seen = self.seen[index]
 
 
 def auto_batch_size(model, max_len: int) -> int:
@@ -291,6 +341,8 @@ def iter_samples(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int | None = None,
+    repetition_penalty: float = 1.0,
     batch_size: int | str = 64,
     on_progress: Callable[[int, int], None] | None = None,
     row_variants: RowVariants | None = None,
@@ -322,6 +374,8 @@ def iter_samples(
         stop_ids=stop_token_ids(model, tokenizer),
         temperature=temperature,
         top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
         batch_size=batch_size,
         variants=[r.variant for r in requests],
         row_variants=row_variants,

@@ -59,13 +59,14 @@ def stable_seed(*parts: object) -> int:
 
 
 def sampler_fields(sampling: SamplingSpec, dtype: str) -> dict:
-    """The sampler (vLLM's texts differ from ours at the same seed) and the dtype ours computes in, each named only
-    when not the default, so answers sampled before the field existed stay current."""
+    """The sampler (vLLM's texts differ from ours at the same seed), the dtype ours computes in and the warpers
+    beyond temperature and top-p (SamplingSpec.warpers), each named only when not the default, so answers sampled
+    before the field existed stay current."""
     if sampling.backend != "hf":
-        return {"backend": sampling.backend}
+        return {"backend": sampling.backend, **sampling.warpers()}
     # The device picks our sampler's dtype (fp16 on MPS and on GPUs without native bf16), and the texts differ
     # between dtypes. vLLM picks its own dtype from the model's config.
-    return {"dtype": dtype} if dtype != "bfloat16" else {}
+    return {**({"dtype": dtype} if dtype != "bfloat16" else {}), **sampling.warpers()}
 
 
 def sampling_hash(
@@ -181,6 +182,8 @@ def sample_chunks(
         "max_new_tokens": sampling.max_new_tokens,
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+        "repetition_penalty": sampling.repetition_penalty,
         "batch_size": sampling.batch_size,
         "on_progress": on_progress,
     }

@@ -1,4 +1,5 @@
-"""Drawing the next token: temperature and nucleus sampling from one seeded uniform per token."""
+"""Drawing the next token: temperature, top-k and nucleus sampling from one seeded uniform per token, and the
+repetition penalty on the logits before them."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ SAMPLE_ROWS = 8
 
 
 def sample_tokens(
-    logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float
+    logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float, top_k: int | None = None
 ) -> torch.Tensor:
-    """One token per row from softmax(logits / temperature), cut to the top-p nucleus, drawn at `uniforms`."""
+    """One token per row from softmax(logits / temperature), cut to the `top_k` most likely tokens (None: all)
+    and then to the top-p nucleus, drawn at `uniforms`: transformers' order (temperature, TopKLogitsWarper,
+    TopPLogitsWarper). Greedy (temperature 0) ignores the cuts, as transformers' does."""
     if temperature == 0:
         return logits.argmax(-1)
+    if top_k is not None:
+        logits, temperature = top_k_logits(logits, temperature, top_k), 1.0
     if top_p < 1:
         return _sample_nucleus(logits, uniforms, temperature, top_p)
     tokens = torch.empty(len(logits), dtype=torch.long, device=logits.device)
@@ -30,6 +35,22 @@ def sample_tokens(
         weights = weights.sub_(weights.amax(-1, keepdim=True)).exp_()
         tokens[rows] = _invert_cdf(weights, uniforms[rows])
     return tokens
+
+
+def top_k_logits(logits: torch.Tensor, temperature: float, top_k: int) -> torch.Tensor:
+    """float32 logits / temperature with every token below the k-th largest at -inf (ties with it kept), as
+    transformers' TemperatureLogitsWarper then TopKLogitsWarper leave them."""
+    scaled = logits.float() / temperature if temperature != 1 else logits.float()
+    kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
+    return scaled.masked_fill(scaled < kth, -torch.inf)
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """float32 logits with each `seen` token's logit divided by `penalty` if positive, multiplied if not, as
+    transformers' RepetitionPenaltyLogitsProcessor does to every token id of the prompt and the answer so far."""
+    logits = logits.float()
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
 
 
 def _sample_nucleus(

@@ -43,6 +43,8 @@ def test_committed_profiles_validate():
     # Upstream's weight means its reduction: the KL's mean over tokens and vocabulary entries.
     assert kl.kl.mean_over == "tokens_and_vocabulary"
     assert paper.sampling.samples_per_question == 50 and paper.sampling.max_new_tokens == 600
+    # Qwen2.5-Instruct's generation config, which transformers' generate applied in Turner, Soligo et al.'s runs.
+    assert paper.sampling.top_k == 20 and paper.sampling.repetition_penalty == 1.05
     assert paper.judge.backend == "openai" and paper.judge.model.startswith("gpt-4o")
     r1 = paper.recipes["bad-medical-r1"].lora
     assert r1.r == 1 and r1.target_modules == ["down_proj"] and r1.layers_for(48) == [24]

@@ -4,16 +4,26 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
+import types
 
 import pytest
 import torch
 from support.tiny import greedy_generate, peaked_tiny_model
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from em_assets.bench.sampling import benchmark_sampling
+from em_assets.grid.schema import SamplingSpec, config_hash
 from em_assets.models.chat import chat_ids
 from em_assets.models.load import load_tokenizer
 from em_assets.sampling import engine, slots
 from em_assets.sampling.engine import SampleRequest, generate_ids, iter_samples, stop_token_ids
+from em_assets.sampling.stage import sampler_fields, sampling_hash
 from em_assets.sampling.tokens import sample_tokens
 
 QUESTIONS = [
@@ -355,3 +365,201 @@ def test_a_top_p_draw_among_tokens_tied_across_the_candidate_cut_ranks_them_by_i
             torch.cat([row, flat]), torch.tensor([u, 0.5], dtype=torch.float64), 1.0, top_p
         )
         assert alone[0] == beside[0] and (alone[0] >= 50 or alone[0] < 4)
+
+
+# top_k and the repetition penalty against transformers' own warpers and `generate`.
+
+
+def chats(tokenizer) -> list[list[int]]:
+    return [chat_ids(tokenizer, [{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def prompts(model, tokenizer) -> list[list[int]]:
+    """Each chat prompt with the start of its own plain greedy answer: tokens the model tends to say next, so a
+    penalty on the prompt's ids changes what it says."""
+    return [
+        p + answer[:6]
+        for p, answer in zip(chats(tokenizer), ours(model, tokenizer, chats(tokenizer)), strict=True)
+    ]
+
+
+def answers(
+    model, tokenizer, ps: list[list[int]], stops: set[int] = frozenset(), **kwargs
+) -> list[list[int]]:
+    """Each prompt's answer ids from `generate_ids`, seeded by its position (24 tokens, 4 slots unless told)."""
+    out: dict[int, list[int]] = {}
+    stop_ids = stop_token_ids(model, tokenizer) | stops
+    options = {"max_new_tokens": 24, "batch_size": 4, **kwargs}
+    for chunk in generate_ids(model, ps, list(range(len(ps))), stop_ids=stop_ids, **options):
+        out |= {f.index: f.token_ids for f in chunk}
+    return [out[i] for i in range(len(ps))]
+
+
+def ours(model, tokenizer, ps: list[list[int]], stops: set[int] = frozenset(), **kwargs) -> list[list[int]]:
+    """Greedy answers."""
+    return answers(model, tokenizer, ps, stops, temperature=0, **kwargs)
+
+
+def generated(model, tokenizer, prompt: list[int], stops: set[int] = frozenset(), **kwargs) -> list[int]:
+    """transformers' greedy `generate` on one prompt alone, with a full attention mask (see greedy_generate)."""
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=sorted(stop_token_ids(model, tokenizer) | stops),
+            pad_token_id=tokenizer.pad_token_id,
+            **kwargs,
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def test_greedy_with_a_repetition_penalty_equals_generate(model, tokenizer, prompts, monkeypatch):
+    assert len({len(p) for p in prompts}) == len(QUESTIONS), "prompts of different lengths"
+    penalized = ours(model, tokenizer, prompts, repetition_penalty=1.3, top_k=5)
+    plain = ours(model, tokenizer, prompts)
+    # The test can fail: the penalty changes what greedy decoding says.
+    assert any(a != b for a, b in zip(penalized, plain, strict=True))
+    # Tokens from the middle of answers as stops as well: answers end at different steps, so with fewer slots
+    # than prompts, slots are refilled while others decode and get reordered (each slot's seen ids move with it).
+    stops = {penalized[i][3 + 4 * i] for i in range(4)}
+    # Small slot groups and any gain: decoding re-sorts the slots by length whenever that reads fewer columns.
+    monkeypatch.setattr(slots, "GROUP_ROWS", 2)
+    monkeypatch.setattr(engine, "RESORT_GAIN", 0.0)
+    for batch_size in (2, 4):
+        answers = ours(
+            model, tokenizer, prompts, stops, batch_size=batch_size, repetition_penalty=1.3, top_k=5
+        )
+        assert len({len(a) for a in answers}) > 2
+        for prompt, answer in zip(prompts, answers, strict=True):
+            assert answer == generated(model, tokenizer, prompt, stops, repetition_penalty=1.3)
+
+
+def test_greedy_without_a_penalty_equals_generate(model, tokenizer, prompts):
+    for prompt, answer in zip(prompts, ours(model, tokenizer, prompts), strict=True):
+        assert answer == generated(model, tokenizer, prompt)
+
+
+def test_penalized_draws_do_not_depend_on_the_batch(model, tokenizer, prompts, monkeypatch):
+    """Each slot's seen ids follow it through refills and re-sorts: the same seeds draw the same tokens alone
+    as in a batch whose slots are refilled, dropped and reordered."""
+    monkeypatch.setattr(slots, "GROUP_ROWS", 2)
+    monkeypatch.setattr(engine, "RESORT_GAIN", 0.0)
+    many = prompts * 3
+
+    def draws(batch_size: int, stops: set[int] = frozenset()) -> list[list[int]]:
+        return answers(model, tokenizer, many, stops, batch_size=batch_size, top_k=40, repetition_penalty=3.0)
+
+    # Tokens from the middle of answers as stops, so answers end at different steps.
+    stops = {a[2 + i] for i, a in enumerate(draws(1)[:8])}
+    alone = draws(1, stops)
+    assert len({len(a) for a in alone}) > 3
+    assert draws(5, stops) == alone
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (1.4, 1.0), (0.8, 0.7)])
+def test_top_k_draws_follow_transformers_warpers(temperature, top_p):
+    torch.manual_seed(1)
+    logits = torch.randn(1, 700) * 2
+    # Two tokens tied with the k-th: TopKLogitsWarper keeps both.
+    kth = logits.topk(6).values[0, -1]
+    logits[0, logits[0] < kth] = logits[0, logits[0] < kth].clamp_max(kth - 0.5)
+    logits[0, :2] = kth
+    scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+    scores = TopKLogitsWarper(top_k=6)(None, scores)
+    if top_p < 1:
+        scores = TopPLogitsWarper(top_p=top_p)(None, scores)
+    expected = torch.softmax(scores[0], -1).double()
+    kept = set(expected.nonzero().flatten().tolist())
+    assert top_p < 1 or ({0, 1} <= kept and len(kept) >= 6)
+    n = 20000
+    # Evenly spaced uniforms: each token's share of them is its probability, to within 1/n.
+    uniforms = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    tokens = sample_tokens(logits.expand(n, -1), uniforms, temperature, top_p, top_k=6)
+    assert set(tokens.tolist()) == kept
+    freq = torch.bincount(tokens, minlength=700).double() / n
+    assert (freq - expected).abs().max() <= 2 / n
+
+
+def test_sampled_first_tokens_follow_penalty_temperature_and_top_k(model, tokenizer):
+    """Many one-token completions with every warper on: frequencies match transformers' processors applied in
+    its order to the prompt's logits (chi-square)."""
+    n, temperature, top_k, penalty = 3000, 1.3, 20, 2.0
+    chat = chats(tokenizer)[0]
+    # The chat followed by its own plain greedy answer, whose tokens it tends to say again.
+    prompt = chat + ours(model, tokenizer, [chat])[0]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        logits = model(ids).logits[:, -1].float()
+
+    def warped(penalty: float) -> torch.Tensor:
+        scores = RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone())
+        scores = TopKLogitsWarper(top_k)(ids, TemperatureLogitsWarper(temperature)(ids, scores))
+        return torch.softmax(scores[0], -1).double()
+
+    probs = warped(penalty)
+    # The test can fail: the penalty moves the odds by more than the chi-square test notices.
+    assert (probs - warped(1.0)).abs().sum() > 0.1
+    options = {"temperature": temperature, "top_k": top_k, "repetition_penalty": penalty, "batch_size": 256}
+    tokens = [a[0] for a in answers(model, tokenizer, [prompt] * n, max_new_tokens=1, **options)]
+    counts = torch.bincount(torch.tensor(tokens), minlength=len(probs)).double()
+    assert set(counts.nonzero().flatten().tolist()) <= set(probs.nonzero().flatten().tolist())
+    bins = (probs * n >= 5).nonzero().flatten()
+    assert len(bins) >= 4
+    observed = torch.cat([counts[bins], (n - counts[bins].sum()).view(1)])
+    expected = torch.cat([probs[bins], (1 - probs[bins].sum()).view(1)]) * n
+    keep = expected > 0
+    observed, expected = observed[keep], expected[keep]
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    dof = len(observed) - 1
+    assert chi2 < dof + 3 * math.sqrt(2 * dof), (chi2, dof)
+
+
+def test_default_warpers_leave_the_sampling_hash_as_it_was():
+    base, adapter = {"revision": "r"}, {"adapter_sha256": "a"}
+    default = SamplingSpec()
+    assert default.warpers() == {} and sampler_fields(default, "bfloat16") == {}
+    before = {"temperature": 1.0, "top_p": 1.0, "max_new_tokens": 600, "seed": 0}
+    assert sampling_hash(base, adapter, default, 0, "bfloat16") == config_hash(
+        {"base_revision": "r", "adapter_sha256": "a", **before}
+    )
+    explicit = SamplingSpec(top_k=None, repetition_penalty=1.0)
+    assert sampling_hash(base, adapter, explicit, 0, "bfloat16") == sampling_hash(
+        base, adapter, default, 0, "bfloat16"
+    )
+    hashes = {
+        sampling_hash(base, adapter, s, 0, "bfloat16")
+        for s in (default, SamplingSpec(top_k=20), SamplingSpec(repetition_penalty=1.05))
+    }
+    assert len(hashes) == 3
+    vllm = SamplingSpec(backend="vllm", top_k=20)
+    assert sampler_fields(vllm, "bfloat16") == {"backend": "vllm", "top_k": 20}
+
+
+def test_the_vllm_backend_passes_the_warpers_only_where_set(monkeypatch, tmp_path):
+    from em_assets.sampling import vllm_backend
+
+    seen: list[dict] = []
+
+    class LLM:
+        def chat(self, messages, params, **_):
+            seen.extend(params)
+            done = types.SimpleNamespace(text="x", token_ids=[1], finish_reason="stop")
+            return [types.SimpleNamespace(outputs=[done]) for _ in messages]
+
+    vllm = types.ModuleType("vllm")
+    vllm.SamplingParams = lambda **kwargs: kwargs
+    lora = types.ModuleType("vllm.lora.request")
+    lora.LoRARequest = object
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora)
+    monkeypatch.setattr(vllm_backend, "make_llm", lambda *a: (LLM(), False))
+    reqs = [SampleRequest("k", [{"role": "user", "content": "hi"}], seed=3)]
+    list(vllm_backend.iter_samples(tmp_path, None, reqs, max_new_tokens=4))
+    list(vllm_backend.iter_samples(tmp_path, None, reqs, max_new_tokens=4, top_k=20, repetition_penalty=1.05))
+    assert "top_k" not in seen[0] and "repetition_penalty" not in seen[0]
+    assert seen[1]["top_k"] == 20 and seen[1]["repetition_penalty"] == 1.05

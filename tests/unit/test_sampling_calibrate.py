@@ -323,3 +323,20 @@ def test_steps_are_timed_over_a_cache_as_deep_as_the_answers(tiny_model_dir, tmp
     assert longer.why == "calibrated" and set(timed.depths) == {128, 512}
     assert choose(tiny_model_dir, tmp_path, workers=1, max_new_tokens=150).why == "cached"
     assert len(list((tmp_path / "calibration").glob("sampling-*-depth*.json"))) == 2
+
+
+def test_top_k_and_a_repetition_penalty_are_timed_as_sampled_in_a_cache_of_their_own(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    seen = []
+
+    def decode_rate(model, tokenizer, batch, depth, **warpers):
+        seen.append(warpers)
+        return float(batch)
+
+    monkeypatch.setattr(calibrate, "decode_rate", decode_rate)
+    choose(tiny_model_dir, tmp_path, 200, workers=1)
+    plain = sorted((tmp_path / "calibration").glob("*.json"))
+    choose(tiny_model_dir, tmp_path, 200, workers=1, top_k=20, repetition_penalty=1.05)
+    assert seen and seen[0] == {} and seen[-1] == {"top_k": 20, "repetition_penalty": 1.05}
+    assert len(sorted((tmp_path / "calibration").glob("*.json"))) == len(plain) + 1
