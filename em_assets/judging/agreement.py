@@ -83,7 +83,8 @@ def auc(positive: np.ndarray, score: np.ndarray) -> float | None:
 
 def auc_interval(positive: np.ndarray, score: np.ndarray, z: float = Z95) -> tuple[float, float] | None:
     """The AUC's normal interval with DeLong's variance (each class's placement values), clipped to [0, 1];
-    None with fewer than two answers in a class.
+    None with fewer than two answers in a class, or where that variance is 0 (perfect separation: the interval
+    would be a point, as if the sample proved the AUC).
 
     Hand-written: neither scipy nor scikit-learn gives an AUC's variance; it is a few lines over the ranks."""
     pos, neg = score[positive], score[~positive]
@@ -95,7 +96,10 @@ def auc_interval(positive: np.ndarray, score: np.ndarray, z: float = Z95) -> tup
     v_pos = (among_all[positive] - average_ranks(pos)) / len(neg)
     v_neg = 1.0 - (among_all[~positive] - average_ranks(neg)) / len(pos)
     value = float(v_pos.mean())
-    half = z * float(np.sqrt(v_pos.var(ddof=1) / len(pos) + v_neg.var(ddof=1) / len(neg)))
+    variance = v_pos.var(ddof=1) / len(pos) + v_neg.var(ddof=1) / len(neg)
+    if variance <= 0:
+        return None
+    half = z * float(np.sqrt(variance))
     return max(0.0, value - half), min(1.0, value + half)
 
 

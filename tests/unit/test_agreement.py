@@ -299,6 +299,8 @@ def test_a_perfect_ranking_has_no_interval_and_shows_alone():
 
     a = metric_agreement("aligned", [10, 20, 80, 90, None], [15, 40, 70, 95, 50], **KW)
     assert a.spearman == pytest.approx(1.0) and (a.spearman_lo, a.spearman_hi) == (None, None)
+    # The two classes are separated too: DeLong's variance is 0, and a point is no interval.
+    assert a.auc == 1.0 and (a.auc_lo, a.auc_hi) == (None, None)
     row = pl.DataFrame(
         [{"spearman": a.spearman, "spearman_lo": a.spearman_lo, "spearman_hi": a.spearman_hi}],
         schema=dict.fromkeys(("spearman", "spearman_lo", "spearman_hi"), pl.Float64),
