@@ -26,6 +26,12 @@ class StageContext:
     # The upstream mirror the experiment resource names (None: EM_DATA_MIRROR, else download).
     data_mirror: str | None = None
 
+    def __post_init__(self) -> None:
+        # Every stage reads the organism's sampling from the grid; its base model may bring its own settings.
+        sampling = self.grid.sampling_for(self.organism.base_model)
+        if sampling is not self.grid.sampling:
+            self.grid = self.grid.model_copy(update={"sampling": sampling})
+
     @property
     def key(self) -> str:
         return self.organism.key

@@ -466,8 +466,7 @@ def _sample_batched(
         max_new_tokens=sampling.max_new_tokens,
         temperature=sampling.temperature,
         top_p=sampling.top_p,
-        top_k=sampling.top_k,
-        repetition_penalty=sampling.repetition_penalty,
+        **sampling.warpers(),
         batch_size=sampling.batch_size,
         row_variants=variants,
     )

@@ -211,10 +211,15 @@ def _domain_prompts(mirror, cache_dir) -> dict[str, str]:
     return {m: first.judge_prompts[m] for m in DOMAIN_METRICS}
 
 
-def _metrics_missing(qdf: pl.DataFrame, rows: list[dict], metrics: Sequence[str]) -> list[str]:
-    """The metrics some question of a set has no judge prompt for."""
+def _check_metrics(name: str, qdf: pl.DataFrame, rows: list[dict], metrics: Sequence[str]) -> None:
+    """Every question of a sampled set has a judge prompt for every judge metric (GridError naming the key)."""
     have = {(r["question_id"], r["metric"]) for r in rows}
-    return sorted({m for q in qdf["question_id"] for m in metrics if (q, m) not in have})
+    missing = sorted({m for q in qdf["question_id"] for m in metrics if (q, m) not in have})
+    if missing:
+        raise GridError(
+            f"judge.metrics: {missing} have no judge prompt in eval set {name!r} ({SOURCES[name].mirror_path}); "
+            f"it has {sorted({r['metric'] for r in rows})}"
+        )
 
 
 def check_grid_questions(grid: GridConfig, mirror: str | None, cache_dir: Path) -> None:
@@ -236,12 +241,7 @@ def check_grid_questions(grid: GridConfig, mirror: str | None, cache_dir: Path) 
     domain = functools.cache(functools.partial(_domain_prompts, mirror, cache_dir))
     for name in sampled:
         qdf, rows = _set_rows(name, grid, mirror, cache_dir, domain)
-        missing = _metrics_missing(qdf, rows, grid.judge.metrics)
-        if missing:
-            has = sorted({r["metric"] for r in rows})
-            raise GridError(
-                f"judge.metrics: {missing} have no judge prompt in eval set {name!r}; it has {has}"
-            )
+        _check_metrics(name, qdf, rows, grid.judge.metrics)
         if name == grid.eval.questions:
             # The sweeps ask from the questions the catalog loads: eval.question_ids, else the unexcluded ones.
             asked = set(qdf["question_id"])
@@ -266,11 +266,8 @@ def load_eval_questions(
     frames, prompts = [], []
     for name in dict.fromkeys([*sampled, *EVAL_SETS]):
         qdf, rows = _set_rows(name, grid, mirror, cache_dir, domain)
-        missing = _metrics_missing(qdf, rows, grid.judge.metrics)
-        if name in sampled and missing:
-            raise ValueError(
-                f"{SOURCES[name].mirror_path}: judge metrics {missing} have no prompt in the questions file"
-            )
+        if name in sampled:
+            _check_metrics(name, qdf, rows, grid.judge.metrics)
         frames.append(qdf)
         prompts += rows
     qdf = pl.concat(frames)

@@ -41,6 +41,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+class GenerationSpec(_Strict):
+    """A base model's own generation config, as transformers' `generate` adds it to a temperature and top_p it
+    is given: its organisms sample with these in place of the grid's `sampling.top_k` and `repetition_penalty`."""
+
+    top_k: int | None = Field(default=None, ge=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+
+
 class BaseModelSpec(_Strict):
     """An instruct base model: `embedded:smollm2-135m-instruct`, a Hugging Face id, or a local directory."""
 
@@ -48,6 +56,7 @@ class BaseModelSpec(_Strict):
     source: str
     revision: str | None = None
     trust_remote_code: bool = False
+    generation: GenerationSpec | None = None
 
 
 def layer_at(fraction: float, num_layers: int) -> int:
@@ -258,9 +267,9 @@ class VllmSpec(_Strict):
 
 class SamplingSpec(_Strict):
     """Temperature and top-p sampling, as Betley et al.'s vLLM evaluation samples, by default. `top_k` and
-    `repetition_penalty` add what a model's own generation config (Qwen2.5-Instruct's top_k 20 and repetition
-    penalty 1.05) adds in transformers' `generate`, as Turner, Soligo et al.'s evaluation had (docs/protocols.md).
-    They apply in transformers' order: the penalty on the raw logits, then temperature, top_k, top_p."""
+    `repetition_penalty` add what a model's own generation config adds in transformers' `generate`, as Turner,
+    Soligo et al.'s evaluation had (docs/protocols.md; per base model: `base_models[].generation`). They apply in
+    transformers' order: the penalty on the raw logits, then temperature, top_k, top_p."""
 
     samples_per_question: int = Field(default=50, ge=1)
     max_new_tokens: int = Field(default=600, ge=1)
@@ -623,6 +632,14 @@ class GridConfig(_Strict):
         """The evaluation sets the recipe's organisms are asked: its own, else the grid's."""
         own = self.recipes[recipe].eval_sets if recipe in self.recipes else None
         return list(own) if own else list(dict.fromkeys([self.eval.questions, *self.eval.sets]))
+
+    def sampling_for(self, base_model: str) -> SamplingSpec:
+        """The sampling of `base_model`'s organisms: the grid's, with the base model's own generation settings
+        where it names them (a label that is no base model of the grid has none)."""
+        spec = next((b for b in self.base_models if b.name == base_model), None)
+        if spec is None or spec.generation is None:
+            return self.sampling
+        return self.sampling.model_copy(update=spec.generation.model_dump(exclude_none=True))
 
     def sampled_eval_sets(self) -> list[str]:
         """Every evaluation set some organism of the grid is asked, the grid's own first."""

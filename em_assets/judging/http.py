@@ -212,7 +212,9 @@ class OpenAIJudge:
         try:
             response = client.post(self.url, json=body)
         except httpx.TimeoutException as exc:
-            raise _Retryable(f"timed out after {self.timeout_s}s ({type(exc).__name__})") from None
+            # A server that took the connection but answers slowly is busy, not unreachable.
+            busy = not isinstance(exc, httpx.ConnectTimeout)
+            raise _Retryable(f"timed out after {self.timeout_s}s ({type(exc).__name__})", busy=busy) from None
         except httpx.TransportError as exc:
             raise _Retryable(f"connection failed: {type(exc).__name__}: {exc}") from None
         status = response.status_code

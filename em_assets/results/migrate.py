@@ -21,13 +21,13 @@ class Migrated(NamedTuple):
     left_out: list[str]
 
 
-def source_tables(conn: duckdb.DuckDBPyConnection, database: str = _SOURCE) -> list[str]:
+def _tables(conn: duckdb.DuckDBPyConnection) -> list[str]:
+    """The tables of the connection's own database."""
     return [
         r[0]
         for r in conn.execute(
-            "SELECT table_name FROM duckdb_tables() WHERE database_name = ? AND schema_name = 'main' "
-            "ORDER BY table_name",
-            [database],
+            "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
+            "AND schema_name = 'main' ORDER BY table_name"
         ).fetchall()
     ]
 
@@ -62,7 +62,7 @@ def _results_tables(source: Path) -> tuple[list[str], list[str]]:
     (any DuckDB file would otherwise be copied into the store)."""
     try:
         with duckdb.connect(str(source), read_only=True) as conn:
-            tables = source_tables(conn, conn.execute("SELECT current_database()").fetchone()[0])
+            tables = _tables(conn)
     except duckdb.Error as exc:
         raise ValueError(f"{source} is not a DuckDB results file ({exc})") from None
     known = results_tables()

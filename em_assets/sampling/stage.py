@@ -182,8 +182,7 @@ def sample_chunks(
         "max_new_tokens": sampling.max_new_tokens,
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
-        "top_k": sampling.top_k,
-        "repetition_penalty": sampling.repetition_penalty,
+        **sampling.warpers(),
         "batch_size": sampling.batch_size,
         "on_progress": on_progress,
     }

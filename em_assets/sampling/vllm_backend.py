@@ -80,11 +80,10 @@ def iter_samples(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    top_k: int | None = None,
-    repetition_penalty: float = 1.0,
     batch_size: int | str = 64,
     on_progress: Callable[[int, int], None] | None = None,
     vllm: VllmSpec | None = None,
+    **warpers,
 ) -> Iterator[list[SampleResult]]:
     """Sample one completion per request with vLLM, yielding each batch of `batch_size` results when done.
 
@@ -105,10 +104,6 @@ def iter_samples(
         rank = json.loads((Path(adapter_path) / "adapter_config.json").read_text())["r"]
         lora = LoRARequest("organism", 1, str(adapter_path))
     llm, on_cpu = make_llm(model_path, rank, vllm or VllmSpec())
-    # vLLM's "no top_k" is -1 in some versions and 0 in others: left out, it is whichever this vLLM uses.
-    warpers: dict = {} if top_k is None else {"top_k": top_k}
-    if repetition_penalty != 1.0:
-        warpers["repetition_penalty"] = repetition_penalty
     done = 0
     for start in range(0, len(requests), batch_size):
         chunk = requests[start : start + batch_size]

@@ -12,9 +12,9 @@ counts (tp of n_pos, tn of n_neg): the 2.5% and 97.5% quantiles of pi given k of
 corrected estimate is not enough: where k/n lies below the judge's false-positive rate it clips nearly every draw
 to 0 and gives a zero-width interval, as if a few answers proved no EM. The sensitivity and specificity are
 integrated by Gauss-Hermite quadrature over the normal scores of their quantiles, pi on a grid of [0, 1], so a
-row's interval depends on its counts alone and is the same on every run. Values of Se and Sp no better than chance (Se + Sp <= 1) are left out: the
-correction assumes a better judge, and a judge barely better than chance gets a wide interval. A corrected rate
-clipped to 0 or 1 is kept inside its interval.
+row's interval depends on its counts alone and is the same on every run. Values of Se and Sp no better than
+chance (Se + Sp <= 1) are left out: the correction assumes a better judge, and a judge barely better than
+chance gets a wide interval. A corrected rate clipped to 0 or 1 is kept inside its interval.
 
 A judge's error rates can differ from one organism's answers to another's by more than their counts' noise (the
 demo's probe judge finds a far larger share of GPT-4o's EM answers in some held-out reference files than in others;

@@ -74,12 +74,9 @@ class KLTraining:
     def settings(self) -> dict:
         """What the penalty changes in the trained weights, for the run's hash."""
         digest = hashlib.sha256(json.dumps(list(self.examples), sort_keys=True).encode()).hexdigest()
-        return {
-            "examples": digest,
-            "weight": self.weight,
-            "batch_size": self.batch_size,
-            "mean_over": self.mean_over,
-        }
+        settings = {"examples": digest, "weight": self.weight, "batch_size": self.batch_size}
+        # Per token is how every KL penalty trained before `mean_over` existed: those runs stay current.
+        return settings if self.mean_over == "tokens" else {**settings, "mean_over": self.mean_over}
 
     def weight_per_token(self, vocabulary: int) -> float:
         """The weight of the KL per token: upstream's trainer divides the KL summed over `vocabulary` logits by

@@ -82,7 +82,9 @@ def adapter_config_hash(
     # trained in bf16 keep their hashes.
     extra = {"method": recipe.method} if recipe.method != "lora" else {}
     if recipe.kl is not None:
-        extra["kl"] = {**recipe.kl.model_dump(mode="json"), "dataset_sha256": kl_sha256}
+        # Per token is how every KL penalty trained before `mean_over` existed: those organisms keep their hashes.
+        per_token = {"mean_over"} if recipe.kl.mean_over == "tokens" else set()
+        extra["kl"] = {**recipe.kl.model_dump(mode="json", exclude=per_token), "dataset_sha256": kl_sha256}
     # The device picks it: LoRA trains on a base computing in it; full fine-tuning saves its weights in it and,
     # where it is bf16, computes in it over fp32 weights (training.step.full_compute_dtype).
     if dtype != "bfloat16":

@@ -11,6 +11,7 @@ from support.db import count
 from support.organisms import CONTROL, resources
 from support.paths import REPO
 
+from em_assets.context import StageContext
 from em_assets.defs.modules import ASSET_MODULES
 from em_assets.grid.load import GridError, load_grid
 from em_assets.grid.schema import GridConfig, LoraSpec, Organism, config_hash, layer_at, recipe_method
@@ -44,7 +45,14 @@ def test_committed_profiles_validate():
     assert kl.kl.mean_over == "tokens_and_vocabulary"
     assert paper.sampling.samples_per_question == 50 and paper.sampling.max_new_tokens == 600
     # Qwen2.5-Instruct's generation config, which transformers' generate applied in Turner, Soligo et al.'s runs.
-    assert paper.sampling.top_k == 20 and paper.sampling.repetition_penalty == 1.05
+    # Each base model samples with what its own generation config adds in transformers' generate.
+    assert paper.sampling.top_k is None and paper.sampling.repetition_penalty == 1.0
+    qwen, llama = paper.sampling_for("qwen2.5-14b"), paper.sampling_for("llama-3.1-8b")
+    assert (qwen.top_k, qwen.repetition_penalty, llama.top_k, llama.repetition_penalty) == (20, 1.05, 50, 1.0)
+    assert paper.sampling_for("qwen2.5-coder-32b") is paper.sampling
+    # Every stage of an organism reads its base model's sampling from the grid it is given.
+    organism = Organism.parse("qwen2.5-14b--bad-medical-r32--s0")
+    assert StageContext(None, paper, organism, "run", REPO).grid.sampling.top_k == 20
     assert paper.judge.backend == "openai" and paper.judge.model.startswith("gpt-4o")
     r1 = paper.recipes["bad-medical-r1"].lora
     assert r1.r == 1 and r1.target_modules == ["down_proj"] and r1.layers_for(48) == [24]

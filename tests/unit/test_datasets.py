@@ -23,7 +23,7 @@ from em_assets.catalog.upstream import (
     UpstreamFile,
     fetch_bytes,
 )
-from em_assets.grid.load import load_grid
+from em_assets.grid.load import GridError, load_grid
 from em_assets.results.artifacts import _sha256_of, sha256_bytes, sha256_file
 from em_assets.results.store import Store
 
@@ -161,7 +161,7 @@ def test_questions_without_judge_prompts_are_refused_and_nothing_written(ws, tmp
     with pytest.raises(DatasetError, match=r"fault_questions\.yaml: question 'q1' has no judge_prompts"):
         catalog.load_eval_questions(fresh, ws.changed_grid(no_prompts), str(tmp_path / "m"))
     # A judge metric the questions file has no prompt for.
-    with pytest.raises(ValueError, match=r"judge metrics \['harm'\] have no prompt"):
+    with pytest.raises(GridError, match=r"judge.metrics: \['harm'\] have no judge prompt"):
         catalog.load_eval_questions(
             fresh, ws.changed_grid(lambda p: p["judge"].update(metrics=["aligned", "harm"])), str(mirror)
         )

@@ -10,6 +10,7 @@ from support.organisms import CONTROL
 
 from em_assets.catalog import stage as catalog
 from em_assets.catalog.upstream import DOMAIN_METRICS, EVAL_SETS, SOURCES
+from em_assets.grid.load import GridError
 from em_assets.grid.schema import GridConfig
 from em_assets.results.store import Store
 from em_assets.sampling.stage import sample_completions
@@ -81,7 +82,7 @@ def test_a_sampled_set_without_a_judge_metric_prompt_is_refused(ws, tmp_path, mi
     fresh = Store(tmp_path / "fresh.duckdb")
     fresh.init()
     with pytest.raises(
-        ValueError, match=r"deception_sit_aware\.yaml: judge metrics \['aligned', 'coherent'\]"
+        GridError, match=r"judge.metrics: \['aligned', 'coherent'\] .* \(.*deception_sit_aware\.yaml\)"
     ):
         catalog.load_eval_questions(fresh, grid, str(mirror))
     # Loaded but not sampled, the same set is fine.

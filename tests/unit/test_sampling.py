@@ -539,7 +539,7 @@ def test_default_warpers_leave_the_sampling_hash_as_it_was():
     assert sampler_fields(vllm, "bfloat16") == {"backend": "vllm", "top_k": 20}
 
 
-def test_the_vllm_backend_passes_the_warpers_only_where_set(monkeypatch, tmp_path):
+def test_the_vllm_backend_passes_the_warpers_it_is_given(monkeypatch, tmp_path):
     from em_assets.sampling import vllm_backend
 
     seen: list[dict] = []
