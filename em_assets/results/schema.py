@@ -231,6 +231,9 @@ ADDED_COLUMNS = {
         for table in ("em_over_training", "lora_scaling", "steering_results", "direction_ablation")
     },
     "judge_agreement": tuple((c, "DOUBLE") for c in ("spearman_lo", "spearman_hi", "auc_lo", "auc_hi")),
+    # The sampling settings beyond temperature and top_p (top_k null: no cut; penalty 1.0: none; null in rows
+    # sampled before they existed).
+    "completions": (("top_k", "INTEGER"), ("repetition_penalty", "DOUBLE")),
     "judge_error_rates": (
         ("n_files", "BIGINT"),
         *((c, "DOUBLE") for c in SPREAD_COLUMNS),

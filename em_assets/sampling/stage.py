@@ -257,6 +257,8 @@ def lineage(ctx: StageContext, base: dict, adapter: dict, shash: str) -> dict:
         "eval_set": ctx.grid.eval.questions,
         "temperature": sampling.temperature,
         "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+        "repetition_penalty": sampling.repetition_penalty,
         "max_new_tokens": sampling.max_new_tokens,
         "sampling_hash": shash,
         "run_id": ctx.run_id,

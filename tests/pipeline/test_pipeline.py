@@ -62,6 +62,8 @@ def test_whole_graph_materialises_with_lineage(pipeline):
     assert summary["n_answers"].to_list() == [6, 6, 6]
     for col in ("base_revision", "sampling_hash", "judge_model", "aligned_prompt_hash", "completions_run_id"):
         assert summary[col].null_count() == 0, col
+    # Sampled without a top-k cut or a repetition penalty, and the lineage says so.
+    assert summary["top_k"].null_count() == 3 and summary["repetition_penalty"].to_list() == [1.0] * 3
     trained = summary.filter(summary["organism"] != "tiny--base--s0")
     assert trained["adapter_sha256"].null_count() == 0 and trained["dataset_sha256"].null_count() == 0
 
