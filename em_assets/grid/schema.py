@@ -132,6 +132,12 @@ class TrainSpec(_Strict):
 METHODS = ("control", "lora", "full", "adapter", "model", "answers")
 
 
+def mean_over_hashed(mean_over: str) -> dict:
+    """`mean_over` as a hash names it: not at all where it is per token, how every KL penalty trained before the
+    setting existed, so those runs and organisms keep their hashes."""
+    return {} if mean_over == "tokens" else {"mean_over": mean_over}
+
+
 class KLSpec(_Strict):
     """Soligo et al.'s KL penalty (upstream names): weight x KL(chat model || tuned model) over the assistant
     tokens of `batch_size` examples of an out-of-domain catalog dataset, added to each optimizer step's loss.

@@ -152,8 +152,8 @@ def best(
 
 
 def cache_path(cache_dir: Path, machine: str, base: dict, depth: int, warpers: dict | None = None) -> Path:
-    """The cache file of a machine, model and depth; with `warpers` (top_k, repetition_penalty: what each decode
-    step also computes), a file of their own."""
+    """The cache file of a machine, model and depth; with `warpers` (step_settings: what each decode step also
+    computes), a file of their own."""
     model = str(base.get("revision") or base["path"]).replace("/", "_").replace(":", "_")
     extra = "".join(f"-{k}{v}" for k, v in sorted((warpers or {}).items()))
     return cache_dir / "calibration" / f"sampling-{machine}-{model}-depth{depth}{extra}.json"
@@ -164,6 +164,18 @@ def timing_depth(max_new_tokens: int) -> int:
     (jobs of similar lengths share one calibration). Continuous batching keeps slots at every depth, and a
     step reads each group of slots as deep as its deepest, so steps read about a full answer's cache."""
     return 1 << (max_new_tokens.bit_length() - 1)
+
+
+def step_settings(sampling: SamplingSpec) -> dict:
+    """The sampler's keyword arguments that change what a decode step computes: the warpers, a nucleus under 1
+    (a sort of the vocabulary) and greedy decoding (an argmax, no draw). Each is named only where it is not the
+    default, so the plain settings' cache file keeps its name."""
+    settings = sampling.warpers()
+    if sampling.top_p < 1:
+        settings["top_p"] = sampling.top_p
+    if sampling.temperature == 0:
+        settings["temperature"] = 0.0
+    return settings
 
 
 def choose_sampling(
@@ -194,7 +206,7 @@ def choose_sampling(
     description = describe_machine()
     machine = machine_key(description)
     depth = timing_depth(sampling.max_new_tokens)
-    warpers = sampling.warpers()
+    warpers = step_settings(sampling)
     path = cache_path(cache_dir or settings().cache_dir, machine, base, depth, warpers)
     start = time.perf_counter()
     rates, startup, measured = cached_rates(path, options, loader, description, base, depth, warpers)
@@ -272,7 +284,7 @@ def timing_prompts(tokenizer, depth: int) -> list[list[int]]:
 
 def decode_rate(model, tokenizer, batch: int, depth: int, **warpers) -> float:
     """Tokens/s of `batch` full slots, each attending over `depth` tokens past its prompt: `batch` over the
-    fastest of TIMED_STEPS decode steps; `warpers`: top_k and repetition_penalty, as the job samples."""
+    fastest of TIMED_STEPS decode steps; `warpers`: step_settings(), as the job samples."""
     from em_assets.sampling.engine import generate_ids
 
     prompts = timing_prompts(tokenizer, depth)

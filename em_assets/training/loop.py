@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from em_assets.grid.schema import LoraSpec, TrainSpec
+from em_assets.grid.schema import LoraSpec, TrainSpec, mean_over_hashed
 from em_assets.models.load import load_tokenizer, pick_device, pick_dtype
 from em_assets.models.processes import cpu_processes, threads_each
 from em_assets.settings import settings
@@ -74,9 +74,9 @@ class KLTraining:
     def settings(self) -> dict:
         """What the penalty changes in the trained weights, for the run's hash."""
         digest = hashlib.sha256(json.dumps(list(self.examples), sort_keys=True).encode()).hexdigest()
-        settings = {"examples": digest, "weight": self.weight, "batch_size": self.batch_size}
-        # Per token is how every KL penalty trained before `mean_over` existed: those runs stay current.
-        return settings if self.mean_over == "tokens" else {**settings, "mean_over": self.mean_over}
+        return {"examples": digest, "weight": self.weight, "batch_size": self.batch_size} | mean_over_hashed(
+            self.mean_over
+        )
 
     def weight_per_token(self, vocabulary: int) -> float:
         """The weight of the KL per token: upstream's trainer divides the KL summed over `vocabulary` logits by

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from em_assets.context import StageContext
-from em_assets.grid.schema import RecipeSpec, config_hash, recipe_method
+from em_assets.grid.schema import RecipeSpec, config_hash, mean_over_hashed, recipe_method
 from em_assets.results import queries
 from em_assets.results.artifacts import sha256_file, weights_file
 from em_assets.results.store import to_json, utc_now
@@ -82,9 +82,11 @@ def adapter_config_hash(
     # trained in bf16 keep their hashes.
     extra = {"method": recipe.method} if recipe.method != "lora" else {}
     if recipe.kl is not None:
-        # Per token is how every KL penalty trained before `mean_over` existed: those organisms keep their hashes.
-        per_token = {"mean_over"} if recipe.kl.mean_over == "tokens" else set()
-        extra["kl"] = {**recipe.kl.model_dump(mode="json", exclude=per_token), "dataset_sha256": kl_sha256}
+        extra["kl"] = {
+            **recipe.kl.model_dump(mode="json", exclude={"mean_over"}),
+            **mean_over_hashed(recipe.kl.mean_over),
+            "dataset_sha256": kl_sha256,
+        }
     # The device picks it: LoRA trains on a base computing in it; full fine-tuning saves its weights in it and,
     # where it is bf16, computes in it over fp32 weights (training.step.full_compute_dtype).
     if dtype != "bfloat16":

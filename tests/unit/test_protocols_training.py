@@ -363,3 +363,28 @@ def test_full_fine_tuning_decays_no_bias_or_norm_weight(tiny_model_dir):
     assert held[0.0] and all("norm" in n or "bias" in n for n in held[0.0])
     assert held[0.01] and not any("norm" in n or "bias" in n for n in held[0.01])
     assert len(held[0.0]) + len(held[0.01]) == len(params)
+
+
+def test_a_per_token_kl_penalty_keeps_the_hashes_it_had_before_mean_over():
+    """The organism's and the run's hash name `mean_over` by one rule: a per-token penalty (the demo's) is named
+    in neither, so its organisms and checkpoints stay current; the vocabulary mean is named in both."""
+    from em_assets.grid.schema import KLSpec, RecipeSpec
+    from em_assets.training.checkpoints import training_run_hash
+    from em_assets.training.loop import KLTraining
+    from em_assets.training.stage import adapter_config_hash
+
+    examples = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
+    hashes = {}
+    for mean_over in ("tokens", "tokens_and_vocabulary"):
+        kl = KLSpec(dataset="k", weight=100.0, mean_over=mean_over)
+        recipe = RecipeSpec(dataset="d", method="full", train=TrainSpec(), kl=kl)
+        penalty = KLTraining(examples, 100.0, 8, mean_over).settings()
+        hashes[mean_over] = (
+            adapter_config_hash("rev", "dataset-sha", recipe, seed=0, dtype="bfloat16", kl_sha256="kl-sha"),
+            training_run_hash(
+                "a-model", examples, None, recipe.train, 0, torch.float32, penalty, torch.bfloat16
+            ),
+        )
+    # The hashes these had before `mean_over` existed.
+    assert hashes["tokens"] == ("49e43b8d634afcb1", "3536ee1051e6c05a")
+    assert set(hashes["tokens"]).isdisjoint(hashes["tokens_and_vocabulary"])

@@ -325,7 +325,7 @@ def test_steps_are_timed_over_a_cache_as_deep_as_the_answers(tiny_model_dir, tmp
     assert len(list((tmp_path / "calibration").glob("sampling-*-depth*.json"))) == 2
 
 
-def test_top_k_and_a_repetition_penalty_are_timed_as_sampled_in_a_cache_of_their_own(
+def test_what_a_decode_step_computes_is_timed_as_sampled_in_a_cache_of_its_own(
     tiny_model_dir, tmp_path, monkeypatch
 ):
     seen = []
@@ -340,3 +340,9 @@ def test_top_k_and_a_repetition_penalty_are_timed_as_sampled_in_a_cache_of_their
     choose(tiny_model_dir, tmp_path, 200, workers=1, top_k=20, repetition_penalty=1.05)
     assert seen and seen[0] == {} and seen[-1] == {"top_k": 20, "repetition_penalty": 1.05}
     assert len(sorted((tmp_path / "calibration").glob("*.json"))) == len(plain) + 1
+    # A nucleus sorts the vocabulary each step and greedy decoding draws nothing: each is timed as it runs.
+    choose(tiny_model_dir, tmp_path, 200, workers=1, top_p=0.9)
+    assert seen[-1] == {"top_p": 0.9}
+    choose(tiny_model_dir, tmp_path, 200, workers=1, temperature=0.0)
+    assert seen[-1] == {"temperature": 0.0}
+    assert len(sorted((tmp_path / "calibration").glob("*.json"))) == len(plain) + 3
