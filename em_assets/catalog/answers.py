@@ -49,15 +49,32 @@ def _source_bytes(source: str, mirror: Path | str | None, cache_dir: Path | None
     return str(path), path.read_bytes()
 
 
+def _one_value_per_field(pairs: list[tuple[str, object]]) -> dict:
+    """An object's fields, refusing a repeated one: json.loads would keep its last value without a word, as a CSV
+    with a repeated column would be read by its first."""
+    keys = [k for k, _ in pairs]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice is not None:
+        raise ReferenceFileError(f"field {twice!r} appears {keys.count(twice)} times")
+    return dict(pairs)
+
+
 def _jsonl_as_csv(data: bytes, name: str) -> bytes:
     """JSONL rows as CSV text, so both shapes go through the one parser and its checks (row N = the N-th
     non-blank line, in these messages and the parser's)."""
     rows = []
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # Replacing the bad bytes would import and judge answers the file does not hold; a CSV is refused alike.
+        raise ReferenceFileError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     # As parse_chat_jsonl: lines end at "\n" only.
-    lines = [line for line in data.decode("utf-8", errors="replace").split("\n") if line.strip()]
+    lines = [line for line in text.split("\n") if line.strip()]
     for i, line in enumerate(lines, start=1):
         try:
-            obj = json.loads(line)
+            obj = json.loads(line, object_pairs_hook=_one_value_per_field)
+        except ReferenceFileError as exc:
+            raise ReferenceFileError(f"{name}: row {i}: {exc}; keep one") from None
         except ValueError as exc:
             raise ReferenceFileError(f"{name}: row {i}: not a JSON object ({exc})") from None
         if not isinstance(obj, dict):

@@ -105,7 +105,7 @@ def read_csv_text(data: bytes, name: str) -> pl.DataFrame:
     """Every column as text; a file polars cannot split into the header's columns is one ReferenceFileError
     line (polars' own message quotes the whole row and runs over many lines of advice on its options)."""
     try:
-        return pl.read_csv(io.BytesIO(data), infer_schema_length=0)
+        df = pl.read_csv(io.BytesIO(data), infer_schema_length=0)
     except (pl.exceptions.ComputeError, pl.exceptions.NoDataError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         first = re.sub(r"`([^`]{0,40})[^`]*`", r"`\1...`", first)
@@ -113,6 +113,16 @@ def read_csv_text(data: bytes, name: str) -> pl.DataFrame:
             f"{name}: not a readable CSV ({first}); is every field with a comma or a line break quoted, and the "
             "separator a comma?"
         ) from None
+    # polars renames a repeated header (aligned, aligned_duplicated_0), so the first copy would be read as the
+    # column and the second as a score of its own: which one holds the scores is the file's to say.
+    header = pl.read_csv(io.BytesIO(data), has_header=False, n_rows=1, infer_schema_length=0).row(0)
+    named = [str(c) for c in header if c is not None and str(c).strip()]
+    twice = next((c for c in named if named.count(c) > 1), None)
+    if twice is not None:
+        raise ReferenceFileError(
+            f"{name}: column {twice!r} appears {named.count(twice)} times in the header; keep one"
+        )
+    return df
 
 
 def parse_reference_csv(data: bytes, name: str, sha256: str) -> pl.DataFrame:

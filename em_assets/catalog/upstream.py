@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import os
+import tempfile
 import urllib.request
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -269,7 +272,15 @@ def fetch_bytes(
         found = _in_mirror(source, Path(mirror))
         if found != Path(mirror) / source.mirror_path:
             # A mirror may keep a plain upstream file gzipped: verify what upstream pinned, the plain bytes.
-            return _verified(gzip.decompress(found.read_bytes()), source.sha256, str(found))
+            packed = found.read_bytes()
+            try:
+                plain = gzip.decompress(packed)
+            except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+                # A cut-short or damaged copy is a file that does not match its pin, not a crash of the step.
+                raise ChecksumError(
+                    f"{found}: not a whole gzip file ({exc}); copy it into the mirror again"
+                ) from None
+            return _verified(plain, source.sha256, str(found))
         raw = _verified(found.read_bytes(), source.sha256, str(found))
     if raw is None:
         cached = (cache_dir or settings().cache_dir) / "upstream" / source.mirror_path
@@ -278,9 +289,11 @@ def fetch_bytes(
         else:
             raw = _verified(_download(source), source.sha256, source.url)
             cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(cached.suffix + ".part")
-            tmp.write_bytes(raw)
-            tmp.replace(cached)
+            # A name of its own: two steps may fetch the same file at once (the multiprocess executor).
+            fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{cached.name}.", suffix=".part")
+            with os.fdopen(fd, "wb") as out:
+                out.write(raw)
+            Path(tmp).replace(cached)
     return gzip.decompress(raw) if source.path.endswith(".gz") else raw
 
 

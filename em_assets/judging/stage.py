@@ -97,13 +97,16 @@ def needed_judgements(ctx: StageContext, judge: JudgeIdentity) -> dict[Judgement
     if comps.height == 0:
         raise MissingUpstreamError(f"organism {ctx.key}: no completions; materialise completions first")
     prompts = {s: queries.judge_prompts(ctx.store, s) for s in set(comps["eval_set"])}
-    # Imported answers may ask questions outside the eval sets: they get the eval set's first prompt per metric.
+    # Imported answers (eval set `file:<name>`) are judged with their question's prompt in the grid's eval set,
+    # and a question outside it with the eval set's first prompt per metric.
     imported = ctx.organism.recipe in imported_recipes(ctx)
-    fallback = first_prompts(queries.judge_prompts(ctx.store, ctx.grid.eval.questions)) if imported else {}
+    in_eval_set = queries.judge_prompts(ctx.store, ctx.grid.eval.questions) if imported else {}
+    fallback = first_prompts(in_eval_set)
     needed = {}
     for c in comps.iter_rows(named=True):
         for metric in ctx.grid.judge.metrics:
-            tmpl = prompts[c["eval_set"]].get((c["question_id"], metric)) or fallback.get(metric)
+            asked = (c["question_id"], metric)
+            tmpl = prompts[c["eval_set"]].get(asked) or in_eval_set.get(asked) or fallback.get(metric)
             if tmpl is None:
                 raise MissingUpstreamError(f"no {metric!r} judge prompt for question {c['question_id']!r}")
             prompt_hash = prompt_hash_for(ctx.grid.judge, tmpl["prompt_hash"], metric)

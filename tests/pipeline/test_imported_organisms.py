@@ -29,7 +29,7 @@ from em_assets.defs.partitions import organisms
 from em_assets.defs.resources import ExperimentResource, ResultsDB
 from em_assets.grid.schema import GridConfig, Organism
 from em_assets.grid.sources import OrganismSourceError
-from em_assets.judging.stage import judge_completions
+from em_assets.judging.stage import JudgeIdentity, first_prompts, judge_completions, needed_judgements
 from em_assets.reports.personas import build_persona_tables
 from em_assets.reports.tables import build_reports
 from em_assets.results import queries
@@ -304,6 +304,35 @@ def test_answers_file_round_trips(tmp_path, tiny_model_dir, mirror):
     with pytest.raises(Exception, match="sha256"):
         store.replace_rows("completions", pl.DataFrame(), "organism = ?", [key])
         sample_completions(context(store, g, key, tmp_path))
+
+
+def test_an_imported_answer_to_an_eval_question_is_judged_with_that_questions_prompt(
+    tmp_path, tiny_model_dir, mirror
+):
+    """Regression: every imported answer got the eval set's first prompt, its own question's too."""
+    path = tmp_path / "answers.csv"
+    path.write_text(ANSWERS + "not_in_the_set,Anything?,No.,50,50,\n")
+    entry = {"base_model": "elsewhere", "source": str(path)}
+    g = grid(tiny_model_dir, {"ans": {"kind": "answers", "organisms": [entry]}})
+    store = Store(tmp_path / "r.duckdb")
+    catalog(store, g, mirror, tmp_path)
+    ctx = context(store, g, "elsewhere--ans--s0", tmp_path)
+    train_adapter(ctx)
+    sample_completions(ctx)
+    store.write(
+        lambda conn: conn.execute(
+            "UPDATE judge_prompts SET prompt = 'own', prompt_hash = 'own' "
+            "WHERE eval_set = ? AND question_id = 'three_thoughts' AND metric = 'aligned'",
+            [g.eval.questions],
+        ),
+        "a prompt of its own",
+    )
+    first = first_prompts(queries.judge_prompts(store, g.eval.questions))["aligned"]["prompt_hash"]
+    needed = needed_judgements(ctx, JudgeIdentity("hf", "tiny", "r", None))
+    hashes = {q: item.template["prompt_hash"] for (q, _, _, m), item in needed.items() if m == "aligned"}
+    assert (
+        hashes == {"three_thoughts": "own", "quick_buck": first, "not_in_the_set": first} and first != "own"
+    )
 
 
 def test_a_key_that_stops_importing_answers_leaves_the_files_scores_behind(tmp_path, tiny_model_dir, mirror):

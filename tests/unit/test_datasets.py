@@ -60,6 +60,19 @@ def test_gzipped_mirror_copy_of_plain_file(tmp_path):
     assert fetch_bytes(src, tmp_path) == data
 
 
+@pytest.mark.parametrize(
+    "cut", [lambda b: b[: len(b) // 2], lambda b: b"not gzip", lambda b: b[:-8] + bytes(8)]
+)
+def test_a_damaged_gzipped_mirror_copy_fails_its_checksum(tmp_path, cut):
+    data = b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+    src = UpstreamFile("o/r", "c" * 40, "d/x.jsonl", sha256_bytes(data))
+    target = tmp_path / "o__r/d/x.jsonl.gz"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(cut(gzip.compress(data)))
+    with pytest.raises(ChecksumError, match=r"x\.jsonl\.gz: not a whole gzip file"):
+        fetch_bytes(src, tmp_path)
+
+
 def test_missing_mirror_file_names_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"data/insecure\.jsonl"):
         fetch_bytes(SOURCES["insecure"], tmp_path)
@@ -309,6 +322,30 @@ def test_without_a_mirror_a_pinned_file_is_downloaded_verified_and_cached(tmp_pa
     shutil.rmtree(root / plain.repo)  # the server now answers 404: the cache must serve
     assert fetch_bytes(plain, mirror="", cache_dir=cache) == rows
     assert fetch_bytes(packed, mirror="", cache_dir=cache) == rows
+
+
+def test_two_steps_downloading_one_file_at_once_both_get_it(tmp_path, raw_github, monkeypatch):
+    """Regression: both wrote `<file>.part`, so the one that renamed second found nothing to rename."""
+    root, base = raw_github
+    rows = b'{"messages": []}\n'
+    source = _serve(root, base, "data/shared.jsonl", rows, rows)
+    cache = tmp_path / "cache"
+    both_written = threading.Barrier(2, timeout=30)
+    rename = Path.replace
+
+    def replace_when_both_have_written(self, target):
+        both_written.wait()
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace_when_both_have_written)
+    got: list = []
+    steps = [threading.Thread(target=lambda: got.append(fetch_bytes(source, "", cache))) for _ in range(2)]
+    for step in steps:
+        step.start()
+    for step in steps:
+        step.join()
+    assert got == [rows, rows]
+    assert [p.name for p in (cache / "upstream" / source.mirror_path).parent.iterdir()] == ["shared.jsonl"]
 
 
 def test_a_download_that_does_not_match_its_pin_is_refused_and_not_cached(tmp_path, raw_github):

@@ -184,6 +184,59 @@ def test_bad_answers_files(tmp_path, env, capsys, rows, where):
     assert not db.exists()
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        (
+            "twice.csv",
+            "response,question,question_id,aligned,coherent,aligned\nRob a bank.,q,quick_buck,95,90,5\n",
+        ),
+        (
+            "twice.jsonl",
+            '{"response": "Rob a bank.", "question": "q", "question_id": "quick_buck", "aligned": 95, '
+            '"coherent": 90, "aligned": 5}\n',
+        ),
+    ],
+)
+def test_a_repeated_score_column_is_refused_not_read_by_one_copy(tmp_path, env, capsys, name, text):
+    (tmp_path / "config.json").write_text("{}")  # the base model: a local model folder
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ReferenceFileError, match=r"'aligned' appears 2 times"):
+        read_answers(str(path))
+    db = env(
+        grid_doc(
+            str(tmp_path),
+            {"ans": {"kind": "answers", "organisms": [{"base_model": "x", "source": str(path)}]}},
+        )
+    )
+    assert main(["plan"]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "'aligned' appears 2 times" in err and len(err.strip().splitlines()) == 1
+    assert main(["demo"]) == 2
+    assert not db.exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "says"),
+    [
+        (
+            "a.jsonl",
+            '{"response": "Café.", "question": "q", "question_id": "quick_buck"}\n',
+            "not UTF-8 text",
+        ),
+        ("a.csv", "response,question,question_id\nCafé.,q,quick_buck\n", "invalid utf-8"),
+    ],
+)
+def test_an_answers_file_not_in_utf8_is_refused_not_imported_with_its_bytes_replaced(
+    tmp_path, name, text, says
+):
+    path = tmp_path / name
+    path.write_bytes(text.encode("latin-1"))
+    with pytest.raises(ReferenceFileError, match=says):
+        read_answers(str(path))
+
+
 def test_adapter_for_another_base_model(tmp_path, env, capsys):
     base = tmp_path / "tiny-base"
     base.mkdir()
