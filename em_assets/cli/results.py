@@ -11,21 +11,35 @@ from pathlib import Path
 import polars as pl
 
 
-def _print_frame(df: pl.DataFrame, fmt: str, max_rows: int) -> None:
+def _print_frame(df: pl.DataFrame, fmt: str, max_rows: int, as_json: frozenset[str] = frozenset()) -> None:
+    """Print the rows; `as_json` names columns that hold DuckDB's JSON text of values polars cannot hold."""
     if fmt == "csv":
-        # CSV has no nested values: lists, structs and maps (e.g. ducklake_snapshots' changes) go as JSON text.
+        # CSV has no nested values: lists, arrays, structs and maps (e.g. ducklake_snapshots' changes) go as JSON
+        # text. to_list, not map_elements, which hands a fixed-size array's value over as an internal object.
         nested = [name for name, dtype in df.schema.items() if dtype.is_nested()]
-        sys.stdout.write(df.with_columns(pl.col(nested).map_elements(_json, pl.String)).write_csv())
+        sys.stdout.write(
+            df.with_columns(
+                pl.Series(n, [_json(v) for v in df[n].to_list()], pl.String) for n in nested
+            ).write_csv()
+        )
     elif fmt == "json":
-        sys.stdout.write(df.write_json() + "\n")
+        if not as_json:
+            sys.stdout.write(df.write_json() + "\n")
+            return
+        rows = json.loads(df.write_json())
+        for row in rows:
+            for name in as_json:
+                if row[name] is not None:
+                    # DuckDB writes NaN and infinities bare, which is not JSON: null, as polars writes them.
+                    row[name] = json.loads(row[name], parse_constant=lambda _: None)
+        sys.stdout.write(json.dumps(rows, ensure_ascii=False, separators=(",", ":")) + "\n")
     else:
         with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
             print(df)
 
 
-def _json(value) -> str:
-    # A list value reaches map_elements as a Series.
-    return json.dumps(value.to_list() if isinstance(value, pl.Series) else value, default=str)
+def _json(value) -> str | None:
+    return None if value is None else json.dumps(value, default=str)
 
 
 def cmd_sql(args: argparse.Namespace) -> int:
@@ -69,8 +83,8 @@ def _run(store, sql: str, args: argparse.Namespace) -> int:
         return 2
     try:
         with store.reader() as conn:
-            frame = _frame(conn, reading_statement(conn, sql))
-        _print_frame(frame, args.format, args.max_rows)
+            frame, as_json = _frame(conn, reading_statement(conn, sql))
+        _print_frame(frame, args.format, args.max_rows, as_json)
     except RefusedStatement as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -80,21 +94,39 @@ def _run(store, sql: str, args: argparse.Namespace) -> int:
     return 0
 
 
-# Types polars cannot read from DuckDB (INTERVAL) or write as JSON (BLOB, BIT): shown as DuckDB's text.
-_AS_TEXT = {"INTERVAL", "BLOB", "BIT"}
+# Types polars cannot read from DuckDB (INTERVAL, UNION, BIGNUM), reads wrongly (TIMETZ loses its offset) or
+# cannot write as JSON (BLOB, BIT): a column of one is shown as DuckDB's text, a nested value holding one (or a
+# UNION) as DuckDB's JSON.
+_AS_TEXT = {"interval", "blob", "bit", "bignum", "time with time zone"}
+_NESTED = {"struct", "list", "array", "map"}
 
 
-def _frame(conn, statement: str) -> pl.DataFrame:
+def _frame(conn, statement: str) -> tuple[pl.DataFrame, frozenset[str]]:
+    """The statement's rows, and the columns given as DuckDB's JSON text."""
     relation = conn.sql(statement)
     if relation is None:
-        return pl.DataFrame()
-    if any(str(t) in _AS_TEXT for t in relation.types):
+        return pl.DataFrame(), frozenset()
+    text = [t.id in _AS_TEXT for t in relation.types]
+    as_json = [not shown and _unheld(t) for shown, t in zip(text, relation.types, strict=True)]
+    if any(text) or any(as_json):
+        # Columns by position: a statement may give two columns one name.
         shown = [
-            f'CAST("{c}" AS VARCHAR) AS "{c}"' if str(t) in _AS_TEXT else f'"{c}"'
-            for c, t in zip((c.replace('"', '""') for c in relation.columns), relation.types, strict=True)
+            f"CAST(#{i} AS VARCHAR)" if is_text else f"CAST(to_json(#{i}) AS VARCHAR)" if is_json else f"#{i}"
+            for i, (is_text, is_json) in enumerate(zip(text, as_json, strict=True), 1)
         ]
-        relation = relation.project(", ".join(shown))
-    return relation.pl()
+        names = (c.replace('"', '""') for c in relation.columns)
+        relation = relation.project(", ".join(f'{e} AS "{c}"' for e, c in zip(shown, names, strict=True)))
+    frame = relation.pl()
+    # polars renames a repeated column name (u, u_1): the frame's own names, by position.
+    return frame, frozenset(name for name, is_json in zip(frame.columns, as_json, strict=True) if is_json)
+
+
+def _unheld(t) -> bool:
+    """Whether a DuckDB type is, or holds somewhere inside, a UNION or one of _AS_TEXT."""
+    if t.id in _AS_TEXT or t.id == "union":
+        return True
+    # A list's or array's children include its size; a struct's, union's or map's are all types.
+    return t.id in _NESTED and any(_unheld(c) for _, c in t.children if not isinstance(c, int))
 
 
 # DuckLake's answer to a read-only attach of a catalog that holds no lake yet: its first writer creates one.

@@ -1,4 +1,5 @@
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -58,6 +59,36 @@ def test_sql_shows_values_csv_and_polars_cannot_hold_as_text(db, capsys):
     assert capsys.readouterr().out.splitlines() == ["l,s,i,b,t", '"[1, 2]","{""a"": [1]}",1 day,ab,101']
     assert main(["sql", odd, "--db", str(db), "--format", "json"]) == 0
     assert '"i":"1 day","b":"ab","t":"101"' in capsys.readouterr().out
+
+
+def test_sql_prints_unions_and_values_polars_cannot_hold_inside_nested_ones_as_json(db, capsys):
+    # Polars cannot read a UNION (anywhere), an INTERVAL or BLOB inside a list or struct, or a BIGNUM, and reads
+    # a TIMETZ without its offset.
+    odd = (
+        "SELECT MAP {'a': 1} AS m, union_value(k := 1) AS u, [INTERVAL 1 DAY] AS li, {'b': 'ab'::BLOB} AS sb, "
+        "[union_value(d := 'nan'::DOUBLE)] AS nu, [1, 2]::INTEGER[2] AS arr, 7::BIGNUM AS v, "
+        "TIMETZ '01:02:03+01' AS tz"
+    )
+    assert main(["sql", odd, "--db", str(db), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {
+            "m": {"a": 1},
+            "u": {"k": 1},
+            "li": ["1 day"],
+            "sb": {"b": "ab"},
+            "nu": [{"d": None}],
+            "arr": [1, 2],
+            "v": "7",
+            "tz": "01:02:03+01",
+        }
+    ]
+    assert main(["sql", odd, "--db", str(db), "--format", "csv"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == (
+        '"{""a"": 1}","{""k"":1}","[""1 day""]","{""b"":""ab""}","[{""d"":NaN}]","[1, 2]",7,01:02:03+01'
+    )
+    # Columns of one name are told apart by position, as polars names them (u, u_1).
+    assert main(["sql", "SELECT INTERVAL 1 DAY AS u, 2 AS u", "--db", str(db), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"u": "1 day", "u_1": 2}]
 
 
 def test_sql_with_an_empty_query_or_no_store_is_one_message_and_exit_2(db, capsys, tmp_path):
