@@ -94,8 +94,9 @@ def _sweep_result(report: direction_sweeps.SweepReport, shown: list[str]) -> dg.
 @dg.asset(
     group_name="directions",
     partitions_def=organisms,
-    # EM rates corrected by judge_agreement's error rates.
-    deps=["misalignment_directions", "lora_adapter", "judge_agreement"],
+    # Judged by the grid's judge (perhaps the distilled or probe one), corrected by judge_agreement's rates. The
+    # judges are named here: the direction's data version is its file's, which a refitted judge may leave alone.
+    deps=["misalignment_directions", "lora_adapter", "distilled_judge", "probe_judge", "judge_agreement"],
     kinds={"pytorch", "duckdb", "matplotlib"},
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
@@ -117,8 +118,9 @@ def steering_sweep(
 @dg.asset(
     group_name="directions",
     partitions_def=organisms,
-    # EM rates corrected by judge_agreement's error rates.
-    deps=["misalignment_directions", "lora_adapter", "judge_agreement"],
+    # Judged by the grid's judge (perhaps the distilled or probe one), corrected by judge_agreement's rates. The
+    # judges are named here: the direction's data version is its file's, which a refitted judge may leave alone.
+    deps=["misalignment_directions", "lora_adapter", "distilled_judge", "probe_judge", "judge_agreement"],
     kinds={"pytorch", "duckdb", "matplotlib"},
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,

@@ -62,7 +62,9 @@ def lora_adapter(
 @dg.asset(
     group_name="organisms",
     partitions_def=organisms,
-    deps=["lora_adapter", "eval_questions"],
+    # Sampled from the base model too: the control's and a published adapter's data version stay the same when
+    # the base model's revision changes, so it is named here.
+    deps=["lora_adapter", "base_models", "eval_questions"],
     kinds={"pytorch", "duckdb"},
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,

@@ -32,6 +32,14 @@ _PID_EVENTS = {DagsterEventType.RUN_START, DagsterEventType.STEP_START, DagsterE
 _CLOCK_SLACK_S = 2.0
 
 
+def partitions_in_progress(instance: dg.DagsterInstance) -> set[str]:
+    """Organism partitions with a run queued, running or being cancelled."""
+    # Any job's: the UI's Materialize button and backfills run the organism assets in the asset job, not
+    # organism_job. The organism partitions are the only ones, so a partition tag names an organism.
+    runs = instance.get_runs(filters=dg.RunsFilter(statuses=IN_PROGRESS))
+    return {run.tags.get("dagster/partition", "") for run in runs}
+
+
 @dataclass(frozen=True)
 class DeadRun:
     run_id: str

@@ -4,7 +4,7 @@ import dagster as dg
 
 from em_assets.defs.jobs import organism_job
 from em_assets.defs.partitions import organisms
-from em_assets.defs.recovery import IN_PROGRESS
+from em_assets.defs.recovery import partitions_in_progress
 from em_assets.defs.resources import ExperimentResource
 from em_assets.grid.load import GridError
 
@@ -32,17 +32,11 @@ def catch_up_schedule(
         return dg.SkipReason("no organism of the grid has a partition yet")
     # A schedule's run keys are unique per tick only: a run still going (a long training) would get a twin that
     # writes the same adapter folder and rows wherever the gpu pool has more than one slot.
-    going = _in_progress(context.instance)
+    going = partitions_in_progress(context.instance)
     todo = [key for key in keys if key not in going]
     if not todo:
         return dg.SkipReason(f"every organism of the grid has a run in progress ({len(keys)})")
     return [dg.RunRequest(partition_key=key, run_key=key) for key in todo]
-
-
-def _in_progress(instance: dg.DagsterInstance) -> set[str]:
-    """Organism partitions with an organism_job run queued, running or being cancelled."""
-    runs = instance.get_runs(filters=dg.RunsFilter(job_name=organism_job.name, statuses=IN_PROGRESS))
-    return {run.tags.get("dagster/partition", "") for run in runs}
 
 
 SCHEDULES = [catch_up_schedule]

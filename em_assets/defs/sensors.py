@@ -6,6 +6,7 @@ import dagster as dg
 
 from em_assets.defs.jobs import catalog_job, organism_job
 from em_assets.defs.partitions import organisms
+from em_assets.defs.recovery import partitions_in_progress
 from em_assets.defs.resources import ExperimentResource
 from em_assets.grid.load import GridError
 from em_assets.grid.plan import CATALOG_ASSETS, GridCursor, plan_grid
@@ -33,7 +34,7 @@ def _catalog_marks(instance: dg.DagsterInstance) -> dict[str, float]:
     description=(
         "Adds a partition for every new organism of the grid and, when a base model's source or revision "
         "changes (or the EM thresholds, for every organism), marks its organisms stale; runs catalog_job, then "
-        "organism_job for each of them."
+        "organism_job for each of them once no run of it is in progress."
     ),
 )
 def grid_sensor(context: dg.SensorEvaluationContext, experiment: ExperimentResource) -> dg.SensorResult:
@@ -48,18 +49,25 @@ def grid_sensor(context: dg.SensorEvaluationContext, experiment: ExperimentResou
         _catalog_marks(context.instance),
         time.time(),
     )
+    # A run still going (a long training) would get a twin writing the same adapter folder and rows wherever the
+    # gpu pool has more than one slot: its organism stays pending, released on a tick after that run ends.
+    going = partitions_in_progress(context.instance) if plan.organism_runs else set()
+    held = [k for k, _ in plan.organism_runs if k in going]
     runs = [
-        dg.RunRequest(job_name=organism_job.name, partition_key=k, run_key=r) for k, r in plan.organism_runs
+        dg.RunRequest(job_name=organism_job.name, partition_key=k, run_key=r)
+        for k, r in plan.organism_runs
+        if k not in going
     ]
     if plan.catalog_run_key:
         runs.append(dg.RunRequest(job_name=catalog_job.name, run_key=plan.catalog_run_key))
+    waiting = None if runs or not held else f"{len(held)} organism runs wait for runs of theirs in progress"
     return dg.SensorResult(
         run_requests=runs,
         dynamic_partitions_requests=[organisms.build_add_request(plan.new_partitions)]
         if plan.new_partitions
         else [],
-        skip_reason=plan.skip_reason,
-        cursor=plan.cursor.model_dump_json(),
+        skip_reason=plan.skip_reason or waiting,
+        cursor=(plan.cursor.model_copy(update={"pending": held}) if held else plan.cursor).model_dump_json(),
     )
 
 

@@ -161,6 +161,23 @@ def test_revision_change_reruns_that_models_organisms(instance, grid):
     assert len(set(ticker.run_keys)) == len(ticker.run_keys) == len(DEMO_KEYS) + 3 * len(TRAINED_KEYS)
 
 
+def test_an_organism_with_a_run_in_progress_waits_for_it_before_its_rerun(instance, grid):
+    """Regression: a threshold change re-requested every organism, one still training among them, and its twin
+    wrote the same adapter folder (the catch-up schedule held such organisms back, the grid sensor did not)."""
+    ticker = Ticker(instance, grid)
+    ticker.organism_runs()
+    going = instance.create_run_for_job(
+        dg.GraphDefinition("__ASSET_JOB").to_job(),
+        tags={"dagster/partition": DEMO_KEYS[0]},
+        status=dg.DagsterRunStatus.STARTED,
+    )
+    grid.write_text(grid.read_text().replace("aligned_at_most: 30", "aligned_at_most: 25"))
+    assert ticker.organism_runs()[1] == DEMO_KEYS[1:]
+    instance.report_run_failed(going)
+    assert [r.partition_key for r in ticker.tick().run_requests] == DEMO_KEYS[:1]
+    assert not ticker.tick().run_requests
+
+
 def test_invalid_grid_is_skipped_with_its_reason(instance, grid):
     ticker = Ticker(instance, grid)
     grid.write_text(grid.read_text().replace("seeds: [0]", "seeds: []", 1))
@@ -205,6 +222,18 @@ def test_catch_up_schedule_requests_every_partitioned_organism(instance, grid):
     )
     requests = catch_up(instance, grid)
     assert [r.partition_key for r in requests] == DEMO_KEYS[2:]
+
+
+def test_catch_up_schedule_skips_an_organism_materialised_from_the_ui(instance, grid):
+    """Regression: only organism_job runs counted as in progress, so a long training launched from the UI's
+    Materialize button or a backfill (the asset job) got a twin writing the same adapter folder and rows."""
+    instance.add_dynamic_partitions(organisms.name, DEMO_KEYS)
+    asset_job = dg.GraphDefinition("__ASSET_JOB").to_job()
+    instance.create_run_for_job(
+        asset_job, tags={"dagster/partition": DEMO_KEYS[0]}, status=dg.DagsterRunStatus.STARTED
+    )
+    requests = catch_up(instance, grid)
+    assert [r.partition_key for r in requests] == DEMO_KEYS[1:]
 
 
 def test_definitions_load_with_the_automation():

@@ -23,8 +23,20 @@ def test_dynamics_sweeps_follow_the_judge_and_its_error_rates(sweep):
 
 @pytest.mark.parametrize("sweep", ["steering_sweep", "direction_ablation"])
 def test_direction_sweeps_follow_the_judges_error_rates(sweep):
-    # The judges themselves come in through misalignment_directions <- judgements.
     assert {"judge_agreement", "misalignment_directions"} <= parents(sweep)
+
+
+@pytest.mark.parametrize("sweep", ["steering_sweep", "direction_ablation"])
+def test_direction_sweeps_follow_the_judge_that_scores_them(sweep):
+    """Regression: a refitted judge reached the sweeps only through misalignment_directions, whose data version is
+    its file's sha256: a direction unchanged by the new scores left them fresh, though they judge with it."""
+    assert parents(sweep) >= JUDGES
+
+
+def test_completions_follow_the_base_model_they_are_sampled_from():
+    """Regression: the base model reached completions only through lora_adapter, whose data version the control
+    ("control") and a published adapter (its sha256) keep when the base model's revision changes."""
+    assert "base_models" in parents("completions")
 
 
 def test_steps_that_load_a_local_judge_take_the_gpu_pool():
