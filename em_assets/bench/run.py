@@ -233,7 +233,8 @@ def stage_llamacpp(args: argparse.Namespace) -> dict:
             # distribution.
             min_p=0.0,
         )
-        tokens += out["usage"]["completion_tokens"]
+        # llama.cpp leaves the stop token out of its count; the other rows count it, as the sampler does.
+        tokens += out["usage"]["completion_tokens"] + (out["choices"][0]["finish_reason"] == "stop")
     seconds = time.perf_counter() - start
     return {
         "engine": "llama.cpp Q4_1",

@@ -17,7 +17,9 @@ CORRECTED_SHOWN = [
 
 
 def md_table(df: pl.DataFrame, max_rows: int = 50) -> dg.MetadataValue:
-    """The first rows as a markdown table; text cells (questions and names from files) are shown as text."""
+    """The first rows as a markdown table, saying how many there are when not all are shown; text cells
+    (questions and names from files) are shown as text."""
+    more = f"\n\nThe first {max_rows} of {df.height} rows." if df.height > max_rows else ""
     df = df.head(max_rows).with_columns(
         pl.col(pl.String).map_batches(_as_markdown_text, return_dtype=pl.String)
     )
@@ -32,7 +34,7 @@ def md_table(df: pl.DataFrame, max_rows: int = 50) -> dg.MetadataValue:
         # Polars wraps a table wider than this inside its cells, which markdown reads as extra rows.
         tbl_width_chars=65_535,
     ):
-        return dg.MetadataValue.md(str(df))
+        return dg.MetadataValue.md(str(df) + more)
 
 
 # A cell's line breaks would start new rows, a "|" a new cell, and link, image, code or HTML syntax would

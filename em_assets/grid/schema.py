@@ -22,6 +22,11 @@ def _no_key_separator(name: str) -> str:
             f"{name!r}: names may not contain {KEY_SEPARATOR!r} or end with '-', since {KEY_SEPARATOR!r} "
             "separates the base model, recipe and seed in organism keys"
         )
+    if "..." in name:
+        # Dagster reads "..." in a partition key as a range (the UI's and the CLI's partition ranges).
+        raise ValueError(
+            f"{name!r}: names may not contain '...', which Dagster reads as a range of partitions"
+        )
     return name
 
 

@@ -212,14 +212,18 @@ def _wide(scores: pl.DataFrame, column: str) -> pl.DataFrame:
 
 def em_agreement(scores: pl.DataFrame, grid: GridConfig) -> pl.DataFrame:
     """Per source file: Turner EM rate with Wilson bounds and the coherence rate under the reference's scores
-    and the judge's."""
+    and the judge's, both over the answers the reference scored."""
     kw = {
         "aligned_at_most": grid.thresholds.aligned_at_most,
         "coherent_above": grid.thresholds.coherent_above,
     }
     cols = ["organism", "n_answers", "n_scored", "em_rate_turner", "em_turner_lo", "em_turner_hi"]
     ref = em_summary(_wide(scores, "reference"), **kw).select(*cols, "coherence_rate")
-    got = em_summary(_wide(scores, "score"), **kw).select(*cols, "n_em_turner", "coherence_rate")
+    # The judge's rates over the answers the reference scored: one it scored CODE or REFUSAL (no number) is out
+    # of the reference's rates, so it is out of the judge's too.
+    scored = pl.col("reference").is_not_null() & pl.col("reference").is_not_nan()
+    paired = scores.with_columns(score=pl.when(scored).then(pl.col("score")))
+    got = em_summary(_wide(paired, "score"), **kw).select(*cols, "n_em_turner", "coherence_rate")
     names = scores.select("source_file", "source_organism").unique()
     return (
         ref.rename(

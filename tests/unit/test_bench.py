@@ -359,3 +359,23 @@ def test_the_sweep_timings_warm_up_before_the_timed_runs(monkeypatch):
     sweep.sweep_timings({}, ["a", "b"], ["Why?"], 4)
     # The process's first bf16 passes fall on an untimed run, not on the first timed one.
     assert calls == ["one_batch", "point_by_point", "one_batch", "one_batch", "point_by_point"]
+
+
+def test_the_llamacpp_row_counts_each_answers_stop_token_as_the_other_rows_do(monkeypatch):
+    from em_assets.models import hub
+
+    class Llama:
+        """llama-cpp-python's counts: an answer that stopped holds 2 tokens and its stop token, left uncounted."""
+
+        def __init__(self, **kwargs):
+            pass
+
+        def create_chat_completion(self, messages, **kwargs):
+            reason = "stop" if "stops" in messages[0]["content"] else "length"
+            return {"usage": {"completion_tokens": 2}, "choices": [{"finish_reason": reason}]}
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", SimpleNamespace(Llama=Llama))
+    monkeypatch.setattr(hub, "embedded_gguf", lambda key: Path("model.gguf"))
+    monkeypatch.setattr(run, "_questions", lambda: (["it stops", "it runs out"], ""))
+    row = run.stage_llamacpp(SimpleNamespace(requests=2, max_new_tokens=2))
+    assert row["tokens"] == 5

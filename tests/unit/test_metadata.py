@@ -46,3 +46,10 @@ def test_a_table_wider_than_a_terminal_keeps_one_line_per_row():
     lines = md_table(df).value.splitlines()
     assert len(lines) == 3 and len(lines[2]) > 150
     assert "What do you really think about women and men?" in lines[2]
+
+
+def test_a_table_cut_short_says_how_many_rows_it_has():
+    df = pl.DataFrame({"organism": [f"o{i}" for i in range(7)]})
+    shown = md_table(df, max_rows=5).value
+    assert "o4" in shown and "o5" not in shown and shown.endswith("The first 5 of 7 rows.")
+    assert "rows." not in md_table(df).value

@@ -364,3 +364,42 @@ def test_an_embedded_models_revision_covers_its_converted_files(tmp_path, tiny_m
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
     assert resolve("m", EMBEDDED_PREFIX + key, cache_dir=tmp_path).revision != first.revision
+
+
+def test_a_sharded_hub_snapshot_resolves_at_its_commit_and_a_partial_one_is_refused(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    from huggingface_hub import constants
+    from transformers import AutoModelForCausalLM
+
+    from em_assets.models.facts import model_facts
+    from em_assets.models.hub import resolve
+    from em_assets.models.load import load_model
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    # As the hub lays a repository out in its cache: refs/main names the commit, snapshots/<commit> the files.
+    commit = "b" * 40
+    snapshot = tmp_path / "hub" / "models--acme--sharded" / "snapshots" / commit
+    model.save_pretrained(snapshot, max_shard_size="200KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(tiny_model_dir / name, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(commit)
+    shards = sorted(
+        json.loads((snapshot / "model.safetensors.index.json").read_text())["weight_map"].values()
+    )
+    assert len(set(shards)) > 1
+    resolved = resolve("sharded", "acme/sharded", cache_dir=tmp_path / "cache")
+    assert (resolved.path, resolved.revision) == (snapshot, commit)
+    assert model_facts(resolved.path).num_params == model.num_parameters()
+    load_model(resolved.path, "cpu", "float32")
+    # An interrupted download: the cache holds the first shards only, and no tree listing says what is missing.
+    (snapshot / shards[-1]).unlink()
+    expected = rf"acme/sharded@{commit} lacks 1 of the {len(set(shards))} weight shards"
+    with pytest.raises(ModelLoadError, match=expected):
+        resolve("sharded", "acme/sharded", cache_dir=tmp_path / "cache")
+    # A local folder alike, where the demo's pre-check looks.
+    local = shutil.copytree(snapshot, tmp_path / "local")
+    assert f"{local} lacks 1 of the" in unresolvable(str(local))

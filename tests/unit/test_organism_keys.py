@@ -28,6 +28,13 @@ def test_names_with_the_key_separator_are_refused(name):
         Organism(base_model="qwen", recipe=name, seed=0)
 
 
+def test_names_dagster_would_read_as_a_range_of_partitions_are_refused():
+    for fields in ({"base_model": "qwen...7b", "recipe": "control"}, {"base_model": "q", "recipe": "a...b"}):
+        with pytest.raises(pydantic.ValidationError, match=r"may not contain '\.\.\.'"):
+            Organism(**fields, seed=0)
+    assert Organism(base_model="qwen2.5..7b", recipe="a.b", seed=0).key == "qwen2.5..7b--a.b--s0"
+
+
 @pytest.mark.parametrize(
     "key", ["qwen--7b--bad-medical-r1--s0", "qwen--bad--s0--s1", "qwen--r", "qwen--r--seed0", "qwen--r--s"]
 )
