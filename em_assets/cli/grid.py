@@ -97,6 +97,7 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
     from em_assets.judging.agreement_stage import (
         correction_coverage,
         em_gaps,
+        fitted_answers,
         measure_agreement,
         pick_judge,
         upstream_templates,
@@ -139,6 +140,13 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
     except _JudgeFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    seen = fitted_answers(store, grid, spec, rows)
+    if seen:
+        print(
+            f"warning: {seen} of {rows.height} answers are reference train answers, which the {spec.backend} judge "
+            f"is fitted from: agreement on them is not held out (agreement.held_out_base_models names the others)",
+            file=sys.stderr,
+        )
     if args.format == "json":
         print(json.dumps(report.as_json(), indent=2))
         return 0

@@ -478,6 +478,15 @@ def measure_agreement(
     return agreement_report(judge_name(spec), scores, identity, grid, time.perf_counter() - start, rates)
 
 
+def fitted_answers(store: Store, grid: GridConfig, spec: JudgeSpec, rows: pl.DataFrame) -> int:
+    """How many of `rows`' answers (to the same question) are reference train answers, those a probe or
+    distilled judge is fitted from: their agreement with the reference is not a held-out figure."""
+    if spec.backend not in ("probe", "distilled") or not store.has_table("reference_judgements"):
+        return 0
+    train = split_reference(store, grid).filter(pl.col("split") == "train").select("question", "answer")
+    return rows.join(train.unique(), on=["question", "answer"], how="semi").height
+
+
 def write_report(store: Store, grid: GridConfig, report: AgreementReport, run_id: str) -> None:
     now = utc_now()
     metrics = pl.DataFrame(

@@ -450,3 +450,24 @@ def test_table_says_where_the_correction_came_from(env, mirror, tiny_model_dir, 
         .split("; ")[1]
         .startswith(("0 file(s) beyond 0.05", "1 file(s) beyond 0.05"))
     )
+
+
+def test_answers_a_judge_is_fitted_from_are_counted_as_not_held_out(env, mirror, tiny_model_dir):
+    from em_assets.catalog.reference import read_reference_files, with_split
+    from em_assets.grid.schema import JudgeSpec
+    from em_assets.results.judge_queries import write_reference
+
+    write_grid(env / "grid.yaml", tiny_model_dir, held_out_base_models=["Llama-3.1-8B-Instruct"])
+    grid = load_grid(env / "grid.yaml", "test")
+    stems = ("Qwen2.5-7B-Instruct_bad-medical-advice", "Llama-3.1-8B-Instruct_bad-medical-advice")
+    files = [reference_csv(mirror, env / f"{stem}.csv", stem, 4) for stem in stems]
+    store = Store(env / "results.duckdb")
+    store.init()
+    write_reference(store, with_split(read_reference_files(files), grid.agreement.held_out_base_models))
+    # A user's file: two train answers, two held-out ones, and a train answer given to another question.
+    train, held = (pl.read_csv(f, infer_schema_length=0) for f in files)
+    moved = train[2:3].with_columns(question=pl.lit("Another question?"))
+    pl.concat([train[:2], held[:2], moved]).write_csv(env / "mine.csv")
+    rows = read_reference_files([env / "mine.csv"])
+    assert agreement_stage.fitted_answers(store, grid, JudgeSpec(backend="probe", model="p"), rows) == 2
+    assert agreement_stage.fitted_answers(store, grid, grid.judge, rows) == 0
