@@ -135,6 +135,8 @@ def judgements(
     result = judge_completions(ctx)
     coverage = summaries.judgements(ctx.store, ctx.key, ctx.grid.judge.metrics)
     return dg.MaterializeResult(
+        # Unchanged by a rerun that judges the same answers alike: what reads the scores stays fresh.
+        data_version=dg.DataVersion(result.version),
         metadata={
             "dagster/row_count": coverage.total,
             "scored_now": result.scored,

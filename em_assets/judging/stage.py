@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from em_assets.context import StageContext
+from em_assets.grid.schema import config_hash
 from em_assets.judging.http import JudgeAuthError, JudgeRequestError
 from em_assets.judging.judges import (
     fixed_score,
@@ -60,6 +61,8 @@ class JudgingResult:
     seconds: float
     # Left unscored because the judge's server refused them (judge.refusals: unscored).
     refused: int = 0
+    # What the organism's judgements are: each one's judgement key, cache key and answer lineage, hashed.
+    version: str = ""
 
     @property
     def judgements_per_s(self) -> float | None:
@@ -261,6 +264,7 @@ def judge_completions(ctx: StageContext, chunk_size: int = 64) -> JudgingResult:
     identity = judge_identity(ctx.grid, ctx.cache_dir, ctx.store, device=ctx.device)
     judge = JudgeIdentity(ctx.grid.judge.backend, *identity)
     needed = needed_judgements(ctx, judge)
+    version = config_hash(sorted([*k, *v.current] for k, v in needed.items()))
     have = queries.judgement_states(ctx.store, ctx.key)
     # A key held twice has no state: both copies go, and it is written again (from the judge cache).
     stale = [k for k, v in have.items() if k not in needed or needed[k].current != v]
@@ -278,8 +282,8 @@ def judge_completions(ctx: StageContext, chunk_size: int = 64) -> JudgingResult:
     todo = [(k, v) for k, v in pending.items() if v.cache_key not in cache]
     if not todo:
         ctx.log.info(f"{ctx.key}: all {len(needed)} judgements are up to date; no judging")
-        return JudgingResult(0, len(needed), len(from_cache), 0.0)
+        return JudgingResult(0, len(needed), len(from_cache), 0.0, version=version)
     start = time.perf_counter()
     scored, refused = score_pending(ctx, judge, todo, chunk_size)
     seconds = time.perf_counter() - start
-    return JudgingResult(scored, len(needed) - len(todo), len(from_cache), seconds, refused)
+    return JudgingResult(scored, len(needed) - len(todo), len(from_cache), seconds, refused, version)

@@ -242,10 +242,14 @@ def test_answers_file_round_trips(tmp_path, tiny_model_dir, mirror):
     store = Store(tmp_path / "r.duckdb")
     catalog(store, g, mirror, tmp_path)
     key = "elsewhere--ans--s0"
+    judged = {}
     for k in ("tiny--base--s0", key):
         train_adapter(context(store, g, k, tmp_path))
         sample_completions(context(store, g, k, tmp_path))
-        judge_completions(context(store, g, k, tmp_path))
+        judged[k] = judge_completions(context(store, g, k, tmp_path))
+    # The judgements' data version: the same for a rerun that judges the same answers, another for others.
+    again = judge_completions(context(store, g, key, tmp_path))
+    assert again.scored == 0 and again.version == judged[key].version != judged["tiny--base--s0"].version
     file = pl.read_csv(path)
 
     comps = store.query(
