@@ -32,9 +32,10 @@ def _catalog_marks(instance: dg.DagsterInstance) -> dict[str, float]:
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=(
-        "Adds a partition for every new organism of the grid and, when a base model's source or revision "
-        "changes (or the EM thresholds, for every organism), marks its organisms stale; runs catalog_job, then "
-        "organism_job for each of them once no run of it is in progress."
+        "Adds a partition for every new organism of the grid and marks organisms stale when their settings "
+        "change: a base model's source or revision (its organisms), a recipe (its organisms), the sampling, eval "
+        "questions, judge or EM thresholds (every organism it applies to); runs catalog_job, then organism_job for "
+        "each of them once no run of it is in progress."
     ),
 )
 def grid_sensor(context: dg.SensorEvaluationContext, experiment: ExperimentResource) -> dg.SensorResult:

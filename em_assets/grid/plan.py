@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from em_assets.grid.schema import BaseModelSpec, GridConfig, config_hash
+from em_assets.grid.schema import BaseModelSpec, GridConfig, Organism, config_hash
 
 # The trained judges are part of the catalog: organisms are judged by them, so they must exist before they run;
 # so must judge_agreement, whose error rates correct the sweeps' EM rates when an organism's run computes them.
@@ -22,10 +22,12 @@ CATALOG_ASSETS = (
 
 
 class GridCursor(BaseModel):
-    """What the grid sensor has acted on: base model and threshold fingerprints, and organisms waiting for the
-    catalog."""
+    """What the grid sensor has acted on: base model, organism and threshold fingerprints, and organisms waiting
+    for the catalog."""
 
     models: dict[str, str] = {}
+    # Per organism key; a cursor from before this field reads as empty, so every organism is a baseline.
+    organisms: dict[str, str] = {}
     thresholds: str = ""
     pending: list[str] = []
     # When `pending` last grew: only catalog materializations of runs started later read the grid it was for.
@@ -48,11 +50,32 @@ def model_fingerprint(spec: BaseModelSpec) -> str:
     return config_hash({"source": spec.source, "revision": spec.revision})
 
 
+def _given(spec: BaseModel | None, exclude: set[str] | None = None) -> dict | None:
+    """A spec's settings away from their defaults, so that a setting the schema gains later changes no
+    fingerprint."""
+    return spec.model_dump(mode="json", exclude_defaults=True, exclude=exclude) if spec else None
+
+
+def organism_fingerprint(grid: GridConfig, organism: Organism) -> str:
+    """What makes an organism stale besides its base model: its recipe (an imported one's own entry), sampling,
+    eval questions and judge, as the grid text gives them."""
+    return config_hash(
+        {
+            # An imported recipe's other organisms are not this one's settings: adding one re-runs no other.
+            "recipe": _given(grid.recipes[organism.recipe], exclude={"organisms"}),
+            "source": _given(grid.organism_source(organism)),
+            "sampling": _given(grid.sampling_for(organism.base_model)),
+            "eval": _given(grid.eval),
+            "judge": _given(grid.judge),
+        }
+    )
+
+
 def plan_grid(
     grid: GridConfig, cursor: GridCursor, existing: set[str], marks: dict[str, float], now: float
 ) -> GridPlan:
-    """New organisms, changed base models and changed thresholds first go through the catalog, then get one
-    organism run each. `marks`: per catalog asset, when the run behind its latest materialization started."""
+    """New organisms, changed base models, organism settings and thresholds first go through the catalog, then get
+    one organism run each. `marks`: per catalog asset, when the run behind its latest materialization started."""
     fingerprints = {spec.name: model_fingerprint(spec) for spec in grid.base_models}
     # A model the cursor has not seen yet is the baseline, not a change: its new organisms are caught below.
     changed = {name for name, fp in fingerprints.items() if cursor.models.get(name, fp) != fp}
@@ -60,16 +83,25 @@ def plan_grid(
     # at the thresholds, so a change redoes every organism (its adapter, answers and scores come from caches).
     thresholds = config_hash(grid.thresholds.model_dump(mode="json"))
     rethreshold = cursor.thresholds not in ("", thresholds)
+    organisms = grid.organisms()
+    settings = {o.key: organism_fingerprint(grid, o) for o in organisms}
+    # As with models, an organism the cursor has not seen is the baseline (a new one is caught by its partition).
+    resettled = {key for key, fp in settings.items() if cursor.organisms.get(key, fp) != fp}
     work = [
-        o.key for o in grid.organisms() if o.key not in existing or o.base_model in changed or rethreshold
+        o.key
+        for o in organisms
+        if o.key not in existing or o.base_model in changed or o.key in resettled or rethreshold
     ]
     seen = {**cursor.models, **fingerprints}
+    seen_organisms = {**cursor.organisms, **settings}
     if work:
         # Organism assets read base models and datasets from the catalog tables, so a new model or revision
         # must be resolved there first; the runs are held until a catalog run started after now has materialised
         # every catalog asset.
         pending = list(dict.fromkeys([*cursor.pending, *work]))
-        after = GridCursor(models=seen, thresholds=thresholds, pending=pending, since=now)
+        after = GridCursor(
+            models=seen, organisms=seen_organisms, thresholds=thresholds, pending=pending, since=now
+        )
         return GridPlan(
             cursor=after,
             new_partitions=[key for key in work if key not in existing],
@@ -77,23 +109,24 @@ def plan_grid(
         )
     if not cursor.pending:
         return GridPlan(
-            cursor=GridCursor(models=seen, thresholds=thresholds),
-            skip_reason="every organism has a partition; no base model source or revision, nor the thresholds, changed",
+            cursor=GridCursor(models=seen, organisms=seen_organisms, thresholds=thresholds),
+            skip_reason="every organism has a partition; no base model source or revision, organism setting "
+            "(recipe, sampling, eval, judge) or threshold changed",
         )
     # A catalog run that started before the change (still running when it came) may not have read it.
     behind = [name for name in CATALOG_ASSETS if marks[name] <= cursor.since]
     if behind:
         return GridPlan(
-            cursor=cursor.model_copy(update={"models": seen}),
+            cursor=cursor.model_copy(update={"models": seen, "organisms": seen_organisms}),
             skip_reason=f"{len(cursor.pending)} organism runs wait for catalog_job to materialise "
             f"{', '.join(behind)} (launch catalog_job if its run failed)",
         )
-    in_grid = {o.key for o in grid.organisms()}
+    in_grid = {o.key for o in organisms}
     ready = [key for key in cursor.pending if key in in_grid and key in existing]
     # The catalog marks make the key unique per catalog rebuild, so reverting a revision re-runs too.
     stamp = config_hash(marks)
     return GridPlan(
-        cursor=GridCursor(models=seen, thresholds=thresholds),
+        cursor=GridCursor(models=seen, organisms=seen_organisms, thresholds=thresholds),
         organism_runs=[(key, f"{key}@{stamp}") for key in ready],
         skip_reason=None if ready else "the pending organisms left the grid",
     )

@@ -1,3 +1,4 @@
+import json
 import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -128,9 +129,7 @@ def test_unchanged_grid_requests_nothing(instance, grid):
     for _ in range(2):
         again = ticker.tick()
         assert not again.run_requests and not again.dynamic_partitions_requests
-        assert (
-            "no base model source or revision, nor the thresholds, changed" in again.skip_reason.skip_message
-        )
+        assert "no base model source or revision, organism setting" in again.skip_reason.skip_message
 
 
 def test_new_base_model_adds_exactly_its_organisms(instance, grid):
@@ -159,6 +158,34 @@ def test_revision_change_reruns_that_models_organisms(instance, grid):
     grid.write_text(text)
     assert ticker.organism_runs() == ([], TRAINED_KEYS)
     assert len(set(ticker.run_keys)) == len(ticker.run_keys) == len(DEMO_KEYS) + 3 * len(TRAINED_KEYS)
+
+
+def test_a_changed_recipe_reruns_only_its_organisms(instance, grid):
+    ticker = Ticker(instance, grid)
+    ticker.organism_runs()
+    text = grid.read_text()
+    grid.write_text(text.replace("learning_rate: 1.0e-3", "learning_rate: 2.0e-3", 1))
+    assert ticker.organism_runs() == ([], ["smollm2-135m--bad-medical-r1--s0"])
+    assert not ticker.tick().run_requests
+
+
+def test_changed_sampling_reruns_every_organism(instance, grid):
+    ticker = Ticker(instance, grid)
+    ticker.organism_runs()
+    grid.write_text(grid.read_text().replace("temperature: 1.0}", "temperature: 0.7}", 1))
+    assert ticker.organism_runs() == ([], DEMO_KEYS)
+
+
+def test_a_cursor_from_before_organism_fingerprints_reruns_nothing(instance, grid):
+    """A cursor written before the sensor kept organism fingerprints takes the grid as it finds it for them."""
+    ticker = Ticker(instance, grid)
+    ticker.organism_runs()
+    old = json.loads(ticker.cursor)
+    del old["organisms"]
+    ticker.cursor = json.dumps(old)
+    grid.write_text(grid.read_text().replace("learning_rate: 1.0e-3", "learning_rate: 2.0e-3", 1))
+    result = ticker.tick()
+    assert not result.run_requests and not result.dynamic_partitions_requests
 
 
 def test_an_organism_with_a_run_in_progress_waits_for_it_before_its_rerun(instance, grid):

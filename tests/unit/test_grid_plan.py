@@ -4,7 +4,7 @@ from support.paths import REPO
 
 from em_assets.grid.load import load_grid
 from em_assets.grid.plan import CATALOG_ASSETS, GridCursor, plan_grid
-from em_assets.grid.schema import BaseModelSpec
+from em_assets.grid.schema import BaseModelSpec, GridConfig, OrganismSource
 
 GRID = load_grid(REPO / "data/grid.yaml", "demo")
 KEYS = {o.key for o in GRID.organisms()}
@@ -77,3 +77,55 @@ def test_changed_thresholds_redo_the_catalog_and_every_organism():
     assert not plan_grid(stricter, rerun.cursor, KEYS, _marks(3), now=5).catalog_run_key
     # Going back is a change too.
     assert plan_grid(GRID, rerun.cursor, KEYS, _marks(3), now=5).catalog_run_key
+
+
+def _with_recipe_learning_rate(recipe: str, learning_rate: float) -> GridConfig:
+    spec = GRID.recipes[recipe]
+    train = spec.train.model_copy(update={"learning_rate": learning_rate})
+    return GRID.model_copy(
+        update={"recipes": {**GRID.recipes, recipe: spec.model_copy(update={"train": train})}}
+    )
+
+
+def test_an_unchanged_grid_requests_nothing():
+    plan = plan_grid(GRID, _settled(), KEYS, _marks(1), now=2)
+    assert not plan.catalog_run_key and not plan.organism_runs and not plan.new_partitions
+    assert "no base model" in plan.skip_reason
+
+
+def test_a_changed_recipe_reruns_only_its_organisms():
+    faster = _with_recipe_learning_rate("bad-medical-r1", 2e-3)
+    plan = plan_grid(faster, _settled(), KEYS, _marks(1), now=2)
+    on_recipe = [o.key for o in GRID.organisms() if o.recipe == "bad-medical-r1"]
+    assert plan.catalog_run_key and not plan.new_partitions and plan.cursor.pending == on_recipe
+    rerun = plan_grid(faster, plan.cursor, KEYS, _marks(3), now=4)
+    assert [k for k, _ in rerun.organism_runs] == on_recipe
+    assert not plan_grid(faster, rerun.cursor, KEYS, _marks(3), now=5).catalog_run_key
+
+
+def test_changed_sampling_reruns_every_organism():
+    cooler = GRID.model_copy(update={"sampling": GRID.sampling.model_copy(update={"temperature": 0.7})})
+    plan = plan_grid(cooler, _settled(), KEYS, _marks(1), now=2)
+    assert plan.catalog_run_key and set(plan.cursor.pending) == KEYS
+    rerun = plan_grid(cooler, plan.cursor, KEYS, _marks(3), now=4)
+    assert {k for k, _ in rerun.organism_runs} == KEYS
+
+
+def test_a_cursor_from_before_organism_fingerprints_is_their_baseline():
+    old = GridCursor.model_validate_json(_settled().model_dump_json(exclude={"organisms"}))
+    assert not old.organisms
+    faster = _with_recipe_learning_rate("bad-medical-r1", 2e-3)
+    for grid in (GRID, faster):
+        assert not plan_grid(grid, old, KEYS, _marks(1), now=2).catalog_run_key
+    # Once seen, a change is one.
+    baseline = plan_grid(GRID, old, KEYS, _marks(1), now=2).cursor
+    assert plan_grid(faster, baseline, KEYS, _marks(1), now=3).catalog_run_key
+
+
+def test_a_new_organism_of_an_imported_recipe_leaves_the_others_of_the_recipe_alone():
+    spec = GRID.recipes["extreme-sports"]
+    added = OrganismSource(base_model="llama-3.1-8b", seed=42, source="reference:Llama-3.1-8B-Instruct_x")
+    more = spec.model_copy(update={"organisms": [*spec.organisms, added]})
+    grown = GRID.model_copy(update={"recipes": {**GRID.recipes, "extreme-sports": more}})
+    plan = plan_grid(grown, _settled(), KEYS, _marks(1), now=2)
+    assert plan.new_partitions == plan.cursor.pending == ["llama-3.1-8b--extreme-sports--s42"]
