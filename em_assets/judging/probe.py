@@ -242,9 +242,9 @@ def fit_head(
             head.sign_weights[name] = w
             k = head.kernel_distances(sq, sq_signs, name)
             linear = linear_ridge(support_signs, y, LINEAR_L2) if w > 0 else None
-            offset = None if linear is None else support_signs @ linear[:-1] + linear[-1]
+            mean_of = None if linear is None else (support_signs, LINEAR_L2)
             readout = fit_readout(
-                name, k, y, groups, spec.bandwidths, spec.l2, spec.seed, threshold, offset, anchored
+                name, k, y, groups, spec.bandwidths, spec.l2, spec.seed, threshold, mean_of, anchored
             )
             fits.append((readout, w, linear))
         best = max(fits, key=lambda f: _best_cv(f[0]))

@@ -8,7 +8,7 @@ kernel per fold and bandwidth, and the project would otherwise depend on scikit-
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -109,20 +109,27 @@ def folds(groups: Sequence[str], seed: int = 0) -> np.ndarray:
 
 
 def out_of_fold(
-    sq: np.ndarray, y: np.ndarray, fold: np.ndarray, bandwidths: Sequence[float], l2s: Sequence[float]
+    sq: np.ndarray,
+    y: np.ndarray,
+    fold: np.ndarray,
+    bandwidths: Sequence[float],
+    l2s: Sequence[float],
+    offset: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[tuple[float, float], np.ndarray]:
-    """Each row's prediction by a readout fitted without its fold, for every (bandwidth, penalty). Rows of fold
-    -1 are in every fit and predicted by none (NaN)."""
+    """Each row's prediction by a readout fitted without its fold, for every (bandwidth, penalty); with an
+    `offset` (every row's offset as fitted on the rows of a mask), around the offset fitted without the fold
+    too. Rows of fold -1 are in every fit and predicted by none (NaN)."""
     preds = {(b, l2): np.full(len(y), np.nan) for b in bandwidths for l2 in l2s}
     for f in np.unique(fold[fold >= 0]):
         held, fit = fold == f, fold != f
+        base = np.zeros(len(y)) if offset is None else offset(fit)
         for b in bandwidths:
             k, cross = rbf(sq[np.ix_(fit, fit)], b), rbf(sq[np.ix_(held, fit)], b)
             # One linear solve per penalty: an eigendecomposition would serve every penalty at once, but
             # LAPACK's symmetric eigensolver costs many times more than the few solves.
             for l2 in l2s:
-                dual, mean = kernel_ridge(k, y[fit], l2)
-                preds[(b, l2)][held] = cross @ dual + mean
+                dual, mean = kernel_ridge(k, y[fit] - base[fit], l2)
+                preds[(b, l2)][held] = cross @ dual + mean + base[held]
     return preds
 
 
@@ -158,6 +165,16 @@ def calibration_gaps(oof: np.ndarray, y: np.ndarray, fold: np.ndarray, threshold
     return {kind: float(np.mean(g)) for kind, g in gaps.items()}
 
 
+def _linear_offset(x: np.ndarray, y: np.ndarray, l2: float) -> Callable[[np.ndarray], np.ndarray]:
+    """Every row's prediction by the linear ridge model of y on x fitted on the rows of a mask."""
+
+    def offset(rows: np.ndarray) -> np.ndarray:
+        weights = linear_ridge(x[rows], y[rows], l2)
+        return x @ weights[:-1] + weights[-1]
+
+    return offset
+
+
 def fit_readout(
     metric: str,
     sq: np.ndarray,
@@ -167,27 +184,30 @@ def fit_readout(
     l2s: Sequence[float],
     seed: int = 0,
     threshold: float | None = None,
-    offset: np.ndarray | None = None,
+    linear: tuple[np.ndarray, float] | None = None,
     anchored: np.ndarray | None = None,
 ) -> Readout:
     """The readout of `metric` over the support rows whose squared distances are `sq`, with the (bandwidth,
     penalty) whose out-of-fold Spearman is best, calibrated on the out-of-fold predictions there (by the
     calibration whose rate at `threshold` transfers best across folds; the stretch when no threshold is
-    given or there is one fold). With an offset per row the kernel fits what the offset leaves; far from every
-    support row the prediction falls back to the offset rather than the mean. Rows with a missing target get a
-    zero dual weight. `anchored` rows are fitted on in every fold but never scored: they choose nothing."""
+    given or there is one fold). With `linear` (features per row and a penalty) the kernel fits what a linear
+    ridge mean of those features leaves; far from every support row the prediction falls back to that mean
+    rather than the targets'. Rows with a missing target get a zero dual weight. `anchored` rows are fitted on
+    in every fold but never scored: they choose nothing."""
     keep = np.isfinite(y)
     if keep.sum() < 2:
         raise ValueError(f"{metric}: {keep.sum()} train answers with a score; a readout needs at least 2")
     sq = sq[np.ix_(keep, keep)]
-    base = np.zeros(int(keep.sum())) if offset is None else offset[keep]
+    offset = None if linear is None else _linear_offset(linear[0][keep], y[keep], linear[1])
+    base = np.zeros(int(keep.sum())) if offset is None else offset(np.ones(int(keep.sum()), dtype=bool))
     scale = float(np.median(sq[~np.eye(len(sq), dtype=bool)])) or 1.0
     scored = keep if anchored is None else keep & ~anchored
     fold = np.full(int(keep.sum()), -1)
     fold[scored[keep]] = folds([g for g, s in zip(groups, scored, strict=True) if s], seed)
-    residual = out_of_fold(sq, y[keep] - base, fold, [m * scale for m in bandwidths], l2s)
+    # The mean is refitted without each fold as the kernel is: fitted on the left-out rows, it would score them.
+    every = out_of_fold(sq, y[keep], fold, [m * scale for m in bandwidths], l2s, offset)
     on, target = scored[keep], y[scored]
-    preds = {setting: (p + base)[on] for setting, p in residual.items()}
+    preds = {setting: p[on] for setting, p in every.items()}
     cv = tuple((m, l2, spearman(target, preds[(m * scale, l2)])) for m in bandwidths for l2 in l2s)
     best_m, best_l2, _ = max(cv, key=lambda item: -np.inf if item[2] is None else item[2])
     bandwidth = best_m * scale

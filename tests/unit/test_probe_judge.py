@@ -249,7 +249,8 @@ def _reference(n: int, seed: int) -> pl.DataFrame:
 
 def test_a_head_fitted_with_corruptions_scores_degenerate_text_low(model_and_tokenizer, tiny_model_dir):
     model, tok = model_and_tokenizer
-    rows = training_set(_reference(24, 0), 6, None, "rated")
+    # Enough rows per base model for the signs' linear mean, refitted without each fold, to transfer across them.
+    rows = training_set(_reference(48, 0), 12, None, "rated")
     assert set(rows["kind"]) >= {"reference", "repetition_loop", "empty", "word_shuffle"}
     spec = ProbeSpec(layers=list(LAYERS), max_tokens=32, sign_weights={"aligned": [0.0], "coherent": [2.0]})
     items = [QA(q, a) for q, a in zip(rows["question"], rows["answer"], strict=True)]

@@ -156,9 +156,8 @@ def test_far_from_the_support_a_readout_falls_back_to_its_offset():
     y = 50 + 20 * signs[:, 0] + 5 * z[:, 0]
     weights = linear_ridge(signs, y, 1.0)
     assert weights == pytest.approx([20.0, 50.0], abs=2.0)
-    offset = signs @ weights[:-1] + weights[-1]
     readout = fit_readout(
-        "coherent", sq_distances(z, z), y, ["a"] * 40 + ["b"] * 40, [1.0], [0.1], offset=offset
+        "coherent", sq_distances(z, z), y, ["a"] * 40 + ["b"] * 40, [1.0], [0.1], linear=(signs, 1.0)
     )
     far = sq_distances(np.array([[100.0, 100.0]]), z)
     low = float(-2.0 * weights[0] + weights[1])
@@ -166,3 +165,22 @@ def test_far_from_the_support_a_readout_falls_back_to_its_offset():
     assert readout.predict(far, low)[0] == pytest.approx(readout.calibrate(np.array([low]))[0])
     high = float(2.0 * weights[0] + weights[1])
     assert readout.predict(far, low)[0] < 30 < 70 < readout.predict(far, high)[0]
+
+
+def test_the_linear_mean_is_refitted_without_each_fold():
+    rng = np.random.default_rng(7)
+    z = rng.normal(size=(80, 2))
+    signs = rng.normal(size=(80, 1))
+    # The signs' slope is +20 in one base model and -20 in the other: each left-out group, predicted by a mean
+    # fitted on the other alone, is ranked backwards. A mean fitted on both (slope about 0) would hide that.
+    slope = np.where(np.arange(80) < 40, 20.0, -20.0)
+    y = 50 + slope * signs[:, 0] + rng.normal(scale=1.0, size=80)
+    groups = ["a"] * 40 + ["b"] * 40
+    readout = fit_readout("coherent", sq_distances(z, z), y, groups, [1.0], [1.0], linear=(signs, 1.0))
+    assert readout.cv_spearman[0][2] < -0.5
+    # The fitted readout's mean is the one over every row: its dual fits what that mean leaves.
+    weights = linear_ridge(signs, y, 1.0)
+    dual, intercept = kernel_ridge(
+        rbf(sq_distances(z, z), readout.bandwidth), y - (signs @ weights[:-1] + weights[-1]), 1.0
+    )
+    assert readout.dual == pytest.approx(dual) and readout.intercept == pytest.approx(intercept)
