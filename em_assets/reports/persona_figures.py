@@ -10,6 +10,7 @@ import polars as pl
 from matplotlib.figure import Figure
 
 from em_assets.analyses.canvas import new_figure, no_data, save_png
+from em_assets.reports.personas import comparable_answers
 from em_assets.results.personas import ORGANISM_SETTING, ORGANISM_SWEEP
 from em_assets.stats.mixtures import BetaShape, to_unit
 
@@ -43,11 +44,11 @@ def plot_mixtures(mix: pl.DataFrame, scores: pl.DataFrame, path: Path) -> Path:
     fig, axes = _panels(own.height)
     grid = np.linspace(0, 100, 201)
     for ax, row in zip(axes, own.iter_rows(named=True), strict=True):
-        mine = scores.filter(
-            (pl.col("organism") == row["organism"])
-            & (pl.col("judge") == row["judge"])
-            & (pl.col("sweep") == ORGANISM_SWEEP)
-        )["aligned"].drop_nulls()
+        # The answers the weight was fitted on: narrowed to its sweeps' question set where it has sweeps.
+        mine = comparable_answers(
+            scores.filter((pl.col("organism") == row["organism"]) & (pl.col("judge") == row["judge"]))
+        )
+        mine = mine.filter(pl.col("sweep") == ORGANISM_SWEEP)["aligned"].drop_nulls()
         ax.hist(mine.to_numpy(), bins=20, range=(0, 100), density=True, color="0.8")
         w = row["misaligned_weight"]
         bad = BetaShape(row["misaligned_a"], row["misaligned_b"])

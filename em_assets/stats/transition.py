@@ -100,7 +100,7 @@ def fit_transition(x: np.ndarray, k: np.ndarray, n: np.ndarray) -> TransitionFit
             fit, note="flat likelihood at the fit (a step or no rise): midpoint interval undefined"
         )
     half, span = Z95 * spread * var**0.5, float(x.max() - x.min())
-    if half > WIDEST * span:
+    if 2 * half > WIDEST * span:
         return replace(
             fit, note=f"midpoint interval over {WIDEST:g} times the swept range: the sweep does not pin it"
         )

@@ -80,6 +80,15 @@ def test_logistic_fit_says_why_it_cannot_fit():
     assert unpinned.midpoint_lo is None and unpinned.note is not None
 
 
+def test_a_midpoint_interval_over_ten_swept_ranges_wide_is_undefined():
+    """Regression: the half-width was held against ten swept ranges, so intervals up to twenty wide were kept."""
+    x = np.array([0.0, 4, 8, 12])
+    fit = fit_transition(x, [1, 3, 3, 3], [8, 8, 8, 8])
+    # The Wald interval here is about 11.6 swept ranges wide (half-width 5.8).
+    assert fit.midpoint is not None and fit.midpoint_lo is None and fit.midpoint_hi is None
+    assert "10 times the swept range" in fit.note
+
+
 def test_kendalls_w_matches_a_hand_worked_example():
     # Three raters, four items. Rank sums: 1+1+2=4, 2+3+1=6, 3+2+3=8, 4+4+4=12 (mean 7.5);
     # S = 3.5^2 + 1.5^2 + 0.5^2 + 4.5^2 = 35; W = 12 S / (m^2 (n^3 - n)) = 420 / 540 = 7/9.
@@ -256,3 +265,26 @@ def test_an_answer_not_judged_yet_belongs_to_its_organisms_judge(tmp_path):
         judged = keys.head(1).with_columns(metric=pl.lit(metric), score=pl.lit(80.0), judge_model=pl.lit("j"))
         store.append_rows("sweep_judgements", judged.with_columns(**{k: pl.lit(v) for k, v in point.items()}))
     assert sweep_scores(store)["judge"].to_list() == ["j", "j"]
+
+
+def test_the_mixture_figure_shows_the_answers_the_weight_was_fitted_on(tmp_path, monkeypatch):
+    """Regression: the histogram held the organism's answers to every set, its curves the fit to its sweeps' set."""
+    import polars as pl
+    from matplotlib.axes import Axes
+
+    from em_assets.reports import persona_figures
+    from em_assets.reports.personas import persona_mixtures
+
+    rng = np.random.default_rng(9)
+    fitted = _two_personas(rng, 40, 0.3)
+    scores = pl.concat(
+        [
+            _point_scores("organism", "final", None, fitted, eval_set="main"),
+            _point_scores("organism", "final", None, np.full(30, 55.0), eval_set="other"),
+            _point_scores("em_over_training", "step=4", "h", _two_personas(rng, 30, 0.3), eval_set="main"),
+        ]
+    )
+    shown = []
+    monkeypatch.setattr(Axes, "hist", lambda self, x, *a, **k: shown.append(np.asarray(x)))
+    persona_figures.plot_mixtures(persona_mixtures(scores, 30), scores, tmp_path / "mixtures.png")
+    assert len(shown) == 1 and sorted(shown[0]) == pytest.approx(sorted(fitted))
