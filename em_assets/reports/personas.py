@@ -174,7 +174,11 @@ def persona_mixtures(scores: pl.DataFrame, aligned_at_most: float) -> pl.DataFra
             leader = max(keys, key=lambda k: len(points[k]))
             copies |= {k: leader for k in keys if k != leader}
         rows += _mixture_rows(organism, judge, points, aligned_at_most, copies)
-    return pl.DataFrame(rows, schema=MIXTURE_SCHEMA).sort("organism", "judge", "sweep", "setting")
+    # A swept parameter's points in its order (step=4 before step=12), other settings by name.
+    value = pl.col("setting").str.extract(_SETTING.pattern, 2).cast(pl.Float64)
+    return pl.DataFrame(rows, schema=MIXTURE_SCHEMA).sort(
+        "organism", "judge", "sweep", value, "setting", nulls_last=True
+    )
 
 
 def comparable_answers(group: pl.DataFrame) -> pl.DataFrame:

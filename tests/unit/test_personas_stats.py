@@ -180,6 +180,17 @@ def test_points_holding_the_same_answers_enter_the_mixture_fit_once():
     assert rows["scale=1"]["misaligned_weight"] == rows["step=12"]["misaligned_weight"] is not None
 
 
+def test_a_swept_parameters_points_are_listed_in_its_order():
+    import polars as pl
+
+    from em_assets.reports.personas import persona_mixtures
+
+    rng = np.random.default_rng(4)
+    points = [("em_over_training", f"step={s}", f"h{s}", 100 * rng.beta(8, 2, 30)) for s in (12, 4, 8)]
+    scores = pl.concat(_point_scores(*point) for point in points)
+    assert persona_mixtures(scores, 30)["setting"].to_list() == ["step=4", "step=8", "step=12"]
+
+
 def _point_scores(sweep: str, setting: str, setting_hash: str | None, aligned, eval_set: str = "main"):
     import polars as pl
 
