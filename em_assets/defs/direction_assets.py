@@ -91,15 +91,21 @@ def _sweep_result(report: direction_sweeps.SweepReport, shown: list[str]) -> dg.
     return dg.MaterializeResult(metadata=meta)
 
 
-@dg.asset(
+# What steering and ablation share as assets. Judged by the grid's judge (perhaps the distilled or probe one) and
+# corrected by judge_agreement's rates; the judges are named: the direction's data version is its file's, which a
+# refitted judge may leave alone.
+_DIRECTION_SWEEP = dict(
     group_name="directions",
     partitions_def=organisms,
-    # Judged by the grid's judge (perhaps the distilled or probe one), corrected by judge_agreement's rates. The
-    # judges are named here: the direction's data version is its file's, which a refitted judge may leave alone.
     deps=["misalignment_directions", "lora_adapter", "distilled_judge", "probe_judge", "judge_agreement"],
     kinds={"pytorch", "duckdb", "matplotlib"},
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
+)
+
+
+@dg.asset(
+    **_DIRECTION_SWEEP,
     description="The base model steered with scale x the organism's direction at the grid's layers and scales, "
     "each beside a random vector of equal norm; sampled and judged like completions; EM and coherence vs scale.",
 )
@@ -116,14 +122,7 @@ def steering_sweep(
 
 
 @dg.asset(
-    group_name="directions",
-    partitions_def=organisms,
-    # Judged by the grid's judge (perhaps the distilled or probe one), corrected by judge_agreement's rates. The
-    # judges are named here: the direction's data version is its file's, which a refitted judge may leave alone.
-    deps=["misalignment_directions", "lora_adapter", "distilled_judge", "probe_judge", "judge_agreement"],
-    kinds={"pytorch", "duckdb", "matplotlib"},
-    pool=GPU_POOL,
-    op_tags=GPU_OP_TAGS,
+    **_DIRECTION_SWEEP,
     description="The organism with its direction projected out of every layer, and with a random direction of "
     "equal norm projected out: EM before and after, with 95% Wilson intervals.",
 )

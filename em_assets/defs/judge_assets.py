@@ -42,12 +42,18 @@ def reference_judgements(experiment: ExperimentResource, results: ResultsDB) -> 
     )
 
 
-@dg.asset(
+# What the trained judges share as assets: fitted on the reference judgements with the base model they read.
+_TRAINED_JUDGE = dict(
     group_name="catalog",
     deps=[reference_judgements, "base_models"],
     kinds={"pytorch", "duckdb"},
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
+)
+
+
+@dg.asset(
+    **_TRAINED_JUDGE,
     description="A LoRA adapter that answers GPT-4o's aligned/coherent scores as a number, trained with the "
     "project's training loop on the reference judgements of the train base models.",
 )
@@ -86,11 +92,7 @@ def distilled_judge(
 
 
 @dg.asset(
-    group_name="catalog",
-    deps=[reference_judgements, "base_models"],
-    kinds={"pytorch", "duckdb"},
-    pool=GPU_POOL,
-    op_tags=GPU_OP_TAGS,
+    **_TRAINED_JUDGE,
     description="Kernel ridge readouts of GPT-4o's aligned/coherent scores from a frozen model's mean-pooled "
     "hidden states, fitted on the reference judgements of the train base models (bandwidth and penalty by "
     "leave-one-base-model-out cross-validation).",
