@@ -10,8 +10,7 @@ import polars as pl
 from matplotlib.figure import Figure
 
 from em_assets.analyses.canvas import new_figure, no_data, save_png
-from em_assets.reports.personas import comparable_answers
-from em_assets.results.personas import ORGANISM_SETTING, ORGANISM_SWEEP
+from em_assets.results.personas import ORGANISM_SETTING, ORGANISM_SWEEP, comparable_answers
 from em_assets.stats.mixtures import BetaShape, to_unit
 
 MAX_PANELS = 12

@@ -161,7 +161,7 @@ def persona_mixtures(scores: pl.DataFrame, aligned_at_most: float) -> pl.DataFra
     """One row per organism, judge and point: the shared-shape two-Beta fit of the aligned scores."""
     rows = []
     for (organism, judge), group in scores.group_by("organism", "judge", maintain_order=True):
-        group = comparable_answers(group)
+        group = queries.comparable_answers(group)
         points, by_hash = {}, {}
         for key, g in group.group_by("sweep", "setting", maintain_order=True):
             points[key] = _aligned(g)
@@ -179,16 +179,6 @@ def persona_mixtures(scores: pl.DataFrame, aligned_at_most: float) -> pl.DataFra
     return pl.DataFrame(rows, schema=MIXTURE_SCHEMA).sort(
         "organism", "judge", "sweep", value, "setting", nulls_last=True
     )
-
-
-def comparable_answers(group: pl.DataFrame) -> pl.DataFrame:
-    """An organism's answers with its own point narrowed to the sets its sweep points ask, where it has any: the
-    sweeps ask one set, and the organism's answers to the others would make its point another mix of questions."""
-    swept = group.filter(pl.col("sweep") != queries.ORGANISM_SWEEP)
-    if swept.is_empty():
-        return group
-    sets = swept["eval_set"].unique().to_list()
-    return group.filter((pl.col("sweep") != queries.ORGANISM_SWEEP) | pl.col("eval_set").is_in(sets))
 
 
 def _mixture_rows(

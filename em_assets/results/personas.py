@@ -52,3 +52,13 @@ def sharpest_steps(store: Store) -> pl.DataFrame:
 def write_tables(store: Store, tables: dict[str, pl.DataFrame]) -> None:
     """Replace each whole table with its rows, all in one transaction."""
     store.write_tables(tables)
+
+
+def comparable_answers(group: pl.DataFrame) -> pl.DataFrame:
+    """An organism's answers with its own point narrowed to the sets its sweep points ask, where it has any: the
+    sweeps ask one set, and the organism's answers to the others would make its point another mix of questions."""
+    swept = group.filter(pl.col("sweep") != ORGANISM_SWEEP)
+    if swept.is_empty():
+        return group
+    sets = swept["eval_set"].unique().to_list()
+    return group.filter((pl.col("sweep") != ORGANISM_SWEEP) | pl.col("eval_set").is_in(sets))
