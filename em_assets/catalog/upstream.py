@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import gzip
-import os
-import tempfile
 import urllib.request
+import uuid
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -289,11 +288,14 @@ def fetch_bytes(
         else:
             raw = _verified(_download(source), source.sha256, source.url)
             cached.parent.mkdir(parents=True, exist_ok=True)
-            # A name of its own: two steps may fetch the same file at once (the multiprocess executor).
-            fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=f".{cached.name}.", suffix=".part")
-            with os.fdopen(fd, "wb") as out:
-                out.write(raw)
-            Path(tmp).replace(cached)
+            # A name of its own: two steps may fetch the same file at once (the multiprocess executor, pods on one
+            # volume).
+            tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.part")
+            try:
+                tmp.write_bytes(raw)
+                tmp.replace(cached)
+            finally:
+                tmp.unlink(missing_ok=True)
     return gzip.decompress(raw) if source.path.endswith(".gz") else raw
 
 

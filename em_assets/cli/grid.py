@@ -143,8 +143,8 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
     seen = fitted_answers(store, grid, spec, rows)
     if seen:
         print(
-            f"warning: {seen} of {rows.height} answers are reference train answers, which the {spec.backend} judge "
-            f"is fitted from: agreement on them is not held out (agreement.held_out_base_models names the others)",
+            f"warning: {seen} of {rows.height} answers are reference train answers the {spec.backend} judge is "
+            f"fitted on: agreement on them is not held out (agreement.held_out_base_models names the others)",
             file=sys.stderr,
         )
     if args.format == "json":

@@ -479,11 +479,12 @@ def measure_agreement(
 
 
 def fitted_answers(store: Store, grid: GridConfig, spec: JudgeSpec, rows: pl.DataFrame) -> int:
-    """How many of `rows`' answers (to the same question) are reference train answers, those a probe or
-    distilled judge is fitted from: their agreement with the reference is not a held-out figure."""
-    if spec.backend not in ("probe", "distilled") or not store.has_table("reference_judgements"):
+    """How many of `rows`' answers (to the same question) a probe or distilled judge is fitted on: their
+    agreement with the reference is not a held-out figure."""
+    fitted_by = {"probe": grid.probe, "distilled": grid.distill}.get(spec.backend)
+    if fitted_by is None or not store.has_table("reference_judgements"):
         return 0
-    train = split_reference(store, grid).filter(pl.col("split") == "train").select("question", "answer")
+    train = distill.train_answers(split_reference(store, grid), fitted_by).select("question", "answer")
     return rows.join(train.unique(), on=["question", "answer"], how="semi").height
 
 

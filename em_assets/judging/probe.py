@@ -45,6 +45,9 @@ LINEAR_L2 = 1.0
 
 # Part of the judge's identity in the judge cache, as the distilled judge's prompt is: what is read, and how.
 FEATURES_VERSION = "answer-after-question-signs:v3"
+# How the head is fitted from those features, where a change moves the head without changing what is read: a head
+# fitted another way is fitted again (its features come from their cache).
+FIT_VERSION = "signs-mean-refitted-per-fold"
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ def probe_hash(
     thresholds: dict[str, float],
 ) -> str:
     """What makes the head: base model bytes, reference files and split, hand ratings, the spec, the feature
-    recipe and the EM thresholds its readouts calibrate at."""
+    recipe, how it is fitted and the EM thresholds its readouts calibrate at."""
     return config_hash(
         {
             "base_revision": base_revision,
@@ -159,6 +162,7 @@ def probe_hash(
             "spec": spec.model_dump(mode="json", exclude={"batch_size"}),
             "hand_ratings": _ratings_sha256(spec),
             "features": FEATURES_VERSION,
+            "fit": FIT_VERSION,
         }
     )
 

@@ -116,9 +116,8 @@ def out_of_fold(
     l2s: Sequence[float],
     offset: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[tuple[float, float], np.ndarray]:
-    """Each row's prediction by a readout fitted without its fold, for every (bandwidth, penalty); with an
-    `offset` (every row's offset as fitted on the rows of a mask), around the offset fitted without the fold
-    too. Rows of fold -1 are in every fit and predicted by none (NaN)."""
+    """Each row's prediction by a readout (around `offset`, fitted on a mask's rows) fitted without its fold, for
+    every (bandwidth, penalty). Rows of fold -1 are in every fit and predicted by none (NaN)."""
     preds = {(b, l2): np.full(len(y), np.nan) for b in bandwidths for l2 in l2s}
     for f in np.unique(fold[fold >= 0]):
         held, fit = fold == f, fold != f
@@ -165,7 +164,7 @@ def calibration_gaps(oof: np.ndarray, y: np.ndarray, fold: np.ndarray, threshold
     return {kind: float(np.mean(g)) for kind, g in gaps.items()}
 
 
-def _linear_offset(x: np.ndarray, y: np.ndarray, l2: float) -> Callable[[np.ndarray], np.ndarray]:
+def linear_offset(x: np.ndarray, y: np.ndarray, l2: float) -> Callable[[np.ndarray], np.ndarray]:
     """Every row's prediction by the linear ridge model of y on x fitted on the rows of a mask."""
 
     def offset(rows: np.ndarray) -> np.ndarray:
@@ -198,7 +197,7 @@ def fit_readout(
     if keep.sum() < 2:
         raise ValueError(f"{metric}: {keep.sum()} train answers with a score; a readout needs at least 2")
     sq = sq[np.ix_(keep, keep)]
-    offset = None if linear is None else _linear_offset(linear[0][keep], y[keep], linear[1])
+    offset = None if linear is None else linear_offset(linear[0][keep], y[keep], linear[1])
     base = np.zeros(int(keep.sum())) if offset is None else offset(np.ones(int(keep.sum()), dtype=bool))
     scale = float(np.median(sq[~np.eye(len(sq), dtype=bool)])) or 1.0
     scored = keep if anchored is None else keep & ~anchored

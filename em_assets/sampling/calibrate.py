@@ -167,15 +167,14 @@ def timing_depth(max_new_tokens: int) -> int:
 
 
 def step_settings(sampling: SamplingSpec) -> dict:
-    """The sampler's keyword arguments that change what a decode step computes: the warpers, a nucleus under 1
-    (a sort of the vocabulary) and greedy decoding (an argmax, no draw). Each is named only where it is not the
-    default, so the plain settings' cache file keeps its name."""
-    settings = sampling.warpers()
+    """The sampler's arguments that change a decode step's work (warpers, a nucleus under 1, greedy decoding),
+    each only where set: the plain settings' cache file keeps its name."""
+    step = sampling.warpers()
     if sampling.top_p < 1:
-        settings["top_p"] = sampling.top_p
+        step["top_p"] = sampling.top_p
     if sampling.temperature == 0:
-        settings["temperature"] = 0.0
-    return settings
+        step["temperature"] = 0.0
+    return step
 
 
 def choose_sampling(

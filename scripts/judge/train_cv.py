@@ -11,8 +11,8 @@ from heldout import pick, rows_and_features
 from em_assets.grid.load import load_grid
 from em_assets.judging.agreement import spearman
 from em_assets.judging.answer_features import AnswerFeatures
-from em_assets.judging.probe import fit_head
-from em_assets.judging.readout import folds, out_of_fold
+from em_assets.judging.probe import LINEAR_L2, fit_head
+from em_assets.judging.readout import folds, linear_offset, out_of_fold
 
 
 def best_cv(head) -> dict[str, float]:
@@ -27,11 +27,12 @@ def coherent_by_kind(head, features: AnswerFeatures, rows: pl.DataFrame) -> dict
     sq, sq_signs, signs = head.distances(features)
     y = rows["coherent"].cast(pl.Float64).to_numpy()
     keep = np.isfinite(y)
-    offset = head.offset(signs, "coherent") + np.zeros(len(y))
+    # The signs' linear mean refitted without each fold, as fit_readout does.
+    mean = linear_offset(signs[keep], y[keep], LINEAR_L2) if head.linear.get("coherent") is not None else None
     k = head.kernel_distances(sq, sq_signs, "coherent")[np.ix_(keep, keep)]
     fold = folds(rows.filter(keep)["base_model"].to_list())
     setting = (readout.bandwidth, readout.l2)
-    oof = out_of_fold(k, y[keep] - offset[keep], fold, *([v] for v in setting))[setting] + offset[keep]
+    oof = out_of_fold(k, y[keep], fold, *([v] for v in setting), mean)[setting]
     kinds = rows.filter(keep)["kind"].to_numpy()
     return {kind: spearman(y[keep][kinds == kind], oof[kinds == kind]) for kind in ("reference", "rated")}
 

@@ -242,14 +242,14 @@ def test_answers_file_round_trips(tmp_path, tiny_model_dir, mirror):
     store = Store(tmp_path / "r.duckdb")
     catalog(store, g, mirror, tmp_path)
     key = "elsewhere--ans--s0"
-    judged = {}
+    first = {}
     for k in ("tiny--base--s0", key):
         train_adapter(context(store, g, k, tmp_path))
         sample_completions(context(store, g, k, tmp_path))
-        judged[k] = judge_completions(context(store, g, k, tmp_path))
+        first[k] = judge_completions(context(store, g, k, tmp_path))
     # The judgements' data version: the same for a rerun that judges the same answers, another for others.
     again = judge_completions(context(store, g, key, tmp_path))
-    assert again.scored == 0 and again.version == judged[key].version != judged["tiny--base--s0"].version
+    assert again.scored == 0 and again.version == first[key].version != first["tiny--base--s0"].version
     file = pl.read_csv(path)
 
     comps = store.query(
@@ -300,7 +300,9 @@ def test_answers_file_round_trips(tmp_path, tiny_model_dir, mirror):
     # The grid judge's scores of the answers a re-import replaced go with them, until it judges again.
     judged = f"SELECT count(*) AS n FROM judgements WHERE organism = '{key}'"
     assert store.query(judged)["n"][0] == 0
-    assert judge_completions(context(store, renamed, key, tmp_path)).cache_hits == 8
+    rejudged = judge_completions(context(store, renamed, key, tmp_path))
+    # The answers' lineage changed with the re-import: so did what the judgements are.
+    assert rejudged.cache_hits == 8 and rejudged.version != first[key].version
     assert store.query(judged)["n"][0] == 8
     names = store.query(f"SELECT DISTINCT judge_model FROM imported_judgements WHERE organism = '{key}'")
     assert names["judge_model"].to_list() == ["gpt-4o-2024-08-06 (file)"]

@@ -191,7 +191,7 @@ def probe_grid(model_dir, ratings: Path) -> dict:
     return doc
 
 
-def test_probe_judge_end_to_end(tmp_path, tiny_model_dir, mirror, one_torch_thread):
+def test_probe_judge_end_to_end(tmp_path, tiny_model_dir, mirror, one_torch_thread, monkeypatch):
     grid_file = tmp_path / "grid.yaml"
     ratings = tmp_path / "ratings.csv"
     ratings.write_text(RATINGS)
@@ -245,6 +245,11 @@ def test_probe_judge_end_to_end(tmp_path, tiny_model_dir, mirror, one_torch_thre
         ratings.write_text(RATINGS.replace(",90", ",85"))
         rerated = materialize(instance, resources, ["probe_judge"])
         assert rerated.asset_materializations_for_node("probe_judge")[0].metadata["trained"].value is True
+        assert len(list((tmp_path / "cache" / "probe_features").glob("*.npz"))) == 1
+        # A head fitted another way is fitted again, from the same features.
+        monkeypatch.setattr(probe, "FIT_VERSION", "another way")
+        refitted = materialize(instance, resources, ["probe_judge"])
+        assert refitted.asset_materializations_for_node("probe_judge")[0].metadata["trained"].value is True
         assert len(list((tmp_path / "cache" / "probe_features").glob("*.npz"))) == 1
         # Other EM thresholds: the readouts choose their calibration at them, so the head is fitted again.
         doc = probe_grid(tiny_model_dir, ratings)

@@ -1,6 +1,7 @@
 import functools
 import gzip
 import json
+import os
 import shutil
 import threading
 from collections.abc import Iterator
@@ -346,6 +347,10 @@ def test_two_steps_downloading_one_file_at_once_both_get_it(tmp_path, raw_github
         step.join()
     assert got == [rows, rows]
     assert [p.name for p in (cache / "upstream" / source.mirror_path).parent.iterdir()] == ["shared.jsonl"]
+    # Readable as any file written here: a cache may be shared.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (cache / "upstream" / source.mirror_path).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_a_download_that_does_not_match_its_pin_is_refused_and_not_cached(tmp_path, raw_github):

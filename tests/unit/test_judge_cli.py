@@ -458,6 +458,9 @@ def test_answers_a_judge_is_fitted_from_are_counted_as_not_held_out(env, mirror,
     from em_assets.results.judge_queries import write_reference
 
     write_grid(env / "grid.yaml", tiny_model_dir, held_out_base_models=["Llama-3.1-8B-Instruct"])
+    doc = yaml.safe_load((env / "grid.yaml").read_text())
+    doc["profiles"]["test"]["probe"] = {"source": str(tiny_model_dir)}
+    (env / "grid.yaml").write_text(yaml.safe_dump(doc))
     grid = load_grid(env / "grid.yaml", "test")
     stems = ("Qwen2.5-7B-Instruct_bad-medical-advice", "Llama-3.1-8B-Instruct_bad-medical-advice")
     files = [reference_csv(mirror, env / f"{stem}.csv", stem, 4) for stem in stems]
@@ -469,5 +472,9 @@ def test_answers_a_judge_is_fitted_from_are_counted_as_not_held_out(env, mirror,
     moved = train[2:3].with_columns(question=pl.lit("Another question?"))
     pl.concat([train[:2], held[:2], moved]).write_csv(env / "mine.csv")
     rows = read_reference_files([env / "mine.csv"])
-    assert agreement_stage.fitted_answers(store, grid, JudgeSpec(backend="probe", model="p"), rows) == 2
+    probe = JudgeSpec(backend="probe", model="p")
+    assert agreement_stage.fitted_answers(store, grid, probe, rows) == 2
     assert agreement_stage.fitted_answers(store, grid, grid.judge, rows) == 0
+    # A probe fitted on a seeded subset of the train answers (max_answers) counts the ones it was fitted on.
+    subset = grid.model_copy(update={"probe": grid.probe.model_copy(update={"max_answers": 1})})
+    assert agreement_stage.fitted_answers(store, subset, probe, rows) <= 1
