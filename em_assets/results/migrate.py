@@ -80,12 +80,7 @@ def _copy(source: Path, store: Store, tables: list[str]) -> dict[str, int]:
         conn.execute(f"ATTACH '{str(source).replace(chr(39), chr(39) * 2)}' AS {_SOURCE} (READ_ONLY)")
         conn.execute("BEGIN")
         store.create_schema(conn)
-        existing = {
-            r[0]
-            for r in conn.execute(
-                "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database()"
-            ).fetchall()
-        }
+        existing = set(_tables(conn))
         for table in tables:
             try:
                 if table in existing:
