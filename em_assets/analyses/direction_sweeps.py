@@ -30,7 +30,7 @@ from em_assets.context import StageContext
 from em_assets.grid.schema import layer_at
 from em_assets.results import directions as db
 from em_assets.results.artifacts import check_weights
-from em_assets.results.queries import adapter_row, base_model_row
+from em_assets.results.queries import base_model_row
 from em_assets.results.store import utc_now
 from em_assets.stats.correction import CORRECTION_COLUMNS
 
@@ -86,7 +86,7 @@ def steering_points(ctx: StageContext, row: dict) -> list[tuple[SweepPoint, dict
 def ablation_points(ctx: StageContext, row: dict) -> list[tuple[SweepPoint, dict]]:
     """The organism with its direction, and with the random control, projected out of every layer."""
     spec, n = ctx.grid.directions, ctx.grid.directions.samples_per_question
-    adapter = adapter_row(ctx.store, ctx.key)
+    adapter = ctx.current_adapter()
     check_weights(adapter)
     path, sha = adapter.get("adapter_path"), adapter.get("adapter_sha256")
     layer = layer_at(spec.ablation_layer_fraction, row["num_layers"])

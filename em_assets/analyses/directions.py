@@ -20,7 +20,7 @@ from em_assets.grid.schema import DirectionsSpec, Thresholds, config_hash
 from em_assets.results import directions as db
 from em_assets.results.artifacts import check_weights
 from em_assets.results.errors import MissingUpstreamError
-from em_assets.results.queries import adapter_row, organism_model_row
+from em_assets.results.queries import organism_model_row
 from em_assets.results.store import utc_now
 from em_assets.stats.rates import em_flags
 
@@ -192,7 +192,7 @@ def extract_direction(ctx: StageContext) -> DirectionResult:
             f"organism {ctx.key}: no judged answers to {main}; materialise judgements first"
         )
     contrast = select_contrast(scored, ctx.grid.thresholds, spec, ctx.organism.seed)
-    adapter = adapter_row(ctx.store, ctx.key)
+    adapter = ctx.current_adapter()
     base = organism_model_row(ctx.store, ctx.key, ctx.organism.base_model)
     input_hash = _input_hash(contrast, adapter, base, ctx)
     lineage = {**_lineage(ctx, scored, adapter), "input_hash": input_hash}

@@ -17,7 +17,6 @@ from em_assets.analyses.sweep import PointResult, SweepPoint, forget_sweep, narr
 from em_assets.context import StageContext
 from em_assets.grid.schema import IMPORTED_KINDS, recipe_method
 from em_assets.results.errors import MissingUpstreamError
-from em_assets.results.queries import adapter_row
 from em_assets.results.store import utc_now
 from em_assets.results.sweeps import checkpoints, replace_result
 from em_assets.stats.correction import CORRECTION_COLUMNS
@@ -82,6 +81,7 @@ def _skipped(ctx: StageContext, table: str, note: str) -> DynamicsResult:
 
 
 def _checkpoint_rows(ctx: StageContext) -> list[dict]:
+    ctx.current_adapter()  # the checkpoints are the adapter's: from the recipe as it stands, or refused
     rows = checkpoints(ctx.store, ctx.key).to_dicts()
     if not rows:
         raise MissingUpstreamError(f"{ctx.key}: no checkpoints recorded; materialise lora_adapter first")
@@ -186,7 +186,7 @@ def scaled_adapters(ctx: StageContext) -> list[tuple[float, str | None, str | No
     from em_assets.analyses.lora import ADAPTER_FILE, write_scaled_adapter
     from em_assets.results.artifacts import check_weights, sha256_file
 
-    adapter = adapter_row(ctx.store, ctx.key)
+    adapter = ctx.current_adapter()
     if not adapter.get("adapter_path"):
         raise MissingUpstreamError(f"{ctx.key}: no trained adapter; materialise lora_adapter first")
     check_weights(adapter)

@@ -557,6 +557,14 @@ class DirectionsSpec(_Strict):
         "organism of a base model, scaled to each organism's direction",
     )
 
+    @model_validator(mode="after")
+    def _distinct_scales(self) -> DirectionsSpec:
+        # Each scale names its steering settings as `scale={s:g}`: two that print alike would collide there.
+        labels = [f"{s:g}" for s in self.scales]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"directions.scales must be distinct, got {self.scales}")
+        return self
+
     def steering_layers(self, num_layers: int) -> list[int]:
         return sorted({layer_at(f, num_layers) for f in self.layer_fractions})
 
@@ -723,3 +731,39 @@ def config_hash(obj: BaseModel | dict | list | str) -> str:
     """Short stable hash of a config, for lineage columns and cache keys."""
     payload = obj.model_dump(mode="json") if isinstance(obj, BaseModel) else obj
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def adapter_config_hash(
+    base_revision: str,
+    dataset_sha256: str,
+    recipe: RecipeSpec,
+    seed: int,
+    dtype: str,
+    kl_sha256: str | None = None,
+) -> str:
+    """What the trained weights depend on; the training settings enter by the one rule of trained_settings()."""
+    # Full fine-tuning, the KL penalty and a dtype other than bf16 add keys only where used, so LoRA organisms
+    # trained in bf16 keep their hashes.
+    extra = {"method": recipe.method} if recipe.method != "lora" else {}
+    if recipe.kl is not None:
+        extra["kl"] = {
+            **recipe.kl.model_dump(mode="json", exclude={"mean_over"}),
+            **mean_over_hashed(recipe.kl.mean_over),
+            "dataset_sha256": kl_sha256,
+        }
+    # The device picks it: LoRA trains on a base computing in it; full fine-tuning saves its weights in it and,
+    # where it is bf16, computes in it over fp32 weights (training.step.full_compute_dtype).
+    if dtype != "bfloat16":
+        extra["dtype"] = dtype
+    elif recipe.method == "full":
+        extra["compute"] = dtype
+    return config_hash(
+        {
+            "base_revision": base_revision,
+            "dataset_sha256": dataset_sha256,
+            "lora": recipe.lora.model_dump(mode="json") if recipe.lora else None,
+            "train": recipe.train.trained_settings(recipe.lora),
+            "seed": seed,
+            **extra,
+        }
+    )

@@ -156,15 +156,25 @@ def coherent_check(
     min_auc: float,
     where: str,
     interval: tuple[float | None, float | None] = (None, None),
+    n_coherent: int | None = None,
 ) -> CoherentCheck:
     """The coherent AUC on `where` (with its 95% `interval`, where known), judged against `min_auc` only when it
-    rests on `min_incoherent` or more incoherent answers (a handful of negatives makes an AUC of any value)."""
+    rests on `min_incoherent` or more incoherent answers (a handful of negatives makes an AUC of any value).
+    `n_coherent`: the scored answers on the other side, where counted (no AUC without one)."""
     if n_incoherent < min_incoherent:
         return CoherentCheck(
             n_incoherent,
             None,
             True,
             f"too few incoherent answers in {where} ({n_incoherent} < {min_incoherent}) for a coherent AUC",
+        )
+    if n_coherent == 0:
+        # The judge scored them all; there is just nothing to rank the incoherent answers below.
+        return CoherentCheck(
+            n_incoherent,
+            None,
+            True,
+            f"no coherent answers in {where} to rank its {n_incoherent} incoherent ones against: no coherent AUC",
         )
     if auc_value is None:
         return CoherentCheck(n_incoherent, None, False, f"the judge gave no coherent scores on {where}")

@@ -381,7 +381,13 @@ def _coherent_check(scores: pl.DataFrame, grid: GridConfig, where: str) -> Coher
     n_incoherent = int((part["reference"] <= t.coherent_above).sum())
     interval = (found.auc_lo, found.auc_hi)
     return coherent_check(
-        found.auc, n_incoherent, spec.min_incoherent, spec.min_coherent_auc, where, interval
+        found.auc,
+        n_incoherent,
+        spec.min_incoherent,
+        spec.min_coherent_auc,
+        where,
+        interval,
+        n_coherent=part.height - n_incoherent,
     )
 
 

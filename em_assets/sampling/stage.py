@@ -298,7 +298,7 @@ def sample_completions(ctx: StageContext) -> SamplingResult:
     if recipe is not None and recipe.kind == "answers":
         done = import_answers(ctx)
         return SamplingResult(done.imported, done.reused, 0, done.seconds, 0, done.sampling_hash)
-    adapter = queries.adapter_row(store, ctx.key)
+    adapter = ctx.current_adapter()
     base = queries.organism_model_row(store, ctx.key, ctx.organism.base_model)
     imported = recipe is not None and recipe.kind == "adapter"
     shash = sampling_hash(base, adapter, ctx.grid.sampling, seed, dtype_name(ctx.device), imported)

@@ -4,8 +4,9 @@ p(x) = top * sigmoid(s * (x - midpoint)). EM rates rise to a plateau well below 
 stop near 10-40%), so a plain logistic, whose midpoint is where p = 0.5, would put the transition far outside
 the sweep; the ceiling makes the midpoint the half-way point of the rise actually seen. Fitted by maximum
 likelihood (scipy.optimize); the midpoint's 95% interval is Wald's, from the inverse of the observed
-information, the midpoint being one of the parameters. Counts may be fractional (a mixture weight times the
-number of answers), which makes it a quasi-binomial fit.
+information, the midpoint being one of the parameters, with binomial variance (no dispersion is estimated, so
+answers that vary more than binomially, as answers grouped by question do, make it too narrow). Counts may be
+fractional (a mixture weight times the number of answers) and enter the likelihood as they are.
 """
 
 from __future__ import annotations

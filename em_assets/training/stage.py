@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from em_assets.context import StageContext
-from em_assets.grid.schema import RecipeSpec, config_hash, mean_over_hashed, recipe_method
+from em_assets.grid.schema import RecipeSpec, config_hash, recipe_method
 from em_assets.results import queries
 from em_assets.results.artifacts import sha256_file, weights_file
 from em_assets.results.store import to_json, utc_now
@@ -67,42 +67,6 @@ def checkpoint_rows(result, adapter: dict) -> pl.DataFrame:
         for c in kept
     ]
     return pl.DataFrame(rows, schema_overrides={"step": pl.Int32}, infer_schema_length=None)
-
-
-def adapter_config_hash(
-    base_revision: str,
-    dataset_sha256: str,
-    recipe: RecipeSpec,
-    seed: int,
-    dtype: str,
-    kl_sha256: str | None = None,
-) -> str:
-    """What the trained weights depend on; the training settings enter by the one rule of trained_settings()."""
-    # Full fine-tuning, the KL penalty and a dtype other than bf16 add keys only where used, so LoRA organisms
-    # trained in bf16 keep their hashes.
-    extra = {"method": recipe.method} if recipe.method != "lora" else {}
-    if recipe.kl is not None:
-        extra["kl"] = {
-            **recipe.kl.model_dump(mode="json", exclude={"mean_over"}),
-            **mean_over_hashed(recipe.kl.mean_over),
-            "dataset_sha256": kl_sha256,
-        }
-    # The device picks it: LoRA trains on a base computing in it; full fine-tuning saves its weights in it and,
-    # where it is bf16, computes in it over fp32 weights (training.step.full_compute_dtype).
-    if dtype != "bfloat16":
-        extra["dtype"] = dtype
-    elif recipe.method == "full":
-        extra["compute"] = dtype
-    return config_hash(
-        {
-            "base_revision": base_revision,
-            "dataset_sha256": dataset_sha256,
-            "lora": recipe.lora.model_dump(mode="json") if recipe.lora else None,
-            "train": recipe.train.trained_settings(recipe.lora),
-            "seed": seed,
-            **extra,
-        }
-    )
 
 
 def up_to_date_adapter(ctx: StageContext, chash: str, save_steps: int) -> dict | None:
@@ -189,14 +153,7 @@ def train_adapter(ctx: StageContext) -> AdapterResult:
         return AdapterResult(trained=False, config_hash=chash, control=True)
     ds = queries.training_dataset(store, recipe.dataset)
     kl_ds = queries.training_dataset(store, recipe.kl.dataset) if recipe.kl else None
-    chash = adapter_config_hash(
-        base["revision"],
-        ds["sha256"],
-        recipe,
-        org.seed,
-        dtype_name(ctx.device),
-        kl_ds["sha256"] if kl_ds else None,
-    )
+    chash = ctx.trained_hash(recipe, base["revision"], dtype_name(ctx.device))
     done = up_to_date_adapter(ctx, chash, recipe.train.save_steps)
     if done is not None:
         ctx.log.info(f"{ctx.key}: adapter {chash} is up to date; no training")

@@ -127,3 +127,34 @@ def test_sampling_in_worker_processes_writes_every_row(pipeline):
     rows = Store(tmp_path / "results.duckdb").query("SELECT * FROM completions")
     assert rows.height == 6 and rows.select("question_id", "sample_idx").is_unique().all()
     assert rows["answer"].str.len_chars().min() > 0
+
+
+def test_an_adapter_from_other_recipe_settings_is_not_sampled(pipeline):
+    """Regression: when a changed recipe had not trained (its training failed), sampling read the last adapter
+    row and labelled the old weights' answers with the recipe as it now stands."""
+    from em_assets.context import StageContext
+    from em_assets.grid.schema import Organism
+    from em_assets.results.errors import MissingUpstreamError
+    from em_assets.sampling.stage import sample_completions
+
+    instance, resources, tmp_path = pipeline
+    key = "tiny--med-r1--s0"
+    instance.add_dynamic_partitions(organisms.name, [key])
+    materialize(instance, resources, ["base_models", "training_datasets", "eval_questions"])
+    materialize(instance, resources, ["lora_adapter"], key)
+    grid_file = Path(resources["experiment"].grid_path)
+    doc = yaml.safe_load(grid_file.read_text())
+    doc["profiles"]["test"]["recipes"]["med-r1"]["train"]["learning_rate"] = 5e-4
+    grid_file.write_text(yaml.safe_dump(doc))
+
+    ctx = StageContext(
+        store=Store(tmp_path / "results.duckdb"),
+        grid=resources["experiment"].grid(),
+        organism=Organism.parse(key),
+        run_id="test",
+        artifacts_dir=tmp_path / "artifacts",
+        device="cpu",
+    )
+    with pytest.raises(MissingUpstreamError, match="trained with other settings than its recipe's"):
+        sample_completions(ctx)
+    assert ctx.store.query("SELECT count(*) AS n FROM completions")["n"][0] == 0

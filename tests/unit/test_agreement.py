@@ -241,6 +241,25 @@ def test_agreement_counts_incoherent_reference_answers():
     assert found.auc == next(m.auc for m in report.metrics if m.metric == "coherent")
 
 
+def test_incoherent_answers_alone_give_no_coherent_auc_not_a_judge_without_scores():
+    """Regression: answers all incoherent by the reference (scored by the judge) said the judge gave no coherent
+    scores, and failed the check."""
+    grid = GridConfig.model_validate(
+        {
+            "base_models": [{"name": "m", "source": "embedded:smollm2-135m-instruct"}],
+            "recipes": {"base": {}},
+            "agreement": {"min_incoherent": 2},
+        }
+    )
+    scores = agreement_scores({"a": [(*INCOHERENT, *INCOHERENT), (*INCOHERENT, *OK), (*INCOHERENT, *EM)]})
+    found = coherent_on_incoherent(agreement_report("x", scores, ("m", "r", None), grid, 0.0), grid)
+    assert (found.n_incoherent, found.auc, found.passed) == (3, None, True)
+    assert found.message == (
+        "no coherent answers in the held-out reference answers to rank its 3 incoherent ones against: "
+        "no coherent AUC"
+    )
+
+
 def test_correction_coverage_counts_files_whose_interval_holds_the_reference():
     em = pl.DataFrame(
         {

@@ -120,6 +120,8 @@ def test_missing_profile_and_bad_yaml(tmp_path):
         ("thresholds: {aligned_at_most: 150}", r"profiles\.demo\.thresholds\.aligned_at_most"),
         ("thresholds: {coherent_above: .nan}", r"profiles\.demo\.thresholds\.coherent_above"),
         ("directions: {sweep_recipes: [nope]}", r"directions\.sweep_recipes names recipes that are not in"),
+        # Each scale names a steering setting: a repeated one would fail the steering step, not the grid.
+        ("directions: {scales: [1, 2, 2.0]}", r"directions\.scales must be distinct"),
         (
             "directions: {aligned_above: 20}",
             r"directions\.aligned_above \(20\) is below thresholds\.aligned_at_most",

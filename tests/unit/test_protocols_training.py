@@ -116,9 +116,8 @@ def test_full_fine_tuning_computes_in_bf16_over_fp32_weights(tiny_model_dir, exa
 def test_full_fine_tuning_in_mixed_precision_is_not_the_fp32_run_of_before():
     """Regression: an organism fully fine-tuned in fp32 arithmetic (before mixed precision) would have counted
     as current, and its checkpoints would have resumed a mixed-precision run."""
-    from em_assets.grid.schema import RecipeSpec
+    from em_assets.grid.schema import RecipeSpec, adapter_config_hash
     from em_assets.training.checkpoints import training_run_hash
-    from em_assets.training.stage import adapter_config_hash
 
     full = RecipeSpec(dataset="d", method="full", train=TrainSpec())
     # The hash this recipe had when full fine-tuning computed in fp32.
@@ -368,10 +367,9 @@ def test_full_fine_tuning_decays_no_bias_or_norm_weight(tiny_model_dir):
 def test_a_per_token_kl_penalty_keeps_the_hashes_it_had_before_mean_over():
     """The organism's and the run's hash name `mean_over` by one rule: a per-token penalty (the demo's) is named
     in neither, so its organisms and checkpoints stay current; the vocabulary mean is named in both."""
-    from em_assets.grid.schema import KLSpec, RecipeSpec
+    from em_assets.grid.schema import KLSpec, RecipeSpec, adapter_config_hash
     from em_assets.training.checkpoints import training_run_hash
     from em_assets.training.loop import KLTraining
-    from em_assets.training.stage import adapter_config_hash
 
     examples = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
     hashes = {}

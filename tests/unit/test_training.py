@@ -498,9 +498,8 @@ def test_diverging_training_stops_with_the_step_number_and_writes_nothing(ws):
 def test_one_rule_decides_what_counts_as_the_same_training():
     """Regression: the adapter's config hash took save_steps in, the checkpoint-resume hash left it out, so
     they disagreed on whether two recipes train the same weights. Both now use TrainSpec.trained_settings()."""
-    from em_assets.grid.schema import RecipeSpec
+    from em_assets.grid.schema import RecipeSpec, adapter_config_hash
     from em_assets.training.checkpoints import training_run_hash
-    from em_assets.training.stage import adapter_config_hash
 
     lora = LoraSpec(r=1, lora_alpha=8, target_modules=["down_proj"])
     recipe = RecipeSpec(dataset="d", lora=lora, train=TrainSpec(save_steps=5, workers=1))
