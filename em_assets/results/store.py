@@ -205,10 +205,11 @@ class Store:
         rows = df.unique(subset=keys, keep="last", maintain_order=True) if keys else df
 
         def work(conn: duckdb.DuckDBPyConnection) -> None:
-            if not self.lake:
-                _insert(conn, table, rows, "INSERT OR REPLACE")
+            # A delete and an insert in one transaction, on both backends: DuckLake has no key constraints, and a
+            # file's INSERT OR REPLACE would keep the old row's values in the columns `df` leaves out.
+            if not keys:
+                _insert(conn, table, rows)
                 return
-            # DuckLake has no key constraints: replace by key as a delete and an insert in one transaction.
             match = " AND ".join(f"t.{k} = r.{k}" for k in keys)
             conn.register("_rows", rows.to_arrow())
             # Deleting nothing still conflicts with concurrent writers of the table, so only delete rows
@@ -263,10 +264,10 @@ class Store:
         self.conflict_retries += backends.retry_conflicts(attempt, self.lock_timeout_s, what)
 
 
-def _insert(conn: duckdb.DuckDBPyConnection, table: str, df: pl.DataFrame, verb: str = "INSERT") -> None:
+def _insert(conn: duckdb.DuckDBPyConnection, table: str, df: pl.DataFrame) -> None:
     conn.register("_rows", df.to_arrow())
     cols = ", ".join(df.columns)
-    conn.execute(f"{verb} INTO {table} ({cols}) SELECT {cols} FROM _rows")
+    conn.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _rows")
     conn.unregister("_rows")
 
 

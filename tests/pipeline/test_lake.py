@@ -59,6 +59,19 @@ def test_lake_append_replaces_by_key_and_snapshots_keep_the_past(tmp_path):
     assert store.current_snapshot() > before
 
 
+@pytest.mark.parametrize("kind", ["lake", "file"])
+def test_a_row_written_again_keeps_none_of_the_old_rows_values(tmp_path, kind):
+    """Regression: a file's INSERT OR REPLACE kept the old row's value in a column the new row leaves out, where
+    a lake writes the new row alone."""
+    store = Store(_lake(tmp_path) if kind == "lake" else tmp_path / "r.duckdb")
+    store.init()
+    store.append_rows(
+        "training_losses", pl.DataFrame({"organism": ["a"], "step": [1], "loss": [1.0], "kl": [0.5]})
+    )
+    store.append_rows("training_losses", pl.DataFrame({"organism": ["a"], "step": [1], "loss": [2.0]}))
+    assert store.query("SELECT loss, kl FROM training_losses").rows() == [(2.0, None)]
+
+
 def test_a_pinned_lake_reads_its_snapshot_through_one_attach(tmp_path, monkeypatch):
     from em_assets.results import backends
 
