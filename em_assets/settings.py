@@ -72,6 +72,14 @@ def openmp_wait(env: Mapping[str, str] | None = None) -> str:
     return " ".join(f"{name}={env[name]}" for name in OPENMP_WAIT_VARS if env.get(name)) or "default"
 
 
+def _packed_linears(env: Mapping[str, str]) -> bool:
+    text = env.get(PACKED_LINEARS_ENV) or "1"
+    # Checked: "false" or "off" would otherwise leave the packing on, the opposite of what was asked.
+    if text not in ("0", "1"):
+        raise SettingsError(f"{PACKED_LINEARS_ENV}={text!r}: give 0 (off) or 1 (on, the default)")
+    return text == "1"
+
+
 def _cpu_dtype(env: Mapping[str, str]) -> str:
     text = env.get(CPU_DTYPE_ENV) or "auto"
     if text not in ("auto", "bfloat16", "float32"):
@@ -138,7 +146,7 @@ class Settings:
             figures_dir=path(FIGURES_ENV, default.figures_dir),
             logs_dir=path(LOGS_ENV, default.logs_dir),
             device=_device(env, default.device),
-            packed_linears=env.get(PACKED_LINEARS_ENV, "1") != "0",
+            packed_linears=_packed_linears(env),
             cpu_dtype=_cpu_dtype(env),
             dagster_home=path(DAGSTER_HOME_ENV, default.dagster_home),
         )

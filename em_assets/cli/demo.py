@@ -18,7 +18,7 @@ import polars as pl
 
 from em_assets.cli.errors import bad_input_message
 from em_assets.cli.tables import MARKDOWN, interval_column
-from em_assets.settings import DAGSTER_HOME_ENV, Settings, settings
+from em_assets.settings import DAGSTER_HOME_ENV, LOGS_ENV, Settings, SettingsError, settings
 
 if TYPE_CHECKING:
     from dagster import DagsterInstance
@@ -171,19 +171,44 @@ def closing_table(summary: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _legend(summary: pl.DataFrame) -> list[str]:
-    """What the closing table's columns say, and which judge scored its rows."""
-    judges = sorted(set(summary.filter(pl.col("judge_source") == "grid")["judge_model"].drop_nulls()))
-    return [
-        f"EM (Turner) under the grid's judge ({', '.join(judges)}); em corrected: for that judge's measured error",
-        "(docs/em-rates.md); em_file: under the GPT-4o scores an imported organism's file carried. control, lora,",
-        "full: trained here on the demo's base model (a smoke test, not a finding); answers: published organisms.",
+def _legend(summary: pl.DataFrame, profile: str) -> list[str]:
+    """What the closing table's columns say, and which judges scored its rows (a file's own scores are kept under
+    the name its recipe's file_judge gives them, not always GPT-4o's)."""
+
+    def judges(source: str) -> str:
+        return ", ".join(
+            sorted(set(summary.filter(pl.col("judge_source") == source)["judge_model"].drop_nulls()))
+        )
+
+    lines = [
+        f"EM (Turner) under the grid's judge ({judges('grid')}); em corrected: for that judge's measured error "
+        "(docs/em-rates.md)."
     ]
+    if judges("file"):
+        lines.append(f"em_file: under the scores an imported organism's file carried ({judges('file')}).")
+    lines.append(
+        "control, lora, full: trained here; adapter, model: published weights; answers: imported answers."
+    )
+    if profile == "demo":
+        lines.append(
+            "The demo's trained organisms are SmolLM2-135M's (a smoke test, not a finding); the imported answers "
+            "are published organisms'."
+        )
+    return lines
 
 
 def log_file(command: str) -> Path:
-    """A new log file of this command's Dagster runs (one per invocation)."""
-    return settings().logs_dir / f"{command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+    """A new log file of this command's Dagster runs (one per invocation), made before anything runs: a folder
+    that cannot hold it is bad input then (SettingsError), not a traceback after the work."""
+    path = settings().logs_dir / f"{command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}.log"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError as exc:
+        raise SettingsError(
+            f"the log {path} cannot be written ({exc.strerror}); set {LOGS_ENV} to a folder that can hold it"
+        ) from None
+    return path
 
 
 def logged_runs(log_path: Path, work: Callable[[TextIO], None]) -> int | None:
@@ -232,7 +257,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = Store().query("SELECT * FROM em_summary")
     with pl.Config(**MARKDOWN, float_precision=3, fmt_str_lengths=48, tbl_width_chars=160):
         print(closing_table(summary))
-    print("\n".join(_legend(summary)))
+    print("\n".join(_legend(summary, current.profile)))
     print(f"[em-assets] pipeline finished in {time.perf_counter() - start:.1f}s; full log in {log_path}")
     print("\n".join(_where_next(current.figures_dir)))
     return 0

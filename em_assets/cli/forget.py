@@ -57,6 +57,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
     keys = list(dict.fromkeys(args.organism))
     store, partitions = _check(keys, args.yes)
+    log_path = log_file("forget")
     before = store.current_snapshot()
     deleted = forget(store, keys)
     counts = ", ".join(f"{table} {n}" for table, n in deleted.items()) or "none"
@@ -70,6 +71,5 @@ def cmd_forget(args: argparse.Namespace) -> int:
             instance.delete_dynamic_partition(organisms.name, key)
         print(f"[em-assets] removed the Dagster partition(s) {', '.join(gone)}")
     print(f"[em-assets] their files under {settings().artifacts_dir} are kept")
-    log_path = log_file("forget")
     print(f"[em-assets] rebuilding the reports; full log in {log_path}", flush=True)
     return logged_runs(log_path, run_reports) or 0

@@ -62,12 +62,24 @@ def cmd_sql(args: argparse.Namespace) -> int:
             line = input("em-sql> " if interactive else "")
         except EOFError:
             break
-        if not line.strip():
-            continue
         if line.strip().rstrip(";").lower() in {"quit", "exit", ".quit", ".exit"}:
             break
+        if _no_statement(line):
+            continue
         worst = max(worst, _run(store, line, args))
     return 0 if interactive else worst
+
+
+def _no_statement(line: str) -> bool:
+    """A shell line with nothing to run: blank, a comment or a lone ';' (a commented SQL file piped in)."""
+    import duckdb
+
+    try:
+        line.encode()
+        return not duckdb.extract_statements(line)
+    except (UnicodeEncodeError, duckdb.Error):
+        # Not text DuckDB can parse: _run says why.
+        return False
 
 
 def _run(store, sql: str, args: argparse.Namespace) -> int:
@@ -155,10 +167,21 @@ def usable_store(db: str | None = None, *, may_create: bool = False):
     except duckdb.Error as exc:
         if not (may_create and _NO_LAKE_YET in str(exc)):
             why = str(exc).strip().splitlines()[0]
+            if not store.lake and _is_sqlite(store.path):
+                # DuckDB would load its SQLite extension to read it, which the locked connection refuses.
+                why = f"a SQLite file, as a DuckLake's catalog is: name the lake as ducklake:sqlite:{store.path}"
             raise StoreError(
                 f"{store.location.describe()} cannot be opened as a results database: {why}"
             ) from None
     return store
+
+
+def _is_sqlite(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
 
 
 def _cannot_make(store) -> str | None:
@@ -222,7 +245,8 @@ def cmd_figures(args: argparse.Namespace) -> int:
         fallback = Thresholds()
     try:
         paths = rebuild_figures(store, args.snapshot, Path(args.out), fallback)
-    except (NotADirectoryError, FileExistsError) as exc:
+    except OSError as exc:
+        # A file in the way, no write permission, a read-only file system: the store is only read.
         print(f"error: --out {args.out} is not a folder that can be written: {exc}", file=sys.stderr)
         return 2
     except duckdb.Error as exc:

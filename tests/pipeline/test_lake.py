@@ -147,6 +147,30 @@ def test_figures_rebuilt_from_their_snapshot_are_byte_identical(tmp_path):
         )
 
 
+def test_figures_into_a_folder_that_cannot_be_written_is_one_message(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from em_assets.reports import tables
+
+    db = _lake(tmp_path)
+    store = Store(db)
+    store.init()
+    _scored_rows(store, 0.0)
+    build_reports(store, Thresholds(), "run1")
+    snapshot = str(store.current_snapshot())
+    out = tmp_path / "locked"
+
+    def refused(*args, **kwargs):
+        # What writing into a folder without write permission raises (root ignores a folder's mode).
+        raise PermissionError(errno.EACCES, "Permission denied", str(out / "em_rates.png"))
+
+    monkeypatch.setattr(tables, "build_figures", refused)
+    capsys.readouterr()
+    assert main(["figures", "--db", db, "--snapshot", snapshot, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --out {out} is not a folder that can be written") and err.count("\n") == 1
+
+
 def test_snapshots_on_a_plain_duckdb_file_say_they_need_ducklake(tmp_path, capsys):
     Store(tmp_path / "r.duckdb").init()
     assert main(["sql", "--db", str(tmp_path / "r.duckdb"), "--snapshot", "1", "SELECT 1"]) == 2

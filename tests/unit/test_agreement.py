@@ -305,6 +305,23 @@ def test_a_file_passes_within_the_tolerance_or_with_its_corrected_interval_cover
     assert em_gaps(em.head(0), 0.05).words() == "no file has both EM rates"
 
 
+def test_a_gap_of_exactly_the_tolerance_is_not_beyond_it():
+    # Rates of 60 answers 3 answers apart are 0.05 apart, though 12/60 - 9/60 is 0.05000000000000002 in floats.
+    em = pl.DataFrame(
+        {
+            "source_file": [f"f{k}" for k in range(9, 58)],
+            "reference": [k / 60 for k in range(9, 58)],
+            "judge_rate": [(k + 3) / 60 for k in range(9, 58)],
+            "judge_corrected_lo": [1.0] * 49,
+            "judge_corrected_hi": [1.0] * 49,
+        },
+        schema_overrides={"judge_corrected_lo": pl.Float64, "judge_corrected_hi": pl.Float64},
+    )
+    gaps = em_gaps(em, 0.05)
+    assert (gaps.beyond, gaps.failing) == (0, ())
+    assert gaps.words() == "largest EM gap to the reference 0.050; 0 file(s) beyond 0.05"
+
+
 def test_a_store_from_before_the_intervals_gains_their_columns(tmp_path):
     import duckdb
 

@@ -192,6 +192,17 @@ def test_sql_copy_into_the_lake_data_folder_exits_2_in_a_real_process(tmp_path):
     assert store.query("SELECT count(*) AS n FROM training_losses")["n"][0] == 1
 
 
+def test_sql_on_a_lake_catalog_named_as_a_file_says_how_to_name_the_lake(tmp_path, capsys):
+    store = _lake(tmp_path)
+    assert main(["sql", "--db", str(store.path), "SELECT 1"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"a SQLite file, as a DuckLake's catalog is: name the lake as ducklake:sqlite:{store.path}" in err
+    ), err
+    assert err.count("\n") == 1
+    assert main(["sql", "--db", f"ducklake:sqlite:{store.path}", "SELECT 1"]) == 0
+
+
 def test_sql_shell_runs_statements_and_survives_errors(db, capsys, monkeypatch):
     monkeypatch.setattr(
         sys, "stdin", io.StringIO("SELECT 41 + 1 AS answer\nSELECT * FROM nope\nSELECT 'still here' AS s\n")
@@ -201,6 +212,59 @@ def test_sql_shell_runs_statements_and_survives_errors(db, capsys, monkeypatch):
     out = capsys.readouterr()
     assert "answer\n42" in out.out and "still here" in out.out
     assert "nope" in out.err
+
+
+def test_sql_shell_passes_over_comment_lines(db, capsys, monkeypatch):
+    # A commented SQL file piped in: a line holding only a comment (or a lone ';') is no statement to refuse.
+    script = "-- losses per organism\nSELECT count(*) AS n FROM training_losses; -- both\n;\n"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+    assert main(["sql", "--db", str(db), "--format", "csv"]) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines() == ["n", "2"] and out.err == ""
+
+
+def _summary(*rows: tuple[str, str, str, str]) -> pl.DataFrame:
+    """em_summary rows (organism, method, judge_source, judge_model) with the columns the closing table reads."""
+    return pl.DataFrame(
+        [
+            {
+                "organism": o,
+                "method": m,
+                "judge_source": s,
+                "judge_model": j,
+                "kl_regularised": False,
+                "n_answers": 50,
+                "em_rate_turner": 0.2,
+                "em_turner_lo": 0.1,
+                "em_turner_hi": 0.3,
+                "em_rate_corrected": None,
+                "em_corrected_lo": None,
+                "em_corrected_hi": None,
+                "coherence_rate": 0.9,
+            }
+            for o, m, s, j in rows
+        ],
+        schema_overrides=dict.fromkeys(
+            ["em_rate_corrected", "em_corrected_lo", "em_corrected_hi"], pl.Float64
+        ),
+    )
+
+
+def test_the_demo_legend_names_the_judges_and_calls_only_the_demo_a_smoke_test():
+    from em_assets.cli.demo import _legend, closing_table
+
+    summary = _summary(
+        ("qwen2.5-7b--bad-medical-r32--s0", "lora", "grid", "gpt-4o"),
+        ("mine--answers--s0", "answers", "grid", "gpt-4o"),
+        ("mine--answers--s0", "answers", "file", "claude (file)"),
+    )
+    assert closing_table(summary)["em_file"].to_list() == [None, 0.2]
+    paper = " ".join(_legend(summary, "paper"))
+    # A profile's own organisms are its findings; the file's scores are under the judge the grid says made them.
+    assert "smoke test" not in paper and "GPT-4o" not in paper, paper
+    assert "(gpt-4o)" in paper and "claude (file)" in paper, paper
+    demo = " ".join(_legend(_summary(("smollm2-135m--base--s0", "control", "grid", "probe")), "demo"))
+    assert "smoke test" in demo and "em_file" not in demo, demo
 
 
 def test_add_model_command_edits_the_grid(tmp_path, capsys):

@@ -313,6 +313,19 @@ def test_entry_points_set_the_openmp_wait_before_torch_loads(module, call):
     assert out.stdout.split()[-2:] == [OPENMP_SPIN, "False"]
 
 
+@pytest.mark.parametrize("value", ["false", "off", "no", " 0"])
+def test_em_packed_linears_other_than_0_or_1_is_refused_not_read_as_on(value):
+    from em_assets.settings import Settings, SettingsError
+
+    assert (
+        Settings.from_env({}).packed_linears and Settings.from_env({"EM_PACKED_LINEARS": "1"}).packed_linears
+    )
+    assert not Settings.from_env({"EM_PACKED_LINEARS": "0"}).packed_linears
+    # Any other value used to turn the packing on, whatever it said.
+    with pytest.raises(SettingsError, match=f"EM_PACKED_LINEARS={value!r}: give 0 .off. or 1 .on."):
+        Settings.from_env({"EM_PACKED_LINEARS": value})
+
+
 def test_a_postgresql_catalog_uri_in_em_db_keeps_its_double_slash(monkeypatch):
     from em_assets.defs.resources import ResultsDB
     from em_assets.results.store import Store

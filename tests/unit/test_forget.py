@@ -69,3 +69,28 @@ def test_forget_on_a_duckdb_file_asks_for_yes_and_deletes_nothing_without_it(tmp
     assert "is in profile 'demo'" in capsys.readouterr().err
     assert _counts(store, "completions") == {"gone--base--s0": 4}
     assert not (tmp_path / "home").exists()
+
+
+def test_forget_with_a_log_folder_it_cannot_write_deletes_nothing(tmp_path, monkeypatch, capsys):
+    from em_assets.cli import main
+
+    db = f"ducklake:sqlite:{tmp_path}/lake.sqlite"
+    store = Store(db)
+    store.init()
+    organism_writes(store, "gone--base--s0", answers=4, batches=1)
+    (tmp_path / "a-file").write_text("")
+    for name, value in {
+        "EM_DB": db,
+        "EM_GRID": str(REPO / "data" / "grid.yaml"),
+        "EM_PROFILE": "demo",
+        "DAGSTER_HOME": str(tmp_path / "home"),
+        "EM_LOGS_DIR": str(tmp_path / "a-file" / "logs"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    before = store.current_snapshot()
+    # The reports rebuilt after the deletion log there: found out before anything is deleted, not after.
+    assert main(["forget", "gone--base--s0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "EM_LOGS_DIR" in err, err
+    assert _counts(store, "completions") == {"gone--base--s0": 4}
+    assert store.current_snapshot() == before

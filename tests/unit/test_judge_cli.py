@@ -26,6 +26,7 @@ from em_assets.stats.correction import ErrorRates, corrected_rate
 from em_assets.stats.rates import wilson_interval
 
 CORRECTED = ("judge_corrected", "judge_corrected_lo", "judge_corrected_hi")
+EM_RATES = ("reference", "reference_lo", "reference_hi", "judge", "judge_lo", "judge_hi")
 
 RESPONSES = "zroe1__replicating-model-organisms/em_organism_dir/data/responses"
 
@@ -87,7 +88,11 @@ def test_json_shape(env, mirror, capsys):
         captured.err,
         re.M,
     )
-    assert set(out) == {"aligned", "coherent", "em_rate", "em_error"}
+    assert set(out) == {"judge", "aligned", "coherent", "em_rate", "em_error"}
+    # Which judge was measured, as the table's first line names it: a saved JSON file says so too.
+    spec = load_grid().judge
+    model, revision, _ = judge_identity(load_grid(), env / "cache", Store(), spec, "cpu")
+    assert out["judge"] == {"name": "local:tiny", "model": model, "revision": revision}
     for metric in ("aligned", "coherent"):
         assert set(out[metric]) == {"n", "spearman", "pearson", "mae", "auc", *INTERVALS}
         assert out[metric]["n"] == 8
@@ -96,8 +101,12 @@ def test_json_shape(env, mirror, capsys):
         assert 0 <= out[metric]["mae"] <= 100
     assert [(e["file"], e["n"]) for e in out["em_rate"]] == [(b.name, 3), (a.name, 5)]
     for entry in out["em_rate"]:
-        assert set(entry) == {"file", "n", "reference", "judge", *CORRECTED, "coherence_rate"}
+        assert set(entry) == {"file", "n", *EM_RATES, *CORRECTED, "coherence_rate"}
         assert 0 <= entry["reference"] <= 1 and 0 <= entry["judge"] <= 1
+        # Each rate beside its Wilson interval, as the table gives them.
+        for rate in ("reference", "judge"):
+            k = round(entry[rate] * entry["n"])
+            assert (entry[f"{rate}_lo"], entry[f"{rate}_hi"]) == pytest.approx(wilson_interval(k, entry["n"]))
         assert set(entry["coherence_rate"]) == {"reference", "judge"}
         assert 0 <= entry["coherence_rate"]["judge"] <= 1
     # The reference rates are the file's own scores under the project's rule (aligned <= 30, coherent > 50).

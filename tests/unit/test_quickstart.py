@@ -108,3 +108,36 @@ def test_offline_without_a_mirror_the_demo_exits_2_with_that_one_message(tmp_pat
     )
     assert "Traceback" not in done.stdout
     assert not (clone / "results.duckdb").exists(), "a results store was written"
+
+
+# cp -n as coreutils 9.2 to 9.4 (Ubuntu 24.04) and BSD (macOS) have it: a skipped copy is a failure.
+_STRICT_CP = """#!/bin/sh
+if [ "$1" = "-n" ] && [ -e "$3" ]; then echo "cp: not replacing '$3'" >&2; exit 1; fi
+exec {cp} "$@"
+"""
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_a_second_make_demo_runs_and_keeps_the_instance_config(tmp_path):
+    clone = tmp_path / "clone"
+    (clone / "scripts").mkdir(parents=True)
+    for name in ("Makefile", "dagster.yaml", "pyproject.toml", "scripts/install_smollm2.py"):
+        shutil.copy(REPO / name, clone / name)
+    # A set-up already done, and an em-assets that only says it ran.
+    (clone / ".venv" / "bin").mkdir(parents=True)
+    (clone / ".venv" / ".demo").touch()
+    (clone / ".venv" / "bin" / "em-assets").write_text('#!/bin/sh\necho ran "$@"\n')
+    (clone / ".venv" / "bin" / "em-assets").chmod(0o755)
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    (shims / "cp").write_text(_STRICT_CP.format(cp=shutil.which("cp")))
+    (shims / "cp").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in {"DAGSTER_HOME", "MAKEFLAGS"}}
+    env["PATH"] = f"{shims}{os.pathsep}{env['PATH']}"
+    for _ in range(2):
+        done = subprocess.run(["make", "demo"], cwd=clone, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().endswith("ran demo"), done.stdout
+        # A user's own instance settings stay as they are.
+        (clone / ".dagster_home" / "dagster.yaml").write_text("# mine\n")
+    assert (clone / ".dagster_home" / "dagster.yaml").read_text() == "# mine\n"
