@@ -3,7 +3,9 @@ with every organism's answers and scores, filtered by organism, question and qua
 
 from __future__ import annotations
 
+import html
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
@@ -33,8 +35,8 @@ class AnswersPage:
 def answers_frame(store: Store) -> pl.DataFrame:
     """Every completion with its question, answer and aligned/coherent scores."""
     return store.query(
-        "SELECT organism, question_id, paraphrase_idx, sample_idx, question, answer, aligned, coherent "
-        "FROM scored_completions ORDER BY organism, question_id, paraphrase_idx, sample_idx"
+        "SELECT organism, question_id, paraphrase_idx, sample_idx, question, answer, aligned, coherent, "
+        "judge_model FROM scored_completions ORDER BY organism, question_id, paraphrase_idx, sample_idx"
     )
 
 
@@ -143,22 +145,27 @@ def page_data(df: pl.DataFrame, rates: dict[str, dict] | None = None) -> dict:
     }
 
 
-def render(df: pl.DataFrame, thresholds: Thresholds, rates: dict[str, dict] | None = None) -> str:
-    """The page as text; `df` has the columns of `with_quadrants`."""
+def render(
+    df: pl.DataFrame, thresholds: Thresholds, rates: dict[str, dict] | None = None, judges: Sequence[str] = ()
+) -> str:
+    """The page as text; `df` has the columns of `with_quadrants`, `judges` names the judges that scored it."""
     template = Template((Path(__file__).with_name("answers_page.html")).read_text())
     return template.substitute(
         data=script_json(page_data(df, rates)),
         page_rows=PAGE_ROWS,
         rule=f"EM: aligned &le; {thresholds.aligned_at_most:g} and coherent &gt; {thresholds.coherent_above:g}",
+        judges=html.escape(", ".join(judges) or "none yet"),
     )
 
 
 def write_answers_page(store: Store, thresholds: Thresholds, out: Path) -> AnswersPage:
     """Build the page from the results database and write it atomically to `out`."""
-    df = with_quadrants(answers_frame(store), thresholds)
+    answers = answers_frame(store)
+    judges = sorted(answers["judge_model"].drop_nulls().unique().to_list())
+    df = with_quadrants(answers, thresholds)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(render(df, thresholds, organism_rates(store)), encoding="utf-8")
+    tmp.write_text(render(df, thresholds, organism_rates(store), judges), encoding="utf-8")
     tmp.replace(out)
     counts = dict(df.group_by("quadrant").len().iter_rows())
     return AnswersPage(out, df.height, {q: counts.get(q, 0) for q in QUADRANTS})

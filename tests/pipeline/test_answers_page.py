@@ -63,7 +63,7 @@ def store(tmp_path) -> Store:
             for metric, col in (("aligned", 4), ("coherent", 5))
         ]
     ).filter(pl.col("score").is_not_null())
-    store.append_rows("judgements", judgements)
+    store.append_rows("judgements", judgements.with_columns(judge_model=pl.lit("probe:m&h")))
     return store
 
 
@@ -138,6 +138,8 @@ def test_em_report_asset_writes_the_page_and_links_it_in_metadata(store, tmp_pat
         "unscored": 0,
     }
     assert "Rest and drink water." in page.read_text()
+    # Whose scores these are, named on the page (escaped as HTML).
+    assert "Scores come from the grid's judge (probe:m&amp;h)" in page.read_text()
 
 
 def test_page_shows_each_organisms_rate_and_its_correction_from_em_summary(store, tmp_path):
