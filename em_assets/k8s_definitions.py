@@ -12,16 +12,17 @@ from em_assets.settings import (
     ARTIFACTS_ENV,
     CACHE_ENV,
     DB_DATA_PATH_ENV,
-    DB_ENV,
     FIGURES_ENV,
     HF_HOME_ENV,
     PROFILE_ENV,
 )
 
-# What every pod shares, passed on from the run pod's environment: the results store (EM_DB, EM_DB_DATA_PATH)
-# and its secret, and the folders on the shared volume. Base models resolve to paths under the cache (EM_CACHE_DIR,
-# HF_HOME) that the next step's pod loads, so those must be on the volume too.
-SHARED_ENV = [DB_ENV, DB_DATA_PATH_ENV, PROFILE_ENV, ARTIFACTS_ENV, FIGURES_ENV, CACHE_ENV, HF_HOME_ENV]
+# What every pod shares, passed on by value from the run pod's environment: the DuckLake's data path, the profile
+# and the folders on the shared volume. Base models resolve to paths under the cache (EM_CACHE_DIR, HF_HOME) that
+# the next step's pod loads, so those must be on the volume too.
+SHARED_ENV = [DB_DATA_PATH_ENV, PROFILE_ENV, ARTIFACTS_ENV, FIGURES_ENV, CACHE_ENV, HF_HOME_ENV]
+# EM_DB (its catalog's password) and the API keys reach step pods only from the secret: a name in env_vars is
+# copied by value into the step's Job spec, readable by whoever may read Jobs.
 STEP_EXECUTOR_CONFIG = {
     "max_concurrent": 8,
     "env_vars": SHARED_ENV,

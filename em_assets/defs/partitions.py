@@ -5,10 +5,16 @@ import dagster as dg
 organisms = dg.DynamicPartitionsDefinition(name="organism")
 
 # Steps that want an accelerator: one `gpu` pool slot each (limit set in dagster.yaml), and a GPU request
-# for dagster-k8s when the run launches on Kubernetes.
+# for dagster-k8s when the run launches on Kubernetes, tolerating the nvidia.com/gpu taint GPU nodes often carry
+# (GKE's, and the usual one elsewhere): not every cluster adds the toleration to pods that ask for a GPU.
 GPU_POOL = "gpu"
 GPU_OP_TAGS = {
-    "dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}},
+    "dagster-k8s/config": {
+        "container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}},
+        "pod_spec_config": {
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        },
+    },
     "em-assets/compute": "gpu",
 }
 CPU_OP_TAGS = {"em-assets/compute": "cpu"}
