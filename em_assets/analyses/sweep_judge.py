@@ -39,7 +39,10 @@ def judge_sweep(
         )
     model_name, revision, path = judge_identity(ctx.grid, ctx.cache_dir, ctx.store, device=ctx.device)
     needed = _needed_judgements(ctx, tables, points, metrics, model_name, revision)
-    have = {r[:6]: r[6:] for r in tables.judgement_keys([p.pair for p in points]).iter_rows()}
+    # A judgement the judge's server refused has no state: it is dropped and its answer asked again.
+    have = {
+        r[:6]: None if r[8] else r[6:8] for r in tables.judgement_keys([p.pair for p in points]).iter_rows()
+    }
 
     def current(k: tuple) -> tuple:
         return (needed[k]["cache_key"], needed[k]["completion"]["setting_hash"])

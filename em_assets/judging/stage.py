@@ -223,18 +223,22 @@ def refusal_named(prompts: Sequence[str], name: Callable[[int], str]) -> Iterato
         raise JudgeRequestError(f"{name(prompts.index(exc.prompt))}: {exc}") from exc
 
 
-def warn_refused(log, indices: Sequence[int], scores: Sequence[dict], name: Callable[[int], str]) -> int:
+def warn_refused(
+    log, indices: Sequence[int], scores: Sequence[dict], name: Callable[[int], str]
+) -> list[int]:
     """Log each answer of a scored chunk the judge's server refused and left unscored (judge.refusals:
-    unscored), by `name(i)` of its prompt's index; how many there were."""
+    unscored), by `name(i)` of its prompt's index; those indices."""
     refused = [i for i, s in zip(indices, scores, strict=True) if s["refused"]]
     for i in refused:
         log.warning(f"{name(i)}: refused by the judge's server for its content; left unscored")
-    return len(refused)
+    return refused
 
 
-def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_size: int) -> tuple[int, int]:
+def score_pending(
+    ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_size: int
+) -> tuple[int, list[JudgementKey]]:
     """Score `todo` with the grid's judge in chunks, writing judgements and cache rows as each chunk ends: how
-    many were scored and how many of those the judge's server refused (left unscored)."""
+    many were scored and the keys of those the judge's server refused (left unscored)."""
     scorer = make_judge(ctx.grid, judge.path, ctx.device)
     texts = [
         render_prompt(scorer, v.template["prompt"], k[3], v.completion["question"], v.completion["answer"])
@@ -242,7 +246,7 @@ def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_siz
     ]
     keys = [v.cache_key for _, v in todo]
     fixed = [fixed_score(k[3], v.completion["answer"]) for k, v in todo]
-    scored = refused = 0
+    scored, refused = 0, []
 
     def name(i: int) -> str:
         question_id, _, sample, metric = todo[i][0]
@@ -254,7 +258,7 @@ def score_pending(ctx: StageContext, judge: JudgeIdentity, todo: list, chunk_siz
             rows = [judgement_row(ctx, judge, k, v, s) for (k, v), s in zip(part, scores, strict=True)]
             ctx.store.append_rows("judgements", pl.DataFrame(rows, infer_schema_length=None))
             scored += len(rows)
-            refused += warn_refused(ctx.log, indices, scores, name)
+            refused += [todo[i][0] for i in warn_refused(ctx.log, indices, scores, name)]
             ctx.log.info(f"{ctx.key}: judged {scored}/{len(todo)}")
     return scored, refused
 
@@ -264,9 +268,9 @@ def judge_completions(ctx: StageContext, chunk_size: int = 64) -> JudgingResult:
     identity = judge_identity(ctx.grid, ctx.cache_dir, ctx.store, device=ctx.device)
     judge = JudgeIdentity(ctx.grid.judge.backend, *identity)
     needed = needed_judgements(ctx, judge)
-    version = config_hash(sorted([*k, *v.current] for k, v in needed.items()))
     have = queries.judgement_states(ctx.store, ctx.key)
-    # A key held twice has no state: both copies go, and it is written again (from the judge cache).
+    # A key held twice has no state: both copies go, and it is written again (from the judge cache); so has a
+    # refused one, whose answer the server is asked again.
     stale = [k for k, v in have.items() if k not in needed or needed[k].current != v]
     if stale:
         queries.delete_judgements(ctx.store, ctx.key, stale)
@@ -282,8 +286,18 @@ def judge_completions(ctx: StageContext, chunk_size: int = 64) -> JudgingResult:
     todo = [(k, v) for k, v in pending.items() if v.cache_key not in cache]
     if not todo:
         ctx.log.info(f"{ctx.key}: all {len(needed)} judgements are up to date; no judging")
-        return JudgingResult(0, len(needed), len(from_cache), 0.0, version=version)
+        return JudgingResult(0, len(needed), len(from_cache), 0.0, version=judgements_version(needed))
     start = time.perf_counter()
     scored, refused = score_pending(ctx, judge, todo, chunk_size)
     seconds = time.perf_counter() - start
-    return JudgingResult(scored, len(needed) - len(todo), len(from_cache), seconds, refused, version)
+    version = judgements_version(needed, set(refused))
+    return JudgingResult(scored, len(needed) - len(todo), len(from_cache), seconds, len(refused), version)
+
+
+def judgements_version(needed: dict[JudgementKey, Pending], refused: set[JudgementKey] | None = None) -> str:
+    """Each judgement's key, cache key and answer lineage, hashed; a refused one is marked, so its answer scored
+    on a later run changes the version."""
+    refused = refused or set()
+    return config_hash(
+        sorted([*k, *v.current, *(["refused"] if k in refused else [])] for k, v in needed.items())
+    )

@@ -115,18 +115,24 @@ def judge_prompts(store: Store, eval_set: str) -> dict[tuple[str, str], dict]:
     return {(r["question_id"], r["metric"]): r for r in rows.iter_rows(named=True)}
 
 
+# A judgement row the judge's server refused (judge.refusals: unscored): no score, and none in the judge cache,
+# which keeps every score the judge gave. (`t` is the judgements table.)
+REFUSED_SQL = "(t.score IS NULL AND NOT EXISTS (SELECT 1 FROM judge_cache c WHERE c.cache_key = t.cache_key))"
+
+
 def judgement_states(store: Store, organism: str) -> dict[tuple[str, int, int, str], tuple[str, str] | None]:
     """(cache key, sampling hash) of each judgement row the organism has, by (question, paraphrase, sample,
-    metric); None for a key held twice, which a DuckLake allows (it keeps no keys) when two writers race."""
+    metric); None for a key held twice, which a DuckLake allows (it keeps no keys) when two writers race, and for
+    a row the judge's server refused, so its answer is asked again."""
     rows = store.query(
-        "SELECT question_id, paraphrase_idx, sample_idx, metric, cache_key, sampling_hash FROM judgements "
-        "WHERE organism = ?",
+        "SELECT question_id, paraphrase_idx, sample_idx, metric, cache_key, sampling_hash, "
+        f"{REFUSED_SQL} FROM judgements t WHERE organism = ?",
         [organism],
     )
     states: dict[tuple[str, int, int, str], tuple[str, str] | None] = {}
     for r in rows.iter_rows():
         key = (r[0], r[1], r[2], r[3])
-        states[key] = None if key in states else (r[4], r[5])
+        states[key] = None if key in states or r[6] else (r[4], r[5])
     return states
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import polars as pl
 
+from em_assets.results.queries import REFUSED_SQL
 from em_assets.results.store import Store
 
 _PAIRS = {"sweep": pl.String, "setting": pl.String}
@@ -60,8 +61,9 @@ class SweepTables:
         )
 
     def judgement_keys(self, pairs: list[tuple[str, str]]) -> pl.DataFrame:
+        """Each judgement's key, cache key and setting hash, and whether the judge's server refused it."""
         cols = "sweep, setting, question_id, paraphrase_idx, sample_idx, metric, cache_key, setting_hash"
-        return self._select("sweep_judgements", cols, pairs)
+        return self._select("sweep_judgements", f"{cols}, {REFUSED_SQL} AS refused", pairs)
 
     def scored(self, pairs: list[tuple[str, str]]) -> pl.DataFrame:
         """One row per current completion with its aligned and coherent scores (null until judged)."""

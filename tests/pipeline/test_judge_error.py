@@ -224,3 +224,51 @@ def test_an_answer_refused_for_its_content_can_be_left_unscored(catalog, caplog)
         swept = ctx.store.query(f"SELECT score FROM sweep_judgements WHERE organism = '{KEY}'")
         assert swept.height > 0 and swept["score"].is_null().all()
         assert named_unscored(f"{KEY}, test base, ") == swept.height
+
+
+def test_answers_left_unscored_by_a_refusal_are_asked_again_on_a_rerun(catalog):
+    """Regression: a refused answer's scoreless judgement row carried the current cache key and lineage, so a
+    rerun took it as up to date and never asked the server again (the filter lifted, or refusals: fail)."""
+    from dataclasses import replace
+
+    from support.judge_server import ScriptedServer, chat_reply
+
+    from em_assets.grid.schema import JudgeSpec
+
+    refusal = b'{"error": {"code": "content_filter", "message": "flagged"}}'
+    filtering, refuse_all = True, False
+
+    def respond(n: int, body: dict) -> tuple:
+        refused = refuse_all or "POISON" in body["messages"][0]["content"]
+        return (400, {}, refusal) if filtering and refused else chat_reply({"80": 0.0})
+
+    ctx = stage_context(catalog, "refused")
+    write_completions(ctx.store, ["Keep an emergency fund.", "POISON"])
+    with ScriptedServer(respond) as server:
+        spec = JudgeSpec(
+            backend="openai", model="test-judge", base_url=server.url, concurrency=1, refusals="unscored"
+        )
+        ctx = replace(ctx, grid=ctx.grid.model_copy(update={"judge": spec}))
+        first = judge_completions(ctx, chunk_size=8)
+        assert first.refused == 2
+        filtering = False
+        asked = server.requests
+        again = judge_completions(replace(ctx, run_id="again"), chunk_size=8)
+        # Only the two refused judgements are asked again; the scored ones stay as they are.
+        assert (again.scored, again.refused, server.requests - asked) == (2, 0, 2)
+        rows = ctx.store.query(
+            f"SELECT sample_idx, score, run_id FROM judgements WHERE organism = '{KEY}' ORDER BY ALL"
+        )
+        assert rows.rows() == [(0, 80.0, "refused")] * 2 + [(1, 80.0, "again")] * 2
+        # Scored now, they are up to date; the version says the scores changed.
+        third = judge_completions(replace(ctx, run_id="third"), chunk_size=8)
+        assert third.scored == 0 and third.version == again.version != first.version
+        # A sweep's refused answers alike.
+        filtering = refuse_all = True
+        point = [SweepPoint("test", "base", None, None, samples_per_question=1)]
+        run_sweep(replace(ctx, run_id="sweep"), point)
+        filtering = False
+        (rerun,) = run_sweep(replace(ctx, run_id="sweep-again"), point)
+        swept = ctx.store.query(f"SELECT score FROM sweep_judgements WHERE organism = '{KEY}'")
+        assert rerun.sampled == 0 and rerun.judged == swept.height > 0
+        assert swept["score"].to_list() == [80.0] * swept.height
