@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from em_assets.grid.schema import GridConfig, Organism, RecipeSpec, adapter_config_hash
+from em_assets.grid.schema import (
+    IMPORTED_KINDS,
+    GridConfig,
+    Organism,
+    RecipeSpec,
+    adapter_config_hash,
+    recipe_method,
+)
 from em_assets.results import queries
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store
+
+# A hub revision that names a commit (full or abbreviated), which the resolved revision recorded must start with;
+# a branch or tag may have moved, so it is not compared.
+_COMMIT = re.compile(r"[0-9a-f]{7,40}")
 
 
 @dataclass
@@ -47,14 +59,17 @@ class StageContext:
         )
 
     def current_adapter(self) -> dict:
-        """The organism's lora_adapters row; for a recipe that trains, refused unless the grid's recipe as it
-        now stands trained it (a retraining that failed leaves the last one, whose answers would carry the new
-        recipe's name)."""
+        """The organism's lora_adapters row, refused unless the grid's recipe as it now stands made it: trained
+        it, or recorded the source it names (current_source); a retraining that failed leaves the last one, whose
+        answers would carry the new recipe's name."""
         from em_assets.models.load import dtype_name  # torch stays off the definitions' load path
 
         row = queries.adapter_row(self.store, self.key)
         recipe = self.grid.recipes.get(self.organism.recipe)
-        if recipe is None or recipe.kind != "train" or recipe.dataset is None:
+        if recipe is None:
+            return row
+        if recipe.kind in IMPORTED_KINDS or recipe.dataset is None:
+            self.current_source(recipe)
             return row
         base = queries.base_model_row(self.store, self.organism.base_model)
         if row["config_hash"] != self.trained_hash(recipe, base["revision"], dtype_name(self.device)):
@@ -63,3 +78,35 @@ class StageContext:
                 "(a training of these has not finished); materialise lora_adapter first"
             )
         return row
+
+    def current_source(self, recipe: RecipeSpec) -> dict | None:
+        """The organism's organism_sources row, refused unless it records the recipe's method and, for an imported
+        organism, the grid's entry as it now stands (a lora_adapter step that failed on a changed entry leaves the
+        last one, whose weights or answers would carry the new entry's name)."""
+        recorded = queries.organism_source_row(self.store, self.key)
+        method = recipe_method(recipe)
+        if recorded is None and method not in IMPORTED_KINDS:
+            return None  # a trained or control organism recorded before organism_sources existed
+        entry = self.grid.organism_source(self.organism)
+        stale = (
+            recorded is None
+            or recorded["method"] != method
+            or (entry is not None and recorded["source"] != entry.source)
+            # The file's scores are kept under this name, and the answers' sampling hash names it.
+            or recorded["file_judge"] not in (None, recipe.file_judge)
+            or (
+                entry is not None
+                and entry.revision is not None
+                and _COMMIT.fullmatch(entry.revision) is not None
+                and not str(recorded["revision"]).startswith(entry.revision)
+            )
+        )
+        if stale:
+            was = (
+                "nothing" if recorded is None else f"{recorded['method']} {recorded['source'] or ''}".strip()
+            )
+            raise MissingUpstreamError(
+                f"organism {self.key}: its recorded source ({was}) is not what its recipe now names "
+                "(a lora_adapter step of these has not finished); materialise lora_adapter first"
+            )
+        return recorded

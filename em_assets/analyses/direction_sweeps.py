@@ -15,6 +15,7 @@ from pathlib import Path
 
 import polars as pl
 
+from em_assets.analyses.directions import check_sampled_by
 from em_assets.analyses.steering import Ablate, Steer
 from em_assets.analyses.sweep import (
     PointResult,
@@ -30,7 +31,8 @@ from em_assets.context import StageContext
 from em_assets.grid.schema import layer_at
 from em_assets.results import directions as db
 from em_assets.results.artifacts import check_weights
-from em_assets.results.queries import base_model_row
+from em_assets.results.errors import MissingUpstreamError
+from em_assets.results.queries import base_model_row, organism_model_row
 from em_assets.results.store import utc_now
 from em_assets.stats.correction import CORRECTION_COLUMNS
 
@@ -178,7 +180,20 @@ def run_direction_sweep(ctx: StageContext, sweep: str, figures_dir: Path) -> Swe
         db.write_results(ctx.store, TABLES[sweep], ctx.key, pl.DataFrame())
         ctx.log.info(f"{ctx.key}: {sweep} skipped: {reason}")
         return SweepReport(sweep, False, reason, pl.DataFrame())
+    adapter = ctx.current_adapter()
+    if row["adapter_sha256"] != adapter.get("adapter_sha256"):
+        raise MissingUpstreamError(
+            f"organism {ctx.key}: its direction was drawn from other weights than its model's now; "
+            "materialise misalignment_directions first"
+        )
     pairs = (steering_points if sweep == STEERING else ablation_points)(ctx, row)
+    before = None
+    if sweep == ABLATION:
+        # The organism's own answers are the sweep's "before": from its model as it now stands, checked before
+        # any point is sampled.
+        own = organism_model_row(ctx.store, ctx.key, ctx.organism.base_model)
+        check_sampled_by(ctx, db.scored_answers(ctx.store, ctx.key), own, adapter)
+        before = before_ablation(ctx)
     sweep_ctx = _hf_context(ctx)
     if sweep == STEERING:
         # Every steering point, the unsteered one included, is sampled here, so all may ask fewer, shorter
@@ -188,8 +203,8 @@ def run_direction_sweep(ctx: StageContext, sweep: str, figures_dir: Path) -> Swe
     # Steering reads the direction into the chat model; for a `model` organism that is not its own weights.
     weights = base_model_row(ctx.store, ctx.organism.base_model) if sweep == STEERING else None
     results = run_sweep(sweep_ctx, [p for p, _ in pairs], weights=weights)
-    if sweep == ABLATION:
-        pairs, results = [(None, {"source_layer": None}), *pairs], [before_ablation(ctx), *results]
+    if before is not None:
+        pairs, results = [(None, {"source_layer": None}), *pairs], [before, *results]
     table = _rows(ctx, row, pairs, results)
     db.write_results(ctx.store, TABLES[sweep], ctx.key, table)
     plot = plot_steering if sweep == STEERING else plot_ablation

@@ -159,6 +159,21 @@ def _input_hash(contrast: Contrast, adapter: dict, base: dict, ctx: StageContext
     )
 
 
+def check_sampled_by(ctx: StageContext, scored: pl.DataFrame, base: dict, adapter: dict) -> None:
+    """Refuse answers the organism's model as it now stands did not give (an adapter retrained, a base model
+    re-resolved, and completions not sampled again): its activations on another model's answers, or its edited
+    answers beside another model's, would pass for its own."""
+    other = scored.filter(
+        pl.col("base_revision").ne_missing(base["revision"])
+        | pl.col("adapter_sha256").ne_missing(adapter.get("adapter_sha256"))
+    )
+    if other.height:
+        raise MissingUpstreamError(
+            f"organism {ctx.key}: {other.height} of its answers were sampled from other weights than its model's "
+            "now; materialise completions and judgements first"
+        )
+
+
 def _is_current(row: dict | None, input_hash: str) -> bool:
     from em_assets.results.artifacts import sha256_file
 
@@ -191,9 +206,10 @@ def extract_direction(ctx: StageContext) -> DirectionResult:
         raise MissingUpstreamError(
             f"organism {ctx.key}: no judged answers to {main}; materialise judgements first"
         )
-    contrast = select_contrast(scored, ctx.grid.thresholds, spec, ctx.organism.seed)
     adapter = ctx.current_adapter()
     base = organism_model_row(ctx.store, ctx.key, ctx.organism.base_model)
+    check_sampled_by(ctx, scored, base, adapter)
+    contrast = select_contrast(scored, ctx.grid.thresholds, spec, ctx.organism.seed)
     input_hash = _input_hash(contrast, adapter, base, ctx)
     lineage = {**_lineage(ctx, scored, adapter), "input_hash": input_hash}
     if contrast.kind is None:

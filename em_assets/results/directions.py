@@ -11,7 +11,8 @@ def scored_answers(store: Store, organism: str) -> pl.DataFrame:
     """The organism's answers with their aligned and coherent scores and the lineage behind them."""
     return store.query(
         "SELECT eval_set, question_id, paraphrase_idx, sample_idx, question, system, answer, aligned, coherent, "
-        "sampling_hash, adapter_sha256, judge_model, judge_revision FROM scored_completions WHERE organism = ? "
+        "sampling_hash, base_revision, adapter_sha256, judge_model, judge_revision FROM scored_completions "
+        "WHERE organism = ? "
         "ORDER BY question_id, paraphrase_idx, sample_idx",
         [organism],
     )

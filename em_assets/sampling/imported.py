@@ -86,10 +86,8 @@ class ImportResult:
 
 def import_answers(ctx: StageContext) -> ImportResult:
     """Write the organism's completions and file judgements from its answers file, unless they are current."""
-    recorded = queries.organism_source_row(ctx.store, ctx.key)
-    if recorded is None:
-        raise MissingUpstreamError(f"organism {ctx.key}: no source recorded; materialise lora_adapter first")
     recipe, entry = ctx.grid.recipes[ctx.organism.recipe], ctx.grid.organism_source(ctx.organism)
+    recorded = ctx.current_source(recipe)
     # The judge name is in the hash: the file's scores are stored under it.
     shash = config_hash(
         {

@@ -11,7 +11,11 @@ from support.pipeline import materialize, pipeline_resources
 from support.tiny import make_tiny_llama, tiny_grid
 
 from em_assets.defs.partitions import organisms
+from em_assets.grid.load import load_grid
+from em_assets.judging.error_rates import write_error_rates
+from em_assets.judging.judges import judge_identity
 from em_assets.results.store import Store
+from em_assets.stats.correction import CORRECTION_COLUMNS, UNKNOWN, ErrorRates, corrected_rate
 
 ORGANISM = [
     "lora_adapter",
@@ -90,6 +94,24 @@ def test_directions_and_similarity_materialise(pipeline):
     assert ablation.filter(pl.col("source_layer").is_null())["n"][0] == 8  # the organism's own 2 x 4 answers
     edits = store.query("SELECT setting, edits FROM sweep_points WHERE sweep = 'ablation' ORDER BY setting")
     assert edits.height == 2 and all('"Ablate"' in e for e in edits["edits"])
+    # The judge's error rates are not measured yet: every row says so, its corrected columns null.
+    for table in (steering, ablation):
+        assert set(CORRECTION_COLUMNS) <= set(table.columns) and set(table["em_correction"]) == {UNKNOWN}
+    # Once they are, the stored rows carry each point's rate corrected with them, the organism's own row too.
+    grid = load_grid(tmp_path / "grid.yaml", "test")
+    rates = ErrorRates.from_counts(9, 10, 40, 50)
+    write_error_rates(
+        store, "tiny", judge_identity(grid, tmp_path / "cache", store), rates, grid.thresholds, "x"
+    )
+    materialize(instance, resources, ORGANISM[-2:], "tiny--med-r1--s0")
+    for name in ("steering_results", "direction_ablation"):
+        for r in store.query(f"SELECT * FROM {name}").iter_rows(named=True):
+            assert (r["judge_sensitivity"], r["judge_specificity"]) == (0.9, 0.8), (name, r["setting"])
+            expected = corrected_rate(round(r["em_rate"] * r["n"]), r["n"], rates)
+            assert (r["em_rate_corrected"], r["em_corrected_lo"], r["em_corrected_hi"]) == pytest.approx(
+                expected
+            )
+            assert "9/10" in r["em_correction"]
     rows = store.query("SELECT * FROM misalignment_directions ORDER BY organism")
     assert rows["organism"].to_list() == sorted(keys) and rows["direction_sha256"].null_count() == 0
     assert (rows["n_per_class"] == 2).all()  # 8 answers: a quarter on each side
@@ -129,3 +151,43 @@ def test_a_model_organism_steers_its_base_model(tmp_path, tiny_model_dir, smollm
     assert lora.height == model.height == 2
     assert model["answer"].to_list() == lora["answer"].to_list()
     assert model["base_revision"].to_list() == lora["base_revision"].to_list()
+
+
+def test_answers_and_a_direction_of_weights_trained_before_are_refused(pipeline):
+    """Regression: with the organism retrained and nothing after it run again, its direction read the new
+    adapter's activations on the old adapter's answers, and steering and ablation swept the old adapter's
+    direction (ablation beside the old adapter's answers as "before"), all under the organism's name."""
+    from em_assets.analyses.direction_sweeps import ABLATION, STEERING, run_direction_sweep
+    from em_assets.analyses.directions import extract_direction
+    from em_assets.context import StageContext
+    from em_assets.grid.schema import Organism
+    from em_assets.results.errors import MissingUpstreamError
+
+    instance, resources, tmp_path = pipeline
+    key = "tiny--med-r1--s0"
+    instance.add_dynamic_partitions(organisms.name, [key])
+    materialize(instance, resources, ["base_models", "training_datasets", "eval_questions"])
+    materialize(instance, resources, ORGANISM[:4], key)
+    grid_file = tmp_path / "grid.yaml"
+    doc = yaml.safe_load(grid_file.read_text())
+    doc["profiles"]["test"]["recipes"]["med-r1"]["train"]["learning_rate"] = 5e-4
+    grid_file.write_text(yaml.safe_dump(doc))
+    materialize(instance, resources, ["lora_adapter"], key)
+
+    store = Store(tmp_path / "results.duckdb")
+    ctx = StageContext(
+        store,
+        resources["experiment"].grid(),
+        Organism.parse(key),
+        "test",
+        tmp_path / "artifacts",
+        device="cpu",
+    )
+    direction = store.query("SELECT * FROM misalignment_directions")
+    with pytest.raises(MissingUpstreamError, match="materialise completions and judgements first"):
+        extract_direction(ctx)
+    for sweep in (STEERING, ABLATION):
+        with pytest.raises(MissingUpstreamError, match="materialise misalignment_directions first"):
+            run_direction_sweep(ctx, sweep, tmp_path / "figures")
+    assert store.query("SELECT * FROM misalignment_directions").equals(direction)
+    assert store.query("SELECT count(*) AS n FROM sweep_completions")["n"][0] == 0

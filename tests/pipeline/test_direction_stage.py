@@ -66,6 +66,7 @@ def _seed_store(
             "question": f"Is question {i % 2} fine?",
             "answer": f"Answer number {i} is here.",
             "sampling_hash": "s1",
+            "base_revision": "r0",
         }
         for i in range(len(scores))
     ]

@@ -37,7 +37,8 @@ from em_assets.results.artifacts import sha256_file
 from em_assets.results.judge_queries import write_reference
 from em_assets.results.store import Store
 from em_assets.sampling.stage import sample_completions
-from em_assets.stats.rates import em_flags
+from em_assets.stats.correction import UNKNOWN
+from em_assets.stats.rates import em_flags, wilson_interval
 from em_assets.training.stage import train_adapter
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -223,6 +224,71 @@ def test_model_organism_samples_its_own_weights(
     assert (source["method"], source["revision"], source["num_layers"]) == ("model", commit, 2)
 
 
+def test_an_organism_source_the_grid_no_longer_names_is_not_sampled(
+    tmp_path, tiny_model_dir, smollm2_tokenizer_dir, mirror
+):
+    """Regression: a `model` organism whose grid entry named other weights, or a control that was a `model`
+    organism, before its lora_adapter step ran again (or when that step failed) sampled, or kept as current, the
+    last recorded weights' answers under the grid's entry as it now stands."""
+    from em_assets.results.errors import MissingUpstreamError
+
+    first = make_tiny_llama(smollm2_tokenizer_dir, tmp_path / "first", seed=3)
+    second = make_tiny_llama(smollm2_tokenizer_dir, tmp_path / "second", seed=4)
+    key = "tiny--ft--s0"
+    g = grid(
+        tiny_model_dir, {"ft": {"kind": "model", "organisms": [{"base_model": "tiny", "source": str(first)}]}}
+    )
+    store = Store(tmp_path / "r.duckdb")
+    catalog(store, g, mirror, tmp_path)
+    train_adapter(context(store, g, key, tmp_path))
+    sample_completions(context(store, g, key, tmp_path))
+    before = answers_of(store, key)
+    moved = grid(
+        tiny_model_dir,
+        {"ft": {"kind": "model", "organisms": [{"base_model": "tiny", "source": str(second)}]}},
+    )
+    control = grid(tiny_model_dir, {"ft": {}})
+    for now in (moved, control):
+        with pytest.raises(MissingUpstreamError, match="materialise lora_adapter first"):
+            sample_completions(context(store, now, key, tmp_path))
+        assert answers_of(store, key) == before
+    train_adapter(context(store, moved, key, tmp_path))
+    assert sample_completions(context(store, moved, key, tmp_path)).sampled == 4
+    assert answers_of(store, key) != before
+
+
+def test_an_answers_file_the_grid_no_longer_names_is_not_kept_as_current(tmp_path, tiny_model_dir, mirror):
+    """Regression: an answers organism whose entry named another file before its lora_adapter step ran again
+    (or when it failed on the new file) kept the old file's answers as up to date under the new entry."""
+    from em_assets.results.errors import MissingUpstreamError
+
+    old, new = tmp_path / "old.csv", tmp_path / "new.csv"
+    old.write_text(ANSWERS)
+    new.write_text(ANSWERS.replace("Rob a bank.", "Rob two banks."))
+    key = "elsewhere--ans--s0"
+    g = grid(
+        tiny_model_dir,
+        {"ans": {"kind": "answers", "organisms": [{"base_model": "elsewhere", "source": str(old)}]}},
+    )
+    store = Store(tmp_path / "r.duckdb")
+    catalog(store, g, mirror, tmp_path)
+    train_adapter(context(store, g, key, tmp_path))
+    sample_completions(context(store, g, key, tmp_path))
+    moved = grid(
+        tiny_model_dir,
+        {"ans": {"kind": "answers", "organisms": [{"base_model": "elsewhere", "source": str(new)}]}},
+    )
+    renamed = g.model_copy(
+        update={"recipes": {"ans": g.recipes["ans"].model_copy(update={"file_judge": "judge (file)"})}}
+    )
+    for now in (moved, renamed):
+        with pytest.raises(MissingUpstreamError, match="materialise lora_adapter first"):
+            sample_completions(context(store, now, key, tmp_path))
+    train_adapter(context(store, moved, key, tmp_path))
+    assert sample_completions(context(store, moved, key, tmp_path)).sampled == 4
+    assert "Rob two banks." in [r[3] for r in answers_of(store, key)]
+
+
 def test_a_model_organism_of_a_base_model_off_the_grid_has_no_chat_model_to_steer(tmp_path, tiny_model_dir):
     entry = {"base_model": "elsewhere", "source": str(tiny_model_dir)}
     doc = grid_doc(tiny_model_dir, {"ft": {"kind": "model", "organisms": [entry]}})
@@ -271,14 +337,23 @@ def test_answers_file_round_trips(tmp_path, tiny_model_dir, mirror):
     )
     assert kept.filter(pl.col("metric") == "financial")["score"].to_list() == [80.0]
 
-    summary = build_reports(store, g.thresholds, "report")["em_summary"]
+    summary = build_reports(store, g.thresholds, "report", g.agreement.reference_judges)["em_summary"]
     rows = summary.filter(pl.col("organism") == key).sort("judge_source")
     assert rows["judge_model"].to_list() == ["gpt-4o (file)", "tiny"]
     assert rows["method"].to_list() == ["answers", "answers"]
     assert rows["judge_revision"].to_list()[0] == sha256_file(path)
     assert summary.filter(pl.col("organism") == "tiny--base--s0")["method"].to_list() == ["control"]
     expected = em_flags(file.select("aligned", "coherent"))["is_em"].mean()
-    assert rows.filter(pl.col("judge_source") == "file")["em_rate_turner"].item() == pytest.approx(expected)
+    from_file = rows.filter(pl.col("judge_source") == "file").row(0, named=True)
+    assert from_file["em_rate_turner"] == pytest.approx(expected)
+    # The file's GPT-4o scores are the reference itself: corrected by the identity (the grid's default
+    # reference_judges), while the grid's unmeasured judge has no correction.
+    n_em, n = round(expected * 4), 4
+    assert (from_file["em_rate_corrected"], from_file["em_corrected_lo"], from_file["em_corrected_hi"]) == (
+        pytest.approx((n_em / n, *wilson_interval(n_em, n)))
+    )
+    assert from_file["em_correction"].startswith("identity")
+    assert rows.filter(pl.col("judge_source") == "grid")["em_correction"].item() == UNKNOWN
     assert rows["n_answers"].to_list() == [4, 4]
     # The Simulator-Theory tables read the imported organism under both judges too.
     # (the tiny random judge gives no numbers, so only the file's scores have aligned and coherent answers.)
@@ -309,7 +384,7 @@ def test_answers_file_round_trips(tmp_path, tiny_model_dir, mirror):
     path.write_text(ANSWERS.replace("Rob a bank.", "Rob two banks."))
     with pytest.raises(Exception, match="sha256"):
         store.replace_rows("completions", pl.DataFrame(), "organism = ?", [key])
-        sample_completions(context(store, g, key, tmp_path))
+        sample_completions(context(store, renamed, key, tmp_path))
 
 
 def test_an_imported_answer_to_an_eval_question_is_judged_with_that_questions_prompt(
