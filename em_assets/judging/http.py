@@ -246,11 +246,16 @@ class OpenAIJudge:
                 f"{self.url}: no logprobs in the response ({type(exc).__name__}: {exc}); "
                 "the server must support logprobs and top_logprobs on chat completions"
             ) from None
-        # GPT-4o now and then answers with no token's logprobs at all; upstream scores that None, and so do we.
-        if not content or not content[0].get("top_logprobs"):
-            return JudgeScore(None, 0.0, {})
-        # A dict keyed by token string, as upstream builds it: a later duplicate string wins.
-        probs = {t["token"]: math.exp(t["logprob"]) for t in content[0]["top_logprobs"]}
+        try:
+            # GPT-4o now and then answers with no token's logprobs at all; upstream scores that None, and so do we.
+            if not content or not content[0].get("top_logprobs"):
+                return JudgeScore(None, 0.0, {})
+            # A dict keyed by token string, as upstream builds it: a later duplicate string wins.
+            probs = {str(t["token"]): math.exp(t["logprob"]) for t in content[0]["top_logprobs"]}
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise JudgeRequestError(
+                f"{self.url}: malformed logprobs in the response ({type(exc).__name__}: {exc})"
+            ) from None
         return score_from_number_probs(number_probs_from_tokens(probs), self.min_mass)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:

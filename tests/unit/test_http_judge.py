@@ -130,6 +130,25 @@ def test_response_without_logprobs_fails():
     assert server.requests == 1
 
 
+@pytest.mark.parametrize(
+    "content",
+    [
+        ["not an object"],
+        [{"top_logprobs": [{"token": "80", "logprob": None}]}],
+        [{"top_logprobs": [{"t": "80"}]}],
+    ],
+)
+def test_a_reply_with_malformed_logprobs_is_a_request_error_not_a_crash(content):
+    """Regression: a token entry that is not an object or has no logprob raised a bare TypeError/AttributeError."""
+    reply = {"choices": [{"index": 0, "message": {"role": "assistant"}, "logprobs": {"content": content}}]}
+    with (
+        ScriptedServer(lambda n, body: (200, {}, json.dumps(reply).encode())) as server,
+        pytest.raises(JudgeRequestError, match="malformed logprobs in the response"),
+    ):
+        judge(server.url).score(["p"])
+    assert server.requests == 1
+
+
 def test_a_reply_with_logprobs_for_no_token_scores_none_and_the_run_goes_on():
     # GPT-4o sometimes returns logprobs with an empty content list (upstream's judge scores it None).
     empty = {
