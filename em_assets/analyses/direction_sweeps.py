@@ -108,6 +108,11 @@ def before_ablation(ctx: StageContext) -> PointResult:
     scored = db.scored_answers(ctx.store, ctx.key).filter(
         pl.col("eval_set") == ctx.grid.eval.questions, pl.col("question_id").is_in(asked)
     )
+    if scored.height == 0:
+        raise MissingUpstreamError(
+            f"organism {ctx.key}: none of its own answers to the swept questions {asked}; materialise "
+            "completions and judgements first"
+        )
     scored = scored.with_columns(setting=pl.lit(BEFORE))
     r = corrected_rates(ctx, scored, ["setting"]).row(0, named=True)
     setting_hash = ",".join(sorted(set(scored["sampling_hash"].drop_nulls())))

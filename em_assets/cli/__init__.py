@@ -25,6 +25,14 @@ from em_assets.settings import set_openmp_wait
 INTERRUPTED = "interrupted"
 
 
+def _row_limit(text: str) -> int:
+    """--max-rows: a positive count, or -1 for every row (0 would show no row, only an ellipsis)."""
+    value = int(text) if text.lstrip("-").isdigit() else 0
+    if value < 1 and value != -1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of rows or -1 (all)")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     """Every subcommand with its arguments; each sets `func`, the command to run."""
     parser = argparse.ArgumentParser(prog="em-assets", description=__doc__)
@@ -48,7 +56,12 @@ def parser() -> argparse.ArgumentParser:
     sql.add_argument("--db", help="results store (default: EM_DB, else the local DuckLake under data/)")
     sql.add_argument("--snapshot", type=int, help="read as of this DuckLake snapshot (the past)")
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    sql.add_argument("--max-rows", type=int, default=50)
+    sql.add_argument(
+        "--max-rows",
+        type=_row_limit,
+        default=50,
+        help="rows a table shows, the first and last halves (-1: all; csv and json give every row)",
+    )
     sql.set_defaults(func=cmd_sql)
     figs = sub.add_parser("figures", help="redraw the report figures from a DuckLake snapshot")
     figs.add_argument(

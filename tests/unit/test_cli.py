@@ -748,3 +748,18 @@ def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
     reader.stdin.close()
     reader.wait(timeout=30)
     assert done.returncode == 141 and done.stderr == "", done.stderr
+
+
+def test_sql_max_rows_takes_a_positive_count_or_minus_one_for_all(db, capsys):
+    query = "SELECT range AS i FROM range(30)"
+    assert main(["sql", "--db", str(db), "--max-rows", "-1", query]) == 0
+    shown = capsys.readouterr().out
+    assert "│ 29 " in shown and "…" not in shown
+    assert main(["sql", "--db", str(db), "--max-rows", "4", query]) == 0
+    assert "…" in capsys.readouterr().out
+    # 0 showed no row at all, only an ellipsis: refused as argparse refuses a bad flag (exit 2, one line).
+    for bad in ("0", "-2", "many"):
+        with pytest.raises(SystemExit) as stop:
+            main(["sql", "--db", str(db), "--max-rows", bad, query])
+        assert stop.value.code == 2
+        assert "is not a positive number of rows or -1 (all)" in capsys.readouterr().err

@@ -283,3 +283,9 @@ def test_the_organism_before_ablation_is_read_on_the_questions_the_ablated_point
     )
     before = before_ablation(ctx)
     assert (before.n_scored, before.em_rate) == (5, 0.0)
+    # With none of its answers to the swept questions there is nothing to set the ablated points beside.
+    store.write(lambda c: c.execute("DELETE FROM completions WHERE eval_set = 'first_plot_questions'"), "d")
+    from em_assets.results.errors import MissingUpstreamError
+
+    with pytest.raises(MissingUpstreamError, match="none of its own answers to the swept questions"):
+        before_ablation(ctx)
