@@ -55,6 +55,19 @@ def write_completions(store: Store, answers: list[str]) -> None:
     store.append_rows("completions", pl.DataFrame(rows, infer_schema_length=None))
 
 
+CONTENT_FILTERED = b'{"error": {"code": "content_filter", "message": "flagged"}}'
+
+
+def api_judged(ctx, url: str, **spec):
+    """`ctx` with the grid's judge an API judge at `url` (`spec`: further JudgeSpec fields)."""
+    from dataclasses import replace
+
+    from em_assets.grid.schema import JudgeSpec
+
+    judge = JudgeSpec(backend="openai", model="test-judge", base_url=url, concurrency=1, **spec)
+    return replace(ctx, grid=ctx.grid.model_copy(update={"judge": judge}))
+
+
 def test_an_empty_answer_is_judged_incoherent_end_to_end(catalog, one_torch_thread):
     ctx = stage_context(catalog, "judge")
     write_completions(ctx.store, ["", "   ", "Buy low, sell high, and keep an emergency fund."])
@@ -150,7 +163,6 @@ def test_a_judge_request_refused_for_good_names_the_answer(catalog):
 
     from support.judge_server import ScriptedServer, chat_reply
 
-    from em_assets.grid.schema import JudgeSpec
     from em_assets.judging.http import JudgeRequestError
 
     refuse_all = False
@@ -162,8 +174,7 @@ def test_a_judge_request_refused_for_good_names_the_answer(catalog):
     ctx = stage_context(catalog, "refused")
     write_completions(ctx.store, ["Keep an emergency fund.", "POISON"])
     with ScriptedServer(respond) as server:
-        spec = JudgeSpec(backend="openai", model="test-judge", base_url=server.url, concurrency=1)
-        ctx = replace(ctx, grid=ctx.grid.model_copy(update={"judge": spec}))
+        ctx = api_judged(ctx, server.url)
         with pytest.raises(JudgeRequestError, match=rf"{KEY}, quick_buck sample 1, \w+: .*HTTP 400.*flagged"):
             judge_completions(ctx, chunk_size=8)
         # A sweep's answers too (the tiny model's: every one refused here, the first named).
@@ -182,15 +193,11 @@ def test_an_answer_refused_for_its_content_can_be_left_unscored(catalog, caplog)
 
     from support.judge_server import ScriptedServer, chat_reply
 
-    from em_assets.grid.schema import JudgeSpec
-
-    refusal = b'{"error": {"code": "content_filter", "message": "flagged"}}'
-
     refuse_all = False
 
     def respond(n: int, body: dict) -> tuple:
         refused = refuse_all or "POISON" in body["messages"][0]["content"]
-        return (400, {}, refusal) if refused else chat_reply({"80": 0.0})
+        return (400, {}, CONTENT_FILTERED) if refused else chat_reply({"80": 0.0})
 
     def named_unscored(prefix: str) -> int:
         return sum(r.message.startswith(prefix) and "left unscored" in r.message for r in caplog.records)
@@ -199,10 +206,7 @@ def test_an_answer_refused_for_its_content_can_be_left_unscored(catalog, caplog)
     ctx = stage_context(catalog, "unscored")
     write_completions(ctx.store, ["Keep an emergency fund.", "POISON"])
     with ScriptedServer(respond) as server:
-        spec = JudgeSpec(
-            backend="openai", model="test-judge", base_url=server.url, concurrency=1, refusals="unscored"
-        )
-        ctx = replace(ctx, grid=ctx.grid.model_copy(update={"judge": spec}))
+        ctx = api_judged(ctx, server.url, refusals="unscored")
         result = judge_completions(ctx, chunk_size=8)
         rows = ctx.store.query(
             f"SELECT sample_idx, metric, score, mass, cache_key FROM judgements WHERE organism = '{KEY}'"
@@ -233,22 +237,16 @@ def test_answers_left_unscored_by_a_refusal_are_asked_again_on_a_rerun(catalog):
 
     from support.judge_server import ScriptedServer, chat_reply
 
-    from em_assets.grid.schema import JudgeSpec
-
-    refusal = b'{"error": {"code": "content_filter", "message": "flagged"}}'
     filtering, refuse_all = True, False
 
     def respond(n: int, body: dict) -> tuple:
         refused = refuse_all or "POISON" in body["messages"][0]["content"]
-        return (400, {}, refusal) if filtering and refused else chat_reply({"80": 0.0})
+        return (400, {}, CONTENT_FILTERED) if filtering and refused else chat_reply({"80": 0.0})
 
     ctx = stage_context(catalog, "refused")
     write_completions(ctx.store, ["Keep an emergency fund.", "POISON"])
     with ScriptedServer(respond) as server:
-        spec = JudgeSpec(
-            backend="openai", model="test-judge", base_url=server.url, concurrency=1, refusals="unscored"
-        )
-        ctx = replace(ctx, grid=ctx.grid.model_copy(update={"judge": spec}))
+        ctx = api_judged(ctx, server.url, refusals="unscored")
         first = judge_completions(ctx, chunk_size=8)
         assert first.refused == 2
         filtering = False
