@@ -151,6 +151,7 @@ def usable_store(db: str | None = None, *, may_create: bool = False):
     import duckdb
 
     from em_assets.cli.errors import StoreError
+    from em_assets.results.backends import file_kind
     from em_assets.results.store import Store
 
     store = Store(db) if db else Store()
@@ -167,21 +168,13 @@ def usable_store(db: str | None = None, *, may_create: bool = False):
     except duckdb.Error as exc:
         if not (may_create and _NO_LAKE_YET in str(exc)):
             why = str(exc).strip().splitlines()[0]
-            if not store.lake and _is_sqlite(store.path):
+            if not store.lake and file_kind(store.path) == "sqlite":
                 # DuckDB would load its SQLite extension to read it, which the locked connection refuses.
                 why = f"a SQLite file, as a DuckLake's catalog is: name the lake as ducklake:sqlite:{store.path}"
             raise StoreError(
                 f"{store.location.describe()} cannot be opened as a results database: {why}"
             ) from None
     return store
-
-
-def _is_sqlite(path: Path) -> bool:
-    try:
-        with path.open("rb") as f:
-            return f.read(16) == b"SQLite format 3\x00"
-    except OSError:
-        return False
 
 
 def _cannot_make(store) -> str | None:

@@ -22,6 +22,20 @@ from em_assets.settings import SettingsError
 LAKE = "lake"
 LAKE_PREFIX = "ducklake:"
 
+
+def file_kind(path: Path) -> str | None:
+    """What a file's header says it holds: "duckdb" (a results file), "sqlite" (as a DuckLake's catalog is), or
+    None (neither, or unreadable). DuckDB would fetch an extension to open a SQLite file, so it is told first."""
+    try:
+        with Path(path).open("rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    if head[8:12] == b"DUCK":
+        return "duckdb"
+    return "sqlite" if head == b"SQLite format 3\x00" else None
+
+
 # Errors DuckDB raises when another process holds the file's write lock.
 _LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
 

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import duckdb
 
+from em_assets.results.backends import file_kind
 from em_assets.results.keys import results_tables
 from em_assets.results.store import Store
 
@@ -39,13 +40,10 @@ def migrate(source: Path, store: Store) -> Migrated:
         raise FileNotFoundError(f"no DuckDB file at {source}")
     if store.path is not None and store.path.resolve() == source.resolve():
         raise ValueError(f"{source} is the store it would be copied into")
-    with source.open("rb") as f:
-        head = f.read(16)
-    # A DuckDB file's header carries "DUCK" at byte 8; a DuckLake's SQLite catalog would make DuckDB fetch an
-    # extension to read it.
-    if head[8:12] != b"DUCK":
+    kind = file_kind(source)
+    if kind != "duckdb":
         lake = " (a SQLite file: a DuckLake catalog is already a store, with nothing to migrate)"
-        raise ValueError(f"{source} is not a DuckDB results file{lake if head.startswith(b'SQLite') else ''}")
+        raise ValueError(f"{source} is not a DuckDB results file{lake if kind == 'sqlite' else ''}")
     tables, left_out = _results_tables(source)
     # Paths the copy creates are removed if it fails: the store is left as it was, or not there at all.
     made = [p for p in store.local_paths() if not p.exists()]
