@@ -85,10 +85,10 @@ def steering_points(ctx: StageContext, row: dict) -> list[tuple[SweepPoint, dict
     return points
 
 
-def ablation_points(ctx: StageContext, row: dict) -> list[tuple[SweepPoint, dict]]:
-    """The organism with its direction, and with the random control, projected out of every layer."""
+def ablation_points(ctx: StageContext, row: dict, adapter: dict) -> list[tuple[SweepPoint, dict]]:
+    """The organism (its `adapter` row) with its direction, and with the random control, projected out of every
+    layer."""
     spec, n = ctx.grid.directions, ctx.grid.directions.samples_per_question
-    adapter = ctx.current_adapter()
     check_weights(adapter)
     path, sha = adapter.get("adapter_path"), adapter.get("adapter_sha256")
     layer = layer_at(spec.ablation_layer_fraction, row["num_layers"])
@@ -191,7 +191,7 @@ def run_direction_sweep(ctx: StageContext, sweep: str, figures_dir: Path) -> Swe
             f"organism {ctx.key}: its direction was drawn from other weights than its model's now; "
             "materialise misalignment_directions first"
         )
-    pairs = (steering_points if sweep == STEERING else ablation_points)(ctx, row)
+    pairs = steering_points(ctx, row) if sweep == STEERING else ablation_points(ctx, row, adapter)
     before = None
     if sweep == ABLATION:
         # The organism's own answers are the sweep's "before": from its model as it now stands, checked before
