@@ -72,18 +72,17 @@ def openmp_wait(env: Mapping[str, str] | None = None) -> str:
     return " ".join(f"{name}={env[name]}" for name in OPENMP_WAIT_VARS if env.get(name)) or "default"
 
 
-def _packed_linears(env: Mapping[str, str]) -> bool:
-    text = env.get(PACKED_LINEARS_ENV) or "1"
-    # Checked: "false" or "off" would otherwise leave the packing on, the opposite of what was asked.
-    if text not in ("0", "1"):
-        raise SettingsError(f"{PACKED_LINEARS_ENV}={text!r}: give 0 (off) or 1 (on, the default)")
-    return text == "1"
+# The values each switch takes, its default first.
+PACKED_CHOICES = ("1", "0")
+CPU_DTYPES = ("auto", "bfloat16", "float32")
 
 
-def _cpu_dtype(env: Mapping[str, str]) -> str:
-    text = env.get(CPU_DTYPE_ENV) or "auto"
-    if text not in ("auto", "bfloat16", "float32"):
-        raise SettingsError(f"{CPU_DTYPE_ENV}={text!r}: give auto, bfloat16 or float32")
+def _one_of(env: Mapping[str, str], name: str, allowed: tuple[str, ...], say: str) -> str:
+    """The variable's value, the first of `allowed` when unset; refused unless it is one of them (a "false" read
+    as anything but "0" would leave a switch on, the opposite of what was asked)."""
+    text = env.get(name) or allowed[0]
+    if text not in allowed:
+        raise SettingsError(f"{name}={text!r}: give {say}")
     return text
 
 
@@ -134,6 +133,7 @@ class Settings:
         def path(name: str, fallback: Path) -> Path:
             return Path(env[name]) if env.get(name) else fallback
 
+        packed = _one_of(env, PACKED_LINEARS_ENV, PACKED_CHOICES, "0 (off) or 1 (on, the default)")
         return cls(
             grid_path=path(GRID_ENV, default.grid_path),
             profile=env.get(PROFILE_ENV) or default.profile,
@@ -146,8 +146,8 @@ class Settings:
             figures_dir=path(FIGURES_ENV, default.figures_dir),
             logs_dir=path(LOGS_ENV, default.logs_dir),
             device=_device(env, default.device),
-            packed_linears=_packed_linears(env),
-            cpu_dtype=_cpu_dtype(env),
+            packed_linears=packed == "1",
+            cpu_dtype=_one_of(env, CPU_DTYPE_ENV, CPU_DTYPES, "auto, bfloat16 or float32"),
             dagster_home=path(DAGSTER_HOME_ENV, default.dagster_home),
         )
 
