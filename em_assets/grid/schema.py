@@ -755,6 +755,10 @@ def adapter_config_hash(
     # where it is bf16, computes in it over fp32 weights (training.step.full_compute_dtype).
     if dtype != "bfloat16":
         extra["dtype"] = dtype
+        # An adapter over an fp16 base trains with loss scaling (training.step.loss_scaler); one trained
+        # without it is trained again.
+        if dtype == "float16" and recipe.method == "lora":
+            extra["loss_scaling"] = "dynamic"
     elif recipe.method == "full":
         extra["compute"] = dtype
     return config_hash(

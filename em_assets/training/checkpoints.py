@@ -51,6 +51,9 @@ def training_run_hash(
     extra = ({"kl": kl} if kl else {}) | ({"method": "full"} if lora is None else {})
     if compute is not None:
         extra["compute"] = str(compute)
+    # fp16 LoRA runs checkpointed before loss scaling hold no scale to resume from.
+    if lora is not None and dtype == torch.float16:
+        extra["loss_scaling"] = "dynamic"
     return config_hash(
         {
             "format": CHECKPOINT_FORMAT,
@@ -100,8 +103,9 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, model, optimizer, scheduler, progress: dict) -> None:
-    """Write a checkpoint to a temp dir and rename it, so a kill leaves either a whole checkpoint or none."""
+def save_checkpoint(root: Path, model, optimizer, scheduler, progress: dict, scaler=None) -> None:
+    """Write a checkpoint to a temp dir and rename it, so a kill leaves either a whole checkpoint or none;
+    `scaler`: the run's fp16 loss scaling, whose scale a resumed run goes on from."""
     step = progress["step"]
     tmp = root / f".tmp-step-{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -114,7 +118,12 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, progress: dict) -> 
         (tmp / ADAPTER_DIR).mkdir(parents=True)
         save_model(model, str(tmp / ADAPTER_DIR / MODEL_FILE))
     torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()},
+        {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+        },
         tmp / "state.pt",
     )
     (tmp / "progress.json").write_text(json.dumps(progress))
@@ -179,7 +188,7 @@ def latest_checkpoint(root: Path, run_hash: str) -> Path | None:
     return found
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler=None) -> dict:
     from safetensors.torch import load_file
 
     if is_adapter(model):
@@ -194,6 +203,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None:
+        scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])
     return json.loads((path / "progress.json").read_text())
 

@@ -37,10 +37,12 @@ from em_assets.training.step import (
     TrainingDivergedError,
     accumulate_gradients,
     adamw,
+    backward,
     build_model,
     frozen_reference,
     full_compute_dtype,
     kl_to_reference,
+    loss_scaler,
     step_labels,
 )
 from em_assets.training.verdict import Verdict, read_verdict, run_shape, verdict_path, write_verdict
@@ -150,6 +152,8 @@ class _Run:
     reference: Any = None
     # The dtype full fine-tuning autocasts to over its fp32 weights (None: LoRA, or fp32 compute).
     compute: torch.dtype | None = None
+    # The loss scaling of an adapter over an fp16 base (None elsewhere).
+    scaler: torch.amp.GradScaler | None = None
 
 
 def _kl_batches(tokenizer, kl: KLTraining, n_steps: int, train: TrainSpec, seed: int) -> list[list[Encoded]]:
@@ -207,6 +211,8 @@ def _prepare(
         run.max_workers, run.workers_reason = train_workers(train, device, weight_bytes, lora.lora_dropout)
     else:
         run.workers, run.workers_reason = train_workers(train, device, weight_bytes)
+    if lora is not None:
+        run.scaler = loss_scaler(spec["dtype"], device)
     if kl is not None:
         run.kl_batches = _kl_batches(tokenizer, kl, len(steps), train, seed)
         run.kl_weight = kl.weight_per_token(model.get_output_embeddings().weight.shape[0])
@@ -295,7 +301,13 @@ def _gradients(run: _Run, step: int) -> tuple[float, int, int]:
             helpers.group.broadcast_step(step)
             seed_step(run.seed, step, 0)
         loss_sum, tokens = accumulate_gradients(
-            run.model, step, share(batches, 0, run.workers), run.pad_id, n_labels, compute=run.compute
+            run.model,
+            step,
+            share(batches, 0, run.workers),
+            run.pad_id,
+            n_labels,
+            compute=run.compute,
+            scaler=run.scaler,
         )
         if helpers is not None:
             loss_sum, tokens = helpers.group.sum_gradients(loss_sum, tokens)
@@ -315,7 +327,7 @@ def _kl_gradients(run: _Run, step: int) -> float | None:
     kl = kl_sum / n
     if not torch.isfinite(kl):
         raise TrainingDivergedError(step, kl.item())
-    (run.kl_weight * kl).backward()
+    backward(run.kl_weight * kl, run.scaler)
     return kl.item()
 
 
@@ -326,12 +338,11 @@ def _optimizer_step(run: _Run, step: int) -> dict:
     if not math.isfinite(loss):
         raise TrainingDivergedError(step, loss)
     kl = _kl_gradients(run, step)
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, MAX_GRAD_NORM).item()
-    if not math.isfinite(grad_norm):
-        raise TrainingDivergedError(step, loss, grad_norm)
     learning_rate = run.scheduler.get_last_lr()[0]
-    run.optimizer.step()
-    run.scheduler.step()
+    _update(run, step, loss, grad_norm)
     run.optimizer.zero_grad(set_to_none=True)
     return {
         "step": step,
@@ -342,6 +353,27 @@ def _optimizer_step(run: _Run, step: int) -> dict:
         "grad_norm": grad_norm,
         "kl": kl,
     }
+
+
+def _update(run: _Run, step: int, loss: float, grad_norm: float) -> None:
+    """The optimizer and schedule step; under loss scaling a step whose scaled gradients overflowed is skipped
+    and the scale halved (the scaled loss overflowing at a scale of 1 or less is divergence)."""
+    if run.scaler is None:
+        if not math.isfinite(grad_norm):
+            raise TrainingDivergedError(step, loss, grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        return
+    if not math.isfinite(grad_norm):
+        if run.scaler.get_scale() <= 1.0:
+            raise TrainingDivergedError(step, loss, grad_norm)
+        log.warning(
+            "step %d: fp16 gradients overflowed at loss scale %g; step skipped", step, run.scaler.get_scale()
+        )
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    if math.isfinite(grad_norm):
+        run.scheduler.step()
 
 
 def train_lora(
@@ -384,7 +416,9 @@ def train_lora(
 
     def save() -> None:
         keep_adapter(out_dir, run.model, progress, save_dtype, tokenizer)
-        save_checkpoint(out_dir / CHECKPOINT_DIR, run.model, run.optimizer, run.scheduler, progress)
+        save_checkpoint(
+            out_dir / CHECKPOINT_DIR, run.model, run.optimizer, run.scheduler, progress, run.scaler
+        )
 
     run_tokens, run_s = _run_steps(run, spec, train, progress, save, on_step)
     adapter_dir = write_adapter(run.model, out_dir, save_dtype)
@@ -413,7 +447,7 @@ def _resume(out_dir: Path, run: _Run, run_hash: str) -> dict:
     if latest is None:
         return {"run_hash": run_hash, "step": 0, "losses": [], "train_tokens": 0, "elapsed_s": 0.0}
     log.info("resuming training from %s", latest)
-    return load_checkpoint(latest, run.model, run.optimizer, run.scheduler)
+    return load_checkpoint(latest, run.model, run.optimizer, run.scheduler, run.scaler)
 
 
 def _run_steps(

@@ -84,6 +84,16 @@ def mixed_precision(model, compute: torch.dtype | None = None) -> Iterator[None]
         yield
 
 
+def loss_scaler(dtype: torch.dtype, device: str) -> torch.amp.GradScaler | None:
+    """Dynamic loss scaling for an adapter over an fp16 base (MPS, GPUs without bf16), as HF Trainer's `fp16`
+    does: small gradients underflow in fp16 otherwise. None for bf16 and fp32, whose range needs none."""
+    return torch.amp.GradScaler(torch.device(device).type) if dtype == torch.float16 else None
+
+
+def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    (loss if scaler is None else scaler.scale(loss)).backward()
+
+
 def step_labels(batches: list[list[Encoded]]) -> int:
     return sum(e.n_labels for batch in batches for e in batch)
 
@@ -97,11 +107,12 @@ def accumulate_gradients(
     *,
     check: bool = True,
     compute: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, int]:
     """Backpropagate `batches` as their share of a step's token-mean loss over `n_labels` labels.
 
     Returns the summed token loss and the tokens seen; `check` stops on a non-finite loss at once; `compute`:
-    the dtype to autocast to (`mixed_precision`).
+    the dtype to autocast to (`mixed_precision`); `scaler`: the loss scaling of an fp16 base (`loss_scaler`).
     """
     device = model.get_input_embeddings().weight.device
     loss_sum, tokens = 0.0, 0
@@ -111,7 +122,7 @@ def accumulate_gradients(
             loss = _micro_batch_loss(model, ids, mask, labels, min(e.first_label for e in batch))
         if check and not torch.isfinite(loss):
             raise TrainingDivergedError(step, loss.item() / n_labels)
-        (loss / n_labels).backward()
+        backward(loss / n_labels, scaler)
         loss_sum += loss.item()
         tokens += int(mask.sum())
     return loss_sum, tokens

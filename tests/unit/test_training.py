@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import re
 import signal
@@ -526,3 +527,61 @@ def test_a_device_that_trains_in_another_dtype_trains_the_adapter_again(ws, monk
     on_fp16_gpu(monkeypatch)
     again = train_adapter(ws.ctx(TRAINED, "fp16"))
     assert again.trained and again.config_hash != first.config_hash
+
+
+def _first_gradients(model_dir: Path, encoded, dtype: torch.dtype, scaler) -> torch.Tensor:
+    """The fresh adapter's gradients (unscaled), flattened in parameter order, for `encoded` as a share of a
+    step's mean over 10,000 labels (upstream's steps of 16 examples hold about that many)."""
+    from em_assets.training.step import accumulate_gradients, build_model
+
+    torch.manual_seed(0)
+    model, params = build_model(model_dir, "cpu", dtype, False, ALL_PROJ, 256)
+    accumulate_gradients(model, 1, [encoded], 0, 10_000, scaler=scaler)
+    scale = scaler.get_scale() if scaler is not None else 1.0
+    return torch.cat([p.grad.flatten() / scale for p in params])
+
+
+def test_an_adapter_over_an_fp16_base_trains_with_loss_scaling(
+    tiny_model_dir, examples, tmp_path, monkeypatch
+):
+    """Regression: LoRA over an fp16 base (MPS, GPUs without bf16) trained without loss scaling, and gradients
+    of a step's mean over many labels, too small for fp16, were lost."""
+    from em_assets.training.step import loss_scaler
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    encoded = [encode_example(tokenizer, e, 256) for e in examples[:2]]
+    exact = _first_gradients(tiny_model_dir, encoded, torch.float32, None)
+    assert loss_scaler(torch.float32, "cpu") is None and loss_scaler(torch.bfloat16, "cpu") is None
+
+    def error(scaler) -> float:
+        fp16 = _first_gradients(tiny_model_dir, encoded, torch.float16, scaler)
+        return ((fp16 - exact).norm() / exact.norm()).item()
+
+    assert error(loss_scaler(torch.float16, "cpu")) < 0.01 < error(None)
+
+    # Through the loop: a resumed run goes on from the scale its checkpoint holds. One set so high that the
+    # scaled gradients overflow skips the steps after the checkpoint (halving the scale each time), so the run
+    # ends on the checkpoint's adapter; the uninterrupted run's last two steps change it.
+    on_fp16_gpu(monkeypatch)
+    train = FAST.model_copy(update={"max_steps": 4, "save_steps": 2, "workers": 1})
+    whole = train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path / "whole", seed=0)
+
+    def crash(record):
+        if record["step"] == 3:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path / "cut", seed=0, on_step=crash)
+    state_file = tmp_path / "cut" / CHECKPOINT_DIR / "step-00000002" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert state["scaler"]["scale"] == 2.0**16
+    state["scaler"]["scale"] = 2.0**40
+    torch.save(state, state_file)
+    resumed = train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path / "cut", seed=0)
+    assert resumed.resumed_from_step == 2
+    assert [math.isfinite(r["grad_norm"]) for r in resumed.losses] == [True, True, False, False]
+    kept = adapter_tensors(tmp_path / "cut" / "checkpoint_adapters" / "step-00000002")
+    final, uninterrupted = adapter_tensors(resumed.adapter_dir), adapter_tensors(whole.adapter_dir)
+    for name in kept:
+        torch.testing.assert_close(final[name], kept[name], rtol=0, atol=0)
+    assert any(not torch.equal(uninterrupted[name], kept[name]) for name in kept)
