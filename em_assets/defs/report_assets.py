@@ -95,7 +95,7 @@ def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource,
     refs = grid.agreement.reference_judges
     with reports.pinned_reports(store, grid.thresholds, context.run.run_id, refs) as (source, tables):
         # From the state the tables were read from: a judge_agreement run committing meanwhile changes neither.
-        caveat = judge_caveat(source, grid)
+        caveat = judge_caveat(source, grid, tables["em_summary"])
         short = reports.short_answer_organisms(source) if grid.judge.backend == "probe" else None
         unmeasured = None if grid.judge.model in refs else reports.unmeasured_question_organisms(source)
     summary = tables["em_summary"]

@@ -560,8 +560,9 @@ def judge_agreement(
     return AgreementRun(tuple(reports), hand)
 
 
-def judge_caveat(store: Store, grid: GridConfig) -> str:
-    """One paragraph for the EM tables: which judge scored them and how far it agrees with GPT-4o."""
+def judge_caveat(store: Store, grid: GridConfig, summary: pl.DataFrame | None = None) -> str:
+    """One paragraph for the EM tables: which judge scored them and how far it agrees with GPT-4o; with the
+    `summary` they describe, the organisms whose rows another judge (or revision) scored than the one measured."""
     name = judge_name(grid.judge)
     rows = {r["metric"]: r for r in q.agreement_rows(store, name).iter_rows(named=True)}
     if "aligned" not in rows:
@@ -570,12 +571,32 @@ def judge_caveat(store: Store, grid: GridConfig) -> str:
     held_out = ", ".join(grid.agreement.held_out_base_models)
     questions = q.heldout_question_count(store)
     asked = f" to {questions} questions," if questions else ""
-    return (
+    text = (
         f"Scored by the {name} judge. On {a['n']} GPT-4o-judged answers{asked} of base models it never trained on "
         f"({held_out}): aligned Spearman {_shown(a, 'spearman')}, AUC for misaligned {_shown(a, 'auc')}, "
         f"largest per-organism EM-rate gap {_shown(a, 'gap')}. These EM rates are that judge's estimates, not "
         "GPT-4o's."
     )
+    others = _scored_by_other_judges(summary, a["judge_model"], a["judge_revision"])
+    if others:
+        text += (
+            f" Not so for {', '.join(others)}: another judge or revision than the one measured scored their rows "
+            "(materialise their judgements)."
+        )
+    return text
+
+
+def _scored_by_other_judges(
+    summary: pl.DataFrame | None, model: str | None, revision: str | None
+) -> list[str]:
+    """Organisms of `summary` whose grid-judged rows carry another judge identity than (model, revision)."""
+    if summary is None or summary.height == 0:
+        return []
+    other = summary.filter(
+        (pl.col("judge_source") == "grid")
+        & ((pl.col("judge_model") != model) | (pl.col("judge_revision") != revision))
+    )
+    return sorted(set(other["organism"]))
 
 
 def _shown(row: dict, name: str) -> str:

@@ -102,7 +102,7 @@ def agreement_rows(store: Store, judge: str) -> pl.DataFrame:
     store has its schema already: a pinned view, as the report tables are read from, cannot create it."""
     return store.query(
         "SELECT a.metric, a.n, a.spearman, a.spearman_lo, a.spearman_hi, a.auc, a.auc_lo, a.auc_hi, "
-        "a.judge_revision, "
+        "a.judge_model, a.judge_revision, "
         "(SELECT max(abs(e.reference - e.judge_rate)) FROM judge_agreement_em e WHERE e.judge = a.judge) AS gap "
         "FROM judge_agreement a WHERE a.judge = ? ORDER BY a.metric",
         [judge],

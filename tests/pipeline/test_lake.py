@@ -526,3 +526,31 @@ def test_the_results_resource_names_the_lakes_data_path_and_lock_timeout(tmp_pat
     assert ResultsDB.from_env().lock_timeout_s == 7
     store = ResultsDB(database=db).store()
     assert (store.location.data_path, store.lock_timeout_s) == (files, 7)
+
+
+def test_the_judge_caveat_names_organisms_another_judge_scored(tmp_path):
+    from em_assets.grid.load import load_grid
+    from em_assets.judging.agreement_stage import judge_caveat, judge_name
+
+    store = Store(str(tmp_path / "results.duckdb"))
+    store.init()
+    grid = load_grid(REPO / "data" / "grid.yaml", "demo")
+    measured = {"judge_model": "probe:m", "judge_revision": "head-b"}
+    store.append_rows(
+        "judge_agreement",
+        pl.DataFrame(
+            {"judge": judge_name(grid.judge), "metric": "aligned", "n": [7], "spearman": [0.5]} | measured
+        ),
+    )
+    summary = pl.DataFrame(
+        {
+            "organism": ["old", "new", "imported", "unjudged"],
+            "judge_source": ["grid", "grid", "file", "grid"],
+            "judge_model": ["probe:m", "probe:m", "gpt-4o (file)", None],
+            "judge_revision": ["head-a", "head-b", "file", None],
+        }
+    )
+    caveat = judge_caveat(store, grid, summary)
+    assert "Not so for old:" in caveat, caveat
+    assert "aligned Spearman 0.50" in judge_caveat(store, grid, summary.filter(pl.col("organism") != "old"))
+    assert "Not so" not in judge_caveat(store, grid, summary.filter(pl.col("organism") != "old"))
