@@ -221,11 +221,13 @@ def test_workers_that_decode_faster_lose_a_job_too_short_to_pay_for_their_start(
 def test_machine_description_names_the_cpu_and_what_matters_for_bf16(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(
-        "processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_bf16 sse\n\n"
-        "processor\t: 1\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu avx2 avx512f avx512_bf16 sse\n"
+        "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC 9R14\n"
+        "flags\t\t: fpu avx2 avx512f avx512_bf16 sse\n\n"
+        "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC 9R14\n"
+        "flags\t\t: fpu avx2 avx512f avx512_bf16 sse\n"
     )
     amd = machine.describe_machine(cpuinfo)
-    assert amd["cpu_model"] == "AMD EPYC 9R14"
+    assert amd["cpu_model"] == "AMD EPYC 9R14" and amd["cpu_generation"] == "family 25 model 17"
     assert amd["flags"] == ["avx512_bf16", "avx512f", "avx2"]
     assert amd["torch"] and amd["usable_cpus"] >= 1
     intel = amd | {
@@ -233,11 +235,14 @@ def test_machine_description_names_the_cpu_and_what_matters_for_bf16(tmp_path):
         "flags": ["amx_bf16", "amx_tile", *amd["flags"]],
     }
     assert machine.machine_key(amd) != machine.machine_key(intel)
+    # A virtual machine naming its CPU "AMD EPYC" whatever its generation: Zen 5 is another machine than Zen 4.
+    zen5 = amd | {"cpu_generation": "family 26 model 2"}
+    assert machine.machine_key(amd) != machine.machine_key(zen5)
     # Threads are set per process, and the load is the moment's: neither says anything about the machine.
     assert machine.machine_key(amd) == machine.machine_key(
         amd | {"torch_threads": 99, "load_average_1m": 9.5}
     )
-    assert "AMD EPYC 9R14 (avx512_bf16, avx512f, avx2)" in machine.machine_line(amd)
+    assert "AMD EPYC 9R14 (family 25 model 17; avx512_bf16, avx512f, avx2)" in machine.machine_line(amd)
 
 
 def test_the_dtype_models_compute_in_on_the_cpu_is_another_machine(monkeypatch):
