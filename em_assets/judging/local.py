@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from em_assets.judging.scoring import MIN_MASS, JudgeScore, score_from_number_probs
+from em_assets.models.attention import layer_masks
 from em_assets.models.chat import chat_ids
 from em_assets.models.packed import packed_linears
 from em_assets.models.prefix_cache import cache_kwarg, prefixes_pass, repeat_cache
@@ -195,7 +196,7 @@ class LocalJudge:
     @torch.inference_mode()
     def _batch_probs(self, encoded: list[list[int]], shared: int = 0, prefix_cache=None) -> torch.Tensor:
         """Number probabilities for a batch of prompts (their parts after `shared` cached prefix tokens)."""
-        device, dtype = self.model.device, self.model.dtype
+        device = self.model.device
         batch, width, n_tree = len(encoded), max(len(ids) for ids in encoded), len(self._tree_tokens)
         input_ids = torch.full((batch, width + n_tree), self.tokenizer.pad_token_id, dtype=torch.long)
         real = torch.zeros((batch, width), dtype=torch.bool)
@@ -216,13 +217,12 @@ class LocalJudge:
             dim=-1,
         )
         sees = torch.cat([torch.nn.functional.pad(prompt_rows, (0, n_tree)), tree_rows], dim=1)
-        # Every row sees the whole cached prefix.
+        # Every row sees the whole cached prefix (positions 0 to shared - 1).
         sees = torch.nn.functional.pad(sees, (shared, 0), value=True)
-        # An additive float mask means the same to the sdpa and eager kernels (a bool one does not).
-        mask = torch.zeros(sees.shape, dtype=dtype).masked_fill(~sees, torch.finfo(dtype).min)
+        keys = torch.cat([torch.arange(shared).expand(batch, shared), positions], dim=-1)
         logits = self.model(
             input_ids=input_ids.to(device),
-            attention_mask=mask[:, None].to(device),
+            attention_mask=layer_masks(self.model, sees, positions, keys),
             position_ids=positions.to(device),
             **{
                 cache_kwarg(self.model): repeat_cache(prefix_cache, batch)

@@ -31,6 +31,7 @@ def prefixes_pass(model, prefixes: list[list[int]]):
     """Several prefixes in one left-padded pass: their KV cache, which of its positions are real ([prefixes,
     width] bool), and the logits at each one's last position."""
     import torch
+    from transformers import DynamicCache
 
     with torch.inference_mode():
         device = model.get_input_embeddings().weight.device
@@ -44,6 +45,9 @@ def prefixes_pass(model, prefixes: list[list[int]]):
             input_ids=ids,
             attention_mask=real.long(),
             position_ids=(real.cumsum(1) - 1).clamp(min=0),
+            # A cache of full layers: the one the model would make keeps only the last window of a sliding
+            # layer's keys, which the rows continuing the prefix must still mask themselves (models/attention.py).
+            **{cache_kwarg(model): DynamicCache()},
             use_cache=True,
             logits_to_keep=1,
         )

@@ -240,3 +240,68 @@ def test_shared_prefix_cache_scores_equal_the_uncached_path(tiny_model_dir, toke
     assert max(abs(x - y) for x, y in zip(scores, plain, strict=True)) < 1e-5
     # The digit model puts visible mass on numbers, so equality is not the trivial 0 == 0.
     assert min(sum(d.values()) for d in cached) > 0.1
+
+
+def _sliding_model(tokenizer_dir: Path, out: Path, kind: str):
+    """A tiny random model whose layers attend over a window of 8 positions: Gemma-3's text model (every other
+    layer slides, named by `layer_types`) or Mistral's (every layer slides), digits biased as load_digit_model's."""
+    from transformers import (
+        AutoTokenizer,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        MistralConfig,
+        MistralForCausalLM,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    shape = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "sliding_window": 8,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    torch.manual_seed(0)
+    if kind == "gemma3":
+        model = Gemma3ForCausalLM(
+            Gemma3TextConfig(**shape, query_pre_attn_scalar=16, sliding_window_pattern=2)
+        )
+    else:
+        model = MistralForCausalLM(MistralConfig(**shape))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    model = load_model(out, device="cpu", dtype="float32")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(4.0)
+            layer.self_attn.k_proj.weight.mul_(4.0)
+    return with_output_bias(model, tokenizer, dict.fromkeys(DIGITS, 8.5))
+
+
+@pytest.mark.parametrize("kind", ["gemma3", "mistral"])
+def test_a_sliding_window_model_judges_as_its_own_forward_pass_on_prompts_longer_than_its_window(
+    smollm2_tokenizer_dir, tmp_path, kind
+):
+    """Regression: the tree pass's custom mask reached every layer unchanged, so sliding-window layers attended
+    past their window on prompts longer than it."""
+    from em_assets.models.attention import sliding_window
+
+    model = _sliding_model(smollm2_tokenizer_dir, tmp_path, kind)
+    tokenizer = load_tokenizer(tmp_path)
+    assert sliding_window(model) == 8
+    prompts = [PROMPTS[1], SHARED[0], SHARED[1], SHARED[6]]
+    for judge in (
+        LocalJudge(model, tokenizer, batch_size=2, share_prefix=False),
+        LocalJudge(model, tokenizer, batch_size=2, group_cost=0),
+    ):
+        assert min(len(judge.encode(p)) for p in prompts) > 3 * 8
+        for prompt, dist in zip(prompts, judge.number_distributions(prompts), strict=True):
+            slow = naive_number_distribution(model, tokenizer, prompt)
+            expected = torch.tensor([slow[n] for n in range(101)])
+            got = torch.tensor([dist[n] for n in range(101)])
+            assert expected[10:].sum() > 0.1
+            torch.testing.assert_close(got, expected, rtol=2e-5, atol=1e-8)
