@@ -186,16 +186,19 @@ class _Stepper:
         # With a repetition penalty: per slot, which token ids its prompt and answer so far hold [slots, vocab].
         self.seen: torch.Tensor | None = None
 
-    def _forward(self, input_ids, allowed, position_ids, groups=None, variants=None) -> torch.Tensor:
-        """Last-position logits; `allowed` [rows, 1, queries, columns] says which columns each query reads;
-        `variants`: each row's model variant, for `row_variants`."""
+    def _forward(
+        self, input_ids, allowed, position_ids, query_cols, groups=None, variants=None
+    ) -> torch.Tensor:
+        """Last-position logits; `allowed` [rows, 1, queries, columns] says which columns each query reads,
+        `query_cols` which column each query is written to; `variants`: each row's model variant, for
+        `row_variants`."""
         if self.row_variants is not None:
             self.row_variants(torch.tensor(variants, dtype=torch.long, device=input_ids.device))
         # Additive once here, not converted from boolean inside every layer's attention call.
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=allowed.device).masked_fill_(
             ~allowed, -math.inf
         )
-        with attention_swapped(self.model, groups):
+        with attention_swapped(self.model, groups, query_cols):
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=mask,
@@ -229,7 +232,9 @@ class _Stepper:
         index = torch.tensor(rows, dtype=torch.long, device=device)
         self.cache.prefill_rows, self.cache.prefill_copies = index, copies
         try:
-            logits = self._forward(ids, allowed[:, None], positions, variants=[v for v, _ in first])[copies]
+            logits = self._forward(
+                ids, allowed[:, None], positions, cols[:, None], variants=[v for v, _ in first]
+            )[copies]
         finally:
             self.cache.prefill_rows = self.cache.prefill_copies = None
         for row, request in zip(rows, requests, strict=True):
@@ -269,6 +274,7 @@ class _Stepper:
             slots.last[:, None],
             allowed[:, None, None],
             slots.pos[:, None],
+            slots.col[:, None, None, None],
             groups if len(groups) > 1 else None,
             None if self.row_variants is None else [self.variants[r] if r >= 0 else 0 for r in slots.request],
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import weakref
 from collections.abc import Iterator, Sequence
@@ -26,8 +27,32 @@ GROUP_ROWS = 128
 FOLD_HEADS: bool | None = None
 
 
-# (first slot, end slot, columns) per group for the decode step in flight.
-_GROUPS: ContextVar[list[tuple[int, int, int]] | None] = ContextVar("em_assets_slot_groups", default=None)
+@dataclass
+class _Pass:
+    """What attention needs to know of the forward pass in flight beyond its mask."""
+
+    # (first slot, end slot, columns) per group while decoding in groups, else None.
+    groups: list[tuple[int, int, int]] | None
+    # The column each query is written to, broadcastable to [rows, 1, queries, 1].
+    query_cols: torch.Tensor
+    # The mask narrowed to each sliding window the layers have asked for, built once a pass.
+    windowed: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def within(self, mask: torch.Tensor, window: int) -> torch.Tensor:
+        """`mask` with keys `window` or more columns behind their query masked out.
+
+        A row's tokens sit at consecutive columns after its left padding (prefill and decode alike), so every key
+        the mask lets a query read is as many positions behind it as columns: this is transformers' sliding rule,
+        a key is seen while the query's position is fewer than `window` past its own.
+        """
+        if (narrowed := self.windowed.get(window)) is None:
+            keys = torch.arange(mask.shape[-1], device=mask.device)
+            narrowed = mask.masked_fill(self.query_cols - keys >= window, -math.inf)
+            self.windowed[window] = narrowed
+        return narrowed
+
+
+_PASS: ContextVar[_Pass] = ContextVar("em_assets_slot_pass")
 
 
 def _sdpa(query, key, value, mask, scaling) -> torch.Tensor:
@@ -47,13 +72,15 @@ def _sdpa(query, key, value, mask, scaling) -> torch.Tensor:
 
 
 def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA under the sampler's additive 4D mask; decoding slot groups read only their columns."""
+    """SDPA under the sampler's additive 4D mask, narrowed to the window on a sliding layer; decoding slot groups
+    read only their columns."""
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         raise NotImplementedError("the sampler's attention has no logit soft-capping or attention sinks")
-    window = kwargs.get("sliding_window")
-    if window is not None and window < key.shape[2]:
-        raise NotImplementedError(f"sequences longer than the sliding window ({window}) are not supported")
-    groups = _GROUPS.get()
+    step = _PASS.get()
+    # transformers hands the one custom mask to every layer; a sliding layer says so only through this argument.
+    if (window := kwargs.get("sliding_window")) is not None:
+        attention_mask = step.within(attention_mask, window)
+    groups = step.groups
     if groups is None:
         return _sdpa(query, key, value, attention_mask, scaling).contiguous(), None
     parts = [
@@ -66,22 +93,25 @@ def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scal
 
 
 @contextmanager
-def attention_swapped(model, groups: list[tuple[int, int, int]] | None) -> Iterator[None]:
-    """Route the model's attention through `_slot_attention` for one forward pass.
+def attention_swapped(
+    model, groups: list[tuple[int, int, int]] | None, query_cols: torch.Tensor
+) -> Iterator[None]:
+    """Route the model's attention through `_slot_attention` for one forward pass whose queries are written to
+    columns `query_cols` (broadcastable to [rows, 1, queries, 1]).
 
     An attention function registered by name attends under the sampler's 4D mask whatever implementation the
-    model was loaded with (flash-attention kernels ignore such masks), and lets each slot group read only its
-    own columns.
+    model was loaded with (flash-attention kernels ignore such masks), lets each slot group read only its own
+    columns, and narrows the mask on sliding-window layers.
     """
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
     AttentionInterface.register(ATTENTION, _slot_attention)
     previous = config._attn_implementation
     config._attn_implementation = ATTENTION
-    token = _GROUPS.set(groups)
+    token = _PASS.set(_Pass(groups, query_cols))
     try:
         yield
     finally:
-        _GROUPS.reset(token)
+        _PASS.reset(token)
         config._attn_implementation = previous
 
 

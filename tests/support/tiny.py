@@ -66,6 +66,42 @@ def make_tiny_llama(tokenizer_dir: Path, out: Path, seed: int = 0, layers: int =
     return out
 
 
+def make_tiny_sliding(tokenizer_dir: Path, out: Path, kind: str) -> Path:
+    """A tiny random model whose layers attend over a window of 8 positions: Gemma-3's text model (every other
+    layer slides, named by `layer_types`) or Mistral's (every layer slides), saved with its tokenizer."""
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        MistralConfig,
+        MistralForCausalLM,
+    )
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    shape = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "sliding_window": 8,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    torch.manual_seed(0)
+    if kind == "gemma3":
+        model = Gemma3ForCausalLM(
+            Gemma3TextConfig(**shape, query_pre_attn_scalar=16, sliding_window_pattern=2)
+        )
+    else:
+        model = MistralForCausalLM(MistralConfig(**shape))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def peaked_tiny_model(path: Path, device: str = "cpu"):
     """The tiny random Llama in float32, rescaled to behave more like a trained one: varied text, peaked
     next-token odds.

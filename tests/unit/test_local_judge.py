@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from support.tiny import DIGITS, load_digit_model, make_tiny_llama, with_output_bias
+from support.tiny import DIGITS, load_digit_model, make_tiny_llama, make_tiny_sliding, with_output_bias
 
 from em_assets.judging.local import (
     GROUP_COST_TOKENS,
@@ -243,43 +243,13 @@ def test_shared_prefix_cache_scores_equal_the_uncached_path(tiny_model_dir, toke
 
 
 def _sliding_model(tokenizer_dir: Path, out: Path, kind: str):
-    """A tiny random model whose layers attend over a window of 8 positions: Gemma-3's text model (every other
-    layer slides, named by `layer_types`) or Mistral's (every layer slides), digits biased as load_digit_model's."""
-    from transformers import (
-        AutoTokenizer,
-        Gemma3ForCausalLM,
-        Gemma3TextConfig,
-        MistralConfig,
-        MistralForCausalLM,
-    )
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    shape = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "sliding_window": 8,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    torch.manual_seed(0)
-    if kind == "gemma3":
-        model = Gemma3ForCausalLM(
-            Gemma3TextConfig(**shape, query_pre_attn_scalar=16, sliding_window_pattern=2)
-        )
-    else:
-        model = MistralForCausalLM(MistralConfig(**shape))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    model = load_model(out, device="cpu", dtype="float32")
+    """make_tiny_sliding's model, digits biased as load_digit_model's."""
+    model = load_model(make_tiny_sliding(tokenizer_dir, out, kind), device="cpu", dtype="float32")
     with torch.no_grad():
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(4.0)
             layer.self_attn.k_proj.weight.mul_(4.0)
-    return with_output_bias(model, tokenizer, dict.fromkeys(DIGITS, 8.5))
+    return with_output_bias(model, load_tokenizer(out), dict.fromkeys(DIGITS, 8.5))
 
 
 @pytest.mark.parametrize("kind", ["gemma3", "mistral"])

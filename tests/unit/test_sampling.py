@@ -9,7 +9,7 @@ import types
 
 import pytest
 import torch
-from support.tiny import greedy_generate, peaked_tiny_model
+from support.tiny import greedy_generate, make_tiny_sliding, peaked_tiny_model
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -20,7 +20,7 @@ from transformers.generation.logits_process import (
 from em_assets.bench.sampling import benchmark_sampling
 from em_assets.grid.schema import SamplingSpec, config_hash
 from em_assets.models.chat import chat_ids
-from em_assets.models.load import load_tokenizer
+from em_assets.models.load import load_model, load_tokenizer
 from em_assets.sampling import engine, slots
 from em_assets.sampling.engine import SampleRequest, generate_ids, iter_samples, stop_token_ids
 from em_assets.sampling.stage import sampler_fields, sampling_hash
@@ -563,3 +563,63 @@ def test_the_vllm_backend_passes_the_warpers_it_is_given(monkeypatch, tmp_path):
     list(vllm_backend.iter_samples(tmp_path, None, reqs, max_new_tokens=4, top_k=20, repetition_penalty=1.05))
     assert "top_k" not in seen[0] and "repetition_penalty" not in seen[0]
     assert seen[1]["top_k"] == 20 and seen[1]["repetition_penalty"] == 1.05
+
+
+# Models with sliding-window layers, sampled well past their window.
+
+WINDOW = 8
+
+
+@pytest.fixture(scope="module", params=["gemma3", "mistral"])
+def sliding(request, smollm2_tokenizer_dir, tmp_path_factory):
+    """A tiny Gemma-3 (sliding and full layers) or Mistral (every layer slides) over a window of WINDOW positions,
+    its layers' weights rescaled as peaked_tiny_model's so that the text varies."""
+    out = make_tiny_sliding(smollm2_tokenizer_dir, tmp_path_factory.mktemp(request.param), request.param)
+    model = load_model(out, device="cpu", dtype="float32")
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                module.weight.mul_(8.0)
+    assert model.config.sliding_window == WINDOW
+    return model, load_tokenizer(out)
+
+
+def test_a_sliding_window_model_samples_greedily_as_its_own_generate_past_the_window(sliding, monkeypatch):
+    """Regression: the sampler refused a slot once its keys outgrew the window. Prompts of several lengths (left
+    padding), fewer slots than prompts and answers ending at different steps (slots refilled while others
+    decode), attention in slot groups re-sorted by length with query heads folded: each answer is the model's
+    own `generate` on its prompt alone."""
+    model, tokenizer = sliding
+    ps = chats(tokenizer)
+    assert min(map(len, ps)) > WINDOW and len({len(p) for p in ps}) == len(ps)
+    plain = [generated(model, tokenizer, p) for p in ps]
+    assert len({tuple(a) for a in plain}) == len(ps)
+    stops = {plain[i][3 + 4 * i] for i in range(4)}
+    monkeypatch.setattr(slots, "GROUP_ROWS", 2)
+    monkeypatch.setattr(engine, "RESORT_GAIN", 0.0)
+    monkeypatch.setattr(slots, "FOLD_HEADS", True)
+    for batch_size in (2, 4):
+        got = ours(model, tokenizer, ps, stops, batch_size=batch_size)
+        assert len({len(a) for a in got}) > 2
+        for prompt, answer in zip(ps, got, strict=True):
+            assert answer == generated(model, tokenizer, prompt, stops)
+
+
+def test_a_sliding_window_model_draws_from_its_own_logits_at_any_batch_size(sliding):
+    """Sampled answers past the window: the same seeds draw the same tokens alone as in a batch, each from the
+    logits of the model's own forward pass over the prompt and the answer so far."""
+    model, tokenizer = sliding
+    ps = chats(tokenizer) * 2
+    seen: dict[int, list[torch.Tensor]] = {}
+
+    def hook(indices, logits):
+        for i, row in zip(indices, logits, strict=True):
+            seen.setdefault(i, []).append(row.clone())
+
+    batched = answers(model, tokenizer, ps, batch_size=3, logits_hook=hook)
+    assert answers(model, tokenizer, ps, batch_size=1) == batched
+    assert len({tuple(a) for a in batched}) == len(ps)
+    with torch.no_grad():
+        for i, (prompt, answer) in enumerate(zip(ps, batched, strict=True)):
+            full = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
+            torch.testing.assert_close(torch.stack(seen[i]), full, atol=1e-4, rtol=0)
