@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from em_assets.models.chat import chat_ids
-from em_assets.models.layers import decoder_layers
+from em_assets.models.layers import decoder_layers, final_logit_softcap, final_norm
 from em_assets.models.packed import packed_linears
 from em_assets.models.prefix_cache import cache_kwarg, prefixes_pass, select_rows, stack_caches
 
@@ -60,11 +60,6 @@ class AnswerFeatures:
     hidden: np.ndarray
     question: np.ndarray
     scalars: np.ndarray
-
-
-def _final_norm(model):
-    base = getattr(model, model.base_model_prefix, model)
-    return base.norm
 
 
 @dataclass(frozen=True)
@@ -145,7 +140,7 @@ def _pass(
             }
         blocks = decoder_layers(model)
         handles = [blocks[i].register_forward_hook(record) for i in layers]
-        handles.append(_final_norm(model).register_forward_hook(lambda m, a, out: normed.append(out)))
+        handles.append(final_norm(model).register_forward_hook(lambda m, a, out: normed.append(out)))
         try:
             model(input_ids=ids, logits_to_keep=1, **context)
         finally:
@@ -185,11 +180,15 @@ def _token_scores(model, normed, ids, answer) -> list[tuple[np.ndarray, np.ndarr
         :, torch.arange(predictor.shape[1], device=predictor.device) % LOGIT_STRIDE != LOGIT_STRIDE - 1
     ] = False
     rows, pos = predictor.nonzero(as_tuple=True)
-    head = model.get_output_embeddings()
+    head, cap = model.get_output_embeddings(), final_logit_softcap(model)
     lp, ent = [], []
     for s in range(0, len(rows), LOGIT_CHUNK):
         r, p = rows[s : s + LOGIT_CHUNK], pos[s : s + LOGIT_CHUNK]
-        logp = torch.log_softmax(head(normed[r, p].contiguous()).float(), dim=-1)
+        logits = head(normed[r, p].contiguous())
+        if cap is not None:
+            # As the model's forward caps them: the head alone is not the model's distribution.
+            logits = torch.tanh(logits / cap) * cap
+        logp = torch.log_softmax(logits.float(), dim=-1)
         lp.append(logp.gather(1, ids[r, p + 1][:, None])[:, 0])
         ent.append(_entropy(logp))
     lp_all = torch.cat(lp) if lp else torch.zeros(0)

@@ -66,6 +66,21 @@ def make_tiny_llama(tokenizer_dir: Path, out: Path, seed: int = 0, layers: int =
     return out
 
 
+def tiny_shape(tokenizer) -> dict:
+    """The config fields of a 4-layer, 64-wide model with grouped-query attention over `tokenizer`'s vocabulary."""
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
 def make_tiny_sliding(tokenizer_dir: Path, out: Path, kind: str) -> Path:
     """A tiny random model whose layers attend over a window of 8 positions: Gemma-3's text model (every other
     layer slides, named by `layer_types`) or Mistral's (every layer slides), saved with its tokenizer."""
@@ -79,17 +94,7 @@ def make_tiny_sliding(tokenizer_dir: Path, out: Path, kind: str) -> Path:
     )
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    shape = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 4,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "head_dim": 16,
-        "sliding_window": 8,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    shape = tiny_shape(tokenizer) | {"head_dim": 16, "sliding_window": 8}
     torch.manual_seed(0)
     if kind == "gemma3":
         model = Gemma3ForCausalLM(
