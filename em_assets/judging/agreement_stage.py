@@ -590,7 +590,8 @@ def _scored_by_other_judges(
     summary: pl.DataFrame | None, model: str | None, revision: str | None
 ) -> list[str]:
     """Organisms of `summary` whose grid-judged rows carry another judge identity than (model, revision)."""
-    if summary is None or summary.height == 0:
+    # An agreement row written before judges were recorded names none to compare with.
+    if summary is None or summary.height == 0 or model is None:
         return []
     other = summary.filter(
         (pl.col("judge_source") == "grid")

@@ -421,6 +421,10 @@ def train_lora(
         )
 
     run_tokens, run_s = _run_steps(run, spec, train, progress, save, on_step)
+    losses = progress["losses"]
+    if run.scaler is not None and losses and not any(math.isfinite(r["grad_norm"]) for r in losses):
+        # Every step's scaled gradients overflowed and was skipped: the weights are the untrained ones.
+        raise TrainingDivergedError(losses[-1]["step"], losses[-1]["loss"], losses[-1]["grad_norm"])
     adapter_dir = write_adapter(run.model, out_dir, save_dtype)
     if tokenizer is not None:
         tokenizer.save_pretrained(adapter_dir)

@@ -6,6 +6,7 @@ import hashlib
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import duckdb
@@ -554,3 +555,16 @@ def test_the_judge_caveat_names_organisms_another_judge_scored(tmp_path):
     assert "Not so for old:" in caveat, caveat
     assert "aligned Spearman 0.50" in judge_caveat(store, grid, summary.filter(pl.col("organism") != "old"))
     assert "Not so" not in judge_caveat(store, grid, summary.filter(pl.col("organism") != "old"))
+    # An agreement row written before judges were recorded names none to compare with: no organism is named.
+    unnamed = {"judge_model": None, "judge_revision": None}
+    store.append_rows(
+        "judge_agreement",
+        pl.DataFrame(
+            {"judge": judge_name(grid.judge), "metric": "aligned", "n": [7], "spearman": [0.5]} | unnamed,
+            schema_overrides={"judge_model": pl.String, "judge_revision": pl.String},
+        ),
+    )
+    with warnings.catch_warnings():
+        # Not by comparing with a null, which polars answers with null and a warning.
+        warnings.simplefilter("error")
+        assert "Not so" not in judge_caveat(store, grid, summary)

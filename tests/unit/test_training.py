@@ -585,3 +585,20 @@ def test_an_adapter_over_an_fp16_base_trains_with_loss_scaling(
     for name in kept:
         torch.testing.assert_close(final[name], kept[name], rtol=0, atol=0)
     assert any(not torch.equal(uninterrupted[name], kept[name]) for name in kept)
+
+
+def test_an_fp16_run_whose_every_step_overflows_is_divergence_not_an_untrained_adapter(
+    tiny_model_dir, examples, tmp_path, monkeypatch
+):
+    """Regression: a short fp16 run whose scaled gradients overflowed at every step skipped them all and wrote
+    the untrained adapter as its result."""
+    from em_assets.training import loop
+
+    on_fp16_gpu(monkeypatch)
+    monkeypatch.setattr(
+        loop, "loss_scaler", lambda dtype, device: torch.amp.GradScaler("cpu", init_scale=2.0**60)
+    )
+    train = FAST.model_copy(update={"max_steps": 3, "save_steps": 100, "workers": 1})
+    with pytest.raises(TrainingDivergedError, match="step 3"):
+        train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path, seed=0)
+    assert not (tmp_path / "adapter").exists()
