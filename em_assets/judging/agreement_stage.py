@@ -581,7 +581,7 @@ def judge_caveat(store: Store, grid: GridConfig, summary: pl.DataFrame | None = 
     if others:
         text += (
             f" Not so for {', '.join(others)}: another judge or revision than the one measured scored their rows "
-            "(materialise their judgements)."
+            "(materialise their judgements, or judge_agreement where it measured an older judge)."
         )
     return text
 
