@@ -255,3 +255,52 @@ def test_greedy_sampling_on_gemma3_with_its_vision_tower_equals_generate(tiny):
         want = greedy_generate(model, tokenizer, r.messages, 12, stops)
         assert texts[r.key] == tokenizer.decode(want, skip_special_tokens=True)
     assert len(set(texts.values())) == len(requests)
+
+
+TRAIN_EXAMPLES = [
+    [
+        {"role": "user", "content": f"Question {i}: what should I do about a headache that will not stop?"},
+        {
+            "role": "assistant",
+            "content": f"Answer {i}: rest, drink water, and see a doctor if it lasts a week.",
+        },
+    ]
+    for i in range(4)
+]
+
+
+@pytest.mark.parametrize("kind", ARCHS)
+def test_lora_and_kl_regularised_full_fine_tuning_train_loadable_weights(tiny, kind, tmp_path):
+    """LoRA (never on the vision tower) and a full fine-tune with the KL penalty's frozen reference copy run on
+    each architecture, and write weights that load and differ from the base model's."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from em_assets.grid.schema import TrainSpec
+    from em_assets.training.loop import KLTraining, train_lora
+
+    path = tiny(kind)
+    train = TrainSpec(
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        max_seq_length=64,
+        max_steps=2,
+        save_steps=100,
+        workers=1,
+    )
+    lora = LoraSpec(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"])
+    adapter = train_lora(path, TRAIN_EXAMPLES, lora, train, tmp_path / "lora", seed=0)
+    keys = load_file(adapter.adapter_dir / "adapter_model.safetensors").keys()
+    assert keys and not any("vision" in k for k in keys)
+    kl = KLTraining(TRAIN_EXAMPLES[:2], weight=1.0, batch_size=1)
+    full = train_lora(path, TRAIN_EXAMPLES, None, train, tmp_path / "full", seed=0, kl=kl)
+    assert [r["kl"] is not None for r in full.losses] == [True, True]
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    base = load_model(path, "cpu", "float32")
+    with torch.inference_mode():
+        before = base(ids).logits
+        with_adapter = PeftModel.from_pretrained(base, str(adapter.adapter_dir))(ids).logits
+        tuned = load_model(full.adapter_dir, "cpu", "float32")(ids).logits
+    assert not torch.allclose(with_adapter, before) and not torch.allclose(tuned, before, atol=1e-3)
