@@ -50,13 +50,19 @@ class StageContext:
     def key(self) -> str:
         return self.organism.key
 
-    def trained_hash(self, recipe: RecipeSpec, base_revision: str, dtype: str) -> str:
-        """The config hash of the weights the organism's recipe trains, with its datasets as the store holds them."""
+    def dataset_shas(self, recipe: RecipeSpec) -> tuple[str, str | None]:
+        """The sha256 of the recipe's dataset and of its KL penalty's (None without one), as the store holds them."""
         dataset = queries.training_dataset(self.store, recipe.dataset)
         kl = queries.training_dataset(self.store, recipe.kl.dataset) if recipe.kl else None
-        return adapter_config_hash(
-            base_revision, dataset["sha256"], recipe, self.organism.seed, dtype, kl["sha256"] if kl else None
-        )
+        return dataset["sha256"], kl["sha256"] if kl else None
+
+    def trained_hash(
+        self, recipe: RecipeSpec, base_revision: str, dtype: str, shas: tuple[str, str | None] | None = None
+    ) -> str:
+        """The config hash of the weights the organism's recipe trains, with its datasets' `shas` (dataset_shas,
+        read here when not given)."""
+        dataset, kl = shas or self.dataset_shas(recipe)
+        return adapter_config_hash(base_revision, dataset, recipe, self.organism.seed, dtype, kl)
 
     def current_adapter(self) -> dict:
         """The organism's lora_adapters row, refused unless the grid's recipe as it now stands made it: trained

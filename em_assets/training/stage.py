@@ -151,15 +151,14 @@ def train_adapter(ctx: StageContext) -> AdapterResult:
             store, ctx.key, {**common, "config_hash": chash}, pl.DataFrame(), pl.DataFrame()
         )
         return AdapterResult(trained=False, config_hash=chash, control=True)
-    ds = queries.training_dataset(store, recipe.dataset)
-    kl_ds = queries.training_dataset(store, recipe.kl.dataset) if recipe.kl else None
-    chash = ctx.trained_hash(recipe, base["revision"], dtype_name(ctx.device))
+    shas = ctx.dataset_shas(recipe)
+    chash = ctx.trained_hash(recipe, base["revision"], dtype_name(ctx.device), shas)
     done = up_to_date_adapter(ctx, chash, recipe.train.save_steps)
     if done is not None:
         ctx.log.info(f"{ctx.key}: adapter {chash} is up to date; no training")
         return AdapterResult.from_row(done, trained=False)
     result = run_training(ctx, base, recipe, (ctx.artifacts_dir / "adapters" / ctx.key / chash).resolve())
-    row = common | _trained_columns(recipe, result, chash, ds["sha256"], kl_ds["sha256"] if kl_ds else None)
+    row = common | _trained_columns(recipe, result, chash, *shas)
     queries.write_adapter(store, ctx.key, row, loss_rows(ctx, result.losses), checkpoint_rows(result, row))
     return AdapterResult.from_row(
         row,
