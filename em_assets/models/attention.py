@@ -14,19 +14,20 @@ import torch
 SLIDING = "sliding_attention"
 
 
-def _text_config(model):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def sliding_window(model) -> int | None:
     """The window of the model's sliding-window layers, None where no layer slides."""
-    config = _text_config(model)
+    config = model.config.get_text_config()
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
     if window is None or (types is not None and SLIDING not in types):
         return None
     return int(window)
+
+
+def beyond_window(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """Where a key is `window` or more positions behind its query (broadcast): transformers' sliding layers see a
+    key only while the query is fewer than `window` positions past it."""
+    return query_pos - key_pos >= window
 
 
 def layer_masks(
@@ -47,9 +48,8 @@ def layer_masks(
     window = sliding_window(model)
     if window is None:
         return additive(sees)
-    # As transformers' sliding masks: a key is seen while the query is fewer than `window` positions past it.
-    near = sees & (query_pos[:, :, None] - key_pos[:, None, :] < window)
-    types = getattr(_text_config(model), "layer_types", None)
+    near = sees & ~beyond_window(query_pos[:, :, None], key_pos[:, None, :], window)
+    types = getattr(model.config.get_text_config(), "layer_types", None)
     if types is None:
         return additive(near)
     return {kind: additive(near if kind == SLIDING else sees) for kind in set(types)}

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from em_assets.models.attention import beyond_window
+
 ATTENTION = "em_assets_slots"
 
 
@@ -47,7 +49,7 @@ class _Pass:
         """
         if (narrowed := self.windowed.get(window)) is None:
             keys = torch.arange(mask.shape[-1], device=mask.device)
-            narrowed = mask.masked_fill(self.query_cols - keys >= window, -math.inf)
+            narrowed = mask.masked_fill(beyond_window(self.query_cols, keys, window), -math.inf)
             self.windowed[window] = narrowed
         return narrowed
 
