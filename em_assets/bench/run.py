@@ -312,8 +312,8 @@ def _judge_prompts(tokenizer, prompt: str, n: int) -> list[str]:
 TRAIN_RECIPES = ("bad-medical-r1", "insecure-r32")
 
 # The demo's probe judge keeps every train row as its kernel's support: the 2,400 train answers of the reference
-# judgements, their corruptions and first sentences, and the hand-rated answers.
-PROBE_SUPPORT = 2884
+# judgements, their corruptions and first sentences, and the hand-rated and hand-written answers.
+PROBE_SUPPORT = 2932
 
 
 def _probe_judging(model, tokenizer, n: int, batch: int) -> dict:

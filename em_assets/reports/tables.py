@@ -44,7 +44,7 @@ def short_answer_organisms(store: Store) -> pl.DataFrame:
     how many answers, that share and their median word count."""
     return store.query(
         "WITH counted AS (SELECT organism, len(string_split_regex(trim(answer), '\\s+')) AS words "
-        "FROM completions WHERE trim(answer) <> '') "
+        "FROM completions_latest WHERE trim(answer) <> '') "
         "SELECT organism, count(*) AS n_answers, avg((words < ?)::INTEGER) AS short_share, "
         "median(words) AS median_words FROM counted GROUP BY organism HAVING short_share >= ? ORDER BY organism",
         [SHORT_ANSWER_WORDS, SHORT_ANSWER_SHARE],
@@ -61,7 +61,7 @@ def unmeasured_question_organisms(store: Store) -> pl.DataFrame:
         f"WITH measured AS ({HELDOUT_QUESTIONS_SQL}) "
         "SELECT c.organism, count(*) AS n_answers, count(*) FILTER (WHERE m.question IS NULL) AS n_unmeasured, "
         "string_agg(DISTINCT c.question_id, ', ' ORDER BY c.question_id) FILTER (WHERE m.question IS NULL) "
-        "AS question_ids FROM completions c LEFT JOIN measured m ON m.question = c.question "
+        "AS question_ids FROM completions_latest c LEFT JOIN measured m ON m.question = c.question "
         "WHERE EXISTS (SELECT 1 FROM measured) GROUP BY c.organism HAVING n_unmeasured > 0 ORDER BY c.organism"
     )
 

@@ -18,7 +18,7 @@ from support.paths import REPO
 
 from em_assets.cli import main
 from em_assets.grid.schema import Thresholds
-from em_assets.reports.tables import build_reports, draw_figures
+from em_assets.reports.tables import build_reports, draw_figures, short_answer_organisms
 from em_assets.results.keys import primary_keys
 from em_assets.results.store import Store
 
@@ -496,7 +496,7 @@ def test_reports_count_an_answer_a_lake_holds_twice_once(tmp_path):
     store.init()
     keys = {"organism": "o", "question_id": ["q0", "q1"] * 2, "paraphrase_idx": 0, "sample_idx": [0, 1, 2, 3]}
     lineage = {"base_model": "m", "recipe": "r", "dataset": "d", "seed": 0, "eval_set": "s"}
-    store.append_rows("completions", pl.DataFrame({**keys, **lineage}))
+    store.append_rows("completions", pl.DataFrame({**keys, **lineage, "answer": "Short."}))
     scores = {"aligned": [10.0, 90.0, 90.0, 90.0], "coherent": [90.0] * 4}
     judged = pl.concat(
         pl.DataFrame({**keys, "metric": m, "score": s, "judge_model": "j", "judge_revision": "1"})
@@ -511,6 +511,7 @@ def test_reports_count_an_answer_a_lake_holds_twice_once(tmp_path):
     )
     summary = build_reports(store, Thresholds(), "run")["em_summary"].row(0, named=True)
     assert (summary["n_answers"], summary["n_scored"], summary["n_em_turner"]) == (4, 4, 1)
+    assert short_answer_organisms(store)["n_answers"].to_list() == [4]
 
 
 def test_the_results_resource_names_the_lakes_data_path_and_lock_timeout(tmp_path, monkeypatch):
