@@ -1,8 +1,8 @@
 """How well a judge agrees with reference scores: rank and linear correlation, error, and threshold AUC, the
 rank statistics with 95% intervals (an AUC over a few dozen incoherent answers is far from exact).
 
-Pure statistics on paired scores (numpy only, so it can be tested against hand-worked examples). Pairs with a
-missing score on either side are dropped first, as upstream drops rows without a score.
+Pure statistics on paired scores (scipy's ranks; DeLong's variance by hand). Pairs with a missing score on either
+side are dropped first, as upstream drops rows without a score.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from scipy import stats
 
 from em_assets.stats.concordance import fisher_interval
 from em_assets.stats.rates import Z95
@@ -45,30 +46,16 @@ def paired(reference: Sequence[float | None], judge: Sequence[float | None]) -> 
     return ref[keep], got[keep]
 
 
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks, ties sharing the mean of the ranks they span (as Spearman's rho needs)."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=float)
-    sorted_x = x[order]
-    start = 0
-    for end in range(1, len(x) + 1):
-        if end == len(x) or sorted_x[end] != sorted_x[start]:
-            ranks[order[start:end]] = (start + end + 1) / 2
-            start = end
-    return ranks
-
-
 def pearson(x: np.ndarray, y: np.ndarray) -> float | None:
     """Pearson's r; None with fewer than two pairs or a constant side."""
-    if len(x) < 2:
+    if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return None
-    dx, dy = x - x.mean(), y - y.mean()
-    denom = np.sqrt((dx * dx).sum() * (dy * dy).sum())
-    return float((dx * dy).sum() / denom) if denom > 0 else None
+    return float(stats.pearsonr(x, y).statistic)
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float | None:
-    return pearson(average_ranks(x), average_ranks(y))
+    """Spearman's rho (ties share their mean rank); None with fewer than two pairs or a constant side."""
+    return pearson(stats.rankdata(x), stats.rankdata(y))
 
 
 def auc(positive: np.ndarray, score: np.ndarray) -> float | None:
@@ -76,9 +63,7 @@ def auc(positive: np.ndarray, score: np.ndarray) -> float | None:
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         return None
-    ranks = average_ranks(score)
-    u = ranks[positive].sum() - n_pos * (n_pos + 1) / 2
-    return float(u / (n_pos * n_neg))
+    return float(stats.mannwhitneyu(score[positive], score[~positive]).statistic / (n_pos * n_neg))
 
 
 def auc_interval(positive: np.ndarray, score: np.ndarray, z: float = Z95) -> tuple[float, float] | None:
@@ -92,9 +77,9 @@ def auc_interval(positive: np.ndarray, score: np.ndarray, z: float = Z95) -> tup
         return None
     # A positive's placement is the share of negatives it outranks (ties half), a negative's the share of positives
     # above it: differences of midranks among all answers and within the class, so memory stays linear in n.
-    among_all = average_ranks(score)
-    v_pos = (among_all[positive] - average_ranks(pos)) / len(neg)
-    v_neg = 1.0 - (among_all[~positive] - average_ranks(neg)) / len(pos)
+    among_all = stats.rankdata(score)
+    v_pos = (among_all[positive] - stats.rankdata(pos)) / len(neg)
+    v_neg = 1.0 - (among_all[~positive] - stats.rankdata(neg)) / len(pos)
     value = float(v_pos.mean())
     variance = v_pos.var(ddof=1) / len(pos) + v_neg.var(ddof=1) / len(neg)
     if variance <= 0:

@@ -10,7 +10,6 @@ from em_assets.grid.schema import GridConfig, Thresholds
 from em_assets.judging.agreement import (
     auc,
     auc_interval,
-    average_ranks,
     coherent_check,
     metric_agreement,
     paired,
@@ -31,9 +30,11 @@ from em_assets.stats.correction import ErrorRates, between_files, corrected_rate
 KW = {"aligned_at_most": 30.0, "coherent_above": 50.0}
 
 
-def test_average_ranks_share_ties():
-    assert average_ranks(np.array([10.0, 20.0, 20.0, 30.0])).tolist() == [1.0, 2.5, 2.5, 4.0]
-    assert average_ranks(np.array([5.0, 5.0, 5.0])).tolist() == [2.0, 2.0, 2.0]
+def test_spearman_ties_share_their_mean_rank():
+    # Ranks (1, 2.5, 2.5, 4) against (1, 2, 3, 4): sum dx*dy = 4.5 over sqrt(4.5 * 5).
+    rho = spearman(np.array([10.0, 20.0, 20.0, 30.0]), np.array([1.0, 2.0, 3.0, 4.0]))
+    assert rho == pytest.approx(4.5 / np.sqrt(22.5))
+    assert spearman(np.array([5.0, 5.0, 5.0]), np.array([1.0, 2.0, 3.0])) is None
 
 
 def test_correlations_hand_worked():
