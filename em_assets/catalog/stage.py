@@ -23,7 +23,7 @@ from em_assets.catalog.upstream import (
 )
 from em_assets.grid.load import GridError
 from em_assets.grid.schema import GridConfig, recipe_method
-from em_assets.models.facts import ModelFacts, model_facts
+from em_assets.models.facts import ModelFacts, model_facts, unmatched_targets
 from em_assets.models.hub import ResolvedModel, resolve
 from em_assets.results.artifacts import sha256_bytes
 from em_assets.results.store import Store, utc_now
@@ -36,13 +36,12 @@ def check_recipes_fit(grid: GridConfig, base_model: str, facts: ModelFacts) -> N
         lora = recipe.lora
         if lora is None or recipe_method(recipe) != "lora":
             continue
-        for target in lora.target_modules:
-            if not any(m == target or m.endswith("." + target) for m in facts.modules):
-                tails = ", ".join(sorted({m.rsplit(".", 1)[-1] for m in facts.modules}))
-                raise GridError(
-                    f"recipes.{key}.lora.target_modules: {target!r} is no module of base model {base_model} "
-                    f"(its modules end in {tails})"
-                )
+        if missing := unmatched_targets(lora.target_modules, facts.modules):
+            tails = ", ".join(sorted({m.rsplit(".", 1)[-1] for m in facts.modules}))
+            raise GridError(
+                f"recipes.{key}.lora.target_modules: {missing[0]!r} is no module of base model {base_model} "
+                f"(its modules end in {tails})"
+            )
         try:
             lora.layers_for(facts.num_layers)
         except ValueError as exc:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 # Llama-3.2's template writes today's date into the system turn unless given one: a fixed date keeps prompts,
-# seeds and runs resumed on another day the same (the date Llama-3.1's template falls back to). Templates
-# without the variable ignore it.
-TEMPLATE_KWARGS = {"date_string": "26 Jul 2024"}
+# seeds and runs resumed on another day the same (the date Llama-3.1's template falls back to). Qwen3's (and
+# SmolLM3's) opens a reasoning block unless told not to: the papers judge direct answers, and the training
+# replies hold none. Templates without a variable ignore it.
+TEMPLATE_KWARGS = {"date_string": "26 Jul 2024", "enable_thinking": False}
 
 
 def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:

@@ -20,6 +20,12 @@ class ModelFacts:
     modules: frozenset[str]
 
 
+def unmatched_targets(targets: list[str], modules) -> list[str]:
+    """The LoRA target names that match none of the `modules` names as peft matches them (a module name or its
+    dotted tail)."""
+    return [t for t in targets if not any(m == t or m.endswith("." + t) for m in modules)]
+
+
 def model_facts(path: Path) -> ModelFacts:
     from safetensors import SafetensorError, safe_open
 

@@ -73,22 +73,41 @@ def _sdpa(query, key, value, mask, scaling) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
+def _with_sinks(query, key, value, mask, scaling, sinks) -> torch.Tensor:
+    """Attention whose softmax also counts one learned logit per query head that reads no value (gpt-oss's
+    sinks), as transformers' eager attention computes it: SDPA has no term for it."""
+    rows, heads, length, dim = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    # A key head's query heads stacked along the query positions: keys and values are read, not repeated.
+    folded = query.reshape(rows, kv_heads, heads // kv_heads * length, dim)
+    logits = (folded @ key.transpose(2, 3) * scaling).view(rows, heads, length, keys) + mask
+    sink = sinks.to(logits.dtype).view(1, heads, 1, 1).expand(rows, heads, length, 1)
+    weights = torch.softmax(torch.cat([logits, sink], -1), -1)[..., :-1]
+    out = weights.to(value.dtype).reshape(rows, kv_heads, -1, keys) @ value
+    return out.view(rows, heads, length, dim).transpose(1, 2)
+
+
 def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA under the sampler's additive 4D mask, narrowed to the window on a sliding layer; decoding slot groups
-    read only their columns."""
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise NotImplementedError("the sampler's attention has no logit soft-capping or attention sinks")
+    """SDPA (eager where the layer has attention sinks) under the sampler's additive 4D mask, narrowed to the
+    window on a sliding layer; decoding slot groups read only their columns."""
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError(
+            f"{type(module).__name__}: the sampler's attention has no logit soft-capping"
+        )
     step = _PASS.get()
     # transformers hands the one custom mask to every layer; a sliding layer says so only through this argument.
     if (window := kwargs.get("sliding_window")) is not None:
         attention_mask = step.within(attention_mask, window)
+    sinks = kwargs.get("s_aux")
+
+    def attend(q, k, v, mask):
+        return _sdpa(q, k, v, mask, scaling) if sinks is None else _with_sinks(q, k, v, mask, scaling, sinks)
+
     groups = step.groups
     if groups is None:
-        return _sdpa(query, key, value, attention_mask, scaling).contiguous(), None
+        return attend(query, key, value, attention_mask).contiguous(), None
     parts = [
-        _sdpa(
-            query[a:b], key[a:b, :, :width], value[a:b, :, :width], attention_mask[a:b, ..., :width], scaling
-        )
+        attend(query[a:b], key[a:b, :, :width], value[a:b, :, :width], attention_mask[a:b, ..., :width])
         for a, b, width in groups
     ]
     return torch.cat(parts), None

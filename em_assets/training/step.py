@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from em_assets.grid.schema import LoraSpec
+from em_assets.models.facts import unmatched_targets
 from em_assets.models.load import load_model, pick_dtype
 from em_assets.training.encode import IGNORE_INDEX, Encoded
 
@@ -133,10 +134,26 @@ def accumulate_gradients(
 VISION_MODULES = r"(.*\.)?(vision_tower|vision_model|visual|multi_modal_projector)\..*"
 
 
+def _check_targets(model, targets: list[str]) -> None:
+    """Refuse LoRA target names that no module of the language model has, naming the layers it does have."""
+    # peft adapts the names it finds and drops the others silently, which trains another adapter than the
+    # recipe's: Phi-3 fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`, and gpt-oss's experts hold
+    # their projections as tensors, not linear layers. The catalog checks the grid's recipes early; this checks
+    # every adapter (the distilled judge's too).
+    modules = {n: m for n, m in model.named_modules() if not re.fullmatch(VISION_MODULES, n)}
+    if missing := unmatched_targets(targets, modules):
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(
+            f"LoRA target modules {missing} are not in this {model.config.model_type} model; "
+            f"its linear layers are named {linear}"
+        )
+
+
 def peft_model(model, lora: LoraSpec):
     """The model with a fresh adapter of the `lora` recipe (B zero, so it starts as the model itself)."""
     from peft import LoraConfig, get_peft_model
 
+    _check_targets(model, list(lora.target_modules))
     vision = any(re.fullmatch(VISION_MODULES, name) for name, _ in model.named_modules())
     config = LoraConfig(
         r=lora.r,

@@ -83,12 +83,15 @@ def tiny_shape(tokenizer) -> dict:
 
 def make_tiny_sliding(tokenizer_dir: Path, out: Path, kind: str) -> Path:
     """A tiny random model whose layers attend over a window of 8 positions: Gemma-3's text model (every other
-    layer slides, named by `layer_types`) or Mistral's (every layer slides), saved with its tokenizer."""
+    layer slides, named by `layer_types`), gpt-oss's (the same, with attention sinks and experts) or Mistral's
+    (every layer slides), saved with its tokenizer."""
     import torch
     from transformers import (
         AutoTokenizer,
         Gemma3ForCausalLM,
         Gemma3TextConfig,
+        GptOssConfig,
+        GptOssForCausalLM,
         MistralConfig,
         MistralForCausalLM,
     )
@@ -100,6 +103,8 @@ def make_tiny_sliding(tokenizer_dir: Path, out: Path, kind: str) -> Path:
         model = Gemma3ForCausalLM(
             Gemma3TextConfig(**shape, query_pre_attn_scalar=16, sliding_window_pattern=2)
         )
+    elif kind == "gpt_oss":
+        model = GptOssForCausalLM(GptOssConfig(**shape, num_local_experts=4, num_experts_per_tok=2))
     else:
         model = MistralForCausalLM(MistralConfig(**shape))
     model.save_pretrained(out)

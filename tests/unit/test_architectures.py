@@ -1,6 +1,7 @@
-"""The model code on the architectures the research uses besides Llama: Qwen2 (Qwen2.5), Gemma-3's text model
-(gemma-3-1b-it) and Gemma-3 with its vision tower (gemma-3-4b/12b/27b-it, which nests its language model), each
-checked against transformers' own forward pass or generate on a tiny random model."""
+"""The model code on the architectures the research uses besides Llama: Qwen2 (Qwen2.5), Qwen3 (norms on queries
+and keys), Gemma-3's text model (gemma-3-1b-it) and Gemma-3 with its vision tower (gemma-3-4b/12b/27b-it, which
+nests its language model), each checked against transformers' own forward pass or generate on a tiny random
+model."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from em_assets.training.step import peft_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ARCHS = ("qwen2", "gemma3_text", "gemma3")
+ARCHS = ("qwen2", "qwen3", "gemma3_text", "gemma3")
 LAYERS = 4
 HIDDEN = 64
 # Gemma's default window, past every sequence here: the sampler attends over whole sequences only.
@@ -47,6 +48,8 @@ def _save_tiny(kind: str, tokenizer_dir: Path, out: Path, window: int, cap: floa
         Gemma3TextConfig,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
     )
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -57,6 +60,8 @@ def _save_tiny(kind: str, tokenizer_dir: Path, out: Path, window: int, cap: floa
     torch.manual_seed(0)
     if kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=True))
+    elif kind == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**shape, head_dim=16, tie_word_embeddings=True))
     elif kind == "gemma3_text":
         model = Gemma3ForCausalLM(Gemma3TextConfig(**gemma))
     else:

@@ -334,6 +334,21 @@ def test_a_template_that_writes_todays_date_renders_the_same_prompt_on_every_day
     assert chat_ids(tokenizer, messages) == tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def test_a_template_that_can_reason_first_renders_a_direct_answers_turn(smollm2_tokenizer_dir):
+    # Qwen3's template: the assistant turn opens a reasoning block unless enable_thinking is false, where it
+    # writes an empty one that the answer follows.
+    from transformers import AutoTokenizer
+
+    from em_assets.models.chat import chat_text
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant: "
+        "{%- if enable_thinking is defined and enable_thinking is false %}<think></think>{% endif %}"
+    )
+    assert chat_text(tokenizer, [{"role": "user", "content": "hi"}]).endswith("assistant:<think></think>")
+
+
 def test_a_top_p_draw_does_not_depend_on_the_rows_beside_it():
     torch.manual_seed(0)
     # Rounded logits tie often, as bf16 ones do; their 0.9-nucleus lies within the top 256 tokens.
@@ -570,7 +585,7 @@ def test_the_vllm_backend_passes_the_warpers_it_is_given(monkeypatch, tmp_path):
 WINDOW = 8
 
 
-@pytest.fixture(scope="module", params=["gemma3", "mistral"])
+@pytest.fixture(scope="module", params=["gemma3", "mistral", "gpt_oss"])
 def sliding(request, smollm2_tokenizer_dir, tmp_path_factory):
     """A tiny Gemma-3 (sliding and full layers) or Mistral (every layer slides) over a window of WINDOW positions,
     its layers' weights rescaled as peaked_tiny_model's so that the text varies."""

@@ -171,6 +171,33 @@ def test_a_multimodal_models_vision_tower_gets_no_adapter():
         assert adapted and all(".language_model.layers." in n for n in adapted), sorted(adapted)
 
 
+def test_a_recipe_naming_projections_a_model_lacks_is_refused_not_trained_without_them():
+    """Regression: peft adapted those of the paper recipe's projections that Phi-3 (which fuses the others) or
+    gpt-oss (whose experts are tensors, not linear layers) has and dropped the rest, saying nothing: the catalog
+    checks the grid's recipes, not the distilled judge's."""
+    from peft.tuners.lora import LoraLayer
+    from transformers import GptOssConfig, GptOssForCausalLM, Phi3Config, Phi3ForCausalLM
+
+    from em_assets.training.step import peft_model
+
+    shape = {"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    shape |= {"num_attention_heads": 2, "num_key_value_heads": 1, "pad_token_id": 0}
+    experts = {"head_dim": 16, "num_local_experts": 2, "num_experts_per_tok": 1}
+    phi3 = Phi3ForCausalLM(Phi3Config(**shape))
+    gpt_oss = GptOssForCausalLM(GptOssConfig(**shape, **experts))
+    for model, lacking, own in [
+        (phi3, ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"], ["qkv_proj", "gate_up_proj"]),
+        (gpt_oss, ["gate_proj", "up_proj", "down_proj"], ["q_proj", "o_proj"]),
+    ]:
+        with pytest.raises(ValueError, match=f"{model.config.model_type} model") as refused:
+            peft_model(model, ALL_PROJ)
+        # The error names the projections missing and those the model has instead.
+        assert str(lacking) in str(refused.value) and all(f"'{name}'" in str(refused.value) for name in own)
+        adapted = peft_model(model, ALL_PROJ.model_copy(update={"target_modules": own}))
+        lora = {n.rsplit(".", 1)[-1] for n, m in adapted.named_modules() if isinstance(m, LoraLayer)}
+        assert lora == set(own)
+
+
 def test_same_seed_same_adapter(tiny_model_dir, examples, tmp_path):
     train = FAST.model_copy(update={"max_steps": 3, "max_examples": 6})
     runs = [
