@@ -73,35 +73,41 @@ def _sdpa(query, key, value, mask, scaling) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def _with_sinks(query, key, value, mask, scaling, sinks) -> torch.Tensor:
-    """Attention whose softmax also counts one learned logit per query head that reads no value (gpt-oss's
-    sinks), as transformers' eager attention computes it: SDPA has no term for it."""
+def _eager(query, key, value, mask, scaling, sinks=None, softcap=None) -> torch.Tensor:
+    """Attention as transformers' eager functions compute what SDPA has no term for: gpt-oss's sinks (one learned
+    logit per query head that reads no value) and Gemma 2's tanh soft-cap of the logits, taken before the mask."""
     rows, heads, length, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
     # A key head's query heads stacked along the query positions: keys and values are read, not repeated.
     folded = query.reshape(rows, kv_heads, heads // kv_heads * length, dim)
-    logits = (folded @ key.transpose(2, 3) * scaling).view(rows, heads, length, keys) + mask
-    sink = sinks.to(logits.dtype).view(1, heads, 1, 1).expand(rows, heads, length, 1)
-    weights = torch.softmax(torch.cat([logits, sink], -1), -1)[..., :-1]
-    out = weights.to(value.dtype).reshape(rows, kv_heads, -1, keys) @ value
+    logits = (folded @ key.transpose(2, 3) * scaling).view(rows, heads, length, keys)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits + mask
+    if sinks is not None:
+        sink = sinks.to(logits.dtype).view(1, heads, 1, 1).expand(rows, heads, length, 1)
+        logits = torch.cat([logits, sink], -1)
+        # gpt-oss's eager function shifts by the maximum in the logits' dtype, where bf16 rounds the shift.
+        logits = logits - logits.amax(-1, keepdim=True)
+    # gpt-oss's softmax stays in the logits' dtype; Gemma 2's, as most models', runs in float32.
+    weights = torch.softmax(logits, -1, dtype=logits.dtype if sinks is not None else torch.float32)
+    out = weights[..., :keys].to(value.dtype).reshape(rows, kv_heads, -1, keys) @ value
     return out.view(rows, heads, length, dim).transpose(1, 2)
 
 
 def _slot_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """SDPA (eager where the layer has attention sinks) under the sampler's additive 4D mask, narrowed to the
-    window on a sliding layer; decoding slot groups read only their columns."""
-    if kwargs.get("softcap") is not None:
-        raise NotImplementedError(
-            f"{type(module).__name__}: the sampler's attention has no logit soft-capping"
-        )
+    """SDPA (eager where the layer has attention sinks or soft-caps its logits) under the sampler's additive 4D
+    mask, narrowed to the window on a sliding layer; decoding slot groups read only their columns."""
     step = _PASS.get()
     # transformers hands the one custom mask to every layer; a sliding layer says so only through this argument.
     if (window := kwargs.get("sliding_window")) is not None:
         attention_mask = step.within(attention_mask, window)
-    sinks = kwargs.get("s_aux")
+    sinks, softcap = kwargs.get("s_aux"), kwargs.get("softcap")
 
     def attend(q, k, v, mask):
-        return _sdpa(q, k, v, mask, scaling) if sinks is None else _with_sinks(q, k, v, mask, scaling, sinks)
+        if sinks is None and softcap is None:
+            return _sdpa(q, k, v, mask, scaling)
+        return _eager(q, k, v, mask, scaling, sinks, softcap)
 
     groups = step.groups
     if groups is None:

@@ -83,11 +83,14 @@ def tiny_shape(tokenizer) -> dict:
 
 def make_tiny_sliding(tokenizer_dir: Path, out: Path, kind: str) -> Path:
     """A tiny random model whose layers attend over a window of 8 positions: Gemma-3's text model (every other
-    layer slides, named by `layer_types`), gpt-oss's (the same, with attention sinks and experts) or Mistral's
-    (every layer slides), saved with its tokenizer."""
+    layer slides, named by `layer_types`), Gemma 2's (the same, with its attention and final logits soft-capped
+    low enough to bind on a random model), gpt-oss's (with attention sinks and experts) or Mistral's (every layer
+    slides), saved with its tokenizer."""
     import torch
     from transformers import (
         AutoTokenizer,
+        Gemma2Config,
+        Gemma2ForCausalLM,
         Gemma3ForCausalLM,
         Gemma3TextConfig,
         GptOssConfig,
@@ -103,6 +106,9 @@ def make_tiny_sliding(tokenizer_dir: Path, out: Path, kind: str) -> Path:
         model = Gemma3ForCausalLM(
             Gemma3TextConfig(**shape, query_pre_attn_scalar=16, sliding_window_pattern=2)
         )
+    elif kind == "gemma2":
+        caps = {"attn_logit_softcapping": 2.0, "final_logit_softcapping": 1.0}
+        model = Gemma2ForCausalLM(Gemma2Config(**shape, query_pre_attn_scalar=16, **caps))
     elif kind == "gpt_oss":
         model = GptOssForCausalLM(GptOssConfig(**shape, num_local_experts=4, num_experts_per_tok=2))
     else:

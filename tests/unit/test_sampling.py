@@ -585,10 +585,11 @@ def test_the_vllm_backend_passes_the_warpers_it_is_given(monkeypatch, tmp_path):
 WINDOW = 8
 
 
-@pytest.fixture(scope="module", params=["gemma3", "mistral", "gpt_oss"])
+@pytest.fixture(scope="module", params=["gemma3", "gemma2", "mistral", "gpt_oss"])
 def sliding(request, smollm2_tokenizer_dir, tmp_path_factory):
-    """A tiny Gemma-3 (sliding and full layers) or Mistral (every layer slides) over a window of WINDOW positions,
-    its layers' weights rescaled as peaked_tiny_model's so that the text varies."""
+    """A tiny Gemma-3, Gemma 2 (soft-capped) or gpt-oss (sinks) with sliding and full layers, or Mistral (every
+    layer slides), over a window of WINDOW positions, its layers' weights rescaled as peaked_tiny_model's so that
+    the text varies."""
     out = make_tiny_sliding(smollm2_tokenizer_dir, tmp_path_factory.mktemp(request.param), request.param)
     model = load_model(out, device="cpu", dtype="float32")
     with torch.no_grad():
@@ -638,3 +639,29 @@ def test_a_sliding_window_model_draws_from_its_own_logits_at_any_batch_size(slid
         for i, (prompt, answer) in enumerate(zip(ps, batched, strict=True)):
             full = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1]
             torch.testing.assert_close(torch.stack(seen[i]), full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("length", [1, 5])
+def test_eager_attention_soft_caps_and_sinks_as_transformers_eager_functions(length):
+    """Gemma 2's soft-capped attention and gpt-oss's sinks, decoding (one query, heads folded) and prefilling. In
+    float64 the order of a kernel's sums is invisible, and a softmax taken in another dtype than the model's is
+    not."""
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as gpt_oss
+
+    rows, heads, kv_heads, keys, dim = 3, 8, 2, 20, 16
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (
+        torch.randn(rows, n, width, dim, generator=generator, dtype=torch.float64)
+        for n, width in ((heads, length), (kv_heads, keys), (kv_heads, keys))
+    )
+    allowed = torch.rand(rows, 1, length, keys, generator=generator) < 0.7
+    allowed[..., 0] = True
+    mask = torch.zeros(allowed.shape, dtype=torch.float64).masked_fill(~allowed, -math.inf)
+    sinks = torch.randn(heads, generator=generator, dtype=torch.float64)
+    module = types.SimpleNamespace(num_key_value_groups=heads // kv_heads, training=False, sinks=sinks)
+    want = gemma2(module, query * 4, key, value, mask, scaling=0.25, softcap=2.0)[0]
+    got = slots._eager(query * 4, key, value, mask, 0.25, softcap=2.0)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    want = gpt_oss(module, query, key, value, mask, scaling=0.25)[0]
+    torch.testing.assert_close(slots._eager(query, key, value, mask, 0.25, sinks), want, rtol=0, atol=1e-12)
