@@ -1,5 +1,5 @@
 """The model code on the architectures the research uses besides Llama: Qwen2 (Qwen2.5), Qwen3 (norms on queries
-and keys), Gemma-3's text model (gemma-3-1b-it) and Gemma-3 with its vision tower (gemma-3-4b/12b/27b-it, which
+and keys), Gemma 2 (soft-capped attention), Gemma-3's text model (gemma-3-1b-it) and Gemma-3 with its vision tower (gemma-3-4b/12b/27b-it, which
 nests its language model), each checked against transformers' own forward pass or generate on a tiny random
 model."""
 
@@ -25,7 +25,7 @@ from em_assets.training.step import peft_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ARCHS = ("qwen2", "qwen3", "gemma3_text", "gemma3")
+ARCHS = ("qwen2", "qwen3", "gemma2", "gemma3_text", "gemma3")
 LAYERS = 4
 HIDDEN = 64
 # Gemma's default window, past every sequence here: the sampler attends over whole sequences only.
@@ -42,6 +42,8 @@ def _save_tiny(kind: str, tokenizer_dir: Path, out: Path, window: int, cap: floa
     over `window` positions, and `cap` soft-caps its logits (as Gemma 2 does)."""
     from transformers import (
         AutoTokenizer,
+        Gemma2Config,
+        Gemma2ForCausalLM,
         Gemma3Config,
         Gemma3ForCausalLM,
         Gemma3ForConditionalGeneration,
@@ -62,6 +64,9 @@ def _save_tiny(kind: str, tokenizer_dir: Path, out: Path, window: int, cap: floa
         model = Qwen2ForCausalLM(Qwen2Config(**shape, tie_word_embeddings=True))
     elif kind == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**shape, head_dim=16, tie_word_embeddings=True))
+    elif kind == "gemma2":
+        # Attention soft-capped low enough to bind on a random model.
+        model = Gemma2ForCausalLM(Gemma2Config(**gemma, attn_logit_softcapping=2.0))
     elif kind == "gemma3_text":
         model = Gemma3ForCausalLM(Gemma3TextConfig(**gemma))
     else:
