@@ -60,8 +60,8 @@ def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> tuple[str | None, str | None
         return found.group(1).strip() if found else None
 
     family, number = field("cpu family"), field("model")
-    # A virtual machine may name its CPU only "AMD EPYC": the family and model still tell Zen 4 (family 25)
-    # from Zen 5 (26), whose AVX-512 runs bf16 GEMMs at about twice the rate.
+    # A virtual machine may name its CPU only "AMD EPYC": the family and model numbers still tell Zen 3, 4 and 5
+    # apart, whose vector units differ (no AVX-512, AVX-512 at half width, at full width).
     generation = f"family {family} model {number}" if family and number else None
     flags = field("flags")
     return field("model name"), generation, set(flags.split() if flags else ())
@@ -117,8 +117,8 @@ def machine_key(description: dict) -> str:
 
 
 def machine_line(description: dict) -> str:
-    """One line for reports: model, family and model numbers, flags, cores, torch and oneDNN (and its instruction-set cap, if any), the
-    dtype models compute in on the CPU."""
+    """One line for reports: model, family and model numbers, flags, cores, torch and oneDNN (and its
+    instruction-set cap, if any), the dtype models compute in on the CPU."""
     d = description
     cap = f" capped at {d['onednn_max_cpu_isa']}" if d.get("onednn_max_cpu_isa") else ""
     generation = f"{d['cpu_generation']}; " if d.get("cpu_generation") else ""
