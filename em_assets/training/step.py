@@ -134,17 +134,16 @@ def accumulate_gradients(
 VISION_MODULES = r"(.*\.)?(vision_tower|vision_model|visual|multi_modal_projector)\..*"
 
 
-def _check_targets(model, targets: list[str]) -> None:
-    """Refuse LoRA target names that no module of the language model has, naming the layers it does have."""
+def _check_targets(model_type: str, language: dict, targets: list[str]) -> None:
+    """Refuse LoRA target names that no module of the `language` model has, naming the layers it does have."""
     # peft adapts the names it finds and drops the others silently, which trains another adapter than the
     # recipe's: Phi-3 fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj`, and gpt-oss's experts hold
     # their projections as tensors, not linear layers. The catalog checks the grid's recipes early; this checks
     # every adapter (the distilled judge's too).
-    modules = {n: m for n, m in model.named_modules() if not re.fullmatch(VISION_MODULES, n)}
-    if missing := unmatched_targets(targets, modules):
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items() if isinstance(m, torch.nn.Linear)})
+    if missing := unmatched_targets(targets, language):
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in language.items() if isinstance(m, torch.nn.Linear)})
         raise ValueError(
-            f"LoRA target modules {missing} are not in this {model.config.model_type} model; "
+            f"LoRA target modules {missing} are not in this {model_type} model; "
             f"its linear layers are named {linear}"
         )
 
@@ -153,8 +152,10 @@ def peft_model(model, lora: LoraSpec):
     """The model with a fresh adapter of the `lora` recipe (B zero, so it starts as the model itself)."""
     from peft import LoraConfig, get_peft_model
 
-    _check_targets(model, list(lora.target_modules))
-    vision = any(re.fullmatch(VISION_MODULES, name) for name, _ in model.named_modules())
+    modules = dict(model.named_modules())
+    language = {n: m for n, m in modules.items() if not re.fullmatch(VISION_MODULES, n)}
+    _check_targets(model.config.model_type, language, list(lora.target_modules))
+    vision = len(language) < len(modules)
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.lora_alpha,
