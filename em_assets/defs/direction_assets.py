@@ -24,7 +24,14 @@ from em_assets.stats.correction import correction_caveat
     op_tags=GPU_OP_TAGS,
     description="Per layer, mean answer-token residual activation of misaligned minus aligned answers "
     "(balanced), saved as safetensors with a random control of equal norm; path + sha256 in DuckDB.",
-    check_specs=[dg.AssetCheckSpec("enough_em_answers", asset="misalignment_directions")],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "enough_em_answers",
+            asset="misalignment_directions",
+            description="Warns when the direction could not contrast answers at the grid's EM thresholds (too few "
+            "misaligned or aligned ones, `needed` per class): it used another contrast, or none.",
+        )
+    ],
 )
 def misalignment_directions(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB

@@ -142,7 +142,13 @@ def _number(value: float | None) -> float:
     description="The grid's judge (and comparison judges) against GPT-4o on the held-out base models: "
     "Spearman, Pearson, MAE, AUC per metric and the EM rate per source organism under both.",
     check_specs=[
-        dg.AssetCheckSpec("judge_agrees_with_reference", asset="judge_agreement"),
+        dg.AssetCheckSpec(
+            "judge_agrees_with_reference",
+            asset="judge_agreement",
+            description="The grid judge against GPT-4o on the held-out base models: warns when its aligned "
+            "Spearman or misaligned AUC is under the grid's agreement minimums, or when a file's EM rate is "
+            "beyond max_em_gap of GPT-4o's and its corrected interval misses GPT-4o's rate.",
+        ),
         dg.AssetCheckSpec(
             "judge_sees_incoherence",
             asset="judge_agreement",

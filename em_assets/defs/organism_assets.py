@@ -70,7 +70,14 @@ def lora_adapter(
     op_tags=GPU_OP_TAGS,
     description="Sampled answers to every eval question from base model + adapter, written as batches finish.",
     # Not blocking: an organism that answers nothing is a result, judged (as incoherent) like any other.
-    check_specs=[dg.AssetCheckSpec("no_empty_completions", asset="completions")],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "no_empty_completions",
+            asset="completions",
+            description="Warns when some answers are empty (blank once stripped) or there are none; at ERROR "
+            "severity when more than half are empty.",
+        )
+    ],
 )
 def completions(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
@@ -84,7 +91,8 @@ def completions(
             "dagster/row_count": summary.total,
             "sampled_now": result.sampled,
             "reused": result.reused,
-            "tokens_per_s": result.tokens_per_s or 0.0,
+            # Omitted where nothing was generated here (every answer reused or imported): not a rate of 0.
+            **({"tokens_per_s": result.tokens_per_s} if result.generated_tokens else {}),
             "sampling_workers": result.workers,
             # How workers and batch size were settled, and the calibration rates (tok/s) and workers' start-up
             # they were chosen from.
@@ -99,8 +107,8 @@ def completions(
                 if choice
                 else {}
             ),
-            "mean_tokens": summary.mean_tokens,
-            "finish_reasons": str(summary.finish_reasons),
+            **({"mean_tokens": summary.mean_tokens} if summary.mean_tokens is not None else {}),
+            "finish_reasons": dg.MetadataValue.json(summary.finish_reasons),
             "preview": md_table(summary.preview),
         },
         check_results=[
@@ -126,7 +134,15 @@ def completions(
     pool=GPU_POOL,
     op_tags=GPU_OP_TAGS,
     description="Judge scores (0-100) for every completion and judge metric, with the probability mass behind each.",
-    check_specs=[dg.AssetCheckSpec("judge_coverage", asset="judgements", blocking=True)],
+    check_specs=[
+        dg.AssetCheckSpec(
+            "judge_coverage",
+            asset="judgements",
+            blocking=True,
+            description="Fails when a completion lacks a judgement for one of the judge's metrics (`missing` "
+            "counts them); blocking, so nothing downstream runs on partial scores in the same run.",
+        )
+    ],
 )
 def judgements(
     context: dg.AssetExecutionContext, experiment: ExperimentResource, results: ResultsDB
@@ -142,7 +158,7 @@ def judgements(
             "scored_now": result.scored,
             "refused_unscored": result.refused,
             "reused": result.reused,
-            "judgements_per_s": result.judgements_per_s or 0.0,
+            **({"judgements_per_s": result.judgements_per_s} if result.scored else {}),
             "by_metric": md_table(coverage.by_metric),
         },
         check_results=[

@@ -122,7 +122,7 @@ def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource,
         check_name="organisms_in_grid",
         passed=not stale,
         severity=dg.AssetCheckSeverity.WARN,
-        metadata={"not_in_grid": ", ".join(stale), "n_not_in_grid": len(stale)},
+        metadata={"not_in_grid": ", ".join(stale) or "none", "n_not_in_grid": len(stale)},
         description=f"not in profile {experiment.profile!r}: {', '.join(stale)} (em-assets forget KEY deletes them)"
         if stale
         else None,

@@ -18,7 +18,7 @@ class LossCurve:
 class CompletionSummary:
     total: int
     empty: int
-    mean_tokens: float
+    mean_tokens: float | None  # None when no answer has a token count (imported answers)
     finish_reasons: dict[str, int]
     preview: pl.DataFrame  # the first answer of each question, cut to 200 characters
 
@@ -50,7 +50,7 @@ def completions(store: Store, organism: str) -> CompletionSummary:
     return CompletionSummary(
         total=rows.height,
         empty=rows.filter(pl.col("answer").str.strip_chars() == "").height,
-        mean_tokens=float(rows["num_tokens"].mean() or 0),
+        mean_tokens=rows["num_tokens"].mean(),
         finish_reasons=dict(rows["finish_reason"].value_counts().iter_rows()),
         preview=preview,
     )

@@ -331,14 +331,26 @@ def with_correction(
 
 
 def correction_caveat(table: pl.DataFrame) -> str:
-    """One paragraph for a table with the correction columns: what the corrected rate is and where its
-    judge's error rates came from (or that they are unknown, and the columns null)."""
+    """Markdown for a table with the correction columns: what the corrected rate is and, per source of the
+    judge's error rates (or their absence), the organisms (and judges) whose rows it corrects."""
     if table.height == 0 or "em_correction" not in table.columns:
         return ""
-    notes = sorted(set(table["em_correction"].drop_nulls()))
+    rows = table.filter(pl.col("em_correction").is_not_null())
+    # Rows differ in their error rates (e.g. each imported file's are counted without it): without naming the
+    # rows each note belongs to, a table of many organisms gives a list no reader can match to them.
+    label = [c for c in ("organism", "judge_source") if c in rows.columns]
+    lines = []
+    for (note,), part in sorted(rows.group_by("em_correction"), key=lambda g: str(g[0][0])):
+        names = sorted({_row_name(r) for r in part.select(label).iter_rows()})
+        lines.append(f"- {', '.join(names)}: {note}" if label else f"- {note}")
     return (
         "em_rate_corrected is the Turner EM rate corrected for the judge's error (Rogan-Gladen), with a 95% "
         "interval (em_corrected_lo, em_corrected_hi) that carries the uncertainty of the judge's sensitivity "
         "and specificity (and their spread between reference files, where there are several) as well as the "
-        "rate's. Here: " + "; ".join(notes) + "."
+        "rate's. Where each row's error rates come from:\n\n" + "\n".join(lines)
     )
+
+
+def _row_name(values: tuple) -> str:
+    """An organism, with its judge source in parentheses where the table has one."""
+    return f"{values[0]} ({values[1]})" if len(values) > 1 else str(values[0])

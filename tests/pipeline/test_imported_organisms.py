@@ -482,6 +482,9 @@ def test_every_organism_asset_takes_an_answers_organism(tmp_path, tiny_model_dir
     }  # fmt: skip
     assert meta["lora_adapter"]["method"].value == "answers"
     assert meta["completions"]["sampled_now"].value == 4
+    # Imported answers have no token counts and were not generated here: no mean or rate of 0 is shown.
+    assert meta["completions"]["finish_reasons"].value == {"imported": 4}
+    assert not {"mean_tokens", "tokens_per_s"} & set(meta["completions"])
     assert meta["judgements"]["scored_now"].value == 8
     (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "no_empty_completions"]
     assert check.passed == (empty == 0) and check.metadata["empty"].value == empty

@@ -80,6 +80,10 @@ def test_whole_graph_materialises_with_lineage(pipeline):
     written = set(store.query("SELECT table_name FROM duckdb_tables()")["table_name"])
     assert written - results_tables() == set()
 
+    (in_grid,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "organisms_in_grid"]
+    # Says there are none, not an empty entry.
+    assert in_grid.passed and in_grid.metadata["not_in_grid"].value == "none"
+
     figures = result.asset_materializations_for_node("em_figures")[0].metadata
     assert "data:image/png;base64," in figures["em_rates"].value
     assert (tmp_path / "figures" / "em_rates.png").read_bytes()[:4] == b"\x89PNG"
@@ -94,6 +98,9 @@ def test_rematerialising_an_up_to_date_organism_does_no_model_work(pipeline):
     adapter = trained.asset_materializations_for_node("lora_adapter")[0].metadata
     # How many processes trained it, and why: the recipe's setting or what "auto" measured.
     assert adapter["train_workers"].value >= 1 and adapter["train_workers_reason"].value
+    sampled = trained.asset_materializations_for_node("completions")[0].metadata
+    # Counts per finish reason as a mapping, not a Python repr.
+    assert sum(sampled["finish_reasons"].value.values()) == 6 and sampled["tokens_per_s"].value > 0
     materialize(instance, resources, ORGANISM_ASSETS, "tiny--base--s0")
     store = Store(tmp_path / "results.duckdb")
     before = store.query("SELECT * FROM completions ORDER BY ALL")
@@ -103,6 +110,8 @@ def test_rematerialising_an_up_to_date_organism_does_no_model_work(pipeline):
     assert meta["lora_adapter"]["trained_now"].value is False
     assert meta["completions"]["sampled_now"].value == 0
     assert meta["judgements"]["scored_now"].value == 0
+    # Nothing generated or scored: no rate of 0 per second is shown.
+    assert "tokens_per_s" not in meta["completions"] and "judgements_per_s" not in meta["judgements"]
     after = store.query("SELECT * FROM completions ORDER BY ALL")
     assert before.equals(after)
     other = store.query("SELECT count(*) AS n FROM completions WHERE organism = 'tiny--base--s0'")["n"][0]

@@ -19,6 +19,7 @@ from em_assets.stats.correction import (
     Spread,
     between_files,
     corrected_rate,
+    correction_caveat,
     correction_note,
     rogan_gladen,
     with_correction,
@@ -144,6 +145,32 @@ def test_columns_per_row_and_unknown_rates_are_null():
     # A row's interval depends on its own counts only, not on its neighbours.
     alone = with_correction(table.head(1), rates[:1], "k", "n")
     assert alone.row(0) == out.row(0)
+
+
+def test_the_caveat_names_the_rows_each_source_of_error_rates_corrects():
+    table = pl.DataFrame(
+        {
+            "organism": ["a", "b", "b", "c"],
+            "judge_source": ["grid", "grid", "em_file", "grid"],
+            "k": [30, 3, 3, 4],
+            "n": [100, 24, 24, 24],
+        }
+    )
+    measured = ErrorRates.from_counts(80, 100, 90, 100)
+    caveat = correction_caveat(with_correction(table, [measured, measured, REFERENCE, None], "k", "n"))
+    lines = [line for line in caveat.splitlines() if line.startswith("- ")]
+    assert len(lines) == 3
+    assert lines[0].startswith("- a (grid), b (grid): Rogan-Gladen with sensitivity 80/100")
+    assert lines[1] == "- b (em_file): identity: the judge is the reference"
+    assert lines[2] == f"- c (grid): {UNKNOWN}"
+    # Without naming columns (a sweep's table), each source once.
+    unnamed = correction_caveat(
+        with_correction(table.drop("organism", "judge_source"), [measured] * 4, "k", "n")
+    )
+    assert [line for line in unnamed.splitlines() if line.startswith("- ")] == [
+        f"- {correction_note(measured)}"
+    ]
+    assert correction_caveat(table.head(0)) == ""
 
 
 def brute_force_predictive(x: list[int], n: list[int], quantiles: list[float]) -> np.ndarray:

@@ -53,3 +53,12 @@ def test_a_table_cut_short_says_how_many_rows_it_has():
     shown = md_table(df, max_rows=5).value
     assert "o4" in shown and "o5" not in shown and shown.endswith("The first 5 of 7 rows.")
     assert "rows." not in md_table(df).value
+
+
+def test_every_asset_check_says_what_it_checks():
+    """The UI shows a check's description beside its result: a passed check with none says nothing."""
+    from em_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    missing = [k.name for k in graph.asset_check_keys if not graph.get_check_spec(k).description]
+    assert not missing
