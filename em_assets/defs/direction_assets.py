@@ -9,7 +9,14 @@ from em_assets.analyses import direction_sweeps
 from em_assets.analyses import directions as stage
 from em_assets.analyses.similarity import build_similarity
 from em_assets.defs.metadata import CORRECTED_SHOWN, md_image, md_table, sampling_text
-from em_assets.defs.partitions import CPU_OP_TAGS, GPU_OP_TAGS, GPU_POOL, REPORT_AUTOMATION, organisms
+from em_assets.defs.partitions import (
+    CPU_OP_TAGS,
+    GPU_OP_TAGS,
+    GPU_POOL,
+    PER_ORGANISM_CHECK,
+    REPORT_AUTOMATION,
+    organisms,
+)
 from em_assets.defs.resources import ExperimentResource, ResultsDB, stage_context
 from em_assets.results import directions as db
 from em_assets.stats.correction import correction_caveat
@@ -29,7 +36,8 @@ from em_assets.stats.correction import correction_caveat
             "enough_em_answers",
             asset="misalignment_directions",
             description="Warns when the direction could not contrast answers at the grid's EM thresholds (too few "
-            "misaligned or aligned ones, `needed` per class): it used another contrast, or none.",
+            "misaligned or aligned ones, `needed` per class): it used another contrast, or none."
+            + PER_ORGANISM_CHECK,
         )
     ],
 )
@@ -58,7 +66,11 @@ def misalignment_directions(
                 check_name="enough_em_answers",
                 passed=contrast.kind == stage.EM_CONTRAST,
                 severity=dg.AssetCheckSeverity.WARN,
-                metadata={"result": result.note or contrast.message, "needed": contrast.needed},
+                metadata={
+                    "organism": ctx.key,
+                    "result": result.note or contrast.message,
+                    "needed": contrast.needed,
+                },
             )
         ],
         data_version=dg.DataVersion(result.sha256 or "none"),

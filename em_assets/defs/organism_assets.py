@@ -3,7 +3,7 @@
 import dagster as dg
 
 from em_assets.defs.metadata import md_table
-from em_assets.defs.partitions import GPU_OP_TAGS, GPU_POOL, organisms
+from em_assets.defs.partitions import GPU_OP_TAGS, GPU_POOL, PER_ORGANISM_CHECK, organisms
 from em_assets.defs.resources import ExperimentResource, ResultsDB, stage_context
 from em_assets.grid.schema import recipe_method
 from em_assets.judging.stage import judge_completions
@@ -75,7 +75,7 @@ def lora_adapter(
             "no_empty_completions",
             asset="completions",
             description="Warns when some answers are empty (blank once stripped) or there are none; at ERROR "
-            "severity when more than half are empty.",
+            "severity when more than half are empty." + PER_ORGANISM_CHECK,
         )
     ],
 )
@@ -118,7 +118,7 @@ def completions(
                 severity=dg.AssetCheckSeverity.ERROR
                 if summary.empty * 2 > summary.total
                 else dg.AssetCheckSeverity.WARN,
-                metadata={"empty": summary.empty, "total": summary.total},
+                metadata={"organism": ctx.key, "empty": summary.empty, "total": summary.total},
             )
         ],
         data_version=dg.DataVersion(result.sampling_hash),
@@ -140,7 +140,8 @@ def completions(
             asset="judgements",
             blocking=True,
             description="Fails when a completion lacks a judgement for one of the judge's metrics (`missing` "
-            "counts them); blocking, so nothing downstream runs on partial scores in the same run.",
+            "counts them); blocking, so nothing downstream runs on partial scores in the same run."
+            + PER_ORGANISM_CHECK,
         )
     ],
 )
@@ -165,7 +166,7 @@ def judgements(
             dg.AssetCheckResult(
                 check_name="judge_coverage",
                 passed=coverage.missing == 0,
-                metadata={"missing": coverage.missing},
+                metadata={"organism": ctx.key, "missing": coverage.missing},
             )
         ],
     )
