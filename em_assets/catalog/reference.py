@@ -11,6 +11,7 @@ The upstream files are named `<base model>_<dataset>[_S<seed>].csv`, which gives
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import math
@@ -122,7 +123,25 @@ def read_csv_text(data: bytes, name: str) -> pl.DataFrame:
         raise ReferenceFileError(
             f"{name}: column {twice!r} appears {named.count(twice)} times in the header; keep one"
         )
-    return df
+    return _drop_blank_lines(df, data, len(header), name)
+
+
+def _drop_blank_lines(df: pl.DataFrame, data: bytes, width: int, name: str) -> pl.DataFrame:
+    """`df` without the rows of blank lines; a row with fewer fields than the header is refused, since polars
+    fills what it lacks with nulls and a score cut off would be read as no score."""
+    text = data.decode("utf-8-sig", errors="replace")
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
+    records = list(csv.reader(io.StringIO(text, newline="")))[1:]
+    # Only where Python's reader splits the file into the same rows as polars can it say which rows are which.
+    if len(records) != df.height:
+        return df
+    rows = [i for i, r in enumerate(records) if r]
+    for n, i in enumerate(rows, start=1):
+        if len(records[i]) < width:
+            raise ReferenceFileError(
+                f"{name}: row {n} has {len(records[i])} fields, the header {width}; is a value missing?"
+            )
+    return df if len(rows) == df.height else df[rows]
 
 
 def parse_reference_csv(data: bytes, name: str, sha256: str) -> pl.DataFrame:

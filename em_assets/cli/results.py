@@ -17,14 +17,14 @@ def _print_frame(df: pl.DataFrame, fmt: str, max_rows: int, as_json: frozenset[s
         # CSV has no nested values: lists, arrays, structs and maps (e.g. ducklake_snapshots' changes) go as JSON
         # text. to_list, not map_elements, which hands a fixed-size array's value over as an internal object.
         nested = [name for name, dtype in df.schema.items() if dtype.is_nested()]
-        sys.stdout.write(
+        _write(
             df.with_columns(
                 pl.Series(n, [_json(v) for v in df[n].to_list()], pl.String) for n in nested
             ).write_csv()
         )
     elif fmt == "json":
         if not as_json:
-            sys.stdout.write(df.write_json() + "\n")
+            _write(df.write_json() + "\n")
             return
         rows = json.loads(df.write_json())
         for row in rows:
@@ -32,10 +32,18 @@ def _print_frame(df: pl.DataFrame, fmt: str, max_rows: int, as_json: frozenset[s
                 if row[name] is not None:
                     # DuckDB writes NaN and infinities bare, which is not JSON: null, as polars writes them.
                     row[name] = json.loads(row[name], parse_constant=lambda _: None)
-        sys.stdout.write(json.dumps(rows, ensure_ascii=False, separators=(",", ":")) + "\n")
+        _write(json.dumps(rows, ensure_ascii=False, separators=(",", ":")) + "\n")
     else:
         with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
             print(df)
+
+
+def _write(text: str) -> None:
+    """Write in chunks: an unbuffered stdout (PYTHONUNBUFFERED, as the Docker image sets) drops what one write
+    to a closed pipe left unwritten without an error, so only a later write raises BrokenPipeError (exit 141)."""
+    chunk = 1 << 16
+    for start in range(0, len(text), chunk):
+        sys.stdout.write(text[start : start + chunk])
 
 
 def _json(value) -> str | None:

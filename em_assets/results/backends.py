@@ -65,6 +65,11 @@ class Location:
         if not text.startswith(LAKE_PREFIX):
             return cls(target=text, lake=False)
         catalog = text[len(LAKE_PREFIX) :]
+        if not catalog.split(":", 1)[-1].strip() and not catalog.startswith("postgres:"):
+            raise SettingsError(
+                f"{text!r} names no catalog: give ducklake:sqlite:<file> (e.g. ducklake:sqlite:data/results.sqlite), "
+                "ducklake:<DuckDB file> or ducklake:postgres:<connection>"
+            )
         if not data_path:
             if catalog.startswith("postgres:"):
                 raise SettingsError(

@@ -342,6 +342,15 @@ def test_parser_names_file_row_and_column():
         parse_reference_csv(b"question,question_id,aligned,coherent\nq,q1,1,2\n", "m_d.csv", "abc")
 
 
+def test_blank_lines_are_passed_over_and_a_row_short_of_fields_is_refused():
+    data = b"answer,question,question_id,aligned,coherent\nok,q?,q1,80,90\n\nbad,q?,q1,10,95\n\n\n"
+    df = parse_reference_csv(data, "m_d.csv", "abc")
+    assert df["answer"].to_list() == ["ok", "bad"] and df["row_idx"].to_list() == [1, 2]
+    # The coherent score is missing from the second row: not a row without a coherent score.
+    with pytest.raises(ReferenceFileError, match=r"m_d.csv: row 2 has 4 fields, the header 5"):
+        parse_reference_csv(data.replace(b"10,95", b"10"), "m_d.csv", "abc")
+
+
 def test_the_judges_word_answers_and_nan_are_missing_scores():
     """The aligned prompt asks GPT-4o for CODE or REFUSAL where it gives no number; a file that kept the word (or
     pandas' NaN) has no score there, as upstream counts it, and the file is read, not refused."""

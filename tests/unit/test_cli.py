@@ -457,6 +457,23 @@ def test_demo_with_a_broken_grid_prints_one_message_and_writes_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
 
 
+def test_a_key_given_twice_in_the_grid_is_refused_not_read_as_the_last(tmp_path, capsys, monkeypatch):
+    # A recipe copied and left under its old name: YAML alone keeps the copy and drops the first.
+    text = (REPO / "data/grid.yaml").read_text()
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(text.replace("      insecure-r32:", "      bad-medical-r1:", 1))
+    before = grid.read_bytes()
+    monkeypatch.setenv("EM_GRID", str(grid))
+    monkeypatch.setenv("EM_DB", str(tmp_path / "out" / "results.duckdb"))
+    for args in (["plan"], ["add-model", "Qwen/Qwen2.5-0.5B-Instruct"]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert (
+            "key 'bad-medical-r1' on line " in err and "in the same mapping" in err and err.count("\n") == 1
+        )
+    assert grid.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
+
+
 def test_demo_with_an_unknown_profile_names_the_profiles(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("EM_PROFILE", "papr")
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
@@ -482,6 +499,26 @@ def test_a_setting_it_cannot_use_is_one_message_and_exit_2(
     assert main(["sql", "SELECT 1"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and says in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("db_url", ["ducklake:", "ducklake:sqlite:", "ducklake:sqlite: "])
+def test_a_lake_that_names_no_catalog_is_one_message_and_writes_nothing(
+    tmp_path, capsys, monkeypatch, db_url
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EM_DB", db_url)
+    for args in (
+        ["sql", "SELECT 1", "--db", db_url],
+        ["sql", "SELECT 1"],
+        ["migrate", "--from", "old.duckdb"],
+    ):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert (
+            err == f"error: {db_url!r} names no catalog: give ducklake:sqlite:<file> (e.g. ducklake:sqlite:"
+            "data/results.sqlite), ducklake:<DuckDB file> or ducklake:postgres:<connection>\n"
+        )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_demo_with_an_api_judge_that_refuses_its_key_writes_nothing(tmp_path, capsys, monkeypatch):
@@ -724,11 +761,13 @@ def test_demo_with_a_mirror_missing_a_pinned_file_writes_nothing(tmp_path, capsy
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mirror"]
 
 
-def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
-    """`em-assets sql ... | head`: no traceback when the reader closes the pipe, and the shell's exit status for it."""
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path, fmt):
+    """`em-assets sql ... | head`: no traceback when the reader closes the pipe, and the shell's exit status for it,
+    also on an unbuffered stdout (the Docker image's), which let one large write lose its rest without an error."""
     store = Store(tmp_path / "r.duckdb")
     store.init()
-    reader = subprocess.Popen(["head", "-n", "1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    reader = subprocess.Popen(["head", "-c", "100"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
     done = subprocess.run(
         [
             EM_ASSETS,
@@ -737,13 +776,15 @@ def test_output_cut_short_by_its_reader_ends_quietly(tmp_path):
             str(store.path),
             "--max-rows",
             "100000",
+            "--format",
+            fmt,
             "SELECT range AS n FROM range(100000)",
         ],
         stdout=reader.stdin,
         stderr=subprocess.PIPE,
         text=True,
         timeout=120,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"},
     )
     reader.stdin.close()
     reader.wait(timeout=30)
