@@ -19,6 +19,10 @@ def _check(keys: list[str], confirmed: bool) -> tuple[Store, set[str]]:
     from em_assets.grid.load import load_grid
     from em_assets.results.forget import rows_held
 
+    if blank := [k for k in keys if not k.strip()]:
+        raise ForgetError(
+            f"an empty organism key ({len(blank)} of {len(keys)}): give keys like base--recipe--s0"
+        )
     current = settings()
     in_grid = {o.key for o in load_grid(current.grid_path, current.profile).organisms()} & set(keys)
     if in_grid:

@@ -67,6 +67,8 @@ def test_forget_on_a_duckdb_file_asks_for_yes_and_deletes_nothing_without_it(tmp
     assert "keeps no snapshots" in capsys.readouterr().err
     assert main(["forget", "smollm2-135m--base--s0"]) == 2
     assert "is in profile 'demo'" in capsys.readouterr().err
+    assert main(["forget", "gone--base--s0", " "]) == 2
+    assert "an empty organism key (1 of 2)" in capsys.readouterr().err
     assert _counts(store, "completions") == {"gone--base--s0": 4}
     assert not (tmp_path / "home").exists()
 
