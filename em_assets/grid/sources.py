@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -27,6 +28,7 @@ def check_source(source: str, embedded: list[str]) -> str:
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
+            _check_config(path / "config.json")
             return "local"
         raise GridError(f"{source!r} is a directory without config.json; a base model source is {valid}")
     looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
@@ -35,6 +37,16 @@ def check_source(source: str, embedded: list[str]) -> str:
         return "hub"
     missing = f"no directory {source!r}" if looks_local else f"{source!r} is not a model source"
     raise GridError(f"{missing}; a base model source is {valid}")
+
+
+def _check_config(config: Path) -> None:
+    """A model's config.json that no loader could read is refused now, not when the first step loads it."""
+    try:
+        parsed = json.loads(config.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise GridError(f"{config} is not readable JSON ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise GridError(f"{config} holds a JSON {type(parsed).__name__}, not a model config object")
 
 
 class OrganismSourceError(GridError):

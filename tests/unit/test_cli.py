@@ -343,6 +343,10 @@ def test_add_model_takes_a_local_model_directory_and_an_embedded_name(tmp_path, 
     assert main(["add-model", str(tmp_path / "empty"), "--grid", str(grid), "--profile", "demo"]) == 2
     assert "without config.json" in capsys.readouterr().err
     before = grid.read_text()
+    for config in ("{'model_type': 'llama'", "[]"):
+        (tmp_path / "empty" / "config.json").write_text(config)
+        assert main(["add-model", str(tmp_path / "empty"), "--grid", str(grid), "--profile", "demo"]) == 2
+        assert "config.json" in capsys.readouterr().err and grid.read_text() == before
     assert main(["add-model", " ", "--grid", str(grid), "--profile", "demo"]) == 2
     assert "source is empty" in capsys.readouterr().err and grid.read_text() == before
 
