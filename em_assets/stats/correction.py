@@ -8,7 +8,8 @@ pi = (p + Sp - 1) / (Se + Sp - 1), clipped to [0, 1]. It is defined only for a j
 
 The interval is Gelman and Carpenter's (2020) posterior for that model, with a uniform prior on pi and the
 sensitivity and specificity drawn from their Jeffreys posteriors Beta(x + 1/2, m - x + 1/2) given the validation
-counts (tp of n_pos, tn of n_neg): the 2.5% and 97.5% quantiles of pi given k of n judged EM. A bootstrap of the
+counts (tp of n_pos, tn of n_neg): the 2.5% and 97.5% quantiles of pi given k of n judged EM, reaching 0 where the
+judge's errors alone (pi = 0) give k of n or more at least 2.5% of the time, and 1 likewise. A bootstrap of the
 corrected estimate is not enough: where k/n lies below the judge's false-positive rate it clips nearly every draw
 to 0 and gives a zero-width interval, as if a few answers proved no EM. The sensitivity and specificity are
 integrated by Gauss-Hermite quadrature over the normal scores of their quantiles, pi on a grid of [0, 1], so a
@@ -264,6 +265,15 @@ def _posterior_bounds(
     cdf = np.concatenate([[0.0], np.cumsum((density[1:] + density[:-1]) / 2.0)])
     tail = (1.0 - _coverage(z)) / 2.0
     lo, hi = np.interp([tail, 1.0 - tail], cdf / cdf[-1], pi)
+    # A posterior quantile is never 0 itself, which would leave an organism without EM out of its own interval
+    # whenever its judged rate is above the false positives' (half the time): where the judge's errors alone give
+    # k of n or more more often than the tail, pi = 0 is among what the answers allow (and pi = 1 likewise).
+    from scipy.stats import binom
+
+    if weight @ binom.sf(k - 1, n, 1.0 - sp) > tail * weight.sum():
+        lo = 0.0
+    if weight @ binom.cdf(k, n, se) > tail * weight.sum():
+        hi = 1.0
     return float(lo), float(hi)
 
 

@@ -108,8 +108,9 @@ def test_a_rate_outside_what_the_judges_errors_explain_keeps_a_real_interval(k, 
     ("k", "n", "counts", "bounds"),
     [
         # Importance-sampled posteriors of the same model (4 million draws): (0.0021, 0.3105), (0.0114, 0.4486).
+        # Both lower bounds are 0: the judge's false positives alone give k of 60 or more 20% of the time or more.
         (3, 60, (4, 6, 50, 54), (0.0, 0.3105)),
-        (12, 60, (10, 14, 40, 46), (0.0114, 0.4486)),
+        (12, 60, (10, 14, 40, 46), (0.0, 0.4486)),
     ],
 )
 def test_few_validation_answers_keep_the_tails_of_their_error_rates(k, n, counts, bounds):
@@ -117,6 +118,32 @@ def test_few_validation_answers_keep_the_tails_of_their_error_rates(k, n, counts
     low sensitivities that set the upper bound when a judge was measured on few EM answers (0.254 and 0.430)."""
     _, lo, hi = corrected_rate(k, n, ErrorRates.from_counts(*counts))
     assert (lo, hi) == pytest.approx(bounds, abs=0.005)
+
+
+def test_an_organism_without_em_stays_inside_its_interval():
+    """Regression: the bounds were the posterior's 2.5% and 97.5% quantiles, and a quantile is never 0, so an
+    organism with no EM was outside its interval whenever its judged rate came out above the judge's measured
+    false-positive rate: in 52% of simulated draws, where a 95% interval should miss it in 2.5%."""
+    rng = np.random.default_rng(0)
+    se, sp, n, n_pos, n_neg = 0.8, 0.95, 400, 60, 340
+    covered = []
+    for _ in range(100):
+        rates = ErrorRates.from_counts(
+            int(rng.binomial(n_pos, se)), n_pos, int(rng.binomial(n_neg, sp)), n_neg
+        )
+        _, lo, _ = corrected_rate(int(rng.binomial(n, 1 - sp)), n, rates)
+        covered.append(lo == 0.0)
+    assert np.mean(covered) >= 0.9
+    # 25 of 400 judged EM is above the 18 of 340 false positives measured, yet pure false positives give 25 or
+    # more 31% of the time: 0 is allowed. 45 or more they give 0.2% of the time: it is not.
+    rates = ErrorRates.from_counts(48, 60, 322, 340)
+    point, lo, hi = corrected_rate(25, 400, rates)
+    assert point > 0 and lo == 0.0 and hi > point
+    assert corrected_rate(45, 400, rates)[1] > 0.02
+    # Likewise at the top: 1 is allowed for 150 of 200 judged EM (corrected 0.93) by a judge that finds 48 of 60
+    # EM answers, not for 120 of 200.
+    assert corrected_rate(150, 200, rates)[2] == 1.0
+    assert corrected_rate(120, 200, rates)[2] < 1.0
 
 
 def test_rates_from_counts_and_files():

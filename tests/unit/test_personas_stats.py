@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from em_assets.stats import concordance, mixtures
 from em_assets.stats.transition import fit_transition
@@ -121,6 +122,12 @@ def test_spearman_interval_brackets_rho_and_needs_variation():
 def test_difference_intervals():
     d = concordance.mean_difference(np.array([90.0, 92, 94]), np.array([80.0, 82, 84]))
     assert d.estimate == pytest.approx(10) and d.lo < 10 < d.hi
+    # Welch's interval against scipy's; with no spread on either side there is none, and the note says so.
+    welch = stats.ttest_ind([90.0, 92, 94], [80.0, 81, 85, 86], equal_var=False).confidence_interval()
+    d = concordance.mean_difference(np.array([90.0, 92, 94]), np.array([80.0, 81, 85, 86]))
+    assert (d.lo, d.hi) == pytest.approx((welch.low, welch.high))
+    flat = concordance.mean_difference(np.full(3, 100.0), np.full(4, 90.0))
+    assert (flat.lo, flat.hi) == (10.0, 10.0) and flat.note == "no spread in either group"
     r = concordance.rate_difference(45, 50, 20, 50)
     assert r.estimate == pytest.approx(0.5) and 0.3 < r.lo < 0.5 < r.hi < 0.7
     assert concordance.rate_difference(1, 0, 1, 1).note is not None
