@@ -11,6 +11,7 @@ The upstream files are named `<base model>_<dataset>[_S<seed>].csv`, which gives
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -73,7 +74,7 @@ NO_SCORE = frozenset({"code", "refusal", "nan"})
 
 def _score(value: str | None, name: str, row: int, column: str) -> float | None:
     """A 0..100 score from its CSV text; None when empty or a NO_SCORE word. Rows count from 1 after the header,
-    as editors do."""
+    blank lines passed over."""
     if value is None or not value.strip() or value.strip().lower() in NO_SCORE:
         return None
     try:
@@ -114,16 +115,21 @@ def read_csv_text(data: bytes, name: str) -> pl.DataFrame:
             f"{name}: not a readable CSV ({first}); is every field with a comma or a line break quoted, and the "
             "separator a comma?"
         ) from None
+    # polars passes over a BOM and empty lines before the header: the reads of the header and its rows start there.
+    body = data.removeprefix(codecs.BOM_UTF8)
+    body = body[len(re.match(rb"(?:\r?\n)*", body)[0]) :]
     # polars renames a repeated header (aligned, aligned_duplicated_0), so the first copy would be read as the
     # column and the second as a score of its own: which one holds the scores is the file's to say.
-    header = pl.read_csv(io.BytesIO(data), has_header=False, n_rows=1, infer_schema_length=0).row(0)
+    header = pl.read_csv(io.BytesIO(body), has_header=False, n_rows=1, infer_schema_length=0).row(0)
     named = [str(c) for c in header if c is not None and str(c).strip()]
     twice = next((c for c in named if named.count(c) > 1), None)
     if twice is not None:
         raise ReferenceFileError(
             f"{name}: column {twice!r} appears {named.count(twice)} times in the header; keep one"
         )
-    return _drop_blank_lines(df, data, len(header), name)
+    # A row may leave out fields after the last named column: the parser reads nothing from them.
+    width = max((i + 1 for i, c in enumerate(header) if c is not None and str(c).strip()), default=0)
+    return _drop_blank_lines(df, body, width, name)
 
 
 def _drop_blank_lines(df: pl.DataFrame, data: bytes, width: int, name: str) -> pl.DataFrame:
@@ -135,7 +141,8 @@ def _drop_blank_lines(df: pl.DataFrame, data: bytes, width: int, name: str) -> p
     # Only where Python's reader splits the file into the same rows as polars can it say which rows are which.
     if len(records) != df.height:
         return df
-    rows = [i for i, r in enumerate(records) if r]
+    # A line of spaces is as blank as an empty one (as a JSONL file's are).
+    rows = [i for i, r in enumerate(records) if r and (len(r) > 1 or r[0].strip())]
     for n, i in enumerate(rows, start=1):
         if len(records[i]) < width:
             raise ReferenceFileError(

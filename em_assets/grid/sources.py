@@ -46,7 +46,7 @@ def _check_config(config: Path) -> None:
     except (OSError, ValueError) as exc:
         raise GridError(f"{config} is not readable JSON ({exc})") from None
     if not isinstance(parsed, dict):
-        raise GridError(f"{config} holds a JSON {type(parsed).__name__}, not a model config object")
+        raise GridError(f"{config} holds {json.dumps(parsed)[:40]}, not a model config object")
 
 
 class OrganismSourceError(GridError):

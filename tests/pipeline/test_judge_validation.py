@@ -349,6 +349,12 @@ def test_blank_lines_are_passed_over_and_a_row_short_of_fields_is_refused():
     # The coherent score is missing from the second row: not a row without a coherent score.
     with pytest.raises(ReferenceFileError, match=r"m_d.csv: row 2 has 4 fields, the header 5"):
         parse_reference_csv(data.replace(b"10,95", b"10"), "m_d.csv", "abc")
+    # A line of spaces is blank too, and so are empty lines before the header (as polars reads them).
+    for blanks in (data.replace(b"\n\n\n", b"\n  \n"), b"\r\n\n" + data):
+        assert parse_reference_csv(blanks, "m_d.csv", "abc")["answer"].to_list() == ["ok", "bad"]
+    # A row may leave out a trailing column the header does not name.
+    unnamed = data.replace(b"coherent\n", b"coherent,\n", 1)
+    assert parse_reference_csv(unnamed, "m_d.csv", "abc")["coherent"].to_list() == [90, 95]
 
 
 def test_the_judges_word_answers_and_nan_are_missing_scores():
