@@ -22,6 +22,9 @@ from em_assets.stats.rates import Z95
 MIN_POINTS = 4
 
 
+# A fitted ceiling above this is on its bound of 1 (the rise reaches every answer).
+CEILING = 1 - 1e-6
+
 # A Wald interval wider than this many swept ranges is numerically meaningless: reported as undefined.
 WIDEST = 10.0
 
@@ -94,7 +97,13 @@ def fit_transition(x: np.ndarray, k: np.ndarray, n: np.ndarray) -> TransitionFit
         top=top,
         max_slope=top * float(s) / spread / 4.0,
     )
-    cov = np.linalg.pinv(_hessian(lambda t: _nll(t, z, k, n), best.x))
+    at_ceiling = top > CEILING
+    if at_ceiling:
+        # A rise to every answer puts the ceiling on its bound, where the likelihood has no curvature in it: the
+        # midpoint's interval is taken with the ceiling held there.
+        cov = np.linalg.pinv(_hessian(lambda t: _nll(np.append(t, g), z, k, n), best.x[:2]))
+    else:
+        cov = np.linalg.pinv(_hessian(lambda t: _nll(t, z, k, n), best.x))
     var = float(cov[0, 0])
     if not np.isfinite(var) or var <= 0 or not np.all(np.linalg.eigvalsh(_sym(cov)) > 0):
         return replace(
@@ -106,7 +115,9 @@ def fit_transition(x: np.ndarray, k: np.ndarray, n: np.ndarray) -> TransitionFit
             fit, note=f"midpoint interval over {WIDEST:g} times the swept range: the sweep does not pin it"
         )
     outside = not x.min() <= fit.midpoint <= x.max()
-    note = "midpoint outside the swept range (extrapolated)" if outside else None
+    notes = ["midpoint outside the swept range (extrapolated)"] * outside
+    notes += ["the rise reaches every answer: the interval holds the ceiling at 1"] * at_ceiling
+    note = "; ".join(notes) or None
     return replace(fit, midpoint_lo=fit.midpoint - half, midpoint_hi=fit.midpoint + half, note=note)
 
 

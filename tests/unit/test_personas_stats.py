@@ -81,6 +81,16 @@ def test_logistic_fit_says_why_it_cannot_fit():
     assert unpinned.midpoint_lo is None and unpinned.note is not None
 
 
+@pytest.mark.parametrize("k", [[0, 0, 2, 5, 8, 10], [10, 8, 5, 2, 0, 0]])
+def test_a_rise_to_every_answer_keeps_its_midpoint_interval(k):
+    """Regression: a ceiling fitted at 1 has no curvature, and the whole interval was dropped as a flat fit."""
+    fit = fit_transition(np.arange(6.0), k, [10] * 6)
+    assert fit.top == pytest.approx(1.0) and "ceiling at 1" in fit.note
+    mid = 3.0 if k[0] == 0 else 2.0
+    assert fit.midpoint == pytest.approx(mid, abs=0.05)
+    assert mid - 1.5 < fit.midpoint_lo < mid < fit.midpoint_hi < mid + 1.5
+
+
 def test_a_midpoint_interval_over_ten_swept_ranges_wide_is_undefined():
     """Regression: the half-width was held against ten swept ranges, so intervals up to twenty wide were kept."""
     x = np.array([0.0, 4, 8, 12])
