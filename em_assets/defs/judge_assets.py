@@ -1,6 +1,7 @@
 """Judge validation assets: reference judgements (GPT-4o), the distilled and probe judges, judge agreement and
 the sanity check of the grid's judge on hand-written answers."""
 
+import json
 from pathlib import Path
 
 import dagster as dg
@@ -79,10 +80,10 @@ def distilled_judge(
     return dg.MaterializeResult(
         metadata={
             "trained": row["trained"],
-            "adapter_path": row["adapter_path"],
+            "adapter_path": dg.MetadataValue.path(row["adapter_path"]),
             "adapter_sha256": row["adapter_sha256"],
             "config_hash": row["config_hash"],
-            "held_out_base_models": row["held_out_base_models"],
+            "held_out_base_models": dg.MetadataValue.json(json.loads(row["held_out_base_models"])),
             "n_examples": row["n_examples"],
             "final_loss": row["final_loss"],
             "loss_curve": md_image(curve, "distilled judge training loss"),
@@ -115,10 +116,10 @@ def probe_judge(
     return dg.MaterializeResult(
         metadata={
             "trained": row["trained"],
-            "head_path": row["head_path"],
+            "head_path": dg.MetadataValue.path(row["head_path"]),
             "head_sha256": row["head_sha256"],
             "config_hash": row["config_hash"],
-            "held_out_base_models": row["held_out_base_models"],
+            "held_out_base_models": dg.MetadataValue.json(json.loads(row["held_out_base_models"])),
             "n_answers": row["n_answers"],
             "seconds": round(row["seconds"], 1),
             "readouts": md_table(judge_queries.probe_readouts(store, row["config_hash"])),

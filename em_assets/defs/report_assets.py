@@ -170,7 +170,7 @@ def em_figures(
     )
     # `em-assets figures --snapshot N` redraws these bytes from the snapshot they were drawn from.
     meta: dict = {"source_snapshot": drawn.snapshot}
-    meta.update({f"{name}_path": str(path) for name, path in drawn.paths.items()})
+    meta.update({f"{name}_path": dg.MetadataValue.path(str(path)) for name, path in drawn.paths.items()})
     meta.update({f"{name}_sha256": digest for name, digest in drawn.sha256.items()})
     meta.update({name: md_image(path, name.replace("_", " ")) for name, path in drawn.paths.items()})
     return dg.MaterializeResult(metadata=meta)

@@ -215,6 +215,9 @@ def test_probe_judge_end_to_end(tmp_path, tiny_model_dir, mirror, one_torch_thre
         assert set(readouts["l2"]) <= {1.0, 100.0} and readouts["n"].to_list() == [44, n, 40]
         meta = result.asset_materializations_for_node("probe_judge")[0].metadata
         assert meta["trained"].value is True and "cv_spearman" in meta["readouts"].value
+        # Shown as what they are: a path and a list, not their text.
+        assert isinstance(meta["head_path"], dg.PathMetadataValue) and meta["head_path"].value == str(head)
+        assert meta["held_out_base_models"].value == HELD_OUT
         grid = load_grid(grid_file, "test")
         model, revision, path = judge_identity(grid, tmp_path / "cache", store)
         assert model.startswith("probe:") and row["head_sha256"][:16] in revision and path == str(head)

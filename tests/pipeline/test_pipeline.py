@@ -86,6 +86,7 @@ def test_whole_graph_materialises_with_lineage(pipeline):
 
     figures = result.asset_materializations_for_node("em_figures")[0].metadata
     assert "data:image/png;base64," in figures["em_rates"].value
+    assert isinstance(figures["em_rates_path"], dg.PathMetadataValue)
     assert (tmp_path / "figures" / "em_rates.png").read_bytes()[:4] == b"\x89PNG"
 
 
