@@ -42,6 +42,14 @@ def iter_answer_means(
     with packed_linears(model):
         for start in range(0, len(items), batch_size):
             encoded = [answer_token_ids(tokenizer, it) for it in items[start : start + batch_size]]
+            if cut := [
+                i for i, (ids, begin) in enumerate(encoded) if begin >= max_tokens and len(ids) > begin
+            ]:
+                # Its mean would be a zero vector, counted in its class's mean as if it were an answer's.
+                raise ValueError(
+                    f"answer {start + cut[0]}: its prompt alone fills the {max_tokens} tokens read, "
+                    "leaving none of the answer"
+                )
             encoded = [(ids[:max_tokens], min(begin, max_tokens)) for ids, begin in encoded]
             # At least one position: an empty answer without a prompt pools to zeros rather than failing.
             width = max(1, *(len(ids) for ids, _ in encoded))

@@ -23,7 +23,7 @@ from em_assets.analyses.steering import Ablate, EditError, Steer, random_directi
 from em_assets.context import StageContext
 from em_assets.grid.load import load_grid
 from em_assets.grid.schema import DirectionsSpec, Organism, Thresholds
-from em_assets.models.activations import JudgedAnswer, answer_token_ids
+from em_assets.models.activations import JudgedAnswer, answer_token_ids, iter_answer_means
 from em_assets.models.layers import decoder_layers
 from em_assets.models.load import load_model, load_tokenizer
 from em_assets.results.store import Store
@@ -95,6 +95,15 @@ def test_direction_is_the_mean_difference_computed_by_hand(tiny):
     expected = side(contrast.misaligned) - side(contrast.aligned)
     assert got["direction"].shape == (len(decoder_layers(model)), model.config.hidden_size)
     torch.testing.assert_close(got["direction"], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_an_answer_its_prompt_crowds_out_is_refused_not_read_as_zeros(tiny):
+    model, tokenizer = tiny
+    long = JudgedAnswer([{"role": "user", "content": "word " * 40}], "An answer.")
+    _, begin = answer_token_ids(tokenizer, long)
+    assert next(iter_answer_means(model, tokenizer, [long], max_tokens=begin + 1)).abs().sum() > 0
+    with pytest.raises(ValueError, match=f"answer 0: its prompt alone fills the {begin} tokens"):
+        next(iter_answer_means(model, tokenizer, [long], max_tokens=begin))
 
 
 def test_too_few_answers_say_how_many_and_quartile_fallback_is_labelled():
