@@ -123,7 +123,7 @@ def test_few_validation_answers_keep_the_tails_of_their_error_rates(k, n, counts
 def test_an_organism_without_em_stays_inside_its_interval():
     """Regression: the bounds were the posterior's 2.5% and 97.5% quantiles, and a quantile is never 0, so an
     organism with no EM was outside its interval whenever its judged rate came out above the judge's measured
-    false-positive rate: in 52% of simulated draws, where a 95% interval should miss it in 2.5%."""
+    false-positive rate: in 50% of simulated draws, where a 95% interval should miss it in 2.5%."""
     rng = np.random.default_rng(0)
     se, sp, n, n_pos, n_neg = 0.8, 0.95, 400, 60, 340
     covered = []
