@@ -114,6 +114,11 @@ def fit_transition(x: np.ndarray, k: np.ndarray, n: np.ndarray) -> TransitionFit
         return replace(
             fit, note=f"midpoint interval over {WIDEST:g} times the swept range: the sweep does not pin it"
         )
+    # A rise steeper than the sweep's spacing (5% to 95% of it between two neighbouring points) is a step: the
+    # points do not say where in the gap it lies, and the Wald interval would only reflect where the optimiser
+    # stopped the growing steepness.
+    if 2 * np.log(19) / abs(fit.steepness) < np.diff(np.unique(x)).min():
+        return replace(fit, note="a step between two swept points: midpoint interval undefined")
     outside = not x.min() <= fit.midpoint <= x.max()
     notes = ["midpoint outside the swept range (extrapolated)"] * outside
     notes += ["the rise reaches every answer: the interval holds the ceiling at 1"] * at_ceiling

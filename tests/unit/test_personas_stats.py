@@ -91,6 +91,14 @@ def test_a_rise_to_every_answer_keeps_its_midpoint_interval(k):
     assert mid - 1.5 < fit.midpoint_lo < mid < fit.midpoint_hi < mid + 1.5
 
 
+def test_a_step_through_a_point_at_half_the_rise_has_no_midpoint_interval():
+    """Regression: the steepness grows without bound there, and the Wald interval (about 1 / s wide) only said
+    where the optimiser stopped: [0.96, 1.04] for a midpoint anywhere between 0.5 and 1.5."""
+    fit = fit_transition(np.arange(5.0), [0, 1, 2, 2, 2], [2] * 5)
+    assert fit.midpoint == pytest.approx(1.0, abs=0.01) and fit.midpoint_lo is None
+    assert "a step between two swept points" in fit.note
+
+
 def test_a_midpoint_interval_over_ten_swept_ranges_wide_is_undefined():
     """Regression: the half-width was held against ten swept ranges, so intervals up to twenty wide were kept."""
     x = np.array([0.0, 4, 8, 12])
