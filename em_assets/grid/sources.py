@@ -28,7 +28,7 @@ def check_source(source: str, embedded: list[str]) -> str:
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "config.json").is_file():
-            _check_config(path / "config.json")
+            json_object(path / "config.json")
             return "local"
         raise GridError(f"{source!r} is a directory without config.json; a base model source is {valid}")
     looks_local = source.startswith((".", "/", "~")) or source.count("/") > 1
@@ -39,14 +39,16 @@ def check_source(source: str, embedded: list[str]) -> str:
     raise GridError(f"{missing}; a base model source is {valid}")
 
 
-def _check_config(config: Path) -> None:
-    """A model's config.json that no loader could read is refused now, not when the first step loads it."""
+def json_object(path: Path, error: type[GridError] = GridError) -> dict:
+    """A config file's JSON object; `error` where it cannot be read or holds something else, so a config no loader
+    could read is refused when its source is checked, not when a step first loads it."""
     try:
-        parsed = json.loads(config.read_bytes())
+        parsed = json.loads(path.read_bytes())
     except (OSError, ValueError) as exc:
-        raise GridError(f"{config} is not readable JSON ({exc})") from None
+        raise error(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(parsed, dict):
-        raise GridError(f"{config} holds {json.dumps(parsed)[:40]}, not a model config object")
+        raise error(f"{path} holds {json.dumps(parsed)[:40]}, not a config object")
+    return parsed
 
 
 class OrganismSourceError(GridError):

@@ -3,11 +3,10 @@ revision (hub commit or content hash) and checked against the organism's base mo
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from em_assets.grid.sources import OrganismSourceError
+from em_assets.grid.sources import OrganismSourceError, json_object
 from em_assets.models.hub import (
     EMBEDDED_PREFIX,
     ModelLoadError,
@@ -71,10 +70,7 @@ def resolve_adapter(source: str, revision: str | None = None) -> ResolvedAdapter
     config_file, weights = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
     if not config_file.is_file():
         raise OrganismSourceError(f"{path}: no {ADAPTER_CONFIG}; not a peft adapter directory")
-    try:
-        config = json.loads(config_file.read_text())
-    except ValueError as exc:
-        raise OrganismSourceError(f"{config_file}: not valid JSON ({exc})") from None
+    config = json_object(config_file, OrganismSourceError)
     if config.get("peft_type", "LORA") != "LORA":
         raise OrganismSourceError(f"{config_file}: field peft_type is {config['peft_type']!r}, not LORA")
     if not weights.is_file():

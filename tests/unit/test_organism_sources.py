@@ -260,6 +260,11 @@ def test_adapter_for_another_base_model(tmp_path, env, capsys):
     (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": elsewhere}))
     with pytest.raises(OrganismSourceError, match="belongs to another base model"):
         check_sources(GridConfig.model_validate(doc["profiles"]["t"]))
+    # A config that is no JSON object is refused as the source's fault, not read until it fails.
+    for config, says in (("{'r': 1", "not valid JSON"), ("[]", r"holds \[\], not a config object")):
+        (adapter / "adapter_config.json").write_text(config)
+        with pytest.raises(OrganismSourceError, match=says):
+            check_sources(GridConfig.model_validate(doc["profiles"]["t"]))
 
 
 def test_adapter_dir_without_config(tmp_path, env, capsys):
