@@ -4,7 +4,9 @@
   the random control of equal norm; EM and coherence against scale, per layer.
 - ablation: the organism with its direction (of one layer) projected out of every layer, and with the random
   control projected out; EM before (the organism's own judged completions) and after, with Wilson intervals.
-Edits are forward hooks, which the vLLM backend cannot run: these sweeps always sample with the hf backend.
+Edits are forward hooks, which the vLLM backend cannot run: these sweeps always sample with the hf backend. Where
+the grid samples with another backend, the organism's completions come from another sampler than the points':
+its unedited answers are then sampled here with theirs, so that the rows differ by the edit alone.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from em_assets.stats.correction import CORRECTION_COLUMNS
 
 STEERING, ABLATION = "steering", "ablation"
 BEFORE = "organism (its completions)"
+UNEDITED = "organism unedited"
 TABLES = {STEERING: "steering_results", ABLATION: "direction_ablation"}
 
 
@@ -87,18 +90,26 @@ def steering_points(ctx: StageContext, row: dict) -> list[tuple[SweepPoint, dict
 
 def ablation_points(ctx: StageContext, row: dict, adapter: dict) -> list[tuple[SweepPoint, dict]]:
     """The organism (its `adapter` row) with its direction, and with the random control, projected out of every
-    layer."""
+    layer; and unedited where its own completions came from another sampler."""
     spec, n = ctx.grid.directions, ctx.grid.directions.samples_per_question
     check_weights(adapter)
     path, sha = adapter.get("adapter_path"), adapter.get("adapter_sha256")
     layer = layer_at(spec.ablation_layer_fraction, row["num_layers"])
-    return [
+    points = [
         (
             SweepPoint(ABLATION, f"{vector} ablated", path, sha, (Ablate(layer, *_files(row, vector)),), n),
             {"source_layer": layer},
         )
         for vector in ("direction", "random")
     ]
+    if not _own_answers_compare(ctx):
+        points.insert(0, (SweepPoint(ABLATION, UNEDITED, path, sha, (), n), {"source_layer": None}))
+    return points
+
+
+def _own_answers_compare(ctx: StageContext) -> bool:
+    """Whether the organism's own completions came from the sampler the sweep points use (hf)."""
+    return ctx.grid.sampling.backend == "hf"
 
 
 def before_ablation(ctx: StageContext) -> PointResult:
@@ -193,7 +204,7 @@ def run_direction_sweep(ctx: StageContext, sweep: str, figures_dir: Path) -> Swe
         )
     pairs = steering_points(ctx, row) if sweep == STEERING else ablation_points(ctx, row, adapter)
     before = None
-    if sweep == ABLATION:
+    if sweep == ABLATION and _own_answers_compare(ctx):
         # The organism's own answers are the sweep's "before": from its model as it now stands, checked before
         # any point is sampled.
         own = organism_model_row(ctx.store, ctx.key, ctx.organism.base_model)

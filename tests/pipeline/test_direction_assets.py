@@ -153,6 +153,20 @@ def test_a_model_organism_steers_its_base_model(tmp_path, tiny_model_dir, smollm
     assert model["base_revision"].to_list() == lora["base_revision"].to_list()
 
 
+def _judged_then_regridded(pipeline, edit) -> str:
+    """The rank-1 organism judged with its direction drawn, then its grid profile changed by `edit`."""
+    instance, resources, tmp_path = pipeline
+    key = "tiny--med-r1--s0"
+    instance.add_dynamic_partitions(organisms.name, [key])
+    materialize(instance, resources, ["base_models", "training_datasets", "eval_questions"])
+    materialize(instance, resources, ORGANISM[:4], key)
+    grid_file = tmp_path / "grid.yaml"
+    doc = yaml.safe_load(grid_file.read_text())
+    edit(doc["profiles"]["test"])
+    grid_file.write_text(yaml.safe_dump(doc))
+    return key
+
+
 def test_answers_and_a_direction_of_weights_trained_before_are_refused(pipeline):
     """Regression: with the organism retrained and nothing after it run again, its direction read the new
     adapter's activations on the old adapter's answers, and steering and ablation swept the old adapter's
@@ -164,14 +178,9 @@ def test_answers_and_a_direction_of_weights_trained_before_are_refused(pipeline)
     from em_assets.results.errors import MissingUpstreamError
 
     instance, resources, tmp_path = pipeline
-    key = "tiny--med-r1--s0"
-    instance.add_dynamic_partitions(organisms.name, [key])
-    materialize(instance, resources, ["base_models", "training_datasets", "eval_questions"])
-    materialize(instance, resources, ORGANISM[:4], key)
-    grid_file = tmp_path / "grid.yaml"
-    doc = yaml.safe_load(grid_file.read_text())
-    doc["profiles"]["test"]["recipes"]["med-r1"]["train"]["learning_rate"] = 5e-4
-    grid_file.write_text(yaml.safe_dump(doc))
+    key = _judged_then_regridded(
+        pipeline, lambda p: p["recipes"]["med-r1"]["train"].update(learning_rate=5e-4)
+    )
     materialize(instance, resources, ["lora_adapter"], key)
 
     store = Store(tmp_path / "results.duckdb")
@@ -191,3 +200,19 @@ def test_answers_and_a_direction_of_weights_trained_before_are_refused(pipeline)
             run_direction_sweep(ctx, sweep, tmp_path / "figures")
     assert store.query("SELECT * FROM misalignment_directions").equals(direction)
     assert store.query("SELECT count(*) AS n FROM sweep_completions")["n"][0] == 0
+
+
+def test_ablation_under_another_sampler_samples_its_own_before(pipeline):
+    """With the grid sampling through vLLM, the organism's completions come from another sampler than the hf
+    points': its unedited answers are sampled with the points, so before and after differ by the edit alone."""
+    instance, resources, tmp_path = pipeline
+    key = _judged_then_regridded(pipeline, lambda p: p["sampling"].update(backend="vllm"))
+    materialize(instance, resources, ["direction_ablation"], key)
+
+    store = Store(tmp_path / "results.duckdb")
+    ablation = store.query("SELECT setting, source_layer, n FROM direction_ablation ORDER BY setting")
+    assert ablation["setting"].to_list() == ["direction ablated", "organism unedited", "random ablated"]
+    assert ablation["n"].to_list() == [2, 2, 2]  # 2 questions x 1 sample each, the organism's own included
+    points = store.query("SELECT setting, edits FROM sweep_points WHERE sweep = 'ablation' ORDER BY setting")
+    assert points["setting"].to_list() == ["direction ablated", "organism unedited", "random ablated"]
+    assert points["edits"][1] == "[]"
