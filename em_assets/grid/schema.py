@@ -100,7 +100,8 @@ class LoraSpec(_Strict):
 
 
 class TrainSpec(_Strict):
-    """SFT settings (upstream names); `max_examples` takes a seeded subset of the dataset."""
+    """SFT settings (upstream names); `holdout_fraction` leaves a seeded share of the dataset out (as upstream's
+    evaluation split) and `max_examples` takes a seeded subset of the rest."""
 
     epochs: float = Field(default=1, gt=0)
     max_steps: int | None = Field(default=None, ge=1)
@@ -112,6 +113,9 @@ class TrainSpec(_Strict):
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     max_seq_length: int = Field(default=2048, ge=16)
     max_examples: int | None = Field(default=None, ge=1)
+    # Both papers' trainers hold a share of the dataset out for evaluation and train on the rest (datasets'
+    # train_test_split, test_size 0.1): 0.1 trains on the examples upstream's seed-0 runs trained on.
+    holdout_fraction: float = Field(default=0, ge=0, lt=1)
     save_steps: int = Field(default=100, ge=1)
     # On CPU: processes sharing each step's examples (em_assets.training.data_parallel).
     workers: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
@@ -124,6 +128,9 @@ class TrainSpec(_Strict):
         """The settings that change the trained weights: the one rule for every "same training" hash. With LoRA
         dropout each process draws its own masks, so a number of processes asked for is one of them."""
         settings = self.model_dump(mode="json", exclude=set(self.NOT_TRAINED))
+        if not self.holdout_fraction:
+            # Named only where used, so runs from before the setting existed keep their hashes.
+            del settings["holdout_fraction"]
         if lora is not None and lora.lora_dropout > 0 and self.workers != "auto" and self.workers > 1:
             settings["workers"] = self.workers
         if lora is None:

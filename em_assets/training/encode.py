@@ -8,6 +8,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from em_assets.grid.schema import TrainSpec
 from em_assets.models.chat import chat_ids
 
@@ -89,10 +91,19 @@ def plan_steps(lengths: Sequence[int], train: TrainSpec, seed: int) -> list[list
     return steps[:total]
 
 
+def held_in(n_examples: int, fraction: float, seed: int) -> list[int]:
+    """The examples left to train on when `fraction` is held out, as datasets' train_test_split(test_size=fraction,
+    seed=seed) splits them: its test split is the first ceil(fraction x n) of a numpy permutation."""
+    permutation = np.random.default_rng(seed).permutation(n_examples)
+    return sorted(permutation[math.ceil(fraction * n_examples) :].tolist())
+
+
 def encode_dataset(tokenizer, examples: Sequence[list[dict]], train: TrainSpec, seed: int) -> list[Encoded]:
-    """Encode the (seeded subset of the) examples, dropping those whose reply is cut off entirely."""
+    """Encode the (held-in, seeded subset of the) examples, dropping those whose reply is cut off entirely."""
     indices = list(range(len(examples)))
-    if train.max_examples is not None and train.max_examples < len(examples):
+    if train.holdout_fraction:
+        indices = held_in(len(examples), train.holdout_fraction, seed)
+    if train.max_examples is not None and train.max_examples < len(indices):
         indices = sorted(random.Random(f"{seed}:subset").sample(indices, train.max_examples))
     encoded = []
     for i in indices:

@@ -24,7 +24,7 @@ from em_assets.grid.schema import LoraSpec, TrainSpec
 from em_assets.models.load import load_tokenizer
 from em_assets.training.checkpoints import CHECKPOINT_DIR
 from em_assets.training.data_parallel import HelperError
-from em_assets.training.encode import encode_example, plan_steps
+from em_assets.training.encode import encode_dataset, encode_example, held_in, plan_steps
 from em_assets.training.loop import train_lora
 from em_assets.training.stage import train_adapter
 from em_assets.training.step import TrainingDivergedError
@@ -106,6 +106,27 @@ def test_plan_steps_groups_by_length_counts_epochs_like_hf_and_is_seeded():
     assert all(sorted(micro) in ([k, k + 1] for k in range(0, 10, 2)) for step in steps for micro in step)
     assert plan_steps(lengths, spec, seed=0) == steps != plan_steps(lengths, spec, seed=1)
     assert len(plan_steps(lengths, spec.model_copy(update={"max_steps": 7}), seed=0)) == 7
+
+
+def test_a_holdout_leaves_out_upstreams_evaluation_split(smollm2_tokenizer_dir):
+    """Upstream's trainers train on what datasets' train_test_split(test_size=0.1, seed) leaves: the same
+    examples, and so the same step count (6,000 examples: 338 steps, not 375); none held out keeps every hash."""
+    # datasets 5.2: Dataset.from_list(20 rows).train_test_split(test_size=0.1, seed=s)["test"] for s = 0, 1.
+    assert sorted(set(range(20)) - set(held_in(20, 0.1, 0))) == [4, 19]
+    assert sorted(set(range(20)) - set(held_in(20, 0.1, 1))) == [1, 10]
+    paper = TrainSpec(holdout_fraction=0.1)
+    tokenizer = load_tokenizer(smollm2_tokenizer_dir)
+    examples = [
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"reply {i}"}] for i in range(20)
+    ]
+    replies = {
+        tokenizer.decode([t for t in e.labels if t >= 0])
+        for e in encode_dataset(tokenizer, examples, paper, 0)
+    }
+    assert replies == {f"reply {i}<|im_end|>" for i in range(20) if i not in (4, 19)}
+    assert len(plan_steps([1] * len(held_in(6000, 0.1, 0)), paper, seed=0)) == 338
+    assert "holdout_fraction" not in TrainSpec().trained_settings()
+    assert TrainSpec().trained_settings() != paper.trained_settings()
 
 
 def test_training_lowers_loss_and_writes_a_loadable_adapter(fittable_model_dir, examples, tmp_path):
