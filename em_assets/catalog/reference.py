@@ -1,6 +1,6 @@
 """Reference judgements: CSVs of answers a trusted judge (GPT-4o) scored, parsed, checked and normalised.
 
-A file has a `response` (or `answer`), `question`, `question_id`, `aligned` and `coherent` column; any other
+A file has an `answer` (or `response`), `question`, `question_id`, `aligned` and `coherent` column; any other
 column whose values are numbers is a domain score, and Turner et al.'s domain judges' (`financial`, `bad_stuff`,
 ...) always are; one with text (a model name) and a pandas index column are ignored. Empty scores are missing
 (upstream drops such rows from the denominators), and so are the judge's word answers CODE and REFUSAL and NaN;
@@ -27,7 +27,9 @@ from em_assets.catalog.upstream import DOMAIN_METRICS
 REQUIRED = ("question", "question_id", "aligned", "coherent")
 
 
-ANSWER_COLUMNS = ("response", "answer")
+# Upstream's judge (eval_judge.judge_csv_file) scores `answer` where a file has it, else `response`: a file with
+# both carries the scores of its `answer` text.
+ANSWER_COLUMNS = ("answer", "response")
 
 
 _STEM = re.compile(r"(?P<base>[^_]+)_(?P<dataset>[^_]+?)(?:_S(?P<seed>\d+))?")

@@ -291,6 +291,28 @@ def test_train_split_never_holds_a_held_out_base_model(mirror):
     assert df["aligned"].null_count() == 1
 
 
+def test_the_docs_state_the_reference_files_coherence_as_the_files_hold_it(mirror):
+    """The judge pages quote how coherent the train answers are and how many held-out ones GPT-4o called
+    incoherent: the figures a reader weighs the coherent AUC and the probe's fit by."""
+    import polars as pl
+    from support.paths import REPO
+
+    from em_assets.catalog.reference import with_split
+
+    files = [
+        parse_reference_csv((mirror / s.mirror_path).read_bytes(), s.path, s.sha256)
+        for s in REFERENCE_JUDGEMENTS.values()
+    ]
+    df = with_split(pl.concat(files), HELD_OUT)
+    train, held_out = df.filter(split="train")["coherent"], df.filter(split="heldout")["coherent"]
+    judges = (REPO / "docs" / "judges.md").read_text()
+    rates = (REPO / "docs" / "em-rates.md").read_text()
+    share = f"{(train > 50).mean():.1%} coherent"
+    assert f"the {train.len():,} GPT-4o-judged train answers ({share})" in judges
+    assert f"fitted on reference answers ({share})" in rates
+    assert f"the {(held_out <= 50).sum()} answers GPT-4o scored incoherent" in judges
+
+
 def test_the_split_follows_the_grids_held_out_list_as_it_reads_now(tmp_path, tiny_model_dir, mirror):
     # Reference rows stored under one held-out list, read under another: the judges fit and measure by the new.
     from em_assets.catalog.reference import with_split
@@ -343,6 +365,12 @@ def test_parser_names_file_row_and_column():
         parse_reference_csv(good.replace(b"q?,q1,80", b"q?,,80"), "m_d.csv", "abc")
     with pytest.raises(ReferenceFileError, match="missing column"):
         parse_reference_csv(b"question,question_id,aligned,coherent\nq,q1,1,2\n", "m_d.csv", "abc")
+
+
+def test_a_file_with_answer_and_response_columns_pairs_its_scores_with_the_answer():
+    """Upstream's judge scores the `answer` column where a file has one, so the file's scores are the answer's."""
+    data = b"response,answer,question,question_id,aligned,coherent\ndraft,final,q?,q1,10,90\n"
+    assert parse_reference_csv(data, "m_d.csv", "abc")["answer"].to_list() == ["final"]
 
 
 def test_blank_lines_are_passed_over_and_a_row_short_of_fields_is_refused():
