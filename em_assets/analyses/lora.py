@@ -15,7 +15,10 @@ ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
 
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+# An embedding layer's factors are saved as lora_embedding_A and lora_embedding_B, without ".weight".
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:(?P<part>[AB])\.weight|embedding_(?P<emb>[AB]))$"
+)
 
 
 def lora_factors(adapter_dir: Path | str) -> dict[str, dict[str, np.ndarray]]:
@@ -28,7 +31,8 @@ def lora_factors(adapter_dir: Path | str) -> dict[str, dict[str, np.ndarray]]:
     for key, value in tensors.items():
         match = _LORA_KEY.match(key)
         if match:
-            out.setdefault(match["module"], {})[match["part"]] = np.asarray(value, dtype=np.float64)
+            part = match["part"] or match["emb"]
+            out.setdefault(match["module"], {})[part] = np.asarray(value, dtype=np.float64)
     incomplete = sorted(m for m, parts in out.items() if set(parts) != {"A", "B"})
     if not out or incomplete:
         raise ValueError(f"{adapter_dir}: no complete LoRA A/B pairs (incomplete: {incomplete})")
@@ -56,4 +60,4 @@ def write_scaled_adapter(adapter_dir: Path | str, factor: float, out_dir: Path |
 
 def _is_b(key: str) -> bool:
     match = _LORA_KEY.match(key)
-    return bool(match) and match["part"] == "B"
+    return bool(match) and "B" in (match["part"], match["emb"])

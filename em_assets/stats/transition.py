@@ -116,8 +116,11 @@ def fit_transition(x: np.ndarray, k: np.ndarray, n: np.ndarray) -> TransitionFit
         )
     # A rise steeper than the sweep's spacing (5% to 95% of it between two neighbouring points) is a step: the
     # points do not say where in the gap it lies, and the Wald interval would only reflect where the optimiser
-    # stopped the growing steepness.
-    if 2 * np.log(19) / abs(fit.steepness) < np.diff(np.unique(x)).min():
+    # stopped the growing steepness. The gap is the one the midpoint lies in (the nearest, outside the range):
+    # a sweep's spacing can vary (the final checkpoint a few steps after the last kept one).
+    swept = np.unique(x)
+    gap = int(np.clip(np.searchsorted(swept, fit.midpoint), 1, swept.size - 1))
+    if 2 * np.log(19) / abs(fit.steepness) < swept[gap] - swept[gap - 1]:
         return replace(fit, note="a step between two swept points: midpoint interval undefined")
     outside = not x.min() <= fit.midpoint <= x.max()
     notes = ["midpoint outside the swept range (extrapolated)"] * outside

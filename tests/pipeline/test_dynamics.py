@@ -109,6 +109,29 @@ def test_scaling_b_scales_the_merged_weight_delta(tiny_model_dir, tmp_path):
         np.testing.assert_allclose(scaled_factors[module]["B"], 2.5 * parts["B"], rtol=1e-6)
 
 
+def test_scaling_b_scales_an_embedding_layers_b_too(tiny_model_dir, tmp_path):
+    """Regression: an embedding layer's factors are saved as lora_embedding_A and lora_embedding_B, which were
+    left out: its B was not scaled and the trajectory did not see the layer."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=8, target_modules=["embed_tokens", "down_proj"]))
+    for name, p in peft.named_parameters():
+        if "lora_embedding_B" in name:
+            p.data.normal_()
+    peft.save_pretrained(tmp_path / "adapter")
+    scaled = write_scaled_adapter(tmp_path / "adapter", 2.5, tmp_path / "scaled")
+    key = "base_model.model.model.embed_tokens.lora_embedding_B"
+    torch.testing.assert_close(
+        load_file(scaled / "adapter_model.safetensors")[key],
+        2.5 * load_file(tmp_path / "adapter" / "adapter_model.safetensors")[key],
+    )
+    factors = lora_factors(scaled)
+    assert "model.embed_tokens" in factors and factors["model.embed_tokens"]["B"].shape == (64, 2)
+
+
 def test_every_checkpoint_keeps_its_adapter_weights(tiny_model_dir, mirror, tmp_path, one_torch_thread):
     import gzip
     import json

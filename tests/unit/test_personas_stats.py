@@ -99,6 +99,18 @@ def test_a_step_through_a_point_at_half_the_rise_has_no_midpoint_interval():
     assert "a step between two swept points" in fit.note
 
 
+@pytest.mark.parametrize("last", [45.0, 41.0])
+def test_a_step_within_the_midpoints_gap_has_no_midpoint_interval_however_close_other_points_are(last):
+    """Regression: the rise was held against the sweep's narrowest gap, so a final checkpoint one step after the
+    last kept one (40, 41) gave a Wald interval to a step that lies within the gap from 15 to 20."""
+    x = np.array([0, 5, 10, 15, 20, 25, 30, 35, 40, last])
+    # 5% to 95% of a rise of steepness 1.5 spans 3.9 steps, centred at 17.3.
+    k = np.round(200 * 0.3 / (1 + np.exp(-1.5 * (x - 17.3))))
+    fit = fit_transition(x, k, [200] * len(x))
+    assert fit.midpoint == pytest.approx(17.3, abs=0.2) and fit.midpoint_lo is None
+    assert "a step between two swept points" in fit.note
+
+
 def test_a_midpoint_interval_over_ten_swept_ranges_wide_is_undefined():
     """Regression: the half-width was held against ten swept ranges, so intervals up to twenty wide were kept."""
     x = np.array([0.0, 4, 8, 12])
