@@ -491,7 +491,10 @@ class DynamicsSpec(_Strict):
         default=10, ge=1, description="Answers per question at each checkpoint (and step 0, the base model)."
     )
     local_cosine_k: int = Field(
-        default=1, ge=1, description="Local cosine of B: checkpoints back and ahead (k * save_steps steps)."
+        default=1,
+        ge=1,
+        description="Local cosine of B: kept checkpoints back and ahead (k * save_steps steps; the final "
+        "adapter may be fewer steps on).",
     )
     scale_factors: list[float] = Field(
         default=[0.0, 0.5, 1.0, 1.5, 2.0],
