@@ -113,10 +113,37 @@ def backoff(delay: float, cap: float = 2.0) -> float:
 
 def open_file(path: Path, read_only: bool, config: dict, timeout_s: float, timeout_env: str):
     """Connect to a DuckDB file, waiting with backoff while another process holds its write lock."""
+    return _waiting(
+        lambda: duckdb.connect(str(path), read_only=read_only, config=config), path, timeout_s, timeout_env
+    )
+
+
+def open_lake(
+    loc: Location, snapshot: int | None, read_only: bool, timeout_s: float, timeout_env: str
+) -> duckdb.DuckDBPyConnection:
+    """A connection of its own with the lake attached (attach_lake); a DuckDB-file catalog, which one process
+    holds at a time as a DuckDB file is held, is waited for as open_file waits."""
+
+    def attached() -> duckdb.DuckDBPyConnection:
+        conn = duckdb.connect()
+        try:
+            attach_lake(conn, loc, snapshot, read_only)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    return _waiting(attached, loc.local_file or Path(loc.target), timeout_s, timeout_env)
+
+
+def _waiting(
+    connect: Callable[[], duckdb.DuckDBPyConnection], path: Path, timeout_s: float, timeout_env: str
+):
+    """`connect()`, retried with backoff while another process holds `path`'s lock, up to `timeout_s`."""
     start, delay, warned = time.monotonic(), 0.05, False
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only, config=config)
+            return connect()
         except duckdb.IOException as exc:
             if not any(m in str(exc) for m in _LOCK_MARKERS):
                 raise

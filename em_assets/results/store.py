@@ -64,8 +64,10 @@ class Store:
             if not read_only:
                 self.location.local_file.parent.mkdir(parents=True, exist_ok=True)
             conn = backends.open_file(self.path, read_only, {}, self.lock_timeout_s, LOCK_TIMEOUT_ENV)
-        elif read_only or self.snapshot is not None:
-            conn = self._private_lake(True)
+        elif read_only or self.snapshot is not None or self.location.catalog_kind == "duckdb":
+            # A DuckDB-file catalog admits one attachment at a time, even within a process, so it is not kept
+            # attached between units of work: as with a DuckDB file, other processes take turns with this one.
+            conn = self._private_lake(read_only or self.snapshot is not None)
         else:
             with backends.lake_cursor(self.location) as cur:
                 yield cur
@@ -110,9 +112,9 @@ class Store:
 
     def _private_lake(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         """A connection of its own: read-only, pinned to a snapshot, or writable outside the shared lake."""
-        conn = duckdb.connect()
-        backends.attach_lake(conn, self.location, self.snapshot, read_only)
-        return conn
+        return backends.open_lake(
+            self.location, self.snapshot, read_only, self.lock_timeout_s, LOCK_TIMEOUT_ENV
+        )
 
     def init(self) -> None:
         # Every asset opens the store: re-creating the views would add a snapshot (and a conflict) each time.

@@ -327,6 +327,28 @@ def test_an_open_session_on_the_local_lake_never_blocks_a_writer(tmp_path):
     assert store.query("SELECT count(*) AS n FROM training_losses")["n"][0] == 2
 
 
+def test_a_duckdb_catalog_is_taken_in_turns_and_read_after_a_write(tmp_path):
+    """Regression: a DuckDB-file catalog stayed attached to the process that first wrote it, so a report's pinned
+    read or a snapshot read in that process failed (the file attached twice), and another process's writer
+    failed at once instead of waiting its turn."""
+    db = f"ducklake:{tmp_path / 'results.ducklake'}"
+    store = Store(db, lock_timeout_s=30)
+    store.init()
+    rows = pl.DataFrame({"organism": ["a"], "step": [1], "loss": [1.0]})
+    store.append_rows("training_losses", rows)
+    first = store.current_snapshot()
+    with store.pinned() as pinned:
+        assert pinned.query("SELECT count(*) FROM training_losses").item() == 1
+    other = (
+        "import polars as pl; from em_assets.results.store import Store; "
+        f"Store({db!r}, lock_timeout_s=30).append_rows('training_losses', "
+        "pl.DataFrame({'organism': ['b'], 'step': [1], 'loss': [2.0]}))"
+    )
+    subprocess.run([sys.executable, "-c", other], check=True, timeout=120)
+    assert store.query("SELECT organism FROM training_losses ORDER BY 1")["organism"].to_list() == ["a", "b"]
+    assert store.at_snapshot(first).query("SELECT count(*) FROM training_losses").item() == 1
+
+
 def test_concurrent_organism_writers_on_the_local_lake(tmp_path):
     """The embedded default under `dagster dev`: step processes of 3 organisms writing at once."""
     check_concurrent_writers(_lake(tmp_path), str(tmp_path / "files"), writers=3, batches=4)
