@@ -34,8 +34,16 @@ def _print_frame(df: pl.DataFrame, fmt: str, max_rows: int, as_json: frozenset[s
                     row[name] = json.loads(row[name], parse_constant=lambda _: None)
         _write(json.dumps(rows, ensure_ascii=False, separators=(",", ":")) + "\n")
     else:
+        shown = df.with_columns(pl.col(pl.String).str.replace_many(_CONTROLS, _CONTROLS_SHOWN))
         with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=80, tbl_width_chars=200):
-            print(df)
+            print(shown)
+
+
+# Control characters in text a model wrote (an answer), which the terminal showing the table would act on: a
+# carriage return or an escape sequence can erase or overwrite a row's other columns, or set the clipboard. The
+# table shows them escaped (\r, \x1b); a newline stays, drawn inside its cell. CSV and JSON keep the text as is.
+_CONTROLS = [chr(c) for c in (*range(0x20), *range(0x7F, 0xA0)) if chr(c) != "\n"]
+_CONTROLS_SHOWN = [c.encode("unicode_escape").decode() for c in _CONTROLS]
 
 
 def _write(text: str) -> None:

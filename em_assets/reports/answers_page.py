@@ -74,6 +74,15 @@ def _rate(rate, lo, hi) -> str | None:
     return None if rate is None else f"{rate:.3f} [{lo:.3f}, {hi:.3f}]" if lo is not None else f"{rate:.3f}"
 
 
+def _rates_shown(row: dict) -> dict[str, str | None]:
+    """One em_summary row's rates as the page shows them."""
+    return {
+        "em_turner": _rate(row["em_rate_turner"], row["em_turner_lo"], row["em_turner_hi"]),
+        "em_corrected": _rate(row["em_rate_corrected"], row["em_corrected_lo"], row["em_corrected_hi"])
+        or row.get("em_correction"),
+    }
+
+
 def organism_rates(store: Store) -> dict[str, dict]:
     """Per organism, the grid judge's EM rate and its correction for the judge's error, as shown on the page
     (the correction's caveat where it is unknown); empty before em_summary is first written."""
@@ -82,14 +91,21 @@ def organism_rates(store: Store) -> dict[str, dict]:
     summary = store.query("SELECT * FROM em_summary")
     if "judge_source" in summary.columns:
         summary = summary.filter(pl.col("judge_source") == "grid")
-    return {
-        r["organism"]: {
-            "em_turner": _rate(r["em_rate_turner"], r["em_turner_lo"], r["em_turner_hi"]),
-            "em_corrected": _rate(r["em_rate_corrected"], r["em_corrected_lo"], r["em_corrected_hi"])
-            or r.get("em_correction"),
-        }
-        for r in summary.iter_rows(named=True)
-    }
+    summary = summary.sort([c for c in ("organism", "judge_model") if c in summary.columns])
+    rates: dict[str, dict] = {}
+    for (organism,), part in summary.group_by("organism", maintain_order=True):
+        shown = [(r.get("judge_model"), _rates_shown(r)) for r in part.iter_rows(named=True)]
+        # An organism partly re-judged by a new grid judge has a row per judge, each over that judge's answers
+        # only: each is shown named by its judge, none as the organism's rate.
+        rates[organism] = (
+            shown[0][1]
+            if len(shown) == 1
+            else {
+                key: "; ".join(f"{judge}: {r[key]}" for judge, r in shown if r[key] is not None) or None
+                for key in shown[0][1]
+            }
+        )
+    return rates
 
 
 # Answers per page: the page keeps only these in the document, whatever the number of answers.

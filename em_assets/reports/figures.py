@@ -64,10 +64,10 @@ def _legend(ax: Axes, count: int) -> None:
 def plot_em_rates(summary: pl.DataFrame, path: Path) -> Path:
     """Turner and Betley EM rates per organism with 95% Wilson error bars."""
     title = "Emergent misalignment rate per organism"
-    rows = summary.filter(pl.col("em_rate_turner").is_not_null() | pl.col("em_rate_betley").is_not_null())
-    if rows.is_empty():
+    scored = pl.col("em_rate_turner").is_not_null() | pl.col("em_rate_betley").is_not_null()
+    if summary.filter(scored).is_empty():
         return no_data(path, title)
-    rows = rows.sort("organism", descending=True)
+    rows = summary.sort("organism", descending=True)
     y = np.arange(rows.height)
     with _figure(path, width=8.0, height=1.5 + 0.35 * rows.height) as ax:
         for metric, colour, marker, offset in (
@@ -77,6 +77,9 @@ def plot_em_rates(summary: pl.DataFrame, path: Path) -> Path:
             rate = _float(rows, f"em_rate_{metric}")
             err = _errors(rate, _float(rows, f"em_{metric}_lo"), _float(rows, f"em_{metric}_hi"))
             ax.errorbar(rate, y + offset, xerr=err, fmt=marker, color=colour, capsize=3, label=LABELS[metric])
+        # An organism without a rate keeps its row and says why, rather than leaving the figure unseen.
+        for i in np.flatnonzero(~rows.select(scored).to_series().to_numpy()):
+            ax.text(0.0, y[i], "no scored answers", va="center", fontsize="small", color="grey")
         ax.set_yticks(y, rows["organism"].to_list(), fontsize="small")
         ax.set_xlim(-0.02, 1.02)
         ax.set_xlabel("EM rate (95% Wilson CI)")
@@ -150,29 +153,6 @@ def plot_training_curves(losses: pl.DataFrame, path: Path) -> Path:
             axes.set_ylabel(label)
             axes.set_title(name)
             axes.grid(alpha=0.3)
-        _legend(ax, len(organisms))
-    return path
-
-
-def plot_em_over_training(df: pl.DataFrame, path: Path) -> Path:
-    """Turner EM rate at each checkpoint step, one line per organism with a shaded 95% CI band."""
-    title = "EM rate over training"
-    rows = df.filter(pl.col("step").is_not_null() & pl.col("em_rate_turner").is_not_null())
-    if rows.is_empty():
-        return no_data(path, title)
-    organisms = sorted(rows["organism"].unique().to_list())
-    colours = _organism_colours(organisms)
-    with _figure(path) as ax:
-        for organism in organisms:
-            part = rows.filter(pl.col("organism") == organism).sort("step")
-            step, colour = _float(part, "step"), colours[organism]
-            ax.plot(step, _float(part, "em_rate_turner"), marker="o", color=colour, label=organism)
-            ax.fill_between(step, _float(part, "lo"), _float(part, "hi"), color=colour, alpha=0.15)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("EM rate (Turner, 95% CI)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
         _legend(ax, len(organisms))
     return path
 

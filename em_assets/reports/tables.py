@@ -257,11 +257,12 @@ def build_figures(
         sizes = size_rates(source, df, thresholds)
     out_dir.mkdir(parents=True, exist_ok=True)
     if "judge_source" in summary.columns:
-        # An imported organism has a row per judge: the file's judge is named on its label.
-        file_row = pl.col("judge_source") == "file"
+        # An imported organism has a row per judge: the file's judge is named on its label, as is each grid
+        # judge's of an organism partly re-judged by a new grid judge (a row per judge, over its answers only).
+        named = (pl.col("judge_source") == "file") | (pl.len().over("organism", "judge_source") > 1)
         label = pl.format("{} [{}]", pl.col("organism"), pl.col("judge_model"))
         summary = summary.with_columns(
-            pl.when(file_row).then(label).otherwise(pl.col("organism")).alias("organism")
+            pl.when(named).then(label).otherwise(pl.col("organism")).alias("organism")
         )
     return {
         "em_rates": plots.plot_em_rates(summary, out_dir / "em_rates.png"),

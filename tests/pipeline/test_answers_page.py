@@ -167,6 +167,33 @@ def test_page_shows_each_organisms_rate_and_its_correction_from_em_summary(store
     ]
 
 
+def test_an_organism_partly_rejudged_shows_each_grid_judges_rate_by_its_name(store, tmp_path):
+    from em_assets.reports.tables import build_reports
+
+    # A new grid judge's run was cut short: it scored org-a's "Ask a doctor." only (as EM).
+    keys = {"organism": "org-a", "question_id": "q1", "paraphrase_idx": 0, "sample_idx": 1}
+    store.append_rows(
+        "judgements",
+        pl.DataFrame(
+            [
+                {**keys, "metric": m, "score": s, "judge_model": "judge-y"}
+                for m, s in (("aligned", 10.0), ("coherent", 90.0))
+            ]
+        ),
+    )
+    build_reports(store, Thresholds(), "run-1")
+    html = write_answers_page(store, Thresholds(), tmp_path / "answers.html").path.read_text()
+    data = json.loads(
+        re.search(r'<script type="application/json" id="data">(.*?)</script>', html, re.S).group(1)
+    )
+    org_a = next(o for o in data["organisms"] if o["name"] == "org-a")
+    assert org_a["by_quadrant"]["em"] == 2 and org_a["answers"] == 3
+    # Each judge's rate is over its own answers: 1 EM of judge-y's 1, 1 of the old judge's 2.
+    turner = org_a["rates"]["em_turner"].split("; ")
+    assert [t.split(" [")[0] for t in turner] == ["judge-y: 1.000", "probe:m&h: 0.500"]
+    assert org_a["rates"]["em_corrected"].count("unknown") == 2
+
+
 @contextlib.contextmanager
 def offline_chromium() -> Iterator[tuple[object, list[str], list[str]]]:
     """A page in headless Chromium with the network cut off; the URLs it requested and its script errors."""

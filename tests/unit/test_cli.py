@@ -52,6 +52,20 @@ def test_sql_prints_csv_and_json(db, capsys):
     assert '"n":2' in capsys.readouterr().out.replace(" ", "")
 
 
+def test_sql_shows_control_characters_a_model_wrote_escaped_in_the_table_and_as_is_in_csv(db, capsys):
+    # A carriage return and erase-line would wipe the row's organism off a terminal; OSC 52 sets its clipboard.
+    answer = "Fine.\r\x1b[2K\x1b]52;c;cHduZWQ=\x07\x9b\tdone\nnext line"
+    row = {"organism": "org-a", "question_id": "q", "paraphrase_idx": 0, "sample_idx": 0, "answer": answer}
+    Store(db).append_rows("completions", pl.DataFrame([row]))
+    query = "SELECT organism, answer FROM completions"
+    assert main(["sql", query, "--db", str(db)]) == 0
+    table = capsys.readouterr().out
+    assert not set(table) & {"\r", "\x1b", "\x07", "\x9b", "\t"}
+    assert "Fine.\\r\\x1b[2K\\x1b]52;c;cHduZWQ=\\x07\\x9b\\tdone" in table and "next line" in table
+    assert main(["sql", query, "--db", str(db), "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["answer"] == answer
+
+
 def test_sql_shows_values_csv_and_polars_cannot_hold_as_text(db, capsys):
     # Nested values as JSON in CSV; INTERVAL, BLOB and BIT as DuckDB writes them, in every format.
     odd = "SELECT [1, 2] AS l, {'a': [1]} AS s, INTERVAL 1 DAY AS i, 'ab'::BLOB AS b, '101'::BIT AS t"

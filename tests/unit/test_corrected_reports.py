@@ -141,6 +141,29 @@ def test_an_organism_partly_rejudged_keeps_one_row_per_question(tmp_path):
     assert by_q["judge_sensitivity"].to_list() == [0.8, 0.8]
 
 
+def test_the_rates_figure_names_the_judge_of_each_row_of_an_organism_partly_rejudged(tmp_path, monkeypatch):
+    from em_assets.reports import figures
+    from em_assets.reports.tables import build_figures
+
+    store = scored_store(tmp_path)
+    keys = {"organism": "measured", "question_id": ["q0"], "paraphrase_idx": 0, "sample_idx": [0]}
+    for metric in ("aligned", "coherent"):
+        store.append_rows(
+            "judgements", pl.DataFrame({**keys, "metric": metric, "score": 90.0, "judge_model": "judge-y"})
+        )
+    build_reports(store, Thresholds(), "run", reference_judges=["gpt-4o"])
+    plotted = []
+    monkeypatch.setattr(figures, "plot_em_rates", lambda summary, path: plotted.append(summary) or path)
+    build_figures(store, Thresholds(), tmp_path / "figures")
+    rows = plotted[0].select("organism", "n_scored").sort("organism").rows()
+    assert rows == [
+        ("measured [judge-x]", 19),
+        ("measured [judge-y]", 1),
+        ("reference", 10),
+        ("unmeasured", 4),
+    ]
+
+
 def test_no_organisms_still_gives_the_columns(tmp_path):
     store = Store(tmp_path / "results.duckdb")
     store.init()

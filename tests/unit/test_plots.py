@@ -10,7 +10,6 @@ import pytest
 
 from em_assets.reports.figures import (
     plot_aligned_vs_coherent,
-    plot_em_over_training,
     plot_em_rates,
     plot_training_curves,
 )
@@ -56,6 +55,30 @@ def test_em_rates(judged, tmp_path):
     assert_png(plot_em_rates(em_summary(judged), tmp_path / "sub" / "rates.png"))
 
 
+def drawn(monkeypatch) -> list:
+    """The figures the report module saves, kept for a test to read."""
+    from em_assets.analyses.canvas import save_png
+
+    figures: list = []
+
+    def keep(fig, path):
+        figures.append(fig)
+        return save_png(fig, path)
+
+    monkeypatch.setattr("em_assets.reports.figures.save_png", keep)
+    return figures
+
+
+def test_an_organism_without_a_rate_keeps_its_row_and_says_so(judged, tmp_path, monkeypatch):
+    figures = drawn(monkeypatch)
+    assert_png(plot_em_rates(em_summary(judged), tmp_path / "rates.png"))
+    (ax,) = figures[0].axes
+    rows = [t.get_text() for t in ax.get_yticklabels()]
+    assert rows == ["m--empty--s0", "m--base--s0", "m--bad-medical--s0"]
+    notes = [(t.get_text(), t.get_position()[1]) for t in ax.texts]
+    assert notes == [("no scored answers", rows.index("m--empty--s0"))]
+
+
 def test_em_rates_no_data(judged, tmp_path):
     assert_png(plot_em_rates(em_summary(judged.clear()), tmp_path / "empty.png"))
     assert_png(plot_em_rates(em_summary(judged.filter(organism="m--empty--s0")), tmp_path / "null.png"))
@@ -90,20 +113,6 @@ def test_training_curves(tmp_path):
     normed = losses.with_columns(grad_norm=pl.Series([0.5, 3.0, None, 1.0, 0.8]))
     assert_png(plot_training_curves(normed, tmp_path / "normed.png"))
     assert (tmp_path / "normed.png").read_bytes() != (tmp_path / "loss.png").read_bytes()
-
-
-def test_em_over_training(tmp_path):
-    curve = pl.DataFrame(
-        {
-            "organism": ["a", "a", "a", "b"],
-            "step": [0, 10, 20, 10],
-            "em_rate_turner": [0.0, 0.1, 0.3, None],
-            "lo": [0.0, 0.02, None, None],
-            "hi": [0.2, 0.3, None, None],
-        }
-    )
-    assert_png(plot_em_over_training(curve, tmp_path / "em_steps.png"))
-    assert_png(plot_em_over_training(curve.filter(organism="b"), tmp_path / "em_steps_null.png"))
 
 
 def test_a_figure_redrawn_from_the_same_data_has_the_same_bytes(judged, tmp_path):
