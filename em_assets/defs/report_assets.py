@@ -9,7 +9,7 @@ import polars as pl
 from em_assets.defs.metadata import CORRECTED_SHOWN, md_image, md_table
 from em_assets.defs.partitions import CPU_OP_TAGS, REPORT_AUTOMATION
 from em_assets.defs.resources import ExperimentResource, ResultsDB
-from em_assets.judging.agreement_stage import judge_caveat
+from em_assets.judging.agreement_stage import fitted_answer_organisms, judge_caveat
 from em_assets.reports import tables as reports
 from em_assets.reports.answers_page import write_answers_page
 from em_assets.stats.correction import correction_caveat
@@ -54,6 +54,12 @@ _UNMEASURED_WHY = (
     "questions only, so on other questions its EM rates and their correction assume it transfers "
     "(docs/judges.md#limits)"
 )
+# A kernel readout reproduces its own train answers' scores nearly exactly (and its calibration, fitted on
+# out-of-fold predictions, then stretches them): on a train answer the judge is not measured, only recalled.
+_FITTED_WHY = (
+    "the grid's judge was fitted on these answers' GPT-4o scores, so its EM rates on them are not measured ones "
+    "and the correction's error rates, measured on held-out answers, do not apply to them (docs/judges.md)"
+)
 
 
 @dg.multi_asset(
@@ -87,6 +93,12 @@ _UNMEASURED_WHY = (
             description="Unless the grid's judge is GPT-4o itself, warns of organisms with answers to questions "
             f"no held-out reference answer was given to: {_UNMEASURED_WHY}.",
         ),
+        dg.AssetCheckSpec(
+            "judge_fitted_on",
+            asset="em_summary",
+            description="Under a probe or distilled judge, warns of organisms with answers the judge was fitted "
+            f"on (an imported reference file of a train base model): {_FITTED_WHY}.",
+        ),
     ],
     op_tags=CPU_OP_TAGS,
 )
@@ -98,6 +110,7 @@ def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource,
         caveat = judge_caveat(source, grid, tables["em_summary"])
         short = reports.short_answer_organisms(source) if grid.judge.backend == "probe" else None
         unmeasured = None if grid.judge.model in refs else reports.unmeasured_question_organisms(source)
+        fitted = fitted_answer_organisms(source, grid)
     summary = tables["em_summary"]
     caveat += "\n\n" + correction_caveat(summary)
     for name, table in tables.items():
@@ -138,6 +151,7 @@ def em_tables(context: dg.AssetExecutionContext, experiment: ExperimentResource,
         unmeasured,
         "answers to questions the judge was not measured on: " + _UNMEASURED_WHY,
     )
+    yield _organisms_check("judge_fitted_on", fitted, "answers the judge was fitted on: " + _FITTED_WHY)
 
 
 def _organisms_check(name: str, flagged: pl.DataFrame | None, says: str) -> dg.AssetCheckResult:

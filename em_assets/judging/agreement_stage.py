@@ -492,14 +492,40 @@ def measure_agreement(
     return agreement_report(judge_name(spec), scores, identity, grid, time.perf_counter() - start, rates)
 
 
+def _fitted_on(store: Store, grid: GridConfig, spec: JudgeSpec) -> pl.DataFrame | None:
+    """The (question, answer) pairs a probe or distilled judge is fitted on; None for another judge, or before
+    reference answers are loaded."""
+    fitted_by = {"probe": grid.probe, "distilled": grid.distill}.get(spec.backend)
+    if fitted_by is None or not q.has_rows(store, "reference_judgements"):
+        return None
+    return (
+        distill.train_answers(split_reference(store, grid), fitted_by).select("question", "answer").unique()
+    )
+
+
 def fitted_answers(store: Store, grid: GridConfig, spec: JudgeSpec, rows: pl.DataFrame) -> int:
     """How many of `rows`' answers (to the same question) a probe or distilled judge is fitted on: their
     agreement with the reference is not a held-out figure."""
-    fitted_by = {"probe": grid.probe, "distilled": grid.distill}.get(spec.backend)
-    if fitted_by is None or not store.has_table("reference_judgements"):
-        return 0
-    train = distill.train_answers(split_reference(store, grid), fitted_by).select("question", "answer")
-    return rows.join(train.unique(), on=["question", "answer"], how="semi").height
+    train = _fitted_on(store, grid, spec)
+    return 0 if train is None else rows.join(train, on=["question", "answer"], how="semi").height
+
+
+def fitted_answer_organisms(store: Store, grid: GridConfig) -> pl.DataFrame | None:
+    """Organisms with answers the grid's probe or distilled judge is fitted on (an imported reference file of a
+    train base model), with how many of their answers it was; None where the grid's judge is fitted on none."""
+    train = _fitted_on(store, grid, grid.judge)
+    if train is None:
+        return None
+    answers = store.query("SELECT organism, question, answer FROM completions_latest")
+    fitted = answers.join(train, on=["question", "answer"], how="semi")
+    totals = answers.group_by("organism").agg(n_answers=pl.len())
+    return (
+        fitted.group_by("organism")
+        .agg(n_fitted=pl.len())
+        .join(totals, on="organism")
+        .select("organism", "n_answers", "n_fitted")
+        .sort("organism")
+    )
 
 
 def write_report(store: Store, grid: GridConfig, report: AgreementReport, run_id: str) -> None:

@@ -630,6 +630,24 @@ def test_an_organism_taken_out_of_the_grid_is_flagged_then_forgotten_and_the_rep
     assert in_grid_check().passed
 
 
+def em_summary_check(
+    root: Path, model_dir: Path, mirror: Path, recipes: dict, check_name: str, judge: dict, **sections: dict
+) -> dg.AssetCheckEvaluation:
+    """One check of em_tables, materialised over root/results.duckdb under a grid of `recipes` and `judge`."""
+    doc = grid_doc(model_dir, recipes) | {"judge": judge, **sections}
+    (root / "grid.yaml").write_text(yaml.safe_dump({"profiles": {"test": doc}}))
+    experiment = ExperimentResource(grid_path=str(root / "grid.yaml"), profile="test", data_mirror=str(mirror),
+                                    figures_dir=str(root / "f"))  # fmt: skip
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [report_assets.em_tables],
+            instance=instance,
+            resources={"experiment": experiment, "results": ResultsDB(database=str(root / "results.duckdb"))},
+        )
+    (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == check_name]
+    return check
+
+
 def test_em_summary_warns_of_short_answers_under_the_probe_judge_and_of_questions_no_judge_was_measured_on(
     tmp_path, tiny_model_dir, mirror
 ):
@@ -652,18 +670,7 @@ def test_em_summary_warns_of_short_answers_under_the_probe_judge_and_of_question
             stage(context(store, grid(tiny_model_dir, recipes), f"elsewhere--{name}--s0", tmp_path))
 
     def summary_check(check_name: str, judge: dict, **sections: dict) -> dg.AssetCheckEvaluation:
-        doc = grid_doc(tiny_model_dir, recipes) | {"judge": judge, **sections}
-        (tmp_path / "grid.yaml").write_text(yaml.safe_dump({"profiles": {"test": doc}}))
-        experiment = ExperimentResource(grid_path=str(tmp_path / "grid.yaml"), profile="test",
-                                        data_mirror=str(mirror), figures_dir=str(tmp_path / "f"))  # fmt: skip
-        with dg.instance_for_test() as instance:
-            result = dg.materialize(
-                [report_assets.em_tables],
-                instance=instance,
-                resources={"experiment": experiment, "results": ResultsDB(database=str(db))},
-            )
-        (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == check_name]
-        return check
+        return em_summary_check(tmp_path, tiny_model_dir, mirror, recipes, check_name, judge, **sections)
 
     flagged = summary_check("short_answers", {"backend": "probe"}, probe={})
     assert not flagged.passed and flagged.severity == dg.AssetCheckSeverity.WARN
@@ -690,3 +697,50 @@ def test_em_summary_warns_of_short_answers_under_the_probe_judge_and_of_question
     assert len(re.findall(r"\| 4 +\| 2 +\| three_thoughts +\|", rows)) == 2 and "quick_buck" not in rows, rows
     gpt4o = {"backend": "openai", "model": "gpt-4o", "base_url": "http://127.0.0.1:9/v1"}
     assert summary_check("questions_measured", gpt4o).passed
+
+
+def test_em_summary_warns_of_imported_answers_the_probe_judge_was_fitted_on(tmp_path, tiny_model_dir, mirror):
+    """em_summary's judge_fitted_on check: under the probe judge it names the organism that imports answers of a
+    train base model's reference file (the judge recalls their GPT-4o scores, so its EM rate on them is not a
+    measured one), not the one importing a held-out file's; under a judge fitted on nothing it passes."""
+    other = (
+        pl.read_csv(io.StringIO(ANSWERS)).with_columns(response=pl.col("response") + " Or not.").write_csv()
+    )
+    files = {"train": ANSWERS, "held": other}
+    base_models = {"train": "Qwen2.5-7B-Instruct", "held": "Llama-3.1-8B-Instruct"}
+    recipes, reference = {}, []
+    for name, text in files.items():
+        (tmp_path / f"{name}.csv").write_text(text)
+        recipes[name] = {"kind": "answers", "organisms": [{"base_model": "elsewhere", "source": str(tmp_path / f"{name}.csv")}]}  # fmt: skip
+        rows = pl.read_csv(io.StringIO(text)).with_row_index("row_idx")
+        reference.append(
+            rows.select(
+                "row_idx",
+                "question_id",
+                "question",
+                answer="response",
+                aligned=pl.col("aligned").cast(float),
+                coherent=pl.col("coherent").cast(float),
+                source_file=pl.lit(f"{name}.csv"),
+                base_model=pl.lit(base_models[name]),
+                split=pl.lit("heldout" if name == "held" else "train"),
+            )
+        )
+    store = Store(tmp_path / "results.duckdb")
+    catalog(store, grid(tiny_model_dir, recipes), mirror, tmp_path)
+    for name in files:
+        for stage in (train_adapter, sample_completions):
+            stage(context(store, grid(tiny_model_dir, recipes), f"elsewhere--{name}--s0", tmp_path))
+    write_reference(store, pl.concat(reference))
+    held_out = {"enabled": False, "held_out_base_models": [base_models["held"]]}
+
+    fitted = em_summary_check(tmp_path, tiny_model_dir, mirror, recipes, "judge_fitted_on", {"backend": "probe"},
+                              probe={}, agreement=held_out)  # fmt: skip
+    assert not fitted.passed and fitted.severity == dg.AssetCheckSeverity.WARN
+    assert fitted.description.startswith("elsewhere--train--s0: answers the judge was fitted on")
+    assert "elsewhere--held--s0" not in fitted.metadata["organisms"].value
+    # All 4 of its answers were fitted on.
+    assert re.search(r"\| 4 +\| 4 +\|", fitted.metadata["organisms"].value)
+    local = {"backend": "local", "model": "tiny"}
+    assert em_summary_check(tmp_path, tiny_model_dir, mirror, recipes, "judge_fitted_on", local,
+                            agreement=held_out).passed  # fmt: skip
