@@ -107,8 +107,9 @@ class NumberTrie:
         # Every non-root node is one edge out of its parent: gather that edge's log-prob at the parent's slot.
         edge_slots = torch.tensor([slot[p] for p in self.parents[1:]], device=logprobs.device)
         edge_tokens = torch.tensor(self.tokens[1:], device=logprobs.device)
-        edge_lp = logprobs[:, edge_slots, edge_tokens].double()
-        on_path = torch.zeros(n_nodes - 1, n_nodes - 1, dtype=torch.float64, device=logprobs.device)
+        # The few gathered log-probs go to the CPU for the float64 sums (MPS has no float64).
+        edge_lp = logprobs[:, edge_slots, edge_tokens].cpu().double()
+        on_path = torch.zeros(n_nodes - 1, n_nodes - 1, dtype=torch.float64)
         child_of = torch.zeros_like(on_path)
         for node in range(1, n_nodes):
             on_path[node - 1, [a - 1 for a in self.ancestors(node)]] = 1.0
@@ -233,7 +234,7 @@ class LocalJudge:
             logits_to_keep=n_tree + 1,
         ).logits
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        return self.trie.number_probs(logprobs).cpu()
+        return self.trie.number_probs(logprobs)
 
 
 def prefix_groups(

@@ -16,6 +16,7 @@ from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from em_assets.models.attention import beyond_window
+from em_assets.sampling.tokens import wide_float
 
 ATTENTION = "em_assets_slots"
 
@@ -260,7 +261,7 @@ class Slots:
 
     def uniforms(self, rows: Sequence[int]) -> torch.Tensor:
         draws = [rng.random() if (rng := self.rngs[r]) is not None else 0.0 for r in rows]
-        return torch.tensor(draws, dtype=torch.float64, device=self.device)
+        return torch.tensor(draws, dtype=wide_float(self.device), device=self.device)
 
 
 def slot_groups(cols: torch.Tensor) -> list[tuple[int, int, int]]:

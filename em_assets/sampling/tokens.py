@@ -12,6 +12,11 @@ NUCLEUS_GUESS = 256
 SAMPLE_ROWS = 8
 
 
+def wide_float(device: torch.device | str) -> torch.dtype:
+    """The dtype of the draws' uniforms and cumulative sums: float64, but float32 on MPS, which has no float64."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def sample_tokens(
     logits: torch.Tensor, uniforms: torch.Tensor, temperature: float, top_p: float, top_k: int | None = None
 ) -> torch.Tensor:
@@ -86,13 +91,16 @@ def _invert_cdf(weights: torch.Tensor, uniforms: torch.Tensor, block: int = 256)
     if vocab % block:
         weights = F.pad(weights, (0, -vocab % block))
     blocks = weights.view(rows, -1, block)
-    block_mass = blocks.sum(-1).double()
+    wide = wide_float(weights.device)
+    block_mass = blocks.sum(-1).to(wide)
     cdf = block_mass.cumsum(-1)
     target = uniforms.to(cdf) * cdf[:, -1]
-    # A zero-mass block never holds the first cdf entry above the target, so it is never picked.
-    b = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1).clamp_max(cdf.shape[-1] - 1)
+    # A zero-mass block never holds the first cdf entry above the target, so it is never picked; a target that
+    # rounds up to the total (float32 on MPS) falls back to the last block of nonzero mass.
+    b = torch.searchsorted(cdf, target.unsqueeze(-1), right=True).squeeze(-1)
+    b = torch.minimum(b, (cdf < cdf[:, -1:]).sum(-1))
     rest = target - (cdf.gather(-1, b.unsqueeze(-1)) - block_mass.gather(-1, b.unsqueeze(-1))).squeeze(-1)
-    inner = blocks[torch.arange(rows, device=weights.device), b].cumsum(-1, dtype=torch.float64)
+    inner = blocks[torch.arange(rows, device=weights.device), b].cumsum(-1, dtype=wide)
     j = torch.searchsorted(inner, rest.clamp_min(0).unsqueeze(-1), right=True).squeeze(-1)
     # Rounding can put `rest` past the block's own total: fall back to its last token of nonzero weight.
     last = (inner < inner[:, -1:]).sum(-1)

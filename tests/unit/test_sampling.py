@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import random
 import sys
 import types
 
@@ -223,6 +224,29 @@ def test_zero_probability_tokens_are_never_drawn():
     tokens = sample_tokens(logits, uniforms, temperature=1.0, top_p=1.0)
     assert set(tokens.tolist()) == set(allowed.tolist())
     assert tokens[0] == 300 and tokens[1] == 1399
+
+
+def test_draws_without_float64_follow_the_weights(monkeypatch):
+    """MPS has no float64, so there the uniforms and cumulative sums are float32 (slots, tokens.wide_float): the
+    draws still follow the weights, and a uniform that rounds up to 1 draws the last token with any."""
+    from em_assets.sampling import tokens as token_draws
+
+    monkeypatch.setattr(token_draws, "wide_float", lambda _device: torch.float32)
+    monkeypatch.setattr(slots, "wide_float", lambda _device: torch.float32)
+    torch.manual_seed(0)
+    logits = torch.randn(1, 1400) * 2
+    logits[:, 700:] = float("-inf")  # the last blocks, one of them partly padding, have no mass
+    n = 20000
+    draws = slots.Slots(n, 1, torch.device("cpu"))
+    draws.rngs = [random.Random(0) for _ in range(n)]
+    assert draws.uniforms([0]).dtype == torch.float32
+    # An even grid of float32 uniforms, then 1 - 2**-30, which float32 rounds to 1.
+    grid = torch.cat([(torch.arange(n - 1) + 0.5) / (n - 1), torch.tensor([1 - 2**-30])]).float()
+    assert grid[-1] == 1.0
+    tokens = sample_tokens(logits.expand(n, -1), grid, temperature=1.0, top_p=1.0)
+    assert int(tokens[-1]) == 699
+    freq = torch.bincount(tokens, minlength=1400).double() / n
+    assert (freq - torch.softmax(logits[0].double(), -1)).abs().max() < 3 / n
 
 
 @pytest.mark.parametrize("temperature", [1.0, 1.6])
