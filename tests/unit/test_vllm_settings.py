@@ -35,6 +35,16 @@ def test_grid_values_pass_through_and_bad_ones_are_refused():
         "gpu_memory_utilization": 0.85,
         "dtype": "bfloat16",
     }
+    # A large model's whole context may not fit its KV cache beside its weights: the grid can cut it.
+    room = spec.model_copy(update={"max_model_len": 4096})
+    assert vllm_settings(room, on_cpu=False, free_fraction=1.0, cpu_dtype="float32").llm_kwargs == {
+        "gpu_memory_utilization": 0.85,
+        "max_model_len": 4096,
+    }
+    with pytest.raises(ValidationError, match="leaves no room for a prompt"):
+        SamplingSpec.model_validate(
+            {"backend": "vllm", "max_new_tokens": 600, "vllm": {"max_model_len": 600}}
+        )
     assert vllm_settings(spec, on_cpu=True, free_fraction=0.1, cpu_dtype="bfloat16").env == {
         CPU_KVCACHE_ENV: "6"
     }
