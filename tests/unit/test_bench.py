@@ -63,6 +63,19 @@ def test_summary_ratios_are_worked_out_from_the_results():
     assert not any(k.endswith("_vs_vllm_cpu") for k in summary if not k.startswith("sample_ours_"))
 
 
+def test_a_compact_prompt_run_without_prefix_reuse_is_compared_with_the_baseline_without_it():
+    # As on a GPU: reuse slows the upstream row (8 -> 2 judgements/s) and the compact row runs without it.
+    rows = results({"tok_per_s": 150.0}, {"judgements_per_s": 32.0, "share_prefix": 0})
+    rows["judge_local"] = {"judgements_per_s": 2.0, "share_prefix": 1}
+    rows["judge_local_no_prefix_reuse"] = {"judgements_per_s": 8.0, "share_prefix": 0}
+    summary = run.summarise(rows, PARAMS)
+    assert summary["judge_compact_prompt_speedup"] == pytest.approx(4.0)
+    assert summary["judge_prefix_reuse_speedup"] == pytest.approx(0.25)
+    assert summary["judge_total_speedup"] == pytest.approx(4.0)
+    # The two levers are not steps of one chain there, so neither is a share of the total.
+    assert summary["judge_prefix_reuse_share"] is None and summary["judge_compact_prompt_share"] is None
+
+
 def test_a_skipped_peer_and_a_failed_run_leave_their_ratios_empty():
     summary = run.summarise(
         results({"stage": "vllm", "skipped": run.VLLM_SKIPPED}, {"error": "killed"}), PARAMS
@@ -374,8 +387,13 @@ def test_the_llamacpp_row_counts_each_answers_stop_token_as_the_other_rows_do(mo
             reason = "stop" if "stops" in messages[0]["content"] else "length"
             return {"usage": {"completion_tokens": 2}, "choices": [{"finish_reason": reason}]}
 
-    monkeypatch.setitem(sys.modules, "llama_cpp", SimpleNamespace(Llama=Llama))
+    build = b"CPU : AVX2 = 1 | "
+    monkeypatch.setitem(
+        sys.modules, "llama_cpp", SimpleNamespace(Llama=Llama, llama_print_system_info=lambda: build)
+    )
     monkeypatch.setattr(hub, "embedded_gguf", lambda key: Path("model.gguf"))
     monkeypatch.setattr(run, "_questions", lambda: (["it stops", "it runs out"], ""))
     row = run.stage_llamacpp(SimpleNamespace(requests=2, max_new_tokens=2))
     assert row["tokens"] == 5
+    # The row names the instruction sets its build runs, which differ from the other rows' on an AVX-512 CPU.
+    assert row["build"] == "CPU : AVX2 = 1 |"
