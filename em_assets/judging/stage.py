@@ -199,16 +199,23 @@ def score_chunks(
 ) -> Iterator[tuple[list[int], list[dict]]]:
     """Score prompts chunk by chunk through the judge cache, yielding (prompt indices, scores) as each chunk ends,
     so callers write their rows before the next chunk starts (a killed run loses one chunk at most). A judge
-    with an `order` (the probe judge's: answers by length) chooses which prompts share a chunk."""
+    with an `order` (the probe judge's: answers by length) chooses which prompts share a chunk. Prompts of one
+    cache key (one answer sampled twice for a question) are scored once, and each copy takes that score."""
+    copies: dict[str, list[int]] = {}
+    for i, key in enumerate(cache_keys):
+        copies.setdefault(key, []).append(i)
+    unique = [same[0] for same in copies.values()]
     order = getattr(scorer, "order", None)
-    indices = order(prompts) if order is not None else list(range(len(prompts)))
+    ranks = order([prompts[i] for i in unique]) if order is not None else range(len(unique))
+    indices = [unique[r] for r in ranks]
     for start in range(0, len(indices), chunk_size):
         part = indices[start : start + chunk_size]
         chunk_fixed = None if fixed is None else [fixed[i] for i in part]
         scores = score_and_cache(
             scorer, store, [prompts[i] for i in part], [cache_keys[i] for i in part], chunk_fixed
         )
-        yield part, scores
+        same = [copies[cache_keys[i]] for i in part]
+        yield [i for c in same for i in c], [s for c, s in zip(same, scores, strict=True) for _ in c]
 
 
 @contextmanager

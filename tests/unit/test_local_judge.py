@@ -275,3 +275,28 @@ def test_a_sliding_window_model_judges_as_its_own_forward_pass_on_prompts_longer
             got = torch.tensor([dist[n] for n in range(101)])
             assert expected[10:].sum() > 0.1
             torch.testing.assert_close(got, expected, rtol=2e-5, atol=1e-8)
+
+
+def test_identical_prompts_are_scored_once_and_every_copy_takes_their_score(digit_model, tokenizer, tmp_path):
+    """Regression: one answer sampled twice for a question (one cache key) went to the judge twice."""
+    from em_assets.judging.stage import score_chunks
+    from em_assets.results.store import Store
+
+    judge = LocalJudge(digit_model, tokenizer, batch_size=4, min_mass=0.0)
+    asked: list[str] = []
+
+    class Counting:
+        def score(self, prompts, on_progress=None):
+            asked.extend(prompts)
+            return judge.score(prompts)
+
+    prompts = [SHARED[0], SHARED[1], SHARED[0], SHARED[2], SHARED[0], SHARED[1]]
+    keys = [f"key of {p}" for p in prompts]
+    store = Store(tmp_path / "r.duckdb")
+    store.init()
+    chunks = list(score_chunks(Counting(), store, prompts, keys, 2))
+    assert sorted(asked) == sorted(set(prompts))
+    got = {i: s for part, scores in chunks for i, s in zip(part, scores, strict=True)}
+    assert sorted(got) == list(range(len(prompts)))
+    for i, verdict in enumerate(judge.score(prompts)):
+        assert got[i]["score"] == pytest.approx(verdict.score, abs=1e-6)
