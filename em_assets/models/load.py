@@ -105,7 +105,8 @@ def is_full_model(path: Path | str | None) -> bool:
 
 def load_organism_model(base: dict, adapter: dict, device: str | None = None):
     """Base model with the organism's adapter merged in (merging keeps sampling at base-model speed), or the
-    fully fine-tuned model itself; the tokenizer is always the base model's."""
+    fully fine-tuned model itself; the tokenizer is `base`'s (a published `model` organism's own, its row
+    from organism_model_row)."""
     trust = bool(base["trust_remote_code"])
     tokenizer = load_tokenizer(base["path"], trust_remote_code=trust)
     if is_full_model(adapter.get("adapter_path")):

@@ -104,7 +104,8 @@ def check_adapter_base(
     # By name only where the adapter names a hub id: a folder's name (final, checkpoint-500) says nothing of it,
     # unless its layout names the source it was resolved from (an adapter trained here records that folder).
     named = folder_source(declared) if declared.startswith(("/", ".", "~")) else declared
-    if named and _name(named) in {_name(c) for c in candidates if c}:
+    # A base model given as its hub snapshot folder (models--<owner>--<name>/snapshots/<commit>) is that hub id.
+    if named and _name(named) in {_name(folder_source(c) or c) for c in candidates if c}:
         return
     raise OrganismSourceError(
         f"{adapter.path / ADAPTER_CONFIG}: field base_model_name_or_path is {declared or '(empty)'!r}, but "
@@ -113,8 +114,22 @@ def check_adapter_base(
 
 
 def resolve_model(name: str, source: str, revision: str | None, cache_dir: Path | None) -> ResolvedModel:
-    """A fine-tuned model (hub id at a revision, or a directory) resolved like a base model."""
+    """A fine-tuned model (hub id at a revision, or a directory) resolved like a base model, with the tokenizer
+    and chat template it samples with."""
+    from em_assets.models.load import load_tokenizer
+
     try:
-        return resolve(name, source, revision, cache_dir)
+        model = resolve(name, source, revision, cache_dir)
     except ModelLoadError as exc:
         raise OrganismSourceError(f"{source}: {exc}") from exc
+    # Without this, a repository of weights alone fails only once sampling starts, in transformers' words.
+    try:
+        load_tokenizer(model.path)
+    except ModelLoadError as exc:  # a tokenizer without a chat template
+        raise OrganismSourceError(f"{source}: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise OrganismSourceError(
+            f"{source}@{model.revision}: {model.path} has no tokenizer transformers can load; a fine-tuned "
+            "model samples with its own tokenizer and chat template"
+        ) from exc
+    return model

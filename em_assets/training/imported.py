@@ -120,6 +120,7 @@ def _is_local(source: str) -> bool:
 def check_sources(grid: GridConfig) -> None:
     """Check every imported organism whose source is on this machine (directories, answers files, reference
     files), before anything runs; hub sources are checked by their lora_adapter step, once downloaded."""
+    from em_assets.models.hub import unresolvable
     from em_assets.models.published import check_adapter_base, resolve_adapter
 
     for name, recipe in grid.recipes.items():
@@ -133,3 +134,6 @@ def check_sources(grid: GridConfig) -> None:
                 check_adapter_base(resolve_adapter(entry.source), base.source, path, key)
             elif recipe.kind == "model" and _is_local(entry.source):
                 check_source(entry.source, [])
+                # What its lora_adapter step would refuse: no safetensors weights, or shards missing.
+                if why := unresolvable(entry.source):
+                    raise OrganismSourceError(f"organism {key}: {why}")

@@ -744,3 +744,21 @@ def test_em_summary_warns_of_imported_answers_the_probe_judge_was_fitted_on(tmp_
     local = {"backend": "local", "model": "tiny"}
     assert em_summary_check(tmp_path, tiny_model_dir, mirror, recipes, "judge_fitted_on", local,
                             agreement=held_out).passed  # fmt: skip
+
+
+def test_a_published_model_without_a_tokenizer_is_refused_by_its_lora_adapter_step(
+    tmp_path, tiny_model_dir, offline_hub
+):
+    """Regression: a `model` repository of weights alone was recorded, then failed once sampling started with
+    transformers' advice to install sentencepiece."""
+    from em_assets.models.published import resolve_model
+
+    full = as_hub_snapshot(
+        tiny_model_dir, offline_hub, "acme/full", [p.name for p in tiny_model_dir.iterdir()]
+    )
+    assert resolve_model("tiny", "acme/full", None, tmp_path / "cache").revision == full
+    bare = as_hub_snapshot(tiny_model_dir, offline_hub, "acme/bare", ["config.json", "model.safetensors"])
+    with pytest.raises(
+        OrganismSourceError, match=rf"acme/bare@{bare}: .* has no tokenizer transformers can load"
+    ):
+        resolve_model("tiny", "acme/bare", None, tmp_path / "cache")

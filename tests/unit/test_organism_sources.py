@@ -356,3 +356,33 @@ def test_an_adapter_on_llama_fits_its_base_model_under_the_name_meta_gave_it_bef
         return
     with pytest.raises(OrganismSourceError, match="belongs to another base model"):
         check_adapter_base(adapter, "meta-llama/Llama-3.1-8B-Instruct", None, "llama--pub--s0")
+
+
+def test_an_adapter_fits_its_base_model_given_as_a_hub_snapshot_folder(tmp_path):
+    """Regression: a base model given as its Hugging Face cache folder (models--<owner>--<name>/snapshots/<commit>)
+    refused every adapter naming that model's hub id, or a re-upload of it, as one for another base model."""
+    from em_assets.models.published import check_adapter_base, resolve_adapter
+
+    snapshot = str(tmp_path / "hub" / "models--Qwen--Qwen2.5-7B-Instruct" / "snapshots" / ("a" * 40))
+    for i, declared in enumerate(["Qwen/Qwen2.5-7B-Instruct", "unsloth/Qwen2.5-7B-Instruct"]):
+        adapter = resolve_adapter(str(fake_adapter(tmp_path / f"adapter{i}", declared)))
+        check_adapter_base(adapter, snapshot, snapshot, "qwen--pub--s0")
+    other = resolve_adapter(str(fake_adapter(tmp_path / "other", "Qwen/Qwen2.5-14B-Instruct")))
+    with pytest.raises(OrganismSourceError, match="belongs to another base model"):
+        check_adapter_base(other, snapshot, snapshot, "qwen--pub--s0")
+
+
+def test_a_model_directory_its_step_would_refuse_is_refused_before_anything_runs(tmp_path, env, capsys):
+    """Regression: a `model` organism's local directory was checked for config.json alone, so one without
+    safetensors weights passed `plan` and `demo`'s checks and failed in its lora_adapter step."""
+    (tmp_path / "config.json").write_text("{}")
+    model = tmp_path / "finetuned"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "pytorch_model.bin").write_bytes(b"weights")
+    entry = {"base_model": "tiny", "source": str(model)}
+    db = env(grid_doc(str(tmp_path), {"ft": {"kind": "model", "organisms": [entry]}}))
+    assert main(["plan"]) == 2
+    err = capsys.readouterr().err
+    assert f"organism tiny--ft--s0: {model} has no .safetensors weights" in err and len(err.splitlines()) == 1
+    assert not db.exists()
