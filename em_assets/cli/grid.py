@@ -23,10 +23,13 @@ def cmd_add_model(args: argparse.Namespace) -> int:
     from em_assets.grid.edit import add_base_model
     from em_assets.grid.load import GridError
 
+    current = settings()
+    profile = args.profile or current.profile
     try:
+        path = _grid_path(args.grid)
         spec = add_base_model(
-            _grid_path(args.grid),
-            args.profile or settings().profile,
+            path,
+            profile,
             _checked_source(args.source, args.revision),
             name=_not_empty("--name", args.name),
             revision=_not_empty("--revision", args.revision),
@@ -35,7 +38,16 @@ def cmd_add_model(args: argparse.Namespace) -> int:
     except GridError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"added base model {spec.name} ({spec.source}); the grid sensor will add its organisms and runs")
+    # The grid sensor reads the file and profile its code location was started with, as this command's settings
+    # name them: another --grid or --profile is not the one it watches.
+    if (path.resolve(), profile) == (current.grid_path.resolve(), current.profile):
+        then = "the grid sensor will add its organisms and runs"
+    else:
+        then = (
+            f"the grid sensor adds its organisms where Dagster runs profile {profile!r} of {path} (EM_PROFILE, "
+            f"EM_GRID; here {current.profile!r} of {current.grid_path})"
+        )
+    print(f"added base model {spec.name} ({spec.source}) to profile {profile!r}; {then}")
     return 0
 
 

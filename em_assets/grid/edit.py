@@ -40,6 +40,19 @@ def _last_line(node: yaml.Node) -> int:
     return mark.line if mark.column > 0 else mark.line - 1
 
 
+class _AliasesInPlace(yaml.SafeLoader):
+    """Composes each alias as a leaf where it is written: as its anchor's node it would end wherever the anchor's
+    value is written (often above the list), and an entry ending in `<<: *x` would be read as ending there."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            event = self.get_event()
+            return yaml.ScalarNode(
+                "tag:yaml.org,2002:str", f"*{event.anchor}", event.start_mark, event.end_mark
+            )
+        return super().compose_node(parent, index)
+
+
 def _child(node: yaml.Node | None, key: str) -> tuple[yaml.Node, yaml.Node] | None:
     if not isinstance(node, yaml.MappingNode):
         return None
@@ -47,15 +60,11 @@ def _child(node: yaml.Node | None, key: str) -> tuple[yaml.Node, yaml.Node] | No
 
 
 def _base_models_node(text: str, path: Path, profile: str) -> yaml.SequenceNode:
-    profiles = _child(yaml.compose(text), "profiles")
+    profiles = _child(yaml.compose(text, Loader=_AliasesInPlace), "profiles")
     spec = _child(profiles[1], profile) if profiles else None
     pair = _child(spec[1], "base_models") if spec else None
-    # An alias resolves to a list written elsewhere in the file, before its own key.
-    if (
-        pair is None
-        or not isinstance(pair[1], yaml.SequenceNode)
-        or pair[1].start_mark.index < pair[0].end_mark.index
-    ):
+    # An alias (a list written elsewhere in the file) reads as a leaf, not a list.
+    if pair is None or not isinstance(pair[1], yaml.SequenceNode):
         raise GridError(f"{path}: profile {profile!r} has no base_models list of its own to add to")
     return pair[1]
 

@@ -287,8 +287,19 @@ def test_add_model_command_edits_the_grid(tmp_path, capsys):
     assert main(["add-model", "Qwen/Qwen2.5-0.5B-Instruct", "--grid", str(grid), "--profile", "demo"]) == 0
     names = [m.name for m in load_grid(grid, "demo").base_models]
     assert names == ["smollm2-135m", "qwen2.5-0.5b-instruct"]
+    # Not the grid the sensor reads (EM_GRID): the message says which one it watches, not that it will run them.
+    assert "where Dagster runs profile 'demo' of " + str(grid) in capsys.readouterr().out
     assert main(["add-model", "Qwen/Qwen2.5-0.5B-Instruct", "--grid", str(grid), "--profile", "demo"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_add_model_to_the_configured_grid_says_the_grid_sensor_runs_it(tmp_path, capsys, monkeypatch):
+    grid = tmp_path / "grid.yaml"
+    shutil.copy(REPO / "data/grid.yaml", grid)
+    monkeypatch.setenv("EM_GRID", str(grid))
+    monkeypatch.setenv("EM_PROFILE", "paper")
+    assert main(["add-model", "org/New"]) == 0
+    assert "to profile 'paper'; the grid sensor will add its organisms and runs" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------- bad input: exit 2

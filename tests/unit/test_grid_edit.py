@@ -6,6 +6,7 @@ from support.paths import REPO
 
 from em_assets.grid.edit import add_base_model, slug_for
 from em_assets.grid.load import GridError, load_grid
+from em_assets.grid.schema import GenerationSpec
 
 
 @pytest.fixture
@@ -112,3 +113,20 @@ def test_list_shared_through_an_anchor_is_not_edited(tmp_path, profile, match):
         add_base_model(path, profile, "org/N")
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["grid.yaml"]
+
+
+def test_an_entry_ending_in_an_alias_gets_the_new_model_after_it(tmp_path):
+    """Regression: an alias was read as its anchor's node, so an entry ending in `<<: *qwen` seemed to end where
+    the anchor is written (above the profiles), and the model was inserted there: refused as broken YAML."""
+    path = _write(
+        tmp_path,
+        "qwen: &qwen {generation: {top_k: 20}}\nprofiles:\n  demo:\n    base_models:\n"
+        "      - name: a\n        source: org/A\n        <<: *qwen\n    recipes: {base: {}}\n",
+    )
+    add_base_model(path, "demo", "org/B")
+    assert path.read_text() == (
+        "qwen: &qwen {generation: {top_k: 20}}\nprofiles:\n  demo:\n    base_models:\n"
+        "      - name: a\n        source: org/A\n        <<: *qwen\n      - {name: b, source: org/B}\n"
+        "    recipes: {base: {}}\n"
+    )
+    assert [m.generation for m in load_grid(path, "demo").base_models] == [GenerationSpec(top_k=20), None]
