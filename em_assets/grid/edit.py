@@ -27,6 +27,9 @@ def slug_for(source: str) -> str:
 def _same_source(a: str, b: str) -> bool:
     if a == b:
         return True
+    # The hub resolves a repository id whatever its letter case (qwen/... is Qwen/...).
+    if not any(s.startswith(("/", ".", "~")) for s in (a, b)) and a.lower() == b.lower():
+        return True
     pa, pb = Path(a).expanduser(), Path(b).expanduser()
     return pa.is_dir() and pb.is_dir() and pa.resolve() == pb.resolve()
 
@@ -77,13 +80,15 @@ def _insert(text: str, node: yaml.SequenceNode, entry: str) -> str:
         sep = " " if text[:close].rstrip().endswith(",") else ", "
         return text[:close] + sep + entry + text[close:]
     lines = text.splitlines(keepends=True)
+    # The file's own line ending (a grid saved on Windows keeps CRLF).
+    newline = "\r\n" if lines[0].endswith("\r\n") else "\n"
     at = _last_line(node) + 1
     if not lines[at - 1].endswith("\n"):
-        lines[at - 1] += "\n"
+        lines[at - 1] += newline
     # The first item's dash sets the indentation (the node's own mark may sit on an anchor instead).
     dash = text.rfind("-", 0, node.value[0].start_mark.index)
     indent = dash - text.rfind("\n", 0, dash) - 1
-    lines.insert(at, " " * indent + "- " + entry + "\n")
+    lines.insert(at, " " * indent + "- " + entry + newline)
     return "".join(lines)
 
 
@@ -117,7 +122,8 @@ def add_base_model(
         raise GridError(f"not a valid base model entry {fields}: {why}") from None
     entry = yaml.safe_dump(fields, default_flow_style=True, sort_keys=False, width=1 << 16).strip()
 
-    text = grid_path.read_text()
+    with open(grid_path, encoding="utf-8", newline="") as fh:
+        text = fh.read()
     new_text = _insert(text, _base_models_node(text, grid_path, profile), entry)
     before = yaml.safe_load(text)["profiles"]
     try:
@@ -139,7 +145,7 @@ def add_base_model(
         ) from None
     tmp = Path(tmp_name)
     try:
-        with os.fdopen(fd, "w") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(new_text)
         try:
             added = load_grid(tmp, profile).base_model(name)

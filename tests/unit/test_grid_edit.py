@@ -130,3 +130,24 @@ def test_an_entry_ending_in_an_alias_gets_the_new_model_after_it(tmp_path):
         "    recipes: {base: {}}\n"
     )
     assert [m.generation for m in load_grid(path, "demo").base_models] == [GenerationSpec(top_k=20), None]
+
+
+def test_a_grid_saved_with_crlf_keeps_its_line_endings(tmp_path):
+    path = tmp_path / "grid.yaml"
+    body = "profiles:\r\n  demo:\r\n    base_models:\r\n      - {name: a, source: org/A}\r\n    recipes: {base: {}}\r\n"
+    path.write_bytes(body.encode())
+    add_base_model(path, "demo", "org/B")
+    assert (
+        path.read_bytes()
+        == body.replace("org/A}\r\n", "org/A}\r\n      - {name: b, source: org/B}\r\n").encode()
+    )
+    assert [m.name for m in load_grid(path, "demo").base_models] == ["a", "b"]
+
+
+def test_a_hub_id_in_another_letter_case_is_the_same_model(tmp_path):
+    path = _write(
+        tmp_path,
+        "profiles:\n  demo:\n    base_models:\n      - {name: a, source: Org/Model-A}\n    recipes: {base: {}}\n",
+    )
+    with pytest.raises(GridError, match="already has base model 'a'"):
+        add_base_model(path, "demo", "org/model-a", name="other")
