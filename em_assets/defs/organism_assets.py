@@ -50,13 +50,12 @@ def lora_adapter(
         meta["final_loss"] = result.final_loss
     if losses.rows.height:
         meta["loss_curve"] = md_table(losses.rows, max_rows=200)
-    return dg.MaterializeResult(
-        metadata=meta,
-        # An answers organism has no adapter: its version is its source's (the file's sha256 enters the hash).
-        data_version=dg.DataVersion(
-            result.adapter_sha256 or ("control" if result.control else result.config_hash)
-        ),
-    )
+    # An answers organism has no adapter: its version is its source's (the file's sha256 enters the hash), as is a
+    # published adapter's, whose config (alpha, rslora, targets) changes its answers as its weights do.
+    version = result.adapter_sha256 or ("control" if result.control else result.config_hash)
+    if meta["method"] == "adapter":
+        version = result.config_hash
+    return dg.MaterializeResult(metadata=meta, data_version=dg.DataVersion(version))
 
 
 @dg.asset(

@@ -762,3 +762,40 @@ def test_a_published_model_without_a_tokenizer_is_refused_by_its_lora_adapter_st
         OrganismSourceError, match=rf"acme/bare@{bare}: .* has no tokenizer transformers can load"
     ):
         resolve_model("tiny", "acme/bare", None, tmp_path / "cache")
+
+
+def test_a_published_adapters_config_alone_changing_gives_a_new_data_version(
+    tmp_path, tiny_model_dir, mirror
+):
+    """A published adapter's config (here its alpha) changes its answers as its weights do: lora_adapter's data
+    version follows it, so Dagster shows completions stale, though the weights' sha256 is the same."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from support.pipeline import materialize, pipeline_resources
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    adapter = tmp_path / "adapter"
+    get_peft_model(model, LoraConfig(r=2, lora_alpha=8, target_modules=["down_proj"])).save_pretrained(
+        adapter
+    )
+    entry = {"base_model": "tiny", "source": str(adapter)}
+    doc = grid(tiny_model_dir, {"pub": {"kind": "adapter", "organisms": [entry]}})
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"profiles": {"test": doc.model_dump(mode="json")}}))
+    resources = pipeline_resources(tmp_path, grid_file, mirror)
+    key = "tiny--pub--s0"
+
+    def materialised() -> tuple[str, str]:
+        result = materialize(instance, resources, ["lora_adapter"], key)
+        (event,) = result.asset_materializations_for_node("lora_adapter")
+        return event.tags["dagster/data_version"], event.metadata["adapter_sha256"].value
+
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(organisms.name, [key])
+        materialize(instance, resources, ["base_models", "training_datasets", "eval_questions"])
+        version, sha = materialised()
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 16}))
+        again, same_sha = materialised()
+    assert same_sha == sha and again != version
