@@ -140,9 +140,17 @@ def test_the_local_judge_reuses_question_prefixes_as_the_cpu_computes_without(ti
     assert min(sum(d.values()) for d in cached) > 0.1
 
 
-def test_probe_features_read_cached_questions_as_the_cpu_does(tiny_model_dir, examples):
+@pytest.mark.parametrize("short", [False, True])
+def test_probe_features_read_cached_questions_as_the_cpu_does(tiny_model_dir, examples, short):
+    """short: empty and one-word answers, which the probe's empty corruptions put first (sorted by length),
+    leave a batch no token whose likelihood is read."""
     tokenizer = load_tokenizer(tiny_model_dir)
-    items = [QA(QUESTIONS[i % 2], m[-1]["content"][:300]) for i, m in enumerate(examples[:6])]
+    answers = (
+        ["", "", "Yes", examples[0][-1]["content"][:200]]
+        if short
+        else [m[-1]["content"][:300] for m in examples[:6]]
+    )
+    items = [QA(QUESTIONS[i % 2], a) for i, a in enumerate(answers)]
     features = {
         device: answer_features(
             load_model(tiny_model_dir, device=device, dtype="float32"),
@@ -150,7 +158,7 @@ def test_probe_features_read_cached_questions_as_the_cpu_does(tiny_model_dir, ex
             items,
             (0, 1),
             64,
-            batch_size=4,
+            batch_size=2 if short else 4,
         )
         for device in ("cpu", DEVICE)
     }

@@ -148,5 +148,7 @@ def random_directions(directions, seed: int):
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    noise = torch.randn(directions.shape, generator=generator, dtype=torch.float32)
+    # Drawn on the CPU, so the control is the same on every device; then moved to the directions' device (a
+    # GPU, where the class means were computed on one).
+    noise = torch.randn(directions.shape, generator=generator, dtype=torch.float32).to(directions.device)
     return noise / noise.norm(dim=-1, keepdim=True) * directions.float().norm(dim=-1, keepdim=True)

@@ -191,8 +191,10 @@ def _token_scores(model, normed, ids, answer) -> list[tuple[np.ndarray, np.ndarr
         logp = torch.log_softmax(logits.float(), dim=-1)
         lp.append(logp.gather(1, ids[r, p + 1][:, None])[:, 0])
         ent.append(_entropy(logp))
-    lp_all = torch.cat(lp) if lp else torch.zeros(0)
-    ent_all = torch.cat(ent) if ent else torch.zeros(0)
+    # On the rows' device: a batch with no token to score (answers of two tokens or fewer) indexes these by
+    # `rows == i`, which fails on a GPU for a CPU tensor.
+    lp_all = torch.cat(lp) if lp else torch.zeros(0, device=rows.device)
+    ent_all = torch.cat(ent) if ent else torch.zeros(0, device=rows.device)
     return [(lp_all[rows == i].cpu().numpy(), ent_all[rows == i].cpu().numpy()) for i in range(len(ids))]
 
 

@@ -335,7 +335,10 @@ def auto_batch_size(model, max_len: int) -> int:
     device = model.get_input_embeddings().weight.device
     if device.type != "cuda":
         return CPU_BATCH
+    # The driver counts what torch's allocator keeps cached as used; it is free to this process (a model or KV
+    # cache freed earlier in it: a sweep's previous point, the sampling step before in an in-process run).
     free = torch.cuda.mem_get_info(device)[0]
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return max(1, min(MAX_GPU_BATCH, free // 2 // kv_bytes_per_slot(model, max_len)))
 
 

@@ -189,6 +189,12 @@ def sample_chunks(
     if sampling.backend == "vllm":
         from em_assets.sampling import vllm_backend
 
+        if device.startswith("cuda:") and device != "cuda:0":
+            # vLLM takes no device: it runs on the first GPU the process sees, which may be busy.
+            raise ValueError(
+                f"the vllm backend samples on the first visible GPU, not EM_DEVICE={device}: set "
+                f"CUDA_VISIBLE_DEVICES={device.removeprefix('cuda:')} (and EM_DEVICE=cuda) instead"
+            )
         chunks = vllm_backend.iter_samples(
             base["path"], adapter_path, requests, **options, vllm=sampling.vllm
         )

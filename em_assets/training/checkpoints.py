@@ -100,7 +100,9 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # A run saved where more GPUs were visible (all of a host's, EM_DEVICE=cuda:1) resumes where fewer are:
+        # the states of devices not there now would fail it.
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
 def save_checkpoint(root: Path, model, optimizer, scheduler, progress: dict, scaler=None) -> None:

@@ -220,6 +220,13 @@ def test_random_control_has_the_directions_norm_and_another_direction():
     assert torch.equal(control, random_directions(directions, seed=7))
 
 
+def test_random_control_of_directions_off_the_cpu_is_drawn_there():
+    """Class means computed on a GPU give directions there: the control must not mix in CPU tensors. The meta
+    device stands in for the GPU (mixing it with the CPU fails as CUDA does)."""
+    control = random_directions(torch.ones(3, 8, device="meta"), seed=7)
+    assert control.device.type == "meta" and control.shape == (3, 8)
+
+
 def test_similarity_of_a_direction_with_itself_is_one():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(3, 16))

@@ -338,6 +338,23 @@ def test_kv_bytes_per_slot_is_what_the_cache_holds(model, tokenizer):
     assert engine.auto_batch_size(model, 1000) == engine.CPU_BATCH
 
 
+def test_auto_batch_on_a_gpu_counts_memory_the_allocator_caches_as_free(model, monkeypatch):
+    """A model freed earlier in the process leaves its memory cached by torch, which the driver counts as used:
+    the next sampling call (a sweep's next point) must not size its batch from the driver's figure alone."""
+    per_slot = slots.kv_bytes_per_slot(model, 1000)
+    weight = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"))
+    gpu = types.SimpleNamespace(
+        get_input_embeddings=lambda: types.SimpleNamespace(weight=weight),
+        config=model.config,
+        dtype=model.dtype,
+    )
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * per_slot, 80 * per_slot))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 50 * per_slot)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 10 * per_slot)
+    # Free to this process: 20 slots' worth the driver sees plus 40 cached; half of it for the KV cache.
+    assert engine.auto_batch_size(gpu, 1000) == 30
+
+
 def test_a_template_that_writes_todays_date_renders_the_same_prompt_on_every_day(smollm2_tokenizer_dir):
     # Llama-3.2's template: the date it is given, else today's (through transformers' strftime_now).
     from datetime import datetime

@@ -292,6 +292,20 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model_dir, examples, tmp_pa
     assert not (tmp_path / "killed" / CHECKPOINT_DIR).exists()
 
 
+def test_a_checkpoint_saved_with_more_gpus_visible_resumes_the_ones_there(monkeypatch):
+    """Saved where a host's two GPUs were visible, resumed where one is (CUDA_VISIBLE_DEVICES): torch fails on
+    the state of a device that is not there."""
+    from em_assets.training import checkpoints
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
+    states = [torch.zeros(16, dtype=torch.uint8), torch.ones(16, dtype=torch.uint8)]
+    checkpoints._set_rng_state({"cpu": torch.get_rng_state(), "cuda": states})
+    assert len(restored) == 1 and torch.equal(restored[0], states[0])
+
+
 def test_checkpoint_of_another_config_is_not_resumed(tiny_model_dir, examples, tmp_path):
     train = FAST.model_copy(update={"max_steps": 4, "save_steps": 2})
 

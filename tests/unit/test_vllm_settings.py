@@ -98,3 +98,12 @@ def test_vllm_on_a_cpu_computes_in_the_dtype_the_projects_models_do(fake_vllm, m
     monkeypatch.setenv("EM_CPU_DTYPE", cpu_dtype)
     vllm_backend.make_llm("/models/m", None, VllmSpec())
     assert fake_vllm["kwargs"]["dtype"] == cpu_dtype
+
+
+def test_the_vllm_backend_refuses_a_gpu_it_would_not_run_on():
+    """vLLM takes no device and runs on the first visible GPU: EM_DEVICE=cuda:1 would sample on GPU 0."""
+    from em_assets.sampling.stage import sample_chunks
+
+    spec = SamplingSpec(backend="vllm")
+    with pytest.raises(ValueError, match="set CUDA_VISIBLE_DEVICES=1"):
+        sample_chunks(spec, [], device="cuda:1", base={"path": "/m"}, adapter_path=None, loader=lambda: None)
