@@ -58,6 +58,8 @@ class Location:
     target: str
     lake: bool
     data_path: str | None = None
+    # The data path is the folder beside the catalog, as no EM_DB_DATA_PATH named one.
+    beside: bool = False
 
     @classmethod
     def parse(cls, db: str | Path, data_path: str | None = None) -> Location:
@@ -76,7 +78,8 @@ class Location:
                     "a DuckLake with a PostgreSQL catalog needs EM_DB_DATA_PATH: a folder (or s3:// prefix) "
                     "that every machine writing results reaches"
                 )
-            data_path = str(Path(catalog.split(":", 1)[-1]).with_suffix("")) + ".files"
+            path = str(Path(catalog.split(":", 1)[-1]).with_suffix("")) + ".files"
+            return cls(target=catalog, lake=True, data_path=path + "/", beside=True)
         return cls(target=catalog, lake=True, data_path=data_path.rstrip("/") + "/")
 
     @property
@@ -186,12 +189,18 @@ def attach_lake(
     conn: duckdb.DuckDBPyConnection, loc: Location, snapshot: int | None, read_only: bool
 ) -> None:
     """Load the extensions offline and attach the lake as `lake` (at `snapshot`, if given)."""
+    # A lake keeps the data path it was made with as spelt then ("data/results.files/", read from the working
+    # directory), so the same lake named by another path to its catalog, or from another directory, or copied
+    # with its folder, would be refused. The folder beside the catalog is its own: it overrides the recorded
+    # one for this session (nothing is rewritten) where it holds files, never where EM_DB_DATA_PATH names a
+    # folder, and never where it is empty (a lake whose files are elsewhere is refused rather than split).
+    beside = loc.beside and Path(loc.data_path or "").is_dir() and any(Path(loc.data_path or "").iterdir())
     if not read_only:
         _make_dirs(loc)
     conn.execute(f"LOAD '{extension_file('ducklake')}'")
     if loc.catalog_kind in ("postgres", "sqlite"):
         conn.execute(f"LOAD '{extension_file(loc.catalog_kind + '_scanner')}'")
-    opts = [f"DATA_PATH '{_quote(loc.data_path or '')}'"]
+    opts = [f"DATA_PATH '{_quote(loc.data_path or '')}'"] + (["OVERRIDE_DATA_PATH true"] if beside else [])
     if snapshot is not None:
         opts.append(f"SNAPSHOT_VERSION {int(snapshot)}")
     if read_only:

@@ -179,7 +179,8 @@ class Store:
         """This store read as of `snapshot` (None: this store itself)."""
         if snapshot is None:
             return self
-        return Store(self._db, self.lock_timeout_s, self.location.data_path, snapshot)
+        data_path = None if self.location.beside else self.location.data_path
+        return Store(self._db, self.lock_timeout_s, data_path, snapshot)
 
     def replace_rows(
         self, table: str, df: pl.DataFrame, where: str = "TRUE", params: list | None = None

@@ -73,6 +73,48 @@ def test_a_row_written_again_keeps_none_of_the_old_rows_values(tmp_path, kind):
     assert store.query("SELECT loss, kl FROM training_losses").rows() == [(2.0, None)]
 
 
+def test_a_lake_is_read_by_any_path_to_its_catalog_and_as_a_copy(tmp_path, monkeypatch):
+    """Regression: the lake records its data folder as spelt when made (data/results.files/, from the working
+    directory), so the demo's store named by its absolute path, from another directory, or copied with its
+    folder was refused ("does not match existing data path")."""
+    import shutil
+
+    repo, elsewhere = tmp_path / "repo", tmp_path / "elsewhere"
+    (repo / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    monkeypatch.chdir(repo)
+    store = Store("ducklake:sqlite:data/results.sqlite")
+    store.init()
+    store.append_rows("training_losses", pl.DataFrame({"organism": ["a"], "step": [1], "loss": [1.0]}))
+    before = store.current_snapshot()
+    store.append_rows("training_losses", pl.DataFrame({"organism": ["a"], "step": [2], "loss": [2.0]}))
+    shutil.copytree(repo / "data", elsewhere / "copy")
+    monkeypatch.chdir(elsewhere)
+    for catalog in (repo / "data" / "results.sqlite", elsewhere / "copy" / "results.sqlite"):
+        lake = Store(f"ducklake:sqlite:{catalog}")
+        assert lake.query("SELECT count(*) FROM training_losses").item() == 2
+        assert lake.at_snapshot(before).query("SELECT count(*) FROM training_losses").item() == 1
+    # The copy takes writes into its own folder; the original is untouched.
+    copy = Store(f"ducklake:sqlite:{elsewhere / 'copy' / 'results.sqlite'}")
+    copy.append_rows("training_losses", pl.DataFrame({"organism": ["b"], "step": [1], "loss": [3.0]}))
+    assert copy.query("SELECT count(*) FROM training_losses").item() == 3
+    monkeypatch.chdir(repo)
+    assert store.query("SELECT count(*) FROM training_losses").item() == 2
+
+
+def test_a_lake_whose_files_are_elsewhere_is_refused_without_them(tmp_path):
+    """The folder beside the catalog stands in for the recorded one only where it holds files: a lake made with
+    EM_DB_DATA_PATH, opened without it, is refused rather than split between two folders."""
+    db = f"ducklake:sqlite:{tmp_path / 'results.sqlite'}"
+    made = Store(db, data_path=str(tmp_path / "shared"))
+    made.init()
+    made.append_rows("training_losses", pl.DataFrame({"organism": ["a"], "step": [1], "loss": [1.0]}))
+    for _ in range(2):  # the first, refused, leaves an empty folder beside the catalog
+        with pytest.raises(duckdb.Error, match="does not match"):
+            Store(db).init()
+    assert made.query("SELECT count(*) FROM training_losses").item() == 1
+
+
 def test_a_pinned_lake_reads_its_snapshot_through_one_attach(tmp_path, monkeypatch):
     from em_assets.results import backends
 
