@@ -288,11 +288,11 @@ def em_transition(
         fitted = g["misaligned_weight"].is_not_null().to_numpy()
         n_weight = np.where(fitted, g["n_weighted"].fill_null(0).to_numpy(), 0)
         weight = g["misaligned_weight"].fill_null(0.0).to_numpy() * n_weight
-        for quantity, k, n in (
-            ("em_rate", g["n_em_turner"].fill_null(0).to_numpy(), g["n_scored"].to_numpy()),
-            ("misaligned_weight", weight, n_weight),
+        for quantity, k, n, counted in (
+            ("em_rate", g["n_em_turner"].fill_null(0).to_numpy(), g["n_scored"].to_numpy(), "answers"),
+            ("misaligned_weight", weight, n_weight, "a fitted misaligned weight"),
         ):
-            fit = fit_transition(np.array(x), k, n)
+            fit = fit_transition(np.array(x), k, n, counted)
             rot = steps.get(organism, {}) if parameter == "step" else {}
             rows.append(
                 {"organism": organism, "judge": judge, "sweep": sweep, "parameter": parameter}

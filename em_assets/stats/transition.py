@@ -69,14 +69,15 @@ def _hessian(f, theta: np.ndarray, h: float = 1e-4) -> np.ndarray:
     return out
 
 
-def fit_transition(x: np.ndarray, k: np.ndarray, n: np.ndarray) -> TransitionFit:
-    """Fit the ceilinged logistic to k of n at each x; null values and a note where the data cannot carry it."""
+def fit_transition(x: np.ndarray, k: np.ndarray, n: np.ndarray, counted: str = "answers") -> TransitionFit:
+    """Fit the ceilinged logistic to k of n at each x; null values and a note where the data cannot carry it
+    (`counted`: what a point with n > 0 has, as the note names it)."""
     x, k, n = (np.asarray(v, dtype=float) for v in (x, k, n))
     keep = n > 0
     x, k, n = x[keep], k[keep], n[keep]
     points = len(np.unique(x))
     if points < MIN_POINTS:
-        return TransitionFit(points, note=f"{points} points with answers: the fit needs {MIN_POINTS}")
+        return TransitionFit(points, note=f"{points} points with {counted}: the fit needs {MIN_POINTS}")
     if k.sum() <= 0:
         return TransitionFit(points, note="no misaligned answers at any point: nothing rises")
     # Standardised x keeps the three parameters on one scale for the optimiser and the Hessian.
