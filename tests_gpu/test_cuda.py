@@ -178,11 +178,11 @@ def test_answer_activations_match_the_cpu(tiny_model_dir, examples):
     torch.testing.assert_close(means[DEVICE], means["cpu"], atol=1e-4, rtol=1e-4)
 
 
-def _own_model(path, variant: Variant, dtype: str):
+def own_model(path, variant: Variant, dtype: str = "float32", device: str = DEVICE):
     """The variant as a sweep point sampled alone runs it: the adapter merged, the edit's hooks on."""
     from peft import PeftModel
 
-    model = load_model(path, DEVICE, dtype)
+    model = load_model(path, device, dtype)
     if variant.adapter_path is not None:
         model = PeftModel.from_pretrained(model, variant.adapter_path).merge_and_unload()
     for edit in variant.edits:
@@ -210,7 +210,7 @@ def test_variant_rows_compute_their_own_models(tiny_model_dir, tmp_path, dtype):
         mixed = model(ids.repeat(len(rows), 1)).logits.float()
     batch.remove()
     for row, v in enumerate(rows.tolist()):
-        own = _own_model(tiny_model_dir, variants[v], dtype)
+        own = own_model(tiny_model_dir, variants[v], dtype)
         with torch.inference_mode():
             alone = own(ids).logits.float()
         # bf16: a merged weight is rounded once, the batch's base weight plus LoRA product differently.
