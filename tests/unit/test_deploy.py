@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import shutil
+import tomllib
 from types import SimpleNamespace
 
 import dagster as dg
@@ -281,3 +282,13 @@ def test_the_helm_instance_monitors_runs_as_the_hand_rolled_one_does():
     helm = yaml.safe_load((DEPLOY / "helm" / "values.yaml").read_text())["dagsterDaemon"]["runMonitoring"]
     camel = {re.sub(r"_(\w)", lambda m: m[1].upper(), key): value for key, value in monitoring.items()}
     assert monitoring["free_slots_after_run_end_seconds"] > 0 and helm == camel
+
+
+def test_the_helm_commands_install_the_chart_of_the_images_dagster():
+    # The chart's versions are Dagster's: without --version helm takes the newest chart, whose webserver and daemon
+    # run another Dagster than the code location, on values written for this one.
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    version = next(p.split("==")[1] for p in pins if p.startswith("dagster=="))
+    for path in [DEPLOY / "helm" / "values.yaml", REPO / "docs" / "operations.md"]:
+        commands = re.findall(r"helm upgrade --install .*", path.read_text())
+        assert commands and all(f" --version {version} " in c for c in commands), (path, commands)
