@@ -4,7 +4,7 @@ import time
 
 import dagster as dg
 
-from em_assets.defs.jobs import catalog_job, organism_job
+from em_assets.defs.jobs import catalog_job, organism_job, reports_job
 from em_assets.defs.partitions import organisms
 from em_assets.defs.recovery import partitions_in_progress
 from em_assets.defs.resources import ExperimentResource
@@ -28,14 +28,14 @@ def _catalog_marks(instance: dg.DagsterInstance) -> dict[str, float]:
 
 
 @dg.sensor(
-    jobs=[catalog_job, organism_job],
+    jobs=[catalog_job, organism_job, reports_job],
     minimum_interval_seconds=30,
     default_status=dg.DefaultSensorStatus.RUNNING,
     description=(
         "Adds a partition for every new organism of the grid and marks organisms stale when their settings "
         "change: a base model's source or revision (its organisms), a recipe (its organisms), the sampling, eval "
         "questions, judge or EM thresholds (every organism it applies to); runs catalog_job, then organism_job for "
-        "each of them once no run of it is in progress."
+        "each of them once no run of it is in progress; runs reports_job when organisms leave the grid."
     ),
 )
 def grid_sensor(context: dg.SensorEvaluationContext, experiment: ExperimentResource) -> dg.SensorResult:
@@ -61,6 +61,8 @@ def grid_sensor(context: dg.SensorEvaluationContext, experiment: ExperimentResou
     ]
     if plan.catalog_run_key:
         runs.append(dg.RunRequest(job_name=catalog_job.name, run_key=plan.catalog_run_key))
+    if plan.reports_run_key:
+        runs.append(dg.RunRequest(job_name=reports_job.name, run_key=plan.reports_run_key))
     waiting = None if runs or not held else f"{len(held)} organism runs wait for runs of theirs in progress"
     return dg.SensorResult(
         run_requests=runs,

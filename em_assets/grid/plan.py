@@ -32,6 +32,9 @@ class GridCursor(BaseModel):
     pending: list[str] = []
     # When `pending` last grew: only catalog materializations of runs started later read the grid it was for.
     since: float = 0.0
+    # The organisms the grid listed: one it no longer lists is named by the reports' organisms_in_grid check,
+    # which only a rebuild reads. Empty in a cursor from before the field: the baseline.
+    in_grid: list[str] = []
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ class GridPlan:
     new_partitions: list[str] = field(default_factory=list)
     catalog_run_key: str | None = None
     organism_runs: list[tuple[str, str]] = field(default_factory=list)
+    # A reports run: organisms left the grid and nothing else would rebuild the reports.
+    reports_run_key: str | None = None
     skip_reason: str | None = None
 
 
@@ -94,13 +99,20 @@ def plan_grid(
     ]
     seen = {**cursor.models, **fingerprints}
     seen_organisms = {**cursor.organisms, **settings}
+    in_grid = sorted(settings)
+    left = sorted(set(cursor.in_grid) - set(settings))
     if work:
         # Organism assets read base models and datasets from the catalog tables, so a new model or revision
         # must be resolved there first; the runs are held until a catalog run started after now has materialised
         # every catalog asset.
         pending = list(dict.fromkeys([*cursor.pending, *work]))
         after = GridCursor(
-            models=seen, organisms=seen_organisms, thresholds=thresholds, pending=pending, since=now
+            models=seen,
+            organisms=seen_organisms,
+            thresholds=thresholds,
+            pending=pending,
+            since=now,
+            in_grid=in_grid,
         )
         return GridPlan(
             cursor=after,
@@ -108,8 +120,11 @@ def plan_grid(
             catalog_run_key=f"catalog:{config_hash(after.model_dump(mode='json'))}",
         )
     if not cursor.pending:
+        settled = GridCursor(models=seen, organisms=seen_organisms, thresholds=thresholds, in_grid=in_grid)
+        if left:
+            return GridPlan(cursor=settled, reports_run_key=f"reports:{config_hash(in_grid)}")
         return GridPlan(
-            cursor=GridCursor(models=seen, organisms=seen_organisms, thresholds=thresholds),
+            cursor=settled,
             skip_reason="every organism has a partition; no base model source or revision, organism setting "
             "(recipe, sampling, eval, judge) or threshold changed",
         )
@@ -117,16 +132,17 @@ def plan_grid(
     behind = [name for name in CATALOG_ASSETS if marks[name] <= cursor.since]
     if behind:
         return GridPlan(
-            cursor=cursor.model_copy(update={"models": seen, "organisms": seen_organisms}),
+            cursor=cursor.model_copy(
+                update={"models": seen, "organisms": seen_organisms, "in_grid": in_grid}
+            ),
             skip_reason=f"{len(cursor.pending)} organism runs wait for catalog_job to materialise "
             f"{', '.join(behind)} (launch catalog_job if its run failed)",
         )
-    in_grid = {o.key for o in organisms}
-    ready = [key for key in cursor.pending if key in in_grid and key in existing]
+    ready = [key for key in cursor.pending if key in settings and key in existing]
     # The catalog marks make the key unique per catalog rebuild, so reverting a revision re-runs too.
     stamp = config_hash(marks)
     return GridPlan(
-        cursor=GridCursor(models=seen, organisms=seen_organisms, thresholds=thresholds),
+        cursor=GridCursor(models=seen, organisms=seen_organisms, thresholds=thresholds, in_grid=in_grid),
         organism_runs=[(key, f"{key}@{stamp}") for key in ready],
         skip_reason=None if ready else "the pending organisms left the grid",
     )

@@ -132,6 +132,19 @@ def test_unchanged_grid_requests_nothing(instance, grid):
         assert "no base model source or revision, organism setting" in again.skip_reason.skip_message
 
 
+def test_an_organism_taken_out_of_the_grid_rebuilds_the_reports_once(instance, grid):
+    """Only a rebuild reads the reports' organisms_in_grid check, and nothing else rebuilds them then."""
+    ticker = Ticker(instance, grid)
+    ticker.organism_runs()
+    line = '          - {base_model: qwen2.5-14b, seed: 42, source: "reference:Qwen2.5-14B-Instruct_extreme-sports_S42"}\n'
+    assert line in grid.read_text()
+    grid.write_text(grid.read_text().replace(line, ""))
+    rebuild = ticker.tick()
+    assert [r.job_name for r in rebuild.run_requests] == ["reports_job"]
+    assert not ticker.tick().run_requests
+    assert "qwen2.5-14b--extreme-sports--s42" in instance.get_dynamic_partitions(organisms.name)
+
+
 def test_new_base_model_adds_exactly_its_organisms(instance, grid):
     ticker = Ticker(instance, grid)
     ticker.organism_runs()

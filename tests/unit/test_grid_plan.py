@@ -129,3 +129,20 @@ def test_a_new_organism_of_an_imported_recipe_leaves_the_others_of_the_recipe_al
     grown = GRID.model_copy(update={"recipes": {**GRID.recipes, "extreme-sports": more}})
     plan = plan_grid(grown, _settled(), KEYS, _marks(1), now=2)
     assert plan.new_partitions == plan.cursor.pending == ["llama-3.1-8b--extreme-sports--s42"]
+
+
+def test_organisms_leaving_the_grid_rebuild_the_reports_once():
+    """The reports' organisms_in_grid check names organisms the grid no longer lists, and only a rebuild reads
+    it: taking organisms out requests one reports run, and nothing more while the grid stays so."""
+    settled = _settled()
+    assert settled.in_grid == sorted(KEYS)
+    fewer = GRID.model_copy(
+        update={"recipes": {k: v for k, v in GRID.recipes.items() if k != "bad-medical-r1"}}
+    )
+    plan = plan_grid(fewer, settled, KEYS, _marks(1), now=2)
+    assert plan.reports_run_key and not plan.catalog_run_key and not plan.organism_runs
+    assert set(plan.cursor.in_grid) == {o.key for o in fewer.organisms()}
+    assert not plan_grid(fewer, plan.cursor, KEYS, _marks(1), now=3).reports_run_key
+    # A cursor from before the field is the baseline: nothing has left it.
+    old = GridCursor.model_validate_json(settled.model_dump_json(exclude={"in_grid"}))
+    assert not plan_grid(fewer, old, KEYS, _marks(1), now=2).reports_run_key
