@@ -40,6 +40,11 @@ def partitions_in_progress(instance: dg.DagsterInstance) -> set[str]:
     return {run.tags.get("dagster/partition", "") for run in runs}
 
 
+def job_in_progress(instance: dg.DagsterInstance, job_name: str) -> bool:
+    """Whether a run of the job is queued, running or being cancelled."""
+    return bool(instance.get_runs(filters=dg.RunsFilter(statuses=IN_PROGRESS, job_name=job_name), limit=1))
+
+
 @dataclass(frozen=True)
 class DeadRun:
     run_id: str

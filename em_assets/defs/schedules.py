@@ -2,9 +2,9 @@
 
 import dagster as dg
 
-from em_assets.defs.jobs import organism_job
+from em_assets.defs.jobs import catalog_job, organism_job
 from em_assets.defs.partitions import organisms
-from em_assets.defs.recovery import partitions_in_progress
+from em_assets.defs.recovery import job_in_progress, partitions_in_progress
 from em_assets.defs.resources import ExperimentResource
 from em_assets.grid.load import GridError
 
@@ -30,6 +30,12 @@ def catch_up_schedule(
     keys = [o.key for o in grid.organisms() if o.key in existing]
     if not keys:
         return dg.SkipReason("no organism of the grid has a partition yet")
+    # The grid sensor holds organisms for a catalog run it started (a new model, a changed revision): run now,
+    # they would read the catalog from before the change.
+    if job_in_progress(context.instance, catalog_job.name):
+        return dg.SkipReason(
+            "a catalog_job run is in progress; the grid sensor runs the organisms waiting for it"
+        )
     # A schedule's run keys are unique per tick only: a run still going (a long training) would get a twin that
     # writes the same adapter folder and rows wherever the gpu pool has more than one slot.
     going = partitions_in_progress(context.instance)

@@ -276,6 +276,16 @@ def test_catch_up_schedule_skips_an_organism_materialised_from_the_ui(instance, 
     assert [r.partition_key for r in requests] == DEMO_KEYS[1:]
 
 
+def test_catch_up_schedule_waits_for_a_catalog_run_in_progress(instance, grid):
+    """Regression: organisms the grid sensor held for its catalog run (a new model, a changed revision) were run
+    by the schedule against the catalog from before the change."""
+    instance.add_dynamic_partitions(organisms.name, DEMO_KEYS)
+    catalog = dg.GraphDefinition("catalog_job").to_job()
+    instance.create_run_for_job(catalog, status=dg.DagsterRunStatus.STARTED)
+    skipped = catch_up(instance, grid)
+    assert isinstance(skipped, dg.SkipReason) and "catalog_job run is in progress" in skipped.skip_message
+
+
 def test_definitions_load_with_the_automation():
     from em_assets.definitions import defs
 
