@@ -102,13 +102,14 @@ def ablation_points(ctx: StageContext, row: dict, adapter: dict) -> list[tuple[S
         )
         for vector in ("direction", "random")
     ]
-    if not _own_answers_compare(ctx):
+    if not _grid_samples_with_hf(ctx):
         points.insert(0, (SweepPoint(ABLATION, UNEDITED, path, sha, (), n), {"source_layer": None}))
     return points
 
 
-def _own_answers_compare(ctx: StageContext) -> bool:
-    """Whether the organism's own completions came from the sampler the sweep points use (hf)."""
+def _grid_samples_with_hf(ctx: StageContext) -> bool:
+    """Whether the grid samples with the hf backend, the one the sweeps' points use: then the organism's own
+    completions came from their sampler."""
     return ctx.grid.sampling.backend == "hf"
 
 
@@ -149,7 +150,7 @@ def _skip_reason(ctx: StageContext, sweep: str, row: dict | None) -> str | None:
 
 def _hf_context(ctx: StageContext) -> StageContext:
     """The context with the hf sampling backend: vLLM does not run forward hooks, so it cannot steer."""
-    if ctx.grid.sampling.backend == "hf":
+    if _grid_samples_with_hf(ctx):
         return ctx
     ctx.log.info(
         f"{ctx.key}: the {ctx.grid.sampling.backend} backend does not steer; sweeping with the hf backend"
@@ -204,7 +205,7 @@ def run_direction_sweep(ctx: StageContext, sweep: str, figures_dir: Path) -> Swe
         )
     pairs = steering_points(ctx, row) if sweep == STEERING else ablation_points(ctx, row, adapter)
     before = None
-    if sweep == ABLATION and _own_answers_compare(ctx):
+    if sweep == ABLATION and _grid_samples_with_hf(ctx):
         # The organism's own answers are the sweep's "before": from its model as it now stands, checked before
         # any point is sampled.
         own = organism_model_row(ctx.store, ctx.key, ctx.organism.base_model)

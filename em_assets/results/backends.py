@@ -194,7 +194,8 @@ def attach_lake(
     # with its folder, would be refused. The folder beside the catalog is its own: it overrides the recorded
     # one for this session (nothing is rewritten) where it holds files, never where EM_DB_DATA_PATH names a
     # folder, and never where it is empty (a lake whose files are elsewhere is refused rather than split).
-    beside = loc.beside and Path(loc.data_path or "").is_dir() and any(Path(loc.data_path or "").iterdir())
+    folder = Path(loc.data_path or "")
+    beside = loc.beside and folder.is_dir() and any(folder.iterdir())
     if not read_only:
         _make_dirs(loc)
     conn.execute(f"LOAD '{extension_file('ducklake')}'")
