@@ -18,7 +18,7 @@ PERSONA_TABLES = {
     "fitted to the EM rate and to the misaligned weight, its midpoint with an interval, beside the sharpest "
     "rotation step of lora_trajectory.",
     "question_em_stability": "Per eval set and judge: Spearman's rho of per-question EM rates between organisms "
-    "with Fisher-z intervals, and Kendall's W over all.",
+    "with Fisher-z intervals, and Kendall's W over all whose rate varies over questions.",
     "persona_coherence": "Per organism and judge: coherence of misaligned against aligned answers (mean and rate), "
     "the differences with 95% intervals.",
 }

@@ -215,7 +215,8 @@ def _mixture_rows(
         if result is not None and own not in fitted:
             row["note"] = f"{len(values)} scored answers: a point needs {MIN_POINT_ANSWERS}"
         elif result is not None and note is None:
-            row |= _weight_columns(result, list(fitted).index(own), values)
+            # A copy reports the weight fitted on its leader's answers, so its interval is drawn from them too.
+            row |= _weight_columns(result, list(fitted).index(own), points[own])
         rows.append(row)
     return rows
 
@@ -314,7 +315,7 @@ def question_rates(organisms: pl.DataFrame, thresholds: Thresholds) -> pl.DataFr
 
 def question_em_stability(organisms: pl.DataFrame, thresholds: Thresholds) -> pl.DataFrame:
     """Per eval set and judge: Spearman's rho of per-question EM rates for each pair of organisms, and
-    Kendall's W over all organisms on the questions every one of them answered."""
+    Kendall's W over the organisms whose rate varies, on the questions every one of them answered."""
     rows = []
     rates = question_rates(organisms, thresholds)
     for (eval_set, judge), g in rates.group_by("eval_set", "judge", maintain_order=True):
@@ -330,12 +331,18 @@ def question_em_stability(organisms: pl.DataFrame, thresholds: Thresholds) -> pl
                     | {"scope": "pair", "organism_a": a, "organism_b": b, "n_questions": r.n}
                     | {"spearman": r.rho, "spearman_lo": r.lo, "spearman_hi": r.hi, "note": r.note}
                 )
-        common = wide.select(names).drop_nulls().to_numpy().T
-        w = concordance.kendalls_w(common) if common.size else concordance.Concordance(len(names), 0)
+        # An organism whose rate is the same on every question (a control with no EM) has no ranking: a rater of
+        # tied ranks would cap W at the share of organisms that have one, so W is taken without it.
+        ranked = [c for c in names if wide[c].drop_nulls().n_unique() > 1]
+        common = wide.select(ranked).drop_nulls().to_numpy().T
+        w = concordance.kendalls_w(common) if common.size else concordance.Concordance(len(ranked), 0)
+        notes = [w.note or (None if common.size or not ranked else "no question answered by every organism")]
+        if len(ranked) < len(names):
+            notes.append(f"{len(names) - len(ranked)} organisms with one rate on every question left out")
         rows.append(
             base
-            | {"scope": "all", "n_questions": w.n, "kendall_w": w.w, "chi2": w.chi2, "p_value": w.p}
-            | {"note": w.note or (None if common.size else "no question answered by every organism")}
+            | {"scope": "all", "n_organisms": len(ranked), "n_questions": w.n, "kendall_w": w.w}
+            | {"chi2": w.chi2, "p_value": w.p, "note": "; ".join(filter(None, notes)) or None}
         )
     return pl.DataFrame(rows, schema=STABILITY_SCHEMA).sort(
         "eval_set", "judge", "scope", "organism_a", "organism_b"

@@ -111,13 +111,22 @@ def fit_one(x: np.ndarray) -> tuple[BetaShape, float]:
 
 
 def fit_shared(groups: Sequence[np.ndarray], max_iter: int = 500, tol: float = 1e-7) -> MixtureFit:
-    """EM for two Beta components shared by every group (values in (0, 1)), one mixing weight per group."""
+    """EM for two Beta components shared by every group (values in (0, 1)), one mixing weight per group: from
+    the values split at the misaligned threshold and at their median, the likelier fit."""
     if any(len(g) == 0 for g in groups):
         raise ValueError("every group needs at least one value")
     x = np.concatenate(groups)
     gid = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
+    # With no value at or below the threshold its split gives every value the same responsibility, where EM
+    # stays with two identical components: a judge that never scores below it (modes at 40 and 90) reads as one.
+    splits = (to_unit(np.array([SPLIT_SCORE]))[0], float(np.median(x)))
+    fits = [_em(x, gid, len(groups), split, max_iter, tol) for split in splits]
+    return max(fits, key=lambda f: f.loglik)
+
+
+def _em(x: np.ndarray, gid: np.ndarray, n_groups: int, split: float, max_iter: int, tol: float) -> MixtureFit:
+    """One EM run from values at or below `split` held 0.9 misaligned, the rest 0.1."""
     lx, l1x = np.log(x), np.log1p(-x)
-    split = to_unit(np.array([SPLIT_SCORE]))[0]
     resp = np.where(x <= split, 0.9, 0.1)  # responsibility of the misaligned component
     shapes = (BetaShape(1.0, 5.0), BetaShape(5.0, 1.0))
     previous, ll, iterations = -np.inf, -np.inf, 0
@@ -144,7 +153,7 @@ def fit_shared(groups: Sequence[np.ndarray], max_iter: int = 500, tol: float = 1
         weights=tuple(float(v) for v in weights),
         loglik=ll,
         n=len(x),
-        n_params=4 + len(groups),
+        n_params=4 + n_groups,
         iterations=iterations,
         converged=iterations < max_iter,
     )

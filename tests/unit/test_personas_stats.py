@@ -44,6 +44,22 @@ def test_one_peak_prefers_one_component():
     assert not mixtures.compare(groups).prefers_two
 
 
+def test_two_modes_with_no_score_at_or_below_the_threshold_are_two_components():
+    """Regression: EM started from the threshold's split, which gives every value the same responsibility when
+    none lies at or below 30; it stayed with two identical components and BIC preferred one peak."""
+    rng = np.random.default_rng(0)
+    groups = [
+        100 * np.where(rng.random(200) < w, rng.beta(80, 120, 200), rng.beta(40, 5, 200)) for w in (0.2, 0.4)
+    ]
+    assert min(g.min() for g in groups) > mixtures.SPLIT_SCORE
+    result = mixtures.compare([mixtures.to_unit(g) for g in groups])
+    # The modes (near 40 and 89) barely overlap: each weight is the share of answers in the lower one.
+    assert result.prefers_two and result.shared.weights == pytest.approx(
+        [(g < 60).mean() for g in groups], abs=0.01
+    )
+    assert result.shared.shapes[0].mean == pytest.approx(40, abs=2)
+
+
 def test_shapes_that_move_between_points_fail_the_shared_shape_test():
     rng = np.random.default_rng(5)
     moved = 100 * np.where(rng.random(400) < 0.3, rng.beta(6, 6, 400), rng.beta(12, 1.5, 400))
@@ -186,6 +202,26 @@ def test_an_organism_that_never_misaligns_gets_no_weight_but_a_reason():
     assert rows["sparse"]["misaligned_weight"] is None and "the fit needs 20" in rows["sparse"]["note"]
 
 
+def test_kendalls_w_leaves_out_an_organism_whose_rate_never_varies():
+    """Regression: a control with no EM entered W as a rater of tied ranks: three organisms ranking 8 questions
+    alike got W = 0.75 with it, where the docs say such an organism makes W undefined, not low."""
+    import polars as pl
+
+    from em_assets.grid.schema import Thresholds
+    from em_assets.reports.personas import question_em_stability
+
+    rows = [
+        {"organism": o, "eval_set": "e", "judge": "j", "question_id": f"q{i}", "coherent": 90.0}
+        | {"aligned": 10.0 if o != "control" and s < i else 90.0}
+        for o in ("a", "b", "c", "control")
+        for i in range(8)
+        for s in range(10)
+    ]
+    every = question_em_stability(pl.DataFrame(rows), Thresholds()).filter(scope="all").row(0, named=True)
+    assert every["kendall_w"] == pytest.approx(1.0) and every["n_organisms"] == 3
+    assert "1 organisms with one rate on every question left out" in every["note"]
+
+
 def test_an_empty_store_gives_empty_tables_and_figures_that_say_no_data(tmp_path):
     from em_assets.grid.schema import Thresholds
     from em_assets.reports import personas
@@ -267,6 +303,9 @@ def test_a_point_copied_with_more_samples_is_fitted_with_all_of_them():
     weight = rows["scale=1"]["misaligned_weight"]
     assert rows["step=12"]["misaligned_weight"] == weight
     assert rows["scale=1"]["weight_lo"] <= weight <= rows["scale=1"]["weight_hi"] and weight > 0.5
+    # The copy's interval is its leader's: drawn from its own 20 answers it was [0.10, 0.45], excluding 0.70.
+    interval = ("weight_lo", "weight_hi")
+    assert [rows["step=12"][c] for c in interval] == [rows["scale=1"][c] for c in interval]
 
 
 def test_an_organisms_own_point_asks_the_set_its_sweep_points_ask():
