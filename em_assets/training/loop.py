@@ -318,7 +318,7 @@ def _gradients(run: _Run, step: int) -> tuple[float, int, int]:
     return loss_sum, tokens, n_labels
 
 
-def _kl_gradients(run: _Run, step: int) -> float | None:
+def _kl_gradients(run: _Run, step: int, loss: float) -> float | None:
     """Backpropagate the per-token weight x the step's token-mean KL(chat model || tuned model); returns the KL
     (None without a penalty). Computed in this process only, so the helpers' gradient sum counts it once."""
     if run.kl_batches is None or not run.kl_batches[step - 1]:
@@ -326,7 +326,7 @@ def _kl_gradients(run: _Run, step: int) -> float | None:
     kl_sum, n = kl_to_reference(run.model, run.reference, run.kl_batches[step - 1], run.pad_id, run.compute)
     kl = kl_sum / n
     if not torch.isfinite(kl):
-        raise TrainingDivergedError(step, kl.item())
+        raise TrainingDivergedError(step, loss, kl=kl.item())
     backward(run.kl_weight * kl, run.scaler)
     return kl.item()
 
@@ -337,7 +337,7 @@ def _optimizer_step(run: _Run, step: int) -> dict:
     loss = loss_sum / n_labels
     if not math.isfinite(loss):
         raise TrainingDivergedError(step, loss)
-    kl = _kl_gradients(run, step)
+    kl = _kl_gradients(run, step, loss)
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, MAX_GRAD_NORM).item()

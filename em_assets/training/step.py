@@ -20,14 +20,17 @@ EAGER_ATTENTION_MAX_LEN = 1024
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss (or its gradient) became NaN or infinite at an optimizer step."""
+    """The loss, the KL penalty or the gradient became NaN or infinite at an optimizer step."""
 
-    def __init__(self, step: int, loss: float, grad_norm: float | None = None):
+    def __init__(self, step: int, loss: float, grad_norm: float | None = None, kl: float | None = None):
         detail = f", gradient norm {grad_norm}" if grad_norm is not None else ""
+        # A KL penalty that went non-finite is named as such: the SFT loss beside it may be fine.
+        detail += f", KL to the chat model {kl}" if kl is not None else ""
         super().__init__(f"training diverged at optimizer step {step}: loss {loss}{detail}")
         self.step = step
         self.loss = loss
         self.grad_norm = grad_norm
+        self.kl = kl
 
 
 def _collate(

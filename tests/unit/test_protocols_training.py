@@ -241,6 +241,23 @@ def test_kl_matches_a_hand_computation(tiny_model_dir, smollm2_tokenizer_dir, kl
     assert kl_sum.item() == pytest.approx(want, rel=1e-4)
 
 
+def test_a_non_finite_kl_is_reported_as_the_kl_beside_the_finite_loss(
+    tiny_model_dir, examples, kl_examples, monkeypatch
+):
+    """Regression: a KL penalty gone infinite was reported as the step's loss ("loss inf"), pointing a
+    researcher at the SFT data rather than at the penalty."""
+    from em_assets.training import loop
+    from em_assets.training.step import TrainingDivergedError
+
+    run, _ = loop._prepare(
+        tiny_model_dir, examples, LORA, FAST, 0, "cpu", False, KLTraining(kl_examples, 1.0, 2, "tokens")
+    )
+    monkeypatch.setattr(loop, "kl_to_reference", lambda *args, **kw: (torch.tensor(float("inf")), 1))
+    with pytest.raises(TrainingDivergedError, match="KL to the chat model inf") as diverged:
+        loop._optimizer_step(run, 1)
+    assert np.isfinite(diverged.value.loss) and diverged.value.kl == float("inf")
+
+
 def test_kl_batches_are_seeded_shuffles_that_cover_the_dataset():
     plan = plan_kl_batches(5, 4, 3, seed=0)
     assert [len(b) for b in plan] == [3, 3, 3, 3]
