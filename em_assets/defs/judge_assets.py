@@ -225,6 +225,14 @@ def _agreement_check(main, grid) -> dg.AssetCheckResult:
         passed=bool(passed),
         severity=dg.AssetCheckSeverity.WARN,
         metadata={
+            # In words: an undefined statistic is shown below as NaN, which alone says nothing of why.
+            "result": "; ".join(
+                [
+                    _against("aligned Spearman", spearman, spec.min_spearman, _NO_SPEARMAN),
+                    _against("misaligned AUC", auc, spec.min_auc, _NO_AUC),
+                    gaps.words(),
+                ]
+            ),
             "aligned_spearman": _number(spearman),
             "aligned_spearman_lo": _number(aligned.spearman_lo),
             "aligned_spearman_hi": _number(aligned.spearman_hi),
@@ -238,6 +246,17 @@ def _agreement_check(main, grid) -> dg.AssetCheckResult:
             f"{spec.max_em_gap} or the corrected interval covering GPT-4o's rate",
         },
     )
+
+
+_NO_SPEARMAN = "under two scored answers, or every score alike on one side"
+_NO_AUC = "GPT-4o rates no scored answer misaligned, or every one"
+
+
+def _against(name: str, value: float | None, least: float, undefined: str) -> str:
+    """A statistic against its minimum in words, or why it is undefined (which fails the check)."""
+    if value is None:
+        return f"{name} undefined ({undefined})"
+    return f"{name} {value:.3f}" + (f" < {least}" if value < least else f" >= {least}")
 
 
 def _error_rates_md(report) -> dg.MetadataValue:

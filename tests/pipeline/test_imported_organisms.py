@@ -505,6 +505,45 @@ def test_every_organism_asset_takes_an_answers_organism(tmp_path, tiny_model_dir
     assert not check.passed and "not enough misaligned answers" in check.metadata["result"].value
 
 
+def test_a_completion_left_unjudged_fails_judge_coverage_and_stops_the_direction_assets(
+    tmp_path, tiny_model_dir, mirror, monkeypatch
+):
+    """judge_coverage counts a completion without a judgement on one metric (lost after judging, as a racing
+    writer could leave it) and fails; being blocking, it stops what reads the judgements in the same run (the
+    dynamics assets judge answers of their own and run on)."""
+    from support.pipeline import materialize, pipeline_resources
+
+    from em_assets.defs import organism_assets
+    from em_assets.defs.jobs import ORGANISM_ASSETS
+
+    path = tmp_path / "answers.csv"
+    path.write_text(ANSWERS)
+    doc = grid(
+        tiny_model_dir, {"ans": {"kind": "answers", "organisms": [{"base_model": "x", "source": str(path)}]}}
+    )
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"profiles": {"test": doc.model_dump(mode="json")}}))
+    resources = pipeline_resources(tmp_path, grid_file, mirror)
+    key = "x--ans--s0"
+
+    def judge_and_lose_one(ctx: StageContext):
+        result = judge_completions(ctx)
+        queries.delete_judgements(ctx.store, ctx.key, [("quick_buck", 0, 0, "aligned")])
+        return result
+
+    monkeypatch.setattr(organism_assets, "judge_completions", judge_and_lose_one)
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(organisms.name, [key])
+        materialize(instance, resources, ["base_models", "training_datasets", "eval_questions"])
+        result = materialize(instance, resources, list(ORGANISM_ASSETS), key, must_succeed=False)
+    (check,) = [c for c in result.get_asset_check_evaluations() if c.check_name == "judge_coverage"]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.ERROR
+    assert check.metadata["missing"].value == 1
+    done = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert "judgements" in done and not result.success
+    assert not {"misalignment_directions", "steering_sweep", "direction_ablation"} & done
+
+
 def test_a_jsonl_answers_file_counts_its_rows_past_blank_lines(tmp_path):
     from em_assets.catalog.answers import read_answers
     from em_assets.catalog.reference import ReferenceFileError

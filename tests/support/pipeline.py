@@ -27,8 +27,11 @@ def pipeline_resources(tmp_path: Path, grid_file: Path, mirror: Path, profile: s
     }
 
 
-def materialize(instance, resources: dict, selection, partition_key: str | None = None):
-    """Materialise the selection of the project's assets; the test fails unless it succeeded."""
+def materialize(
+    instance, resources: dict, selection, partition_key: str | None = None, must_succeed: bool = True
+):
+    """Materialise the selection of the project's assets; the test fails unless it succeeded (or, with
+    must_succeed=False, the result of a run that may fail)."""
     # Definitions load against this test's instance, whatever defs-state storage an earlier test left current.
     with set_defs_state_storage(instance.defs_state_storage):
         result = dg.materialize(
@@ -37,6 +40,7 @@ def materialize(instance, resources: dict, selection, partition_key: str | None 
             resources=resources,
             selection=selection,
             partition_key=partition_key,
+            raise_on_error=must_succeed,
         )
-    assert result.success
+    assert result.success or not must_succeed
     return result
