@@ -3,7 +3,8 @@
 import dagster as dg
 
 organisms = dg.DynamicPartitionsDefinition(name="organism")
-# Dagster keeps an asset check's latest result per asset, not per partition: each result names its organism.
+# Dagster keeps an unpartitioned asset check's latest result per asset (partitioned checks are a preview in
+# 1.13): each result names its organism.
 PER_ORGANISM_CHECK = " The UI shows the latest organism's result; its `organism` entry names which."
 
 # Steps that want an accelerator: one `gpu` pool slot each (limit set in dagster.yaml), and a GPU request
