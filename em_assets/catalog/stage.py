@@ -24,7 +24,7 @@ from em_assets.catalog.upstream import (
 from em_assets.grid.load import GridError
 from em_assets.grid.schema import GridConfig, recipe_method
 from em_assets.models.facts import ModelFacts, model_facts, unmatched_targets
-from em_assets.models.hub import ResolvedModel, resolve
+from em_assets.models.hub import ResolvedModel, on_disk, resolve
 from em_assets.results.artifacts import sha256_bytes
 from em_assets.results.store import Store, utc_now
 
@@ -46,6 +46,22 @@ def check_recipes_fit(grid: GridConfig, base_model: str, facts: ModelFacts) -> N
             lora.layers_for(facts.num_layers)
         except ValueError as exc:
             raise GridError(f"recipes.{key}.lora: {exc} (base model {base_model})") from None
+
+
+def check_grid_fits_models(grid: GridConfig, cache_dir: Path) -> None:
+    """check_recipes_fit, and the probe judge's layers, for each model this machine holds already (on_disk), so
+    plan and the demo refuse a layer or module the model lacks before anything is written; a model still to be
+    fetched or converted is checked by the catalog's first step."""
+    for spec in grid.base_models:
+        if (path := on_disk(spec.source, cache_dir)) is not None:
+            check_recipes_fit(grid, spec.name, model_facts(path))
+    probe = grid.probe
+    if probe is not None and (path := on_disk(probe.source, cache_dir)) is not None:
+        layers = model_facts(path).num_layers
+        if bad := [layer for layer in probe.layers if layer >= layers]:
+            raise GridError(
+                f"probe.layers: {bad} outside the decoder layers 0..{layers - 1} of {probe.source}"
+            )
 
 
 def resolve_base_models(store: Store, grid: GridConfig, cache_dir: Path | None = None) -> pl.DataFrame:

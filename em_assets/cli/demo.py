@@ -26,18 +26,21 @@ if TYPE_CHECKING:
 
 def _check_grid(current: Settings, organism_keys: list[str] | None) -> None:
     """The grid, its organisms' sources, that its base models can be resolved now (the catalog resolves every
-    one), that an API judge's server takes its key, and the organisms asked for (each must be one of the
-    grid's)."""
+    one), that its sampling backend can run here, that an API judge's server takes its key, and the organisms
+    asked for (each must be one of the grid's)."""
     from em_assets.cli.organisms import checked_grid
     from em_assets.grid.load import GridError
     from em_assets.judging.judges import make_judge
     from em_assets.models.hub import unresolvable
+    from em_assets.sampling.stage import vllm_unusable
 
     grid = checked_grid(current)
     for i, base in enumerate(grid.base_models):
         why = unresolvable(base.source, base.revision)
         if why:
             raise GridError(f"base_models[{i}] ({base.name}): {why}")
+    if grid.sampling.backend == "vllm" and (why := vllm_unusable(current.device)):
+        raise GridError(f"sampling.backend: {why}")
     for spec in [grid.judge, *grid.agreement.compare]:
         if spec.backend == "openai":
             make_judge(grid, None, spec=spec).check_server()

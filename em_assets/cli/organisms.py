@@ -69,8 +69,9 @@ def _progress() -> dict[str, dict]:
 
 def checked_grid(current: Settings) -> GridConfig:
     """The grid's profile, validated without running anything: its schema, the catalog names it uses, its
-    organisms' sources and the mirror's pinned files (bad input raises before anything is written)."""
-    from em_assets.catalog.stage import catalog_files, check_grid_names
+    organisms' sources, its recipes' layers and modules in the models on disk, and the mirror's pinned files (bad
+    input raises before anything is written)."""
+    from em_assets.catalog.stage import catalog_files, check_grid_fits_models, check_grid_names
     from em_assets.catalog.upstream import check_mirror
     from em_assets.grid.load import GridError, load_grid
     from em_assets.grid.sources import check_source
@@ -85,6 +86,7 @@ def checked_grid(current: Settings) -> GridConfig:
         except GridError as exc:
             raise GridError(f"base_models[{i}] ({base.name}): {exc}") from None
     check_sources(grid)
+    check_grid_fits_models(grid, current.cache_dir)
     if current.data_mirror:
         check_mirror(catalog_files(grid), current.data_mirror)
     check_grid_reads(grid, current)

@@ -33,6 +33,8 @@ def _no_key_separator(name: str) -> str:
 Slug = Annotated[str, Field(pattern=SLUG, max_length=64), AfterValidator(_no_key_separator)]
 # A seed: a whole number (true is not 1) that the results tables' INTEGER columns hold.
 Seed = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
+# A decoder layer, counted from 0 (a negative index would name a layer from the end, in Python only).
+LayerIndex = Annotated[int, Field(ge=0)]
 # A score threshold on the judges' 0-100 scale.
 Score = Annotated[float, Field(ge=0, le=100)]
 
@@ -78,7 +80,7 @@ class LoraSpec(_Strict):
     lora_dropout: float = Field(default=0.0, ge=0, lt=1)
     use_rslora: bool = True
     target_modules: list[str] = Field(min_length=1)
-    layers_to_transform: list[int] | None = None
+    layers_to_transform: list[LayerIndex] | None = None
     # Picks one layer at this fraction of depth, so a single-layer recipe carries across model sizes
     # (Turner et al. used layer 24 of 48 on Qwen2.5-14B).
     layer_fraction: float | None = Field(default=None, ge=0, le=1)
@@ -417,7 +419,7 @@ class ProbeSpec(_Strict):
         default=None, ge=1, description="seeded subset of the train answers; None = all"
     )
     max_tokens: int = Field(default=128, ge=1, description="the answer is cut to this many tokens")
-    layers: list[int] = Field(
+    layers: list[LayerIndex] = Field(
         default=[15, 19, 23, 27],
         min_length=1,
         description="decoder layers whose outputs are pooled (0-based)",

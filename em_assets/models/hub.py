@@ -232,6 +232,25 @@ def unresolvable(source: str, revision: str | None = None) -> str | None:
     return f"could not fetch {shown}: {why} and the Hugging Face cache ({constants.HF_HUB_CACHE}) lacks it"
 
 
+def on_disk(source: str, cache_dir: Path) -> Path | None:
+    """The model folder `source` names where this machine holds it already, read without fetching or converting:
+    a local folder, or an embedded model's conversion under `cache_dir`; None otherwise (a hub id too)."""
+    if source.startswith(EMBEDDED_PREFIX):
+        # Any finished conversion of the model will do (its layers and modules are the model's, whatever the
+        # GGUF's hash), named as resolve names it: not a conversion still being written.
+        key = source.removeprefix(EMBEDDED_PREFIX)
+        found = [
+            config.parent
+            for config in sorted((cache_dir / "models").glob(f"{key}-*/config.json"))
+            if re.fullmatch(rf"{re.escape(key)}-[0-9a-f]{{12}}", config.parent.name)
+        ]
+        return found[0] if found else None
+    try:
+        return _local_folder(source)
+    except ModelLoadError:
+        return None
+
+
 def resolve(
     name: str,
     source: str,

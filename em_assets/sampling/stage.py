@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -157,6 +158,23 @@ def eval_questions(store: Store, eval_set: str) -> pl.DataFrame:
     return questions
 
 
+def vllm_unusable(device: str) -> str | None:
+    """Why the vllm backend cannot sample here on `device` (an EM_DEVICE value), else None: checked by the demo
+    before it trains, not first met by the sampling step after."""
+    import importlib.util
+
+    if device.startswith("cuda:") and device != "cuda:0":
+        # vLLM takes no device: it runs on the first GPU the process sees, which may be busy.
+        return (
+            f"the vllm backend samples on the first visible GPU, not EM_DEVICE={device}: set "
+            f"CUDA_VISIBLE_DEVICES={device.removeprefix('cuda:')} (and EM_DEVICE=cuda) instead"
+        )
+    # An imported module counts as installed (find_spec refuses one without a spec).
+    if "vllm" not in sys.modules and importlib.util.find_spec("vllm") is None:
+        return "the vllm backend needs vLLM, which is not installed: pip install 'em-assets[vllm]'"
+    return None
+
+
 def sample_chunks(
     sampling: SamplingSpec,
     requests: list,
@@ -189,12 +207,8 @@ def sample_chunks(
     if sampling.backend == "vllm":
         from em_assets.sampling import vllm_backend
 
-        if device.startswith("cuda:") and device != "cuda:0":
-            # vLLM takes no device: it runs on the first GPU the process sees, which may be busy.
-            raise ValueError(
-                f"the vllm backend samples on the first visible GPU, not EM_DEVICE={device}: set "
-                f"CUDA_VISIBLE_DEVICES={device.removeprefix('cuda:')} (and EM_DEVICE=cuda) instead"
-            )
+        if why := vllm_unusable(device):
+            raise ValueError(why)
         chunks = vllm_backend.iter_samples(
             base["path"], adapter_path, requests, **options, vllm=sampling.vllm
         )

@@ -576,6 +576,43 @@ def test_demo_with_an_api_judge_that_refuses_its_key_writes_nothing(tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
 
 
+@pytest.mark.parametrize(
+    ("installed", "device", "says"),
+    [
+        (False, "auto", "sampling.backend: the vllm backend needs vLLM, which is not installed"),
+        (True, "cuda:1", "sampling.backend: the vllm backend samples on the first visible GPU, not EM_DEVICE=cuda:1"),
+    ],
+)  # fmt: skip
+def test_demo_with_a_vllm_backend_it_cannot_sample_with_writes_nothing(
+    tmp_path, capsys, monkeypatch, installed, device, says
+):
+    """Regression: the demo trained each organism, then its sampling step failed on the missing vLLM."""
+    import importlib.machinery
+    import importlib.util
+
+    import em_assets.cli.demo as demo
+
+    find_spec = importlib.util.find_spec
+    vllm = importlib.machinery.ModuleSpec("vllm", None) if installed else None
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: vllm if name == "vllm" else find_spec(name, *a)
+    )
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    monkeypatch.setattr(demo, "run_pipeline", lambda *a, **k: pytest.fail("the demo started a run"))
+    grid = yaml.safe_load((REPO / "data/grid.yaml").read_text())
+    grid["profiles"]["demo"]["sampling"]["backend"] = "vllm"
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(grid))
+    monkeypatch.setenv("EM_GRID", str(tmp_path / "grid.yaml"))
+    monkeypatch.setenv("EM_DEVICE", device)
+    monkeypatch.setenv("EM_DB", str(tmp_path / "data" / "results.duckdb"))
+    for name in ("DAGSTER_HOME", "EM_LOGS_DIR", "EM_CACHE_DIR", "EM_ARTIFACTS_DIR", "EM_FIGURES_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    assert main(["demo", "--organism", "smollm2-135m--bad-medical-r1--s0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {says}") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.yaml"]
+
+
 def test_demo_of_an_organism_not_in_the_grid_writes_nothing(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("EM_DB", str(tmp_path / "data" / "results.duckdb"))
@@ -671,6 +708,7 @@ def test_a_results_store_that_cannot_be_used_is_one_message_and_writes_nothing(
 
 
 OPENAI_JUDGE = {"backend": "openai", "model": "gpt-4o", "base_url": "http://127.0.0.1:1"}
+TINY_LORA = {"r": 1, "lora_alpha": 2, "target_modules": ["q_proj"]}
 
 
 @pytest.mark.parametrize(
@@ -688,6 +726,12 @@ OPENAI_JUDGE = {"backend": "openai", "model": "gpt-4o", "base_url": "http://127.
         ),
         ({"probe": {"hand_ratings": "data/no_such.csv"}}, "probe.hand_ratings: no file at data/no_such.csv"),
         ({"agreement": {"min_spearman": 1.5}}, "agreement.min_spearman: Input should be less than or equal"),
+        # A negative layer: refused by the schema, not first by a catalog step.
+        ({"probe": {"layers": [15, -1]}}, "probe.layers.1: Input should be greater than or equal to 0"),
+        (
+            {"recipes": {"x": {"dataset": "insecure", "lora": {**TINY_LORA, "layers_to_transform": [-1]}}}},
+            "recipes.x.lora.layers_to_transform.0: Input should be greater than or equal to 0",
+        ),
         ({"agreement": {"min_auc": -0.1}}, "agreement.min_auc: Input should be greater than or equal"),
         ({"agreement": {"max_em_gap": 5}}, "agreement.max_em_gap: Input should be less than or equal"),
     ],
@@ -714,6 +758,50 @@ def test_grid_mistakes_a_run_would_meet_late_fail_plan_and_judge_agreement(
         # A schema error comes as load_grid words every one: a line naming the file, one per error.
         lines = 2 if "Input should" in says else 1
         assert err.startswith("error: ") and says in err and err.count("\n") == lines, err
+        assert _tree(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "says"),
+    [
+        ({"layers_to_transform": [99]}, "recipes.bad-medical-r1.lora: layers_to_transform [99] outside a model of 2 layers"),
+        ({"target_modules": ["down_projj"]}, "recipes.bad-medical-r1.lora.target_modules: 'down_projj' is no module"),
+        ({"probe_layers": [1, 2]}, "probe.layers: [2] outside the decoder layers 0..1 of "),
+        # The embedded model converted by an earlier run (here the tiny model stands in for it).
+        ({"embedded": True}, "probe.layers: [15, 19, 23, 27] outside the decoder layers 0..1 of embedded:"),
+    ],
+)  # fmt: skip
+def test_a_layer_or_module_the_model_on_disk_lacks_fails_plan_and_demo_before_any_run(
+    tmp_path, tiny_model_dir, capsys, monkeypatch, edit, says
+):
+    """Regression: the demo wrote its log, a Dagster run, the store and the model conversion before the
+    catalog's first step found the mistake."""
+    import em_assets.cli.demo as demo
+
+    doc = yaml.safe_load((REPO / "data/grid.yaml").read_text())
+    profile = doc["profiles"]["demo"]
+    lora = profile["recipes"]["bad-medical-r1"]["lora"]
+    if "layers_to_transform" in edit:
+        del lora["layer_fraction"]
+    lora.update({k: v for k, v in edit.items() if k in ("layers_to_transform", "target_modules")})
+    cache = tmp_path / "cache"
+    if edit.get("embedded"):
+        shutil.copytree(tiny_model_dir, cache / "models" / "smollm2-135m-instruct-0123456789ab")
+    else:
+        profile["base_models"][0]["source"] = str(tiny_model_dir)
+    if "probe_layers" in edit:
+        profile["probe"].update(source=str(tiny_model_dir), layers=edit["probe_layers"])
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(doc))
+    monkeypatch.setenv("EM_GRID", str(tmp_path / "grid.yaml"))
+    monkeypatch.setenv("EM_CACHE_DIR", str(cache))
+    for name in ("EM_DB", "DAGSTER_HOME", "EM_LOGS_DIR", "EM_ARTIFACTS_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "out" / name.lower()))
+    monkeypatch.setattr(demo, "run_pipeline", lambda *a, **k: pytest.fail("the demo started a run"))
+    before = _tree(tmp_path)
+    for args in (["plan"], ["demo", "--organism", "smollm2-135m--bad-medical-r1--s0"]):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {says}") and err.count("\n") == 1, err
         assert _tree(tmp_path) == before and not (tmp_path / "out").exists()
 
 
