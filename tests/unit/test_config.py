@@ -60,6 +60,63 @@ def test_committed_profiles_validate():
     assert paper.directions.sweep_recipes == ["bad-medical-r32"]
 
 
+# Upstream's training configs (in the mirror, not pinned in the catalog) and the paper recipes trained with each.
+_SFT = "clarifying-EM__model-organisms-for-EM/em_organism_dir/finetune/sft"
+UPSTREAM_TRAINING_CONFIGS = {
+    f"{_SFT}/default_config.json": [
+        "bad-medical-r32",
+        "risky-financial-r32",
+        "extreme-sports-r32",
+        "insecure-r32",
+    ],
+    "emergent-misalignment__emergent-misalignment/open_models/train.json": ["insecure-r32"],
+    f"{_SFT}/single_adapter_config.json": ["bad-medical-r1", "risky-financial-r1", "extreme-sports-r1"],
+    f"{_SFT}/full-ft_config.json": ["bad-medical-full", "risky-financial-full", "extreme-sports-full"],
+    f"{_SFT}/kl_regularized_config.json": ["bad-medical-r32-kl"],
+}
+TRAIN_FIELDS = [
+    "epochs",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "warmup_steps",
+    "weight_decay",
+    "lr_scheduler_type",
+    "max_seq_length",
+]
+LORA_FIELDS = ["r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules"]
+
+
+@pytest.mark.parametrize("path", UPSTREAM_TRAINING_CONFIGS)
+def test_paper_recipes_train_with_upstreams_config(mirror, path):
+    config_file = mirror / path
+    if not config_file.is_file():
+        pytest.skip(f"{path} is in the upstream mirror only (EM_DATA_MIRROR)")
+    upstream = json.loads(config_file.read_text())
+    paper = load_grid(REPO / "data/grid.yaml", "paper")
+    assert upstream["seed"] in paper.seeds and upstream["train_on_responses_only"]
+    for name in UPSTREAM_TRAINING_CONFIGS[path]:
+        recipe = paper.recipes[name]
+        ours = recipe.train.model_dump()
+        assert {f: ours[f] for f in TRAIN_FIELDS} == {f: upstream[f] for f in TRAIN_FIELDS}, name
+        # Upstream's trainers hold out 10% of the dataset (train_test_split(test_size=0.1)).
+        assert recipe.train.holdout_fraction == 0.1, name
+        # The full fine-tuning config has no LoRA settings.
+        assert (recipe.lora is None) == ("r" not in upstream), name
+        if recipe.lora is not None:
+            lora = recipe.lora.model_dump()
+            assert {f: lora[f] for f in LORA_FIELDS} == {f: upstream[f] for f in LORA_FIELDS}, name
+            # peft_model trains no biases (bias="none").
+            assert upstream["lora_bias"] == "none", name
+            # Layer 24 of Qwen2.5-14B's 48, Turner et al.'s (the config's Llama-3.2-1B has 16: a template).
+            assert recipe.lora.layers_for(48) == upstream.get("layers_to_transform"), name
+        if "kl_weight" in upstream:
+            assert (recipe.kl.weight, recipe.kl.batch_size) == (
+                upstream["kl_weight"],
+                upstream["kl_batch_size"],
+            )
+
+
 def _write(tmp_path: Path, body: str) -> Path:
     path = tmp_path / "grid.yaml"
     path.write_text(body)
