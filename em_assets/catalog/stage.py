@@ -30,11 +30,11 @@ from em_assets.results.store import Store, utc_now
 
 
 def check_recipes_fit(grid: GridConfig, base_model: str, facts: ModelFacts) -> None:
-    """Every trained LoRA recipe's target modules and layers exist in this base model, matched as peft matches
-    them (a module name or its dotted tail): a mistake fails in the catalog's first step, naming the key."""
+    """Every LoRA recipe trained on this base model finds its target modules and layers there, matched as peft
+    matches them (a module name or its dotted tail): a mistake fails in the catalog's first step, naming the key."""
     for key, recipe in grid.recipes.items():
         lora = recipe.lora
-        if lora is None or recipe_method(recipe) != "lora":
+        if lora is None or recipe_method(recipe) != "lora" or not recipe.trains_on(base_model):
             continue
         if missing := unmatched_targets(lora.target_modules, facts.modules):
             tails = ", ".join(sorted({m.rsplit(".", 1)[-1] for m in facts.modules}))

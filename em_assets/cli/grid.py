@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 def cmd_add_model(args: argparse.Namespace) -> int:
     from em_assets.grid.edit import add_base_model
-    from em_assets.grid.load import GridError
+    from em_assets.grid.load import GridError, load_grid
 
     current = settings()
     profile = args.profile or current.profile
@@ -46,6 +46,13 @@ def cmd_add_model(args: argparse.Namespace) -> int:
         then = (
             f"the grid sensor adds its organisms where Dagster runs profile {profile!r} of {path} (EM_PROFILE, "
             f"EM_GRID; here {current.profile!r} of {current.grid_path})"
+        )
+    # A recipe that names its base models (a full fine-tune that fits only small ones) cannot name the new one.
+    listed = [name for name, r in load_grid(path, profile).recipes.items() if r.base_models is not None]
+    if listed:
+        then += (
+            f"; it gets every recipe but {', '.join(listed)}, which list their base_models (add {spec.name} there "
+            "to train them on it)"
         )
     print(f"added base model {spec.name} ({spec.source}) to profile {profile!r}; {then}")
     return 0

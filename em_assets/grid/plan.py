@@ -66,8 +66,9 @@ def organism_fingerprint(grid: GridConfig, organism: Organism) -> str:
     eval questions and judge, as the grid text gives them."""
     return config_hash(
         {
-            # An imported recipe's other organisms are not this one's settings: adding one re-runs no other.
-            "recipe": _given(grid.recipes[organism.recipe], exclude={"organisms"}),
+            # An imported recipe's other organisms are not this one's settings: adding one re-runs no other; nor
+            # are the other base models a trained recipe runs on.
+            "recipe": _given(grid.recipes[organism.recipe], exclude={"organisms", "base_models"}),
             "source": _given(grid.organism_source(organism)),
             "sampling": _given(grid.sampling_for(organism.base_model)),
             "eval": _given(grid.eval),

@@ -209,6 +209,13 @@ class RecipeSpec(_Strict):
 
     # The evaluation sets this recipe's organisms are asked, instead of the grid's eval.questions and eval.sets.
     eval_sets: list[str] | None = Field(default=None, min_length=1)
+    # Which base models a recipe trains on does not change how one of its organisms trains: no hash names it.
+    base_models: list[Slug] | None = Field(
+        default=None,
+        min_length=1,
+        description="trained recipes: the grid's base models it has organisms on (a full fine-tune only the "
+        "models that fit the GPU); None = every one",
+    )
 
     @model_validator(mode="after")
     def _kind_fields(self) -> RecipeSpec:
@@ -217,6 +224,8 @@ class RecipeSpec(_Strict):
         answers_only = [f for f in ("max_answers", "file_judge") if getattr(self, f) != defaults[f].default]
         if self.kind != "answers" and answers_only:
             raise ValueError(f"{' and '.join(answers_only)}: for recipes of kind answers only")
+        if self.kind != "train" and self.base_models is not None:
+            raise ValueError(f"base_models: a recipe of kind {self.kind} lists its organisms instead")
         if self.kind == "answers" and self.eval_sets is not None:
             raise ValueError("eval_sets: answers recipes are not sampled; their questions are the file's")
         if self.kind == "answers" and any(o.revision for o in self.organisms):
@@ -248,6 +257,10 @@ class RecipeSpec(_Strict):
         if dupes := sorted({k for k in keys if keys.count(k) > 1}):
             raise ValueError(f"organisms repeat base model and seed {dupes}")
         return self
+
+    def trains_on(self, base_model: str) -> bool:
+        """Whether this trained recipe has organisms on the base model: the ones `base_models` names, else all."""
+        return self.base_models is None or base_model in self.base_models
 
 
 def recipe_method(recipe: RecipeSpec) -> str:
@@ -711,13 +724,24 @@ class GridConfig(_Strict):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _recipe_models_in_grid(self) -> GridConfig:
+        names = [m.name for m in self.base_models]
+        for name, recipe in self.recipes.items():
+            if unknown := [m for m in recipe.base_models or [] if m not in names]:
+                raise ValueError(
+                    f"recipes.{name}.base_models: {unknown} are not base models of the grid ({', '.join(names)})"
+                )
+        return self
+
     def organisms(self) -> list[Organism]:
-        """Trained recipes on every base model and seed; imported ones on the organisms they list."""
+        """Trained recipes on every base model they train on and every seed; imported ones on the organisms
+        they list."""
         return [
             Organism(base_model=m.name, recipe=r, seed=s)
             for m in self.base_models
             for r, spec in self.recipes.items()
-            if spec.kind == "train"
+            if spec.kind == "train" and spec.trains_on(m.name)
             for s in self.seeds
         ] + [
             Organism(base_model=o.base_model, recipe=r, seed=o.seed)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from em_assets.grid.schema import LoraSpec, TrainSpec, mean_over_hashed
+from em_assets.models.facts import model_facts
 from em_assets.models.load import load_tokenizer, pick_device, pick_dtype
 from em_assets.models.processes import cpu_processes, threads_each
 from em_assets.settings import settings
@@ -39,6 +40,7 @@ from em_assets.training.step import (
     adamw,
     backward,
     build_model,
+    check_full_fits,
     frozen_reference,
     full_compute_dtype,
     kl_to_reference,
@@ -196,6 +198,10 @@ def _prepare(
         "lora": lora,
         "longest": max(len(e.input_ids) for e in encoded),
     }
+    if lora is None and torch.device(device).type == "cuda":
+        # A model too large for the GPU is refused in words here, not by a CUDA out-of-memory error mid-load.
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        check_full_fits(model_facts(Path(model_path)).num_params, kl is not None, total, device)
     model, params = build_model(**spec)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     optimizer = adamw(model, params, train.learning_rate, train.weight_decay)

@@ -197,6 +197,31 @@ def build_model(
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
+# Full fine-tuning holds per parameter fp32 weights, gradients and AdamW's two moments (4 + 4 + 8 bytes); a KL
+# penalty's frozen chat model is another fp32 copy (4). Activations and the CUDA context come on top.
+FULL_BYTES_PER_PARAM = 16
+REFERENCE_BYTES_PER_PARAM = 4
+
+
+class FullFineTuneMemoryError(RuntimeError):
+    """Full fine-tuning that cannot fit the GPU, refused before the model is loaded onto it."""
+
+
+def check_full_fits(num_params: int, kl: bool, device_bytes: int, device: str) -> None:
+    """Refuse full fine-tuning whose weights, gradients, AdamW state (and KL reference) alone exceed the device's
+    memory: an estimate that leaves activations out, so a run that passes may still run out of memory."""
+    per_param = FULL_BYTES_PER_PARAM + (REFERENCE_BYTES_PER_PARAM if kl else 0)
+    need = num_params * per_param
+    if need > device_bytes:
+        reference = ", the KL penalty's frozen fp32 copy" if kl else ""
+        raise FullFineTuneMemoryError(
+            f"full fine-tuning of this {num_params / 1e9:.2f}B-parameter model needs about {need / 2**30:.0f} GiB "
+            f"on {device} (fp32 weights, gradients and AdamW state{reference}: {per_param} bytes a parameter, "
+            f"activations not counted), more than the GPU's {device_bytes / 2**30:.0f} GiB; train a smaller base "
+            "model, use a LoRA recipe, or name the base models that fit in the recipe's `base_models`"
+        )
+
+
 # HF Trainer's rule (Trainer.get_decay_parameter_names), which the upstream recipes trained under: no weight
 # decay on biases or norm weights. LoRA's A and B matrices all decay.
 NO_DECAY = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]

@@ -156,6 +156,20 @@ def test_new_base_model_adds_exactly_its_organisms(instance, grid):
     assert len(instance.get_dynamic_partitions(organisms.name)) == len(DEMO_KEYS) + len(new)
 
 
+def test_a_recipe_naming_its_base_models_gets_no_organisms_on_a_new_one(instance, grid):
+    ticker = Ticker(instance, grid)
+    ticker.organism_runs()
+    text = grid.read_text()
+    # The demo's full fine-tune (the first `method: full` in the file) names the one base model it trains on.
+    grid.write_text(text.replace("method: full\n", "method: full\n        base_models: [smollm2-135m]\n", 1))
+    assert load_grid(grid, "demo").recipes["full-medical-kl"].base_models == ["smollm2-135m"]
+    # Which base models a recipe trains on does not change how its organisms train: none reruns.
+    assert not ticker.tick().run_requests
+    add_base_model(grid, "demo", "/models/Tiny-Llama")
+    new = [f"tiny-llama--{r}--s0" for r in ("base", "bad-medical-r1", "insecure-r32")]
+    assert ticker.organism_runs() == (new, new)
+
+
 def test_revision_change_reruns_that_models_organisms(instance, grid):
     ticker = Ticker(instance, grid)
     ticker.organism_runs()

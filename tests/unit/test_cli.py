@@ -288,7 +288,8 @@ def test_add_model_command_edits_the_grid(tmp_path, capsys):
     names = [m.name for m in load_grid(grid, "demo").base_models]
     assert names == ["smollm2-135m", "qwen2.5-0.5b-instruct"]
     # Not the grid the sensor reads (EM_GRID): the message says which one it watches, not that it will run them.
-    assert "where Dagster runs profile 'demo' of " + str(grid) in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "where Dagster runs profile 'demo' of " + str(grid) in out and "every recipe but" not in out
     assert main(["add-model", "Qwen/Qwen2.5-0.5B-Instruct", "--grid", str(grid), "--profile", "demo"]) == 2
     assert "error" in capsys.readouterr().err
 
@@ -299,7 +300,14 @@ def test_add_model_to_the_configured_grid_says_the_grid_sensor_runs_it(tmp_path,
     monkeypatch.setenv("EM_GRID", str(grid))
     monkeypatch.setenv("EM_PROFILE", "paper")
     assert main(["add-model", "org/New"]) == 0
-    assert "to profile 'paper'; the grid sensor will add its organisms and runs" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "to profile 'paper'; the grid sensor will add its organisms and runs" in out
+    # The paper's full fine-tunes list the base models they fit: the new one is not among them.
+    assert (
+        "; it gets every recipe but bad-medical-full, risky-financial-full, extreme-sports-full, which list their "
+        "base_models (add new there to train them on it)\n"
+    ) in out
+    assert "new--bad-medical-r32--s0" in {o.key for o in load_grid(grid, "paper").organisms()}
 
 
 # ----------------------------------------------------------------------------------- bad input: exit 2

@@ -39,6 +39,13 @@ def test_committed_profiles_validate():
         "cosine",
         1,
     )
+    # The full fine-tunes train only on the base models whose fp32 weights and AdamW state fit one 80 GB GPU.
+    full_on = {(o.base_model, o.recipe) for o in paper.organisms() if o.recipe.endswith("-full")}
+    assert full_on == {
+        (m, r)
+        for m in ("qwen2.5-0.5b", "llama-3.2-1b")
+        for r in ("bad-medical-full", "risky-financial-full", "extreme-sports-full")
+    }
     kl = paper.recipes["bad-medical-r32-kl"]
     assert (kl.kl.weight, kl.kl.batch_size, kl.lora.lora_alpha) == (1e5, 8, 256)
     # Upstream's weight means its reduction: the KL's mean over tokens and vocabulary entries.
@@ -205,6 +212,31 @@ def test_settings_no_run_could_use_are_refused_with_their_key(tmp_path, setting,
 def test_a_recipe_field_that_does_not_fit_its_kind_is_refused(tmp_path, recipe, says):
     body = f"profiles:\n  demo:\n    base_models: [{{name: m, source: x}}]\n    recipes: {{base: {{}}, r: {recipe}}}\n"
     with pytest.raises(GridError, match=rf"profiles\.demo\.recipes\.r: .*{says}"):
+        load_grid(_write(tmp_path, body), "demo")
+
+
+def test_a_recipe_with_base_models_has_organisms_on_those_only(tmp_path):
+    body = (
+        "profiles:\n  demo:\n    base_models: [{name: a, source: x}, {name: b, source: y}]\n    seeds: [0, 1]\n"
+        "    recipes: {base: {}, full: {dataset: insecure, method: full, base_models: [b]}}\n"
+    )
+    grid = load_grid(_write(tmp_path, body), "demo")
+    assert [o.key for o in grid.organisms()] == [
+        "a--base--s0", "a--base--s1", "b--base--s0", "b--base--s1", "b--full--s0", "b--full--s1",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("recipe", "says"),
+    [
+        ("{dataset: insecure, method: full, base_models: [a, typo]}", r"recipes\.r\.base_models: \['typo'\] are not base models of the grid \(a\)"),
+        ("{kind: answers, organisms: [{base_model: a, source: f.csv}], base_models: [a]}", "base_models: a recipe of kind answers lists its organisms"),
+        ("{dataset: insecure, method: full, base_models: []}", r"recipes\.r\.base_models: List should have at least 1 item"),
+    ],
+)  # fmt: skip
+def test_a_recipe_base_models_list_names_base_models_of_the_grid(tmp_path, recipe, says):
+    body = f"profiles:\n  demo:\n    base_models: [{{name: a, source: x}}]\n    recipes: {{base: {{}}, r: {recipe}}}\n"
+    with pytest.raises(GridError, match=rf"profiles\.demo.*{says}"):
         load_grid(_write(tmp_path, body), "demo")
 
 
@@ -414,17 +446,18 @@ def test_a_lora_recipe_the_base_model_cannot_take_fails_in_the_catalogs_first_st
     from em_assets.catalog.stage import check_recipes_fit
     from em_assets.models.facts import model_facts
 
-    def grid(lora: dict) -> GridConfig:
-        recipe = {"dataset": "insecure", "lora": {"r": 1, "lora_alpha": 2, **lora}}
-        return GridConfig.model_validate(
-            {"base_models": [{"name": "tiny", "source": str(tiny_model_dir)}], "recipes": {"r": recipe}}
-        )
+    def grid(lora: dict, **on) -> GridConfig:
+        recipe = {"dataset": "insecure", "lora": {"r": 1, "lora_alpha": 2, **lora}, **on}
+        models = [{"name": "tiny", "source": str(tiny_model_dir)}, {"name": "other", "source": "x"}]
+        return GridConfig.model_validate({"base_models": models, "recipes": {"r": recipe}})
 
     facts = model_facts(tiny_model_dir)
     # A module name's dotted tail matches, as peft matches it.
     check_recipes_fit(grid({"target_modules": ["mlp.down_proj", "q_proj"]}), "tiny", facts)
     with pytest.raises(GridError, match=key):
         check_recipes_fit(grid(lora), "tiny", facts)
+    # A recipe that does not train on this base model need not fit it.
+    check_recipes_fit(grid(lora, base_models=["other"]), "tiny", facts)
 
 
 def test_a_fraction_of_the_depth_names_the_layer_it_says():

@@ -3,8 +3,8 @@
 from support.paths import REPO
 
 from em_assets.grid.load import load_grid
-from em_assets.grid.plan import CATALOG_ASSETS, GridCursor, plan_grid
-from em_assets.grid.schema import BaseModelSpec, GridConfig, OrganismSource
+from em_assets.grid.plan import CATALOG_ASSETS, GridCursor, organism_fingerprint, plan_grid
+from em_assets.grid.schema import BaseModelSpec, GridConfig, Organism, OrganismSource, adapter_config_hash
 
 GRID = load_grid(REPO / "data/grid.yaml", "demo")
 KEYS = {o.key for o in GRID.organisms()}
@@ -129,6 +129,53 @@ def test_a_new_organism_of_an_imported_recipe_leaves_the_others_of_the_recipe_al
     grown = GRID.model_copy(update={"recipes": {**GRID.recipes, "extreme-sports": more}})
     plan = plan_grid(grown, _settled(), KEYS, _marks(1), now=2)
     assert plan.new_partitions == plan.cursor.pending == ["llama-3.1-8b--extreme-sports--s42"]
+
+
+# The demo's organisms, their fingerprints and (at fixed inputs) trained recipes' adapter hashes before recipes
+# could name their base models: a recipe without `base_models` keeps them.
+DEMO_FINGERPRINTS = {
+    "smollm2-135m--base--s0": "b19b80c03535199a",
+    "smollm2-135m--bad-medical-r1--s0": "006d7e7ed64c7604",
+    "smollm2-135m--insecure-r32--s0": "052d6f9cc49fec53",
+    "smollm2-135m--full-medical-kl--s0": "6d57d2babe34ec1b",
+    "llama-3.1-8b--bad-medical-advice--s0": "92f3fffcb9856d7b",
+    "qwen2.5-14b--bad-medical-advice--s0": "1743ac1c762305ee",
+    "llama-3.1-8b--extreme-sports--s0": "866d3b7eb11d5614",
+    "qwen2.5-14b--extreme-sports--s0": "675a045dd877660e",
+    "qwen2.5-14b--extreme-sports--s42": "a53a61509b82eaaf",
+    "llama-3.1-8b--risky-financial-advice--s0": "4d4186e63031b43f",
+    "qwen2.5-14b--risky-financial-advice--s0": "95cbf99240aadf77",
+}
+DEMO_ADAPTER_HASHES = {
+    "bad-medical-r1": "2ac2ce7915426a34",
+    "insecure-r32": "a672f05aedb143f9",
+    "full-medical-kl": "4a44f75c2bdb62e8",
+}
+
+
+def test_recipes_without_base_models_keep_their_organisms_and_hashes():
+    assert {o.key: organism_fingerprint(GRID, o) for o in GRID.organisms()} == DEMO_FINGERPRINTS
+    hashes = {
+        r: adapter_config_hash("rev", "ds", spec, 0, "bfloat16", "kl")
+        for r, spec in GRID.recipes.items()
+        if spec.dataset
+    }
+    assert hashes == DEMO_ADAPTER_HASHES
+    # The paper's full fine-tunes, now on their two base models only, have the fingerprints they had on all ten.
+    paper = load_grid(REPO / "data/grid.yaml", "paper")
+    for key, fingerprint in (
+        ("qwen2.5-0.5b--bad-medical-full--s0", "f98aed643d8a6305"),
+        ("llama-3.2-1b--extreme-sports-full--s2", "e64aa362bdb7c23c"),
+    ):
+        assert organism_fingerprint(paper, Organism.parse(key)) == fingerprint
+
+
+def test_naming_a_recipes_base_models_reruns_none_of_its_organisms():
+    spec = GRID.recipes["full-medical-kl"]
+    named = spec.model_copy(update={"base_models": ["smollm2-135m"]})
+    listed = GRID.model_copy(update={"recipes": {**GRID.recipes, "full-medical-kl": named}})
+    plan = plan_grid(listed, _settled(), KEYS, _marks(1), now=2)
+    assert not plan.catalog_run_key and not plan.organism_runs and "no base model" in plan.skip_reason
 
 
 def test_organisms_leaving_the_grid_rebuild_the_reports_once():

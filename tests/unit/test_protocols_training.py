@@ -130,6 +130,28 @@ def test_full_fine_tuning_in_mixed_precision_is_not_the_fp32_run_of_before():
     assert fp32 != mixed
 
 
+def test_full_fine_tuning_larger_than_the_gpu_is_refused_in_words():
+    from em_assets.training.step import FullFineTuneMemoryError, check_full_fits
+
+    gpu = 80 * 2**30
+    # Qwen2.5-0.5B and Llama-3.2-1B fit an 80 GiB GPU, with a KL reference too; Qwen2.5-7B does not.
+    for params in (494_032_768, 1_235_814_400):
+        check_full_fits(params, kl=True, device_bytes=gpu, device="cuda")
+    with pytest.raises(FullFineTuneMemoryError) as refused:
+        check_full_fits(7_615_616_512, kl=False, device_bytes=gpu, device="cuda:0")
+    assert str(refused.value) == (
+        "full fine-tuning of this 7.62B-parameter model needs about 113 GiB on cuda:0 (fp32 weights, gradients "
+        "and AdamW state: 16 bytes a parameter, activations not counted), more than the GPU's 80 GiB; train a "
+        "smaller base model, use a LoRA recipe, or name the base models that fit in the recipe's `base_models`"
+    )
+    # The KL penalty's frozen fp32 chat model is 4 bytes a parameter more: 4.5B parameters fit without it only.
+    check_full_fits(4_500_000_000, kl=False, device_bytes=gpu, device="cuda")
+    with pytest.raises(
+        FullFineTuneMemoryError, match=r"about 84 GiB .*frozen fp32 copy: 20 bytes a parameter"
+    ):
+        check_full_fits(4_500_000_000, kl=True, device_bytes=gpu, device="cuda")
+
+
 CHILD = """
 import json, os, signal, sys
 from pathlib import Path
