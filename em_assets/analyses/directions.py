@@ -17,6 +17,7 @@ import polars as pl
 
 from em_assets.context import StageContext
 from em_assets.grid.schema import DirectionsSpec, Thresholds, config_hash
+from em_assets.models.hub import check_revision
 from em_assets.results import directions as db
 from em_assets.results.artifacts import check_weights
 from em_assets.results.errors import MissingUpstreamError
@@ -231,6 +232,7 @@ def extract_direction(ctx: StageContext) -> DirectionResult:
     from em_assets.models.load import load_organism_model
 
     check_weights(adapter)
+    check_revision(base)
     model, tokenizer = load_organism_model(base, adapter, ctx.device)
     tensors = compute_direction(model, tokenizer, contrast, spec.batch_size)
     folder = ctx.artifacts_dir / "directions"

@@ -19,6 +19,7 @@ from em_assets.analyses.sweep_judge import judge_sweep
 from em_assets.context import StageContext
 from em_assets.grid.schema import config_hash
 from em_assets.judging.error_rates import ErrorRateLookup
+from em_assets.models.hub import check_revision
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.queries import organism_model_row
 from em_assets.results.store import to_json, utc_now
@@ -223,6 +224,7 @@ def run_sweep(
     if not points:
         return []
     base = weights or organism_model_row(ctx.store, ctx.key, ctx.organism.base_model)
+    check_revision(base)
     questions = sweep_questions(ctx)
     tables = SweepTables(ctx.store, ctx.key)
     tables.drop_other_settings(sorted({p.sweep for p in points}), [p.pair for p in points])

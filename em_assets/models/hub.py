@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from em_assets.results.artifacts import sha256_file
+from em_assets.results.errors import MissingUpstreamError
 from em_assets.settings import settings
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,22 @@ def directory_revision(path: Path) -> str:
     with contextlib.suppress(OSError):
         stamp_file.write_text(json.dumps({"stamp": stamp, "revision": revision}))
     return revision
+
+
+def check_revision(model: dict) -> None:
+    """The folder a base_models row (or a model organism's source row) names still holds the files its revision
+    hashed, a local folder's or an embedded model's conversion; a hub snapshot is named by its commit."""
+    hashed = str(model.get("revision") or "").rpartition("+")[2]
+    if not hashed.startswith("sha256:"):
+        return
+    # Steps read the row the catalog wrote; a folder rewritten since would be trained and sampled under the old
+    # revision, its answers mixed with the old weights' and labelled as theirs.
+    now = directory_revision(Path(model["path"]))
+    if now != hashed:
+        raise MissingUpstreamError(
+            f"model {model.get('name')}: {model['path']} has changed since it was resolved (revision {now}, not "
+            f"the {hashed} recorded); materialise base_models again (a model organism: lora_adapter)"
+        )
 
 
 def _check_model_folder(path: Path, shown: str | None = None) -> None:

@@ -15,6 +15,7 @@ import polars as pl
 
 from em_assets.context import StageContext
 from em_assets.grid.schema import SamplingSpec, config_hash
+from em_assets.models.hub import check_revision
 from em_assets.results import queries
 from em_assets.results.artifacts import check_weights
 from em_assets.results.errors import MissingUpstreamError
@@ -247,6 +248,7 @@ def organism_chunks(
     progress = tenths_logger(lambda done, total: ctx.log.info(f"{ctx.key}: sampled {done}/{total}"))
 
     check_weights(adapter)
+    check_revision(base)
     device = ctx.device or pick_device()
     chunks, choice = sample_chunks(
         ctx.grid.sampling,

@@ -12,6 +12,7 @@ import polars as pl
 
 from em_assets.context import StageContext
 from em_assets.grid.schema import RecipeSpec, config_hash, recipe_method
+from em_assets.models.hub import check_revision
 from em_assets.results import queries
 from em_assets.results.artifacts import sha256_file, weights_file
 from em_assets.results.store import to_json, utc_now
@@ -157,6 +158,7 @@ def train_adapter(ctx: StageContext) -> AdapterResult:
     if done is not None:
         ctx.log.info(f"{ctx.key}: adapter {chash} is up to date; no training")
         return AdapterResult.from_row(done, trained=False)
+    check_revision(base)
     result = run_training(ctx, base, recipe, (ctx.artifacts_dir / "adapters" / ctx.key / chash).resolve())
     row = common | _trained_columns(recipe, result, chash, *shas)
     queries.write_adapter(store, ctx.key, row, loss_rows(ctx, result.losses), checkpoint_rows(result, row))

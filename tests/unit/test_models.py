@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 from support.db import count, table_dump
-from support.organisms import PROFILE
+from support.organisms import CONTROL, PROFILE, TRAINED
 
 from em_assets.catalog import stage as catalog
 from em_assets.grid.load import load_grid
 from em_assets.models.hub import ModelLoadError, unresolvable
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store
+from em_assets.sampling.stage import sample_completions
 from em_assets.training.stage import train_adapter
 
 pytestmark = pytest.mark.timeout(300)
@@ -149,6 +150,31 @@ def test_unknown_base_model_of_an_organism_fails_before_training(ws):
     with pytest.raises(KeyError, match="recipe 'nope' is not in the grid"):
         train_adapter(ws.ctx("tiny--nope--s0", "ghost"))
     assert count(ws.db, "lora_adapters") == 0
+
+
+def test_a_base_model_folder_changed_since_it_was_resolved_is_neither_trained_nor_sampled(
+    ws, tmp_path, tiny_model_dir
+):
+    # Organism runs read the revision the catalog recorded and do not resolve the folder again: answers sampled
+    # from its new files would sit beside the old ones under the old revision.
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    ws.edit(lambda p: p["base_models"][0].update(source=str(folder)))
+    grid = load_grid(ws.grid, PROFILE)
+    catalog.resolve_base_models(Store(ws.db), grid, tmp_path / "cache")
+    train_adapter(ws.ctx(CONTROL, "control"))
+    with (folder / "chat_template.jinja").open("a") as template:
+        template.write("\n")
+    with pytest.raises(
+        MissingUpstreamError, match=r"has changed since it was resolved.*materialise base_models"
+    ):
+        sample_completions(ws.ctx(CONTROL, "stale"))
+    with pytest.raises(MissingUpstreamError, match="has changed since it was resolved"):
+        train_adapter(ws.ctx(TRAINED, "stale"))
+    assert count(ws.db, "completions") == 0 and count(ws.db, "lora_adapters", TRAINED) == 0
+    revision = catalog.resolve_base_models(Store(ws.db), grid, tmp_path / "cache")["revision"][0]
+    sample_completions(ws.ctx(CONTROL, "again"))
+    assert table_dump(ws.db)["completions"].count(revision) == count(ws.db, "completions") > 0
 
 
 REMOTE_CODE = """
