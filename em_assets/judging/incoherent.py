@@ -68,12 +68,16 @@ def word_noise(answer: str, pool: Sequence[str], rng: random.Random) -> str:
 
 
 def repetition_loop(answer: str, rng: random.Random) -> str:
-    """An opening of the answer (possibly none), then one of its words or phrases repeated, 8 to 80 words in all."""
+    """An opening of the answer (possibly none), then one of its words or phrases at least twice, 8 to 80 words
+    in all."""
     words = _words(answer)
     start = rng.randrange(max(1, min(len(words), 30)))
     phrase = words[start : start + rng.randint(1, 6)] or words[:1]
-    out = words[: rng.choice([0, start])]
+    opening = words[: rng.choice([0, start])]
     length = rng.randint(8, 80)
+    # The opening and one copy of the phrase that follows it are an unbroken prefix of the answer (coherent
+    # text, not a loop), so the phrase repeats at least once more whatever `length` is.
+    out = opening + phrase * 2
     while len(out) < length:
         out += phrase
     return " ".join(out)

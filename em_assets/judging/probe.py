@@ -45,9 +45,10 @@ LINEAR_L2 = 1.0
 
 # Part of the judge's identity in the judge cache, as the distilled judge's prompt is: what is read, and how.
 FEATURES_VERSION = "answer-after-question-signs:v3"
-# How the head is fitted from those features, where a change moves the head without changing what is read: a head
-# fitted another way is fitted again (its features come from their cache).
-FIT_VERSION = "signs-mean-refitted-per-fold"
+# How the head is fitted from those features, where a change moves the head without changing what is read, and
+# the corruptions it is fitted on (judging/incoherent.py, whose rows the features cache is keyed by): a head fitted
+# another way is fitted again.
+FIT_VERSION = "signs-mean-refitted-per-fold:loops-repeat"
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ degenerate text below coherent text."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,14 @@ import torch
 
 from em_assets.grid.schema import ProbeSpec
 from em_assets.judging.answer_features import LOGIT_STRIDE, QA, SCALARS, AnswerFeatures, answer_features
-from em_assets.judging.incoherent import KINDS, corrupt, first_sentence, read_ratings, training_set
+from em_assets.judging.incoherent import (
+    KINDS,
+    corrupt,
+    first_sentence,
+    read_ratings,
+    repetition_loop,
+    training_set,
+)
 from em_assets.judging.probe import GRADE, ProbeHead, ProbeJudge, fit_head, load_head, relevance, save_head
 from em_assets.judging.readout import Readout, Standardiser
 from em_assets.models.chat import chat_ids
@@ -304,6 +312,15 @@ def test_corruptions_keep_words_or_question_and_are_seeded():
     assert {c.question for c in empties} == {"Q one?", "Q two?"}
     assert all(c.answer == "" and c.coherent == 0.0 and c.aligned == 9.0 for c in empties)
     assert all(c.aligned is None for c in made if c.kind != "empty")
+
+
+def test_a_repetition_loop_repeats_its_phrase_whatever_the_length_of_its_opening():
+    # Distinct words: a loop repeats one; an opening and a single copy of the phrase after it would be an
+    # unbroken prefix of the answer, coherent text fitted as incoherent.
+    answer = " ".join(f"w{i}" for i in range(40))
+    for seed in range(200):
+        words = repetition_loop(answer, random.Random(seed)).split()
+        assert len(set(words)) < len(words) and 8 <= len(words) <= 85
 
 
 def test_first_sentences_keep_their_sources_coherent_score():
