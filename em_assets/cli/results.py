@@ -219,10 +219,23 @@ def _store(args: argparse.Namespace):
             file=sys.stderr,
         )
         return None
-    latest = store.current_snapshot()
+    from em_assets.results.backends import LAKE
+
+    # Read through the locked read-only connection: listing the snapshots attaches nothing writable.
+    with store.reader() as conn:
+        rows = conn.execute(f"SELECT snapshot_id FROM ducklake_snapshots('{LAKE}')").fetchall()
+    kept = {n for (n,) in rows}
+    latest = max(kept)
     if not 0 <= args.snapshot <= latest:
         print(
             f"error: no snapshot {args.snapshot}: {store.location.describe()} has snapshots 0 to {latest}",
+            file=sys.stderr,
+        )
+        return None
+    if args.snapshot not in kept:
+        # Expired (docs/operations.md): attaching it raised DuckDB's error, a traceback in `figures`.
+        print(
+            f"error: snapshot {args.snapshot} of {store.location.describe()} was expired: it can no longer be read",
             file=sys.stderr,
         )
         return None

@@ -30,8 +30,23 @@ _LAKE_READERS = frozenset(
     }
 )
 _ACTING_PREFIXES = ("ducklake_", "postgres_", "sqlite_", "mysql_")
-# Checkpoints write; query() and query_table() run SQL text this check cannot see.
-_ACTING = frozenset({"checkpoint", "force_checkpoint", "query", "query_table"})
+# Checkpoints write; query(), query_table() and json_execute_serialized_sql() run SQL this check cannot see;
+# logging and profiling write files where told (a local lake's data folder is writable); the lake's own
+# macros (lake.merge_adjacent_files(), or unqualified under USE lake) call the ducklake_ functions that act.
+_ACTING = frozenset(
+    {
+        "checkpoint",
+        "force_checkpoint",
+        "query",
+        "query_table",
+        "json_execute_serialized_sql",
+        "enable_logging",
+        "enable_profiling",
+        "merge_adjacent_files",
+        "set_option",
+        "set_commit_message",
+    }
+)
 
 
 class RefusedStatement(ValueError):

@@ -237,6 +237,23 @@ def test_a_snapshot_the_lake_does_not_have_is_bad_input(tmp_path, capsys):
     assert "has no em_summary" in err and err.count("\n") == 1 and not out.exists()
 
 
+def test_an_expired_snapshot_is_one_message_not_a_traceback(tmp_path, capsys):
+    db = _lake(tmp_path)
+    store = Store(db)
+    store.init()
+    store.append_rows("training_losses", pl.DataFrame({"organism": ["a"], "step": [1], "loss": [1.0]}))
+    expired = store.current_snapshot()
+    store.append_rows("training_losses", pl.DataFrame({"organism": ["b"], "step": [1], "loss": [1.0]}))
+    with store.session() as conn:
+        conn.execute(f"CALL ducklake_expire_snapshots('lake', versions => [{expired}])")
+    capsys.readouterr()
+    for command in (["sql", "SELECT 1"], ["figures", "--out", str(tmp_path / "figs")]):
+        assert main([*command, "--db", db, "--snapshot", str(expired)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: snapshot {expired} of ") and "was expired" in err, err
+        assert err.count("\n") == 1
+
+
 def test_sql_reads_the_past_of_a_lake(tmp_path, capsys):
     db = _lake(tmp_path)
     store = Store(db)

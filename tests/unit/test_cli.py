@@ -157,6 +157,14 @@ REFUSED = [
     "SELECT * FROM ducklake_expire_snapshots('lake', older_than => now())",
     "SELECT * FROM sqlite_attach('{data}/other.sqlite')",
     "SELECT * FROM query('SELECT 1')",
+    # Runs a SELECT hidden in its argument: this one deleted a lake's files scheduled for deletion.
+    "SELECT * FROM json_execute_serialized_sql(json_serialize_sql("
+    "'SELECT * FROM ducklake_cleanup_old_files(''lake'', cleanup_all => true)'))",
+    "SELECT * FROM enable_logging(storage => 'file', storage_path => '{data}/logs')",
+    "SELECT * FROM enable_profiling(save_location => '{data}/profile.txt')",
+    # The lake's own macros, which call ducklake_merge_adjacent_files and ducklake_set_option.
+    "SELECT * FROM lake.merge_adjacent_files()",
+    "SELECT * FROM set_option('parquet_compression', 'zstd')",
 ]
 
 
