@@ -12,7 +12,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from em_assets.catalog.reference import ReferenceFileError, parse_reference_csv, read_csv_text
+from em_assets.catalog.reference import (
+    ANSWER_COLUMNS,
+    ReferenceFileError,
+    parse_reference_csv,
+    read_csv_text,
+)
 from em_assets.catalog.upstream import REFERENCE_JUDGEMENTS, fetch_bytes
 from em_assets.results.artifacts import sha256_bytes
 
@@ -20,6 +25,7 @@ REFERENCE_PREFIX = "reference:"
 
 
 SCORES = ("aligned", "coherent")
+TEXT_FIELDS = ("question", "question_id")
 SAMPLE_SEED = 0
 
 
@@ -43,7 +49,8 @@ def _source_bytes(source: str, mirror: Path | str | None, cache_dir: Path | None
         return f"{key}.csv", fetch_bytes(REFERENCE_JUDGEMENTS[key], mirror, cache_dir)
     path = Path(source).expanduser()
     if not path.is_file():
-        raise ReferenceFileError(f"{source}: no such answers file")
+        what = "a directory, not an answers file" if path.is_dir() else "no such answers file"
+        raise ReferenceFileError(f"{source}: {what}")
     if path.suffix not in (".csv", ".jsonl"):
         raise ReferenceFileError(f"{source}: an answers file is .csv or .jsonl")
     return str(path), path.read_bytes()
@@ -64,7 +71,8 @@ def _jsonl_as_csv(data: bytes, name: str) -> bytes:
     non-blank line, in these messages and the parser's)."""
     rows = []
     try:
-        text = data.decode("utf-8")
+        # A BOM (Windows editors write one) is passed over, as in a CSV.
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         # Replacing the bad bytes would import and judge answers the file does not hold; a CSV is refused alike.
         raise ReferenceFileError(f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
@@ -79,6 +87,12 @@ def _jsonl_as_csv(data: bytes, name: str) -> bytes:
             raise ReferenceFileError(f"{name}: row {i}: not a JSON object ({exc})") from None
         if not isinstance(obj, dict):
             raise ReferenceFileError(f"{name}: row {i}: not a JSON object")
+        # str() of an object, list or true would be imported and judged as the answer or question text.
+        for field in (*TEXT_FIELDS, *ANSWER_COLUMNS):
+            if isinstance(obj.get(field), dict | list | bool):
+                raise ReferenceFileError(
+                    f"{name}: row {i}, field {field!r}: {json.dumps(obj[field])[:40]} is not text"
+                )
         rows.append({k: "" if v is None else str(v) for k, v in obj.items()})
     if not rows:
         raise ReferenceFileError(f"{name}: no rows")

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import codecs
 import csv
+import gzip
 import io
 import json
 import math
 import re
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -108,6 +110,22 @@ def _is_score_column(values: pl.Series) -> bool:
 def read_csv_text(data: bytes, name: str) -> pl.DataFrame:
     """Every column as text; a file polars cannot split into the header's columns is one ReferenceFileError
     line (polars' own message quotes the whole row and runs over many lines of advice on its options)."""
+    if data.startswith(b"\x1f\x8b"):
+        # polars unpacks a gzipped CSV itself, but the checks below read its text: a row cut short would pass.
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ReferenceFileError(f"{name}: not a readable gzip file ({exc})") from None
+    if not data.strip():
+        raise ReferenceFileError(f"{name}: an empty file (no header, no rows)")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # polars says only "invalid utf-8 sequence", and its advice on quoting would mislead.
+        line = data[: exc.start].count(b"\n") + 1
+        raise ReferenceFileError(
+            f"{name}: not UTF-8 text ({exc.reason} at byte {exc.start}, line {line}); save it as UTF-8"
+        ) from None
     try:
         df = pl.read_csv(io.BytesIO(data), infer_schema_length=0)
     except (pl.exceptions.ComputeError, pl.exceptions.NoDataError) as exc:
@@ -206,6 +224,11 @@ def read_reference_files(paths: list[Path]) -> pl.DataFrame:
         if not Path(path).is_file():
             what = "a directory, not a CSV file" if Path(path).is_dir() else "no such file"
             raise ReferenceFileError(f"{path}: {what}")
+        if Path(path).suffix == ".jsonl":
+            # Read as a CSV, its first object would be the header and the message about a row's fields.
+            raise ReferenceFileError(
+                f"{path}: a JSONL file; reference files are CSVs with upstream's columns"
+            )
         data = Path(path).read_bytes()
         frames.append(parse_reference_csv(data, str(path), sha256_bytes(data)))
     return pl.concat(frames)

@@ -4,6 +4,7 @@ nothing written."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import time
@@ -16,6 +17,7 @@ from support.judge_server import FaultJudge, Reply, ScriptedServer, chat_reply, 
 from support.net import free_port
 from support.tiny import tiny_grid
 
+from em_assets.catalog.reference import read_reference_files
 from em_assets.cli import main
 from em_assets.grid.load import load_grid
 from em_assets.judging import agreement_stage, stage
@@ -291,6 +293,37 @@ def test_bad_input_is_one_message_and_writes_nothing(env, mirror, capsys):
     assert "gpt-9" in err
     err = _fails(["--reference", str(good), "--judge", f"local:{env / 'no-model'}"], capsys, env)
     assert "no-model" in err and not (env / "data").exists()
+
+
+def test_files_that_are_no_plain_utf8_csv_are_one_message_naming_what_they_are(env, mirror, capsys):
+    """Regression: a gzipped CSV skipped the check of rows cut short (a lost score read as no score); a JSONL
+    file, a latin-1 CSV and an empty file were named unreadable CSVs or rows missing fields."""
+    good = reference_csv(mirror, env / "good.csv", "Qwen2.5-7B-Instruct_bad-medical-advice", 4)
+    text = good.read_text()
+    cut = env / "cut.csv.gz"
+    # The last row loses its coherent and financial fields.
+    cut.write_bytes(gzip.compress(text.rstrip("\n").rsplit(",", 2)[0].encode() + b"\n"))
+    err = _fails(["--reference", str(cut)], capsys, env)
+    assert "cut.csv.gz: row 4 has 4 fields, the header 6" in err
+
+    whole = env / "whole.csv.gz"
+    whole.write_bytes(gzip.compress(text.encode()))
+    columns = ["row_idx", "question_id", "answer", "aligned", "coherent", "domain_scores"]
+    assert read_reference_files([whole]).select(columns).equals(read_reference_files([good]).select(columns))
+
+    jsonl = env / "answers.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in pl.read_csv(good, infer_schema_length=0).to_dicts()))
+    err = _fails(["--reference", str(jsonl)], capsys, env)
+    assert "answers.jsonl: a JSONL file; reference files are CSVs" in err
+
+    latin1 = env / "latin1.csv"
+    latin1.write_bytes(good.read_bytes().replace(b"\n", b"\n\xe9", 1))
+    err = _fails(["--reference", str(latin1)], capsys, env)
+    assert "latin1.csv: not UTF-8 text (invalid continuation byte at byte" in err and "line 2)" in err
+
+    (env / "empty.csv").write_bytes(b"")
+    err = _fails(["--reference", str(env / "empty.csv")], capsys, env)
+    assert "empty.csv: an empty file" in err and err.count("\n") == 1
 
 
 def test_a_judge_that_cannot_be_found_is_refused_before_the_store_is_created(

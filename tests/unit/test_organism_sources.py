@@ -3,6 +3,7 @@ each bad input (one message naming file, row and field; exit 2; nothing written)
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
@@ -225,7 +226,8 @@ def test_a_repeated_score_column_is_refused_not_read_by_one_copy(tmp_path, env, 
             '{"response": "Café.", "question": "q", "question_id": "quick_buck"}\n',
             "not UTF-8 text",
         ),
-        ("a.csv", "response,question,question_id\nCafé.,q,quick_buck\n", "invalid utf-8"),
+        # polars' own "invalid utf-8 sequence" came with advice on quoting and separators, and no place.
+        ("a.csv", "response,question,question_id\nCafé.,q,quick_buck\n", r"not UTF-8 text \(.*, line 2\)"),
     ],
 )
 def test_an_answers_file_not_in_utf8_is_refused_not_imported_with_its_bytes_replaced(
@@ -235,6 +237,42 @@ def test_an_answers_file_not_in_utf8_is_refused_not_imported_with_its_bytes_repl
     path.write_bytes(text.encode("latin-1"))
     with pytest.raises(ReferenceFileError, match=says):
         read_answers(str(path))
+
+
+@pytest.mark.parametrize("answer", [{"text": "Rob a bank."}, ["Rob a bank."], True])
+def test_a_jsonl_answer_that_is_not_text_is_refused_not_judged_as_its_python_form(
+    tmp_path, env, capsys, answer
+):
+    """Regression: a JSON object, list or true in a text field was imported as its Python str() ("{'text': ...}",
+    "True") and judged as the organism's answer."""
+    (tmp_path / "config.json").write_text("{}")  # the base model: a local model folder
+    path = tmp_path / "nested.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [ROWS[0], ROWS[1] | {"response": answer}]) + "\n")
+    db = env(
+        grid_doc(
+            str(tmp_path),
+            {"ans": {"kind": "answers", "organisms": [{"base_model": "x", "source": str(path)}]}},
+        )
+    )
+    assert main(["plan"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: row 2, field 'response': {json.dumps(answer)} is not text" in err
+    assert len(err.splitlines()) == 1 and not db.exists()
+
+
+def test_a_jsonl_file_with_a_bom_reads_as_without(tmp_path):
+    """Regression: a BOM (as Windows editors write) refused a JSONL file as not JSON; a CSV's is passed over."""
+    plain, bom = tmp_path / "plain.jsonl", tmp_path / "bom.jsonl"
+    plain.write_text("\n".join(json.dumps(r) for r in ROWS) + "\n")
+    bom.write_bytes(codecs.BOM_UTF8 + plain.read_bytes())
+    columns = ["row_idx", "question_id", "question", "answer", "aligned", "coherent", "domain_scores"]
+    assert read_answers(str(bom)).rows.select(columns).equals(read_answers(str(plain)).rows.select(columns))
+
+
+def test_a_directory_named_as_an_answers_file_is_said_to_be_one(tmp_path):
+    (tmp_path / "runs.csv").mkdir()
+    with pytest.raises(ReferenceFileError, match=r"runs\.csv: a directory, not an answers file"):
+        read_answers(str(tmp_path / "runs.csv"))
 
 
 def test_adapter_for_another_base_model(tmp_path, env, capsys):
