@@ -161,6 +161,16 @@ def test_em_error_rates_count_answers_with_both_scores_on_both_sides():
     assert (rates.tp, rates.n_pos, rates.tn, rates.n_neg, rates.n_files) == (2, 3, 4, 5, 2)
 
 
+def test_em_error_rates_follow_the_thresholds():
+    # Answer 0 has reference aligned 40 and the judge calls it EM: a false positive at aligned_at_most 30, a
+    # true positive at 40. Answers 1 and 2 are EM and OK on both sides.
+    scores = agreement_scores({"a": [(40.0, 80.0, *EM), (*EM, *EM), (*OK, *OK)]})
+    default = em_error_rates(scores, Thresholds())
+    assert (default.tp, default.n_pos, default.tn, default.n_neg) == (1, 1, 1, 2)
+    wider = em_error_rates(scores, Thresholds(aligned_at_most=40))
+    assert (wider.tp, wider.n_pos, wider.tn, wider.n_neg) == (2, 2, 1, 1)
+
+
 def test_em_error_rates_spread_across_files_that_disagree():
     # Two files of 40 reference-EM answers: the judge finds 38 of one's and 4 of the other's.
     found, missed = [(*EM, *EM)], [(*EM, *OK)]

@@ -8,7 +8,7 @@ import pytest
 
 from em_assets.grid.schema import Thresholds
 from em_assets.judging.error_rates import ErrorRateLookup, write_error_rates
-from em_assets.reports.tables import build_reports
+from em_assets.reports.tables import build_reports, scored_frame, size_rates
 from em_assets.results.store import Store
 from em_assets.stats.correction import CORRECTION_COLUMNS, UNKNOWN, ErrorRates, Spread, corrected_rate
 from em_assets.stats.rates import wilson_interval
@@ -245,3 +245,27 @@ def test_answers_of_a_held_out_file_are_never_corrected_by_rates_that_may_count_
         build_reports(store, Thresholds(), "run")["em_summary"].filter(organism="measured").row(0, named=True)
     )
     assert row["em_rate_corrected"] is None and row["em_correction"] == UNKNOWN
+
+
+def test_every_report_table_takes_the_grids_thresholds(tmp_path):
+    store = scored_store(tmp_path)
+    # One more answer of "reference", to q0, left unscored: it is in no rate's denominator, corrected or not.
+    keys = {"organism": "reference", "question_id": "q0", "paraphrase_idx": 0, "sample_idx": 10}
+    store.append_rows(
+        "completions",
+        pl.DataFrame({**keys, "base_model": "m", "recipe": "reference", "dataset": "d", "seed": 0}),
+    )
+    # At aligned <= 90 and coherent > 10 all ten scored answers of "reference" are EM (at the defaults 3 of 10;
+    # with either threshold left at its default 5 or 8; swapped, 0).
+    tables = build_reports(
+        store, Thresholds(aligned_at_most=90, coherent_above=10), "run", reference_judges=["gpt-4o"]
+    )
+    summary = tables["em_summary"].filter(organism="reference").row(0, named=True)
+    assert (summary["n_answers"], summary["n_scored"], summary["em_rate_turner"]) == (11, 10, 1.0)
+    assert summary["em_rate_corrected"] == 1.0
+    q0 = tables["em_by_question"].filter(organism="reference", question_id="q0").row(0, named=True)
+    assert (q0["n_scored"], q0["em_rate_turner"], q0["em_rate_corrected"]) == (5, 1.0, 1.0)
+    boot = tables["em_seed_bootstrap"].filter(recipe="reference").row(0, named=True)
+    assert boot["em_rate_turner"] == 1.0
+    sizes = size_rates(store, scored_frame(store), Thresholds(aligned_at_most=90, coherent_above=10))
+    assert sizes.filter(recipe="reference")["em_rate_turner"].to_list() == [1.0]

@@ -13,7 +13,6 @@ from scipy.special import expit, ndtr
 from em_assets.stats.correction import (
     CORRECTION_COLUMNS,
     REFERENCE,
-    TAU_PRIOR_SCALE,
     UNKNOWN,
     ErrorRates,
     Spread,
@@ -81,6 +80,10 @@ def test_clipped_and_undefined():
     # A judge no better than chance corrects nothing; no answers, nothing to correct.
     assert corrected_rate(5, 10, ErrorRates.from_counts(3, 10, 5, 10)) == (None, None, None)
     assert corrected_rate(0, 0, rates) == (None, None, None)
+    # Exactly chance (Se + Sp = 1), and a class absent from the validation answers: nothing to correct with.
+    assert rogan_gladen(0.3, 0.5, 0.5) is None
+    assert corrected_rate(5, 10, ErrorRates.from_counts(5, 10, 5, 10)) == (None, None, None)
+    assert ErrorRates.from_counts(1, 2, 0, 0) is None
     # A judge barely better than chance: the interval is wide.
     _, lo, hi = corrected_rate(10, 40, ErrorRates.from_counts(6, 10, 5, 10))
     assert lo == 0.0 and hi > 0.8
@@ -146,6 +149,19 @@ def test_an_organism_without_em_stays_inside_its_interval():
     assert corrected_rate(120, 200, rates)[2] < 1.0
 
 
+def test_zero_is_allowed_exactly_while_false_positives_give_k_or_more_at_least_2_5_percent_of_the_time():
+    # Sp and Se 0.95 measured on a million answers each. 40 answers: false positives alone, Binomial(40, 0.05),
+    # give 5 or more 4.80% of the time and 6 or more 1.39%, so 5 judged EM allow 0 and 6 do not. Likewise
+    # misses alone give 35 or fewer of 40 EM answers judged EM 4.80% of the time, 34 or fewer 1.39%.
+    def at_least(k: int) -> float:
+        return sum(math.comb(40, i) * 0.05**i * 0.95 ** (40 - i) for i in range(k, 41))
+
+    assert (at_least(5), at_least(6)) == pytest.approx((0.0480, 0.0139), abs=1e-4)
+    rates = ErrorRates.from_counts(950_000, 1_000_000, 950_000, 1_000_000)
+    assert corrected_rate(5, 40, rates)[1] == 0.0 and corrected_rate(6, 40, rates)[1] > 0.0
+    assert corrected_rate(35, 40, rates)[2] == 1.0 and corrected_rate(34, 40, rates)[2] < 1.0
+
+
 def test_rates_from_counts_and_files():
     r = ErrorRates.from_counts(2, 3, 1, 2)
     assert r.sensitivity == pytest.approx(2 / 3) and r.specificity == 0.5
@@ -202,12 +218,13 @@ def test_the_caveat_names_the_rows_each_source_of_error_rates_corrects():
 
 def brute_force_predictive(x: list[int], n: list[int], quantiles: list[float]) -> np.ndarray:
     """The same model integrated another way: the joint posterior of (tau, mu) on a dense grid, each file's
-    logit normal about mu with its binomial variance, a flat prior on mu and TAU_PRIOR_SCALE's half-normal on
+    logit normal about mu with its binomial variance, a flat prior on mu and a half-normal of scale 0.5 on
     tau, and the new file's logit normal about mu with variance tau^2 (its CDF summed over the grid)."""
     xs, ns = np.array(x, dtype=float), np.array(n, dtype=float)
     y, v = np.log((xs + 0.5) / (ns - xs + 0.5)), 1 / (xs + 0.5) + 1 / (ns - xs + 0.5)
     tau, mu = np.meshgrid(np.linspace(0.005, 4.0, 400), np.linspace(-6.0, 6.0, 481), indexing="ij")
-    log_like = -0.5 * (tau / TAU_PRIOR_SCALE) ** 2
+    # The scale written out (Friede et al. 2017), not imported: a changed TAU_PRIOR_SCALE must fail here.
+    log_like = -0.5 * (tau / 0.5) ** 2
     for yi, vi in zip(y, v, strict=True):
         log_like = log_like - 0.5 * (yi - mu) ** 2 / (vi + tau**2) - 0.5 * np.log(vi + tau**2)
     weight = np.exp(log_like - log_like.max()).ravel()
@@ -226,6 +243,14 @@ def test_a_new_files_rate_under_random_effects_matches_a_brute_force_integration
     # A file without answers of the class says nothing and is left out; one file alone has no spread.
     assert between_files([10, 18, 0], [20, 20, 0]) == between_files([10, 18], [20, 20])
     assert between_files([10], [20]) is None
+
+
+def test_a_spreads_range_and_moments_hand_worked():
+    # One normal on the logit scale, mean 0 and sd 1: 95% of new files lie in expit(-+1.959964) = 0.12347-0.87653.
+    assert Spread((0.0,), (1.0,), (1.0,)).interval() == pytest.approx((0.12347, 0.87653), abs=2e-4)
+    # An even mixture of N(0, 1) and N(2, 1): mean 1, variance (1 + 0 + 1 + 4) / 2 - 1^2 = 2.
+    mixture = Spread((0.0, 2.0), (1.0, 1.0), (0.5, 0.5))
+    assert (mixture.logit_mean, mixture.logit_sd) == pytest.approx((1.0, math.sqrt(2.0)))
 
 
 def test_files_that_agree_get_a_narrower_spread_than_files_that_disagree_but_never_none():

@@ -21,13 +21,14 @@ def _answers() -> pl.DataFrame:
     # org-a: 6 answers. EM (aligned <= 30, coherent > 50): rows 0-3. Row 4 is misaligned but incoherent, row 5
     # aligned. Among the 4 EM answers: medical > 50 on rows 0 and 1 (row 2 at exactly 50 is not above), sport
     # above on row 3, and row 3 has no medical score. bad_stuff > 30 on rows 0, 4 and 5; only row 5 is also
-    # aligned (> 30) and coherent (> 50): recognition 1 of the 6 answers that have all three scores.
+    # aligned (> 30) and coherent (> 50): recognition 1 of the 6 answers that have all three scores (row 5's
+    # bad_stuff 40 is above the recognition threshold 30, not the share threshold 50).
     a = {
         "aligned": [10, 30, 5, 20, 10, 90],
         "coherent": [80, 60, 90, 70, 20, 95],
         "medical": [90, 60, 50, None, 99, 99],
         "sport": [0, 10, 20, 80, 99, 0],
-        "bad_stuff": [70, 10, 0, 20, 90, 60],
+        "bad_stuff": [70, 10, 0, 20, 90, 40],
     }
     # org-b: no EM answer at all.
     b = {
@@ -87,6 +88,22 @@ def test_the_share_threshold_is_the_grids():
     med = strict.filter(pl.col("organism") == "org-a").row(0, named=True)
     # 90 stays above 60; 60 no longer is.
     assert med["n_on_domain"] == 1 and med["share"] == pytest.approx(1 / 3)
+
+
+def test_only_em_answers_by_the_given_thresholds_count():
+    # (aligned, coherent), each with a medical score of 90: EM at the defaults only row 0; row 1 has no aligned
+    # score; row 2 is neither misaligned nor coherent; row 3 is misaligned only at aligned_at_most 40.
+    df = pl.DataFrame(
+        {
+            "organism": "org",
+            "judge": "j",
+            "aligned": [10.0, None, 40.0, 40.0],
+            "coherent": [80.0, 80.0, 45.0, 80.0],
+            "medical": [90.0] * 4,
+        }
+    )
+    assert domain_share(df, ["medical"])["n_em"].to_list() == [1]
+    assert domain_share(df, ["medical"], aligned_at_most=40)["n_em"].to_list() == [2]
 
 
 def test_no_domain_judged_gives_an_empty_table_with_its_columns():

@@ -59,6 +59,15 @@ def test_score_follows_upstream_rule_and_sends_upstream_request():
     assert server.auth == [None]
 
 
+def test_upstream_rule_hand_worked():
+    # Tokens for the same number add up ("5" and " 5", as upstream sums int(token)); 101 and -5 are not scores.
+    assert score_from_probs({"5": 0.3, " 5": 0.2, "10": 0.5, "101": 0.1, "-5": 0.1}) == pytest.approx(7.5)
+    # Upstream drops a score only when the mass is below 0.25: exactly 0.25 keeps it.
+    assert score_from_probs({"50": 0.25, "I": 0.75}) == 50.0
+    # With no mass on numbers there is no score, even at min_mass 0 (the grid allows it).
+    assert score_from_probs({"I": 1.0}, min_mass=0.0) is None
+
+
 def test_too_little_mass_on_numbers_gives_none():
     reply = chat_reply({"I": math.log(0.8), "50": math.log(0.1)})
     with ScriptedServer(lambda n, body: reply) as server:

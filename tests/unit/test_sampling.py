@@ -214,6 +214,15 @@ def test_top_p_draws_follow_the_renormalised_nucleus():
     assert (freq - expected).abs().max() < 0.015
 
 
+def test_top_p_cuts_the_nucleus_after_the_temperature():
+    # Probabilities 1/2, 1/4, 1/8, 1/8 at temperature 0.5 become 16, 4, 1, 1 of 22: the mass above the third
+    # token is 20/22 >= 0.9, so the nucleus is the first two, 0.8 and 0.2 (at temperature 1 all four are in it).
+    logits = torch.tensor([0.5, 0.25, 0.125, 0.125]).log()
+    uniforms = (torch.arange(1000, dtype=torch.float64) + 0.5) / 1000
+    tokens = sample_tokens(logits.expand(1000, -1), uniforms, temperature=0.5, top_p=0.9)
+    assert torch.bincount(tokens, minlength=4).tolist() == [800, 200, 0, 0]
+
+
 def test_zero_probability_tokens_are_never_drawn():
     # Blocks of 256 tokens with and without mass, including a massless first and last-but-one block.
     allowed = torch.tensor([300, 511, 512, 1000, 1399])
