@@ -71,6 +71,16 @@ def grid(base: Path, recipes: dict, **base_models: str) -> GridConfig:
     return GridConfig.model_validate(grid_doc(base, recipes, **base_models))
 
 
+def answers_resources(root: Path, base: Path, path: Path, mirror: Path) -> dict:
+    """The pipeline's resources for a grid whose one recipe imports the answers file at `path` (organism x--ans--s0)."""
+    from support.pipeline import pipeline_resources
+
+    doc = grid(base, {"ans": {"kind": "answers", "organisms": [{"base_model": "x", "source": str(path)}]}})
+    grid_file = root / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"profiles": {"test": doc.model_dump(mode="json")}}))
+    return pipeline_resources(root, grid_file, mirror)
+
+
 def context(store: Store, g: GridConfig, key: str, root: Path) -> StageContext:
     return StageContext(
         store, g, Organism.parse(key), "test", root / "artifacts", device="cpu", cache_dir=root / "cache"
@@ -451,7 +461,7 @@ def test_a_key_that_stops_importing_answers_leaves_the_files_scores_behind(tmp_p
 def test_every_organism_asset_takes_an_answers_organism(tmp_path, tiny_model_dir, mirror, empty):
     """The Dagster organism job's assets on an answers organism (JSONL): imported, judged, analyses noted; an
     organism that mostly answers nothing is flagged and still judged (incoherent), not stopped."""
-    from support.pipeline import materialize, pipeline_resources
+    from support.pipeline import materialize
 
     from em_assets.defs.jobs import ORGANISM_ASSETS
 
@@ -461,12 +471,7 @@ def test_every_organism_asset_takes_an_answers_organism(tmp_path, tiny_model_dir
         response=pl.when(pl.col("index") < empty).then(pl.lit("")).otherwise("response")
     )
     path.write_text(answers.drop("index").write_ndjson())
-    doc = grid(
-        tiny_model_dir, {"ans": {"kind": "answers", "organisms": [{"base_model": "x", "source": str(path)}]}}
-    )
-    grid_file = tmp_path / "grid.yaml"
-    grid_file.write_text(yaml.safe_dump({"profiles": {"test": doc.model_dump(mode="json")}}))
-    resources = pipeline_resources(tmp_path, grid_file, mirror)
+    resources = answers_resources(tmp_path, tiny_model_dir, path, mirror)
     key = "x--ans--s0"
     # A figure an earlier run of this key drew (say, before its recipe became imported answers).
     stale = tmp_path / "figures" / "dynamics" / f"{key}--lora_scaling.png"
@@ -511,19 +516,14 @@ def test_a_completion_left_unjudged_fails_judge_coverage_and_stops_the_direction
     """judge_coverage counts a completion without a judgement on one metric (lost after judging, as a racing
     writer could leave it) and fails; being blocking, it stops what reads the judgements in the same run (the
     dynamics assets judge answers of their own and run on)."""
-    from support.pipeline import materialize, pipeline_resources
+    from support.pipeline import materialize
 
     from em_assets.defs import organism_assets
     from em_assets.defs.jobs import ORGANISM_ASSETS
 
     path = tmp_path / "answers.csv"
     path.write_text(ANSWERS)
-    doc = grid(
-        tiny_model_dir, {"ans": {"kind": "answers", "organisms": [{"base_model": "x", "source": str(path)}]}}
-    )
-    grid_file = tmp_path / "grid.yaml"
-    grid_file.write_text(yaml.safe_dump({"profiles": {"test": doc.model_dump(mode="json")}}))
-    resources = pipeline_resources(tmp_path, grid_file, mirror)
+    resources = answers_resources(tmp_path, tiny_model_dir, path, mirror)
     key = "x--ans--s0"
 
     def judge_and_lose_one(ctx: StageContext):

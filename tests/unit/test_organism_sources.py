@@ -160,6 +160,14 @@ def test_agreement_sample_is_what_answers_organisms_import(mirror):
     )
 
 
+def answers_grid(folder: Path, path: Path) -> dict:
+    """A grid whose base model is `folder` (a local model folder, made here) and whose one recipe imports `path`."""
+    (folder / "config.json").write_text("{}")
+    return grid_doc(
+        str(folder), {"ans": {"kind": "answers", "organisms": [{"base_model": "x", "source": str(path)}]}}
+    )
+
+
 @pytest.mark.parametrize(
     ("rows", "where"),
     [
@@ -168,17 +176,11 @@ def test_agreement_sample_is_what_answers_organisms_import(mirror):
     ],
 )
 def test_bad_answers_files(tmp_path, env, capsys, rows, where):
-    (tmp_path / "config.json").write_text("{}")  # the base model: a local model folder
     path = write_csv(tmp_path / "bad.csv", rows)
     with pytest.raises(ReferenceFileError) as err:
         read_answers(str(path))
     assert str(path) in str(err.value) and where in str(err.value)
-    db = env(
-        grid_doc(
-            str(tmp_path),
-            {"ans": {"kind": "answers", "organisms": [{"base_model": "x", "source": str(path)}]}},
-        )
-    )
+    db = env(answers_grid(tmp_path, path))
     assert main(["plan"]) == 2
     assert where in capsys.readouterr().err
     assert main(["demo"]) == 2
@@ -200,17 +202,11 @@ def test_bad_answers_files(tmp_path, env, capsys, rows, where):
     ],
 )
 def test_a_repeated_score_column_is_refused_not_read_by_one_copy(tmp_path, env, capsys, name, text):
-    (tmp_path / "config.json").write_text("{}")  # the base model: a local model folder
     path = tmp_path / name
     path.write_text(text)
     with pytest.raises(ReferenceFileError, match=r"'aligned' appears 2 times"):
         read_answers(str(path))
-    db = env(
-        grid_doc(
-            str(tmp_path),
-            {"ans": {"kind": "answers", "organisms": [{"base_model": "x", "source": str(path)}]}},
-        )
-    )
+    db = env(answers_grid(tmp_path, path))
     assert main(["plan"]) == 2
     err = capsys.readouterr().err
     assert str(path) in err and "'aligned' appears 2 times" in err and len(err.strip().splitlines()) == 1
@@ -245,15 +241,9 @@ def test_a_jsonl_answer_that_is_not_text_is_refused_not_judged_as_its_python_for
 ):
     """Regression: a JSON object, list or true in a text field was imported as its Python str() ("{'text': ...}",
     "True") and judged as the organism's answer."""
-    (tmp_path / "config.json").write_text("{}")  # the base model: a local model folder
     path = tmp_path / "nested.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in [ROWS[0], ROWS[1] | {"response": answer}]) + "\n")
-    db = env(
-        grid_doc(
-            str(tmp_path),
-            {"ans": {"kind": "answers", "organisms": [{"base_model": "x", "source": str(path)}]}},
-        )
-    )
+    db = env(answers_grid(tmp_path, path))
     assert main(["plan"]) == 2
     err = capsys.readouterr().err
     assert f"{path}: row 2, field 'response': {json.dumps(answer)} is not text" in err
