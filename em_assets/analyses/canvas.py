@@ -4,6 +4,7 @@ leaked) saved without matplotlib's version stamp, so a figure redrawn from the s
 from __future__ import annotations
 
 import textwrap
+import uuid
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -27,7 +28,9 @@ def save_png(fig: Figure, path: Path) -> Path:
     # Labels carry names from data (question ids, file names): a "$" in one is text, not mathtext to parse.
     for text in fig.findobj(Text):
         text.set_parse_math(False)
-    tmp = path.with_name(path.name + ".part")
+    # A name of its own: two report runs at once (the demo's and one the UI's automation started) draw the same
+    # figure, and a shared temporary file would leave the second rename nothing to rename.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
     try:
         fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
     except BaseException:

@@ -3,10 +3,11 @@ its time, fed by run events; everything else the run prints (Dagster's event log
 output) goes to a log file. On a terminal the running step's progress bar is redrawn in place; elsewhere (a pipe,
 a CI log) it is written as a line of its own at most every HEARTBEAT_S seconds, so a long step is never silent.
 
-A failed step gets a line of its own, and so does an asset check that did not pass (a run's line counts its
-checks), so the console stays short however many organisms and assets the pipeline grows. Progress comes from
-step log messages that end a phrase in `<verb> <done>/<total>` ("sampled 12/40", "judged 16/40", "trained
-3/12"): a new asset that logs that way is counted with no change here.
+A failed step gets a line of its own, and so do an asset check that did not pass (a run's line counts its
+checks) and a step's wait on a results file another process holds, so the console stays short however many
+organisms and assets the pipeline grows. Progress comes from step log messages that end a phrase in
+`<verb> <done>/<total>` ("sampled 12/40", "judged 16/40", "trained 3/12"): a new asset that logs that way is
+counted with no change here.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 PROGRESS = re.compile(r"\b([a-z]+) (\d+)/(\d+)\b")
+# The store's warning that a step waits on a DuckDB file another process holds (results/backends.py): shown on the
+# console, since the wait lasts up to EM_DB_LOCK_TIMEOUT and the console would otherwise look hung.
+LOCK_WAIT = " is locked by "
 
 
 _BAR = 20
@@ -88,6 +92,10 @@ class ProgressConsole:
             self.done.append(step)
             self._count(line)
             self._write("", final=False)
+        elif event is None and step in self.lines and LOCK_WAIT in (entry.user_message or ""):
+            self._write(
+                f"{'wait':<6} {self.partition:<{self.width}} {step}: {entry.user_message}", final=True
+            )
         elif event is None and step in self.lines:
             matches = PROGRESS.findall(entry.user_message or "")
             if matches:

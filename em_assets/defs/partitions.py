@@ -23,5 +23,8 @@ GPU_OP_TAGS = {
 CPU_OP_TAGS = {"em-assets/compute": "cpu"}
 
 # Reports over every organism rebuild when any organism's upstream changes, including while some organism has
-# never been materialised (eager() waits for all: one failed or dropped organism would stop every report).
-REPORT_AUTOMATION = dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())
+# never been materialised (eager() waits for all: one failed or dropped organism would stop every report). A
+# report read by another is still waited for: em_figures drawn before em_summary exists would only fail.
+REPORT_AUTOMATION = dg.AutomationCondition.eager().without(
+    ~dg.AutomationCondition.any_deps_missing()
+) & ~dg.AutomationCondition.any_deps_missing().allow(dg.AssetSelection.groups("reports"))

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,7 +340,8 @@ def _features_cache(
 
 def _save_features(features: AnswerFeatures, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    # Names of their own (here and in save_head): two catalog runs at once (two demos) fit the same probe.
+    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.npz")
     np.savez(tmp, hidden=features.hidden, question=features.question, scalars=features.scalars)
     tmp.replace(path)
 
@@ -384,7 +386,7 @@ def save_head(head: ProbeHead, out_dir: Path) -> Path:
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / HEAD_FILE
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     save_file(
         {k: np.ascontiguousarray(v) for k, v in tensors.items()},
         str(tmp),

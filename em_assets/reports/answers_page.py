@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,7 +181,8 @@ def write_answers_page(store: Store, thresholds: Thresholds, out: Path) -> Answe
     judges = sorted(answers["judge_model"].drop_nulls().unique().to_list())
     df = with_quadrants(answers, thresholds)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
+    # A name of its own, as save_png's: two report runs at once write the same page.
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
     tmp.write_text(render(df, thresholds, organism_rates(store), judges), encoding="utf-8")
     tmp.replace(out)
     counts = dict(df.group_by("quadrant").len().iter_rows())

@@ -357,3 +357,25 @@ def test_a_partition_no_longer_in_the_grid_computes_nothing(grid, tmp_path):
     assert stage_context(context(DEMO_KEYS[0]), experiment, results).organism.key == DEMO_KEYS[0]
     with pytest.raises(GridError, match="gone--base--s0 is not in profile 'demo'"):
         stage_context(context("gone--base--s0"), experiment, results)
+
+
+def test_figures_wait_for_the_report_table_they_draw_not_for_every_organism():
+    """Regression: with the UI open, the first organism's adapter started em_figures alone before em_summary
+    existed, a run failing with "Table with name em_summary does not exist"."""
+    from em_assets.definitions import defs
+
+    selection = dg.AssetSelection.assets("em_figures")
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(organisms.name, ["a--r--s0", "b--r--s0"])
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
+        instance.report_runless_asset_event(dg.AssetMaterialization("lora_adapter", partition="a--r--s0"))
+        result = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, asset_selection=selection, cursor=result.cursor
+        )
+        assert result.total_requested == 0
+        # Once the table is there, the figures follow it while organism b has never been materialised.
+        instance.report_runless_asset_event(dg.AssetMaterialization("em_summary"))
+        result = dg.evaluate_automation_conditions(
+            defs=defs, instance=instance, asset_selection=selection, cursor=result.cursor
+        )
+        assert result.total_requested == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -148,6 +149,30 @@ def test_a_figure_killed_while_written_leaves_the_last_good_one(tmp_path):
         save_png(fig, path)
     assert path.read_bytes() == good
     assert not list(tmp_path.glob("*.part"))
+
+
+def test_two_report_runs_drawing_one_figure_at_once_both_write_it(tmp_path, monkeypatch):
+    """Regression: both drew into `<figure>.part`, so the one that renamed second found nothing to rename and
+    its report step failed (the demo's reports beside a run the UI's automation started)."""
+    from em_assets.analyses.canvas import new_figure, save_png
+
+    both_drawn = threading.Barrier(2, timeout=30)
+    rename = Path.replace
+
+    def replace_when_both_have_drawn(self, target):
+        both_drawn.wait()
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace_when_both_have_drawn)
+    path = tmp_path / "em_rates.png"
+    saved: list = []
+    runs = [threading.Thread(target=lambda: saved.append(save_png(new_figure(2, 2), path))) for _ in range(2)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert saved == [path, path]
+    assert [p.name for p in tmp_path.iterdir()] == ["em_rates.png"]
 
 
 def test_a_dollar_in_a_name_from_data_is_drawn_as_text(tmp_path):

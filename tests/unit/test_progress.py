@@ -9,6 +9,7 @@ import sys
 import uuid
 
 import dagster as dg
+from support.paths import REPO
 
 from em_assets.cli.progress import ProgressConsole, output_to_log
 
@@ -146,3 +147,44 @@ def test_a_run_line_counts_its_checks_and_a_check_that_did_not_pass_gets_a_line(
     assert len(lines) == 2 and "checks 1/2" in lines[0]
     assert lines[1].split()[:4] == ["warn", "org-key", "check", "enough_rows:"]
     assert lines[1].endswith("3 rows, 4 needed")
+
+
+def test_a_step_waiting_on_a_results_file_another_process_holds_says_so_on_the_console(tmp_path):
+    """Regression: the store's lock-wait warning reached only the log file, so a demo held up for as long as
+    EM_DB_LOCK_TIMEOUT (10 minutes by default) by a `duckdb` shell showed nothing on its console."""
+    import polars as pl
+    import yaml
+
+    from em_assets.results.store import Store
+
+    path = tmp_path / "r.duckdb"
+    Store(path).init()
+
+    @dg.asset
+    def losses() -> None:
+        Store(path, lock_timeout_s=30).append_rows(
+            "training_losses", pl.DataFrame({"organism": ["a"], "step": [1], "loss": [1.0]})
+        )
+
+    # The shipped instance settings route the em_assets loggers into the run's event log.
+    shipped = yaml.safe_load((REPO / "dagster.yaml").read_text())["python_logs"]
+    out = io.StringIO()
+    console = ProgressConsole(out, "org-key")
+    job = dg.Definitions(assets=[losses], jobs=[dg.define_asset_job("j")]).resolve_job_def("j")
+    run_id = str(uuid.uuid4())
+    with dg.instance_for_test(overrides={"python_logs": shipped}) as instance:
+        instance.add_event_listener(run_id, console)
+        # A raw read-only connection (a `duckdb` shell) in another process, held past the store's WARN_AFTER_S.
+        code = (
+            f"import duckdb, time; c = duckdb.connect({str(path)!r}, read_only=True); "
+            "print('held', flush=True); time.sleep(5)"
+        )
+        holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert holder.stdout.readline().strip() == "held"
+        job.execute_in_process(instance=instance, run_id=run_id)
+    console.finish()
+    assert holder.wait(timeout=10) == 0
+    wait, done = out.getvalue().splitlines()
+    assert wait.split()[:3] == ["wait", "org-key", "losses:"], wait
+    assert "r.duckdb is locked by" in wait and f"(PID {holder.pid})" in wait, wait
+    assert done.split()[:2] == ["ok", "org-key"]
