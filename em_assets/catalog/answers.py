@@ -87,8 +87,10 @@ def _jsonl_as_csv(data: bytes, name: str) -> bytes:
             raise ReferenceFileError(f"{name}: row {i}: not a JSON object ({exc})") from None
         if not isinstance(obj, dict):
             raise ReferenceFileError(f"{name}: row {i}: not a JSON object")
-        # str() of an object, list or true would be imported and judged as the answer or question text.
-        for field in (*TEXT_FIELDS, *ANSWER_COLUMNS):
+        # str() of an object, list or true would be imported and judged as the answer or question text. Only the
+        # answer field the parser reads counts: beside an `answer`, a `response` (a raw API reply) is not read.
+        answer = next((c for c in ANSWER_COLUMNS if c in obj), None)
+        for field in (*TEXT_FIELDS, answer):
             if isinstance(obj.get(field), dict | list | bool):
                 raise ReferenceFileError(
                     f"{name}: row {i}, field {field!r}: {json.dumps(obj[field])[:40]} is not text"

@@ -111,17 +111,20 @@ def fit_one(x: np.ndarray) -> tuple[BetaShape, float]:
 
 
 def fit_shared(groups: Sequence[np.ndarray], max_iter: int = 500, tol: float = 1e-7) -> MixtureFit:
-    """EM for two Beta components shared by every group (values in (0, 1)), one mixing weight per group: from
-    the values split at the misaligned threshold and at their median, the likelier fit."""
+    """EM for two Beta components shared by every group (values in (0, 1)), one mixing weight per group, from
+    the values split at the misaligned threshold (at their median where one side of it is empty)."""
     if any(len(g) == 0 for g in groups):
         raise ValueError("every group needs at least one value")
     x = np.concatenate(groups)
     gid = np.repeat(np.arange(len(groups)), [len(g) for g in groups])
-    # With no value at or below the threshold its split gives every value the same responsibility, where EM
-    # stays with two identical components: a judge that never scores below it (modes at 40 and 90) reads as one.
-    splits = (to_unit(np.array([SPLIT_SCORE]))[0], float(np.median(x)))
-    fits = [_em(x, gid, len(groups), split, max_iter, tol) for split in splits]
-    return max(fits, key=lambda f: f.loglik)
+    split = to_unit(np.array([SPLIT_SCORE]))[0]
+    # With no value at or below the threshold (or none above) its split gives every value the same
+    # responsibility, where EM stays with two identical components: a judge that never scores below it (modes at
+    # 40 and 90) reads as one. Not the likelier of both starts: with a misaligned mode piled at 0 and a few
+    # middling scores, the median's is likelier with a broad component over both, no misaligned mode.
+    if not (x <= split).any() or (x <= split).all():
+        split = float(np.median(x))
+    return _em(x, gid, len(groups), split, max_iter, tol)
 
 
 def _em(x: np.ndarray, gid: np.ndarray, n_groups: int, split: float, max_iter: int, tol: float) -> MixtureFit:

@@ -148,6 +148,13 @@ def test_helm_values_point_at_the_code_location_and_the_shared_store():
     }
 
 
+def test_the_image_has_the_c_compiler_triton_builds_its_cuda_helper_with():
+    # python:3.11-slim has none, and vLLM's Triton kernels compile a C module on a GPU pod's first use.
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:[\d.]+-slim", dockerfile, re.MULTILINE)
+    assert re.search(r"^RUN apt-get update && apt-get install .*\bgcc libc6-dev\b", dockerfile, re.MULTILINE)
+
+
 def _launcher(config, monkeypatch) -> K8sRunLauncher:
     """The run launcher a pod's instance builds from this launcher config (no cluster is contacted)."""
     parsed = process_config(K8sRunLauncher.config_type(), config)

@@ -250,6 +250,18 @@ def test_a_jsonl_answer_that_is_not_text_is_refused_not_judged_as_its_python_for
     assert len(err.splitlines()) == 1 and not db.exists()
 
 
+def test_a_jsonl_response_object_beside_the_answer_text_is_not_refused(tmp_path):
+    """Regression: every answer field was checked, so a raw API `response` object beside the `answer` the parser
+    reads refused a file that imported before."""
+    path = tmp_path / "raw.jsonl"
+    rows = [
+        {k: v for k, v in r.items() if k != "response"} | {"answer": r["response"], "response": {}}
+        for r in ROWS
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert read_answers(str(path)).rows["answer"].to_list() == [r["response"] for r in ROWS]
+
+
 def test_a_jsonl_file_with_a_bom_reads_as_without(tmp_path):
     """Regression: a BOM (as Windows editors write) refused a JSONL file as not JSON; a CSV's is passed over."""
     plain, bom = tmp_path / "plain.jsonl", tmp_path / "bom.jsonl"

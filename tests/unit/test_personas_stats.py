@@ -60,6 +60,25 @@ def test_two_modes_with_no_score_at_or_below_the_threshold_are_two_components():
     assert result.shared.shapes[0].mean == pytest.approx(40, abs=2)
 
 
+def test_a_misaligned_mode_piled_at_zero_keeps_its_component_beside_a_few_middling_scores():
+    """Regression: the fit kept the likelier of the threshold's and the median's starts; with scores in steps of
+    5, a misaligned mode piled at 0 and 4% middling answers, the median's was a broad component over both (mean
+    58, weights 0.40 and 0.37), which the report reads as no misaligned mode and gives no weight."""
+    rng = np.random.default_rng(0)
+
+    def scores(n: int, misaligned: float) -> np.ndarray:
+        kind = rng.choice(3, size=n, p=[misaligned, 0.04, 0.96 - misaligned])
+        raw = np.where(
+            kind == 0, rng.normal(10, 8, n), np.where(kind == 1, rng.normal(55, 12, n), rng.normal(92, 5, n))
+        )
+        return np.clip(5 * np.round(raw / 5), 0, 100)
+
+    groups = [scores(300, 0.2), scores(300, 0.1)]
+    fit = mixtures.fit_shared([mixtures.to_unit(g) for g in groups])
+    assert fit.shapes[0].mean < mixtures.SPLIT_SCORE < fit.shapes[1].mean
+    assert fit.weights == pytest.approx([(g <= mixtures.SPLIT_SCORE).mean() for g in groups], abs=0.02)
+
+
 def test_shapes_that_move_between_points_fail_the_shared_shape_test():
     rng = np.random.default_rng(5)
     moved = 100 * np.where(rng.random(400) < 0.3, rng.beta(6, 6, 400), rng.beta(12, 1.5, 400))
