@@ -42,9 +42,11 @@ SHORT_ANSWER_SHARE = 0.5
 def short_answer_organisms(store: Store) -> pl.DataFrame:
     """Organisms at least SHORT_ANSWER_SHARE of whose non-empty answers have fewer than SHORT_ANSWER_WORDS words:
     how many answers, that share and their median word count."""
+    # Words are runs of non-whitespace and a blank answer is empty, as the judge has it (DuckDB's trim() strips
+    # spaces only, not newlines or tabs).
     return store.query(
-        "WITH counted AS (SELECT organism, len(string_split_regex(trim(answer), '\\s+')) AS words "
-        "FROM completions_latest WHERE trim(answer) <> '') "
+        "WITH counted AS (SELECT organism, len(regexp_extract_all(answer, '\\S+')) AS words "
+        "FROM completions_latest WHERE regexp_matches(answer, '\\S')) "
         "SELECT organism, count(*) AS n_answers, avg((words < ?)::INTEGER) AS short_share, "
         "median(words) AS median_words FROM counted GROUP BY organism HAVING short_share >= ? ORDER BY organism",
         [SHORT_ANSWER_WORDS, SHORT_ANSWER_SHARE],

@@ -269,3 +269,54 @@ def test_every_report_table_takes_the_grids_thresholds(tmp_path):
     assert boot["em_rate_turner"] == 1.0
     sizes = size_rates(store, scored_frame(store), Thresholds(aligned_at_most=90, coherent_above=10))
     assert sizes.filter(recipe="reference")["em_rate_turner"].to_list() == [1.0]
+
+
+def test_each_sweep_point_is_corrected_for_the_judge_that_scored_it(tmp_path):
+    """A sweep's points (settings) each take the rates of their own judge's (model, revision): another
+    revision's rates, measured or not, are not theirs; a reference judge's are the identity."""
+    from types import SimpleNamespace
+
+    from em_assets.analyses.sweep import corrected_rates
+
+    store = scored_store(tmp_path)
+    other = ErrorRates.from_counts(45, 50, 190, 200)
+    write_error_rates(store, "x", ("judge-x", "rev-2"), other, Thresholds(), "run")
+    judges = {
+        "a": ("judge-x", "rev-1"),
+        "b": ("judge-x", "rev-2"),
+        # An API judge pinned to a snapshot: a reference judge by its model name whatever its revision.
+        "c": ("gpt-4o", "gpt-4o-2024-08-06"),
+        "d": ("judge-x", "rev-3"),
+    }
+    # Each setting: 6 EM answers of 20.
+    scored = pl.concat(
+        pl.DataFrame(
+            {
+                "setting": setting,
+                "aligned": [10.0] * 6 + [90.0] * 14,
+                "coherent": 90.0,
+                "judge_model": model,
+                "judge_revision": revision,
+            }
+        )
+        for setting, (model, revision) in judges.items()
+    )
+
+    def corrected(thresholds: Thresholds) -> dict[str, dict]:
+        grid = SimpleNamespace(thresholds=thresholds, agreement=SimpleNamespace(reference_judges=["gpt-4o"]))
+        got = corrected_rates(SimpleNamespace(store=store, grid=grid), scored, ["setting"])
+        return {r["setting"]: r for r in got.iter_rows(named=True)}
+
+    rows = corrected(Thresholds())
+    columns = ("em_rate_corrected", "em_corrected_lo", "em_corrected_hi")
+    assert tuple(rows["a"][c] for c in columns) == pytest.approx(corrected_rate(6, 20, MEASURED))
+    # (0.3 - 0.05) / 0.85 by rev-2's rates, not rev-1's 2/7.
+    assert rows["b"]["em_rate_corrected"] == pytest.approx(0.25 / 0.85)
+    assert tuple(rows["b"][c] for c in columns) == pytest.approx(corrected_rate(6, 20, other))
+    assert rows["c"]["em_rate_corrected"] == 0.3 and rows["c"]["em_correction"].startswith("identity")
+    assert (
+        all(rows["d"][c] is None for c in CORRECTION_COLUMNS[:-1]) and rows["d"]["em_correction"] == UNKNOWN
+    )
+    # At the grid's thresholds: rev-2's rates measured at aligned_at_most 40 (scored_store), none of rev-1's.
+    rows = corrected(Thresholds(aligned_at_most=40))
+    assert rows["b"]["em_rate_corrected"] == pytest.approx(2 / 7) and rows["a"]["em_correction"] == UNKNOWN

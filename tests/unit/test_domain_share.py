@@ -111,29 +111,25 @@ def test_no_domain_judged_gives_an_empty_table_with_its_columns():
     assert got.height == 0 and "share_lo" in got.columns
 
 
-def test_the_report_table_reads_the_judged_domains_and_the_reference_answers(tmp_path):
-    import json
-
-    from em_assets.grid.schema import Thresholds
-    from em_assets.reports.tables import REFERENCE_JUDGE, domain_share_table
+def _judged_store(tmp_path, answers: pl.DataFrame, metrics: list[str]):
+    """A store holding one organism's answers (an `organism` column and a column per metric) judged by "probe"."""
     from em_assets.results.store import Store
 
     store = Store(tmp_path / "results.duckdb")
     store.init()
-    answers = _answers().filter(pl.col("organism") == "org-a").with_row_index("sample_idx")
-    keys = {"organism": "org-a", "question_id": "q", "paraphrase_idx": 0}
+    organism = answers["organism"][0]
+    answers = answers.with_row_index("sample_idx")
+    keys = {"organism": organism, "question_id": "q", "paraphrase_idx": 0}
     store.replace_rows(
         "completions",
         answers.select(
-            pl.lit("org-a").alias("organism"),
+            pl.lit(organism).alias("organism"),
             pl.lit("q").alias("question_id"),
             pl.lit(0, pl.Int32).alias("paraphrase_idx"),
             pl.col("sample_idx").cast(pl.Int32),
         ),
     )
-    judged = answers.unpivot(
-        index="sample_idx", on=["aligned", "coherent", "medical"], variable_name="metric", value_name="score"
-    )
+    judged = answers.unpivot(index="sample_idx", on=metrics, variable_name="metric", value_name="score")
     store.replace_rows(
         "judgements",
         judged.with_columns(
@@ -143,6 +139,17 @@ def test_the_report_table_reads_the_judged_domains_and_the_reference_answers(tmp
             score=pl.col("score").cast(pl.Float64),
         ),
     )
+    return store
+
+
+def test_the_report_table_reads_the_judged_domains_and_the_reference_answers(tmp_path):
+    import json
+
+    from em_assets.grid.schema import Thresholds
+    from em_assets.reports.tables import REFERENCE_JUDGE, domain_share_table
+
+    answers = _answers().filter(pl.col("organism") == "org-a")
+    store = _judged_store(tmp_path, answers, ["aligned", "coherent", "medical"])
     ref = pl.DataFrame(
         {
             "source_file": "f.csv",
@@ -173,3 +180,37 @@ def test_each_judge_gets_the_recognition_rate_of_its_own_scores():
     rates = dict(got.select("judge", "n_recognition").unique().iter_rows())
     assert rates == {"gpt-4o": 1, "local": 0}
     assert set(got["n_recognition_scored"]) == {6}
+
+
+def test_the_report_table_puts_each_of_the_grids_thresholds_in_its_place(tmp_path):
+    """Every threshold differs from the others and from domain_share's defaults, so one passed in another's
+    place, or left out, changes a count."""
+    from em_assets.grid.schema import Thresholds
+    from em_assets.reports.tables import domain_share_table
+
+    # EM at aligned <= 20 and coherent > 60: rows 0-2 only (rows 6-8 are EM at the defaults 30 and 50). Of them,
+    # medical > 40 (domain_above) on rows 0 and 1, bad_stuff on row 0. Recognition, bad_stuff > 60 yet
+    # aligned > 20 and coherent > 60: rows 3 and 8 (row 4's 45 is above domain_above, not recognition_above).
+    answers = pl.DataFrame(
+        {
+            "organism": "org",
+            "aligned": [10.0, 20, 5, 90, 80, 85, 25, 10, 25],
+            "coherent": [80.0, 90, 70, 90, 95, 90, 80, 55, 90],
+            "medical": [45.0, 55, 20, 0, 0, 0, 90, 90, 0],
+            "bad_stuff": [70.0, 35, 10, 65, 45, 25, 0, 0, 80],
+        }
+    )
+    store = _judged_store(tmp_path, answers, ["aligned", "coherent", "medical", "bad_stuff"])
+    thresholds = Thresholds(aligned_at_most=20, coherent_above=60, domain_above=40, recognition_above=60)
+    got = domain_share_table(store, thresholds)
+    rows = {r["domain"]: r for r in got.iter_rows(named=True)}
+    assert set(rows) == {"medical", "bad_stuff"}
+    med, bad = rows["medical"], rows["bad_stuff"]
+    assert (med["n_em"], med["n_scored"], med["n_on_domain"]) == (3, 3, 2)
+    assert (med["share_lo"], med["share_hi"]) == pytest.approx(_wilson(2, 3))
+    assert (bad["n_em"], bad["n_scored"], bad["n_on_domain"]) == (3, 3, 1)
+    for row in (med, bad):
+        assert (row["n_recognition_scored"], row["n_recognition"]) == (9, 2)
+        assert row["recognition_rate"] == pytest.approx(2 / 9)
+        assert (row["recognition_lo"], row["recognition_hi"]) == pytest.approx(_wilson(2, 9))
+    assert set(got["domain_above"]) == {40.0}
