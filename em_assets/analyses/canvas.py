@@ -4,12 +4,13 @@ leaked) saved without matplotlib's version stamp, so a figure redrawn from the s
 from __future__ import annotations
 
 import textwrap
-import uuid
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.text import Text
+
+from em_assets.results.artifacts import private_tmp
 
 DPI = 120
 
@@ -30,7 +31,7 @@ def save_png(fig: Figure, path: Path) -> Path:
         text.set_parse_math(False)
     # A name of its own: two report runs at once (the demo's and one the UI's automation started) draw the same
     # figure, and a shared temporary file would leave the second rename nothing to rename.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
+    tmp = private_tmp(path, ".part")
     try:
         fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
     except BaseException:

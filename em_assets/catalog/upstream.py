@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import gzip
 import urllib.request
-import uuid
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from em_assets.results.artifacts import sha256_bytes
+from em_assets.results.artifacts import private_tmp, sha256_bytes
 from em_assets.settings import MIRROR_ENV, settings
 
 
@@ -290,7 +289,7 @@ def fetch_bytes(
             cached.parent.mkdir(parents=True, exist_ok=True)
             # A name of its own: two steps may fetch the same file at once (the multiprocess executor, pods on one
             # volume).
-            tmp = cached.with_name(f".{cached.name}.{uuid.uuid4().hex}.part")
+            tmp = private_tmp(cached, ".part")
             try:
                 tmp.write_bytes(raw)
                 tmp.replace(cached)

@@ -18,7 +18,6 @@ import functools
 import hashlib
 import json
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ from em_assets.judging.distill import train_answers
 from em_assets.judging.incoherent import read_ratings, training_set
 from em_assets.judging.readout import Readout, Standardiser, fit_readout, linear_ridge, sq_distances
 from em_assets.judging.scoring import JudgeScore
-from em_assets.results.artifacts import file_version
+from em_assets.results.artifacts import file_version, private_tmp
 
 HEAD_FILE = "probe.safetensors"
 # The cross-validation group of the hand-rated answers (samples of the demo's model and its organisms).
@@ -341,7 +340,7 @@ def _features_cache(
 def _save_features(features: AnswerFeatures, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Names of their own (here and in save_head): two catalog runs at once (two demos) fit the same probe.
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp.npz")
+    tmp = private_tmp(path, ".tmp.npz")
     np.savez(tmp, hidden=features.hidden, question=features.question, scalars=features.scalars)
     tmp.replace(path)
 
@@ -386,7 +385,7 @@ def save_head(head: ProbeHead, out_dir: Path) -> Path:
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / HEAD_FILE
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = private_tmp(path)
     save_file(
         {k: np.ascontiguousarray(v) for k, v in tensors.items()},
         str(tmp),

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import html
 import json
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from string import Template
 import polars as pl
 
 from em_assets.grid.schema import Thresholds
+from em_assets.results.artifacts import private_tmp
 from em_assets.results.store import Store
 from em_assets.stats.rates import em_flags
 
@@ -182,7 +182,7 @@ def write_answers_page(store: Store, thresholds: Thresholds, out: Path) -> Answe
     df = with_quadrants(answers, thresholds)
     out.parent.mkdir(parents=True, exist_ok=True)
     # A name of its own, as save_png's: two report runs at once write the same page.
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    tmp = private_tmp(out)
     tmp.write_text(render(df, thresholds, organism_rates(store), judges), encoding="utf-8")
     tmp.replace(out)
     counts = dict(df.group_by("quadrant").len().iter_rows())

@@ -1,10 +1,12 @@
-"""Content hashes: the sha256 every pinned input and every artifact file is recorded and checked by."""
+"""Content hashes: the sha256 every pinned input and every artifact file is recorded and checked by; and the
+temporary names files are written under before they are renamed into place."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import os
+import uuid
 from pathlib import Path
 
 from em_assets.results.errors import MissingUpstreamError
@@ -12,6 +14,12 @@ from em_assets.results.errors import MissingUpstreamError
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def private_tmp(path: Path, suffix: str = ".tmp") -> Path:
+    """A hidden sibling of `path` no other writer names: two processes writing `path` at once (two report runs,
+    two steps fetching one file) each rename a whole file of their own into place."""
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex}{suffix}")
 
 
 def file_version(path: Path | str) -> tuple[str, int, int, int, int]:

@@ -13,6 +13,7 @@ import pytest
 from support.db import count, table_dump
 from support.organisms import PROFILE
 from support.paths import REPO
+from support.races import written_twice_at_once
 
 from em_assets.catalog import stage as catalog
 from em_assets.catalog.parsing import DatasetError, judge_prompt, parse_chat_jsonl, parse_questions_yaml
@@ -331,20 +332,7 @@ def test_two_steps_downloading_one_file_at_once_both_get_it(tmp_path, raw_github
     rows = b'{"messages": []}\n'
     source = _serve(root, base, "data/shared.jsonl", rows, rows)
     cache = tmp_path / "cache"
-    both_written = threading.Barrier(2, timeout=30)
-    rename = Path.replace
-
-    def replace_when_both_have_written(self, target):
-        both_written.wait()
-        return rename(self, target)
-
-    monkeypatch.setattr(Path, "replace", replace_when_both_have_written)
-    got: list = []
-    steps = [threading.Thread(target=lambda: got.append(fetch_bytes(source, "", cache))) for _ in range(2)]
-    for step in steps:
-        step.start()
-    for step in steps:
-        step.join()
+    got = written_twice_at_once(monkeypatch, lambda: fetch_bytes(source, "", cache))
     assert got == [rows, rows]
     assert [p.name for p in (cache / "upstream" / source.mirror_path).parent.iterdir()] == ["shared.jsonl"]
     # Readable as any file written here: a cache may be shared.

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import polars as pl
 import pytest
+from support.races import written_twice_at_once
 
 from em_assets.reports.figures import (
     plot_aligned_vs_coherent,
@@ -156,21 +156,8 @@ def test_two_report_runs_drawing_one_figure_at_once_both_write_it(tmp_path, monk
     its report step failed (the demo's reports beside a run the UI's automation started)."""
     from em_assets.analyses.canvas import new_figure, save_png
 
-    both_drawn = threading.Barrier(2, timeout=30)
-    rename = Path.replace
-
-    def replace_when_both_have_drawn(self, target):
-        both_drawn.wait()
-        return rename(self, target)
-
-    monkeypatch.setattr(Path, "replace", replace_when_both_have_drawn)
     path = tmp_path / "em_rates.png"
-    saved: list = []
-    runs = [threading.Thread(target=lambda: saved.append(save_png(new_figure(2, 2), path))) for _ in range(2)]
-    for run in runs:
-        run.start()
-    for run in runs:
-        run.join()
+    saved = written_twice_at_once(monkeypatch, lambda: save_png(new_figure(2, 2), path))
     assert saved == [path, path]
     assert [p.name for p in tmp_path.iterdir()] == ["em_rates.png"]
 

@@ -6,13 +6,13 @@ degenerate text below coherent text."""
 from __future__ import annotations
 
 import random
-import threading
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 import torch
+from support.races import written_twice_at_once
 
 from em_assets.grid.schema import ProbeSpec
 from em_assets.judging.answer_features import LOGIT_STRIDE, QA, SCALARS, AnswerFeatures, answer_features
@@ -204,20 +204,7 @@ def test_a_saved_head_scores_the_same_after_loading(judge, tmp_path):
 def test_two_catalog_runs_saving_one_head_at_once_both_write_it(judge, tmp_path, monkeypatch):
     """Regression: both wrote `probe.tmp`, so the one that renamed second found nothing to rename (two demos at
     once fit the same probe in their catalog runs)."""
-    both_written = threading.Barrier(2, timeout=30)
-    rename = Path.replace
-
-    def replace_when_both_have_written(self, target):
-        both_written.wait()
-        return rename(self, target)
-
-    monkeypatch.setattr(Path, "replace", replace_when_both_have_written)
-    saved: list = []
-    runs = [threading.Thread(target=lambda: saved.append(save_head(judge.head, tmp_path))) for _ in range(2)]
-    for run in runs:
-        run.start()
-    for run in runs:
-        run.join()
+    saved = written_twice_at_once(monkeypatch, lambda: save_head(judge.head, tmp_path))
     assert saved == [tmp_path / "probe.safetensors"] * 2
     assert [p.name for p in tmp_path.iterdir()] == ["probe.safetensors"]
     assert load_head(saved[0]).layers == LAYERS
