@@ -322,6 +322,25 @@ def test_definitions_load_with_the_automation():
     assert repo.get_schedule_def("catch_up_schedule").default_status == dg.DefaultScheduleStatus.RUNNING
 
 
+def _requests_after(asset: str, *materialised: tuple[str, str | None]) -> list[int]:
+    """Runs the automation of `asset` requests after each materialisation (asset, partition) in turn, beside two
+    organisms that have never been materialised."""
+    from em_assets.definitions import defs
+
+    selection = dg.AssetSelection.assets(asset)
+    requested = []
+    with dg.instance_for_test() as instance:
+        instance.add_dynamic_partitions(organisms.name, ["a--r--s0", "b--r--s0"])
+        result = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
+        for name, partition in materialised:
+            instance.report_runless_asset_event(dg.AssetMaterialization(name, partition=partition))
+            result = dg.evaluate_automation_conditions(
+                defs=defs, instance=instance, asset_selection=selection, cursor=result.cursor
+            )
+            requested.append(result.total_requested)
+    return requested
+
+
 def test_reports_rebuild_while_an_organism_has_never_been_materialised():
     # One failed or dropped organism must not stop every report; a new measurement of the judge's error
     # rates re-corrects them.
@@ -329,15 +348,7 @@ def test_reports_rebuild_while_an_organism_has_never_been_materialised():
 
     spec = {s.key.to_user_string(): s for s in defs.resolve_all_asset_specs()}["em_summary"]
     assert dg.AssetKey("judge_agreement") in {d.asset_key for d in spec.deps}
-    selection = dg.AssetSelection.assets("em_summary")
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(organisms.name, ["a--r--s0", "b--r--s0"])
-        result = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
-        instance.report_runless_asset_event(dg.AssetMaterialization("judgements", partition="a--r--s0"))
-        result = dg.evaluate_automation_conditions(
-            defs=defs, instance=instance, asset_selection=selection, cursor=result.cursor
-        )
-        assert result.total_requested == 1
+    assert _requests_after("em_summary", ("judgements", "a--r--s0")) == [1]
 
 
 def test_a_partition_no_longer_in_the_grid_computes_nothing(grid, tmp_path):
@@ -362,20 +373,5 @@ def test_a_partition_no_longer_in_the_grid_computes_nothing(grid, tmp_path):
 def test_figures_wait_for_the_report_table_they_draw_not_for_every_organism():
     """Regression: with the UI open, the first organism's adapter started em_figures alone before em_summary
     existed, a run failing with "Table with name em_summary does not exist"."""
-    from em_assets.definitions import defs
-
-    selection = dg.AssetSelection.assets("em_figures")
-    with dg.instance_for_test() as instance:
-        instance.add_dynamic_partitions(organisms.name, ["a--r--s0", "b--r--s0"])
-        result = dg.evaluate_automation_conditions(defs=defs, instance=instance, asset_selection=selection)
-        instance.report_runless_asset_event(dg.AssetMaterialization("lora_adapter", partition="a--r--s0"))
-        result = dg.evaluate_automation_conditions(
-            defs=defs, instance=instance, asset_selection=selection, cursor=result.cursor
-        )
-        assert result.total_requested == 0
-        # Once the table is there, the figures follow it while organism b has never been materialised.
-        instance.report_runless_asset_event(dg.AssetMaterialization("em_summary"))
-        result = dg.evaluate_automation_conditions(
-            defs=defs, instance=instance, asset_selection=selection, cursor=result.cursor
-        )
-        assert result.total_requested == 1
+    # Once the table is there, the figures follow it while organism b has never been materialised.
+    assert _requests_after("em_figures", ("lora_adapter", "a--r--s0"), ("em_summary", None)) == [0, 1]
