@@ -219,12 +219,7 @@ def _store(args: argparse.Namespace):
             file=sys.stderr,
         )
         return None
-    from em_assets.results.backends import LAKE
-
-    # Read through the locked read-only connection: listing the snapshots attaches nothing writable.
-    with store.reader() as conn:
-        rows = conn.execute(f"SELECT snapshot_id FROM ducklake_snapshots('{LAKE}')").fetchall()
-    kept = {n for (n,) in rows}
+    kept = store.kept_snapshots()
     latest = max(kept)
     if not 0 <= args.snapshot <= latest:
         print(

@@ -279,3 +279,8 @@ def retry_conflicts(work: Callable[[], object], timeout_s: float, what: str) -> 
 
 def current_snapshot(conn: duckdb.DuckDBPyConnection) -> int:
     return int(conn.execute(f"SELECT max(snapshot_id) FROM ducklake_snapshots('{LAKE}')").fetchone()[0])
+
+
+def kept_snapshots(conn: duckdb.DuckDBPyConnection) -> set[int]:
+    """The lake's snapshots that can still be read (expired ones are gone from the catalog)."""
+    return {n for (n,) in conn.execute(f"SELECT snapshot_id FROM ducklake_snapshots('{LAKE}')").fetchall()}

@@ -175,6 +175,12 @@ class Store:
         with self.connect() as conn:
             return backends.current_snapshot(conn)
 
+    def kept_snapshots(self) -> set[int]:
+        """The DuckLake snapshots that can still be read, listed through the read-only connection (reader), which
+        attaches nothing writable."""
+        with self.reader() as conn:
+            return backends.kept_snapshots(conn)
+
     def at_snapshot(self, snapshot: int | None) -> Store:
         """This store read as of `snapshot` (None: this store itself)."""
         if snapshot is None:
