@@ -102,26 +102,19 @@ def plan_grid(
     seen_organisms = {**cursor.organisms, **settings}
     in_grid = sorted(settings)
     left = sorted(set(cursor.in_grid) - set(settings))
+    settled = GridCursor(models=seen, organisms=seen_organisms, thresholds=thresholds, in_grid=in_grid)
     if work:
         # Organism assets read base models and datasets from the catalog tables, so a new model or revision
         # must be resolved there first; the runs are held until a catalog run started after now has materialised
         # every catalog asset.
         pending = list(dict.fromkeys([*cursor.pending, *work]))
-        after = GridCursor(
-            models=seen,
-            organisms=seen_organisms,
-            thresholds=thresholds,
-            pending=pending,
-            since=now,
-            in_grid=in_grid,
-        )
+        after = settled.model_copy(update={"pending": pending, "since": now})
         return GridPlan(
             cursor=after,
             new_partitions=[key for key in work if key not in existing],
             catalog_run_key=f"catalog:{config_hash(after.model_dump(mode='json'))}",
         )
     if not cursor.pending:
-        settled = GridCursor(models=seen, organisms=seen_organisms, thresholds=thresholds, in_grid=in_grid)
         if left:
             return GridPlan(cursor=settled, reports_run_key=f"reports:{config_hash(in_grid)}")
         return GridPlan(
@@ -143,7 +136,7 @@ def plan_grid(
     # The catalog marks make the key unique per catalog rebuild, so reverting a revision re-runs too.
     stamp = config_hash(marks)
     return GridPlan(
-        cursor=GridCursor(models=seen, organisms=seen_organisms, thresholds=thresholds, in_grid=in_grid),
+        cursor=settled,
         organism_runs=[(key, f"{key}@{stamp}") for key in ready],
         skip_reason=None if ready else "the pending organisms left the grid",
     )
