@@ -249,6 +249,14 @@ def unresolvable(source: str, revision: str | None = None) -> str | None:
     return f"could not fetch {shown}: {why} and the Hugging Face cache ({constants.HF_HUB_CACHE}) lacks it"
 
 
+# An embedded model's conversion is kept as <cache>/models/<key>-<the head of its GGUF's sha256>.
+CONVERSION_SHA_CHARS = 12
+
+
+def _conversion(cache_dir: Path, key: str, gguf_sha: str) -> Path:
+    return cache_dir / "models" / f"{key}-{gguf_sha[:CONVERSION_SHA_CHARS]}"
+
+
 def on_disk(source: str, cache_dir: Path) -> Path | None:
     """The model folder `source` names where this machine holds it already, read without fetching or converting:
     a local folder, or an embedded model's conversion under `cache_dir`; None otherwise (a hub id too)."""
@@ -259,7 +267,7 @@ def on_disk(source: str, cache_dir: Path) -> Path | None:
         found = [
             config.parent
             for config in sorted((cache_dir / "models").glob(f"{key}-*/config.json"))
-            if re.fullmatch(rf"{re.escape(key)}-[0-9a-f]{{12}}", config.parent.name)
+            if re.fullmatch(rf"{re.escape(key)}-[0-9a-f]{{{CONVERSION_SHA_CHARS}}}", config.parent.name)
         ]
         return found[0] if found else None
     try:
@@ -281,7 +289,7 @@ def resolve(
     if source.startswith(EMBEDDED_PREFIX):
         gguf = embedded_gguf(source.removeprefix(EMBEDDED_PREFIX))
         gguf_sha = sha256_file(gguf)
-        out = cache_dir / "models" / f"{source.removeprefix(EMBEDDED_PREFIX)}-{gguf_sha[:12]}"
+        out = _conversion(cache_dir, source.removeprefix(EMBEDDED_PREFIX), gguf_sha)
         if not (out / "config.json").exists():
             _convert_gguf(gguf, out)
         # What runs is the conversion, which depends on the transformers and gguf releases as well as the GGUF:
