@@ -10,7 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from em_assets.results.artifacts import private_tmp
+from em_assets.results.artifacts import write_atomically
 
 DPI = 120
 
@@ -25,20 +25,13 @@ def new_figure(width: float, height: float) -> Figure:
 def save_png(fig: Figure, path: Path) -> Path:
     """Write the figure to `path` whole: drawn beside it, then renamed, so a killed run leaves the last good
     figure, not a truncated one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Labels carry names from data (question ids, file names): a "$" in one is text, not mathtext to parse.
     for text in fig.findobj(Text):
         text.set_parse_math(False)
-    # A name of its own: two report runs at once (the demo's and one the UI's automation started) draw the same
-    # figure, and a shared temporary file would leave the second rename nothing to rename.
-    tmp = private_tmp(path, ".part")
-    try:
-        fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)
-    return path
+    # Two report runs at once (the demo's and one the UI's automation started) draw the same figure.
+    return write_atomically(
+        path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+    )
 
 
 def no_data(path: Path, title: str, note: str = "no data") -> Path:

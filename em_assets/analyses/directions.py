@@ -131,12 +131,10 @@ def save_tensors(tensors: dict, path: Path, metadata: dict[str, str]) -> str:
     """Write a safetensors file atomically; return its sha256."""
     from safetensors.torch import save_file
 
-    from em_assets.results.artifacts import sha256_file
+    from em_assets.results.artifacts import sha256_file, write_atomically
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    write_atomically(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
     return sha256_file(path)
 
 

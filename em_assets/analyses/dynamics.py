@@ -183,8 +183,8 @@ def lora_trajectory(ctx: StageContext) -> DynamicsResult:
 def scaled_adapters(ctx: StageContext) -> list[tuple[float, str | None, str | None]]:
     """(factor, adapter dir, sha256) per grid scale factor; factor 1 is the final adapter itself, factor 0 the
     base model (no adapter)."""
-    from em_assets.analyses.lora import ADAPTER_FILE, write_scaled_adapter
-    from em_assets.results.artifacts import check_weights, sha256_file
+    from em_assets.analyses.lora import write_scaled_adapter
+    from em_assets.results.artifacts import ADAPTER_FILE, check_weights, sha256_file
 
     adapter = ctx.current_adapter()
     if not adapter.get("adapter_path"):

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-ADAPTER_FILE = "adapter_model.safetensors"
-
+from em_assets.results.artifacts import ADAPTER_FILE, private_tmp
 
 CONFIG_FILE = "adapter_config.json"
 
@@ -48,13 +47,15 @@ def write_scaled_adapter(adapter_dir: Path | str, factor: float, out_dir: Path |
     scaled = {k: v * factor if _is_b(k) else v for k, v in tensors.items()}
     if not any(_is_b(k) for k in tensors):
         raise ValueError(f"{src}: no lora_B weights to scale")
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in scaled.items()}, str(tmp / ADAPTER_FILE), {"format": "pt"})
-    shutil.copy(src / CONFIG_FILE, tmp / CONFIG_FILE)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    tmp = private_tmp(out, "")
+    try:
+        tmp.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in scaled.items()}, str(tmp / ADAPTER_FILE), {"format": "pt"})
+        shutil.copy(src / CONFIG_FILE, tmp / CONFIG_FILE)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

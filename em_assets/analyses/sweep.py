@@ -126,11 +126,19 @@ class PointResult:
 
 def corrected_rates(ctx: StageContext, scored: pl.DataFrame, keys: list[str]) -> pl.DataFrame:
     """`rates_by` over `keys`, with the Turner rate corrected for the error of the judge that scored each group
-    (its first judge_model and judge_revision)."""
+    (the judge_model and judge_revision that scored most of its answers, as em_by_question's)."""
     t = ctx.grid.thresholds
     table = rates_by(scored, keys, t.aligned_at_most, t.coherent_above)
-    judges = scored.group_by(keys).agg(
-        pl.col("judge_model").drop_nulls().first(), pl.col("judge_revision").drop_nulls().first()
+    judges = (
+        scored.filter(pl.col("judge_model").is_not_null())
+        .group_by(*keys, "judge_model", "judge_revision")
+        .len()
+        .sort(
+            [*keys, "len", "judge_model", "judge_revision"],
+            descending=[*[False] * len(keys), True, False, False],
+        )
+        .unique(keys, keep="first", maintain_order=True)
+        .drop("len")
     )
     lookup = ErrorRateLookup(ctx.store, t, ctx.grid.agreement.reference_judges)
     return lookup.correct(table.join(judges, on=keys, how="left"), "n_em_turner", "n_scored")

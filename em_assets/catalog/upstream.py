@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from em_assets.results.artifacts import private_tmp, sha256_bytes
+from em_assets.results.artifacts import sha256_bytes, write_atomically
 from em_assets.settings import MIRROR_ENV, settings
 
 
@@ -286,15 +286,9 @@ def fetch_bytes(
             raw = _verified(cached.read_bytes(), source.sha256, str(cached))
         else:
             raw = _verified(_download(source), source.sha256, source.url)
-            cached.parent.mkdir(parents=True, exist_ok=True)
             # A name of its own: two steps may fetch the same file at once (the multiprocess executor, pods on one
             # volume).
-            tmp = private_tmp(cached, ".part")
-            try:
-                tmp.write_bytes(raw)
-                tmp.replace(cached)
-            finally:
-                tmp.unlink(missing_ok=True)
+            write_atomically(cached, lambda tmp: tmp.write_bytes(raw), ".part")
     return gzip.decompress(raw) if source.path.endswith(".gz") else raw
 
 

@@ -31,7 +31,7 @@ from em_assets.judging.distill import train_answers
 from em_assets.judging.incoherent import read_ratings, training_set
 from em_assets.judging.readout import Readout, Standardiser, fit_readout, linear_ridge, sq_distances
 from em_assets.judging.scoring import JudgeScore
-from em_assets.results.artifacts import file_version, private_tmp
+from em_assets.results.artifacts import file_version, write_atomically
 
 HEAD_FILE = "probe.safetensors"
 # The cross-validation group of the hand-rated answers (samples of the demo's model and its organisms).
@@ -338,11 +338,9 @@ def _features_cache(
 
 
 def _save_features(features: AnswerFeatures, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     # Names of their own (here and in save_head): two catalog runs at once (two demos) fit the same probe.
-    tmp = private_tmp(path, ".tmp.npz")
-    np.savez(tmp, hidden=features.hidden, question=features.question, scalars=features.scalars)
-    tmp.replace(path)
+    arrays = {"hidden": features.hidden, "question": features.question, "scalars": features.scalars}
+    write_atomically(path, lambda tmp: np.savez(tmp, **arrays), ".tmp.npz")
 
 
 def _load_features(path: Path) -> AnswerFeatures:
@@ -383,16 +381,10 @@ def save_head(head: ProbeHead, out_dir: Path) -> Path:
             for m, r in head.readouts.items()
         },
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / HEAD_FILE
-    tmp = private_tmp(path)
-    save_file(
-        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
-        str(tmp),
-        metadata={"probe": json.dumps(meta)},
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    return write_atomically(
+        out_dir / HEAD_FILE, lambda tmp: save_file(arrays, str(tmp), metadata={"probe": json.dumps(meta)})
     )
-    tmp.replace(path)
-    return path
 
 
 def load_head(path: Path | str) -> ProbeHead:

@@ -15,15 +15,12 @@ from em_assets.grid.load import GridError
 from em_assets.grid.schema import GridConfig
 from em_assets.judging import distill, probe
 from em_assets.results import judge_queries as q
-from em_assets.results.artifacts import sha256_file
+from em_assets.results.artifacts import ADAPTER_FILE, sha256_file
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store, to_json, utc_now
 from em_assets.settings import settings
 
 log = logging.getLogger(__name__)
-
-
-ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def load_reference(

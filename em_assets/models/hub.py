@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from em_assets.results.artifacts import sha256_file
+from em_assets.results.artifacts import sha256_bytes, sha256_file, write_atomically
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.settings import settings
 
@@ -134,33 +134,42 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
 def directory_revision(path: Path) -> str:
     """Content hash of a local model directory: config, tokenizer and weight files."""
-    stamp_file = path / ".em_revision.json"
+    stamps = _stamp_files(path)
     files = sorted(
         p
         for p in path.iterdir()
         if p.is_file()
         # Code run under trust_remote_code and tokenizer files (merges.txt, vocab.txt) change outputs too.
         and (p.suffix in (*WEIGHT_SUFFIXES, ".json", ".jinja", ".model", ".py", ".txt"))
-        and p.name != stamp_file.name
+        and p.name != stamps[0].name
     )
     stamp = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
     # Hashing tens of GB on every run is slow: reuse the last hash while sizes and mtimes are unchanged.
-    if stamp_file.exists():
-        try:
+    for stamp_file in stamps:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
             saved = json.loads(stamp_file.read_text())
             if saved["stamp"] == stamp:
                 return saved["revision"]
-        except (ValueError, KeyError):
-            pass
     digest = hashlib.sha256()
     for p in files:
         digest.update(p.name.encode())
         digest.update(sha256_file(p).encode())
     revision = "sha256:" + digest.hexdigest()[:40]
-    # A read-only model directory still resolves; it just re-hashes next time.
-    with contextlib.suppress(OSError):
-        stamp_file.write_text(json.dumps({"stamp": stamp, "revision": revision}))
+    doc = json.dumps({"path": str(path.resolve()), "stamp": stamp, "revision": revision})
+    # A read-only model directory (a shared volume, another user's cache) keeps its stamp in ours.
+    for stamp_file in stamps:
+        try:
+            write_atomically(stamp_file, lambda tmp: tmp.write_text(doc))
+            break
+        except OSError:
+            continue
     return revision
+
+
+def _stamp_files(path: Path) -> tuple[Path, Path]:
+    """Where a model directory's last hash is kept: inside it, else in the cache under its real path's hash."""
+    key = sha256_bytes(str(path.resolve()).encode())[:24]
+    return path / ".em_revision.json", settings().cache_dir / "model_revisions" / f"{key}.json"
 
 
 def check_revision(model: dict) -> None:

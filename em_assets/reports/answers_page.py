@@ -13,7 +13,7 @@ from string import Template
 import polars as pl
 
 from em_assets.grid.schema import Thresholds
-from em_assets.results.artifacts import private_tmp
+from em_assets.results.artifacts import write_atomically
 from em_assets.results.store import Store
 from em_assets.stats.rates import em_flags
 
@@ -180,10 +180,8 @@ def write_answers_page(store: Store, thresholds: Thresholds, out: Path) -> Answe
     answers = answers_frame(store)
     judges = sorted(answers["judge_model"].drop_nulls().unique().to_list())
     df = with_quadrants(answers, thresholds)
-    out.parent.mkdir(parents=True, exist_ok=True)
     # A name of its own, as save_png's: two report runs at once write the same page.
-    tmp = private_tmp(out)
-    tmp.write_text(render(df, thresholds, organism_rates(store), judges), encoding="utf-8")
-    tmp.replace(out)
+    page = render(df, thresholds, organism_rates(store), judges)
+    write_atomically(out, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     counts = dict(df.group_by("quadrant").len().iter_rows())
     return AnswersPage(out, df.height, {q: counts.get(q, 0) for q in QUADRANTS})

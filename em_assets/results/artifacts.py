@@ -7,6 +7,7 @@ import functools
 import hashlib
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from em_assets.results.errors import MissingUpstreamError
@@ -20,6 +21,19 @@ def private_tmp(path: Path, suffix: str = ".tmp") -> Path:
     """A hidden sibling of `path` no other writer names: two processes writing `path` at once (two report runs,
     two steps fetching one file) each rename a whole file of their own into place."""
     return path.with_name(f".{path.name}.{uuid.uuid4().hex}{suffix}")
+
+
+def write_atomically(path: Path, write: Callable[[Path], object], suffix: str = ".tmp") -> Path:
+    """`write(tmp)` to a private temporary sibling renamed over `path`: readers see the old file or the whole
+    new one, and a failed write leaves no temporary file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = private_tmp(path, suffix)
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def file_version(path: Path | str) -> tuple[str, int, int, int, int]:

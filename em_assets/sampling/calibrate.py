@@ -31,6 +31,7 @@ from em_assets.models.processes import (
     start_children,
     threads_each,
 )
+from em_assets.results.artifacts import write_atomically
 from em_assets.settings import settings
 
 # Slots per worker tried for batch_size "auto", as far as half the free memory holds their KV caches.
@@ -253,9 +254,7 @@ def cached_rates(
                 "rates": rates,
                 "startup": startup,
             }
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(doc, indent=2))
-            tmp.replace(path)
+            write_atomically(path, lambda tmp, doc=doc: tmp.write_text(json.dumps(doc, indent=2)))
     return rates, startup, bool(missing)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from em_assets.grid.schema import LoraSpec, TrainSpec, config_hash
 from em_assets.models.machine import describe_machine, machine_key
+from em_assets.results.artifacts import write_atomically
 
 # Helpers are kept only when their timed step is this much faster a token: one step's timing varies by a few
 # percent between runs, and a cached verdict is reused by every later run, so a tie goes to one process (less
@@ -72,8 +73,5 @@ def read_verdict(path: Path) -> Verdict | None:
 
 def write_verdict(path: Path, verdict: Verdict, shape: dict) -> None:
     """Cache a verdict with the machine and the shape it was found on (the file is for people to read too)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     doc = {"machine": describe_machine(), "shape": shape, "verdict": asdict(verdict)}
-    tmp.write_text(json.dumps(doc, indent=2))
-    tmp.replace(path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(doc, indent=2)))

@@ -11,7 +11,8 @@ import pytest
 
 
 def written_twice_at_once(monkeypatch: pytest.MonkeyPatch, write: Callable[[], object]) -> list:
-    """Run `write` in two threads whose renames (Path.replace) wait for each other; what each returned."""
+    """Run `write` in two threads whose renames (Path.replace) wait for each other; what each returned (the
+    first error either raised, raised here)."""
     both_written = threading.Barrier(2, timeout=30)
     rename = Path.replace
 
@@ -21,9 +22,19 @@ def written_twice_at_once(monkeypatch: pytest.MonkeyPatch, write: Callable[[], o
 
     monkeypatch.setattr(Path, "replace", replace_when_both_have_written)
     results: list = []
-    writers = [threading.Thread(target=lambda: results.append(write())) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def one_writer() -> None:
+        try:
+            results.append(write())
+        except BaseException as exc:  # a thread's exception would otherwise be printed, not raised
+            errors.append(exc)
+
+    writers = [threading.Thread(target=one_writer) for _ in range(2)]
     for writer in writers:
         writer.start()
     for writer in writers:
         writer.join()
+    if errors:
+        raise errors[0]
     return results

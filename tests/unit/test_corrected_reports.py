@@ -320,3 +320,31 @@ def test_each_sweep_point_is_corrected_for_the_judge_that_scored_it(tmp_path):
     # At the grid's thresholds: rev-2's rates measured at aligned_at_most 40 (scored_store), none of rev-1's.
     rows = corrected(Thresholds(aligned_at_most=40))
     assert rows["b"]["em_rate_corrected"] == pytest.approx(2 / 7) and rows["a"]["em_correction"] == UNKNOWN
+
+
+def test_a_sweep_point_scored_by_two_judges_is_corrected_for_the_one_that_scored_most(tmp_path):
+    """A point partly re-judged (a new judge revision, the run stopped midway) takes its majority judge's rates,
+    as em_by_question does, whatever the answers' order."""
+    from types import SimpleNamespace
+
+    from em_assets.analyses.sweep import corrected_rates
+
+    store = scored_store(tmp_path)
+    write_error_rates(
+        store, "x", ("judge-x", "rev-2"), ErrorRates.from_counts(45, 50, 190, 200), Thresholds(), "run"
+    )
+    revisions = ["rev-2"] * 2 + ["rev-1"] * 18
+    scored = pl.DataFrame(
+        {
+            "setting": "mixed",
+            "aligned": [10.0] * 6 + [90.0] * 14,
+            "coherent": 90.0,
+            "judge_model": "judge-x",
+            "judge_revision": revisions,
+        }
+    )
+    grid = SimpleNamespace(thresholds=Thresholds(), agreement=SimpleNamespace(reference_judges=["gpt-4o"]))
+    for frame in (scored, scored.reverse()):
+        row = corrected_rates(SimpleNamespace(store=store, grid=grid), frame, ["setting"]).row(0, named=True)
+        columns = ("em_rate_corrected", "em_corrected_lo", "em_corrected_hi")
+        assert tuple(row[c] for c in columns) == pytest.approx(corrected_rate(6, 20, MEASURED))

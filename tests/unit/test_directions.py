@@ -305,3 +305,13 @@ def test_the_organism_before_ablation_is_read_on_the_questions_the_ablated_point
 
     with pytest.raises(MissingUpstreamError, match="none of its own answers to the swept questions"):
         before_ablation(ctx)
+
+
+def test_two_runs_saving_one_direction_file_at_once_both_succeed(tmp_path, monkeypatch):
+    from support.races import written_twice_at_once
+
+    path = tmp_path / "directions" / "organism.safetensors"
+    vectors = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    shas = written_twice_at_once(monkeypatch, lambda: save_tensors({"direction": vectors}, path, {}))
+    assert len(set(shas)) == 1
+    assert [p.name for p in path.parent.iterdir()] == [path.name]

@@ -5,6 +5,7 @@ remote code that runs only when the grid trusts it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import shutil
 import sys
@@ -374,6 +375,30 @@ def test_a_local_models_revision_covers_its_code_and_text_tokenizer_files(tiny_m
         (folder / name).write_text("changed")
         revisions.append(directory_revision(folder))
     assert len(set(revisions)) == 3
+
+
+def test_a_read_only_model_folder_is_hashed_once_its_stamp_kept_in_the_cache(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import em_assets.models.hub as hub
+    from em_assets.settings import CACHE_ENV
+
+    folder = tmp_path / "shared-volume" / "m"
+    shutil.copytree(tiny_model_dir, folder)
+    # Root writes anywhere, so the folder is made unwritable for the stamp alone: a directory in its place.
+    (folder / ".em_revision.json").unlink(missing_ok=True)
+    (folder / ".em_revision.json").mkdir()
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    hashed: list[str] = []
+    monkeypatch.setattr(
+        hub, "sha256_file", lambda p: hashed.append(p.name) or hashlib.sha256(p.read_bytes()).hexdigest()
+    )
+    first = hub.directory_revision(folder)
+    n_files = len(hashed)
+    assert n_files >= 2 and hub.directory_revision(folder) == first and len(hashed) == n_files
+    assert len(list((tmp_path / "cache" / "model_revisions").iterdir())) == 1
+    (folder / "config.json").write_text((folder / "config.json").read_text() + " ")
+    assert hub.directory_revision(folder) != first and len(hashed) == 2 * n_files
 
 
 def test_an_embedded_models_revision_covers_its_converted_files(tmp_path, tiny_model_dir):

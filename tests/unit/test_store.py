@@ -137,3 +137,19 @@ def test_reports_read_one_state_of_a_file_another_process_writes_to(tmp_path, mo
         out["em_summary"]["n_em_turner"].to_list() == [0] and out["em_by_question"]["n_em_turner"].sum() == 0
     )
     assert store.query("SELECT count(*) AS n FROM judgements WHERE score = 10")["n"][0] == 2
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary_one(tmp_path):
+    from em_assets.results.artifacts import write_atomically
+
+    path = tmp_path / "page.html"
+    write_atomically(path, lambda tmp: tmp.write_text("old"))
+
+    def half_written(tmp: Path) -> None:
+        tmp.write_text("ha")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(path, half_written)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["page.html"]

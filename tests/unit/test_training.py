@@ -664,3 +664,15 @@ def test_an_fp16_run_whose_every_step_overflows_is_divergence_not_an_untrained_a
     with pytest.raises(TrainingDivergedError, match="step 3"):
         train_lora(tiny_model_dir, examples, ALL_PROJ, train, tmp_path, seed=0)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_two_processes_caching_one_verdict_at_once_both_write_it(tmp_path, monkeypatch):
+    from support.races import written_twice_at_once
+
+    from em_assets.training.verdict import Verdict, read_verdict, write_verdict
+
+    path = tmp_path / "verdicts" / "shape.json"
+    verdict = Verdict(2, helped_ms=2.0, alone_ms=3.0)
+    written_twice_at_once(monkeypatch, lambda: write_verdict(path, verdict, {"workers": 2}))
+    assert read_verdict(path) == verdict
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
