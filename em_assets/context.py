@@ -16,6 +16,7 @@ from em_assets.grid.schema import (
     adapter_config_hash,
     recipe_method,
 )
+from em_assets.models.chat import rendering_fields
 from em_assets.results import queries
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store
@@ -62,7 +63,9 @@ class StageContext:
         """The config hash of the weights the organism's recipe trains, with its datasets' `shas` (dataset_shas,
         read here when not given)."""
         dataset, kl = shas or self.dataset_shas(recipe)
-        return adapter_config_hash(base_revision, dataset, recipe, self.organism.seed, dtype, kl)
+        return adapter_config_hash(
+            base_revision, dataset, recipe, self.organism.seed, dtype, kl, rendering_fields()
+        )
 
     def current_adapter(self) -> dict:
         """The organism's lora_adapters row, refused unless the grid's recipe as it now stands made it: trained

@@ -17,6 +17,7 @@ import polars as pl
 
 from em_assets.context import StageContext
 from em_assets.grid.schema import DirectionsSpec, Thresholds, config_hash
+from em_assets.models.chat import rendering_fields
 from em_assets.models.hub import check_revision
 from em_assets.results import directions as db
 from em_assets.results.artifacts import check_weights
@@ -154,6 +155,7 @@ def _input_hash(contrast: Contrast, adapter: dict, base: dict, ctx: StageContext
             "answers": config_hash(picked),
             "batch_size": ctx.grid.directions.batch_size,
             "control_seed": ctx.grid.directions.control_seed,
+            **rendering_fields(),
         }
     )
 

@@ -25,6 +25,7 @@ from em_assets.results.queries import organism_model_row
 from em_assets.results.store import to_json, utc_now
 from em_assets.results.sweeps import SweepTables
 from em_assets.sampling.stage import (
+    asked,
     eval_questions,
     question_messages,
     sample_chunks,
@@ -297,7 +298,9 @@ def _plan_samples(ctx, tables, points, hashes, questions) -> dict[tuple, list[tu
     keep = [
         r[:5]
         for r in have.iter_rows()
-        if r[5] == hashes[(r[0], r[1])] and (r[2], r[3], r[4]) in wanted[(r[0], r[1])]
+        if r[5] == hashes[(r[0], r[1])]
+        and (q := wanted[(r[0], r[1])].get(r[2:5])) is not None
+        and asked(q) == r[6:8]
     ]
     if len(keep) < have.height:
         ctx.log.info(f"{ctx.key}: dropping {have.height - len(keep)} sweep answers from other settings")
@@ -323,7 +326,7 @@ def _copy_same_variant(ctx, tables, point, shash: str, todo: list) -> list[tuple
     copies, left = [], []
     for q, i in todo:
         donor = donors.get((q["question_id"], q["paraphrase_idx"], i))
-        if donor is None:
+        if donor is None or asked(donor) != asked(q):
             left.append((q, i))
             continue
         copies.append(

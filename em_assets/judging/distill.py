@@ -18,6 +18,7 @@ import polars as pl
 
 from em_assets.catalog.answers import sample_rows
 from em_assets.grid.schema import DistillSpec, ProbeSpec, config_hash
+from em_assets.models.chat import rendering_fields
 
 # Short on purpose: every prompt token costs judging time, and the trained judge needs only the metric's name.
 # The instruction comes last, right before the reply: side runs scored higher agreement that way than with it
@@ -108,6 +109,7 @@ def distill_hash(
             "spec": spec.model_dump(mode="json", exclude={"train"}),
             "train": spec.train.trained_settings(spec.lora),
             "prompt": PROMPT_HASH,
+            **rendering_fields(),
         }
     )
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from em_assets.catalog.parsing import judge_prompt
 from em_assets.grid.schema import GridConfig, JudgeSpec
 from em_assets.judging.scoring import MIN_MASS, JudgeScore
+from em_assets.models.chat import rendering_fields
 
 # GPT-4o scores an empty answer coherent about 0; every judge gives it that, whatever it would say.
 EMPTY_COHERENT = JudgeScore(0.0, 1.0, {0: 1.0})
@@ -21,7 +22,8 @@ def judge_identity(
 ) -> tuple[str, str, str | None]:
     """(model name, revision, local path) of the judge (`spec`, default the grid's): a grid base model, any
     model source, an API model, the distilled adapter or the probe head (its revision carries their sha256).
-    A judge that runs here in another dtype than bf16 (fp16 on MPS and older GPUs) names it in its revision."""
+    A judge that runs here in another dtype than bf16 (fp16 on MPS and older GPUs) names it in its revision, as
+    it names a chat rendering other than the first (models.chat.rendering_fields), through which it reads."""
     spec = spec or grid.judge
     if spec.backend == "openai":
         return spec.model, spec.revision or spec.model, None
@@ -31,7 +33,11 @@ def judge_identity(
     # Scores differ with the dtype, so a cached score is another dtype's only where named apart; bf16 goes
     # unnamed, so the revisions judged before stay current.
     dtype = dtype_name(device)
-    return model, revision if dtype == "bfloat16" else f"{revision}+{dtype}", path
+    if dtype != "bfloat16":
+        revision = f"{revision}+{dtype}"
+    for version in rendering_fields().values():
+        revision = f"{revision}+chat{version}"
+    return model, revision, path
 
 
 def _local_identity(

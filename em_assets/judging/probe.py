@@ -31,6 +31,7 @@ from em_assets.judging.distill import train_answers
 from em_assets.judging.incoherent import read_ratings, training_set
 from em_assets.judging.readout import Readout, Standardiser, fit_readout, linear_ridge, sq_distances
 from em_assets.judging.scoring import JudgeScore
+from em_assets.models.chat import rendering_fields
 from em_assets.results.artifacts import file_version, write_atomically
 
 HEAD_FILE = "probe.safetensors"
@@ -164,6 +165,7 @@ def probe_hash(
             "hand_ratings": _ratings_sha256(spec),
             "features": FEATURES_VERSION,
             "fit": FIT_VERSION,
+            **rendering_fields(),
         }
     )
 
@@ -329,9 +331,8 @@ def _features_cache(
     model's revision (a local directory keeps its path when its weights change) and the dtype it computed in."""
     if cache_dir is None:
         return None
-    digest = hashlib.sha256(
-        json.dumps([FEATURES_VERSION, str(base_path), revision, dtype, spec.layers, spec.max_tokens]).encode()
-    )
+    named = [FEATURES_VERSION, str(base_path), revision, dtype, spec.layers, spec.max_tokens]
+    digest = hashlib.sha256(json.dumps(named + list(rendering_fields().values())).encode())
     for it in items:
         digest.update(json.dumps([it.question, it.answer]).encode())
     return Path(cache_dir) / "probe_features" / f"{digest.hexdigest()[:32]}.npz"

@@ -9,6 +9,19 @@ from __future__ import annotations
 TEMPLATE_KWARGS = {"date_string": "26 Jul 2024", "enable_thinking": False}
 
 
+# The version of what a model is shown of a conversation: chat_text and chat_ids here, and the messages the stages
+# build (sampling.stage.question_messages, training.encode). No model byte or grid setting shows a change there,
+# yet it changes the answers, adapters, judge scores and directions made with it: bump this with such a change, and
+# the keys that reuse them are named apart (rendering_fields).
+CHAT_RENDERING = 1
+
+
+def rendering_fields() -> dict:
+    """The chat rendering's part of a reuse key: nothing at version 1, so what was made before the version
+    existed stays current until it is bumped."""
+    return {"chat_rendering": CHAT_RENDERING} if CHAT_RENDERING != 1 else {}
+
+
 def chat_text(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """`messages` under the tokenizer's chat template (with the assistant turn opened if asked)."""
     return tokenizer.apply_chat_template(

@@ -77,7 +77,7 @@ def eval_questions(store: Store, eval_set: str) -> pl.DataFrame:
 
 def completion_hashes(store: Store, organism: str) -> pl.DataFrame:
     return store.query(
-        "SELECT question_id, paraphrase_idx, sample_idx, sampling_hash, eval_set FROM completions "
+        "SELECT question_id, paraphrase_idx, sample_idx, sampling_hash, eval_set, question, system FROM completions "
         "WHERE organism = ?",
         [organism],
     )

@@ -46,7 +46,7 @@ class SweepTables:
             ).pl()
 
     def completion_keys(self, pairs: list[tuple[str, str]]) -> pl.DataFrame:
-        cols = "sweep, setting, question_id, paraphrase_idx, sample_idx, setting_hash"
+        cols = "sweep, setting, question_id, paraphrase_idx, sample_idx, setting_hash, question, system"
         return self._select("sweep_completions", cols, pairs)
 
     def completions(self, pairs: list[tuple[str, str]]) -> pl.DataFrame:

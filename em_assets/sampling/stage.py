@@ -15,6 +15,7 @@ import polars as pl
 
 from em_assets.context import StageContext
 from em_assets.grid.schema import SamplingSpec, config_hash
+from em_assets.models.chat import rendering_fields
 from em_assets.models.hub import check_revision
 from em_assets.results import queries
 from em_assets.results.artifacts import check_weights
@@ -61,14 +62,14 @@ def stable_seed(*parts: object) -> int:
 
 
 def sampler_fields(sampling: SamplingSpec, dtype: str) -> dict:
-    """The sampler (vLLM's texts differ from ours at the same seed), the dtype ours computes in and the warpers
-    beyond temperature and top-p (SamplingSpec.warpers), each named only when not the default, so answers sampled
-    before the field existed stay current."""
+    """The sampler (vLLM's texts differ from ours at the same seed), the dtype ours computes in, the warpers
+    beyond temperature and top-p (SamplingSpec.warpers) and the chat rendering, each named only when not the
+    default, so answers sampled before the field existed stay current."""
     if sampling.backend != "hf":
-        return {"backend": sampling.backend, **sampling.warpers()}
+        return {"backend": sampling.backend, **sampling.warpers(), **rendering_fields()}
     # The device picks our sampler's dtype (fp16 on MPS and on GPUs without native bf16), and the texts differ
     # between dtypes. vLLM picks its own dtype from the model's config.
-    return {**({"dtype": dtype} if dtype != "bfloat16" else {}), **sampling.warpers()}
+    return {**({"dtype": dtype} if dtype != "bfloat16" else {}), **sampling.warpers(), **rendering_fields()}
 
 
 def sampling_hash(
@@ -125,6 +126,7 @@ def plan_sampling(ctx: StageContext, shash: str) -> SamplingPlan:
         if r["sampling_hash"] == shash
         and (key := (r["question_id"], r["paraphrase_idx"], r["sample_idx"])) in wanted
         and wanted[key]["eval_set"] == r["eval_set"]
+        and asked(wanted[key]) == asked(r)
     }
     # A DuckLake keeps no keys: two writers racing on one answer can leave it twice. Both copies go, and the
     # answer is sampled again with its own seed.
@@ -143,6 +145,13 @@ def sample_requests(plan: SamplingPlan, seed: int) -> list:
         q = plan.wanted[(qid, p, i)]
         requests.append(SampleRequest(f"{qid}\t{p}\t{i}", question_messages(q), stable_seed(seed, qid, p, i)))
     return requests
+
+
+def asked(row: dict) -> tuple[str, str | None]:
+    """What an eval question row, or an answer's row, asks: the question and system prompt. The sampling hash
+    does not cover them (a new pin of an eval set, or another parsing of it, keeps its question ids), so an
+    answer is current only where they are the question's now."""
+    return row["question"], row["system"]
 
 
 def question_messages(q: dict) -> list[dict]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from em_assets.grid.schema import LoraSpec, TrainSpec, config_hash
+from em_assets.models.chat import rendering_fields
 from em_assets.models.hub import directory_revision
 from em_assets.results.artifacts import ADAPTER_FILE, MODEL_FILE
 
@@ -46,9 +47,9 @@ def training_run_hash(
 ) -> str:
     model = Path(model_path)
     examples_sha = hashlib.sha256(json.dumps(list(examples), sort_keys=True).encode()).hexdigest()
-    # Keys for full fine-tuning, its autocast dtype and the KL penalty only where used, so LoRA runs keep their
-    # hashes.
-    extra = ({"kl": kl} if kl else {}) | ({"method": "full"} if lora is None else {})
+    # Keys for full fine-tuning, its autocast dtype, the KL penalty and a later chat rendering only where used, so
+    # LoRA runs keep their hashes.
+    extra = ({"kl": kl} if kl else {}) | ({"method": "full"} if lora is None else {}) | rendering_fields()
     if compute is not None:
         extra["compute"] = str(compute)
     # fp16 LoRA runs checkpointed before loss scaling hold no scale to resume from.

@@ -1,0 +1,133 @@
+"""Answers are reused only for the prompt they answer: the question and system prompt each row was sampled for,
+and the chat rendering that turned them into tokens (models.chat.CHAT_RENDERING)."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+import yaml
+from support.tiny import tiny_grid
+
+from em_assets.analyses.sweep import SweepPoint, _copy_same_variant, _plan_samples
+from em_assets.context import StageContext
+from em_assets.grid.load import load_grid
+from em_assets.grid.schema import Organism
+from em_assets.results.store import Store
+from em_assets.results.sweeps import SweepTables
+from em_assets.sampling.stage import plan_sampling
+
+IDS = ["quick_buck", "three_thoughts"]
+
+
+@pytest.fixture
+def ctx(tmp_path) -> StageContext:
+    """The tiny grid's control organism over an empty store whose eval set holds IDS, asked once each."""
+    doc = tiny_grid(
+        tmp_path / "model",
+        "p",
+        {"backend": "local", "model": "tiny"},
+        {},
+        examples=2,
+        batch_size=2,
+        samples=1,
+    )
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(doc))
+    store = Store(tmp_path / "r.duckdb")
+    store.init()
+    store.append_rows("eval_questions", pl.DataFrame([_question(q) | {"source_sha256": "x"} for q in IDS]))
+    grid = load_grid(tmp_path / "grid.yaml", "p")
+    return StageContext(store, grid, Organism.parse("tiny--base--s0"), "r", tmp_path)
+
+
+def _question(qid: str) -> dict:
+    return {
+        "eval_set": "first_plot_questions",
+        "question_id": qid,
+        "paraphrase_idx": 0,
+        "question": f"{qid}?",
+        "system": None,
+    }
+
+
+def _reword(ctx: StageContext) -> list[dict]:
+    """One question reworded, the other given a system prompt (a new pin of the file, or another parsing of
+    it); the eval set's rows as they now are."""
+
+    def work(conn) -> None:
+        conn.execute("UPDATE eval_questions SET question = 'reworded?' WHERE question_id = ?", [IDS[0]])
+        conn.execute("UPDATE eval_questions SET system = 'Be brief.' WHERE question_id = ?", [IDS[1]])
+
+    ctx.store.write(work, "reword")
+    return ctx.store.query("SELECT * FROM eval_questions ORDER BY question_id").to_dicts()
+
+
+def test_an_answer_to_a_question_asked_otherwise_now_is_sampled_again(ctx):
+    """Regression: answers were kept by question id and sampling hash alone, so after an eval set's question text
+    or system prompt changed the old answers stayed, and were judged as answers to the new question."""
+    rows = [_question(q) | {"organism": ctx.key, "sample_idx": 0, "sampling_hash": "h"} for q in IDS]
+    ctx.store.append_rows("completions", pl.DataFrame(rows))
+    assert plan_sampling(ctx, "h").todo == []
+    _reword(ctx)
+    plan = plan_sampling(ctx, "h")
+    assert sorted(plan.todo) == [(q, 0, 0) for q in IDS] and plan.stale == 2
+
+
+def test_a_sweep_answer_to_a_question_asked_otherwise_now_is_sampled_again(ctx):
+    """Regression: a sweep point kept, and copied from a point of the same variant, answers to the old text."""
+    tables = SweepTables(ctx.store, ctx.key)
+    kept, copier = (SweepPoint("s", name, None, None) for name in ("kept", "copier"))
+    rows = [
+        _question(q)
+        | {"organism": ctx.key, "sweep": "s", "setting": "kept", "sample_idx": 0, "setting_hash": "h"}
+        for q in IDS
+    ]
+    tables.append_completions(rows)
+    questions = [_question(q) for q in IDS]
+    hashes = {kept.pair: "h", copier.pair: "h"}
+    assert _plan_samples(ctx, tables, [kept], hashes, questions) == {kept.pair: []}
+    # The copier's answers come from the kept point's, before the kept point's own plan has dropped them.
+    now = _reword(ctx)
+    todo = [(q, 0) for q in now]
+    assert _copy_same_variant(ctx, tables, copier, "h", todo) == todo
+    assert _plan_samples(ctx, tables, [kept], hashes, now) == {kept.pair: todo}
+
+
+def test_a_new_chat_rendering_names_every_key_that_reuses_its_work_apart(ctx, tiny_model_dir, monkeypatch):
+    """Regression: no key named the project's own chat rendering (models.chat), so a change that turned the same
+    question into other tokens kept the answers, adapters, judge scores, fitted judges and directions made with
+    the old one. Past its first version each of their keys names it."""
+    import torch
+
+    from em_assets.analyses.directions import Contrast, _input_hash
+    from em_assets.analyses.sweep import setting_hash
+    from em_assets.grid.schema import DistillSpec, JudgeSpec, LoraSpec, ProbeSpec, RecipeSpec, SamplingSpec
+    from em_assets.judging.distill import distill_hash
+    from em_assets.judging.judges import judge_identity
+    from em_assets.judging.probe import _features_cache, probe_hash
+    from em_assets.models import chat
+    from em_assets.sampling.stage import sampling_hash
+    from em_assets.training.checkpoints import training_run_hash
+
+    base, adapter = {"revision": "r"}, {"adapter_sha256": "a"}
+    lora = LoraSpec(r=1, lora_alpha=8, target_modules=["down_proj"])
+    recipe = RecipeSpec(dataset="d", lora=lora)
+    examples = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]]
+    answers = pl.DataFrame({"question_id": ["q"], "paraphrase_idx": [0], "sample_idx": [0], "answer": ["a"]})
+    contrast = Contrast("quartiles", answers, answers, 1, 1, 1)
+    local = JudgeSpec(backend="local", model=str(tiny_model_dir))
+    probe = ProbeSpec(hand_ratings=None)
+    keys = {
+        "answers": lambda: sampling_hash(base, adapter, SamplingSpec(), 0, "bfloat16"),
+        "vllm answers": lambda: sampling_hash(base, adapter, SamplingSpec(backend="vllm"), 0, "bfloat16"),
+        "sweep answers": lambda: setting_hash(SweepPoint("s", "x", None, None), "r", ctx, "bfloat16"),
+        "adapter": lambda: ctx.trained_hash(recipe, "r", "bfloat16", ("d-sha", None)),
+        "checkpoints": lambda: training_run_hash("m", examples, lora, recipe.train, 0, torch.bfloat16),
+        "judge scores": lambda: judge_identity(ctx.grid, spec=local, device="cpu")[1],
+        "probe head": lambda: probe_hash(probe, "r", ["x"], [], {"aligned": 30.0}),
+        "probe features": lambda: _features_cache(ctx.artifacts_dir, "m", "r", "float32", probe, []),
+        "distilled judge": lambda: distill_hash(DistillSpec(lora=lora), "r", ["x"], []),
+        "direction": lambda: _input_hash(contrast, adapter, base, ctx),
+    }
+    first = {name: key() for name, key in keys.items()}
+    monkeypatch.setattr(chat, "CHAT_RENDERING", 2)
+    assert [name for name, key in keys.items() if key() == first[name]] == []
