@@ -320,13 +320,13 @@ def _copy_same_variant(ctx, tables, point, shash: str, todo: list) -> list[tuple
     if not todo:
         return todo
     donors = {
-        (r["question_id"], r["paraphrase_idx"], r["sample_idx"]): r
+        (r["question_id"], r["paraphrase_idx"], r["sample_idx"], *asked(r)): r
         for r in tables.completions_with_hash(shash).iter_rows(named=True)
     }
     copies, left = [], []
     for q, i in todo:
-        donor = donors.get((q["question_id"], q["paraphrase_idx"], i))
-        if donor is None or asked(donor) != asked(q):
+        donor = donors.get((q["question_id"], q["paraphrase_idx"], i, *asked(q)))
+        if donor is None:
             left.append((q, i))
             continue
         copies.append(

@@ -120,7 +120,7 @@ def completions(
                 metadata={"organism": ctx.key, "empty": summary.empty, "total": summary.total},
             )
         ],
-        data_version=dg.DataVersion(result.sampling_hash),
+        data_version=dg.DataVersion(summary.version),
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 
 import polars as pl
@@ -21,6 +23,7 @@ class CompletionSummary:
     mean_tokens: float | None  # None when no answer has a token count (imported answers)
     finish_reasons: dict[str, int]
     preview: pl.DataFrame  # the first answer of each question, cut to 200 characters
+    version: str  # the answers' hash: the asset's data version
 
 
 @dataclass(frozen=True)
@@ -38,10 +41,14 @@ def training_losses(store: Store, organism: str) -> LossCurve:
 
 def completions(store: Store, organism: str) -> CompletionSummary:
     rows = store.query(
-        "SELECT question_id, sample_idx, num_tokens, finish_reason, answer FROM completions "
-        "WHERE organism = ? ORDER BY question_id, sample_idx",
+        "SELECT question_id, paraphrase_idx, sample_idx, question, system, sampling_hash, num_tokens, "
+        "finish_reason, answer FROM completions WHERE organism = ? ORDER BY ALL",
         [organism],
     )
+    # Each answer with its key, prompt and settings: answers sampled again for a reworded question, or added
+    # for a larger samples_per_question, change it where the sampling hash alone would not.
+    named = ["question_id", "paraphrase_idx", "sample_idx", "question", "system", "sampling_hash", "answer"]
+    version = hashlib.sha256(json.dumps(rows.select(named).rows()).encode()).hexdigest()[:16]
     preview = (
         rows.group_by("question_id", maintain_order=True)
         .first()
@@ -53,6 +60,7 @@ def completions(store: Store, organism: str) -> CompletionSummary:
         mean_tokens=rows["num_tokens"].mean(),
         finish_reasons=dict(rows["finish_reason"].value_counts().iter_rows()),
         preview=preview,
+        version=version,
     )
 
 

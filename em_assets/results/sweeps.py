@@ -53,10 +53,11 @@ class SweepTables:
         return self._select("sweep_completions", "*", pairs)
 
     def completions_with_hash(self, setting_hash: str) -> pl.DataFrame:
-        """Answers of any sweep point of the organism drawn under this setting hash (one row per sample key)."""
+        """Answers of any sweep point of the organism drawn under this setting hash: one row per sample key and
+        prompt (question, system), as points of other sweeps may hold answers to a question's older text."""
         return self.store.query(
-            "SELECT * FROM sweep_completions WHERE organism = ? AND setting_hash = ? "
-            "QUALIFY row_number() OVER (PARTITION BY question_id, paraphrase_idx, sample_idx ORDER BY created_at) = 1",
+            "SELECT * FROM sweep_completions WHERE organism = ? AND setting_hash = ? QUALIFY row_number() OVER "
+            "(PARTITION BY question_id, paraphrase_idx, sample_idx, question, system ORDER BY created_at) = 1",
             [self.organism, setting_hash],
         )
 

@@ -168,3 +168,32 @@ def test_an_adapter_from_other_recipe_settings_is_not_sampled(pipeline):
     with pytest.raises(MissingUpstreamError, match="trained with other settings than its recipe's"):
         sample_completions(ctx)
     assert ctx.store.query("SELECT count(*) AS n FROM completions")["n"][0] == 0
+
+
+def test_answers_sampled_again_for_a_reworded_question_give_a_new_data_version(pipeline):
+    """Regression: the completions asset's data version was its sampling hash alone, so answers sampled again
+    because their question was reworded left what reads them (judgements) fresh in Dagster."""
+    instance, resources, tmp_path = pipeline
+    key = "tiny--base--s0"
+    instance.add_dynamic_partitions(organisms.name, [key])
+    materialize(instance, resources, ["base_models", "eval_questions"])
+    materialize(instance, resources, ["lora_adapter"], key)
+
+    def sampled() -> tuple[int, str]:
+        (event,) = materialize(instance, resources, ["completions"], key).asset_materializations_for_node(
+            "completions"
+        )
+        return event.metadata["sampled_now"].value, event.tags["dagster/data_version"]
+
+    first, version = sampled()
+    store = Store(tmp_path / "results.duckdb")
+    qid = store.query("SELECT min(question_id) AS q FROM completions")["q"][0]
+    store.write(
+        lambda conn: conn.execute(
+            "UPDATE eval_questions SET question = 'Reworded?' WHERE question_id = ?", [qid]
+        ),
+        "reword",
+    )
+    again, changed = sampled()
+    assert (first, again) == (6, 3) and changed != version
+    assert sampled() == (0, changed)

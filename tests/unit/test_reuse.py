@@ -3,6 +3,8 @@ and the chat rendering that turned them into tokens (models.chat.CHAT_RENDERING)
 
 from __future__ import annotations
 
+import datetime
+
 import polars as pl
 import pytest
 import yaml
@@ -131,3 +133,26 @@ def test_a_new_chat_rendering_names_every_key_that_reuses_its_work_apart(ctx, ti
     first = {name: key() for name, key in keys.items()}
     monkeypatch.setattr(chat, "CHAT_RENDERING", 2)
     assert [name for name, key in keys.items() if key() == first[name]] == []
+
+
+def test_a_sweep_point_copies_the_answer_to_the_question_asked_now(ctx):
+    """Regression: a point copied only the earliest answer of its setting hash, so where another sweep's point
+    still held one to the old text, a later answer to the question as now asked was not copied."""
+    tables = SweepTables(ctx.store, ctx.key)
+    now = _reword(ctx)
+
+    def rows(sweep: str, day: int, questions: list[dict]) -> list[dict]:
+        point = {"organism": ctx.key, "sweep": sweep, "setting": "x", "sample_idx": 0, "setting_hash": "h"}
+        when = datetime.datetime(2026, 1, day)
+        return [
+            _question(q["question_id"])
+            | {"question": q["question"], "system": q["system"], "answer": sweep, "created_at": when}
+            | point
+            for q in questions
+        ]
+
+    tables.append_completions(rows("old", 1, [_question(q) for q in IDS]) + rows("new", 2, now))
+    todo = [(q, 0) for q in now]
+    copier = SweepPoint("s", "copier", None, None)
+    assert _copy_same_variant(ctx, tables, copier, "h", todo) == []
+    assert tables.completions([copier.pair])["answer"].to_list() == ["new", "new"]
