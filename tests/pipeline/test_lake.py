@@ -13,7 +13,7 @@ import duckdb
 import polars as pl
 import pytest
 import yaml
-from support.lake import check_concurrent_writers
+from support.lake import check_concurrent_writers, insert_racing
 from support.paths import REPO
 
 from em_assets.cli import main
@@ -532,17 +532,11 @@ def test_an_answer_a_lake_holds_twice_is_dropped_and_sampled_again(tmp_path, tin
     )
     store.append_rows("completions", rows)
     # Two writers racing on one answer, each inserting it: the lake keeps both copies.
-    store.write(lambda conn: _insert_arrow(conn, "completions", rows.head(1)), "race")
+    insert_racing(store, "completions", rows.head(1))
     plan = plan_sampling(ctx, "h")
     assert plan.keep == {("q0", 0, 1)} and plan.stale == 2
     drop_completions_except(store, key, plan.keep)
     assert store.query("SELECT sample_idx FROM completions")["sample_idx"].to_list() == [1]
-
-
-def _insert_arrow(conn, table: str, rows: pl.DataFrame) -> None:
-    conn.register("_race", rows.to_arrow())
-    conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _race")
-    conn.unregister("_race")
 
 
 def test_a_judgement_a_lake_holds_twice_is_written_once_again(tmp_path, tiny_model_dir):
@@ -566,7 +560,7 @@ def test_a_judgement_a_lake_holds_twice_is_written_once_again(tmp_path, tiny_mod
     judge_completions(ctx)
     one = store.query("SELECT * FROM judgements WHERE metric = 'aligned'")
     # Two writers racing on one judgement, each inserting it: the lake keeps both copies.
-    store.write(lambda conn: _insert_arrow(conn, "judgements", one), "race")
+    insert_racing(store, "judgements", one)
     assert judge_completions(ctx).cache_hits == 1
     rows = store.query("SELECT metric, count(*) AS n FROM judgements GROUP BY metric ORDER BY metric")
     assert rows.rows() == [("aligned", 1), ("coherent", 1)]
@@ -586,10 +580,8 @@ def test_reports_count_an_answer_a_lake_holds_twice_once(tmp_path):
     store.append_rows("judgements", judged)
     # Two writers racing on one answer, each inserting it and its scores: the lake keeps both copies.
     twice = store.query("SELECT * FROM completions WHERE sample_idx = 0")
-    store.write(lambda conn: _insert_arrow(conn, "completions", twice), "race")
-    store.write(
-        lambda conn: _insert_arrow(conn, "judgements", judged.filter(pl.col("sample_idx") == 0)), "race"
-    )
+    insert_racing(store, "completions", twice)
+    insert_racing(store, "judgements", judged.filter(pl.col("sample_idx") == 0))
     summary = build_reports(store, Thresholds(), "run")["em_summary"].row(0, named=True)
     assert (summary["n_answers"], summary["n_scored"], summary["n_em_turner"]) == (4, 4, 1)
     assert short_answer_organisms(store)["n_answers"].to_list() == [4]

@@ -7,6 +7,7 @@ import multiprocessing as mp
 import time
 
 import duckdb
+import polars as pl
 
 from em_assets.results import backends
 from em_assets.results.bench import ANSWERS, organism_writes
@@ -71,3 +72,14 @@ def check_concurrent_writers(db: str, data_path: str, writers: int, batches: int
     assert len(counts) > 5 and counts[-1] == ANSWERS * writers
     assert all(b >= a for a, b in itertools.pairwise(counts)), f"reader saw a count drop: {counts}"
     return retries
+
+
+def insert_racing(store: Store, table: str, rows: pl.DataFrame) -> None:
+    """Insert rows as a second writer racing on their keys would: a DuckLake keeps both copies."""
+
+    def work(conn) -> None:
+        conn.register("_race", rows.to_arrow())
+        conn.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _race")
+        conn.unregister("_race")
+
+    store.write(work, "race")

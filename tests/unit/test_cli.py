@@ -697,6 +697,16 @@ def test_sql_without_a_database_exits_2_and_bad_sql_exits_1(tmp_path, db, capsys
     assert capsys.readouterr().err == "error: the statement is not UTF-8 text\n"
 
 
+def test_migrate_from_a_file_that_is_no_results_file_exits_2_and_makes_no_store(tmp_path, capsys):
+    (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
+    target = tmp_path / "new.duckdb"
+    for source, says in (("gone.duckdb", "no DuckDB file at"), ("notes.csv", "is not a DuckDB results file")):
+        assert main(["migrate", "--from", str(tmp_path / source), "--db", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.csv"]
+
+
 @pytest.mark.parametrize(
     "command",
     [["plan"], ["demo"], ["judge-agreement", "--reference", "{csv}"], ["migrate", "--from", "{db}"]],

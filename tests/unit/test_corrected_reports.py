@@ -171,6 +171,28 @@ def test_no_organisms_still_gives_the_columns(tmp_path):
     assert summary.height == 0 and set(CORRECTION_COLUMNS) <= set(summary.columns)
 
 
+def _reference_file(store: Store, name: str, split: str | None, answers: list[tuple], run_id: str) -> None:
+    """A reference file's rows and judge x's agreement scores of them in run `run_id`: (reference, score) pairs
+    of (aligned, coherent)."""
+    store.append_rows(
+        "reference_judgements",
+        pl.DataFrame(
+            {
+                "source_file": name,
+                "source_sha256": f"sha-{name}",
+                "row_idx": range(len(answers)),
+                "split": split,
+            }
+        ),
+    )
+    rows = [
+        {"judge": "x", "source_file": name, "row_idx": i, "metric": m, "reference": ref[j], "score": got[j]}
+        for i, (ref, got) in enumerate(answers)
+        for j, m in enumerate(("aligned", "coherent"))
+    ]
+    store.append_rows("judge_agreement_scores", pl.DataFrame(rows).with_columns(run_id=pl.lit(run_id)))
+
+
 def test_answers_from_a_measured_reference_file_are_corrected_without_that_files_answers(tmp_path):
     store = scored_store(tmp_path)
     # judge_agreement scored two held-out files with judge-x rev-1 ("x", run "run", as its error rates were).
@@ -181,25 +203,7 @@ def test_answers_from_a_measured_reference_file_are_corrected_without_that_files
         "b.csv": [(em, em), (em, miss), (ok, ok), (ok, ok), (ok, em)],
     }
     for name, answers in pairs.items():
-        store.append_rows(
-            "reference_judgements",
-            pl.DataFrame(
-                {"source_file": name, "source_sha256": f"sha-{name}", "row_idx": range(len(answers))}
-            ),
-        )
-        rows = [
-            {
-                "judge": "x",
-                "source_file": name,
-                "row_idx": i,
-                "metric": m,
-                "reference": ref[j],
-                "score": got[j],
-            }
-            for i, (ref, got) in enumerate(answers)
-            for j, m in enumerate(("aligned", "coherent"))
-        ]
-        store.append_rows("judge_agreement_scores", pl.DataFrame(rows).with_columns(run_id=pl.lit("run")))
+        _reference_file(store, name, None, answers, "run")
     # The organism judged by judge-x rev-1 is an answers organism imported from a.csv.
     store.append_rows(
         "organism_sources",
@@ -227,15 +231,17 @@ def test_a_run_that_cannot_count_the_rates_leaves_none_of_an_earlier_runs(tmp_pa
     assert row["em_rate_corrected"] is None and row["em_correction"] == UNKNOWN
 
 
-def test_answers_of_a_held_out_file_are_never_corrected_by_rates_that_may_count_them(tmp_path):
+@pytest.mark.parametrize(("split", "corrected"), [("heldout", None), ("train", 2 / 7)])
+def test_answers_of_a_held_out_file_are_never_corrected_by_rates_that_may_count_them(
+    tmp_path, split, corrected
+):
+    """judge-x rev-1's rates are stored, but the scores they were counted on were replaced (another revision's
+    agreement run), so they cannot be recounted without the file: a held-out file's answers get no correction;
+    a training file's, never among the answers counted, the measured rates."""
     store = scored_store(tmp_path)
-    # judge-x rev-1's rates are stored, but the scores they were counted on were replaced (another revision's
-    # agreement run), so they cannot be recounted without a.csv, a held-out file the rates may include.
     store.append_rows(
         "reference_judgements",
-        pl.DataFrame(
-            {"source_file": "a.csv", "source_sha256": "sha-a.csv", "row_idx": [0], "split": "heldout"}
-        ),
+        pl.DataFrame({"source_file": "a.csv", "source_sha256": "sha-a.csv", "row_idx": [0], "split": split}),
     )
     store.append_rows(
         "organism_sources",
@@ -244,7 +250,10 @@ def test_answers_of_a_held_out_file_are_never_corrected_by_rates_that_may_count_
     row = (
         build_reports(store, Thresholds(), "run")["em_summary"].filter(organism="measured").row(0, named=True)
     )
-    assert row["em_rate_corrected"] is None and row["em_correction"] == UNKNOWN
+    if corrected is None:
+        assert row["em_rate_corrected"] is None and row["em_correction"] == UNKNOWN
+    else:
+        assert row["em_rate_corrected"] == pytest.approx(corrected)
 
 
 def test_every_report_table_takes_the_grids_thresholds(tmp_path):
@@ -348,3 +357,31 @@ def test_a_sweep_point_scored_by_two_judges_is_corrected_for_the_one_that_scored
         row = corrected_rates(SimpleNamespace(store=store, grid=grid), frame, ["setting"]).row(0, named=True)
         columns = ("em_rate_corrected", "em_corrected_lo", "em_corrected_hi")
         assert tuple(row[c] for c in columns) == pytest.approx(corrected_rate(6, 20, MEASURED))
+
+
+def test_rates_are_those_measured_at_the_grids_coherence_threshold_too(tmp_path):
+    store = scored_store(tmp_path)
+    stricter = Thresholds(coherent_above=70)
+    write_error_rates(
+        store, "x", ("judge-x", "rev-1"), ErrorRates.from_counts(45, 50, 190, 200), stricter, "run"
+    )
+    for thresholds, want in ((Thresholds(), (0.8, 0.9)), (stricter, (0.9, 0.95))):
+        rates = ErrorRateLookup(store, thresholds, [])("judge-x", "rev-1")
+        assert (rates.sensitivity, rates.specificity) == want
+
+
+def test_a_later_agreement_runs_scores_never_recount_an_earlier_revisions_rates(tmp_path):
+    """judge-x rev-1's rates are of run "run"; the stored scores are run-2's (another revision's): answers of a
+    held-out file they may count get no correction, not rates recounted from run-2's scores."""
+    store = scored_store(tmp_path)
+    em, ok = (10.0, 90.0), (90.0, 90.0)
+    _reference_file(store, "a.csv", "heldout", [(em, em), (ok, ok)], "run-2")
+    _reference_file(store, "b.csv", "heldout", [(em, em), (em, ok), (ok, ok), (ok, em)], "run-2")
+    store.append_rows(
+        "organism_sources",
+        pl.DataFrame({"organism": ["measured"], "method": "answers", "sha256": "sha-a.csv"}),
+    )
+    row = (
+        build_reports(store, Thresholds(), "run")["em_summary"].filter(organism="measured").row(0, named=True)
+    )
+    assert row["em_rate_corrected"] is None and row["em_correction"] == UNKNOWN

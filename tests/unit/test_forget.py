@@ -69,6 +69,9 @@ def test_forget_on_a_duckdb_file_asks_for_yes_and_deletes_nothing_without_it(tmp
     assert "is in profile 'demo'" in capsys.readouterr().err
     assert main(["forget", "gone--base--s0", " "]) == 2
     assert "an empty organism key (1 of 2)" in capsys.readouterr().err
+    # A key nothing holds (a typo) deletes nothing and rebuilds no reports, --yes or not.
+    assert main(["forget", "--yes", "never--base--s0"]) == 2
+    assert "holds no rows and Dagster no partition for never--base--s0" in capsys.readouterr().err
     assert _counts(store, "completions") == {"gone--base--s0": 4}
     assert not (tmp_path / "home").exists()
 

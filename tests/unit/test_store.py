@@ -153,3 +153,28 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary_one(tm
         write_atomically(path, half_written)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["page.html"]
+
+
+def test_a_write_conflict_is_retried_until_it_commits_and_other_errors_are_not():
+    from em_assets.results.backends import retry_conflicts
+
+    db = duckdb.connect()
+    db.execute("CREATE TABLE t (k INTEGER, v INTEGER); INSERT INTO t VALUES (1, 0)")
+    other = db.cursor()
+    other.execute("BEGIN")
+    other.execute("UPDATE t SET v = 1 WHERE k = 1")
+    attempts = []
+
+    def work() -> None:
+        attempts.append(1)
+        if len(attempts) == 2:
+            other.execute("COMMIT")  # the other writer's transaction ends before the retry
+        db.cursor().execute("UPDATE t SET v = v + 10 WHERE k = 1")
+
+    # The first attempt meets the other writer's open update (a conflict); the retry lands on its commit.
+    assert retry_conflicts(work, 30, "w") == 1
+    assert db.execute("SELECT v FROM t").fetchone() == (11,)
+    attempts.clear()
+    with pytest.raises(duckdb.CatalogException):
+        retry_conflicts(lambda: attempts.append(1) or db.execute("SELECT * FROM missing"), 30, "w")
+    assert len(attempts) == 1
