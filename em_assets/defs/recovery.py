@@ -18,6 +18,7 @@ import psutil
 from dagster._core.events import DagsterEventType
 
 from em_assets.defs.partitions import GPU_POOL
+from em_assets.settings import SettingsError
 
 log = logging.getLogger("em_assets.recovery")
 
@@ -181,13 +182,20 @@ def wait_for_pools(
     poll_s: float = 2.0,
     report_every_s: float = 60.0,
 ) -> float:
-    """Sleep until every pool has a free slot, recovering dead holders on the way; returns the seconds waited."""
+    """Sleep until every pool has a free slot, recovering dead holders on the way; returns the seconds waited.
+    SettingsError where a pool has no slots at all."""
     start, last_report = time.monotonic(), -report_every_s
     while True:
         recover(instance, say)
         busy = {}
         for pool in pools:
             limit = instance.event_log_storage.get_concurrency_info(pool).limit
+            if limit == 0:
+                # Nothing would ever free a slot: waiting would never end.
+                raise SettingsError(
+                    f"the Dagster instance gives pool {pool!r} no slots, so none of its steps can run: "
+                    f"`dagster instance concurrency set {pool} 1`"
+                )
             holders = slot_holders(instance, pool)
             if limit is not None and len(holders) >= limit:
                 busy[pool] = holders

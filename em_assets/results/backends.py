@@ -17,7 +17,7 @@ from pathlib import Path
 
 import duckdb
 
-from em_assets.settings import SettingsError
+from em_assets.settings import LOCK_TIMEOUT_ENV, SettingsError
 
 LAKE = "lake"
 LAKE_PREFIX = "ducklake:"
@@ -42,8 +42,17 @@ _LOCK_MARKERS = ("Could not set lock", "Conflicting lock", "database is locked")
 # DuckDB names the holder only in the error text: "Conflicting lock is held in /usr/bin/duckdb (PID 1234)".
 _HOLDER = re.compile(r"Conflicting lock is held in (.+?) \(PID (\d+)\)")
 
-# Commit conflicts between two DuckLake writers, and a busy SQLite catalog: both clear on a retry.
-_CONFLICT_MARKERS = ("conflict", "database is locked", "could not serialize", "deadlock detected")
+# A busy catalog (SQLite's lock, PostgreSQL's serialization failures): it clears on a retry, and DuckLake may
+# report it from any statement (a catalog read's error comes wrapped in a Binder error).
+_BUSY_MARKERS = ("database is locked", "could not serialize", "deadlock detected")
+# Errors in the statement itself fail alike on every retry: the word "conflict" there is SQL's ("specify ON
+# CONFLICT columns"), not another writer's.
+_STATEMENT_ERRORS = (
+    duckdb.ParserException,
+    duckdb.SyntaxException,
+    duckdb.BinderException,
+    duckdb.NotSupportedError,
+)
 
 # Writes are short, so waits on another pipeline writer end within this; longer ones are worth a warning.
 WARN_AFTER_S = 1.0
@@ -98,8 +107,13 @@ class Location:
 
 
 def is_conflict(exc: BaseException) -> bool:
+    """A commit conflict between writers, or a busy catalog: an error that clears on a retry."""
+    if not isinstance(exc, duckdb.Error):
+        return False
     text = str(exc).lower()
-    return isinstance(exc, duckdb.Error) and any(m in text for m in _CONFLICT_MARKERS)
+    return any(m in text for m in _BUSY_MARKERS) or (
+        "conflict" in text and not isinstance(exc, _STATEMENT_ERRORS)
+    )
 
 
 def lock_holder(exc: duckdb.Error) -> str:
@@ -263,8 +277,14 @@ def retry_conflicts(work: Callable[[], object], timeout_s: float, what: str) -> 
         try:
             work()
         except duckdb.Error as exc:
-            if not is_conflict(exc) or time.monotonic() - start > timeout_s:
+            if not is_conflict(exc):
                 raise
+            waited = time.monotonic() - start
+            if waited > timeout_s:
+                raise type(exc)(
+                    f"{what}: gave up after {waited:.1f} s and {retries} retries ({LOCK_TIMEOUT_ENV}={timeout_s:g}) "
+                    f"on a write conflict or a busy lake catalog: {exc}"
+                ) from exc
             retries += 1
             if retries == 1:
                 log.info("%s: write conflict with another writer; retrying with backoff: %s", what, exc)

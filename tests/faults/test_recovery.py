@@ -32,6 +32,7 @@ from support.tiny import tiny_grid
 
 from em_assets.defs.partitions import GPU_POOL
 from em_assets.defs.recovery import find_dead_runs, recover, slot_holders, wait_for_pools
+from em_assets.settings import SettingsError
 
 CONCURRENCY = {"concurrency": {"pools": {"default_limit": 1, "granularity": "op"}}}
 
@@ -72,6 +73,15 @@ def test_a_dead_run_is_failed_with_its_reason_and_frees_its_slot_a_live_one_is_w
         assert f"pid {worker.pid}" in failure.message and "gone" in failure.message
         assert slot_holders(instance, GPU_POOL) == []
         assert any("recovered dead run" in m for m in said)
+
+
+@pytest.mark.timeout(60)
+def test_waiting_for_a_pool_without_slots_fails_at_once():
+    """Regression: a pool set to 0 slots had the CLI wait for ever, "held by" no run."""
+    with dg.instance_for_test(overrides=CONCURRENCY) as instance:
+        instance.event_log_storage.set_concurrency_slots(GPU_POOL, 0)
+        with pytest.raises(SettingsError, match=r"pool 'gpu' no slots.+concurrency set gpu 1"):
+            wait_for_pools(instance, say=lambda m: None, poll_s=0.2)
 
 
 def test_slots_left_by_an_ended_run_are_freed_and_this_process_runs_are_never_dead():

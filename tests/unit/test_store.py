@@ -178,3 +178,38 @@ def test_a_write_conflict_is_retried_until_it_commits_and_other_errors_are_not()
     with pytest.raises(duckdb.CatalogException):
         retry_conflicts(lambda: attempts.append(1) or db.execute("SELECT * FROM missing"), 30, "w")
     assert len(attempts) == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_statement_error_on_a_lake_fails_at_once_whatever_it_says(tmp_path):
+    """Regression: a Binder error naming ON CONFLICT read as a commit conflict and was retried for
+    EM_DB_LOCK_TIMEOUT (600 s by default)."""
+    store = Store(f"ducklake:sqlite:{tmp_path}/lake.sqlite")
+    store.init()
+    with pytest.raises(duckdb.BinderException, match="ON CONFLICT"):
+        store.write(lambda c: c.execute("INSERT OR IGNORE INTO training_losses SELECT 'a', 0, 1.0"), "w")
+    assert store.conflict_retries == 0
+
+
+def test_a_wedged_lake_catalog_fails_after_the_lock_timeout_naming_it(tmp_path):
+    catalog = tmp_path / "lake.sqlite"
+    store = Store(f"ducklake:sqlite:{catalog}", lock_timeout_s=1)
+    store.init()
+    # A process holding the SQLite catalog's write lock and never letting go.
+    code = (
+        f"import sqlite3, time; c = sqlite3.connect({str(catalog)!r}, isolation_level=None); "
+        "c.execute('BEGIN EXCLUSIVE'); print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        start = time.monotonic()
+        with pytest.raises(
+            duckdb.Error, match=r"append training_losses: gave up after .+EM_DB_LOCK_TIMEOUT=1\)"
+        ):
+            store.append_rows("training_losses", _rows("a", 1))
+        assert time.monotonic() - start < 30
+    finally:
+        holder.kill()
+        holder.wait()
+    assert store.query("SELECT count(*) AS n FROM training_losses")["n"][0] == 0
