@@ -102,3 +102,10 @@ def train_uninterrupted(ws, key: str, catalog_db: Path, root: Path):
     shutil.copy(catalog_db, root / "results.duckdb")
     args = {**ws.args(key), "db": str(root / "results.duckdb"), "root": str(root)}
     return train_adapter(stage_context(args, run_id="reference"))
+
+
+def holding(code: str) -> subprocess.Popen:
+    """A `python -c code` child once it has printed `held` (it holds a lock or a session the test needs held)."""
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder

@@ -9,6 +9,7 @@ import sys
 import uuid
 
 import dagster as dg
+from support.children import holding
 from support.paths import REPO
 
 from em_assets.cli.progress import ProgressConsole, output_to_log
@@ -179,8 +180,7 @@ def test_a_step_waiting_on_a_results_file_another_process_holds_says_so_on_the_c
             f"import duckdb, time; c = duckdb.connect({str(path)!r}, read_only=True); "
             "print('held', flush=True); time.sleep(5)"
         )
-        holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-        assert holder.stdout.readline().strip() == "held"
+        holder = holding(code)
         job.execute_in_process(instance=instance, run_id=run_id)
     console.finish()
     assert holder.wait(timeout=10) == 0

@@ -8,6 +8,7 @@ from pathlib import Path
 import duckdb
 import polars as pl
 import pytest
+from support.children import holding
 
 from em_assets.results.store import Store
 
@@ -45,9 +46,7 @@ def _hold(path: Path, read_only: bool, seconds: float) -> subprocess.Popen:
         f"import duckdb, time; c = duckdb.connect({str(path)!r}, read_only={read_only}); "
         f"print('held', flush=True); time.sleep({seconds})"
     )
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "held"
-    return holder
+    return holding(code)
 
 
 def test_report_tables_are_replaced_together_or_not_at_all(tmp_path):
@@ -200,9 +199,8 @@ def test_a_wedged_lake_catalog_fails_after_the_lock_timeout_naming_it(tmp_path):
         f"import sqlite3, time; c = sqlite3.connect({str(catalog)!r}, isolation_level=None); "
         "c.execute('BEGIN EXCLUSIVE'); print('held', flush=True); time.sleep(60)"
     )
-    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    holder = holding(code)
     try:
-        assert holder.stdout.readline().strip() == "held"
         start = time.monotonic()
         with pytest.raises(
             duckdb.Error, match=r"append training_losses: gave up after .+EM_DB_LOCK_TIMEOUT=1\)"
