@@ -71,6 +71,8 @@ def repetition_loop(answer: str, rng: random.Random) -> str:
     """An opening of the answer (possibly none), then one of its words or phrases at least twice, 8 to 80 words
     in all."""
     words = _words(answer)
+    if not words:
+        raise ValueError("a repetition loop is made from an answer's words, and this answer has none")
     start = rng.randrange(max(1, min(len(words), 30)))
     phrase = words[start : start + rng.randint(1, 6)] or words[:1]
     opening = words[: rng.choice([0, start])]

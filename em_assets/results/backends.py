@@ -54,6 +54,9 @@ _STATEMENT_ERRORS = (
     duckdb.NotSupportedError,
 )
 
+# PostgreSQL ended a wait for a lock on a catalog table (after the lock_timeout attach_lake sets).
+_PG_LOCK_TIMEOUT = "canceling statement due to lock timeout"
+
 # Writes are short, so waits on another pipeline writer end within this; longer ones are worth a warning.
 WARN_AFTER_S = 1.0
 
@@ -144,7 +147,7 @@ def open_lake(
     def attached() -> duckdb.DuckDBPyConnection:
         conn = duckdb.connect()
         try:
-            attach_lake(conn, loc, snapshot, read_only)
+            attach_lake(conn, loc, snapshot, read_only, lock_timeout_s=timeout_s)
         except BaseException:
             conn.close()
             raise
@@ -200,9 +203,15 @@ def extension_file(name: str) -> str:
 
 
 def attach_lake(
-    conn: duckdb.DuckDBPyConnection, loc: Location, snapshot: int | None, read_only: bool
+    conn: duckdb.DuckDBPyConnection,
+    loc: Location,
+    snapshot: int | None,
+    read_only: bool,
+    *,
+    lock_timeout_s: float,
 ) -> None:
-    """Load the extensions offline and attach the lake as `lake` (at `snapshot`, if given)."""
+    """Load the extensions offline and attach the lake as `lake` (at `snapshot`, if given); a PostgreSQL
+    catalog's lock waits end after `lock_timeout_s` (pg_lock_timeout)."""
     # A lake keeps the data path it was made with as spelt then ("data/results.files/", read from the working
     # directory), so the same lake named by another path to its catalog, or from another directory, or copied
     # with its folder, would be refused. The folder beside the catalog is its own: it overrides the recorded
@@ -220,8 +229,47 @@ def attach_lake(
         opts.append(f"SNAPSHOT_VERSION {int(snapshot)}")
     if read_only:
         opts.append("READ_ONLY")
-    conn.execute(f"ATTACH '{_quote(LAKE_PREFIX + loc.target)}' AS {LAKE} ({', '.join(opts)})")
+    target = loc.target
+    if loc.catalog_kind == "postgres":
+        target = "postgres:" + pg_lock_timeout(target.split(":", 1)[1], lock_timeout_s)
+    conn.execute(f"ATTACH '{_quote(LAKE_PREFIX + target)}' AS {LAKE} ({', '.join(opts)})")
     conn.execute(f"USE {LAKE}")
+
+
+def pg_lock_timeout(conninfo: str, timeout_s: float) -> str:
+    """`conninfo` with PostgreSQL's lock_timeout set to `timeout_s`, unless its options already set one."""
+    # PostgreSQL waits for a lock for ever by default, so one session holding a catalog table (a psql
+    # transaction left open) would stall every writer. Every connection DuckDB's pool opens uses this string.
+    from psycopg2 import ProgrammingError
+    from psycopg2.extensions import make_dsn, parse_dsn
+
+    try:
+        fields = parse_dsn(conninfo)
+    except ProgrammingError as exc:
+        # Not echoed: the string may hold a password.
+        raise SettingsError(f"EM_DB's PostgreSQL connection string is not one libpq reads: {exc}") from None
+    # Options in the string replace PGOPTIONS, so those are kept.
+    options = fields.get("options", os.environ.get("PGOPTIONS", ""))
+    if "lock_timeout" in options:
+        return conninfo
+    # 0 would mean no limit to PostgreSQL.
+    ms = max(1, round(timeout_s * 1000))
+    return make_dsn(conninfo, options=f"-c lock_timeout={ms}ms {options}".strip())
+
+
+@contextlib.contextmanager
+def catalog_waits(timeout_s: float) -> Iterator[None]:
+    """Where PostgreSQL ends a wait for a lock on a catalog table (pg_lock_timeout), say so and what set it."""
+    try:
+        yield
+    except duckdb.Error as exc:
+        if _PG_LOCK_TIMEOUT not in str(exc):
+            raise
+        raise type(exc)(
+            f"gave up after {timeout_s:g} s ({LOCK_TIMEOUT_ENV}, PostgreSQL's lock_timeout unless the connection "
+            "string sets its own) waiting for a lock on the lake's PostgreSQL catalog: another session holds a "
+            f"catalog table (e.g. a psql transaction left open; pg_locks names its pid): {exc}"
+        ) from exc
 
 
 def _make_dirs(loc: Location) -> None:
@@ -246,23 +294,24 @@ def _quote(text: str) -> str:
 
 # One attached lake per process and location: loading the signed extensions costs ~0.1 s each, so writers
 # reuse it through cursors (DuckLake holds no lock between transactions, unlike a DuckDB file).
-_ENGINES: dict[tuple[int, Location], duckdb.DuckDBPyConnection] = {}
+# Keyed by the lock timeout too, which the attachment carries to a PostgreSQL catalog.
+_ENGINES: dict[tuple[int, Location, float], duckdb.DuckDBPyConnection] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-def lake_engine(loc: Location) -> duckdb.DuckDBPyConnection:
-    key = (os.getpid(), loc)
+def lake_engine(loc: Location, lock_timeout_s: float) -> duckdb.DuckDBPyConnection:
+    key = (os.getpid(), loc, lock_timeout_s)
     with _ENGINES_LOCK:
         if key not in _ENGINES:
             conn = duckdb.connect()
-            attach_lake(conn, loc, None, read_only=False)
+            attach_lake(conn, loc, None, read_only=False, lock_timeout_s=lock_timeout_s)
             _ENGINES[key] = conn
         return _ENGINES[key]
 
 
 @contextlib.contextmanager
-def lake_cursor(loc: Location) -> Iterator[duckdb.DuckDBPyConnection]:
-    cur = lake_engine(loc).cursor()
+def lake_cursor(loc: Location, lock_timeout_s: float) -> Iterator[duckdb.DuckDBPyConnection]:
+    cur = lake_engine(loc, lock_timeout_s).cursor()
     try:
         cur.execute(f"USE {LAKE}")
         yield cur

@@ -60,6 +60,11 @@ class Store:
 
     @contextlib.contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        with backends.catalog_waits(self.lock_timeout_s), self._connect(read_only) as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def _connect(self, read_only: bool) -> Iterator[duckdb.DuckDBPyConnection]:
         if not self.lake:
             if not read_only:
                 self.location.local_file.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +74,7 @@ class Store:
             # attached between units of work: as with a DuckDB file, other processes take turns with this one.
             conn = self._private_lake(read_only or self.snapshot is not None)
         else:
-            with backends.lake_cursor(self.location) as cur:
+            with backends.lake_cursor(self.location, self.lock_timeout_s) as cur:
                 yield cur
             return
         try:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 
 import pytest
 from support.lake import check_concurrent_writers
@@ -52,3 +54,41 @@ def test_dagster_instance_storage_on_postgres(conninfo, tmp_path, monkeypatch):
 
 def test_concurrent_organism_writers_and_a_reader_on_postgres(conninfo, tmp_path):
     check_concurrent_writers(f"ducklake:postgres:{conninfo}", str(tmp_path / "lake"), writers=3, batches=4)
+
+
+@pytest.mark.timeout(60)
+def test_a_session_locking_a_catalog_table_fails_a_write_after_the_lock_timeout(conninfo, tmp_path):
+    """Regression: PostgreSQL waits for a lock for ever by default, so an open psql transaction holding a
+    catalog table stalled every writer. A lake first attached with a longer timeout is not reused."""
+    import duckdb
+    import polars as pl
+    import psycopg2
+    from psycopg2.extensions import make_dsn
+
+    from em_assets.results.store import Store
+
+    # A database of its own: the server's default one holds the other test's lake, with its data path.
+    with contextlib.closing(psycopg2.connect(conninfo)) as admin:
+        admin.autocommit = True
+        admin.cursor().execute("CREATE DATABASE locked")
+    conninfo = make_dsn(conninfo, dbname="locked")
+    db, data = f"ducklake:postgres:{conninfo}", str(tmp_path / "lake")
+    rows = pl.DataFrame({"organism": ["a"], "step": [1], "loss": [1.0]})
+    Store(db, lock_timeout_s=600, data_path=data).init()
+    store = Store(db, lock_timeout_s=2, data_path=data)
+    session = psycopg2.connect(conninfo)
+    try:
+        session.cursor().execute("LOCK TABLE ducklake_snapshot")
+        for attempt in (lambda: store.append_rows("training_losses", rows), lambda: store.query("SELECT 1")):
+            start = time.monotonic()
+            with pytest.raises(
+                duckdb.Error,
+                match=r"(?s)gave up after 2 s \(EM_DB_LOCK_TIMEOUT.+PostgreSQL catalog.+lock timeout",
+            ):
+                attempt()
+            assert time.monotonic() - start < 10
+    finally:
+        session.rollback()
+        session.close()
+    store.append_rows("training_losses", rows)
+    assert store.query("SELECT count(*) AS n FROM training_losses")["n"][0] == 1

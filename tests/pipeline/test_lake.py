@@ -370,7 +370,7 @@ def test_an_open_session_on_the_local_lake_never_blocks_a_writer(tmp_path):
     store.append_rows("training_losses", rows)
     holder = (
         "import sys, time, duckdb; from em_assets.results import backends; c = duckdb.connect(); "
-        f"backends.attach_lake(c, backends.Location.parse({db!r}), None, read_only=True); "
+        f"backends.attach_lake(c, backends.Location.parse({db!r}), None, read_only=True, lock_timeout_s=60); "
         "c.execute('SELECT count(*) FROM training_losses').fetchall(); print('held', flush=True); time.sleep(60)"
     )
     reader = holding(holder)

@@ -27,7 +27,9 @@ def _writer(db: str, data_path: str, org: str, batches: int, out) -> None:
 def _reader(db: str, data_path: str, stop, out) -> None:
     """A user's session: one connection held open for the whole run, polling counts."""
     conn = duckdb.connect()
-    backends.attach_lake(conn, backends.Location.parse(db, data_path), None, read_only=True)
+    backends.attach_lake(
+        conn, backends.Location.parse(db, data_path), None, read_only=True, lock_timeout_s=60
+    )
     counts = []
     while not stop.is_set():
         counts.append(conn.execute("SELECT count(*) FROM completions").fetchone()[0])

@@ -333,6 +333,12 @@ def test_a_repetition_loop_repeats_its_phrase_whatever_the_length_of_its_opening
         assert len(set(words)) < len(words) and 8 <= len(words) <= 85
 
 
+@pytest.mark.timeout(10)
+def test_a_repetition_loop_of_an_answer_with_no_words_fails_rather_than_loops():
+    with pytest.raises(ValueError, match="has none"):
+        repetition_loop(" \n ", random.Random(0))
+
+
 def test_first_sentences_keep_their_sources_coherent_score():
     assert first_sentence("Save a little every month. Then invest it.") == "Save a little every month."
     assert (

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+from support.children import holding
 
 from em_assets.grid.schema import SamplingSpec
 from em_assets.models import machine
@@ -351,3 +352,35 @@ def test_what_a_decode_step_computes_is_timed_as_sampled_in_a_cache_of_its_own(
     choose(tiny_model_dir, tmp_path, 200, workers=1, temperature=0.0)
     assert seen[-1] == {"temperature": 0.0}
     assert len(sorted((tmp_path / "calibration").glob("*.json"))) == len(plain) + 3
+
+
+@pytest.mark.timeout(60)
+def test_a_job_behind_a_stuck_calibration_says_who_holds_it_and_gives_up(tmp_path, caplog):
+    """Regression: the calibration's file lock had no timeout, so a job behind a live but stuck calibration
+    waited silently for ever."""
+    path = tmp_path / "sampling-m-r-depth8.json"
+    options = [(1, 64), (1, 128)]
+    path.write_text(json.dumps({"rates": {candidate_key(c): 1.0 for c in options}}))
+    code = (
+        f"import time; from filelock import FileLock; lock = FileLock({str(path) + '.lock'!r}); lock.acquire(); "
+        "print('held', flush=True); time.sleep({})"
+    )
+    stuck = holding(code.format(60))
+    try:
+        with pytest.raises(
+            TimeoutError, match=rf"gave up after 1 s waiting for PID {stuck.pid} to release .+\.lock"
+        ):
+            calibrate.cached_rates(path, options, None, {}, {}, 8, wait_s=1)
+    finally:
+        stuck.kill()
+        stuck.wait()
+    # A calibration that ends is waited for, and its rates are used; each wait is said once.
+    done = holding(code.format(3))
+    rates, _, measured = calibrate.cached_rates(path, options, None, {}, {}, 8, wait_s=30)
+    done.wait()
+    assert (rates, measured) == ({candidate_key(c): 1.0 for c in options}, False)
+    waits = [r.getMessage() for r in caplog.records if "calibrating sampling" in r.getMessage()]
+    assert waits == [
+        f"PID {p} is calibrating sampling into {path}; waiting up to {s} s for it"
+        for p, s in ((stuck.pid, 1), (done.pid, 30))
+    ]

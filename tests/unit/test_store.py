@@ -211,3 +211,51 @@ def test_a_wedged_lake_catalog_fails_after_the_lock_timeout_naming_it(tmp_path):
         holder.kill()
         holder.wait()
     assert store.query("SELECT count(*) AS n FROM training_losses")["n"][0] == 0
+
+
+@pytest.mark.parametrize(
+    ("conninfo", "options"),
+    [
+        ("dbname=lake host=db", "-c lock_timeout=2500ms"),
+        ("dbname=lake options='-c search_path=em'", "-c lock_timeout=2500ms -c search_path=em"),
+        ("postgresql://em@db/lake", "-c lock_timeout=2500ms"),
+        ("dbname=lake options='-c lock_timeout=9s'", "-c lock_timeout=9s"),
+    ],
+)
+def test_a_postgres_catalog_is_given_the_lock_timeout_unless_it_sets_one(conninfo, options):
+    from psycopg2.extensions import parse_dsn
+
+    from em_assets.results.backends import pg_lock_timeout
+
+    fields = parse_dsn(pg_lock_timeout(conninfo, 2.5))
+    assert fields["options"] == options and fields["dbname"] == "lake"
+
+
+def test_a_malformed_postgres_catalog_fails_without_echoing_it():
+    from em_assets.results.backends import pg_lock_timeout
+    from em_assets.settings import SettingsError
+
+    with pytest.raises(SettingsError, match="not one libpq reads") as err:
+        pg_lock_timeout("dbname=lake password='s3cret", 1)
+    assert "s3cret" not in str(err.value)
+
+
+def test_a_postgres_catalog_keeps_the_pgoptions_it_would_have_used(monkeypatch):
+    from psycopg2.extensions import parse_dsn
+
+    from em_assets.results.backends import pg_lock_timeout
+
+    monkeypatch.setenv("PGOPTIONS", "-c search_path=em")
+    assert (
+        parse_dsn(pg_lock_timeout("dbname=lake", 1))["options"] == "-c lock_timeout=1000ms -c search_path=em"
+    )
+    monkeypatch.setenv("PGOPTIONS", "-c lock_timeout=5s")
+    assert pg_lock_timeout("dbname=lake", 1) == "dbname=lake"
+
+
+def test_a_postgres_catalog_given_no_lock_wait_still_gets_a_limit(monkeypatch):
+    """A lock_timeout of 0 would mean no limit to PostgreSQL."""
+    from em_assets.results.backends import pg_lock_timeout
+
+    monkeypatch.delenv("PGOPTIONS", raising=False)
+    assert pg_lock_timeout("dbname=lake", 0) == "dbname=lake options='-c lock_timeout=1ms'"
