@@ -106,7 +106,36 @@ class Location:
         return None if self.catalog_kind == "postgres" else Path(self.target.split(":", 1)[-1])
 
     def describe(self) -> str:
-        return f"DuckLake {self.target} (data {self.data_path})" if self.lake else self.target
+        """The store as messages show it: a PostgreSQL catalog's password masked."""
+        if not self.lake:
+            return self.target
+        target = self.target
+        if self.catalog_kind == "postgres":
+            target = "postgres:" + _masked(target.split(":", 1)[1])
+        return f"DuckLake {target} (data {self.data_path})"
+
+
+def _pg_fields(conninfo: str) -> dict[str, str]:
+    """libpq's reading of a connection string; SettingsError, without the string (it may hold a password),
+    where libpq cannot read it."""
+    from psycopg2 import ProgrammingError
+    from psycopg2.extensions import parse_dsn
+
+    try:
+        return parse_dsn(conninfo)
+    except ProgrammingError as exc:
+        raise SettingsError(f"EM_DB's PostgreSQL connection string is not one libpq reads: {exc}") from None
+
+
+def _masked(conninfo: str) -> str:
+    """A libpq connection string with its password, if any, shown as ***."""
+    from psycopg2.extensions import make_dsn
+
+    try:
+        fields = _pg_fields(conninfo)
+    except SettingsError:
+        return "<a connection string libpq cannot read>"
+    return make_dsn(**{**fields, "password": "***"}) if "password" in fields else conninfo
 
 
 def is_conflict(exc: BaseException) -> bool:
@@ -240,14 +269,9 @@ def pg_lock_timeout(conninfo: str, timeout_s: float) -> str:
     """`conninfo` with PostgreSQL's lock_timeout set to `timeout_s`, unless its options already set one."""
     # PostgreSQL waits for a lock for ever by default, so one session holding a catalog table (a psql
     # transaction left open) would stall every writer. Every connection DuckDB's pool opens uses this string.
-    from psycopg2 import ProgrammingError
-    from psycopg2.extensions import make_dsn, parse_dsn
+    from psycopg2.extensions import make_dsn
 
-    try:
-        fields = parse_dsn(conninfo)
-    except ProgrammingError as exc:
-        # Not echoed: the string may hold a password.
-        raise SettingsError(f"EM_DB's PostgreSQL connection string is not one libpq reads: {exc}") from None
+    fields = _pg_fields(conninfo)
     # Options in the string replace PGOPTIONS, so those are kept.
     options = fields.get("options", os.environ.get("PGOPTIONS", ""))
     if "lock_timeout" in options:

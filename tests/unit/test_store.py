@@ -259,3 +259,15 @@ def test_a_postgres_catalog_given_no_lock_wait_still_gets_a_limit(monkeypatch):
 
     monkeypatch.delenv("PGOPTIONS", raising=False)
     assert pg_lock_timeout("dbname=lake", 0) == "dbname=lake options='-c lock_timeout=1ms'"
+
+
+@pytest.mark.parametrize(
+    "conninfo", ["dbname=lake host=db user=u password=s3cret", "postgresql://u:s3cret@db:5432/lake"]
+)
+def test_a_postgres_catalogs_password_is_never_shown(conninfo):
+    from em_assets.results.backends import Location
+
+    shown = Location.parse(f"ducklake:postgres:{conninfo}", "s3://bucket/lake").describe()
+    assert (
+        "s3cret" not in shown and "***" in shown and "db" in shown and shown.startswith("DuckLake postgres:")
+    )
