@@ -9,7 +9,7 @@ from em_assets.context import StageContext
 from em_assets.grid.load import GridError, load_grid
 from em_assets.grid.schema import GridConfig, Organism
 from em_assets.results.store import Store
-from em_assets.settings import Settings, settings, torch_device
+from em_assets.settings import DB_ENV, Settings, settings, torch_device
 
 _DEFAULTS = Settings()
 
@@ -75,7 +75,9 @@ class ResultsDB(dg.ConfigurableResource):
     def from_env(cls) -> "ResultsDB":
         current = settings()
         return cls(
-            database=current.database,
+            # EM_DB may hold a PostgreSQL catalog's password: Dagster keeps a resource's values in every run's
+            # job snapshot (its storage, the UI's launchpad), an EnvVar only by name, read in the step's process.
+            database=dg.EnvVar(DB_ENV) if current.database != _DEFAULTS.database else current.database,
             db_data_path=current.db_data_path,
             lock_timeout_s=current.lock_timeout_s,
         )

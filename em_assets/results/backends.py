@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import duckdb
 
@@ -136,6 +137,36 @@ def _masked(conninfo: str) -> str:
     except SettingsError:
         return "<a connection string libpq cannot read>"
     return make_dsn(**{**fields, "password": "***"}) if "password" in fields else conninfo
+
+
+@contextlib.contextmanager
+def masking(loc: Location) -> Iterator[None]:
+    """DuckDB errors raised inside with a PostgreSQL catalog's password shown as ***: DuckDB's own text echoes
+    the connection string (an ATTACH that cannot connect)."""
+    try:
+        yield
+    except duckdb.Error as exc:
+        text = _scrubbed(str(exc), loc)
+        if text == str(exc):
+            raise
+        raise type(exc)(text) from None
+
+
+def _scrubbed(text: str, loc: Location) -> str:
+    """`text` with the catalog's password as ***, as written, as libpq quotes it (pg_lock_timeout's rewrite)
+    or percent-encoded (a URI)."""
+    if loc.catalog_kind != "postgres":
+        return text
+    try:
+        password = _pg_fields(loc.target.split(":", 1)[1]).get("password")
+    except SettingsError:
+        return text
+    if not password:
+        return text
+    quoted = password.replace("\\", "\\\\").replace("'", "\\'")
+    for spelling in (password, quoted, quote(password, safe="")):
+        text = text.replace(spelling, "***")
+    return text
 
 
 def is_conflict(exc: BaseException) -> bool:
@@ -261,7 +292,8 @@ def attach_lake(
     target = loc.target
     if loc.catalog_kind == "postgres":
         target = "postgres:" + pg_lock_timeout(target.split(":", 1)[1], lock_timeout_s)
-    conn.execute(f"ATTACH '{_quote(LAKE_PREFIX + target)}' AS {LAKE} ({', '.join(opts)})")
+    with masking(loc):
+        conn.execute(f"ATTACH '{_quote(LAKE_PREFIX + target)}' AS {LAKE} ({', '.join(opts)})")
     conn.execute(f"USE {LAKE}")
 
 

@@ -424,9 +424,33 @@ def test_a_postgresql_catalog_uri_in_em_db_keeps_its_double_slash(monkeypatch):
     assert Settings.from_env({"EM_DB": uri}).database == uri
     monkeypatch.setenv("EM_DB", uri)
     monkeypatch.setenv("EM_DB_DATA_PATH", "/shared/lake")
-    resource = ResultsDB.from_env()
+    resource = ResultsDB.from_env().process_config_and_initialize()
     assert resource.database == uri
     assert Store(resource.database).location.target == uri.removeprefix("ducklake:")
+
+
+def test_em_db_reaches_dagster_storage_by_name_only(monkeypatch, tmp_path):
+    """Regression: EM_DB, with a PostgreSQL catalog's password, was a resource value, which Dagster keeps in
+    every run's job snapshot in its storage."""
+    import dagster as dg
+    from support.db import files_containing
+
+    from em_assets.defs.resources import ResultsDB
+
+    db = "ducklake:postgres:dbname=lake host=db user=u password=s3cret-pw"
+    monkeypatch.setenv("EM_DB", db)
+    seen = []
+
+    @dg.asset
+    def named(results: ResultsDB) -> None:
+        seen.append(results.database)
+
+    with dg.instance_for_test(temp_dir=str(tmp_path)) as instance:
+        result = dg.materialize([named], resources={"results": ResultsDB.from_env()}, instance=instance)
+        # Run storage compresses snapshots, so the files alone would not show it.
+        snapshot = instance.get_job_snapshot(result.dagster_run.job_snapshot_id)
+        assert result.success and "s3cret" not in dg.serialize_value(snapshot)
+    assert seen == [db] and files_containing(tmp_path, "s3cret") == []
 
 
 @pytest.mark.parametrize(

@@ -271,3 +271,34 @@ def test_a_postgres_catalogs_password_is_never_shown(conninfo):
     assert (
         "s3cret" not in shown and "***" in shown and "db" in shown and shown.startswith("DuckLake postgres:")
     )
+
+
+@pytest.mark.parametrize(
+    "conninfo",
+    [
+        "dbname=lake host=127.0.0.1 port=1 user=u password=s3cret-pw",
+        r"dbname=lake host=127.0.0.1 port=1 user=u password='s3cret pw\'s'",
+        "postgresql://u:s3cret%2Fpw@127.0.0.1:1/lake",
+        # Sets its own lock_timeout, so DuckDB is given the URI as written.
+        "postgresql://u:s3cret%2Fpw@127.0.0.1:1/lake?options=-c%20lock_timeout%3D5s",
+    ],
+)
+def test_an_unreachable_postgres_catalog_is_named_without_its_password(conninfo, tmp_path, monkeypatch):
+    """Regression: DuckDB's error for an ATTACH that cannot connect echoes the connection string, which the
+    CLI's one-line error and a failed step's message then showed."""
+    import traceback
+
+    from em_assets.cli.errors import StoreError
+    from em_assets.cli.results import usable_store
+
+    db = f"ducklake:postgres:{conninfo}"
+    monkeypatch.setenv("EM_DB_DATA_PATH", str(tmp_path / "lake"))
+    store = Store(db, lock_timeout_s=1)
+    for attempt in (store.init, lambda: store.query("SELECT 1")):
+        with pytest.raises(duckdb.IOException, match="Unable to connect to Postgres") as err:
+            attempt()
+        shown = "".join(traceback.format_exception(err.value))
+        assert "s3cret" not in shown and "***" in shown
+    with pytest.raises(StoreError, match="cannot be opened as a results database") as cli:
+        usable_store(db)
+    assert "s3cret" not in str(cli.value) and "port 1 failed" in str(cli.value)
