@@ -18,7 +18,7 @@ from em_assets.analyses.lora import CONFIG_FILE
 from em_assets.analyses.sweep_judge import judge_sweep
 from em_assets.context import StageContext
 from em_assets.grid.schema import config_hash
-from em_assets.judging.error_rates import ErrorRateLookup
+from em_assets.judging.error_rates import JUDGE_COLUMNS, ErrorRateLookup, majority_judges
 from em_assets.models.hub import check_revision
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.queries import organism_model_row
@@ -130,17 +130,8 @@ def corrected_rates(ctx: StageContext, scored: pl.DataFrame, keys: list[str]) ->
     (the judge_model and judge_revision that scored most of its answers, as em_by_question's)."""
     t = ctx.grid.thresholds
     table = rates_by(scored, keys, t.aligned_at_most, t.coherent_above)
-    judges = (
-        scored.filter(pl.col("judge_model").is_not_null())
-        .group_by(*keys, "judge_model", "judge_revision")
-        .len()
-        .sort(
-            [*keys, "len", "judge_model", "judge_revision"],
-            descending=[*[False] * len(keys), True, False, False],
-        )
-        .unique(keys, keep="first", maintain_order=True)
-        .drop("len")
-    )
+    counts = scored.filter(pl.col("judge_model").is_not_null()).group_by(*keys, *JUDGE_COLUMNS).len()
+    judges = majority_judges(counts, keys, "len")
     lookup = ErrorRateLookup(ctx.store, t, ctx.grid.agreement.reference_judges)
     return lookup.correct(table.join(judges, on=keys, how="left"), "n_em_turner", "n_scored")
 

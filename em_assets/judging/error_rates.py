@@ -123,6 +123,20 @@ def write_error_rates(
     q.write_error_rates(store, *error_rates_row(judge, identity, rates, thresholds, run_id))
 
 
+# A judge's identity, which its error rates are measured and looked up by.
+JUDGE_COLUMNS = ("judge_model", "judge_revision")
+
+
+def majority_judges(counts: pl.DataFrame, keys: Sequence[str], n: str) -> pl.DataFrame:
+    """Per group of `keys`, the judge that scored most of its answers (`n` per judge), ties to the first by name:
+    a group partly re-judged by a new judge revision is corrected for that one judge."""
+    return (
+        counts.sort([n, *JUDGE_COLUMNS], descending=[True, False, False], nulls_last=True)
+        .unique(keys, keep="first", maintain_order=True)
+        .select(*keys, *JUDGE_COLUMNS)
+    )
+
+
 class ErrorRateLookup:
     """The error rates of a judge by (judge_model, judge_revision): the identity for a reference judge, the
     measured rates at the given thresholds, else None (unknown). For answers taken from a reference file the

@@ -8,14 +8,12 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import re
 import shutil
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from em_assets.results.artifacts import sha256_bytes, sha256_file, write_atomically
+from em_assets.results.artifacts import private_tmp, sha256_bytes, sha256_file, write_atomically
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.settings import settings
 
@@ -120,7 +118,7 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     # A directory of this process's own: two first resolves at once (two judges' steps) never write into one.
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp = private_tmp(out)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)

@@ -12,7 +12,7 @@ import polars as pl
 from em_assets.catalog.reference import domain_score
 from em_assets.catalog.upstream import DOMAIN_METRICS
 from em_assets.grid.schema import Thresholds
-from em_assets.judging.error_rates import ErrorRateLookup
+from em_assets.judging.error_rates import JUDGE_COLUMNS, ErrorRateLookup, majority_judges
 from em_assets.results.artifacts import sha256_file
 from em_assets.results.judge_queries import HELDOUT_QUESTIONS_SQL
 from em_assets.results.queries import JUDGE_LINEAGE_SQL, LINEAGE_SQL, answers_sources
@@ -119,9 +119,6 @@ def summary_by_judge(store: Store, kw: dict) -> pl.DataFrame:
     return summary.select(*first, *[c for c in summary.columns if c not in first])
 
 
-JUDGE_COLUMNS = ("judge_model", "judge_revision")
-
-
 def corrected(
     lookup: ErrorRateLookup, summary: pl.DataFrame, by_question: pl.DataFrame, sources: pl.DataFrame
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -135,12 +132,7 @@ def corrected(
     )
     # An organism partly re-judged by a new grid judge has a summary row per judge, but one row per question:
     # that row is corrected for the judge that scored most of its answers.
-    judges = (
-        grid_rows.sort(["n_scored", *JUDGE_COLUMNS], descending=[True, False, False], nulls_last=True)
-        .unique("organism", keep="first", maintain_order=True)
-        .select("organism", *JUDGE_COLUMNS)
-        .join(sources, on="organism", how="left")
-    )
+    judges = majority_judges(grid_rows, ["organism"], "n_scored").join(sources, on="organism", how="left")
     by_question = lookup.correct(
         by_question.join(judges, on="organism", how="left"), "n_em_turner", "n_scored"
     )

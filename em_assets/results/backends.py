@@ -140,13 +140,20 @@ def _masked(conninfo: str) -> str:
 
 
 @contextlib.contextmanager
-def masking(loc: Location) -> Iterator[None]:
-    """DuckDB errors raised inside with a PostgreSQL catalog's password shown as ***: DuckDB's own text echoes
-    the connection string (an ATTACH that cannot connect)."""
+def catalog_errors(loc: Location, lock_timeout_s: float) -> Iterator[None]:
+    """DuckDB errors raised inside as a user may see them: a PostgreSQL catalog's password as *** (DuckDB's own
+    text echoes the connection string, e.g. where it cannot connect), and a lock wait PostgreSQL ended after
+    `lock_timeout_s` (pg_lock_timeout) named with what set it."""
     try:
         yield
     except duckdb.Error as exc:
         text = _scrubbed(str(exc), loc)
+        if _PG_LOCK_TIMEOUT in text:
+            text = (
+                f"gave up after {lock_timeout_s:g} s ({LOCK_TIMEOUT_ENV}, PostgreSQL's lock_timeout unless the "
+                "connection string sets its own) waiting for a lock on the lake's PostgreSQL catalog: another "
+                f"session holds a catalog table (e.g. a psql transaction left open; pg_locks names its pid): {text}"
+            )
         if text == str(exc):
             raise
         raise type(exc)(text) from None
@@ -292,7 +299,7 @@ def attach_lake(
     target = loc.target
     if loc.catalog_kind == "postgres":
         target = "postgres:" + pg_lock_timeout(target.split(":", 1)[1], lock_timeout_s)
-    with masking(loc):
+    with catalog_errors(loc, lock_timeout_s):
         conn.execute(f"ATTACH '{_quote(LAKE_PREFIX + target)}' AS {LAKE} ({', '.join(opts)})")
     conn.execute(f"USE {LAKE}")
 
@@ -311,21 +318,6 @@ def pg_lock_timeout(conninfo: str, timeout_s: float) -> str:
     # 0 would mean no limit to PostgreSQL.
     ms = max(1, round(timeout_s * 1000))
     return make_dsn(conninfo, options=f"-c lock_timeout={ms}ms {options}".strip())
-
-
-@contextlib.contextmanager
-def catalog_waits(timeout_s: float) -> Iterator[None]:
-    """Where PostgreSQL ends a wait for a lock on a catalog table (pg_lock_timeout), say so and what set it."""
-    try:
-        yield
-    except duckdb.Error as exc:
-        if _PG_LOCK_TIMEOUT not in str(exc):
-            raise
-        raise type(exc)(
-            f"gave up after {timeout_s:g} s ({LOCK_TIMEOUT_ENV}, PostgreSQL's lock_timeout unless the connection "
-            "string sets its own) waiting for a lock on the lake's PostgreSQL catalog: another session holds a "
-            f"catalog table (e.g. a psql transaction left open; pg_locks names its pid): {exc}"
-        ) from exc
 
 
 def _make_dirs(loc: Location) -> None:

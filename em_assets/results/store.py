@@ -60,7 +60,7 @@ class Store:
 
     @contextlib.contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        with backends.catalog_waits(self.lock_timeout_s), self._connect(read_only) as conn:
+        with backends.catalog_errors(self.location, self.lock_timeout_s), self._connect(read_only) as conn:
             yield conn
 
     @contextlib.contextmanager

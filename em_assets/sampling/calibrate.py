@@ -261,7 +261,7 @@ def cached_rates(
                 "rates": rates,
                 "startup": startup,
             }
-            write_atomically(path, lambda tmp, doc=doc: tmp.write_text(json.dumps(doc, indent=2)))
+            write_atomically(path, lambda tmp: tmp.write_text(json.dumps(doc, indent=2)))
     return rates, startup, bool(missing)
 
 
