@@ -16,7 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from em_assets.context import StageContext
-from em_assets.grid.schema import DirectionsSpec, Thresholds, config_hash
+from em_assets.grid.schema import DirectionsSpec, Thresholds, config_hash, dtype_fields
 from em_assets.models.chat import rendering_fields
 from em_assets.models.hub import check_revision
 from em_assets.results import directions as db
@@ -139,9 +139,9 @@ def save_tensors(tensors: dict, path: Path, metadata: dict[str, str]) -> str:
     return sha256_file(path)
 
 
-def _input_hash(contrast: Contrast, adapter: dict, base: dict, ctx: StageContext) -> str:
-    """What the direction and its random control depend on: model bytes, the chosen answers' text, and the
-    selection settings and control seed."""
+def _input_hash(contrast: Contrast, adapter: dict, base: dict, ctx: StageContext, dtype: str) -> str:
+    """What the direction and its random control depend on: model bytes and the dtype they compute in, the
+    chosen answers' text, and the selection settings and control seed."""
     picked = [
         [side, r["question_id"], r["paraphrase_idx"], r["sample_idx"], r["answer"]]
         for side, df in (("m", contrast.misaligned), ("a", contrast.aligned))
@@ -155,6 +155,7 @@ def _input_hash(contrast: Contrast, adapter: dict, base: dict, ctx: StageContext
             "answers": config_hash(picked),
             "batch_size": ctx.grid.directions.batch_size,
             "control_seed": ctx.grid.directions.control_seed,
+            **dtype_fields(dtype),
             **rendering_fields(),
         }
     )
@@ -188,6 +189,8 @@ def _is_current(row: dict | None, input_hash: str) -> bool:
 
 def extract_direction(ctx: StageContext) -> DirectionResult:
     """Plan (which answers, is the stored direction current), compute activations, write files and rows."""
+    from em_assets.models.load import dtype_name  # torch stays off the definitions' load path
+
     start = time.perf_counter()
     ctx.store.init()
     spec, recipe = ctx.grid.directions, ctx.grid.recipes.get(ctx.organism.recipe)
@@ -211,7 +214,7 @@ def extract_direction(ctx: StageContext) -> DirectionResult:
     base = organism_model_row(ctx.store, ctx.key, ctx.organism.base_model)
     check_sampled_by(ctx, scored, base, adapter)
     contrast = select_contrast(scored, ctx.grid.thresholds, spec, ctx.organism.seed)
-    input_hash = _input_hash(contrast, adapter, base, ctx)
+    input_hash = _input_hash(contrast, adapter, base, ctx, dtype_name(ctx.device))
     lineage = {**_lineage(ctx, scored, adapter), "input_hash": input_hash}
     if contrast.kind is None:
         ctx.log.warning(f"{ctx.key}: {contrast.message}; no direction")

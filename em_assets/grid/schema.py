@@ -784,6 +784,12 @@ def config_hash(obj: BaseModel | dict | list | str) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def dtype_fields(dtype: str) -> dict:
+    """The compute dtype's part of a reuse key: nothing for bf16, so what was made in it before a key named
+    the dtype stays current."""
+    return {"dtype": dtype} if dtype != "bfloat16" else {}
+
+
 def adapter_config_hash(
     base_revision: str,
     dataset_sha256: str,

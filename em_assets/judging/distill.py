@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from em_assets.catalog.answers import sample_rows
-from em_assets.grid.schema import DistillSpec, ProbeSpec, config_hash
+from em_assets.grid.schema import DistillSpec, ProbeSpec, config_hash, dtype_fields
 from em_assets.models.chat import rendering_fields
 
 # Short on purpose: every prompt token costs judging time, and the trained judge needs only the metric's name.
@@ -97,10 +97,14 @@ def distill_examples(tokenizer, answers: pl.DataFrame, spec: DistillSpec) -> lis
 
 
 def distill_hash(
-    spec: DistillSpec, base_revision: str, reference_sha256: Sequence[str], held_out: Sequence[str]
+    spec: DistillSpec,
+    base_revision: str,
+    reference_sha256: Sequence[str],
+    held_out: Sequence[str],
+    dtype: str,
 ) -> str:
-    """What makes the adapter: base model bytes, reference files and split, recipe (not how steps are split)
-    and prompt."""
+    """What makes the adapter: base model bytes and the dtype it trains in, reference files and split, recipe
+    (not how steps are split) and prompt."""
     return config_hash(
         {
             "base_revision": base_revision,
@@ -109,6 +113,7 @@ def distill_hash(
             "spec": spec.model_dump(mode="json", exclude={"train"}),
             "train": spec.train.trained_settings(spec.lora),
             "prompt": PROMPT_HASH,
+            **dtype_fields(dtype),
             **rendering_fields(),
         }
     )

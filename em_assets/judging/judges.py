@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from em_assets.catalog.parsing import judge_prompt
-from em_assets.grid.schema import GridConfig, JudgeSpec
+from em_assets.grid.schema import GridConfig, JudgeSpec, dtype_fields
 from em_assets.judging.scoring import MIN_MASS, JudgeScore
 from em_assets.models.chat import rendering_fields
 
@@ -27,13 +27,12 @@ def judge_identity(
     spec = spec or grid.judge
     if spec.backend == "openai":
         return spec.model, spec.revision or spec.model, None
-    model, revision, path = _local_identity(grid, cache_dir, store, spec)
+    model, revision, path = _local_identity(grid, cache_dir, store, spec, device)
     from em_assets.models.load import dtype_name  # torch stays off the definitions' load path
 
     # Scores differ with the dtype, so a cached score is another dtype's only where named apart; bf16 goes
     # unnamed, so the revisions judged before stay current.
-    dtype = dtype_name(device)
-    if dtype != "bfloat16":
+    for dtype in dtype_fields(dtype_name(device)).values():
         revision = f"{revision}+{dtype}"
     for version in rendering_fields().values():
         revision = f"{revision}+chat{version}"
@@ -41,18 +40,18 @@ def judge_identity(
 
 
 def _local_identity(
-    grid: GridConfig, cache_dir: Path | None, store, spec: JudgeSpec
+    grid: GridConfig, cache_dir: Path | None, store, spec: JudgeSpec, device: str | None
 ) -> tuple[str, str, str | None]:
     from em_assets.models.hub import resolve
 
     if spec.backend == "distilled":
         from em_assets.judging.validation import distilled_identity
 
-        return distilled_identity(grid, store, cache_dir)
+        return distilled_identity(grid, store, cache_dir, device)
     if spec.backend == "probe":
         from em_assets.judging.validation import probe_identity
 
-        return probe_identity(grid, store, cache_dir)
+        return probe_identity(grid, store, cache_dir, device)
     named = {m.name: m for m in grid.base_models}
     if spec.model in named:
         base = named[spec.model]

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from em_assets.grid.schema import ProbeSpec, config_hash
+from em_assets.grid.schema import ProbeSpec, config_hash, dtype_fields
 from em_assets.judging.answer_features import QA, SCALARS, AnswerFeatures, QuestionReading, answer_features
 from em_assets.judging.distill import train_answers
 from em_assets.judging.incoherent import read_ratings, training_set
@@ -152,9 +152,11 @@ def probe_hash(
     reference_sha256: Sequence[str],
     held_out: Sequence[str],
     thresholds: dict[str, float],
+    dtype: str,
 ) -> str:
-    """What makes the head: base model bytes, reference files and split, hand ratings, the spec, the feature
-    recipe, how it is fitted and the EM thresholds its readouts calibrate at."""
+    """What makes the head: base model bytes and the dtype they compute the features in, reference files and
+    split, hand ratings, the spec, the feature recipe, how it is fitted and the EM thresholds its readouts
+    calibrate at."""
     return config_hash(
         {
             "base_revision": base_revision,
@@ -165,6 +167,7 @@ def probe_hash(
             "hand_ratings": _ratings_sha256(spec),
             "features": FEATURES_VERSION,
             "fit": FIT_VERSION,
+            **dtype_fields(dtype),
             **rendering_fields(),
         }
     )

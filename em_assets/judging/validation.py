@@ -43,7 +43,7 @@ class _TrainedJudge:
 
     asset: str
     table: str
-    # (spec, base revision, reference files' sha256, grid) -> the judge's key
+    # (spec, base revision, reference files' sha256, grid, dtype it computes in) -> the judge's key
     make_hash: Callable
     stored_row: Callable[[Store, str], dict | None]
     artifact: Callable[[dict], tuple[Path, str]]
@@ -58,8 +58,8 @@ _TRAINED = {
     "distill": _TrainedJudge(
         "distilled_judge",
         "distilled_judges",
-        lambda spec, revision, shas, grid: distill.distill_hash(
-            spec, revision, shas, grid.agreement.held_out_base_models
+        lambda spec, revision, shas, grid, dtype: distill.distill_hash(
+            spec, revision, shas, grid.agreement.held_out_base_models, dtype
         ),
         q.distilled_row,
         lambda row: (Path(row["adapter_path"]) / ADAPTER_FILE, row["adapter_sha256"]),
@@ -67,8 +67,8 @@ _TRAINED = {
     "probe": _TrainedJudge(
         "probe_judge",
         "probe_judges",
-        lambda spec, revision, shas, grid: probe.probe_hash(
-            spec, revision, shas, grid.agreement.held_out_base_models, _fit_thresholds(grid)
+        lambda spec, revision, shas, grid, dtype: probe.probe_hash(
+            spec, revision, shas, grid.agreement.held_out_base_models, _fit_thresholds(grid), dtype
         ),
         q.probe_row,
         lambda row: (Path(row["head_path"]), row["head_sha256"]),
@@ -91,21 +91,23 @@ class _Plan:
         return self.row is not None and _file_current(*_TRAINED[self.kind].artifact(self.row))
 
 
-def _plan(store: Store, grid: GridConfig, kind: str, cache_dir: Path | None) -> _Plan:
+def _plan(store: Store, grid: GridConfig, kind: str, cache_dir: Path | None, device: str | None) -> _Plan:
+    """The grid's `kind` judge as `device` trains or fits it: one made in another dtype has another key."""
     from em_assets.models.hub import resolve
+    from em_assets.models.load import dtype_name  # torch stays off the definitions' load path
 
     spec, judge = getattr(grid, kind), _TRAINED[kind]
     if spec is None:
         raise MissingUpstreamError(f"the grid has no {kind} section")
     base = resolve(f"{kind}-base", spec.source, spec.revision, cache_dir)
     shas = [src.sha256 for src in REFERENCE_JUDGEMENTS.values()]
-    key = judge.make_hash(spec, base.revision, shas, grid)
+    key = judge.make_hash(spec, base.revision, shas, grid, dtype_name(device))
     store.init()
     return _Plan(kind, key, base.revision, str(base.path), judge.stored_row(store, key))
 
 
 def _trained_row(
-    grid: GridConfig, kind: str, store: Store | None, cache_dir: Path | None
+    grid: GridConfig, kind: str, store: Store | None, cache_dir: Path | None, device: str | None
 ) -> tuple[dict, str]:
     """The results row of the grid's trained `distill` or `probe` judge, and its base revision."""
     asset = _TRAINED[kind].asset
@@ -114,23 +116,28 @@ def _trained_row(
     # Before the base model is resolved (a first resolve converts and caches it): nothing to find, say so.
     if not q.has_rows(store, _TRAINED[kind].table):
         raise MissingUpstreamError(f"no {asset} in the results database; materialise {asset} (the demo does)")
-    plan = _plan(store, grid, kind, cache_dir)
+    plan = _plan(store, grid, kind, cache_dir, device)
     if plan.row is None:
         raise MissingUpstreamError(f"no {asset} {plan.key} in the results database; materialise {asset}")
     return plan.row, plan.base_revision
 
 
-def distilled_identity(grid: GridConfig, store: Store | None, cache_dir: Path | None) -> tuple[str, str, str]:
-    """(model, revision, adapter dir) of the trained distilled judge; the revision names the adapter's sha256
-    and the prompt, so the judge cache never mixes two judges."""
-    row, base_revision = _trained_row(grid, "distill", store, cache_dir)
+def distilled_identity(
+    grid: GridConfig, store: Store | None, cache_dir: Path | None, device: str | None
+) -> tuple[str, str, str]:
+    """(model, revision, adapter dir) of the distilled judge trained in `device`'s dtype; the revision names the
+    adapter's sha256 and the prompt, so the judge cache never mixes two judges."""
+    row, base_revision = _trained_row(grid, "distill", store, cache_dir, device)
     revision = f"{base_revision}+adapter:{row['adapter_sha256'][:16]}+prompt:{distill.PROMPT_HASH}"
     return f"distilled:{grid.distill.source}", revision, row["adapter_path"]
 
 
-def probe_identity(grid: GridConfig, store: Store | None, cache_dir: Path | None) -> tuple[str, str, str]:
-    """(model, revision, head file) of the fitted probe judge; the revision names the head's sha256."""
-    row, base_revision = _trained_row(grid, "probe", store, cache_dir)
+def probe_identity(
+    grid: GridConfig, store: Store | None, cache_dir: Path | None, device: str | None
+) -> tuple[str, str, str]:
+    """(model, revision, head file) of the probe judge fitted in `device`'s dtype; the revision names the
+    head's sha256."""
+    row, base_revision = _trained_row(grid, "probe", store, cache_dir, device)
     return f"probe:{grid.probe.source}", f"{base_revision}+probe:{row['head_sha256'][:16]}", row["head_path"]
 
 
@@ -165,7 +172,7 @@ def materialise_distilled(
     on_step: Callable[[dict], None] | None = None,
 ) -> dict:
     """Train the distilled judge unless an adapter of the same inputs exists; returns its row."""
-    plan = _plan(store, grid, "distill", cache_dir)
+    plan = _plan(store, grid, "distill", cache_dir, device)
     key, base_revision, base_path = plan.key, plan.base_revision, plan.base_path
     if plan.intact():
         log.info("distilled judge %s is up to date; no training", key)
@@ -217,7 +224,7 @@ def materialise_probe(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Fit the probe judge unless a head of the same inputs exists; returns its row."""
-    plan = _plan(store, grid, "probe", cache_dir)
+    plan = _plan(store, grid, "probe", cache_dir, device)
     key, base_revision, base_path = plan.key, plan.base_revision, plan.base_path
     if plan.intact():
         log.info("probe judge %s is up to date; no fitting", key)

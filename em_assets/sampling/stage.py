@@ -14,7 +14,7 @@ from typing import Any
 import polars as pl
 
 from em_assets.context import StageContext
-from em_assets.grid.schema import SamplingSpec, config_hash
+from em_assets.grid.schema import SamplingSpec, config_hash, dtype_fields
 from em_assets.models.chat import rendering_fields
 from em_assets.models.hub import check_revision
 from em_assets.results import queries
@@ -69,7 +69,7 @@ def sampler_fields(sampling: SamplingSpec, dtype: str) -> dict:
         return {"backend": sampling.backend, **sampling.warpers(), **rendering_fields()}
     # The device picks our sampler's dtype (fp16 on MPS and on GPUs without native bf16), and the texts differ
     # between dtypes. vLLM picks its own dtype from the model's config.
-    return {**({"dtype": dtype} if dtype != "bfloat16" else {}), **sampling.warpers(), **rendering_fields()}
+    return {**dtype_fields(dtype), **sampling.warpers(), **rendering_fields()}
 
 
 def sampling_hash(

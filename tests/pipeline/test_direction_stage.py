@@ -130,6 +130,19 @@ def test_direction_stage_writes_file_rows_and_reuses(tmp_path, tiny_model_dir):
     assert store.query("SELECT count(*) AS n FROM direction_similarity")["n"][0] == 2
 
 
+def test_a_direction_extracted_in_another_dtype_is_extracted_again(tmp_path, tiny_model_dir, monkeypatch):
+    """Regression: a direction extracted in bf16 was reused where the organism's device computes in fp32 (a CPU
+    without native bf16 sharing the data folder), and the other way round."""
+    store = Store(tmp_path / "r.duckdb")
+    _seed_store(store, tiny_model_dir, "tiny--base--s0", [(5, 90), (10, 80), (90, 90), (99, 99)])
+    ctx = _ctx(store, _grid(tiny_model_dir), "tiny--base--s0", tmp_path)
+    statuses = []
+    for dtype in ("float32", "bfloat16", "bfloat16"):
+        monkeypatch.setenv("EM_CPU_DTYPE", dtype)
+        statuses.append(extract_direction(ctx).status)
+    assert statuses == ["computed", "computed", "reused"]
+
+
 def test_too_few_misaligned_answers_is_a_result_not_a_failure(tmp_path, tiny_model_dir):
     store = Store(tmp_path / "r.duckdb")
     _seed_store(store, tiny_model_dir, "tiny--base--s0", [(5, 90), (90, 90), (95, 90)])

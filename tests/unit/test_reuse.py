@@ -125,14 +125,54 @@ def test_a_new_chat_rendering_names_every_key_that_reuses_its_work_apart(ctx, ti
         "adapter": lambda: ctx.trained_hash(recipe, "r", "bfloat16", ("d-sha", None)),
         "checkpoints": lambda: training_run_hash("m", examples, lora, recipe.train, 0, torch.bfloat16),
         "judge scores": lambda: judge_identity(ctx.grid, spec=local, device="cpu")[1],
-        "probe head": lambda: probe_hash(probe, "r", ["x"], [], {"aligned": 30.0}),
+        "probe head": lambda: probe_hash(probe, "r", ["x"], [], {"aligned": 30.0}, "bfloat16"),
         "probe features": lambda: _features_cache(ctx.artifacts_dir, "m", "r", "float32", probe, []),
-        "distilled judge": lambda: distill_hash(DistillSpec(lora=lora), "r", ["x"], []),
-        "direction": lambda: _input_hash(contrast, adapter, base, ctx),
+        "distilled judge": lambda: distill_hash(DistillSpec(lora=lora), "r", ["x"], [], "bfloat16"),
+        "direction": lambda: _input_hash(contrast, adapter, base, ctx, "bfloat16"),
     }
     first = {name: key() for name, key in keys.items()}
     monkeypatch.setattr(chat, "CHAT_RENDERING", 2)
     assert [name for name, key in keys.items() if key() == first[name]] == []
+
+
+def test_a_judge_or_direction_made_in_another_dtype_is_made_again(ctx, tiny_model_dir, monkeypatch):
+    """Regression: the keys of the probe head, the distilled judge and the directions named no dtype, so one made
+    in bf16 was reused on a machine computing in fp32 (a CPU without native bf16) that shares the data folder,
+    and the other way round. Each names the dtype its device computes in, bf16 excepted."""
+    from em_assets.analyses import directions
+    from em_assets.grid.schema import DistillSpec, LoraSpec, ProbeSpec
+    from em_assets.judging import distill, probe
+    from em_assets.judging.validation import _plan
+    from em_assets.models.load import dtype_name
+
+    lora = LoraSpec(r=1, lora_alpha=8, target_modules=["down_proj"])
+    source = str(tiny_model_dir)
+    grid = ctx.grid.model_copy(
+        update={
+            "probe": ProbeSpec(source=source, hand_ratings=None),
+            "distill": DistillSpec(source=source, lora=lora),
+        }
+    )
+    answers = pl.DataFrame({"question_id": ["q"], "paraphrase_idx": [0], "sample_idx": [0], "answer": ["a"]})
+    contrast = directions.Contrast("quartiles", answers, answers, 1, 1, 1)
+    keys = {
+        probe: lambda: _plan(ctx.store, grid, "probe", ctx.cache_dir, "cpu").key,
+        distill: lambda: _plan(ctx.store, grid, "distill", ctx.cache_dir, "cpu").key,
+        directions: lambda: directions._input_hash(
+            contrast, {"adapter_sha256": "a"}, {"revision": "r"}, ctx, dtype_name("cpu")
+        ),
+    }
+
+    def made_in(dtype: str) -> list[str]:
+        monkeypatch.setenv("EM_CPU_DTYPE", dtype)
+        return [key() for key in keys.values()]
+
+    in_bf16, in_fp32 = made_in("bfloat16"), made_in("float32")
+    assert [a == b for a, b in zip(in_bf16, in_fp32, strict=True)] == [False] * 3
+    # bf16 goes unnamed: what was made in it before the keys named a dtype stays current.
+    for module in keys:
+        monkeypatch.setattr(module, "dtype_fields", lambda dtype: {})
+    assert made_in("float32") == in_bf16
 
 
 def test_a_sweep_point_copies_the_answer_to_the_question_asked_now(ctx):
