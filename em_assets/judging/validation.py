@@ -85,6 +85,7 @@ class _Plan:
     base_revision: str
     base_path: str
     row: dict | None
+    dtype: str
 
     def intact(self) -> bool:
         """Whether the stored row's file is still there with the sha256 it records (hashed only when asked)."""
@@ -101,9 +102,10 @@ def _plan(store: Store, grid: GridConfig, kind: str, cache_dir: Path | None, dev
         raise MissingUpstreamError(f"the grid has no {kind} section")
     base = resolve(f"{kind}-base", spec.source, spec.revision, cache_dir)
     shas = [src.sha256 for src in REFERENCE_JUDGEMENTS.values()]
-    key = judge.make_hash(spec, base.revision, shas, grid, dtype_name(device))
+    dtype = dtype_name(device)
+    key = judge.make_hash(spec, base.revision, shas, grid, dtype)
     store.init()
-    return _Plan(kind, key, base.revision, str(base.path), judge.stored_row(store, key))
+    return _Plan(kind, key, base.revision, str(base.path), judge.stored_row(store, key), dtype)
 
 
 def _trained_row(
@@ -118,7 +120,12 @@ def _trained_row(
         raise MissingUpstreamError(f"no {asset} in the results database; materialise {asset} (the demo does)")
     plan = _plan(store, grid, kind, cache_dir, device)
     if plan.row is None:
-        raise MissingUpstreamError(f"no {asset} {plan.key} in the results database; materialise {asset}")
+        # Other keys' rows exist: say what a key names, since a move to another dtype is easy to miss.
+        raise MissingUpstreamError(
+            f"no {asset} {plan.key} in the results database (its key names the base model, the reference files, "
+            f"the grid's {kind} settings and the dtype this device computes in, {plan.dtype}); "
+            f"materialise {asset}"
+        )
     return plan.row, plan.base_revision
 
 

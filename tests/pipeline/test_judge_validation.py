@@ -20,7 +20,9 @@ from em_assets.judging import distill, probe
 from em_assets.judging.agreement_stage import judge_caveat
 from em_assets.judging.error_rates import em_error_rates
 from em_assets.judging.judges import judge_identity
+from em_assets.models.load import dtype_name
 from em_assets.results.artifacts import sha256_file
+from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store
 
 HELD_OUT = ["Llama-3.1-8B-Instruct", "Qwen2.5-14B-Instruct"]
@@ -270,6 +272,13 @@ def test_probe_judge_end_to_end(tmp_path, tiny_model_dir, mirror, one_torch_thre
         ("probe", revision, m, probe.metric_features_hash(m)) for m in ("aligned", "coherent")
     ]
     assert store.query("SELECT count(*) AS n FROM judgements WHERE score IS NULL")["n"][0] == 0
+    # A device computing in the other dtype has no head of its own: the message names the dtype.
+    other = "float32" if dtype_name("cpu") == "bfloat16" else "bfloat16"
+    monkeypatch.setenv("EM_CPU_DTYPE", other)
+    with pytest.raises(
+        MissingUpstreamError, match=f"the dtype this device computes in, {other}\\); materialise"
+    ):
+        judge_identity(grid, tmp_path / "cache", store, device="cpu")
 
 
 def test_train_split_never_holds_a_held_out_base_model(mirror):
