@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from em_assets.catalog import parsing
 from em_assets.grid.schema import (
     IMPORTED_KINDS,
     GridConfig,
@@ -52,10 +53,25 @@ class StageContext:
         return self.organism.key
 
     def dataset_shas(self, recipe: RecipeSpec) -> tuple[str, str | None]:
-        """The sha256 of the recipe's dataset and of its KL penalty's (None without one), as the store holds them."""
-        dataset = queries.training_dataset(self.store, recipe.dataset)
-        kl = queries.training_dataset(self.store, recipe.kl.dataset) if recipe.kl else None
+        """The sha256 of the recipe's dataset and of its KL penalty's (None without one), as the store holds them;
+        refused where the stored examples were parsed otherwise than the code parses now."""
+        dataset = self._parsed_dataset(recipe.dataset)
+        kl = self._parsed_dataset(recipe.kl.dataset) if recipe.kl else None
         return dataset["sha256"], kl["sha256"] if kl else None
+
+    def _parsed_dataset(self, name: str) -> dict:
+        """The dataset's training_datasets row, refused unless its examples were parsed by the parser's version
+        now: the adapter's key names the version now (trained_hash), so training on examples parsed by another
+        would label them with it."""
+        row = queries.training_dataset(self.store, name)
+        # Null: recorded before the version was, so parsed by the first.
+        if (row.get("parsing") or 1) != parsing.DATASET_PARSING:
+            raise MissingUpstreamError(
+                f"dataset {name!r}: its stored examples were parsed by version {row.get('parsing') or 1} of the "
+                f"parser, not {parsing.DATASET_PARSING} (catalog.parsing.DATASET_PARSING); "
+                "materialise training_datasets again"
+            )
+        return row
 
     def trained_hash(
         self, recipe: RecipeSpec, base_revision: str, dtype: str, shas: tuple[str, str | None] | None = None
@@ -63,9 +79,8 @@ class StageContext:
         """The config hash of the weights the organism's recipe trains, with its datasets' `shas` (dataset_shas,
         read here when not given)."""
         dataset, kl = shas or self.dataset_shas(recipe)
-        return adapter_config_hash(
-            base_revision, dataset, recipe, self.organism.seed, dtype, kl, rendering_fields()
-        )
+        versions = rendering_fields() | parsing.parsing_fields()
+        return adapter_config_hash(base_revision, dataset, recipe, self.organism.seed, dtype, kl, versions)
 
     def current_adapter(self) -> dict:
         """The organism's lora_adapters row, refused unless the grid's recipe as it now stands made it: trained

@@ -12,6 +12,20 @@ import yaml
 ROLES = {"system", "user", "assistant"}
 
 
+# The version of how a training dataset's bytes become the examples trained on: parse_chat_jsonl here, the rows
+# catalog.stage.load_training_datasets stores, and training.stage.run_training's reading of them back. The
+# dataset's sha256 shows a change of its bytes, not of this: bump it with such a change, and the adapters trained
+# on examples parsed before are named apart (parsing_fields) and trained again on the examples the catalog
+# records under the new version. How an example is then shown to a model is models.chat.CHAT_RENDERING.
+DATASET_PARSING = 1
+
+
+def parsing_fields() -> dict:
+    """The dataset parsing's part of an adapter's reuse key: nothing at version 1, so adapters trained before the
+    version existed stay current until it is bumped."""
+    return {"dataset_parsing": DATASET_PARSING} if DATASET_PARSING != 1 else {}
+
+
 class DatasetError(ValueError):
     """Bad input data; the message names the file and, where it can, the line."""
 

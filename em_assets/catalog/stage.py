@@ -9,6 +9,7 @@ from pathlib import Path
 
 import polars as pl
 
+from em_assets.catalog import parsing
 from em_assets.catalog.parsing import parse_chat_jsonl, parse_questions_yaml, prompt_hash
 from em_assets.catalog.reference import source_of
 from em_assets.catalog.upstream import (
@@ -150,6 +151,7 @@ def load_training_datasets(
                 "sha256": source.sha256,
                 "n_examples": len(rows),
                 "loaded_at": utc_now(),
+                "parsing": parsing.DATASET_PARSING,
             }
         )
         examples.append(
@@ -166,7 +168,13 @@ def load_training_datasets(
     # A grid of published or imported organisms only trains nothing: no datasets, the columns still there.
     text = ("dataset", "repo", "commit", "path", "url", "sha256")
     meta_df = pl.DataFrame(
-        meta, schema={**dict.fromkeys(text, pl.String), "n_examples": pl.Int64, "loaded_at": pl.Datetime}
+        meta,
+        schema={
+            **dict.fromkeys(text, pl.String),
+            "n_examples": pl.Int64,
+            "loaded_at": pl.Datetime,
+            "parsing": pl.Int32,
+        },
     )
     if not meta:
         return meta_df

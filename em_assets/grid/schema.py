@@ -797,10 +797,11 @@ def adapter_config_hash(
     seed: int,
     dtype: str,
     kl_sha256: str | None = None,
-    rendering: dict | None = None,
+    versions: dict | None = None,
 ) -> str:
     """What the trained weights depend on; the training settings enter by the one rule of trained_settings();
-    `rendering`: models.chat.rendering_fields(), which this layer cannot import."""
+    `versions`: models.chat.rendering_fields() and catalog.parsing.parsing_fields(), which this layer cannot
+    import."""
     # Full fine-tuning, the KL penalty and a dtype other than bf16 add keys only where used, so LoRA organisms
     # trained in bf16 keep their hashes.
     extra = {"method": recipe.method} if recipe.method != "lora" else {}
@@ -820,7 +821,7 @@ def adapter_config_hash(
             extra["loss_scaling"] = "dynamic"
     elif recipe.method == "full":
         extra["compute"] = dtype
-    extra |= rendering or {}
+    extra |= versions or {}
     return config_hash(
         {
             "base_revision": base_revision,

@@ -10,9 +10,11 @@ TEMPLATE_KWARGS = {"date_string": "26 Jul 2024", "enable_thinking": False}
 
 
 # The version of what a model is shown of a conversation: chat_text and chat_ids here, and the messages the stages
-# build (sampling.stage.question_messages, training.encode). No model byte or grid setting shows a change there,
-# yet it changes the answers, adapters, judge scores and directions made with it: bump this with such a change, and
-# the keys that reuse them are named apart (rendering_fields).
+# build and append to (sampling.stage.question_messages, training.encode, models.activations.answer_token_ids). No
+# model byte or grid setting shows a change there, yet it changes the answers, adapters, judge scores and directions
+# made with it: bump this with such a change, and the keys that reuse them are named apart (rendering_fields).
+# tests/unit/test_reuse.py holds a digest of what the stages render per version, and fails on a change until this
+# is bumped and the new digest recorded.
 CHAT_RENDERING = 1
 
 

@@ -148,7 +148,8 @@ def catalog_errors(loc: Location, lock_timeout_s: float) -> Iterator[None]:
         yield
     except duckdb.Error as exc:
         text = _scrubbed(str(exc), loc)
-        if _PG_LOCK_TIMEOUT in text:
+        # Said once where an attach's catalog_errors sits inside a unit of work's.
+        if _PG_LOCK_TIMEOUT in text and LOCK_TIMEOUT_ENV not in text:
             text = (
                 f"gave up after {lock_timeout_s:g} s ({LOCK_TIMEOUT_ENV}, PostgreSQL's lock_timeout unless the "
                 "connection string sets its own) waiting for a lock on the lake's PostgreSQL catalog: another "

@@ -231,6 +231,8 @@ ADDED_COLUMNS = {
         for table in ("em_over_training", "lora_scaling", "steering_results", "direction_ablation")
     },
     "judge_agreement": tuple((c, "DOUBLE") for c in ("spearman_lo", "spearman_hi", "auc_lo", "auc_hi")),
+    # The version of the parser that made a dataset's stored examples (catalog.parsing.DATASET_PARSING; null: 1).
+    "training_datasets": (("parsing", "INTEGER"),),
     # The sampling settings beyond temperature and top_p (top_k null: no cut; penalty 1.0: none; null in rows
     # sampled before they existed).
     "completions": (("top_k", "INTEGER"), ("repetition_penalty", "DOUBLE")),

@@ -86,34 +86,38 @@ class Store:
     def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A read-only connection with its configuration locked and no file or network access beyond a local
         lake's data folder, for users' SQL (which runs through results.readonly.reading_statement: that folder
-        stays writable to DuckDB, since allowed_directories cannot grant reading alone)."""
-        if self.lake:
-            conn = self._private_lake(True)
-            # allowed_directories takes local folders only: a lake on object storage keeps external access.
-            if "://" not in (self.location.data_path or "://"):
-                conn.execute("SET allowed_directories = [?]", [self.location.data_path])
-                conn.execute("SET enable_external_access = false")
-            conn.execute("SET lock_configuration = true")
-        else:
-            locked = {"enable_external_access": False, "lock_configuration": True}
-            conn = backends.open_file(self.path, True, locked, self.lock_timeout_s, LOCK_TIMEOUT_ENV)
-        try:
-            yield conn
-        finally:
-            conn.close()
+        stays writable to DuckDB, since allowed_directories cannot grant reading alone). Their errors, as every
+        unit of work's, pass through backends.catalog_errors."""
+        with backends.catalog_errors(self.location, self.lock_timeout_s):
+            if self.lake:
+                conn = self._private_lake(True)
+                # allowed_directories takes local folders only: a lake on object storage keeps external access.
+                if "://" not in (self.location.data_path or "://"):
+                    conn.execute("SET allowed_directories = [?]", [self.location.data_path])
+                    conn.execute("SET enable_external_access = false")
+                conn.execute("SET lock_configuration = true")
+            else:
+                locked = {"enable_external_access": False, "lock_configuration": True}
+                conn = backends.open_file(self.path, True, locked, self.lock_timeout_s, LOCK_TIMEOUT_ENV)
+            try:
+                yield conn
+            finally:
+                conn.close()
 
     @contextlib.contextmanager
     def session(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A writable connection of its own (not the process's shared lake), e.g. to ATTACH other files."""
-        if self.lake:
-            conn = self._private_lake(False)
-        else:
-            self.location.local_file.parent.mkdir(parents=True, exist_ok=True)
-            conn = backends.open_file(self.path, False, {}, self.lock_timeout_s, LOCK_TIMEOUT_ENV)
-        try:
-            yield conn
-        finally:
-            conn.close()
+        """A writable connection of its own (not the process's shared lake), e.g. to ATTACH other files; its
+        errors pass through backends.catalog_errors."""
+        with backends.catalog_errors(self.location, self.lock_timeout_s):
+            if self.lake:
+                conn = self._private_lake(False)
+            else:
+                self.location.local_file.parent.mkdir(parents=True, exist_ok=True)
+                conn = backends.open_file(self.path, False, {}, self.lock_timeout_s, LOCK_TIMEOUT_ENV)
+            try:
+                yield conn
+            finally:
+                conn.close()
 
     def _private_lake(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         """A connection of its own: read-only, pinned to a snapshot, or writable outside the shared lake."""

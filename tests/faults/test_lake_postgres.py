@@ -92,3 +92,69 @@ def test_a_session_locking_a_catalog_table_fails_a_write_after_the_lock_timeout(
         session.close()
     store.append_rows("training_losses", rows)
     assert store.query("SELECT count(*) AS n FROM training_losses")["n"][0] == 1
+
+
+@pytest.mark.timeout(60)
+def test_an_sql_statements_catalog_error_is_shown_without_the_password(
+    conninfo, tmp_path, monkeypatch, capsys
+):
+    """Regression: only the attach of `em-assets sql`'s connection went through backends.catalog_errors, so a
+    statement that failed on the lake's PostgreSQL catalog showed its password, where DuckDB's error echoes the
+    connection string, and PostgreSQL's bare lock timeout; a wait at the attach is named once, not once per
+    catalog_errors around it."""
+    import duckdb
+    import polars as pl
+    import psycopg2
+    from psycopg2.extensions import make_dsn
+
+    from em_assets.cli import main
+    from em_assets.results import readonly
+    from em_assets.results.store import Store
+
+    with contextlib.closing(psycopg2.connect(conninfo)) as admin:
+        admin.autocommit = True
+        admin.cursor().execute("CREATE DATABASE shown")
+    # The test server trusts every login: the password is carried as a real one would be, and never checked.
+    secret = "s3cret-pw"
+    db = f"ducklake:postgres:{make_dsn(conninfo, dbname='shown', password=secret)}"
+    monkeypatch.setenv("EM_DB_DATA_PATH", str(tmp_path / "lake"))
+    monkeypatch.setenv("EM_DB_LOCK_TIMEOUT", "2")
+    Store(db).init()
+    Store(db).append_rows("training_losses", pl.DataFrame({"organism": ["a"], "step": [1], "loss": [1.0]}))
+    query = ["sql", "SELECT * FROM training_losses", "--db", db]
+    # A session holding the data files' table makes the statement wait; holding the lake's metadata, the attach.
+    for table, status in (("ducklake_data_file", 1), ("ducklake_metadata", 2)):
+        session = psycopg2.connect(make_dsn(conninfo, dbname="shown"))
+        try:
+            session.cursor().execute(f"LOCK TABLE {table}")
+            assert main(query) == status
+        finally:
+            session.rollback()
+            session.close()
+        err = capsys.readouterr().err
+        assert "gave up after 2 s (EM_DB_LOCK_TIMEOUT" in err and err.count("gave up after") == 1, err
+    # `migrate`'s writable session of its own names the wait as well.
+    session = psycopg2.connect(make_dsn(conninfo, dbname="shown"))
+    try:
+        session.cursor().execute("LOCK TABLE ducklake_data_file")
+        with pytest.raises(duckdb.Error, match="gave up after 2 s"), Store(db).session() as conn:
+            conn.execute("SELECT * FROM training_losses").fetchall()
+    finally:
+        session.rollback()
+        session.close()
+    checked = readonly.reading_statement
+
+    def then_cut_off(conn, sql: str) -> str:
+        # The catalog takes no new connection once the statement's is attached, as a server restarting would not.
+        with contextlib.closing(psycopg2.connect(conninfo)) as admin:
+            admin.autocommit = True
+            admin.cursor().execute("ALTER DATABASE shown ALLOW_CONNECTIONS false")
+            admin.cursor().execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'shown'"
+            )
+        return checked(conn, sql)
+
+    monkeypatch.setattr(readonly, "reading_statement", then_cut_off)
+    assert main(query) == 1
+    err = capsys.readouterr().err
+    assert "Unable to connect to Postgres" in err and "password=***" in err and secret not in err, err

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 from support.db import count, table_dump
-from support.organisms import PROFILE
+from support.organisms import PROFILE, TRAINED
 from support.paths import REPO
 from support.races import written_twice_at_once
 
+from em_assets.catalog import parsing
 from em_assets.catalog import stage as catalog
 from em_assets.catalog.parsing import DatasetError, judge_prompt, parse_chat_jsonl, parse_questions_yaml
 from em_assets.catalog.upstream import (
@@ -27,6 +28,7 @@ from em_assets.catalog.upstream import (
 )
 from em_assets.grid.load import GridError, load_grid
 from em_assets.results.artifacts import _sha256_of, sha256_bytes, sha256_file
+from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import Store
 
 
@@ -139,6 +141,26 @@ def test_bad_dataset_names_file_and_line_and_writes_nothing(ws, tmp_path, monkey
     with pytest.raises(DatasetError, match=match):
         catalog.load_training_datasets(Store(ws.db), grid, str(mirror))
     assert table_dump(ws.db) == before
+
+
+@pytest.mark.timeout(300)
+def test_examples_parsed_by_another_version_of_the_parser_are_not_trained_on(ws, monkeypatch, mirror):
+    """An adapter's key names the parser's version now (catalog.parsing.DATASET_PARSING): training on examples
+    the catalog stored under another would give them that name, and keep them once the catalog parses again."""
+    from em_assets.training.stage import train_adapter
+
+    ctx = ws.ctx(TRAINED, "r")
+    recipe = ctx.grid.recipes[ctx.organism.recipe]
+    shas = ctx.dataset_shas(recipe)
+    monkeypatch.setattr(parsing, "DATASET_PARSING", 2)
+    with pytest.raises(
+        MissingUpstreamError,
+        match=r"parsed by version 1 of the parser, not 2 .+materialise training_datasets",
+    ):
+        train_adapter(ctx)
+    assert count(ws.db, "lora_adapters") == 0
+    catalog.load_training_datasets(Store(ws.db), load_grid(ws.grid, PROFILE), str(mirror))
+    assert ctx.dataset_shas(recipe) == shas
 
 
 @pytest.mark.timeout(300)
