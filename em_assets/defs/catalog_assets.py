@@ -6,6 +6,7 @@ import dagster as dg
 import polars as pl
 
 from em_assets.catalog import stage as catalog
+from em_assets.catalog.parsing import parsing_fields
 from em_assets.defs.metadata import md_table
 from em_assets.defs.partitions import CPU_OP_TAGS
 from em_assets.defs.resources import ExperimentResource, ResultsDB
@@ -45,7 +46,10 @@ def training_datasets(experiment: ExperimentResource, results: ResultsDB) -> dg.
             "dagster/row_count": int(df["n_examples"].sum()),
             "datasets": md_table(df.select("dataset", "repo", "commit", "sha256", "n_examples")),
         },
-        data_version=dg.DataVersion("|".join(sorted(df["sha256"].to_list()))),
+        # A new parser's examples are new data (adapters' keys name its version past 1, as this does).
+        data_version=dg.DataVersion(
+            "|".join(sorted(df["sha256"].to_list()) + [f"parsing:{v}" for v in parsing_fields().values()])
+        ),
     )
 
 

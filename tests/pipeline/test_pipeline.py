@@ -170,6 +170,23 @@ def test_an_adapter_from_other_recipe_settings_is_not_sampled(pipeline):
     assert ctx.store.query("SELECT count(*) AS n FROM completions")["n"][0] == 0
 
 
+def test_datasets_parsed_by_a_new_parser_give_a_new_data_version(pipeline, monkeypatch):
+    """Regression: training_datasets' data version was its files' sha256s alone, so examples parsed again by a new
+    parser (catalog.parsing.DATASET_PARSING) left the adapters trained on them fresh in Dagster."""
+    from em_assets.catalog import parsing
+
+    instance, resources, _ = pipeline
+
+    def version() -> str:
+        result = materialize(instance, resources, ["training_datasets"])
+        return result.asset_materializations_for_node("training_datasets")[0].tags["dagster/data_version"]
+
+    first = version()
+    assert version() == first
+    monkeypatch.setattr(parsing, "DATASET_PARSING", 2)
+    assert version() != first
+
+
 def test_answers_sampled_again_for_a_reworded_question_give_a_new_data_version(pipeline):
     """Regression: the completions asset's data version was its sampling hash alone, so answers sampled again
     because their question was reworded left what reads them (judgements) fresh in Dagster."""
