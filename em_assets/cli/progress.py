@@ -159,8 +159,11 @@ def output_to_log(log_path: Path) -> Iterator[TextIO]:
     sys.stderr.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
     streams = sys.stdout, sys.stderr
-    console = os.fdopen(os.dup(saved[1]), "w", buffering=1)
-    log = log_path.open("a", buffering=1)
+    # The console writes as stdout does (cli.encodable_stdout); the log is UTF-8 whatever the locale.
+    console = os.fdopen(
+        os.dup(saved[1]), "w", buffering=1, encoding=sys.stdout.encoding, errors=sys.stdout.errors
+    )
+    log = log_path.open("a", buffering=1, encoding="utf-8", errors="backslashreplace")
     # File descriptors for child processes and C code, sys.stdout/stderr for Python writers that hold their own.
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)

@@ -173,7 +173,7 @@ def usable_store(db: str | None = None, *, may_create: bool = False):
     store = Store(db) if db else Store()
     if not store.exists():
         if not may_create:
-            raise StoreError(f"no results database at {store.path}")
+            raise StoreError(f"no results database at {store.path}{from_here(store.path)}")
         why = _cannot_make(store)
         if why:
             raise StoreError(f"{store.location.describe()} cannot be created: {why}")
@@ -191,6 +191,12 @@ def usable_store(db: str | None = None, *, may_create: bool = False):
                 f"{store.location.describe()} cannot be opened as a results database: {why}"
             ) from None
     return store
+
+
+def from_here(path: Path | None) -> str:
+    """Where a relative path is read from (the default data/... is read from the working directory, which may
+    not be the repository's); nothing for an absolute path or none."""
+    return f" under {Path.cwd()}" if path is not None and not path.is_absolute() else ""
 
 
 def _cannot_make(store) -> str | None:
@@ -293,6 +299,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         print(f"{table}\t{n}")
     print(
         f"[em-assets] copied {len(counts)} tables, {sum(counts.values())} rows into {store.location.describe()}"
+        f"{from_here(store.path)}"
     )
     if left_out:
         print(f"[em-assets] left out {len(left_out)} tables not of the results schema: {', '.join(left_out)}")

@@ -71,7 +71,8 @@ def load_grid(path: Path | str | None = None, profile: str | None = None) -> Gri
     path = Path(path) if path is not None else settings().grid_path
     profile = profile or settings().profile
     try:
-        doc = _read_yaml(path.read_text(), path)
+        # UTF-8 whatever the locale, as YAML is and as add-model writes it.
+        doc = _read_yaml(path.read_text(encoding="utf-8"), path)
     except FileNotFoundError as exc:
         raise GridError(f"grid file {path} not found (set {GRID_ENV})") from exc
     except (OSError, UnicodeDecodeError) as exc:

@@ -289,9 +289,10 @@ def attach_lake(
     beside = loc.beside and folder.is_dir() and any(folder.iterdir())
     if not read_only:
         _make_dirs(loc)
-    conn.execute(f"LOAD '{extension_file('ducklake')}'")
+    # Quoted: the venv's path may hold an apostrophe (a home folder named O'Brien).
+    conn.execute(f"LOAD '{_quote(extension_file('ducklake'))}'")
     if loc.catalog_kind in ("postgres", "sqlite"):
-        conn.execute(f"LOAD '{extension_file(loc.catalog_kind + '_scanner')}'")
+        conn.execute(f"LOAD '{_quote(extension_file(loc.catalog_kind + '_scanner'))}'")
     opts = [f"DATA_PATH '{_quote(loc.data_path or '')}'"] + (["OVERRIDE_DATA_PATH true"] if beside else [])
     if snapshot is not None:
         opts.append(f"SNAPSHOT_VERSION {int(snapshot)}")

@@ -103,6 +103,29 @@ def test_a_lake_is_read_by_any_path_to_its_catalog_and_as_a_copy(tmp_path, monke
     assert store.query("SELECT count(*) FROM training_losses").item() == 2
 
 
+def test_a_lake_opens_from_a_venv_whose_path_holds_an_apostrophe(tmp_path, monkeypatch):
+    from em_assets.results import backends
+
+    shipped, folder = backends.extension_file, tmp_path / "o'brien" / ".venv"
+    folder.mkdir(parents=True)
+
+    def under_folder(name: str) -> str:
+        link = folder / Path(shipped(name)).name
+        if not link.exists():
+            link.symlink_to(shipped(name))
+        return str(link)
+
+    monkeypatch.setattr(backends, "extension_file", under_folder)
+    store = Store(_lake(tmp_path))
+    store.init()
+    with store.reader() as conn:
+        assert conn.execute("SELECT count(*) FROM training_losses").fetchone() == (0,)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "ducklake.duckdb_extension",
+        "sqlite_scanner.duckdb_extension",
+    ]
+
+
 def test_a_lake_whose_files_are_elsewhere_is_refused_without_them(tmp_path):
     """The folder beside the catalog stands in for the recorded one only where it holds files: a lake made with
     EM_DB_DATA_PATH, opened without it, is refused rather than split between two folders."""

@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from support.paths import REPO
+
 CHILD_SCRIPT = Path(__file__).with_name("child.py")
 
 
@@ -102,6 +104,13 @@ def train_uninterrupted(ws, key: str, catalog_db: Path, root: Path):
     shutil.copy(catalog_db, root / "results.duckdb")
     args = {**ws.args(key), "db": str(root / "results.duckdb"), "root": str(root)}
     return train_adapter(stage_context(args, run_id="reference"))
+
+
+def not_utf8_env(**extra: str) -> dict[str, str]:
+    """This environment under a locale whose encoding is not UTF-8: the C locale with Python's UTF-8 mode off
+    (text read and written as ASCII, as a Latin-1 locale reads and writes Latin-1), which every Linux has."""
+    kept = {k: v for k, v in os.environ.items() if k not in {"LANG", "PYTHONIOENCODING"} and k[:3] != "LC_"}
+    return {**kept, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONPATH": str(REPO), **extra}
 
 
 def holding(code: str) -> subprocess.Popen:

@@ -9,9 +9,11 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
+from support.children import not_utf8_env
 from support.db import ro_query, table_dump
 from support.judge_server import ScriptedServer
 from support.paths import EM_ASSETS, REPO
+from support.tiny import tiny_grid
 
 from em_assets.cli import main
 from em_assets.grid.load import load_grid
@@ -109,7 +111,33 @@ def test_sql_with_an_empty_query_or_no_store_is_one_message_and_exit_2(db, capsy
     assert main(["sql", "", "--db", str(db)]) == 2
     assert capsys.readouterr().err == "error: an empty query; give a statement, or none for the shell\n"
     assert main(["sql", "SELECT 1", "--db", str(tmp_path / "none.duckdb")]) == 2
-    assert capsys.readouterr().err.startswith("error: no results database at ")
+    assert capsys.readouterr().err == f"error: no results database at {tmp_path / 'none.duckdb'}\n"
+
+
+def test_sql_outside_the_repository_names_the_folder_it_looked_in(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("EM_DB", raising=False)
+    monkeypatch.chdir(tmp_path)
+    for args in (["sql", "SELECT 1"], ["figures", "--snapshot", "1", "--out", "figs"]):
+        assert main(args) == 2
+        assert (
+            capsys.readouterr().err == f"error: no results database at data/results.sqlite under {tmp_path}\n"
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_migrate_outside_the_repository_says_which_folder_it_made_the_store_in(
+    db, tmp_path, capsys, monkeypatch
+):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.delenv("EM_DB", raising=False)
+    monkeypatch.chdir(elsewhere)
+    assert main(["migrate", "--from", str(db)]) == 0
+    said = capsys.readouterr().out.splitlines()[-1]
+    assert said.endswith(
+        f"into DuckLake sqlite:data/results.sqlite (data data/results.files/) under {elsewhere}"
+    )
+    assert (elsewhere / "data" / "results.sqlite").is_file()
 
 
 def test_sql_is_read_only(db, capsys, tmp_path):
@@ -947,3 +975,60 @@ def test_sql_max_rows_takes_a_positive_count_or_minus_one_for_all(db, capsys):
             main(["sql", "--db", str(db), "--max-rows", bad, query])
         assert stop.value.code == 2
         assert "is not a positive number of rows or -1 (all)" in capsys.readouterr().err
+
+
+def test_under_a_locale_that_is_not_utf8_a_pipe_gets_utf8_and_a_terminal_what_it_can_show(db, monkeypatch):
+    # An answer's check mark and emoji, and the table's borders, are not in the locale's encoding.
+    query = "SELECT chr(10003) || ' ' || chr(233) || ' ' || chr(128512) AS answer"
+    for fmt, shown in [
+        ("table", "│ ✓ é 😀 │"),
+        ("csv", "answer\n✓ é 😀\n"),
+        ("json", '[{"answer":"✓ é 😀"}]'),
+    ]:
+        done = subprocess.run(
+            [EM_ASSETS, "sql", query, "--db", str(db), "--format", fmt],
+            env=not_utf8_env(),
+            capture_output=True,
+        )
+        assert done.returncode == 0 and not done.stderr, done.stderr.decode(errors="replace")
+        assert shown in done.stdout.decode("utf-8")
+
+    class Terminal(io.BytesIO):
+        def isatty(self) -> bool:
+            return True
+
+    # A Latin-1 terminal: ASCII borders, é as itself, what Latin-1 lacks escaped.
+    monkeypatch.setenv("POLARS_FMT_TABLE_FORMATTING", "UTF8_FULL_CONDENSED")
+    terminal = io.TextIOWrapper(Terminal(), encoding="latin-1")
+    monkeypatch.setattr(sys, "stdout", terminal)
+    assert main(["sql", query, "--db", str(db)]) == 0
+    terminal.flush()
+    table = terminal.buffer.getvalue().decode("latin-1")
+    assert "| \\u2713 é \\U0001f600 |" in table and "+-" in table, table
+
+
+def test_demo_from_outside_the_repository_stops_before_writing_anything(
+    tmp_path, tiny_model_dir, mirror, capsys, monkeypatch
+):
+    # A grid of its own (no probe judge, whose hand ratings would be missed first), named by an absolute path.
+    grid = tmp_path / "grid.yaml"
+    judge = {"backend": "local", "model": "tiny", "batch_size": 4, "min_mass": 0.0}
+    doc = tiny_grid(tiny_model_dir, "test", judge, {}, examples=1, batch_size=1, samples=1)
+    grid.write_text(yaml.safe_dump(doc))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for name, value in {
+        "EM_GRID": grid,
+        "EM_PROFILE": "test",
+        "EM_DATA_MIRROR": mirror,
+        "EM_DEVICE": "cpu",
+    }.items():
+        monkeypatch.setenv(name, str(value))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    assert main(["demo"]) == 2
+    assert capsys.readouterr().err == (
+        "error: data/judge_calibration.yaml (the judge's calibration set) is not in the working directory "
+        f"{elsewhere}: run em-assets from the repository root\n"
+    )
+    assert list(elsewhere.iterdir()) == []

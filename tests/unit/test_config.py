@@ -7,6 +7,7 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
+from support.children import not_utf8_env
 from support.db import count
 from support.organisms import CONTROL, resources
 from support.paths import REPO
@@ -246,6 +247,26 @@ def test_a_grid_file_that_is_no_text_is_one_error(tmp_path):
     for path in (binary, tmp_path):
         with pytest.raises(GridError, match="cannot be read as text"):
             load_grid(path, "demo")
+
+
+def test_a_grid_is_read_as_utf8_under_a_locale_that_is_not(tmp_path):
+    # As add-model writes it: a folder named in UTF-8 is that folder, not its bytes read as the locale's text.
+    body = (
+        "# Grille d\u2019exp\u00e9riences\nprofiles:\n  demo:\n"
+        "    base_models: [{name: a, source: /mod\u00e8les/a}]\n    recipes: {base: {}}\n"
+    )
+    code = (
+        "import sys\nfrom em_assets.grid.load import load_grid\n"
+        "print(ascii(load_grid(sys.argv[1], 'demo').base_models[0].source))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(_write(tmp_path, body))],
+        env=not_utf8_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "'/mod\\xe8les/a'\n"
 
 
 @pytest.mark.parametrize(

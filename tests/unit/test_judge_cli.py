@@ -90,6 +90,10 @@ def test_json_shape(env, mirror, capsys):
         captured.err,
         re.M,
     )
+    # Where the judge cache went: the store the command made.
+    assert (
+        f"[em-assets] made the results store {env / 'results.duckdb'} for the judge cache\n" in captured.err
+    )
     assert set(out) == {"judge", "aligned", "coherent", "em_rate", "em_error"}
     # Which judge was measured, as the table's first line names it: a saved JSON file says so too.
     spec = load_grid().judge

@@ -9,7 +9,7 @@ import sys
 import uuid
 
 import dagster as dg
-from support.children import holding
+from support.children import holding, not_utf8_env
 from support.paths import REPO
 
 from em_assets.cli.progress import ProgressConsole, output_to_log
@@ -188,3 +188,30 @@ def test_a_step_waiting_on_a_results_file_another_process_holds_says_so_on_the_c
     assert wait.split()[:3] == ["wait", "org-key", "losses:"], wait
     assert "r.duckdb is locked by" in wait and f"(PID {holder.pid})" in wait, wait
     assert done.split()[:2] == ["ok", "org-key"]
+
+
+def test_under_a_locale_that_is_not_utf8_the_console_and_the_log_take_any_text(tmp_path):
+    # A failed check's reason, a worker's output or a traceback may hold any text: console and log take it.
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from em_assets.cli import encodable_stdout\n"
+        "from em_assets.cli.progress import output_to_log\n"
+        "encodable_stdout()\n"
+        "with output_to_log(Path(sys.argv[1])) as console:\n"
+        "    console.write('FAILED check: \\u2713 \\u00e9\\n')\n"
+        "    print('worker: \\u4e2d\\u6587 \\U0001f600')\n"
+        "from em_assets.cli.demo import _log_traceback\n"
+        "try:\n"
+        "    raise ValueError('no file at /home/\\u4e2d')\n"
+        "except ValueError:\n"
+        "    _log_traceback(Path(sys.argv[1]))\n"
+    )
+    log = tmp_path / "demo.log"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(log)], env=not_utf8_env(), capture_output=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert done.stdout.decode("utf-8") == "FAILED check: ✓ é\n"
+    text = log.read_text(encoding="utf-8")
+    assert text.startswith("worker: 中文 😀\n") and text.endswith("ValueError: no file at /home/中\n")

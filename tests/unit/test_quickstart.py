@@ -118,10 +118,12 @@ exec {cp} "$@"
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="no make")
-def test_a_second_make_demo_runs_and_keeps_the_instance_config(tmp_path):
-    clone = tmp_path / "clone"
+@pytest.mark.parametrize("folder", ["plain/clone", "my projects/clone é"])
+def test_a_second_make_demo_runs_and_keeps_the_instance_config(tmp_path, folder):
+    clone = tmp_path / folder
     (clone / "scripts").mkdir(parents=True)
-    for name in ("Makefile", "dagster.yaml", "pyproject.toml", "scripts/install_smollm2.py"):
+    shipped = ["Makefile", "dagster.yaml", "pyproject.toml", "scripts/install_smollm2.py"]
+    for name in shipped:
         shutil.copy(REPO / name, clone / name)
     # A set-up already done, and an em-assets that only says it ran.
     (clone / ".venv" / "bin").mkdir(parents=True)
@@ -137,12 +139,20 @@ def test_a_second_make_demo_runs_and_keeps_the_instance_config(tmp_path):
         k: v for k, v in os.environ.items() if k not in {"DAGSTER_HOME", "MAKEFLAGS", "MFLAGS", "MAKELEVEL"}
     }
     env["PATH"] = f"{shims}{os.pathsep}{env['PATH']}"
-    for _ in range(2):
+    settings = clone / ".dagster_home" / "dagster.yaml"
+    for run in range(2):
         done = subprocess.run(
             ["make", "--no-print-directory", "demo"], cwd=clone, env=env, capture_output=True, text=True
         )
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip().endswith("ran demo"), done.stdout
-        # A user's own instance settings stay as they are.
-        (clone / ".dagster_home" / "dagster.yaml").write_text("# mine\n")
-    assert (clone / ".dagster_home" / "dagster.yaml").read_text() == "# mine\n"
+        # Copied on the first run; a user's own instance settings stay as they are.
+        assert settings.read_text() == ((REPO / "dagster.yaml").read_text() if run == 0 else "# mine\n")
+        settings.write_text("# mine\n")
+    # Nothing written beside the clone, nor in it but the instance's folder (a path split at a space would).
+    assert [p.name for p in clone.parent.iterdir()] == [clone.name]
+    assert {p.name for p in clone.iterdir()} == {
+        *(Path(n).parts[0] for n in shipped),
+        ".venv",
+        ".dagster_home",
+    }
