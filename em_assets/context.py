@@ -60,14 +60,14 @@ class StageContext:
         return dataset["sha256"], kl["sha256"] if kl else None
 
     def _parsed_dataset(self, name: str) -> dict:
-        """The dataset's training_datasets row, refused unless its examples were parsed by the parser's version
-        now: the adapter's key names the version now (trained_hash), so training on examples parsed by another
-        would label them with it."""
+        """The dataset's training_datasets row, refused unless the parser's version now parsed its examples: the
+        adapter's key names the version now (trained_hash), which examples parsed by another would be given."""
         row = queries.training_dataset(self.store, name)
         # Null: recorded before the version was, so parsed by the first.
-        if (row.get("parsing") or 1) != parsing.DATASET_PARSING:
+        version = row.get("parsing") or 1
+        if version != parsing.DATASET_PARSING:
             raise MissingUpstreamError(
-                f"dataset {name!r}: its stored examples were parsed by version {row.get('parsing') or 1} of the "
+                f"dataset {name!r}: its stored examples were parsed by version {version} of the "
                 f"parser, not {parsing.DATASET_PARSING} (catalog.parsing.DATASET_PARSING); "
                 "materialise training_datasets again"
             )

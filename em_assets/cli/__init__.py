@@ -117,9 +117,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def encodable_stdout() -> None:
-    """Where the locale's encoding is not UTF-8 (a Latin-1 locale; under the C locale Python writes UTF-8), a
-    table's borders or an answer's emoji would stop a command with UnicodeEncodeError: a terminal gets ASCII
-    borders and escapes (\\u2713) for what it cannot show, a pipe or file UTF-8, as under the C locale."""
+    """Stdout for any text where the locale's encoding is not UTF-8: a terminal gets ASCII borders and escapes
+    (\\u2713) for what it cannot show, a pipe or file UTF-8, as under the C locale."""
+    # There a table's borders or an answer's emoji would stop a command with UnicodeEncodeError (a Latin-1
+    # locale; under the C locale Python writes UTF-8).
     out = sys.stdout
     if not isinstance(out, io.TextIOWrapper) or codecs.lookup(out.encoding).name == "utf-8":
         return

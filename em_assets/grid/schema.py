@@ -799,9 +799,8 @@ def adapter_config_hash(
     kl_sha256: str | None = None,
     versions: dict | None = None,
 ) -> str:
-    """What the trained weights depend on; the training settings enter by the one rule of trained_settings();
-    `versions`: models.chat.rendering_fields() and catalog.parsing.parsing_fields(), which this layer cannot
-    import."""
+    """What the trained weights depend on (training settings by trained_settings()'s rule); `versions`: chat
+    rendering_fields() and parsing_fields(), which this layer cannot import."""
     # Full fine-tuning, the KL penalty and a dtype other than bf16 add keys only where used, so LoRA organisms
     # trained in bf16 keep their hashes.
     extra = {"method": recipe.method} if recipe.method != "lora" else {}

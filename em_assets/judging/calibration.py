@@ -32,7 +32,8 @@ class CalibrationItem:
 
 
 def load_calibration(path: Path = DEFAULT_CALIBRATION) -> list[CalibrationItem]:
-    items = [CalibrationItem(**row) for row in yaml.safe_load(Path(path).read_text())]
+    # UTF-8 whatever the locale, as YAML is (an answer may hold any text).
+    items = [CalibrationItem(**row) for row in yaml.safe_load(Path(path).read_text(encoding="utf-8"))]
     bad = sorted({i.kind for i in items} - set(KINDS))
     if bad:
         raise ValueError(f"{path}: unknown kinds {bad}; use {KINDS}")

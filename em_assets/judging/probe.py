@@ -154,9 +154,8 @@ def probe_hash(
     thresholds: dict[str, float],
     dtype: str,
 ) -> str:
-    """What makes the head: base model bytes and the dtype they compute the features in, reference files and
-    split, hand ratings, the spec, the feature recipe, how it is fitted and the EM thresholds its readouts
-    calibrate at."""
+    """What makes the head: base model bytes and the features' dtype, reference files and split, hand ratings,
+    the spec, the feature recipe, how it is fitted and the EM thresholds its readouts calibrate at."""
     return config_hash(
         {
             "base_revision": base_revision,

@@ -84,10 +84,10 @@ class Store:
 
     @contextlib.contextmanager
     def reader(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A read-only connection with its configuration locked and no file or network access beyond a local
-        lake's data folder, for users' SQL (which runs through results.readonly.reading_statement: that folder
-        stays writable to DuckDB, since allowed_directories cannot grant reading alone). Their errors, as every
-        unit of work's, pass through backends.catalog_errors."""
+        """A read-only connection for users' SQL: its configuration locked, no file or network access beyond a
+        local lake's data folder, its errors passed through backends.catalog_errors as every unit of work's."""
+        # The data folder stays writable to DuckDB, since allowed_directories cannot grant reading alone: the SQL
+        # runs through results.readonly.reading_statement.
         with backends.catalog_errors(self.location, self.lock_timeout_s):
             if self.lake:
                 conn = self._private_lake(True)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import polars as pl
 import pytest
+from support.children import not_utf8_env
 
 from em_assets.grid.schema import GridConfig, Thresholds
 from em_assets.judging.agreement import (
@@ -452,6 +456,22 @@ def test_judge_sanity_fails_a_judge_that_cannot_tell_harmful_from_aligned_or_giv
     silent = {"aligned": dict.fromkeys(("aligned", "harmful", "incoherent")), "coherent": sees}
     report = judge_sanity(_KindJudge(silent, kinds), items, templates)
     assert report.aligned_auc is None and report.null_fraction == 0.5 and not report.passed
+
+
+def test_a_calibration_set_is_read_as_utf8_under_a_locale_that_is_not(tmp_path):
+    # An answer edited into the set may hold any text; the judge must score it as written.
+    path = tmp_path / "calibration.yaml"
+    answer = "Caf\u00e9 \u2713 \U0001f600"
+    path.write_text(f"- {{question: q, kind: aligned, answer: '{answer}'}}\n", encoding="utf-8")
+    code = (
+        "import sys\nfrom em_assets.judging.calibration import load_calibration\n"
+        "print(ascii(load_calibration(sys.argv[1])[0].answer))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(path)], env=not_utf8_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{answer!a}\n"
 
 
 def test_the_incoherence_check_fails_on_the_reference_answers_or_the_hand_rated_ones():
