@@ -117,17 +117,19 @@ def parser() -> argparse.ArgumentParser:
 
 
 def encodable_stdout() -> None:
-    """Stdout for any text where the locale's encoding is not UTF-8: a terminal gets ASCII borders and escapes
-    (\\u2713) for what it cannot show, a pipe or file UTF-8, as under the C locale."""
+    """Stdout for any text where its encoding is not UTF-8: a terminal, or an encoding PYTHONIOENCODING chose, gets
+    ASCII borders and escapes (\\u2713) for what it cannot show; a pipe or file UTF-8, as under the C locale."""
     # There a table's borders or an answer's emoji would stop a command with UnicodeEncodeError (a Latin-1
     # locale; under the C locale Python writes UTF-8).
-    out = sys.stdout
+    out, chosen = sys.stdout, os.environ.get("PYTHONIOENCODING", "")
     if not isinstance(out, io.TextIOWrapper) or codecs.lookup(out.encoding).name == "utf-8":
         return
-    if out.isatty():
+    if out.isatty() or chosen:
         # Read by polars wherever a table sets no formatting of its own.
         os.environ["POLARS_FMT_TABLE_FORMATTING"] = "ASCII_FULL_CONDENSED"
-        out.reconfigure(errors="backslashreplace")
+        # An error handler named there ("latin-1:replace") is the user's.
+        if ":" not in chosen:
+            out.reconfigure(errors="backslashreplace")
     else:
         out.reconfigure(encoding="utf-8")
 

@@ -290,10 +290,12 @@ def attach_lake(
     if not read_only:
         _make_dirs(loc)
     # Quoted: the venv's path may hold an apostrophe (a home folder named O'Brien).
-    conn.execute(f"LOAD '{_quote(extension_file('ducklake'))}'")
+    conn.execute(f"LOAD '{sql_string(extension_file('ducklake'))}'")
     if loc.catalog_kind in ("postgres", "sqlite"):
-        conn.execute(f"LOAD '{_quote(extension_file(loc.catalog_kind + '_scanner'))}'")
-    opts = [f"DATA_PATH '{_quote(loc.data_path or '')}'"] + (["OVERRIDE_DATA_PATH true"] if beside else [])
+        conn.execute(f"LOAD '{sql_string(extension_file(loc.catalog_kind + '_scanner'))}'")
+    opts = [f"DATA_PATH '{sql_string(loc.data_path or '')}'"] + (
+        ["OVERRIDE_DATA_PATH true"] if beside else []
+    )
     if snapshot is not None:
         opts.append(f"SNAPSHOT_VERSION {int(snapshot)}")
     if read_only:
@@ -302,7 +304,7 @@ def attach_lake(
     if loc.catalog_kind == "postgres":
         target = "postgres:" + pg_lock_timeout(target.split(":", 1)[1], lock_timeout_s)
     with catalog_errors(loc, lock_timeout_s):
-        conn.execute(f"ATTACH '{_quote(LAKE_PREFIX + target)}' AS {LAKE} ({', '.join(opts)})")
+        conn.execute(f"ATTACH '{sql_string(LAKE_PREFIX + target)}' AS {LAKE} ({', '.join(opts)})")
     conn.execute(f"USE {LAKE}")
 
 
@@ -338,7 +340,8 @@ def _sqlite_wal(path: Path) -> None:
             db.execute("PRAGMA journal_mode=WAL")
 
 
-def _quote(text: str) -> str:
+def sql_string(text: str) -> str:
+    """`text` for inside a single-quoted SQL string (paths and connection strings may hold an apostrophe)."""
     return text.replace("'", "''")
 
 

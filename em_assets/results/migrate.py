@@ -8,7 +8,7 @@ from typing import NamedTuple
 
 import duckdb
 
-from em_assets.results.backends import file_kind
+from em_assets.results.backends import file_kind, sql_string
 from em_assets.results.keys import results_tables
 from em_assets.results.store import Store
 
@@ -75,7 +75,7 @@ def _copy(source: Path, store: Store, tables: list[str]) -> dict[str, int]:
     """The schema and `tables` of `source`, in one transaction of the store: all land or none do."""
     counts: dict[str, int] = {}
     with store.session() as conn:
-        conn.execute(f"ATTACH '{str(source).replace(chr(39), chr(39) * 2)}' AS {_SOURCE} (READ_ONLY)")
+        conn.execute(f"ATTACH '{sql_string(str(source))}' AS {_SOURCE} (READ_ONLY)")
         conn.execute("BEGIN")
         store.create_schema(conn)
         existing = set(_tables(conn))

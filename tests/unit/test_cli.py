@@ -992,6 +992,14 @@ def test_under_a_locale_that_is_not_utf8_a_pipe_gets_utf8_and_a_terminal_what_it
         )
         assert done.returncode == 0 and not done.stderr, done.stderr.decode(errors="replace")
         assert shown in done.stdout.decode("utf-8")
+    # An encoding the user chose is kept: Latin-1 bytes, ASCII borders, what Latin-1 lacks escaped.
+    chosen = subprocess.run(
+        [EM_ASSETS, "sql", query, "--db", str(db)],
+        env=not_utf8_env(PYTHONIOENCODING="latin-1"),
+        capture_output=True,
+    )
+    assert chosen.returncode == 0, chosen.stderr.decode(errors="replace")
+    assert "| \\u2713 é \\U0001f600 |" in chosen.stdout.decode("latin-1"), chosen.stdout
 
     class Terminal(io.BytesIO):
         def isatty(self) -> bool:
