@@ -106,13 +106,16 @@ class Location:
             return Path(self.target)
         return None if self.catalog_kind == "postgres" else Path(self.target.split(":", 1)[-1])
 
+    @property
+    def conninfo(self) -> str | None:
+        """A PostgreSQL catalog's libpq connection string; None for any other store."""
+        return self.target.split(":", 1)[1] if self.lake and self.catalog_kind == "postgres" else None
+
     def describe(self) -> str:
         """The store as messages show it: a PostgreSQL catalog's password masked."""
         if not self.lake:
             return self.target
-        target = self.target
-        if self.catalog_kind == "postgres":
-            target = "postgres:" + _masked(target.split(":", 1)[1])
+        target = self.target if self.conninfo is None else "postgres:" + _masked(self.conninfo)
         return f"DuckLake {target} (data {self.data_path})"
 
 
@@ -163,10 +166,10 @@ def catalog_errors(loc: Location, lock_timeout_s: float) -> Iterator[None]:
 def _scrubbed(text: str, loc: Location) -> str:
     """`text` with the catalog's password as ***, as written, as libpq quotes it (pg_lock_timeout's rewrite)
     or percent-encoded (a URI)."""
-    if loc.catalog_kind != "postgres":
+    if loc.conninfo is None:
         return text
     try:
-        password = _pg_fields(loc.target.split(":", 1)[1]).get("password")
+        password = _pg_fields(loc.conninfo).get("password")
     except SettingsError:
         return text
     if not password:
@@ -300,9 +303,9 @@ def attach_lake(
         opts.append(f"SNAPSHOT_VERSION {int(snapshot)}")
     if read_only:
         opts.append("READ_ONLY")
-    target = loc.target
-    if loc.catalog_kind == "postgres":
-        target = "postgres:" + pg_lock_timeout(target.split(":", 1)[1], lock_timeout_s)
+    target = (
+        loc.target if loc.conninfo is None else "postgres:" + pg_lock_timeout(loc.conninfo, lock_timeout_s)
+    )
     with catalog_errors(loc, lock_timeout_s):
         conn.execute(f"ATTACH '{sql_string(LAKE_PREFIX + target)}' AS {LAKE} ({', '.join(opts)})")
     conn.execute(f"USE {LAKE}")
