@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import duckdb
 
@@ -143,14 +142,13 @@ def _masked(conninfo: str) -> str:
 
 
 @contextlib.contextmanager
-def catalog_errors(loc: Location, lock_timeout_s: float) -> Iterator[None]:
-    """DuckDB errors raised inside as a user may see them: a PostgreSQL catalog's password as *** (DuckDB's own
-    text echoes the connection string, e.g. where it cannot connect), and a lock wait PostgreSQL ended after
-    `lock_timeout_s` (pg_lock_timeout) named with what set it."""
+def catalog_errors(lock_timeout_s: float) -> Iterator[None]:
+    """DuckDB errors raised inside as a user may see them: a lock wait PostgreSQL ended after `lock_timeout_s`
+    (pg_lock_timeout) named with what set it."""
     try:
         yield
     except duckdb.Error as exc:
-        text = _scrubbed(str(exc), loc)
+        text = str(exc)
         # Said once where an attach's catalog_errors sits inside a unit of work's.
         if _PG_LOCK_TIMEOUT in text and LOCK_TIMEOUT_ENV not in text:
             text = (
@@ -161,23 +159,6 @@ def catalog_errors(loc: Location, lock_timeout_s: float) -> Iterator[None]:
         if text == str(exc):
             raise
         raise type(exc)(text) from None
-
-
-def _scrubbed(text: str, loc: Location) -> str:
-    """`text` with the catalog's password as ***, as written, as libpq quotes it (pg_lock_timeout's rewrite)
-    or percent-encoded (a URI)."""
-    if loc.conninfo is None:
-        return text
-    try:
-        password = _pg_fields(loc.conninfo).get("password")
-    except SettingsError:
-        return text
-    if not password:
-        return text
-    quoted = password.replace("\\", "\\\\").replace("'", "\\'")
-    for spelling in (password, quoted, quote(password, safe="")):
-        text = text.replace(spelling, "***")
-    return text
 
 
 def is_conflict(exc: BaseException) -> bool:
@@ -303,12 +284,33 @@ def attach_lake(
         opts.append(f"SNAPSHOT_VERSION {int(snapshot)}")
     if read_only:
         opts.append("READ_ONLY")
-    target = (
-        loc.target if loc.conninfo is None else "postgres:" + pg_lock_timeout(loc.conninfo, lock_timeout_s)
-    )
-    with catalog_errors(loc, lock_timeout_s):
+    target = loc.target
+    with catalog_errors(lock_timeout_s):
+        if loc.conninfo is not None:
+            conninfo, secret = _password_in_secret(conn, pg_lock_timeout(loc.conninfo, lock_timeout_s))
+            target = "postgres:" + conninfo
+            opts += [f"META_SECRET '{secret}'"] if secret else []
         conn.execute(f"ATTACH '{sql_string(LAKE_PREFIX + target)}' AS {LAKE} ({', '.join(opts)})")
     conn.execute(f"USE {LAKE}")
+
+
+_PG_SECRET = "em_lake_catalog"
+
+
+def _password_in_secret(conn: duckdb.DuckDBPyConnection, conninfo: str) -> tuple[str, str | None]:
+    """`conninfo` without its password, and the temporary DuckDB secret holding it instead (None if none)."""
+    # DuckDB keeps an attached database's connection string as its path, which any query reads
+    # (duckdb_databases()); a secret's password is redacted wherever DuckDB shows it.
+    from psycopg2.extensions import make_dsn
+
+    fields = _pg_fields(conninfo)
+    password = fields.pop("password", None)
+    if password is None:
+        return conninfo, None
+    conn.execute(
+        f"CREATE OR REPLACE TEMPORARY SECRET {_PG_SECRET} (TYPE postgres, PASSWORD '{sql_string(password)}')"
+    )
+    return make_dsn(**fields), _PG_SECRET
 
 
 def pg_lock_timeout(conninfo: str, timeout_s: float) -> str:

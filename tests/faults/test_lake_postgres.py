@@ -157,4 +157,35 @@ def test_an_sql_statements_catalog_error_is_shown_without_the_password(
     monkeypatch.setattr(readonly, "reading_statement", then_cut_off)
     assert main(query) == 1
     err = capsys.readouterr().err
-    assert "Unable to connect to Postgres" in err and "password=***" in err and secret not in err, err
+    assert "Unable to connect to Postgres" in err and "dbname=shown" in err and secret not in err, err
+
+
+@pytest.mark.timeout(60)
+def test_a_catalogs_password_reaches_postgresql_and_no_query_reads_it(tmp_path, monkeypatch, capsys):
+    """Regression: DuckDB keeps an attached lake's connection string as its path, so `em-assets sql "SELECT
+    path FROM duckdb_databases()"` printed a PostgreSQL catalog's password; it now travels in a temporary
+    secret, which a server that checks passwords accepts and DuckDB shows redacted."""
+    import psycopg2
+    from psycopg2.extensions import make_dsn
+
+    from em_assets.cli import main
+    from em_assets.results.store import Store
+
+    password = r"s3cret pw's \ x"
+    with postgres_server(password=password) as info:
+        with contextlib.closing(psycopg2.connect(make_dsn(info, password=password))) as admin:
+            admin.autocommit = True
+            admin.cursor().execute("CREATE DATABASE guarded")
+        monkeypatch.setenv("EM_DB_DATA_PATH", str(tmp_path / "lake"))
+        db = f"ducklake:postgres:{make_dsn(info, dbname='guarded', password=password)}"
+        Store(db).init()
+        for query in ("SELECT path FROM duckdb_databases()", "SELECT * FROM duckdb_secrets()"):
+            assert main(["sql", query, "--db", db, "--format", "csv"]) == 0
+            out = capsys.readouterr().out
+            assert "dbname=guarded" in out or "redacted" in out, out
+            assert "s3cret" not in out, out
+        # The password is the one thing the server needs: without it the lake is refused.
+        monkeypatch.setenv("PGPASSFILE", str(tmp_path / "none"))
+        bare = f"ducklake:postgres:{make_dsn(info, dbname='guarded')}"
+        assert main(["sql", "SELECT 1", "--db", bare, "--format", "csv"]) == 2
+        assert "no password" in capsys.readouterr().err

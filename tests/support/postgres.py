@@ -35,8 +35,9 @@ def _as_owner(cmd: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def postgres_server() -> Iterator[str]:
-    """Start initdb + pg_ctl on 127.0.0.1 at a free port; yield a libpq conninfo; stop and delete at exit."""
+def postgres_server(password: str | None = None) -> Iterator[str]:
+    """Start initdb + pg_ctl on 127.0.0.1 at a free port; yield a libpq conninfo (without `password`, which a
+    login over TCP then needs); stop and delete at exit."""
     bindir = pg_bin()
     assert bindir, "no PostgreSQL server binaries: run scripts/install-postgres.sh"
     root = Path(tempfile.mkdtemp(prefix="em-pg-"))
@@ -45,7 +46,13 @@ def postgres_server() -> Iterator[str]:
         os.chown(root, owner.pw_uid, owner.pw_gid)
     data, port = root / "data", _free_port()
     quiet = {"check": True, "stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
-    subprocess.run(_as_owner([str(bindir / "initdb"), "-D", str(data), "-U", USER, "--auth=trust"]), **quiet)
+    auth = ["--auth=trust"]
+    if password is not None:
+        (root / "pw").write_text(password + "\n")
+        if os.geteuid() == 0:
+            os.chown(root / "pw", owner.pw_uid, owner.pw_gid)
+        auth = ["--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={root / 'pw'}"]
+    subprocess.run(_as_owner([str(bindir / "initdb"), "-D", str(data), "-U", USER, *auth]), **quiet)
     opts = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={root} -c fsync=off"
     start = [str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-o", opts, "-w", "start"]
     subprocess.run(_as_owner(start), **quiet)

@@ -298,7 +298,7 @@ def test_an_unreachable_postgres_catalog_is_named_without_its_password(conninfo,
         with pytest.raises(duckdb.IOException, match="Unable to connect to Postgres") as err:
             attempt()
         shown = "".join(traceback.format_exception(err.value))
-        assert "s3cret" not in shown and "***" in shown
+        assert "s3cret" not in shown and "127.0.0.1" in shown
     with pytest.raises(StoreError, match="cannot be opened as a results database") as cli:
         usable_store(db)
     assert "s3cret" not in str(cli.value) and "port 1 failed" in str(cli.value)
