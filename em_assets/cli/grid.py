@@ -145,7 +145,7 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
         if made:
             # The judge cache's store, made where a relative EM_DB names it: perhaps not the repository.
             print(
-                f"[em-assets] made the results store {store.location.describe()}{from_here(store.path)} for the "
+                f"[em-assets] made the results store {store.location.describe()}{from_here(store)} for the "
                 "judge cache",
                 file=sys.stderr,
             )

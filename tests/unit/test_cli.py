@@ -138,6 +138,12 @@ def test_migrate_outside_the_repository_says_which_folder_it_made_the_store_in(
         f"into DuckLake sqlite:data/results.sqlite (data data/results.files/) under {elsewhere}"
     )
     assert (elsewhere / "data" / "results.sqlite").is_file()
+    # A catalog named by its full path, its data folder by a relative EM_DB_DATA_PATH.
+    catalog = f"ducklake:sqlite:{tmp_path / 'lake.sqlite'}"
+    monkeypatch.setenv("EM_DB_DATA_PATH", "parquet")
+    assert main(["migrate", "--from", str(db), "--db", catalog]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"(data parquet/) under {elsewhere}")
+    assert (elsewhere / "parquet").is_dir()
 
 
 def test_sql_is_read_only(db, capsys, tmp_path):
