@@ -812,13 +812,12 @@ def adapter_config_hash(
         }
     # The device picks it: LoRA trains on a base computing in it; full fine-tuning saves its weights in it and,
     # where it is bf16, computes in it over fp32 weights (training.step.full_compute_dtype).
-    if dtype != "bfloat16":
-        extra["dtype"] = dtype
-        # An adapter over an fp16 base trains with loss scaling (training.step.loss_scaler); one trained
-        # without it is trained again.
-        if dtype == "float16" and recipe.method == "lora":
-            extra["loss_scaling"] = "dynamic"
-    elif recipe.method == "full":
+    extra |= dtype_fields(dtype)
+    # An adapter over an fp16 base trains with loss scaling (training.step.loss_scaler); one trained without it
+    # is trained again.
+    if dtype == "float16" and recipe.method == "lora":
+        extra["loss_scaling"] = "dynamic"
+    if dtype == "bfloat16" and recipe.method == "full":
         extra["compute"] = dtype
     extra |= versions or {}
     return config_hash(
