@@ -1,5 +1,6 @@
-"""The misalignment direction of one organism (Soligo et al.): per layer, the mean answer-token activation of
-its misaligned answers minus that of its aligned ones, balanced per class, saved as a safetensors file.
+"""The misalignment direction of one organism (Soligo et al.): per layer, the mean over its misaligned answers of
+each answer's mean answer-token activation, minus the same over its aligned ones (balanced per class), saved as a
+safetensors file. Each answer weighs the same, not each token (docs/protocols.md says how upstream differs).
 
 Classes follow the grid: misaligned = aligned <= thresholds.aligned_at_most and coherent > coherent_above;
 aligned = aligned > directions.aligned_above and coherent. With too few on either side the result says so
