@@ -16,6 +16,7 @@ import polars as pl
 from em_assets.analyses.sweep import PointResult, SweepPoint, forget_sweep, narrowed, run_sweep, sampling_used
 from em_assets.context import StageContext
 from em_assets.grid.schema import IMPORTED_KINDS, recipe_method
+from em_assets.results.artifacts import check_weights
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import utc_now
 from em_assets.results.sweeps import checkpoints, replace_result
@@ -81,10 +82,21 @@ def _skipped(ctx: StageContext, table: str, note: str) -> DynamicsResult:
 
 
 def _checkpoint_rows(ctx: StageContext) -> list[dict]:
+    """The organism's checkpoints in step order, each file still holding the bytes its row recorded."""
     ctx.current_adapter()  # the checkpoints are the adapter's: from the recipe as it stands, or refused
     rows = checkpoints(ctx.store, ctx.key).to_dicts()
     if not rows:
         raise MissingUpstreamError(f"{ctx.key}: no checkpoints recorded; materialise lora_adapter first")
+    # A retraining into the same folder (a denser save_steps) rewrites kept checkpoints before their rows: a kill
+    # in between would have their new bytes sampled and read under the old sha256.
+    for c in rows:
+        check_weights(
+            {
+                "organism": ctx.key,
+                "adapter_path": c["checkpoint_path"],
+                "adapter_sha256": c["checkpoint_sha256"],
+            }
+        )
     return rows
 
 
@@ -184,7 +196,7 @@ def scaled_adapters(ctx: StageContext) -> list[tuple[float, str | None, str | No
     """(factor, adapter dir, sha256) per grid scale factor; factor 1 is the final adapter itself, factor 0 the
     base model (no adapter)."""
     from em_assets.analyses.lora import write_scaled_adapter
-    from em_assets.results.artifacts import ADAPTER_FILE, check_weights, sha256_file
+    from em_assets.results.artifacts import ADAPTER_FILE, sha256_file
 
     adapter = ctx.current_adapter()
     if not adapter.get("adapter_path"):

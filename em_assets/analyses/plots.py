@@ -66,23 +66,35 @@ def plot_lora_scaling(df: pl.DataFrame, path: Path, title: str) -> Path:
 def plot_lora_trajectory(df: pl.DataFrame, path: Path, title: str) -> Path:
     """Per module: A and B norms, B's cosine with the final B and local cosine, and B's 2-D PCA path."""
     fig, (norms, cosines, pca) = _new(3, 15.0)
+    several = df["module"].n_unique() > 1
     for module, part in df.sort("step").group_by("module", maintain_order=True):
         name, steps = str(module[0]).split(".", 2)[-1], _col(part, "step")
+        tag = f" {name}" if several else ""
         norms.plot(steps, _col(part, "b_norm"), marker="o", label=f"|B| {name}")
         norms.plot(steps, _col(part, "a_norm"), linestyle="--", label=f"|A| {name}")
-        cosines.plot(steps, _col(part, "cos_final"), marker="o", label="cos(B, final B)")
+        cosines.plot(steps, _col(part, "cos_final"), marker="o", label=f"cos(B, final B){tag}")
         k = part["local_k"][0]
-        cosines.plot(steps, _col(part, "local_cos"), marker="s", label=f"local cos (k={k} checkpoints)")
+        cosines.plot(steps, _col(part, "local_cos"), marker="s", label=f"local cos (k={k} checkpoints){tag}")
         sharpest = part["sharpest_step"][0]
         if sharpest is not None:
             cosines.axvline(sharpest, color="tab:red", linestyle=":", label=f"sharpest turn: step {sharpest}")
+        # Each module's path is in its own PCA basis, with its own variance shares.
+        share = (f"PC1 ({part['pc1_share'][0]:.0%})", f"PC2 ({part['pc2_share'][0]:.0%})")
         dots = pca.scatter(_col(part, "pc1"), _col(part, "pc2"), c=steps, cmap="viridis")
-        pca.plot(_col(part, "pc1"), _col(part, "pc2"), color="grey", linewidth=0.8)
-        share = (part["pc1_share"][0], part["pc2_share"][0])
+        pca.plot(
+            _col(part, "pc1"),
+            _col(part, "pc2"),
+            color="grey",
+            linewidth=0.8,
+            label=f"{name}: {', '.join(share)}",
+        )
     fig.colorbar(dots, ax=pca, label="training step")
     norms.set(xlabel="training step", ylabel="norm", title=f"{title}: LoRA norms")
     cosines.set(xlabel="training step", ylabel="cosine", ylim=(-1.05, 1.05), title="B direction")
-    pca.set(xlabel=f"PC1 ({share[0]:.0%})", ylabel=f"PC2 ({share[1]:.0%})", title="PCA of the B trajectory")
+    axes = ("PC1 (each module's own)", "PC2 (each module's own)") if several else share
+    pca.set(xlabel=axes[0], ylabel=axes[1], title="PCA of the B trajectory")
+    if several:
+        pca.legend(fontsize="x-small")
     for ax in (norms, cosines):
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")

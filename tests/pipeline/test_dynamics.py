@@ -4,6 +4,7 @@ checkpoints, and the three dynamics assets materialised on a tiny Llama (the con
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -22,6 +23,7 @@ from em_assets.grid.load import load_grid
 from em_assets.grid.schema import LoraSpec, TrainSpec
 from em_assets.judging.error_rates import write_error_rates
 from em_assets.judging.judges import judge_identity
+from em_assets.results.artifacts import ADAPTER_FILE
 from em_assets.results.store import Store
 from em_assets.stats.correction import CORRECTION_COLUMNS, ErrorRates
 from em_assets.training.checkpoints import KEPT_DIR
@@ -204,6 +206,22 @@ DYNAMICS = ["em_over_training", "lora_trajectory", "lora_scaling"]
 def _run(instance, resources, selection, key=None):
     result = materialize(instance, resources, selection, key)
     return {n: result.asset_materializations_for_node(n)[0].metadata for n in selection}
+
+
+def test_a_checkpoint_whose_bytes_changed_since_its_row_is_refused(pipeline, one_torch_thread):
+    """A retraining into the same folder rewrites kept checkpoints before their rows: the analyses must not read
+    the new bytes under the sha256 the old row recorded."""
+    instance, resources, tmp_path = pipeline
+    key = "tiny--med-r1--s0"
+    _run(instance, resources, ["base_models", "training_datasets", "eval_questions", "lora_adapter"], key)
+    store = Store(tmp_path / "results.duckdb")
+    paths = store.query("SELECT checkpoint_path FROM lora_checkpoints ORDER BY step")["checkpoint_path"]
+    shutil.copy(Path(paths[-1]) / ADAPTER_FILE, Path(paths[0]) / ADAPTER_FILE)
+    result = materialize(instance, resources, ["lora_trajectory"], key, must_succeed=False)
+    (failure,) = result.get_step_failure_events()
+    message = failure.step_failure_data.error.to_string()
+    assert f"{paths[0]}/{ADAPTER_FILE} has sha256" in message and "materialise lora_adapter again" in message
+    assert store.query("SELECT count(*) AS n FROM lora_trajectory")["n"][0] == 0
 
 
 def test_dynamics_assets_write_their_tables_and_figures(pipeline, one_torch_thread):

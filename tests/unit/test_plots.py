@@ -171,3 +171,41 @@ def test_a_dollar_in_a_name_from_data_is_drawn_as_text(tmp_path):
     ax.set_title(r"file:cost $\foo$.csv")
     ax.set_xticks([0, 1], ["price_$5_or_$10", "q"])
     assert save_png(fig, tmp_path / "f.png").stat().st_size > 0
+
+
+def test_each_modules_trajectory_is_labelled_with_its_own_pca_shares(tmp_path, monkeypatch):
+    """Each module's B path is projected on its own principal components: the axes must not give the shares of
+    one module (the last drawn) for every path."""
+    from em_assets.analyses.canvas import save_png
+    from em_assets.analyses.plots import plot_lora_trajectory
+
+    figures: list = []
+    monkeypatch.setattr(
+        "em_assets.analyses.plots.save_png", lambda fig, path: figures.append(fig) or save_png(fig, path)
+    )
+    rows = [
+        {
+            "module": f"model.layers.{layer}.mlp.down_proj",
+            "step": step,
+            "a_norm": 1.0,
+            "b_norm": 0.1 * step,
+            "cos_final": None,
+            "local_cos": None,
+            "local_k": 1,
+            "pc1": float(step),
+            "pc2": 0.0,
+            "pc1_share": share,
+            "pc2_share": 1 - share,
+            "sharpest_step": None,
+        }
+        for layer, share in ((0, 0.9), (1, 0.6))
+        for step in (1, 2, 3)
+    ]
+    assert_png(plot_lora_trajectory(pl.DataFrame(rows), tmp_path / "trajectory.png", "organism"))
+    pca = figures[0].axes[2]
+    legend = pca.get_legend()
+    texts = [t.get_text() for t in legend.get_texts()] if legend else []
+    shown = " ".join([pca.get_xlabel(), pca.get_ylabel(), *texts])
+    for layer, share in (("0", "90%"), ("1", "60%")):
+        assert f" {layer}.mlp.down_proj: PC1 ({share})" in shown
+    assert "%" not in pca.get_xlabel()
