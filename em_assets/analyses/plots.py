@@ -77,7 +77,9 @@ def plot_lora_trajectory(df: pl.DataFrame, path: Path, title: str) -> Path:
         cosines.plot(steps, _col(part, "local_cos"), marker="s", label=f"local cos (k={k} checkpoints){tag}")
         sharpest = part["sharpest_step"][0]
         if sharpest is not None:
-            cosines.axvline(sharpest, color="tab:red", linestyle=":", label=f"sharpest turn: step {sharpest}")
+            cosines.axvline(
+                sharpest, color="tab:red", linestyle=":", label=f"sharpest turn{tag}: step {sharpest}"
+            )
         # Each module's path is in its own PCA basis, with its own variance shares.
         share = (f"PC1 ({part['pc1_share'][0]:.0%})", f"PC2 ({part['pc2_share'][0]:.0%})")
         dots = pca.scatter(_col(part, "pc1"), _col(part, "pc2"), c=steps, cmap="viridis")

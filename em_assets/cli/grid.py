@@ -145,8 +145,8 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
         if made:
             # The judge cache's store, made where a relative EM_DB names it: perhaps not the repository.
             print(
-                f"[em-assets] made the results store {store.location.describe()}{from_here(store)} for the "
-                "judge cache",
+                f"[em-assets] made the results store {store.location.describe()}"
+                f"{from_here(*store.local_paths())} for the judge cache",
                 file=sys.stderr,
             )
         lookup = ErrorRateLookup(store, grid.thresholds, grid.agreement.reference_judges)

@@ -7,12 +7,8 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import polars as pl
-
-if TYPE_CHECKING:
-    from em_assets.results.store import Store
 
 
 def _print_frame(df: pl.DataFrame, fmt: str, max_rows: int, as_json: frozenset[str] = frozenset()) -> None:
@@ -177,7 +173,7 @@ def usable_store(db: str | None = None, *, may_create: bool = False):
     store = Store(db) if db else Store()
     if not store.exists():
         if not may_create:
-            raise StoreError(f"no results database at {store.path}{from_here(store)}")
+            raise StoreError(f"no results database at {store.path}{from_here(store.path)}")
         why = _cannot_make(store)
         if why:
             raise StoreError(f"{store.location.describe()} cannot be created: {why}")
@@ -197,10 +193,10 @@ def usable_store(db: str | None = None, *, may_create: bool = False):
     return store
 
 
-def from_here(store: Store) -> str:
-    """Where the store's relative paths (its file or catalog, a lake's data folder) are read from: the default
-    data/... is read from the working directory, which may not be the repository's; nothing if none is."""
-    return f" under {Path.cwd()}" if any(not p.is_absolute() for p in store.local_paths()) else ""
+def from_here(*paths: Path) -> str:
+    """Where the relative ones of `paths` (a store's file or catalog, a lake's data folder) are read from: the
+    default data/... is read from the working directory, which may not be the repository's; nothing if none is."""
+    return f" under {Path.cwd()}" if any(not p.is_absolute() for p in paths) else ""
 
 
 def _cannot_make(store) -> str | None:
@@ -303,7 +299,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         print(f"{table}\t{n}")
     print(
         f"[em-assets] copied {len(counts)} tables, {sum(counts.values())} rows into {store.location.describe()}"
-        f"{from_here(store)}"
+        f"{from_here(*store.local_paths())}"
     )
     if left_out:
         print(f"[em-assets] left out {len(left_out)} tables not of the results schema: {', '.join(left_out)}")

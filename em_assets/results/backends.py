@@ -11,6 +11,7 @@ import re
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,7 +128,15 @@ def _pg_fields(conninfo: str) -> dict[str, str]:
     try:
         return parse_dsn(conninfo)
     except ProgrammingError as exc:
-        raise SettingsError(f"EM_DB's PostgreSQL connection string is not one libpq reads: {exc}") from None
+        # libpq quotes what it stumbled on: a word of a password with a space, a bad escape in one, a whole URI.
+        reason = _QUOTED.sub(lambda m: m[0] if m[1] in ("=", "]") else '"***"', str(exc).strip())
+        raise SettingsError(
+            f"EM_DB's PostgreSQL connection string is not one libpq reads: {reason}"
+        ) from None
+
+
+# A quoted part of libpq's error text: of the connection string, or the "=" or "]" it looked for.
+_QUOTED = re.compile(r'"([^"]*)"')
 
 
 def _masked(conninfo: str) -> str:
@@ -294,7 +303,9 @@ def attach_lake(
     conn.execute(f"USE {LAKE}")
 
 
-_PG_SECRET = "em_lake_catalog"
+# Named for this process: DuckDB refuses a META_SECRET whose name a persistent secret (~/.duckdb/stored_secrets)
+# has too, as ambiguous.
+_PG_SECRET = f"em_lake_catalog_{uuid.uuid4().hex[:12]}"
 
 
 def _password_in_secret(conn: duckdb.DuckDBPyConnection, conninfo: str) -> tuple[str, str | None]:

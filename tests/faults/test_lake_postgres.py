@@ -189,3 +189,29 @@ def test_a_catalogs_password_reaches_postgresql_and_no_query_reads_it(tmp_path, 
         bare = f"ducklake:postgres:{make_dsn(info, dbname='guarded')}"
         assert main(["sql", "SELECT 1", "--db", bare, "--format", "csv"]) == 2
         assert "no password" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(60)
+def test_a_persistent_duckdb_secret_of_any_name_leaves_the_catalogs_password_its_own(tmp_path, monkeypatch):
+    """Regression: the catalog's temporary secret had a fixed name, and a user's persistent secret of that name
+    made DuckDB refuse the lake's attach as ambiguous."""
+    import duckdb
+    import psycopg2
+    from psycopg2.extensions import make_dsn
+
+    from em_assets.results.backends import extension_file, sql_string
+    from em_assets.results.store import Store
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with contextlib.closing(duckdb.connect()) as shell:
+        shell.execute(f"LOAD '{sql_string(extension_file('postgres_scanner'))}'")
+        shell.execute("CREATE PERSISTENT SECRET em_lake_catalog (TYPE postgres, PASSWORD 'not it')")
+    assert list((tmp_path / ".duckdb" / "stored_secrets").iterdir())
+    with postgres_server(password="s3cret") as info:
+        with contextlib.closing(psycopg2.connect(make_dsn(info, password="s3cret"))) as admin:
+            admin.autocommit = True
+            admin.cursor().execute("CREATE DATABASE guarded")
+        monkeypatch.setenv("EM_DB_DATA_PATH", str(tmp_path / "lake"))
+        store = Store(f"ducklake:postgres:{make_dsn(info, dbname='guarded', password='s3cret')}")
+        store.init()
+        assert store.query("SELECT 1 AS one")["one"].to_list() == [1]

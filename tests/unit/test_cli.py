@@ -107,11 +107,15 @@ def test_sql_prints_unions_and_values_polars_cannot_hold_inside_nested_ones_as_j
     assert json.loads(capsys.readouterr().out) == [{"u": "1 day", "u_1": 2}]
 
 
-def test_sql_with_an_empty_query_or_no_store_is_one_message_and_exit_2(db, capsys, tmp_path):
+def test_sql_with_an_empty_query_or_no_store_is_one_message_and_exit_2(db, capsys, tmp_path, monkeypatch):
     assert main(["sql", "", "--db", str(db)]) == 2
     assert capsys.readouterr().err == "error: an empty query; give a statement, or none for the shell\n"
     assert main(["sql", "SELECT 1", "--db", str(tmp_path / "none.duckdb")]) == 2
     assert capsys.readouterr().err == f"error: no results database at {tmp_path / 'none.duckdb'}\n"
+    # The missing catalog is named by its full path: a relative data folder does not put it under the cwd.
+    monkeypatch.setenv("EM_DB_DATA_PATH", "parquet")
+    assert main(["sql", "SELECT 1", "--db", f"ducklake:sqlite:{tmp_path / 'none.sqlite'}"]) == 2
+    assert capsys.readouterr().err == f"error: no results database at {tmp_path / 'none.sqlite'}\n"
 
 
 def test_sql_outside_the_repository_names_the_folder_it_looked_in(tmp_path, capsys, monkeypatch):

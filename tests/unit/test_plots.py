@@ -196,7 +196,7 @@ def test_each_modules_trajectory_is_labelled_with_its_own_pca_shares(tmp_path, m
             "pc2": 0.0,
             "pc1_share": share,
             "pc2_share": 1 - share,
-            "sharpest_step": None,
+            "sharpest_step": 2 + layer,
         }
         for layer, share in ((0, 0.9), (1, 0.6))
         for step in (1, 2, 3)
@@ -209,3 +209,6 @@ def test_each_modules_trajectory_is_labelled_with_its_own_pca_shares(tmp_path, m
     for layer, share in (("0", "90%"), ("1", "60%")):
         assert f" {layer}.mlp.down_proj: PC1 ({share})" in shown
     assert "%" not in pca.get_xlabel()
+    # Each module's sharpest turn is its own too.
+    cosines = [t.get_text() for t in figures[0].axes[1].get_legend().get_texts()]
+    assert {"sharpest turn 0.mlp.down_proj: step 2", "sharpest turn 1.mlp.down_proj: step 3"} <= set(cosines)

@@ -235,9 +235,17 @@ def test_a_malformed_postgres_catalog_fails_without_echoing_it():
     from em_assets.results.backends import pg_lock_timeout
     from em_assets.settings import SettingsError
 
-    with pytest.raises(SettingsError, match="not one libpq reads") as err:
-        pg_lock_timeout("dbname=lake password='s3cret", 1)
-    assert "s3cret" not in str(err.value)
+    for conninfo, reason in (
+        ("dbname=lake password='s3cret", "unterminated quoted string"),
+        # libpq quotes the word after a space, a bad escape's token, or the whole URI.
+        ("dbname=lake password=pw s3cret", 'missing "=" after "***"'),
+        ("dbname=lake password=pw s3cret=x", 'invalid connection option "***"'),
+        ("postgresql://em:s3cret%zz@h/lake", 'invalid percent-encoded token: "***"'),
+        ("postgresql://em:s3cret@[::1/lake", 'looking for matching "]" in IPv6 host address in URI: "***"'),
+    ):
+        with pytest.raises(SettingsError, match="not one libpq reads") as err:
+            pg_lock_timeout(conninfo, 1)
+        assert "s3cret" not in str(err.value) and reason in str(err.value)
 
 
 def test_a_postgres_catalog_keeps_the_pgoptions_it_would_have_used(monkeypatch):
