@@ -57,6 +57,8 @@ _STATEMENT_ERRORS = (
 
 # PostgreSQL ended a wait for a lock on a catalog table (after the lock_timeout attach_lake sets).
 _PG_LOCK_TIMEOUT = "canceling statement due to lock timeout"
+# DuckDB's error for a statement whose transaction another of its threads' errors aborted first.
+_ABORTED = "Current transaction is aborted"
 
 # Writes are short, so waits on another pipeline writer end within this; longer ones are worth a warning.
 WARN_AFTER_S = 1.0
@@ -151,23 +153,48 @@ def _masked(conninfo: str) -> str:
 
 
 @contextlib.contextmanager
-def catalog_errors(lock_timeout_s: float) -> Iterator[None]:
+def catalog_errors(loc: Location, lock_timeout_s: float) -> Iterator[None]:
     """DuckDB errors raised inside as a user may see them: a lock wait PostgreSQL ended after `lock_timeout_s`
-    (pg_lock_timeout) named with what set it."""
+    (pg_lock_timeout) named with what set it and who holds the lock."""
     try:
         yield
     except duckdb.Error as exc:
         text = str(exc)
         # Said once where an attach's catalog_errors sits inside a unit of work's.
-        if _PG_LOCK_TIMEOUT in text and LOCK_TIMEOUT_ENV not in text:
-            text = (
-                f"gave up after {lock_timeout_s:g} s ({LOCK_TIMEOUT_ENV}, PostgreSQL's lock_timeout unless the "
-                "connection string sets its own) waiting for a lock on the lake's PostgreSQL catalog: another "
-                f"session holds a catalog table (e.g. a psql transaction left open; pg_locks names its pid): {text}"
-            )
+        if LOCK_TIMEOUT_ENV not in text and loc.conninfo is not None:
+            # Where the statement's other thread saw the aborted transaction first, DuckDB reports that
+            # and the lock timeout is lost; the locks held on the catalog tell the two apart.
+            timed_out = _PG_LOCK_TIMEOUT in text
+            holders = _catalog_lock_holders(loc.conninfo) if timed_out or _ABORTED in text else []
+            if timed_out or holders:
+                text = (
+                    f"gave up after {lock_timeout_s:g} s ({LOCK_TIMEOUT_ENV}, PostgreSQL's lock_timeout unless "
+                    "the connection string sets its own) waiting for a lock on the lake's PostgreSQL catalog: "
+                    f"{'; '.join(holders) or 'another session holds a catalog table'} (e.g. a psql transaction "
+                    f"left open): {text}"
+                )
         if text == str(exc):
             raise
         raise type(exc)(text) from None
+
+
+def _catalog_lock_holders(conninfo: str) -> list[str]:
+    """Other sessions' locks on the lake's catalog tables, as "pid N holds MODE on TABLE"; none where the
+    catalog cannot be asked."""
+    import psycopg2
+
+    try:
+        with contextlib.closing(psycopg2.connect(conninfo, connect_timeout=5)) as pg:
+            cur = pg.cursor()
+            # Every reader holds AccessShareLock, which blocks nothing the lake does.
+            cur.execute(
+                "SELECT l.pid, l.mode, c.relname FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+                "WHERE l.granted AND l.pid <> pg_backend_pid() AND l.mode <> 'AccessShareLock' "
+                "AND c.relname LIKE 'ducklake%' ORDER BY l.pid, c.relname"
+            )
+            return [f"pid {pid} holds {mode} on {table}" for pid, mode, table in cur.fetchall()]
+    except psycopg2.Error:
+        return []
 
 
 def is_conflict(exc: BaseException) -> bool:
@@ -294,7 +321,7 @@ def attach_lake(
     if read_only:
         opts.append("READ_ONLY")
     target = loc.target
-    with catalog_errors(lock_timeout_s):
+    with catalog_errors(loc, lock_timeout_s):
         if loc.conninfo is not None:
             conninfo, secret = _password_in_secret(conn, pg_lock_timeout(loc.conninfo, lock_timeout_s))
             target = "postgres:" + conninfo

@@ -60,7 +60,7 @@ class Store:
 
     @contextlib.contextmanager
     def connect(self, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-        with backends.catalog_errors(self.lock_timeout_s), self._connect(read_only) as conn:
+        with backends.catalog_errors(self.location, self.lock_timeout_s), self._connect(read_only) as conn:
             yield conn
 
     @contextlib.contextmanager
@@ -88,7 +88,7 @@ class Store:
         local lake's data folder, its errors passed through backends.catalog_errors as every unit of work's."""
         # The data folder stays writable to DuckDB, since allowed_directories cannot grant reading alone: the SQL
         # runs through results.readonly.reading_statement.
-        with backends.catalog_errors(self.lock_timeout_s):
+        with backends.catalog_errors(self.location, self.lock_timeout_s):
             if self.lake:
                 conn = self._private_lake(True)
                 # allowed_directories takes local folders only: a lake on object storage keeps external access.
@@ -108,7 +108,7 @@ class Store:
     def session(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """A writable connection of its own (not the process's shared lake), e.g. to ATTACH other files; its
         errors pass through backends.catalog_errors."""
-        with backends.catalog_errors(self.lock_timeout_s):
+        with backends.catalog_errors(self.location, self.lock_timeout_s):
             if self.lake:
                 conn = self._private_lake(False)
             else:
