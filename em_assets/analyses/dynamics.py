@@ -16,7 +16,7 @@ import polars as pl
 from em_assets.analyses.sweep import PointResult, SweepPoint, forget_sweep, narrowed, run_sweep, sampling_used
 from em_assets.context import StageContext
 from em_assets.grid.schema import IMPORTED_KINDS, recipe_method
-from em_assets.results.artifacts import check_weights
+from em_assets.results.artifacts import check_recorded_weights, check_weights
 from em_assets.results.errors import MissingUpstreamError
 from em_assets.results.store import utc_now
 from em_assets.results.sweeps import checkpoints, replace_result
@@ -90,13 +90,7 @@ def _checkpoint_rows(ctx: StageContext) -> list[dict]:
     # A retraining into the same folder (a denser save_steps) rewrites kept checkpoints before their rows: a kill
     # in between would have their new bytes sampled and read under the old sha256.
     for c in rows:
-        check_weights(
-            {
-                "organism": ctx.key,
-                "adapter_path": c["checkpoint_path"],
-                "adapter_sha256": c["checkpoint_sha256"],
-            }
-        )
+        check_recorded_weights(ctx.key, c["checkpoint_path"], c["checkpoint_sha256"], "checkpoint")
     return rows
 
 

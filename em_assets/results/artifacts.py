@@ -72,13 +72,22 @@ def check_weights(adapter: dict) -> None:
     """The organism's saved weights still have the sha256 its lora_adapters row recorded. Retraining writes into
     the same folder, so a step killed between replacing the files and writing the row would otherwise have
     later stages label the new weights with the old sha256."""
-    path, recorded = adapter.get("adapter_path"), adapter.get("adapter_sha256")
+    check_recorded_weights(
+        adapter.get("organism"), adapter.get("adapter_path"), adapter.get("adapter_sha256")
+    )
+
+
+def check_recorded_weights(
+    organism: str | None, path: str | None, recorded: str | None, row: str = "adapter"
+) -> None:
+    """The weights under `path` still have the sha256 `recorded` in the organism's `row` row (check_weights);
+    nothing to check where either is missing."""
     if not path or not recorded:
         return
     weights = weights_file(path)
     actual = sha256_file(weights) if weights.is_file() else "missing"
     if actual != recorded:
         raise MissingUpstreamError(
-            f"organism {adapter.get('organism')}: {weights} has sha256 {actual[:12]}, not the {recorded[:12]} its "
-            "adapter row recorded; materialise lora_adapter again"
+            f"organism {organism}: {weights} has sha256 {actual[:12]}, not the {recorded[:12]} its {row} row "
+            "recorded; materialise lora_adapter again"
         )
