@@ -196,13 +196,7 @@ def extract_direction(ctx: StageContext) -> DirectionResult:
     ctx.store.init()
     spec, recipe = ctx.grid.directions, ctx.grid.recipes.get(ctx.organism.recipe)
     if recipe is not None and recipe.kind == "answers":
-        # No model to read; its answers (its file's set) still say whether its model would give an EM contrast.
-        contrast = select_contrast(
-            db.scored_answers(ctx.store, ctx.key), ctx.grid.thresholds, spec, ctx.organism.seed
-        )
-        note = f"imported answers with no model, so no direction; its judged answers: {contrast.message}"
-        ctx.log.info(f"{ctx.key}: {note}")
-        return DirectionResult(ctx.key, "no_model", contrast, None, None, time.perf_counter() - start, note)
+        return _without_model(ctx, start)
     # The set steering and ablation are measured on. Pooled sets would confound the direction with topic: an
     # organism misaligned more often on its training domain's questions draws its two classes from other mixes.
     main = ctx.grid.eval.questions
@@ -232,15 +226,35 @@ def extract_direction(ctx: StageContext) -> DirectionResult:
             existing["direction_sha256"],
             time.perf_counter() - start,
         )
+    path, sha256 = _compute_and_write(ctx, contrast, base, adapter, lineage)
+    return DirectionResult(ctx.key, "computed", contrast, path, sha256, time.perf_counter() - start)
+
+
+def _without_model(ctx: StageContext, start: float) -> DirectionResult:
+    """An imported organism has no model to read; its answers (its file's set) still say whether its model would
+    give an EM contrast."""
+    contrast = select_contrast(
+        db.scored_answers(ctx.store, ctx.key), ctx.grid.thresholds, ctx.grid.directions, ctx.organism.seed
+    )
+    note = f"imported answers with no model, so no direction; its judged answers: {contrast.message}"
+    ctx.log.info(f"{ctx.key}: {note}")
+    return DirectionResult(ctx.key, "no_model", contrast, None, None, time.perf_counter() - start, note)
+
+
+def _compute_and_write(
+    ctx: StageContext, contrast: Contrast, base: dict, adapter: dict, lineage: dict
+) -> tuple[str, str]:
+    """The direction and its random control, read from the organism's model and saved; their path and sha256."""
     from em_assets.analyses.steering import random_directions
     from em_assets.models.load import load_organism_model
 
+    spec = ctx.grid.directions
     check_weights(adapter)
     check_revision(base)
     model, tokenizer = load_organism_model(base, adapter, ctx.device)
     tensors = compute_direction(model, tokenizer, contrast, spec.batch_size)
     folder = ctx.artifacts_dir / "directions"
-    meta = {"organism": ctx.key, "contrast": contrast.kind, "input_hash": input_hash}
+    meta = {"organism": ctx.key, "contrast": contrast.kind, "input_hash": lineage["input_hash"]}
     files = {
         "direction": (folder / f"{ctx.key}.safetensors", tensors),
         "random": (
@@ -251,7 +265,7 @@ def extract_direction(ctx: StageContext) -> DirectionResult:
     saved = {name: (str(p), save_tensors(t, p, meta)) for name, (p, t) in files.items()}
     _write(ctx, contrast, lineage, saved, {**tensors, "random": files["random"][1]["direction"]})
     ctx.log.info(f"{ctx.key}: direction over {tensors['direction'].shape[0]} layers ({contrast.message})")
-    return DirectionResult(ctx.key, "computed", contrast, *saved["direction"], time.perf_counter() - start)
+    return saved["direction"]
 
 
 def _lineage(ctx: StageContext, scored: pl.DataFrame, adapter: dict) -> dict:

@@ -7,6 +7,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,10 @@ from em_assets.cli.tables import MARKDOWN, interval_column
 from em_assets.settings import settings
 
 if TYPE_CHECKING:
+    from em_assets.grid.schema import GridConfig, JudgeSpec
     from em_assets.judging.agreement import MetricAgreement
+    from em_assets.judging.agreement_stage import AgreementReport
+    from em_assets.results.store import Store
 
 
 def cmd_add_model(args: argparse.Namespace) -> int:
@@ -105,50 +109,17 @@ _KIND_WORDS = {"local": "a local directory", "embedded": "an embedded model"}
 
 def cmd_judge_agreement(args: argparse.Namespace) -> int:
     """Score reference CSVs with a judge and compare with their own scores; bad input exits 2, writing nothing."""
-    import json
-
-    from em_assets.catalog.reference import ReferenceFileError, read_reference_files
-    from em_assets.catalog.stage import check_grid_names
-    from em_assets.cli.organisms import check_grid_reads
+    from em_assets.catalog.reference import ReferenceFileError
     from em_assets.cli.progress import logged_to_stderr
-    from em_assets.cli.results import from_here, usable_store
-    from em_assets.grid.load import GridError, load_grid
-    from em_assets.judging.agreement_stage import (
-        correction_coverage,
-        em_gaps,
-        fitted_answers,
-        measure_agreement,
-        pick_judge,
-        upstream_templates,
-    )
+    from em_assets.grid.load import GridError
+    from em_assets.judging.agreement_stage import fitted_answers, measure_agreement
     from em_assets.judging.error_rates import ErrorRateLookup
-    from em_assets.judging.judges import judge_identity, make_judge
     from em_assets.results.errors import MissingUpstreamError
 
     current = settings()
     try:
-        rows = read_reference_files([Path(f) for f in args.reference])
-        grid = load_grid(current.grid_path, current.profile)
-        # Plan's checks of what the grid names, where a run of the judge reads it too.
-        check_grid_names(grid)
-        check_grid_reads(grid, current)
-        spec = pick_judge(grid, args.judge)
-        templates = upstream_templates(grid, current.data_mirror, current.cache_dir)
-        store = usable_store(may_create=True)
-        # The judge is found (a trained one in the store, a model on disk) and an API judge's key accepted
-        # before the store is created.
-        judge_identity(grid, current.cache_dir, store, spec, current.torch_device)
-        if spec.backend == "openai":
-            make_judge(grid, None, spec=spec).check_server()
-        made = not store.exists()
-        store.init()
-        if made:
-            # The judge cache's store, made where a relative EM_DB names it: perhaps not the repository.
-            print(
-                f"[em-assets] made the results store {store.location.describe()}"
-                f"{from_here(*store.local_paths())} for the judge cache",
-                file=sys.stderr,
-            )
+        inputs = _agreement_inputs(args.reference, args.judge)
+        rows, grid, spec, store = inputs.rows, inputs.grid, inputs.spec, inputs.store
         lookup = ErrorRateLookup(store, grid.thresholds, grid.agreement.reference_judges)
         with logged_to_stderr(), judge_failure_reported():
             report = measure_agreement(
@@ -156,7 +127,7 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
                 grid,
                 spec,
                 rows,
-                templates,
+                inputs.templates,
                 cache_dir=current.cache_dir,
                 device=current.torch_device,
                 lookup=lookup,
@@ -174,17 +145,72 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
             f"fitted on: agreement on them is not held out (agreement.held_out_base_models names the others)",
             file=sys.stderr,
         )
-    if args.format == "json":
+    _print_agreement(report, args.format, grid.agreement.max_em_gap)
+    return 0
+
+
+@dataclass(frozen=True)
+class _AgreementInputs:
+    rows: pl.DataFrame
+    grid: GridConfig
+    spec: JudgeSpec
+    templates: dict
+    store: Store
+
+
+def _agreement_inputs(reference: Sequence[str], judge: str | None) -> _AgreementInputs:
+    """The reference rows, grid, judge, templates and store `judge-agreement` reads, each checked before the
+    store is created (it holds the judge cache)."""
+    from em_assets.catalog.reference import read_reference_files
+    from em_assets.catalog.stage import check_grid_names
+    from em_assets.cli.organisms import check_grid_reads
+    from em_assets.cli.results import from_here, usable_store
+    from em_assets.grid.load import load_grid
+    from em_assets.judging.agreement_stage import pick_judge, upstream_templates
+    from em_assets.judging.judges import judge_identity, make_judge
+
+    current = settings()
+    rows = read_reference_files([Path(f) for f in reference])
+    grid = load_grid(current.grid_path, current.profile)
+    # Plan's checks of what the grid names, where a run of the judge reads it too.
+    check_grid_names(grid)
+    check_grid_reads(grid, current)
+    spec = pick_judge(grid, judge)
+    templates = upstream_templates(grid, current.data_mirror, current.cache_dir)
+    store = usable_store(may_create=True)
+    # The judge is found (a trained one in the store, a model on disk) and an API judge's key accepted
+    # before the store is created.
+    judge_identity(grid, current.cache_dir, store, spec, current.torch_device)
+    if spec.backend == "openai":
+        make_judge(grid, None, spec=spec).check_server()
+    made = not store.exists()
+    store.init()
+    if made:
+        # The judge cache's store, made where a relative EM_DB names it: perhaps not the repository.
+        print(
+            f"[em-assets] made the results store {store.location.describe()}"
+            f"{from_here(*store.local_paths())} for the judge cache",
+            file=sys.stderr,
+        )
+    return _AgreementInputs(rows, grid, spec, templates, store)
+
+
+def _print_agreement(report: AgreementReport, fmt: str, max_em_gap: float) -> None:
+    """The agreement report as JSON, or as markdown tables with the correction's coverage and EM gaps."""
+    import json
+
+    from em_assets.judging.agreement_stage import correction_coverage, em_gaps
+
+    if fmt == "json":
         print(json.dumps(report.as_json(), indent=2))
-        return 0
+        return
     print(f"judge {report.judge} ({report.model} @ {report.revision})")
     with pl.Config(**MARKDOWN, float_precision=3, fmt_str_lengths=60, tbl_width_chars=200):
         print(metrics_table(report.metrics))
         print(em_table(report.em))
     print(f"judge_corrected: Rogan-Gladen with {report.corrected_with}")
     print(correction_coverage(report.em))
-    print(em_gaps(report.em, grid.agreement.max_em_gap).words())
-    return 0
+    print(em_gaps(report.em, max_em_gap).words())
 
 
 class _JudgeFailed(Exception):

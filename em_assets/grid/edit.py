@@ -121,7 +121,12 @@ def add_base_model(
         why = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise GridError(f"not a valid base model entry {fields}: {why}") from None
     entry = yaml.safe_dump(fields, default_flow_style=True, sort_keys=False, width=1 << 16).strip()
+    return _write_checked(grid_path, profile, _with_entry(grid_path, profile, entry), wanted)
 
+
+def _with_entry(grid_path: Path, profile: str, entry: str) -> str:
+    """The grid file's text with `entry` appended to the profile's base_models, refused where that would change
+    another profile (a YAML anchor shares the list) or the layout cannot take it."""
     with open(grid_path, encoding="utf-8", newline="") as fh:
         text = fh.read()
     new_text = _insert(text, _base_models_node(text, grid_path, profile), entry)
@@ -135,7 +140,11 @@ def add_base_model(
     changed = sorted(p for p in before if p != profile and before[p] != after.get(p))
     if changed:
         raise GridError(f"{grid_path}: base_models of {profile!r} is shared (YAML anchor) with {changed}")
+    return new_text
 
+
+def _write_checked(grid_path: Path, profile: str, new_text: str, wanted: BaseModelSpec) -> BaseModelSpec:
+    """Write `new_text` beside the grid, and rename it over the grid only if it loads with `wanted` in it."""
     try:
         # The new file is written beside the grid and renamed over it, so its folder must be writable too.
         fd, tmp_name = tempfile.mkstemp(dir=grid_path.parent, prefix=f".{grid_path.name}.", suffix=".tmp")
@@ -148,10 +157,10 @@ def add_base_model(
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
             fh.write(new_text)
         try:
-            added = load_grid(tmp, profile).base_model(name)
+            added = load_grid(tmp, profile).base_model(wanted.name)
         except GridError as exc:
             raise GridError(
-                f"{grid_path}: adding {name!r} would break the grid, left unchanged:\n{exc}"
+                f"{grid_path}: adding {wanted.name!r} would break the grid, left unchanged:\n{exc}"
             ) from exc
         if added != wanted:
             raise GridError(f"{grid_path}: the inserted entry reads back as {added}, not {wanted}")
