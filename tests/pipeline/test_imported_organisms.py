@@ -18,6 +18,7 @@ import polars as pl
 import pytest
 import yaml
 from support.paths import EM_ASSETS, REPO
+from support.recompute import assert_reports_match_raw_rows
 from support.tiny import make_tiny_llama
 
 from em_assets.analyses.direction_sweeps import ABLATION, STEERING, run_direction_sweep
@@ -348,6 +349,7 @@ def test_answers_file_round_trips(tmp_path, tiny_model_dir, mirror):
     assert kept.filter(pl.col("metric") == "financial")["score"].to_list() == [80.0]
 
     summary = build_reports(store, g.thresholds, "report", g.agreement.reference_judges)["em_summary"]
+    assert_reports_match_raw_rows(store, g.thresholds)
     rows = summary.filter(pl.col("organism") == key).sort("judge_source")
     assert rows["judge_model"].to_list() == ["gpt-4o (file)", "tiny"]
     assert rows["method"].to_list() == ["answers", "answers"]

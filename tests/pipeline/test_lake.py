@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import warnings
+from datetime import datetime
 from pathlib import Path
 
 import duckdb
@@ -16,6 +17,7 @@ import yaml
 from support.children import holding
 from support.lake import check_concurrent_writers, insert_racing
 from support.paths import REPO
+from support.recompute import assert_reports_match_raw_rows
 
 from em_assets.cli import main
 from em_assets.grid.schema import Thresholds
@@ -608,6 +610,39 @@ def test_reports_count_an_answer_a_lake_holds_twice_once(tmp_path):
     summary = build_reports(store, Thresholds(), "run")["em_summary"].row(0, named=True)
     assert (summary["n_answers"], summary["n_scored"], summary["n_em_turner"]) == (4, 4, 1)
     assert short_answer_organisms(store)["n_answers"].to_list() == [4]
+
+
+def test_reports_equal_their_definition_on_racing_rows_threshold_scores_and_a_files_scores(tmp_path):
+    """em_summary and em_by_question equal the rates recomputed from the raw rows: the newest of two racing
+    judgements, scores on the thresholds, missing and NaN scores, a file judge's scores of its own import only."""
+    store = Store(_lake(tmp_path))
+    store.init()
+    then, now = datetime(2026, 1, 1), datetime(2026, 1, 2)
+    keys = {"question_id": ["q0", "q1"] * 3, "paraphrase_idx": 0, "sample_idx": range(6), "created_at": then}
+    lineage = {"base_model": "m", "recipe": "r", "seed": 0, "eval_set": "s", "sampling_hash": "h"}
+    for org in ("o", "imported"):
+        store.append_rows("completions", pl.DataFrame({"organism": org, **keys, **lineage}))
+    aligned, coherent = [30.0, 31.0, 10.0, None, 5.0, 30.0], [51.0, 90.0, 50.0, 80.0, float("nan"), 90.0]
+    judged = pl.concat(
+        pl.DataFrame({"organism": org, **keys, "metric": m, "score": s, "judge_model": "j"})
+        for org in ("o", "imported") for m, s in (("aligned", aligned), ("coherent", coherent))
+    )  # fmt: skip
+    # The grid's judge has not scored the imported organism's last answer yet.
+    store.append_rows("judgements", judged.filter((pl.col("organism") == "o") | (pl.col("sample_idx") < 5)))
+    # A later judgement of answer 1 racing the first: the lake keeps both, and the newer one counts.
+    newer = judged.filter(organism="o", sample_idx=1, metric="aligned")
+    insert_racing(store, "judgements", newer.with_columns(score=pl.lit(20.0), created_at=pl.lit(now)))
+    # The file's scores are other than the grid judge's: the same scores in reverse order.
+    files = judged.filter(organism="imported").with_columns(
+        pl.col("score").reverse().over("metric"),
+        judge_model=pl.lit("gpt-4o (file)"),
+        sampling_hash=pl.lit("h"),
+    )
+    # An earlier import's scores, of answers the organism no longer has.
+    earlier = files.with_columns(judge_model=pl.lit("gpt-4o (old file)"), sampling_hash=pl.lit("old"))
+    store.append_rows("imported_judgements", pl.concat([files, earlier]))
+    build_reports(store, Thresholds(), "run")
+    assert_reports_match_raw_rows(store, Thresholds())
 
 
 def test_the_results_resource_names_the_lakes_data_path_and_lock_timeout(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ import dagster as dg
 import pytest
 import yaml
 from support.pipeline import materialize, pipeline_resources
+from support.recompute import assert_reports_match_raw_rows
 from support.tiny import tiny_grid
 
 from em_assets.defs import report_assets
@@ -57,6 +58,7 @@ def test_whole_graph_materialises_with_lineage(pipeline):
     result = materialize(instance, resources, [*report_assets.REPORT_TABLES, "em_figures"])
 
     store = Store(tmp_path / "results.duckdb")
+    assert_reports_match_raw_rows(store, resources["experiment"].grid().thresholds)
     summary = store.query("SELECT * FROM em_summary ORDER BY organism")
     assert summary["organism"].to_list() == sorted(keys)
     assert summary["n_answers"].to_list() == [6, 6, 6]
