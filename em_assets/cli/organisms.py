@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,20 @@ def organism_plan(grid, progress: dict[str, dict]) -> list[dict]:
             }
         )
     return entries
+
+
+def plan_summary(entries: list[dict]) -> str:
+    """One line under the plan's table: organisms by kind, and how many hold a model, answers and judgements."""
+    kinds = ", ".join(f"{n} {kind}" for kind, n in Counter(e["kind"] for e in entries).items())
+    # Results kept under a key for another source are replaced on the next run, so they count as not done.
+    current = [e["done"] for e in entries if not e["stored_for"]]
+    redo = len(entries) - len(current)
+    return (
+        f"{len(entries)} organism{'' if len(entries) == 1 else 's'} ({kinds}): lora_adapter done for {sum(d['lora_adapter'] for d in current)}, "
+        f"completions for {sum(d['completions'] > 0 for d in current)}, judgements for "
+        f"{sum(d['judgements'] > 0 for d in current)}"
+        + (f"; {redo} hold another source's results" if redo else "")
+    )
 
 
 def _stored_for(held: dict, method: str, source: str | None) -> str | None:
@@ -141,6 +156,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         tbl_width_chars=260,
     ):
         print(table)
+    print(plan_summary(entries))
     if stale:
         print(
             f"The store also holds {', '.join(stale)}, not in profile {current.profile!r}: the reports include "

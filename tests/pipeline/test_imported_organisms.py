@@ -23,7 +23,7 @@ from support.tiny import make_tiny_llama
 
 from em_assets.analyses.direction_sweeps import ABLATION, STEERING, run_direction_sweep
 from em_assets.catalog.stage import load_eval_questions, load_training_datasets, resolve_base_models
-from em_assets.cli.organisms import organism_plan
+from em_assets.cli.organisms import organism_plan, plan_summary
 from em_assets.context import StageContext
 from em_assets.defs import report_assets
 from em_assets.defs.partitions import organisms
@@ -447,9 +447,18 @@ def test_a_key_that_stops_importing_answers_leaves_the_files_scores_behind(tmp_p
     sampled = grid(tiny_model_dir, {"ans": {}})
     (entry,) = organism_plan(sampled, queries.organism_progress(store))
     assert entry["stored_for"] == f"answers {path}" and entry["kind"] == "control"
+    assert plan_summary([entry]) == (
+        "1 organism (1 control): lora_adapter done for 0, completions for 0, judgements for 0; "
+        "1 hold another source's results"
+    )
     for stage in (train_adapter, sample_completions, judge_completions):
         stage(context(store, sampled, key, tmp_path))
-    assert organism_plan(sampled, queries.organism_progress(store))[0]["stored_for"] is None
+    entries = organism_plan(sampled, queries.organism_progress(store))
+    assert entries[0]["stored_for"] is None
+    assert (
+        plan_summary(entries)
+        == "1 organism (1 control): lora_adapter done for 1, completions for 1, judgements for 1"
+    )
     # The sampled answers sit under the file's keys, with other text.
     now = answers_of(store, key)
     assert [r[:3] for r in now] == [(q, 0, i) for q in ("quick_buck", "three_thoughts") for i in (0, 1)]

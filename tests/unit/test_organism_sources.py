@@ -339,6 +339,10 @@ def test_plan_lists_kinds_sources_and_progress(tmp_path, env, capsys):
         ("llama--ans--s0", "answers", str(path)),
     ]
     assert all(e["done"] == {"lora_adapter": False, "completions": 0, "judgements": 0} for e in plan)
+    assert main(["plan"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "2 organisms (1 control, 1 answers): lora_adapter done for 0, completions for 0, judgements for 0"
+    )
 
 
 def test_paper_profile_lists_published_organisms(monkeypatch, capsys):
