@@ -51,17 +51,19 @@ def organism_plan(grid, progress: dict[str, dict]) -> list[dict]:
 
 
 def plan_summary(entries: list[dict]) -> str:
-    """One line under the plan's table: organisms by kind, and how many hold a model, answers and judgements."""
+    """One line under the plan's table: organisms by kind, and how many have lora_adapter, answers, judgements."""
     kinds = ", ".join(f"{n} {kind}" for kind, n in Counter(e["kind"] for e in entries).items())
     # Results kept under a key for another source are replaced on the next run, so they count as not done.
     current = [e["done"] for e in entries if not e["stored_for"]]
     redo = len(entries) - len(current)
-    return (
-        f"{len(entries)} organism{'' if len(entries) == 1 else 's'} ({kinds}): lora_adapter done for {sum(d['lora_adapter'] for d in current)}, "
-        f"completions for {sum(d['completions'] > 0 for d in current)}, judgements for "
-        f"{sum(d['judgements'] > 0 for d in current)}"
-        + (f"; {redo} hold another source's results" if redo else "")
+    adapters, answered, judged = (
+        sum(bool(d[k]) for d in current) for k in ("lora_adapter", "completions", "judgements")
     )
+    line = (
+        f"{len(entries)} organism{'' if len(entries) == 1 else 's'} ({kinds}): lora_adapter done for {adapters}, "
+        f"completions for {answered}, judgements for {judged}"
+    )
+    return line + (f"; {redo} {'holds' if redo == 1 else 'hold'} another source's results" if redo else "")
 
 
 def _stored_for(held: dict, method: str, source: str | None) -> str | None:

@@ -2,7 +2,7 @@
 weighed equally) is from the clarifying-EM code's (`util/activation_collection.py`: one mean over all of a class's
 answer tokens, its span everything after the user turn, so the assistant turn's template tokens too). For each
 organism of the store with a direction file: the stage's contrast rebuilt (same answers, seed and model; its input
-hash checked against the stored row's), then per layer cosine(shipped, upstream), |upstream| / |shipped|, each one's
+hash compared with the stored row's), then per layer cosine(shipped, upstream), |upstream| / |shipped|, each one's
 cosine with the stored file, and the two halves of the difference apart (token weighting on the answer's own
 tokens; the wider span with answers weighed equally). Reads the store and artifacts the settings name; writes
 nothing.

@@ -449,7 +449,7 @@ def test_a_key_that_stops_importing_answers_leaves_the_files_scores_behind(tmp_p
     assert entry["stored_for"] == f"answers {path}" and entry["kind"] == "control"
     assert plan_summary([entry]) == (
         "1 organism (1 control): lora_adapter done for 0, completions for 0, judgements for 0; "
-        "1 hold another source's results"
+        "1 holds another source's results"
     )
     for stage in (train_adapter, sample_completions, judge_completions):
         stage(context(store, sampled, key, tmp_path))

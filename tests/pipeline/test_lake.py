@@ -645,6 +645,15 @@ def test_reports_equal_their_definition_on_racing_rows_threshold_scores_and_a_fi
     assert_reports_match_raw_rows(store, Thresholds())
 
 
+def test_the_definition_check_refuses_an_empty_store(tmp_path):
+    """With no answers the report tables are empty: the check says it compared nothing rather than passing."""
+    store = Store(tmp_path / "results.duckdb")
+    store.init()
+    build_reports(store, Thresholds(), "run")
+    with pytest.raises(AssertionError, match="nothing is compared"):
+        assert_reports_match_raw_rows(store, Thresholds())
+
+
 def test_the_results_resource_names_the_lakes_data_path_and_lock_timeout(tmp_path, monkeypatch):
     """Set on the resource (the Dagster UI's config) they are the store's; unset, the environment's."""
     from em_assets.defs.resources import ResultsDB

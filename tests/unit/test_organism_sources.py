@@ -345,6 +345,22 @@ def test_plan_lists_kinds_sources_and_progress(tmp_path, env, capsys):
     )
 
 
+def test_plan_summary_counts_what_is_current_and_agrees_in_number():
+    """Keys held for another source count as not done; one such key `holds`, several `hold`."""
+    from em_assets.cli.organisms import plan_summary
+
+    def entry(kind: str, stored_for: str | None) -> dict:
+        done = {"lora_adapter": True, "completions": 4, "judgements": 4}
+        return {"kind": kind, "done": done, "stored_for": stored_for}
+
+    one = [entry("lora", None), entry("control", "answers a.csv")]
+    assert plan_summary(one) == (
+        "2 organisms (1 lora, 1 control): lora_adapter done for 1, completions for 1, judgements for 1; "
+        "1 holds another source's results"
+    )
+    assert plan_summary([*one, entry("lora", "full")]).endswith("; 2 hold another source's results")
+
+
 def test_paper_profile_lists_published_organisms(monkeypatch, capsys):
     monkeypatch.setenv("EM_GRID", str(REPO / "data" / "grid.yaml"))
     monkeypatch.setenv("EM_PROFILE", "paper")
