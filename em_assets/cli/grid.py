@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import polars as pl
 
 from em_assets.cli.tables import MARKDOWN, interval_column
-from em_assets.settings import settings
+from em_assets.settings import Settings, settings
 
 if TYPE_CHECKING:
     from em_assets.grid.schema import GridConfig, JudgeSpec
@@ -118,7 +118,7 @@ def cmd_judge_agreement(args: argparse.Namespace) -> int:
 
     current = settings()
     try:
-        inputs = _agreement_inputs(args.reference, args.judge)
+        inputs = _agreement_inputs(current, args.reference, args.judge)
         rows, grid, spec, store = inputs.rows, inputs.grid, inputs.spec, inputs.store
         lookup = ErrorRateLookup(store, grid.thresholds, grid.agreement.reference_judges)
         with logged_to_stderr(), judge_failure_reported():
@@ -158,7 +158,7 @@ class _AgreementInputs:
     store: Store
 
 
-def _agreement_inputs(reference: Sequence[str], judge: str | None) -> _AgreementInputs:
+def _agreement_inputs(current: Settings, reference: Sequence[str], judge: str | None) -> _AgreementInputs:
     """The reference rows, grid, judge, templates and store `judge-agreement` reads, each checked before the
     store is created (it holds the judge cache)."""
     from em_assets.catalog.reference import read_reference_files
@@ -169,7 +169,6 @@ def _agreement_inputs(reference: Sequence[str], judge: str | None) -> _Agreement
     from em_assets.judging.agreement_stage import pick_judge, upstream_templates
     from em_assets.judging.judges import judge_identity, make_judge
 
-    current = settings()
     rows = read_reference_files([Path(f) for f in reference])
     grid = load_grid(current.grid_path, current.profile)
     # Plan's checks of what the grid names, where a run of the judge reads it too.

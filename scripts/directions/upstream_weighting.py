@@ -134,7 +134,8 @@ def measure(store: Store, grid, row: dict) -> pl.DataFrame:
 
 
 def main(names: list[str]) -> None:
-    store, grid, spec = Store(), load_grid(), load_grid().directions
+    store, grid = Store(), load_grid()
+    spec = grid.directions
     organisms = [o for o in db.computed_directions(store)["organism"] if not names or o in names]
     tables = []
     with pl.Config(tbl_rows=-1, tbl_cols=-1, float_precision=4, tbl_width_chars=200):
