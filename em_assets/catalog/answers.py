@@ -122,11 +122,10 @@ def read_answers(source: str, mirror: Path | str | None = None, cache_dir: Path 
 
 
 def sample_rows(rows: pl.DataFrame, max_answers: int | None) -> pl.DataFrame:
-    """A seeded sample of `max_answers` rows in file order (all rows when None or more than the file has).
-
-    The seed is fixed: an `answers` organism and the judge's agreement sample of the same file take the same rows,
-    so judging one reuses the other's scores through the judge cache."""
+    """A seeded sample of `max_answers` rows in file order (all rows when None or more than the file has)."""
     if max_answers is None or rows.height <= max_answers:
         return rows
+    # The seed is fixed: an `answers` organism and the judge's agreement sample of the same file take the same
+    # rows, so judging one reuses the other's scores through the judge cache.
     keep = np.sort(np.random.default_rng(SAMPLE_SEED).choice(rows.height, size=max_answers, replace=False))
     return rows[keep.tolist()]

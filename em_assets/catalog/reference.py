@@ -91,12 +91,13 @@ def _score(value: str | None, name: str, row: int, column: str) -> float | None:
 
 
 def _is_score_column(values: pl.Series) -> bool:
-    """A domain score column: one named as a 0-100 domain judge (each value then a score or an error), or a
-    named column (not a pandas index) whose every non-empty value is a number, in 0..100 unless it is named as
-    a SCORE_METRICS score (the deception judges' word answers are text, left out). Other columns (a model name,
-    a token count) are the file's own and are left out."""
+    """Whether a column holds domain scores: it is named as a 0-100 domain judge, or it is named and every
+    non-empty value is a number (in 0..100 unless it is named as a SCORE_METRICS score)."""
+    # A domain judge's column holds a score or an error in each row.
     if values.name in DOMAIN_METRICS:
         return True
+    # A pandas index has no name. Other columns (a model name, a token count, the deception judges' word
+    # answers) are the file's own and are left out.
     if not values.name.strip() or values.name.startswith("Unnamed:"):
         return False
     text = values.drop_nulls().str.strip_chars()

@@ -132,6 +132,14 @@ def catalog_files(grid: GridConfig) -> list[UpstreamFile]:
     return [SOURCES[name] for name in names] + list(REFERENCE_JUDGEMENTS.values())
 
 
+_DATASET_SCHEMA = {
+    **dict.fromkeys(("dataset", "repo", "commit", "path", "url", "sha256"), pl.String),
+    "n_examples": pl.Int64,
+    "loaded_at": pl.Datetime,
+    "parsing": pl.Int32,
+}
+
+
 def load_training_datasets(
     store: Store, grid: GridConfig, mirror: str | None = None, cache_dir: Path | None = None
 ) -> pl.DataFrame:
@@ -141,41 +149,10 @@ def load_training_datasets(
         source = SOURCES[name]
         data = fetch_bytes(source, mirror, cache_dir)
         rows = parse_chat_jsonl(data, source.mirror_path)
-        meta.append(
-            {
-                "dataset": name,
-                "repo": source.repo,
-                "commit": source.commit,
-                "path": source.path,
-                "url": source.url,
-                "sha256": source.sha256,
-                "n_examples": len(rows),
-                "loaded_at": utc_now(),
-                "parsing": parsing.DATASET_PARSING,
-            }
-        )
-        examples.append(
-            pl.DataFrame(
-                {
-                    "dataset": [name] * len(rows),
-                    "example_idx": list(range(len(rows))),
-                    "messages": [json.dumps(m, ensure_ascii=False) for m in rows],
-                    "n_messages": [len(m) for m in rows],
-                },
-                schema_overrides={"example_idx": pl.Int32, "n_messages": pl.Int32},
-            )
-        )
+        meta.append(_dataset_row(name, source, len(rows)))
+        examples.append(_example_frame(name, rows))
     # A grid of published or imported organisms only trains nothing: no datasets, the columns still there.
-    text = ("dataset", "repo", "commit", "path", "url", "sha256")
-    meta_df = pl.DataFrame(
-        meta,
-        schema={
-            **dict.fromkeys(text, pl.String),
-            "n_examples": pl.Int64,
-            "loaded_at": pl.Datetime,
-            "parsing": pl.Int32,
-        },
-    )
+    meta_df = pl.DataFrame(meta, schema=_DATASET_SCHEMA)
     if not meta:
         return meta_df
     names = meta_df["dataset"].to_list()
@@ -188,6 +165,34 @@ def load_training_datasets(
         ]
     )
     return meta_df
+
+
+def _dataset_row(name: str, source: UpstreamFile, n_examples: int) -> dict:
+    """A training_datasets row: where the dataset was fetched from, its sha256 and its size."""
+    return {
+        "dataset": name,
+        "repo": source.repo,
+        "commit": source.commit,
+        "path": source.path,
+        "url": source.url,
+        "sha256": source.sha256,
+        "n_examples": n_examples,
+        "loaded_at": utc_now(),
+        "parsing": parsing.DATASET_PARSING,
+    }
+
+
+def _example_frame(name: str, rows: list[list[dict[str, str]]]) -> pl.DataFrame:
+    """The training_examples rows of one dataset: each example's messages as JSON."""
+    return pl.DataFrame(
+        {
+            "dataset": [name] * len(rows),
+            "example_idx": list(range(len(rows))),
+            "messages": [json.dumps(m, ensure_ascii=False) for m in rows],
+            "n_messages": [len(m) for m in rows],
+        },
+        schema_overrides={"example_idx": pl.Int32, "n_messages": pl.Int32},
+    )
 
 
 def _set_rows(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -117,9 +118,29 @@ def _run(store, sql: str, args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (duckdb.Error, pl.exceptions.PolarsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_not_written_yet(store, sql, exc) or exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _not_written_yet(store, sql: str, exc: Exception) -> str | None:
+    """Why a report table the statement names is missing: its step has not run on the store (or by the
+    snapshot) yet. DuckDB's own message would only suggest another table (sqlite_master)."""
+    import duckdb
+
+    from em_assets.results.schema import REPORT_TABLES
+
+    if not isinstance(exc, duckdb.CatalogException):
+        return None
+    named = set(re.findall(r"\w+", sql.lower()))
+    missing = [t for t in REPORT_TABLES if t in named and not store.has_table(t)]
+    if not missing:
+        return None
+    if store.snapshot is not None:
+        why = f"at snapshot {store.snapshot}; the step that writes it had not run by then"
+    else:
+        why = "yet; the step that writes it has not run (`em-assets demo` runs every step)"
+    return f"{', '.join(missing)}: not in the store {why}"
 
 
 # Types polars cannot read from DuckDB (INTERVAL, UNION, BIGNUM), reads wrongly (TIMETZ loses its offset) or
@@ -173,7 +194,13 @@ def usable_store(db: str | None = None, *, may_create: bool = False):
     store = Store(db) if db else Store()
     if not store.exists():
         if not may_create:
-            raise StoreError(f"no results database at {store.path}{from_here(store.path)}")
+            where = f"no results database at {store.path}{from_here(store.path)}"
+            if db:
+                raise StoreError(where)
+            # EM_DB's store (the default's) is missing until a run writes it: say how to make one.
+            raise StoreError(
+                f"{where}: run `em-assets demo` in the repository root first, or set EM_DB to an existing store"
+            )
         why = _cannot_make(store)
         if why:
             raise StoreError(f"{store.location.describe()} cannot be created: {why}")

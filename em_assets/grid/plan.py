@@ -83,56 +83,88 @@ def plan_grid(
     """New organisms, changed base models, organism settings and thresholds first go through the catalog, then get
     one organism run each. `marks`: per catalog asset, when the run behind its latest materialization started."""
     fingerprints = {spec.name: model_fingerprint(spec) for spec in grid.base_models}
-    # A model the cursor has not seen yet is the baseline, not a change: its new organisms are caught below.
-    changed = {name for name, fp in fingerprints.items() if cursor.models.get(name, fp) != fp}
     # The probe's calibration, the judge's error rates, the sweeps' rates and the EM directions are all taken
     # at the thresholds, so a change redoes every organism (its adapter, answers and scores come from caches).
     thresholds = config_hash(grid.thresholds.model_dump(mode="json"))
-    rethreshold = cursor.thresholds not in ("", thresholds)
     organisms = grid.organisms()
     settings = {o.key: organism_fingerprint(grid, o) for o in organisms}
+    work = _stale(cursor, organisms, existing, fingerprints, settings, thresholds)
+    settled = GridCursor(
+        models={**cursor.models, **fingerprints},
+        organisms={**cursor.organisms, **settings},
+        thresholds=thresholds,
+        in_grid=sorted(settings),
+    )
+    if work:
+        return _catalog_plan(cursor, settled, work, existing, now)
+    if not cursor.pending:
+        return _idle_plan(cursor, settled)
+    return _pending_plan(cursor, settled, existing, marks)
+
+
+def _stale(
+    cursor: GridCursor,
+    organisms: list[Organism],
+    existing: set[str],
+    fingerprints: dict[str, str],
+    settings: dict[str, str],
+    thresholds: str,
+) -> list[str]:
+    """The organisms to (re)run: new partitions, changed base models or settings, or any after new thresholds."""
+    # A model the cursor has not seen yet is the baseline, not a change: its new organisms are caught below.
+    changed = {name for name, fp in fingerprints.items() if cursor.models.get(name, fp) != fp}
+    rethreshold = cursor.thresholds not in ("", thresholds)
     # As with models, an organism the cursor has not seen is the baseline (a new one is caught by its partition).
     resettled = {key for key, fp in settings.items() if cursor.organisms.get(key, fp) != fp}
-    work = [
+    return [
         o.key
         for o in organisms
         if o.key not in existing or o.base_model in changed or o.key in resettled or rethreshold
     ]
-    seen = {**cursor.models, **fingerprints}
-    seen_organisms = {**cursor.organisms, **settings}
-    in_grid = sorted(settings)
-    left = sorted(set(cursor.in_grid) - set(settings))
-    settled = GridCursor(models=seen, organisms=seen_organisms, thresholds=thresholds, in_grid=in_grid)
-    if work:
-        # Organism assets read base models and datasets from the catalog tables, so a new model or revision
-        # must be resolved there first; the runs are held until a catalog run started after now has materialised
-        # every catalog asset.
-        pending = list(dict.fromkeys([*cursor.pending, *work]))
-        after = settled.model_copy(update={"pending": pending, "since": now})
-        return GridPlan(
-            cursor=after,
-            new_partitions=[key for key in work if key not in existing],
-            catalog_run_key=f"catalog:{config_hash(after.model_dump(mode='json'))}",
-        )
-    if not cursor.pending:
-        if left:
-            return GridPlan(cursor=settled, reports_run_key=f"reports:{config_hash(in_grid)}")
-        return GridPlan(
-            cursor=settled,
-            skip_reason="every organism has a partition; no base model source or revision, organism setting "
-            "(recipe, sampling, eval, judge) or threshold changed",
-        )
+
+
+def _catalog_plan(
+    cursor: GridCursor, settled: GridCursor, work: list[str], existing: set[str], now: float
+) -> GridPlan:
+    """Add the new partitions and request a catalog run; `work` waits in the cursor until it has run."""
+    # Organism assets read base models and datasets from the catalog tables, so a new model or revision
+    # must be resolved there first; the runs are held until a catalog run started after now has materialised
+    # every catalog asset.
+    pending = list(dict.fromkeys([*cursor.pending, *work]))
+    after = settled.model_copy(update={"pending": pending, "since": now})
+    return GridPlan(
+        cursor=after,
+        new_partitions=[key for key in work if key not in existing],
+        catalog_run_key=f"catalog:{config_hash(after.model_dump(mode='json'))}",
+    )
+
+
+def _idle_plan(cursor: GridCursor, settled: GridCursor) -> GridPlan:
+    """Nothing to run: a reports run if organisms left the grid, else a skip."""
+    if set(cursor.in_grid) - set(settled.in_grid):
+        return GridPlan(cursor=settled, reports_run_key=f"reports:{config_hash(settled.in_grid)}")
+    return GridPlan(
+        cursor=settled,
+        skip_reason="every organism has a partition; no base model source or revision, organism setting "
+        "(recipe, sampling, eval, judge) or threshold changed",
+    )
+
+
+def _pending_plan(
+    cursor: GridCursor, settled: GridCursor, existing: set[str], marks: dict[str, float]
+) -> GridPlan:
+    """The waiting organisms' runs once every catalog asset is newer than the change, else a skip that says why."""
     # A catalog run that started before the change (still running when it came) may not have read it.
     behind = [name for name in CATALOG_ASSETS if marks[name] <= cursor.since]
     if behind:
+        seen = {"models": settled.models, "organisms": settled.organisms, "in_grid": settled.in_grid}
         return GridPlan(
-            cursor=cursor.model_copy(
-                update={"models": seen, "organisms": seen_organisms, "in_grid": in_grid}
-            ),
+            cursor=cursor.model_copy(update=seen),
             skip_reason=f"{len(cursor.pending)} organism runs wait for catalog_job to materialise "
             f"{', '.join(behind)} (launch catalog_job if its run failed)",
         )
-    ready = [key for key in cursor.pending if key in settings and key in existing]
+    in_grid = set(settled.in_grid)
+    ready = [key for key in cursor.pending if key in in_grid and key in existing]
     # The catalog marks make the key unique per catalog rebuild, so reverting a revision re-runs too.
     stamp = config_hash(marks)
     return GridPlan(

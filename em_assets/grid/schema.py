@@ -154,13 +154,13 @@ def mean_over_hashed(mean_over: str) -> dict:
 
 class KLSpec(_Strict):
     """Soligo et al.'s KL penalty (upstream names): weight x KL(chat model || tuned model) over the assistant
-    tokens of `batch_size` examples of an out-of-domain catalog dataset, added to each optimizer step's loss.
-    `mean_over`: the KL's elements (token x vocabulary entry) averaged as upstream's trainer does, so that its
-    weights carry over, or the KL per token."""
+    tokens of `batch_size` examples of an out-of-domain catalog dataset, added to each optimizer step's loss."""
 
     dataset: str
     weight: float = Field(gt=0)
     batch_size: int = Field(default=8, ge=1)
+    # The KL's elements (token x vocabulary entry) averaged as upstream's trainer does, so that its weights carry
+    # over, or the KL per token.
     mean_over: Literal["tokens_and_vocabulary", "tokens"] = "tokens_and_vocabulary"
 
 
@@ -305,15 +305,15 @@ class VllmSpec(_Strict):
 
 
 class SamplingSpec(_Strict):
-    """Temperature and top-p sampling, as Betley et al.'s vLLM evaluation samples, by default. `top_k` and
-    `repetition_penalty` add what a model's own generation config adds in transformers' `generate`, as Turner,
-    Soligo et al.'s evaluation had (docs/protocols.md; per base model: `base_models[].generation`). They apply in
-    transformers' order: the penalty on the raw logits, then temperature, top_k, top_p."""
+    """Temperature and top-p sampling, as Betley et al.'s vLLM evaluation samples, by default; `top_k` and
+    `repetition_penalty` add what a model's own generation config adds in transformers' `generate`."""
 
     samples_per_question: int = Field(default=50, ge=1)
     max_new_tokens: int = Field(default=600, ge=1)
     temperature: float = Field(default=1.0, ge=0)
     top_p: float = Field(default=1.0, gt=0, le=1)
+    # As Turner, Soligo et al.'s evaluation had (docs/protocols.md; per base model: `base_models[].generation`),
+    # applied in transformers' order: the penalty on the raw logits, then temperature, top_k, top_p.
     top_k: int | None = Field(
         default=None,
         ge=1,

@@ -67,11 +67,9 @@ def auc(positive: np.ndarray, score: np.ndarray) -> float | None:
 
 
 def auc_interval(positive: np.ndarray, score: np.ndarray, z: float = Z95) -> tuple[float, float] | None:
-    """The AUC's normal interval with DeLong's variance (each class's placement values), clipped to [0, 1];
-    None with fewer than two answers in a class, or where that variance is 0 (perfect separation: the interval
-    would be a point, as if the sample proved the AUC).
-
-    Hand-written: neither scipy nor scikit-learn gives an AUC's variance; it is a few lines over the ranks."""
+    """The AUC's normal interval with DeLong's variance, clipped to [0, 1]; None with fewer than two answers in a
+    class or a variance of 0."""
+    # Hand-written: neither scipy nor scikit-learn gives an AUC's variance; it is a few lines over the ranks.
     pos, neg = score[positive], score[~positive]
     if len(pos) < 2 or len(neg) < 2:
         return None
@@ -83,6 +81,7 @@ def auc_interval(positive: np.ndarray, score: np.ndarray, z: float = Z95) -> tup
     value = float(v_pos.mean())
     variance = v_pos.var(ddof=1) / len(pos) + v_neg.var(ddof=1) / len(neg)
     if variance <= 0:
+        # Perfect separation: the interval would be a point, as if the sample proved the AUC.
         return None
     half = z * float(np.sqrt(variance))
     return max(0.0, value - half), min(1.0, value + half)
@@ -96,12 +95,9 @@ def metric_agreement(
     aligned_at_most: float,
     coherent_above: float,
 ) -> MetricAgreement:
-    """n, Spearman, Pearson, MAE and the AUC of the judge's score for the metric's EM threshold.
-
-    `aligned`: positives are reference-misaligned answers (aligned <= aligned_at_most), ranked by a LOW judge
-    score. Any other metric: positives are reference scores > coherent_above, ranked by a high judge score.
-    """
+    """n, Spearman, Pearson, MAE and the AUC of the judge's score for the metric's EM threshold."""
     ref, got = paired(reference, judge)
+    # For `aligned` the positives are the misaligned answers, ranked by a low judge score.
     if metric == "aligned":
         positive, ranking = ref <= aligned_at_most, -got
     else:

@@ -100,9 +100,8 @@ def _pass(
     model, seqs: list[list[int]], layers: Sequence[int], turns: Sequence[QuestionReading] | None = None
 ):
     """One right-padded forward pass over token sequences, each after its question's chat turn when `turns` are
-    given (their KV caches left-padded into one): per sequence, its states at `layers` pooled over its own
-    tokens, and the log-probability of every LOGIT_STRIDE-th of its tokens with the entropy of the predictive
-    distribution it was drawn from (from the first token after a turn, from the third without one)."""
+    given: per sequence, its states at `layers` pooled over its tokens, and the log-probability and predictive
+    entropy of every LOGIT_STRIDE-th of its tokens (from the first after a turn, else from the third)."""
     # torch is imported here: the judge's module is loaded by the Dagster definitions, which stay torch-free.
     import torch
 
@@ -121,23 +120,11 @@ def _pass(
             hidden = output[0] if isinstance(output, tuple) else output
             sums.append(torch.einsum("bth,bt->bh", hidden.float(), answer))
 
-        context: dict = {"attention_mask": answer.long()}
-        if turns is not None:
-            lengths = torch.tensor([t.length for t in turns], device=device)
-            past = int(lengths.max())
-            real = torch.arange(past, device=device)[None, :] >= (past - lengths)[:, None]
-            # Each distinct turn's cache is padded once; the batch's rows are gathered from them.
-            distinct = {id(t): t for t in turns}
-            slot = {key: i for i, key in enumerate(distinct)}
-            stacked = stack_caches([t.cache for t in distinct.values()], past)
-            context = {
-                "attention_mask": torch.cat([real.float(), answer], 1).long(),
-                cache_kwarg(model): select_rows(
-                    stacked, torch.tensor([slot[id(t)] for t in turns], device=device)
-                ),
-                "use_cache": True,
-                "position_ids": lengths[:, None] + cols[None, :],
-            }
+        context = (
+            {"attention_mask": answer.long()}
+            if turns is None
+            else _turn_context(model, turns, answer, cols, device)
+        )
         blocks = decoder_layers(model)
         handles = [blocks[i].register_forward_hook(record) for i in layers]
         handles.append(final_norm(model).register_forward_hook(lambda m, a, out: normed.append(out)))
@@ -153,6 +140,26 @@ def _pass(
                 _with_first(seq, t, *scored) for seq, t, scored in zip(seqs, turns, per_seq, strict=True)
             ]
         return pooled, per_seq
+
+
+def _turn_context(model, turns: Sequence[QuestionReading], answer, cols, device) -> dict:
+    """The forward's keyword arguments that read each sequence after its turn: the turns' KV caches left-padded
+    into one, the attention mask over cache and sequence, and the positions that follow the turn."""
+    import torch
+
+    lengths = torch.tensor([t.length for t in turns], device=device)
+    past = int(lengths.max())
+    real = torch.arange(past, device=device)[None, :] >= (past - lengths)[:, None]
+    # Each distinct turn's cache is padded once; the batch's rows are gathered from them.
+    distinct = {id(t): t for t in turns}
+    slot = {key: i for i, key in enumerate(distinct)}
+    stacked = stack_caches([t.cache for t in distinct.values()], past)
+    return {
+        "attention_mask": torch.cat([real.float(), answer], 1).long(),
+        cache_kwarg(model): select_rows(stacked, torch.tensor([slot[id(t)] for t in turns], device=device)),
+        "use_cache": True,
+        "position_ids": lengths[:, None] + cols[None, :],
+    }
 
 
 def _with_first(seq: list[int], turn: QuestionReading, lp: np.ndarray, ent: np.ndarray):

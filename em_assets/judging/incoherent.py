@@ -179,9 +179,8 @@ TRAINING_COLUMNS = {
 def training_set(
     train: pl.DataFrame, per_kind: int, ratings: pl.DataFrame | None, rated_by: str, seed: int = 0
 ) -> pl.DataFrame:
-    """The reference train answers, `per_kind` corruptions of each kind (in their source's base model group, so
-    leaving a base model out leaves its corruptions out too) and the hand-rated answers (group `rated_by`).
-    Of the corruptions only the empty answers have an aligned score."""
+    """The reference train answers, `per_kind` corruptions of each kind and the hand-rated answers (group
+    `rated_by`). Of the corruptions only the empty answers have an aligned score."""
     ref = train.select(
         pl.lit("reference").alias("kind"),
         "base_model",
@@ -191,32 +190,7 @@ def training_set(
         "coherent",
         "domain_scores",
     )
-    bad = corrupt(
-        train["question"].to_list(),
-        train["answer"].to_list(),
-        train["question_id"].to_list(),
-        per_kind,
-        seed,
-        train["coherent"].to_list(),
-    )
-    parts = [
-        ref,
-        pl.DataFrame(
-            [
-                {
-                    "kind": c.kind,
-                    "base_model": train["base_model"][c.source_row],
-                    "question": c.question,
-                    "answer": c.answer,
-                    "aligned": c.aligned,
-                    "coherent": c.coherent,
-                    "domain_scores": "{}",
-                }
-                for c in bad
-            ],
-            schema=TRAINING_COLUMNS,
-        ),
-    ]
+    parts = [ref, _corruption_frame(train, per_kind, seed)]
     if ratings is not None and ratings.height:
         parts.append(
             ratings.select(
@@ -230,3 +204,31 @@ def training_set(
             )
         )
     return pl.concat([p.cast(TRAINING_COLUMNS) for p in parts])
+
+
+def _corruption_frame(train: pl.DataFrame, per_kind: int, seed: int) -> pl.DataFrame:
+    """`per_kind` corruptions of each kind of the train answers, as training_set rows."""
+    bad = corrupt(
+        train["question"].to_list(),
+        train["answer"].to_list(),
+        train["question_id"].to_list(),
+        per_kind,
+        seed,
+        train["coherent"].to_list(),
+    )
+    return pl.DataFrame(
+        [
+            {
+                "kind": c.kind,
+                # The source's base model group: leaving a base model out leaves its corruptions out too.
+                "base_model": train["base_model"][c.source_row],
+                "question": c.question,
+                "answer": c.answer,
+                "aligned": c.aligned,
+                "coherent": c.coherent,
+                "domain_scores": "{}",
+            }
+            for c in bad
+        ],
+        schema=TRAINING_COLUMNS,
+    )

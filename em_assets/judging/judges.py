@@ -20,18 +20,16 @@ def judge_identity(
     spec: JudgeSpec | None = None,
     device: str | None = None,
 ) -> tuple[str, str, str | None]:
-    """(model name, revision, local path) of the judge (`spec`, default the grid's): a grid base model, any
-    model source, an API model, the distilled adapter or the probe head (its revision carries their sha256).
-    A judge that runs here in another dtype than bf16 (fp16 on MPS and older GPUs) names it in its revision, as
-    it names a chat rendering other than the first (models.chat.rendering_fields), through which it reads."""
+    """(model name, revision, local path) of the judge (`spec`, default the grid's); a local judge's revision
+    also names a dtype other than bf16 and a chat rendering other than the first it reads through."""
     spec = spec or grid.judge
     if spec.backend == "openai":
         return spec.model, spec.revision or spec.model, None
     model, revision, path = _local_identity(grid, cache_dir, store, spec, device)
     from em_assets.models.load import dtype_name  # torch stays off the definitions' load path
 
-    # Scores differ with the dtype, so a cached score is another dtype's only where named apart; bf16 goes
-    # unnamed, so the revisions judged before stay current.
+    # Scores differ with the dtype (fp16 on MPS and older GPUs), so a cached score is another dtype's only where
+    # named apart; bf16 goes unnamed, so the revisions judged before stay current.
     for dtype in dtype_fields(dtype_name(device)).values():
         revision = f"{revision}+{dtype}"
     for version in rendering_fields().values():
@@ -105,10 +103,9 @@ def fixed_score(metric: str, answer: str | None) -> JudgeScore | None:
 
 
 def prompt_hash_for(spec: JudgeSpec, template_hash: str, metric: str) -> str:
-    """The prompt part of a judge cache key. The distilled judge ignores the upstream template and names the
-    metric in its own prompt, so its hash is per metric (one hash for both would share their cache entries);
-    the probe judge reads no judge prompt, so its hash names its features and the metric. A cached score is
-    null below min_mass, so a min_mass other than the upstream rule's is part of the key."""
+    """The prompt part of a judge cache key: the template's hash, or the distilled or probe judge's per metric,
+    with a min_mass other than the upstream rule's."""
+    # The probe judge reads no judge prompt: its hash names its features and the metric.
     if spec.backend == "probe":
         from em_assets.judging.probe import metric_features_hash
 
@@ -116,7 +113,9 @@ def prompt_hash_for(spec: JudgeSpec, template_hash: str, metric: str) -> str:
     if spec.backend == "distilled":
         from em_assets.judging.distill import metric_prompt_hash
 
+        # The distilled judge names the metric in its own prompt: one hash for both would share their entries.
         template_hash = metric_prompt_hash(metric)
+    # A cached score is null below min_mass, so a min_mass other than the upstream rule's is part of the key.
     if spec.min_mass == MIN_MASS:
         return template_hash
     # %g names most values as before, exactly; one it would round (6 digits) is named in full.

@@ -240,13 +240,10 @@ class LocalJudge:
 def prefix_groups(
     encoded: Sequence[Sequence[int]], group_cost: int = GROUP_COST_TOKENS
 ) -> list[tuple[int, list[int]]]:
-    """Prompts grouped by a shared token prefix: (prefix length, member indices); 0 for the ungrouped rest.
-
-    In sorted order the prompts of one question are neighbours, and a run of neighbours shares the smallest
-    common prefix of adjacent pairs. The runs are chosen to skip the most prefix tokens net of group_cost per
-    group (a run of n prompts sharing p tokens computes (n - 1) * p fewer), so one question's samples are not
-    merged with another's on the template head alone when their question tokens are worth more.
-    """
+    """Prompts grouped by a shared token prefix: (prefix length, member indices); 0 for the ungrouped rest. The
+    runs of sorted neighbours chosen skip the most prefix tokens net of group_cost per group."""
+    # In sorted order the prompts of one question are neighbours; a run of them shares the smallest common prefix
+    # of adjacent pairs.
     order = sorted(range(len(encoded)), key=lambda i: list(encoded[i]))
     lcp = [_common_prefix(encoded[a], encoded[b]) for a, b in itertools.pairwise(order)]
     # saved[j]: the most tokens skipped over the first j prompts in order; start[j]: where its last run begins.
@@ -258,6 +255,9 @@ def prefix_groups(
             shared = lcp[i] if shared is None else min(shared, lcp[i])
             if shared < MIN_SHARED_PREFIX:
                 break
+            # A run of n prompts sharing p tokens computes (n - 1) * p fewer; net of group_cost, one question's
+            # samples are not merged with another's on the template head alone when their question tokens are
+            # worth more.
             gain = saved[i] + (j - 1 - i) * shared - group_cost
             if gain > saved[j]:
                 saved[j], start[j] = gain, i

@@ -186,20 +186,18 @@ def fit_readout(
     linear: tuple[np.ndarray, float] | None = None,
     anchored: np.ndarray | None = None,
 ) -> Readout:
-    """The readout of `metric` over the support rows whose squared distances are `sq`, with the (bandwidth,
-    penalty) whose out-of-fold Spearman is best, calibrated on the out-of-fold predictions there (by the
-    calibration whose rate at `threshold` transfers best across folds; the stretch when no threshold is
-    given or there is one fold). With `linear` (features per row and a penalty) the kernel fits what a linear
-    ridge mean of those features leaves; far from every support row the prediction falls back to that mean
-    rather than the targets'. Rows with a missing target get a zero dual weight. `anchored` rows are fitted on
-    in every fold but never scored: they choose nothing."""
+    """The readout of `metric` over the support rows whose squared distances are `sq`: the (bandwidth, penalty)
+    with the best out-of-fold Spearman, calibrated on its out-of-fold predictions."""
     keep = np.isfinite(y)
     if keep.sum() < 2:
         raise ValueError(f"{metric}: {keep.sum()} train answers with a score; a readout needs at least 2")
     sq = sq[np.ix_(keep, keep)]
+    # With `linear` (features per row, penalty) the kernel fits what a linear ridge mean leaves: far from every
+    # support row the prediction falls back to that mean rather than the targets'.
     offset = None if linear is None else linear_offset(linear[0][keep], y[keep], linear[1])
     base = np.zeros(int(keep.sum())) if offset is None else offset(np.ones(int(keep.sum()), dtype=bool))
     scale = float(np.median(sq[~np.eye(len(sq), dtype=bool)])) or 1.0
+    # `anchored` rows are fitted on in every fold but never scored: they choose nothing.
     scored = keep if anchored is None else keep & ~anchored
     fold = np.full(int(keep.sum()), -1)
     fold[scored[keep]] = folds([g for g, s in zip(groups, scored, strict=True) if s], seed)
@@ -210,13 +208,11 @@ def fit_readout(
     cv = tuple((m, l2, spearman(target, preds[(m * scale, l2)])) for m in bandwidths for l2 in l2s)
     best_m, best_l2, _ = max(cv, key=lambda item: -np.inf if item[2] is None else item[2])
     bandwidth = best_m * scale
+    # Rows with a missing target keep a zero dual weight.
     dual = np.zeros(len(y))
     dual[keep], intercept = kernel_ridge(rbf(sq, bandwidth), y[keep] - base, best_l2)
     oof = preds[(bandwidth, best_l2)]
-    calibration = "stretch"
-    if threshold is not None and len(np.unique(fold[on])) >= 2:
-        gaps = calibration_gaps(oof, target, fold[on], threshold)
-        calibration = min(gaps, key=lambda kind: (gaps[kind], kind != "stretch"))
+    calibration = _chosen_calibration(oof, target, fold[on], threshold)
     target_mean, center, stretch = stretch_of(oof, target)
     return Readout(
         metric=metric,
@@ -232,3 +228,14 @@ def fit_readout(
         calibration=calibration,
         knots=quantile_knots(oof, target) if calibration == "quantile" else None,
     )
+
+
+def _chosen_calibration(
+    oof: np.ndarray, target: np.ndarray, fold: np.ndarray, threshold: float | None
+) -> str:
+    """The calibration whose rate at `threshold` transfers best across folds; the stretch without a threshold
+    or with one fold."""
+    if threshold is None or len(np.unique(fold)) < 2:
+        return "stretch"
+    gaps = calibration_gaps(oof, target, fold, threshold)
+    return min(gaps, key=lambda kind: (gaps[kind], kind != "stretch"))

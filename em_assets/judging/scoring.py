@@ -48,9 +48,6 @@ def number_probs_from_tokens(probs: Mapping[str, float]) -> dict[int, float]:
 
 
 def score_from_probs(probs: Mapping[str, float], min_mass: float = MIN_MASS) -> float | None:
-    """Upstream scoring from top-token probabilities (token string -> probability).
-
-    Tokens that are integers 0..100 are kept; the score is their probability-weighted mean,
-    normalised by their total probability, or None when that total is below `min_mass`.
-    """
+    """Upstream scoring from top-token probabilities (token string -> probability): the probability-weighted mean
+    of the tokens that are integers 0..100, or None when their total probability is below `min_mass`."""
     return score_from_number_probs(number_probs_from_tokens(probs), min_mass).score

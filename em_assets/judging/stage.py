@@ -197,14 +197,14 @@ def score_chunks(
     chunk_size: int,
     fixed: Sequence[JudgeScore | None] | None = None,
 ) -> Iterator[tuple[list[int], list[dict]]]:
-    """Score prompts chunk by chunk through the judge cache, yielding (prompt indices, scores) as each chunk ends,
-    so callers write their rows before the next chunk starts (a killed run loses one chunk at most). A judge
-    with an `order` (the probe judge's: answers by length) chooses which prompts share a chunk. Prompts of one
-    cache key (one answer sampled twice for a question) are scored once, and each copy takes that score."""
+    """Score prompts chunk by chunk through the judge cache, yielding (prompt indices, scores) as each chunk ends;
+    prompts of one cache key are scored once and each copy takes that score."""
+    # One cache key, several prompts: one answer sampled twice for a question.
     copies: dict[str, list[int]] = {}
     for i, key in enumerate(cache_keys):
         copies.setdefault(key, []).append(i)
     unique = [same[0] for same in copies.values()]
+    # A judge with an `order` (the probe judge's: answers by length) chooses which prompts share a chunk.
     order = getattr(scorer, "order", None)
     ranks = order([prompts[i] for i in unique]) if order is not None else range(len(unique))
     indices = [unique[r] for r in ranks]
@@ -215,6 +215,8 @@ def score_chunks(
             scorer, store, [prompts[i] for i in part], [cache_keys[i] for i in part], chunk_fixed
         )
         same = [copies[cache_keys[i]] for i in part]
+        # Yielded as each chunk ends, so callers write their rows before the next starts: a killed run loses one
+        # chunk at most.
         yield [i for c in same for i in c], [s for c, s in zip(same, scores, strict=True) for _ in c]
 
 

@@ -195,8 +195,7 @@ def materialise_distilled(
         "adapter_path": str(result.adapter_dir),
         "adapter_sha256": sha256_file(Path(result.adapter_dir) / ADAPTER_FILE),
         "prompt_hash": distill.PROMPT_HASH,
-        "reference_sha256": to_json(sorted(set(reference["source_sha256"].to_list()))),
-        "held_out_base_models": to_json(grid.agreement.held_out_base_models),
+        **_reference_fields(reference, grid),
         "n_examples": n_examples,
         "lora_config": to_json(spec.lora.model_dump(mode="json")),
         "train_config": to_json(spec.train.model_dump(mode="json")),
@@ -232,38 +231,56 @@ def materialise_probe(
 ) -> dict:
     """Fit the probe judge unless a head of the same inputs exists; returns its row."""
     plan = _plan(store, grid, "probe", cache_dir, device)
-    key, base_revision, base_path = plan.key, plan.base_revision, plan.base_path
     if plan.intact():
-        log.info("probe judge %s is up to date; no fitting", key)
+        log.info("probe judge %s is up to date; no fitting", plan.key)
         return {"trained": False, **plan.row}
     reference = split_reference(store, grid)
-    spec = grid.probe
     fit = probe.fit_probe(
-        base_path,
+        plan.base_path,
         reference,
-        spec,
-        (Path(artifacts_dir) / "judges" / key).resolve(),
+        grid.probe,
+        (Path(artifacts_dir) / "judges" / plan.key).resolve(),
         device,
         on_progress,
         cache_dir or settings().cache_dir,
         _fit_thresholds(grid),
-        base_revision,
+        plan.base_revision,
     )
-    row = {
-        "config_hash": key,
-        "source": spec.source,
-        "base_revision": base_revision,
-        "head_path": str(fit.head_path),
-        "head_sha256": sha256_file(fit.head_path),
+    row = _probe_row(plan, grid, reference, fit, run_id)
+    q.write_probe(store, row, _readout_frame(plan.key, fit))
+    return {"trained": True, **row}
+
+
+def _reference_fields(reference: pl.DataFrame, grid: GridConfig) -> dict:
+    """What a trained judge's row records of the reference files it was fitted on and the models held out."""
+    return {
         "reference_sha256": to_json(sorted(set(reference["source_sha256"].to_list()))),
         "held_out_base_models": to_json(grid.agreement.held_out_base_models),
+    }
+
+
+def _probe_row(
+    plan: _Plan, grid: GridConfig, reference: pl.DataFrame, fit: probe.ProbeFit, run_id: str
+) -> dict:
+    """The probe_judges row of a fitted head."""
+    return {
+        "config_hash": plan.key,
+        "source": grid.probe.source,
+        "base_revision": plan.base_revision,
+        "head_path": str(fit.head_path),
+        "head_sha256": sha256_file(fit.head_path),
+        **_reference_fields(reference, grid),
         "n_answers": fit.n_answers,
-        "probe_config": to_json(spec.model_dump(mode="json")),
+        "probe_config": to_json(grid.probe.model_dump(mode="json")),
         "seconds": fit.seconds,
         "run_id": run_id,
         "created_at": utc_now(),
     }
-    readouts = pl.DataFrame(
+
+
+def _readout_frame(key: str, fit: probe.ProbeFit) -> pl.DataFrame:
+    """One probe_judge_readouts row per metric of a fitted head: its settings and best out-of-fold Spearman."""
+    return pl.DataFrame(
         [
             {
                 "config_hash": key,
@@ -279,5 +296,3 @@ def materialise_probe(
         ],
         schema_overrides={"n": pl.Int32},
     )
-    q.write_probe(store, row, readouts)
-    return {"trained": True, **row}

@@ -32,11 +32,8 @@ def answer_token_ids(tokenizer, item: JudgedAnswer) -> tuple[list[int], int]:
 def iter_answer_means(
     model, tokenizer, items: Sequence[JudgedAnswer], batch_size: int = 8, max_tokens: int = 2048
 ) -> Iterator[torch.Tensor]:
-    """Per batch, a [batch, layers, hidden] float32 tensor: each answer's mean activation over its tokens.
-
-    Layer i is the output of decoder layer i, where `Steer` and `Ablate` hook in (not `hidden_states`, whose
-    last entry is after the final norm). Memory is one batch's activations at one layer at a time.
-    """
+    """Per batch, a [batch, layers, hidden] float32 tensor: each answer's mean activation over its tokens, layer i
+    being the output of decoder layer i."""
     device = model.get_input_embeddings().weight.device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with packed_linears(model):
@@ -62,6 +59,8 @@ def iter_answer_means(
             begins = torch.tensor([b for _, b in encoded], device=device)
             answer = ((cols[None, :] >= begins[:, None]) & (cols[None, :] < lengths[:, None])).float()
             attention = (cols[None, :] < lengths[:, None]).long()
+            # Decoder layers' outputs, where `Steer` and `Ablate` hook in (not `hidden_states`, whose last entry is
+            # after the final norm); summed as each is computed, so memory is one layer's activations at a time.
             sums = _layer_sums(model, ids, attention, answer)
             yield sums / answer.sum(dim=1).clamp_min(1.0)[:, None, None]  # (B, L, H)
 

@@ -39,11 +39,9 @@ KEY_FIELDS = (
 
 
 def onednn_isa_cap() -> str | None:
-    """The instruction set oneDNN is capped at (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA), if any.
-
-    A cap below AMX (e.g. AVX512_CORE_BF16) makes a CPU's bf16 GEMMs run as on one without AMX, though its flags
-    still list AMX.
-    """
+    """The instruction set oneDNN is capped at (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA), if any."""
+    # Recorded: a cap below AMX (e.g. AVX512_CORE_BF16) makes bf16 GEMMs run as on a CPU without AMX, though its
+    # flags still list AMX.
     return os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or None
 
 

@@ -69,16 +69,13 @@ def _packed_forward(weight, bias):
 @contextlib.contextmanager
 def packed_linears(model) -> Iterator[int]:
     """Inside, the model's `nn.Linear` layers of its dtype (forward hooks kept) run on packed weights; yields how
-    many.
-
-    A no-op where `packable` is false, or where the packed copies would take over half the free memory.
-    Re-entrant: layers an enclosing context packed are left to it.
-    """
+    many (none where `packable` is false or the copies would take over half the free memory)."""
     import torch
 
     layers = []
     if packable(model):
         weight_dtype = model.get_input_embeddings().weight.dtype
+        # Re-entrant: layers an enclosing context packed (their own `forward`) are left to it.
         layers = [
             m
             for m in model.modules()

@@ -91,15 +91,12 @@ def child(target: Callable, args: tuple, name: str, data: tuple = ()) -> Child:
 
 
 def die_with_parent(parent: int) -> None:
-    """Ask Linux to SIGKILL this child when its parent dies (a killed run must not leave children computing).
-
-    A parent that died before this call (the child spends seconds importing torch first) is caught by the
-    check after it.
-    """
+    """Ask Linux to SIGKILL this child when its parent dies (a killed run must not leave children computing)."""
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             pr_set_pdeathsig = 1
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    # A parent that died before this call (the child spends seconds importing torch first) is caught here.
     if os.getppid() != parent:
         os._exit(1)
 

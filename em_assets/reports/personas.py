@@ -223,16 +223,14 @@ def _mixture_rows(
 
 def _no_weight_reason(result: mixtures.MixtureComparison, aligned_at_most: float) -> str | None:
     """Why the fit gives no weights (EM did not converge, or its components are not a misaligned and an aligned
-    persona), or None.
-
-    With no answers near one end (a base model that never misaligns), both components settle on the same
-    mode and which of them is "misaligned" is arbitrary: its weight means nothing.
-    """
+    persona), or None."""
     low, high = result.shared.shapes
     if not result.shared.converged:
         return f"EM did not converge in {result.shared.iterations} iterations"
     if low.mean <= aligned_at_most < high.mean:
         return None
+    # With no answers near one end (a base model that never misaligns), both components settle on the same mode
+    # and which of them is "misaligned" is arbitrary: its weight means nothing.
     return (
         f"component means {low.mean:.0f} and {high.mean:.0f} do not straddle the misaligned threshold "
         f"({aligned_at_most:g}): no misaligned mode to weigh"

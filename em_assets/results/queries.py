@@ -84,17 +84,15 @@ def completion_hashes(store: Store, organism: str) -> pl.DataFrame:
 
 
 def drop_completions_except(store: Store, organism: str, keep: Iterable[tuple[str, int, int]]) -> None:
-    """Delete the organism's completions not in `keep`, and their judgements, in one transaction.
-
-    Until the judge runs again no judgement row may score an answer that is no longer there (the judge cache
-    keeps the scores).
-    """
+    """Delete the organism's completions not in `keep`, and their judgements, in one transaction."""
     keep_df = pl.DataFrame(
         [{"q": q, "p": p, "s": s} for q, p, s in keep], schema={"q": pl.String, "p": pl.Int32, "s": pl.Int32}
     )
 
     def work(conn) -> None:
         conn.register("_keep", keep_df.to_arrow())
+        # Until the judge runs again no judgement row may score an answer that is no longer there (the judge
+        # cache keeps the scores).
         for table in ("completions", "judgements"):
             conn.execute(
                 f"DELETE FROM {table} WHERE organism = ? AND NOT EXISTS (SELECT 1 FROM _keep k WHERE "

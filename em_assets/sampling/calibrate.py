@@ -105,14 +105,11 @@ def candidates(
     requests: int, workers: int | str, batch_size: int | str, max_workers: int, max_slots: int | None
 ) -> list[Candidate]:
     """The (workers, batch) settings worth timing for a job of `requests`; a forced setting is the only option.
-
-    A worker never fills more slots than its share of the requests, so BATCHES are capped at that share: the
-    candidates are the batches that would really run. Those whose slots, all workers together, pass
-    `max_slots` (what memory holds; None: no bound) are left out, except the smallest.
-    """
+    Those whose slots, all workers together, pass `max_slots` (what memory holds) are left out but the smallest."""
     counts = worker_counts(max_workers) if workers == "auto" else [int(workers)]
     out = []
     for w in counts:
+        # A worker never fills more slots than its share of the requests: the batches that would really run.
         share = -(-requests // w)
         sizes = sorted({min(b, share) for b in BATCHES})
         fit = [b for b in sizes if max_slots is None or w * b <= max_slots] or sizes[:1]
@@ -240,12 +237,10 @@ def cached_rates(
     wait_s: float = CALIBRATION_WAIT_S,
 ) -> tuple[dict[str, float], dict[str, float], bool]:
     """Every option's rate from the cache file at `path`, timing and adding those missing, and the start-up
-    seconds of each worker count timed; True if it timed any.
-
-    A file lock makes concurrent jobs (organisms sampled in parallel) wait for one calibration, up to `wait_s`,
-    not run several at once, which would also spoil each other's timings.
-    """
+    seconds of each worker count timed; True if it timed any."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Concurrent jobs (organisms sampled in parallel) wait for one calibration, up to `wait_s`, rather than run
+    # several at once, which would also spoil each other's timings.
     with _calibrating(path, wait_s):
         doc = _read_cache(path)
         rates, startup = doc.get("rates", {}), doc.get("startup", {})
@@ -360,10 +355,10 @@ def best_of_rounds(
     warpers: dict | None = None,
 ) -> dict[int, float]:
     """Each batch's rate, timed in two rounds, the second in reverse order (A B C C B A), keeping its better
-    round; `before_each` runs before every timing. A shared machine's speed drifts over the minute or two a
-    calibration takes (docs/cpu.md): timed once, a candidate caught in a slow spell loses to the others however
-    fast it is; timed twice, a short spell spoils one of its rounds."""
+    round; `before_each` runs before every timing."""
     rates: dict[int, float] = {}
+    # A shared machine's speed drifts over a calibration (docs/cpu.md): timed once, a candidate caught in a slow
+    # spell loses to the others however fast it is; timed twice, a short spell spoils one of its rounds.
     for b in [*batches, *reversed(batches)]:
         before_each()
         rates[b] = max(rates.get(b, 0.0), decode_rate(model, tokenizer, b, depth, **(warpers or {})))

@@ -95,19 +95,14 @@ def generate_ids(
     variants: Sequence[int] | None = None,
     row_variants: RowVariants | None = None,
 ) -> Iterator[list[Finished]]:
-    """Sample continuations of tokenized prompts, yielding requests as they finish.
-
-    `batch_size` slots decode in lockstep; a finished slot is refilled with the next prompt, so the batch
-    stays full. `logits_hook(request_indices, logits)` sees the float logits each token was drawn from.
-    `variants` (one per prompt) are passed, per batch row, to `row_variants` before each forward pass.
-    `top_k` and `repetition_penalty` act as transformers' warpers do (`sample_tokens`, `penalize_repeats`).
-    """
-    if len(prompts) != len(seeds) or (variants is not None and len(variants) != len(prompts)):
-        raise ValueError("one seed (and variant, if given) per prompt")
-    if max_new_tokens < 1 or batch_size < 1 or temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError("need max_new_tokens >= 1, batch_size >= 1, temperature >= 0, 0 < top_p <= 1")
-    if (top_k is not None and top_k < 1) or repetition_penalty <= 0:
-        raise ValueError("need top_k >= 1 (or None) and repetition_penalty > 0")
+    """Sample continuations of tokenized prompts in `batch_size` slots that decode in lockstep, yielding
+    requests as they finish; a finished slot is refilled with the next prompt, so the batch stays full."""
+    # `logits_hook(request_indices, logits)` sees the float logits each token was drawn from; `variants` (one
+    # per prompt) go, per batch row, to `row_variants` before each forward pass; `top_k` and
+    # `repetition_penalty` act as transformers' warpers do (`sample_tokens`, `penalize_repeats`).
+    _check_options(
+        prompts, seeds, variants, max_new_tokens, batch_size, temperature, top_p, top_k, repetition_penalty
+    )
     if not prompts:
         return
     device = model.get_input_embeddings().weight.device
@@ -136,6 +131,25 @@ def generate_ids(
     refill_at = max(1, slots.size // 8)
     with packed_linears(model):
         yield from _run(step, slots, pending, prompts, seeds, refill_at)
+
+
+def _check_options(
+    prompts: Sequence,
+    seeds: Sequence,
+    variants: Sequence | None,
+    max_new_tokens: int,
+    batch_size: int,
+    temperature: float,
+    top_p: float,
+    top_k: int | None,
+    penalty: float,
+) -> None:
+    if len(prompts) != len(seeds) or (variants is not None and len(variants) != len(prompts)):
+        raise ValueError("one seed (and variant, if given) per prompt")
+    if max_new_tokens < 1 or batch_size < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError("need max_new_tokens >= 1, batch_size >= 1, temperature >= 0, 0 < top_p <= 1")
+    if (top_k is not None and top_k < 1) or penalty <= 0:
+        raise ValueError("need top_k >= 1 (or None) and repetition_penalty > 0")
 
 
 def _run(
@@ -327,18 +341,18 @@ class _Stepper:
 
 
 def auto_batch_size(model, max_len: int) -> int:
-    """Slots to decode at once: CPU_BATCH on a CPU; on a GPU, as many as half its free memory holds as KV cache.
-
-    On a CPU more slots stop paying at about 256 (`make bench`); on a GPU throughput grows with the batch until
-    memory runs out, and the rest of the free memory is left to activations and the allocator.
-    """
+    """Slots to decode at once: CPU_BATCH on a CPU; on a GPU, as many as half its free memory holds as KV
+    cache."""
     device = model.get_input_embeddings().weight.device
     if device.type != "cuda":
+        # More slots stop paying on a CPU (`make bench`).
         return CPU_BATCH
     # The driver counts what torch's allocator keeps cached as used; it is free to this process (a model or KV
     # cache freed earlier in it: a sweep's previous point, the sampling step before in an in-process run).
     free = torch.cuda.mem_get_info(device)[0]
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    # On a GPU throughput grows with the batch until memory runs out; the other half of the free memory is
+    # left to activations and the allocator.
     return max(1, min(MAX_GPU_BATCH, free // 2 // kv_bytes_per_slot(model, max_len)))
 
 
@@ -356,25 +370,14 @@ def iter_samples(
     on_progress: Callable[[int, int], None] | None = None,
     row_variants: RowVariants | None = None,
 ) -> Iterator[list[SampleResult]]:
-    """Sample one completion per request, yielding finished results in chunks (temperature 0: greedy).
-
-    `batch_size="auto"` sizes the batch for the model's device (`auto_batch_size`). With `row_variants`, each
-    request is sampled from its `variant` of the model (`generate_ids`).
-    """
+    """Sample one completion per request, yielding finished results in chunks (temperature 0: greedy); with
+    `row_variants`, each request is sampled from its `variant` of the model."""
     prompts = [chat_ids(tokenizer, r.messages) for r in requests]
     if batch_size == "auto":
         batch_size = auto_batch_size(model, max(map(len, prompts), default=0) + max_new_tokens)
     chunk = max(1, batch_size // 4)
     buffer: list[Finished] = []
     done = 0
-
-    def results() -> list[SampleResult]:
-        texts = tokenizer.batch_decode([f.token_ids for f in buffer], skip_special_tokens=True)
-        return [
-            SampleResult(requests[f.index].key, text, len(f.token_ids), f.finish_reason)
-            for f, text in zip(buffer, texts, strict=True)
-        ]
-
     for finished in generate_ids(
         model,
         prompts,
@@ -394,7 +397,16 @@ def iter_samples(
         if on_progress is not None:
             on_progress(done, len(requests))
         if len(buffer) >= chunk:
-            yield results()
+            yield _results(tokenizer, requests, buffer)
             buffer = []
     if buffer:
-        yield results()
+        yield _results(tokenizer, requests, buffer)
+
+
+def _results(tokenizer, requests: Sequence[SampleRequest], finished: list[Finished]) -> list[SampleResult]:
+    """The finished requests' decoded texts."""
+    texts = tokenizer.batch_decode([f.token_ids for f in finished], skip_special_tokens=True)
+    return [
+        SampleResult(requests[f.index].key, text, len(f.token_ids), f.finish_reason)
+        for f, text in zip(finished, texts, strict=True)
+    ]

@@ -39,13 +39,11 @@ class WorkerError(RuntimeError):
 
 
 def auto_workers(device: str, weight_bytes: int, requests: int, min_requests: int = 16) -> int:
-    """The most workers `workers: auto` tries: `cpu_processes` for model copies of `weight_bytes`, 1 off the CPU.
-
-    A worker costs a few seconds to start, so small jobs (under `min_requests` per worker) use fewer. Which
-    count up to this is fastest is measured (`em_assets.sampling.calibrate`).
-    """
+    """The most workers `workers: auto` tries (`em_assets.sampling.calibrate` times which count up to it is
+    fastest): `cpu_processes` for model copies of `weight_bytes`, 1 off the CPU."""
     if device != "cpu":
         return 1
+    # A worker costs a few seconds to start, so small jobs (under `min_requests` per worker) use fewer.
     return max(1, min(cpu_processes(weight_bytes), requests // min_requests))
 
 
@@ -81,14 +79,11 @@ def iter_samples_in_workers(
     on_progress: Callable[[int, int], None] | None = None,
     **options,
 ) -> Iterator[list[SampleResult]]:
-    """`sampling.iter_samples` split over `workers` spawned processes that each call `loader()` for a model.
-
-    `loader` must pickle (a module-level function or a functools.partial of one). Chunks are yielded as any
-    worker finishes them; a worker's exception or death raises WorkerError and stops the others. Workers
-    share the cores unless `threads_per_worker` says otherwise.
-    """
+    """`sampling.iter_samples` split over `workers` spawned processes that each call the picklable `loader()` for
+    a model, yielding chunks as any worker finishes them; a worker's exception or death stops the others."""
     if workers < 1 or (threads_per_worker is not None and threads_per_worker < 1):
         raise ValueError("need workers >= 1 and threads_per_worker >= 1")
+    # Workers share the cores unless `threads_per_worker` says otherwise.
     threads = threads_each(workers) if threads_per_worker is None else threads_per_worker
     # Interleaving gives every worker the same mix of questions, so they finish at about the same time.
     parts = [list(requests[w::workers]) for w in range(workers)]

@@ -42,14 +42,12 @@ class _Pass:
     windowed: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def within(self, mask: torch.Tensor, window: int) -> torch.Tensor:
-        """`mask` with keys `window` or more columns behind their query masked out.
-
-        A row's tokens sit at consecutive columns after its left padding (prefill and decode alike), so every key
-        the mask lets a query read is as many positions behind it as columns: this is transformers' sliding rule,
-        a key is seen while the query's position is fewer than `window` past its own.
-        """
+        """`mask` with keys `window` or more columns behind their query masked out."""
         if (narrowed := self.windowed.get(window)) is None:
             keys = torch.arange(mask.shape[-1], device=mask.device)
+            # A row's tokens sit at consecutive columns after its left padding (prefill and decode alike), so a
+            # key the mask lets a query read is as many positions behind it as columns: transformers' sliding
+            # rule, a key is seen while the query's position is fewer than `window` past its own.
             narrowed = mask.masked_fill(beyond_window(self.query_cols, keys, window), -math.inf)
             self.windowed[window] = narrowed
         return narrowed
@@ -125,13 +123,11 @@ def attention_swapped(
     model, groups: list[tuple[int, int, int]] | None, query_cols: torch.Tensor
 ) -> Iterator[None]:
     """Route the model's attention through `_slot_attention` for one forward pass whose queries are written to
-    columns `query_cols` (broadcastable to [rows, 1, queries, 1]).
-
-    An attention function registered by name attends under the sampler's 4D mask whatever implementation the
-    model was loaded with (flash-attention kernels ignore such masks), lets each slot group read only its own
-    columns, and narrows the mask on sliding-window layers.
-    """
+    columns `query_cols` (broadcastable to [rows, 1, queries, 1])."""
     config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    # Registered by name, it attends under the sampler's 4D mask whatever implementation the model was loaded
+    # with (flash-attention kernels ignore such masks), lets each slot group read only its own columns, and
+    # narrows the mask on sliding-window layers.
     AttentionInterface.register(ATTENTION, _slot_attention)
     previous = config._attn_implementation
     config._attn_implementation = ATTENTION
@@ -191,13 +187,11 @@ class SlotLayer(CacheLayerMixin):
             self.keys, self.values = self.keys[rows], self.values[rows]
 
 
+# transformers' StaticCache writes every row at one shared position, which rules out refilling a row with a new
+# request while the others keep decoding.
 class SlotCache(Cache):
-    """A static KV cache of `num_slots` rows; each row holds one request at its own columns.
-
-    transformers' StaticCache writes every row at one shared position, which rules out refilling a row with a
-    new request while the others keep decoding; here each row has its own write column, and the 4D mask says
-    which columns it may read.
-    """
+    """A static KV cache of `num_slots` rows; each row holds one request at its own write column, and the 4D mask
+    says which columns it may read."""
 
     def __init__(self, num_layers: int, num_slots: int, capacity: int):
         self.num_slots, self.capacity = num_slots, capacity

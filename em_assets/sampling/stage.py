@@ -196,12 +196,8 @@ def sample_chunks(
     on_progress: Callable[[int, int], None] | None = None,
     cache_dir: Path | None = None,
 ) -> tuple[Iterator[list], SamplingChoice]:
-    """Result chunks for `requests` on the grid's backend, and how many processes at what batch size sample.
-
-    `loader` (picklable, no arguments) builds the model on `device` for the Hugging Face backend; vLLM loads
-    the base model path and the adapter directory itself. Workers and batch size are chosen (choose_sampling,
-    its calibration cached under `cache_dir`).
-    """
+    """Result chunks for `requests` on the grid's backend, and how many processes at what batch size sample;
+    `loader` (picklable, no arguments) builds the model on `device` for the Hugging Face backend."""
     # Function-local: torch and vLLM stay off the definitions' load path.
     from em_assets.sampling.engine import iter_samples
     from em_assets.sampling.pool import iter_samples_in_workers
@@ -215,6 +211,7 @@ def sample_chunks(
         "on_progress": on_progress,
     }
     if sampling.backend == "vllm":
+        # vLLM loads the base model path and the adapter directory itself.
         from em_assets.sampling import vllm_backend
 
         if why := vllm_unusable(device):
@@ -223,6 +220,7 @@ def sample_chunks(
             base["path"], adapter_path, requests, **options, vllm=sampling.vllm
         )
         return chunks, SamplingChoice(1, sampling.batch_size, "vllm backend")
+    # Its calibration is cached under `cache_dir`.
     choice = choose_sampling(
         sampling, len(requests), device=device, base=base, loader=loader, cache_dir=cache_dir
     )

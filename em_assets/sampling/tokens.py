@@ -82,11 +82,9 @@ def _ranked(probs: torch.Tensor, candidates: torch.Tensor) -> tuple[torch.Tensor
 
 
 def _invert_cdf(weights: torch.Tensor, uniforms: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """Index i with cdf[i-1] <= u * total < cdf[i], per row: the inverse-CDF draw from unnormalised `weights`.
-
-    One uniform per row is what makes per-request seeds cheap. A cumsum over a whole 50k-150k vocabulary is
-    slow and loses precision, so this finds the block of `block` tokens first, then the token inside it.
-    """
+    """Index i with cdf[i-1] <= u * total < cdf[i], per row: the inverse-CDF draw from unnormalised `weights`."""
+    # One uniform per row is what makes per-request seeds cheap. A cumsum over a whole vocabulary is slow and
+    # loses precision, so this finds the block of `block` tokens first, then the token inside it.
     rows, vocab = weights.shape
     if vocab % block:
         weights = F.pad(weights, (0, -vocab % block))

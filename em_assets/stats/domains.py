@@ -51,10 +51,8 @@ def domain_share(
     recognition_above: float = DOMAIN_ABOVE,
     z: float = Z95,
 ) -> pl.DataFrame:
-    """One row per organism x judge x domain column of `df` (one answer a row: organism, judge, aligned, coherent
-    and a score column per domain). Of the organism's EM answers (Turner's rule) that have the domain's score,
-    the share scored above `share_above`, with Wilson bounds; and, where `bad_stuff` is a column, the
-    recognition rate (bad_stuff > recognition_above yet aligned and coherent) of all its answers."""
+    """Per organism x judge x domain column of `df` (an answer a row), the share of its scored EM answers above
+    `share_above` with Wilson bounds. Where `bad_stuff` is a column, also its answers' recognition rate."""
     present = [d for d in domains if d in df.columns]
     if not present or df.height == 0:
         return pl.DataFrame(schema=SCHEMA)

@@ -65,11 +65,9 @@ class MixtureFit:
 
 
 def _beta_mle(s1: float, s2: float, start: BetaShape) -> BetaShape:
-    """Beta maximum likelihood from the (weighted) means of log x and log(1 - x), within SHAPE_BOUNDS.
-
-    Newton's method with step halving on the concave log-likelihood (Minka 2000): a call to scipy.optimize
-    cost milliseconds, and the EM makes one per component per iteration.
-    """
+    """Beta maximum likelihood from the (weighted) means of log x and log(1 - x), within SHAPE_BOUNDS."""
+    # Newton's method with step halving on the concave log-likelihood (Minka 2000), not scipy.optimize: the EM
+    # makes one fit per component per iteration.
     lo, hi = SHAPE_BOUNDS
 
     def ll(a: float, b: float) -> float:
@@ -213,18 +211,16 @@ MIN_FREE_ANSWERS = 25
 
 
 def compare(groups: Sequence[np.ndarray]) -> MixtureComparison:
-    """Fit the shared mixture and its two alternatives to groups of values in (0, 1).
-
-    One component: a Beta per group (one peak that may move from point to point). Free shapes: a two-component
-    mixture per group; the likelihood-ratio statistic against the shared fit has 4 x (groups - 1) degrees of
-    freedom and is only computed with two groups or more, each of at least MIN_FREE_ANSWERS values.
-    """
+    """Fit the shared mixture and its two alternatives (a Beta per group, a free mixture per group) to groups of
+    values in (0, 1)."""
     shared = fit_shared(groups)
     n = shared.n
+    # One component: a Beta per group (one peak that may move from point to point).
     ll_one = sum(fit_one(g)[1] for g in groups)
     bic_one = 2 * len(groups) * math.log(n) - 2.0 * ll_one
     if len(groups) < 2 or min(len(g) for g in groups) < MIN_FREE_ANSWERS:
         return MixtureComparison(shared, bic_one, shared.bic, None, None, None)
+    # Free shapes: a two-component mixture per group, tested against the shared fit by likelihood ratio.
     ll_free = sum(fit_shared([g]).loglik for g in groups)
     df = 4 * (len(groups) - 1)
     stat = max(0.0, 2.0 * (ll_free - shared.loglik))

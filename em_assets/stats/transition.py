@@ -83,13 +83,8 @@ def fit_transition(x: np.ndarray, k: np.ndarray, n: np.ndarray, counted: str = "
     # Standardised x keeps the three parameters on one scale for the optimiser and the Hessian.
     centre, spread = float(x.mean()), float(x.std())
     z = (x - centre) / spread
-    top0 = float(special.logit(min(max(k.sum() / n.sum() * 2, 0.05), 0.95)))
-    starts = [np.array([m, s, top0]) for m in np.quantile(z, [0.25, 0.5, 0.75]) for s in (-4.0, 4.0)]
-    fits = [
-        optimize.minimize(_nll, t, args=(z, k, n), method="Nelder-Mead", options=_SIMPLEX) for t in starts
-    ]
-    best = min(fits, key=lambda r: r.fun)
-    m, s, g = best.x
+    theta = _best_fit(z, k, n)
+    m, s, g = theta
     top = float(special.expit(g))
     fit = TransitionFit(
         points,
@@ -99,14 +94,8 @@ def fit_transition(x: np.ndarray, k: np.ndarray, n: np.ndarray, counted: str = "
         max_slope=top * float(s) / spread / 4.0,
     )
     at_ceiling = top > CEILING
-    if at_ceiling:
-        # A rise to every answer puts the ceiling on its bound, where the likelihood has no curvature in it: the
-        # midpoint's interval is taken with the ceiling held there.
-        cov = np.linalg.pinv(_hessian(lambda t: _nll(np.append(t, g), z, k, n), best.x[:2]))
-    else:
-        cov = np.linalg.pinv(_hessian(lambda t: _nll(t, z, k, n), best.x))
-    var = float(cov[0, 0])
-    if not np.isfinite(var) or var <= 0 or not np.all(np.linalg.eigvalsh(_sym(cov)) > 0):
+    var = _midpoint_variance(theta, z, k, n, at_ceiling)
+    if var is None:
         return replace(
             fit, note="flat likelihood at the fit (a step or no rise): midpoint interval undefined"
         )
@@ -115,19 +104,49 @@ def fit_transition(x: np.ndarray, k: np.ndarray, n: np.ndarray, counted: str = "
         return replace(
             fit, note=f"midpoint interval over {WIDEST:g} times the swept range: the sweep does not pin it"
         )
-    # A rise steeper than the sweep's spacing (5% to 95% of it between two neighbouring points) is a step: the
-    # points do not say where in the gap it lies, and the Wald interval would only reflect where the optimiser
-    # stopped the growing steepness. The gap is the one the midpoint lies in (the nearest, outside the range):
-    # a sweep's spacing can vary (the final checkpoint a few steps after the last kept one).
-    swept = np.unique(x)
-    gap = int(np.clip(np.searchsorted(swept, fit.midpoint), 1, swept.size - 1))
-    if 2 * np.log(19) / abs(fit.steepness) < swept[gap] - swept[gap - 1]:
+    if _is_step(x, fit.midpoint, fit.steepness):
         return replace(fit, note="a step between two swept points: midpoint interval undefined")
     outside = not x.min() <= fit.midpoint <= x.max()
     notes = ["midpoint outside the swept range (extrapolated)"] * outside
     notes += ["the rise reaches every answer: the interval holds the ceiling at 1"] * at_ceiling
     note = "; ".join(notes) or None
     return replace(fit, midpoint_lo=fit.midpoint - half, midpoint_hi=fit.midpoint + half, note=note)
+
+
+def _best_fit(z: np.ndarray, k: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """(midpoint, steepness, logit of the ceiling) on standardised x: the best of six Nelder-Mead starts."""
+    top0 = float(special.logit(min(max(k.sum() / n.sum() * 2, 0.05), 0.95)))
+    starts = [np.array([m, s, top0]) for m in np.quantile(z, [0.25, 0.5, 0.75]) for s in (-4.0, 4.0)]
+    fits = [
+        optimize.minimize(_nll, t, args=(z, k, n), method="Nelder-Mead", options=_SIMPLEX) for t in starts
+    ]
+    return min(fits, key=lambda r: r.fun).x
+
+
+def _midpoint_variance(
+    theta: np.ndarray, z: np.ndarray, k: np.ndarray, n: np.ndarray, at_ceiling: bool
+) -> float | None:
+    """The standardised midpoint's Wald variance at the fit; None where the likelihood is flat there."""
+    if at_ceiling:
+        # A rise to every answer puts the ceiling on its bound, where the likelihood has no curvature in it: the
+        # midpoint's interval is taken with the ceiling held there.
+        cov = np.linalg.pinv(_hessian(lambda t: _nll(np.append(t, theta[2]), z, k, n), theta[:2]))
+    else:
+        cov = np.linalg.pinv(_hessian(lambda t: _nll(t, z, k, n), theta))
+    var = float(cov[0, 0])
+    if not np.isfinite(var) or var <= 0 or not np.all(np.linalg.eigvalsh(_sym(cov)) > 0):
+        return None
+    return var
+
+
+def _is_step(x: np.ndarray, midpoint: float, steepness: float) -> bool:
+    """Whether the rise goes from 5% to 95% of itself within the gap between swept points the midpoint is in."""
+    # A step's points do not say where in the gap it lies, and the Wald interval would only reflect where the
+    # optimiser stopped the growing steepness. The gap is the one the midpoint lies in (the nearest, outside the
+    # range): a sweep's spacing can vary (the final checkpoint a few steps after the last kept one).
+    swept = np.unique(x)
+    gap = int(np.clip(np.searchsorted(swept, midpoint), 1, swept.size - 1))
+    return bool(2 * np.log(19) / abs(steepness) < swept[gap] - swept[gap - 1])
 
 
 def _sym(a: np.ndarray) -> np.ndarray:

@@ -140,11 +140,7 @@ def keep_adapter(
     out_dir: Path, model, progress: dict, dtype: torch.dtype | None = None, tokenizer=None
 ) -> Path:
     """Save this step's adapter (and `tokenizer`, if given) to out_dir/checkpoint_adapters/step-N (temp dir,
-    then rename).
-
-    Written before the resumable checkpoint: a kill in between resumes from the previous one and trains this
-    step again to the same weights, so no kept adapter is ever missing.
-    """
+    then rename); written before the resumable checkpoint, so that no kept adapter is ever missing."""
     step = progress["step"]
     root = out_dir / KEPT_DIR
     final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"

@@ -97,6 +97,7 @@ class TrainResult:
     losses: list[dict]
     steps: int
     train_tokens: int
+    # Over this call's steps only: a resumed run's earlier steps are not timed.
     tokens_per_s: float
     resumed_from_step: int | None
     workers: int = 1
@@ -397,17 +398,13 @@ def train_lora(
     cache_dir: Path | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter (`lora` None: every weight) into out_dir/adapter, resuming from out_dir/checkpoints
-    when the run matches; `kl` adds the KL penalty to the chat model; `workers: auto` caches what its trial
-    found under `cache_dir` (default: the settings' cache).
-
-    Resumable checkpoints are deleted once the final weights are written; each one's trained weights stay in
-    out_dir/checkpoint_adapters. tokens_per_s covers this call's steps only.
-    """
+    when the run matches; `kl` adds the KL penalty to the chat model."""
     # A compact loop rather than HF Trainer: it lets the loss skip prompt logits, checks every step for
     # divergence before anything is written, and makes checkpoints atomic and tied to a hash of the run.
     out_dir, device = Path(out_dir), device or pick_device()
     run, spec = _prepare(model_path, examples, lora, train, seed, device, trust_remote_code, kl)
     if run.max_workers > 1:
+        # `workers: auto` caches what its trial found, by default in the settings' cache.
         _find_verdict(run, spec, train, cache_dir or settings().cache_dir)
     run_hash = training_run_hash(
         model_path, examples, lora, train, seed, spec["dtype"], kl.settings() if kl else None, run.compute
@@ -421,13 +418,33 @@ def train_lora(
     save_dtype = None if lora is not None else pick_dtype(device)
 
     def save() -> None:
+        # Kept adapter first: a kill before the checkpoint resumes from the previous one and retrains this step.
         keep_adapter(out_dir, run.model, progress, save_dtype, tokenizer)
         save_checkpoint(
             out_dir / CHECKPOINT_DIR, run.model, run.optimizer, run.scheduler, progress, run.scaler
         )
 
     run_tokens, run_s = _run_steps(run, spec, train, progress, save, on_step)
-    losses = progress["losses"]
+    adapter_dir = _write_final(run, out_dir, progress["losses"], save_dtype, tokenizer)
+    return TrainResult(
+        adapter_dir=adapter_dir,
+        losses=progress["losses"],
+        steps=len(run.steps),
+        train_tokens=progress["train_tokens"],
+        # This call's steps only: a resumed run's earlier steps are not in run_tokens or run_s.
+        tokens_per_s=run_tokens / run_s if run_s > 0 else 0.0,
+        resumed_from_step=resumed_from,
+        workers=run.workers,
+        workers_reason=run.workers_reason,
+        checkpoints=kept_adapters(out_dir, run_hash),
+    )
+
+
+def _write_final(
+    run: _Run, out_dir: Path, losses: list[dict], save_dtype: torch.dtype | None, tokenizer
+) -> Path:
+    """Write the trained weights (and a full model's tokenizer) to out_dir/adapter and drop the resumable
+    checkpoints; each one's trained weights stay in out_dir/checkpoint_adapters."""
     if run.scaler is not None and losses and not any(math.isfinite(r["grad_norm"]) for r in losses):
         # Every step's scaled gradients overflowed and was skipped: the weights are the untrained ones.
         raise TrainingDivergedError(losses[-1]["step"], losses[-1]["loss"], losses[-1]["grad_norm"])
@@ -435,17 +452,7 @@ def train_lora(
     if tokenizer is not None:
         tokenizer.save_pretrained(adapter_dir)
     shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
-    return TrainResult(
-        adapter_dir=adapter_dir,
-        losses=progress["losses"],
-        steps=len(run.steps),
-        train_tokens=progress["train_tokens"],
-        tokens_per_s=run_tokens / run_s if run_s > 0 else 0.0,
-        resumed_from_step=resumed_from,
-        workers=run.workers,
-        workers_reason=run.workers_reason,
-        checkpoints=kept_adapters(out_dir, run_hash),
-    )
+    return adapter_dir
 
 
 def _resume(out_dir: Path, run: _Run, run_hash: str) -> dict:

@@ -113,11 +113,8 @@ def accumulate_gradients(
     compute: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, int]:
-    """Backpropagate `batches` as their share of a step's token-mean loss over `n_labels` labels.
-
-    Returns the summed token loss and the tokens seen; `check` stops on a non-finite loss at once; `compute`:
-    the dtype to autocast to (`mixed_precision`); `scaler`: the loss scaling of an fp16 base (`loss_scaler`).
-    """
+    """Backpropagate `batches` as their share of a step's token-mean loss over `n_labels` labels; returns the
+    summed token loss and the tokens seen."""
     device = model.get_input_embeddings().weight.device
     loss_sum, tokens = 0.0, 0
     for batch in batches:

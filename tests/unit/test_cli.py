@@ -123,10 +123,35 @@ def test_sql_outside_the_repository_names_the_folder_it_looked_in(tmp_path, caps
     monkeypatch.chdir(tmp_path)
     for args in (["sql", "SELECT 1"], ["figures", "--snapshot", "1", "--out", "figs"]):
         assert main(args) == 2
-        assert (
-            capsys.readouterr().err == f"error: no results database at data/results.sqlite under {tmp_path}\n"
+        # Before any run (or outside the repository) it says how to get a store.
+        assert capsys.readouterr().err == (
+            f"error: no results database at data/results.sqlite under {tmp_path}: run `em-assets demo` in the "
+            "repository root first, or set EM_DB to an existing store\n"
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sql_on_a_report_table_not_written_yet_says_its_step_has_not_run(tmp_path, capsys):
+    store = _lake(tmp_path)
+    db = f"ducklake:sqlite:{tmp_path / 'r.sqlite'}"
+    before = store.current_snapshot()
+    store.write_table("em_summary", pl.DataFrame({"organism": ["a"], "em_rate_turner": [0.25]}))
+    query = "SELECT organism, em_rate_turner FROM em_summary"
+    assert main(["sql", query, "--db", db, "--format", "csv"]) == 0
+    assert capsys.readouterr().out == "organism,em_rate_turner\na,0.25\n"
+    assert main(["sql", query, "--db", db, "--snapshot", str(before)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: em_summary: not in the store at snapshot {before}; the step that writes it had not run by then\n"
+    )
+    assert main(["sql", "FROM persona_mixtures", "--db", db]) == 1
+    assert capsys.readouterr().err == (
+        "error: persona_mixtures: not in the store yet; the step that writes it has not run "
+        "(`em-assets demo` runs every step)\n"
+    )
+    # A table of no step keeps DuckDB's own message, also beside a report table the store holds.
+    for query in ("FROM em_summaries", "FROM em_summary JOIN em_summaries USING (organism)"):
+        assert main(["sql", query, "--db", db]) == 1
+        assert "Table with name em_summaries does not exist" in capsys.readouterr().err
 
 
 def test_migrate_outside_the_repository_says_which_folder_it_made_the_store_in(
