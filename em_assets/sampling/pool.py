@@ -80,7 +80,8 @@ def iter_samples_in_workers(
     **options,
 ) -> Iterator[list[SampleResult]]:
     """`sampling.iter_samples` split over `workers` spawned processes that each call the picklable `loader()` for
-    a model, yielding chunks as any worker finishes them; a worker's exception or death stops the others."""
+    a model, yielding chunks as any worker finishes them; a worker's exception or death stops the others and raises
+    WorkerError."""
     if workers < 1 or (threads_per_worker is not None and threads_per_worker < 1):
         raise ValueError("need workers >= 1 and threads_per_worker >= 1")
     # Workers share the cores unless `threads_per_worker` says otherwise.

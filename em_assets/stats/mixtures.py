@@ -212,7 +212,7 @@ MIN_FREE_ANSWERS = 25
 
 def compare(groups: Sequence[np.ndarray]) -> MixtureComparison:
     """Fit the shared mixture and its two alternatives (a Beta per group, a free mixture per group) to groups of
-    values in (0, 1)."""
+    values in (0, 1); no likelihood-ratio test under two groups or a group under MIN_FREE_ANSWERS."""
     shared = fit_shared(groups)
     n = shared.n
     # One component: a Beta per group (one peak that may move from point to point).

@@ -275,7 +275,7 @@ def seed_bootstrap(
     coherent_above: float = COHERENT_ABOVE,
 ) -> pl.DataFrame:
     """One row per base_model x recipe: the pooled Turner rate, a 95% interval across seeds (boot_lo, boot_hi; how
-    in ci_method, null with one seed), and the mean and std of the seed rates."""
+    in ci_method), and the mean and std of the seed rates; the interval and std are null with one seed."""
     per_seed = _rates_table(df, [*GROUP_COLUMNS, "seed"], aligned_at_most, coherent_above).sort(
         *GROUP_COLUMNS, "seed"
     )

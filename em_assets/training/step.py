@@ -115,6 +115,8 @@ def accumulate_gradients(
 ) -> tuple[float, int]:
     """Backpropagate `batches` as their share of a step's token-mean loss over `n_labels` labels; returns the
     summed token loss and the tokens seen."""
+    # `check` raises TrainingDivergedError on a non-finite loss at once; `compute` is the autocast dtype (None:
+    # none); `scaler` scales an fp16 loss before its backward pass.
     device = model.get_input_embeddings().weight.device
     loss_sum, tokens = 0.0, 0
     for batch in batches:

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import yaml
-from support.children import not_utf8_env
+from support.children import holding, not_utf8_env
 from support.db import ro_query, table_dump
 from support.judge_server import ScriptedServer
 from support.paths import EM_ASSETS, REPO
@@ -148,10 +148,35 @@ def test_sql_on_a_report_table_not_written_yet_says_its_step_has_not_run(tmp_pat
         "error: persona_mixtures: not in the store yet; the step that writes it has not run "
         "(`em-assets demo` runs every step)\n"
     )
-    # A table of no step keeps DuckDB's own message, also beside a report table the store holds.
-    for query in ("FROM em_summaries", "FROM em_summary JOIN em_summaries USING (organism)"):
+    # A table of no step keeps DuckDB's own message, also beside a report table the store holds, or with one
+    # the store lacks named only in a literal, or in another database.
+    for query in (
+        "FROM em_summaries",
+        "FROM em_summary JOIN em_summaries USING (organism)",
+        "SELECT 'persona_mixtures' AS t FROM em_summaries",
+    ):
         assert main(["sql", query, "--db", db]) == 1
         assert "Table with name em_summaries does not exist" in capsys.readouterr().err
+    assert main(["sql", "FROM memory.em_summary", "--db", db]) == 1
+    assert "Table with name em_summary does not exist" in capsys.readouterr().err
+
+
+def test_sql_names_a_missing_report_table_while_another_reader_holds_the_file(db, capsys, monkeypatch):
+    # A second reader (a `duckdb -readonly` shell) shares the file with sql's reading, not with a writer.
+    monkeypatch.setenv("EM_DB_LOCK_TIMEOUT", "1")
+    holder = holding(
+        f"import duckdb, time; c = duckdb.connect({str(db)!r}, read_only=True); "
+        "print('held', flush=True); time.sleep(60)"
+    )
+    try:
+        assert main(["sql", "FROM em_summary", "--db", str(db)]) == 1
+    finally:
+        holder.kill()
+        holder.wait()
+    assert capsys.readouterr().err == (
+        "error: em_summary: not in the store yet; the step that writes it has not run "
+        "(`em-assets demo` runs every step)\n"
+    )
 
 
 def test_migrate_outside_the_repository_says_which_folder_it_made_the_store_in(
