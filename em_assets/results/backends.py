@@ -186,10 +186,12 @@ def _catalog_lock_holders(conninfo: str) -> list[str]:
     try:
         with contextlib.closing(psycopg2.connect(conninfo, connect_timeout=5)) as pg:
             cur = pg.cursor()
-            # Every reader holds AccessShareLock, which blocks nothing the lake does.
+            # Every reader holds AccessShareLock, which blocks nothing the lake does. pg_locks covers every
+            # database of the server and pg_class only this one, so a lock elsewhere could match by its OID.
             cur.execute(
                 "SELECT l.pid, l.mode, c.relname FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
                 "WHERE l.granted AND l.pid <> pg_backend_pid() AND l.mode <> 'AccessShareLock' "
+                "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
                 "AND c.relname LIKE 'ducklake%' ORDER BY l.pid, c.relname"
             )
             return [f"pid {pid} holds {mode} on {table}" for pid, mode, table in cur.fetchall()]
