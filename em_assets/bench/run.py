@@ -169,10 +169,8 @@ def stage_sampling(args: argparse.Namespace) -> dict:
 
 
 def stage_sampling_auto(args: argparse.Namespace) -> dict:
-    """The default setting (`workers: auto`, `batch_size: auto`): a fresh calibration, then sampling with it.
-
-    The calibration's cost is reported apart (calibration_s): a real run pays it once per machine and model.
-    """
+    """The default setting (`workers: auto`, `batch_size: auto`): a fresh calibration, then sampling with it; the
+    calibration's cost is reported apart (calibration_s), as a real run pays it once per machine and model."""
     import tempfile
 
     from em_assets.bench.sampling import benchmark_sampling
