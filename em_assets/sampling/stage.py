@@ -220,7 +220,8 @@ def sample_chunks(
             base["path"], adapter_path, requests, **options, vllm=sampling.vllm
         )
         return chunks, SamplingChoice(1, sampling.batch_size, "vllm backend")
-    # The calibration's timings are cached under `cache_dir`: a later job of the same shape reuses them.
+    # The calibration's timings are cached under `cache_dir`: a later job on this machine and base model, with the
+    # same answer length and warpers, reuses them.
     choice = choose_sampling(
         sampling, len(requests), device=device, base=base, loader=loader, cache_dir=cache_dir
     )
