@@ -136,6 +136,7 @@ def _not_written_yet(conn, snapshot: int | None, exc: Exception) -> str | None:
     """Why a report table DuckDB found missing is not in the store (or the snapshot): its step has not run yet.
     DuckDB's own message would only suggest another table (sqlite_master)."""
     from em_assets.results.schema import REPORT_TABLES
+    from em_assets.results.store import holds_table
 
     # The table DuckDB could not find, not any word of the statement (a string literal, a comment); a qualified
     # name in another database (memory.em_summary) is missing there, not from the store.
@@ -143,11 +144,7 @@ def _not_written_yet(conn, snapshot: int | None, exc: Exception) -> str | None:
     name = found[1].lower() if found else None
     if name not in REPORT_TABLES:
         return None
-    held = conn.execute(
-        "SELECT count(*) FROM duckdb_tables() WHERE database_name = current_database() AND table_name = ?",
-        [name],
-    ).fetchone()[0]
-    if held:
+    if holds_table(conn, name):
         return None
     if snapshot is not None:
         return f"{name}: not in the store at snapshot {snapshot}; the step that writes it had not run by then"

@@ -17,6 +17,11 @@ from em_assets.results import backends
 from em_assets.results.keys import lake_tables_sql, primary_keys, tables_sql, views_sql
 from em_assets.settings import LOCK_TIMEOUT_ENV, settings
 
+# Whether the database a connection reads (a lake at the snapshot it is attached at) has a table.
+_HOLDS_TABLE = (
+    "SELECT count(*) > 0 FROM duckdb_tables() WHERE database_name = current_database() AND table_name = ?"
+)
+
 
 class Store:
     """Opens the results store briefly for each unit of work; retries while another writer holds it."""
@@ -152,11 +157,7 @@ class Store:
 
     def has_table(self, name: str) -> bool:
         """Whether the store (or the snapshot it reads) has this table; report tables appear when first written."""
-        found = self.query(
-            "SELECT count(*) AS n FROM duckdb_tables() WHERE database_name = current_database() AND table_name = ?",
-            [name],
-        )
-        return bool(found["n"][0])
+        return bool(self.query(_HOLDS_TABLE, [name]).item())
 
     def query(self, sql: str, params: list | None = None) -> pl.DataFrame:
         if self._held is not None:
@@ -280,6 +281,11 @@ class Store:
             attempt()
             return
         self.conflict_retries += backends.retry_conflicts(attempt, self.lock_timeout_s, what)
+
+
+def holds_table(conn: duckdb.DuckDBPyConnection, name: str) -> bool:
+    """Whether the database `conn` reads (a lake at the snapshot it is attached at) has this table."""
+    return bool(conn.execute(_HOLDS_TABLE, [name]).fetchone()[0])
 
 
 def _insert(conn: duckdb.DuckDBPyConnection, table: str, df: pl.DataFrame) -> None:
