@@ -93,10 +93,9 @@ def iter_samples(
         batch_size = 256
     try:
         from vllm import SamplingParams
-        from vllm.lora.request import LoRARequest
     except ImportError as exc:
         raise ImportError("the vLLM backend needs vLLM: pip install 'em-assets[vllm]'") from exc
-    model_path, lora, rank = _model_and_lora(model_path, adapter_path, LoRARequest)
+    model_path, lora, rank = _model_and_lora(model_path, adapter_path)
     llm, on_cpu = make_llm(model_path, rank, vllm or VllmSpec())
     done = 0
     for start in range(0, len(requests), batch_size):
@@ -119,15 +118,17 @@ def iter_samples(
         yield results
 
 
-def _model_and_lora(model_path: Path | str, adapter_path: Path | str | None, lora_request) -> tuple:
+def _model_and_lora(model_path: Path | str, adapter_path: Path | str | None) -> tuple:
     """The model to serve, and the LoRA request and rank of `adapter_path` (None, None without an adapter)."""
     if adapter_path is not None and not (Path(adapter_path) / "adapter_config.json").exists():
         # Fully fine-tuned weights: a whole model directory, served as the model itself.
         return adapter_path, None, None
     if adapter_path is None:
         return model_path, None, None
+    from vllm.lora.request import LoRARequest
+
     rank = json.loads((Path(adapter_path) / "adapter_config.json").read_text())["r"]
-    return model_path, lora_request("organism", 1, str(adapter_path)), rank
+    return model_path, LoRARequest("organism", 1, str(adapter_path)), rank
 
 
 def _chat(llm, chunk: Sequence[SampleRequest], params: list, lora, on_cpu: bool) -> list:

@@ -617,11 +617,7 @@ def test_the_vllm_backend_passes_the_warpers_it_is_given(monkeypatch, tmp_path):
 
     vllm = types.ModuleType("vllm")
     vllm.SamplingParams = lambda **kwargs: kwargs
-    lora = types.ModuleType("vllm.lora.request")
-    lora.LoRARequest = object
     monkeypatch.setitem(sys.modules, "vllm", vllm)
-    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
-    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora)
     monkeypatch.setattr(vllm_backend, "make_llm", lambda *a: (LLM(), False))
     reqs = [SampleRequest("k", [{"role": "user", "content": "hi"}], seed=3)]
     list(vllm_backend.iter_samples(tmp_path, None, reqs, max_new_tokens=4))
