@@ -431,7 +431,6 @@ def train_lora(
         losses=progress["losses"],
         steps=len(run.steps),
         train_tokens=progress["train_tokens"],
-        # This call's steps only: a resumed run's earlier steps are not in run_tokens or run_s.
         tokens_per_s=run_tokens / run_s if run_s > 0 else 0.0,
         resumed_from_step=resumed_from,
         workers=run.workers,
